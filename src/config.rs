@@ -1,0 +1,685 @@
+//! Typed configuration: from files through serde, or from environment variables with
+//! validation that reports every problem at once.
+//!
+//! Each layer has its own configuration type (with serde `Deserialize` and defaults), so a
+//! whole stack can be described in one TOML or JSON file. This module holds what they share:
+//!
+//! - [`Settings`]: the environment ([`Environment::Development`] or
+//!   [`Environment::Production`]), feature flags, the error format and the Redis URL;
+//! - [`Env`]: reads environment variables, collecting **every** missing or invalid one, then
+//!   [`Env::finish`] returns one [`ConfigError`] that lists them all, each with what is
+//!   wrong and an example value;
+//! - [`duration`]: human durations (`"250ms"`, `"30s"`, `"5m"`, `"1h"`) for serde fields and
+//!   environment variables.
+//!
+//! # Example
+//!
+//! ```
+//! use palisade::config::{Env, Environment, Settings};
+//!
+//! let mut env = Env::from_pairs([
+//!     ("PALISADE_ENV", "production"),
+//!     ("PALISADE_FEATURES", "cost_headers, shadow_limits"),
+//! ]);
+//! let settings = Settings::from_env(&mut env);
+//! env.finish().unwrap();
+//! assert_eq!(settings.environment, Environment::Production);
+//! assert!(settings.features.is_enabled("cost_headers"));
+//! assert!(!settings.features.is_enabled("dashboard"));
+//!
+//! // Every problem is reported at once.
+//! let mut env = Env::from_pairs([("PALISADE_ENV", "staging"), ("PORT", "eighty")]);
+//! let _ = Settings::from_env(&mut env);
+//! let _port: Option<u16> = env.required("PORT", "8080");
+//! let _key: Option<String> = env.required("UPSTREAM_API_KEY", "sk-ant-api03-...");
+//! let err = env.finish().unwrap_err();
+//! assert_eq!(err.problems().len(), 3);
+//! let text = err.to_string();
+//! assert!(text.contains("PALISADE_ENV"));
+//! assert!(text.contains("UPSTREAM_API_KEY is missing"));
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::ErrorFormat;
+
+/// Where the service runs. Production turns on behaviour that only makes sense there (for
+/// example HSTS on every response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Local development and tests (the default).
+    #[default]
+    #[serde(alias = "dev", alias = "local", alias = "test")]
+    Development,
+    /// A deployed service.
+    #[serde(alias = "prod")]
+    Production,
+}
+
+impl Environment {
+    /// Whether this is [`Environment::Production`].
+    pub const fn is_production(self) -> bool {
+        matches!(self, Environment::Production)
+    }
+}
+
+impl FromStr for Environment {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "development" | "dev" | "local" | "test" => Ok(Environment::Development),
+            "production" | "prod" => Ok(Environment::Production),
+            _ => Err("expected `development` or `production`".to_owned()),
+        }
+    }
+}
+
+/// A set of named feature switches, matched case-insensitively.
+///
+/// Deserializes from a list of enabled names (`["cost_headers"]`) or a map of booleans
+/// (`{cost_headers = true, dashboard = false}`); parses from a comma-separated list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FeatureFlags {
+    enabled: BTreeSet<String>,
+}
+
+impl FeatureFlags {
+    /// No flags enabled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Enables `name`.
+    #[must_use]
+    pub fn with(mut self, name: &str) -> Self {
+        self.enable(name);
+        self
+    }
+
+    /// Enables `name`.
+    pub fn enable(&mut self, name: &str) {
+        self.enabled.insert(name.trim().to_ascii_lowercase());
+    }
+
+    /// Disables `name`.
+    pub fn disable(&mut self, name: &str) {
+        self.enabled.remove(&name.trim().to_ascii_lowercase());
+    }
+
+    /// Whether `name` is enabled.
+    pub fn is_enabled(&self, name: &str) -> bool {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) || name.trim().len() != name.len() {
+            self.enabled.contains(&name.trim().to_ascii_lowercase())
+        } else {
+            self.enabled.contains(name)
+        }
+    }
+
+    /// The enabled flags, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.enabled.iter().map(String::as_str)
+    }
+}
+
+impl FromStr for FeatureFlags {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut flags = FeatureFlags::new();
+        for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            {
+                return Err(format!(
+                    "flag `{name}` may only hold letters, digits, `_`, `-` and `.`"
+                ));
+            }
+            flags.enable(name);
+        }
+        Ok(flags)
+    }
+}
+
+impl<'de> Deserialize<'de> for FeatureFlags {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            List(Vec<String>),
+            Map(BTreeMap<String, bool>),
+        }
+        let mut flags = FeatureFlags::new();
+        match Repr::deserialize(deserializer)? {
+            Repr::List(names) => names.iter().for_each(|n| flags.enable(n)),
+            Repr::Map(map) => map
+                .iter()
+                .filter(|(_, on)| **on)
+                .for_each(|(n, _)| flags.enable(n)),
+        }
+        Ok(flags)
+    }
+}
+
+/// Settings shared by the whole stack.
+///
+/// ```
+/// let settings: palisade::config::Settings = serde_json::from_str(r#"{
+///     "environment": "production",
+///     "features": {"cost_headers": true},
+///     "error_format": "anthropic"
+/// }"#).unwrap();
+/// assert!(settings.environment.is_production());
+/// assert_eq!(settings.error_format, palisade::ErrorFormat::Anthropic);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Development or production.
+    pub environment: Environment,
+    /// Feature switches.
+    pub features: FeatureFlags,
+    /// How refusals are rendered.
+    pub error_format: ErrorFormat,
+    /// The Redis (or Redis Cluster seed) URL for shared state; `None` keeps everything in
+    /// memory.
+    pub redis_url: Option<String>,
+}
+
+impl Settings {
+    /// Reads `PALISADE_ENV`, `PALISADE_FEATURES`, `PALISADE_ERROR_FORMAT` and
+    /// `PALISADE_REDIS_URL`, recording problems in `env`.
+    pub fn from_env(env: &mut Env) -> Self {
+        let environment = env.optional("PALISADE_ENV", Environment::default(), "production");
+        let features = env.optional(
+            "PALISADE_FEATURES",
+            FeatureFlags::default(),
+            "cost_headers,shadow_limits",
+        );
+        let error_format = env.optional_with(
+            "PALISADE_ERROR_FORMAT",
+            ErrorFormat::default(),
+            "anthropic",
+            |s| match s.trim().to_ascii_lowercase().as_str() {
+                "anthropic" => Ok(ErrorFormat::Anthropic),
+                "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
+                _ => Err("expected `anthropic` or `problem_json`".to_owned()),
+            },
+        );
+        let redis_url = env.secret_with("PALISADE_REDIS_URL", "redis://127.0.0.1:6379/", |s| {
+            if s.starts_with("redis://")
+                || s.starts_with("rediss://")
+                || s.starts_with("redis+unix://")
+                || s.starts_with("unix://")
+            {
+                Ok(s.to_owned())
+            } else {
+                Err("must start with redis://, rediss:// or unix://".to_owned())
+            }
+        });
+        Settings {
+            environment,
+            features,
+            error_format,
+            redis_url,
+        }
+    }
+}
+
+/// What is wrong with one variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// The variable is required and not set (or empty).
+    Missing,
+    /// The variable is set but its value does not parse.
+    Invalid {
+        /// The value as given (redacted for secrets).
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+/// One missing or invalid configuration value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The variable (or field) name.
+    pub name: String,
+    /// What is wrong.
+    pub kind: ProblemKind,
+    /// An example of a valid value.
+    pub example: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            ProblemKind::Missing => write!(f, "{} is missing", self.name)?,
+            ProblemKind::Invalid { value, reason } => {
+                write!(f, "{} is invalid ({value:?}): {reason}", self.name)?;
+            }
+        }
+        write!(f, "; for example {}={}", self.name, self.example)
+    }
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    /// A configuration error listing `problems`.
+    pub fn new(problems: Vec<Problem>) -> Self {
+        Self { problems }
+    }
+
+    /// The problems, in the order they were found.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration: {n} problem{}",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ConfigError> for crate::Error {
+    fn from(err: ConfigError) -> Self {
+        crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
+    }
+}
+
+/// A reader of environment variables that collects problems instead of stopping at the
+/// first.
+///
+/// Each getter returns a value (or `None` when the variable is unusable) and records what
+/// went wrong; [`Env::finish`] then reports everything at once. Empty values count as
+/// missing.
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    vars: HashMap<String, String>,
+    problems: Vec<Problem>,
+}
+
+impl Env {
+    /// The process environment (variables that are not valid Unicode are ignored).
+    pub fn from_process() -> Self {
+        Self::from_pairs(std::env::vars())
+    }
+
+    /// A fixed set of variables, for tests and for configuration from other sources.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// The raw value of `name`, if set and not blank.
+    pub fn raw(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    /// A required variable parsed with `FromStr`; records a problem when missing or invalid.
+    pub fn required<T>(&mut self, name: &str, example: &str) -> Option<T>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        self.required_with(name, example, |s| {
+            T::from_str(s.trim()).map_err(|e| e.to_string())
+        })
+    }
+
+    /// A required variable with a custom parser.
+    pub fn required_with<T>(
+        &mut self,
+        name: &str,
+        example: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        self.get(name, example, false, parse, true)
+    }
+
+    /// An optional variable parsed with `FromStr`, or `default` when unset. An invalid
+    /// value is a problem (it is not silently replaced by the default).
+    pub fn optional<T>(&mut self, name: &str, default: T, example: &str) -> T
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        self.optional_with(name, default, example, |s| {
+            T::from_str(s.trim()).map_err(|e| e.to_string())
+        })
+    }
+
+    /// An optional variable with a custom parser.
+    pub fn optional_with<T>(
+        &mut self,
+        name: &str,
+        default: T,
+        example: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        self.get(name, example, false, parse, false)
+            .unwrap_or(default)
+    }
+
+    /// An optional duration such as `30s` or `250ms` (see [`duration::parse`]).
+    pub fn duration(&mut self, name: &str, default: Duration, example: &str) -> Duration {
+        self.optional_with(name, default, example, duration::parse)
+    }
+
+    /// An optional secret (a key, a URL with a password): when invalid, the value is
+    /// redacted in the report. `None` when unset or invalid.
+    pub fn secret_with<T>(
+        &mut self,
+        name: &str,
+        example: &str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        self.get(name, example, true, parse, false)
+    }
+
+    /// Records a problem found by other means (for example two variables that contradict
+    /// each other).
+    pub fn problem(&mut self, name: &str, kind: ProblemKind, example: &str) {
+        self.problems.push(Problem {
+            name: name.to_owned(),
+            kind,
+            example: example.to_owned(),
+        });
+    }
+
+    /// The problems recorded so far.
+    pub fn problems(&self) -> &[Problem] {
+        &self.problems
+    }
+
+    /// `Ok(())` when every variable read was fine, else every problem at once.
+    pub fn finish(self) -> Result<(), ConfigError> {
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::new(self.problems))
+        }
+    }
+
+    fn get<T>(
+        &mut self,
+        name: &str,
+        example: &str,
+        secret: bool,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+        required: bool,
+    ) -> Option<T> {
+        let Some(raw) = self.raw(name) else {
+            if required {
+                self.problem(name, ProblemKind::Missing, example);
+            }
+            return None;
+        };
+        match parse(raw) {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                let value = if secret {
+                    crate::key::redact(raw)
+                } else {
+                    raw.to_owned()
+                };
+                self.problem(name, ProblemKind::Invalid { value, reason }, example);
+                None
+            }
+        }
+    }
+}
+
+/// Human durations: `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"`, or a bare number of
+/// seconds, for environment variables and serde fields.
+///
+/// ```
+/// use std::time::Duration;
+/// use palisade::config::duration;
+///
+/// assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+/// assert_eq!(duration::parse("1.5s"), Ok(Duration::from_millis(1500)));
+/// assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
+/// assert!(duration::parse("soon").is_err());
+///
+/// #[derive(serde::Deserialize)]
+/// struct Timeouts {
+///     #[serde(with = "duration")]
+///     connect: Duration,
+/// }
+/// let t: Timeouts = serde_json::from_str(r#"{"connect": "3s"}"#).unwrap();
+/// assert_eq!(t.connect, Duration::from_secs(3));
+/// ```
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    /// Parses a human duration.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration; write it like 30s, 250ms or 5m"))?;
+        let scale = match unit.trim() {
+            "" | "s" | "sec" | "secs" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "m" | "min" | "mins" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            other => return Err(format!("unknown unit `{other}`; use ms, s, m, h or d")),
+        };
+        Duration::try_from_secs_f64(value * scale)
+            .map_err(|_| format!("`{s}` is out of range for a duration"))
+    }
+
+    /// Formats a duration the way [`parse`] reads it (`"1500ms"`, `"30s"`).
+    pub fn format(d: Duration) -> String {
+        if d.subsec_nanos() == 0 {
+            format!("{}s", d.as_secs())
+        } else if d.subsec_nanos() % 1_000_000 == 0 {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{}us", d.as_micros())
+        }
+    }
+
+    /// serde: deserializes a string (`"30s"`) or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Secs(f64),
+            Text(String),
+        }
+        match Repr::deserialize(deserializer)? {
+            Repr::Secs(s) => Duration::try_from_secs_f64(s).map_err(de::Error::custom),
+            Repr::Text(t) => parse(&t).map_err(de::Error::custom),
+        }
+    }
+
+    /// serde: serializes as a string [`parse`] reads back.
+    pub fn serialize<S: Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format(*d))
+    }
+
+    /// The same for `Option<Duration>`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// serde: `null`/absent, a string or a number of seconds.
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrap(#[serde(with = "super")] Duration);
+            Ok(Option::<Wrap>::deserialize(deserializer)?.map(|w| w.0))
+        }
+
+        /// serde: `null` or a duration string.
+        pub fn serialize<S: Serializer>(
+            d: &Option<Duration>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, serializer),
+                None => serializer.serialize_none(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_ENV", "staging"),
+            ("PALISADE_REDIS_URL", "http://user:hunter2-password@host"),
+            ("PALISADE_FEATURES", "ok,bad flag"),
+            ("PORT", "99999"),
+            ("TIMEOUT", "5 fortnights"),
+            ("BLANK", "   "),
+        ]);
+        let settings = Settings::from_env(&mut env);
+        let port: Option<u16> = env.required("PORT", "8080");
+        let timeout = env.duration("TIMEOUT", Duration::from_secs(30), "30s");
+        let blank: Option<String> = env.required("BLANK", "anything");
+        let absent: Option<String> = env.required("ANTHROPIC_API_KEY", "sk-ant-api03-...");
+        assert_eq!(settings.environment, Environment::Development);
+        assert_eq!(
+            (port, timeout, blank, absent),
+            (None, Duration::from_secs(30), None, None)
+        );
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PALISADE_ENV",
+                "PALISADE_FEATURES",
+                "PALISADE_REDIS_URL",
+                "PORT",
+                "TIMEOUT",
+                "BLANK",
+                "ANTHROPIC_API_KEY"
+            ]
+        );
+        let text = err.to_string();
+        assert!(text.starts_with("invalid configuration: 7 problems\n  - PALISADE_ENV is invalid (\"staging\"): expected `development` or `production`; for example PALISADE_ENV=production"), "{text}");
+        assert!(
+            text.contains("PORT is invalid (\"99999\"): number too large"),
+            "{text}"
+        );
+        assert!(
+            text.contains("TIMEOUT is invalid (\"5 fortnights\"): unknown unit `fortnights`"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-..."
+            ),
+            "{text}"
+        );
+        // secrets never appear in clear
+        assert!(!text.contains("hunter2"), "{text}");
+        // and it converts into a crate error that renders without internals
+        let rendered = crate::Error::from(err).to_response(crate::ErrorFormat::ProblemJson);
+        assert_eq!(rendered.status(), 500);
+        assert!(!String::from_utf8_lossy(rendered.body().as_bytes()).contains("PORT"));
+    }
+
+    #[test]
+    fn settings_from_files() {
+        let json: Settings = serde_json::from_str(
+            r#"{"environment":"prod","features":["A","b"],"redis_url":"redis://127.0.0.1/"}"#,
+        )
+        .unwrap();
+        assert!(json.environment.is_production());
+        assert!(json.features.is_enabled("a") && json.features.is_enabled("B"));
+        let toml: Settings = toml::from_str(
+            "environment = \"development\"\nerror_format = \"anthropic\"\n[features]\nx = true\ny = false\n",
+        )
+        .unwrap();
+        assert!(toml.features.is_enabled("x") && !toml.features.is_enabled("y"));
+        assert_eq!(toml.error_format, ErrorFormat::Anthropic);
+        assert_eq!(
+            serde_json::from_str::<Settings>("{}").unwrap(),
+            Settings::default()
+        );
+        let unknown = serde_json::from_str::<Settings>(r#"{"enviroment":"prod"}"#).unwrap_err();
+        assert!(unknown.to_string().contains("unknown field `enviroment`"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration::parse("0"), Ok(Duration::ZERO));
+        assert_eq!(duration::parse("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(duration::parse("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(duration::parse("5us"), Ok(Duration::from_micros(5)));
+        assert!(duration::parse("").is_err());
+        assert!(duration::parse("-1s").is_err());
+        assert!(duration::parse("1e400s").is_err());
+        for d in [
+            Duration::from_secs(3),
+            Duration::from_millis(1500),
+            Duration::from_micros(7),
+        ] {
+            assert_eq!(duration::parse(&duration::format(d)), Ok(d));
+        }
+    }
+
+    #[test]
+    fn flags() {
+        let flags: FeatureFlags = "A, b ,,c".parse().unwrap();
+        assert_eq!(flags.iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert!(flags.is_enabled(" A "));
+        let mut flags = flags;
+        flags.disable("B");
+        assert!(!flags.is_enabled("b"));
+    }
+}
