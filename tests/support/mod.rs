@@ -1,0 +1,269 @@
+//! Real servers for integration tests: a `redis-server` on a free loopback port, and a
+//! three-master local Redis Cluster.
+//!
+//! Each server is started fresh with no persistence, and killed (its files removed) when the
+//! handle is dropped. When `redis-server` is not installed, starting one panics with a
+//! message naming the Debian package, unless `PALISADE_SKIP_REDIS_TESTS=1` is set, in which
+//! case `start` returns `None` and the test returns early. CI never sets it.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long a server may take to start answering before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Set to `1` to skip tests that need `redis-server` (never in CI).
+pub const SKIP_ENV: &str = "PALISADE_SKIP_REDIS_TESTS";
+
+fn redis_available() -> bool {
+    for bin in ["redis-server", "redis-cli"] {
+        let found = Command::new(bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
+                eprintln!("skipping: {bin} not installed and {SKIP_ENV}=1");
+                return false;
+            }
+            panic!(
+                "{bin} is not installed. Install Debian's package with \
+                 `apt-get install redis-server` (scripts/test.sh does this), \
+                 or set {SKIP_ENV}=1 to skip the tests that need it."
+            );
+        }
+    }
+    true
+}
+
+/// A loopback port that was free a moment ago (and, when `bus` is set, whose cluster-bus
+/// port `port + 10000` was free too).
+fn free_port(bus: bool) -> u16 {
+    loop {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().unwrap().port();
+        if !bus {
+            return port;
+        }
+        if port < 55_000 && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "palisade-{tag}-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Sends one inline command over RESP and returns the raw reply.
+async fn command(addr: SocketAddr, cmd: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(format!("{cmd}\r\n").as_bytes()).await?;
+    let mut buf = vec![0u8; 8192];
+    let n = stream.read(&mut buf).await?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Polls `check` until it is true or the start timeout passes (real time: the servers are
+/// real processes).
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {START_TIMEOUT:?} waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Child {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .args(["--daemonize", "no"])
+        .args(["--protected-mode", "yes"])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.spawn()
+        .expect("redis-server is installed but failed to start")
+}
+
+/// One real `redis-server`, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts a server on a free loopback port and waits until it answers `PING`.
+    pub async fn start() -> Option<Self> {
+        if !redis_available() {
+            return None;
+        }
+        let dir = temp_dir("redis");
+        let port = free_port(false);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let child = spawn_redis(port, &dir, &[]);
+        let mut server = Self { child, dir, addr };
+        let child = &mut server.child;
+        wait_until("redis-server to answer PING", || {
+            let exited = child.try_wait().ok().flatten();
+            assert!(exited.is_none(), "redis-server exited early: {exited:?}");
+            async move {
+                command(addr, "PING")
+                    .await
+                    .is_ok_and(|r| r.starts_with("+PONG"))
+            }
+        })
+        .await;
+        Some(server)
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A `redis://` URL for the server.
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real three-master Redis Cluster on loopback, killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    dir: PathBuf,
+    addrs: Vec<SocketAddr>,
+}
+
+impl RedisCluster {
+    /// Starts three `redis-server --cluster-enabled yes` nodes, joins them with
+    /// `redis-cli --cluster create`, and waits until every node reports `cluster_state:ok`.
+    pub async fn start() -> Option<Self> {
+        if !redis_available() {
+            return None;
+        }
+        let dir = temp_dir("cluster");
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+            addrs: Vec::new(),
+        };
+        for i in 0..3 {
+            let port = loop {
+                let p = free_port(true);
+                if !cluster.addrs.iter().any(|a| a.port() == p) {
+                    break p;
+                }
+            };
+            let node_dir = cluster.dir.join(format!("node{i}"));
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let conf = node_dir.join("nodes.conf");
+            let conf = conf.to_str().unwrap();
+            let child = spawn_redis(
+                port,
+                &node_dir,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    conf,
+                    "--cluster-node-timeout",
+                    "5000",
+                ],
+            );
+            cluster.nodes.push(child);
+            cluster
+                .addrs
+                .push(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+        for &addr in &cluster.addrs {
+            wait_until("a cluster node to answer PING", || async move {
+                command(addr, "PING")
+                    .await
+                    .is_ok_and(|r| r.starts_with("+PONG"))
+            })
+            .await;
+        }
+        let hosts: Vec<String> = cluster.addrs.iter().map(ToString::to_string).collect();
+        let output = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&hosts)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        for &addr in &cluster.addrs {
+            wait_until("cluster_state:ok on every node", || async move {
+                command(addr, "CLUSTER INFO")
+                    .await
+                    .is_ok_and(|r| r.contains("cluster_state:ok"))
+            })
+            .await;
+        }
+        Some(cluster)
+    }
+
+    /// The nodes' addresses.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// `redis://` URLs for every node (seed nodes for a cluster client).
+    pub fn urls(&self) -> Vec<String> {
+        self.addrs.iter().map(|a| format!("redis://{a}/")).collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
