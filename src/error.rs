@@ -827,6 +827,21 @@ mod tests {
         assert_eq!(std::mem::size_of::<Error>(), std::mem::size_of::<usize>());
     }
 
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn axum_into_response() {
+        use axum::response::IntoResponse;
+        let response = IntoResponse::into_response(
+            Error::rate_limited("slow down", Duration::from_secs(4))
+                .with_format(ErrorFormat::Anthropic),
+        );
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "4");
+        let bytes = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+    }
+
     #[test]
     fn into_response_uses_chosen_format() {
         let response = Error::from(ErrorKind::NotFound)
