@@ -32,6 +32,9 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 
+echo "==> cargo check (default features: no server, no network)"
+cargo check --lib --no-default-features
+
 echo "==> cargo clippy"
 cargo clippy --all-targets --all-features -- -D warnings
 
