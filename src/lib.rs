@@ -63,3 +63,8 @@ pub mod error;
 pub mod key;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
+
+/// The README's examples, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
