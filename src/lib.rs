@@ -61,5 +61,7 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod security_headers;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
+pub use security_headers::{SecurityHeadersConfig, SecurityHeadersLayer};
