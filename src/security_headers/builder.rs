@@ -338,7 +338,7 @@ impl SecurityHeadersBuilder {
                         });
                         continue;
                     }
-                    let value = owned_value(header, parts.concat())?;
+                    let value = static_or_owned(header, parts.concat())?;
                     fixed.push(Fixed {
                         name: csp.header_name(),
                         value,
@@ -372,7 +372,7 @@ impl SecurityHeadersBuilder {
                     if self.permissions_policy == PermissionsPolicy::empty() {
                         continue;
                     }
-                    owned_value(header, self.permissions_policy.to_string())?
+                    static_or_owned(header, self.permissions_policy.to_string())?
                 }
                 SecurityHeader::CrossOriginOpenerPolicy => {
                     HeaderValue::from_static(self.coop.as_str())
@@ -408,14 +408,35 @@ impl SecurityHeadersBuilder {
             HstsWhen::Auto => self.environment.is_production(),
             HstsWhen::Never => false,
         };
-        Ok(Policy {
-            fixed: fixed.into_boxed_slice(),
-            remove: remove.into_boxed_slice(),
+        Ok(Policy::new(
+            fixed.into_boxed_slice(),
+            remove.into_boxed_slice(),
             hsts,
             hsts_always,
-            trust_forwarded_proto: self.trust_forwarded_proto,
+            self.trust_forwarded_proto,
             csp_template,
-        })
+        ))
+    }
+}
+
+/// Values of the presets, kept as `&'static str` so that copying them into a response is
+/// free (an owned value costs an atomic reference count per copy).
+pub(crate) const STATIC_VALUES: [&str; 2] = [
+    "default-src 'none'; frame-ancestors 'none'",
+    "accelerometer=(), autoplay=(), bluetooth=(), camera=(), display-capture=(), \
+     encrypted-media=(), fullscreen=(), geolocation=(), gyroscope=(), hid=(), \
+     idle-detection=(), magnetometer=(), microphone=(), midi=(), payment=(), \
+     picture-in-picture=(), publickey-credentials-get=(), screen-wake-lock=(), serial=(), \
+     usb=(), web-share=(), xr-spatial-tracking=()",
+];
+
+fn static_or_owned(
+    header: SecurityHeader,
+    text: String,
+) -> Result<HeaderValue, SecurityHeadersError> {
+    match STATIC_VALUES.iter().find(|s| **s == text) {
+        Some(s) => Ok(HeaderValue::from_static(s)),
+        None => owned_value(header, text),
     }
 }
 
@@ -486,6 +507,21 @@ impl CspTemplate {
     }
 }
 
+/// Up to this many response headers, the layer starts from its prebuilt map and moves the
+/// handler's headers in; larger maps are edited in place.
+const MERGE_LIMIT: usize = 16;
+
+/// What happens to one of the handler's headers when it is moved into the prebuilt map.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Dropped: removed (fingerprinting) or replaced by the layer's value.
+    Drop,
+    /// Replaces the layer's value (the first of its values; the rest are appended).
+    Replace,
+    /// Kept beside the layer's headers.
+    Keep,
+}
+
 /// Everything the layer applies, built once and shared.
 #[derive(Debug)]
 pub(crate) struct Policy {
@@ -495,9 +531,40 @@ pub(crate) struct Policy {
     pub(crate) hsts_always: bool,
     pub(crate) trust_forwarded_proto: bool,
     pub(crate) csp_template: Option<CspTemplate>,
+    /// The fixed headers as a ready map, without and with HSTS.
+    pub(crate) base: HeaderMap,
+    pub(crate) base_hsts: HeaderMap,
 }
 
 impl Policy {
+    pub(crate) fn new(
+        fixed: Box<[Fixed]>,
+        remove: Box<[HeaderName]>,
+        hsts: Option<Fixed>,
+        hsts_always: bool,
+        trust_forwarded_proto: bool,
+        csp_template: Option<CspTemplate>,
+    ) -> Self {
+        let mut base = HeaderMap::with_capacity(fixed.len() + 4);
+        for f in fixed.iter() {
+            base.insert(f.name.clone(), f.value.clone());
+        }
+        let mut base_hsts = base.clone();
+        if let Some(f) = &hsts {
+            base_hsts.insert(f.name.clone(), f.value.clone());
+        }
+        Self {
+            fixed,
+            remove,
+            hsts,
+            hsts_always,
+            trust_forwarded_proto,
+            csp_template,
+            base,
+            base_hsts,
+        }
+    }
+
     /// Whether HSTS goes on the response to this request.
     pub(crate) fn wants_hsts<B>(&self, req: &http::Request<B>) -> bool {
         if self.hsts.is_none() {
@@ -518,11 +585,73 @@ impl Policy {
     /// Applies the policy to a response's headers.
     #[inline]
     pub(crate) fn apply(&self, headers: &mut HeaderMap, hsts: bool, csp: Option<HeaderValue>) {
-        if !headers.is_empty() {
-            for name in self.remove.iter() {
-                headers.remove(name);
+        if headers.len() <= MERGE_LIMIT {
+            self.apply_by_merge(headers, hsts);
+        } else {
+            self.apply_in_place(headers, hsts);
+        }
+        if let (Some(value), Some(template)) = (csp, &self.csp_template) {
+            apply(headers, &template.name, value, template.overwrite);
+        }
+    }
+
+    /// The fate of a handler's header under this policy.
+    fn fate(&self, name: &HeaderName, hsts: bool) -> Fate {
+        if self.remove.iter().any(|r| r == name) {
+            return Fate::Drop;
+        }
+        let ours = self
+            .fixed
+            .iter()
+            .chain(self.hsts.iter().filter(|_| hsts))
+            .find(|f| f.name == *name);
+        match ours {
+            Some(f) if f.overwrite => Fate::Drop,
+            Some(_) => Fate::Replace,
+            None => Fate::Keep,
+        }
+    }
+
+    /// Starts from a clone of the prebuilt map (no hashing of the layer's names) and moves
+    /// the handler's few headers into it.
+    pub(crate) fn apply_by_merge(&self, headers: &mut HeaderMap, hsts: bool) {
+        let base = if hsts && self.hsts.is_some() {
+            &self.base_hsts
+        } else {
+            &self.base
+        };
+        let theirs = std::mem::replace(headers, base.clone());
+        let mut current: Option<(HeaderName, Fate)> = None;
+        for (name, value) in theirs {
+            if let Some(name) = name {
+                let fate = self.fate(&name, hsts);
+                match fate {
+                    Fate::Drop => {}
+                    Fate::Replace => {
+                        headers.insert(&name, value);
+                    }
+                    Fate::Keep => {
+                        headers.append(&name, value);
+                    }
+                }
+                current = Some((name, fate));
+            } else if let Some((name, fate)) = &current {
+                // Another value of the same header.
+                if *fate != Fate::Drop {
+                    headers.append(name, value);
+                }
             }
         }
+    }
+
+    /// Removes and inserts in the response's own map.
+    pub(crate) fn apply_in_place(&self, headers: &mut HeaderMap, hsts: bool) {
+        for name in self.remove.iter() {
+            headers.remove(name);
+        }
+        // One growth of the map instead of several while the headers go in. A map at its
+        // size limit simply grows (or not) as each insert needs.
+        let _ = headers.try_reserve(self.fixed.len() + 2);
         for fixed in self.fixed.iter() {
             fixed.apply(headers);
         }
@@ -530,9 +659,6 @@ impl Policy {
             if let Some(fixed) = &self.hsts {
                 fixed.apply(headers);
             }
-        }
-        if let (Some(value), Some(template)) = (csp, &self.csp_template) {
-            apply(headers, &template.name, value, template.overwrite);
         }
     }
 }

@@ -159,10 +159,7 @@ fn referrer_policy_test(headers: &HeaderMap) -> Verdict {
         "unsafe-url",
     ];
     let text = value.to_str().unwrap_or_default().to_ascii_lowercase();
-    let policy = text
-        .split(',')
-        .map(str::trim)
-        .rfind(|p| known.contains(p));
+    let policy = text.split(',').map(str::trim).rfind(|p| known.contains(p));
     match policy {
         Some(
             "no-referrer" | "same-origin" | "strict-origin" | "strict-origin-when-cross-origin",

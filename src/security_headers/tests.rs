@@ -648,3 +648,113 @@ async fn config_files_build_the_layer() {
         headers(&SecurityHeadersLayer::api()).await
     );
 }
+
+/// The two ways of applying a policy (merging small maps into the prebuilt one, editing
+/// large maps in place) give the same headers, value for value, for every combination of
+/// handler headers and modes.
+#[test]
+fn merge_and_in_place_agree() {
+    let candidates: [(&str, &str); 8] = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("x-frame-options", "ALLOW-FROM https://a.example"),
+        ("server", "nginx"),
+        ("strict-transport-security", "max-age=60"),
+        ("content-security-policy", "default-src 'self'"),
+        ("x-request-id", "1"),
+        ("x-request-id", "2"),
+        ("content-type", "application/json"),
+    ];
+    let builders = [
+        SecurityHeadersBuilder::api(),
+        SecurityHeadersBuilder::api().mode(HeaderMode::Override),
+        SecurityHeadersBuilder::api()
+            .header_mode(SecurityHeader::XFrameOptions, HeaderMode::Off)
+            .header_mode(
+                SecurityHeader::StrictTransportSecurity,
+                HeaderMode::Override,
+            ),
+        SecurityHeadersBuilder::web().cache_control_no_store(true),
+    ];
+    let sorted = |h: &HeaderMap| {
+        let mut v: Vec<(String, Vec<String>)> = h
+            .keys()
+            .map(|k| {
+                let values = h
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                (k.as_str().to_owned(), values)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for builder in builders {
+        let policy = builder.compile().unwrap();
+        for mask in 0u32..(1 << candidates.len()) {
+            let mut handler = HeaderMap::new();
+            for (i, (name, value)) in candidates.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    handler.append(*name, HeaderValue::from_static(value));
+                }
+            }
+            for hsts in [false, true] {
+                let mut merged = handler.clone();
+                policy.apply_by_merge(&mut merged, hsts);
+                let mut in_place = handler.clone();
+                policy.apply_in_place(&mut in_place, hsts);
+                assert_eq!(
+                    sorted(&merged),
+                    sorted(&in_place),
+                    "mask {mask:b} hsts {hsts}"
+                );
+                assert!(merged.get("server").is_none());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn large_responses_take_the_in_place_path() {
+    let names: Vec<String> = (0..40).map(|i| format!("x-custom-{i}")).collect();
+    let names2 = names.clone();
+    let svc = SecurityHeadersLayer::api().layer(service_fn(move |_req: Request<()>| {
+        let names = names2.clone();
+        async move {
+            let mut res = Response::new(());
+            for name in &names {
+                res.headers_mut().insert(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            res.headers_mut()
+                .insert("server", HeaderValue::from_static("x"));
+            res.headers_mut()
+                .insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    let h = res.headers();
+    assert_eq!(h.len(), 40 + 11);
+    assert!(h.get("server").is_none());
+    assert_eq!(h["x-frame-options"], "SAMEORIGIN");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    for name in &names {
+        assert_eq!(h[name.as_str()], "v");
+    }
+}
+
+#[test]
+fn preset_values_match_their_static_copies() {
+    assert_eq!(
+        ContentSecurityPolicy::api().to_string(),
+        super::builder::STATIC_VALUES[0]
+    );
+    assert_eq!(
+        PermissionsPolicy::deny_all().to_string(),
+        super::builder::STATIC_VALUES[1]
+    );
+}
