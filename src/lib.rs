@@ -62,6 +62,7 @@ pub mod config;
 pub mod error;
 pub mod key;
 pub mod security_headers;
+pub mod validate;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
 pub use security_headers::{SecurityHeadersConfig, SecurityHeadersLayer};
