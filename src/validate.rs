@@ -1,13 +1,13 @@
 //! Request validation with field-level errors.
 //!
 //! - [`Validate`]: a type checks itself and lists every problem as a
-//!   [`FieldError`](crate::FieldError) (`messages[0].content: must not be empty`);
+//!   [`FieldError`] (`messages[0].content: must not be empty`);
 //! - [`Validator`]: collects problems with small helpers ([`required`](Validator::required),
 //!   [`length`](Validator::length), [`range`](Validator::range),
 //!   [`one_of`](Validator::one_of), [`nested`](Validator::nested),
 //!   [`each`](Validator::each), ...);
 //! - [`from_json`]: deserializes JSON with the path of the failing field in the message,
-//!   then validates; every failure is a 400 [`Error`](crate::Error) listing the fields;
+//!   then validates; every failure is a 400 [`Error`] listing the fields;
 //! - `ValidatedJson<T>` (feature `axum`): an extractor doing the same, answering 400, 413
 //!   (body too large) or 415 (not JSON) with the crate's error.
 //!
