@@ -192,8 +192,9 @@ impl SecurityHeadersBuilder {
         self
     }
 
-    /// Whether `X-Forwarded-Proto: https` counts as "the request came over https". Turn it
-    /// on only behind a proxy that sets (and strips) the header.
+    /// Whether `X-Forwarded-Proto: https` (or, without it, RFC 7239 `Forwarded:
+    /// proto=https`) counts as "the request came over https". The first element of the
+    /// header is read. Turn it on only behind a proxy that sets (and strips) these headers.
     pub fn trust_forwarded_proto(mut self, trust: bool) -> Self {
         self.trust_forwarded_proto = trust;
         self
@@ -573,13 +574,28 @@ impl Policy {
         if self.hsts_always || req.uri().scheme() == Some(&http::uri::Scheme::HTTPS) {
             return true;
         }
-        self.trust_forwarded_proto
-            && req
-                .headers()
-                .get("x-forwarded-proto")
+        if !self.trust_forwarded_proto {
+            return false;
+        }
+        // The first element is what the proxy nearest the client saw.
+        let first = |name: http::header::HeaderName| {
+            req.headers()
+                .get(name)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.split(',').next())
-                .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"))
+        };
+        if let Some(proto) = first(HeaderName::from_static("x-forwarded-proto")) {
+            return proto.trim().eq_ignore_ascii_case("https");
+        }
+        // RFC 7239: `Forwarded: for=192.0.2.60;proto=https;by=203.0.113.43`.
+        first(http::header::FORWARDED).is_some_and(|element| {
+            element.split(';').any(|pair| {
+                pair.split_once('=').is_some_and(|(key, value)| {
+                    key.trim().eq_ignore_ascii_case("proto")
+                        && value.trim().trim_matches('"').eq_ignore_ascii_case("https")
+                })
+            })
+        })
     }
 
     /// Applies the policy to a response's headers.

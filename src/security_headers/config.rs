@@ -101,7 +101,8 @@ pub struct SecurityHeadersConfig {
     pub hsts_preload: bool,
     /// The environment (HSTS is sent on every response in production under `auto`).
     pub environment: Environment,
-    /// Trust `X-Forwarded-Proto` to tell whether a request came over https.
+    /// Trust `X-Forwarded-Proto` (or RFC 7239 `Forwarded: proto=`) to tell whether a request
+    /// came over https.
     pub trust_forwarded_proto: bool,
     /// `X-Frame-Options`: `DENY` or `SAMEORIGIN`.
     pub frame_options: FrameOptions,

@@ -1216,3 +1216,53 @@ mod tests {
         Source::parse_for("script-src", &format!("'sha256-{}'", &"A".repeat(43))).unwrap();
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever is given, an accepted source can neither end its directive nor its
+        /// policy, and is a valid header value.
+        #[test]
+        fn accepted_sources_are_safe(raw in "\\PC{0,24}|[a-z'*:/.;, -]{0,24}") {
+            if let Ok(source) = Source::parse_for("script-src", &raw) {
+                let text = source.as_str();
+                prop_assert!(!text.contains([';', ',', ' ']));
+                prop_assert!(http::HeaderValue::from_str(text).is_ok());
+                prop_assert!(!KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(text)));
+            }
+            if raw.contains([';', ',']) {
+                prop_assert!(Source::parse_for("script-src", &raw).is_err());
+            }
+        }
+
+        /// A built policy renders to text that parses back to the same policy.
+        #[test]
+        fn policies_round_trip(
+            hosts in proptest::collection::vec("[a-z]{1,8}(\\.[a-z]{1,8}){0,2}", 0..4),
+            nonce in any::<bool>(),
+            report_only in any::<bool>(),
+            upgrade in any::<bool>(),
+        ) {
+            let mut sources = vec!["'self'".to_owned()];
+            sources.extend(hosts.iter().map(|h| format!("https://{h}")));
+            let csp = ContentSecurityPolicy::builder()
+                .default_src(&sources)
+                .img_src(["'self'", "data:"])
+                .frame_ancestors(["'none'"])
+                .upgrade_insecure_requests(upgrade)
+                .nonce(nonce)
+                .build()
+                .unwrap();
+            let back: ContentSecurityPolicy = csp.to_string().parse().unwrap();
+            prop_assert_eq!(&back, &csp);
+            let ro = csp.to_builder().report_only(report_only).build().unwrap();
+            prop_assert_eq!(ro.is_report_only(), report_only);
+            let parts = ro.template();
+            prop_assert_eq!(parts.len(), if nonce { 3 } else { 1 });
+        }
+    }
+}

@@ -350,6 +350,25 @@ async fn hsts_rules() {
     );
     assert_eq!(hsts(&trusting, forwarded("http")).await, None);
     assert_eq!(hsts(&trusting, forwarded("http, https")).await, None);
+    let rfc7239 = |value: &'static str| {
+        Request::get("/")
+            .header("forwarded", value)
+            .body(())
+            .unwrap()
+    };
+    for (value, on) in [
+        ("for=192.0.2.60;proto=https;by=203.0.113.43", true),
+        ("For=\"[2001:db8::1]\";Proto=\"HTTPS\"", true),
+        ("for=192.0.2.60;proto=http, for=10.0.0.1;proto=https", false),
+        ("for=192.0.2.60", false),
+    ] {
+        assert_eq!(
+            hsts(&trusting, rfc7239(value)).await.is_some(),
+            on,
+            "{value}"
+        );
+        assert_eq!(hsts(&dev, rfc7239(value)).await, None, "{value}");
+    }
 
     let prod = SecurityHeadersBuilder::api()
         .environment(Environment::Production)

@@ -179,7 +179,8 @@ value_enum! {
     /// When `Strict-Transport-Security` is sent.
     pub enum HstsWhen ("HSTS") {
         /// In production, or when the request came over https (the default). The scheme is
-        /// read from the request URI, and from `X-Forwarded-Proto` only when it is trusted.
+        /// read from the request URI, and from `X-Forwarded-Proto` or `Forwarded` only when
+        /// trusted.
         #[default]
         Auto => "auto",
         /// On every response.
