@@ -66,6 +66,7 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 /// | `Forbidden` | 403 | 403 `permission_error` | no |
 /// | `NotFound` | 404 | 404 `not_found_error` | no |
 /// | `PayloadTooLarge` | 413 | 413 `request_too_large` | no |
+/// | `UnsupportedMediaType` | 415 | 400 `invalid_request_error` | no |
 /// | `RateLimited` | 429 | 429 `rate_limit_error` | yes |
 /// | `BudgetExceeded` | 429 | 429 `rate_limit_error` | no |
 /// | `CircuitOpen` | 503 | 529 `overloaded_error` | yes |
@@ -89,6 +90,9 @@ pub enum ErrorKind {
     NotFound,
     /// The request body is larger than allowed (413).
     PayloadTooLarge,
+    /// The request body is not in a media type the endpoint accepts, for example not JSON
+    /// (415).
+    UnsupportedMediaType,
     /// A rate limit refused the request; retry after the given delay (429).
     RateLimited,
     /// A spending or token budget refused the request; retrying will not help until the
@@ -112,12 +116,13 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::InvalidRequest,
         ErrorKind::Unauthenticated,
         ErrorKind::Forbidden,
         ErrorKind::NotFound,
         ErrorKind::PayloadTooLarge,
+        ErrorKind::UnsupportedMediaType,
         ErrorKind::RateLimited,
         ErrorKind::BudgetExceeded,
         ErrorKind::CircuitOpen,
@@ -137,6 +142,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::RateLimited | ErrorKind::BudgetExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::CircuitOpen | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
@@ -154,6 +160,7 @@ impl ErrorKind {
                 STATUS_OVERLOADED
             }
             ErrorKind::Timeout | ErrorKind::Upstream => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::UnsupportedMediaType => StatusCode::BAD_REQUEST,
             other => other.status(),
         }
     }
@@ -161,7 +168,7 @@ impl ErrorKind {
     /// The Anthropic error type name (`rate_limit_error`, `overloaded_error`, ...).
     pub const fn anthropic_type(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::UnsupportedMediaType => "invalid_request_error",
             ErrorKind::Unauthenticated => "authentication_error",
             ErrorKind::Forbidden => "permission_error",
             ErrorKind::NotFound => "not_found_error",
@@ -185,6 +192,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::NotFound => "not_found",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::RateLimited => "rate_limited",
             ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::CircuitOpen => "circuit_open",
@@ -205,6 +213,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "Forbidden",
             ErrorKind::NotFound => "Not found",
             ErrorKind::PayloadTooLarge => "Request too large",
+            ErrorKind::UnsupportedMediaType => "Unsupported media type",
             ErrorKind::RateLimited => "Rate limit exceeded",
             ErrorKind::BudgetExceeded => "Budget exceeded",
             ErrorKind::CircuitOpen => "Upstream circuit open",
@@ -655,6 +664,13 @@ mod tests {
                 413,
                 413,
                 "request_too_large",
+                false,
+            ),
+            (
+                ErrorKind::UnsupportedMediaType,
+                415,
+                400,
+                "invalid_request_error",
                 false,
             ),
             (ErrorKind::RateLimited, 429, 429, "rate_limit_error", true),

@@ -61,8 +61,11 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod security_headers;
+pub mod validate;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
+pub use security_headers::{SecurityHeadersConfig, SecurityHeadersLayer};
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]

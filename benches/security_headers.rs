@@ -1,0 +1,151 @@
+//! Per-response overhead of `SecurityHeadersLayer` against tower-http's
+//! `SetResponseHeaderLayer` setting the same 12 headers, in one run.
+//!
+//! Every service is called and its (always ready) future polled once with a no-op waker, so
+//! the numbers hold the layer's own work and no runtime scheduling.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderName, HeaderValue, Request, Response};
+use palisade::config::Environment;
+use palisade::security_headers::{HeaderMode, SecurityHeadersBuilder, SecurityHeadersLayer};
+use tower::{Layer, Service, ServiceBuilder, service_fn};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
+
+type Handler =
+    tower::util::ServiceFn<fn(Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>>>;
+
+fn handler() -> Handler {
+    fn answer(_req: Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> {
+        let mut res = Response::new(());
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        std::future::ready(Ok(res))
+    }
+    service_fn(answer as fn(_) -> _)
+}
+
+/// One request through `svc`, polled to completion (the futures here are always ready).
+fn call<S>(svc: &mut S) -> Response<()>
+where
+    S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    let mut fut = pin!(svc.call(Request::new(())));
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(res)) => res,
+        _ => unreachable!("the handler is always ready"),
+    }
+}
+
+fn production_api(mode: HeaderMode) -> SecurityHeadersLayer {
+    SecurityHeadersBuilder::api()
+        .environment(Environment::Production)
+        .mode(mode)
+        .build()
+        .expect("valid")
+}
+
+/// The 12 headers palisade's api() preset sends in production, to give the peers exactly
+/// the same work.
+fn the_12_headers() -> Vec<(HeaderName, HeaderValue)> {
+    let mut svc = production_api(HeaderMode::IfNotPresent).layer(handler());
+    let res = call(&mut svc);
+    let headers: Vec<_> = res
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != http::header::CONTENT_TYPE)
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    assert_eq!(headers.len(), 12, "{headers:?}");
+    headers
+}
+
+macro_rules! stack_of_12 {
+    ($ctor:ident, $h:expr) => {{
+        let h = $h;
+        let l = |i: usize| SetResponseHeaderLayer::$ctor(h[i].0.clone(), h[i].1.clone());
+        ServiceBuilder::new()
+            .layer(l(0))
+            .layer(l(1))
+            .layer(l(2))
+            .layer(l(3))
+            .layer(l(4))
+            .layer(l(5))
+            .layer(l(6))
+            .layer(l(7))
+            .layer(l(8))
+            .layer(l(9))
+            .layer(l(10))
+            .layer(l(11))
+            .service(handler())
+    }};
+}
+
+fn bench(c: &mut Criterion) {
+    let headers = the_12_headers();
+    let mut group = c.benchmark_group("security_headers_12");
+
+    let mut bare = handler();
+    group.bench_function("bare", |b| b.iter(|| black_box(call(&mut bare))));
+
+    let mut stack = stack_of_12!(if_not_present, &headers);
+    assert_eq!(call(&mut stack).headers().len(), 13);
+    group.bench_function("tower_http_stack_if_not_present", |b| {
+        b.iter(|| black_box(call(&mut stack)))
+    });
+
+    let mut stack = stack_of_12!(overriding, &headers);
+    assert_eq!(call(&mut stack).headers().len(), 13);
+    group.bench_function("tower_http_stack_overriding", |b| {
+        b.iter(|| black_box(call(&mut stack)))
+    });
+
+    let meta = || {
+        headers
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()).into())
+            .collect::<Vec<_>>()
+    };
+    let mut multi = SetMultipleResponseHeadersLayer::if_not_present(meta()).layer(handler());
+    assert_eq!(call(&mut multi).headers().len(), 13);
+    group.bench_function("tower_http_multiple_if_not_present", |b| {
+        b.iter(|| black_box(call(&mut multi)))
+    });
+
+    let mut api = production_api(HeaderMode::IfNotPresent).layer(handler());
+    assert_eq!(call(&mut api).headers().len(), 13);
+    group.bench_function("palisade_api_if_not_present", |b| {
+        b.iter(|| black_box(call(&mut api)))
+    });
+
+    let mut api = production_api(HeaderMode::Override).layer(handler());
+    assert_eq!(call(&mut api).headers().len(), 13);
+    group.bench_function("palisade_api_overriding", |b| {
+        b.iter(|| black_box(call(&mut api)))
+    });
+
+    let mut web = SecurityHeadersBuilder::web()
+        .environment(Environment::Production)
+        .build()
+        .expect("valid")
+        .layer(handler());
+    assert_eq!(call(&mut web).headers().len(), 13);
+    group.bench_function("palisade_web_with_nonce", |b| {
+        b.iter(|| black_box(call(&mut web)))
+    });
+
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

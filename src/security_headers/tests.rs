@@ -1,0 +1,779 @@
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, Response};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+use super::*;
+use crate::config::{Env, Environment};
+
+/// Calls a layer over a handler that sets `handler_headers`, for `req`.
+async fn call_with(
+    layer: &SecurityHeadersLayer,
+    req: Request<()>,
+    handler_headers: &[(&'static str, &'static str)],
+) -> (HeaderMap, Option<CspNonce>) {
+    let handler_headers = handler_headers.to_vec();
+    let svc = layer.layer(service_fn(move |req: Request<()>| {
+        let handler_headers = handler_headers.clone();
+        async move {
+            let mut res = Response::new(req.extensions().get::<CspNonce>().copied());
+            for (name, value) in handler_headers {
+                res.headers_mut()
+                    .append(name, HeaderValue::from_static(value));
+            }
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    let res = svc.oneshot(req).await.unwrap();
+    (res.headers().clone(), *res.body())
+}
+
+async fn headers(layer: &SecurityHeadersLayer) -> HeaderMap {
+    call_with(layer, Request::new(()), &[]).await.0
+}
+
+fn text(headers: &HeaderMap, name: &str) -> Option<String> {
+    let all: Vec<_> = headers.get_all(name).iter().collect();
+    assert!(all.len() <= 1, "{name} sent {} times", all.len());
+    all.first().map(|v| v.to_str().unwrap().to_owned())
+}
+
+const COMMON: [(&str, &str); 9] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("origin-agent-cluster", "?1"),
+    ("x-dns-prefetch-control", "off"),
+    ("x-permitted-cross-domain-policies", "none"),
+    ("x-xss-protection", "0"),
+    (
+        "permissions-policy",
+        "accelerometer=(), autoplay=(), bluetooth=(), camera=(), display-capture=(), \
+         encrypted-media=(), fullscreen=(), geolocation=(), gyroscope=(), hid=(), \
+         idle-detection=(), magnetometer=(), microphone=(), midi=(), payment=(), \
+         picture-in-picture=(), publickey-credentials-get=(), screen-wake-lock=(), serial=(), \
+         usb=(), web-share=(), xr-spatial-tracking=()",
+    ),
+];
+
+#[tokio::test]
+async fn api_preset_sends_every_default() {
+    let h = headers(&SecurityHeadersLayer::api()).await;
+    for (name, value) in COMMON {
+        assert_eq!(text(&h, name).as_deref(), Some(value), "{name}");
+    }
+    assert_eq!(
+        text(&h, "content-security-policy").as_deref(),
+        Some("default-src 'none'; frame-ancestors 'none'")
+    );
+    assert_eq!(text(&h, "referrer-policy").as_deref(), Some("no-referrer"));
+    for absent in [
+        "strict-transport-security",
+        "cache-control",
+        "cross-origin-embedder-policy",
+        "content-security-policy-report-only",
+    ] {
+        assert!(h.get(absent).is_none(), "{absent}");
+    }
+    assert_eq!(h.len(), 11);
+}
+
+#[tokio::test]
+async fn web_preset_sends_every_default_with_a_nonce() {
+    let (h, nonce) = call_with(&SecurityHeadersLayer::web(), Request::new(()), &[]).await;
+    for (name, value) in COMMON {
+        assert_eq!(text(&h, name).as_deref(), Some(value), "{name}");
+    }
+    assert_eq!(
+        text(&h, "referrer-policy").as_deref(),
+        Some("strict-origin-when-cross-origin")
+    );
+    let nonce = nonce.expect("nonce in the request extensions");
+    let n = nonce.as_str();
+    assert_eq!(
+        text(&h, "content-security-policy").unwrap(),
+        format!(
+            "default-src 'self'; script-src 'self' 'nonce-{n}'; style-src 'self' 'nonce-{n}'; \
+             img-src 'self' data:; object-src 'none'; base-uri 'self'; form-action 'self'; \
+             frame-ancestors 'none'; upgrade-insecure-requests"
+        )
+    );
+}
+
+#[tokio::test]
+async fn nonce_differs_per_request_and_matches_its_header() {
+    let layer = SecurityHeadersLayer::web();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let (h, nonce) = call_with(&layer, Request::new(()), &[]).await;
+        let nonce = nonce.unwrap();
+        let csp = text(&h, "content-security-policy").unwrap();
+        assert_eq!(csp.matches(&format!("'nonce-{nonce}'")).count(), 2, "{csp}");
+        assert_eq!(nonce.as_str().len(), 24);
+        assert!(seen.insert(nonce.as_str().to_owned()), "nonce repeated");
+    }
+    // Without a nonce policy, no nonce is put in the extensions.
+    let (_, nonce) = call_with(&SecurityHeadersLayer::api(), Request::new(()), &[]).await;
+    assert!(nonce.is_none());
+}
+
+#[tokio::test]
+async fn report_only_policy_uses_its_own_header_with_nonce() {
+    let csp = ContentSecurityPolicy::web()
+        .to_builder()
+        .report_only(true)
+        .report_uri("/csp")
+        .build()
+        .unwrap();
+    let layer = SecurityHeadersBuilder::web().csp(csp).build().unwrap();
+    let (h, nonce) = call_with(&layer, Request::new(()), &[]).await;
+    assert!(h.get("content-security-policy").is_none());
+    let value = text(&h, "content-security-policy-report-only").unwrap();
+    assert!(value.contains(&format!("'nonce-{}'", nonce.unwrap())));
+    assert!(value.ends_with("; report-uri /csp"), "{value}");
+}
+
+#[tokio::test]
+async fn if_not_present_lets_the_handler_win() {
+    let handler = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("content-security-policy", "default-src 'self'"),
+        ("referrer-policy", "same-origin"),
+    ];
+    for layer in [SecurityHeadersLayer::api(), SecurityHeadersLayer::web()] {
+        let (h, _) = call_with(&layer, Request::new(()), &handler).await;
+        assert_eq!(text(&h, "x-frame-options").as_deref(), Some("SAMEORIGIN"));
+        assert_eq!(
+            text(&h, "content-security-policy").as_deref(),
+            Some("default-src 'self'")
+        );
+        assert_eq!(text(&h, "referrer-policy").as_deref(), Some("same-origin"));
+        assert_eq!(
+            text(&h, "x-content-type-options").as_deref(),
+            Some("nosniff")
+        );
+    }
+}
+
+#[tokio::test]
+async fn override_replaces_the_handlers_values() {
+    let handler = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("x-frame-options", "ALLOWALL"),
+        ("content-security-policy", "default-src *"),
+    ];
+    for layer in [
+        SecurityHeadersBuilder::api()
+            .mode(HeaderMode::Override)
+            .build()
+            .unwrap(),
+        SecurityHeadersBuilder::web()
+            .mode(HeaderMode::Override)
+            .build()
+            .unwrap(),
+    ] {
+        let (h, _) = call_with(&layer, Request::new(()), &handler).await;
+        assert_eq!(text(&h, "x-frame-options").as_deref(), Some("DENY"));
+        assert_ne!(
+            text(&h, "content-security-policy").as_deref(),
+            Some("default-src *")
+        );
+    }
+}
+
+#[tokio::test]
+async fn per_header_mode_beats_the_default_mode() {
+    let layer = SecurityHeadersBuilder::api()
+        .mode(HeaderMode::Override)
+        .header_mode(SecurityHeader::XFrameOptions, HeaderMode::IfNotPresent)
+        .header_mode(SecurityHeader::XXssProtection, HeaderMode::Off)
+        .header_mode(SecurityHeader::ContentSecurityPolicy, HeaderMode::Off)
+        .build()
+        .unwrap();
+    let handler = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("referrer-policy", "unsafe-url"),
+        ("x-xss-protection", "1"),
+    ];
+    let (h, _) = call_with(&layer, Request::new(()), &handler).await;
+    assert_eq!(text(&h, "x-frame-options").as_deref(), Some("SAMEORIGIN"));
+    assert_eq!(text(&h, "referrer-policy").as_deref(), Some("no-referrer"));
+    // Off: the layer neither sends nor touches the header.
+    assert_eq!(text(&h, "x-xss-protection").as_deref(), Some("1"));
+    assert!(h.get("content-security-policy").is_none());
+}
+
+#[tokio::test]
+async fn off_mode_sends_nothing() {
+    let layer = SecurityHeadersBuilder::web()
+        .mode(HeaderMode::Off)
+        .environment(Environment::Production)
+        .remove_headers([""; 0])
+        .build()
+        .unwrap();
+    let (h, nonce) = call_with(&layer, Request::new(()), &[("server", "x")]).await;
+    assert_eq!(h.len(), 1);
+    // No CSP is sent, so no nonce is made.
+    assert!(nonce.is_none());
+}
+
+#[tokio::test]
+async fn optional_headers_and_alternative_values() {
+    let layer = SecurityHeadersBuilder::api()
+        .cache_control_no_store(true)
+        .cross_origin_embedder_policy(Some(CrossOriginEmbedderPolicy::RequireCorp))
+        .cross_origin_opener_policy(CrossOriginOpenerPolicy::SameOriginAllowPopups)
+        .cross_origin_resource_policy(CrossOriginResourcePolicy::CrossOrigin)
+        .xss_protection(XssProtection::Block)
+        .frame_options(FrameOptions::SameOrigin)
+        .referrer_policy(ReferrerPolicy::StrictOrigin)
+        .permissions_policy(PermissionsPolicy::empty().allow_self("fullscreen"))
+        .build()
+        .unwrap();
+    let h = headers(&layer).await;
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("cross-origin-embedder-policy", "require-corp"),
+        ("cross-origin-opener-policy", "same-origin-allow-popups"),
+        ("cross-origin-resource-policy", "cross-origin"),
+        ("x-xss-protection", "1; mode=block"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("referrer-policy", "strict-origin"),
+        ("permissions-policy", "fullscreen=(self)"),
+    ] {
+        assert_eq!(text(&h, name).as_deref(), Some(value), "{name}");
+    }
+    // An empty permissions policy is not sent.
+    let layer = SecurityHeadersBuilder::api()
+        .permissions_policy(PermissionsPolicy::empty())
+        .build()
+        .unwrap();
+    assert!(headers(&layer).await.get("permissions-policy").is_none());
+}
+
+#[tokio::test]
+async fn removes_fingerprinting_headers() {
+    let handler = [
+        ("server", "nginx/1.25.3"),
+        ("x-powered-by", "Express"),
+        ("x-powered-by", "PHP/8.3"),
+        ("x-aspnet-version", "4.0.30319"),
+        ("x-request-id", "abc"),
+    ];
+    let (h, _) = call_with(&SecurityHeadersLayer::api(), Request::new(()), &handler).await;
+    for gone in ["server", "x-powered-by", "x-aspnet-version"] {
+        assert!(h.get(gone).is_none(), "{gone}");
+    }
+    assert_eq!(text(&h, "x-request-id").as_deref(), Some("abc"));
+
+    let layer = SecurityHeadersBuilder::api()
+        .keep_header("Server")
+        .remove_header("X-Request-Id")
+        .build()
+        .unwrap();
+    let (h, _) = call_with(&layer, Request::new(()), &handler).await;
+    assert_eq!(text(&h, "server").as_deref(), Some("nginx/1.25.3"));
+    assert!(h.get("x-request-id").is_none());
+    assert!(h.get("x-powered-by").is_none());
+
+    let layer = SecurityHeadersBuilder::api()
+        .remove_headers(["x-request-id"])
+        .build()
+        .unwrap();
+    let (h, _) = call_with(&layer, Request::new(()), &handler).await;
+    assert!(h.get("server").is_some());
+    assert!(h.get("x-request-id").is_none());
+}
+
+#[test]
+fn removal_list_is_checked() {
+    let err = SecurityHeadersBuilder::api()
+        .remove_header("bad header")
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SecurityHeadersError::InvalidHeaderName { .. }
+    ));
+    let err = SecurityHeadersBuilder::api()
+        .remove_header("X-Frame-Options")
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SecurityHeadersError::RemovesManagedHeader { .. }
+    ));
+    assert!(err.to_string().contains("mode"), "{err}");
+}
+
+fn https_req() -> Request<()> {
+    Request::get("https://api.example.com/").body(()).unwrap()
+}
+
+fn forwarded(proto: &'static str) -> Request<()> {
+    Request::get("/")
+        .header("x-forwarded-proto", proto)
+        .body(())
+        .unwrap()
+}
+
+async fn hsts(layer: &SecurityHeadersLayer, req: Request<()>) -> Option<String> {
+    text(
+        &call_with(layer, req, &[]).await.0,
+        "strict-transport-security",
+    )
+}
+
+#[tokio::test]
+async fn hsts_rules() {
+    const DEFAULT: &str = "max-age=63072000; includeSubDomains";
+    let dev = SecurityHeadersLayer::api();
+    assert_eq!(hsts(&dev, Request::new(())).await, None);
+    assert_eq!(hsts(&dev, https_req()).await.as_deref(), Some(DEFAULT));
+    // X-Forwarded-Proto is ignored unless trusted.
+    assert_eq!(hsts(&dev, forwarded("https")).await, None);
+
+    let trusting = SecurityHeadersBuilder::api()
+        .trust_forwarded_proto(true)
+        .build()
+        .unwrap();
+    assert_eq!(
+        hsts(&trusting, forwarded("https")).await.as_deref(),
+        Some(DEFAULT)
+    );
+    assert_eq!(
+        hsts(&trusting, forwarded("HTTPS, http")).await.as_deref(),
+        Some(DEFAULT)
+    );
+    assert_eq!(hsts(&trusting, forwarded("http")).await, None);
+    assert_eq!(hsts(&trusting, forwarded("http, https")).await, None);
+    let rfc7239 = |value: &'static str| {
+        Request::get("/")
+            .header("forwarded", value)
+            .body(())
+            .unwrap()
+    };
+    for (value, on) in [
+        ("for=192.0.2.60;proto=https;by=203.0.113.43", true),
+        ("For=\"[2001:db8::1]\";Proto=\"HTTPS\"", true),
+        ("for=192.0.2.60;proto=http, for=10.0.0.1;proto=https", false),
+        ("for=192.0.2.60", false),
+    ] {
+        assert_eq!(
+            hsts(&trusting, rfc7239(value)).await.is_some(),
+            on,
+            "{value}"
+        );
+        assert_eq!(hsts(&dev, rfc7239(value)).await, None, "{value}");
+    }
+
+    let prod = SecurityHeadersBuilder::api()
+        .environment(Environment::Production)
+        .build()
+        .unwrap();
+    assert_eq!(
+        hsts(&prod, Request::new(())).await.as_deref(),
+        Some(DEFAULT)
+    );
+
+    let never = SecurityHeadersBuilder::api()
+        .environment(Environment::Production)
+        .hsts_when(HstsWhen::Never)
+        .build()
+        .unwrap();
+    assert_eq!(hsts(&never, https_req()).await, None);
+
+    let always = SecurityHeadersBuilder::api()
+        .hsts_when(HstsWhen::Always)
+        .hsts(Hsts {
+            max_age: Duration::from_secs(31_536_000),
+            include_subdomains: true,
+            preload: true,
+        })
+        .build()
+        .unwrap();
+    assert_eq!(
+        hsts(&always, Request::new(())).await.as_deref(),
+        Some("max-age=31536000; includeSubDomains; preload")
+    );
+
+    // HSTS follows its mode too.
+    let off = SecurityHeadersBuilder::api()
+        .environment(Environment::Production)
+        .header_mode(SecurityHeader::StrictTransportSecurity, HeaderMode::Off)
+        .build()
+        .unwrap();
+    assert_eq!(hsts(&off, https_req()).await, None);
+    let (h, _) = call_with(
+        &prod,
+        Request::new(()),
+        &[("strict-transport-security", "max-age=60")],
+    )
+    .await;
+    assert_eq!(
+        text(&h, "strict-transport-security").as_deref(),
+        Some("max-age=60")
+    );
+}
+
+#[test]
+fn hsts_preload_requirements_are_checked() {
+    let err = SecurityHeadersBuilder::api()
+        .hsts(Hsts {
+            max_age: Duration::from_secs(3600),
+            include_subdomains: true,
+            preload: true,
+        })
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, SecurityHeadersError::HstsPreload { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn builder_errors_are_typed() {
+    let err = SecurityHeadersBuilder::api()
+        .header_mode_by_name("x-made-up", HeaderMode::Off)
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, SecurityHeadersError::UnknownHeader { .. }));
+    let err = SecurityHeadersBuilder::api()
+        .permissions_policy(PermissionsPolicy::empty().allow_origins("camera", ["ftp://x"]))
+        .build()
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SecurityHeadersError::PermissionsPolicy { .. }
+    ));
+    let csp_err = ContentSecurityPolicy::builder()
+        .script_src(["'self';"])
+        .build()
+        .unwrap_err();
+    let err: SecurityHeadersError = csp_err.clone().into();
+    assert_eq!(err.to_string(), csp_err.to_string());
+}
+
+/// A service that is ready only on its second poll, to check `poll_ready` is forwarded.
+#[derive(Clone)]
+struct SlowReady {
+    polls: usize,
+}
+
+impl Service<Request<()>> for SlowReady {
+    type Response = Response<()>;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<Response<()>, &'static str>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.polls += 1;
+        if self.polls < 2 {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, req: Request<()>) -> Self::Future {
+        if req.uri().path() == "/fail" {
+            std::future::ready(Err("inner failed"))
+        } else {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+}
+
+#[tokio::test]
+async fn poll_ready_and_errors_pass_through() {
+    let mut svc = SecurityHeadersLayer::api().layer(SlowReady { polls: 0 });
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    assert_eq!(svc.get_ref().polls, 2);
+    let res = svc.call(Request::new(())).await.unwrap();
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::get("/fail").body(()).unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err, "inner failed");
+    svc.get_mut().polls = 0;
+    assert_eq!(svc.into_inner().polls, 0);
+}
+
+#[test]
+fn config_from_env_reads_every_variable() {
+    let mut env = Env::from_pairs([
+        ("PALISADE_ENV", "production"),
+        ("PALISADE_SECURITY_HEADERS_PRESET", "web"),
+        ("PALISADE_SECURITY_HEADERS_MODE", "override"),
+        (
+            "PALISADE_SECURITY_HEADERS_MODES",
+            "x-frame-options=off, x-xss-protection=if-not-present",
+        ),
+        (
+            "PALISADE_SECURITY_HEADERS_CSP",
+            "default-src 'self'; img-src *",
+        ),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_ONLY", "true"),
+        ("PALISADE_SECURITY_HEADERS_CSP_NONCE", "true"),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_URI", "/csp"),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_TO", "csp"),
+        ("PALISADE_SECURITY_HEADERS_HSTS", "always"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE", "365d"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_INCLUDE_SUBDOMAINS", "true"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_PRELOAD", "true"),
+        ("PALISADE_SECURITY_HEADERS_TRUST_FORWARDED_PROTO", "true"),
+        ("PALISADE_SECURITY_HEADERS_FRAME_OPTIONS", "SAMEORIGIN"),
+        ("PALISADE_SECURITY_HEADERS_REFERRER_POLICY", "same-origin"),
+        (
+            "PALISADE_SECURITY_HEADERS_PERMISSIONS_POLICY",
+            "camera=(), fullscreen=(self)",
+        ),
+        (
+            "PALISADE_SECURITY_HEADERS_CROSS_ORIGIN_OPENER_POLICY",
+            "unsafe-none",
+        ),
+        (
+            "PALISADE_SECURITY_HEADERS_CROSS_ORIGIN_RESOURCE_POLICY",
+            "same-site",
+        ),
+        (
+            "PALISADE_SECURITY_HEADERS_CROSS_ORIGIN_EMBEDDER_POLICY",
+            "credentialless",
+        ),
+        ("PALISADE_SECURITY_HEADERS_XSS_PROTECTION", "1; mode=block"),
+        ("PALISADE_SECURITY_HEADERS_CACHE_CONTROL_NO_STORE", "true"),
+        ("PALISADE_SECURITY_HEADERS_REMOVE_HEADERS", "server, via"),
+    ]);
+    let cfg = SecurityHeadersConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(cfg.preset, Preset::Web);
+    assert_eq!(cfg.mode, HeaderMode::Override);
+    assert_eq!(cfg.modes["x-frame-options"], HeaderMode::Off);
+    assert_eq!(cfg.environment, Environment::Production);
+    assert_eq!(cfg.hsts_max_age, Duration::from_secs(365 * 86_400));
+    assert_eq!(cfg.csp_nonce, Some(true));
+    assert_eq!(cfg.referrer_policy, Some(ReferrerPolicy::SameOrigin));
+    assert_eq!(
+        cfg.cross_origin_embedder_policy,
+        Some(CrossOriginEmbedderPolicy::Credentialless)
+    );
+    assert_eq!(
+        cfg.remove_headers,
+        Some(vec!["server".to_owned(), "via".to_owned()])
+    );
+    assert!(cfg.build().is_ok());
+
+    let mut env = Env::from_pairs([("PALISADE_SECURITY_HEADERS_REMOVE_HEADERS", "none")]);
+    assert_eq!(
+        SecurityHeadersConfig::from_env(&mut env).remove_headers,
+        Some(vec![])
+    );
+}
+
+#[test]
+fn config_from_env_reports_every_problem() {
+    let mut env = Env::from_pairs([
+        ("PALISADE_ENV", "staging"),
+        ("PALISADE_SECURITY_HEADERS_PRESET", "spa"),
+        ("PALISADE_SECURITY_HEADERS_MODES", "x-made-up=off"),
+        ("PALISADE_SECURITY_HEADERS_CSP", "default-src self"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE", "forever"),
+        ("PALISADE_SECURITY_HEADERS_FRAME_OPTIONS", "ALLOWALL"),
+        ("PALISADE_SECURITY_HEADERS_PERMISSIONS_POLICY", "camera"),
+        ("PALISADE_SECURITY_HEADERS_CACHE_CONTROL_NO_STORE", "maybe"),
+    ]);
+    // Settings and this layer both read PALISADE_ENV; the problem is reported once.
+    let _ = crate::config::Settings::from_env(&mut env);
+    let _ = SecurityHeadersConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_ENV",
+            "PALISADE_SECURITY_HEADERS_MODES",
+            "PALISADE_SECURITY_HEADERS_CSP",
+            "PALISADE_SECURITY_HEADERS_PERMISSIONS_POLICY",
+            "PALISADE_SECURITY_HEADERS_PRESET",
+            "PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE",
+            "PALISADE_SECURITY_HEADERS_FRAME_OPTIONS",
+            "PALISADE_SECURITY_HEADERS_CACHE_CONTROL_NO_STORE",
+        ]
+    );
+    assert!(err.to_string().contains("must be quoted"), "{err}");
+}
+
+#[tokio::test]
+async fn config_files_build_the_layer() {
+    let cfg: SecurityHeadersConfig = toml::from_str(
+        r#"
+        preset = "api"
+        cache_control_no_store = true
+        csp = "default-src 'none'; frame-ancestors 'none'; report-uri /csp"
+        csp_report_only = true
+        [modes]
+        x-xss-protection = "off"
+        "#,
+    )
+    .unwrap();
+    let layer = SecurityHeadersLayer::from_config(&cfg).unwrap();
+    let h = headers(&layer).await;
+    assert_eq!(text(&h, "cache-control").as_deref(), Some("no-store"));
+    assert_eq!(
+        text(&h, "content-security-policy-report-only").as_deref(),
+        Some("default-src 'none'; frame-ancestors 'none'; report-uri /csp")
+    );
+    assert!(h.get("x-xss-protection").is_none());
+
+    // Serialize and read back.
+    let back: SecurityHeadersConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(back, cfg);
+
+    // csp = "off" sends none; mistakes in files are typed errors at build time.
+    let off: SecurityHeadersConfig = toml::from_str(r#"csp = "off""#).unwrap();
+    assert!(
+        headers(&off.build().unwrap())
+            .await
+            .get("content-security-policy")
+            .is_none()
+    );
+    let bad: SecurityHeadersConfig = toml::from_str(r#"csp = "script-src 'self', x""#).unwrap();
+    assert!(matches!(
+        bad.build().unwrap_err(),
+        SecurityHeadersError::Csp(CspError::ForbiddenCharacter { .. })
+    ));
+    let bad: SecurityHeadersConfig =
+        toml::from_str("hsts_preload = true\nhsts_max_age = \"30d\"").unwrap();
+    assert!(matches!(
+        bad.build().unwrap_err(),
+        SecurityHeadersError::HstsPreload { .. }
+    ));
+    assert!(toml::from_str::<SecurityHeadersConfig>("unknown_field = 1").is_err());
+    // The default configuration is the api() preset.
+    let default = SecurityHeadersConfig::default().build().unwrap();
+    assert_eq!(
+        headers(&default).await,
+        headers(&SecurityHeadersLayer::api()).await
+    );
+}
+
+/// The two ways of applying a policy (merging small maps into the prebuilt one, editing
+/// large maps in place) give the same headers, value for value, for every combination of
+/// handler headers and modes.
+#[test]
+fn merge_and_in_place_agree() {
+    let candidates: [(&str, &str); 8] = [
+        ("x-frame-options", "SAMEORIGIN"),
+        ("x-frame-options", "ALLOW-FROM https://a.example"),
+        ("server", "nginx"),
+        ("strict-transport-security", "max-age=60"),
+        ("content-security-policy", "default-src 'self'"),
+        ("x-request-id", "1"),
+        ("x-request-id", "2"),
+        ("content-type", "application/json"),
+    ];
+    let builders = [
+        SecurityHeadersBuilder::api(),
+        SecurityHeadersBuilder::api().mode(HeaderMode::Override),
+        SecurityHeadersBuilder::api()
+            .header_mode(SecurityHeader::XFrameOptions, HeaderMode::Off)
+            .header_mode(
+                SecurityHeader::StrictTransportSecurity,
+                HeaderMode::Override,
+            ),
+        SecurityHeadersBuilder::web().cache_control_no_store(true),
+    ];
+    let sorted = |h: &HeaderMap| {
+        let mut v: Vec<(String, Vec<String>)> = h
+            .keys()
+            .map(|k| {
+                let values = h
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                (k.as_str().to_owned(), values)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    for builder in builders {
+        let policy = builder.compile().unwrap();
+        for mask in 0u32..(1 << candidates.len()) {
+            let mut handler = HeaderMap::new();
+            for (i, (name, value)) in candidates.iter().enumerate() {
+                if mask & (1 << i) != 0 {
+                    handler.append(*name, HeaderValue::from_static(value));
+                }
+            }
+            for hsts in [false, true] {
+                let mut merged = handler.clone();
+                policy.apply_by_merge(&mut merged, hsts);
+                let mut in_place = handler.clone();
+                policy.apply_in_place(&mut in_place, hsts);
+                assert_eq!(
+                    sorted(&merged),
+                    sorted(&in_place),
+                    "mask {mask:b} hsts {hsts}"
+                );
+                assert!(merged.get("server").is_none());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn large_responses_take_the_in_place_path() {
+    let names: Vec<String> = (0..40).map(|i| format!("x-custom-{i}")).collect();
+    let names2 = names.clone();
+    let svc = SecurityHeadersLayer::api().layer(service_fn(move |_req: Request<()>| {
+        let names = names2.clone();
+        async move {
+            let mut res = Response::new(());
+            for name in &names {
+                res.headers_mut().insert(
+                    http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_static("v"),
+                );
+            }
+            res.headers_mut()
+                .insert("server", HeaderValue::from_static("x"));
+            res.headers_mut()
+                .insert("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+            Ok::<_, Infallible>(res)
+        }
+    }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    let h = res.headers();
+    assert_eq!(h.len(), 40 + 11);
+    assert!(h.get("server").is_none());
+    assert_eq!(h["x-frame-options"], "SAMEORIGIN");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    for name in &names {
+        assert_eq!(h[name.as_str()], "v");
+    }
+}
+
+#[test]
+fn preset_values_match_their_static_copies() {
+    assert_eq!(
+        ContentSecurityPolicy::api().to_string(),
+        super::builder::STATIC_VALUES[0]
+    );
+    assert_eq!(
+        PermissionsPolicy::deny_all().to_string(),
+        super::builder::STATIC_VALUES[1]
+    );
+}
