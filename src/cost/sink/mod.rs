@@ -280,20 +280,24 @@ async fn run<S: UsageSink>(
 ) {
     let max_batch = config.max_batch.max(1);
     let mut batch = Vec::with_capacity(max_batch);
-    let mut stopping = false;
+    // `listening`: the shutdown handle still exists. When it is dropped without a call to
+    // `shutdown`, the task runs on until every recorder is gone.
+    let mut listening = true;
     loop {
-        let n = if stopping {
-            rx.recv_many(&mut batch, max_batch).await
-        } else {
+        let n = if listening {
             tokio::select! {
                 biased;
                 n = rx.recv_many(&mut batch, max_batch) => n,
-                _ = &mut stop => {
-                    stopping = true;
-                    rx.close();
+                signal = &mut stop => {
+                    listening = false;
+                    if signal.is_ok() {
+                        rx.close();
+                    }
                     continue;
                 }
             }
+        } else {
+            rx.recv_many(&mut batch, max_batch).await
         };
         if n == 0 {
             break; // closed and drained
@@ -424,6 +428,22 @@ mod tests {
         // after shutdown, records are refused and counted
         assert!(!rec_.record(rec(9)));
         assert_eq!(rec_.stats().snapshot().dropped_closed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_shutdown_handle_detaches() {
+        let sink = flaky(0, true, 1000);
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        let task_stats = Arc::clone(shut.stats());
+        drop(shut);
+        assert!(r.record(rec(1)));
+        assert!(r.record(rec(2)));
+        drop(r);
+        // the task drains and ends once every recorder is gone
+        while task_stats.snapshot().written < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*sink.got.lock().unwrap(), vec![1, 2]);
     }
 
     #[tokio::test(start_paused = true)]
