@@ -350,6 +350,15 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
         if let Some(chunk) = this.prefix.pop_front() {
+            // A server that knows the length stops polling after the last byte, so the
+            // record is written with the last chunk, not on the next poll.
+            if this.prefix.is_empty()
+                && this.prefix_error.is_none()
+                && this.trailers.is_none()
+                && (*this.inner_done || this.inner.is_end_stream())
+            {
+                end(this.meter, this.tail, false);
+            }
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(err) = this.prefix_error.take() {

@@ -180,10 +180,15 @@ async fn json_responses_price_exactly_with_and_without_headers() {
         json.len().to_string().as_str()
     );
     assert_eq!(res.body().size_hint().exact(), Some(json.len() as u64));
-    let out = res.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(out, json.as_bytes());
+    // Like hyper with a content-length: read the last byte, then stop polling.
+    let mut metered = res.into_body();
+    let frame = metered.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), json.as_bytes());
+    assert!(metered.is_end_stream());
+    drop(metered);
     shutdown.shutdown().await;
     assert_eq!(sink.len(), 1, "exactly one record");
+    assert_eq!(sink.records()[0].completion, Completion::Complete);
 
     // A chunked body (no size) streams without headers.
     let (headers, _, records, _) =
