@@ -14,7 +14,9 @@ fn extract(chunks: &[&[u8]]) -> (Usage, Option<String>) {
     let mut parser = SseParser::new();
     let mut x = UsageExtractor::new();
     for c in chunks {
-        parser.feed(c, |ev| x.on_event(ev.event, ev.data));
+        parser.feed_filtered(c, UsageExtractor::wants_data, |ev| {
+            x.on_event(ev.event, ev.data)
+        });
     }
     (*x.usage(), x.model().map(str::to_owned))
 }
@@ -57,7 +59,7 @@ proptest! {
         let mut parser = SseParser::with_max_line(max_line);
         let mut x = UsageExtractor::new();
         for c in &chunks {
-            parser.feed(c, |ev| {
+            parser.feed_filtered(c, UsageExtractor::wants_data, |ev| {
                 assert!(ev.data.len() <= max_line);
                 x.on_event(ev.event, ev.data);
             });

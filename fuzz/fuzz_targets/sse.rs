@@ -13,7 +13,7 @@ fn run(chunks: &[&[u8]]) -> (palisade::cost::Usage, Option<String>, bool) {
     let mut parser = SseParser::with_max_line(MAX_LINE);
     let mut x = UsageExtractor::new();
     for c in chunks {
-        parser.feed(c, |ev| {
+        parser.feed_filtered(c, UsageExtractor::wants_data, |ev| {
             assert!(ev.data.len() <= MAX_LINE);
             x.on_event(ev.event, ev.data);
         });

@@ -90,7 +90,9 @@ impl Meter {
         match &mut self.scan {
             Scan::Sse(parser) => {
                 let x = &mut self.extractor;
-                parser.feed(data, |ev| x.on_event(ev.event, ev.data));
+                parser.feed_filtered(data, UsageExtractor::wants_data, |ev| {
+                    x.on_event(ev.event, ev.data)
+                });
             }
             Scan::Json { chunks, len } => {
                 if *len + data.len() > self.shared.max_json_body {

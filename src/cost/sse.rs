@@ -48,6 +48,7 @@ pub struct SseParser {
     data: Vec<u8>,
     has_data: bool,
     data_overflow: bool,
+    skip_data: bool,
     max_line: usize,
     overlong: u64,
 }
@@ -74,6 +75,7 @@ impl SseParser {
             data: Vec::new(),
             has_data: false,
             data_overflow: false,
+            skip_data: false,
             max_line: max_line.max(1),
             overlong: 0,
         }
@@ -96,7 +98,20 @@ impl SseParser {
     }
 
     /// Feeds the next chunk; `on_event` is called for every event completed by it.
-    pub fn feed(&mut self, mut chunk: &[u8], mut on_event: impl FnMut(SseEvent<'_>)) {
+    pub fn feed(&mut self, chunk: &[u8], on_event: impl FnMut(SseEvent<'_>)) {
+        self.feed_filtered(chunk, |_| true, on_event);
+    }
+
+    /// Like [`feed`](Self::feed), but the data of an event whose `event:` name (seen
+    /// before its `data:` lines) makes `keep_data` return `false` is not copied: such an
+    /// event is dispatched with empty data. Metering uses this to skip content deltas.
+    pub fn feed_filtered(
+        &mut self,
+        mut chunk: &[u8],
+        mut keep_data: impl FnMut(&[u8]) -> bool,
+        mut on_event: impl FnMut(SseEvent<'_>),
+    ) {
+        let keep = &mut keep_data;
         if chunk.is_empty() {
             return;
         }
@@ -119,7 +134,7 @@ impl SseParser {
                         if piece.len() > self.max_line {
                             self.overlong += 1;
                         } else {
-                            self.process_line(piece, &mut on_event);
+                            self.process_line(piece, keep, &mut on_event);
                         }
                     } else {
                         self.push_partial(piece);
@@ -127,7 +142,7 @@ impl SseParser {
                         if self.line_overflow {
                             self.line_overflow = false;
                         } else {
-                            self.process_line(&line, &mut on_event);
+                            self.process_line(&line, keep, &mut on_event);
                         }
                         self.line = line;
                         self.line.clear();
@@ -173,9 +188,15 @@ impl SseParser {
         self.data.clear();
         self.has_data = false;
         self.data_overflow = false;
+        self.skip_data = false;
     }
 
-    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent<'_>)) {
+    fn process_line(
+        &mut self,
+        line: &[u8],
+        keep: &mut impl FnMut(&[u8]) -> bool,
+        on_event: &mut impl FnMut(SseEvent<'_>),
+    ) {
         if line.is_empty() {
             if self.has_data && !self.data_overflow {
                 on_event(SseEvent {
@@ -199,6 +220,13 @@ impl SseParser {
         match field {
             b"data" => {
                 if self.data_overflow {
+                    return;
+                }
+                if !self.has_data && !keep(&self.event) {
+                    self.skip_data = true;
+                }
+                if self.skip_data {
+                    self.has_data = true;
                     return;
                 }
                 let extra = value.len() + usize::from(self.has_data);
@@ -286,6 +314,25 @@ mod tests {
         let got = events(&mut p, &[b"data: 123456\ndata: 654321\n\ndata: z\n\n"]);
         assert_eq!(got, vec![(String::new(), "z".into())]);
         assert_eq!(p.overlong_lines(), 1);
+    }
+
+    #[test]
+    fn filtered_events_skip_their_data() {
+        let mut p = SseParser::new();
+        let mut got = Vec::new();
+        p.feed_filtered(
+            b"event: delta\ndata: big\n\nevent: usage\ndata: 1\n\ndata: 2\nevent: delta\ndata: 3\n\n",
+            |name| name != b"delta",
+            |ev| got.push((ev.event.to_vec(), ev.data.to_vec())),
+        );
+        assert_eq!(
+            got,
+            vec![
+                (b"delta".to_vec(), Vec::new()),
+                (b"usage".to_vec(), b"1".to_vec()),
+                (b"delta".to_vec(), b"2\n3".to_vec()),
+            ]
+        );
     }
 
     #[test]

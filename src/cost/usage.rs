@@ -183,6 +183,16 @@ impl UsageExtractor {
         }
     }
 
+    /// Whether the data of an SSE event named `event` can matter (used with
+    /// [`SseParser::feed_filtered`](super::sse::SseParser::feed_filtered) so that content
+    /// deltas are never copied).
+    pub fn wants_data(event: &[u8]) -> bool {
+        matches!(
+            event,
+            b"" | b"message" | b"message_start" | b"message_delta" | b"message_stop" | b"error"
+        )
+    }
+
     /// Handles one SSE event (`event` empty for unnamed events).
     pub fn on_event(&mut self, event: &[u8], data: &[u8]) {
         if !self.wants_event(event, data) {
