@@ -239,11 +239,10 @@ pin_project! {
     }
 }
 
+type PolledFrame<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
 impl<B: Body> InnerBody<B> {
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame<B> {
         match self.project() {
             InnerProj::Plain { body } => body.poll_frame(cx),
             InnerProj::Boxed { body } => body.as_mut().poll_frame(cx),
