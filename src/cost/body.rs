@@ -129,10 +129,15 @@ impl Meter {
         self.outcome().0
     }
 
+    /// The usage and its cost. The cost is `None` when the model has no price, and also
+    /// when no usage was reported at all (an OpenAI stream abandoned before its final
+    /// usage chunk): unknown is not free.
     fn outcome(&self) -> (Outcome, Option<&str>) {
         let model = self.extractor.model();
         let usage = *self.extractor.usage();
-        let cost = model.and_then(|m| self.shared.prices.cost(m, &usage));
+        let cost = model
+            .filter(|_| self.extractor.saw_usage())
+            .and_then(|m| self.shared.prices.cost(m, &usage));
         (Outcome { usage, cost }, model)
     }
 
@@ -161,7 +166,10 @@ impl Meter {
         if !worth_recording {
             return outcome;
         }
-        if outcome.cost.is_none() && (model.is_some() || !outcome.usage.is_empty()) {
+        let priced = model
+            .as_deref()
+            .is_some_and(|m| self.shared.prices.get(m).is_some());
+        if !priced && (model.is_some() || !outcome.usage.is_empty()) {
             stats.add_unknown_model();
             tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or("<none>"),
                 route = %self.meta.route, "no price for model: usage recorded with cost None");

@@ -348,6 +348,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn price_file_is_merged_over_the_builtin_table() {
+        let path =
+            std::env::temp_dir().join(format!("palisade-cost-prices-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"claude-3-7-sonnet": {"input_cost_per_token": 6e-06, "output_cost_per_token": 3e-05},
+                "house-model": {"input_cost_per_token": "0.000001", "output_cost_per_token": "0.000002"}}"#,
+        )
+        .unwrap();
+        let cfg = CostConfig {
+            prices_file: Some(path.clone()),
+            ..CostConfig::default()
+        };
+        let table = cfg.prices().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            table.get("claude-3-7-sonnet-latest").unwrap().base.input,
+            6_000_000
+        );
+        assert_eq!(table.get("house-model").unwrap().base.output, 2_000_000);
+        assert_eq!(table.get("claude-opus-4-7").unwrap().base.input, 5_000_000);
+        let cfg = CostConfig {
+            builtin_prices: false,
+            ..CostConfig::default()
+        };
+        assert!(cfg.prices().unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn invalid_configs_are_errors() {
         let cfg = CostConfig {
             bot_header: Some("bad header".into()),

@@ -221,7 +221,7 @@ async fn sse_comment_is_appended_once() {
         )]),
     )
     .await;
-    assert!(out.ends_with(b"data: partial\n: palisade-cost usd=0 input=0 output=0 cache_write_5m=0 cache_write_1h=0 cache_read=0\n\n"));
+    assert!(out.ends_with(b"data: partial\n: palisade-cost usd=unknown input=0 output=0 cache_write_5m=0 cache_write_1h=0 cache_read=0\n\n"));
 }
 
 #[tokio::test]
@@ -432,4 +432,51 @@ async fn durations_use_the_tokio_clock() {
     let r = &sink.records()[0];
     assert_eq!(r.time_to_headers, std::time::Duration::from_millis(300));
     assert_eq!(r.duration, std::time::Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn abandoned_openai_stream_without_usage_has_no_cost() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let at = OPENAI.find("\r\r").unwrap() + 2; // after the first chunk
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new(split(OPENAI, &[at])),
+    ));
+    let res = svc.oneshot(request()).await.unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let stats = shutdown.shutdown().await;
+    let r = &sink.records()[0];
+    assert_eq!(r.completion, Completion::Partial);
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!(r.cost, None, "no usage seen: unknown, not $0");
+    assert_eq!(stats.unknown_model, 0, "the model itself is priced");
+}
+
+#[tokio::test]
+async fn json_error_and_openai_json_bodies() {
+    let err = r#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: field required"}}"#;
+    let (_, out, records, _) =
+        meter(|l| l, "application/json", Chunks::new([Bytes::from(err)])).await;
+    assert_eq!(out, err.as_bytes());
+    assert_eq!(records[0].completion, Completion::UpstreamError);
+    assert_eq!(
+        records[0].upstream_error.as_deref(),
+        Some("invalid_request_error")
+    );
+    assert_eq!(records[0].cost, None);
+
+    let ok = r#"{"id":"c1","object":"chat.completion","model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":1000,"completion_tokens":100,"prompt_tokens_details":{"cached_tokens":500}}}"#;
+    let (_, _, records, _) = meter(
+        |l| l,
+        "application/vnd.api+json; charset=utf-8",
+        Chunks::new(split(ok, &[1, 2, 3])),
+    )
+    .await;
+    // 500 × 0.40 + 500 × 0.10 + 100 × 1.60 per MTok
+    assert_eq!(records[0].cost.unwrap().dollars_string(), "0.00041");
+    assert_eq!(records[0].completion, Completion::Complete);
 }
