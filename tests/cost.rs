@@ -212,3 +212,33 @@ async fn client_disconnect_after_message_start_records_partial() {
     assert!(r.cost.is_some());
     drop(tx);
 }
+
+#[tokio::test]
+async fn composes_under_axum() {
+    use axum::response::IntoResponse;
+    use tower::ServiceExt;
+
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let app = axum::Router::new()
+        .route(
+            "/v1/messages",
+            axum::routing::post(|| async {
+                ([("content-type", "text/event-stream")], SONNET_37).into_response()
+            }),
+        )
+        .layer(CostMeterLayer::new(PriceTable::builtin(), recorder).sse_cost_comment(true));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/messages")
+        .header("x-user-id", "dora")
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"cache_read=0\n\n"));
+    shutdown.shutdown().await;
+    let r = &sink.records()[0];
+    assert_eq!(r.attribution.user.as_deref(), Some("dora"));
+    assert_eq!(r.cost.unwrap().dollars_string(), "0.054399");
+}

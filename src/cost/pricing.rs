@@ -546,6 +546,16 @@ mod tests {
             .unwrap();
         assert_eq!(c.dollars_string(), "1.06376125");
         assert_eq!(c, Money::parse_dollars("1.06376125").unwrap());
+        // the same request with 217 of the cache-write tokens on the 1-hour cache
+        let mut u = usage(6, 159_000, 2_745);
+        u.cache_write_1h_tokens = 217;
+        let c = t.cost("claude-opus-4-7", &u).unwrap();
+        // 30000 + 159000 × 6250 + 217 × 10000 + 2745 × 25000 nano-dollars
+        assert_eq!(
+            c,
+            Money::from_nanos(30_000 + 993_750_000 + 2_170_000 + 68_625_000)
+        );
+        assert_eq!(c.dollars_string(), "1.064575");
     }
 
     #[test]
