@@ -2,6 +2,28 @@
 //!
 //! Used by [`MemorySink`](super::MemorySink); the functions take any iterator of records so
 //! other sinks can reuse them.
+//!
+//! ```
+//! use std::time::{Duration, SystemTime};
+//! use palisade::cost::summary::{summarize, top, Subject};
+//! use palisade::cost::{Attribution, Money, Usage, UsageRecord};
+//!
+//! let day = SystemTime::UNIX_EPOCH + Duration::from_secs(20_417 * 86_400); // 2025-11-25
+//! let usage = Usage { input_tokens: 100, output_tokens: 20, ..Usage::default() };
+//! let records = vec![
+//!     UsageRecord::new(day, Some("gpt-4o".into()), usage, Some(Money::from_nanos(450)))
+//!         .with_attribution(Attribution::default().with_user("ann")),
+//!     UsageRecord::new(day, Some("mystery".into()), usage, None)
+//!         .with_attribution(Attribution::default().with_user("ann")),
+//! ];
+//! let to = day + Duration::from_secs(86_400);
+//! let s = summarize(&records, &Subject::User("ann".into()), day, to);
+//! assert_eq!(s.total.requests, 2);
+//! assert_eq!(s.total.unpriced, 1); // tokens counted, cost unknown
+//! assert_eq!(s.total.usage.input_tokens, 200);
+//! assert_eq!(s.by_day.keys().next().unwrap().to_string(), "2025-11-25");
+//! assert_eq!(top(&records, 5, day, to)[0].1.cost, Money::from_nanos(450));
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
