@@ -385,6 +385,17 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }
+                    let encoded = headers
+                        .get(http::header::CONTENT_ENCODING)
+                        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                    if encoded {
+                        // Compressed bytes cannot be read for usage; meter before compression.
+                        this.shared.stats.add_encoded_body();
+                        tracing::warn!(target: "palisade::cost", route = %meta.route,
+                            "compressed response not metered: place CostMeterLayer inside compression");
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
+                    }
                     if meta.request_id.is_none() {
                         meta.request_id =
                             header_string(headers, Some(&HeaderName::from_static("request-id")))

@@ -17,6 +17,8 @@
 //! - Who pays: an [`Attribution`] from the request extensions, else the `x-user-id`,
 //!   `x-bot-id`, `x-conversation-id` headers and the hashed API key; optionally the
 //!   body's `metadata.user_id` with [`BodyUserIdLayer`].
+//! - Compressed responses (`content-encoding` other than `identity`) pass unmetered and are
+//!   counted (`encoded_body`): put the meter inside any compression layer.
 //! - Showing the cost: `x-palisade-cost-usd` and token headers on small non-streamed JSON
 //!   responses (read whole before the head is sent, which is why it is limited to bodies
 //!   with a small `content-length`; HTTP trailers were rejected because most clients drop

@@ -480,3 +480,27 @@ async fn json_error_and_openai_json_bodies() {
     assert_eq!(records[0].cost.unwrap().dollars_string(), "0.00041");
     assert_eq!(records[0].completion, Completion::Complete);
 }
+
+#[tokio::test]
+async fn compressed_responses_are_counted_not_misread() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(Chunks::new([Bytes::from_static(b"\x1f\x8b\x08\x00")]))
+                .unwrap(),
+        )
+    }));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert!(!res.body().is_metered());
+    let out = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(out, &b"\x1f\x8b\x08\x00"[..]);
+    let stats = shutdown.shutdown().await;
+    assert_eq!(stats.encoded_body, 1);
+    assert_eq!(stats.parse_failures, 0);
+    assert!(sink.is_empty());
+}

@@ -103,6 +103,7 @@ pub struct CostStats {
     oversize_body: AtomicU64,
     parse_failures: AtomicU64,
     overlong_lines: AtomicU64,
+    encoded_body: AtomicU64,
 }
 
 /// A point-in-time copy of [`CostStats`].
@@ -129,6 +130,9 @@ pub struct CostStatsSnapshot {
     pub parse_failures: u64,
     /// SSE lines dropped for exceeding the line limit.
     pub overlong_lines: u64,
+    /// JSON or SSE responses not metered because they were compressed
+    /// (`content-encoding` other than `identity`).
+    pub encoded_body: u64,
 }
 
 impl CostStats {
@@ -146,6 +150,7 @@ impl CostStats {
             oversize_body: l(&self.oversize_body),
             parse_failures: l(&self.parse_failures),
             overlong_lines: l(&self.overlong_lines),
+            encoded_body: l(&self.encoded_body),
         }
     }
 
@@ -155,6 +160,10 @@ impl CostStats {
 
     pub(crate) fn add_oversize_body(&self) {
         self.oversize_body.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_encoded_body(&self) {
+        self.encoded_body.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn add_parse_failures(&self, n: u64) {
