@@ -274,6 +274,29 @@ impl RecorderShutdown {
         self.stats.snapshot()
     }
 
+    /// Like [`shutdown`](Self::shutdown), but gives up after `limit` (a sink that hangs
+    /// must not hang the process): the task is aborted and `Err` carries the counters;
+    /// records queued but neither written nor failed (`queued - written - failed`) were
+    /// lost.
+    pub async fn shutdown_within(
+        self,
+        limit: Duration,
+    ) -> Result<CostStatsSnapshot, CostStatsSnapshot> {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(_) => Ok(self.stats.snapshot()),
+            Err(_) => {
+                task.abort();
+                let s = self.stats.snapshot();
+                tracing::error!(target: "palisade::cost",
+                    lost = s.queued.saturating_sub(s.written + s.failed),
+                    "usage sink did not finish in time: recorder aborted");
+                Err(s)
+            }
+        }
+    }
+
     /// The shared counters.
     pub fn stats(&self) -> &Arc<CostStats> {
         &self.stats
@@ -453,6 +476,26 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(*sink.got.lock().unwrap(), vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_within_gives_up_on_a_hung_sink() {
+        let sink = flaky(0, true, 0); // never lets a batch through
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        r.record(rec(2));
+        let err = shut
+            .shutdown_within(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.queued, 2);
+        assert_eq!(err.written, 0);
+        // a healthy sink finishes in time
+        let sink = flaky(0, true, 100);
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        let ok = shut.shutdown_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(ok.written, 1);
     }
 
     #[tokio::test(start_paused = true)]
