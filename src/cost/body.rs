@@ -166,6 +166,12 @@ impl Meter {
         if !worth_recording {
             return outcome;
         }
+        if completion == Completion::Complete && model.is_some() && !self.extractor.saw_usage() {
+            stats.add_missing_usage();
+            tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or_default(),
+                route = %self.meta.route,
+                "response reported no usage (OpenAI streams need stream_options.include_usage): cost None");
+        }
         let priced = model
             .as_deref()
             .is_some_and(|m| self.shared.prices.get(m).is_some());

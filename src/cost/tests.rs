@@ -504,3 +504,15 @@ async fn compressed_responses_are_counted_not_misread() {
     assert_eq!(stats.parse_failures, 0);
     assert!(sink.is_empty());
 }
+
+#[tokio::test]
+async fn openai_stream_without_usage_is_counted() {
+    let text = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+    let (_, out, records, stats) =
+        meter(|l| l, "text/event-stream", Chunks::new([Bytes::from(text)])).await;
+    assert_eq!(out, text.as_bytes());
+    assert_eq!(records[0].completion, Completion::Complete);
+    assert_eq!(records[0].cost, None);
+    assert_eq!(stats.missing_usage, 1);
+    assert_eq!(stats.unknown_model, 0);
+}

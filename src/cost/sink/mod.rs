@@ -104,6 +104,7 @@ pub struct CostStats {
     parse_failures: AtomicU64,
     overlong_lines: AtomicU64,
     encoded_body: AtomicU64,
+    missing_usage: AtomicU64,
 }
 
 /// A point-in-time copy of [`CostStats`].
@@ -133,6 +134,9 @@ pub struct CostStatsSnapshot {
     /// JSON or SSE responses not metered because they were compressed
     /// (`content-encoding` other than `identity`).
     pub encoded_body: u64,
+    /// Complete responses that named a model but reported no usage (an OpenAI stream
+    /// without `stream_options.include_usage`): recorded with `cost: None`.
+    pub missing_usage: u64,
 }
 
 impl CostStats {
@@ -151,6 +155,7 @@ impl CostStats {
             parse_failures: l(&self.parse_failures),
             overlong_lines: l(&self.overlong_lines),
             encoded_body: l(&self.encoded_body),
+            missing_usage: l(&self.missing_usage),
         }
     }
 
@@ -160,6 +165,10 @@ impl CostStats {
 
     pub(crate) fn add_oversize_body(&self) {
         self.oversize_body.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_missing_usage(&self) {
+        self.missing_usage.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn add_encoded_body(&self) {
