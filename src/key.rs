@@ -52,6 +52,11 @@ impl ApiKeyId {
         api_key_from_headers(headers).map(Self::from_key)
     }
 
+    /// An id from its raw 16 bytes (as stored by a sink).
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+
     /// The raw 16 bytes.
     pub const fn as_bytes(&self) -> &[u8; 16] {
         &self.0

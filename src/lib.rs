@@ -59,6 +59,7 @@
 pub mod body;
 pub mod classify;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod key;
 pub mod security_headers;

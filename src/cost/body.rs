@@ -1,0 +1,474 @@
+//! The response body wrapper that meters usage as bytes pass through.
+
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use super::layer::Shared;
+use super::pricing::Money;
+use super::record::{Attribution, Completion, UsageRecord};
+use super::sse::SseParser;
+use super::usage::{Usage, UsageExtractor};
+
+/// What the request told us, carried until the record is written.
+#[derive(Debug)]
+pub(crate) struct RequestMeta {
+    pub(crate) time: SystemTime,
+    pub(crate) start: Instant,
+    pub(crate) attribution: Attribution,
+    pub(crate) route: String,
+    pub(crate) request_id: Option<String>,
+    pub(crate) body_user: Option<Arc<std::sync::OnceLock<String>>>,
+}
+
+#[derive(Debug)]
+enum Scan {
+    Sse(SseParser),
+    Json { chunks: Vec<Bytes>, len: usize },
+    Oversize,
+}
+
+/// The metering state of one response: fed every data frame, finished exactly once.
+#[derive(Debug)]
+pub(crate) struct Meter {
+    shared: Arc<Shared>,
+    meta: RequestMeta,
+    time_to_headers: Duration,
+    status: u16,
+    scan: Scan,
+    extractor: UsageExtractor,
+}
+
+/// What a finished meter reports back (for the SSE comment and cost headers).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outcome {
+    pub(crate) usage: Usage,
+    pub(crate) cost: Option<Money>,
+}
+
+impl Meter {
+    pub(crate) fn new(shared: Arc<Shared>, meta: RequestMeta, status: u16, stream: bool) -> Self {
+        let time_to_headers = meta.start.elapsed();
+        let scan = if stream {
+            Scan::Sse(SseParser::with_max_line(shared.max_sse_line))
+        } else {
+            Scan::Json {
+                chunks: Vec::new(),
+                len: 0,
+            }
+        };
+        Self {
+            shared,
+            meta,
+            time_to_headers,
+            status,
+            scan,
+            extractor: UsageExtractor::new(),
+        }
+    }
+
+    pub(crate) fn is_stream(&self) -> bool {
+        matches!(self.scan, Scan::Sse(_))
+    }
+
+    pub(crate) fn at_line_start(&self) -> bool {
+        match &self.scan {
+            Scan::Sse(p) => p.at_line_start(),
+            _ => true,
+        }
+    }
+
+    pub(crate) fn feed(&mut self, data: &Bytes) {
+        match &mut self.scan {
+            Scan::Sse(parser) => {
+                let x = &mut self.extractor;
+                parser.feed_filtered(data, UsageExtractor::wants_data, |ev| {
+                    x.on_event(ev.event, ev.data)
+                });
+            }
+            Scan::Json { chunks, len } => {
+                if *len + data.len() > self.shared.max_json_body {
+                    self.shared.stats.add_oversize_body();
+                    tracing::warn!(target: "palisade::cost", route = %self.meta.route,
+                        limit = self.shared.max_json_body, "JSON body too large to scan for usage");
+                    self.scan = Scan::Oversize;
+                } else if !data.is_empty() {
+                    *len += data.len();
+                    chunks.push(data.clone());
+                }
+            }
+            Scan::Oversize => {}
+        }
+    }
+
+    /// Parses a buffered JSON body now (used before sending cost headers).
+    pub(crate) fn settle(&mut self) -> Outcome {
+        if let Scan::Json { chunks, len } = &mut self.scan {
+            match chunks.len() {
+                0 => {}
+                1 => self.extractor.feed_json(&chunks[0]),
+                _ => {
+                    let mut all = Vec::with_capacity(*len);
+                    chunks.iter().for_each(|c| all.extend_from_slice(c));
+                    self.extractor.feed_json(&all);
+                }
+            }
+            self.scan = Scan::Json {
+                chunks: Vec::new(),
+                len: 0,
+            };
+        }
+        self.outcome().0
+    }
+
+    /// The usage and its cost. The cost is `None` when the model has no price, and also
+    /// when no usage was reported at all (an OpenAI stream abandoned before its final
+    /// usage chunk): unknown is not free.
+    fn outcome(&self) -> (Outcome, Option<&str>) {
+        let model = self.extractor.model();
+        let usage = *self.extractor.usage();
+        let cost = model
+            .filter(|_| self.extractor.saw_usage())
+            .and_then(|m| self.shared.prices.cost(m, &usage));
+        (Outcome { usage, cost }, model)
+    }
+
+    /// Writes the record. `complete` is whether the body reached its end.
+    pub(crate) fn finish(mut self, complete: bool) -> Outcome {
+        if complete {
+            self.settle();
+        }
+        let stats = &self.shared.stats;
+        stats.add_parse_failures(self.extractor.parse_failures());
+        if let Scan::Sse(p) = &self.scan {
+            stats.add_overlong_lines(p.overlong_lines());
+        }
+        let (outcome, model) = self.outcome();
+        let model = model.map(str::to_owned);
+        let upstream_error = self.extractor.upstream_error().map(|e| e.kind.clone());
+        let completion = if upstream_error.is_some() {
+            Completion::UpstreamError
+        } else if complete {
+            Completion::Complete
+        } else {
+            Completion::Partial
+        };
+        let worth_recording =
+            self.extractor.saw_usage() || model.is_some() || completion != Completion::Complete;
+        if !worth_recording {
+            return outcome;
+        }
+        if completion == Completion::Complete && model.is_some() && !self.extractor.saw_usage() {
+            stats.add_missing_usage();
+            tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or_default(),
+                route = %self.meta.route,
+                "response reported no usage (OpenAI streams need stream_options.include_usage): cost None");
+        }
+        let priced = model
+            .as_deref()
+            .is_some_and(|m| self.shared.prices.get(m).is_some());
+        if !priced && (model.is_some() || !outcome.usage.is_empty()) {
+            stats.add_unknown_model();
+            tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or("<none>"),
+                route = %self.meta.route, "no price for model: usage recorded with cost None");
+        }
+        let mut attribution = std::mem::take(&mut self.meta.attribution);
+        if attribution.user.is_none() {
+            attribution.user = self
+                .meta
+                .body_user
+                .as_ref()
+                .and_then(|slot| slot.get().cloned());
+        }
+        let record = UsageRecord {
+            time: self.meta.time,
+            request_id: self.meta.request_id.take(),
+            attribution,
+            route: std::mem::take(&mut self.meta.route),
+            model,
+            usage: outcome.usage,
+            cost: outcome.cost,
+            duration: self.meta.start.elapsed(),
+            time_to_headers: self.time_to_headers,
+            status: self.status,
+            stream: self.is_stream(),
+            completion,
+            upstream_error,
+        };
+        self.shared.recorder.record(record);
+        outcome
+    }
+}
+
+/// Writes a partial record if the body is dropped before its end.
+#[derive(Debug)]
+struct Guard(Option<Meter>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(meter) = self.0.take() {
+            meter.finish(false);
+        }
+    }
+}
+
+/// The SSE comment line announcing the cost, e.g.
+/// `: palisade-cost usd=0.054399 input=3 output=550 cache_write_5m=12304 cache_write_1h=0 cache_read=0`.
+pub(crate) fn cost_comment(outcome: &Outcome, newline_first: bool) -> Bytes {
+    let mut s = String::with_capacity(128);
+    if newline_first {
+        s.push('\n');
+    }
+    let u = &outcome.usage;
+    let usd = outcome
+        .cost
+        .map_or_else(|| "unknown".to_owned(), Money::dollars_string);
+    let _ = write!(
+        s,
+        ": palisade-cost usd={usd} input={} output={} cache_write_5m={} cache_write_1h={} cache_read={}\n\n",
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_write_5m_tokens,
+        u.cache_write_1h_tokens,
+        u.cache_read_tokens
+    );
+    Bytes::from(s)
+}
+
+pin_project! {
+    /// The inner body: in place, or boxed when it was moved out of a pinned future
+    /// (after reading a small JSON body for the cost headers).
+    #[project = InnerProj]
+    enum InnerBody<B> {
+        Plain { #[pin] body: B },
+        Boxed { body: Pin<Box<B>> },
+    }
+}
+
+type PolledFrame<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
+impl<B: Body> InnerBody<B> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame<B> {
+        match self.project() {
+            InnerProj::Plain { body } => body.poll_frame(cx),
+            InnerProj::Boxed { body } => body.as_mut().poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InnerBody::Plain { body } => body.is_end_stream(),
+            InnerBody::Boxed { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InnerBody::Plain { body } => body.size_hint(),
+            InnerBody::Boxed { body } => body.size_hint(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response body of [`CostMeter`](super::CostMeter): the inner body, byte for byte,
+    /// metered as it passes (plus, when enabled, one SSE comment line at the end of a
+    /// stream). Exactly one usage record is written per metered response: at the end of
+    /// the body, or, if the body is dropped first, marked partial.
+    pub struct MeteredBody<B: Body> {
+        #[pin]
+        inner: InnerBody<B>,
+        prefix: std::collections::VecDeque<Bytes>,
+        prefix_error: Option<B::Error>,
+        tail: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+        inner_done: bool,
+        comment: bool,
+        meter: Guard,
+    }
+}
+
+impl<B: Body> std::fmt::Debug for MeteredBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredBody")
+            .field("metered", &self.meter.0.is_some())
+            .field("inner_done", &self.inner_done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Body> MeteredBody<B> {
+    /// A body that passes `inner` through without metering.
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self::new(inner, None, false)
+    }
+
+    pub(crate) fn new(inner: B, meter: Option<Meter>, comment: bool) -> Self {
+        Self {
+            inner: InnerBody::Plain { body: inner },
+            prefix: std::collections::VecDeque::new(),
+            prefix_error: None,
+            tail: None,
+            trailers: None,
+            inner_done: false,
+            comment,
+            meter: Guard(meter),
+        }
+    }
+
+    /// A body whose first bytes (and possibly its end) were already read from `inner`.
+    pub(crate) fn buffered(
+        inner: Pin<Box<B>>,
+        chunks: Vec<Bytes>,
+        error: Option<B::Error>,
+        trailers: Option<HeaderMap>,
+        inner_done: bool,
+        meter: Meter,
+    ) -> Self {
+        Self {
+            inner: InnerBody::Boxed { body: inner },
+            prefix: chunks.into(),
+            prefix_error: error,
+            tail: None,
+            trailers,
+            inner_done,
+            comment: false,
+            meter: Guard(Some(meter)),
+        }
+    }
+
+    /// Whether this body is metered (it is not for responses that are neither JSON nor
+    /// SSE).
+    pub fn is_metered(&self) -> bool {
+        self.meter.0.is_some()
+    }
+}
+
+impl<B> Body for MeteredBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        if let Some(chunk) = this.prefix.pop_front() {
+            // A server that knows the length stops polling after the last byte, so the
+            // record is written with the last chunk, not on the next poll.
+            if this.prefix.is_empty()
+                && this.prefix_error.is_none()
+                && this.trailers.is_none()
+                && (*this.inner_done || this.inner.is_end_stream())
+            {
+                end(this.meter, this.tail, false);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if let Some(err) = this.prefix_error.take() {
+            if let Some(m) = this.meter.0.take() {
+                m.finish(false);
+            }
+            return Poll::Ready(Some(Err(err)));
+        }
+        if let Some(tail) = this.tail.take() {
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
+        if !*this.inner_done {
+            match ready!(this.inner.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(m) = this.meter.0.as_mut() {
+                            m.feed(&data);
+                            if this.inner.is_end_stream() {
+                                *this.inner_done = true;
+                                end(this.meter, this.tail, *this.comment);
+                            }
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Err(frame) => {
+                        // Trailers end the body: the comment (if any) goes before them.
+                        *this.inner_done = true;
+                        end(this.meter, this.tail, *this.comment);
+                        match this.tail.take() {
+                            Some(tail) => {
+                                *this.trailers = frame.into_trailers().ok();
+                                return Poll::Ready(Some(Ok(Frame::data(tail))));
+                            }
+                            None => return Poll::Ready(Some(Ok(frame))),
+                        }
+                    }
+                },
+                Some(Err(err)) => {
+                    *this.inner_done = true;
+                    if let Some(m) = this.meter.0.take() {
+                        m.finish(false);
+                    }
+                    return Poll::Ready(Some(Err(err)));
+                }
+                None => {
+                    *this.inner_done = true;
+                    end(this.meter, this.tail, *this.comment);
+                    if let Some(tail) = this.tail.take() {
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                }
+            }
+        }
+        if let Some(trailers) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        end(this.meter, this.tail, false);
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.meter.0.is_none()
+            && self.prefix.is_empty()
+            && self.prefix_error.is_none()
+            && self.tail.is_none()
+            && self.trailers.is_none()
+            && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let prefix: u64 = self.prefix.iter().map(|c| c.len() as u64).sum();
+        let tail = self.tail.as_ref().map_or(0, |t| t.len() as u64);
+        let inner = if self.inner_done {
+            SizeHint::with_exact(0)
+        } else {
+            self.inner.size_hint()
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + prefix + tail);
+        let comment_pending = self.comment && self.meter.0.is_some();
+        if let (Some(upper), false) = (inner.upper(), comment_pending) {
+            hint.set_upper(upper + prefix + tail);
+        }
+        hint
+    }
+}
+
+/// The body reached its end: write the record and queue the cost comment if asked for.
+fn end(meter: &mut Guard, tail: &mut Option<Bytes>, comment: bool) {
+    if let Some(m) = meter.0.take() {
+        let stream = m.is_stream();
+        let newline = !m.at_line_start();
+        let outcome = m.finish(true);
+        if comment && stream {
+            *tail = Some(cost_comment(&outcome, newline));
+        }
+    }
+}

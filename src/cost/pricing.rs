@@ -1,0 +1,676 @@
+//! Integer money and model prices: a built-in table and LiteLLM-style JSON price maps.
+//!
+//! Money is a count of **pico-dollars** (10⁻¹² $) in a `u128`, so every published per-token
+//! price (LiteLLM lists some at 3.75e-8 $) is an exact integer and sums never drift. Prices
+//! are parsed from their decimal text, never through float arithmetic.
+//!
+//! ```
+//! use palisade::cost::pricing::{Money, PriceTable};
+//! use palisade::cost::usage::Usage;
+//!
+//! let table = PriceTable::builtin();
+//! let usage = Usage { input_tokens: 3, cache_write_5m_tokens: 12_304, output_tokens: 550, ..Usage::default() };
+//! let cost = table.cost("claude-3-7-sonnet-20250219", &usage).unwrap();
+//! assert_eq!(cost, Money::from_nanos(54_399_000));
+//! assert_eq!(cost.to_string(), "$0.054399");
+//! assert!(table.cost("my-own-model", &usage).is_none()); // unknown: None, never 0
+//! ```
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::usage::Usage;
+
+/// An amount of money in pico-dollars (10⁻¹² US dollars).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Money(u128);
+
+impl Money {
+    /// Nothing.
+    pub const ZERO: Money = Money(0);
+    /// Pico-dollars per dollar.
+    pub const PICOS_PER_DOLLAR: u128 = 1_000_000_000_000;
+
+    /// From pico-dollars.
+    pub const fn from_picos(picos: u128) -> Self {
+        Money(picos)
+    }
+
+    /// From nano-dollars.
+    pub const fn from_nanos(nanos: u128) -> Self {
+        Money(nanos * 1000)
+    }
+
+    /// In pico-dollars.
+    pub const fn picos(self) -> u128 {
+        self.0
+    }
+
+    /// In nano-dollars, rounded down.
+    pub const fn nanos(self) -> u128 {
+        self.0 / 1000
+    }
+
+    /// Parses a dollar amount written in decimal (`"1.06376125"`, `"3e-6"`), exactly.
+    pub fn parse_dollars(text: &str) -> Result<Self, PriceError> {
+        parse_scaled(text, 12).map(Money)
+    }
+
+    /// Saturating sum.
+    #[must_use]
+    pub const fn saturating_add(self, other: Money) -> Money {
+        Money(self.0.saturating_add(other.0))
+    }
+
+    /// The amount in dollars as a plain decimal without trailing zeros (`"0.054399"`).
+    pub fn dollars_string(self) -> String {
+        let whole = self.0 / Self::PICOS_PER_DOLLAR;
+        let frac = self.0 % Self::PICOS_PER_DOLLAR;
+        if frac == 0 {
+            return whole.to_string();
+        }
+        let digits = format!("{frac:012}");
+        format!("{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+impl fmt::Display for Money {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "${}", self.dollars_string())
+    }
+}
+
+impl std::iter::Sum for Money {
+    fn sum<I: Iterator<Item = Money>>(iter: I) -> Money {
+        iter.fold(Money::ZERO, Money::saturating_add)
+    }
+}
+
+/// A problem with a price or a price map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PriceError {
+    /// Not a decimal number.
+    #[error("`{0}` is not a decimal number")]
+    NotANumber(String),
+    /// Negative prices make no sense.
+    #[error("`{0}` is negative")]
+    Negative(String),
+    /// More precision than a pico-dollar per token.
+    #[error("`{0}` has more precision than one pico-dollar")]
+    TooPrecise(String),
+    /// Too large to hold.
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+    /// The price map is not a JSON object of objects.
+    #[error("price map is not valid JSON: {0}")]
+    InvalidJson(String),
+}
+
+/// Parses a decimal (optionally with an exponent) and multiplies it by 10^`scale`,
+/// requiring an exact non-negative integer result.
+fn parse_scaled(text: &str, scale: i32) -> Result<u128, PriceError> {
+    let t = text.trim();
+    let err = || PriceError::NotANumber(t.to_owned());
+    if let Some(rest) = t.strip_prefix('-') {
+        return if rest.bytes().all(|b| b == b'0' || b == b'.') && !rest.is_empty() {
+            Ok(0)
+        } else {
+            Err(PriceError::Negative(t.to_owned()))
+        };
+    }
+    let t2 = t.strip_prefix('+').unwrap_or(t);
+    let (mantissa, exp) = match t2.find(['e', 'E']) {
+        Some(i) => (&t2[..i], t2[i + 1..].parse::<i32>().map_err(|_| err())?),
+        None => (t2, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() && frac.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(err());
+    }
+    let digits: String = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    // value = digits × 10^(exp - frac.len()); scaled by 10^scale
+    let mut shift = exp
+        .checked_sub(frac.len() as i32)
+        .and_then(|e| e.checked_add(scale))
+        .ok_or_else(err)?;
+    let mut digits = digits.to_owned();
+    while shift < 0 {
+        match digits.pop() {
+            None => return Ok(0),
+            Some('0') => shift += 1,
+            Some(_) => return Err(PriceError::TooPrecise(t.to_owned())),
+        }
+    }
+    if digits.is_empty() {
+        return Ok(0);
+    }
+    let too_large = || PriceError::TooLarge(t.to_owned());
+    let mut value: u128 = digits.parse().map_err(|_| too_large())?;
+    for _ in 0..shift {
+        value = value.checked_mul(10).ok_or_else(too_large)?;
+    }
+    Ok(value)
+}
+
+/// Pico-dollars per token for a `$ per million tokens` decimal. Used for the built-in
+/// table, where the text is a compile-time constant known to be valid.
+fn per_mtok(text: &str) -> u64 {
+    parse_scaled(text, 6)
+        .ok()
+        .and_then(|v| u64::try_from(v).ok())
+        .unwrap_or_default()
+}
+
+/// Per-token prices of one tier, in pico-dollars per token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenPrices {
+    /// Uncached input.
+    pub input: u64,
+    /// Output.
+    pub output: u64,
+    /// 5-minute cache write.
+    pub cache_write_5m: u64,
+    /// 1-hour cache write.
+    pub cache_write_1h: u64,
+    /// Cache read.
+    pub cache_read: u64,
+}
+
+impl TokenPrices {
+    /// Prices from `$ per million tokens` decimals: input, output, 5-minute cache write,
+    /// 1-hour cache write, cache read.
+    ///
+    /// ```
+    /// use palisade::cost::pricing::TokenPrices;
+    /// let p = TokenPrices::per_million("3", "15", "3.75", "6", "0.30").unwrap();
+    /// assert_eq!(p.input, 3_000_000); // pico-dollars per token
+    /// assert_eq!(p.cache_read, 300_000);
+    /// ```
+    pub fn per_million(
+        input: &str,
+        output: &str,
+        cache_write_5m: &str,
+        cache_write_1h: &str,
+        cache_read: &str,
+    ) -> Result<Self, PriceError> {
+        let p = |s: &str| -> Result<u64, PriceError> {
+            let v = parse_scaled(s, 6)?;
+            u64::try_from(v).map_err(|_| PriceError::TooLarge(s.to_owned()))
+        };
+        Ok(Self {
+            input: p(input)?,
+            output: p(output)?,
+            cache_write_5m: p(cache_write_5m)?,
+            cache_write_1h: p(cache_write_1h)?,
+            cache_read: p(cache_read)?,
+        })
+    }
+
+    fn builtin(i: &str, o: &str, w5: &str, w1: &str, r: &str) -> Self {
+        Self {
+            input: per_mtok(i),
+            output: per_mtok(o),
+            cache_write_5m: per_mtok(w5),
+            cache_write_1h: per_mtok(w1),
+            cache_read: per_mtok(r),
+        }
+    }
+
+    fn cost(&self, u: &Usage) -> u128 {
+        let m = |n: u64, p: u64| u128::from(n) * u128::from(p);
+        m(u.input_tokens, self.input)
+            + m(u.output_tokens, self.output)
+            + m(u.cache_write_5m_tokens, self.cache_write_5m)
+            + m(u.cache_write_1h_tokens, self.cache_write_1h)
+            + m(u.cache_read_tokens, self.cache_read)
+    }
+}
+
+/// The prices of one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelPrice {
+    /// The standard tier.
+    pub base: TokenPrices,
+    /// A long-context tier: when the request's input tokens (cache included) exceed the
+    /// threshold, every token of the request is priced at this tier.
+    pub long_context: Option<(u64, TokenPrices)>,
+    /// Price of one server-side web search, in pico-dollars.
+    pub web_search: u64,
+    /// Where the prices come from.
+    pub source: Cow<'static, str>,
+}
+
+impl ModelPrice {
+    /// A model with one tier and no web-search price.
+    pub fn new(base: TokenPrices, source: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            base,
+            long_context: None,
+            web_search: 0,
+            source: source.into(),
+        }
+    }
+
+    /// Adds a long-context tier above `threshold` input tokens.
+    #[must_use]
+    pub fn with_long_context(mut self, threshold: u64, tier: TokenPrices) -> Self {
+        self.long_context = Some((threshold, tier));
+        self
+    }
+
+    /// Sets the price of one web search, in pico-dollars.
+    #[must_use]
+    pub fn with_web_search(mut self, picos: u64) -> Self {
+        self.web_search = picos;
+        self
+    }
+
+    /// The cost of `usage` at these prices.
+    pub fn cost(&self, usage: &Usage) -> Money {
+        let tier = match self.long_context {
+            Some((threshold, ref tier)) if usage.total_input_tokens() > threshold => tier,
+            _ => &self.base,
+        };
+        let searches = u128::from(usage.web_search_requests) * u128::from(self.web_search);
+        Money(tier.cost(usage).saturating_add(searches))
+    }
+}
+
+/// The outcome of merging a LiteLLM price map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MergeReport {
+    /// Models loaded (added or replaced).
+    pub loaded: usize,
+    /// Entries skipped, with why (no token prices, an invalid number).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Model prices by name. Names match case-insensitively, with or without a provider
+/// prefix (`anthropic/`), a date suffix (`-20250219`, `-2024-08-06`, `@20250219`) or
+/// `-latest`.
+#[derive(Debug, Clone, Default)]
+pub struct PriceTable {
+    models: HashMap<String, Arc<ModelPrice>>,
+}
+
+const ANTHROPIC_SOURCE: &str = "https://docs.claude.com/en/docs/about-claude/pricing (2025-11)";
+const OPENAI_SOURCE: &str = "https://openai.com/api/pricing (2025-11)";
+/// Anthropic web search: $10 per 1,000 searches.
+const ANTHROPIC_WEB_SEARCH: u64 = 10_000_000_000;
+
+impl PriceTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in table: current and recent Claude models (with long-context tiers
+    /// where Anthropic has them) and a few OpenAI models, each with its source.
+    pub fn builtin() -> Self {
+        let mut t = Self::new();
+        let tp = TokenPrices::builtin;
+        let claude = |p: TokenPrices| {
+            ModelPrice::new(p, ANTHROPIC_SOURCE).with_web_search(ANTHROPIC_WEB_SEARCH)
+        };
+        let opus_new = tp("5", "25", "6.25", "10", "0.50");
+        for name in ["claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5"] {
+            t.insert(name, claude(opus_new));
+        }
+        let opus_old = tp("15", "75", "18.75", "30", "1.50");
+        for name in ["claude-opus-4-1", "claude-opus-4", "claude-4-opus"] {
+            t.insert(name, claude(opus_old));
+        }
+        let sonnet = tp("3", "15", "3.75", "6", "0.30");
+        let sonnet_long = tp("6", "22.50", "7.50", "12", "0.60");
+        for name in ["claude-sonnet-4-5", "claude-sonnet-4", "claude-4-sonnet"] {
+            t.insert(name, claude(sonnet).with_long_context(200_000, sonnet_long));
+        }
+        for name in ["claude-3-7-sonnet", "claude-sonnet-3-7"] {
+            t.insert(name, claude(sonnet));
+        }
+        t.insert(
+            "claude-haiku-4-5",
+            claude(tp("1", "5", "1.25", "2", "0.10")),
+        );
+        for name in ["claude-3-5-haiku", "claude-haiku-3-5"] {
+            t.insert(name, claude(tp("0.80", "4", "1", "1.6", "0.08")));
+        }
+        t.insert(
+            "claude-3-haiku",
+            claude(tp("0.25", "1.25", "0.30", "0.50", "0.03")),
+        );
+        // OpenAI has no cache writes: writes are priced as input.
+        let openai = |i: &str, o: &str, r: &str| ModelPrice::new(tp(i, o, i, i, r), OPENAI_SOURCE);
+        t.insert("gpt-4o", openai("2.50", "10", "1.25"));
+        t.insert("gpt-4o-mini", openai("0.15", "0.60", "0.075"));
+        t.insert("gpt-4.1", openai("2", "8", "0.50"));
+        t.insert("gpt-4.1-mini", openai("0.40", "1.60", "0.10"));
+        t
+    }
+
+    /// Adds or replaces `model`'s prices (the name is matched as described on the type).
+    pub fn insert(&mut self, model: &str, price: ModelPrice) {
+        let full = model.trim().to_ascii_lowercase();
+        let price = Arc::new(price);
+        let base = base_name(&full);
+        if base != full {
+            self.models
+                .entry(base.to_owned())
+                .or_insert_with(|| Arc::clone(&price));
+        }
+        self.models.insert(full, price);
+    }
+
+    /// How many names the table holds.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// The prices of `model`, if known.
+    pub fn get(&self, model: &str) -> Option<&ModelPrice> {
+        let lower = model.trim().to_ascii_lowercase();
+        let mut name = lower.as_str();
+        if let Some(p) = self.models.get(name) {
+            return Some(p);
+        }
+        if let Some(i) = name.rfind('/') {
+            name = &name[i + 1..];
+            if let Some(p) = self.models.get(name) {
+                return Some(p);
+            }
+        }
+        self.models.get(base_name(name)).map(Arc::as_ref)
+    }
+
+    /// The cost of `usage` on `model`; `None` when the model is unknown.
+    pub fn cost(&self, model: &str, usage: &Usage) -> Option<Money> {
+        self.get(model).map(|p| p.cost(usage))
+    }
+
+    /// Merges a JSON price map with LiteLLM's field names (`input_cost_per_token`,
+    /// `output_cost_per_token`, `cache_creation_input_token_cost`,
+    /// `cache_creation_input_token_cost_above_1hr`, `cache_read_input_token_cost`, the
+    /// `*_above_200k_tokens` variants; dollars per token). Entries replace existing ones of
+    /// the same name; entries without token prices (`sample_spec`, image models) are
+    /// skipped and reported.
+    ///
+    /// ```
+    /// use palisade::cost::pricing::PriceTable;
+    /// let mut table = PriceTable::new();
+    /// let report = table.merge_litellm_json(r#"{
+    ///     "my-model": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+    ///                  "cache_read_input_token_cost": 3.75e-08, "litellm_provider": "x"}
+    /// }"#).unwrap();
+    /// assert_eq!(report.loaded, 1);
+    /// let p = table.get("my-model").unwrap();
+    /// assert_eq!((p.base.input, p.base.output, p.base.cache_read), (3_000_000, 15_000_000, 37_500));
+    /// ```
+    pub fn merge_litellm_json(&mut self, json: &str) -> Result<MergeReport, PriceError> {
+        let map: HashMap<String, Value> =
+            serde_json::from_str(json).map_err(|e| PriceError::InvalidJson(e.to_string()))?;
+        let mut report = MergeReport::default();
+        let mut names: Vec<_> = map.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            match litellm_entry(&map[&name]) {
+                Ok(Some(price)) => {
+                    self.insert(&name, price);
+                    report.loaded += 1;
+                }
+                Ok(None) => report
+                    .skipped
+                    .push((name, "no per-token input and output prices".to_owned())),
+                Err(e) => report.skipped.push((name, e.to_string())),
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn litellm_entry(v: &Value) -> Result<Option<ModelPrice>, PriceError> {
+    let field = |name: &str| -> Result<Option<u64>, PriceError> {
+        let text = match v.get(name) {
+            None | Some(Value::Null) => return Ok(None),
+            // serde_json prints a float in its shortest round-trip form, which is the
+            // decimal text the file held (for up to 17 significant digits).
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => return Err(PriceError::NotANumber(other.to_string())),
+        };
+        let picos = parse_scaled(&text, 12)?;
+        u64::try_from(picos)
+            .map(Some)
+            .map_err(|_| PriceError::TooLarge(text))
+    };
+    let (Some(input), Some(output)) = (
+        field("input_cost_per_token")?,
+        field("output_cost_per_token")?,
+    ) else {
+        return Ok(None);
+    };
+    let w5 = field("cache_creation_input_token_cost")?.unwrap_or(input);
+    let base = TokenPrices {
+        input,
+        output,
+        cache_write_5m: w5,
+        cache_write_1h: field("cache_creation_input_token_cost_above_1hr")?.unwrap_or(w5),
+        cache_read: field("cache_read_input_token_cost")?.unwrap_or(input),
+    };
+    let source = match v.get("source").and_then(Value::as_str) {
+        Some(s) => Cow::Owned(format!("LiteLLM price map ({s})")),
+        None => Cow::Borrowed("LiteLLM price map"),
+    };
+    let mut price = ModelPrice::new(base, source);
+    if let Some(li) = field("input_cost_per_token_above_200k_tokens")? {
+        let lo = field("output_cost_per_token_above_200k_tokens")?.unwrap_or(base.output);
+        let lw5 = field("cache_creation_input_token_cost_above_200k_tokens")?.unwrap_or(li);
+        let tier = TokenPrices {
+            input: li,
+            output: lo,
+            cache_write_5m: lw5,
+            cache_write_1h: field("cache_creation_input_token_cost_above_1hr_above_200k_tokens")?
+                .unwrap_or(lw5),
+            cache_read: field("cache_read_input_token_cost_above_200k_tokens")?.unwrap_or(li),
+        };
+        price = price.with_long_context(200_000, tier);
+    }
+    Ok(Some(price))
+}
+
+/// The name without `-latest` and without a date suffix.
+fn base_name(name: &str) -> &str {
+    let name = name.strip_suffix("-latest").unwrap_or(name);
+    let b = name.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    let n = b.len();
+    // -YYYYMMDD or @YYYYMMDD
+    if n > 9 && (b[n - 9] == b'-' || b[n - 9] == b'@') && digits(&b[n - 8..]) {
+        return &name[..n - 9];
+    }
+    // -YYYY-MM-DD
+    if n > 11
+        && b[n - 11] == b'-'
+        && b[n - 6] == b'-'
+        && b[n - 3] == b'-'
+        && digits(&b[n - 10..n - 6])
+        && digits(&b[n - 5..n - 3])
+        && digits(&b[n - 2..])
+    {
+        return &name[..n - 11];
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(input: u64, w5: u64, out: u64) -> Usage {
+        Usage {
+            input_tokens: input,
+            cache_write_5m_tokens: w5,
+            output_tokens: out,
+            ..Usage::default()
+        }
+    }
+
+    #[test]
+    fn golden_costs() {
+        let t = PriceTable::builtin();
+        let c = t
+            .cost("claude-3-7-sonnet-20250219", &usage(3, 12_304, 550))
+            .unwrap();
+        assert_eq!(c.dollars_string(), "0.054399");
+        let c = t
+            .cost("claude-opus-4-7", &usage(6, 159_217, 2_745))
+            .unwrap();
+        assert_eq!(c.dollars_string(), "1.06376125");
+        assert_eq!(c, Money::parse_dollars("1.06376125").unwrap());
+        // the same request with 217 of the cache-write tokens on the 1-hour cache
+        let mut u = usage(6, 159_000, 2_745);
+        u.cache_write_1h_tokens = 217;
+        let c = t.cost("claude-opus-4-7", &u).unwrap();
+        // 30000 + 159000 × 6250 + 217 × 10000 + 2745 × 25000 nano-dollars
+        assert_eq!(
+            c,
+            Money::from_nanos(30_000 + 993_750_000 + 2_170_000 + 68_625_000)
+        );
+        assert_eq!(c.dollars_string(), "1.064575");
+    }
+
+    #[test]
+    fn name_matching() {
+        let t = PriceTable::builtin();
+        for name in [
+            "claude-3-7-sonnet-latest",
+            "Claude-3-7-Sonnet-20250219",
+            "anthropic/claude-3-7-sonnet-20250219",
+            "claude-3-7-sonnet@20250219",
+        ] {
+            assert!(t.get(name).is_some(), "{name}");
+        }
+        assert_eq!(t.get("gpt-4o-mini-2024-07-18").unwrap().base.input, 150_000);
+        assert_eq!(t.get("gpt-4o-2024-08-06").unwrap().base.input, 2_500_000);
+        assert!(t.get("claude-opus-4-1-20250805").is_some());
+        assert!(t.get("claude-opus-9").is_none());
+        assert!(t.get("").is_none());
+    }
+
+    #[test]
+    fn long_context_and_web_search() {
+        let t = PriceTable::builtin();
+        let mut u = usage(150_000, 60_000, 1_000);
+        let long = t.cost("claude-sonnet-4-5", &u).unwrap();
+        // 150k × $6 + 60k × $7.50 + 1k × $22.50 per MTok
+        assert_eq!(long.dollars_string(), "1.3725");
+        u.input_tokens = 100_000;
+        let short = t.cost("claude-sonnet-4-5", &u).unwrap();
+        assert_eq!(short.dollars_string(), "0.54"); // 0.3 + 0.225 + 0.015
+        u.web_search_requests = 3;
+        assert_eq!(
+            t.cost("claude-sonnet-4-5", &u).unwrap().dollars_string(),
+            "0.57"
+        );
+        // Sonnet 3.7 has no long-context tier
+        let u = usage(300_000, 0, 0);
+        assert_eq!(
+            t.cost("claude-3-7-sonnet", &u).unwrap().dollars_string(),
+            "0.9"
+        );
+    }
+
+    #[test]
+    fn decimal_parsing_is_exact() {
+        assert_eq!(parse_scaled("3e-06", 12), Ok(3_000_000));
+        assert_eq!(parse_scaled("3.75e-8", 12), Ok(37_500));
+        assert_eq!(parse_scaled("0.0000001", 12), Ok(100_000));
+        assert_eq!(parse_scaled("1.5E-5", 12), Ok(15_000_000));
+        assert_eq!(parse_scaled("0", 12), Ok(0));
+        assert_eq!(parse_scaled("2", 6), Ok(2_000_000));
+        assert!(matches!(
+            parse_scaled("1e-13", 12),
+            Err(PriceError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            parse_scaled("-1", 12),
+            Err(PriceError::Negative(_))
+        ));
+        assert!(matches!(
+            parse_scaled("abc", 12),
+            Err(PriceError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_scaled(".", 12),
+            Err(PriceError::NotANumber(_))
+        ));
+        assert!(matches!(
+            parse_scaled("1e40", 12),
+            Err(PriceError::TooLarge(_))
+        ));
+        // a price that f64 arithmetic would get wrong: 0.1 + 0.2 style drift
+        let a = Money::parse_dollars("0.1").unwrap();
+        let b = Money::parse_dollars("0.2").unwrap();
+        assert_eq!(a.saturating_add(b), Money::parse_dollars("0.3").unwrap());
+    }
+
+    #[test]
+    fn litellm_merge() {
+        let mut t = PriceTable::builtin();
+        let report = t
+            .merge_litellm_json(
+                r#"{
+            "sample_spec": {"max_tokens": "LEGACY", "input_cost_per_token": 0.0},
+            "claude-3-7-sonnet-20250219": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                "cache_creation_input_token_cost": 3.75e-06, "cache_read_input_token_cost": 3e-07},
+            "claude-sonnet-4-5": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                "input_cost_per_token_above_200k_tokens": 6e-06, "output_cost_per_token_above_200k_tokens": 2.25e-05},
+            "tiny": {"input_cost_per_token": 1e-15, "output_cost_per_token": 1e-6},
+            "image": {"output_cost_per_image": 0.04}
+        }"#,
+            )
+            .unwrap();
+        assert_eq!(report.loaded, 2);
+        assert_eq!(report.skipped.len(), 3);
+        assert!(
+            report
+                .skipped
+                .iter()
+                .any(|(n, e)| n == "tiny" && e.contains("precision"))
+        );
+        let p = t.get("claude-3-7-sonnet-20250219").unwrap();
+        assert!(p.source.contains("LiteLLM"));
+        let c = p.cost(&usage(3, 12_304, 550));
+        assert_eq!(c.dollars_string(), "0.054399");
+        let p = t.get("claude-sonnet-4-5").unwrap();
+        assert_eq!(p.long_context.unwrap().1.output, 22_500_000);
+        assert!(t.merge_litellm_json("[1]").is_err());
+    }
+
+    #[test]
+    fn money_display() {
+        assert_eq!(Money::ZERO.to_string(), "$0");
+        assert_eq!(Money::from_picos(1).to_string(), "$0.000000000001");
+        assert_eq!(Money::from_nanos(2_500_000_000).to_string(), "$2.5");
+        assert_eq!(Money::from_picos(1500).nanos(), 1);
+    }
+}

@@ -1,0 +1,219 @@
+//! One usage record per metered response, and who it is attributed to.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::pricing::Money;
+use super::usage::Usage;
+use crate::key::ApiKeyId;
+
+/// Who a request belongs to. Put one in the request's extensions (for example from an
+/// authentication layer) and [`CostMeterLayer`](super::CostMeterLayer) uses it; fields
+/// left `None` are filled from headers as configured.
+///
+/// ```
+/// use palisade::cost::Attribution;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Attribution::default().with_user("u-42").with_bot("support"));
+/// assert_eq!(req.extensions().get::<Attribution>().unwrap().user.as_deref(), Some("u-42"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Attribution {
+    /// The end user.
+    pub user: Option<String>,
+    /// The hashed API key the request used.
+    #[serde(with = "api_key_serde")]
+    pub api_key: Option<ApiKeyId>,
+    /// The bot or application.
+    pub bot: Option<String>,
+    /// The conversation.
+    pub conversation: Option<String>,
+}
+
+impl Attribution {
+    /// Sets the user.
+    #[must_use]
+    pub fn with_user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Sets the API key id.
+    #[must_use]
+    pub fn with_api_key(mut self, id: ApiKeyId) -> Self {
+        self.api_key = Some(id);
+        self
+    }
+
+    /// Sets the bot.
+    #[must_use]
+    pub fn with_bot(mut self, bot: impl Into<String>) -> Self {
+        self.bot = Some(bot.into());
+        self
+    }
+
+    /// Sets the conversation.
+    #[must_use]
+    pub fn with_conversation(mut self, conversation: impl Into<String>) -> Self {
+        self.conversation = Some(conversation.into());
+        self
+    }
+}
+
+mod api_key_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::key::ApiKeyId;
+
+    pub(super) fn serialize<S: Serializer>(id: &Option<ApiKeyId>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_some(&id.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<ApiKeyId>, D::Error> {
+        let hex: Option<String> = Option::deserialize(d)?;
+        let Some(hex) = hex else { return Ok(None) };
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(serde::de::Error::custom("api key id must be 32 hex digits"));
+        }
+        let mut bytes = [0u8; 16];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b =
+                u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(serde::de::Error::custom)?;
+        }
+        Ok(Some(ApiKeyId::from_bytes(bytes)))
+    }
+}
+
+/// How a metered response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Completion {
+    /// The body was read to its end.
+    Complete,
+    /// The client went away (or the body failed) before the end: the usage is what was
+    /// seen so far.
+    Partial,
+    /// The upstream reported an error inside the body (`event: error`).
+    UpstreamError,
+}
+
+/// One metered response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UsageRecord {
+    /// When the request arrived (wall clock).
+    #[serde(with = "unix_millis")]
+    pub time: SystemTime,
+    /// The request id (`x-request-id` of the request or response), if any.
+    pub request_id: Option<String>,
+    /// Who the request belongs to.
+    pub attribution: Attribution,
+    /// The request path.
+    pub route: String,
+    /// The model the response (or, failing that, the request) named.
+    pub model: Option<String>,
+    /// Token counts.
+    pub usage: Usage,
+    /// The cost; `None` when the model is not in the price table (never a silent 0).
+    pub cost: Option<Money>,
+    /// Upstream time: from the request to the end (or abandonment) of the response body.
+    pub duration: Duration,
+    /// Time to the response head (the first byte for a stream).
+    pub time_to_headers: Duration,
+    /// The response status code.
+    pub status: u16,
+    /// Whether the response was a server-sent event stream.
+    pub stream: bool,
+    /// How the response ended.
+    pub completion: Completion,
+    /// The upstream's in-body error type, if any.
+    pub upstream_error: Option<String>,
+}
+
+impl UsageRecord {
+    /// A record for `model` with `usage` at `time`; everything else empty. Useful for sinks'
+    /// tests and for feeding usage seen elsewhere.
+    pub fn new(time: SystemTime, model: Option<String>, usage: Usage, cost: Option<Money>) -> Self {
+        Self {
+            time,
+            request_id: None,
+            attribution: Attribution::default(),
+            route: String::new(),
+            model,
+            usage,
+            cost,
+            duration: Duration::ZERO,
+            time_to_headers: Duration::ZERO,
+            status: 200,
+            stream: false,
+            completion: Completion::Complete,
+            upstream_error: None,
+        }
+    }
+
+    /// Sets the attribution.
+    #[must_use]
+    pub fn with_attribution(mut self, attribution: Attribution) -> Self {
+        self.attribution = attribution;
+        self
+    }
+
+    /// Milliseconds since the Unix epoch (0 before it).
+    pub fn unix_millis(&self) -> u64 {
+        self.time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+mod unix_millis {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        s.serialize_u64(u64::try_from(ms).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        Ok(UNIX_EPOCH + Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let r = UsageRecord::new(
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            Some("claude-haiku-4-5".into()),
+            Usage {
+                input_tokens: 1,
+                ..Usage::default()
+            },
+            Some(Money::from_nanos(1000)),
+        )
+        .with_attribution(
+            Attribution::default()
+                .with_user("u")
+                .with_api_key(ApiKeyId::from_key("sk-x")),
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(!json.contains("sk-x"));
+        assert!(json.contains(&ApiKeyId::from_key("sk-x").to_string()));
+        let back: UsageRecord = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.unix_millis(), 1_700_000_000_123);
+    }
+}

@@ -1,0 +1,541 @@
+//! Where usage records go: a [`UsageSink`] behind a bounded, non-blocking queue.
+//!
+//! [`UsageRecorder::spawn`] starts a background task that takes records from a bounded
+//! queue in batches and hands them to the sink. Recording never waits: when the queue is
+//! full the record is dropped and counted ([`CostStats`]), so a slow sink never slows a
+//! request. A failing sink is retried with backoff, then the batch is counted as failed.
+//! [`RecorderShutdown::shutdown`] stops taking records, drains the queue into the sink and
+//! flushes it.
+//!
+//! The trait is batch-shaped so that network sinks (Redis, PostgreSQL) write one round trip
+//! per batch.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use palisade::cost::{MemorySink, UsageRecorder, RecorderConfig, UsageRecord, Usage};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let sink = Arc::new(MemorySink::new());
+//! let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+//! recorder.record(UsageRecord::new(std::time::SystemTime::now(), None, Usage::default(), None));
+//! let stats = shutdown.shutdown().await; // drains and flushes
+//! assert_eq!(stats.written, 1);
+//! assert_eq!(sink.len(), 1);
+//! # }
+//! ```
+
+mod memory;
+mod tracing_sink;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use memory::MemorySink;
+pub use tracing_sink::TracingSink;
+
+use super::record::UsageRecord;
+
+/// A sink failed to store a batch.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The backend is unavailable (connection refused, timeout); worth retrying.
+    #[error("sink unavailable: {0}")]
+    Unavailable(String),
+    /// The backend refused the batch; retrying will not help.
+    #[error("sink rejected the batch: {0}")]
+    Rejected(String),
+}
+
+impl SinkError {
+    /// Whether retrying may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Unavailable(_))
+    }
+}
+
+/// Stores usage records. Implementations receive batches from one background task, in
+/// order.
+pub trait UsageSink: Send + Sync + 'static {
+    /// Stores `batch`. Called again with the same batch after a retryable error.
+    fn record_batch(
+        &self,
+        batch: &[UsageRecord],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Makes everything stored so far durable (called at shutdown). The default does
+    /// nothing.
+    fn flush(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+impl<S: UsageSink> UsageSink for Arc<S> {
+    fn record_batch(
+        &self,
+        batch: &[UsageRecord],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).record_batch(batch)
+    }
+
+    fn flush(&self) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).flush()
+    }
+}
+
+/// Counters shared by the recorder and the layer. Nothing is dropped without a count.
+#[derive(Debug, Default)]
+pub struct CostStats {
+    queued: AtomicU64,
+    written: AtomicU64,
+    dropped_full: AtomicU64,
+    dropped_closed: AtomicU64,
+    failed: AtomicU64,
+    sink_errors: AtomicU64,
+    unknown_model: AtomicU64,
+    oversize_body: AtomicU64,
+    parse_failures: AtomicU64,
+    overlong_lines: AtomicU64,
+    encoded_body: AtomicU64,
+    missing_usage: AtomicU64,
+}
+
+/// A point-in-time copy of [`CostStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CostStatsSnapshot {
+    /// Records accepted into the queue.
+    pub queued: u64,
+    /// Records the sink stored.
+    pub written: u64,
+    /// Records dropped because the queue was full.
+    pub dropped_full: u64,
+    /// Records dropped because the recorder had shut down.
+    pub dropped_closed: u64,
+    /// Records lost because the sink kept failing.
+    pub failed: u64,
+    /// Sink calls that returned an error (retried or not).
+    pub sink_errors: u64,
+    /// Responses whose model had no price (recorded with `cost: None`).
+    pub unknown_model: u64,
+    /// JSON bodies too large to scan for usage.
+    pub oversize_body: u64,
+    /// Payloads that should have been JSON and were not.
+    pub parse_failures: u64,
+    /// SSE lines dropped for exceeding the line limit.
+    pub overlong_lines: u64,
+    /// JSON or SSE responses not metered because they were compressed
+    /// (`content-encoding` other than `identity`).
+    pub encoded_body: u64,
+    /// Complete responses that named a model but reported no usage (an OpenAI stream
+    /// without `stream_options.include_usage`): recorded with `cost: None`.
+    pub missing_usage: u64,
+}
+
+impl CostStats {
+    /// A copy of every counter.
+    pub fn snapshot(&self) -> CostStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CostStatsSnapshot {
+            queued: l(&self.queued),
+            written: l(&self.written),
+            dropped_full: l(&self.dropped_full),
+            dropped_closed: l(&self.dropped_closed),
+            failed: l(&self.failed),
+            sink_errors: l(&self.sink_errors),
+            unknown_model: l(&self.unknown_model),
+            oversize_body: l(&self.oversize_body),
+            parse_failures: l(&self.parse_failures),
+            overlong_lines: l(&self.overlong_lines),
+            encoded_body: l(&self.encoded_body),
+            missing_usage: l(&self.missing_usage),
+        }
+    }
+
+    pub(crate) fn add_unknown_model(&self) {
+        self.unknown_model.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_oversize_body(&self) {
+        self.oversize_body.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_missing_usage(&self) {
+        self.missing_usage.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_encoded_body(&self) {
+        self.encoded_body.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_parse_failures(&self, n: u64) {
+        if n > 0 {
+            self.parse_failures.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn add_overlong_lines(&self, n: u64) {
+        if n > 0 {
+            self.overlong_lines.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How the recorder queues and retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecorderConfig {
+    /// Queue capacity in records.
+    pub capacity: usize,
+    /// Largest batch handed to the sink.
+    pub max_batch: usize,
+    /// Retries of a batch after a retryable sink error.
+    pub retries: u32,
+    /// Wait before the first retry (doubled each time).
+    #[serde(with = "crate::config::duration")]
+    pub retry_backoff: Duration,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 10_000,
+            max_batch: 256,
+            retries: 3,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The sending side of the usage queue. Cheap to clone; recording never blocks.
+#[derive(Debug, Clone)]
+pub struct UsageRecorder {
+    tx: mpsc::Sender<UsageRecord>,
+    stats: Arc<CostStats>,
+}
+
+/// Stops the recorder's background task after draining the queue and flushing the sink.
+#[derive(Debug)]
+#[must_use = "dropping the shutdown handle detaches the task; call `shutdown` to flush"]
+pub struct RecorderShutdown {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+    stats: Arc<CostStats>,
+}
+
+impl UsageRecorder {
+    /// Starts the background task feeding `sink` (must run inside a tokio runtime).
+    pub fn spawn<S: UsageSink>(sink: S, config: RecorderConfig) -> (Self, RecorderShutdown) {
+        let stats = Arc::new(CostStats::default());
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let (stop, stop_rx) = oneshot::channel();
+        let task = tokio::spawn(run(sink, config, rx, stop_rx, Arc::clone(&stats)));
+        (
+            Self {
+                tx,
+                stats: Arc::clone(&stats),
+            },
+            RecorderShutdown { stop, task, stats },
+        )
+    }
+
+    /// Queues `record`; `false` (and a counted drop) when the queue is full or closed.
+    pub fn record(&self, record: UsageRecord) -> bool {
+        match self.tx.try_send(record) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "palisade::cost", "usage queue full: record dropped");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.dropped_closed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "palisade::cost", "usage recorder shut down: record dropped");
+                false
+            }
+        }
+    }
+
+    /// The shared counters.
+    pub fn stats(&self) -> &Arc<CostStats> {
+        &self.stats
+    }
+}
+
+impl RecorderShutdown {
+    /// Stops accepting records, writes everything queued, flushes the sink, and returns
+    /// the final counters.
+    pub async fn shutdown(self) -> CostStatsSnapshot {
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            tracing::error!(target: "palisade::cost", error = %e, "usage recorder task failed");
+        }
+        self.stats.snapshot()
+    }
+
+    /// Like [`shutdown`](Self::shutdown), but gives up after `limit` (a sink that hangs
+    /// must not hang the process): the task is aborted and `Err` carries the counters;
+    /// records queued but neither written nor failed (`queued - written - failed`) were
+    /// lost.
+    pub async fn shutdown_within(
+        self,
+        limit: Duration,
+    ) -> Result<CostStatsSnapshot, CostStatsSnapshot> {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        match tokio::time::timeout(limit, &mut task).await {
+            Ok(_) => Ok(self.stats.snapshot()),
+            Err(_) => {
+                task.abort();
+                let s = self.stats.snapshot();
+                tracing::error!(target: "palisade::cost",
+                    lost = s.queued.saturating_sub(s.written + s.failed),
+                    "usage sink did not finish in time: recorder aborted");
+                Err(s)
+            }
+        }
+    }
+
+    /// The shared counters.
+    pub fn stats(&self) -> &Arc<CostStats> {
+        &self.stats
+    }
+}
+
+async fn run<S: UsageSink>(
+    sink: S,
+    config: RecorderConfig,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    mut stop: oneshot::Receiver<()>,
+    stats: Arc<CostStats>,
+) {
+    let max_batch = config.max_batch.max(1);
+    let mut batch = Vec::with_capacity(max_batch);
+    // `listening`: the shutdown handle still exists. When it is dropped without a call to
+    // `shutdown`, the task runs on until every recorder is gone.
+    let mut listening = true;
+    loop {
+        let n = if listening {
+            tokio::select! {
+                biased;
+                n = rx.recv_many(&mut batch, max_batch) => n,
+                signal = &mut stop => {
+                    listening = false;
+                    if signal.is_ok() {
+                        rx.close();
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.recv_many(&mut batch, max_batch).await
+        };
+        if n == 0 {
+            break; // closed and drained
+        }
+        write(&sink, &config, &batch, &stats).await;
+        batch.clear();
+    }
+    if let Err(e) = sink.flush().await {
+        stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(target: "palisade::cost", error = %e, "usage sink flush failed");
+    }
+}
+
+async fn write<S: UsageSink>(
+    sink: &S,
+    config: &RecorderConfig,
+    batch: &[UsageRecord],
+    stats: &CostStats,
+) {
+    let mut backoff = config.retry_backoff;
+    let mut attempt = 0;
+    loop {
+        match sink.record_batch(batch).await {
+            Ok(()) => {
+                stats
+                    .written
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                stats.sink_errors.fetch_add(1, Ordering::Relaxed);
+                if !e.is_retryable() || attempt >= config.retries {
+                    stats
+                        .failed
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::error!(target: "palisade::cost", error = %e, records = batch.len(),
+                        "usage sink failed: batch lost");
+                    return;
+                }
+                tracing::warn!(target: "palisade::cost", error = %e, attempt, "usage sink failed: retrying");
+                attempt += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::cost::usage::Usage;
+
+    fn rec(n: u64) -> UsageRecord {
+        UsageRecord::new(
+            SystemTime::UNIX_EPOCH,
+            Some(format!("m{n}")),
+            Usage {
+                input_tokens: n,
+                ..Usage::default()
+            },
+            None,
+        )
+    }
+
+    /// A sink that fails a set number of times, and can be held shut to fill the queue.
+    struct Flaky {
+        failures: Mutex<u32>,
+        retryable: bool,
+        gate: tokio::sync::Semaphore,
+        got: Mutex<Vec<u64>>,
+        flushed: Mutex<bool>,
+    }
+
+    impl UsageSink for Flaky {
+        async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+            let _permit = self.gate.acquire().await.unwrap();
+            {
+                let mut f = self.failures.lock().unwrap();
+                if *f > 0 {
+                    *f -= 1;
+                    return Err(if self.retryable {
+                        SinkError::Unavailable("down".into())
+                    } else {
+                        SinkError::Rejected("bad".into())
+                    });
+                }
+            }
+            self.got
+                .lock()
+                .unwrap()
+                .extend(batch.iter().map(|r| r.usage.input_tokens));
+            Ok(())
+        }
+
+        async fn flush(&self) -> Result<(), SinkError> {
+            *self.flushed.lock().unwrap() = true;
+            Ok(())
+        }
+    }
+
+    fn flaky(failures: u32, retryable: bool, permits: usize) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            failures: Mutex::new(failures),
+            retryable,
+            gate: tokio::sync::Semaphore::new(permits),
+            got: Mutex::new(Vec::new()),
+            flushed: Mutex::new(false),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_then_writes_in_order_and_flushes() {
+        let sink = flaky(2, true, 1000);
+        let (rec_, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        for i in 0..5 {
+            assert!(rec_.record(rec(i)));
+        }
+        let stats = shut.shutdown().await;
+        assert_eq!(*sink.got.lock().unwrap(), vec![0, 1, 2, 3, 4]);
+        assert!(*sink.flushed.lock().unwrap());
+        assert_eq!(stats.written, 5);
+        assert_eq!(stats.sink_errors, 2);
+        assert_eq!(stats.failed, 0);
+        // after shutdown, records are refused and counted
+        assert!(!rec_.record(rec(9)));
+        assert_eq!(rec_.stats().snapshot().dropped_closed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_the_shutdown_handle_detaches() {
+        let sink = flaky(0, true, 1000);
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        let task_stats = Arc::clone(shut.stats());
+        drop(shut);
+        assert!(r.record(rec(1)));
+        assert!(r.record(rec(2)));
+        drop(r);
+        // the task drains and ends once every recorder is gone
+        while task_stats.snapshot().written < 2 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*sink.got.lock().unwrap(), vec![1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_within_gives_up_on_a_hung_sink() {
+        let sink = flaky(0, true, 0); // never lets a batch through
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        r.record(rec(2));
+        let err = shut
+            .shutdown_within(Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert_eq!(err.queued, 2);
+        assert_eq!(err.written, 0);
+        // a healthy sink finishes in time
+        let sink = flaky(0, true, 100);
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        let ok = shut.shutdown_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(ok.written, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_on_rejection() {
+        let sink = flaky(1, false, 1000);
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        let stats = shut.shutdown().await;
+        assert_eq!(stats.failed, 1);
+        assert_eq!(stats.written, 0);
+        assert!(sink.got.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_drops_and_counts_without_blocking() {
+        let sink = flaky(0, true, 0); // the sink blocks until released
+        let cfg = RecorderConfig {
+            capacity: 4,
+            max_batch: 2,
+            ..RecorderConfig::default()
+        };
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), cfg);
+        r.record(rec(0));
+        r.record(rec(1));
+        tokio::task::yield_now().await; // the task takes a batch of 2 and waits on the sink
+        let accepted = (2..20).filter(|i| r.record(rec(*i))).count();
+        assert_eq!(accepted, 4);
+        assert_eq!(r.stats().snapshot().dropped_full, 14);
+        sink.gate.add_permits(100);
+        let stats = shut.shutdown().await;
+        assert_eq!(stats.written, 6);
+        assert_eq!(*sink.got.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    }
+}

@@ -1,0 +1,518 @@
+//! Tests of the layer as a whole: body passthrough, records, partial streams, headers.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+use super::*;
+
+pub(crate) const SONNET_37: &str = include_str!("../../tests/cost_data/anthropic_sonnet37.sse");
+pub(crate) const OPUS_47: &str = include_str!("../../tests/cost_data/anthropic_opus47.sse");
+pub(crate) const OPENAI: &str = include_str!("../../tests/cost_data/openai_gpt4o.sse");
+
+/// A body yielding fixed chunks, optionally with trailers, reporting its end only when
+/// polled past it (like hyper's `Incoming`).
+#[derive(Debug, Clone)]
+struct Chunks {
+    chunks: VecDeque<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Chunks {
+    fn new<I: IntoIterator<Item = Bytes>>(it: I) -> Self {
+        Self {
+            chunks: it.into_iter().collect(),
+            trailers: None,
+        }
+    }
+}
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(c) = self.chunks.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(c))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+}
+
+fn split(text: &str, cuts: &[usize]) -> Vec<Bytes> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut last = 0;
+    for &c in cuts {
+        out.push(Bytes::copy_from_slice(&b[last..c]));
+        last = c;
+    }
+    out.push(Bytes::copy_from_slice(&b[last..]));
+    out
+}
+
+fn upstream(
+    content_type: &'static str,
+    body: Chunks,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Chunks>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<Chunks>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |_req: http::Request<Full<Bytes>>| {
+        let body = body.clone();
+        async move {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("content-type", content_type)
+                    .header("request-id", "req_up_1")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+fn request() -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .uri("/v1/messages?beta=true")
+        .header("x-api-key", "sk-ant-api03-secret-f3a9")
+        .header("x-bot-id", "support")
+        .header("x-conversation-id", "conv-1")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+async fn meter(
+    configure: impl FnOnce(CostMeterLayer) -> CostMeterLayer,
+    content_type: &'static str,
+    body: Chunks,
+) -> (http::HeaderMap, Bytes, Vec<UsageRecord>, CostStatsSnapshot) {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = configure(CostMeterLayer::new(PriceTable::builtin(), recorder));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(upstream(content_type, body));
+    let res = svc.oneshot(request()).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let stats = shutdown.shutdown().await;
+    (parts.headers, bytes, sink.records(), stats)
+}
+
+#[tokio::test]
+async fn streams_pass_unchanged_and_price_exactly() {
+    for (text, model, dollars) in [
+        (SONNET_37, "claude-3-7-sonnet-20250219", "0.054399"),
+        (OPUS_47, "claude-opus-4-7", "1.06376125"),
+    ] {
+        let chunks = split(text, &[7, 100, 101, 400]);
+        let (_, out, records, stats) = meter(
+            |l| l,
+            "text/event-stream; charset=utf-8",
+            Chunks::new(chunks),
+        )
+        .await;
+        assert_eq!(out, text.as_bytes(), "body changed");
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(r.model.as_deref(), Some(model));
+        assert_eq!(r.cost.unwrap().dollars_string(), dollars);
+        assert!(r.stream);
+        assert_eq!(r.completion, Completion::Complete);
+        assert_eq!(r.route, "/v1/messages");
+        assert_eq!(r.request_id.as_deref(), Some("req_up_1"));
+        assert_eq!(r.attribution.bot.as_deref(), Some("support"));
+        assert_eq!(r.attribution.conversation.as_deref(), Some("conv-1"));
+        assert_eq!(
+            r.attribution.api_key,
+            Some(crate::key::ApiKeyId::from_key("sk-ant-api03-secret-f3a9"))
+        );
+        assert_eq!(stats.written, 1);
+        assert_eq!(stats.unknown_model, 0);
+    }
+}
+
+#[tokio::test]
+async fn json_responses_price_exactly_with_and_without_headers() {
+    let json = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-7","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"cache_read_input_tokens":0,"output_tokens":2745}}"#;
+    let body = || Chunks::new(split(json, &[10, 50]));
+    let (headers, out, records, _) = meter(|l| l, "application/json", body()).await;
+    assert_eq!(out, json.as_bytes());
+    assert!(headers.get(X_PALISADE_COST_USD).is_none());
+    assert_eq!(records[0].cost.unwrap().dollars_string(), "1.06376125");
+    assert!(!records[0].stream);
+
+    // With headers: only for bodies whose size is known and small (`Full` here).
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
+    let svc = layer.layer(service_fn(
+        move |_req: http::Request<Full<Bytes>>| async move {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .header("content-length", json.len())
+                    .body(Full::new(Bytes::from_static(json.as_bytes())))
+                    .unwrap(),
+            )
+        },
+    ));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.headers()[X_PALISADE_COST_USD], "1.06376125");
+    assert_eq!(res.headers()[X_PALISADE_INPUT_TOKENS], "6");
+    assert_eq!(res.headers()[X_PALISADE_CACHE_WRITE_TOKENS], "159217");
+    assert_eq!(res.headers()[X_PALISADE_OUTPUT_TOKENS], "2745");
+    assert_eq!(
+        res.headers()["content-length"],
+        json.len().to_string().as_str()
+    );
+    assert_eq!(res.body().size_hint().exact(), Some(json.len() as u64));
+    // Like hyper with a content-length: read the last byte, then stop polling.
+    let mut metered = res.into_body();
+    let frame = metered.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), json.as_bytes());
+    assert!(metered.is_end_stream());
+    drop(metered);
+    shutdown.shutdown().await;
+    assert_eq!(sink.len(), 1, "exactly one record");
+    assert_eq!(sink.records()[0].completion, Completion::Complete);
+
+    // A chunked body (no size) streams without headers.
+    let (headers, _, records, _) =
+        meter(|l| l.cost_headers(Some(4096)), "application/json", body()).await;
+    assert!(headers.get(X_PALISADE_COST_USD).is_none());
+    assert_eq!(records.len(), 1);
+}
+
+#[tokio::test]
+async fn sse_comment_is_appended_once() {
+    let (_, out, records, _) = meter(
+        |l| l.sse_cost_comment(true),
+        "text/event-stream",
+        Chunks::new(split(SONNET_37, &[50])),
+    )
+    .await;
+    let out = std::str::from_utf8(&out).unwrap();
+    let tail = out.strip_prefix(SONNET_37).expect("original bytes first");
+    assert_eq!(
+        tail,
+        ": palisade-cost usd=0.054399 input=3 output=550 cache_write_5m=12304 cache_write_1h=0 cache_read=0\n\n"
+    );
+    assert_eq!(records.len(), 1);
+    // A stream cut mid-line gets a newline first, so the comment stays a line of its own.
+    let (_, out, _, _) = meter(
+        |l| l.sse_cost_comment(true),
+        "text/event-stream",
+        Chunks::new([Bytes::from_static(
+            b"data: {\"model\":\"gpt-4o\"}\n\ndata: partial",
+        )]),
+    )
+    .await;
+    assert!(out.ends_with(b"data: partial\n: palisade-cost usd=unknown input=0 output=0 cache_write_5m=0 cache_write_1h=0 cache_read=0\n\n"));
+}
+
+#[tokio::test]
+async fn comment_goes_before_trailers() {
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-t", "1".parse().unwrap());
+    let body = Chunks {
+        chunks: split(OPENAI, &[]).into(),
+        trailers: Some(trailers),
+    };
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).sse_cost_comment(true);
+    let svc = layer.layer(upstream("text/event-stream", body));
+    let res = svc.oneshot(request()).await.unwrap();
+    let collected = res.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["x-t"], "1");
+    let bytes = collected.to_bytes();
+    assert!(bytes.ends_with(
+        b"usd=0.005615 input=86 output=300 cache_write_5m=0 cache_write_1h=0 cache_read=1920\n\n"
+    ));
+    shutdown.shutdown().await;
+    assert_eq!(sink.len(), 1);
+}
+
+#[tokio::test]
+async fn openai_stream_converts_cached_tokens() {
+    let (_, out, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new(split(OPENAI, &[3, 333])),
+    )
+    .await;
+    assert_eq!(out, OPENAI.as_bytes());
+    let r = &records[0];
+    assert_eq!(r.usage.input_tokens, 86);
+    assert_eq!(r.usage.cache_read_tokens, 1920);
+    assert_eq!(r.usage.output_tokens, 300);
+    // 86 × 2.50 + 1920 × 1.25 + 300 × 10 per MTok
+    assert_eq!(r.cost.unwrap().dollars_string(), "0.005615");
+}
+
+/// Meters `text` split at the given points and returns the recorded usage.
+async fn usage_of(text: &str, cuts: &[usize]) -> (Usage, Option<String>) {
+    let (_, _, records, _) =
+        meter(|l| l, "text/event-stream", Chunks::new(split(text, cuts))).await;
+    assert_eq!(records.len(), 1);
+    (records[0].usage, records[0].model.clone())
+}
+
+#[tokio::test]
+async fn every_split_point_gives_the_same_usage() {
+    for text in [SONNET_37, OPUS_47, OPENAI] {
+        let whole = usage_of(text, &[]).await;
+        assert!(!whole.0.is_empty());
+        for i in 1..text.len() {
+            assert_eq!(usage_of(text, &[i]).await, whole, "split at {i}");
+        }
+        // and three-way splits on a coarser grid
+        for i in (1..text.len()).step_by(37) {
+            for j in (i..text.len()).step_by(29) {
+                assert_eq!(usage_of(text, &[i, j]).await, whole, "split at {i},{j}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn dropped_stream_records_partial_usage() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let at = SONNET_37.find("event: content_block_delta").unwrap();
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new(split(SONNET_37, &[at])),
+    ));
+    let res = svc.oneshot(request()).await.unwrap();
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.data_ref().unwrap().len(), at);
+    drop(body); // the client goes away
+    shutdown.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r.completion, Completion::Partial);
+    assert_eq!(r.usage.input_tokens, 3);
+    assert_eq!(r.usage.cache_write_5m_tokens, 12_304);
+    assert_eq!(r.usage.output_tokens, 1);
+    // 3 × 3 + 12304 × 3.75 + 1 × 15 per MTok
+    assert_eq!(r.cost.unwrap().dollars_string(), "0.046164");
+}
+
+#[tokio::test]
+async fn upstream_error_event_and_unknown_model() {
+    let text = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-next-9\",\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let (_, _, records, stats) =
+        meter(|l| l, "text/event-stream", Chunks::new([Bytes::from(text)])).await;
+    let r = &records[0];
+    assert_eq!(r.completion, Completion::UpstreamError);
+    assert_eq!(r.upstream_error.as_deref(), Some("overloaded_error"));
+    assert_eq!(r.cost, None, "unknown model: None, never 0");
+    assert_eq!(r.usage.input_tokens, 12);
+    assert_eq!(stats.unknown_model, 1);
+}
+
+#[tokio::test]
+async fn other_content_is_not_metered_and_oversize_json_is_counted() {
+    let (_, out, records, _) =
+        meter(|l| l, "text/html", Chunks::new([Bytes::from("<p>hi</p>")])).await;
+    assert_eq!(out, "<p>hi</p>");
+    assert!(records.is_empty());
+
+    let json = r#"{"type":"message","model":"claude-haiku-4-5","usage":{"input_tokens":1,"output_tokens":1}}"#;
+    let (_, out, records, stats) = meter(
+        |l| l.max_json_body(16),
+        "application/json",
+        Chunks::new(split(json, &[10])),
+    )
+    .await;
+    assert_eq!(out, json.as_bytes());
+    assert_eq!(stats.oversize_body, 1);
+    assert!(records.is_empty(), "nothing known, nothing recorded");
+}
+
+#[tokio::test]
+async fn attribution_from_extensions_wins_over_headers() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder)
+        .hash_api_key(false)
+        .bot_header(None);
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new([Bytes::from(OPENAI)]),
+    ));
+    let mut req = request();
+    req.headers_mut()
+        .insert("x-user-id", "from-header".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "rid-7".parse().unwrap());
+    req.extensions_mut()
+        .insert(Attribution::default().with_conversation("from-ext"));
+    let res = svc.oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    shutdown.shutdown().await;
+    let r = &sink.records()[0];
+    assert_eq!(r.attribution.user.as_deref(), Some("from-header"));
+    assert_eq!(r.attribution.conversation.as_deref(), Some("from-ext"));
+    assert_eq!(r.attribution.bot, None);
+    assert_eq!(r.attribution.api_key, None);
+    assert_eq!(r.request_id.as_deref(), Some("rid-7"));
+}
+
+#[tokio::test]
+async fn user_from_request_body_metadata() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).user_from_body(true);
+    let inner = service_fn(|req: http::Request<UserIdBody<Full<Bytes>>>| async move {
+        // the handler reads the request body, as a real one does
+        let _ = req.into_body().collect().await;
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Chunks::new([Bytes::from(SONNET_37)]))
+                .unwrap(),
+        )
+    });
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .layer(BodyUserIdLayer::new())
+        .service(inner);
+    let req = http::Request::builder()
+        .uri("/v1/messages")
+        .body(Full::new(Bytes::from(
+            r#"{"model":"claude-3-7-sonnet-latest","max_tokens":5,"metadata":{"user_id":"u-body"},"messages":[]}"#,
+        )))
+        .unwrap();
+    let res = svc.oneshot(req).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    shutdown.shutdown().await;
+    assert_eq!(
+        sink.records()[0].attribution.user.as_deref(),
+        Some("u-body")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn durations_use_the_tokio_clock() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Chunks::new([Bytes::from(OPENAI)]))
+                .unwrap(),
+        )
+    }));
+    let res = svc.oneshot(request()).await.unwrap();
+    tokio::time::advance(std::time::Duration::from_millis(200)).await;
+    res.into_body().collect().await.unwrap();
+    shutdown.shutdown().await;
+    let r = &sink.records()[0];
+    assert_eq!(r.time_to_headers, std::time::Duration::from_millis(300));
+    assert_eq!(r.duration, std::time::Duration::from_millis(500));
+}
+
+#[tokio::test]
+async fn abandoned_openai_stream_without_usage_has_no_cost() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let at = OPENAI.find("\r\r").unwrap() + 2; // after the first chunk
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new(split(OPENAI, &[at])),
+    ));
+    let res = svc.oneshot(request()).await.unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    let stats = shutdown.shutdown().await;
+    let r = &sink.records()[0];
+    assert_eq!(r.completion, Completion::Partial);
+    assert_eq!(r.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    assert_eq!(r.cost, None, "no usage seen: unknown, not $0");
+    assert_eq!(stats.unknown_model, 0, "the model itself is priced");
+}
+
+#[tokio::test]
+async fn json_error_and_openai_json_bodies() {
+    let err = r#"{"type":"error","error":{"type":"invalid_request_error","message":"max_tokens: field required"}}"#;
+    let (_, out, records, _) =
+        meter(|l| l, "application/json", Chunks::new([Bytes::from(err)])).await;
+    assert_eq!(out, err.as_bytes());
+    assert_eq!(records[0].completion, Completion::UpstreamError);
+    assert_eq!(
+        records[0].upstream_error.as_deref(),
+        Some("invalid_request_error")
+    );
+    assert_eq!(records[0].cost, None);
+
+    let ok = r#"{"id":"c1","object":"chat.completion","model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}],"usage":{"prompt_tokens":1000,"completion_tokens":100,"prompt_tokens_details":{"cached_tokens":500}}}"#;
+    let (_, _, records, _) = meter(
+        |l| l,
+        "application/vnd.api+json; charset=utf-8",
+        Chunks::new(split(ok, &[1, 2, 3])),
+    )
+    .await;
+    // 500 × 0.40 + 500 × 0.10 + 100 × 1.60 per MTok
+    assert_eq!(records[0].cost.unwrap().dollars_string(), "0.00041");
+    assert_eq!(records[0].completion, Completion::Complete);
+}
+
+#[tokio::test]
+async fn compressed_responses_are_counted_not_misread() {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(Chunks::new([Bytes::from_static(b"\x1f\x8b\x08\x00")]))
+                .unwrap(),
+        )
+    }));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert!(!res.body().is_metered());
+    let out = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(out, &b"\x1f\x8b\x08\x00"[..]);
+    let stats = shutdown.shutdown().await;
+    assert_eq!(stats.encoded_body, 1);
+    assert_eq!(stats.parse_failures, 0);
+    assert!(sink.is_empty());
+}
+
+#[tokio::test]
+async fn openai_stream_without_usage_is_counted() {
+    let text = "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n";
+    let (_, out, records, stats) =
+        meter(|l| l, "text/event-stream", Chunks::new([Bytes::from(text)])).await;
+    assert_eq!(out, text.as_bytes());
+    assert_eq!(records[0].completion, Completion::Complete);
+    assert_eq!(records[0].cost, None);
+    assert_eq!(stats.missing_usage, 1);
+    assert_eq!(stats.unknown_model, 0);
+}
