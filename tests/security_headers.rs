@@ -134,3 +134,32 @@ async fn hsts_behind_a_trusted_proxy_and_in_production() {
         "max-age=63072000; includeSubDomains"
     );
 }
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn handlers_can_take_the_nonce_directly() {
+    async fn direct(nonce: CspNonce) -> String {
+        nonce.to_string()
+    }
+    let with_nonce = Router::new()
+        .route("/", get(direct))
+        .layer(SecurityHeadersLayer::web());
+    let addr = serve(with_nonce).await;
+    let (h, body) = get_from(addr, "/", &[]).await;
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains(&format!("'nonce-{body}'")), "{csp}");
+
+    // Without a nonce policy the extractor refuses with a 500 that shows no internals.
+    let without = Router::new()
+        .route("/", get(direct))
+        .layer(SecurityHeadersLayer::api());
+    let addr = serve(without).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let res = client
+        .get(format!("http://{addr}/").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(!String::from_utf8_lossy(&body).contains("CspNonce"));
+}

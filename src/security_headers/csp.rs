@@ -955,6 +955,27 @@ impl fmt::Debug for CspNonce {
     }
 }
 
+/// With the `axum` feature a handler can take the nonce directly: `async fn page(nonce:
+/// CspNonce)`. Without a nonce in the request (the layer is missing, or its policy has no
+/// nonce) the request fails with a 500 whose cause is logged.
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for CspNonce {
+    type Rejection = crate::Error;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, crate::Error> {
+        parts.extensions.get::<CspNonce>().copied().ok_or_else(|| {
+            crate::Error::internal(
+                "no CspNonce in the request extensions: put SecurityHeadersLayer with a nonce \
+                 policy (web(), or CspBuilder::nonce(true)) in front of this handler",
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -777,3 +777,20 @@ fn preset_values_match_their_static_copies() {
         super::builder::STATIC_VALUES[1]
     );
 }
+
+#[test]
+fn layer_service_and_future_are_send_and_sync() {
+    fn send_sync<T: Send + Sync + 'static>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<SecurityHeadersLayer>();
+    send_sync::<
+        SecurityHeaders<tower::util::BoxCloneSyncService<Request<()>, Response<()>, Infallible>>,
+    >();
+    send_sync::<CspNonce>();
+    let mut svc = SecurityHeadersLayer::web().layer(service_fn(|_req: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(()))
+    }));
+    let fut = svc.call(Request::new(()));
+    send(&fut);
+    assert!(format!("{fut:?}").starts_with("ResponseFuture"));
+}
