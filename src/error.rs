@@ -853,7 +853,9 @@ mod tests {
         );
         assert_eq!(response.status(), 429);
         assert_eq!(response.headers()["retry-after"], "4");
-        let bytes = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(body["error"]["type"], "rate_limit_error");
     }
