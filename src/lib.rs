@@ -61,5 +61,7 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod retry;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
+pub use retry::{Retry, RetryLayer};
