@@ -224,6 +224,7 @@ where
     /// Prepares `body` for replay. An in-memory body is taken at once: it is polled a
     /// single time with a no-op waker, which a body that is ready returns whole and a
     /// streaming body answers with `Pending` (its real reader registers itself later).
+    #[inline]
     pub(crate) fn new(body: B, limit: usize) -> Self {
         if body.is_end_stream() {
             return BodySource::Empty;
@@ -272,6 +273,7 @@ where
     }
 
     /// Whether another attempt can be made after the next one.
+    #[inline]
     pub(crate) fn replayable(&self) -> bool {
         match self {
             BodySource::Empty | BodySource::Bytes(_) => true,
@@ -281,6 +283,7 @@ where
     }
 
     /// The body of the next attempt, or `None` if the body cannot be sent again.
+    #[inline]
     pub(crate) fn next(&mut self) -> Option<ReplayBody<B>> {
         let kind = match self {
             BodySource::Empty => Kind::Empty,

@@ -25,9 +25,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future>,
-        // One timer, reset for every wait and every bounded attempt.
-        #[pin]
-        timer: Option<Sleep>,
+        // One timer, boxed on first use (no timer, no allocation), then reset for every
+        // wait and every bounded attempt.
+        timer: Option<Pin<Box<Sleep>>>,
         // Whether the timer bounds the attempt in flight.
         timed: bool,
         service: S,
@@ -67,6 +67,7 @@ where
     S: Service<R::Attempt>,
     R: ReplaySource,
 {
+    #[inline]
     pub(crate) fn start(
         mut service: S,
         attempt: R::Attempt,
@@ -78,7 +79,7 @@ where
             let now = Instant::now();
             let deadline = policy.deadline.map(|d| now + d);
             let end = attempt_end(now, policy.attempt_timeout, deadline);
-            (deadline, end.map(sleep_until))
+            (deadline, end.map(|at| Box::pin(sleep_until(at))))
         } else {
             (None, None)
         };
@@ -121,10 +122,10 @@ fn attempt_end(
     }
 }
 
-fn arm(mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
-    match timer.as_mut().as_pin_mut() {
-        Some(sleep) => sleep.reset(at),
-        None => timer.set(Some(sleep_until(at))),
+fn arm(timer: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+    match timer {
+        Some(sleep) => sleep.as_mut().reset(at),
+        None => *timer = Some(Box::pin(sleep_until(at))),
     }
 }
 
@@ -200,6 +201,7 @@ impl<C, R: ReplaySource> Attempts<'_, C, R> {
     }
 }
 
+#[inline]
 fn finish<Res: RetryResponse, C>(
     result: Result<Res, BoxError>,
     retries: u32,
@@ -238,8 +240,7 @@ where
                                 && this
                                     .timer
                                     .as_mut()
-                                    .as_pin_mut()
-                                    .is_some_and(|t| t.poll(cx).is_ready());
+                                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
                             if !expired {
                                 return Poll::Pending;
                             }
@@ -290,14 +291,14 @@ where
                             // The failed answer (and its body) goes now, not after the wait.
                             drop(result);
                             *this.previous_delay = delay;
-                            arm(this.timer.as_mut(), Instant::now() + delay);
+                            arm(this.timer, Instant::now() + delay);
                             this.state.set(State::Waiting);
                         }
                     }
                 }
                 StateProj::Waiting => {
-                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                        ready!(timer.poll(cx));
+                    if let Some(timer) = this.timer.as_mut() {
+                        ready!(timer.as_mut().poll(cx));
                     }
                     this.state.set(State::Readying);
                 }
@@ -319,7 +320,7 @@ where
                             *this.deadline,
                         );
                         if let Some(end) = end {
-                            arm(this.timer.as_mut(), end);
+                            arm(this.timer, end);
                             *this.timed = true;
                         }
                     }

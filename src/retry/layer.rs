@@ -329,6 +329,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let policy = &self.policy;
         let mut source = request.into_source(policy.body_limit);

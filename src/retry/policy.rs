@@ -61,14 +61,12 @@ pub fn is_idempotent_method(method: &Method) -> bool {
 pub struct HttpSource<B> {
     parts: Option<http::request::Parts>,
     body: BodySource<B>,
-    idempotent: bool,
 }
 
 impl<B> std::fmt::Debug for HttpSource<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpSource")
             .field("parts", &self.parts)
-            .field("idempotent", &self.idempotent)
             .finish_non_exhaustive()
     }
 }
@@ -81,14 +79,12 @@ where
     type Attempt = http::Request<ReplayBody<B>>;
     type Source = HttpSource<B>;
 
+    #[inline]
     fn into_source(self, body_limit: usize) -> HttpSource<B> {
         let (parts, body) = self.into_parts();
-        let idempotent =
-            is_idempotent_method(&parts.method) || parts.headers.contains_key(IDEMPOTENCY_KEY);
         HttpSource {
             body: BodySource::new(body, body_limit),
             parts: Some(parts),
-            idempotent,
         }
     }
 }
@@ -100,14 +96,19 @@ where
 {
     type Attempt = http::Request<ReplayBody<B>>;
 
+    /// Read only when a retry is considered, so the first-attempt path looks up no header.
+    /// Once the head has moved into the last attempt there is nothing left to retry.
     fn is_idempotent(&self) -> bool {
-        self.idempotent
+        self.parts.as_ref().is_some_and(|parts| {
+            is_idempotent_method(&parts.method) || parts.headers.contains_key(IDEMPOTENCY_KEY)
+        })
     }
 
     fn can_replay(&self) -> bool {
         self.parts.is_some() && self.body.replayable()
     }
 
+    #[inline]
     fn next_attempt(&mut self, last: bool) -> Option<Self::Attempt> {
         let body = self.body.next()?;
         let parts = if last || !self.body.replayable() {
