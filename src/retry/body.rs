@@ -212,7 +212,8 @@ pub(crate) enum BodySource<B> {
     Empty,
     Bytes(Bytes),
     Once(Option<B>),
-    Shared(SharedRecording<B>),
+    /// The recording, and whether a reader (the first attempt) was handed out yet.
+    Shared(SharedRecording<B>, bool),
     Failed(Option<BoxError>),
 }
 
@@ -269,7 +270,7 @@ where
                 }
             },
         }
-        BodySource::Shared(Arc::new(Mutex::new(rec)))
+        BodySource::Shared(Arc::new(Mutex::new(rec)), false)
     }
 
     /// Whether another attempt can be made after the next one.
@@ -278,7 +279,7 @@ where
         match self {
             BodySource::Empty | BodySource::Bytes(_) => true,
             BodySource::Once(_) | BodySource::Failed(_) => false,
-            BodySource::Shared(shared) => !lock(shared).spoiled,
+            BodySource::Shared(shared, _) => !lock(shared).spoiled,
         }
     }
 
@@ -294,8 +295,9 @@ where
             BodySource::Failed(error) => Kind::Failed {
                 error: Some(error.take()?),
             },
-            BodySource::Shared(shared) => {
-                if lock(shared).spoiled {
+            BodySource::Shared(shared, started) => {
+                // The first attempt always gets the body, recorded or not.
+                if std::mem::replace(started, true) && lock(shared).spoiled {
                     return None;
                 }
                 Kind::Shared {
@@ -426,7 +428,7 @@ pub(super) mod tests {
     async fn streaming_body_is_recorded_then_replayed() {
         let (tx, body) = streaming();
         let mut source = BodySource::new(body, 1024);
-        assert!(matches!(source, BodySource::Shared(_)));
+        assert!(matches!(source, BodySource::Shared(..)));
         let first = source.next().unwrap();
         tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
             .await
@@ -491,5 +493,57 @@ pub(super) mod tests {
         let again = source.next().unwrap().collect().await.unwrap();
         assert_eq!(again.trailers(), Some(&trailers));
         assert_eq!(again.to_bytes(), "x");
+    }
+
+    #[tokio::test]
+    async fn a_ready_first_chunk_over_the_limit_is_sent_once() {
+        let (tx, body) = streaming();
+        tx.send(Ok(Frame::data(Bytes::from(vec![1u8; 64]))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"tail"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let mut source = BodySource::new(body, 16);
+        assert!(!source.replayable());
+        let first = read(source.next().unwrap()).await.unwrap();
+        assert_eq!(first.len(), 68);
+        assert!(source.next().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_at_once_is_sent_once_with_its_error() {
+        let (tx, body) = streaming();
+        tx.send(Err(std::io::Error::other("disk gone")))
+            .await
+            .unwrap();
+        let mut source = BodySource::new(body, 16);
+        assert!(!source.replayable());
+        let err = read(source.next().unwrap()).await.unwrap_err();
+        assert_eq!(err.to_string(), "disk gone");
+        assert!(source.next().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_fell_behind_the_dropped_recording_gets_an_error() {
+        let (tx, body) = streaming();
+        let mut source = BodySource::new(body, 4);
+        let mut early = source.next().unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab"))))
+            .await
+            .unwrap();
+        let frame = early.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        // a second reader starts while the recording is still complete
+        let late = source.next().unwrap();
+        // the first reader goes past the limit: the recording is dropped
+        tx.send(Ok(Frame::data(Bytes::from_static(b"cdef"))))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(read(early).await.unwrap(), "cdef");
+        // the second reader still gets what was recorded, then an honest error
+        assert!(read(late).await.is_err());
     }
 }
