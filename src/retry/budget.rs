@@ -10,7 +10,7 @@ use tokio::time::Instant;
 const SLOTS: usize = 10;
 /// One token, in the budget's fixed-point unit.
 const UNIT: i64 = 1000;
-/// Deposits between two looks at the clock on the first-attempt path.
+/// Deposits between two looks at the clock on the first-attempt path (at least).
 const CLOCK_EVERY: i64 = 32;
 
 /// A retry budget shared by every request of a layer (and of any layers it is cloned into).
@@ -23,9 +23,9 @@ const CLOCK_EVERY: i64 = 32;
 /// This is the scheme of Finagle, tower's `TpsBudget` and Envoy's retry budget (20% by
 /// default).
 ///
-/// The first-attempt path is one atomic add and, every 32 requests, one look at the clock;
-/// retries look at the clock each time. So deposits are time-stamped at a granularity of
-/// 32 requests (or of the last retry): at low request rates some may expire up to one
+/// The first-attempt path is one atomic add and, every 32 to 64 requests, one look at the
+/// clock; retries look at the clock each time. So deposits are time-stamped at a
+/// granularity of a few dozen requests (or of the last retry): at low request rates some may expire up to one
 /// slot-lag early, which only ever makes the budget stricter.
 ///
 /// ```
@@ -56,6 +56,9 @@ struct Inner {
     generation: AtomicU64,
     slots: [AtomicI64; SLOTS],
     deposit: i64,
+    /// High bits whose change, when a deposit is added, means "look at the clock": a
+    /// power of two near `deposit * CLOCK_EVERY`, so the check needs no division.
+    clock_mask: i64,
     reserve: i64,
     window: Duration,
     min_per_sec: u32,
@@ -86,13 +89,19 @@ impl RetryBudget {
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
         let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64;
+        let deposit = (ratio * UNIT as f64).round() as i64;
+        let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
+            .unwrap_or(1)
+            .next_power_of_two();
+        let clock_mask = !(i64::try_from(period).unwrap_or(i64::MAX) - 1);
         Ok(Self {
             inner: Arc::new(Inner {
                 start: Instant::now(),
                 slot_nanos,
                 generation: AtomicU64::new(0),
                 slots: Default::default(),
-                deposit: (ratio * UNIT as f64).round() as i64,
+                deposit,
+                clock_mask,
                 reserve,
                 window,
                 min_per_sec,
@@ -126,7 +135,7 @@ impl RetryBudget {
         let generation = inner.generation.load(Ordering::Relaxed);
         let slot = &inner.slots[(generation % SLOTS as u64) as usize];
         let before = slot.fetch_add(inner.deposit, Ordering::Relaxed);
-        if (before / inner.deposit) % CLOCK_EVERY == 0 {
+        if (before ^ before.wrapping_add(inner.deposit)) & inner.clock_mask != 0 {
             inner.advance();
         }
     }

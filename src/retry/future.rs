@@ -234,7 +234,20 @@ where
             match this.state.as_mut().project() {
                 StateProj::Calling { future } => {
                     let result: Result<S::Response, BoxError> = match future.poll(cx) {
-                        Poll::Ready(result) => result.map_err(Into::into),
+                        Poll::Ready(Ok(response)) => {
+                            // The hot path: an answer that is not to be retried goes straight
+                            // back, without building the retry decision.
+                            let class = this.policy.classifier.classify(Ok(&response));
+                            if class.retry == Verdict::Never {
+                                return Poll::Ready(finish(
+                                    Ok(response),
+                                    *this.retries,
+                                    this.policy,
+                                ));
+                            }
+                            Ok(response)
+                        }
+                        Poll::Ready(Err(err)) => Err(err.into()),
                         Poll::Pending => {
                             let expired = *this.timed
                                 && this
