@@ -114,7 +114,9 @@ async fn cutting_server(cuts: u32) -> (std::net::SocketAddr, Arc<AtomicU32>) {
                     drop(socket);
                 } else {
                     let _ = socket
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
                         .await;
                     let _ = socket.shutdown().await;
                 }
@@ -177,8 +179,6 @@ async fn a_refused_connection_is_retried_even_for_post() {
         .unwrap();
     let err = svc.oneshot(request).await.unwrap_err();
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
-    let err = err
-        .downcast::<hyper_util::client::legacy::Error>()
-        .unwrap();
+    let err = err.downcast::<hyper_util::client::legacy::Error>().unwrap();
     assert!(err.is_connect());
 }
