@@ -182,3 +182,56 @@ async fn a_refused_connection_is_retried_even_for_post() {
     let err = err.downcast::<hyper_util::client::legacy::Error>().unwrap();
     assert!(err.is_connect());
 }
+
+/// A request body fed chunk by chunk, as a proxy streams an incoming request upstream.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_request_body_is_recorded_and_replayed_over_the_wire() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(529))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+
+    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<ChannelBody>>();
+    let svc = layer().layer(client);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let request = http::Request::post(format!("{}/v1/messages", server.uri()))
+        .body(ChannelBody(rx))
+        .unwrap();
+    let call = tokio::spawn(svc.oneshot(request));
+    for chunk in ["{\"model\":", "\"claude\",", "\"stream\":true}"] {
+        tx.send(Bytes::from_static(chunk.as_bytes())).await.unwrap();
+    }
+    drop(tx);
+    let response = call.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(RetryCount::of(&response), 1);
+    let received = server.received_requests().await.unwrap();
+    assert_eq!(received.len(), 2);
+    for request in &received {
+        assert_eq!(request.body, b"{\"model\":\"claude\",\"stream\":true}");
+    }
+}
