@@ -89,7 +89,8 @@ impl RetryBudget {
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
         let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64;
-        let deposit = (ratio * UNIT as f64).round() as i64;
+        // Rounded down, so the effective ratio never exceeds the one asked for.
+        let deposit = (ratio * UNIT as f64).floor() as i64;
         let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
             .unwrap_or(1)
             .next_power_of_two();

@@ -708,3 +708,46 @@ async fn each_retry_is_one_tracing_event_with_attempt_delay_and_reason() {
     );
     assert!(events[1].contains("outcome=Failure"), "{}", events[1]);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Under a 100% failing upstream, within one budget window:
+    /// attempts <= (1 + ratio) * requests + min_per_sec * window.
+    #[test]
+    fn budget_bound_holds_for_any_setting(
+        ratio in 0.0f64..1.5,
+        min_per_sec in 0u32..4,
+        requests in 1u32..120,
+        max_retries in 0u32..6,
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let window = Duration::from_secs(10);
+        let attempts = rt.block_on(async {
+            let log = Log::default();
+            let svc = RetryLayer::builder()
+                .jitter(Jitter::None)
+                .base_delay(ms(1))
+                .max_delay(ms(1))
+                .max_retries(max_retries)
+                .budget(window, min_per_sec, ratio)
+                .build()
+                .unwrap()
+                .layer(upstream(&log, |_| Ok(response(502, &[]))));
+            for _ in 0..requests {
+                svc.clone().oneshot(get()).await.unwrap();
+            }
+            log.count() as f64
+        });
+        let bound = (1.0 + ratio) * f64::from(requests) + f64::from(min_per_sec) * window.as_secs_f64();
+        proptest::prop_assert!(attempts <= bound, "{} attempts > {}", attempts, bound);
+        // and retrying is not refused while the budget lasts
+        let possible = f64::from(requests) * f64::from(1 + max_retries);
+        proptest::prop_assert!(attempts >= possible.min(bound - 1.0 - f64::from(requests) * 0.001).floor(),
+            "{} attempts, possible {}, bound {}", attempts, possible, bound);
+    }
+}
