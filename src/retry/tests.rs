@@ -655,60 +655,6 @@ fn layer_from_config() {
     );
 }
 
-/// A minimal subscriber that keeps the fields of every "retrying upstream call" event.
-#[derive(Default, Clone)]
-struct RetryEvents(Arc<Mutex<Vec<String>>>);
-
-impl tracing::Subscriber for RetryEvents {
-    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Fields(String);
-        impl tracing::field::Visit for Fields {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                self.0.push_str(&format!("{}={:?} ", field.name(), value));
-            }
-        }
-        let mut fields = Fields(String::new());
-        event.record(&mut fields);
-        if fields.0.contains("retrying upstream call") {
-            self.0.lock().unwrap().push(fields.0);
-        }
-    }
-    fn enter(&self, _: &tracing::span::Id) {}
-    fn exit(&self, _: &tracing::span::Id) {}
-}
-
-#[tokio::test(start_paused = true)]
-async fn each_retry_is_one_tracing_event_with_attempt_delay_and_reason() {
-    let events = RetryEvents::default();
-    let _guard = tracing::subscriber::set_default(events.clone());
-    let log = Log::default();
-    let svc = no_jitter().build().unwrap().layer(upstream(&log, |n| {
-        Ok(response(if n < 2 { 529 } else { 200 }, &[]))
-    }));
-    svc.oneshot(get()).await.unwrap();
-    let events = events.0.lock().unwrap();
-    assert_eq!(events.len(), 2, "{events:?}");
-    assert!(
-        events[0].contains("attempt=1 delay_ms=100 status=529"),
-        "{}",
-        events[0]
-    );
-    assert!(
-        events[1].contains("attempt=2 delay_ms=200 status=529"),
-        "{}",
-        events[1]
-    );
-    assert!(events[1].contains("outcome=Failure"), "{}", events[1]);
-}
-
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
