@@ -187,9 +187,12 @@ where
 /// ```
 pub fn classify_response(status: StatusCode, headers: &HeaderMap) -> Classification {
     let code = status.as_u16();
+    if code < 400 {
+        // The hot path: a success reads no header and no clock.
+        return Classification::SUCCESS;
+    }
     let retry_after = parse_retry_after(headers);
     let (outcome, retry) = match code {
-        ..400 => return Classification::SUCCESS,
         408 | 409 => (Outcome::Ignored, Retry::IfIdempotent),
         429 => (Outcome::Ignored, Retry::Safe),
         400..=499 => (Outcome::Ignored, Retry::Never),

@@ -62,10 +62,12 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod key;
+pub mod retry;
 pub mod security_headers;
 pub mod validate;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
+pub use retry::{Retry, RetryLayer};
 pub use security_headers::{SecurityHeadersConfig, SecurityHeadersLayer};
 
 /// The README's examples, compiled and run as doctests so they stay true.

@@ -1,0 +1,268 @@
+//! A retry budget: retries may add at most a fixed share of the normal load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How many slots the sliding window is cut into.
+const SLOTS: usize = 10;
+/// One token, in the budget's fixed-point unit.
+const UNIT: i64 = 1000;
+/// Deposits between two looks at the clock on the first-attempt path (at least).
+const CLOCK_EVERY: i64 = 32;
+
+/// A retry budget shared by every request of a layer (and of any layers it is cloned into).
+///
+/// Every first attempt deposits `ratio` of a token; every retry withdraws one token; on top
+/// of that a reserve of `min_per_sec * window` tokens is always there, so a quiet service
+/// can still retry a little. Deposits and withdrawals expire after `window`, which is cut
+/// into slots that slide with tokio's clock. A failing upstream therefore sees at most
+/// `(1 + ratio) * requests + min_per_sec * window` calls over a window, never a retry storm.
+/// This is the scheme of Finagle, tower's `TpsBudget` and Envoy's retry budget (20% by
+/// default).
+///
+/// The first-attempt path is one atomic add and, every 32 to 64 requests, one look at the
+/// clock; retries look at the clock each time. So deposits are time-stamped at a
+/// granularity of a few dozen requests (or of the last retry): at low request rates some may expire up to one
+/// slot-lag early, which only ever makes the budget stricter.
+///
+/// ```
+/// use std::time::Duration;
+/// use palisade::retry::RetryBudget;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5).unwrap();
+/// for _ in 0..4 {
+///     budget.deposit();
+/// }
+/// // four requests earn two retries
+/// assert!(budget.withdraw());
+/// assert!(budget.withdraw());
+/// assert!(!budget.withdraw());
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryBudget {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    start: Instant,
+    slot_nanos: u64,
+    generation: AtomicU64,
+    slots: [AtomicI64; SLOTS],
+    deposit: i64,
+    /// High bits whose change, when a deposit is added, means "look at the clock": a
+    /// power of two near `deposit * CLOCK_EVERY`, so the check needs no division.
+    clock_mask: i64,
+    reserve: i64,
+    window: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+/// Why a budget could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BudgetError {
+    /// The window must be at least 10 ms (one millisecond per slot).
+    #[error("the retry budget window must be at least 10ms, got {0:?}")]
+    WindowTooShort(Duration),
+    /// The ratio must be a finite number between 0 and 1000.
+    #[error("the retry budget ratio must be between 0 and 1000, got {0}")]
+    Ratio(f64),
+}
+
+impl RetryBudget {
+    /// A budget over a sliding `window`, with a floor of `min_per_sec` retries per second
+    /// and `ratio` retries earned per request (0.2 = 20%).
+    pub fn new(window: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, BudgetError> {
+        if window < Duration::from_millis(10) {
+            return Err(BudgetError::WindowTooShort(window));
+        }
+        if !(ratio.is_finite() && (0.0..=1000.0).contains(&ratio)) {
+            return Err(BudgetError::Ratio(ratio));
+        }
+        let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
+        let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64;
+        // Rounded down, so the effective ratio never exceeds the one asked for.
+        let deposit = (ratio * UNIT as f64).floor() as i64;
+        let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
+            .unwrap_or(1)
+            .next_power_of_two();
+        let clock_mask = !(i64::try_from(period).unwrap_or(i64::MAX) - 1);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                start: Instant::now(),
+                slot_nanos,
+                generation: AtomicU64::new(0),
+                slots: Default::default(),
+                deposit,
+                clock_mask,
+                reserve,
+                window,
+                min_per_sec,
+                ratio,
+            }),
+        })
+    }
+
+    /// The window over which deposits and withdrawals count.
+    pub fn window(&self) -> Duration {
+        self.inner.window
+    }
+
+    /// The floor of retries per second.
+    pub fn min_per_sec(&self) -> u32 {
+        self.inner.min_per_sec
+    }
+
+    /// The retries earned per request.
+    pub fn ratio(&self) -> f64 {
+        self.inner.ratio
+    }
+
+    /// Records a first attempt.
+    #[inline]
+    pub fn deposit(&self) {
+        let inner = &*self.inner;
+        if inner.deposit == 0 {
+            return;
+        }
+        let generation = inner.generation.load(Ordering::Relaxed);
+        let slot = &inner.slots[(generation % SLOTS as u64) as usize];
+        let before = slot.fetch_add(inner.deposit, Ordering::Relaxed);
+        if (before ^ before.wrapping_add(inner.deposit)) & inner.clock_mask != 0 {
+            inner.advance();
+        }
+    }
+
+    /// Takes one retry from the budget: `true` if there was one to take.
+    pub fn withdraw(&self) -> bool {
+        let inner = &*self.inner;
+        let generation = inner.advance();
+        if inner.balance() < UNIT {
+            return false;
+        }
+        inner.slots[(generation % SLOTS as u64) as usize].fetch_sub(UNIT, Ordering::Relaxed);
+        true
+    }
+
+    /// The number of whole retries available now.
+    pub fn available(&self) -> u64 {
+        self.inner.advance();
+        u64::try_from(self.inner.balance() / UNIT).unwrap_or(0)
+    }
+}
+
+impl Default for RetryBudget {
+    /// 10 s window, 10 retries per second, 20% of requests.
+    fn default() -> Self {
+        Self::new(Duration::from_secs(10), 10, 0.2).expect("the default budget is valid")
+    }
+}
+
+impl Inner {
+    fn balance(&self) -> i64 {
+        self.reserve
+            + self
+                .slots
+                .iter()
+                .map(|s| s.load(Ordering::Relaxed))
+                .sum::<i64>()
+    }
+
+    /// Moves the window to the current time, clearing the slots that fell out of it, and
+    /// returns the current generation.
+    fn advance(&self) -> u64 {
+        let elapsed = Instant::now()
+            .saturating_duration_since(self.start)
+            .as_nanos();
+        let now_gen = u64::try_from(elapsed / u128::from(self.slot_nanos)).unwrap_or(u64::MAX);
+        let mut current = self.generation.load(Ordering::Acquire);
+        while now_gen > current {
+            match self.generation.compare_exchange_weak(
+                current,
+                now_gen,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // The slots of generations current+1..=now_gen are reused: clear them.
+                    let stale = (now_gen - current).min(SLOTS as u64);
+                    for g in (now_gen + 1 - stale)..=now_gen {
+                        self.slots[(g % SLOTS as u64) as usize].store(0, Ordering::Relaxed);
+                    }
+                    return now_gen;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+        current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_allows_floor_per_window() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 5, 0.0).unwrap();
+        let taken = (0..100).filter(|_| budget.withdraw()).count();
+        assert_eq!(taken, 5);
+        // the reserve is a floor, not a balance: it is there again after the window slides
+        tokio::time::advance(Duration::from_millis(1100)).await;
+        let taken = (0..100).filter(|_| budget.withdraw()).count();
+        assert_eq!(taken, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_earn_ratio_and_expire() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.2).unwrap();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert_eq!(budget.available(), 20);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(budget.available(), 20);
+        tokio::time::advance(Duration::from_millis(5_100)).await;
+        assert_eq!(budget.available(), 0);
+        assert!(!budget.withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_slides_slot_by_slot() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // a retry (or every 32nd request) moves the window on
+        assert_eq!(budget.available(), 10);
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert_eq!(budget.available(), 20);
+        tokio::time::advance(Duration::from_millis(5_500)).await;
+        // the first ten fell out, the second ten remain
+        assert_eq!(budget.available(), 10);
+    }
+
+    #[test]
+    fn refuses_bad_settings() {
+        assert_eq!(
+            RetryBudget::new(Duration::from_millis(1), 1, 0.2).unwrap_err(),
+            BudgetError::WindowTooShort(Duration::from_millis(1))
+        );
+        assert!(matches!(
+            RetryBudget::new(Duration::from_secs(1), 1, -0.1),
+            Err(BudgetError::Ratio(_))
+        ));
+        assert!(RetryBudget::new(Duration::from_secs(1), 1, f64::NAN).is_err());
+    }
+}

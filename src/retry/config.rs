@@ -1,0 +1,320 @@
+//! The retry layer's configuration: serde, environment variables, validation.
+
+use std::time::Duration;
+
+use http::HeaderName;
+use serde::{Deserialize, Serialize};
+
+use super::backoff::Jitter;
+use super::budget::BudgetError;
+use crate::config::{Env, duration};
+
+/// Configuration of a [`RetryLayer`](super::RetryLayer), from a file (serde) or from
+/// `PALISADE_RETRY_*` environment variables ([`RetryConfig::from_env`]). Build the layer
+/// with [`RetryConfig::build`].
+///
+/// ```
+/// use palisade::retry::{Jitter, RetryConfig};
+///
+/// let cfg: RetryConfig = toml::from_str(r#"
+///     max_retries = 2
+///     base_delay = "250ms"
+///     max_delay = "4s"
+///     jitter = "equal"
+///     deadline = "30s"
+///     assume_idempotent = true
+/// "#).unwrap();
+/// assert_eq!(cfg.jitter, Jitter::Equal);
+/// assert!(cfg.budget, "the retry budget is on by default");
+/// let layer = cfg.build().unwrap();
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// Most retries after the first attempt (default 3; 0 turns retrying off).
+    pub max_retries: u32,
+    /// The delay before the first retry, before jitter (default 500 ms).
+    #[serde(with = "duration")]
+    pub base_delay: Duration,
+    /// Each delay is `factor` times the one before (default 2, at least 1).
+    pub factor: f64,
+    /// The cap on any delay, after jitter and on server-directed delays (default 8 s).
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
+    /// How delays are randomised (default full jitter).
+    pub jitter: Jitter,
+    /// Overall time limit for the call, retries included (default none).
+    #[serde(with = "duration::option")]
+    pub deadline: Option<Duration>,
+    /// Time limit for each attempt (default none).
+    #[serde(with = "duration::option")]
+    pub attempt_timeout: Option<Duration>,
+    /// Whether retries are limited by a retry budget (default on).
+    pub budget: bool,
+    /// The budget's sliding window (default 10 s).
+    #[serde(with = "duration")]
+    pub budget_window: Duration,
+    /// Retries per second always allowed by the budget (default 10).
+    pub budget_min_per_sec: u32,
+    /// Retries earned by each request (default 0.2: retries add at most 20% load).
+    pub budget_ratio: f64,
+    /// The most request-body bytes kept for replay (default 1 MiB); larger bodies are sent
+    /// once.
+    pub body_limit: usize,
+    /// Treat every request as idempotent, so a POST is retried on 500/502/504/timeouts too
+    /// (LLM APIs that deduplicate may opt in; default off).
+    pub assume_idempotent: bool,
+    /// A response header that carries the retry count, such as `x-retry-count` (default
+    /// none; the count is always in the `RetryCount` extension).
+    pub count_header: Option<String>,
+    /// A seed for the jitter generator, for reproducible delays (default none: thread
+    /// RNG).
+    pub seed: Option<u64>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            base_delay: Duration::from_millis(500),
+            factor: 2.0,
+            max_delay: Duration::from_secs(8),
+            jitter: Jitter::Full,
+            deadline: None,
+            attempt_timeout: None,
+            budget: true,
+            budget_window: Duration::from_secs(10),
+            budget_min_per_sec: 10,
+            budget_ratio: 0.2,
+            body_limit: 1024 * 1024,
+            assume_idempotent: false,
+            count_header: None,
+            seed: None,
+        }
+    }
+}
+
+/// A mistake in a retry configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryConfigError {
+    /// The backoff factor must be a finite number of at least 1.
+    #[error("the backoff factor must be a finite number >= 1, got {0}")]
+    Factor(f64),
+    /// The max delay must not be below the base delay.
+    #[error("max_delay ({max_delay:?}) is below base_delay ({base_delay:?})")]
+    MaxDelayBelowBase {
+        /// The base delay.
+        base_delay: Duration,
+        /// The max delay.
+        max_delay: Duration,
+    },
+    /// A zero deadline or attempt timeout would fail every call.
+    #[error("{0} must be more than zero (leave it unset for no limit)")]
+    ZeroLimit(&'static str),
+    /// The budget settings are invalid.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    /// The count header is not a valid header name.
+    #[error("count_header `{0}` is not a valid HTTP header name")]
+    CountHeader(String),
+}
+
+fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "none" | "off" => Ok(None),
+        _ => duration::parse(s).map(Some),
+    }
+}
+
+impl RetryConfig {
+    /// Reads `PALISADE_RETRY_MAX_RETRIES`, `_BASE_DELAY`, `_FACTOR`, `_MAX_DELAY`, `_JITTER`,
+    /// `_DEADLINE`, `_ATTEMPT_TIMEOUT`, `_BUDGET`, `_BUDGET_WINDOW`, `_BUDGET_MIN_PER_SEC`,
+    /// `_BUDGET_RATIO`, `_BODY_LIMIT`, `_ASSUME_IDEMPOTENT`, `_COUNT_HEADER` and `_SEED`,
+    /// recording problems in `env` (unset variables keep their defaults).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use palisade::config::Env;
+    /// use palisade::retry::RetryConfig;
+    ///
+    /// let mut env = Env::from_pairs([
+    ///     ("PALISADE_RETRY_MAX_RETRIES", "5"),
+    ///     ("PALISADE_RETRY_DEADLINE", "20s"),
+    ///     ("PALISADE_RETRY_JITTER", "sometimes"),
+    /// ]);
+    /// let cfg = RetryConfig::from_env(&mut env);
+    /// assert_eq!(cfg.max_retries, 5);
+    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(20)));
+    /// let err = env.finish().unwrap_err();
+    /// assert!(err.to_string().contains("PALISADE_RETRY_JITTER"));
+    /// ```
+    pub fn from_env(env: &mut Env) -> Self {
+        let d = RetryConfig::default();
+        Self {
+            max_retries: env.optional("PALISADE_RETRY_MAX_RETRIES", d.max_retries, "3"),
+            base_delay: env.duration("PALISADE_RETRY_BASE_DELAY", d.base_delay, "500ms"),
+            factor: env.optional("PALISADE_RETRY_FACTOR", d.factor, "2"),
+            max_delay: env.duration("PALISADE_RETRY_MAX_DELAY", d.max_delay, "8s"),
+            jitter: env.optional("PALISADE_RETRY_JITTER", d.jitter, "full"),
+            deadline: env.optional_with("PALISADE_RETRY_DEADLINE", d.deadline, "30s", |s| {
+                optional_duration(s)
+            }),
+            attempt_timeout: env.optional_with(
+                "PALISADE_RETRY_ATTEMPT_TIMEOUT",
+                d.attempt_timeout,
+                "10s",
+                optional_duration,
+            ),
+            budget: env.optional("PALISADE_RETRY_BUDGET", d.budget, "true"),
+            budget_window: env.duration("PALISADE_RETRY_BUDGET_WINDOW", d.budget_window, "10s"),
+            budget_min_per_sec: env.optional(
+                "PALISADE_RETRY_BUDGET_MIN_PER_SEC",
+                d.budget_min_per_sec,
+                "10",
+            ),
+            budget_ratio: env.optional("PALISADE_RETRY_BUDGET_RATIO", d.budget_ratio, "0.2"),
+            body_limit: env.optional("PALISADE_RETRY_BODY_LIMIT", d.body_limit, "1048576"),
+            assume_idempotent: env.optional(
+                "PALISADE_RETRY_ASSUME_IDEMPOTENT",
+                d.assume_idempotent,
+                "false",
+            ),
+            count_header: env.optional_with(
+                "PALISADE_RETRY_COUNT_HEADER",
+                d.count_header,
+                "x-retry-count",
+                |s| Ok(Some(s.trim().to_owned())),
+            ),
+            seed: env.optional_with("PALISADE_RETRY_SEED", d.seed, "42", |s| {
+                s.trim().parse().map(Some).map_err(|e| format!("{e}"))
+            }),
+        }
+    }
+
+    /// Checks the configuration without building anything.
+    pub fn validate(&self) -> Result<(), RetryConfigError> {
+        self.checked().map(|_| ())
+    }
+
+    /// Validates and returns the count header name.
+    pub(crate) fn checked(&self) -> Result<Option<HeaderName>, RetryConfigError> {
+        if !(self.factor.is_finite() && self.factor >= 1.0) {
+            return Err(RetryConfigError::Factor(self.factor));
+        }
+        if self.max_delay < self.base_delay {
+            return Err(RetryConfigError::MaxDelayBelowBase {
+                base_delay: self.base_delay,
+                max_delay: self.max_delay,
+            });
+        }
+        if self.deadline == Some(Duration::ZERO) {
+            return Err(RetryConfigError::ZeroLimit("deadline"));
+        }
+        if self.attempt_timeout == Some(Duration::ZERO) {
+            return Err(RetryConfigError::ZeroLimit("attempt_timeout"));
+        }
+        if self.budget {
+            super::budget::RetryBudget::new(
+                self.budget_window,
+                self.budget_min_per_sec,
+                self.budget_ratio,
+            )?;
+        }
+        self.count_header
+            .as_deref()
+            .map(|name| {
+                HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| RetryConfigError::CountHeader(name.to_owned()))
+            })
+            .transpose()
+    }
+
+    /// Builds the layer with the default classifier.
+    pub fn build(&self) -> Result<super::RetryLayer, RetryConfigError> {
+        super::RetryLayer::from_config(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_serde() {
+        let cfg = RetryConfig::default();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(serde_json::from_str::<RetryConfig>(&json).unwrap(), cfg);
+        assert_eq!(serde_json::from_str::<RetryConfig>("{}").unwrap(), cfg);
+        assert!(cfg.validate().is_ok());
+        let unknown = serde_json::from_str::<RetryConfig>(r#"{"max_retry": 1}"#).unwrap_err();
+        assert!(unknown.to_string().contains("max_retry"));
+    }
+
+    #[test]
+    fn every_env_problem_is_reported() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_MAX_RETRIES", "many"),
+            ("PALISADE_RETRY_BASE_DELAY", "1 fortnight"),
+            ("PALISADE_RETRY_DEADLINE", "off"),
+            ("PALISADE_RETRY_ATTEMPT_TIMEOUT", "5s"),
+            ("PALISADE_RETRY_BUDGET", "maybe"),
+            ("PALISADE_RETRY_SEED", "-1"),
+            ("PALISADE_RETRY_COUNT_HEADER", "x-retry-count"),
+        ]);
+        let cfg = RetryConfig::from_env(&mut env);
+        assert_eq!(cfg.deadline, None);
+        assert_eq!(cfg.attempt_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(cfg.count_header.as_deref(), Some("x-retry-count"));
+        let err = env.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PALISADE_RETRY_MAX_RETRIES",
+                "PALISADE_RETRY_BASE_DELAY",
+                "PALISADE_RETRY_BUDGET",
+                "PALISADE_RETRY_SEED"
+            ]
+        );
+    }
+
+    #[test]
+    fn validation_errors() {
+        let bad = |f: fn(&mut RetryConfig)| {
+            let mut cfg = RetryConfig::default();
+            f(&mut cfg);
+            cfg.validate().unwrap_err()
+        };
+        assert_eq!(bad(|c| c.factor = 0.5), RetryConfigError::Factor(0.5));
+        assert!(matches!(
+            bad(|c| c.max_delay = Duration::from_millis(1)),
+            RetryConfigError::MaxDelayBelowBase { .. }
+        ));
+        assert_eq!(
+            bad(|c| c.deadline = Some(Duration::ZERO)),
+            RetryConfigError::ZeroLimit("deadline")
+        );
+        assert_eq!(
+            bad(|c| c.attempt_timeout = Some(Duration::ZERO)),
+            RetryConfigError::ZeroLimit("attempt_timeout")
+        );
+        assert!(matches!(
+            bad(|c| c.budget_ratio = -1.0),
+            RetryConfigError::Budget(BudgetError::Ratio(_))
+        ));
+        assert_eq!(
+            bad(|c| c.count_header = Some("bad header".into())),
+            RetryConfigError::CountHeader("bad header".into())
+        );
+        // a bad budget does not matter while the budget is off
+        let mut cfg = RetryConfig {
+            budget: false,
+            ..RetryConfig::default()
+        };
+        cfg.budget_ratio = -1.0;
+        assert!(cfg.validate().is_ok());
+    }
+}
