@@ -61,5 +61,6 @@ pub mod classify;
 pub mod config;
 pub mod error;
 pub mod key;
+pub mod rate_limit;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
