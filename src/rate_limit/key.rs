@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use http::HeaderName;
-use http::request::Parts;
+use http::Request;
 
 use crate::key::ApiKeyId;
 
@@ -126,19 +126,19 @@ pub enum KeySource {
 impl KeySource {
     /// Finds the key of a request; `None` when the source is absent (no header, no key,
     /// no principal, no peer address).
-    pub fn extract(&self, parts: &Parts, proxies: &TrustedProxies) -> Option<RateKey> {
+    pub fn extract<B>(&self, req: &Request<B>, proxies: &TrustedProxies) -> Option<RateKey> {
         match self {
             KeySource::Global => Some(RateKey::Global),
-            KeySource::Principal => parts
-                .extensions
+            KeySource::Principal => req
+                .extensions()
                 .get::<Principal>()
                 .map(|p| RateKey::Principal(p.0.clone())),
             KeySource::Header(name) => {
-                let value = parts.headers.get(name)?.to_str().ok()?.trim();
+                let value = req.headers().get(name)?.to_str().ok()?.trim();
                 (!value.is_empty()).then(|| RateKey::Header(Arc::from(value)))
             }
-            KeySource::ApiKey => ApiKeyId::from_headers(&parts.headers).map(RateKey::ApiKey),
-            KeySource::PeerIp => proxies.client_ip(parts).map(RateKey::ip),
+            KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
+            KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),
         }
     }
 }
@@ -258,8 +258,7 @@ impl fmt::Display for IpNet {
 /// let mut req = http::Request::new(());
 /// req.extensions_mut().insert("10.0.0.5:443".parse::<SocketAddr>().unwrap());
 /// req.headers_mut().insert("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.7".parse().unwrap());
-/// let (parts, _) = req.into_parts();
-/// assert_eq!(proxies.client_ip(&parts), Some("203.0.113.9".parse().unwrap()));
+/// assert_eq!(proxies.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrustedProxies {
@@ -290,13 +289,13 @@ impl TrustedProxies {
     }
 
     /// The client's address for a request, as described on the type.
-    pub fn client_ip(&self, parts: &Parts) -> Option<IpAddr> {
-        let peer = peer_addr(parts)?;
+    pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        let peer = peer_addr(req)?;
         if self.nets.is_empty() || !self.is_trusted(peer) {
             return Some(peer);
         }
         let mut client = peer;
-        for value in parts.headers.get_all("x-forwarded-for").iter().rev() {
+        for value in req.headers().get_all("x-forwarded-for").iter().rev() {
             let Ok(value) = value.to_str() else {
                 return Some(client);
             };
@@ -337,13 +336,13 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>().ok().map(|s| s.ip())
 }
 
-fn peer_addr(parts: &Parts) -> Option<IpAddr> {
+fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
-    if let Some(info) = parts
-        .extensions
+    if let Some(info) = req
+        .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
         return Some(info.0.ip());
     }
-    parts.extensions.get::<SocketAddr>().map(SocketAddr::ip)
+    req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
 }

@@ -471,8 +471,8 @@ struct Pending {
     cost: u64,
 }
 
-type PendingList = SmallVec<[Pending; 4]>;
-type HeaderBlock = SmallVec<[(HeaderName, HeaderValue); 4]>;
+type PendingList = SmallVec<[Pending; 2]>;
+type HeaderBlock = SmallVec<[(HeaderName, HeaderValue); 2]>;
 
 /// A reservation for a quantity known only after the response (rules with
 /// [`Cost::Settled`]), found in the request extensions of an admitted request.
@@ -619,14 +619,14 @@ enum Outcome {
 }
 
 impl<St: Store> Shared<St> {
-    fn pending(&self, parts: &http::request::Parts) -> PendingList {
+    fn pending<B>(&self, req: &Request<B>) -> PendingList {
         let mut pending = PendingList::new();
         for (i, compiled) in self.rules.iter().enumerate() {
             let rule = &compiled.rule;
-            if !rule.matches(parts) {
+            if !rule.matches(req) {
                 continue;
             }
-            let key = match rule.key.extract(parts, &self.proxies) {
+            let key = match rule.key.extract(req, &self.proxies) {
                 Some(k) => k,
                 None if rule.skip_anonymous => continue,
                 None => RateKey::Anonymous,
@@ -641,7 +641,7 @@ impl<St: Store> Shared<St> {
                 index,
                 key,
                 params,
-                cost: rule.cost.of(parts),
+                cost: rule.cost.of(req),
             });
         }
         pending
@@ -820,19 +820,16 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let (parts, body) = req.into_parts();
-        let pending = self.shared.pending(&parts);
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let pending = self.shared.pending(&req);
         if pending.is_empty() {
-            let fut = self.inner.call(Request::from_parts(parts, body));
-            return ResponseFuture::calling(fut, HeaderBlock::new());
+            return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
         }
         let items = self.shared.items(&pending);
         if let Some(decision) = self.shared.store.check_now(&items) {
             drop(items);
             return match self.shared.outcome(pending, decision) {
                 Outcome::Admit(headers, reservation) => {
-                    let mut req = Request::from_parts(parts, body);
                     if let Some(r) = reservation {
                         req.extensions_mut().insert(r);
                     }
@@ -849,13 +846,24 @@ where
         ResponseFuture {
             state: State::Checking {
                 check,
-                req: Some(Request::from_parts(parts, body)),
-                inner: Some(inner),
-                pending,
-                shared: self.shared.clone(),
+                waiting: Some(Box::new(Waiting {
+                    req,
+                    inner,
+                    pending,
+                    shared: self.shared.clone(),
+                })),
             },
         }
     }
+}
+
+/// What an asynchronous check holds until the store answers (boxed, so the common
+/// synchronous path keeps a small future).
+struct Waiting<S, St, B> {
+    req: Request<B>,
+    inner: S,
+    pending: PendingList,
+    shared: Arc<Shared<St>>,
 }
 
 pin_project! {
@@ -880,10 +888,7 @@ pin_project! {
         Checking {
             #[pin]
             check: St::CheckFuture,
-            req: Option<Request<B>>,
-            inner: Option<S>,
-            pending: PendingList,
-            shared: Arc<Shared<St>>,
+            waiting: Option<Box<Waiting<S, St, B>>>,
         },
         Calling {
             #[pin]
@@ -937,21 +942,19 @@ where
         loop {
             let mut this = self.as_mut().project();
             let next = match this.state.as_mut().project() {
-                StateProj::Checking {
-                    check,
-                    req,
-                    inner,
-                    pending,
-                    shared,
-                } => {
+                StateProj::Checking { check, waiting } => {
                     let decision = ready!(check.poll(cx));
-                    let pending = std::mem::take(pending);
+                    let Some(waiting) = waiting.take() else {
+                        unreachable!("the request is taken once");
+                    };
+                    let Waiting {
+                        mut req,
+                        mut inner,
+                        pending,
+                        shared,
+                    } = *waiting;
                     match shared.outcome(pending, decision) {
                         Outcome::Admit(headers, reservation) => {
-                            let (Some(mut req), Some(mut inner)) = (req.take(), inner.take())
-                            else {
-                                unreachable!("the request is taken once");
-                            };
                             if let Some(r) = reservation {
                                 req.extensions_mut().insert(r);
                             }

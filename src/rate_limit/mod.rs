@@ -76,7 +76,7 @@ pub use layer::{
 };
 pub use quota::{Algorithm, Quota};
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
-pub use store::{MemoryStore, MemoryStoreBuilder, Store};
+pub use store::{MemoryStore, MemoryStoreBuilder, Store, StoreClock};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use http::Method;
-use http::request::Parts;
+use http::Request;
 
 use super::algorithm::Params;
 use super::error::RateLimitError;
@@ -181,11 +181,11 @@ pub enum Cost {
 }
 
 impl Cost {
-    pub(crate) fn of(&self, parts: &Parts) -> u64 {
+    pub(crate) fn of<B>(&self, req: &Request<B>) -> u64 {
         match *self {
             Cost::Fixed(n) => n,
             Cost::Extension { default: n } | Cost::Settled { estimate: n } => {
-                parts.extensions.get::<RequestCost>().map_or(n, |c| c.0)
+                req.extensions().get::<RequestCost>().map_or(n, |c| c.0)
             }
         }
     }
@@ -312,9 +312,9 @@ impl Rule {
         self.shadow
     }
 
-    pub(crate) fn matches(&self, parts: &Parts) -> bool {
-        self.method.as_ref().is_none_or(|m| parts.method == *m)
-            && self.route.matches(parts.uri.path())
+    pub(crate) fn matches<B>(&self, req: &Request<B>) -> bool {
+        self.method.as_ref().is_none_or(|m| req.method() == m)
+            && self.route.matches(req.uri().path())
     }
 
     pub(crate) fn params(&self, quota: Quota) -> Params {

@@ -34,15 +34,20 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
             limit.saturating_sub(prev + count)
         } else {
             // floor((limit × W − prev × (W − e)) / W) − count
-            let cap = u128::from(limit) * u128::from(w);
-            let used = u128::from(prev) * u128::from(w - elapsed);
-            let free = u64::try_from(cap.saturating_sub(used) / u128::from(w)).unwrap_or(0);
-            free.saturating_sub(count)
+            //   = limit − ceil(prev × (W − e) / W) − count
+            let weighted = mul_div_ceil(prev, w - elapsed, w);
+            limit.saturating_sub(weighted).saturating_sub(count)
         }
     };
     let fits = |k: u64| -> bool {
         if params.strict {
             prev + count + k <= limit
+        } else if let (Some(used), Some(cap)) = (
+            prev.checked_mul(w - elapsed)
+                .and_then(|u| u.checked_add((count + k).checked_mul(w)?)),
+            limit.checked_mul(w),
+        ) {
+            used <= cap
         } else {
             u128::from(prev) * u128::from(w - elapsed) + u128::from(count + k) * u128::from(w)
                 <= u128::from(limit) * u128::from(w)
@@ -96,5 +101,14 @@ fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 
     } else {
         // Not before the next window, where this window becomes the previous one.
         to_next + first_fit(count, limit - cost)
+    }
+}
+
+/// `ceil(a × b / c)`, in u64 when it fits.
+fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p.div_ceil(c),
+        None => u64::try_from((u128::from(a) * u128::from(b)).div_ceil(u128::from(c)))
+            .unwrap_or(u64::MAX),
     }
 }

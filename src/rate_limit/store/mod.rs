@@ -21,7 +21,7 @@ use super::algorithm::{Decided, Params, Verdict};
 use super::error::StoreError;
 use super::key::RateKey;
 
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{MemoryStore, MemoryStoreBuilder, StoreClock};
 
 /// A boxed future, for the store's admin calls (not on the request path).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -76,13 +76,13 @@ pub struct Decision {
     /// Whether the request is admitted (every non-shadow rule allowed it).
     pub admitted: bool,
     /// Per-rule decisions, in the order of the items.
-    pub rules: SmallVec<[RuleDecision; 4]>,
+    pub rules: SmallVec<[RuleDecision; 2]>,
 }
 
 impl Decision {
     /// Combines per-rule decisions by the group rule: admitted when every non-shadow rule
     /// allows; then every allowing rule is debited (shadow ones included), else none.
-    pub fn group(items: &[CheckItem<'_>], mut rules: SmallVec<[RuleDecision; 4]>) -> Self {
+    pub fn group(items: &[CheckItem<'_>], mut rules: SmallVec<[RuleDecision; 2]>) -> Self {
         let admitted = items
             .iter()
             .zip(&rules)
