@@ -65,7 +65,7 @@ pub(crate) fn ratelimit_value(name: &str, remaining: u64, reset_secs: u64) -> He
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A small RFC 8941 list parser for the shapes we emit: items are sf-strings with

@@ -292,7 +292,8 @@ impl Counters {
 pub struct RuleCounters {
     /// The rule.
     pub rule: String,
-    /// Requests the rule admitted.
+    /// Requests the rule admitted (and that were let through: a request another rule
+    /// refused does not count here).
     pub allowed: u64,
     /// Requests the rule refused (not in shadow mode).
     pub limited: u64,
@@ -689,7 +690,9 @@ impl<St: Store> Shared<St> {
             let stripe = compiled.counters.stripe();
             let reset_secs = match d.verdict {
                 Verdict::Allowed => {
-                    stripe.allowed.fetch_add(1, Ordering::Relaxed);
+                    if decision.admitted {
+                        stripe.allowed.fetch_add(1, Ordering::Relaxed);
+                    }
                     ceil_secs(d.reset_micros)
                 }
                 Verdict::Denied { retry_after } => {
@@ -971,6 +974,9 @@ where
                 StateProj::Calling { fut, headers } => {
                     let response = ready!(fut.poll(cx))?;
                     let mut response = response.map(ResponseBody::inner);
+                    if !headers.is_empty() {
+                        response.headers_mut().reserve(headers.len());
+                    }
                     for (name, value) in headers.drain(..) {
                         response.headers_mut().append(name, value);
                     }

@@ -53,7 +53,8 @@
 //! svc.clone().oneshot(request()).await.unwrap();
 //! let refused = svc.oneshot(request()).await.unwrap();
 //! assert_eq!(refused.status(), 429);
-//! assert_eq!(refused.headers()["retry-after"], "60");
+//! // the two earlier requests must weigh no more than one: half-way into the next minute
+//! assert_eq!(refused.headers()["retry-after"], "90");
 //! # }
 //! ```
 

@@ -125,6 +125,8 @@ async fn rules_are_decided_as_a_group() {
         assert_eq!(r.status(), 429);
         let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
         assert_eq!(policies, ["\"per-key\";q=3;w=60", "\"global\";q=4;w=60"]);
+        let values: Vec<_> = r.headers().get_all("ratelimit").iter().collect();
+        assert_eq!(values[1], "\"global\";r=1;t=60", "nothing was debited");
     }
     assert_eq!(send(&mut svc, post("/", "sk-b")).await.status(), 200);
     let r = send(&mut svc, post("/", "sk-c")).await;
@@ -494,4 +496,80 @@ async fn a_failing_store_fails_closed_or_open() {
         }
         assert!(layer.limiter().peek("g", &RateKey::Global).await.is_err());
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_emitted_header_follows_the_draft_syntax_and_retry_after_is_never_zero() {
+    use super::headers::tests::parse_list;
+    let layer = RateLimitLayer::builder()
+        .rules([
+            Rule::new("sw", Quota::per_second(3)).key(KeySource::ApiKey),
+            Rule::new("fw", Quota::new(5, Duration::from_millis(1500)))
+                .algorithm(Algorithm::FixedWindow),
+            Rule::new("gcra", Quota::per_second(4).with_burst(2)).algorithm(Algorithm::Gcra),
+        ])
+        .legacy_headers(true)
+        .build()
+        .unwrap();
+    let mut svc = service(&layer);
+    let mut refused = 0;
+    for i in 0..200u64 {
+        tokio::time::advance(Duration::from_millis((i * 37) % 190)).await;
+        let key = if i % 3 == 0 { "sk-a" } else { "sk-b" };
+        let r = send(&mut svc, post("/", key)).await;
+        let policy: Vec<_> = r
+            .headers()
+            .get_all("ratelimit-policy")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let joined = policy.join(", ");
+        let items = parse_list(&joined);
+        assert_eq!(items.len(), 3);
+        for (_, params) in &items {
+            assert_eq!(
+                params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                ["q", "w"]
+            );
+            assert!(params.iter().all(|(_, v)| *v >= 1));
+        }
+        let rl: Vec<_> = r
+            .headers()
+            .get_all("ratelimit")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let items = parse_list(&rl.join(", "));
+        assert_eq!(
+            items.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["sw", "fw", "gcra"]
+        );
+        for (_, params) in &items {
+            assert_eq!(
+                params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                ["r", "t"]
+            );
+        }
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+            let retry: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry >= 1);
+            // the refusing rule's `t` is the same wait
+            assert!(items.iter().any(|(_, p)| p[1].1 as u64 == retry));
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+        for name in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            r.headers()[name].to_str().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    assert!(refused > 10, "{refused}");
 }

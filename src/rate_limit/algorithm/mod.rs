@@ -17,9 +17,9 @@
 //!     assert!(d.verdict.is_allowed());
 //!     state = d.state;
 //! }
-//! // The third request in the same second waits for the whole second to slide by.
+//! // The third waits until the two weigh no more than one: half-way into the next second.
 //! let d = decide(&params, &state, 0, 1);
-//! assert_eq!(d.verdict, Verdict::Denied { retry_after: 1_000_000 });
+//! assert_eq!(d.verdict, Verdict::Denied { retry_after: 1_500_000 });
 //! ```
 
 mod fixed_window;

@@ -48,7 +48,7 @@ pub struct CheckItem<'a> {
 pub struct RuleDecision {
     /// What the algorithm said.
     pub verdict: Verdict,
-    /// Units left in the quota after this request (if committed).
+    /// Units left in the quota: after this request when it was debited, else without it.
     pub remaining: u64,
     /// µs until the quota is fully restored.
     pub reset_micros: u64,
@@ -87,8 +87,12 @@ impl Decision {
             .iter()
             .zip(&rules)
             .all(|(item, d)| item.shadow || d.verdict.is_allowed());
-        for d in &mut rules {
+        for (item, d) in items.iter().zip(&mut rules) {
             d.debited = admitted && d.verdict.is_allowed();
+            if !admitted && d.verdict.is_allowed() {
+                // Nothing was debited: report what is left without this request.
+                d.remaining = d.remaining.saturating_add(item.cost);
+            }
         }
         Decision { admitted, rules }
     }
@@ -119,7 +123,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Decides every item at once: all admitted rules are debited, or none (see
     /// [`Decision::group`]). Items with a cost above their capacity get
-    /// [`Verdict::Never`](super::algorithm::Verdict::Never).
+    /// [`Verdict::Never`].
     fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture;
 
     /// Decides at once when the store can do so without waiting (the memory store can),
