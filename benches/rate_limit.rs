@@ -201,6 +201,23 @@ fn layer_overhead(c: &mut Criterion) {
             black_box(res);
         })
     });
+
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .use_headers()
+        .finish()
+        .unwrap();
+    let layer = tower_governor::GovernorLayer::new(config);
+    let mut svc = layer.layer(service_fn(handler));
+    group.bench_function("tower_governor_headers", |b| {
+        b.iter(|| {
+            i += 1;
+            let res = poll_now(svc.call(request(i))).unwrap();
+            assert_eq!(res.status(), 200);
+            black_box(res);
+        })
+    });
     group.finish();
 }
 

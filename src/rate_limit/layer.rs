@@ -648,7 +648,7 @@ impl<St: Store> Shared<St> {
         pending
     }
 
-    fn items<'a>(&'a self, pending: &'a [Pending]) -> SmallVec<[CheckItem<'a>; 4]> {
+    fn items<'a>(&'a self, pending: &'a [Pending]) -> SmallVec<[CheckItem<'a>; 2]> {
         pending
             .iter()
             .map(|p| {
