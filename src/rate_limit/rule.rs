@@ -221,6 +221,7 @@ pub struct Rule {
     pub(crate) cost: Cost,
     pub(crate) shadow: bool,
     pub(crate) skip_anonymous: bool,
+    pub(crate) route_error: Option<String>,
 }
 
 impl Rule {
@@ -238,6 +239,7 @@ impl Rule {
             cost: Cost::Fixed(1),
             shadow: false,
             skip_anonymous: false,
+            route_error: None,
         }
     }
 
@@ -250,13 +252,18 @@ impl Rule {
     /// Matches only this route (see [`Route`]).
     pub fn route(mut self, route: Route) -> Self {
         self.route = route;
+        self.route_error = None;
         self
     }
 
     /// `POST` to exactly `path` (a template if it holds `{param}` segments).
-    pub fn post(self, path: &str) -> Self {
-        let route = Route::parse(path).unwrap_or_else(|_| Route::Exact(Arc::from(path)));
-        self.method(Method::POST).route(route)
+    /// A path that does not parse is reported by the layer's `build`.
+    pub fn post(mut self, path: &str) -> Self {
+        match Route::parse(path) {
+            Ok(route) => self.route = route,
+            Err(reason) => self.route_error = Some(reason),
+        }
+        self.method(Method::POST)
     }
 
     /// Counts against this key.
@@ -330,6 +337,13 @@ impl Rule {
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
             return Err(RateLimitError::InvalidName { rule });
+        }
+        if let Some(reason) = &self.route_error {
+            return Err(RateLimitError::Invalid {
+                rule,
+                field: "route",
+                reason: reason.clone(),
+            });
         }
         validate_quota(&rule, self.quota)?;
         if self.strict && self.algorithm != Algorithm::SlidingWindow {

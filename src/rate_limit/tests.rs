@@ -406,6 +406,10 @@ fn configuration_mistakes_are_errors() {
         RateLimitLayer::new([Rule::new("b", Quota::per_second(1).with_burst(0))]),
         Err(RateLimitError::ZeroBurst { .. })
     ));
+    assert!(matches!(
+        RateLimitLayer::new([Rule::new("p", Quota::per_minute(1)).post("v1/messages")]),
+        Err(RateLimitError::Invalid { field: "route", .. })
+    ));
     assert!(Route::parse("v1").is_err());
     assert!(Route::parse("/a/{*rest}/b").is_err());
     assert!(Route::parse("/a/x{id}").is_err());
@@ -572,4 +576,87 @@ async fn every_emitted_header_follows_the_draft_syntax_and_retry_after_is_never_
         }
     }
     assert!(refused > 10, "{refused}");
+}
+
+/// A store that answers asynchronously (as a network store would), to drive the layer's
+/// waiting state and its `poll_ready` discipline.
+#[derive(Clone)]
+struct Deferred(MemoryStore);
+
+impl Store for Deferred {
+    type CheckFuture = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<store::Decision, StoreError>> + Send>,
+    >;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        let decision = self.0.check_at(items, self.0.now_micros());
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(decision)
+        })
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.settle(s)
+    }
+    fn peek(
+        &self,
+        item: &store::CheckItem<'_>,
+    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+        self.0.peek(item)
+    }
+    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.reset(i, rule, key)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_asynchronous_store_uses_the_ready_inner_service() {
+    // An inner service that must be polled ready before each call.
+    #[derive(Clone, Default)]
+    struct NeedsReady {
+        ready: bool,
+    }
+    impl Service<Request<()>> for NeedsReady {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            self.ready = true;
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<()>) -> Self::Future {
+            assert!(self.ready, "called without poll_ready");
+            self.ready = false;
+            let settle = req.extensions().get::<Reservation>().is_some();
+            let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+            if settle {
+                res.headers_mut()
+                    .insert("x-reserved", http::HeaderValue::from_static("yes"));
+            }
+            std::future::ready(Ok(res))
+        }
+    }
+    let layer = RateLimitLayer::builder()
+        .store(Deferred(MemoryStore::new()))
+        .rule(Rule::new("t", Quota::per_minute(10)).cost(Cost::Settled { estimate: 4 }))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(NeedsReady::default());
+    for expected in [200, 200, 429] {
+        let r = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expected);
+        if expected == 200 {
+            assert_eq!(r.headers()["x-reserved"], "yes");
+        }
+    }
+    let status = layer.limiter().peek("t", &RateKey::Global).await.unwrap();
+    assert_eq!(status.remaining, 2);
 }
