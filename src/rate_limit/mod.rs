@@ -72,8 +72,8 @@ pub use config::{CostMode, RateLimitConfig, RuleConfig};
 pub use error::{AdminError, RateLimitError, StoreError};
 pub use key::{IpNet, KeySource, Principal, RateKey, TrustedProxies};
 pub use layer::{
-    FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimiter, Reservation,
-    ResponseFuture, RuleCounters, RuleStatus,
+    FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,
+    RateLimiter, Reservation, ResponseFuture, RuleCounters, RuleStatus,
 };
 pub use quota::{Algorithm, Quota};
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
