@@ -473,7 +473,9 @@ struct Pending {
 }
 
 type PendingList = SmallVec<[Pending; 2]>;
-type HeaderBlock = SmallVec<[(HeaderName, HeaderValue); 2]>;
+/// Headers to add to the response: a `Vec` (empty and unallocated when headers are off)
+/// keeps the response future small.
+type HeaderBlock = Vec<(HeaderName, HeaderValue)>;
 
 /// A reservation for a quantity known only after the response (rules with
 /// [`Cost::Settled`]), found in the request extensions of an admitted request.
@@ -616,7 +618,7 @@ impl<S, St: Store> RateLimit<S, St> {
 /// What to do with a decision.
 enum Outcome {
     Admit(HeaderBlock, Option<Reservation>),
-    Refuse(Response<crate::body::ErrorBody>),
+    Refuse(Box<Response<crate::body::ErrorBody>>),
 }
 
 impl<St: Store> Shared<St> {
@@ -680,6 +682,9 @@ impl<St: Store> Shared<St> {
             Err(e) => return self.store_failed(e),
         };
         let mut headers = HeaderBlock::new();
+        if self.draft_headers || self.legacy_headers {
+            headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
+        }
         let mut never: Option<&Pending> = None;
         let mut denied: Option<(&Pending, u64)> = None;
         let mut tightest: Option<(u64, u64, u64)> = None; // (limit, remaining, reset secs)
@@ -785,10 +790,10 @@ impl<St: Store> Shared<St> {
             return self.store_failed(StoreError::new("the store refused without a refusing rule"));
         };
         let mut response = error.to_response(self.format);
-        for (name, value) in headers {
+        for (name, value) in headers.drain(..) {
             response.headers_mut().append(name, value);
         }
-        Outcome::Refuse(response)
+        Outcome::Refuse(Box::new(response))
     }
 
     fn store_failed(&self, err: StoreError) -> Outcome {
@@ -804,7 +809,7 @@ impl<St: Store> Shared<St> {
                 )
                 .with_retry_after(Duration::from_secs(1))
                 .with_source(err);
-                Outcome::Refuse(error.to_response(self.format))
+                Outcome::Refuse(Box::new(error.to_response(self.format)))
             }
         }
     }
@@ -899,7 +904,7 @@ pin_project! {
             headers: HeaderBlock,
         },
         Refused {
-            response: Option<Response<crate::body::ErrorBody>>,
+            response: Option<Box<Response<crate::body::ErrorBody>>>,
         },
     }
 }
@@ -915,7 +920,7 @@ where
         }
     }
 
-    fn refused(response: Response<crate::body::ErrorBody>) -> Self {
+    fn refused(response: Box<Response<crate::body::ErrorBody>>) -> Self {
         Self {
             state: State::Refused {
                 response: Some(response),
@@ -986,7 +991,7 @@ where
                     let response = response
                         .take()
                         .unwrap_or_else(|| unreachable!("polled after completion"));
-                    return Poll::Ready(Ok(response.map(ResponseBody::error)));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::error)));
                 }
             };
             this.state.set(next);
