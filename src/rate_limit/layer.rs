@@ -432,6 +432,22 @@ impl<St: Store> RateLimiter<St> {
         Ok(old)
     }
 
+    /// Emits every rule's counters as one `tracing` event per rule (target
+    /// `palisade::rate_limit`, level `info`), for a periodic report.
+    pub fn log_counters(&self) {
+        for c in self.counters() {
+            tracing::info!(
+                target: "palisade::rate_limit",
+                rule = %c.rule,
+                allowed = c.allowed,
+                limited = c.limited,
+                shadow_limited = c.shadow_limited,
+                never = c.never,
+                "rate-limit counters"
+            );
+        }
+    }
+
     /// A snapshot of every rule's counters.
     pub fn counters(&self) -> Vec<RuleCounters> {
         self.shared

@@ -189,6 +189,7 @@ async fn shadow_rules_count_and_log_but_never_refuse() {
     }
     let c = layer.limiter().counters();
     assert_eq!((c[0].allowed, c[0].shadow_limited, c[0].limited), (1, 2, 0));
+    layer.limiter().log_counters();
     assert_eq!(c[1].allowed, 3);
 }
 
