@@ -4,7 +4,7 @@
 //! statuses and rate-limit headers, and exits.
 //!
 //! ```text
-//! cargo run --example rate_limit --features axum
+//! cargo run --example rate_limit
 //! ```
 
 use std::net::SocketAddr;
