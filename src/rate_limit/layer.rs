@@ -638,6 +638,7 @@ enum Outcome {
 }
 
 impl<St: Store> Shared<St> {
+    #[inline]
     fn pending<B>(&self, req: &Request<B>) -> PendingList {
         let mut pending = PendingList::new();
         for (i, compiled) in self.rules.iter().enumerate() {
@@ -666,6 +667,7 @@ impl<St: Store> Shared<St> {
         pending
     }
 
+    #[inline]
     fn items<'a>(&'a self, pending: &'a [Pending]) -> SmallVec<[CheckItem<'a>; 2]> {
         pending
             .iter()
@@ -683,20 +685,23 @@ impl<St: Store> Shared<St> {
             .collect()
     }
 
-    fn outcome(
+    /// Turns a store's answer into what the layer does.
+    #[inline]
+    fn resolve(
         self: &Arc<Self>,
-        pending: PendingList,
+        pending: &[Pending],
         decision: Result<Decision, StoreError>,
     ) -> Outcome {
-        let decision = match decision {
-            Ok(d) if d.rules.len() == pending.len() => d,
-            Ok(_) => {
-                return self.store_failed(StoreError::new(
-                    "the store answered for the wrong number of rules",
-                ));
-            }
-            Err(e) => return self.store_failed(e),
-        };
+        match decision {
+            Ok(d) if d.rules.len() == pending.len() => self.outcome(pending, &d),
+            Ok(_) => self.store_failed(StoreError::new(
+                "the store answered for the wrong number of rules",
+            )),
+            Err(e) => self.store_failed(e),
+        }
+    }
+
+    fn outcome(self: &Arc<Self>, pending: &[Pending], decision: &Decision) -> Outcome {
         let mut headers = HeaderBlock::new();
         if self.draft_headers || self.legacy_headers {
             headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
@@ -852,7 +857,7 @@ where
         let items = self.shared.items(&pending);
         if let Some(decision) = self.shared.store.check_now(&items) {
             drop(items);
-            return match self.shared.outcome(pending, decision) {
+            return match self.shared.resolve(&pending, decision) {
                 Outcome::Admit(headers, reservation) => {
                     if let Some(r) = reservation {
                         req.extensions_mut().insert(r);
@@ -869,7 +874,7 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         ResponseFuture {
             state: State::Checking {
-                check,
+                check: Box::pin(check),
                 waiting: Some(Box::new(Waiting {
                     req,
                     inner,
@@ -910,8 +915,8 @@ pin_project! {
         St: Store,
     {
         Checking {
-            #[pin]
-            check: St::CheckFuture,
+            // Boxed so the store's future does not widen the common synchronous path.
+            check: Pin<Box<St::CheckFuture>>,
             waiting: Option<Box<Waiting<S, St, B>>>,
         },
         Calling {
@@ -930,6 +935,7 @@ where
     S: Service<Request<B>>,
     St: Store,
 {
+    #[inline]
     fn calling(fut: S::Future, headers: HeaderBlock) -> Self {
         Self {
             state: State::Calling { fut, headers },
@@ -967,7 +973,7 @@ where
             let mut this = self.as_mut().project();
             let next = match this.state.as_mut().project() {
                 StateProj::Checking { check, waiting } => {
-                    let decision = ready!(check.poll(cx));
+                    let decision = ready!(check.as_mut().poll(cx));
                     let Some(waiting) = waiting.take() else {
                         unreachable!("the request is taken once");
                     };
@@ -977,7 +983,7 @@ where
                         pending,
                         shared,
                     } = *waiting;
-                    match shared.outcome(pending, decision) {
+                    match shared.resolve(&pending, decision) {
                         Outcome::Admit(headers, reservation) => {
                             if let Some(r) = reservation {
                                 req.extensions_mut().insert(r);

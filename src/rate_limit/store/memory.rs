@@ -250,6 +250,7 @@ impl MemoryStore {
     }
 
     /// Decides a group at a given time (µs on the store's clock).
+    #[inline]
     pub fn check_at(&self, items: &[CheckItem<'_>], now: u64) -> Decision {
         if let [item] = items {
             return self.check_one(item, now);
@@ -415,6 +416,7 @@ impl Store for MemoryStore {
         ready(Ok(self.check_at(items, self.now_micros())))
     }
 
+    #[inline]
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
         Some(Ok(self.check_at(items, self.now_micros())))
     }
