@@ -15,6 +15,30 @@
 //! is the same list. The legacy `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 //! `X-RateLimit-Reset` (seconds) are optional and describe the most constrained rule.
 //! Shadow rules never show.
+//!
+//! ```
+//! use palisade::rate_limit::{Quota, RateLimitLayer, Rule};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("burst", Quota::per_second(10)))
+//!     .rule(Rule::new("daily", Quota::per_day(1000)))
+//!     .legacy_headers(true)
+//!     .build()
+//!     .unwrap();
+//! let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//! }));
+//! let res = svc.oneshot(http::Request::new(())).await.unwrap();
+//! let policies: Vec<_> = res.headers().get_all("ratelimit-policy").iter().collect();
+//! assert_eq!(policies, ["\"burst\";q=10;w=1", "\"daily\";q=1000;w=86400"]);
+//! let limits: Vec<_> = res.headers().get_all("ratelimit").iter().collect();
+//! assert_eq!(limits[0], "\"burst\";r=9;t=1");
+//! assert_eq!(res.headers()["x-ratelimit-remaining"], "9"); // the most constrained rule
+//! # }
+//! ```
 
 use std::io::Write;
 use std::time::Duration;

@@ -9,6 +9,33 @@
 //!
 //! The check future is an associated type: the memory store answers with a ready future
 //! (no allocation, no await), a network store with its own future.
+//!
+//! ```
+//! use palisade::rate_limit::algorithm::Params;
+//! use palisade::rate_limit::store::{CheckItem, Store};
+//! use palisade::rate_limit::{Algorithm, MemoryStore, Quota, RateKey};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new();
+//! let (user, global) = (RateKey::principal("user-1"), RateKey::Global);
+//! let item = |rule_index, rule, key, limit| CheckItem {
+//!     rule_index,
+//!     rule,
+//!     key,
+//!     params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
+//!     cost: 1,
+//!     shadow: false,
+//! };
+//! let items = [item(0, "user", &user, 1), item(1, "global", &global, 10)];
+//! assert!(store.check(&items).await.unwrap().admitted);
+//! let refused = store.check(&items).await.unwrap();
+//! assert!(!refused.admitted);
+//! // all or nothing: the global rule allowed, but was not debited
+//! assert!(refused.rules[1].verdict.is_allowed() && !refused.rules[1].debited);
+//! assert_eq!(refused.rules[1].remaining, 9);
+//! # }
+//! ```
 
 pub(crate) mod memory;
 
