@@ -62,6 +62,7 @@ pub mod config;
 pub mod cost;
 pub mod error;
 pub mod key;
+pub mod rate_limit;
 pub mod retry;
 pub mod security_headers;
 pub mod validate;

@@ -1,0 +1,225 @@
+//! palisade's rate limiter against governor and tower_governor, in one run.
+//!
+//! - `keyed_decision/*`: one allowed decision for one of 10,000 IP keys, on 1 and 2 threads
+//!   (palisade's `MemoryStore` through the `Store` trait vs governor's keyed limiter).
+//! - `layer_overhead/*`: one request through the bare service, palisade's layer (with and
+//!   without its headers) and tower_governor's layer, keyed by peer IP, polled by hand.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::sync::{Arc, Barrier};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use criterion::{Criterion, criterion_group, criterion_main};
+use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
+use http::{Request, Response};
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::{CheckItem, Store};
+use palisade::rate_limit::{
+    Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule, StoreClock,
+};
+use tower::{Layer, Service, service_fn};
+
+const KEYS: usize = 10_000;
+
+fn ips() -> Vec<IpAddr> {
+    (0..KEYS as u32)
+        .map(|i| IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()))
+        .collect()
+}
+
+fn keyed(c: &mut Criterion) {
+    let ips = ips();
+    let rate_keys: Arc<Vec<RateKey>> = Arc::new(ips.iter().map(|ip| RateKey::ip(*ip)).collect());
+    let ips = Arc::new(ips);
+    let store = MemoryStore::builder()
+        .clock(StoreClock::Fast)
+        .build()
+        .unwrap();
+    let tokio_store = MemoryStore::new();
+    let params = Params::new(
+        Algorithm::SlidingWindow,
+        Quota::per_second(u64::from(u32::MAX)),
+    );
+    let gcra = Params::new(Algorithm::Gcra, Quota::per_second(u64::from(u32::MAX)));
+    let governor = Arc::new(GRateLimiter::keyed(GQuota::per_second(NonZeroU32::MAX)));
+    // warm every key into both maps
+    for (ip, key) in ips.iter().zip(rate_keys.iter()) {
+        let _ = governor.check_key(ip);
+        decide(&store, key, params);
+        decide(&store, key, gcra);
+        decide(&tokio_store, key, params);
+    }
+
+    let mut group = c.benchmark_group("keyed_decision");
+    for threads in [1usize, 2] {
+        group.bench_function(format!("palisade_sliding_window/{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, |t, i| {
+                    let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                    black_box(decide(&store, key, params));
+                })
+            })
+        });
+        group.bench_function(
+            format!("palisade_sliding_window_tokio_clock/{threads}t"),
+            |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |t, i| {
+                        let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                        black_box(decide(&tokio_store, key, params));
+                    })
+                })
+            },
+        );
+        group.bench_function(format!("palisade_gcra/{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, |t, i| {
+                    let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                    black_box(decide(&store, key, gcra));
+                })
+            })
+        });
+        group.bench_function(format!("governor/{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, |t, i| {
+                    let ip = &ips[(i as usize * 7 + t * 5003) % KEYS];
+                    let _ = black_box(governor.check_key(ip));
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn decide(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
+    let item = CheckItem {
+        rule_index: 0,
+        rule: "bench",
+        key,
+        params,
+        cost: 1,
+        shadow: false,
+    };
+    matches!(store.check_now(&[item]), Some(Ok(d)) if d.admitted)
+}
+
+/// Runs `iters` operations on each of `threads` threads at once; returns the wall time, so
+/// the result is the time per operation as each thread sees it under contention.
+fn run_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Duration {
+    let barrier = Barrier::new(threads);
+    let times: Vec<Duration> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let op = &op;
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let start = Instant::now();
+                    for i in 0..iters {
+                        op(t, i);
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    times.into_iter().max().unwrap_or_default()
+}
+
+fn poll_now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("the bench services are always ready"),
+    }
+}
+
+fn request(i: u64) -> Request<()> {
+    let mut req = Request::new(());
+    let ip = IpAddr::from((0x0a00_0000u32 + (i % KEYS as u64) as u32).to_be_bytes());
+    req.extensions_mut()
+        .insert(ConnectInfo(SocketAddr::new(ip, 4000)));
+    req
+}
+
+fn layer_overhead(c: &mut Criterion) {
+    let handler =
+        |_req: Request<()>| async { Ok::<_, Infallible>(Response::new(axum::body::Body::empty())) };
+    let mut group = c.benchmark_group("layer_overhead");
+
+    let mut bare = service_fn(handler);
+    let mut i = 0u64;
+    group.bench_function("bare", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(poll_now(bare.call(request(i))).unwrap());
+        })
+    });
+
+    let rule = Rule::new("ip", Quota::per_second(u64::from(u32::MAX))).key(KeySource::PeerIp);
+    for (name, headers, clock) in [
+        ("palisade", true, StoreClock::Fast),
+        ("palisade_no_headers", false, StoreClock::Fast),
+        ("palisade_tokio_clock", true, StoreClock::Tokio),
+    ] {
+        let layer = RateLimitLayer::builder()
+            .store(MemoryStore::builder().clock(clock).build().unwrap())
+            .rule(rule.clone())
+            .draft_headers(headers)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(service_fn(handler));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i += 1;
+                let res = poll_now(svc.call(request(i))).unwrap();
+                assert_eq!(res.status(), 200);
+                black_box(res);
+            })
+        });
+    }
+
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .unwrap();
+    let layer = tower_governor::GovernorLayer::new(config);
+    let mut svc = layer.layer(service_fn(handler));
+    group.bench_function("tower_governor", |b| {
+        b.iter(|| {
+            i += 1;
+            let res = poll_now(svc.call(request(i))).unwrap();
+            assert_eq!(res.status(), 200);
+            black_box(res);
+        })
+    });
+
+    let config = tower_governor::governor::GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .use_headers()
+        .finish()
+        .unwrap();
+    let layer = tower_governor::GovernorLayer::new(config);
+    let mut svc = layer.layer(service_fn(handler));
+    group.bench_function("tower_governor_headers", |b| {
+        b.iter(|| {
+            i += 1;
+            let res = poll_now(svc.call(request(i))).unwrap();
+            assert_eq!(res.status(), 200);
+            black_box(res);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, keyed, layer_overhead);
+criterion_main!(benches);

@@ -1,0 +1,114 @@
+//! The sliding-window counter.
+//!
+//! The estimate at time `now`, a fraction `e / W` into the current window, is
+//! `prev × (W − e) / W + count`: the previous window's count weighted by the part of it the
+//! sliding window still covers. A request of cost `k` is admitted when
+//! `estimate + k ≤ limit`, checked *before* counting, so refused requests never count. All
+//! arithmetic is exact integer arithmetic (`prev × (W − e) + (count + k) × W ≤ limit × W`).
+//!
+//! **Bound.** The weighting assumes the previous window's requests were spread evenly.
+//! If they all came at its very end, a span of one window straddling the edge can hold up
+//! to (but less than) `2 × limit`. **Strict mode** counts the previous window in full until
+//! it has completely slid out (`prev + count + k ≤ limit`), which guarantees at most
+//! `limit` in *any* span of one window, at the cost of admitting less after a busy window.
+//!
+//! The wait returned for a refusal is exact: the first instant at which the same request
+//! would be admitted if nothing else arrives.
+
+use super::{Decided, Params, State, Verdict, window_start};
+
+pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
+    let w = params.window;
+    let limit = params.limit;
+    let aligned = window_start(now, w);
+    let (start, prev, count) = if state.start >= aligned {
+        (state.start, state.prev, state.count)
+    } else if state.start + w == aligned {
+        (aligned, state.count, 0)
+    } else {
+        (aligned, 0, 0)
+    };
+    let elapsed = now.saturating_sub(start).min(w - 1);
+    let remaining_after = |count: u64| -> u64 {
+        if params.strict {
+            limit.saturating_sub(prev + count)
+        } else {
+            // floor((limit × W − prev × (W − e)) / W) − count
+            //   = limit − ceil(prev × (W − e) / W) − count
+            let weighted = mul_div_ceil(prev, w - elapsed, w);
+            limit.saturating_sub(weighted).saturating_sub(count)
+        }
+    };
+    let fits = |k: u64| -> bool {
+        if params.strict {
+            prev + count + k <= limit
+        } else if let (Some(used), Some(cap)) = (
+            prev.checked_mul(w - elapsed)
+                .and_then(|u| u.checked_add((count + k).checked_mul(w)?)),
+            limit.checked_mul(w),
+        ) {
+            used <= cap
+        } else {
+            u128::from(prev) * u128::from(w - elapsed) + u128::from(count + k) * u128::from(w)
+                <= u128::from(limit) * u128::from(w)
+        }
+    };
+    let mut decided = Decided {
+        verdict: Verdict::Allowed,
+        state: State { start, prev, count },
+        remaining: remaining_after(count),
+        reset: w - elapsed,
+        expires_at: start + 2 * w,
+        window_start: start,
+    };
+    if cost > limit {
+        decided.verdict = Verdict::Never;
+    } else if fits(cost) {
+        decided.state.count = count + cost;
+        decided.remaining = remaining_after(count + cost);
+    } else {
+        decided.verdict = Verdict::Denied {
+            retry_after: wait(params, prev, count, cost, elapsed),
+        };
+    }
+    decided
+}
+
+/// µs from `elapsed` (into the current window) until a request of `cost` fits.
+fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 {
+    let w = params.window;
+    let limit = params.limit;
+    let to_next = w - elapsed;
+    if params.strict {
+        // The previous window drops out at the next edge; the current one a window later.
+        return if count + cost <= limit {
+            to_next
+        } else {
+            to_next + w
+        };
+    }
+    // First e' with p × (W − e') ≤ x × W, that is W − e' ≤ floor(x × W / p).
+    let first_fit = |p: u64, x: u64| -> u64 {
+        if p == 0 {
+            return 0;
+        }
+        let slack = u128::from(x) * u128::from(w) / u128::from(p);
+        w - u64::try_from(slack.min(u128::from(w))).unwrap_or(w)
+    };
+    if count + cost <= limit {
+        // Fits later in this window as the previous window's weight shrinks.
+        first_fit(prev, limit - count - cost).max(elapsed + 1) - elapsed
+    } else {
+        // Not before the next window, where this window becomes the previous one.
+        to_next + first_fit(count, limit - cost)
+    }
+}
+
+/// `ceil(a × b / c)`, in u64 when it fits.
+fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    match a.checked_mul(b) {
+        Some(p) => p.div_ceil(c),
+        None => u64::try_from((u128::from(a) * u128::from(b)).div_ceil(u128::from(c)))
+            .unwrap_or(u64::MAX),
+    }
+}

@@ -1,0 +1,318 @@
+//! `RateLimitConfig`: the layer's configuration from files or the environment.
+
+use std::time::Duration;
+
+use http::Method;
+use serde::{Deserialize, Serialize};
+
+use super::error::RateLimitError;
+use super::key::{KeySource, TrustedProxies};
+use super::layer::{FailMode, RateLimitLayer};
+use super::quota::{Algorithm, Quota};
+use super::rule::{Cost, Route, Rule};
+use super::store::{MemoryStore, Store, StoreClock, memory};
+use crate::config::{Env, ProblemKind};
+use crate::error::ErrorFormat;
+
+/// How a rule's cost is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CostMode {
+    /// `cost` units per request.
+    #[default]
+    Fixed,
+    /// The `RequestCost` extension, or `cost` without one.
+    Extension,
+    /// Reserve the `RequestCost` extension (or `cost`) and settle later.
+    Settled,
+}
+
+/// One rule, as written in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, shown in headers (`chat`).
+    pub name: String,
+    /// Only this method (`POST`); any when unset.
+    pub method: Option<String>,
+    /// `*`, an exact path, `/prefix/*` or a template with `{param}` segments.
+    pub route: String,
+    /// `global`, `principal`, `api_key`, `ip` or `header:<name>`.
+    pub key: String,
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Units per window.
+    pub limit: u64,
+    /// The window (`1m`).
+    #[serde(with = "crate::config::duration")]
+    pub window: Duration,
+    /// GCRA burst (defaults to the limit).
+    pub burst: Option<u64>,
+    /// Strict sliding window.
+    pub strict: bool,
+    /// Units per request (or the default / estimate, see `cost_mode`).
+    pub cost: u64,
+    /// How the cost is found.
+    pub cost_mode: CostMode,
+    /// Decide and log, never refuse.
+    pub shadow: bool,
+    /// Skip requests without a key instead of counting them as `anonymous`.
+    pub skip_anonymous: bool,
+}
+
+impl Default for RuleConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            method: None,
+            route: "*".into(),
+            key: "global".into(),
+            algorithm: Algorithm::SlidingWindow,
+            limit: 60,
+            window: Duration::from_secs(60),
+            burst: None,
+            strict: false,
+            cost: 1,
+            cost_mode: CostMode::Fixed,
+            shadow: false,
+            skip_anonymous: false,
+        }
+    }
+}
+
+impl RuleConfig {
+    /// The rule this configuration describes.
+    pub fn to_rule(&self) -> Result<Rule, RateLimitError> {
+        let invalid = |field: &'static str, reason: String| RateLimitError::Invalid {
+            rule: self.name.clone(),
+            field,
+            reason,
+        };
+        let mut quota = Quota::new(self.limit, self.window);
+        if let Some(b) = self.burst {
+            quota = quota.with_burst(b);
+        }
+        let route = Route::parse(&self.route).map_err(|r| invalid("route", r))?;
+        let key: KeySource = self.key.parse().map_err(|r| invalid("key", r))?;
+        let cost = match self.cost_mode {
+            CostMode::Fixed => Cost::Fixed(self.cost),
+            CostMode::Extension => Cost::Extension { default: self.cost },
+            CostMode::Settled => Cost::Settled {
+                estimate: self.cost,
+            },
+        };
+        let mut rule = Rule::new(self.name.as_str(), quota)
+            .route(route)
+            .key(key)
+            .algorithm(self.algorithm)
+            .strict(self.strict)
+            .cost(cost)
+            .shadow(self.shadow)
+            .skip_anonymous(self.skip_anonymous);
+        if let Some(m) = &self.method {
+            let method = Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                .map_err(|_| invalid("method", format!("`{m}` is not an HTTP method")))?;
+            rule = rule.method(method);
+        }
+        rule.validate()?;
+        Ok(rule)
+    }
+}
+
+/// The rate limiter's configuration.
+///
+/// ```
+/// use palisade::rate_limit::RateLimitConfig;
+///
+/// let cfg: RateLimitConfig = toml::from_str(r#"
+///     legacy_headers = true
+///     [[rules]]
+///     name = "chat"
+///     method = "POST"
+///     route = "/v1/messages"
+///     key = "api_key"
+///     limit = 20
+///     window = "1m"
+/// "#).unwrap();
+/// let layer = cfg.build().unwrap();
+/// assert_eq!(layer.limiter().rules(), ["chat"]);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The rules, all checked together for each request.
+    pub rules: Vec<RuleConfig>,
+    /// Memory store: the bound on resident keys.
+    pub max_entries: usize,
+    /// Memory store: the number of shards.
+    pub shards: usize,
+    /// Memory store: the clock (`tokio` or `fast`).
+    pub clock: StoreClock,
+    /// How refusals are rendered.
+    pub error_format: ErrorFormat,
+    /// Send `RateLimit-Policy` and `RateLimit`.
+    pub draft_headers: bool,
+    /// Send `X-RateLimit-Limit/Remaining/Reset`.
+    pub legacy_headers: bool,
+    /// Networks whose `X-Forwarded-For` is believed (`10.0.0.0/8`).
+    pub trusted_proxies: Vec<String>,
+    /// What to do when the store fails.
+    pub on_store_error: FailMode,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            max_entries: memory::DEFAULT_MAX_ENTRIES,
+            shards: memory::DEFAULT_SHARDS,
+            clock: StoreClock::Tokio,
+            error_format: ErrorFormat::default(),
+            draft_headers: true,
+            legacy_headers: false,
+            trusted_proxies: Vec::new(),
+            on_store_error: FailMode::Closed,
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// Reads `PALISADE_RATE_LIMIT_*`, recording every problem in `env`:
+    ///
+    /// | variable | example |
+    /// |---|---|
+    /// | `PALISADE_RATE_LIMIT_RULES` | `[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]` (JSON) |
+    /// | `PALISADE_RATE_LIMIT_MAX_ENTRIES` | `1000000` |
+    /// | `PALISADE_RATE_LIMIT_SHARDS` | `64` |
+    /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio` or `fast` |
+    /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem_json` |
+    /// | `PALISADE_RATE_LIMIT_DRAFT_HEADERS` | `true` |
+    /// | `PALISADE_RATE_LIMIT_LEGACY_HEADERS` | `false` |
+    /// | `PALISADE_RATE_LIMIT_TRUSTED_PROXIES` | `10.0.0.0/8,192.168.1.1` |
+    /// | `PALISADE_RATE_LIMIT_ON_STORE_ERROR` | `closed` or `open` |
+    ///
+    /// Rules are also checked here, so a bad route or key is reported with the rest.
+    pub fn from_env(env: &mut Env) -> Self {
+        let d = Self::default();
+        let rules: Vec<RuleConfig> = env.optional_with(
+            "PALISADE_RATE_LIMIT_RULES",
+            Vec::new(),
+            r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
+            |s| serde_json::from_str(s).map_err(|e| e.to_string()),
+        );
+        for rule in &rules {
+            if let Err(e) = rule.to_rule() {
+                env.problem(
+                    "PALISADE_RATE_LIMIT_RULES",
+                    ProblemKind::Invalid {
+                        value: rule.name.clone(),
+                        reason: e.to_string(),
+                    },
+                    r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
+                );
+            }
+        }
+        let max_entries = env.optional("PALISADE_RATE_LIMIT_MAX_ENTRIES", d.max_entries, "1000000");
+        let shards = env.optional("PALISADE_RATE_LIMIT_SHARDS", d.shards, "64");
+        let clock = env.optional_with("PALISADE_RATE_LIMIT_CLOCK", d.clock, "fast", |s| {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "tokio" => Ok(StoreClock::Tokio),
+                "fast" => Ok(StoreClock::Fast),
+                _ => Err("expected `tokio` or `fast`".to_owned()),
+            }
+        });
+        let error_format = env.optional_with(
+            "PALISADE_RATE_LIMIT_ERROR_FORMAT",
+            d.error_format,
+            "anthropic",
+            |s| match s.trim().to_ascii_lowercase().as_str() {
+                "anthropic" => Ok(ErrorFormat::Anthropic),
+                "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
+                _ => Err("expected `anthropic` or `problem_json`".to_owned()),
+            },
+        );
+        let draft_headers =
+            env.optional("PALISADE_RATE_LIMIT_DRAFT_HEADERS", d.draft_headers, "true");
+        let legacy_headers = env.optional(
+            "PALISADE_RATE_LIMIT_LEGACY_HEADERS",
+            d.legacy_headers,
+            "false",
+        );
+        let trusted_proxies = env.optional_with(
+            "PALISADE_RATE_LIMIT_TRUSTED_PROXIES",
+            Vec::new(),
+            "10.0.0.0/8,192.168.1.1",
+            |s| {
+                s.parse::<TrustedProxies>()?;
+                Ok(s.split(',')
+                    .map(|p| p.trim().to_owned())
+                    .filter(|p| !p.is_empty())
+                    .collect())
+            },
+        );
+        let on_store_error = env.optional_with(
+            "PALISADE_RATE_LIMIT_ON_STORE_ERROR",
+            d.on_store_error,
+            "closed",
+            |s| match s.trim().to_ascii_lowercase().as_str() {
+                "closed" => Ok(FailMode::Closed),
+                "open" => Ok(FailMode::Open),
+                _ => Err("expected `closed` or `open`".to_owned()),
+            },
+        );
+        Self {
+            rules,
+            max_entries,
+            shards,
+            clock,
+            error_format,
+            draft_headers,
+            legacy_headers,
+            trusted_proxies,
+            on_store_error,
+        }
+    }
+
+    /// Builds the layer with an in-memory store sized by this configuration.
+    pub fn build(&self) -> Result<RateLimitLayer<MemoryStore>, RateLimitError> {
+        let store = MemoryStore::builder()
+            .max_entries(self.max_entries)
+            .shards(self.shards)
+            .clock(self.clock)
+            .build()?;
+        self.build_with_store(store)
+    }
+
+    /// Builds the layer over another store.
+    pub fn build_with_store<St: Store>(
+        &self,
+        store: St,
+    ) -> Result<RateLimitLayer<St>, RateLimitError> {
+        let proxies = TrustedProxies::new(
+            self.trusted_proxies
+                .iter()
+                .map(|p| {
+                    p.parse().map_err(|reason| RateLimitError::Invalid {
+                        rule: "*".into(),
+                        field: "trusted_proxies",
+                        reason,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        let rules = self
+            .rules
+            .iter()
+            .map(RuleConfig::to_rule)
+            .collect::<Result<Vec<_>, _>>()?;
+        RateLimitLayer::builder()
+            .store(store)
+            .rules(rules)
+            .error_format(self.error_format)
+            .draft_headers(self.draft_headers)
+            .legacy_headers(self.legacy_headers)
+            .trusted_proxies(proxies)
+            .on_store_error(self.on_store_error)
+            .build()
+    }
+}

@@ -1,0 +1,348 @@
+//! Who a limit applies to: the rate-limit key of a request.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::HeaderName;
+use http::Request;
+
+use crate::key::ApiKeyId;
+
+/// The identity a rule counts against.
+///
+/// Keys never hold an API key in clear ([`RateKey::ApiKey`] is its hash), and IPv6 peers
+/// are grouped by their /64 network.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum RateKey {
+    /// One counter for everybody.
+    Global,
+    /// A peer address (an IPv6 address with its low 64 bits cleared).
+    Ip(IpAddr),
+    /// A hashed API key.
+    ApiKey(ApiKeyId),
+    /// An authenticated principal (see [`Principal`]).
+    Principal(Arc<str>),
+    /// The value of a header.
+    Header(Arc<str>),
+    /// Requests for which the rule's key source found nothing (shared by all of them).
+    Anonymous,
+}
+
+impl RateKey {
+    /// The key for an IP address: IPv4 (and IPv4-mapped IPv6) as is, IPv6 by /64.
+    ///
+    /// ```
+    /// use palisade::rate_limit::RateKey;
+    /// let a = RateKey::ip("2001:db8:1:2:aaaa::1".parse().unwrap());
+    /// let b = RateKey::ip("2001:db8:1:2:bbbb::2".parse().unwrap());
+    /// assert_eq!(a, b);
+    /// assert_eq!(a.to_string(), "ip:2001:db8:1:2::");
+    /// ```
+    pub fn ip(ip: IpAddr) -> Self {
+        RateKey::Ip(group_ip(ip))
+    }
+
+    /// A principal key.
+    pub fn principal(id: impl Into<Arc<str>>) -> Self {
+        RateKey::Principal(id.into())
+    }
+
+    /// The key of an API key (hashed at once).
+    pub fn api_key(key: &str) -> Self {
+        RateKey::ApiKey(ApiKeyId::from_key(key))
+    }
+}
+
+/// Shows the key for logs and store keys. Header values are redacted (they may be
+/// secrets); principals and hashed API keys are shown as they are.
+impl fmt::Display for RateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateKey::Global => f.write_str("global"),
+            RateKey::Ip(ip) => write!(f, "ip:{ip}"),
+            RateKey::ApiKey(id) => write!(f, "key:{id}"),
+            RateKey::Principal(p) => write!(f, "principal:{p}"),
+            RateKey::Header(v) => write!(f, "header:{}", crate::key::redact(v)),
+            RateKey::Anonymous => f.write_str("anonymous"),
+        }
+    }
+}
+
+fn group_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+        },
+    }
+}
+
+/// An authenticated principal, put in the request extensions by an authentication layer;
+/// rules keyed by [`KeySource::Principal`] count against it.
+///
+/// ```
+/// use palisade::rate_limit::Principal;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Principal::new("user-42"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(Arc<str>);
+
+impl Principal {
+    /// A principal with this stable id.
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a rule finds its key.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum KeySource {
+    /// One key for all requests.
+    Global,
+    /// The [`Principal`] request extension.
+    Principal,
+    /// The value of a header (for example `x-user-id`).
+    Header(HeaderName),
+    /// The API key in `x-api-key` or `authorization: Bearer`, hashed.
+    ApiKey,
+    /// The client's IP address (see [`TrustedProxies`] for `X-Forwarded-For`).
+    PeerIp,
+}
+
+impl KeySource {
+    /// Finds the key of a request; `None` when the source is absent (no header, no key,
+    /// no principal, no peer address).
+    pub fn extract<B>(&self, req: &Request<B>, proxies: &TrustedProxies) -> Option<RateKey> {
+        match self {
+            KeySource::Global => Some(RateKey::Global),
+            KeySource::Principal => req
+                .extensions()
+                .get::<Principal>()
+                .map(|p| RateKey::Principal(p.0.clone())),
+            KeySource::Header(name) => {
+                let value = req.headers().get(name)?.to_str().ok()?.trim();
+                (!value.is_empty()).then(|| RateKey::Header(Arc::from(value)))
+            }
+            KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
+            KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),
+        }
+    }
+}
+
+impl FromStr for KeySource {
+    type Err = String;
+
+    /// `global`, `principal`, `api_key`, `ip`, or `header:<name>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s {
+            "global" => Ok(KeySource::Global),
+            "principal" => Ok(KeySource::Principal),
+            "api_key" => Ok(KeySource::ApiKey),
+            "ip" | "peer_ip" => Ok(KeySource::PeerIp),
+            _ => match s.strip_prefix("header:") {
+                Some(name) => HeaderName::from_str(name.trim())
+                    .map(KeySource::Header)
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                None => Err(format!(
+                    "unknown key source `{s}`: expected global, principal, api_key, ip or header:<name>"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Global => f.write_str("global"),
+            KeySource::Principal => f.write_str("principal"),
+            KeySource::Header(h) => write!(f, "header:{h}"),
+            KeySource::ApiKey => f.write_str("api_key"),
+            KeySource::PeerIp => f.write_str("ip"),
+        }
+    }
+}
+
+/// An IP network such as `10.0.0.0/8` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = String;
+
+    /// `addr/prefix`, or a bare address (a single host).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an IP address or network"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}` has an invalid prefix length (0..={max})"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The proxies whose `X-Forwarded-For` is believed.
+///
+/// The peer address comes from axum's `ConnectInfo<SocketAddr>` (with the `axum` feature)
+/// or a [`SocketAddr`] request extension. When the peer is a trusted proxy, the client is
+/// the **rightmost** address in `X-Forwarded-For` that is not itself a trusted proxy: the
+/// entries to its left were written by the client and prove nothing, so a spoofed leftmost
+/// entry never changes the key. With no trusted proxies, `X-Forwarded-For` is ignored.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// use palisade::rate_limit::TrustedProxies;
+///
+/// let proxies: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert("10.0.0.5:443".parse::<SocketAddr>().unwrap());
+/// req.headers_mut().insert("x-forwarded-for", "6.6.6.6, 203.0.113.9, 10.0.0.7".parse().unwrap());
+/// assert_eq!(proxies.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies {
+    nets: Vec<IpNet>,
+}
+
+impl TrustedProxies {
+    /// No trusted proxies: the peer address is the client.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Trusts these networks.
+    pub fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
+        Self {
+            nets: nets.into_iter().collect(),
+        }
+    }
+
+    /// The trusted networks.
+    pub fn nets(&self) -> &[IpNet] {
+        &self.nets
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|n| n.contains(ip))
+    }
+
+    /// The client's address for a request, as described on the type.
+    pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        let peer = peer_addr(req)?;
+        if self.nets.is_empty() || !self.is_trusted(peer) {
+            return Some(peer);
+        }
+        let mut client = peer;
+        for value in req.headers().get_all("x-forwarded-for").iter().rev() {
+            let Ok(value) = value.to_str() else {
+                return Some(client);
+            };
+            for hop in value.rsplit(',') {
+                let Some(ip) = parse_hop(hop) else {
+                    // Garbage from an untrusted writer: stop at the last good hop.
+                    return Some(client);
+                };
+                client = ip;
+                if !self.is_trusted(ip) {
+                    return Some(ip);
+                }
+            }
+        }
+        Some(client)
+    }
+}
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    /// A comma-separated list of networks (`10.0.0.0/8, 192.168.0.1`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(IpNet::from_str)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|nets| TrustedProxies { nets })
+    }
+}
+
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    // `[v6]:port` or `v4:port`
+    hop.parse::<SocketAddr>().ok().map(|s| s.ip())
+}
+
+fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(info.0.ip());
+    }
+    req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
+}

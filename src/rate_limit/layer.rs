@@ -1,0 +1,1061 @@
+//! `RateLimitLayer`, the `RateLimit` service and its response future.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use smallvec::SmallVec;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::algorithm::{Params, Verdict};
+use super::error::{AdminError, RateLimitError, StoreError};
+use super::headers::{self, ceil_secs};
+use super::key::{RateKey, TrustedProxies};
+use super::quota::Quota;
+use super::rule::{Cost, Rule, validate_quota};
+use super::store::{CheckItem, Decision, MemoryStore, Settlement, Store};
+use crate::body::ResponseBody;
+use crate::error::{Error, ErrorFormat, ErrorKind};
+
+/// Applies rate-limit rules to requests; builds [`RateLimit`] services.
+///
+/// Cloning is cheap (one `Arc`), and every clone (and every service it builds) shares the
+/// same rules, store, overrides and counters. See the [module docs](super) for an example.
+#[must_use]
+pub struct RateLimitLayer<St = MemoryStore> {
+    shared: Arc<Shared<St>>,
+}
+
+impl<St> Clone for RateLimitLayer<St> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> fmt::Debug for RateLimitLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field(
+                "rules",
+                &self
+                    .shared
+                    .rules
+                    .iter()
+                    .map(|r| &*r.rule.name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the layer does when its store fails (a remote store is unreachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Refuse with 503 (`Unavailable`): no request passes unmetered.
+    #[default]
+    Closed,
+    /// Let the request through without limits (logged at `warn`).
+    Open,
+}
+
+/// Builds a [`RateLimitLayer`].
+#[must_use]
+pub struct RateLimitLayerBuilder<St = MemoryStore> {
+    rules: Vec<Rule>,
+    store: St,
+    format: ErrorFormat,
+    draft_headers: bool,
+    legacy_headers: bool,
+    proxies: TrustedProxies,
+    fail_mode: FailMode,
+}
+
+impl<St> fmt::Debug for RateLimitLayerBuilder<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayerBuilder")
+            .field("rules", &self.rules)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimitLayer<MemoryStore> {
+    /// A builder with the in-memory store, RFC 9457 errors and the draft headers.
+    pub fn builder() -> RateLimitLayerBuilder<MemoryStore> {
+        RateLimitLayerBuilder {
+            rules: Vec::new(),
+            store: MemoryStore::new(),
+            format: ErrorFormat::default(),
+            draft_headers: true,
+            legacy_headers: false,
+            proxies: TrustedProxies::none(),
+            fail_mode: FailMode::Closed,
+        }
+    }
+
+    /// A layer enforcing `rules` with the defaults.
+    pub fn new(rules: impl IntoIterator<Item = Rule>) -> Result<Self, RateLimitError> {
+        Self::builder().rules(rules).build()
+    }
+}
+
+impl<St: Store> RateLimitLayerBuilder<St> {
+    /// Adds a rule.
+    pub fn rule(mut self, rule: Rule) -> Self {
+        self.rules.push(rule);
+        self
+    }
+
+    /// Adds rules.
+    pub fn rules(mut self, rules: impl IntoIterator<Item = Rule>) -> Self {
+        self.rules.extend(rules);
+        self
+    }
+
+    /// Uses another store.
+    pub fn store<S2: Store>(self, store: S2) -> RateLimitLayerBuilder<S2> {
+        RateLimitLayerBuilder {
+            rules: self.rules,
+            store,
+            format: self.format,
+            draft_headers: self.draft_headers,
+            legacy_headers: self.legacy_headers,
+            proxies: self.proxies,
+            fail_mode: self.fail_mode,
+        }
+    }
+
+    /// How refusals are rendered.
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Whether to send `RateLimit-Policy` and `RateLimit` (default yes).
+    pub fn draft_headers(mut self, on: bool) -> Self {
+        self.draft_headers = on;
+        self
+    }
+
+    /// Whether to send `X-RateLimit-Limit/Remaining/Reset` (default no).
+    pub fn legacy_headers(mut self, on: bool) -> Self {
+        self.legacy_headers = on;
+        self
+    }
+
+    /// Proxies whose `X-Forwarded-For` is believed (for [`KeySource::PeerIp`](super::KeySource::PeerIp)).
+    pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
+    /// What to do when the store fails (default [`FailMode::Closed`]).
+    pub fn on_store_error(mut self, mode: FailMode) -> Self {
+        self.fail_mode = mode;
+        self
+    }
+
+    /// Validates the rules and builds the layer.
+    pub fn build(self) -> Result<RateLimitLayer<St>, RateLimitError> {
+        let mut rules = Vec::with_capacity(self.rules.len());
+        for rule in self.rules {
+            rule.validate()?;
+            if rules
+                .iter()
+                .any(|r: &CompiledRule| r.rule.name == rule.name)
+            {
+                return Err(RateLimitError::DuplicateRule {
+                    rule: rule.name.to_string(),
+                });
+            }
+            rules.push(CompiledRule {
+                params: rule.params(rule.quota),
+                policy: headers::policy_value(&rule.name, rule.quota.limit(), rule.quota.window()),
+                counters: Counters::default(),
+                rule,
+            });
+        }
+        if u32::try_from(rules.len()).is_err() {
+            return Err(RateLimitError::Invalid {
+                rule: "*".into(),
+                field: "rules",
+                reason: "too many rules".into(),
+            });
+        }
+        Ok(RateLimitLayer {
+            shared: Arc::new(Shared {
+                rules: rules.into_boxed_slice(),
+                store: self.store,
+                format: self.format,
+                draft_headers: self.draft_headers,
+                legacy_headers: self.legacy_headers,
+                proxies: self.proxies,
+                fail_mode: self.fail_mode,
+                overrides: RwLock::new(HashMap::new()),
+                override_count: AtomicUsize::new(0),
+            }),
+        })
+    }
+}
+
+impl<St: Store> RateLimitLayer<St> {
+    /// The admin handle: peek, reset, overrides and counters.
+    pub fn limiter(&self) -> RateLimiter<St> {
+        RateLimiter {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, St: Store> Layer<S> for RateLimitLayer<St> {
+    type Service = RateLimit<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pub(crate) struct Shared<St> {
+    rules: Box<[CompiledRule]>,
+    store: St,
+    format: ErrorFormat,
+    draft_headers: bool,
+    legacy_headers: bool,
+    proxies: TrustedProxies,
+    fail_mode: FailMode,
+    overrides: RwLock<HashMap<(u32, RateKey), Quota>>,
+    override_count: AtomicUsize,
+}
+
+struct CompiledRule {
+    rule: Rule,
+    params: Params,
+    policy: HeaderValue,
+    counters: Counters,
+}
+
+/// Counters striped over cache lines so threads do not fight over one.
+#[derive(Default)]
+struct Counters {
+    stripes: [Stripe; STRIPES],
+}
+
+const STRIPES: usize = 8;
+
+#[derive(Default)]
+#[repr(align(128))]
+struct Stripe {
+    allowed: AtomicU64,
+    limited: AtomicU64,
+    shadow_limited: AtomicU64,
+    never: AtomicU64,
+}
+
+fn stripe_index() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+    }
+    INDEX.with(|i| *i)
+}
+
+impl Counters {
+    fn stripe(&self) -> &Stripe {
+        &self.stripes[stripe_index()]
+    }
+
+    fn sum(&self, f: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Counts for one rule since the layer was built.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RuleCounters {
+    /// The rule.
+    pub rule: String,
+    /// Requests the rule admitted (and that were let through: a request another rule
+    /// refused does not count here).
+    pub allowed: u64,
+    /// Requests the rule refused (not in shadow mode).
+    pub limited: u64,
+    /// Requests the rule would have refused in shadow mode.
+    pub shadow_limited: u64,
+    /// Requests refused because their cost exceeds the rule's capacity.
+    pub never: u64,
+}
+
+/// The state of one rule for one key, from [`RateLimiter::peek`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RuleStatus {
+    /// The quota in force (after overrides).
+    pub quota: Quota,
+    /// Units left now.
+    pub remaining: u64,
+    /// Time until the quota is fully restored.
+    pub reset: Duration,
+}
+
+/// The admin handle of a layer (from [`RateLimitLayer::limiter`]).
+///
+/// ```
+/// use palisade::rate_limit::{Quota, RateKey, RateLimitLayer, Rule};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = RateLimitLayer::new([Rule::new("global", Quota::per_minute(100))]).unwrap();
+/// let admin = layer.limiter();
+/// admin.set_override("global", RateKey::Global, Quota::per_minute(5)).unwrap();
+/// let status = admin.peek("global", &RateKey::Global).await.unwrap();
+/// assert_eq!(status.remaining, 5);
+/// assert_eq!(admin.counters()[0].allowed, 0);
+/// # }
+/// ```
+pub struct RateLimiter<St = MemoryStore> {
+    shared: Arc<Shared<St>>,
+}
+
+impl<St> Clone for RateLimiter<St> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<St> fmt::Debug for RateLimiter<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter").finish_non_exhaustive()
+    }
+}
+
+impl<St: Store> RateLimiter<St> {
+    fn index(&self, rule: &str) -> Result<u32, RateLimitError> {
+        self.shared
+            .rules
+            .iter()
+            .position(|r| &*r.rule.name == rule)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| RateLimitError::UnknownRule { rule: rule.into() })
+    }
+
+    /// The rule names, in order.
+    pub fn rules(&self) -> Vec<&str> {
+        self.shared.rules.iter().map(|r| &*r.rule.name).collect()
+    }
+
+    /// The state of `rule` for `key`, unchanged.
+    pub async fn peek(&self, rule: &str, key: &RateKey) -> Result<RuleStatus, AdminError> {
+        let index = self.index(rule)?;
+        let compiled = &self.shared.rules[index as usize];
+        let (params, quota) = self.shared.params_for(index, key);
+        let item = CheckItem {
+            rule_index: index,
+            rule: &compiled.rule.name,
+            key,
+            params,
+            cost: 0,
+            shadow: compiled.rule.shadow,
+        };
+        let d = self.shared.store.peek(&item).await?;
+        Ok(RuleStatus {
+            quota,
+            remaining: d.remaining,
+            reset: Duration::from_micros(d.reset_micros),
+        })
+    }
+
+    /// Forgets `rule`'s state for `key` (its quota is whole again).
+    pub async fn reset(&self, rule: &str, key: &RateKey) -> Result<(), AdminError> {
+        let index = self.index(rule)?;
+        let name = &self.shared.rules[index as usize].rule.name;
+        self.shared.store.reset(index, name, key).await?;
+        Ok(())
+    }
+
+    /// Gives `key` its own quota for `rule` (a paying customer, a noisy neighbour).
+    pub fn set_override(
+        &self,
+        rule: &str,
+        key: RateKey,
+        quota: Quota,
+    ) -> Result<(), RateLimitError> {
+        let index = self.index(rule)?;
+        validate_quota(rule, quota)?;
+        let mut map = self
+            .shared
+            .overrides
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.insert((index, key), quota);
+        self.shared
+            .override_count
+            .store(map.len(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Removes an override; returns the quota it had.
+    pub fn remove_override(
+        &self,
+        rule: &str,
+        key: &RateKey,
+    ) -> Result<Option<Quota>, RateLimitError> {
+        let index = self.index(rule)?;
+        let mut map = self
+            .shared
+            .overrides
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old = map.remove(&(index, key.clone()));
+        self.shared
+            .override_count
+            .store(map.len(), Ordering::Release);
+        Ok(old)
+    }
+
+    /// Emits every rule's counters as one `tracing` event per rule (target
+    /// `palisade::rate_limit`, level `info`), for a periodic report.
+    pub fn log_counters(&self) {
+        for c in self.counters() {
+            tracing::info!(
+                target: "palisade::rate_limit",
+                rule = %c.rule,
+                allowed = c.allowed,
+                limited = c.limited,
+                shadow_limited = c.shadow_limited,
+                never = c.never,
+                "rate-limit counters"
+            );
+        }
+    }
+
+    /// A snapshot of every rule's counters.
+    pub fn counters(&self) -> Vec<RuleCounters> {
+        self.shared
+            .rules
+            .iter()
+            .map(|r| RuleCounters {
+                rule: r.rule.name.to_string(),
+                allowed: r.counters.sum(|s| &s.allowed),
+                limited: r.counters.sum(|s| &s.limited),
+                shadow_limited: r.counters.sum(|s| &s.shadow_limited),
+                never: r.counters.sum(|s| &s.never),
+            })
+            .collect()
+    }
+}
+
+impl<St> Shared<St> {
+    fn params_for(&self, index: u32, key: &RateKey) -> (Params, Quota) {
+        let compiled = &self.rules[index as usize];
+        if self.override_count.load(Ordering::Acquire) > 0 {
+            let map = self
+                .overrides
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(q) = map.get(&(index, key.clone())) {
+                return (compiled.rule.params(*q), *q);
+            }
+        }
+        (compiled.params, compiled.rule.quota)
+    }
+}
+
+/// A rule that applies to the request being decided.
+struct Pending {
+    index: u32,
+    key: RateKey,
+    params: Params,
+    cost: u64,
+}
+
+type PendingList = SmallVec<[Pending; 2]>;
+/// Headers to add to the response: a `Vec` (empty and unallocated when headers are off)
+/// keeps the response future small.
+type HeaderBlock = Vec<(HeaderName, HeaderValue)>;
+
+/// A reservation for a quantity known only after the response (rules with
+/// [`Cost::Settled`]), found in the request extensions of an admitted request.
+///
+/// Call [`Reservation::settle`] with the actual amount once it is known (for example the
+/// tokens a completion used): the difference to the reserved estimate is debited or
+/// credited. Settling twice does nothing; dropping it without settling keeps the estimate.
+#[derive(Clone)]
+pub struct Reservation {
+    inner: Arc<ReservationInner>,
+}
+
+struct ReservationInner {
+    target: Arc<dyn SettleTarget>,
+    items: SmallVec<[ReservedItem; 2]>,
+    settled: AtomicBool,
+}
+
+struct ReservedItem {
+    index: u32,
+    key: RateKey,
+    params: Params,
+    window_start: u64,
+    reserved: u64,
+}
+
+trait SettleTarget: Send + Sync + 'static {
+    fn settle_items(&self, s: &[Settlement<'_>])
+    -> super::store::BoxFuture<Result<(), StoreError>>;
+    fn rule_name(&self, index: u32) -> &str;
+}
+
+impl<St: Store> SettleTarget for Shared<St> {
+    fn settle_items(
+        &self,
+        s: &[Settlement<'_>],
+    ) -> super::store::BoxFuture<Result<(), StoreError>> {
+        self.store.settle(s)
+    }
+    fn rule_name(&self, index: u32) -> &str {
+        &self.rules[index as usize].rule.name
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("reserved", &self.reserved())
+            .field("settled", &self.inner.settled.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Reservation {
+    /// The units reserved (the largest over the settled rules; they usually agree).
+    pub fn reserved(&self) -> u64 {
+        self.inner
+            .items
+            .iter()
+            .map(|i| i.reserved)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Settles the reservation with the `actual` amount. Only the first call counts.
+    pub async fn settle(&self, actual: u64) -> Result<(), StoreError> {
+        if self.inner.settled.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let target = &*self.inner.target;
+        let settlements: SmallVec<[Settlement<'_>; 2]> = self
+            .inner
+            .items
+            .iter()
+            .map(|i| Settlement {
+                rule_index: i.index,
+                rule: target.rule_name(i.index),
+                key: &i.key,
+                params: i.params,
+                window_start: i.window_start,
+                delta: i64::try_from(i128::from(actual) - i128::from(i.reserved))
+                    .unwrap_or(i64::MAX),
+            })
+            .filter(|s| s.delta != 0)
+            .collect();
+        if settlements.is_empty() {
+            return Ok(());
+        }
+        target.settle_items(&settlements).await
+    }
+}
+
+/// The rate-limiting service built by [`RateLimitLayer`].
+pub struct RateLimit<S, St = MemoryStore> {
+    inner: S,
+    shared: Arc<Shared<St>>,
+}
+
+impl<S: Clone, St> Clone for RateLimit<S, St> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St> fmt::Debug for RateLimit<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St: Store> RateLimit<S, St> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The admin handle.
+    pub fn limiter(&self) -> RateLimiter<St> {
+        RateLimiter {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// What to do with a decision.
+enum Outcome {
+    Admit(HeaderBlock, Option<Reservation>),
+    Refuse(Box<Response<crate::body::ErrorBody>>),
+}
+
+impl<St: Store> Shared<St> {
+    #[inline]
+    fn pending<B>(&self, req: &Request<B>) -> PendingList {
+        let mut pending = PendingList::new();
+        for (i, compiled) in self.rules.iter().enumerate() {
+            let rule = &compiled.rule;
+            if !rule.matches(req) {
+                continue;
+            }
+            let key = match rule.key.extract(req, &self.proxies) {
+                Some(k) => k,
+                None if rule.skip_anonymous => continue,
+                None => RateKey::Anonymous,
+            };
+            let index = i as u32;
+            let params = if self.override_count.load(Ordering::Acquire) > 0 {
+                self.params_for(index, &key).0
+            } else {
+                compiled.params
+            };
+            pending.push(Pending {
+                index,
+                key,
+                params,
+                cost: rule.cost.of(req),
+            });
+        }
+        pending
+    }
+
+    #[inline]
+    fn items<'a>(&'a self, pending: &'a [Pending]) -> SmallVec<[CheckItem<'a>; 2]> {
+        pending
+            .iter()
+            .map(|p| {
+                let rule = &self.rules[p.index as usize].rule;
+                CheckItem {
+                    rule_index: p.index,
+                    rule: &rule.name,
+                    key: &p.key,
+                    params: p.params,
+                    cost: p.cost,
+                    shadow: rule.shadow,
+                }
+            })
+            .collect()
+    }
+
+    /// Turns a store's answer into what the layer does.
+    #[inline]
+    fn resolve(
+        self: &Arc<Self>,
+        pending: &[Pending],
+        decision: Result<Decision, StoreError>,
+    ) -> Outcome {
+        match decision {
+            Ok(d) if d.rules.len() == pending.len() => self.outcome(pending, &d),
+            Ok(_) => self.store_failed(StoreError::new(
+                "the store answered for the wrong number of rules",
+            )),
+            Err(e) => self.store_failed(e),
+        }
+    }
+
+    fn outcome(self: &Arc<Self>, pending: &[Pending], decision: &Decision) -> Outcome {
+        let mut headers = HeaderBlock::new();
+        if self.draft_headers || self.legacy_headers {
+            headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
+        }
+        let mut never: Option<&Pending> = None;
+        let mut denied: Option<(&Pending, u64)> = None;
+        let mut tightest: Option<(u64, u64, u64)> = None; // (limit, remaining, reset secs)
+        let mut reserved: SmallVec<[ReservedItem; 2]> = SmallVec::new();
+        for (p, d) in pending.iter().zip(&decision.rules) {
+            let compiled = &self.rules[p.index as usize];
+            let rule = &compiled.rule;
+            let stripe = compiled.counters.stripe();
+            let reset_secs = match d.verdict {
+                Verdict::Allowed => {
+                    if decision.admitted {
+                        stripe.allowed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ceil_secs(d.reset_micros)
+                }
+                Verdict::Denied { retry_after } => {
+                    if rule.shadow {
+                        stripe.shadow_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(rule = %rule.name, key = %p.key, cost = p.cost, "rate limit would refuse (shadow mode)");
+                    } else {
+                        stripe.limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(rule = %rule.name, key = %p.key, cost = p.cost, "rate limit refused");
+                        if denied.is_none_or(|(_, r)| retry_after > r) {
+                            denied = Some((p, retry_after));
+                        }
+                    }
+                    ceil_secs(retry_after).max(1)
+                }
+                Verdict::Never => {
+                    stripe.never.fetch_add(1, Ordering::Relaxed);
+                    if rule.shadow {
+                        tracing::info!(rule = %rule.name, key = %p.key, cost = p.cost, "request cost exceeds the rule's capacity (shadow mode)");
+                    } else {
+                        never.get_or_insert(p);
+                    }
+                    0
+                }
+            };
+            if rule.shadow {
+                continue;
+            }
+            if self.draft_headers {
+                headers.push((headers::RATELIMIT_POLICY, compiled.policy.clone()));
+                headers.push((
+                    headers::RATELIMIT,
+                    headers::ratelimit_value(&rule.name, d.remaining, reset_secs),
+                ));
+            }
+            if self.legacy_headers && tightest.is_none_or(|(_, r, _)| d.remaining < r) {
+                tightest = Some((p.params.limit, d.remaining, reset_secs));
+            }
+            if d.debited && matches!(rule.cost, Cost::Settled { .. }) {
+                reserved.push(ReservedItem {
+                    index: p.index,
+                    key: p.key.clone(),
+                    params: p.params,
+                    window_start: d.window_start,
+                    reserved: p.cost,
+                });
+            }
+        }
+        if let Some((limit, remaining, reset)) = tightest {
+            headers.push((headers::X_RATELIMIT_LIMIT, HeaderValue::from(limit)));
+            headers.push((headers::X_RATELIMIT_REMAINING, HeaderValue::from(remaining)));
+            headers.push((headers::X_RATELIMIT_RESET, HeaderValue::from(reset)));
+        }
+        if decision.admitted {
+            let reservation = (!reserved.is_empty()).then(|| Reservation {
+                inner: Arc::new(ReservationInner {
+                    target: self.clone(),
+                    items: reserved,
+                    settled: AtomicBool::new(false),
+                }),
+            });
+            return Outcome::Admit(headers, reservation);
+        }
+        let error = if let Some(p) = never {
+            let rule = &self.rules[p.index as usize].rule;
+            Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "this request costs {} units but rate limit `{}` allows at most {} per {}; it can never be admitted",
+                    p.cost,
+                    rule.name,
+                    p.params.capacity(),
+                    crate::config::duration::format(Duration::from_micros(p.params.window)),
+                ),
+            )
+        } else if let Some((p, retry_after)) = denied {
+            let rule = &self.rules[p.index as usize].rule;
+            let wait = Duration::from_micros(retry_after);
+            Error::rate_limited(
+                format!(
+                    "rate limit `{}` exceeded ({} per {}); retry in {}s",
+                    rule.name,
+                    p.params.limit,
+                    crate::config::duration::format(Duration::from_micros(p.params.window)),
+                    crate::error::retry_after_secs(wait),
+                ),
+                wait,
+            )
+        } else {
+            return self.store_failed(StoreError::new("the store refused without a refusing rule"));
+        };
+        let mut response = error.to_response(self.format);
+        for (name, value) in headers.drain(..) {
+            response.headers_mut().append(name, value);
+        }
+        Outcome::Refuse(Box::new(response))
+    }
+
+    fn store_failed(&self, err: StoreError) -> Outcome {
+        match self.fail_mode {
+            FailMode::Open => {
+                tracing::warn!(error = %err, "rate-limit store failed; letting the request through (fail open)");
+                Outcome::Admit(HeaderBlock::new(), None)
+            }
+            FailMode::Closed => {
+                let error = Error::new(
+                    ErrorKind::Unavailable,
+                    "rate limiting is temporarily unavailable",
+                )
+                .with_retry_after(Duration::from_secs(1))
+                .with_source(err);
+                Outcome::Refuse(Box::new(error.to_response(self.format)))
+            }
+        }
+    }
+}
+
+impl<S, St, B, ResBody> Service<Request<B>> for RateLimit<S, St>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    St: Store,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, St, B>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let pending = self.shared.pending(&req);
+        if pending.is_empty() {
+            return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+        }
+        let items = self.shared.items(&pending);
+        if let Some(decision) = self.shared.store.check_now(&items) {
+            drop(items);
+            return match self.shared.resolve(&pending, decision) {
+                Outcome::Admit(headers, reservation) => {
+                    if let Some(r) = reservation {
+                        req.extensions_mut().insert(r);
+                    }
+                    ResponseFuture::calling(self.inner.call(req), headers)
+                }
+                Outcome::Refuse(response) => ResponseFuture::refused(response),
+            };
+        }
+        let check = self.shared.store.check(&items);
+        drop(items);
+        // The inner service was made ready by `poll_ready`; keep that one for this call.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            state: State::Checking {
+                check: Box::pin(check),
+                waiting: Some(Box::new(Waiting {
+                    req,
+                    inner,
+                    pending,
+                    shared: self.shared.clone(),
+                })),
+            },
+        }
+    }
+}
+
+/// What an asynchronous check holds until the store answers (boxed, so the common
+/// synchronous path keeps a small future).
+struct Waiting<S, St, B> {
+    req: Request<B>,
+    inner: S,
+    pending: PendingList,
+    shared: Arc<Shared<St>>,
+}
+
+pin_project! {
+    /// The response future of [`RateLimit`].
+    pub struct ResponseFuture<S, St, B>
+    where
+        S: Service<Request<B>>,
+        St: Store,
+    {
+        #[pin]
+        state: State<S, St, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, St, B>
+    where
+        S: Service<Request<B>>,
+        St: Store,
+    {
+        Checking {
+            // Boxed so the store's future does not widen the common synchronous path.
+            check: Pin<Box<St::CheckFuture>>,
+            waiting: Option<Box<Waiting<S, St, B>>>,
+        },
+        Calling {
+            #[pin]
+            fut: S::Future,
+            headers: HeaderBlock,
+        },
+        Refused {
+            response: Option<Box<Response<crate::body::ErrorBody>>>,
+        },
+    }
+}
+
+impl<S, St, B> ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>>,
+    St: Store,
+{
+    #[inline]
+    fn calling(fut: S::Future, headers: HeaderBlock) -> Self {
+        Self {
+            state: State::Calling { fut, headers },
+        }
+    }
+
+    fn refused(response: Box<Response<crate::body::ErrorBody>>) -> Self {
+        Self {
+            state: State::Refused {
+                response: Some(response),
+            },
+        }
+    }
+}
+
+impl<S, St, B> fmt::Debug for ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>>,
+    St: Store,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<S, St, B, ResBody> Future for ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: Store,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let mut this = self.as_mut().project();
+            let next = match this.state.as_mut().project() {
+                StateProj::Checking { check, waiting } => {
+                    let decision = ready!(check.as_mut().poll(cx));
+                    let Some(waiting) = waiting.take() else {
+                        unreachable!("the request is taken once");
+                    };
+                    let Waiting {
+                        mut req,
+                        mut inner,
+                        pending,
+                        shared,
+                    } = *waiting;
+                    match shared.resolve(&pending, decision) {
+                        Outcome::Admit(headers, reservation) => {
+                            if let Some(r) = reservation {
+                                req.extensions_mut().insert(r);
+                            }
+                            State::Calling {
+                                fut: inner.call(req),
+                                headers,
+                            }
+                        }
+                        Outcome::Refuse(response) => State::Refused {
+                            response: Some(response),
+                        },
+                    }
+                }
+                StateProj::Calling { fut, headers } => {
+                    let response = ready!(fut.poll(cx))?;
+                    let mut response = response.map(ResponseBody::inner);
+                    if !headers.is_empty() {
+                        response.headers_mut().reserve(headers.len());
+                    }
+                    for (name, value) in headers.drain(..) {
+                        response.headers_mut().append(name, value);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Refused { response } => {
+                    let response = response
+                        .take()
+                        .unwrap_or_else(|| unreachable!("polled after completion"));
+                    return Poll::Ready(Ok((*response).map(ResponseBody::error)));
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<L> Sealed for tower::ServiceBuilder<L> {}
+}
+
+/// `.rate_limit_with(layer)` on tower's `ServiceBuilder` (tower's own `rate_limit(n, per)`
+/// keeps its name).
+///
+/// ```
+/// use palisade::rate_limit::{Quota, RateLimitLayer, RateLimitServiceBuilderExt, Rule};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = RateLimitLayer::new([Rule::new("all", Quota::per_second(1))]).unwrap();
+/// let svc = ServiceBuilder::new().rate_limit_with(layer).service(service_fn(|_req: http::Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+/// }));
+/// assert_eq!(svc.clone().oneshot(http::Request::new(())).await.unwrap().status(), 200);
+/// assert_eq!(svc.oneshot(http::Request::new(())).await.unwrap().status(), 429);
+/// # }
+/// ```
+pub trait RateLimitServiceBuilderExt<L>: sealed::Sealed {
+    /// Adds a [`RateLimitLayer`].
+    fn rate_limit_with<St: Store>(
+        self,
+        layer: RateLimitLayer<St>,
+    ) -> tower::ServiceBuilder<tower_layer::Stack<RateLimitLayer<St>, L>>;
+}
+
+impl<L> RateLimitServiceBuilderExt<L> for tower::ServiceBuilder<L> {
+    fn rate_limit_with<St: Store>(
+        self,
+        layer: RateLimitLayer<St>,
+    ) -> tower::ServiceBuilder<tower_layer::Stack<RateLimitLayer<St>, L>> {
+        self.layer(layer)
+    }
+}

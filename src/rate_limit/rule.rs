@@ -1,0 +1,367 @@
+//! Rules: which requests a limit applies to, whom it counts, and how much each costs.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::Method;
+use http::Request;
+
+use super::algorithm::Params;
+use super::error::RateLimitError;
+use super::key::KeySource;
+use super::quota::{Algorithm, Quota};
+
+/// Which paths a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Route {
+    /// Every request.
+    All,
+    /// Exactly this path.
+    Exact(Arc<str>),
+    /// This path and everything below it (`/v1/` matches `/v1/messages`).
+    Prefix(Arc<str>),
+    /// A template with `{name}` segments matching any one segment and an optional final
+    /// `{*rest}` matching the rest (`/v1/users/{id}/messages`).
+    Template(Arc<[Segment]>),
+}
+
+/// One segment of a [`Route::Template`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Segment {
+    /// A literal segment.
+    Literal(Box<str>),
+    /// `{name}`: any one non-empty segment.
+    Param,
+    /// `{*name}`: any remaining segments (last only).
+    Rest,
+}
+
+impl Route {
+    /// Parses a route: `*` (all), `/path` (exact), `/prefix/*` (prefix) or a template
+    /// with `{param}` segments.
+    ///
+    /// ```
+    /// use palisade::rate_limit::Route;
+    /// let r: Route = "/v1/users/{id}/messages".parse().unwrap();
+    /// assert!(r.matches("/v1/users/42/messages"));
+    /// assert!(!r.matches("/v1/users/42/files"));
+    /// let p: Route = "/v1/*".parse().unwrap();
+    /// assert!(p.matches("/v1/messages") && !p.matches("/v2/messages"));
+    /// ```
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "*" || s.is_empty() {
+            return Ok(Route::All);
+        }
+        if !s.starts_with('/') {
+            return Err(format!("route `{s}` must start with `/` (or be `*`)"));
+        }
+        if let Some(prefix) = s.strip_suffix('*') {
+            if prefix.contains(['{', '}', '*']) {
+                return Err(format!(
+                    "route `{s}`: a prefix route cannot hold parameters"
+                ));
+            }
+            return Ok(Route::Prefix(Arc::from(prefix)));
+        }
+        if !s.contains(['{', '}']) {
+            return Ok(Route::Exact(Arc::from(s)));
+        }
+        let pieces: Vec<&str> = s[1..].split('/').collect();
+        let mut segments = Vec::with_capacity(pieces.len());
+        for (i, piece) in pieces.iter().enumerate() {
+            let seg = match piece.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                Some(name) if name.starts_with('*') => {
+                    if i + 1 != pieces.len() {
+                        return Err(format!(
+                            "route `{s}`: `{{{name}}}` must be the last segment"
+                        ));
+                    }
+                    Segment::Rest
+                }
+                Some(name) if !name.is_empty() && !name.contains(['{', '}']) => Segment::Param,
+                Some(_) => return Err(format!("route `{s}`: empty or nested parameter")),
+                None if piece.contains(['{', '}']) => {
+                    return Err(format!(
+                        "route `{s}`: a parameter must be a whole segment (`{piece}`)"
+                    ));
+                }
+                None => Segment::Literal((*piece).into()),
+            };
+            segments.push(seg);
+        }
+        Ok(Route::Template(segments.into()))
+    }
+
+    /// Whether `path` matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Route::All => true,
+            Route::Exact(p) => path == &**p,
+            Route::Prefix(p) => path.starts_with(&**p),
+            Route::Template(segments) => {
+                let Some(rest) = path.strip_prefix('/') else {
+                    return false;
+                };
+                let mut parts = rest.split('/');
+                for seg in segments.iter() {
+                    match seg {
+                        Segment::Rest => return true,
+                        Segment::Param => match parts.next() {
+                            Some(p) if !p.is_empty() => {}
+                            _ => return false,
+                        },
+                        Segment::Literal(l) => {
+                            if parts.next() != Some(&**l) {
+                                return false;
+                            }
+                        }
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Route::parse(s)
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::All => f.write_str("*"),
+            Route::Exact(p) => f.write_str(p),
+            Route::Prefix(p) => write!(f, "{p}*"),
+            Route::Template(segments) => {
+                for seg in segments.iter() {
+                    match seg {
+                        Segment::Literal(l) => write!(f, "/{l}")?,
+                        Segment::Param => f.write_str("/{param}")?,
+                        Segment::Rest => f.write_str("/{*rest}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The cost of a request to a rule, set by an earlier layer or handler in the request
+/// extensions (for example the estimated tokens of a chat request). Rules with
+/// [`Cost::Extension`] or [`Cost::Settled`] read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestCost(pub u64);
+
+/// How many units a request spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Cost {
+    /// A fixed number of units (1 for a plain request limit).
+    Fixed(u64),
+    /// The [`RequestCost`] extension, or `default` without one.
+    Extension {
+        /// Used when the request carries no [`RequestCost`].
+        default: u64,
+    },
+    /// A quantity known only after the response (tokens): reserve the [`RequestCost`]
+    /// extension (or `estimate`) before the call, then settle the actual amount with the
+    /// [`Reservation`](super::Reservation) found in the request extensions.
+    Settled {
+        /// Reserved when the request carries no [`RequestCost`].
+        estimate: u64,
+    },
+}
+
+impl Cost {
+    pub(crate) fn of<B>(&self, req: &Request<B>) -> u64 {
+        match *self {
+            Cost::Fixed(n) => n,
+            Cost::Extension { default: n } | Cost::Settled { estimate: n } => {
+                req.extensions().get::<RequestCost>().map_or(n, |c| c.0)
+            }
+        }
+    }
+}
+
+impl Default for Cost {
+    fn default() -> Self {
+        Cost::Fixed(1)
+    }
+}
+
+/// One limit: a name, the requests it matches, whom it counts, its quota and algorithm,
+/// and the cost of a request.
+///
+/// ```
+/// use palisade::rate_limit::{Algorithm, KeySource, Quota, Rule};
+/// let rule = Rule::new("chat", Quota::per_minute(20))
+///     .post("/v1/messages")
+///     .key(KeySource::ApiKey)
+///     .algorithm(Algorithm::Gcra);
+/// assert_eq!(rule.name(), "chat");
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Rule {
+    pub(crate) name: Arc<str>,
+    pub(crate) method: Option<Method>,
+    pub(crate) route: Route,
+    pub(crate) key: KeySource,
+    pub(crate) quota: Quota,
+    pub(crate) algorithm: Algorithm,
+    pub(crate) strict: bool,
+    pub(crate) cost: Cost,
+    pub(crate) shadow: bool,
+    pub(crate) skip_anonymous: bool,
+    pub(crate) route_error: Option<String>,
+}
+
+impl Rule {
+    /// A rule named `name` enforcing `quota` on every request, keyed globally, with the
+    /// sliding window and a cost of 1.
+    pub fn new(name: impl Into<Arc<str>>, quota: Quota) -> Self {
+        Self {
+            name: name.into(),
+            method: None,
+            route: Route::All,
+            key: KeySource::Global,
+            quota,
+            algorithm: Algorithm::SlidingWindow,
+            strict: false,
+            cost: Cost::Fixed(1),
+            shadow: false,
+            skip_anonymous: false,
+            route_error: None,
+        }
+    }
+
+    /// Matches only this method.
+    pub fn method(mut self, method: Method) -> Self {
+        self.method = Some(method);
+        self
+    }
+
+    /// Matches only this route (see [`Route`]).
+    pub fn route(mut self, route: Route) -> Self {
+        self.route = route;
+        self.route_error = None;
+        self
+    }
+
+    /// `POST` to exactly `path` (a template if it holds `{param}` segments).
+    /// A path that does not parse is reported by the layer's `build`.
+    pub fn post(mut self, path: &str) -> Self {
+        match Route::parse(path) {
+            Ok(route) => self.route = route,
+            Err(reason) => self.route_error = Some(reason),
+        }
+        self.method(Method::POST)
+    }
+
+    /// Counts against this key.
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.key = key;
+        self
+    }
+
+    /// Enforces with this algorithm.
+    pub fn algorithm(mut self, algorithm: Algorithm) -> Self {
+        self.algorithm = algorithm;
+        self
+    }
+
+    /// Strict sliding window: never more than the limit in any span of one window (see
+    /// [`algorithm`](super::algorithm)). Only valid with [`Algorithm::SlidingWindow`].
+    pub fn strict(mut self, strict: bool) -> Self {
+        self.strict = strict;
+        self
+    }
+
+    /// The cost of a matching request.
+    pub fn cost(mut self, cost: Cost) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Shadow mode: decide, count and log, but never refuse.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Skip the rule for requests where the key source finds nothing, instead of counting
+    /// all of them against one shared `anonymous` key (the default).
+    pub fn skip_anonymous(mut self, skip: bool) -> Self {
+        self.skip_anonymous = skip;
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The quota.
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    /// Whether the rule is in shadow mode.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
+    }
+
+    pub(crate) fn matches<B>(&self, req: &Request<B>) -> bool {
+        self.method.as_ref().is_none_or(|m| req.method() == m)
+            && self.route.matches(req.uri().path())
+    }
+
+    pub(crate) fn params(&self, quota: Quota) -> Params {
+        Params::new(self.algorithm, quota).strict(self.strict)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), RateLimitError> {
+        let rule = self.name.to_string();
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            return Err(RateLimitError::InvalidName { rule });
+        }
+        if let Some(reason) = &self.route_error {
+            return Err(RateLimitError::Invalid {
+                rule,
+                field: "route",
+                reason: reason.clone(),
+            });
+        }
+        validate_quota(&rule, self.quota)?;
+        if self.strict && self.algorithm != Algorithm::SlidingWindow {
+            return Err(RateLimitError::StrictNeedsSlidingWindow { rule });
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitError> {
+    if quota.limit() == 0 {
+        return Err(RateLimitError::ZeroLimit { rule: rule.into() });
+    }
+    if quota.window().as_micros() == 0 {
+        return Err(RateLimitError::ZeroWindow { rule: rule.into() });
+    }
+    if quota.burst() == 0 {
+        return Err(RateLimitError::ZeroBurst { rule: rule.into() });
+    }
+    Ok(())
+}

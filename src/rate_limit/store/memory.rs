@@ -1,0 +1,542 @@
+//! The in-memory store: sharded, lock-light, bounded.
+
+use std::collections::HashMap;
+use std::future::{Ready, ready};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use super::super::algorithm::{self, State};
+use super::super::error::{RateLimitError, StoreError};
+use super::super::key::RateKey;
+use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+
+/// The default bound on resident keys.
+pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+/// The default number of shards.
+pub const DEFAULT_SHARDS: usize = 64;
+
+/// State kept in process memory, shared by clones.
+///
+/// Keys are spread over shards (a power of two, each a `Mutex<HashMap>` on its own cache
+/// line), chosen by one fast hash that the shard's map reuses, so a decision hashes once
+/// and takes one uncontended lock. A request with several rules locks their shards in
+/// index order, decides all of them, and commits all or none.
+///
+/// **Bounded memory.** Each shard holds at most `max_entries / shards` keys. When a new
+/// key finds its shard full, the shard first drops every idle key (whose state has expired
+/// back to fresh: nothing is lost), and if that is not enough it drops the keys closest to
+/// expiry until it is 7/8 full; those evictions (a lost count for a quiet key) are counted
+/// in [`MemoryStore::evictions`]. A flood of random keys therefore costs at most the cap
+/// (roughly 100 bytes a key).
+///
+/// Time is counted in microseconds since the store was created, on tokio's clock by default
+/// (so tests can pause it) or on a faster one ([`StoreClock::Fast`]).
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shards: Box<[Padded]>,
+    mask: usize,
+    per_shard: usize,
+    max_entries: usize,
+    hasher: foldhash::fast::RandomState,
+    clock: Clock,
+    evictions: AtomicU64,
+}
+
+/// Which clock a [`MemoryStore`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreClock {
+    /// tokio's clock (`tokio::time::Instant`): follows a paused or advanced test clock.
+    /// About 20-30 ns a read on a VM.
+    #[default]
+    Tokio,
+    /// The CPU's time-stamp counter through `quanta` (the clock governor uses): a few ns a
+    /// read, but blind to tokio's paused clock. For production hot paths.
+    Fast,
+}
+
+enum Clock {
+    Tokio(Instant),
+    Fast(quanta::Clock, u64),
+}
+
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
+
+type Shard = HashMap<MapKey, Entry, BuildHasherDefault<PassThrough>>;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    state: State,
+    expires_at: u64,
+}
+
+/// A map key carrying its precomputed hash.
+#[derive(Clone, PartialEq, Eq)]
+struct MapKey {
+    hash: u64,
+    rule: u32,
+    key: RateKey,
+}
+
+impl Hash for MapKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// A hasher that passes the precomputed hash through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `MapKey`; fold anything else in for safety.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("shards", &self.inner.shards.len())
+            .field("max_entries", &self.inner.max_entries)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds a [`MemoryStore`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    shards: usize,
+    clock: StoreClock,
+}
+
+impl MemoryStoreBuilder {
+    /// The bound on resident keys (default 1,000,000).
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+
+    /// The number of shards, rounded up to a power of two (default 64; at most one per
+    /// 16 entries).
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// The clock (default [`StoreClock::Tokio`]).
+    pub fn clock(mut self, clock: StoreClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> Result<MemoryStore, RateLimitError> {
+        if self.max_entries == 0 {
+            return Err(RateLimitError::ZeroCapacity);
+        }
+        let shards = self
+            .shards
+            .clamp(1, (self.max_entries / 16).max(1))
+            .next_power_of_two();
+        let per_shard = self.max_entries / shards;
+        let per_shard = per_shard.max(1);
+        Ok(MemoryStore {
+            inner: Arc::new(Inner {
+                shards: (0..shards)
+                    .map(|_| Padded(Mutex::new(Shard::default())))
+                    .collect(),
+                mask: shards - 1,
+                per_shard,
+                max_entries: per_shard * shards,
+                hasher: foldhash::fast::RandomState::default(),
+                clock: match self.clock {
+                    StoreClock::Tokio => Clock::Tokio(Instant::now()),
+                    StoreClock::Fast => {
+                        let clock = quanta::Clock::new();
+                        let start = clock.raw();
+                        Clock::Fast(clock, start)
+                    }
+                },
+                evictions: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+impl MemoryStore {
+    /// A store with the defaults (1,000,000 keys over 64 shards).
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .unwrap_or_else(|_| unreachable!("the defaults are valid"))
+    }
+
+    /// A builder.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            shards: DEFAULT_SHARDS,
+            clock: StoreClock::Tokio,
+        }
+    }
+
+    /// Keys resident now (idle keys linger until their shard needs room).
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| lock(&s.0).len()).sum()
+    }
+
+    /// Whether no key is resident.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The effective bound on resident keys.
+    pub fn max_entries(&self) -> usize {
+        self.inner.max_entries
+    }
+
+    /// Keys dropped before they went idle, to stay within the bound.
+    pub fn evictions(&self) -> u64 {
+        self.inner.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Microseconds on the store's clock.
+    pub fn now_micros(&self) -> u64 {
+        match &self.inner.clock {
+            Clock::Tokio(epoch) => u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Clock::Fast(clock, start) => clock.delta_as_nanos(*start, clock.raw()) / 1_000,
+        }
+    }
+
+    fn map_key(&self, rule: u32, key: &RateKey) -> MapKey {
+        let hash = self.inner.hasher.hash_one((rule, key));
+        MapKey {
+            hash,
+            rule,
+            key: key.clone(),
+        }
+    }
+
+    fn shard_of(&self, hash: u64) -> usize {
+        (hash >> 40) as usize & self.inner.mask
+    }
+
+    /// Decides a group at a given time (µs on the store's clock).
+    #[inline]
+    pub fn check_at(&self, items: &[CheckItem<'_>], now: u64) -> Decision {
+        if let [item] = items {
+            return self.check_one(item, now);
+        }
+        let keys: SmallVec<[MapKey; 4]> = items
+            .iter()
+            .map(|i| self.map_key(i.rule_index, i.key))
+            .collect();
+        let mut shard_ids: SmallVec<[usize; 4]> =
+            keys.iter().map(|k| self.shard_of(k.hash)).collect();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: SmallVec<[(usize, MutexGuard<'_, Shard>); 4]> = shard_ids
+            .iter()
+            .map(|&i| (i, lock(&self.inner.shards[i].0)))
+            .collect();
+        let mut decided: SmallVec<[algorithm::Decided; 4]> = SmallVec::new();
+        let mut rules: SmallVec<[RuleDecision; 2]> = SmallVec::new();
+        for (item, key) in items.iter().zip(&keys) {
+            let shard = guard_for(&mut guards, self.shard_of(key.hash));
+            let state = shard.get(key).map(|e| e.state).unwrap_or_default();
+            let d = algorithm::decide(&item.params, &state, now, item.cost);
+            rules.push(RuleDecision::from_decided(&d));
+            decided.push(d);
+        }
+        let decision = Decision::group(items, rules);
+        if decision.admitted {
+            for ((key, d), r) in keys.into_iter().zip(&decided).zip(&decision.rules) {
+                if r.debited {
+                    let id = self.shard_of(key.hash);
+                    let shard = guard_for(&mut guards, id);
+                    self.commit(shard, key, d, now);
+                }
+            }
+        }
+        decision
+    }
+
+    fn check_one(&self, item: &CheckItem<'_>, now: u64) -> Decision {
+        let hash = self.inner.hasher.hash_one((item.rule_index, item.key));
+        let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
+        let probe = MapKey {
+            hash,
+            rule: item.rule_index,
+            key: item.key.clone(),
+        };
+        let entry = shard.get_mut(&probe);
+        let state = entry.as_ref().map(|e| e.state).unwrap_or_default();
+        let d = algorithm::decide(&item.params, &state, now, item.cost);
+        let mut rule = RuleDecision::from_decided(&d);
+        let allowed = d.verdict.is_allowed();
+        rule.debited = allowed;
+        if allowed {
+            match entry {
+                Some(e) => {
+                    e.state = d.state;
+                    e.expires_at = d.expires_at;
+                }
+                None => self.insert(&mut shard, probe, d.state, d.expires_at, now),
+            }
+        }
+        let mut rules = SmallVec::new();
+        rules.push(rule);
+        Decision {
+            admitted: allowed || item.shadow,
+            rules,
+        }
+    }
+
+    fn commit(&self, shard: &mut Shard, key: MapKey, d: &algorithm::Decided, now: u64) {
+        match shard.get_mut(&key) {
+            Some(e) => {
+                e.state = d.state;
+                e.expires_at = d.expires_at;
+            }
+            None => self.insert(shard, key, d.state, d.expires_at, now),
+        }
+    }
+
+    fn insert(&self, shard: &mut Shard, key: MapKey, state: State, expires_at: u64, now: u64) {
+        if shard.len() >= self.inner.per_shard {
+            self.make_room(shard, now);
+        }
+        shard.insert(key, Entry { state, expires_at });
+    }
+
+    /// Drops idle keys; if the shard is still over 7/8 full, drops the keys nearest to
+    /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts.
+    fn make_room(&self, shard: &mut Shard, now: u64) {
+        shard.retain(|_, e| e.expires_at > now);
+        let target = self.inner.per_shard - self.inner.per_shard / 8 - 1;
+        let target = target.min(self.inner.per_shard.saturating_sub(1));
+        if shard.len() <= target {
+            return;
+        }
+        let excess = shard.len() - target;
+        let mut expiries: Vec<u64> = shard.values().map(|e| e.expires_at).collect();
+        let (_, &mut cut, _) = expiries.select_nth_unstable(excess - 1);
+        let mut dropped = 0usize;
+        shard.retain(|_, e| {
+            if dropped < excess && e.expires_at <= cut {
+                dropped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.inner
+            .evictions
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        tracing::debug!(
+            evicted = dropped,
+            "rate-limit memory store full: evicted the keys nearest to expiry"
+        );
+    }
+
+    /// Settles corrections at a given time.
+    pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
+        for s in settlements {
+            let key = self.map_key(s.rule_index, s.key);
+            let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
+            if let Some(e) = shard.get_mut(&key) {
+                e.state = algorithm::settle(&s.params, &e.state, s.window_start, s.delta);
+                if s.params.algorithm == super::super::Algorithm::Gcra {
+                    e.expires_at = e.state.start;
+                }
+            }
+        }
+    }
+
+    /// The state of one rule for one key, unchanged.
+    pub fn peek_now(&self, item: &CheckItem<'_>) -> RuleDecision {
+        let key = self.map_key(item.rule_index, item.key);
+        let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
+        let state = shard.get(&key).map(|e| e.state).unwrap_or_default();
+        let d = algorithm::decide(&item.params, &state, self.now_micros(), 0);
+        RuleDecision::from_decided(&d)
+    }
+
+    /// Forgets one rule's state for one key.
+    pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
+        let key = self.map_key(rule_index, key);
+        lock(&self.inner.shards[self.shard_of(key.hash)].0).remove(&key);
+    }
+}
+
+fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn guard_for<'g, 'a>(guards: &'g mut [(usize, MutexGuard<'a, Shard>)], id: usize) -> &'g mut Shard {
+    let pos = guards
+        .iter()
+        .position(|(i, _)| *i == id)
+        .unwrap_or_else(|| unreachable!("every item's shard is locked"));
+    &mut guards[pos].1
+}
+
+impl Store for MemoryStore {
+    type CheckFuture = Ready<Result<Decision, StoreError>>;
+
+    fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+        ready(Ok(self.check_at(items, self.now_micros())))
+    }
+
+    #[inline]
+    fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+        Some(Ok(self.check_at(items, self.now_micros())))
+    }
+
+    fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+        self.settle_now(settlements);
+        Box::pin(ready(Ok(())))
+    }
+
+    fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+        Box::pin(ready(Ok(self.peek_now(item))))
+    }
+
+    fn reset(
+        &self,
+        rule_index: u32,
+        _rule: &str,
+        key: &RateKey,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        self.reset_now(rule_index, key);
+        Box::pin(ready(Ok(())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rate_limit::algorithm::Params;
+    use crate::rate_limit::{Algorithm, Quota};
+
+    fn item<'a>(key: &'a RateKey, params: Params) -> CheckItem<'a> {
+        CheckItem {
+            rule_index: 0,
+            rule: "r",
+            key,
+            params,
+            cost: 1,
+            shadow: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_under_the_cap_for_a_million_keys() {
+        let store = MemoryStore::builder()
+            .max_entries(10_000)
+            .shards(16)
+            .build()
+            .unwrap();
+        let params = Params::new(Algorithm::SlidingWindow, Quota::per_minute(5));
+        let mut peak = 0;
+        for i in 0..1_000_000u32 {
+            let key = RateKey::ip(std::net::IpAddr::from(i.to_be_bytes()));
+            let d = store.check_at(&[item(&key, params)], 0);
+            assert!(d.admitted);
+            if i % 50_000 == 0 {
+                peak = peak.max(store.len());
+            }
+        }
+        peak = peak.max(store.len());
+        assert!(peak <= 10_000, "peak {peak}");
+        assert!(store.len() <= store.max_entries());
+        // all keys were active in the same window, so the bound forced evictions
+        assert!(store.evictions() >= 990_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_dropped_before_active_ones() {
+        let store = MemoryStore::builder()
+            .max_entries(16)
+            .shards(1)
+            .build()
+            .unwrap();
+        let params = Params::new(Algorithm::FixedWindow, Quota::per_second(1));
+        for i in 0..16u8 {
+            let key = RateKey::principal(format!("old-{i}"));
+            assert!(store.check_at(&[item(&key, params)], 0).admitted);
+        }
+        // A second later every old key is idle: inserting drops them, no eviction.
+        let key = RateKey::principal("new");
+        assert!(store.check_at(&[item(&key, params)], 1_000_000).admitted);
+        assert_eq!(store.evictions(), 0);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn zero_capacity_is_an_error() {
+        assert_eq!(
+            MemoryStore::builder().max_entries(0).build().unwrap_err(),
+            RateLimitError::ZeroCapacity
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn groups_commit_all_or_nothing() {
+        let store = MemoryStore::new();
+        let a = RateKey::principal("a");
+        let g = RateKey::Global;
+        let small = Params::new(Algorithm::FixedWindow, Quota::per_minute(1));
+        let big = Params::new(Algorithm::FixedWindow, Quota::per_minute(10));
+        let items = |ka| {
+            [
+                CheckItem {
+                    rule_index: 0,
+                    ..item(ka, small)
+                },
+                CheckItem {
+                    rule_index: 1,
+                    ..item(&g, big)
+                },
+            ]
+        };
+        assert!(store.check_at(&items(&a), 0).admitted);
+        let refused = store.check_at(&items(&a), 0);
+        assert!(!refused.admitted);
+        assert!(refused.rules.iter().all(|r| !r.debited));
+        // the global rule was not debited by the refusal: 9 left, not 8
+        let peek = store.peek_now(&CheckItem {
+            rule_index: 1,
+            ..item(&g, big)
+        });
+        assert_eq!(peek.remaining, 9);
+    }
+}

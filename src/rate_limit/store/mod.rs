@@ -1,0 +1,177 @@
+//! Where rate-limit state lives.
+//!
+//! A [`Store`] decides **all of a request's rules in one call**, atomically: either every
+//! admitted rule is debited or none is. The inputs are self-contained ([`CheckItem`]: the
+//! rule's name and index, the key, the algorithm parameters and the cost), so a remote store
+//! can turn them into one script call; the store reads its **own** clock (the memory store
+//! tokio's, a Redis store the server's `TIME`), so instances sharing a store agree on
+//! windows. The arithmetic is in [`algorithm`](super::algorithm), pure and portable.
+//!
+//! The check future is an associated type: the memory store answers with a ready future
+//! (no allocation, no await), a network store with its own future.
+//!
+//! ```
+//! use palisade::rate_limit::algorithm::Params;
+//! use palisade::rate_limit::store::{CheckItem, Store};
+//! use palisade::rate_limit::{Algorithm, MemoryStore, Quota, RateKey};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new();
+//! let (user, global) = (RateKey::principal("user-1"), RateKey::Global);
+//! let item = |rule_index, rule, key, limit| CheckItem {
+//!     rule_index,
+//!     rule,
+//!     key,
+//!     params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
+//!     cost: 1,
+//!     shadow: false,
+//! };
+//! let items = [item(0, "user", &user, 1), item(1, "global", &global, 10)];
+//! assert!(store.check(&items).await.unwrap().admitted);
+//! let refused = store.check(&items).await.unwrap();
+//! assert!(!refused.admitted);
+//! // all or nothing: the global rule allowed, but was not debited
+//! assert!(refused.rules[1].verdict.is_allowed() && !refused.rules[1].debited);
+//! assert_eq!(refused.rules[1].remaining, 9);
+//! # }
+//! ```
+
+pub(crate) mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use smallvec::SmallVec;
+
+use super::algorithm::{Decided, Params, Verdict};
+use super::error::StoreError;
+use super::key::RateKey;
+
+pub use memory::{MemoryStore, MemoryStoreBuilder, StoreClock};
+
+/// A boxed future, for the store's admin calls (not on the request path).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One rule to decide for one request.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckItem<'a> {
+    /// The rule's index in the layer (stable for the layer's lifetime).
+    pub rule_index: u32,
+    /// The rule's name (stable across processes; remote stores key by it).
+    pub rule: &'a str,
+    /// The key the rule counts against.
+    pub key: &'a RateKey,
+    /// The algorithm and quota (after any per-key override).
+    pub params: Params,
+    /// Units this request spends (0 peeks).
+    pub cost: u64,
+    /// Shadow rules are decided and counted when they admit, but never refuse the group.
+    pub shadow: bool,
+}
+
+/// The decision for one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleDecision {
+    /// What the algorithm said.
+    pub verdict: Verdict,
+    /// Units left in the quota: after this request when it was debited, else without it.
+    pub remaining: u64,
+    /// µs until the quota is fully restored.
+    pub reset_micros: u64,
+    /// The window the cost was counted in (for settling).
+    pub window_start: u64,
+    /// Whether this rule's cost was actually debited.
+    pub debited: bool,
+}
+
+impl RuleDecision {
+    pub(crate) fn from_decided(d: &Decided) -> Self {
+        Self {
+            verdict: d.verdict,
+            remaining: d.remaining,
+            reset_micros: d.reset,
+            window_start: d.window_start,
+            debited: false,
+        }
+    }
+}
+
+/// The decision for a whole request: one [`RuleDecision`] per [`CheckItem`], in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request is admitted (every non-shadow rule allowed it).
+    pub admitted: bool,
+    /// Per-rule decisions, in the order of the items.
+    pub rules: SmallVec<[RuleDecision; 2]>,
+}
+
+impl Decision {
+    /// Combines per-rule decisions by the group rule: admitted when every non-shadow rule
+    /// allows; then every allowing rule is debited (shadow ones included), else none.
+    pub fn group(items: &[CheckItem<'_>], mut rules: SmallVec<[RuleDecision; 2]>) -> Self {
+        let admitted = items
+            .iter()
+            .zip(&rules)
+            .all(|(item, d)| item.shadow || d.verdict.is_allowed());
+        for (item, d) in items.iter().zip(&mut rules) {
+            d.debited = admitted && d.verdict.is_allowed();
+            if !admitted && d.verdict.is_allowed() {
+                // Nothing was debited: report what is left without this request.
+                d.remaining = d.remaining.saturating_add(item.cost);
+            }
+        }
+        Decision { admitted, rules }
+    }
+}
+
+/// A correction for a reserved amount, applied by [`Store::settle`].
+#[derive(Debug, Clone, Copy)]
+pub struct Settlement<'a> {
+    /// The rule's index.
+    pub rule_index: u32,
+    /// The rule's name.
+    pub rule: &'a str,
+    /// The key.
+    pub key: &'a RateKey,
+    /// The parameters the reservation was decided with.
+    pub params: Params,
+    /// [`RuleDecision::window_start`] of the reservation.
+    pub window_start: u64,
+    /// Actual minus reserved units.
+    pub delta: i64,
+}
+
+/// Rate-limit state: decides groups of rules atomically, settles reservations, and answers
+/// admin calls.
+pub trait Store: Send + Sync + 'static {
+    /// The future of [`Store::check`].
+    type CheckFuture: Future<Output = Result<Decision, StoreError>> + Send + 'static;
+
+    /// Decides every item at once: all admitted rules are debited, or none (see
+    /// [`Decision::group`]). Items with a cost above their capacity get
+    /// [`Verdict::Never`].
+    fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture;
+
+    /// Decides at once when the store can do so without waiting (the memory store can),
+    /// letting the layer skip the asynchronous path; `None` (the default) means "use
+    /// [`Store::check`]".
+    fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+        let _ = items;
+        None
+    }
+
+    /// Applies corrections for reservations (never refuses: the units were spent).
+    fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
+
+    /// The state of one rule for one key without changing it (the item's cost is ignored).
+    fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>>;
+
+    /// Forgets one rule's state for one key.
+    fn reset(
+        &self,
+        rule_index: u32,
+        rule: &str,
+        key: &RateKey,
+    ) -> BoxFuture<Result<(), StoreError>>;
+}

@@ -1,0 +1,663 @@
+//! Layer tests with a paused clock.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+use super::*;
+use crate::body::ResponseBody;
+use crate::config::Env;
+use crate::error::ErrorFormat;
+
+type Svc = RateLimit<
+    tower::util::ServiceFn<
+        fn(Request<()>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>>,
+    >,
+>;
+
+fn ok(_req: Request<()>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
+    std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
+}
+
+fn service(layer: &RateLimitLayer) -> Svc {
+    layer.layer(service_fn(ok as fn(_) -> _))
+}
+
+async fn send(svc: &mut Svc, req: Request<()>) -> Response<ResponseBody<Full<Bytes>>> {
+    svc.ready().await.unwrap().call(req).await.unwrap()
+}
+
+fn post(path: &str, key: &str) -> Request<()> {
+    Request::post(path)
+        .header("x-api-key", key)
+        .body(())
+        .unwrap()
+}
+
+async fn body_json(r: Response<ResponseBody<Full<Bytes>>>) -> serde_json::Value {
+    serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn refuses_with_429_headers_and_retry_after_then_recovers() {
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("chat", Quota::per_minute(2))
+                .post("/v1/messages")
+                .key(KeySource::ApiKey),
+        )
+        .error_format(ErrorFormat::Anthropic)
+        .legacy_headers(true)
+        .build()
+        .unwrap();
+    let mut svc = service(&layer);
+    for remaining in [1, 0] {
+        let r = send(&mut svc, post("/v1/messages", "sk-a")).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["ratelimit"],
+            format!("\"chat\";r={remaining};t=60")
+        );
+        assert_eq!(r.headers()["x-ratelimit-remaining"], remaining.to_string());
+    }
+    tokio::time::advance(Duration::from_millis(20_500)).await;
+    let r = send(&mut svc, post("/v1/messages", "sk-a")).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // 2 requests at t=0 weigh (60 - e)/60 in the next window; one fits from e = 30 s,
+    // 69.5 s from now: rounded up to 70.
+    assert_eq!(r.headers()["retry-after"], "70");
+    assert_eq!(r.headers()["ratelimit-policy"], "\"chat\";q=2;w=60");
+    assert_eq!(r.headers()["ratelimit"], "\"chat\";r=0;t=70");
+    assert_eq!(r.headers()["x-ratelimit-limit"], "2");
+    let body = body_json(r).await;
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`chat`")
+    );
+
+    // another key, another route: unaffected
+    assert_eq!(
+        send(&mut svc, post("/v1/messages", "sk-b")).await.status(),
+        200
+    );
+    let r = send(&mut svc, post("/v1/other", "sk-a")).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("ratelimit").is_none());
+
+    tokio::time::advance(Duration::from_secs(69)).await;
+    assert_eq!(
+        send(&mut svc, post("/v1/messages", "sk-a")).await.status(),
+        429
+    );
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(
+        send(&mut svc, post("/v1/messages", "sk-a")).await.status(),
+        200
+    );
+
+    let counters = layer.limiter().counters();
+    assert_eq!(counters[0].allowed, 4);
+    assert_eq!(counters[0].limited, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rules_are_decided_as_a_group() {
+    let layer = RateLimitLayer::new([
+        Rule::new("per-key", Quota::per_minute(3)).key(KeySource::ApiKey),
+        Rule::new("global", Quota::per_minute(4)),
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    for _ in 0..3 {
+        assert_eq!(send(&mut svc, post("/", "sk-a")).await.status(), 200);
+    }
+    // sk-a is refused by its own rule: the global rule must not be debited
+    for _ in 0..5 {
+        let r = send(&mut svc, post("/", "sk-a")).await;
+        assert_eq!(r.status(), 429);
+        let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
+        assert_eq!(policies, ["\"per-key\";q=3;w=60", "\"global\";q=4;w=60"]);
+        let values: Vec<_> = r.headers().get_all("ratelimit").iter().collect();
+        assert_eq!(values[1], "\"global\";r=1;t=60", "nothing was debited");
+    }
+    assert_eq!(send(&mut svc, post("/", "sk-b")).await.status(), 200);
+    let r = send(&mut svc, post("/", "sk-c")).await;
+    assert_eq!(r.status(), 429, "the global quota of 4 is now spent");
+    let admin = layer.limiter();
+    let global = admin.peek("global", &RateKey::Global).await.unwrap();
+    assert_eq!(global.remaining, 0);
+    let c = admin
+        .peek("per-key", &RateKey::api_key("sk-c"))
+        .await
+        .unwrap();
+    assert_eq!(
+        c.remaining, 3,
+        "the refused request did not count for sk-c either"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_above_capacity_is_refused_at_once_as_never_satisfiable() {
+    let layer = RateLimitLayer::new([
+        Rule::new("tokens", Quota::per_minute(1000)).cost(Cost::Extension { default: 1 })
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    let mut req = post("/", "k");
+    req.extensions_mut().insert(RequestCost(5000));
+    let r = send(&mut svc, req).await;
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(r.headers().get("retry-after").is_none());
+    let body = body_json(r).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("can never be admitted")
+    );
+    assert_eq!(layer.limiter().counters()[0].never, 1);
+    let mut req = post("/", "k");
+    req.extensions_mut().insert(RequestCost(1000));
+    assert_eq!(send(&mut svc, req).await.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_rules_count_and_log_but_never_refuse() {
+    let layer = RateLimitLayer::new([
+        Rule::new("trial", Quota::per_minute(1)).shadow(true),
+        Rule::new("hard", Quota::per_minute(100)),
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    for _ in 0..3 {
+        let r = send(&mut svc, post("/", "k")).await;
+        assert_eq!(r.status(), 200);
+        let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
+        assert_eq!(
+            policies,
+            ["\"hard\";q=100;w=60"],
+            "shadow rules stay hidden"
+        );
+    }
+    let c = layer.limiter().counters();
+    assert_eq!((c[0].allowed, c[0].shadow_limited, c[0].limited), (1, 2, 0));
+    layer.limiter().log_counters();
+    assert_eq!(c[1].allowed, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overrides_reset_and_peek() {
+    let layer =
+        RateLimitLayer::new([Rule::new("p", Quota::per_minute(1)).key(KeySource::Principal)])
+            .unwrap();
+    let admin = layer.limiter();
+    let mut svc = service(&layer);
+    let req = |id: &str| {
+        let mut r = Request::get("/").body(()).unwrap();
+        r.extensions_mut().insert(Principal::new(id));
+        r
+    };
+    let vip = RateKey::principal("vip");
+    admin
+        .set_override("p", vip.clone(), Quota::per_minute(3))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(send(&mut svc, req("vip")).await.status(), 200);
+    }
+    assert_eq!(send(&mut svc, req("vip")).await.status(), 429);
+    assert_eq!(send(&mut svc, req("pleb")).await.status(), 200);
+    assert_eq!(send(&mut svc, req("pleb")).await.status(), 429);
+    admin.reset("p", &RateKey::principal("pleb")).await.unwrap();
+    assert_eq!(send(&mut svc, req("pleb")).await.status(), 200);
+    assert_eq!(
+        admin.remove_override("p", &vip).unwrap(),
+        Some(Quota::per_minute(3))
+    );
+    let status = admin.peek("p", &vip).await.unwrap();
+    assert_eq!((status.quota, status.remaining), (Quota::per_minute(1), 0));
+    assert!(matches!(
+        admin.peek("nope", &vip).await,
+        Err(AdminError::Config(RateLimitError::UnknownRule { .. }))
+    ));
+    assert_eq!(
+        admin.set_override("p", vip, Quota::per_minute(0)),
+        Err(RateLimitError::ZeroLimit { rule: "p".into() })
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn settled_quantities_are_reserved_then_corrected() {
+    let layer = RateLimitLayer::new([Rule::new("tpm", Quota::per_minute(1000))
+        .key(KeySource::ApiKey)
+        .cost(Cost::Settled { estimate: 100 })])
+    .unwrap();
+    let admin = layer.limiter();
+    // The handler settles with the tokens actually used.
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let reservation = req.extensions().get::<Reservation>().cloned().unwrap();
+        assert_eq!(reservation.reserved(), 100);
+        reservation.settle(700).await.unwrap();
+        reservation.settle(5).await.unwrap(); // ignored
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    assert_eq!(r.headers()["ratelimit"], "\"tpm\";r=900;t=60");
+    let key = RateKey::api_key("sk-a");
+    assert_eq!(admin.peek("tpm", &key).await.unwrap().remaining, 300);
+    // the next estimate still fits, the one after does not
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn spoofed_forwarded_for_does_not_change_the_key() {
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("ip", Quota::per_minute(1)).key(KeySource::PeerIp))
+        .trusted_proxies("10.0.0.0/8".parse().unwrap())
+        .build()
+        .unwrap();
+    let mut svc = service(&layer);
+    let req = |peer: &str, xff: &str| {
+        let mut r = Request::get("/")
+            .header("x-forwarded-for", xff)
+            .body(())
+            .unwrap();
+        r.extensions_mut()
+            .insert(peer.parse::<SocketAddr>().unwrap());
+        r
+    };
+    assert_eq!(
+        send(&mut svc, req("10.0.0.1:1", "1.1.1.1, 203.0.113.7"))
+            .await
+            .status(),
+        200
+    );
+    // the client forges a different leftmost hop: same client, still limited
+    assert_eq!(
+        send(&mut svc, req("10.0.0.2:1", "9.9.9.9, 203.0.113.7"))
+            .await
+            .status(),
+        429
+    );
+    // an untrusted peer's header is ignored entirely
+    assert_eq!(
+        send(&mut svc, req("198.51.100.1:1", "203.0.113.8"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, req("198.51.100.1:2", "203.0.113.9"))
+            .await
+            .status(),
+        429
+    );
+    // IPv6 peers are grouped by /64
+    assert_eq!(
+        send(&mut svc, req("[2001:db8::1]:1", "")).await.status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, req("[2001:db8::ffff]:1", "")).await.status(),
+        429
+    );
+    assert_eq!(
+        send(&mut svc, req("[2001:db8:0:1::1]:1", ""))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn requests_without_a_key_share_one_bucket_or_skip() {
+    let layer = RateLimitLayer::new([
+        Rule::new("by-header", Quota::per_minute(1))
+            .key(KeySource::Header(http::HeaderName::from_static("x-user"))),
+        Rule::new("by-key", Quota::per_minute(1))
+            .key(KeySource::ApiKey)
+            .skip_anonymous(true),
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    let anon = || Request::get("/").body(()).unwrap();
+    let r = send(&mut svc, anon()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers().get_all("ratelimit").iter().count(), 1);
+    assert_eq!(send(&mut svc, anon()).await.status(), 429);
+    let r = Request::get("/").header("x-user", "u1").body(()).unwrap();
+    assert_eq!(send(&mut svc, r).await.status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn templates_and_methods_select_rules() {
+    let layer = RateLimitLayer::new([Rule::new("user-msgs", Quota::per_minute(1))
+        .method(http::Method::POST)
+        .route("/v1/users/{id}/messages".parse().unwrap())])
+    .unwrap();
+    let mut svc = service(&layer);
+    assert_eq!(
+        send(&mut svc, post("/v1/users/1/messages", "k"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        send(&mut svc, post("/v1/users/2/messages", "k"))
+            .await
+            .status(),
+        429
+    );
+    let get = Request::get("/v1/users/1/messages").body(()).unwrap();
+    assert_eq!(send(&mut svc, get).await.status(), 200);
+    assert_eq!(
+        send(&mut svc, post("/v1/users/1/files", "k"))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn configuration_mistakes_are_errors() {
+    let dup = RateLimitLayer::new([
+        Rule::new("a", Quota::per_minute(1)),
+        Rule::new("a", Quota::per_minute(2)),
+    ]);
+    assert_eq!(
+        dup.unwrap_err(),
+        RateLimitError::DuplicateRule { rule: "a".into() }
+    );
+    let strict = RateLimitLayer::new([Rule::new("a", Quota::per_minute(1))
+        .algorithm(Algorithm::Gcra)
+        .strict(true)]);
+    assert!(matches!(
+        strict,
+        Err(RateLimitError::StrictNeedsSlidingWindow { .. })
+    ));
+    let name = RateLimitLayer::new([Rule::new("a \"b\"", Quota::per_minute(1))]);
+    assert!(matches!(name, Err(RateLimitError::InvalidName { .. })));
+    assert!(matches!(
+        RateLimitLayer::new([Rule::new("z", Quota::new(1, Duration::ZERO))]),
+        Err(RateLimitError::ZeroWindow { .. })
+    ));
+    assert!(matches!(
+        RateLimitLayer::new([Rule::new("b", Quota::per_second(1).with_burst(0))]),
+        Err(RateLimitError::ZeroBurst { .. })
+    ));
+    assert!(matches!(
+        RateLimitLayer::new([Rule::new("p", Quota::per_minute(1)).post("v1/messages")]),
+        Err(RateLimitError::Invalid { field: "route", .. })
+    ));
+    assert!(Route::parse("v1").is_err());
+    assert!(Route::parse("/a/{*rest}/b").is_err());
+    assert!(Route::parse("/a/x{id}").is_err());
+    assert!("header:bad header".parse::<KeySource>().is_err());
+    assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+}
+
+#[test]
+fn config_from_env_reports_every_problem() {
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m","method":"post","route":"/v1/messages"},{"name":"bad","key":"cookie"}]"#,
+        ),
+        ("PALISADE_RATE_LIMIT_MAX_ENTRIES", "lots"),
+        (
+            "PALISADE_RATE_LIMIT_TRUSTED_PROXIES",
+            "10.0.0.0/8, nonsense",
+        ),
+        ("PALISADE_RATE_LIMIT_LEGACY_HEADERS", "true"),
+    ]);
+    let cfg = RateLimitConfig::from_env(&mut env);
+    assert!(cfg.legacy_headers);
+    let err = env.finish().unwrap_err();
+    let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_RATE_LIMIT_RULES",
+            "PALISADE_RATE_LIMIT_MAX_ENTRIES",
+            "PALISADE_RATE_LIMIT_TRUSTED_PROXIES"
+        ]
+    );
+    assert!(err.to_string().contains("cookie"));
+
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"chat","algorithm":"gcra","limit":5,"window":"1s","burst":2}]"#,
+        ),
+        ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "anthropic"),
+    ]);
+    let cfg = RateLimitConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(cfg.error_format, ErrorFormat::Anthropic);
+    assert_eq!(cfg.rules[0].burst, Some(2));
+    assert_eq!(cfg.build().unwrap().limiter().rules(), ["chat"]);
+    let text = serde_json::to_string(&cfg).unwrap();
+    let back: RateLimitConfig = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_store_fails_closed_or_open() {
+    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
+
+    #[derive(Clone)]
+    struct Down;
+    impl Store for Down {
+        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
+        fn check(&self, _: &[CheckItem<'_>]) -> Self::CheckFuture {
+            std::future::ready(Err(StoreError::new("connection refused")))
+        }
+        fn settle(&self, _: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+            Box::pin(std::future::ready(Ok(())))
+        }
+        fn peek(&self, _: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+            Box::pin(std::future::ready(Err(StoreError::new("down"))))
+        }
+        fn reset(&self, _: u32, _: &str, _: &RateKey) -> BoxFuture<Result<(), StoreError>> {
+            Box::pin(std::future::ready(Err(StoreError::new("down"))))
+        }
+    }
+    for (mode, status) in [(FailMode::Closed, 503), (FailMode::Open, 200)] {
+        let layer = RateLimitLayer::builder()
+            .store(Down)
+            .rule(Rule::new("g", Quota::per_minute(1)))
+            .on_store_error(mode)
+            .build()
+            .unwrap();
+        let svc = layer.layer(service_fn(ok));
+        let r = svc.oneshot(post("/", "k")).await.unwrap();
+        assert_eq!(r.status(), status);
+        if status == 503 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            assert!(!String::from_utf8_lossy(&body).contains("connection refused"));
+        }
+        assert!(layer.limiter().peek("g", &RateKey::Global).await.is_err());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_emitted_header_follows_the_draft_syntax_and_retry_after_is_never_zero() {
+    use super::headers::tests::parse_list;
+    let layer = RateLimitLayer::builder()
+        .rules([
+            Rule::new("sw", Quota::per_second(3)).key(KeySource::ApiKey),
+            Rule::new("fw", Quota::new(5, Duration::from_millis(1500)))
+                .algorithm(Algorithm::FixedWindow),
+            Rule::new("gcra", Quota::per_second(4).with_burst(2)).algorithm(Algorithm::Gcra),
+        ])
+        .legacy_headers(true)
+        .build()
+        .unwrap();
+    let mut svc = service(&layer);
+    let mut refused = 0;
+    for i in 0..200u64 {
+        tokio::time::advance(Duration::from_millis((i * 37) % 190)).await;
+        let key = if i % 3 == 0 { "sk-a" } else { "sk-b" };
+        let r = send(&mut svc, post("/", key)).await;
+        let policy: Vec<_> = r
+            .headers()
+            .get_all("ratelimit-policy")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let joined = policy.join(", ");
+        let items = parse_list(&joined);
+        assert_eq!(items.len(), 3);
+        for (_, params) in &items {
+            assert_eq!(
+                params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                ["q", "w"]
+            );
+            assert!(params.iter().all(|(_, v)| *v >= 1));
+        }
+        let rl: Vec<_> = r
+            .headers()
+            .get_all("ratelimit")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let items = parse_list(&rl.join(", "));
+        assert_eq!(
+            items.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["sw", "fw", "gcra"]
+        );
+        for (_, params) in &items {
+            assert_eq!(
+                params.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+                ["r", "t"]
+            );
+        }
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused += 1;
+            let retry: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(retry >= 1);
+            // the refusing rule's `t` is the same wait
+            assert!(items.iter().any(|(_, p)| p[1].1 as u64 == retry));
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+        for name in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            r.headers()[name].to_str().unwrap().parse::<u64>().unwrap();
+        }
+    }
+    assert!(refused > 10, "{refused}");
+}
+
+/// A store that answers asynchronously (as a network store would), to drive the layer's
+/// waiting state and its `poll_ready` discipline.
+#[derive(Clone)]
+struct Deferred(MemoryStore);
+
+impl Store for Deferred {
+    type CheckFuture = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<store::Decision, StoreError>> + Send>,
+    >;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        let decision = self.0.check_at(items, self.0.now_micros());
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            Ok(decision)
+        })
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.settle(s)
+    }
+    fn peek(
+        &self,
+        item: &store::CheckItem<'_>,
+    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+        self.0.peek(item)
+    }
+    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.reset(i, rule, key)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_asynchronous_store_uses_the_ready_inner_service() {
+    // An inner service that must be polled ready before each call.
+    #[derive(Clone, Default)]
+    struct NeedsReady {
+        ready: bool,
+    }
+    impl Service<Request<()>> for NeedsReady {
+        type Response = Response<Full<Bytes>>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Infallible>> {
+            self.ready = true;
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: Request<()>) -> Self::Future {
+            assert!(self.ready, "called without poll_ready");
+            self.ready = false;
+            let settle = req.extensions().get::<Reservation>().is_some();
+            let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+            if settle {
+                res.headers_mut()
+                    .insert("x-reserved", http::HeaderValue::from_static("yes"));
+            }
+            std::future::ready(Ok(res))
+        }
+    }
+    let layer = RateLimitLayer::builder()
+        .store(Deferred(MemoryStore::new()))
+        .rule(Rule::new("t", Quota::per_minute(10)).cost(Cost::Settled { estimate: 4 }))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(NeedsReady::default());
+    for expected in [200, 200, 429] {
+        let r = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), expected);
+        if expected == 200 {
+            assert_eq!(r.headers()["x-reserved"], "yes");
+        }
+    }
+    let status = layer.limiter().peek("t", &RateKey::Global).await.unwrap();
+    assert_eq!(status.remaining, 2);
+}

@@ -1,0 +1,151 @@
+//! Rate limiting over real sockets on 127.0.0.1, and under real concurrency.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::post;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use palisade::ErrorFormat;
+use palisade::rate_limit::{KeySource, Quota, RateLimitLayer, Rule};
+use tower::{Layer, ServiceExt, service_fn};
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_admit_exactly_the_limit() {
+    let layer = RateLimitLayer::new([Rule::new("global", Quota::per_hour(100))]).unwrap();
+    let svc = layer.layer(service_fn(|_req: Request<()>| async {
+        tokio::task::yield_now().await;
+        Ok::<_, Infallible>(Response::new(Empty::<Bytes>::new()))
+    }));
+    let mut tasks = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            svc.oneshot(Request::new(())).await.unwrap().status()
+        }));
+    }
+    let mut ok = 0;
+    let mut limited = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (100, 900));
+    assert_eq!(layer.limiter().counters()[0].allowed, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_over_sockets_are_exact_per_key() {
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("chat", Quota::per_hour(100))
+                .post("/v1/messages")
+                .key(KeySource::ApiKey),
+        )
+        .rule(Rule::new("all", Quota::per_hour(150)))
+        .error_format(ErrorFormat::Anthropic)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/messages", post(|| async { "ok" }))
+        .layer(layer.clone());
+    let addr = serve(app).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let client = Arc::new(client);
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = if i % 2 == 0 { "sk-even" } else { "sk-odd" };
+            let req = Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-api-key", key)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let res = client.request(req).await.unwrap();
+            (key, res.status())
+        }));
+    }
+    let mut even = 0;
+    let mut odd = 0;
+    for t in tasks {
+        let (key, status) = t.await.unwrap();
+        if status == StatusCode::OK {
+            if key == "sk-even" {
+                even += 1;
+            } else {
+                odd += 1;
+            }
+        } else {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    // each key may spend 100, but together they may spend only 150
+    assert_eq!(even + odd, 150);
+    assert!(even <= 100 && odd <= 100, "{even} {odd}");
+}
+
+#[tokio::test]
+async fn headers_and_forwarded_for_over_a_real_socket() {
+    let layer = RateLimitLayer::builder()
+        .rule(Rule::new("ip", Quota::per_minute(2)).key(KeySource::PeerIp))
+        .trusted_proxies("127.0.0.1".parse().unwrap())
+        .legacy_headers(true)
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/messages", post(|| async { "ok" }))
+        .layer(layer);
+    let addr = serve(app).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let send = |xff: &'static str| {
+        let req = Request::post(format!("http://{addr}/v1/messages"))
+            .header("x-forwarded-for", xff)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        client.request(req)
+    };
+    let r = send("203.0.113.5").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["ratelimit-policy"], "\"ip\";q=2;w=60");
+    let rl = r.headers()["ratelimit"].to_str().unwrap().to_owned();
+    assert!(rl.starts_with("\"ip\";r=1;t="), "{rl}");
+    assert_eq!(r.headers()["x-ratelimit-limit"], "2");
+    // a forged leftmost hop: the rightmost untrusted hop is still 203.0.113.5
+    assert_eq!(send("1.2.3.4, 203.0.113.5").await.unwrap().status(), 200);
+    let r = send("5.6.7.8, 203.0.113.5").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // never 0, and a sliding window never asks for more than two windows
+    assert!((1..=120).contains(&retry), "{retry}");
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["status"], 429);
+    // another client behind the same proxy has its own quota
+    assert_eq!(send("203.0.113.6").await.unwrap().status(), 200);
+}
