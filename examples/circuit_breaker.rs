@@ -52,7 +52,7 @@ async fn main() -> Result<(), BoxError> {
     config.jitter = 0.0;
     config.half_open_probes = 2;
     let registry = CircuitBreakerRegistry::new(config, 64)?
-    .on_transition(|t| println!("  transition: {} -> {} ({:?})", t.from, t.to, t.reason));
+        .on_transition(|t| println!("  transition: {} -> {} ({:?})", t.from, t.to, t.reason));
     let layer = registry.layer("127.0.0.1");
     let handle = layer.handle();
 
@@ -82,7 +82,10 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     println!("upstream saw {} calls", hits.load(Ordering::SeqCst));
-    println!("health: {}", serde_json::to_string_pretty(&registry.health())?);
+    println!(
+        "health: {}",
+        serde_json::to_string_pretty(&registry.health())?
+    );
     assert_eq!(handle.state(), CircuitState::Closed);
     server.abort();
     Ok(())

@@ -187,6 +187,10 @@ where
 /// ```
 pub fn classify_response(status: StatusCode, headers: &HeaderMap) -> Classification {
     let code = status.as_u16();
+    if code < 400 {
+        // The common case: no header parsing, no clock read.
+        return Classification::SUCCESS;
+    }
     let retry_after = parse_retry_after(headers);
     let (outcome, retry) = match code {
         ..400 => return Classification::SUCCESS,

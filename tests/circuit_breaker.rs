@@ -50,7 +50,11 @@ async fn opens_refuses_probes_and_closes_against_a_real_upstream() {
         .map_err(BoxError::from)
         .service(client);
     let uri = format!("{}/v1/models", server.uri());
-    let get = || Request::get(uri.as_str()).body(Empty::<Bytes>::new()).unwrap();
+    let get = || {
+        Request::get(uri.as_str())
+            .body(Empty::<Bytes>::new())
+            .unwrap()
+    };
 
     // Five failures: the breaker opens.
     for _ in 0..5 {
@@ -133,7 +137,10 @@ async fn connection_refused_counts_as_failure() {
             .body(Empty::<Bytes>::new())
             .unwrap();
         let err = svc.ready().await.unwrap().call(req).await.unwrap_err();
-        assert!(err.downcast_ref::<Error>().is_none(), "a transport error: {err}");
+        assert!(
+            err.downcast_ref::<Error>().is_none(),
+            "a transport error: {err}"
+        );
     }
     assert_eq!(handle.state(), CircuitState::Open);
 }

@@ -314,8 +314,8 @@ impl CircuitBreakerConfig {
             d.failure_rate_threshold,
             "50",
         );
-        let slow_call_duration = env
-            .optional_with(&format!("{P}SLOW_CALL_DURATION"), None, "30s", |s| {
+        let slow_call_duration =
+            env.optional_with(&format!("{P}SLOW_CALL_DURATION"), None, "30s", |s| {
                 crate::config::duration::parse(s).map(Some)
             });
         let slow_call_rate_threshold = env.optional(
@@ -331,11 +331,8 @@ impl CircuitBreakerConfig {
         let open_duration = env.duration(&format!("{P}OPEN_DURATION"), d.open_duration, "10s");
         let max_open_duration =
             env.duration(&format!("{P}MAX_OPEN_DURATION"), d.max_open_duration, "5m");
-        let backoff_multiplier = env.optional(
-            &format!("{P}BACKOFF_MULTIPLIER"),
-            d.backoff_multiplier,
-            "2",
-        );
+        let backoff_multiplier =
+            env.optional(&format!("{P}BACKOFF_MULTIPLIER"), d.backoff_multiplier, "2");
         let jitter = env.optional(&format!("{P}JITTER"), d.jitter, "0.2");
         let half_open_probes =
             env.optional(&format!("{P}HALF_OPEN_PROBES"), d.half_open_probes, "3");
@@ -403,7 +400,8 @@ mod tests {
     fn invalid_values_are_typed_errors() {
         use CircuitBreakerConfigError as E;
         let base = CircuitBreakerConfig::default;
-        let cases: Vec<(CircuitBreakerConfig, fn(&E) -> bool)> = vec![
+        type Check = fn(&E) -> bool;
+        let cases: Vec<(CircuitBreakerConfig, Check)> = vec![
             (
                 CircuitBreakerConfig {
                     window_size: 0,

@@ -15,7 +15,8 @@ use crate::body::ResponseBody;
 use crate::classify::Classify;
 
 /// The message of a refusal (the breaker's name is in the logs, not the response).
-pub(crate) const REFUSED: &str = "the upstream is failing and its circuit breaker is open; retry later";
+pub(crate) const REFUSED: &str =
+    "the upstream is failing and its circuit breaker is open; retry later";
 
 pin_project! {
     #[project = KindProj]
@@ -28,29 +29,6 @@ pin_project! {
         Refused {
             retry_after: Duration,
         },
-    }
-}
-
-impl<F> Kind<F> {
-    fn poll_called<C, T, E>(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        classifier: &C,
-    ) -> Poll<Result<Result<T, E>, Duration>>
-    where
-        F: Future<Output = Result<T, E>>,
-        C: Classify<T, E>,
-    {
-        match self.project() {
-            KindProj::Called { future, permit } => {
-                let result = ready!(future.poll(cx));
-                if let Some(permit) = permit.take() {
-                    permit.complete(classifier.classify(result.as_ref()).outcome);
-                }
-                Poll::Ready(Ok(result))
-            }
-            KindProj::Refused { retry_after } => Poll::Ready(Err(*retry_after)),
-        }
     }
 }
 
@@ -95,12 +73,19 @@ where
 {
     type Output = Result<T, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match ready!(this.kind.poll_called(cx, this.classifier)) {
-            Ok(result) => Poll::Ready(result),
-            Err(retry_after) => {
-                Poll::Ready(Err(crate::Error::circuit_open(REFUSED, retry_after).into()))
+        match this.kind.project() {
+            KindProj::Called { future, permit } => {
+                let result = ready!(future.poll(cx));
+                if let Some(permit) = permit.take() {
+                    permit.complete(this.classifier.classify(result.as_ref()).outcome);
+                }
+                Poll::Ready(result)
+            }
+            KindProj::Refused { retry_after } => {
+                Poll::Ready(Err(crate::Error::circuit_open(REFUSED, *retry_after).into()))
             }
         }
     }
@@ -151,11 +136,19 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match ready!(this.kind.poll_called(cx, this.classifier)) {
-            Ok(result) => Poll::Ready(result.map(|r| r.map(ResponseBody::inner))),
-            Err(retry_after) => Poll::Ready(Ok(crate::Error::circuit_open(REFUSED, retry_after)
-                .to_response(*this.format)
-                .map(ResponseBody::error))),
+        match this.kind.project() {
+            KindProj::Called { future, permit } => {
+                let result = ready!(future.poll(cx));
+                if let Some(permit) = permit.take() {
+                    permit.complete(this.classifier.classify(result.as_ref()).outcome);
+                }
+                Poll::Ready(result.map(|r| r.map(ResponseBody::inner)))
+            }
+            KindProj::Refused { retry_after } => {
+                Poll::Ready(Ok(crate::Error::circuit_open(REFUSED, *retry_after)
+                    .to_response(*this.format)
+                    .map(ResponseBody::error)))
+            }
         }
     }
 }

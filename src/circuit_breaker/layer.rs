@@ -225,10 +225,7 @@ impl CircuitBreakerBuilder {
 
     /// Calls `callback` on every state change (after it happened, outside any lock; it
     /// may use the handle).
-    pub fn on_transition(
-        mut self,
-        callback: impl Fn(&Transition) + Send + Sync + 'static,
-    ) -> Self {
+    pub fn on_transition(mut self, callback: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
         self.callbacks.push(Arc::new(callback));
         self
     }

@@ -116,7 +116,11 @@ impl CircuitBreakerRegistry {
     /// The breaker for `key`, created if needed.
     pub fn handle(&self, key: &str) -> CircuitBreakerHandle {
         let tick = self.inner.tick.fetch_add(1, Ordering::Relaxed);
-        let mut map = self.inner.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .inner
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = map.get_mut(key) {
             entry.last_used = tick;
             return entry.handle.clone();
@@ -148,13 +152,21 @@ impl CircuitBreakerRegistry {
 
     /// The breaker for `key`, if the registry holds one.
     pub fn get(&self, key: &str) -> Option<CircuitBreakerHandle> {
-        let map = self.inner.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let map = self
+            .inner
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.get(key).map(|e| e.handle.clone())
     }
 
     /// Forgets the breaker for `key` (services already holding it keep using it).
     pub fn remove(&self, key: &str) -> Option<CircuitBreakerHandle> {
-        let mut map = self.inner.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .inner
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         map.remove(key).map(|e| e.handle)
     }
 
@@ -190,7 +202,11 @@ impl CircuitBreakerRegistry {
     /// A snapshot of every breaker.
     pub fn health(&self) -> RegistryHealth {
         let handles: Vec<CircuitBreakerHandle> = {
-            let map = self.inner.map.lock().unwrap_or_else(PoisonError::into_inner);
+            let map = self
+                .inner
+                .map
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             map.values().map(|e| e.handle.clone()).collect()
         };
         let mut breakers: Vec<CircuitSnapshot> = handles.iter().map(|h| h.snapshot()).collect();

@@ -392,19 +392,17 @@ impl Shared {
         let (generation, counted) = match kind {
             PermitKind::Untracked => return,
             PermitKind::Probe(generation) => (generation, false),
-            PermitKind::Closed(generation) | PermitKind::Metrics(generation) => {
-                (generation, true)
-            }
+            PermitKind::Closed(generation) | PermitKind::Metrics(generation) => (generation, true),
         };
-        let now = if self.params.needs_clock {
-            self.now()
+        let elapsed = if self.params.needs_clock {
+            Instant::now().saturating_duration_since(self.epoch)
         } else {
-            0
+            Duration::ZERO
         };
-        let slow = self
-            .params
-            .slow_nanos
-            .is_some_and(|limit| now.saturating_sub(start) > limit);
+        let slow = self.params.slow_nanos.is_some_and(|limit| {
+            let now = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            now.saturating_sub(start) > limit
+        });
         if !counted {
             return self.complete_probe(generation, failed, slow);
         }
@@ -420,7 +418,7 @@ impl Shared {
         }
         let totals = match &self.window {
             Window::Count(w) => w.record(outcome),
-            Window::Time(w) => w.record(now / 1_000_000_000, outcome),
+            Window::Time(w) => w.record(elapsed.as_secs(), outcome),
         };
         let in_a_row = match self.params.consecutive {
             Some(limit) if failed => self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= limit,
@@ -486,7 +484,8 @@ impl Shared {
         let p = &self.params;
         let max = p.max_open_duration.as_secs_f64();
         let base = p.open_duration.as_secs_f64()
-            * p.multiplier.powi(i32::try_from(reopens.min(1024)).unwrap_or(1024));
+            * p.multiplier
+                .powi(i32::try_from(reopens.min(1024)).unwrap_or(1024));
         let mut secs = base.min(max);
         if p.jitter > 0.0 {
             secs *= 1.0 + rand::rng().random_range(-p.jitter..=p.jitter);

@@ -55,7 +55,11 @@ fn guarded(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<At
     });
     let layer = builder.build().unwrap();
     let handle = layer.handle();
-    (tower::util::BoxService::new(layer.layer(upstream)), handle, calls)
+    (
+        tower::util::BoxService::new(layer.layer(upstream)),
+        handle,
+        calls,
+    )
 }
 
 fn base() -> CircuitBreakerBuilder {
@@ -94,7 +98,10 @@ async fn closed_opens_on_failure_rate_only_after_minimum_calls() {
     assert_eq!(handle.state(), CircuitState::Closed);
     assert_eq!(send(&mut svc, FAIL).await.unwrap(), 500);
     assert_eq!(handle.state(), CircuitState::Open);
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(10));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(10)
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 5);
 }
 
@@ -110,7 +117,10 @@ async fn below_threshold_stays_closed_and_ignored_outcomes_do_not_count() {
     assert_eq!(handle.state(), CircuitState::Closed);
     let snap = handle.snapshot();
     assert_eq!(snap.calls_in_window, 10);
-    assert!((30.0..=40.0).contains(&snap.failure_rate.unwrap()), "{snap:?}");
+    assert!(
+        (30.0..=40.0).contains(&snap.failure_rate.unwrap()),
+        "{snap:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -130,9 +140,7 @@ async fn count_window_slides_after_ten_thousand_successes() {
 
 #[tokio::test(start_paused = true)]
 async fn time_window_counts_only_recent_seconds() {
-    let builder = base()
-        .time_window(Duration::from_secs(10))
-        .minimum_calls(5);
+    let builder = base().time_window(Duration::from_secs(10)).minimum_calls(5);
     let (mut svc, handle, _) = guarded(builder);
     for _ in 0..4 {
         send(&mut svc, FAIL).await.unwrap();
@@ -185,14 +193,20 @@ async fn slow_calls_trip_the_slow_rate() {
     let builder = base().slow_calls(Duration::from_secs(2), 60.0);
     let (mut svc, handle, _) = guarded(builder);
     for _ in 0..5 {
-        send(&mut svc, slow(200, Duration::from_secs(1))).await.unwrap();
+        send(&mut svc, slow(200, Duration::from_secs(1)))
+            .await
+            .unwrap();
     }
     for _ in 0..5 {
-        send(&mut svc, slow(200, Duration::from_secs(3))).await.unwrap();
+        send(&mut svc, slow(200, Duration::from_secs(3)))
+            .await
+            .unwrap();
     }
     assert_eq!(handle.state(), CircuitState::Closed, "50 % slow");
     assert_eq!(handle.snapshot().slow_calls_in_window, 5);
-    send(&mut svc, slow(200, Duration::from_secs(3))).await.unwrap();
+    send(&mut svc, slow(200, Duration::from_secs(3)))
+        .await
+        .unwrap();
     assert_eq!(handle.state(), CircuitState::Open, "60 % slow");
 }
 
@@ -236,7 +250,10 @@ async fn open_half_open_closed_and_growing_open_duration() {
 
     // refused while open, with a shrinking retry_after, and the upstream is not called
     tokio::time::advance(Duration::from_secs(4)).await;
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(6));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(6)
+    );
     assert_eq!(handle.snapshot().next_probe_in_ms, Some(6000));
     assert_eq!(calls.load(Ordering::SeqCst), 5);
 
@@ -244,14 +261,23 @@ async fn open_half_open_closed_and_growing_open_duration() {
     tokio::time::advance(Duration::from_secs(6)).await;
     assert_eq!(send(&mut svc, FAIL).await.unwrap(), 500);
     assert_eq!(handle.state(), CircuitState::Open);
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(20));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(20)
+    );
     tokio::time::advance(Duration::from_secs(20)).await;
     send(&mut svc, FAIL).await.unwrap();
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(40));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(40)
+    );
     tokio::time::advance(Duration::from_secs(40)).await;
     send(&mut svc, FAIL).await.unwrap();
     // capped at 60 s
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(60));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(60)
+    );
     tokio::time::advance(Duration::from_secs(60)).await;
 
     // two successful probes close it, and the window starts empty
@@ -263,7 +289,10 @@ async fn open_half_open_closed_and_growing_open_duration() {
 
     // the open duration is back at its base
     trip(&mut svc).await;
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(10));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(10)
+    );
 
     use CircuitState::*;
     use TransitionReason::*;
@@ -321,7 +350,10 @@ async fn half_open_admits_exactly_n_of_100_concurrent_callers() {
         let mut cx = std::task::Context::from_waker(&waker);
         match std::pin::Pin::new(&mut f).poll(&mut cx) {
             std::task::Poll::Ready(Err(e)) => {
-                assert_eq!(e.downcast::<Error>().unwrap().kind(), ErrorKind::CircuitOpen);
+                assert_eq!(
+                    e.downcast::<Error>().unwrap().kind(),
+                    ErrorKind::CircuitOpen
+                );
                 refused += 1;
             }
             std::task::Poll::Pending => admitted.push(f),
@@ -337,7 +369,10 @@ async fn half_open_admits_exactly_n_of_100_concurrent_callers() {
     assert_eq!(handle.snapshot().half_open_probes_in_flight, Some(2));
     assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
     assert_eq!(handle.state(), CircuitState::HalfOpen);
-    assert!(send(&mut svc, OK).await.is_err(), "all slots are taken again");
+    assert!(
+        send(&mut svc, OK).await.is_err(),
+        "all slots are taken again"
+    );
     drop(admitted);
 }
 
@@ -361,7 +396,10 @@ async fn half_open_times_out_back_to_open() {
     assert_eq!(wait, Duration::from_secs(10));
     tokio::time::advance(Duration::from_secs(30)).await;
     // the probes took too long: open again, for longer
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(20));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(20)
+    );
     assert_eq!(handle.state(), CircuitState::Open);
     // the late probes' slots belong to a finished period and change nothing
     drop((p1, p2));
@@ -402,7 +440,10 @@ async fn forced_states() {
     let (mut svc, handle, calls) = guarded(base());
     handle.force_open();
     assert_eq!(handle.state(), CircuitState::ForcedOpen);
-    assert_eq!(refused_after(send(&mut svc, OK).await), Duration::from_secs(10));
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(10)
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 
     handle.force_closed();
@@ -444,11 +485,21 @@ async fn custom_classifier_closure() {
         Ok::<_, BoxError>(Response::builder().status(*req.body()).body(()).unwrap())
     }));
     for _ in 0..10 {
-        svc.ready().await.unwrap().call(Request::new(500)).await.unwrap();
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::new(500))
+            .await
+            .unwrap();
     }
     assert_eq!(handle.state(), CircuitState::Closed);
     for _ in 0..5 {
-        svc.ready().await.unwrap().call(Request::new(404)).await.unwrap();
+        svc.ready()
+            .await
+            .unwrap()
+            .call(Request::new(404))
+            .await
+            .unwrap();
     }
     assert_eq!(handle.state(), CircuitState::Open);
 }
@@ -462,13 +513,19 @@ async fn transport_errors_fail_and_refusals_from_below_are_not_counted() {
             0 => Err::<Response<()>, BoxError>(Box::new(std::io::Error::from(
                 std::io::ErrorKind::ConnectionReset,
             ))),
-            _ => Err(Box::new(Error::rate_limited("local limit", Duration::from_secs(1))) as BoxError),
+            _ => Err(
+                Box::new(Error::rate_limited("local limit", Duration::from_secs(1))) as BoxError,
+            ),
         }
     }));
     for _ in 0..10 {
         let _ = svc.ready().await.unwrap().call(Request::new(1)).await;
     }
-    assert_eq!(handle.snapshot().calls_in_window, 0, "rejected: not counted");
+    assert_eq!(
+        handle.snapshot().calls_in_window,
+        0,
+        "rejected: not counted"
+    );
     for _ in 0..5 {
         let _ = svc.ready().await.unwrap().call(Request::new(0)).await;
     }
@@ -493,13 +550,28 @@ async fn respond_mode_renders_refusals() {
         .layer(upstream);
     let mut anthropic = layer.respond_with(ErrorFormat::Anthropic).layer(upstream);
     for _ in 0..5 {
-        let r = problem.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        let r = problem
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
         assert_eq!(r.status(), 502);
-        assert_eq!(r.into_body().collect().await.unwrap().to_bytes(), "bad gateway");
+        assert_eq!(
+            r.into_body().collect().await.unwrap().to_bytes(),
+            "bad gateway"
+        );
     }
     assert_eq!(handle.state(), CircuitState::Open);
     tokio::time::advance(Duration::from_millis(2500)).await;
-    let r = problem.ready().await.unwrap().call(Request::new(())).await.unwrap();
+    let r = problem
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "8");
     assert_eq!(r.headers()["content-type"], "application/problem+json");
@@ -508,7 +580,13 @@ async fn respond_mode_renders_refusals() {
     assert_eq!(body["kind"], "circuit_open");
     assert_eq!(body["status"], 503);
 
-    let r = anthropic.ready().await.unwrap().call(Request::new(())).await.unwrap();
+    let r = anthropic
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 529);
     assert_eq!(r.headers()["retry-after"], "8");
     let body: serde_json::Value =
@@ -536,10 +614,20 @@ async fn registry_health_snapshot_json() {
     let mut good = registry.layer("api.openai.com").layer(up(200));
     let mut bad = registry.layer("api.anthropic.com").layer(up(529));
     for _ in 0..4 {
-        good.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        good.ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
     }
     for _ in 0..5 {
-        bad.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        bad.ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
     }
     tokio::time::advance(Duration::from_secs(3)).await;
     let health = registry.health();
@@ -584,7 +672,10 @@ async fn registry_is_bounded_and_evicts_idle_closed_breakers_first() {
         let _ = registry.handle(&format!("k{i}"));
     }
     assert_eq!(registry.len(), 3);
-    assert!(registry.get("a").is_some(), "an open breaker is forgotten last");
+    assert!(
+        registry.get("a").is_some(),
+        "an open breaker is forgotten last"
+    );
     assert!(CircuitBreakerRegistry::new(CircuitBreakerConfig::default(), 0).is_err());
 }
 
@@ -615,7 +706,12 @@ async fn keyed_layer_keeps_one_breaker_per_host() {
             .unwrap()
     };
     for _ in 0..5 {
-        svc.ready().await.unwrap().call(req("down.example")).await.unwrap();
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req("down.example"))
+            .await
+            .unwrap();
     }
     let err = svc
         .ready()
@@ -624,11 +720,26 @@ async fn keyed_layer_keeps_one_breaker_per_host() {
         .call(req("down.example"))
         .await
         .unwrap_err();
-    assert_eq!(err.downcast::<Error>().unwrap().kind(), ErrorKind::CircuitOpen);
-    let ok = svc.ready().await.unwrap().call(req("up.example")).await.unwrap();
+    assert_eq!(
+        err.downcast::<Error>().unwrap().kind(),
+        ErrorKind::CircuitOpen
+    );
+    let ok = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req("up.example"))
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
-    assert_eq!(registry.get("down.example").unwrap().state(), CircuitState::Open);
-    assert_eq!(registry.get("up.example").unwrap().state(), CircuitState::Closed);
+    assert_eq!(
+        registry.get("down.example").unwrap().state(),
+        CircuitState::Open
+    );
+    assert_eq!(
+        registry.get("up.example").unwrap().state(),
+        CircuitState::Closed
+    );
 }
 
 /// Many threads race for the probe slots of many half-open periods; none ever admits

@@ -189,8 +189,7 @@ impl TimeWindow {
                     0
                 };
                 let new = stamp | ((slow + 1) << COUNT_SHIFT);
-                match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed)
-                {
+                match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
                     Ok(_) => break,
                     Err(actual) => cur = actual,
                 }
