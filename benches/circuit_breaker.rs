@@ -136,5 +136,60 @@ fn closed_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, closed_path);
+/// A refused call: the circuit is open, the upstream is never called.
+fn open_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let layer = CircuitBreakerLayer::builder().build().unwrap();
+    layer.handle().force_open();
+    let svc = layer.layer(upstream());
+    let mut group = c.benchmark_group("circuit_breaker_open");
+    group.bench_function("palisade_refusal", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let mut svc = svc.clone();
+            async move {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    let err = svc
+                        .ready()
+                        .await
+                        .unwrap()
+                        .call(Request::new(()))
+                        .await
+                        .unwrap_err();
+                    black_box(err);
+                }
+                start.elapsed()
+            }
+        });
+    });
+    let breaker = failsafe::Config::new().build();
+    for _ in 0..10 {
+        let _ = failsafe::CircuitBreaker::call(&breaker, || Err::<(), ()>(()));
+    }
+    assert!(!failsafe::futures::CircuitBreaker::is_call_permitted(
+        &breaker
+    ));
+    group.bench_function("failsafe_refusal", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let mut svc = upstream();
+            let breaker = breaker.clone();
+            async move {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    svc.ready().await.unwrap();
+                    let err = breaker.call(svc.call(Request::new(()))).await.unwrap_err();
+                    black_box(err);
+                }
+                start.elapsed()
+            }
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, closed_path, open_path);
 criterion_main!(benches);
