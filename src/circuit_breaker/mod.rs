@@ -24,7 +24,7 @@
 //! `max_open_duration`) each time half-open fails, and falls back to its base when the
 //! circuit closes. A probe that is dropped or cancelled gives its slot back.
 //!
-//! A refused call never reaches the upstream. It costs one atomic load and one small
+//! A refused call never reaches the upstream. It costs an atomic load, a clock read and one small
 //! allocation (the error), and says when to come back: by default it is
 //! `Err(E::from(palisade::Error))` of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen)
 //! with `retry_after` (so the inner error type must implement `From<palisade::Error>`,
