@@ -57,6 +57,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+pub mod circuit_breaker;
 pub mod classify;
 pub mod config;
 pub mod cost;

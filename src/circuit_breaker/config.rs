@@ -1,0 +1,522 @@
+//! Configuration of a circuit breaker: serde, environment variables and validation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Env;
+
+/// Which calls the breaker judges the upstream by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKind {
+    /// The last `window_size` calls (a sliding ring of outcomes).
+    #[default]
+    Count,
+    /// The calls of the last `window_size` seconds (one bucket per second).
+    Time,
+}
+
+/// Configuration of one circuit breaker.
+///
+/// Every field has a default suited to an LLM upstream; see the field docs. Build a layer
+/// with [`CircuitBreakerConfig::build`] (or [`CircuitBreakerLayer::from_config`]), which
+/// validates the values first.
+///
+/// ```
+/// use palisade::circuit_breaker::{CircuitBreakerConfig, WindowKind};
+///
+/// let cfg: CircuitBreakerConfig = toml::from_str(r#"
+///     window_kind = "time"
+///     window_size = 30
+///     failure_rate_threshold = 25.0
+///     open_duration = "5s"
+/// "#).unwrap();
+/// assert_eq!(cfg.window_kind, WindowKind::Time);
+/// let layer = cfg.build().unwrap();
+/// assert_eq!(layer.handle().state(), palisade::circuit_breaker::CircuitState::Closed);
+/// ```
+///
+/// [`CircuitBreakerLayer::from_config`]: super::CircuitBreakerLayer::from_config
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CircuitBreakerConfig {
+    /// A name for logs, callbacks and health reports (default `"default"`).
+    pub name: String,
+    /// Count or time window (default count).
+    pub window_kind: WindowKind,
+    /// Calls (count window) or seconds (time window) in the window (default 100).
+    pub window_size: u32,
+    /// Open when this percentage of the calls in the window failed (default 50.0).
+    pub failure_rate_threshold: f64,
+    /// A call longer than this is slow; `None` turns the slow-call rule off (the default:
+    /// LLM calls are often long by nature).
+    #[serde(with = "crate::config::duration::option")]
+    pub slow_call_duration: Option<Duration>,
+    /// Open when this percentage of the calls in the window were slow (default 100.0).
+    pub slow_call_rate_threshold: f64,
+    /// The rates are only judged once the window holds this many calls (default 20).
+    pub minimum_calls: u32,
+    /// Also open after this many failures in a row, whatever the window says (default off).
+    pub consecutive_failures: Option<u32>,
+    /// How long the circuit stays open the first time (default 10 s).
+    #[serde(with = "crate::config::duration")]
+    pub open_duration: Duration,
+    /// The open duration never grows beyond this (default 5 min).
+    #[serde(with = "crate::config::duration")]
+    pub max_open_duration: Duration,
+    /// Each failed half-open attempt multiplies the open duration by this (default 2.0).
+    pub backoff_multiplier: f64,
+    /// Random spread of each open duration, as a fraction: 0.2 means ±20 % (default 0.2).
+    pub jitter: f64,
+    /// How many probe calls half-open lets through; all must succeed to close (default 3).
+    pub half_open_probes: u32,
+    /// Half-open goes back to open if its probes have not decided within this time
+    /// (default 60 s; `None` waits for ever).
+    #[serde(with = "crate::config::duration::option")]
+    pub max_wait_in_half_open: Option<Duration>,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".to_owned(),
+            window_kind: WindowKind::Count,
+            window_size: 100,
+            failure_rate_threshold: 50.0,
+            slow_call_duration: None,
+            slow_call_rate_threshold: 100.0,
+            minimum_calls: 20,
+            consecutive_failures: None,
+            open_duration: Duration::from_secs(10),
+            max_open_duration: Duration::from_secs(300),
+            backoff_multiplier: 2.0,
+            jitter: 0.2,
+            half_open_probes: 3,
+            max_wait_in_half_open: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// The largest count window (calls) and time window (seconds).
+pub const MAX_COUNT_WINDOW: u32 = (1 << 20) - 1;
+/// The largest time window, in seconds (one hour).
+pub const MAX_TIME_WINDOW_SECS: u32 = 3600;
+/// The most half-open probes.
+pub const MAX_HALF_OPEN_PROBES: u32 = u16::MAX as u32;
+
+/// A circuit breaker configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CircuitBreakerConfigError {
+    /// The window holds no calls, or more than the breaker supports.
+    #[error("window_size must be between 1 and {max} for a {kind:?} window, got {got}")]
+    WindowSize {
+        /// The window kind.
+        kind: WindowKind,
+        /// The size given.
+        got: u32,
+        /// The largest size allowed.
+        max: u32,
+    },
+    /// A rate threshold is not in `(0, 100]`.
+    #[error("{field} must be a percentage in (0, 100], got {got}")]
+    Threshold {
+        /// `failure_rate_threshold` or `slow_call_rate_threshold`.
+        field: &'static str,
+        /// The value given.
+        got: f64,
+    },
+    /// `minimum_calls` is 0, or larger than a count window, so the breaker could never trip.
+    #[error("minimum_calls must be between 1 and the count window size ({window}), got {got}")]
+    MinimumCalls {
+        /// The value given.
+        got: u32,
+        /// The count window size (or `u32::MAX` for time windows).
+        window: u32,
+    },
+    /// `consecutive_failures` is `Some(0)`.
+    #[error("consecutive_failures must be at least 1 when set")]
+    ConsecutiveFailures,
+    /// A duration that must be positive is zero, or the cap is below the base.
+    #[error("{field} is invalid: {reason}")]
+    Duration {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// `backoff_multiplier` is below 1 or not finite.
+    #[error("backoff_multiplier must be a finite number >= 1, got {0}")]
+    Multiplier(f64),
+    /// `jitter` is outside `[0, 1)`.
+    #[error("jitter must be in [0, 1), got {0}")]
+    Jitter(f64),
+    /// `half_open_probes` is 0 or too large.
+    #[error("half_open_probes must be between 1 and {MAX_HALF_OPEN_PROBES}, got {0}")]
+    HalfOpenProbes(u32),
+    /// A registry was asked to hold no breakers.
+    #[error("a circuit breaker registry must hold at least one breaker")]
+    RegistrySize,
+}
+
+impl From<CircuitBreakerConfigError> for crate::Error {
+    fn from(err: CircuitBreakerConfigError) -> Self {
+        crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
+    }
+}
+
+fn percent_ok(p: f64) -> bool {
+    p.is_finite() && p > 0.0 && p <= 100.0
+}
+
+impl CircuitBreakerConfig {
+    /// Checks every value, returning the first problem.
+    pub fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
+        use CircuitBreakerConfigError as E;
+        let max = match self.window_kind {
+            WindowKind::Count => MAX_COUNT_WINDOW,
+            WindowKind::Time => MAX_TIME_WINDOW_SECS,
+        };
+        if self.window_size == 0 || self.window_size > max {
+            return Err(E::WindowSize {
+                kind: self.window_kind,
+                got: self.window_size,
+                max,
+            });
+        }
+        if !percent_ok(self.failure_rate_threshold) {
+            return Err(E::Threshold {
+                field: "failure_rate_threshold",
+                got: self.failure_rate_threshold,
+            });
+        }
+        if !percent_ok(self.slow_call_rate_threshold) {
+            return Err(E::Threshold {
+                field: "slow_call_rate_threshold",
+                got: self.slow_call_rate_threshold,
+            });
+        }
+        let window = match self.window_kind {
+            WindowKind::Count => self.window_size,
+            WindowKind::Time => u32::MAX,
+        };
+        if self.minimum_calls == 0 || self.minimum_calls > window {
+            return Err(E::MinimumCalls {
+                got: self.minimum_calls,
+                window,
+            });
+        }
+        if self.consecutive_failures == Some(0) {
+            return Err(E::ConsecutiveFailures);
+        }
+        if self.slow_call_duration == Some(Duration::ZERO) {
+            return Err(E::Duration {
+                field: "slow_call_duration",
+                reason: "must be positive",
+            });
+        }
+        if self.open_duration.is_zero() {
+            return Err(E::Duration {
+                field: "open_duration",
+                reason: "must be positive",
+            });
+        }
+        if self.max_open_duration < self.open_duration {
+            return Err(E::Duration {
+                field: "max_open_duration",
+                reason: "must not be shorter than open_duration",
+            });
+        }
+        if self.max_open_duration > Duration::from_secs(86_400 * 365) {
+            return Err(E::Duration {
+                field: "max_open_duration",
+                reason: "must not exceed a year",
+            });
+        }
+        if self.max_wait_in_half_open == Some(Duration::ZERO) {
+            return Err(E::Duration {
+                field: "max_wait_in_half_open",
+                reason: "must be positive (or unset to wait for ever)",
+            });
+        }
+        if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
+            return Err(E::Multiplier(self.backoff_multiplier));
+        }
+        if !(self.jitter.is_finite() && (0.0..1.0).contains(&self.jitter)) {
+            return Err(E::Jitter(self.jitter));
+        }
+        if self.half_open_probes == 0 || self.half_open_probes > MAX_HALF_OPEN_PROBES {
+            return Err(E::HalfOpenProbes(self.half_open_probes));
+        }
+        Ok(())
+    }
+
+    /// Validates the configuration and builds a layer with the default classifier.
+    pub fn build(&self) -> Result<super::CircuitBreakerLayer, CircuitBreakerConfigError> {
+        super::CircuitBreakerLayer::from_config(self)
+    }
+
+    /// Reads `PALISADE_CIRCUIT_BREAKER_*` variables over the defaults, recording every
+    /// problem in `env` (see [`Env::finish`]).
+    ///
+    /// | variable | example |
+    /// |---|---|
+    /// | `PALISADE_CIRCUIT_BREAKER_NAME` | `anthropic` |
+    /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_KIND` | `count` or `time` |
+    /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE` | `100` |
+    /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `50` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION` | `30s` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `80` |
+    /// | `PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS` | `20` |
+    /// | `PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES` | `5` |
+    /// | `PALISADE_CIRCUIT_BREAKER_OPEN_DURATION` | `10s` |
+    /// | `PALISADE_CIRCUIT_BREAKER_MAX_OPEN_DURATION` | `5m` |
+    /// | `PALISADE_CIRCUIT_BREAKER_BACKOFF_MULTIPLIER` | `2` |
+    /// | `PALISADE_CIRCUIT_BREAKER_JITTER` | `0.2` |
+    /// | `PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES` | `3` |
+    /// | `PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN` | `60s` (or `none`) |
+    ///
+    /// Values that parse but do not validate (a threshold of 150) are also recorded.
+    ///
+    /// ```
+    /// use palisade::config::Env;
+    /// use palisade::circuit_breaker::CircuitBreakerConfig;
+    ///
+    /// let mut env = Env::from_pairs([
+    ///     ("PALISADE_CIRCUIT_BREAKER_WINDOW_KIND", "time"),
+    ///     ("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "30"),
+    ///     ("PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES", "5"),
+    /// ]);
+    /// let cfg = CircuitBreakerConfig::from_env(&mut env);
+    /// env.finish().unwrap();
+    /// assert_eq!(cfg.window_size, 30);
+    /// assert_eq!(cfg.consecutive_failures, Some(5));
+    /// ```
+    pub fn from_env(env: &mut Env) -> Self {
+        const P: &str = "PALISADE_CIRCUIT_BREAKER_";
+        let d = Self::default();
+        let name = env.optional(&format!("{P}NAME"), d.name, "anthropic");
+        let window_kind = env.optional_with(
+            &format!("{P}WINDOW_KIND"),
+            d.window_kind,
+            "count",
+            |s| match s.trim().to_ascii_lowercase().as_str() {
+                "count" => Ok(WindowKind::Count),
+                "time" => Ok(WindowKind::Time),
+                _ => Err("expected `count` or `time`".to_owned()),
+            },
+        );
+        let window_size = env.optional(&format!("{P}WINDOW_SIZE"), d.window_size, "100");
+        let failure_rate_threshold = env.optional(
+            &format!("{P}FAILURE_RATE_THRESHOLD"),
+            d.failure_rate_threshold,
+            "50",
+        );
+        let slow_call_duration =
+            env.optional_with(&format!("{P}SLOW_CALL_DURATION"), None, "30s", |s| {
+                crate::config::duration::parse(s).map(Some)
+            });
+        let slow_call_rate_threshold = env.optional(
+            &format!("{P}SLOW_CALL_RATE_THRESHOLD"),
+            d.slow_call_rate_threshold,
+            "80",
+        );
+        let minimum_calls = env.optional(&format!("{P}MINIMUM_CALLS"), d.minimum_calls, "20");
+        let consecutive_failures =
+            env.optional_with(&format!("{P}CONSECUTIVE_FAILURES"), None, "5", |s| {
+                s.trim().parse::<u32>().map(Some).map_err(|e| e.to_string())
+            });
+        let open_duration = env.duration(&format!("{P}OPEN_DURATION"), d.open_duration, "10s");
+        let max_open_duration =
+            env.duration(&format!("{P}MAX_OPEN_DURATION"), d.max_open_duration, "5m");
+        let backoff_multiplier =
+            env.optional(&format!("{P}BACKOFF_MULTIPLIER"), d.backoff_multiplier, "2");
+        let jitter = env.optional(&format!("{P}JITTER"), d.jitter, "0.2");
+        let half_open_probes =
+            env.optional(&format!("{P}HALF_OPEN_PROBES"), d.half_open_probes, "3");
+        let max_wait_in_half_open = env.optional_with(
+            &format!("{P}MAX_WAIT_IN_HALF_OPEN"),
+            d.max_wait_in_half_open,
+            "60s",
+            |s| match s.trim() {
+                "none" | "off" => Ok(None),
+                other => crate::config::duration::parse(other).map(Some),
+            },
+        );
+        let cfg = Self {
+            name,
+            window_kind,
+            window_size,
+            failure_rate_threshold,
+            slow_call_duration,
+            slow_call_rate_threshold,
+            minimum_calls,
+            consecutive_failures,
+            open_duration,
+            max_open_duration,
+            backoff_multiplier,
+            jitter,
+            half_open_probes,
+            max_wait_in_half_open,
+        };
+        if env.problems().is_empty() {
+            if let Err(err) = cfg.validate() {
+                env.problem(
+                    &format!("{P}*"),
+                    crate::config::ProblemKind::Invalid {
+                        value: String::new(),
+                        reason: err.to_string(),
+                    },
+                    "see CircuitBreakerConfig",
+                );
+            }
+        }
+        cfg
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let cfg = CircuitBreakerConfig::default();
+        cfg.validate().unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let back: CircuitBreakerConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(
+            serde_json::from_str::<CircuitBreakerConfig>("{}").unwrap(),
+            cfg
+        );
+        let err = serde_json::from_str::<CircuitBreakerConfig>(r#"{"window":3}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_typed_errors() {
+        use CircuitBreakerConfigError as E;
+        let base = CircuitBreakerConfig::default;
+        type Check = fn(&E) -> bool;
+        let cases: Vec<(CircuitBreakerConfig, Check)> = vec![
+            (
+                CircuitBreakerConfig {
+                    window_size: 0,
+                    ..base()
+                },
+                |e| matches!(e, E::WindowSize { .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    window_kind: WindowKind::Time,
+                    window_size: 7200,
+                    ..base()
+                },
+                |e| matches!(e, E::WindowSize { max: 3600, .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    failure_rate_threshold: 0.0,
+                    ..base()
+                },
+                |e| matches!(e, E::Threshold { .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    slow_call_rate_threshold: f64::NAN,
+                    ..base()
+                },
+                |e| matches!(e, E::Threshold { .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    minimum_calls: 101,
+                    ..base()
+                },
+                |e| matches!(e, E::MinimumCalls { .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    consecutive_failures: Some(0),
+                    ..base()
+                },
+                |e| matches!(e, E::ConsecutiveFailures),
+            ),
+            (
+                CircuitBreakerConfig {
+                    max_open_duration: Duration::from_secs(1),
+                    ..base()
+                },
+                |e| matches!(e, E::Duration { .. }),
+            ),
+            (
+                CircuitBreakerConfig {
+                    backoff_multiplier: 0.5,
+                    ..base()
+                },
+                |e| matches!(e, E::Multiplier(_)),
+            ),
+            (
+                CircuitBreakerConfig {
+                    jitter: 1.0,
+                    ..base()
+                },
+                |e| matches!(e, E::Jitter(_)),
+            ),
+            (
+                CircuitBreakerConfig {
+                    half_open_probes: 0,
+                    ..base()
+                },
+                |e| matches!(e, E::HalfOpenProbes(0)),
+            ),
+        ];
+        for (cfg, check) in cases {
+            let err = cfg.validate().unwrap_err();
+            assert!(check(&err), "{err:?}");
+            assert!(cfg.build().is_err());
+        }
+        // a time window may hold any number of calls
+        CircuitBreakerConfig {
+            window_kind: WindowKind::Time,
+            window_size: 10,
+            minimum_calls: 1000,
+            ..base()
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn from_env_reports_every_problem() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_WINDOW_KIND", "sliding"),
+            ("PALISADE_CIRCUIT_BREAKER_OPEN_DURATION", "soon"),
+            ("PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES", "-1"),
+        ]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        assert_eq!(err.problems().len(), 3, "{err}");
+
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "150"),
+            ("PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN", "none"),
+        ]);
+        let cfg = CircuitBreakerConfig::from_env(&mut env);
+        assert_eq!(cfg.max_wait_in_half_open, None);
+        let err = env.finish().unwrap_err();
+        assert!(err.to_string().contains("failure_rate_threshold"), "{err}");
+
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION", "45s"),
+            ("PALISADE_CIRCUIT_BREAKER_NAME", "anthropic"),
+        ]);
+        let cfg = CircuitBreakerConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(45)));
+        assert_eq!(cfg.name, "anthropic");
+    }
+}

@@ -1,0 +1,109 @@
+//! Stop calling an upstream that keeps failing; probe it back to health.
+//!
+//! [`CircuitBreakerLayer`] wraps a client service (an HTTP client calling an LLM API, or
+//! any `tower::Service`). It judges every call with the shared [`classify`](crate::classify)
+//! rules (5xx, 529, timeouts and transport errors fail; other 4xx are ignored) or your
+//! own classifier, over a sliding window:
+//!
+//! - a **count window** (the last N calls) or a **time window** (the last N seconds, in
+//!   per-second buckets);
+//! - it opens when, with at least `minimum_calls` in the window, the **failure rate**
+//!   reaches its threshold, or the **slow-call rate** does (slow = longer than a duration),
+//!   or optionally after a run of **consecutive failures**.
+//!
+//! | state | calls | leaves when |
+//! |---|---|---|
+//! | `Closed` | pass, counted | a rule trips: `Open` |
+//! | `Open` | refused at once, with `retry_after` | the open duration passed: `HalfOpen` |
+//! | `HalfOpen` | exactly N probes pass, the rest are refused | all probes succeed: `Closed`; one fails, or they take longer than the maximum wait: `Open` |
+//! | `ForcedOpen` | refused | the handle says so |
+//! | `ForcedClosed` | pass, not counted | the handle says so |
+//! | `MetricsOnly` | pass, counted, never opens | the handle says so |
+//!
+//! The open duration grows (times `backoff_multiplier`, with jitter, up to
+//! `max_open_duration`) each time half-open fails, and falls back to its base when the
+//! circuit closes. A probe that is dropped or cancelled gives its slot back.
+//!
+//! A refused call never reaches the upstream. It costs an atomic load, a clock read and one small
+//! allocation (the error), and says when to come back: by default it is
+//! `Err(E::from(palisade::Error))` of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen)
+//! with `retry_after` (so the inner error type must implement `From<palisade::Error>`,
+//! as [`BoxError`](crate::BoxError) does); with
+//! [`respond_with`](CircuitBreakerLayer::respond_with) it is a rendered response (503 with
+//! `retry-after`, or 529 `overloaded_error` in the Anthropic format).
+//!
+//! The closed path is lock-free and allocation-free: one atomic load to admit a call; to
+//! record it, one compare-and-swap on the count window's head (its totals are touched only
+//! when an outcome changes), or one compare-and-swap on the current second's bucket of the
+//! time window, so the cost does not grow with the call rate. Transitions take a mutex,
+//! emit `tracing` events (`warn` when opening) and call your
+//! [`on_transition`](CircuitBreakerBuilder::on_transition) callbacks.
+//!
+//! A [`CircuitBreakerHandle`] (from the layer, a service, or a registry) forces and resets
+//! the breaker from anywhere and takes [`CircuitSnapshot`]s. A [`CircuitBreakerRegistry`]
+//! keeps one breaker per key (upstream host, model), bounded in number, and reports
+//! [`RegistryHealth`] as JSON for a `/health` endpoint.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//! use palisade::{BoxError, Error, ErrorKind};
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let layer = CircuitBreakerLayer::builder()
+//!     .name("anthropic")
+//!     .count_window(10)
+//!     .minimum_calls(4)
+//!     .failure_rate_threshold(50.0)
+//!     .open_duration(Duration::from_secs(5))
+//!     .jitter(0.0)
+//!     .build()
+//!     .unwrap();
+//! let handle = layer.handle();
+//!
+//! // An upstream that answers 503.
+//! let upstream = service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, BoxError>(http::Response::builder().status(503).body(()).unwrap())
+//! });
+//! let mut svc = layer.layer(upstream);
+//! for _ in 0..4 {
+//!     let response = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap();
+//!     assert_eq!(response.status(), 503);
+//! }
+//! assert_eq!(handle.state(), CircuitState::Open);
+//!
+//! // Refused without calling the upstream, with the time until the next probe.
+//! let err = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap_err();
+//! let err = err.downcast::<Error>().unwrap();
+//! assert_eq!(err.kind(), ErrorKind::CircuitOpen);
+//! assert_eq!(err.retry_after(), Some(Duration::from_secs(5)));
+//! # }
+//! ```
+
+mod config;
+mod future;
+mod layer;
+mod registry;
+mod state;
+mod window;
+
+pub use config::{
+    CircuitBreakerConfig, CircuitBreakerConfigError, MAX_COUNT_WINDOW, MAX_HALF_OPEN_PROBES,
+    MAX_TIME_WINDOW_SECS, WindowKind,
+};
+pub use future::{RespondFuture, ResponseFuture};
+pub use layer::{CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, Respond, ReturnError};
+pub use registry::{
+    BreakerKey, CircuitBreakerRegistry, KeyedCircuitBreaker, KeyedCircuitBreakerLayer,
+    RegistryHealth,
+};
+pub use state::{
+    CircuitBreakerHandle, CircuitSnapshot, CircuitState, Transition, TransitionReason,
+};
+
+#[cfg(test)]
+mod tests;

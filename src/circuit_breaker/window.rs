@@ -1,0 +1,327 @@
+//! The sliding windows a breaker judges the upstream by, lock-free.
+//!
+//! - [`CountWindow`]: a ring of the last N outcomes (one byte each) and one packed
+//!   `AtomicU64` of totals (calls, failures, slow calls; 21 bits each). A call claims the
+//!   next slot with one compare-and-swap on the head, overwrites the slot, and touches the
+//!   totals only when the outcome differs from the one it replaces, so a steady stream of
+//!   successes costs one atomic read-modify-write. The window always slides: after 10,000
+//!   successes, 50 failures in a window of 100 are 50 %.
+//! - [`TimeWindow`]: a ring of per-second buckets, each one `AtomicU64` holding the
+//!   second it belongs to (22 bits) and its calls and failures (21 bits each); a second
+//!   ring holds slow calls. Recording is one compare-and-swap on the current bucket, which
+//!   also resets a stale bucket, so the cost does not grow with the call rate. Totals are
+//!   summed over the buckets (a few dozen loads) only when a failure or slow call is
+//!   recorded, or a snapshot is taken.
+
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+
+/// The outcome bits of one recorded call.
+pub(crate) const CALL: u8 = 1;
+/// The call failed.
+pub(crate) const FAILED: u8 = 2;
+/// The call was slow.
+pub(crate) const SLOW: u8 = 4;
+
+/// What a window holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+const BITS: u32 = 21;
+const MASK: u64 = (1 << BITS) - 1;
+
+const fn pack(outcome: u8) -> u64 {
+    let mut v = 0;
+    if outcome & CALL != 0 {
+        v |= 1;
+    }
+    if outcome & FAILED != 0 {
+        v |= 1 << BITS;
+    }
+    if outcome & SLOW != 0 {
+        v |= 1 << (2 * BITS);
+    }
+    v
+}
+
+const fn unpack(v: u64) -> Totals {
+    Totals {
+        calls: v & MASK,
+        failures: (v >> BITS) & MASK,
+        slow: (v >> (2 * BITS)) & MASK,
+    }
+}
+
+/// The last N calls.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    head: AtomicUsize,
+    totals: AtomicU64,
+}
+
+impl CountWindow {
+    /// A window of `size` calls (at most 2^21 - 1).
+    pub(crate) fn new(size: usize) -> Self {
+        debug_assert!(size > 0 && (size as u64) <= MASK);
+        Self {
+            slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
+            head: AtomicUsize::new(0),
+            totals: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one outcome; returns the totals after it when `outcome` is a failure or a
+    /// slow call (the only outcomes that can trip the breaker).
+    #[inline]
+    pub(crate) fn record(&self, outcome: u8) -> Option<Totals> {
+        let len = self.slots.len();
+        let mut i = self.head.load(Ordering::Relaxed);
+        loop {
+            let next = if i + 1 == len { 0 } else { i + 1 };
+            match self
+                .head
+                .compare_exchange_weak(i, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => i = now,
+            }
+        }
+        // The slot is ours for this lap: a plain load and store suffice.
+        let old = self.slots[i].load(Ordering::Relaxed);
+        if old != outcome {
+            self.slots[i].store(outcome, Ordering::Relaxed);
+            let delta = pack(outcome).wrapping_sub(pack(old));
+            let after = self
+                .totals
+                .fetch_add(delta, Ordering::AcqRel)
+                .wrapping_add(delta);
+            if outcome & (FAILED | SLOW) != 0 {
+                return Some(unpack(after));
+            }
+        } else if outcome & (FAILED | SLOW) != 0 {
+            return Some(self.totals());
+        }
+        None
+    }
+
+    /// The current totals.
+    pub(crate) fn totals(&self) -> Totals {
+        unpack(self.totals.load(Ordering::Acquire))
+    }
+
+    /// Forgets every outcome.
+    pub(crate) fn reset(&self) {
+        for slot in self.slots.iter() {
+            slot.store(0, Ordering::Relaxed);
+        }
+        self.head.store(0, Ordering::Relaxed);
+        self.totals.store(0, Ordering::Release);
+    }
+}
+
+const STAMP_BITS: u32 = 22;
+const STAMP_MASK: u64 = (1 << STAMP_BITS) - 1;
+const COUNT_SHIFT: u32 = STAMP_BITS;
+const SECOND_SHIFT: u32 = STAMP_BITS + BITS;
+
+/// The calls of the last N seconds, one bucket per second.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    /// stamp (22 bits) | calls (21 bits) | failures (21 bits)
+    buckets: Box<[AtomicU64]>,
+    /// stamp (22 bits) | slow calls (21 bits)
+    slow: Box<[AtomicU64]>,
+    secs: u64,
+    mask: usize,
+}
+
+impl TimeWindow {
+    /// A window of `secs` seconds (at most 3600).
+    pub(crate) fn new(secs: u32) -> Self {
+        let n = (secs as usize).next_power_of_two();
+        Self {
+            buckets: (0..n).map(|_| AtomicU64::new(STAMP_MASK)).collect(),
+            slow: (0..n).map(|_| AtomicU64::new(STAMP_MASK)).collect(),
+            secs: u64::from(secs),
+            mask: n - 1,
+        }
+    }
+
+    /// Records one outcome in the bucket of second `now_sec`; returns the totals after it
+    /// when `outcome` is a failure or a slow call.
+    #[inline]
+    pub(crate) fn record(&self, now_sec: u64, outcome: u8) -> Option<Totals> {
+        let stamp = now_sec & STAMP_MASK;
+        let idx = (now_sec as usize) & self.mask;
+        let bucket = &self.buckets[idx];
+        let failed = u64::from(outcome & FAILED != 0);
+        let mut cur = bucket.load(Ordering::Relaxed);
+        loop {
+            let (mut calls, mut failures) = if cur & STAMP_MASK == stamp {
+                ((cur >> COUNT_SHIFT) & MASK, (cur >> SECOND_SHIFT) & MASK)
+            } else {
+                (0, 0)
+            };
+            if calls == MASK {
+                // Saturated (2 million calls in one second): halve, keeping the rate.
+                calls /= 2;
+                failures /= 2;
+            }
+            calls += 1;
+            failures += failed;
+            let new = stamp | (calls << COUNT_SHIFT) | (failures << SECOND_SHIFT);
+            match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(actual) => cur = actual,
+            }
+        }
+        if outcome & SLOW != 0 {
+            let bucket = &self.slow[idx];
+            let mut cur = bucket.load(Ordering::Relaxed);
+            loop {
+                let slow = if cur & STAMP_MASK == stamp {
+                    ((cur >> COUNT_SHIFT) & MASK).min(MASK - 1)
+                } else {
+                    0
+                };
+                let new = stamp | ((slow + 1) << COUNT_SHIFT);
+                match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(actual) => cur = actual,
+                }
+            }
+        }
+        (outcome & (FAILED | SLOW) != 0).then(|| self.totals(now_sec))
+    }
+
+    /// The totals of the seconds `(now_sec - secs, now_sec]`.
+    pub(crate) fn totals(&self, now_sec: u64) -> Totals {
+        let mut t = Totals::default();
+        let live = |word: u64| {
+            let age = now_sec.wrapping_sub(word & STAMP_MASK) & STAMP_MASK;
+            age < self.secs
+        };
+        for (bucket, slow) in self.buckets.iter().zip(self.slow.iter()) {
+            let word = bucket.load(Ordering::Acquire);
+            if live(word) {
+                t.calls += (word >> COUNT_SHIFT) & MASK;
+                t.failures += (word >> SECOND_SHIFT) & MASK;
+            }
+            let word = slow.load(Ordering::Acquire);
+            if live(word) {
+                t.slow += (word >> COUNT_SHIFT) & MASK;
+            }
+        }
+        t.slow = t.slow.min(t.calls);
+        t
+    }
+
+    /// Forgets every outcome.
+    pub(crate) fn reset(&self) {
+        for b in self.buckets.iter().chain(self.slow.iter()) {
+            // Keep the stamp, zero the counts.
+            let word = b.load(Ordering::Relaxed);
+            b.store(word & STAMP_MASK, Ordering::Release);
+        }
+    }
+}
+
+/// Either window.
+#[derive(Debug)]
+pub(crate) enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_window_slides_after_a_long_run_of_successes() {
+        let w = CountWindow::new(100);
+        for _ in 0..10_000 {
+            assert_eq!(w.record(CALL), None);
+        }
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 100,
+                failures: 0,
+                slow: 0
+            }
+        );
+        let mut last = Totals::default();
+        for i in 1..=50 {
+            last = w.record(CALL | FAILED).unwrap();
+            assert_eq!(last.failures, i);
+        }
+        assert_eq!(last.calls, 100);
+        assert_eq!(last.failures, 50);
+        // 100 more failures: the window is all failures, never more than its size
+        for _ in 0..100 {
+            last = w.record(CALL | FAILED).unwrap();
+        }
+        assert_eq!(last.failures, 100);
+        // slow successes replace failures
+        for _ in 0..30 {
+            w.record(CALL | SLOW);
+        }
+        assert_eq!(
+            w.totals(),
+            Totals {
+                calls: 100,
+                failures: 70,
+                slow: 30
+            }
+        );
+        w.reset();
+        assert_eq!(w.totals(), Totals::default());
+        assert_eq!(
+            w.record(CALL | FAILED),
+            Some(Totals {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            })
+        );
+    }
+
+    #[test]
+    fn time_window_expires_old_seconds() {
+        let w = TimeWindow::new(10);
+        for _ in 0..1000 {
+            w.record(5, CALL);
+        }
+        let t = w.record(5, CALL | FAILED).unwrap();
+        assert_eq!((t.calls, t.failures), (1001, 1));
+        let t = w.record(14, CALL | FAILED | SLOW).unwrap();
+        assert_eq!((t.calls, t.failures, t.slow), (1002, 2, 1));
+        // second 5 has left the window at 15
+        let t = w.record(15, CALL | FAILED).unwrap();
+        assert_eq!((t.calls, t.failures, t.slow), (2, 2, 1));
+        // a bucket reused after a lap starts from zero (16 buckets for 10 s: 5 + 16 = 21)
+        let t = w.record(21, CALL | FAILED).unwrap();
+        assert_eq!((t.calls, t.failures), (3, 3));
+        // far later, everything has expired
+        assert_eq!(w.totals(100), Totals::default());
+        w.reset();
+        assert_eq!(w.totals(21), Totals::default());
+    }
+
+    #[test]
+    fn time_window_saturates_by_halving() {
+        let w = TimeWindow::new(1);
+        for i in 0..(MASK + 10) {
+            w.record(0, if i % 4 == 0 { CALL | FAILED } else { CALL });
+        }
+        let t = w.totals(0);
+        assert!(t.calls > MASK / 2 && t.calls <= MASK, "{t:?}");
+        let rate = t.failures as f64 / t.calls as f64;
+        assert!((rate - 0.25).abs() < 0.01, "{rate}");
+    }
+}
