@@ -6,11 +6,11 @@
 //!
 //! | layer | job | side |
 //! |---|---|---|
-//! | `RetryLayer` | retry failed upstream calls with exponential backoff and jitter, honouring `retry-after`, inside a retry budget | client |
-//! | `CircuitBreakerLayer` | stop calling an upstream that keeps failing; probe it back to health | client |
-//! | `RateLimitLayer` | per-key, per-route limits (sliding window, fixed window, GCRA), in memory or in Redis | server |
-//! | `SecurityHeadersLayer` | modern security headers, CSP with nonces, HSTS in production | server |
-//! | `CostMeterLayer` | read token usage from JSON and SSE responses, price it exactly, record and summarise it | server |
+//! | [`RetryLayer`] ([`retry`]) | retry failed upstream calls with exponential backoff and jitter, honouring `retry-after`, inside a retry budget, replaying bodies | client |
+//! | [`CircuitBreakerLayer`] ([`circuit_breaker`]) | stop calling an upstream that keeps failing (failure-rate and slow-call windows); probe it back to health; registry with health snapshots | client |
+//! | [`RateLimitLayer`] ([`rate_limit`]) | per-key, per-route limits (sliding window, fixed window, GCRA) with IETF `RateLimit` headers, atomic across rules, bounded in memory | server |
+//! | [`SecurityHeadersLayer`] ([`security_headers`]) | modern security headers, CSP with nonces, HSTS in production | server |
+//! | [`CostMeterLayer`] ([`cost`]) | read token usage from JSON and SSE responses, price it exactly, record and summarise it | server |
 //!
 //! The layers meet in a few shared modules, never in each other:
 //!
@@ -20,6 +20,7 @@
 //!   `retry-after`), shared by retry and circuit breaker;
 //! - [`config`]: typed configuration from files or environment variables, reporting every
 //!   problem at once;
+//! - [`validate`]: request validation with field-level errors (and `ValidatedJson` for axum);
 //! - [`key`]: API keys hashed, redacted and compared in constant time;
 //! - [`body`]: the response body type server-side layers answer with.
 //!
@@ -29,27 +30,72 @@
 //!
 //! ## Features
 //!
-//! - `redis`: Redis and Redis Cluster stores for limits, budgets and usage.
-//! - `postgres`: the PostgreSQL usage ledger.
-//! - `axum`: `IntoResponse` for [`Error`].
+//! - `axum`: `IntoResponse` for [`Error`], the `ValidatedJson` and `CspNonce` extractors,
+//!   and peer IPs from axum's `ConnectInfo` for rate-limit keys.
+//! - `redis`: reserved for the Redis and Redis Cluster stores of limits, budgets and usage
+//!   (the store traits are shaped for them; the stores land in a later release).
+//! - `postgres`: reserved for the PostgreSQL usage ledger (a later release).
 //!
 //! The default build needs no server and no network.
 //!
-//! ## Example
+//! ## Example: the whole stack
+//!
+//! A gateway's two sides: the client that calls the upstream (retry outside, circuit
+//! breaker inside, so each retry asks the breaker), and the server that faces callers
+//! (security headers, rate limit, cost meter). Every layer also works on its own.
 //!
 //! ```
-//! use palisade::{Error, ErrorFormat};
-//! use tower::{ServiceExt, service_fn};
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use palisade::circuit_breaker::CircuitBreakerLayer;
+//! use palisade::cost::{CostMeterLayer, MemorySink, PriceTable, RecorderConfig, UsageRecorder};
+//! use palisade::rate_limit::{KeySource, Quota, RateLimitLayer, Rule};
+//! use palisade::retry::{ReplayBody, RetryLayer};
+//! use palisade::security_headers::SecurityHeadersLayer;
+//! use palisade::BoxError;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! // A handler that refuses with a typed error, rendered for Anthropic SDK clients.
-//! let svc = service_fn(|_req: http::Request<()>| async {
-//!     let refusal = Error::invalid_request("`max_tokens` must be at least 1");
-//!     Ok::<_, std::convert::Infallible>(refusal.to_response(ErrorFormat::Anthropic))
+//! # async fn main() -> Result<(), BoxError> {
+//! // The upstream (here a function; in production a hyper-util `Client`).
+//! let upstream = service_fn(|_req: http::Request<ReplayBody<Full<Bytes>>>| async {
+//!     let body = r#"{"type":"message","model":"claude-sonnet-4-5","content":[],
+//!                    "usage":{"input_tokens":1000,"output_tokens":200}}"#;
+//!     let response = http::Response::builder()
+//!         .header("content-type", "application/json")
+//!         .body(Full::new(Bytes::from(body)))?;
+//!     Ok::<_, BoxError>(response)
 //! });
-//! let response = svc.oneshot(http::Request::new(())).await.unwrap();
-//! assert_eq!(response.status(), 400);
+//! let client = ServiceBuilder::new()
+//!     .layer(RetryLayer::builder().max_retries(2).build()?)
+//!     .layer(CircuitBreakerLayer::builder().build()?)
+//!     .service(upstream);
+//!
+//! // The server side, forwarding to the client.
+//! let sink = Arc::new(MemorySink::new());
+//! let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+//! let server = ServiceBuilder::new()
+//!     .layer(SecurityHeadersLayer::api())
+//!     .layer(RateLimitLayer::new([
+//!         Rule::new("chat", Quota::per_minute(20)).key(KeySource::ApiKey),
+//!     ])?)
+//!     .layer(CostMeterLayer::new(PriceTable::builtin(), recorder))
+//!     .service_fn(move |req: http::Request<Full<Bytes>>| client.clone().oneshot(req));
+//!
+//! let request = http::Request::post("/v1/messages")
+//!     .header("x-api-key", "sk-ant-example")
+//!     .body(Full::new(Bytes::from_static(b"{}")))?;
+//! let response = server.oneshot(request).await?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+//! assert_eq!(response.headers()["ratelimit"], "\"chat\";r=19;t=60");
+//! response.into_body().collect().await?;
+//!
+//! shutdown.shutdown().await; // flushes the usage queue
+//! // 1,000 input tokens at $3/MTok + 200 output tokens at $15/MTok
+//! assert_eq!(sink.records()[0].cost.unwrap().to_string(), "$0.006");
+//! # Ok(())
 //! # }
 //! ```
 //!
@@ -69,8 +115,11 @@ pub mod security_headers;
 pub mod validate;
 
 pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
-pub use retry::{Retry, RetryLayer};
-pub use security_headers::{SecurityHeadersConfig, SecurityHeadersLayer};
+pub use circuit_breaker::CircuitBreakerLayer;
+pub use cost::CostMeterLayer;
+pub use rate_limit::RateLimitLayer;
+pub use retry::RetryLayer;
+pub use security_headers::SecurityHeadersLayer;
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]
