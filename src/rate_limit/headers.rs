@@ -40,7 +40,6 @@
 //! # }
 //! ```
 
-use std::io::Write;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
@@ -69,23 +68,68 @@ pub(crate) fn policy_value(name: &str, limit: u64, window: Duration) -> HeaderVa
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"policy\""))
 }
 
-/// `"name";r=remaining;t=secs`.
+/// `"name";r=remaining;t=secs`, written by hand into a stack buffer (no `fmt` machinery:
+/// this runs for every limited response).
 pub(crate) fn ratelimit_value(name: &str, remaining: u64, reset_secs: u64) -> HeaderValue {
-    let mut buf = [0u8; 128];
-    let len = {
-        let mut cursor = std::io::Cursor::new(&mut buf[..]);
-        match write!(cursor, "\"{name}\";r={remaining};t={reset_secs}") {
-            Ok(()) => usize::try_from(cursor.position()).unwrap_or(0),
-            Err(_) => 0,
-        }
-    };
-    if len > 0 {
-        if let Ok(v) = HeaderValue::from_bytes(&buf[..len]) {
+    let mut buf = StackBuf::new();
+    buf.push(b"\"");
+    buf.push(name.as_bytes());
+    buf.push(b"\";r=");
+    buf.push_u64(remaining);
+    buf.push(b";t=");
+    buf.push_u64(reset_secs);
+    if let Some(bytes) = buf.bytes() {
+        if let Ok(v) = HeaderValue::from_bytes(bytes) {
             return v;
         }
     }
     let s = format!("\"{name}\";r={remaining};t={reset_secs}");
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"policy\";r=0;t=1"))
+}
+
+/// A small fixed buffer that records overflow instead of growing.
+struct StackBuf {
+    buf: [u8; 128],
+    len: usize,
+    overflow: bool,
+}
+
+impl StackBuf {
+    fn new() -> Self {
+        Self {
+            buf: [0; 128],
+            len: 0,
+            overflow: false,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(dst) if !self.overflow => {
+                dst.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            _ => self.overflow = true,
+        }
+    }
+
+    fn push_u64(&mut self, mut n: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn bytes(&self) -> Option<&[u8]> {
+        (!self.overflow).then_some(&self.buf[..self.len])
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +186,22 @@ pub(crate) mod tests {
             policy_value("fast", 5, Duration::from_millis(500)),
             "\"fast\";q=5;w=1"
         );
+    }
+
+    #[test]
+    fn ratelimit_values_match_the_formatted_text() {
+        for (r, t) in [
+            (0, 0),
+            (1, 9),
+            (10, 100),
+            (u64::MAX, 12_345),
+            (999_999, u64::MAX),
+        ] {
+            assert_eq!(
+                ratelimit_value("n", r, t).to_str().unwrap(),
+                format!("\"n\";r={r};t={t}")
+            );
+        }
     }
 
     #[test]

@@ -642,47 +642,59 @@ impl<St: Store> Shared<St> {
     fn pending<B>(&self, req: &Request<B>) -> PendingList {
         let mut pending = PendingList::new();
         for (i, compiled) in self.rules.iter().enumerate() {
-            let rule = &compiled.rule;
-            if !rule.matches(req) {
-                continue;
+            if let Some(p) = self.pending_for(i as u32, compiled, req) {
+                pending.push(p);
             }
-            let key = match rule.key.extract(req, &self.proxies) {
-                Some(k) => k,
-                None if rule.skip_anonymous => continue,
-                None => RateKey::Anonymous,
-            };
-            let index = i as u32;
-            let params = if self.override_count.load(Ordering::Acquire) > 0 {
-                self.params_for(index, &key).0
-            } else {
-                compiled.params
-            };
-            pending.push(Pending {
-                index,
-                key,
-                params,
-                cost: rule.cost.of(req),
-            });
         }
         pending
     }
 
+    /// The pending check of one rule, if it applies to the request.
+    #[inline]
+    fn pending_for<B>(
+        &self,
+        index: u32,
+        compiled: &CompiledRule,
+        req: &Request<B>,
+    ) -> Option<Pending> {
+        let rule = &compiled.rule;
+        if !rule.matches(req) {
+            return None;
+        }
+        let key = match rule.key.extract(req, &self.proxies) {
+            Some(k) => k,
+            None if rule.skip_anonymous => return None,
+            None => RateKey::Anonymous,
+        };
+        let params = if self.override_count.load(Ordering::Acquire) > 0 {
+            self.params_for(index, &key).0
+        } else {
+            compiled.params
+        };
+        Some(Pending {
+            index,
+            key,
+            params,
+            cost: rule.cost.of(req),
+        })
+    }
+
+    #[inline]
+    fn item<'a>(&'a self, p: &'a Pending) -> CheckItem<'a> {
+        let rule = &self.rules[p.index as usize].rule;
+        CheckItem {
+            rule_index: p.index,
+            rule: &rule.name,
+            key: &p.key,
+            params: p.params,
+            cost: p.cost,
+            shadow: rule.shadow,
+        }
+    }
+
     #[inline]
     fn items<'a>(&'a self, pending: &'a [Pending]) -> SmallVec<[CheckItem<'a>; 2]> {
-        pending
-            .iter()
-            .map(|p| {
-                let rule = &self.rules[p.index as usize].rule;
-                CheckItem {
-                    rule_index: p.index,
-                    rule: &rule.name,
-                    key: &p.key,
-                    params: p.params,
-                    cost: p.cost,
-                    shadow: rule.shadow,
-                }
-            })
-            .collect()
+        pending.iter().map(|p| self.item(p)).collect()
     }
 
     /// Turns a store's answer into what the layer does.
@@ -849,7 +861,10 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if self.shared.rules.len() == 1 {
+            return self.call_one(req);
+        }
         let pending = self.shared.pending(&req);
         if pending.is_empty() {
             return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
@@ -857,32 +872,85 @@ where
         let items = self.shared.items(&pending);
         if let Some(decision) = self.shared.store.check_now(&items) {
             drop(items);
-            return match self.shared.resolve(&pending, decision) {
-                Outcome::Admit(headers, reservation) => {
-                    if let Some(r) = reservation {
-                        req.extensions_mut().insert(r);
-                    }
-                    ResponseFuture::calling(self.inner.call(req), headers)
-                }
-                Outcome::Refuse(response) => ResponseFuture::refused(response),
-            };
+            let outcome = self.shared.resolve(&pending, decision);
+            return proceed(&mut self.inner, outcome, req);
         }
         let check = self.shared.store.check(&items);
         drop(items);
-        // The inner service was made ready by `poll_ready`; keep that one for this call.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture {
-            state: State::Checking {
-                check: Box::pin(check),
-                waiting: Some(Box::new(Waiting {
-                    req,
-                    inner,
-                    pending,
-                    shared: self.shared.clone(),
-                })),
-            },
+        wait(&mut self.inner, &self.shared, check, pending, req)
+    }
+}
+
+impl<S, St: Store> RateLimit<S, St> {
+    /// The common case of a layer with one rule: no lists are built for it.
+    #[inline]
+    fn call_one<B, ResBody>(&mut self, req: Request<B>) -> ResponseFuture<S, St, B>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    {
+        let shared = &self.shared;
+        let Some(pending) = shared.pending_for(0, &shared.rules[0], &req) else {
+            return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+        };
+        let item = shared.item(&pending);
+        if let Some(decision) = shared.store.check_now(std::slice::from_ref(&item)) {
+            let outcome = shared.resolve(std::slice::from_ref(&pending), decision);
+            return proceed(&mut self.inner, outcome, req);
         }
+        let check = shared.store.check(std::slice::from_ref(&item));
+        let mut list = PendingList::new();
+        list.push(pending);
+        wait(&mut self.inner, &self.shared, check, list, req)
+    }
+}
+
+/// Calls the inner service for an admitted request, or answers a refusal.
+#[inline]
+fn proceed<S, St, B, ResBody>(
+    inner: &mut S,
+    outcome: Outcome,
+    mut req: Request<B>,
+) -> ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: Store,
+{
+    match outcome {
+        Outcome::Admit(headers, reservation) => {
+            if let Some(r) = reservation {
+                req.extensions_mut().insert(r);
+            }
+            ResponseFuture::calling(inner.call(req), headers)
+        }
+        Outcome::Refuse(response) => ResponseFuture::refused(response),
+    }
+}
+
+/// Waits for an asynchronous store before calling the inner service.
+fn wait<S, St, B, ResBody>(
+    inner: &mut S,
+    shared: &Arc<Shared<St>>,
+    check: St::CheckFuture,
+    pending: PendingList,
+    req: Request<B>,
+) -> ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    St: Store,
+{
+    // The inner service was made ready by `poll_ready`; keep that one for this call.
+    let clone = inner.clone();
+    let inner = std::mem::replace(inner, clone);
+    ResponseFuture {
+        state: State::Checking {
+            check: Box::pin(check),
+            waiting: Some(Box::new(Waiting {
+                req,
+                inner,
+                pending,
+                shared: shared.clone(),
+            })),
+        },
     }
 }
 

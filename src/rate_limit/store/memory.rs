@@ -1,8 +1,7 @@
 //! The in-memory store: sharded, lock-light, bounded.
 
-use std::collections::HashMap;
 use std::future::{Ready, ready};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -71,45 +70,30 @@ enum Clock {
 #[repr(align(128))]
 struct Padded(Mutex<Shard>);
 
-type Shard = HashMap<MapKey, Entry, BuildHasherDefault<PassThrough>>;
+/// One shard: a hash table of slots found by their precomputed hash, so a lookup neither
+/// rehashes nor clones the key.
+type Shard = hashbrown::HashTable<Slot>;
 
-#[derive(Clone, Copy)]
-struct Entry {
+/// A resident key with its state.
+struct Slot {
+    hash: u64,
+    rule: u32,
+    key: RateKey,
     state: State,
     expires_at: u64,
 }
 
-/// A map key carrying its precomputed hash.
-#[derive(Clone, PartialEq, Eq)]
+impl Slot {
+    fn is(&self, rule: u32, key: &RateKey) -> bool {
+        self.rule == rule && self.key == *key
+    }
+}
+
+/// A key and its precomputed hash.
 struct MapKey {
     hash: u64,
     rule: u32,
     key: RateKey,
-}
-
-impl Hash for MapKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
-    }
-}
-
-/// A hasher that passes the precomputed hash through.
-#[derive(Default)]
-struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used by `MapKey`; fold anything else in for safety.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 impl std::fmt::Debug for MemoryStore {
@@ -171,7 +155,7 @@ impl MemoryStoreBuilder {
         Ok(MemoryStore {
             inner: Arc::new(Inner {
                 shards: (0..shards)
-                    .map(|_| Padded(Mutex::new(Shard::default())))
+                    .map(|_| Padded(Mutex::new(Shard::new())))
                     .collect(),
                 mask: shards - 1,
                 per_shard,
@@ -237,12 +221,17 @@ impl MemoryStore {
     }
 
     fn map_key(&self, rule: u32, key: &RateKey) -> MapKey {
-        let hash = self.inner.hasher.hash_one((rule, key));
+        let hash = self.hash(rule, key);
         MapKey {
             hash,
             rule,
             key: key.clone(),
         }
+    }
+
+    #[inline]
+    fn hash(&self, rule: u32, key: &RateKey) -> u64 {
+        self.inner.hasher.hash_one((rule, key))
     }
 
     fn shard_of(&self, hash: u64) -> usize {
@@ -271,7 +260,10 @@ impl MemoryStore {
         let mut rules: SmallVec<[RuleDecision; 2]> = SmallVec::new();
         for (item, key) in items.iter().zip(&keys) {
             let shard = guard_for(&mut guards, self.shard_of(key.hash));
-            let state = shard.get(key).map(|e| e.state).unwrap_or_default();
+            let state = shard
+                .find(key.hash, |s| s.is(key.rule, &key.key))
+                .map(|e| e.state)
+                .unwrap_or_default();
             let d = algorithm::decide(&item.params, &state, now, item.cost);
             rules.push(RuleDecision::from_decided(&d));
             decided.push(d);
@@ -290,14 +282,9 @@ impl MemoryStore {
     }
 
     fn check_one(&self, item: &CheckItem<'_>, now: u64) -> Decision {
-        let hash = self.inner.hasher.hash_one((item.rule_index, item.key));
+        let hash = self.hash(item.rule_index, item.key);
         let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
-        let probe = MapKey {
-            hash,
-            rule: item.rule_index,
-            key: item.key.clone(),
-        };
-        let entry = shard.get_mut(&probe);
+        let entry = shard.find_mut(hash, |s| s.is(item.rule_index, item.key));
         let state = entry.as_ref().map(|e| e.state).unwrap_or_default();
         let d = algorithm::decide(&item.params, &state, now, item.cost);
         let mut rule = RuleDecision::from_decided(&d);
@@ -309,7 +296,14 @@ impl MemoryStore {
                     e.state = d.state;
                     e.expires_at = d.expires_at;
                 }
-                None => self.insert(&mut shard, probe, d.state, d.expires_at, now),
+                None => {
+                    let key = MapKey {
+                        hash,
+                        rule: item.rule_index,
+                        key: item.key.clone(),
+                    };
+                    self.insert(&mut shard, key, d.state, d.expires_at, now);
+                }
             }
         }
         let mut rules = SmallVec::new();
@@ -321,7 +315,7 @@ impl MemoryStore {
     }
 
     fn commit(&self, shard: &mut Shard, key: MapKey, d: &algorithm::Decided, now: u64) {
-        match shard.get_mut(&key) {
+        match shard.find_mut(key.hash, |s| s.is(key.rule, &key.key)) {
             Some(e) => {
                 e.state = d.state;
                 e.expires_at = d.expires_at;
@@ -334,23 +328,33 @@ impl MemoryStore {
         if shard.len() >= self.inner.per_shard {
             self.make_room(shard, now);
         }
-        shard.insert(key, Entry { state, expires_at });
+        shard.insert_unique(
+            key.hash,
+            Slot {
+                hash: key.hash,
+                rule: key.rule,
+                key: key.key,
+                state,
+                expires_at,
+            },
+            |s| s.hash,
+        );
     }
 
     /// Drops idle keys; if the shard is still over 7/8 full, drops the keys nearest to
     /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts.
     fn make_room(&self, shard: &mut Shard, now: u64) {
-        shard.retain(|_, e| e.expires_at > now);
+        shard.retain(|e| e.expires_at > now);
         let target = self.inner.per_shard - self.inner.per_shard / 8 - 1;
         let target = target.min(self.inner.per_shard.saturating_sub(1));
         if shard.len() <= target {
             return;
         }
         let excess = shard.len() - target;
-        let mut expiries: Vec<u64> = shard.values().map(|e| e.expires_at).collect();
+        let mut expiries: Vec<u64> = shard.iter().map(|e| e.expires_at).collect();
         let (_, &mut cut, _) = expiries.select_nth_unstable(excess - 1);
         let mut dropped = 0usize;
-        shard.retain(|_, e| {
+        shard.retain(|e| {
             if dropped < excess && e.expires_at <= cut {
                 dropped += 1;
                 false
@@ -372,7 +376,7 @@ impl MemoryStore {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
             let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-            if let Some(e) = shard.get_mut(&key) {
+            if let Some(e) = shard.find_mut(key.hash, |s| s.is(key.rule, &key.key)) {
                 e.state = algorithm::settle(&s.params, &e.state, s.window_start, s.delta);
                 if s.params.algorithm == super::super::Algorithm::Gcra {
                     e.expires_at = e.state.start;
@@ -385,7 +389,10 @@ impl MemoryStore {
     pub fn peek_now(&self, item: &CheckItem<'_>) -> RuleDecision {
         let key = self.map_key(item.rule_index, item.key);
         let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-        let state = shard.get(&key).map(|e| e.state).unwrap_or_default();
+        let state = shard
+            .find(key.hash, |s| s.is(key.rule, &key.key))
+            .map(|e| e.state)
+            .unwrap_or_default();
         let d = algorithm::decide(&item.params, &state, self.now_micros(), 0);
         RuleDecision::from_decided(&d)
     }
@@ -393,7 +400,10 @@ impl MemoryStore {
     /// Forgets one rule's state for one key.
     pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
         let key = self.map_key(rule_index, key);
-        lock(&self.inner.shards[self.shard_of(key.hash)].0).remove(&key);
+        let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
+        if let Ok(entry) = shard.find_entry(key.hash, |s| s.is(key.rule, &key.key)) {
+            entry.remove();
+        }
     }
 }
 
