@@ -188,7 +188,7 @@ fn bp(percent: f64) -> u64 {
     (percent * 100.0).round() as u64
 }
 
-/// What a permit was admitted as.
+/// What a permit was admitted as (generations are truncated to [`GEN_BITS`] bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PermitKind {
     Closed(u64),
@@ -197,27 +197,73 @@ enum PermitKind {
     Untracked,
 }
 
+/// Bits of a generation a permit keeps: a call would have to outlive 2^26 transitions to
+/// be mistaken for one of the current period.
+const GEN_BITS: u32 = 26;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+/// Bits of a permit's start time (microseconds since the breaker's epoch, wrapping): the
+/// duration of a call shorter than 2^36 µs (19 hours) is exact to the microsecond.
+const START_BITS: u32 = 36;
+const START_MASK: u64 = (1 << START_BITS) - 1;
+const START_SHIFT: u32 = 2 + GEN_BITS;
+
+const TAG_UNTRACKED: u64 = 0;
+const TAG_CLOSED: u64 = 1;
+const TAG_METRICS: u64 = 2;
+const TAG_PROBE: u64 = 3;
+
+impl PermitKind {
+    /// Packs the kind and the start time (in nanoseconds) in one word, so a permit is two
+    /// words and the closed-path future stays small enough to be moved without `memcpy`.
+    #[inline]
+    const fn pack(self, start: u64) -> u64 {
+        let (tag, generation) = match self {
+            PermitKind::Untracked => (TAG_UNTRACKED, 0),
+            PermitKind::Closed(g) => (TAG_CLOSED, g),
+            PermitKind::Metrics(g) => (TAG_METRICS, g),
+            PermitKind::Probe(g) => (TAG_PROBE, g),
+        };
+        tag | ((generation & GEN_MASK) << 2) | (((start / 1000) & START_MASK) << START_SHIFT)
+    }
+
+    #[inline]
+    const fn unpack(bits: u64) -> Self {
+        let generation = (bits >> 2) & GEN_MASK;
+        match bits & 3 {
+            TAG_CLOSED => PermitKind::Closed(generation),
+            TAG_METRICS => PermitKind::Metrics(generation),
+            TAG_PROBE => PermitKind::Probe(generation),
+            _ => PermitKind::Untracked,
+        }
+    }
+}
+
 /// The right to make one call. Dropped without [`Permit::complete`], a half-open probe
 /// gives its slot back.
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: Arc<Shared>,
-    kind: PermitKind,
-    start: u64,
+    /// tag (2 bits) | generation (26 bits) | start in µs (36 bits)
+    bits: u64,
 }
 
 impl Permit {
     /// Records the call's outcome.
     #[inline]
     pub(crate) fn complete(mut self, outcome: Outcome) {
-        let kind = std::mem::replace(&mut self.kind, PermitKind::Untracked);
-        self.shared.complete(kind, self.start, outcome);
+        let bits = std::mem::replace(&mut self.bits, TAG_UNTRACKED);
+        self.shared.complete(
+            PermitKind::unpack(bits),
+            (bits >> START_SHIFT) & START_MASK,
+            outcome,
+        );
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
-        if let PermitKind::Probe(generation) = self.kind {
+        if let PermitKind::Probe(generation) = PermitKind::unpack(self.bits) {
             self.shared.release_probe(generation);
         }
     }
@@ -337,8 +383,7 @@ impl Shared {
             };
             return Ok(Permit {
                 shared: Arc::clone(self),
-                kind,
-                start,
+                bits: kind.pack(start),
             });
         }
     }
@@ -346,7 +391,7 @@ impl Shared {
     /// `Some(true)` when a probe slot was reserved, `Some(false)` when all are taken,
     /// `None` when half-open has moved on.
     fn reserve_probe(&self, generation: u64) -> Option<bool> {
-        let tag = generation & 0xffff_ffff;
+        let tag = generation & GEN_MASK;
         let mut cur = self.half_open.load(Ordering::Acquire);
         loop {
             if cur & 0xffff_ffff != tag {
@@ -369,7 +414,7 @@ impl Shared {
     }
 
     fn release_probe(&self, generation: u64) {
-        let tag = generation & 0xffff_ffff;
+        let tag = generation & GEN_MASK;
         let _ = self
             .half_open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
@@ -400,13 +445,15 @@ impl Shared {
             Duration::ZERO
         };
         let slow = self.params.slow_nanos.is_some_and(|limit| {
+            // `start` is in whole microseconds (wrapping), `now` in nanoseconds.
             let now = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-            now.saturating_sub(start) > limit
+            let micros = (now / 1000).wrapping_sub(start) & START_MASK;
+            micros * 1000 + now % 1000 > limit
         });
         if !counted {
             return self.complete_probe(generation, failed, slow);
         }
-        if split(self.word.load(Ordering::Acquire)).0 != generation {
+        if split(self.word.load(Ordering::Acquire)).0 & GEN_MASK != generation {
             return; // admitted in an earlier period
         }
         let mut outcome = CALL;
@@ -461,7 +508,7 @@ impl Shared {
             self.transition(generation, HALF_OPEN, OPEN, TransitionReason::ProbeFailed);
             return;
         }
-        let tag = generation & 0xffff_ffff;
+        let tag = generation & GEN_MASK;
         let probes = u64::from(self.params.probes);
         let updated = self
             .half_open
@@ -496,10 +543,12 @@ impl Shared {
     /// Moves from `(generation, from)` to `to`, if the breaker is still there.
     fn transition(&self, generation: u64, from: u8, to: u8, reason: TransitionReason) -> bool {
         let mut reopens = self.reopens.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.word.load(Ordering::Acquire) != word(generation, from) {
+        // `generation` may be a permit's truncated one.
+        let (current, state) = split(self.word.load(Ordering::Acquire));
+        if state != from || current & GEN_MASK != generation & GEN_MASK {
             return false;
         }
-        let open_for = self.enter(&mut reopens, generation + 1, from, to);
+        let open_for = self.enter(&mut reopens, current + 1, from, to);
         drop(reopens);
         self.emit(from, to, reason, open_for);
         true
@@ -536,7 +585,7 @@ impl Shared {
             }
             HALF_OPEN => {
                 self.half_open
-                    .store(generation & 0xffff_ffff, Ordering::Release);
+                    .store(generation & GEN_MASK, Ordering::Release);
                 let deadline = self.params.max_wait.map_or(u64::MAX, |d| {
                     now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
                 });

@@ -794,3 +794,15 @@ fn half_open_never_admits_more_than_n_under_contention() {
         }
     });
 }
+
+#[test]
+fn the_closed_path_future_adds_only_two_words() {
+    // A permit is an `Arc` and one packed word; the future of a ready upstream stays at
+    // 128 bytes, small enough to be moved inline rather than through `memcpy`.
+    type Ready = std::future::Ready<Result<Response<()>, BoxError>>;
+    assert_eq!(std::mem::size_of::<Option<super::state::Permit>>(), 16);
+    assert_eq!(
+        std::mem::size_of::<ResponseFuture<Ready, crate::classify::DefaultClassifier>>(),
+        std::mem::size_of::<Ready>() + 16
+    );
+}
