@@ -114,9 +114,9 @@ pub mod retry;
 pub mod security_headers;
 pub mod validate;
 
-pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use cost::CostMeterLayer;
+pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
 pub use rate_limit::RateLimitLayer;
 pub use retry::RetryLayer;
 pub use security_headers::SecurityHeadersLayer;
