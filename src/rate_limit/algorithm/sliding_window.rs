@@ -56,13 +56,15 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     let mut decided = Decided {
         verdict: Verdict::Allowed,
         state: State { start, prev, count },
-        remaining: remaining_after(count),
+        remaining: 0,
         reset: w - elapsed,
         expires_at: start + 2 * w,
         window_start: start,
     };
+    // `remaining` is computed once, for the state the decision leaves behind.
     if cost > limit {
         decided.verdict = Verdict::Never;
+        decided.remaining = remaining_after(count);
     } else if fits(cost) {
         decided.state.count = count + cost;
         decided.remaining = remaining_after(count + cost);
@@ -70,6 +72,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         decided.verdict = Verdict::Denied {
             retry_after: wait(params, prev, count, cost, elapsed),
         };
+        decided.remaining = remaining_after(count);
     }
     decided
 }
@@ -106,6 +109,9 @@ fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 
 
 /// `ceil(a × b / c)`, in u64 when it fits.
 fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
+    if a == 0 {
+        return 0;
+    }
     match a.checked_mul(b) {
         Some(p) => p.div_ceil(c),
         None => u64::try_from((u128::from(a) * u128::from(b)).div_ceil(u128::from(c)))

@@ -74,9 +74,9 @@ struct Padded(Mutex<Shard>);
 /// rehashes nor clones the key.
 type Shard = hashbrown::HashTable<Slot>;
 
-/// A resident key with its state.
+/// A resident key with its state (64 bytes: the hash is recomputed on the rare rehash
+/// instead of being stored, so a slot is one cache line's worth).
 struct Slot {
-    hash: u64,
     rule: u32,
     key: RateKey,
     state: State,
@@ -84,6 +84,7 @@ struct Slot {
 }
 
 impl Slot {
+    #[inline]
     fn is(&self, rule: u32, key: &RateKey) -> bool {
         self.rule == rule && self.key == *key
     }
@@ -234,6 +235,7 @@ impl MemoryStore {
         self.inner.hasher.hash_one((rule, key))
     }
 
+    #[inline]
     fn shard_of(&self, hash: u64) -> usize {
         (hash >> 40) as usize & self.inner.mask
     }
@@ -328,16 +330,16 @@ impl MemoryStore {
         if shard.len() >= self.inner.per_shard {
             self.make_room(shard, now);
         }
+        let hasher = &self.inner.hasher;
         shard.insert_unique(
             key.hash,
             Slot {
-                hash: key.hash,
                 rule: key.rule,
                 key: key.key,
                 state,
                 expires_at,
             },
-            |s| s.hash,
+            |s| hasher.hash_one((s.rule, &s.key)),
         );
     }
 
