@@ -69,6 +69,15 @@ impl Environment {
     }
 }
 
+impl Environment {
+    /// Reads `PALISADE_ENV` (default: development), recording a problem in `env` when it is
+    /// invalid. Every layer that depends on the environment reads it through here, and `Env`
+    /// reports a variable's problem once however many readers there are.
+    pub fn from_env(env: &mut Env) -> Self {
+        env.optional("PALISADE_ENV", Environment::default(), "production")
+    }
+}
+
 impl FromStr for Environment {
     type Err = String;
 
@@ -198,7 +207,7 @@ impl Settings {
     /// Reads `PALISADE_ENV`, `PALISADE_FEATURES`, `PALISADE_ERROR_FORMAT` and
     /// `PALISADE_REDIS_URL`, recording problems in `env`.
     pub fn from_env(env: &mut Env) -> Self {
-        let environment = env.optional("PALISADE_ENV", Environment::default(), "production");
+        let environment = Environment::from_env(env);
         let features = env.optional(
             "PALISADE_FEATURES",
             FeatureFlags::default(),
@@ -412,8 +421,16 @@ impl Env {
     }
 
     /// Records a problem found by other means (for example two variables that contradict
-    /// each other).
+    /// each other). The same problem with the same variable is recorded once, so several
+    /// readers of one variable (such as `PALISADE_ENV`) report it once.
     pub fn problem(&mut self, name: &str, kind: ProblemKind, example: &str) {
+        if self
+            .problems
+            .iter()
+            .any(|p| p.name == name && p.kind == kind)
+        {
+            return;
+        }
         self.problems.push(Problem {
             name: name.to_owned(),
             kind,
@@ -630,6 +647,15 @@ mod tests {
         let rendered = crate::Error::from(err).to_response(crate::ErrorFormat::ProblemJson);
         assert_eq!(rendered.status(), 500);
         assert!(!String::from_utf8_lossy(rendered.body().as_bytes()).contains("PORT"));
+    }
+
+    #[test]
+    fn a_variable_read_twice_is_reported_once() {
+        let mut env = Env::from_pairs([("PALISADE_ENV", "staging")]);
+        let _ = Environment::from_env(&mut env);
+        let _ = Settings::from_env(&mut env);
+        let _ = Environment::from_env(&mut env);
+        assert_eq!(env.problems().len(), 1);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::values::{
     CrossOriginEmbedderPolicy, CrossOriginOpenerPolicy, CrossOriginResourcePolicy, FrameOptions,
     HeaderMode, Hsts, HstsWhen, PermissionsPolicy, ReferrerPolicy, XssProtection,
 };
-use crate::config::{Env, Environment, ProblemKind};
+use crate::config::{Env, Environment};
 
 /// Which preset the configuration starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -210,22 +210,7 @@ impl SecurityHeadersConfig {
     /// ```
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
-        let environment = match env.raw("PALISADE_ENV").map(str::parse::<Environment>) {
-            Some(Ok(environment)) => environment,
-            Some(Err(reason)) => {
-                // Settings::from_env may already have reported it; report it once.
-                if !env.problems().iter().any(|p| p.name == "PALISADE_ENV") {
-                    let value = env.raw("PALISADE_ENV").unwrap_or_default().to_owned();
-                    env.problem(
-                        "PALISADE_ENV",
-                        ProblemKind::Invalid { value, reason },
-                        "production",
-                    );
-                }
-                d.environment
-            }
-            None => d.environment,
-        };
+        let environment = Environment::from_env(env);
         let modes = env.optional_with(&var("MODES"), BTreeMap::new(), "x-frame-options=off", |s| {
             let mut map = BTreeMap::new();
             for item in list(s) {
