@@ -15,6 +15,7 @@ use failsafe::futures::CircuitBreaker as _;
 use http::{Request, Response};
 use palisade::BoxError;
 use palisade::circuit_breaker::CircuitBreakerLayer;
+use palisade::clock::ClockSource;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 type Upstream = tower::util::ServiceFn<fn(Request<()>) -> Ready<Result<Response<()>, BoxError>>>;
@@ -78,6 +79,20 @@ fn closed_path(c: &mut Criterion) {
         .unwrap();
     bench_service(c, &rt, "palisade_time_10s", time.layer(upstream()));
 
+    let fast = CircuitBreakerLayer::builder()
+        .time_window(Duration::from_secs(10))
+        .clock(ClockSource::Fast)
+        .build()
+        .unwrap();
+    bench_service(c, &rt, "palisade_time_10s_fast", fast.layer(upstream()));
+
+    let coarse = CircuitBreakerLayer::builder()
+        .time_window(Duration::from_secs(10))
+        .clock(ClockSource::Coarse)
+        .build()
+        .unwrap();
+    bench_service(c, &rt, "palisade_time_10s_coarse", coarse.layer(upstream()));
+
     let slow = CircuitBreakerLayer::builder()
         .time_window(Duration::from_secs(10))
         .slow_calls(Duration::from_secs(30), 80.0)
@@ -88,6 +103,19 @@ fn closed_path(c: &mut Criterion) {
         &rt,
         "palisade_time_10s_slow_rule",
         slow.layer(upstream()),
+    );
+
+    let slow_coarse = CircuitBreakerLayer::builder()
+        .time_window(Duration::from_secs(10))
+        .slow_calls(Duration::from_secs(30), 80.0)
+        .clock(ClockSource::Coarse)
+        .build()
+        .unwrap();
+    bench_service(
+        c,
+        &rt,
+        "palisade_time_10s_slow_rule_coarse",
+        slow_coarse.layer(upstream()),
     );
 
     use tower_resilience::circuitbreaker::{CircuitBreakerLayer as TrLayer, SlidingWindowType};

@@ -22,10 +22,12 @@
 //!   problem at once;
 //! - [`validate`]: request validation with field-level errors (and `ValidatedJson` for axum);
 //! - [`key`]: API keys hashed, redacted and compared in constant time;
-//! - [`body`]: the response body type server-side layers answer with.
+//! - [`body`]: the response body type server-side layers answer with;
+//! - [`clock`]: where layers read time.
 //!
-//! Time is tokio's clock everywhere (`tokio::time::Instant`), so tests run with a paused
-//! clock and no real sleeps. Money is integer. The hot paths allocate nothing they can
+//! Time is tokio's clock by default everywhere (`tokio::time::Instant`), so tests run with
+//! a paused clock and no real sleeps; hot paths can opt into a cached clock
+//! ([`clock::ClockSource::Coarse`]). Money is integer. The hot paths allocate nothing they can
 //! avoid.
 //!
 //! ## Features
@@ -105,6 +107,7 @@
 pub mod body;
 pub mod circuit_breaker;
 pub mod classify;
+pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod error;

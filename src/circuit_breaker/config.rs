@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::ClockSource;
 use crate::config::Env;
 
 /// Which calls the breaker judges the upstream by.
@@ -76,6 +77,10 @@ pub struct CircuitBreakerConfig {
     /// (default 60 s; `None` waits for ever).
     #[serde(with = "crate::config::duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
+    /// Where the breaker reads time (default [`ClockSource::Tokio`], which tests can
+    /// pause). [`ClockSource::Coarse`] makes a time window's closed path about one clock
+    /// read cheaper, with buckets and call durations late by up to about a millisecond.
+    pub clock: ClockSource,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -95,6 +100,7 @@ impl Default for CircuitBreakerConfig {
             jitter: 0.2,
             half_open_probes: 3,
             max_wait_in_half_open: Some(Duration::from_secs(60)),
+            clock: ClockSource::Tokio,
         }
     }
 }
@@ -345,6 +351,7 @@ impl CircuitBreakerConfig {
                 other => crate::config::duration::parse(other).map(Some),
             },
         );
+        let clock = env.optional(&format!("{P}CLOCK"), d.clock, "coarse");
         let cfg = Self {
             name,
             window_kind,
@@ -360,6 +367,7 @@ impl CircuitBreakerConfig {
             jitter,
             half_open_probes,
             max_wait_in_half_open,
+            clock,
         };
         if env.problems().is_empty() {
             if let Err(err) = cfg.validate() {
@@ -496,10 +504,16 @@ mod tests {
             ("PALISADE_CIRCUIT_BREAKER_WINDOW_KIND", "sliding"),
             ("PALISADE_CIRCUIT_BREAKER_OPEN_DURATION", "soon"),
             ("PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES", "-1"),
+            ("PALISADE_CIRCUIT_BREAKER_CLOCK", "wall"),
         ]);
         let _ = CircuitBreakerConfig::from_env(&mut env);
         let err = env.finish().unwrap_err();
-        assert_eq!(err.problems().len(), 3, "{err}");
+        assert_eq!(err.problems().len(), 4, "{err}");
+        assert!(
+            err.to_string()
+                .contains("expected `tokio`, `fast` or `coarse`"),
+            "{err}"
+        );
 
         let mut env = Env::from_pairs([
             ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "150"),
@@ -513,9 +527,11 @@ mod tests {
         let mut env = Env::from_pairs([
             ("PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION", "45s"),
             ("PALISADE_CIRCUIT_BREAKER_NAME", "anthropic"),
+            ("PALISADE_CIRCUIT_BREAKER_CLOCK", "coarse"),
         ]);
         let cfg = CircuitBreakerConfig::from_env(&mut env);
         env.finish().unwrap();
+        assert_eq!(cfg.clock, ClockSource::Coarse);
         assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(45)));
         assert_eq!(cfg.name, "anthropic");
     }

@@ -223,6 +223,30 @@ impl CircuitBreakerBuilder {
         self
     }
 
+    /// Where the breaker reads time (default [`ClockSource::Tokio`], which tests can
+    /// pause). [`ClockSource::Coarse`] saves a clock read per call of a time window or
+    /// slow-call rule, for times late by up to about a millisecond.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use palisade::circuit_breaker::CircuitBreakerLayer;
+    /// use palisade::clock::ClockSource;
+    ///
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .time_window(Duration::from_secs(30))
+    ///     .clock(ClockSource::Coarse)
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    ///
+    /// [`ClockSource::Tokio`]: crate::clock::ClockSource::Tokio
+    /// [`ClockSource::Coarse`]: crate::clock::ClockSource::Coarse
+    pub fn clock(mut self, source: crate::clock::ClockSource) -> Self {
+        self.config.clock = source;
+        self
+    }
+
     /// Calls `callback` on every state change (after it happened, outside any lock; it
     /// may use the handle).
     pub fn on_transition(mut self, callback: impl Fn(&Transition) + Send + Sync + 'static) -> Self {

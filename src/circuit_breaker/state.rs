@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::clock::Clock;
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 
 use super::config::{CircuitBreakerConfig, WindowKind};
 use super::window::{CALL, CountWindow, FAILED, SLOW, TimeWindow, Totals, Window};
@@ -168,7 +168,7 @@ pub(crate) struct Shared {
     open_until: AtomicU64,
     half_open_deadline: AtomicU64,
     since: AtomicU64,
-    epoch: Instant,
+    clock: Clock,
     epoch_wall: SystemTime,
     params: Params,
     reopens: Mutex<u32>,
@@ -288,7 +288,7 @@ impl Shared {
             open_until: AtomicU64::new(0),
             half_open_deadline: AtomicU64::new(u64::MAX),
             since: AtomicU64::new(0),
-            epoch: Instant::now(),
+            clock: Clock::new(cfg.clock),
             epoch_wall: SystemTime::now(),
             params: Params {
                 failure_bp: bp(cfg.failure_rate_threshold),
@@ -311,12 +311,7 @@ impl Shared {
 
     #[inline]
     fn now(&self) -> u64 {
-        u64::try_from(
-            Instant::now()
-                .saturating_duration_since(self.epoch)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+        self.clock.nanos()
     }
 
     /// The breaker's name.
@@ -439,14 +434,13 @@ impl Shared {
             PermitKind::Probe(generation) => (generation, false),
             PermitKind::Closed(generation) | PermitKind::Metrics(generation) => (generation, true),
         };
-        let elapsed = if self.params.needs_clock {
-            Instant::now().saturating_duration_since(self.epoch)
+        let now = if self.params.needs_clock {
+            self.now()
         } else {
-            Duration::ZERO
+            0
         };
         let slow = self.params.slow_nanos.is_some_and(|limit| {
             // `start` is in whole microseconds (wrapping), `now` in nanoseconds.
-            let now = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
             let micros = (now / 1000).wrapping_sub(start) & START_MASK;
             micros * 1000 + now % 1000 > limit
         });
@@ -465,7 +459,7 @@ impl Shared {
         }
         let totals = match &self.window {
             Window::Count(w) => w.record(outcome),
-            Window::Time(w) => w.record(elapsed.as_secs(), outcome),
+            Window::Time(w) => w.record(now / 1_000_000_000, outcome),
         };
         let in_a_row = match self.params.consecutive {
             Some(limit) if failed => self.consecutive.fetch_add(1, Ordering::AcqRel) + 1 >= limit,

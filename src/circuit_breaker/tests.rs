@@ -164,6 +164,37 @@ async fn time_window_counts_only_recent_seconds() {
     assert_eq!((snap.calls_in_window, snap.failures_in_window), (10, 5));
 }
 
+/// The coarse clock drives the window and the open duration from real time (cached), not
+/// from tokio's clock: a paused clock advanced by 20 s does not end a 10 s open period.
+#[tokio::test(start_paused = true)]
+async fn coarse_clock_time_window_trips_and_ignores_the_paused_clock() {
+    let builder = base()
+        .time_window(Duration::from_secs(10))
+        .slow_calls(Duration::from_secs(60), 100.0)
+        .clock(crate::clock::ClockSource::Coarse);
+    let (mut svc, handle, calls) = guarded(builder);
+    for _ in 0..5 {
+        send(&mut svc, OK).await.unwrap();
+    }
+    for _ in 0..4 {
+        send(&mut svc, FAIL).await.unwrap();
+    }
+    assert_eq!(handle.state(), CircuitState::Closed, "4 of 9");
+    let snap = handle.snapshot();
+    assert_eq!((snap.calls_in_window, snap.failures_in_window), (9, 4));
+    assert_eq!(snap.slow_calls_in_window, 0);
+    send(&mut svc, FAIL).await.unwrap();
+    assert_eq!(handle.state(), CircuitState::Open, "5 of 10");
+
+    let wait = refused_after(send(&mut svc, OK).await);
+    assert!(wait <= Duration::from_secs(10), "{wait:?}");
+    assert!(wait > Duration::from_secs(5), "{wait:?}");
+    tokio::time::advance(Duration::from_secs(20)).await;
+    assert_eq!(handle.state(), CircuitState::Open);
+    assert!(send(&mut svc, OK).await.is_err(), "still refused");
+    assert_eq!(calls.load(Ordering::SeqCst), 10, "no call while open");
+}
+
 #[tokio::test(start_paused = true)]
 async fn time_window_of_ten_thousand_successes_then_failures_opens() {
     let builder = base()
