@@ -35,7 +35,11 @@
 //! The closed path is lock-free and allocation-free: one atomic load to admit a call; to
 //! record it, one compare-and-swap on the count window's head (its totals are touched only
 //! when an outcome changes), or one compare-and-swap on the current second's bucket of the
-//! time window, so the cost does not grow with the call rate. Transitions take a mutex,
+//! time window, so the cost does not grow with the call rate. A time window or slow-call
+//! rule also reads the clock once a call: tokio's by default (tests pause it), or a
+//! cached one read with one atomic load when you choose
+//! [`ClockSource::Coarse`](crate::clock::ClockSource::Coarse) with
+//! [`clock`](CircuitBreakerBuilder::clock). Transitions take a mutex,
 //! emit `tracing` events (`warn` when opening) and call your
 //! [`on_transition`](CircuitBreakerBuilder::on_transition) callbacks.
 //!
