@@ -389,13 +389,19 @@ impl MemoryStore {
 
     /// The state of one rule for one key, unchanged.
     pub fn peek_now(&self, item: &CheckItem<'_>) -> RuleDecision {
+        self.peek_at(item, self.now_micros())
+    }
+
+    /// The state of one rule for one key at a given time (µs on the store's clock).
+    fn peek_at(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let key = self.map_key(item.rule_index, item.key);
         let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
         let state = shard
             .find(key.hash, |s| s.is(key.rule, &key.key))
             .map(|e| e.state)
             .unwrap_or_default();
-        let d = algorithm::decide(&item.params, &state, self.now_micros(), 0);
+        drop(shard);
+        let d = algorithm::decide(&item.params, &state, now, 0);
         RuleDecision::from_decided(&d)
     }
 
@@ -550,5 +556,213 @@ mod tests {
             ..item(&g, big)
         });
         assert_eq!(peek.remaining, 9);
+    }
+
+    fn all_algorithms(limit: u64) -> [Params; 4] {
+        let q = Quota::per_minute(limit);
+        [
+            Params::new(Algorithm::SlidingWindow, q),
+            Params::new(Algorithm::SlidingWindow, q).strict(true),
+            Params::new(Algorithm::FixedWindow, q),
+            Params::new(Algorithm::Gcra, q),
+        ]
+    }
+
+    /// 1,000 concurrent single-rule requests from 8 threads against a limit of 100 admit
+    /// exactly 100, for every algorithm.
+    #[test]
+    fn concurrent_decisions_admit_exactly_the_limit() {
+        for params in all_algorithms(100) {
+            let store = MemoryStore::builder().build().unwrap();
+            let key = RateKey::principal("hot");
+            // A cost-0 check makes the key resident, so the racers update one entry.
+            let warm = CheckItem {
+                cost: 0,
+                ..item(&key, params)
+            };
+            assert!(store.check_at(&[warm], 0).admitted);
+            let admitted = AtomicU64::new(0);
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| {
+                        barrier.wait();
+                        for _ in 0..125 {
+                            if store.check_at(&[item(&key, params)], 1_000).admitted {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(admitted.load(Ordering::Relaxed), 100, "{params:?}");
+            assert_eq!(store.peek_at(&item(&key, params), 1_000).remaining, 0);
+        }
+    }
+
+    /// Single-rule requests and two-rule groups race on the same key: the shared rule
+    /// admits exactly its limit over both, and the group's second rule is debited exactly
+    /// once per admitted group (all or none).
+    #[test]
+    fn groups_stay_all_or_nothing_against_concurrent_single_rules() {
+        for params in all_algorithms(100) {
+            let store = MemoryStore::builder().build().unwrap();
+            let key = RateKey::principal("hot");
+            let other = RateKey::Global;
+            let wide = Params::new(params.algorithm, Quota::per_minute(10_000));
+            let single = item(&key, params);
+            let group = [
+                single,
+                CheckItem {
+                    rule_index: 1,
+                    ..item(&other, wide)
+                },
+            ];
+            assert!(
+                store
+                    .check_at(&[CheckItem { cost: 0, ..single }], 0)
+                    .admitted
+            );
+            let (singles, groups) = (AtomicU64::new(0), AtomicU64::new(0));
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for t in 0..8 {
+                    let (singles, groups, barrier, store) = (&singles, &groups, &barrier, &store);
+                    s.spawn(move || {
+                        barrier.wait();
+                        for _ in 0..50 {
+                            if t % 2 == 0 {
+                                if store.check_at(&[single], 1_000).admitted {
+                                    singles.fetch_add(1, Ordering::Relaxed);
+                                }
+                            } else if store.check_at(&group, 1_000).admitted {
+                                groups.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let (singles, groups) = (singles.into_inner(), groups.into_inner());
+            assert_eq!(singles + groups, 100, "{params:?}");
+            let peek = store.peek_at(&group[1], 1_000);
+            assert_eq!(peek.remaining, 10_000 - groups, "{params:?}");
+        }
+    }
+
+    /// The store gives the same decisions as the pure algorithm applied in sequence, through
+    /// costs, refusals, long idle gaps, settlements (including very large ones) and resets.
+    #[test]
+    fn decisions_match_the_algorithm_in_sequence() {
+        let quotas = [
+            Quota::per_second(5),
+            Quota::new(3, std::time::Duration::from_micros(1)),
+            Quota::per_minute((1 << 20) - 1),
+            Quota::per_minute((1 << 20) - 1 + 7),
+            Quota::per_second(4).with_burst(9),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for quota in quotas {
+            for algorithm in [
+                Algorithm::SlidingWindow,
+                Algorithm::FixedWindow,
+                Algorithm::Gcra,
+            ] {
+                for strict in [false, true] {
+                    let params = Params::new(algorithm, quota).strict(strict);
+                    let store = MemoryStore::new();
+                    let key = RateKey::principal("k");
+                    let mut model = State::default();
+                    // A settlement for a key that is not resident is dropped.
+                    let mut resident = false;
+                    let mut now = 0u64;
+                    for step in 0..3_000 {
+                        now += match next(10) {
+                            0 => next(3 * params.window.min(1 << 30)),
+                            1 => 1 << 25, // past the packed index width for µs windows
+                            _ => next(params.window.min(1 << 30) / 4 + 1),
+                        };
+                        let cost = match next(8) {
+                            0 => 0,
+                            1 => params.capacity() + 1,
+                            _ => 1 + next(params.capacity().min(3)),
+                        };
+                        if step % 97 == 96 {
+                            store.reset_now(0, &key);
+                            model = State::default();
+                            resident = false;
+                            continue;
+                        }
+                        let want = algorithm::decide(&params, &model, now, cost);
+                        let got = store.check_at(
+                            &[CheckItem {
+                                cost,
+                                ..item(&key, params)
+                            }],
+                            now,
+                        );
+                        assert_eq!(got.rules[0].verdict, want.verdict, "{params:?} step {step}");
+                        assert_eq!(got.rules[0].remaining, want.remaining);
+                        assert_eq!(got.rules[0].reset_micros, want.reset);
+                        assert_eq!(got.rules[0].window_start, want.window_start);
+                        if want.verdict.is_allowed() {
+                            model = want.state;
+                            resident = true;
+                        }
+                        if step % 31 == 30 && resident {
+                            let delta = i64::try_from(next(2 * (1 << 20) - 1)).unwrap() - 1_000;
+                            store.settle_now(&[Settlement {
+                                rule_index: 0,
+                                rule: "r",
+                                key: &key,
+                                params,
+                                window_start: want.window_start,
+                                delta,
+                            }]);
+                            model = algorithm::settle(&params, &model, want.window_start, delta);
+                        }
+                        let peek = store.peek_at(&item(&key, params), now);
+                        let want = algorithm::decide(&params, &model, now, 0);
+                        assert_eq!(peek.remaining, want.remaining, "{params:?} step {step}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peek_settle_and_reset_follow_the_decisions() {
+        for params in all_algorithms(10) {
+            let store = MemoryStore::new();
+            let key = RateKey::principal("k");
+            for _ in 0..4 {
+                assert!(store.check_at(&[item(&key, params)], 5).admitted);
+            }
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 6);
+            let settle = |delta| Settlement {
+                rule_index: 0,
+                rule: "r",
+                key: &key,
+                params,
+                window_start: 0,
+                delta,
+            };
+            store.settle_now(&[settle(3)]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 3);
+            store.settle_now(&[settle(-2)]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
+            // a very large settlement
+            store.settle_now(&[settle(i64::from(u32::MAX))]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 0);
+            assert!(!store.check_at(&[item(&key, params)], 5).admitted);
+            store.reset_now(0, &key);
+            assert_eq!(store.len(), 0);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 10);
+        }
     }
 }
