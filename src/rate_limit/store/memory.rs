@@ -75,7 +75,9 @@ struct Padded(Mutex<Shard>);
 type Shard = hashbrown::HashTable<Slot>;
 
 /// A resident key with its state (64 bytes: the hash is recomputed on the rare rehash
-/// instead of being stored, so a slot is one cache line's worth).
+/// instead of being stored), aligned so a slot is exactly one cache line: a lookup touches
+/// one line, not two.
+#[repr(align(64))]
 struct Slot {
     rule: u32,
     key: RateKey,
@@ -214,6 +216,7 @@ impl MemoryStore {
     }
 
     /// Microseconds on the store's clock.
+    #[inline]
     pub fn now_micros(&self) -> u64 {
         match &self.inner.clock {
             Clock::Tokio(epoch) => u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -284,6 +287,25 @@ impl MemoryStore {
     }
 
     fn check_one(&self, item: &CheckItem<'_>, now: u64) -> Decision {
+        let rule = self.decide_one(item, now);
+        let mut rules = SmallVec::new();
+        rules.push(rule);
+        Decision {
+            admitted: rule.debited || item.shadow,
+            rules,
+        }
+    }
+
+    /// Decides one item at a given time (µs on the store's clock): the same decision as
+    /// [`MemoryStore::check_at`] with one item, without the list. The request is admitted
+    /// when the rule was debited or is a shadow rule.
+    #[inline]
+    pub fn check_one_at(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
+        self.decide_one(item, now)
+    }
+
+    #[inline]
+    fn decide_one(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let hash = self.hash(item.rule_index, item.key);
         let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
         let entry = shard.find_mut(hash, |s| s.is(item.rule_index, item.key));
@@ -308,12 +330,7 @@ impl MemoryStore {
                 }
             }
         }
-        let mut rules = SmallVec::new();
-        rules.push(rule);
-        Decision {
-            admitted: allowed || item.shadow,
-            rules,
-        }
+        rule
     }
 
     fn commit(&self, shard: &mut Shard, key: MapKey, d: &algorithm::Decided, now: u64) {
@@ -439,6 +456,11 @@ impl Store for MemoryStore {
         Some(Ok(self.check_at(items, self.now_micros())))
     }
 
+    #[inline]
+    fn check_one_now(&self, item: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+        Some(Ok(self.decide_one(item, self.now_micros())))
+    }
+
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
         self.settle_now(settlements);
         Box::pin(ready(Ok(())))
@@ -517,6 +539,35 @@ mod tests {
         assert!(store.check_at(&[item(&key, params)], 1_000_000).admitted);
         assert_eq!(store.evictions(), 0);
         assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_single_item_path_answers_like_a_list_of_one() {
+        let store = MemoryStore::new();
+        let key = RateKey::principal("k");
+        let params = Params::new(Algorithm::SlidingWindow, Quota::per_minute(1));
+        for shadow in [false, true] {
+            let rule_index = u32::from(shadow);
+            let it = CheckItem {
+                rule_index,
+                shadow,
+                ..item(&key, params)
+            };
+            let first = store.check_one_now(&it).unwrap().unwrap();
+            assert!(first.debited);
+            // refused: not debited; a shadow rule's request is still admitted by the list path
+            let one = store.check_one_now(&it).unwrap().unwrap();
+            let list = store.check_now(&[it]).unwrap().unwrap();
+            assert_eq!(list.rules[0], one);
+            assert!(!one.debited);
+            assert_eq!(list.admitted, shadow);
+        }
+    }
+
+    #[test]
+    fn a_slot_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
     }
 
     #[test]
@@ -699,17 +750,24 @@ mod tests {
                             continue;
                         }
                         let want = algorithm::decide(&params, &model, now, cost);
-                        let got = store.check_at(
-                            &[CheckItem {
-                                cost,
-                                ..item(&key, params)
-                            }],
-                            now,
-                        );
-                        assert_eq!(got.rules[0].verdict, want.verdict, "{params:?} step {step}");
-                        assert_eq!(got.rules[0].remaining, want.remaining);
-                        assert_eq!(got.rules[0].reset_micros, want.reset);
-                        assert_eq!(got.rules[0].window_start, want.window_start);
+                        let it = CheckItem {
+                            cost,
+                            ..item(&key, params)
+                        };
+                        // the list path and the single-item path alternate
+                        let got = if step % 2 == 0 {
+                            let d = store.check_at(&[it], now);
+                            assert_eq!(d.rules.len(), 1);
+                            assert_eq!(d.admitted, d.rules[0].debited);
+                            d.rules[0]
+                        } else {
+                            store.check_one_at(&it, now)
+                        };
+                        assert_eq!(got.verdict, want.verdict, "{params:?} step {step}");
+                        assert_eq!(got.debited, want.verdict.is_allowed());
+                        assert_eq!(got.remaining, want.remaining);
+                        assert_eq!(got.reset_micros, want.reset);
+                        assert_eq!(got.window_start, want.window_start);
                         if want.verdict.is_allowed() {
                             model = want.state;
                             resident = true;
