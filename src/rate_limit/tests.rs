@@ -661,3 +661,53 @@ async fn an_asynchronous_store_uses_the_ready_inner_service() {
     let status = layer.limiter().peek("t", &RateKey::Global).await.unwrap();
     assert_eq!(status.remaining, 2);
 }
+
+/// A synchronous store that answers `check_now` but not `check_one_now` (the default), or
+/// fails in `check_one_now`: the single-rule path falls back to the list, and a failure
+/// there follows the fail mode.
+#[tokio::test(start_paused = true)]
+async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
+    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
+
+    #[derive(Clone)]
+    struct ListOnly(MemoryStore, bool);
+    impl Store for ListOnly {
+        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
+        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+            self.0.check(items)
+        }
+        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+            self.0.check_now(items)
+        }
+        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+            self.1.then(|| Err(StoreError::new("connection reset")))
+        }
+        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+            self.0.settle(s)
+        }
+        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, r, k)
+        }
+    }
+    for fails in [false, true] {
+        let layer = RateLimitLayer::builder()
+            .store(ListOnly(MemoryStore::new(), fails))
+            .rule(Rule::new("g", Quota::per_minute(2)))
+            .build()
+            .unwrap();
+        let svc = layer.layer(service_fn(ok));
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(post("/", "k")).await.unwrap();
+            statuses.push(r.status().as_u16());
+            if !fails {
+                assert!(r.headers().contains_key("ratelimit"));
+            }
+        }
+        let want = if fails { [503; 3] } else { [200, 200, 429] };
+        assert_eq!(statuses, want);
+    }
+}
