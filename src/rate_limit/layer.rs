@@ -720,6 +720,27 @@ impl<St: Store> Shared<St> {
         admitted: bool,
         rules: &[RuleDecision],
     ) -> Outcome {
+        // The common case, one admitted rule with nothing to add to the response and
+        // nothing to reserve: only the counter (the loop below does the same, slower).
+        if let ([p], [d]) = (pending, rules) {
+            let compiled = &self.rules[p.index as usize];
+            let rule = &compiled.rule;
+            let reserves = d.debited && matches!(rule.cost, Cost::Settled { .. });
+            if admitted
+                && !self.draft_headers
+                && !self.legacy_headers
+                && d.verdict.is_allowed()
+                && !rule.shadow
+                && !reserves
+            {
+                compiled
+                    .counters
+                    .stripe()
+                    .allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Outcome::Admit(HeaderBlock::new(), None);
+            }
+        }
         let mut headers = HeaderBlock::new();
         if self.draft_headers || self.legacy_headers {
             headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
