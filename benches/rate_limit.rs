@@ -1,7 +1,8 @@
 //! palisade's rate limiter against governor and tower_governor, in one run.
 //!
 //! - `keyed_decision/*`: one allowed decision for one of 10,000 IP keys, on 1 and 2 threads
-//!   (palisade's `MemoryStore` through the `Store` trait vs governor's keyed limiter).
+//!   (palisade's `MemoryStore` through the `Store` trait vs governor's keyed limiter; the
+//!   `_one` rows use `Store::check_one_now`, the others `Store::check_now` with a list of one).
 //! - `layer_overhead/*`: one request through the bare service, palisade's layer (with and
 //!   without its headers) and tower_governor's layer, keyed by peer IP, polled by hand.
 
@@ -85,6 +86,22 @@ fn keyed(c: &mut Criterion) {
                 })
             })
         });
+        group.bench_function(format!("palisade_sliding_window_one/{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, |t, i| {
+                    let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                    black_box(decide_one(&store, key, params));
+                })
+            })
+        });
+        group.bench_function(format!("palisade_gcra_one/{threads}t"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, |t, i| {
+                    let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                    black_box(decide_one(&store, key, gcra));
+                })
+            })
+        });
         group.bench_function(format!("governor/{threads}t"), |b| {
             b.iter_custom(|iters| {
                 run_threads(threads, iters, |t, i| {
@@ -107,6 +124,19 @@ fn decide(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
         shadow: false,
     };
     matches!(store.check_now(&[item]), Some(Ok(d)) if d.admitted)
+}
+
+/// The same decision through `Store::check_one_now` (one item, no list).
+fn decide_one(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
+    let item = CheckItem {
+        rule_index: 0,
+        rule: "bench",
+        key,
+        params,
+        cost: 1,
+        shadow: false,
+    };
+    matches!(store.check_one_now(&item), Some(Ok(d)) if d.debited)
 }
 
 /// Runs `iters` operations on each of `threads` threads at once; returns the wall time, so

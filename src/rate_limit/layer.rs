@@ -21,7 +21,7 @@ use super::headers::{self, ceil_secs};
 use super::key::{RateKey, TrustedProxies};
 use super::quota::Quota;
 use super::rule::{Cost, Rule, validate_quota};
-use super::store::{CheckItem, Decision, MemoryStore, Settlement, Store};
+use super::store::{CheckItem, Decision, MemoryStore, RuleDecision, Settlement, Store};
 use crate::body::ResponseBody;
 use crate::error::{Error, ErrorFormat, ErrorKind};
 
@@ -705,7 +705,7 @@ impl<St: Store> Shared<St> {
         decision: Result<Decision, StoreError>,
     ) -> Outcome {
         match decision {
-            Ok(d) if d.rules.len() == pending.len() => self.outcome(pending, &d),
+            Ok(d) if d.rules.len() == pending.len() => self.outcome(pending, d.admitted, &d.rules),
             Ok(_) => self.store_failed(StoreError::new(
                 "the store answered for the wrong number of rules",
             )),
@@ -713,7 +713,34 @@ impl<St: Store> Shared<St> {
         }
     }
 
-    fn outcome(self: &Arc<Self>, pending: &[Pending], decision: &Decision) -> Outcome {
+    /// What the layer does for the rules' decisions (`rules[i]` for `pending[i]`).
+    fn outcome(
+        self: &Arc<Self>,
+        pending: &[Pending],
+        admitted: bool,
+        rules: &[RuleDecision],
+    ) -> Outcome {
+        // The common case, one admitted rule with nothing to add to the response and
+        // nothing to reserve: only the counter (the loop below does the same, slower).
+        if let ([p], [d]) = (pending, rules) {
+            let compiled = &self.rules[p.index as usize];
+            let rule = &compiled.rule;
+            let reserves = d.debited && matches!(rule.cost, Cost::Settled { .. });
+            if admitted
+                && !self.draft_headers
+                && !self.legacy_headers
+                && d.verdict.is_allowed()
+                && !rule.shadow
+                && !reserves
+            {
+                compiled
+                    .counters
+                    .stripe()
+                    .allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                return Outcome::Admit(HeaderBlock::new(), None);
+            }
+        }
         let mut headers = HeaderBlock::new();
         if self.draft_headers || self.legacy_headers {
             headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
@@ -722,13 +749,13 @@ impl<St: Store> Shared<St> {
         let mut denied: Option<(&Pending, u64)> = None;
         let mut tightest: Option<(u64, u64, u64)> = None; // (limit, remaining, reset secs)
         let mut reserved: SmallVec<[ReservedItem; 2]> = SmallVec::new();
-        for (p, d) in pending.iter().zip(&decision.rules) {
+        for (p, d) in pending.iter().zip(rules) {
             let compiled = &self.rules[p.index as usize];
             let rule = &compiled.rule;
             let stripe = compiled.counters.stripe();
             let reset_secs = match d.verdict {
                 Verdict::Allowed => {
-                    if decision.admitted {
+                    if admitted {
                         stripe.allowed.fetch_add(1, Ordering::Relaxed);
                     }
                     ceil_secs(d.reset_micros)
@@ -784,14 +811,20 @@ impl<St: Store> Shared<St> {
             headers.push((headers::X_RATELIMIT_REMAINING, HeaderValue::from(remaining)));
             headers.push((headers::X_RATELIMIT_RESET, HeaderValue::from(reset)));
         }
-        if decision.admitted {
-            let reservation = (!reserved.is_empty()).then(|| Reservation {
-                inner: Arc::new(ReservationInner {
-                    target: self.clone(),
-                    items: reserved,
-                    settled: AtomicBool::new(false),
-                }),
-            });
+        if admitted {
+            // An `if`, not `bool::then` with a closure: the closure would take the list
+            // (~170 bytes) by value even when there is nothing to reserve.
+            let reservation = if reserved.is_empty() {
+                None
+            } else {
+                Some(Reservation {
+                    inner: Arc::new(ReservationInner {
+                        target: self.clone(),
+                        items: reserved,
+                        settled: AtomicBool::new(false),
+                    }),
+                })
+            };
             return Outcome::Admit(headers, reservation);
         }
         let error = if let Some(p) = never {
@@ -861,68 +894,59 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self.shared.rules.len() == 1 {
-            return self.call_one(req);
-        }
-        let pending = self.shared.pending(&req);
-        if pending.is_empty() {
-            return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
-        }
-        let items = self.shared.items(&pending);
-        if let Some(decision) = self.shared.store.check_now(&items) {
-            drop(items);
-            let outcome = self.shared.resolve(&pending, decision);
-            return proceed(&mut self.inner, outcome, req);
-        }
-        let check = self.shared.store.check(&items);
-        drop(items);
-        wait(&mut self.inner, &self.shared, check, pending, req)
-    }
-}
-
-impl<S, St: Store> RateLimit<S, St> {
-    /// The common case of a layer with one rule: no lists are built for it.
-    #[inline]
-    fn call_one<B, ResBody>(&mut self, req: Request<B>) -> ResponseFuture<S, St, B>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    {
-        let shared = &self.shared;
-        let Some(pending) = shared.pending_for(0, &shared.rules[0], &req) else {
-            return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
-        };
-        let item = shared.item(&pending);
-        if let Some(decision) = shared.store.check_now(std::slice::from_ref(&item)) {
-            let outcome = shared.resolve(std::slice::from_ref(&pending), decision);
-            return proceed(&mut self.inner, outcome, req);
-        }
-        let check = shared.store.check(std::slice::from_ref(&item));
-        let mut list = PendingList::new();
-        list.push(pending);
-        wait(&mut self.inner, &self.shared, check, list, req)
-    }
-}
-
-/// Calls the inner service for an admitted request, or answers a refusal.
-#[inline]
-fn proceed<S, St, B, ResBody>(
-    inner: &mut S,
-    outcome: Outcome,
-    mut req: Request<B>,
-) -> ResponseFuture<S, St, B>
-where
-    S: Service<Request<B>, Response = Response<ResBody>>,
-    St: Store,
-{
-    match outcome {
-        Outcome::Admit(headers, reservation) => {
-            if let Some(r) = reservation {
-                req.extensions_mut().insert(r);
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // The request stays in this frame until the inner call: no helper takes it by
+        // value, so it is not copied on the way.
+        let outcome = if self.shared.rules.len() == 1 {
+            // The common case of a layer with one rule: no lists are built for it.
+            let shared = &self.shared;
+            let Some(pending) = shared.pending_for(0, &shared.rules[0], &req) else {
+                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+            };
+            let item = shared.item(&pending);
+            match shared.store.check_one_now(&item) {
+                Some(Ok(rule)) => {
+                    let admitted = rule.debited || item.shadow;
+                    shared.outcome(std::slice::from_ref(&pending), admitted, &[rule])
+                }
+                Some(Err(e)) => shared.store_failed(e),
+                None => match shared.store.check_now(std::slice::from_ref(&item)) {
+                    Some(decision) => shared.resolve(std::slice::from_ref(&pending), decision),
+                    None => {
+                        let check = shared.store.check(std::slice::from_ref(&item));
+                        let mut list = PendingList::new();
+                        list.push(pending);
+                        return wait(&mut self.inner, &self.shared, check, list, req);
+                    }
+                },
             }
-            ResponseFuture::calling(inner.call(req), headers)
+        } else {
+            let pending = self.shared.pending(&req);
+            if pending.is_empty() {
+                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+            }
+            let items = self.shared.items(&pending);
+            match self.shared.store.check_now(&items) {
+                Some(decision) => {
+                    drop(items);
+                    self.shared.resolve(&pending, decision)
+                }
+                None => {
+                    let check = self.shared.store.check(&items);
+                    drop(items);
+                    return wait(&mut self.inner, &self.shared, check, pending, req);
+                }
+            }
+        };
+        match outcome {
+            Outcome::Admit(headers, reservation) => {
+                if let Some(r) = reservation {
+                    req.extensions_mut().insert(r);
+                }
+                ResponseFuture::calling(self.inner.call(req), headers)
+            }
+            Outcome::Refuse(response) => ResponseFuture::refused(response),
         }
-        Outcome::Refuse(response) => ResponseFuture::refused(response),
     }
 }
 
@@ -1071,9 +1095,9 @@ where
                     let mut response = response.map(ResponseBody::inner);
                     if !headers.is_empty() {
                         response.headers_mut().reserve(headers.len());
-                    }
-                    for (name, value) in headers.drain(..) {
-                        response.headers_mut().append(name, value);
+                        for (name, value) in headers.drain(..) {
+                            response.headers_mut().append(name, value);
+                        }
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -320,8 +320,9 @@ impl Rule {
     }
 
     pub(crate) fn matches<B>(&self, req: &Request<B>) -> bool {
+        // `Route::All` needs no path (`Uri::path` is not free).
         self.method.as_ref().is_none_or(|m| req.method() == m)
-            && self.route.matches(req.uri().path())
+            && (matches!(self.route, Route::All) || self.route.matches(req.uri().path()))
     }
 
     pub(crate) fn params(&self, quota: Quota) -> Params {

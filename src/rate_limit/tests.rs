@@ -661,3 +661,111 @@ async fn an_asynchronous_store_uses_the_ready_inner_service() {
     let status = layer.limiter().peek("t", &RateKey::Global).await.unwrap();
     assert_eq!(status.remaining, 2);
 }
+
+/// A synchronous store that answers `check_now` but not `check_one_now` (the default), or
+/// fails in `check_one_now`: the single-rule path falls back to the list, and a failure
+/// there follows the fail mode.
+#[tokio::test(start_paused = true)]
+async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
+    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
+
+    #[derive(Clone)]
+    struct ListOnly(MemoryStore, bool);
+    impl Store for ListOnly {
+        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
+        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+            self.0.check(items)
+        }
+        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+            self.0.check_now(items)
+        }
+        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+            self.1.then(|| Err(StoreError::new("connection reset")))
+        }
+        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+            self.0.settle(s)
+        }
+        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, r, k)
+        }
+    }
+    for fails in [false, true] {
+        let layer = RateLimitLayer::builder()
+            .store(ListOnly(MemoryStore::new(), fails))
+            .rule(Rule::new("g", Quota::per_minute(2)))
+            .build()
+            .unwrap();
+        let svc = layer.layer(service_fn(ok));
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(post("/", "k")).await.unwrap();
+            statuses.push(r.status().as_u16());
+            if !fails {
+                assert!(r.headers().contains_key("ratelimit"));
+            }
+        }
+        let want = if fails { [503; 3] } else { [200, 200, 429] };
+        assert_eq!(statuses, want);
+    }
+}
+
+/// With every header off, a single-rule layer takes its shortest path for admitted
+/// requests: the counters, shadow rules, refusals and reservations behave as with headers.
+#[tokio::test(start_paused = true)]
+async fn without_headers_single_rules_count_shadow_refuse_and_reserve_as_before() {
+    let rules = [
+        Rule::new("plain", Quota::per_minute(2)),
+        Rule::new("shadow", Quota::per_minute(1)).shadow(true),
+        Rule::new("settled", Quota::per_minute(10)).cost(Cost::Settled { estimate: 4 }),
+    ];
+    for rule in rules {
+        let name = rule.name.to_string();
+        let layer = RateLimitLayer::builder()
+            .rule(rule)
+            .draft_headers(false)
+            .build()
+            .unwrap();
+        let admin = layer.limiter();
+        let svc = layer.layer(service_fn(|req: Request<()>| async move {
+            let reserved = req
+                .extensions()
+                .get::<Reservation>()
+                .map(Reservation::reserved);
+            let mut r = Response::new(Full::new(Bytes::new()));
+            if let Some(units) = reserved {
+                r.headers_mut().insert("x-reserved", units.into());
+            }
+            Ok::<_, Infallible>(r)
+        }));
+        let mut statuses = Vec::new();
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(post("/", "k")).await.unwrap();
+            assert!(!r.headers().contains_key("ratelimit"));
+            assert!(!r.headers().contains_key("x-ratelimit-remaining"));
+            if name == "settled" && r.status() == 200 {
+                assert_eq!(r.headers()["x-reserved"], "4");
+            } else {
+                assert!(!r.headers().contains_key("x-reserved"));
+            }
+            statuses.push(r.status().as_u16());
+        }
+        let c = &admin.counters()[0];
+        match &*name {
+            "plain" => {
+                assert_eq!(statuses, [200, 200, 429]);
+                assert_eq!((c.allowed, c.limited, c.shadow_limited), (2, 1, 0));
+            }
+            "shadow" => {
+                assert_eq!(statuses, [200, 200, 200]);
+                assert_eq!((c.allowed, c.limited, c.shadow_limited), (1, 0, 2));
+            }
+            _ => {
+                assert_eq!(statuses, [200, 200, 429]);
+                assert_eq!((c.allowed, c.limited, c.shadow_limited), (2, 1, 0));
+            }
+        }
+    }
+}

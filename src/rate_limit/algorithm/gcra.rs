@@ -26,6 +26,7 @@ fn units_in(params: &Params, micros: u64) -> u64 {
     u64::try_from(num / u128::from(params.window)).unwrap_or(u64::MAX)
 }
 
+#[inline]
 pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
     let tolerance = increment(params, params.burst);
     let tat = state.start.max(now);

@@ -134,6 +134,7 @@ pub struct Decided {
 /// Decides whether a request of `cost` units fits, at time `now` (µs).
 ///
 /// A cost of 0 is a peek: it is always allowed and reports the remaining units.
+#[inline]
 pub fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
     match params.algorithm {
         Algorithm::SlidingWindow => sliding_window::decide(params, state, now, cost),

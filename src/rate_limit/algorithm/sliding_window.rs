@@ -17,6 +17,7 @@
 
 use super::{Decided, Params, State, Verdict, window_start};
 
+#[inline]
 pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
     let w = params.window;
     let limit = params.limit;

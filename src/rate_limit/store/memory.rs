@@ -75,7 +75,9 @@ struct Padded(Mutex<Shard>);
 type Shard = hashbrown::HashTable<Slot>;
 
 /// A resident key with its state (64 bytes: the hash is recomputed on the rare rehash
-/// instead of being stored, so a slot is one cache line's worth).
+/// instead of being stored), aligned so a slot is exactly one cache line: a lookup touches
+/// one line, not two.
+#[repr(align(64))]
 struct Slot {
     rule: u32,
     key: RateKey,
@@ -214,6 +216,7 @@ impl MemoryStore {
     }
 
     /// Microseconds on the store's clock.
+    #[inline]
     pub fn now_micros(&self) -> u64 {
         match &self.inner.clock {
             Clock::Tokio(epoch) => u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -284,6 +287,25 @@ impl MemoryStore {
     }
 
     fn check_one(&self, item: &CheckItem<'_>, now: u64) -> Decision {
+        let rule = self.decide_one(item, now);
+        let mut rules = SmallVec::new();
+        rules.push(rule);
+        Decision {
+            admitted: rule.debited || item.shadow,
+            rules,
+        }
+    }
+
+    /// Decides one item at a given time (µs on the store's clock): the same decision as
+    /// [`MemoryStore::check_at`] with one item, without the list. The request is admitted
+    /// when the rule was debited or is a shadow rule.
+    #[inline]
+    pub fn check_one_at(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
+        self.decide_one(item, now)
+    }
+
+    #[inline]
+    fn decide_one(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let hash = self.hash(item.rule_index, item.key);
         let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
         let entry = shard.find_mut(hash, |s| s.is(item.rule_index, item.key));
@@ -308,12 +330,7 @@ impl MemoryStore {
                 }
             }
         }
-        let mut rules = SmallVec::new();
-        rules.push(rule);
-        Decision {
-            admitted: allowed || item.shadow,
-            rules,
-        }
+        rule
     }
 
     fn commit(&self, shard: &mut Shard, key: MapKey, d: &algorithm::Decided, now: u64) {
@@ -389,13 +406,19 @@ impl MemoryStore {
 
     /// The state of one rule for one key, unchanged.
     pub fn peek_now(&self, item: &CheckItem<'_>) -> RuleDecision {
+        self.peek_at(item, self.now_micros())
+    }
+
+    /// The state of one rule for one key at a given time (µs on the store's clock).
+    fn peek_at(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let key = self.map_key(item.rule_index, item.key);
         let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
         let state = shard
             .find(key.hash, |s| s.is(key.rule, &key.key))
             .map(|e| e.state)
             .unwrap_or_default();
-        let d = algorithm::decide(&item.params, &state, self.now_micros(), 0);
+        drop(shard);
+        let d = algorithm::decide(&item.params, &state, now, 0);
         RuleDecision::from_decided(&d)
     }
 
@@ -431,6 +454,11 @@ impl Store for MemoryStore {
     #[inline]
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
         Some(Ok(self.check_at(items, self.now_micros())))
+    }
+
+    #[inline]
+    fn check_one_now(&self, item: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+        Some(Ok(self.decide_one(item, self.now_micros())))
     }
 
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
@@ -513,6 +541,35 @@ mod tests {
         assert_eq!(store.len(), 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_single_item_path_answers_like_a_list_of_one() {
+        let store = MemoryStore::new();
+        let key = RateKey::principal("k");
+        let params = Params::new(Algorithm::SlidingWindow, Quota::per_minute(1));
+        for shadow in [false, true] {
+            let rule_index = u32::from(shadow);
+            let it = CheckItem {
+                rule_index,
+                shadow,
+                ..item(&key, params)
+            };
+            let first = store.check_one_now(&it).unwrap().unwrap();
+            assert!(first.debited);
+            // refused: not debited; a shadow rule's request is still admitted by the list path
+            let one = store.check_one_now(&it).unwrap().unwrap();
+            let list = store.check_now(&[it]).unwrap().unwrap();
+            assert_eq!(list.rules[0], one);
+            assert!(!one.debited);
+            assert_eq!(list.admitted, shadow);
+        }
+    }
+
+    #[test]
+    fn a_slot_is_one_cache_line() {
+        assert_eq!(std::mem::size_of::<Slot>(), 64);
+        assert_eq!(std::mem::align_of::<Slot>(), 64);
+    }
+
     #[test]
     fn zero_capacity_is_an_error() {
         assert_eq!(
@@ -550,5 +607,220 @@ mod tests {
             ..item(&g, big)
         });
         assert_eq!(peek.remaining, 9);
+    }
+
+    fn all_algorithms(limit: u64) -> [Params; 4] {
+        let q = Quota::per_minute(limit);
+        [
+            Params::new(Algorithm::SlidingWindow, q),
+            Params::new(Algorithm::SlidingWindow, q).strict(true),
+            Params::new(Algorithm::FixedWindow, q),
+            Params::new(Algorithm::Gcra, q),
+        ]
+    }
+
+    /// 1,000 concurrent single-rule requests from 8 threads against a limit of 100 admit
+    /// exactly 100, for every algorithm.
+    #[test]
+    fn concurrent_decisions_admit_exactly_the_limit() {
+        for params in all_algorithms(100) {
+            let store = MemoryStore::builder().build().unwrap();
+            let key = RateKey::principal("hot");
+            // A cost-0 check makes the key resident, so the racers update one entry.
+            let warm = CheckItem {
+                cost: 0,
+                ..item(&key, params)
+            };
+            assert!(store.check_at(&[warm], 0).admitted);
+            let admitted = AtomicU64::new(0);
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| {
+                        barrier.wait();
+                        for _ in 0..125 {
+                            if store.check_at(&[item(&key, params)], 1_000).admitted {
+                                admitted.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(admitted.load(Ordering::Relaxed), 100, "{params:?}");
+            assert_eq!(store.peek_at(&item(&key, params), 1_000).remaining, 0);
+        }
+    }
+
+    /// Single-rule requests and two-rule groups race on the same key: the shared rule
+    /// admits exactly its limit over both, and the group's second rule is debited exactly
+    /// once per admitted group (all or none).
+    #[test]
+    fn groups_stay_all_or_nothing_against_concurrent_single_rules() {
+        for params in all_algorithms(100) {
+            let store = MemoryStore::builder().build().unwrap();
+            let key = RateKey::principal("hot");
+            let other = RateKey::Global;
+            let wide = Params::new(params.algorithm, Quota::per_minute(10_000));
+            let single = item(&key, params);
+            let group = [
+                single,
+                CheckItem {
+                    rule_index: 1,
+                    ..item(&other, wide)
+                },
+            ];
+            assert!(
+                store
+                    .check_at(&[CheckItem { cost: 0, ..single }], 0)
+                    .admitted
+            );
+            let (singles, groups) = (AtomicU64::new(0), AtomicU64::new(0));
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for t in 0..8 {
+                    let (singles, groups, barrier, store) = (&singles, &groups, &barrier, &store);
+                    s.spawn(move || {
+                        barrier.wait();
+                        for _ in 0..50 {
+                            if t % 2 == 0 {
+                                if store.check_at(&[single], 1_000).admitted {
+                                    singles.fetch_add(1, Ordering::Relaxed);
+                                }
+                            } else if store.check_at(&group, 1_000).admitted {
+                                groups.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let (singles, groups) = (singles.into_inner(), groups.into_inner());
+            assert_eq!(singles + groups, 100, "{params:?}");
+            let peek = store.peek_at(&group[1], 1_000);
+            assert_eq!(peek.remaining, 10_000 - groups, "{params:?}");
+        }
+    }
+
+    /// The store gives the same decisions as the pure algorithm applied in sequence, through
+    /// costs, refusals, long idle gaps, settlements (including very large ones) and resets.
+    #[test]
+    fn decisions_match_the_algorithm_in_sequence() {
+        let quotas = [
+            Quota::per_second(5),
+            Quota::new(3, std::time::Duration::from_micros(1)),
+            Quota::per_minute((1 << 20) - 1),
+            Quota::per_minute((1 << 20) - 1 + 7),
+            Quota::per_second(4).with_burst(9),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for quota in quotas {
+            for algorithm in [
+                Algorithm::SlidingWindow,
+                Algorithm::FixedWindow,
+                Algorithm::Gcra,
+            ] {
+                for strict in [false, true] {
+                    let params = Params::new(algorithm, quota).strict(strict);
+                    let store = MemoryStore::new();
+                    let key = RateKey::principal("k");
+                    let mut model = State::default();
+                    // A settlement for a key that is not resident is dropped.
+                    let mut resident = false;
+                    let mut now = 0u64;
+                    for step in 0..3_000 {
+                        now += match next(10) {
+                            0 => next(3 * params.window.min(1 << 30)),
+                            1 => 1 << 25, // past the packed index width for µs windows
+                            _ => next(params.window.min(1 << 30) / 4 + 1),
+                        };
+                        let cost = match next(8) {
+                            0 => 0,
+                            1 => params.capacity() + 1,
+                            _ => 1 + next(params.capacity().min(3)),
+                        };
+                        if step % 97 == 96 {
+                            store.reset_now(0, &key);
+                            model = State::default();
+                            resident = false;
+                            continue;
+                        }
+                        let want = algorithm::decide(&params, &model, now, cost);
+                        let it = CheckItem {
+                            cost,
+                            ..item(&key, params)
+                        };
+                        // the list path and the single-item path alternate
+                        let got = if step % 2 == 0 {
+                            let d = store.check_at(&[it], now);
+                            assert_eq!(d.rules.len(), 1);
+                            assert_eq!(d.admitted, d.rules[0].debited);
+                            d.rules[0]
+                        } else {
+                            store.check_one_at(&it, now)
+                        };
+                        assert_eq!(got.verdict, want.verdict, "{params:?} step {step}");
+                        assert_eq!(got.debited, want.verdict.is_allowed());
+                        assert_eq!(got.remaining, want.remaining);
+                        assert_eq!(got.reset_micros, want.reset);
+                        assert_eq!(got.window_start, want.window_start);
+                        if want.verdict.is_allowed() {
+                            model = want.state;
+                            resident = true;
+                        }
+                        if step % 31 == 30 && resident {
+                            let delta = i64::try_from(next(2 * (1 << 20) - 1)).unwrap() - 1_000;
+                            store.settle_now(&[Settlement {
+                                rule_index: 0,
+                                rule: "r",
+                                key: &key,
+                                params,
+                                window_start: want.window_start,
+                                delta,
+                            }]);
+                            model = algorithm::settle(&params, &model, want.window_start, delta);
+                        }
+                        let peek = store.peek_at(&item(&key, params), now);
+                        let want = algorithm::decide(&params, &model, now, 0);
+                        assert_eq!(peek.remaining, want.remaining, "{params:?} step {step}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn peek_settle_and_reset_follow_the_decisions() {
+        for params in all_algorithms(10) {
+            let store = MemoryStore::new();
+            let key = RateKey::principal("k");
+            for _ in 0..4 {
+                assert!(store.check_at(&[item(&key, params)], 5).admitted);
+            }
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 6);
+            let settle = |delta| Settlement {
+                rule_index: 0,
+                rule: "r",
+                key: &key,
+                params,
+                window_start: 0,
+                delta,
+            };
+            store.settle_now(&[settle(3)]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 3);
+            store.settle_now(&[settle(-2)]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
+            // a very large settlement
+            store.settle_now(&[settle(i64::from(u32::MAX))]);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 0);
+            assert!(!store.check_at(&[item(&key, params)], 5).admitted);
+            store.reset_now(0, &key);
+            assert_eq!(store.len(), 0);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 10);
+        }
     }
 }

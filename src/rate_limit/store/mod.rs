@@ -161,6 +161,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Decides a single item at once, like [`Store::check_now`] with one item but without
+    /// the list: the request is admitted when the rule was debited
+    /// ([`RuleDecision::debited`]) or the item is a shadow rule. `None` (the default) means
+    /// "use [`Store::check_now`]"; a store that answers must give the same decision.
+    fn check_one_now(&self, item: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+        let _ = item;
+        None
+    }
+
     /// Applies corrections for reservations (never refuses: the units were spent).
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
