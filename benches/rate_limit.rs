@@ -19,10 +19,11 @@ use axum::extract::ConnectInfo;
 use criterion::{Criterion, criterion_group, criterion_main};
 use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
+use palisade::clock::ClockSource;
 use palisade::rate_limit::algorithm::Params;
 use palisade::rate_limit::store::{CheckItem, Store};
 use palisade::rate_limit::{
-    Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule, StoreClock,
+    Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule,
 };
 use tower::{Layer, Service, service_fn};
 
@@ -39,10 +40,14 @@ fn keyed(c: &mut Criterion) {
     let rate_keys: Arc<Vec<RateKey>> = Arc::new(ips.iter().map(|ip| RateKey::ip(*ip)).collect());
     let ips = Arc::new(ips);
     let store = MemoryStore::builder()
-        .clock(StoreClock::Fast)
+        .clock(ClockSource::Fast)
         .build()
         .unwrap();
     let tokio_store = MemoryStore::new();
+    let coarse_store = MemoryStore::builder()
+        .clock(ClockSource::Coarse)
+        .build()
+        .unwrap();
     let params = Params::new(
         Algorithm::SlidingWindow,
         Quota::per_second(u64::from(u32::MAX)),
@@ -55,6 +60,7 @@ fn keyed(c: &mut Criterion) {
         decide(&store, key, params);
         decide(&store, key, gcra);
         decide(&tokio_store, key, params);
+        decide(&coarse_store, key, params);
     }
 
     let mut group = c.benchmark_group("keyed_decision");
@@ -94,6 +100,17 @@ fn keyed(c: &mut Criterion) {
                 })
             })
         });
+        group.bench_function(
+            format!("palisade_sliding_window_one_coarse_clock/{threads}t"),
+            |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |t, i| {
+                        let key = &rate_keys[(i as usize * 7 + t * 5003) % KEYS];
+                        black_box(decide_one(&coarse_store, key, params));
+                    })
+                })
+            },
+        );
         group.bench_function(format!("palisade_gcra_one/{threads}t"), |b| {
             b.iter_custom(|iters| {
                 run_threads(threads, iters, |t, i| {
@@ -195,9 +212,14 @@ fn layer_overhead(c: &mut Criterion) {
 
     let rule = Rule::new("ip", Quota::per_second(u64::from(u32::MAX))).key(KeySource::PeerIp);
     for (name, headers, clock) in [
-        ("palisade", true, StoreClock::Fast),
-        ("palisade_no_headers", false, StoreClock::Fast),
-        ("palisade_tokio_clock", true, StoreClock::Tokio),
+        ("palisade", true, ClockSource::Fast),
+        ("palisade_no_headers", false, ClockSource::Fast),
+        (
+            "palisade_no_headers_coarse_clock",
+            false,
+            ClockSource::Coarse,
+        ),
+        ("palisade_tokio_clock", true, ClockSource::Tokio),
     ] {
         let layer = RateLimitLayer::builder()
             .store(MemoryStore::builder().clock(clock).build().unwrap())

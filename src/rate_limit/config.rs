@@ -10,7 +10,8 @@ use super::key::{KeySource, TrustedProxies};
 use super::layer::{FailMode, RateLimitLayer};
 use super::quota::{Algorithm, Quota};
 use super::rule::{Cost, Route, Rule};
-use super::store::{MemoryStore, Store, StoreClock, memory};
+use super::store::{MemoryStore, Store, memory};
+use crate::clock::ClockSource;
 use crate::config::{Env, ProblemKind};
 use crate::error::ErrorFormat;
 
@@ -146,8 +147,9 @@ pub struct RateLimitConfig {
     pub max_entries: usize,
     /// Memory store: the number of shards.
     pub shards: usize,
-    /// Memory store: the clock (`tokio` or `fast`).
-    pub clock: StoreClock,
+    /// Memory store: where it reads time (`tokio`, `fast` or `coarse`; see
+    /// [`clock`](crate::clock)).
+    pub clock: ClockSource,
     /// How refusals are rendered.
     pub error_format: ErrorFormat,
     /// Send `RateLimit-Policy` and `RateLimit`.
@@ -166,7 +168,7 @@ impl Default for RateLimitConfig {
             rules: Vec::new(),
             max_entries: memory::DEFAULT_MAX_ENTRIES,
             shards: memory::DEFAULT_SHARDS,
-            clock: StoreClock::Tokio,
+            clock: ClockSource::Tokio,
             error_format: ErrorFormat::default(),
             draft_headers: true,
             legacy_headers: false,
@@ -184,7 +186,7 @@ impl RateLimitConfig {
     /// | `PALISADE_RATE_LIMIT_RULES` | `[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]` (JSON) |
     /// | `PALISADE_RATE_LIMIT_MAX_ENTRIES` | `1000000` |
     /// | `PALISADE_RATE_LIMIT_SHARDS` | `64` |
-    /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio` or `fast` |
+    /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio`, `fast` or `coarse` |
     /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem_json` |
     /// | `PALISADE_RATE_LIMIT_DRAFT_HEADERS` | `true` |
     /// | `PALISADE_RATE_LIMIT_LEGACY_HEADERS` | `false` |
@@ -214,13 +216,7 @@ impl RateLimitConfig {
         }
         let max_entries = env.optional("PALISADE_RATE_LIMIT_MAX_ENTRIES", d.max_entries, "1000000");
         let shards = env.optional("PALISADE_RATE_LIMIT_SHARDS", d.shards, "64");
-        let clock = env.optional_with("PALISADE_RATE_LIMIT_CLOCK", d.clock, "fast", |s| {
-            match s.trim().to_ascii_lowercase().as_str() {
-                "tokio" => Ok(StoreClock::Tokio),
-                "fast" => Ok(StoreClock::Fast),
-                _ => Err("expected `tokio` or `fast`".to_owned()),
-            }
-        });
+        let clock = env.optional("PALISADE_RATE_LIMIT_CLOCK", d.clock, "coarse");
         let error_format = env.optional_with(
             "PALISADE_RATE_LIMIT_ERROR_FORMAT",
             d.error_format,

@@ -77,7 +77,7 @@ pub use layer::{
 };
 pub use quota::{Algorithm, Quota};
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
-pub use store::{MemoryStore, MemoryStoreBuilder, Store, StoreClock};
+pub use store::{MemoryStore, MemoryStoreBuilder, Store};
 
 #[cfg(test)]
 mod tests;

@@ -431,6 +431,7 @@ fn config_from_env_reports_every_problem() {
             "10.0.0.0/8, nonsense",
         ),
         ("PALISADE_RATE_LIMIT_LEGACY_HEADERS", "true"),
+        ("PALISADE_RATE_LIMIT_CLOCK", "sundial"),
     ]);
     let cfg = RateLimitConfig::from_env(&mut env);
     assert!(cfg.legacy_headers);
@@ -441,10 +442,16 @@ fn config_from_env_reports_every_problem() {
         [
             "PALISADE_RATE_LIMIT_RULES",
             "PALISADE_RATE_LIMIT_MAX_ENTRIES",
+            "PALISADE_RATE_LIMIT_CLOCK",
             "PALISADE_RATE_LIMIT_TRUSTED_PROXIES"
         ]
     );
     assert!(err.to_string().contains("cookie"));
+    assert!(
+        err.to_string()
+            .contains("expected `tokio`, `fast` or `coarse`"),
+        "{err}"
+    );
 
     let mut env = Env::from_pairs([
         (
@@ -452,10 +459,12 @@ fn config_from_env_reports_every_problem() {
             r#"[{"name":"chat","algorithm":"gcra","limit":5,"window":"1s","burst":2}]"#,
         ),
         ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "anthropic"),
+        ("PALISADE_RATE_LIMIT_CLOCK", "coarse"),
     ]);
     let cfg = RateLimitConfig::from_env(&mut env);
     env.finish().unwrap();
     assert_eq!(cfg.error_format, ErrorFormat::Anthropic);
+    assert_eq!(cfg.clock, crate::clock::ClockSource::Coarse);
     assert_eq!(cfg.rules[0].burst, Some(2));
     assert_eq!(cfg.build().unwrap().limiter().rules(), ["chat"]);
     let text = serde_json::to_string(&cfg).unwrap();

@@ -5,8 +5,8 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
-use tokio::time::Instant;
 
 use super::super::algorithm::{self, State};
 use super::super::error::{RateLimitError, StoreError};
@@ -33,7 +33,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// (roughly 100 bytes a key).
 ///
 /// Time is counted in microseconds since the store was created, on tokio's clock by default
-/// (so tests can pause it) or on a faster one ([`StoreClock::Fast`]).
+/// (so tests can pause it) or on a faster source ([`ClockSource::Fast`] or
+/// [`ClockSource::Coarse`], see [`clock`](crate::clock)).
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -47,24 +48,6 @@ struct Inner {
     hasher: foldhash::fast::RandomState,
     clock: Clock,
     evictions: AtomicU64,
-}
-
-/// Which clock a [`MemoryStore`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StoreClock {
-    /// tokio's clock (`tokio::time::Instant`): follows a paused or advanced test clock.
-    /// About 20-30 ns a read on a VM.
-    #[default]
-    Tokio,
-    /// The CPU's time-stamp counter through `quanta` (the clock governor uses): a few ns a
-    /// read, but blind to tokio's paused clock. For production hot paths.
-    Fast,
-}
-
-enum Clock {
-    Tokio(Instant),
-    Fast(quanta::Clock, u64),
 }
 
 #[repr(align(128))]
@@ -121,7 +104,7 @@ impl Default for MemoryStore {
 pub struct MemoryStoreBuilder {
     max_entries: usize,
     shards: usize,
-    clock: StoreClock,
+    clock: ClockSource,
 }
 
 impl MemoryStoreBuilder {
@@ -138,8 +121,9 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The clock (default [`StoreClock::Tokio`]).
-    pub fn clock(mut self, clock: StoreClock) -> Self {
+    /// Where the store reads time (default [`ClockSource::Tokio`], which tests can pause;
+    /// see [`clock`](crate::clock) for the faster sources).
+    pub fn clock(mut self, clock: ClockSource) -> Self {
         self.clock = clock;
         self
     }
@@ -164,14 +148,7 @@ impl MemoryStoreBuilder {
                 per_shard,
                 max_entries: per_shard * shards,
                 hasher: foldhash::fast::RandomState::default(),
-                clock: match self.clock {
-                    StoreClock::Tokio => Clock::Tokio(Instant::now()),
-                    StoreClock::Fast => {
-                        let clock = quanta::Clock::new();
-                        let start = clock.raw();
-                        Clock::Fast(clock, start)
-                    }
-                },
+                clock: Clock::new(self.clock),
                 evictions: AtomicU64::new(0),
             }),
         })
@@ -191,7 +168,7 @@ impl MemoryStore {
         MemoryStoreBuilder {
             max_entries: DEFAULT_MAX_ENTRIES,
             shards: DEFAULT_SHARDS,
-            clock: StoreClock::Tokio,
+            clock: ClockSource::Tokio,
         }
     }
 
@@ -218,10 +195,7 @@ impl MemoryStore {
     /// Microseconds on the store's clock.
     #[inline]
     pub fn now_micros(&self) -> u64 {
-        match &self.inner.clock {
-            Clock::Tokio(epoch) => u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Clock::Fast(clock, start) => clock.delta_as_nanos(*start, clock.raw()) / 1_000,
-        }
+        self.inner.clock.nanos() / 1_000
     }
 
     fn map_key(&self, rule: u32, key: &RateKey) -> MapKey {
@@ -495,6 +469,29 @@ mod tests {
             params,
             cost: 1,
             shadow: false,
+        }
+    }
+
+    /// Every clock source decides the same way within a window; the faster ones ignore
+    /// tokio's paused clock (advancing it does not restore the quota).
+    #[tokio::test(start_paused = true)]
+    async fn every_clock_source_limits_and_only_tokio_follows_the_paused_clock() {
+        use crate::clock::ClockSource;
+        let params = Params::new(Algorithm::SlidingWindow, Quota::per_minute(3));
+        let key = RateKey::Global;
+        for source in [ClockSource::Tokio, ClockSource::Fast, ClockSource::Coarse] {
+            let store = MemoryStore::builder().clock(source).build().unwrap();
+            for _ in 0..3 {
+                let d = store.check_now(&[item(&key, params)]).unwrap().unwrap();
+                assert!(d.admitted, "{source}");
+            }
+            let d = store.check_now(&[item(&key, params)]).unwrap().unwrap();
+            assert!(!d.admitted, "{source}: the fourth of 3 a minute");
+            let reset = d.rules[0].reset_micros;
+            assert!(reset > 0 && reset <= 60_000_000, "{source}: {reset}");
+            tokio::time::advance(std::time::Duration::from_secs(120)).await;
+            let d = store.check_now(&[item(&key, params)]).unwrap().unwrap();
+            assert_eq!(d.admitted, source == ClockSource::Tokio, "{source}");
         }
     }
 

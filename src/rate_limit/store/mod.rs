@@ -48,7 +48,7 @@ use super::algorithm::{Decided, Params, Verdict};
 use super::error::StoreError;
 use super::key::RateKey;
 
-pub use memory::{MemoryStore, MemoryStoreBuilder, StoreClock};
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// A boxed future, for the store's admin calls (not on the request path).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
