@@ -30,9 +30,14 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 /// A complete, in-memory body holding a rendered error (or any small fixed payload).
+///
+/// One pointer wide (the bytes are boxed): a [`ResponseBody`] around a body of two words,
+/// such as axum's, stays two words, so a response keeps the size the inner service's had
+/// and moves without a `memcpy` call. Errors are rare; passing responses move on every
+/// request.
 #[derive(Debug, Clone, Default)]
 pub struct ErrorBody {
-    data: Option<Bytes>,
+    data: Option<Box<Bytes>>,
 }
 
 impl ErrorBody {
@@ -40,13 +45,13 @@ impl ErrorBody {
     pub fn new(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         Self {
-            data: (!bytes.is_empty()).then_some(bytes),
+            data: (!bytes.is_empty()).then(|| Box::new(bytes)),
         }
     }
 
     /// The bytes not yet polled out of the body.
     pub fn as_bytes(&self) -> &[u8] {
-        self.data.as_deref().unwrap_or_default()
+        self.data.as_deref().map_or(&[], |b| b.as_ref())
     }
 }
 
@@ -76,7 +81,7 @@ impl Body for ErrorBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(d))))
+        Poll::Ready(self.data.take().map(|d| Ok(Frame::data(*d))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -130,7 +135,7 @@ where
         match self.project() {
             ResponseBodyProj::Inner { body } => body.poll_frame(cx),
             ResponseBodyProj::Error { body } => {
-                Poll::Ready(body.data.take().map(|d| Ok(Frame::data(d))))
+                Poll::Ready(body.data.take().map(|d| Ok(Frame::data(*d))))
             }
         }
     }
@@ -147,5 +152,45 @@ where
             ResponseBody::Inner { body } => body.size_hint(),
             ResponseBody::Error { body } => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use http_body_util::BodyExt;
+    use http_body_util::combinators::UnsyncBoxBody;
+
+    use super::*;
+
+    /// A passing response must not grow: a boxed body (axum's, hyper's boxed bodies) is
+    /// two words, and so is the `ResponseBody` around it, so `Response<ResponseBody<B>>`
+    /// stays within LLVM's inline-copy size where `Response<B>` was.
+    #[test]
+    fn wrapping_a_boxed_body_costs_no_space() {
+        type Boxed = UnsyncBoxBody<Bytes, Infallible>;
+        assert_eq!(size_of::<ErrorBody>(), size_of::<usize>());
+        assert_eq!(size_of::<ResponseBody<Boxed>>(), size_of::<Boxed>());
+        assert_eq!(
+            size_of::<http::Response<ResponseBody<Boxed>>>(),
+            size_of::<http::Response<Boxed>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn error_body_yields_its_bytes_once() {
+        let body = ErrorBody::from("no");
+        assert_eq!(body.as_bytes(), b"no");
+        assert_eq!(body.size_hint().exact(), Some(2));
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(collected, "no");
+
+        let empty = ErrorBody::new(Bytes::new());
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.as_bytes(), b"");
+
+        let wrapped: ResponseBody<ErrorBody> = ResponseBody::error(ErrorBody::from("x"));
+        assert_eq!(wrapped.collect().await.unwrap().to_bytes(), "x");
     }
 }

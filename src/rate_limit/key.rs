@@ -41,6 +41,7 @@ impl RateKey {
     /// assert_eq!(a, b);
     /// assert_eq!(a.to_string(), "ip:2001:db8:1:2::");
     /// ```
+    #[inline]
     pub fn ip(ip: IpAddr) -> Self {
         RateKey::Ip(group_ip(ip))
     }
@@ -126,6 +127,7 @@ pub enum KeySource {
 impl KeySource {
     /// Finds the key of a request; `None` when the source is absent (no header, no key,
     /// no principal, no peer address).
+    #[inline]
     pub fn extract<B>(&self, req: &Request<B>, proxies: &TrustedProxies) -> Option<RateKey> {
         match self {
             KeySource::Global => Some(RateKey::Global),
@@ -289,6 +291,7 @@ impl TrustedProxies {
     }
 
     /// The client's address for a request, as described on the type.
+    #[inline]
     pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let peer = peer_addr(req)?;
         if self.nets.is_empty() || !self.is_trusted(peer) {
@@ -336,6 +339,7 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>().ok().map(|s| s.ip())
 }
 
+#[inline]
 fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
     #[cfg(feature = "axum")]
     if let Some(info) = req

@@ -650,7 +650,7 @@ impl<St: Store> Shared<St> {
     }
 
     /// The pending check of one rule, if it applies to the request.
-    #[inline]
+    #[inline(always)]
     fn pending_for<B>(
         &self,
         index: u32,
@@ -1060,7 +1060,41 @@ where
 {
     type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The common state first, in a small frame; the others are out of line.
+        if let StateProj::Calling { fut, headers } = self.as_mut().project().state.project() {
+            let response = ready!(fut.poll(cx))?;
+            return Poll::Ready(Ok(finish(response, headers)));
+        }
+        self.poll_other(cx)
+    }
+}
+
+/// The inner response with the layer's body type and its headers appended.
+#[inline]
+fn finish<B>(response: Response<B>, headers: &mut HeaderBlock) -> Response<ResponseBody<B>> {
+    let mut response = response.map(ResponseBody::inner);
+    if !headers.is_empty() {
+        response.headers_mut().reserve(headers.len());
+        for (name, value) in headers.drain(..) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+impl<S, St, B, ResBody> ResponseFuture<S, St, B>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: Store,
+{
+    /// Waiting for the store, or refused.
+    #[inline(never)]
+    fn poll_other(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<ResponseBody<ResBody>>, S::Error>> {
         loop {
             let mut this = self.as_mut().project();
             let next = match this.state.as_mut().project() {
@@ -1092,14 +1126,7 @@ where
                 }
                 StateProj::Calling { fut, headers } => {
                     let response = ready!(fut.poll(cx))?;
-                    let mut response = response.map(ResponseBody::inner);
-                    if !headers.is_empty() {
-                        response.headers_mut().reserve(headers.len());
-                        for (name, value) in headers.drain(..) {
-                            response.headers_mut().append(name, value);
-                        }
-                    }
-                    return Poll::Ready(Ok(response));
+                    return Poll::Ready(Ok(finish(response, headers)));
                 }
                 StateProj::Refused { response } => {
                     let response = response
