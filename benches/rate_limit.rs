@@ -211,15 +211,24 @@ fn layer_overhead(c: &mut Criterion) {
     });
 
     let rule = Rule::new("ip", Quota::per_second(u64::from(u32::MAX))).key(KeySource::PeerIp);
-    for (name, headers, clock) in [
-        ("palisade", true, ClockSource::Fast),
-        ("palisade_no_headers", false, ClockSource::Fast),
+    // The default algorithm (sliding window), and GCRA, the algorithm governor runs.
+    let gcra_rule = rule.clone().algorithm(Algorithm::Gcra);
+    for (name, headers, clock, rule) in [
+        ("palisade", true, ClockSource::Fast, &rule),
+        ("palisade_no_headers", false, ClockSource::Fast, &rule),
         (
             "palisade_no_headers_coarse_clock",
             false,
             ClockSource::Coarse,
+            &rule,
         ),
-        ("palisade_tokio_clock", true, ClockSource::Tokio),
+        (
+            "palisade_gcra_no_headers_coarse_clock",
+            false,
+            ClockSource::Coarse,
+            &gcra_rule,
+        ),
+        ("palisade_tokio_clock", true, ClockSource::Tokio, &rule),
     ] {
         let layer = RateLimitLayer::builder()
             .store(MemoryStore::builder().clock(clock).build().unwrap())

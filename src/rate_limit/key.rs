@@ -1,6 +1,7 @@
 //! Who a limit applies to: the rate-limit key of a request.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use crate::key::ApiKeyId;
 ///
 /// Keys never hold an API key in clear ([`RateKey::ApiKey`] is its hash), and IPv6 peers
 /// are grouped by their /64 network.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum RateKey {
     /// One counter for everybody.
@@ -29,6 +30,36 @@ pub enum RateKey {
     Header(Arc<str>),
     /// Requests for which the rule's key source found nothing (shared by all of them).
     Anonymous,
+}
+
+/// One hasher write for an IP key (the common case on the hot path), where the derived
+/// impl would make four (two discriminants, a length and the octets). Equal keys hash
+/// equally, as `Eq` requires.
+impl Hash for RateKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            RateKey::Global => state.write_u8(0),
+            RateKey::Ip(IpAddr::V4(ip)) => state.write_u64((1 << 32) | u64::from(ip.to_bits())),
+            RateKey::Ip(IpAddr::V6(ip)) => {
+                state.write_u8(2);
+                state.write_u128(ip.to_bits());
+            }
+            RateKey::ApiKey(id) => {
+                state.write_u8(3);
+                id.hash(state);
+            }
+            RateKey::Principal(p) => {
+                state.write_u8(4);
+                p.hash(state);
+            }
+            RateKey::Header(h) => {
+                state.write_u8(5);
+                h.hash(state);
+            }
+            RateKey::Anonymous => state.write_u8(6),
+        }
+    }
 }
 
 impl RateKey {
@@ -349,4 +380,40 @@ fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
         return Some(info.0.ip());
     }
     req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn equal_keys_hash_equally_and_kinds_stay_apart() {
+        let hasher = foldhash::fast::FixedState::with_seed(7);
+        let h = |k: &RateKey| hasher.hash_one(k);
+        let a = RateKey::ip("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = RateKey::ip("2001:db8:1:2:bbbb::2".parse().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(h(&a), h(&b));
+        let v4 = RateKey::ip("10.0.0.1".parse().unwrap());
+        assert_eq!(h(&v4), h(&RateKey::ip("10.0.0.1".parse().unwrap())));
+        let keys = [
+            RateKey::Global,
+            RateKey::Anonymous,
+            v4,
+            RateKey::ip("10.0.0.2".parse().unwrap()),
+            a,
+            RateKey::ApiKey(ApiKeyId::from_key("sk-test")),
+            RateKey::Principal(Arc::from("alice")),
+            RateKey::Header(Arc::from("alice")),
+        ];
+        let hashes: HashSet<u64> = keys.iter().map(h).collect();
+        assert_eq!(
+            hashes.len(),
+            keys.len(),
+            "distinct keys, distinct hashes here"
+        );
+    }
 }
