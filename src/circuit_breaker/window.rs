@@ -3,9 +3,10 @@
 //! - [`CountWindow`]: a ring of the last N outcomes (one byte each) and one packed
 //!   `AtomicU64` of totals (calls, failures, slow calls; 21 bits each). A call claims the
 //!   next slot with one compare-and-swap on the head, overwrites the slot, and touches the
-//!   totals only when the outcome differs from the one it replaces, so a steady stream of
-//!   successes costs one atomic read-modify-write. The window always slides: after 10,000
-//!   successes, 50 failures in a window of 100 are 50 %.
+//!   totals only when the outcome differs from the one it replaces. A success into a full
+//!   window of successes changes nothing and costs one atomic load (the healthy steady
+//!   state). The window always slides: after 10,000 successes, 50 failures in a window of
+//!   100 are 50 %.
 //! - [`TimeWindow`]: a ring of per-second buckets, each one `AtomicU64` holding the
 //!   second it belongs to (22 bits) and its calls and failures (21 bits each); a second
 //!   ring holds slow calls. Recording is one compare-and-swap on the current bucket, which
@@ -61,6 +62,8 @@ pub(crate) struct CountWindow {
     slots: Box<[AtomicU8]>,
     head: AtomicUsize,
     totals: AtomicU64,
+    /// `totals` of a full window of plain successes.
+    full_of_successes: u64,
 }
 
 impl CountWindow {
@@ -71,6 +74,7 @@ impl CountWindow {
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             head: AtomicUsize::new(0),
             totals: AtomicU64::new(0),
+            full_of_successes: size as u64,
         }
     }
 
@@ -79,6 +83,12 @@ impl CountWindow {
     #[inline]
     pub(crate) fn record(&self, outcome: u8) -> Option<Totals> {
         let len = self.slots.len();
+        if outcome == CALL && self.totals.load(Ordering::Relaxed) == self.full_of_successes {
+            // A full window of plain successes: one more changes nothing (it would replace
+            // a success), and since every slot holds the same outcome, which one the head
+            // points at does not matter either. The healthy steady state costs one load.
+            return None;
+        }
         let mut i = self.head.load(Ordering::Relaxed);
         loop {
             let next = if i + 1 == len { 0 } else { i + 1 };
@@ -289,6 +299,27 @@ mod tests {
                 slow: 0
             })
         );
+    }
+
+    /// The all-success fast path leaves the head where it is; a failure recorded after it
+    /// must still leave the window after exactly `size` more calls.
+    #[test]
+    fn a_failure_after_a_full_window_of_successes_slides_out_after_size_calls() {
+        for size in [1usize, 2, 7, 100] {
+            let w = CountWindow::new(size);
+            for _ in 0..(3 * size + 1) {
+                assert_eq!(w.record(CALL), None);
+            }
+            assert_eq!(w.totals().calls, size as u64);
+            assert_eq!(w.record(CALL | FAILED).unwrap().failures, 1);
+            for i in 1..size {
+                w.record(CALL);
+                assert_eq!(w.totals().failures, 1, "size {size}: {i} calls after it");
+            }
+            w.record(CALL);
+            assert_eq!(w.totals().failures, 0, "size {size}: slid out");
+            assert_eq!(w.totals().calls, size as u64);
+        }
     }
 
     #[test]
