@@ -169,6 +169,7 @@ impl<B, E> Classify<Response<B>, E> for DefaultClassifier
 where
     E: ClassifyError,
 {
+    #[inline]
     fn classify(&self, result: Result<&Response<B>, &E>) -> Classification {
         match result {
             Ok(response) => classify_response(response.status(), response.headers()),
@@ -185,12 +186,19 @@ where
 /// let v = classify_response(http::StatusCode::BAD_REQUEST, &headers);
 /// assert_eq!((v.outcome, v.retry), (Outcome::Ignored, Retry::Never));
 /// ```
+#[inline]
 pub fn classify_response(status: StatusCode, headers: &HeaderMap) -> Classification {
-    let code = status.as_u16();
-    if code < 400 {
-        // The hot path: a success reads no header and no clock.
+    if status.as_u16() < 400 {
+        // The hot path, inlined into the layers: a success reads no header and no clock.
         return Classification::SUCCESS;
     }
+    classify_error_response(status, headers)
+}
+
+/// [`classify_response`] for 4xx and 5xx, out of line.
+#[inline(never)]
+fn classify_error_response(status: StatusCode, headers: &HeaderMap) -> Classification {
+    let code = status.as_u16();
     let retry_after = parse_retry_after(headers);
     let (outcome, retry) = match code {
         408 | 409 => (Outcome::Ignored, Retry::IfIdempotent),
