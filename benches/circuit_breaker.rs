@@ -219,5 +219,73 @@ fn open_path(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, closed_path, open_path);
+/// Two OS threads, each with its own current-thread runtime and its own clone of the
+/// service, call one shared breaker at once (the shape of a multi-threaded server with one
+/// breaker per upstream); the time is per call as one thread sees it.
+fn contended(c: &mut Criterion) {
+    fn on_two_threads<S>(iters: u64, svc: &S) -> Duration
+    where
+        S: Service<Request<()>> + Clone + Send,
+        S::Future: Send,
+        S::Error: std::fmt::Debug,
+    {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let mut svc = svc.clone();
+                    scope.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .unwrap();
+                        rt.block_on(async move {
+                            let start = std::time::Instant::now();
+                            for _ in 0..iters {
+                                let response = svc
+                                    .ready()
+                                    .await
+                                    .unwrap()
+                                    .call(Request::new(()))
+                                    .await
+                                    .unwrap();
+                                black_box(response);
+                            }
+                            start.elapsed()
+                        })
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .max()
+                .unwrap_or_default()
+        })
+    }
+
+    let mut group = c.benchmark_group("circuit_breaker_closed_2_threads");
+    let bare = upstream();
+    group.bench_function("bare", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, &bare))
+    });
+    let count = CircuitBreakerLayer::builder()
+        .count_window(100)
+        .build()
+        .unwrap()
+        .layer(upstream());
+    group.bench_function("palisade_count_100", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, &count))
+    });
+    let coarse = CircuitBreakerLayer::builder()
+        .time_window(Duration::from_secs(10))
+        .clock(ClockSource::Coarse)
+        .build()
+        .unwrap()
+        .layer(upstream());
+    group.bench_function("palisade_time_10s_coarse", |b| {
+        b.iter_custom(|iters| on_two_threads(iters, &coarse))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, closed_path, open_path, contended);
 criterion_main!(benches);
