@@ -210,6 +210,21 @@ fn layer_overhead(c: &mut Criterion) {
         })
     });
 
+    // The rows below must count each peer address apart (as tower_governor does), not
+    // every request against one key: check it before measuring anything.
+    let one_each =
+        RateLimitLayer::new([Rule::new("ip", Quota::per_minute(1)).key(KeySource::PeerIp)])
+            .unwrap()
+            .layer(service_fn(handler));
+    for (n, status) in [(1, 200), (2, 200), (1, 429)] {
+        let res = poll_now(one_each.clone().call(request(n)));
+        assert_eq!(
+            res.unwrap().status(),
+            status,
+            "the layer must key by peer IP"
+        );
+    }
+
     let rule = Rule::new("ip", Quota::per_second(u64::from(u32::MAX))).key(KeySource::PeerIp);
     // The default algorithm (sliding window), and GCRA, the algorithm governor runs.
     let gcra_rule = rule.clone().algorithm(Algorithm::Gcra);
