@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -20,8 +20,8 @@ use crate::key::ApiKeyId;
 pub enum RateKey {
     /// One counter for everybody.
     Global,
-    /// A peer address (an IPv6 address with its low 64 bits cleared).
-    Ip(IpAddr),
+    /// A peer address (an IPv6 address by its /64 network; see [`IpKey`]).
+    Ip(IpKey),
     /// A hashed API key.
     ApiKey(ApiKeyId),
     /// An authenticated principal (see [`Principal`]).
@@ -33,18 +33,15 @@ pub enum RateKey {
 }
 
 /// One hasher write for an IP key (the common case on the hot path), where the derived
-/// impl would make four (two discriminants, a length and the octets). Equal keys hash
-/// equally, as `Eq` requires.
+/// impl would make several (discriminants and words). Equal keys hash equally, as `Eq`
+/// requires.
 impl Hash for RateKey {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
         match self {
             RateKey::Global => state.write_u8(0),
-            RateKey::Ip(IpAddr::V4(ip)) => state.write_u64((1 << 32) | u64::from(ip.to_bits())),
-            RateKey::Ip(IpAddr::V6(ip)) => {
-                state.write_u8(2);
-                state.write_u128(ip.to_bits());
-            }
+            // One of the two words is zero for every grouped address (see `IpKey`).
+            RateKey::Ip(ip) => state.write_u64(ip.hi ^ ip.lo),
             RateKey::ApiKey(id) => {
                 state.write_u8(3);
                 id.hash(state);
@@ -74,7 +71,7 @@ impl RateKey {
     /// ```
     #[inline]
     pub fn ip(ip: IpAddr) -> Self {
-        RateKey::Ip(group_ip(ip))
+        RateKey::Ip(IpKey::new(ip))
     }
 
     /// A principal key.
@@ -103,16 +100,79 @@ impl fmt::Display for RateKey {
     }
 }
 
-fn group_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(bits))
+/// The address a [`RateKey::Ip`] counts against: an IPv4 address as it is (IPv4-mapped
+/// IPv6 addresses count as IPv4), an IPv6 address by its /64 network (one subscriber
+/// usually holds a whole /64, so counting single addresses would be trivial to dodge).
+///
+/// It is kept as two aligned 64-bit words (the IPv4-mapped IPv6 form), not as an
+/// `IpAddr`, whose bytes sit at odd offsets: building and copying a key on the request
+/// path then costs plain register moves.
+///
+/// ```
+/// use palisade::rate_limit::IpKey;
+/// let v4 = IpKey::new("203.0.113.9".parse().unwrap());
+/// assert_eq!(v4.addr().to_string(), "203.0.113.9");
+/// assert_eq!(v4, IpKey::new("::ffff:203.0.113.9".parse().unwrap()));
+/// let v6 = IpKey::new("2001:db8:1:2:aaaa::1".parse().unwrap());
+/// assert_eq!(v6.to_string(), "2001:db8:1:2::");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IpKey {
+    hi: u64,
+    lo: u64,
+}
+
+/// The upper half of the low word of an IPv4-mapped address (`::ffff:a.b.c.d`).
+const MAPPED: u64 = 0xffff << 32;
+
+impl IpKey {
+    /// The key of `ip`, grouped as described on the type.
+    #[inline]
+    pub fn new(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self {
+                hi: 0,
+                lo: MAPPED | u64::from(v4.to_bits()),
+            },
+            IpAddr::V6(v6) => {
+                let bits = v6.to_bits();
+                let (hi, lo) = ((bits >> 64) as u64, bits as u64);
+                if hi == 0 && lo >> 32 == 0xffff {
+                    Self { hi, lo }
+                } else {
+                    Self { hi, lo: 0 }
+                }
             }
-        },
+        }
+    }
+
+    /// The address counted: the IPv4 address, or the IPv6 /64 network's first address.
+    pub fn addr(&self) -> IpAddr {
+        if self.hi == 0 && self.lo >> 32 == 0xffff {
+            IpAddr::V4(Ipv4Addr::from_bits(self.lo as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from_bits(
+                u128::from(self.hi) << 64 | u128::from(self.lo),
+            ))
+        }
+    }
+}
+
+impl From<IpAddr> for IpKey {
+    fn from(ip: IpAddr) -> Self {
+        Self::new(ip)
+    }
+}
+
+impl fmt::Display for IpKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.addr().fmt(f)
+    }
+}
+
+impl fmt::Debug for IpKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IpKey({})", self.addr())
     }
 }
 
@@ -415,5 +475,36 @@ mod tests {
             keys.len(),
             "distinct keys, distinct hashes here"
         );
+    }
+
+    #[test]
+    fn ip_keys_round_trip_and_never_mix_families() {
+        let zero_v4 = IpKey::new("0.0.0.0".parse().unwrap());
+        let zero_v6 = IpKey::new("::".parse().unwrap());
+        assert_ne!(zero_v4, zero_v6);
+        assert_eq!(zero_v4.addr().to_string(), "0.0.0.0");
+        assert_eq!(zero_v6.addr().to_string(), "::");
+        // loopback v6 groups into `::/64`, not into an IPv4 key
+        assert_eq!(IpKey::new("::1".parse().unwrap()), zero_v6);
+        assert_eq!(
+            RateKey::ip("::ffff:10.1.2.3".parse().unwrap()).to_string(),
+            "ip:10.1.2.3"
+        );
+        assert_eq!(format!("{zero_v4:?}"), "IpKey(0.0.0.0)");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ip_keys_keep_v4_whole_and_v6_by_64(v4 in proptest::prelude::any::<u32>(), v6 in proptest::prelude::any::<u128>()) {
+            let a = IpAddr::V4(Ipv4Addr::from_bits(v4));
+            proptest::prop_assert_eq!(IpKey::new(a).addr(), a);
+            let b = Ipv6Addr::from_bits(v6);
+            let expected = match b.to_ipv4_mapped() {
+                Some(m) => IpAddr::V4(m),
+                None => IpAddr::V6(Ipv6Addr::from_bits(v6 & !((1u128 << 64) - 1))),
+            };
+            proptest::prop_assert_eq!(IpKey::new(IpAddr::V6(b)).addr(), expected);
+            proptest::prop_assert_eq!(IpKey::new(IpAddr::V6(b)) == IpKey::new(a), expected == a);
+        }
     }
 }

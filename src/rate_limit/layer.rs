@@ -180,6 +180,10 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 });
             }
             rules.push(CompiledRule {
+                lean: !self.draft_headers
+                    && !self.legacy_headers
+                    && !rule.shadow
+                    && !matches!(rule.cost, Cost::Settled { .. }),
                 params: rule.params(rule.quota),
                 policy: headers::policy_value(&rule.name, rule.quota.limit(), rule.quota.window()),
                 counters: Counters::default(),
@@ -246,6 +250,9 @@ struct CompiledRule {
     params: Params,
     policy: HeaderValue,
     counters: Counters,
+    /// An admitted request needs nothing but its counter: no headers (the layer sends
+    /// none), not a shadow rule, nothing to reserve.
+    lean: bool,
 }
 
 /// Counters striped over cache lines so threads do not fight over one.
@@ -898,27 +905,73 @@ where
         // The request stays in this frame until the inner call: no helper takes it by
         // value, so it is not copied on the way.
         let outcome = if self.shared.rules.len() == 1 {
-            // The common case of a layer with one rule: no lists are built for it.
+            // The common case of a layer with one rule: no lists are built for it, and the
+            // key stays in this frame (moving it between helpers cost more than deciding).
             let shared = &self.shared;
-            let Some(pending) = shared.pending_for(0, &shared.rules[0], &req) else {
+            let compiled = &shared.rules[0];
+            let rule = &compiled.rule;
+            if !rule.matches(&req) {
                 return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
-            };
-            let item = shared.item(&pending);
-            match shared.store.check_one_now(&item) {
-                Some(Ok(rule)) => {
-                    let admitted = rule.debited || item.shadow;
-                    shared.outcome(std::slice::from_ref(&pending), admitted, &[rule])
+            }
+            let key = match rule.key.extract(&req, &shared.proxies) {
+                Some(k) => k,
+                None if rule.skip_anonymous => {
+                    return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
                 }
+                None => RateKey::Anonymous,
+            };
+            let params = if shared.override_count.load(Ordering::Acquire) > 0 {
+                shared.params_for(0, &key).0
+            } else {
+                compiled.params
+            };
+            let cost = rule.cost.of(&req);
+            let item = CheckItem {
+                rule_index: 0,
+                rule: &rule.name,
+                key: &key,
+                params,
+                cost,
+                shadow: rule.shadow,
+            };
+            let answer = shared.store.check_one_now(&item);
+            if let Some(Ok(d)) = &answer
+                && d.debited
+                && compiled.lean
+            {
+                // Admitted, with nothing to add to the response and nothing to reserve.
+                compiled
+                    .counters
+                    .stripe()
+                    .allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+            }
+            let pending = Pending {
+                index: 0,
+                key,
+                params,
+                cost,
+            };
+            match answer {
+                Some(Ok(d)) => shared.outcome(
+                    std::slice::from_ref(&pending),
+                    d.debited || rule.shadow,
+                    &[d],
+                ),
                 Some(Err(e)) => shared.store_failed(e),
-                None => match shared.store.check_now(std::slice::from_ref(&item)) {
-                    Some(decision) => shared.resolve(std::slice::from_ref(&pending), decision),
-                    None => {
-                        let check = shared.store.check(std::slice::from_ref(&item));
-                        let mut list = PendingList::new();
-                        list.push(pending);
-                        return wait(&mut self.inner, &self.shared, check, list, req);
+                None => {
+                    let item = shared.item(&pending);
+                    match shared.store.check_now(std::slice::from_ref(&item)) {
+                        Some(decision) => shared.resolve(std::slice::from_ref(&pending), decision),
+                        None => {
+                            let check = shared.store.check(std::slice::from_ref(&item));
+                            let mut list = PendingList::new();
+                            list.push(pending);
+                            return wait(&mut self.inner, &self.shared, check, list, req);
+                        }
                     }
-                },
+                }
             }
         } else {
             let pending = self.shared.pending(&req);

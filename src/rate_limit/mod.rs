@@ -70,7 +70,7 @@ pub mod store;
 
 pub use config::{CostMode, RateLimitConfig, RuleConfig};
 pub use error::{AdminError, RateLimitError, StoreError};
-pub use key::{IpNet, KeySource, Principal, RateKey, TrustedProxies};
+pub use key::{IpKey, IpNet, KeySource, Principal, RateKey, TrustedProxies};
 pub use layer::{
     FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,
     RateLimiter, Reservation, ResponseFuture, RuleCounters, RuleStatus,
