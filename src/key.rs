@@ -27,7 +27,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// The hashed identity of an API key (16 bytes of SHA-256, shown as hex).
+///
+/// Aligned to 8 bytes, so an enum that holds it (a rate-limit key) lays it out on word
+/// boundaries and copies it with whole-word moves.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(align(8))]
 pub struct ApiKeyId([u8; 16]);
 
 impl ApiKeyId {

@@ -130,19 +130,35 @@ impl IpKey {
     #[inline]
     pub fn new(ip: IpAddr) -> Self {
         match ip {
-            IpAddr::V4(v4) => Self {
-                hi: 0,
-                lo: MAPPED | u64::from(v4.to_bits()),
-            },
-            IpAddr::V6(v6) => {
-                let bits = v6.to_bits();
-                let (hi, lo) = ((bits >> 64) as u64, bits as u64);
-                if hi == 0 && lo >> 32 == 0xffff {
-                    Self { hi, lo }
-                } else {
-                    Self { hi, lo: 0 }
-                }
-            }
+            IpAddr::V4(v4) => Self::v4(v4.to_bits()),
+            IpAddr::V6(v6) => Self::v6(v6.to_bits()),
+        }
+    }
+
+    /// The key of a socket address's IP, read in place (no `IpAddr` copied on the way).
+    #[inline(always)]
+    fn of_socket(addr: &SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(a) => Self::v4(a.ip().to_bits()),
+            SocketAddr::V6(a) => Self::v6(a.ip().to_bits()),
+        }
+    }
+
+    #[inline]
+    const fn v4(bits: u32) -> Self {
+        Self {
+            hi: 0,
+            lo: MAPPED | bits as u64,
+        }
+    }
+
+    #[inline]
+    const fn v6(bits: u128) -> Self {
+        let (hi, lo) = ((bits >> 64) as u64, bits as u64);
+        if hi == 0 && lo >> 32 == 0xffff {
+            Self { hi, lo } // IPv4-mapped: the IPv4 key
+        } else {
+            Self { hi, lo: 0 }
         }
     }
 
@@ -218,8 +234,20 @@ pub enum KeySource {
 impl KeySource {
     /// Finds the key of a request; `None` when the source is absent (no header, no key,
     /// no principal, no peer address).
-    #[inline]
+    #[inline(always)]
     pub fn extract<B>(&self, req: &Request<B>, proxies: &TrustedProxies) -> Option<RateKey> {
+        // The peer address and the global key in the caller's frame: returning a key
+        // through memory from an out-of-line call stalls store forwarding when the caller
+        // reads it back in wider words. The other sources cost far more than that.
+        match self {
+            KeySource::Global => Some(RateKey::Global),
+            KeySource::PeerIp => proxies.client_key(req).map(RateKey::Ip),
+            _ => self.extract_other(req, proxies),
+        }
+    }
+
+    #[inline(never)]
+    fn extract_other<B>(&self, req: &Request<B>, proxies: &TrustedProxies) -> Option<RateKey> {
         match self {
             KeySource::Global => Some(RateKey::Global),
             KeySource::Principal => req
@@ -381,30 +409,49 @@ impl TrustedProxies {
         self.nets.iter().any(|n| n.contains(ip))
     }
 
+    /// The key of the client's address: [`TrustedProxies::client_ip`] grouped into an
+    /// [`IpKey`], read straight from the peer address when no proxy is trusted.
+    #[inline(always)]
+    pub fn client_key<B>(&self, req: &Request<B>) -> Option<IpKey> {
+        if self.nets.is_empty() {
+            return peer_key(req);
+        }
+        self.client_ip(req).map(IpKey::new)
+    }
+
     /// The client's address for a request, as described on the type.
     #[inline]
     pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let peer = peer_addr(req)?;
-        if self.nets.is_empty() || !self.is_trusted(peer) {
+        if self.nets.is_empty() {
             return Some(peer);
+        }
+        Some(self.behind_proxies(peer, req))
+    }
+
+    /// The client behind `peer` when `peer` is a trusted proxy (else `peer`).
+    #[inline(never)]
+    fn behind_proxies<B>(&self, peer: IpAddr, req: &Request<B>) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
         }
         let mut client = peer;
         for value in req.headers().get_all("x-forwarded-for").iter().rev() {
             let Ok(value) = value.to_str() else {
-                return Some(client);
+                return client;
             };
             for hop in value.rsplit(',') {
                 let Some(ip) = parse_hop(hop) else {
                     // Garbage from an untrusted writer: stop at the last good hop.
-                    return Some(client);
+                    return client;
                 };
                 client = ip;
                 if !self.is_trusted(ip) {
-                    return Some(ip);
+                    return ip;
                 }
             }
         }
-        Some(client)
+        client
     }
 }
 
@@ -428,6 +475,18 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     }
     // `[v6]:port` or `v4:port`
     hop.parse::<SocketAddr>().ok().map(|s| s.ip())
+}
+
+#[inline(always)]
+fn peer_key<B>(req: &Request<B>) -> Option<IpKey> {
+    #[cfg(feature = "axum")]
+    if let Some(info) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(IpKey::of_socket(&info.0));
+    }
+    req.extensions().get::<SocketAddr>().map(IpKey::of_socket)
 }
 
 #[inline]

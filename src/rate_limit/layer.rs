@@ -911,12 +911,12 @@ where
             let compiled = &shared.rules[0];
             let rule = &compiled.rule;
             if !rule.matches(&req) {
-                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+                return ResponseFuture::passing(self.inner.call(req));
             }
             let key = match rule.key.extract(&req, &shared.proxies) {
                 Some(k) => k,
                 None if rule.skip_anonymous => {
-                    return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+                    return ResponseFuture::passing(self.inner.call(req));
                 }
                 None => RateKey::Anonymous,
             };
@@ -945,7 +945,7 @@ where
                     .stripe()
                     .allowed
                     .fetch_add(1, Ordering::Relaxed);
-                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+                return ResponseFuture::passing(self.inner.call(req));
             }
             let pending = Pending {
                 index: 0,
@@ -976,7 +976,7 @@ where
         } else {
             let pending = self.shared.pending(&req);
             if pending.is_empty() {
-                return ResponseFuture::calling(self.inner.call(req), HeaderBlock::new());
+                return ResponseFuture::passing(self.inner.call(req));
             }
             let items = self.shared.items(&pending);
             match self.shared.store.check_now(&items) {
@@ -1064,6 +1064,11 @@ pin_project! {
             check: Pin<Box<St::CheckFuture>>,
             waiting: Option<Box<Waiting<S, St, B>>>,
         },
+        // Admitted with nothing to add to the response (the common case).
+        Passing {
+            #[pin]
+            fut: S::Future,
+        },
         Calling {
             #[pin]
             fut: S::Future,
@@ -1082,8 +1087,18 @@ where
 {
     #[inline]
     fn calling(fut: S::Future, headers: HeaderBlock) -> Self {
+        if headers.is_empty() {
+            return Self::passing(fut);
+        }
         Self {
             state: State::Calling { fut, headers },
+        }
+    }
+
+    #[inline]
+    fn passing(fut: S::Future) -> Self {
+        Self {
+            state: State::Passing { fut },
         }
     }
 
@@ -1116,9 +1131,9 @@ where
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         // The common state first, in a small frame; the others are out of line.
-        if let StateProj::Calling { fut, headers } = self.as_mut().project().state.project() {
+        if let StateProj::Passing { fut } = self.as_mut().project().state.project() {
             let response = ready!(fut.poll(cx))?;
-            return Poll::Ready(Ok(finish(response, headers)));
+            return Poll::Ready(Ok(response.map(ResponseBody::inner)));
         }
         self.poll_other(cx)
     }
@@ -1176,6 +1191,10 @@ where
                             response: Some(response),
                         },
                     }
+                }
+                StateProj::Passing { fut } => {
+                    let response = ready!(fut.poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
                 StateProj::Calling { fut, headers } => {
                     let response = ready!(fut.poll(cx))?;
