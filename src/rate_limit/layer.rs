@@ -199,6 +199,7 @@ impl<St: Store> RateLimitLayerBuilder<St> {
         }
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
+                lean_single: matches!(&rules[..], [r] if r.lean),
                 rules: rules.into_boxed_slice(),
                 store: self.store,
                 format: self.format,
@@ -235,6 +236,8 @@ impl<S, St: Store> Layer<S> for RateLimitLayer<St> {
 
 pub(crate) struct Shared<St> {
     rules: Box<[CompiledRule]>,
+    /// One rule, and it is lean: `RateLimit::call` decides it without the general path.
+    lean_single: bool,
     store: St,
     format: ErrorFormat,
     draft_headers: bool,
@@ -888,6 +891,86 @@ impl<St: Store> Shared<St> {
     }
 }
 
+/// What the lean one-rule path decided: small enough to come back in registers.
+enum Lean {
+    /// Let the request through (admitted and counted, or the rule does not apply).
+    Pass,
+    /// Answer with this refusal.
+    Refuse(Box<Response<crate::body::ErrorBody>>),
+    /// The store cannot answer at once: nothing was decided, take the general path.
+    General,
+}
+
+impl<St: Store> Shared<St> {
+    /// Decides a request for a layer whose only rule is lean (see `CompiledRule::lean`):
+    /// an admitted request needs nothing but its counter.
+    #[inline]
+    fn decide_lean<B>(self: &Arc<Self>, req: &Request<B>) -> Lean {
+        let compiled = &self.rules[0];
+        let rule = &compiled.rule;
+        if !rule.matches(req) {
+            return Lean::Pass;
+        }
+        let key = match rule.key.extract(req, &self.proxies) {
+            Some(k) => k,
+            None if rule.skip_anonymous => return Lean::Pass,
+            None => RateKey::Anonymous,
+        };
+        let params = if self.override_count.load(Ordering::Acquire) > 0 {
+            self.params_for(0, &key).0
+        } else {
+            compiled.params
+        };
+        let cost = rule.cost.of(req);
+        let item = CheckItem {
+            rule_index: 0,
+            rule: &rule.name,
+            key: &key,
+            params,
+            cost,
+            shadow: false,
+        };
+        match self.store.check_one_now(&item) {
+            Some(Ok(d)) if d.debited => {
+                compiled
+                    .counters
+                    .stripe()
+                    .allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                Lean::Pass
+            }
+            Some(Ok(d)) => self.lean_refusal(
+                Pending {
+                    index: 0,
+                    key,
+                    params,
+                    cost,
+                },
+                d,
+            ),
+            Some(Err(e)) => Lean::from(self.store_failed(e)),
+            None => Lean::General,
+        }
+    }
+
+    /// The lean rule did not debit: the request is refused (counted and logged there).
+    #[cold]
+    #[inline(never)]
+    fn lean_refusal(self: &Arc<Self>, pending: Pending, d: RuleDecision) -> Lean {
+        Lean::from(self.outcome(std::slice::from_ref(&pending), false, &[d]))
+    }
+}
+
+impl From<Outcome> for Lean {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            // A lean rule adds no headers and reserves nothing.
+            Outcome::Admit(..) => Lean::Pass,
+            Outcome::Refuse(response) => Lean::Refuse(response),
+        }
+    }
+}
+
 impl<S, St, B, ResBody> Service<Request<B>> for RateLimit<S, St>
 where
     S: Service<Request<B>, Response = Response<ResBody>> + Clone,
@@ -901,7 +984,28 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    #[inline]
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if self.shared.lean_single {
+            // The request stays with the caller; the decision comes back in registers.
+            match self.shared.decide_lean(&req) {
+                Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
+                Lean::Refuse(response) => return ResponseFuture::refused(response),
+                Lean::General => {}
+            }
+        }
+        self.call_general(req)
+    }
+}
+
+impl<S, St: Store> RateLimit<S, St> {
+    /// Every layer but the lean one-rule kind (headers, shadow rules, reservations, several
+    /// rules, stores that answer asynchronously).
+    #[inline(never)]
+    fn call_general<B, ResBody>(&mut self, mut req: Request<B>) -> ResponseFuture<S, St, B>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    {
         // The request stays in this frame until the inner call: no helper takes it by
         // value, so it is not copied on the way.
         let outcome = if self.shared.rules.len() == 1 {
@@ -1020,20 +1124,28 @@ where
     let inner = std::mem::replace(inner, clone);
     ResponseFuture {
         state: State::Checking {
-            check: Box::pin(check),
-            waiting: Some(Box::new(Waiting {
-                req,
-                inner,
-                pending,
-                shared: shared.clone(),
-            })),
+            waiting: Box::new(Waiting {
+                check: Box::pin(check),
+                parts: Some(WaitingParts {
+                    req,
+                    inner,
+                    pending,
+                    shared: shared.clone(),
+                }),
+            }),
         },
     }
 }
 
-/// What an asynchronous check holds until the store answers (boxed, so the common
-/// synchronous path keeps a small future).
-struct Waiting<S, St, B> {
+/// What an asynchronous check holds until the store answers: one box, so every state of
+/// the response future is one pointer beside the inner future (the common synchronous
+/// path then moves a future no wider than the inner one needs).
+struct Waiting<S, St: Store, B> {
+    check: Pin<Box<St::CheckFuture>>,
+    parts: Option<WaitingParts<S, St, B>>,
+}
+
+struct WaitingParts<S, St, B> {
     req: Request<B>,
     inner: S,
     pending: PendingList,
@@ -1060,19 +1172,18 @@ pin_project! {
         St: Store,
     {
         Checking {
-            // Boxed so the store's future does not widen the common synchronous path.
-            check: Pin<Box<St::CheckFuture>>,
-            waiting: Option<Box<Waiting<S, St, B>>>,
+            waiting: Box<Waiting<S, St, B>>,
         },
         // Admitted with nothing to add to the response (the common case).
         Passing {
             #[pin]
             fut: S::Future,
         },
+        // Admitted, with headers to add (boxed: one pointer in the future).
         Calling {
             #[pin]
             fut: S::Future,
-            headers: HeaderBlock,
+            headers: Box<HeaderBlock>,
         },
         Refused {
             response: Option<Box<Response<crate::body::ErrorBody>>>,
@@ -1091,7 +1202,10 @@ where
             return Self::passing(fut);
         }
         Self {
-            state: State::Calling { fut, headers },
+            state: State::Calling {
+                fut,
+                headers: Box::new(headers),
+            },
         }
     }
 
@@ -1166,25 +1280,31 @@ where
         loop {
             let mut this = self.as_mut().project();
             let next = match this.state.as_mut().project() {
-                StateProj::Checking { check, waiting } => {
-                    let decision = ready!(check.as_mut().poll(cx));
-                    let Some(waiting) = waiting.take() else {
+                StateProj::Checking { waiting } => {
+                    let decision = ready!(waiting.check.as_mut().poll(cx));
+                    let Some(parts) = waiting.parts.take() else {
                         unreachable!("the request is taken once");
                     };
-                    let Waiting {
+                    let WaitingParts {
                         mut req,
                         mut inner,
                         pending,
                         shared,
-                    } = *waiting;
+                    } = parts;
                     match shared.resolve(&pending, decision) {
                         Outcome::Admit(headers, reservation) => {
                             if let Some(r) = reservation {
                                 req.extensions_mut().insert(r);
                             }
-                            State::Calling {
-                                fut: inner.call(req),
-                                headers,
+                            if headers.is_empty() {
+                                State::Passing {
+                                    fut: inner.call(req),
+                                }
+                            } else {
+                                State::Calling {
+                                    fut: inner.call(req),
+                                    headers: Box::new(headers),
+                                }
                             }
                         }
                         Outcome::Refuse(response) => State::Refused {

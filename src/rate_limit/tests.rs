@@ -701,10 +701,12 @@ async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
             self.0.reset(i, r, k)
         }
     }
-    for fails in [false, true] {
+    // With headers the layer takes its general path; without, the lean one-rule path.
+    for (fails, headers) in [(false, true), (true, true), (false, false), (true, false)] {
         let layer = RateLimitLayer::builder()
             .store(ListOnly(MemoryStore::new(), fails))
             .rule(Rule::new("g", Quota::per_minute(2)))
+            .draft_headers(headers)
             .build()
             .unwrap();
         let svc = layer.layer(service_fn(ok));
@@ -712,12 +714,52 @@ async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
         for _ in 0..3 {
             let r = svc.clone().oneshot(post("/", "k")).await.unwrap();
             statuses.push(r.status().as_u16());
-            if !fails {
-                assert!(r.headers().contains_key("ratelimit"));
+            assert_eq!(r.headers().contains_key("ratelimit"), !fails && headers);
+            if r.status() != 200 {
+                assert!(r.headers().contains_key("retry-after"));
             }
         }
         let want = if fails { [503; 3] } else { [200, 200, 429] };
-        assert_eq!(statuses, want);
+        assert_eq!(statuses, want, "fails: {fails}, headers: {headers}");
+        let c = &layer.limiter().counters()[0];
+        let counted = if fails { (0, 0) } else { (2, 1) };
+        assert_eq!((c.allowed, c.limited), counted);
+    }
+}
+
+/// The lean one-rule path (no headers) lets requests the rule does not cover through
+/// uncounted, and counts requests without a key in one bucket unless told to skip them.
+#[tokio::test(start_paused = true)]
+async fn lean_rules_pass_what_they_do_not_cover() {
+    let user = || KeySource::Header(http::HeaderName::from_static("x-user"));
+    for skip in [false, true] {
+        let layer = RateLimitLayer::builder()
+            .rule(
+                Rule::new("msgs", Quota::per_minute(1))
+                    .post("/v1/messages")
+                    .key(user())
+                    .skip_anonymous(skip),
+            )
+            .draft_headers(false)
+            .build()
+            .unwrap();
+        let mut svc = service(&layer);
+        for _ in 0..3 {
+            let other = Request::get("/v1/models").body(()).unwrap();
+            assert_eq!(send(&mut svc, other).await.status(), 200);
+        }
+        let anon = || Request::post("/v1/messages").body(()).unwrap();
+        let second = if skip { 200 } else { 429 };
+        assert_eq!(send(&mut svc, anon()).await.status(), 200);
+        assert_eq!(send(&mut svc, anon()).await.status(), second);
+        let named = Request::post("/v1/messages")
+            .header("x-user", "u1")
+            .body(())
+            .unwrap();
+        assert_eq!(send(&mut svc, named).await.status(), 200);
+        let c = &layer.limiter().counters()[0];
+        let counted = if skip { (1, 0) } else { (2, 1) };
+        assert_eq!((c.allowed, c.limited), counted, "skip: {skip}");
     }
 }
 
