@@ -180,6 +180,7 @@ fn run_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Du
     times.into_iter().max().unwrap_or_default()
 }
 
+#[inline(always)]
 fn poll_now<F: std::future::Future>(f: F) -> F::Output {
     let mut f = pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {

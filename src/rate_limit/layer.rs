@@ -275,6 +275,7 @@ struct Stripe {
     never: AtomicU64,
 }
 
+#[inline]
 fn stripe_index() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -284,6 +285,7 @@ fn stripe_index() -> usize {
 }
 
 impl Counters {
+    #[inline]
     fn stripe(&self) -> &Stripe {
         &self.stripes[stripe_index()]
     }

@@ -319,6 +319,7 @@ impl Rule {
         self.shadow
     }
 
+    #[inline]
     pub(crate) fn matches<B>(&self, req: &Request<B>) -> bool {
         // `Route::All` needs no path (`Uri::path` is not free).
         self.method.as_ref().is_none_or(|m| req.method() == m)

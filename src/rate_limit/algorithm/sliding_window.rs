@@ -109,8 +109,13 @@ fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 
 }
 
 /// `ceil(a × b / c)`, in u64 when it fits.
+///
+/// `c` is a window length (at least 1); the early return for 0 also tells the compiler the
+/// division cannot fault, so a caller that drops the result (a layer without headers
+/// does not read `remaining`) does not pay for it.
+#[inline]
 fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
-    if a == 0 {
+    if a == 0 || c == 0 {
         return 0;
     }
     match a.checked_mul(b) {

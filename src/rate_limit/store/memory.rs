@@ -1,7 +1,7 @@
 //! The in-memory store: sharded, lock-light, bounded.
 
 use std::future::{Ready, ready};
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -207,9 +207,12 @@ impl MemoryStore {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn hash(&self, rule: u32, key: &RateKey) -> u64 {
-        self.inner.hasher.hash_one((rule, key))
+        let mut h = self.inner.hasher.build_hasher();
+        h.write_u32(rule);
+        key.hash(&mut h);
+        h.finish()
     }
 
     #[inline]
@@ -330,7 +333,12 @@ impl MemoryStore {
                 state,
                 expires_at,
             },
-            |s| hasher.hash_one((s.rule, &s.key)),
+            |s| {
+                let mut h = hasher.build_hasher();
+                h.write_u32(s.rule);
+                s.key.hash(&mut h);
+                h.finish()
+            },
         );
     }
 
@@ -406,6 +414,7 @@ impl MemoryStore {
     }
 }
 
+#[inline]
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
