@@ -1181,11 +1181,12 @@ pin_project! {
             #[pin]
             fut: S::Future,
         },
-        // Admitted, with headers to add (boxed: one pointer in the future).
+        // Admitted, with headers to add (a boxed slice: the list's own allocation, two
+        // words in the future).
         Calling {
             #[pin]
             fut: S::Future,
-            headers: Box<HeaderBlock>,
+            headers: Box<[(HeaderName, HeaderValue)]>,
         },
         Refused {
             response: Option<Box<Response<crate::body::ErrorBody>>>,
@@ -1206,7 +1207,7 @@ where
         Self {
             state: State::Calling {
                 fut,
-                headers: Box::new(headers),
+                headers: headers.into_boxed_slice(),
             },
         }
     }
@@ -1257,13 +1258,15 @@ where
 
 /// The inner response with the layer's body type and its headers appended.
 #[inline]
-fn finish<B>(response: Response<B>, headers: &mut HeaderBlock) -> Response<ResponseBody<B>> {
+fn finish<B>(
+    response: Response<B>,
+    headers: &mut Box<[(HeaderName, HeaderValue)]>,
+) -> Response<ResponseBody<B>> {
     let mut response = response.map(ResponseBody::inner);
-    if !headers.is_empty() {
-        response.headers_mut().reserve(headers.len());
-        for (name, value) in headers.drain(..) {
-            response.headers_mut().append(name, value);
-        }
+    let headers = std::mem::take(headers).into_vec();
+    response.headers_mut().reserve(headers.len());
+    for (name, value) in headers {
+        response.headers_mut().append(name, value);
     }
     response
 }
@@ -1305,7 +1308,7 @@ where
                             } else {
                                 State::Calling {
                                     fut: inner.call(req),
-                                    headers: Box::new(headers),
+                                    headers: headers.into_boxed_slice(),
                                 }
                             }
                         }
