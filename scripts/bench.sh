@@ -2,7 +2,7 @@
 # Runs every criterion bench, each beside the peer crates it is compared with, in one run.
 #
 #   scripts/bench.sh              # all benches, short measurement (about a minute each)
-#   scripts/bench.sh retry        # one bench file
+#   scripts/bench.sh retry        # one bench file (rate_limit_rounds: the layer rows interleaved)
 #   MEASURE=10 scripts/bench.sh   # longer measurement, for numbers worth recording
 #
 # Results land in target/criterion (HTML reports included). Record ratios, not absolute
