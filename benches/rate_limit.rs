@@ -8,14 +8,11 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::pin::pin;
 use std::sync::{Arc, Barrier};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
 use criterion::{Criterion, criterion_group, criterion_main};
 use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
@@ -27,12 +24,11 @@ use palisade::rate_limit::{
 };
 use tower::{Layer, Service, service_fn};
 
-const KEYS: usize = 10_000;
+mod rate_limit_common;
+use rate_limit_common::{KEYS, ip, poll_now, request};
 
 fn ips() -> Vec<IpAddr> {
-    (0..KEYS as u32)
-        .map(|i| IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()))
-        .collect()
+    (0..KEYS as u64).map(ip).collect()
 }
 
 fn keyed(c: &mut Criterion) {
@@ -178,23 +174,6 @@ fn run_threads(threads: usize, iters: u64, op: impl Fn(usize, u64) + Sync) -> Du
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     times.into_iter().max().unwrap_or_default()
-}
-
-#[inline(always)]
-fn poll_now<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the bench services are always ready"),
-    }
-}
-
-fn request(i: u64) -> Request<()> {
-    let mut req = Request::new(());
-    let ip = IpAddr::from((0x0a00_0000u32 + (i % KEYS as u64) as u32).to_be_bytes());
-    req.extensions_mut()
-        .insert(ConnectInfo(SocketAddr::new(ip, 4000)));
-    req
 }
 
 fn layer_overhead(c: &mut Criterion) {

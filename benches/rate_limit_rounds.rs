@@ -9,37 +9,17 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
-use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use axum::extract::ConnectInfo;
 use http::{Request, Response};
 use palisade::clock::ClockSource;
 use palisade::rate_limit::{KeySource, MemoryStore, Quota, RateLimitLayer, Rule};
 use tower::{Layer, Service, service_fn};
 
-const KEYS: u64 = 10_000;
+mod rate_limit_common;
+use rate_limit_common::{poll_now, request};
+
 const PER_ROUND: u64 = 300_000;
-
-#[inline(always)]
-fn poll_now<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = pin!(f);
-    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(v) => v,
-        Poll::Pending => panic!("the bench services are always ready"),
-    }
-}
-
-/// A request from one of 10,000 peers, as in `benches/rate_limit.rs`.
-fn request(i: u64) -> Request<()> {
-    let mut req = Request::new(());
-    let ip = IpAddr::from((0x0a00_0000u32 + (i % KEYS) as u32).to_be_bytes());
-    req.extensions_mut()
-        .insert(ConnectInfo(SocketAddr::new(ip, 4000)));
-    req
-}
 
 /// Nanoseconds per request over one round.
 fn round<S, B>(svc: &mut S, i: &mut u64) -> f64

@@ -1,0 +1,35 @@
+//! What the rate-limit benches share: the peers' keys and how a request is sent.
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use axum::extract::ConnectInfo;
+use http::Request;
+
+/// Distinct peer addresses (and so rate-limit keys) the requests cycle through.
+pub const KEYS: usize = 10_000;
+
+/// The `i`-th peer address.
+pub fn ip(i: u64) -> IpAddr {
+    IpAddr::from((0x0a00_0000u32 + (i % KEYS as u64) as u32).to_be_bytes())
+}
+
+/// A request from the `i`-th peer, with the peer address where axum puts it.
+pub fn request(i: u64) -> Request<()> {
+    let mut req = Request::new(());
+    req.extensions_mut()
+        .insert(ConnectInfo(SocketAddr::new(ip(i), 4000)));
+    req
+}
+
+/// Polls a future that is ready at once. Always inlined, so every bench row polls its
+/// service the same way (left to itself the compiler inlined it into some rows only).
+#[inline(always)]
+pub fn poll_now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("the bench services are always ready"),
+    }
+}
