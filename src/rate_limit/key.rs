@@ -411,6 +411,17 @@ impl TrustedProxies {
 
     /// The key of the client's address: [`TrustedProxies::client_ip`] grouped into an
     /// [`IpKey`], read straight from the peer address when no proxy is trusted.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use palisade::rate_limit::{IpKey, TrustedProxies};
+    ///
+    /// let mut req = http::Request::new(());
+    /// req.extensions_mut().insert("[2001:db8:1:2::7]:443".parse::<SocketAddr>().unwrap());
+    /// let key = TrustedProxies::none().client_key(&req).unwrap();
+    /// assert_eq!(key, IpKey::new("2001:db8:1:2::".parse().unwrap()));
+    /// assert_eq!(key.to_string(), "2001:db8:1:2::");
+    /// ```
     #[inline(always)]
     pub fn client_key<B>(&self, req: &Request<B>) -> Option<IpKey> {
         if self.nets.is_empty() {
