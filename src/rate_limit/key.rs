@@ -488,28 +488,28 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     hop.parse::<SocketAddr>().ok().map(|s| s.ip())
 }
 
+/// The peer's socket address: axum's `ConnectInfo<SocketAddr>` (with the `axum` feature) or
+/// a `SocketAddr` extension.
 #[inline(always)]
-fn peer_key<B>(req: &Request<B>) -> Option<IpKey> {
+fn peer_socket<B>(req: &Request<B>) -> Option<&SocketAddr> {
     #[cfg(feature = "axum")]
     if let Some(info) = req
         .extensions()
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
-        return Some(IpKey::of_socket(&info.0));
+        return Some(&info.0);
     }
-    req.extensions().get::<SocketAddr>().map(IpKey::of_socket)
+    req.extensions().get::<SocketAddr>()
+}
+
+#[inline(always)]
+fn peer_key<B>(req: &Request<B>) -> Option<IpKey> {
+    peer_socket(req).map(IpKey::of_socket)
 }
 
 #[inline]
 fn peer_addr<B>(req: &Request<B>) -> Option<IpAddr> {
-    #[cfg(feature = "axum")]
-    if let Some(info) = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-    {
-        return Some(info.0.ip());
-    }
-    req.extensions().get::<SocketAddr>().map(SocketAddr::ip)
+    peer_socket(req).map(SocketAddr::ip)
 }
 
 #[cfg(test)]
