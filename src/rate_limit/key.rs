@@ -162,6 +162,15 @@ impl IpKey {
         }
     }
 
+    /// The key as one word and whether it is an IPv6 network: one of the two words is
+    /// always zero, so `(hi ^ lo, hi != 0)` loses nothing (an IPv4 key's word carries the
+    /// mapped prefix, so it never equals the zero word of the `::/64` network). The memory
+    /// store keeps IP keys in this form; [`RateKey`]'s hash writes the same word.
+    #[inline]
+    pub(crate) const fn packed(&self) -> (u64, bool) {
+        (self.hi ^ self.lo, self.hi != 0)
+    }
+
     /// The address counted: the IPv4 address, or the IPv6 /64 network's first address.
     pub fn addr(&self) -> IpAddr {
         if self.hi == 0 && self.lo >> 32 == 0xffff {
