@@ -28,7 +28,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     };
     if cost > params.limit {
         decided.verdict = Verdict::Never;
-    } else if count + cost <= params.limit {
+    } else if count.saturating_add(cost) <= params.limit {
         decided.state.count = count + cost;
         decided.remaining = params.limit - count - cost;
     } else {

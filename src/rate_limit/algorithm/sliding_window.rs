@@ -32,7 +32,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     let elapsed = now.saturating_sub(start).min(w - 1);
     let remaining_after = |count: u64| -> u64 {
         if params.strict {
-            limit.saturating_sub(prev + count)
+            limit.saturating_sub(prev.saturating_add(count))
         } else {
             // floor((limit × W − prev × (W − e)) / W) − count
             //   = limit − ceil(prev × (W − e) / W) − count
@@ -40,19 +40,30 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
             limit.saturating_sub(weighted).saturating_sub(count)
         }
     };
-    let fits = |k: u64| -> bool {
+    // Units left after admitting `k` more, or `None` when `k` does not fit. Computed from
+    // the products the check itself forms, so an admission does not share the refusals'
+    // `remaining_after` and a caller that never reads `remaining` (a layer without headers)
+    // drops this division once the decision is inlined.
+    let admit = |k: u64| -> Option<u64> {
+        // Counts can exceed the limit after a large settlement: past u64 nothing fits.
+        let total = count.checked_add(k)?;
         if params.strict {
-            prev + count + k <= limit
-        } else if let (Some(used), Some(cap)) = (
+            let used = prev.checked_add(total)?;
+            return (used <= limit).then(|| limit - used);
+        }
+        // prev × (W − e) + (count + k) × W ≤ limit × W; then what is left is
+        // floor((limit × W − used) / W) = limit − ceil(prev × (W − e) / W) − count − k.
+        if let (Some(used), Some(cap)) = (
             prev.checked_mul(w - elapsed)
-                .and_then(|u| u.checked_add((count + k).checked_mul(w)?)),
+                .and_then(|u| u.checked_add(total.checked_mul(w)?)),
             limit.checked_mul(w),
         ) {
-            used <= cap
-        } else {
-            u128::from(prev) * u128::from(w - elapsed) + u128::from(count + k) * u128::from(w)
-                <= u128::from(limit) * u128::from(w)
+            return (used <= cap).then(|| (cap - used) / w);
         }
+        let used = (u128::from(prev) * u128::from(w - elapsed))
+            .checked_add(u128::from(total) * u128::from(w))?;
+        let cap = u128::from(limit) * u128::from(w);
+        (used <= cap).then(|| u64::try_from((cap - used) / u128::from(w)).unwrap_or(u64::MAX))
     };
     let mut decided = Decided {
         verdict: Verdict::Allowed,
@@ -62,13 +73,12 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         expires_at: start + 2 * w,
         window_start: start,
     };
-    // `remaining` is computed once, for the state the decision leaves behind.
     if cost > limit {
         decided.verdict = Verdict::Never;
         decided.remaining = remaining_after(count);
-    } else if fits(cost) {
+    } else if let Some(left) = admit(cost) {
         decided.state.count = count + cost;
-        decided.remaining = remaining_after(count + cost);
+        decided.remaining = left;
     } else {
         decided.verdict = Verdict::Denied {
             retry_after: wait(params, prev, count, cost, elapsed),
@@ -83,12 +93,14 @@ fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 
     let w = params.window;
     let limit = params.limit;
     let to_next = w - elapsed;
+    // This window's count with the request, when it is within the limit.
+    let total = count.checked_add(cost).filter(|t| *t <= limit);
     if params.strict {
         // The previous window drops out at the next edge; the current one a window later.
-        return if count + cost <= limit {
+        return if total.is_some() {
             to_next
         } else {
-            to_next + w
+            to_next.saturating_add(w)
         };
     }
     // First e' with p × (W − e') ≤ x × W, that is W − e' ≤ floor(x × W / p).
@@ -99,12 +111,12 @@ fn wait(params: &Params, prev: u64, count: u64, cost: u64, elapsed: u64) -> u64 
         let slack = u128::from(x) * u128::from(w) / u128::from(p);
         w - u64::try_from(slack.min(u128::from(w))).unwrap_or(w)
     };
-    if count + cost <= limit {
+    if let Some(total) = total {
         // Fits later in this window as the previous window's weight shrinks.
-        first_fit(prev, limit - count - cost).max(elapsed + 1) - elapsed
+        first_fit(prev, limit - total).max(elapsed + 1) - elapsed
     } else {
         // Not before the next window, where this window becomes the previous one.
-        to_next + first_fit(count, limit - cost)
+        to_next.saturating_add(first_fit(count, limit - cost))
     }
 }
 

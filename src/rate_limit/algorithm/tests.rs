@@ -168,6 +168,33 @@ fn gcra_costs_take_several_intervals() {
     assert!(run(&p, &mut s, 30 * SEC, 30).verdict.is_allowed());
 }
 
+/// A settlement can push a count to u64::MAX; every window algorithm then refuses (no
+/// overflow, so no wrap-around into an admission) until the count slides out.
+#[test]
+fn saturated_counts_refuse_without_overflow() {
+    for p in [
+        sliding(10, 1),
+        sliding(10, 1).strict(true),
+        Params::new(Algorithm::FixedWindow, Quota::per_second(10)),
+        sliding(u64::MAX, 1),
+        sliding(u64::MAX, 1).strict(true),
+    ] {
+        let mut s = State::default();
+        assert!(run(&p, &mut s, 0, 1).verdict.is_allowed());
+        s = settle(&p, &s, 0, i64::MAX);
+        s = settle(&p, &s, 0, i64::MAX);
+        assert_eq!(s.count, u64::MAX, "{p:?}");
+        let d = decide(&p, &s, SEC / 2, 1);
+        assert!(
+            matches!(d.verdict, Verdict::Denied { retry_after } if retry_after > 0),
+            "{p:?} {d:?}"
+        );
+        assert_eq!(d.remaining, 0);
+        // Three windows later nothing is left of it.
+        assert!(decide(&p, &s, 3 * SEC, 1).verdict.is_allowed(), "{p:?}");
+    }
+}
+
 #[test]
 fn settle_adjusts_the_window_it_was_reserved_in() {
     let p = sliding(100, 60);
@@ -275,5 +302,34 @@ proptest! {
                 }
             }
         }
+    }
+
+    /// `remaining` is the sliding estimate's room, computed here in u128 from the state the
+    /// decision leaves: `limit − ceil(prev × (W − e) / W) − count` (strict: `limit − prev −
+    /// count`), never below 0, for admissions and refusals alike, with limits and windows
+    /// large enough to take the u128 path.
+    #[test]
+    fn sliding_window_remaining_is_the_estimates_room(
+        limit in prop_oneof![1u64..50, 1u64..u64::MAX],
+        w in prop_oneof![1u64..100, 1u64..u64::MAX / 4],
+        prev in 0u64..60,
+        count in 0u64..60,
+        now_in in 0u64..u64::MAX / 4,
+        cost in 0u64..60,
+        strict: bool,
+        scale: bool,
+    ) {
+        let p = Params { limit, window: w, ..sliding(1, 1) }.strict(strict);
+        // counts near the limit when it is large, so every branch is reached
+        let (prev, count) = if scale { (limit / 64 * prev, limit / 64 * count) } else { (prev, count) };
+        let start = now_in - now_in % w;
+        let state = State { start, prev, count };
+        let now = start + now_in % w;
+        let d = decide(&p, &state, now, cost);
+        let e = u128::from(now - d.state.start).min(u128::from(w) - 1);
+        let (wd, left_prev) = (u128::from(w), u128::from(d.state.prev));
+        let weighted = if strict { left_prev } else { (left_prev * (wd - e)).div_ceil(wd) };
+        let want = u128::from(limit).saturating_sub(weighted).saturating_sub(u128::from(d.state.count));
+        prop_assert_eq!(u128::from(d.remaining), want, "{:?} {:?}", p, d);
     }
 }
