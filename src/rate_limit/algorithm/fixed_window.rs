@@ -12,7 +12,8 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     let start = window_start(now, w);
     let count = if state.start >= start { state.count } else { 0 };
     let start = start.max(state.start);
-    let reset = (start + w).saturating_sub(now);
+    let end = start.saturating_add(w);
+    let reset = end.saturating_sub(now);
     let base = State {
         start,
         prev: 0,
@@ -23,7 +24,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         state: base,
         remaining: params.limit.saturating_sub(count),
         reset,
-        expires_at: start + w,
+        expires_at: end,
         window_start: start,
     };
     if cost > params.limit {

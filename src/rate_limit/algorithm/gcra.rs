@@ -43,22 +43,26 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         expires_at: tat,
         window_start: 0,
     };
-    // `remaining` is computed once, for the state the decision leaves behind.
-    let remaining_before = || units_in(params, (now + tolerance).saturating_sub(tat));
+    // The latest TAT that still admits, and TATs, in u128: a huge burst's horizon or a TAT
+    // plus a long increment can pass u64::MAX, and saturating there would admit.
+    let horizon = u128::from(now) + u128::from(tolerance);
+    let sat = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+    let remaining_before = || units_in(params, sat(horizon.saturating_sub(u128::from(tat))));
     if cost > params.burst {
         decided.verdict = Verdict::Never;
         decided.remaining = remaining_before();
         return decided;
     }
-    let new_tat = tat.saturating_add(increment(params, cost));
-    if new_tat <= now.saturating_add(tolerance) {
+    let new_tat = u128::from(tat) + u128::from(increment(params, cost));
+    if new_tat <= horizon {
+        let new_tat = sat(new_tat);
         decided.state.start = new_tat;
-        decided.remaining = units_in(params, now + tolerance - new_tat);
+        decided.remaining = units_in(params, sat(horizon - u128::from(new_tat)));
         decided.reset = new_tat - now;
         decided.expires_at = new_tat;
     } else {
         decided.verdict = Verdict::Denied {
-            retry_after: new_tat - tolerance - now,
+            retry_after: sat(new_tat - horizon),
         };
         decided.remaining = remaining_before();
     }

@@ -24,7 +24,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     let aligned = window_start(now, w);
     let (start, prev, count) = if state.start >= aligned {
         (state.start, state.prev, state.count)
-    } else if state.start + w == aligned {
+    } else if state.start.checked_add(w) == Some(aligned) {
         (aligned, state.count, 0)
     } else {
         (aligned, 0, 0)
@@ -70,7 +70,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         state: State { start, prev, count },
         remaining: 0,
         reset: w - elapsed,
-        expires_at: start + 2 * w,
+        expires_at: start.saturating_add(w.saturating_mul(2)),
         window_start: start,
     };
     if cost > limit {

@@ -195,6 +195,42 @@ fn saturated_counts_refuse_without_overflow() {
     }
 }
 
+/// A burst so large that its tolerance reaches past u64 neither overflows nor refuses.
+#[test]
+fn gcra_with_a_huge_burst_does_not_overflow() {
+    let p = Params::new(Algorithm::Gcra, Quota::per_day(1).with_burst(u64::MAX));
+    let mut s = State::default();
+    for now in [5, 5, u64::MAX / 2] {
+        let d = run(&p, &mut s, now, 1_000);
+        assert!(d.verdict.is_allowed(), "{d:?}");
+        assert!(d.remaining > 0);
+    }
+}
+
+/// The longest window a `Quota` can hold (`Duration::MAX`, u64::MAX µs) decides without
+/// overflow and still limits.
+#[test]
+fn the_longest_window_does_not_overflow() {
+    let q = Quota::new(3, std::time::Duration::MAX);
+    for p in [
+        Params::new(Algorithm::SlidingWindow, q),
+        Params::new(Algorithm::SlidingWindow, q).strict(true),
+        Params::new(Algorithm::FixedWindow, q),
+        Params::new(Algorithm::Gcra, q),
+    ] {
+        assert_eq!(p.window, u64::MAX);
+        let mut s = State::default();
+        for now in [0, 7, 7] {
+            assert!(run(&p, &mut s, now, 1).verdict.is_allowed(), "{p:?} {now}");
+        }
+        let d = run(&p, &mut s, 7, 1);
+        assert!(
+            matches!(d.verdict, Verdict::Denied { retry_after } if retry_after > 0),
+            "{p:?} {d:?}"
+        );
+    }
+}
+
 #[test]
 fn settle_adjusts_the_window_it_was_reserved_in() {
     let p = sliding(100, 60);
