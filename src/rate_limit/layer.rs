@@ -584,8 +584,7 @@ impl Reservation {
                 key: &i.key,
                 params: i.params,
                 window_start: i.window_start,
-                delta: i64::try_from(i128::from(actual) - i128::from(i.reserved))
-                    .unwrap_or(i64::MAX),
+                delta: settlement_delta(actual, i.reserved),
             })
             .filter(|s| s.delta != 0)
             .collect();
@@ -594,6 +593,13 @@ impl Reservation {
         }
         target.settle_items(&settlements).await
     }
+}
+
+/// `actual − reserved` as a settlement delta, clamped to i64 on the side it falls (a refund
+/// larger than `i64::MAX` units stays a refund).
+fn settlement_delta(actual: u64, reserved: u64) -> i64 {
+    let delta = i128::from(actual) - i128::from(reserved);
+    i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX })
 }
 
 /// The rate-limiting service built by [`RateLimitLayer`].
@@ -1330,5 +1336,20 @@ impl<L> RateLimitServiceBuilderExt<L> for tower::ServiceBuilder<L> {
         layer: RateLimitLayer<St>,
     ) -> tower::ServiceBuilder<tower_layer::Stack<RateLimitLayer<St>, L>> {
         self.layer(layer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settlement_delta;
+
+    #[test]
+    fn settlement_deltas_keep_their_sign_when_clamped() {
+        assert_eq!(settlement_delta(10, 3), 7);
+        assert_eq!(settlement_delta(3, 10), -7);
+        assert_eq!(settlement_delta(u64::MAX, 0), i64::MAX);
+        assert_eq!(settlement_delta(0, u64::MAX), i64::MIN);
+        assert_eq!(settlement_delta(0, 1 << 63), i64::MIN);
+        assert_eq!(settlement_delta(5, 5), 0);
     }
 }

@@ -368,4 +368,36 @@ proptest! {
         let want = u128::from(limit).saturating_sub(weighted).saturating_sub(u128::from(d.state.count));
         prop_assert_eq!(u128::from(d.remaining), want, "{:?} {:?}", p, d);
     }
+
+    /// No input panics (tests run with overflow checks): any quota, any stored state, any
+    /// time and cost, any settlement. A state the store could not have written (a window
+    /// start after `now`, say) still gets an answer.
+    #[test]
+    fn no_input_overflows(
+        algorithm in prop_oneof![
+            Just(Algorithm::SlidingWindow),
+            Just(Algorithm::FixedWindow),
+            Just(Algorithm::Gcra),
+        ],
+        limit in prop_oneof![1u64..100, 1u64..=u64::MAX],
+        window in prop_oneof![1u64..100, 1u64..=u64::MAX],
+        burst in prop_oneof![1u64..100, 1u64..=u64::MAX],
+        strict: bool,
+        start: u64,
+        prev: u64,
+        count: u64,
+        now: u64,
+        cost in prop_oneof![0u64..4, any::<u64>()],
+        delta: i64,
+    ) {
+        let strict = strict && algorithm == Algorithm::SlidingWindow;
+        let p = Params { algorithm, limit, window, burst, strict };
+        let state = State { start, prev, count };
+        let d = decide(&p, &state, now, cost);
+        if let Verdict::Denied { retry_after } = d.verdict {
+            prop_assert!(retry_after > 0, "{:?}", d);
+        }
+        let settled = settle(&p, &d.state, d.window_start, delta);
+        let _ = decide(&p, &settled, now, cost);
+    }
 }
