@@ -13,6 +13,12 @@ use super::super::error::{RateLimitError, StoreError};
 use super::super::key::RateKey;
 use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
 
+mod ip_table;
+
+#[cfg(test)]
+use ip_table::EXPIRY_UNIT;
+use ip_table::{IpTable, SmallKey, SmallSlot};
+
 /// The default bound on resident keys.
 pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
 /// The default number of shards.
@@ -50,7 +56,7 @@ struct Inner {
     mask: usize,
     per_shard: usize,
     max_entries: usize,
-    hasher: foldhash::fast::RandomState,
+    hasher: StoreHasher,
     clock: Clock,
     evictions: AtomicU64,
 }
@@ -64,7 +70,7 @@ struct Padded(Mutex<Shard>);
 struct Shard {
     /// IP keys whose counts fit in 32 bits: the common key, and the one a flood of random
     /// addresses brings, in 32-byte slots.
-    small: hashbrown::HashTable<SmallSlot>,
+    small: IpTable,
     /// Every other key, and IP keys with counts past `u32::MAX`.
     wide: hashbrown::HashTable<Slot>,
 }
@@ -84,98 +90,6 @@ impl Slot {
     #[inline]
     fn is(&self, rule: u32, key: &RateKey) -> bool {
         self.rule == rule && self.key == *key
-    }
-}
-
-/// A resident IP key in half a cache line: the key as one word (see `IpKey::packed`), the
-/// counts in 32 bits and the expiry in units of [`EXPIRY_UNIT`]. At 10,000 keys the table
-/// is half the size of the wide one, which keeps it in a core's L2 cache.
-#[repr(align(32))]
-struct SmallSlot {
-    ip: u64,
-    start: u64,
-    /// The rule index, with [`SmallKey::V6`] set for an IPv6 network.
-    tag: u32,
-    prev: u32,
-    count: u32,
-    /// `expires_at` in [`EXPIRY_UNIT`]s, rounded up (`u32::MAX`: never).
-    expires: u32,
-}
-
-/// A small slot's expiry unit in µs (2^20, about a second): the expiry only decides when
-/// a key may be dropped, so keeping a key up to a second longer loses nothing.
-const EXPIRY_UNIT: u64 = 1 << 20;
-
-impl SmallSlot {
-    #[inline]
-    fn is(&self, key: SmallKey) -> bool {
-        self.tag == key.tag && self.ip == key.ip
-    }
-
-    fn key(&self) -> SmallKey {
-        SmallKey {
-            tag: self.tag,
-            ip: self.ip,
-        }
-    }
-
-    #[inline]
-    fn state(&self) -> State {
-        State {
-            start: self.start,
-            prev: u64::from(self.prev),
-            count: u64::from(self.count),
-        }
-    }
-
-    fn expires_at(&self) -> u64 {
-        match self.expires {
-            u32::MAX => u64::MAX,
-            units => u64::from(units) * EXPIRY_UNIT,
-        }
-    }
-
-    /// Stores `state`; false (and nothing stored) when its counts do not fit in 32 bits.
-    #[inline]
-    fn set(&mut self, state: &State, expires_at: u64) -> bool {
-        let (Ok(prev), Ok(count)) = (u32::try_from(state.prev), u32::try_from(state.count)) else {
-            return false;
-        };
-        self.start = state.start;
-        self.prev = prev;
-        self.count = count;
-        self.expires = u32::try_from(expires_at.div_ceil(EXPIRY_UNIT)).unwrap_or(u32::MAX);
-        true
-    }
-}
-
-/// The small table's form of a rule index and an IP key.
-#[derive(Clone, Copy)]
-struct SmallKey {
-    tag: u32,
-    ip: u64,
-}
-
-impl SmallKey {
-    /// The tag bit of an IPv6 network (rule indexes below it fit).
-    const V6: u32 = 1 << 31;
-
-    #[inline]
-    fn of(rule: u32, key: &RateKey) -> Option<Self> {
-        match key {
-            RateKey::Ip(ip) if rule < Self::V6 => {
-                let (word, v6) = ip.packed();
-                Some(Self {
-                    tag: rule | if v6 { Self::V6 } else { 0 },
-                    ip: word,
-                })
-            }
-            _ => None,
-        }
-    }
-
-    fn rule(self) -> u32 {
-        self.tag & !Self::V6
     }
 }
 
@@ -224,7 +138,7 @@ impl Shard {
     #[inline]
     fn find_mut(&mut self, hash: u64, rule: u32, key: &RateKey) -> Option<SlotMut<'_>> {
         if let Some(k) = SmallKey::of(rule, key) {
-            if let Some(s) = self.small.find_mut(hash, |s| s.is(k)) {
+            if let Some(s) = self.small.find_mut(hash, k) {
                 return Some(SlotMut::Small(s));
             }
             if self.wide.is_empty() {
@@ -239,17 +153,17 @@ impl Shard {
     #[inline]
     fn state(&self, hash: u64, rule: u32, key: &RateKey) -> Option<State> {
         if let Some(k) = SmallKey::of(rule, key) {
-            if let Some(s) = self.small.find(hash, |s| s.is(k)) {
+            if let Some(s) = self.small.find(hash, k) {
                 return Some(s.state());
             }
         }
         self.wide.find(hash, |s| s.is(rule, key)).map(|s| s.state)
     }
 
-    fn remove(&mut self, hash: u64, rule: u32, key: &RateKey) {
+    fn remove(&mut self, hasher: &StoreHasher, hash: u64, rule: u32, key: &RateKey) {
         if let Some(k) = SmallKey::of(rule, key) {
-            if let Ok(entry) = self.small.find_entry(hash, |s| s.is(k)) {
-                entry.remove();
+            if self.small.find(hash, k).is_some() {
+                self.small.remove(hash, k, |k| small_hash(hasher, k));
                 return;
             }
         }
@@ -259,10 +173,23 @@ impl Shard {
     }
 
     /// Drops every key whose state has expired back to fresh.
-    fn drop_idle(&mut self, now: u64) {
-        self.small.retain(|s| s.expires_at() > now);
+    fn drop_idle(&mut self, hasher: &StoreHasher, now: u64) {
+        self.small
+            .retain(|s| s.expires_at() > now, |k| small_hash(hasher, k));
         self.wide.retain(|s| s.expires_at > now);
     }
+}
+
+/// The store's hash function (seeded once per store).
+type StoreHasher = foldhash::fast::RandomState;
+
+/// The hash of a small slot's key, equal to [`MemoryStore::hash`] of the same rule and IP key
+/// (an IP key hashes as its packed word), so a slot moved by the table is found again.
+fn small_hash(hasher: &StoreHasher, key: SmallKey) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write_u32(key.rule());
+    h.write_u64(key.ip);
+    h.finish()
 }
 
 /// A key and its precomputed hash.
@@ -404,15 +331,6 @@ impl MemoryStore {
         h.finish()
     }
 
-    /// The hash of a small slot's key, equal to [`MemoryStore::hash`] of the same rule and
-    /// IP key (an IP key hashes as its packed word).
-    fn small_hash(&self, key: SmallKey) -> u64 {
-        let mut h = self.inner.hasher.build_hasher();
-        h.write_u32(key.rule());
-        h.write_u64(key.ip);
-        h.finish()
-    }
-
     #[inline]
     fn shard_of(&self, hash: u64) -> usize {
         (hash >> 40) as usize & self.inner.mask
@@ -512,28 +430,19 @@ impl MemoryStore {
                     return;
                 }
                 // A small slot whose counts outgrew it: the key moves to the wide table.
-                shard.remove(key.hash, key.rule, key.key);
+                shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
                 self.insert_wide(shard, key, state, expires_at);
             }
             None => {
                 if shard.len() >= self.inner.per_shard {
                     self.make_room(shard, now);
                 }
-                if let Some(k) = small {
-                    let mut slot = SmallSlot {
-                        ip: k.ip,
-                        start: 0,
-                        tag: k.tag,
-                        prev: 0,
-                        count: 0,
-                        expires: 0,
-                    };
-                    if slot.set(state, expires_at) {
-                        shard
-                            .small
-                            .insert_unique(key.hash, slot, |s| self.small_hash(s.key()));
-                        return;
-                    }
+                if let Some(slot) = small.and_then(|k| SmallSlot::new(k, state, expires_at)) {
+                    let hasher = &self.inner.hasher;
+                    shard
+                        .small
+                        .insert(key.hash, slot, |k| small_hash(hasher, k));
+                    return;
                 }
                 self.insert_wide(shard, key, state, expires_at);
             }
@@ -556,7 +465,7 @@ impl MemoryStore {
     /// Drops idle keys; if the shard is still over 7/8 full, drops the keys nearest to
     /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts.
     fn make_room(&self, shard: &mut Shard, now: u64) {
-        shard.drop_idle(now);
+        shard.drop_idle(&self.inner.hasher, now);
         let target = self.inner.per_shard - self.inner.per_shard / 8 - 1;
         let target = target.min(self.inner.per_shard.saturating_sub(1));
         if shard.len() <= target {
@@ -579,7 +488,10 @@ impl MemoryStore {
                 true
             }
         };
-        shard.small.retain(|e| keep(e.expires_at()));
+        shard.small.retain(
+            |e| keep(e.expires_at()),
+            |k| small_hash(&self.inner.hasher, k),
+        );
         shard.wide.retain(|e| keep(e.expires_at));
         self.inner
             .evictions
@@ -628,7 +540,7 @@ impl MemoryStore {
     pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
         let key = self.map_key(rule_index, key);
         let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-        shard.remove(key.hash, key.rule, key.key);
+        shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
     }
 }
 
@@ -811,16 +723,16 @@ mod tests {
             ip("2001:db8::1"),
             ip("::"),
         ] {
-            for rule in [0, 1, 7, SmallKey::V6 - 1] {
+            for rule in [0, 1, 7, SmallKey::V6 - 2] {
                 let small = SmallKey::of(rule, &key).unwrap();
                 assert_eq!(small.rule(), rule);
                 assert_eq!(
-                    store.small_hash(small),
+                    small_hash(&store.inner.hasher, small),
                     store.hash(rule, &key),
                     "{key} {rule}"
                 );
             }
-            assert!(SmallKey::of(SmallKey::V6, &key).is_none());
+            assert!(SmallKey::of(SmallKey::V6 - 1, &key).is_none());
         }
         assert!(SmallKey::of(0, &RateKey::principal("p")).is_none());
     }
@@ -834,7 +746,7 @@ mod tests {
         let v4 = ip("1.2.3.4");
         let v6 = ip("0:ffff:102:304::1");
         assert_eq!(v4_word(&v4), v4_word(&v6));
-        for (rule, key) in [(0, &v4), (0, &v6), (1, &v4), (SmallKey::V6 - 1, &v6)] {
+        for (rule, key) in [(0, &v4), (0, &v6), (1, &v4), (SmallKey::V6 - 2, &v6)] {
             let it = CheckItem {
                 rule_index: rule,
                 ..item(key, params)
