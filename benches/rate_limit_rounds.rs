@@ -1,6 +1,6 @@
-//! A cross-check of `rate_limit`'s `layer_overhead` rows that drift cannot bias: the rows
-//! run in turn, round after round (300,000 requests a row per round), and each row keeps its
-//! fastest round. A criterion group runs its rows one after the other, so on a shared
+//! A cross-check of `rate_limit`'s `layer_overhead` and 1-thread `keyed_decision` rows that
+//! drift cannot bias: the rows run in turn, round after round (300,000 requests or 1,000,000
+//! decisions a row per round), and each row keeps its fastest round. A criterion group runs its rows one after the other, so on a shared
 //! machine a row that happens to run during a busy second reads slower; here every row sees
 //! every second. Code layout still moves the results (see BENCHMARKS.md), so read it beside
 //! the criterion run, not instead of it.
@@ -9,17 +9,89 @@
 
 use std::convert::Infallible;
 use std::hint::black_box;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::time::Instant;
 
+use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
 use palisade::clock::ClockSource;
-use palisade::rate_limit::{KeySource, MemoryStore, Quota, RateLimitLayer, Rule};
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::{CheckItem, Store};
+use palisade::rate_limit::{
+    Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule,
+};
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-use rate_limit_common::{poll_now, request};
+use rate_limit_common::{KEYS, ip, poll_now, request};
 
 const PER_ROUND: u64 = 300_000;
+const DECISIONS_PER_ROUND: u64 = 1_000_000;
+
+/// Nanoseconds per decision over one round of `decide(i)`.
+fn keyed_round(decide: &mut impl FnMut(usize) -> bool) -> f64 {
+    let start = Instant::now();
+    for i in 0..DECISIONS_PER_ROUND as usize {
+        assert!(decide(i * 7 % KEYS));
+    }
+    start.elapsed().as_nanos() as f64 / DECISIONS_PER_ROUND as f64
+}
+
+/// The keyed rows of `rate_limit`'s `keyed_decision` group (1 thread), interleaved.
+fn keyed(rounds: usize) {
+    let ips: Vec<IpAddr> = (0..KEYS as u64).map(ip).collect();
+    let keys: Vec<RateKey> = ips.iter().map(|ip| RateKey::ip(*ip)).collect();
+    let store = |clock| MemoryStore::builder().clock(clock).build().unwrap();
+    let (fast, coarse) = (store(ClockSource::Fast), store(ClockSource::Coarse));
+    let wide = Quota::per_second(u64::from(u32::MAX));
+    let sliding = Params::new(Algorithm::SlidingWindow, wide);
+    let gcra = Params::new(Algorithm::Gcra, wide);
+    let one = |store: &MemoryStore, key: &RateKey, params| {
+        let item = CheckItem {
+            rule_index: 0,
+            rule: "bench",
+            key,
+            params,
+            cost: 1,
+            shadow: false,
+        };
+        matches!(store.check_one_now(&item), Some(Ok(d)) if d.debited)
+    };
+    let governor = GRateLimiter::keyed(GQuota::per_second(NonZeroU32::MAX));
+    let mut rows: [(&str, Box<dyn FnMut(usize) -> bool + '_>); 4] = [
+        (
+            "governor keyed",
+            Box::new(|k| governor.check_key(&ips[k]).is_ok()),
+        ),
+        (
+            "palisade, single item",
+            Box::new(|k| one(&fast, &keys[k], sliding)),
+        ),
+        (
+            "palisade, coarse clock",
+            Box::new(|k| one(&coarse, &keys[k], sliding)),
+        ),
+        ("palisade, GCRA", Box::new(|k| one(&fast, &keys[k], gcra))),
+    ];
+    for (_, decide) in rows.iter_mut() {
+        for k in 0..KEYS {
+            assert!(decide(k), "warm-up");
+        }
+    }
+    let mut best = [f64::MAX; 4];
+    for _ in 0..rounds {
+        for ((_, decide), b) in rows.iter_mut().zip(&mut best) {
+            *b = b.min(keyed_round(decide));
+        }
+    }
+    println!(
+        "keyed decision, 1 thread, {KEYS} keys: fastest of {rounds} interleaved rounds, {DECISIONS_PER_ROUND} decisions each:"
+    );
+    for ((name, _), t) in rows.iter().zip(best) {
+        println!("  {name:<28} {t:7.1} ns  {:.2}x", t / best[0]);
+    }
+}
 
 /// Nanoseconds per request over one round.
 fn round<S, B>(svc: &mut S, i: &mut u64) -> f64
@@ -76,6 +148,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
+    keyed(rounds);
     let mut best = [f64::MAX; 5];
     let mut i = 0u64;
     for _ in 0..rounds {
