@@ -18,14 +18,13 @@ use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
 use palisade::clock::ClockSource;
 use palisade::rate_limit::algorithm::Params;
-use palisade::rate_limit::store::{CheckItem, Store};
 use palisade::rate_limit::{
     Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule,
 };
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-use rate_limit_common::{KEYS, ip, poll_now, request};
+use rate_limit_common::{KEYS, decide, decide_one, ip, poll_now, request};
 
 fn ips() -> Vec<IpAddr> {
     (0..KEYS as u64).map(ip).collect()
@@ -125,31 +124,6 @@ fn keyed(c: &mut Criterion) {
         });
     }
     group.finish();
-}
-
-fn decide(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
-    let item = CheckItem {
-        rule_index: 0,
-        rule: "bench",
-        key,
-        params,
-        cost: 1,
-        shadow: false,
-    };
-    matches!(store.check_now(&[item]), Some(Ok(d)) if d.admitted)
-}
-
-/// The same decision through `Store::check_one_now` (one item, no list).
-fn decide_one(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
-    let item = CheckItem {
-        rule_index: 0,
-        rule: "bench",
-        key,
-        params,
-        cost: 1,
-        shadow: false,
-    };
-    matches!(store.check_one_now(&item), Some(Ok(d)) if d.debited)
 }
 
 /// Runs `iters` operations on each of `threads` threads at once; returns the wall time, so

@@ -17,14 +17,13 @@ use governor::{Quota as GQuota, RateLimiter as GRateLimiter};
 use http::{Request, Response};
 use palisade::clock::ClockSource;
 use palisade::rate_limit::algorithm::Params;
-use palisade::rate_limit::store::{CheckItem, Store};
 use palisade::rate_limit::{
     Algorithm, KeySource, MemoryStore, Quota, RateKey, RateLimitLayer, Rule,
 };
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-use rate_limit_common::{KEYS, ip, poll_now, request};
+use rate_limit_common::{KEYS, decide_one, ip, poll_now, request};
 
 const PER_ROUND: u64 = 300_000;
 const DECISIONS_PER_ROUND: u64 = 1_000_000;
@@ -38,6 +37,9 @@ fn keyed_round(decide: &mut impl FnMut(usize) -> bool) -> f64 {
     start.elapsed().as_nanos() as f64 / DECISIONS_PER_ROUND as f64
 }
 
+/// A named bench row: one decision for the key at an index.
+type Row<'a> = (&'static str, Box<dyn FnMut(usize) -> bool + 'a>);
+
 /// The keyed rows of `rate_limit`'s `keyed_decision` group (1 thread), interleaved.
 fn keyed(rounds: usize) {
     let ips: Vec<IpAddr> = (0..KEYS as u64).map(ip).collect();
@@ -47,32 +49,24 @@ fn keyed(rounds: usize) {
     let wide = Quota::per_second(u64::from(u32::MAX));
     let sliding = Params::new(Algorithm::SlidingWindow, wide);
     let gcra = Params::new(Algorithm::Gcra, wide);
-    let one = |store: &MemoryStore, key: &RateKey, params| {
-        let item = CheckItem {
-            rule_index: 0,
-            rule: "bench",
-            key,
-            params,
-            cost: 1,
-            shadow: false,
-        };
-        matches!(store.check_one_now(&item), Some(Ok(d)) if d.debited)
-    };
     let governor = GRateLimiter::keyed(GQuota::per_second(NonZeroU32::MAX));
-    let mut rows: [(&str, Box<dyn FnMut(usize) -> bool + '_>); 4] = [
+    let mut rows: [Row<'_>; 4] = [
         (
             "governor keyed",
             Box::new(|k| governor.check_key(&ips[k]).is_ok()),
         ),
         (
             "palisade, single item",
-            Box::new(|k| one(&fast, &keys[k], sliding)),
+            Box::new(|k| decide_one(&fast, &keys[k], sliding)),
         ),
         (
             "palisade, coarse clock",
-            Box::new(|k| one(&coarse, &keys[k], sliding)),
+            Box::new(|k| decide_one(&coarse, &keys[k], sliding)),
         ),
-        ("palisade, GCRA", Box::new(|k| one(&fast, &keys[k], gcra))),
+        (
+            "palisade, GCRA",
+            Box::new(|k| decide_one(&fast, &keys[k], gcra)),
+        ),
     ];
     for (_, decide) in rows.iter_mut() {
         for k in 0..KEYS {

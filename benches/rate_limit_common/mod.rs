@@ -6,6 +6,9 @@ use std::task::{Context, Poll, Waker};
 
 use axum::extract::ConnectInfo;
 use http::Request;
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::{CheckItem, Store};
+use palisade::rate_limit::{MemoryStore, RateKey};
 
 /// Distinct peer addresses (and so rate-limit keys) the requests cycle through.
 pub const KEYS: usize = 10_000;
@@ -21,6 +24,28 @@ pub fn request(i: u64) -> Request<()> {
     req.extensions_mut()
         .insert(ConnectInfo(SocketAddr::new(ip(i), 4000)));
     req
+}
+
+/// One allowed decision of cost 1 for `key` through `Store::check_now` (a list of one).
+#[allow(dead_code)] // each bench file uses its own subset
+pub fn decide(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
+    matches!(store.check_now(&[item(key, params)]), Some(Ok(d)) if d.admitted)
+}
+
+/// The same decision through `Store::check_one_now` (one item, no list).
+pub fn decide_one(store: &MemoryStore, key: &RateKey, params: Params) -> bool {
+    matches!(store.check_one_now(&item(key, params)), Some(Ok(d)) if d.debited)
+}
+
+fn item(key: &RateKey, params: Params) -> CheckItem<'_> {
+    CheckItem {
+        rule_index: 0,
+        rule: "bench",
+        key,
+        params,
+        cost: 1,
+        shadow: false,
+    }
 }
 
 /// Polls a future that is ready at once. Always inlined, so every bench row polls its
