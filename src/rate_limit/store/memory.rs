@@ -40,7 +40,7 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
 /// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
-/// tables' spare capacity that is about 40 to 80 bytes per IP key and twice that for
+/// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
 /// other keys: 1,000,000 peer addresses take under 100 MB.
 ///
 /// Time is counted in microseconds since the store was created, on tokio's clock by default
@@ -162,8 +162,7 @@ impl Shard {
 
     fn remove(&mut self, hasher: &StoreHasher, hash: u64, rule: u32, key: &RateKey) {
         if let Some(k) = SmallKey::of(rule, key) {
-            if self.small.find(hash, k).is_some() {
-                self.small.remove(hash, k, |k| small_hash(hasher, k));
+            if self.small.remove(hash, k, |k| small_hash(hasher, k)) {
                 return;
             }
         }

@@ -211,11 +211,16 @@ impl IpTable {
         }
     }
 
-    /// Removes `key`'s slot, if resident, and shifts the run after it back so that every
-    /// key stays reachable from its home without a tombstone.
-    pub(super) fn remove(&mut self, hash: u64, key: SmallKey, rehash: impl Fn(SmallKey) -> u64) {
+    /// Removes `key`'s slot, if resident (and says whether it was), and shifts the run after
+    /// it back so that every key stays reachable from its home without a tombstone.
+    pub(super) fn remove(
+        &mut self,
+        hash: u64,
+        key: SmallKey,
+        rehash: impl Fn(SmallKey) -> u64,
+    ) -> bool {
         let Some(mut hole) = self.position(hash, key) else {
-            return;
+            return false;
         };
         let mask = self.slots.len() - 1;
         let mut i = hole;
@@ -234,6 +239,7 @@ impl IpTable {
         }
         self.slots[hole] = FREE;
         self.len -= 1;
+        true
     }
 
     /// Keeps the slots for which `keep` is true (one pass, then the survivors are placed
@@ -320,8 +326,8 @@ mod tests {
                         }
                     }
                     2 => {
-                        table.remove(clustered(sk), sk, clustered);
-                        model.remove(&k);
+                        let removed = table.remove(clustered(sk), sk, clustered);
+                        prop_assert_eq!(removed, model.remove(&k).is_some());
                     }
                     _ => {
                         table.retain(|s| s.key().ip % 3 != k % 3, clustered);
