@@ -150,8 +150,10 @@ impl IpTable {
 
     #[inline]
     fn home(&self, hash: u64) -> usize {
-        // The mask keeps the low bits, which the shard choice (bits 40 and up) leaves free.
-        hash as usize & (self.slots.len() - 1)
+        // The mask keeps the low bits, which the shard choice (bits 40 and up) leaves free;
+        // clearing bit 0 starts every search at the first slot of a cache line, so the
+        // first two probes read one line.
+        hash as usize & (self.slots.len() - 2)
     }
 
     /// The position of `key`'s slot, if resident.
