@@ -396,24 +396,25 @@ impl MemoryStore {
     fn decide_one(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let hash = self.hash(item.rule_index, item.key);
         let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
-        let mut entry = shard.find_mut(hash, item.rule_index, item.key);
+        let entry = shard.find_mut(hash, item.rule_index, item.key);
         let state = entry.as_ref().map(SlotMut::state).unwrap_or_default();
         let d = algorithm::decide(&item.params, &state, now, item.cost);
         let mut rule = RuleDecision::from_decided(&d);
         let allowed = d.verdict.is_allowed();
         rule.debited = allowed;
         if allowed {
-            let stored = match &mut entry {
-                Some(e) => e.set(&d.state, d.expires_at),
-                None => false,
+            let key = MapKey {
+                hash,
+                rule: item.rule_index,
+                key: item.key,
             };
-            if !stored {
-                let key = MapKey {
-                    hash,
-                    rule: item.rule_index,
-                    key: item.key,
-                };
-                self.put(&mut shard, &key, &d.state, d.expires_at, now);
+            match entry {
+                Some(mut e) => {
+                    if !e.set(&d.state, d.expires_at) {
+                        self.promote(&mut shard, &key, &d.state, d.expires_at);
+                    }
+                }
+                None => self.insert(&mut shard, &key, &d.state, d.expires_at, now),
             }
         }
         rule
@@ -422,30 +423,43 @@ impl MemoryStore {
     /// Stores a key's state: in place when it is resident and its slot can hold the state,
     /// else (new, or an IP key whose counts outgrew 32 bits) in a new slot.
     fn put(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64, now: u64) {
-        let small = SmallKey::of(key.rule, key.key);
-        match shard.find_mut(key.hash, key.rule, key.key) {
-            Some(mut slot) => {
-                if slot.set(state, expires_at) {
-                    return;
-                }
-                // A small slot whose counts outgrew it: the key moves to the wide table.
-                shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
-                self.insert_wide(shard, key, state, expires_at);
-            }
-            None => {
-                if shard.len() >= self.inner.per_shard {
-                    self.make_room(shard, now);
-                }
-                if let Some(slot) = small.and_then(|k| SmallSlot::new(k, state, expires_at)) {
-                    let hasher = &self.inner.hasher;
-                    shard
-                        .small
-                        .insert(key.hash, slot, |k| small_hash(hasher, k));
-                    return;
-                }
-                self.insert_wide(shard, key, state, expires_at);
-            }
+        let stored = match shard.find_mut(key.hash, key.rule, key.key) {
+            Some(mut slot) => slot.set(state, expires_at),
+            None => return self.insert(shard, key, state, expires_at, now),
+        };
+        if !stored {
+            self.promote(shard, key, state, expires_at);
         }
+    }
+
+    /// Adds a key that is not resident, making room first when the shard is full.
+    fn insert(
+        &self,
+        shard: &mut Shard,
+        key: &MapKey<'_>,
+        state: &State,
+        expires_at: u64,
+        now: u64,
+    ) {
+        if shard.len() >= self.inner.per_shard {
+            self.make_room(shard, now);
+        }
+        let small = SmallKey::of(key.rule, key.key);
+        if let Some(slot) = small.and_then(|k| SmallSlot::new(k, state, expires_at)) {
+            let hasher = &self.inner.hasher;
+            shard
+                .small
+                .insert(key.hash, slot, |k| small_hash(hasher, k));
+            return;
+        }
+        self.insert_wide(shard, key, state, expires_at);
+    }
+
+    /// Moves an IP key whose counts outgrew its small slot to the wide table (the key was
+    /// resident, so no room is needed).
+    fn promote(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64) {
+        shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
+        self.insert_wide(shard, key, state, expires_at);
     }
 
     fn insert_wide(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64) {
@@ -506,7 +520,7 @@ impl MemoryStore {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
             let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-            let Some(slot) = shard.find_mut(key.hash, key.rule, key.key) else {
+            let Some(mut slot) = shard.find_mut(key.hash, key.rule, key.key) else {
                 continue;
             };
             let state = algorithm::settle(&s.params, &slot.state(), s.window_start, s.delta);
@@ -515,8 +529,9 @@ impl MemoryStore {
             } else {
                 slot.expires_at()
             };
-            // resident: stored in place, or moved to the wide table (no room needed)
-            self.put(&mut shard, &key, &state, expires_at, 0);
+            if !slot.set(&state, expires_at) {
+                self.promote(&mut shard, &key, &state, expires_at);
+            }
         }
     }
 
