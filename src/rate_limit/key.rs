@@ -396,6 +396,11 @@ pub struct TrustedProxies {
 }
 
 impl TrustedProxies {
+    /// Whether no proxy is trusted (the peer address is always the client).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
     /// No trusted proxies: the peer address is the client.
     pub fn none() -> Self {
         Self::default()
@@ -511,8 +516,9 @@ fn peer_socket<B>(req: &Request<B>) -> Option<&SocketAddr> {
     req.extensions().get::<SocketAddr>()
 }
 
+/// The peer address's key, read in place (see [`IpKey`]).
 #[inline(always)]
-fn peer_key<B>(req: &Request<B>) -> Option<IpKey> {
+pub(crate) fn peer_key<B>(req: &Request<B>) -> Option<IpKey> {
     peer_socket(req).map(IpKey::of_socket)
 }
 

@@ -18,9 +18,9 @@ use tower_service::Service;
 use super::algorithm::{Params, Verdict};
 use super::error::{AdminError, RateLimitError, StoreError};
 use super::headers::{self, ceil_secs};
-use super::key::{RateKey, TrustedProxies};
+use super::key::{KeySource, RateKey, TrustedProxies, peer_key};
 use super::quota::Quota;
-use super::rule::{Cost, Rule, validate_quota};
+use super::rule::{Cost, Route, Rule, validate_quota};
 use super::store::{CheckItem, Decision, MemoryStore, RuleDecision, Settlement, Store};
 use crate::body::ResponseBody;
 use crate::error::{Error, ErrorFormat, ErrorKind};
@@ -197,9 +197,14 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 reason: "too many rules".into(),
             });
         }
+        let plain_cost = match &rules[..] {
+            [r] if r.lean => r.plain_cost(&self.proxies),
+            _ => None,
+        };
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
                 lean_single: matches!(&rules[..], [r] if r.lean),
+                plain_cost,
                 rules: rules.into_boxed_slice(),
                 store: self.store,
                 format: self.format,
@@ -215,6 +220,13 @@ impl<St: Store> RateLimitLayerBuilder<St> {
 }
 
 impl<St: Store> RateLimitLayer<St> {
+    /// Whether `call` decides this layer's rule on its plain path (tests pin which path
+    /// they exercise).
+    #[cfg(test)]
+    pub(crate) fn is_plain(&self) -> bool {
+        self.shared.plain_cost.is_some()
+    }
+
     /// The admin handle: peek, reset, overrides and counters.
     pub fn limiter(&self) -> RateLimiter<St> {
         RateLimiter {
@@ -238,6 +250,8 @@ pub(crate) struct Shared<St> {
     rules: Box<[CompiledRule]>,
     /// One rule, and it is lean: `RateLimit::call` decides it without the general path.
     lean_single: bool,
+    /// That lean rule's fixed cost when it is also *plain* (see `CompiledRule::plain_cost`).
+    plain_cost: Option<u64>,
     store: St,
     format: ErrorFormat,
     draft_headers: bool,
@@ -256,6 +270,34 @@ struct CompiledRule {
     /// An admitted request needs nothing but its counter: no headers (the layer sends
     /// none), not a shadow rule, nothing to reserve.
     lean: bool,
+}
+
+impl CompiledRule {
+    /// The fixed cost of a lean rule that needs nothing from the request but its peer
+    /// address: every route and method, keyed by the peer (no proxy trusted) or globally,
+    /// a fixed cost. `RateLimit::call` decides such a rule without lending the request to
+    /// code that is not inlined; a request whose address has been lent that way must be
+    /// copied before the inner service takes it (the compiler cannot tell that no one kept
+    /// the address), and that copy measured about 5 ns of the layer's overhead.
+    fn plain_cost(&self, proxies: &TrustedProxies) -> Option<u64> {
+        let rule = &self.rule;
+        let keyed_plainly = match rule.key {
+            KeySource::Global => true,
+            KeySource::PeerIp => proxies.is_empty(),
+            _ => false,
+        };
+        match rule.cost {
+            Cost::Fixed(cost)
+                if self.lean
+                    && keyed_plainly
+                    && rule.method.is_none()
+                    && matches!(rule.route, Route::All) =>
+            {
+                Some(cost)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Counters striped over cache lines so threads do not fight over one.
@@ -927,12 +969,35 @@ impl<St: Store> Shared<St> {
             None if rule.skip_anonymous => return Lean::Pass,
             None => RateKey::Anonymous,
         };
+        self.decide_lean_key(key, rule.cost.of(req))
+    }
+
+    /// [`Shared::decide_lean`] for a plain rule (see `CompiledRule::plain_cost`): the
+    /// request is only read through inlined code, so its address is never lent out.
+    #[inline(always)]
+    fn decide_plain<B>(self: &Arc<Self>, req: &Request<B>, cost: u64) -> Lean {
+        let rule = &self.rules[0].rule;
+        let key = match rule.key {
+            KeySource::Global => RateKey::Global,
+            _ => match peer_key(req) {
+                Some(k) => RateKey::Ip(k),
+                None if rule.skip_anonymous => return Lean::Pass,
+                None => RateKey::Anonymous,
+            },
+        };
+        self.decide_lean_key(key, cost)
+    }
+
+    /// The lean rule's decision once its key and cost are known.
+    #[inline]
+    fn decide_lean_key(self: &Arc<Self>, key: RateKey, cost: u64) -> Lean {
+        let compiled = &self.rules[0];
+        let rule = &compiled.rule;
         let params = if self.override_count.load(Ordering::Acquire) > 0 {
             self.params_for(0, &key).0
         } else {
             compiled.params
         };
-        let cost = rule.cost.of(req);
         let item = CheckItem {
             rule_index: 0,
             rule: &rule.name,
@@ -997,9 +1062,11 @@ where
 
     #[inline]
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if self.shared.lean_single {
-            // The request stays with the caller; the decision comes back in registers.
-            match self.shared.decide_lean(&req) {
+        if let Some(cost) = self.shared.plain_cost {
+            // The request stays with the caller and is read only by inlined code, so it
+            // moves into the inner call without a copy; the decision comes back in
+            // registers.
+            match self.shared.decide_plain(&req, cost) {
                 Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
                 Lean::Refuse(response) => return ResponseFuture::refused(response),
                 Lean::General => {}
@@ -1017,6 +1084,16 @@ impl<S, St: Store> RateLimit<S, St> {
     where
         S: Service<Request<B>, Response = Response<ResBody>> + Clone,
     {
+        // A lean rule that is not plain (a route, a header key, trusted proxies...), or a
+        // plain one whose store could not answer at once (then this answers `General` too,
+        // having decided nothing).
+        if self.shared.lean_single {
+            match self.shared.decide_lean(&req) {
+                Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
+                Lean::Refuse(response) => return ResponseFuture::refused(response),
+                Lean::General => {}
+            }
+        }
         // The request stays in this frame until the inner call: no helper takes it by
         // value, so it is not copied on the way.
         let outcome = if self.shared.rules.len() == 1 {

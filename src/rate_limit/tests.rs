@@ -820,3 +820,73 @@ async fn without_headers_single_rules_count_shadow_refuse_and_reserve_as_before(
         }
     }
 }
+
+/// A plain rule (every route, keyed by the peer with no trusted proxy or globally, fixed
+/// cost, no headers) is decided on `call`'s plain path; it answers exactly as the same rule
+/// on the lean path (here forced by a route that matches everything, or a trusted proxy
+/// list that matches no peer): statuses, retry-after, overrides, requests without an
+/// address (shared bucket or skipped) and counters.
+#[tokio::test(start_paused = true)]
+async fn plain_rules_answer_as_lean_ones() {
+    let peer = |ip: &str| -> Request<()> {
+        let mut req = Request::get("/v1/messages").body(()).unwrap();
+        let addr: SocketAddr = format!("{ip}:4000").parse().unwrap();
+        req.extensions_mut().insert(addr);
+        req
+    };
+    let anonymous = || Request::get("/v1/messages").body(()).unwrap();
+    for key in [KeySource::PeerIp, KeySource::Global] {
+        for skip in [false, true] {
+            let rule = Rule::new("r", Quota::per_minute(3))
+                .key(key.clone())
+                .skip_anonymous(skip);
+            let plain = RateLimitLayer::builder()
+                .rule(rule.clone())
+                .draft_headers(false)
+                .build()
+                .unwrap();
+            let lean = RateLimitLayer::builder()
+                .rule(rule.route(Route::Prefix("/".into())))
+                .trusted_proxies("192.0.2.0/24".parse().unwrap())
+                .draft_headers(false)
+                .build()
+                .unwrap();
+            assert!(plain.is_plain() && !lean.is_plain(), "{key:?}");
+            let mut seen = Vec::new();
+            for layer in [&plain, &lean] {
+                layer
+                    .limiter()
+                    .set_override(
+                        "r",
+                        RateKey::ip("10.0.0.2".parse().unwrap()),
+                        Quota::per_minute(1),
+                    )
+                    .unwrap();
+                let mut svc = service(layer);
+                let mut answers = Vec::new();
+                for req in [
+                    peer("10.0.0.1"),
+                    peer("10.0.0.1"),
+                    peer("10.0.0.2"),
+                    peer("10.0.0.2"),
+                    anonymous(),
+                    peer("10.0.0.1"),
+                    anonymous(),
+                    peer("10.0.0.1"),
+                    anonymous(),
+                ] {
+                    let res = send(&mut svc, req).await;
+                    let retry = res.headers().get("retry-after").cloned();
+                    answers.push((res.status(), retry));
+                }
+                let c = &layer.limiter().counters()[0];
+                seen.push((answers, c.allowed, c.limited));
+            }
+            assert_eq!(seen[0], seen[1], "{key:?}, skip {skip}");
+            assert!(
+                seen[0].0.iter().any(|(s, _)| *s == 429),
+                "{key:?}: something refused"
+            );
+        }
+    }
+}
