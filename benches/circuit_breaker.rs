@@ -27,6 +27,26 @@ fn upstream() -> Upstream {
     service_fn(answer as fn(Request<()>) -> Ready<Result<Response<()>, BoxError>>)
 }
 
+/// Calls `svc` `iters` times, `poll_ready` included; the time it took.
+async fn call_n<S>(svc: &mut S, iters: u64) -> Duration
+where
+    S: Service<Request<()>>,
+    S::Error: std::fmt::Debug,
+{
+    let start = std::time::Instant::now();
+    for _ in 0..iters {
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(()))
+            .await
+            .unwrap();
+        black_box(response);
+    }
+    start.elapsed()
+}
+
 /// Calls a clone of `svc` once per iteration, `poll_ready` included.
 fn bench_service<S>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, svc: S)
 where
@@ -38,20 +58,7 @@ where
     group.bench_function(name, |b| {
         b.to_async(rt).iter_custom(|iters| {
             let mut svc = svc.clone();
-            async move {
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    let response = svc
-                        .ready()
-                        .await
-                        .unwrap()
-                        .call(Request::new(()))
-                        .await
-                        .unwrap();
-                    black_box(response);
-                }
-                start.elapsed()
-            }
+            async move { call_n(&mut svc, iters).await }
         });
     });
     group.finish();
@@ -237,20 +244,7 @@ fn contended(c: &mut Criterion) {
                         let rt = tokio::runtime::Builder::new_current_thread()
                             .build()
                             .unwrap();
-                        rt.block_on(async move {
-                            let start = std::time::Instant::now();
-                            for _ in 0..iters {
-                                let response = svc
-                                    .ready()
-                                    .await
-                                    .unwrap()
-                                    .call(Request::new(()))
-                                    .await
-                                    .unwrap();
-                                black_box(response);
-                            }
-                            start.elapsed()
-                        })
+                        rt.block_on(call_n(&mut svc, iters))
                     })
                 })
                 .collect();

@@ -24,7 +24,10 @@ use palisade::rate_limit::{
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-use rate_limit_common::{KEYS, decide, decide_one, ip, poll_now, request};
+use rate_limit_common::{
+    KEYS, decide, decide_one, ip, poll_now, request, tower_governor_config,
+    tower_governor_headers_config,
+};
 
 fn ips() -> Vec<IpAddr> {
     (0..KEYS as u64).map(ip).collect()
@@ -216,11 +219,7 @@ fn layer_overhead(c: &mut Criterion) {
         });
     }
 
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .finish()
-        .unwrap();
+    let config = tower_governor_config();
     let layer = tower_governor::GovernorLayer::new(config);
     let mut svc = layer.layer(service_fn(handler));
     group.bench_function("tower_governor", |b| {
@@ -232,12 +231,7 @@ fn layer_overhead(c: &mut Criterion) {
         })
     });
 
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .use_headers()
-        .finish()
-        .unwrap();
+    let config = tower_governor_headers_config();
     let layer = tower_governor::GovernorLayer::new(config);
     let mut svc = layer.layer(service_fn(handler));
     group.bench_function("tower_governor_headers", |b| {

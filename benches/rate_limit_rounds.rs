@@ -23,7 +23,9 @@ use palisade::rate_limit::{
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-use rate_limit_common::{KEYS, decide_one, ip, poll_now, request};
+use rate_limit_common::{
+    KEYS, decide_one, ip, poll_now, request, tower_governor_config, tower_governor_headers_config,
+};
 
 const PER_ROUND: u64 = 300_000;
 const DECISIONS_PER_ROUND: u64 = 1_000_000;
@@ -123,19 +125,9 @@ fn main() {
     };
     let mut bare = service_fn(handler);
     let (mut p, mut ph) = (palisade(false), palisade(true));
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .finish()
-        .unwrap();
+    let config = tower_governor_config();
     let mut g = tower_governor::GovernorLayer::new(config).layer(service_fn(handler));
-    // `use_headers` changes the builder's type, so the second layer is built on its own.
-    let config = tower_governor::governor::GovernorConfigBuilder::default()
-        .per_nanosecond(1)
-        .burst_size(u32::MAX)
-        .use_headers()
-        .finish()
-        .unwrap();
+    let config = tower_governor_headers_config();
     let mut gh = tower_governor::GovernorLayer::new(config).layer(service_fn(handler));
 
     let rounds: usize = std::env::var("ROUNDS")

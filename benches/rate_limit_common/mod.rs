@@ -9,6 +9,31 @@ use http::Request;
 use palisade::rate_limit::algorithm::Params;
 use palisade::rate_limit::store::{CheckItem, Store};
 use palisade::rate_limit::{MemoryStore, RateKey};
+use tower_governor::governor::{GovernorConfig, GovernorConfigBuilder};
+use tower_governor::key_extractor::PeerIpKeyExtractor;
+
+/// tower_governor's middleware with and without its headers (governor's own types).
+type Plain = governor::middleware::NoOpMiddleware<governor::clock::QuantaInstant>;
+type WithHeaders = governor::middleware::StateInformationMiddleware;
+
+/// tower_governor keyed by peer IP with a quota no bench exhausts, as palisade's rows are.
+pub fn tower_governor_config() -> GovernorConfig<PeerIpKeyExtractor, Plain> {
+    GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .finish()
+        .unwrap()
+}
+
+/// The same with `use_headers` (which changes the builder's type, hence its own function).
+pub fn tower_governor_headers_config() -> GovernorConfig<PeerIpKeyExtractor, WithHeaders> {
+    GovernorConfigBuilder::default()
+        .per_nanosecond(1)
+        .burst_size(u32::MAX)
+        .use_headers()
+        .finish()
+        .unwrap()
+}
 
 /// Distinct peer addresses (and so rate-limit keys) the requests cycle through.
 pub const KEYS: usize = 10_000;
