@@ -320,6 +320,29 @@ impl From<ConfigError> for crate::Error {
     }
 }
 
+/// The environment variable that configures `field` of the layer whose variables start with
+/// `prefix`: the one naming rule every layer's `from_env` follows.
+///
+/// The field is the configuration's serde field path, nested fields joined by `.`; the name
+/// is the prefix, `_`, then the path upper-cased with `.` and `-` turned into `_`.
+///
+/// ```
+/// use palisade::config::env_var;
+///
+/// assert_eq!(env_var("PALISADE_COST", "queue.max_batch"), "PALISADE_COST_QUEUE_MAX_BATCH");
+/// assert_eq!(env_var("PALISADE_RETRY", "base_delay"), "PALISADE_RETRY_BASE_DELAY");
+/// ```
+pub fn env_var(prefix: &str, field: &str) -> String {
+    let mut name = String::with_capacity(prefix.len() + 1 + field.len());
+    name.push_str(prefix);
+    name.push('_');
+    name.extend(field.chars().map(|c| match c {
+        '.' | '-' => '_',
+        c => c.to_ascii_uppercase(),
+    }));
+    name
+}
+
 /// A reader of environment variables that collects problems instead of stopping at the
 /// first.
 ///
