@@ -257,6 +257,20 @@ pub const STATUS_OVERLOADED: StatusCode = match StatusCode::from_u16(529) {
 };
 
 /// The JSON shape an [`Error`] is rendered in.
+///
+/// One setting, `PALISADE_ERROR_FORMAT`, decides it for every layer unless a layer's own
+/// setting overrides it: see [`ErrorFormat::from_env`] and
+/// [`ErrorFormat::from_env_with_override`]. Parses from `anthropic` or `problem`
+/// (also written `problem_json` or `problem+json`), ASCII case-insensitively.
+///
+/// ```
+/// use palisade::ErrorFormat;
+///
+/// assert_eq!("anthropic".parse(), Ok(ErrorFormat::Anthropic));
+/// assert_eq!("problem".parse(), Ok(ErrorFormat::ProblemJson));
+/// assert_eq!(ErrorFormat::ProblemJson.to_string(), "problem_json");
+/// assert!("xml".parse::<ErrorFormat>().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorFormat {
@@ -264,7 +278,39 @@ pub enum ErrorFormat {
     Anthropic,
     /// RFC 9457 `application/problem+json` with standard statuses.
     #[default]
+    #[serde(alias = "problem", alias = "problem+json")]
     ProblemJson,
+}
+
+impl ErrorFormat {
+    /// The name written in configuration (`anthropic` or `problem_json`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorFormat::Anthropic => "anthropic",
+            ErrorFormat::ProblemJson => "problem_json",
+        }
+    }
+}
+
+impl fmt::Display for ErrorFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ErrorFormat {
+    type Err = crate::config::ParseChoiceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "anthropic" => Ok(ErrorFormat::Anthropic),
+            "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
+            _ => Err(crate::config::ParseChoiceError::new(
+                s,
+                "`anthropic` or `problem`",
+            )),
+        }
+    }
 }
 
 /// One problem with one field of a request.
