@@ -281,7 +281,9 @@ impl<'de> Deserialize<'de> for FeatureFlags {
 /// assert!(settings.environment.is_production());
 /// assert_eq!(settings.error_format, palisade::ErrorFormat::Anthropic);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` shows the Redis URL without its password (see [`crate::key::redact_url`]).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Settings {
@@ -294,6 +296,20 @@ pub struct Settings {
     /// The Redis (or Redis Cluster seed) URL for shared state; `None` keeps everything in
     /// memory.
     pub redis_url: Option<String>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("environment", &self.environment)
+            .field("features", &self.features)
+            .field("error_format", &self.error_format)
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::key::redact_url),
+            )
+            .finish()
+    }
 }
 
 impl Settings {
@@ -366,7 +382,16 @@ impl fmt::Display for Problem {
 }
 
 /// Every problem found in a configuration, reported together.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Its `Debug` is its `Display`, the readable list, so `fn main() -> Result<(),
+/// ConfigError>` (or a `?` into `Box<dyn Error>`) prints what to fix:
+///
+/// ```text
+/// Error: invalid configuration: 2 problems
+///   - PALISADE_ENV is invalid ("staging"): expected `development` or `production`; for example PALISADE_ENV=production
+///   - ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-...
+/// ```
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     problems: Vec<Problem>,
 }
@@ -395,6 +420,14 @@ impl fmt::Display for ConfigError {
             write!(f, "\n  - {p}")?;
         }
         Ok(())
+    }
+}
+
+/// The readable list, as [`Display`](fmt::Display) writes it; use
+/// [`ConfigError::problems`] for the structure.
+impl fmt::Debug for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -433,10 +466,23 @@ pub fn env_var(prefix: &str, field: &str) -> String {
 /// Each getter returns a value (or `None` when the variable is unusable) and records what
 /// went wrong; [`Env::finish`] then reports everything at once. Empty values count as
 /// missing.
-#[derive(Debug, Clone, Default)]
+///
+/// Its `Debug` lists the variable names, never their values (they may hold keys).
+#[derive(Clone, Default)]
 pub struct Env {
     vars: HashMap<String, String>,
     problems: Vec<Problem>,
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&str> = self.vars.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Env")
+            .field("vars", &names)
+            .field("problems", &self.problems)
+            .finish()
+    }
 }
 
 impl Env {
@@ -578,7 +624,9 @@ impl Env {
         match parse(raw) {
             Ok(v) => Some(v),
             Err(reason) => {
-                let value = if secret {
+                let value = if secret && raw.contains("://") {
+                    crate::key::redact_url(raw)
+                } else if secret {
                     crate::key::redact(raw)
                 } else {
                     raw.to_owned()
@@ -931,6 +979,44 @@ mod tests {
                 "PALISADE_ERROR_FORMAT is invalid (\"html\"): expected `anthropic` or `problem`"
             ),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_debug_never_prints_the_redis_password() {
+        let mut env = Env::from_pairs([(
+            "PALISADE_REDIS_URL",
+            "redis://default:hunter2-password@cache.internal:6379/0",
+        )]);
+        let settings = Settings::from_env(&mut env);
+        env.finish().unwrap();
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("cache.internal:6379"), "{debug}");
+    }
+
+    #[test]
+    fn env_debug_never_prints_values() {
+        let env = Env::from_pairs([("ANTHROPIC_API_KEY", "sk-ant-api03-very-secret-value")]);
+        let debug = format!("{env:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(debug.contains("ANTHROPIC_API_KEY"), "{debug}");
+    }
+
+    #[test]
+    fn config_error_debug_reads_like_its_display() {
+        let mut env = Env::from_pairs([("PALISADE_ENV", "staging")]);
+        let _ = Settings::from_env(&mut env);
+        let _: Option<String> = env.required("ANTHROPIC_API_KEY", "sk-ant-api03-...");
+        let err = env.finish().unwrap_err();
+        // `fn main() -> Result<(), ConfigError>` prints the error with `Debug`.
+        assert_eq!(format!("{err:?}"), err.to_string());
+        assert_eq!(
+            format!("{err:?}"),
+            "invalid configuration: 2 problems\n  \
+             - PALISADE_ENV is invalid (\"staging\"): expected `development` or `production`; \
+             for example PALISADE_ENV=production\n  \
+             - ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-..."
         );
     }
 
