@@ -314,12 +314,7 @@ impl SecurityHeadersBuilder {
 
         let mut remove = Vec::with_capacity(self.remove.len());
         for name in &self.remove {
-            let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| SecurityHeadersError::InvalidHeaderName { name: name.clone() })?;
-            if SecurityHeader::from_name(name).is_some() {
-                return Err(SecurityHeadersError::RemovesManagedHeader { name: name.clone() });
-            }
-            remove.push(header);
+            remove.push(check_removed_header(name)?);
         }
 
         let mut fixed = Vec::with_capacity(SecurityHeader::ALL.len());
@@ -424,6 +419,21 @@ impl SecurityHeadersBuilder {
             csp_template,
         ))
     }
+}
+
+/// Checks a header to remove: a valid name, and not one the layer sets itself.
+pub(crate) fn check_removed_header(name: &str) -> Result<HeaderName, SecurityHeadersError> {
+    let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        SecurityHeadersError::InvalidHeaderName {
+            name: name.to_owned(),
+        }
+    })?;
+    if SecurityHeader::from_name(name).is_some() {
+        return Err(SecurityHeadersError::RemovesManagedHeader {
+            name: name.to_owned(),
+        });
+    }
+    Ok(header)
 }
 
 /// Values of the presets, kept as `&'static str` so that copying them into a response is

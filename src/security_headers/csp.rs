@@ -809,18 +809,9 @@ impl CspBuilder {
     /// one most of them honour): an absolute `http(s)://` URL or a path starting with `/`.
     pub fn report_uri(mut self, uri: impl AsRef<str>) -> Self {
         let uri = uri.as_ref();
-        let scheme_ok = uri.starts_with('/') && !uri.starts_with("//")
-            || uri.starts_with("https://")
-            || uri.starts_with("http://");
-        let chars_ok = uri
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'\'' | b'"'));
-        if scheme_ok && chars_ok && uri.parse::<http::Uri>().is_ok() {
-            self.policy.report_uri.push(uri.to_owned());
-        } else {
-            self.errors.push(CspError::InvalidReportUri {
-                value: uri.to_owned(),
-            });
+        match check_report_uri(uri) {
+            Ok(()) => self.policy.report_uri.push(uri.to_owned()),
+            Err(err) => self.errors.push(err),
         }
         self
     }
@@ -829,16 +820,9 @@ impl CspBuilder {
     /// header that the application sends).
     pub fn report_to(mut self, group: impl AsRef<str>) -> Self {
         let group = group.as_ref();
-        if !group.is_empty()
-            && group
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        {
-            self.policy.report_to = Some(group.to_owned());
-        } else {
-            self.errors.push(CspError::InvalidReportTo {
-                value: group.to_owned(),
-            });
+        match check_report_to(group) {
+            Ok(()) => self.policy.report_to = Some(group.to_owned()),
+            Err(err) => self.errors.push(err),
         }
         self
     }
@@ -892,6 +876,38 @@ impl CspBuilder {
             policy.directives.sort_by_key(|(d, _)| *d);
         }
         Ok(self.policy)
+    }
+}
+
+/// Checks a `report-uri`: an absolute `http(s)://` URL or a path starting with `/`.
+pub(crate) fn check_report_uri(uri: &str) -> Result<(), CspError> {
+    let scheme_ok = uri.starts_with('/') && !uri.starts_with("//")
+        || uri.starts_with("https://")
+        || uri.starts_with("http://");
+    let chars_ok = uri
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'\'' | b'"'));
+    if scheme_ok && chars_ok && uri.parse::<http::Uri>().is_ok() {
+        Ok(())
+    } else {
+        Err(CspError::InvalidReportUri {
+            value: uri.to_owned(),
+        })
+    }
+}
+
+/// Checks a `report-to` group name: letters, digits, `-`, `_` and `.`.
+pub(crate) fn check_report_to(group: &str) -> Result<(), CspError> {
+    if !group.is_empty()
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Ok(())
+    } else {
+        Err(CspError::InvalidReportTo {
+            value: group.to_owned(),
+        })
     }
 }
 

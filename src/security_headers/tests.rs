@@ -614,6 +614,52 @@ fn config_from_env_reports_every_problem() {
     assert!(err.to_string().contains("must be quoted"), "{err}");
 }
 
+/// Mistakes that only the layer's build used to find (one at a time) are reported by
+/// `from_env` together with every other problem.
+#[test]
+fn from_env_reports_build_time_problems_all_at_once() {
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_URI",
+            "javascript:alert(1)",
+        ),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_TO", "csp endpoint"),
+        (
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+            "server, bad header, x-frame-options",
+        ),
+        ("PALISADE_SECURITY_HEADERS_HSTS_PRELOAD", "true"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE", "30d"),
+        ("PALISADE_SECURITY_HEADERS_FRAME_OPTIONS", "ALLOWALL"),
+    ]);
+    let _ = SecurityHeadersConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let mut names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_TO",
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_URI",
+            "PALISADE_SECURITY_HEADERS_FRAME_OPTIONS",
+            "PALISADE_SECURITY_HEADERS_HSTS_PRELOAD",
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+        ],
+        "{err}"
+    );
+    let text = err.to_string();
+    for expected in [
+        "\"javascript:alert(1)\" is not an http(s) URL",
+        "\"csp endpoint\" is not a valid group name",
+        "\"bad header\" is not a valid header name",
+        "x-frame-options is set by the security headers layer",
+        "preload requires a max-age of at least one year",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in {text}");
+    }
+}
+
 #[tokio::test]
 async fn config_files_build_the_layer() {
     let cfg: SecurityHeadersConfig = toml::from_str(
