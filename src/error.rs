@@ -457,7 +457,7 @@ impl Error {
         self
     }
 
-    /// Chooses the rendering used by [`Error::into_response`] (and by axum's
+    /// Chooses the rendering used by [`Error::into_http_response`] (and by axum's
     /// `IntoResponse`). Without it, [`ErrorFormat::default`] is used.
     #[must_use]
     pub fn with_format(mut self, format: ErrorFormat) -> Self {
@@ -546,8 +546,13 @@ impl Error {
         response
     }
 
-    /// Renders the error in the format chosen with [`Error::with_format`] (or the default).
-    pub fn into_response(self) -> http::Response<ErrorBody> {
+    /// Renders the error in the format chosen with [`Error::with_format`] (or the default),
+    /// as an `http::Response` with palisade's [`ErrorBody`].
+    ///
+    /// With the `axum` feature, `Error` also implements axum's `IntoResponse`, whose
+    /// `into_response` gives an `axum::response::Response` in the same format; the two
+    /// names keep the two body types apart.
+    pub fn into_http_response(self) -> http::Response<ErrorBody> {
         self.to_response(self.inner.format.unwrap_or_default())
     }
 
@@ -673,7 +678,7 @@ impl From<ErrorKind> for Error {
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl axum::response::IntoResponse for Error {
     fn into_response(self) -> axum::response::Response {
-        Error::into_response(self).map(axum::body::Body::new)
+        self.into_http_response().map(axum::body::Body::new)
     }
 }
 
@@ -906,14 +911,26 @@ mod tests {
         assert_eq!(body["error"]["type"], "rate_limit_error");
     }
 
+    /// With axum's trait in scope, `err.into_response()` is axum's (it used to resolve to an
+    /// inherent method with another body type: E0308 in user code).
+    #[cfg(feature = "axum")]
     #[test]
-    fn into_response_uses_chosen_format() {
-        let response = Error::from(ErrorKind::NotFound)
+    fn method_call_into_response_is_axums() {
+        use axum::response::IntoResponse;
+        let response: axum::response::Response = Error::from(ErrorKind::NotFound)
             .with_format(ErrorFormat::Anthropic)
             .into_response();
         assert_eq!(response.status(), 404);
+    }
+
+    #[test]
+    fn into_http_response_uses_chosen_format() {
+        let response = Error::from(ErrorKind::NotFound)
+            .with_format(ErrorFormat::Anthropic)
+            .into_http_response();
+        assert_eq!(response.status(), 404);
         assert_eq!(body_json(&response)["error"]["type"], "not_found_error");
-        let response = Error::from(ErrorKind::CircuitOpen).into_response();
+        let response = Error::from(ErrorKind::CircuitOpen).into_http_response();
         assert_eq!(response.status(), 503);
         assert_eq!(
             response.headers()["content-type"],
