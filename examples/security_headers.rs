@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::config::Environment;
-use palisade::security_headers::{CspNonce, SecurityHeadersBuilder, SecurityHeadersLayer};
+use palisade::security_headers::{CspNonce, SecurityHeadersLayer};
 
 async fn page(Extension(nonce): Extension<CspNonce>) -> impl IntoResponse {
     (
@@ -35,7 +35,7 @@ async fn status() -> impl IntoResponse {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The API in production (HSTS on every response), the page with the web preset.
-    let api = SecurityHeadersBuilder::api()
+    let api = SecurityHeadersLayer::builder()
         .environment(Environment::Production)
         .cache_control_no_store(true)
         .build()?;

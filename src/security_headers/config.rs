@@ -8,34 +8,36 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::builder::{SecurityHeadersBuilder, SecurityHeadersError, check_removed_header};
+use super::builder::{
+    SecurityHeadersConfigError, SecurityHeadersLayerBuilder, check_removed_header,
+};
 use super::csp::{ContentSecurityPolicy, check_report_to, check_report_uri};
 use super::layer::SecurityHeadersLayer;
 use super::values::{
     CrossOriginEmbedderPolicy, CrossOriginOpenerPolicy, CrossOriginResourcePolicy, FrameOptions,
     HeaderMode, Hsts, HstsWhen, PermissionsPolicy, ReferrerPolicy, SecurityHeader, XssProtection,
 };
-use crate::config::{Env, Environment, ProblemKind, env_var};
+use crate::config::{Env, Environment, ParseChoiceError, ProblemKind, env_var};
 
 /// Which preset the configuration starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// [`SecurityHeadersBuilder::api`] (the default).
+    /// [`SecurityHeadersLayerBuilder::api`] (the default).
     #[default]
     Api,
-    /// [`SecurityHeadersBuilder::web`].
+    /// [`SecurityHeadersLayerBuilder::web`].
     Web,
 }
 
 impl FromStr for Preset {
-    type Err = String;
+    type Err = ParseChoiceError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseChoiceError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "api" => Ok(Preset::Api),
             "web" => Ok(Preset::Web),
-            _ => Err("expected `api` or `web`".to_owned()),
+            _ => Err(ParseChoiceError::new(s, "`api` or `web`")),
         }
     }
 }
@@ -66,7 +68,7 @@ impl fmt::Display for Preset {
 ///     [modes]
 ///     x-frame-options = "off"
 /// "#).unwrap();
-/// let layer = SecurityHeadersLayer::from_config(&cfg).unwrap();
+/// let layer = SecurityHeadersLayer::from_config(cfg).unwrap();
 /// # let _ = layer;
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,7 +191,7 @@ fn list(s: &str) -> Vec<String> {
 struct FieldProblem {
     field: &'static str,
     value: String,
-    error: SecurityHeadersError,
+    error: SecurityHeadersConfigError,
 }
 
 impl SecurityHeadersConfig {
@@ -379,7 +381,7 @@ impl SecurityHeadersConfig {
         };
         for name in self.modes.keys() {
             if SecurityHeader::from_name(name).is_none() {
-                let error = SecurityHeadersError::UnknownHeader { name: name.clone() };
+                let error = SecurityHeadersConfigError::UnknownHeader { name: name.clone() };
                 push("modes", name, error);
             }
         }
@@ -401,10 +403,7 @@ impl SecurityHeadersConfig {
             }
         }
         if let Some(text) = &self.permissions_policy {
-            if let Err(reason) = text.parse::<PermissionsPolicy>() {
-                let error = SecurityHeadersError::PermissionsPolicy {
-                    reason: reason.to_string(),
-                };
+            if let Err(error) = text.parse::<PermissionsPolicy>() {
                 push("permissions_policy", text, error);
             }
         }
@@ -417,7 +416,7 @@ impl SecurityHeadersConfig {
             push(
                 "hsts_preload",
                 "true",
-                SecurityHeadersError::HstsPreload { reason },
+                SecurityHeadersConfigError::HstsPreload { reason },
             );
         }
         for name in self.remove_headers.iter().flatten() {
@@ -430,10 +429,10 @@ impl SecurityHeadersConfig {
     }
 
     /// The builder this configuration describes (mistakes surface in its `build`).
-    pub fn builder(&self) -> SecurityHeadersBuilder {
+    pub fn builder(&self) -> SecurityHeadersLayerBuilder {
         let mut b = match self.preset {
-            Preset::Api => SecurityHeadersBuilder::api(),
-            Preset::Web => SecurityHeadersBuilder::web(),
+            Preset::Api => SecurityHeadersLayerBuilder::api(),
+            Preset::Web => SecurityHeadersLayerBuilder::web(),
         };
         b = b.mode(self.mode);
         for (name, mode) in &self.modes {
@@ -443,7 +442,7 @@ impl SecurityHeadersConfig {
             Some(off) if off.eq_ignore_ascii_case("off") => None,
             Some(text) => match text.parse::<ContentSecurityPolicy>() {
                 Ok(csp) => Some(csp),
-                Err(err) => return b.error(SecurityHeadersError::Csp(err)),
+                Err(err) => return b.error(SecurityHeadersConfigError::Csp(err)),
             },
             None => b.csp.clone(),
         };
@@ -462,14 +461,14 @@ impl SecurityHeadersConfig {
                 }
                 match cb.build() {
                     Ok(csp) => b.csp(csp),
-                    Err(err) => b.error(SecurityHeadersError::Csp(err)),
+                    Err(err) => b.error(SecurityHeadersConfigError::Csp(err)),
                 }
             }
         };
         if let Some(text) = &self.permissions_policy {
             b = match text.parse::<PermissionsPolicy>() {
                 Ok(policy) => b.permissions_policy(policy),
-                Err(reason) => b.error(SecurityHeadersError::PermissionsPolicy { reason }),
+                Err(err) => b.error(err),
             };
         }
         if let Some(referrer) = self.referrer_policy {
@@ -495,7 +494,7 @@ impl SecurityHeadersConfig {
     }
 
     /// Builds the layer (the same as [`SecurityHeadersLayer::from_config`]).
-    pub fn build(&self) -> Result<SecurityHeadersLayer, SecurityHeadersError> {
+    pub fn build(&self) -> Result<SecurityHeadersLayer, SecurityHeadersConfigError> {
         self.builder().build()
     }
 }

@@ -7,7 +7,7 @@
 //! - [`SecurityHeadersLayer::api`] for JSON APIs: `Content-Security-Policy: default-src
 //!   'none'; frame-ancestors 'none'` and `Referrer-Policy: no-referrer`
 //!   (`Cache-Control: no-store` on request, see
-//!   [`SecurityHeadersBuilder::cache_control_no_store`]);
+//!   [`SecurityHeadersLayerBuilder::cache_control_no_store`]);
 //! - [`SecurityHeadersLayer::web`] for pages: [`ContentSecurityPolicy::web`] with a fresh
 //!   [`CspNonce`] per response, in the header and in the request extensions.
 //!
@@ -95,7 +95,9 @@ mod observatory;
 #[cfg(test)]
 mod tests;
 
-pub use builder::{DEFAULT_REMOVED_HEADERS, SecurityHeadersBuilder, SecurityHeadersError};
+pub use builder::{
+    DEFAULT_REMOVED_HEADERS, SecurityHeadersConfigError, SecurityHeadersLayerBuilder,
+};
 pub use config::{Preset, SecurityHeadersConfig};
 pub use csp::{ContentSecurityPolicy, CspBuilder, CspError, CspNonce, Directive, Source};
 pub use future::ResponseFuture;

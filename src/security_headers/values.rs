@@ -7,6 +7,9 @@ use std::time::Duration;
 use http::{HeaderName, header};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::builder::SecurityHeadersConfigError;
+use crate::config::ParseChoiceError;
+
 macro_rules! value_enum {
     (
         $(#[$meta:meta])*
@@ -38,9 +41,9 @@ macro_rules! value_enum {
 
         /// Parses the header value, ASCII case-insensitively; `_` may stand for `-`.
         impl FromStr for $name {
-            type Err = String;
+            type Err = ParseChoiceError;
 
-            fn from_str(s: &str) -> Result<Self, String> {
+            fn from_str(s: &str) -> Result<Self, ParseChoiceError> {
                 let s = s.trim();
                 $(
                     if s.eq_ignore_ascii_case($value)
@@ -50,7 +53,10 @@ macro_rules! value_enum {
                     }
                 )*
                 let expected: &[&str] = &[$($value),*];
-                Err(format!("expected one of {} for {}", expected.join(", "), $what))
+                Err(ParseChoiceError::new(
+                    s,
+                    format!("one of {} for {}", expected.join(", "), $what),
+                ))
             }
         }
 
@@ -401,9 +407,15 @@ impl fmt::Display for PermissionsPolicy {
 
 /// Parses `camera=(), fullscreen=(self), payment=(self "https://pay.example.com")`.
 impl FromStr for PermissionsPolicy {
-    type Err = String;
+    type Err = SecurityHeadersConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, SecurityHeadersConfigError> {
+        Self::parse(s).map_err(|reason| SecurityHeadersConfigError::PermissionsPolicy { reason })
+    }
+}
+
+impl PermissionsPolicy {
+    fn parse(s: &str) -> Result<Self, String> {
         let mut policy = PermissionsPolicy::empty();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (feature, value) = item
@@ -549,7 +561,7 @@ mod tests {
         );
         assert_eq!("1; mode=block".parse(), Ok(XssProtection::Block));
         let err = "maybe".parse::<HstsWhen>().unwrap_err();
-        assert!(err.contains("auto, always, never"), "{err}");
+        assert!(err.to_string().contains("auto, always, never"), "{err}");
         assert_eq!(
             serde_json::to_string(&CrossOriginResourcePolicy::SameSite).unwrap(),
             "\"same-site\""
