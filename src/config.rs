@@ -1,19 +1,6 @@
 //! Typed configuration: from files through serde, or from environment variables with
 //! validation that reports every problem at once.
 //!
-//! Each layer has its own configuration type (with serde `Deserialize` and defaults), so a
-//! whole stack can be described in one TOML or JSON file. This module holds what they share:
-//!
-//! - [`Settings`]: the environment ([`Environment::Development`] or
-//!   [`Environment::Production`]), feature flags, the error format and the Redis URL;
-//! - [`Env`]: reads environment variables, collecting **every** missing or invalid one, then
-//!   [`Env::finish`] returns one [`ConfigError`] that lists them all, each with what is
-//!   wrong and an example value;
-//! - [`duration`]: human durations (`"250ms"`, `"30s"`, `"5m"`, `"1h"`) for serde fields and
-//!   environment variables.
-//!
-//! # Example
-//!
 //! ```
 //! use palisade::config::{Env, Environment, Settings};
 //!
@@ -38,6 +25,20 @@
 //! assert!(text.contains("PALISADE_ENV"));
 //! assert!(text.contains("UPSTREAM_API_KEY is missing"));
 //! ```
+//!
+//! Each layer has its own configuration type (with serde `Deserialize` and defaults), so a
+//! whole stack can be described in one TOML or JSON file. This module holds what they share:
+//!
+//! - [`Settings`]: the environment ([`Environment::Development`] or
+//!   [`Environment::Production`]), feature flags, the error format and the Redis URL;
+//! - [`Env`]: reads environment variables, collecting **every** missing or invalid one, then
+//!   [`Env::finish`] returns one [`ConfigError`] that lists them all, each with what is
+//!   wrong and an example value;
+//! - [`ErrorFormat::from_env`] and [`ErrorFormat::from_env_with_override`]: the one
+//!   reader of the shared `PALISADE_ERROR_FORMAT`, with a layer's own override;
+//! - [`env_var`]: the rule that names every layer's variables;
+//! - [`duration`]: human durations (`"250ms"`, `"30s"`, `"5m"`, `"1h30m"`) for serde fields
+//!   and environment variables.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;

@@ -1,5 +1,20 @@
 //! One typed error for the whole crate, rendered to HTTP in the format you choose.
 //!
+//! ```
+//! use std::time::Duration;
+//! use palisade::error::{Error, ErrorFormat, ErrorKind};
+//!
+//! let err = Error::rate_limited("too many requests for this API key", Duration::from_millis(1500));
+//! assert_eq!(err.kind(), ErrorKind::RateLimited);
+//! assert!(err.is_retryable());
+//!
+//! let response = err.to_response(ErrorFormat::Anthropic);
+//! assert_eq!(response.status(), 429);
+//! assert_eq!(response.headers()["retry-after"], "2"); // 1.5 s, rounded up
+//! let body: serde_json::Value = serde_json::from_slice(response.body().as_bytes()).unwrap();
+//! assert_eq!(body["error"]["type"], "rate_limit_error");
+//! ```
+//!
 //! Every refusal palisade makes (a rate limit, an open circuit, a budget, an invalid
 //! request) is an [`Error`] with an [`ErrorKind`]. The kind decides the HTTP status, whether
 //! a client may retry, and the error type name in the response body. An error can also
@@ -24,22 +39,11 @@
 //! A server error (500) never shows its message or source: the caller sees a generic
 //! sentence, the log sees everything.
 //!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use palisade::error::{Error, ErrorFormat, ErrorKind};
-//!
-//! let err = Error::rate_limited("too many requests for this API key", Duration::from_millis(1500));
-//! assert_eq!(err.kind(), ErrorKind::RateLimited);
-//! assert!(err.is_retryable());
-//!
-//! let response = err.to_response(ErrorFormat::Anthropic);
-//! assert_eq!(response.status(), 429);
-//! assert_eq!(response.headers()["retry-after"], "2"); // 1.5 s, rounded up
-//! let body: serde_json::Value = serde_json::from_slice(response.body().as_bytes()).unwrap();
-//! assert_eq!(body["error"]["type"], "rate_limit_error");
-//! ```
+//! [`Error::to_response`] renders in the format you pass and
+//! [`Error::into_http_response`] in the one chosen with [`Error::with_format`], both as an
+//! `http::Response` with palisade's [`ErrorBody`]. With the `axum` feature, `Error` is also
+//! axum's `IntoResponse` (whose `into_response` gives an axum `Response`), so handlers can
+//! return `Result<_, palisade::Error>`.
 
 use std::borrow::Cow;
 use std::error::Error as StdError;

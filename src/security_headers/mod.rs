@@ -2,6 +2,24 @@
 //! Headers Project, a typed Content-Security-Policy with per-request nonces, HSTS in
 //! production, and removal of fingerprinting headers.
 //!
+//! ```
+//! use palisade::security_headers::SecurityHeadersLayer;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(SecurityHeadersLayer::api()) // or ::web(), ::builder(), ::from_env()?
+//!     .service(service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+//!     }));
+//! let res = svc.oneshot(http::Request::new(())).await?;
+//! assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+//! assert_eq!(res.headers()["content-security-policy"], "default-src 'none'; frame-ancestors 'none'");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Two presets:
 //!
 //! - [`SecurityHeadersLayer::api`] for JSON APIs: `Content-Security-Policy: default-src
@@ -26,7 +44,13 @@
 //! built; per response the layer only inserts prebuilt values, and with nonces formats the
 //! one CSP value.
 //!
-//! # Example
+//! The same shape as every palisade layer: [`SecurityHeadersLayer::builder`] (a
+//! [`SecurityHeadersLayerBuilder`]), [`SecurityHeadersLayer::from_config`] with a
+//! [`SecurityHeadersConfig`], and [`SecurityHeadersLayer::from_env`], which reads
+//! `PALISADE_SECURITY_HEADERS_*` and reports every problem at once. Mistakes are
+//! [`SecurityHeadersConfigError`]s.
+//!
+//! # Example: pages with nonces
 //!
 //! ```
 //! use http::{Request, Response};

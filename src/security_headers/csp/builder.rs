@@ -182,7 +182,7 @@ impl CspBuilder {
     }
 
     /// Adds a fresh random nonce (128 bits) to `script-src` and `style-src` on every
-    /// response, and puts it in the request extensions as a [`CspNonce`] for handlers to
+    /// response, and puts it in the request extensions as a [`CspNonce`](super::CspNonce) for handlers to
     /// write into `<script nonce="…">`.
     ///
     /// A missing `script-src` or `style-src` is created from `default-src` (without

@@ -10,7 +10,7 @@ use super::policy::ContentSecurityPolicy;
 /// Parses a policy as written in a header (`default-src 'self'; report-uri /csp`).
 ///
 /// `report-uri`, `report-to`, `sandbox` and `upgrade-insecure-requests` are understood;
-/// a `'nonce-{nonce}'` source (as [`Display`](fmt::Display) writes it) turns per-request
+/// a `'nonce-{nonce}'` source (as [`Display`](std::fmt::Display) writes it) turns per-request
 /// nonces on; any other fixed nonce is refused.
 impl FromStr for ContentSecurityPolicy {
     type Err = CspError;

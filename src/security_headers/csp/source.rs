@@ -24,7 +24,7 @@ pub(super) const KEYWORDS: [&str; 9] = [
 /// (`'sha256-…'`).
 ///
 /// Nonces are not sources you write: they are generated per request (see
-/// [`CspBuilder::nonce`]).
+/// [`CspBuilder::nonce`](super::CspBuilder::nonce)).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Source(Cow<'static, str>);
 
