@@ -305,12 +305,8 @@ impl SecurityHeadersLayerBuilder {
         if let Some(err) = self.errors.first() {
             return Err(err.clone());
         }
-        self.hsts
-            .validate()
-            .map_err(|reason| SecurityHeadersConfigError::HstsPreload { reason })?;
-        self.permissions_policy
-            .validate()
-            .map_err(|reason| SecurityHeadersConfigError::PermissionsPolicy { reason })?;
+        self.hsts.validate()?;
+        self.permissions_policy.validate()?;
 
         let mut remove = Vec::with_capacity(self.remove.len());
         for name in &self.remove {

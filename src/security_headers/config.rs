@@ -412,12 +412,8 @@ impl SecurityHeadersConfig {
             include_subdomains: self.hsts_include_subdomains,
             preload: self.hsts_preload,
         };
-        if let Err(reason) = hsts.validate() {
-            push(
-                "hsts_preload",
-                "true",
-                SecurityHeadersConfigError::HstsPreload { reason },
-            );
+        if let Err(error) = hsts.validate() {
+            push("hsts_preload", "true", error);
         }
         for name in self.remove_headers.iter().flatten() {
             let lower = name.trim().to_ascii_lowercase();

@@ -226,12 +226,13 @@ impl Hsts {
     pub const PRELOAD_MIN_MAX_AGE: Duration = Duration::from_secs(31_536_000);
 
     /// Checks the preload list's requirements when `preload` is set.
-    pub fn validate(&self) -> Result<(), &'static str> {
+    pub fn validate(&self) -> Result<(), SecurityHeadersConfigError> {
+        let refuse = |reason| Err(SecurityHeadersConfigError::HstsPreload { reason });
         if self.preload && !self.include_subdomains {
-            return Err("preload requires includeSubDomains");
+            return refuse("preload requires includeSubDomains");
         }
         if self.preload && self.max_age < Self::PRELOAD_MIN_MAX_AGE {
-            return Err("preload requires a max-age of at least one year (31536000 seconds)");
+            return refuse("preload requires a max-age of at least one year (31536000 seconds)");
         }
         Ok(())
     }
@@ -354,7 +355,12 @@ impl PermissionsPolicy {
     }
 
     /// Checks feature names and origins.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SecurityHeadersConfigError> {
+        self.check()
+            .map_err(|reason| SecurityHeadersConfigError::PermissionsPolicy { reason })
+    }
+
+    fn check(&self) -> Result<(), String> {
         for (feature, allow) in &self.features {
             if feature.is_empty()
                 || !feature
@@ -435,7 +441,7 @@ impl PermissionsPolicy {
             };
             policy = policy.set(feature.trim(), allow);
         }
-        policy.validate()?;
+        policy.check()?;
         Ok(policy)
     }
 }
@@ -590,12 +596,24 @@ mod tests {
             max_age: Duration::from_secs(86_400),
             ..preload
         };
-        assert!(short.validate().unwrap_err().contains("one year"));
+        assert!(
+            short
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("one year")
+        );
         let narrow = Hsts {
             include_subdomains: false,
             ..preload
         };
-        assert!(narrow.validate().unwrap_err().contains("includeSubDomains"));
+        assert!(
+            narrow
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("includeSubDomains")
+        );
         let plain = Hsts {
             max_age: Duration::from_secs(300),
             include_subdomains: false,
