@@ -687,6 +687,26 @@ fn layer_from_env_lists_every_problem_or_builds() {
 }
 
 #[tokio::test]
+async fn service_builder_methods_add_the_presets() {
+    use super::SecurityHeadersServiceBuilderExt;
+    let ok = |_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) };
+    let api = tower::ServiceBuilder::new()
+        .security_headers_api()
+        .service(service_fn(ok));
+    let res = api.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.headers(), &headers(&SecurityHeadersLayer::api()).await);
+    let web = tower::ServiceBuilder::new()
+        .security_headers_web()
+        .service(service_fn(|req: Request<()>| async move {
+            assert!(req.extensions().get::<CspNonce>().is_some());
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+    let res = web.oneshot(Request::new(())).await.unwrap();
+    let csp = res.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("'nonce-"), "{csp}");
+}
+
+#[tokio::test]
 async fn config_files_build_the_layer() {
     let cfg: SecurityHeadersConfig = toml::from_str(
         r#"
