@@ -242,6 +242,34 @@ async fn plain_chat_through_the_mock_is_metered_and_carries_every_layers_headers
 }
 
 #[tokio::test]
+async fn a_client_cannot_choose_the_request_id_that_keys_usage_records() {
+    let gw = start(&[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = gw
+            .call(
+                Method::POST,
+                "/v1/messages",
+                Some(USER),
+                Some(chat("claude-sonnet-4-5")),
+                &[("x-request-id", "req_chosen")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").unwrap().to_owned();
+        assert_ne!(id, "req_chosen");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let records = gw.usage_records(2).await;
+    assert!(
+        records
+            .iter()
+            .all(|e| e.record.request_id.as_deref() != Some("req_chosen"))
+    );
+}
+
+#[tokio::test]
 async fn streamed_chat_passes_every_event_and_records_cache_tokens() {
     let gw = start(&[]).await;
     let mut body = chat("claude-sonnet-4-5");
