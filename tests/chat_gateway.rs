@@ -356,6 +356,15 @@ async fn refusals_401_403_404_in_anthropics_format_and_audited() {
     r.anthropic_error(403, "permission_error");
     let r = gw.get("/v1/nothing-here", USER).await;
     r.anthropic_error(404, "not_found_error");
+    let r = gw
+        .call(Method::DELETE, "/v1/messages", Some(USER), None, &[])
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    // Health needs no key.
+    let r = gw.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ok");
 }
 
 #[tokio::test]

@@ -98,6 +98,18 @@ async fn sigterm_finishes_the_stream_in_flight_logs_without_secrets_and_exits() 
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .unwrap();
+    let wrong = "sk-process-test-WRONG-key-42";
+    let denied = client
+        .request(
+            http::Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-api-key", wrong)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(denied.status(), 401);
     let in_flight = tokio::spawn({
         let client = client.clone();
         async move {
@@ -141,7 +153,12 @@ async fn sigterm_finishes_the_stream_in_flight_logs_without_secrets_and_exits() 
         "the request line names the user: {logs}"
     );
     assert!(logs.contains("usage recorder flushed"), "{logs}");
+    assert!(
+        logs.contains("chat_gateway::audit") && logs.contains("auth_failed"),
+        "{logs}"
+    );
     assert!(!logs.contains(KEY), "a key was logged: {logs}");
+    assert!(!logs.contains(wrong), "a presented key was logged: {logs}");
     assert!(
         !logs.contains("plum cake"),
         "message content was logged: {logs}"
