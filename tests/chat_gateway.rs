@@ -270,6 +270,52 @@ async fn a_client_cannot_choose_the_request_id_that_keys_usage_records() {
 }
 
 #[tokio::test]
+async fn usage_is_private_to_each_user_and_whole_for_admins() {
+    let gw = start(&[]).await;
+    assert_eq!(
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-opus-4-1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-opus-4-1"))
+            .await
+            .status,
+        200
+    );
+    gw.usage_records(3).await;
+
+    let mine = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(mine["user"], "alice");
+    assert_eq!(mine["report"]["total"]["requests"], 1);
+    gw.get("/v1/usage?user=bob", USER)
+        .await
+        .anthropic_error(403, "permission_error");
+    gw.get("/v1/usage?from=yesterday", USER)
+        .await
+        .anthropic_error(400, "invalid_request_error");
+    let empty = gw
+        .get("/v1/usage?from=2020-01-01&to=2020-01-02", USER)
+        .await
+        .json();
+    assert_eq!(empty["report"]["total"]["requests"], 0);
+
+    let all = gw.get("/v1/usage?top=1", ADMIN).await.json();
+    assert_eq!(all["report"]["total"]["requests"], 3);
+    assert_eq!(all["top"].as_array().unwrap().len(), 1);
+    assert_eq!(all["top"][0]["user"], "bob", "opus twice costs more: {all}");
+    let bob = gw.get("/v1/usage?user=bob", ADMIN).await.json();
+    assert_eq!(bob["report"]["by_model"]["claude-opus-4-1"]["requests"], 2);
+}
+
+#[tokio::test]
 async fn streamed_chat_passes_every_event_and_records_cache_tokens() {
     let gw = start(&[]).await;
     let mut body = chat("claude-sonnet-4-5");

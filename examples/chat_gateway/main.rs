@@ -93,6 +93,12 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
         ),
         None => println!("  upstream: {:?}", app.state.upstreams.primary),
     }
+    if app.mock_addr.is_some() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
+        println!(
+            "  note: ANTHROPIC_API_KEY is set but ANTHROPIC_BASE_URL is not, so the mock serves;"
+        );
+        println!("        set ANTHROPIC_BASE_URL=https://api.anthropic.com to call the real API");
+    }
     if !layers {
         println!("  layers: OFF (PALISADE_GATEWAY_LAYERS=off): the bare pass-through floor");
     }
