@@ -21,6 +21,8 @@ mod routes;
 mod schema;
 #[path = "../examples/chat_gateway/store.rs"]
 mod store;
+#[path = "../examples/chat_gateway/tls.rs"]
+mod tls;
 #[path = "../examples/chat_gateway/upstream.rs"]
 mod upstream;
 
@@ -1141,4 +1143,89 @@ fn env_example_lists_every_gateway_variable() {
     let mut env = Env::from_pairs(pairs);
     let _ = config::GatewayConfig::from_env(&mut env);
     env.finish().expect("load.env is a valid configuration");
+}
+
+const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
+
+#[tokio::test]
+async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+    ]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("valid TLS configuration");
+    let (cert, key) = config.tls.clone().expect("TLS configured");
+    let server_config = tls::load(&cert, &key).unwrap();
+    let app = app::build(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+    let client_config = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let req = http::Request::post(format!("https://localhost:{}/v1/messages", addr.port()))
+        .header("x-api-key", USER)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            chat("claude-sonnet-4-5").to_string(),
+        )))
+        .unwrap();
+    let res = client.request(req).await.expect("https answer");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    drop(client);
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops")
+        .unwrap();
+}
+
+#[test]
+fn tls_needs_both_files_and_files_that_load() {
+    let mut env = Env::from_pairs([("PALISADE_GATEWAY_TLS_CERT", TLS_CERT)]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    assert_eq!(err.problems()[0].name, "PALISADE_GATEWAY_TLS_KEY");
+
+    // A key in the certificate's place.
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_KEY),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY),
+    ]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    assert_eq!(err.problems()[0].name, "PALISADE_GATEWAY_TLS_CERT");
+    assert!(err.to_string().contains("no certificate"), "{err}");
 }

@@ -108,6 +108,8 @@ pub struct GatewayConfig {
     pub max_body: usize,
     /// The model the orchestrator asks for bot drafts.
     pub orchestrator_model: String,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The daily spend limit per user, unless an admin set another.
     pub daily_budget: Option<Money>,
     /// How long shutdown waits for in-flight requests and streams.
@@ -354,18 +356,7 @@ impl GatewayConfig {
                 "(unset)",
             );
         }
-        for name in ["PALISADE_GATEWAY_TLS_CERT", "PALISADE_GATEWAY_TLS_KEY"] {
-            if env.raw(name).is_some() {
-                env.problem(
-                    name,
-                    ProblemKind::Invalid {
-                        value: env.raw(name).unwrap_or_default().to_owned(),
-                        reason: "serving https is not supported by this build of the gateway yet; unset it".into(),
-                    },
-                    "(unset)",
-                );
-            }
-        }
+        let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
         if env.raw("PALISADE_RETRY_ASSUME_IDEMPOTENT").is_none() {
@@ -402,6 +393,7 @@ impl GatewayConfig {
             max_body,
             orchestrator_model,
             daily_budget,
+            tls,
             shutdown_grace,
             mock_slow_delay,
             json_logs,
@@ -421,6 +413,47 @@ impl GatewayConfig {
     /// Whether a fallback is configured.
     pub fn has_fallback(&self) -> bool {
         self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// `PALISADE_GATEWAY_TLS_CERT` and `_KEY`: both or neither, and they must load.
+fn tls_env(env: &mut Env) -> Option<(PathBuf, PathBuf)> {
+    const CERT: &str = "PALISADE_GATEWAY_TLS_CERT";
+    const KEY: &str = "PALISADE_GATEWAY_TLS_KEY";
+    let cert = env.raw(CERT).map(|s| PathBuf::from(s.trim()));
+    let key = env.raw(KEY).map(|s| PathBuf::from(s.trim()));
+    match (cert, key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            env.problem(
+                KEY,
+                ProblemKind::Missing,
+                "key.pem (with PALISADE_GATEWAY_TLS_CERT)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            env.problem(
+                CERT,
+                ProblemKind::Missing,
+                "cert.pem (with PALISADE_GATEWAY_TLS_KEY)",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => match crate::tls::load(&cert, &key) {
+            Ok(_) => Some((cert, key)),
+            Err(reason) => {
+                env.problem(
+                    CERT,
+                    ProblemKind::Invalid {
+                        value: cert.display().to_string(),
+                        reason,
+                    },
+                    "cert.pem (a PEM certificate chain; the key in PALISADE_GATEWAY_TLS_KEY)",
+                );
+                None
+            }
+        },
     }
 }
 
