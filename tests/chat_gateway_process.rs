@@ -68,16 +68,20 @@ fn bad_configuration_exits_with_every_problem_listed() {
         ("PALISADE_GATEWAY_ADDR", "nowhere"),
         ("REDIS_URL", "redis://:hunter2@127.0.0.1:6379/"),
         ("PALISADE_GATEWAY_MAX_TOKENS", "0"),
+        ("PALISADE_GATEWAY_ENV_FILE", "/nonexistent/gateway.env"),
+        ("RUST_LOG", "info,=="),
     ])
     .output()
     .expect("run the gateway");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("3 problems"), "{err}");
+    assert!(err.contains("5 problems"), "{err}");
     for name in [
         "PALISADE_GATEWAY_ADDR",
         "REDIS_URL",
         "PALISADE_GATEWAY_MAX_TOKENS",
+        "PALISADE_GATEWAY_ENV_FILE",
+        "RUST_LOG",
     ] {
         assert!(err.contains(name), "{name} missing in {err}");
     }

@@ -118,6 +118,8 @@ pub struct GatewayConfig {
     pub mock_slow_delay: Duration,
     /// JSON logs (`PALISADE_GATEWAY_LOG_FORMAT`, default: JSON in production).
     pub json_logs: bool,
+    /// Which logs to write (`RUST_LOG`, default `info`).
+    pub log_filter: String,
     /// The layers' own configurations.
     pub retry: RetryConfig,
     /// The circuit breaker (one per upstream).
@@ -139,6 +141,7 @@ impl GatewayConfig {
     /// Reads the process environment (and the optional env file).
     pub fn from_process() -> Result<Self, ConfigError> {
         let mut pairs: Vec<(String, String)> = std::env::vars().collect();
+        let mut file_error = None;
         if let Some(path) = std::env::var_os("PALISADE_GATEWAY_ENV_FILE") {
             let path = PathBuf::from(path);
             match std::fs::read_to_string(&path) {
@@ -150,18 +153,21 @@ impl GatewayConfig {
                     }
                 }
                 Err(e) => {
-                    return Err(ConfigError::new(vec![palisade::config::Problem {
-                        name: "PALISADE_GATEWAY_ENV_FILE".into(),
-                        kind: ProblemKind::Invalid {
-                            value: path.display().to_string(),
-                            reason: format!("cannot be read: {e}"),
-                        },
-                        example: "examples/chat_gateway/load.env".into(),
-                    }]));
+                    file_error = Some(ProblemKind::Invalid {
+                        value: path.display().to_string(),
+                        reason: format!("cannot be read: {e}"),
+                    })
                 }
             }
         }
         let mut env = Env::from_pairs(pairs);
+        if let Some(kind) = file_error {
+            env.problem(
+                "PALISADE_GATEWAY_ENV_FILE",
+                kind,
+                "examples/chat_gateway/load.env",
+            );
+        }
         let config = Self::from_env(&mut env);
         env.finish()?;
         Ok(config)
@@ -319,6 +325,16 @@ impl GatewayConfig {
             Duration::from_secs(5),
             "5s",
         );
+        let log_filter = env.optional_with(
+            "RUST_LOG",
+            "info".to_owned(),
+            "info,chat_gateway::audit=info",
+            |s| {
+                tracing_subscriber::EnvFilter::try_new(s.trim())
+                    .map(|_| s.trim().to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        );
         let json_logs = env.optional_with(
             "PALISADE_GATEWAY_LOG_FORMAT",
             settings.environment == Environment::Production,
@@ -397,6 +413,7 @@ impl GatewayConfig {
             shutdown_grace,
             mock_slow_delay,
             json_logs,
+            log_filter,
             retry,
             breaker,
             rate_limit,

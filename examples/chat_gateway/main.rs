@@ -25,8 +25,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::GatewayConfig;
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logs(json: bool, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder.json().flatten_event(true).init();
@@ -65,7 +65,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(config.json_logs);
+    init_logs(config.json_logs, &config.log_filter);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
