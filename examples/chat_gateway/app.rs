@@ -174,7 +174,10 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     let mut router = Router::new()
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
-        .fallback(routes::not_found);
+        .fallback({
+            let format = config.error_format();
+            move || async move { routes::not_found(format) }
+        });
     if let Some(layer) = security_headers {
         router = router.layer(layer);
     }
