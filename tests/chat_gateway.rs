@@ -1,6 +1,9 @@
 //! The chat_gateway example over real sockets: built in-process from its own modules, served
 //! on a free loopback port, called through a hyper client; upstreams are the built-in mock
 //! or wiremock.
+//!
+//! The example's modules are mounted here at the crate root, as `main.rs` mounts them, so
+//! their `crate::` paths resolve: a module added to the example is added here too.
 #![allow(dead_code)]
 
 #[path = "../examples/chat_gateway/app.rs"]
