@@ -372,6 +372,16 @@ impl GatewayConfig {
                 "(unset)",
             );
         }
+        if env.raw("PALISADE_GATEWAY_ALERT_WEBHOOK").is_some() {
+            env.problem(
+                "PALISADE_GATEWAY_ALERT_WEBHOOK",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "alerts are not in this build of the gateway yet; unset it".into(),
+                },
+                "(unset)",
+            );
+        }
         let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
