@@ -114,6 +114,20 @@ async fn sigterm_finishes_the_stream_in_flight_logs_without_secrets_and_exits() 
         .await
         .expect("answer");
     assert_eq!(denied.status(), 401);
+    let streamed = client
+        .request(
+            http::Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-api-key", KEY)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .expect("answer");
+    let streamed = streamed.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&streamed).contains(": palisade-cost usd="));
     let in_flight = tokio::spawn({
         let client = client.clone();
         async move {

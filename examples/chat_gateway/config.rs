@@ -403,6 +403,10 @@ impl GatewayConfig {
         if env.raw("PALISADE_COST_COST_HEADERS").is_none() {
             cost.cost_headers = true;
         }
+        if env.raw("PALISADE_COST_SSE_COMMENT").is_none() {
+            // SSE clients, the Anthropic SDKs among them, skip comment lines.
+            cost.sse_cost_comment = true;
+        }
 
         Self {
             addr,
