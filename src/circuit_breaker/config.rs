@@ -73,8 +73,12 @@ pub struct CircuitBreakerConfig {
     pub jitter: f64,
     /// How many probe calls half-open lets through; all must succeed to close (default 3).
     pub half_open_probes: u32,
-    /// Half-open goes back to open if its probes have not decided within this time
-    /// (default 60 s; `None` waits for ever).
+    /// Half-open goes back to open if its probes have not decided within this time and
+    /// none is still in flight (default 60 s; `None` waits for ever). A probe in flight is
+    /// always waited for, however long it takes (a non-streamed LLM call can take
+    /// minutes); bound a hung call with a per-attempt timeout on the client (for example
+    /// [`RetryBuilder::attempt_timeout`](crate::retry::RetryBuilder::attempt_timeout)),
+    /// which drops it and gives its probe slot back.
     #[serde(with = "crate::config::duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
     /// Where the breaker reads time (default [`ClockSource::Tokio`], which tests can

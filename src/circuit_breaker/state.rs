@@ -208,7 +208,7 @@ enum PermitKind {
 const GEN_BITS: u32 = 26;
 const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 /// Bits of a permit's start time (microseconds since the breaker's epoch, wrapping): the
-/// duration of a call shorter than 2^36 µs (19 hours) is exact to the microsecond.
+/// duration of a call shorter than 2^35 µs (9.5 hours) is exact to the microsecond.
 const START_BITS: u32 = 36;
 const START_MASK: u64 = (1 << START_BITS) - 1;
 const START_SHIFT: u32 = 2 + GEN_BITS;
@@ -242,6 +242,19 @@ impl PermitKind {
             _ => PermitKind::Untracked,
         }
     }
+}
+
+/// How long a call took, in nanoseconds, from its start (whole microseconds, wrapping at
+/// [`START_BITS`]) and the time now. A clock read on another core may be a little behind
+/// the one that stamped the start (time-stamp counters differ between cores): such a
+/// negative duration is 0, never a wrapped one of hours that would count as slow.
+#[inline]
+const fn call_nanos(start: u64, now: u64) -> u64 {
+    let micros = (now / 1000).wrapping_sub(start) & START_MASK;
+    if micros > START_MASK / 2 {
+        return 0;
+    }
+    micros * 1000 + now % 1000
 }
 
 /// The right to make one call. Dropped without [`Permit::complete`], a half-open probe
@@ -354,28 +367,24 @@ impl Shared {
                     );
                     continue;
                 }
-                _ => match self.reserve_probe(generation) {
-                    Some(true) => PermitKind::Probe(generation),
-                    Some(false) => {
-                        let now = self.now();
-                        let deadline = self.half_open_deadline.load(Ordering::Acquire);
-                        if now >= deadline {
-                            self.transition(
-                                generation,
-                                HALF_OPEN,
-                                OPEN,
-                                TransitionReason::HalfOpenTimedOut,
-                            );
-                            continue;
-                        }
-                        let wait = match self.params.max_wait {
-                            Some(_) => Duration::from_nanos(deadline - now),
-                            None => self.params.open_duration,
-                        };
-                        return Err(wait.min(self.params.open_duration));
+                _ => {
+                    if self.half_open_timed_out(generation) {
+                        self.transition(
+                            generation,
+                            HALF_OPEN,
+                            OPEN,
+                            TransitionReason::HalfOpenTimedOut,
+                        );
+                        continue;
                     }
-                    None => continue,
-                },
+                    match self.reserve_probe(generation) {
+                        Some(true) => PermitKind::Probe(generation),
+                        // Every slot holds a probe in flight: they are waited for, however
+                        // long they take (an LLM call can take minutes).
+                        Some(false) => return Err(self.params.open_duration),
+                        None => continue,
+                    }
+                }
             };
             let start = if self.params.slow_nanos.is_some() {
                 self.now()
@@ -387,6 +396,22 @@ impl Shared {
                 bits: kind.pack(start),
             });
         }
+    }
+
+    /// Whether half-open has waited longer than its maximum with no probe in flight: the
+    /// probes admitted so far have all finished without deciding (some succeeded, others
+    /// were ignored), and no call came to finish the job in time. A probe still in flight
+    /// is always waited for, so a slow upstream can close the breaker again.
+    fn half_open_timed_out(&self, generation: u64) -> bool {
+        if self.params.max_wait.is_none()
+            || self.now() < self.half_open_deadline.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let h = self.half_open.load(Ordering::Acquire);
+        let admitted = (h >> 32) & 0xffff;
+        let succeeded = h >> 48;
+        h & 0xffff_ffff == generation & GEN_MASK && admitted <= succeeded
     }
 
     /// `Some(true)` when a probe slot was reserved, `Some(false)` when all are taken,
@@ -445,11 +470,10 @@ impl Shared {
         } else {
             0
         };
-        let slow = self.params.slow_nanos.is_some_and(|limit| {
-            // `start` is in whole microseconds (wrapping), `now` in nanoseconds.
-            let micros = (now / 1000).wrapping_sub(start) & START_MASK;
-            micros * 1000 + now % 1000 > limit
-        });
+        let slow = self
+            .params
+            .slow_nanos
+            .is_some_and(|limit| call_nanos(start, now) > limit);
         if !counted {
             return self.complete_probe(generation, failed, slow);
         }
@@ -786,5 +810,23 @@ impl CircuitBreakerHandle {
     /// Whether two handles control the same breaker.
     pub fn same_breaker(&self, other: &CircuitBreakerHandle) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_read_behind_the_start_is_not_a_slow_call() {
+        let start = 5_000_000u64; // µs
+        assert_eq!(call_nanos(start, 5_000_000_000 + 250), 250);
+        assert_eq!(call_nanos(start, 6_000_000_000), 1_000_000_000);
+        // read on a core whose counter is 3 µs behind the one that stamped the start
+        assert_eq!(call_nanos(start, 4_999_997_000), 0);
+        // the start wraps at 2^36 µs; a call across the wrap is still measured
+        let start = START_MASK - 1;
+        let now = (START_MASK + 1 + 9) * 1000;
+        assert_eq!(call_nanos(start, now), 11_000);
     }
 }

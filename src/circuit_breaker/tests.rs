@@ -413,27 +413,52 @@ fn futures_noop_waker() -> std::task::Waker {
 
 use std::future::Future;
 
+/// Non-streamed LLM calls can take longer than `max_wait_in_half_open` (30 s here, 60 s by
+/// default). Half-open used to time out while its probes were still running and discard
+/// their successes, so such an upstream never closed the breaker again.
 #[tokio::test(start_paused = true)]
-async fn half_open_times_out_back_to_open() {
+async fn half_open_does_not_time_out_while_its_probes_are_in_flight() {
     let (mut svc, handle, _) = guarded(base());
     trip(&mut svc).await;
     tokio::time::advance(Duration::from_secs(10)).await;
-    let hang = slow(200, Duration::from_secs(3600));
-    let p1 = svc.ready().await.unwrap().call(Request::new(hang));
-    let p2 = svc.ready().await.unwrap().call(Request::new(hang));
+    let long = slow(200, Duration::from_secs(90));
+    let p1 = svc.ready().await.unwrap().call(Request::new(long));
+    let p2 = svc.ready().await.unwrap().call(Request::new(long));
     assert_eq!(handle.state(), CircuitState::HalfOpen);
-    // refused while the probes decide, told to come back when half-open gives up at most
-    let wait = refused_after(send(&mut svc, OK).await);
-    assert_eq!(wait, Duration::from_secs(10));
+    let probes = tokio::spawn(async move { (p1.await.unwrap(), p2.await.unwrap()) });
+    // refused while the probes decide
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(10)
+    );
+    // past the maximum wait, the probes are still running: still half-open, still refusing
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert!(send(&mut svc, OK).await.is_err());
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    // the probes succeed after 90 s: the upstream is healthy again
     tokio::time::advance(Duration::from_secs(30)).await;
-    // the probes took too long: open again, for longer
+    let (r1, r2) = probes.await.unwrap();
+    assert_eq!((r1.status().as_u16(), r2.status().as_u16()), (200, 200));
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+}
+
+/// Half-open still gives up when its probes finished without deciding and no call came
+/// to finish the job within the maximum wait.
+#[tokio::test(start_paused = true)]
+async fn half_open_times_out_when_no_probe_is_in_flight() {
+    let (mut svc, handle, _) = guarded(base());
+    trip(&mut svc).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // one of two probes succeeds; the other slot is never used
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // open again, for longer
     assert_eq!(
         refused_after(send(&mut svc, OK).await),
         Duration::from_secs(20)
     );
-    assert_eq!(handle.state(), CircuitState::Open);
-    // the late probes' slots belong to a finished period and change nothing
-    drop((p1, p2));
     assert_eq!(handle.state(), CircuitState::Open);
 }
 
