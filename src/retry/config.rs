@@ -40,7 +40,8 @@ pub struct RetryConfig {
     pub base_delay: Duration,
     /// Each delay is `factor` times the one before (default 2, at least 1).
     pub factor: f64,
-    /// The cap on any delay, after jitter and on server-directed delays (default 8 s).
+    /// The cap on any delay, after jitter (default 8 s). A server that asks for a longer
+    /// wait gets its answer back at once instead of an early retry.
     #[serde(with = "duration")]
     pub max_delay: Duration,
     /// How delays are randomised (default full jitter).

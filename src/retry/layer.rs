@@ -139,7 +139,8 @@ impl<C> RetryBuilder<C> {
         self
     }
 
-    /// The cap on any delay, applied after jitter and to server-directed delays.
+    /// The cap on any delay, applied after jitter. A server that asks (with `retry-after`)
+    /// for a longer wait gets its answer back at once instead of an early retry.
     pub fn max_delay(mut self, delay: Duration) -> Self {
         self.config.max_delay = delay;
         self

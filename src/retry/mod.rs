@@ -13,8 +13,9 @@
 //!   [`assume_idempotent`](RetryBuilder::assume_idempotent).
 //! - **When**: after `base * factor^n` with [`Jitter`] (full by default), capped at
 //!   `max_delay` after jitter. `retry-after-ms`, `retry-after` (seconds or HTTP-date) and
-//!   `x-should-retry` override the schedule (clamped to `max_delay`); a server that asks for
-//!   longer than the [deadline](RetryBuilder::deadline) leaves gets its answer back at once.
+//!   `x-should-retry` override the schedule; a server that asks for longer than
+//!   `max_delay` or than the [deadline](RetryBuilder::deadline) leaves gets its answer
+//!   back at once (retrying earlier than asked would be refused again, and spend budget).
 //! - **How much**: a [`RetryBudget`] (on by default: 20% of requests plus 10 per second,
 //!   over 10 s) keeps a failing upstream from seeing a retry storm. Refusals by an open
 //!   circuit breaker (`Outcome::Rejected`) spend no budget.
