@@ -142,14 +142,22 @@ impl RetryBudget {
     }
 
     /// Takes one retry from the budget: `true` if there was one to take.
+    ///
+    /// The token is taken first and the balance looked at after, giving it back if that
+    /// went below zero: of callers racing for the last tokens, each sees the withdrawals
+    /// ordered before its own, so together they never take more than there was (a loser
+    /// of such a race may be refused while a winner gives its token back, which only ever
+    /// makes the budget stricter).
     pub fn withdraw(&self) -> bool {
         let inner = &*self.inner;
         let generation = inner.advance();
-        if inner.balance() < UNIT {
-            return false;
+        let slot = &inner.slots[(generation % SLOTS as u64) as usize];
+        slot.fetch_sub(UNIT, Ordering::SeqCst);
+        if inner.balance() >= 0 {
+            return true;
         }
-        inner.slots[(generation % SLOTS as u64) as usize].fetch_sub(UNIT, Ordering::Relaxed);
-        true
+        slot.fetch_add(UNIT, Ordering::SeqCst);
+        false
     }
 
     /// The number of whole retries available now.
@@ -172,7 +180,7 @@ impl Inner {
             + self
                 .slots
                 .iter()
-                .map(|s| s.load(Ordering::Relaxed))
+                .map(|s| s.load(Ordering::SeqCst))
                 .sum::<i64>()
     }
 
@@ -251,6 +259,38 @@ mod tests {
         tokio::time::advance(Duration::from_millis(5_500)).await;
         // the first ten fell out, the second ten remain
         assert_eq!(budget.available(), 10);
+    }
+
+    /// Racing callers must never take more retries than the budget holds. Checking the
+    /// balance and then withdrawing, in two steps, let several callers see the last token
+    /// and all take it.
+    #[test]
+    fn concurrent_withdrawals_never_overspend() {
+        const THREADS: usize = 4;
+        const TOKENS: usize = 2;
+        let mut overspent = 0;
+        for _ in 0..1_000 {
+            // a floor of 2 retries per second over 1 s: two tokens, nothing earned
+            let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
+            let barrier = std::sync::Barrier::new(THREADS);
+            let taken = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        barrier.wait();
+                        for _ in 0..TOKENS {
+                            if budget.withdraw() {
+                                taken.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let taken = taken.into_inner();
+            overspent += taken.saturating_sub(TOKENS);
+            assert_eq!(budget.available(), (TOKENS - taken.min(TOKENS)) as u64);
+        }
+        assert_eq!(overspent, 0, "retries taken beyond the budget");
     }
 
     #[test]
