@@ -12,6 +12,8 @@ const SLOTS: usize = 10;
 const UNIT: i64 = 1000;
 /// Deposits between two looks at the clock on the first-attempt path (at least).
 const CLOCK_EVERY: i64 = 32;
+/// The largest reserve, in thousandths of a retry.
+const MAX_RESERVE: i64 = 1 << 60;
 
 /// A retry budget shared by every request of a layer (and of any layers it is cloned into).
 ///
@@ -88,7 +90,10 @@ impl RetryBudget {
             return Err(BudgetError::Ratio(ratio));
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
-        let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64;
+        // Capped far below i64::MAX so that the balance (reserve plus slots) cannot overflow
+        // whatever the window: a reserve of 2^60 thousandths is retries without limit.
+        let reserve =
+            ((f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64).min(MAX_RESERVE);
         // Rounded down, so the effective ratio never exceeds the one asked for.
         let deposit = (ratio * UNIT as f64).floor() as i64;
         let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
@@ -176,12 +181,9 @@ impl Default for RetryBudget {
 
 impl Inner {
     fn balance(&self) -> i64 {
-        self.reserve
-            + self
-                .slots
-                .iter()
-                .map(|s| s.load(Ordering::SeqCst))
-                .sum::<i64>()
+        self.slots.iter().fold(self.reserve, |sum, s| {
+            sum.saturating_add(s.load(Ordering::SeqCst))
+        })
     }
 
     /// Moves the window to the current time, clearing the slots that fell out of it, and
@@ -291,6 +293,18 @@ mod tests {
             assert_eq!(budget.available(), (TOKENS - taken.min(TOKENS)) as u64);
         }
         assert_eq!(overspent, 0, "retries taken beyond the budget");
+    }
+
+    /// A window of `Duration::MAX` with a floor of retries made a reserve of `i64::MAX`
+    /// thousandths, and the first deposit overflowed the balance.
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_window_does_not_overflow_the_balance() {
+        let budget = RetryBudget::new(Duration::MAX, u32::MAX, 1000.0).unwrap();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw());
+        assert!(budget.available() > 1 << 40);
     }
 
     #[test]
