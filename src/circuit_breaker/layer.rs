@@ -32,12 +32,11 @@ pub struct Respond {
 /// Every service made by one layer (and by its clones) shares the same state; get a
 /// [`CircuitBreakerHandle`] with [`handle`](Self::handle) to watch or force it.
 ///
-/// The inner service's error type must implement `From<palisade::Error>` (true of
-/// [`BoxError`](crate::BoxError) and of [`Error`](crate::Error) itself): a refusal is that
-/// error, holding an [`Error`](crate::Error) of kind
-/// [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with the time until the next probe as
-/// `retry_after`. For a client whose error type is concrete (hyper-util's), put
-/// `.map_err(BoxError::from)` below the breaker. At the server edge, use
+/// The service's error type is [`BoxError`](crate::BoxError) (any inner error that
+/// converts into it passes through, so a hyper-util client needs no `map_err`; the
+/// classifier sees the inner error before it is boxed). A refusal is an
+/// [`Error`](crate::Error) of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with the
+/// time until the next probe as `retry_after`. At the server edge, use
 /// [`respond_with`](Self::respond_with) to answer refused calls with a rendered response
 /// instead.
 #[derive(Debug, Clone)]
@@ -304,16 +303,16 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
 impl<S, Req, C> Service<Req> for CircuitBreaker<S, C, ReturnError>
 where
     S: Service<Req>,
-    S::Error: From<crate::Error>,
+    S::Error: Into<crate::BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = S::Error;
+    type Error = crate::BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]

@@ -25,10 +25,10 @@
 //! circuit closes. A probe that is dropped or cancelled gives its slot back.
 //!
 //! A refused call never reaches the upstream. It costs an atomic load, a clock read and one small
-//! allocation (the error), and says when to come back: by default it is
-//! `Err(E::from(palisade::Error))` of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen)
-//! with `retry_after` (so the inner error type must implement `From<palisade::Error>`,
-//! as [`BoxError`](crate::BoxError) does); with
+//! allocation (the error), and says when to come back: by default the service's error
+//! type is [`BoxError`](crate::BoxError) (inner errors pass through boxed) and a refusal
+//! is a [`palisade::Error`](crate::Error) of kind
+//! [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with `retry_after`; with
 //! [`respond_with`](CircuitBreakerLayer::respond_with) it is a rendered response (503 with
 //! `retry-after`, or 529 `overloaded_error` in the Anthropic format).
 //!
