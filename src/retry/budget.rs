@@ -172,6 +172,33 @@ impl RetryBudget {
     }
 }
 
+/// The budget plugs into tower's own retry middleware (`tower::retry`) as well.
+///
+/// ```
+/// use std::time::Duration;
+/// use palisade::retry::RetryBudget;
+/// use tower::retry::budget::Budget;
+///
+/// fn spend(budget: &impl Budget) -> bool {
+///     budget.deposit();
+///     budget.withdraw()
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+/// assert!(spend(&budget));
+/// # }
+/// ```
+impl tower::retry::budget::Budget for RetryBudget {
+    fn deposit(&self) {
+        RetryBudget::deposit(self);
+    }
+
+    fn withdraw(&self) -> bool {
+        RetryBudget::withdraw(self)
+    }
+}
+
 impl Default for RetryBudget {
     /// 10 s window, 10 retries per second, 20% of requests.
     fn default() -> Self {
