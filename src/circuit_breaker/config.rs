@@ -5,7 +5,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockSource;
-use crate::config::Env;
+use crate::config::{ConfigError, Env, Problem, ProblemKind, env_var};
+
+/// The prefix of the breaker's environment variables.
+const PREFIX: &str = "PALISADE_CIRCUIT_BREAKER";
 
 /// Which calls the breaker judges the upstream by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -77,7 +80,7 @@ pub struct CircuitBreakerConfig {
     /// none is still in flight (default 60 s; `None` waits for ever). A probe in flight is
     /// always waited for, however long it takes (a non-streamed LLM call can take
     /// minutes); bound a hung call with a per-attempt timeout on the client (for example
-    /// [`RetryBuilder::attempt_timeout`](crate::retry::RetryBuilder::attempt_timeout)),
+    /// [`RetryLayerBuilder::attempt_timeout`](crate::retry::RetryLayerBuilder::attempt_timeout)),
     /// which drops it and gives its probe slot back.
     #[serde(with = "crate::config::duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
@@ -171,6 +174,39 @@ pub enum CircuitBreakerConfigError {
     RegistrySize,
 }
 
+impl CircuitBreakerConfigError {
+    /// The configuration field at fault (its serde name), for example `"window_size"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::WindowSize { .. } => "window_size",
+            Self::Threshold { field, .. } | Self::Duration { field, .. } => field,
+            Self::MinimumCalls { .. } => "minimum_calls",
+            Self::ConsecutiveFailures => "consecutive_failures",
+            Self::Multiplier(_) => "backoff_multiplier",
+            Self::Jitter(_) => "jitter",
+            Self::HalfOpenProbes(_) => "half_open_probes",
+            Self::RegistrySize => "max_breakers",
+        }
+    }
+
+    /// This mistake as a problem with its `PALISADE_CIRCUIT_BREAKER_*` variable.
+    fn problem(&self) -> Problem {
+        Problem {
+            name: env_var(PREFIX, self.field()),
+            kind: ProblemKind::Invalid {
+                value: String::new(),
+                reason: self.to_string(),
+            },
+            example: "see CircuitBreakerConfig".to_owned(),
+        }
+    }
+
+    /// This mistake as a [`ConfigError`] naming its `PALISADE_CIRCUIT_BREAKER_*` variable.
+    pub fn to_config_error(&self) -> ConfigError {
+        ConfigError::new(vec![self.problem()])
+    }
+}
+
 impl From<CircuitBreakerConfigError> for crate::Error {
     fn from(err: CircuitBreakerConfigError) -> Self {
         crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
@@ -182,6 +218,50 @@ fn percent_ok(p: f64) -> bool {
 }
 
 impl CircuitBreakerConfig {
+    /// A preset for an LLM upstream (Anthropic, OpenAI), whose calls take seconds to
+    /// minutes and whose outages come in bursts:
+    ///
+    /// | setting | value | why |
+    /// |---|---|---|
+    /// | window | the last 60 s (time window) | judges the recent minute whatever the call rate |
+    /// | `minimum_calls` | 10 | a few unlucky calls at low traffic do not open it |
+    /// | `failure_rate_threshold` | 50 % | half the calls failing is an outage |
+    /// | `consecutive_failures` | 5 | opens fast when every call fails |
+    /// | `slow_call_duration` | 90 s | a non-streamed completion can take a minute |
+    /// | `slow_call_rate_threshold` | 80 % | most calls that slow is an overloaded upstream |
+    /// | `open_duration` | 30 s, doubling to 5 min | gives an overloaded upstream room |
+    /// | `half_open_probes` | 2 | |
+    /// | `max_wait_in_half_open` | 3 min | probes in flight are always waited for |
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use palisade::circuit_breaker::{CircuitBreakerConfig, WindowKind};
+    ///
+    /// let cfg = CircuitBreakerConfig::llm_upstream();
+    /// assert_eq!(cfg.window_kind, WindowKind::Time);
+    /// assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(90)));
+    /// cfg.validate().unwrap();
+    /// ```
+    pub fn llm_upstream() -> Self {
+        Self {
+            name: "llm".to_owned(),
+            window_kind: WindowKind::Time,
+            window_size: 60,
+            failure_rate_threshold: 50.0,
+            slow_call_duration: Some(Duration::from_secs(90)),
+            slow_call_rate_threshold: 80.0,
+            minimum_calls: 10,
+            consecutive_failures: Some(5),
+            open_duration: Duration::from_secs(30),
+            max_open_duration: Duration::from_secs(300),
+            backoff_multiplier: 2.0,
+            jitter: 0.2,
+            half_open_probes: 2,
+            max_wait_in_half_open: Some(Duration::from_secs(180)),
+            clock: ClockSource::Tokio,
+        }
+    }
+
     /// Checks every value, returning the first problem.
     pub fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
         use CircuitBreakerConfigError as E;
@@ -305,49 +385,44 @@ impl CircuitBreakerConfig {
     /// assert_eq!(cfg.consecutive_failures, Some(5));
     /// ```
     pub fn from_env(env: &mut Env) -> Self {
-        const P: &str = "PALISADE_CIRCUIT_BREAKER_";
+        let var = |field: &str| env_var(PREFIX, field);
         let d = Self::default();
-        let name = env.optional(&format!("{P}NAME"), d.name, "anthropic");
-        let window_kind = env.optional_with(
-            &format!("{P}WINDOW_KIND"),
-            d.window_kind,
-            "count",
-            |s| match s.trim().to_ascii_lowercase().as_str() {
-                "count" => Ok(WindowKind::Count),
-                "time" => Ok(WindowKind::Time),
-                _ => Err("expected `count` or `time`".to_owned()),
-            },
-        );
-        let window_size = env.optional(&format!("{P}WINDOW_SIZE"), d.window_size, "100");
+        let name = env.optional(&var("name"), d.name, "anthropic");
+        let window_kind =
+            env.optional_with(&var("window_kind"), d.window_kind, "count", |s| {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "count" => Ok(WindowKind::Count),
+                    "time" => Ok(WindowKind::Time),
+                    _ => Err("expected `count` or `time`".to_owned()),
+                }
+            });
+        let window_size = env.optional(&var("window_size"), d.window_size, "100");
         let failure_rate_threshold = env.optional(
-            &format!("{P}FAILURE_RATE_THRESHOLD"),
+            &var("failure_rate_threshold"),
             d.failure_rate_threshold,
             "50",
         );
-        let slow_call_duration =
-            env.optional_with(&format!("{P}SLOW_CALL_DURATION"), None, "30s", |s| {
-                crate::config::duration::parse(s).map(Some)
-            });
+        let slow_call_duration = env.optional_with(&var("slow_call_duration"), None, "30s", |s| {
+            crate::config::duration::parse(s).map(Some)
+        });
         let slow_call_rate_threshold = env.optional(
-            &format!("{P}SLOW_CALL_RATE_THRESHOLD"),
+            &var("slow_call_rate_threshold"),
             d.slow_call_rate_threshold,
             "80",
         );
-        let minimum_calls = env.optional(&format!("{P}MINIMUM_CALLS"), d.minimum_calls, "20");
+        let minimum_calls = env.optional(&var("minimum_calls"), d.minimum_calls, "20");
         let consecutive_failures =
-            env.optional_with(&format!("{P}CONSECUTIVE_FAILURES"), None, "5", |s| {
+            env.optional_with(&var("consecutive_failures"), None, "5", |s| {
                 s.trim().parse::<u32>().map(Some).map_err(|e| e.to_string())
             });
-        let open_duration = env.duration(&format!("{P}OPEN_DURATION"), d.open_duration, "10s");
-        let max_open_duration =
-            env.duration(&format!("{P}MAX_OPEN_DURATION"), d.max_open_duration, "5m");
+        let open_duration = env.duration(&var("open_duration"), d.open_duration, "10s");
+        let max_open_duration = env.duration(&var("max_open_duration"), d.max_open_duration, "5m");
         let backoff_multiplier =
-            env.optional(&format!("{P}BACKOFF_MULTIPLIER"), d.backoff_multiplier, "2");
-        let jitter = env.optional(&format!("{P}JITTER"), d.jitter, "0.2");
-        let half_open_probes =
-            env.optional(&format!("{P}HALF_OPEN_PROBES"), d.half_open_probes, "3");
+            env.optional(&var("backoff_multiplier"), d.backoff_multiplier, "2");
+        let jitter = env.optional(&var("jitter"), d.jitter, "0.2");
+        let half_open_probes = env.optional(&var("half_open_probes"), d.half_open_probes, "3");
         let max_wait_in_half_open = env.optional_with(
-            &format!("{P}MAX_WAIT_IN_HALF_OPEN"),
+            &var("max_wait_in_half_open"),
             d.max_wait_in_half_open,
             "60s",
             |s| match s.trim() {
@@ -355,7 +430,7 @@ impl CircuitBreakerConfig {
                 other => crate::config::duration::parse(other).map(Some),
             },
         );
-        let clock = env.optional(&format!("{P}CLOCK"), d.clock, "coarse");
+        let clock = env.optional(&var("clock"), d.clock, "coarse");
         let cfg = Self {
             name,
             window_kind,
@@ -375,14 +450,8 @@ impl CircuitBreakerConfig {
         };
         if env.problems().is_empty() {
             if let Err(err) = cfg.validate() {
-                env.problem(
-                    &format!("{P}*"),
-                    crate::config::ProblemKind::Invalid {
-                        value: String::new(),
-                        reason: err.to_string(),
-                    },
-                    "see CircuitBreakerConfig",
-                );
+                let problem = err.problem();
+                env.problem(&problem.name, problem.kind, &problem.example);
             }
         }
         cfg
@@ -500,6 +569,15 @@ mod tests {
         }
         .validate()
         .unwrap();
+    }
+
+    #[test]
+    fn a_value_that_does_not_validate_names_its_variable() {
+        let mut env = Env::from_pairs([("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "0")]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        assert_eq!(err.problems()[0].name, "PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE");
+        CircuitBreakerConfig::llm_upstream().validate().unwrap();
     }
 
     #[test]

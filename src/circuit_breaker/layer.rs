@@ -1,5 +1,6 @@
 //! [`CircuitBreakerLayer`], its builder, and the [`CircuitBreaker`] service.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::state::{Callback, CircuitBreakerHandle, Shared, Transition};
 use crate::ErrorFormat;
 use crate::body::ResponseBody;
 use crate::classify::{Classify, DefaultClassifier};
+use crate::config::{ConfigError, Env};
 
 /// Mode marker: a refused call is `Err(E::from(Error))` with kind
 /// [`CircuitOpen`](crate::ErrorKind::CircuitOpen) and a `retry_after`.
@@ -26,6 +28,13 @@ pub struct ReturnError;
 pub struct Respond {
     format: ErrorFormat,
 }
+
+/// The former name of [`CircuitBreakerLayerBuilder`].
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `CircuitBreakerLayerBuilder`, like every layer's builder"
+)]
+pub type CircuitBreakerBuilder = CircuitBreakerLayerBuilder;
 
 /// Builds [`CircuitBreaker`] services that share one breaker.
 ///
@@ -49,13 +58,47 @@ pub struct CircuitBreakerLayer<C = DefaultClassifier, M = ReturnError> {
 
 impl CircuitBreakerLayer {
     /// A builder starting from [`CircuitBreakerConfig::default`].
-    pub fn builder() -> CircuitBreakerBuilder {
-        CircuitBreakerBuilder::new(CircuitBreakerConfig::default())
+    pub fn builder() -> CircuitBreakerLayerBuilder {
+        CircuitBreakerLayerBuilder::new(CircuitBreakerConfig::default())
     }
 
-    /// A layer with a new breaker configured by `config`.
-    pub fn from_config(config: &CircuitBreakerConfig) -> Result<Self, CircuitBreakerConfigError> {
-        CircuitBreakerBuilder::new(config.clone()).build()
+    /// A layer with a new breaker configured by `config` (by value or by reference).
+    pub fn from_config(
+        config: impl Borrow<CircuitBreakerConfig>,
+    ) -> Result<Self, CircuitBreakerConfigError> {
+        CircuitBreakerLayerBuilder::new(config.borrow().clone()).build()
+    }
+
+    /// A layer with a new breaker configured by the `PALISADE_CIRCUIT_BREAKER_*`
+    /// environment variables (see [`CircuitBreakerConfig::from_env`]), with every problem
+    /// reported at once.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), palisade::config::ConfigError> {
+    /// let layer = palisade::circuit_breaker::CircuitBreakerLayer::from_env()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut env = Env::from_process();
+        let config = CircuitBreakerConfig::from_env(&mut env);
+        env.finish()?;
+        Self::from_config(&config).map_err(|err| err.to_config_error())
+    }
+
+    /// A layer with a new breaker set for an LLM upstream (see
+    /// [`CircuitBreakerConfig::llm_upstream`]).
+    ///
+    /// ```
+    /// use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    ///
+    /// let layer = CircuitBreakerLayer::llm();
+    /// assert_eq!(layer.handle().state(), CircuitState::Closed);
+    /// ```
+    pub fn llm() -> Self {
+        Self::from_config(CircuitBreakerConfig::llm_upstream())
+            .expect("the LLM upstream preset is valid")
     }
 
     /// A layer that uses an existing breaker (for example one from a
@@ -116,21 +159,21 @@ impl<S, C: Clone, M: Clone> Layer<S> for CircuitBreakerLayer<C, M> {
 /// Configures a [`CircuitBreakerLayer`]; every setter mirrors a
 /// [`CircuitBreakerConfig`] field. [`build`](Self::build) validates.
 #[must_use]
-pub struct CircuitBreakerBuilder {
+pub struct CircuitBreakerLayerBuilder {
     config: CircuitBreakerConfig,
     callbacks: Vec<Callback>,
 }
 
-impl std::fmt::Debug for CircuitBreakerBuilder {
+impl std::fmt::Debug for CircuitBreakerLayerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CircuitBreakerBuilder")
+        f.debug_struct("CircuitBreakerLayerBuilder")
             .field("config", &self.config)
             .field("callbacks", &self.callbacks.len())
             .finish()
     }
 }
 
-impl CircuitBreakerBuilder {
+impl CircuitBreakerLayerBuilder {
     /// A builder starting from `config`.
     pub fn new(config: CircuitBreakerConfig) -> Self {
         Self {

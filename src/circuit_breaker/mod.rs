@@ -39,9 +39,9 @@
 //! rule also reads the clock once a call: tokio's by default (tests pause it), or a
 //! cached one read with one atomic load when you choose
 //! [`ClockSource::Coarse`](crate::clock::ClockSource::Coarse) with
-//! [`clock`](CircuitBreakerBuilder::clock). Transitions take a mutex,
+//! [`clock`](CircuitBreakerLayerBuilder::clock). Transitions take a mutex,
 //! emit `tracing` events (`warn` when opening) and call your
-//! [`on_transition`](CircuitBreakerBuilder::on_transition) callbacks.
+//! [`on_transition`](CircuitBreakerLayerBuilder::on_transition) callbacks.
 //!
 //! A [`CircuitBreakerHandle`] (from the layer, a service, or a registry) forces and resets
 //! the breaker from anywhere and takes [`CircuitSnapshot`]s. A [`CircuitBreakerRegistry`]
@@ -100,7 +100,11 @@ pub use config::{
     MAX_TIME_WINDOW_SECS, WindowKind,
 };
 pub use future::{RespondFuture, ResponseFuture};
-pub use layer::{CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, Respond, ReturnError};
+#[allow(deprecated)]
+pub use layer::CircuitBreakerBuilder;
+pub use layer::{
+    CircuitBreaker, CircuitBreakerLayer, CircuitBreakerLayerBuilder, Respond, ReturnError,
+};
 pub use registry::{
     BreakerKey, CircuitBreakerRegistry, KeyedCircuitBreaker, KeyedCircuitBreakerLayer,
     RegistryHealth,

@@ -40,7 +40,7 @@ fn slow(status: u16, delay: Duration) -> Call {
 type Svc = tower::util::BoxService<Request<Call>, Response<()>, BoxError>;
 
 /// A breaker around an upstream that counts its calls.
-fn guarded(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<AtomicUsize>) {
+fn guarded(builder: CircuitBreakerLayerBuilder) -> (Svc, CircuitBreakerHandle, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&calls);
     let upstream = service_fn(move |req: Request<Call>| {
@@ -62,7 +62,7 @@ fn guarded(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<At
     )
 }
 
-fn base() -> CircuitBreakerBuilder {
+fn base() -> CircuitBreakerLayerBuilder {
     CircuitBreakerLayer::builder()
         .name("test")
         .count_window(10)

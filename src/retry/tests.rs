@@ -80,7 +80,7 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn no_jitter() -> RetryBuilder {
+fn no_jitter() -> RetryLayerBuilder {
     RetryLayer::builder()
         .jitter(Jitter::None)
         .base_delay(ms(100))
