@@ -37,7 +37,7 @@ async fn opens_refuses_probes_and_closes_against_a_real_upstream() {
         .name("mock-upstream")
         .count_window(10)
         .minimum_calls(5)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .open_duration(Duration::from_secs(30))
         .jitter(0.0)
         .half_open_probes(2)

@@ -33,7 +33,7 @@ pub enum WindowKind {
 /// let cfg: CircuitBreakerConfig = toml::from_str(r#"
 ///     window_kind = "time"
 ///     window_size = 30
-///     failure_rate_threshold = 25.0
+///     failure_rate_threshold = 0.25
 ///     open_duration = "5s"
 /// "#).unwrap();
 /// assert_eq!(cfg.window_kind, WindowKind::Time);
@@ -52,13 +52,15 @@ pub struct CircuitBreakerConfig {
     pub window_kind: WindowKind,
     /// Calls (count window) or seconds (time window) in the window (default 100).
     pub window_size: u32,
-    /// Open when this percentage of the calls in the window failed (default 50.0).
+    /// Open when this fraction of the calls in the window failed, from 0 (exclusive) to 1
+    /// (default 0.5).
     pub failure_rate_threshold: f64,
     /// A call longer than this is slow; `None` turns the slow-call rule off (the default:
     /// LLM calls are often long by nature).
     #[serde(with = "crate::config::duration::option")]
     pub slow_call_duration: Option<Duration>,
-    /// Open when this percentage of the calls in the window were slow (default 100.0).
+    /// Open when this fraction of the calls in the window were slow, from 0 (exclusive) to
+    /// 1 (default 1.0).
     pub slow_call_rate_threshold: f64,
     /// The rates are only judged once the window holds this many calls (default 20).
     pub minimum_calls: u32,
@@ -96,9 +98,9 @@ impl Default for CircuitBreakerConfig {
             name: "default".to_owned(),
             window_kind: WindowKind::Count,
             window_size: 100,
-            failure_rate_threshold: 50.0,
+            failure_rate_threshold: 0.5,
             slow_call_duration: None,
-            slow_call_rate_threshold: 100.0,
+            slow_call_rate_threshold: 1.0,
             minimum_calls: 20,
             consecutive_failures: None,
             open_duration: Duration::from_secs(10),
@@ -133,8 +135,8 @@ pub enum CircuitBreakerConfigError {
         /// The largest size allowed.
         max: u32,
     },
-    /// A rate threshold is not in `(0, 100]`.
-    #[error("{field} must be a percentage in (0, 100], got {got}")]
+    /// A rate threshold is not a fraction in `(0, 1]`.
+    #[error("{field} must be a fraction in (0, 1], got {got}")]
     Threshold {
         /// `failure_rate_threshold` or `slow_call_rate_threshold`.
         field: &'static str,
@@ -213,8 +215,8 @@ impl From<CircuitBreakerConfigError> for crate::Error {
     }
 }
 
-fn percent_ok(p: f64) -> bool {
-    p.is_finite() && p > 0.0 && p <= 100.0
+fn fraction_ok(p: f64) -> bool {
+    p.is_finite() && p > 0.0 && p <= 1.0
 }
 
 impl CircuitBreakerConfig {
@@ -225,10 +227,10 @@ impl CircuitBreakerConfig {
     /// |---|---|---|
     /// | window | the last 60 s (time window) | judges the recent minute whatever the call rate |
     /// | `minimum_calls` | 10 | a few unlucky calls at low traffic do not open it |
-    /// | `failure_rate_threshold` | 50 % | half the calls failing is an outage |
+    /// | `failure_rate_threshold` | 0.5 | half the calls failing is an outage |
     /// | `consecutive_failures` | 5 | opens fast when every call fails |
     /// | `slow_call_duration` | 90 s | a non-streamed completion can take a minute |
-    /// | `slow_call_rate_threshold` | 80 % | most calls that slow is an overloaded upstream |
+    /// | `slow_call_rate_threshold` | 0.8 | most calls that slow is an overloaded upstream |
     /// | `open_duration` | 30 s, doubling to 5 min | gives an overloaded upstream room |
     /// | `half_open_probes` | 2 | |
     /// | `max_wait_in_half_open` | 3 min | probes in flight are always waited for |
@@ -247,9 +249,9 @@ impl CircuitBreakerConfig {
             name: "llm".to_owned(),
             window_kind: WindowKind::Time,
             window_size: 60,
-            failure_rate_threshold: 50.0,
+            failure_rate_threshold: 0.5,
             slow_call_duration: Some(Duration::from_secs(90)),
-            slow_call_rate_threshold: 80.0,
+            slow_call_rate_threshold: 0.8,
             minimum_calls: 10,
             consecutive_failures: Some(5),
             open_duration: Duration::from_secs(30),
@@ -276,13 +278,13 @@ impl CircuitBreakerConfig {
                 max,
             });
         }
-        if !percent_ok(self.failure_rate_threshold) {
+        if !fraction_ok(self.failure_rate_threshold) {
             return Err(E::Threshold {
                 field: "failure_rate_threshold",
                 got: self.failure_rate_threshold,
             });
         }
-        if !percent_ok(self.slow_call_rate_threshold) {
+        if !fraction_ok(self.slow_call_rate_threshold) {
             return Err(E::Threshold {
                 field: "slow_call_rate_threshold",
                 got: self.slow_call_rate_threshold,
@@ -356,9 +358,9 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_NAME` | `anthropic` |
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_KIND` | `count` or `time` |
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE` | `100` |
-    /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `50` |
+    /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `0.5` |
     /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION` | `30s` |
-    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `80` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `0.8` |
     /// | `PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS` | `20` |
     /// | `PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES` | `5` |
     /// | `PALISADE_CIRCUIT_BREAKER_OPEN_DURATION` | `10s` |
@@ -368,7 +370,8 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES` | `3` |
     /// | `PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN` | `60s` (or `none`) |
     ///
-    /// Values that parse but do not validate (a threshold of 150) are also recorded.
+    /// Values that parse but do not validate (a threshold of 50: ratios are fractions 0–1)
+    /// are also recorded, under their own variable.
     ///
     /// ```
     /// use palisade::config::Env;
@@ -400,7 +403,7 @@ impl CircuitBreakerConfig {
         let failure_rate_threshold = env.optional(
             &var("failure_rate_threshold"),
             d.failure_rate_threshold,
-            "50",
+            "0.5",
         );
         let slow_call_duration = env.optional_with(&var("slow_call_duration"), None, "30s", |s| {
             crate::config::duration::parse(s).map(Some)
@@ -408,7 +411,7 @@ impl CircuitBreakerConfig {
         let slow_call_rate_threshold = env.optional(
             &var("slow_call_rate_threshold"),
             d.slow_call_rate_threshold,
-            "80",
+            "0.8",
         );
         let minimum_calls = env.optional(&var("minimum_calls"), d.minimum_calls, "20");
         let consecutive_failures =
@@ -576,7 +579,10 @@ mod tests {
         let mut env = Env::from_pairs([("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "0")]);
         let _ = CircuitBreakerConfig::from_env(&mut env);
         let err = env.finish().unwrap_err();
-        assert_eq!(err.problems()[0].name, "PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE");
+        assert_eq!(
+            err.problems()[0].name,
+            "PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE"
+        );
         CircuitBreakerConfig::llm_upstream().validate().unwrap();
     }
 
@@ -598,7 +604,7 @@ mod tests {
         );
 
         let mut env = Env::from_pairs([
-            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "150"),
+            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "50"),
             ("PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN", "none"),
         ]);
         let cfg = CircuitBreakerConfig::from_env(&mut env);

@@ -203,17 +203,17 @@ impl CircuitBreakerLayerBuilder {
         self
     }
 
-    /// Open when at least `percent` of the calls in the window failed.
-    pub fn failure_rate_threshold(mut self, percent: f64) -> Self {
-        self.config.failure_rate_threshold = percent;
+    /// Open when at least this fraction (0 to 1) of the calls in the window failed.
+    pub fn failure_rate_threshold(mut self, fraction: f64) -> Self {
+        self.config.failure_rate_threshold = fraction;
         self
     }
 
-    /// Count calls longer than `duration` as slow, and open when at least `percent` of
-    /// the calls in the window were slow.
-    pub fn slow_calls(mut self, duration: Duration, percent: f64) -> Self {
+    /// Count calls longer than `duration` as slow, and open when at least this fraction
+    /// (0 to 1) of the calls in the window were slow.
+    pub fn slow_calls(mut self, duration: Duration, fraction: f64) -> Self {
         self.config.slow_call_duration = Some(duration);
-        self.config.slow_call_rate_threshold = percent;
+        self.config.slow_call_rate_threshold = fraction;
         self
     }
 

@@ -62,7 +62,7 @@
 //!     .name("anthropic")
 //!     .count_window(10)
 //!     .minimum_calls(4)
-//!     .failure_rate_threshold(50.0)
+//!     .failure_rate_threshold(0.5)
 //!     .open_duration(Duration::from_secs(5))
 //!     .jitter(0.0)
 //!     .build()

@@ -190,8 +190,9 @@ impl fmt::Debug for Shared {
     }
 }
 
-fn bp(percent: f64) -> u64 {
-    (percent * 100.0).round() as u64
+/// A fraction in basis points (1 = 10,000).
+fn bp(fraction: f64) -> u64 {
+    (fraction * 10_000.0).round() as u64
 }
 
 /// What a permit was admitted as (generations are truncated to [`GEN_BITS`] bits).
@@ -670,7 +671,7 @@ impl Shared {
         let now = self.now();
         let (_, state) = split(self.word.load(Ordering::Acquire));
         let t = self.totals(now);
-        let rate = |n: u64| (t.calls > 0).then(|| n as f64 * 100.0 / t.calls as f64);
+        let rate = |n: u64| (t.calls > 0).then(|| n as f64 / t.calls as f64);
         let since = self.since.load(Ordering::Acquire);
         let next_probe_in_ms = match state {
             OPEN => Some(
@@ -710,7 +711,8 @@ impl Shared {
 
 /// A serializable view of one breaker, for a `/health` endpoint.
 ///
-/// Rates are percentages of the calls in the window (`null` while the window is empty).
+/// Rates are fractions (0 to 1) of the calls in the window (`null` while the window is
+/// empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CircuitSnapshot {
@@ -718,9 +720,9 @@ pub struct CircuitSnapshot {
     pub name: String,
     /// Its state.
     pub state: CircuitState,
-    /// Failed calls in the window, in percent.
+    /// Failed calls in the window, as a fraction of the calls (0 to 1).
     pub failure_rate: Option<f64>,
-    /// Slow calls in the window, in percent.
+    /// Slow calls in the window, as a fraction of the calls (0 to 1).
     pub slow_call_rate: Option<f64>,
     /// Calls in the window (successes and failures; ignored outcomes are not counted).
     pub calls_in_window: u64,

@@ -67,7 +67,7 @@ fn base() -> CircuitBreakerLayerBuilder {
         .name("test")
         .count_window(10)
         .minimum_calls(5)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .open_duration(Duration::from_secs(10))
         .max_open_duration(Duration::from_secs(60))
         .jitter(0.0)
@@ -118,7 +118,7 @@ async fn below_threshold_stays_closed_and_ignored_outcomes_do_not_count() {
     let snap = handle.snapshot();
     assert_eq!(snap.calls_in_window, 10);
     assert!(
-        (30.0..=40.0).contains(&snap.failure_rate.unwrap()),
+        (0.3..=0.4).contains(&snap.failure_rate.unwrap()),
         "{snap:?}"
     );
 }
@@ -170,7 +170,7 @@ async fn time_window_counts_only_recent_seconds() {
 async fn coarse_clock_time_window_trips_and_ignores_the_paused_clock() {
     let builder = base()
         .time_window(Duration::from_secs(10))
-        .slow_calls(Duration::from_secs(60), 100.0)
+        .slow_calls(Duration::from_secs(60), 1.0)
         .clock(crate::clock::ClockSource::Coarse);
     let (mut svc, handle, calls) = guarded(builder);
     for _ in 0..5 {
@@ -221,7 +221,7 @@ async fn time_window_of_ten_thousand_successes_then_failures_opens() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_the_slow_rate() {
-    let builder = base().slow_calls(Duration::from_secs(2), 60.0);
+    let builder = base().slow_calls(Duration::from_secs(2), 0.6);
     let (mut svc, handle, _) = guarded(builder);
     for _ in 0..5 {
         send(&mut svc, slow(200, Duration::from_secs(1)))
@@ -516,7 +516,7 @@ async fn forced_states() {
     assert_eq!(handle.state(), CircuitState::MetricsOnly);
     let snap = handle.snapshot();
     assert_eq!(snap.calls_in_window, 10);
-    assert_eq!(snap.failure_rate, Some(100.0));
+    assert_eq!(snap.failure_rate, Some(1.0));
 
     handle.reset();
     assert_eq!(handle.state(), CircuitState::Closed);
@@ -693,7 +693,7 @@ async fn registry_health_snapshot_json() {
     let b = &json["breakers"][0];
     assert_eq!(b["name"], "api.anthropic.com");
     assert_eq!(b["state"], "open");
-    assert_eq!(b["failure_rate"], 100.0);
+    assert_eq!(b["failure_rate"], 1.0);
     assert_eq!(b["calls_in_window"], 5);
     assert_eq!(b["in_state_for_ms"], 3000);
     assert_eq!(b["next_probe_in_ms"], 7000);
