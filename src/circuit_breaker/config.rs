@@ -90,6 +90,9 @@ pub struct CircuitBreakerConfig {
     /// pause). [`ClockSource::Coarse`] makes a time window's closed path about one clock
     /// read cheaper, with buckets and call durations late by up to about a millisecond.
     pub clock: ClockSource,
+    /// A seed for the open durations' jitter, for reproducible schedules (default none:
+    /// the thread's generator).
+    pub seed: Option<u64>,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -110,6 +113,7 @@ impl Default for CircuitBreakerConfig {
             half_open_probes: 3,
             max_wait_in_half_open: Some(Duration::from_secs(60)),
             clock: ClockSource::Tokio,
+            seed: None,
         }
     }
 }
@@ -261,6 +265,7 @@ impl CircuitBreakerConfig {
             half_open_probes: 2,
             max_wait_in_half_open: Some(Duration::from_secs(180)),
             clock: ClockSource::Tokio,
+            seed: None,
         }
     }
 
@@ -369,6 +374,8 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_JITTER` | `0.2` |
     /// | `PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES` | `3` |
     /// | `PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN` | `60s` (or `none`) |
+    /// | `PALISADE_CIRCUIT_BREAKER_CLOCK` | `tokio`, `fast` or `coarse` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SEED` | `42` |
     ///
     /// Values that parse but do not validate (a threshold of 50: ratios are fractions 0–1)
     /// are also recorded, under their own variable.
@@ -434,6 +441,9 @@ impl CircuitBreakerConfig {
             },
         );
         let clock = env.optional(&var("clock"), d.clock, "coarse");
+        let seed = env.optional_with(&var("seed"), None, "42", |s| {
+            s.trim().parse::<u64>().map(Some).map_err(|e| e.to_string())
+        });
         let cfg = Self {
             name,
             window_kind,
@@ -450,6 +460,7 @@ impl CircuitBreakerConfig {
             half_open_probes,
             max_wait_in_half_open,
             clock,
+            seed,
         };
         if env.problems().is_empty() {
             if let Err(err) = cfg.validate() {

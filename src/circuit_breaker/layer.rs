@@ -247,6 +247,14 @@ impl CircuitBreakerLayerBuilder {
         self
     }
 
+    /// Seeds the open durations' jitter, for reproducible schedules (as
+    /// [`RetryLayerBuilder::seed`](crate::retry::RetryLayerBuilder::seed) does for retry
+    /// delays).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = Some(seed);
+        self
+    }
+
     /// The random spread of open durations (0.2 = ±20 %; 0 for none).
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.config.jitter = jitter;

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock::Clock;
-use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::config::{CircuitBreakerConfig, WindowKind};
@@ -157,6 +158,15 @@ struct Params {
     needs_clock: bool,
 }
 
+/// What transitions change under the breaker's lock.
+#[derive(Debug)]
+struct Transitions {
+    /// Failed half-open attempts since the circuit last closed.
+    reopens: u32,
+    /// The seeded jitter generator, if the configuration has a seed.
+    rng: Option<StdRng>,
+}
+
 /// The shared state of one breaker.
 ///
 /// Aligned to 128 bytes (two cache lines, the prefetch pair on x86) so that the `Arc`'s
@@ -177,7 +187,8 @@ pub(crate) struct Shared {
     clock: Clock,
     epoch_wall: SystemTime,
     params: Params,
-    reopens: Mutex<u32>,
+    /// Taken by transitions (which are rare): the reopen count and the jitter generator.
+    transitions: Mutex<Transitions>,
     callbacks: Vec<Callback>,
 }
 
@@ -324,7 +335,10 @@ impl Shared {
                 max_wait: cfg.max_wait_in_half_open,
                 needs_clock: slow_nanos.is_some() || cfg.window_kind == WindowKind::Time,
             },
-            reopens: Mutex::new(0),
+            transitions: Mutex::new(Transitions {
+                reopens: 0,
+                rng: cfg.seed.map(StdRng::seed_from_u64),
+            }),
             callbacks,
         }
     }
@@ -552,7 +566,7 @@ impl Shared {
         }
     }
 
-    fn open_duration(&self, reopens: u32) -> Duration {
+    fn open_duration(&self, reopens: u32, rng: &mut Option<StdRng>) -> Duration {
         let p = &self.params;
         let max = p.max_open_duration.as_secs_f64();
         let base = p.open_duration.as_secs_f64()
@@ -560,21 +574,28 @@ impl Shared {
                 .powi(i32::try_from(reopens.min(1024)).unwrap_or(1024));
         let mut secs = base.min(max);
         if p.jitter > 0.0 {
-            secs *= 1.0 + rand::rng().random_range(-p.jitter..=p.jitter);
+            let spread = match rng {
+                Some(rng) => rng.random_range(-p.jitter..=p.jitter),
+                None => rand::rng().random_range(-p.jitter..=p.jitter),
+            };
+            secs *= 1.0 + spread;
         }
         Duration::from_secs_f64(secs.clamp(0.0, max))
     }
 
     /// Moves from `(generation, from)` to `to`, if the breaker is still there.
     fn transition(&self, generation: u64, from: u8, to: u8, reason: TransitionReason) -> bool {
-        let mut reopens = self.reopens.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // `generation` may be a permit's truncated one.
         let (current, state) = split(self.word.load(Ordering::Acquire));
         if state != from || current & GEN_MASK != generation & GEN_MASK {
             return false;
         }
-        let open_for = self.enter(&mut reopens, current + 1, from, to);
-        drop(reopens);
+        let open_for = self.enter(&mut guard, current + 1, from, to);
+        drop(guard);
         self.emit(from, to, reason, open_for);
         true
     }
@@ -582,27 +603,30 @@ impl Shared {
     /// Sets the state from the control handle, whatever it was.
     pub(crate) fn force(&self, to: CircuitState) {
         let to = to.to_u8();
-        let mut reopens = self.reopens.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (generation, from) = split(self.word.load(Ordering::Acquire));
         if from == to && to != CLOSED {
             return;
         }
-        *reopens = 0;
-        let open_for = self.enter(&mut reopens, generation + 1, from, to);
-        drop(reopens);
+        guard.reopens = 0;
+        let open_for = self.enter(&mut guard, generation + 1, from, to);
+        drop(guard);
         self.emit(from, to, TransitionReason::Manual, open_for);
     }
 
     /// Sets up state `to` and publishes it. Called with the lock held.
-    fn enter(&self, reopens: &mut u32, generation: u64, from: u8, to: u8) -> Option<Duration> {
+    fn enter(&self, t: &mut Transitions, generation: u64, from: u8, to: u8) -> Option<Duration> {
         let now = self.now();
         let mut open_for = None;
         match to {
             OPEN => {
                 if from == HALF_OPEN {
-                    *reopens = reopens.saturating_add(1);
+                    t.reopens = t.reopens.saturating_add(1);
                 }
-                let d = self.open_duration(*reopens);
+                let d = self.open_duration(t.reopens, &mut t.rng);
                 let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
                 self.open_until
                     .store(now.saturating_add(nanos), Ordering::Release);
@@ -617,7 +641,7 @@ impl Shared {
                 self.half_open_deadline.store(deadline, Ordering::Release);
             }
             CLOSED => {
-                *reopens = 0;
+                t.reopens = 0;
                 self.reset_window();
             }
             METRICS_ONLY if from != CLOSED => self.reset_window(),

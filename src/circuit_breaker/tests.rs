@@ -363,6 +363,26 @@ async fn jitter_spreads_open_durations_within_bounds() {
     assert!(seen.len() > 1, "jitter must vary the open duration");
 }
 
+/// A seeded breaker repeats its open durations, jitter and all, as a seeded retry layer
+/// repeats its delays.
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_repeats_open_durations() {
+    async fn waits(seed: u64) -> Vec<Duration> {
+        let (mut svc, handle, _) = guarded(base().jitter(0.5).seed(seed));
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            trip(&mut svc).await;
+            waits.push(refused_after(send(&mut svc, OK).await));
+            handle.reset();
+        }
+        waits
+    }
+    let first = waits(7).await;
+    assert_eq!(first, waits(7).await);
+    assert_ne!(first, waits(8).await);
+    assert!(first.iter().any(|w| *w != first[0]), "{first:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_exactly_n_of_100_concurrent_callers() {
     let (mut svc, handle, calls) = guarded(base().half_open_probes(3));

@@ -87,7 +87,7 @@ mod future;
 mod layer;
 mod policy;
 
-pub use backoff::{Backoff, Jitter, JitterRng};
+pub use backoff::{Backoff, Jitter, JitterRng, ParseJitterError};
 pub use body::ReplayBody;
 pub use budget::{BudgetError, RetryBudget};
 pub use config::{RetryConfig, RetryConfigError};
