@@ -620,9 +620,12 @@ pub const X_SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static("
 /// assert_eq!(palisade::error::retry_after_secs(Duration::ZERO), 1);
 /// assert_eq!(palisade::error::retry_after_secs(Duration::from_millis(1001)), 2);
 /// assert_eq!(palisade::error::retry_after_secs(Duration::from_secs(60)), 60);
+/// assert_eq!(palisade::error::retry_after_secs(Duration::MAX), u64::MAX);
 /// ```
 pub fn retry_after_secs(delay: Duration) -> u64 {
-    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    let secs = delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0));
     secs.max(1)
 }
 
