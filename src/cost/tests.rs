@@ -15,6 +15,7 @@ use super::*;
 
 pub(crate) const SONNET_37: &str = include_str!("../../tests/cost_data/anthropic_sonnet37.sse");
 pub(crate) const OPUS_47: &str = include_str!("../../tests/cost_data/anthropic_opus47.sse");
+pub(crate) const OPUS_47_1H: &str = include_str!("../../tests/cost_data/anthropic_opus47_1h.sse");
 pub(crate) const OPENAI: &str = include_str!("../../tests/cost_data/openai_gpt4o.sse");
 
 /// A body yielding fixed chunks, optionally with trailers, reporting its end only when
@@ -143,6 +144,23 @@ async fn streams_pass_unchanged_and_price_exactly() {
         assert_eq!(stats.written, 1);
         assert_eq!(stats.unknown_model, 0);
     }
+}
+
+#[tokio::test]
+async fn streamed_one_hour_cache_write_is_billed_at_the_one_hour_rate() {
+    let (_, out, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new(split(OPUS_47_1H, &[9, 300])),
+    )
+    .await;
+    assert_eq!(out, OPUS_47_1H.as_bytes());
+    let r = &records[0];
+    assert_eq!(r.usage.cache_write_1h_tokens, 159_217);
+    assert_eq!(r.usage.cache_write_5m_tokens, 0);
+    // 6 × $5 + 159,217 × $10 + 2,745 × $25 per MTok
+    assert_eq!(r.cost.unwrap().dollars_string(), "1.660825");
+    assert_eq!(r.cost.unwrap().picos(), 1_660_825_000_000);
 }
 
 #[tokio::test]
