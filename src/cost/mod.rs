@@ -67,6 +67,8 @@
 
 mod body;
 mod config;
+mod future;
+mod json_scan;
 mod layer;
 mod peek;
 pub mod pricing;

@@ -16,6 +16,11 @@
 //!   `prompt_tokens_details.cached_tokens`, so input = prompt − cached and cached tokens are
 //!   priced as cache reads. Streams report usage in a final chunk when the request set
 //!   `stream_options.include_usage`.
+//! - **OpenAI Responses** (`/v1/responses`): `usage.input_tokens` includes
+//!   `input_tokens_details.cached_tokens` (priced as cache reads) and `output_tokens`
+//!   includes the reasoning tokens. Streams carry the response object in the
+//!   `response.created` / `response.completed` / `response.incomplete` / `response.failed`
+//!   events; usage arrives with the last of them, which also ends the stream.
 //!
 //! ```
 //! use palisade::cost::usage::UsageExtractor;
@@ -93,6 +98,8 @@ pub enum ApiFormat {
     Anthropic,
     /// OpenAI chat completions.
     OpenAi,
+    /// OpenAI Responses (`/v1/responses`).
+    OpenAiResponses,
 }
 
 /// An error the upstream reported inside the body (Anthropic `event: error`, or an error
@@ -174,6 +181,7 @@ impl UsageExtractor {
     pub fn wants_event(&self, event: &[u8], data: &[u8]) -> bool {
         match event {
             b"message_start" | b"message_delta" | b"message_stop" | b"error" => true,
+            e if is_response_lifecycle(e) => true,
             b"" | b"message" => {
                 if data == b"[DONE]" {
                     return true;
@@ -193,7 +201,7 @@ impl UsageExtractor {
         matches!(
             event,
             b"" | b"message" | b"message_start" | b"message_delta" | b"message_stop" | b"error"
-        )
+        ) || is_response_lifecycle(event)
     }
 
     /// Handles one SSE event (`event` empty for unnamed events).
@@ -221,6 +229,15 @@ impl UsageExtractor {
                 }
             }
             Err(_) => self.parse_failures += 1,
+        }
+    }
+
+    /// Handles a JSON document already parsed (or assembled from its top-level members):
+    /// `complete` says whether the whole document was seen.
+    pub(crate) fn feed_value(&mut self, v: &Value, complete: bool) {
+        self.apply_value(b"", v);
+        if complete && self.error.is_none() {
+            self.finished = true;
         }
     }
 
@@ -268,7 +285,26 @@ impl UsageExtractor {
                 }
                 return;
             }
+            t if t.starts_with("response.") => {
+                // A Responses stream event: the response object rides in `response`.
+                self.format = Some(ApiFormat::OpenAiResponses);
+                if let Some(r) = v.get("response").filter(|r| r.is_object()) {
+                    self.apply_response(r);
+                }
+                if matches!(
+                    t,
+                    "response.completed" | "response.incomplete" | "response.failed"
+                ) {
+                    self.finished = true;
+                }
+                return;
+            }
             _ => {}
+        }
+        if v.get("object").and_then(Value::as_str) == Some("response") {
+            self.format = Some(ApiFormat::OpenAiResponses);
+            self.apply_response(v);
+            return;
         }
         let object = v.get("object").and_then(Value::as_str).unwrap_or_default();
         if object.starts_with("chat.completion") || v.get("choices").is_some() {
@@ -291,7 +327,10 @@ impl UsageExtractor {
         // Unknown shape: still take a usage object if it looks like one of ours.
         self.take_model(v);
         if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
-            if usage.get("prompt_tokens").is_some() {
+            if is_responses_usage(usage) {
+                self.format.get_or_insert(ApiFormat::OpenAiResponses);
+                self.apply_responses_usage(usage);
+            } else if usage.get("prompt_tokens").is_some() {
                 self.format.get_or_insert(ApiFormat::OpenAi);
                 self.apply_openai(usage);
             } else {
@@ -350,6 +389,45 @@ impl UsageExtractor {
         }
     }
 
+    /// A Responses API response object (whole, or inside a `response.*` event).
+    fn apply_response(&mut self, r: &Value) {
+        self.take_model(r);
+        if let Some(usage) = r.get("usage").filter(|u| u.is_object()) {
+            self.apply_responses_usage(usage);
+        }
+        let failed = r.get("status").and_then(Value::as_str) == Some("failed");
+        if let Some(err) = r.get("error").filter(|e| e.is_object()) {
+            let kind = err
+                .get("code")
+                .or_else(|| err.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            self.error = Some(UpstreamError {
+                kind: kind.to_owned(),
+            });
+        } else if failed {
+            self.error = Some(UpstreamError {
+                kind: "failed".to_owned(),
+            });
+        }
+    }
+
+    /// Responses usage: `input_tokens` *includes* `input_tokens_details.cached_tokens`;
+    /// `output_tokens` includes `output_tokens_details.reasoning_tokens`.
+    fn apply_responses_usage(&mut self, usage: &Value) {
+        self.seen_usage = true;
+        let input = u(usage.get("input_tokens")).unwrap_or(0);
+        let cached = usage
+            .get("input_tokens_details")
+            .and_then(|d| u(d.get("cached_tokens")))
+            .unwrap_or(0)
+            .min(input);
+        let x = &mut self.usage;
+        x.input_tokens = input - cached;
+        x.cache_read_tokens = cached;
+        x.output_tokens = u(usage.get("output_tokens")).unwrap_or(0);
+    }
+
     fn apply_openai(&mut self, usage: &Value) {
         self.seen_usage = true;
         let prompt = u(usage.get("prompt_tokens")).unwrap_or(0);
@@ -363,6 +441,27 @@ impl UsageExtractor {
         x.cache_read_tokens = cached;
         x.output_tokens = u(usage.get("completion_tokens")).unwrap_or(0);
     }
+}
+
+/// `response.created`, `response.in_progress`, `response.completed`,
+/// `response.incomplete`, `response.failed`: the Responses events that carry the response
+/// object (its deltas never do).
+fn is_response_lifecycle(event: &[u8]) -> bool {
+    matches!(
+        event,
+        b"response.created"
+            | b"response.in_progress"
+            | b"response.completed"
+            | b"response.incomplete"
+            | b"response.failed"
+            | b"response.queued"
+    )
+}
+
+/// Whether a usage object has the Responses API's shape (`input_tokens` with
+/// `input_tokens_details` / `output_tokens_details`), not Anthropic's.
+fn is_responses_usage(usage: &Value) -> bool {
+    usage.get("input_tokens_details").is_some() || usage.get("output_tokens_details").is_some()
 }
 
 /// Makes the 5-minute / 1-hour cache-write split add up to `total` (the
