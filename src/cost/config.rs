@@ -33,7 +33,9 @@ use crate::config::Env;
 #[serde(default)]
 #[non_exhaustive]
 pub struct CostConfig {
-    /// Header naming the user (`None`: not read).
+    /// Header naming the user (default `None`: not read). Client-supplied: set it only
+    /// behind a trusted proxy that sets it; a [`Principal`](super::Principal) extension
+    /// comes first.
     pub user_header: Option<String>,
     /// Header naming the bot.
     pub bot_header: Option<String>,
@@ -67,7 +69,7 @@ pub struct CostConfig {
 impl Default for CostConfig {
     fn default() -> Self {
         Self {
-            user_header: Some("x-user-id".to_owned()),
+            user_header: None,
             bot_header: Some("x-bot-id".to_owned()),
             conversation_header: Some("x-conversation-id".to_owned()),
             request_id_header: Some("x-request-id".to_owned()),
@@ -342,7 +344,7 @@ mod tests {
         assert!(cfg.sse_cost_comment);
         assert_eq!(cfg.queue.capacity, 10);
         assert_eq!(cfg.queue.max_batch, 256);
-        assert_eq!(cfg.user_header.as_deref(), Some("x-user-id"));
+        assert_eq!(cfg.user_header, None, "user header attribution is opt-in");
         let back: CostConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);
     }

@@ -14,7 +14,7 @@ use tower_service::Service;
 use super::body::{MeteredBody, RequestMeta};
 pub use super::future::ResponseFuture;
 use super::pricing::PriceTable;
-use super::record::Attribution;
+use super::record::{Attribution, Principal};
 use super::sink::{CostStats, UsageRecorder};
 use crate::key::ApiKeyId;
 
@@ -73,8 +73,9 @@ pub struct CostMeterLayer {
 
 impl CostMeterLayer {
     /// A layer pricing with `prices` and recording into `recorder`, with the default
-    /// options (ids from `x-user-id`, `x-bot-id`, `x-conversation-id`, `x-request-id`; API
-    /// keys hashed; no cost headers or comment).
+    /// options: the user from a [`Principal`] or [`Attribution`] extension only (no user
+    /// header), bot and conversation labels from `x-bot-id` and `x-conversation-id`, the
+    /// request id from `x-request-id`, API keys hashed, no cost headers or comment.
     pub fn new(prices: impl Into<Arc<PriceTable>>, recorder: UsageRecorder) -> Self {
         let stats = Arc::clone(recorder.stats());
         Self {
@@ -82,7 +83,7 @@ impl CostMeterLayer {
                 prices: prices.into(),
                 recorder,
                 stats,
-                user_header: Some(HeaderName::from_static("x-user-id")),
+                user_header: None,
                 bot_header: Some(HeaderName::from_static("x-bot-id")),
                 conversation_header: Some(HeaderName::from_static("x-conversation-id")),
                 request_id_header: Some(HeaderName::from_static("x-request-id")),
@@ -119,7 +120,10 @@ impl CostMeterLayer {
         self
     }
 
-    /// The header naming the user (`None`: do not read one).
+    /// The header naming the user (default `None`: not read). Such a header is written by
+    /// the client, so anyone could put their spend on another user: set it only when a
+    /// trusted proxy in front sets (and strips) it. A [`Principal`] or an
+    /// [`Attribution`] user in the request extensions comes first.
     pub fn user_header(self, name: Option<HeaderName>) -> Self {
         self.edit(|s| s.user_header = name)
     }
@@ -254,7 +258,9 @@ where
             .get::<Attribution>()
             .cloned()
             .unwrap_or_default();
-        if attribution.user.is_none() {
+        if let Some(principal) = req.extensions().get::<Principal>() {
+            attribution.user = Some(principal.as_str().to_owned());
+        } else if attribution.user.is_none() {
             attribution.user = header_string(headers, s.user_header.as_ref());
         }
         if attribution.bot.is_none() {

@@ -14,9 +14,10 @@
 //!   adds. OpenAI's `prompt_tokens` includes cached tokens: input = prompt − cached.
 //! - An unknown model is recorded with its tokens and `cost: None`, a warning and a
 //!   counter (`unknown_model` in [`CostStats`]) — never a silent 0.
-//! - Who pays: an [`Attribution`] from the request extensions, else the `x-user-id`,
-//!   `x-bot-id`, `x-conversation-id` headers and the hashed API key; optionally the
-//!   body's `metadata.user_id` with [`BodyUserIdLayer`].
+//! - Who pays: the authenticated [`Principal`] from the request extensions first, then an
+//!   [`Attribution`] extension, then (opt-in, as the client writes them) a user header
+//!   and the body's top-level `metadata.user_id` with [`BodyUserIdLayer`]; bot and
+//!   conversation labels from `x-bot-id` / `x-conversation-id`, and the hashed API key.
 //! - Compressed responses (`content-encoding` other than `identity`) pass unmetered and are
 //!   counted (`encoded_body`): put the meter inside any compression layer.
 //! - Showing the cost: `x-palisade-cost-usd` and token headers on small non-streamed JSON
@@ -30,7 +31,7 @@
 //! use std::sync::Arc;
 //! use bytes::Bytes;
 //! use http_body_util::{BodyExt, Full};
-//! use palisade::cost::{CostMeterLayer, MemorySink, PriceTable, RecorderConfig, Subject, UsageRecorder};
+//! use palisade::cost::{CostMeterLayer, MemorySink, PriceTable, Principal, RecorderConfig, Subject, UsageRecorder};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -47,8 +48,9 @@
 //!             .body(Full::new(Bytes::from(body))).unwrap())
 //! });
 //! let svc = ServiceBuilder::new().layer(layer).service(upstream);
-//! let req = http::Request::builder().uri("/v1/messages").header("x-user-id", "ann")
-//!     .body(Full::new(Bytes::new())).unwrap();
+//! let mut req = http::Request::builder().uri("/v1/messages").body(Full::new(Bytes::new())).unwrap();
+//! req.extensions_mut().insert(Principal::new("ann")); // set by your authentication
+
 //! let res = svc.oneshot(req).await.unwrap();
 //! assert_eq!(res.headers()["x-palisade-cost-usd"], "0.054399");
 //! let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -87,7 +89,7 @@ pub use layer::{
 };
 pub use peek::{BodyUserId, BodyUserIdLayer, UserIdBody};
 pub use pricing::{ModelPrice, Money, PriceTable, TokenPrices};
-pub use record::{Attribution, Completion, UsageRecord};
+pub use record::{Attribution, Completion, Principal, UsageRecord};
 pub use sink::{
     CostStats, CostStatsSnapshot, MemorySink, RecorderConfig, RecorderShutdown, SinkError,
     TracingSink, UsageRecorder, UsageSink,

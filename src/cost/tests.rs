@@ -443,7 +443,10 @@ async fn attribution_from_extensions_wins_over_headers() {
     res.into_body().collect().await.unwrap();
     shutdown.shutdown().await;
     let r = &sink.records()[0];
-    assert_eq!(r.attribution.user.as_deref(), Some("from-header"));
+    assert_eq!(
+        r.attribution.user, None,
+        "a client's x-user-id is not trusted by default"
+    );
     assert_eq!(r.attribution.conversation.as_deref(), Some("from-ext"));
     assert_eq!(r.attribution.bot, None);
     assert_eq!(r.attribution.api_key, None);
@@ -809,4 +812,40 @@ async fn openai_responses_api_stream_and_json_are_metered() {
     .await;
     assert_eq!(records[0].completion, Completion::UpstreamError);
     assert_eq!(records[0].upstream_error.as_deref(), Some("server_error"));
+}
+
+#[tokio::test]
+async fn user_header_is_opt_in_and_the_principal_comes_first() {
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder)
+        .user_header(Some(http::HeaderName::from_static("x-user-id")));
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new([Bytes::from(OPENAI)]),
+    ));
+    for (principal, attribution) in [
+        (None, None),
+        (None, Some("from-ext")),
+        (Some("alice"), Some("from-ext")),
+    ] {
+        let mut req = request();
+        req.headers_mut()
+            .insert("x-user-id", "from-header".parse().unwrap());
+        if let Some(user) = attribution {
+            req.extensions_mut()
+                .insert(Attribution::default().with_user(user));
+        }
+        if let Some(p) = principal {
+            req.extensions_mut().insert(Principal::new(p));
+        }
+        let res = svc.clone().oneshot(req).await.unwrap();
+        res.into_body().collect().await.unwrap();
+    }
+    shutdown.shutdown().await;
+    let users: Vec<_> = sink
+        .records()
+        .iter()
+        .map(|r| r.attribution.user.clone().unwrap())
+        .collect();
+    assert_eq!(users, ["from-header", "from-ext", "alice"]);
 }
