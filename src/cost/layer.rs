@@ -186,6 +186,11 @@ impl CostMeterLayer {
         self.edit(|s| s.max_sse_line = bytes.max(1))
     }
 
+    /// The price table.
+    pub fn prices(&self) -> &Arc<PriceTable> {
+        &self.shared.prices
+    }
+
     /// The counters (queue, sink, unknown models, oversize bodies).
     pub fn stats(&self) -> &Arc<CostStats> {
         &self.shared.stats

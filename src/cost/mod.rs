@@ -68,6 +68,7 @@
 //! ```
 
 mod body;
+mod builder;
 mod config;
 mod future;
 mod json_scan;
@@ -81,6 +82,7 @@ pub mod summary;
 pub mod usage;
 
 pub use body::MeteredBody;
+pub use builder::CostMeterLayerBuilder;
 pub use config::{CostConfig, CostConfigError};
 pub use layer::{
     BodyUserSlot, CostMeter, CostMeterLayer, ResponseFuture, X_PALISADE_CACHE_READ_TOKENS,

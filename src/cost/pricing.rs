@@ -27,11 +27,64 @@ use serde_json::Value;
 use super::usage::Usage;
 
 /// An amount of money in pico-dollars (10⁻¹² US dollars).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(transparent)]
+///
+/// With serde, money is an exact decimal string of dollars (`"1.660825"`, `"0"`), so no
+/// JSON reader loses precision (a JavaScript number holds integers exactly only up to
+/// 2⁵³). Reading also accepts a JSON integer, taken as pico-dollars.
+///
+/// ```
+/// use palisade::cost::Money;
+/// let m: Money = "1.660825".parse().unwrap();
+/// assert_eq!(serde_json::to_string(&m).unwrap(), r#""1.660825""#);
+/// assert_eq!(serde_json::from_str::<Money>(r#""1.660825""#).unwrap(), m);
+/// assert_eq!(serde_json::from_str::<Money>("1660825000000").unwrap(), m);
+/// assert!("-1".parse::<Money>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Money(u128);
+
+impl Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.dollars_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Money {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Money;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal string of dollars, or an integer of pico-dollars")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Money, E> {
+                Money::parse_dollars(v).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Money, E> {
+                Ok(Money(u128::from(v)))
+            }
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Money, E> {
+                Ok(Money(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Money, E> {
+                u128::try_from(v)
+                    .map(Money)
+                    .map_err(|_| E::custom("money cannot be negative"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl std::str::FromStr for Money {
+    type Err = PriceError;
+
+    /// Parses a dollar amount (`"1.660825"`, an optional leading `$`), exactly.
+    fn from_str(s: &str) -> Result<Self, PriceError> {
+        let t = s.trim();
+        Money::parse_dollars(t.strip_prefix('$').unwrap_or(t))
+    }
+}
 
 impl Money {
     /// Nothing.
@@ -174,7 +227,8 @@ fn per_mtok(text: &str) -> u64 {
         .unwrap_or_default()
 }
 
-/// Per-token prices of one tier, in pico-dollars per token.
+/// Per-token prices of one tier, in pico-dollars per token (plain integers in serde: a
+/// price per token stays far below 2⁵³).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TokenPrices {
