@@ -311,7 +311,7 @@ async fn usage_of(text: &str, cuts: &[usize]) -> (Usage, Option<String>) {
 
 #[tokio::test]
 async fn every_split_point_gives_the_same_usage() {
-    for text in [SONNET_37, OPUS_47, OPENAI] {
+    for text in [SONNET_37, OPUS_47, OPUS_47_1H, OPENAI, RESPONSES] {
         let whole = usage_of(text, &[]).await;
         assert!(!whole.0.is_empty());
         for i in 1..text.len() {
