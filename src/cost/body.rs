@@ -230,7 +230,14 @@ impl Meter {
         } else {
             Completion::Complete
         };
-        let worth_recording = outcome.recognised || completion != Completion::Complete;
+        // A response that is not an LLM API's (another route behind the same layer) is
+        // recorded only when it failed in a way a dashboard must see (5xx, 429), or when it
+        // was cut short before it could be told apart.
+        let worth_recording = outcome.recognised
+            || upstream_error.is_some()
+            || self.status >= 500
+            || self.status == 429
+            || !ended;
         if !worth_recording {
             return outcome;
         }

@@ -32,7 +32,8 @@
 //! - an error status or an in-body error: an upstream error; no response at all (a
 //!   transport error, an open breaker's refusal raised as an error): failed; the request
 //!   dropped before its response head: cancelled. Summaries count errors apart from
-//!   unpriced models.
+//!   unpriced models. A JSON response that is no LLM API's (another route behind the same
+//!   layer) is recorded only for a 5xx or 429, and gets no cost headers.
 //!
 //! More rules:
 //!

@@ -743,6 +743,7 @@ async fn stream_that_ends_without_message_stop_is_partial() {
 #[tokio::test]
 async fn no_cost_headers_where_no_usage_was_found() {
     let (_sink, recorder, shutdown) = fresh_recorder();
+    let second = recorder.clone();
     let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
     let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
         Ok::<_, Infallible>(
@@ -758,6 +759,25 @@ async fn no_cost_headers_where_no_usage_was_found() {
     assert!(res.headers().get(X_PALISADE_COST_USD).is_none());
     assert!(res.headers().get(X_PALISADE_INPUT_TOKENS).is_none());
     drop(res);
+    // Nor a record for another route's client error.
+    let svc = CostMeterLayer::new(PriceTable::builtin(), second).layer(service_fn(
+        |_req: http::Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .status(404)
+                    .header("content-type", "application/problem+json")
+                    .body(Full::new(Bytes::from_static(br#"{"title":"no such bot"}"#)))
+                    .unwrap(),
+            )
+        },
+    ));
+    let _ = svc
+        .oneshot(request())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await;
     let stats = shutdown.shutdown().await;
     assert_eq!(stats.written, 0, "not an LLM response: no record");
 }
