@@ -236,3 +236,71 @@ mod tests {
         assert_eq!(s.state(), ScanState::Inside);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"\\\\{}\\[\\]:, ]{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("model".to_owned()),
+                        Just("usage".to_owned()),
+                        "[a-z]{1,6}"
+                    ],
+                    inner,
+                    0..5
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The incremental scan agrees with a whole parse on the top-level members, at any
+        /// chunking, whatever the nesting and quoting around them.
+        #[test]
+        fn scan_agrees_with_a_whole_parse(
+            doc in prop::collection::btree_map(
+                prop_oneof![Just("model".to_owned()), Just("usage".to_owned()), "[a-z]{1,6}"],
+                value(),
+                0..6,
+            ),
+            pretty in any::<bool>(),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let doc = Value::Object(doc.into_iter().collect());
+            let text = if pretty {
+                serde_json::to_vec_pretty(&doc).unwrap()
+            } else {
+                serde_json::to_vec(&doc).unwrap()
+            };
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (text.len() + 1)).collect();
+            cuts.sort_unstable();
+            let mut scan = TopLevelScan::new(&["model", "usage"], 1 << 20);
+            let mut last = 0;
+            for c in cuts.into_iter().chain([text.len()]) {
+                scan.feed(&text[last..c]);
+                last = c;
+            }
+            prop_assert_eq!(scan.state(), ScanState::Closed);
+            for (i, key) in ["model", "usage"].iter().enumerate() {
+                let want = doc.get(*key).filter(|v| v.is_object() || v.is_array() || v.is_string());
+                let got = scan.value(i).map(|raw| serde_json::from_slice::<Value>(raw).unwrap());
+                prop_assert_eq!(got.as_ref(), want);
+            }
+        }
+    }
+}
