@@ -14,9 +14,10 @@ use tower_service::Service;
 use super::body::{MeteredBody, RequestMeta};
 pub use super::future::ResponseFuture;
 use super::pricing::PriceTable;
-use super::record::{Attribution, Principal};
+use super::record::Attribution;
 use super::sink::{CostStats, UsageRecorder};
 use crate::key::ApiKeyId;
+use crate::key::Principal;
 
 /// Response header with the cost in dollars (`0.054399`, or `unknown`).
 pub const X_PALISADE_COST_USD: HeaderName = HeaderName::from_static("x-palisade-cost-usd");
@@ -264,7 +265,7 @@ where
             .cloned()
             .unwrap_or_default();
         if let Some(principal) = req.extensions().get::<Principal>() {
-            attribution.user = Some(principal.as_str().to_owned());
+            attribution.user = Some(principal.id().to_owned());
         } else if attribution.user.is_none() {
             attribution.user = header_string(headers, s.user_header.as_ref());
         }

@@ -115,6 +115,8 @@ pub mod sse;
 pub mod summary;
 pub mod usage;
 
+/// The authenticated caller (shared with the other layers): see [`crate::key::Principal`].
+pub use crate::key::Principal;
 pub use body::MeteredBody;
 pub use builder::CostMeterLayerBuilder;
 pub use config::{CostConfig, CostConfigError};
@@ -125,7 +127,7 @@ pub use layer::{
 };
 pub use peek::{BodyUserId, BodyUserIdLayer, UserIdBody};
 pub use pricing::{ModelPrice, Money, PriceTable, TokenPrices};
-pub use record::{Attribution, Completion, Principal, UsageRecord};
+pub use record::{Attribution, Completion, UsageRecord};
 pub use sink::{
     CostStats, CostStatsSnapshot, MemorySink, RecorderConfig, RecorderShutdown, SinkError,
     TracingSink, UsageRecorder, UsageSink,

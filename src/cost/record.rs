@@ -8,33 +8,6 @@ use super::pricing::Money;
 use super::usage::Usage;
 use crate::key::ApiKeyId;
 
-/// The authenticated caller, put in the request's extensions by an authentication layer
-/// (or handler) that has checked who is calling. [`CostMeterLayer`](super::CostMeterLayer)
-/// attributes the request's spend to it before anything else: before an
-/// [`Attribution`]'s user, the request body's `metadata.user_id` and any user header, all
-/// of which the client can write.
-///
-/// ```
-/// use palisade::cost::Principal;
-/// let mut req = http::Request::new(());
-/// req.extensions_mut().insert(Principal::new("u-42"));
-/// assert_eq!(req.extensions().get::<Principal>().unwrap().as_str(), "u-42");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Principal(String);
-
-impl Principal {
-    /// The caller with this user id.
-    pub fn new(user: impl Into<String>) -> Self {
-        Self(user.into())
-    }
-
-    /// The user id.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
 /// Who a request belongs to. Put one in the request's extensions (for example from an
 /// authentication layer) and [`CostMeterLayer`](super::CostMeterLayer) uses it; fields
 /// left `None` are filled from headers as configured.
