@@ -234,6 +234,33 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
+/// The authenticated caller, put in the request extensions by an authentication layer (or
+/// handler) that has checked who is calling. Layers that attribute or limit per caller
+/// read it first: the cost meter puts the request's spend on it before an
+/// `Attribution`'s user, the body's `metadata.user_id` or any user header, all of which
+/// the client can write.
+///
+/// ```
+/// use palisade::key::Principal;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Principal::new("user-42"));
+/// assert_eq!(req.extensions().get::<Principal>().unwrap().id(), "user-42");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(std::sync::Arc<str>);
+
+impl Principal {
+    /// A principal with this stable id.
+    pub fn new(id: impl Into<std::sync::Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
