@@ -590,3 +590,49 @@ async fn the_layer_enforces_limits_through_the_redis_store() {
     assert_eq!(again.status(), 429);
     assert_eq!(LAYER_ADMITTED.load(Ordering::Relaxed), 2);
 }
+
+/// The state of one rule for one key costs Redis at most 144 bytes (`MEMORY USAGE`, which
+/// counts the key, the value and the expiry), whatever the algorithm: the figure the
+/// module docs state.
+#[tokio::test]
+async fn a_key_costs_redis_at_most_144_bytes() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), "palisade:rl").await;
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for algorithm in ALGORITHMS {
+        let rule = Owned {
+            name: "chat",
+            key: RateKey::ApiKey(palisade::key::ApiKeyId::from_key("sk-ant-api03-example")),
+            ..one_rule(algorithm, 1_000, 7)
+        };
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+        let key = store.key_name(rule.name, &rule.key);
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
+        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+        let other = Owned {
+            name: "chat",
+            key: RateKey::principal("user-1234567"),
+            ..one_rule(algorithm, 1_000, 7)
+        };
+        assert!(store.check(&[other.item()]).await.unwrap().admitted);
+        let key = store.key_name(other.name, &other.key);
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
+        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+    }
+}

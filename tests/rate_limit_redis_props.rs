@@ -206,3 +206,141 @@ async fn run_case(
     }
     Ok(())
 }
+
+/// Quotas of ten million units a day, whose products (count × window in µs) pass 2^53:
+/// whole decisions across window edges match the memory store's at every step.
+#[test]
+fn large_quotas_past_two_to_the_53_decide_exactly() {
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let day = 86_400_000_000u64;
+    for (case, (algorithm, strict)) in [
+        (Algorithm::SlidingWindow, false),
+        (Algorithm::SlidingWindow, true),
+        (Algorithm::Gcra, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rules = [RuleSpec {
+            params: Params {
+                algorithm,
+                limit: 10_000_000,
+                window: day,
+                burst: 10_000_000,
+                strict,
+            },
+            key: 0,
+            shadow: false,
+        }];
+        let mut ops = vec![Op::Check {
+            dt: day - 3,
+            mask: 1,
+            costs: [9_999_991, 0, 0],
+        }];
+        // dt and costs from a fixed xorshift: elapsed times all over the window, and
+        // counts in the millions, so the products land anywhere past 2^53
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..400 {
+            let dt = if next(4) == 0 { day } else { next(day / 8) };
+            ops.push(Op::Check {
+                dt,
+                mask: 1,
+                costs: [1 + next(2_500_000), 0, 0],
+            });
+        }
+        rt.block_on(run_case(
+            &server,
+            1_000_000 + case as u64,
+            &rules,
+            &ops,
+            1 << 45,
+        ))
+        .unwrap();
+    }
+}
+
+/// The script's multiply-divide (`muldiv` in decide.lua) against u128 arithmetic, on
+/// products far past 2^53 and on exact multiples, where a floating-point quotient would be
+/// off by one.
+#[test]
+fn the_scripts_multiply_divide_is_exact_past_two_to_the_53() {
+    let source = include_str!("../src/rate_limit/store/redis/decide.lua");
+    let end = source
+        .find("local function sat_sub")
+        .expect("decide.lua defines sat_sub after muldiv");
+    let script = format!(
+        "{}\nlocal out = {{}}\nfor i = 1, #ARGV, 3 do\n  local q, rem = muldiv(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]))\n  out[#out + 1] = q\n  out[#out + 1] = rem and 1 or 0\nend\nreturn out\n",
+        &source[..end]
+    );
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    const MAX: u64 = 1 << 52;
+    // (a, b, c) with a, b, c < 2^52 and a quotient below 2^53
+    let triple = prop_oneof![
+        (1u64..MAX, 1u64..MAX, 0.0f64..1.0).prop_map(|(a, b, f)| {
+            let p = u128::from(a) * u128::from(b);
+            let least = u64::try_from((p >> 52).max(1)).unwrap().min(MAX - 1);
+            (a, b, least + ((MAX - 1 - least) as f64 * f) as u64)
+        }),
+        // exact multiples: c = a1 × b1 divides (a1 x)(b1 y); and the neighbours of c
+        (
+            1u64..1 << 26,
+            1u64..1 << 26,
+            1u64..1 << 26,
+            1u64..1 << 26,
+            0u64..3
+        )
+            .prop_map(|(a1, x, b1, y, nudge)| (
+                a1 * x,
+                b1 * y,
+                (a1 * b1 + nudge).max(2) - 1
+            )),
+    ];
+    let batch = prop::collection::vec(triple, 50);
+    let conn = rt.block_on(async {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    });
+    let past_2_53 = std::cell::Cell::new(0u32);
+    runner
+        .run(&batch, |triples| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(&script).arg(0);
+            for (a, b, c) in &triples {
+                cmd.arg(a).arg(b).arg(c);
+            }
+            let out: Vec<i64> = rt.block_on(cmd.query_async(&mut conn.clone())).unwrap();
+            for ((a, b, c), got) in triples.iter().zip(out.chunks(2)) {
+                let p = u128::from(*a) * u128::from(*b);
+                if p >= 1 << 53 {
+                    past_2_53.set(past_2_53.get() + 1);
+                }
+                let want_q = p / u128::from(*c);
+                let want_rem = p % u128::from(*c) != 0;
+                prop_assert_eq!(i128::from(got[0]), want_q as i128, "{} * {} / {}", a, b, c);
+                prop_assert_eq!(got[1] == 1, want_rem, "{} * {} % {}", a, b, c);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(past_2_53.get() > 1_000, "{}", past_2_53.get());
+}
