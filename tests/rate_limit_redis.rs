@@ -636,3 +636,38 @@ async fn a_key_costs_redis_at_most_144_bytes() {
         assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
     }
 }
+
+#[tokio::test]
+async fn a_store_is_built_from_the_environment() {
+    use palisade::config::Env;
+    use palisade::rate_limit::RedisStoreConfig;
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_URL", server.url()),
+        ("PALISADE_RATE_LIMIT_REDIS_PREFIX", "envapp".to_owned()),
+        ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", "open".to_owned()),
+        ("PALISADE_RATE_LIMIT_REDIS_HASH_TAG", "all".to_owned()),
+    ]);
+    let config = RedisStoreConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert!(!format!("{config:?}").contains(&server.url()));
+    let store = RedisStore::from_config(config).await.unwrap();
+    assert_eq!(store.health().fail_mode, RedisFailMode::Open);
+    let rule = one_rule(Algorithm::Gcra, 1, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(
+        store.key_name(rule.name, &rule.key),
+        "envapp:{all}:per-key:principal:hot"
+    );
+
+    // every problem at once
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_TIMEOUT", "soon"),
+        ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", "maybe"),
+        ("PALISADE_RATE_LIMIT_REDIS_CLOCK", "wall"),
+    ]);
+    let _ = RedisStoreConfig::from_env(&mut env);
+    let problems = env.finish().unwrap_err();
+    assert_eq!(problems.problems().len(), 3, "{problems:?}");
+}

@@ -80,7 +80,7 @@ pub use rule::{Cost, RequestCost, Route, Rule, Segment};
 #[cfg(feature = "redis")]
 pub use store::{
     HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
-    RedisStoreBuilder,
+    RedisStoreBuilder, RedisStoreConfig,
 };
 pub use store::{MemoryStore, MemoryStoreBuilder, Store};
 

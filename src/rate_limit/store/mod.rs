@@ -53,7 +53,7 @@ use super::key::RateKey;
 #[cfg(feature = "redis")]
 pub use self::redis::{
     HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
-    RedisStoreBuilder,
+    RedisStoreBuilder, RedisStoreConfig,
 };
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 

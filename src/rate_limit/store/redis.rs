@@ -67,6 +67,7 @@
 //! `"tokio-native-tls-comp"`); without one, building the store reports the URL as invalid.
 
 mod blocked;
+mod config;
 mod health;
 
 use std::fmt;
@@ -80,6 +81,7 @@ use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use self::blocked::{Blocked, BlockedCache};
+pub use self::config::RedisStoreConfig;
 use self::health::Health;
 pub use self::health::RedisHealth;
 use super::super::Algorithm;
