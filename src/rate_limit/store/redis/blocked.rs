@@ -23,6 +23,17 @@ pub(super) struct Blocked {
 
 type Map = hashbrown::HashMap<(u32, RateKey), Blocked, foldhash::fast::RandomState>;
 
+/// A borrowed `(rule, key)`: looks an entry up without cloning the key. Hashes as the
+/// tuple does (each field in order).
+#[derive(Hash)]
+struct Lookup<'k>(u32, &'k RateKey);
+
+impl hashbrown::Equivalent<(u32, RateKey)> for Lookup<'_> {
+    fn equivalent(&self, key: &(u32, RateKey)) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
+}
+
 /// A bounded map from (rule, key) to [`Blocked`].
 pub(super) struct BlockedCache {
     capacity: usize,
@@ -54,7 +65,7 @@ impl BlockedCache {
         if map.is_empty() {
             return None;
         }
-        map.get(&(rule, key.clone()))
+        map.get(&Lookup(rule, key))
             .filter(|b| b.until > now && b.params == *params)
             .copied()
     }
@@ -66,7 +77,7 @@ impl BlockedCache {
             return;
         }
         let mut map = self.lock();
-        if map.len() >= self.capacity && !map.contains_key(&(rule, key.clone())) {
+        if map.len() >= self.capacity && !map.contains_key(&Lookup(rule, key)) {
             map.retain(|_, b| b.until > now);
             if map.len() >= self.capacity {
                 return;
@@ -80,7 +91,7 @@ impl BlockedCache {
         if !self.enabled() {
             return;
         }
-        self.lock().remove(&(rule, key.clone()));
+        self.lock().remove(&Lookup(rule, key));
     }
 
     /// Forgets everything.
