@@ -671,3 +671,41 @@ async fn a_store_is_built_from_the_environment() {
     let problems = env.finish().unwrap_err();
     assert_eq!(problems.problems().len(), 3, "{problems:?}");
 }
+
+/// With the client's clock, windows follow this machine's time (sent with each call), and
+/// two stores on one Redis still share one count.
+#[tokio::test]
+async fn the_client_clock_decides_windows_from_this_machines_time() {
+    use palisade::rate_limit::RedisClock;
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("client-clock");
+    let store = || {
+        RedisStore::builder()
+            .url(server.url())
+            .prefix(&prefix)
+            .clock(RedisClock::Client)
+            .build()
+    };
+    let (a, b) = (store().await.unwrap(), store().await.unwrap());
+    let rule = one_rule(Algorithm::FixedWindow, 2, 1);
+    assert!(a.check(&[rule.item()]).await.unwrap().admitted);
+    let second = b.check(&[rule.item()]).await.unwrap();
+    assert!(second.admitted);
+    let third = a.check(&[rule.item()]).await.unwrap();
+    assert!(!third.admitted);
+    // the refusal waits for the end of the window on this machine's clock
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let window = LONG.as_micros() as u64;
+    let to_edge = window - now % window;
+    let Verdict::Denied { retry_after } = third.rules[0].verdict else {
+        panic!("{third:?}");
+    };
+    assert!(
+        retry_after.abs_diff(to_edge) < 1_000_000,
+        "{retry_after} vs {to_edge}"
+    );
+}
