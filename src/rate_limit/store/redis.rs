@@ -1,70 +1,7 @@
 //! The Redis and Redis Cluster store: limits shared by every instance of a service.
 //!
-//! ```no_run
-//! use std::time::Duration;
-//! use palisade::rate_limit::{Quota, RateLimitLayer, RedisFailMode, RedisStore, Rule};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let store = RedisStore::builder()
-//!     .url("redis://127.0.0.1:6379/")
-//!     .prefix("myapp:rl")
-//!     .timeout(Duration::from_millis(50))
-//!     .on_failure(RedisFailMode::Local)
-//!     .build()
-//!     .await?;
-//! let layer = RateLimitLayer::builder()
-//!     .store(store)
-//!     .rule(Rule::new("chat", Quota::per_minute(20)))
-//!     .build()?;
-//! # let _ = layer;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! **One round trip per decision.** One Lua script decides every rule of a request at once
-//! (all admitted rules are debited, or none; refusals never count), sent with `EVALSHA`
-//! and loaded again by itself after a Redis restart (`NOSCRIPT`). It reads Redis's own
-//! clock (`TIME`) by default, so instances whose clocks disagree still agree on windows
-//! ([`RedisClock`]). The script's arithmetic is the one of
-//! [`algorithm`](super::super::algorithm), integer for integer, so a Redis store answers
-//! exactly as a [`MemoryStore`](super::MemoryStore) would (a property test holds them to
-//! it). Lua counts in doubles: limits, bursts, costs and windows (in µs) must stay below
-//! 2^52, and times below 2^53 µs (the year 2255), which any real quota does.
-//!
-//! **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
-//! integers as a short string and expiring on its own (`PX`) once its state is back to
-//! fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
-//! (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
-//! principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
-//! key (its 32-digit hash), the same for every algorithm; a million active keys take about
-//! 130 MB.
-//!
-//! **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
-//! key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
-//! different keys (per key and global) cannot be decided atomically across slots: give
-//! the store one fixed tag ([`HashTag::Fixed`]), which puts every key of the store on
-//! one slot, or keep such groups for a single server. A Cluster store refuses a group
-//! whose keys would cross slots with a clear [`StoreError`].
-//!
-//! **Faults.** Each decision waits at most [`RedisStoreBuilder::timeout`] (50 ms by
-//! default). When Redis fails, the store follows its [`RedisFailMode`]: fail closed (an
-//! error, which the layer answers with 503), fail open (admit), or decide in a local
-//! [`MemoryStore`](super::MemoryStore). The first failure of an episode is logged at
-//! `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
-//! automatic: the connection reconnects by itself.
-//!
-//! **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
-//! the store remembers the key until the first instant one unit fits. Further requests
-//! for that key are refused locally, with no round trip (a flood from one key costs Redis
-//! nothing), and keep being refused while Redis is away. The cache forgets a key on
-//! [`Store::reset`], on a settlement that gives units back, and when the rule's parameters
-//! change (a per-key override); [`RedisStore::clear_blocked_cache`] forgets everything.
-//! Units given back by another instance reach this one when the entry expires.
-//!
-//! **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
-//! `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
-//! `"tokio-native-tls-comp"`); without one, building the store reports the URL as invalid.
+//! See [`RedisStore`] for how decisions, keys, Cluster, faults and the blocked-key cache
+//! work.
 
 mod blocked;
 mod config;
@@ -359,8 +296,74 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-/// Rate-limit state in Redis or Redis Cluster, shared by clones (see the
-/// [module docs](self)).
+/// Rate-limit state in Redis or Redis Cluster, shared by clones and by every instance of a
+/// service.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use palisade::rate_limit::{Quota, RateLimitLayer, RedisFailMode, RedisStore, Rule};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::builder()
+///     .url("redis://127.0.0.1:6379/")
+///     .prefix("myapp:rl")
+///     .timeout(Duration::from_millis(50))
+///     .on_failure(RedisFailMode::Local)
+///     .build()
+///     .await?;
+/// let layer = RateLimitLayer::builder()
+///     .store(store)
+///     .rule(Rule::new("chat", Quota::per_minute(20)))
+///     .build()?;
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// **One round trip per decision.** One Lua script decides every rule of a request at once
+/// (all admitted rules are debited, or none; refusals never count), sent with `EVALSHA`
+/// and loaded again by itself after a Redis restart (`NOSCRIPT`). It reads Redis's own
+/// clock (`TIME`) by default, so instances whose clocks disagree still agree on windows
+/// ([`RedisClock`]). The script's arithmetic is the one of
+/// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
+/// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
+/// it). Lua counts in doubles: limits, bursts, costs and windows (in µs) must stay below
+/// 2^52, and times below 2^53 µs (the year 2255), which any real quota does.
+///
+/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
+/// integers as a short string and expiring on its own (`PX`) once its state is back to
+/// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
+/// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
+/// key (its 32-digit hash), the same for every algorithm; a million active keys take about
+/// 130 MB.
+///
+/// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
+/// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
+/// different keys (per key and global) cannot be decided atomically across slots: give
+/// the store one fixed tag ([`HashTag::Fixed`]), which puts every key of the store on
+/// one slot, or keep such groups for a single server. A Cluster store refuses a group
+/// whose keys would cross slots with a clear [`StoreError`].
+///
+/// **Faults.** Each decision waits at most [`RedisStoreBuilder::timeout`] (50 ms by
+/// default). When Redis fails, the store follows its [`RedisFailMode`]: fail closed (an
+/// error, which the layer answers with 503), fail open (admit), or decide in a local
+/// [`MemoryStore`](crate::rate_limit::MemoryStore). The first failure of an episode is logged at
+/// `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
+/// automatic: the connection reconnects by itself.
+///
+/// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
+/// the store remembers the key until the first instant one unit fits. Further requests
+/// for that key are refused locally, with no round trip (a flood from one key costs Redis
+/// nothing), and keep being refused while Redis is away. The cache forgets a key on
+/// [`Store::reset`], on a settlement that gives units back, and when the rule's parameters
+/// change (a per-key override); [`RedisStore::clear_blocked_cache`] forgets everything.
+/// Units given back by another instance reach this one when the entry expires.
+///
+/// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
+/// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
+/// `"tokio-native-tls-comp"`); without one, building the store reports the URL as invalid.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
