@@ -155,18 +155,22 @@ fn benches(c: &mut Criterion) {
         let took = rt.block_on(batch(&store, &keys));
         store_rate = store_rate.max((TASKS * PER_TASK) as f64 / took.as_secs_f64());
     }
-    let trips = 2_000;
-    let start = Instant::now();
-    for _ in 0..trips {
-        rt.block_on(store.check(&[item(&keys[0])])).unwrap();
+    // The round trip and the cache answer take turns too, five rounds each, best kept.
+    let (mut trip, mut hit) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        let trips = 1_000;
+        let start = Instant::now();
+        for _ in 0..trips {
+            rt.block_on(store.check(&[item(&keys[0])])).unwrap();
+        }
+        trip = trip.min(start.elapsed() / trips);
+        let hits = 200_000;
+        let start = Instant::now();
+        for _ in 0..hits {
+            black_box(store.check_now(black_box(&[blocked])));
+        }
+        hit = hit.min(start.elapsed() / hits);
     }
-    let trip = start.elapsed() / trips;
-    let hits = 1_000_000;
-    let start = Instant::now();
-    for _ in 0..hits {
-        black_box(store.check_now(black_box(&[blocked])));
-    }
-    let hit = start.elapsed() / hits;
     println!(
         "redis-benchmark EVALSHA (50 clients): {bench_rate:.0}/s; store (50 tasks): {store_rate:.0}/s; ratio {:.2}x",
         store_rate / bench_rate
