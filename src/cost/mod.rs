@@ -65,7 +65,9 @@
 //! # }
 //! ```
 
+pub mod alert;
 mod body;
+pub mod budget;
 mod config;
 mod layer;
 mod peek;
@@ -76,7 +78,9 @@ pub mod sse;
 pub mod summary;
 pub mod usage;
 
+pub use alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookSink};
 pub use body::MeteredBody;
+pub use budget::{Budget, BudgetLayer, BudgetReservation};
 pub use config::{CostConfig, CostConfigError};
 pub use layer::{
     BodyUserSlot, CostMeter, CostMeterLayer, ResponseFuture, X_PALISADE_CACHE_READ_TOKENS,
