@@ -381,7 +381,7 @@ pub struct BudgetReservation {
 
 struct ReservationInner {
     shared: Arc<Shared>,
-    charges: Vec<Charge>,
+    charges: Arc<[Charge]>,
     amount: Money,
     settled: AtomicBool,
 }
@@ -434,23 +434,61 @@ impl ReservationInner {
         if self.settled.swap(true, Ordering::AcqRel) {
             return;
         }
-        let s = &self.shared;
-        let now = s.clock.now();
-        let crossings = s.store.settle(&self.charges, self.amount, actual, now);
-        if let Some(alerts) = &s.alerts {
-            for c in crossings {
-                let charge = &self.charges[c.index];
-                let mut event = AlertEvent::threshold(
-                    charge.budget.name.to_string(),
-                    format!("{}:{}", charge.budget.scope.as_str(), charge.subject),
-                    c.permille,
-                    c.spent,
-                    charge.budget.limit,
-                );
-                event.time = now;
-                alerts.send(event);
-            }
+        let now = self.shared.clock.now();
+        let mut settling =
+            self.shared
+                .store
+                .settle(Arc::clone(&self.charges), self.amount, actual, now);
+        // A memory store answers at once; a network store finishes in the background.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(result) = settling.as_mut().poll(&mut cx) {
+            raise(&self.shared, &self.charges, result, now);
+            return;
         }
+        let shared = Arc::clone(&self.shared);
+        let charges = Arc::clone(&self.charges);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let result = settling.await;
+                    raise(&shared, &charges, result, now);
+                });
+            }
+            Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %self.amount,
+                "budget settled outside a tokio runtime: the store's answer is lost"),
+        }
+    }
+}
+
+/// Sends the alerts of the thresholds a settlement crossed (or logs the store's failure).
+fn raise(
+    shared: &Shared,
+    charges: &[Charge],
+    result: Result<Vec<super::store::Crossing>, super::store::BudgetStoreError>,
+    now: SystemTime,
+) {
+    let crossings = match result {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(target: "palisade::cost::budget", error = %e,
+                "budget settlement failed: the reservation stays charged until the period ends");
+            return;
+        }
+    };
+    let Some(alerts) = &shared.alerts else { return };
+    for c in crossings {
+        let Some(charge) = charges.get(c.index) else {
+            continue;
+        };
+        let mut event = AlertEvent::threshold(
+            charge.budget.name.to_string(),
+            format!("{}:{}", charge.budget.scope.as_str(), charge.subject),
+            c.permille,
+            c.spent,
+            charge.budget.limit,
+        );
+        event.time = now;
+        alerts.send(event);
     }
 }
 
@@ -693,7 +731,7 @@ where
     let reservation = BudgetReservation {
         inner: Arc::new(ReservationInner {
             shared: Arc::clone(&shared),
-            charges,
+            charges: charges.into(),
             amount,
             settled: AtomicBool::new(false),
         }),

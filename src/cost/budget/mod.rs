@@ -72,6 +72,8 @@ mod config;
 mod estimate;
 mod layer;
 mod period;
+#[cfg(feature = "redis")]
+mod redis;
 mod store;
 
 use std::sync::Arc;
@@ -86,6 +88,8 @@ pub use layer::{
 };
 pub use period::Period;
 pub(crate) use period::unix_millis;
+#[cfg(feature = "redis")]
+pub use redis::RedisBudgetStore;
 pub use store::{
     BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, MemoryBudgetStore, Reserve,
 };

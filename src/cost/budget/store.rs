@@ -73,14 +73,16 @@ pub trait BudgetStore: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Reserve, BudgetStoreError>>;
 
-    /// Releases `reserved` on every charge and adds `actual` to its settled spend.
+    /// Releases `reserved` on every charge, adds `actual` to its settled spend, and
+    /// reports the thresholds crossed. The future is polled once on the spot; one that is
+    /// not ready then (a network store) finishes on a spawned task.
     fn settle(
         &self,
-        charges: &[Charge],
+        charges: Arc<[Charge]>,
         reserved: Money,
         actual: Money,
         now: SystemTime,
-    ) -> Vec<Crossing>;
+    ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>>;
 
     /// The settled spend and the reserved amount of one account now, if the store keeps
     /// it.
@@ -292,6 +294,26 @@ impl BudgetStore for MemoryBudgetStore {
 
     fn settle(
         &self,
+        charges: Arc<[Charge]>,
+        reserved: Money,
+        actual: Money,
+        now: SystemTime,
+    ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
+        let crossings = self.settle_now(&charges, reserved, actual, now);
+        Box::pin(std::future::ready(Ok(crossings)))
+    }
+
+    fn spend(&self, charge: &Charge, now: SystemTime) -> Option<(Money, Money)> {
+        let mut map = self.lock();
+        let acc = map.get_mut(&Self::key(charge))?;
+        let spent = acc.roll(charge.budget.period, now);
+        Some((Money::from_picos(spent), Money::from_picos(acc.reserved)))
+    }
+}
+
+impl MemoryBudgetStore {
+    fn settle_now(
+        &self,
         charges: &[Charge],
         reserved: Money,
         actual: Money,
@@ -322,13 +344,6 @@ impl BudgetStore for MemoryBudgetStore {
             }
         }
         crossings
-    }
-
-    fn spend(&self, charge: &Charge, now: SystemTime) -> Option<(Money, Money)> {
-        let mut map = self.lock();
-        let acc = map.get_mut(&Self::key(charge))?;
-        let spent = acc.roll(charge.budget.period, now);
-        Some((Money::from_picos(spent), Money::from_picos(acc.reserved)))
     }
 }
 
@@ -364,13 +379,13 @@ mod tests {
             s.reserve_now(&c, Money::from_picos(60), t),
             Reserve::Refused { index: 0, .. }
         ));
-        let crossed = s.settle(&c, Money::from_picos(60), Money::from_picos(10), t);
+        let crossed = s.settle_now(&c, Money::from_picos(60), Money::from_picos(10), t);
         assert!(crossed.is_empty());
         assert_eq!(
             s.reserve_now(&c, Money::from_picos(60), t),
             Reserve::Granted
         );
-        let crossed = s.settle(&c, Money::from_picos(60), Money::from_picos(50), t);
+        let crossed = s.settle_now(&c, Money::from_picos(60), Money::from_picos(50), t);
         assert_eq!(crossed.len(), 1);
         assert_eq!(crossed[0].permille, 500);
         assert_eq!(
@@ -385,7 +400,7 @@ mod tests {
         let c = charge(Period::Day, 100);
         let t = at(86_400_000 - 30_000); // 30 s before midnight
         s.reserve_now(&c, Money::from_picos(100), t);
-        s.settle(&c, Money::from_picos(100), Money::from_picos(100), t);
+        s.settle_now(&c, Money::from_picos(100), Money::from_picos(100), t);
         let Reserve::Refused { retry_after, .. } = s.reserve_now(&c, Money::from_picos(1), t)
         else {
             panic!("expected a refusal")
@@ -397,7 +412,7 @@ mod tests {
             s.reserve_now(&c, Money::from_picos(100), next),
             Reserve::Granted
         );
-        let crossed = s.settle(&c, Money::from_picos(100), Money::from_picos(100), next);
+        let crossed = s.settle_now(&c, Money::from_picos(100), Money::from_picos(100), next);
         assert_eq!(crossed.len(), 2);
     }
 
@@ -406,9 +421,9 @@ mod tests {
         let s = MemoryBudgetStore::new();
         let c = charge(Period::Rolling(Duration::from_secs(60)), 100);
         s.reserve_now(&c, Money::from_picos(70), at(0));
-        s.settle(&c, Money::from_picos(70), Money::from_picos(70), at(0));
+        s.settle_now(&c, Money::from_picos(70), Money::from_picos(70), at(0));
         s.reserve_now(&c, Money::from_picos(20), at(30_000));
-        s.settle(&c, Money::from_picos(20), Money::from_picos(20), at(30_000));
+        s.settle_now(&c, Money::from_picos(20), Money::from_picos(20), at(30_000));
         let Reserve::Refused { retry_after, .. } =
             s.reserve_now(&c, Money::from_picos(50), at(40_000))
         else {
@@ -458,7 +473,7 @@ mod tests {
                 subject: format!("u{i}").into(),
             }];
             s.reserve_now(&c, Money::from_picos(1), at(0));
-            s.settle(&c, Money::from_picos(1), Money::ZERO, at(0));
+            s.settle_now(&c, Money::from_picos(1), Money::ZERO, at(0));
         }
         assert!(s.len() <= 5, "{}", s.len());
     }

@@ -230,7 +230,7 @@ struct Inner {
     writing: tokio::sync::Mutex<()>,
 }
 
-/// The PostgreSQL ledger. Cheap to clone. See the [module docs](self).
+/// The PostgreSQL ledger. Cheap to clone. See the [`sink`](super) module.
 #[derive(Clone)]
 pub struct PostgresSink {
     inner: Arc<Inner>,
