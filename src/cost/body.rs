@@ -27,6 +27,8 @@ pub(crate) struct RequestMeta {
     pub(crate) route: String,
     pub(crate) request_id: Option<String>,
     pub(crate) body_user: Option<Arc<std::sync::OnceLock<String>>>,
+    /// The request's budget reservation, settled with the measured cost.
+    pub(crate) budget: Option<super::budget::BudgetReservation>,
 }
 
 #[derive(Debug)]
@@ -164,6 +166,9 @@ impl Meter {
         let worth_recording =
             self.extractor.saw_usage() || model.is_some() || completion != Completion::Complete;
         if !worth_recording {
+            if let Some(budget) = self.meta.budget.take() {
+                budget.refund(); // nothing was used
+            }
             return outcome;
         }
         if completion == Completion::Complete && model.is_some() && !self.extractor.saw_usage() {
@@ -203,6 +208,9 @@ impl Meter {
             completion,
             upstream_error,
         };
+        if let Some(budget) = self.meta.budget.take() {
+            budget.settle_record(&record);
+        }
         self.shared.recorder.record(record);
         outcome
     }

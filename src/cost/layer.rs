@@ -281,6 +281,10 @@ where
             route: req.uri().path().to_owned(),
             request_id,
             body_user,
+            budget: req
+                .extensions()
+                .get::<super::budget::BudgetReservation>()
+                .cloned(),
         };
         ResponseFuture {
             state: State::Waiting {
@@ -382,6 +386,12 @@ where
                     let stream = is_content_type(headers, "text/event-stream");
                     let json = !stream && is_content_type(headers, "application/json");
                     if !stream && !json {
+                        if !response.status().is_success() {
+                            // an unmetered failure used no tokens
+                            if let Some(budget) = &meta.budget {
+                                budget.refund();
+                            }
+                        }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }
