@@ -840,9 +840,20 @@ impl<St: Store> Shared<St> {
                     } else {
                         never.get_or_insert(p);
                     }
-                    0
+                    ceil_secs(d.reset_micros)
                 }
             };
+            // A shadow rule reserves too (a token quota trialled in shadow mode is settled
+            // like an enforced one); it only never shows in the headers.
+            if d.debited && matches!(rule.cost, Cost::Settled { .. }) {
+                reserved.push(ReservedItem {
+                    index: p.index,
+                    key: p.key.clone(),
+                    params: p.params,
+                    window_start: d.window_start,
+                    reserved: p.cost,
+                });
+            }
             if rule.shadow {
                 continue;
             }
@@ -855,15 +866,6 @@ impl<St: Store> Shared<St> {
             }
             if self.legacy_headers && tightest.is_none_or(|(_, r, _)| d.remaining < r) {
                 tightest = Some((p.params.limit, d.remaining, reset_secs));
-            }
-            if d.debited && matches!(rule.cost, Cost::Settled { .. }) {
-                reserved.push(ReservedItem {
-                    index: p.index,
-                    key: p.key.clone(),
-                    params: p.params,
-                    window_start: d.window_start,
-                    reserved: p.cost,
-                });
             }
         }
         if let Some((limit, remaining, reset)) = tightest {

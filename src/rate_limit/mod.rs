@@ -48,7 +48,8 @@
 //! let ok = svc.clone().oneshot(request()).await.unwrap();
 //! assert_eq!(ok.status(), 200);
 //! assert_eq!(ok.headers()["ratelimit-policy"], "\"chat\";q=2;w=60");
-//! assert_eq!(ok.headers()["ratelimit"], "\"chat\";r=1;t=60");
+//! // the request weighs on the sliding window until the end of the next minute
+//! assert_eq!(ok.headers()["ratelimit"], "\"chat\";r=1;t=120");
 //!
 //! svc.clone().oneshot(request()).await.unwrap();
 //! let refused = svc.oneshot(request()).await.unwrap();

@@ -61,7 +61,8 @@ async fn refuses_with_429_headers_and_retry_after_then_recovers() {
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.headers()["ratelimit"],
-            format!("\"chat\";r={remaining};t=60")
+            // the units counted in this minute weigh until the end of the next one
+            format!("\"chat\";r={remaining};t=120")
         );
         assert_eq!(r.headers()["x-ratelimit-remaining"], remaining.to_string());
     }
@@ -126,7 +127,7 @@ async fn rules_are_decided_as_a_group() {
         let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
         assert_eq!(policies, ["\"per-key\";q=3;w=60", "\"global\";q=4;w=60"]);
         let values: Vec<_> = r.headers().get_all("ratelimit").iter().collect();
-        assert_eq!(values[1], "\"global\";r=1;t=60", "nothing was debited");
+        assert_eq!(values[1], "\"global\";r=1;t=120", "nothing was debited");
     }
     assert_eq!(send(&mut svc, post("/", "sk-b")).await.status(), 200);
     let r = send(&mut svc, post("/", "sk-c")).await;
@@ -249,7 +250,7 @@ async fn settled_quantities_are_reserved_then_corrected() {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     }));
     let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
-    assert_eq!(r.headers()["ratelimit"], "\"tpm\";r=900;t=60");
+    assert_eq!(r.headers()["ratelimit"], "\"tpm\";r=900;t=120");
     let key = RateKey::api_key("sk-a");
     assert_eq!(admin.peek("tpm", &key).await.unwrap().remaining, 300);
     // the next estimate still fits, the one after does not
@@ -888,5 +889,113 @@ async fn plain_rules_answer_as_lean_ones() {
                 "{key:?}: something refused"
             );
         }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_rule_with_a_settled_cost_is_settled() {
+    let layer = RateLimitLayer::new([Rule::new("tpm-trial", Quota::per_minute(1000))
+        .key(KeySource::ApiKey)
+        .cost(Cost::Settled { estimate: 100 })
+        .shadow(true)])
+    .unwrap();
+    let admin = layer.limiter();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        // a request over the trial quota is let through unreserved
+        if let Some(reservation) = req.extensions().get::<Reservation>() {
+            assert_eq!(reservation.reserved(), 100);
+            reservation.settle(700).await.unwrap();
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("ratelimit").is_none(),
+        "shadow rules stay hidden"
+    );
+    let key = RateKey::api_key("sk-a");
+    // settled: 700 spent, not the estimate of 100
+    assert_eq!(admin.peek("tpm-trial", &key).await.unwrap().remaining, 300);
+    // over the trial quota: admitted, counted as a shadow refusal
+    svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(admin.counters()[0].shadow_limited, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_of_zero_is_admitted_after_a_settlement_overshoots() {
+    let layer = RateLimitLayer::new([Rule::new("tpm", Quota::per_minute(1000))
+        .key(KeySource::ApiKey)
+        .cost(Cost::Settled { estimate: 100 })])
+    .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        if let Some(r) = req.extensions().get::<Reservation>() {
+            r.settle(5_000).await.unwrap(); // far past the quota
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+    let mut peek = post("/", "sk-a");
+    peek.extensions_mut().insert(RequestCost(0));
+    let r = svc.clone().oneshot(peek).await.unwrap();
+    assert_eq!(r.status(), 200, "a cost of 0 is a peek, always allowed");
+    assert!(r.headers()["ratelimit"].to_str().unwrap().contains("r=0;"));
+    let status = layer
+        .limiter()
+        .peek("tpm", &RateKey::api_key("sk-a"))
+        .await
+        .unwrap();
+    assert_eq!(status.remaining, 0);
+}
+
+/// After an admitted response that says `r=0`, waiting `t` seconds admits the same
+/// request, whatever the algorithm (the sliding window used to say the current window's
+/// end, where the spent units still weigh in full).
+#[tokio::test(start_paused = true)]
+async fn waiting_t_after_r0_admits_the_same_request() {
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::FixedWindow,
+        Algorithm::Gcra,
+    ] {
+        let layer = RateLimitLayer::new([Rule::new("chat", Quota::per_minute(3))
+            .key(KeySource::ApiKey)
+            .algorithm(algorithm)])
+        .unwrap();
+        let mut svc = service(&layer);
+        tokio::time::advance(Duration::from_secs(17)).await;
+        let mut last = None;
+        for _ in 0..3 {
+            let r = send(&mut svc, post("/", "sk-t")).await;
+            assert_eq!(r.status(), 200, "{algorithm}");
+            last = Some(r);
+        }
+        let value = last.unwrap().headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let params = headers::tests::parse_list(&value).remove(0).1;
+        assert_eq!(params[0], ("r".to_owned(), 0), "{algorithm}: {value}");
+        let t = params[1].1;
+        tokio::time::advance(Duration::from_secs(t as u64)).await;
+        let r = send(&mut svc, post("/", "sk-t")).await;
+        assert_eq!(r.status(), 200, "{algorithm}: waited t={t} after {value}");
     }
 }
