@@ -316,27 +316,21 @@ pub struct IpNet {
 }
 
 impl IpNet {
-    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    /// Whether `ip` is inside the network. IPv4 and IPv4-mapped IPv6 (`::ffff:10.0.0.1`)
+    /// are the same address both ways: `10.0.0.0/8` holds `::ffff:10.0.0.1`, and
+    /// `::ffff:10.0.0.0/104` holds `10.0.0.1`.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+        // Both in the IPv6 space, an IPv4 network as its mapped form (`/8` is `/104`).
+        let (net, prefix) = match self.addr {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().to_bits(), u32::from(self.prefix) + 96),
+            IpAddr::V6(v6) => (v6.to_bits(), u32::from(self.prefix)),
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        let ip = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().to_bits(),
+            IpAddr::V6(v6) => v6.to_bits(),
+        };
+        let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+        net & mask == ip & mask
     }
 }
 
@@ -576,6 +570,42 @@ mod tests {
             "ip:10.1.2.3"
         );
         assert_eq!(format!("{zero_v4:?}"), "IpKey(0.0.0.0)");
+    }
+
+    #[test]
+    fn trusted_proxies_in_ipv4_mapped_form_match_both_ways() {
+        let mapped: TrustedProxies = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(mapped.is_trusted("10.0.0.1".parse().unwrap()));
+        assert!(mapped.is_trusted("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!mapped.is_trusted("10.0.0.2".parse().unwrap()));
+        let mapped_net: TrustedProxies = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped_net.is_trusted("10.200.0.9".parse().unwrap()));
+        assert!(!mapped_net.is_trusted("11.0.0.1".parse().unwrap()));
+        let v4: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+        assert!(v4.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(v4.is_trusted("10.1.2.3".parse().unwrap()));
+        assert!(
+            !v4.is_trusted("::10.1.2.3".parse().unwrap()),
+            "IPv4-compatible is not mapped"
+        );
+        assert!(!v4.is_trusted("2001:db8::1".parse().unwrap()));
+        let everything: TrustedProxies = "0.0.0.0/0".parse().unwrap();
+        assert!(everything.is_trusted("::ffff:1.2.3.4".parse().unwrap()));
+        assert!(
+            !everything.is_trusted("2001:db8::1".parse().unwrap()),
+            "IPv4 only"
+        );
+        let all_v6: TrustedProxies = "::/0".parse().unwrap();
+        assert!(all_v6.is_trusted("2001:db8::1".parse().unwrap()));
+
+        // over a request: a proxy at ::ffff:10.0.0.1 (a dual-stack socket) is believed
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert("[::ffff:10.0.0.1]:443".parse::<SocketAddr>().unwrap());
+        req.headers_mut()
+            .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        assert_eq!(mapped.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(v4.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
     }
 
     proptest::proptest! {

@@ -1,5 +1,6 @@
 //! Rules: which requests a limit applies to, whom it counts, and how much each costs.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -13,6 +14,22 @@ use super::key::KeySource;
 use super::quota::{Algorithm, Quota};
 
 /// Which paths a rule matches.
+///
+/// Paths are compared **normalised**, both the route and the request's path, so a client
+/// cannot step around a rule by spelling the same resource differently: empty segments
+/// (`//v1/messages`, `/v1/messages/`) and `.` segments are dropped, `..` removes the
+/// segment before it, and percent-encoded unreserved characters (letters, digits, `-`,
+/// `.`, `_`, `~`) are decoded (`/v1/%6Dessages` is `/v1/messages`). Other escapes, `%2F`
+/// among them, stay as they are. Matching is case-sensitive.
+///
+/// ```
+/// use palisade::rate_limit::Route;
+/// let r: Route = "/v1/messages".parse().unwrap();
+/// for path in ["/v1/messages", "/v1/messages/", "//v1/messages", "/v1/./x/../messages", "/v1/%6Dessages"] {
+///     assert!(r.matches(path), "{path}");
+/// }
+/// assert!(!r.matches("/v1/messages%2Fx"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Route {
@@ -65,8 +82,15 @@ impl Route {
                     "route `{s}`: a prefix route cannot hold parameters"
                 ));
             }
-            return Ok(Route::Prefix(Arc::from(prefix)));
+            // `/v1/*`: the normalised `/v1` and a `/` after it
+            let mut normal = normalize_path(prefix).into_owned();
+            if prefix.ends_with('/') && normal != "/" {
+                normal.push('/');
+            }
+            return Ok(Route::Prefix(Arc::from(normal)));
         }
+        let normal = normalize_path(s);
+        let s = &*normal;
         if !s.contains(['{', '}']) {
             return Ok(Route::Exact(Arc::from(s)));
         }
@@ -96,12 +120,20 @@ impl Route {
         Ok(Route::Template(segments.into()))
     }
 
-    /// Whether `path` matches.
+    /// Whether `path` matches, once normalised (see the type's docs).
     pub fn matches(&self, path: &str) -> bool {
+        if matches!(self, Route::All) {
+            return true;
+        }
+        let path = normalize_path(path);
+        let path = &*path;
         match self {
             Route::All => true,
             Route::Exact(p) => path == &**p,
-            Route::Prefix(p) => path.starts_with(&**p),
+            // `/v1/*` also holds `/v1` itself (`/v1/` before normalisation)
+            Route::Prefix(p) => {
+                path.starts_with(&**p) || p.strip_suffix('/').is_some_and(|dir| path == dir)
+            }
             Route::Template(segments) => {
                 let Some(rest) = path.strip_prefix('/') else {
                     return false;
@@ -125,6 +157,81 @@ impl Route {
             }
         }
     }
+}
+
+/// The path as rules compare it (see [`Route`]): borrowed as it is when it is already
+/// normal, which is the common case and costs one scan.
+pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
+    if is_normal(path) {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode_unreserved(path);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    if segments.is_empty() {
+        return Cow::Borrowed("/");
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    Cow::Owned(out)
+}
+
+/// Whether `path` is already normal: absolute, no escapes, no empty, `.` or `..` segments.
+fn is_normal(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        // `*` (OPTIONS) or an empty path: nothing to normalise
+        return !path.contains(['/', '%']);
+    };
+    !path.contains('%')
+        && rest
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// Decodes `%XX` escapes of unreserved characters (RFC 3986: letters, digits, `-`, `.`,
+/// `_`, `~`), which name the same resource as the character itself; others stay encoded.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // `path` is a str: copy the whole character starting here
+        let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    Cow::Owned(out)
 }
 
 impl FromStr for Route {
@@ -366,4 +473,100 @@ pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitEr
         return Err(RateLimitError::ZeroBurst { rule: rule.into() });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_the_normalised_path() {
+        let exact: Route = "/v1/messages".parse().unwrap();
+        for path in [
+            "/v1/messages",
+            "/v1/messages/",
+            "//v1/messages",
+            "/v1//messages",
+            "/v1/./messages",
+            "/v1/x/../messages",
+            "/../v1/messages",
+            "/v1/%6Dessages",
+            "/v1/%6despages/../messages",
+            "/%76%31/messages",
+            "/v1/%2e/messages",
+            "/v1/x/%2E%2E/messages",
+        ] {
+            assert!(exact.matches(path), "{path}");
+        }
+        for path in [
+            "/v1/messages%2F",
+            "/v1/messagesx",
+            "/V1/messages",
+            "/v1",
+            "/v1/messages/x",
+        ] {
+            assert!(!exact.matches(path), "{path}");
+        }
+        let prefix: Route = "/v1/*".parse().unwrap();
+        for path in [
+            "/v1/messages",
+            "//v1/messages",
+            "/v1/",
+            "/v1",
+            "/x/../v1/a",
+            "/%76%31/a",
+        ] {
+            assert!(prefix.matches(path), "{path}");
+        }
+        assert!(!prefix.matches("/v2/messages") && !prefix.matches("/v1x"));
+        let template: Route = "/v1/users/{id}/messages".parse().unwrap();
+        assert!(template.matches("/v1/users/42/messages/"));
+        assert!(template.matches("/v1//users/42/messages"));
+        assert!(!template.matches("/v1/users//messages"));
+        // a route written unnormalised means the same
+        let written: Route = "/v1//messages/".parse().unwrap();
+        assert_eq!(written, exact);
+        assert_eq!(normalize_path("/"), "/");
+        assert_eq!(normalize_path("//"), "/");
+        assert_eq!(normalize_path("/a/%zz/%"), "/a/%zz/%");
+        assert_eq!(normalize_path("/é/%C3%A9"), "/é/%C3%A9");
+        assert!(matches!(normalize_path("/v1/messages"), Cow::Borrowed(_)));
+    }
+
+    #[tokio::test]
+    async fn a_rule_is_not_skipped_by_spelling_the_path_differently() {
+        use tower::{Layer, ServiceExt, service_fn};
+        let layer = crate::rate_limit::RateLimitLayer::new([Rule::new(
+            "chat",
+            crate::rate_limit::Quota::per_minute(1),
+        )
+        .post("/v1/messages")])
+        .unwrap();
+        let svc = layer.layer(service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        }));
+        let req = |path: &str| Request::post(path).body(()).unwrap();
+        assert_eq!(
+            svc.clone()
+                .oneshot(req("/v1/messages"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        for path in [
+            "/v1/messages/",
+            "//v1/messages",
+            "/v1/%6Dessages",
+            "/v1/./messages",
+        ] {
+            assert_eq!(
+                svc.clone().oneshot(req(path)).await.unwrap().status(),
+                429,
+                "{path}"
+            );
+        }
+    }
 }
