@@ -26,7 +26,9 @@ pub enum RateKey {
     ApiKey(ApiKeyId),
     /// An authenticated principal (see [`Principal`]).
     Principal(Arc<str>),
-    /// The value of a header.
+    /// The value of a header, as it is up to 64 bytes; a longer value is kept as its hash
+    /// (`sha256:` and 32 hex digits), so a key costs the same bounded memory whatever a
+    /// client sends (see [`MemoryStore`](super::MemoryStore)).
     Header(Arc<str>),
     /// Requests for which the rule's key source found nothing (shared by all of them).
     Anonymous,
@@ -79,11 +81,32 @@ impl RateKey {
         RateKey::Principal(id.into())
     }
 
+    /// The key of a header value: the value itself up to [`MAX_HEADER_KEY_LEN`] bytes, a
+    /// hash of it beyond (as [`KeySource::Header`] reads it).
+    ///
+    /// ```
+    /// use palisade::rate_limit::RateKey;
+    /// assert_eq!(RateKey::header("user-42"), RateKey::Header("user-42".into()));
+    /// let long = "x".repeat(16 * 1024);
+    /// let RateKey::Header(kept) = RateKey::header(&long) else { unreachable!() };
+    /// assert_eq!(kept.len(), 39); // "sha256:" and 32 hex digits
+    /// assert_eq!(RateKey::header(&long), RateKey::header(&long));
+    /// ```
+    pub fn header(value: &str) -> Self {
+        if value.len() <= MAX_HEADER_KEY_LEN {
+            return RateKey::Header(Arc::from(value));
+        }
+        RateKey::Header(Arc::from(format!("sha256:{}", ApiKeyId::from_key(value))))
+    }
+
     /// The key of an API key (hashed at once).
     pub fn api_key(key: &str) -> Self {
         RateKey::ApiKey(ApiKeyId::from_key(key))
     }
 }
+
+/// The longest header value a [`RateKey::Header`] keeps as it is; longer ones are hashed.
+pub const MAX_HEADER_KEY_LEN: usize = 64;
 
 /// Shows the key for logs and store keys. Header values are redacted (they may be
 /// secrets); principals and hashed API keys are shown as they are.
@@ -265,7 +288,7 @@ impl KeySource {
                 .map(|p| RateKey::Principal(p.0.clone())),
             KeySource::Header(name) => {
                 let value = req.headers().get(name)?.to_str().ok()?.trim();
-                (!value.is_empty()).then(|| RateKey::Header(Arc::from(value)))
+                (!value.is_empty()).then(|| RateKey::header(value))
             }
             KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
             KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),

@@ -71,7 +71,7 @@ pub mod store;
 
 pub use config::{CostMode, RateLimitConfig, RuleConfig};
 pub use error::{AdminError, RateLimitError, StoreError};
-pub use key::{IpKey, IpNet, KeySource, Principal, RateKey, TrustedProxies};
+pub use key::{IpKey, IpNet, KeySource, MAX_HEADER_KEY_LEN, Principal, RateKey, TrustedProxies};
 pub use layer::{
     FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,
     RateLimiter, Reservation, ResponseFuture, RuleCounters, RuleStatus,

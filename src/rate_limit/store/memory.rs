@@ -41,7 +41,10 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
 /// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
 /// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
-/// other keys: 1,000,000 peer addresses take under 100 MB.
+/// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
+/// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](super::super::MAX_HEADER_KEY_LEN)
+/// bytes, a longer one as a 39-byte hash, so **any header key costs at most 300 bytes**
+/// whatever a client sends.
 ///
 /// Time is counted in microseconds since the store was created, on tokio's clock by default
 /// (so tests can pause it) or on a faster source ([`ClockSource::Fast`] or
