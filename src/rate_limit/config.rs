@@ -12,8 +12,21 @@ use super::quota::{Algorithm, Quota};
 use super::rule::{Cost, Route, Rule};
 use super::store::{MemoryStore, Store, memory};
 use crate::clock::ClockSource;
-use crate::config::{Env, ProblemKind};
+use crate::config::{Env, ProblemKind, env_var};
 use crate::error::ErrorFormat;
+
+/// The prefix of the rate limiter's environment variables.
+pub(crate) const ENV_PREFIX: &str = "PALISADE_RATE_LIMIT";
+
+/// `anthropic` or `problem` (also `problem_json`, `problem+json`).
+fn parse_error_format(s: &str) -> Result<ErrorFormat, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "anthropic" => Ok(ErrorFormat::Anthropic),
+        "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
+        // the same words as `Settings`, so a bad shared value is reported once
+        _ => Err("expected `anthropic` or `problem_json`".to_owned()),
+    }
+}
 
 /// How a rule's cost is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -179,7 +192,8 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    /// Reads `PALISADE_RATE_LIMIT_*`, recording every problem in `env`:
+    /// Reads `PALISADE_RATE_LIMIT_*`, recording every problem in `env`. Each variable is
+    /// named after its field through [`env_var`]`("PALISADE_RATE_LIMIT", field)`:
     ///
     /// | variable | example |
     /// |---|---|
@@ -187,55 +201,89 @@ impl RateLimitConfig {
     /// | `PALISADE_RATE_LIMIT_MAX_ENTRIES` | `1000000` |
     /// | `PALISADE_RATE_LIMIT_SHARDS` | `64` |
     /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio`, `fast` or `coarse` |
-    /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem_json` |
+    /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem` (default: the shared `PALISADE_ERROR_FORMAT`) |
     /// | `PALISADE_RATE_LIMIT_DRAFT_HEADERS` | `true` |
     /// | `PALISADE_RATE_LIMIT_LEGACY_HEADERS` | `false` |
     /// | `PALISADE_RATE_LIMIT_TRUSTED_PROXIES` | `10.0.0.0/8,192.168.1.1` |
     /// | `PALISADE_RATE_LIMIT_ON_STORE_ERROR` | `closed` or `open` |
     ///
-    /// Rules are also checked here, so a bad route or key is reported with the rest.
+    /// Refusals render in the shared `PALISADE_ERROR_FORMAT` (as every layer's do) unless
+    /// `PALISADE_RATE_LIMIT_ERROR_FORMAT` overrides it. Rules are also checked here
+    /// (routes, keys, duplicate names), so a bad rule is reported with the rest.
+    ///
+    /// ```
+    /// use palisade::config::Env;
+    /// use palisade::rate_limit::RateLimitConfig;
+    /// use palisade::ErrorFormat;
+    ///
+    /// let mut env = Env::from_pairs([
+    ///     ("PALISADE_ERROR_FORMAT", "anthropic"),
+    ///     ("PALISADE_RATE_LIMIT_RULES", r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#),
+    /// ]);
+    /// let cfg = RateLimitConfig::from_env(&mut env);
+    /// env.finish().unwrap();
+    /// assert_eq!(cfg.error_format, ErrorFormat::Anthropic);
+    /// ```
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
-        let rules: Vec<RuleConfig> = env.optional_with(
-            "PALISADE_RATE_LIMIT_RULES",
-            Vec::new(),
-            r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
-            |s| serde_json::from_str(s).map_err(|e| e.to_string()),
-        );
-        for rule in &rules {
-            if let Err(e) = rule.to_rule() {
-                env.problem(
-                    "PALISADE_RATE_LIMIT_RULES",
-                    ProblemKind::Invalid {
-                        value: rule.name.clone(),
-                        reason: e.to_string(),
-                    },
-                    r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
-                );
-            }
+        let var = |field: &str| env_var(ENV_PREFIX, field);
+        const RULES_EXAMPLE: &str = r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#;
+        let rules_var = var("rules");
+        let rules: Vec<RuleConfig> =
+            env.optional_with(&rules_var, Vec::new(), RULES_EXAMPLE, |s| {
+                serde_json::from_str(s).map_err(|e| e.to_string())
+            });
+        for (i, rule) in rules.iter().enumerate() {
+            let reason = match rule.to_rule() {
+                Err(e) => e.to_string(),
+                Ok(_) if rules[..i].iter().any(|r| r.name == rule.name) => {
+                    RateLimitError::DuplicateRule {
+                        rule: rule.name.clone(),
+                    }
+                    .to_string()
+                }
+                Ok(_) => continue,
+            };
+            env.problem(
+                &rules_var,
+                ProblemKind::Invalid {
+                    value: rule.name.clone(),
+                    reason,
+                },
+                RULES_EXAMPLE,
+            );
         }
-        let max_entries = env.optional("PALISADE_RATE_LIMIT_MAX_ENTRIES", d.max_entries, "1000000");
-        let shards = env.optional("PALISADE_RATE_LIMIT_SHARDS", d.shards, "64");
-        let clock = env.optional("PALISADE_RATE_LIMIT_CLOCK", d.clock, "coarse");
-        let error_format = env.optional_with(
-            "PALISADE_RATE_LIMIT_ERROR_FORMAT",
+        let max_entries_var = var("max_entries");
+        let max_entries = env.optional(&max_entries_var, d.max_entries, "1000000");
+        if max_entries == 0 {
+            env.problem(
+                &max_entries_var,
+                ProblemKind::Invalid {
+                    value: "0".into(),
+                    reason: RateLimitError::ZeroCapacity.to_string(),
+                },
+                "1000000",
+            );
+        }
+        let shards = env.optional(&var("shards"), d.shards, "64");
+        let clock = env.optional(&var("clock"), d.clock, "coarse");
+        // The shared setting first, then this layer's own.
+        let shared_format = env.optional_with(
+            "PALISADE_ERROR_FORMAT",
             d.error_format,
             "anthropic",
-            |s| match s.trim().to_ascii_lowercase().as_str() {
-                "anthropic" => Ok(ErrorFormat::Anthropic),
-                "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
-                _ => Err("expected `anthropic` or `problem_json`".to_owned()),
-            },
+            parse_error_format,
         );
-        let draft_headers =
-            env.optional("PALISADE_RATE_LIMIT_DRAFT_HEADERS", d.draft_headers, "true");
-        let legacy_headers = env.optional(
-            "PALISADE_RATE_LIMIT_LEGACY_HEADERS",
-            d.legacy_headers,
-            "false",
+        let error_format = env.optional_with(
+            &var("error_format"),
+            shared_format,
+            "anthropic",
+            parse_error_format,
         );
+        let draft_headers = env.optional(&var("draft_headers"), d.draft_headers, "true");
+        let legacy_headers = env.optional(&var("legacy_headers"), d.legacy_headers, "false");
         let trusted_proxies = env.optional_with(
-            "PALISADE_RATE_LIMIT_TRUSTED_PROXIES",
+            &var("trusted_proxies"),
             Vec::new(),
             "10.0.0.0/8,192.168.1.1",
             |s| {
@@ -247,7 +295,7 @@ impl RateLimitConfig {
             },
         );
         let on_store_error = env.optional_with(
-            "PALISADE_RATE_LIMIT_ON_STORE_ERROR",
+            &var("on_store_error"),
             d.on_store_error,
             "closed",
             |s| match s.trim().to_ascii_lowercase().as_str() {

@@ -108,6 +108,49 @@ impl RateLimitLayer<MemoryStore> {
     pub fn new(rules: impl IntoIterator<Item = Rule>) -> Result<Self, RateLimitError> {
         Self::builder().rules(rules).build()
     }
+
+    /// The layer a [`RateLimitConfig`](super::RateLimitConfig) describes, with an
+    /// in-memory store sized by it.
+    ///
+    /// ```
+    /// use palisade::rate_limit::{RateLimitConfig, RateLimitLayer, RuleConfig};
+    ///
+    /// let config = RateLimitConfig {
+    ///     rules: vec![RuleConfig { name: "chat".into(), key: "api_key".into(), limit: 20, ..Default::default() }],
+    ///     ..Default::default()
+    /// };
+    /// let layer = RateLimitLayer::from_config(config).unwrap();
+    /// assert_eq!(layer.limiter().rules(), ["chat"]);
+    /// ```
+    pub fn from_config(config: super::RateLimitConfig) -> Result<Self, RateLimitError> {
+        config.build()
+    }
+
+    /// The layer the process environment describes (`PALISADE_RATE_LIMIT_*` and the shared
+    /// `PALISADE_ERROR_FORMAT`, see [`RateLimitConfig::from_env`](super::RateLimitConfig::from_env)),
+    /// reporting every problem at once.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), palisade::config::ConfigError> {
+    /// // PALISADE_RATE_LIMIT_RULES='[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]'
+    /// let layer = palisade::rate_limit::RateLimitLayer::from_env()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env() -> Result<Self, crate::config::ConfigError> {
+        let mut env = crate::config::Env::from_process();
+        let config = super::RateLimitConfig::from_env(&mut env);
+        env.finish()?;
+        config.build().map_err(|e| {
+            crate::config::ConfigError::new(vec![crate::config::Problem {
+                name: crate::config::env_var(super::config::ENV_PREFIX, "rules"),
+                kind: crate::config::ProblemKind::Invalid {
+                    value: String::new(),
+                    reason: e.to_string(),
+                },
+                example: r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#.into(),
+            }])
+        })
+    }
 }
 
 impl<St: Store> RateLimitLayerBuilder<St> {

@@ -999,3 +999,96 @@ async fn waiting_t_after_r0_admits_the_same_request() {
         assert_eq!(r.status(), 200, "{algorithm}: waited t={t} after {value}");
     }
 }
+
+/// The shared `PALISADE_ERROR_FORMAT` decides how the rate limiter renders its refusals,
+/// unless `PALISADE_RATE_LIMIT_ERROR_FORMAT` says otherwise.
+#[tokio::test(start_paused = true)]
+async fn the_shared_error_format_renders_refusals_unless_overridden() {
+    let rules = r#"[{"name":"chat","key":"api_key","limit":1,"window":"1m"}]"#;
+    let cases = [
+        (
+            vec![("PALISADE_ERROR_FORMAT", "anthropic")],
+            ErrorFormat::Anthropic,
+        ),
+        (
+            vec![("PALISADE_ERROR_FORMAT", "problem")],
+            ErrorFormat::ProblemJson,
+        ),
+        (
+            vec![
+                ("PALISADE_ERROR_FORMAT", "anthropic"),
+                ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "problem"),
+            ],
+            ErrorFormat::ProblemJson,
+        ),
+        (
+            vec![
+                ("PALISADE_ERROR_FORMAT", "problem"),
+                ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "anthropic"),
+            ],
+            ErrorFormat::Anthropic,
+        ),
+        (vec![], ErrorFormat::ProblemJson),
+    ];
+    for (vars, want) in cases {
+        let mut pairs = vars.clone();
+        pairs.push(("PALISADE_RATE_LIMIT_RULES", rules));
+        let mut env = Env::from_pairs(pairs);
+        let cfg = RateLimitConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(cfg.error_format, want, "{vars:?}");
+        let layer = RateLimitLayer::from_config(cfg).unwrap();
+        let mut svc = service(&layer);
+        send(&mut svc, post("/", "sk-f")).await;
+        let refused = send(&mut svc, post("/", "sk-f")).await;
+        assert_eq!(refused.status(), 429);
+        let content_type = refused.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = body_json(refused).await;
+        match want {
+            ErrorFormat::Anthropic => {
+                assert_eq!(body["type"], "error", "{vars:?}: {body}");
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{vars:?}");
+            }
+            _ => {
+                assert_eq!(content_type, "application/problem+json", "{vars:?}");
+                assert_eq!(body["status"], 429, "{vars:?}");
+            }
+        }
+    }
+    // a bad shared value is reported (once), by name
+    let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "xml")]);
+    let _ = crate::config::Settings::from_env(&mut env);
+    let _ = RateLimitConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["PALISADE_ERROR_FORMAT"]);
+}
+
+#[test]
+fn config_from_env_reports_duplicate_rules_and_an_empty_store() {
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"chat","limit":20},{"name":"chat","limit":5}]"#,
+        ),
+        ("PALISADE_RATE_LIMIT_MAX_ENTRIES", "0"),
+    ]);
+    let _ = RateLimitConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_RATE_LIMIT_RULES",
+            "PALISADE_RATE_LIMIT_MAX_ENTRIES"
+        ]
+    );
+    assert!(
+        err.to_string()
+            .contains("two rate-limit rules are named `chat`"),
+        "{err}"
+    );
+}
