@@ -259,7 +259,11 @@ pub enum KeySource {
     Header(HeaderName),
     /// The API key in `x-api-key` or `authorization: Bearer`, hashed.
     ApiKey,
-    /// The client's IP address (see [`TrustedProxies`] for `X-Forwarded-For`).
+    /// The client's IP address (see [`TrustedProxies`] for `X-Forwarded-For`), read from
+    /// axum's `ConnectInfo<SocketAddr>` (with the `axum` feature) or a [`SocketAddr`]
+    /// request extension. A request with neither shares the `anonymous` key: the layer
+    /// counts it in [`RuleCounters::no_key`](super::RuleCounters::no_key) and logs the
+    /// first at `error`, since it means the server does not pass the address on.
     PeerIp,
 }
 

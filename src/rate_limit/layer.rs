@@ -230,6 +230,7 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 params: rule.params(rule.quota),
                 policy: headers::policy_value(&rule.name, rule.quota.limit(), rule.quota.window()),
                 counters: Counters::default(),
+                warned_no_peer: AtomicBool::new(false),
                 rule,
             });
         }
@@ -313,9 +314,37 @@ struct CompiledRule {
     /// An admitted request needs nothing but its counter: no headers (the layer sends
     /// none), not a shadow rule, nothing to reserve.
     lean: bool,
+    /// Whether a request without a peer address has been logged (a `PeerIp` rule).
+    warned_no_peer: AtomicBool,
 }
 
 impl CompiledRule {
+    /// The key source found nothing: counted, and for a rule keyed by the peer address
+    /// (which every request over a socket has) logged loudly once, since it means the
+    /// server does not pass the address on and every client shares one bucket.
+    #[cold]
+    #[inline(never)]
+    fn no_key(&self) {
+        self.counters
+            .stripe()
+            .no_key
+            .fetch_add(1, Ordering::Relaxed);
+        if matches!(self.rule.key, KeySource::PeerIp)
+            && !self.warned_no_peer.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(
+                target: "palisade::rate_limit",
+                rule = %self.rule.name,
+                "rate-limit rule `{}` is keyed by the client IP, but a request came without a peer \
+                 address: every such request shares one `anonymous` bucket. Serve axum with \
+                 `into_make_service_with_connect_info::<SocketAddr>()` (palisade's `axum` \
+                 feature on) or insert the `SocketAddr` as a request extension. Counted in \
+                 `RuleCounters::no_key`; logged once.",
+                self.rule.name
+            );
+        }
+    }
+
     /// The fixed cost of a lean rule that needs nothing from the request but its peer
     /// address: every route and method, keyed by the peer (no proxy trusted) or globally,
     /// a fixed cost. `RateLimit::call` decides such a rule without lending the request to
@@ -358,6 +387,7 @@ struct Stripe {
     limited: AtomicU64,
     shadow_limited: AtomicU64,
     never: AtomicU64,
+    no_key: AtomicU64,
 }
 
 #[inline]
@@ -398,6 +428,12 @@ pub struct RuleCounters {
     pub shadow_limited: u64,
     /// Requests refused because their cost exceeds the rule's capacity.
     pub never: u64,
+    /// Requests for which the rule's key source found no key (no header, no principal, no
+    /// peer address): counted against the shared `anonymous` key, or skipped with
+    /// [`Rule::skip_anonymous`]. For a rule keyed by [`KeySource::PeerIp`] this means the
+    /// server gives no peer address (see the module docs), and the first one is logged at
+    /// `error`.
+    pub no_key: u64,
 }
 
 /// The state of one rule for one key, from [`RateLimiter::peek`].
@@ -540,6 +576,7 @@ impl<St: Store> RateLimiter<St> {
                 limited = c.limited,
                 shadow_limited = c.shadow_limited,
                 never = c.never,
+                no_key = c.no_key,
                 "rate-limit counters"
             );
         }
@@ -556,6 +593,7 @@ impl<St: Store> RateLimiter<St> {
                 limited: r.counters.sum(|s| &s.limited),
                 shadow_limited: r.counters.sum(|s| &s.shadow_limited),
                 never: r.counters.sum(|s| &s.never),
+                no_key: r.counters.sum(|s| &s.no_key),
             })
             .collect()
     }
@@ -766,8 +804,13 @@ impl<St: Store> Shared<St> {
         }
         let key = match rule.key.extract(req, &self.proxies) {
             Some(k) => k,
-            None if rule.skip_anonymous => return None,
-            None => RateKey::Anonymous,
+            None => {
+                compiled.no_key();
+                if rule.skip_anonymous {
+                    return None;
+                }
+                RateKey::Anonymous
+            }
         };
         let params = if self.override_count.load(Ordering::Acquire) > 0 {
             self.params_for(index, &key).0
@@ -1011,8 +1054,13 @@ impl<St: Store> Shared<St> {
         }
         let key = match rule.key.extract(req, &self.proxies) {
             Some(k) => k,
-            None if rule.skip_anonymous => return Lean::Pass,
-            None => RateKey::Anonymous,
+            None => {
+                compiled.no_key();
+                if rule.skip_anonymous {
+                    return Lean::Pass;
+                }
+                RateKey::Anonymous
+            }
         };
         self.decide_lean_key(key, rule.cost.of(req))
     }
@@ -1021,13 +1069,19 @@ impl<St: Store> Shared<St> {
     /// request is only read through inlined code, so its address is never lent out.
     #[inline(always)]
     fn decide_plain<B>(self: &Arc<Self>, req: &Request<B>, cost: u64) -> Lean {
-        let rule = &self.rules[0].rule;
+        let compiled = &self.rules[0];
+        let rule = &compiled.rule;
         let key = match rule.key {
             KeySource::Global => RateKey::Global,
             _ => match peer_key(req) {
                 Some(k) => RateKey::Ip(k),
-                None if rule.skip_anonymous => return Lean::Pass,
-                None => RateKey::Anonymous,
+                None => {
+                    compiled.no_key();
+                    if rule.skip_anonymous {
+                        return Lean::Pass;
+                    }
+                    RateKey::Anonymous
+                }
             },
         };
         self.decide_lean_key(key, cost)

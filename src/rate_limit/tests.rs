@@ -1092,3 +1092,46 @@ fn config_from_env_reports_duplicate_rules_and_an_empty_store() {
         "{err}"
     );
 }
+
+/// A rule keyed by the client IP on a server that gives no peer address (the `axum`
+/// feature off, or no `ConnectInfo`) no longer puts everyone in one bucket silently: each
+/// such request is counted (and the first logged at `error`), on every decision path.
+#[tokio::test(start_paused = true)]
+async fn peer_ip_rules_count_requests_without_a_peer_address() {
+    for (headers, skip) in [(true, false), (false, false), (false, true)] {
+        let layer = RateLimitLayer::builder()
+            .rule(
+                Rule::new("per-ip", Quota::per_minute(100))
+                    .key(KeySource::PeerIp)
+                    .skip_anonymous(skip),
+            )
+            .draft_headers(headers)
+            .build()
+            .unwrap();
+        let mut svc = service(&layer);
+        for _ in 0..3 {
+            assert_eq!(send(&mut svc, Request::new(())).await.status(), 200);
+        }
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert("203.0.113.9:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(send(&mut svc, req).await.status(), 200);
+        let c = &layer.limiter().counters()[0];
+        assert_eq!(c.no_key, 3, "headers {headers}, skip {skip}");
+        assert_eq!(
+            c.allowed,
+            if skip { 1 } else { 4 },
+            "headers {headers}, skip {skip}"
+        );
+    }
+    // several rules: the general path counts too
+    let layer = RateLimitLayer::new([
+        Rule::new("per-ip", Quota::per_minute(100)).key(KeySource::PeerIp),
+        Rule::new("per-user", Quota::per_minute(100)).key(KeySource::Principal),
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    send(&mut svc, Request::new(())).await;
+    let c = layer.limiter().counters();
+    assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
+}
