@@ -24,7 +24,8 @@ pub enum RateKey {
     Ip(IpKey),
     /// A hashed API key.
     ApiKey(ApiKeyId),
-    /// An authenticated principal (see [`Principal`]).
+    /// An authenticated principal (see [`Principal`]); like a header value, an id longer
+    /// than 64 bytes is kept as its hash.
     Principal(Arc<str>),
     /// The value of a header, as it is up to 64 bytes; a longer value is kept as its hash
     /// (`sha256:` and 32 hex digits), so a key costs the same bounded memory whatever a
@@ -76,9 +77,9 @@ impl RateKey {
         RateKey::Ip(IpKey::new(ip))
     }
 
-    /// A principal key.
+    /// A principal key (an id longer than [`MAX_HEADER_KEY_LEN`] bytes is hashed).
     pub fn principal(id: impl Into<Arc<str>>) -> Self {
-        RateKey::Principal(id.into())
+        RateKey::Principal(bounded(id.into()))
     }
 
     /// The key of a header value: the value itself up to [`MAX_HEADER_KEY_LEN`] bytes, a
@@ -96,13 +97,26 @@ impl RateKey {
         if value.len() <= MAX_HEADER_KEY_LEN {
             return RateKey::Header(Arc::from(value));
         }
-        RateKey::Header(Arc::from(format!("sha256:{}", ApiKeyId::from_key(value))))
+        RateKey::Header(hashed(value))
     }
 
     /// The key of an API key (hashed at once).
     pub fn api_key(key: &str) -> Self {
         RateKey::ApiKey(ApiKeyId::from_key(key))
     }
+}
+
+/// `text` itself when it is short, else its hash (see [`RateKey::header`]).
+fn bounded(text: Arc<str>) -> Arc<str> {
+    if text.len() <= MAX_HEADER_KEY_LEN {
+        text
+    } else {
+        hashed(&text)
+    }
+}
+
+fn hashed(text: &str) -> Arc<str> {
+    Arc::from(format!("sha256:{}", ApiKeyId::from_key(text)))
 }
 
 /// The longest header value a [`RateKey::Header`] keeps as it is; longer ones are hashed.
@@ -289,7 +303,7 @@ impl KeySource {
             KeySource::Principal => req
                 .extensions()
                 .get::<Principal>()
-                .map(|p| RateKey::Principal(p.0.clone())),
+                .map(|p| RateKey::Principal(bounded(p.0.clone()))),
             KeySource::Header(name) => {
                 let value = req.headers().get(name)?.to_str().ok()?.trim();
                 (!value.is_empty()).then(|| RateKey::header(value))
@@ -597,6 +611,37 @@ mod tests {
             "ip:10.1.2.3"
         );
         assert_eq!(format!("{zero_v4:?}"), "IpKey(0.0.0.0)");
+    }
+
+    #[test]
+    fn long_principals_and_header_values_are_kept_as_hashes() {
+        let long = "p".repeat(10_000);
+        let mut req = Request::new(());
+        req.extensions_mut().insert(Principal::new(long.as_str()));
+        req.headers_mut().insert("x-user-id", long.parse().unwrap());
+        let none = TrustedProxies::none();
+        for (source, key) in [
+            (KeySource::Principal, RateKey::principal(long.as_str())),
+            (
+                KeySource::Header(HeaderName::from_static("x-user-id")),
+                RateKey::header(&long),
+            ),
+        ] {
+            let got = source.extract(&req, &none).unwrap();
+            assert_eq!(got, key);
+            let (RateKey::Principal(text) | RateKey::Header(text)) = &got else {
+                unreachable!()
+            };
+            assert_eq!(text.len(), 39, "{got}");
+        }
+        assert_eq!(
+            RateKey::principal("user-42"),
+            RateKey::Principal("user-42".into())
+        );
+        assert_eq!(
+            RateKey::header(&"h".repeat(64)),
+            RateKey::Header("h".repeat(64).into())
+        );
     }
 
     #[test]
