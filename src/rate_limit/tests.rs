@@ -1135,3 +1135,151 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
     let c = layer.limiter().counters();
     assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
 }
+
+/// One request of [`the_lean_and_plain_paths_decide_as_the_general_path`].
+#[derive(Debug, Clone)]
+struct Arrival {
+    after_ms: u64,
+    post: bool,
+    path: &'static str,
+    user: Option<u8>,
+    peer: Option<u8>,
+    forwarded: Option<u8>,
+    cost: Option<u64>,
+}
+
+fn arrival() -> impl proptest::strategy::Strategy<Value = Arrival> {
+    use proptest::prelude::*;
+    (
+        prop_oneof![Just(0u64), 0u64..100, 0u64..3_000],
+        any::<bool>(),
+        prop_oneof![Just("/v1/messages"), Just("/v1/messages/"), Just("/other")],
+        proptest::option::of(0u8..3),
+        proptest::option::weighted(0.8, 0u8..3),
+        proptest::option::of(0u8..3),
+        proptest::option::of(0u64..4),
+    )
+        .prop_map(
+            |(after_ms, post, path, user, peer, forwarded, cost)| Arrival {
+                after_ms,
+                post,
+                path,
+                user,
+                peer,
+                forwarded,
+                cost,
+            },
+        )
+}
+
+fn arrival_request(a: &Arrival) -> Request<()> {
+    let mut req = Request::builder()
+        .method(if a.post { "POST" } else { "GET" })
+        .uri(a.path);
+    if let Some(u) = a.user {
+        req = req.header("x-user-id", format!("user-{u}"));
+    }
+    if let Some(f) = a.forwarded {
+        req = req.header("x-forwarded-for", format!("203.0.113.{f}"));
+    }
+    let mut req = req.body(()).unwrap();
+    if let Some(p) = a.peer {
+        let peer: SocketAddr = format!("10.0.0.{p}:4000").parse().unwrap();
+        req.extensions_mut().insert(peer);
+    }
+    if let Some(c) = a.cost {
+        req.extensions_mut().insert(RequestCost(c));
+    }
+    req
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// A layer with one rule and no headers decides on its lean path (or the plain one,
+    /// for a rule on every route keyed globally or by peer); with a second rule that never
+    /// applies, the same rule goes through the general path. Both must answer every
+    /// request sequence with the same statuses, `retry-after` and counters.
+    #[test]
+    fn the_lean_and_plain_paths_decide_as_the_general_path(
+        key in 0u8..4,
+        on_route: bool,
+        post_only: bool,
+        algorithm in proptest::prop_oneof![
+            proptest::strategy::Just(Algorithm::SlidingWindow),
+            proptest::strategy::Just(Algorithm::FixedWindow),
+            proptest::strategy::Just(Algorithm::Gcra),
+        ],
+        limit in 1u64..5,
+        window_ms in 500u64..3_000,
+        fixed_cost in proptest::option::of(1u64..3),
+        skip_anonymous: bool,
+        trust_proxies: bool,
+        arrivals in proptest::collection::vec(arrival(), 1..40),
+    ) {
+        let key = match key {
+            0 => KeySource::Global,
+            1 => KeySource::PeerIp,
+            2 => KeySource::Header(http::HeaderName::from_static("x-user-id")),
+            _ => KeySource::ApiKey,
+        };
+        let mut rule = Rule::new("r", Quota::new(limit, Duration::from_millis(window_ms)))
+            .key(key)
+            .algorithm(algorithm)
+            .skip_anonymous(skip_anonymous)
+            .cost(match fixed_cost {
+                Some(c) => Cost::Fixed(c),
+                None => Cost::Extension { default: 1 },
+            });
+        if on_route {
+            rule = rule.route("/v1/messages".parse().unwrap());
+        }
+        if post_only {
+            rule = rule.method(http::Method::POST);
+        }
+        let proxies = if trust_proxies {
+            "10.0.0.0/8".parse().unwrap()
+        } else {
+            TrustedProxies::none()
+        };
+        let build = |extra: Option<Rule>| {
+            let mut b = RateLimitLayer::builder()
+                .rule(rule.clone())
+                .draft_headers(false)
+                .trusted_proxies(proxies.clone());
+            if let Some(extra) = extra {
+                b = b.rule(extra);
+            }
+            b.build().unwrap()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let lean = build(None);
+            let general = build(Some(
+                Rule::new("never", Quota::per_second(1))
+                    .method(http::Method::PATCH)
+                    .route("/never".parse().unwrap()),
+            ));
+            let (mut a, mut b) = (service(&lean), service(&general));
+            for arrival in &arrivals {
+                tokio::time::advance(Duration::from_millis(arrival.after_ms)).await;
+                let ra = send(&mut a, arrival_request(arrival)).await;
+                let rb = send(&mut b, arrival_request(arrival)).await;
+                proptest::prop_assert_eq!(ra.status(), rb.status(), "{:?}", arrival);
+                proptest::prop_assert_eq!(
+                    ra.headers().get("retry-after"),
+                    rb.headers().get("retry-after"),
+                    "{:?}", arrival
+                );
+                proptest::prop_assert_eq!(ra.headers().len(), rb.headers().len());
+            }
+            let (ca, cb) = (&lean.limiter().counters()[0], &general.limiter().counters()[0]);
+            proptest::prop_assert_eq!(ca, cb);
+            Ok(())
+        })?;
+    }
+}
