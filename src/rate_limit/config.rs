@@ -51,7 +51,7 @@ pub struct RuleConfig {
     pub method: Option<String>,
     /// `*`, an exact path, `/prefix/*` or a template with `{param}` segments.
     pub route: String,
-    /// `global`, `principal`, `api_key`, `ip` or `header:<name>`.
+    /// `global`, `principal`, `api_key`, `ip`, `principal_or_ip` or `header:<name>`.
     pub key: String,
     /// The algorithm.
     pub algorithm: Algorithm,

@@ -279,6 +279,9 @@ pub enum KeySource {
     /// counts it in [`RuleCounters::no_key`](super::RuleCounters::no_key) and logs the
     /// first at `error`, since it means the server does not pass the address on.
     PeerIp,
+    /// The [`Principal`] when the request has one, else the client's IP address (as
+    /// [`KeySource::PeerIp`]): one limit for signed-in users and anonymous clients alike.
+    PrincipalOrPeerIp,
 }
 
 impl KeySource {
@@ -310,6 +313,9 @@ impl KeySource {
             }
             KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
             KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),
+            KeySource::PrincipalOrPeerIp => KeySource::Principal
+                .extract_other(req, proxies)
+                .or_else(|| proxies.client_key(req).map(RateKey::Ip)),
         }
     }
 }
@@ -317,7 +323,7 @@ impl KeySource {
 impl FromStr for KeySource {
     type Err = String;
 
-    /// `global`, `principal`, `api_key`, `ip`, or `header:<name>`.
+    /// `global`, `principal`, `api_key`, `ip`, `principal_or_ip`, or `header:<name>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         match s {
@@ -325,12 +331,13 @@ impl FromStr for KeySource {
             "principal" => Ok(KeySource::Principal),
             "api_key" => Ok(KeySource::ApiKey),
             "ip" | "peer_ip" => Ok(KeySource::PeerIp),
+            "principal_or_ip" => Ok(KeySource::PrincipalOrPeerIp),
             _ => match s.strip_prefix("header:") {
                 Some(name) => HeaderName::from_str(name.trim())
                     .map(KeySource::Header)
                     .map_err(|_| format!("`{name}` is not a valid header name")),
                 None => Err(format!(
-                    "unknown key source `{s}`: expected global, principal, api_key, ip or header:<name>"
+                    "unknown key source `{s}`: expected global, principal, api_key, ip, principal_or_ip or header:<name>"
                 )),
             },
         }
@@ -345,6 +352,7 @@ impl fmt::Display for KeySource {
             KeySource::Header(h) => write!(f, "header:{h}"),
             KeySource::ApiKey => f.write_str("api_key"),
             KeySource::PeerIp => f.write_str("ip"),
+            KeySource::PrincipalOrPeerIp => f.write_str("principal_or_ip"),
         }
     }
 }

@@ -329,8 +329,10 @@ impl CompiledRule {
             .stripe()
             .no_key
             .fetch_add(1, Ordering::Relaxed);
-        if matches!(self.rule.key, KeySource::PeerIp)
-            && !self.warned_no_peer.swap(true, Ordering::Relaxed)
+        if matches!(
+            self.rule.key,
+            KeySource::PeerIp | KeySource::PrincipalOrPeerIp
+        ) && !self.warned_no_peer.swap(true, Ordering::Relaxed)
         {
             tracing::error!(
                 target: "palisade::rate_limit",

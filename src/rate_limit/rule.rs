@@ -350,6 +350,50 @@ impl Rule {
         }
     }
 
+    /// Preset: `chat`, 20 requests a minute per API key ([`KeySource::ApiKey`]) on
+    /// `POST /v1/messages` (Anthropic's Messages API path).
+    ///
+    /// ```
+    /// use palisade::rate_limit::{RateLimitLayer, Rule};
+    /// let layer = RateLimitLayer::new([
+    ///     Rule::chat(),
+    ///     Rule::bot_creation(),
+    ///     Rule::orchestrator(),
+    ///     Rule::global(),
+    /// ])
+    /// .unwrap();
+    /// assert_eq!(layer.limiter().rules(), ["chat", "bot_creation", "orchestrator", "global"]);
+    /// assert_eq!(Rule::chat().quota(), palisade::rate_limit::Quota::per_minute(20));
+    /// ```
+    pub fn chat() -> Self {
+        Rule::new("chat", Quota::per_minute(20))
+            .post("/v1/messages")
+            .key(KeySource::ApiKey)
+    }
+
+    /// Preset: `bot_creation`, 10 a hour per user ([`KeySource::Principal`]) on
+    /// `POST /v1/bots`.
+    pub fn bot_creation() -> Self {
+        Rule::new("bot_creation", Quota::per_hour(10))
+            .post("/v1/bots")
+            .key(KeySource::Principal)
+    }
+
+    /// Preset: `orchestrator`, 30 a minute per user ([`KeySource::Principal`]) on
+    /// `POST /v1/orchestrator/*` (`/v1/orchestrator/parse-intent` and its siblings).
+    pub fn orchestrator() -> Self {
+        Rule::new("orchestrator", Quota::per_minute(30))
+            .post("/v1/orchestrator/*")
+            .key(KeySource::Principal)
+    }
+
+    /// Preset: `global`, 100 requests a minute per user, or per client IP for requests
+    /// without a [`Principal`](super::Principal) ([`KeySource::PrincipalOrPeerIp`]), on
+    /// every route and method.
+    pub fn global() -> Self {
+        Rule::new("global", Quota::per_minute(100)).key(KeySource::PrincipalOrPeerIp)
+    }
+
     /// Matches only this method.
     pub fn method(mut self, method: Method) -> Self {
         self.method = Some(method);
@@ -568,5 +612,64 @@ mod tests {
                 "{path}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use std::net::SocketAddr;
+
+    use http::Request;
+
+    use super::*;
+    use crate::rate_limit::key::{Principal, TrustedProxies};
+    use crate::rate_limit::{RateKey, RateLimitLayer};
+
+    #[test]
+    fn presets_say_what_they_count() {
+        let post = |path: &str| Request::post(path).body(()).unwrap();
+        let chat = Rule::chat();
+        assert_eq!((chat.name(), chat.quota()), ("chat", Quota::per_minute(20)));
+        assert!(chat.matches(&post("/v1/messages")) && !chat.matches(&post("/v1/bots")));
+        assert!(matches!(chat.key, KeySource::ApiKey));
+        let bots = Rule::bot_creation();
+        assert_eq!(bots.quota(), Quota::per_hour(10));
+        assert!(bots.matches(&post("/v1/bots")));
+        assert!(!bots.matches(&Request::get("/v1/bots").body(()).unwrap()));
+        assert!(matches!(bots.key, KeySource::Principal));
+        let orchestrator = Rule::orchestrator();
+        assert_eq!(orchestrator.quota(), Quota::per_minute(30));
+        assert!(orchestrator.matches(&post("/v1/orchestrator/parse-intent")));
+        let global = Rule::global();
+        assert_eq!(global.quota(), Quota::per_minute(100));
+        assert!(global.matches(&Request::get("/anything").body(()).unwrap()));
+        let layer = RateLimitLayer::new([
+            Rule::chat(),
+            Rule::bot_creation(),
+            Rule::orchestrator(),
+            Rule::global(),
+        ])
+        .unwrap();
+        assert_eq!(layer.limiter().rules().len(), 4);
+
+        // per user, or per IP without one
+        let none = TrustedProxies::none();
+        let mut req = post("/");
+        req.extensions_mut()
+            .insert("203.0.113.9:1".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            global.key.extract(&req, &none),
+            Some(RateKey::ip("203.0.113.9".parse().unwrap()))
+        );
+        req.extensions_mut().insert(Principal::new("user-1"));
+        assert_eq!(
+            global.key.extract(&req, &none),
+            Some(RateKey::principal("user-1"))
+        );
+        assert_eq!(global.key.extract(&post("/"), &none), None);
+        assert_eq!(
+            "principal_or_ip".parse::<KeySource>().unwrap().to_string(),
+            "principal_or_ip"
+        );
     }
 }
