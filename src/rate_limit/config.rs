@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
-use super::error::RateLimitError;
+use super::error::{ParseIpNetError, ParseKeySourceError, RateLimitConfigError};
 use super::key::{KeySource, TrustedProxies};
 use super::layer::{FailMode, RateLimitLayer};
 use super::quota::{Algorithm, Quota};
@@ -96,8 +96,8 @@ impl Default for RuleConfig {
 
 impl RuleConfig {
     /// The rule this configuration describes.
-    pub fn to_rule(&self) -> Result<Rule, RateLimitError> {
-        let invalid = |field: &'static str, reason: String| RateLimitError::Invalid {
+    pub fn to_rule(&self) -> Result<Rule, RateLimitConfigError> {
+        let invalid = |field: &'static str, reason: String| RateLimitConfigError::Invalid {
             rule: self.name.clone(),
             field,
             reason,
@@ -106,8 +106,11 @@ impl RuleConfig {
         if let Some(b) = self.burst {
             quota = quota.with_burst(b);
         }
-        let route = Route::parse(&self.route).map_err(|r| invalid("route", r))?;
-        let key: KeySource = self.key.parse().map_err(|r| invalid("key", r))?;
+        let route = Route::parse(&self.route).map_err(|r| invalid("route", r.to_string()))?;
+        let key: KeySource = self
+            .key
+            .parse()
+            .map_err(|r: ParseKeySourceError| invalid("key", r.to_string()))?;
         let cost = match self.cost_mode {
             CostMode::Fixed => Cost::Fixed(self.cost),
             CostMode::Extension => Cost::Extension { default: self.cost },
@@ -237,7 +240,7 @@ impl RateLimitConfig {
             let reason = match rule.to_rule() {
                 Err(e) => e.to_string(),
                 Ok(_) if rules[..i].iter().any(|r| r.name == rule.name) => {
-                    RateLimitError::DuplicateRule {
+                    RateLimitConfigError::DuplicateRule {
                         rule: rule.name.clone(),
                     }
                     .to_string()
@@ -260,7 +263,7 @@ impl RateLimitConfig {
                 &max_entries_var,
                 ProblemKind::Invalid {
                     value: "0".into(),
-                    reason: RateLimitError::ZeroCapacity.to_string(),
+                    reason: RateLimitConfigError::ZeroCapacity.to_string(),
                 },
                 "1000000",
             );
@@ -287,7 +290,7 @@ impl RateLimitConfig {
             Vec::new(),
             "10.0.0.0/8,192.168.1.1",
             |s| {
-                s.parse::<TrustedProxies>()?;
+                s.parse::<TrustedProxies>().map_err(|e| e.to_string())?;
                 Ok(s.split(',')
                     .map(|p| p.trim().to_owned())
                     .filter(|p| !p.is_empty())
@@ -318,7 +321,7 @@ impl RateLimitConfig {
     }
 
     /// Builds the layer with an in-memory store sized by this configuration.
-    pub fn build(&self) -> Result<RateLimitLayer<MemoryStore>, RateLimitError> {
+    pub fn build(&self) -> Result<RateLimitLayer<MemoryStore>, RateLimitConfigError> {
         let store = MemoryStore::builder()
             .max_entries(self.max_entries)
             .shards(self.shards)
@@ -331,16 +334,17 @@ impl RateLimitConfig {
     pub fn build_with_store<St: Store>(
         &self,
         store: St,
-    ) -> Result<RateLimitLayer<St>, RateLimitError> {
+    ) -> Result<RateLimitLayer<St>, RateLimitConfigError> {
         let proxies = TrustedProxies::new(
             self.trusted_proxies
                 .iter()
                 .map(|p| {
-                    p.parse().map_err(|reason| RateLimitError::Invalid {
-                        rule: "*".into(),
-                        field: "trusted_proxies",
-                        reason,
-                    })
+                    p.parse()
+                        .map_err(|reason: ParseIpNetError| RateLimitConfigError::Invalid {
+                            rule: "*".into(),
+                            field: "trusted_proxies",
+                            reason: reason.to_string(),
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         );

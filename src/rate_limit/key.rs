@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use http::Request;
 
+use super::error::{ParseIpNetError, ParseKeySourceError};
 use crate::key::ApiKeyId;
 
 /// The identity a rule counts against.
@@ -321,7 +322,7 @@ impl KeySource {
 }
 
 impl FromStr for KeySource {
-    type Err = String;
+    type Err = ParseKeySourceError;
 
     /// `global`, `principal`, `api_key`, `ip`, `principal_or_ip`, or `header:<name>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -335,10 +336,12 @@ impl FromStr for KeySource {
             _ => match s.strip_prefix("header:") {
                 Some(name) => HeaderName::from_str(name.trim())
                     .map(KeySource::Header)
-                    .map_err(|_| format!("`{name}` is not a valid header name")),
-                None => Err(format!(
+                    .map_err(|_| {
+                        ParseKeySourceError(format!("`{name}` is not a valid header name"))
+                    }),
+                None => Err(ParseKeySourceError(format!(
                     "unknown key source `{s}`: expected global, principal, api_key, ip, principal_or_ip or header:<name>"
-                )),
+                ))),
             },
         }
     }
@@ -384,7 +387,7 @@ impl IpNet {
 }
 
 impl FromStr for IpNet {
-    type Err = String;
+    type Err = ParseIpNetError;
 
     /// `addr/prefix`, or a bare address (a single host).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -395,14 +398,12 @@ impl FromStr for IpNet {
         };
         let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or network"))?;
+            .map_err(|_| ParseIpNetError(format!("`{s}` is not an IP address or network")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}` has an invalid prefix length (0..={max})"))?,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                ParseIpNetError(format!("`{s}` has an invalid prefix length (0..={max})"))
+            })?,
             None => max,
         };
         Ok(IpNet { addr, prefix })
@@ -524,7 +525,7 @@ impl TrustedProxies {
 }
 
 impl FromStr for TrustedProxies {
-    type Err = String;
+    type Err = ParseIpNetError;
 
     /// A comma-separated list of networks (`10.0.0.0/8, 192.168.0.1`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {

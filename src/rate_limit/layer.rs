@@ -16,7 +16,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::algorithm::{Params, Verdict};
-use super::error::{AdminError, RateLimitError, StoreError};
+use super::error::{AdminError, RateLimitConfigError, StoreError};
 use super::headers::{self, ceil_secs};
 use super::key::{KeySource, RateKey, TrustedProxies, peer_key};
 use super::quota::Quota;
@@ -105,7 +105,7 @@ impl RateLimitLayer<MemoryStore> {
     }
 
     /// A layer enforcing `rules` with the defaults.
-    pub fn new(rules: impl IntoIterator<Item = Rule>) -> Result<Self, RateLimitError> {
+    pub fn new(rules: impl IntoIterator<Item = Rule>) -> Result<Self, RateLimitConfigError> {
         Self::builder().rules(rules).build()
     }
 
@@ -122,7 +122,7 @@ impl RateLimitLayer<MemoryStore> {
     /// let layer = RateLimitLayer::from_config(config).unwrap();
     /// assert_eq!(layer.limiter().rules(), ["chat"]);
     /// ```
-    pub fn from_config(config: super::RateLimitConfig) -> Result<Self, RateLimitError> {
+    pub fn from_config(config: super::RateLimitConfig) -> Result<Self, RateLimitConfigError> {
         config.build()
     }
 
@@ -210,7 +210,7 @@ impl<St: Store> RateLimitLayerBuilder<St> {
     }
 
     /// Validates the rules and builds the layer.
-    pub fn build(self) -> Result<RateLimitLayer<St>, RateLimitError> {
+    pub fn build(self) -> Result<RateLimitLayer<St>, RateLimitConfigError> {
         let mut rules = Vec::with_capacity(self.rules.len());
         for rule in self.rules {
             rule.validate()?;
@@ -218,7 +218,7 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 .iter()
                 .any(|r: &CompiledRule| r.rule.name == rule.name)
             {
-                return Err(RateLimitError::DuplicateRule {
+                return Err(RateLimitConfigError::DuplicateRule {
                     rule: rule.name.to_string(),
                 });
             }
@@ -235,7 +235,7 @@ impl<St: Store> RateLimitLayerBuilder<St> {
             });
         }
         if u32::try_from(rules.len()).is_err() {
-            return Err(RateLimitError::Invalid {
+            return Err(RateLimitConfigError::Invalid {
                 rule: "*".into(),
                 field: "rules",
                 reason: "too many rules".into(),
@@ -484,13 +484,13 @@ impl<St> fmt::Debug for RateLimiter<St> {
 }
 
 impl<St: Store> RateLimiter<St> {
-    fn index(&self, rule: &str) -> Result<u32, RateLimitError> {
+    fn index(&self, rule: &str) -> Result<u32, AdminError> {
         self.shared
             .rules
             .iter()
             .position(|r| &*r.rule.name == rule)
             .and_then(|i| u32::try_from(i).ok())
-            .ok_or_else(|| RateLimitError::UnknownRule { rule: rule.into() })
+            .ok_or_else(|| AdminError::UnknownRule { rule: rule.into() })
     }
 
     /// The rule names, in order.
@@ -528,12 +528,7 @@ impl<St: Store> RateLimiter<St> {
     }
 
     /// Gives `key` its own quota for `rule` (a paying customer, a noisy neighbour).
-    pub fn set_override(
-        &self,
-        rule: &str,
-        key: RateKey,
-        quota: Quota,
-    ) -> Result<(), RateLimitError> {
+    pub fn set_override(&self, rule: &str, key: RateKey, quota: Quota) -> Result<(), AdminError> {
         let index = self.index(rule)?;
         validate_quota(rule, quota)?;
         let mut map = self
@@ -549,11 +544,7 @@ impl<St: Store> RateLimiter<St> {
     }
 
     /// Removes an override; returns the quota it had.
-    pub fn remove_override(
-        &self,
-        rule: &str,
-        key: &RateKey,
-    ) -> Result<Option<Quota>, RateLimitError> {
+    pub fn remove_override(&self, rule: &str, key: &RateKey) -> Result<Option<Quota>, AdminError> {
         let index = self.index(rule)?;
         let mut map = self
             .shared

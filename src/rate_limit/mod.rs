@@ -70,7 +70,10 @@ mod rule;
 pub mod store;
 
 pub use config::{CostMode, RateLimitConfig, RuleConfig};
-pub use error::{AdminError, RateLimitError, StoreError};
+pub use error::{
+    AdminError, ParseIpNetError, ParseKeySourceError, ParseRouteError, RateLimitConfigError,
+    StoreError,
+};
 pub use key::{IpKey, IpNet, KeySource, MAX_HEADER_KEY_LEN, Principal, RateKey, TrustedProxies};
 pub use layer::{
     FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,

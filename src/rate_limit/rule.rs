@@ -9,7 +9,7 @@ use http::Method;
 use http::Request;
 
 use super::algorithm::Params;
-use super::error::RateLimitError;
+use super::error::{ParseRouteError, RateLimitConfigError};
 use super::key::KeySource;
 use super::quota::{Algorithm, Quota};
 
@@ -68,7 +68,11 @@ impl Route {
     /// let p: Route = "/v1/*".parse().unwrap();
     /// assert!(p.matches("/v1/messages") && !p.matches("/v2/messages"));
     /// ```
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ParseRouteError> {
+        Self::parse_inner(s).map_err(ParseRouteError)
+    }
+
+    fn parse_inner(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "*" || s.is_empty() {
             return Ok(Route::All);
@@ -235,7 +239,7 @@ fn decode_unreserved(path: &str) -> Cow<'_, str> {
 }
 
 impl FromStr for Route {
-    type Err = String;
+    type Err = ParseRouteError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Route::parse(s)
     }
@@ -412,7 +416,7 @@ impl Rule {
     pub fn post(mut self, path: &str) -> Self {
         match Route::parse(path) {
             Ok(route) => self.route = route,
-            Err(reason) => self.route_error = Some(reason),
+            Err(reason) => self.route_error = Some(reason.0),
         }
         self.method(Method::POST)
     }
@@ -481,7 +485,7 @@ impl Rule {
         Params::new(self.algorithm, quota).strict(self.strict)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), RateLimitError> {
+    pub(crate) fn validate(&self) -> Result<(), RateLimitConfigError> {
         let rule = self.name.to_string();
         if self.name.is_empty()
             || !self
@@ -489,10 +493,10 @@ impl Rule {
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            return Err(RateLimitError::InvalidName { rule });
+            return Err(RateLimitConfigError::InvalidName { rule });
         }
         if let Some(reason) = &self.route_error {
-            return Err(RateLimitError::Invalid {
+            return Err(RateLimitConfigError::Invalid {
                 rule,
                 field: "route",
                 reason: reason.clone(),
@@ -500,21 +504,21 @@ impl Rule {
         }
         validate_quota(&rule, self.quota)?;
         if self.strict && self.algorithm != Algorithm::SlidingWindow {
-            return Err(RateLimitError::StrictNeedsSlidingWindow { rule });
+            return Err(RateLimitConfigError::StrictNeedsSlidingWindow { rule });
         }
         Ok(())
     }
 }
 
-pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitError> {
+pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitConfigError> {
     if quota.limit() == 0 {
-        return Err(RateLimitError::ZeroLimit { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroLimit { rule: rule.into() });
     }
     if quota.window().as_micros() == 0 {
-        return Err(RateLimitError::ZeroWindow { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroWindow { rule: rule.into() });
     }
     if quota.burst() == 0 {
-        return Err(RateLimitError::ZeroBurst { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroBurst { rule: rule.into() });
     }
     Ok(())
 }

@@ -226,12 +226,25 @@ async fn overrides_reset_and_peek() {
     assert_eq!((status.quota, status.remaining), (Quota::per_minute(1), 0));
     assert!(matches!(
         admin.peek("nope", &vip).await,
-        Err(AdminError::Config(RateLimitError::UnknownRule { .. }))
+        Err(AdminError::UnknownRule { .. })
     ));
-    assert_eq!(
-        admin.set_override("p", vip, Quota::per_minute(0)),
-        Err(RateLimitError::ZeroLimit { rule: "p".into() })
-    );
+    assert!(matches!(
+        admin.set_override("p", vip.clone(), Quota::per_minute(0)),
+        Err(AdminError::InvalidQuota(
+            RateLimitConfigError::ZeroLimit { .. }
+        ))
+    ));
+    assert!(matches!(
+        admin.set_override("nope", vip, Quota::per_minute(1)),
+        Err(AdminError::UnknownRule { .. })
+    ));
+    // parse errors are types too
+    let route_err: ParseRouteError = "v1".parse::<Route>().unwrap_err();
+    assert!(route_err.to_string().contains("must start with `/`"));
+    let key_err: ParseKeySourceError = "cookie".parse::<KeySource>().unwrap_err();
+    assert!(key_err.to_string().contains("unknown key source `cookie`"));
+    let net_err: ParseIpNetError = "10.0.0.0/33".parse::<IpNet>().unwrap_err();
+    assert!(net_err.to_string().contains("invalid prefix length"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -389,28 +402,31 @@ fn configuration_mistakes_are_errors() {
     ]);
     assert_eq!(
         dup.unwrap_err(),
-        RateLimitError::DuplicateRule { rule: "a".into() }
+        RateLimitConfigError::DuplicateRule { rule: "a".into() }
     );
     let strict = RateLimitLayer::new([Rule::new("a", Quota::per_minute(1))
         .algorithm(Algorithm::Gcra)
         .strict(true)]);
     assert!(matches!(
         strict,
-        Err(RateLimitError::StrictNeedsSlidingWindow { .. })
+        Err(RateLimitConfigError::StrictNeedsSlidingWindow { .. })
     ));
     let name = RateLimitLayer::new([Rule::new("a \"b\"", Quota::per_minute(1))]);
-    assert!(matches!(name, Err(RateLimitError::InvalidName { .. })));
+    assert!(matches!(
+        name,
+        Err(RateLimitConfigError::InvalidName { .. })
+    ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("z", Quota::new(1, Duration::ZERO))]),
-        Err(RateLimitError::ZeroWindow { .. })
+        Err(RateLimitConfigError::ZeroWindow { .. })
     ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("b", Quota::per_second(1).with_burst(0))]),
-        Err(RateLimitError::ZeroBurst { .. })
+        Err(RateLimitConfigError::ZeroBurst { .. })
     ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("p", Quota::per_minute(1)).post("v1/messages")]),
-        Err(RateLimitError::Invalid { field: "route", .. })
+        Err(RateLimitConfigError::Invalid { field: "route", .. })
     ));
     assert!(Route::parse("v1").is_err());
     assert!(Route::parse("/a/{*rest}/b").is_err());

@@ -9,7 +9,7 @@ use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
 
 use super::super::algorithm::{self, State};
-use super::super::error::{RateLimitError, StoreError};
+use super::super::error::{RateLimitConfigError, StoreError};
 use super::super::key::RateKey;
 use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
 
@@ -248,9 +248,9 @@ impl MemoryStoreBuilder {
     }
 
     /// Builds the store.
-    pub fn build(self) -> Result<MemoryStore, RateLimitError> {
+    pub fn build(self) -> Result<MemoryStore, RateLimitConfigError> {
         if self.max_entries == 0 {
-            return Err(RateLimitError::ZeroCapacity);
+            return Err(RateLimitConfigError::ZeroCapacity);
         }
         let shards = self
             .shards
@@ -859,7 +859,7 @@ mod tests {
     fn zero_capacity_is_an_error() {
         assert_eq!(
             MemoryStore::builder().max_entries(0).build().unwrap_err(),
-            RateLimitError::ZeroCapacity
+            RateLimitConfigError::ZeroCapacity
         );
     }
 
