@@ -5,9 +5,10 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
+use super::builder::FailMode;
 use super::error::{ParseIpNetError, ParseKeySourceError, RateLimitConfigError};
 use super::key::{KeySource, TrustedProxies};
-use super::layer::{FailMode, RateLimitLayer};
+use super::layer::RateLimitLayer;
 use super::quota::{Algorithm, Quota};
 use super::rule::{Cost, Route, Rule};
 use super::store::{MemoryStore, Store, memory};

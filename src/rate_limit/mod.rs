@@ -60,27 +60,37 @@
 //! ```
 
 pub mod algorithm;
+mod builder;
 mod config;
 mod error;
+mod ext;
+mod future;
 pub mod headers;
 mod key;
 mod layer;
+mod limiter;
 mod quota;
+mod reservation;
 mod rule;
+mod service;
+mod shared;
 pub mod store;
 
+pub use builder::{FailMode, RateLimitLayerBuilder};
 pub use config::{CostMode, RateLimitConfig, RuleConfig};
 pub use error::{
     AdminError, ParseIpNetError, ParseKeySourceError, ParseRouteError, RateLimitConfigError,
     StoreError,
 };
+pub use ext::RateLimitServiceBuilderExt;
+pub use future::ResponseFuture;
 pub use key::{IpKey, IpNet, KeySource, MAX_HEADER_KEY_LEN, Principal, RateKey, TrustedProxies};
-pub use layer::{
-    FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,
-    RateLimiter, Reservation, ResponseFuture, RuleCounters, RuleStatus,
-};
+pub use layer::RateLimitLayer;
+pub use limiter::{RateLimiter, RuleCounters, RuleStatus};
 pub use quota::{Algorithm, Quota};
+pub use reservation::Reservation;
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
+pub use service::RateLimit;
 pub use store::{MemoryStore, MemoryStoreBuilder, Store};
 
 #[cfg(test)]

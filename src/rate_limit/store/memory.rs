@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
 
-use super::super::algorithm::{self, State};
-use super::super::error::{RateLimitConfigError, StoreError};
-use super::super::key::RateKey;
 use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+use crate::rate_limit::algorithm::{self, State};
+use crate::rate_limit::error::{RateLimitConfigError, StoreError};
+use crate::rate_limit::key::RateKey;
 
 mod ip_table;
 
@@ -42,7 +42,7 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
 /// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
 /// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
-/// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](super::super::MAX_HEADER_KEY_LEN)
+/// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](crate::rate_limit::MAX_HEADER_KEY_LEN)
 /// bytes, a longer one as a 39-byte hash, so **any header key costs at most 300 bytes**
 /// whatever a client sends.
 ///
@@ -527,7 +527,7 @@ impl MemoryStore {
                 continue;
             };
             let state = algorithm::settle(&s.params, &slot.state(), s.window_start, s.delta);
-            let expires_at = if s.params.algorithm == super::super::Algorithm::Gcra {
+            let expires_at = if s.params.algorithm == crate::rate_limit::Algorithm::Gcra {
                 state.start
             } else {
                 slot.expires_at()
