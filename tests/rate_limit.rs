@@ -117,6 +117,21 @@ async fn headers_and_forwarded_for_over_a_real_socket() {
     let app = Router::new()
         .route("/v1/messages", post(|| async { "ok" }))
         .layer(layer);
+    // palisade reads axum's `ConnectInfo` itself with its `axum` feature; without it, the
+    // server hands the peer address on as a plain `SocketAddr` extension.
+    #[cfg(not(feature = "axum"))]
+    let app = app.layer(axum::middleware::map_request(
+        |mut req: Request<axum::body::Body>| async move {
+            let peer = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            if let Some(peer) = peer {
+                req.extensions_mut().insert(peer);
+            }
+            req
+        },
+    ));
     let addr = serve(app).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let send = |xff: &'static str| {
@@ -235,4 +250,28 @@ async fn header_keys_stay_bounded_in_memory_for_any_value() {
         "{KEYS} header keys grew memory by {grown} bytes ({} per key)",
         grown / KEYS
     );
+}
+
+/// A server that passes no peer address on (no `ConnectInfo`): a `PeerIp` rule cannot tell
+/// clients apart, and says so in its `no_key` counter rather than silently.
+#[tokio::test]
+async fn peer_ip_rules_count_requests_from_a_server_without_peer_addresses() {
+    let layer =
+        RateLimitLayer::new([Rule::new("ip", Quota::per_minute(100)).key(KeySource::PeerIp)])
+            .unwrap();
+    let app = Router::new()
+        .route("/v1/messages", post(|| async { "ok" }))
+        .layer(layer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    for _ in 0..3 {
+        let req = Request::post(format!("http://{addr}/v1/messages"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(client.request(req).await.unwrap().status(), 200);
+    }
+    let counters = &layer.limiter().counters()[0];
+    assert_eq!((counters.no_key, counters.allowed), (3, 3));
 }
