@@ -29,7 +29,7 @@ pub struct RuleCounters {
     pub never: u64,
     /// Requests for which the rule's key source found no key (no header, no principal, no
     /// peer address): counted against the shared `anonymous` key, or skipped with
-    /// [`Rule::skip_anonymous`]. For a rule keyed by [`KeySource::PeerIp`] this means the
+    /// [`Rule::skip_anonymous`](super::Rule::skip_anonymous). For a rule keyed by [`KeySource::PeerIp`](super::KeySource::PeerIp) this means the
     /// server gives no peer address (see the module docs), and the first one is logged at
     /// `error`.
     pub no_key: u64,
@@ -47,7 +47,7 @@ pub struct RuleStatus {
     pub reset: Duration,
 }
 
-/// The admin handle of a layer (from [`RateLimitLayer::limiter`]).
+/// The admin handle of a layer (from [`RateLimitLayer::limiter`](super::RateLimitLayer::limiter)).
 ///
 /// ```
 /// use palisade::rate_limit::{Quota, RateKey, RateLimitLayer, Rule};

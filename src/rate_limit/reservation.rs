@@ -13,7 +13,7 @@ use crate::rate_limit::key::RateKey;
 use crate::rate_limit::store::{Settlement, Store};
 
 /// A reservation for a quantity known only after the response (rules with
-/// [`Cost::Settled`]), found in the request extensions of an admitted request.
+/// [`Cost::Settled`](super::Cost::Settled)), found in the request extensions of an admitted request.
 ///
 /// Call [`Reservation::settle`] with the actual amount once it is known (for example the
 /// tokens a completion used): the difference to the reserved estimate is debited or

@@ -13,7 +13,7 @@ use super::shared::{Lean, Outcome, PendingList, Shared};
 use crate::body::ResponseBody;
 use crate::rate_limit::store::{MemoryStore, Store};
 
-/// The rate-limiting service built by [`RateLimitLayer`].
+/// The rate-limiting service built by [`RateLimitLayer`](super::RateLimitLayer).
 pub struct RateLimit<S, St = MemoryStore> {
     pub(super) inner: S,
     pub(super) shared: Arc<Shared<St>>,
