@@ -1,0 +1,215 @@
+//! Builds the gateway from a [`GatewayConfig`]: the state, the layers and the routes, so
+//! that `main` and the tests build the same thing.
+//!
+//! ```text
+//! request id -> request log -> security headers -> auth -> rate limits -> route
+//!   route: body limit, content type, validation, budget -> upstream stack (upstream.rs)
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware;
+use http::HeaderValue;
+use palisade::BoxError;
+use palisade::cost::{CostStats, RecorderShutdown};
+use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+
+use crate::auth::KeyStore;
+use crate::config::{GatewayConfig, UpstreamTarget};
+use crate::schema::Limits;
+use crate::store::{Bots, Budgets, Ledger};
+use crate::upstream::Upstreams;
+use crate::{mock, routes};
+
+/// What every handler shares. Cheap to clone; extend it with more `Arc`s.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<GatewayConfig>,
+    /// Hashed API keys.
+    pub keys: Arc<KeyStore>,
+    /// The primary upstream and its fallback.
+    pub upstreams: Upstreams,
+    /// Bots.
+    pub bots: Arc<Bots>,
+    /// Usage records and spend.
+    pub ledger: Ledger,
+    /// Daily spend limits.
+    pub budgets: Arc<Budgets>,
+    /// The rate limiter's admin handle (`None` with the layers off).
+    pub limiter: Option<RateLimiter>,
+    /// The usage recorder's counters (`None` with the layers off).
+    pub cost_stats: Option<Arc<CostStats>>,
+    /// What requests are checked against.
+    pub limits: Arc<Limits>,
+}
+
+/// A built gateway: its router and what shutdown needs.
+pub struct App {
+    /// The routes with every layer.
+    pub router: Router,
+    /// The shared state (tests read it).
+    pub state: AppState,
+    /// Flushes the usage recorder.
+    pub recorder: Option<RecorderShutdown>,
+    /// The mock upstream's address, when it serves.
+    pub mock_addr: Option<std::net::SocketAddr>,
+}
+
+/// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: 100 requests
+/// a minute per user over everything, and one rule per costly route.
+pub fn default_rules() -> Vec<RuleConfig> {
+    let rule = |name: &str, method: Option<&str>, route: &str, quota: Quota| RuleConfig {
+        name: name.to_owned(),
+        method: method.map(str::to_owned),
+        route: route.to_owned(),
+        key: KeySource::Principal.to_string(),
+        limit: quota.limit(),
+        window: quota.window(),
+        skip_anonymous: true,
+        ..RuleConfig::default()
+    };
+    vec![
+        rule("global", None, "*", Quota::per_minute(100)),
+        rule(
+            "messages",
+            Some("POST"),
+            "/v1/messages",
+            Quota::per_minute(60),
+        ),
+        rule("bots_create", Some("POST"), "/v1/bots", Quota::per_hour(10)),
+        rule(
+            "bot_messages",
+            Some("POST"),
+            "/v1/bots/{id}/messages",
+            Quota::per_minute(20),
+        ),
+        rule(
+            "parse_intent",
+            Some("POST"),
+            "/v1/orchestrator/parse-intent",
+            Quota::per_minute(30),
+        ),
+    ]
+}
+
+/// Request ids: a random prefix per process and a counter (`req_3f2a…_000001`).
+#[derive(Clone)]
+struct MakeId {
+    prefix: Arc<str>,
+    next: Arc<AtomicU64>,
+}
+
+impl MakeRequestId for MakeId {
+    fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("req_{}_{n:08}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// Builds the gateway (starting the mock upstream and the usage recorder).
+pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
+    let config = Arc::new(config);
+    let mock_addr = match config.upstream {
+        UpstreamTarget::Mock => Some(mock::spawn(config.mock_slow_delay).await?),
+        UpstreamTarget::Remote { .. } => None,
+    };
+    let ledger = Ledger::memory();
+    let (meter, recorder) = if config.layers {
+        let (layer, shutdown) = config.cost.spawn(ledger.clone())?;
+        (Some(layer), Some(shutdown))
+    } else {
+        (None, None)
+    };
+    let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
+    let upstreams = Upstreams::new(&config, mock_addr.map(|a| format!("http://{a}")), meter)?;
+
+    let rate_limit = if config.layers {
+        let mut rl = config.rate_limit.clone();
+        if rl.rules.is_empty() {
+            rl.rules = default_rules();
+        }
+        Some(rl.build()?)
+    } else {
+        None
+    };
+    let security_headers = if config.layers {
+        Some(config.security_headers.build()?)
+    } else {
+        None
+    };
+
+    let state = AppState {
+        keys: Arc::new(KeyStore::new(&config.api_keys, &config.admin_keys)),
+        upstreams,
+        bots: Arc::new(Bots::memory()),
+        ledger: ledger.clone(),
+        budgets: Arc::new(Budgets::new(config.daily_budget)),
+        limiter: rate_limit.as_ref().map(|l| l.limiter()),
+        cost_stats,
+        limits: Arc::new(Limits {
+            models: config.models.clone(),
+            max_tokens: config.max_tokens,
+        }),
+        config: Arc::clone(&config),
+    };
+
+    // Innermost first: rate limits need the principal that auth sets.
+    let mut api = routes::api().with_state(state.clone());
+    if let Some(layer) = rate_limit {
+        api = api.layer(layer);
+    }
+    let api = api.layer(middleware::from_fn_with_state(
+        state.clone(),
+        crate::auth::authenticate,
+    ));
+    let mut router = Router::new()
+        .merge(api)
+        .merge(routes::public().with_state(state.clone()))
+        .fallback({
+            let format = config.error_format();
+            move || async move { routes::not_found(format) }
+        });
+    if let Some(layer) = security_headers {
+        router = router.layer(layer);
+    }
+    let make_id = MakeId {
+        prefix: Arc::from(format!("{:08x}", rand::random::<u32>())),
+        next: Arc::new(AtomicU64::new(1)),
+    };
+    let router = router
+        .layer(middleware::from_fn(crate::log::request_line))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(make_id))
+        .layer(middleware::map_request(drop_client_request_id));
+    Ok(App {
+        router,
+        state,
+        recorder,
+        mock_addr,
+    })
+}
+
+/// The request id keys usage records (a sink drops a record whose id it has seen), so the
+/// gateway makes every id itself: an id chosen by a client could collide with another's.
+async fn drop_client_request_id(mut req: Request) -> Request {
+    req.headers_mut().remove("x-request-id");
+    req
+}
+
+/// The gateway's request id of `req` (set by the request-id layer).
+pub fn request_id(req: &Request) -> String {
+    req.extensions()
+        .get::<RequestId>()
+        .and_then(|id| id.header_value().to_str().ok())
+        .unwrap_or("req_unknown")
+        .to_owned()
+}

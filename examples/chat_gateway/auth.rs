@@ -1,0 +1,142 @@
+//! Authentication: `x-api-key` or `Authorization: Bearer`, hashed and compared in constant
+//! time; every failure is an audit event (target `chat_gateway::audit`) that never holds
+//! the key.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use palisade::cost::Attribution;
+use palisade::key::{ApiKeyId, api_key_from_headers, constant_time_eq};
+use palisade::rate_limit::Principal;
+use palisade::{Error, ErrorKind};
+
+use crate::app::AppState;
+use crate::config::NamedKey;
+use crate::error::render;
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Chat, bots, own usage.
+    User,
+    /// Everything, including `/admin` and everyone's usage.
+    Admin,
+}
+
+/// The authenticated caller, in the request extensions.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The key's owner.
+    pub user: Arc<str>,
+    /// Its role.
+    pub role: Role,
+    /// The hashed key (safe to log and store).
+    pub key_id: ApiKeyId,
+}
+
+impl Caller {
+    /// Whether the caller holds an admin key.
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+struct Entry {
+    hash: [u8; 16],
+    user: Arc<str>,
+    role: Role,
+}
+
+/// The known keys, hashed: the keys themselves are not kept.
+pub struct KeyStore {
+    entries: Vec<Entry>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("keys", &self.entries.len())
+            .finish()
+    }
+}
+
+impl KeyStore {
+    /// Hashes the configured keys.
+    pub fn new(users: &[NamedKey], admins: &[NamedKey]) -> Self {
+        let entry = |k: &NamedKey, role| Entry {
+            hash: *ApiKeyId::from_key(&k.key).as_bytes(),
+            user: Arc::from(k.name.as_str()),
+            role,
+        };
+        let entries = users
+            .iter()
+            .map(|k| entry(k, Role::User))
+            .chain(admins.iter().map(|k| entry(k, Role::Admin)))
+            .collect();
+        Self { entries }
+    }
+
+    /// The caller holding `key`. Every entry is compared, in constant time, whatever matches.
+    pub fn authenticate(&self, key: &str) -> Option<Caller> {
+        let id = ApiKeyId::from_key(key);
+        let mut found = None;
+        for e in &self.entries {
+            if constant_time_eq(&e.hash, id.as_bytes()) && found.is_none() {
+                found = Some(Caller {
+                    user: e.user.clone(),
+                    role: e.role,
+                    key_id: id,
+                });
+            }
+        }
+        found
+    }
+}
+
+/// The middleware: authenticates, then puts the [`Caller`], its rate-limit [`Principal`]
+/// and its cost [`Attribution`] in the request extensions.
+pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let format = state.config.error_format();
+    let route = req.uri().path().to_owned();
+    let Some(key) = api_key_from_headers(req.headers()) else {
+        tracing::warn!(target: "chat_gateway::audit", event = "auth_failed", reason = "no key", route = %route);
+        return render(
+            &Error::new(
+                ErrorKind::Unauthenticated,
+                "no API key: send it in the x-api-key header or as Authorization: Bearer <key>",
+            ),
+            format,
+        );
+    };
+    let Some(caller) = state.keys.authenticate(key) else {
+        tracing::warn!(target: "chat_gateway::audit", event = "auth_failed", reason = "unknown key", route = %route);
+        return render(
+            &Error::new(ErrorKind::Unauthenticated, "invalid x-api-key"),
+            format,
+        );
+    };
+    if route.starts_with("/admin") && !caller.is_admin() {
+        tracing::warn!(target: "chat_gateway::audit", event = "forbidden", user = %caller.user, route = %route);
+        return render(
+            &Error::new(ErrorKind::Forbidden, "this route needs an admin key"),
+            format,
+        );
+    }
+    if route.starts_with("/admin") {
+        tracing::info!(target: "chat_gateway::audit", event = "admin_access", user = %caller.user, method = %req.method(), route = %route);
+    }
+    let ext = req.extensions_mut();
+    ext.insert(Principal::new(caller.user.clone()));
+    ext.insert(
+        Attribution::default()
+            .with_user(caller.user.to_string())
+            .with_api_key(caller.key_id),
+    );
+    let user = caller.user.clone();
+    ext.insert(caller);
+    let mut res = next.run(req).await;
+    res.extensions_mut().insert(crate::log::LoggedUser(user));
+    res
+}

@@ -1,0 +1,573 @@
+//! The gateway's configuration: every `PALISADE_GATEWAY_*` variable plus each layer's own
+//! `PALISADE_*` variables, read in one pass so that every problem is reported at once.
+//!
+//! An optional file (`PALISADE_GATEWAY_ENV_FILE`, lines of `NAME=value`) supplies values the
+//! process environment does not set; the environment always wins.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use palisade::ErrorFormat;
+use palisade::circuit_breaker::CircuitBreakerConfig;
+use palisade::config::{ConfigError, Env, Environment, ProblemKind, Settings};
+use palisade::cost::{CostConfig, Money};
+use palisade::rate_limit::RateLimitConfig;
+use palisade::retry::RetryConfig;
+use palisade::security_headers::SecurityHeadersConfig;
+
+/// Models the built-in mock upstream answers with a fault, for demos and tests: 529
+/// `overloaded_error`, 500 `api_error`, and an answer delayed by
+/// `PALISADE_GATEWAY_MOCK_SLOW_DELAY`.
+pub const MOCK_FAULT_MODELS: [&str; 3] = ["mock-overloaded", "mock-error", "mock-slow"];
+
+/// The models allowed when `PALISADE_GATEWAY_MODELS` is unset.
+pub const DEFAULT_MODELS: [&str; 8] = [
+    "claude-opus-4-1",
+    "claude-opus-4-0",
+    "claude-sonnet-4-5",
+    "claude-sonnet-4-0",
+    "claude-3-7-sonnet-latest",
+    "claude-haiku-4-5",
+    "claude-3-5-haiku-latest",
+    "claude-3-haiku-20240307",
+];
+
+/// A named API key from `PALISADE_GATEWAY_API_KEYS` or `PALISADE_GATEWAY_ADMIN_KEYS`.
+#[derive(Clone)]
+pub struct NamedKey {
+    /// Who the key belongs to (the user id in limits, usage and budgets).
+    pub name: String,
+    /// The key itself (hashed as soon as the key store is built).
+    pub key: String,
+}
+
+impl std::fmt::Debug for NamedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedKey")
+            .field("name", &self.name)
+            .field("key", &palisade::key::redact(&self.key))
+            .finish()
+    }
+}
+
+/// Where the gateway sends `/v1/messages`.
+#[derive(Clone)]
+pub enum UpstreamTarget {
+    /// The built-in mock, started on a free loopback port.
+    Mock,
+    /// A real Anthropic-compatible API.
+    Remote {
+        /// `https://api.anthropic.com` or any compatible base URL.
+        base_url: String,
+        /// Sent as `x-api-key`; never logged.
+        api_key: String,
+    },
+}
+
+impl std::fmt::Debug for UpstreamTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamTarget::Mock => f.write_str("Mock"),
+            UpstreamTarget::Remote { base_url, .. } => f
+                .debug_struct("Remote")
+                .field("base_url", base_url)
+                .field("api_key", &"[redacted]")
+                .finish(),
+        }
+    }
+}
+
+/// The gateway's whole configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where to listen (`PALISADE_GATEWAY_ADDR`).
+    pub addr: SocketAddr,
+    /// Shared settings: environment, error format.
+    pub settings: Settings,
+    /// `false` when `PALISADE_GATEWAY_LAYERS=off`: the bare pass-through floor.
+    pub layers: bool,
+    /// The primary upstream.
+    pub upstream: UpstreamTarget,
+    /// Another base URL to fall back to (`PALISADE_GATEWAY_FALLBACK_BASE_URL`).
+    pub fallback_base_url: Option<String>,
+    /// Another model to fall back to (`PALISADE_GATEWAY_FALLBACK_MODEL`).
+    pub fallback_model: Option<String>,
+    /// User keys.
+    pub api_keys: Vec<NamedKey>,
+    /// Admin keys.
+    pub admin_keys: Vec<NamedKey>,
+    /// `true` when the demo keys are in use (printed at start-up).
+    pub demo_keys: bool,
+    /// Models a caller may ask for.
+    pub models: BTreeSet<String>,
+    /// The largest `max_tokens` accepted.
+    pub max_tokens: u64,
+    /// The largest request body, in bytes.
+    pub max_body: usize,
+    /// The model the orchestrator asks for bot drafts.
+    pub orchestrator_model: String,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The daily spend limit per user, unless an admin set another.
+    pub daily_budget: Option<Money>,
+    /// How long shutdown waits for in-flight requests and streams.
+    pub shutdown_grace: Duration,
+    /// How long the mock's `mock-slow` model waits before answering.
+    pub mock_slow_delay: Duration,
+    /// JSON logs (`PALISADE_GATEWAY_LOG_FORMAT`, default: JSON in production).
+    pub json_logs: bool,
+    /// Which logs to write (`RUST_LOG`, default `info`).
+    pub log_filter: String,
+    /// The layers' own configurations.
+    pub retry: RetryConfig,
+    /// The circuit breaker (one per upstream).
+    pub breaker: CircuitBreakerConfig,
+    /// Rate-limit rules; the gateway's defaults when `PALISADE_RATE_LIMIT_RULES` is unset.
+    pub rate_limit: RateLimitConfig,
+    /// Security headers.
+    pub security_headers: SecurityHeadersConfig,
+    /// The cost meter and its usage queue.
+    pub cost: CostConfig,
+}
+
+/// The demo user key printed at start-up when no keys are configured.
+pub const DEMO_USER_KEY: &str = "sk-demo-user-0000000000000000";
+/// The demo admin key printed at start-up when no keys are configured.
+pub const DEMO_ADMIN_KEY: &str = "sk-demo-admin-000000000000000";
+
+impl GatewayConfig {
+    /// Reads the process environment (and the optional env file).
+    pub fn from_process() -> Result<Self, ConfigError> {
+        let mut pairs: Vec<(String, String)> = std::env::vars().collect();
+        let mut file_error = None;
+        if let Some(path) = std::env::var_os("PALISADE_GATEWAY_ENV_FILE") {
+            let path = PathBuf::from(path);
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    for (k, v) in parse_env_file(&text) {
+                        if !pairs.iter().any(|(name, _)| *name == k) {
+                            pairs.push((k, v));
+                        }
+                    }
+                }
+                Err(e) => {
+                    file_error = Some(ProblemKind::Invalid {
+                        value: path.display().to_string(),
+                        reason: format!("cannot be read: {e}"),
+                    })
+                }
+            }
+        }
+        let mut env = Env::from_pairs(pairs);
+        if let Some(kind) = file_error {
+            env.problem(
+                "PALISADE_GATEWAY_ENV_FILE",
+                kind,
+                "examples/chat_gateway/load.env",
+            );
+        }
+        let config = Self::from_env(&mut env);
+        env.finish()?;
+        Ok(config)
+    }
+
+    /// Reads every variable from `env`, recording every problem there.
+    pub fn from_env(env: &mut Env) -> Self {
+        let mut settings = Settings::from_env(env);
+        if env.raw("PALISADE_ERROR_FORMAT").is_none() {
+            // An Anthropic-compatible gateway answers in Anthropic's error format.
+            settings.error_format = ErrorFormat::Anthropic;
+        }
+        let addr = env.optional(
+            "PALISADE_GATEWAY_ADDR",
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            "127.0.0.1:8080",
+        );
+        let layers = env.optional_with("PALISADE_GATEWAY_LAYERS", true, "on", |s| {
+            match s.trim().to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" => Ok(true),
+                "off" | "false" | "0" => Ok(false),
+                _ => Err("expected `on` or `off`".into()),
+            }
+        });
+
+        let base_url = env.raw("ANTHROPIC_BASE_URL").map(|s| s.trim().to_owned());
+        let upstream = match base_url {
+            None => UpstreamTarget::Mock,
+            Some(url) => {
+                if let Err(reason) = check_base_url(&url) {
+                    env.problem(
+                        "ANTHROPIC_BASE_URL",
+                        ProblemKind::Invalid {
+                            value: url.clone(),
+                            reason,
+                        },
+                        "https://api.anthropic.com",
+                    );
+                }
+                let api_key: Option<String> =
+                    env.secret_with("ANTHROPIC_API_KEY", "sk-ant-api03-...", |s| {
+                        Ok(s.trim().to_owned())
+                    });
+                if api_key.is_none() && env.raw("ANTHROPIC_API_KEY").is_none() {
+                    env.problem(
+                        "ANTHROPIC_API_KEY",
+                        ProblemKind::Missing,
+                        "sk-ant-api03-... (required with ANTHROPIC_BASE_URL)",
+                    );
+                }
+                UpstreamTarget::Remote {
+                    base_url: url.trim_end_matches('/').to_owned(),
+                    api_key: api_key.unwrap_or_default(),
+                }
+            }
+        };
+        let fallback_base_url = env.optional_with(
+            "PALISADE_GATEWAY_FALLBACK_BASE_URL",
+            None,
+            "https://fallback.example.com",
+            |s| check_base_url(s.trim()).map(|()| Some(s.trim().trim_end_matches('/').to_owned())),
+        );
+        let fallback_model = env
+            .raw("PALISADE_GATEWAY_FALLBACK_MODEL")
+            .map(|s| s.trim().to_owned());
+
+        let user_keys = keys_env(
+            env,
+            "PALISADE_GATEWAY_API_KEYS",
+            "alice=sk-alice-...,bob=sk-bob-...",
+        );
+        let admin_keys = keys_env(env, "PALISADE_GATEWAY_ADMIN_KEYS", "ops=sk-admin-...");
+        let demo_keys = user_keys.is_none() && admin_keys.is_none();
+        let (api_keys, admin_keys) = if demo_keys {
+            (
+                vec![NamedKey {
+                    name: "demo-user".into(),
+                    key: DEMO_USER_KEY.into(),
+                }],
+                vec![NamedKey {
+                    name: "demo-admin".into(),
+                    key: DEMO_ADMIN_KEY.into(),
+                }],
+            )
+        } else {
+            (
+                user_keys.unwrap_or_default(),
+                admin_keys.unwrap_or_default(),
+            )
+        };
+
+        let mock = matches!(upstream, UpstreamTarget::Mock);
+        let models = env.optional_with(
+            "PALISADE_GATEWAY_MODELS",
+            default_models(mock),
+            "claude-sonnet-4-5,claude-haiku-4-5",
+            |s| {
+                let set: BTreeSet<String> = s
+                    .split(',')
+                    .map(|m| m.trim().to_owned())
+                    .filter(|m| !m.is_empty())
+                    .collect();
+                if set.is_empty() {
+                    Err("name at least one model".into())
+                } else {
+                    Ok(set)
+                }
+            },
+        );
+        let max_tokens = env.optional_with(
+            "PALISADE_GATEWAY_MAX_TOKENS",
+            64_000u64,
+            "64000",
+            |s| match s.trim().parse::<u64>() {
+                Ok(0) => Err("must be at least 1".into()),
+                Ok(n) => Ok(n),
+                Err(e) => Err(e.to_string()),
+            },
+        );
+        let max_body =
+            env.optional_with("PALISADE_GATEWAY_MAX_BODY", 4 << 20, "4194304", |s| match s
+                .trim()
+                .parse::<usize>(
+            ) {
+                Ok(n) if n >= 1024 => Ok(n),
+                Ok(_) => Err("must be at least 1024 bytes".into()),
+                Err(e) => Err(e.to_string()),
+            });
+        let orchestrator_model = env.optional(
+            "PALISADE_GATEWAY_ORCHESTRATOR_MODEL",
+            "claude-haiku-4-5".to_owned(),
+            "claude-haiku-4-5",
+        );
+        let daily_budget = env.optional_with(
+            "PALISADE_GATEWAY_DAILY_BUDGET",
+            Some(Money::from_picos(5 * Money::PICOS_PER_DOLLAR)),
+            "5.00 (dollars per user per UTC day, or `none`)",
+            |s| {
+                if s.trim().eq_ignore_ascii_case("none") {
+                    Ok(None)
+                } else {
+                    Money::parse_dollars(s.trim())
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                }
+            },
+        );
+        let shutdown_grace = env.duration(
+            "PALISADE_GATEWAY_SHUTDOWN_GRACE",
+            Duration::from_secs(30),
+            "30s",
+        );
+        let mock_slow_delay = env.duration(
+            "PALISADE_GATEWAY_MOCK_SLOW_DELAY",
+            Duration::from_secs(5),
+            "5s",
+        );
+        let log_filter = env.optional_with(
+            "RUST_LOG",
+            "info".to_owned(),
+            "info,chat_gateway::audit=info",
+            |s| {
+                tracing_subscriber::EnvFilter::try_new(s.trim())
+                    .map(|_| s.trim().to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        );
+        let json_logs = env.optional_with(
+            "PALISADE_GATEWAY_LOG_FORMAT",
+            settings.environment == Environment::Production,
+            "json",
+            |s| match s.trim().to_ascii_lowercase().as_str() {
+                "json" => Ok(true),
+                "pretty" | "text" => Ok(false),
+                _ => Err("expected `json` or `text`".into()),
+            },
+        );
+
+        if env.raw("REDIS_URL").is_some() || env.raw("PALISADE_REDIS_URL").is_some() {
+            let name = if env.raw("REDIS_URL").is_some() {
+                "REDIS_URL"
+            } else {
+                "PALISADE_REDIS_URL"
+            };
+            env.problem(
+                name,
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "this build of the gateway keeps limits, budgets, bots and usage in memory only; unset it".into(),
+                },
+                "(unset)",
+            );
+        }
+        if env.raw("DATABASE_URL").is_some() {
+            env.problem(
+                "DATABASE_URL",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "this build of the gateway has no PostgreSQL ledger yet; unset it"
+                        .into(),
+                },
+                "(unset)",
+            );
+        }
+        if env.raw("PALISADE_GATEWAY_ALERT_WEBHOOK").is_some() {
+            env.problem(
+                "PALISADE_GATEWAY_ALERT_WEBHOOK",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "alerts are not in this build of the gateway yet; unset it".into(),
+                },
+                "(unset)",
+            );
+        }
+        let tls = tls_env(env);
+
+        let mut retry = RetryConfig::from_env(env);
+        if env.raw("PALISADE_RETRY_ASSUME_IDEMPOTENT").is_none() {
+            // The Messages API is safe to repeat the way Anthropic's own SDKs do: they retry
+            // 500s and timeouts on POST too.
+            retry.assume_idempotent = true;
+        }
+        if env.raw("PALISADE_RETRY_ATTEMPT_TIMEOUT").is_none() {
+            retry.attempt_timeout = Some(Duration::from_secs(600));
+        }
+        let breaker = CircuitBreakerConfig::from_env(env);
+        let mut rate_limit = RateLimitConfig::from_env(env);
+        if env.raw("PALISADE_RATE_LIMIT_ERROR_FORMAT").is_none() {
+            rate_limit.error_format = settings.error_format;
+        }
+        let security_headers = SecurityHeadersConfig::from_env(env);
+        let mut cost = CostConfig::from_env(env);
+        if env.raw("PALISADE_COST_COST_HEADERS").is_none() {
+            cost.cost_headers = true;
+        }
+        if env.raw("PALISADE_COST_SSE_COMMENT").is_none() {
+            // SSE clients, the Anthropic SDKs among them, skip comment lines.
+            cost.sse_cost_comment = true;
+        }
+
+        Self {
+            addr,
+            settings,
+            layers,
+            upstream,
+            fallback_base_url,
+            fallback_model,
+            api_keys,
+            admin_keys,
+            demo_keys,
+            models,
+            max_tokens,
+            max_body,
+            orchestrator_model,
+            daily_budget,
+            tls,
+            shutdown_grace,
+            mock_slow_delay,
+            json_logs,
+            log_filter,
+            retry,
+            breaker,
+            rate_limit,
+            security_headers,
+            cost,
+        }
+    }
+
+    /// How refusals are rendered.
+    pub fn error_format(&self) -> ErrorFormat {
+        self.settings.error_format
+    }
+
+    /// Whether a fallback is configured.
+    pub fn has_fallback(&self) -> bool {
+        self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// `PALISADE_GATEWAY_TLS_CERT` and `_KEY`: both or neither, and they must load.
+fn tls_env(env: &mut Env) -> Option<(PathBuf, PathBuf)> {
+    const CERT: &str = "PALISADE_GATEWAY_TLS_CERT";
+    const KEY: &str = "PALISADE_GATEWAY_TLS_KEY";
+    let cert = env.raw(CERT).map(|s| PathBuf::from(s.trim()));
+    let key = env.raw(KEY).map(|s| PathBuf::from(s.trim()));
+    match (cert, key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            env.problem(
+                KEY,
+                ProblemKind::Missing,
+                "key.pem (with PALISADE_GATEWAY_TLS_CERT)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            env.problem(
+                CERT,
+                ProblemKind::Missing,
+                "cert.pem (with PALISADE_GATEWAY_TLS_KEY)",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => match crate::tls::load(&cert, &key) {
+            Ok(_) => Some((cert, key)),
+            Err(reason) => {
+                env.problem(
+                    CERT,
+                    ProblemKind::Invalid {
+                        value: cert.display().to_string(),
+                        reason,
+                    },
+                    "cert.pem (a PEM certificate chain; the key in PALISADE_GATEWAY_TLS_KEY)",
+                );
+                None
+            }
+        },
+    }
+}
+
+fn default_models(mock: bool) -> BTreeSet<String> {
+    let mut set: BTreeSet<String> = DEFAULT_MODELS.iter().map(|m| (*m).to_owned()).collect();
+    if mock {
+        set.extend(MOCK_FAULT_MODELS.iter().map(|m| (*m).to_owned()));
+    }
+    set
+}
+
+fn check_base_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("must start with http:// or https://".into()),
+    }
+    if uri.host().is_none() {
+        return Err("has no host".into());
+    }
+    Ok(())
+}
+
+/// `name=key` pairs, comma-separated. `None` when unset; an invalid value is a problem.
+fn keys_env(env: &mut Env, name: &str, example: &str) -> Option<Vec<NamedKey>> {
+    env.secret_with(name, example, |s| {
+        let mut keys = Vec::new();
+        for (i, pair) in s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+        {
+            let Some((who, key)) = pair.split_once('=') else {
+                return Err(format!("entry {} is not `name=key`", i + 1));
+            };
+            let (who, key) = (who.trim(), key.trim());
+            if who.is_empty() || key.is_empty() {
+                return Err(format!("entry {} has an empty name or key", i + 1));
+            }
+            if !who
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+            {
+                return Err(format!(
+                    "entry {}: a name may hold letters, digits and - _ . @",
+                    i + 1
+                ));
+            }
+            if key.len() < 16 {
+                return Err(format!(
+                    "entry {} ({who}): a key must be at least 16 characters",
+                    i + 1
+                ));
+            }
+            keys.push(NamedKey {
+                name: who.to_owned(),
+                key: key.to_owned(),
+            });
+        }
+        if keys.is_empty() {
+            return Err("no keys".into());
+        }
+        Ok(keys)
+    })
+}
+
+/// Parses `NAME=value` lines; blank lines and `#` comments are skipped, and one pair of
+/// surrounding quotes is removed.
+pub fn parse_env_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let l = l.strip_prefix("export ").unwrap_or(l);
+            let (k, v) = l.split_once('=')?;
+            let v = v.trim();
+            let v = v
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(v);
+            Some((k.trim().to_owned(), v.to_owned()))
+        })
+        .collect()
+}

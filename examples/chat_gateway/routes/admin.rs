@@ -1,0 +1,141 @@
+//! Admin routes (admin key only, every call audited): reset a user's rate limits; read
+//! and set a user's daily budget.
+
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use http::HeaderMap;
+use palisade::cost::Money;
+use palisade::rate_limit::RateKey;
+use palisade::validate::{self, Validate, Validator};
+use palisade::{Error, ErrorKind, FieldError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::read_json;
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, WithFormat};
+use crate::store::BudgetView;
+
+/// The body of `POST /admin/rate-limits/reset`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetLimits {
+    /// Whose limits.
+    pub user: String,
+    /// Which rules (default: all).
+    pub rules: Option<Vec<String>>,
+}
+
+impl Validate for ResetLimits {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Validator::new();
+        v.length("user", &self.user, 1, 256);
+        v.finish()
+    }
+}
+
+/// `POST /admin/rate-limits/reset`.
+pub async fn reset_rate_limits(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let format = state.config.error_format();
+    let bytes = read_json(&state, &headers, body).await?;
+    let req: ResetLimits = validate::from_json(&bytes).fmt_err(format)?;
+    let Some(limiter) = &state.limiter else {
+        return Err(ApiError::new(
+            Error::new(
+                ErrorKind::NotFound,
+                "rate limits are switched off (PALISADE_GATEWAY_LAYERS=off)",
+            ),
+            format,
+        ));
+    };
+    let known: Vec<String> = limiter.rules().into_iter().map(str::to_owned).collect();
+    let rules = req.rules.clone().unwrap_or_else(|| known.clone());
+    let unknown: Vec<FieldError> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !known.contains(r))
+        .map(|(i, r)| {
+            FieldError::new(
+                format!("rules[{i}]"),
+                format!("no rule `{r}`; rules: {}", known.join(", ")),
+            )
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(ApiError::new(Error::invalid_fields(unknown), format));
+    }
+    let key = RateKey::principal(req.user.as_str());
+    for rule in &rules {
+        limiter.reset(rule, &key).await.map_err(|e| {
+            ApiError::new(
+                Error::new(ErrorKind::Unavailable, "the rate-limit store failed").with_source(e),
+                format,
+            )
+        })?;
+    }
+    tracing::info!(target: "chat_gateway::audit", event = "rate_limits_reset", actor = %caller.user, target_user = %req.user, rules = ?rules);
+    Ok(Json(json!({ "user": req.user, "reset": rules })))
+}
+
+/// `GET /admin/budgets/{user}`.
+pub async fn get_budget(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> Json<BudgetView> {
+    Json(state.budgets.view(&user, &state.ledger, SystemTime::now()))
+}
+
+/// The body of `PUT /admin/budgets/{user}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutBudget {
+    /// Dollars per UTC day (`"10.00"`), or `null` for no limit.
+    pub daily_limit_usd: Option<String>,
+}
+
+impl Validate for PutBudget {
+    fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Validator::new();
+        if let Some(s) = &self.daily_limit_usd {
+            v.check(
+                Money::parse_dollars(s).is_ok(),
+                "daily_limit_usd",
+                "must be a dollar amount such as \"10.00\", or null",
+            );
+        }
+        v.finish()
+    }
+}
+
+/// `PUT /admin/budgets/{user}`.
+pub async fn put_budget(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<BudgetView>> {
+    let format = state.config.error_format();
+    let bytes = read_json(&state, &headers, body).await?;
+    let req: PutBudget = validate::from_json(&bytes).fmt_err(format)?;
+    let limit = req
+        .daily_limit_usd
+        .as_deref()
+        .and_then(|s| Money::parse_dollars(s).ok());
+    state.budgets.set(&user, limit);
+    tracing::info!(target: "chat_gateway::audit", event = "budget_set", actor = %caller.user, target_user = %user, limit = ?limit.map(Money::dollars_string));
+    Ok(Json(state.budgets.view(
+        &user,
+        &state.ledger,
+        SystemTime::now(),
+    )))
+}

@@ -1,0 +1,53 @@
+//! `POST /v1/messages`: the Anthropic-compatible proxy, streamed and not.
+
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::Response;
+use http::HeaderMap;
+use palisade::cost::Attribution;
+use palisade::{Error, validate};
+use tower_http::request_id::RequestId;
+
+use super::{check_budget, forwarded_headers, pass_through, read_json};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, WithFormat};
+use crate::schema::MessagesRequest;
+use crate::upstream::Call;
+
+/// The handler.
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let format = state.config.error_format();
+    let bytes = read_json(&state, &headers, body).await?;
+    let request: MessagesRequest = validate::deserialize_json(&bytes).fmt_err(format)?;
+    request
+        .check(&state.limits)
+        .map_err(|fields| ApiError::new(Error::invalid_fields(fields), format))?;
+    check_budget(&state, &caller)?;
+    tracing::debug!(model = %request.model, stream = request.stream.unwrap_or(false), "messages request");
+    let call = Call {
+        body: bytes,
+        headers: forwarded_headers(&headers),
+        attribution: Attribution::default()
+            .with_user(caller.user.to_string())
+            .with_api_key(caller.key_id),
+        request_id: request_id
+            .header_value()
+            .to_str()
+            .unwrap_or("req_unknown")
+            .to_owned(),
+    };
+    let res = state
+        .upstreams
+        .send(call, &state.ledger)
+        .await
+        .fmt_err(format)?;
+    Ok(pass_through(res))
+}

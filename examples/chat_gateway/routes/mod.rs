@@ -1,0 +1,174 @@
+//! The routes, one module per concern. `api()` holds the authenticated routes, `public()`
+//! those open to anyone; add a module and a line here for a new concern.
+
+pub mod admin;
+pub mod bots;
+pub mod health;
+pub mod messages;
+pub mod orchestrator;
+pub mod usage;
+
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use palisade::{Error, ErrorKind};
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+
+/// The routes that need an API key.
+pub fn api() -> Router<AppState> {
+    Router::new()
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/bots", post(bots::create).get(bots::list))
+        .route("/v1/bots/{id}", get(bots::get).delete(bots::delete))
+        .route("/v1/bots/{id}/messages", post(bots::chat))
+        .route(
+            "/v1/orchestrator/parse-intent",
+            post(orchestrator::parse_intent),
+        )
+        .route("/v1/usage", get(usage::usage))
+        .route("/admin/rate-limits/reset", post(admin::reset_rate_limits))
+        .route(
+            "/admin/budgets/{user}",
+            get(admin::get_budget).put(admin::put_budget),
+        )
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// The routes open to anyone.
+pub fn public() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(health::health))
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// 404 for unknown routes, in the configured error format.
+pub fn not_found(format: palisade::ErrorFormat) -> Response {
+    crate::error::render(&Error::new(ErrorKind::NotFound, "no such route"), format)
+}
+
+async fn method_not_allowed() -> Response {
+    let body = serde_json::json!({
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "this method is not allowed on this route"}
+    });
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
+/// Reads a JSON request body: 415 when it is not JSON, 413 past the configured size.
+pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> ApiResult<Bytes> {
+    let format = state.config.error_format();
+    let max = state.config.max_body;
+    let json = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        });
+    if !json {
+        return Err(ApiError::new(
+            Error::new(
+                ErrorKind::UnsupportedMediaType,
+                "send the body as JSON with content-type: application/json",
+            ),
+            format,
+        ));
+    }
+    let too_large = || {
+        ApiError::new(
+            Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!("the request body is larger than {max} bytes"),
+            ),
+            format,
+        )
+    };
+    if headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > max as u64)
+    {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            Error::invalid_request("the request body could not be read").with_source(e),
+            format,
+        )),
+    }
+}
+
+/// Refuses a caller who has spent their daily budget: 429, `x-should-retry: false`,
+/// `retry-after` until the next UTC day.
+pub fn check_budget(state: &AppState, caller: &Caller) -> ApiResult<()> {
+    if !state.config.layers {
+        return Ok(());
+    }
+    state
+        .budgets
+        .check(&caller.user, &state.ledger, SystemTime::now())
+        .map_err(|wait| {
+            tracing::warn!(target: "chat_gateway::audit", event = "budget_refused", user = %caller.user);
+            ApiError::new(
+                Error::budget_exceeded("your daily spend budget is used up; it resets at midnight UTC")
+                    .with_retry_after(wait)
+                    .with_should_retry(false),
+                state.config.error_format(),
+            )
+        })
+}
+
+/// The request headers forwarded upstream.
+pub fn forwarded_headers(headers: &HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
+    ["anthropic-version", "anthropic-beta"]
+        .into_iter()
+        .filter_map(|name| {
+            headers
+                .get(name)
+                .map(|v| (HeaderName::from_static(name), v.clone()))
+        })
+        .collect()
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// An upstream response with hop-by-hop headers dropped (and those `connection` names).
+pub fn pass_through(mut res: http::Response<Body>) -> Response {
+    let h = res.headers_mut();
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        h.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    res
+}

@@ -1,0 +1,362 @@
+//! The gateway's state: bots, the usage ledger and per-user budgets.
+//!
+//! Each is an enum with an in-memory variant, so that shared stores (Redis, PostgreSQL)
+//! can be added as variants without touching the routes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade::cost::{Day, Money, SinkError, Totals, UsageRecord, UsageSink};
+use serde::Serialize;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A bot: the platform's own object, owned by one user.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bot {
+    /// `bot_` and 24 hex digits.
+    pub id: String,
+    /// The owner (never shown to others: another user's bot is a 404).
+    #[serde(skip)]
+    pub owner: Arc<str>,
+    /// Display name.
+    pub name: String,
+    /// The model it chats with.
+    pub model: String,
+    /// Its system prompt.
+    pub system_prompt: String,
+    /// Its `max_tokens`.
+    pub max_tokens: u64,
+    /// Its temperature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: u64,
+}
+
+/// Where bots live.
+#[derive(Debug)]
+pub enum Bots {
+    /// In this process.
+    Memory(MemoryBots),
+}
+
+/// Bots in memory.
+#[derive(Debug, Default)]
+pub struct MemoryBots {
+    bots: RwLock<BTreeMap<String, Bot>>,
+    next: AtomicU64,
+}
+
+impl Bots {
+    /// An empty in-memory store.
+    pub fn memory() -> Self {
+        Bots::Memory(MemoryBots::default())
+    }
+
+    /// Stores a new bot and returns it with its id.
+    pub async fn create(&self, mut bot: Bot) -> Bot {
+        match self {
+            Bots::Memory(m) => {
+                let n = m.next.fetch_add(1, Ordering::Relaxed);
+                bot.id = format!("bot_{:08x}{:016x}", n, rand::random::<u64>());
+                let mut map = m.bots.write().unwrap_or_else(PoisonError::into_inner);
+                map.insert(bot.id.clone(), bot.clone());
+                bot
+            }
+        }
+    }
+
+    /// The owner's bots, oldest first.
+    pub async fn list(&self, owner: &str) -> Vec<Bot> {
+        match self {
+            Bots::Memory(m) => {
+                let map = m.bots.read().unwrap_or_else(PoisonError::into_inner);
+                let mut bots: Vec<Bot> = map
+                    .values()
+                    .filter(|b| &*b.owner == owner)
+                    .cloned()
+                    .collect();
+                bots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+                bots
+            }
+        }
+    }
+
+    /// The bot `id` if `owner` owns it.
+    pub async fn get(&self, owner: &str, id: &str) -> Option<Bot> {
+        match self {
+            Bots::Memory(m) => {
+                let map = m.bots.read().unwrap_or_else(PoisonError::into_inner);
+                map.get(id).filter(|b| &*b.owner == owner).cloned()
+            }
+        }
+    }
+
+    /// Deletes the bot `id` if `owner` owns it; `true` when it was deleted.
+    pub async fn delete(&self, owner: &str, id: &str) -> bool {
+        match self {
+            Bots::Memory(m) => {
+                let mut map = m.bots.write().unwrap_or_else(PoisonError::into_inner);
+                if map.get(id).is_some_and(|b| &*b.owner == owner) {
+                    map.remove(id);
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// A usage record as the gateway keeps it: the meter's record and, when a fallback served
+/// the request, what it fell back to.
+#[derive(Debug, Clone)]
+pub struct LedgerEntry {
+    /// The meter's record.
+    pub record: UsageRecord,
+    /// The fallback taken (`model:claude-haiku-4-5`, `upstream:https://...`), if any.
+    pub fallback: Option<String>,
+}
+
+/// The usage ledger: the usage recorder's sink, the source of `/v1/usage`, and the spend
+/// that budgets read.
+#[derive(Debug, Clone)]
+pub enum Ledger {
+    /// In this process.
+    Memory(Arc<MemoryLedger>),
+}
+
+/// The in-memory ledger (bounded: the oldest records go first; per-day spend is kept).
+#[derive(Debug, Default)]
+pub struct MemoryLedger {
+    entries: Mutex<std::collections::VecDeque<LedgerEntry>>,
+    spend: Mutex<HashMap<(Arc<str>, Day), Money>>,
+    fallbacks: Mutex<HashMap<String, String>>,
+    evicted: AtomicU64,
+}
+
+/// The most records the in-memory ledger keeps (about 50 MB); per-day spend outlives them.
+const MAX_LEDGER_ENTRIES: usize = 100_000;
+
+impl Ledger {
+    /// An empty in-memory ledger.
+    pub fn memory() -> Self {
+        Ledger::Memory(Arc::new(MemoryLedger::default()))
+    }
+
+    /// Notes that the request `request_id` was served by a fallback, so its record says so.
+    pub fn mark_fallback(&self, request_id: &str, fallback: String) {
+        match self {
+            Ledger::Memory(m) => {
+                let mut marks = lock(&m.fallbacks);
+                // A fallback that failed too leaves its mark unclaimed: keep them bounded.
+                if marks.len() >= 100_000 {
+                    marks.clear();
+                }
+                marks.insert(request_id.to_owned(), fallback);
+            }
+        }
+    }
+
+    /// What `user` spent on the UTC day `day`.
+    pub fn spent(&self, user: &str, day: Day) -> Money {
+        match self {
+            Ledger::Memory(m) => lock(&m.spend)
+                .get(&(Arc::from(user), day))
+                .copied()
+                .unwrap_or(Money::ZERO),
+        }
+    }
+
+    /// The entries between `from` (inclusive) and `to` (exclusive) that `filter` keeps.
+    pub fn entries(
+        &self,
+        from: SystemTime,
+        to: SystemTime,
+        filter: impl Fn(&LedgerEntry) -> bool,
+    ) -> Vec<LedgerEntry> {
+        match self {
+            Ledger::Memory(m) => lock(&m.entries)
+                .iter()
+                .filter(|e| e.record.time >= from && e.record.time < to && filter(e))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Records dropped because the in-memory ledger was full.
+    pub fn evicted(&self) -> u64 {
+        match self {
+            Ledger::Memory(m) => m.evicted.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add(&self, batch: &[UsageRecord]) {
+        match self {
+            Ledger::Memory(m) => {
+                let mut spend = lock(&m.spend);
+                let mut fallbacks = lock(&m.fallbacks);
+                let mut entries = lock(&m.entries);
+                for record in batch {
+                    if let (Some(user), Some(cost)) = (&record.attribution.user, record.cost) {
+                        let slot = spend
+                            .entry((Arc::from(user.as_str()), Day::of(record.time)))
+                            .or_insert(Money::ZERO);
+                        *slot = slot.saturating_add(cost);
+                    }
+                    // The primary's refusal carries the same request id: only the answer
+                    // that served the request takes the mark.
+                    let fallback = record
+                        .request_id
+                        .as_deref()
+                        .filter(|_| record.status < 400)
+                        .and_then(|id| fallbacks.remove(id));
+                    if entries.len() >= MAX_LEDGER_ENTRIES {
+                        entries.pop_front();
+                        m.evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    entries.push_back(LedgerEntry {
+                        record: record.clone(),
+                        fallback,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl UsageSink for Ledger {
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        self.add(batch);
+        Ok(())
+    }
+}
+
+/// Per-user daily spend limits: the configured default, or what an admin set.
+#[derive(Debug)]
+pub struct Budgets {
+    default: Option<Money>,
+    overrides: RwLock<HashMap<String, Option<Money>>>,
+}
+
+/// A user's budget as `/admin/budgets/{user}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetView {
+    /// The user.
+    pub user: String,
+    /// The daily limit in dollars, or `null` for none.
+    pub daily_limit_usd: Option<String>,
+    /// Spent today (UTC), in dollars.
+    pub spent_today_usd: String,
+    /// Whether an admin set this limit (else it is the default).
+    pub custom: bool,
+}
+
+impl Budgets {
+    /// Budgets with `default` as every user's daily limit.
+    pub fn new(default: Option<Money>) -> Self {
+        Self {
+            default,
+            overrides: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// `user`'s daily limit.
+    pub fn limit(&self, user: &str) -> (Option<Money>, bool) {
+        let map = self
+            .overrides
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match map.get(user) {
+            Some(limit) => (*limit, true),
+            None => (self.default, false),
+        }
+    }
+
+    /// Sets `user`'s daily limit (`None`: unlimited).
+    pub fn set(&self, user: &str, limit: Option<Money>) {
+        self.overrides
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(user.to_owned(), limit);
+    }
+
+    /// `Err` with the time until the next UTC day when `user` has spent their limit.
+    pub fn check(&self, user: &str, ledger: &Ledger, now: SystemTime) -> Result<(), Duration> {
+        let (Some(limit), _) = self.limit(user) else {
+            return Ok(());
+        };
+        if ledger.spent(user, Day::of(now)) >= limit {
+            Err(until_next_utc_day(now))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The view of `user`'s budget.
+    pub fn view(&self, user: &str, ledger: &Ledger, now: SystemTime) -> BudgetView {
+        let (limit, custom) = self.limit(user);
+        BudgetView {
+            user: user.to_owned(),
+            daily_limit_usd: limit.map(Money::dollars_string),
+            spent_today_usd: ledger.spent(user, Day::of(now)).dollars_string(),
+            custom,
+        }
+    }
+}
+
+/// The time left until the next midnight UTC.
+pub fn until_next_utc_day(now: SystemTime) -> Duration {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Duration::from_secs(86_400 - secs % 86_400)
+}
+
+/// Totals grouped for `/v1/usage`.
+#[derive(Debug, Default, Serialize)]
+pub struct UsageReport {
+    /// Everything in range.
+    pub total: Totals,
+    /// By model.
+    pub by_model: BTreeMap<String, Totals>,
+    /// By UTC day (`YYYY-MM-DD`).
+    pub by_day: BTreeMap<String, Totals>,
+    /// By bot.
+    pub by_bot: BTreeMap<String, Totals>,
+    /// By conversation.
+    pub by_conversation: BTreeMap<String, Totals>,
+    /// Requests a fallback served.
+    pub fallbacks: u64,
+}
+
+impl UsageReport {
+    /// Groups `entries`.
+    pub fn of(entries: &[LedgerEntry]) -> Self {
+        let mut r = UsageReport::default();
+        for e in entries {
+            let rec = &e.record;
+            r.total.add(rec);
+            let model = rec.model.clone().unwrap_or_else(|| "unknown".into());
+            r.by_model.entry(model).or_default().add(rec);
+            let d = Day::of(rec.time);
+            r.by_day
+                .entry(format!("{:04}-{:02}-{:02}", d.year, d.month, d.day))
+                .or_default()
+                .add(rec);
+            if let Some(bot) = &rec.attribution.bot {
+                r.by_bot.entry(bot.clone()).or_default().add(rec);
+            }
+            if let Some(c) = &rec.attribution.conversation {
+                r.by_conversation.entry(c.clone()).or_default().add(rec);
+            }
+            if e.fallback.is_some() {
+                r.fallbacks += 1;
+            }
+        }
+        r
+    }
+}

@@ -1,0 +1,277 @@
+//! The client side: a pooled hyper-util client (rustls for https upstreams) under the cost
+//! meter, retry (with its budget and a per-attempt timeout) and a circuit breaker per
+//! upstream; and graceful degradation to a configured fallback.
+//!
+//! ```text
+//! CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (primary)
+//! CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (fallback, if configured)
+//! ```
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade::circuit_breaker::{CircuitBreakerHandle, CircuitState};
+use palisade::cost::{Attribution, CostMeterLayer};
+use palisade::{BoxError, Error, ErrorKind};
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::config::{GatewayConfig, UpstreamTarget};
+use crate::store::Ledger;
+
+/// The response header that says a fallback served the request.
+pub const X_PALISADE_FALLBACK: HeaderName = HeaderName::from_static("x-palisade-fallback");
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, BoxError>;
+
+/// One upstream with its own client stack and breaker.
+#[derive(Clone)]
+pub struct Upstream {
+    /// `primary` or `fallback`.
+    pub name: &'static str,
+    base_url: String,
+    api_key: Option<HeaderValue>,
+    /// A model that replaces the caller's (a fallback to another model).
+    model: Option<String>,
+    svc: Svc,
+    breaker: Option<CircuitBreakerHandle>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One call to `/v1/messages` upstream.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// The JSON body.
+    pub body: Bytes,
+    /// `anthropic-version`, `anthropic-beta` as the client sent them.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Who pays.
+    pub attribution: Attribution,
+    /// The gateway's request id (the usage record's idempotency key).
+    pub request_id: String,
+}
+
+/// The primary upstream and its fallback.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    /// Where requests go first.
+    pub primary: Upstream,
+    /// Where they go when the primary's breaker is open or it answers 529.
+    pub fallback: Option<Upstream>,
+}
+
+/// A breaker's state for `/health`.
+#[derive(Debug, serde::Serialize)]
+pub struct BreakerHealth {
+    /// The upstream.
+    pub upstream: &'static str,
+    /// `closed`, `open`, `half_open`, ...
+    pub state: String,
+    /// Whether it lets calls through.
+    pub available: bool,
+}
+
+fn connector() -> Connector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .build()
+}
+
+impl Upstreams {
+    /// Builds both stacks. `mock` is the base URL of the built-in mock, when it serves.
+    pub fn new(
+        config: &GatewayConfig,
+        mock: Option<String>,
+        meter: Option<CostMeterLayer>,
+    ) -> Result<Self, BoxError> {
+        let (base_url, api_key) = match &config.upstream {
+            UpstreamTarget::Mock => (mock.ok_or("the mock upstream is not running")?, None),
+            UpstreamTarget::Remote { base_url, api_key } => {
+                let mut v = HeaderValue::from_str(api_key)
+                    .map_err(|_| "ANTHROPIC_API_KEY holds characters a header cannot")?;
+                v.set_sensitive(true);
+                (base_url.clone(), Some(v))
+            }
+        };
+        let primary = Upstream::build(
+            "primary",
+            config,
+            base_url.clone(),
+            api_key.clone(),
+            None,
+            meter.clone(),
+        )?;
+        let fallback = if config.has_fallback() {
+            let url = config.fallback_base_url.clone().unwrap_or(base_url);
+            Some(Upstream::build(
+                "fallback",
+                config,
+                url,
+                api_key,
+                config.fallback_model.clone(),
+                meter,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { primary, fallback })
+    }
+
+    /// Calls the primary; on an open breaker or a 529, the fallback (marked in the
+    /// `x-palisade-fallback` header and in the usage record).
+    pub async fn send(&self, call: Call, ledger: &Ledger) -> Result<Response<Body>, Error> {
+        let first = self.primary.send(&call).await;
+        let Some(fallback) = &self.fallback else {
+            return first;
+        };
+        let reason = match &first {
+            Ok(res) if res.status().as_u16() == 529 => "overloaded",
+            Err(e) if e.kind() == ErrorKind::CircuitOpen => "circuit_open",
+            _ => return first,
+        };
+        drop(first);
+        let label = match &fallback.model {
+            Some(model) => format!("model:{model}"),
+            None => format!("upstream:{}", fallback.base_url),
+        };
+        tracing::warn!(request_id = %call.request_id, reason, fallback = %label, "primary upstream unavailable: fallback taken");
+        ledger.mark_fallback(&call.request_id, label.clone());
+        let mut res = fallback.send(&call).await?;
+        if let Ok(v) = HeaderValue::from_str(&label) {
+            res.headers_mut().insert(X_PALISADE_FALLBACK, v);
+        }
+        Ok(res)
+    }
+
+    /// The breakers' states.
+    pub fn health(&self) -> Vec<BreakerHealth> {
+        std::iter::once(&self.primary)
+            .chain(self.fallback.as_ref())
+            .filter_map(|u| {
+                let b = u.breaker.as_ref()?;
+                let state = b.state();
+                Some(BreakerHealth {
+                    upstream: u.name,
+                    state: format!("{state:?}"),
+                    available: !matches!(state, CircuitState::Open | CircuitState::ForcedOpen),
+                })
+            })
+            .collect()
+    }
+}
+
+fn to_error(e: BoxError) -> Error {
+    match e.downcast::<Error>() {
+        Ok(e) => *e,
+        Err(e) => Error::upstream(
+            "the upstream API could not be reached; try again shortly",
+            e,
+        ),
+    }
+}
+
+impl Upstream {
+    fn build(
+        name: &'static str,
+        config: &GatewayConfig,
+        base_url: String,
+        api_key: Option<HeaderValue>,
+        model: Option<String>,
+        meter: Option<CostMeterLayer>,
+    ) -> Result<Self, BoxError> {
+        let executor = TokioExecutor::new();
+        if !config.layers {
+            let client: Client<Connector, Full<Bytes>> = Client::builder(executor)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector());
+            let svc = client
+                .map_err(BoxError::from)
+                .map_response(|r| r.map(Body::new));
+            return Ok(Self {
+                name,
+                base_url,
+                api_key,
+                model,
+                svc: BoxCloneSyncService::new(svc),
+                breaker: None,
+            });
+        }
+        let client: Client<Connector, palisade::retry::ReplayBody<Full<Bytes>>> =
+            Client::builder(executor)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector());
+        let mut breaker_config = config.breaker.clone();
+        breaker_config.name = name.to_owned();
+        let breaker = breaker_config.build()?;
+        let handle = breaker.handle();
+        let retry = config.retry.build()?;
+        let meter = meter.ok_or("the cost meter is required with the layers on")?;
+        let stack = ServiceBuilder::new()
+            .layer(meter)
+            .layer(retry)
+            .layer(breaker)
+            .service(client.map_err(BoxError::from));
+        let svc = stack.map_response(|r| r.map(Body::new));
+        Ok(Self {
+            name,
+            base_url,
+            api_key,
+            model,
+            svc: BoxCloneSyncService::new(svc),
+            breaker: Some(handle),
+        })
+    }
+
+    async fn send(&self, call: &Call) -> Result<Response<Body>, Error> {
+        let body = match &self.model {
+            Some(model) => replace_model(&call.body, model)?,
+            None => call.body.clone(),
+        };
+        let mut req = Request::post(format!("{}/v1/messages", self.base_url))
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .map_err(|e| Error::internal("bad upstream request").with_source(e))?;
+        let h = req.headers_mut();
+        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        for (k, v) in &call.headers {
+            h.insert(k.clone(), v.clone());
+        }
+        if let Some(key) = &self.api_key {
+            h.insert("x-api-key", key.clone());
+        }
+        if let Ok(v) = HeaderValue::from_str(&call.request_id) {
+            h.insert("x-request-id", v);
+        }
+        req.extensions_mut().insert(call.attribution.clone());
+        self.svc.clone().oneshot(req).await.map_err(to_error)
+    }
+}
+
+fn replace_model(body: &Bytes, model: &str) -> Result<Bytes, Error> {
+    let mut value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::internal("request body changed after validation").with_source(e))?;
+    value["model"] = serde_json::Value::String(model.to_owned());
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| Error::internal("cannot encode the fallback request").with_source(e))
+}
