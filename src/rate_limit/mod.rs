@@ -91,6 +91,11 @@ pub use quota::{Algorithm, Quota};
 pub use reservation::Reservation;
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
 pub use service::RateLimit;
+#[cfg(feature = "redis")]
+pub use store::{
+    HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
+    RedisStoreBuilder, RedisStoreConfig,
+};
 pub use store::{MemoryStore, MemoryStoreBuilder, Store};
 
 #[cfg(test)]
