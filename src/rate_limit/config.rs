@@ -19,16 +19,6 @@ use crate::error::ErrorFormat;
 /// The prefix of the rate limiter's environment variables.
 pub(crate) const ENV_PREFIX: &str = "PALISADE_RATE_LIMIT";
 
-/// `anthropic` or `problem` (also `problem_json`, `problem+json`).
-fn parse_error_format(s: &str) -> Result<ErrorFormat, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "anthropic" => Ok(ErrorFormat::Anthropic),
-        "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
-        // the same words as `Settings`, so a bad shared value is reported once
-        _ => Err("expected `anthropic` or `problem_json`".to_owned()),
-    }
-}
-
 /// How a rule's cost is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -271,19 +261,8 @@ impl RateLimitConfig {
         }
         let shards = env.optional(&var("shards"), d.shards, "64");
         let clock = env.optional(&var("clock"), d.clock, "coarse");
-        // The shared setting first, then this layer's own.
-        let shared_format = env.optional_with(
-            "PALISADE_ERROR_FORMAT",
-            d.error_format,
-            "anthropic",
-            parse_error_format,
-        );
-        let error_format = env.optional_with(
-            &var("error_format"),
-            shared_format,
-            "anthropic",
-            parse_error_format,
-        );
+        // The shared setting, unless this layer's own overrides it.
+        let error_format = ErrorFormat::from_env_with_override(env, &var("error_format"));
         let draft_headers = env.optional(&var("draft_headers"), d.draft_headers, "true");
         let legacy_headers = env.optional(&var("legacy_headers"), d.legacy_headers, "false");
         let trusted_proxies = env.optional_with(
