@@ -152,7 +152,12 @@ impl Ledger {
     pub fn mark_fallback(&self, request_id: &str, fallback: String) {
         match self {
             Ledger::Memory(m) => {
-                lock(&m.fallbacks).insert(request_id.to_owned(), fallback);
+                let mut marks = lock(&m.fallbacks);
+                // A fallback that failed too leaves its mark unclaimed: keep them bounded.
+                if marks.len() >= 100_000 {
+                    marks.clear();
+                }
+                marks.insert(request_id.to_owned(), fallback);
             }
         }
     }
@@ -203,9 +208,12 @@ impl Ledger {
                             .or_insert(Money::ZERO);
                         *slot = slot.saturating_add(cost);
                     }
+                    // The primary's refusal carries the same request id: only the answer
+                    // that served the request takes the mark.
                     let fallback = record
                         .request_id
                         .as_deref()
+                        .filter(|_| record.status < 400)
                         .and_then(|id| fallbacks.remove(id));
                     if entries.len() >= MAX_LEDGER_ENTRIES {
                         entries.pop_front();

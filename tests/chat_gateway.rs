@@ -1,0 +1,1061 @@
+//! The chat_gateway example over real sockets: built in-process from its own modules, served
+//! on a free loopback port, called through a hyper client; upstreams are the built-in mock
+//! or wiremock.
+#![allow(dead_code)]
+
+#[path = "../examples/chat_gateway/app.rs"]
+mod app;
+#[path = "../examples/chat_gateway/auth.rs"]
+mod auth;
+#[path = "../examples/chat_gateway/config.rs"]
+mod config;
+#[path = "../examples/chat_gateway/error.rs"]
+mod error;
+#[path = "../examples/chat_gateway/log.rs"]
+mod log;
+#[path = "../examples/chat_gateway/mock.rs"]
+mod mock;
+#[path = "../examples/chat_gateway/routes/mod.rs"]
+mod routes;
+#[path = "../examples/chat_gateway/schema.rs"]
+mod schema;
+#[path = "../examples/chat_gateway/store.rs"]
+mod store;
+#[path = "../examples/chat_gateway/upstream.rs"]
+mod upstream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade::config::Env;
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const USER: &str = "sk-test-alice-0123456789";
+const OTHER: &str = "sk-test-bob-0123456789ab";
+const ADMIN: &str = "sk-test-admin-0123456789";
+
+struct Gateway {
+    addr: SocketAddr,
+    state: app::AppState,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error in Anthropic's format, of `kind`, and returns its `error` member.
+    fn anthropic_error(&self, status: u16, kind: &str) -> Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let body = self.json();
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], kind, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        body["error"].clone()
+    }
+}
+
+async fn start(vars: &[(&str, &str)]) -> Gateway {
+    let mut pairs = vec![
+        (
+            "PALISADE_GATEWAY_API_KEYS",
+            format!("alice={USER},bob={OTHER}"),
+        ),
+        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
+        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
+        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
+    ];
+    for (k, v) in vars {
+        pairs.retain(|(name, _)| name != k);
+        pairs.push((k, (*v).to_owned()));
+    }
+    let mut env = Env::from_pairs(pairs);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    let app = app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router;
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Gateway {
+        addr,
+        state: app.state,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    }
+}
+
+impl Gateway {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        let bytes = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(&b).unwrap())
+            }
+            None => Bytes::new(),
+        };
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(bytes)).unwrap()).await
+    }
+
+    async fn send(&self, req: http::Request<Full<Bytes>>) -> Reply {
+        let res = self.client.request(req).await.expect("gateway answers");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(key), Some(body), &[])
+            .await
+    }
+
+    async fn get(&self, path: &str, key: &str) -> Reply {
+        self.call(Method::GET, path, Some(key), None, &[]).await
+    }
+
+    /// Waits (a few milliseconds at most, normally) until the ledger holds `n` records.
+    async fn usage_records(&self, n: usize) -> Vec<store::LedgerEntry> {
+        for _ in 0..500 {
+            let entries = self.state.ledger.entries(
+                std::time::UNIX_EPOCH,
+                std::time::SystemTime::now() + Duration::from_secs(60),
+                |_| true,
+            );
+            if entries.len() >= n {
+                return entries;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the ledger never held {n} records");
+    }
+}
+
+fn chat(model: &str) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": "Hello there"}]
+    })
+}
+
+fn anthropic_message() -> Value {
+    json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1000, "output_tokens": 200}
+    })
+}
+
+#[tokio::test]
+async fn plain_chat_through_the_mock_is_metered_and_carries_every_layers_headers() {
+    let gw = start(&[]).await;
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let body = r.json();
+    assert_eq!(body["type"], "message");
+    assert!(body["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        r.header("request-id").unwrap().starts_with("req_mock_"),
+        "upstream request-id passed through"
+    );
+    assert_eq!(r.header("anthropic-ratelimit-requests-limit"), Some("4000"));
+    assert!(r.header("x-request-id").unwrap().starts_with("req_"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert!(
+        r.header("x-palisade-cost-usd").is_some(),
+        "cost header on a small JSON answer"
+    );
+    let limits: Vec<&str> = r
+        .headers
+        .get_all("ratelimit")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(
+        limits.contains(&"\"global\";r=99;t=60")
+            || limits.iter().any(|l| l.starts_with("\"global\";r=99")),
+        "{limits:?}"
+    );
+
+    let records = gw.usage_records(1).await;
+    let rec = &records[0].record;
+    assert_eq!(rec.attribution.user.as_deref(), Some("alice"));
+    assert_eq!(rec.model.as_deref(), Some("claude-sonnet-4-5"));
+    assert!(rec.cost.is_some());
+    assert_eq!(rec.request_id.as_deref(), r.header("x-request-id"));
+
+    let usage = gw.get("/v1/usage", USER).await;
+    assert_eq!(usage.status, 200);
+    assert_eq!(usage.json()["report"]["total"]["requests"], 1);
+}
+
+#[tokio::test]
+async fn streamed_chat_passes_every_event_and_records_cache_tokens() {
+    let gw = start(&[]).await;
+    let mut body = chat("claude-sonnet-4-5");
+    body["stream"] = json!(true);
+    body["system"] = json!("You are terse.");
+    // The mock writes the prompt cache on its first call and reads it after.
+    for _ in 0..2 {
+        let r = gw.post("/v1/messages", USER, body.clone()).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        let text = String::from_utf8_lossy(&r.body);
+        for event in [
+            "message_start",
+            "content_block_delta",
+            "message_delta",
+            "message_stop",
+        ] {
+            assert!(
+                text.contains(&format!("event: {event}")),
+                "{event} missing in {text}"
+            );
+        }
+    }
+    let records = gw.usage_records(2).await;
+    assert!(records.iter().all(|e| e.record.stream));
+    assert_eq!(
+        records
+            .iter()
+            .map(|e| e.record.usage.cache_write_5m_tokens)
+            .sum::<u64>(),
+        1024
+    );
+    assert_eq!(
+        records
+            .iter()
+            .map(|e| e.record.usage.cache_read_tokens)
+            .sum::<u64>(),
+        1024
+    );
+}
+
+#[tokio::test]
+async fn refusals_401_403_404_in_anthropics_format_and_audited() {
+    let gw = start(&[]).await;
+    let r = gw
+        .call(
+            Method::POST,
+            "/v1/messages",
+            None,
+            Some(chat("claude-sonnet-4-5")),
+            &[],
+        )
+        .await;
+    r.anthropic_error(401, "authentication_error");
+    let wrong = &USER[..USER.len() - 1];
+    let r = gw
+        .post(
+            "/v1/messages",
+            &format!("{wrong}X"),
+            chat("claude-sonnet-4-5"),
+        )
+        .await;
+    r.anthropic_error(401, "authentication_error");
+    let r = gw
+        .post(
+            "/v1/messages",
+            &USER.to_uppercase(),
+            chat("claude-sonnet-4-5"),
+        )
+        .await;
+    r.anthropic_error(401, "authentication_error");
+    // Bearer works as well as x-api-key.
+    let r = gw
+        .call(
+            Method::GET,
+            "/v1/bots",
+            None,
+            None,
+            &[("authorization", &format!("Bearer {USER}"))],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = gw.get("/admin/budgets/alice", USER).await;
+    r.anthropic_error(403, "permission_error");
+    let r = gw.get("/v1/nothing-here", USER).await;
+    r.anthropic_error(404, "not_found_error");
+}
+
+#[tokio::test]
+async fn invalid_messages_request_lists_every_field_error() {
+    let gw = start(&[]).await;
+    let body = json!({
+        "model": "gpt-4o",
+        "max_tokens": 0,
+        "temperature": 1.5,
+        "metadata": {"user_id": "u".repeat(300)},
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text"}]}
+        ]
+    });
+    let r = gw.post("/v1/messages", USER, body).await;
+    let error = r.anthropic_error(400, "invalid_request_error");
+    let fields: Vec<&str> = error["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["field"].as_str().unwrap())
+        .collect();
+    for f in [
+        "model",
+        "max_tokens",
+        "messages[0].role",
+        "messages[0].content",
+        "messages[1].content[0].type",
+        "messages[1].content[1].text",
+        "temperature",
+        "metadata.user_id",
+    ] {
+        assert!(fields.contains(&f), "{f} missing in {fields:?}");
+    }
+    // Wrong types and empty messages are 400s naming the field, not 500s.
+    let r = gw.post("/v1/messages", USER, json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [], "stream": "yes"})).await;
+    r.anthropic_error(400, "invalid_request_error");
+    let r = gw
+        .post(
+            "/v1/messages",
+            USER,
+            json!({"model": "claude-sonnet-4-5", "max_tokens": -1, "messages": []}),
+        )
+        .await;
+    let e = r.anthropic_error(400, "invalid_request_error");
+    assert_eq!(e["fields"][0]["field"], "max_tokens");
+    let r = gw
+        .post(
+            "/v1/messages",
+            USER,
+            json!({"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": []}),
+        )
+        .await;
+    let e = r.anthropic_error(400, "invalid_request_error");
+    assert_eq!(e["fields"][0]["field"], "messages");
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_and_non_json_is_415() {
+    let gw = start(&[("PALISADE_GATEWAY_MAX_BODY", "2048")]).await;
+    let mut body = chat("claude-sonnet-4-5");
+    body["messages"][0]["content"] = json!("x".repeat(4096));
+    let r = gw.post("/v1/messages", USER, body).await;
+    r.anthropic_error(413, "request_too_large");
+    // Without a content-length (chunked), the limit holds while reading.
+    let stream = http_body_util::StreamBody::new(futures_iter(vec![
+        Bytes::from(vec![b' '; 1500]),
+        Bytes::from(vec![b' '; 1500]),
+    ]));
+    let req = http::Request::post(format!("http://{}/v1/messages", gw.addr))
+        .header("x-api-key", USER)
+        .header("content-type", "application/json")
+        .body(stream)
+        .unwrap();
+    let client: Client<HttpConnector, _> = Client::builder(TokioExecutor::new()).build_http();
+    let res = client.request(req).await.unwrap();
+    assert_eq!(res.status(), 413);
+
+    let r = gw
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(USER),
+            None,
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    // Anthropic has no 415: its format says 400 invalid_request_error.
+    r.anthropic_error(400, "invalid_request_error");
+    let r = gw
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(USER),
+            None,
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    assert!(String::from_utf8_lossy(&r.body).contains("content-type"));
+    let problem = start(&[("PALISADE_ERROR_FORMAT", "problem")]).await;
+    let r = problem
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(USER),
+            None,
+            &[("content-type", "text/plain")],
+        )
+        .await;
+    assert_eq!(r.status, 415);
+}
+
+fn futures_iter(
+    chunks: Vec<Bytes>,
+) -> impl futures_core::Stream<Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>> {
+    struct It(std::vec::IntoIter<Bytes>);
+    impl futures_core::Stream for It {
+        type Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.next().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+    It(chunks.into_iter())
+}
+
+#[tokio::test]
+async fn rate_limit_429_with_retry_after_per_user_and_admin_reset() {
+    let rules = r#"[{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":2,"window":"1m","skip_anonymous":true}]"#;
+    let gw = start(&[("PALISADE_RATE_LIMIT_RULES", rules)]).await;
+    for _ in 0..2 {
+        assert_eq!(
+            gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+                .await
+                .status,
+            200
+        );
+    }
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=120).contains(&wait), "{wait}");
+    // Another user has their own limit.
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    // An admin resets alice's limits.
+    let r = gw
+        .post("/admin/rate-limits/reset", ADMIN, json!({"user": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    let r = gw
+        .post(
+            "/admin/rate-limits/reset",
+            ADMIN,
+            json!({"user": "alice", "rules": ["nope"]}),
+        )
+        .await;
+    r.anthropic_error(400, "invalid_request_error");
+}
+
+#[tokio::test]
+async fn default_route_limits_bot_creation_at_ten_an_hour() {
+    let gw = start(&[]).await;
+    let bot = json!({"name": "Helper", "model": "claude-haiku-4-5"});
+    for _ in 0..10 {
+        assert_eq!(gw.post("/v1/bots", USER, bot.clone()).await.status, 201);
+    }
+    let r = gw.post("/v1/bots", USER, bot).await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() > 60);
+}
+
+#[tokio::test]
+async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
+    let gw = start(&[]).await;
+    let r = gw
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            Some(ADMIN),
+            Some(json!({"daily_limit_usd": "0"})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["daily_limit_usd"], "0");
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() > 0);
+    // Bob is not affected; lifting alice's limit lets her through.
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    let r = gw
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            Some(ADMIN),
+            Some(json!({"daily_limit_usd": null})),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    let r = gw
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            Some(ADMIN),
+            Some(json!({"daily_limit_usd": "ten"})),
+            &[],
+        )
+        .await;
+    r.anthropic_error(400, "invalid_request_error");
+}
+
+#[tokio::test]
+async fn budget_is_enforced_once_recorded_spend_reaches_it() {
+    let gw = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.000001")]).await;
+    assert_eq!(
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    gw.usage_records(1).await;
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    let view = gw.get("/admin/budgets/alice", ADMIN).await.json();
+    assert_eq!(view["daily_limit_usd"], "0.000001");
+    assert_ne!(view["spent_today_usd"], "0");
+}
+
+#[tokio::test]
+async fn bots_create_list_chat_delete_and_stay_private() {
+    let gw = start(&[]).await;
+    let r = gw
+        .post("/v1/bots", USER, json!({"name": "Chef", "model": "claude-haiku-4-5", "system_prompt": "You cook.", "max_tokens": 512, "temperature": 0.3}))
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let bot = r.json();
+    let id = bot["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("bot_"));
+
+    let list = gw.get("/v1/bots", USER).await.json();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        gw.get(&format!("/v1/bots/{id}"), USER).await.json()["name"],
+        "Chef"
+    );
+
+    // Another user's bot is a 404, for reading, chatting and deleting.
+    gw.get(&format!("/v1/bots/{id}"), OTHER)
+        .await
+        .anthropic_error(404, "not_found_error");
+    let msg = json!({"messages": [{"role": "user", "content": "a recipe?"}]});
+    gw.post(&format!("/v1/bots/{id}/messages"), OTHER, msg.clone())
+        .await
+        .anthropic_error(404, "not_found_error");
+    gw.call(
+        Method::DELETE,
+        &format!("/v1/bots/{id}"),
+        Some(OTHER),
+        None,
+        &[],
+    )
+    .await
+    .anthropic_error(404, "not_found_error");
+    assert!(
+        gw.get("/v1/bots", OTHER).await.json()["data"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    let r = gw
+        .call(
+            Method::POST,
+            &format!("/v1/bots/{id}/messages"),
+            Some(USER),
+            Some(msg.clone()),
+            &[("x-conversation-id", "conv-1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["model"], "claude-haiku-4-5");
+    let records = gw.usage_records(1).await;
+    assert_eq!(
+        records[0].record.attribution.bot.as_deref(),
+        Some(id.as_str())
+    );
+    assert_eq!(
+        records[0].record.attribution.conversation.as_deref(),
+        Some("conv-1")
+    );
+    let usage = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(usage["report"]["by_bot"][&id]["requests"], 1);
+    assert_eq!(usage["report"]["by_conversation"]["conv-1"]["requests"], 1);
+
+    let r = gw
+        .call(
+            Method::POST,
+            &format!("/v1/bots/{id}/messages"),
+            Some(USER),
+            Some(msg),
+            &[("x-conversation-id", "bad id\t")],
+        )
+        .await;
+    r.anthropic_error(400, "invalid_request_error");
+
+    let r = gw
+        .call(
+            Method::DELETE,
+            &format!("/v1/bots/{id}"),
+            Some(USER),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    gw.get(&format!("/v1/bots/{id}"), USER)
+        .await
+        .anthropic_error(404, "not_found_error");
+    gw.get("/v1/bots/..%2F..%2Fetc", USER)
+        .await
+        .anthropic_error(404, "not_found_error");
+
+    let r = gw.post("/v1/bots", USER, json!({"name": " ", "model": "gpt", "max_tokens": 0, "temperature": 9, "colour": "red"})).await;
+    r.anthropic_error(400, "invalid_request_error");
+    let r = gw
+        .post(
+            "/v1/bots",
+            USER,
+            json!({"name": "", "model": "gpt", "max_tokens": 0, "temperature": 9}),
+        )
+        .await;
+    let e = r.anthropic_error(400, "invalid_request_error");
+    assert!(e["fields"].as_array().unwrap().len() >= 4, "{e}");
+}
+
+#[tokio::test]
+async fn parse_intent_returns_a_validated_draft_and_502_on_malformed_model_output() {
+    let gw = start(&[]).await;
+    let r = gw
+        .post(
+            "/v1/orchestrator/parse-intent",
+            USER,
+            json!({"description": "Recipe helper for vegetarian cooks"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let draft = &r.json()["draft"];
+    assert_eq!(draft["model"], "claude-haiku-4-5");
+    assert!(!draft["name"].as_str().unwrap().is_empty());
+    // The draft can be created as it is.
+    assert_eq!(gw.post("/v1/bots", USER, draft.clone()).await.status, 201);
+
+    let r = gw
+        .post(
+            "/v1/orchestrator/parse-intent",
+            USER,
+            json!({"description": "give me malformed output"}),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    let body = r.json();
+    assert_eq!(body["type"], "error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid bot draft"),
+        "{body}"
+    );
+
+    let r = gw
+        .post(
+            "/v1/orchestrator/parse-intent",
+            USER,
+            json!({"description": ""}),
+        )
+        .await;
+    r.anthropic_error(400, "invalid_request_error");
+}
+
+#[tokio::test]
+async fn fallback_model_serves_when_the_primary_is_overloaded_and_is_marked() {
+    let gw = start(&[
+        ("PALISADE_GATEWAY_FALLBACK_MODEL", "claude-haiku-4-5"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let r = gw.post("/v1/messages", USER, chat("mock-overloaded")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.header("x-palisade-fallback"),
+        Some("model:claude-haiku-4-5")
+    );
+    assert_eq!(r.json()["model"], "claude-haiku-4-5");
+    let records = gw.usage_records(2).await;
+    let served: Vec<_> = records.iter().filter(|e| e.record.status == 200).collect();
+    assert_eq!(served.len(), 1);
+    assert_eq!(
+        served[0].fallback.as_deref(),
+        Some("model:claude-haiku-4-5")
+    );
+    let usage = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(usage["report"]["fallbacks"], 1);
+}
+
+#[tokio::test]
+async fn without_fallback_an_overloaded_upstream_answers_529_as_it_was() {
+    let gw = start(&[("PALISADE_RETRY_MAX_RETRIES", "0")]).await;
+    let r = gw.post("/v1/messages", USER, chat("mock-overloaded")).await;
+    r.anthropic_error(529, "overloaded_error");
+}
+
+async fn wiremock_gateway(server: &MockServer, extra: &[(&str, &str)]) -> Gateway {
+    let uri = server.uri();
+    let mut vars = vec![
+        ("ANTHROPIC_BASE_URL", uri.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-secret"),
+    ];
+    vars.extend_from_slice(extra);
+    start(&vars).await
+}
+
+#[tokio::test]
+async fn retries_529_then_answers_and_forwards_headers_both_ways() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(ResponseTemplate::new(529).set_body_json(
+            json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}),
+        ))
+        .up_to_n_times(2)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", "sk-ant-upstream-secret"))
+        .and(header("anthropic-version", "2024-01-01"))
+        .and(header("anthropic-beta", "prompt-caching-2024-07-31"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message())
+                .insert_header("request-id", "req_upstream_1")
+                .insert_header("anthropic-ratelimit-tokens-remaining", "12345")
+                .insert_header("proxy-authenticate", "Basic realm=x")
+                .insert_header("keep-alive", "timeout=5"),
+        )
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let gw = wiremock_gateway(&server, &[("PALISADE_RETRY_MAX_RETRIES", "3")]).await;
+    let r = gw
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(USER),
+            Some(chat("claude-sonnet-4-5")),
+            &[
+                ("anthropic-version", "2024-01-01"),
+                ("anthropic-beta", "prompt-caching-2024-07-31"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.header("request-id"), Some("req_upstream_1"));
+    assert_eq!(
+        r.header("anthropic-ratelimit-tokens-remaining"),
+        Some("12345")
+    );
+    assert_eq!(
+        r.header("proxy-authenticate"),
+        None,
+        "hop-by-hop header dropped"
+    );
+    assert_eq!(r.header("keep-alive"), None, "hop-by-hop header dropped");
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+    // The caller's key never goes upstream.
+    for req in server.received_requests().await.unwrap() {
+        assert_eq!(
+            req.headers.get("x-api-key").unwrap(),
+            "sk-ant-upstream-secret"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retries_a_500_on_post_like_the_sdks_do() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(
+                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
+            ),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let gw = wiremock_gateway(&server, &[]).await;
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_attempt_that_outlives_its_timeout_is_retried_then_reported() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(anthropic_message())
+                .set_delay(Duration::from_secs(5)),
+        )
+        .mount(&server)
+        .await;
+    let gw = wiremock_gateway(
+        &server,
+        &[
+            ("PALISADE_RETRY_ATTEMPT_TIMEOUT", "100ms"),
+            ("PALISADE_RETRY_MAX_RETRIES", "1"),
+        ],
+    )
+    .await;
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(500, "api_error");
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn open_breaker_answers_529_with_retry_after_and_spares_the_upstream() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(
+                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
+            ),
+        )
+        .mount(&server)
+        .await;
+    let gw = wiremock_gateway(
+        &server,
+        &[
+            ("PALISADE_RETRY_MAX_RETRIES", "0"),
+            ("PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES", "3"),
+            ("PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS", "3"),
+            ("PALISADE_CIRCUIT_BREAKER_OPEN_DURATION", "30s"),
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        let r = gw
+            .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await;
+        r.anthropic_error(500, "api_error");
+    }
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(529, "overloaded_error");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        3,
+        "the open breaker spared the upstream"
+    );
+    let health = gw.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.status, 503);
+    assert_eq!(health.json()["upstreams"][0]["available"], false);
+}
+
+#[tokio::test]
+async fn open_breaker_falls_back_to_another_upstream() {
+    let primary = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .mount(&primary)
+        .await;
+    let fallback = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message()))
+        .mount(&fallback)
+        .await;
+    let url = fallback.uri();
+    let gw = wiremock_gateway(
+        &primary,
+        &[
+            ("PALISADE_GATEWAY_FALLBACK_BASE_URL", url.as_str()),
+            ("PALISADE_RETRY_MAX_RETRIES", "0"),
+            ("PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES", "2"),
+            ("PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS", "2"),
+        ],
+    )
+    .await;
+    for _ in 0..2 {
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await;
+    }
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.header("x-palisade-fallback"),
+        Some(format!("upstream:{url}").as_str())
+    );
+    assert_eq!(primary.received_requests().await.unwrap().len(), 2);
+    assert_eq!(fallback.received_requests().await.unwrap().len(), 1);
+    let health = gw.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(health.status, 200, "the fallback can still serve");
+}
+
+#[tokio::test]
+async fn layers_off_is_a_bare_pass_through() {
+    let gw = start(&[("PALISADE_GATEWAY_LAYERS", "off")]).await;
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("ratelimit").is_none());
+    assert!(r.header("x-content-type-options").is_none());
+    assert!(r.header("x-palisade-cost-usd").is_none());
+}
+
+#[test]
+fn configuration_reports_every_problem_at_once() {
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_ADDR", "localhost"),
+        ("PALISADE_GATEWAY_LAYERS", "maybe"),
+        ("ANTHROPIC_BASE_URL", "ftp://example.com"),
+        ("PALISADE_GATEWAY_API_KEYS", "alice"),
+        ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
+        ("REDIS_URL", "redis://127.0.0.1:6379/"),
+        ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
+    ]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    for name in [
+        "PALISADE_GATEWAY_ADDR",
+        "PALISADE_GATEWAY_LAYERS",
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "PALISADE_GATEWAY_API_KEYS",
+        "PALISADE_GATEWAY_DAILY_BUDGET",
+        "REDIS_URL",
+        "DATABASE_URL",
+    ] {
+        assert!(names.contains(&name), "{name} not reported: {err}");
+    }
+    let text = err.to_string();
+    assert!(
+        !text.contains("secret"),
+        "a URL with a password is not echoed: {text}"
+    );
+}
+
+#[test]
+fn env_example_lists_every_gateway_variable() {
+    let example = include_str!("../examples/chat_gateway/.env.example");
+    let source = [include_str!("../examples/chat_gateway/config.rs")].concat();
+    let mut missing = Vec::new();
+    for (i, _) in source.match_indices("\"PALISADE_GATEWAY_") {
+        let name: String = source[i + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        if !example.contains(&name) {
+            missing.push(name);
+        }
+    }
+    assert!(missing.is_empty(), ".env.example lacks {missing:?}");
+    for name in [
+        "ANTHROPIC_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "REDIS_URL",
+        "DATABASE_URL",
+        "PALISADE_ERROR_FORMAT",
+    ] {
+        assert!(example.contains(name), ".env.example lacks {name}");
+    }
+    // load.env parses and is accepted.
+    let pairs = config::parse_env_file(include_str!("../examples/chat_gateway/load.env"));
+    assert!(pairs.iter().any(|(k, _)| k == "PALISADE_RATE_LIMIT_RULES"));
+    let mut env = Env::from_pairs(pairs);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("load.env is a valid configuration");
+}
