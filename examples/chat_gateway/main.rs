@@ -10,8 +10,10 @@
 mod app;
 mod auth;
 mod config;
+mod dashboard;
 mod error;
 mod log;
+mod metrics;
 mod mock;
 mod routes;
 mod schema;
@@ -99,6 +101,10 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     if demo {
         println!("  demo user key:  {}", config::DEMO_USER_KEY);
         println!("  demo admin key: {}", config::DEMO_ADMIN_KEY);
+        println!(
+            "  dashboard:      http://{addr}/#key={}",
+            config::DEMO_ADMIN_KEY
+        );
         println!("  try:");
         println!(
             "    curl http://{addr}/v1/messages -H 'x-api-key: {}' -H 'anthropic-version: 2023-06-01' \\\n      -H 'content-type: application/json' \\\n      -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":256,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
