@@ -193,6 +193,13 @@ pub fn snapshot(state: &AppState, now: SystemTime, minutes: u64) -> Value {
     let mut fallbacks = 0u64;
     for e in &entries {
         let r = &e.record;
+        if e.fallback.is_some() {
+            fallbacks += 1;
+        }
+        if r.cost.is_none() && r.usage == palisade::cost::Usage::default() {
+            // A failed call that used nothing (a 529, a timeout): counted, not drawn.
+            continue;
+        }
         let user = r
             .attribution
             .user
@@ -219,9 +226,6 @@ pub fn snapshot(state: &AppState, now: SystemTime, minutes: u64) -> Value {
         if let Some(c) = r.cost {
             s.cost = s.cost.saturating_add(c);
             total_cost = total_cost.saturating_add(c);
-        }
-        if e.fallback.is_some() {
-            fallbacks += 1;
         }
     }
     let mut series: Vec<_> = series.into_iter().collect();
