@@ -25,6 +25,8 @@ mod routes;
 mod schema;
 #[path = "../examples/chat_gateway/store.rs"]
 mod store;
+#[path = "../examples/chat_gateway/tls.rs"]
+mod tls;
 #[path = "../examples/chat_gateway/upstream.rs"]
 mod upstream;
 
@@ -246,6 +248,80 @@ async fn plain_chat_through_the_mock_is_metered_and_carries_every_layers_headers
 }
 
 #[tokio::test]
+async fn a_client_cannot_choose_the_request_id_that_keys_usage_records() {
+    let gw = start(&[]).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = gw
+            .call(
+                Method::POST,
+                "/v1/messages",
+                Some(USER),
+                Some(chat("claude-sonnet-4-5")),
+                &[("x-request-id", "req_chosen")],
+            )
+            .await;
+        assert_eq!(r.status, 200);
+        let id = r.header("x-request-id").unwrap().to_owned();
+        assert_ne!(id, "req_chosen");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let records = gw.usage_records(2).await;
+    assert!(
+        records
+            .iter()
+            .all(|e| e.record.request_id.as_deref() != Some("req_chosen"))
+    );
+}
+
+#[tokio::test]
+async fn usage_is_private_to_each_user_and_whole_for_admins() {
+    let gw = start(&[]).await;
+    assert_eq!(
+        gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-opus-4-1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        gw.post("/v1/messages", OTHER, chat("claude-opus-4-1"))
+            .await
+            .status,
+        200
+    );
+    gw.usage_records(3).await;
+
+    let mine = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(mine["user"], "alice");
+    assert_eq!(mine["report"]["total"]["requests"], 1);
+    gw.get("/v1/usage?user=bob", USER)
+        .await
+        .anthropic_error(403, "permission_error");
+    gw.get("/v1/usage?from=yesterday", USER)
+        .await
+        .anthropic_error(400, "invalid_request_error");
+    let empty = gw
+        .get("/v1/usage?from=2020-01-01&to=2020-01-02", USER)
+        .await
+        .json();
+    assert_eq!(empty["report"]["total"]["requests"], 0);
+
+    let all = gw.get("/v1/usage?top=1", ADMIN).await.json();
+    assert_eq!(all["report"]["total"]["requests"], 3);
+    assert_eq!(all["top"].as_array().unwrap().len(), 1);
+    assert_eq!(all["top"][0]["user"], "bob", "opus twice costs more: {all}");
+    let bob = gw.get("/v1/usage?user=bob", ADMIN).await.json();
+    assert_eq!(bob["report"]["by_model"]["claude-opus-4-1"]["requests"], 2);
+}
+
+#[tokio::test]
 async fn streamed_chat_passes_every_event_and_records_cache_tokens() {
     let gw = start(&[]).await;
     let mut body = chat("claude-sonnet-4-5");
@@ -332,6 +408,15 @@ async fn refusals_401_403_404_in_anthropics_format_and_audited() {
     r.anthropic_error(403, "permission_error");
     let r = gw.get("/v1/nothing-here", USER).await;
     r.anthropic_error(404, "not_found_error");
+    let r = gw
+        .call(Method::DELETE, "/v1/messages", Some(USER), None, &[])
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    // Health needs no key.
+    let r = gw.call(Method::GET, "/health", None, None, &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["status"], "ok");
 }
 
 #[tokio::test]
@@ -1062,4 +1147,89 @@ fn env_example_lists_every_gateway_variable() {
     let mut env = Env::from_pairs(pairs);
     let _ = config::GatewayConfig::from_env(&mut env);
     env.finish().expect("load.env is a valid configuration");
+}
+
+const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
+
+#[tokio::test]
+async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+    ]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("valid TLS configuration");
+    let (cert, key) = config.tls.clone().expect("TLS configured");
+    let server_config = tls::load(&cert, &key).unwrap();
+    let app = app::build(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+    let client_config = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(client_config)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    let req = http::Request::post(format!("https://localhost:{}/v1/messages", addr.port()))
+        .header("x-api-key", USER)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            chat("claude-sonnet-4-5").to_string(),
+        )))
+        .unwrap();
+    let res = client.request(req).await.expect("https answer");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2);
+    drop(client);
+
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("server stops")
+        .unwrap();
+}
+
+#[test]
+fn tls_needs_both_files_and_files_that_load() {
+    let mut env = Env::from_pairs([("PALISADE_GATEWAY_TLS_CERT", TLS_CERT)]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    assert_eq!(err.problems()[0].name, "PALISADE_GATEWAY_TLS_KEY");
+
+    // A key in the certificate's place.
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_KEY),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY),
+    ]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    assert_eq!(err.problems()[0].name, "PALISADE_GATEWAY_TLS_CERT");
+    assert!(err.to_string().contains("no certificate"), "{err}");
 }

@@ -196,13 +196,21 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     let router = router
         .layer(middleware::from_fn(crate::log::request_line))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(make_id));
+        .layer(SetRequestIdLayer::x_request_id(make_id))
+        .layer(middleware::map_request(drop_client_request_id));
     Ok(App {
         router,
         state,
         recorder,
         mock_addr,
     })
+}
+
+/// The request id keys usage records (a sink drops a record whose id it has seen), so the
+/// gateway makes every id itself: an id chosen by a client could collide with another's.
+async fn drop_client_request_id(mut req: Request) -> Request {
+    req.headers_mut().remove("x-request-id");
+    req
 }
 
 /// The gateway's request id of `req` (set by the request-id layer).

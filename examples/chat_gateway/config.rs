@@ -108,6 +108,8 @@ pub struct GatewayConfig {
     pub max_body: usize,
     /// The model the orchestrator asks for bot drafts.
     pub orchestrator_model: String,
+    /// Serve https with this certificate chain and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
     /// The daily spend limit per user, unless an admin set another.
     pub daily_budget: Option<Money>,
     /// How long shutdown waits for in-flight requests and streams.
@@ -116,6 +118,8 @@ pub struct GatewayConfig {
     pub mock_slow_delay: Duration,
     /// JSON logs (`PALISADE_GATEWAY_LOG_FORMAT`, default: JSON in production).
     pub json_logs: bool,
+    /// Which logs to write (`RUST_LOG`, default `info`).
+    pub log_filter: String,
     /// The layers' own configurations.
     pub retry: RetryConfig,
     /// The circuit breaker (one per upstream).
@@ -137,6 +141,7 @@ impl GatewayConfig {
     /// Reads the process environment (and the optional env file).
     pub fn from_process() -> Result<Self, ConfigError> {
         let mut pairs: Vec<(String, String)> = std::env::vars().collect();
+        let mut file_error = None;
         if let Some(path) = std::env::var_os("PALISADE_GATEWAY_ENV_FILE") {
             let path = PathBuf::from(path);
             match std::fs::read_to_string(&path) {
@@ -148,18 +153,21 @@ impl GatewayConfig {
                     }
                 }
                 Err(e) => {
-                    return Err(ConfigError::new(vec![palisade::config::Problem {
-                        name: "PALISADE_GATEWAY_ENV_FILE".into(),
-                        kind: ProblemKind::Invalid {
-                            value: path.display().to_string(),
-                            reason: format!("cannot be read: {e}"),
-                        },
-                        example: "examples/chat_gateway/load.env".into(),
-                    }]));
+                    file_error = Some(ProblemKind::Invalid {
+                        value: path.display().to_string(),
+                        reason: format!("cannot be read: {e}"),
+                    })
                 }
             }
         }
         let mut env = Env::from_pairs(pairs);
+        if let Some(kind) = file_error {
+            env.problem(
+                "PALISADE_GATEWAY_ENV_FILE",
+                kind,
+                "examples/chat_gateway/load.env",
+            );
+        }
         let config = Self::from_env(&mut env);
         env.finish()?;
         Ok(config)
@@ -317,6 +325,16 @@ impl GatewayConfig {
             Duration::from_secs(5),
             "5s",
         );
+        let log_filter = env.optional_with(
+            "RUST_LOG",
+            "info".to_owned(),
+            "info,chat_gateway::audit=info",
+            |s| {
+                tracing_subscriber::EnvFilter::try_new(s.trim())
+                    .map(|_| s.trim().to_owned())
+                    .map_err(|e| e.to_string())
+            },
+        );
         let json_logs = env.optional_with(
             "PALISADE_GATEWAY_LOG_FORMAT",
             settings.environment == Environment::Production,
@@ -354,18 +372,7 @@ impl GatewayConfig {
                 "(unset)",
             );
         }
-        for name in ["PALISADE_GATEWAY_TLS_CERT", "PALISADE_GATEWAY_TLS_KEY"] {
-            if env.raw(name).is_some() {
-                env.problem(
-                    name,
-                    ProblemKind::Invalid {
-                        value: env.raw(name).unwrap_or_default().to_owned(),
-                        reason: "serving https is not supported by this build of the gateway yet; unset it".into(),
-                    },
-                    "(unset)",
-                );
-            }
-        }
+        let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
         if env.raw("PALISADE_RETRY_ASSUME_IDEMPOTENT").is_none() {
@@ -402,9 +409,11 @@ impl GatewayConfig {
             max_body,
             orchestrator_model,
             daily_budget,
+            tls,
             shutdown_grace,
             mock_slow_delay,
             json_logs,
+            log_filter,
             retry,
             breaker,
             rate_limit,
@@ -421,6 +430,47 @@ impl GatewayConfig {
     /// Whether a fallback is configured.
     pub fn has_fallback(&self) -> bool {
         self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// `PALISADE_GATEWAY_TLS_CERT` and `_KEY`: both or neither, and they must load.
+fn tls_env(env: &mut Env) -> Option<(PathBuf, PathBuf)> {
+    const CERT: &str = "PALISADE_GATEWAY_TLS_CERT";
+    const KEY: &str = "PALISADE_GATEWAY_TLS_KEY";
+    let cert = env.raw(CERT).map(|s| PathBuf::from(s.trim()));
+    let key = env.raw(KEY).map(|s| PathBuf::from(s.trim()));
+    match (cert, key) {
+        (None, None) => None,
+        (Some(_), None) => {
+            env.problem(
+                KEY,
+                ProblemKind::Missing,
+                "key.pem (with PALISADE_GATEWAY_TLS_CERT)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            env.problem(
+                CERT,
+                ProblemKind::Missing,
+                "cert.pem (with PALISADE_GATEWAY_TLS_KEY)",
+            );
+            None
+        }
+        (Some(cert), Some(key)) => match crate::tls::load(&cert, &key) {
+            Ok(_) => Some((cert, key)),
+            Err(reason) => {
+                env.problem(
+                    CERT,
+                    ProblemKind::Invalid {
+                        value: cert.display().to_string(),
+                        reason,
+                    },
+                    "cert.pem (a PEM certificate chain; the key in PALISADE_GATEWAY_TLS_KEY)",
+                );
+                None
+            }
+        },
     }
 }
 

@@ -18,6 +18,7 @@ mod mock;
 mod routes;
 mod schema;
 mod store;
+mod tls;
 mod upstream;
 
 use std::process::ExitCode;
@@ -26,8 +27,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::GatewayConfig;
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logs(json: bool, filter: &str) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder.json().flatten_event(true).init();
@@ -66,7 +67,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(config.json_logs);
+    init_logs(config.json_logs, &config.log_filter);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -82,18 +83,29 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     let grace = config.shutdown_grace;
     let demo = config.demo_keys;
     let layers = config.layers;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls::load(cert, key)?),
+        None => None,
+    };
     let app = app::build(config).await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} (PALISADE_GATEWAY_ADDR): {e}"))?;
     let addr = listener.local_addr()?;
 
-    println!("chat_gateway listening on http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("chat_gateway listening on {scheme}://{addr}");
     match app.mock_addr {
         Some(mock) => println!(
             "  upstream: built-in mock on http://{mock} (set ANTHROPIC_BASE_URL and ANTHROPIC_API_KEY for a real one)"
         ),
         None => println!("  upstream: {:?}", app.state.upstreams.primary),
+    }
+    if app.mock_addr.is_some() && std::env::var_os("ANTHROPIC_API_KEY").is_some() {
+        println!(
+            "  note: ANTHROPIC_API_KEY is set but ANTHROPIC_BASE_URL is not, so the mock serves;"
+        );
+        println!("        set ANTHROPIC_BASE_URL=https://api.anthropic.com to call the real API");
     }
     if !layers {
         println!("  layers: OFF (PALISADE_GATEWAY_LAYERS=off): the bare pass-through floor");
@@ -107,20 +119,27 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
         );
         println!("  try:");
         println!(
-            "    curl http://{addr}/v1/messages -H 'x-api-key: {}' -H 'anthropic-version: 2023-06-01' \\\n      -H 'content-type: application/json' \\\n      -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":256,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+            "    curl {scheme}://{addr}/v1/messages -H 'x-api-key: {}' -H 'anthropic-version: 2023-06-01' \\\n      -H 'content-type: application/json' \\\n      -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":256,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
             config::DEMO_USER_KEY
         );
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app.router)
-        .with_graceful_shutdown({
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        })
-        .into_future();
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>> =
+        match tls {
+            Some(tls) => Box::pin(async move {
+                tls::serve(listener, app.router, tls, stop_rx).await;
+                Ok(())
+            }),
+            None => Box::pin(
+                axum::serve(listener, app.router)
+                    .with_graceful_shutdown(async move {
+                        let mut rx = stop_rx;
+                        let _ = rx.wait_for(|s| *s).await;
+                    })
+                    .into_future(),
+            ),
+        };
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => res?,

@@ -259,7 +259,7 @@ fn sse(
                "usage": {"output_tokens": output}}),
     );
     push("message_stop", json!({"type": "message_stop"}));
-    let stream = futures_util_stream(events);
+    let stream = event_body(events);
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
@@ -268,14 +268,9 @@ fn sse(
 }
 
 /// A body sending each event as its own frame, as a real stream does.
-fn futures_util_stream(events: Vec<Result<Bytes, Infallible>>) -> Body {
-    use http_body_util::StreamBody;
-    let frames = tokio_stream_iter(events.into_iter().map(|r| r.map(http_body::Frame::data)));
-    Body::new(StreamBody::new(frames))
-}
-
-fn tokio_stream_iter<I: Iterator + Unpin>(iter: I) -> IterStream<I> {
-    IterStream(iter)
+fn event_body(events: Vec<Result<Bytes, Infallible>>) -> Body {
+    let frames = IterStream(events.into_iter().map(|r| r.map(http_body::Frame::data)));
+    Body::new(http_body_util::StreamBody::new(frames))
 }
 
 /// A stream over an iterator (what `futures::stream::iter` does, without the dependency).

@@ -140,7 +140,8 @@ pub struct MemoryLedger {
     evicted: AtomicU64,
 }
 
-const MAX_LEDGER_ENTRIES: usize = 1_000_000;
+/// The most records the in-memory ledger keeps (about 50 MB); per-day spend outlives them.
+const MAX_LEDGER_ENTRIES: usize = 100_000;
 
 impl Ledger {
     /// An empty in-memory ledger.
