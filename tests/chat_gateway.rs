@@ -23,6 +23,8 @@ mod mock;
 mod routes;
 #[path = "../examples/chat_gateway/schema.rs"]
 mod schema;
+#[path = "../examples/chat_gateway/sentry.rs"]
+mod sentry;
 #[path = "../examples/chat_gateway/store.rs"]
 mod store;
 #[path = "../examples/chat_gateway/tls.rs"]

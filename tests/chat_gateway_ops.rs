@@ -624,3 +624,156 @@ async fn csp_reports_are_counted_in_metrics() {
     let m = gw.metrics().await;
     assert_eq!(m.value("palisade_gateway_csp_reports_total", ""), 1.0);
 }
+
+#[cfg(not(feature = "sentry"))]
+#[test]
+fn sentry_dsn_without_the_sentry_feature_is_a_configuration_problem() {
+    let mut env = Env::from_pairs([("SENTRY_DSN", "https://abc@o1.ingest.sentry.io/42")]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env
+        .finish()
+        .expect_err("a DSN this build cannot use")
+        .to_string();
+    assert!(err.contains("SENTRY_DSN"), "{err}");
+    assert!(err.contains("--features sentry"), "{err}");
+    assert!(!err.contains("abc@"), "the DSN is not echoed: {err}");
+}
+
+#[cfg(feature = "sentry")]
+mod error_tracking {
+    use std::time::Duration;
+
+    use axum::extract::State;
+    use axum::routing::post;
+    use http::HeaderMap;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// One envelope the stand-in received: its `x-sentry-auth` header and its text.
+    struct Received {
+        auth: String,
+        body: String,
+    }
+
+    /// A stand-in for Sentry's ingestion endpoint on a loopback port; its DSN and what it
+    /// receives.
+    async fn ingestion() -> (String, mpsc::UnboundedReceiver<Received>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let app = axum::Router::new()
+            .route(
+                "/api/42/envelope/",
+                post(
+                    |State(tx): State<mpsc::UnboundedSender<Received>>,
+                     headers: HeaderMap,
+                     body: Bytes| async move {
+                        let auth = headers
+                            .get("x-sentry-auth")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let body = String::from_utf8_lossy(&body).into_owned();
+                        let _ = tx.send(Received { auth, body });
+                        axum::Json(json!({"id": "0"}))
+                    },
+                ),
+            )
+            .with_state(tx);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://publickey0123@{addr}/42"), rx)
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("an envelope reaches the stand-in within 20 s")
+            .expect("the stand-in is running")
+    }
+
+    #[test]
+    fn redact_hides_configured_keys_and_anything_shaped_like_one() {
+        let secrets = vec!["my-own-secret-key-123".to_owned(), "short".to_owned()];
+        let r = |s: &str| sentry::redact(s, &secrets);
+        assert_eq!(r("key sk-ant-api03-AbC_d-123 here"), "key [redacted] here");
+        assert_eq!(r("sk-test-alice-0123456789"), "[redacted]");
+        assert_eq!(r("x my-own-secret-key-123 y"), "x [redacted] y");
+        assert_eq!(
+            r("task-12345678 and sk-short"),
+            "task-12345678 and sk-short"
+        );
+        assert_eq!(r("a short word"), "a short word", "too short to be a key");
+        assert_eq!(r("(sk-0123456789abcdef)"), "([redacted])");
+        assert_eq!(r("héllo sk-ünïcode"), "héllo sk-ünïcode");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sentry_gets_5xx_and_panics_with_keys_and_bodies_scrubbed() {
+        let (dsn, mut rx) = ingestion().await;
+        let mut env = Env::from_pairs([("SENTRY_DSN", "o1.ingest.sentry.io/42")]);
+        let _ = config::GatewayConfig::from_env(&mut env);
+        let err = env.finish().expect_err("a malformed DSN").to_string();
+        assert!(err.contains("SENTRY_DSN"), "{err}");
+
+        let gw = start(&[
+            ("SENTRY_DSN", dsn.as_str()),
+            ("PALISADE_RETRY_MAX_RETRIES", "0"),
+        ])
+        .await;
+        assert!(gw.state.config.sentry.dsn.is_some());
+        // A success is not reported; the 500 after it is.
+        assert_eq!(gw.chat(USER, "claude-sonnet-4-5").await.status, 200);
+        let body = json!({
+            "model": "mock-error",
+            "max_tokens": 64,
+            "messages": [{"role": "user", "content": "PROMPT-CANARY my key is sk-ant-api03-leaked0000"}]
+        });
+        let failed = gw
+            .call(
+                Method::POST,
+                "/v1/messages?token=QUERY-CANARY",
+                Some(USER),
+                Some(body),
+            )
+            .await;
+        assert_eq!(failed.status, 500);
+        let request_id = failed.header("x-request-id").to_owned();
+
+        let report = next(&mut rx).await;
+        assert!(
+            report.auth.contains("sentry_key=publickey0123"),
+            "{}",
+            report.auth
+        );
+        let text = &report.body;
+        assert!(text.contains(r#""route":"/v1/messages""#), "{text}");
+        assert!(text.contains(r#""status":"500""#), "{text}");
+        assert!(text.contains(&request_id), "the request id: {text}");
+        assert!(text.contains(r#""id":"alice""#), "the user: {text}");
+        for secret in [
+            USER,
+            "PROMPT-CANARY",
+            "QUERY-CANARY",
+            "sk-ant",
+            "x-api-key",
+            "Hello there",
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+
+        // A panic anywhere in the process, with a key in its message.
+        let panicked = std::thread::spawn(|| {
+            panic!("upstream refused the key {USER} (sk-ant-api03-leaked0001)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        let report = next(&mut rx).await;
+        let text = &report.body;
+        assert!(
+            text.contains("upstream refused the key [redacted] ([redacted])"),
+            "{text}"
+        );
+        assert!(!text.contains(USER) && !text.contains("sk-ant"), "{text}");
+    }
+}

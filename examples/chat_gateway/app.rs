@@ -62,6 +62,8 @@ pub struct App {
     pub recorder: Option<RecorderShutdown>,
     /// The mock upstream's address, when it serves.
     pub mock_addr: Option<std::net::SocketAddr>,
+    /// Error tracking, when `SENTRY_DSN` is set (flushed at shutdown).
+    pub sentry: Option<crate::sentry::Sentry>,
 }
 
 /// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: 100 requests
@@ -185,6 +187,14 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     if let Some(layer) = security_headers {
         router = router.layer(layer);
     }
+    let sentry = crate::sentry::Sentry::init(&config)?;
+    #[cfg(feature = "sentry")]
+    if let Some(sentry) = &sentry {
+        router = router.layer(middleware::from_fn_with_state(
+            sentry.clone(),
+            crate::sentry::report,
+        ));
+    }
     let router = router.layer(middleware::from_fn_with_state(
         metrics,
         crate::metrics::record,
@@ -203,6 +213,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         state,
         recorder,
         mock_addr,
+        sentry,
     })
 }
 

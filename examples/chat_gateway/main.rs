@@ -17,6 +17,7 @@ mod metrics;
 mod mock;
 mod routes;
 mod schema;
+mod sentry;
 mod store;
 mod tls;
 mod upstream;
@@ -150,6 +151,11 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
                 tracing::warn!("in-flight requests outlived the shutdown grace period; closing them");
             }
         }
+    }
+    if let Some(sentry) = &app.sentry
+        && !sentry.flush(grace)
+    {
+        tracing::warn!("error reports were still queued at shutdown");
     }
     if let Some(recorder) = app.recorder {
         match recorder.shutdown_within(grace).await {
