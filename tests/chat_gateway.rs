@@ -1,6 +1,9 @@
 //! The chat_gateway example over real sockets: built in-process from its own modules, served
 //! on a free loopback port, called through a hyper client; upstreams are the built-in mock
 //! or wiremock.
+//!
+//! The example's modules are mounted here at the crate root, as `main.rs` mounts them, so
+//! their `crate::` paths resolve: a module added to the example is added here too.
 #![allow(dead_code)]
 
 #[path = "../examples/chat_gateway/app.rs"]
@@ -1096,6 +1099,10 @@ fn configuration_reports_every_problem_at_once() {
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
         ("REDIS_URL", "redis://127.0.0.1:6379/"),
         ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
+        (
+            "PALISADE_GATEWAY_ALERT_WEBHOOK",
+            "https://hooks.example.com/secret",
+        ),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
     let err = env.finish().unwrap_err();
@@ -1109,6 +1116,7 @@ fn configuration_reports_every_problem_at_once() {
         "PALISADE_GATEWAY_DAILY_BUDGET",
         "REDIS_URL",
         "DATABASE_URL",
+        "PALISADE_GATEWAY_ALERT_WEBHOOK",
     ] {
         assert!(names.contains(&name), "{name} not reported: {err}");
     }

@@ -114,6 +114,20 @@ async fn sigterm_finishes_the_stream_in_flight_logs_without_secrets_and_exits() 
         .await
         .expect("answer");
     assert_eq!(denied.status(), 401);
+    let streamed = client
+        .request(
+            http::Request::post(format!("http://{addr}/v1/messages"))
+                .header("x-api-key", KEY)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .expect("answer");
+    let streamed = streamed.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&streamed).contains(": palisade-cost usd="));
     let in_flight = tokio::spawn({
         let client = client.clone();
         async move {
@@ -166,5 +180,49 @@ async fn sigterm_finishes_the_stream_in_flight_logs_without_secrets_and_exits() 
     assert!(
         !logs.contains("plum cake"),
         "message content was logged: {logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_waiting_for_requests_after_the_grace_period() {
+    let mut child = gateway(&[
+        ("PALISADE_GATEWAY_SHUTDOWN_GRACE", "200ms"),
+        ("PALISADE_GATEWAY_MOCK_SLOW_DELAY", "30s"),
+    ])
+    .spawn()
+    .expect("start the gateway");
+    let (addr, _stdout) = wait_listening(&mut child);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = http::Request::post(format!("http://{addr}/v1/messages"))
+        .header("x-api-key", KEY)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"mock-slow","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#,
+        )))
+        .unwrap();
+    let in_flight = tokio::spawn(async move { client.request(req).await.map(|r| r.status()) });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the gateway waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the slow request was cut at the deadline"
     );
 }

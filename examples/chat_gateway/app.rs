@@ -183,7 +183,10 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
         .merge(crate::dashboard::public(&state)?)
-        .fallback(routes::not_found);
+        .fallback({
+            let format = config.error_format();
+            move || async move { routes::not_found(format) }
+        });
     if let Some(layer) = security_headers {
         router = router.layer(layer);
     }

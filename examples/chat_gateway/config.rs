@@ -375,6 +375,16 @@ impl GatewayConfig {
                 "(unset)",
             );
         }
+        if env.raw("PALISADE_GATEWAY_ALERT_WEBHOOK").is_some() {
+            env.problem(
+                "PALISADE_GATEWAY_ALERT_WEBHOOK",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "alerts are not in this build of the gateway yet; unset it".into(),
+                },
+                "(unset)",
+            );
+        }
         let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
@@ -396,6 +406,10 @@ impl GatewayConfig {
         let mut cost = CostConfig::from_env(env);
         if env.raw("PALISADE_COST_COST_HEADERS").is_none() {
             cost.cost_headers = true;
+        }
+        if env.raw("PALISADE_COST_SSE_COMMENT").is_none() {
+            // SSE clients, the Anthropic SDKs among them, skip comment lines.
+            cost.sse_cost_comment = true;
         }
 
         Self {

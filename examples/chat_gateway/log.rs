@@ -1,16 +1,53 @@
-//! One log line per request: id, user, route, status, duration and (for small JSON
-//! answers) cost. Never a key, never message content.
+//! One log line per request, written when the response body ends (so a stream's line has
+//! its whole duration): id, user, method, route, status, duration, whether the body was
+//! sent whole, and the cost (from `x-palisade-cost-usd` on small JSON answers, or the
+//! stream's closing `: palisade-cost` comment). Never a key, never message content.
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
+use http::Method;
+use http_body::{Frame, SizeHint};
 use palisade::cost::X_PALISADE_COST_USD;
+use pin_project_lite::pin_project;
 
 /// The caller's name, put in the response extensions by authentication for this line.
 #[derive(Debug, Clone)]
-pub struct LoggedUser(pub std::sync::Arc<str>);
+pub struct LoggedUser(pub Arc<str>);
+
+/// What the line says, filled in as the response goes.
+struct Line {
+    start: Instant,
+    id: String,
+    user: Option<Arc<str>>,
+    method: Method,
+    route: String,
+    status: u16,
+    cost: Option<String>,
+}
+
+impl Line {
+    fn emit(&self, complete: bool) {
+        tracing::info!(
+            target: "chat_gateway::request",
+            request_id = %self.id,
+            user = self.user.as_deref().unwrap_or("-"),
+            method = %self.method,
+            route = %self.route,
+            status = self.status,
+            duration_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            complete,
+            cost_usd = self.cost.as_deref().unwrap_or("-"),
+            "request"
+        );
+    }
+}
 
 /// The middleware.
 pub async fn request_line(req: Request, next: Next) -> Response {
@@ -19,22 +56,89 @@ pub async fn request_line(req: Request, next: Next) -> Response {
     let route = req.uri().path().to_owned();
     let id = crate::app::request_id(&req);
     let res = next.run(req).await;
-    let user = res.extensions().get::<LoggedUser>().map(|u| u.0.clone());
-    let cost = res
-        .headers()
-        .get(X_PALISADE_COST_USD)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    tracing::info!(
-        target: "chat_gateway::request",
-        request_id = %id,
-        user = user.as_deref().unwrap_or("-"),
-        method = %method,
-        route = %route,
-        status = res.status().as_u16(),
-        duration_us = start.elapsed().as_micros() as u64,
-        cost_usd = cost.as_deref().unwrap_or("-"),
-        "request"
-    );
-    res
+    let line = Line {
+        start,
+        id,
+        user: res.extensions().get::<LoggedUser>().map(|u| u.0.clone()),
+        method,
+        route,
+        status: res.status().as_u16(),
+        cost: res
+            .headers()
+            .get(X_PALISADE_COST_USD)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    };
+    res.map(|body| {
+        Body::new(LoggedBody {
+            inner: body,
+            line: Some(line),
+        })
+    })
+}
+
+pin_project! {
+    /// The response body, writing the line when it ends or is dropped.
+    struct LoggedBody {
+        #[pin]
+        inner: Body,
+        line: Option<Line>,
+    }
+
+    impl PinnedDrop for LoggedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(line) = this.line.take() {
+                // A body whose length says it is done is not polled to its end.
+                line.emit(http_body::Body::is_end_stream(&*this.inner));
+            }
+        }
+    }
+}
+
+const COST_COMMENT: &[u8] = b": palisade-cost usd=";
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                // The meter sends the cost comment as a small frame of its own.
+                if let (Some(data), Some(line)) = (frame.data_ref(), this.line.as_mut()) {
+                    if data.len() < 512 {
+                        if let Some(at) = memchr::memmem::find(data, COST_COMMENT) {
+                            let rest = &data[at + COST_COMMENT.len()..];
+                            let end = rest
+                                .iter()
+                                .position(|b| b.is_ascii_whitespace())
+                                .unwrap_or(rest.len());
+                            line.cost = std::str::from_utf8(&rest[..end]).ok().map(str::to_owned);
+                        }
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(line) = this.line.take() {
+                    line.emit(true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

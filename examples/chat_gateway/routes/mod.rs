@@ -50,12 +50,9 @@ pub fn public() -> Router<AppState> {
         .method_not_allowed_fallback(method_not_allowed)
 }
 
-/// 404 for unknown routes, in Anthropic's error format.
-pub async fn not_found() -> Response {
-    crate::error::render(
-        &Error::new(ErrorKind::NotFound, "no such route"),
-        palisade::ErrorFormat::Anthropic,
-    )
+/// 404 for unknown routes, in the configured error format.
+pub fn not_found(format: palisade::ErrorFormat) -> Response {
+    crate::error::render(&Error::new(ErrorKind::NotFound, "no such route"), format)
 }
 
 async fn method_not_allowed() -> Response {
@@ -75,11 +72,8 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| {
-            let v = v.trim();
-            v.eq_ignore_ascii_case("application/json")
-                || (v.len() > 5
-                    && v[..v.len() - 5].starts_with("application/")
-                    && v.to_ascii_lowercase().ends_with("+json"))
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
         });
     if !json {
         return Err(ApiError::new(
