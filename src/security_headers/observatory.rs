@@ -4,7 +4,7 @@
 
 use http::HeaderMap;
 
-use super::{ContentSecurityPolicy, HstsWhen, SecurityHeadersBuilder, SecurityHeadersLayer};
+use super::{ContentSecurityPolicy, HstsWhen, SecurityHeadersLayer, SecurityHeadersLayerBuilder};
 use crate::config::Environment;
 
 /// One test's verdict.
@@ -272,7 +272,7 @@ fn failing(verdicts: &[(&'static str, Verdict)]) -> Vec<String> {
 
 #[tokio::test]
 async fn api_preset_fails_no_observatory_test() {
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .environment(Environment::Production)
         .build()
         .unwrap();
@@ -315,7 +315,7 @@ async fn the_checks_fail_weak_configurations() {
     assert_eq!(score(&bare), 30);
 
     // Report-only CSP does not count; 'unsafe-inline' and 'unsafe-eval' are penalised.
-    let report_only = SecurityHeadersBuilder::api()
+    let report_only = SecurityHeadersLayerBuilder::api()
         .csp(
             ContentSecurityPolicy::api()
                 .to_builder()
