@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! request id -> request log -> security headers -> auth -> rate limits -> route
-//!   route: body limit, content type, validation, budget -> upstream stack (upstream.rs)
+//!   route: body limit, content type, validation -> upstream stack (upstream.rs)
+//!   upstream stack: budget reserve -> cost meter (settles it) -> retry -> breaker -> client
 //! ```
 
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
+use palisade::cost::alert::TracingAlertSink;
+use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
 use tower_http::request_id::{
@@ -40,7 +43,7 @@ pub struct AppState {
     pub bots: Arc<Bots>,
     /// Usage records and spend.
     pub ledger: Ledger,
-    /// Daily spend limits.
+    /// Spend budgets (palisade's budget layer) for the admin routes.
     pub budgets: Arc<Budgets>,
     /// The rate limiter's admin handle (`None` with the layers off).
     pub limiter: Option<RateLimiter>,
@@ -103,6 +106,18 @@ pub fn default_rules() -> Vec<RuleConfig> {
     ]
 }
 
+/// The budget layer: the configured budgets, charged to the caller (the gateway's
+/// attribution, never a client header), threshold alerts to the log.
+fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
+    Ok(config
+        .budget
+        .builder()?
+        .user_header(None)
+        .bot_header(None)
+        .alerts(TracingAlertSink)
+        .build()?)
+}
+
 /// Request ids: a random prefix per process and a counter (`req_3f2a…_000001`).
 #[derive(Clone)]
 struct MakeId {
@@ -136,7 +151,17 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         (None, None)
     };
     let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
-    let upstreams = Upstreams::new(&config, mock_addr.map(|a| format!("http://{a}")), meter)?;
+    let budgets = Budgets::new(if config.layers {
+        Some(budget_layer(&config)?)
+    } else {
+        None
+    });
+    let upstreams = Upstreams::new(
+        &config,
+        mock_addr.map(|a| format!("http://{a}")),
+        meter,
+        budgets.layer().cloned(),
+    )?;
 
     let rate_limit = if config.layers {
         let mut rl = config.rate_limit.clone();
@@ -158,7 +183,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         upstreams,
         bots: Arc::new(Bots::memory()),
         ledger: ledger.clone(),
-        budgets: Arc::new(Budgets::new(config.daily_budget)),
+        budgets: Arc::new(budgets),
         limiter: rate_limit.as_ref().map(|l| l.limiter()),
         cost_stats,
         limits: Arc::new(Limits {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use palisade::ErrorFormat;
 use palisade::circuit_breaker::CircuitBreakerConfig;
 use palisade::config::{ConfigError, Env, Environment, ProblemKind, Settings};
+use palisade::cost::budget::{BudgetConfig, BudgetRuleConfig, Period, Scope};
 use palisade::cost::{CostConfig, Money};
 use palisade::rate_limit::RateLimitConfig;
 use palisade::retry::RetryConfig;
@@ -110,8 +111,9 @@ pub struct GatewayConfig {
     pub orchestrator_model: String,
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// The daily spend limit per user, unless an admin set another.
-    pub daily_budget: Option<Money>,
+    /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
+    /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
+    pub budget: BudgetConfig,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
     /// How long the mock's `mock-slow` model waits before answering.
@@ -401,6 +403,22 @@ impl GatewayConfig {
         if env.raw("PALISADE_RATE_LIMIT_ERROR_FORMAT").is_none() {
             rate_limit.error_format = settings.error_format;
         }
+        let mut budget = BudgetConfig::from_env(env);
+        if env.raw("PALISADE_BUDGET_RULES").is_none()
+            && let Some(limit) = daily_budget
+        {
+            budget.rules = vec![daily_rule(limit)];
+        }
+        if budget.error_format.is_none() {
+            budget.error_format = Some(settings.error_format);
+        }
+        if mock && env.raw("PALISADE_BUDGET_ALLOW_UNPRICED").is_none() {
+            // The mock's fault models (`mock-overloaded`, ...) have no price.
+            budget.allow_unpriced = true;
+        }
+        if env.raw("PALISADE_BUDGET_MAX_BODY").is_none() {
+            budget.max_body = max_body;
+        }
         let security_headers = SecurityHeadersConfig::from_env(env);
         let sentry = crate::sentry::SentryConfig::from_env(env);
         let mut cost = CostConfig::from_env(env);
@@ -426,7 +444,7 @@ impl GatewayConfig {
             max_tokens,
             max_body,
             orchestrator_model,
-            daily_budget,
+            budget,
             tls,
             shutdown_grace,
             mock_slow_delay,
@@ -449,6 +467,20 @@ impl GatewayConfig {
     /// Whether a fallback is configured.
     pub fn has_fallback(&self) -> bool {
         self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// The name of the per-user daily budget that `/admin/budgets/{user}` shows and sets.
+pub const DAILY_BUDGET: &str = "daily";
+
+/// The default budget: `limit` per user per UTC day.
+fn daily_rule(limit: Money) -> BudgetRuleConfig {
+    BudgetRuleConfig {
+        name: DAILY_BUDGET.to_owned(),
+        scope: Scope::User,
+        period: Period::Day,
+        limit: limit.dollars_string(),
+        thresholds: vec![0.5, 0.8, 1.0],
     }
 }
 

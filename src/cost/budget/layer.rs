@@ -95,6 +95,9 @@ pub enum BudgetConfigError {
     },
 }
 
+/// `(budget, subject)` → that subject's own limit (`None`: no limit).
+type Overrides = std::collections::HashMap<(Arc<str>, Arc<str>), Option<Money>>;
+
 pub(crate) struct Shared {
     budgets: Vec<Arc<Budget>>,
     store: Arc<dyn BudgetStore>,
@@ -111,7 +114,7 @@ pub(crate) struct Shared {
     alerts: Option<Arc<dyn AlertSink>>,
     clock: BudgetClock,
     /// Per-subject limits set at run time: `(budget, subject)` → limit (`None`: none).
-    overrides: std::sync::RwLock<std::collections::HashMap<(Arc<str>, Arc<str>), Option<Money>>>,
+    overrides: std::sync::RwLock<Overrides>,
 }
 
 impl fmt::Debug for Shared {
