@@ -1099,7 +1099,7 @@ fn configuration_reports_every_problem_at_once() {
         ("ANTHROPIC_BASE_URL", "ftp://example.com"),
         ("PALISADE_GATEWAY_API_KEYS", "alice"),
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
-        ("REDIS_URL", "redis://127.0.0.1:6379/"),
+        ("REDIS_URL", "127.0.0.1:6379"),
         ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
         (
             "PALISADE_GATEWAY_ALERT_WEBHOOK",

@@ -111,6 +111,10 @@ pub struct GatewayConfig {
     pub orchestrator_model: String,
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
+    /// budgets.
+    #[cfg(feature = "redis")]
+    pub redis: Option<palisade::rate_limit::RedisStoreConfig>,
     /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
     /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
     pub budget: BudgetConfig,
@@ -351,28 +355,17 @@ impl GatewayConfig {
             },
         );
 
-        if env.raw("REDIS_URL").is_some() || env.raw("PALISADE_REDIS_URL").is_some() {
-            let name = if env.raw("REDIS_URL").is_some() {
-                "REDIS_URL"
-            } else {
-                "PALISADE_REDIS_URL"
-            };
-            env.problem(
-                name,
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "this build of the gateway keeps limits, budgets, bots and usage in memory only; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        #[cfg_attr(
+            not(feature = "redis"),
+            allow(unused_variables, clippy::let_unit_value)
+        )]
+        let redis = redis_env(env);
         if env.raw("DATABASE_URL").is_some() {
             env.problem(
                 "DATABASE_URL",
                 ProblemKind::Invalid {
                     value: "[redacted]".into(),
-                    reason: "this build of the gateway has no PostgreSQL ledger yet; unset it"
-                        .into(),
+                    reason: "the gateway has no PostgreSQL ledger yet; unset it".into(),
                 },
                 "(unset)",
             );
@@ -445,6 +438,8 @@ impl GatewayConfig {
             max_body,
             orchestrator_model,
             budget,
+            #[cfg(feature = "redis")]
+            redis,
             tls,
             shutdown_grace,
             mock_slow_delay,
@@ -467,6 +462,72 @@ impl GatewayConfig {
     /// Whether a fallback is configured.
     pub fn has_fallback(&self) -> bool {
         self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// The settings of the Redis store (`REDIS_URL`).
+#[cfg(feature = "redis")]
+type RedisSettings = Option<palisade::rate_limit::RedisStoreConfig>;
+#[cfg(not(feature = "redis"))]
+type RedisSettings = ();
+
+/// `REDIS_URL`: one server's URL, or a comma-separated list of Cluster nodes; the rate-limit
+/// store's own `PALISADE_RATE_LIMIT_REDIS_*` settings (fail mode, timeout, ...) apply.
+/// Without the `redis` feature, a set `REDIS_URL` is a problem that says how to build.
+fn redis_env(env: &mut Env) -> RedisSettings {
+    let url: Option<String> = env.secret_with(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/ (or redis://10.0.0.1:7000/,redis://10.0.0.2:7000/ for a Cluster)",
+        |s| Ok(s.trim().to_owned()),
+    );
+    #[cfg(feature = "redis")]
+    {
+        let mut store = palisade::rate_limit::RedisStoreConfig::from_env(env);
+        let url = url?;
+        if url
+            .split(',')
+            .map(str::trim)
+            .any(|n| !(n.is_empty() || n.starts_with("redis://") || n.starts_with("rediss://")))
+        {
+            env.problem(
+                "REDIS_URL",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "every URL must start with redis:// or rediss://".into(),
+                },
+                "redis://127.0.0.1:6379/",
+            );
+            return None;
+        }
+        let nodes: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if nodes.len() > 1 {
+            store.cluster_nodes = nodes;
+            store.url = None;
+            // The gateway's rules key users and IPs alike: one slot for them all, so that
+            // a reset or a group of keys never spans nodes.
+            if store.hash_tag.is_none() {
+                store.hash_tag = Some("palisade-gateway".to_owned());
+            }
+        } else {
+            store.url = Some(url);
+        }
+        Some(store)
+    }
+    #[cfg(not(feature = "redis"))]
+    if url.is_some() {
+        env.problem(
+            "REDIS_URL",
+            ProblemKind::Invalid {
+                value: "[redacted]".into(),
+                reason: "this build has no Redis support: run with `--features redis` (cargo run --example chat_gateway --features redis), or unset it".into(),
+            },
+            "(unset)",
+        );
     }
 }
 
