@@ -1101,10 +1101,7 @@ fn configuration_reports_every_problem_at_once() {
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
         ("REDIS_URL", "127.0.0.1:6379"),
         ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
-        (
-            "PALISADE_GATEWAY_ALERT_WEBHOOK",
-            "https://hooks.example.com/secret",
-        ),
+        ("PALISADE_GATEWAY_ALERT_WEBHOOK", "hooks.example.com/secret"),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
     let err = env.finish().unwrap_err();

@@ -236,3 +236,44 @@ async fn health_reports_redis() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn budget_threshold_alerts_reach_the_webhook() {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let receiver = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/alerts"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&receiver)
+        .await;
+    let redis = redis().await;
+    let hook = format!("{}/alerts", receiver.uri());
+    // A threshold at 0.1 % of $0.01: the first request's real cost crosses it.
+    let rules =
+        r#"[{"name":"daily","scope":"user","period":"day","limit":"0.01","thresholds":[0.001]}]"#;
+    let gw = start(
+        &redis,
+        &[
+            ("PALISADE_BUDGET_RULES", rules),
+            ("PALISADE_GATEWAY_ALERT_WEBHOOK", hook.as_str()),
+        ],
+    )
+    .await;
+    assert_eq!(gw.chat().await.status, 200);
+    gw.usage_records(1).await;
+    let mut received = Vec::new();
+    for _ in 0..500 {
+        received = receiver.received_requests().await.unwrap_or_default();
+        if !received.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(received.len(), 1, "one threshold, one alert");
+    let event: Value = serde_json::from_slice(&received[0].body).unwrap();
+    let text = event.to_string();
+    assert!(text.contains("daily"), "{text}");
+    assert!(text.contains("user:alice"), "{text}");
+}

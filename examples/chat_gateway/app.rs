@@ -15,7 +15,7 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
-use palisade::cost::alert::TracingAlertSink;
+use palisade::cost::alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookConfig, WebhookSink};
 use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
@@ -119,7 +119,7 @@ async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
         .builder()?
         .user_header(None)
         .bot_header(None)
-        .alerts(TracingAlertSink);
+        .alerts(Alerts::new(config)?);
     #[cfg(feature = "redis")]
     let builder = match &config.redis {
         Some(r) if !r.cluster_nodes.is_empty() => {
@@ -142,6 +142,39 @@ async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
         None => builder,
     };
     Ok(builder.build()?)
+}
+
+/// Alerts go to the log, and to `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set.
+struct Alerts {
+    webhook: Option<WebhookSink>,
+}
+
+impl Alerts {
+    fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
+        let webhook = match &config.alert_webhook {
+            None => None,
+            Some(url) => {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build(crate::upstream::connector());
+                Some(
+                    WebhookSink::with_client(WebhookConfig::new(url.clone()), client)
+                        .map_err(|e| format!("PALISADE_GATEWAY_ALERT_WEBHOOK: {e}"))?,
+                )
+            }
+        };
+        Ok(Self { webhook })
+    }
+}
+
+impl AlertSink for Alerts {
+    fn send(&self, event: AlertEvent) {
+        if let Some(webhook) = &self.webhook {
+            webhook.send(event.clone());
+        }
+        TracingAlertSink.send(event);
+    }
 }
 
 /// The rate-limit layer over the store in use.

@@ -111,6 +111,9 @@ pub struct GatewayConfig {
     pub orchestrator_model: String,
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where alerts (budget thresholds) are posted as JSON, besides the log
+    /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`).
+    pub alert_webhook: Option<String>,
     /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
     /// budgets.
     #[cfg(feature = "redis")]
@@ -370,16 +373,14 @@ impl GatewayConfig {
                 "(unset)",
             );
         }
-        if env.raw("PALISADE_GATEWAY_ALERT_WEBHOOK").is_some() {
-            env.problem(
-                "PALISADE_GATEWAY_ALERT_WEBHOOK",
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "alerts are not in this build of the gateway yet; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        let alert_webhook: Option<String> = env.secret_with(
+            "PALISADE_GATEWAY_ALERT_WEBHOOK",
+            "https://hooks.example.com/palisade",
+            |s| {
+                let url = s.trim();
+                check_base_url(url).map(|()| url.to_owned())
+            },
+        );
         let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
@@ -438,6 +439,7 @@ impl GatewayConfig {
             max_body,
             orchestrator_model,
             budget,
+            alert_webhook,
             #[cfg(feature = "redis")]
             redis,
             tls,

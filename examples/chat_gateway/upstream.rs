@@ -38,7 +38,7 @@ use crate::store::Ledger;
 /// The response header that says a fallback served the request.
 pub const X_PALISADE_FALLBACK: HeaderName = HeaderName::from_static("x-palisade-fallback");
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, BoxError>;
 
 /// How long the upstream took to answer (to the response head, retries included), in the
@@ -102,7 +102,8 @@ pub struct BreakerHealth {
     pub available: bool,
 }
 
-fn connector() -> Connector {
+/// The https-or-http connector (webpki roots) of every outgoing client.
+pub fn connector() -> Connector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
