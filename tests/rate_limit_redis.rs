@@ -709,3 +709,44 @@ async fn the_client_clock_decides_windows_from_this_machines_time() {
         "{retry_after} vs {to_edge}"
     );
 }
+
+#[tokio::test]
+async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("huge")).await;
+    let memory = palisade::rate_limit::MemoryStore::new();
+    let now = 1u64 << 40;
+    // the largest quota the script counts exactly: the same answers as the memory store
+    for (n, algorithm) in (0..).zip(ALGORITHMS) {
+        let limit = (1u64 << 52) - 1;
+        let rule = Owned {
+            index: n,
+            name: ["near-0", "near-1", "near-2"][n as usize],
+            cost: limit - 1,
+            ..one_rule(algorithm, limit, 1)
+        };
+        let r = store.check_at(&[rule.item()], now).await.unwrap();
+        let m = memory.check_at(&[rule.item()], now);
+        assert_eq!(r, m, "{algorithm:?}");
+    }
+    // past it a double cannot hold every count: an error, never a silently wrong answer
+    for (n, algorithm) in (0..).zip(ALGORITHMS) {
+        let huge = Owned {
+            name: "huge",
+            ..one_rule(algorithm, (1u64 << 53) + 3, 1)
+        };
+        let err = store.check_at(&[huge.item()], now).await.unwrap_err();
+        assert!(err.to_string().contains("2^52"), "{algorithm:?}: {err}");
+        let costly = Owned {
+            index: 10 + n,
+            name: ["costly-0", "costly-1", "costly-2"][n as usize],
+            cost: 1u64 << 60,
+            ..one_rule(algorithm, 100, 1)
+        };
+        // a cost past every capacity is refused as the memory store refuses it
+        let r = store.check_at(&[costly.item()], now).await.unwrap();
+        assert_eq!(r, memory.check_at(&[costly.item()], now), "{algorithm:?}");
+        assert_eq!(r.rules[0].verdict, Verdict::Never);
+        assert!(store.peek_at(&huge.item(), now).await.is_err());
+    }
+}

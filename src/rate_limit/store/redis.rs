@@ -40,6 +40,13 @@ const GRACE_SERVER_MS: u64 = 0;
 /// Expiry grace (ms) with the client's clock, whose time may run apart from Redis's.
 const GRACE_CLIENT_MS: u64 = 1_000;
 
+/// The script counts in doubles: limits, bursts and windows (µs) must stay below this
+/// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
+/// every capacity the store accepts and so decides the same.
+const LUA_EXACT: u64 = 1 << 52;
+/// Times (µs) must stay below 2^53.
+const LUA_TIME: u64 = 1 << 53;
+
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("redis/decide.lua")));
 
@@ -328,8 +335,11 @@ enum Conn {
 /// ([`RedisClock`]). The script's arithmetic is the one of
 /// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
 /// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
-/// it). Lua counts in doubles: limits, bursts, costs and windows (in µs) must stay below
-/// 2^52, and times below 2^53 µs (the year 2255), which any real quota does.
+/// it). Lua counts in doubles: limits, bursts and windows (in µs, about 142 years) must
+/// stay below 2^52, and times below 2^53 µs (the year 2255), which any real quota does; a
+/// rule past them gets a [`StoreError`] naming it, never a silently inexact count. A cost
+/// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
+/// memory store refuses it.
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
 /// integers as a short string and expiring on its own (`PX`) once its state is back to
@@ -540,8 +550,28 @@ impl RedisStore {
         })
         .arg(self.now_arg(now))
         .arg(grace);
+        if now.is_some_and(|t| t >= LUA_TIME) {
+            return Err(StoreError::new(
+                "the Redis store's time must stay below 2^53 µs (the year 2255)",
+            ));
+        }
         let mut tag: Option<String> = None;
         for (rule, key, params, a, b) in rules {
+            if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
+            {
+                return Err(StoreError::new(format!(
+                    "rule `{rule}`: the Redis store counts exactly only below 2^52: a quota's limit, burst and window (in µs, about 142 years) must be smaller"
+                )));
+            }
+            // A cost past every capacity is refused (`Never`) whatever its size; a delta
+            // past every count saturates.
+            let (a, b) = match mode {
+                Mode::Check | Mode::Peek => (a.min(LUA_EXACT - 1), b),
+                Mode::Settle => (
+                    a.min(LUA_TIME - 1),
+                    b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
+                ),
+            };
             if self.inner.cluster && self.inner.hash_tag == HashTag::Key {
                 let this = encode_key(key);
                 match &tag {
