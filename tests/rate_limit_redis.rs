@@ -750,3 +750,41 @@ async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
         assert!(store.peek_at(&huge.item(), now).await.is_err());
     }
 }
+
+#[tokio::test]
+async fn rule_names_with_colons_or_braces_never_share_a_redis_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let fixed = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("names"))
+        .hash_tag(HashTag::Fixed("limits".into()))
+        .build()
+        .await
+        .unwrap();
+    // rule `chat:principal` counting the global key, and rule `chat` counting principal
+    // `global`: two counters
+    let global = Owned {
+        index: 0,
+        name: "chat:principal",
+        key: RateKey::Global,
+        params: params(Algorithm::FixedWindow, 1),
+        cost: 1,
+    };
+    let user = Owned {
+        index: 1,
+        name: "chat",
+        key: RateKey::principal("global"),
+        ..global.clone()
+    };
+    assert_ne!(
+        fixed.key_name(global.name, &global.key),
+        fixed.key_name(user.name, &user.key)
+    );
+    assert!(fixed.check(&[global.item()]).await.unwrap().admitted);
+    assert!(fixed.check(&[user.item()]).await.unwrap().admitted);
+    // with per-key tags, a brace in a rule name must not move the key to another slot
+    let keyed = single(&server.url(), "names").await;
+    let name = keyed.key_name("a{b}", &RateKey::principal("u"));
+    assert_eq!(name.matches('{').count(), 1, "{name}");
+    assert!(name.ends_with(":{principal:u}"), "{name}");
+}

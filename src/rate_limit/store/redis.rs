@@ -341,7 +341,8 @@ enum Conn {
 /// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
 /// memory store refuses it.
 ///
-/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
+/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
+/// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
 /// integers as a short string and expiring on its own (`PX`) once its state is back to
 /// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
@@ -482,6 +483,7 @@ impl RedisStore {
     /// The Redis key holding one rule's state for one rate key.
     pub fn key_name(&self, rule: &str, key: &RateKey) -> String {
         let encoded = encode_key(key);
+        let rule = encode_rule(rule);
         match &self.inner.hash_tag {
             HashTag::Key => format!("{}:{rule}:{{{encoded}}}", self.inner.prefix),
             HashTag::Fixed(tag) => format!("{}:{{{tag}}}:{rule}:{encoded}", self.inner.prefix),
@@ -872,6 +874,20 @@ fn parse_check(
         },
         blocked,
     ))
+}
+
+/// The rule's name as it appears in a Redis key: without `:` (so no rule and key pair can
+/// spell another's key), `{` or `}` (so the hash tag stays the rate key's).
+fn encode_rule(rule: &str) -> std::borrow::Cow<'_, str> {
+    if !rule.contains(['%', ':', '{', '}']) {
+        return std::borrow::Cow::Borrowed(rule);
+    }
+    std::borrow::Cow::Owned(
+        rule.replace('%', "%25")
+            .replace(':', "%3A")
+            .replace('{', "%7B")
+            .replace('}', "%7D"),
+    )
 }
 
 /// The rate key as it appears in a Redis key: readable, without braces (so it can be a
