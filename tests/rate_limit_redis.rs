@@ -788,3 +788,35 @@ async fn rule_names_with_colons_or_braces_never_share_a_redis_key() {
     assert_eq!(name.matches('{').count(), 1, "{name}");
     assert!(name.ends_with(":{principal:u}"), "{name}");
 }
+
+#[tokio::test]
+async fn a_reset_by_another_instance_reaches_this_ones_blocked_cache_within_a_second() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("stale");
+    let a = single(&server.url(), &prefix).await;
+    let b = single(&server.url(), &prefix).await;
+    // a per-day rule: the key is blocked for hours
+    let rule = Owned {
+        params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    assert!(a.check(&[rule.item()]).await.unwrap().admitted);
+    assert!(!a.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(a.health().blocked_keys, 1);
+    // an operator resets the key through the other instance
+    b.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    assert!(b.check(&[rule.item()]).await.unwrap().admitted);
+    b.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    // this instance learns it without waiting out the day
+    let start = Instant::now();
+    loop {
+        if a.check(&[rule.item()]).await.unwrap().admitted {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(1_500),
+            "still refused from the local cache long after the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -40,6 +40,10 @@ const GRACE_SERVER_MS: u64 = 0;
 /// Expiry grace (ms) with the client's clock, whose time may run apart from Redis's.
 const GRACE_CLIENT_MS: u64 = 1_000;
 
+/// How long a blocked-cache entry answers without a round trip: an admin reset or a refund
+/// through another instance reaches this one within it.
+const BLOCKED_FRESH: Duration = Duration::from_secs(1);
+
 /// The script counts in doubles: limits, bursts and windows (µs) must stay below this
 /// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
 /// every capacity the store accepts and so decides the same.
@@ -367,10 +371,12 @@ enum Conn {
 /// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
 /// the store remembers the key until the first instant one unit fits. Further requests
 /// for that key are refused locally, with no round trip (a flood from one key costs Redis
-/// nothing), and keep being refused while Redis is away. The cache forgets a key on
-/// [`Store::reset`], on a settlement that gives units back, and when the rule's parameters
-/// change (a per-key override); [`RedisStore::clear_blocked_cache`] forgets everything.
-/// Units given back by another instance reach this one when the entry expires.
+/// almost nothing: one round trip per key and second), and keep being refused while Redis
+/// is away. The cache forgets a key on [`Store::reset`], on a settlement that gives units
+/// back, and when the rule's parameters change (a per-key override);
+/// [`RedisStore::clear_blocked_cache`] forgets everything. An entry answers alone for at
+/// most a second, so a reset or units given back through another instance reach this one
+/// within a second.
 ///
 /// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
 /// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
@@ -602,73 +608,12 @@ impl RedisStore {
         Ok(inv)
     }
 
-    /// A refusal from the blocked-key cache, when one of the group's rules is blocked.
-    fn cached_refusal(&self, items: &[CheckItem<'_>]) -> Option<Decision> {
-        let cache = &self.inner.blocked;
-        if !cache.enabled() {
-            return None;
-        }
-        let now = Instant::now();
-        let hits: SmallVec<[Option<Blocked>; 2]> = items
-            .iter()
-            .map(|i| {
-                if i.shadow || i.cost == 0 {
-                    None
-                } else {
-                    cache.get(i.rule_index, i.key, &i.params, now)
-                }
-            })
-            .collect();
-        if hits.iter().all(Option::is_none) {
-            return None;
-        }
-        self.inner.health.hit();
-        let micros = |at: Instant| {
-            u64::try_from(at.saturating_duration_since(now).as_micros()).unwrap_or(u64::MAX)
-        };
-        let rules = items
-            .iter()
-            .zip(&hits)
-            .map(|(item, hit)| match hit {
-                Some(b) => RuleDecision {
-                    verdict: if item.cost > item.params.capacity() {
-                        Verdict::Never
-                    } else {
-                        Verdict::Denied {
-                            retry_after: micros(b.until).max(1),
-                        }
-                    },
-                    remaining: 0,
-                    reset_micros: micros(b.reset_at),
-                    window_start: b.window_start,
-                    debited: false,
-                },
-                // Not known without a round trip: the rule allowed at its last decision.
-                None => RuleDecision {
-                    verdict: if item.cost > item.params.capacity() {
-                        Verdict::Never
-                    } else {
-                        Verdict::Allowed
-                    },
-                    remaining: item.params.capacity(),
-                    reset_micros: 0,
-                    window_start: 0,
-                    debited: false,
-                },
-            })
-            .collect();
-        Some(Decision {
-            admitted: false,
-            rules,
-        })
-    }
-
     fn check_with(
         &self,
         items: &[CheckItem<'_>],
         now: Option<u64>,
     ) -> BoxFuture<Result<Decision, StoreError>> {
-        if let Some(refusal) = self.cached_refusal(items) {
+        if let Some(refusal) = self.inner.cached_refusal(items, false) {
             return Box::pin(ready(Ok(refusal)));
         }
         let inv = self.invocation(
@@ -692,7 +637,15 @@ impl RedisStore {
                         inner.remember_blocked(&owned, d, blocked);
                     })
                     .map(|(d, _)| d),
-                Err(e) => inner.degrade(e, &owned),
+                Err(e) => {
+                    // Redis is away: every entry still blocking refuses, fresh or not.
+                    let refs: SmallVec<[CheckItem<'_>; 2]> =
+                        owned.iter().map(OwnedItem::item).collect();
+                    match inner.cached_refusal(&refs, true) {
+                        Some(refusal) => Ok(refusal),
+                        None => inner.degrade(e, &owned),
+                    }
+                }
             }
         })
     }
@@ -778,6 +731,68 @@ impl Inner {
         result
     }
 
+    /// A refusal from the blocked-key cache, when one of the group's rules is blocked (by
+    /// a fresh entry, or with `stale_ok` by any entry still blocking).
+    fn cached_refusal(&self, items: &[CheckItem<'_>], stale_ok: bool) -> Option<Decision> {
+        let cache = &self.blocked;
+        if !cache.enabled() {
+            return None;
+        }
+        let now = Instant::now();
+        let hits: SmallVec<[Option<Blocked>; 2]> = items
+            .iter()
+            .map(|i| {
+                if i.shadow || i.cost == 0 {
+                    None
+                } else {
+                    cache.get(i.rule_index, i.key, &i.params, now, stale_ok)
+                }
+            })
+            .collect();
+        if hits.iter().all(Option::is_none) {
+            return None;
+        }
+        self.health.hit();
+        let micros = |at: Instant| {
+            u64::try_from(at.saturating_duration_since(now).as_micros()).unwrap_or(u64::MAX)
+        };
+        let rules = items
+            .iter()
+            .zip(&hits)
+            .map(|(item, hit)| match hit {
+                Some(b) => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Denied {
+                            retry_after: micros(b.until).max(1),
+                        }
+                    },
+                    remaining: 0,
+                    reset_micros: micros(b.reset_at),
+                    window_start: b.window_start,
+                    debited: false,
+                },
+                // Not known without a round trip: the rule allowed at its last decision.
+                None => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Allowed
+                    },
+                    remaining: item.params.capacity(),
+                    reset_micros: 0,
+                    window_start: 0,
+                    debited: false,
+                },
+            })
+            .collect();
+        Some(Decision {
+            admitted: false,
+            rules,
+        })
+    }
+
     /// A decision by the failure mode.
     fn degrade(&self, error: String, items: &[OwnedItem]) -> Result<Decision, StoreError> {
         let refs: SmallVec<[CheckItem<'_>; 2]> = items.iter().map(OwnedItem::item).collect();
@@ -821,6 +836,7 @@ impl Inner {
                     Blocked {
                         params: item.params,
                         until: now + Duration::from_micros(blocked_for),
+                        fresh_until: now + Duration::from_micros(blocked_for).min(BLOCKED_FRESH),
                         reset_at: now + Duration::from_micros(rule.reset_micros),
                         window_start: rule.window_start,
                     },
@@ -924,7 +940,7 @@ impl Store for RedisStore {
     }
 
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-        self.cached_refusal(items).map(Ok)
+        self.inner.cached_refusal(items, false).map(Ok)
     }
 
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {

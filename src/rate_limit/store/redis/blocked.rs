@@ -15,6 +15,9 @@ pub(super) struct Blocked {
     pub params: Params,
     /// Until when no request of any cost can pass.
     pub until: Instant,
+    /// Until when the entry answers without asking Redis (another instance may reset the
+    /// key or give units back meanwhile); past it, only while Redis does not answer.
+    pub fresh_until: Instant,
     /// When the quota is fully restored.
     pub reset_at: Instant,
     /// The window of the refusal.
@@ -56,8 +59,16 @@ impl BlockedCache {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The entry for a rule and key that still blocks at `now` with these parameters.
-    pub fn get(&self, rule: u32, key: &RateKey, params: &Params, now: Instant) -> Option<Blocked> {
+    /// The entry for a rule and key that still blocks at `now` with these parameters: a
+    /// fresh one, or with `stale_ok` (Redis did not answer) any.
+    pub fn get(
+        &self,
+        rule: u32,
+        key: &RateKey,
+        params: &Params,
+        now: Instant,
+        stale_ok: bool,
+    ) -> Option<Blocked> {
         if !self.enabled() {
             return None;
         }
@@ -66,7 +77,7 @@ impl BlockedCache {
             return None;
         }
         map.get(&Lookup(rule, key))
-            .filter(|b| b.until > now && b.params == *params)
+            .filter(|b| b.until > now && (stale_ok || b.fresh_until > now) && b.params == *params)
             .copied()
     }
 
