@@ -820,3 +820,21 @@ async fn a_reset_by_another_instance_reaches_this_ones_blocked_cache_within_a_se
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn two_layers_sharing_a_store_do_not_share_blocked_cache_entries() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("layers")).await;
+    // each layer's first rule has index 0; the names tell them apart, in Redis and here
+    let chat = Owned {
+        name: "chat",
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    let embed = Owned {
+        name: "embed",
+        ..chat.clone()
+    };
+    assert!(store.check(&[chat.item()]).await.unwrap().admitted);
+    assert!(!store.check(&[chat.item()]).await.unwrap().admitted);
+    assert!(store.check(&[embed.item()]).await.unwrap().admitted);
+}

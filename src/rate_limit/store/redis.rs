@@ -657,7 +657,7 @@ impl RedisStore {
     ) -> BoxFuture<Result<(), StoreError>> {
         for s in settlements {
             if s.delta < 0 {
-                self.inner.blocked.remove(s.rule_index, s.key);
+                self.inner.blocked.remove(s.rule, s.key);
             }
         }
         let inv = self.invocation(
@@ -745,7 +745,7 @@ impl Inner {
                 if i.shadow || i.cost == 0 {
                     None
                 } else {
-                    cache.get(i.rule_index, i.key, &i.params, now, stale_ok)
+                    cache.get(i.rule, i.key, &i.params, now, stale_ok)
                 }
             })
             .collect();
@@ -831,7 +831,7 @@ impl Inner {
         for ((item, rule), &blocked_for) in items.iter().zip(&decision.rules).zip(blocked) {
             if blocked_for > 0 && !item.shadow {
                 self.blocked.insert(
-                    item.rule_index,
+                    &item.rule,
                     &item.key,
                     Blocked {
                         params: item.params,
@@ -957,7 +957,9 @@ impl Store for RedisStore {
         rule: &str,
         key: &RateKey,
     ) -> BoxFuture<Result<(), StoreError>> {
-        self.inner.blocked.remove(rule_index, key);
+        // Redis keys, and so the blocked cache, go by the rule's name.
+        let _ = rule_index;
+        self.inner.blocked.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();
         Box::pin(async move {

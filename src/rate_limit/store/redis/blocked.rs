@@ -24,20 +24,22 @@ pub(super) struct Blocked {
     pub window_start: u64,
 }
 
-type Map = hashbrown::HashMap<(u32, RateKey), Blocked, foldhash::fast::RandomState>;
+/// Entries are keyed by the rule's name, as Redis keys are: layers sharing one store
+/// number their rules from 0 each, but their names differ.
+type Map = hashbrown::HashMap<(Box<str>, RateKey), Blocked, foldhash::fast::RandomState>;
 
 /// A borrowed `(rule, key)`: looks an entry up without cloning the key. Hashes as the
 /// tuple does (each field in order).
 #[derive(Hash)]
-struct Lookup<'k>(u32, &'k RateKey);
+struct Lookup<'k>(&'k str, &'k RateKey);
 
-impl hashbrown::Equivalent<(u32, RateKey)> for Lookup<'_> {
-    fn equivalent(&self, key: &(u32, RateKey)) -> bool {
-        self.0 == key.0 && *self.1 == key.1
+impl hashbrown::Equivalent<(Box<str>, RateKey)> for Lookup<'_> {
+    fn equivalent(&self, key: &(Box<str>, RateKey)) -> bool {
+        *self.0 == *key.0 && *self.1 == key.1
     }
 }
 
-/// A bounded map from (rule, key) to [`Blocked`].
+/// A bounded map from (rule name, key) to [`Blocked`].
 pub(super) struct BlockedCache {
     capacity: usize,
     map: Mutex<Map>,
@@ -63,7 +65,7 @@ impl BlockedCache {
     /// fresh one, or with `stale_ok` (Redis did not answer) any.
     pub fn get(
         &self,
-        rule: u32,
+        rule: &str,
         key: &RateKey,
         params: &Params,
         now: Instant,
@@ -83,7 +85,7 @@ impl BlockedCache {
 
     /// Remembers a blocked rule; when the cache is full, expired entries go first, and if
     /// none has expired the newcomer is not kept.
-    pub fn insert(&self, rule: u32, key: &RateKey, blocked: Blocked, now: Instant) {
+    pub fn insert(&self, rule: &str, key: &RateKey, blocked: Blocked, now: Instant) {
         if !self.enabled() {
             return;
         }
@@ -94,11 +96,11 @@ impl BlockedCache {
                 return;
             }
         }
-        map.insert((rule, key.clone()), blocked);
+        map.insert((rule.into(), key.clone()), blocked);
     }
 
     /// Forgets one rule's entry for one key.
-    pub fn remove(&self, rule: u32, key: &RateKey) {
+    pub fn remove(&self, rule: &str, key: &RateKey) {
         if !self.enabled() {
             return;
         }
