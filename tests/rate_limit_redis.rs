@@ -838,3 +838,39 @@ async fn two_layers_sharing_a_store_do_not_share_blocked_cache_entries() {
     assert!(!store.check(&[chat.item()]).await.unwrap().admitted);
     assert!(store.check(&[embed.item()]).await.unwrap().admitted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-settle"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .build()
+        .await
+        .unwrap();
+    server.kill();
+    // a reservation of the whole quota, decided locally
+    let rule = one_rule(Algorithm::FixedWindow, 10, 10);
+    let d = store.check(&[rule.item()]).await.unwrap();
+    assert!(d.admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    // the request used 1 unit: 9 come back to the store that counted them
+    store
+        .settle(&[Settlement {
+            rule_index: rule.index,
+            rule: rule.name,
+            key: &rule.key,
+            params: rule.params,
+            window_start: d.rules[0].window_start,
+            delta: -9,
+        }])
+        .await
+        .unwrap();
+    let five = Owned {
+        cost: 5,
+        ..rule.clone()
+    };
+    assert!(store.check(&[five.item()]).await.unwrap().admitted);
+}

@@ -68,7 +68,9 @@ pub enum RedisFailMode {
     /// Admit every request that the blocked-key cache does not refuse, unmetered (the
     /// rate-limit headers then report each rule's full capacity).
     Open,
-    /// Decide in a local memory store (limits per instance, not shared) until Redis is back.
+    /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
+    /// a settlement Redis does not take is applied there too (so what was reserved locally
+    /// comes back locally) and reported as done.
     Local,
 }
 
@@ -672,12 +674,48 @@ impl RedisStore {
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
+        // With the local fallback, a reservation decided locally is settled locally when
+        // Redis does not answer.
+        let local: SmallVec<[(OwnedItem, u64, i64); 2]> = if inner.fail_mode == RedisFailMode::Local
+        {
+            settlements
+                .iter()
+                .map(|s| {
+                    let item = CheckItem {
+                        rule_index: s.rule_index,
+                        rule: s.rule,
+                        key: s.key,
+                        params: s.params,
+                        cost: 0,
+                        shadow: false,
+                    };
+                    (OwnedItem::of(&item), s.window_start, s.delta)
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         Box::pin(async move {
-            inner
-                .call::<Vec<i64>>(&inv)
-                .await
-                .map(drop)
-                .map_err(|e| StoreError::new(format!("settling in Redis failed: {e}")))
+            match inner.call::<Vec<i64>>(&inv).await {
+                Ok(_) => Ok(()),
+                Err(_) if inner.fail_mode == RedisFailMode::Local => {
+                    inner.health.degraded();
+                    let refs: SmallVec<[Settlement<'_>; 2]> = local
+                        .iter()
+                        .map(|(i, window_start, delta)| Settlement {
+                            rule_index: i.rule_index,
+                            rule: &i.rule,
+                            key: &i.key,
+                            params: i.params,
+                            window_start: *window_start,
+                            delta: *delta,
+                        })
+                        .collect();
+                    inner.fallback.settle_now(&refs);
+                    Ok(())
+                }
+                Err(e) => Err(StoreError::new(format!("settling in Redis failed: {e}"))),
+            }
         })
     }
 
