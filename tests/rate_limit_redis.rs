@@ -874,3 +874,65 @@ async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
     };
     assert!(store.check(&[five.item()]).await.unwrap().admitted);
 }
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_by_the_next_decision() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("flush")).await;
+    let rule = one_rule(Algorithm::SlidingWindow, 3, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(remaining(&store, &rule).await, 1);
+    assert!(store.health().healthy);
+}
+
+#[tokio::test]
+async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
+    use palisade::rate_limit::RedisConfigError as E;
+    // nothing listens on port 1: the first Cluster connection fails
+    let err = RedisStore::builder()
+        .cluster(["redis://:hunter2@127.0.0.1:1/"])
+        .timeout(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, E::Connect { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+    // TLS without a TLS feature of the redis crate: the URL is reported invalid
+    for url in ["rediss://:hunter2@127.0.0.1:1/"] {
+        let single = RedisStore::builder().url(url).build().await.unwrap_err();
+        assert!(matches!(single, E::InvalidUrl { .. }), "{single:?}");
+        assert!(!format!("{single} {single:?}").contains("hunter2"));
+        let cluster = RedisStore::builder()
+            .cluster([url])
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(cluster, E::InvalidUrl { .. }), "{cluster:?}");
+        assert!(!format!("{cluster} {cluster:?}").contains("hunter2"));
+    }
+    // a server that wants another password: health shows the error, never the URL's
+    let server = RedisServer::start().await.expect("redis-server");
+    let url = server.url().replace("redis://", "redis://:hunter2@");
+    let store = RedisStore::builder()
+        .url(url)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1, 1);
+    let err = store.check(&[rule.item()]).await.unwrap_err();
+    let health = store.health();
+    let shown = format!("{err} {err:?} {health:?} {store:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
