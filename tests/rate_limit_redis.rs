@@ -936,3 +936,42 @@ async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
     let shown = format!("{err} {err:?} {health:?} {store:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("outage"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Open)
+        .build()
+        .await
+        .unwrap();
+    let rule = Owned {
+        params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    server.kill();
+    let other = Owned {
+        name: "other",
+        ..rule.clone()
+    };
+    // the outage is known: a decision for another rule failed
+    assert!(store.check(&[other.item()]).await.unwrap().admitted);
+    assert!(!store.health().healthy);
+    // past the second in which an entry answers alone, Redis is still away: the entry
+    // answers, without waiting out the timeout
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let d = store.check(&[rule.item()]).await.unwrap();
+        assert!(!d.admitted);
+        assert!(
+            start.elapsed() < Duration::from_millis(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -376,9 +376,10 @@ enum Conn {
 /// almost nothing: one round trip per key and second), and keep being refused while Redis
 /// is away. The cache forgets a key on [`Store::reset`], on a settlement that gives units
 /// back, and when the rule's parameters change (a per-key override);
-/// [`RedisStore::clear_blocked_cache`] forgets everything. An entry answers alone for at
-/// most a second, so a reset or units given back through another instance reach this one
-/// within a second.
+/// [`RedisStore::clear_blocked_cache`] forgets everything. While Redis answers, an entry
+/// answers alone for at most a second, so a reset or units given back through another
+/// instance reach this one within a second; while it does not, every entry answers until
+/// its key can pass again.
 ///
 /// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
 /// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
@@ -615,7 +616,10 @@ impl RedisStore {
         items: &[CheckItem<'_>],
         now: Option<u64>,
     ) -> BoxFuture<Result<Decision, StoreError>> {
-        if let Some(refusal) = self.inner.cached_refusal(items, false) {
+        if let Some(refusal) = self
+            .inner
+            .cached_refusal(items, self.inner.health.unhealthy())
+        {
             return Box::pin(ready(Ok(refusal)));
         }
         let inv = self.invocation(
@@ -978,7 +982,9 @@ impl Store for RedisStore {
     }
 
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-        self.inner.cached_refusal(items, false).map(Ok)
+        self.inner
+            .cached_refusal(items, self.inner.health.unhealthy())
+            .map(Ok)
     }
 
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {

@@ -81,6 +81,11 @@ impl Health {
         }
     }
 
+    /// Whether the last round trip failed.
+    pub fn unhealthy(&self) -> bool {
+        self.unhealthy.load(Ordering::Relaxed)
+    }
+
     pub fn degraded(&self) {
         self.degraded.fetch_add(1, Ordering::Relaxed);
     }
