@@ -117,3 +117,54 @@ impl BlockedCache {
         self.lock().len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rate_limit::{Algorithm, Quota};
+
+    fn blocked(now: Instant, for_ms: u64) -> Blocked {
+        let until = now + Duration::from_millis(for_ms);
+        Blocked {
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(1)),
+            until,
+            fresh_until: until,
+            reset_at: until,
+            window_start: 0,
+        }
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_never_grows_the_cache_past_its_capacity() {
+        let cache = BlockedCache::new(100);
+        let now = Instant::now();
+        for i in 0..10_000 {
+            let key = RateKey::principal(format!("user-{i}"));
+            cache.insert("chat", &key, blocked(now, 60_000), now);
+        }
+        assert_eq!(cache.len(), 100);
+        // the first hundred stay until they expire; then newcomers take their place
+        let params = blocked(now, 0).params;
+        assert!(
+            cache
+                .get("chat", &RateKey::principal("user-0"), &params, now, false)
+                .is_some()
+        );
+        let later = now + Duration::from_secs(61);
+        cache.insert(
+            "chat",
+            &RateKey::principal("late"),
+            blocked(later, 1),
+            later,
+        );
+        assert_eq!(cache.len(), 1);
+        // another rule's name, the same key: a different entry
+        assert!(
+            cache
+                .get("embed", &RateKey::principal("late"), &params, later, false)
+                .is_none()
+        );
+    }
+}
