@@ -368,7 +368,9 @@ enum Conn {
 /// error, which the layer answers with 503), fail open (admit), or decide in a local
 /// [`MemoryStore`](crate::rate_limit::MemoryStore). The first failure of an episode is logged at
 /// `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
-/// automatic: the connection reconnects by itself.
+/// automatic: the connection reconnects by itself. A decision that timed out may still
+/// reach Redis late and be counted there, though the failure mode answered it: set the
+/// timeout well above Redis's usual latency.
 ///
 /// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
 /// the store remembers the key until the first instant one unit fits. Further requests
