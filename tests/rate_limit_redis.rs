@@ -975,3 +975,23 @@ async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
         );
     }
 }
+
+#[test]
+fn settings_never_show_a_password() {
+    use palisade::config::Env;
+    use palisade::rate_limit::RedisStoreConfig;
+    let shown = format!(
+        "{:?} {:?}",
+        RedisStore::builder().url("redis://:hunter2@cache.internal:6379/"),
+        RedisStore::builder().cluster(["redis://user:hunter2@node-1:7000/"])
+    );
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let mut env = Env::from_pairs([(
+        "PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES",
+        "redis://user:hunter2@node-1:7000/",
+    )]);
+    let config = RedisStoreConfig::from_env(&mut env);
+    env.finish().unwrap();
+    let shown = format!("{config:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
