@@ -939,7 +939,7 @@ async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
-    let mut server = RedisServer::start().await.expect("redis-server");
+    let server = RedisServer::start().await.expect("redis-server");
     let store = RedisStore::builder()
         .url(server.url())
         .prefix(unique("outage"))
@@ -953,7 +953,20 @@ async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
         ..one_rule(Algorithm::FixedWindow, 1, 1)
     };
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
-    server.kill();
+    // Redis stops answering (paused rather than killed: a killed server's port may be
+    // taken by another test's server meanwhile)
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     let other = Owned {
         name: "other",
         ..rule.clone()
