@@ -438,6 +438,21 @@ impl From<ConfigError> for crate::Error {
     }
 }
 
+/// Records a value that parsed but did not validate, under its variable, unless that
+/// variable already has a problem (a value that did not parse is not reported twice). The
+/// problem shows the value as set (a field left unset, judged against another, shows none).
+pub(crate) fn record_invalid(env: &mut Env, mut problem: Problem) {
+    if env.problems().iter().any(|p| p.name == problem.name) {
+        return;
+    }
+    if let ProblemKind::Invalid { value, .. } = &mut problem.kind {
+        if value.is_empty() {
+            env.raw(&problem.name).unwrap_or_default().clone_into(value);
+        }
+    }
+    env.problem(&problem.name, problem.kind, &problem.example);
+}
+
 /// The environment variable that configures `field` of the layer whose variables start with
 /// `prefix`: the one naming rule every layer's `from_env` follows.
 ///
