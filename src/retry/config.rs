@@ -175,18 +175,20 @@ fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
 
 impl RetryConfig {
     /// A preset for LLM APIs: the defaults (the official SDKs' schedule: 500 ms doubling
-    /// to 8 s with full jitter, 3 retries, a 20% retry budget) and a 2-minute deadline for
-    /// the whole call, retries and waits included. See [`RetryLayer::llm`](super::RetryLayer::llm).
+    /// to 8 s with full jitter, 3 retries, a 20% retry budget) and a 10-minute deadline for
+    /// the whole call, retries and waits included: the official SDKs' request timeout, so a
+    /// long non-streamed generation (minutes, for a large `max_tokens`) is not cut short.
+    /// See [`RetryLayer::llm`](super::RetryLayer::llm).
     ///
     /// ```
     /// use std::time::Duration;
     /// let cfg = palisade::retry::RetryConfig::llm();
-    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(120)));
+    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(600)));
     /// cfg.validate().unwrap();
     /// ```
     pub fn llm() -> Self {
         Self {
-            deadline: Some(Duration::from_secs(120)),
+            deadline: Some(Duration::from_secs(600)),
             ..Self::default()
         }
     }
