@@ -78,8 +78,9 @@ pub struct CircuitBreakerConfig {
     pub jitter: f64,
     /// How many probe calls half-open lets through; all must succeed to close (default 3).
     pub half_open_probes: u32,
-    /// Half-open goes back to open if its probes have not decided within this time and
-    /// none is still in flight (default 60 s; `None` waits for ever). A probe in flight is
+    /// Half-open goes back to open if no probe has succeeded within this time and none is
+    /// still in flight (default 60 s; `None` waits for ever). A success is kept until the
+    /// probes decide, however long the next call takes to come. A probe in flight is
     /// always waited for, however long it takes (a non-streamed LLM call can take
     /// minutes); bound a hung call with a per-attempt timeout on the client (for example
     /// [`RetryLayerBuilder::attempt_timeout`](crate::retry::RetryLayerBuilder::attempt_timeout)),
