@@ -286,11 +286,13 @@ impl TokenPrices {
 
     fn cost(&self, u: &Usage) -> u128 {
         let m = |n: u64, p: u64| u128::from(n) * u128::from(p);
+        // Each product fits a u128; their sum may not (a price map may hold any price
+        // below 2^64 pico-dollars): saturate, as every other sum of money does.
         m(u.input_tokens, self.input)
-            + m(u.output_tokens, self.output)
-            + m(u.cache_write_5m_tokens, self.cache_write_5m)
-            + m(u.cache_write_1h_tokens, self.cache_write_1h)
-            + m(u.cache_read_tokens, self.cache_read)
+            .saturating_add(m(u.output_tokens, self.output))
+            .saturating_add(m(u.cache_write_5m_tokens, self.cache_write_5m))
+            .saturating_add(m(u.cache_write_1h_tokens, self.cache_write_1h))
+            .saturating_add(m(u.cache_read_tokens, self.cache_read))
     }
 }
 
@@ -916,6 +918,40 @@ mod tests {
         assert_eq!(bedrock_name("anthropic.claude-v2:1"), "claude-v2");
         assert_eq!(bedrock_name("claude-3-haiku"), "claude-3-haiku");
         assert!(t.get("us.meta.llama3-70b-instruct-v1:0").is_none());
+    }
+
+    #[test]
+    fn cost_saturates_instead_of_overflowing_on_extreme_prices_and_counts() {
+        // A merged price map may hold any price below 2^64 pico-dollars, and an upstream
+        // may report any count below 2^64: the sum must saturate, never wrap or panic.
+        let max = TokenPrices {
+            input: u64::MAX,
+            output: u64::MAX,
+            cache_write_5m: u64::MAX,
+            cache_write_1h: u64::MAX,
+            cache_read: u64::MAX,
+        };
+        let p = ModelPrice::new(max, "t").with_long_context(u64::MAX, max);
+        let u = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            cache_write_5m_tokens: u64::MAX,
+            cache_write_1h_tokens: u64::MAX,
+            cache_read_tokens: u64::MAX,
+            web_search_requests: u64::MAX,
+        };
+        assert_eq!(p.cost(&u), Money::from_picos(u128::MAX));
+        let mut t = PriceTable::new();
+        t.merge_litellm_json(
+            r#"{"m": {"input_cost_per_token": "18446744.073709551615", "output_cost_per_token": "18446744.073709551615"}}"#,
+        )
+        .unwrap();
+        let two = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            ..Usage::default()
+        };
+        assert_eq!(t.cost("m", &two), Some(Money::from_picos(u128::MAX)));
     }
 
     #[test]
