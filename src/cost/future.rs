@@ -30,11 +30,22 @@ struct Pending {
 impl Pending {
     /// Writes the record of a request that got no response.
     fn record(&mut self, completion: Completion) {
+        self.record_status(0, completion);
+    }
+
+    /// Writes the record of a request answered with `status` and no usage.
+    fn record_status(&mut self, status: u16, completion: Completion) {
         if let Some(mut meta) = self.meta.take() {
-            let record = meta.record(&self.shared, 0, completion);
+            let record = meta.record(&self.shared, status, completion);
             self.shared.recorder.record(record);
         }
     }
+}
+
+/// Whether a response that cannot be metered (neither JSON nor SSE, or compressed) is an
+/// error a dashboard must see: the same rule as for JSON that is no LLM API's.
+fn is_recorded_error(status: u16) -> bool {
+    status >= 500 || status == 429
 }
 
 impl Drop for Pending {
@@ -158,6 +169,14 @@ where
                     let stream = is_content_type(headers, "text/event-stream");
                     let json = !stream && is_content_type(headers, "application/json");
                     if !stream && !json {
+                        // An error page (a gateway's HTML 502, a plain-text 429) still
+                        // comes from a request that reached the upstream.
+                        let status = response.status().as_u16();
+                        if is_recorded_error(status) {
+                            this.pending.meta = Some(meta);
+                            this.pending
+                                .record_status(status, Completion::UpstreamError);
+                        }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }
@@ -169,6 +188,12 @@ where
                         this.pending.shared.stats.add_encoded_body();
                         tracing::warn!(target: "palisade::cost", route = %meta.route,
                             "compressed response not metered: place CostMeterLayer inside compression");
+                        let status = response.status().as_u16();
+                        if is_recorded_error(status) {
+                            this.pending.meta = Some(meta);
+                            this.pending
+                                .record_status(status, Completion::UpstreamError);
+                        }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }

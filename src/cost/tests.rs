@@ -869,3 +869,102 @@ async fn user_header_is_opt_in_and_the_principal_comes_first() {
         .collect();
     assert_eq!(users, ["from-header", "from-ext", "alice"]);
 }
+
+/// A service answering every request with `status`, `content-type` and `body` (either may
+/// be absent), and a `content-encoding` when given.
+fn answering(
+    status: u16,
+    content_type: Option<&'static str>,
+    encoding: Option<&'static str>,
+    body: &'static str,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+        let mut b = http::Response::builder().status(status);
+        if let Some(ct) = content_type {
+            b = b.header("content-type", ct);
+        }
+        if let Some(enc) = encoding {
+            b = b.header("content-encoding", enc);
+        }
+        Ok::<_, Infallible>(
+            b.body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    })
+}
+
+#[tokio::test]
+async fn error_responses_that_are_not_json_are_still_recorded_as_upstream_errors() {
+    // A gateway's HTML 502, a plain-text 429, a 503 without a content type and a
+    // compressed JSON 500 all come from a request that reached the upstream.
+    let (sink, recorder, shutdown) = fresh_recorder();
+    for (status, ct, enc, body) in [
+        (502, Some("text/html"), None, "<html>Bad Gateway</html>"),
+        (429, Some("text/plain"), None, "slow down"),
+        (503, None, None, ""),
+        (500, Some("application/json"), Some("gzip"), "\x1f\u{8b}"),
+    ] {
+        let svc = CostMeterLayer::new(PriceTable::builtin(), recorder.clone())
+            .layer(answering(status, ct, enc, body));
+        let res = svc.oneshot(request()).await.unwrap();
+        assert_eq!(res.status().as_u16(), status);
+        let out = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(out, body.as_bytes(), "passes unchanged");
+    }
+    // A successful response of another kind is still not recorded.
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(answering(
+        200,
+        Some("text/html"),
+        None,
+        "<p>ok</p>",
+    ));
+    svc.oneshot(request())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    shutdown.shutdown().await;
+    let records = sink.records();
+    let got: Vec<_> = records.iter().map(|r| (r.status, r.completion)).collect();
+    assert_eq!(
+        got,
+        [
+            (502, Completion::UpstreamError),
+            (429, Completion::UpstreamError),
+            (503, Completion::UpstreamError),
+            (500, Completion::UpstreamError),
+        ]
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.model.is_none() && r.cost.is_none())
+    );
+    assert_eq!(records[0].route, "/v1/messages");
+    assert_eq!(records[0].attribution.bot.as_deref(), Some("support"));
+}
+
+#[tokio::test]
+async fn openai_error_chunk_in_a_stream_is_an_upstream_error() {
+    // OpenAI reports a failure mid-stream as an unnamed `data: {"error": …}` event and
+    // closes the stream (no `[DONE]`).
+    let text = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \\\"error\\\": {\"}}]}\n\n",
+        "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
+    );
+    let (_, out, records, _) =
+        meter(|l| l, "text/event-stream", Chunks::new([Bytes::from(text)])).await;
+    assert_eq!(out, text.as_bytes());
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].completion, Completion::UpstreamError);
+    assert_eq!(records[0].upstream_error.as_deref(), Some("server_error"));
+    assert_eq!(records[0].model.as_deref(), Some("gpt-4o-2024-08-06"));
+}
