@@ -968,3 +968,50 @@ async fn openai_error_chunk_in_a_stream_is_an_upstream_error() {
     assert_eq!(records[0].upstream_error.as_deref(), Some("server_error"));
     assert_eq!(records[0].model.as_deref(), Some("gpt-4o-2024-08-06"));
 }
+
+#[tokio::test]
+async fn json_body_read_whole_then_dropped_before_its_end_keeps_its_usage() {
+    // The client (or a server that knows the length) stops after the last byte and drops
+    // the body before polling past its end: the document is whole, its usage is there.
+    let json = r#"{"type":"message","model":"claude-opus-4-7","content":[],"usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"output_tokens":2745}}"#;
+    for cuts in [vec![], vec![40], vec![7, 90]] {
+        let (sink, recorder, shutdown) = fresh_recorder();
+        let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(upstream(
+            "application/json",
+            Chunks::new(split(json, &cuts)),
+        ));
+        let res = svc.oneshot(request()).await.unwrap();
+        let mut body = res.into_body();
+        let mut got = Vec::new();
+        while got.len() < json.len() {
+            let frame = body.frame().await.unwrap().unwrap();
+            got.extend_from_slice(frame.data_ref().unwrap());
+        }
+        drop(body);
+        shutdown.shutdown().await;
+        let records = sink.records();
+        assert_eq!(records.len(), 1, "exactly one record");
+        let r = &records[0];
+        assert_eq!(r.usage.output_tokens, 2745, "cuts {cuts:?}");
+        assert_eq!(r.cost.unwrap().dollars_string(), "1.06376125");
+        assert_eq!(
+            r.completion,
+            Completion::Complete,
+            "the whole document arrived"
+        );
+    }
+    // Cut short inside the document: partial, nothing invented.
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(upstream(
+        "application/json",
+        Chunks::new(split(json, &[60])),
+    ));
+    let mut body = svc.oneshot(request()).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    shutdown.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].completion, Completion::Partial);
+    assert_eq!(records[0].usage, Usage::default());
+}
