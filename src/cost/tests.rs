@@ -623,7 +623,7 @@ impl Body for Stalled {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn client_gone_while_buffering_for_cost_headers_still_records() {
     let (sink, recorder, shutdown) = fresh_recorder();
     let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
@@ -646,7 +646,7 @@ async fn client_gone_while_buffering_for_cost_headers_still_records() {
     assert_eq!(records[0].status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn request_dropped_before_the_response_head_is_recorded_as_cancelled() {
     let (sink, recorder, shutdown) = fresh_recorder();
     let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
