@@ -566,14 +566,14 @@ where
 }
 
 /// The body reached its end: write the record and queue the cost comment if asked for
-/// (only after a stream that reported something, and never where it would complete an
+/// (only after a stream that reported usage, and never where it would complete an
 /// event the upstream left unfinished).
 fn end(meter: &mut Option<Meter>, tail: &mut Option<Bytes>, comment: bool) {
     if let Some(m) = meter.take() {
         let stream = m.is_stream();
         let append = m.append_point();
         let outcome = m.finish(true);
-        if let (true, true, true, Some(newline)) = (comment, stream, outcome.recognised, append) {
+        if let (true, true, true, Some(newline)) = (comment, stream, outcome.saw_usage, append) {
             *tail = Some(cost_comment(&outcome, newline));
         }
     }

@@ -236,12 +236,12 @@ async fn sse_comment_is_appended_once() {
 async fn final_cost_comment_never_completes_an_unfinished_event() {
     // Cut mid-line, mid-event (all lines ended, no blank line), and between events.
     for (text, comment) in [
-        (&b"data: {\"model\":\"gpt-4o\"}\n\ndata: partial"[..], false),
+        (&b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: partial"[..], false),
         (
-            &b"data: {\"model\":\"gpt-4o\"}\n\nevent: x\ndata: {}\n"[..],
+            &b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\nevent: x\ndata: {}\n"[..],
             false,
         ),
-        (&b"data: {\"model\":\"gpt-4o\"}\n\n"[..], true),
+        (&b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n"[..], true),
     ] {
         let (_, out, records, _) = meter(
             |l| l.sse_cost_comment(true),
@@ -1014,4 +1014,23 @@ async fn json_body_read_whole_then_dropped_before_its_end_keeps_its_usage() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].completion, Completion::Partial);
     assert_eq!(records[0].usage, Usage::default());
+}
+
+#[tokio::test]
+async fn no_cost_comment_on_a_stream_that_reported_no_usage() {
+    // As with the cost headers: no usage found, no `usd=unknown input=0 …` comment (an
+    // OpenAI stream without `stream_options.include_usage`, an SSE route of another kind).
+    for text in [
+        "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+        "event: status\ndata: {\"model\":\"build-42\",\"state\":\"running\"}\n\n",
+    ] {
+        let (_, out, records, _) = meter(
+            |l| l.sse_cost_comment(true),
+            "text/event-stream",
+            Chunks::new([Bytes::from(text)]),
+        )
+        .await;
+        assert_eq!(out, text.as_bytes(), "passes unchanged, nothing appended");
+        assert!(records.len() <= 1);
+    }
 }
