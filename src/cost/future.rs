@@ -36,7 +36,17 @@ impl Pending {
     /// Writes the record of a request answered with `status` and no usage.
     fn record_status(&mut self, status: u16, completion: Completion) {
         if let Some(mut meta) = self.meta.take() {
+            // A call that failed without a response, or whose failure could not be
+            // metered, used no tokens: its reservation is refunded. A cancelled one may
+            // still be billed upstream, so its reservation is left to be charged in full
+            // when dropped.
+            let budget = meta.budget.take();
             let record = meta.record(&self.shared, status, completion);
+            match (budget, completion) {
+                (Some(budget), Completion::Failed) => budget.settle_record(&record),
+                (Some(budget), Completion::UpstreamError) => budget.refund(),
+                _ => {}
+            }
             self.shared.recorder.record(record);
         }
     }
@@ -176,6 +186,11 @@ where
                             this.pending.meta = Some(meta);
                             this.pending
                                 .record_status(status, Completion::UpstreamError);
+                        } else if !response.status().is_success() {
+                            // An unmetered failure used no tokens.
+                            if let Some(budget) = &meta.budget {
+                                budget.refund();
+                            }
                         }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
