@@ -654,12 +654,14 @@ fn bedrock_name(name: &str) -> &str {
         }
     }
     let head = &rest[..end];
-    // The `-v1` after a dated id is Bedrock's revision; `claude-v2` is a model name.
+    // The trailing `-v1` is Bedrock's revision (after a dated id, or an undated one such
+    // as `claude-opus-4-6-v1`); in `claude-v2` and `claude-instant-v1` it is part of the
+    // model's name.
     match head.rfind("-v") {
         Some(v)
             if v + 2 < head.len()
                 && head.as_bytes()[v + 2..].iter().all(u8::is_ascii_digit)
-                && base_name(&head[..v]) != &head[..v] =>
+                && !matches!(&head[..v], "claude" | "claude-instant") =>
         {
             &head[..v]
         }
@@ -952,6 +954,25 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(t.cost("m", &two), Some(Money::from_picos(u128::MAX)));
+    }
+
+    #[test]
+    fn bedrock_ids_without_a_date_are_priced() {
+        // Newer Bedrock ids carry the revision without a date (`…-opus-4-6-v1`).
+        let t = PriceTable::builtin();
+        for (name, input) in [
+            ("anthropic.claude-opus-4-6-v1", 5_000_000),
+            ("global.anthropic.claude-opus-4-6-v1", 5_000_000),
+            ("us.anthropic.claude-sonnet-4-5-v1:0", 3_000_000),
+            ("eu.anthropic.claude-haiku-4-5-v1:0", 1_000_000),
+        ] {
+            assert_eq!(t.get(name).map(|p| p.base.input), Some(input), "{name}");
+        }
+        assert_eq!(bedrock_name("anthropic.claude-v2:1"), "claude-v2");
+        assert_eq!(
+            bedrock_name("anthropic.claude-instant-v1"),
+            "claude-instant-v1"
+        );
     }
 
     #[test]
