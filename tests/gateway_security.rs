@@ -436,3 +436,105 @@ async fn no_configured_key_or_message_content_reaches_the_logs_of_a_whole_run() 
         );
     }
 }
+
+const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
+
+/// Served over TLS (the gateway's own https mode), every kind of answer — a chat, a
+/// refusal, a 404, health — scores A+ under the Observatory's header rules, over HTTP/2
+/// and HTTP/1.1.
+#[tokio::test]
+async fn headers_served_over_tls_score_a_plus_on_the_observatory_rules() {
+    use palisade::security_headers::observatory;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    for env_name in ["development", "production"] {
+        let mut env = Env::from_pairs([
+            ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+            ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
+            ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+            ("PALISADE_ENV", env_name.to_owned()),
+        ]);
+        let config = config::GatewayConfig::from_env(&mut env);
+        env.finish().expect("valid TLS configuration");
+        let (cert, key) = config.tls.clone().expect("TLS configured");
+        let server_config = tls::load(&cert, &key).unwrap();
+        let app = app::build(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+
+        for http2 in [true, false] {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            #[allow(deprecated)]
+            let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+            let client_config = ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(client_config)
+                .https_only();
+            let https = if http2 {
+                builder.enable_http2().build()
+            } else {
+                builder.enable_http1().build()
+            };
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build(https);
+            let base = format!("https://localhost:{}", addr.port());
+            let chat = json!({
+                "model": "claude-sonnet-4-5", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hi"}]
+            });
+            let requests = [
+                ("POST", "/v1/messages", Some(USER), Some(chat.clone())),
+                ("POST", "/v1/messages", Some("sk-wrong"), Some(chat)),
+                ("GET", "/nowhere", None, None),
+                ("GET", "/health", None, None),
+            ];
+            for (m, path, key, body) in requests {
+                let mut req = http::Request::builder()
+                    .method(m)
+                    .uri(format!("{base}{path}"));
+                if let Some(key) = key {
+                    req = req.header("x-api-key", key);
+                }
+                let bytes = match body {
+                    Some(b) => {
+                        req = req.header("content-type", "application/json");
+                        Bytes::from(b.to_string())
+                    }
+                    None => Bytes::new(),
+                };
+                let res = client
+                    .request(req.body(Full::new(bytes)).unwrap())
+                    .await
+                    .expect("https answer");
+                let grade = observatory::grade(res.headers());
+                assert!(
+                    grade.failing.is_empty() && grade.letter() == "A+",
+                    "{env_name}, http2={http2}, {m} {path} ({}): {} {:?}\n{:?}",
+                    res.status(),
+                    grade.score,
+                    grade.failing,
+                    res.headers()
+                );
+            }
+        }
+    }
+}
