@@ -102,7 +102,7 @@ fn closed_path(c: &mut Criterion) {
 
     let slow = CircuitBreakerLayer::builder()
         .time_window(Duration::from_secs(10))
-        .slow_calls(Duration::from_secs(30), 80.0)
+        .slow_calls(Duration::from_secs(30), 0.8)
         .build()
         .unwrap();
     bench_service(
@@ -114,7 +114,7 @@ fn closed_path(c: &mut Criterion) {
 
     let slow_coarse = CircuitBreakerLayer::builder()
         .time_window(Duration::from_secs(10))
-        .slow_calls(Duration::from_secs(30), 80.0)
+        .slow_calls(Duration::from_secs(30), 0.8)
         .clock(ClockSource::Coarse)
         .build()
         .unwrap();

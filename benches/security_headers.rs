@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderName, HeaderValue, Request, Response};
 use palisade::config::Environment;
-use palisade::security_headers::{HeaderMode, SecurityHeadersBuilder, SecurityHeadersLayer};
+use palisade::security_headers::{HeaderMode, SecurityHeadersLayer, SecurityHeadersLayerBuilder};
 use tower::{Layer, Service, ServiceBuilder, service_fn};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::set_header::response::SetMultipleResponseHeadersLayer;
@@ -48,7 +48,7 @@ where
 }
 
 fn production_api(mode: HeaderMode) -> SecurityHeadersLayer {
-    SecurityHeadersBuilder::api()
+    SecurityHeadersLayer::builder()
         .environment(Environment::Production)
         .mode(mode)
         .build()
@@ -134,7 +134,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(call(&mut api)))
     });
 
-    let mut web = SecurityHeadersBuilder::web()
+    let mut web = SecurityHeadersLayerBuilder::web()
         .environment(Environment::Production)
         .build()
         .expect("valid")

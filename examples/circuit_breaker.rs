@@ -57,10 +57,7 @@ async fn main() -> Result<(), BoxError> {
     let handle = layer.handle();
 
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut svc = ServiceBuilder::new()
-        .layer(layer)
-        .map_err(BoxError::from)
-        .service(client);
+    let mut svc = ServiceBuilder::new().layer(layer).service(client);
     let uri = format!("http://{addr}/v1/messages");
 
     for round in 1..=12 {

@@ -90,8 +90,11 @@ mod futures_iter {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut config = CostConfig::default();
-    config.sse_cost_comment = true;
-    config.cost_headers = true;
+    config.sse_comment = true;
+    config.headers = true;
+    // This demo's client stands for a trusted proxy that sets `x-user-id`; on an open
+    // endpoint, put a `Principal` in the request extensions from your authentication.
+    config.user_header = Some("x-user-id".to_owned());
     let sink = Arc::new(MemorySink::new());
     let (layer, shutdown) = config.spawn(Arc::clone(&sink))?;
 

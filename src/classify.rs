@@ -276,6 +276,7 @@ pub fn error_class_of(err: &(dyn StdError + 'static)) -> ErrorClass {
                 _ => ErrorClass::Transport,
             };
         }
+        #[cfg(feature = "hyper-util")]
         if let Some(e) = err.downcast_ref::<hyper_util::client::legacy::Error>() {
             if e.is_connect() {
                 return ErrorClass::NotSent;
@@ -322,6 +323,8 @@ impl ClassifyError for std::io::Error {
     }
 }
 
+#[cfg(feature = "hyper-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper-util")))]
 impl ClassifyError for hyper_util::client::legacy::Error {
     fn error_class(&self) -> ErrorClass {
         error_class_of(self)
@@ -564,6 +567,7 @@ mod tests {
         assert_eq!(v.retry_after, Some(Duration::from_secs(3)));
     }
 
+    #[cfg(feature = "hyper-util")]
     #[tokio::test]
     async fn hyper_util_connect_errors_are_not_sent() {
         use hyper_util::client::legacy::Client;

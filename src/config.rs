@@ -1,19 +1,6 @@
 //! Typed configuration: from files through serde, or from environment variables with
 //! validation that reports every problem at once.
 //!
-//! Each layer has its own configuration type (with serde `Deserialize` and defaults), so a
-//! whole stack can be described in one TOML or JSON file. This module holds what they share:
-//!
-//! - [`Settings`]: the environment ([`Environment::Development`] or
-//!   [`Environment::Production`]), feature flags, the error format and the Redis URL;
-//! - [`Env`]: reads environment variables, collecting **every** missing or invalid one, then
-//!   [`Env::finish`] returns one [`ConfigError`] that lists them all, each with what is
-//!   wrong and an example value;
-//! - [`duration`]: human durations (`"250ms"`, `"30s"`, `"5m"`, `"1h"`) for serde fields and
-//!   environment variables.
-//!
-//! # Example
-//!
 //! ```
 //! use palisade::config::{Env, Environment, Settings};
 //!
@@ -38,6 +25,20 @@
 //! assert!(text.contains("PALISADE_ENV"));
 //! assert!(text.contains("UPSTREAM_API_KEY is missing"));
 //! ```
+//!
+//! Each layer has its own configuration type (with serde `Deserialize` and defaults), so a
+//! whole stack can be described in one TOML or JSON file. This module holds what they share:
+//!
+//! - [`Settings`]: the environment ([`Environment::Development`] or
+//!   [`Environment::Production`]), feature flags, the error format and the Redis URL;
+//! - [`Env`]: reads environment variables, collecting **every** missing or invalid one, then
+//!   [`Env::finish`] returns one [`ConfigError`] that lists them all, each with what is
+//!   wrong and an example value;
+//! - [`ErrorFormat::from_env`] and [`ErrorFormat::from_env_with_override`]: the one
+//!   reader of the shared `PALISADE_ERROR_FORMAT`, with a layer's own override;
+//! - [`env_var`]: the rule that names every layer's variables;
+//! - [`duration`]: human durations (`"250ms"`, `"30s"`, `"5m"`, `"1h30m"`) for serde fields
+//!   and environment variables.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -79,14 +80,99 @@ impl Environment {
 }
 
 impl FromStr for Environment {
-    type Err = String;
+    type Err = ParseChoiceError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseChoiceError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "development" | "dev" | "local" | "test" => Ok(Environment::Development),
             "production" | "prod" => Ok(Environment::Production),
-            _ => Err("expected `development` or `production`".to_owned()),
+            _ => Err(ParseChoiceError::new(s, "`development` or `production`")),
         }
+    }
+}
+
+/// A word that is not one of the values a setting accepts (the `FromStr` error of
+/// [`Environment`], [`ErrorFormat`] and the security headers' value types).
+///
+/// ```
+/// use palisade::config::Environment;
+///
+/// let err = "staging".parse::<Environment>().unwrap_err();
+/// assert_eq!(err.value(), "staging");
+/// assert_eq!(err.to_string(), "expected `development` or `production`");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected {expected}")]
+pub struct ParseChoiceError {
+    value: String,
+    expected: std::borrow::Cow<'static, str>,
+}
+
+impl ParseChoiceError {
+    /// `value` is not one of `expected` (written for people: "`api` or `web`").
+    pub fn new(value: &str, expected: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        Self {
+            value: value.trim().to_owned(),
+            expected: expected.into(),
+        }
+    }
+
+    /// The value as given (trimmed).
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// What would have been accepted.
+    pub fn expected(&self) -> &str {
+        &self.expected
+    }
+}
+
+/// The name of the shared setting that decides how every layer renders refusals.
+pub const ERROR_FORMAT_VAR: &str = "PALISADE_ERROR_FORMAT";
+
+impl ErrorFormat {
+    /// Reads the shared `PALISADE_ERROR_FORMAT` (default [`ErrorFormat::ProblemJson`]),
+    /// recording a problem in `env` when it is invalid. This is the one place the shared
+    /// setting is read; a bad value is reported once however many layers read it.
+    ///
+    /// ```
+    /// use palisade::config::Env;
+    /// use palisade::ErrorFormat;
+    ///
+    /// let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
+    /// assert_eq!(ErrorFormat::from_env(&mut env), ErrorFormat::Anthropic);
+    /// assert_eq!(ErrorFormat::from_env(&mut Env::default()), ErrorFormat::ProblemJson);
+    /// ```
+    pub fn from_env(env: &mut Env) -> Self {
+        env.optional(ERROR_FORMAT_VAR, ErrorFormat::default(), "anthropic")
+    }
+
+    /// The format a layer renders its refusals in: the layer's own variable `layer_var`
+    /// when it is set, or else the shared `PALISADE_ERROR_FORMAT`, or else the default.
+    /// Both variables are checked, and every problem is recorded in `env`.
+    ///
+    /// Every layer that renders errors reads its format through here, so one shared
+    /// setting is honoured everywhere unless a layer overrides it.
+    ///
+    /// ```
+    /// use palisade::config::{Env, env_var};
+    /// use palisade::ErrorFormat;
+    ///
+    /// let own = env_var("PALISADE_RATE_LIMIT", "error_format");
+    /// let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
+    /// assert_eq!(ErrorFormat::from_env_with_override(&mut env, &own), ErrorFormat::Anthropic);
+    ///
+    /// let mut env = Env::from_pairs([
+    ///     ("PALISADE_ERROR_FORMAT", "anthropic"),
+    ///     ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "problem"),
+    /// ]);
+    /// assert_eq!(ErrorFormat::from_env_with_override(&mut env, &own), ErrorFormat::ProblemJson);
+    /// env.finish().unwrap();
+    /// ```
+    pub fn from_env_with_override(env: &mut Env, layer_var: &str) -> Self {
+        let shared = Self::from_env(env);
+        env.optional(layer_var, shared, "anthropic")
     }
 }
 
@@ -137,19 +223,27 @@ impl FeatureFlags {
     }
 }
 
-impl FromStr for FeatureFlags {
-    type Err = String;
+/// A feature flag name with a character other than letters, digits, `_`, `-` and `.`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("flag `{flag}` may only hold letters, digits, `_`, `-` and `.`")]
+pub struct InvalidFlagError {
+    /// The flag as given.
+    pub flag: String,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for FeatureFlags {
+    type Err = InvalidFlagError;
+
+    fn from_str(s: &str) -> Result<Self, InvalidFlagError> {
         let mut flags = FeatureFlags::new();
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if !name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
             {
-                return Err(format!(
-                    "flag `{name}` may only hold letters, digits, `_`, `-` and `.`"
-                ));
+                return Err(InvalidFlagError {
+                    flag: name.to_owned(),
+                });
             }
             flags.enable(name);
         }
@@ -188,7 +282,9 @@ impl<'de> Deserialize<'de> for FeatureFlags {
 /// assert!(settings.environment.is_production());
 /// assert_eq!(settings.error_format, palisade::ErrorFormat::Anthropic);
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// Its `Debug` shows the Redis URL without its password (see [`crate::key::redact_url`]).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct Settings {
@@ -203,6 +299,20 @@ pub struct Settings {
     pub redis_url: Option<String>,
 }
 
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("environment", &self.environment)
+            .field("features", &self.features)
+            .field("error_format", &self.error_format)
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(crate::key::redact_url),
+            )
+            .finish()
+    }
+}
+
 impl Settings {
     /// Reads `PALISADE_ENV`, `PALISADE_FEATURES`, `PALISADE_ERROR_FORMAT` and
     /// `PALISADE_REDIS_URL`, recording problems in `env`.
@@ -213,16 +323,7 @@ impl Settings {
             FeatureFlags::default(),
             "cost_headers,shadow_limits",
         );
-        let error_format = env.optional_with(
-            "PALISADE_ERROR_FORMAT",
-            ErrorFormat::default(),
-            "anthropic",
-            |s| match s.trim().to_ascii_lowercase().as_str() {
-                "anthropic" => Ok(ErrorFormat::Anthropic),
-                "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
-                _ => Err("expected `anthropic` or `problem_json`".to_owned()),
-            },
-        );
+        let error_format = ErrorFormat::from_env(env);
         let redis_url = env.secret_with("PALISADE_REDIS_URL", "redis://127.0.0.1:6379/", |s| {
             if s.starts_with("redis://")
                 || s.starts_with("rediss://")
@@ -282,7 +383,16 @@ impl fmt::Display for Problem {
 }
 
 /// Every problem found in a configuration, reported together.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Its `Debug` is its `Display`, the readable list, so `fn main() -> Result<(),
+/// ConfigError>` (or a `?` into `Box<dyn Error>`) prints what to fix:
+///
+/// ```text
+/// Error: invalid configuration: 2 problems
+///   - PALISADE_ENV is invalid ("staging"): expected `development` or `production`; for example PALISADE_ENV=production
+///   - ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-...
+/// ```
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigError {
     problems: Vec<Problem>,
 }
@@ -311,6 +421,14 @@ impl fmt::Display for ConfigError {
             write!(f, "\n  - {p}")?;
         }
         Ok(())
+    }
+}
+
+/// The readable list, as [`Display`](fmt::Display) writes it; use
+/// [`ConfigError::problems`] for the structure.
+impl fmt::Debug for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -349,10 +467,23 @@ pub fn env_var(prefix: &str, field: &str) -> String {
 /// Each getter returns a value (or `None` when the variable is unusable) and records what
 /// went wrong; [`Env::finish`] then reports everything at once. Empty values count as
 /// missing.
-#[derive(Debug, Clone, Default)]
+///
+/// Its `Debug` lists the variable names, never their values (they may hold keys).
+#[derive(Clone, Default)]
 pub struct Env {
     vars: HashMap<String, String>,
     problems: Vec<Problem>,
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&str> = self.vars.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        f.debug_struct("Env")
+            .field("vars", &names)
+            .field("problems", &self.problems)
+            .finish()
+    }
 }
 
 impl Env {
@@ -393,7 +524,8 @@ impl Env {
         })
     }
 
-    /// A required variable with a custom parser.
+    /// A required variable with a custom parser; the parser's error says why a value is
+    /// refused (`.map_err(|e| e.to_string())` turns a typed error into one).
     pub fn required_with<T>(
         &mut self,
         name: &str,
@@ -415,7 +547,8 @@ impl Env {
         })
     }
 
-    /// An optional variable with a custom parser.
+    /// An optional variable with a custom parser; the parser's error says why a value is
+    /// refused (`.map_err(|e| e.to_string())` turns a typed error into one).
     pub fn optional_with<T>(
         &mut self,
         name: &str,
@@ -492,7 +625,9 @@ impl Env {
         match parse(raw) {
             Ok(v) => Some(v),
             Err(reason) => {
-                let value = if secret {
+                let value = if secret && raw.contains("://") {
+                    crate::key::redact_url(raw)
+                } else if secret {
                     crate::key::redact(raw)
                 } else {
                     raw.to_owned()
@@ -504,7 +639,7 @@ impl Env {
     }
 }
 
-/// Human durations: `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"`, or a bare number of
+/// Human durations: `"250ms"`, `"30s"`, `"5m"`, `"1h30m"`, `"1d"`, or a bare number of
 /// seconds, for environment variables and serde fields.
 ///
 /// ```
@@ -514,6 +649,7 @@ impl Env {
 /// assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
 /// assert_eq!(duration::parse("1.5s"), Ok(Duration::from_millis(1500)));
 /// assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
+/// assert_eq!(duration::parse("1h30m"), Ok(Duration::from_secs(5400)));
 /// assert!(duration::parse("soon").is_err());
 ///
 /// #[derive(serde::Deserialize)]
@@ -529,27 +665,67 @@ pub mod duration {
 
     use serde::{Deserialize, Deserializer, Serializer, de};
 
-    /// Parses a human duration.
+    /// Parses a human duration: one or more `<number><unit>` parts, added up (`"1h30m"`,
+    /// `"1m 30s"`, `"1.5s"`), or a bare number of seconds. Units: `ns`, `us` (`µs`), `ms`,
+    /// `s` (`sec`, `secs`, `second`, `seconds`), `m` (`min`, `mins`, `minute`, `minutes`),
+    /// `h` (`hr`, `hour`, `hours`), `d` (`day`, `days`). The error says what to write.
     pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{s}` is not a duration; write it like 30s, 250ms or 5m"))?;
-        let scale = match unit.trim() {
-            "" | "s" | "sec" | "secs" => 1.0,
-            "ms" => 0.001,
-            "us" | "µs" => 0.000_001,
-            "m" | "min" | "mins" => 60.0,
-            "h" => 3600.0,
-            "d" => 86_400.0,
-            other => return Err(format!("unknown unit `{other}`; use ms, s, m, h or d")),
-        };
-        Duration::try_from_secs_f64(value * scale)
-            .map_err(|_| format!("`{s}` is out of range for a duration"))
+        let text = s.trim();
+        let invalid =
+            || format!("`{text}` is not a duration; write it like 30s, 250ms, 5m or 1h30m");
+        let out_of_range = || format!("`{text}` is out of range for a duration");
+        if text.is_empty() {
+            return Err(invalid());
+        }
+        let mut rest = text;
+        let mut total: u128 = 0;
+        let mut parts = 0;
+        while !rest.is_empty() {
+            let split = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .unwrap_or(rest.len());
+            let (number, tail) = rest.split_at(split);
+            if number.is_empty() {
+                return Err(invalid());
+            }
+            let tail = tail.trim_start();
+            let unit_len = tail
+                .find(|c: char| c.is_ascii_digit() || c == '.' || c.is_whitespace())
+                .unwrap_or(tail.len());
+            let (unit, after) = tail.split_at(unit_len);
+            let unit_nanos: u128 = match unit {
+                "" if parts == 0 && after.trim().is_empty() => 1_000_000_000,
+                "" => return Err(invalid()),
+                "ns" => 1,
+                "us" | "µs" => 1_000,
+                "ms" => 1_000_000,
+                "s" | "sec" | "secs" | "second" | "seconds" => 1_000_000_000,
+                "m" | "min" | "mins" | "minute" | "minutes" => 60_000_000_000,
+                "h" | "hr" | "hour" | "hours" => 3_600_000_000_000,
+                "d" | "day" | "days" => 86_400_000_000_000,
+                other => {
+                    return Err(format!(
+                        "unknown unit `{other}`; use ms, s, m, h or d (for example 1h30m)"
+                    ));
+                }
+            };
+            let nanos = if number.contains('.') {
+                let value: f64 = number.parse().map_err(|_| invalid())?;
+                let nanos = (value * unit_nanos as f64).round();
+                if !nanos.is_finite() || nanos > u128::MAX as f64 {
+                    return Err(out_of_range());
+                }
+                nanos as u128
+            } else {
+                let value: u128 = number.parse().map_err(|_| out_of_range())?;
+                value.checked_mul(unit_nanos).ok_or_else(out_of_range)?
+            };
+            total = total.checked_add(nanos).ok_or_else(out_of_range)?;
+            parts += 1;
+            rest = after.trim_start();
+        }
+        let secs = u64::try_from(total / 1_000_000_000).map_err(|_| out_of_range())?;
+        Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
     }
 
     /// Formats a duration the way [`parse`] reads it (`"1500ms"`, `"30s"`).
@@ -720,6 +896,129 @@ mod tests {
         ] {
             assert_eq!(duration::parse(&duration::format(d)), Ok(d));
         }
+    }
+
+    #[test]
+    fn durations_add_up_their_parts() {
+        let secs = Duration::from_secs;
+        assert_eq!(duration::parse("1h30m"), Ok(secs(5400)));
+        assert_eq!(duration::parse("1h 30m 15s"), Ok(secs(5415)));
+        assert_eq!(duration::parse("2s500ms"), Ok(Duration::from_millis(2500)));
+        assert_eq!(duration::parse("1d12h"), Ok(secs(129_600)));
+        assert_eq!(duration::parse("90 seconds"), Ok(secs(90)));
+        assert_eq!(duration::parse("2 minutes"), Ok(secs(120)));
+        assert_eq!(duration::parse("250ns"), Ok(Duration::from_nanos(250)));
+        assert_eq!(duration::parse("0.25h"), Ok(secs(900)));
+        // A bare number is seconds only on its own.
+        assert!(duration::parse("1m 30").is_err());
+        assert!(duration::parse("1h-30m").is_err());
+        assert!(duration::parse("h").is_err());
+        assert!(duration::parse("1.2.3s").is_err());
+        assert!(duration::parse("99999999999999999999999d").is_err());
+        let err = duration::parse("3 fortnights").unwrap_err();
+        assert!(err.contains("unknown unit `fortnights`"), "{err}");
+    }
+
+    #[test]
+    fn error_format_parses_and_reads_the_shared_setting() {
+        assert_eq!("Anthropic".parse(), Ok(ErrorFormat::Anthropic));
+        for text in ["problem", "problem_json", "problem+json", " PROBLEM "] {
+            assert_eq!(text.parse(), Ok(ErrorFormat::ProblemJson), "{text}");
+        }
+        let err = "xml".parse::<ErrorFormat>().unwrap_err();
+        assert_eq!(err.value(), "xml");
+        assert_eq!(err.to_string(), "expected `anthropic` or `problem`");
+        for format in [ErrorFormat::Anthropic, ErrorFormat::ProblemJson] {
+            assert_eq!(format.to_string().parse(), Ok(format));
+            let json = serde_json::to_string(&format).unwrap();
+            assert_eq!(json, format!("\"{format}\""));
+        }
+        assert_eq!(
+            serde_json::from_str::<ErrorFormat>("\"problem\"").unwrap(),
+            ErrorFormat::ProblemJson
+        );
+
+        let own = env_var("PALISADE_RATE_LIMIT", "error_format");
+        let read = |pairs: &[(&str, &str)]| {
+            let mut env = Env::from_pairs(pairs.iter().copied());
+            let format = ErrorFormat::from_env_with_override(&mut env, &own);
+            (format, env.problems().len())
+        };
+        assert_eq!(read(&[]), (ErrorFormat::ProblemJson, 0));
+        assert_eq!(
+            read(&[("PALISADE_ERROR_FORMAT", "anthropic")]),
+            (ErrorFormat::Anthropic, 0)
+        );
+        assert_eq!(
+            read(&[
+                ("PALISADE_ERROR_FORMAT", "anthropic"),
+                ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "problem")
+            ]),
+            (ErrorFormat::ProblemJson, 0)
+        );
+        assert_eq!(
+            read(&[("PALISADE_RATE_LIMIT_ERROR_FORMAT", "anthropic")]),
+            (ErrorFormat::Anthropic, 0)
+        );
+        // A bad value is a problem, never silently the default.
+        assert_eq!(
+            read(&[("PALISADE_RATE_LIMIT_ERROR_FORMAT", "xml")]),
+            (ErrorFormat::ProblemJson, 1)
+        );
+    }
+
+    #[test]
+    fn a_bad_shared_error_format_is_reported_once_for_every_layer() {
+        let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "html")]);
+        let _ = Settings::from_env(&mut env);
+        let _ = ErrorFormat::from_env_with_override(&mut env, "PALISADE_RATE_LIMIT_ERROR_FORMAT");
+        let _ = ErrorFormat::from_env_with_override(&mut env, "PALISADE_COST_ERROR_FORMAT");
+        let err = env.finish().unwrap_err();
+        assert_eq!(err.problems().len(), 1, "{err}");
+        assert!(
+            err.to_string().contains(
+                "PALISADE_ERROR_FORMAT is invalid (\"html\"): expected `anthropic` or `problem`"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_debug_never_prints_the_redis_password() {
+        let mut env = Env::from_pairs([(
+            "PALISADE_REDIS_URL",
+            "redis://default:hunter2-password@cache.internal:6379/0",
+        )]);
+        let settings = Settings::from_env(&mut env);
+        env.finish().unwrap();
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("cache.internal:6379"), "{debug}");
+    }
+
+    #[test]
+    fn env_debug_never_prints_values() {
+        let env = Env::from_pairs([("ANTHROPIC_API_KEY", "sk-ant-api03-very-secret-value")]);
+        let debug = format!("{env:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(debug.contains("ANTHROPIC_API_KEY"), "{debug}");
+    }
+
+    #[test]
+    fn config_error_debug_reads_like_its_display() {
+        let mut env = Env::from_pairs([("PALISADE_ENV", "staging")]);
+        let _ = Settings::from_env(&mut env);
+        let _: Option<String> = env.required("ANTHROPIC_API_KEY", "sk-ant-api03-...");
+        let err = env.finish().unwrap_err();
+        // `fn main() -> Result<(), ConfigError>` prints the error with `Debug`.
+        assert_eq!(format!("{err:?}"), err.to_string());
+        assert_eq!(
+            format!("{err:?}"),
+            "invalid configuration: 2 problems\n  \
+             - PALISADE_ENV is invalid (\"staging\"): expected `development` or `production`; \
+             for example PALISADE_ENV=production\n  \
+             - ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-..."
+        );
     }
 
     #[test]

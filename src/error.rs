@@ -1,5 +1,20 @@
 //! One typed error for the whole crate, rendered to HTTP in the format you choose.
 //!
+//! ```
+//! use std::time::Duration;
+//! use palisade::error::{Error, ErrorFormat, ErrorKind};
+//!
+//! let err = Error::rate_limited("too many requests for this API key", Duration::from_millis(1500));
+//! assert_eq!(err.kind(), ErrorKind::RateLimited);
+//! assert!(err.is_retryable());
+//!
+//! let response = err.to_response(ErrorFormat::Anthropic);
+//! assert_eq!(response.status(), 429);
+//! assert_eq!(response.headers()["retry-after"], "2"); // 1.5 s, rounded up
+//! let body: serde_json::Value = serde_json::from_slice(response.body().as_bytes()).unwrap();
+//! assert_eq!(body["error"]["type"], "rate_limit_error");
+//! ```
+//!
 //! Every refusal palisade makes (a rate limit, an open circuit, a budget, an invalid
 //! request) is an [`Error`] with an [`ErrorKind`]. The kind decides the HTTP status, whether
 //! a client may retry, and the error type name in the response body. An error can also
@@ -24,22 +39,11 @@
 //! A server error (500) never shows its message or source: the caller sees a generic
 //! sentence, the log sees everything.
 //!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use palisade::error::{Error, ErrorFormat, ErrorKind};
-//!
-//! let err = Error::rate_limited("too many requests for this API key", Duration::from_millis(1500));
-//! assert_eq!(err.kind(), ErrorKind::RateLimited);
-//! assert!(err.is_retryable());
-//!
-//! let response = err.to_response(ErrorFormat::Anthropic);
-//! assert_eq!(response.status(), 429);
-//! assert_eq!(response.headers()["retry-after"], "2"); // 1.5 s, rounded up
-//! let body: serde_json::Value = serde_json::from_slice(response.body().as_bytes()).unwrap();
-//! assert_eq!(body["error"]["type"], "rate_limit_error");
-//! ```
+//! [`Error::to_response`] renders in the format you pass and
+//! [`Error::into_http_response`] in the one chosen with [`Error::with_format`], both as an
+//! `http::Response` with palisade's [`ErrorBody`]. With the `axum` feature, `Error` is also
+//! axum's `IntoResponse` (whose `into_response` gives an axum `Response`), so handlers can
+//! return `Result<_, palisade::Error>`.
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
@@ -257,6 +261,20 @@ pub const STATUS_OVERLOADED: StatusCode = match StatusCode::from_u16(529) {
 };
 
 /// The JSON shape an [`Error`] is rendered in.
+///
+/// One setting, `PALISADE_ERROR_FORMAT`, decides it for every layer unless a layer's own
+/// setting overrides it: see [`ErrorFormat::from_env`] and
+/// [`ErrorFormat::from_env_with_override`]. Parses from `anthropic` or `problem`
+/// (also written `problem_json` or `problem+json`), ASCII case-insensitively.
+///
+/// ```
+/// use palisade::ErrorFormat;
+///
+/// assert_eq!("anthropic".parse(), Ok(ErrorFormat::Anthropic));
+/// assert_eq!("problem".parse(), Ok(ErrorFormat::ProblemJson));
+/// assert_eq!(ErrorFormat::ProblemJson.to_string(), "problem_json");
+/// assert!("xml".parse::<ErrorFormat>().is_err());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorFormat {
@@ -264,7 +282,39 @@ pub enum ErrorFormat {
     Anthropic,
     /// RFC 9457 `application/problem+json` with standard statuses.
     #[default]
+    #[serde(alias = "problem", alias = "problem+json")]
     ProblemJson,
+}
+
+impl ErrorFormat {
+    /// The name written in configuration (`anthropic` or `problem_json`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorFormat::Anthropic => "anthropic",
+            ErrorFormat::ProblemJson => "problem_json",
+        }
+    }
+}
+
+impl fmt::Display for ErrorFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ErrorFormat {
+    type Err = crate::config::ParseChoiceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "anthropic" => Ok(ErrorFormat::Anthropic),
+            "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
+            _ => Err(crate::config::ParseChoiceError::new(
+                s,
+                "`anthropic` or `problem`",
+            )),
+        }
+    }
 }
 
 /// One problem with one field of a request.
@@ -411,7 +461,7 @@ impl Error {
         self
     }
 
-    /// Chooses the rendering used by [`Error::into_response`] (and by axum's
+    /// Chooses the rendering used by [`Error::into_http_response`] (and by axum's
     /// `IntoResponse`). Without it, [`ErrorFormat::default`] is used.
     #[must_use]
     pub fn with_format(mut self, format: ErrorFormat) -> Self {
@@ -500,8 +550,13 @@ impl Error {
         response
     }
 
-    /// Renders the error in the format chosen with [`Error::with_format`] (or the default).
-    pub fn into_response(self) -> http::Response<ErrorBody> {
+    /// Renders the error in the format chosen with [`Error::with_format`] (or the default),
+    /// as an `http::Response` with palisade's [`ErrorBody`].
+    ///
+    /// With the `axum` feature, `Error` also implements axum's `IntoResponse`, whose
+    /// `into_response` gives an `axum::response::Response` in the same format; the two
+    /// names keep the two body types apart.
+    pub fn into_http_response(self) -> http::Response<ErrorBody> {
         self.to_response(self.inner.format.unwrap_or_default())
     }
 
@@ -565,9 +620,12 @@ pub const X_SHOULD_RETRY: header::HeaderName = header::HeaderName::from_static("
 /// assert_eq!(palisade::error::retry_after_secs(Duration::ZERO), 1);
 /// assert_eq!(palisade::error::retry_after_secs(Duration::from_millis(1001)), 2);
 /// assert_eq!(palisade::error::retry_after_secs(Duration::from_secs(60)), 60);
+/// assert_eq!(palisade::error::retry_after_secs(Duration::MAX), u64::MAX);
 /// ```
 pub fn retry_after_secs(delay: Duration) -> u64 {
-    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    let secs = delay
+        .as_secs()
+        .saturating_add(u64::from(delay.subsec_nanos() > 0));
     secs.max(1)
 }
 
@@ -627,7 +685,7 @@ impl From<ErrorKind> for Error {
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl axum::response::IntoResponse for Error {
     fn into_response(self) -> axum::response::Response {
-        Error::into_response(self).map(axum::body::Body::new)
+        self.into_http_response().map(axum::body::Body::new)
     }
 }
 
@@ -860,14 +918,26 @@ mod tests {
         assert_eq!(body["error"]["type"], "rate_limit_error");
     }
 
+    /// With axum's trait in scope, `err.into_response()` is axum's (it used to resolve to an
+    /// inherent method with another body type: E0308 in user code).
+    #[cfg(feature = "axum")]
     #[test]
-    fn into_response_uses_chosen_format() {
-        let response = Error::from(ErrorKind::NotFound)
+    fn method_call_into_response_is_axums() {
+        use axum::response::IntoResponse;
+        let response: axum::response::Response = Error::from(ErrorKind::NotFound)
             .with_format(ErrorFormat::Anthropic)
             .into_response();
         assert_eq!(response.status(), 404);
+    }
+
+    #[test]
+    fn into_http_response_uses_chosen_format() {
+        let response = Error::from(ErrorKind::NotFound)
+            .with_format(ErrorFormat::Anthropic)
+            .into_http_response();
+        assert_eq!(response.status(), 404);
         assert_eq!(body_json(&response)["error"]["type"], "not_found_error");
-        let response = Error::from(ErrorKind::CircuitOpen).into_response();
+        let response = Error::from(ErrorKind::CircuitOpen).into_http_response();
         assert_eq!(response.status(), 503);
         assert_eq!(
             response.headers()["content-type"],

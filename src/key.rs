@@ -97,25 +97,168 @@ pub fn api_key_from_headers(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// A key made safe for logs: a recognisable prefix (up to the last `-` within the first 8
-/// characters) and the last 4 characters; short keys show nothing at all.
+/// Public markers that start well-known API keys. They say which vendor issued a key and
+/// nothing about the key itself, so [`redact`] may keep them.
+pub const VENDOR_PREFIXES: [&str; 6] = [
+    "sk-ant-admin01-",
+    "sk-ant-",
+    "sk-proj-",
+    "sk-svcacct-",
+    "sk-admin-",
+    "sk-",
+];
+
+/// Keys shorter than this many characters are redacted to `…` with nothing shown.
+pub const REDACT_MIN_LEN: usize = 20;
+
+/// A key made safe for logs, by one rule:
+///
+/// - a key shorter than [`REDACT_MIN_LEN`] (20) characters shows nothing: `…`;
+/// - a longer key shows its last 4 characters, after its vendor marker when it starts with
+///   one of [`VENDOR_PREFIXES`] (`sk-ant-…f3a9`, `sk-proj-…1234`), else after `…` alone.
+///
+/// So at most 4 characters of the secret part are ever shown, and only of a key at least
+/// 20 characters long (a fifth of it at most).
+///
+/// ```
+/// use palisade::key::redact;
+///
+/// assert_eq!(redact("sk-ant-api03-secret-value-f3a9"), "sk-ant-…f3a9");
+/// assert_eq!(redact("0123456789abcdefghijklmnop"), "…mnop");
+/// assert_eq!(redact("sk-ant-12345"), "…"); // too short to show anything
+/// ```
 pub fn redact(key: &str) -> String {
-    let chars: Vec<char> = key.chars().collect();
-    if chars.len() < 12 {
+    let len = key.chars().count();
+    if len < REDACT_MIN_LEN {
         return "…".to_owned();
     }
-    let head: String = chars[..8].iter().collect();
-    let prefix = match head.rfind('-') {
-        Some(i) => &head[..=i],
-        None => "",
-    };
-    let tail: String = chars[chars.len() - 4..].iter().collect();
+    let prefix = VENDOR_PREFIXES
+        .iter()
+        .find(|p| key.starts_with(**p))
+        .copied()
+        .unwrap_or("");
+    let tail: String = key.chars().skip(len - 4).collect();
     format!("{prefix}…{tail}")
+}
+
+/// Query parameters whose values [`redact_url`] hides.
+const SECRET_PARAMS: [&str; 9] = [
+    "password", "pass", "passwd", "pwd", "token", "secret", "key", "api_key", "apikey",
+];
+
+/// A URL made safe for logs and `Debug`: the password of its user info, any user info
+/// without a separate password (it may be a token), and the values of query parameters
+/// such as `password`, `token` or `key` become `***`. Scheme, user name, host, port and
+/// path stay, so the URL still says where it leads.
+///
+/// Every `Debug` in palisade that holds a URL (a Redis or PostgreSQL address) prints it
+/// through here.
+///
+/// ```
+/// use palisade::key::redact_url;
+///
+/// assert_eq!(
+///     redact_url("redis://default:hunter2@cache.internal:6379/0"),
+///     "redis://default:***@cache.internal:6379/0",
+/// );
+/// assert_eq!(
+///     redact_url("postgres://app@db/usage?sslmode=require&password=hunter2"),
+///     "postgres://***@db/usage?sslmode=require&password=***",
+/// );
+/// assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => url.split_at(i + 3),
+        None => ("", url),
+    };
+    // The user info ends at the last `@` before any query or fragment, even when an
+    // unescaped `/` in a password makes the URL ambiguous: hiding too much beats leaking.
+    let before_query = rest.find(['?', '#']).unwrap_or(rest.len());
+    let at = rest[..before_query]
+        .rfind('@')
+        .filter(|_| !scheme.is_empty());
+    let host_start = at.map_or(0, |i| i + 1);
+    let authority_end = rest[host_start..]
+        .find(['/', '?', '#'])
+        .map_or(rest.len(), |i| host_start + i);
+    let (authority, path) = rest.split_at(authority_end);
+    let mut out = String::with_capacity(url.len());
+    out.push_str(scheme);
+    match at {
+        Some(at) => {
+            let (userinfo, host) = authority.split_at(at);
+            match userinfo.split_once(':') {
+                Some((user, _password)) if !user.is_empty() => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                Some(_) => out.push_str(":***"),
+                None => out.push_str("***"),
+            }
+            out.push_str(host);
+        }
+        _ => out.push_str(authority),
+    }
+    let (path, fragment) = match path.find('#') {
+        Some(i) => path.split_at(i),
+        None => (path, ""),
+    };
+    match path.split_once('?') {
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _))
+                        if SECRET_PARAMS.iter().any(|s| s.eq_ignore_ascii_case(name)) =>
+                    {
+                        out.push_str(name);
+                        out.push_str("=***");
+                    }
+                    _ => out.push_str(pair),
+                }
+            }
+        }
+        None => out.push_str(path),
+    }
+    out.push_str(fragment);
+    out
 }
 
 /// Compares two secrets in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// The authenticated caller, put in the request extensions by an authentication layer (or
+/// handler) that has checked who is calling. Layers that attribute or limit per caller
+/// read it first: the cost meter puts the request's spend on it before an
+/// `Attribution`'s user, the body's `metadata.user_id` or any user header, all of which
+/// the client can write.
+///
+/// ```
+/// use palisade::key::Principal;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(Principal::new("user-42"));
+/// assert_eq!(req.extensions().get::<Principal>().unwrap().id(), "user-42");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(std::sync::Arc<str>);
+
+impl Principal {
+    /// A principal with this stable id.
+    pub fn new(id: impl Into<std::sync::Arc<str>>) -> Self {
+        Self(id.into())
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.0
+    }
 }
 
 #[cfg(test)]
@@ -154,9 +297,82 @@ mod tests {
     #[test]
     fn redaction() {
         assert_eq!(redact("sk-proj-abcdefghijkl1234"), "sk-proj-…1234");
-        assert_eq!(redact("abcdefghijklmnop"), "…mnop");
+        assert_eq!(redact("abcdefghijklmnopqrstu"), "…rstu");
+        assert_eq!(redact("abcdefghijklmnop"), "…");
         assert_eq!(redact("short"), "…");
-        assert_eq!(redact("ключ-очень-длинный-секрет"), "ключ-…крет");
+        assert_eq!(redact(""), "…");
+        assert_eq!(redact("ключ-очень-длинный-секрет"), "…крет");
+        assert_eq!(
+            redact("sk-ant-admin01-0123456789abcdef"),
+            "sk-ant-admin01-…cdef"
+        );
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_and_tokens() {
+        let cases = [
+            (
+                "redis://:hunter2@127.0.0.1:6379",
+                "redis://:***@127.0.0.1:6379",
+            ),
+            (
+                "rediss://user:p%40ss:word@host:6380/1",
+                "rediss://user:***@host:6380/1",
+            ),
+            ("redis://tokenonly@host/", "redis://***@host/"),
+            ("redis://:hunter2/x@host:1/2", "redis://:***@host:1/2"),
+            (
+                "postgres://app:hunter2@db:5432/usage?sslmode=require",
+                "postgres://app:***@db:5432/usage?sslmode=require",
+            ),
+            (
+                "https://example.com/hook?TOKEN=hunter2&x=1#frag",
+                "https://example.com/hook?TOKEN=***&x=1#frag",
+            ),
+            ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+            ("not a url", "not a url"),
+            ("", ""),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(redact_url(url), expected, "{url}");
+            assert!(!redact_url(url).contains("hunter2"));
+        }
+    }
+
+    #[test]
+    fn redact_hides_short_keys_entirely() {
+        for key in [
+            "sk-ant-12345",
+            "abcdefghijkl",
+            "sk-proj-abcdefghijk",
+            "0123456789abcdefghi",
+        ] {
+            assert_eq!(redact(key), "…", "{key}");
+        }
+    }
+
+    #[test]
+    fn redact_never_shows_more_than_four_characters_of_the_secret() {
+        let alphabet: Vec<char> = "abcdefghijklmnopqrstuvwxyz0123456789-_".chars().collect();
+        for prefix in ["", "sk-", "sk-ant-", "sk-proj-", "ab-cd-", "abcdefg-"] {
+            for len in 1..120 {
+                let secret: String = (0..len)
+                    .map(|i| alphabet[(i * 7) % alphabet.len()])
+                    .collect();
+                let key = format!("{prefix}{secret}");
+                let shown = redact(&key);
+                // Public vendor markers may stay; of the rest, at most 4 characters show.
+                let visible = ["sk-ant-", "sk-proj-", "sk-svcacct-", "sk-admin-", "sk-"]
+                    .iter()
+                    .find_map(|p| shown.strip_prefix(p).filter(|_| key.starts_with(p)))
+                    .unwrap_or(&shown);
+                let secret_chars = visible.chars().filter(|c| *c != '…').count();
+                assert!(secret_chars <= 4, "{key} -> {shown}");
+                if key.chars().count() < 20 {
+                    assert_eq!(shown, "…", "{key}");
+                }
+            }
+        }
     }
 
     #[test]

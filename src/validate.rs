@@ -1,18 +1,5 @@
 //! Request validation with field-level errors.
 //!
-//! - [`Validate`]: a type checks itself and lists every problem as a
-//!   [`FieldError`] (`messages[0].content: must not be empty`);
-//! - [`Validator`]: collects problems with small helpers ([`required`](Validator::required),
-//!   [`length`](Validator::length), [`range`](Validator::range),
-//!   [`one_of`](Validator::one_of), [`nested`](Validator::nested),
-//!   [`each`](Validator::each), ...);
-//! - [`from_json`]: deserializes JSON with the path of the failing field in the message,
-//!   then validates; every failure is a 400 [`Error`] listing the fields;
-//! - `ValidatedJson<T>` (feature `axum`): an extractor doing the same, answering 400, 413
-//!   (body too large) or 415 (not JSON) with the crate's error.
-//!
-//! # Example
-//!
 //! ```
 //! use palisade::validate::{Validate, Validator, from_json};
 //! use palisade::{ErrorKind, FieldError};
@@ -61,6 +48,17 @@
 //! let err = from_json::<ChatRequest>(br#"{"model": 7}"#).unwrap_err();
 //! assert_eq!(err.fields()[0].field, "model");
 //! ```
+//!
+//! - [`Validate`]: a type checks itself and lists every problem as a
+//!   [`FieldError`] (`messages[0].content: must not be empty`);
+//! - [`Validator`]: collects problems with small helpers ([`required`](Validator::required),
+//!   [`length`](Validator::length), [`range`](Validator::range),
+//!   [`one_of`](Validator::one_of), [`nested`](Validator::nested),
+//!   [`each`](Validator::each), ...);
+//! - [`from_json`]: deserializes JSON with the path of the failing field in the message,
+//!   then validates; every failure is a 400 [`Error`] listing the fields;
+//! - `ValidatedJson<T>` (feature `axum`): an extractor doing the same, answering 400, 413
+//!   (body too large) or 415 (not JSON) with the crate's error.
 
 use std::fmt::Display;
 

@@ -10,7 +10,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use palisade::{BoxError, Error, ErrorKind};
+use palisade::{Error, ErrorKind};
 use tower::{Service, ServiceBuilder, ServiceExt};
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -37,7 +37,7 @@ async fn opens_refuses_probes_and_closes_against_a_real_upstream() {
         .name("mock-upstream")
         .count_window(10)
         .minimum_calls(5)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .open_duration(Duration::from_secs(30))
         .jitter(0.0)
         .half_open_probes(2)
@@ -45,10 +45,7 @@ async fn opens_refuses_probes_and_closes_against_a_real_upstream() {
         .unwrap();
     let handle = layer.handle();
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut svc = ServiceBuilder::new()
-        .layer(layer)
-        .map_err(BoxError::from)
-        .service(client);
+    let mut svc = ServiceBuilder::new().layer(layer).service(client);
     let uri = format!("{}/v1/models", server.uri());
     let get = || {
         Request::get(uri.as_str())
@@ -128,10 +125,7 @@ async fn connection_refused_counts_as_failure() {
         .unwrap();
     let handle = layer.handle();
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut svc = ServiceBuilder::new()
-        .layer(layer)
-        .map_err(BoxError::from)
-        .service(client);
+    let mut svc = ServiceBuilder::new().layer(layer).service(client);
     for _ in 0..3 {
         let req = Request::get(format!("http://127.0.0.1:{port}/"))
             .body(Empty::<Bytes>::new())
@@ -143,4 +137,42 @@ async fn connection_refused_counts_as_failure() {
         );
     }
     assert_eq!(handle.state(), CircuitState::Open);
+}
+
+/// Retry over the breaker over a hyper-util client, moved into a spawned task (which, as an
+/// axum handler does, must prove its future `Send` with lifetimes erased). This failed to
+/// compile with "implementation of `ClassifyError` is not general enough" while the stack
+/// needed a `map_err(BoxError::from)` below the breaker; the breaker now takes the
+/// client's own error type and answers with `BoxError` itself.
+#[tokio::test]
+async fn retry_over_breaker_over_a_hyper_client_runs_in_a_spawned_task() {
+    use palisade::retry::{ReplayBody, RetryCount, RetryLayer};
+
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .respond_with(ResponseTemplate::new(529).insert_header("retry-after-ms", "10"))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .respond_with(ResponseTemplate::new(200))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<ReplayBody<Empty<Bytes>>>();
+    let stack = ServiceBuilder::new()
+        .layer(RetryLayer::builder().max_retries(2).build().unwrap())
+        .layer(CircuitBreakerLayer::builder().build().unwrap())
+        .service(client);
+    let uri = format!("{}/v1/models", server.uri());
+    let task = tokio::spawn(async move {
+        let request = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+        stack.oneshot(request).await
+    });
+    let response = task.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(RetryCount::of(&response), 1);
 }

@@ -109,7 +109,10 @@ async fn harness(comment: bool) -> Harness {
     let (tx, records) = mpsc::unbounded_channel();
     let (recorder, _shutdown) =
         UsageRecorder::spawn(Forward(tx, Arc::clone(&sink)), RecorderConfig::default());
-    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).sse_cost_comment(comment);
+    // The test client stands for a trusted proxy that sets `x-user-id`.
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder)
+        .user_header(Some(http::HeaderName::from_static("x-user-id")))
+        .sse_cost_comment(comment);
     let (queue, rx) = mpsc::channel(8);
     let addr = serve(layer, Arc::new(tokio::sync::Mutex::new(rx))).await;
     Harness {
@@ -227,7 +230,11 @@ async fn composes_under_axum() {
                 ([("content-type", "text/event-stream")], SONNET_37).into_response()
             }),
         )
-        .layer(CostMeterLayer::new(PriceTable::builtin(), recorder).sse_cost_comment(true));
+        .layer(
+            CostMeterLayer::new(PriceTable::builtin(), recorder)
+                .user_header(Some(http::HeaderName::from_static("x-user-id")))
+                .sse_cost_comment(true),
+        );
     let req = http::Request::builder()
         .method("POST")
         .uri("/v1/messages")

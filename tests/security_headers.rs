@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::config::Environment;
-use palisade::security_headers::{CspNonce, SecurityHeadersBuilder, SecurityHeadersLayer};
+use palisade::security_headers::{CspNonce, SecurityHeadersLayer};
 
 async fn page(Extension(nonce): Extension<CspNonce>) -> impl IntoResponse {
     (
@@ -110,7 +110,7 @@ async fn web_preset_nonce_reaches_the_handler_and_the_header() {
 
 #[tokio::test]
 async fn hsts_behind_a_trusted_proxy_and_in_production() {
-    let behind_proxy = SecurityHeadersBuilder::api()
+    let behind_proxy = SecurityHeadersLayer::builder()
         .trust_forwarded_proto(true)
         .build()
         .unwrap();
@@ -123,7 +123,7 @@ async fn hsts_behind_a_trusted_proxy_and_in_production() {
     let (h, _) = get_from(addr, "/", &[("x-forwarded-proto", "http")]).await;
     assert!(h.get("strict-transport-security").is_none());
 
-    let production = SecurityHeadersBuilder::api()
+    let production = SecurityHeadersLayer::builder()
         .environment(Environment::Production)
         .build()
         .unwrap();

@@ -415,12 +415,12 @@ impl GatewayConfig {
         }
         let security_headers = SecurityHeadersConfig::from_env(env);
         let mut cost = CostConfig::from_env(env);
-        if env.raw("PALISADE_COST_COST_HEADERS").is_none() {
-            cost.cost_headers = true;
+        if env.raw("PALISADE_COST_HEADERS").is_none() {
+            cost.headers = true;
         }
         if env.raw("PALISADE_COST_SSE_COMMENT").is_none() {
             // SSE clients, the Anthropic SDKs among them, skip comment lines.
-            cost.sse_cost_comment = true;
+            cost.sse_comment = true;
         }
 
         Self {

@@ -5,7 +5,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockSource;
-use crate::config::Env;
+use crate::config::{ConfigError, Env, Problem, ProblemKind, env_var};
+
+/// The prefix of the breaker's environment variables.
+const PREFIX: &str = "PALISADE_CIRCUIT_BREAKER";
 
 /// Which calls the breaker judges the upstream by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -30,7 +33,7 @@ pub enum WindowKind {
 /// let cfg: CircuitBreakerConfig = toml::from_str(r#"
 ///     window_kind = "time"
 ///     window_size = 30
-///     failure_rate_threshold = 25.0
+///     failure_rate_threshold = 0.25
 ///     open_duration = "5s"
 /// "#).unwrap();
 /// assert_eq!(cfg.window_kind, WindowKind::Time);
@@ -49,13 +52,15 @@ pub struct CircuitBreakerConfig {
     pub window_kind: WindowKind,
     /// Calls (count window) or seconds (time window) in the window (default 100).
     pub window_size: u32,
-    /// Open when this percentage of the calls in the window failed (default 50.0).
+    /// Open when this fraction of the calls in the window failed, from 0 (exclusive) to 1
+    /// (default 0.5).
     pub failure_rate_threshold: f64,
     /// A call longer than this is slow; `None` turns the slow-call rule off (the default:
     /// LLM calls are often long by nature).
     #[serde(with = "crate::config::duration::option")]
     pub slow_call_duration: Option<Duration>,
-    /// Open when this percentage of the calls in the window were slow (default 100.0).
+    /// Open when this fraction of the calls in the window were slow, from 0 (exclusive) to
+    /// 1 (default 1.0).
     pub slow_call_rate_threshold: f64,
     /// The rates are only judged once the window holds this many calls (default 20).
     pub minimum_calls: u32,
@@ -73,14 +78,21 @@ pub struct CircuitBreakerConfig {
     pub jitter: f64,
     /// How many probe calls half-open lets through; all must succeed to close (default 3).
     pub half_open_probes: u32,
-    /// Half-open goes back to open if its probes have not decided within this time
-    /// (default 60 s; `None` waits for ever).
+    /// Half-open goes back to open if its probes have not decided within this time and
+    /// none is still in flight (default 60 s; `None` waits for ever). A probe in flight is
+    /// always waited for, however long it takes (a non-streamed LLM call can take
+    /// minutes); bound a hung call with a per-attempt timeout on the client (for example
+    /// [`RetryLayerBuilder::attempt_timeout`](crate::retry::RetryLayerBuilder::attempt_timeout)),
+    /// which drops it and gives its probe slot back.
     #[serde(with = "crate::config::duration::option")]
     pub max_wait_in_half_open: Option<Duration>,
     /// Where the breaker reads time (default [`ClockSource::Tokio`], which tests can
     /// pause). [`ClockSource::Coarse`] makes a time window's closed path about one clock
     /// read cheaper, with buckets and call durations late by up to about a millisecond.
     pub clock: ClockSource,
+    /// A seed for the open durations' jitter, for reproducible schedules (default none:
+    /// the thread's generator).
+    pub seed: Option<u64>,
 }
 
 impl Default for CircuitBreakerConfig {
@@ -89,9 +101,9 @@ impl Default for CircuitBreakerConfig {
             name: "default".to_owned(),
             window_kind: WindowKind::Count,
             window_size: 100,
-            failure_rate_threshold: 50.0,
+            failure_rate_threshold: 0.5,
             slow_call_duration: None,
-            slow_call_rate_threshold: 100.0,
+            slow_call_rate_threshold: 1.0,
             minimum_calls: 20,
             consecutive_failures: None,
             open_duration: Duration::from_secs(10),
@@ -101,6 +113,7 @@ impl Default for CircuitBreakerConfig {
             half_open_probes: 3,
             max_wait_in_half_open: Some(Duration::from_secs(60)),
             clock: ClockSource::Tokio,
+            seed: None,
         }
     }
 }
@@ -126,8 +139,8 @@ pub enum CircuitBreakerConfigError {
         /// The largest size allowed.
         max: u32,
     },
-    /// A rate threshold is not in `(0, 100]`.
-    #[error("{field} must be a percentage in (0, 100], got {got}")]
+    /// A rate threshold is not a fraction in `(0, 1]`.
+    #[error("{field} must be a fraction in (0, 1], got {got}")]
     Threshold {
         /// `failure_rate_threshold` or `slow_call_rate_threshold`.
         field: &'static str,
@@ -167,17 +180,95 @@ pub enum CircuitBreakerConfigError {
     RegistrySize,
 }
 
+impl CircuitBreakerConfigError {
+    /// The configuration field at fault (its serde name), for example `"window_size"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::WindowSize { .. } => "window_size",
+            Self::Threshold { field, .. } | Self::Duration { field, .. } => field,
+            Self::MinimumCalls { .. } => "minimum_calls",
+            Self::ConsecutiveFailures => "consecutive_failures",
+            Self::Multiplier(_) => "backoff_multiplier",
+            Self::Jitter(_) => "jitter",
+            Self::HalfOpenProbes(_) => "half_open_probes",
+            Self::RegistrySize => "max_breakers",
+        }
+    }
+
+    /// This mistake as a problem with its `PALISADE_CIRCUIT_BREAKER_*` variable.
+    fn problem(&self) -> Problem {
+        Problem {
+            name: env_var(PREFIX, self.field()),
+            kind: ProblemKind::Invalid {
+                value: String::new(),
+                reason: self.to_string(),
+            },
+            example: "see CircuitBreakerConfig".to_owned(),
+        }
+    }
+
+    /// This mistake as a [`ConfigError`] naming its `PALISADE_CIRCUIT_BREAKER_*` variable.
+    pub fn to_config_error(&self) -> ConfigError {
+        ConfigError::new(vec![self.problem()])
+    }
+}
+
 impl From<CircuitBreakerConfigError> for crate::Error {
     fn from(err: CircuitBreakerConfigError) -> Self {
         crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
     }
 }
 
-fn percent_ok(p: f64) -> bool {
-    p.is_finite() && p > 0.0 && p <= 100.0
+fn fraction_ok(p: f64) -> bool {
+    p.is_finite() && p > 0.0 && p <= 1.0
 }
 
 impl CircuitBreakerConfig {
+    /// A preset for an LLM upstream (Anthropic, OpenAI), whose calls take seconds to
+    /// minutes and whose outages come in bursts:
+    ///
+    /// | setting | value | why |
+    /// |---|---|---|
+    /// | window | the last 60 s (time window) | judges the recent minute whatever the call rate |
+    /// | `minimum_calls` | 10 | a few unlucky calls at low traffic do not open it |
+    /// | `failure_rate_threshold` | 0.5 | half the calls failing is an outage |
+    /// | `consecutive_failures` | 5 | opens fast when every call fails |
+    /// | `slow_call_duration` | 90 s | a non-streamed completion can take a minute |
+    /// | `slow_call_rate_threshold` | 0.8 | most calls that slow is an overloaded upstream |
+    /// | `open_duration` | 30 s, doubling to 5 min | gives an overloaded upstream room |
+    /// | `half_open_probes` | 2 | |
+    /// | `max_wait_in_half_open` | 3 min | probes in flight are always waited for |
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use palisade::circuit_breaker::{CircuitBreakerConfig, WindowKind};
+    ///
+    /// let cfg = CircuitBreakerConfig::llm_upstream();
+    /// assert_eq!(cfg.window_kind, WindowKind::Time);
+    /// assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(90)));
+    /// cfg.validate().unwrap();
+    /// ```
+    pub fn llm_upstream() -> Self {
+        Self {
+            name: "llm".to_owned(),
+            window_kind: WindowKind::Time,
+            window_size: 60,
+            failure_rate_threshold: 0.5,
+            slow_call_duration: Some(Duration::from_secs(90)),
+            slow_call_rate_threshold: 0.8,
+            minimum_calls: 10,
+            consecutive_failures: Some(5),
+            open_duration: Duration::from_secs(30),
+            max_open_duration: Duration::from_secs(300),
+            backoff_multiplier: 2.0,
+            jitter: 0.2,
+            half_open_probes: 2,
+            max_wait_in_half_open: Some(Duration::from_secs(180)),
+            clock: ClockSource::Tokio,
+            seed: None,
+        }
+    }
+
     /// Checks every value, returning the first problem.
     pub fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
         use CircuitBreakerConfigError as E;
@@ -192,13 +283,13 @@ impl CircuitBreakerConfig {
                 max,
             });
         }
-        if !percent_ok(self.failure_rate_threshold) {
+        if !fraction_ok(self.failure_rate_threshold) {
             return Err(E::Threshold {
                 field: "failure_rate_threshold",
                 got: self.failure_rate_threshold,
             });
         }
-        if !percent_ok(self.slow_call_rate_threshold) {
+        if !fraction_ok(self.slow_call_rate_threshold) {
             return Err(E::Threshold {
                 field: "slow_call_rate_threshold",
                 got: self.slow_call_rate_threshold,
@@ -272,9 +363,9 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_NAME` | `anthropic` |
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_KIND` | `count` or `time` |
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE` | `100` |
-    /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `50` |
+    /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `0.5` |
     /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION` | `30s` |
-    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `80` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `0.8` |
     /// | `PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS` | `20` |
     /// | `PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES` | `5` |
     /// | `PALISADE_CIRCUIT_BREAKER_OPEN_DURATION` | `10s` |
@@ -283,8 +374,11 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_JITTER` | `0.2` |
     /// | `PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES` | `3` |
     /// | `PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN` | `60s` (or `none`) |
+    /// | `PALISADE_CIRCUIT_BREAKER_CLOCK` | `tokio`, `fast` or `coarse` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SEED` | `42` |
     ///
-    /// Values that parse but do not validate (a threshold of 150) are also recorded.
+    /// Values that parse but do not validate (a threshold of 50: ratios are fractions 0–1)
+    /// are also recorded, under their own variable.
     ///
     /// ```
     /// use palisade::config::Env;
@@ -301,49 +395,44 @@ impl CircuitBreakerConfig {
     /// assert_eq!(cfg.consecutive_failures, Some(5));
     /// ```
     pub fn from_env(env: &mut Env) -> Self {
-        const P: &str = "PALISADE_CIRCUIT_BREAKER_";
+        let var = |field: &str| env_var(PREFIX, field);
         let d = Self::default();
-        let name = env.optional(&format!("{P}NAME"), d.name, "anthropic");
-        let window_kind = env.optional_with(
-            &format!("{P}WINDOW_KIND"),
-            d.window_kind,
-            "count",
-            |s| match s.trim().to_ascii_lowercase().as_str() {
-                "count" => Ok(WindowKind::Count),
-                "time" => Ok(WindowKind::Time),
-                _ => Err("expected `count` or `time`".to_owned()),
-            },
-        );
-        let window_size = env.optional(&format!("{P}WINDOW_SIZE"), d.window_size, "100");
-        let failure_rate_threshold = env.optional(
-            &format!("{P}FAILURE_RATE_THRESHOLD"),
-            d.failure_rate_threshold,
-            "50",
-        );
-        let slow_call_duration =
-            env.optional_with(&format!("{P}SLOW_CALL_DURATION"), None, "30s", |s| {
-                crate::config::duration::parse(s).map(Some)
+        let name = env.optional(&var("name"), d.name, "anthropic");
+        let window_kind =
+            env.optional_with(&var("window_kind"), d.window_kind, "count", |s| {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "count" => Ok(WindowKind::Count),
+                    "time" => Ok(WindowKind::Time),
+                    _ => Err("expected `count` or `time`".to_owned()),
+                }
             });
-        let slow_call_rate_threshold = env.optional(
-            &format!("{P}SLOW_CALL_RATE_THRESHOLD"),
-            d.slow_call_rate_threshold,
-            "80",
+        let window_size = env.optional(&var("window_size"), d.window_size, "100");
+        let failure_rate_threshold = env.optional(
+            &var("failure_rate_threshold"),
+            d.failure_rate_threshold,
+            "0.5",
         );
-        let minimum_calls = env.optional(&format!("{P}MINIMUM_CALLS"), d.minimum_calls, "20");
+        let slow_call_duration = env.optional_with(&var("slow_call_duration"), None, "30s", |s| {
+            crate::config::duration::parse(s).map(Some)
+        });
+        let slow_call_rate_threshold = env.optional(
+            &var("slow_call_rate_threshold"),
+            d.slow_call_rate_threshold,
+            "0.8",
+        );
+        let minimum_calls = env.optional(&var("minimum_calls"), d.minimum_calls, "20");
         let consecutive_failures =
-            env.optional_with(&format!("{P}CONSECUTIVE_FAILURES"), None, "5", |s| {
+            env.optional_with(&var("consecutive_failures"), None, "5", |s| {
                 s.trim().parse::<u32>().map(Some).map_err(|e| e.to_string())
             });
-        let open_duration = env.duration(&format!("{P}OPEN_DURATION"), d.open_duration, "10s");
-        let max_open_duration =
-            env.duration(&format!("{P}MAX_OPEN_DURATION"), d.max_open_duration, "5m");
+        let open_duration = env.duration(&var("open_duration"), d.open_duration, "10s");
+        let max_open_duration = env.duration(&var("max_open_duration"), d.max_open_duration, "5m");
         let backoff_multiplier =
-            env.optional(&format!("{P}BACKOFF_MULTIPLIER"), d.backoff_multiplier, "2");
-        let jitter = env.optional(&format!("{P}JITTER"), d.jitter, "0.2");
-        let half_open_probes =
-            env.optional(&format!("{P}HALF_OPEN_PROBES"), d.half_open_probes, "3");
+            env.optional(&var("backoff_multiplier"), d.backoff_multiplier, "2");
+        let jitter = env.optional(&var("jitter"), d.jitter, "0.2");
+        let half_open_probes = env.optional(&var("half_open_probes"), d.half_open_probes, "3");
         let max_wait_in_half_open = env.optional_with(
-            &format!("{P}MAX_WAIT_IN_HALF_OPEN"),
+            &var("max_wait_in_half_open"),
             d.max_wait_in_half_open,
             "60s",
             |s| match s.trim() {
@@ -351,7 +440,10 @@ impl CircuitBreakerConfig {
                 other => crate::config::duration::parse(other).map(Some),
             },
         );
-        let clock = env.optional(&format!("{P}CLOCK"), d.clock, "coarse");
+        let clock = env.optional(&var("clock"), d.clock, "coarse");
+        let seed = env.optional_with(&var("seed"), None, "42", |s| {
+            s.trim().parse::<u64>().map(Some).map_err(|e| e.to_string())
+        });
         let cfg = Self {
             name,
             window_kind,
@@ -368,17 +460,12 @@ impl CircuitBreakerConfig {
             half_open_probes,
             max_wait_in_half_open,
             clock,
+            seed,
         };
         if env.problems().is_empty() {
             if let Err(err) = cfg.validate() {
-                env.problem(
-                    &format!("{P}*"),
-                    crate::config::ProblemKind::Invalid {
-                        value: String::new(),
-                        reason: err.to_string(),
-                    },
-                    "see CircuitBreakerConfig",
-                );
+                let problem = err.problem();
+                env.problem(&problem.name, problem.kind, &problem.example);
             }
         }
         cfg
@@ -499,6 +586,18 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_does_not_validate_names_its_variable() {
+        let mut env = Env::from_pairs([("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "0")]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        assert_eq!(
+            err.problems()[0].name,
+            "PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE"
+        );
+        CircuitBreakerConfig::llm_upstream().validate().unwrap();
+    }
+
+    #[test]
     fn from_env_reports_every_problem() {
         let mut env = Env::from_pairs([
             ("PALISADE_CIRCUIT_BREAKER_WINDOW_KIND", "sliding"),
@@ -516,7 +615,7 @@ mod tests {
         );
 
         let mut env = Env::from_pairs([
-            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "150"),
+            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "50"),
             ("PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN", "none"),
         ]);
         let cfg = CircuitBreakerConfig::from_env(&mut env);

@@ -10,6 +10,7 @@ use http::Response;
 use pin_project_lite::pin_project;
 
 use super::state::Permit;
+use crate::BoxError;
 use crate::ErrorFormat;
 use crate::body::ResponseBody;
 use crate::classify::Classify;
@@ -34,7 +35,7 @@ pin_project! {
 
 pin_project! {
     /// The future of [`CircuitBreaker`](super::CircuitBreaker) in its default mode: the
-    /// inner response, or the inner error type built from a
+    /// inner response, the inner error boxed, or a
     /// [`CircuitOpen`](crate::ErrorKind::CircuitOpen) [`Error`](crate::Error).
     ///
     /// Dropping it before it completes (a cancelled call) gives a half-open probe slot
@@ -69,9 +70,9 @@ impl<F, C, T, E> Future for ResponseFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     C: Classify<T, E>,
-    E: From<crate::Error>,
+    E: Into<BoxError>,
 {
-    type Output = Result<T, E>;
+    type Output = Result<T, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -82,7 +83,7 @@ where
                 if let Some(permit) = permit.take() {
                     permit.complete(this.classifier.classify(result.as_ref()).outcome);
                 }
-                Poll::Ready(result)
+                Poll::Ready(result.map_err(Into::into))
             }
             KindProj::Refused { retry_after } => {
                 Poll::Ready(Err(crate::Error::circuit_open(REFUSED, *retry_after).into()))

@@ -1,5 +1,6 @@
 //! [`CircuitBreakerLayer`], its builder, and the [`CircuitBreaker`] service.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::state::{Callback, CircuitBreakerHandle, Shared, Transition};
 use crate::ErrorFormat;
 use crate::body::ResponseBody;
 use crate::classify::{Classify, DefaultClassifier};
+use crate::config::{ConfigError, Env};
 
 /// Mode marker: a refused call is `Err(E::from(Error))` with kind
 /// [`CircuitOpen`](crate::ErrorKind::CircuitOpen) and a `retry_after`.
@@ -27,17 +29,23 @@ pub struct Respond {
     format: ErrorFormat,
 }
 
+/// The former name of [`CircuitBreakerLayerBuilder`].
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `CircuitBreakerLayerBuilder`, like every layer's builder"
+)]
+pub type CircuitBreakerBuilder = CircuitBreakerLayerBuilder;
+
 /// Builds [`CircuitBreaker`] services that share one breaker.
 ///
 /// Every service made by one layer (and by its clones) shares the same state; get a
 /// [`CircuitBreakerHandle`] with [`handle`](Self::handle) to watch or force it.
 ///
-/// The inner service's error type must implement `From<palisade::Error>` (true of
-/// [`BoxError`](crate::BoxError) and of [`Error`](crate::Error) itself): a refusal is that
-/// error, holding an [`Error`](crate::Error) of kind
-/// [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with the time until the next probe as
-/// `retry_after`. For a client whose error type is concrete (hyper-util's), put
-/// `.map_err(BoxError::from)` below the breaker. At the server edge, use
+/// The service's error type is [`BoxError`](crate::BoxError) (any inner error that
+/// converts into it passes through, so a hyper-util client needs no `map_err`; the
+/// classifier sees the inner error before it is boxed). A refusal is an
+/// [`Error`](crate::Error) of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with the
+/// time until the next probe as `retry_after`. At the server edge, use
 /// [`respond_with`](Self::respond_with) to answer refused calls with a rendered response
 /// instead.
 #[derive(Debug, Clone)]
@@ -50,13 +58,47 @@ pub struct CircuitBreakerLayer<C = DefaultClassifier, M = ReturnError> {
 
 impl CircuitBreakerLayer {
     /// A builder starting from [`CircuitBreakerConfig::default`].
-    pub fn builder() -> CircuitBreakerBuilder {
-        CircuitBreakerBuilder::new(CircuitBreakerConfig::default())
+    pub fn builder() -> CircuitBreakerLayerBuilder {
+        CircuitBreakerLayerBuilder::new(CircuitBreakerConfig::default())
     }
 
-    /// A layer with a new breaker configured by `config`.
-    pub fn from_config(config: &CircuitBreakerConfig) -> Result<Self, CircuitBreakerConfigError> {
-        CircuitBreakerBuilder::new(config.clone()).build()
+    /// A layer with a new breaker configured by `config` (by value or by reference).
+    pub fn from_config(
+        config: impl Borrow<CircuitBreakerConfig>,
+    ) -> Result<Self, CircuitBreakerConfigError> {
+        CircuitBreakerLayerBuilder::new(config.borrow().clone()).build()
+    }
+
+    /// A layer with a new breaker configured by the `PALISADE_CIRCUIT_BREAKER_*`
+    /// environment variables (see [`CircuitBreakerConfig::from_env`]), with every problem
+    /// reported at once.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), palisade::config::ConfigError> {
+    /// let layer = palisade::circuit_breaker::CircuitBreakerLayer::from_env()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut env = Env::from_process();
+        let config = CircuitBreakerConfig::from_env(&mut env);
+        env.finish()?;
+        Self::from_config(&config).map_err(|err| err.to_config_error())
+    }
+
+    /// A layer with a new breaker set for an LLM upstream (see
+    /// [`CircuitBreakerConfig::llm_upstream`]).
+    ///
+    /// ```
+    /// use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    ///
+    /// let layer = CircuitBreakerLayer::llm();
+    /// assert_eq!(layer.handle().state(), CircuitState::Closed);
+    /// ```
+    pub fn llm() -> Self {
+        Self::from_config(CircuitBreakerConfig::llm_upstream())
+            .expect("the LLM upstream preset is valid")
     }
 
     /// A layer that uses an existing breaker (for example one from a
@@ -117,21 +159,21 @@ impl<S, C: Clone, M: Clone> Layer<S> for CircuitBreakerLayer<C, M> {
 /// Configures a [`CircuitBreakerLayer`]; every setter mirrors a
 /// [`CircuitBreakerConfig`] field. [`build`](Self::build) validates.
 #[must_use]
-pub struct CircuitBreakerBuilder {
+pub struct CircuitBreakerLayerBuilder {
     config: CircuitBreakerConfig,
     callbacks: Vec<Callback>,
 }
 
-impl std::fmt::Debug for CircuitBreakerBuilder {
+impl std::fmt::Debug for CircuitBreakerLayerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CircuitBreakerBuilder")
+        f.debug_struct("CircuitBreakerLayerBuilder")
             .field("config", &self.config)
             .field("callbacks", &self.callbacks.len())
             .finish()
     }
 }
 
-impl CircuitBreakerBuilder {
+impl CircuitBreakerLayerBuilder {
     /// A builder starting from `config`.
     pub fn new(config: CircuitBreakerConfig) -> Self {
         Self {
@@ -161,17 +203,17 @@ impl CircuitBreakerBuilder {
         self
     }
 
-    /// Open when at least `percent` of the calls in the window failed.
-    pub fn failure_rate_threshold(mut self, percent: f64) -> Self {
-        self.config.failure_rate_threshold = percent;
+    /// Open when at least this fraction (0 to 1) of the calls in the window failed.
+    pub fn failure_rate_threshold(mut self, fraction: f64) -> Self {
+        self.config.failure_rate_threshold = fraction;
         self
     }
 
-    /// Count calls longer than `duration` as slow, and open when at least `percent` of
-    /// the calls in the window were slow.
-    pub fn slow_calls(mut self, duration: Duration, percent: f64) -> Self {
+    /// Count calls longer than `duration` as slow, and open when at least this fraction
+    /// (0 to 1) of the calls in the window were slow.
+    pub fn slow_calls(mut self, duration: Duration, fraction: f64) -> Self {
         self.config.slow_call_duration = Some(duration);
-        self.config.slow_call_rate_threshold = percent;
+        self.config.slow_call_rate_threshold = fraction;
         self
     }
 
@@ -202,6 +244,14 @@ impl CircuitBreakerBuilder {
     /// The factor the open duration grows by after each failed half-open attempt.
     pub fn backoff_multiplier(mut self, multiplier: f64) -> Self {
         self.config.backoff_multiplier = multiplier;
+        self
+    }
+
+    /// Seeds the open durations' jitter, for reproducible schedules (as
+    /// [`RetryLayerBuilder::seed`](crate::retry::RetryLayerBuilder::seed) does for retry
+    /// delays).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = Some(seed);
         self
     }
 
@@ -304,16 +354,16 @@ impl<S, C, M> CircuitBreaker<S, C, M> {
 impl<S, Req, C> Service<Req> for CircuitBreaker<S, C, ReturnError>
 where
     S: Service<Req>,
-    S::Error: From<crate::Error>,
+    S::Error: Into<crate::BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = S::Error;
+    type Error = crate::BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]

@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | `Closed` | pass, counted | a rule trips: `Open` |
 //! | `Open` | refused at once, with `retry_after` | the open duration passed: `HalfOpen` |
-//! | `HalfOpen` | exactly N probes pass, the rest are refused | all probes succeed: `Closed`; one fails, or they take longer than the maximum wait: `Open` |
+//! | `HalfOpen` | exactly N probes pass, the rest are refused | all probes succeed: `Closed`; one fails, or the maximum wait passes with no probe in flight: `Open` |
 //! | `ForcedOpen` | refused | the handle says so |
 //! | `ForcedClosed` | pass, not counted | the handle says so |
 //! | `MetricsOnly` | pass, counted, never opens | the handle says so |
@@ -25,10 +25,10 @@
 //! circuit closes. A probe that is dropped or cancelled gives its slot back.
 //!
 //! A refused call never reaches the upstream. It costs an atomic load, a clock read and one small
-//! allocation (the error), and says when to come back: by default it is
-//! `Err(E::from(palisade::Error))` of kind [`CircuitOpen`](crate::ErrorKind::CircuitOpen)
-//! with `retry_after` (so the inner error type must implement `From<palisade::Error>`,
-//! as [`BoxError`](crate::BoxError) does); with
+//! allocation (the error), and says when to come back: by default the service's error
+//! type is [`BoxError`](crate::BoxError) (inner errors pass through boxed) and a refusal
+//! is a [`palisade::Error`](crate::Error) of kind
+//! [`CircuitOpen`](crate::ErrorKind::CircuitOpen) with `retry_after`; with
 //! [`respond_with`](CircuitBreakerLayer::respond_with) it is a rendered response (503 with
 //! `retry-after`, or 529 `overloaded_error` in the Anthropic format).
 //!
@@ -39,9 +39,9 @@
 //! rule also reads the clock once a call: tokio's by default (tests pause it), or a
 //! cached one read with one atomic load when you choose
 //! [`ClockSource::Coarse`](crate::clock::ClockSource::Coarse) with
-//! [`clock`](CircuitBreakerBuilder::clock). Transitions take a mutex,
+//! [`clock`](CircuitBreakerLayerBuilder::clock). Transitions take a mutex,
 //! emit `tracing` events (`warn` when opening) and call your
-//! [`on_transition`](CircuitBreakerBuilder::on_transition) callbacks.
+//! [`on_transition`](CircuitBreakerLayerBuilder::on_transition) callbacks.
 //!
 //! A [`CircuitBreakerHandle`] (from the layer, a service, or a registry) forces and resets
 //! the breaker from anywhere and takes [`CircuitSnapshot`]s. A [`CircuitBreakerRegistry`]
@@ -62,7 +62,7 @@
 //!     .name("anthropic")
 //!     .count_window(10)
 //!     .minimum_calls(4)
-//!     .failure_rate_threshold(50.0)
+//!     .failure_rate_threshold(0.5)
 //!     .open_duration(Duration::from_secs(5))
 //!     .jitter(0.0)
 //!     .build()
@@ -100,7 +100,11 @@ pub use config::{
     MAX_TIME_WINDOW_SECS, WindowKind,
 };
 pub use future::{RespondFuture, ResponseFuture};
-pub use layer::{CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, Respond, ReturnError};
+#[allow(deprecated)]
+pub use layer::CircuitBreakerBuilder;
+pub use layer::{
+    CircuitBreaker, CircuitBreakerLayer, CircuitBreakerLayerBuilder, Respond, ReturnError,
+};
 pub use registry::{
     BreakerKey, CircuitBreakerRegistry, KeyedCircuitBreaker, KeyedCircuitBreakerLayer,
     RegistryHealth,

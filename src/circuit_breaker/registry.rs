@@ -336,15 +336,15 @@ impl<S, C> KeyedCircuitBreaker<S, C> {
 impl<S, B, ResB, C> Service<Request<B>> for KeyedCircuitBreaker<S, C>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
-    S::Error: From<crate::Error>,
+    S::Error: Into<crate::BoxError>,
     C: Classify<Response<ResB>, S::Error> + Clone,
 {
     type Response = S::Response;
-    type Error = S::Error;
+    type Error = crate::BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {

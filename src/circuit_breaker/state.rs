@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock::Clock;
-use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::config::{CircuitBreakerConfig, WindowKind};
@@ -157,6 +158,15 @@ struct Params {
     needs_clock: bool,
 }
 
+/// What transitions change under the breaker's lock.
+#[derive(Debug)]
+struct Transitions {
+    /// Failed half-open attempts since the circuit last closed.
+    reopens: u32,
+    /// The seeded jitter generator, if the configuration has a seed.
+    rng: Option<StdRng>,
+}
+
 /// The shared state of one breaker.
 ///
 /// Aligned to 128 bytes (two cache lines, the prefetch pair on x86) so that the `Arc`'s
@@ -177,7 +187,8 @@ pub(crate) struct Shared {
     clock: Clock,
     epoch_wall: SystemTime,
     params: Params,
-    reopens: Mutex<u32>,
+    /// Taken by transitions (which are rare): the reopen count and the jitter generator.
+    transitions: Mutex<Transitions>,
     callbacks: Vec<Callback>,
 }
 
@@ -190,8 +201,9 @@ impl fmt::Debug for Shared {
     }
 }
 
-fn bp(percent: f64) -> u64 {
-    (percent * 100.0).round() as u64
+/// A fraction in basis points (1 = 10,000).
+fn bp(fraction: f64) -> u64 {
+    (fraction * 10_000.0).round() as u64
 }
 
 /// What a permit was admitted as (generations are truncated to [`GEN_BITS`] bits).
@@ -208,7 +220,7 @@ enum PermitKind {
 const GEN_BITS: u32 = 26;
 const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
 /// Bits of a permit's start time (microseconds since the breaker's epoch, wrapping): the
-/// duration of a call shorter than 2^36 µs (19 hours) is exact to the microsecond.
+/// duration of a call shorter than 2^35 µs (9.5 hours) is exact to the microsecond.
 const START_BITS: u32 = 36;
 const START_MASK: u64 = (1 << START_BITS) - 1;
 const START_SHIFT: u32 = 2 + GEN_BITS;
@@ -242,6 +254,19 @@ impl PermitKind {
             _ => PermitKind::Untracked,
         }
     }
+}
+
+/// How long a call took, in nanoseconds, from its start (whole microseconds, wrapping at
+/// [`START_BITS`]) and the time now. A clock read on another core may be a little behind
+/// the one that stamped the start (time-stamp counters differ between cores): such a
+/// negative duration is 0, never a wrapped one of hours that would count as slow.
+#[inline]
+const fn call_nanos(start: u64, now: u64) -> u64 {
+    let micros = (now / 1000).wrapping_sub(start) & START_MASK;
+    if micros > START_MASK / 2 {
+        return 0;
+    }
+    micros * 1000 + now % 1000
 }
 
 /// The right to make one call. Dropped without [`Permit::complete`], a half-open probe
@@ -310,7 +335,10 @@ impl Shared {
                 max_wait: cfg.max_wait_in_half_open,
                 needs_clock: slow_nanos.is_some() || cfg.window_kind == WindowKind::Time,
             },
-            reopens: Mutex::new(0),
+            transitions: Mutex::new(Transitions {
+                reopens: 0,
+                rng: cfg.seed.map(StdRng::seed_from_u64),
+            }),
             callbacks,
         }
     }
@@ -354,28 +382,24 @@ impl Shared {
                     );
                     continue;
                 }
-                _ => match self.reserve_probe(generation) {
-                    Some(true) => PermitKind::Probe(generation),
-                    Some(false) => {
-                        let now = self.now();
-                        let deadline = self.half_open_deadline.load(Ordering::Acquire);
-                        if now >= deadline {
-                            self.transition(
-                                generation,
-                                HALF_OPEN,
-                                OPEN,
-                                TransitionReason::HalfOpenTimedOut,
-                            );
-                            continue;
-                        }
-                        let wait = match self.params.max_wait {
-                            Some(_) => Duration::from_nanos(deadline - now),
-                            None => self.params.open_duration,
-                        };
-                        return Err(wait.min(self.params.open_duration));
+                _ => {
+                    if self.half_open_timed_out(generation) {
+                        self.transition(
+                            generation,
+                            HALF_OPEN,
+                            OPEN,
+                            TransitionReason::HalfOpenTimedOut,
+                        );
+                        continue;
                     }
-                    None => continue,
-                },
+                    match self.reserve_probe(generation) {
+                        Some(true) => PermitKind::Probe(generation),
+                        // Every slot holds a probe in flight: they are waited for, however
+                        // long they take (an LLM call can take minutes).
+                        Some(false) => return Err(self.params.open_duration),
+                        None => continue,
+                    }
+                }
             };
             let start = if self.params.slow_nanos.is_some() {
                 self.now()
@@ -387,6 +411,22 @@ impl Shared {
                 bits: kind.pack(start),
             });
         }
+    }
+
+    /// Whether half-open has waited longer than its maximum with no probe in flight: the
+    /// probes admitted so far have all finished without deciding (some succeeded, others
+    /// were ignored), and no call came to finish the job in time. A probe still in flight
+    /// is always waited for, so a slow upstream can close the breaker again.
+    fn half_open_timed_out(&self, generation: u64) -> bool {
+        if self.params.max_wait.is_none()
+            || self.now() < self.half_open_deadline.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        let h = self.half_open.load(Ordering::Acquire);
+        let admitted = (h >> 32) & 0xffff;
+        let succeeded = h >> 48;
+        h & 0xffff_ffff == generation & GEN_MASK && admitted <= succeeded
     }
 
     /// `Some(true)` when a probe slot was reserved, `Some(false)` when all are taken,
@@ -445,11 +485,10 @@ impl Shared {
         } else {
             0
         };
-        let slow = self.params.slow_nanos.is_some_and(|limit| {
-            // `start` is in whole microseconds (wrapping), `now` in nanoseconds.
-            let micros = (now / 1000).wrapping_sub(start) & START_MASK;
-            micros * 1000 + now % 1000 > limit
-        });
+        let slow = self
+            .params
+            .slow_nanos
+            .is_some_and(|limit| call_nanos(start, now) > limit);
         if !counted {
             return self.complete_probe(generation, failed, slow);
         }
@@ -527,7 +566,7 @@ impl Shared {
         }
     }
 
-    fn open_duration(&self, reopens: u32) -> Duration {
+    fn open_duration(&self, reopens: u32, rng: &mut Option<StdRng>) -> Duration {
         let p = &self.params;
         let max = p.max_open_duration.as_secs_f64();
         let base = p.open_duration.as_secs_f64()
@@ -535,21 +574,28 @@ impl Shared {
                 .powi(i32::try_from(reopens.min(1024)).unwrap_or(1024));
         let mut secs = base.min(max);
         if p.jitter > 0.0 {
-            secs *= 1.0 + rand::rng().random_range(-p.jitter..=p.jitter);
+            let spread = match rng {
+                Some(rng) => rng.random_range(-p.jitter..=p.jitter),
+                None => rand::rng().random_range(-p.jitter..=p.jitter),
+            };
+            secs *= 1.0 + spread;
         }
         Duration::from_secs_f64(secs.clamp(0.0, max))
     }
 
     /// Moves from `(generation, from)` to `to`, if the breaker is still there.
     fn transition(&self, generation: u64, from: u8, to: u8, reason: TransitionReason) -> bool {
-        let mut reopens = self.reopens.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // `generation` may be a permit's truncated one.
         let (current, state) = split(self.word.load(Ordering::Acquire));
         if state != from || current & GEN_MASK != generation & GEN_MASK {
             return false;
         }
-        let open_for = self.enter(&mut reopens, current + 1, from, to);
-        drop(reopens);
+        let open_for = self.enter(&mut guard, current + 1, from, to);
+        drop(guard);
         self.emit(from, to, reason, open_for);
         true
     }
@@ -557,27 +603,30 @@ impl Shared {
     /// Sets the state from the control handle, whatever it was.
     pub(crate) fn force(&self, to: CircuitState) {
         let to = to.to_u8();
-        let mut reopens = self.reopens.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (generation, from) = split(self.word.load(Ordering::Acquire));
         if from == to && to != CLOSED {
             return;
         }
-        *reopens = 0;
-        let open_for = self.enter(&mut reopens, generation + 1, from, to);
-        drop(reopens);
+        guard.reopens = 0;
+        let open_for = self.enter(&mut guard, generation + 1, from, to);
+        drop(guard);
         self.emit(from, to, TransitionReason::Manual, open_for);
     }
 
     /// Sets up state `to` and publishes it. Called with the lock held.
-    fn enter(&self, reopens: &mut u32, generation: u64, from: u8, to: u8) -> Option<Duration> {
+    fn enter(&self, t: &mut Transitions, generation: u64, from: u8, to: u8) -> Option<Duration> {
         let now = self.now();
         let mut open_for = None;
         match to {
             OPEN => {
                 if from == HALF_OPEN {
-                    *reopens = reopens.saturating_add(1);
+                    t.reopens = t.reopens.saturating_add(1);
                 }
-                let d = self.open_duration(*reopens);
+                let d = self.open_duration(t.reopens, &mut t.rng);
                 let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
                 self.open_until
                     .store(now.saturating_add(nanos), Ordering::Release);
@@ -592,7 +641,7 @@ impl Shared {
                 self.half_open_deadline.store(deadline, Ordering::Release);
             }
             CLOSED => {
-                *reopens = 0;
+                t.reopens = 0;
                 self.reset_window();
             }
             METRICS_ONLY if from != CLOSED => self.reset_window(),
@@ -646,7 +695,7 @@ impl Shared {
         let now = self.now();
         let (_, state) = split(self.word.load(Ordering::Acquire));
         let t = self.totals(now);
-        let rate = |n: u64| (t.calls > 0).then(|| n as f64 * 100.0 / t.calls as f64);
+        let rate = |n: u64| (t.calls > 0).then(|| n as f64 / t.calls as f64);
         let since = self.since.load(Ordering::Acquire);
         let next_probe_in_ms = match state {
             OPEN => Some(
@@ -686,7 +735,8 @@ impl Shared {
 
 /// A serializable view of one breaker, for a `/health` endpoint.
 ///
-/// Rates are percentages of the calls in the window (`null` while the window is empty).
+/// Rates are fractions (0 to 1) of the calls in the window (`null` while the window is
+/// empty).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CircuitSnapshot {
@@ -694,9 +744,9 @@ pub struct CircuitSnapshot {
     pub name: String,
     /// Its state.
     pub state: CircuitState,
-    /// Failed calls in the window, in percent.
+    /// Failed calls in the window, as a fraction of the calls (0 to 1).
     pub failure_rate: Option<f64>,
-    /// Slow calls in the window, in percent.
+    /// Slow calls in the window, as a fraction of the calls (0 to 1).
     pub slow_call_rate: Option<f64>,
     /// Calls in the window (successes and failures; ignored outcomes are not counted).
     pub calls_in_window: u64,
@@ -786,5 +836,23 @@ impl CircuitBreakerHandle {
     /// Whether two handles control the same breaker.
     pub fn same_breaker(&self, other: &CircuitBreakerHandle) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clock_read_behind_the_start_is_not_a_slow_call() {
+        let start = 5_000_000u64; // µs
+        assert_eq!(call_nanos(start, 5_000_000_000 + 250), 250);
+        assert_eq!(call_nanos(start, 6_000_000_000), 1_000_000_000);
+        // read on a core whose counter is 3 µs behind the one that stamped the start
+        assert_eq!(call_nanos(start, 4_999_997_000), 0);
+        // the start wraps at 2^36 µs; a call across the wrap is still measured
+        let start = START_MASK - 1;
+        let now = (START_MASK + 1 + 9) * 1000;
+        assert_eq!(call_nanos(start, now), 11_000);
     }
 }

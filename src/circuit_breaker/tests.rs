@@ -40,7 +40,7 @@ fn slow(status: u16, delay: Duration) -> Call {
 type Svc = tower::util::BoxService<Request<Call>, Response<()>, BoxError>;
 
 /// A breaker around an upstream that counts its calls.
-fn guarded(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<AtomicUsize>) {
+fn guarded(builder: CircuitBreakerLayerBuilder) -> (Svc, CircuitBreakerHandle, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&calls);
     let upstream = service_fn(move |req: Request<Call>| {
@@ -62,12 +62,12 @@ fn guarded(builder: CircuitBreakerBuilder) -> (Svc, CircuitBreakerHandle, Arc<At
     )
 }
 
-fn base() -> CircuitBreakerBuilder {
+fn base() -> CircuitBreakerLayerBuilder {
     CircuitBreakerLayer::builder()
         .name("test")
         .count_window(10)
         .minimum_calls(5)
-        .failure_rate_threshold(50.0)
+        .failure_rate_threshold(0.5)
         .open_duration(Duration::from_secs(10))
         .max_open_duration(Duration::from_secs(60))
         .jitter(0.0)
@@ -118,7 +118,7 @@ async fn below_threshold_stays_closed_and_ignored_outcomes_do_not_count() {
     let snap = handle.snapshot();
     assert_eq!(snap.calls_in_window, 10);
     assert!(
-        (30.0..=40.0).contains(&snap.failure_rate.unwrap()),
+        (0.3..=0.4).contains(&snap.failure_rate.unwrap()),
         "{snap:?}"
     );
 }
@@ -170,7 +170,7 @@ async fn time_window_counts_only_recent_seconds() {
 async fn coarse_clock_time_window_trips_and_ignores_the_paused_clock() {
     let builder = base()
         .time_window(Duration::from_secs(10))
-        .slow_calls(Duration::from_secs(60), 100.0)
+        .slow_calls(Duration::from_secs(60), 1.0)
         .clock(crate::clock::ClockSource::Coarse);
     let (mut svc, handle, calls) = guarded(builder);
     for _ in 0..5 {
@@ -221,7 +221,7 @@ async fn time_window_of_ten_thousand_successes_then_failures_opens() {
 
 #[tokio::test(start_paused = true)]
 async fn slow_calls_trip_the_slow_rate() {
-    let builder = base().slow_calls(Duration::from_secs(2), 60.0);
+    let builder = base().slow_calls(Duration::from_secs(2), 0.6);
     let (mut svc, handle, _) = guarded(builder);
     for _ in 0..5 {
         send(&mut svc, slow(200, Duration::from_secs(1)))
@@ -363,6 +363,26 @@ async fn jitter_spreads_open_durations_within_bounds() {
     assert!(seen.len() > 1, "jitter must vary the open duration");
 }
 
+/// A seeded breaker repeats its open durations, jitter and all, as a seeded retry layer
+/// repeats its delays.
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_repeats_open_durations() {
+    async fn waits(seed: u64) -> Vec<Duration> {
+        let (mut svc, handle, _) = guarded(base().jitter(0.5).seed(seed));
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            trip(&mut svc).await;
+            waits.push(refused_after(send(&mut svc, OK).await));
+            handle.reset();
+        }
+        waits
+    }
+    let first = waits(7).await;
+    assert_eq!(first, waits(7).await);
+    assert_ne!(first, waits(8).await);
+    assert!(first.iter().any(|w| *w != first[0]), "{first:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_exactly_n_of_100_concurrent_callers() {
     let (mut svc, handle, calls) = guarded(base().half_open_probes(3));
@@ -413,27 +433,52 @@ fn futures_noop_waker() -> std::task::Waker {
 
 use std::future::Future;
 
+/// Non-streamed LLM calls can take longer than `max_wait_in_half_open` (30 s here, 60 s by
+/// default). Half-open used to time out while its probes were still running and discard
+/// their successes, so such an upstream never closed the breaker again.
 #[tokio::test(start_paused = true)]
-async fn half_open_times_out_back_to_open() {
+async fn half_open_does_not_time_out_while_its_probes_are_in_flight() {
     let (mut svc, handle, _) = guarded(base());
     trip(&mut svc).await;
     tokio::time::advance(Duration::from_secs(10)).await;
-    let hang = slow(200, Duration::from_secs(3600));
-    let p1 = svc.ready().await.unwrap().call(Request::new(hang));
-    let p2 = svc.ready().await.unwrap().call(Request::new(hang));
+    let long = slow(200, Duration::from_secs(90));
+    let p1 = svc.ready().await.unwrap().call(Request::new(long));
+    let p2 = svc.ready().await.unwrap().call(Request::new(long));
     assert_eq!(handle.state(), CircuitState::HalfOpen);
-    // refused while the probes decide, told to come back when half-open gives up at most
-    let wait = refused_after(send(&mut svc, OK).await);
-    assert_eq!(wait, Duration::from_secs(10));
+    let probes = tokio::spawn(async move { (p1.await.unwrap(), p2.await.unwrap()) });
+    // refused while the probes decide
+    assert_eq!(
+        refused_after(send(&mut svc, OK).await),
+        Duration::from_secs(10)
+    );
+    // past the maximum wait, the probes are still running: still half-open, still refusing
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert!(send(&mut svc, OK).await.is_err());
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    // the probes succeed after 90 s: the upstream is healthy again
     tokio::time::advance(Duration::from_secs(30)).await;
-    // the probes took too long: open again, for longer
+    let (r1, r2) = probes.await.unwrap();
+    assert_eq!((r1.status().as_u16(), r2.status().as_u16()), (200, 200));
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+}
+
+/// Half-open still gives up when its probes finished without deciding and no call came
+/// to finish the job within the maximum wait.
+#[tokio::test(start_paused = true)]
+async fn half_open_times_out_when_no_probe_is_in_flight() {
+    let (mut svc, handle, _) = guarded(base());
+    trip(&mut svc).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // one of two probes succeeds; the other slot is never used
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // open again, for longer
     assert_eq!(
         refused_after(send(&mut svc, OK).await),
         Duration::from_secs(20)
     );
-    assert_eq!(handle.state(), CircuitState::Open);
-    // the late probes' slots belong to a finished period and change nothing
-    drop((p1, p2));
     assert_eq!(handle.state(), CircuitState::Open);
 }
 
@@ -491,7 +536,7 @@ async fn forced_states() {
     assert_eq!(handle.state(), CircuitState::MetricsOnly);
     let snap = handle.snapshot();
     assert_eq!(snap.calls_in_window, 10);
-    assert_eq!(snap.failure_rate, Some(100.0));
+    assert_eq!(snap.failure_rate, Some(1.0));
 
     handle.reset();
     assert_eq!(handle.state(), CircuitState::Closed);
@@ -668,7 +713,7 @@ async fn registry_health_snapshot_json() {
     let b = &json["breakers"][0];
     assert_eq!(b["name"], "api.anthropic.com");
     assert_eq!(b["state"], "open");
-    assert_eq!(b["failure_rate"], 100.0);
+    assert_eq!(b["failure_rate"], 1.0);
     assert_eq!(b["calls_in_window"], 5);
     assert_eq!(b["in_state_for_ms"], 3000);
     assert_eq!(b["next_probe_in_ms"], 7000);

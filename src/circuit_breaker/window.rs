@@ -2,11 +2,14 @@
 //!
 //! - [`CountWindow`]: a ring of the last N outcomes (one byte each) and one packed
 //!   `AtomicU64` of totals (calls, failures, slow calls; 21 bits each). A call claims the
-//!   next slot with one compare-and-swap on the head, overwrites the slot, and touches the
-//!   totals only when the outcome differs from the one it replaces. A success into a full
-//!   window of successes changes nothing and costs one atomic load (the healthy steady
-//!   state). The window always slides: after 10,000 successes, 50 failures in a window of
-//!   100 are 50 %.
+//!   next slot with one compare-and-swap on the head, swaps its outcome into the slot, and
+//!   adds to the totals the difference from the outcome it actually replaced (a writer
+//!   lapped by another between claiming and writing accounts for what it found, so the
+//!   totals always equal the sum over the slots once writers finish). Each field carries a
+//!   bias of 2^19, so a count that is briefly below zero while writers race never borrows
+//!   from its neighbour. A success into a full window of successes changes nothing and
+//!   costs one atomic load (the healthy steady state). The window always slides: after
+//!   10,000 successes, 50 failures in a window of 100 are 50 %.
 //! - [`TimeWindow`]: a ring of per-second buckets, each one `AtomicU64` holding the
 //!   second it belongs to (22 bits) and its calls and failures (21 bits each); a second
 //!   ring holds slow calls. Recording is one compare-and-swap on the current bucket, which
@@ -48,11 +51,23 @@ const fn pack(outcome: u8) -> u64 {
     v
 }
 
+/// The bias of each packed field: half of the headroom above the largest window
+/// ([`MAX_COUNT_WINDOW`](super::config::MAX_COUNT_WINDOW) is 2^20 - 1), so a field moved
+/// briefly out of `[0, size]` by racing writers neither borrows from nor carries into its
+/// neighbour.
+const FIELD_BIAS: u64 = 1 << (BITS - 2);
+/// The totals word of an empty window.
+const EMPTY: u64 = FIELD_BIAS | (FIELD_BIAS << BITS) | (FIELD_BIAS << (2 * BITS));
+
+const fn field(v: u64, shift: u32) -> u64 {
+    ((v >> shift) & MASK).saturating_sub(FIELD_BIAS)
+}
+
 const fn unpack(v: u64) -> Totals {
     Totals {
-        calls: v & MASK,
-        failures: (v >> BITS) & MASK,
-        slow: (v >> (2 * BITS)) & MASK,
+        calls: field(v, 0),
+        failures: field(v, BITS),
+        slow: field(v, 2 * BITS),
     }
 }
 
@@ -67,14 +82,14 @@ pub(crate) struct CountWindow {
 }
 
 impl CountWindow {
-    /// A window of `size` calls (at most 2^21 - 1).
+    /// A window of `size` calls (at most 2^20 - 1).
     pub(crate) fn new(size: usize) -> Self {
-        debug_assert!(size > 0 && (size as u64) <= MASK);
+        debug_assert!(size > 0 && (size as u64) < 2 * FIELD_BIAS);
         Self {
             slots: (0..size).map(|_| AtomicU8::new(0)).collect(),
             head: AtomicUsize::new(0),
-            totals: AtomicU64::new(0),
-            full_of_successes: size as u64,
+            totals: AtomicU64::new(EMPTY),
+            full_of_successes: EMPTY + size as u64,
         }
     }
 
@@ -100,10 +115,15 @@ impl CountWindow {
                 Err(now) => i = now,
             }
         }
-        // The slot is ours for this lap: a plain load and store suffice.
-        let old = self.slots[i].load(Ordering::Relaxed);
+        // Another writer may lap this one and write the same slot before it does, so the
+        // change to the totals is measured against the outcome the swap actually replaced.
+        // (Writing nothing when the slot already holds `outcome` changes neither the slot
+        // nor the totals, so the cheap load first keeps them in step too.)
+        let mut old = self.slots[i].load(Ordering::Relaxed);
         if old != outcome {
-            self.slots[i].store(outcome, Ordering::Relaxed);
+            old = self.slots[i].swap(outcome, Ordering::AcqRel);
+        }
+        if old != outcome {
             let delta = pack(outcome).wrapping_sub(pack(old));
             let after = self
                 .totals
@@ -123,13 +143,25 @@ impl CountWindow {
         unpack(self.totals.load(Ordering::Acquire))
     }
 
-    /// Forgets every outcome.
+    /// Forgets every outcome. Each slot is emptied with a swap and its outcome taken off
+    /// the totals, so a writer racing the reset still leaves totals and slots in step.
     pub(crate) fn reset(&self) {
         for slot in self.slots.iter() {
-            slot.store(0, Ordering::Relaxed);
+            let old = slot.swap(0, Ordering::AcqRel);
+            if old != 0 {
+                self.totals.fetch_sub(pack(old), Ordering::AcqRel);
+            }
         }
         self.head.store(0, Ordering::Relaxed);
-        self.totals.store(0, Ordering::Release);
+    }
+
+    /// The totals recounted from the slots (for tests).
+    #[cfg(test)]
+    fn slot_totals(&self) -> Totals {
+        let sum = self.slots.iter().fold(EMPTY, |acc, slot| {
+            acc.wrapping_add(pack(slot.load(Ordering::Acquire)))
+        });
+        unpack(sum)
     }
 }
 
@@ -320,6 +352,71 @@ mod tests {
             assert_eq!(w.totals().failures, 0, "size {size}: slid out");
             assert_eq!(w.totals().calls, size as u64);
         }
+    }
+
+    /// Several threads record into one window at once; afterwards the totals must equal
+    /// what the slots hold. Before each writer accounted for the outcome it actually
+    /// replaced, a writer lapped between claiming a slot and writing it added its change on
+    /// top of the other's, leaving phantom failures that never aged out (and, in a window
+    /// of one, a packed count that wrapped).
+    #[test]
+    fn count_window_totals_match_the_slots_after_concurrent_writers() {
+        const THREADS: usize = 4;
+        const RECORDS: usize = 100_000;
+        for size in [1usize, 2, 3, 16, 100] {
+            let w = CountWindow::new(size);
+            std::thread::scope(|s| {
+                for t in 0..THREADS {
+                    let w = &w;
+                    s.spawn(move || {
+                        for i in 0..RECORDS {
+                            let outcome = match (i * 7 + t * 3) % 6 {
+                                0 => CALL | FAILED,
+                                1 => CALL | SLOW,
+                                2 => CALL | FAILED | SLOW,
+                                _ => CALL,
+                            };
+                            w.record(outcome);
+                        }
+                    });
+                }
+            });
+            let totals = w.totals();
+            assert_eq!(totals, w.slot_totals(), "size {size}");
+            assert_eq!(totals.calls, size as u64, "size {size}");
+            assert!(totals.failures <= totals.calls, "size {size}: {totals:?}");
+            assert!(totals.slow <= totals.calls, "size {size}: {totals:?}");
+            w.reset();
+            assert_eq!(w.totals(), Totals::default());
+            assert_eq!(w.slot_totals(), Totals::default());
+        }
+    }
+
+    /// A reset that races writers leaves the totals equal to the slots.
+    #[test]
+    fn count_window_reset_racing_writers_keeps_totals_in_step() {
+        let w = CountWindow::new(8);
+        std::thread::scope(|s| {
+            for t in 0..3 {
+                let w = &w;
+                s.spawn(move || {
+                    for i in 0..50_000 {
+                        w.record(if (i + t) % 3 == 0 {
+                            CALL | FAILED
+                        } else {
+                            CALL
+                        });
+                    }
+                });
+            }
+            let w = &w;
+            s.spawn(move || {
+                for _ in 0..2_000 {
+                    w.reset();
+                }
+            });
+        });
+        assert_eq!(w.totals(), w.slot_totals());
     }
 
     #[test]

@@ -12,11 +12,13 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::json_scan::{ScanState, TopLevelScan};
 use super::layer::Shared;
 use super::pricing::Money;
 use super::record::{Attribution, Completion, UsageRecord};
 use super::sse::SseParser;
 use super::usage::{Usage, UsageExtractor};
+use serde_json::Value;
 
 /// What the request told us, carried until the record is written.
 #[derive(Debug)]
@@ -32,11 +34,22 @@ pub(crate) struct RequestMeta {
 #[derive(Debug)]
 enum Scan {
     Sse(SseParser),
-    Json { chunks: Vec<Bytes>, len: usize },
-    Oversize,
+    Json {
+        chunks: Vec<Bytes>,
+        len: usize,
+    },
+    /// A JSON body larger than `max_json_body`: read by its top-level members only.
+    Large(Box<TopLevelScan>),
 }
 
-/// The metering state of one response: fed every data frame, finished exactly once.
+/// The top-level members of a large JSON body that carry its usage.
+const LARGE_KEYS: &[&str] = &["type", "object", "model", "usage", "error", "status"];
+/// The largest top-level member kept from a large JSON body.
+const LARGE_MAX_VALUE: usize = 64 * 1024;
+
+/// The metering state of one response: fed every data frame, finished exactly once. A
+/// meter dropped before it is finished (the client went away, the future was dropped
+/// while buffering) writes its record, marked partial, as it goes.
 #[derive(Debug)]
 pub(crate) struct Meter {
     shared: Arc<Shared>,
@@ -45,6 +58,9 @@ pub(crate) struct Meter {
     status: u16,
     scan: Scan,
     extractor: UsageExtractor,
+    /// The whole body was read and parsed (for cost headers): its usage is final.
+    settled: bool,
+    written: bool,
 }
 
 /// What a finished meter reports back (for the SSE comment and cost headers).
@@ -52,6 +68,10 @@ pub(crate) struct Meter {
 pub(crate) struct Outcome {
     pub(crate) usage: Usage,
     pub(crate) cost: Option<Money>,
+    /// Whether the response reported usage (no usage: no cost headers).
+    pub(crate) saw_usage: bool,
+    /// Whether the response was recognised as an LLM API response at all.
+    pub(crate) recognised: bool,
 }
 
 impl Meter {
@@ -72,6 +92,8 @@ impl Meter {
             status,
             scan,
             extractor: UsageExtractor::new(),
+            settled: false,
+            written: false,
         }
     }
 
@@ -79,10 +101,14 @@ impl Meter {
         matches!(self.scan, Scan::Sse(_))
     }
 
-    pub(crate) fn at_line_start(&self) -> bool {
+    /// Whether a line appended now would stand on its own without completing an event
+    /// the upstream left unfinished: `None` when an event is pending (nothing may be
+    /// appended), `Some(true)` when a newline must come first.
+    pub(crate) fn append_point(&self) -> Option<bool> {
         match &self.scan {
-            Scan::Sse(p) => p.at_line_start(),
-            _ => true,
+            Scan::Sse(p) if p.event_pending() => None,
+            Scan::Sse(p) => Some(!p.at_line_start()),
+            _ => Some(false),
         }
     }
 
@@ -96,35 +122,61 @@ impl Meter {
             }
             Scan::Json { chunks, len } => {
                 if *len + data.len() > self.shared.max_json_body {
+                    // Too large to hold: read on by the top-level members, where both
+                    // providers put the usage (at the end), in bounded memory.
                     self.shared.stats.add_oversize_body();
-                    tracing::warn!(target: "palisade::cost", route = %self.meta.route,
-                        limit = self.shared.max_json_body, "JSON body too large to scan for usage");
-                    self.scan = Scan::Oversize;
+                    tracing::debug!(target: "palisade::cost", route = %self.meta.route,
+                        limit = self.shared.max_json_body,
+                        "large JSON body: reading its top-level usage as it passes");
+                    let mut scan = Box::new(TopLevelScan::new(LARGE_KEYS, LARGE_MAX_VALUE));
+                    chunks.iter().for_each(|c| scan.feed(c));
+                    scan.feed(data);
+                    self.scan = Scan::Large(scan);
                 } else if !data.is_empty() {
                     *len += data.len();
                     chunks.push(data.clone());
                 }
             }
-            Scan::Oversize => {}
+            Scan::Large(scan) => scan.feed(data),
         }
     }
 
-    /// Parses a buffered JSON body now (used before sending cost headers).
+    /// Parses a JSON body read to its end now (used before sending cost headers).
     pub(crate) fn settle(&mut self) -> Outcome {
-        if let Scan::Json { chunks, len } = &mut self.scan {
-            match chunks.len() {
-                0 => {}
-                1 => self.extractor.feed_json(&chunks[0]),
-                _ => {
-                    let mut all = Vec::with_capacity(*len);
-                    chunks.iter().for_each(|c| all.extend_from_slice(c));
-                    self.extractor.feed_json(&all);
+        self.settled = true;
+        match &mut self.scan {
+            Scan::Json { chunks, len } => {
+                match chunks.len() {
+                    0 => {}
+                    1 => self.extractor.feed_json(&chunks[0]),
+                    _ => {
+                        let mut all = Vec::with_capacity(*len);
+                        chunks.iter().for_each(|c| all.extend_from_slice(c));
+                        self.extractor.feed_json(&all);
+                    }
                 }
+                self.scan = Scan::Json {
+                    chunks: Vec::new(),
+                    len: 0,
+                };
             }
-            self.scan = Scan::Json {
-                chunks: Vec::new(),
-                len: 0,
-            };
+            Scan::Large(scan) => {
+                let mut doc = serde_json::Map::new();
+                for (i, key) in LARGE_KEYS.iter().enumerate() {
+                    if let Some(v) = scan
+                        .value(i)
+                        .and_then(|raw| serde_json::from_slice::<Value>(raw).ok())
+                    {
+                        doc.insert((*key).to_owned(), v);
+                    }
+                }
+                let complete = scan.state() == ScanState::Closed;
+                if !doc.is_empty() {
+                    self.extractor.feed_value(&Value::Object(doc), complete);
+                }
+                self.scan = Scan::Large(Box::new(TopLevelScan::new(&[], 0)));
+            }
+            Scan::Sse(_) => {}
         }
         self.outcome().0
     }
@@ -133,17 +185,32 @@ impl Meter {
     /// when no usage was reported at all (an OpenAI stream abandoned before its final
     /// usage chunk): unknown is not free.
     fn outcome(&self) -> (Outcome, Option<&str>) {
-        let model = self.extractor.model();
-        let usage = *self.extractor.usage();
+        let x = &self.extractor;
+        let model = x.model();
+        let usage = *x.usage();
         let cost = model
-            .filter(|_| self.extractor.saw_usage())
+            .filter(|_| x.saw_usage())
             .and_then(|m| self.shared.prices.cost(m, &usage));
-        (Outcome { usage, cost }, model)
+        let outcome = Outcome {
+            usage,
+            cost,
+            saw_usage: x.saw_usage(),
+            recognised: x.saw_usage() || model.is_some() || x.format().is_some(),
+        };
+        (outcome, model)
     }
 
-    /// Writes the record. `complete` is whether the body reached its end.
-    pub(crate) fn finish(mut self, complete: bool) -> Outcome {
-        if complete {
+    /// Writes the record. `ended` is whether the body reached its end.
+    pub(crate) fn finish(mut self, ended: bool) -> Outcome {
+        self.write(ended)
+    }
+
+    fn write(&mut self, ended: bool) -> Outcome {
+        self.written = true;
+        // A body read whole before its head was sent ended upstream, whatever the client
+        // does with it afterwards.
+        let ended = ended || self.settled;
+        if ended {
             self.settle();
         }
         let stats = &self.shared.stats;
@@ -154,19 +221,27 @@ impl Meter {
         let (outcome, model) = self.outcome();
         let model = model.map(str::to_owned);
         let upstream_error = self.extractor.upstream_error().map(|e| e.kind.clone());
-        let completion = if upstream_error.is_some() {
+        let completion = if upstream_error.is_some() || self.status >= 400 {
             Completion::UpstreamError
-        } else if complete {
-            Completion::Complete
-        } else {
+        } else if !ended || (outcome.recognised && !self.extractor.finished()) {
+            // Gone early, or the body ended without the end its format promises
+            // (`message_stop`, `[DONE]`, `response.completed`, a whole JSON document).
             Completion::Partial
+        } else {
+            Completion::Complete
         };
-        let worth_recording =
-            self.extractor.saw_usage() || model.is_some() || completion != Completion::Complete;
+        // A response that is not an LLM API's (another route behind the same layer) is
+        // recorded only when it failed in a way a dashboard must see (5xx, 429), or when it
+        // was cut short before it could be told apart.
+        let worth_recording = outcome.recognised
+            || upstream_error.is_some()
+            || self.status >= 500
+            || self.status == 429
+            || !ended;
         if !worth_recording {
             return outcome;
         }
-        if completion == Completion::Complete && model.is_some() && !self.extractor.saw_usage() {
+        if completion == Completion::Complete && model.is_some() && !outcome.saw_usage {
             stats.add_missing_usage();
             tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or_default(),
                 route = %self.meta.route,
@@ -180,42 +255,53 @@ impl Meter {
             tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or("<none>"),
                 route = %self.meta.route, "no price for model: usage recorded with cost None");
         }
-        let mut attribution = std::mem::take(&mut self.meta.attribution);
-        if attribution.user.is_none() {
-            attribution.user = self
-                .meta
-                .body_user
-                .as_ref()
-                .and_then(|slot| slot.get().cloned());
-        }
-        let record = UsageRecord {
-            time: self.meta.time,
-            request_id: self.meta.request_id.take(),
-            attribution,
-            route: std::mem::take(&mut self.meta.route),
-            model,
-            usage: outcome.usage,
-            cost: outcome.cost,
-            duration: self.meta.start.elapsed(),
-            time_to_headers: self.time_to_headers,
-            status: self.status,
-            stream: self.is_stream(),
-            completion,
-            upstream_error,
-        };
+        let mut record = self.meta.record(&self.shared, self.status, completion);
+        record.model = model;
+        record.usage = outcome.usage;
+        record.cost = outcome.cost;
+        record.time_to_headers = self.time_to_headers;
+        record.stream = self.is_stream();
+        record.upstream_error = upstream_error;
         self.shared.recorder.record(record);
         outcome
     }
 }
 
-/// Writes a partial record if the body is dropped before its end.
-#[derive(Debug)]
-struct Guard(Option<Meter>);
-
-impl Drop for Guard {
+impl Drop for Meter {
     fn drop(&mut self) {
-        if let Some(meter) = self.0.take() {
-            meter.finish(false);
+        if !self.written {
+            self.write(false);
+        }
+    }
+}
+
+impl RequestMeta {
+    /// A record of this request with no usage yet: who, where, when and how it ended.
+    pub(crate) fn record(
+        &mut self,
+        shared: &Shared,
+        status: u16,
+        completion: Completion,
+    ) -> UsageRecord {
+        let mut attribution = std::mem::take(&mut self.attribution);
+        if attribution.user.is_none() && shared.user_from_body {
+            attribution.user = self.body_user.as_ref().and_then(|slot| slot.get().cloned());
+        }
+        let duration = self.start.elapsed();
+        UsageRecord {
+            time: self.time,
+            request_id: self.request_id.take(),
+            attribution,
+            route: std::mem::take(&mut self.route),
+            model: None,
+            usage: Usage::default(),
+            cost: None,
+            duration,
+            time_to_headers: duration,
+            status,
+            stream: false,
+            completion,
+            upstream_error: None,
         }
     }
 }
@@ -292,14 +378,14 @@ pin_project! {
         trailers: Option<HeaderMap>,
         inner_done: bool,
         comment: bool,
-        meter: Guard,
+        meter: Option<Meter>,
     }
 }
 
 impl<B: Body> std::fmt::Debug for MeteredBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeteredBody")
-            .field("metered", &self.meter.0.is_some())
+            .field("metered", &self.meter.is_some())
             .field("inner_done", &self.inner_done)
             .finish_non_exhaustive()
     }
@@ -320,7 +406,7 @@ impl<B: Body> MeteredBody<B> {
             trailers: None,
             inner_done: false,
             comment,
-            meter: Guard(meter),
+            meter,
         }
     }
 
@@ -341,14 +427,14 @@ impl<B: Body> MeteredBody<B> {
             trailers,
             inner_done,
             comment: false,
-            meter: Guard(Some(meter)),
+            meter: Some(meter),
         }
     }
 
     /// Whether this body is metered (it is not for responses that are neither JSON nor
     /// SSE).
     pub fn is_metered(&self) -> bool {
-        self.meter.0.is_some()
+        self.meter.is_some()
     }
 }
 
@@ -377,7 +463,7 @@ where
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if let Some(err) = this.prefix_error.take() {
-            if let Some(m) = this.meter.0.take() {
+            if let Some(m) = this.meter.take() {
                 m.finish(false);
             }
             return Poll::Ready(Some(Err(err)));
@@ -389,7 +475,7 @@ where
             match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        if let Some(m) = this.meter.0.as_mut() {
+                        if let Some(m) = this.meter.as_mut() {
                             m.feed(&data);
                             if this.inner.is_end_stream() {
                                 *this.inner_done = true;
@@ -413,7 +499,7 @@ where
                 },
                 Some(Err(err)) => {
                     *this.inner_done = true;
-                    if let Some(m) = this.meter.0.take() {
+                    if let Some(m) = this.meter.take() {
                         m.finish(false);
                     }
                     return Poll::Ready(Some(Err(err)));
@@ -435,7 +521,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.meter.0.is_none()
+        self.meter.is_none()
             && self.prefix.is_empty()
             && self.prefix_error.is_none()
             && self.tail.is_none()
@@ -453,7 +539,7 @@ where
         };
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + prefix + tail);
-        let comment_pending = self.comment && self.meter.0.is_some();
+        let comment_pending = self.comment && self.meter.is_some();
         if let (Some(upper), false) = (inner.upper(), comment_pending) {
             hint.set_upper(upper + prefix + tail);
         }
@@ -461,13 +547,15 @@ where
     }
 }
 
-/// The body reached its end: write the record and queue the cost comment if asked for.
-fn end(meter: &mut Guard, tail: &mut Option<Bytes>, comment: bool) {
-    if let Some(m) = meter.0.take() {
+/// The body reached its end: write the record and queue the cost comment if asked for
+/// (only after a stream that reported something, and never where it would complete an
+/// event the upstream left unfinished).
+fn end(meter: &mut Option<Meter>, tail: &mut Option<Bytes>, comment: bool) {
+    if let Some(m) = meter.take() {
         let stream = m.is_stream();
-        let newline = !m.at_line_start();
+        let append = m.append_point();
         let outcome = m.finish(true);
-        if comment && stream {
+        if let (true, true, true, Some(newline)) = (comment, stream, outcome.recognised, append) {
             *tail = Some(cost_comment(&outcome, newline));
         }
     }

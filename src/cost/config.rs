@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use super::layer::CostMeterLayer;
 use super::pricing::{PriceError, PriceTable};
 use super::sink::{RecorderConfig, RecorderShutdown, UsageRecorder, UsageSink};
-use crate::config::Env;
+use crate::config::{Env, env_var};
+
+/// The prefix of the cost meter's environment variables.
+pub(crate) const ENV_PREFIX: &str = "PALISADE_COST";
 
 /// Settings of [`CostMeterLayer`].
 ///
@@ -22,7 +25,7 @@ use crate::config::Env;
 /// let mut env = Env::from_pairs([("PALISADE_COST_SSE_COMMENT", "true"), ("PALISADE_COST_BOT_HEADER", "none")]);
 /// let cfg = CostConfig::from_env(&mut env);
 /// env.finish().unwrap();
-/// assert!(cfg.sse_cost_comment);
+/// assert!(cfg.sse_comment);
 /// assert_eq!(cfg.bot_header, None);
 /// let (layer, shutdown) = cfg.spawn(MemorySink::new()).unwrap();
 /// # drop(layer);
@@ -33,7 +36,9 @@ use crate::config::Env;
 #[serde(default)]
 #[non_exhaustive]
 pub struct CostConfig {
-    /// Header naming the user (`None`: not read).
+    /// Header naming the user (default `None`: not read). Client-supplied: set it only
+    /// behind a trusted proxy that sets it; a [`Principal`](super::Principal) extension
+    /// comes first.
     pub user_header: Option<String>,
     /// Header naming the bot.
     pub bot_header: Option<String>,
@@ -46,12 +51,16 @@ pub struct CostConfig {
     /// Take the user from the request body's `metadata.user_id` (with
     /// [`BodyUserIdLayer`](super::BodyUserIdLayer)).
     pub user_from_body: bool,
-    /// Add cost headers to small non-streamed JSON responses.
-    pub cost_headers: bool,
+    /// Add cost headers (`x-palisade-cost-usd` and token counts) to small non-streamed
+    /// JSON responses that reported usage.
+    #[serde(alias = "cost_headers")]
+    pub headers: bool,
     /// The largest `content-length` read whole for cost headers.
-    pub cost_headers_max_body: u64,
+    #[serde(alias = "cost_headers_max_body")]
+    pub headers_max_body: u64,
     /// Append a `: palisade-cost …` comment at the end of event streams.
-    pub sse_cost_comment: bool,
+    #[serde(alias = "sse_cost_comment")]
+    pub sse_comment: bool,
     /// The largest JSON body scanned for usage.
     pub max_json_body: usize,
     /// The longest SSE line kept.
@@ -67,15 +76,15 @@ pub struct CostConfig {
 impl Default for CostConfig {
     fn default() -> Self {
         Self {
-            user_header: Some("x-user-id".to_owned()),
+            user_header: None,
             bot_header: Some("x-bot-id".to_owned()),
             conversation_header: Some("x-conversation-id".to_owned()),
             request_id_header: Some("x-request-id".to_owned()),
             hash_api_key: true,
             user_from_body: false,
-            cost_headers: false,
-            cost_headers_max_body: 256 * 1024,
-            sse_cost_comment: false,
+            headers: false,
+            headers_max_body: 256 * 1024,
+            sse_comment: false,
             max_json_body: 1 << 20,
             max_sse_line: super::sse::DEFAULT_MAX_LINE,
             builtin_prices: true,
@@ -111,6 +120,24 @@ pub enum CostConfigError {
     /// The price file is not a valid price map.
     #[error("invalid price map: {0}")]
     Prices(#[from] PriceError),
+    /// [`CostMeterLayerBuilder::build`](super::CostMeterLayerBuilder::build) was called
+    /// without a recorder.
+    #[error("no usage recorder: call `.recorder(…)` (see `UsageRecorder::spawn`)")]
+    MissingRecorder,
+}
+
+impl CostConfigError {
+    /// The configuration field the mistake is in (its serde path, as
+    /// [`env_var`] names it).
+    pub fn field(&self) -> &'static str {
+        match self {
+            CostConfigError::InvalidHeaderName { field, .. } | CostConfigError::Zero(field) => {
+                field
+            }
+            CostConfigError::PricesFile { .. } | CostConfigError::Prices(_) => "prices_file",
+            CostConfigError::MissingRecorder => "recorder",
+        }
+    }
 }
 
 fn header(field: &'static str, v: &Option<String>) -> Result<Option<HeaderName>, CostConfigError> {
@@ -137,14 +164,39 @@ fn header_env(env: &mut Env, name: &str, default: Option<String>) -> Option<Stri
 }
 
 impl CostConfig {
-    /// Reads `PALISADE_COST_USER_HEADER`, `_BOT_HEADER`, `_CONVERSATION_HEADER`,
-    /// `_REQUEST_ID_HEADER` (a name, or `none`), `_HASH_API_KEY`, `_USER_FROM_BODY`,
-    /// `_COST_HEADERS`, `_COST_HEADERS_MAX_BODY`, `_SSE_COMMENT`, `_MAX_JSON_BODY`,
-    /// `_MAX_SSE_LINE`, `_BUILTIN_PRICES`, `_PRICES_FILE`, `_QUEUE_CAPACITY`,
-    /// `_BATCH_SIZE`, `_SINK_RETRIES` and `_SINK_RETRY_BACKOFF`, recording problems in
-    /// `env`.
+    /// Reads the `PALISADE_COST_*` variables, recording every problem in `env`. Each
+    /// variable is named after its field through [`env_var`]: `PALISADE_COST_USER_HEADER`,
+    /// `_BOT_HEADER`, `_CONVERSATION_HEADER`, `_REQUEST_ID_HEADER` (a header name, or
+    /// `none`), `_HASH_API_KEY`, `_USER_FROM_BODY`, `_HEADERS`, `_HEADERS_MAX_BODY`,
+    /// `_SSE_COMMENT`, `_MAX_JSON_BODY`, `_MAX_SSE_LINE`, `_BUILTIN_PRICES`,
+    /// `_PRICES_FILE`, `_QUEUE_CAPACITY`, `_QUEUE_MAX_BATCH`, `_QUEUE_RETRIES` and
+    /// `_QUEUE_RETRY_BACKOFF` (`100ms`, `2s`).
+    ///
+    /// A variable set under its former name (`PALISADE_COST_COST_HEADERS`,
+    /// `PALISADE_COST_BATCH_SIZE`, …) is reported as a problem naming the new one, so a
+    /// setting is never silently ignored.
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
+        let var = |field: &str| env_var(ENV_PREFIX, field);
+        for (old, field) in [
+            ("PALISADE_COST_COST_HEADERS", "headers"),
+            ("PALISADE_COST_COST_HEADERS_MAX_BODY", "headers_max_body"),
+            ("PALISADE_COST_BATCH_SIZE", "queue.max_batch"),
+            ("PALISADE_COST_SINK_RETRIES", "queue.retries"),
+            ("PALISADE_COST_SINK_RETRY_BACKOFF", "queue.retry_backoff"),
+        ] {
+            if let Some(value) = env.raw(old).map(str::to_owned) {
+                let new = var(field);
+                env.problem(
+                    old,
+                    crate::config::ProblemKind::Invalid {
+                        value,
+                        reason: format!("renamed to {new}"),
+                    },
+                    &format!("unset, and set {new}"),
+                );
+            }
+        }
         let positive = |s: &str| -> Result<usize, String> {
             match s.trim().parse::<usize>() {
                 Ok(0) => Err("must be greater than 0".to_owned()),
@@ -153,59 +205,51 @@ impl CostConfig {
             }
         };
         Self {
-            user_header: header_env(env, "PALISADE_COST_USER_HEADER", d.user_header),
-            bot_header: header_env(env, "PALISADE_COST_BOT_HEADER", d.bot_header),
+            user_header: header_env(env, &var("user_header"), d.user_header),
+            bot_header: header_env(env, &var("bot_header"), d.bot_header),
             conversation_header: header_env(
                 env,
-                "PALISADE_COST_CONVERSATION_HEADER",
+                &var("conversation_header"),
                 d.conversation_header,
             ),
-            request_id_header: header_env(
-                env,
-                "PALISADE_COST_REQUEST_ID_HEADER",
-                d.request_id_header,
-            ),
-            hash_api_key: env.optional("PALISADE_COST_HASH_API_KEY", d.hash_api_key, "true"),
-            user_from_body: env.optional("PALISADE_COST_USER_FROM_BODY", d.user_from_body, "true"),
-            cost_headers: env.optional("PALISADE_COST_COST_HEADERS", d.cost_headers, "true"),
-            cost_headers_max_body: env.optional(
-                "PALISADE_COST_COST_HEADERS_MAX_BODY",
-                d.cost_headers_max_body,
-                "262144",
-            ),
-            sse_cost_comment: env.optional("PALISADE_COST_SSE_COMMENT", d.sse_cost_comment, "true"),
+            request_id_header: header_env(env, &var("request_id_header"), d.request_id_header),
+            hash_api_key: env.optional(&var("hash_api_key"), d.hash_api_key, "true"),
+            user_from_body: env.optional(&var("user_from_body"), d.user_from_body, "true"),
+            headers: env.optional(&var("headers"), d.headers, "true"),
+            headers_max_body: env.optional(&var("headers_max_body"), d.headers_max_body, "262144"),
+            sse_comment: env.optional(&var("sse_comment"), d.sse_comment, "true"),
             max_json_body: env.optional_with(
-                "PALISADE_COST_MAX_JSON_BODY",
+                &var("max_json_body"),
                 d.max_json_body,
                 "1048576",
                 positive,
             ),
             max_sse_line: env.optional_with(
-                "PALISADE_COST_MAX_SSE_LINE",
+                &var("max_sse_line"),
                 d.max_sse_line,
                 "1048576",
                 positive,
             ),
-            builtin_prices: env.optional("PALISADE_COST_BUILTIN_PRICES", d.builtin_prices, "true"),
+            builtin_prices: env.optional(&var("builtin_prices"), d.builtin_prices, "true"),
             prices_file: env
-                .raw("PALISADE_COST_PRICES_FILE")
+                .raw(&var("prices_file"))
                 .map(|p| PathBuf::from(p.trim())),
             queue: RecorderConfig {
                 capacity: env.optional_with(
-                    "PALISADE_COST_QUEUE_CAPACITY",
+                    &var("queue.capacity"),
                     d.queue.capacity,
                     "10000",
                     positive,
                 ),
                 max_batch: env.optional_with(
-                    "PALISADE_COST_BATCH_SIZE",
+                    &var("queue.max_batch"),
                     d.queue.max_batch,
                     "256",
                     positive,
                 ),
-                retries: env.optional("PALISADE_COST_SINK_RETRIES", d.queue.retries, "3"),
+                retries: env.optional(&var("queue.retries"), d.queue.retries, "3"),
                 retry_backoff: env.duration(
-                    "PALISADE_COST_SINK_RETRY_BACKOFF",
+                    &var("queue.retry_backoff"),
                     d.queue.retry_backoff,
                     "100ms",
                 ),
@@ -253,7 +297,7 @@ impl CostConfig {
         Ok((self.assemble(checked, recorder), shutdown))
     }
 
-    fn check(&self) -> Result<Checked, CostConfigError> {
+    pub(crate) fn check(&self) -> Result<Checked, CostConfigError> {
         for (field, v) in [
             ("max_json_body", self.max_json_body),
             ("max_sse_line", self.max_sse_line),
@@ -273,7 +317,7 @@ impl CostConfig {
         })
     }
 
-    fn assemble(&self, c: Checked, recorder: UsageRecorder) -> CostMeterLayer {
+    pub(crate) fn assemble(&self, c: Checked, recorder: UsageRecorder) -> CostMeterLayer {
         CostMeterLayer::new(c.prices, recorder)
             .user_header(c.user)
             .bot_header(c.bot)
@@ -281,19 +325,19 @@ impl CostConfig {
             .request_id_header(c.request_id)
             .hash_api_key(self.hash_api_key)
             .user_from_body(self.user_from_body)
-            .cost_headers(self.cost_headers.then_some(self.cost_headers_max_body))
-            .sse_cost_comment(self.sse_cost_comment)
+            .cost_headers(self.headers.then_some(self.headers_max_body))
+            .sse_cost_comment(self.sse_comment)
             .max_json_body(self.max_json_body)
             .max_sse_line(self.max_sse_line)
     }
 }
 
-struct Checked {
+pub(crate) struct Checked {
     user: Option<HeaderName>,
     bot: Option<HeaderName>,
     conversation: Option<HeaderName>,
     request_id: Option<HeaderName>,
-    prices: Arc<PriceTable>,
+    pub(crate) prices: Arc<PriceTable>,
 }
 
 #[cfg(test)]
@@ -306,11 +350,16 @@ mod tests {
             ("PALISADE_COST_USER_HEADER", "bad header"),
             ("PALISADE_COST_MAX_JSON_BODY", "0"),
             ("PALISADE_COST_SSE_COMMENT", "maybe"),
-            ("PALISADE_COST_SINK_RETRY_BACKOFF", "soon"),
+            ("PALISADE_COST_QUEUE_RETRY_BACKOFF", "soon"),
+            ("PALISADE_COST_BATCH_SIZE", "5"),
         ]);
         let _ = CostConfig::from_env(&mut env);
         let err = env.finish().unwrap_err();
-        assert_eq!(err.problems().len(), 4, "{err}");
+        assert_eq!(err.problems().len(), 5, "{err}");
+        assert!(
+            err.to_string()
+                .contains("renamed to PALISADE_COST_QUEUE_MAX_BATCH")
+        );
     }
 
     #[test]
@@ -318,16 +367,18 @@ mod tests {
         let mut env = Env::from_pairs([
             ("PALISADE_COST_USER_HEADER", "X-End-User"),
             ("PALISADE_COST_CONVERSATION_HEADER", "none"),
-            ("PALISADE_COST_COST_HEADERS", "true"),
+            ("PALISADE_COST_HEADERS", "true"),
+            ("PALISADE_COST_QUEUE_MAX_BATCH", "7"),
             ("PALISADE_COST_QUEUE_CAPACITY", "5"),
-            ("PALISADE_COST_SINK_RETRY_BACKOFF", "1s"),
+            ("PALISADE_COST_QUEUE_RETRY_BACKOFF", "1s"),
             ("PALISADE_COST_PRICES_FILE", "/tmp/prices.json"),
         ]);
         let cfg = CostConfig::from_env(&mut env);
         env.finish().unwrap();
         assert_eq!(cfg.user_header.as_deref(), Some("x-end-user"));
         assert_eq!(cfg.conversation_header, None);
-        assert!(cfg.cost_headers);
+        assert!(cfg.headers);
+        assert_eq!(cfg.queue.max_batch, 7);
         assert_eq!(cfg.queue.capacity, 5);
         assert_eq!(cfg.queue.retry_backoff, std::time::Duration::from_secs(1));
         assert_eq!(cfg.prices_file, Some(PathBuf::from("/tmp/prices.json")));
@@ -336,13 +387,13 @@ mod tests {
     #[test]
     fn serde_round_trip_and_defaults() {
         let cfg: CostConfig = toml::from_str(
-            "sse_cost_comment = true\n[queue]\ncapacity = 10\nretry_backoff = \"250ms\"\n",
+            "sse_comment = true\n[queue]\ncapacity = 10\nretry_backoff = \"250ms\"\n",
         )
         .unwrap();
-        assert!(cfg.sse_cost_comment);
+        assert!(cfg.sse_comment);
         assert_eq!(cfg.queue.capacity, 10);
         assert_eq!(cfg.queue.max_batch, 256);
-        assert_eq!(cfg.user_header.as_deref(), Some("x-user-id"));
+        assert_eq!(cfg.user_header, None, "user header attribution is opt-in");
         let back: CostConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);
     }

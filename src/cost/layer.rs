@@ -1,24 +1,23 @@
-//! [`CostMeterLayer`], the [`CostMeter`] service and its response future.
+//! [`CostMeterLayer`] and the [`CostMeter`] service.
 
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body::Body;
-use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::body::{Meter, MeteredBody, Outcome, RequestMeta};
+use super::body::{MeteredBody, RequestMeta};
+pub use super::future::ResponseFuture;
 use super::pricing::PriceTable;
 use super::record::Attribution;
 use super::sink::{CostStats, UsageRecorder};
 use crate::key::ApiKeyId;
+use crate::key::Principal;
 
 /// Response header with the cost in dollars (`0.054399`, or `unknown`).
 pub const X_PALISADE_COST_USD: HeaderName = HeaderName::from_static("x-palisade-cost-usd");
@@ -75,8 +74,9 @@ pub struct CostMeterLayer {
 
 impl CostMeterLayer {
     /// A layer pricing with `prices` and recording into `recorder`, with the default
-    /// options (ids from `x-user-id`, `x-bot-id`, `x-conversation-id`, `x-request-id`; API
-    /// keys hashed; no cost headers or comment).
+    /// options: the user from a [`Principal`] or [`Attribution`] extension only (no user
+    /// header), bot and conversation labels from `x-bot-id` and `x-conversation-id`, the
+    /// request id from `x-request-id`, API keys hashed, no cost headers or comment.
     pub fn new(prices: impl Into<Arc<PriceTable>>, recorder: UsageRecorder) -> Self {
         let stats = Arc::clone(recorder.stats());
         Self {
@@ -84,7 +84,7 @@ impl CostMeterLayer {
                 prices: prices.into(),
                 recorder,
                 stats,
-                user_header: Some(HeaderName::from_static("x-user-id")),
+                user_header: None,
                 bot_header: Some(HeaderName::from_static("x-bot-id")),
                 conversation_header: Some(HeaderName::from_static("x-conversation-id")),
                 request_id_header: Some(HeaderName::from_static("x-request-id")),
@@ -121,7 +121,10 @@ impl CostMeterLayer {
         self
     }
 
-    /// The header naming the user (`None`: do not read one).
+    /// The header naming the user (default `None`: not read). Such a header is written by
+    /// the client, so anyone could put their spend on another user: set it only when a
+    /// trusted proxy in front sets (and strips) it. A [`Principal`] or an
+    /// [`Attribution`] user in the request extensions comes first.
     pub fn user_header(self, name: Option<HeaderName>) -> Self {
         self.edit(|s| s.user_header = name)
     }
@@ -184,6 +187,11 @@ impl CostMeterLayer {
         self.edit(|s| s.max_sse_line = bytes.max(1))
     }
 
+    /// The price table.
+    pub fn prices(&self) -> &Arc<PriceTable> {
+        &self.shared.prices
+    }
+
     /// The counters (queue, sink, unknown models, oversize bodies).
     pub fn stats(&self) -> &Arc<CostStats> {
         &self.shared.stats
@@ -230,7 +238,7 @@ impl<S> CostMeter<S> {
     }
 }
 
-fn header_string(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<String> {
+pub(crate) fn header_string(headers: &HeaderMap, name: Option<&HeaderName>) -> Option<String> {
     let v = headers.get(name?)?.to_str().ok()?.trim();
     (!v.is_empty()).then(|| v.to_owned())
 }
@@ -256,7 +264,9 @@ where
             .get::<Attribution>()
             .cloned()
             .unwrap_or_default();
-        if attribution.user.is_none() {
+        if let Some(principal) = req.extensions().get::<Principal>() {
+            attribution.user = Some(principal.id().to_owned());
+        } else if attribution.user.is_none() {
             attribution.user = header_string(headers, s.user_header.as_ref());
         }
         if attribution.bot.is_none() {
@@ -282,210 +292,6 @@ where
             request_id,
             body_user,
         };
-        ResponseFuture {
-            state: State::Waiting {
-                future: self.inner.call(req),
-            },
-            shared: Arc::clone(&self.shared),
-            meta: Some(meta),
-        }
-    }
-}
-
-pin_project! {
-    #[project = StateProj]
-    enum State<F, B: Body> {
-        Waiting { #[pin] future: F },
-        Buffering {
-            parts: Option<http::response::Parts>,
-            body: Option<Pin<Box<B>>>,
-            chunks: Vec<Bytes>,
-            len: u64,
-            meter: Option<Meter>,
-        },
-        Done,
-    }
-}
-
-pin_project! {
-    /// The response future of [`CostMeter`].
-    pub struct ResponseFuture<F, B: Body> {
-        #[pin]
-        state: State<F, B>,
-        shared: Arc<Shared>,
-        meta: Option<RequestMeta>,
-    }
-}
-
-impl<F, B: Body> std::fmt::Debug for ResponseFuture<F, B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-fn is_content_type(headers: &HeaderMap, want: &str) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            let v = v.trim();
-            v.eq_ignore_ascii_case(want)
-                || (want == "application/json"
-                    && v.len() > 5
-                    && v[v.len() - 5..].eq_ignore_ascii_case("+json"))
-        })
-}
-
-fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
-    let u = &outcome.usage;
-    let cost = outcome.cost.map_or_else(
-        || "unknown".to_owned(),
-        super::pricing::Money::dollars_string,
-    );
-    if let Ok(v) = HeaderValue::try_from(cost) {
-        headers.insert(X_PALISADE_COST_USD, v);
-    }
-    headers.insert(X_PALISADE_INPUT_TOKENS, HeaderValue::from(u.input_tokens));
-    headers.insert(X_PALISADE_OUTPUT_TOKENS, HeaderValue::from(u.output_tokens));
-    headers.insert(
-        X_PALISADE_CACHE_WRITE_TOKENS,
-        HeaderValue::from(
-            u.cache_write_5m_tokens
-                .saturating_add(u.cache_write_1h_tokens),
-        ),
-    );
-    headers.insert(
-        X_PALISADE_CACHE_READ_TOKENS,
-        HeaderValue::from(u.cache_read_tokens),
-    );
-}
-
-impl<F, B, E> Future for ResponseFuture<F, B>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: Body<Data = Bytes>,
-{
-    type Output = Result<Response<MeteredBody<B>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.state.as_mut().project() {
-                StateProj::Waiting { future } => {
-                    let mut response = ready!(future.poll(cx))?;
-                    let Some(mut meta) = this.meta.take() else {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
-                    };
-                    let headers = response.headers();
-                    let stream = is_content_type(headers, "text/event-stream");
-                    let json = !stream && is_content_type(headers, "application/json");
-                    if !stream && !json {
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
-                    }
-                    let encoded = headers
-                        .get(http::header::CONTENT_ENCODING)
-                        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-                    if encoded {
-                        // Compressed bytes cannot be read for usage; meter before compression.
-                        this.shared.stats.add_encoded_body();
-                        tracing::warn!(target: "palisade::cost", route = %meta.route,
-                            "compressed response not metered: place CostMeterLayer inside compression");
-                        this.state.set(State::Done);
-                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
-                    }
-                    if meta.request_id.is_none() {
-                        meta.request_id =
-                            header_string(headers, Some(&HeaderName::from_static("request-id")))
-                                .or_else(|| {
-                                    header_string(headers, this.shared.request_id_header.as_ref())
-                                });
-                    }
-                    let status = response.status().as_u16();
-                    let meter = Meter::new(Arc::clone(this.shared), meta, status, stream);
-                    let s = &**this.shared;
-                    let small = response
-                        .body()
-                        .size_hint()
-                        .upper()
-                        .is_some_and(|n| n <= s.header_buffer);
-                    if json && s.cost_headers && small {
-                        let (parts, body) = response.into_parts();
-                        this.state.set(State::Buffering {
-                            parts: Some(parts),
-                            body: Some(Box::pin(body)),
-                            chunks: Vec::new(),
-                            len: 0,
-                            meter: Some(meter),
-                        });
-                        continue;
-                    }
-                    if stream && s.sse_comment {
-                        response.headers_mut().remove(CONTENT_LENGTH);
-                    }
-                    let comment = s.sse_comment;
-                    this.state.set(State::Done);
-                    return Poll::Ready(Ok(
-                        response.map(|b| MeteredBody::new(b, Some(meter), comment))
-                    ));
-                }
-                StateProj::Buffering {
-                    parts,
-                    body,
-                    chunks,
-                    len,
-                    meter,
-                } => {
-                    // Read the (small, bounded) body to its end so the cost can go in the head.
-                    let mut error = None;
-                    let mut trailers = None;
-                    let mut done = false;
-                    let pinned = body.as_mut().expect("body present while buffering");
-                    loop {
-                        match ready!(pinned.as_mut().poll_frame(cx)) {
-                            Some(Ok(frame)) => match frame.into_data() {
-                                Ok(data) => {
-                                    if let Some(m) = meter.as_mut() {
-                                        m.feed(&data);
-                                    }
-                                    *len += data.len() as u64;
-                                    chunks.push(data);
-                                    if *len > this.shared.header_buffer {
-                                        break; // the size hint lied: stream the rest
-                                    }
-                                }
-                                Err(frame) => {
-                                    trailers = frame.into_trailers().ok();
-                                    done = true;
-                                    break;
-                                }
-                            },
-                            Some(Err(e)) => {
-                                error = Some(e);
-                                break;
-                            }
-                            None => {
-                                done = true;
-                                break;
-                            }
-                        }
-                    }
-                    let mut meter = meter.take().expect("meter present while buffering");
-                    let mut parts = parts.take().expect("parts present while buffering");
-                    if done {
-                        let outcome = meter.settle();
-                        add_cost_headers(&mut parts.headers, &outcome);
-                    }
-                    let chunks = std::mem::take(chunks);
-                    let body = body.take().expect("body present while buffering");
-                    this.state.set(State::Done);
-                    let body = MeteredBody::buffered(body, chunks, error, trailers, done, meter);
-                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
-                }
-                StateProj::Done => panic!("ResponseFuture polled after completion"),
-            }
-        }
+        ResponseFuture::new(self.inner.call(req), Arc::clone(&self.shared), meta)
     }
 }

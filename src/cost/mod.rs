@@ -1,36 +1,71 @@
 //! Cost metering: exact token cost of JSON and streamed (SSE) LLM responses, attributed,
 //! recorded through a non-blocking queue, and summarised.
 //!
+//! ```
+//! # use bytes::Bytes; use http_body_util::{BodyExt, Full}; use tower::{Layer, ServiceExt, service_fn};
+//! use palisade::cost::{CostMeterLayer, MemorySink, RecorderConfig, UsageRecorder};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let (recorder, shutdown) = UsageRecorder::spawn(MemorySink::new(), RecorderConfig::default());
+//! let layer = CostMeterLayer::builder().recorder(recorder).headers(Some(64 * 1024)).build().unwrap();
+//! let upstream = service_fn(|_req: http::Request<Full<Bytes>>| async {
+//!     let body = r#"{"type":"message","model":"claude-opus-4-7","usage":{"input_tokens":6,"output_tokens":2745}}"#;
+//!     http::Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(body)))
+//! });
+//! let res = layer.layer(upstream).oneshot(http::Request::new(Full::new(Bytes::new()))).await.unwrap();
+//! assert_eq!(res.headers()["x-palisade-cost-usd"], "0.068655"); // 6 × $5 + 2,745 × $25 per MTok
+//! # drop(res.into_body().collect().await); shutdown.shutdown().await; }
+//! ```
+//!
 //! [`CostMeterLayer`] wraps a server (or an upstream client). For every response whose
 //! `content-type` is `application/json` or `text/event-stream` it reads the usage the
-//! upstream reports — Anthropic Messages or OpenAI chat completions, whole or streamed —
-//! **as the bytes pass, without changing one**, prices it in integer pico-dollars from a
-//! [`PriceTable`] (built in, or merged from a LiteLLM JSON map), and writes exactly one
-//! [`UsageRecord`] per response to a [`UsageRecorder`]: when the body ends, or, when the
-//! client goes away first, with the usage seen so far marked [`Completion::Partial`]
-//! (input tokens from `message_start` are never lost).
+//! upstream reports — Anthropic Messages, OpenAI chat completions or OpenAI Responses,
+//! whole or streamed — **as the bytes pass, without changing one**, prices it in integer
+//! pico-dollars from a [`PriceTable`] (built in, or merged from a LiteLLM JSON map), and
+//! writes exactly one [`UsageRecord`] per request that reached the upstream to a
+//! [`UsageRecorder`], with how it ended ([`Completion`]):
+//!
+//! - the body ended with its end marker (`message_stop`, `[DONE]`, `response.completed`,
+//!   a whole JSON document): complete;
+//! - the client went away, the body failed, or a stream closed without its end marker:
+//!   partial, with the usage seen so far (input tokens from `message_start` are never
+//!   lost);
+//! - an error status or an in-body error: an upstream error; no response at all (a
+//!   transport error, an open breaker's refusal raised as an error): failed; the request
+//!   dropped before its response head: cancelled. Summaries count errors apart from
+//!   unpriced models. A JSON response that is no LLM API's (another route behind the same
+//!   layer) is recorded only for a 5xx or 429, and gets no cost headers.
+//!
+//! More rules:
 //!
 //! - Anthropic's streamed `message_delta` usage is a running total: it replaces, never
-//!   adds. OpenAI's `prompt_tokens` includes cached tokens: input = prompt − cached.
+//!   adds, and keeps the 5-minute / 1-hour cache-write split of `message_start`. OpenAI's
+//!   `prompt_tokens` (Responses: `input_tokens`) includes cached tokens: input = prompt −
+//!   cached.
+//! - A JSON body larger than `max_json_body` is not held: it is read by its top-level
+//!   members as it passes, where both providers put the usage (at the end).
 //! - An unknown model is recorded with its tokens and `cost: None`, a warning and a
 //!   counter (`unknown_model` in [`CostStats`]) — never a silent 0.
-//! - Who pays: an [`Attribution`] from the request extensions, else the `x-user-id`,
-//!   `x-bot-id`, `x-conversation-id` headers and the hashed API key; optionally the
-//!   body's `metadata.user_id` with [`BodyUserIdLayer`].
+//! - Who pays: the authenticated [`Principal`] from the request extensions first, then an
+//!   [`Attribution`] extension, then (opt-in, as the client writes them) a user header
+//!   and the body's top-level `metadata.user_id` with [`BodyUserIdLayer`]; bot and
+//!   conversation labels from `x-bot-id` / `x-conversation-id`, and the hashed API key.
 //! - Compressed responses (`content-encoding` other than `identity`) pass unmetered and are
 //!   counted (`encoded_body`): put the meter inside any compression layer.
-//! - Showing the cost: `x-palisade-cost-usd` and token headers on small non-streamed JSON
-//!   responses (read whole before the head is sent, which is why it is limited to bodies
-//!   with a small `content-length`; HTTP trailers were rejected because most clients drop
-//!   them), and a final SSE comment `: palisade-cost usd=…` that SSE clients ignore.
+//! - Showing the cost, only on responses that reported usage: `x-palisade-cost-usd` and
+//!   token headers on small non-streamed JSON responses (read whole before the head is
+//!   sent, which is why it is limited to bodies with a small `content-length`; HTTP
+//!   trailers were rejected because most clients drop them), and a final SSE comment
+//!   `: palisade-cost usd=…` that SSE clients ignore (never appended where it would
+//!   complete an event the upstream left unfinished).
+//! - Money leaves the crate as an exact decimal string of dollars ([`Money`]'s serde).
 //!
-//! # Example
+//! # A whole example: attribution, records and summaries
 //!
 //! ```
 //! use std::sync::Arc;
 //! use bytes::Bytes;
 //! use http_body_util::{BodyExt, Full};
-//! use palisade::cost::{CostMeterLayer, MemorySink, PriceTable, RecorderConfig, Subject, UsageRecorder};
+//! use palisade::cost::{CostMeterLayer, MemorySink, PriceTable, Principal, RecorderConfig, Subject, UsageRecorder};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -47,8 +82,9 @@
 //!             .body(Full::new(Bytes::from(body))).unwrap())
 //! });
 //! let svc = ServiceBuilder::new().layer(layer).service(upstream);
-//! let req = http::Request::builder().uri("/v1/messages").header("x-user-id", "ann")
-//!     .body(Full::new(Bytes::new())).unwrap();
+//! let mut req = http::Request::builder().uri("/v1/messages").body(Full::new(Bytes::new())).unwrap();
+//! req.extensions_mut().insert(Principal::new("ann")); // set by your authentication
+
 //! let res = svc.oneshot(req).await.unwrap();
 //! assert_eq!(res.headers()["x-palisade-cost-usd"], "0.054399");
 //! let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -66,7 +102,10 @@
 //! ```
 
 mod body;
+mod builder;
 mod config;
+mod future;
+mod json_scan;
 mod layer;
 mod peek;
 pub mod pricing;
@@ -76,7 +115,10 @@ pub mod sse;
 pub mod summary;
 pub mod usage;
 
+/// The authenticated caller (shared with the other layers): see [`crate::key::Principal`].
+pub use crate::key::Principal;
 pub use body::MeteredBody;
+pub use builder::CostMeterLayerBuilder;
 pub use config::{CostConfig, CostConfigError};
 pub use layer::{
     BodyUserSlot, CostMeter, CostMeterLayer, ResponseFuture, X_PALISADE_CACHE_READ_TOKENS,

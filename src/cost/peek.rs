@@ -11,16 +11,18 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::json_scan::{ScanState, TopLevelScan};
 use super::layer::BodyUserSlot;
 
-/// The longest stretch kept between chunks while looking for `metadata.user_id`.
-const WINDOW: usize = 2048;
+/// The largest `metadata` object read (Anthropic allows a short `user_id` there).
+const MAX_METADATA: usize = 4096;
 
-/// Wraps the request body so that, as the inner service reads it, the value of
-/// `"metadata": {"user_id": "…"}` (Anthropic Messages) is handed to the enclosing
+/// Wraps the request body so that, as the inner service reads it, the value of the
+/// top-level `"metadata": {"user_id": "…"}` (Anthropic Messages) is handed to the enclosing
 /// [`CostMeterLayer`](super::CostMeterLayer) (built with `user_from_body(true)`). The body
-/// passes unchanged; the scan looks at no more than `limit` bytes and keeps at most a small
-/// window between chunks. Place it *inside* the meter:
+/// passes unchanged; the scan looks at no more than `limit` bytes and keeps at most the
+/// `metadata` object (up to 4 KiB). Only the member of the outermost object counts: a
+/// `metadata` inside a message, a tool schema or a `tool_use` input is ignored. Place it *inside* the meter:
 /// `ServiceBuilder::new().layer(meter).layer(BodyUserIdLayer::new())`.
 #[derive(Debug, Clone, Copy)]
 #[must_use]
@@ -136,108 +138,44 @@ impl<B: Body<Data = Bytes>> Body for UserIdBody<B> {
     }
 }
 
-/// The bounded incremental search.
+/// The bounded incremental search for the top-level `metadata` object.
 #[derive(Debug)]
 struct Scanner {
     slot: Arc<OnceLock<String>>,
-    window: Vec<u8>,
+    scan: TopLevelScan,
     seen: u64,
     limit: u64,
-}
-
-enum Found {
-    Value(String),
-    NeedMore(usize),
-    No,
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while i < b.len() && b[i].is_ascii_whitespace() {
-        i += 1;
-    }
-    i
-}
-
-/// Looks for `"metadata" : { … "user_id" : "…"` in `b`.
-fn find(b: &[u8]) -> Found {
-    for at in memchr::memmem::find_iter(b, b"\"metadata\"") {
-        if at > 0 && b[at - 1] == b'\\' {
-            continue; // inside a string
-        }
-        let i = skip_ws(b, at + 10);
-        if i == b.len() {
-            return Found::NeedMore(at);
-        }
-        if b[i] != b':' {
-            continue;
-        }
-        let i = skip_ws(b, i + 1);
-        if i == b.len() {
-            return Found::NeedMore(at);
-        }
-        if b[i] != b'{' {
-            continue;
-        }
-        let obj = &b[i..];
-        let close = memchr::memchr(b'}', obj).unwrap_or(obj.len());
-        let Some(k) = memchr::memmem::find(&obj[..close], b"\"user_id\"") else {
-            return if close == obj.len() {
-                Found::NeedMore(at)
-            } else {
-                Found::No
-            };
-        };
-        let j = skip_ws(obj, k + 9);
-        if j == obj.len() {
-            return Found::NeedMore(at);
-        }
-        if obj[j] != b':' {
-            return Found::No;
-        }
-        let j = skip_ws(obj, j + 1);
-        if j == obj.len() {
-            return Found::NeedMore(at);
-        }
-        let mut values = serde_json::Deserializer::from_slice(&obj[j..]).into_iter::<String>();
-        return match values.next() {
-            Some(Ok(v)) => Found::Value(v),
-            Some(Err(e)) if e.is_eof() => Found::NeedMore(at),
-            _ => Found::No,
-        };
-    }
-    Found::No
 }
 
 impl Scanner {
     fn new(slot: Arc<OnceLock<String>>, limit: u64) -> Self {
         Self {
             slot,
-            window: Vec::new(),
+            scan: TopLevelScan::new(&["metadata"], MAX_METADATA),
             seen: 0,
             limit,
         }
     }
 
-    /// Feeds a chunk; `true` when the scan is over (found, or past the limit).
+    /// Feeds a chunk; `true` when the scan is over (found, the body's object closed, or
+    /// past the limit).
     fn feed(&mut self, data: &[u8]) -> bool {
         self.seen += data.len() as u64;
-        self.window.extend_from_slice(data);
-        match find(&self.window) {
-            Found::Value(v) => {
-                let _ = self.slot.set(v);
-                return true;
+        self.scan.feed(data);
+        if let Some(raw) = self.scan.value(0) {
+            let user = serde_json::from_slice::<serde_json::Value>(raw)
+                .ok()
+                .and_then(|v| v.get("user_id")?.as_str().map(str::to_owned));
+            if let Some(user) = user.filter(|u| !u.is_empty()) {
+                let _ = self.slot.set(user);
             }
-            Found::NeedMore(at) if self.window.len() - at <= WINDOW => {
-                self.window.drain(..at);
-            }
-            _ => {
-                // keep a tail long enough to hold a split `"metadata"` marker
-                let keep = self.window.len().min(16);
-                let cut = self.window.len() - keep;
-                self.window.drain(..cut);
-            }
+            return true;
         }
         self.seen >= self.limit
+            || matches!(
+                self.scan.state(),
+                ScanState::Closed | ScanState::NotAnObject
+            )
     }
 }
 
@@ -274,11 +212,30 @@ mod tests {
     }
 
     #[test]
+    fn nested_metadata_decoy_neither_wins_nor_hides_the_top_level_user() {
+        // A decoy before the real one: it must not win.
+        let body = br#"{"model":"m","tools":[{"name":"t","input_schema":{"type":"object","properties":{"metadata":{"user_id":"decoy"}}}}],"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"x","name":"t","input":{"metadata":{"user_id":"evil"}}}]}],"metadata":{"user_id":"real"}}"#;
+        for split in 1..body.len() {
+            assert_eq!(
+                scan_chunks(body, split).as_deref(),
+                Some("real"),
+                "split {split}"
+            );
+        }
+        // A nested decoy with no user_id must not hide the real one either.
+        let body = br#"{"tools":[{"input_schema":{"metadata":{"type":"object"}}}],"metadata":{"user_id":"real"}}"#;
+        assert_eq!(scan_chunks(body, 7).as_deref(), Some("real"));
+        // Nested only: nobody.
+        let body = br#"{"tools":[{"input_schema":{"metadata":{"user_id":"decoy"}}}]}"#;
+        assert_eq!(scan_chunks(body, 5), None);
+    }
+
+    #[test]
     fn gives_up_after_the_limit() {
         let slot = Arc::new(OnceLock::new());
         let mut s = Scanner::new(Arc::clone(&slot), 100);
+        assert!(!s.feed(b"{"));
         assert!(!s.feed(&[b' '; 60]));
         assert!(s.feed(&[b' '; 60]));
-        assert!(s.window.len() <= 16);
     }
 }

@@ -27,11 +27,64 @@ use serde_json::Value;
 use super::usage::Usage;
 
 /// An amount of money in pico-dollars (10⁻¹² US dollars).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
-#[serde(transparent)]
+///
+/// With serde, money is an exact decimal string of dollars (`"1.660825"`, `"0"`), so no
+/// JSON reader loses precision (a JavaScript number holds integers exactly only up to
+/// 2⁵³). Reading also accepts a JSON integer, taken as pico-dollars.
+///
+/// ```
+/// use palisade::cost::Money;
+/// let m: Money = "1.660825".parse().unwrap();
+/// assert_eq!(serde_json::to_string(&m).unwrap(), r#""1.660825""#);
+/// assert_eq!(serde_json::from_str::<Money>(r#""1.660825""#).unwrap(), m);
+/// assert_eq!(serde_json::from_str::<Money>("1660825000000").unwrap(), m);
+/// assert!("-1".parse::<Money>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Money(u128);
+
+impl Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.dollars_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Money {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Money;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a decimal string of dollars, or an integer of pico-dollars")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Money, E> {
+                Money::parse_dollars(v).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Money, E> {
+                Ok(Money(u128::from(v)))
+            }
+            fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Money, E> {
+                Ok(Money(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Money, E> {
+                u128::try_from(v)
+                    .map(Money)
+                    .map_err(|_| E::custom("money cannot be negative"))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl std::str::FromStr for Money {
+    type Err = PriceError;
+
+    /// Parses a dollar amount (`"1.660825"`, an optional leading `$`), exactly.
+    fn from_str(s: &str) -> Result<Self, PriceError> {
+        let t = s.trim();
+        Money::parse_dollars(t.strip_prefix('$').unwrap_or(t))
+    }
+}
 
 impl Money {
     /// Nothing.
@@ -174,7 +227,8 @@ fn per_mtok(text: &str) -> u64 {
         .unwrap_or_default()
 }
 
-/// Per-token prices of one tier, in pico-dollars per token.
+/// Per-token prices of one tier, in pico-dollars per token (plain integers in serde: a
+/// price per token stays far below 2⁵³).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TokenPrices {
@@ -301,15 +355,28 @@ pub struct MergeReport {
 }
 
 /// Model prices by name. Names match case-insensitively, with or without a provider
-/// prefix (`anthropic/`), a date suffix (`-20250219`, `-2024-08-06`, `@20250219`) or
-/// `-latest`.
+/// prefix (`anthropic/`), an Amazon Bedrock form (`anthropic.claude-…-v1:0`, with or
+/// without a `us.` / `eu.` / `apac.` / `global.` inference-profile prefix), a date suffix
+/// (`-20250219`, `-2024-08-06`, `@20250219`) or `-latest`.
+///
+/// A name's own entry always wins: a dated model with a price of its own
+/// (`gpt-4o-2024-05-13`) is never priced as its undated family, and the undated name
+/// falls back to a dated entry only when it has no entry itself.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
     models: HashMap<String, Arc<ModelPrice>>,
+    /// Undated names reached only through dated entries (the latest inserted wins).
+    aliases: HashMap<String, Arc<ModelPrice>>,
 }
 
-const ANTHROPIC_SOURCE: &str = "https://docs.claude.com/en/docs/about-claude/pricing (2025-11)";
-const OPENAI_SOURCE: &str = "https://openai.com/api/pricing (2025-11)";
+/// Claude prices: the official pricing page and the models' own pages, read 2026-12-06.
+/// Cache writes cost 1.25× (5 minutes) and 2× (1 hour) the input price, cache reads 0.1×,
+/// as the pricing page states.
+const ANTHROPIC_SOURCE: &str =
+    "https://platform.claude.com/docs/en/about-claude/pricing (2026-12-06)";
+/// OpenAI prices: the official pricing and model pages, read 2026-12-06 (older entries
+/// 2025-11).
+const OPENAI_SOURCE: &str = "https://developers.openai.com/api/docs/pricing (2026-12-06)";
 /// Anthropic web search: $10 per 1,000 searches.
 const ANTHROPIC_WEB_SEARCH: u64 = 10_000_000_000;
 
@@ -320,46 +387,98 @@ impl PriceTable {
     }
 
     /// The built-in table: current and recent Claude models (with long-context tiers
-    /// where Anthropic has them) and a few OpenAI models, each with its source.
+    /// where Anthropic has them) and OpenAI models, each with its source. Models whose
+    /// prices could not be checked against the official pages are left out: merge a
+    /// LiteLLM price map ([`merge_litellm_json`](Self::merge_litellm_json)) for them.
     pub fn builtin() -> Self {
         let mut t = Self::new();
         let tp = TokenPrices::builtin;
         let claude = |p: TokenPrices| {
             ModelPrice::new(p, ANTHROPIC_SOURCE).with_web_search(ANTHROPIC_WEB_SEARCH)
         };
+        // https://platform.claude.com/docs/en/about-claude/pricing, "Model pricing"
+        let fable_1 = tp("10", "50", "12.50", "20", "0.25");
+        for name in ["claude-fable-5-1", "claude-mythos-5-1"] {
+            t.insert(name, claude(fable_1));
+        }
+        let fable = tp("10", "50", "12.50", "20", "1");
+        for name in ["claude-fable-5", "claude-mythos-5"] {
+            t.insert(name, claude(fable));
+        }
         let opus_new = tp("5", "25", "6.25", "10", "0.50");
-        for name in ["claude-opus-4-7", "claude-opus-4-6", "claude-opus-4-5"] {
+        for name in [
+            "claude-opus-5",
+            "claude-opus-4-8",
+            "claude-opus-4-7",
+            "claude-opus-4-6",
+            "claude-opus-4-5",
+            "claude-opus-4-5-20251101",
+        ] {
             t.insert(name, claude(opus_new));
         }
         let opus_old = tp("15", "75", "18.75", "30", "1.50");
-        for name in ["claude-opus-4-1", "claude-opus-4", "claude-4-opus"] {
+        for name in [
+            "claude-opus-4-1",
+            "claude-opus-4-1-20250805",
+            "claude-opus-4",
+            "claude-opus-4-0",
+            "claude-opus-4-20250514",
+            "claude-4-opus",
+            "claude-3-opus",
+        ] {
             t.insert(name, claude(opus_old));
         }
+        // https://platform.claude.com/docs/en/models/sonnet-5/overview
+        t.insert(
+            "claude-sonnet-5",
+            claude(tp("2", "10", "2.50", "4", "0.20")),
+        );
         let sonnet = tp("3", "15", "3.75", "6", "0.30");
+        // https://platform.claude.com/docs/en/models/sonnet-4-6/overview: $3 / $15, 1M
+        // context at the standard rate.
+        t.insert("claude-sonnet-4-6", claude(sonnet));
         let sonnet_long = tp("6", "22.50", "7.50", "12", "0.60");
-        for name in ["claude-sonnet-4-5", "claude-sonnet-4", "claude-4-sonnet"] {
+        for name in [
+            "claude-sonnet-4-5",
+            "claude-sonnet-4-5-20250929",
+            "claude-sonnet-4",
+            "claude-sonnet-4-0",
+            "claude-sonnet-4-20250514",
+            "claude-4-sonnet",
+        ] {
             t.insert(name, claude(sonnet).with_long_context(200_000, sonnet_long));
         }
-        for name in ["claude-3-7-sonnet", "claude-sonnet-3-7"] {
+        for name in [
+            "claude-3-7-sonnet",
+            "claude-sonnet-3-7",
+            "claude-3-7-sonnet-20250219",
+            "claude-3-5-sonnet",
+        ] {
             t.insert(name, claude(sonnet));
         }
-        t.insert(
-            "claude-haiku-4-5",
-            claude(tp("1", "5", "1.25", "2", "0.10")),
-        );
-        for name in ["claude-3-5-haiku", "claude-haiku-3-5"] {
+        for name in ["claude-haiku-4-5", "claude-haiku-4-5-20251001"] {
+            t.insert(name, claude(tp("1", "5", "1.25", "2", "0.10")));
+        }
+        for name in [
+            "claude-3-5-haiku",
+            "claude-haiku-3-5",
+            "claude-3-5-haiku-20241022",
+        ] {
             t.insert(name, claude(tp("0.80", "4", "1", "1.6", "0.08")));
         }
-        t.insert(
-            "claude-3-haiku",
-            claude(tp("0.25", "1.25", "0.30", "0.50", "0.03")),
-        );
+        for name in ["claude-3-haiku", "claude-3-haiku-20240307"] {
+            t.insert(name, claude(tp("0.25", "1.25", "0.30", "0.50", "0.03")));
+        }
         // OpenAI has no cache writes: writes are priced as input.
         let openai = |i: &str, o: &str, r: &str| ModelPrice::new(tp(i, o, i, i, r), OPENAI_SOURCE);
         t.insert("gpt-4o", openai("2.50", "10", "1.25"));
+        t.insert("gpt-4o-2024-05-13", openai("5", "15", "5"));
         t.insert("gpt-4o-mini", openai("0.15", "0.60", "0.075"));
         t.insert("gpt-4.1", openai("2", "8", "0.50"));
         t.insert("gpt-4.1-mini", openai("0.40", "1.60", "0.10"));
+        // https://developers.openai.com/api/docs/models/gpt-5-nano and …/gpt-5.4-nano
+        t.insert("gpt-5-nano", openai("0.05", "0.40", "0.005"));
+        t.insert("gpt-5.4-nano", openai("0.20", "1.25", "0.02"));
         t
     }
 
@@ -369,9 +488,7 @@ impl PriceTable {
         let price = Arc::new(price);
         let base = base_name(&full);
         if base != full {
-            self.models
-                .entry(base.to_owned())
-                .or_insert_with(|| Arc::clone(&price));
+            self.aliases.insert(base.to_owned(), Arc::clone(&price));
         }
         self.models.insert(full, price);
     }
@@ -399,7 +516,15 @@ impl PriceTable {
                 return Some(p);
             }
         }
-        self.models.get(base_name(name)).map(Arc::as_ref)
+        let name = bedrock_name(name);
+        if let Some(p) = self.models.get(name) {
+            return Some(p);
+        }
+        let base = base_name(name);
+        self.models
+            .get(base)
+            .or_else(|| self.aliases.get(base))
+            .map(Arc::as_ref)
     }
 
     /// The cost of `usage` on `model`; `None` when the model is unknown.
@@ -433,7 +558,13 @@ impl PriceTable {
         names.sort();
         for name in names {
             match litellm_entry(&map[&name]) {
-                Ok(Some(price)) => {
+                Ok(Some(mut price)) => {
+                    // LiteLLM has no per-search price in our terms: keep the one we know.
+                    if price.web_search == 0 {
+                        if let Some(old) = self.get(&name) {
+                            price.web_search = old.web_search;
+                        }
+                    }
                     self.insert(&name, price);
                     report.loaded += 1;
                 }
@@ -473,7 +604,9 @@ fn litellm_entry(v: &Value) -> Result<Option<ModelPrice>, PriceError> {
         input,
         output,
         cache_write_5m: w5,
-        cache_write_1h: field("cache_creation_input_token_cost_above_1hr")?.unwrap_or(w5),
+        // Anthropic prices a 1-hour cache write at twice the input price.
+        cache_write_1h: field("cache_creation_input_token_cost_above_1hr")?
+            .unwrap_or(input.saturating_mul(2)),
         cache_read: field("cache_read_input_token_cost")?.unwrap_or(input),
     };
     let source = match v.get("source").and_then(Value::as_str) {
@@ -489,12 +622,47 @@ fn litellm_entry(v: &Value) -> Result<Option<ModelPrice>, PriceError> {
             output: lo,
             cache_write_5m: lw5,
             cache_write_1h: field("cache_creation_input_token_cost_above_1hr_above_200k_tokens")?
-                .unwrap_or(lw5),
+                .unwrap_or(li.saturating_mul(2)),
             cache_read: field("cache_read_input_token_cost_above_200k_tokens")?.unwrap_or(li),
         };
         price = price.with_long_context(200_000, tier);
     }
     Ok(Some(price))
+}
+
+/// An Amazon Bedrock model id (`us.anthropic.claude-sonnet-4-5-20250929-v1:0`) as the
+/// provider names it (`claude-sonnet-4-5-20250929`); other names unchanged.
+fn bedrock_name(name: &str) -> &str {
+    let mut n = name;
+    for region in ["us.", "eu.", "apac.", "global.", "jp.", "au.", "us-gov."] {
+        if let Some(rest) = n.strip_prefix(region) {
+            n = rest;
+            break;
+        }
+    }
+    let Some(rest) = n.strip_prefix("anthropic.") else {
+        return name;
+    };
+    // `-v1:0`, `-v2:0`, `-v1`
+    let b = rest.as_bytes();
+    let mut end = rest.len();
+    if let Some(colon) = rest.rfind(':') {
+        if b[colon + 1..].iter().all(u8::is_ascii_digit) {
+            end = colon;
+        }
+    }
+    let head = &rest[..end];
+    // The `-v1` after a dated id is Bedrock's revision; `claude-v2` is a model name.
+    match head.rfind("-v") {
+        Some(v)
+            if v + 2 < head.len()
+                && head.as_bytes()[v + 2..].iter().all(u8::is_ascii_digit)
+                && base_name(&head[..v]) != &head[..v] =>
+        {
+            &head[..v]
+        }
+        _ => head,
+    }
 }
 
 /// The name without `-latest` and without a date suffix.
@@ -664,6 +832,90 @@ mod tests {
         let p = t.get("claude-sonnet-4-5").unwrap();
         assert_eq!(p.long_context.unwrap().1.output, 22_500_000);
         assert!(t.merge_litellm_json("[1]").is_err());
+    }
+
+    #[test]
+    fn litellm_merge_keeps_the_builtin_web_search_price() {
+        let mut t = PriceTable::builtin();
+        t.merge_litellm_json(
+            r#"{"claude-sonnet-4-5": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05}}"#,
+        )
+        .unwrap();
+        let p = t.get("claude-sonnet-4-5").unwrap();
+        assert!(p.source.contains("LiteLLM"));
+        assert_eq!(p.web_search, ANTHROPIC_WEB_SEARCH);
+    }
+
+    #[test]
+    fn litellm_entry_without_one_hour_price_is_twice_input() {
+        let mut t = PriceTable::new();
+        t.merge_litellm_json(
+            r#"{"m": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05,
+                "cache_creation_input_token_cost": 3.75e-06,
+                "input_cost_per_token_above_200k_tokens": 6e-06}}"#,
+        )
+        .unwrap();
+        let p = t.get("m").unwrap();
+        assert_eq!(p.base.cache_write_5m, 3_750_000);
+        assert_eq!(p.base.cache_write_1h, 6_000_000);
+        assert_eq!(p.long_context.unwrap().1.cache_write_1h, 12_000_000);
+    }
+
+    #[test]
+    fn date_suffix_never_overrides_a_dated_models_own_price() {
+        let t = PriceTable::builtin();
+        assert_eq!(t.get("gpt-4o-2024-05-13").unwrap().base.input, 5_000_000);
+        assert_eq!(t.get("gpt-4o-2024-05-13").unwrap().base.output, 15_000_000);
+        assert_eq!(t.get("gpt-4o").unwrap().base.input, 2_500_000);
+        assert_eq!(t.get("gpt-4o-2024-11-20").unwrap().base.input, 2_500_000);
+        // A dated entry merged into a table without its family does not become the
+        // family's price once the family has one.
+        let mut t = PriceTable::new();
+        let p = |i: u64| {
+            ModelPrice::new(
+                TokenPrices {
+                    input: i,
+                    ..TokenPrices::default()
+                },
+                "t",
+            )
+        };
+        t.insert("gpt-x-2024-05-13", p(5));
+        assert_eq!(t.get("gpt-x").unwrap().base.input, 5, "alias while alone");
+        t.insert("gpt-x", p(2));
+        assert_eq!(t.get("gpt-x").unwrap().base.input, 2);
+        assert_eq!(t.get("gpt-x-2024-05-13").unwrap().base.input, 5);
+        t.insert("gpt-x-2024-08-06", p(3));
+        assert_eq!(
+            t.get("gpt-x").unwrap().base.input,
+            2,
+            "own entry wins over aliases"
+        );
+    }
+
+    #[test]
+    fn current_models_and_bedrock_ids_are_priced() {
+        let t = PriceTable::builtin();
+        for (name, input) in [
+            ("claude-sonnet-4-6", 3_000_000),
+            ("claude-sonnet-5", 2_000_000),
+            ("claude-opus-5", 5_000_000),
+            ("claude-opus-4-8", 5_000_000),
+            ("claude-fable-5-1", 10_000_000),
+            ("anthropic.claude-sonnet-4-5-20250929-v1:0", 3_000_000),
+            ("us.anthropic.claude-haiku-4-5-20251001-v1:0", 1_000_000),
+            ("eu.anthropic.claude-3-7-sonnet-20250219-v1:0", 3_000_000),
+            ("apac.anthropic.claude-opus-4-1-20250805-v1:0", 15_000_000),
+            ("global.anthropic.claude-opus-4-5-20251101-v1:0", 5_000_000),
+            ("anthropic.claude-3-haiku-20240307-v1:0", 250_000),
+            ("gpt-5-nano-2025-08-07", 50_000),
+            ("gpt-5.4-nano", 200_000),
+        ] {
+            assert_eq!(t.get(name).map(|p| p.base.input), Some(input), "{name}");
+        }
+        assert_eq!(bedrock_name("anthropic.claude-v2:1"), "claude-v2");
+        assert_eq!(bedrock_name("claude-3-haiku"), "claude-3-haiku");
+        assert!(t.get("us.meta.llama3-70b-instruct-v1:0").is_none());
     }
 
     #[test]

@@ -98,11 +98,32 @@ mod api_key_serde {
 pub enum Completion {
     /// The body was read to its end.
     Complete,
-    /// The client went away (or the body failed) before the end: the usage is what was
-    /// seen so far.
+    /// The body stopped before its end (the client went away, the body failed, or a
+    /// stream closed without its end marker: `message_stop`, `[DONE]`,
+    /// `response.completed`): the usage is what was seen so far.
     Partial,
-    /// The upstream reported an error inside the body (`event: error`).
+    /// The upstream answered with an error: an error status (4xx/5xx, including refusals
+    /// rendered by layers inside this one) or an error inside the body (`event: error`).
     UpstreamError,
+    /// The call failed without a response (a transport error, a timeout, or a refusal
+    /// raised as an error, such as an open circuit breaker's). `status` is 0.
+    Failed,
+    /// The request was dropped before the response head arrived (the client went away
+    /// while the upstream was still answering). `status` is 0.
+    Cancelled,
+}
+
+impl Completion {
+    /// Whether the call ended in an error (an upstream error or a failed call), as
+    /// opposed to usage that is merely unpriced or incomplete.
+    pub const fn is_error(self) -> bool {
+        matches!(self, Completion::UpstreamError | Completion::Failed)
+    }
+
+    /// Whether the response was cut short (partial body or cancelled request).
+    pub const fn is_incomplete(self) -> bool {
+        matches!(self, Completion::Partial | Completion::Cancelled)
+    }
 }
 
 /// One metered response.
@@ -128,7 +149,8 @@ pub struct UsageRecord {
     pub duration: Duration,
     /// Time to the response head (the first byte for a stream).
     pub time_to_headers: Duration,
-    /// The response status code.
+    /// The response status code; 0 when no response arrived
+    /// ([`Completion::Failed`], [`Completion::Cancelled`]).
     pub status: u16,
     /// Whether the response was a server-sent event stream.
     pub stream: bool,

@@ -92,6 +92,12 @@ impl SseParser {
         self.line.is_empty() && !self.line_overflow
     }
 
+    /// Whether an event has begun (an `event:` or `data:` line) but not yet been ended by
+    /// a blank line: appending a blank line now would dispatch it.
+    pub fn event_pending(&self) -> bool {
+        self.has_data || !self.event.is_empty() || !self.at_line_start()
+    }
+
     /// Bytes currently held (unfinished line plus the event being assembled).
     pub fn buffered(&self) -> usize {
         self.line.len() + self.data.len() + self.event.len()

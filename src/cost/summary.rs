@@ -143,11 +143,15 @@ pub struct Totals {
     pub usage: Usage,
     /// Summed cost of the priced records.
     pub cost: Money,
-    /// Records without a price (unknown model): their tokens are in `usage`, their cost
-    /// is not in `cost`.
+    /// Records with tokens or a model but no price (an unknown model, or a stream that
+    /// reported no usage): their tokens are in `usage`, their cost is not in `cost`.
+    /// Errors without usage are not counted here but in `errors`.
     pub unpriced: u64,
-    /// Records that ended early (client gone or upstream error).
+    /// Records cut short: a partial body or a request cancelled before its response.
     pub incomplete: u64,
+    /// Records of calls that ended in an error: an upstream error status or in-body
+    /// error, or a call that failed without a response.
+    pub errors: u64,
 }
 
 impl Totals {
@@ -157,10 +161,14 @@ impl Totals {
         self.usage.add(&r.usage);
         match r.cost {
             Some(c) => self.cost = self.cost.saturating_add(c),
-            None => self.unpriced += 1,
+            None if r.model.is_some() || !r.usage.is_empty() => self.unpriced += 1,
+            None => {}
         }
-        if r.completion != super::record::Completion::Complete {
+        if r.completion.is_incomplete() {
             self.incomplete += 1;
+        }
+        if r.completion.is_error() {
+            self.errors += 1;
         }
     }
 }

@@ -15,6 +15,7 @@ use super::*;
 
 pub(crate) const SONNET_37: &str = include_str!("../../tests/cost_data/anthropic_sonnet37.sse");
 pub(crate) const OPUS_47: &str = include_str!("../../tests/cost_data/anthropic_opus47.sse");
+pub(crate) const OPUS_47_1H: &str = include_str!("../../tests/cost_data/anthropic_opus47_1h.sse");
 pub(crate) const OPENAI: &str = include_str!("../../tests/cost_data/openai_gpt4o.sse");
 
 /// A body yielding fixed chunks, optionally with trailers, reporting its end only when
@@ -146,6 +147,23 @@ async fn streams_pass_unchanged_and_price_exactly() {
 }
 
 #[tokio::test]
+async fn streamed_one_hour_cache_write_is_billed_at_the_one_hour_rate() {
+    let (_, out, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new(split(OPUS_47_1H, &[9, 300])),
+    )
+    .await;
+    assert_eq!(out, OPUS_47_1H.as_bytes());
+    let r = &records[0];
+    assert_eq!(r.usage.cache_write_1h_tokens, 159_217);
+    assert_eq!(r.usage.cache_write_5m_tokens, 0);
+    // 6 × $5 + 159,217 × $10 + 2,745 × $25 per MTok
+    assert_eq!(r.cost.unwrap().dollars_string(), "1.660825");
+    assert_eq!(r.cost.unwrap().picos(), 1_660_825_000_000);
+}
+
+#[tokio::test]
 async fn json_responses_price_exactly_with_and_without_headers() {
     let json = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-7","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"cache_read_input_tokens":0,"output_tokens":2745}}"#;
     let body = || Chunks::new(split(json, &[10, 50]));
@@ -212,16 +230,35 @@ async fn sse_comment_is_appended_once() {
         ": palisade-cost usd=0.054399 input=3 output=550 cache_write_5m=12304 cache_write_1h=0 cache_read=0\n\n"
     );
     assert_eq!(records.len(), 1);
-    // A stream cut mid-line gets a newline first, so the comment stays a line of its own.
-    let (_, out, _, _) = meter(
-        |l| l.sse_cost_comment(true),
-        "text/event-stream",
-        Chunks::new([Bytes::from_static(
-            b"data: {\"model\":\"gpt-4o\"}\n\ndata: partial",
-        )]),
-    )
-    .await;
-    assert!(out.ends_with(b"data: partial\n: palisade-cost usd=unknown input=0 output=0 cache_write_5m=0 cache_write_1h=0 cache_read=0\n\n"));
+}
+
+#[tokio::test]
+async fn final_cost_comment_never_completes_an_unfinished_event() {
+    // Cut mid-line, mid-event (all lines ended, no blank line), and between events.
+    for (text, comment) in [
+        (&b"data: {\"model\":\"gpt-4o\"}\n\ndata: partial"[..], false),
+        (
+            &b"data: {\"model\":\"gpt-4o\"}\n\nevent: x\ndata: {}\n"[..],
+            false,
+        ),
+        (&b"data: {\"model\":\"gpt-4o\"}\n\n"[..], true),
+    ] {
+        let (_, out, records, _) = meter(
+            |l| l.sse_cost_comment(true),
+            "text/event-stream",
+            Chunks::new([Bytes::copy_from_slice(text)]),
+        )
+        .await;
+        assert!(out.starts_with(text));
+        assert_eq!(
+            out.len() > text.len(),
+            comment,
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+        // and a stream that ends without `[DONE]` is partial, not complete
+        assert_eq!(records[0].completion, Completion::Partial);
+    }
 }
 
 #[tokio::test]
@@ -274,7 +311,7 @@ async fn usage_of(text: &str, cuts: &[usize]) -> (Usage, Option<String>) {
 
 #[tokio::test]
 async fn every_split_point_gives_the_same_usage() {
-    for text in [SONNET_37, OPUS_47, OPENAI] {
+    for text in [SONNET_37, OPUS_47, OPUS_47_1H, OPENAI, RESPONSES] {
         let whole = usage_of(text, &[]).await;
         assert!(!whole.0.is_empty());
         for i in 1..text.len() {
@@ -330,7 +367,7 @@ async fn upstream_error_event_and_unknown_model() {
 }
 
 #[tokio::test]
-async fn other_content_is_not_metered_and_oversize_json_is_counted() {
+async fn other_content_is_not_metered() {
     let (_, out, records, _) =
         meter(|l| l, "text/html", Chunks::new([Bytes::from("<p>hi</p>")])).await;
     assert_eq!(out, "<p>hi</p>");
@@ -345,7 +382,43 @@ async fn other_content_is_not_metered_and_oversize_json_is_counted() {
     .await;
     assert_eq!(out, json.as_bytes());
     assert_eq!(stats.oversize_body, 1);
-    assert!(records.is_empty(), "nothing known, nothing recorded");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].usage.output_tokens, 1);
+    assert_eq!(records[0].completion, Completion::Complete);
+}
+
+#[tokio::test]
+async fn json_body_over_max_json_body_is_still_recorded_from_its_top_level_usage() {
+    // 3 MiB of content (with a decoy usage inside a string) before the real usage.
+    let filler = "x\"usage\":{\"output_tokens\":999999} ".repeat(3 << 15);
+    for (json, want_output, dollars) in [
+        (
+            format!(
+                r#"{{"id":"msg_1","type":"message","model":"claude-opus-4-7","content":[{{"type":"text","text":"{filler}"}}],"usage":{{"input_tokens":6,"cache_creation_input_tokens":159217,"output_tokens":2745}}}}"#
+            ),
+            2745,
+            "1.06376125",
+        ),
+        (
+            format!(
+                r#"{{"id":"c","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{{"message":{{"content":"{filler}"}}}}],"usage":{{"prompt_tokens":2006,"completion_tokens":300,"prompt_tokens_details":{{"cached_tokens":1920}}}}}}"#
+            ),
+            300,
+            "0.005615",
+        ),
+    ] {
+        assert!(json.len() > 3 << 20);
+        let cuts: Vec<usize> = (1..json.len()).step_by(8191).collect();
+        let chunks = split(&json, &cuts);
+        let (_, out, records, stats) = meter(|l| l, "application/json", Chunks::new(chunks)).await;
+        assert_eq!(out.len(), json.len());
+        assert_eq!(stats.oversize_body, 1);
+        assert_eq!(records.len(), 1, "exactly one record");
+        let r = &records[0];
+        assert_eq!(r.usage.output_tokens, want_output);
+        assert_eq!(r.cost.unwrap().dollars_string(), dollars);
+        assert_eq!(r.completion, Completion::Complete);
+    }
 }
 
 #[tokio::test]
@@ -370,7 +443,10 @@ async fn attribution_from_extensions_wins_over_headers() {
     res.into_body().collect().await.unwrap();
     shutdown.shutdown().await;
     let r = &sink.records()[0];
-    assert_eq!(r.attribution.user.as_deref(), Some("from-header"));
+    assert_eq!(
+        r.attribution.user, None,
+        "a client's x-user-id is not trusted by default"
+    );
     assert_eq!(r.attribution.conversation.as_deref(), Some("from-ext"));
     assert_eq!(r.attribution.bot, None);
     assert_eq!(r.attribution.api_key, None);
@@ -515,4 +591,281 @@ async fn openai_stream_without_usage_is_counted() {
     assert_eq!(records[0].cost, None);
     assert_eq!(stats.missing_usage, 1);
     assert_eq!(stats.unknown_model, 0);
+}
+
+/// A recorder into a fresh memory sink, and the sink.
+fn fresh_recorder() -> (Arc<MemorySink>, UsageRecorder, RecorderShutdown) {
+    let sink = Arc::new(MemorySink::new());
+    let (recorder, shutdown) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+    (sink, recorder, shutdown)
+}
+
+/// A JSON body whose length is known but whose bytes never all arrive.
+#[derive(Debug)]
+struct Stalled(Option<Bytes>, u64);
+
+impl Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            None => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.1)
+    }
+}
+
+#[tokio::test]
+async fn client_gone_while_buffering_for_cost_headers_still_records() {
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        let first = Bytes::from_static(br#"{"type":"message","model":"claude-haiku-4-5","#);
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(Stalled(Some(first), 200))
+                .unwrap(),
+        )
+    }));
+    let fut = svc.oneshot(request());
+    let timed = tokio::time::timeout(std::time::Duration::from_millis(20), fut).await;
+    assert!(timed.is_err(), "still buffering");
+    shutdown.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1, "exactly one record");
+    assert_eq!(records[0].completion, Completion::Partial);
+    assert_eq!(records[0].status, 200);
+}
+
+#[tokio::test]
+async fn request_dropped_before_the_response_head_is_recorded_as_cancelled() {
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        std::future::pending::<Result<http::Response<Full<Bytes>>, Infallible>>().await
+    }));
+    let timed =
+        tokio::time::timeout(std::time::Duration::from_millis(20), svc.oneshot(request())).await;
+    assert!(timed.is_err());
+    // A future dropped without ever being polled never reached the upstream.
+    let (recorder2_sink, recorder2, shutdown2) = fresh_recorder();
+    let mut svc2 = CostMeterLayer::new(PriceTable::builtin(), recorder2)
+        .layer(upstream("application/json", Chunks::new([])));
+    drop(svc2.call(request()));
+    shutdown.shutdown().await;
+    shutdown2.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1, "exactly one record");
+    let r = &records[0];
+    assert_eq!(r.completion, Completion::Cancelled);
+    assert_eq!(r.status, 0);
+    assert_eq!(r.route, "/v1/messages");
+    assert_eq!(r.attribution.bot.as_deref(), Some("support"));
+    assert!(recorder2_sink.is_empty());
+}
+
+#[tokio::test]
+async fn upstream_errors_and_failed_calls_are_errors_not_unknown_models() {
+    // The inner service fails without a response (as an open breaker does).
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder.clone()).layer(service_fn(
+        |_req: http::Request<Full<Bytes>>| async {
+            Err::<http::Response<Full<Bytes>>, _>(std::io::Error::other("circuit open"))
+        },
+    ));
+    assert!(svc.oneshot(request()).await.is_err());
+    // An error status with an error body (a refusal rendered by an inner layer).
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(service_fn(
+        |_req: http::Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .status(503)
+                    .header("content-type", "application/problem+json")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"type":"about:blank","title":"upstream unavailable","status":503}"#,
+                    )))
+                    .unwrap(),
+            )
+        },
+    ));
+    let res = svc.oneshot(request()).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    shutdown.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].completion, Completion::Failed);
+    assert_eq!(records[0].status, 0);
+    assert_eq!(records[1].completion, Completion::UpstreamError);
+    assert_eq!(records[1].status, 503);
+    let s = summary::summarize(
+        &records,
+        &Subject::All,
+        std::time::UNIX_EPOCH,
+        std::time::SystemTime::now() + std::time::Duration::from_secs(1),
+    );
+    assert_eq!(s.total.errors, 2);
+    assert_eq!(s.total.unpriced, 0, "errors are not unpriced models");
+}
+
+#[tokio::test]
+async fn stream_that_ends_without_message_stop_is_partial() {
+    let at = SONNET_37.find("event: message_stop").unwrap();
+    let (_, out, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new([Bytes::copy_from_slice(&SONNET_37.as_bytes()[..at])]),
+    )
+    .await;
+    assert_eq!(out.len(), at);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].completion, Completion::Partial);
+    // the usage seen is still priced
+    assert_eq!(records[0].cost.unwrap().dollars_string(), "0.054399");
+    let at = OPENAI.find("data: [DONE]").unwrap();
+    let (_, _, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new([Bytes::copy_from_slice(&OPENAI.as_bytes()[..at])]),
+    )
+    .await;
+    assert_eq!(records[0].completion, Completion::Partial);
+}
+
+#[tokio::test]
+async fn no_cost_headers_where_no_usage_was_found() {
+    let (_sink, recorder, shutdown) = fresh_recorder();
+    let second = recorder.clone();
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
+    let svc = layer.layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"users":[{"id":"ann"}]}"#,
+                )))
+                .unwrap(),
+        )
+    }));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert!(res.headers().get(X_PALISADE_COST_USD).is_none());
+    assert!(res.headers().get(X_PALISADE_INPUT_TOKENS).is_none());
+    drop(res);
+    // Nor a record for another route's client error.
+    let svc = CostMeterLayer::new(PriceTable::builtin(), second).layer(service_fn(
+        |_req: http::Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(
+                http::Response::builder()
+                    .status(404)
+                    .header("content-type", "application/problem+json")
+                    .body(Full::new(Bytes::from_static(br#"{"title":"no such bot"}"#)))
+                    .unwrap(),
+            )
+        },
+    ));
+    let _ = svc
+        .oneshot(request())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await;
+    let stats = shutdown.shutdown().await;
+    assert_eq!(stats.written, 0, "not an LLM response: no record");
+}
+
+const RESPONSES: &str = include_str!("../../tests/cost_data/openai_responses.sse");
+
+#[tokio::test]
+async fn openai_responses_api_stream_and_json_are_metered() {
+    // gpt-4.1: $2 input, $0.50 cached input, $8 output per MTok:
+    // 86 × 2 + 1920 × 0.5 + 300 × 8 = 172 + 960 + 2400 micro-dollars
+    let (_, out, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new(split(RESPONSES, &[5, 700])),
+    )
+    .await;
+    assert_eq!(out, RESPONSES.as_bytes());
+    let r = &records[0];
+    assert_eq!(r.model.as_deref(), Some("gpt-4.1-2025-04-14"));
+    assert_eq!(
+        (
+            r.usage.input_tokens,
+            r.usage.cache_read_tokens,
+            r.usage.output_tokens
+        ),
+        (86, 1920, 300)
+    );
+    assert_eq!(r.cost.unwrap().dollars_string(), "0.003532");
+    assert_eq!(
+        r.completion,
+        Completion::Complete,
+        "response.completed ends it"
+    );
+
+    let json = r#"{"id":"resp_1","object":"response","created_at":1764000000,"status":"completed","model":"gpt-4.1-2025-04-14","output":[],"usage":{"input_tokens":2006,"input_tokens_details":{"cached_tokens":1920},"output_tokens":300,"output_tokens_details":{"reasoning_tokens":120},"total_tokens":2306}}"#;
+    let (_, _, records, _) =
+        meter(|l| l, "application/json", Chunks::new([Bytes::from(json)])).await;
+    let r = &records[0];
+    assert_eq!(
+        r.usage.input_tokens, 86,
+        "input_tokens includes the cached ones"
+    );
+    assert_eq!(r.cost.unwrap().dollars_string(), "0.003532");
+
+    // A failed response is an upstream error, with whatever usage it reported.
+    let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"object\":\"response\",\"status\":\"failed\",\"model\":\"gpt-4.1\",\"error\":{\"code\":\"server_error\",\"message\":\"x\"},\"usage\":null}}\n\n";
+    let (_, _, records, _) = meter(
+        |l| l,
+        "text/event-stream",
+        Chunks::new([Bytes::from(failed)]),
+    )
+    .await;
+    assert_eq!(records[0].completion, Completion::UpstreamError);
+    assert_eq!(records[0].upstream_error.as_deref(), Some("server_error"));
+}
+
+#[tokio::test]
+async fn user_header_is_opt_in_and_the_principal_comes_first() {
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder)
+        .user_header(Some(http::HeaderName::from_static("x-user-id")));
+    let svc = layer.layer(upstream(
+        "text/event-stream",
+        Chunks::new([Bytes::from(OPENAI)]),
+    ));
+    for (principal, attribution) in [
+        (None, None),
+        (None, Some("from-ext")),
+        (Some("alice"), Some("from-ext")),
+    ] {
+        let mut req = request();
+        req.headers_mut()
+            .insert("x-user-id", "from-header".parse().unwrap());
+        if let Some(user) = attribution {
+            req.extensions_mut()
+                .insert(Attribution::default().with_user(user));
+        }
+        if let Some(p) = principal {
+            req.extensions_mut().insert(Principal::new(p));
+        }
+        let res = svc.clone().oneshot(req).await.unwrap();
+        res.into_body().collect().await.unwrap();
+    }
+    shutdown.shutdown().await;
+    let users: Vec<_> = sink
+        .records()
+        .iter()
+        .map(|r| r.attribution.user.clone().unwrap())
+        .collect();
+    assert_eq!(users, ["from-header", "from-ext", "alice"]);
 }

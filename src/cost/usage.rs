@@ -9,11 +9,18 @@
 //!   `ephemeral_1h_input_tokens` when present), `cache_read_input_tokens` and
 //!   `server_tool_use.web_search_requests`. In a stream, `message_start` carries the input
 //!   side and `message_delta` carries **running totals**, so later values replace earlier
-//!   ones, never add to them. `event: error` marks the stream as failed upstream.
+//!   ones, never add to them. The 5m/1h split of cache writes comes with `message_start`
+//!   only; a later total keeps that split (extra tokens count as 5-minute writes, fewer are
+//!   taken off the 5-minute part first). `event: error` marks the stream as failed upstream.
 //! - **OpenAI chat completions**: `usage.prompt_tokens` *includes*
 //!   `prompt_tokens_details.cached_tokens`, so input = prompt − cached and cached tokens are
 //!   priced as cache reads. Streams report usage in a final chunk when the request set
 //!   `stream_options.include_usage`.
+//! - **OpenAI Responses** (`/v1/responses`): `usage.input_tokens` includes
+//!   `input_tokens_details.cached_tokens` (priced as cache reads) and `output_tokens`
+//!   includes the reasoning tokens. Streams carry the response object in the
+//!   `response.created` / `response.completed` / `response.incomplete` / `response.failed`
+//!   events; usage arrives with the last of them, which also ends the stream.
 //!
 //! ```
 //! use palisade::cost::usage::UsageExtractor;
@@ -91,6 +98,8 @@ pub enum ApiFormat {
     Anthropic,
     /// OpenAI chat completions.
     OpenAi,
+    /// OpenAI Responses (`/v1/responses`).
+    OpenAiResponses,
 }
 
 /// An error the upstream reported inside the body (Anthropic `event: error`, or an error
@@ -108,6 +117,7 @@ pub struct UsageExtractor {
     model: Option<String>,
     format: Option<ApiFormat>,
     seen_usage: bool,
+    cache_split_seen: bool,
     finished: bool,
     error: Option<UpstreamError>,
     parse_failures: u64,
@@ -171,6 +181,7 @@ impl UsageExtractor {
     pub fn wants_event(&self, event: &[u8], data: &[u8]) -> bool {
         match event {
             b"message_start" | b"message_delta" | b"message_stop" | b"error" => true,
+            e if is_response_lifecycle(e) => true,
             b"" | b"message" => {
                 if data == b"[DONE]" {
                     return true;
@@ -190,7 +201,7 @@ impl UsageExtractor {
         matches!(
             event,
             b"" | b"message" | b"message_start" | b"message_delta" | b"message_stop" | b"error"
-        )
+        ) || is_response_lifecycle(event)
     }
 
     /// Handles one SSE event (`event` empty for unnamed events).
@@ -218,6 +229,15 @@ impl UsageExtractor {
                 }
             }
             Err(_) => self.parse_failures += 1,
+        }
+    }
+
+    /// Handles a JSON document already parsed (or assembled from its top-level members):
+    /// `complete` says whether the whole document was seen.
+    pub(crate) fn feed_value(&mut self, v: &Value, complete: bool) {
+        self.apply_value(b"", v);
+        if complete && self.error.is_none() {
+            self.finished = true;
         }
     }
 
@@ -265,7 +285,26 @@ impl UsageExtractor {
                 }
                 return;
             }
+            t if t.starts_with("response.") => {
+                // A Responses stream event: the response object rides in `response`.
+                self.format = Some(ApiFormat::OpenAiResponses);
+                if let Some(r) = v.get("response").filter(|r| r.is_object()) {
+                    self.apply_response(r);
+                }
+                if matches!(
+                    t,
+                    "response.completed" | "response.incomplete" | "response.failed"
+                ) {
+                    self.finished = true;
+                }
+                return;
+            }
             _ => {}
+        }
+        if v.get("object").and_then(Value::as_str) == Some("response") {
+            self.format = Some(ApiFormat::OpenAiResponses);
+            self.apply_response(v);
+            return;
         }
         let object = v.get("object").and_then(Value::as_str).unwrap_or_default();
         if object.starts_with("chat.completion") || v.get("choices").is_some() {
@@ -288,7 +327,10 @@ impl UsageExtractor {
         // Unknown shape: still take a usage object if it looks like one of ours.
         self.take_model(v);
         if let Some(usage) = v.get("usage").filter(|u| u.is_object()) {
-            if usage.get("prompt_tokens").is_some() {
+            if is_responses_usage(usage) {
+                self.format.get_or_insert(ApiFormat::OpenAiResponses);
+                self.apply_responses_usage(usage);
+            } else if usage.get("prompt_tokens").is_some() {
                 self.format.get_or_insert(ApiFormat::OpenAi);
                 self.apply_openai(usage);
             } else {
@@ -323,18 +365,21 @@ impl UsageExtractor {
         let w1 = split.and_then(|c| u(c.get("ephemeral_1h_input_tokens")));
         let total = u(usage.get("cache_creation_input_tokens"));
         if w5.is_some() || w1.is_some() {
+            self.cache_split_seen = true;
             x.cache_write_5m_tokens = w5.unwrap_or(0);
             x.cache_write_1h_tokens = w1.unwrap_or(0);
-            // A total larger than the split (should not happen) is priced as 5-minute.
             if let Some(t) = total {
-                let split_sum = x.cache_write_5m_tokens + x.cache_write_1h_tokens;
-                if t > split_sum {
-                    x.cache_write_5m_tokens += t - split_sum;
-                }
+                reconcile_cache_writes(x, t);
             }
         } else if let Some(t) = total {
-            x.cache_write_5m_tokens = t;
-            x.cache_write_1h_tokens = 0;
+            if self.cache_split_seen {
+                // `message_delta` carries only the running total: keep the split that
+                // `message_start` gave and reconcile the total with it.
+                reconcile_cache_writes(x, t);
+            } else {
+                x.cache_write_5m_tokens = t;
+                x.cache_write_1h_tokens = 0;
+            }
         }
         if let Some(n) = usage
             .get("server_tool_use")
@@ -342,6 +387,45 @@ impl UsageExtractor {
         {
             x.web_search_requests = n;
         }
+    }
+
+    /// A Responses API response object (whole, or inside a `response.*` event).
+    fn apply_response(&mut self, r: &Value) {
+        self.take_model(r);
+        if let Some(usage) = r.get("usage").filter(|u| u.is_object()) {
+            self.apply_responses_usage(usage);
+        }
+        let failed = r.get("status").and_then(Value::as_str) == Some("failed");
+        if let Some(err) = r.get("error").filter(|e| e.is_object()) {
+            let kind = err
+                .get("code")
+                .or_else(|| err.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            self.error = Some(UpstreamError {
+                kind: kind.to_owned(),
+            });
+        } else if failed {
+            self.error = Some(UpstreamError {
+                kind: "failed".to_owned(),
+            });
+        }
+    }
+
+    /// Responses usage: `input_tokens` *includes* `input_tokens_details.cached_tokens`;
+    /// `output_tokens` includes `output_tokens_details.reasoning_tokens`.
+    fn apply_responses_usage(&mut self, usage: &Value) {
+        self.seen_usage = true;
+        let input = u(usage.get("input_tokens")).unwrap_or(0);
+        let cached = usage
+            .get("input_tokens_details")
+            .and_then(|d| u(d.get("cached_tokens")))
+            .unwrap_or(0)
+            .min(input);
+        let x = &mut self.usage;
+        x.input_tokens = input - cached;
+        x.cache_read_tokens = cached;
+        x.output_tokens = u(usage.get("output_tokens")).unwrap_or(0);
     }
 
     fn apply_openai(&mut self, usage: &Value) {
@@ -356,6 +440,46 @@ impl UsageExtractor {
         x.input_tokens = prompt - cached;
         x.cache_read_tokens = cached;
         x.output_tokens = u(usage.get("completion_tokens")).unwrap_or(0);
+    }
+}
+
+/// `response.created`, `response.in_progress`, `response.completed`,
+/// `response.incomplete`, `response.failed`: the Responses events that carry the response
+/// object (its deltas never do).
+fn is_response_lifecycle(event: &[u8]) -> bool {
+    matches!(
+        event,
+        b"response.created"
+            | b"response.in_progress"
+            | b"response.completed"
+            | b"response.incomplete"
+            | b"response.failed"
+            | b"response.queued"
+    )
+}
+
+/// Whether a usage object has the Responses API's shape (`input_tokens` with
+/// `input_tokens_details` / `output_tokens_details`), not Anthropic's.
+fn is_responses_usage(usage: &Value) -> bool {
+    usage.get("input_tokens_details").is_some() || usage.get("output_tokens_details").is_some()
+}
+
+/// Makes the 5-minute / 1-hour cache-write split add up to `total` (the
+/// `cache_creation_input_tokens` the upstream reported), keeping the split known so far:
+/// tokens beyond the split are priced as 5-minute writes (the default cache), and a total
+/// below the split takes the difference off the 5-minute part first, then the 1-hour part.
+fn reconcile_cache_writes(x: &mut Usage, total: u64) {
+    let split = x
+        .cache_write_5m_tokens
+        .saturating_add(x.cache_write_1h_tokens);
+    if total >= split {
+        x.cache_write_5m_tokens += total - split;
+    } else {
+        let mut excess = split - total;
+        let from_5m = excess.min(x.cache_write_5m_tokens);
+        x.cache_write_5m_tokens -= from_5m;
+        excess -= from_5m;
+        x.cache_write_1h_tokens -= excess.min(x.cache_write_1h_tokens);
     }
 }
 
@@ -397,6 +521,47 @@ mod tests {
                 web_search_requests: 2,
             }
         );
+    }
+
+    #[test]
+    fn streamed_one_hour_cache_write_keeps_split_from_message_start() {
+        let mut x = UsageExtractor::new();
+        x.on_event(b"message_start", br#"{"type":"message_start","message":{"model":"claude-opus-4-7","usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":159217},"output_tokens":1}}}"#);
+        x.on_event(b"message_delta", br#"{"type":"message_delta","usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"cache_read_input_tokens":0,"output_tokens":2745}}"#);
+        assert_eq!(x.usage().cache_write_5m_tokens, 0);
+        assert_eq!(x.usage().cache_write_1h_tokens, 159_217);
+        let cost = crate::cost::PriceTable::builtin()
+            .cost("claude-opus-4-7", x.usage())
+            .unwrap();
+        assert_eq!(cost, crate::cost::Money::parse_dollars("1.660825").unwrap());
+    }
+
+    #[test]
+    fn delta_total_that_differs_from_the_split_is_reconciled() {
+        let start = br#"{"type":"message_start","message":{"model":"claude-opus-4-7","usage":{"input_tokens":1,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"output_tokens":1}}}"#;
+        let delta = |total: u64| {
+            format!(
+                r#"{{"type":"message_delta","usage":{{"cache_creation_input_tokens":{total},"output_tokens":2}}}}"#
+            )
+        };
+        let split = |total: u64| {
+            let mut x = UsageExtractor::new();
+            x.on_event(b"message_start", start);
+            x.on_event(b"message_delta", delta(total).as_bytes());
+            (
+                x.usage().cache_write_5m_tokens,
+                x.usage().cache_write_1h_tokens,
+            )
+        };
+        assert_eq!(split(300), (100, 200));
+        assert_eq!(split(350), (150, 200)); // extra tokens: the 5-minute rate
+        assert_eq!(split(250), (50, 200)); // fewer: off the 5-minute part first
+        assert_eq!(split(150), (0, 150)); // then off the 1-hour part
+        assert_eq!(split(0), (0, 0));
+        // without a split from message_start, a total is all 5-minute writes
+        let mut x = UsageExtractor::new();
+        x.on_event(b"message_delta", delta(40).as_bytes());
+        assert_eq!(x.usage().cache_write_5m_tokens, 40);
     }
 
     #[test]

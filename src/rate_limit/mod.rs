@@ -77,6 +77,11 @@ pub use layer::{
 };
 pub use quota::{Algorithm, Quota};
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
+#[cfg(feature = "redis")]
+pub use store::{
+    HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
+    RedisStoreBuilder, RedisStoreConfig,
+};
 pub use store::{MemoryStore, MemoryStoreBuilder, Store};
 
 #[cfg(test)]

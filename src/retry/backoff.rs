@@ -36,16 +36,27 @@ pub enum Jitter {
     Decorrelated,
 }
 
-impl FromStr for Jitter {
-    type Err = String;
+/// The error of parsing a [`Jitter`].
+///
+/// ```
+/// use palisade::retry::Jitter;
+/// let err = "sometimes".parse::<Jitter>().unwrap_err();
+/// assert_eq!(err.to_string(), "unknown jitter `sometimes`: expected `full`, `equal`, `decorrelated` or `none`");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown jitter `{0}`: expected `full`, `equal`, `decorrelated` or `none`")]
+pub struct ParseJitterError(String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for Jitter {
+    type Err = ParseJitterError;
+
+    fn from_str(s: &str) -> Result<Self, ParseJitterError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "none" | "off" => Ok(Jitter::None),
             "full" => Ok(Jitter::Full),
             "equal" => Ok(Jitter::Equal),
             "decorrelated" => Ok(Jitter::Decorrelated),
-            _ => Err("expected `full`, `equal`, `decorrelated` or `none`".to_owned()),
+            other => Err(ParseJitterError(other.to_owned())),
         }
     }
 }

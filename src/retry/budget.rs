@@ -12,6 +12,8 @@ const SLOTS: usize = 10;
 const UNIT: i64 = 1000;
 /// Deposits between two looks at the clock on the first-attempt path (at least).
 const CLOCK_EVERY: i64 = 32;
+/// The largest reserve, in thousandths of a retry.
+const MAX_RESERVE: i64 = 1 << 60;
 
 /// A retry budget shared by every request of a layer (and of any layers it is cloned into).
 ///
@@ -88,7 +90,10 @@ impl RetryBudget {
             return Err(BudgetError::Ratio(ratio));
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
-        let reserve = (f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64;
+        // Capped far below i64::MAX so that the balance (reserve plus slots) cannot overflow
+        // whatever the window: a reserve of 2^60 thousandths is retries without limit.
+        let reserve =
+            ((f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64).min(MAX_RESERVE);
         // Rounded down, so the effective ratio never exceeds the one asked for.
         let deposit = (ratio * UNIT as f64).floor() as i64;
         let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
@@ -142,20 +147,55 @@ impl RetryBudget {
     }
 
     /// Takes one retry from the budget: `true` if there was one to take.
+    ///
+    /// The token is taken first and the balance looked at after, giving it back if that
+    /// went below zero: of callers racing for the last tokens, each sees the withdrawals
+    /// ordered before its own, so together they never take more than there was (a loser
+    /// of such a race may be refused while a winner gives its token back, which only ever
+    /// makes the budget stricter).
     pub fn withdraw(&self) -> bool {
         let inner = &*self.inner;
         let generation = inner.advance();
-        if inner.balance() < UNIT {
-            return false;
+        let slot = &inner.slots[(generation % SLOTS as u64) as usize];
+        slot.fetch_sub(UNIT, Ordering::SeqCst);
+        if inner.balance() >= 0 {
+            return true;
         }
-        inner.slots[(generation % SLOTS as u64) as usize].fetch_sub(UNIT, Ordering::Relaxed);
-        true
+        slot.fetch_add(UNIT, Ordering::SeqCst);
+        false
     }
 
     /// The number of whole retries available now.
     pub fn available(&self) -> u64 {
         self.inner.advance();
         u64::try_from(self.inner.balance() / UNIT).unwrap_or(0)
+    }
+}
+
+/// The budget plugs into tower's own retry middleware (`tower::retry`) as well.
+///
+/// ```
+/// use std::time::Duration;
+/// use palisade::retry::RetryBudget;
+/// use tower::retry::budget::Budget;
+///
+/// fn spend(budget: &impl Budget) -> bool {
+///     budget.deposit();
+///     budget.withdraw()
+/// }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+/// assert!(spend(&budget));
+/// # }
+/// ```
+impl tower::retry::budget::Budget for RetryBudget {
+    fn deposit(&self) {
+        RetryBudget::deposit(self);
+    }
+
+    fn withdraw(&self) -> bool {
+        RetryBudget::withdraw(self)
     }
 }
 
@@ -168,12 +208,9 @@ impl Default for RetryBudget {
 
 impl Inner {
     fn balance(&self) -> i64 {
-        self.reserve
-            + self
-                .slots
-                .iter()
-                .map(|s| s.load(Ordering::Relaxed))
-                .sum::<i64>()
+        self.slots.iter().fold(self.reserve, |sum, s| {
+            sum.saturating_add(s.load(Ordering::SeqCst))
+        })
     }
 
     /// Moves the window to the current time, clearing the slots that fell out of it, and
@@ -251,6 +288,50 @@ mod tests {
         tokio::time::advance(Duration::from_millis(5_500)).await;
         // the first ten fell out, the second ten remain
         assert_eq!(budget.available(), 10);
+    }
+
+    /// Racing callers must never take more retries than the budget holds. Checking the
+    /// balance and then withdrawing, in two steps, let several callers see the last token
+    /// and all take it.
+    #[test]
+    fn concurrent_withdrawals_never_overspend() {
+        const THREADS: usize = 4;
+        const TOKENS: usize = 2;
+        let mut overspent = 0;
+        for _ in 0..1_000 {
+            // a floor of 2 retries per second over 1 s: two tokens, nothing earned
+            let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
+            let barrier = std::sync::Barrier::new(THREADS);
+            let taken = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for _ in 0..THREADS {
+                    s.spawn(|| {
+                        barrier.wait();
+                        for _ in 0..TOKENS {
+                            if budget.withdraw() {
+                                taken.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            let taken = taken.into_inner();
+            overspent += taken.saturating_sub(TOKENS);
+            assert_eq!(budget.available(), (TOKENS - taken.min(TOKENS)) as u64);
+        }
+        assert_eq!(overspent, 0, "retries taken beyond the budget");
+    }
+
+    /// A window of `Duration::MAX` with a floor of retries made a reserve of `i64::MAX`
+    /// thousandths, and the first deposit overflowed the balance.
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_window_does_not_overflow_the_balance() {
+        let budget = RetryBudget::new(Duration::MAX, u32::MAX, 1000.0).unwrap();
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert!(budget.withdraw());
+        assert!(budget.available() > 1 << 40);
     }
 
     #[test]

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::backoff::Jitter;
 use super::budget::BudgetError;
-use crate::config::{Env, duration};
+use crate::config::{ConfigError, Env, Problem, ProblemKind, duration, env_var};
+
+/// The prefix of the retry layer's environment variables.
+const PREFIX: &str = "PALISADE_RETRY";
 
 /// Configuration of a [`RetryLayer`](super::RetryLayer), from a file (serde) or from
 /// `PALISADE_RETRY_*` environment variables ([`RetryConfig::from_env`]). Build the layer
@@ -40,7 +43,8 @@ pub struct RetryConfig {
     pub base_delay: Duration,
     /// Each delay is `factor` times the one before (default 2, at least 1).
     pub factor: f64,
-    /// The cap on any delay, after jitter and on server-directed delays (default 8 s).
+    /// The cap on any delay, after jitter (default 8 s). A server that asks for a longer
+    /// wait gets its answer back at once instead of an early retry.
     #[serde(with = "duration")]
     pub max_delay: Duration,
     /// How delays are randomised (default full jitter).
@@ -122,6 +126,37 @@ pub enum RetryConfigError {
     CountHeader(String),
 }
 
+impl RetryConfigError {
+    /// The configuration field at fault (its serde name), for example `"max_delay"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::Factor(_) => "factor",
+            Self::MaxDelayBelowBase { .. } => "max_delay",
+            Self::ZeroLimit(field) => field,
+            Self::Budget(BudgetError::WindowTooShort(_)) => "budget_window",
+            Self::Budget(_) => "budget_ratio",
+            Self::CountHeader(_) => "count_header",
+        }
+    }
+
+    /// This mistake as a problem with its `PALISADE_RETRY_*` variable.
+    fn problem(&self) -> Problem {
+        Problem {
+            name: env_var(PREFIX, self.field()),
+            kind: ProblemKind::Invalid {
+                value: String::new(),
+                reason: self.to_string(),
+            },
+            example: "see RetryConfig".to_owned(),
+        }
+    }
+
+    /// This mistake as a [`ConfigError`] naming its `PALISADE_RETRY_*` variable.
+    pub fn to_config_error(&self) -> ConfigError {
+        ConfigError::new(vec![self.problem()])
+    }
+}
+
 fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "none" | "off" => Ok(None),
@@ -130,6 +165,23 @@ fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
 }
 
 impl RetryConfig {
+    /// A preset for LLM APIs: the defaults (the official SDKs' schedule: 500 ms doubling
+    /// to 8 s with full jitter, 3 retries, a 20% retry budget) and a 2-minute deadline for
+    /// the whole call, retries and waits included. See [`RetryLayer::llm`](super::RetryLayer::llm).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cfg = palisade::retry::RetryConfig::llm();
+    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(120)));
+    /// cfg.validate().unwrap();
+    /// ```
+    pub fn llm() -> Self {
+        Self {
+            deadline: Some(Duration::from_secs(120)),
+            ..Self::default()
+        }
+    }
+
     /// Reads `PALISADE_RETRY_MAX_RETRIES`, `_BASE_DELAY`, `_FACTOR`, `_MAX_DELAY`, `_JITTER`,
     /// `_DEADLINE`, `_ATTEMPT_TIMEOUT`, `_BUDGET`, `_BUDGET_WINDOW`, `_BUDGET_MIN_PER_SEC`,
     /// `_BUDGET_RATIO`, `_BODY_LIMIT`, `_ASSUME_IDEMPOTENT`, `_COUNT_HEADER` and `_SEED`,
@@ -153,45 +205,53 @@ impl RetryConfig {
     /// ```
     pub fn from_env(env: &mut Env) -> Self {
         let d = RetryConfig::default();
-        Self {
-            max_retries: env.optional("PALISADE_RETRY_MAX_RETRIES", d.max_retries, "3"),
-            base_delay: env.duration("PALISADE_RETRY_BASE_DELAY", d.base_delay, "500ms"),
-            factor: env.optional("PALISADE_RETRY_FACTOR", d.factor, "2"),
-            max_delay: env.duration("PALISADE_RETRY_MAX_DELAY", d.max_delay, "8s"),
-            jitter: env.optional("PALISADE_RETRY_JITTER", d.jitter, "full"),
-            deadline: env.optional_with("PALISADE_RETRY_DEADLINE", d.deadline, "30s", |s| {
+        let var = |field: &str| env_var(PREFIX, field);
+        let cfg = Self {
+            max_retries: env.optional(&var("max_retries"), d.max_retries, "3"),
+            base_delay: env.duration(&var("base_delay"), d.base_delay, "500ms"),
+            factor: env.optional(&var("factor"), d.factor, "2"),
+            max_delay: env.duration(&var("max_delay"), d.max_delay, "8s"),
+            jitter: env.optional(&var("jitter"), d.jitter, "full"),
+            deadline: env.optional_with(&var("deadline"), d.deadline, "30s", |s| {
                 optional_duration(s)
             }),
             attempt_timeout: env.optional_with(
-                "PALISADE_RETRY_ATTEMPT_TIMEOUT",
+                &var("attempt_timeout"),
                 d.attempt_timeout,
                 "10s",
                 optional_duration,
             ),
-            budget: env.optional("PALISADE_RETRY_BUDGET", d.budget, "true"),
-            budget_window: env.duration("PALISADE_RETRY_BUDGET_WINDOW", d.budget_window, "10s"),
+            budget: env.optional(&var("budget"), d.budget, "true"),
+            budget_window: env.duration(&var("budget_window"), d.budget_window, "10s"),
             budget_min_per_sec: env.optional(
-                "PALISADE_RETRY_BUDGET_MIN_PER_SEC",
+                &var("budget_min_per_sec"),
                 d.budget_min_per_sec,
                 "10",
             ),
-            budget_ratio: env.optional("PALISADE_RETRY_BUDGET_RATIO", d.budget_ratio, "0.2"),
-            body_limit: env.optional("PALISADE_RETRY_BODY_LIMIT", d.body_limit, "1048576"),
+            budget_ratio: env.optional(&var("budget_ratio"), d.budget_ratio, "0.2"),
+            body_limit: env.optional(&var("body_limit"), d.body_limit, "1048576"),
             assume_idempotent: env.optional(
-                "PALISADE_RETRY_ASSUME_IDEMPOTENT",
+                &var("assume_idempotent"),
                 d.assume_idempotent,
                 "false",
             ),
             count_header: env.optional_with(
-                "PALISADE_RETRY_COUNT_HEADER",
+                &var("count_header"),
                 d.count_header,
                 "x-retry-count",
                 |s| Ok(Some(s.trim().to_owned())),
             ),
-            seed: env.optional_with("PALISADE_RETRY_SEED", d.seed, "42", |s| {
+            seed: env.optional_with(&var("seed"), d.seed, "42", |s| {
                 s.trim().parse().map(Some).map_err(|e| format!("{e}"))
             }),
+        };
+        if env.problems().is_empty() {
+            if let Err(err) = cfg.checked() {
+                let problem = err.problem();
+                env.problem(&problem.name, problem.kind, &problem.example);
+            }
         }
+        cfg
     }
 
     /// Checks the configuration without building anything.
@@ -241,6 +301,16 @@ impl RetryConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_that_does_not_validate_names_its_variable() {
+        let mut env = Env::from_pairs([("PALISADE_RETRY_MAX_DELAY", "100ms")]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        assert_eq!(err.problems()[0].name, "PALISADE_RETRY_MAX_DELAY");
+        assert!(err.to_string().contains("below base_delay"), "{err}");
+        RetryConfig::llm().validate().unwrap();
+    }
 
     #[test]
     fn defaults_round_trip_through_serde() {

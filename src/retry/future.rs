@@ -77,7 +77,7 @@ where
         let future = service.call(attempt);
         let (deadline, timer) = if policy.deadline.is_some() || policy.attempt_timeout.is_some() {
             let now = Instant::now();
-            let deadline = policy.deadline.map(|d| now + d);
+            let deadline = policy.deadline.map(|d| after(now, d));
             let end = attempt_end(now, policy.attempt_timeout, deadline);
             (deadline, end.map(|at| Box::pin(sleep_until(at))))
         } else {
@@ -111,12 +111,19 @@ where
     }
 }
 
+/// `now + d`, or about 30 years from now when that overflows (`Duration::MAX` means "no
+/// limit in practice", never a panic).
+fn after(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    now.checked_add(d.min(FAR)).unwrap_or(now)
+}
+
 fn attempt_end(
     now: Instant,
     timeout: Option<Duration>,
     deadline: Option<Instant>,
 ) -> Option<Instant> {
-    match (timeout.map(|t| now + t), deadline) {
+    match (timeout.map(|t| after(now, t)), deadline) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
@@ -134,7 +141,8 @@ enum Decision {
     Return,
     /// Wait this long, then retry.
     Retry(Duration),
-    /// The server asked for a longer wait than the deadline leaves.
+    /// The server asked for a longer wait than `max_delay` or the deadline allows: its
+    /// answer goes back to the caller, who can come back when it said.
     GiveUp(Duration),
 }
 
@@ -179,7 +187,16 @@ impl<C, R: ReplaySource> Attempts<'_, C, R> {
                     );
                     return Decision::GiveUp(asked);
                 }
-                asked.min(policy.backoff.max_delay())
+                if asked > policy.backoff.max_delay() {
+                    // Retrying earlier than asked would be refused again and spend budget.
+                    tracing::debug!(
+                        retry_after_ms = asked.as_millis() as u64,
+                        max_delay_ms = policy.backoff.max_delay().as_millis() as u64,
+                        "the server asked for a longer wait than max_delay; giving up"
+                    );
+                    return Decision::GiveUp(asked);
+                }
+                asked
             }
             None => policy
                 .rng
@@ -304,7 +321,7 @@ where
                             // The failed answer (and its body) goes now, not after the wait.
                             drop(result);
                             *this.previous_delay = delay;
-                            arm(this.timer, Instant::now() + delay);
+                            arm(this.timer, after(Instant::now(), delay));
                             this.state.set(State::Waiting);
                         }
                     }
@@ -349,7 +366,8 @@ where
     }
 }
 
-/// The error returned when the server's `retry-after` outlives the deadline: the original
+/// The error returned when the server's `retry-after` is beyond `max_delay` or the
+/// deadline: the original
 /// error if it already carries a retry-after, else an upstream error that does.
 fn give_up_error(err: BoxError, asked: Duration) -> BoxError {
     if let Some(e) = err.downcast_ref::<Error>() {

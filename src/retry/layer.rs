@@ -1,5 +1,6 @@
 //! `RetryLayer`, its builder, and the `Retry` service.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use super::config::{RetryConfig, RetryConfigError};
 use super::future::ResponseFuture;
 use super::policy::{Replay, ReplaySource, RetryResponse};
 use crate::classify::{Classify, DefaultClassifier};
+use crate::config::{ConfigError, Env};
 use crate::error::BoxError;
 
 /// Everything a layer's services share: the schedule, the budget, the classifier.
@@ -51,26 +53,52 @@ impl RetryLayer {
     /// The defaults: 3 retries, 500 ms doubling to 8 s with full jitter, a 20% budget,
     /// bodies kept up to 1 MiB, the default classifier.
     pub fn new() -> Self {
-        Self::from_config(&RetryConfig::default()).expect("the default configuration is valid")
+        Self::from_config(RetryConfig::default()).expect("the default configuration is valid")
     }
 
     /// A builder starting from the defaults.
-    pub fn builder() -> RetryBuilder {
-        RetryBuilder {
+    pub fn builder() -> RetryLayerBuilder {
+        RetryLayerBuilder {
             config: RetryConfig::default(),
             classifier: DefaultClassifier::new(),
             budget: None,
         }
     }
 
-    /// The layer a configuration describes, with the default classifier.
-    pub fn from_config(config: &RetryConfig) -> Result<Self, RetryConfigError> {
-        RetryBuilder {
-            config: config.clone(),
+    /// The layer a configuration describes, with the default classifier. Takes the
+    /// configuration by value or by reference.
+    pub fn from_config(config: impl Borrow<RetryConfig>) -> Result<Self, RetryConfigError> {
+        RetryLayerBuilder {
+            config: config.borrow().clone(),
             classifier: DefaultClassifier::new(),
             budget: None,
         }
         .build()
+    }
+
+    /// The layer the `PALISADE_RETRY_*` environment variables describe (see
+    /// [`RetryConfig::from_env`]), with every problem reported at once.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), palisade::config::ConfigError> {
+    /// let layer = palisade::retry::RetryLayer::from_env()?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut env = Env::from_process();
+        let config = RetryConfig::from_env(&mut env);
+        env.finish()?;
+        Self::from_config(&config).map_err(|err| err.to_config_error())
+    }
+
+    /// A preset for LLM APIs (Anthropic, OpenAI): the defaults, which follow the official
+    /// SDKs' schedule (500 ms doubling to 8 s, full jitter, 3 retries), with a 2-minute
+    /// deadline for the whole call, retries and waits included. A server that asks for a
+    /// longer wait than 8 s gets its answer back at once.
+    pub fn llm() -> Self {
+        Self::from_config(RetryConfig::llm()).expect("the LLM preset is valid")
     }
 }
 
@@ -108,19 +136,26 @@ impl<S, C> Layer<S> for RetryLayer<C> {
     }
 }
 
+/// The former name of [`RetryLayerBuilder`].
+#[deprecated(
+    since = "0.2.0",
+    note = "renamed `RetryLayerBuilder`, like every layer's builder"
+)]
+pub type RetryBuilder<C = DefaultClassifier> = RetryLayerBuilder<C>;
+
 /// Builds a [`RetryLayer`]; every setter takes and returns `self`, and [`build`] checks
 /// the whole configuration.
 ///
-/// [`build`]: RetryBuilder::build
+/// [`build`]: RetryLayerBuilder::build
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct RetryBuilder<C = DefaultClassifier> {
+pub struct RetryLayerBuilder<C = DefaultClassifier> {
     config: RetryConfig,
     classifier: C,
     budget: Option<RetryBudget>,
 }
 
-impl<C> RetryBuilder<C> {
+impl<C> RetryLayerBuilder<C> {
     /// Most retries after the first attempt.
     pub fn max_retries(mut self, n: u32) -> Self {
         self.config.max_retries = n;
@@ -139,7 +174,8 @@ impl<C> RetryBuilder<C> {
         self
     }
 
-    /// The cap on any delay, applied after jitter and to server-directed delays.
+    /// The cap on any delay, applied after jitter. A server that asks (with `retry-after`)
+    /// for a longer wait gets its answer back at once instead of an early retry.
     pub fn max_delay(mut self, delay: Duration) -> Self {
         self.config.max_delay = delay;
         self
@@ -203,7 +239,7 @@ impl<C> RetryBuilder<C> {
 
     /// Also put the retry count in this response header (checked by [`build`]).
     ///
-    /// [`build`]: RetryBuilder::build
+    /// [`build`]: RetryLayerBuilder::build
     pub fn count_header(mut self, name: impl Into<String>) -> Self {
         self.config.count_header = Some(name.into());
         self
@@ -217,8 +253,8 @@ impl<C> RetryBuilder<C> {
 
     /// Replaces the classifier: a [`Classify`] implementation or a closure
     /// `Fn(Result<&Response, &BoxError>) -> Classification`.
-    pub fn classifier<C2>(self, classifier: C2) -> RetryBuilder<C2> {
-        RetryBuilder {
+    pub fn classifier<C2>(self, classifier: C2) -> RetryLayerBuilder<C2> {
+        RetryLayerBuilder {
             config: self.config,
             classifier,
             budget: self.budget,

@@ -10,11 +10,12 @@
 //!   `OPTIONS` are retried on any of them; a `POST` only when the server said it did not
 //!   process the request (429, 529, 503 with `retry-after`, connection never made), when it
 //!   carries an `Idempotency-Key`, or when the layer is told to
-//!   [`assume_idempotent`](RetryBuilder::assume_idempotent).
+//!   [`assume_idempotent`](RetryLayerBuilder::assume_idempotent).
 //! - **When**: after `base * factor^n` with [`Jitter`] (full by default), capped at
 //!   `max_delay` after jitter. `retry-after-ms`, `retry-after` (seconds or HTTP-date) and
-//!   `x-should-retry` override the schedule (clamped to `max_delay`); a server that asks for
-//!   longer than the [deadline](RetryBuilder::deadline) leaves gets its answer back at once.
+//!   `x-should-retry` override the schedule; a server that asks for longer than
+//!   `max_delay` or than the [deadline](RetryLayerBuilder::deadline) leaves gets its answer
+//!   back at once (retrying earlier than asked would be refused again, and spend budget).
 //! - **How much**: a [`RetryBudget`] (on by default: 20% of requests plus 10 per second,
 //!   over 10 s) keeps a failing upstream from seeing a retry storm. Refusals by an open
 //!   circuit breaker (`Outcome::Rejected`) spend no budget.
@@ -86,12 +87,14 @@ mod future;
 mod layer;
 mod policy;
 
-pub use backoff::{Backoff, Jitter, JitterRng};
+pub use backoff::{Backoff, Jitter, JitterRng, ParseJitterError};
 pub use body::ReplayBody;
 pub use budget::{BudgetError, RetryBudget};
 pub use config::{RetryConfig, RetryConfigError};
 pub use future::ResponseFuture;
-pub use layer::{Retry, RetryBuilder, RetryLayer};
+#[allow(deprecated)]
+pub use layer::RetryBuilder;
+pub use layer::{Retry, RetryLayer, RetryLayerBuilder};
 pub use policy::{
     Cloned, HttpSource, IDEMPOTENCY_KEY, Replay, ReplaySource, RetryCount, RetryResponse,
     is_idempotent_method,

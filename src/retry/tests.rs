@@ -80,7 +80,7 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn no_jitter() -> RetryBuilder {
+fn no_jitter() -> RetryLayerBuilder {
     RetryLayer::builder()
         .jitter(Jitter::None)
         .base_delay(ms(100))
@@ -182,18 +182,79 @@ async fn retry_after_seconds_ms_and_date_are_honoured() {
     );
 }
 
+/// A 429 asking for 60 s with `max_delay` at 1 s used to be retried after 1 s: early, so
+/// refused again, and paid for from the budget. The caller gets the answer at once.
 #[tokio::test(start_paused = true)]
-async fn retry_after_is_clamped_to_max_delay() {
+async fn retry_after_beyond_max_delay_returns_the_response() {
+    let log = Log::default();
+    let layer = no_jitter()
+        .max_retries(3)
+        .budget(Duration::from_secs(10), 1, 0.0)
+        .build()
+        .unwrap();
+    let svc = layer.layer(upstream(&log, |_| {
+        Ok(response(429, &[("retry-after", "60".into())]))
+    }));
+    let start = Instant::now();
+    let res = svc.oneshot(get()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "60");
+    assert_eq!(RetryCount::of(&res), 0);
+    assert_eq!(log.count(), 1);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(layer.budget().unwrap().available(), 10, "no budget spent");
+
+    // an error classified with a wait longer than max_delay comes back carrying the wait
+    let log = Log::default();
+    let svc = no_jitter()
+        .classifier(|_: Result<&http::Response<()>, &BoxError>| {
+            Classification::new(Outcome::Failure, Verdict::Safe)
+                .with_retry_after(Some(Duration::from_secs(30)))
+        })
+        .build()
+        .unwrap()
+        .layer(upstream(&log, |_| Err("connection reset".into())));
+    let err = svc.oneshot(get()).await.unwrap_err();
+    let err = err.downcast::<crate::Error>().unwrap();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+    assert_eq!(log.count(), 1);
+
+    // a wait within max_delay is honoured exactly
     let log = Log::default();
     let svc = no_jitter()
         .max_retries(1)
         .build()
         .unwrap()
-        .layer(upstream(&log, |_| {
-            Ok(response(429, &[("retry-after", "60".into())]))
+        .layer(upstream(&log, |n| {
+            Ok(match n {
+                0 => response(429, &[("retry-after", "1".into())]),
+                _ => response(200, &[]),
+            })
         }));
-    svc.oneshot(get()).await.unwrap();
+    assert_eq!(svc.oneshot(get()).await.unwrap().status(), 200);
     assert_eq!(log.times(), [Duration::from_secs(1)]);
+}
+
+/// `Duration::MAX` as a deadline, an attempt timeout or a max delay means "no limit in
+/// practice"; it used to pass validation and panic on the first call (`Instant + MAX`).
+#[tokio::test(start_paused = true)]
+async fn duration_max_limits_never_panic() {
+    let log = Log::default();
+    let svc = RetryLayer::builder()
+        .deadline(Duration::MAX)
+        .attempt_timeout(Duration::MAX)
+        .max_delay(Duration::MAX)
+        .base_delay(ms(10))
+        .jitter(Jitter::None)
+        .max_retries(2)
+        .without_budget()
+        .build()
+        .unwrap()
+        .layer(upstream(&log, |n| {
+            Ok(response(if n < 2 { 503 } else { 200 }, &[]))
+        }));
+    assert_eq!(svc.oneshot(get()).await.unwrap().status(), 200);
+    assert_eq!(log.times(), [ms(10), ms(20)]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -29,7 +29,7 @@ pub const DEFAULT_REMOVED_HEADERS: [&str; 8] = [
 /// A mistake in the security headers configuration, found when the layer is built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum SecurityHeadersError {
+pub enum SecurityHeadersConfigError {
     /// The Content-Security-Policy is invalid.
     #[error(transparent)]
     Csp(#[from] CspError),
@@ -73,12 +73,12 @@ pub enum SecurityHeadersError {
     },
 }
 
-/// Builds a [`SecurityHeadersLayer`]. Start from a preset ([`SecurityHeadersBuilder::api`]
-/// or [`SecurityHeadersBuilder::web`]) and change what you need; every value is checked
-/// and turned into a header value once, in [`SecurityHeadersBuilder::build`].
+/// Builds a [`SecurityHeadersLayer`]. Start from a preset ([`SecurityHeadersLayerBuilder::api`]
+/// or [`SecurityHeadersLayerBuilder::web`]) and change what you need; every value is checked
+/// and turned into a header value once, in [`SecurityHeadersLayerBuilder::build`].
 #[derive(Debug, Clone)]
 #[must_use]
-pub struct SecurityHeadersBuilder {
+pub struct SecurityHeadersLayerBuilder {
     pub(crate) default_mode: HeaderMode,
     pub(crate) modes: [Option<HeaderMode>; SecurityHeader::ALL.len()],
     pub(crate) csp: Option<ContentSecurityPolicy>,
@@ -95,16 +95,16 @@ pub struct SecurityHeadersBuilder {
     pub(crate) xss_protection: XssProtection,
     pub(crate) cache_no_store: bool,
     pub(crate) remove: Vec<String>,
-    pub(crate) errors: Vec<SecurityHeadersError>,
+    pub(crate) errors: Vec<SecurityHeadersConfigError>,
 }
 
-impl Default for SecurityHeadersBuilder {
+impl Default for SecurityHeadersLayerBuilder {
     fn default() -> Self {
         Self::api()
     }
 }
 
-impl SecurityHeadersBuilder {
+impl SecurityHeadersLayerBuilder {
     /// The preset for JSON APIs: `Content-Security-Policy: default-src 'none';
     /// frame-ancestors 'none'`, `Referrer-Policy: no-referrer`, and every other default.
     pub fn api() -> Self {
@@ -161,7 +161,7 @@ impl SecurityHeadersBuilder {
     pub fn header_mode_by_name(self, name: &str, mode: HeaderMode) -> Self {
         match SecurityHeader::from_name(name) {
             Some(header) => self.header_mode(header, mode),
-            None => self.error(SecurityHeadersError::UnknownHeader {
+            None => self.error(SecurityHeadersConfigError::UnknownHeader {
                 name: name.to_owned(),
             }),
         }
@@ -287,7 +287,7 @@ impl SecurityHeadersBuilder {
         self
     }
 
-    pub(crate) fn error(mut self, err: SecurityHeadersError) -> Self {
+    pub(crate) fn error(mut self, err: SecurityHeadersConfigError) -> Self {
         self.errors.push(err);
         self
     }
@@ -297,29 +297,20 @@ impl SecurityHeadersBuilder {
     }
 
     /// Checks everything and builds the layer, or returns the first mistake.
-    pub fn build(self) -> Result<SecurityHeadersLayer, SecurityHeadersError> {
+    pub fn build(self) -> Result<SecurityHeadersLayer, SecurityHeadersConfigError> {
         Ok(SecurityHeadersLayer::from_policy(Arc::new(self.compile()?)))
     }
 
-    pub(crate) fn compile(self) -> Result<Policy, SecurityHeadersError> {
+    pub(crate) fn compile(self) -> Result<Policy, SecurityHeadersConfigError> {
         if let Some(err) = self.errors.first() {
             return Err(err.clone());
         }
-        self.hsts
-            .validate()
-            .map_err(|reason| SecurityHeadersError::HstsPreload { reason })?;
-        self.permissions_policy
-            .validate()
-            .map_err(|reason| SecurityHeadersError::PermissionsPolicy { reason })?;
+        self.hsts.validate()?;
+        self.permissions_policy.validate()?;
 
         let mut remove = Vec::with_capacity(self.remove.len());
         for name in &self.remove {
-            let header = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| SecurityHeadersError::InvalidHeaderName { name: name.clone() })?;
-            if SecurityHeader::from_name(name).is_some() {
-                return Err(SecurityHeadersError::RemovesManagedHeader { name: name.clone() });
-            }
-            remove.push(header);
+            remove.push(check_removed_header(name)?);
         }
 
         let mut fixed = Vec::with_capacity(SecurityHeader::ALL.len());
@@ -426,6 +417,21 @@ impl SecurityHeadersBuilder {
     }
 }
 
+/// Checks a header to remove: a valid name, and not one the layer sets itself.
+pub(crate) fn check_removed_header(name: &str) -> Result<HeaderName, SecurityHeadersConfigError> {
+    let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        SecurityHeadersConfigError::InvalidHeaderName {
+            name: name.to_owned(),
+        }
+    })?;
+    if SecurityHeader::from_name(name).is_some() {
+        return Err(SecurityHeadersConfigError::RemovesManagedHeader {
+            name: name.to_owned(),
+        });
+    }
+    Ok(header)
+}
+
 /// Values of the presets, kept as `&'static str` so that copying them into a response is
 /// free (an owned value costs an atomic reference count per copy).
 pub(crate) const STATIC_VALUES: [&str; 2] = [
@@ -440,17 +446,20 @@ pub(crate) const STATIC_VALUES: [&str; 2] = [
 fn static_or_owned(
     header: SecurityHeader,
     text: String,
-) -> Result<HeaderValue, SecurityHeadersError> {
+) -> Result<HeaderValue, SecurityHeadersConfigError> {
     match STATIC_VALUES.iter().find(|s| **s == text) {
         Some(s) => Ok(HeaderValue::from_static(s)),
         None => owned_value(header, text),
     }
 }
 
-fn owned_value(header: SecurityHeader, text: String) -> Result<HeaderValue, SecurityHeadersError> {
+fn owned_value(
+    header: SecurityHeader,
+    text: String,
+) -> Result<HeaderValue, SecurityHeadersConfigError> {
     // Values are made of validated parts, so this does not fail in practice; it stays a
     // typed error rather than a panic all the same.
-    HeaderValue::try_from(text).map_err(|_| SecurityHeadersError::InvalidHeaderValue {
+    HeaderValue::try_from(text).map_err(|_| SecurityHeadersConfigError::InvalidHeaderValue {
         name: header.to_string(),
     })
 }

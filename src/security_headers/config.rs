@@ -8,34 +8,36 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::builder::{SecurityHeadersBuilder, SecurityHeadersError};
-use super::csp::ContentSecurityPolicy;
+use super::builder::{
+    SecurityHeadersConfigError, SecurityHeadersLayerBuilder, check_removed_header,
+};
+use super::csp::{ContentSecurityPolicy, check_report_to, check_report_uri};
 use super::layer::SecurityHeadersLayer;
 use super::values::{
     CrossOriginEmbedderPolicy, CrossOriginOpenerPolicy, CrossOriginResourcePolicy, FrameOptions,
-    HeaderMode, Hsts, HstsWhen, PermissionsPolicy, ReferrerPolicy, XssProtection,
+    HeaderMode, Hsts, HstsWhen, PermissionsPolicy, ReferrerPolicy, SecurityHeader, XssProtection,
 };
-use crate::config::{Env, Environment};
+use crate::config::{Env, Environment, ParseChoiceError, ProblemKind, env_var};
 
 /// Which preset the configuration starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
-    /// [`SecurityHeadersBuilder::api`] (the default).
+    /// [`SecurityHeadersLayerBuilder::api`] (the default).
     #[default]
     Api,
-    /// [`SecurityHeadersBuilder::web`].
+    /// [`SecurityHeadersLayerBuilder::web`].
     Web,
 }
 
 impl FromStr for Preset {
-    type Err = String;
+    type Err = ParseChoiceError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ParseChoiceError> {
         match s.trim().to_ascii_lowercase().as_str() {
             "api" => Ok(Preset::Api),
             "web" => Ok(Preset::Web),
-            _ => Err("expected `api` or `web`".to_owned()),
+            _ => Err(ParseChoiceError::new(s, "`api` or `web`")),
         }
     }
 }
@@ -66,7 +68,7 @@ impl fmt::Display for Preset {
 ///     [modes]
 ///     x-frame-options = "off"
 /// "#).unwrap();
-/// let layer = SecurityHeadersLayer::from_config(&cfg).unwrap();
+/// let layer = SecurityHeadersLayer::from_config(cfg).unwrap();
 /// # let _ = layer;
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,17 +158,19 @@ impl Default for SecurityHeadersConfig {
     }
 }
 
-const PREFIX: &str = "PALISADE_SECURITY_HEADERS_";
+/// The prefix of the layer's environment variables; each name is
+/// [`env_var`]`(PREFIX, field)`.
+pub(crate) const PREFIX: &str = "PALISADE_SECURITY_HEADERS";
 
-fn var(name: &str) -> String {
-    format!("{PREFIX}{name}")
+fn var(field: &str) -> String {
+    env_var(PREFIX, field)
 }
 
-fn optional<T: FromStr>(env: &mut Env, name: &str, example: &str) -> Option<T>
+fn optional<T: FromStr>(env: &mut Env, field: &str, example: &str) -> Option<T>
 where
     T::Err: fmt::Display,
 {
-    env.optional_with(&var(name), None, example, |s| {
+    env.optional_with(&var(field), None, example, |s| {
         s.trim()
             .parse()
             .map(Some)
@@ -182,9 +186,20 @@ fn list(s: &str) -> Vec<String> {
         .collect()
 }
 
+/// One problem with one field of a [`SecurityHeadersConfig`]: the field, the value that is
+/// wrong, and why.
+struct FieldProblem {
+    field: &'static str,
+    value: String,
+    error: SecurityHeadersConfigError,
+}
+
 impl SecurityHeadersConfig {
     /// Reads `PALISADE_SECURITY_HEADERS_*` variables (and `PALISADE_ENV` for the
-    /// environment), recording every problem in `env`:
+    /// environment), recording every problem in `env`, including those that would
+    /// otherwise surface only when the layer is built (a bad report URI, report-to group
+    /// or header to remove, `preload` with a short `max-age`). Each variable is named
+    /// [`env_var`]`("PALISADE_SECURITY_HEADERS", field)`:
     ///
     /// `PRESET`, `MODE`, `MODES` (`x-frame-options=off,content-security-policy=override`),
     /// `CSP`, `CSP_REPORT_ONLY`, `CSP_NONCE`, `CSP_REPORT_URI`, `CSP_REPORT_TO`, `HSTS`,
@@ -202,16 +217,18 @@ impl SecurityHeadersConfig {
     ///     ("PALISADE_SECURITY_HEADERS_HSTS", "always"),
     ///     ("PALISADE_SECURITY_HEADERS_CSP", "default-src self"),
     ///     ("PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE", "soon"),
+    ///     ("PALISADE_SECURITY_HEADERS_CSP_REPORT_URI", "javascript:alert(1)"),
     /// ]);
     /// let cfg = SecurityHeadersConfig::from_env(&mut env);
     /// assert_eq!(cfg.hsts, HstsWhen::Always);
     /// let err = env.finish().unwrap_err();
-    /// assert_eq!(err.problems().len(), 2); // the unquoted 'self' and the duration
+    /// // the unquoted 'self', the duration and the report URI
+    /// assert_eq!(err.problems().len(), 3);
     /// ```
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
         let environment = Environment::from_env(env);
-        let modes = env.optional_with(&var("MODES"), BTreeMap::new(), "x-frame-options=off", |s| {
+        let modes = env.optional_with(&var("modes"), BTreeMap::new(), "x-frame-options=off", |s| {
             let mut map = BTreeMap::new();
             for item in list(s) {
                 let (name, mode) = item
@@ -221,12 +238,12 @@ impl SecurityHeadersConfig {
                 if super::values::SecurityHeader::from_name(&name).is_none() {
                     return Err(format!("{name:?} is not a managed header"));
                 }
-                map.insert(name, mode.parse::<HeaderMode>()?);
+                map.insert(name, mode.parse::<HeaderMode>().map_err(|e| e.to_string())?);
             }
             Ok(map)
         });
         let csp = env.optional_with(
-            &var("CSP"),
+            &var("csp"),
             None,
             "default-src 'none'; frame-ancestors 'none'",
             |s| {
@@ -239,77 +256,179 @@ impl SecurityHeadersConfig {
             },
         );
         let permissions_policy = env.optional_with(
-            &var("PERMISSIONS_POLICY"),
+            &var("permissions_policy"),
             None,
             "camera=(), microphone=(), geolocation=()",
             |s| {
                 s.parse::<PermissionsPolicy>()
                     .map(|_| Some(s.trim().to_owned()))
+                    .map_err(|e| e.to_string())
             },
         );
-        let remove_headers = env.raw(&var("REMOVE_HEADERS")).map(|s| {
+        let remove_headers = env.raw(&var("remove_headers")).map(|s| {
             if s.trim().eq_ignore_ascii_case("none") {
                 Vec::new()
             } else {
                 list(s)
             }
         });
-        Self {
-            preset: env.optional(&var("PRESET"), d.preset, "web"),
-            mode: env.optional(&var("MODE"), d.mode, "override"),
+        let config = Self {
+            preset: env.optional(&var("preset"), d.preset, "web"),
+            mode: env.optional(&var("mode"), d.mode, "override"),
             modes,
             csp,
-            csp_report_only: env.optional(&var("CSP_REPORT_ONLY"), d.csp_report_only, "true"),
-            csp_nonce: optional(env, "CSP_NONCE", "true"),
-            csp_report_uri: optional(env, "CSP_REPORT_URI", "/csp-reports"),
-            csp_report_to: optional(env, "CSP_REPORT_TO", "csp-endpoint"),
-            hsts: env.optional(&var("HSTS"), d.hsts, "auto"),
-            hsts_max_age: env.duration(&var("HSTS_MAX_AGE"), d.hsts_max_age, "730d"),
+            csp_report_only: env.optional(&var("csp_report_only"), d.csp_report_only, "true"),
+            csp_nonce: optional(env, "csp_nonce", "true"),
+            csp_report_uri: optional(env, "csp_report_uri", "/csp-reports"),
+            csp_report_to: optional(env, "csp_report_to", "csp-endpoint"),
+            hsts: env.optional(&var("hsts"), d.hsts, "auto"),
+            hsts_max_age: env.duration(&var("hsts_max_age"), d.hsts_max_age, "730d"),
             hsts_include_subdomains: env.optional(
-                &var("HSTS_INCLUDE_SUBDOMAINS"),
+                &var("hsts_include_subdomains"),
                 d.hsts_include_subdomains,
                 "true",
             ),
-            hsts_preload: env.optional(&var("HSTS_PRELOAD"), d.hsts_preload, "false"),
+            hsts_preload: env.optional(&var("hsts_preload"), d.hsts_preload, "false"),
             environment,
             trust_forwarded_proto: env.optional(
-                &var("TRUST_FORWARDED_PROTO"),
+                &var("trust_forwarded_proto"),
                 d.trust_forwarded_proto,
                 "true",
             ),
-            frame_options: env.optional(&var("FRAME_OPTIONS"), d.frame_options, "DENY"),
-            referrer_policy: optional(env, "REFERRER_POLICY", "no-referrer"),
+            frame_options: env.optional(&var("frame_options"), d.frame_options, "DENY"),
+            referrer_policy: optional(env, "referrer_policy", "no-referrer"),
             permissions_policy,
             cross_origin_opener_policy: env.optional(
-                &var("CROSS_ORIGIN_OPENER_POLICY"),
+                &var("cross_origin_opener_policy"),
                 d.cross_origin_opener_policy,
                 "same-origin",
             ),
             cross_origin_resource_policy: env.optional(
-                &var("CROSS_ORIGIN_RESOURCE_POLICY"),
+                &var("cross_origin_resource_policy"),
                 d.cross_origin_resource_policy,
                 "same-origin",
             ),
             cross_origin_embedder_policy: optional(
                 env,
-                "CROSS_ORIGIN_EMBEDDER_POLICY",
+                "cross_origin_embedder_policy",
                 "require-corp",
             ),
-            xss_protection: env.optional(&var("XSS_PROTECTION"), d.xss_protection, "0"),
+            xss_protection: env.optional(&var("xss_protection"), d.xss_protection, "0"),
             cache_control_no_store: env.optional(
-                &var("CACHE_CONTROL_NO_STORE"),
+                &var("cache_control_no_store"),
                 d.cache_control_no_store,
                 "true",
             ),
             remove_headers,
+        };
+        config.record_problems(env);
+        config
+    }
+
+    /// Records in `env` what building the layer would refuse, once per value, skipping
+    /// variables whose own value was already refused.
+    fn record_problems(&self, env: &mut Env) {
+        let mut problems = self.field_problems();
+        if problems.is_empty() {
+            // The checks by field cover every mistake `build` knows of; should a
+            // combination still fail, it is reported rather than found at start-up.
+            if let Err(error) = self.build() {
+                problems.push(FieldProblem {
+                    field: "csp",
+                    value: self.csp.clone().unwrap_or_default(),
+                    error,
+                });
+            }
+        }
+        let already: Vec<String> = env.problems().iter().map(|p| p.name.clone()).collect();
+        for FieldProblem {
+            field,
+            value,
+            error,
+        } in problems
+        {
+            let name = var(field);
+            if already.contains(&name) {
+                continue;
+            }
+            let example = match field {
+                "csp_report_uri" => "/csp-reports",
+                "csp_report_to" => "csp-endpoint",
+                "remove_headers" => "server,x-powered-by",
+                "hsts_preload" => "false (or HSTS_MAX_AGE=365d with HSTS_INCLUDE_SUBDOMAINS=true)",
+                "modes" => "x-frame-options=off",
+                "permissions_policy" => "camera=(), microphone=(), geolocation=()",
+                _ => "default-src 'none'; frame-ancestors 'none'",
+            };
+            let kind = ProblemKind::Invalid {
+                value,
+                reason: error.to_string(),
+            };
+            env.problem(&name, kind, example);
         }
     }
 
+    /// Every mistake `build` would find, each checked on its own so that all of them are
+    /// found at once.
+    fn field_problems(&self) -> Vec<FieldProblem> {
+        let mut out = Vec::new();
+        let mut push = |field, value: &str, error| {
+            out.push(FieldProblem {
+                field,
+                value: value.to_owned(),
+                error,
+            });
+        };
+        for name in self.modes.keys() {
+            if SecurityHeader::from_name(name).is_none() {
+                let error = SecurityHeadersConfigError::UnknownHeader { name: name.clone() };
+                push("modes", name, error);
+            }
+        }
+        if let Some(text) = self.csp.as_deref().map(str::trim) {
+            if !text.eq_ignore_ascii_case("off") {
+                if let Err(err) = text.parse::<ContentSecurityPolicy>() {
+                    push("csp", text, err.into());
+                }
+            }
+        }
+        if let Some(uri) = &self.csp_report_uri {
+            if let Err(err) = check_report_uri(uri) {
+                push("csp_report_uri", uri, err.into());
+            }
+        }
+        if let Some(group) = &self.csp_report_to {
+            if let Err(err) = check_report_to(group) {
+                push("csp_report_to", group, err.into());
+            }
+        }
+        if let Some(text) = &self.permissions_policy {
+            if let Err(error) = text.parse::<PermissionsPolicy>() {
+                push("permissions_policy", text, error);
+            }
+        }
+        let hsts = Hsts {
+            max_age: self.hsts_max_age,
+            include_subdomains: self.hsts_include_subdomains,
+            preload: self.hsts_preload,
+        };
+        if let Err(error) = hsts.validate() {
+            push("hsts_preload", "true", error);
+        }
+        for name in self.remove_headers.iter().flatten() {
+            let lower = name.trim().to_ascii_lowercase();
+            if let Err(err) = check_removed_header(&lower) {
+                push("remove_headers", name, err);
+            }
+        }
+        out
+    }
+
     /// The builder this configuration describes (mistakes surface in its `build`).
-    pub fn builder(&self) -> SecurityHeadersBuilder {
+    pub fn builder(&self) -> SecurityHeadersLayerBuilder {
         let mut b = match self.preset {
-            Preset::Api => SecurityHeadersBuilder::api(),
-            Preset::Web => SecurityHeadersBuilder::web(),
+            Preset::Api => SecurityHeadersLayerBuilder::api(),
+            Preset::Web => SecurityHeadersLayerBuilder::web(),
         };
         b = b.mode(self.mode);
         for (name, mode) in &self.modes {
@@ -319,7 +438,7 @@ impl SecurityHeadersConfig {
             Some(off) if off.eq_ignore_ascii_case("off") => None,
             Some(text) => match text.parse::<ContentSecurityPolicy>() {
                 Ok(csp) => Some(csp),
-                Err(err) => return b.error(SecurityHeadersError::Csp(err)),
+                Err(err) => return b.error(SecurityHeadersConfigError::Csp(err)),
             },
             None => b.csp.clone(),
         };
@@ -338,14 +457,14 @@ impl SecurityHeadersConfig {
                 }
                 match cb.build() {
                     Ok(csp) => b.csp(csp),
-                    Err(err) => b.error(SecurityHeadersError::Csp(err)),
+                    Err(err) => b.error(SecurityHeadersConfigError::Csp(err)),
                 }
             }
         };
         if let Some(text) = &self.permissions_policy {
             b = match text.parse::<PermissionsPolicy>() {
                 Ok(policy) => b.permissions_policy(policy),
-                Err(reason) => b.error(SecurityHeadersError::PermissionsPolicy { reason }),
+                Err(err) => b.error(err),
             };
         }
         if let Some(referrer) = self.referrer_policy {
@@ -371,7 +490,7 @@ impl SecurityHeadersConfig {
     }
 
     /// Builds the layer (the same as [`SecurityHeadersLayer::from_config`]).
-    pub fn build(&self) -> Result<SecurityHeadersLayer, SecurityHeadersError> {
+    pub fn build(&self) -> Result<SecurityHeadersLayer, SecurityHeadersConfigError> {
         self.builder().build()
     }
 }

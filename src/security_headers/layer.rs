@@ -7,9 +7,11 @@ use http::{Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::builder::{Policy, SecurityHeadersBuilder, SecurityHeadersError};
+use super::builder::{Policy, SecurityHeadersConfigError, SecurityHeadersLayerBuilder};
+use super::config::{PREFIX, SecurityHeadersConfig};
 use super::csp::CspNonce;
 use super::future::ResponseFuture;
+use crate::config::{ConfigError, Env, Problem, ProblemKind, env_var};
 
 /// Adds security headers to every response, removes fingerprinting headers, and puts a
 /// fresh [`CspNonce`] in the request extensions when the policy uses nonces.
@@ -22,27 +24,68 @@ pub struct SecurityHeadersLayer {
 }
 
 impl SecurityHeadersLayer {
-    /// The preset for JSON APIs (see [`SecurityHeadersBuilder::api`]).
+    /// The preset for JSON APIs (see [`SecurityHeadersLayerBuilder::api`]).
     pub fn api() -> Self {
-        Self::from_policy(Arc::new(preset(SecurityHeadersBuilder::api())))
+        Self::from_policy(Arc::new(preset(SecurityHeadersLayerBuilder::api())))
     }
 
     /// The preset for pages, with a CSP nonce per response (see
-    /// [`SecurityHeadersBuilder::web`]).
+    /// [`SecurityHeadersLayerBuilder::web`]).
     pub fn web() -> Self {
-        Self::from_policy(Arc::new(preset(SecurityHeadersBuilder::web())))
+        Self::from_policy(Arc::new(preset(SecurityHeadersLayerBuilder::web())))
     }
 
-    /// A builder starting from the API preset.
-    pub fn builder() -> SecurityHeadersBuilder {
-        SecurityHeadersBuilder::api()
+    /// A builder starting from the API preset (see [`SecurityHeadersLayerBuilder::web`]
+    /// for pages).
+    pub fn builder() -> SecurityHeadersLayerBuilder {
+        SecurityHeadersLayerBuilder::api()
     }
 
-    /// Builds the layer from configuration.
-    pub fn from_config(
-        config: &super::SecurityHeadersConfig,
-    ) -> Result<Self, SecurityHeadersError> {
-        config.builder().build()
+    /// The layer `config` describes (from a file, or built in code).
+    ///
+    /// ```
+    /// use palisade::security_headers::{Preset, SecurityHeadersConfig, SecurityHeadersLayer};
+    ///
+    /// let mut config = SecurityHeadersConfig::default();
+    /// config.preset = Preset::Web;
+    /// let layer = SecurityHeadersLayer::from_config(config).unwrap();
+    /// # let _ = layer;
+    /// ```
+    pub fn from_config(config: SecurityHeadersConfig) -> Result<Self, SecurityHeadersConfigError> {
+        config.build()
+    }
+
+    /// The layer the process environment describes (`PALISADE_SECURITY_HEADERS_*` and
+    /// `PALISADE_ENV`; see [`SecurityHeadersConfig::from_env`]), reporting every problem
+    /// at once.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), palisade::config::ConfigError> {
+    /// // PALISADE_ENV=production PALISADE_SECURITY_HEADERS_PRESET=web
+    /// let layer = palisade::security_headers::SecurityHeadersLayer::from_env()?;
+    /// # let _ = layer;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_env_in(Env::from_process())
+    }
+
+    /// [`from_env`](Self::from_env) over the given variables.
+    pub(crate) fn from_env_in(mut env: Env) -> Result<Self, ConfigError> {
+        let config = SecurityHeadersConfig::from_env(&mut env);
+        env.finish()?;
+        // `from_env` has already recorded every mistake `build` knows of; should one slip
+        // through, it is still reported as a configuration problem, never a panic.
+        config.build().map_err(|err| {
+            ConfigError::new(vec![Problem {
+                name: env_var(PREFIX, "csp"),
+                kind: ProblemKind::Invalid {
+                    value: String::new(),
+                    reason: err.to_string(),
+                },
+                example: "default-src 'none'; frame-ancestors 'none'".to_owned(),
+            }])
+        })
     }
 
     pub(crate) fn from_policy(policy: Arc<Policy>) -> Self {
@@ -52,7 +95,7 @@ impl SecurityHeadersLayer {
 
 /// The presets are made of constant, valid parts (the tests build both), so compiling
 /// them cannot fail; this runs when the layer is built, never per request.
-fn preset(builder: SecurityHeadersBuilder) -> Policy {
+fn preset(builder: SecurityHeadersLayerBuilder) -> Policy {
     builder
         .compile()
         .expect("the built-in security headers presets are valid")

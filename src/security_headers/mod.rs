@@ -2,12 +2,30 @@
 //! Headers Project, a typed Content-Security-Policy with per-request nonces, HSTS in
 //! production, and removal of fingerprinting headers.
 //!
+//! ```
+//! use palisade::security_headers::SecurityHeadersLayer;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(SecurityHeadersLayer::api()) // or ::web(), ::builder(), ::from_env()?
+//!     .service(service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+//!     }));
+//! let res = svc.oneshot(http::Request::new(())).await?;
+//! assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+//! assert_eq!(res.headers()["content-security-policy"], "default-src 'none'; frame-ancestors 'none'");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Two presets:
 //!
 //! - [`SecurityHeadersLayer::api`] for JSON APIs: `Content-Security-Policy: default-src
 //!   'none'; frame-ancestors 'none'` and `Referrer-Policy: no-referrer`
 //!   (`Cache-Control: no-store` on request, see
-//!   [`SecurityHeadersBuilder::cache_control_no_store`]);
+//!   [`SecurityHeadersLayerBuilder::cache_control_no_store`]);
 //! - [`SecurityHeadersLayer::web`] for pages: [`ContentSecurityPolicy::web`] with a fresh
 //!   [`CspNonce`] per response, in the header and in the request extensions.
 //!
@@ -26,7 +44,13 @@
 //! built; per response the layer only inserts prebuilt values, and with nonces formats the
 //! one CSP value.
 //!
-//! # Example
+//! The same shape as every palisade layer: [`SecurityHeadersLayer::builder`] (a
+//! [`SecurityHeadersLayerBuilder`]), [`SecurityHeadersLayer::from_config`] with a
+//! [`SecurityHeadersConfig`], and [`SecurityHeadersLayer::from_env`], which reads
+//! `PALISADE_SECURITY_HEADERS_*` and reports every problem at once. Mistakes are
+//! [`SecurityHeadersConfigError`]s.
+//!
+//! # Example: pages with nonces
 //!
 //! ```
 //! use http::{Request, Response};
@@ -86,6 +110,7 @@
 mod builder;
 mod config;
 mod csp;
+mod ext;
 mod future;
 mod layer;
 mod values;
@@ -94,9 +119,12 @@ pub mod observatory;
 #[cfg(test)]
 mod tests;
 
-pub use builder::{DEFAULT_REMOVED_HEADERS, SecurityHeadersBuilder, SecurityHeadersError};
+pub use builder::{
+    DEFAULT_REMOVED_HEADERS, SecurityHeadersConfigError, SecurityHeadersLayerBuilder,
+};
 pub use config::{Preset, SecurityHeadersConfig};
 pub use csp::{ContentSecurityPolicy, CspBuilder, CspError, CspNonce, Directive, Source};
+pub use ext::SecurityHeadersServiceBuilderExt;
 pub use future::ResponseFuture;
 pub use layer::{SecurityHeaders, SecurityHeadersLayer};
 pub use values::{

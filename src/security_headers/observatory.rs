@@ -312,7 +312,7 @@ mod tests {
     use super::*;
     use crate::config::Environment;
     use crate::security_headers::{
-        ContentSecurityPolicy, HstsWhen, SecurityHeadersBuilder, SecurityHeadersLayer,
+        ContentSecurityPolicy, HstsWhen, SecurityHeadersLayer, SecurityHeadersLayerBuilder,
     };
 
     async fn headers_of(layer: SecurityHeadersLayer) -> HeaderMap {
@@ -331,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn api_preset_fails_no_observatory_test() {
-        let layer = SecurityHeadersBuilder::api()
+        let layer = SecurityHeadersLayerBuilder::api()
             .environment(Environment::Production)
             .build()
             .unwrap();
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(score(&bare), 30);
 
         // Report-only CSP does not count; 'unsafe-inline' and 'unsafe-eval' are penalised.
-        let report_only = SecurityHeadersBuilder::api()
+        let report_only = SecurityHeadersLayerBuilder::api()
             .csp(
                 ContentSecurityPolicy::api()
                     .to_builder()

@@ -128,7 +128,7 @@ async fn report_only_policy_uses_its_own_header_with_nonce() {
         .report_uri("/csp")
         .build()
         .unwrap();
-    let layer = SecurityHeadersBuilder::web().csp(csp).build().unwrap();
+    let layer = SecurityHeadersLayerBuilder::web().csp(csp).build().unwrap();
     let (h, nonce) = call_with(&layer, Request::new(()), &[]).await;
     assert!(h.get("content-security-policy").is_none());
     let value = text(&h, "content-security-policy-report-only").unwrap();
@@ -166,11 +166,11 @@ async fn override_replaces_the_handlers_values() {
         ("content-security-policy", "default-src *"),
     ];
     for layer in [
-        SecurityHeadersBuilder::api()
+        SecurityHeadersLayerBuilder::api()
             .mode(HeaderMode::Override)
             .build()
             .unwrap(),
-        SecurityHeadersBuilder::web()
+        SecurityHeadersLayerBuilder::web()
             .mode(HeaderMode::Override)
             .build()
             .unwrap(),
@@ -186,7 +186,7 @@ async fn override_replaces_the_handlers_values() {
 
 #[tokio::test]
 async fn per_header_mode_beats_the_default_mode() {
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .mode(HeaderMode::Override)
         .header_mode(SecurityHeader::XFrameOptions, HeaderMode::IfNotPresent)
         .header_mode(SecurityHeader::XXssProtection, HeaderMode::Off)
@@ -208,7 +208,7 @@ async fn per_header_mode_beats_the_default_mode() {
 
 #[tokio::test]
 async fn off_mode_sends_nothing() {
-    let layer = SecurityHeadersBuilder::web()
+    let layer = SecurityHeadersLayerBuilder::web()
         .mode(HeaderMode::Off)
         .environment(Environment::Production)
         .remove_headers([""; 0])
@@ -222,7 +222,7 @@ async fn off_mode_sends_nothing() {
 
 #[tokio::test]
 async fn optional_headers_and_alternative_values() {
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .cache_control_no_store(true)
         .cross_origin_embedder_policy(Some(CrossOriginEmbedderPolicy::RequireCorp))
         .cross_origin_opener_policy(CrossOriginOpenerPolicy::SameOriginAllowPopups)
@@ -247,7 +247,7 @@ async fn optional_headers_and_alternative_values() {
         assert_eq!(text(&h, name).as_deref(), Some(value), "{name}");
     }
     // An empty permissions policy is not sent.
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .permissions_policy(PermissionsPolicy::empty())
         .build()
         .unwrap();
@@ -269,7 +269,7 @@ async fn removes_fingerprinting_headers() {
     }
     assert_eq!(text(&h, "x-request-id").as_deref(), Some("abc"));
 
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .keep_header("Server")
         .remove_header("X-Request-Id")
         .build()
@@ -279,7 +279,7 @@ async fn removes_fingerprinting_headers() {
     assert!(h.get("x-request-id").is_none());
     assert!(h.get("x-powered-by").is_none());
 
-    let layer = SecurityHeadersBuilder::api()
+    let layer = SecurityHeadersLayerBuilder::api()
         .remove_headers(["x-request-id"])
         .build()
         .unwrap();
@@ -290,21 +290,21 @@ async fn removes_fingerprinting_headers() {
 
 #[test]
 fn removal_list_is_checked() {
-    let err = SecurityHeadersBuilder::api()
+    let err = SecurityHeadersLayerBuilder::api()
         .remove_header("bad header")
         .build()
         .unwrap_err();
     assert!(matches!(
         err,
-        SecurityHeadersError::InvalidHeaderName { .. }
+        SecurityHeadersConfigError::InvalidHeaderName { .. }
     ));
-    let err = SecurityHeadersBuilder::api()
+    let err = SecurityHeadersLayerBuilder::api()
         .remove_header("X-Frame-Options")
         .build()
         .unwrap_err();
     assert!(matches!(
         err,
-        SecurityHeadersError::RemovesManagedHeader { .. }
+        SecurityHeadersConfigError::RemovesManagedHeader { .. }
     ));
     assert!(err.to_string().contains("mode"), "{err}");
 }
@@ -336,7 +336,7 @@ async fn hsts_rules() {
     // X-Forwarded-Proto is ignored unless trusted.
     assert_eq!(hsts(&dev, forwarded("https")).await, None);
 
-    let trusting = SecurityHeadersBuilder::api()
+    let trusting = SecurityHeadersLayerBuilder::api()
         .trust_forwarded_proto(true)
         .build()
         .unwrap();
@@ -370,7 +370,7 @@ async fn hsts_rules() {
         assert_eq!(hsts(&dev, rfc7239(value)).await, None, "{value}");
     }
 
-    let prod = SecurityHeadersBuilder::api()
+    let prod = SecurityHeadersLayerBuilder::api()
         .environment(Environment::Production)
         .build()
         .unwrap();
@@ -379,14 +379,14 @@ async fn hsts_rules() {
         Some(DEFAULT)
     );
 
-    let never = SecurityHeadersBuilder::api()
+    let never = SecurityHeadersLayerBuilder::api()
         .environment(Environment::Production)
         .hsts_when(HstsWhen::Never)
         .build()
         .unwrap();
     assert_eq!(hsts(&never, https_req()).await, None);
 
-    let always = SecurityHeadersBuilder::api()
+    let always = SecurityHeadersLayerBuilder::api()
         .hsts_when(HstsWhen::Always)
         .hsts(Hsts {
             max_age: Duration::from_secs(31_536_000),
@@ -401,7 +401,7 @@ async fn hsts_rules() {
     );
 
     // HSTS follows its mode too.
-    let off = SecurityHeadersBuilder::api()
+    let off = SecurityHeadersLayerBuilder::api()
         .environment(Environment::Production)
         .header_mode(SecurityHeader::StrictTransportSecurity, HeaderMode::Off)
         .build()
@@ -421,7 +421,7 @@ async fn hsts_rules() {
 
 #[test]
 fn hsts_preload_requirements_are_checked() {
-    let err = SecurityHeadersBuilder::api()
+    let err = SecurityHeadersLayerBuilder::api()
         .hsts(Hsts {
             max_age: Duration::from_secs(3600),
             include_subdomains: true,
@@ -430,31 +430,34 @@ fn hsts_preload_requirements_are_checked() {
         .build()
         .unwrap_err();
     assert!(
-        matches!(err, SecurityHeadersError::HstsPreload { .. }),
+        matches!(err, SecurityHeadersConfigError::HstsPreload { .. }),
         "{err}"
     );
 }
 
 #[test]
 fn builder_errors_are_typed() {
-    let err = SecurityHeadersBuilder::api()
+    let err = SecurityHeadersLayerBuilder::api()
         .header_mode_by_name("x-made-up", HeaderMode::Off)
         .build()
         .unwrap_err();
-    assert!(matches!(err, SecurityHeadersError::UnknownHeader { .. }));
-    let err = SecurityHeadersBuilder::api()
+    assert!(matches!(
+        err,
+        SecurityHeadersConfigError::UnknownHeader { .. }
+    ));
+    let err = SecurityHeadersLayerBuilder::api()
         .permissions_policy(PermissionsPolicy::empty().allow_origins("camera", ["ftp://x"]))
         .build()
         .unwrap_err();
     assert!(matches!(
         err,
-        SecurityHeadersError::PermissionsPolicy { .. }
+        SecurityHeadersConfigError::PermissionsPolicy { .. }
     ));
     let csp_err = ContentSecurityPolicy::builder()
         .script_src(["'self';"])
         .build()
         .unwrap_err();
-    let err: SecurityHeadersError = csp_err.clone().into();
+    let err: SecurityHeadersConfigError = csp_err.clone().into();
     assert_eq!(err.to_string(), csp_err.to_string());
 }
 
@@ -614,6 +617,95 @@ fn config_from_env_reports_every_problem() {
     assert!(err.to_string().contains("must be quoted"), "{err}");
 }
 
+/// Mistakes that only the layer's build used to find (one at a time) are reported by
+/// `from_env` together with every other problem.
+#[test]
+fn from_env_reports_build_time_problems_all_at_once() {
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_URI",
+            "javascript:alert(1)",
+        ),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_TO", "csp endpoint"),
+        (
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+            "server, bad header, x-frame-options",
+        ),
+        ("PALISADE_SECURITY_HEADERS_HSTS_PRELOAD", "true"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_MAX_AGE", "30d"),
+        ("PALISADE_SECURITY_HEADERS_FRAME_OPTIONS", "ALLOWALL"),
+    ]);
+    let _ = SecurityHeadersConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let mut names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_TO",
+            "PALISADE_SECURITY_HEADERS_CSP_REPORT_URI",
+            "PALISADE_SECURITY_HEADERS_FRAME_OPTIONS",
+            "PALISADE_SECURITY_HEADERS_HSTS_PRELOAD",
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+            "PALISADE_SECURITY_HEADERS_REMOVE_HEADERS",
+        ],
+        "{err}"
+    );
+    let text = err.to_string();
+    for expected in [
+        "\"javascript:alert(1)\" is not an http(s) URL",
+        "\"csp endpoint\" is not a valid group name",
+        "\"bad header\" is not a valid header name",
+        "x-frame-options is set by the security headers layer",
+        "preload requires a max-age of at least one year",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in {text}");
+    }
+}
+
+#[test]
+fn layer_from_env_lists_every_problem_or_builds() {
+    let err = SecurityHeadersLayer::from_env_in(Env::from_pairs([
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_TO", "a b"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_PRELOAD", "true"),
+        ("PALISADE_SECURITY_HEADERS_HSTS_INCLUDE_SUBDOMAINS", "false"),
+    ]))
+    .unwrap_err();
+    assert_eq!(err.problems().len(), 2, "{err}");
+    assert!(
+        err.to_string()
+            .contains("preload requires includeSubDomains"),
+        "{err}"
+    );
+
+    let layer = SecurityHeadersLayer::from_env_in(Env::from_pairs([
+        ("PALISADE_ENV", "production"),
+        ("PALISADE_SECURITY_HEADERS_PRESET", "web"),
+        ("PALISADE_SECURITY_HEADERS_CSP_REPORT_URI", "/csp"),
+    ]));
+    assert!(layer.is_ok());
+}
+
+#[tokio::test]
+async fn service_builder_methods_add_the_presets() {
+    use super::SecurityHeadersServiceBuilderExt;
+    let ok = |_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) };
+    let api = tower::ServiceBuilder::new()
+        .security_headers_api()
+        .service(service_fn(ok));
+    let res = api.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.headers(), &headers(&SecurityHeadersLayer::api()).await);
+    let web = tower::ServiceBuilder::new()
+        .security_headers_web()
+        .service(service_fn(|req: Request<()>| async move {
+            assert!(req.extensions().get::<CspNonce>().is_some());
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+    let res = web.oneshot(Request::new(())).await.unwrap();
+    let csp = res.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("'nonce-"), "{csp}");
+}
+
 #[tokio::test]
 async fn config_files_build_the_layer() {
     let cfg: SecurityHeadersConfig = toml::from_str(
@@ -627,7 +719,7 @@ async fn config_files_build_the_layer() {
         "#,
     )
     .unwrap();
-    let layer = SecurityHeadersLayer::from_config(&cfg).unwrap();
+    let layer = SecurityHeadersLayer::from_config(cfg.clone()).unwrap();
     let h = headers(&layer).await;
     assert_eq!(text(&h, "cache-control").as_deref(), Some("no-store"));
     assert_eq!(
@@ -651,13 +743,13 @@ async fn config_files_build_the_layer() {
     let bad: SecurityHeadersConfig = toml::from_str(r#"csp = "script-src 'self', x""#).unwrap();
     assert!(matches!(
         bad.build().unwrap_err(),
-        SecurityHeadersError::Csp(CspError::ForbiddenCharacter { .. })
+        SecurityHeadersConfigError::Csp(CspError::ForbiddenCharacter { .. })
     ));
     let bad: SecurityHeadersConfig =
         toml::from_str("hsts_preload = true\nhsts_max_age = \"30d\"").unwrap();
     assert!(matches!(
         bad.build().unwrap_err(),
-        SecurityHeadersError::HstsPreload { .. }
+        SecurityHeadersConfigError::HstsPreload { .. }
     ));
     assert!(toml::from_str::<SecurityHeadersConfig>("unknown_field = 1").is_err());
     // The default configuration is the api() preset.
@@ -684,15 +776,15 @@ fn merge_and_in_place_agree() {
         ("content-type", "application/json"),
     ];
     let builders = [
-        SecurityHeadersBuilder::api(),
-        SecurityHeadersBuilder::api().mode(HeaderMode::Override),
-        SecurityHeadersBuilder::api()
+        SecurityHeadersLayerBuilder::api(),
+        SecurityHeadersLayerBuilder::api().mode(HeaderMode::Override),
+        SecurityHeadersLayerBuilder::api()
             .header_mode(SecurityHeader::XFrameOptions, HeaderMode::Off)
             .header_mode(
                 SecurityHeader::StrictTransportSecurity,
                 HeaderMode::Override,
             ),
-        SecurityHeadersBuilder::web().cache_control_no_store(true),
+        SecurityHeadersLayerBuilder::web().cache_control_no_store(true),
     ];
     let sorted = |h: &HeaderMap| {
         let mut v: Vec<(String, Vec<String>)> = h

@@ -7,6 +7,9 @@ use std::time::Duration;
 use http::{HeaderName, header};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::builder::SecurityHeadersConfigError;
+use crate::config::ParseChoiceError;
+
 macro_rules! value_enum {
     (
         $(#[$meta:meta])*
@@ -38,9 +41,9 @@ macro_rules! value_enum {
 
         /// Parses the header value, ASCII case-insensitively; `_` may stand for `-`.
         impl FromStr for $name {
-            type Err = String;
+            type Err = ParseChoiceError;
 
-            fn from_str(s: &str) -> Result<Self, String> {
+            fn from_str(s: &str) -> Result<Self, ParseChoiceError> {
                 let s = s.trim();
                 $(
                     if s.eq_ignore_ascii_case($value)
@@ -50,7 +53,10 @@ macro_rules! value_enum {
                     }
                 )*
                 let expected: &[&str] = &[$($value),*];
-                Err(format!("expected one of {} for {}", expected.join(", "), $what))
+                Err(ParseChoiceError::new(
+                    s,
+                    format!("one of {} for {}", expected.join(", "), $what),
+                ))
             }
         }
 
@@ -220,12 +226,13 @@ impl Hsts {
     pub const PRELOAD_MIN_MAX_AGE: Duration = Duration::from_secs(31_536_000);
 
     /// Checks the preload list's requirements when `preload` is set.
-    pub fn validate(&self) -> Result<(), &'static str> {
+    pub fn validate(&self) -> Result<(), SecurityHeadersConfigError> {
+        let refuse = |reason| Err(SecurityHeadersConfigError::HstsPreload { reason });
         if self.preload && !self.include_subdomains {
-            return Err("preload requires includeSubDomains");
+            return refuse("preload requires includeSubDomains");
         }
         if self.preload && self.max_age < Self::PRELOAD_MIN_MAX_AGE {
-            return Err("preload requires a max-age of at least one year (31536000 seconds)");
+            return refuse("preload requires a max-age of at least one year (31536000 seconds)");
         }
         Ok(())
     }
@@ -348,7 +355,12 @@ impl PermissionsPolicy {
     }
 
     /// Checks feature names and origins.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SecurityHeadersConfigError> {
+        self.check()
+            .map_err(|reason| SecurityHeadersConfigError::PermissionsPolicy { reason })
+    }
+
+    fn check(&self) -> Result<(), String> {
         for (feature, allow) in &self.features {
             if feature.is_empty()
                 || !feature
@@ -401,9 +413,15 @@ impl fmt::Display for PermissionsPolicy {
 
 /// Parses `camera=(), fullscreen=(self), payment=(self "https://pay.example.com")`.
 impl FromStr for PermissionsPolicy {
-    type Err = String;
+    type Err = SecurityHeadersConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, SecurityHeadersConfigError> {
+        Self::parse(s).map_err(|reason| SecurityHeadersConfigError::PermissionsPolicy { reason })
+    }
+}
+
+impl PermissionsPolicy {
+    fn parse(s: &str) -> Result<Self, String> {
         let mut policy = PermissionsPolicy::empty();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (feature, value) = item
@@ -423,7 +441,7 @@ impl FromStr for PermissionsPolicy {
             };
             policy = policy.set(feature.trim(), allow);
         }
-        policy.validate()?;
+        policy.check()?;
         Ok(policy)
     }
 }
@@ -549,7 +567,7 @@ mod tests {
         );
         assert_eq!("1; mode=block".parse(), Ok(XssProtection::Block));
         let err = "maybe".parse::<HstsWhen>().unwrap_err();
-        assert!(err.contains("auto, always, never"), "{err}");
+        assert!(err.to_string().contains("auto, always, never"), "{err}");
         assert_eq!(
             serde_json::to_string(&CrossOriginResourcePolicy::SameSite).unwrap(),
             "\"same-site\""
@@ -578,12 +596,24 @@ mod tests {
             max_age: Duration::from_secs(86_400),
             ..preload
         };
-        assert!(short.validate().unwrap_err().contains("one year"));
+        assert!(
+            short
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("one year")
+        );
         let narrow = Hsts {
             include_subdomains: false,
             ..preload
         };
-        assert!(narrow.validate().unwrap_err().contains("includeSubDomains"));
+        assert!(
+            narrow
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("includeSubDomains")
+        );
         let plain = Hsts {
             max_age: Duration::from_secs(300),
             include_subdomains: false,

@@ -70,7 +70,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// Sends one inline command over RESP and returns the raw reply.
-async fn command(addr: SocketAddr, cmd: &str) -> std::io::Result<String> {
+pub async fn command(addr: SocketAddr, cmd: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.write_all(format!("{cmd}\r\n").as_bytes()).await?;
     let mut buf = vec![0u8; 8192];
@@ -151,6 +151,26 @@ impl RedisServer {
         self.addr
     }
 
+    /// Kills the server (SIGKILL: no goodbye to its clients); [`RedisServer::restart`]
+    /// starts it again on the same port, empty.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a killed server again on the same port and waits until it answers `PING`.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_redis(self.addr.port(), &self.dir, &[]);
+        let addr = self.addr;
+        wait_until("the restarted redis-server to answer PING", || async move {
+            command(addr, "PING")
+                .await
+                .is_ok_and(|r| r.starts_with("+PONG"))
+        })
+        .await;
+    }
+
     /// A `redis://` URL for the server.
     pub fn url(&self) -> String {
         format!("redis://{}/", self.addr)
@@ -176,6 +196,16 @@ impl RedisCluster {
     /// Starts three `redis-server --cluster-enabled yes` nodes, joins them with
     /// `redis-cli --cluster create`, and waits until every node reports `cluster_state:ok`.
     pub async fn start() -> Option<Self> {
+        Self::start_nodes(3, 0).await
+    }
+
+    /// Six nodes: three masters, each with one replica (for failover tests); waits until
+    /// every replica's link to its master is up.
+    pub async fn start_with_replicas() -> Option<Self> {
+        Self::start_nodes(6, 1).await
+    }
+
+    async fn start_nodes(count: usize, replicas: usize) -> Option<Self> {
         if !redis_available() {
             return None;
         }
@@ -185,7 +215,7 @@ impl RedisCluster {
             dir,
             addrs: Vec::new(),
         };
-        for i in 0..3 {
+        for i in 0..count {
             let port = loop {
                 let p = free_port(true);
                 if !cluster.addrs.iter().any(|a| a.port() == p) {
@@ -226,7 +256,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&hosts)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .await
             .expect("run redis-cli --cluster create");
@@ -243,6 +273,16 @@ impl RedisCluster {
                     .is_ok_and(|r| r.contains("cluster_state:ok"))
             })
             .await;
+        }
+        if replicas > 0 {
+            for &addr in &cluster.addrs {
+                wait_until("every replica linked to its master", || async move {
+                    command(addr, "INFO replication").await.is_ok_and(|r| {
+                        r.contains("role:master") || r.contains("master_link_status:up")
+                    })
+                })
+                .await;
+            }
         }
         Some(cluster)
     }

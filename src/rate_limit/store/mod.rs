@@ -38,6 +38,8 @@
 //! ```
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -48,6 +50,11 @@ use super::algorithm::{Decided, Params, Verdict};
 use super::error::StoreError;
 use super::key::RateKey;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
+    RedisStoreBuilder, RedisStoreConfig,
+};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// A boxed future, for the store's admin calls (not on the request path).

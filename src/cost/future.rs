@@ -1,0 +1,273 @@
+//! The response future of [`CostMeter`](super::CostMeter).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Response};
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use super::body::{Meter, MeteredBody, Outcome, RequestMeta};
+use super::layer::{
+    Shared, X_PALISADE_CACHE_READ_TOKENS, X_PALISADE_CACHE_WRITE_TOKENS, X_PALISADE_COST_USD,
+    X_PALISADE_INPUT_TOKENS, X_PALISADE_OUTPUT_TOKENS, header_string,
+};
+use super::record::Completion;
+
+/// The request until its response head arrives: dropped before then (the client went
+/// away while the upstream was still thinking), it writes a record marked
+/// [`Completion::Cancelled`].
+#[derive(Debug)]
+struct Pending {
+    shared: Arc<Shared>,
+    meta: Option<RequestMeta>,
+    polled: bool,
+}
+
+impl Pending {
+    /// Writes the record of a request that got no response.
+    fn record(&mut self, completion: Completion) {
+        if let Some(mut meta) = self.meta.take() {
+            let record = meta.record(&self.shared, 0, completion);
+            self.shared.recorder.record(record);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // A future never polled never reached the upstream.
+        if self.polled {
+            self.record(Completion::Cancelled);
+        }
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B: Body> {
+        Waiting { #[pin] future: F },
+        Buffering {
+            parts: Option<http::response::Parts>,
+            body: Option<Pin<Box<B>>>,
+            chunks: Vec<Bytes>,
+            len: u64,
+            meter: Option<Meter>,
+        },
+        Done,
+    }
+}
+
+pin_project! {
+    /// The response future of [`CostMeter`].
+    pub struct ResponseFuture<F, B: Body> {
+        #[pin]
+        state: State<F, B>,
+        pending: Pending,
+    }
+}
+
+impl<F, B: Body> ResponseFuture<F, B> {
+    pub(crate) fn new(future: F, shared: Arc<Shared>, meta: RequestMeta) -> Self {
+        Self {
+            state: State::Waiting { future },
+            pending: Pending {
+                shared,
+                meta: Some(meta),
+                polled: false,
+            },
+        }
+    }
+}
+
+impl<F, B: Body> std::fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+fn is_content_type(headers: &HeaderMap, want: &str) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            let v = v.trim();
+            v.eq_ignore_ascii_case(want)
+                || (want == "application/json"
+                    && v.len() > 5
+                    && v[v.len() - 5..].eq_ignore_ascii_case("+json"))
+        })
+}
+
+fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
+    let u = &outcome.usage;
+    let cost = outcome.cost.map_or_else(
+        || "unknown".to_owned(),
+        super::pricing::Money::dollars_string,
+    );
+    if let Ok(v) = HeaderValue::try_from(cost) {
+        headers.insert(X_PALISADE_COST_USD, v);
+    }
+    headers.insert(X_PALISADE_INPUT_TOKENS, HeaderValue::from(u.input_tokens));
+    headers.insert(X_PALISADE_OUTPUT_TOKENS, HeaderValue::from(u.output_tokens));
+    headers.insert(
+        X_PALISADE_CACHE_WRITE_TOKENS,
+        HeaderValue::from(
+            u.cache_write_5m_tokens
+                .saturating_add(u.cache_write_1h_tokens),
+        ),
+    );
+    headers.insert(
+        X_PALISADE_CACHE_READ_TOKENS,
+        HeaderValue::from(u.cache_read_tokens),
+    );
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body<Data = Bytes>,
+{
+    type Output = Result<Response<MeteredBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting { future } => {
+                    this.pending.polled = true;
+                    let mut response = match ready!(future.poll(cx)) {
+                        Ok(response) => response,
+                        Err(e) => {
+                            // No response at all (a transport error, a refusal raised as an
+                            // error): recorded as failed, never as an unknown model.
+                            this.pending.record(Completion::Failed);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(e));
+                        }
+                    };
+                    let Some(mut meta) = this.pending.meta.take() else {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
+                    };
+                    let headers = response.headers();
+                    let stream = is_content_type(headers, "text/event-stream");
+                    let json = !stream && is_content_type(headers, "application/json");
+                    if !stream && !json {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
+                    }
+                    let encoded = headers
+                        .get(http::header::CONTENT_ENCODING)
+                        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+                    if encoded {
+                        // Compressed bytes cannot be read for usage; meter before compression.
+                        this.pending.shared.stats.add_encoded_body();
+                        tracing::warn!(target: "palisade::cost", route = %meta.route,
+                            "compressed response not metered: place CostMeterLayer inside compression");
+                        this.state.set(State::Done);
+                        return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
+                    }
+                    if meta.request_id.is_none() {
+                        meta.request_id =
+                            header_string(headers, Some(&HeaderName::from_static("request-id")))
+                                .or_else(|| {
+                                    header_string(
+                                        headers,
+                                        this.pending.shared.request_id_header.as_ref(),
+                                    )
+                                });
+                    }
+                    let status = response.status().as_u16();
+                    let shared = &this.pending.shared;
+                    let meter = Meter::new(Arc::clone(shared), meta, status, stream);
+                    let s = &**shared;
+                    let small = response
+                        .body()
+                        .size_hint()
+                        .upper()
+                        .is_some_and(|n| n <= s.header_buffer);
+                    if json && s.cost_headers && small {
+                        let (parts, body) = response.into_parts();
+                        this.state.set(State::Buffering {
+                            parts: Some(parts),
+                            body: Some(Box::pin(body)),
+                            chunks: Vec::new(),
+                            len: 0,
+                            meter: Some(meter),
+                        });
+                        continue;
+                    }
+                    if stream && s.sse_comment {
+                        response.headers_mut().remove(CONTENT_LENGTH);
+                    }
+                    let comment = s.sse_comment;
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(
+                        response.map(|b| MeteredBody::new(b, Some(meter), comment))
+                    ));
+                }
+                StateProj::Buffering {
+                    parts,
+                    body,
+                    chunks,
+                    len,
+                    meter,
+                } => {
+                    // Read the (small, bounded) body to its end so the cost can go in the head.
+                    let mut error = None;
+                    let mut trailers = None;
+                    let mut done = false;
+                    let pinned = body.as_mut().expect("body present while buffering");
+                    loop {
+                        match ready!(pinned.as_mut().poll_frame(cx)) {
+                            Some(Ok(frame)) => match frame.into_data() {
+                                Ok(data) => {
+                                    if let Some(m) = meter.as_mut() {
+                                        m.feed(&data);
+                                    }
+                                    *len += data.len() as u64;
+                                    chunks.push(data);
+                                    if *len > this.pending.shared.header_buffer {
+                                        break; // the size hint lied: stream the rest
+                                    }
+                                }
+                                Err(frame) => {
+                                    trailers = frame.into_trailers().ok();
+                                    done = true;
+                                    break;
+                                }
+                            },
+                            Some(Err(e)) => {
+                                error = Some(e);
+                                break;
+                            }
+                            None => {
+                                done = true;
+                                break;
+                            }
+                        }
+                    }
+                    let mut meter = meter.take().expect("meter present while buffering");
+                    let mut parts = parts.take().expect("parts present while buffering");
+                    if done {
+                        let outcome = meter.settle();
+                        if outcome.saw_usage {
+                            add_cost_headers(&mut parts.headers, &outcome);
+                        }
+                    }
+                    let chunks = std::mem::take(chunks);
+                    let body = body.take().expect("body present while buffering");
+                    this.state.set(State::Done);
+                    let body = MeteredBody::buffered(body, chunks, error, trailers, done, meter);
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,927 @@
+//! The Redis and Redis Cluster store: limits shared by every instance of a service.
+//!
+//! See [`RedisStore`] for how decisions, keys, Cluster, faults and the blocked-key cache
+//! work.
+
+mod blocked;
+mod config;
+mod health;
+
+use std::fmt;
+use std::future::ready;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use smallvec::SmallVec;
+use tokio::time::Instant;
+
+use self::blocked::{Blocked, BlockedCache};
+pub use self::config::RedisStoreConfig;
+use self::health::Health;
+pub use self::health::RedisHealth;
+use super::super::Algorithm;
+use super::super::algorithm::{Params, Verdict};
+use super::super::error::StoreError;
+use super::super::key::RateKey;
+use super::memory::MemoryStore;
+use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+
+/// The default time a decision may wait for Redis.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "palisade:rl";
+/// The default number of entries in the local cache of blocked keys.
+pub const DEFAULT_BLOCKED_CACHE: usize = 10_000;
+
+/// Expiry grace (ms) with the server's clock: none is needed.
+const GRACE_SERVER_MS: u64 = 0;
+/// Expiry grace (ms) with the client's clock, whose time may run apart from Redis's.
+const GRACE_CLIENT_MS: u64 = 1_000;
+
+static SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("redis/decide.lua")));
+
+/// What the store does when Redis fails or does not answer within the timeout.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RedisFailMode {
+    /// Return a [`StoreError`]: the layer refuses with 503 (its default
+    /// [`FailMode::Closed`](super::super::FailMode::Closed)). No request passes unmetered.
+    #[default]
+    Closed,
+    /// Admit every request that the blocked-key cache does not refuse, unmetered (the
+    /// rate-limit headers then report each rule's full capacity).
+    Open,
+    /// Decide in a local memory store (limits per instance, not shared) until Redis is back.
+    Local,
+}
+
+impl RedisFailMode {
+    /// The name used in configuration (`"closed"`, `"open"` or `"local"`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RedisFailMode::Closed => "closed",
+            RedisFailMode::Open => "open",
+            RedisFailMode::Local => "local",
+        }
+    }
+}
+
+/// Whose clock decides windows.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RedisClock {
+    /// Redis's `TIME`, read inside the script: every instance agrees, whatever its clock.
+    #[default]
+    Server,
+    /// This machine's system clock (µs since the Unix epoch), sent with each call. Only
+    /// for instances whose clocks are kept in step; keys then live one second longer than
+    /// their state needs, so a clock ahead of Redis's never loses state early.
+    Client,
+}
+
+/// How keys are placed on Redis Cluster slots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum HashTag {
+    /// Each key's hash tag is its rate key: rules counting the same key share a slot.
+    #[default]
+    Key,
+    /// One tag for every key of the store: any group of rules is one slot (and one node).
+    Fixed(String),
+}
+
+/// A mistake in the Redis store's configuration, or a first connection that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisConfigError {
+    /// Neither a URL nor a list of Cluster nodes.
+    #[error(
+        "the Redis rate-limit store needs a server: set a URL (redis://host:6379/) or a list of Cluster node URLs"
+    )]
+    NoServer,
+    /// Both a URL and Cluster nodes.
+    #[error("the Redis rate-limit store takes a URL or a list of Cluster nodes, not both")]
+    BothServers,
+    /// A URL that does not parse (the URL is not repeated: it may hold a password).
+    #[error(
+        "a Redis URL is invalid: {reason}; use redis://[:password@]host:port/[db] (rediss:// needs a TLS feature of the redis crate)"
+    )]
+    InvalidUrl {
+        /// Why.
+        reason: String,
+    },
+    /// An empty prefix, or one with a `{` or `}`.
+    #[error("the Redis key prefix must be non-empty and free of `{{` and `}}`")]
+    InvalidPrefix,
+    /// A fixed hash tag that is empty or holds a `{` or `}`.
+    #[error("the Redis hash tag must be non-empty and free of `{{` and `}}`")]
+    InvalidHashTag,
+    /// A zero timeout.
+    #[error("the Redis rate-limit store's timeout must be at least 1ms")]
+    ZeroTimeout,
+    /// The first connection to a Cluster failed (a single server connects lazily).
+    #[error("could not connect to the Redis Cluster: {reason}")]
+    Connect {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Builds a [`RedisStore`].
+#[must_use]
+pub struct RedisStoreBuilder {
+    url: Option<String>,
+    nodes: Vec<String>,
+    prefix: String,
+    timeout: Duration,
+    fail_mode: RedisFailMode,
+    clock: RedisClock,
+    blocked_cache: usize,
+    hash_tag: HashTag,
+    fallback: Option<MemoryStore>,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs may hold passwords: not shown.
+        f.debug_struct("RedisStoreBuilder")
+            .field("cluster_nodes", &self.nodes.len())
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("fail_mode", &self.fail_mode)
+            .field("clock", &self.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStoreBuilder {
+    /// One Redis server (`redis://[:password@]host:port/[db]`), through a connection that
+    /// reconnects by itself.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// A Redis Cluster, from seed node URLs.
+    pub fn cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.nodes = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The key prefix (default `palisade:rl`), so several applications share one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a decision may wait for Redis (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What to do when Redis fails (default [`RedisFailMode::Closed`]).
+    pub fn on_failure(mut self, mode: RedisFailMode) -> Self {
+        self.fail_mode = mode;
+        self
+    }
+
+    /// Whose clock decides windows (default [`RedisClock::Server`]).
+    pub fn clock(mut self, clock: RedisClock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Entries in the local cache of blocked keys (default 10,000; 0 turns it off).
+    pub fn blocked_cache(mut self, entries: usize) -> Self {
+        self.blocked_cache = entries;
+        self
+    }
+
+    /// How keys are placed on Cluster slots (default [`HashTag::Key`]).
+    pub fn hash_tag(mut self, tag: HashTag) -> Self {
+        self.hash_tag = tag;
+        self
+    }
+
+    /// The memory store that [`RedisFailMode::Local`] decides in (default: a new one).
+    pub fn fallback(mut self, store: MemoryStore) -> Self {
+        self.fallback = Some(store);
+        self
+    }
+
+    /// Checks the settings and connects: lazily to a single server (building succeeds
+    /// while it is down), at once to a Cluster (to learn its slots).
+    pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
+        let bad_braces = |s: &str| s.is_empty() || s.contains(['{', '}']);
+        if bad_braces(&self.prefix) {
+            return Err(RedisConfigError::InvalidPrefix);
+        }
+        if let HashTag::Fixed(tag) = &self.hash_tag {
+            if bad_braces(tag) {
+                return Err(RedisConfigError::InvalidHashTag);
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(RedisConfigError::ZeroTimeout);
+        }
+        let invalid = |e: redis::RedisError| RedisConfigError::InvalidUrl {
+            reason: e.to_string(),
+        };
+        let conn =
+            match (self.url, self.nodes.is_empty()) {
+                (None, true) => return Err(RedisConfigError::NoServer),
+                (Some(_), false) => return Err(RedisConfigError::BothServers),
+                (Some(url), true) => {
+                    let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))))
+                        .set_response_timeout(None)
+                        .set_min_delay(Duration::from_millis(10))
+                        .set_max_delay(Duration::from_millis(200))
+                        .set_number_of_retries(3);
+                    Conn::Single(
+                        ConnectionManager::new_lazy_with_config(client, config).map_err(invalid)?,
+                    )
+                }
+                (None, false) => {
+                    let client = redis::cluster::ClusterClientBuilder::new(self.nodes)
+                        .connection_timeout(self.timeout.max(Duration::from_millis(250)))
+                        .response_timeout(Duration::from_secs(1))
+                        .retries(2)
+                        .build()
+                        .map_err(invalid)?;
+                    let conn = client.get_async_connection().await.map_err(|e| {
+                        RedisConfigError::Connect {
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    Conn::Cluster(conn)
+                }
+            };
+        let cluster = matches!(conn, Conn::Cluster(_));
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                cluster,
+                prefix: self.prefix,
+                timeout: self.timeout,
+                fail_mode: self.fail_mode,
+                clock: self.clock,
+                hash_tag: self.hash_tag,
+                blocked: BlockedCache::new(self.blocked_cache),
+                fallback: self.fallback.unwrap_or_default(),
+                health: Health::default(),
+            }),
+        })
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Rate-limit state in Redis or Redis Cluster, shared by clones and by every instance of a
+/// service.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use palisade::rate_limit::{Quota, RateLimitLayer, RedisFailMode, RedisStore, Rule};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::builder()
+///     .url("redis://127.0.0.1:6379/")
+///     .prefix("myapp:rl")
+///     .timeout(Duration::from_millis(50))
+///     .on_failure(RedisFailMode::Local)
+///     .build()
+///     .await?;
+/// let layer = RateLimitLayer::builder()
+///     .store(store)
+///     .rule(Rule::new("chat", Quota::per_minute(20)))
+///     .build()?;
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// **One round trip per decision.** One Lua script decides every rule of a request at once
+/// (all admitted rules are debited, or none; refusals never count), sent with `EVALSHA`
+/// and loaded again by itself after a Redis restart (`NOSCRIPT`). It reads Redis's own
+/// clock (`TIME`) by default, so instances whose clocks disagree still agree on windows
+/// ([`RedisClock`]). The script's arithmetic is the one of
+/// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
+/// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
+/// it). Lua counts in doubles: limits, bursts, costs and windows (in µs) must stay below
+/// 2^52, and times below 2^53 µs (the year 2255), which any real quota does.
+///
+/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
+/// integers as a short string and expiring on its own (`PX`) once its state is back to
+/// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
+/// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
+/// key (its 32-digit hash), the same for every algorithm; a million active keys take about
+/// 130 MB.
+///
+/// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
+/// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
+/// different keys (per key and global) cannot be decided atomically across slots: give
+/// the store one fixed tag ([`HashTag::Fixed`]), which puts every key of the store on
+/// one slot, or keep such groups for a single server. A Cluster store refuses a group
+/// whose keys would cross slots with a clear [`StoreError`].
+///
+/// **Faults.** Each decision waits at most [`RedisStoreBuilder::timeout`] (50 ms by
+/// default). When Redis fails, the store follows its [`RedisFailMode`]: fail closed (an
+/// error, which the layer answers with 503), fail open (admit), or decide in a local
+/// [`MemoryStore`](crate::rate_limit::MemoryStore). The first failure of an episode is logged at
+/// `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
+/// automatic: the connection reconnects by itself.
+///
+/// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
+/// the store remembers the key until the first instant one unit fits. Further requests
+/// for that key are refused locally, with no round trip (a flood from one key costs Redis
+/// nothing), and keep being refused while Redis is away. The cache forgets a key on
+/// [`Store::reset`], on a settlement that gives units back, and when the rule's parameters
+/// change (a per-key override); [`RedisStore::clear_blocked_cache`] forgets everything.
+/// Units given back by another instance reach this one when the entry expires.
+///
+/// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
+/// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
+/// `"tokio-native-tls-comp"`); without one, building the store reports the URL as invalid.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    cluster: bool,
+    prefix: String,
+    timeout: Duration,
+    fail_mode: RedisFailMode,
+    clock: RedisClock,
+    hash_tag: HashTag,
+    blocked: BlockedCache,
+    fallback: MemoryStore,
+    health: Health,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.inner.cluster)
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("fail_mode", &self.inner.fail_mode)
+            .field("clock", &self.inner.clock)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the script is asked to do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Check,
+    Peek,
+    Settle,
+}
+
+/// A check's items, owned, for the failure modes and the blocked cache.
+struct OwnedItem {
+    rule_index: u32,
+    rule: Box<str>,
+    key: RateKey,
+    params: Params,
+    cost: u64,
+    shadow: bool,
+}
+
+impl OwnedItem {
+    fn of(i: &CheckItem<'_>) -> Self {
+        Self {
+            rule_index: i.rule_index,
+            rule: i.rule.into(),
+            key: i.key.clone(),
+            params: i.params,
+            cost: i.cost,
+            shadow: i.shadow,
+        }
+    }
+
+    fn item(&self) -> CheckItem<'_> {
+        CheckItem {
+            rule_index: self.rule_index,
+            rule: &self.rule,
+            key: &self.key,
+            params: self.params,
+            cost: self.cost,
+            shadow: self.shadow,
+        }
+    }
+}
+
+impl RedisStore {
+    /// A builder (a server URL or Cluster nodes are required).
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: None,
+            nodes: Vec::new(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            fail_mode: RedisFailMode::default(),
+            clock: RedisClock::default(),
+            blocked_cache: DEFAULT_BLOCKED_CACHE,
+            hash_tag: HashTag::default(),
+            fallback: None,
+        }
+    }
+
+    /// A store on one server with the defaults.
+    pub async fn connect(url: impl Into<String>) -> Result<Self, RedisConfigError> {
+        Self::builder().url(url).build().await
+    }
+
+    /// What the store has seen of Redis.
+    pub fn health(&self) -> RedisHealth {
+        self.inner
+            .health
+            .snapshot(self.inner.fail_mode, self.inner.blocked.len())
+    }
+
+    /// Forgets every key of the local blocked-key cache.
+    pub fn clear_blocked_cache(&self) {
+        self.inner.blocked.clear();
+    }
+
+    /// The Redis key holding one rule's state for one rate key.
+    pub fn key_name(&self, rule: &str, key: &RateKey) -> String {
+        let encoded = encode_key(key);
+        match &self.inner.hash_tag {
+            HashTag::Key => format!("{}:{rule}:{{{encoded}}}", self.inner.prefix),
+            HashTag::Fixed(tag) => format!("{}:{{{tag}}}:{rule}:{encoded}", self.inner.prefix),
+        }
+    }
+
+    /// Decides a group at an explicit time (µs), instead of the store's clock: for tests
+    /// and replays that drive a [`MemoryStore`](super::MemoryStore) with the same instants.
+    pub fn check_at(
+        &self,
+        items: &[CheckItem<'_>],
+        now: u64,
+    ) -> BoxFuture<Result<Decision, StoreError>> {
+        self.check_with(items, Some(now))
+    }
+
+    /// Settles at an explicit time (µs; it only sets expiries).
+    pub fn settle_at(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: u64,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        self.settle_with(settlements, Some(now))
+    }
+
+    /// Peeks at an explicit time (µs).
+    pub fn peek_at(
+        &self,
+        item: &CheckItem<'_>,
+        now: u64,
+    ) -> BoxFuture<Result<RuleDecision, StoreError>> {
+        self.peek_with(item, Some(now))
+    }
+
+    fn now_arg(&self, now: Option<u64>) -> String {
+        match (now, self.inner.clock) {
+            (Some(now), _) => now.to_string(),
+            (None, RedisClock::Server) => "-".to_owned(),
+            (None, RedisClock::Client) => {
+                let since = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                u64::try_from(since.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .to_string()
+            }
+        }
+    }
+
+    /// The script call for these rules, or an error when Cluster could not run it.
+    fn invocation<'k>(
+        &self,
+        mode: Mode,
+        now: Option<u64>,
+        rules: impl Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64)>,
+    ) -> Result<redis::ScriptInvocation<'static>, StoreError> {
+        let mut inv = SCRIPT.prepare_invoke();
+        let grace = match (now, self.inner.clock) {
+            (None, RedisClock::Server) => GRACE_SERVER_MS,
+            _ => GRACE_CLIENT_MS,
+        };
+        inv.arg(match mode {
+            Mode::Check => "c",
+            Mode::Peek => "p",
+            Mode::Settle => "s",
+        })
+        .arg(self.now_arg(now))
+        .arg(grace);
+        let mut tag: Option<String> = None;
+        for (rule, key, params, a, b) in rules {
+            if self.inner.cluster && self.inner.hash_tag == HashTag::Key {
+                let this = encode_key(key);
+                match &tag {
+                    None => tag = Some(this),
+                    Some(t) if *t != this => {
+                        return Err(StoreError::new(
+                            "rules counting different keys cannot be decided atomically across Redis Cluster slots; use HashTag::Fixed for such groups",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            inv.key(self.key_name(rule, key));
+            inv.arg(match params.algorithm {
+                Algorithm::SlidingWindow => 0,
+                Algorithm::FixedWindow => 1,
+                Algorithm::Gcra => 2,
+            })
+            .arg(params.limit)
+            .arg(params.window)
+            .arg(params.burst)
+            .arg(u8::from(params.strict))
+            .arg(a)
+            .arg(b);
+        }
+        Ok(inv)
+    }
+
+    /// A refusal from the blocked-key cache, when one of the group's rules is blocked.
+    fn cached_refusal(&self, items: &[CheckItem<'_>]) -> Option<Decision> {
+        let cache = &self.inner.blocked;
+        if !cache.enabled() {
+            return None;
+        }
+        let now = Instant::now();
+        let hits: SmallVec<[Option<Blocked>; 2]> = items
+            .iter()
+            .map(|i| {
+                if i.shadow || i.cost == 0 {
+                    None
+                } else {
+                    cache.get(i.rule_index, i.key, &i.params, now)
+                }
+            })
+            .collect();
+        if hits.iter().all(Option::is_none) {
+            return None;
+        }
+        self.inner.health.hit();
+        let micros = |at: Instant| {
+            u64::try_from(at.saturating_duration_since(now).as_micros()).unwrap_or(u64::MAX)
+        };
+        let rules = items
+            .iter()
+            .zip(&hits)
+            .map(|(item, hit)| match hit {
+                Some(b) => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Denied {
+                            retry_after: micros(b.until).max(1),
+                        }
+                    },
+                    remaining: 0,
+                    reset_micros: micros(b.reset_at),
+                    window_start: b.window_start,
+                    debited: false,
+                },
+                // Not known without a round trip: the rule allowed at its last decision.
+                None => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Allowed
+                    },
+                    remaining: item.params.capacity(),
+                    reset_micros: 0,
+                    window_start: 0,
+                    debited: false,
+                },
+            })
+            .collect();
+        Some(Decision {
+            admitted: false,
+            rules,
+        })
+    }
+
+    fn check_with(
+        &self,
+        items: &[CheckItem<'_>],
+        now: Option<u64>,
+    ) -> BoxFuture<Result<Decision, StoreError>> {
+        if let Some(refusal) = self.cached_refusal(items) {
+            return Box::pin(ready(Ok(refusal)));
+        }
+        let inv = self.invocation(
+            Mode::Check,
+            now,
+            items
+                .iter()
+                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow))),
+        );
+        let inv = match inv {
+            Ok(inv) => inv,
+            Err(e) => return Box::pin(ready(Err(e))),
+        };
+        let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let answer = inner.call::<Vec<i64>>(&inv).await;
+            match answer {
+                Ok(values) => parse_check(&values, &owned)
+                    .inspect(|(d, blocked)| {
+                        inner.remember_blocked(&owned, d, blocked);
+                    })
+                    .map(|(d, _)| d),
+                Err(e) => inner.degrade(e, &owned),
+            }
+        })
+    }
+
+    fn settle_with(
+        &self,
+        settlements: &[Settlement<'_>],
+        now: Option<u64>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        for s in settlements {
+            if s.delta < 0 {
+                self.inner.blocked.remove(s.rule_index, s.key);
+            }
+        }
+        let inv = self.invocation(
+            Mode::Settle,
+            now,
+            settlements
+                .iter()
+                .map(|s| (s.rule, s.key, s.params, s.window_start, s.delta)),
+        );
+        let inv = match inv {
+            Ok(inv) => inv,
+            Err(e) => return Box::pin(ready(Err(e))),
+        };
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            inner
+                .call::<Vec<i64>>(&inv)
+                .await
+                .map(drop)
+                .map_err(|e| StoreError::new(format!("settling in Redis failed: {e}")))
+        })
+    }
+
+    fn peek_with(
+        &self,
+        item: &CheckItem<'_>,
+        now: Option<u64>,
+    ) -> BoxFuture<Result<RuleDecision, StoreError>> {
+        let inv = self.invocation(
+            Mode::Peek,
+            now,
+            std::iter::once((item.rule, item.key, item.params, 0, 0)),
+        );
+        let inv = match inv {
+            Ok(inv) => inv,
+            Err(e) => return Box::pin(ready(Err(e))),
+        };
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let values = inner
+                .call::<Vec<i64>>(&inv)
+                .await
+                .map_err(|e| StoreError::new(format!("peeking in Redis failed: {e}")))?;
+            rule_at(&values, 0)
+                .ok_or_else(|| StoreError::new("the Redis script answered in an unexpected shape"))
+        })
+    }
+}
+
+impl Inner {
+    /// One script call within the timeout; counts the round trip or the failure.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'static>,
+    ) -> Result<T, String> {
+        let call = async {
+            match self.conn.clone() {
+                Conn::Single(mut c) => inv.invoke_async::<T>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<T>(&mut c).await,
+            }
+        };
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        };
+        match &result {
+            Ok(_) => self.health.success(),
+            Err(e) => self.health.failure(e, self.fail_mode),
+        }
+        result
+    }
+
+    /// A decision by the failure mode.
+    fn degrade(&self, error: String, items: &[OwnedItem]) -> Result<Decision, StoreError> {
+        let refs: SmallVec<[CheckItem<'_>; 2]> = items.iter().map(OwnedItem::item).collect();
+        match self.fail_mode {
+            RedisFailMode::Closed => Err(StoreError::new(format!("Redis did not decide: {error}"))),
+            RedisFailMode::Open => {
+                self.health.degraded();
+                let rules = refs
+                    .iter()
+                    .map(|i| RuleDecision {
+                        verdict: Verdict::Allowed,
+                        remaining: i.params.capacity(),
+                        reset_micros: 0,
+                        window_start: 0,
+                        debited: false,
+                    })
+                    .collect();
+                Ok(Decision {
+                    admitted: true,
+                    rules,
+                })
+            }
+            RedisFailMode::Local => {
+                self.health.degraded();
+                let store = &self.fallback;
+                Ok(store.check_at(&refs, store.now_micros()))
+            }
+        }
+    }
+
+    fn remember_blocked(&self, items: &[OwnedItem], decision: &Decision, blocked: &[u64]) {
+        if !self.blocked.enabled() {
+            return;
+        }
+        let now = Instant::now();
+        for ((item, rule), &blocked_for) in items.iter().zip(&decision.rules).zip(blocked) {
+            if blocked_for > 0 && !item.shadow {
+                self.blocked.insert(
+                    item.rule_index,
+                    &item.key,
+                    Blocked {
+                        params: item.params,
+                        until: now + Duration::from_micros(blocked_for),
+                        reset_at: now + Duration::from_micros(rule.reset_micros),
+                        window_start: rule.window_start,
+                    },
+                    now,
+                );
+            }
+        }
+    }
+}
+
+/// Fields per rule in the script's answer.
+const FIELDS: usize = 7;
+
+fn rule_at(values: &[i64], i: usize) -> Option<RuleDecision> {
+    let f = values.get(2 + i * FIELDS..2 + (i + 1) * FIELDS)?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    let verdict = match f[0] {
+        0 => Verdict::Allowed,
+        1 => Verdict::Denied {
+            retry_after: n(f[1]),
+        },
+        _ => Verdict::Never,
+    };
+    Some(RuleDecision {
+        verdict,
+        remaining: n(f[2]),
+        reset_micros: n(f[3]),
+        window_start: n(f[4]),
+        debited: f[5] == 1,
+    })
+}
+
+fn parse_check(
+    values: &[i64],
+    items: &[OwnedItem],
+) -> Result<(Decision, SmallVec<[u64; 2]>), StoreError> {
+    let shape = || StoreError::new("the Redis script answered in an unexpected shape");
+    if values.len() != 2 + items.len() * FIELDS {
+        return Err(shape());
+    }
+    let mut rules = SmallVec::new();
+    let mut blocked = SmallVec::new();
+    for i in 0..items.len() {
+        rules.push(rule_at(values, i).ok_or_else(shape)?);
+        blocked.push(u64::try_from(values[2 + i * FIELDS + 6]).unwrap_or(0));
+    }
+    Ok((
+        Decision {
+            admitted: values[0] == 1,
+            rules,
+        },
+        blocked,
+    ))
+}
+
+/// The rate key as it appears in a Redis key: readable, without braces (so it can be a
+/// hash tag), and a header's value only as a digest.
+fn encode_key(key: &RateKey) -> String {
+    fn escape(s: &str) -> String {
+        s.replace('%', "%25")
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+    }
+    match key {
+        RateKey::Global => "global".to_owned(),
+        RateKey::Ip(ip) => format!("ip:{ip}"),
+        RateKey::ApiKey(id) => format!("key:{id}"),
+        RateKey::Principal(p) => format!("principal:{}", escape(p)),
+        RateKey::Header(h) => {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(h.as_bytes());
+            let mut out = String::from("header:");
+            for b in &digest[..16] {
+                out.push_str(&format!("{b:02x}"));
+            }
+            out
+        }
+        RateKey::Anonymous => "anonymous".to_owned(),
+    }
+}
+
+impl Store for RedisStore {
+    type CheckFuture = BoxFuture<Result<Decision, StoreError>>;
+
+    fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+        self.check_with(items, None)
+    }
+
+    fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+        self.cached_refusal(items).map(Ok)
+    }
+
+    fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+        self.settle_with(settlements, None)
+    }
+
+    fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+        self.peek_with(item, None)
+    }
+
+    fn reset(
+        &self,
+        rule_index: u32,
+        rule: &str,
+        key: &RateKey,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        self.inner.blocked.remove(rule_index, key);
+        let name = self.key_name(rule, key);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let call = async {
+                match inner.conn.clone() {
+                    Conn::Single(mut c) => {
+                        redis::cmd("DEL")
+                            .arg(&name)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    }
+                    Conn::Cluster(mut c) => {
+                        redis::cmd("DEL")
+                            .arg(&name)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    }
+                }
+            };
+            match tokio::time::timeout(inner.timeout, call).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(StoreError::new(format!("resetting in Redis failed: {e}"))),
+                Err(_) => Err(StoreError::new(
+                    "resetting in Redis: no answer within the timeout",
+                )),
+            }
+        })
+    }
+}

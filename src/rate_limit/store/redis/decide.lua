@@ -1,0 +1,386 @@
+-- palisade rate limiter: decides, peeks or settles every rule of one request at once.
+--
+-- The arithmetic is the one of palisade's `rate_limit::algorithm` module, integer for
+-- integer: Lua numbers are doubles, exact for integers below 2^53, and the one product
+-- that can pass that (a count times a window in microseconds) goes through `muldiv`, which
+-- is exact for factors below 2^52.
+--
+-- KEYS: one state key per rule.
+-- ARGV[1]: mode, "c" (check), "p" (peek the first rule) or "s" (settle).
+-- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
+-- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
+-- Then 7 numbers per rule: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit,
+-- window (us), burst, strict (0 or 1), then for a check cost and shadow (0 or 1), for a
+-- settlement window_start and delta.
+--
+-- A check answers {admitted, now, then per rule: verdict (0 allowed, 1 denied, 2 never),
+-- retry_after, remaining, reset, window_start, debited, blocked_for}; blocked_for is how
+-- long (us) no request of any cost can pass the rule, 0 when one could pass now. A peek
+-- answers the same for its one rule; a settlement answers {}.
+
+local floor = math.floor
+local P53 = 9007199254740992
+local LIMB = 16777216 -- 2^24
+
+-- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52.
+local function muldiv(a, b, c)
+  local p = a * b
+  if p < P53 then
+    local q = floor(p / c)
+    return q, p - q * c ~= 0
+  end
+  -- The product in base-2^24 limbs, least significant first, then binary long division
+  -- (the remainder stays below c, so 2r + 1 < 2^53).
+  local x = { a % LIMB, floor(a / LIMB) % LIMB, floor(a / LIMB / LIMB) }
+  local y = { b % LIMB, floor(b / LIMB) % LIMB, floor(b / LIMB / LIMB) }
+  local z = { 0, 0, 0, 0, 0, 0, 0 }
+  for i = 1, 3 do
+    local carry = 0
+    for j = 1, 3 do
+      local t = z[i + j - 1] + x[i] * y[j] + carry
+      z[i + j - 1] = t % LIMB
+      carry = floor(t / LIMB)
+    end
+    local k = i + 3
+    while carry > 0 do
+      local t = z[k] + carry
+      z[k] = t % LIMB
+      carry = floor(t / LIMB)
+      k = k + 1
+    end
+  end
+  local q, r = 0, 0
+  for i = 7, 1, -1 do
+    local limb = z[i]
+    for bit = 23, 0, -1 do
+      local d = 2 ^ bit
+      local b1 = floor(limb / d) % 2
+      r = 2 * r + b1
+      q = 2 * q
+      if r >= c then
+        r = r - c
+        q = q + 1
+      end
+    end
+  end
+  return q, r ~= 0
+end
+
+local function mul_div_ceil(a, b, c)
+  if a == 0 or c == 0 then
+    return 0
+  end
+  local q, rem = muldiv(a, b, c)
+  if rem then
+    q = q + 1
+  end
+  return q
+end
+
+local function sat_sub(a, b)
+  if a > b then
+    return a - b
+  end
+  return 0
+end
+
+-- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
+local function increment(p, units)
+  local limit = p.limit
+  if limit < 1 then
+    limit = 1
+  end
+  return mul_div_ceil(units, p.window, limit)
+end
+
+-- GCRA: whole units in `micros` of slack, floor(micros * limit / window).
+local function units_in(p, micros)
+  if micros == 0 then
+    return 0
+  end
+  local q = muldiv(micros, p.limit, p.window)
+  return q
+end
+
+-- A decision: verdict, retry_after, remaining, reset, window_start, and the state to keep
+-- (start, prev, count, expires_at).
+local function decide_sliding(p, s, now, cost)
+  local w, limit = p.window, p.limit
+  local aligned = now - now % w
+  local start, prev, count
+  if s.start >= aligned then
+    start, prev, count = s.start, s.prev, s.count
+  elseif s.start + w == aligned then
+    start, prev, count = aligned, s.count, 0
+  else
+    start, prev, count = aligned, 0, 0
+  end
+  local elapsed = sat_sub(now, start)
+  if elapsed > w - 1 then
+    elapsed = w - 1
+  end
+  local weighted = 0
+  if not p.strict then
+    weighted = mul_div_ceil(prev, w - elapsed, w)
+  end
+  local function remaining_after(c)
+    if p.strict then
+      return sat_sub(limit, prev + c)
+    end
+    return sat_sub(sat_sub(limit, weighted), c)
+  end
+  local d = {
+    verdict = 0, retry = 0, remaining = 0, reset = w - elapsed, window_start = start,
+    start = start, prev = prev, count = count, expires_at = start + 2 * w,
+    base = { start = start, prev = prev, count = count },
+  }
+  if cost > limit then
+    d.verdict = 2
+    d.remaining = remaining_after(count)
+    return d
+  end
+  local total = count + cost
+  local fits
+  if p.strict then
+    fits = prev + total <= limit
+  else
+    fits = total <= limit and weighted <= limit - total
+  end
+  if fits then
+    d.count = total
+    d.remaining = remaining_after(total)
+    return d
+  end
+  d.verdict = 1
+  d.remaining = remaining_after(count)
+  local to_next = w - elapsed
+  if p.strict then
+    if total <= limit then
+      d.retry = to_next
+    else
+      d.retry = to_next + w
+    end
+    return d
+  end
+  local function first_fit(pp, x)
+    if pp == 0 then
+      return 0
+    end
+    local slack = muldiv(x, w, pp)
+    if slack > w then
+      slack = w
+    end
+    return w - slack
+  end
+  if total <= limit then
+    local f = first_fit(prev, limit - total)
+    if f < elapsed + 1 then
+      f = elapsed + 1
+    end
+    d.retry = f - elapsed
+  else
+    d.retry = to_next + first_fit(count, limit - cost)
+  end
+  return d
+end
+
+local function decide_fixed(p, s, now, cost)
+  local w = p.window
+  local start = now - now % w
+  local count = 0
+  if s.start >= start then
+    count = s.count
+    start = s.start
+  end
+  local finish = start + w
+  local d = {
+    verdict = 0, retry = 0, remaining = sat_sub(p.limit, count), reset = sat_sub(finish, now),
+    window_start = start, start = start, prev = 0, count = count, expires_at = finish,
+    base = { start = start, prev = 0, count = count },
+  }
+  if cost > p.limit then
+    d.verdict = 2
+  elseif count + cost <= p.limit then
+    d.count = count + cost
+    d.remaining = p.limit - count - cost
+  else
+    d.verdict = 1
+    d.retry = d.reset
+  end
+  return d
+end
+
+local function decide_gcra(p, s, now, cost)
+  local tolerance = increment(p, p.burst)
+  local tat = s.start
+  if tat < now then
+    tat = now
+  end
+  local horizon = now + tolerance
+  local d = {
+    verdict = 0, retry = 0, remaining = 0, reset = tat - now, window_start = 0,
+    start = tat, prev = 0, count = 0, expires_at = tat,
+    base = { start = tat, prev = 0, count = 0 },
+  }
+  if cost > p.burst then
+    d.verdict = 2
+    d.remaining = units_in(p, sat_sub(horizon, tat))
+    return d
+  end
+  local new_tat = tat + increment(p, cost)
+  if new_tat <= horizon then
+    d.start = new_tat
+    d.remaining = units_in(p, horizon - new_tat)
+    d.reset = new_tat - now
+    d.expires_at = new_tat
+  else
+    d.verdict = 1
+    d.retry = new_tat - horizon
+    d.remaining = units_in(p, sat_sub(horizon, tat))
+  end
+  return d
+end
+
+local function decide(p, s, now, cost)
+  if p.algorithm == 0 then
+    return decide_sliding(p, s, now, cost)
+  elseif p.algorithm == 1 then
+    return decide_fixed(p, s, now, cost)
+  end
+  return decide_gcra(p, s, now, cost)
+end
+
+local function load(key)
+  local v = redis.call('GET', key)
+  if not v then
+    return { start = 0, prev = 0, count = 0 }
+  end
+  local a, b, c = string.match(v, '^(%d+) (%d+) (%d+)$')
+  return { start = tonumber(a), prev = tonumber(b), count = tonumber(c) }
+end
+
+local function encode(s)
+  return string.format('%.0f %.0f %.0f', s.start, s.prev, s.count)
+end
+
+local function ttl_ms(expires_at, now, grace)
+  local ms = floor((sat_sub(expires_at, now) + 999) / 1000) + grace
+  if ms < 1 then
+    ms = 1
+  end
+  return ms
+end
+
+local function params(i)
+  local o = 3 + (i - 1) * 7
+  return {
+    algorithm = tonumber(ARGV[o + 1]),
+    limit = tonumber(ARGV[o + 2]),
+    window = tonumber(ARGV[o + 3]),
+    burst = tonumber(ARGV[o + 4]),
+    strict = ARGV[o + 5] == '1',
+  }, tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7])
+end
+
+local now
+if ARGV[2] == '-' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[2])
+end
+local grace = tonumber(ARGV[3])
+local mode = ARGV[1]
+
+-- How long no request of any cost can pass, from the state `s` that was kept.
+local function blocked_for(p, s)
+  local unit = decide(p, s, now, 1)
+  if unit.verdict == 1 then
+    return unit.retry
+  end
+  return 0
+end
+
+if mode == 's' then
+  for i = 1, #KEYS do
+    local p, window_start, delta = params(i)
+    local v = redis.call('GET', KEYS[i])
+    if v then
+      local s = load(KEYS[i])
+      local function apply(x)
+        if delta >= 0 then
+          return x + delta
+        end
+        return sat_sub(x, -delta)
+      end
+      if p.algorithm == 2 then
+        local step = increment(p, math.abs(delta))
+        if delta >= 0 then
+          s.start = s.start + step
+        else
+          s.start = sat_sub(s.start, step)
+        end
+        redis.call('SET', KEYS[i], encode(s), 'PX', ttl_ms(s.start, now, grace))
+      else
+        if s.start == window_start then
+          s.count = apply(s.count)
+        elseif p.algorithm == 0 and s.start == window_start + p.window then
+          s.prev = apply(s.prev)
+        end
+        redis.call('SET', KEYS[i], encode(s), 'KEEPTTL')
+      end
+    end
+  end
+  return {}
+end
+
+local n = #KEYS
+local ds = {}
+local ps = {}
+local admitted = true
+for i = 1, n do
+  local p, cost, shadow = params(i)
+  if mode == 'p' then
+    cost = 0
+  end
+  local d = decide(p, load(KEYS[i]), now, cost)
+  d.cost = cost
+  d.shadow = shadow == 1
+  if d.verdict ~= 0 and not d.shadow then
+    admitted = false
+  end
+  ds[i] = d
+  ps[i] = p
+end
+if mode == 'p' then
+  admitted = false
+end
+local out = { admitted and 1 or 0, now }
+for i = 1, n do
+  local d, p = ds[i], ps[i]
+  local debited = 0
+  local kept = d.base
+  if d.verdict == 0 then
+    if admitted then
+      debited = 1
+      kept = d
+      redis.call('SET', KEYS[i], encode(d), 'PX', ttl_ms(d.expires_at, now, grace))
+    else
+      -- nothing was debited: what is left without this request
+      d.remaining = d.remaining + d.cost
+    end
+  end
+  local blocked = 0
+  if mode == 'c' and not d.shadow then
+    blocked = blocked_for(p, kept)
+  end
+  local k = #out
+  out[k + 1] = d.verdict
+  out[k + 2] = d.retry
+  out[k + 3] = d.remaining
+  out[k + 4] = d.reset
+  out[k + 5] = d.window_start
+  out[k + 6] = debited
+  out[k + 7] = blocked
+end
+return out

@@ -1,0 +1,116 @@
+//! Failure episodes: logged once, counted, and visible in a snapshot.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::RedisFailMode;
+
+/// What the store has seen of Redis, for a health endpoint or metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisHealth {
+    /// Whether the last round trip succeeded (true before the first).
+    pub healthy: bool,
+    /// How long the current failure episode has lasted (`None` while healthy).
+    pub unhealthy_for: Option<Duration>,
+    /// Round trips that answered.
+    pub round_trips: u64,
+    /// Round trips that failed or timed out.
+    pub failures: u64,
+    /// Failure episodes (a run of failures between two successes counts once).
+    pub episodes: u64,
+    /// Decisions answered by the failure mode (open, or the local fallback store) instead
+    /// of Redis.
+    pub degraded_decisions: u64,
+    /// Refusals answered by the local cache of blocked keys, without a round trip.
+    pub blocked_cache_hits: u64,
+    /// Entries in the local cache of blocked keys.
+    pub blocked_keys: usize,
+    /// The failure mode in force.
+    pub fail_mode: RedisFailMode,
+    /// The last error (no secrets: Redis errors carry no credentials).
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+pub(super) struct Health {
+    unhealthy: AtomicBool,
+    round_trips: AtomicU64,
+    failures: AtomicU64,
+    episodes: AtomicU64,
+    degraded: AtomicU64,
+    hits: AtomicU64,
+    since: Mutex<Option<Instant>>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    pub fn success(&self) {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        if self.unhealthy.load(Ordering::Relaxed) && self.unhealthy.swap(false, Ordering::AcqRel) {
+            let since = self
+                .since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            let down = since.map(|s| s.elapsed()).unwrap_or_default();
+            tracing::info!(
+                down_ms = down.as_millis() as u64,
+                "rate-limit Redis store recovered; decisions are shared again"
+            );
+        }
+    }
+
+    pub fn failure(&self, error: &str, mode: RedisFailMode) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error.to_owned());
+        if !self.unhealthy.swap(true, Ordering::AcqRel) {
+            self.episodes.fetch_add(1, Ordering::Relaxed);
+            *self.since.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+            tracing::warn!(
+                error,
+                fail_mode = mode.as_str(),
+                "rate-limit Redis store unavailable; following the failure mode until it answers again"
+            );
+        }
+    }
+
+    pub fn degraded(&self) {
+        self.degraded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self, fail_mode: RedisFailMode, blocked_keys: usize) -> RedisHealth {
+        let unhealthy = self.unhealthy.load(Ordering::Acquire);
+        let since = *self.since.lock().unwrap_or_else(PoisonError::into_inner);
+        RedisHealth {
+            healthy: !unhealthy,
+            unhealthy_for: if unhealthy {
+                since.map(|s| s.elapsed())
+            } else {
+                None
+            },
+            round_trips: self.round_trips.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            episodes: self.episodes.load(Ordering::Relaxed),
+            degraded_decisions: self.degraded.load(Ordering::Relaxed),
+            blocked_cache_hits: self.hits.load(Ordering::Relaxed),
+            blocked_keys,
+            fail_mode,
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! The Redis store against real servers: exact under concurrency through one store, two
+//! stores and a Cluster; faults (a killed server, a Cluster failover) handled by each
+//! failure mode; one script call per decision and none for a blocked key.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use palisade::rate_limit::algorithm::{Params, Verdict};
+use palisade::rate_limit::store::{CheckItem, Decision, Settlement};
+use palisade::rate_limit::{Algorithm, HashTag, Quota, RateKey, RedisFailMode, RedisStore, Store};
+use support::{RedisCluster, RedisServer};
+
+/// A window long enough that no test crosses an edge of a fixed window (2^40 µs, 12.7 days).
+const LONG: Duration = Duration::from_micros(1 << 40);
+
+fn params(algorithm: Algorithm, limit: u64) -> Params {
+    Params::new(algorithm, Quota::new(limit, LONG))
+}
+
+const ALGORITHMS: [Algorithm; 3] = [
+    Algorithm::SlidingWindow,
+    Algorithm::FixedWindow,
+    Algorithm::Gcra,
+];
+
+/// One rule of a request, owned so a task can carry it.
+#[derive(Clone)]
+struct Owned {
+    index: u32,
+    name: &'static str,
+    key: RateKey,
+    params: Params,
+    cost: u64,
+}
+
+impl Owned {
+    fn item(&self) -> CheckItem<'_> {
+        CheckItem {
+            rule_index: self.index,
+            rule: self.name,
+            key: &self.key,
+            params: self.params,
+            cost: self.cost,
+            shadow: false,
+        }
+    }
+}
+
+fn unique(tag: &str) -> String {
+    format!("t{}:{tag}", rand::random::<u32>())
+}
+
+async fn single(url: &str, prefix: &str) -> RedisStore {
+    RedisStore::builder()
+        .url(url)
+        .prefix(prefix)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Sends `n` concurrent decisions, request `i` through `stores[i % len]` with the rules
+/// `rules(i)`; returns the admitted requests' indices.
+async fn race(stores: &[RedisStore], n: usize, rules: impl Fn(usize) -> Vec<Owned>) -> Vec<usize> {
+    let mut tasks = Vec::with_capacity(n);
+    let gate = Arc::new(tokio::sync::Barrier::new(n));
+    for i in 0..n {
+        let store = stores[i % stores.len()].clone();
+        let rules = rules(i);
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            gate.wait().await;
+            let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+            let d = store.check(&items).await.expect("Redis decides");
+            assert_eq!(d.rules.len(), items.len());
+            // all or nothing
+            assert!(d.rules.iter().all(|r| r.debited == d.admitted));
+            d.admitted.then_some(i)
+        }));
+    }
+    let mut admitted = Vec::new();
+    for t in tasks {
+        admitted.extend(t.await.unwrap());
+    }
+    admitted
+}
+
+async fn remaining(store: &RedisStore, rule: &Owned) -> u64 {
+    store.peek(&rule.item()).await.unwrap().remaining
+}
+
+fn one_rule(algorithm: Algorithm, limit: u64, cost: u64) -> Owned {
+    Owned {
+        index: 0,
+        name: "per-key",
+        key: RateKey::principal("hot"),
+        params: params(algorithm, limit),
+        cost,
+    }
+}
+
+/// The group: a per-user rule (20 each) and a global rule (100 in all), ten users.
+fn group(algorithm: Algorithm, i: usize) -> Vec<Owned> {
+    vec![
+        Owned {
+            index: 0,
+            name: "per-user",
+            key: RateKey::principal(format!("user-{}", i % 10)),
+            params: params(algorithm, 20),
+            cost: 1,
+        },
+        Owned {
+            index: 1,
+            name: "global",
+            key: RateKey::Global,
+            params: params(algorithm, 100),
+            cost: 1,
+        },
+    ]
+}
+
+async fn exactness(stores: &[RedisStore], groups: bool) {
+    for algorithm in ALGORITHMS {
+        // 1,000 requests against a limit of 100
+        let rule = one_rule(algorithm, 100, 1);
+        let admitted = race(stores, 1_000, |_| vec![rule.clone()]).await;
+        assert_eq!(admitted.len(), 100, "{algorithm:?}");
+        assert_eq!(remaining(&stores[0], &rule).await, 0);
+
+        // with costs 1 to 7: never more than 100 units, and what is left is exact
+        let costly = |i: usize| Owned {
+            name: "costly",
+            index: 2,
+            cost: 1 + (i as u64 % 7),
+            ..one_rule(algorithm, 100, 1)
+        };
+        let admitted = race(stores, 1_000, |i| vec![costly(i)]).await;
+        let spent: u64 = admitted.iter().map(|&i| costly(i).cost).sum();
+        assert!((94..=100).contains(&spent), "{algorithm:?}: {spent}");
+        assert_eq!(remaining(&stores[0], &costly(0)).await, 100 - spent);
+
+        if groups {
+            let admitted = race(stores, 1_000, |i| group(algorithm, i)).await;
+            assert_eq!(admitted.len(), 100, "{algorithm:?}");
+            let mut per_user = [0u64; 10];
+            for i in &admitted {
+                per_user[i % 10] += 1;
+            }
+            assert!(per_user.iter().all(|&n| n <= 20), "{per_user:?}");
+            // the refused requests debited no user's rule
+            for (u, &n) in per_user.iter().enumerate() {
+                assert_eq!(remaining(&stores[0], &group(algorithm, u)[0]).await, 20 - n);
+            }
+            assert_eq!(remaining(&stores[0], &group(algorithm, 0)[1]).await, 0);
+        }
+        for s in stores {
+            s.clear_blocked_cache();
+        }
+        // the next algorithm starts afresh
+        for rule in [rule, costly(0)] {
+            stores[0]
+                .reset(rule.index, rule.name, &rule.key)
+                .await
+                .unwrap();
+        }
+        for u in 0..10 {
+            for r in group(algorithm, u) {
+                stores[0].reset(r.index, r.name, &r.key).await.unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_requests_admit_exactly_the_limit_through_one_store() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("one")).await;
+    exactness(&[store], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_sharing_one_redis_admit_exactly_the_limit() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("two");
+    let a = single(&server.url(), &prefix).await;
+    let b = single(&server.url(), &prefix).await;
+    exactness(&[a, b], true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_master_cluster_admits_exactly_the_limit() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = |tag: HashTag| {
+        RedisStore::builder()
+            .cluster(cluster.urls())
+            .prefix("cluster")
+            .hash_tag(tag)
+            .timeout(Duration::from_secs(2))
+            .build()
+    };
+    // one key per decision: per-key tags spread keys over the masters
+    let a = store(HashTag::Key).await.unwrap();
+    let b = store(HashTag::Key).await.unwrap();
+    exactness(&[a.clone(), b], false).await;
+    // per-user and global rules together need one slot: a fixed tag
+    let a = store(HashTag::Fixed("limits".into())).await.unwrap();
+    let b = store(HashTag::Fixed("limits".into())).await.unwrap();
+    exactness(&[a, b], true).await;
+}
+
+#[tokio::test]
+async fn a_cluster_store_refuses_a_group_that_would_cross_slots() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .build()
+        .await
+        .unwrap();
+    let rules = group(Algorithm::FixedWindow, 0);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    let err = store.check(&items).await.unwrap_err();
+    assert!(err.to_string().contains("HashTag::Fixed"), "{err}");
+}
+
+/// `INFO commandstats` calls of `cmd` on one server.
+async fn calls(url: &str, cmd: &str) -> u64 {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+}
+
+async fn reset_stats(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn one_script_call_per_decision_and_none_for_a_blocked_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("stats")).await;
+    let rules = group(Algorithm::SlidingWindow, 3);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    // the first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA)
+    assert!(store.check(&items).await.unwrap().admitted);
+    reset_stats(&server.url()).await;
+    for _ in 0..19 {
+        assert!(store.check(&items).await.unwrap().admitted);
+    }
+    assert_eq!(calls(&server.url(), "evalsha").await, 19);
+    assert_eq!(calls(&server.url(), "eval").await, 0);
+    // user-3 has spent its 20: the decision that took the last unit told the store the
+    // key is blocked, so every refusal comes from the local cache alone
+    for _ in 0..500 {
+        let d = store.check(&items).await.unwrap();
+        assert!(!d.admitted);
+        let Verdict::Denied { retry_after } = d.rules[0].verdict else {
+            panic!("{d:?}");
+        };
+        assert!(retry_after > 0);
+    }
+    assert_eq!(calls(&server.url(), "evalsha").await, 19);
+    assert_eq!(store.health().blocked_cache_hits, 500);
+    // reset clears the cache: the next decision goes to Redis again, and passes
+    store.reset(0, "per-user", &rules[0].key).await.unwrap();
+    assert!(store.check(&items).await.unwrap().admitted);
+    assert_eq!(calls(&server.url(), "evalsha").await, 20);
+}
+
+#[tokio::test]
+async fn a_per_key_override_is_not_answered_by_the_blocked_cache() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("override")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 1);
+    for _ in 0..2 {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(store.health().blocked_keys, 1);
+    // the layer raised this key's quota: new parameters, so a round trip decides
+    let raised = Owned {
+        params: params(Algorithm::FixedWindow, 5),
+        ..rule
+    };
+    assert!(store.check(&[raised.item()]).await.unwrap().admitted);
+}
+
+#[tokio::test]
+async fn settling_less_than_reserved_unblocks_the_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("settle")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 10);
+    let d = store.check(&[rule.item()]).await.unwrap();
+    assert!(d.admitted);
+    let small = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    assert!(!store.check(&[small.item()]).await.unwrap().admitted);
+    store
+        .settle(&[Settlement {
+            rule_index: 0,
+            rule: rule.name,
+            key: &rule.key,
+            params: rule.params,
+            window_start: d.rules[0].window_start,
+            delta: -4,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(remaining(&store, &rule).await, 4);
+    assert!(store.check(&[small.item()]).await.unwrap().admitted);
+}
+
+/// Decides one request and measures how long it took.
+async fn timed(store: &RedisStore, rule: &Owned) -> (Result<Decision, String>, Duration) {
+    let start = Instant::now();
+    let d = store.check(&[rule.item()]).await.map_err(|e| e.to_string());
+    (d, start.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_is_survived_by_every_failure_mode() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let timeout = Duration::from_millis(50);
+    let mut stores = Vec::new();
+    for mode in [
+        RedisFailMode::Closed,
+        RedisFailMode::Open,
+        RedisFailMode::Local,
+    ] {
+        let store = RedisStore::builder()
+            .url(server.url())
+            .prefix(unique(mode.as_str()))
+            .timeout(timeout)
+            .on_failure(mode)
+            .build()
+            .await
+            .unwrap();
+        stores.push((mode, store));
+    }
+    let rule = one_rule(Algorithm::FixedWindow, 3, 1);
+    let blocked = Owned {
+        name: "blocked",
+        index: 1,
+        params: params(Algorithm::FixedWindow, 1),
+        ..rule.clone()
+    };
+    for (_, store) in &stores {
+        assert!(timed(store, &rule).await.0.unwrap().admitted);
+        assert!(timed(store, &blocked).await.0.unwrap().admitted);
+        assert!(!timed(store, &blocked).await.0.unwrap().admitted);
+    }
+
+    server.kill();
+    // A decision never waits much past the timeout (scheduling slack on a busy machine).
+    let bound = timeout + Duration::from_millis(150);
+    for (mode, store) in &stores {
+        for attempt in 0..5 {
+            let (d, took) = timed(store, &rule).await;
+            assert!(took < bound, "{mode:?} attempt {attempt} took {took:?}");
+            match mode {
+                RedisFailMode::Closed => assert!(d.is_err(), "{d:?}"),
+                RedisFailMode::Open => assert!(d.unwrap().admitted),
+                // the local store starts empty: 3 pass, then it refuses
+                RedisFailMode::Local => assert_eq!(d.unwrap().admitted, attempt < 3),
+                _ => unreachable!(),
+            }
+            // a key known blocked stays refused, without waiting for Redis
+            let (d, took) = timed(store, &blocked).await;
+            assert!(took < Duration::from_millis(20), "{took:?}");
+            assert!(!d.unwrap().admitted);
+        }
+        let health = store.health();
+        assert!(!health.healthy);
+        assert_eq!(health.episodes, 1);
+        assert!(health.failures >= 5);
+        assert!(health.last_error.is_some());
+        if *mode != RedisFailMode::Closed {
+            assert_eq!(health.degraded_decisions, 5);
+        }
+    }
+
+    server.restart().await;
+    let restarted = Instant::now();
+    for (mode, store) in &stores {
+        loop {
+            // the restarted server is empty: the rule is fresh there
+            if let (Ok(d), _) = timed(store, &rule).await {
+                if store.health().healthy {
+                    assert!(d.admitted);
+                    break;
+                }
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(1),
+                "{mode:?}: decisions did not resume within a second of the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.health().episodes, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_is_survived() {
+    let cluster = RedisCluster::start_with_replicas()
+        .await
+        .expect("redis cluster with replicas");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("failover"))
+        .timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1_000, 1);
+    for _ in 0..10 {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    // promote the replica of the master that holds the key
+    let key = store.key_name(rule.name, &rule.key);
+    let slot: u64 = {
+        let addr = cluster.addrs()[0];
+        let reply = support::command(addr, &format!("CLUSTER KEYSLOT {key}"))
+            .await
+            .unwrap();
+        reply.trim().trim_start_matches(':').parse().unwrap()
+    };
+    let mut replica = None;
+    for &addr in cluster.addrs() {
+        let nodes = support::command(addr, "CLUSTER NODES").await.unwrap();
+        let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
+        if myself.contains("slave") {
+            let master_id = myself.split(' ').nth(3).unwrap();
+            let master = nodes.lines().find(|l| l.starts_with(master_id)).unwrap();
+            let serves = master.split(' ').skip(8).any(|range| {
+                let mut ends = range
+                    .split('-')
+                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+                let lo = ends.next().unwrap();
+                let hi = ends.next().unwrap_or(lo);
+                (lo..=hi).contains(&slot)
+            });
+            if serves {
+                replica = Some(addr);
+            }
+        }
+    }
+    let replica = replica.expect("a replica of the key's master");
+    let reply = support::command(replica, "CLUSTER FAILOVER").await.unwrap();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    // wait until the replica reports itself master
+    let start = Instant::now();
+    loop {
+        let info = support::command(replica, "INFO replication").await.unwrap();
+        if info.contains("role:master") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "failover did not happen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // decisions go on, on the promoted node, with the state it replicated
+    let start = Instant::now();
+    let mut admitted = 0;
+    while admitted < 10 {
+        match store.check(&[rule.item()]).await {
+            Ok(d) => {
+                assert!(d.admitted);
+                admitted += 1;
+            }
+            Err(e) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "no decision 5s after the failover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let left = store.peek(&rule.item()).await.unwrap().remaining;
+    assert_eq!(left, 1_000 - 20);
+}
+
+#[tokio::test]
+async fn a_store_refuses_bad_settings_with_typed_errors() {
+    use palisade::rate_limit::RedisConfigError as E;
+    let b = || RedisStore::builder();
+    assert!(matches!(b().build().await, Err(E::NoServer)));
+    assert!(matches!(
+        b().url("redis://127.0.0.1:1/")
+            .cluster(["redis://127.0.0.1:2/"])
+            .build()
+            .await,
+        Err(E::BothServers)
+    ));
+    let err = b()
+        .url("http://user:hunter2@example/")
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, E::InvalidUrl { .. }));
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(matches!(
+        b().url("redis://127.0.0.1:1/").prefix("a{b").build().await,
+        Err(E::InvalidPrefix)
+    ));
+    assert!(matches!(
+        b().url("redis://127.0.0.1:1/")
+            .timeout(Duration::ZERO)
+            .build()
+            .await,
+        Err(E::ZeroTimeout)
+    ));
+    let debug = format!("{:?}", b().url("redis://:hunter2@127.0.0.1:1/"));
+    assert!(!debug.contains("hunter2"), "{debug}");
+}
+
+#[tokio::test]
+async fn header_keys_reach_redis_only_as_digests() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), "digest").await;
+    let name = store.key_name("r", &RateKey::Header("sk-secret-value".into()));
+    assert!(!name.contains("sk-secret"), "{name}");
+    assert!(name.starts_with("digest:r:{header:"), "{name}");
+    let braces = store.key_name("r", &RateKey::principal("a}b{c"));
+    assert_eq!(braces, "digest:r:{principal:a%7Db%7Bc}");
+}
+
+/// Requests that reached the inner service in the layer test.
+static LAYER_ADMITTED: AtomicU64 = AtomicU64::new(0);
+
+#[tokio::test]
+async fn the_layer_enforces_limits_through_the_redis_store() {
+    use http::{Request, Response};
+    use palisade::rate_limit::{KeySource, RateLimitLayer, Rule};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let layer = RateLimitLayer::builder()
+        .store(single(&server.url(), &unique("layer")).await)
+        .rule(Rule::new("chat", Quota::per_minute(2)).key(KeySource::ApiKey))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_req: Request<()>| async {
+        LAYER_ADMITTED.fetch_add(1, Ordering::Relaxed);
+        Ok::<_, std::convert::Infallible>(Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+    }));
+    let request = || {
+        Request::post("/v1/messages")
+            .header("x-api-key", "sk-test-1")
+            .body(())
+            .unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
+    }
+    let refused = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    // answered by the blocked cache the second time, the same way
+    let again = svc.oneshot(request()).await.unwrap();
+    assert_eq!(again.status(), 429);
+    assert_eq!(LAYER_ADMITTED.load(Ordering::Relaxed), 2);
+}
+
+/// The state of one rule for one key costs Redis at most 144 bytes (`MEMORY USAGE`, which
+/// counts the key, the value and the expiry), whatever the algorithm: the figure the
+/// module docs state.
+#[tokio::test]
+async fn a_key_costs_redis_at_most_144_bytes() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), "palisade:rl").await;
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for algorithm in ALGORITHMS {
+        let rule = Owned {
+            name: "chat",
+            key: RateKey::ApiKey(palisade::key::ApiKeyId::from_key("sk-ant-api03-example")),
+            ..one_rule(algorithm, 1_000, 7)
+        };
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+        let key = store.key_name(rule.name, &rule.key);
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
+        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+        let other = Owned {
+            name: "chat",
+            key: RateKey::principal("user-1234567"),
+            ..one_rule(algorithm, 1_000, 7)
+        };
+        assert!(store.check(&[other.item()]).await.unwrap().admitted);
+        let key = store.key_name(other.name, &other.key);
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
+        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+    }
+}
+
+#[tokio::test]
+async fn a_store_is_built_from_the_environment() {
+    use palisade::config::Env;
+    use palisade::rate_limit::RedisStoreConfig;
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_URL", server.url()),
+        ("PALISADE_RATE_LIMIT_REDIS_PREFIX", "envapp".to_owned()),
+        ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", "open".to_owned()),
+        ("PALISADE_RATE_LIMIT_REDIS_HASH_TAG", "all".to_owned()),
+    ]);
+    let config = RedisStoreConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert!(!format!("{config:?}").contains(&server.url()));
+    let store = RedisStore::from_config(config).await.unwrap();
+    assert_eq!(store.health().fail_mode, RedisFailMode::Open);
+    let rule = one_rule(Algorithm::Gcra, 1, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(
+        store.key_name(rule.name, &rule.key),
+        "envapp:{all}:per-key:principal:hot"
+    );
+
+    // every problem at once
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_TIMEOUT", "soon"),
+        ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", "maybe"),
+        ("PALISADE_RATE_LIMIT_REDIS_CLOCK", "wall"),
+    ]);
+    let _ = RedisStoreConfig::from_env(&mut env);
+    let problems = env.finish().unwrap_err();
+    assert_eq!(problems.problems().len(), 3, "{problems:?}");
+}
+
+/// With the client's clock, windows follow this machine's time (sent with each call), and
+/// two stores on one Redis still share one count.
+#[tokio::test]
+async fn the_client_clock_decides_windows_from_this_machines_time() {
+    use palisade::rate_limit::RedisClock;
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("client-clock");
+    let store = || {
+        RedisStore::builder()
+            .url(server.url())
+            .prefix(&prefix)
+            .clock(RedisClock::Client)
+            .build()
+    };
+    let (a, b) = (store().await.unwrap(), store().await.unwrap());
+    let rule = one_rule(Algorithm::FixedWindow, 2, 1);
+    assert!(a.check(&[rule.item()]).await.unwrap().admitted);
+    let second = b.check(&[rule.item()]).await.unwrap();
+    assert!(second.admitted);
+    let third = a.check(&[rule.item()]).await.unwrap();
+    assert!(!third.admitted);
+    // the refusal waits for the end of the window on this machine's clock
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let window = LONG.as_micros() as u64;
+    let to_edge = window - now % window;
+    let Verdict::Denied { retry_after } = third.rules[0].verdict else {
+        panic!("{third:?}");
+    };
+    assert!(
+        retry_after.abs_diff(to_edge) < 1_000_000,
+        "{retry_after} vs {to_edge}"
+    );
+}

@@ -1,0 +1,346 @@
+//! The Redis store answers exactly as the memory store: the same random sequences of
+//! requests, costs, settlements, resets and times through both, against a real
+//! redis-server, with identical decisions, remaining counts, resets and retry-after values.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::{CheckItem, Settlement};
+use palisade::rate_limit::{Algorithm, MemoryStore, RateKey, RedisStore};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use support::RedisServer;
+
+/// One rule of the group under test.
+#[derive(Debug, Clone)]
+struct RuleSpec {
+    params: Params,
+    /// 0: a per-principal key, 1: global.
+    key: u8,
+    shadow: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Advance time, then decide the rules in `mask` with these costs.
+    Check { dt: u64, mask: u8, costs: [u64; 3] },
+    /// Settle the reservation `which` (modulo the reservations made) by `delta`.
+    Settle { which: usize, delta: i64 },
+    /// Reset rule `rule`.
+    Reset { rule: usize },
+}
+
+fn params() -> impl Strategy<Value = Params> {
+    let window = prop_oneof![
+        Just(1u64),
+        1u64..5_000,
+        Just(1_000_000),
+        Just(60_000_000),
+        Just(86_400_000_000),
+    ];
+    let limit = prop_oneof![1u64..12, 1u64..2_000, Just(10_000_000u64)];
+    (0u8..4, limit, window, 1u64..4).prop_map(|(alg, limit, window, burst_factor)| {
+        let algorithm = match alg {
+            0 | 1 => Algorithm::SlidingWindow,
+            2 => Algorithm::FixedWindow,
+            _ => Algorithm::Gcra,
+        };
+        Params {
+            algorithm,
+            limit,
+            window,
+            burst: (limit * burst_factor / 2).max(1),
+            strict: alg == 1,
+        }
+    })
+}
+
+fn rule() -> impl Strategy<Value = RuleSpec> {
+    (params(), 0u8..2, prop::bool::weighted(0.2)).prop_map(|(params, key, shadow)| RuleSpec {
+        params,
+        key,
+        shadow,
+    })
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (
+            prop_oneof![Just(0u64), 0u64..2_000, 0u64..100_000_000, 0u64..200_000_000_000],
+            1u8..8,
+            prop::array::uniform3(prop_oneof![Just(0u64), 1u64..4, 1u64..20_000_000]),
+        )
+            .prop_map(|(dt, mask, costs)| Op::Check { dt, mask, costs }),
+        1 => (0usize..64, -3_000_000i64..3_000_000).prop_map(|(which, delta)| Op::Settle { which, delta }),
+        1 => (0usize..3).prop_map(|rule| Op::Reset { rule }),
+    ]
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn redis_store_decides_exactly_as_the_memory_store() {
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let mut runner = TestRunner::new(Config {
+        // PROPTEST_CASES=2000 for a longer search.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(96),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (
+        prop::collection::vec(rule(), 1..4),
+        prop::collection::vec(op(), 1..120),
+        0u64..(1 << 50),
+    );
+    let case = std::sync::atomic::AtomicU64::new(0);
+    runner
+        .run(&strategy, |(rules, ops, t0)| {
+            let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(run_case(&server, case, &rules, &ops, t0))
+        })
+        .unwrap();
+}
+
+async fn run_case(
+    server: &RedisServer,
+    case: u64,
+    rules: &[RuleSpec],
+    ops: &[Op],
+    t0: u64,
+) -> Result<(), TestCaseError> {
+    let redis = RedisStore::builder()
+        .url(server.url())
+        .prefix(format!("prop{case}"))
+        .timeout(std::time::Duration::from_secs(5))
+        .blocked_cache(0)
+        .build()
+        .await
+        .unwrap();
+    let memory = MemoryStore::new();
+    let keys = [RateKey::principal("user-7"), RateKey::Global];
+    let names = ["a", "b", "c"];
+    let mut now = t0;
+    // (rule, window_start) of admitted requests, for settlements
+    let mut reservations: Vec<(usize, u64)> = Vec::new();
+    let item = |i: usize, cost: u64| CheckItem {
+        rule_index: i as u32,
+        rule: names[i],
+        key: &keys[usize::from(rules[i].key)],
+        params: rules[i].params,
+        cost,
+        shadow: rules[i].shadow,
+    };
+    for (step, op) in ops.iter().enumerate() {
+        match op {
+            Op::Check { dt, mask, costs } => {
+                now += dt;
+                let chosen: Vec<usize> =
+                    (0..rules.len()).filter(|i| mask & (1 << i) != 0).collect();
+                if chosen.is_empty() {
+                    continue;
+                }
+                let items: Vec<CheckItem<'_>> = chosen.iter().map(|&i| item(i, costs[i])).collect();
+                let want = memory.check_at(&items, now);
+                let got = redis.check_at(&items, now).await.unwrap();
+                prop_assert_eq!(&got, &want, "step {} at {}: {:?}", step, now, op);
+                for (&i, d) in chosen.iter().zip(&got.rules) {
+                    if d.debited {
+                        reservations.push((i, d.window_start));
+                    }
+                }
+                // A peek reports what a cost-0 check does.
+                let i = chosen[0];
+                let peek = redis.peek_at(&item(i, 0), now).await.unwrap();
+                let zero = memory.check_at(&[item(i, 0)], now);
+                prop_assert_eq!(
+                    peek.remaining,
+                    zero.rules[0].remaining,
+                    "peek at step {}",
+                    step
+                );
+                prop_assert_eq!(peek.reset_micros, zero.rules[0].reset_micros);
+                let zero_redis = redis.check_at(&[item(i, 0)], now).await.unwrap();
+                prop_assert_eq!(&zero_redis, &zero, "cost 0 at step {}", step);
+            }
+            Op::Settle { which, delta } => {
+                if reservations.is_empty() {
+                    continue;
+                }
+                let (i, window_start) = reservations[which % reservations.len()];
+                let cap = i64::try_from(rules[i].params.capacity() * 4).unwrap();
+                let s = Settlement {
+                    rule_index: i as u32,
+                    rule: names[i],
+                    key: &keys[usize::from(rules[i].key)],
+                    params: rules[i].params,
+                    window_start,
+                    // Settlements of up to four times the rule's capacity: every time stays
+                    // in the store's documented range (below 2^53 µs).
+                    delta: (*delta).clamp(-cap, cap),
+                };
+                memory.settle_now(&[s]);
+                redis.settle_at(&[s], now).await.unwrap();
+            }
+            Op::Reset { rule } => {
+                if *rule >= rules.len() {
+                    continue;
+                }
+                let key = &keys[usize::from(rules[*rule].key)];
+                memory.reset_now(*rule as u32, key);
+                use palisade::rate_limit::Store;
+                redis.reset(*rule as u32, names[*rule], key).await.unwrap();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Quotas of ten million units a day, whose products (count × window in µs) pass 2^53:
+/// whole decisions across window edges match the memory store's at every step.
+#[test]
+fn large_quotas_past_two_to_the_53_decide_exactly() {
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let day = 86_400_000_000u64;
+    for (case, (algorithm, strict)) in [
+        (Algorithm::SlidingWindow, false),
+        (Algorithm::SlidingWindow, true),
+        (Algorithm::Gcra, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rules = [RuleSpec {
+            params: Params {
+                algorithm,
+                limit: 10_000_000,
+                window: day,
+                burst: 10_000_000,
+                strict,
+            },
+            key: 0,
+            shadow: false,
+        }];
+        let mut ops = vec![Op::Check {
+            dt: day - 3,
+            mask: 1,
+            costs: [9_999_991, 0, 0],
+        }];
+        // dt and costs from a fixed xorshift: elapsed times all over the window, and
+        // counts in the millions, so the products land anywhere past 2^53
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..400 {
+            let dt = if next(4) == 0 { day } else { next(day / 8) };
+            ops.push(Op::Check {
+                dt,
+                mask: 1,
+                costs: [1 + next(2_500_000), 0, 0],
+            });
+        }
+        rt.block_on(run_case(
+            &server,
+            1_000_000 + case as u64,
+            &rules,
+            &ops,
+            1 << 45,
+        ))
+        .unwrap();
+    }
+}
+
+/// The script's multiply-divide (`muldiv` in decide.lua) against u128 arithmetic, on
+/// products far past 2^53 and on exact multiples, where a floating-point quotient would be
+/// off by one.
+#[test]
+fn the_scripts_multiply_divide_is_exact_past_two_to_the_53() {
+    let source = include_str!("../src/rate_limit/store/redis/decide.lua");
+    let end = source
+        .find("local function sat_sub")
+        .expect("decide.lua defines sat_sub after muldiv");
+    let script = format!(
+        "{}\nlocal out = {{}}\nfor i = 1, #ARGV, 3 do\n  local q, rem = muldiv(tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]))\n  out[#out + 1] = q\n  out[#out + 1] = rem and 1 or 0\nend\nreturn out\n",
+        &source[..end]
+    );
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    const MAX: u64 = 1 << 52;
+    // (a, b, c) with a, b, c < 2^52 and a quotient below 2^53
+    let triple = prop_oneof![
+        (1u64..MAX, 1u64..MAX, 0.0f64..1.0).prop_map(|(a, b, f)| {
+            let p = u128::from(a) * u128::from(b);
+            let least = u64::try_from((p >> 52).max(1)).unwrap().min(MAX - 1);
+            (a, b, least + ((MAX - 1 - least) as f64 * f) as u64)
+        }),
+        // exact multiples: c = a1 × b1 divides (a1 x)(b1 y); and the neighbours of c
+        (
+            1u64..1 << 26,
+            1u64..1 << 26,
+            1u64..1 << 26,
+            1u64..1 << 26,
+            0u64..3
+        )
+            .prop_map(|(a1, x, b1, y, nudge)| (
+                a1 * x,
+                b1 * y,
+                (a1 * b1 + nudge).max(2) - 1
+            )),
+    ];
+    let batch = prop::collection::vec(triple, 50);
+    let conn = rt.block_on(async {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    });
+    let past_2_53 = std::cell::Cell::new(0u32);
+    runner
+        .run(&batch, |triples| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(&script).arg(0);
+            for (a, b, c) in &triples {
+                cmd.arg(a).arg(b).arg(c);
+            }
+            let out: Vec<i64> = rt.block_on(cmd.query_async(&mut conn.clone())).unwrap();
+            for ((a, b, c), got) in triples.iter().zip(out.chunks(2)) {
+                let p = u128::from(*a) * u128::from(*b);
+                if p >= 1 << 53 {
+                    past_2_53.set(past_2_53.get() + 1);
+                }
+                let want_q = p / u128::from(*c);
+                let want_rem = p % u128::from(*c) != 0;
+                prop_assert_eq!(i128::from(got[0]), want_q as i128, "{} * {} / {}", a, b, c);
+                prop_assert_eq!(got[1] == 1, want_rem, "{} * {} % {}", a, b, c);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(past_2_53.get() > 1_000, "{}", past_2_53.get());
+}
