@@ -6,6 +6,10 @@
 //! the criterion run, not instead of it.
 //!
 //! `cargo bench --features axum --bench rate_limit_rounds` (`ROUNDS=30` for more rounds).
+//!
+//! `PROFILE=N` runs only the no-headers palisade layer for N requests (after 10,000 to warm
+//! up) and prints nothing: a steady loop to read under a profiler, for example
+//! `PROFILE=1000000 valgrind --tool=callgrind target/release/deps/rate_limit_rounds-*`.
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -105,6 +109,18 @@ where
     start.elapsed().as_nanos() as f64 / PER_ROUND as f64
 }
 
+/// `n` requests through `svc`, after a warm-up, for a profiler.
+#[inline(never)]
+fn profile<S, B>(svc: &mut S, n: u64)
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    for i in 0..10_000 + n {
+        black_box(poll_now(svc.call(request(i))).unwrap());
+    }
+}
+
 fn main() {
     let handler =
         |_req: Request<()>| async { Ok::<_, Infallible>(Response::new(axum::body::Body::empty())) };
@@ -123,6 +139,9 @@ fn main() {
             .unwrap()
             .layer(service_fn(handler))
     };
+    if let Some(n) = std::env::var("PROFILE").ok().and_then(|s| s.parse().ok()) {
+        return profile(&mut palisade(false), n);
+    }
     let mut bare = service_fn(handler);
     let (mut p, mut ph) = (palisade(false), palisade(true));
     let config = tower_governor_config();

@@ -48,9 +48,10 @@ pub enum ClockSource {
     /// few ns cheaper than a system clock read, blind to tokio's paused clock.
     Fast,
     /// A cached monotonic clock: one atomic load a read, refreshed every
-    /// [`COARSE_RESOLUTION`] by one background thread (named `palisade-clock`) that the
-    /// first layer asking for it starts and that lives as long as the process. Times
-    /// are late by at most about a millisecond; tokio's paused clock does not move it.
+    /// [`COARSE_RESOLUTION`] by one background thread (named `palisade-clock`) that runs
+    /// only while some layer (or store) built with this source is alive: the first starts
+    /// it, and it stops within a tick of the last one being dropped. Times are late by at
+    /// most about a millisecond; tokio's paused clock does not move it.
     Coarse,
 }
 
@@ -94,7 +95,11 @@ impl FromStr for ClockSource {
 pub(crate) enum Clock {
     Tokio(tokio::time::Instant),
     Fast(quanta::Clock, u64),
-    Coarse(u64),
+    Coarse {
+        epoch: u64,
+        /// Keeps the clock thread running while this clock (or a clone) lives.
+        _user: std::sync::Arc<coarse::User>,
+    },
 }
 
 impl Clock {
@@ -107,7 +112,13 @@ impl Clock {
                 let start = clock.raw();
                 Self::Fast(clock, start)
             }
-            ClockSource::Coarse => Self::Coarse(coarse::now()),
+            ClockSource::Coarse => {
+                let _user = coarse::User::new();
+                Self::Coarse {
+                    epoch: coarse::now(),
+                    _user,
+                }
+            }
         }
     }
 
@@ -120,48 +131,87 @@ impl Clock {
                 u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
             }
             Self::Fast(clock, start) => clock.delta_as_nanos(*start, clock.raw()),
-            Self::Coarse(epoch) => coarse::now().saturating_sub(*epoch),
+            Self::Coarse { epoch, .. } => coarse::now().saturating_sub(*epoch),
         }
     }
 }
 
-/// The process-wide cached clock.
+/// The process-wide cached clock, and the thread that keeps it while it has users.
 mod coarse {
+    use std::sync::{Arc, Mutex, PoisonError};
+
     use super::*;
 
-    /// Nanoseconds since [`EPOCH`], as last written by the clock thread.
+    /// Nanoseconds since [`EPOCH`], as last written by the clock thread; 0 when no thread
+    /// keeps it (readers then read the system clock).
     static NOW: AtomicU64 = AtomicU64::new(0);
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    /// Live [`User`]s: the thread runs while this is above 0.
+    static USERS: Mutex<usize> = Mutex::new(0);
+    /// Bumped to start and to stop a thread: a thread runs while it equals the value it
+    /// started with.
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    /// Clock threads running now (a stopped one may finish its last tick).
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+
+    fn epoch() -> std::time::Instant {
+        *EPOCH.get_or_init(std::time::Instant::now)
+    }
 
     fn elapsed(epoch: std::time::Instant) -> u64 {
         u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Starts the clock thread once; later calls return its epoch at once.
-    fn start() -> std::time::Instant {
-        *EPOCH.get_or_init(|| {
-            let epoch = std::time::Instant::now();
-            let spawned = std::thread::Builder::new()
-                .name("palisade-clock".to_owned())
-                .spawn(move || {
-                    loop {
-                        NOW.fetch_max(elapsed(epoch).max(1), Ordering::Release);
-                        std::thread::sleep(COARSE_RESOLUTION);
-                    }
-                });
-            match spawned {
-                // Readers may go on before the thread's first write: give them a time.
-                Ok(_) => {
-                    NOW.fetch_max(1, Ordering::Release);
-                }
-                // Without its thread the cached time would stand still; `now` reads the
-                // system clock instead (correct, only slower), and the logs say why.
-                Err(err) => {
-                    tracing::error!(%err, "palisade: could not start the coarse clock thread");
-                }
+    /// A user of the cached clock; the last one dropped stops the thread.
+    #[derive(Debug)]
+    pub(crate) struct User(());
+
+    impl User {
+        /// Registers a user, starting the thread if it is the first.
+        pub(crate) fn new() -> Arc<Self> {
+            let epoch = epoch();
+            let mut users = USERS.lock().unwrap_or_else(PoisonError::into_inner);
+            *users += 1;
+            if *users == 1 {
+                start(epoch);
             }
-            epoch
-        })
+            Arc::new(User(()))
+        }
+    }
+
+    impl Drop for User {
+        fn drop(&mut self) {
+            let mut users = USERS.lock().unwrap_or_else(PoisonError::into_inner);
+            *users -= 1;
+            if *users == 0 {
+                // The thread sees the new generation at its next tick and ends.
+                GENERATION.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Starts a clock thread (called with [`USERS`] locked, going from 0 to 1).
+    fn start(epoch: std::time::Instant) {
+        let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
+        // Readers may go on before the thread's first write: give them a time now.
+        NOW.fetch_max(elapsed(epoch).max(1), Ordering::Release);
+        THREADS.fetch_add(1, Ordering::AcqRel);
+        let spawned = std::thread::Builder::new()
+            .name("palisade-clock".to_owned())
+            .spawn(move || {
+                while GENERATION.load(Ordering::Acquire) == generation {
+                    NOW.fetch_max(elapsed(epoch).max(1), Ordering::Release);
+                    std::thread::sleep(COARSE_RESOLUTION);
+                }
+                THREADS.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(err) = spawned {
+            THREADS.fetch_sub(1, Ordering::AcqRel);
+            // Without its thread the cached time would stand still: readers read the system
+            // clock instead (correct, only slower), and the logs say why.
+            NOW.store(0, Ordering::Release);
+            tracing::error!(%err, "palisade: could not start the coarse clock thread");
+        }
     }
 
     /// The cached time, in nanoseconds since the process first asked for it.
@@ -175,16 +225,17 @@ mod coarse {
 
     #[cold]
     fn slow_now() -> u64 {
-        let epoch = start();
-        match NOW.load(Ordering::Acquire) {
-            0 => elapsed(epoch).max(1),
-            now => now,
-        }
+        elapsed(epoch()).max(1)
     }
 
     #[cfg(test)]
-    pub(super) fn thread_running() -> bool {
-        EPOCH.get().is_some()
+    pub(super) fn users() -> usize {
+        *USERS.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[cfg(test)]
+    pub(super) fn threads() -> u64 {
+        THREADS.load(Ordering::Acquire)
     }
 }
 
@@ -238,7 +289,7 @@ mod tests {
     #[test]
     fn coarse_source_moves_with_real_time_and_never_back() {
         let clock = Clock::new(ClockSource::Coarse);
-        assert!(coarse::thread_running());
+        assert!(coarse::users() >= 1 && coarse::threads() >= 1);
         let first = clock.nanos();
         // Wait (by polling, no sleep) until the clock thread has refreshed the time.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -256,5 +307,34 @@ mod tests {
         // Another clock made now starts at zero and stays behind the first.
         let second = Clock::new(ClockSource::Coarse);
         assert!(second.nanos() <= clock.nanos());
+    }
+
+    /// The clock thread stops once no clock uses it (other tests may hold coarse clocks for
+    /// a moment, so this waits until none does), and starts again for the next user.
+    #[test]
+    fn the_coarse_clock_thread_stops_when_no_clock_uses_it() {
+        let clock = Clock::new(ClockSource::Coarse);
+        let copy = clock.clone();
+        drop(clock);
+        assert!(coarse::users() >= 1, "a clone keeps the thread");
+        drop(copy);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while coarse::users() > 0 || coarse::threads() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the clock thread still runs without users"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let again = Clock::new(ClockSource::Coarse);
+        assert!(coarse::threads() >= 1);
+        let first = again.nanos();
+        while again.nanos() == first {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the restarted clock stood still"
+            );
+            std::thread::yield_now();
+        }
     }
 }

@@ -91,7 +91,7 @@
 //! let response = server.oneshot(request).await?;
 //! assert_eq!(response.status(), 200);
 //! assert_eq!(response.headers()["x-content-type-options"], "nosniff");
-//! assert_eq!(response.headers()["ratelimit"], "\"chat\";r=19;t=60");
+//! assert_eq!(response.headers()["ratelimit"], "\"chat\";r=19;t=120");
 //! response.into_body().collect().await?;
 //!
 //! shutdown.shutdown().await; // flushes the usage queue

@@ -11,16 +11,22 @@ mod app;
 mod auth;
 #[path = "../examples/chat_gateway/config.rs"]
 mod config;
+#[path = "../examples/chat_gateway/dashboard/mod.rs"]
+mod dashboard;
 #[path = "../examples/chat_gateway/error.rs"]
 mod error;
 #[path = "../examples/chat_gateway/log.rs"]
 mod log;
+#[path = "../examples/chat_gateway/metrics.rs"]
+mod metrics;
 #[path = "../examples/chat_gateway/mock.rs"]
 mod mock;
 #[path = "../examples/chat_gateway/routes/mod.rs"]
 mod routes;
 #[path = "../examples/chat_gateway/schema.rs"]
 mod schema;
+#[path = "../examples/chat_gateway/sentry.rs"]
+mod sentry;
 #[path = "../examples/chat_gateway/store.rs"]
 mod store;
 #[path = "../examples/chat_gateway/tls.rs"]
@@ -543,4 +549,29 @@ async fn connection_refused_is_a_json_error_then_the_breaker_opens_and_recovers(
         .filter(|e| e.record.usage.input_tokens > 0)
         .collect();
     assert_eq!(billed.len(), 1, "the recovered call is recorded once");
+}
+
+#[tokio::test]
+async fn an_error_event_inside_the_stream_reaches_the_client_and_is_recorded_once_as_upstream_error()
+ {
+    let (url, _) = raw_upstream(vec![
+        Step::Write(SSE_HEAD),
+        Step::WriteOwned(message_start()),
+        Step::WriteOwned(chunk(
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        )),
+        Step::Write("0\r\n\r\n"),
+    ])
+    .await;
+    let gw = start(&url, &[]).await;
+    let r = gw.chat(true).await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("overloaded_error"), "{}", r.text());
+    let records = gw.exactly(1).await;
+    assert_eq!(records[0].record.completion, Completion::UpstreamError);
+    assert_eq!(
+        records[0].record.upstream_error.as_deref(),
+        Some("overloaded_error")
+    );
+    assert_eq!(records[0].record.usage.input_tokens, 1200);
 }

@@ -48,6 +48,8 @@ pub struct AppState {
     pub cost_stats: Option<Arc<CostStats>>,
     /// What requests are checked against.
     pub limits: Arc<Limits>,
+    /// `/metrics` and the dashboard's counters.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// A built gateway: its router and what shutdown needs.
@@ -60,6 +62,8 @@ pub struct App {
     pub recorder: Option<RecorderShutdown>,
     /// The mock upstream's address, when it serves.
     pub mock_addr: Option<std::net::SocketAddr>,
+    /// Error tracking, when `SENTRY_DSN` is set (flushed at shutdown).
+    pub sentry: Option<crate::sentry::Sentry>,
 }
 
 /// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: 100 requests
@@ -123,8 +127,10 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         UpstreamTarget::Remote { .. } => None,
     };
     let ledger = Ledger::memory();
+    let metrics = crate::metrics::Metrics::new()?;
     let (meter, recorder) = if config.layers {
-        let (layer, shutdown) = config.cost.spawn(ledger.clone())?;
+        let sink = crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone());
+        let (layer, shutdown) = config.cost.spawn(sink)?;
         (Some(layer), Some(shutdown))
     } else {
         (None, None)
@@ -159,6 +165,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
             models: config.models.clone(),
             max_tokens: config.max_tokens,
         }),
+        metrics: metrics.clone(),
         config: Arc::clone(&config),
     };
 
@@ -167,6 +174,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     if let Some(layer) = rate_limit {
         api = api.layer(layer);
     }
+    let api = api.merge(crate::dashboard::api().with_state(state.clone()));
     let api = api.layer(middleware::from_fn_with_state(
         state.clone(),
         crate::auth::authenticate,
@@ -174,6 +182,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     let mut router = Router::new()
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
+        .merge(crate::dashboard::public(&state)?)
         .fallback({
             let format = config.error_format();
             move || async move { routes::not_found(format) }
@@ -181,6 +190,18 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     if let Some(layer) = security_headers {
         router = router.layer(layer);
     }
+    let sentry = crate::sentry::Sentry::init(&config)?;
+    #[cfg(feature = "sentry")]
+    if let Some(sentry) = &sentry {
+        router = router.layer(middleware::from_fn_with_state(
+            sentry.clone(),
+            crate::sentry::report,
+        ));
+    }
+    let router = router.layer(middleware::from_fn_with_state(
+        metrics,
+        crate::metrics::record,
+    ));
     let make_id = MakeId {
         prefix: Arc::from(format!("{:08x}", rand::random::<u32>())),
         next: Arc::new(AtomicU64::new(1)),
@@ -195,6 +216,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         state,
         recorder,
         mock_addr,
+        sentry,
     })
 }
 

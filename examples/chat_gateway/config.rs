@@ -135,6 +135,9 @@ pub struct GatewayConfig {
     pub security_headers: SecurityHeadersConfig,
     /// The cost meter and its usage queue.
     pub cost: CostConfig,
+    /// Error tracking (`SENTRY_DSN`, with the `sentry` feature).
+    #[cfg_attr(not(feature = "sentry"), allow(dead_code))]
+    pub sentry: crate::sentry::SentryConfig,
 }
 
 /// The demo user key printed at start-up when no keys are configured.
@@ -414,6 +417,7 @@ impl GatewayConfig {
             rate_limit.error_format = settings.error_format;
         }
         let security_headers = SecurityHeadersConfig::from_env(env);
+        let sentry = crate::sentry::SentryConfig::from_env(env);
         let mut cost = CostConfig::from_env(env);
         if env.raw("PALISADE_COST_HEADERS").is_none() {
             cost.headers = true;
@@ -450,6 +454,7 @@ impl GatewayConfig {
             rate_limit,
             security_headers,
             cost,
+            sentry,
         }
     }
 

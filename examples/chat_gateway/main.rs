@@ -10,11 +10,14 @@
 mod app;
 mod auth;
 mod config;
+mod dashboard;
 mod error;
 mod log;
+mod metrics;
 mod mock;
 mod routes;
 mod schema;
+mod sentry;
 mod store;
 mod tls;
 mod upstream;
@@ -111,6 +114,10 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     if demo {
         println!("  demo user key:  {}", config::DEMO_USER_KEY);
         println!("  demo admin key: {}", config::DEMO_ADMIN_KEY);
+        println!(
+            "  dashboard:      http://{addr}/#key={}",
+            config::DEMO_ADMIN_KEY
+        );
         println!("  try:");
         println!(
             "    curl {scheme}://{addr}/v1/messages -H 'x-api-key: {}' -H 'anthropic-version: 2023-06-01' \\\n      -H 'content-type: application/json' \\\n      -d '{{\"model\":\"claude-sonnet-4-5\",\"max_tokens\":256,\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
@@ -144,6 +151,11 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
                 tracing::warn!("in-flight requests outlived the shutdown grace period; closing them");
             }
         }
+    }
+    if let Some(sentry) = &app.sentry
+        && !sentry.flush(grace)
+    {
+        tracing::warn!("error reports were still queued at shutdown");
     }
     if let Some(recorder) = app.recorder {
         match recorder.shutdown_within(grace).await {

@@ -32,6 +32,11 @@ pub const X_PALISADE_FALLBACK: HeaderName = HeaderName::from_static("x-palisade-
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, BoxError>;
 
+/// How long the upstream took to answer (to the response head, retries included), in the
+/// response extensions of every upstream answer; `/metrics` reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamTime(pub Duration);
+
 /// One upstream with its own client stack and breaker.
 #[derive(Clone)]
 pub struct Upstream {
@@ -267,7 +272,9 @@ impl Upstream {
             h.insert("x-request-id", v);
         }
         req.extensions_mut().insert(call.attribution.clone());
-        let res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
+        let start = std::time::Instant::now();
+        let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
+        res.extensions_mut().insert(UpstreamTime(start.elapsed()));
         let sse = res
             .headers()
             .get(CONTENT_TYPE)

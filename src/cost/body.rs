@@ -29,6 +29,8 @@ pub(crate) struct RequestMeta {
     pub(crate) route: String,
     pub(crate) request_id: Option<String>,
     pub(crate) body_user: Option<Arc<std::sync::OnceLock<String>>>,
+    /// The request's budget reservation, settled with the measured cost.
+    pub(crate) budget: Option<super::budget::BudgetReservation>,
 }
 
 #[derive(Debug)]
@@ -239,6 +241,9 @@ impl Meter {
             || self.status == 429
             || !ended;
         if !worth_recording {
+            if let Some(budget) = self.meta.budget.take() {
+                budget.refund(); // nothing was used
+            }
             return outcome;
         }
         if completion == Completion::Complete && model.is_some() && !outcome.saw_usage {
@@ -262,6 +267,9 @@ impl Meter {
         record.time_to_headers = self.time_to_headers;
         record.stream = self.is_stream();
         record.upstream_error = upstream_error;
+        if let Some(budget) = self.meta.budget.take() {
+            budget.settle_record(&record);
+        }
         self.shared.recorder.record(record);
         outcome
     }

@@ -31,7 +31,14 @@ impl Pending {
     /// Writes the record of a request that got no response.
     fn record(&mut self, completion: Completion) {
         if let Some(mut meta) = self.meta.take() {
+            // A call that failed without a response used no tokens: its reservation is
+            // refunded. A cancelled one may still be billed upstream, so its reservation
+            // is left to be charged in full when dropped.
+            let budget = meta.budget.take();
             let record = meta.record(&self.shared, 0, completion);
+            if let (Some(budget), Completion::Failed) = (budget, completion) {
+                budget.settle_record(&record);
+            }
             self.shared.recorder.record(record);
         }
     }
@@ -158,6 +165,12 @@ where
                     let stream = is_content_type(headers, "text/event-stream");
                     let json = !stream && is_content_type(headers, "application/json");
                     if !stream && !json {
+                        if !response.status().is_success() {
+                            // An unmetered failure used no tokens.
+                            if let Some(budget) = &meta.budget {
+                                budget.refund();
+                            }
+                        }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }

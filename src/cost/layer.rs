@@ -291,6 +291,10 @@ where
             route: req.uri().path().to_owned(),
             request_id,
             body_user,
+            budget: req
+                .extensions()
+                .get::<super::budget::BudgetReservation>()
+                .cloned(),
         };
         ResponseFuture::new(self.inner.call(req), Arc::clone(&self.shared), meta)
     }

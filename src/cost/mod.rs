@@ -101,7 +101,9 @@
 //! # }
 //! ```
 
+pub mod alert;
 mod body;
+pub mod budget;
 mod builder;
 mod config;
 mod future;
@@ -117,7 +119,11 @@ pub mod usage;
 
 /// The authenticated caller (shared with the other layers): see [`crate::key::Principal`].
 pub use crate::key::Principal;
+#[cfg(feature = "hyper-util")]
+pub use alert::WebhookSink;
+pub use alert::{AlertEvent, AlertSink, TracingAlertSink};
 pub use body::MeteredBody;
+pub use budget::{Budget, BudgetLayer, BudgetReservation};
 pub use builder::CostMeterLayerBuilder;
 pub use config::{CostConfig, CostConfigError};
 pub use layer::{

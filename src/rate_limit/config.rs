@@ -5,15 +5,19 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
-use super::error::RateLimitError;
+use super::builder::FailMode;
+use super::error::{ParseIpNetError, ParseKeySourceError, RateLimitConfigError};
 use super::key::{KeySource, TrustedProxies};
-use super::layer::{FailMode, RateLimitLayer};
+use super::layer::RateLimitLayer;
 use super::quota::{Algorithm, Quota};
 use super::rule::{Cost, Route, Rule};
 use super::store::{MemoryStore, Store, memory};
 use crate::clock::ClockSource;
-use crate::config::{Env, ProblemKind};
+use crate::config::{Env, ProblemKind, env_var};
 use crate::error::ErrorFormat;
+
+/// The prefix of the rate limiter's environment variables.
+pub(crate) const ENV_PREFIX: &str = "PALISADE_RATE_LIMIT";
 
 /// How a rule's cost is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -38,7 +42,7 @@ pub struct RuleConfig {
     pub method: Option<String>,
     /// `*`, an exact path, `/prefix/*` or a template with `{param}` segments.
     pub route: String,
-    /// `global`, `principal`, `api_key`, `ip` or `header:<name>`.
+    /// `global`, `principal`, `api_key`, `ip`, `principal_or_ip` or `header:<name>`.
     pub key: String,
     /// The algorithm.
     pub algorithm: Algorithm,
@@ -83,8 +87,8 @@ impl Default for RuleConfig {
 
 impl RuleConfig {
     /// The rule this configuration describes.
-    pub fn to_rule(&self) -> Result<Rule, RateLimitError> {
-        let invalid = |field: &'static str, reason: String| RateLimitError::Invalid {
+    pub fn to_rule(&self) -> Result<Rule, RateLimitConfigError> {
+        let invalid = |field: &'static str, reason: String| RateLimitConfigError::Invalid {
             rule: self.name.clone(),
             field,
             reason,
@@ -93,8 +97,11 @@ impl RuleConfig {
         if let Some(b) = self.burst {
             quota = quota.with_burst(b);
         }
-        let route = Route::parse(&self.route).map_err(|r| invalid("route", r))?;
-        let key: KeySource = self.key.parse().map_err(|r| invalid("key", r))?;
+        let route = Route::parse(&self.route).map_err(|r| invalid("route", r.to_string()))?;
+        let key: KeySource = self
+            .key
+            .parse()
+            .map_err(|r: ParseKeySourceError| invalid("key", r.to_string()))?;
         let cost = match self.cost_mode {
             CostMode::Fixed => Cost::Fixed(self.cost),
             CostMode::Extension => Cost::Extension { default: self.cost },
@@ -179,7 +186,8 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    /// Reads `PALISADE_RATE_LIMIT_*`, recording every problem in `env`:
+    /// Reads `PALISADE_RATE_LIMIT_*`, recording every problem in `env`. Each variable is
+    /// named after its field through [`env_var`]`("PALISADE_RATE_LIMIT", field)`:
     ///
     /// | variable | example |
     /// |---|---|
@@ -187,59 +195,82 @@ impl RateLimitConfig {
     /// | `PALISADE_RATE_LIMIT_MAX_ENTRIES` | `1000000` |
     /// | `PALISADE_RATE_LIMIT_SHARDS` | `64` |
     /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio`, `fast` or `coarse` |
-    /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem_json` |
+    /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem` (default: the shared `PALISADE_ERROR_FORMAT`) |
     /// | `PALISADE_RATE_LIMIT_DRAFT_HEADERS` | `true` |
     /// | `PALISADE_RATE_LIMIT_LEGACY_HEADERS` | `false` |
     /// | `PALISADE_RATE_LIMIT_TRUSTED_PROXIES` | `10.0.0.0/8,192.168.1.1` |
     /// | `PALISADE_RATE_LIMIT_ON_STORE_ERROR` | `closed` or `open` |
     ///
-    /// Rules are also checked here, so a bad route or key is reported with the rest.
+    /// Refusals render in the shared `PALISADE_ERROR_FORMAT` (as every layer's do) unless
+    /// `PALISADE_RATE_LIMIT_ERROR_FORMAT` overrides it. Rules are also checked here
+    /// (routes, keys, duplicate names), so a bad rule is reported with the rest.
+    ///
+    /// ```
+    /// use palisade::config::Env;
+    /// use palisade::rate_limit::RateLimitConfig;
+    /// use palisade::ErrorFormat;
+    ///
+    /// let mut env = Env::from_pairs([
+    ///     ("PALISADE_ERROR_FORMAT", "anthropic"),
+    ///     ("PALISADE_RATE_LIMIT_RULES", r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#),
+    /// ]);
+    /// let cfg = RateLimitConfig::from_env(&mut env);
+    /// env.finish().unwrap();
+    /// assert_eq!(cfg.error_format, ErrorFormat::Anthropic);
+    /// ```
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
-        let rules: Vec<RuleConfig> = env.optional_with(
-            "PALISADE_RATE_LIMIT_RULES",
-            Vec::new(),
-            r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
-            |s| serde_json::from_str(s).map_err(|e| e.to_string()),
-        );
-        for rule in &rules {
-            if let Err(e) = rule.to_rule() {
-                env.problem(
-                    "PALISADE_RATE_LIMIT_RULES",
-                    ProblemKind::Invalid {
-                        value: rule.name.clone(),
-                        reason: e.to_string(),
-                    },
-                    r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
-                );
-            }
+        let var = |field: &str| env_var(ENV_PREFIX, field);
+        const RULES_EXAMPLE: &str = r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#;
+        let rules_var = var("rules");
+        let rules: Vec<RuleConfig> =
+            env.optional_with(&rules_var, Vec::new(), RULES_EXAMPLE, |s| {
+                serde_json::from_str(s).map_err(|e| e.to_string())
+            });
+        for (i, rule) in rules.iter().enumerate() {
+            let reason = match rule.to_rule() {
+                Err(e) => e.to_string(),
+                Ok(_) if rules[..i].iter().any(|r| r.name == rule.name) => {
+                    RateLimitConfigError::DuplicateRule {
+                        rule: rule.name.clone(),
+                    }
+                    .to_string()
+                }
+                Ok(_) => continue,
+            };
+            env.problem(
+                &rules_var,
+                ProblemKind::Invalid {
+                    value: rule.name.clone(),
+                    reason,
+                },
+                RULES_EXAMPLE,
+            );
         }
-        let max_entries = env.optional("PALISADE_RATE_LIMIT_MAX_ENTRIES", d.max_entries, "1000000");
-        let shards = env.optional("PALISADE_RATE_LIMIT_SHARDS", d.shards, "64");
-        let clock = env.optional("PALISADE_RATE_LIMIT_CLOCK", d.clock, "coarse");
-        let error_format = env.optional_with(
-            "PALISADE_RATE_LIMIT_ERROR_FORMAT",
-            d.error_format,
-            "anthropic",
-            |s| match s.trim().to_ascii_lowercase().as_str() {
-                "anthropic" => Ok(ErrorFormat::Anthropic),
-                "problem" | "problem_json" | "problem+json" => Ok(ErrorFormat::ProblemJson),
-                _ => Err("expected `anthropic` or `problem_json`".to_owned()),
-            },
-        );
-        let draft_headers =
-            env.optional("PALISADE_RATE_LIMIT_DRAFT_HEADERS", d.draft_headers, "true");
-        let legacy_headers = env.optional(
-            "PALISADE_RATE_LIMIT_LEGACY_HEADERS",
-            d.legacy_headers,
-            "false",
-        );
+        let max_entries_var = var("max_entries");
+        let max_entries = env.optional(&max_entries_var, d.max_entries, "1000000");
+        if max_entries == 0 {
+            env.problem(
+                &max_entries_var,
+                ProblemKind::Invalid {
+                    value: "0".into(),
+                    reason: RateLimitConfigError::ZeroCapacity.to_string(),
+                },
+                "1000000",
+            );
+        }
+        let shards = env.optional(&var("shards"), d.shards, "64");
+        let clock = env.optional(&var("clock"), d.clock, "coarse");
+        // The shared setting, unless this layer's own overrides it.
+        let error_format = ErrorFormat::from_env_with_override(env, &var("error_format"));
+        let draft_headers = env.optional(&var("draft_headers"), d.draft_headers, "true");
+        let legacy_headers = env.optional(&var("legacy_headers"), d.legacy_headers, "false");
         let trusted_proxies = env.optional_with(
-            "PALISADE_RATE_LIMIT_TRUSTED_PROXIES",
+            &var("trusted_proxies"),
             Vec::new(),
             "10.0.0.0/8,192.168.1.1",
             |s| {
-                s.parse::<TrustedProxies>()?;
+                s.parse::<TrustedProxies>().map_err(|e| e.to_string())?;
                 Ok(s.split(',')
                     .map(|p| p.trim().to_owned())
                     .filter(|p| !p.is_empty())
@@ -247,7 +278,7 @@ impl RateLimitConfig {
             },
         );
         let on_store_error = env.optional_with(
-            "PALISADE_RATE_LIMIT_ON_STORE_ERROR",
+            &var("on_store_error"),
             d.on_store_error,
             "closed",
             |s| match s.trim().to_ascii_lowercase().as_str() {
@@ -270,7 +301,7 @@ impl RateLimitConfig {
     }
 
     /// Builds the layer with an in-memory store sized by this configuration.
-    pub fn build(&self) -> Result<RateLimitLayer<MemoryStore>, RateLimitError> {
+    pub fn build(&self) -> Result<RateLimitLayer<MemoryStore>, RateLimitConfigError> {
         let store = MemoryStore::builder()
             .max_entries(self.max_entries)
             .shards(self.shards)
@@ -283,16 +314,17 @@ impl RateLimitConfig {
     pub fn build_with_store<St: Store>(
         &self,
         store: St,
-    ) -> Result<RateLimitLayer<St>, RateLimitError> {
+    ) -> Result<RateLimitLayer<St>, RateLimitConfigError> {
         let proxies = TrustedProxies::new(
             self.trusted_proxies
                 .iter()
                 .map(|p| {
-                    p.parse().map_err(|reason| RateLimitError::Invalid {
-                        rule: "*".into(),
-                        field: "trusted_proxies",
-                        reason,
-                    })
+                    p.parse()
+                        .map_err(|reason: ParseIpNetError| RateLimitConfigError::Invalid {
+                            rule: "*".into(),
+                            field: "trusted_proxies",
+                            reason: reason.to_string(),
+                        })
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         );

@@ -1,11 +1,13 @@
-//! Configuration and store errors of the rate limiter.
+//! The rate limiter's errors, one type per concern: configuration
+//! ([`RateLimitConfigError`]), the admin handle ([`AdminError`]), the store
+//! ([`StoreError`]), and parsing a route, key source or network.
 
 use std::error::Error as StdError;
 
 /// A rate-limit configuration mistake, reported when the layer is built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RateLimitError {
+pub enum RateLimitConfigError {
     /// Two rules have the same name.
     #[error("two rate-limit rules are named `{rule}`; rule names must be unique")]
     DuplicateRule {
@@ -57,12 +59,6 @@ pub enum RateLimitError {
     /// A memory store with room for no entries.
     #[error("the rate-limit memory store needs max_entries of at least 1")]
     ZeroCapacity,
-    /// An admin call named a rule the layer does not have.
-    #[error("no rate-limit rule is named `{rule}`")]
-    UnknownRule {
-        /// The name given.
-        rule: String,
-    },
 }
 
 /// A store could not decide (a network error, a script error). The memory store never
@@ -92,14 +88,36 @@ impl StoreError {
     }
 }
 
-/// An admin call failed.
+/// An admin call ([`RateLimiter`](super::RateLimiter)) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AdminError {
-    /// No rule by that name.
+    /// The call named a rule the layer does not have.
+    #[error("no rate-limit rule is named `{rule}`")]
+    UnknownRule {
+        /// The name given.
+        rule: String,
+    },
+    /// An override's quota is not valid (a limit, window or burst of 0).
     #[error(transparent)]
-    Config(#[from] RateLimitError),
+    InvalidQuota(#[from] RateLimitConfigError),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// A route that does not parse (see [`Route::parse`](super::Route::parse)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseRouteError(pub(crate) String);
+
+/// A key source that does not parse (see [`KeySource`](super::KeySource)'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseKeySourceError(pub(crate) String);
+
+/// An IP network or proxy list that does not parse (see [`IpNet`](super::IpNet) and
+/// [`TrustedProxies`](super::TrustedProxies)).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseIpNetError(pub(crate) String);

@@ -10,8 +10,11 @@
 //! ```
 //!
 //! `q` is the quota (units per window), `w` the window in seconds, `r` the units remaining
-//! and `t` the seconds until the quota is restored (for a refused request, until it would be
-//! admitted). Each applicable rule adds its own field line; a list split over several lines
+//! and `t` the seconds until the quota is whole again if nothing else arrives (for a refused
+//! request, until it would be admitted), rounded up. `t` is honest for every algorithm: a
+//! client that waits `t` seconds after `r=0` is admitted. For the sliding window that is the
+//! end of the window *after* the last one that counted units, since those units still
+//! weigh on the sliding estimate until then. Each applicable rule adds its own field line; a list split over several lines
 //! is the same list. The legacy `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 //! `X-RateLimit-Reset` (seconds) are optional and describe the most constrained rule.
 //! Shadow rules never show.
@@ -35,7 +38,7 @@
 //! let policies: Vec<_> = res.headers().get_all("ratelimit-policy").iter().collect();
 //! assert_eq!(policies, ["\"burst\";q=10;w=1", "\"daily\";q=1000;w=86400"]);
 //! let limits: Vec<_> = res.headers().get_all("ratelimit").iter().collect();
-//! assert_eq!(limits[0], "\"burst\";r=9;t=1");
+//! assert_eq!(limits[0], "\"burst\";r=9;t=2");
 //! assert_eq!(res.headers()["x-ratelimit-remaining"], "9"); // the most constrained rule
 //! # }
 //! ```

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use http::Request;
 
+use super::error::{ParseIpNetError, ParseKeySourceError};
 use crate::key::ApiKeyId;
 
 /// The identity a rule counts against.
@@ -24,9 +25,12 @@ pub enum RateKey {
     Ip(IpKey),
     /// A hashed API key.
     ApiKey(ApiKeyId),
-    /// An authenticated principal (see [`Principal`]).
+    /// An authenticated principal (see [`Principal`]); like a header value, an id longer
+    /// than 64 bytes is kept as its hash.
     Principal(Arc<str>),
-    /// The value of a header.
+    /// The value of a header, as it is up to 64 bytes; a longer value is kept as its hash
+    /// (`sha256:` and 32 hex digits), so a key costs the same bounded memory whatever a
+    /// client sends (see [`MemoryStore`](super::MemoryStore)).
     Header(Arc<str>),
     /// Requests for which the rule's key source found nothing (shared by all of them).
     Anonymous,
@@ -74,9 +78,27 @@ impl RateKey {
         RateKey::Ip(IpKey::new(ip))
     }
 
-    /// A principal key.
+    /// A principal key (an id longer than [`MAX_HEADER_KEY_LEN`] bytes is hashed).
     pub fn principal(id: impl Into<Arc<str>>) -> Self {
-        RateKey::Principal(id.into())
+        RateKey::Principal(bounded(id.into()))
+    }
+
+    /// The key of a header value: the value itself up to [`MAX_HEADER_KEY_LEN`] bytes, a
+    /// hash of it beyond (as [`KeySource::Header`] reads it).
+    ///
+    /// ```
+    /// use palisade::rate_limit::RateKey;
+    /// assert_eq!(RateKey::header("user-42"), RateKey::Header("user-42".into()));
+    /// let long = "x".repeat(16 * 1024);
+    /// let RateKey::Header(kept) = RateKey::header(&long) else { unreachable!() };
+    /// assert_eq!(kept.len(), 39); // "sha256:" and 32 hex digits
+    /// assert_eq!(RateKey::header(&long), RateKey::header(&long));
+    /// ```
+    pub fn header(value: &str) -> Self {
+        if value.len() <= MAX_HEADER_KEY_LEN {
+            return RateKey::Header(Arc::from(value));
+        }
+        RateKey::Header(hashed(value))
     }
 
     /// The key of an API key (hashed at once).
@@ -84,6 +106,22 @@ impl RateKey {
         RateKey::ApiKey(ApiKeyId::from_key(key))
     }
 }
+
+/// `text` itself when it is short, else its hash (see [`RateKey::header`]).
+fn bounded(text: Arc<str>) -> Arc<str> {
+    if text.len() <= MAX_HEADER_KEY_LEN {
+        text
+    } else {
+        hashed(&text)
+    }
+}
+
+fn hashed(text: &str) -> Arc<str> {
+    Arc::from(format!("sha256:{}", ApiKeyId::from_key(text)))
+}
+
+/// The longest header value a [`RateKey::Header`] keeps as it is; longer ones are hashed.
+pub const MAX_HEADER_KEY_LEN: usize = 64;
 
 /// Shows the key for logs and store keys. Header values are redacted (they may be
 /// secrets); principals and hashed API keys are shown as they are.
@@ -236,8 +274,15 @@ pub enum KeySource {
     Header(HeaderName),
     /// The API key in `x-api-key` or `authorization: Bearer`, hashed.
     ApiKey,
-    /// The client's IP address (see [`TrustedProxies`] for `X-Forwarded-For`).
+    /// The client's IP address (see [`TrustedProxies`] for `X-Forwarded-For`), read from
+    /// axum's `ConnectInfo<SocketAddr>` (with the `axum` feature) or a [`SocketAddr`]
+    /// request extension. A request with neither shares the `anonymous` key: the layer
+    /// counts it in [`RuleCounters::no_key`](super::RuleCounters::no_key) and logs the
+    /// first at `error`, since it means the server does not pass the address on.
     PeerIp,
+    /// The [`Principal`] when the request has one, else the client's IP address (as
+    /// [`KeySource::PeerIp`]): one limit for signed-in users and anonymous clients alike.
+    PrincipalOrPeerIp,
 }
 
 impl KeySource {
@@ -262,21 +307,24 @@ impl KeySource {
             KeySource::Principal => req
                 .extensions()
                 .get::<Principal>()
-                .map(|p| RateKey::Principal(p.0.clone())),
+                .map(|p| RateKey::Principal(bounded(p.0.clone()))),
             KeySource::Header(name) => {
                 let value = req.headers().get(name)?.to_str().ok()?.trim();
-                (!value.is_empty()).then(|| RateKey::Header(Arc::from(value)))
+                (!value.is_empty()).then(|| RateKey::header(value))
             }
             KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
             KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),
+            KeySource::PrincipalOrPeerIp => KeySource::Principal
+                .extract_other(req, proxies)
+                .or_else(|| proxies.client_key(req).map(RateKey::Ip)),
         }
     }
 }
 
 impl FromStr for KeySource {
-    type Err = String;
+    type Err = ParseKeySourceError;
 
-    /// `global`, `principal`, `api_key`, `ip`, or `header:<name>`.
+    /// `global`, `principal`, `api_key`, `ip`, `principal_or_ip`, or `header:<name>`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim();
         match s {
@@ -284,13 +332,16 @@ impl FromStr for KeySource {
             "principal" => Ok(KeySource::Principal),
             "api_key" => Ok(KeySource::ApiKey),
             "ip" | "peer_ip" => Ok(KeySource::PeerIp),
+            "principal_or_ip" => Ok(KeySource::PrincipalOrPeerIp),
             _ => match s.strip_prefix("header:") {
                 Some(name) => HeaderName::from_str(name.trim())
                     .map(KeySource::Header)
-                    .map_err(|_| format!("`{name}` is not a valid header name")),
-                None => Err(format!(
-                    "unknown key source `{s}`: expected global, principal, api_key, ip or header:<name>"
-                )),
+                    .map_err(|_| {
+                        ParseKeySourceError(format!("`{name}` is not a valid header name"))
+                    }),
+                None => Err(ParseKeySourceError(format!(
+                    "unknown key source `{s}`: expected global, principal, api_key, ip, principal_or_ip or header:<name>"
+                ))),
             },
         }
     }
@@ -304,6 +355,7 @@ impl fmt::Display for KeySource {
             KeySource::Header(h) => write!(f, "header:{h}"),
             KeySource::ApiKey => f.write_str("api_key"),
             KeySource::PeerIp => f.write_str("ip"),
+            KeySource::PrincipalOrPeerIp => f.write_str("principal_or_ip"),
         }
     }
 }
@@ -316,32 +368,26 @@ pub struct IpNet {
 }
 
 impl IpNet {
-    /// Whether `ip` is inside the network (IPv4-mapped IPv6 addresses count as IPv4).
+    /// Whether `ip` is inside the network. IPv4 and IPv4-mapped IPv6 (`::ffff:10.0.0.1`)
+    /// are the same address both ways: `10.0.0.0/8` holds `::ffff:10.0.0.1`, and
+    /// `::ffff:10.0.0.0/104` holds `10.0.0.1`.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+        // Both in the IPv6 space, an IPv4 network as its mapped form (`/8` is `/104`).
+        let (net, prefix) = match self.addr {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().to_bits(), u32::from(self.prefix) + 96),
+            IpAddr::V6(v6) => (v6.to_bits(), u32::from(self.prefix)),
         };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
+        let ip = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().to_bits(),
+            IpAddr::V6(v6) => v6.to_bits(),
+        };
+        let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+        net & mask == ip & mask
     }
 }
 
 impl FromStr for IpNet {
-    type Err = String;
+    type Err = ParseIpNetError;
 
     /// `addr/prefix`, or a bare address (a single host).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -352,14 +398,12 @@ impl FromStr for IpNet {
         };
         let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or network"))?;
+            .map_err(|_| ParseIpNetError(format!("`{s}` is not an IP address or network")))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p
-                .parse::<u8>()
-                .ok()
-                .filter(|p| *p <= max)
-                .ok_or_else(|| format!("`{s}` has an invalid prefix length (0..={max})"))?,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                ParseIpNetError(format!("`{s}` has an invalid prefix length (0..={max})"))
+            })?,
             None => max,
         };
         Ok(IpNet { addr, prefix })
@@ -481,7 +525,7 @@ impl TrustedProxies {
 }
 
 impl FromStr for TrustedProxies {
-    type Err = String;
+    type Err = ParseIpNetError;
 
     /// A comma-separated list of networks (`10.0.0.0/8, 192.168.0.1`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -576,6 +620,73 @@ mod tests {
             "ip:10.1.2.3"
         );
         assert_eq!(format!("{zero_v4:?}"), "IpKey(0.0.0.0)");
+    }
+
+    #[test]
+    fn long_principals_and_header_values_are_kept_as_hashes() {
+        let long = "p".repeat(10_000);
+        let mut req = Request::new(());
+        req.extensions_mut().insert(Principal::new(long.as_str()));
+        req.headers_mut().insert("x-user-id", long.parse().unwrap());
+        let none = TrustedProxies::none();
+        for (source, key) in [
+            (KeySource::Principal, RateKey::principal(long.as_str())),
+            (
+                KeySource::Header(HeaderName::from_static("x-user-id")),
+                RateKey::header(&long),
+            ),
+        ] {
+            let got = source.extract(&req, &none).unwrap();
+            assert_eq!(got, key);
+            let (RateKey::Principal(text) | RateKey::Header(text)) = &got else {
+                unreachable!()
+            };
+            assert_eq!(text.len(), 39, "{got}");
+        }
+        assert_eq!(
+            RateKey::principal("user-42"),
+            RateKey::Principal("user-42".into())
+        );
+        assert_eq!(
+            RateKey::header(&"h".repeat(64)),
+            RateKey::Header("h".repeat(64).into())
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_in_ipv4_mapped_form_match_both_ways() {
+        let mapped: TrustedProxies = "::ffff:10.0.0.1".parse().unwrap();
+        assert!(mapped.is_trusted("10.0.0.1".parse().unwrap()));
+        assert!(mapped.is_trusted("::ffff:10.0.0.1".parse().unwrap()));
+        assert!(!mapped.is_trusted("10.0.0.2".parse().unwrap()));
+        let mapped_net: TrustedProxies = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped_net.is_trusted("10.200.0.9".parse().unwrap()));
+        assert!(!mapped_net.is_trusted("11.0.0.1".parse().unwrap()));
+        let v4: TrustedProxies = "10.0.0.0/8".parse().unwrap();
+        assert!(v4.is_trusted("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(v4.is_trusted("10.1.2.3".parse().unwrap()));
+        assert!(
+            !v4.is_trusted("::10.1.2.3".parse().unwrap()),
+            "IPv4-compatible is not mapped"
+        );
+        assert!(!v4.is_trusted("2001:db8::1".parse().unwrap()));
+        let everything: TrustedProxies = "0.0.0.0/0".parse().unwrap();
+        assert!(everything.is_trusted("::ffff:1.2.3.4".parse().unwrap()));
+        assert!(
+            !everything.is_trusted("2001:db8::1".parse().unwrap()),
+            "IPv4 only"
+        );
+        let all_v6: TrustedProxies = "::/0".parse().unwrap();
+        assert!(all_v6.is_trusted("2001:db8::1".parse().unwrap()));
+
+        // over a request: a proxy at ::ffff:10.0.0.1 (a dual-stack socket) is believed
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert("[::ffff:10.0.0.1]:443".parse::<SocketAddr>().unwrap());
+        req.headers_mut()
+            .insert("x-forwarded-for", "203.0.113.9".parse().unwrap());
+        assert_eq!(mapped.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
+        assert_eq!(v4.client_ip(&req), Some("203.0.113.9".parse().unwrap()));
     }
 
     proptest::proptest! {

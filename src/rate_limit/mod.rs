@@ -48,7 +48,8 @@
 //! let ok = svc.clone().oneshot(request()).await.unwrap();
 //! assert_eq!(ok.status(), 200);
 //! assert_eq!(ok.headers()["ratelimit-policy"], "\"chat\";q=2;w=60");
-//! assert_eq!(ok.headers()["ratelimit"], "\"chat\";r=1;t=60");
+//! // the request weighs on the sliding window until the end of the next minute
+//! assert_eq!(ok.headers()["ratelimit"], "\"chat\";r=1;t=120");
 //!
 //! svc.clone().oneshot(request()).await.unwrap();
 //! let refused = svc.oneshot(request()).await.unwrap();
@@ -59,24 +60,37 @@
 //! ```
 
 pub mod algorithm;
+mod builder;
 mod config;
 mod error;
+mod ext;
+mod future;
 pub mod headers;
 mod key;
 mod layer;
+mod limiter;
 mod quota;
+mod reservation;
 mod rule;
+mod service;
+mod shared;
 pub mod store;
 
+pub use builder::{FailMode, RateLimitLayerBuilder};
 pub use config::{CostMode, RateLimitConfig, RuleConfig};
-pub use error::{AdminError, RateLimitError, StoreError};
-pub use key::{IpKey, IpNet, KeySource, Principal, RateKey, TrustedProxies};
-pub use layer::{
-    FailMode, RateLimit, RateLimitLayer, RateLimitLayerBuilder, RateLimitServiceBuilderExt,
-    RateLimiter, Reservation, ResponseFuture, RuleCounters, RuleStatus,
+pub use error::{
+    AdminError, ParseIpNetError, ParseKeySourceError, ParseRouteError, RateLimitConfigError,
+    StoreError,
 };
+pub use ext::RateLimitServiceBuilderExt;
+pub use future::ResponseFuture;
+pub use key::{IpKey, IpNet, KeySource, MAX_HEADER_KEY_LEN, Principal, RateKey, TrustedProxies};
+pub use layer::RateLimitLayer;
+pub use limiter::{RateLimiter, RuleCounters, RuleStatus};
 pub use quota::{Algorithm, Quota};
+pub use reservation::Reservation;
 pub use rule::{Cost, RequestCost, Route, Rule, Segment};
+pub use service::RateLimit;
 #[cfg(feature = "redis")]
 pub use store::{
     HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,

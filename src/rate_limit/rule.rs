@@ -1,5 +1,6 @@
 //! Rules: which requests a limit applies to, whom it counts, and how much each costs.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -8,11 +9,27 @@ use http::Method;
 use http::Request;
 
 use super::algorithm::Params;
-use super::error::RateLimitError;
+use super::error::{ParseRouteError, RateLimitConfigError};
 use super::key::KeySource;
 use super::quota::{Algorithm, Quota};
 
 /// Which paths a rule matches.
+///
+/// Paths are compared **normalised**, both the route and the request's path, so a client
+/// cannot step around a rule by spelling the same resource differently: empty segments
+/// (`//v1/messages`, `/v1/messages/`) and `.` segments are dropped, `..` removes the
+/// segment before it, and percent-encoded unreserved characters (letters, digits, `-`,
+/// `.`, `_`, `~`) are decoded (`/v1/%6Dessages` is `/v1/messages`). Other escapes, `%2F`
+/// among them, stay as they are. Matching is case-sensitive.
+///
+/// ```
+/// use palisade::rate_limit::Route;
+/// let r: Route = "/v1/messages".parse().unwrap();
+/// for path in ["/v1/messages", "/v1/messages/", "//v1/messages", "/v1/./x/../messages", "/v1/%6Dessages"] {
+///     assert!(r.matches(path), "{path}");
+/// }
+/// assert!(!r.matches("/v1/messages%2Fx"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Route {
@@ -51,7 +68,11 @@ impl Route {
     /// let p: Route = "/v1/*".parse().unwrap();
     /// assert!(p.matches("/v1/messages") && !p.matches("/v2/messages"));
     /// ```
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, ParseRouteError> {
+        Self::parse_inner(s).map_err(ParseRouteError)
+    }
+
+    fn parse_inner(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "*" || s.is_empty() {
             return Ok(Route::All);
@@ -65,8 +86,15 @@ impl Route {
                     "route `{s}`: a prefix route cannot hold parameters"
                 ));
             }
-            return Ok(Route::Prefix(Arc::from(prefix)));
+            // `/v1/*`: the normalised `/v1` and a `/` after it
+            let mut normal = normalize_path(prefix).into_owned();
+            if prefix.ends_with('/') && normal != "/" {
+                normal.push('/');
+            }
+            return Ok(Route::Prefix(Arc::from(normal)));
         }
+        let normal = normalize_path(s);
+        let s = &*normal;
         if !s.contains(['{', '}']) {
             return Ok(Route::Exact(Arc::from(s)));
         }
@@ -96,12 +124,20 @@ impl Route {
         Ok(Route::Template(segments.into()))
     }
 
-    /// Whether `path` matches.
+    /// Whether `path` matches, once normalised (see the type's docs).
     pub fn matches(&self, path: &str) -> bool {
+        if matches!(self, Route::All) {
+            return true;
+        }
+        let path = normalize_path(path);
+        let path = &*path;
         match self {
             Route::All => true,
             Route::Exact(p) => path == &**p,
-            Route::Prefix(p) => path.starts_with(&**p),
+            // `/v1/*` also holds `/v1` itself (`/v1/` before normalisation)
+            Route::Prefix(p) => {
+                path.starts_with(&**p) || p.strip_suffix('/').is_some_and(|dir| path == dir)
+            }
             Route::Template(segments) => {
                 let Some(rest) = path.strip_prefix('/') else {
                     return false;
@@ -127,8 +163,83 @@ impl Route {
     }
 }
 
+/// The path as rules compare it (see [`Route`]): borrowed as it is when it is already
+/// normal, which is the common case and costs one scan.
+pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
+    if is_normal(path) {
+        return Cow::Borrowed(path);
+    }
+    let decoded = decode_unreserved(path);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    if segments.is_empty() {
+        return Cow::Borrowed("/");
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    Cow::Owned(out)
+}
+
+/// Whether `path` is already normal: absolute, no escapes, no empty, `.` or `..` segments.
+fn is_normal(path: &str) -> bool {
+    if path == "/" {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix('/') else {
+        // `*` (OPTIONS) or an empty path: nothing to normalise
+        return !path.contains(['/', '%']);
+    };
+    !path.contains('%')
+        && rest
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..")
+}
+
+/// Decodes `%XX` escapes of unreserved characters (RFC 3986: letters, digits, `-`, `.`,
+/// `_`, `~`), which name the same resource as the character itself; others stay encoded.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            ) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c as char);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        // `path` is a str: copy the whole character starting here
+        let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    Cow::Owned(out)
+}
+
 impl FromStr for Route {
-    type Err = String;
+    type Err = ParseRouteError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Route::parse(s)
     }
@@ -243,6 +354,50 @@ impl Rule {
         }
     }
 
+    /// Preset: `chat`, 20 requests a minute per API key ([`KeySource::ApiKey`]) on
+    /// `POST /v1/messages` (Anthropic's Messages API path).
+    ///
+    /// ```
+    /// use palisade::rate_limit::{RateLimitLayer, Rule};
+    /// let layer = RateLimitLayer::new([
+    ///     Rule::chat(),
+    ///     Rule::bot_creation(),
+    ///     Rule::orchestrator(),
+    ///     Rule::global(),
+    /// ])
+    /// .unwrap();
+    /// assert_eq!(layer.limiter().rules(), ["chat", "bot_creation", "orchestrator", "global"]);
+    /// assert_eq!(Rule::chat().quota(), palisade::rate_limit::Quota::per_minute(20));
+    /// ```
+    pub fn chat() -> Self {
+        Rule::new("chat", Quota::per_minute(20))
+            .post("/v1/messages")
+            .key(KeySource::ApiKey)
+    }
+
+    /// Preset: `bot_creation`, 10 a hour per user ([`KeySource::Principal`]) on
+    /// `POST /v1/bots`.
+    pub fn bot_creation() -> Self {
+        Rule::new("bot_creation", Quota::per_hour(10))
+            .post("/v1/bots")
+            .key(KeySource::Principal)
+    }
+
+    /// Preset: `orchestrator`, 30 a minute per user ([`KeySource::Principal`]) on
+    /// `POST /v1/orchestrator/*` (`/v1/orchestrator/parse-intent` and its siblings).
+    pub fn orchestrator() -> Self {
+        Rule::new("orchestrator", Quota::per_minute(30))
+            .post("/v1/orchestrator/*")
+            .key(KeySource::Principal)
+    }
+
+    /// Preset: `global`, 100 requests a minute per user, or per client IP for requests
+    /// without a [`Principal`](super::Principal) ([`KeySource::PrincipalOrPeerIp`]), on
+    /// every route and method.
+    pub fn global() -> Self {
+        Rule::new("global", Quota::per_minute(100)).key(KeySource::PrincipalOrPeerIp)
+    }
+
     /// Matches only this method.
     pub fn method(mut self, method: Method) -> Self {
         self.method = Some(method);
@@ -261,7 +416,7 @@ impl Rule {
     pub fn post(mut self, path: &str) -> Self {
         match Route::parse(path) {
             Ok(route) => self.route = route,
-            Err(reason) => self.route_error = Some(reason),
+            Err(reason) => self.route_error = Some(reason.0),
         }
         self.method(Method::POST)
     }
@@ -330,7 +485,7 @@ impl Rule {
         Params::new(self.algorithm, quota).strict(self.strict)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), RateLimitError> {
+    pub(crate) fn validate(&self) -> Result<(), RateLimitConfigError> {
         let rule = self.name.to_string();
         if self.name.is_empty()
             || !self
@@ -338,10 +493,10 @@ impl Rule {
                 .bytes()
                 .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
         {
-            return Err(RateLimitError::InvalidName { rule });
+            return Err(RateLimitConfigError::InvalidName { rule });
         }
         if let Some(reason) = &self.route_error {
-            return Err(RateLimitError::Invalid {
+            return Err(RateLimitConfigError::Invalid {
                 rule,
                 field: "route",
                 reason: reason.clone(),
@@ -349,21 +504,176 @@ impl Rule {
         }
         validate_quota(&rule, self.quota)?;
         if self.strict && self.algorithm != Algorithm::SlidingWindow {
-            return Err(RateLimitError::StrictNeedsSlidingWindow { rule });
+            return Err(RateLimitConfigError::StrictNeedsSlidingWindow { rule });
         }
         Ok(())
     }
 }
 
-pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitError> {
+pub(crate) fn validate_quota(rule: &str, quota: Quota) -> Result<(), RateLimitConfigError> {
     if quota.limit() == 0 {
-        return Err(RateLimitError::ZeroLimit { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroLimit { rule: rule.into() });
     }
     if quota.window().as_micros() == 0 {
-        return Err(RateLimitError::ZeroWindow { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroWindow { rule: rule.into() });
     }
     if quota.burst() == 0 {
-        return Err(RateLimitError::ZeroBurst { rule: rule.into() });
+        return Err(RateLimitConfigError::ZeroBurst { rule: rule.into() });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_the_normalised_path() {
+        let exact: Route = "/v1/messages".parse().unwrap();
+        for path in [
+            "/v1/messages",
+            "/v1/messages/",
+            "//v1/messages",
+            "/v1//messages",
+            "/v1/./messages",
+            "/v1/x/../messages",
+            "/../v1/messages",
+            "/v1/%6Dessages",
+            "/v1/%6despages/../messages",
+            "/%76%31/messages",
+            "/v1/%2e/messages",
+            "/v1/x/%2E%2E/messages",
+        ] {
+            assert!(exact.matches(path), "{path}");
+        }
+        for path in [
+            "/v1/messages%2F",
+            "/v1/messagesx",
+            "/V1/messages",
+            "/v1",
+            "/v1/messages/x",
+        ] {
+            assert!(!exact.matches(path), "{path}");
+        }
+        let prefix: Route = "/v1/*".parse().unwrap();
+        for path in [
+            "/v1/messages",
+            "//v1/messages",
+            "/v1/",
+            "/v1",
+            "/x/../v1/a",
+            "/%76%31/a",
+        ] {
+            assert!(prefix.matches(path), "{path}");
+        }
+        assert!(!prefix.matches("/v2/messages") && !prefix.matches("/v1x"));
+        let template: Route = "/v1/users/{id}/messages".parse().unwrap();
+        assert!(template.matches("/v1/users/42/messages/"));
+        assert!(template.matches("/v1//users/42/messages"));
+        assert!(!template.matches("/v1/users//messages"));
+        // a route written unnormalised means the same
+        let written: Route = "/v1//messages/".parse().unwrap();
+        assert_eq!(written, exact);
+        assert_eq!(normalize_path("/"), "/");
+        assert_eq!(normalize_path("//"), "/");
+        assert_eq!(normalize_path("/a/%zz/%"), "/a/%zz/%");
+        assert_eq!(normalize_path("/é/%C3%A9"), "/é/%C3%A9");
+        assert!(matches!(normalize_path("/v1/messages"), Cow::Borrowed(_)));
+    }
+
+    #[tokio::test]
+    async fn a_rule_is_not_skipped_by_spelling_the_path_differently() {
+        use tower::{Layer, ServiceExt, service_fn};
+        let layer = crate::rate_limit::RateLimitLayer::new([Rule::new(
+            "chat",
+            crate::rate_limit::Quota::per_minute(1),
+        )
+        .post("/v1/messages")])
+        .unwrap();
+        let svc = layer.layer(service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
+        }));
+        let req = |path: &str| Request::post(path).body(()).unwrap();
+        assert_eq!(
+            svc.clone()
+                .oneshot(req("/v1/messages"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        for path in [
+            "/v1/messages/",
+            "//v1/messages",
+            "/v1/%6Dessages",
+            "/v1/./messages",
+        ] {
+            assert_eq!(
+                svc.clone().oneshot(req(path)).await.unwrap().status(),
+                429,
+                "{path}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use std::net::SocketAddr;
+
+    use http::Request;
+
+    use super::*;
+    use crate::rate_limit::key::{Principal, TrustedProxies};
+    use crate::rate_limit::{RateKey, RateLimitLayer};
+
+    #[test]
+    fn presets_say_what_they_count() {
+        let post = |path: &str| Request::post(path).body(()).unwrap();
+        let chat = Rule::chat();
+        assert_eq!((chat.name(), chat.quota()), ("chat", Quota::per_minute(20)));
+        assert!(chat.matches(&post("/v1/messages")) && !chat.matches(&post("/v1/bots")));
+        assert!(matches!(chat.key, KeySource::ApiKey));
+        let bots = Rule::bot_creation();
+        assert_eq!(bots.quota(), Quota::per_hour(10));
+        assert!(bots.matches(&post("/v1/bots")));
+        assert!(!bots.matches(&Request::get("/v1/bots").body(()).unwrap()));
+        assert!(matches!(bots.key, KeySource::Principal));
+        let orchestrator = Rule::orchestrator();
+        assert_eq!(orchestrator.quota(), Quota::per_minute(30));
+        assert!(orchestrator.matches(&post("/v1/orchestrator/parse-intent")));
+        let global = Rule::global();
+        assert_eq!(global.quota(), Quota::per_minute(100));
+        assert!(global.matches(&Request::get("/anything").body(()).unwrap()));
+        let layer = RateLimitLayer::new([
+            Rule::chat(),
+            Rule::bot_creation(),
+            Rule::orchestrator(),
+            Rule::global(),
+        ])
+        .unwrap();
+        assert_eq!(layer.limiter().rules().len(), 4);
+
+        // per user, or per IP without one
+        let none = TrustedProxies::none();
+        let mut req = post("/");
+        req.extensions_mut()
+            .insert("203.0.113.9:1".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            global.key.extract(&req, &none),
+            Some(RateKey::ip("203.0.113.9".parse().unwrap()))
+        );
+        req.extensions_mut().insert(Principal::new("user-1"));
+        assert_eq!(
+            global.key.extract(&req, &none),
+            Some(RateKey::principal("user-1"))
+        );
+        assert_eq!(global.key.extract(&post("/"), &none), None);
+        assert_eq!(
+            "principal_or_ip".parse::<KeySource>().unwrap().to_string(),
+            "principal_or_ip"
+        );
+    }
 }

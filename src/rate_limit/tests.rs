@@ -61,7 +61,8 @@ async fn refuses_with_429_headers_and_retry_after_then_recovers() {
         assert_eq!(r.status(), 200);
         assert_eq!(
             r.headers()["ratelimit"],
-            format!("\"chat\";r={remaining};t=60")
+            // the units counted in this minute weigh until the end of the next one
+            format!("\"chat\";r={remaining};t=120")
         );
         assert_eq!(r.headers()["x-ratelimit-remaining"], remaining.to_string());
     }
@@ -126,7 +127,7 @@ async fn rules_are_decided_as_a_group() {
         let policies: Vec<_> = r.headers().get_all("ratelimit-policy").iter().collect();
         assert_eq!(policies, ["\"per-key\";q=3;w=60", "\"global\";q=4;w=60"]);
         let values: Vec<_> = r.headers().get_all("ratelimit").iter().collect();
-        assert_eq!(values[1], "\"global\";r=1;t=60", "nothing was debited");
+        assert_eq!(values[1], "\"global\";r=1;t=120", "nothing was debited");
     }
     assert_eq!(send(&mut svc, post("/", "sk-b")).await.status(), 200);
     let r = send(&mut svc, post("/", "sk-c")).await;
@@ -225,12 +226,25 @@ async fn overrides_reset_and_peek() {
     assert_eq!((status.quota, status.remaining), (Quota::per_minute(1), 0));
     assert!(matches!(
         admin.peek("nope", &vip).await,
-        Err(AdminError::Config(RateLimitError::UnknownRule { .. }))
+        Err(AdminError::UnknownRule { .. })
     ));
-    assert_eq!(
-        admin.set_override("p", vip, Quota::per_minute(0)),
-        Err(RateLimitError::ZeroLimit { rule: "p".into() })
-    );
+    assert!(matches!(
+        admin.set_override("p", vip.clone(), Quota::per_minute(0)),
+        Err(AdminError::InvalidQuota(
+            RateLimitConfigError::ZeroLimit { .. }
+        ))
+    ));
+    assert!(matches!(
+        admin.set_override("nope", vip, Quota::per_minute(1)),
+        Err(AdminError::UnknownRule { .. })
+    ));
+    // parse errors are types too
+    let route_err: ParseRouteError = "v1".parse::<Route>().unwrap_err();
+    assert!(route_err.to_string().contains("must start with `/`"));
+    let key_err: ParseKeySourceError = "cookie".parse::<KeySource>().unwrap_err();
+    assert!(key_err.to_string().contains("unknown key source `cookie`"));
+    let net_err: ParseIpNetError = "10.0.0.0/33".parse::<IpNet>().unwrap_err();
+    assert!(net_err.to_string().contains("invalid prefix length"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -249,7 +263,7 @@ async fn settled_quantities_are_reserved_then_corrected() {
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     }));
     let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
-    assert_eq!(r.headers()["ratelimit"], "\"tpm\";r=900;t=60");
+    assert_eq!(r.headers()["ratelimit"], "\"tpm\";r=900;t=120");
     let key = RateKey::api_key("sk-a");
     assert_eq!(admin.peek("tpm", &key).await.unwrap().remaining, 300);
     // the next estimate still fits, the one after does not
@@ -388,28 +402,31 @@ fn configuration_mistakes_are_errors() {
     ]);
     assert_eq!(
         dup.unwrap_err(),
-        RateLimitError::DuplicateRule { rule: "a".into() }
+        RateLimitConfigError::DuplicateRule { rule: "a".into() }
     );
     let strict = RateLimitLayer::new([Rule::new("a", Quota::per_minute(1))
         .algorithm(Algorithm::Gcra)
         .strict(true)]);
     assert!(matches!(
         strict,
-        Err(RateLimitError::StrictNeedsSlidingWindow { .. })
+        Err(RateLimitConfigError::StrictNeedsSlidingWindow { .. })
     ));
     let name = RateLimitLayer::new([Rule::new("a \"b\"", Quota::per_minute(1))]);
-    assert!(matches!(name, Err(RateLimitError::InvalidName { .. })));
+    assert!(matches!(
+        name,
+        Err(RateLimitConfigError::InvalidName { .. })
+    ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("z", Quota::new(1, Duration::ZERO))]),
-        Err(RateLimitError::ZeroWindow { .. })
+        Err(RateLimitConfigError::ZeroWindow { .. })
     ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("b", Quota::per_second(1).with_burst(0))]),
-        Err(RateLimitError::ZeroBurst { .. })
+        Err(RateLimitConfigError::ZeroBurst { .. })
     ));
     assert!(matches!(
         RateLimitLayer::new([Rule::new("p", Quota::per_minute(1)).post("v1/messages")]),
-        Err(RateLimitError::Invalid { field: "route", .. })
+        Err(RateLimitConfigError::Invalid { field: "route", .. })
     ));
     assert!(Route::parse("v1").is_err());
     assert!(Route::parse("/a/{*rest}/b").is_err());
@@ -888,5 +905,397 @@ async fn plain_rules_answer_as_lean_ones() {
                 "{key:?}: something refused"
             );
         }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_rule_with_a_settled_cost_is_settled() {
+    let layer = RateLimitLayer::new([Rule::new("tpm-trial", Quota::per_minute(1000))
+        .key(KeySource::ApiKey)
+        .cost(Cost::Settled { estimate: 100 })
+        .shadow(true)])
+    .unwrap();
+    let admin = layer.limiter();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        // a request over the trial quota is let through unreserved
+        if let Some(reservation) = req.extensions().get::<Reservation>() {
+            assert_eq!(reservation.reserved(), 100);
+            reservation.settle(700).await.unwrap();
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("ratelimit").is_none(),
+        "shadow rules stay hidden"
+    );
+    let key = RateKey::api_key("sk-a");
+    // settled: 700 spent, not the estimate of 100
+    assert_eq!(admin.peek("tpm-trial", &key).await.unwrap().remaining, 300);
+    // over the trial quota: admitted, counted as a shadow refusal
+    svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    let r = svc.clone().oneshot(post("/", "sk-a")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(admin.counters()[0].shadow_limited, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cost_of_zero_is_admitted_after_a_settlement_overshoots() {
+    let layer = RateLimitLayer::new([Rule::new("tpm", Quota::per_minute(1000))
+        .key(KeySource::ApiKey)
+        .cost(Cost::Settled { estimate: 100 })])
+    .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        if let Some(r) = req.extensions().get::<Reservation>() {
+            r.settle(5_000).await.unwrap(); // far past the quota
+        }
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        svc.clone()
+            .oneshot(post("/", "sk-a"))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+    let mut peek = post("/", "sk-a");
+    peek.extensions_mut().insert(RequestCost(0));
+    let r = svc.clone().oneshot(peek).await.unwrap();
+    assert_eq!(r.status(), 200, "a cost of 0 is a peek, always allowed");
+    assert!(r.headers()["ratelimit"].to_str().unwrap().contains("r=0;"));
+    let status = layer
+        .limiter()
+        .peek("tpm", &RateKey::api_key("sk-a"))
+        .await
+        .unwrap();
+    assert_eq!(status.remaining, 0);
+}
+
+/// After an admitted response that says `r=0`, waiting `t` seconds admits the same
+/// request, whatever the algorithm (the sliding window used to say the current window's
+/// end, where the spent units still weigh in full).
+#[tokio::test(start_paused = true)]
+async fn waiting_t_after_r0_admits_the_same_request() {
+    for algorithm in [
+        Algorithm::SlidingWindow,
+        Algorithm::FixedWindow,
+        Algorithm::Gcra,
+    ] {
+        let layer = RateLimitLayer::new([Rule::new("chat", Quota::per_minute(3))
+            .key(KeySource::ApiKey)
+            .algorithm(algorithm)])
+        .unwrap();
+        let mut svc = service(&layer);
+        tokio::time::advance(Duration::from_secs(17)).await;
+        let mut last = None;
+        for _ in 0..3 {
+            let r = send(&mut svc, post("/", "sk-t")).await;
+            assert_eq!(r.status(), 200, "{algorithm}");
+            last = Some(r);
+        }
+        let value = last.unwrap().headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let params = headers::tests::parse_list(&value).remove(0).1;
+        assert_eq!(params[0], ("r".to_owned(), 0), "{algorithm}: {value}");
+        let t = params[1].1;
+        tokio::time::advance(Duration::from_secs(t as u64)).await;
+        let r = send(&mut svc, post("/", "sk-t")).await;
+        assert_eq!(r.status(), 200, "{algorithm}: waited t={t} after {value}");
+    }
+}
+
+/// The shared `PALISADE_ERROR_FORMAT` decides how the rate limiter renders its refusals,
+/// unless `PALISADE_RATE_LIMIT_ERROR_FORMAT` says otherwise.
+#[tokio::test(start_paused = true)]
+async fn the_shared_error_format_renders_refusals_unless_overridden() {
+    let rules = r#"[{"name":"chat","key":"api_key","limit":1,"window":"1m"}]"#;
+    let cases = [
+        (
+            vec![("PALISADE_ERROR_FORMAT", "anthropic")],
+            ErrorFormat::Anthropic,
+        ),
+        (
+            vec![("PALISADE_ERROR_FORMAT", "problem")],
+            ErrorFormat::ProblemJson,
+        ),
+        (
+            vec![
+                ("PALISADE_ERROR_FORMAT", "anthropic"),
+                ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "problem"),
+            ],
+            ErrorFormat::ProblemJson,
+        ),
+        (
+            vec![
+                ("PALISADE_ERROR_FORMAT", "problem"),
+                ("PALISADE_RATE_LIMIT_ERROR_FORMAT", "anthropic"),
+            ],
+            ErrorFormat::Anthropic,
+        ),
+        (vec![], ErrorFormat::ProblemJson),
+    ];
+    for (vars, want) in cases {
+        let mut pairs = vars.clone();
+        pairs.push(("PALISADE_RATE_LIMIT_RULES", rules));
+        let mut env = Env::from_pairs(pairs);
+        let cfg = RateLimitConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(cfg.error_format, want, "{vars:?}");
+        let layer = RateLimitLayer::from_config(cfg).unwrap();
+        let mut svc = service(&layer);
+        send(&mut svc, post("/", "sk-f")).await;
+        let refused = send(&mut svc, post("/", "sk-f")).await;
+        assert_eq!(refused.status(), 429);
+        let content_type = refused.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = body_json(refused).await;
+        match want {
+            ErrorFormat::Anthropic => {
+                assert_eq!(body["type"], "error", "{vars:?}: {body}");
+                assert_eq!(body["error"]["type"], "rate_limit_error", "{vars:?}");
+            }
+            _ => {
+                assert_eq!(content_type, "application/problem+json", "{vars:?}");
+                assert_eq!(body["status"], 429, "{vars:?}");
+            }
+        }
+    }
+    // a bad shared value is reported (once), by name
+    let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "xml")]);
+    let _ = crate::config::Settings::from_env(&mut env);
+    let _ = RateLimitConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["PALISADE_ERROR_FORMAT"]);
+}
+
+#[test]
+fn config_from_env_reports_duplicate_rules_and_an_empty_store() {
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"chat","limit":20},{"name":"chat","limit":5}]"#,
+        ),
+        ("PALISADE_RATE_LIMIT_MAX_ENTRIES", "0"),
+    ]);
+    let _ = RateLimitConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_RATE_LIMIT_RULES",
+            "PALISADE_RATE_LIMIT_MAX_ENTRIES"
+        ]
+    );
+    assert!(
+        err.to_string()
+            .contains("two rate-limit rules are named `chat`"),
+        "{err}"
+    );
+}
+
+/// A rule keyed by the client IP on a server that gives no peer address (the `axum`
+/// feature off, or no `ConnectInfo`) no longer puts everyone in one bucket silently: each
+/// such request is counted (and the first logged at `error`), on every decision path.
+#[tokio::test(start_paused = true)]
+async fn peer_ip_rules_count_requests_without_a_peer_address() {
+    for (headers, skip) in [(true, false), (false, false), (false, true)] {
+        let layer = RateLimitLayer::builder()
+            .rule(
+                Rule::new("per-ip", Quota::per_minute(100))
+                    .key(KeySource::PeerIp)
+                    .skip_anonymous(skip),
+            )
+            .draft_headers(headers)
+            .build()
+            .unwrap();
+        let mut svc = service(&layer);
+        for _ in 0..3 {
+            assert_eq!(send(&mut svc, Request::new(())).await.status(), 200);
+        }
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert("203.0.113.9:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(send(&mut svc, req).await.status(), 200);
+        let c = &layer.limiter().counters()[0];
+        assert_eq!(c.no_key, 3, "headers {headers}, skip {skip}");
+        assert_eq!(
+            c.allowed,
+            if skip { 1 } else { 4 },
+            "headers {headers}, skip {skip}"
+        );
+    }
+    // several rules: the general path counts too
+    let layer = RateLimitLayer::new([
+        Rule::new("per-ip", Quota::per_minute(100)).key(KeySource::PeerIp),
+        Rule::new("per-user", Quota::per_minute(100)).key(KeySource::Principal),
+    ])
+    .unwrap();
+    let mut svc = service(&layer);
+    send(&mut svc, Request::new(())).await;
+    let c = layer.limiter().counters();
+    assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
+}
+
+/// One request of [`the_lean_and_plain_paths_decide_as_the_general_path`].
+#[derive(Debug, Clone)]
+struct Arrival {
+    after_ms: u64,
+    post: bool,
+    path: &'static str,
+    user: Option<u8>,
+    peer: Option<u8>,
+    forwarded: Option<u8>,
+    cost: Option<u64>,
+}
+
+fn arrival() -> impl proptest::strategy::Strategy<Value = Arrival> {
+    use proptest::prelude::*;
+    (
+        prop_oneof![Just(0u64), 0u64..100, 0u64..3_000],
+        any::<bool>(),
+        prop_oneof![Just("/v1/messages"), Just("/v1/messages/"), Just("/other")],
+        proptest::option::of(0u8..3),
+        proptest::option::weighted(0.8, 0u8..3),
+        proptest::option::of(0u8..3),
+        proptest::option::of(0u64..4),
+    )
+        .prop_map(
+            |(after_ms, post, path, user, peer, forwarded, cost)| Arrival {
+                after_ms,
+                post,
+                path,
+                user,
+                peer,
+                forwarded,
+                cost,
+            },
+        )
+}
+
+fn arrival_request(a: &Arrival) -> Request<()> {
+    let mut req = Request::builder()
+        .method(if a.post { "POST" } else { "GET" })
+        .uri(a.path);
+    if let Some(u) = a.user {
+        req = req.header("x-user-id", format!("user-{u}"));
+    }
+    if let Some(f) = a.forwarded {
+        req = req.header("x-forwarded-for", format!("203.0.113.{f}"));
+    }
+    let mut req = req.body(()).unwrap();
+    if let Some(p) = a.peer {
+        let peer: SocketAddr = format!("10.0.0.{p}:4000").parse().unwrap();
+        req.extensions_mut().insert(peer);
+    }
+    if let Some(c) = a.cost {
+        req.extensions_mut().insert(RequestCost(c));
+    }
+    req
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// A layer with one rule and no headers decides on its lean path (or the plain one,
+    /// for a rule on every route keyed globally or by peer); with a second rule that never
+    /// applies, the same rule goes through the general path. Both must answer every
+    /// request sequence with the same statuses, `retry-after` and counters.
+    #[test]
+    fn the_lean_and_plain_paths_decide_as_the_general_path(
+        key in 0u8..4,
+        on_route: bool,
+        post_only: bool,
+        algorithm in proptest::prop_oneof![
+            proptest::strategy::Just(Algorithm::SlidingWindow),
+            proptest::strategy::Just(Algorithm::FixedWindow),
+            proptest::strategy::Just(Algorithm::Gcra),
+        ],
+        limit in 1u64..5,
+        window_ms in 500u64..3_000,
+        fixed_cost in proptest::option::of(1u64..3),
+        skip_anonymous: bool,
+        trust_proxies: bool,
+        arrivals in proptest::collection::vec(arrival(), 1..40),
+    ) {
+        let key = match key {
+            0 => KeySource::Global,
+            1 => KeySource::PeerIp,
+            2 => KeySource::Header(http::HeaderName::from_static("x-user-id")),
+            _ => KeySource::ApiKey,
+        };
+        let mut rule = Rule::new("r", Quota::new(limit, Duration::from_millis(window_ms)))
+            .key(key)
+            .algorithm(algorithm)
+            .skip_anonymous(skip_anonymous)
+            .cost(match fixed_cost {
+                Some(c) => Cost::Fixed(c),
+                None => Cost::Extension { default: 1 },
+            });
+        if on_route {
+            rule = rule.route("/v1/messages".parse().unwrap());
+        }
+        if post_only {
+            rule = rule.method(http::Method::POST);
+        }
+        let proxies = if trust_proxies {
+            "10.0.0.0/8".parse().unwrap()
+        } else {
+            TrustedProxies::none()
+        };
+        let build = |extra: Option<Rule>| {
+            let mut b = RateLimitLayer::builder()
+                .rule(rule.clone())
+                .draft_headers(false)
+                .trusted_proxies(proxies.clone());
+            if let Some(extra) = extra {
+                b = b.rule(extra);
+            }
+            b.build().unwrap()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let lean = build(None);
+            let general = build(Some(
+                Rule::new("never", Quota::per_second(1))
+                    .method(http::Method::PATCH)
+                    .route("/never".parse().unwrap()),
+            ));
+            let (mut a, mut b) = (service(&lean), service(&general));
+            for arrival in &arrivals {
+                tokio::time::advance(Duration::from_millis(arrival.after_ms)).await;
+                let ra = send(&mut a, arrival_request(arrival)).await;
+                let rb = send(&mut b, arrival_request(arrival)).await;
+                proptest::prop_assert_eq!(ra.status(), rb.status(), "{:?}", arrival);
+                proptest::prop_assert_eq!(
+                    ra.headers().get("retry-after"),
+                    rb.headers().get("retry-after"),
+                    "{:?}", arrival
+                );
+                proptest::prop_assert_eq!(ra.headers().len(), rb.headers().len());
+            }
+            let (ca, cb) = (&lean.limiter().counters()[0], &general.limiter().counters()[0]);
+            proptest::prop_assert_eq!(ca, cb);
+            Ok(())
+        })?;
     }
 }

@@ -26,6 +26,8 @@
 //! ```
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod tracing_sink;
 
 use std::future::Future;
@@ -38,6 +40,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use memory::MemorySink;
+#[cfg(feature = "postgres")]
+pub use postgres::{
+    AuditEvent, MIGRATIONS, PostgresConfig, PostgresHealth, PostgresSink, record_key,
+};
 pub use tracing_sink::TracingSink;
 
 use super::record::UsageRecord;

@@ -35,5 +35,9 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
     } else {
         decided.verdict = Verdict::Denied { retry_after: reset };
     }
+    if decided.state.count == 0 {
+        // Nothing counted in this window: the quota is whole now.
+        decided.reset = 0;
+    }
     decided
 }

@@ -122,8 +122,11 @@ pub struct Decided {
     pub state: State,
     /// Units left after this decision.
     pub remaining: u64,
-    /// µs until the quota is fully restored (window algorithms: the current window's end;
-    /// GCRA: until the bucket is full again).
+    /// µs until the quota is fully restored if nothing else arrives (0 when it is whole):
+    /// waiting this long admits any request the rule can ever admit. Fixed window: the
+    /// current window's end; sliding window: the end of the window after the last one that
+    /// counted units (the previous window's units weigh until the current one ends); GCRA:
+    /// until the bucket is full again.
     pub reset: u64,
     /// The time (µs) after which the state equals a fresh one and may be forgotten.
     pub expires_at: u64,
@@ -133,14 +136,21 @@ pub struct Decided {
 
 /// Decides whether a request of `cost` units fits, at time `now` (µs).
 ///
-/// A cost of 0 is a peek: it is always allowed and reports the remaining units.
+/// A cost of 0 is a peek: it is always allowed (even when a settlement has pushed the
+/// state past the quota), counts nothing and reports the remaining units.
 #[inline]
 pub fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
-    match params.algorithm {
+    let mut decided = match params.algorithm {
         Algorithm::SlidingWindow => sliding_window::decide(params, state, now, cost),
         Algorithm::FixedWindow => fixed_window::decide(params, state, now, cost),
         Algorithm::Gcra => gcra::decide(params, state, now, cost),
+    };
+    if cost == 0 {
+        // A refusal's state is the input rolled forward with nothing counted, which is
+        // exactly what a peek stores.
+        decided.verdict = Verdict::Allowed;
     }
+    decided
 }
 
 /// Adjusts a state after the fact by `delta` units (positive: more was used than reserved;

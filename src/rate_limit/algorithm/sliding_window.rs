@@ -69,7 +69,7 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         verdict: Verdict::Allowed,
         state: State { start, prev, count },
         remaining: 0,
-        reset: w - elapsed,
+        reset: 0,
         expires_at: start.saturating_add(w.saturating_mul(2)),
         window_start: start,
     };
@@ -85,7 +85,23 @@ pub(super) fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Dec
         };
         decided.remaining = remaining_after(count);
     }
+    decided.reset = restored_in(&decided.state, w, now);
     decided
+}
+
+/// µs from `now` until `state` weighs nothing: the current window's units count until the
+/// end of the next window (where they are the previous window, weighted down to zero), the
+/// previous window's until the end of the current one.
+#[inline]
+fn restored_in(state: &State, w: u64, now: u64) -> u64 {
+    let until = if state.count > 0 {
+        state.start.saturating_add(w.saturating_mul(2))
+    } else if state.prev > 0 {
+        state.start.saturating_add(w)
+    } else {
+        return 0;
+    };
+    until.saturating_sub(now)
 }
 
 /// µs from `elapsed` (into the current window) until a request of `cost` fits.

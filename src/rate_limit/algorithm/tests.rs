@@ -258,6 +258,49 @@ fn settle_adjusts_the_window_it_was_reserved_in() {
     assert_eq!(s.start, tat + 200_000);
 }
 
+#[test]
+fn sliding_window_reset_is_when_the_quota_is_restored() {
+    // Used up at 30 s into the first window: those units weigh until the end of the second
+    // window, so that is when the quota is whole again (not the first window's end).
+    let p = sliding(2, 60);
+    let mut s = State::default();
+    run(&p, &mut s, 30 * SEC, 1);
+    let d = run(&p, &mut s, 30 * SEC, 1);
+    assert_eq!((d.remaining, d.reset), (0, 90 * SEC));
+    assert!(decide(&p, &s, 30 * SEC + d.reset, 2).verdict.is_allowed());
+    assert!(
+        !decide(&p, &s, 60 * SEC, 1).verdict.is_allowed(),
+        "the old end of window"
+    );
+    // only the previous window left: restored at the current window's end
+    let d = decide(&p, &s, 70 * SEC, 0);
+    assert_eq!(d.reset, 50 * SEC);
+    // nothing counted: whole now
+    assert_eq!(decide(&p, &State::default(), 5 * SEC, 0).reset, 0);
+    let f = Params::new(Algorithm::FixedWindow, Quota::per_minute(3));
+    assert_eq!(decide(&f, &State::default(), 5 * SEC, 0).reset, 0);
+}
+
+#[test]
+fn a_peek_is_allowed_after_a_settlement_overshoots() {
+    for p in [
+        sliding(10, 60),
+        sliding(10, 60).strict(true),
+        Params::new(Algorithm::FixedWindow, Quota::per_minute(10)),
+        Params::new(Algorithm::Gcra, Quota::per_minute(10)),
+    ] {
+        let mut s = State::default();
+        let d = run(&p, &mut s, SEC, 5);
+        // the actual amount was far above the estimate
+        s = settle(&p, &s, d.window_start, 1_000);
+        assert!(!decide(&p, &s, 2 * SEC, 1).verdict.is_allowed(), "{p:?}");
+        let peek = decide(&p, &s, 2 * SEC, 0);
+        assert_eq!(peek.verdict, Verdict::Allowed, "{p:?}");
+        assert_eq!(peek.remaining, 0, "{p:?}");
+        assert!(peek.reset > 0, "{p:?}");
+    }
+}
+
 /// Counts admitted units in every span `[t − W, t]` (ending at an arrival).
 fn max_in_any_window(admitted: &[(u64, u64)], w: u64) -> u64 {
     let mut best = 0;
@@ -336,6 +379,36 @@ proptest! {
                 if !strict {
                     prop_assert!(!decide(&p, &s, t + retry_after - 1, cost).verdict.is_allowed());
                 }
+            }
+        }
+    }
+
+    /// `t` of the `RateLimit` header is honest: after an admission that leaves nothing
+    /// (`r=0`), waiting `t` whole seconds (the reset, rounded up as the header is) admits
+    /// the same request, and in fact the largest request the rule can ever admit.
+    #[test]
+    fn waiting_the_reset_after_r0_admits_the_same_request(
+        arrivals in arrivals(),
+        limit in 1u64..12,
+        algorithm in prop_oneof![
+            Just(Algorithm::SlidingWindow),
+            Just(Algorithm::FixedWindow),
+            Just(Algorithm::Gcra),
+        ],
+        strict: bool,
+        burst in 1u64..12,
+    ) {
+        let strict = strict && algorithm == Algorithm::SlidingWindow;
+        let p = Params::new(algorithm, Quota::per_second(limit).with_burst(burst)).strict(strict);
+        let mut s = State::default();
+        for &(t, cost) in &arrivals {
+            let d = run(&p, &mut s, t, cost);
+            if d.verdict.is_allowed() && d.remaining == 0 {
+                let t_secs = crate::rate_limit::headers::ceil_secs(d.reset);
+                let later = t + t_secs * SEC;
+                prop_assert!(decide(&p, &s, later, cost).verdict.is_allowed(), "{:?} {:?} at {}", p, d, t);
+                prop_assert!(decide(&p, &s, later, p.capacity()).verdict.is_allowed(), "{:?} {:?} at {}", p, d, t);
+                prop_assert!(decide(&p, &s, t + d.reset, cost).verdict.is_allowed(), "{:?} {:?} at {}", p, d, t);
             }
         }
     }

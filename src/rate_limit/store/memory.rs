@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
 
-use super::super::algorithm::{self, State};
-use super::super::error::{RateLimitError, StoreError};
-use super::super::key::RateKey;
 use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+use crate::rate_limit::algorithm::{self, State};
+use crate::rate_limit::error::{RateLimitConfigError, StoreError};
+use crate::rate_limit::key::RateKey;
 
 mod ip_table;
 
@@ -41,7 +41,10 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
 /// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
 /// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
-/// other keys: 1,000,000 peer addresses take under 100 MB.
+/// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
+/// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](crate::rate_limit::MAX_HEADER_KEY_LEN)
+/// bytes, a longer one as a 39-byte hash, so **any header key costs at most 300 bytes**
+/// whatever a client sends.
 ///
 /// Time is counted in microseconds since the store was created, on tokio's clock by default
 /// (so tests can pause it) or on a faster source ([`ClockSource::Fast`] or
@@ -245,9 +248,9 @@ impl MemoryStoreBuilder {
     }
 
     /// Builds the store.
-    pub fn build(self) -> Result<MemoryStore, RateLimitError> {
+    pub fn build(self) -> Result<MemoryStore, RateLimitConfigError> {
         if self.max_entries == 0 {
-            return Err(RateLimitError::ZeroCapacity);
+            return Err(RateLimitConfigError::ZeroCapacity);
         }
         let shards = self
             .shards
@@ -524,7 +527,7 @@ impl MemoryStore {
                 continue;
             };
             let state = algorithm::settle(&s.params, &slot.state(), s.window_start, s.delta);
-            let expires_at = if s.params.algorithm == super::super::Algorithm::Gcra {
+            let expires_at = if s.params.algorithm == crate::rate_limit::Algorithm::Gcra {
                 state.start
             } else {
                 slot.expires_at()
@@ -641,7 +644,11 @@ mod tests {
             let d = store.check_now(&[item(&key, params)]).unwrap().unwrap();
             assert!(!d.admitted, "{source}: the fourth of 3 a minute");
             let reset = d.rules[0].reset_micros;
-            assert!(reset > 0 && reset <= 60_000_000, "{source}: {reset}");
+            // the three weigh until the end of the next window
+            assert!(
+                reset > 60_000_000 && reset <= 120_000_000,
+                "{source}: {reset}"
+            );
             tokio::time::advance(std::time::Duration::from_secs(120)).await;
             let d = store.check_now(&[item(&key, params)]).unwrap().unwrap();
             assert_eq!(d.admitted, source == ClockSource::Tokio, "{source}");
@@ -852,7 +859,7 @@ mod tests {
     fn zero_capacity_is_an_error() {
         assert_eq!(
             MemoryStore::builder().max_entries(0).build().unwrap_err(),
-            RateLimitError::ZeroCapacity
+            RateLimitConfigError::ZeroCapacity
         );
     }
 

@@ -9,8 +9,8 @@
 //! the following run back (no tombstones), so a table that churns through keys does not
 //! slow down.
 
-use super::super::super::algorithm::State;
-use super::super::super::key::RateKey;
+use crate::rate_limit::algorithm::State;
+use crate::rate_limit::key::RateKey;
 
 /// A small slot's expiry unit in µs (2^20, about a second): the expiry only decides when
 /// a key may be dropped, so keeping a key up to a second longer loses nothing.

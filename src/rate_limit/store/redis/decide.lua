@@ -241,13 +241,33 @@ local function decide_gcra(p, s, now, cost)
   return d
 end
 
+-- As rate_limit::algorithm::decide: `reset` is when the quota is whole again, and a cost of
+-- 0 is a peek, always allowed.
 local function decide(p, s, now, cost)
+  local d
   if p.algorithm == 0 then
-    return decide_sliding(p, s, now, cost)
+    d = decide_sliding(p, s, now, cost)
+    -- The current window's units weigh until the end of the next window, the previous
+    -- window's until the end of the current one.
+    if d.count > 0 then
+      d.reset = sat_sub(d.start + 2 * p.window, now)
+    elseif d.prev > 0 then
+      d.reset = sat_sub(d.start + p.window, now)
+    else
+      d.reset = 0
+    end
   elseif p.algorithm == 1 then
-    return decide_fixed(p, s, now, cost)
+    d = decide_fixed(p, s, now, cost)
+    if d.count == 0 then
+      d.reset = 0
+    end
+  else
+    d = decide_gcra(p, s, now, cost)
   end
-  return decide_gcra(p, s, now, cost)
+  if cost == 0 then
+    d.verdict = 0
+  end
+  return d
 end
 
 local function load(key)

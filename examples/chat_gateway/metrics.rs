@@ -1,0 +1,402 @@
+//! `GET /metrics`: Prometheus text through the `metrics` facade and
+//! `metrics-exporter-prometheus`, one registry per gateway (no global recorder, so several
+//! gateways in one process keep their own numbers).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `palisade_gateway_requests_total` | counter | `route` (the route template), `method`, `status` |
+//! | `palisade_gateway_refusals_total` | counter | `reason` (`unauthenticated`, `rate_limited`, `budget_exceeded`, ...) |
+//! | `palisade_gateway_request_duration_seconds` | histogram | `route`: time to the response head |
+//! | `palisade_gateway_upstream_duration_seconds` | histogram | `route`: the upstream's time to the response head, retries included |
+//! | `palisade_gateway_overhead_seconds` | histogram | `route`: the gateway's own time (request minus upstream) |
+//! | `palisade_gateway_tokens_total` | counter | `model`, `kind` (`input`, `output`, `cache_write`, `cache_read`) |
+//! | `palisade_gateway_cost_picodollars_total` | counter | `model` (integer pico-dollars, as the meter prices) |
+//! | `palisade_gateway_usage_records_total` | counter | `model`, `completion` |
+//! | `palisade_gateway_breaker_state` | gauge | `upstream`, `state`: 1 for the current state, 0 for the others |
+//! | `palisade_gateway_csp_reports_total` | counter | CSP violation reports the dashboard received |
+//!
+//! Requests are counted by [`record`] (a middleware outside every other layer but the
+//! request log); tokens and cost by [`MeteredSink`], which sees every usage record the cost
+//! meter writes; breaker states are read when `/metrics` is scraped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use http::header::CONTENT_TYPE;
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use palisade::cost::{SinkError, UsageRecord, UsageSink};
+use serde::Serialize;
+
+use crate::app::AppState;
+use crate::upstream::UpstreamTime;
+
+const REQUESTS: &str = "palisade_gateway_requests_total";
+const REFUSALS: &str = "palisade_gateway_refusals_total";
+const REQUEST_SECONDS: &str = "palisade_gateway_request_duration_seconds";
+const UPSTREAM_SECONDS: &str = "palisade_gateway_upstream_duration_seconds";
+const OVERHEAD_SECONDS: &str = "palisade_gateway_overhead_seconds";
+const TOKENS: &str = "palisade_gateway_tokens_total";
+const COST: &str = "palisade_gateway_cost_picodollars_total";
+const RECORDS: &str = "palisade_gateway_usage_records_total";
+const BREAKER: &str = "palisade_gateway_breaker_state";
+const CSP_REPORTS: &str = "palisade_gateway_csp_reports_total";
+
+/// The breaker states the `palisade_gateway_breaker_state` gauge enumerates (as `/health`
+/// names them).
+const BREAKER_STATES: [&str; 6] = [
+    "Closed",
+    "Open",
+    "HalfOpen",
+    "ForcedOpen",
+    "ForcedClosed",
+    "MetricsOnly",
+];
+
+/// Why the gateway (or the upstream) refused a request, from the response status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 400: validation failed.
+    InvalidRequest,
+    /// 401: no key or an unknown key.
+    Unauthenticated,
+    /// 403: a user key on an admin route.
+    Forbidden,
+    /// 404: no such route or object.
+    NotFound,
+    /// 405.
+    MethodNotAllowed,
+    /// 413: the body is too large.
+    PayloadTooLarge,
+    /// 415: the body is not JSON.
+    UnsupportedMediaType,
+    /// 429 that may be retried: a rate limit.
+    RateLimited,
+    /// 429 with `x-should-retry: false`: a spend budget.
+    BudgetExceeded,
+    /// 503: a breaker is open and no fallback served.
+    Unavailable,
+    /// 529: the upstream is overloaded.
+    Overloaded,
+}
+
+impl Refusal {
+    /// Every reason, in the order the dashboard lists them.
+    pub const ALL: [Refusal; 11] = [
+        Refusal::InvalidRequest,
+        Refusal::Unauthenticated,
+        Refusal::Forbidden,
+        Refusal::NotFound,
+        Refusal::MethodNotAllowed,
+        Refusal::PayloadTooLarge,
+        Refusal::UnsupportedMediaType,
+        Refusal::RateLimited,
+        Refusal::BudgetExceeded,
+        Refusal::Unavailable,
+        Refusal::Overloaded,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Refusal::InvalidRequest => "invalid_request",
+            Refusal::Unauthenticated => "unauthenticated",
+            Refusal::Forbidden => "forbidden",
+            Refusal::NotFound => "not_found",
+            Refusal::MethodNotAllowed => "method_not_allowed",
+            Refusal::PayloadTooLarge => "payload_too_large",
+            Refusal::UnsupportedMediaType => "unsupported_media_type",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::BudgetExceeded => "budget_exceeded",
+            Refusal::Unavailable => "unavailable",
+            Refusal::Overloaded => "overloaded",
+        }
+    }
+
+    /// The refusal a response stands for, if it is one (500, 502 and 504 are failures, not
+    /// refusals: they count in `palisade_gateway_requests_total` by status).
+    pub fn of(res: &Response) -> Option<Refusal> {
+        Some(match res.status().as_u16() {
+            400 => Refusal::InvalidRequest,
+            401 => Refusal::Unauthenticated,
+            403 => Refusal::Forbidden,
+            404 => Refusal::NotFound,
+            405 => Refusal::MethodNotAllowed,
+            413 => Refusal::PayloadTooLarge,
+            415 => Refusal::UnsupportedMediaType,
+            429 if res
+                .headers()
+                .get("x-should-retry")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false")) =>
+            {
+                Refusal::BudgetExceeded
+            }
+            429 => Refusal::RateLimited,
+            503 => Refusal::Unavailable,
+            529 => Refusal::Overloaded,
+            _ => return None,
+        })
+    }
+}
+
+/// Refusals per reason since start, and per minute over the last hour (for the dashboard).
+#[derive(Debug, Default)]
+struct RefusalCounts {
+    by_reason: [AtomicU64; Refusal::ALL.len()],
+    /// (minute since the epoch, refusals in it), oldest first, at most 60.
+    per_minute: Mutex<VecDeque<(u64, u64)>>,
+}
+
+/// The refusals as the dashboard shows them.
+#[derive(Debug, Serialize)]
+pub struct RefusalView {
+    /// Since start, by reason (every reason listed, zeros too).
+    pub by_reason: Vec<(&'static str, u64)>,
+    /// `[unix_ms, count]` per minute over the last hour, oldest first (missing minutes are 0).
+    pub per_minute: Vec<(u64, u64)>,
+}
+
+/// The gateway's metrics: a Prometheus registry of its own, plus the refusal counts the
+/// dashboard reads.
+#[derive(Clone)]
+pub struct Metrics {
+    recorder: Arc<PrometheusRecorder>,
+    handle: PrometheusHandle,
+    refusals: Arc<RefusalCounts>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+fn minute_of(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() / 60)
+}
+
+impl Metrics {
+    /// A fresh registry with the histograms' buckets and every metric described.
+    pub fn new() -> Result<Self, palisade::BoxError> {
+        // Requests and upstream calls: 5 ms to a minute (long generations and streams).
+        let latency = [
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        // The gateway's own time: 50 µs to a quarter second.
+        let overhead = [
+            0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+            0.25,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_SECONDS.into()), &latency)?
+            .set_buckets_for_metric(Matcher::Full(UPSTREAM_SECONDS.into()), &latency)?
+            .set_buckets_for_metric(Matcher::Full(OVERHEAD_SECONDS.into()), &overhead)?
+            .build_recorder();
+        let handle = recorder.handle();
+        let metrics = Self {
+            recorder: Arc::new(recorder),
+            handle,
+            refusals: Arc::default(),
+        };
+        metrics.with(|| {
+            describe_counter!(REQUESTS, Unit::Count, "Requests answered, by route template, method and status.");
+            describe_counter!(REFUSALS, Unit::Count, "Requests refused, by reason (from the status; 429 with x-should-retry: false is a budget).");
+            describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from the request to the response head, by route.");
+            describe_histogram!(UPSTREAM_SECONDS, Unit::Seconds, "The upstream's time to the response head (retries included), by route.");
+            describe_histogram!(OVERHEAD_SECONDS, Unit::Seconds, "The gateway's own time on requests that went upstream: request time minus upstream time.");
+            describe_counter!(TOKENS, Unit::Count, "Tokens metered from upstream responses, by model and kind.");
+            describe_counter!(COST, Unit::Count, "Cost metered from upstream responses, in pico-dollars (1e-12 USD), by model.");
+            describe_counter!(RECORDS, Unit::Count, "Usage records written, by model and completion.");
+            describe_gauge!(BREAKER, "Circuit breaker state per upstream: 1 for the current state, 0 for the others.");
+            describe_counter!(CSP_REPORTS, Unit::Count, "Content-Security-Policy violation reports received from the dashboard page.");
+        });
+        Ok(metrics)
+    }
+
+    /// Runs `f` with this gateway's registry as the recorder of the `metrics` macros.
+    fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&*self.recorder, f)
+    }
+
+    /// Counts one answered request.
+    pub fn request(
+        &self,
+        route: &str,
+        method: &http::Method,
+        res: &Response,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
+        let refusal = Refusal::of(res);
+        let status = res.status().as_u16().to_string();
+        self.with(|| {
+            let route = route.to_owned();
+            counter!(REQUESTS, "route" => route.clone(), "method" => method.as_str().to_owned(), "status" => status)
+                .increment(1);
+            histogram!(REQUEST_SECONDS, "route" => route.clone()).record(total.as_secs_f64());
+            if let Some(up) = upstream {
+                histogram!(UPSTREAM_SECONDS, "route" => route.clone()).record(up.as_secs_f64());
+                histogram!(OVERHEAD_SECONDS, "route" => route)
+                    .record(total.saturating_sub(up).as_secs_f64());
+            }
+            if let Some(r) = refusal {
+                counter!(REFUSALS, "reason" => r.as_str()).increment(1);
+            }
+        });
+        if let Some(r) = refusal {
+            self.count_refusal(r, SystemTime::now());
+        }
+    }
+
+    fn count_refusal(&self, r: Refusal, now: SystemTime) {
+        let i = Refusal::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        self.refusals.by_reason[i].fetch_add(1, Ordering::Relaxed);
+        let minute = minute_of(now);
+        let mut q = self
+            .refusals
+            .per_minute
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match q.back_mut() {
+            Some((m, n)) if *m == minute => *n += 1,
+            _ => q.push_back((minute, 1)),
+        }
+        while q.front().is_some_and(|(m, _)| *m + 60 <= minute) {
+            q.pop_front();
+        }
+    }
+
+    /// The refusals for the dashboard, the last hour ending at `now`.
+    pub fn refusals(&self, now: SystemTime) -> RefusalView {
+        let by_reason = Refusal::ALL
+            .iter()
+            .zip(&self.refusals.by_reason)
+            .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+            .collect();
+        let q = self
+            .refusals
+            .per_minute
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let last = minute_of(now);
+        let per_minute = (last.saturating_sub(59)..=last)
+            .map(|m| {
+                let n = q.iter().find(|(x, _)| *x == m).map_or(0, |(_, n)| *n);
+                (m * 60_000, n)
+            })
+            .collect();
+        RefusalView {
+            by_reason,
+            per_minute,
+        }
+    }
+
+    /// Counts the usage of metered records.
+    pub fn usage(&self, batch: &[UsageRecord]) {
+        self.with(|| {
+            for r in batch {
+                let model = r.model.clone().unwrap_or_else(|| "unknown".to_owned());
+                let u = &r.usage;
+                for (kind, n) in [
+                    ("input", u.input_tokens),
+                    ("output", u.output_tokens),
+                    (
+                        "cache_write",
+                        u.cache_write_5m_tokens
+                            .saturating_add(u.cache_write_1h_tokens),
+                    ),
+                    ("cache_read", u.cache_read_tokens),
+                ] {
+                    if n > 0 {
+                        counter!(TOKENS, "model" => model.clone(), "kind" => kind).increment(n);
+                    }
+                }
+                if let Some(cost) = r.cost {
+                    let picos = u64::try_from(cost.picos()).unwrap_or(u64::MAX);
+                    counter!(COST, "model" => model.clone()).increment(picos);
+                }
+                let completion = format!("{:?}", r.completion).to_ascii_lowercase();
+                counter!(RECORDS, "model" => model, "completion" => completion).increment(1);
+            }
+        });
+    }
+
+    /// Counts a CSP violation report.
+    pub fn csp_report(&self) {
+        self.with(|| counter!(CSP_REPORTS).increment(1));
+    }
+
+    /// The Prometheus text, with the breaker gauges read from `state` now.
+    pub fn render(&self, state: &AppState) -> String {
+        let breakers = state.upstreams.health();
+        self.with(|| {
+            for b in &breakers {
+                for s in BREAKER_STATES {
+                    let v = if b.state == s { 1.0 } else { 0.0 };
+                    gauge!(BREAKER, "upstream" => b.upstream, "state" => s).set(v);
+                }
+            }
+        });
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+/// A usage sink that counts tokens and cost in [`Metrics`], then hands the records on.
+#[derive(Debug, Clone)]
+pub struct MeteredSink<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> MeteredSink<S> {
+    /// Counts what goes to `inner`.
+    pub fn new(inner: S, metrics: Metrics) -> Self {
+        Self { inner, metrics }
+    }
+}
+
+impl<S: UsageSink> UsageSink for MeteredSink<S> {
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        // Counted once the inner sink has them, so a retried batch is not counted twice.
+        self.inner.record_batch(batch).await?;
+        self.metrics.usage(batch);
+        Ok(())
+    }
+}
+
+/// The middleware: times the request and counts it by route template, method and status.
+pub async fn record(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let res = next.run(req).await;
+    let total = start.elapsed();
+    let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
+    metrics.request(&route, &method, &res, total, upstream);
+    res
+}
+
+/// `GET /metrics`.
+pub async fn scrape(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state);
+    (
+        StatusCode::OK,
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}

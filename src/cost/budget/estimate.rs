@@ -1,0 +1,144 @@
+//! What a request may cost at most, before it is sent.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+use crate::cost::pricing::{Money, PriceTable};
+use crate::cost::usage::Usage;
+
+/// The most a request may cost, set in the request extensions by an earlier layer or
+/// handler that knows better than the body (for example after counting tokens).
+/// [`BudgetLayer`](super::BudgetLayer) reserves it instead of reading the body.
+///
+/// ```
+/// use palisade::cost::budget::BudgetEstimate;
+/// use palisade::cost::Money;
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(BudgetEstimate(Money::parse_dollars("0.25").unwrap()));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetEstimate(pub Money);
+
+/// The fields of an Anthropic Messages or OpenAI chat request that bound its cost.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+}
+
+/// What the body says about a request's worst cost.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Estimate {
+    /// Not a JSON object naming a model: no LLM call, no budget.
+    NotMetered,
+    /// The model has no price.
+    Unpriced(String),
+    /// The most it may cost.
+    Cost { model: String, max: Money },
+}
+
+/// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
+/// dearest input rate (plain or cache write), plus the output limit at the output price.
+pub(crate) fn estimate(
+    body: &[u8],
+    prices: &PriceTable,
+    bytes_per_token: u64,
+    default_max_tokens: u64,
+) -> Estimate {
+    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
+        return Estimate::NotMetered;
+    };
+    let Some(model) = head.model else {
+        return Estimate::NotMetered;
+    };
+    let Some(price) = prices.get(&model) else {
+        return Estimate::Unpriced(model.into_owned());
+    };
+    let output = head
+        .max_tokens
+        .or(head.max_completion_tokens)
+        .or(head.max_output_tokens)
+        .unwrap_or(default_max_tokens);
+    let input = (body.len() as u64).div_ceil(bytes_per_token.max(1));
+    let as_plain = Usage {
+        input_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    let as_5m = Usage {
+        cache_write_5m_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    let as_1h = Usage {
+        cache_write_1h_tokens: input,
+        output_tokens: output,
+        ..Usage::default()
+    };
+    let max = [as_plain, as_5m, as_1h]
+        .iter()
+        .map(|u| price.cost(u))
+        .max()
+        .unwrap_or(Money::ZERO);
+    Estimate::Cost {
+        model: model.into_owned(),
+        max,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserves_the_output_limit_and_the_dearest_input_rate() {
+        let table = PriceTable::builtin();
+        let body = br#"{"model":"claude-3-7-sonnet-20250219","max_tokens":1000}"#;
+        let Estimate::Cost { model, max } = estimate(body, &table, 4, 4096) else {
+            panic!("expected a cost")
+        };
+        assert_eq!(model, "claude-3-7-sonnet-20250219");
+        // 1000 × $15/Mtok + ceil(56/4) = 14 input tokens × $6/Mtok (1-hour cache write)
+        assert_eq!(max, Money::from_picos(1000 * 15_000_000 + 14 * 6_000_000));
+    }
+
+    #[test]
+    fn openai_limits_and_defaults() {
+        let table = PriceTable::builtin();
+        let Estimate::Cost { max, .. } = estimate(
+            br#"{"model":"gpt-4o","max_completion_tokens":10}"#,
+            &table,
+            1_000_000,
+            7,
+        ) else {
+            panic!()
+        };
+        let Estimate::Cost { max: dflt, .. } =
+            estimate(br#"{"model":"gpt-4o"}"#, &table, 1_000_000, 10)
+        else {
+            panic!()
+        };
+        assert_eq!(max, dflt);
+    }
+
+    #[test]
+    fn bodies_without_a_model_are_not_metered_and_unknown_models_are_named() {
+        let table = PriceTable::builtin();
+        assert_eq!(estimate(b"not json", &table, 4, 1), Estimate::NotMetered);
+        assert_eq!(
+            estimate(br#"{"name":"bot"}"#, &table, 4, 1),
+            Estimate::NotMetered
+        );
+        assert_eq!(
+            estimate(br#"{"model":"my-model"}"#, &table, 4, 1),
+            Estimate::Unpriced("my-model".into())
+        );
+    }
+}

@@ -1,0 +1,747 @@
+//! [`BudgetLayer`], its builder, the [`BudgetService`] and the [`BudgetReservation`]
+//! handle.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::estimate::{BudgetEstimate, Estimate, estimate};
+use super::store::{BudgetStore, Charge, MemoryBudgetStore, Reserve};
+use super::{Budget, Scope};
+use crate::body::ResponseBody;
+use crate::cost::alert::{AlertEvent, AlertSink};
+use crate::cost::pricing::{Money, PriceTable};
+use crate::cost::record::{Attribution, UsageRecord};
+use crate::error::{Error, ErrorFormat, ErrorKind, FieldError};
+use crate::key::ApiKeyId;
+
+/// Where the budget layer reads the time: the wall clock at start-up, advanced by tokio's
+/// clock, so tests with a paused clock (`tokio::time::advance`) move budgets through days
+/// deterministically.
+#[derive(Clone)]
+pub struct BudgetClock {
+    base: SystemTime,
+    start: tokio::time::Instant,
+}
+
+impl fmt::Debug for BudgetClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetClock")
+            .field("base", &self.base)
+            .finish()
+    }
+}
+
+impl BudgetClock {
+    /// The wall clock now, advancing with tokio's clock.
+    pub fn system() -> Self {
+        Self::starting_at(SystemTime::now())
+    }
+
+    /// A clock reading `base` now and advancing with tokio's clock.
+    pub fn starting_at(base: SystemTime) -> Self {
+        Self {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The time now.
+    pub fn now(&self) -> SystemTime {
+        self.base + self.start.elapsed()
+    }
+}
+
+/// A mistake in a budget layer's set-up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BudgetConfigError {
+    /// Two budgets share a name (the name keys their accounts).
+    #[error("two budgets are named `{0}`; names must be unique")]
+    DuplicateName(String),
+    /// A budget of zero would refuse everything.
+    #[error("budget `{0}` has a limit of 0")]
+    ZeroLimit(String),
+    /// The refusal status must be a 4xx or 5xx code.
+    #[error("refusal status {0} is not an error status (400–599)")]
+    Status(u16),
+    /// A header name that is not valid.
+    #[error("`{0}` is not a valid header name")]
+    HeaderName(String),
+    /// A size or ratio that must be positive is 0.
+    #[error("`{0}` must be greater than 0")]
+    Zero(&'static str),
+    /// The price file could not be read or parsed.
+    #[error("prices: {0}")]
+    Prices(String),
+    /// A configured budget is invalid.
+    #[error("budget `{name}`: {reason}")]
+    Rule {
+        /// The budget's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+pub(crate) struct Shared {
+    budgets: Vec<Arc<Budget>>,
+    store: Arc<dyn BudgetStore>,
+    prices: Arc<PriceTable>,
+    format: ErrorFormat,
+    status: StatusCode,
+    max_body: usize,
+    bytes_per_token: u64,
+    default_max_tokens: u64,
+    allow_unpriced: bool,
+    fail_open: bool,
+    user_header: Option<HeaderName>,
+    bot_header: Option<HeaderName>,
+    alerts: Option<Arc<dyn AlertSink>>,
+    clock: BudgetClock,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetLayer")
+            .field("budgets", &self.budgets)
+            .field("format", &self.format)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Enforces spend budgets by reserve-then-settle. See the [module docs](super).
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct BudgetLayer {
+    shared: Arc<Shared>,
+}
+
+/// Builds a [`BudgetLayer`].
+#[must_use]
+pub struct BudgetLayerBuilder {
+    budgets: Vec<Budget>,
+    store: Option<Arc<dyn BudgetStore>>,
+    prices: Option<Arc<PriceTable>>,
+    format: ErrorFormat,
+    status: u16,
+    max_body: usize,
+    bytes_per_token: u64,
+    default_max_tokens: u64,
+    allow_unpriced: bool,
+    fail_open: bool,
+    user_header: Option<String>,
+    bot_header: Option<String>,
+    alerts: Option<Arc<dyn AlertSink>>,
+    clock: Option<BudgetClock>,
+}
+
+impl fmt::Debug for BudgetLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetLayerBuilder")
+            .field("budgets", &self.budgets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BudgetLayer {
+    /// A builder with the defaults: no budgets, the memory store, the built-in prices,
+    /// 429 refusals in [`ErrorFormat::default`], bodies up to 4 MiB, 3 bytes per input
+    /// token, 4096 output tokens when a request sets no limit, unpriced models refused.
+    pub fn builder() -> BudgetLayerBuilder {
+        BudgetLayerBuilder {
+            budgets: Vec::new(),
+            store: None,
+            prices: None,
+            format: ErrorFormat::default(),
+            status: 429,
+            max_body: 4 << 20,
+            bytes_per_token: 3,
+            default_max_tokens: 4096,
+            allow_unpriced: false,
+            fail_open: false,
+            user_header: Some("x-user-id".to_owned()),
+            bot_header: Some("x-bot-id".to_owned()),
+            alerts: None,
+            clock: None,
+        }
+    }
+
+    /// The settled and reserved spend of `budget`'s account for `subject` (`*` for a
+    /// global budget; a hashed key's hex for an API-key budget), if the store keeps it.
+    pub fn spend(&self, budget: &str, subject: &str) -> Option<(Money, Money)> {
+        let b = self.shared.budgets.iter().find(|b| &*b.name == budget)?;
+        let charge = Charge {
+            budget: Arc::clone(b),
+            subject: subject.into(),
+        };
+        self.shared.store.spend(&charge, self.shared.clock.now())
+    }
+}
+
+impl BudgetLayerBuilder {
+    /// Adds a budget.
+    pub fn budget(mut self, budget: Budget) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// Keeps accounts in `store` (default: a fresh [`MemoryBudgetStore`]).
+    pub fn store(mut self, store: impl BudgetStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Keeps accounts in a shared store (several layers, or a store you also read).
+    pub fn shared_store(mut self, store: Arc<dyn BudgetStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Prices reservations with `prices` (default: [`PriceTable::builtin`]).
+    pub fn prices(mut self, prices: impl Into<Arc<PriceTable>>) -> Self {
+        self.prices = Some(prices.into());
+        self
+    }
+
+    /// How refusals are rendered.
+    pub fn error_format(mut self, format: ErrorFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The status of a refusal (default 429; 402 is another common choice).
+    pub fn refusal_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The largest request body read for the estimate (larger: 413).
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// Bytes of request body counted as one input token in the estimate (default 3; 1
+    /// never underestimates).
+    pub fn bytes_per_token(mut self, bytes: u64) -> Self {
+        self.bytes_per_token = bytes;
+        self
+    }
+
+    /// The output tokens reserved when a request sets no `max_tokens`.
+    pub fn default_max_tokens(mut self, tokens: u64) -> Self {
+        self.default_max_tokens = tokens;
+        self
+    }
+
+    /// Whether a model without a price passes unchecked (default: refused with 400,
+    /// because its cost cannot be bounded).
+    pub fn allow_unpriced(mut self, allow: bool) -> Self {
+        self.allow_unpriced = allow;
+        self
+    }
+
+    /// Whether requests pass unchecked when the store fails (default: refused with 503).
+    pub fn fail_open(mut self, open: bool) -> Self {
+        self.fail_open = open;
+        self
+    }
+
+    /// The header naming the user when the request has no [`Attribution`] (`None`: none).
+    pub fn user_header(mut self, name: Option<&str>) -> Self {
+        self.user_header = name.map(str::to_owned);
+        self
+    }
+
+    /// The header naming the bot when the request has no [`Attribution`] (`None`: none).
+    pub fn bot_header(mut self, name: Option<&str>) -> Self {
+        self.bot_header = name.map(str::to_owned);
+        self
+    }
+
+    /// Sends threshold alerts to `sink`.
+    pub fn alerts(mut self, sink: impl AlertSink) -> Self {
+        self.alerts = Some(Arc::new(sink));
+        self
+    }
+
+    /// Reads time from `clock` (default: [`BudgetClock::system`] when built).
+    pub fn clock(mut self, clock: BudgetClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Checks the set-up and builds the layer.
+    pub fn build(self) -> Result<BudgetLayer, BudgetConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for b in &self.budgets {
+            if !names.insert(b.name.clone()) {
+                return Err(BudgetConfigError::DuplicateName(b.name.to_string()));
+            }
+            if b.limit == Money::ZERO {
+                return Err(BudgetConfigError::ZeroLimit(b.name.to_string()));
+            }
+        }
+        let status = StatusCode::from_u16(self.status)
+            .ok()
+            .filter(|s| s.is_client_error() || s.is_server_error())
+            .ok_or(BudgetConfigError::Status(self.status))?;
+        if self.max_body == 0 {
+            return Err(BudgetConfigError::Zero("max_body"));
+        }
+        if self.bytes_per_token == 0 {
+            return Err(BudgetConfigError::Zero("bytes_per_token"));
+        }
+        let header = |h: Option<String>| {
+            h.map(|h| HeaderName::try_from(h.trim()).map_err(|_| BudgetConfigError::HeaderName(h)))
+                .transpose()
+        };
+        Ok(BudgetLayer {
+            shared: Arc::new(Shared {
+                budgets: self.budgets.into_iter().map(Arc::new).collect(),
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryBudgetStore::new())),
+                prices: self
+                    .prices
+                    .unwrap_or_else(|| Arc::new(PriceTable::builtin())),
+                format: self.format,
+                status,
+                max_body: self.max_body,
+                bytes_per_token: self.bytes_per_token,
+                default_max_tokens: self.default_max_tokens,
+                allow_unpriced: self.allow_unpriced,
+                fail_open: self.fail_open,
+                user_header: header(self.user_header)?,
+                bot_header: header(self.bot_header)?,
+                alerts: self.alerts,
+                clock: self.clock.unwrap_or_else(BudgetClock::system),
+            }),
+        })
+    }
+}
+
+impl<S> Layer<S> for BudgetLayer {
+    type Service = BudgetService<S>;
+
+    fn layer(&self, inner: S) -> BudgetService<S> {
+        BudgetService {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service built by [`BudgetLayer`].
+#[derive(Debug, Clone)]
+pub struct BudgetService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> BudgetService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The reservation a request holds on its budgets, in its request extensions.
+///
+/// Settle it with the real cost once known ([`settle`](Self::settle), or
+/// [`settle_record`](Self::settle_record) with the usage record); only the first
+/// settlement counts. Dropped without one, the whole reservation is charged.
+#[derive(Clone)]
+pub struct BudgetReservation {
+    inner: Arc<ReservationInner>,
+}
+
+struct ReservationInner {
+    shared: Arc<Shared>,
+    charges: Arc<[Charge]>,
+    amount: Money,
+    settled: AtomicBool,
+}
+
+impl fmt::Debug for BudgetReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BudgetReservation")
+            .field("amount", &self.inner.amount)
+            .field("settled", &self.inner.settled.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl BudgetReservation {
+    /// The amount reserved on each budget.
+    pub fn amount(&self) -> Money {
+        self.inner.amount
+    }
+
+    /// Charges `actual` and refunds the rest of the reservation (an `actual` above the
+    /// reservation is charged in full). Only the first settlement counts.
+    pub fn settle(&self, actual: Money) {
+        self.inner.settle(actual);
+    }
+
+    /// Refunds the whole reservation (the call failed before any usage).
+    pub fn refund(&self) {
+        self.inner.settle(Money::ZERO);
+    }
+
+    /// Settles from a usage record: its cost; nothing when it has no cost and no usage
+    /// (a failure before any token); the whole reservation when the cost is unknown.
+    pub fn settle_record(&self, record: &UsageRecord) {
+        let actual = match record.cost {
+            Some(cost) => cost,
+            None if record.usage.is_empty() => Money::ZERO,
+            None => self.inner.amount,
+        };
+        self.inner.settle(actual);
+    }
+
+    /// Whether it has been settled.
+    pub fn is_settled(&self) -> bool {
+        self.inner.settled.load(Ordering::Acquire)
+    }
+}
+
+impl ReservationInner {
+    fn settle(&self, actual: Money) {
+        if self.settled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let now = self.shared.clock.now();
+        let mut settling =
+            self.shared
+                .store
+                .settle(Arc::clone(&self.charges), self.amount, actual, now);
+        // A memory store answers at once; a network store finishes in the background.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(result) = settling.as_mut().poll(&mut cx) {
+            raise(&self.shared, &self.charges, result, now);
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let charges = Arc::clone(&self.charges);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    let result = settling.await;
+                    raise(&shared, &charges, result, now);
+                });
+            }
+            Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %self.amount,
+                "budget settled outside a tokio runtime: the store's answer is lost"),
+        }
+    }
+}
+
+/// Sends the alerts of the thresholds a settlement crossed (or logs the store's failure).
+fn raise(
+    shared: &Shared,
+    charges: &[Charge],
+    result: Result<Vec<super::store::Crossing>, super::store::BudgetStoreError>,
+    now: SystemTime,
+) {
+    let crossings = match result {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(target: "palisade::cost::budget", error = %e,
+                "budget settlement failed: the reservation stays charged until the period ends");
+            return;
+        }
+    };
+    let Some(alerts) = &shared.alerts else { return };
+    for c in crossings {
+        let Some(charge) = charges.get(c.index) else {
+            continue;
+        };
+        let mut event = AlertEvent::threshold(
+            charge.budget.name.to_string(),
+            format!("{}:{}", charge.budget.scope.as_str(), charge.subject),
+            c.permille,
+            c.spent,
+            charge.budget.limit,
+        );
+        event.time = now;
+        alerts.send(event);
+    }
+}
+
+impl Drop for ReservationInner {
+    fn drop(&mut self) {
+        if !self.settled.load(Ordering::Acquire) {
+            tracing::debug!(target: "palisade::cost::budget", amount = %self.amount,
+                "budget reservation dropped unsettled: charged in full");
+            self.settle(self.amount);
+        }
+    }
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: Option<&HeaderName>) -> Option<&'a str> {
+    let v = headers.get(name?)?.to_str().ok()?.trim();
+    (!v.is_empty()).then_some(v)
+}
+
+impl Shared {
+    /// The accounts `req` is charged to.
+    fn charges<B>(&self, req: &Request<B>) -> Vec<Charge> {
+        let attribution = req.extensions().get::<Attribution>();
+        let headers = req.headers();
+        let mut out = Vec::with_capacity(self.budgets.len());
+        let mut key: Option<Option<String>> = None;
+        for b in &self.budgets {
+            let subject: Option<Arc<str>> = match b.scope {
+                Scope::Global => Some("*".into()),
+                Scope::User => attribution
+                    .and_then(|a| a.user.as_deref())
+                    .or_else(|| header_str(headers, self.user_header.as_ref()))
+                    .map(Into::into),
+                Scope::Bot => attribution
+                    .and_then(|a| a.bot.as_deref())
+                    .or_else(|| header_str(headers, self.bot_header.as_ref()))
+                    .map(Into::into),
+                Scope::ApiKey => key
+                    .get_or_insert_with(|| {
+                        attribution
+                            .and_then(|a| a.api_key)
+                            .or_else(|| ApiKeyId::from_headers(headers))
+                            .map(|id| id.to_string())
+                    })
+                    .as_deref()
+                    .map(Into::into),
+            };
+            if let Some(subject) = subject {
+                out.push(Charge {
+                    budget: Arc::clone(b),
+                    subject,
+                });
+            }
+        }
+        out
+    }
+
+    fn refuse(&self, err: Error) -> http::Response<crate::body::ErrorBody> {
+        let budget_refusal = err.kind() == ErrorKind::BudgetExceeded;
+        let mut res = err.to_response(self.format);
+        if budget_refusal {
+            *res.status_mut() = self.status;
+        }
+        res
+    }
+}
+
+/// The response future of [`BudgetService`].
+pub struct ResponseFuture<R, E> {
+    inner: Pin<Box<dyn Future<Output = Result<R, E>> + Send>>,
+}
+
+impl<R, E> fmt::Debug for ResponseFuture<R, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<R, E> Future for ResponseFuture<R, E> {
+    type Output = Result<R, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+fn refusal<B>(shared: &Shared, err: Error) -> Response<ResponseBody<B>> {
+    shared.refuse(err).map(ResponseBody::error)
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for BudgetService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body + From<Bytes> + Send + 'static,
+    ReqB::Data: Send,
+    ReqB::Error: Into<crate::BoxError>,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = Arc::clone(&self.shared);
+        ResponseFuture {
+            inner: Box::pin(check(shared, inner, req)),
+        }
+    }
+}
+
+async fn pass<S, ReqB, ResB>(
+    mut inner: S,
+    req: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    inner.call(req).await.map(|r| r.map(ResponseBody::inner))
+}
+
+async fn check<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ReqB: Body + From<Bytes>,
+    ReqB::Error: Into<crate::BoxError>,
+{
+    let charges = shared.charges(&req);
+    if charges.is_empty()
+        || matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        )
+    {
+        return pass(inner, req).await;
+    }
+    let (mut req, amount) = match req.extensions().get::<BudgetEstimate>() {
+        Some(&BudgetEstimate(amount)) => (req, amount),
+        None => {
+            let (parts, body) = req.into_parts();
+            let bytes = match Limited::new(body, shared.max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let err = Error::new(
+                        ErrorKind::PayloadTooLarge,
+                        format!(
+                            "the request body is larger than {} bytes, the most the budget check reads",
+                            shared.max_body
+                        ),
+                    );
+                    return Ok(refusal(&shared, err));
+                }
+                Err(e) => {
+                    let err =
+                        Error::invalid_request("the request body could not be read").with_source(e);
+                    return Ok(refusal(&shared, err));
+                }
+            };
+            let est = estimate(
+                &bytes,
+                &shared.prices,
+                shared.bytes_per_token,
+                shared.default_max_tokens,
+            );
+            let req = Request::from_parts(parts, ReqB::from(bytes));
+            match est {
+                Estimate::NotMetered => return pass(inner, req).await,
+                Estimate::Unpriced(_) if shared.allow_unpriced => return pass(inner, req).await,
+                Estimate::Unpriced(model) => {
+                    let err = Error::invalid_fields([FieldError::new(
+                        "model",
+                        format!(
+                            "`{model}` has no price, so its cost cannot be checked against a budget"
+                        ),
+                    )]);
+                    return Ok(refusal(&shared, err));
+                }
+                Estimate::Cost { max, .. } => (req, max),
+            }
+        }
+    };
+    if let Some(c) = charges.iter().find(|c| amount > c.budget.limit) {
+        let err = Error::invalid_fields([FieldError::new(
+            "max_tokens",
+            format!(
+                "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens or shorten the input",
+                c.budget.name, c.budget.limit, c.budget.period
+            ),
+        )]);
+        return Ok(refusal(&shared, err));
+    }
+    let now = shared.clock.now();
+    match shared.store.reserve(&charges, amount, now).await {
+        Ok(Reserve::Granted) => {}
+        Ok(Reserve::Refused {
+            index,
+            spent,
+            retry_after,
+        }) => {
+            let c = &charges[index];
+            let mut err = Error::budget_exceeded(format!(
+                "the {} budget `{}` of {} is spent ({} used); it frees up {}",
+                c.budget.period,
+                c.budget.name,
+                c.budget.limit,
+                spent,
+                match retry_after {
+                    Some(d) => format!("in {}s", crate::error::retry_after_secs(d)),
+                    None => "as requests in flight finish".to_owned(),
+                }
+            ));
+            err = err.with_retry_after(retry_after.unwrap_or(Duration::from_secs(1)));
+            return Ok(refusal(&shared, err));
+        }
+        Err(e) if shared.fail_open => {
+            tracing::warn!(target: "palisade::cost::budget", error = %e,
+                "budget store failed: request passes unchecked");
+            return pass(inner, req).await;
+        }
+        Err(e) => {
+            let err = Error::new(
+                ErrorKind::Unavailable,
+                "budgets cannot be checked right now",
+            )
+            .with_retry_after(Duration::from_secs(1))
+            .with_source(e);
+            return Ok(refusal(&shared, err));
+        }
+    }
+    let reservation = BudgetReservation {
+        inner: Arc::new(ReservationInner {
+            shared: Arc::clone(&shared),
+            charges: charges.into(),
+            amount,
+            settled: AtomicBool::new(false),
+        }),
+    };
+    req.extensions_mut().insert(reservation.clone());
+    match pass(inner, req).await {
+        Ok(res) => Ok(res),
+        Err(e) => {
+            reservation.refund(); // no response, no usage
+            Err(e)
+        }
+    }
+}

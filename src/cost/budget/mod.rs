@@ -1,0 +1,194 @@
+//! Spend budgets per user, API key, bot (or overall), per calendar day or month (UTC) or
+//! a rolling window, enforced by **reserve-then-settle**.
+//!
+//! [`BudgetLayer`] runs before the upstream call. For each request whose JSON body names
+//! a model it reserves the most the request can cost — the input estimated from the body
+//! size plus `max_tokens` output tokens, at the model's prices — on every budget that
+//! applies, all or none, atomically. When the response has been metered, the
+//! [`BudgetReservation`] left in the request extensions is settled with the real cost
+//! (complete, partial or failed) and the rest is refunded. So concurrent requests can never
+//! spend together more than the budget holds, as long as each costs no more than it
+//! reserved.
+//!
+//! - A refusal is a 429 (or the status you choose) in the configured error format, with
+//!   `retry-after` until the budget frees up (the next day or month for calendar budgets)
+//!   and `x-should-retry: false`. A request that could cost more than a whole budget is
+//!   refused with 400, naming the budget and what to lower.
+//! - [`CostMeterLayer`](super::CostMeterLayer) inside this layer settles the reservation
+//!   when it writes the usage record. Without it, settle yourself with
+//!   [`BudgetReservation::settle`]; a reservation dropped unsettled is charged in full
+//!   (unknown is not free), and one whose upstream call failed is refunded.
+//! - Thresholds (50 %, 80 %, 100 % by default) raise an
+//!   [`AlertEvent`](super::alert::AlertEvent) once per period per subject through the
+//!   [`AlertSink`](super::alert::AlertSink) you give the builder.
+//! - The default [`MemoryBudgetStore`] keeps accounts in this process; implement
+//!   [`BudgetStore`] for shared state.
+//!
+//! **A token budget per minute** is a rate limit, not a spend budget: give
+//! [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) a rule with
+//! `Cost::Settled { estimate }` (for example `Rule::new("tokens", Quota::per_minute(100_000))
+//! .key(KeySource::ApiKey).cost(Cost::Settled { estimate: 4_096 })`), put the request's
+//! token estimate in its `RequestCost` extension, and settle the rule's `Reservation` with
+//! the tokens used.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use palisade::cost::budget::{Budget, BudgetLayer, BudgetReservation, Period, Scope};
+//! use palisade::cost::Money;
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let layer = BudgetLayer::builder()
+//!     .budget(Budget::new("daily", Scope::User, Period::Day, Money::parse_dollars("0.02").unwrap()))
+//!     .build()
+//!     .unwrap();
+//! let svc = layer.layer(service_fn(|req: http::Request<Full<Bytes>>| async move {
+//!     // the upstream call; here the handler settles what the call really cost
+//!     let reservation = req.extensions().get::<BudgetReservation>().unwrap();
+//!     reservation.settle(Money::parse_dollars("0.001").unwrap());
+//!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+//! }));
+//! // claude-3-5-haiku: up to 1000 output tokens at $4/Mtok = $0.004 reserved (plus the input)
+//! let request = || http::Request::post("/v1/messages").header("x-user-id", "ann")
+//!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[]}"#)))
+//!     .unwrap();
+//! assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
+//! // a request reserving 5000 × $4/Mtok = $0.02 plus its input no longer fits
+//! let big = http::Request::post("/v1/messages").header("x-user-id", "ann")
+//!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":4900,"messages":[]}"#)))
+//!     .unwrap();
+//! let refused = svc.oneshot(big).await.unwrap();
+//! assert_eq!(refused.status(), 429);
+//! assert_eq!(refused.headers()["x-should-retry"], "false");
+//! # }
+//! ```
+
+mod config;
+mod estimate;
+mod layer;
+mod period;
+#[cfg(feature = "redis")]
+mod redis;
+mod store;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{BudgetConfig, BudgetRuleConfig};
+pub use estimate::BudgetEstimate;
+pub use layer::{
+    BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
+    BudgetService, ResponseFuture,
+};
+pub use period::Period;
+pub(crate) use period::unix_millis;
+#[cfg(feature = "redis")]
+pub use redis::RedisBudgetStore;
+pub use store::{
+    BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, MemoryBudgetStore, Reserve,
+};
+
+use super::pricing::Money;
+
+/// Whom a budget counts spend for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Scope {
+    /// One account for everyone.
+    Global,
+    /// Each user (the `Attribution` extension's user, else the `x-user-id` header).
+    User,
+    /// Each API key (hashed; `x-api-key` or `authorization: Bearer`).
+    ApiKey,
+    /// Each bot (the `Attribution` extension's bot, else the `x-bot-id` header).
+    Bot,
+}
+
+impl Scope {
+    /// The name used in alert subjects (`user`, `api_key`, `bot`, `global`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::User => "user",
+            Scope::ApiKey => "api_key",
+            Scope::Bot => "bot",
+        }
+    }
+}
+
+/// One spend budget: a name, whom it counts for, over what period, how much.
+///
+/// ```
+/// use palisade::cost::budget::{Budget, Period, Scope};
+/// use palisade::cost::Money;
+///
+/// let b = Budget::new("monthly-bots", Scope::Bot, Period::Month, Money::parse_dollars("250").unwrap())
+///     .thresholds([0.9, 1.0]);
+/// assert_eq!(b.name(), "monthly-bots");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub(crate) name: Arc<str>,
+    pub(crate) scope: Scope,
+    pub(crate) period: Period,
+    pub(crate) limit: Money,
+    /// Alert thresholds in thousandths of the limit, ascending.
+    pub(crate) thresholds: Vec<u16>,
+}
+
+impl Budget {
+    /// A budget of `limit` per `period` for each subject of `scope`, with alert thresholds
+    /// at 50 %, 80 % and 100 %.
+    pub fn new(name: impl Into<Arc<str>>, scope: Scope, period: Period, limit: Money) -> Self {
+        Self {
+            name: name.into(),
+            scope,
+            period,
+            limit,
+            thresholds: vec![500, 800, 1000],
+        }
+    }
+
+    /// The alert thresholds, as fractions of the limit (0–1; others are ignored, and
+    /// precision beyond 0.001 is rounded). Empty: no threshold alerts.
+    #[must_use]
+    pub fn thresholds(mut self, ratios: impl IntoIterator<Item = f64>) -> Self {
+        let mut t: Vec<u16> = ratios
+            .into_iter()
+            .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1.0)
+            .map(|r| (r * 1000.0).round() as u16)
+            .collect();
+        t.sort_unstable();
+        t.dedup();
+        t.truncate(32);
+        self.thresholds = t;
+        self
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whom it counts for.
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    /// The period.
+    pub fn period(&self) -> Period {
+        self.period
+    }
+
+    /// The limit per period.
+    pub fn limit(&self) -> Money {
+        self.limit
+    }
+}

@@ -1,0 +1,788 @@
+//! [`PostgresSink`]: the usage and audit ledger in PostgreSQL (feature `postgres`).
+//!
+//! Tables (created by [`PostgresSink::migrate`], versioned in
+//! `palisade_schema_migrations`, each applied once under an advisory lock, so running the
+//! migrations again or from several instances at once is a no-op):
+//!
+//! - `usage_logs`: one row per [`UsageRecord`] — user, hashed API key, bot, conversation,
+//!   route, model, every token class, cost in pico-dollars, status, stream, completion,
+//!   durations and time — with the request id `UNIQUE` as the idempotency key (a record
+//!   without one gets a key hashed from its content). Indexed by user and time.
+//! - `audit_logs`: security events ([`AuditEvent`]): actor, action, target, outcome.
+//! - `user_usage_stats`: a materialized view per user and UTC day, refreshed by
+//!   `SELECT refresh_user_usage_stats()` ([`PostgresSink::refresh_stats`]).
+//! - Row-level security: a session in the role `palisade_user` that sets `app.user_id`
+//!   sees only that user's `usage_logs` rows (the sink's own role, the tables' owner, sees
+//!   all).
+//!
+//! Writes are batched: each batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT
+//! (request_id) DO NOTHING`. While the server is away, records wait in a bounded buffer
+//! and are retried with backoff; a record that does not fit is dropped and counted.
+//! [`PostgresSink::health`] shows the backlog, the counters and the last error:
+//! `accepted = delivered + dropped + backlog` at all times.
+//!
+//! ```no_run
+//! use palisade::cost::sink::{PostgresConfig, PostgresSink};
+//! use palisade::cost::{RecorderConfig, UsageRecorder};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let sink = PostgresSink::connect(PostgresConfig::new("postgres://palisade@127.0.0.1/ledger")).unwrap();
+//! sink.migrate().await.unwrap();
+//! let (recorder, shutdown) = UsageRecorder::spawn(sink.clone(), RecorderConfig::default());
+//! # drop(recorder);
+//! shutdown.shutdown().await;
+//! println!("{:?}", sink.health());
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::{SinkError, UsageSink};
+use crate::cost::pricing::Money;
+use crate::cost::record::{Completion, UsageRecord};
+use crate::cost::summary::{Day, Subject, Summary, Totals};
+use crate::cost::usage::Usage;
+use crate::key::ApiKeyId;
+
+/// The migrations shipped with the crate, applied in order by [`PostgresSink::migrate`].
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "usage_logs",
+        include_str!("postgres/0001_usage_logs.sql"),
+    ),
+    (
+        2,
+        "audit_logs",
+        include_str!("postgres/0002_audit_logs.sql"),
+    ),
+    (
+        3,
+        "user_usage_stats",
+        include_str!("postgres/0003_user_usage_stats.sql"),
+    ),
+    (
+        4,
+        "row_level_security",
+        include_str!("postgres/0004_row_level_security.sql"),
+    ),
+];
+
+/// An arbitrary constant: the advisory lock that serializes migrations across instances.
+const MIGRATION_LOCK: i64 = 0x7061_6c69_7361_6465; // "palisade"
+
+/// How to reach PostgreSQL and how much to buffer.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db` (or a `key=value` connection string).
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Records per `INSERT`.
+    pub max_batch: usize,
+    /// Records kept while the server is away; more are dropped and counted.
+    pub max_buffer: usize,
+    /// Waiting for, and making, a connection gives up after this.
+    pub connect_timeout: Duration,
+    /// The longest wait between retries while the server is away.
+    pub max_backoff: Duration,
+}
+
+impl fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresConfig")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("max_batch", &self.max_batch)
+            .field("max_buffer", &self.max_buffer)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
+}
+
+/// The URL without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ if url.contains("password") => "<connection string with a password>".to_owned(),
+        _ => url.to_owned(),
+    }
+}
+
+impl PostgresConfig {
+    /// Defaults for `url`: 4 connections, batches of 1000, 100 000 records buffered,
+    /// 5 s connect timeout, backoff up to 30 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 4,
+            max_batch: 1000,
+            max_buffer: 100_000,
+            connect_timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A security event for `audit_logs`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct AuditEvent {
+    /// When it happened.
+    pub time: SystemTime,
+    /// Who acted (a user id, a hashed key, an admin), if known.
+    pub actor: Option<String>,
+    /// What was done: `auth_failure`, `rate_limited`, `budget_refused`, `bot_deleted`, ….
+    pub action: String,
+    /// What it was done to.
+    pub target: Option<String>,
+    /// `allowed`, `refused`, `failed`, ….
+    pub outcome: String,
+    /// Free text (never a secret).
+    pub detail: Option<String>,
+    /// The request id.
+    pub request_id: Option<String>,
+}
+
+impl AuditEvent {
+    /// An event now with `action` and `outcome`.
+    pub fn new(action: impl Into<String>, outcome: impl Into<String>) -> Self {
+        Self {
+            time: SystemTime::now(),
+            actor: None,
+            action: action.into(),
+            target: None,
+            outcome: outcome.into(),
+            detail: None,
+            request_id: None,
+        }
+    }
+
+    /// Sets the actor.
+    #[must_use]
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets the target.
+    #[must_use]
+    pub fn target(mut self, target: impl Into<String>) -> Self {
+        self.target = Some(target.into());
+        self
+    }
+
+    /// Sets the detail.
+    #[must_use]
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// A snapshot of the sink's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PostgresHealth {
+    /// Records handed to the sink.
+    pub accepted: u64,
+    /// Records stored (inserted now, or found already stored from an earlier attempt).
+    pub delivered: u64,
+    /// Of `delivered`, records that were already there (a retried batch).
+    pub duplicates: u64,
+    /// Records dropped because the buffer was full.
+    pub dropped: u64,
+    /// Records waiting for the server.
+    pub backlog: u64,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+struct State {
+    buffer: VecDeque<UsageRecord>,
+    health: PostgresHealth,
+    next_attempt: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+struct Inner {
+    pool: Pool,
+    config: PostgresConfig,
+    state: Mutex<State>,
+    /// One writer at a time, so the buffer drains in order.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// The PostgreSQL ledger. Cheap to clone. See the [`sink`](super) module.
+#[derive(Clone)]
+pub struct PostgresSink {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PostgresSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresSink")
+            .field("config", &self.inner.config)
+            .field("health", &self.health())
+            .finish()
+    }
+}
+
+fn unavailable(e: impl fmt::Display) -> SinkError {
+    SinkError::Unavailable(e.to_string())
+}
+
+/// A driver error with the server's message, which `Display` alone leaves out.
+fn pg(e: tokio_postgres::Error) -> SinkError {
+    match e.as_db_error() {
+        Some(db) => SinkError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
+        None => unavailable(e),
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The record's idempotency key: its request id, or a hash of its content.
+pub fn record_key(r: &UsageRecord) -> String {
+    match &r.request_id {
+        Some(id) => id.clone(),
+        None => {
+            let json = serde_json::to_vec(r).unwrap_or_default();
+            let mut h = Sha256::new();
+            h.update(&json);
+            h.update(r.duration.as_nanos().to_le_bytes());
+            h.update(
+                r.time
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+                    .to_le_bytes(),
+            );
+            let digest = h.finalize();
+            let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            format!("palisade:{hex}")
+        }
+    }
+}
+
+const INSERT: &str = "INSERT INTO usage_logs (request_id, time, user_id, api_key_hash, bot_id, \
+    conversation_id, route, model, input_tokens, output_tokens, cache_write_5m_tokens, \
+    cache_write_1h_tokens, cache_read_tokens, web_search_requests, cost_picos, status, stream, \
+    completion, upstream_error, duration_ms, time_to_headers_ms) \
+    SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
+    $13::int8[], $14::int8[], $15::int8[], $16::int2[], $17::bool[], $18::text[], $19::text[], \
+    $20::int8[], $21::int8[]) \
+    ON CONFLICT (request_id) DO NOTHING";
+
+fn completion_name(c: Completion) -> &'static str {
+    match c {
+        Completion::Complete => "complete",
+        Completion::Partial => "partial",
+        Completion::UpstreamError => "upstream_error",
+        Completion::Failed => "failed",
+        Completion::Cancelled => "cancelled",
+    }
+}
+
+impl PostgresSink {
+    /// A sink with a pool for `config` (no connection is made until first use; call
+    /// inside a tokio runtime).
+    pub fn connect(config: PostgresConfig) -> Result<Self, SinkError> {
+        let pg = tokio_postgres::Config::from_str(&config.url)
+            .map_err(|e| SinkError::Rejected(format!("invalid PostgreSQL url: {e}")))?;
+        let mut pg = pg;
+        pg.connect_timeout(config.connect_timeout);
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|e| SinkError::Rejected(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                state: Mutex::new(State {
+                    buffer: VecDeque::new(),
+                    health: PostgresHealth::default(),
+                    next_attempt: None,
+                    backoff: Duration::ZERO,
+                }),
+                writing: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The backlog, the counters and the last error.
+    pub fn health(&self) -> PostgresHealth {
+        let s = self.state();
+        let mut h = s.health.clone();
+        h.backlog = s.buffer.len() as u64;
+        h
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, SinkError> {
+        self.inner.pool.get().await.map_err(unavailable)
+    }
+
+    /// Applies the migrations not yet applied, in one transaction under an advisory lock;
+    /// returns the versions applied now (empty when the schema is current).
+    pub async fn migrate(&self) -> Result<Vec<i32>, SinkError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS palisade_schema_migrations (
+                version integer PRIMARY KEY,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(pg)?;
+        let done: Vec<i32> = tx
+            .query("SELECT version FROM palisade_schema_migrations", &[])
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut applied = Vec::new();
+        for &(version, name, sql) in MIGRATIONS {
+            if done.contains(&version) {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(|e| {
+                SinkError::Rejected(format!("migration {version} {name}: {}", pg(e)))
+            })?;
+            tx.execute(
+                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
+                &[&version, &name],
+            )
+            .await
+            .map_err(pg)?;
+            applied.push(version);
+        }
+        tx.commit().await.map_err(pg)?;
+        if !applied.is_empty() {
+            tracing::info!(target: "palisade::cost", ?applied, "PostgreSQL migrations applied");
+        }
+        Ok(applied)
+    }
+
+    /// Inserts `batch`; returns how many rows were new.
+    async fn insert(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(INSERT).await.map_err(pg)?;
+        let n = batch.len();
+        let mut request_id = Vec::with_capacity(n);
+        let mut time = Vec::with_capacity(n);
+        let mut user = Vec::with_capacity(n);
+        let mut key = Vec::with_capacity(n);
+        let mut bot = Vec::with_capacity(n);
+        let mut conversation = Vec::with_capacity(n);
+        let mut route = Vec::with_capacity(n);
+        let mut model = Vec::with_capacity(n);
+        let mut tokens: [Vec<i64>; 6] = Default::default();
+        let mut cost = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut stream = Vec::with_capacity(n);
+        let mut completion = Vec::with_capacity(n);
+        let mut upstream_error = Vec::with_capacity(n);
+        let mut duration = Vec::with_capacity(n);
+        let mut ttfb = Vec::with_capacity(n);
+        for r in batch {
+            let a = &r.attribution;
+            request_id.push(record_key(r));
+            time.push(r.time);
+            user.push(a.user.clone());
+            key.push(a.api_key.map(|k| k.to_string()));
+            bot.push(a.bot.clone());
+            conversation.push(a.conversation.clone());
+            route.push(r.route.clone());
+            model.push(r.model.clone());
+            let u = &r.usage;
+            for (v, t) in tokens.iter_mut().zip([
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_write_5m_tokens,
+                u.cache_write_1h_tokens,
+                u.cache_read_tokens,
+                u.web_search_requests,
+            ]) {
+                v.push(to_i64(t));
+            }
+            cost.push(r.cost.map(|c| i64::try_from(c.picos()).unwrap_or(i64::MAX)));
+            status.push(i16::try_from(r.status).unwrap_or(i16::MAX));
+            stream.push(r.stream);
+            completion.push(completion_name(r.completion));
+            upstream_error.push(r.upstream_error.clone());
+            duration.push(millis(r.duration));
+            ttfb.push(millis(r.time_to_headers));
+        }
+        let params: [&(dyn ToSql + Sync); 21] = [
+            &request_id,
+            &time,
+            &user,
+            &key,
+            &bot,
+            &conversation,
+            &route,
+            &model,
+            &tokens[0],
+            &tokens[1],
+            &tokens[2],
+            &tokens[3],
+            &tokens[4],
+            &tokens[5],
+            &cost,
+            &status,
+            &stream,
+            &completion,
+            &upstream_error,
+            &duration,
+            &ttfb,
+        ];
+        client.execute(&stmt, &params).await.map_err(|e| {
+            if e.as_db_error().is_some() && e.code().is_some_and(|c| c.code().starts_with("42")) {
+                // a schema problem (run the migrations): retrying will not help
+                SinkError::Rejected(pg(e).to_string())
+            } else {
+                pg(e)
+            }
+        })
+    }
+
+    /// Writes buffered records in order until the buffer is empty or an attempt fails.
+    async fn drain(&self, force: bool) -> Result<(), SinkError> {
+        let _writer = self.inner.writing.lock().await;
+        loop {
+            let chunk: Vec<UsageRecord> = {
+                let s = self.state();
+                if !force
+                    && s.next_attempt
+                        .is_some_and(|t| tokio::time::Instant::now() < t)
+                {
+                    return Ok(()); // backing off: the records wait in the buffer
+                }
+                s.buffer
+                    .iter()
+                    .take(self.inner.config.max_batch.max(1))
+                    .cloned()
+                    .collect()
+            };
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            match self.insert(&chunk).await {
+                Ok(inserted) => {
+                    let mut s = self.state();
+                    s.buffer.drain(..chunk.len());
+                    let n = chunk.len() as u64;
+                    s.health.delivered += n;
+                    s.health.duplicates += n.saturating_sub(inserted);
+                    s.health.last_error = None;
+                    s.next_attempt = None;
+                    s.backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    let mut s = self.state();
+                    s.health.last_error = Some(e.to_string());
+                    s.backoff = (s.backoff * 2)
+                        .max(Duration::from_millis(100))
+                        .min(self.inner.config.max_backoff);
+                    s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
+                    if !e.is_retryable() {
+                        // the rows can never be stored as they are: count them dropped
+                        s.buffer.drain(..chunk.len());
+                        s.health.dropped += chunk.len() as u64;
+                    }
+                    tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
+                        "PostgreSQL sink: write failed, records kept for a retry");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Recomputes `user_usage_stats`.
+    pub async fn refresh_stats(&self) -> Result<(), SinkError> {
+        let client = self.client().await?;
+        client
+            .execute("SELECT refresh_user_usage_stats()", &[])
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    /// Writes audit events now (one round trip).
+    pub async fn audit(&self, events: &[AuditEvent]) -> Result<(), SinkError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let col = |f: fn(&AuditEvent) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+        let time: Vec<SystemTime> = events.iter().map(|e| e.time).collect();
+        let action = col(|e| Some(e.action.clone()));
+        let outcome = col(|e| Some(e.outcome.clone()));
+        client
+            .execute(
+                "INSERT INTO audit_logs (time, actor, action, target, outcome, detail, request_id) \
+                 SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], \
+                 $5::text[], $6::text[], $7::text[])",
+                &[
+                    &time,
+                    &col(|e| e.actor.clone()),
+                    &action,
+                    &col(|e| e.target.clone()),
+                    &outcome,
+                    &col(|e| e.detail.clone()),
+                    &col(|e| e.request_id.clone()),
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    /// Totals of `subject`'s records with `from <= time < to`, computed by SQL; equal to
+    /// [`summarize`](crate::cost::summary::summarize) over the same records.
+    pub async fn summary(
+        &self,
+        subject: &Subject,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Summary, SinkError> {
+        let (filter, value): (&str, Option<String>) = match subject {
+            Subject::All => ("TRUE", None),
+            Subject::User(u) => ("user_id = $3", Some(u.clone())),
+            Subject::ApiKey(k) => ("api_key_hash = $3", Some(k.to_string())),
+            Subject::Bot(b) => ("bot_id = $3", Some(b.clone())),
+            Subject::Conversation(c) => ("conversation_id = $3", Some(c.clone())),
+            Subject::Anonymous => ("user_id IS NULL AND api_key_hash IS NULL", None),
+        };
+        let sql = format!(
+            "SELECT model, ((time AT TIME ZONE 'UTC')::date - DATE '1970-01-01')::int8 AS day, {TOTALS} \
+             FROM usage_logs WHERE time >= $1 AND time < $2 AND {filter} GROUP BY 1, 2"
+        );
+        let client = self.client().await?;
+        let rows = match &value {
+            Some(v) => client.query(&sql, &[&from, &to, v]).await,
+            None => client.query(&sql, &[&from, &to]).await,
+        }
+        .map_err(pg)?;
+        let mut s = Summary {
+            subject: subject.clone(),
+            total: Totals::default(),
+            by_model: BTreeMap::new(),
+            by_day: BTreeMap::new(),
+        };
+        for row in rows {
+            let model: Option<String> = row.get(0);
+            let day: i64 = row.get(1);
+            let t = totals(&row, 2)?;
+            add_totals(&mut s.total, &t);
+            add_totals(
+                s.by_model
+                    .entry(model.unwrap_or_else(|| "unknown".to_owned()))
+                    .or_default(),
+                &t,
+            );
+            add_totals(s.by_day.entry(Day::from_days(day)).or_default(), &t);
+        }
+        Ok(s)
+    }
+
+    /// The `n` users (else API keys) with the highest cost with `from <= time < to`,
+    /// highest first, ties by subject; equal to [`top`](crate::cost::summary::top).
+    pub async fn top(
+        &self,
+        n: usize,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Vec<(Subject, Totals)>, SinkError> {
+        let sql = format!(
+            "SELECT user_id, CASE WHEN user_id IS NULL THEN api_key_hash END AS key, {TOTALS} \
+             FROM usage_logs WHERE time >= $1 AND time < $2 GROUP BY 1, 2 \
+             ORDER BY coalesce(sum(cost_picos), 0) DESC, (user_id IS NULL), user_id COLLATE \"C\", \
+             (CASE WHEN user_id IS NULL THEN api_key_hash END IS NULL), \
+             (CASE WHEN user_id IS NULL THEN api_key_hash END) COLLATE \"C\" LIMIT $3"
+        );
+        let client = self.client().await?;
+        let limit = i64::try_from(n).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&sql, &[&from, &to, &limit])
+            .await
+            .map_err(pg)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let user: Option<String> = row.get(0);
+            let key: Option<String> = row.get(1);
+            let subject = match (user, key) {
+                (Some(u), _) => Subject::User(u),
+                (None, Some(k)) => Subject::ApiKey(parse_key(&k)?),
+                (None, None) => Subject::Anonymous,
+            };
+            out.push((subject, totals(&row, 2)?));
+        }
+        Ok(out)
+    }
+}
+
+/// The aggregate columns every summary query selects, in the order [`totals`] reads.
+const TOTALS: &str = "count(*)::int8, sum(input_tokens)::int8, sum(output_tokens)::int8, \
+    sum(cache_write_5m_tokens)::int8, sum(cache_write_1h_tokens)::int8, \
+    sum(cache_read_tokens)::int8, sum(web_search_requests)::int8, \
+    coalesce(sum(cost_picos), 0)::text, \
+    count(*) FILTER (WHERE cost_picos IS NULL AND (model IS NOT NULL OR input_tokens > 0 \
+        OR output_tokens > 0 OR cache_write_5m_tokens > 0 OR cache_write_1h_tokens > 0 \
+        OR cache_read_tokens > 0 OR web_search_requests > 0))::int8, \
+    count(*) FILTER (WHERE completion IN ('partial', 'cancelled'))::int8, \
+    count(*) FILTER (WHERE completion IN ('upstream_error', 'failed'))::int8";
+
+fn totals(row: &tokio_postgres::Row, at: usize) -> Result<Totals, SinkError> {
+    let u = |i: usize| u64::try_from(row.get::<_, i64>(at + i)).unwrap_or(0);
+    let cost: String = row.get(at + 7);
+    let cost: u128 = cost
+        .parse()
+        .map_err(|_| SinkError::Rejected(format!("cost sum `{cost}` is not an integer")))?;
+    Ok(Totals {
+        requests: u(0),
+        usage: Usage {
+            input_tokens: u(1),
+            output_tokens: u(2),
+            cache_write_5m_tokens: u(3),
+            cache_write_1h_tokens: u(4),
+            cache_read_tokens: u(5),
+            web_search_requests: u(6),
+        },
+        cost: Money::from_picos(cost),
+        unpriced: u(8),
+        incomplete: u(9),
+        errors: u(10),
+    })
+}
+
+fn add_totals(into: &mut Totals, t: &Totals) {
+    into.requests += t.requests;
+    into.usage.add(&t.usage);
+    into.cost = into.cost.saturating_add(t.cost);
+    into.unpriced += t.unpriced;
+    into.incomplete += t.incomplete;
+    into.errors += t.errors;
+}
+
+fn parse_key(hex: &str) -> Result<ApiKeyId, SinkError> {
+    let bad = || SinkError::Rejected(format!("`{hex}` is not a hashed API key"));
+    if hex.len() != 32 {
+        return Err(bad());
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+            .map_err(|_| bad())?;
+    }
+    Ok(ApiKeyId::from_bytes(bytes))
+}
+
+impl UsageSink for PostgresSink {
+    /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
+    /// A server that is away is not an error here: the records wait and are retried with
+    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        {
+            let mut s = self.state();
+            s.health.accepted += batch.len() as u64;
+            let room = self.inner.config.max_buffer.saturating_sub(s.buffer.len());
+            let keep = batch.len().min(room);
+            s.buffer.extend(batch[..keep].iter().cloned());
+            let lost = (batch.len() - keep) as u64;
+            if lost > 0 {
+                s.health.dropped += lost;
+                tracing::error!(target: "palisade::cost", dropped = lost,
+                    "PostgreSQL sink buffer full: records dropped");
+            }
+        }
+        let _ = self.drain(false).await;
+        Ok(())
+    }
+
+    /// Writes everything buffered now (no backoff); `Err` when the server is still away
+    /// (the backlog stays in [`health`](PostgresSink::health)).
+    async fn flush(&self) -> Result<(), SinkError> {
+        self.drain(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted_in_debug() {
+        let c = PostgresConfig::new("postgres://ledger:s3cret@db:5432/palisade");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert!(
+            dbg.contains("postgres://ledger:***@db:5432/palisade"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn records_without_a_request_id_get_a_stable_content_key() {
+        let r = UsageRecord::new(
+            SystemTime::UNIX_EPOCH,
+            Some("m".into()),
+            Usage::default(),
+            None,
+        );
+        assert_eq!(record_key(&r), record_key(&r.clone()));
+        let mut other = r.clone();
+        other.duration = Duration::from_nanos(1);
+        assert_ne!(record_key(&r), record_key(&other));
+        let mut with_id = r;
+        with_id.request_id = Some("req_1".into());
+        assert_eq!(record_key(&with_id), "req_1");
+    }
+}

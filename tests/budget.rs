@@ -1,0 +1,456 @@
+//! Budgets end to end: reserve-then-settle under concurrency, refusals, resets, alerts.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use palisade::ErrorFormat;
+use palisade::cost::Money;
+use palisade::cost::alert::{AlertKind, MemoryAlertSink};
+use palisade::cost::budget::{
+    Budget, BudgetClock, BudgetEstimate, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
+    Period, Scope,
+};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+const BODY: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+
+fn request(user: &str) -> Request<Full<Bytes>> {
+    Request::post("/v1/messages")
+        .header("x-user-id", user)
+        .body(Full::new(Bytes::from(BODY)))
+        .unwrap()
+}
+
+fn dollars(s: &str) -> Money {
+    Money::parse_dollars(s).unwrap()
+}
+
+/// What one `BODY` request reserves, found by sending one through a roomy budget.
+async fn reservation_of_body() -> Money {
+    let layer = BudgetLayer::builder()
+        .budget(Budget::new(
+            "probe",
+            Scope::User,
+            Period::Day,
+            dollars("100"),
+        ))
+        .build()
+        .unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Money::ZERO));
+    let s2 = Arc::clone(&seen);
+    let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| {
+        let s2 = Arc::clone(&s2);
+        async move {
+            let r = req.extensions().get::<BudgetReservation>().unwrap();
+            *s2.lock().unwrap() = r.amount();
+            r.refund();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    svc.oneshot(request("probe")).await.unwrap();
+    let m = *seen.lock().unwrap();
+    assert!(m > Money::ZERO);
+    m
+}
+
+type Upstream =
+    tower::util::BoxCloneSyncService<Request<Full<Bytes>>, Response<Full<Bytes>>, Infallible>;
+
+/// An upstream that counts calls, waits for `gate`, and settles `actual` itself.
+fn gated_upstream(
+    calls: Arc<AtomicUsize>,
+    gate: Arc<tokio::sync::Semaphore>,
+    actual: Money,
+) -> Upstream {
+    tower::util::BoxCloneSyncService::new(service_fn(move |req: Request<Full<Bytes>>| {
+        let calls = Arc::clone(&calls);
+        let gate = Arc::clone(&gate);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _permit = gate.acquire().await.unwrap();
+            if let Some(r) = req.extensions().get::<BudgetReservation>() {
+                r.settle(actual);
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+        }
+    }))
+}
+
+fn builder(limit: Money) -> BudgetLayerBuilder {
+    BudgetLayer::builder().budget(Budget::new("daily", Scope::User, Period::Day, limit))
+}
+
+#[tokio::test]
+async fn fifty_concurrent_requests_against_a_budget_for_ten_reach_the_upstream_ten_times() {
+    let one = reservation_of_body().await;
+    // room for exactly ten reservations, and a little less than an eleventh
+    let limit = Money::from_picos(one.picos() * 10 + one.picos() / 2);
+    let layer = builder(limit).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let svc = layer.layer(gated_upstream(Arc::clone(&calls), Arc::clone(&gate), one));
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            svc.oneshot(request("ann")).await.unwrap()
+        }));
+    }
+    // every request is either refused or held at the upstream, all at the same time
+    let refused = Arc::new(AtomicUsize::new(0));
+    while calls.load(Ordering::SeqCst) + tasks.iter().filter(|t| t.is_finished()).count() < 50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+    gate.add_permits(100);
+    for t in tasks {
+        let res = t.await.unwrap();
+        if res.status() == 429 {
+            refused.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(res.headers()["x-should-retry"], "false");
+            assert!(res.headers().contains_key("retry-after"));
+        } else {
+            assert_eq!(res.status(), 200);
+        }
+    }
+    assert_eq!(refused.load(Ordering::SeqCst), 40);
+    assert_eq!(
+        layer.spend("daily", "ann"),
+        Some((Money::from_picos(one.picos() * 10), Money::ZERO))
+    );
+}
+
+#[tokio::test]
+async fn settling_below_the_reservation_refunds_the_rest() {
+    let one = reservation_of_body().await;
+    let limit = Money::from_picos(one.picos() * 2);
+    let layer = builder(limit).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(1000));
+    // each call really costs a tenth of what it reserved
+    let actual = Money::from_picos(one.picos() / 10);
+    let svc = layer.layer(gated_upstream(Arc::clone(&calls), gate, actual));
+    // without refunds two would pass; with them, eleven (1.0 spent + 1 reserved fits 2)
+    for _ in 0..11 {
+        let res = svc.clone().oneshot(request("ann")).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(
+        svc.clone().oneshot(request("ann")).await.unwrap().status(),
+        429
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 11);
+    let (spent, reserved) = layer.spend("daily", "ann").unwrap();
+    assert_eq!(spent, Money::from_picos(actual.picos() * 11));
+    assert_eq!(reserved, Money::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_spent_day_refuses_until_midnight_utc_then_resets() {
+    // 2026-03-14 23:00:00 UTC
+    let start = UNIX_EPOCH + Duration::from_secs(1_773_529_200);
+    let one = reservation_of_body().await;
+    let layer = builder(one)
+        .clock(BudgetClock::starting_at(start))
+        .error_format(ErrorFormat::Anthropic)
+        .build()
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(1000));
+    let svc = layer.layer(gated_upstream(Arc::new(AtomicUsize::new(0)), gate, one));
+    assert_eq!(
+        svc.clone().oneshot(request("ann")).await.unwrap().status(),
+        200
+    );
+    let refused = svc.clone().oneshot(request("ann")).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "3600");
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+    let body: serde_json::Value =
+        serde_json::from_slice(&refused.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`daily`"), "{message}");
+    // another user has their own account
+    assert_eq!(
+        svc.clone().oneshot(request("bob")).await.unwrap().status(),
+        200
+    );
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(svc.oneshot(request("ann")).await.unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rolling_budget_frees_up_as_spend_ages() {
+    let one = reservation_of_body().await;
+    let layer = BudgetLayer::builder()
+        .budget(Budget::new(
+            "hourly",
+            Scope::User,
+            Period::Rolling(Duration::from_secs(3600)),
+            one,
+        ))
+        .build()
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(1000));
+    let svc = layer.layer(gated_upstream(Arc::new(AtomicUsize::new(0)), gate, one));
+    assert_eq!(
+        svc.clone().oneshot(request("ann")).await.unwrap().status(),
+        200
+    );
+    tokio::time::advance(Duration::from_secs(1800)).await;
+    let refused = svc.clone().oneshot(request("ann")).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1740..=1860).contains(&retry), "retry-after {retry}");
+    tokio::time::advance(Duration::from_secs(retry)).await;
+    assert_eq!(svc.oneshot(request("ann")).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn the_refusal_status_is_configurable() {
+    let layer = builder(Money::from_picos(1))
+        .refusal_status(402)
+        .build()
+        .unwrap();
+    let svc = layer.layer(gated_upstream(
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Money::from_picos(1),
+    ));
+    let req = || {
+        let mut req = request("ann");
+        req.extensions_mut()
+            .insert(BudgetEstimate(Money::from_picos(1)));
+        req
+    };
+    assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+    let refused = svc.oneshot(req()).await.unwrap();
+    assert_eq!(refused.status(), 402);
+    assert_eq!(refused.headers()["x-should-retry"], "false");
+}
+
+#[tokio::test]
+async fn bad_requests_are_told_what_to_fix() {
+    let layer = builder(dollars("0.001"))
+        .max_body(64 * 1024)
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(gated_upstream(
+        Arc::clone(&calls),
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Money::ZERO,
+    ));
+    let json = |res: Response<_>| async move {
+        let status = res.status();
+        let b = BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice::<serde_json::Value>(&b).unwrap(),
+        )
+    };
+    // more than the whole budget could ever hold: 400 naming max_tokens
+    let (status, body) = json(svc.clone().oneshot(request("ann")).await.unwrap()).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["errors"][0]["field"], "max_tokens");
+    // a model without a price
+    let req = Request::post("/v1/messages")
+        .header("x-user-id", "ann")
+        .body(Full::new(Bytes::from(
+            r#"{"model":"my-model","max_tokens":1}"#,
+        )))
+        .unwrap();
+    let (status, body) = json(svc.clone().oneshot(req).await.unwrap()).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["errors"][0]["field"], "model");
+    // too large to read
+    let req = Request::post("/v1/messages")
+        .header("x-user-id", "ann")
+        .body(Full::new(Bytes::from(vec![b' '; 65 * 1024])))
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 413);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // no model (a bot listing, a GET), or no user: not a budget's business
+    let req = Request::post("/v1/bots")
+        .header("x-user-id", "ann")
+        .body(Full::new(Bytes::from(r#"{"name":"helper"}"#)))
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    let req = Request::post("/v1/messages")
+        .body(Full::new(Bytes::from(BODY)))
+        .unwrap();
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn the_upstream_sees_the_body_unchanged() {
+    let layer = builder(dollars("10")).build().unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        req.extensions()
+            .get::<BudgetReservation>()
+            .unwrap()
+            .refund();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, Infallible>(Response::new(Full::new(body)))
+    }));
+    let res = svc.oneshot(request("ann")).await.unwrap();
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), BODY);
+}
+
+#[tokio::test]
+async fn a_failed_call_is_refunded_and_an_unsettled_one_charged_in_full() {
+    let one = reservation_of_body().await;
+    let layer = builder(dollars("10")).build().unwrap();
+    let mut failing = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+        Err::<Response<Full<Bytes>>, _>(std::io::Error::other("connection reset"))
+    }));
+    let err = failing.ready().await.unwrap().call(request("ann")).await;
+    assert!(err.is_err());
+    assert_eq!(
+        layer.spend("daily", "ann"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+    let forgetful = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    forgetful.oneshot(request("ann")).await.unwrap();
+    assert_eq!(layer.spend("daily", "ann"), Some((one, Money::ZERO)));
+}
+
+#[tokio::test]
+async fn budgets_apply_per_api_key_and_per_bot_together() {
+    let layer = BudgetLayer::builder()
+        .budget(Budget::new(
+            "key",
+            Scope::ApiKey,
+            Period::Month,
+            dollars("10"),
+        ))
+        .budget(Budget::new(
+            "bot",
+            Scope::Bot,
+            Period::Day,
+            Money::from_picos(5),
+        ))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        req.extensions()
+            .get::<BudgetReservation>()
+            .unwrap()
+            .settle(Money::from_picos(3));
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let req = || {
+        let mut r = Request::post("/v1/messages")
+            .header("x-api-key", "sk-test-1")
+            .header("x-bot-id", "helper")
+            .body(Full::new(Bytes::from(BODY)))
+            .unwrap();
+        r.extensions_mut()
+            .insert(BudgetEstimate(Money::from_picos(3)));
+        r
+    };
+    assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 200);
+    // the bot's 5 cannot take another 3; the key's account was left untouched by the refusal
+    assert_eq!(svc.clone().oneshot(req()).await.unwrap().status(), 429);
+    let key = palisade::key::ApiKeyId::from_key("sk-test-1").to_string();
+    assert_eq!(
+        layer.spend("key", &key),
+        Some((Money::from_picos(3), Money::ZERO))
+    );
+}
+
+#[tokio::test]
+async fn crossing_fifty_eighty_and_a_hundred_percent_raises_each_alert_once() {
+    let alerts = Arc::new(MemoryAlertSink::default());
+    let layer = builder(Money::from_picos(100))
+        .alerts(Arc::clone(&alerts))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.settle(r.amount());
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let send = |cost: u128| {
+        let mut r = request("ann");
+        r.extensions_mut()
+            .insert(BudgetEstimate(Money::from_picos(cost)));
+        svc.clone().oneshot(r)
+    };
+    let ratios = || {
+        alerts
+            .events()
+            .iter()
+            .map(|e| match e.kind {
+                AlertKind::Threshold { ratio } => ratio,
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    send(40).await.unwrap();
+    assert!(alerts.events().is_empty());
+    send(15).await.unwrap(); // 55 %
+    assert_eq!(ratios(), [0.5]);
+    send(5).await.unwrap(); // 60 %: nothing new
+    send(25).await.unwrap(); // 85 %
+    assert_eq!(ratios(), [0.5, 0.8]);
+    send(15).await.unwrap(); // 100 %
+    assert_eq!(ratios(), [0.5, 0.8, 1.0]);
+    let e = &alerts.events()[2];
+    assert_eq!(e.subject, "user:ann");
+    assert_eq!(e.source, "daily");
+    assert_eq!(e.spent, Money::from_picos(100));
+    assert_eq!(send(1).await.unwrap().status(), 429);
+    assert_eq!(alerts.events().len(), 3);
+}
+
+#[tokio::test]
+async fn from_env_reports_every_problem_at_once() {
+    use palisade::config::Env;
+    use palisade::cost::budget::BudgetConfig;
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_BUDGET_RULES",
+            r#"[{"name":"d","scope":"user","period":"day","limit":"-1x"}]"#,
+        ),
+        ("PALISADE_BUDGET_STATUS", "200"),
+        ("PALISADE_BUDGET_BYTES_PER_TOKEN", "0"),
+    ]);
+    let _ = BudgetConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_BUDGET_RULES",
+            "PALISADE_BUDGET_STATUS",
+            "PALISADE_BUDGET_BYTES_PER_TOKEN"
+        ]
+    );
+    // the shared error format applies unless the budget's own setting says otherwise
+    let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
+    assert_eq!(
+        BudgetConfig::from_env(&mut env).error_format,
+        Some(ErrorFormat::Anthropic)
+    );
+    let mut env = Env::from_pairs([
+        ("PALISADE_ERROR_FORMAT", "anthropic"),
+        ("PALISADE_BUDGET_ERROR_FORMAT", "problem_json"),
+    ]);
+    assert_eq!(
+        BudgetConfig::from_env(&mut env).error_format,
+        Some(ErrorFormat::ProblemJson)
+    );
+}

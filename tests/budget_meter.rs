@@ -1,0 +1,177 @@
+//! The budget layer and the cost meter together: the meter settles each reservation with
+//! the cost it measured — whole, partial (a stream cut short) or nothing (an error).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use palisade::cost::budget::{Budget, BudgetLayer, Period, Scope};
+use palisade::cost::{
+    Completion, CostMeterLayer, Money, PriceTable, RecorderConfig, SinkError, UsageRecord,
+    UsageRecorder, UsageSink,
+};
+use tokio::sync::mpsc;
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+
+const SONNET_37: &str = include_str!("cost_data/anthropic_sonnet37.sse");
+/// A request with a long prompt (the golden responses cache-write 12 304 tokens of it).
+fn request_body() -> String {
+    let prompt = "lorem ipsum ".repeat(3_500);
+    format!(
+        r#"{{"model":"claude-3-7-sonnet-20250219","max_tokens":2000,"stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    )
+}
+
+/// A response body fed by a channel: it stays open until the sender is dropped.
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Forwards records to the test, so it can wait for them without sleeping.
+struct Forward(mpsc::UnboundedSender<UsageRecord>);
+
+impl UsageSink for Forward {
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        for r in batch {
+            let _ = self.0.send(r.clone());
+        }
+        Ok(())
+    }
+}
+
+fn layers() -> (
+    BudgetLayer,
+    CostMeterLayer,
+    mpsc::UnboundedReceiver<UsageRecord>,
+) {
+    let budget = BudgetLayer::builder()
+        .budget(Budget::new(
+            "daily",
+            Scope::User,
+            Period::Day,
+            Money::parse_dollars("1").unwrap(),
+        ))
+        .build()
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (recorder, _shutdown) = UsageRecorder::spawn(Forward(tx), RecorderConfig::default());
+    let meter = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    (budget, meter, rx)
+}
+
+fn request() -> Request<Full<Bytes>> {
+    Request::post("/v1/messages")
+        .header("x-user-id", "carol")
+        .body(Full::new(Bytes::from(request_body())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_streamed_response_cut_short_settles_its_partial_cost() {
+    let (budget, meter, mut records) = layers();
+    let (tx, rx) = mpsc::channel(8);
+    let start_end = SONNET_37.find("event: content_block_start").unwrap();
+    tx.send(Bytes::copy_from_slice(&SONNET_37.as_bytes()[..start_end]))
+        .await
+        .unwrap();
+    let body = Arc::new(Mutex::new(Some(ChanBody(rx))));
+    let upstream = service_fn(move |_req: Request<Full<Bytes>>| {
+        let body = body.lock().unwrap().take().unwrap();
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(budget.clone())
+        .layer(meter)
+        .service(upstream);
+    let res = svc.oneshot(request()).await.unwrap();
+    let mut body = res.into_body();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert!(
+        frame
+            .data_ref()
+            .unwrap()
+            .starts_with(b"event: message_start")
+    );
+    // while the stream is open, the reservation holds the budget
+    let (spent, reserved) = budget.spend("daily", "carol").unwrap();
+    assert_eq!(spent, Money::ZERO);
+    assert!(reserved > Money::ZERO);
+    drop(body); // the client goes away
+    let record = records.recv().await.unwrap();
+    assert_eq!(record.completion, Completion::Partial);
+    let cost = record.cost.unwrap();
+    assert!(cost > Money::ZERO && cost < reserved);
+    assert_eq!(budget.spend("daily", "carol"), Some((cost, Money::ZERO)));
+    drop(tx);
+}
+
+#[tokio::test]
+async fn a_complete_json_response_settles_its_cost_and_an_error_refunds() {
+    let (budget, meter, mut records) = layers();
+    let upstream = service_fn(|req: Request<Full<Bytes>>| async move {
+        let fail = req.headers().contains_key("x-fail");
+        let (status, body) = if fail {
+            (
+                529,
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,
+            )
+        } else {
+            (
+                200,
+                r#"{"type":"message","model":"claude-3-7-sonnet-20250219","content":[],
+                "usage":{"input_tokens":3,"cache_creation_input_tokens":12304,"output_tokens":550}}"#,
+            )
+        };
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        )
+    });
+    let svc = ServiceBuilder::new()
+        .layer(budget.clone())
+        .layer(meter)
+        .service(upstream);
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    res.into_body().collect().await.unwrap();
+    let record = records.recv().await.unwrap();
+    assert_eq!(record.cost, Some(Money::from_nanos(54_399_000)));
+    assert_eq!(
+        budget.spend("daily", "carol"),
+        Some((Money::from_nanos(54_399_000), Money::ZERO))
+    );
+    let mut failing = request();
+    failing.headers_mut().insert("x-fail", "1".parse().unwrap());
+    let res = svc.oneshot(failing).await.unwrap();
+    assert_eq!(res.status(), 529);
+    res.into_body().collect().await.unwrap();
+    // the upstream's error used no tokens: the reservation is refunded
+    assert_eq!(
+        budget.spend("daily", "carol"),
+        Some((Money::from_nanos(54_399_000), Money::ZERO))
+    );
+}

@@ -1,0 +1,282 @@
+//! Budgets in Redis: one account shared by instances, atomic under concurrency.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use palisade::cost::Money;
+use palisade::cost::alert::{AlertKind, MemoryAlertSink};
+use palisade::cost::budget::{
+    Budget, BudgetEstimate, BudgetLayer, BudgetReservation, Period, RedisBudgetStore, Scope,
+};
+use tower::{Layer, ServiceExt, service_fn};
+
+async fn manager(url: &str) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).unwrap();
+    redis::aio::ConnectionManager::new(client).await.unwrap()
+}
+
+fn request(user: &str, estimate: u128) -> Request<Full<Bytes>> {
+    let mut r = Request::post("/v1/messages")
+        .header("x-user-id", user)
+        .body(Full::new(Bytes::from(
+            r#"{"model":"claude-3-5-haiku","max_tokens":10}"#,
+        )))
+        .unwrap();
+    r.extensions_mut()
+        .insert(BudgetEstimate(Money::from_picos(estimate)));
+    r
+}
+
+fn daily(limit: u128) -> Budget {
+    Budget::new("daily", Scope::User, Period::Day, Money::from_picos(limit))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_redis_let_fifty_concurrent_requests_through_ten_times() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let layer = BudgetLayer::builder()
+            .budget(daily(1000))
+            .store(RedisBudgetStore::new(manager(&server.url()).await))
+            .build()
+            .unwrap();
+        let calls = Arc::clone(&calls);
+        let gate = Arc::clone(&gate);
+        instances.push(layer.layer(service_fn(move |req: Request<Full<Bytes>>| {
+            let calls = Arc::clone(&calls);
+            let gate = Arc::clone(&gate);
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let _p = gate.acquire().await.unwrap();
+                req.extensions()
+                    .get::<BudgetReservation>()
+                    .unwrap()
+                    .settle(Money::from_picos(100));
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }
+        })));
+    }
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let svc = instances[i % 2].clone();
+            tokio::spawn(async move { svc.oneshot(request("ann", 100)).await.unwrap() })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while calls.load(Ordering::SeqCst) + tasks.iter().filter(|t| t.is_finished()).count() < 50 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+    gate.add_permits(100);
+    let mut refused = 0;
+    for t in tasks {
+        let res = t.await.unwrap();
+        if res.status() == 429 {
+            refused += 1;
+            assert_eq!(res.headers()["x-should-retry"], "false");
+            let retry: u64 = res.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=86_400).contains(&retry), "{retry}");
+        }
+    }
+    assert_eq!(refused, 40);
+    // the account in Redis: 1000 spent, nothing reserved
+    let mut conn = manager(&server.url()).await;
+    let (spent, reserved): (String, String) = redis::cmd("HMGET")
+        .arg("palisade:budget:{budget}:daily:ann")
+        .arg("s")
+        .arg("r")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((spent.as_str(), reserved.as_str()), ("1000", "0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_and_threshold_alerts_work_through_redis() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let alerts = Arc::new(MemoryAlertSink::default());
+    let layer = BudgetLayer::builder()
+        .budget(daily(100))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .alerts(Arc::clone(&alerts))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        // each call really costs 15 of the 20 it reserved
+        req.extensions()
+            .get::<BudgetReservation>()
+            .unwrap()
+            .settle(Money::from_picos(15));
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    for _ in 0..6 {
+        // spent 15, 30, …, 90: with refunds each 20 still fits
+        let status = svc
+            .clone()
+            .oneshot(request("ann", 20))
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await; // the settlement lands
+    }
+    // wait for the settlements (they finish on spawned tasks)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alerts.events().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            alerts.events()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ratios: Vec<f64> = alerts
+        .events()
+        .iter()
+        .map(|e| match e.kind {
+            AlertKind::Threshold { ratio } => ratio,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ratios, [0.5, 0.8]);
+    assert_eq!(alerts.events()[1].spent, Money::from_picos(90));
+    // 90 spent: a reservation of 11 no longer fits, one of 10 does
+    assert_eq!(
+        svc.clone()
+            .oneshot(request("ann", 11))
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+    assert_eq!(svc.oneshot(request("ann", 10)).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_budget_in_redis_says_when_it_frees_up() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let layer = BudgetLayer::builder()
+        .budget(Budget::new(
+            "hourly",
+            Scope::User,
+            Period::Rolling(Duration::from_secs(3600)),
+            Money::from_picos(100),
+        ))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.settle(r.amount());
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    assert_eq!(
+        svc.clone()
+            .oneshot(request("ann", 100))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await; // the settlement lands
+    let refused = svc.oneshot(request("ann", 1)).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((3540..=3600).contains(&retry), "{retry}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_work_on_a_redis_cluster() {
+    let Some(cluster) = support::RedisCluster::start().await else {
+        return;
+    };
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let conn = client.get_async_connection().await.unwrap();
+    let layer = BudgetLayer::builder()
+        .budget(daily(100))
+        .budget(Budget::new(
+            "bots",
+            Scope::Bot,
+            Period::Month,
+            Money::from_picos(1000),
+        ))
+        .store(RedisBudgetStore::new(conn))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.settle(r.amount());
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let req = |n| {
+        let mut r = request("ann", n);
+        r.headers_mut()
+            .insert("x-bot-id", "helper".parse().unwrap());
+        r
+    };
+    assert_eq!(svc.clone().oneshot(req(60)).await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(svc.oneshot(req(60)).await.unwrap().status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_refuses_with_503_or_passes_when_failing_open() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let url = server.url();
+    let conn = manager(&url).await;
+    drop(server); // killed
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |_req: Request<Full<Bytes>>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+        })
+    };
+    let closed = BudgetLayer::builder()
+        .budget(daily(100))
+        .store(RedisBudgetStore::new(conn.clone()))
+        .build()
+        .unwrap()
+        .layer(upstream.clone());
+    let res = closed.oneshot(request("ann", 1)).await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let open = BudgetLayer::builder()
+        .budget(daily(100))
+        .store(RedisBudgetStore::new(conn))
+        .fail_open(true)
+        .build()
+        .unwrap()
+        .layer(upstream);
+    assert_eq!(open.oneshot(request("ann", 1)).await.unwrap().status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

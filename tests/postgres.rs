@@ -1,0 +1,316 @@
+//! The PostgreSQL ledger against a real server started by the harness.
+#![cfg(feature = "postgres")]
+
+#[path = "support/postgres.rs"]
+mod pg;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade::cost::sink::{AuditEvent, PostgresConfig, PostgresSink, UsageSink};
+use palisade::cost::summary::{Subject, summarize, top};
+use palisade::cost::{
+    Attribution, Completion, MemorySink, Money, RecorderConfig, Usage, UsageRecord, UsageRecorder,
+};
+use palisade::key::ApiKeyId;
+
+const USERS: [&str; 7] = ["ann", "bob", "cy", "dee", "Eve", "éclair", "zed"];
+
+/// Record `i`: a spread of users, keys, models, days, token classes and outcomes.
+fn record(i: u64) -> UsageRecord {
+    let base = UNIX_EPOCH + Duration::from_secs(1_767_225_600); // 2026-01-01
+    let time = base + Duration::from_millis(i * 25_913); // about three days for 10 000
+    let usage = Usage {
+        input_tokens: i % 997,
+        output_tokens: (i * 7) % 4001,
+        cache_write_5m_tokens: i % 5,
+        cache_write_1h_tokens: i % 3,
+        cache_read_tokens: (i * 13) % 1000,
+        web_search_requests: i % 2,
+    };
+    let cost = (i % 11 != 0).then(|| Money::from_picos(u128::from(i) * 1_234_567_891));
+    let model = match i % 4 {
+        0 => None,
+        1 => Some("claude-sonnet-4-5".to_owned()),
+        2 => Some("gpt-4o".to_owned()),
+        _ => Some("mystery".to_owned()),
+    };
+    let mut attribution = Attribution::default();
+    if i % 9 != 0 {
+        attribution.user = Some(USERS[(i % 7) as usize].to_owned());
+    }
+    if i % 3 == 0 {
+        attribution.api_key = Some(ApiKeyId::from_key(&format!("sk-{}", i % 5)));
+    }
+    attribution.bot = (i % 2 == 0).then(|| "helper".to_owned());
+    let mut r = UsageRecord::new(time, model, usage, cost).with_attribution(attribution);
+    r.request_id = (i % 13 != 0).then(|| format!("req_{i}"));
+    r.route = "/v1/messages".into();
+    r.stream = i % 2 == 1;
+    r.completion = if i % 17 == 0 {
+        Completion::Partial
+    } else {
+        Completion::Complete
+    };
+    r.duration = Duration::from_millis(i % 3000);
+    r
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+fn window() -> (SystemTime, SystemTime) {
+    (UNIX_EPOCH, UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_the_memory_sink() {
+    let server = pg::Postgres::start();
+    let url = server.database("load").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4]);
+    let config = RecorderConfig {
+        capacity: 20_000,
+        max_batch: 1000,
+        ..RecorderConfig::default()
+    };
+    let (recorder, shutdown) = UsageRecorder::spawn(sink.clone(), config);
+    let memory = Arc::new(MemorySink::new());
+    let producers: Vec<_> = (0..8u64)
+        .map(|p| {
+            let recorder = recorder.clone();
+            tokio::spawn(async move {
+                for i in (p..10_000).step_by(8) {
+                    assert!(recorder.record(record(i)));
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let records: Vec<UsageRecord> = (0..10_000).map(record).collect();
+    memory.record_batch(&records).await.unwrap();
+    let stats = shutdown.shutdown().await;
+    assert_eq!(stats.written, 10_000);
+    // a batch delivered twice (a retry after a lost answer) is stored once
+    sink.record_batch(&records[..500]).await.unwrap();
+    let health = sink.health();
+    assert_eq!(
+        (health.accepted, health.delivered, health.duplicates),
+        (10_500, 10_500, 500)
+    );
+    assert_eq!(
+        (health.dropped, health.backlog, health.last_error.clone()),
+        (0, 0, None)
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 10_000);
+    assert_eq!(
+        count(&url, "SELECT count(DISTINCT request_id) FROM usage_logs").await,
+        10_000
+    );
+
+    let (from, to) = window();
+    let mut subjects = vec![
+        Subject::All,
+        Subject::Anonymous,
+        Subject::Bot("helper".into()),
+    ];
+    subjects.extend(USERS.iter().map(|u| Subject::User((*u).to_owned())));
+    subjects.push(Subject::ApiKey(ApiKeyId::from_key("sk-3")));
+    for subject in &subjects {
+        let sql = sink.summary(subject, from, to).await.unwrap();
+        let mem = summarize(&memory.records(), subject, from, to);
+        assert_eq!(sql, mem, "{subject:?}");
+    }
+    // a window inside the data, cutting days
+    let a = UNIX_EPOCH + Duration::from_secs(1_767_225_600 + 40_000);
+    let b = a + Duration::from_secs(100_000);
+    assert_eq!(
+        sink.summary(&Subject::User("ann".into()), a, b)
+            .await
+            .unwrap(),
+        summarize(&memory.records(), &Subject::User("ann".into()), a, b)
+    );
+    assert_eq!(
+        sink.top(5, from, to).await.unwrap(),
+        top(&memory.records(), 5, from, to)
+    );
+    assert_eq!(
+        sink.top(50, a, b).await.unwrap(),
+        top(&memory.records(), 50, a, b)
+    );
+
+    // the daily statistics view
+    sink.refresh_stats().await.unwrap();
+    let stats_requests = count(&url, "SELECT sum(requests)::int8 FROM user_usage_stats").await;
+    assert_eq!(stats_requests, 10_000);
+    let ann = count(
+        &url,
+        "SELECT sum(requests)::int8 FROM user_usage_stats WHERE user_id = 'ann'",
+    )
+    .await;
+    let mem_ann = summarize(&memory.records(), &Subject::User("ann".into()), from, to);
+    assert_eq!(ann as u64, mem_ann.total.requests);
+}
+
+#[tokio::test]
+async fn migrations_run_twice_or_at_once_are_a_no_op() {
+    let server = pg::Postgres::start();
+    let url = server.database("migrate").await;
+    let a = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    let b = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    let mut applied = ra.unwrap();
+    applied.extend(rb.unwrap());
+    assert_eq!(applied, [1, 2, 3, 4], "each migration applied once");
+    assert!(a.migrate().await.unwrap().is_empty());
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM palisade_schema_migrations").await,
+        4
+    );
+}
+
+#[tokio::test]
+async fn a_user_role_sees_only_its_own_rows() {
+    let server = pg::Postgres::start();
+    let url = server.database("rls").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    let records: Vec<UsageRecord> = (1..=700).map(record).collect();
+    sink.record_batch(&records).await.unwrap();
+    let anns = records
+        .iter()
+        .filter(|r| r.attribution.user.as_deref() == Some("ann"))
+        .count() as i64;
+    assert!(anns > 0);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("SET ROLE palisade_user")
+        .await
+        .unwrap();
+    let seen: i64 = client
+        .query_one("SELECT count(*) FROM usage_logs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 0, "no app.user_id: no rows");
+    client
+        .batch_execute("SET app.user_id = 'ann'")
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE user_id IS DISTINCT FROM 'ann') FROM usage_logs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (anns, 0));
+    // and it cannot write
+    assert!(
+        client
+            .batch_execute("DELETE FROM usage_logs")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn audit_events_are_stored() {
+    let server = pg::Postgres::start();
+    let url = server.database("audit").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    sink.audit(&[
+        AuditEvent::new("auth_failure", "refused").actor("203.0.113.9"),
+        AuditEvent::new("budget_refused", "refused")
+            .actor("ann")
+            .target("daily"),
+        AuditEvent::new("bot_deleted", "allowed")
+            .actor("admin")
+            .target("bot_7")
+            .detail("by request"),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(count(&url, "SELECT count(*) FROM audit_logs").await, 3);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM audit_logs WHERE actor = 'ann' AND action = 'budget_refused' AND target = 'daily'").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_and_restarted_mid_run_loses_nothing_uncounted() {
+    let server = pg::Postgres::start();
+    let url = server.database("restart").await;
+    let mut config = PostgresConfig::new(url.clone());
+    config.max_buffer = 2_500;
+    config.max_backoff = Duration::from_millis(200);
+    config.connect_timeout = Duration::from_secs(2);
+    let sink = PostgresSink::connect(config).unwrap();
+    sink.migrate().await.unwrap();
+    let (recorder, shutdown) = UsageRecorder::spawn(
+        sink.clone(),
+        RecorderConfig {
+            capacity: 1_000,
+            max_batch: 200,
+            ..RecorderConfig::default()
+        },
+    );
+    let send = |range: std::ops::Range<u64>| {
+        let recorder = recorder.clone();
+        async move {
+            for i in range {
+                recorder.record(record(i));
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    };
+    send(0..2_000).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop();
+    send(2_000..6_000).await; // the server is away: buffered up to 2 500, then dropped
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let away = sink.health();
+    assert!(away.last_error.is_some(), "{away:?}");
+    server.resume();
+    send(6_000..8_000).await;
+    let stats = shutdown.shutdown().await; // flushes the backlog
+    let h = sink.health();
+    eprintln!("recorder {stats:?}\nsink {h:?}");
+    let sent = 8_000u64;
+    assert_eq!(h.backlog, 0, "{h:?}");
+    assert_eq!(h.accepted, stats.written);
+    assert_eq!(h.accepted, h.delivered + h.dropped);
+    // every record sent is stored once, or counted dropped (by the sink's buffer or the
+    // recorder's queue), never both and never neither
+    assert_eq!(
+        h.delivered + h.dropped + stats.dropped_full + stats.failed,
+        sent
+    );
+    assert!(
+        h.dropped + stats.dropped_full > 0,
+        "the outage was long enough to drop"
+    );
+    let stored = count(&url, "SELECT count(*) FROM usage_logs").await as u64;
+    assert_eq!(stored, h.delivered - h.duplicates);
+    assert_eq!(
+        count(&url, "SELECT count(DISTINCT request_id) FROM usage_logs").await as u64,
+        stored
+    );
+}
