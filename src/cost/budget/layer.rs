@@ -854,10 +854,12 @@ mod tests {
     const BODY: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
 
     fn request(user: &str) -> Request<Full<Bytes>> {
-        Request::post("/v1/messages")
-            .header("x-user-id", user)
+        let mut req = Request::post("/v1/messages")
             .body(Full::new(Bytes::from(BODY)))
-            .unwrap()
+            .unwrap();
+        req.extensions_mut()
+            .insert(Attribution::default().with_user(user.to_owned()));
+        req
     }
 
     fn dollars(s: &str) -> Money {
