@@ -1299,3 +1299,31 @@ proptest::proptest! {
         })?;
     }
 }
+
+/// A header value that is not visible ASCII (`josé`, or raw bytes) is still the client's
+/// own key: it neither joins the shared `anonymous` bucket nor, with `skip_anonymous`,
+/// escapes the rule.
+#[tokio::test(start_paused = true)]
+async fn non_ascii_header_values_are_keys_of_their_own() {
+    let name = http::HeaderName::from_static("x-user");
+    let layer = RateLimitLayer::new([Rule::new("by-user", Quota::per_minute(1))
+        .key(KeySource::Header(name.clone()))
+        .skip_anonymous(true)])
+    .unwrap();
+    let mut svc = service(&layer);
+    let with = |value: &[u8]| {
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut()
+            .insert(&name, http::HeaderValue::from_bytes(value).unwrap());
+        req
+    };
+    for value in ["josé".as_bytes(), b"\xff\xfe-raw", "zoë".as_bytes()] {
+        assert_eq!(send(&mut svc, with(value)).await.status(), 200, "{value:?}");
+        assert_eq!(
+            send(&mut svc, with(value)).await.status(),
+            429,
+            "{value:?}: the second request in the minute is refused"
+        );
+    }
+    assert_eq!(layer.limiter().counters()[0].no_key, 0);
+}
