@@ -1327,3 +1327,55 @@ async fn non_ascii_header_values_are_keys_of_their_own() {
     }
     assert_eq!(layer.limiter().counters()[0].no_key, 0);
 }
+
+/// A store whose first settlement fails, as a network store's can.
+#[derive(Clone)]
+struct FlakySettle(MemoryStore, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Store for FlakySettle {
+    type CheckFuture = <MemoryStore as Store>::CheckFuture;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        self.0.check(items)
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(StoreError::new("connection reset")) });
+        }
+        self.0.settle(s)
+    }
+    fn peek(
+        &self,
+        item: &store::CheckItem<'_>,
+    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+        self.0.peek(item)
+    }
+    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.reset(i, rule, key)
+    }
+}
+
+/// A settlement the store failed to apply is not spent: settling again applies it, so
+/// the tokens a completion used are not lost to one failed round trip.
+#[tokio::test(start_paused = true)]
+async fn a_settlement_that_failed_can_be_retried() {
+    let fail_next = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("tpm", Quota::per_minute(1000))
+                .key(KeySource::ApiKey)
+                .cost(Cost::Settled { estimate: 100 }),
+        )
+        .store(FlakySettle(MemoryStore::new(), fail_next))
+        .build()
+        .unwrap();
+    let admin = layer.limiter();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let reservation = req.extensions().get::<Reservation>().unwrap();
+        assert!(reservation.settle(700).await.is_err(), "the store failed");
+        reservation.settle(700).await.unwrap();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    assert_eq!(svc.oneshot(post("/", "sk-a")).await.unwrap().status(), 200);
+    let status = admin.peek("tpm", &RateKey::api_key("sk-a")).await.unwrap();
+    assert_eq!(status.remaining, 300, "700 spent, not the estimate of 100");
+}
