@@ -1379,3 +1379,29 @@ async fn a_settlement_that_failed_can_be_retried() {
     let status = admin.peek("tpm", &RateKey::api_key("sk-a")).await.unwrap();
     assert_eq!(status.remaining, 300, "700 spent, not the estimate of 100");
 }
+
+/// Routers such as axum's match the raw path segment by segment and do not resolve `..`:
+/// `/v1/messages/%2e%2e` reaches a `/v1/messages/{*rest}` handler. A rule on
+/// `/v1/messages/*` must count it too, not only the resolved `/v1`.
+#[tokio::test(start_paused = true)]
+async fn dot_dot_segments_do_not_step_out_of_a_rule() {
+    for route in ["/v1/messages/*", "/v1/messages/{*rest}"] {
+        let layer = RateLimitLayer::new([Rule::new("chat", Quota::per_minute(1))
+            .post(route)
+            .key(KeySource::ApiKey)])
+        .unwrap();
+        let mut svc = service(&layer);
+        assert_eq!(send(&mut svc, post("/v1/messages/x", "sk-a")).await.status(), 200);
+        for path in ["/v1/messages/..", "/v1/messages/%2e%2e", "/v1/messages/%2E./x/.."] {
+            assert_eq!(
+                send(&mut svc, post(path, "sk-a")).await.status(),
+                429,
+                "{route}: {path} skipped the rule"
+            );
+        }
+    }
+    // the resolved form still matches, as before
+    let r: Route = "/v1/messages".parse().unwrap();
+    assert!(r.matches("/v1/x/../messages"));
+    assert!(!r.matches("/v1/messages/.."));
+}
