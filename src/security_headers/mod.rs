@@ -115,8 +115,7 @@ mod future;
 mod layer;
 mod values;
 
-#[cfg(test)]
-mod observatory;
+pub mod observatory;
 #[cfg(test)]
 mod tests;
 
