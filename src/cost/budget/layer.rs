@@ -412,12 +412,14 @@ impl BudgetReservation {
         self.inner.settle(Money::ZERO);
     }
 
-    /// Settles from a usage record: its cost; nothing when it has no cost and no usage
-    /// (a failure before any token); the whole reservation when the cost is unknown.
+    /// Settles from a usage record: its cost; nothing when the call failed (an upstream
+    /// error or no response) before any usage; the whole reservation when the cost is
+    /// unknown, including a response that reported no usage at all (an OpenAI stream
+    /// without `stream_options.include_usage`, or one cut short before its usage chunk).
     pub fn settle_record(&self, record: &UsageRecord) {
         let actual = match record.cost {
             Some(cost) => cost,
-            None if record.usage.is_empty() => Money::ZERO,
+            None if record.usage.is_empty() && record.completion.is_error() => Money::ZERO,
             None => self.inner.amount,
         };
         self.inner.settle(actual);
