@@ -668,6 +668,10 @@ where
             let req = Request::from_parts(parts, ReqB::from(bytes));
             match est {
                 Estimate::NotMetered => return pass(inner, req).await,
+                Estimate::Invalid { field, reason } => {
+                    let err = Error::invalid_fields([FieldError::new(field, reason)]);
+                    return Ok(refusal(&shared, err));
+                }
                 Estimate::Unpriced(_) if shared.allow_unpriced => return pass(inner, req).await,
                 Estimate::Unpriced(model) => {
                     let err = Error::invalid_fields([FieldError::new(

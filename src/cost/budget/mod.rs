@@ -13,7 +13,9 @@
 //! - A refusal is a 429 (or the status you choose) in the configured error format, with
 //!   `retry-after` until the budget frees up (the next day or month for calendar budgets)
 //!   and `x-should-retry: false`. A request that could cost more than a whole budget is
-//!   refused with 400, naming the budget and what to lower.
+//!   refused with 400, naming the budget and what to lower. So is a JSON body naming a
+//!   model whose limits cannot be read (a field given twice, a `max_tokens` that is not
+//!   a whole number): it is refused, never passed unchecked.
 //! - [`CostMeterLayer`](super::CostMeterLayer) inside this layer settles the reservation
 //!   when it writes the usage record. Without it, settle yourself with
 //!   [`BudgetReservation::settle`]; a reservation dropped unsettled is charged in full
