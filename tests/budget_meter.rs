@@ -193,10 +193,10 @@ async fn a_stream_that_reports_no_usage_is_charged_its_reservation_not_refunded(
     // is not free, so the reservation is charged, not refunded.
     let (budget, meter, mut records) = layers();
     let without_usage: String = include_str!("cost_data/openai_gpt4o.sse")
-            .split("\r\r")
-            .filter(|ev| !ev.contains("\"usage\":{"))
-            .map(|ev| format!("{ev}\r\r"))
-            .collect::<String>();
+        .split("\r\r")
+        .filter(|ev| !ev.contains("\"usage\":{"))
+        .map(|ev| format!("{ev}\r\r"))
+        .collect::<String>();
     let upstream = service_fn(move |_req: Request<Full<Bytes>>| {
         let body = without_usage.clone();
         async move {

@@ -43,10 +43,7 @@ pub(crate) enum Estimate {
     /// A JSON object naming a model whose cost-bounding fields cannot be read (a field
     /// given twice, an output limit that is not a whole number): refused, never passed
     /// unchecked.
-    Invalid {
-        field: &'static str,
-        reason: String,
-    },
+    Invalid { field: &'static str, reason: String },
     /// The most it may cost.
     Cost { model: String, max: Money },
 }
@@ -106,8 +103,7 @@ const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_to
 /// Why a body the estimate could not read is refused, or `NotMetered` when it is not a
 /// JSON object naming a model at all.
 fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
-    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
-    else {
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
         return Estimate::NotMetered;
     };
     if !map.contains_key("model") {
