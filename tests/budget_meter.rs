@@ -75,10 +75,12 @@ fn layers() -> (
 }
 
 fn request() -> Request<Full<Bytes>> {
-    Request::post("/v1/messages")
-        .header("x-user-id", "carol")
+    let mut req = Request::post("/v1/messages")
         .body(Full::new(Bytes::from(request_body())))
-        .unwrap()
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("carol"));
+    req
 }
 
 #[tokio::test]
@@ -178,12 +180,14 @@ async fn a_complete_json_response_settles_its_cost_and_an_error_refunds() {
 
 /// An OpenAI request, streamed.
 fn openai_request() -> Request<Full<Bytes>> {
-    Request::post("/v1/chat/completions")
-        .header("x-user-id", "dave")
+    let mut req = Request::post("/v1/chat/completions")
         .body(Full::new(Bytes::from(
             r#"{"model":"gpt-4o-2024-08-06","max_tokens":2000,"stream":true,"messages":[]}"#,
         )))
-        .unwrap()
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("dave"));
+    req
 }
 
 #[tokio::test]

@@ -117,8 +117,9 @@ impl fmt::Debug for PostgresConfig {
     }
 }
 
-/// The URL without its password: a URL through [`crate::key::redact_url`] (user info and
-/// secret query parameters), a `key=value` string with a password not at all.
+/// The URL without its password (in the user info or the query, see
+/// [`crate::key::redact_url`]); a `key=value` connection string that holds a password is
+/// not shown at all.
 fn redact_url(url: &str) -> String {
     if url.contains("://") {
         crate::key::redact_url(url)
@@ -771,6 +772,20 @@ mod tests {
                 || dbg.contains("postgres://***@db:5432/palisade"),
             "{dbg}"
         );
+    }
+
+    /// The sink's own redaction hid only the user info's password: one given as a query
+    /// parameter (which libpq and tokio-postgres accept) was printed.
+    #[test]
+    fn a_password_in_the_query_is_redacted_in_debug() {
+        for url in [
+            "postgres://ledger@db:5432/palisade?sslmode=require&password=hunter2",
+            "postgresql://ledger:hunter2@db/palisade?password=hunter2",
+            "host=db user=ledger PASSWORD=hunter2",
+        ] {
+            let dbg = format!("{:?}", PostgresConfig::new(url));
+            assert!(!dbg.contains("hunter2"), "{dbg}");
+        }
     }
 
     #[test]
