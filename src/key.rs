@@ -147,8 +147,17 @@ pub fn redact(key: &str) -> String {
 }
 
 /// Query parameters whose values [`redact_url`] hides.
-const SECRET_PARAMS: [&str; 9] = [
-    "password", "pass", "passwd", "pwd", "token", "secret", "key", "api_key", "apikey",
+const SECRET_PARAMS: [&str; 10] = [
+    "password",
+    "pass",
+    "passwd",
+    "pwd",
+    "token",
+    "secret",
+    "key",
+    "api_key",
+    "apikey",
+    "sslpassword",
 ];
 
 /// A URL made safe for logs and `Debug`: the password of its user info, any user info
