@@ -666,7 +666,9 @@ async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
 
 #[tokio::test]
 async fn budget_is_enforced_once_recorded_spend_reaches_it() {
-    let gw = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.000001")]).await;
+    // One request reserves about $0.00404 (256 output tokens of claude-sonnet-4-5 plus its
+    // input): the first fits in $0.00405, the second no longer does once the first settled.
+    let gw = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.00405")]).await;
     assert_eq!(
         gw.post("/v1/messages", USER, chat("claude-sonnet-4-5"))
             .await
@@ -680,7 +682,7 @@ async fn budget_is_enforced_once_recorded_spend_reaches_it() {
     r.anthropic_error(429, "rate_limit_error");
     assert_eq!(r.header("x-should-retry"), Some("false"));
     let view = gw.get("/admin/budgets/alice", ADMIN).await.json();
-    assert_eq!(view["daily_limit_usd"], "0.000001");
+    assert_eq!(view["daily_limit_usd"], "0.00405");
     assert_ne!(view["spent_today_usd"], "0");
 }
 
@@ -1097,12 +1099,9 @@ fn configuration_reports_every_problem_at_once() {
         ("ANTHROPIC_BASE_URL", "ftp://example.com"),
         ("PALISADE_GATEWAY_API_KEYS", "alice"),
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
-        ("REDIS_URL", "redis://127.0.0.1:6379/"),
+        ("REDIS_URL", "127.0.0.1:6379"),
         ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
-        (
-            "PALISADE_GATEWAY_ALERT_WEBHOOK",
-            "https://hooks.example.com/secret",
-        ),
+        ("PALISADE_GATEWAY_ALERT_WEBHOOK", "hooks.example.com/secret"),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
     let err = env.finish().unwrap_err();

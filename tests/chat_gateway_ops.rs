@@ -320,7 +320,8 @@ async fn metrics_tell_rate_limits_from_budgets() {
     let limited = gw.chat(USER, "claude-sonnet-4-5").await;
     assert_eq!(limited.status, 429);
 
-    let gw_budget = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.000001")]).await;
+    // The first request's reservation (about $0.00404) fits; the second does not.
+    let gw_budget = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.00405")]).await;
     assert_eq!(gw_budget.chat(USER, "claude-sonnet-4-5").await.status, 200);
     gw_budget.usage_records(1).await;
     let over = gw_budget.chat(USER, "claude-sonnet-4-5").await;

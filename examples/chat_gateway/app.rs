@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! request id -> request log -> security headers -> auth -> rate limits -> route
-//!   route: body limit, content type, validation, budget -> upstream stack (upstream.rs)
+//!   route: body limit, content type, validation -> upstream stack (upstream.rs)
+//!   upstream stack: budget reserve -> cost meter (settles it) -> retry -> breaker -> client
 //! ```
 
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
+use palisade::cost::alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookConfig, WebhookSink};
+use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
 use tower_http::request_id::{
@@ -40,16 +43,19 @@ pub struct AppState {
     pub bots: Arc<Bots>,
     /// Usage records and spend.
     pub ledger: Ledger,
-    /// Daily spend limits.
+    /// Spend budgets (palisade's budget layer) for the admin routes.
     pub budgets: Arc<Budgets>,
     /// The rate limiter's admin handle (`None` with the layers off).
-    pub limiter: Option<RateLimiter>,
+    pub limiter: Option<Limiter>,
     /// The usage recorder's counters (`None` with the layers off).
     pub cost_stats: Option<Arc<CostStats>>,
     /// What requests are checked against.
     pub limits: Arc<Limits>,
     /// `/metrics` and the dashboard's counters.
     pub metrics: crate::metrics::Metrics,
+    /// The Redis store of rate limits, for `/health` (`REDIS_URL`).
+    #[cfg(feature = "redis")]
+    pub redis: Option<palisade::rate_limit::RedisStore>,
 }
 
 /// A built gateway: its router and what shutdown needs.
@@ -103,6 +109,125 @@ pub fn default_rules() -> Vec<RuleConfig> {
     ]
 }
 
+/// The budget layer: the configured budgets, charged to the caller (the gateway's
+/// attribution, never a client header), threshold alerts to the log.
+///
+/// With `REDIS_URL`, the accounts live in Redis, so every instance shares them.
+async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
+    let builder = config
+        .budget
+        .builder()?
+        .user_header(None)
+        .bot_header(None)
+        .alerts(Alerts::new(config)?);
+    #[cfg(feature = "redis")]
+    let builder = match &config.redis {
+        Some(r) if !r.cluster_nodes.is_empty() => {
+            let conn = redis::cluster::ClusterClient::new(r.cluster_nodes.clone())
+                .map_err(|e| format!("REDIS_URL: {e}"))?
+                .get_async_connection()
+                .await
+                .map_err(|e| format!("REDIS_URL: cannot connect to the Cluster: {e}"))?;
+            builder.store(palisade::cost::budget::RedisBudgetStore::new(conn))
+        }
+        Some(r) => {
+            let url = r.url.clone().unwrap_or_default();
+            let conn = redis::Client::open(url)
+                .map_err(|e| format!("REDIS_URL: {e}"))?
+                .get_connection_manager()
+                .await
+                .map_err(|e| format!("REDIS_URL: cannot connect: {e}"))?;
+            builder.store(palisade::cost::budget::RedisBudgetStore::new(conn))
+        }
+        None => builder,
+    };
+    Ok(builder.build()?)
+}
+
+/// Alerts go to the log, and to `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set.
+struct Alerts {
+    webhook: Option<WebhookSink>,
+}
+
+impl Alerts {
+    fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
+        let webhook = match &config.alert_webhook {
+            None => None,
+            Some(url) => {
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build(crate::upstream::connector());
+                Some(
+                    WebhookSink::with_client(WebhookConfig::new(url.clone()), client)
+                        .map_err(|e| format!("PALISADE_GATEWAY_ALERT_WEBHOOK: {e}"))?,
+                )
+            }
+        };
+        Ok(Self { webhook })
+    }
+}
+
+impl AlertSink for Alerts {
+    fn send(&self, event: AlertEvent) {
+        if let Some(webhook) = &self.webhook {
+            webhook.send(event.clone());
+        }
+        TracingAlertSink.send(event);
+    }
+}
+
+/// The rate-limit layer over the store in use.
+enum RateLimits {
+    Memory(palisade::rate_limit::RateLimitLayer),
+    #[cfg(feature = "redis")]
+    Redis(palisade::rate_limit::RateLimitLayer<palisade::rate_limit::RedisStore>),
+}
+
+impl RateLimits {
+    fn limiter(&self) -> Limiter {
+        match self {
+            RateLimits::Memory(l) => Limiter::Memory(l.limiter()),
+            #[cfg(feature = "redis")]
+            RateLimits::Redis(l) => Limiter::Redis(l.limiter()),
+        }
+    }
+}
+
+/// The rate limiter's admin handle, over the store in use.
+#[derive(Clone)]
+pub enum Limiter {
+    /// In this process.
+    Memory(RateLimiter),
+    /// In Redis, shared by every instance.
+    #[cfg(feature = "redis")]
+    Redis(RateLimiter<palisade::rate_limit::RedisStore>),
+}
+
+impl Limiter {
+    /// The rules' names.
+    pub fn rules(&self) -> Vec<&str> {
+        match self {
+            Limiter::Memory(l) => l.rules(),
+            #[cfg(feature = "redis")]
+            Limiter::Redis(l) => l.rules(),
+        }
+    }
+
+    /// Resets `key`'s count on `rule`.
+    pub async fn reset(
+        &self,
+        rule: &str,
+        key: &palisade::rate_limit::RateKey,
+    ) -> Result<(), palisade::rate_limit::AdminError> {
+        match self {
+            Limiter::Memory(l) => l.reset(rule, key).await,
+            #[cfg(feature = "redis")]
+            Limiter::Redis(l) => l.reset(rule, key).await,
+        }
+    }
+}
+
 /// Request ids: a random prefix per process and a counter (`req_3f2a…_000001`).
 #[derive(Clone)]
 struct MakeId {
@@ -136,14 +261,40 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         (None, None)
     };
     let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
-    let upstreams = Upstreams::new(&config, mock_addr.map(|a| format!("http://{a}")), meter)?;
+    let budgets = Budgets::new(if config.layers {
+        Some(budget_layer(&config).await?)
+    } else {
+        None
+    });
+    let upstreams = Upstreams::new(
+        &config,
+        mock_addr.map(|a| format!("http://{a}")),
+        meter,
+        budgets.layer().cloned(),
+    )?;
 
+    let mut rl = config.rate_limit.clone();
+    if rl.rules.is_empty() {
+        rl.rules = default_rules();
+    }
+    #[cfg(feature = "redis")]
+    let redis = match (&config.redis, config.layers) {
+        (Some(settings), true) => Some(
+            palisade::rate_limit::RedisStore::from_config(settings.clone())
+                .await
+                .map_err(|e| format!("REDIS_URL: {e}"))?,
+        ),
+        _ => None,
+    };
+    #[cfg(feature = "redis")]
+    let rate_limit = match (&redis, config.layers) {
+        (Some(store), true) => Some(RateLimits::Redis(rl.build_with_store(store.clone())?)),
+        (None, true) => Some(RateLimits::Memory(rl.build()?)),
+        _ => None,
+    };
+    #[cfg(not(feature = "redis"))]
     let rate_limit = if config.layers {
-        let mut rl = config.rate_limit.clone();
-        if rl.rules.is_empty() {
-            rl.rules = default_rules();
-        }
-        Some(rl.build()?)
+        Some(RateLimits::Memory(rl.build()?))
     } else {
         None
     };
@@ -158,8 +309,10 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         upstreams,
         bots: Arc::new(Bots::memory()),
         ledger: ledger.clone(),
-        budgets: Arc::new(Budgets::new(config.daily_budget)),
-        limiter: rate_limit.as_ref().map(|l| l.limiter()),
+        budgets: Arc::new(budgets),
+        limiter: rate_limit.as_ref().map(RateLimits::limiter),
+        #[cfg(feature = "redis")]
+        redis,
         cost_stats,
         limits: Arc::new(Limits {
             models: config.models.clone(),
@@ -171,8 +324,11 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
 
     // Innermost first: rate limits need the principal that auth sets.
     let mut api = routes::api().with_state(state.clone());
-    if let Some(layer) = rate_limit {
-        api = api.layer(layer);
+    match rate_limit {
+        Some(RateLimits::Memory(layer)) => api = api.layer(layer),
+        #[cfg(feature = "redis")]
+        Some(RateLimits::Redis(layer)) => api = api.layer(layer),
+        None => {}
     }
     let api = api.merge(crate::dashboard::api().with_state(state.clone()));
     let api = api.layer(middleware::from_fn_with_state(

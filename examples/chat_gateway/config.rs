@@ -12,6 +12,7 @@ use std::time::Duration;
 use palisade::ErrorFormat;
 use palisade::circuit_breaker::CircuitBreakerConfig;
 use palisade::config::{ConfigError, Env, Environment, ProblemKind, Settings};
+use palisade::cost::budget::{BudgetConfig, BudgetRuleConfig, Period, Scope};
 use palisade::cost::{CostConfig, Money};
 use palisade::rate_limit::RateLimitConfig;
 use palisade::retry::RetryConfig;
@@ -115,8 +116,16 @@ pub struct GatewayConfig {
     pub orchestrator_model: String,
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// The daily spend limit per user, unless an admin set another.
-    pub daily_budget: Option<Money>,
+    /// Where alerts (budget thresholds) are posted as JSON, besides the log
+    /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`).
+    pub alert_webhook: Option<String>,
+    /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
+    /// budgets.
+    #[cfg(feature = "redis")]
+    pub redis: Option<palisade::rate_limit::RedisStoreConfig>,
+    /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
+    /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
+    pub budget: BudgetConfig,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
     /// How long the mock's `mock-slow` model waits before answering.
@@ -364,42 +373,29 @@ impl GatewayConfig {
             },
         );
 
-        if env.raw("REDIS_URL").is_some() || env.raw("PALISADE_REDIS_URL").is_some() {
-            let name = if env.raw("REDIS_URL").is_some() {
-                "REDIS_URL"
-            } else {
-                "PALISADE_REDIS_URL"
-            };
-            env.problem(
-                name,
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "this build of the gateway keeps limits, budgets, bots and usage in memory only; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        #[cfg_attr(
+            not(feature = "redis"),
+            allow(unused_variables, clippy::let_unit_value)
+        )]
+        let redis = redis_env(env);
         if env.raw("DATABASE_URL").is_some() {
             env.problem(
                 "DATABASE_URL",
                 ProblemKind::Invalid {
                     value: "[redacted]".into(),
-                    reason: "this build of the gateway has no PostgreSQL ledger yet; unset it"
-                        .into(),
+                    reason: "the gateway has no PostgreSQL ledger yet; unset it".into(),
                 },
                 "(unset)",
             );
         }
-        if env.raw("PALISADE_GATEWAY_ALERT_WEBHOOK").is_some() {
-            env.problem(
-                "PALISADE_GATEWAY_ALERT_WEBHOOK",
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "alerts are not in this build of the gateway yet; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        let alert_webhook: Option<String> = env.secret_with(
+            "PALISADE_GATEWAY_ALERT_WEBHOOK",
+            "https://hooks.example.com/palisade",
+            |s| {
+                let url = s.trim();
+                check_base_url(url).map(|()| url.to_owned())
+            },
+        );
         let tls = tls_env(env);
 
         let mut retry = RetryConfig::from_env(env);
@@ -415,6 +411,22 @@ impl GatewayConfig {
         let mut rate_limit = RateLimitConfig::from_env(env);
         if env.raw("PALISADE_RATE_LIMIT_ERROR_FORMAT").is_none() {
             rate_limit.error_format = settings.error_format;
+        }
+        let mut budget = BudgetConfig::from_env(env);
+        if env.raw("PALISADE_BUDGET_RULES").is_none()
+            && let Some(limit) = daily_budget
+        {
+            budget.rules = vec![daily_rule(limit)];
+        }
+        if budget.error_format.is_none() {
+            budget.error_format = Some(settings.error_format);
+        }
+        if mock && env.raw("PALISADE_BUDGET_ALLOW_UNPRICED").is_none() {
+            // The mock's fault models (`mock-overloaded`, ...) have no price.
+            budget.allow_unpriced = true;
+        }
+        if env.raw("PALISADE_BUDGET_MAX_BODY").is_none() {
+            budget.max_body = max_body;
         }
         let security_headers = SecurityHeadersConfig::from_env(env);
         let sentry = crate::sentry::SentryConfig::from_env(env);
@@ -443,7 +455,10 @@ impl GatewayConfig {
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,
-            daily_budget,
+            budget,
+            alert_webhook,
+            #[cfg(feature = "redis")]
+            redis,
             tls,
             shutdown_grace,
             mock_slow_delay,
@@ -466,6 +481,86 @@ impl GatewayConfig {
     /// Whether a fallback is configured.
     pub fn has_fallback(&self) -> bool {
         self.fallback_base_url.is_some() || self.fallback_model.is_some()
+    }
+}
+
+/// The settings of the Redis store (`REDIS_URL`).
+#[cfg(feature = "redis")]
+type RedisSettings = Option<palisade::rate_limit::RedisStoreConfig>;
+#[cfg(not(feature = "redis"))]
+type RedisSettings = ();
+
+/// `REDIS_URL`: one server's URL, or a comma-separated list of Cluster nodes; the rate-limit
+/// store's own `PALISADE_RATE_LIMIT_REDIS_*` settings (fail mode, timeout, ...) apply.
+/// Without the `redis` feature, a set `REDIS_URL` is a problem that says how to build.
+fn redis_env(env: &mut Env) -> RedisSettings {
+    let url: Option<String> = env.secret_with(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/ (or redis://10.0.0.1:7000/,redis://10.0.0.2:7000/ for a Cluster)",
+        |s| Ok(s.trim().to_owned()),
+    );
+    #[cfg(feature = "redis")]
+    {
+        let mut store = palisade::rate_limit::RedisStoreConfig::from_env(env);
+        let url = url?;
+        if url
+            .split(',')
+            .map(str::trim)
+            .any(|n| !(n.is_empty() || n.starts_with("redis://") || n.starts_with("rediss://")))
+        {
+            env.problem(
+                "REDIS_URL",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "every URL must start with redis:// or rediss://".into(),
+                },
+                "redis://127.0.0.1:6379/",
+            );
+            return None;
+        }
+        let nodes: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if nodes.len() > 1 {
+            store.cluster_nodes = nodes;
+            store.url = None;
+            // The gateway's rules key users and IPs alike: one slot for them all, so that
+            // a reset or a group of keys never spans nodes.
+            if store.hash_tag.is_none() {
+                store.hash_tag = Some("palisade-gateway".to_owned());
+            }
+        } else {
+            store.url = Some(url);
+        }
+        Some(store)
+    }
+    #[cfg(not(feature = "redis"))]
+    if url.is_some() {
+        env.problem(
+            "REDIS_URL",
+            ProblemKind::Invalid {
+                value: "[redacted]".into(),
+                reason: "this build has no Redis support: run with `--features redis` (cargo run --example chat_gateway --features redis), or unset it".into(),
+            },
+            "(unset)",
+        );
+    }
+}
+
+/// The name of the per-user daily budget that `/admin/budgets/{user}` shows and sets.
+pub const DAILY_BUDGET: &str = "daily";
+
+/// The default budget: `limit` per user per UTC day.
+fn daily_rule(limit: Money) -> BudgetRuleConfig {
+    BudgetRuleConfig {
+        name: DAILY_BUDGET.to_owned(),
+        scope: Scope::User,
+        period: Period::Day,
+        limit: limit.dollars_string(),
+        thresholds: vec![0.5, 0.8, 1.0],
     }
 }
 

@@ -6,9 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
+use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{Day, Money, SinkError, Totals, UsageRecord, UsageSink};
+
+use crate::config::DAILY_BUDGET;
 use serde::Serialize;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,24 +126,22 @@ pub struct LedgerEntry {
     pub fallback: Option<String>,
 }
 
-/// The usage ledger: the usage recorder's sink, the source of `/v1/usage`, and the spend
-/// that budgets read.
+/// The usage ledger: the usage recorder's sink and the source of `/v1/usage`.
 #[derive(Debug, Clone)]
 pub enum Ledger {
     /// In this process.
     Memory(Arc<MemoryLedger>),
 }
 
-/// The in-memory ledger (bounded: the oldest records go first; per-day spend is kept).
+/// The in-memory ledger (bounded: the oldest records go first).
 #[derive(Debug, Default)]
 pub struct MemoryLedger {
     entries: Mutex<std::collections::VecDeque<LedgerEntry>>,
-    spend: Mutex<HashMap<(Arc<str>, Day), Money>>,
     fallbacks: Mutex<HashMap<String, String>>,
     evicted: AtomicU64,
 }
 
-/// The most records the in-memory ledger keeps (about 50 MB); per-day spend outlives them.
+/// The most records the in-memory ledger keeps (about 50 MB).
 const MAX_LEDGER_ENTRIES: usize = 100_000;
 
 impl Ledger {
@@ -160,16 +161,6 @@ impl Ledger {
                 }
                 marks.insert(request_id.to_owned(), fallback);
             }
-        }
-    }
-
-    /// What `user` spent on the UTC day `day`.
-    pub fn spent(&self, user: &str, day: Day) -> Money {
-        match self {
-            Ledger::Memory(m) => lock(&m.spend)
-                .get(&(Arc::from(user), day))
-                .copied()
-                .unwrap_or(Money::ZERO),
         }
     }
 
@@ -199,16 +190,9 @@ impl Ledger {
     fn add(&self, batch: &[UsageRecord]) {
         match self {
             Ledger::Memory(m) => {
-                let mut spend = lock(&m.spend);
                 let mut fallbacks = lock(&m.fallbacks);
                 let mut entries = lock(&m.entries);
                 for record in batch {
-                    if let (Some(user), Some(cost)) = (&record.attribution.user, record.cost) {
-                        let slot = spend
-                            .entry((Arc::from(user.as_str()), Day::of(record.time)))
-                            .or_insert(Money::ZERO);
-                        *slot = slot.saturating_add(cost);
-                    }
                     // The primary's refusal carries the same request id: only the answer
                     // that served the request takes the mark.
                     let fallback = record
@@ -237,11 +221,11 @@ impl UsageSink for Ledger {
     }
 }
 
-/// Per-user daily spend limits: the configured default, or what an admin set.
-#[derive(Debug)]
+/// The per-user daily budget as `/admin/budgets/{user}` sees it: palisade's
+/// [`BudgetLayer`] (reserve-then-settle, on the upstream stacks) and its `daily` budget.
+#[derive(Debug, Clone)]
 pub struct Budgets {
-    default: Option<Money>,
-    overrides: RwLock<HashMap<String, Option<Money>>>,
+    layer: Option<BudgetLayer>,
 }
 
 /// A user's budget as `/admin/budgets/{user}` shows it.
@@ -251,69 +235,50 @@ pub struct BudgetView {
     pub user: String,
     /// The daily limit in dollars, or `null` for none.
     pub daily_limit_usd: Option<String>,
-    /// Spent today (UTC), in dollars.
+    /// Spent today (UTC), in dollars: settled usage.
     pub spent_today_usd: String,
+    /// Held by requests in flight, in dollars.
+    pub reserved_usd: String,
     /// Whether an admin set this limit (else it is the default).
     pub custom: bool,
 }
 
 impl Budgets {
-    /// Budgets with `default` as every user's daily limit.
-    pub fn new(default: Option<Money>) -> Self {
-        Self {
-            default,
-            overrides: RwLock::new(HashMap::new()),
-        }
+    /// The budgets `layer` enforces (`None`: no budgets, as with the layers off).
+    pub fn new(layer: Option<BudgetLayer>) -> Self {
+        Self { layer }
     }
 
-    /// `user`'s daily limit.
-    pub fn limit(&self, user: &str) -> (Option<Money>, bool) {
-        let map = self
-            .overrides
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        match map.get(user) {
-            Some(limit) => (*limit, true),
-            None => (self.default, false),
-        }
+    /// The layer, to stack on the upstream clients.
+    pub fn layer(&self) -> Option<&BudgetLayer> {
+        self.layer.as_ref()
     }
 
-    /// Sets `user`'s daily limit (`None`: unlimited).
-    pub fn set(&self, user: &str, limit: Option<Money>) {
-        self.overrides
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(user.to_owned(), limit);
-    }
-
-    /// `Err` with the time until the next UTC day when `user` has spent their limit.
-    pub fn check(&self, user: &str, ledger: &Ledger, now: SystemTime) -> Result<(), Duration> {
-        let (Some(limit), _) = self.limit(user) else {
-            return Ok(());
-        };
-        if ledger.spent(user, Day::of(now)) >= limit {
-            Err(until_next_utc_day(now))
-        } else {
-            Ok(())
-        }
+    /// Sets `user`'s daily limit (`None`: unlimited); `false` when no `daily` budget is
+    /// configured.
+    pub fn set(&self, user: &str, limit: Option<Money>) -> bool {
+        self.layer
+            .as_ref()
+            .is_some_and(|l| l.set_limit(DAILY_BUDGET, user, limit))
     }
 
     /// The view of `user`'s budget.
-    pub fn view(&self, user: &str, ledger: &Ledger, now: SystemTime) -> BudgetView {
-        let (limit, custom) = self.limit(user);
+    pub fn view(&self, user: &str) -> BudgetView {
+        let layer = self.layer.as_ref();
+        let (limit, custom) = layer
+            .and_then(|l| l.limit(DAILY_BUDGET, user))
+            .unwrap_or((None, false));
+        let (spent, reserved) = layer
+            .and_then(|l| l.spend(DAILY_BUDGET, user))
+            .unwrap_or((Money::ZERO, Money::ZERO));
         BudgetView {
             user: user.to_owned(),
             daily_limit_usd: limit.map(Money::dollars_string),
-            spent_today_usd: ledger.spent(user, Day::of(now)).dollars_string(),
+            spent_today_usd: spent.dollars_string(),
+            reserved_usd: reserved.dollars_string(),
             custom,
         }
     }
-}
-
-/// The time left until the next midnight UTC.
-pub fn until_next_utc_day(now: SystemTime) -> Duration {
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    Duration::from_secs(86_400 - secs % 86_400)
 }
 
 /// Totals grouped for `/v1/usage`.

@@ -3,8 +3,15 @@
 //! upstream; and graceful degradation to a configured fallback.
 //!
 //! ```text
-//! CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (primary)
-//! CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (fallback, if configured)
+//! Budget -> CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (primary)
+//! Budget -> CostMeter -> Retry -> CircuitBreaker -> hyper-util Client   (fallback, if configured)
+//! ```
+//!
+//! The budget layer reserves the most a call can cost before it goes out; the cost meter
+//! settles that reservation with the metered cost. A primary that answers 529 or is
+//! refused by its breaker has its reservation refunded before the fallback reserves its own.
+//!
+//! ```text
 //! ```
 
 use std::time::Duration;
@@ -17,11 +24,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use palisade::body::ResponseBody;
 use palisade::circuit_breaker::{CircuitBreakerHandle, CircuitState};
+use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{Attribution, CostMeterLayer};
 use palisade::{BoxError, Error, ErrorKind};
 use tower::util::BoxCloneSyncService;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use crate::config::{GatewayConfig, UpstreamTarget};
 use crate::store::Ledger;
@@ -29,7 +38,7 @@ use crate::store::Ledger;
 /// The response header that says a fallback served the request.
 pub const X_PALISADE_FALLBACK: HeaderName = HeaderName::from_static("x-palisade-fallback");
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, BoxError>;
 
 /// How long the upstream took to answer (to the response head, retries included), in the
@@ -95,7 +104,8 @@ pub struct BreakerHealth {
     pub available: bool,
 }
 
-fn connector() -> Connector {
+/// The https-or-http connector (webpki roots) of every outgoing client.
+pub fn connector() -> Connector {
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -110,6 +120,7 @@ impl Upstreams {
         config: &GatewayConfig,
         mock: Option<String>,
         meter: Option<CostMeterLayer>,
+        budget: Option<BudgetLayer>,
     ) -> Result<Self, BoxError> {
         let (base_url, api_key) = match &config.upstream {
             UpstreamTarget::Mock => (mock.ok_or("the mock upstream is not running")?, None),
@@ -127,6 +138,7 @@ impl Upstreams {
             api_key.clone(),
             None,
             meter.clone(),
+            budget.clone(),
         )?;
         let fallback = if config.has_fallback() {
             let url = config.fallback_base_url.clone().unwrap_or(base_url);
@@ -137,6 +149,7 @@ impl Upstreams {
                 api_key,
                 config.fallback_model.clone(),
                 meter,
+                budget,
             )?)
         } else {
             None
@@ -205,6 +218,7 @@ impl Upstream {
         api_key: Option<HeaderValue>,
         model: Option<String>,
         meter: Option<CostMeterLayer>,
+        budget: Option<BudgetLayer>,
     ) -> Result<Self, BoxError> {
         let executor = TokioExecutor::new();
         if !config.layers {
@@ -239,13 +253,22 @@ impl Upstream {
             .layer(retry)
             .layer(breaker)
             .service(client.map_err(BoxError::from));
-        let svc = stack.map_response(|r| r.map(Body::new));
+        let svc = match budget {
+            Some(budget) => BoxCloneSyncService::new(budget.layer(stack).map_response(|r| {
+                let (mut parts, body) = r.into_parts();
+                if matches!(body, ResponseBody::Error { .. }) {
+                    parts.extensions.insert(BudgetRefusal);
+                }
+                Response::from_parts(parts, Body::new(body))
+            })),
+            None => BoxCloneSyncService::new(stack.map_response(|r| r.map(Body::new))),
+        };
         Ok(Self {
             name,
             base_url,
             api_key,
             model,
-            svc: BoxCloneSyncService::new(svc),
+            svc,
             breaker: Some(handle),
             idle_timeout: config.stream_idle_timeout,
         })
@@ -274,6 +297,11 @@ impl Upstream {
         req.extensions_mut().insert(call.attribution.clone());
         let start = std::time::Instant::now();
         let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
+        if is_budget_refusal(&res) {
+            tracing::warn!(target: "chat_gateway::audit", event = "budget_refused",
+                user = call.attribution.user.as_deref().unwrap_or("-"), request_id = %call.request_id);
+            return Ok(res);
+        }
         res.extensions_mut().insert(UpstreamTime(start.elapsed()));
         let sse = res
             .headers()
@@ -377,6 +405,14 @@ impl http_body::Body for Guarded {
     fn is_end_stream(&self) -> bool {
         self.done || self.inner.is_end_stream()
     }
+}
+
+/// Marks an answer the budget layer gave itself (a refusal), not the upstream.
+#[derive(Debug, Clone, Copy)]
+struct BudgetRefusal;
+
+fn is_budget_refusal(res: &Response<Body>) -> bool {
+    res.extensions().get::<BudgetRefusal>().is_some()
 }
 
 fn replace_model(body: &Bytes, model: &str) -> Result<Bytes, Error> {

@@ -1,8 +1,6 @@
 //! Admin routes (admin key only, every call audited): reset a user's rate limits; read
 //! and set a user's daily budget.
 
-use std::time::SystemTime;
-
 use axum::body::Body;
 use axum::extract::State;
 use axum::{Extension, Json};
@@ -91,7 +89,7 @@ pub async fn get_budget(
     State(state): State<AppState>,
     ApiPath(user): ApiPath<String>,
 ) -> Json<BudgetView> {
-    Json(state.budgets.view(&user, &state.ledger, SystemTime::now()))
+    Json(state.budgets.view(&user))
 }
 
 /// The body of `PUT /admin/budgets/{user}`.
@@ -131,11 +129,15 @@ pub async fn put_budget(
         .daily_limit_usd
         .as_deref()
         .and_then(|s| Money::parse_dollars(s).ok());
-    state.budgets.set(&user, limit);
+    if !state.budgets.set(&user, limit) {
+        return Err(ApiError::new(
+            Error::new(
+                ErrorKind::InvalidRequest,
+                "no per-user `daily` budget is configured (PALISADE_GATEWAY_DAILY_BUDGET is `none`, PALISADE_BUDGET_RULES names none, or the layers are off)",
+            ),
+            format,
+        ));
+    }
     tracing::info!(target: "chat_gateway::audit", event = "budget_set", actor = %caller.user, target_user = %user, limit = ?limit.map(Money::dollars_string));
-    Ok(Json(state.budgets.view(
-        &user,
-        &state.ledger,
-        SystemTime::now(),
-    )))
+    Ok(Json(state.budgets.view(&user)))
 }

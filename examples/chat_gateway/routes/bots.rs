@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::RequestId;
 
-use super::{ApiPath, check_budget, forwarded_headers, pass_through, read_json};
+use super::{ApiPath, forwarded_headers, pass_through, read_json};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
@@ -213,7 +213,6 @@ pub async fn chat(
     let conversation = conversation_id(&state, &headers)?;
     let bytes = read_json(&state, &headers, body).await?;
     let chat: BotChat = validate::from_json(&bytes).fmt_err(format)?;
-    check_budget(&state, &caller)?;
     let mut upstream = json!({
         "model": bot.model,
         "max_tokens": bot.max_tokens,

@@ -1,4 +1,4 @@
-//! `GET /health`: the upstreams' breakers and the usage queue; 503 when no upstream can
+//! `GET /health`: the upstreams' breakers, Redis (with `REDIS_URL`) and the usage queue; 503 when no upstream can
 //! take a request.
 
 use axum::Json;
@@ -22,8 +22,24 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "dropped": s.dropped_full + s.dropped_closed + s.failed,
         })
     });
+    #[cfg(feature = "redis")]
+    let redis = state.redis.as_ref().map(|r| {
+        let h = r.health();
+        json!({
+            "healthy": h.healthy,
+            "unhealthy_for_ms": h.unhealthy_for.map(|d| d.as_millis() as u64),
+            "round_trips": h.round_trips,
+            "failures": h.failures,
+            "degraded_decisions": h.degraded_decisions,
+            "fail_mode": format!("{:?}", h.fail_mode).to_ascii_lowercase(),
+            "last_error": h.last_error,
+        })
+    });
+    #[cfg(not(feature = "redis"))]
+    let redis: Option<serde_json::Value> = None;
     let status = if available { "ok" } else { "unhealthy" };
     let body = json!({
+        "redis": redis,
         "status": status,
         "layers": state.config.layers,
         "upstreams": breakers,

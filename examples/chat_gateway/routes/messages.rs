@@ -9,7 +9,7 @@ use palisade::cost::Attribution;
 use palisade::{Error, validate};
 use tower_http::request_id::RequestId;
 
-use super::{check_budget, forwarded_headers, pass_through, read_json};
+use super::{forwarded_headers, pass_through, read_json};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
@@ -30,7 +30,6 @@ pub async fn create(
     request
         .check(&state.limits)
         .map_err(|fields| ApiError::new(Error::invalid_fields(fields), format))?;
-    check_budget(&state, &caller)?;
     tracing::debug!(model = %request.model, stream = request.stream.unwrap_or(false), "messages request");
     let call = Call {
         body: bytes,

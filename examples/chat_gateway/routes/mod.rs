@@ -8,8 +8,6 @@ pub mod messages;
 pub mod orchestrator;
 pub mod usage;
 
-use std::time::SystemTime;
-
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, State};
@@ -23,7 +21,6 @@ use palisade::{Error, ErrorKind};
 use serde::de::DeserializeOwned;
 
 use crate::app::AppState;
-use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 
 /// The routes that need an API key.
@@ -160,26 +157,6 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
             format,
         )),
     }
-}
-
-/// Refuses a caller who has spent their daily budget: 429, `x-should-retry: false`,
-/// `retry-after` until the next UTC day.
-pub fn check_budget(state: &AppState, caller: &Caller) -> ApiResult<()> {
-    if !state.config.layers {
-        return Ok(());
-    }
-    state
-        .budgets
-        .check(&caller.user, &state.ledger, SystemTime::now())
-        .map_err(|wait| {
-            tracing::warn!(target: "chat_gateway::audit", event = "budget_refused", user = %caller.user);
-            ApiError::new(
-                Error::budget_exceeded("your daily spend budget is used up; it resets at midnight UTC")
-                    .with_retry_after(wait)
-                    .with_should_retry(false),
-                state.config.error_format(),
-            )
-        })
 }
 
 /// The request headers forwarded upstream.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::request_id::RequestId;
 
-use super::{check_budget, read_json};
+use super::read_json;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat, render};
@@ -73,7 +73,6 @@ pub async fn parse_intent(
     let format = state.config.error_format();
     let bytes = read_json(&state, &headers, body).await?;
     let intent: ParseIntent = validate::from_json(&bytes).fmt_err(format)?;
-    check_budget(&state, &caller)?;
     let request = json!({
         "model": state.config.orchestrator_model,
         "max_tokens": 1024,

@@ -95,6 +95,9 @@ pub enum BudgetConfigError {
     },
 }
 
+/// `(budget, subject)` → that subject's own limit (`None`: no limit).
+type Overrides = std::collections::HashMap<(Arc<str>, Arc<str>), Option<Money>>;
+
 pub(crate) struct Shared {
     budgets: Vec<Arc<Budget>>,
     store: Arc<dyn BudgetStore>,
@@ -110,6 +113,8 @@ pub(crate) struct Shared {
     bot_header: Option<HeaderName>,
     alerts: Option<Arc<dyn AlertSink>>,
     clock: BudgetClock,
+    /// Per-subject limits set at run time: `(budget, subject)` → limit (`None`: none).
+    overrides: std::sync::RwLock<Overrides>,
 }
 
 impl fmt::Debug for Shared {
@@ -188,6 +193,74 @@ impl BudgetLayer {
             subject: subject.into(),
         };
         self.shared.store.spend(&charge, self.shared.clock.now())
+    }
+
+    /// Gives `subject` its own limit on the budget named `budget` (`None`: no limit for
+    /// that subject), replacing the configured one from the next request on; a limit of
+    /// 0 refuses every metered request of the subject with a budget refusal. `false`
+    /// when no budget has that name.
+    ///
+    /// Overrides live in this layer (clones share them), not in the store: every
+    /// instance sharing a store sets its own.
+    ///
+    /// ```
+    /// use palisade::cost::budget::{Budget, BudgetLayer, Period, Scope};
+    /// use palisade::cost::Money;
+    ///
+    /// let layer = BudgetLayer::builder()
+    ///     .budget(Budget::new("daily", Scope::User, Period::Day, Money::parse_dollars("5").unwrap()))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(layer.set_limit("daily", "ann", Some(Money::parse_dollars("20").unwrap())));
+    /// assert_eq!(layer.limit("daily", "ann"), Some((Some(Money::parse_dollars("20").unwrap()), true)));
+    /// assert_eq!(layer.limit("daily", "bob"), Some((Some(Money::parse_dollars("5").unwrap()), false)));
+    /// assert!(layer.clear_limit("daily", "ann"));
+    /// assert!(!layer.set_limit("monthly", "ann", None));
+    /// ```
+    pub fn set_limit(&self, budget: &str, subject: &str, limit: Option<Money>) -> bool {
+        let Some(b) = self.shared.budgets.iter().find(|b| &*b.name == budget) else {
+            return false;
+        };
+        self.shared
+            .overrides
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((Arc::clone(&b.name), subject.into()), limit);
+        true
+    }
+
+    /// Removes `subject`'s own limit on `budget`, back to the configured one. `false` when
+    /// no budget has that name.
+    pub fn clear_limit(&self, budget: &str, subject: &str) -> bool {
+        if !self.shared.budgets.iter().any(|b| &*b.name == budget) {
+            return false;
+        }
+        self.shared
+            .overrides
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&(Arc::from(budget), Arc::from(subject)));
+        true
+    }
+
+    /// `subject`'s limit on `budget` (`None` inside: no limit) and whether it is the
+    /// subject's own; `None` when no budget has that name.
+    pub fn limit(&self, budget: &str, subject: &str) -> Option<(Option<Money>, bool)> {
+        let b = self.shared.budgets.iter().find(|b| &*b.name == budget)?;
+        let map = self
+            .shared
+            .overrides
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(match map.get(&(Arc::clone(&b.name), Arc::from(subject))) {
+            Some(limit) => (*limit, true),
+            None => (Some(b.limit), false),
+        })
+    }
+
+    /// The budgets, in the order they were added.
+    pub fn budgets(&self) -> impl Iterator<Item = &Budget> {
+        self.shared.budgets.iter().map(|b| &**b)
     }
 }
 
@@ -332,6 +405,7 @@ impl BudgetLayerBuilder {
                 bot_header: header(self.bot_header)?,
                 alerts: self.alerts,
                 clock: self.clock.unwrap_or_else(BudgetClock::system),
+                overrides: std::sync::RwLock::default(),
             }),
         })
     }
@@ -519,6 +593,10 @@ impl Shared {
         let headers = req.headers();
         let mut out = Vec::with_capacity(self.budgets.len());
         let mut key: Option<Option<String>> = None;
+        let overrides = self
+            .overrides
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for b in &self.budgets {
             let subject: Option<Arc<str>> = match b.scope {
                 Scope::Global => Some("*".into()),
@@ -544,12 +622,16 @@ impl Shared {
                     .as_deref()
                     .map(Into::into),
             };
-            if let Some(subject) = subject {
-                out.push(Charge {
-                    budget: Arc::clone(b),
-                    subject,
-                });
-            }
+            let Some(subject) = subject else { continue };
+            let budget = match overrides.get(&(Arc::clone(&b.name), Arc::clone(&subject))) {
+                None => Arc::clone(b),
+                Some(None) => continue, // this subject has no limit
+                Some(Some(limit)) => Arc::new(Budget {
+                    limit: *limit,
+                    ..(**b).clone()
+                }),
+            };
+            out.push(Charge { budget, subject });
         }
         out
     }
@@ -693,7 +775,11 @@ where
             }
         }
     };
-    if let Some(c) = charges.iter().find(|c| amount > c.budget.limit) {
+    // A limit of 0 (a subject blocked by an override) is a budget refusal, below.
+    if let Some(c) = charges
+        .iter()
+        .find(|c| c.budget.limit > Money::ZERO && amount > c.budget.limit)
+    {
         let err = Error::invalid_fields([FieldError::new(
             "max_tokens",
             format!(
@@ -756,5 +842,102 @@ where
             reservation.refund(); // no response, no usage
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    use super::*;
+    use crate::cost::budget::Period;
+
+    const BODY: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+
+    fn request(user: &str) -> Request<Full<Bytes>> {
+        Request::post("/v1/messages")
+            .header("x-user-id", user)
+            .body(Full::new(Bytes::from(BODY)))
+            .unwrap()
+    }
+
+    fn dollars(s: &str) -> Money {
+        Money::parse_dollars(s).unwrap()
+    }
+
+    /// A layer with a $0.001 daily budget per user: too small for one `BODY` request
+    /// ($0.004 of output alone).
+    fn small() -> BudgetLayer {
+        BudgetLayer::builder()
+            .budget(Budget::new(
+                "daily",
+                Scope::User,
+                Period::Day,
+                dollars("0.001"),
+            ))
+            .build()
+            .unwrap()
+    }
+
+    async fn status(layer: &BudgetLayer, user: &str) -> (u16, Option<String>) {
+        let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+            if let Some(r) = req.extensions().get::<BudgetReservation>() {
+                r.settle(Money::ZERO);
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+        let res = svc.oneshot(request(user)).await.unwrap();
+        let retry = res
+            .headers()
+            .get("x-should-retry")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (res.status().as_u16(), retry)
+    }
+
+    #[tokio::test]
+    async fn override_raises_one_subjects_limit_only() {
+        let layer = small();
+        assert_eq!(status(&layer, "ann").await.0, 400, "larger than the budget");
+        assert!(layer.set_limit("daily", "ann", Some(dollars("1"))));
+        assert_eq!(status(&layer, "ann").await.0, 200);
+        assert_eq!(status(&layer, "bob").await.0, 400);
+        assert_eq!(
+            layer.limit("daily", "ann"),
+            Some((Some(dollars("1")), true))
+        );
+        assert!(layer.clear_limit("daily", "ann"));
+        assert_eq!(status(&layer, "ann").await.0, 400);
+    }
+
+    #[tokio::test]
+    async fn override_of_none_lifts_the_limit() {
+        let layer = small();
+        assert!(layer.set_limit("daily", "ann", None));
+        assert_eq!(status(&layer, "ann").await.0, 200);
+        assert_eq!(layer.limit("daily", "ann"), Some((None, true)));
+    }
+
+    #[tokio::test]
+    async fn override_of_zero_is_a_budget_refusal_not_a_bad_request() {
+        let layer = BudgetLayer::builder()
+            .budget(Budget::new("daily", Scope::User, Period::Day, dollars("5")))
+            .build()
+            .unwrap();
+        assert!(layer.set_limit("daily", "ann", Some(Money::ZERO)));
+        assert_eq!(status(&layer, "ann").await, (429, Some("false".into())));
+        assert_eq!(status(&layer, "bob").await.0, 200);
+    }
+
+    #[test]
+    fn override_of_an_unknown_budget_is_refused() {
+        let layer = small();
+        assert!(!layer.set_limit("monthly", "ann", None));
+        assert!(!layer.clear_limit("monthly", "ann"));
+        assert_eq!(layer.limit("monthly", "ann"), None);
     }
 }
