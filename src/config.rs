@@ -438,6 +438,21 @@ impl From<ConfigError> for crate::Error {
     }
 }
 
+/// Records a value that parsed but did not validate, under its variable, unless that
+/// variable already has a problem (a value that did not parse is not reported twice). The
+/// problem shows the value as set (a field left unset, judged against another, shows none).
+pub(crate) fn record_invalid(env: &mut Env, mut problem: Problem) {
+    if env.problems().iter().any(|p| p.name == problem.name) {
+        return;
+    }
+    if let ProblemKind::Invalid { value, .. } = &mut problem.kind {
+        if value.is_empty() {
+            env.raw(&problem.name).unwrap_or_default().clone_into(value);
+        }
+    }
+    env.problem(&problem.name, problem.kind, &problem.example);
+}
+
 /// The environment variable that configures `field` of the layer whose variables start with
 /// `prefix`: the one naming rule every layer's `from_env` follows.
 ///
@@ -728,14 +743,16 @@ pub mod duration {
         Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
     }
 
-    /// Formats a duration the way [`parse`] reads it (`"1500ms"`, `"30s"`).
+    /// Formats a duration the way [`parse`] reads it back exactly (`"1500ms"`, `"30s"`).
     pub fn format(d: Duration) -> String {
         if d.subsec_nanos() == 0 {
             format!("{}s", d.as_secs())
         } else if d.subsec_nanos() % 1_000_000 == 0 {
             format!("{}ms", d.as_millis())
-        } else {
+        } else if d.subsec_nanos() % 1_000 == 0 {
             format!("{}us", d.as_micros())
+        } else {
+            format!("{}ns", d.as_nanos())
         }
     }
 
@@ -895,6 +912,20 @@ mod tests {
             Duration::from_micros(7),
         ] {
             assert_eq!(duration::parse(&duration::format(d)), Ok(d));
+        }
+    }
+
+    /// A duration with nanoseconds was written in whole microseconds (1 ns as `0us`), so
+    /// a configuration serialised and read back changed.
+    #[test]
+    fn duration_format_round_trips_to_the_nanosecond() {
+        for d in [
+            Duration::from_nanos(1),
+            Duration::from_nanos(1_500),
+            Duration::new(2, 1),
+            Duration::new(u64::MAX, 999_999_999),
+        ] {
+            assert_eq!(duration::parse(&duration::format(d)), Ok(d), "{d:?}");
         }
     }
 

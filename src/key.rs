@@ -174,9 +174,15 @@ pub fn redact_url(url: &str) -> String {
     };
     // The user info ends at the last `@` before any query or fragment, even when an
     // unescaped `/` in a password makes the URL ambiguous: hiding too much beats leaking.
+    // A password may also hold an unescaped `?` or `#`: an `@` after one ends the user info
+    // too, unless a `=` or `&` before it says it sits in a query (`?email=a@b`).
     let before_query = rest.find(['?', '#']).unwrap_or(rest.len());
     let at = rest[..before_query]
         .rfind('@')
+        .or_else(|| {
+            let at = rest.rfind('@')?;
+            (!rest[before_query..at].contains(['=', '&'])).then_some(at)
+        })
         .filter(|_| !scheme.is_empty());
     let host_start = at.map_or(0, |i| i + 1);
     let authority_end = rest[host_start..]
@@ -330,12 +336,45 @@ mod tests {
                 "https://example.com/hook?TOKEN=***&x=1#frag",
             ),
             ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+            ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
+            (
+                "redis://u:hunter2@[::1]:6379/0",
+                "redis://u:***@[::1]:6379/0",
+            ),
+            (
+                "https://example.com/hook?email=a@b.example&x=1",
+                "https://example.com/hook?email=a@b.example&x=1",
+            ),
             ("not a url", "not a url"),
             ("", ""),
         ];
         for (url, expected) in cases {
             assert_eq!(redact_url(url), expected, "{url}");
             assert!(!redact_url(url).contains("hunter2"));
+        }
+    }
+
+    /// A password holding an unescaped `?` or `#` (generated passwords do) was cut at
+    /// that character: the rest of it was read as a query or fragment and printed.
+    #[test]
+    fn redact_url_hides_passwords_holding_a_question_mark_or_hash() {
+        for (url, expected) in [
+            (
+                "redis://u:hun?ter2@host:6379/0",
+                "redis://u:***@host:6379/0",
+            ),
+            ("redis://:hun#ter2@host:6379", "redis://:***@host:6379"),
+            (
+                "rediss://default:a/b?c#hunter2@cache:6380",
+                "rediss://default:***@cache:6380",
+            ),
+        ] {
+            let shown = redact_url(url);
+            assert_eq!(shown, expected, "{url}");
+            assert!(
+                !shown.contains("ter2") && !shown.contains("hunter2"),
+                "{shown}"
+            );
         }
     }
 

@@ -23,7 +23,9 @@
 //! - [`validate`]: request validation with field-level errors (and `ValidatedJson` for axum);
 //! - [`key`]: API keys hashed, redacted and compared in constant time;
 //! - [`body`]: the response body type server-side layers answer with;
-//! - [`clock`]: where layers read time.
+//! - [`clock`]: where layers read time;
+//! - [`service_builder`]: [`ServiceBuilderExt`], every layer built in one call on tower's
+//!   `ServiceBuilder`.
 //!
 //! Time is tokio's clock by default everywhere (`tokio::time::Instant`), so tests run with
 //! a paused clock and no real sleeps; hot paths can opt into a cached clock
@@ -115,6 +117,7 @@ pub mod key;
 pub mod rate_limit;
 pub mod retry;
 pub mod security_headers;
+pub mod service_builder;
 pub mod validate;
 
 pub use circuit_breaker::CircuitBreakerLayer;
@@ -123,6 +126,7 @@ pub use error::{BoxError, Error, ErrorFormat, ErrorKind, FieldError};
 pub use rate_limit::RateLimitLayer;
 pub use retry::RetryLayer;
 pub use security_headers::SecurityHeadersLayer;
+pub use service_builder::ServiceBuilderExt;
 
 /// The README's examples, compiled and run as doctests so they stay true.
 #[cfg(doctest)]

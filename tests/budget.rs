@@ -20,10 +20,12 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 const BODY: &str = r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
 
 fn request(user: &str) -> Request<Full<Bytes>> {
-    Request::post("/v1/messages")
-        .header("x-user-id", user)
+    let mut req = Request::post("/v1/messages")
         .body(Full::new(Bytes::from(BODY)))
-        .unwrap()
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new(user));
+    req
 }
 
 fn dollars(s: &str) -> Money {
@@ -240,8 +242,10 @@ async fn the_refusal_status_is_configurable() {
 
 #[tokio::test]
 async fn bad_requests_are_told_what_to_fix() {
+    // (the user from a header a trusted proxy sets, opted in)
     let layer = builder(dollars("0.001"))
         .max_body(64 * 1024)
+        .user_header(Some("x-user-id"))
         .build()
         .unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -452,5 +456,38 @@ async fn from_env_reports_every_problem_at_once() {
     assert_eq!(
         BudgetConfig::from_env(&mut env).error_format,
         Some(ErrorFormat::ProblemJson)
+    );
+}
+
+#[tokio::test]
+async fn a_user_budget_charges_the_authenticated_principal_never_a_client_header() {
+    // The caller authenticated as `alice` writes `x-user-id: bob` to spend bob's budget
+    // (or a fresh name per request to escape her own).
+    let layer = builder(dollars("100")).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(1000));
+    let svc = layer.layer(gated_upstream(Arc::clone(&calls), gate, dollars("0.001")));
+    let mut req = Request::post("/v1/messages")
+        .header("x-user-id", "bob")
+        .body(Full::new(Bytes::from(BODY)))
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("alice"));
+    assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(layer.spend("daily", "alice").unwrap().0, dollars("0.001"));
+    assert_eq!(
+        layer.spend("daily", "bob").map_or(Money::ZERO, |s| s.0),
+        Money::ZERO,
+        "nothing on bob's account"
+    );
+    // Without a principal, a client-written header names nobody unless opted in.
+    let req = Request::post("/v1/messages")
+        .header("x-user-id", "carol")
+        .body(Full::new(Bytes::from(BODY)))
+        .unwrap();
+    assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), 200);
+    assert_eq!(
+        layer.spend("daily", "carol").map_or(Money::ZERO, |s| s.0),
+        Money::ZERO
     );
 }

@@ -75,10 +75,12 @@ fn layers() -> (
 }
 
 fn request() -> Request<Full<Bytes>> {
-    Request::post("/v1/messages")
-        .header("x-user-id", "carol")
+    let mut req = Request::post("/v1/messages")
         .body(Full::new(Bytes::from(request_body())))
-        .unwrap()
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("carol"));
+    req
 }
 
 #[tokio::test]

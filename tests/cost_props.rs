@@ -1,13 +1,16 @@
 //! Properties of the SSE parser and usage extraction (proptest).
 
+use palisade::cost::Money;
 use palisade::cost::sse::SseParser;
 use palisade::cost::usage::{Usage, UsageExtractor};
 use proptest::prelude::*;
 
-const STREAMS: [&str; 3] = [
+const STREAMS: [&str; 5] = [
     include_str!("cost_data/anthropic_sonnet37.sse"),
     include_str!("cost_data/anthropic_opus47.sse"),
     include_str!("cost_data/openai_gpt4o.sse"),
+    include_str!("cost_data/anthropic_opus47_1h.sse"),
+    include_str!("cost_data/openai_responses.sse"),
 ];
 
 fn extract(chunks: &[&[u8]]) -> (Usage, Option<String>) {
@@ -36,7 +39,7 @@ fn cut(text: &[u8], mut points: Vec<usize>) -> Vec<&[u8]> {
 
 proptest! {
     #[test]
-    fn any_chunking_gives_the_same_usage(which in 0usize..3, points in proptest::collection::vec(any::<usize>(), 0..40)) {
+    fn any_chunking_gives_the_same_usage(which in 0usize..STREAMS.len(), points in proptest::collection::vec(any::<usize>(), 0..40)) {
         let text = STREAMS[which].as_bytes();
         let whole = extract(&[text]);
         prop_assert!(!whole.0.is_empty());
@@ -44,7 +47,7 @@ proptest! {
     }
 
     #[test]
-    fn line_endings_do_not_matter(which in 0usize..3, ending in 0usize..3) {
+    fn line_endings_do_not_matter(which in 0usize..STREAMS.len(), ending in 0usize..3) {
         let normal = STREAMS[which].replace("\r\n", "\n").replace('\r', "\n");
         let eol = ["\n", "\r\n", "\r"][ending];
         let text = normal.replace('\n', eol);
@@ -78,5 +81,18 @@ proptest! {
         }
         prop_assert_eq!(x.usage().output_tokens, *totals.last().unwrap());
         prop_assert_eq!(x.usage().input_tokens, 7);
+    }
+
+    /// Money leaves the crate as an exact decimal string of dollars and comes back as the
+    /// same pico-dollars, up to the largest amount; never more than 12 decimals.
+    #[test]
+    fn money_round_trips_through_its_decimal_string(picos in prop_oneof![any::<u128>(), 0u128..10_000_000_000_000, Just(u128::MAX)]) {
+        let m = Money::from_picos(picos);
+        let json = serde_json::to_string(&m).unwrap();
+        prop_assert!(json.starts_with('"') && json.ends_with('"'));
+        let decimals = json.trim_matches('"').split_once('.').map_or(0, |(_, f)| f.len());
+        prop_assert!(decimals <= 12 && !json.trim_matches('"').ends_with('.'));
+        prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
+        prop_assert_eq!(m.to_string().parse::<Money>().unwrap(), m);
     }
 }

@@ -709,3 +709,302 @@ async fn the_client_clock_decides_windows_from_this_machines_time() {
         "{retry_after} vs {to_edge}"
     );
 }
+
+#[tokio::test]
+async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("huge")).await;
+    let memory = palisade::rate_limit::MemoryStore::new();
+    let now = 1u64 << 40;
+    // the largest quota the script counts exactly: the same answers as the memory store
+    for (n, algorithm) in (0..).zip(ALGORITHMS) {
+        let limit = (1u64 << 52) - 1;
+        let rule = Owned {
+            index: n,
+            name: ["near-0", "near-1", "near-2"][n as usize],
+            cost: limit - 1,
+            ..one_rule(algorithm, limit, 1)
+        };
+        let r = store.check_at(&[rule.item()], now).await.unwrap();
+        let m = memory.check_at(&[rule.item()], now);
+        assert_eq!(r, m, "{algorithm:?}");
+    }
+    // past it a double cannot hold every count: an error, never a silently wrong answer
+    for (n, algorithm) in (0..).zip(ALGORITHMS) {
+        let huge = Owned {
+            name: "huge",
+            ..one_rule(algorithm, (1u64 << 53) + 3, 1)
+        };
+        let err = store.check_at(&[huge.item()], now).await.unwrap_err();
+        assert!(err.to_string().contains("2^52"), "{algorithm:?}: {err}");
+        let costly = Owned {
+            index: 10 + n,
+            name: ["costly-0", "costly-1", "costly-2"][n as usize],
+            cost: 1u64 << 60,
+            ..one_rule(algorithm, 100, 1)
+        };
+        // a cost past every capacity is refused as the memory store refuses it
+        let r = store.check_at(&[costly.item()], now).await.unwrap();
+        assert_eq!(r, memory.check_at(&[costly.item()], now), "{algorithm:?}");
+        assert_eq!(r.rules[0].verdict, Verdict::Never);
+        assert!(store.peek_at(&huge.item(), now).await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn rule_names_with_colons_or_braces_never_share_a_redis_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let fixed = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("names"))
+        .hash_tag(HashTag::Fixed("limits".into()))
+        .build()
+        .await
+        .unwrap();
+    // rule `chat:principal` counting the global key, and rule `chat` counting principal
+    // `global`: two counters
+    let global = Owned {
+        index: 0,
+        name: "chat:principal",
+        key: RateKey::Global,
+        params: params(Algorithm::FixedWindow, 1),
+        cost: 1,
+    };
+    let user = Owned {
+        index: 1,
+        name: "chat",
+        key: RateKey::principal("global"),
+        ..global.clone()
+    };
+    assert_ne!(
+        fixed.key_name(global.name, &global.key),
+        fixed.key_name(user.name, &user.key)
+    );
+    assert!(fixed.check(&[global.item()]).await.unwrap().admitted);
+    assert!(fixed.check(&[user.item()]).await.unwrap().admitted);
+    // with per-key tags, a brace in a rule name must not move the key to another slot
+    let keyed = single(&server.url(), "names").await;
+    let name = keyed.key_name("a{b}", &RateKey::principal("u"));
+    assert_eq!(name.matches('{').count(), 1, "{name}");
+    assert!(name.ends_with(":{principal:u}"), "{name}");
+}
+
+#[tokio::test]
+async fn a_reset_by_another_instance_reaches_this_ones_blocked_cache_within_a_second() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("stale");
+    let a = single(&server.url(), &prefix).await;
+    let b = single(&server.url(), &prefix).await;
+    // a per-day rule: the key is blocked for hours
+    let rule = Owned {
+        params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    assert!(a.check(&[rule.item()]).await.unwrap().admitted);
+    assert!(!a.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(a.health().blocked_keys, 1);
+    // an operator resets the key through the other instance
+    b.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    assert!(b.check(&[rule.item()]).await.unwrap().admitted);
+    b.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    // this instance learns it without waiting out the day
+    let start = Instant::now();
+    loop {
+        if a.check(&[rule.item()]).await.unwrap().admitted {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(1_500),
+            "still refused from the local cache long after the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_layers_sharing_a_store_do_not_share_blocked_cache_entries() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("layers")).await;
+    // each layer's first rule has index 0; the names tell them apart, in Redis and here
+    let chat = Owned {
+        name: "chat",
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    let embed = Owned {
+        name: "embed",
+        ..chat.clone()
+    };
+    assert!(store.check(&[chat.item()]).await.unwrap().admitted);
+    assert!(!store.check(&[chat.item()]).await.unwrap().admitted);
+    assert!(store.check(&[embed.item()]).await.unwrap().admitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-settle"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .build()
+        .await
+        .unwrap();
+    server.kill();
+    // a reservation of the whole quota, decided locally
+    let rule = one_rule(Algorithm::FixedWindow, 10, 10);
+    let d = store.check(&[rule.item()]).await.unwrap();
+    assert!(d.admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    // the request used 1 unit: 9 come back to the store that counted them
+    store
+        .settle(&[Settlement {
+            rule_index: rule.index,
+            rule: rule.name,
+            key: &rule.key,
+            params: rule.params,
+            window_start: d.rules[0].window_start,
+            delta: -9,
+        }])
+        .await
+        .unwrap();
+    let five = Owned {
+        cost: 5,
+        ..rule.clone()
+    };
+    assert!(store.check(&[five.item()]).await.unwrap().admitted);
+}
+
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_by_the_next_decision() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("flush")).await;
+    let rule = one_rule(Algorithm::SlidingWindow, 3, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(remaining(&store, &rule).await, 1);
+    assert!(store.health().healthy);
+}
+
+#[tokio::test]
+async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
+    use palisade::rate_limit::RedisConfigError as E;
+    // nothing listens on port 1: the first Cluster connection fails
+    let err = RedisStore::builder()
+        .cluster(["redis://:hunter2@127.0.0.1:1/"])
+        .timeout(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, E::Connect { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+    // TLS without a TLS feature of the redis crate: the URL is reported invalid
+    for url in ["rediss://:hunter2@127.0.0.1:1/"] {
+        let single = RedisStore::builder().url(url).build().await.unwrap_err();
+        assert!(matches!(single, E::InvalidUrl { .. }), "{single:?}");
+        assert!(!format!("{single} {single:?}").contains("hunter2"));
+        let cluster = RedisStore::builder()
+            .cluster([url])
+            .build()
+            .await
+            .unwrap_err();
+        assert!(matches!(cluster, E::InvalidUrl { .. }), "{cluster:?}");
+        assert!(!format!("{cluster} {cluster:?}").contains("hunter2"));
+    }
+    // a server that wants another password: health shows the error, never the URL's
+    let server = RedisServer::start().await.expect("redis-server");
+    let url = server.url().replace("redis://", "redis://:hunter2@");
+    let store = RedisStore::builder()
+        .url(url)
+        .timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1, 1);
+    let err = store.check(&[rule.item()]).await.unwrap_err();
+    let health = store.health();
+    let shown = format!("{err} {err:?} {health:?} {store:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("outage"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Open)
+        .build()
+        .await
+        .unwrap();
+    let rule = Owned {
+        params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
+        ..one_rule(Algorithm::FixedWindow, 1, 1)
+    };
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    // Redis stops answering (paused rather than killed: a killed server's port may be
+    // taken by another test's server meanwhile)
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let other = Owned {
+        name: "other",
+        ..rule.clone()
+    };
+    // the outage is known: a decision for another rule failed
+    assert!(store.check(&[other.item()]).await.unwrap().admitted);
+    assert!(!store.health().healthy);
+    // past the second in which an entry answers alone, Redis is still away: the entry
+    // answers, without waiting out the timeout
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let d = store.check(&[rule.item()]).await.unwrap();
+        assert!(!d.admitted);
+        assert!(
+            start.elapsed() < Duration::from_millis(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn settings_never_show_a_password() {
+    use palisade::config::Env;
+    use palisade::rate_limit::RedisStoreConfig;
+    let shown = format!(
+        "{:?} {:?}",
+        RedisStore::builder().url("redis://:hunter2@cache.internal:6379/"),
+        RedisStore::builder().cluster(["redis://user:hunter2@node-1:7000/"])
+    );
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let mut env = Env::from_pairs([(
+        "PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES",
+        "redis://user:hunter2@node-1:7000/",
+    )]);
+    let config = RedisStoreConfig::from_env(&mut env);
+    env.finish().unwrap();
+    let shown = format!("{config:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}

@@ -106,6 +106,11 @@ pub struct GatewayConfig {
     pub max_tokens: u64,
     /// The largest request body, in bytes.
     pub max_body: usize,
+    /// How long a request body may take to arrive (408 after that).
+    pub body_timeout: Duration,
+    /// The longest silence inside an upstream response body (a stream then ends with an
+    /// `error` event).
+    pub stream_idle_timeout: Duration,
     /// The model the orchestrator asks for bot drafts.
     pub orchestrator_model: String,
     /// Serve https with this certificate chain and key (PEM files).
@@ -323,6 +328,16 @@ impl GatewayConfig {
             Duration::from_secs(30),
             "30s",
         );
+        let body_timeout = env.duration(
+            "PALISADE_GATEWAY_BODY_TIMEOUT",
+            Duration::from_secs(30),
+            "30s",
+        );
+        let stream_idle_timeout = env.duration(
+            "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
+            Duration::from_secs(120),
+            "120s",
+        );
         let mock_slow_delay = env.duration(
             "PALISADE_GATEWAY_MOCK_SLOW_DELAY",
             Duration::from_secs(5),
@@ -425,6 +440,8 @@ impl GatewayConfig {
             models,
             max_tokens,
             max_body,
+            body_timeout,
+            stream_idle_timeout,
             orchestrator_model,
             daily_budget,
             tls,

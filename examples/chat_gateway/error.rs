@@ -2,6 +2,7 @@
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
+use http::StatusCode;
 use palisade::{Error, ErrorFormat};
 
 /// A [`palisade::Error`] with the format to render it in.
@@ -11,24 +12,58 @@ pub struct ApiError {
     pub error: Error,
     /// The format.
     pub format: ErrorFormat,
+    /// A status that no error kind maps to (405, 408), replacing the kind's.
+    pub status: Option<StatusCode>,
 }
 
 impl ApiError {
     /// `error`, rendered in `format`.
     pub fn new(error: Error, format: ErrorFormat) -> Self {
-        Self { error, format }
+        Self {
+            error,
+            format,
+            status: None,
+        }
+    }
+
+    /// Answers with `status` instead of the kind's.
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        render(&self.error, self.format)
+        match self.status {
+            Some(status) => render_with_status(&self.error, self.format, status),
+            None => render(&self.error, self.format),
+        }
     }
 }
 
 /// Renders `error` as an axum response.
 pub fn render(error: &Error, format: ErrorFormat) -> Response {
     error.to_response(format).map(Body::new)
+}
+
+/// Renders `error` with `status` in place of its kind's (for 405 and 408, which no error
+/// kind names); a problem document's `status` and `title` say the same.
+pub fn render_with_status(error: &Error, format: ErrorFormat, status: StatusCode) -> Response {
+    let mut res = render(error, format);
+    *res.status_mut() = status;
+    if format == ErrorFormat::ProblemJson {
+        let doc = serde_json::json!({
+            "type": format!("{}{:?}", palisade::error::PROBLEM_TYPE_BASE, error.kind()),
+            "title": status.canonical_reason().unwrap_or("Client error"),
+            "status": status.as_u16(),
+            "detail": error.public_message(),
+            "kind": error.kind().as_str(),
+        });
+        *res.body_mut() = Body::from(doc.to_string());
+        res.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    res
 }
 
 /// A handler's result.

@@ -56,6 +56,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(config);
+    let router = router.layer(axum::middleware::map_request(mark_https));
     let graceful = GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -93,4 +94,27 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Gives an HTTP/1.1 request that came over TLS the `https` scheme that HTTP/2 requests
+/// carry, so the layers see it as https (HSTS is sent on https answers only).
+async fn mark_https(mut req: axum::extract::Request) -> axum::extract::Request {
+    if req.uri().scheme().is_none() {
+        let authority = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<http::uri::Authority>().ok())
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let mut parts = req.uri().clone().into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTPS);
+        parts.authority = Some(authority);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
 }

@@ -13,7 +13,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -48,6 +48,8 @@ pub struct Upstream {
     model: Option<String>,
     svc: Svc,
     breaker: Option<CircuitBreakerHandle>,
+    /// The longest silence inside a response body.
+    idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -219,6 +221,7 @@ impl Upstream {
                 model,
                 svc: BoxCloneSyncService::new(svc),
                 breaker: None,
+                idle_timeout: config.stream_idle_timeout,
             });
         }
         let client: Client<Connector, palisade::retry::ReplayBody<Full<Bytes>>> =
@@ -244,6 +247,7 @@ impl Upstream {
             model,
             svc: BoxCloneSyncService::new(svc),
             breaker: Some(handle),
+            idle_timeout: config.stream_idle_timeout,
         })
     }
 
@@ -271,7 +275,107 @@ impl Upstream {
         let start = std::time::Instant::now();
         let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
         res.extensions_mut().insert(UpstreamTime(start.elapsed()));
-        Ok(res)
+        let sse = res
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let timeout = self.idle_timeout;
+        if sse {
+            return Ok(res.map(|body| Body::new(Guarded::new(body, timeout, true))));
+        }
+        // A whole answer is read before its head is passed on, so one that breaks off is
+        // an error response rather than a connection closed without a word.
+        let (parts, body) = res.into_parts();
+        let bytes = Guarded::new(body, timeout, false)
+            .collect()
+            .await
+            .map_err(|e| {
+                Error::upstream(
+                    "the upstream answer broke off before its end; try again shortly",
+                    e,
+                )
+            })?
+            .to_bytes();
+        Ok(Response::from_parts(parts, Body::from(bytes)))
+    }
+}
+
+/// The event that ends a stream the upstream broke off or let stall: SDKs raise it as an
+/// API error instead of waiting or taking a cut answer for a whole one.
+const STREAM_ERROR_EVENT: &str = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"the upstream stream was interrupted; the answer is incomplete\"}}\n\n";
+
+pin_project_lite::pin_project! {
+    /// An upstream response body under an idle timeout. A stream (SSE) that fails or
+    /// stalls ends with an `error` event; any other body fails, so a cut answer is never
+    /// taken for a whole one. Dropping the inner body lets the cost meter record what it
+    /// saw, marked partial.
+    pub struct Guarded {
+        #[pin]
+        inner: Body,
+        #[pin]
+        idle: tokio::time::Sleep,
+        timeout: Duration,
+        sse: bool,
+        done: bool,
+    }
+}
+
+impl Guarded {
+    /// Guards `inner`; `sse` when it is an event stream.
+    pub fn new(inner: Body, timeout: Duration, sse: bool) -> Self {
+        Self {
+            inner,
+            idle: tokio::time::sleep(timeout),
+            timeout,
+            sse,
+            done: false,
+        }
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        use std::task::Poll;
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let failure = match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + *this.timeout;
+                this.idle.as_mut().reset(deadline);
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => e,
+            Poll::Pending => match this.idle.poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => axum::Error::new(format!(
+                    "the upstream sent nothing for {}",
+                    palisade::config::duration::format(*this.timeout)
+                )),
+            },
+        };
+        *this.done = true;
+        tracing::warn!(error = %failure, stream = *this.sse, "upstream response body broke off");
+        if *this.sse {
+            Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                STREAM_ERROR_EVENT.as_bytes(),
+            )))))
+        } else {
+            Poll::Ready(Some(Err(failure)))
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
     }
 }
 

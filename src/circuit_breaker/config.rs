@@ -78,8 +78,9 @@ pub struct CircuitBreakerConfig {
     pub jitter: f64,
     /// How many probe calls half-open lets through; all must succeed to close (default 3).
     pub half_open_probes: u32,
-    /// Half-open goes back to open if its probes have not decided within this time and
-    /// none is still in flight (default 60 s; `None` waits for ever). A probe in flight is
+    /// Half-open goes back to open if no probe has succeeded within this time and none is
+    /// still in flight (default 60 s; `None` waits for ever). A success is kept until the
+    /// probes decide, however long the next call takes to come. A probe in flight is
     /// always waited for, however long it takes (a non-streamed LLM call can take
     /// minutes); bound a hung call with a per-attempt timeout on the client (for example
     /// [`RetryLayerBuilder::attempt_timeout`](crate::retry::RetryLayerBuilder::attempt_timeout)),
@@ -195,6 +196,25 @@ impl CircuitBreakerConfigError {
         }
     }
 
+    /// A valid value of the field at fault.
+    fn example(&self) -> &'static str {
+        match self.field() {
+            "window_size" => "100",
+            "failure_rate_threshold" => "0.5",
+            "slow_call_rate_threshold" => "0.8",
+            "minimum_calls" => "20",
+            "consecutive_failures" => "5",
+            "slow_call_duration" => "30s",
+            "open_duration" => "10s",
+            "max_open_duration" => "5m",
+            "max_wait_in_half_open" => "60s",
+            "backoff_multiplier" => "2",
+            "jitter" => "0.2",
+            "half_open_probes" => "3",
+            _ => "1000",
+        }
+    }
+
     /// This mistake as a problem with its `PALISADE_CIRCUIT_BREAKER_*` variable.
     fn problem(&self) -> Problem {
         Problem {
@@ -203,7 +223,7 @@ impl CircuitBreakerConfigError {
                 value: String::new(),
                 reason: self.to_string(),
             },
-            example: "see CircuitBreakerConfig".to_owned(),
+            example: self.example().to_owned(),
         }
     }
 
@@ -271,26 +291,32 @@ impl CircuitBreakerConfig {
 
     /// Checks every value, returning the first problem.
     pub fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
+        self.errors().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem, in field order (so `from_env` reports them all at once).
+    fn errors(&self) -> Vec<CircuitBreakerConfigError> {
         use CircuitBreakerConfigError as E;
+        let mut errs = Vec::new();
         let max = match self.window_kind {
             WindowKind::Count => MAX_COUNT_WINDOW,
             WindowKind::Time => MAX_TIME_WINDOW_SECS,
         };
         if self.window_size == 0 || self.window_size > max {
-            return Err(E::WindowSize {
+            errs.push(E::WindowSize {
                 kind: self.window_kind,
                 got: self.window_size,
                 max,
             });
         }
         if !fraction_ok(self.failure_rate_threshold) {
-            return Err(E::Threshold {
+            errs.push(E::Threshold {
                 field: "failure_rate_threshold",
                 got: self.failure_rate_threshold,
             });
         }
         if !fraction_ok(self.slow_call_rate_threshold) {
-            return Err(E::Threshold {
+            errs.push(E::Threshold {
                 field: "slow_call_rate_threshold",
                 got: self.slow_call_rate_threshold,
             });
@@ -300,54 +326,54 @@ impl CircuitBreakerConfig {
             WindowKind::Time => u32::MAX,
         };
         if self.minimum_calls == 0 || self.minimum_calls > window {
-            return Err(E::MinimumCalls {
+            errs.push(E::MinimumCalls {
                 got: self.minimum_calls,
                 window,
             });
         }
         if self.consecutive_failures == Some(0) {
-            return Err(E::ConsecutiveFailures);
+            errs.push(E::ConsecutiveFailures);
         }
         if self.slow_call_duration == Some(Duration::ZERO) {
-            return Err(E::Duration {
+            errs.push(E::Duration {
                 field: "slow_call_duration",
                 reason: "must be positive",
             });
         }
         if self.open_duration.is_zero() {
-            return Err(E::Duration {
+            errs.push(E::Duration {
                 field: "open_duration",
                 reason: "must be positive",
             });
         }
         if self.max_open_duration < self.open_duration {
-            return Err(E::Duration {
+            errs.push(E::Duration {
                 field: "max_open_duration",
                 reason: "must not be shorter than open_duration",
             });
         }
         if self.max_open_duration > Duration::from_secs(86_400 * 365) {
-            return Err(E::Duration {
+            errs.push(E::Duration {
                 field: "max_open_duration",
                 reason: "must not exceed a year",
             });
         }
         if self.max_wait_in_half_open == Some(Duration::ZERO) {
-            return Err(E::Duration {
+            errs.push(E::Duration {
                 field: "max_wait_in_half_open",
                 reason: "must be positive (or unset to wait for ever)",
             });
         }
         if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
-            return Err(E::Multiplier(self.backoff_multiplier));
+            errs.push(E::Multiplier(self.backoff_multiplier));
         }
         if !(self.jitter.is_finite() && (0.0..1.0).contains(&self.jitter)) {
-            return Err(E::Jitter(self.jitter));
+            errs.push(E::Jitter(self.jitter));
         }
         if self.half_open_probes == 0 || self.half_open_probes > MAX_HALF_OPEN_PROBES {
-            return Err(E::HalfOpenProbes(self.half_open_probes));
+            errs.push(E::HalfOpenProbes(self.half_open_probes));
         }
-        Ok(())
+        errs
     }
 
     /// Validates the configuration and builds a layer with the default classifier.
@@ -462,11 +488,8 @@ impl CircuitBreakerConfig {
             clock,
             seed,
         };
-        if env.problems().is_empty() {
-            if let Err(err) = cfg.validate() {
-                let problem = err.problem();
-                env.problem(&problem.name, problem.kind, &problem.example);
-            }
+        for err in cfg.errors() {
+            crate::config::record_invalid(env, err.problem());
         }
         cfg
     }
@@ -633,5 +656,36 @@ mod tests {
         assert_eq!(cfg.clock, ClockSource::Coarse);
         assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(45)));
         assert_eq!(cfg.name, "anthropic");
+    }
+
+    /// Values that parse but do not validate were reported only when nothing else was
+    /// wrong, and only the first of them.
+    #[test]
+    fn from_env_reports_every_invalid_value_at_once() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_CLOCK", "wall"),
+            ("PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD", "50"),
+            ("PALISADE_CIRCUIT_BREAKER_JITTER", "5"),
+            ("PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES", "0"),
+        ]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PALISADE_CIRCUIT_BREAKER_CLOCK",
+                "PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD",
+                "PALISADE_CIRCUIT_BREAKER_JITTER",
+                "PALISADE_CIRCUIT_BREAKER_HALF_OPEN_PROBES"
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(r#"FAILURE_RATE_THRESHOLD is invalid ("50")"#),
+            "{text}"
+        );
+        assert!(text.contains("FAILURE_RATE_THRESHOLD=0.5"), "{text}");
     }
 }

@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | `Closed` | pass, counted | a rule trips: `Open` |
 //! | `Open` | refused at once, with `retry_after` | the open duration passed: `HalfOpen` |
-//! | `HalfOpen` | exactly N probes pass, the rest are refused | all probes succeed: `Closed`; one fails, or the maximum wait passes with no probe in flight: `Open` |
+//! | `HalfOpen` | exactly N probes pass, the rest are refused | all probes succeed: `Closed`; one fails, or the maximum wait passes with no probe in flight and none succeeded: `Open` |
 //! | `ForcedOpen` | refused | the handle says so |
 //! | `ForcedClosed` | pass, not counted | the handle says so |
 //! | `MetricsOnly` | pass, counted, never opens | the handle says so |

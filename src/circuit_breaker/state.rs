@@ -413,10 +413,12 @@ impl Shared {
         }
     }
 
-    /// Whether half-open has waited longer than its maximum with no probe in flight: the
-    /// probes admitted so far have all finished without deciding (some succeeded, others
-    /// were ignored), and no call came to finish the job in time. A probe still in flight
-    /// is always waited for, so a slow upstream can close the breaker again.
+    /// Whether half-open has waited longer than its maximum with nothing to show: no probe
+    /// in flight and none succeeded (every one admitted was ignored or cancelled). A probe
+    /// still in flight is always waited for, so a slow upstream can close the breaker
+    /// again; and a success is kept, however long the next call takes to come, so an
+    /// upstream called once every few minutes closes the breaker after `half_open_probes`
+    /// successes instead of being reopened, with no failure seen, between them.
     fn half_open_timed_out(&self, generation: u64) -> bool {
         if self.params.max_wait.is_none()
             || self.now() < self.half_open_deadline.load(Ordering::Acquire)
@@ -425,8 +427,7 @@ impl Shared {
         }
         let h = self.half_open.load(Ordering::Acquire);
         let admitted = (h >> 32) & 0xffff;
-        let succeeded = h >> 48;
-        h & 0xffff_ffff == generation & GEN_MASK && admitted <= succeeded
+        h & 0xffff_ffff == generation & GEN_MASK && admitted == 0
     }
 
     /// `Some(true)` when a probe slot was reserved, `Some(false)` when all are taken,

@@ -463,15 +463,15 @@ async fn half_open_does_not_time_out_while_its_probes_are_in_flight() {
     assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
 }
 
-/// Half-open still gives up when its probes finished without deciding and no call came
-/// to finish the job within the maximum wait.
+/// Half-open still gives up when no probe succeeded and none is in flight at the end of
+/// the maximum wait.
 #[tokio::test(start_paused = true)]
 async fn half_open_times_out_when_no_probe_is_in_flight() {
     let (mut svc, handle, _) = guarded(base());
     trip(&mut svc).await;
     tokio::time::advance(Duration::from_secs(10)).await;
-    // one of two probes succeeds; the other slot is never used
-    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+    // the only probe is ignored (a 400 says nothing about the upstream's health)
+    assert_eq!(send(&mut svc, BAD_REQUEST).await.unwrap(), 400);
     assert_eq!(handle.state(), CircuitState::HalfOpen);
     tokio::time::advance(Duration::from_secs(30)).await;
     // open again, for longer
@@ -480,6 +480,23 @@ async fn half_open_times_out_when_no_probe_is_in_flight() {
         Duration::from_secs(20)
     );
     assert_eq!(handle.state(), CircuitState::Open);
+}
+
+/// An upstream called less often than `max_wait_in_half_open`: half-open reopened the
+/// breaker between two successful probes (no failure seen), doubling the open duration
+/// each time, so a healthy upstream with light traffic never closed it again and every
+/// other call was refused.
+#[tokio::test(start_paused = true)]
+async fn a_healthy_upstream_called_rarely_closes_the_breaker() {
+    let (mut svc, handle, _) = guarded(base());
+    trip(&mut svc).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+    // the next call comes after the maximum wait: it is the second probe, not refused
+    tokio::time::advance(Duration::from_secs(45)).await;
+    assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
+    assert_eq!(handle.state(), CircuitState::Closed);
 }
 
 #[tokio::test(start_paused = true)]

@@ -183,6 +183,19 @@ impl Meter {
         self.outcome().0
     }
 
+    /// Whether the JSON body held so far is a whole document.
+    fn whole_document(&self) -> bool {
+        match &self.scan {
+            Scan::Json { chunks, .. } if !chunks.is_empty() => {
+                let mut all = Vec::new();
+                chunks.iter().for_each(|c| all.extend_from_slice(c));
+                serde_json::from_slice::<serde::de::IgnoredAny>(&all).is_ok()
+            }
+            Scan::Large(scan) => scan.state() == ScanState::Closed,
+            _ => false,
+        }
+    }
+
     /// The usage and its cost. The cost is `None` when the model has no price, and also
     /// when no usage was reported at all (an OpenAI stream abandoned before its final
     /// usage chunk): unknown is not free.
@@ -211,7 +224,12 @@ impl Meter {
         self.written = true;
         // A body read whole before its head was sent ended upstream, whatever the client
         // does with it afterwards.
-        let ended = ended || self.settled;
+        let mut ended = ended || self.settled;
+        if !ended {
+            // Dropped before the end was polled: a JSON document whose bytes all arrived
+            // (the reader stopped after the last byte) ended all the same.
+            ended = self.whole_document();
+        }
         if ended {
             self.settle();
         }
@@ -556,14 +574,14 @@ where
 }
 
 /// The body reached its end: write the record and queue the cost comment if asked for
-/// (only after a stream that reported something, and never where it would complete an
+/// (only after a stream that reported usage, and never where it would complete an
 /// event the upstream left unfinished).
 fn end(meter: &mut Option<Meter>, tail: &mut Option<Bytes>, comment: bool) {
     if let Some(m) = meter.take() {
         let stream = m.is_stream();
         let append = m.append_point();
         let outcome = m.finish(true);
-        if let (true, true, true, Some(newline)) = (comment, stream, outcome.recognised, append) {
+        if let (true, true, true, Some(newline)) = (comment, stream, outcome.saw_usage, append) {
             *tail = Some(cost_comment(&outcome, newline));
         }
     }

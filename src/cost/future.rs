@@ -30,18 +30,32 @@ struct Pending {
 impl Pending {
     /// Writes the record of a request that got no response.
     fn record(&mut self, completion: Completion) {
+        self.record_status(0, completion);
+    }
+
+    /// Writes the record of a request answered with `status` and no usage.
+    fn record_status(&mut self, status: u16, completion: Completion) {
         if let Some(mut meta) = self.meta.take() {
-            // A call that failed without a response used no tokens: its reservation is
-            // refunded. A cancelled one may still be billed upstream, so its reservation
-            // is left to be charged in full when dropped.
+            // A call that failed without a response, or whose failure could not be
+            // metered, used no tokens: its reservation is refunded. A cancelled one may
+            // still be billed upstream, so its reservation is left to be charged in full
+            // when dropped.
             let budget = meta.budget.take();
-            let record = meta.record(&self.shared, 0, completion);
-            if let (Some(budget), Completion::Failed) = (budget, completion) {
-                budget.settle_record(&record);
+            let record = meta.record(&self.shared, status, completion);
+            match (budget, completion) {
+                (Some(budget), Completion::Failed) => budget.settle_record(&record),
+                (Some(budget), Completion::UpstreamError) => budget.refund(),
+                _ => {}
             }
             self.shared.recorder.record(record);
         }
     }
+}
+
+/// Whether a response that cannot be metered (neither JSON nor SSE, or compressed) is an
+/// error a dashboard must see: the same rule as for JSON that is no LLM API's.
+fn is_recorded_error(status: u16) -> bool {
+    status >= 500 || status == 429
 }
 
 impl Drop for Pending {
@@ -165,7 +179,14 @@ where
                     let stream = is_content_type(headers, "text/event-stream");
                     let json = !stream && is_content_type(headers, "application/json");
                     if !stream && !json {
-                        if !response.status().is_success() {
+                        // An error page (a gateway's HTML 502, a plain-text 429) still
+                        // comes from a request that reached the upstream.
+                        let status = response.status().as_u16();
+                        if is_recorded_error(status) {
+                            this.pending.meta = Some(meta);
+                            this.pending
+                                .record_status(status, Completion::UpstreamError);
+                        } else if !response.status().is_success() {
                             // An unmetered failure used no tokens.
                             if let Some(budget) = &meta.budget {
                                 budget.refund();
@@ -182,6 +203,12 @@ where
                         this.pending.shared.stats.add_encoded_body();
                         tracing::warn!(target: "palisade::cost", route = %meta.route,
                             "compressed response not metered: place CostMeterLayer inside compression");
+                        let status = response.status().as_u16();
+                        if is_recorded_error(status) {
+                            this.pending.meta = Some(meta);
+                            this.pending
+                                .record_status(status, Completion::UpstreamError);
+                        }
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     }

@@ -104,7 +104,7 @@ impl TopLevelScan {
                 self.in_string = false;
                 if self.key_capture {
                     self.key_capture = false;
-                    self.pending = self.keys.iter().position(|k| k.as_bytes() == self.key);
+                    self.pending = self.wanted_key();
                 } else if self.depth == 1 && self.capture.as_ref().is_some_and(|c| c.string) {
                     self.complete();
                 }
@@ -164,6 +164,23 @@ impl TopLevelScan {
         }
     }
 
+    /// Which wanted key the key just read is, as a JSON reader reads it: escapes
+    /// (`"us\u0061ge"`) are decoded first.
+    fn wanted_key(&self) -> Option<usize> {
+        if self.key.len() > MAX_KEY {
+            return None;
+        }
+        if !self.key.contains(&b'\\') {
+            return self.keys.iter().position(|k| k.as_bytes() == self.key);
+        }
+        let mut quoted = Vec::with_capacity(self.key.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(&self.key);
+        quoted.push(b'"');
+        let key = serde_json::from_slice::<String>(&quoted).ok()?;
+        self.keys.iter().position(|k| *k == key)
+    }
+
     fn start_capture(&mut self, first: u8, string: bool) {
         if let Some(key) = self.pending.take() {
             self.capture = Some(Capture {
@@ -218,6 +235,21 @@ mod tests {
             assert_eq!(s.value(2), Some(&br#"{"user_id":"real\"one"}"#[..]));
             assert_eq!(s.state(), ScanState::Closed);
         }
+    }
+
+    #[test]
+    fn escaped_keys_match_as_a_json_reader_reads_them() {
+        // `"us\u0061ge"` is the key `usage` to every JSON reader (the provider's
+        // included): the scan must agree, at every split.
+        let text = br#"{"m\u006fdel":"m","content":[{"\u0075sage":1}],"us\u0061ge":{"output_tokens":9},"metad\u0061t\u0061x":{"a":1}}"#;
+        for split in 1..text.len() {
+            let s = scan(text, split);
+            assert_eq!(s.value(0), Some(&br#""m""#[..]), "split {split}");
+            assert_eq!(s.value(1), Some(&br#"{"output_tokens":9}"#[..]));
+            assert_eq!(s.value(2), None, "a longer key is not `metadata`");
+        }
+        let whole: serde_json::Value = serde_json::from_slice(text).unwrap();
+        assert_eq!(whole["usage"]["output_tokens"], 9);
     }
 
     #[test]

@@ -171,13 +171,14 @@ impl CostMeterLayer {
     }
 
     /// Appends `: palisade-cost usd=… input=… output=…` (an SSE comment, ignored by
-    /// clients) at the end of event streams.
+    /// clients) at the end of event streams that reported usage.
     pub fn sse_cost_comment(self, on: bool) -> Self {
         self.edit(|s| s.sse_comment = on)
     }
 
-    /// The largest JSON body scanned for usage (larger ones are counted in
-    /// `oversize_body` and recorded without usage).
+    /// The largest JSON body held and parsed whole (larger ones are counted in
+    /// `oversize_body` and read by their top-level members as they pass, in bounded
+    /// memory: the usage is still found).
     pub fn max_json_body(self, bytes: usize) -> Self {
         self.edit(|s| s.max_json_body = bytes)
     }

@@ -33,7 +33,8 @@
 //!   transport error, an open breaker's refusal raised as an error): failed; the request
 //!   dropped before its response head: cancelled. Summaries count errors apart from
 //!   unpriced models. A JSON response that is no LLM API's (another route behind the same
-//!   layer) is recorded only for a 5xx or 429, and gets no cost headers.
+//!   layer) is recorded only for a 5xx or 429, and gets no cost headers; so is a response
+//!   of any other content type (a gateway's HTML 502) or a compressed one.
 //!
 //! More rules:
 //!
@@ -50,7 +51,8 @@
 //!   and the body's top-level `metadata.user_id` with [`BodyUserIdLayer`]; bot and
 //!   conversation labels from `x-bot-id` / `x-conversation-id`, and the hashed API key.
 //! - Compressed responses (`content-encoding` other than `identity`) pass unmetered and are
-//!   counted (`encoded_body`): put the meter inside any compression layer.
+//!   counted (`encoded_body`; an error status is still recorded): put the meter inside any
+//!   compression layer.
 //! - Showing the cost, only on responses that reported usage: `x-palisade-cost-usd` and
 //!   token headers on small non-streamed JSON responses (read whole before the head is
 //!   sent, which is why it is limited to bodies with a small `content-length`; HTTP

@@ -286,11 +286,13 @@ impl TokenPrices {
 
     fn cost(&self, u: &Usage) -> u128 {
         let m = |n: u64, p: u64| u128::from(n) * u128::from(p);
+        // Each product fits a u128; their sum may not (a price map may hold any price
+        // below 2^64 pico-dollars): saturate, as every other sum of money does.
         m(u.input_tokens, self.input)
-            + m(u.output_tokens, self.output)
-            + m(u.cache_write_5m_tokens, self.cache_write_5m)
-            + m(u.cache_write_1h_tokens, self.cache_write_1h)
-            + m(u.cache_read_tokens, self.cache_read)
+            .saturating_add(m(u.output_tokens, self.output))
+            .saturating_add(m(u.cache_write_5m_tokens, self.cache_write_5m))
+            .saturating_add(m(u.cache_write_1h_tokens, self.cache_write_1h))
+            .saturating_add(m(u.cache_read_tokens, self.cache_read))
     }
 }
 
@@ -652,12 +654,14 @@ fn bedrock_name(name: &str) -> &str {
         }
     }
     let head = &rest[..end];
-    // The `-v1` after a dated id is Bedrock's revision; `claude-v2` is a model name.
+    // The trailing `-v1` is Bedrock's revision (after a dated id, or an undated one such
+    // as `claude-opus-4-6-v1`); in `claude-v2` and `claude-instant-v1` it is part of the
+    // model's name.
     match head.rfind("-v") {
         Some(v)
             if v + 2 < head.len()
                 && head.as_bytes()[v + 2..].iter().all(u8::is_ascii_digit)
-                && base_name(&head[..v]) != &head[..v] =>
+                && !matches!(&head[..v], "claude" | "claude-instant") =>
         {
             &head[..v]
         }
@@ -916,6 +920,59 @@ mod tests {
         assert_eq!(bedrock_name("anthropic.claude-v2:1"), "claude-v2");
         assert_eq!(bedrock_name("claude-3-haiku"), "claude-3-haiku");
         assert!(t.get("us.meta.llama3-70b-instruct-v1:0").is_none());
+    }
+
+    #[test]
+    fn cost_saturates_instead_of_overflowing_on_extreme_prices_and_counts() {
+        // A merged price map may hold any price below 2^64 pico-dollars, and an upstream
+        // may report any count below 2^64: the sum must saturate, never wrap or panic.
+        let max = TokenPrices {
+            input: u64::MAX,
+            output: u64::MAX,
+            cache_write_5m: u64::MAX,
+            cache_write_1h: u64::MAX,
+            cache_read: u64::MAX,
+        };
+        let p = ModelPrice::new(max, "t").with_long_context(u64::MAX, max);
+        let u = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            cache_write_5m_tokens: u64::MAX,
+            cache_write_1h_tokens: u64::MAX,
+            cache_read_tokens: u64::MAX,
+            web_search_requests: u64::MAX,
+        };
+        assert_eq!(p.cost(&u), Money::from_picos(u128::MAX));
+        let mut t = PriceTable::new();
+        t.merge_litellm_json(
+            r#"{"m": {"input_cost_per_token": "18446744.073709551615", "output_cost_per_token": "18446744.073709551615"}}"#,
+        )
+        .unwrap();
+        let two = Usage {
+            input_tokens: u64::MAX,
+            output_tokens: u64::MAX,
+            ..Usage::default()
+        };
+        assert_eq!(t.cost("m", &two), Some(Money::from_picos(u128::MAX)));
+    }
+
+    #[test]
+    fn bedrock_ids_without_a_date_are_priced() {
+        // Newer Bedrock ids carry the revision without a date (`…-opus-4-6-v1`).
+        let t = PriceTable::builtin();
+        for (name, input) in [
+            ("anthropic.claude-opus-4-6-v1", 5_000_000),
+            ("global.anthropic.claude-opus-4-6-v1", 5_000_000),
+            ("us.anthropic.claude-sonnet-4-5-v1:0", 3_000_000),
+            ("eu.anthropic.claude-haiku-4-5-v1:0", 1_000_000),
+        ] {
+            assert_eq!(t.get(name).map(|p| p.base.input), Some(input), "{name}");
+        }
+        assert_eq!(bedrock_name("anthropic.claude-v2:1"), "claude-v2");
+        assert_eq!(
+            bedrock_name("anthropic.claude-instant-v1"),
+            "claude-instant-v1"
+        );
     }
 
     #[test]

@@ -236,12 +236,12 @@ async fn sse_comment_is_appended_once() {
 async fn final_cost_comment_never_completes_an_unfinished_event() {
     // Cut mid-line, mid-event (all lines ended, no blank line), and between events.
     for (text, comment) in [
-        (&b"data: {\"model\":\"gpt-4o\"}\n\ndata: partial"[..], false),
+        (&b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\ndata: partial"[..], false),
         (
-            &b"data: {\"model\":\"gpt-4o\"}\n\nevent: x\ndata: {}\n"[..],
+            &b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\nevent: x\ndata: {}\n"[..],
             false,
         ),
-        (&b"data: {\"model\":\"gpt-4o\"}\n\n"[..], true),
+        (&b"data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n\n"[..], true),
     ] {
         let (_, out, records, _) = meter(
             |l| l.sse_cost_comment(true),
@@ -623,7 +623,7 @@ impl Body for Stalled {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn client_gone_while_buffering_for_cost_headers_still_records() {
     let (sink, recorder, shutdown) = fresh_recorder();
     let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
@@ -646,7 +646,7 @@ async fn client_gone_while_buffering_for_cost_headers_still_records() {
     assert_eq!(records[0].status, 200);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn request_dropped_before_the_response_head_is_recorded_as_cancelled() {
     let (sink, recorder, shutdown) = fresh_recorder();
     let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
@@ -868,4 +868,169 @@ async fn user_header_is_opt_in_and_the_principal_comes_first() {
         .map(|r| r.attribution.user.clone().unwrap())
         .collect();
     assert_eq!(users, ["from-header", "from-ext", "alice"]);
+}
+
+/// A service answering every request with `status`, `content-type` and `body` (either may
+/// be absent), and a `content-encoding` when given.
+fn answering(
+    status: u16,
+    content_type: Option<&'static str>,
+    encoding: Option<&'static str>,
+    body: &'static str,
+) -> impl Service<
+    http::Request<Full<Bytes>>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<http::Response<Full<Bytes>>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |_req: http::Request<Full<Bytes>>| async move {
+        let mut b = http::Response::builder().status(status);
+        if let Some(ct) = content_type {
+            b = b.header("content-type", ct);
+        }
+        if let Some(enc) = encoding {
+            b = b.header("content-encoding", enc);
+        }
+        Ok::<_, Infallible>(
+            b.body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    })
+}
+
+#[tokio::test]
+async fn error_responses_that_are_not_json_are_still_recorded_as_upstream_errors() {
+    // A gateway's HTML 502, a plain-text 429, a 503 without a content type and a
+    // compressed JSON 500 all come from a request that reached the upstream.
+    let (sink, recorder, shutdown) = fresh_recorder();
+    for (status, ct, enc, body) in [
+        (502, Some("text/html"), None, "<html>Bad Gateway</html>"),
+        (429, Some("text/plain"), None, "slow down"),
+        (503, None, None, ""),
+        (500, Some("application/json"), Some("gzip"), "\x1f\u{8b}"),
+    ] {
+        let svc = CostMeterLayer::new(PriceTable::builtin(), recorder.clone())
+            .layer(answering(status, ct, enc, body));
+        let res = svc.oneshot(request()).await.unwrap();
+        assert_eq!(res.status().as_u16(), status);
+        let out = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(out, body.as_bytes(), "passes unchanged");
+    }
+    // A successful response of another kind is still not recorded.
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(answering(
+        200,
+        Some("text/html"),
+        None,
+        "<p>ok</p>",
+    ));
+    svc.oneshot(request())
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    shutdown.shutdown().await;
+    let records = sink.records();
+    let got: Vec<_> = records.iter().map(|r| (r.status, r.completion)).collect();
+    assert_eq!(
+        got,
+        [
+            (502, Completion::UpstreamError),
+            (429, Completion::UpstreamError),
+            (503, Completion::UpstreamError),
+            (500, Completion::UpstreamError),
+        ]
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r.model.is_none() && r.cost.is_none())
+    );
+    assert_eq!(records[0].route, "/v1/messages");
+    assert_eq!(records[0].attribution.bot.as_deref(), Some("support"));
+}
+
+#[tokio::test]
+async fn openai_error_chunk_in_a_stream_is_an_upstream_error() {
+    // OpenAI reports a failure mid-stream as an unnamed `data: {"error": …}` event and
+    // closes the stream (no `[DONE]`).
+    let text = concat!(
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-2024-08-06\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" \\\"error\\\": {\"}}]}\n\n",
+        "data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n",
+    );
+    let (_, out, records, _) =
+        meter(|l| l, "text/event-stream", Chunks::new([Bytes::from(text)])).await;
+    assert_eq!(out, text.as_bytes());
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].completion, Completion::UpstreamError);
+    assert_eq!(records[0].upstream_error.as_deref(), Some("server_error"));
+    assert_eq!(records[0].model.as_deref(), Some("gpt-4o-2024-08-06"));
+}
+
+#[tokio::test]
+async fn json_body_read_whole_then_dropped_before_its_end_keeps_its_usage() {
+    // The client (or a server that knows the length) stops after the last byte and drops
+    // the body before polling past its end: the document is whole, its usage is there.
+    let json = r#"{"type":"message","model":"claude-opus-4-7","content":[],"usage":{"input_tokens":6,"cache_creation_input_tokens":159217,"output_tokens":2745}}"#;
+    for cuts in [vec![], vec![40], vec![7, 90]] {
+        let (sink, recorder, shutdown) = fresh_recorder();
+        let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(upstream(
+            "application/json",
+            Chunks::new(split(json, &cuts)),
+        ));
+        let res = svc.oneshot(request()).await.unwrap();
+        let mut body = res.into_body();
+        let mut got = Vec::new();
+        while got.len() < json.len() {
+            let frame = body.frame().await.unwrap().unwrap();
+            got.extend_from_slice(frame.data_ref().unwrap());
+        }
+        drop(body);
+        shutdown.shutdown().await;
+        let records = sink.records();
+        assert_eq!(records.len(), 1, "exactly one record");
+        let r = &records[0];
+        assert_eq!(r.usage.output_tokens, 2745, "cuts {cuts:?}");
+        assert_eq!(r.cost.unwrap().dollars_string(), "1.06376125");
+        assert_eq!(
+            r.completion,
+            Completion::Complete,
+            "the whole document arrived"
+        );
+    }
+    // Cut short inside the document: partial, nothing invented.
+    let (sink, recorder, shutdown) = fresh_recorder();
+    let svc = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(upstream(
+        "application/json",
+        Chunks::new(split(json, &[60])),
+    ));
+    let mut body = svc.oneshot(request()).await.unwrap().into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    shutdown.shutdown().await;
+    let records = sink.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].completion, Completion::Partial);
+    assert_eq!(records[0].usage, Usage::default());
+}
+
+#[tokio::test]
+async fn no_cost_comment_on_a_stream_that_reported_no_usage() {
+    // As with the cost headers: no usage found, no `usd=unknown input=0 …` comment (an
+    // OpenAI stream without `stream_options.include_usage`, an SSE route of another kind).
+    for text in [
+        "data: {\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n",
+        "event: status\ndata: {\"model\":\"build-42\",\"state\":\"running\"}\n\n",
+    ] {
+        let (_, out, records, _) = meter(
+            |l| l.sse_cost_comment(true),
+            "text/event-stream",
+            Chunks::new([Bytes::from(text)]),
+        )
+        .await;
+        assert_eq!(out, text.as_bytes(), "passes unchanged, nothing appended");
+        assert!(records.len() <= 1);
+    }
 }

@@ -123,8 +123,17 @@ pub struct UsageExtractor {
     parse_failures: u64,
 }
 
+/// A token count: a non-negative integer, written as one (`2745`) or as an integral
+/// float (`2745.0`, `1.59217e5`), which every JSON reader takes for the same number. A
+/// count past `u64::MAX` saturates; negative or fractional values are not counts.
 fn u(v: Option<&Value>) -> Option<u64> {
-    v.and_then(Value::as_u64)
+    let n = v?.as_number()?;
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0 && f.fract() == 0.0)
+            // `as` saturates at u64::MAX
+            .map(|f| f as u64)
+    })
 }
 
 impl UsageExtractor {
@@ -562,6 +571,33 @@ mod tests {
         let mut x = UsageExtractor::new();
         x.on_event(b"message_delta", delta(40).as_bytes());
         assert_eq!(x.usage().cache_write_5m_tokens, 40);
+    }
+
+    #[test]
+    fn integral_float_token_counts_are_counted_not_dropped() {
+        // `2745.0` is the same count as `2745` to a JSON reader; dropping it bills $0.
+        let mut x = UsageExtractor::new();
+        x.feed_json(br#"{"type":"message","model":"claude-opus-4-7","usage":{"input_tokens":6.0,"output_tokens":2745.0,"cache_creation_input_tokens":1.59217e5}}"#);
+        assert_eq!(x.usage().input_tokens, 6);
+        assert_eq!(x.usage().output_tokens, 2745);
+        assert_eq!(x.usage().cache_write_5m_tokens, 159_217);
+        let mut x = UsageExtractor::new();
+        x.feed_json(br#"{"object":"chat.completion","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":2006.0,"completion_tokens":300.0,"prompt_tokens_details":{"cached_tokens":1920.0}}}"#);
+        assert_eq!(
+            (
+                x.usage().input_tokens,
+                x.usage().cache_read_tokens,
+                x.usage().output_tokens
+            ),
+            (86, 1920, 300)
+        );
+        // A count past u64 saturates (never 0); negative or fractional values are not
+        // counts: ignored.
+        let mut x = UsageExtractor::new();
+        x.feed_json(br#"{"type":"message","model":"m","usage":{"input_tokens":18446744073709551616,"output_tokens":-5,"cache_read_input_tokens":1.5}}"#);
+        assert_eq!(x.usage().input_tokens, u64::MAX);
+        assert_eq!(x.usage().output_tokens, 0);
+        assert_eq!(x.usage().cache_read_tokens, 0);
     }
 
     #[test]

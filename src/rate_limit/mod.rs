@@ -63,7 +63,6 @@ pub mod algorithm;
 mod builder;
 mod config;
 mod error;
-mod ext;
 mod future;
 pub mod headers;
 mod key;
@@ -82,7 +81,6 @@ pub use error::{
     AdminError, ParseIpNetError, ParseKeySourceError, ParseRouteError, RateLimitConfigError,
     StoreError,
 };
-pub use ext::RateLimitServiceBuilderExt;
 pub use future::ResponseFuture;
 pub use key::{IpKey, IpNet, KeySource, MAX_HEADER_KEY_LEN, Principal, RateKey, TrustedProxies};
 pub use layer::RateLimitLayer;

@@ -27,8 +27,11 @@ const MAX_RESERVE: i64 = 1 << 60;
 ///
 /// The first-attempt path is one atomic add and, every 32 to 64 requests, one look at the
 /// clock; retries look at the clock each time. So deposits are time-stamped at a
-/// granularity of a few dozen requests (or of the last retry): at low request rates some may expire up to one
-/// slot-lag early, which only ever makes the budget stricter.
+/// granularity of a few dozen requests (or of the last retry): a deposit carries the time
+/// of the last look. At low request rates that can be long ago, and after a quiet spell
+/// longer than the window the few deposits made since may expire at once. This only ever
+/// makes the budget stricter; keep a floor (`min_per_sec`) so that a quiet service can
+/// still retry.
 ///
 /// ```
 /// use std::time::Duration;
@@ -288,6 +291,25 @@ mod tests {
         tokio::time::advance(Duration::from_millis(5_500)).await;
         // the first ten fell out, the second ten remain
         assert_eq!(budget.available(), 10);
+    }
+
+    /// After a quiet spell longer than the window, the few deposits made since carry the
+    /// time of the last look at the clock and expire when the next retry moves the window
+    /// on: stricter, never more lenient; the floor still allows retries.
+    #[tokio::test(start_paused = true)]
+    async fn deposits_after_a_quiet_spell_expire_early_never_late() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 0, 1.0).unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert!(!budget.withdraw());
+        let floored = RetryBudget::new(Duration::from_secs(10), 1, 1.0).unwrap();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..10 {
+            floored.deposit();
+        }
+        assert!(floored.withdraw());
     }
 
     /// Racing callers must never take more retries than the budget holds. Checking the

@@ -147,7 +147,16 @@ impl RetryConfigError {
                 value: String::new(),
                 reason: self.to_string(),
             },
-            example: "see RetryConfig".to_owned(),
+            example: match self.field() {
+                "factor" => "2",
+                "max_delay" => "8s",
+                "deadline" => "30s",
+                "attempt_timeout" => "10s",
+                "budget_window" => "10s",
+                "budget_ratio" => "0.2",
+                _ => "x-retry-count",
+            }
+            .to_owned(),
         }
     }
 
@@ -166,18 +175,20 @@ fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
 
 impl RetryConfig {
     /// A preset for LLM APIs: the defaults (the official SDKs' schedule: 500 ms doubling
-    /// to 8 s with full jitter, 3 retries, a 20% retry budget) and a 2-minute deadline for
-    /// the whole call, retries and waits included. See [`RetryLayer::llm`](super::RetryLayer::llm).
+    /// to 8 s with full jitter, 3 retries, a 20% retry budget) and a 10-minute deadline for
+    /// the whole call, retries and waits included: the official SDKs' request timeout, so a
+    /// long non-streamed generation (minutes, for a large `max_tokens`) is not cut short.
+    /// See [`RetryLayer::llm`](super::RetryLayer::llm).
     ///
     /// ```
     /// use std::time::Duration;
     /// let cfg = palisade::retry::RetryConfig::llm();
-    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(120)));
+    /// assert_eq!(cfg.deadline, Some(Duration::from_secs(600)));
     /// cfg.validate().unwrap();
     /// ```
     pub fn llm() -> Self {
         Self {
-            deadline: Some(Duration::from_secs(120)),
+            deadline: Some(Duration::from_secs(600)),
             ..Self::default()
         }
     }
@@ -245,11 +256,8 @@ impl RetryConfig {
                 s.trim().parse().map(Some).map_err(|e| format!("{e}"))
             }),
         };
-        if env.problems().is_empty() {
-            if let Err(err) = cfg.checked() {
-                let problem = err.problem();
-                env.problem(&problem.name, problem.kind, &problem.example);
-            }
+        for err in cfg.errors() {
+            crate::config::record_invalid(env, err.problem());
         }
         cfg
     }
@@ -261,35 +269,48 @@ impl RetryConfig {
 
     /// Validates and returns the count header name.
     pub(crate) fn checked(&self) -> Result<Option<HeaderName>, RetryConfigError> {
+        if let Some(err) = self.errors().into_iter().next() {
+            return Err(err);
+        }
+        Ok(self
+            .count_header
+            .as_deref()
+            .and_then(|name| HeaderName::from_bytes(name.as_bytes()).ok()))
+    }
+
+    /// Every problem, in field order (so `from_env` reports them all at once).
+    fn errors(&self) -> Vec<RetryConfigError> {
+        let mut errs = Vec::new();
         if !(self.factor.is_finite() && self.factor >= 1.0) {
-            return Err(RetryConfigError::Factor(self.factor));
+            errs.push(RetryConfigError::Factor(self.factor));
         }
         if self.max_delay < self.base_delay {
-            return Err(RetryConfigError::MaxDelayBelowBase {
+            errs.push(RetryConfigError::MaxDelayBelowBase {
                 base_delay: self.base_delay,
                 max_delay: self.max_delay,
             });
         }
         if self.deadline == Some(Duration::ZERO) {
-            return Err(RetryConfigError::ZeroLimit("deadline"));
+            errs.push(RetryConfigError::ZeroLimit("deadline"));
         }
         if self.attempt_timeout == Some(Duration::ZERO) {
-            return Err(RetryConfigError::ZeroLimit("attempt_timeout"));
+            errs.push(RetryConfigError::ZeroLimit("attempt_timeout"));
         }
         if self.budget {
-            super::budget::RetryBudget::new(
+            if let Err(err) = super::budget::RetryBudget::new(
                 self.budget_window,
                 self.budget_min_per_sec,
                 self.budget_ratio,
-            )?;
+            ) {
+                errs.push(err.into());
+            }
         }
-        self.count_header
-            .as_deref()
-            .map(|name| {
-                HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| RetryConfigError::CountHeader(name.to_owned()))
-            })
-            .transpose()
+        if let Some(name) = self.count_header.as_deref() {
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                errs.push(RetryConfigError::CountHeader(name.to_owned()));
+            }
+        }
+        errs
     }
 
     /// Builds the layer with the default classifier.
@@ -386,5 +407,38 @@ mod tests {
         };
         cfg.budget_ratio = -1.0;
         assert!(cfg.validate().is_ok());
+    }
+
+    /// Values that parse but do not validate were reported only when nothing else was
+    /// wrong, and only the first of them, so fixing a configuration took one restart per
+    /// mistake; the report showed the value as `""` and `see RetryConfig` as the example.
+    #[test]
+    fn from_env_reports_every_invalid_value_at_once() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_JITTER", "sometimes"),
+            ("PALISADE_RETRY_FACTOR", "0.5"),
+            ("PALISADE_RETRY_DEADLINE", "0s"),
+            ("PALISADE_RETRY_BUDGET_RATIO", "5000"),
+        ]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PALISADE_RETRY_JITTER",
+                "PALISADE_RETRY_FACTOR",
+                "PALISADE_RETRY_DEADLINE",
+                "PALISADE_RETRY_BUDGET_RATIO"
+            ],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains(r#"PALISADE_RETRY_FACTOR is invalid ("0.5")"#),
+            "{text}"
+        );
+        assert!(text.contains("PALISADE_RETRY_FACTOR=2"), "{text}");
+        assert!(!text.contains("see RetryConfig"), "{text}");
     }
 }

@@ -94,8 +94,9 @@ impl RetryLayer {
     }
 
     /// A preset for LLM APIs (Anthropic, OpenAI): the defaults, which follow the official
-    /// SDKs' schedule (500 ms doubling to 8 s, full jitter, 3 retries), with a 2-minute
-    /// deadline for the whole call, retries and waits included. A server that asks for a
+    /// SDKs' schedule (500 ms doubling to 8 s, full jitter, 3 retries), with a 10-minute
+    /// deadline for the whole call, retries and waits included (the SDKs' request timeout:
+    /// a non-streamed generation can take minutes). A server that asks for a
     /// longer wait than 8 s gets its answer back at once.
     pub fn llm() -> Self {
         Self::from_config(RetryConfig::llm()).expect("the LLM preset is valid")

@@ -63,11 +63,18 @@ pub struct HttpSource<B> {
     body: BodySource<B>,
 }
 
+/// Shows the method, the URI (through [`redact_url`](crate::key::redact_url)) and the
+/// header names, never header values: the head carries the caller's API key.
 impl<B> std::fmt::Debug for HttpSource<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpSource")
-            .field("parts", &self.parts)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("HttpSource");
+        if let Some(parts) = &self.parts {
+            let names: Vec<&str> = parts.headers.keys().map(http::HeaderName::as_str).collect();
+            d.field("method", &parts.method)
+                .field("uri", &crate::key::redact_url(&parts.uri.to_string()))
+                .field("headers", &names);
+        }
+        d.finish_non_exhaustive()
     }
 }
 
@@ -286,6 +293,24 @@ mod tests {
         assert_eq!(last.uri().path(), "/v1/messages");
         assert!(!source.can_replay());
         assert!(source.next_attempt(false).is_none());
+    }
+
+    /// The head's `Debug` printed every header value, the caller's API key among them.
+    #[test]
+    fn http_source_debug_shows_no_secret() {
+        let request = http::Request::builder()
+            .method(Method::POST)
+            .uri("http://127.0.0.1/v1beta/models?key=hunter2-query")
+            .header("x-api-key", "sk-ant-api03-hunter2-header")
+            .header("authorization", "Bearer hunter2-bearer")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let shown = format!("{:?}", request.into_source(1024));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("x-api-key") && shown.contains("POST"),
+            "{shown}"
+        );
     }
 
     #[test]

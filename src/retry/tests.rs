@@ -531,6 +531,27 @@ async fn the_deadline_bounds_the_whole_call() {
     assert_eq!(err.kind(), crate::ErrorKind::Timeout);
 }
 
+/// The LLM preset's deadline was 2 minutes: a normal non-streamed generation of a few
+/// minutes (a large `max_tokens`) was cut off with a timeout, after the upstream had done
+/// (and billed) the work. The official SDKs wait 10 minutes.
+#[tokio::test(start_paused = true)]
+async fn the_llm_preset_lets_a_long_non_streamed_call_finish() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&calls);
+    let svc = RetryLayer::llm().layer(service_fn(move |_req: Req| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_secs(5 * 60)).await;
+            Ok::<_, BoxError>(response(200, &[]))
+        }
+    }));
+    let start = Instant::now();
+    let res = svc.oneshot(post("{}")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(300));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retried_response_is_dropped_before_the_next_attempt() {
     struct Flag(Arc<AtomicBool>);

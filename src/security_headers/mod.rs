@@ -110,13 +110,11 @@
 mod builder;
 mod config;
 mod csp;
-mod ext;
 mod future;
 mod layer;
 mod values;
 
-#[cfg(test)]
-mod observatory;
+pub mod observatory;
 #[cfg(test)]
 mod tests;
 
@@ -125,7 +123,6 @@ pub use builder::{
 };
 pub use config::{Preset, SecurityHeadersConfig};
 pub use csp::{ContentSecurityPolicy, CspBuilder, CspError, CspNonce, Directive, Source};
-pub use ext::SecurityHeadersServiceBuilderExt;
 pub use future::ResponseFuture;
 pub use layer::{SecurityHeaders, SecurityHeadersLayer};
 pub use values::{

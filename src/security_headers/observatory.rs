@@ -1,11 +1,18 @@
 //! The MDN HTTP Observatory's header tests, written from its published scoring rules
-//! (test names and score modifiers as the Observatory reports them), and applied to the
-//! presets. No network: the checks read a response's headers.
+//! (test names and score modifiers as the Observatory reports them). No network: the
+//! checks read a response's headers, so a test can grade what a service really serves.
+//!
+//! ```
+//! use palisade::security_headers::observatory;
+//!
+//! let mut headers = http::HeaderMap::new();
+//! headers.insert("x-content-type-options", "nosniff".parse().unwrap());
+//! let grade = observatory::grade(&headers);
+//! assert!(grade.score < 100);
+//! assert!(grade.failing.iter().any(|f| f.starts_with("content-security-policy")));
+//! ```
 
 use http::HeaderMap;
-
-use super::{ContentSecurityPolicy, HstsWhen, SecurityHeadersLayer, SecurityHeadersLayerBuilder};
-use crate::config::Environment;
 
 /// One test's verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,26 +247,48 @@ fn all_tests(headers: &HeaderMap) -> Vec<(&'static str, Verdict)> {
     ]
 }
 
-/// The Observatory's score: 100 plus penalties; bonuses only count from 90 up.
-fn score(verdicts: &[(&'static str, Verdict)]) -> i32 {
-    let penalties: i32 = verdicts.iter().map(|(_, v)| v.modifier.min(0)).sum();
-    let bonuses: i32 = verdicts.iter().map(|(_, v)| v.modifier.max(0)).sum();
-    let base = 100 + penalties;
-    (if base >= 90 { base + bonuses } else { base }).max(0)
+/// What the Observatory's header tests say of a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Grade {
+    /// 100 plus penalties, plus bonuses from 90 up (the Observatory's rule).
+    pub score: i32,
+    /// Each test's result name (`csp-implemented-with-no-unsafe-default-src-none`, ...).
+    pub results: Vec<&'static str>,
+    /// The failing tests, as `test: result (modifier)`.
+    pub failing: Vec<String>,
 }
 
-async fn headers_of(layer: SecurityHeadersLayer) -> HeaderMap {
-    use tower::{Layer, ServiceExt, service_fn};
-    let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
-        let mut res = http::Response::new(());
-        res.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-        Ok::<_, std::convert::Infallible>(res)
-    }));
-    let req = http::Request::get("https://api.example.com/v1/messages")
-        .body(())
-        .unwrap();
-    svc.oneshot(req).await.unwrap().headers().clone()
+impl Grade {
+    /// The letter the Observatory gives the score (`A+` from 100 up).
+    pub fn letter(&self) -> &'static str {
+        match self.score {
+            100.. => "A+",
+            90..=99 => "A",
+            85..=89 => "A-",
+            80..=84 => "B+",
+            70..=79 => "B",
+            65..=69 => "B-",
+            60..=64 => "C+",
+            50..=59 => "C",
+            45..=49 => "C-",
+            40..=44 => "D+",
+            30..=39 => "D",
+            25..=29 => "D-",
+            _ => "F",
+        }
+    }
+}
+
+/// Grades a response's headers with the Observatory's header tests (CSP,
+/// X-Content-Type-Options, X-Frame-Options, Referrer-Policy, CORP, HSTS).
+pub fn grade(headers: &HeaderMap) -> Grade {
+    let verdicts = all_tests(headers);
+    Grade {
+        score: score(&verdicts),
+        results: verdicts.iter().map(|(_, v)| v.result).collect(),
+        failing: failing(&verdicts),
+    }
 }
 
 fn failing(verdicts: &[(&'static str, Verdict)]) -> Vec<String> {
@@ -270,130 +299,161 @@ fn failing(verdicts: &[(&'static str, Verdict)]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn api_preset_fails_no_observatory_test() {
-    let layer = SecurityHeadersLayerBuilder::api()
-        .environment(Environment::Production)
-        .build()
-        .unwrap();
-    let verdicts = all_tests(&headers_of(layer).await);
-    assert_eq!(failing(&verdicts), Vec::<String>::new());
-    let results: Vec<&str> = verdicts.iter().map(|(_, v)| v.result).collect();
-    assert_eq!(
-        results,
-        [
-            "csp-implemented-with-no-unsafe-default-src-none",
-            "x-content-type-options-nosniff",
-            "x-frame-options-implemented-via-csp",
-            "referrer-policy-private",
-            "cross-origin-resource-policy-implemented-with-same-origin",
-            "hsts-implemented-max-age-at-least-six-months",
-        ]
-    );
-    assert_eq!(score(&verdicts), 120);
+/// The Observatory's score: 100 plus penalties; bonuses only count from 90 up.
+fn score(verdicts: &[(&'static str, Verdict)]) -> i32 {
+    let penalties: i32 = verdicts.iter().map(|(_, v)| v.modifier.min(0)).sum();
+    let bonuses: i32 = verdicts.iter().map(|(_, v)| v.modifier.max(0)).sum();
+    let base = 100 + penalties;
+    (if base >= 90 { base + bonuses } else { base }).max(0)
 }
 
-#[tokio::test]
-async fn api_preset_passes_over_https_in_development_too() {
-    let verdicts = all_tests(&headers_of(SecurityHeadersLayer::api()).await);
-    assert_eq!(failing(&verdicts), Vec::<String>::new());
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Environment;
+    use crate::security_headers::{
+        ContentSecurityPolicy, HstsWhen, SecurityHeadersLayer, SecurityHeadersLayerBuilder,
+    };
 
-#[tokio::test]
-async fn web_preset_with_nonces_fails_no_observatory_test() {
-    let verdicts = all_tests(&headers_of(SecurityHeadersLayer::web()).await);
-    assert_eq!(failing(&verdicts), Vec::<String>::new());
-    assert_eq!(verdicts[0].1.result, "csp-implemented-with-no-unsafe");
-    assert!(score(&verdicts) >= 100);
-}
-
-#[tokio::test]
-async fn the_checks_fail_weak_configurations() {
-    // No headers at all.
-    let bare = all_tests(&HeaderMap::new());
-    assert_eq!(failing(&bare).len(), 4, "{:?}", failing(&bare));
-    assert_eq!(score(&bare), 30);
-
-    // Report-only CSP does not count; 'unsafe-inline' and 'unsafe-eval' are penalised.
-    let report_only = SecurityHeadersLayerBuilder::api()
-        .csp(
-            ContentSecurityPolicy::api()
-                .to_builder()
-                .report_only(true)
-                .build()
-                .unwrap(),
-        )
-        .hsts_when(HstsWhen::Never)
-        .build()
-        .unwrap();
-    let verdicts = all_tests(&headers_of(report_only).await);
-    assert_eq!(verdicts[0].1.result, "csp-not-implemented");
-    assert_eq!(verdicts[2].1.result, "x-frame-options-sameorigin-or-deny");
-    assert_eq!(verdicts[5].1.result, "hsts-not-implemented");
-
-    for (csp, expected) in [
-        (
-            "script-src 'self' 'unsafe-inline'",
-            "csp-implemented-with-unsafe-inline",
-        ),
-        (
-            "default-src 'self' 'unsafe-eval'",
-            "csp-implemented-with-unsafe-eval",
-        ),
-        (
-            "default-src 'self' http://cdn.example.com",
-            "csp-implemented-with-insecure-scheme",
-        ),
-        ("default-src https:", "csp-implemented-with-unsafe-inline"),
-        ("img-src 'self'", "csp-implemented-with-unsafe-inline"),
-        (
-            "default-src 'self'; style-src 'self' 'unsafe-inline'",
-            "csp-implemented-with-unsafe-inline-in-style-src-only",
-        ),
-        (
-            "script-src 'self' 'unsafe-inline' 'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='",
-            "csp-implemented-with-no-unsafe",
-        ),
-    ] {
-        let mut headers = HeaderMap::new();
-        headers.insert("content-security-policy", csp.parse().unwrap());
-        assert_eq!(csp_test(&headers).result, expected, "{csp}");
+    async fn headers_of(layer: SecurityHeadersLayer) -> HeaderMap {
+        use tower::{Layer, ServiceExt, service_fn};
+        let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+            let mut res = http::Response::new(());
+            res.headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+        let req = http::Request::get("https://api.example.com/v1/messages")
+            .body(())
+            .unwrap();
+        svc.oneshot(req).await.unwrap().headers().clone()
     }
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "content-security-policy",
-        "default-src 'self'; default-src *".parse().unwrap(),
-    );
-    assert_eq!(csp_test(&headers).result, "csp-header-invalid");
 
-    for (value, expected, pass) in [
-        ("unsafe-url", "referrer-policy-unsafe", false),
-        ("origin-when-cross-origin", "referrer-policy-unsafe", false),
-        ("unsafe-url, strict-origin", "referrer-policy-private", true),
-        (
-            "no-referrer-when-downgrade",
-            "referrer-policy-no-referrer-when-downgrade",
-            true,
-        ),
-        ("whatever", "referrer-policy-header-invalid", false),
-    ] {
-        let mut headers = HeaderMap::new();
-        headers.insert("referrer-policy", value.parse().unwrap());
-        let v = referrer_policy_test(&headers);
-        assert_eq!((v.result, v.pass), (expected, pass), "{value}");
+    #[tokio::test]
+    async fn api_preset_fails_no_observatory_test() {
+        let layer = SecurityHeadersLayerBuilder::api()
+            .environment(Environment::Production)
+            .build()
+            .unwrap();
+        let verdicts = all_tests(&headers_of(layer).await);
+        assert_eq!(failing(&verdicts), Vec::<String>::new());
+        let results: Vec<&str> = verdicts.iter().map(|(_, v)| v.result).collect();
+        assert_eq!(
+            results,
+            [
+                "csp-implemented-with-no-unsafe-default-src-none",
+                "x-content-type-options-nosniff",
+                "x-frame-options-implemented-via-csp",
+                "referrer-policy-private",
+                "cross-origin-resource-policy-implemented-with-same-origin",
+                "hsts-implemented-max-age-at-least-six-months",
+            ]
+        );
+        assert_eq!(score(&verdicts), 120);
     }
-    let mut headers = HeaderMap::new();
-    headers.insert("x-content-type-options", "sniff".parse().unwrap());
-    headers.insert("x-frame-options", "ALLOWALL".parse().unwrap());
-    headers.insert("cross-origin-resource-policy", "everyone".parse().unwrap());
-    headers.insert(
-        "strict-transport-security",
-        "max-age=86400".parse().unwrap(),
-    );
-    assert_eq!(
-        failing(&all_tests(&headers)).len(),
-        5,
-        "{:?}",
-        failing(&all_tests(&headers))
-    );
+
+    #[tokio::test]
+    async fn api_preset_passes_over_https_in_development_too() {
+        let verdicts = all_tests(&headers_of(SecurityHeadersLayer::api()).await);
+        assert_eq!(failing(&verdicts), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn web_preset_with_nonces_fails_no_observatory_test() {
+        let verdicts = all_tests(&headers_of(SecurityHeadersLayer::web()).await);
+        assert_eq!(failing(&verdicts), Vec::<String>::new());
+        assert_eq!(verdicts[0].1.result, "csp-implemented-with-no-unsafe");
+        assert!(score(&verdicts) >= 100);
+    }
+
+    #[tokio::test]
+    async fn the_checks_fail_weak_configurations() {
+        // No headers at all.
+        let bare = all_tests(&HeaderMap::new());
+        assert_eq!(failing(&bare).len(), 4, "{:?}", failing(&bare));
+        assert_eq!(score(&bare), 30);
+
+        // Report-only CSP does not count; 'unsafe-inline' and 'unsafe-eval' are penalised.
+        let report_only = SecurityHeadersLayerBuilder::api()
+            .csp(
+                ContentSecurityPolicy::api()
+                    .to_builder()
+                    .report_only(true)
+                    .build()
+                    .unwrap(),
+            )
+            .hsts_when(HstsWhen::Never)
+            .build()
+            .unwrap();
+        let verdicts = all_tests(&headers_of(report_only).await);
+        assert_eq!(verdicts[0].1.result, "csp-not-implemented");
+        assert_eq!(verdicts[2].1.result, "x-frame-options-sameorigin-or-deny");
+        assert_eq!(verdicts[5].1.result, "hsts-not-implemented");
+
+        for (csp, expected) in [
+            (
+                "script-src 'self' 'unsafe-inline'",
+                "csp-implemented-with-unsafe-inline",
+            ),
+            (
+                "default-src 'self' 'unsafe-eval'",
+                "csp-implemented-with-unsafe-eval",
+            ),
+            (
+                "default-src 'self' http://cdn.example.com",
+                "csp-implemented-with-insecure-scheme",
+            ),
+            ("default-src https:", "csp-implemented-with-unsafe-inline"),
+            ("img-src 'self'", "csp-implemented-with-unsafe-inline"),
+            (
+                "default-src 'self'; style-src 'self' 'unsafe-inline'",
+                "csp-implemented-with-unsafe-inline-in-style-src-only",
+            ),
+            (
+                "script-src 'self' 'unsafe-inline' 'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='",
+                "csp-implemented-with-no-unsafe",
+            ),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-security-policy", csp.parse().unwrap());
+            assert_eq!(csp_test(&headers).result, expected, "{csp}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "content-security-policy",
+            "default-src 'self'; default-src *".parse().unwrap(),
+        );
+        assert_eq!(csp_test(&headers).result, "csp-header-invalid");
+
+        for (value, expected, pass) in [
+            ("unsafe-url", "referrer-policy-unsafe", false),
+            ("origin-when-cross-origin", "referrer-policy-unsafe", false),
+            ("unsafe-url, strict-origin", "referrer-policy-private", true),
+            (
+                "no-referrer-when-downgrade",
+                "referrer-policy-no-referrer-when-downgrade",
+                true,
+            ),
+            ("whatever", "referrer-policy-header-invalid", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("referrer-policy", value.parse().unwrap());
+            let v = referrer_policy_test(&headers);
+            assert_eq!((v.result, v.pass), (expected, pass), "{value}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x-content-type-options", "sniff".parse().unwrap());
+        headers.insert("x-frame-options", "ALLOWALL".parse().unwrap());
+        headers.insert("cross-origin-resource-policy", "everyone".parse().unwrap());
+        headers.insert(
+            "strict-transport-security",
+            "max-age=86400".parse().unwrap(),
+        );
+        assert_eq!(
+            failing(&all_tests(&headers)).len(),
+            5,
+            "{:?}",
+            failing(&all_tests(&headers))
+        );
+    }
 }

@@ -688,7 +688,7 @@ fn layer_from_env_lists_every_problem_or_builds() {
 
 #[tokio::test]
 async fn service_builder_methods_add_the_presets() {
-    use super::SecurityHeadersServiceBuilderExt;
+    use crate::ServiceBuilderExt;
     let ok = |_req: Request<()>| async { Ok::<_, Infallible>(Response::new(())) };
     let api = tower::ServiceBuilder::new()
         .security_headers_api()

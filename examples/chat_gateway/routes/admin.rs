@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use http::HeaderMap;
 use palisade::cost::Money;
@@ -14,7 +14,7 @@ use palisade::{Error, ErrorKind, FieldError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::read_json;
+use super::{ApiPath, read_json};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
@@ -89,7 +89,7 @@ pub async fn reset_rate_limits(
 /// `GET /admin/budgets/{user}`.
 pub async fn get_budget(
     State(state): State<AppState>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
 ) -> Json<BudgetView> {
     Json(state.budgets.view(&user, &state.ledger, SystemTime::now()))
 }
@@ -120,7 +120,7 @@ impl Validate for PutBudget {
 pub async fn put_budget(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(user): Path<String>,
+    ApiPath(user): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<BudgetView>> {

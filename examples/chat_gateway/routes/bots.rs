@@ -5,7 +5,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http::{HeaderMap, StatusCode};
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::RequestId;
 
-use super::{check_budget, forwarded_headers, pass_through, read_json};
+use super::{ApiPath, check_budget, forwarded_headers, pass_through, read_json};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
@@ -149,7 +149,7 @@ pub async fn list(State(state): State<AppState>, Extension(caller): Extension<Ca
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Bot>> {
     state
         .bots
@@ -163,7 +163,7 @@ pub async fn get(
 pub async fn delete(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     if state.bots.delete(&caller.user, &id).await {
         tracing::info!(target: "chat_gateway::audit", event = "bot_deleted", user = %caller.user, bot = %id);
@@ -200,7 +200,7 @@ pub async fn chat(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {

@@ -12,12 +12,15 @@ use std::time::SystemTime;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use http::request::Parts;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use palisade::{Error, ErrorKind};
+use serde::de::DeserializeOwned;
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -55,12 +58,49 @@ pub fn not_found(format: palisade::ErrorFormat) -> Response {
     crate::error::render(&Error::new(ErrorKind::NotFound, "no such route"), format)
 }
 
-async fn method_not_allowed() -> Response {
-    let body = serde_json::json!({
-        "type": "error",
-        "error": {"type": "invalid_request_error", "message": "this method is not allowed on this route"}
-    });
-    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+async fn method_not_allowed(State(state): State<AppState>) -> Response {
+    ApiError::new(
+        Error::invalid_request("this method is not allowed on this route"),
+        state.config.error_format(),
+    )
+    .with_status(StatusCode::METHOD_NOT_ALLOWED)
+    .into_response()
+}
+
+/// axum's `Path`, refusing in the configured error format (axum's own rejection is plain
+/// text): a path segment that is not valid UTF-8 is a 400 with a JSON body.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(Self(value)),
+            Err(e) => Err(ApiError::new(
+                Error::invalid_request(e.body_text()),
+                state.config.error_format(),
+            )),
+        }
+    }
+}
+
+/// axum's `Query`, refusing in the configured error format (axum's own rejection is plain
+/// text).
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(Self(value)),
+            Err(e) => Err(ApiError::new(
+                Error::invalid_request(e.body_text()),
+                state.config.error_format(),
+            )),
+        }
+    }
 }
 
 /// Reads a JSON request body: 415 when it is not JSON, 413 past the configured size.
@@ -101,7 +141,18 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
     {
         return Err(too_large());
     }
-    match Limited::new(body, max).collect().await {
+    let timeout = state.config.body_timeout;
+    let Ok(read) = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await else {
+        return Err(ApiError::new(
+            Error::invalid_request(format!(
+                "the request body did not arrive within {}",
+                palisade::config::duration::format(timeout)
+            )),
+            format,
+        )
+        .with_status(StatusCode::REQUEST_TIMEOUT));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::new(

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::{Extension, Json};
 use palisade::cost::Totals;
 use palisade::{Error, ErrorKind, FieldError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::ApiQuery;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -57,7 +58,7 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
 pub async fn usage(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
-    Query(q): Query<UsageQuery>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<Value>> {
     let format = state.config.error_format();
     let now = SystemTime::now();

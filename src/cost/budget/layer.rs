@@ -172,7 +172,7 @@ impl BudgetLayer {
             default_max_tokens: 4096,
             allow_unpriced: false,
             fail_open: false,
-            user_header: Some("x-user-id".to_owned()),
+            user_header: None,
             bot_header: Some("x-bot-id".to_owned()),
             alerts: None,
             clock: None,
@@ -260,7 +260,10 @@ impl BudgetLayerBuilder {
         self
     }
 
-    /// The header naming the user when the request has no [`Attribution`] (`None`: none).
+    /// The header naming the user when the request has neither a
+    /// [`Principal`](crate::key::Principal) nor an [`Attribution`] user (default `None`:
+    /// not read). The client writes it, so anyone could spend another user's budget or
+    /// escape their own: set it only when a trusted proxy in front sets (and strips) it.
     pub fn user_header(mut self, name: Option<&str>) -> Self {
         self.user_header = name.map(str::to_owned);
         self
@@ -517,8 +520,12 @@ impl Shared {
         for b in &self.budgets {
             let subject: Option<Arc<str>> = match b.scope {
                 Scope::Global => Some("*".into()),
-                Scope::User => attribution
-                    .and_then(|a| a.user.as_deref())
+                // The authenticated caller first, as the cost meter attributes spend.
+                Scope::User => req
+                    .extensions()
+                    .get::<crate::key::Principal>()
+                    .map(crate::key::Principal::id)
+                    .or_else(|| attribution.and_then(|a| a.user.as_deref()))
                     .or_else(|| header_str(headers, self.user_header.as_ref()))
                     .map(Into::into),
                 Scope::Bot => attribution

@@ -38,7 +38,7 @@
 //! use bytes::Bytes;
 //! use http_body_util::Full;
 //! use palisade::cost::budget::{Budget, BudgetLayer, BudgetReservation, Period, Scope};
-//! use palisade::cost::Money;
+//! use palisade::cost::{Money, Principal};
 //! use tower::{Layer, ServiceExt, service_fn};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -54,14 +54,19 @@
 //!     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
 //! }));
 //! // claude-3-5-haiku: up to 1000 output tokens at $4/Mtok = $0.004 reserved (plus the input)
-//! let request = || http::Request::post("/v1/messages").header("x-user-id", "ann")
-//!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[]}"#)))
-//!     .unwrap();
+//! let request = || {
+//!     let mut req = http::Request::post("/v1/messages")
+//!         .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[]}"#)))
+//!         .unwrap();
+//!     req.extensions_mut().insert(Principal::new("ann")); // set by your authentication
+//!     req
+//! };
 //! assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
 //! // a request reserving 5000 × $4/Mtok = $0.02 plus its input no longer fits
-//! let big = http::Request::post("/v1/messages").header("x-user-id", "ann")
+//! let mut big = http::Request::post("/v1/messages")
 //!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":4900,"messages":[]}"#)))
 //!     .unwrap();
+//! big.extensions_mut().insert(Principal::new("ann"));
 //! let refused = svc.oneshot(big).await.unwrap();
 //! assert_eq!(refused.status(), 429);
 //! assert_eq!(refused.headers()["x-should-retry"], "false");
@@ -103,7 +108,9 @@ use super::pricing::Money;
 pub enum Scope {
     /// One account for everyone.
     Global,
-    /// Each user (the `Attribution` extension's user, else the `x-user-id` header).
+    /// Each user: the authenticated [`Principal`](crate::key::Principal), else the
+    /// `Attribution` extension's user, else (opt-in, see
+    /// [`BudgetLayerBuilder::user_header`]) a user header.
     User,
     /// Each API key (hashed; `x-api-key` or `authorization: Bearer`).
     ApiKey,

@@ -113,16 +113,16 @@ impl fmt::Debug for PostgresConfig {
     }
 }
 
-/// The URL without its password.
+/// The URL without its password (in the user info or the query, see
+/// [`crate::key::redact_url`]); a `key=value` connection string that holds a password is
+/// not shown at all.
 fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
-        }
-        _ if url.contains("password") => "<connection string with a password>".to_owned(),
-        _ => url.to_owned(),
+    if url.contains("://") {
+        crate::key::redact_url(url)
+    } else if url.to_ascii_lowercase().contains("password") {
+        "<connection string with a password>".to_owned()
+    } else {
+        url.to_owned()
     }
 }
 
@@ -767,6 +767,20 @@ mod tests {
             dbg.contains("postgres://ledger:***@db:5432/palisade"),
             "{dbg}"
         );
+    }
+
+    /// The sink's own redaction hid only the user info's password: one given as a query
+    /// parameter (which libpq and tokio-postgres accept) was printed.
+    #[test]
+    fn a_password_in_the_query_is_redacted_in_debug() {
+        for url in [
+            "postgres://ledger@db:5432/palisade?sslmode=require&password=hunter2",
+            "postgresql://ledger:hunter2@db/palisade?password=hunter2",
+            "host=db user=ledger PASSWORD=hunter2",
+        ] {
+            let dbg = format!("{:?}", PostgresConfig::new(url));
+            assert!(!dbg.contains("hunter2"), "{dbg}");
+        }
     }
 
     #[test]

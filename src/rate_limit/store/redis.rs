@@ -40,6 +40,17 @@ const GRACE_SERVER_MS: u64 = 0;
 /// Expiry grace (ms) with the client's clock, whose time may run apart from Redis's.
 const GRACE_CLIENT_MS: u64 = 1_000;
 
+/// How long a blocked-cache entry answers without a round trip: an admin reset or a refund
+/// through another instance reaches this one within it.
+const BLOCKED_FRESH: Duration = Duration::from_secs(1);
+
+/// The script counts in doubles: limits, bursts and windows (µs) must stay below this
+/// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
+/// every capacity the store accepts and so decides the same.
+const LUA_EXACT: u64 = 1 << 52;
+/// Times (µs) must stay below 2^53.
+const LUA_TIME: u64 = 1 << 53;
+
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("redis/decide.lua")));
 
@@ -57,7 +68,9 @@ pub enum RedisFailMode {
     /// Admit every request that the blocked-key cache does not refuse, unmetered (the
     /// rate-limit headers then report each rule's full capacity).
     Open,
-    /// Decide in a local memory store (limits per instance, not shared) until Redis is back.
+    /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
+    /// a settlement Redis does not take is applied there too (so what was reserved locally
+    /// comes back locally) and reported as done.
     Local,
 }
 
@@ -328,10 +341,14 @@ enum Conn {
 /// ([`RedisClock`]). The script's arithmetic is the one of
 /// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
 /// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
-/// it). Lua counts in doubles: limits, bursts, costs and windows (in µs) must stay below
-/// 2^52, and times below 2^53 µs (the year 2255), which any real quota does.
+/// it). Lua counts in doubles: limits, bursts and windows (in µs, about 142 years) must
+/// stay below 2^52, and times below 2^53 µs (the year 2255), which any real quota does; a
+/// rule past them gets a [`StoreError`] naming it, never a silently inexact count. A cost
+/// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
+/// memory store refuses it.
 ///
-/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}`, holding three
+/// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
+/// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
 /// integers as a short string and expiring on its own (`PX`) once its state is back to
 /// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
@@ -351,15 +368,20 @@ enum Conn {
 /// error, which the layer answers with 503), fail open (admit), or decide in a local
 /// [`MemoryStore`](crate::rate_limit::MemoryStore). The first failure of an episode is logged at
 /// `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
-/// automatic: the connection reconnects by itself.
+/// automatic: the connection reconnects by itself. A decision that timed out may still
+/// reach Redis late and be counted there, though the failure mode answered it: set the
+/// timeout well above Redis's usual latency.
 ///
 /// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
 /// the store remembers the key until the first instant one unit fits. Further requests
 /// for that key are refused locally, with no round trip (a flood from one key costs Redis
-/// nothing), and keep being refused while Redis is away. The cache forgets a key on
-/// [`Store::reset`], on a settlement that gives units back, and when the rule's parameters
-/// change (a per-key override); [`RedisStore::clear_blocked_cache`] forgets everything.
-/// Units given back by another instance reach this one when the entry expires.
+/// almost nothing: one round trip per key and second), and keep being refused while Redis
+/// is away. The cache forgets a key on [`Store::reset`], on a settlement that gives units
+/// back, and when the rule's parameters change (a per-key override);
+/// [`RedisStore::clear_blocked_cache`] forgets everything. While Redis answers, an entry
+/// answers alone for at most a second, so a reset or units given back through another
+/// instance reach this one within a second; while it does not, every entry answers until
+/// its key can pass again.
 ///
 /// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
 /// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
@@ -472,6 +494,7 @@ impl RedisStore {
     /// The Redis key holding one rule's state for one rate key.
     pub fn key_name(&self, rule: &str, key: &RateKey) -> String {
         let encoded = encode_key(key);
+        let rule = encode_rule(rule);
         match &self.inner.hash_tag {
             HashTag::Key => format!("{}:{rule}:{{{encoded}}}", self.inner.prefix),
             HashTag::Fixed(tag) => format!("{}:{{{tag}}}:{rule}:{encoded}", self.inner.prefix),
@@ -540,8 +563,28 @@ impl RedisStore {
         })
         .arg(self.now_arg(now))
         .arg(grace);
+        if now.is_some_and(|t| t >= LUA_TIME) {
+            return Err(StoreError::new(
+                "the Redis store's time must stay below 2^53 µs (the year 2255)",
+            ));
+        }
         let mut tag: Option<String> = None;
         for (rule, key, params, a, b) in rules {
+            if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
+            {
+                return Err(StoreError::new(format!(
+                    "rule `{rule}`: the Redis store counts exactly only below 2^52: a quota's limit, burst and window (in µs, about 142 years) must be smaller"
+                )));
+            }
+            // A cost past every capacity is refused (`Never`) whatever its size; a delta
+            // past every count saturates.
+            let (a, b) = match mode {
+                Mode::Check | Mode::Peek => (a.min(LUA_EXACT - 1), b),
+                Mode::Settle => (
+                    a.min(LUA_TIME - 1),
+                    b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
+                ),
+            };
             if self.inner.cluster && self.inner.hash_tag == HashTag::Key {
                 let this = encode_key(key);
                 match &tag {
@@ -570,73 +613,15 @@ impl RedisStore {
         Ok(inv)
     }
 
-    /// A refusal from the blocked-key cache, when one of the group's rules is blocked.
-    fn cached_refusal(&self, items: &[CheckItem<'_>]) -> Option<Decision> {
-        let cache = &self.inner.blocked;
-        if !cache.enabled() {
-            return None;
-        }
-        let now = Instant::now();
-        let hits: SmallVec<[Option<Blocked>; 2]> = items
-            .iter()
-            .map(|i| {
-                if i.shadow || i.cost == 0 {
-                    None
-                } else {
-                    cache.get(i.rule_index, i.key, &i.params, now)
-                }
-            })
-            .collect();
-        if hits.iter().all(Option::is_none) {
-            return None;
-        }
-        self.inner.health.hit();
-        let micros = |at: Instant| {
-            u64::try_from(at.saturating_duration_since(now).as_micros()).unwrap_or(u64::MAX)
-        };
-        let rules = items
-            .iter()
-            .zip(&hits)
-            .map(|(item, hit)| match hit {
-                Some(b) => RuleDecision {
-                    verdict: if item.cost > item.params.capacity() {
-                        Verdict::Never
-                    } else {
-                        Verdict::Denied {
-                            retry_after: micros(b.until).max(1),
-                        }
-                    },
-                    remaining: 0,
-                    reset_micros: micros(b.reset_at),
-                    window_start: b.window_start,
-                    debited: false,
-                },
-                // Not known without a round trip: the rule allowed at its last decision.
-                None => RuleDecision {
-                    verdict: if item.cost > item.params.capacity() {
-                        Verdict::Never
-                    } else {
-                        Verdict::Allowed
-                    },
-                    remaining: item.params.capacity(),
-                    reset_micros: 0,
-                    window_start: 0,
-                    debited: false,
-                },
-            })
-            .collect();
-        Some(Decision {
-            admitted: false,
-            rules,
-        })
-    }
-
     fn check_with(
         &self,
         items: &[CheckItem<'_>],
         now: Option<u64>,
     ) -> BoxFuture<Result<Decision, StoreError>> {
-        if let Some(refusal) = self.cached_refusal(items) {
+        if let Some(refusal) = self
+            .inner
+            .cached_refusal(items, self.inner.health.unhealthy())
+        {
             return Box::pin(ready(Ok(refusal)));
         }
         let inv = self.invocation(
@@ -660,7 +645,15 @@ impl RedisStore {
                         inner.remember_blocked(&owned, d, blocked);
                     })
                     .map(|(d, _)| d),
-                Err(e) => inner.degrade(e, &owned),
+                Err(e) => {
+                    // Redis is away: every entry still blocking refuses, fresh or not.
+                    let refs: SmallVec<[CheckItem<'_>; 2]> =
+                        owned.iter().map(OwnedItem::item).collect();
+                    match inner.cached_refusal(&refs, true) {
+                        Some(refusal) => Ok(refusal),
+                        None => inner.degrade(e, &owned),
+                    }
+                }
             }
         })
     }
@@ -672,7 +665,7 @@ impl RedisStore {
     ) -> BoxFuture<Result<(), StoreError>> {
         for s in settlements {
             if s.delta < 0 {
-                self.inner.blocked.remove(s.rule_index, s.key);
+                self.inner.blocked.remove(s.rule, s.key);
             }
         }
         let inv = self.invocation(
@@ -687,12 +680,48 @@ impl RedisStore {
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
+        // With the local fallback, a reservation decided locally is settled locally when
+        // Redis does not answer.
+        let local: SmallVec<[(OwnedItem, u64, i64); 2]> = if inner.fail_mode == RedisFailMode::Local
+        {
+            settlements
+                .iter()
+                .map(|s| {
+                    let item = CheckItem {
+                        rule_index: s.rule_index,
+                        rule: s.rule,
+                        key: s.key,
+                        params: s.params,
+                        cost: 0,
+                        shadow: false,
+                    };
+                    (OwnedItem::of(&item), s.window_start, s.delta)
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         Box::pin(async move {
-            inner
-                .call::<Vec<i64>>(&inv)
-                .await
-                .map(drop)
-                .map_err(|e| StoreError::new(format!("settling in Redis failed: {e}")))
+            match inner.call::<Vec<i64>>(&inv).await {
+                Ok(_) => Ok(()),
+                Err(_) if inner.fail_mode == RedisFailMode::Local => {
+                    inner.health.degraded();
+                    let refs: SmallVec<[Settlement<'_>; 2]> = local
+                        .iter()
+                        .map(|(i, window_start, delta)| Settlement {
+                            rule_index: i.rule_index,
+                            rule: &i.rule,
+                            key: &i.key,
+                            params: i.params,
+                            window_start: *window_start,
+                            delta: *delta,
+                        })
+                        .collect();
+                    inner.fallback.settle_now(&refs);
+                    Ok(())
+                }
+                Err(e) => Err(StoreError::new(format!("settling in Redis failed: {e}"))),
+            }
         })
     }
 
@@ -746,6 +775,68 @@ impl Inner {
         result
     }
 
+    /// A refusal from the blocked-key cache, when one of the group's rules is blocked (by
+    /// a fresh entry, or with `stale_ok` by any entry still blocking).
+    fn cached_refusal(&self, items: &[CheckItem<'_>], stale_ok: bool) -> Option<Decision> {
+        let cache = &self.blocked;
+        if !cache.enabled() {
+            return None;
+        }
+        let now = Instant::now();
+        let hits: SmallVec<[Option<Blocked>; 2]> = items
+            .iter()
+            .map(|i| {
+                if i.shadow || i.cost == 0 {
+                    None
+                } else {
+                    cache.get(i.rule, i.key, &i.params, now, stale_ok)
+                }
+            })
+            .collect();
+        if hits.iter().all(Option::is_none) {
+            return None;
+        }
+        self.health.hit();
+        let micros = |at: Instant| {
+            u64::try_from(at.saturating_duration_since(now).as_micros()).unwrap_or(u64::MAX)
+        };
+        let rules = items
+            .iter()
+            .zip(&hits)
+            .map(|(item, hit)| match hit {
+                Some(b) => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Denied {
+                            retry_after: micros(b.until).max(1),
+                        }
+                    },
+                    remaining: 0,
+                    reset_micros: micros(b.reset_at),
+                    window_start: b.window_start,
+                    debited: false,
+                },
+                // Not known without a round trip: the rule allowed at its last decision.
+                None => RuleDecision {
+                    verdict: if item.cost > item.params.capacity() {
+                        Verdict::Never
+                    } else {
+                        Verdict::Allowed
+                    },
+                    remaining: item.params.capacity(),
+                    reset_micros: 0,
+                    window_start: 0,
+                    debited: false,
+                },
+            })
+            .collect();
+        Some(Decision {
+            admitted: false,
+            rules,
+        })
+    }
+
     /// A decision by the failure mode.
     fn degrade(&self, error: String, items: &[OwnedItem]) -> Result<Decision, StoreError> {
         let refs: SmallVec<[CheckItem<'_>; 2]> = items.iter().map(OwnedItem::item).collect();
@@ -784,11 +875,12 @@ impl Inner {
         for ((item, rule), &blocked_for) in items.iter().zip(&decision.rules).zip(blocked) {
             if blocked_for > 0 && !item.shadow {
                 self.blocked.insert(
-                    item.rule_index,
+                    &item.rule,
                     &item.key,
                     Blocked {
                         params: item.params,
                         until: now + Duration::from_micros(blocked_for),
+                        fresh_until: now + Duration::from_micros(blocked_for).min(BLOCKED_FRESH),
                         reset_at: now + Duration::from_micros(rule.reset_micros),
                         window_start: rule.window_start,
                     },
@@ -844,6 +936,20 @@ fn parse_check(
     ))
 }
 
+/// The rule's name as it appears in a Redis key: without `:` (so no rule and key pair can
+/// spell another's key), `{` or `}` (so the hash tag stays the rate key's).
+fn encode_rule(rule: &str) -> std::borrow::Cow<'_, str> {
+    if !rule.contains(['%', ':', '{', '}']) {
+        return std::borrow::Cow::Borrowed(rule);
+    }
+    std::borrow::Cow::Owned(
+        rule.replace('%', "%25")
+            .replace(':', "%3A")
+            .replace('{', "%7B")
+            .replace('}', "%7D"),
+    )
+}
+
 /// The rate key as it appears in a Redis key: readable, without braces (so it can be a
 /// hash tag), and a header's value only as a digest.
 fn encode_key(key: &RateKey) -> String {
@@ -878,7 +984,9 @@ impl Store for RedisStore {
     }
 
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-        self.cached_refusal(items).map(Ok)
+        self.inner
+            .cached_refusal(items, self.inner.health.unhealthy())
+            .map(Ok)
     }
 
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
@@ -895,7 +1003,9 @@ impl Store for RedisStore {
         rule: &str,
         key: &RateKey,
     ) -> BoxFuture<Result<(), StoreError>> {
-        self.inner.blocked.remove(rule_index, key);
+        // Redis keys, and so the blocked cache, go by the rule's name.
+        let _ = rule_index;
+        self.inner.blocked.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();
         Box::pin(async move {

@@ -15,26 +15,31 @@ pub(super) struct Blocked {
     pub params: Params,
     /// Until when no request of any cost can pass.
     pub until: Instant,
+    /// Until when the entry answers without asking Redis (another instance may reset the
+    /// key or give units back meanwhile); past it, only while Redis does not answer.
+    pub fresh_until: Instant,
     /// When the quota is fully restored.
     pub reset_at: Instant,
     /// The window of the refusal.
     pub window_start: u64,
 }
 
-type Map = hashbrown::HashMap<(u32, RateKey), Blocked, foldhash::fast::RandomState>;
+/// Entries are keyed by the rule's name, as Redis keys are: layers sharing one store
+/// number their rules from 0 each, but their names differ.
+type Map = hashbrown::HashMap<(Box<str>, RateKey), Blocked, foldhash::fast::RandomState>;
 
 /// A borrowed `(rule, key)`: looks an entry up without cloning the key. Hashes as the
 /// tuple does (each field in order).
 #[derive(Hash)]
-struct Lookup<'k>(u32, &'k RateKey);
+struct Lookup<'k>(&'k str, &'k RateKey);
 
-impl hashbrown::Equivalent<(u32, RateKey)> for Lookup<'_> {
-    fn equivalent(&self, key: &(u32, RateKey)) -> bool {
-        self.0 == key.0 && *self.1 == key.1
+impl hashbrown::Equivalent<(Box<str>, RateKey)> for Lookup<'_> {
+    fn equivalent(&self, key: &(Box<str>, RateKey)) -> bool {
+        *self.0 == *key.0 && *self.1 == key.1
     }
 }
 
-/// A bounded map from (rule, key) to [`Blocked`].
+/// A bounded map from (rule name, key) to [`Blocked`].
 pub(super) struct BlockedCache {
     capacity: usize,
     map: Mutex<Map>,
@@ -56,8 +61,16 @@ impl BlockedCache {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The entry for a rule and key that still blocks at `now` with these parameters.
-    pub fn get(&self, rule: u32, key: &RateKey, params: &Params, now: Instant) -> Option<Blocked> {
+    /// The entry for a rule and key that still blocks at `now` with these parameters: a
+    /// fresh one, or with `stale_ok` (Redis did not answer) any.
+    pub fn get(
+        &self,
+        rule: &str,
+        key: &RateKey,
+        params: &Params,
+        now: Instant,
+        stale_ok: bool,
+    ) -> Option<Blocked> {
         if !self.enabled() {
             return None;
         }
@@ -66,13 +79,13 @@ impl BlockedCache {
             return None;
         }
         map.get(&Lookup(rule, key))
-            .filter(|b| b.until > now && b.params == *params)
+            .filter(|b| b.until > now && (stale_ok || b.fresh_until > now) && b.params == *params)
             .copied()
     }
 
     /// Remembers a blocked rule; when the cache is full, expired entries go first, and if
     /// none has expired the newcomer is not kept.
-    pub fn insert(&self, rule: u32, key: &RateKey, blocked: Blocked, now: Instant) {
+    pub fn insert(&self, rule: &str, key: &RateKey, blocked: Blocked, now: Instant) {
         if !self.enabled() {
             return;
         }
@@ -83,11 +96,11 @@ impl BlockedCache {
                 return;
             }
         }
-        map.insert((rule, key.clone()), blocked);
+        map.insert((rule.into(), key.clone()), blocked);
     }
 
     /// Forgets one rule's entry for one key.
-    pub fn remove(&self, rule: u32, key: &RateKey) {
+    pub fn remove(&self, rule: &str, key: &RateKey) {
         if !self.enabled() {
             return;
         }
@@ -102,5 +115,56 @@ impl BlockedCache {
     /// Entries held now (some may have expired).
     pub fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::rate_limit::{Algorithm, Quota};
+
+    fn blocked(now: Instant, for_ms: u64) -> Blocked {
+        let until = now + Duration::from_millis(for_ms);
+        Blocked {
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(1)),
+            until,
+            fresh_until: until,
+            reset_at: until,
+            window_start: 0,
+        }
+    }
+
+    #[test]
+    fn a_flood_of_distinct_keys_never_grows_the_cache_past_its_capacity() {
+        let cache = BlockedCache::new(100);
+        let now = Instant::now();
+        for i in 0..10_000 {
+            let key = RateKey::principal(format!("user-{i}"));
+            cache.insert("chat", &key, blocked(now, 60_000), now);
+        }
+        assert_eq!(cache.len(), 100);
+        // the first hundred stay until they expire; then newcomers take their place
+        let params = blocked(now, 0).params;
+        assert!(
+            cache
+                .get("chat", &RateKey::principal("user-0"), &params, now, false)
+                .is_some()
+        );
+        let later = now + Duration::from_secs(61);
+        cache.insert(
+            "chat",
+            &RateKey::principal("late"),
+            blocked(later, 1),
+            later,
+        );
+        assert_eq!(cache.len(), 1);
+        // another rule's name, the same key: a different entry
+        assert!(
+            cache
+                .get("embed", &RateKey::principal("late"), &params, later, false)
+                .is_none()
+        );
     }
 }

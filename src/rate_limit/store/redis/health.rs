@@ -23,7 +23,7 @@ pub struct RedisHealth {
     /// Failure episodes (a run of failures between two successes counts once).
     pub episodes: u64,
     /// Decisions answered by the failure mode (open, or the local fallback store) instead
-    /// of Redis.
+    /// of Redis, and settlements the local fallback store applied.
     pub degraded_decisions: u64,
     /// Refusals answered by the local cache of blocked keys, without a round trip.
     pub blocked_cache_hits: u64,
@@ -79,6 +79,11 @@ impl Health {
                 "rate-limit Redis store unavailable; following the failure mode until it answers again"
             );
         }
+    }
+
+    /// Whether the last round trip failed.
+    pub fn unhealthy(&self) -> bool {
+        self.unhealthy.load(Ordering::Relaxed)
     }
 
     pub fn degraded(&self) {

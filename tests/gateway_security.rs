@@ -1,0 +1,546 @@
+//! The chat_gateway's security promises, over real sockets: keys are checked in constant
+//! time on their hashes, every admin route refuses user keys (and the list of admin
+//! routes tested is the router's), no configured key reaches the logs of a whole run, and
+//! the headers served over TLS pass the MDN HTTP Observatory's rules.
+#![allow(dead_code)]
+
+#[path = "../examples/chat_gateway/app.rs"]
+mod app;
+#[path = "../examples/chat_gateway/auth.rs"]
+mod auth;
+#[path = "../examples/chat_gateway/config.rs"]
+mod config;
+#[path = "../examples/chat_gateway/dashboard/mod.rs"]
+mod dashboard;
+#[path = "../examples/chat_gateway/error.rs"]
+mod error;
+#[path = "../examples/chat_gateway/log.rs"]
+mod log;
+#[path = "../examples/chat_gateway/metrics.rs"]
+mod metrics;
+#[path = "../examples/chat_gateway/mock.rs"]
+mod mock;
+#[path = "../examples/chat_gateway/routes/mod.rs"]
+mod routes;
+#[path = "../examples/chat_gateway/schema.rs"]
+mod schema;
+#[path = "../examples/chat_gateway/sentry.rs"]
+mod sentry;
+#[path = "../examples/chat_gateway/store.rs"]
+mod store;
+#[path = "../examples/chat_gateway/tls.rs"]
+mod tls;
+#[path = "../examples/chat_gateway/upstream.rs"]
+mod upstream;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade::config::Env;
+use serde_json::json;
+use wiremock::matchers::method;
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const USER: &str = "sk-test-alice-0123456789";
+const OTHER: &str = "sk-test-bob-0123456789ab";
+const ADMIN: &str = "sk-test-admin-0123456789";
+const UPSTREAM_KEY: &str = "sk-ant-upstream-secret-9f8e7d";
+/// A string sent as message content: it must not be logged either.
+const CONTENT: &str = "private-content-5b1e0c";
+
+/// Every admin route, as `(method, path)`.
+const ADMIN_ROUTES: [(&str, &str); 3] = [
+    ("POST", "/admin/rate-limits/reset"),
+    ("GET", "/admin/budgets/alice"),
+    ("PUT", "/admin/budgets/alice"),
+];
+
+/// Everything the tests' tracing subscriber writes.
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "trace,hyper=debug,hyper_util=debug,h2=debug,wiremock=info",
+            ))
+            .json()
+            .with_writer(move || Capture(Arc::clone(&writer)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+        logs
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn start(vars: &[(&str, &str)]) -> SocketAddr {
+    let mut pairs = vec![
+        (
+            "PALISADE_GATEWAY_API_KEYS",
+            format!("alice={USER},bob={OTHER}"),
+        ),
+        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
+        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
+        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
+    ];
+    for (k, v) in vars {
+        pairs.retain(|(name, _)| name != k);
+        pairs.push((k, (*v).to_owned()));
+    }
+    let mut env = Env::from_pairs(pairs);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    let app = app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
+    addr
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> (u16, String) {
+    let mut req = http::Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let bytes = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            Bytes::from(b.to_string())
+        }
+        None => Bytes::new(),
+    };
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let res = client
+        .request(req.body(Full::new(bytes)).unwrap())
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn admin_body(path: &str) -> Option<serde_json::Value> {
+    if path.contains("reset") {
+        Some(json!({"user": "alice"}))
+    } else {
+        Some(json!({"daily_limit_usd": "5"}))
+    }
+}
+
+/// The admin routes the router declares, read from its source, so that a new admin
+/// route cannot be added without this suite checking it.
+#[test]
+fn the_admin_route_list_is_the_routers() {
+    let source = include_str!("../examples/chat_gateway/routes/mod.rs");
+    let mut declared = 0;
+    for line in source.lines() {
+        if let Some(start) = line.find("\"/admin") {
+            let path = &line[start + 1..];
+            let path = &path[..path.find('"').unwrap()];
+            declared += 1;
+            let concrete = path.replace("{user}", "alice");
+            assert!(
+                ADMIN_ROUTES.iter().any(|(_, p)| *p == concrete),
+                "{path} is not in ADMIN_ROUTES"
+            );
+        }
+    }
+    assert_eq!(declared, 2, "admin paths in routes/mod.rs");
+}
+
+#[tokio::test]
+async fn every_admin_route_refuses_user_keys_and_anonymous_callers_and_admits_admins() {
+    captured();
+    let addr = start(&[]).await;
+    for (m, path) in ADMIN_ROUTES {
+        let body = if m == "GET" { None } else { admin_body(path) };
+        for key in [USER, OTHER] {
+            let (status, text) = call(addr, m, path, &[("x-api-key", key)], body.clone()).await;
+            assert_eq!(status, 403, "{m} {path} with a user key: {text}");
+            assert!(text.contains("permission_error"), "{text}");
+            let bearer = format!("Bearer {key}");
+            let (status, _) =
+                call(addr, m, path, &[("authorization", &bearer)], body.clone()).await;
+            assert_eq!(status, 403, "{m} {path} with a user bearer");
+        }
+        let (status, _) = call(addr, m, path, &[], body.clone()).await;
+        assert_eq!(status, 401, "{m} {path} without a key");
+        let (status, text) = call(addr, m, path, &[("x-api-key", ADMIN)], body.clone()).await;
+        assert!(
+            (200..300).contains(&status),
+            "{m} {path} as admin: {status} {text}"
+        );
+    }
+    // Spellings of an admin path that must not reach an admin handler with a user key.
+    for path in [
+        "/%61dmin/budgets/alice",
+        "//admin/budgets/alice",
+        "/admin/../admin/budgets/alice",
+        "/v1/../admin/budgets/alice",
+        "/ADMIN/budgets/alice",
+        "/admin%2Fbudgets%2Falice",
+    ] {
+        let (status, text) = call(addr, "GET", path, &[("x-api-key", USER)], None).await;
+        assert!(
+            status == 403 || status == 404,
+            "GET {path} with a user key: {status} {text}"
+        );
+    }
+    // Usage of others is an admin power too.
+    let (status, _) = call(
+        addr,
+        "GET",
+        "/v1/usage?user=bob",
+        &[("x-api-key", USER)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        addr,
+        "GET",
+        "/v1/usage?user=bob",
+        &[("x-api-key", ADMIN)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn keys_are_compared_as_hashes_in_constant_time_against_every_entry() {
+    let source = include_str!("../examples/chat_gateway/auth.rs");
+    let body = &source[source.find("pub fn authenticate(&self").unwrap()..];
+    let body = &body[..body.find("\n    }\n").unwrap()];
+    assert!(
+        body.contains("ApiKeyId::from_key(key)"),
+        "the presented key is hashed"
+    );
+    assert!(
+        body.contains("constant_time_eq(&e.hash, id.as_bytes())"),
+        "hashes are compared with palisade::key::constant_time_eq"
+    );
+    assert!(
+        body.contains("for e in &self.entries") && !body.contains("return"),
+        "every entry is compared, with no early return"
+    );
+    // The store holds no key, only hashes.
+    let store = auth::KeyStore::new(
+        &[config::NamedKey {
+            name: "alice".into(),
+            key: USER.into(),
+        }],
+        &[],
+    );
+    assert!(!format!("{store:?}").contains(USER));
+    assert!(store.authenticate(USER).is_some());
+    for near in [
+        USER.to_ascii_uppercase(),
+        USER[..USER.len() - 1].to_owned(),
+        format!("{USER} "),
+        format!("{}X", &USER[..USER.len() - 1]),
+    ] {
+        assert!(store.authenticate(&near).is_none(), "{near}");
+    }
+    assert!(palisade::key::constant_time_eq(b"abc", b"abc"));
+    assert!(!palisade::key::constant_time_eq(b"abc", b"abd"));
+    assert!(!palisade::key::constant_time_eq(b"abc", b"abcd"));
+}
+
+#[tokio::test]
+async fn no_configured_key_or_message_content_reaches_the_logs_of_a_whole_run() {
+    let logs = captured();
+    let upstream = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(
+                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
+            ),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&upstream)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": CONTENT}],
+            "usage": {"input_tokens": 10, "output_tokens": 3}
+        })))
+        .with_priority(2)
+        .mount(&upstream)
+        .await;
+    let uri = upstream.uri();
+    let remote = start(&[
+        ("ANTHROPIC_BASE_URL", uri.as_str()),
+        ("ANTHROPIC_API_KEY", UPSTREAM_KEY),
+    ])
+    .await;
+    let mock = start(&[]).await;
+    let chat = |stream: bool| {
+        json!({
+            "model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": CONTENT}]
+        })
+    };
+    let near_misses = [
+        USER.to_ascii_uppercase(),
+        format!("{}0", &USER[..USER.len() - 1]),
+        format!("{ADMIN}x"),
+    ];
+    for addr in [remote, mock] {
+        // Success (a retried 500 upstream first), streams, refusals, admin, bots.
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", USER)],
+            Some(chat(false)),
+        )
+        .await;
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", USER)],
+            Some(chat(true)),
+        )
+        .await;
+        let bearer = format!("Bearer {OTHER}");
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("authorization", &bearer)],
+            Some(chat(false)),
+        )
+        .await;
+        for key in &near_misses {
+            call(
+                addr,
+                "POST",
+                "/v1/messages",
+                &[("x-api-key", key)],
+                Some(chat(false)),
+            )
+            .await;
+            let bearer = format!("Bearer {key}");
+            call(addr, "GET", "/v1/bots", &[("authorization", &bearer)], None).await;
+        }
+        call(
+            addr,
+            "POST",
+            "/v1/messages",
+            &[("x-api-key", USER)],
+            Some(json!({"model": CONTENT})),
+        )
+        .await;
+        call(
+            addr,
+            "GET",
+            "/admin/budgets/alice",
+            &[("x-api-key", USER)],
+            None,
+        )
+        .await;
+        call(
+            addr,
+            "PUT",
+            "/admin/budgets/alice",
+            &[("x-api-key", ADMIN)],
+            Some(json!({"daily_limit_usd": "5"})),
+        )
+        .await;
+        call(
+            addr,
+            "POST",
+            "/admin/rate-limits/reset",
+            &[("x-api-key", ADMIN)],
+            Some(json!({"user": "alice"})),
+        )
+        .await;
+        let (_, bot) = call(
+            addr,
+            "POST",
+            "/v1/bots",
+            &[("x-api-key", USER)],
+            Some(json!({"name": "Helper", "model": "claude-sonnet-4-5", "system_prompt": CONTENT})),
+        )
+        .await;
+        let bot: serde_json::Value = serde_json::from_str(&bot).unwrap();
+        let path = format!("/v1/bots/{}/messages", bot["id"].as_str().unwrap());
+        call(
+            addr,
+            "POST",
+            &path,
+            &[("x-api-key", USER), ("x-conversation-id", "conv-1")],
+            Some(json!({"messages": [{"role": "user", "content": CONTENT}]})),
+        )
+        .await;
+        call(addr, "GET", "/v1/usage", &[("x-api-key", ADMIN)], None).await;
+        call(addr, "GET", "/health", &[], None).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("auth_failed"),
+        "the run was captured: {} bytes",
+        text.len()
+    );
+    assert!(
+        text.contains("chat_gateway::request"),
+        "request lines were captured"
+    );
+    let mut secrets: Vec<String> = vec![
+        USER.into(),
+        OTHER.into(),
+        ADMIN.into(),
+        UPSTREAM_KEY.into(),
+        CONTENT.into(),
+    ];
+    secrets.extend(near_misses);
+    for secret in &secrets {
+        // Any 12-character piece of a key would be a leak too.
+        let piece = &secret[secret.len() - 12..];
+        assert!(
+            !text.contains(piece),
+            "{piece:?} (of a secret) is in the logs:\n{}",
+            text.lines()
+                .filter(|l| l.contains(piece))
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
+
+/// Served over TLS (the gateway's own https mode), every kind of answer — a chat, a
+/// refusal, a 404, health — scores A+ under the Observatory's header rules, over HTTP/2
+/// and HTTP/1.1.
+#[tokio::test]
+async fn headers_served_over_tls_score_a_plus_on_the_observatory_rules() {
+    use palisade::security_headers::observatory;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    for env_name in ["development", "production"] {
+        let mut env = Env::from_pairs([
+            ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+            ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
+            ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+            ("PALISADE_ENV", env_name.to_owned()),
+        ]);
+        let config = config::GatewayConfig::from_env(&mut env);
+        env.finish().expect("valid TLS configuration");
+        let (cert, key) = config.tls.clone().expect("TLS configured");
+        let server_config = tls::load(&cert, &key).unwrap();
+        let app = app::build(config).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+
+        for http2 in [true, false] {
+            let mut roots = RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            #[allow(deprecated)]
+            let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+            let client_config = ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(client_config)
+                .https_only();
+            let https = if http2 {
+                builder.enable_http2().build()
+            } else {
+                builder.enable_http1().build()
+            };
+            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+                .http2_only(http2)
+                .build(https);
+            let base = format!("https://localhost:{}", addr.port());
+            let chat = json!({
+                "model": "claude-sonnet-4-5", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hi"}]
+            });
+            let requests = [
+                ("POST", "/v1/messages", Some(USER), Some(chat.clone())),
+                ("POST", "/v1/messages", Some("sk-wrong"), Some(chat)),
+                ("GET", "/nowhere", None, None),
+                ("GET", "/health", None, None),
+            ];
+            for (m, path, key, body) in requests {
+                let mut req = http::Request::builder()
+                    .method(m)
+                    .uri(format!("{base}{path}"));
+                if let Some(key) = key {
+                    req = req.header("x-api-key", key);
+                }
+                let bytes = match body {
+                    Some(b) => {
+                        req = req.header("content-type", "application/json");
+                        Bytes::from(b.to_string())
+                    }
+                    None => Bytes::new(),
+                };
+                let res = client
+                    .request(req.body(Full::new(bytes)).unwrap())
+                    .await
+                    .expect("https answer");
+                let grade = observatory::grade(res.headers());
+                assert!(
+                    grade.failing.is_empty() && grade.letter() == "A+",
+                    "{env_name}, http2={http2}, {m} {path} ({}): {} {:?}\n{:?}",
+                    res.status(),
+                    grade.score,
+                    grade.failing,
+                    res.headers()
+                );
+            }
+        }
+    }
+}
