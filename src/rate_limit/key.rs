@@ -114,7 +114,11 @@ impl RateKey {
     /// ```
     pub fn header_bytes(value: &[u8]) -> Self {
         match std::str::from_utf8(value) {
-            Ok(text) if value.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t') => {
+            Ok(text)
+                if value
+                    .iter()
+                    .all(|b| (0x20..0x7f).contains(b) || *b == b'\t') =>
+            {
                 Self::header(text)
             }
             // Not visible ASCII: hashed whatever its length, so a key never holds bytes a
