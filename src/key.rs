@@ -37,7 +37,12 @@ pub struct ApiKeyId([u8; 16]);
 impl ApiKeyId {
     /// Hashes `key`. The key itself is not kept.
     pub fn from_key(key: &str) -> Self {
-        let digest = Sha256::digest(key.as_bytes());
+        Self::from_key_bytes(key.as_bytes())
+    }
+
+    /// The id of a key given as bytes (the same id as [`ApiKeyId::from_key`] for its text).
+    pub(crate) fn from_key_bytes(key: &[u8]) -> Self {
+        let digest = Sha256::digest(key);
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
         Self(id)
@@ -142,8 +147,17 @@ pub fn redact(key: &str) -> String {
 }
 
 /// Query parameters whose values [`redact_url`] hides.
-const SECRET_PARAMS: [&str; 9] = [
-    "password", "pass", "passwd", "pwd", "token", "secret", "key", "api_key", "apikey",
+const SECRET_PARAMS: [&str; 10] = [
+    "password",
+    "pass",
+    "passwd",
+    "pwd",
+    "token",
+    "secret",
+    "key",
+    "api_key",
+    "apikey",
+    "sslpassword",
 ];
 
 /// A URL made safe for logs and `Debug`: the password of its user info, any user info

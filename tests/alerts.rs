@@ -155,6 +155,7 @@ async fn run_requests(alerts: impl AlertSink, users: usize) -> (Duration, Durati
             Period::Day,
             Money::from_picos(100),
         ))
+        .user_header(Some("x-user-id")) // the test stands for a trusted proxy
         .alerts(alerts)
         .build()
         .unwrap();

@@ -491,3 +491,35 @@ async fn a_user_budget_charges_the_authenticated_principal_never_a_client_header
         Money::ZERO
     );
 }
+
+#[tokio::test]
+async fn a_body_the_estimate_cannot_read_is_refused_not_passed_unchecked() {
+    // A duplicated key or an output limit that is not a whole number made the body
+    // unreadable to the estimate, and it went upstream with no reservation at all.
+    let layer = builder(dollars("0.001")).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(gated_upstream(
+        Arc::clone(&calls),
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Money::ZERO,
+    ));
+    for body in [
+        r#"{"model":"claude-3-5-haiku-20241022","model":"claude-3-5-haiku-20241022","max_tokens":100000}"#,
+        r#"{"model":"claude-3-5-haiku-20241022","max_tokens":100000,"max_tokens":1}"#,
+        r#"{"model":"claude-3-5-haiku-20241022","max_tokens":1e9}"#,
+        r#"{"model":"claude-3-5-haiku-20241022","max_tokens":"100000"}"#,
+        r#"{"model":"claude-3-5-haiku-20241022","max_tokens":-1}"#,
+    ] {
+        let mut req = Request::post("/v1/messages")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("ann"));
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let b = BodyExt::collect(res.into_body()).await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert!(v["errors"][0]["field"].is_string(), "{body}: {v}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}

@@ -177,3 +177,51 @@ async fn a_complete_json_response_settles_its_cost_and_an_error_refunds() {
         Some((Money::from_nanos(54_399_000), Money::ZERO))
     );
 }
+
+/// An OpenAI request, streamed.
+fn openai_request() -> Request<Full<Bytes>> {
+    let mut req = Request::post("/v1/chat/completions")
+        .body(Full::new(Bytes::from(
+            r#"{"model":"gpt-4o-2024-08-06","max_tokens":2000,"stream":true,"messages":[]}"#,
+        )))
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("dave"));
+    req
+}
+
+#[tokio::test]
+async fn a_stream_that_reports_no_usage_is_charged_its_reservation_not_refunded() {
+    // Without `stream_options.include_usage` an OpenAI stream never reports usage; cut
+    // short, it stops before the usage chunk. Tokens were generated either way: unknown
+    // is not free, so the reservation is charged, not refunded.
+    let (budget, meter, mut records) = layers();
+    let without_usage: String = include_str!("cost_data/openai_gpt4o.sse")
+        .split("\r\r")
+        .filter(|ev| !ev.contains("\"usage\":{"))
+        .map(|ev| format!("{ev}\r\r"))
+        .collect::<String>();
+    let upstream = service_fn(move |_req: Request<Full<Bytes>>| {
+        let body = without_usage.clone();
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap(),
+            )
+        }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(budget.clone())
+        .layer(meter)
+        .service(upstream);
+    let res = svc.oneshot(openai_request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    let record = records.recv().await.unwrap();
+    assert_eq!(record.cost, None, "{record:?}");
+    let (spent, reserved) = budget.spend("daily", "dave").unwrap();
+    assert_eq!(reserved, Money::ZERO);
+    assert!(spent > Money::ZERO, "a stream with unknown usage was free");
+}

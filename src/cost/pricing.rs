@@ -480,6 +480,11 @@ impl PriceTable {
         t.insert("gpt-4.1-mini", openai("0.40", "1.60", "0.10"));
         // https://developers.openai.com/api/docs/models/gpt-5-nano and …/gpt-5.4-nano
         t.insert("gpt-5-nano", openai("0.05", "0.40", "0.005"));
+        // https://developers.openai.com/api/docs/models/gpt-5-mini, …/gpt-5.1 (whose
+        // comparison lists GPT-5 at the same $1.25 input) and …/gpt-5-codex, read 2026-12-06
+        t.insert("gpt-5", openai("1.25", "10", "0.125"));
+        t.insert("gpt-5.1", openai("1.25", "10", "0.125"));
+        t.insert("gpt-5-mini", openai("0.25", "2", "0.025"));
         t.insert("gpt-5.4-nano", openai("0.20", "1.25", "0.02"));
         t
     }
@@ -914,6 +919,10 @@ mod tests {
             ("anthropic.claude-3-haiku-20240307-v1:0", 250_000),
             ("gpt-5-nano-2025-08-07", 50_000),
             ("gpt-5.4-nano", 200_000),
+            ("gpt-5", 1_250_000),
+            ("gpt-5-2025-08-07", 1_250_000),
+            ("gpt-5-mini-2025-08-07", 250_000),
+            ("gpt-5.1", 1_250_000),
         ] {
             assert_eq!(t.get(name).map(|p| p.base.input), Some(input), "{name}");
         }

@@ -101,6 +101,32 @@ impl RateKey {
         RateKey::Header(hashed(value))
     }
 
+    /// The key of a header value given as bytes, as [`KeySource::Header`] reads it: a value
+    /// that is not visible ASCII (`josé`, raw bytes) is a key of its own, kept as its hash,
+    /// never the shared [`RateKey::Anonymous`].
+    ///
+    /// ```
+    /// use palisade::rate_limit::RateKey;
+    /// assert_eq!(RateKey::header_bytes(b"user-42"), RateKey::header("user-42"));
+    /// let raw = RateKey::header_bytes(b"\xff\xfe");
+    /// assert_ne!(raw, RateKey::header_bytes(b"\xff\xfd"));
+    /// assert_ne!(raw, RateKey::Anonymous);
+    /// ```
+    pub fn header_bytes(value: &[u8]) -> Self {
+        match std::str::from_utf8(value) {
+            Ok(text)
+                if value
+                    .iter()
+                    .all(|b| (0x20..0x7f).contains(b) || *b == b'\t') =>
+            {
+                Self::header(text)
+            }
+            // Not visible ASCII: hashed whatever its length, so a key never holds bytes a
+            // log line or a store key could not carry.
+            _ => RateKey::Header(hashed_bytes(value)),
+        }
+    }
+
     /// The key of an API key (hashed at once).
     pub fn api_key(key: &str) -> Self {
         RateKey::ApiKey(ApiKeyId::from_key(key))
@@ -117,7 +143,11 @@ fn bounded(text: Arc<str>) -> Arc<str> {
 }
 
 fn hashed(text: &str) -> Arc<str> {
-    Arc::from(format!("sha256:{}", ApiKeyId::from_key(text)))
+    hashed_bytes(text.as_bytes())
+}
+
+fn hashed_bytes(bytes: &[u8]) -> Arc<str> {
+    Arc::from(format!("sha256:{}", ApiKeyId::from_key_bytes(bytes)))
 }
 
 /// The longest header value a [`RateKey::Header`] keeps as it is; longer ones are hashed.
@@ -309,8 +339,8 @@ impl KeySource {
                 .get::<Principal>()
                 .map(|p| RateKey::Principal(bounded(p.0.clone()))),
             KeySource::Header(name) => {
-                let value = req.headers().get(name)?.to_str().ok()?.trim();
-                (!value.is_empty()).then(|| RateKey::header(value))
+                let value = req.headers().get(name)?.as_bytes().trim_ascii();
+                (!value.is_empty()).then(|| RateKey::header_bytes(value))
             }
             KeySource::ApiKey => ApiKeyId::from_headers(req.headers()).map(RateKey::ApiKey),
             KeySource::PeerIp => proxies.client_ip(req).map(RateKey::ip),

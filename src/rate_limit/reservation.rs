@@ -17,7 +17,8 @@ use crate::rate_limit::store::{Settlement, Store};
 ///
 /// Call [`Reservation::settle`] with the actual amount once it is known (for example the
 /// tokens a completion used): the difference to the reserved estimate is debited or
-/// credited. Settling twice does nothing; dropping it without settling keeps the estimate.
+/// credited. Settling twice does nothing (a settlement the store failed to apply may be
+/// retried); dropping it without settling keeps the estimate.
 #[derive(Clone)]
 pub struct Reservation {
     pub(super) inner: Arc<ReservationInner>,
@@ -75,7 +76,8 @@ impl Reservation {
             .unwrap_or(0)
     }
 
-    /// Settles the reservation with the `actual` amount. Only the first call counts.
+    /// Settles the reservation with the `actual` amount. Only the first call that the
+    /// store applies counts: after an error nothing was settled, and calling again retries.
     pub async fn settle(&self, actual: u64) -> Result<(), StoreError> {
         if self.inner.settled.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -98,7 +100,12 @@ impl Reservation {
         if settlements.is_empty() {
             return Ok(());
         }
-        target.settle_items(&settlements).await
+        let result = target.settle_items(&settlements).await;
+        if result.is_err() {
+            // Not applied: a later call may try again.
+            self.inner.settled.store(false, Ordering::Release);
+        }
+        result
     }
 }
 

@@ -18,7 +18,9 @@ use super::quota::{Algorithm, Quota};
 /// Paths are compared **normalised**, both the route and the request's path, so a client
 /// cannot step around a rule by spelling the same resource differently: empty segments
 /// (`//v1/messages`, `/v1/messages/`) and `.` segments are dropped, `..` removes the
-/// segment before it, and percent-encoded unreserved characters (letters, digits, `-`,
+/// segment before it (a rule also matches the path with `..` kept as a segment, as routers
+/// that do not resolve it see it, so `/v1/messages/..` stays under `/v1/messages/*`), and
+/// percent-encoded unreserved characters (letters, digits, `-`,
 /// `.`, `_`, `~`) are decoded (`/v1/%6Dessages` is `/v1/messages`). Other escapes, `%2F`
 /// among them, stay as they are. Matching is case-sensitive.
 ///
@@ -129,8 +131,15 @@ impl Route {
         if matches!(self, Route::All) {
             return true;
         }
-        let path = normalize_path(path);
-        let path = &*path;
+        if self.matches_normal(&normalize_path(path)) {
+            return true;
+        }
+        // A router that does not resolve `..` (axum's does not) sends
+        // `/v1/messages/..` to a `/v1/messages/{*rest}` handler: match that form too.
+        literal_path(path).is_some_and(|literal| self.matches_normal(&literal))
+    }
+
+    fn matches_normal(&self, path: &str) -> bool {
         match self {
             Route::All => true,
             Route::Exact(p) => path == &**p,
@@ -189,6 +198,22 @@ pub(crate) fn normalize_path(path: &str) -> Cow<'_, str> {
         out.push_str(segment);
     }
     Cow::Owned(out)
+}
+
+/// The path with empty and `.` segments dropped and escapes of unreserved characters
+/// decoded, but `..` kept as a segment; `None` when it has no `..` segment (then it is
+/// the normal form).
+fn literal_path(path: &str) -> Option<String> {
+    let decoded = decode_unreserved(path);
+    if !decoded.split('/').any(|s| s == "..") {
+        return None;
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in decoded.split('/').filter(|s| !s.is_empty() && *s != ".") {
+        out.push('/');
+        out.push_str(segment);
+    }
+    Some(out)
 }
 
 /// Whether `path` is already normal: absolute, no escapes, no empty, `.` or `..` segments.

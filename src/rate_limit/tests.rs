@@ -1299,3 +1299,118 @@ proptest::proptest! {
         })?;
     }
 }
+
+/// A header value that is not visible ASCII (`josé`, or raw bytes) is still the client's
+/// own key: it neither joins the shared `anonymous` bucket nor, with `skip_anonymous`,
+/// escapes the rule.
+#[tokio::test(start_paused = true)]
+async fn non_ascii_header_values_are_keys_of_their_own() {
+    let name = http::HeaderName::from_static("x-user");
+    let layer = RateLimitLayer::new([Rule::new("by-user", Quota::per_minute(1))
+        .key(KeySource::Header(name.clone()))
+        .skip_anonymous(true)])
+    .unwrap();
+    let mut svc = service(&layer);
+    let with = |value: &[u8]| {
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut()
+            .insert(&name, http::HeaderValue::from_bytes(value).unwrap());
+        req
+    };
+    for value in ["josé".as_bytes(), b"\xff\xfe-raw", "zoë".as_bytes()] {
+        assert_eq!(send(&mut svc, with(value)).await.status(), 200, "{value:?}");
+        assert_eq!(
+            send(&mut svc, with(value)).await.status(),
+            429,
+            "{value:?}: the second request in the minute is refused"
+        );
+    }
+    assert_eq!(layer.limiter().counters()[0].no_key, 0);
+}
+
+/// A store whose first settlement fails, as a network store's can.
+#[derive(Clone)]
+struct FlakySettle(MemoryStore, std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Store for FlakySettle {
+    type CheckFuture = <MemoryStore as Store>::CheckFuture;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        self.0.check(items)
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        if self.1.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Box::pin(async { Err(StoreError::new("connection reset")) });
+        }
+        self.0.settle(s)
+    }
+    fn peek(
+        &self,
+        item: &store::CheckItem<'_>,
+    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+        self.0.peek(item)
+    }
+    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.reset(i, rule, key)
+    }
+}
+
+/// A settlement the store failed to apply is not spent: settling again applies it, so
+/// the tokens a completion used are not lost to one failed round trip.
+#[tokio::test(start_paused = true)]
+async fn a_settlement_that_failed_can_be_retried() {
+    let fail_next = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let layer = RateLimitLayer::builder()
+        .rule(
+            Rule::new("tpm", Quota::per_minute(1000))
+                .key(KeySource::ApiKey)
+                .cost(Cost::Settled { estimate: 100 }),
+        )
+        .store(FlakySettle(MemoryStore::new(), fail_next))
+        .build()
+        .unwrap();
+    let admin = layer.limiter();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let reservation = req.extensions().get::<Reservation>().unwrap();
+        assert!(reservation.settle(700).await.is_err(), "the store failed");
+        reservation.settle(700).await.unwrap();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    assert_eq!(svc.oneshot(post("/", "sk-a")).await.unwrap().status(), 200);
+    let status = admin.peek("tpm", &RateKey::api_key("sk-a")).await.unwrap();
+    assert_eq!(status.remaining, 300, "700 spent, not the estimate of 100");
+}
+
+/// Routers such as axum's match the raw path segment by segment and do not resolve `..`:
+/// `/v1/messages/%2e%2e` reaches a `/v1/messages/{*rest}` handler. A rule on
+/// `/v1/messages/*` must count it too, not only the resolved `/v1`.
+#[tokio::test(start_paused = true)]
+async fn dot_dot_segments_do_not_step_out_of_a_rule() {
+    for route in ["/v1/messages/*", "/v1/messages/{*rest}"] {
+        let layer = RateLimitLayer::new([Rule::new("chat", Quota::per_minute(1))
+            .post(route)
+            .key(KeySource::ApiKey)])
+        .unwrap();
+        let mut svc = service(&layer);
+        assert_eq!(
+            send(&mut svc, post("/v1/messages/x", "sk-a"))
+                .await
+                .status(),
+            200
+        );
+        for path in [
+            "/v1/messages/..",
+            "/v1/messages/%2e%2e",
+            "/v1/messages/%2E./x/..",
+        ] {
+            assert_eq!(
+                send(&mut svc, post(path, "sk-a")).await.status(),
+                429,
+                "{route}: {path} skipped the rule"
+            );
+        }
+    }
+    // the resolved form still matches, as before
+    let r: Route = "/v1/messages".parse().unwrap();
+    assert!(r.matches("/v1/x/../messages"));
+    assert!(!r.matches("/v1/messages/.."));
+}

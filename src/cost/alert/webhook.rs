@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 
 use super::{AlertEvent, AlertSink};
 
-/// Where and how the webhook sink delivers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Where and how the webhook sink delivers. Its `Debug` shows the receiver's scheme, host
+/// and port only: a webhook URL often carries its secret in the path (Slack's) or query.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct WebhookConfig {
@@ -44,6 +45,40 @@ impl Default for WebhookConfig {
             retry_backoff: Duration::from_millis(500),
             capacity: 1024,
         }
+    }
+}
+
+/// A webhook URL made safe for logs: scheme, host and port; the rest (where a secret
+/// token often sits) becomes `/***`.
+fn redact_webhook_url(url: &str) -> String {
+    match url.parse::<Uri>() {
+        Ok(u) if u.host().is_some() => {
+            let mut out = format!(
+                "{}://{}",
+                u.scheme_str().unwrap_or("http"),
+                u.host().unwrap_or_default()
+            );
+            if let Some(port) = u.port_u16() {
+                out.push_str(&format!(":{port}"));
+            }
+            if u.path_and_query().is_some_and(|pq| pq.as_str() != "/") {
+                out.push_str("/***");
+            }
+            out
+        }
+        _ => "<webhook url>".to_owned(),
+    }
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &redact_webhook_url(&self.url))
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 
@@ -108,11 +143,11 @@ impl WebhookSink {
         let uri: Uri = config
             .url
             .parse()
-            .map_err(|e| format!("webhook url `{}`: {e}", config.url))?;
+            .map_err(|e| format!("webhook url `{}`: {e}", redact_webhook_url(&config.url)))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
             return Err(format!(
                 "webhook url `{}` must be http:// or https:// with a host",
-                config.url
+                redact_webhook_url(&config.url)
             ));
         }
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
@@ -221,5 +256,28 @@ async fn deliver<C>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_prints_the_webhook_secret() {
+        for url in [
+            "https://hooks.slack.com/services/T000/B000/s3cret",
+            "http://alerts.internal:8080/hook?token=s3cret",
+            "http://user:s3cret@alerts.internal/",
+            "not a url s3cret",
+        ] {
+            let dbg = format!("{:?}", WebhookConfig::new(url));
+            assert!(!dbg.contains("s3cret"), "{dbg}");
+        }
+        let dbg = format!(
+            "{:?}",
+            WebhookConfig::new("http://alerts.internal:8080/hook")
+        );
+        assert!(dbg.contains("http://alerts.internal:8080/***"), "{dbg}");
     }
 }

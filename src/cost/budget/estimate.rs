@@ -40,6 +40,10 @@ pub(crate) enum Estimate {
     NotMetered,
     /// The model has no price.
     Unpriced(String),
+    /// A JSON object naming a model whose cost-bounding fields cannot be read (a field
+    /// given twice, an output limit that is not a whole number): refused, never passed
+    /// unchecked.
+    Invalid { field: &'static str, reason: String },
     /// The most it may cost.
     Cost { model: String, max: Money },
 }
@@ -52,8 +56,9 @@ pub(crate) fn estimate(
     bytes_per_token: u64,
     default_max_tokens: u64,
 ) -> Estimate {
-    let Ok(head) = serde_json::from_slice::<Head<'_>>(body) else {
-        return Estimate::NotMetered;
+    let head = match serde_json::from_slice::<Head<'_>>(body) {
+        Ok(head) => head,
+        Err(e) => return unreadable(body, &e),
     };
     let Some(model) = head.model else {
         return Estimate::NotMetered;
@@ -90,6 +95,44 @@ pub(crate) fn estimate(
     Estimate::Cost {
         model: model.into_owned(),
         max,
+    }
+}
+
+const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+
+/// Why a body the estimate could not read is refused, or `NotMetered` when it is not a
+/// JSON object naming a model at all.
+fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
+    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+        return Estimate::NotMetered;
+    };
+    if !map.contains_key("model") {
+        return Estimate::NotMetered;
+    }
+    if !map["model"].is_string() {
+        return Estimate::Invalid {
+            field: "model",
+            reason: "must be a string".to_owned(),
+        };
+    }
+    if let Some(field) = LIMITS
+        .into_iter()
+        .find(|f| map.get(*f).is_some_and(|v| !v.is_null() && !v.is_u64()))
+    {
+        return Estimate::Invalid {
+            field,
+            reason: "must be a whole number of tokens, 0 or more".to_owned(),
+        };
+    }
+    // The types are right, so a field is given twice.
+    let msg = e.to_string();
+    let field = std::iter::once("model")
+        .chain(LIMITS)
+        .find(|f| msg.contains(&format!("`{f}`")))
+        .unwrap_or("model");
+    Estimate::Invalid {
+        field,
+        reason: "is given more than once".to_owned(),
     }
 }
 

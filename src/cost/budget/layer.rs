@@ -489,12 +489,14 @@ impl BudgetReservation {
         self.inner.settle(Money::ZERO);
     }
 
-    /// Settles from a usage record: its cost; nothing when it has no cost and no usage
-    /// (a failure before any token); the whole reservation when the cost is unknown.
+    /// Settles from a usage record: its cost; nothing when the call failed (an upstream
+    /// error or no response) before any usage; the whole reservation when the cost is
+    /// unknown, including a response that reported no usage at all (an OpenAI stream
+    /// without `stream_options.include_usage`, or one cut short before its usage chunk).
     pub fn settle_record(&self, record: &UsageRecord) {
         let actual = match record.cost {
             Some(cost) => cost,
-            None if record.usage.is_empty() => Money::ZERO,
+            None if record.usage.is_empty() && record.completion.is_error() => Money::ZERO,
             None => self.inner.amount,
         };
         self.inner.settle(actual);
@@ -755,6 +757,10 @@ where
             let req = Request::from_parts(parts, ReqB::from(bytes));
             match est {
                 Estimate::NotMetered => return pass(inner, req).await,
+                Estimate::Invalid { field, reason } => {
+                    let err = Error::invalid_fields([FieldError::new(field, reason)]);
+                    return Ok(refusal(&shared, err));
+                }
                 Estimate::Unpriced(_) if shared.allow_unpriced => return pass(inner, req).await,
                 Estimate::Unpriced(model) => {
                     let err = Error::invalid_fields([FieldError::new(

@@ -13,7 +13,9 @@
 //! - A refusal is a 429 (or the status you choose) in the configured error format, with
 //!   `retry-after` until the budget frees up (the next day or month for calendar budgets)
 //!   and `x-should-retry: false`. A request that could cost more than a whole budget is
-//!   refused with 400, naming the budget and what to lower.
+//!   refused with 400, naming the budget and what to lower. So is a JSON body naming a
+//!   model whose limits cannot be read (a field given twice, a `max_tokens` that is not
+//!   a whole number): it is refused, never passed unchecked.
 //! - [`CostMeterLayer`](super::CostMeterLayer) inside this layer settles the reservation
 //!   when it writes the usage record. Without it, settle yourself with
 //!   [`BudgetReservation::settle`]; a reservation dropped unsettled is charged in full
@@ -164,13 +166,15 @@ impl Budget {
     }
 
     /// The alert thresholds, as fractions of the limit (0–1; others are ignored, and
-    /// precision beyond 0.001 is rounded). Empty: no threshold alerts.
+    /// precision beyond 0.001 is rounded; one that rounds to 0 is ignored). Empty: no
+    /// threshold alerts.
     #[must_use]
     pub fn thresholds(mut self, ratios: impl IntoIterator<Item = f64>) -> Self {
         let mut t: Vec<u16> = ratios
             .into_iter()
             .filter(|r| r.is_finite() && *r > 0.0 && *r <= 1.0)
             .map(|r| (r * 1000.0).round() as u16)
+            .filter(|&t| t > 0) // below 0.0005: would fire at no spend at all
             .collect();
         t.sort_unstable();
         t.dedup();
@@ -197,5 +201,41 @@ impl Budget {
     /// The limit per period.
     pub fn limit(&self) -> Money {
         self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_threshold_that_rounds_to_zero_is_dropped_not_fired_on_every_settlement() {
+        let b = Budget::new("b", Scope::User, Period::Day, Money::from_picos(1000))
+            .thresholds([0.0004, 0.5]);
+        assert_eq!(b.thresholds, vec![500]);
+        let store = MemoryBudgetStore::new();
+        let charges = [Charge {
+            budget: Arc::new(
+                Budget::new("b", Scope::User, Period::Day, Money::from_picos(1000))
+                    .thresholds([0.0004]),
+            ),
+            subject: "ann".into(),
+        }];
+        let now = std::time::UNIX_EPOCH;
+        let crossed = futures_settle(&store, &charges, now);
+        assert!(crossed.is_empty(), "{crossed:?}");
+    }
+
+    fn futures_settle(
+        store: &MemoryBudgetStore,
+        charges: &[Charge],
+        now: std::time::SystemTime,
+    ) -> Vec<Crossing> {
+        let mut f = store.settle(charges.to_vec().into(), Money::ZERO, Money::ZERO, now);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => r.unwrap(),
+            std::task::Poll::Pending => panic!("the memory store answers at once"),
+        }
     }
 }

@@ -28,7 +28,8 @@ pub enum Period {
     Day,
     /// A calendar month, from the 1st 00:00 UTC.
     Month,
-    /// The last so long, at any moment.
+    /// The last so long, at any moment, counted in 60 slots of a 60th of the window
+    /// each: spend leaves the window when its slot does, up to one slot early.
     Rolling(Duration),
 }
 

@@ -13,7 +13,11 @@
 //!   `SELECT refresh_user_usage_stats()` ([`PostgresSink::refresh_stats`]).
 //! - Row-level security: a session in the role `palisade_user` that sets `app.user_id`
 //!   sees only that user's `usage_logs` rows (the sink's own role, the tables' owner, sees
-//!   all).
+//!   all). `app.user_id` is not a credential: any session in `palisade_user` may set it
+//!   to any user, by design, so it isolates users only when your application opens the
+//!   session and sets it (`SET LOCAL app.user_id` in each transaction); never give an end
+//!   user a SQL session in that role. `audit_logs` and `user_usage_stats` are not granted
+//!   to it (a materialized view has no row-level security).
 //!
 //! Writes are batched: each batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT
 //! (request_id) DO NOTHING`. While the server is away, records wait in a bounded buffer
@@ -764,7 +768,8 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("s3cret"), "{dbg}");
         assert!(
-            dbg.contains("postgres://ledger:***@db:5432/palisade"),
+            dbg.contains("postgres://ledger:***@db:5432/palisade")
+                || dbg.contains("postgres://***@db:5432/palisade"),
             "{dbg}"
         );
     }
@@ -780,6 +785,20 @@ mod tests {
         ] {
             let dbg = format!("{:?}", PostgresConfig::new(url));
             assert!(!dbg.contains("hunter2"), "{dbg}");
+        }
+    }
+
+    #[test]
+    fn passwords_in_the_query_or_in_key_value_form_are_redacted() {
+        for url in [
+            "postgres://ledger@db/palisade?password=s3cret",
+            "postgres://db/palisade?application_name=a@b&password=s3cret",
+            "postgresql://ledger:s3cret@db/palisade?sslmode=require&sslpassword=s3cret",
+            "host=db user=ledger password=s3cret dbname=palisade",
+            "host=db password = 's3cret word'",
+        ] {
+            let dbg = format!("{:?}", PostgresConfig::new(url));
+            assert!(!dbg.contains("s3cret"), "{dbg}");
         }
     }
 

@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# End-to-end load measurement of the chat_gateway example: the full stack of layers against
+# the same binary with every layer off (the floor) and against the mock upstream called
+# directly, driven by wrk at 1, 8 and 64 connections, non-streamed and streamed (SSE), in
+# alternating rounds; the tables show medians.
+#
+#   scripts/load.sh            # mock, full stack (in-memory stores, load.env), floor
+#   scripts/load.sh --redis    # adds the full stack with REDIS_URL on a redis-server it starts
+#   scripts/load.sh --peers    # adds the LiteLLM proxy (pip-installed into target/litellm-venv)
+#   scripts/load.sh --smoke    # a few seconds, one round: every request must get a 200
+#
+#   LOAD_ROUNDS=3 LOAD_DURATION=2 LOAD_CONNS="1 8 64"   # overrides (duration in seconds)
+#
+# Needs wrk (Debian's package) and, for --redis, redis-server. Everything listens on
+# 127.0.0.1. wrk, the mock and the proxy share the machine's cores: read the ratios between
+# rows of one run, not the absolute numbers. Exits non-zero when any request failed or a
+# requested table could not be measured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0 redis=0 peers=0
+for arg in "$@"; do
+  case "$arg" in
+    --smoke) smoke=1 ;;
+    --redis) redis=1 ;;
+    --peers) peers=1 ;;
+    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "load.sh: unknown argument '$arg' (expected --smoke, --redis, --peers)" >&2; exit 2 ;;
+  esac
+done
+
+command -v wrk >/dev/null || { echo "load.sh: wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+
+key="sk-load-0000000000000000"
+if [ "$smoke" = 1 ]; then
+  rounds="${LOAD_ROUNDS:-1}" conns="${LOAD_CONNS:-1 8}"
+else
+  rounds="${LOAD_ROUNDS:-3}" conns="${LOAD_CONNS:-1 8 64}"
+fi
+
+echo "==> building (release)"
+cargo build --release --quiet --example chat_gateway --example mock_upstream
+bin=target/release/examples
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_for NAME LOG PID: waits for "listening on 127.0.0.1:PORT" in LOG; sets $found.
+wait_for() {
+  local name="$1" log="$2" pid="$3"
+  found=""
+  for _ in $(seq 1 300); do
+    if ! kill -0 "$pid" 2>/dev/null; then return 1; fi
+    found="$(grep -o -m1 'listening on [a-z:/]*127\.0\.0\.1:[0-9]*' "$log" | grep -o '127\.0\.0\.1:[0-9]*' || true)"
+    if [ -n "$found" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "load.sh: $name did not start in 30 s" >&2
+  return 1
+}
+
+# wait_port PID PORT: waits until something accepts on 127.0.0.1:PORT (60 s).
+wait_port() {
+  for _ in $(seq 1 600); do
+    if ! kill -0 "$1" 2>/dev/null; then return 1; fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$2") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+"$bin/mock_upstream" 127.0.0.1:0 >"$work/mock.log" 2>&1 &
+pids+=($!)
+wait_for mock_upstream "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
+mock="$found"
+
+# start_gateway NAME LAYERS [VAR=value...]: starts the gateway in front of the mock; sets
+# $found to its address.
+start_gateway() {
+  local name="$1" layers="$2"
+  shift 2
+  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL \
+    PALISADE_GATEWAY_ENV_FILE=examples/chat_gateway/load.env \
+    PALISADE_GATEWAY_ADDR=127.0.0.1:0 \
+    PALISADE_GATEWAY_LAYERS="$layers" \
+    PALISADE_GATEWAY_API_KEYS="load=$key" \
+    ANTHROPIC_BASE_URL="http://$mock" \
+    ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
+    "$@" "$bin/chat_gateway" >"$work/$name.log" 2>&1 &
+  local pid=$!
+  pids+=("$pid")
+  wait_for "$name" "$work/$name.log" "$pid"
+}
+
+targets=(mock full floor)
+declare -A addr=([mock]="$mock")
+for t in full floor; do
+  layers=$([ "$t" = full ] && echo on || echo off)
+  start_gateway "$t" "$layers" || { echo "load.sh: the $t gateway did not start:" >&2; cat "$work/$t.log" >&2; exit 1; }
+  addr[$t]="$found"
+done
+
+status=0
+redis_note=""
+if [ "$redis" = 1 ]; then
+  if ! command -v redis-server >/dev/null; then
+    redis_note="redis-server is not installed: no Redis table"
+    status=1
+  else
+    rport="$(free_port)"
+    redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no >"$work/redis.log" 2>&1 &
+    rpid=$!
+    pids+=("$rpid")
+    if ! wait_port "$rpid" "$rport"; then
+      redis_note="redis-server did not start: no Redis table"
+      status=1
+    elif start_gateway gateway-redis on REDIS_URL="redis://127.0.0.1:$rport"; then
+      addr[redis]="$found"
+      targets+=(redis)
+    else
+      redis_note="the gateway on this branch does not run with REDIS_URL, so there is no Redis table. It said: $(grep -m1 -i 'redis' "$work/gateway-redis.log" || head -3 "$work/gateway-redis.log")"
+      status=1
+    fi
+  fi
+fi
+
+peers_note=""
+if [ "$peers" = 1 ]; then
+  venv=target/litellm-venv
+  if [ ! -x "$venv/bin/litellm" ]; then
+    echo "==> installing litellm[proxy] into $venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "litellm[proxy]"
+  fi
+  lport="$(free_port)"
+  cat >"$work/litellm.yaml" <<YAML
+model_list:
+  - model_name: claude-sonnet-4-5
+    litellm_params:
+      model: anthropic/claude-sonnet-4-5
+      api_base: http://$mock
+      api_key: sk-ant-load-mock-upstream
+general_settings:
+  master_key: $key
+litellm_settings:
+  telemetry: false
+YAML
+  LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_TELEMETRY=False \
+    "$venv/bin/litellm" --config "$work/litellm.yaml" --host 127.0.0.1 --port "$lport" \
+    >"$work/litellm.log" 2>&1 &
+  lpid=$!
+  pids+=("$lpid")
+  if wait_port "$lpid" "$lport"; then
+    addr[litellm]="127.0.0.1:$lport"
+    targets+=(litellm)
+  else
+    peers_note="LiteLLM did not start: no peer rows. Its log ends: $(tail -3 "$work/litellm.log")"
+    status=1
+  fi
+fi
+
+# One request of each kind through every target before measuring: a 200, and a stream that
+# reaches message_stop.
+for t in "${targets[@]}"; do
+  for stream in 0 1; do
+    body='{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]'
+    [ "$stream" = 1 ] && body="$body"',"stream":true'
+    if ! out="$(curl -sS --fail-with-body --max-time 30 "http://${addr[$t]}/v1/messages" \
+      -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' \
+      -H "x-api-key: $key" -H "authorization: Bearer $key" -d "$body}")"; then
+      echo "load.sh: $t refused the check request (stream=$stream): $out" >&2
+      exit 1
+    fi
+    if [ "$stream" = 1 ] && ! grep -q message_stop <<<"$out"; then
+      echo "load.sh: $t's stream did not reach message_stop: $out" >&2
+      exit 1
+    fi
+  done
+done
+
+# Keeps a run under three minutes: the seconds per wrk run shrink as targets are added.
+cases=$(( ${#targets[@]} * 2 * $(wc -w <<<"$conns") * rounds ))
+if [ "$smoke" = 1 ]; then
+  duration="${LOAD_DURATION:-1}"
+else
+  duration="${LOAD_DURATION:-$(( 150 / cases > 2 ? 2 : (150 / cases < 1 ? 1 : 150 / cases) ))}"
+fi
+echo "==> ${#targets[@]} targets (${targets[*]}), connections: $conns, $rounds round(s) of ${duration}s per case"
+
+results="$work/results"
+: >"$results"
+for round in $(seq 1 "$rounds"); do
+  for c in $conns; do
+    for mode in json sse; do
+      for t in "${targets[@]}"; do
+        threads=$(( c < 2 ? 1 : 2 ))
+        stream=$([ "$mode" = sse ] && echo 1 || echo 0)
+        line="$(LOAD_STREAM="$stream" LOAD_KEY="$key" LOAD_CHECK="$smoke" wrk -t"$threads" -c"$c" -d"${duration}s" \
+          --timeout 10s -s scripts/load/messages.lua "http://${addr[$t]}" | grep '^RESULT ' || true)"
+        if [ -z "$line" ]; then
+          echo "load.sh: wrk printed no RESULT line for $t $mode c=$c" >&2
+          exit 1
+        fi
+        echo "$t $mode $c $round $line" >>"$results"
+        printf '.'
+      done
+    done
+  done
+done
+echo
+
+python3 scripts/load/report.py "$results" || status=1
+[ -n "$redis_note" ] && echo "Redis: $redis_note"
+[ -n "$peers_note" ] && echo "Peers: $peers_note"
+exit "$status"

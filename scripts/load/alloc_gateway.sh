@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Heap allocations per request of the whole chat_gateway, full stack and floor, JSON and
+# SSE, counted by heaptrack (Debian's package) around the release binary. The mock upstream
+# runs in its own process, so only the gateway's allocations count.
+#
+#   scripts/load/alloc_gateway.sh
+#
+# For each case the gateway runs twice under heaptrack, with a short and a longer wrk run at
+# one connection; allocations per request = difference of the totals / difference of the
+# request counts, so start-up and shutdown cancel out.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+command -v heaptrack >/dev/null || { echo "alloc_gateway.sh: heaptrack is not installed (apt-get install heaptrack)" >&2; exit 2; }
+command -v wrk >/dev/null || { echo "alloc_gateway.sh: wrk is not installed (apt-get install wrk)" >&2; exit 2; }
+
+cargo build --release --quiet --example chat_gateway --example mock_upstream
+bin=target/release/examples
+key="sk-load-0000000000000000"
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# wait_for LOG PID: waits for "listening on 127.0.0.1:PORT" in LOG; sets $found.
+wait_for() {
+  found=""
+  for _ in $(seq 1 600); do
+    kill -0 "$2" 2>/dev/null || return 1
+    found="$(grep -o -m1 'listening on [a-z:/]*127\.0\.0\.1:[0-9]*' "$1" | grep -o '127\.0\.0\.1:[0-9]*' || true)"
+    [ -n "$found" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+"$bin/mock_upstream" 127.0.0.1:0 >"$work/mock.log" 2>&1 &
+pids+=($!)
+wait_for "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
+mock="$found"
+
+# measure LAYERS MODE SECONDS: prints "ALLOCATIONS REQUESTS" of one gateway run.
+measure() {
+  local layers="$1" mode="$2" secs="$3" out="$work/hp-$1-$2-$3"
+  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL \
+    PALISADE_GATEWAY_ENV_FILE=examples/chat_gateway/load.env \
+    PALISADE_GATEWAY_ADDR=127.0.0.1:0 PALISADE_GATEWAY_LAYERS="$layers" \
+    PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
+    ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
+    heaptrack -o "$out" "$bin/chat_gateway" >"$out.log" 2>&1 &
+  local wrapper=$!
+  pids+=("$wrapper")
+  wait_for "$out.log" "$wrapper" || { cat "$out.log" >&2; return 1; }
+  local line
+  line="$(LOAD_STREAM=$([ "$mode" = sse ] && echo 1 || echo 0) LOAD_KEY="$key" LOAD_CHECK=1 \
+    wrk -t1 -c1 -d"${secs}s" -s scripts/load/messages.lua "http://$found" | grep '^RESULT ')"
+  grep -q ' non200=0 ' <<<"$line" || { echo "alloc_gateway.sh: failed requests: $line" >&2; return 1; }
+  # The gateway is heaptrack's child: stop it, and heaptrack writes its file.
+  local child
+  child="$(pgrep -P "$wrapper" -x chat_gateway || true)"
+  [ -n "$child" ] && kill -TERM "$child"
+  wait "$wrapper" || true
+  local calls requests
+  calls="$(heaptrack_print "$out.zst" 2>/dev/null | grep -m1 '^calls to allocation functions:' | awk '{print $5}')"
+  requests="$(grep -o 'requests=[0-9]*' <<<"$line" | cut -d= -f2)"
+  echo "$calls $requests"
+}
+
+printf '%-28s %12s %10s\n' "gateway, 1 connection" "allocs/req" "requests"
+for layers in on off; do
+  for mode in json sse; do
+    read -r a1 r1 < <(measure "$layers" "$mode" 1)
+    read -r a2 r2 < <(measure "$layers" "$mode" 4)
+    if [ -z "${a1:-}" ] || [ -z "${a2:-}" ]; then
+      echo "alloc_gateway.sh: a heaptrack run failed ($layers, $mode)" >&2
+      exit 1
+    fi
+    name="$([ "$layers" = on ] && echo "full stack" || echo "floor"), $mode"
+    awk -v n="$name" -v a1="$a1" -v a2="$a2" -v r1="$r1" -v r2="$r2" \
+      'BEGIN { printf "%-28s %12.1f %10d\n", n, (a2 - a1) / (r2 - r1), r2 - r1 }'
+  done
+done
