@@ -133,12 +133,19 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
                 Ok(())
             }),
             None => Box::pin(
-                axum::serve(listener, app.router)
-                    .with_graceful_shutdown(async move {
-                        let mut rx = stop_rx;
-                        let _ = rx.wait_for(|s| *s).await;
-                    })
-                    .into_future(),
+                // Streamed answers are many small writes: without TCP_NODELAY, Nagle's
+                // algorithm and the client's delayed ACK hold each one for about 40 ms.
+                axum::serve(
+                    axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    }),
+                    app.router,
+                )
+                .with_graceful_shutdown(async move {
+                    let mut rx = stop_rx;
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .into_future(),
             ),
         };
     tokio::pin!(server);

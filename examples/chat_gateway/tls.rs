@@ -70,6 +70,8 @@ pub async fn serve(
             },
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         };
+        // As on plain connections: no Nagle delay on streamed answers.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();

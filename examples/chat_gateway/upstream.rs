@@ -106,12 +106,16 @@ pub struct BreakerHealth {
 
 /// The https-or-http connector (webpki roots) of every outgoing client.
 pub fn connector() -> Connector {
+    // No Nagle delay on the upstream side either: requests and SSE frames are small writes.
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
     hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build()
+        .wrap_connector(http)
 }
 
 impl Upstreams {
