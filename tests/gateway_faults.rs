@@ -5,34 +5,7 @@
 //! usage the meter saw is in the ledger exactly once.
 #![allow(dead_code)]
 
-#[path = "../examples/chat_gateway/app.rs"]
-mod app;
-#[path = "../examples/chat_gateway/auth.rs"]
-mod auth;
-#[path = "../examples/chat_gateway/config.rs"]
-mod config;
-#[path = "../examples/chat_gateway/dashboard/mod.rs"]
-mod dashboard;
-#[path = "../examples/chat_gateway/error.rs"]
-mod error;
-#[path = "../examples/chat_gateway/log.rs"]
-mod log;
-#[path = "../examples/chat_gateway/metrics.rs"]
-mod metrics;
-#[path = "../examples/chat_gateway/mock.rs"]
-mod mock;
-#[path = "../examples/chat_gateway/routes/mod.rs"]
-mod routes;
-#[path = "../examples/chat_gateway/schema.rs"]
-mod schema;
-#[path = "../examples/chat_gateway/sentry.rs"]
-mod sentry;
-#[path = "../examples/chat_gateway/store.rs"]
-mod store;
-#[path = "../examples/chat_gateway/tls.rs"]
-mod tls;
-#[path = "../examples/chat_gateway/upstream.rs"]
-mod upstream;
+include!("chat_gateway_support/modules.rs");
 
 use std::net::SocketAddr;
 use std::sync::Arc;
