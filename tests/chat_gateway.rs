@@ -1074,7 +1074,8 @@ fn configuration_reports_every_problem_at_once() {
         ("PALISADE_GATEWAY_API_KEYS", "alice"),
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
         ("REDIS_URL", "127.0.0.1:6379"),
-        ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
+        // Refused by every build: no `postgres` feature, or not a PostgreSQL URL.
+        ("DATABASE_URL", "mysql://u:secret@127.0.0.1/db"),
         ("PALISADE_GATEWAY_ALERT_WEBHOOK", "hooks.example.com/secret"),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
@@ -1098,6 +1099,19 @@ fn configuration_reports_every_problem_at_once() {
         !text.contains("secret"),
         "a URL with a password is not echoed: {text}"
     );
+}
+
+/// Without the `postgres` feature, `DATABASE_URL` is refused with the way to build, never
+/// ignored.
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn database_url_without_the_postgres_feature_names_the_feature() {
+    let mut env = Env::from_pairs([("DATABASE_URL", "postgres://ledger:s3cret@127.0.0.1/db")]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let text = env.finish().unwrap_err().to_string();
+    assert!(text.contains("DATABASE_URL"), "{text}");
+    assert!(text.contains("--features postgres"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use http::HeaderValue;
 use palisade::BoxError;
 use palisade::cost::alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookConfig, WebhookSink};
 use palisade::cost::budget::BudgetLayer;
-use palisade::cost::{CostStats, RecorderShutdown};
+use palisade::cost::{CostStats, RecorderShutdown, SinkError, UsageRecord, UsageSink};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -56,6 +56,11 @@ pub struct AppState {
     /// The Redis store of rate limits, for `/health` (`REDIS_URL`).
     #[cfg(feature = "redis")]
     pub redis: Option<palisade::rate_limit::RedisStore>,
+    /// Security events: the log, and `audit_logs` with `DATABASE_URL`.
+    pub audit: crate::audit::Audit,
+    /// The PostgreSQL ledger, for `/health` (`DATABASE_URL`).
+    #[cfg(feature = "postgres")]
+    pub postgres: Option<palisade::cost::sink::PostgresSink>,
 }
 
 /// A built gateway: its router and what shutdown needs.
@@ -228,6 +233,55 @@ impl Limiter {
     }
 }
 
+/// Where usage records go: the in-memory ledger behind `/v1/usage` (counted in the
+/// metrics) and, with `DATABASE_URL`, PostgreSQL's `usage_logs`.
+struct GatewaySink {
+    ledger: crate::metrics::MeteredSink<Ledger>,
+    #[cfg(feature = "postgres")]
+    postgres: Option<palisade::cost::sink::PostgresSink>,
+}
+
+impl UsageSink for GatewaySink {
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        // PostgreSQL first: its sink buffers what it cannot write yet and never fails a
+        // batch, so a batch is never retried into the in-memory ledger twice.
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &self.postgres {
+            pg.record_batch(batch).await?;
+        }
+        self.ledger.record_batch(batch).await
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        self.ledger.flush().await?;
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &self.postgres {
+            pg.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The PostgreSQL ledger (`DATABASE_URL`): connected and migrated, or a start-up error.
+#[cfg(feature = "postgres")]
+async fn postgres(
+    config: &GatewayConfig,
+) -> Result<Option<palisade::cost::sink::PostgresSink>, BoxError> {
+    let Some(settings) = &config.database else {
+        return Ok(None);
+    };
+    let sink = palisade::cost::sink::PostgresSink::connect(settings.clone())
+        .map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let applied = sink
+        .migrate()
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot apply the ledger's migrations: {e}"))?;
+    if !applied.is_empty() {
+        tracing::info!(versions = ?applied, "PostgreSQL ledger: migrations applied");
+    }
+    Ok(Some(sink))
+}
+
 /// Request ids: a random prefix per process and a counter (`req_3f2a…_000001`).
 #[derive(Clone)]
 struct MakeId {
@@ -253,8 +307,21 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     };
     let ledger = Ledger::memory();
     let metrics = crate::metrics::Metrics::new()?;
+    #[cfg(feature = "postgres")]
+    let postgres = postgres(&config).await?;
+    #[cfg(feature = "postgres")]
+    let audit = match &postgres {
+        Some(pg) => crate::audit::Audit::postgres(pg.clone()),
+        None => crate::audit::Audit::log_only(),
+    };
+    #[cfg(not(feature = "postgres"))]
+    let audit = crate::audit::Audit::log_only();
     let (meter, recorder) = if config.layers {
-        let sink = crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone());
+        let sink = GatewaySink {
+            ledger: crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone()),
+            #[cfg(feature = "postgres")]
+            postgres: postgres.clone(),
+        };
         let (layer, shutdown) = config.cost.spawn(sink)?;
         (Some(layer), Some(shutdown))
     } else {
@@ -313,6 +380,9 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         limiter: rate_limit.as_ref().map(RateLimits::limiter),
         #[cfg(feature = "redis")]
         redis,
+        audit,
+        #[cfg(feature = "postgres")]
+        postgres,
         cost_stats,
         limits: Arc::new(Limits {
             models: config.models.clone(),

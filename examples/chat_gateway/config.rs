@@ -123,6 +123,10 @@ pub struct GatewayConfig {
     /// budgets.
     #[cfg(feature = "redis")]
     pub redis: Option<palisade::rate_limit::RedisStoreConfig>,
+    /// The PostgreSQL ledger (`DATABASE_URL`, with the `postgres` feature): usage records
+    /// in `usage_logs`, security events in `audit_logs`.
+    #[cfg(feature = "postgres")]
+    pub database: Option<palisade::cost::sink::PostgresConfig>,
     /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
     /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
     pub budget: BudgetConfig,
@@ -378,16 +382,11 @@ impl GatewayConfig {
             allow(unused_variables, clippy::let_unit_value)
         )]
         let redis = redis_env(env);
-        if env.raw("DATABASE_URL").is_some() {
-            env.problem(
-                "DATABASE_URL",
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "the gateway has no PostgreSQL ledger yet; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(unused_variables, clippy::let_unit_value)
+        )]
+        let database = database_env(env);
         let alert_webhook: Option<String> = env.secret_with(
             "PALISADE_GATEWAY_ALERT_WEBHOOK",
             "https://hooks.example.com/palisade",
@@ -459,6 +458,8 @@ impl GatewayConfig {
             alert_webhook,
             #[cfg(feature = "redis")]
             redis,
+            #[cfg(feature = "postgres")]
+            database,
             tls,
             shutdown_grace,
             mock_slow_delay,
@@ -544,6 +545,58 @@ fn redis_env(env: &mut Env) -> RedisSettings {
             ProblemKind::Invalid {
                 value: "[redacted]".into(),
                 reason: "this build has no Redis support: run with `--features redis` (cargo run --example chat_gateway --features redis), or unset it".into(),
+            },
+            "(unset)",
+        );
+    }
+}
+
+/// The settings of the PostgreSQL ledger (`DATABASE_URL`).
+#[cfg(feature = "postgres")]
+type DatabaseSettings = Option<palisade::cost::sink::PostgresConfig>;
+#[cfg(not(feature = "postgres"))]
+type DatabaseSettings = ();
+
+/// `DATABASE_URL`: a `postgres://` URL (or a `key=value` connection string). Without the
+/// `postgres` feature, a set `DATABASE_URL` is a problem that says how to build.
+fn database_env(env: &mut Env) -> DatabaseSettings {
+    let url: Option<String> = env.secret_with(
+        "DATABASE_URL",
+        "postgres://palisade@127.0.0.1:5432/palisade",
+        |s| Ok(s.trim().to_owned()),
+    );
+    #[cfg(feature = "postgres")]
+    {
+        let url = url?;
+        let reason = if url.contains("://")
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            Some("must start with postgres:// or postgresql://".to_owned())
+        } else {
+            <tokio_postgres::Config as std::str::FromStr>::from_str(&url)
+                .err()
+                .map(|e| format!("not a PostgreSQL connection string: {e}"))
+        };
+        if let Some(reason) = reason {
+            env.problem(
+                "DATABASE_URL",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason,
+                },
+                "postgres://palisade@127.0.0.1:5432/palisade",
+            );
+            return None;
+        }
+        Some(palisade::cost::sink::PostgresConfig::new(url))
+    }
+    #[cfg(not(feature = "postgres"))]
+    if url.is_some() {
+        env.problem(
+            "DATABASE_URL",
+            ProblemKind::Invalid {
+                value: "[redacted]".into(),
+                reason: "this build has no PostgreSQL support: run with `--features postgres` (cargo run --example chat_gateway --features postgres), or unset it".into(),
             },
             "(unset)",
         );

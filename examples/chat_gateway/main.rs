@@ -8,6 +8,7 @@
 //! `.env.example` beside this file lists every variable.
 
 mod app;
+mod audit;
 mod auth;
 mod config;
 mod dashboard;
@@ -163,6 +164,12 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
         && !sentry.flush(grace)
     {
         tracing::warn!("error reports were still queued at shutdown");
+    }
+    if tokio::time::timeout(grace, app.state.audit.flush())
+        .await
+        .is_err()
+    {
+        tracing::error!("audit events were still queued at shutdown");
     }
     if let Some(recorder) = app.recorder {
         match recorder.shutdown_within(grace).await {

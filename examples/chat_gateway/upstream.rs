@@ -302,8 +302,7 @@ impl Upstream {
         let start = std::time::Instant::now();
         let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
         if is_budget_refusal(&res) {
-            tracing::warn!(target: "chat_gateway::audit", event = "budget_refused",
-                user = call.attribution.user.as_deref().unwrap_or("-"), request_id = %call.request_id);
+            // Audited by the authentication middleware, which sees every refusal.
             return Ok(res);
         }
         res.extensions_mut().insert(UpstreamTime(start.elapsed()));

@@ -2,6 +2,8 @@
 // (`include!`d at their root, so that `crate::app` and the others resolve as in the example).
 #[path = "../../examples/chat_gateway/app.rs"]
 mod app;
+#[path = "../../examples/chat_gateway/audit.rs"]
+mod audit;
 #[path = "../../examples/chat_gateway/auth.rs"]
 mod auth;
 #[path = "../../examples/chat_gateway/config.rs"]
