@@ -15,7 +15,9 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
-use palisade::cost::alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookConfig, WebhookSink};
+use palisade::cost::alert::{
+    AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookConfig, WebhookSink,
+};
 use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown, SinkError, UsageRecord, UsageSink};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
@@ -58,6 +60,11 @@ pub struct AppState {
     pub redis: Option<palisade::rate_limit::RedisStore>,
     /// Security events: the log, and `audit_logs` with `DATABASE_URL`.
     pub audit: crate::audit::Audit,
+    /// Where alerts go (the log, and the webhook when set).
+    pub alerts: Arc<Alerts>,
+    /// The spend-spike detector fed by every usage record (`None` when switched off).
+    #[allow(dead_code)] // the tests give it a history
+    pub spikes: Option<Arc<SpikeDetector>>,
     /// The PostgreSQL ledger, for `/health` (`DATABASE_URL`).
     #[cfg(feature = "postgres")]
     pub postgres: Option<palisade::cost::sink::PostgresSink>,
@@ -118,13 +125,16 @@ pub fn default_rules() -> Vec<RuleConfig> {
 /// attribution, never a client header), threshold alerts to the log.
 ///
 /// With `REDIS_URL`, the accounts live in Redis, so every instance shares them.
-async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
+async fn budget_layer(
+    config: &GatewayConfig,
+    alerts: Arc<Alerts>,
+) -> Result<BudgetLayer, BoxError> {
     let builder = config
         .budget
         .builder()?
         .user_header(None)
         .bot_header(None)
-        .alerts(Alerts::new(config)?);
+        .alerts(alerts);
     #[cfg(feature = "redis")]
     let builder = match &config.redis {
         Some(r) if !r.cluster_nodes.is_empty() => {
@@ -149,13 +159,16 @@ async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
     Ok(builder.build()?)
 }
 
-/// Alerts go to the log, and to `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set.
-struct Alerts {
+/// Alerts (budget thresholds, spend spikes, breakers opening) go to the log, and to
+/// `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set. Sending never waits: the webhook posts
+/// from its own task through a bounded queue.
+pub struct Alerts {
     webhook: Option<WebhookSink>,
 }
 
 impl Alerts {
-    fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
+    /// The sinks `config` names.
+    pub fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
         let webhook = match &config.alert_webhook {
             None => None,
             Some(url) => {
@@ -170,6 +183,13 @@ impl Alerts {
             }
         };
         Ok(Self { webhook })
+    }
+}
+
+impl Alerts {
+    /// The webhook's counters (`None` without a webhook).
+    pub fn webhook_stats(&self) -> Option<palisade::cost::alert::WebhookStats> {
+        self.webhook.as_ref().map(WebhookSink::stats)
     }
 }
 
@@ -237,6 +257,7 @@ impl Limiter {
 /// metrics) and, with `DATABASE_URL`, PostgreSQL's `usage_logs`.
 struct GatewaySink {
     ledger: crate::metrics::MeteredSink<Ledger>,
+    spikes: Option<Arc<SpikeDetector>>,
     #[cfg(feature = "postgres")]
     postgres: Option<palisade::cost::sink::PostgresSink>,
 }
@@ -249,7 +270,12 @@ impl UsageSink for GatewaySink {
         if let Some(pg) = &self.postgres {
             pg.record_batch(batch).await?;
         }
-        self.ledger.record_batch(batch).await
+        self.ledger.record_batch(batch).await?;
+        // On the recorder's task, off the request path.
+        if let Some(spikes) = &self.spikes {
+            batch.iter().for_each(|r| spikes.observe_record(r));
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), SinkError> {
@@ -316,8 +342,17 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     };
     #[cfg(not(feature = "postgres"))]
     let audit = crate::audit::Audit::log_only();
+    let alerts = Arc::new(Alerts::new(&config)?);
+    let spikes = match &config.spike {
+        Some(spike) => Some(Arc::new(
+            SpikeDetector::new(spike.clone(), Arc::clone(&alerts))
+                .map_err(|e| format!("PALISADE_GATEWAY_SPIKE_*: {e}"))?,
+        )),
+        None => None,
+    };
     let (meter, recorder) = if config.layers {
         let sink = GatewaySink {
+            spikes: spikes.clone(),
             ledger: crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone()),
             #[cfg(feature = "postgres")]
             postgres: postgres.clone(),
@@ -329,7 +364,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     };
     let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
     let budgets = Budgets::new(if config.layers {
-        Some(budget_layer(&config).await?)
+        Some(budget_layer(&config, Arc::clone(&alerts)).await?)
     } else {
         None
     });
@@ -338,6 +373,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         mock_addr.map(|a| format!("http://{a}")),
         meter,
         budgets.layer().cloned(),
+        Arc::clone(&alerts) as Arc<dyn AlertSink>,
     )?;
 
     let mut rl = config.rate_limit.clone();
@@ -381,6 +417,8 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         #[cfg(feature = "redis")]
         redis,
         audit,
+        alerts,
+        spikes,
         #[cfg(feature = "postgres")]
         postgres,
         cost_stats,

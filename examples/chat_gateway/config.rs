@@ -12,6 +12,7 @@ use std::time::Duration;
 use palisade::ErrorFormat;
 use palisade::circuit_breaker::CircuitBreakerConfig;
 use palisade::config::{ConfigError, Env, Environment, ProblemKind, Settings};
+use palisade::cost::alert::SpikeConfig;
 use palisade::cost::budget::{BudgetConfig, BudgetRuleConfig, Period, Scope};
 use palisade::cost::{CostConfig, Money};
 use palisade::rate_limit::RateLimitConfig;
@@ -119,6 +120,8 @@ pub struct GatewayConfig {
     /// Where alerts (budget thresholds) are posted as JSON, besides the log
     /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`).
     pub alert_webhook: Option<String>,
+    /// Spend-spike alerts (`PALISADE_GATEWAY_SPIKE_*`; `None` when switched off).
+    pub spike: Option<SpikeConfig>,
     /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
     /// budgets.
     #[cfg(feature = "redis")]
@@ -396,6 +399,7 @@ impl GatewayConfig {
             },
         );
         let tls = tls_env(env);
+        let spike = spike_env(env);
 
         let mut retry = RetryConfig::from_env(env);
         if env.raw("PALISADE_RETRY_ASSUME_IDEMPOTENT").is_none() {
@@ -456,6 +460,7 @@ impl GatewayConfig {
             orchestrator_model,
             budget,
             alert_webhook,
+            spike,
             #[cfg(feature = "redis")]
             redis,
             #[cfg(feature = "postgres")]
@@ -601,6 +606,51 @@ fn database_env(env: &mut Env) -> DatabaseSettings {
             "(unset)",
         );
     }
+}
+
+/// `PALISADE_GATEWAY_SPIKE_*`: a user's spend in the last `WINDOW` above `MULTIPLE` times
+/// their trailing average (and at least `MIN_SPEND` dollars) is an alert, once per window.
+fn spike_env(env: &mut Env) -> Option<SpikeConfig> {
+    let on = env.optional_with("PALISADE_GATEWAY_SPIKE_ALERTS", true, "on", |s| {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "on" | "true" | "1" => Ok(true),
+            "off" | "false" | "0" => Ok(false),
+            _ => Err("expected `on` or `off`".into()),
+        }
+    });
+    let mut spike = SpikeConfig::default();
+    spike.window = env.duration("PALISADE_GATEWAY_SPIKE_WINDOW", spike.window, "5m");
+    if spike.window.is_zero() {
+        env.problem(
+            "PALISADE_GATEWAY_SPIKE_WINDOW",
+            ProblemKind::Invalid {
+                value: "0".into(),
+                reason: "must be longer than 0".into(),
+            },
+            "5m",
+        );
+    }
+    spike.multiple = env.optional_with(
+        "PALISADE_GATEWAY_SPIKE_MULTIPLE",
+        spike.multiple,
+        "3",
+        |s| match s.trim().parse::<f64>() {
+            Ok(m) if m.is_finite() && m >= 1.0 => Ok(m),
+            Ok(_) => Err("must be a number of at least 1".into()),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    spike.min_spend = env.optional_with(
+        "PALISADE_GATEWAY_SPIKE_MIN_SPEND",
+        spike.min_spend.clone(),
+        "1.00 (dollars)",
+        |s| {
+            Money::parse_dollars(s.trim())
+                .map(|_| s.trim().to_owned())
+                .map_err(|e| e.to_string())
+        },
+    );
+    on.then_some(spike)
 }
 
 /// The name of the per-user daily budget that `/admin/budgets/{user}` shows and sets.

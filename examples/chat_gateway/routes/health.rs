@@ -57,6 +57,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "redis": redis,
         "postgres": postgres,
         "audit_writer": state.audit.health(),
+        "alert_webhook": state.alerts.webhook_stats(),
         "status": status,
         "layers": state.config.layers,
         "upstreams": breakers,
