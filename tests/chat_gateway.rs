@@ -571,6 +571,62 @@ async fn rate_limit_429_with_retry_after_per_user_and_admin_reset() {
     r.anthropic_error(400, "invalid_request_error");
 }
 
+/// Without `PALISADE_RATE_LIMIT_RULES` the limits are palisade's presets (and the
+/// gateway's `bot_chat`): `chat` counts per API key, 20 a minute, and an admin reset of the
+/// user clears it.
+#[tokio::test]
+async fn default_limits_are_the_presets_and_an_admin_reset_clears_the_per_key_chat_limit() {
+    let defaults = app::default_rules();
+    let names: Vec<&str> = defaults.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["global", "chat", "bot_creation", "orchestrator", "bot_chat"]
+    );
+    for (i, preset) in [
+        palisade::rate_limit::Rule::global(),
+        palisade::rate_limit::Rule::chat(),
+        palisade::rate_limit::Rule::bot_creation(),
+        palisade::rate_limit::Rule::orchestrator(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(defaults[i], palisade::rate_limit::RuleConfig::from(preset));
+    }
+
+    let gw = start(&[]).await;
+    for _ in 0..20 {
+        let r = gw
+            .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert!(
+        r.headers
+            .get_all("ratelimit")
+            .iter()
+            .any(|v| v.to_str().unwrap().starts_with("\"chat\";r=0")),
+        "the chat preset refused: {:?}",
+        r.headers
+    );
+    let r = gw
+        .post("/admin/rate-limits/reset", ADMIN, json!({"user": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "the reset cleared the key's count: {:?}",
+        r.body
+    );
+}
+
 #[tokio::test]
 async fn default_route_limits_bot_creation_at_ten_an_hour() {
     let gw = start(&[]).await;

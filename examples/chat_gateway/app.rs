@@ -20,7 +20,7 @@ use palisade::cost::alert::{
 };
 use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown, SinkError, UsageRecord, UsageSink};
-use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
+use palisade::rate_limit::{KeySource, Quota, RateLimiter, Rule, RuleConfig};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -84,41 +84,26 @@ pub struct App {
     pub sentry: Option<crate::sentry::Sentry>,
 }
 
-/// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: 100 requests
-/// a minute per user over everything, and one rule per costly route.
+/// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: palisade's
+/// presets — `global` (100 a minute per user), `chat` (20 a minute per API key on
+/// `POST /v1/messages`), `bot_creation` (10 an hour per user on `POST /v1/bots`) and
+/// `orchestrator` (30 a minute per user on `POST /v1/orchestrator/*`) — and the gateway's
+/// `bot_chat` (20 a minute per user on `POST /v1/bots/{id}/messages`), for which there is
+/// no preset.
 pub fn default_rules() -> Vec<RuleConfig> {
-    let rule = |name: &str, method: Option<&str>, route: &str, quota: Quota| RuleConfig {
-        name: name.to_owned(),
-        method: method.map(str::to_owned),
-        route: route.to_owned(),
-        key: KeySource::Principal.to_string(),
-        limit: quota.limit(),
-        window: quota.window(),
-        skip_anonymous: true,
-        ..RuleConfig::default()
-    };
-    vec![
-        rule("global", None, "*", Quota::per_minute(100)),
-        rule(
-            "messages",
-            Some("POST"),
-            "/v1/messages",
-            Quota::per_minute(60),
-        ),
-        rule("bots_create", Some("POST"), "/v1/bots", Quota::per_hour(10)),
-        rule(
-            "bot_messages",
-            Some("POST"),
-            "/v1/bots/{id}/messages",
-            Quota::per_minute(20),
-        ),
-        rule(
-            "parse_intent",
-            Some("POST"),
-            "/v1/orchestrator/parse-intent",
-            Quota::per_minute(30),
-        ),
+    let bot_chat = Rule::new("bot_chat", Quota::per_minute(20))
+        .post("/v1/bots/{id}/messages")
+        .key(KeySource::Principal);
+    [
+        Rule::global(),
+        Rule::chat(),
+        Rule::bot_creation(),
+        Rule::orchestrator(),
+        bot_chat,
     ]
+    .iter()
+    .map(RuleConfig::from)
+    .collect()
 }
 
 /// The budget layer: the configured budgets, charged to the caller (the gateway's

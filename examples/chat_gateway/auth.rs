@@ -81,6 +81,15 @@ impl KeyStore {
         Self { entries }
     }
 
+    /// The hashed keys `user` holds (what rules keyed by API key count against).
+    pub fn key_ids(&self, user: &str) -> Vec<ApiKeyId> {
+        self.entries
+            .iter()
+            .filter(|e| &*e.user == user)
+            .map(|e| ApiKeyId::from_bytes(e.hash))
+            .collect()
+    }
+
     /// The caller holding `key`. Every entry is compared, in constant time, whatever matches.
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
         let id = ApiKeyId::from_key(key);

@@ -72,14 +72,26 @@ pub async fn reset_rate_limits(
     if !unknown.is_empty() {
         return Err(ApiError::new(Error::invalid_fields(unknown), format));
     }
-    let key = RateKey::principal(req.user.as_str());
+    // Rules count a user by name (`principal`) or by each key they hold (`api_key`):
+    // reset them all.
+    let mut keys = vec![RateKey::principal(req.user.as_str())];
+    keys.extend(
+        state
+            .keys
+            .key_ids(&req.user)
+            .into_iter()
+            .map(RateKey::ApiKey),
+    );
     for rule in &rules {
-        limiter.reset(rule, &key).await.map_err(|e| {
-            ApiError::new(
-                Error::new(ErrorKind::Unavailable, "the rate-limit store failed").with_source(e),
-                format,
-            )
-        })?;
+        for key in &keys {
+            limiter.reset(rule, key).await.map_err(|e| {
+                ApiError::new(
+                    Error::new(ErrorKind::Unavailable, "the rate-limit store failed")
+                        .with_source(e),
+                    format,
+                )
+            })?;
+        }
     }
     state.audit.record(
         AuditEntry::new("rate_limits_reset", "done")
