@@ -1230,7 +1230,13 @@ async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+    let server = tokio::spawn(serve::serve(
+        listener,
+        app.router,
+        Some(server_config),
+        Duration::from_secs(10),
+        stop_rx,
+    ));
 
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {

@@ -108,6 +108,9 @@ pub struct GatewayConfig {
     pub max_tokens: u64,
     /// The largest request body, in bytes.
     pub max_body: usize,
+    /// How long a client may take to send a request head (and to finish the TLS
+    /// handshake) before its connection is closed (`PALISADE_GATEWAY_HEADER_TIMEOUT`).
+    pub header_timeout: Duration,
     /// How long a request body may take to arrive (408 after that).
     pub body_timeout: Duration,
     /// The longest silence inside an upstream response body (a stream then ends with an
@@ -349,6 +352,16 @@ impl GatewayConfig {
             Duration::from_secs(30),
             "30s",
         );
+        let header_timeout = env.optional_with(
+            "PALISADE_GATEWAY_HEADER_TIMEOUT",
+            Duration::from_secs(10),
+            "10s",
+            |s| match palisade::config::duration::parse(s) {
+                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+                Ok(d) => Ok(d),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
             Duration::from_secs(120),
@@ -455,6 +468,7 @@ impl GatewayConfig {
             models,
             max_tokens,
             max_body,
+            header_timeout,
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,

@@ -24,6 +24,8 @@ mod routes;
 mod schema;
 #[path = "../../examples/chat_gateway/sentry.rs"]
 mod sentry;
+#[path = "../../examples/chat_gateway/serve.rs"]
+mod serve;
 #[path = "../../examples/chat_gateway/store.rs"]
 mod store;
 #[path = "../../examples/chat_gateway/tls.rs"]
