@@ -13,12 +13,12 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use super::json_scan::{ScanState, TopLevelScan};
+use super::json_view::View;
 use super::layer::Shared;
 use super::pricing::Money;
 use super::record::{Attribution, Completion, UsageRecord};
 use super::sse::SseParser;
 use super::usage::{Usage, UsageExtractor};
-use serde_json::Value;
 
 /// What the request told us, carried until the record is written.
 #[derive(Debug)]
@@ -163,18 +163,14 @@ impl Meter {
                 };
             }
             Scan::Large(scan) => {
-                let mut doc = serde_json::Map::new();
-                for (i, key) in LARGE_KEYS.iter().enumerate() {
-                    if let Some(v) = scan
-                        .value(i)
-                        .and_then(|raw| serde_json::from_slice::<Value>(raw).ok())
-                    {
-                        doc.insert((*key).to_owned(), v);
-                    }
-                }
+                let doc: Vec<_> = LARGE_KEYS
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, key)| Some((*key, View::parse(scan.value(i)?)?)))
+                    .collect();
                 let complete = scan.state() == ScanState::Closed;
                 if !doc.is_empty() {
-                    self.extractor.feed_value(&Value::Object(doc), complete);
+                    self.extractor.feed_value(&View::Object(doc), complete);
                 }
                 self.scan = Scan::Large(Box::new(TopLevelScan::new(&[], 0)));
             }
