@@ -153,6 +153,11 @@ impl UsageExtractor {
         self.model.as_deref()
     }
 
+    /// Takes the model out (for the record written last).
+    pub(crate) fn take_model_name(&mut self) -> Option<String> {
+        self.model.take()
+    }
+
     /// The API format recognised, if any.
     pub fn format(&self) -> Option<ApiFormat> {
         self.format
