@@ -314,6 +314,7 @@ impl RequestMeta {
         }
         let duration = self.start.elapsed();
         UsageRecord {
+            id: super::record::RecordId::at(self.time),
             time: self.time,
             request_id: self.request_id.take(),
             attribution,
