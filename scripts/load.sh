@@ -8,8 +8,12 @@
 #   scripts/load.sh --redis    # adds the full stack with REDIS_URL on a redis-server it starts
 #   scripts/load.sh --peers    # adds the LiteLLM proxy (pip-installed into target/litellm-venv)
 #   scripts/load.sh --smoke    # a few seconds, one round: every request must get a 200
+#   scripts/load.sh --keys     # resident memory after 1,000,000 distinct rate-limit keys
 #
 #   LOAD_ROUNDS=3 LOAD_DURATION=2 LOAD_CONNS="1 8 64"   # overrides (duration in seconds)
+#   LOAD_BASELINE=/path/to/chat_gateway   # adds that binary's full stack ("baseline") to
+#                                         # compare two builds in one run
+#   LOAD_KEYS=1000000 LOAD_KEYS_SECONDS=240              # --keys: keys to send, time limit
 #
 # Needs wrk (Debian's package) and, for --redis, redis-server. Everything listens on
 # 127.0.0.1. wrk, the mock and the proxy share the machine's cores: read the ratios between
@@ -18,14 +22,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0 redis=0 peers=0
+smoke=0 redis=0 peers=0 keys=0
 for arg in "$@"; do
   case "$arg" in
     --smoke) smoke=1 ;;
+    --keys) keys=1 ;;
     --redis) redis=1 ;;
     --peers) peers=1 ;;
-    -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "load.sh: unknown argument '$arg' (expected --smoke, --redis, --peers)" >&2; exit 2 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "load.sh: unknown argument '$arg' (expected --smoke, --redis, --peers, --keys)" >&2; exit 2 ;;
   esac
 done
 
@@ -84,8 +89,9 @@ pids+=($!)
 wait_for mock_upstream "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
 mock="$found"
 
-# start_gateway NAME LAYERS [VAR=value...]: starts the gateway in front of the mock; sets
-# $found to its address.
+# start_gateway NAME LAYERS [VAR=value...]: starts the gateway (the binary $gateway_bin)
+# in front of the mock; sets $found to its address and $gateway_pid.
+gateway_bin="$bin/chat_gateway"
 start_gateway() {
   local name="$1" layers="$2"
   shift 2
@@ -96,11 +102,44 @@ start_gateway() {
     PALISADE_GATEWAY_API_KEYS="load=$key" \
     ANTHROPIC_BASE_URL="http://$mock" \
     ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
-    "$@" "$bin/chat_gateway" >"$work/$name.log" 2>&1 &
-  local pid=$!
-  pids+=("$pid")
-  wait_for "$name" "$work/$name.log" "$pid"
+    "$@" "$gateway_bin" >"$work/$name.log" 2>&1 &
+  gateway_pid=$!
+  pids+=("$gateway_pid")
+  wait_for "$name" "$work/$name.log" "$gateway_pid"
 }
+
+rss_kib() {
+  awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}
+
+if [ "$keys" = 1 ]; then
+  # One rule keyed by the client address, which X-Forwarded-For names (127.0.0.1 is a
+  # trusted proxy here): every request brings a new key to the in-memory store.
+  nkeys="${LOAD_KEYS:-1000000}" limit_s="${LOAD_KEYS_SECONDS:-240}" cap=1000000
+  start_gateway keys on \
+    PALISADE_RATE_LIMIT_RULES='[{"name":"ip","key":"ip","limit":1000000000,"window":"1h"}]' \
+    PALISADE_RATE_LIMIT_TRUSTED_PROXIES=127.0.0.1/32 \
+    PALISADE_RATE_LIMIT_MAX_ENTRIES="$cap" \
+    || { echo "load.sh: the gateway did not start:" >&2; cat "$work/keys.log" >&2; exit 1; }
+  gw="$found"
+  # Warm up (allocator arenas, connection buffers) with a few thousand keys first.
+  LOAD_KEY="$key" LOAD_KEYS_PER_THREAD=1000 LOAD_KEYS_OFFSET=200 \
+    wrk -t2 -c16 -d2s -s scripts/load/keys.lua "http://$gw" >/dev/null
+  before="$(rss_kib "$gateway_pid")"
+  line="$(LOAD_KEY="$key" LOAD_KEYS_PER_THREAD=$(( nkeys / 2 )) LOAD_KEYS_OFFSET=0 \
+    wrk -t2 -c32 -d"${limit_s}s" --timeout 10s -s scripts/load/keys.lua "http://$gw" | grep '^RESULT ')"
+  after="$(rss_kib "$gateway_pid")"
+  sent="$(grep -o 'keys=[0-9]*' <<<"$line" | cut -d= -f2)"
+  echo "$line"
+  awk -v b="$before" -v a="$after" -v k="$sent" -v n="$nkeys" -v cap="$cap" 'BEGIN {
+    printf "distinct keys sent: %d of %d (store cap %d keys)\n", k, n, cap
+    printf "resident before: %.1f MiB, after: %.1f MiB, added: %.1f MiB = %.0f bytes per key\n",
+      b / 1024, a / 1024, (a - b) / 1024, (a - b) * 1024 / (k > 0 ? k : 1)
+  }'
+  grep -q ' non2xx=0 errors=0' <<<"$line" || { echo "load.sh: failed requests: $line" >&2; exit 1; }
+  [ "$sent" -ge "$nkeys" ] || { echo "load.sh: only $sent of $nkeys keys in ${limit_s} s (raise LOAD_KEYS_SECONDS)" >&2; exit 1; }
+  exit 0
+fi
 
 targets=(mock full floor)
 declare -A addr=([mock]="$mock")
@@ -109,6 +148,13 @@ for t in full floor; do
   start_gateway "$t" "$layers" || { echo "load.sh: the $t gateway did not start:" >&2; cat "$work/$t.log" >&2; exit 1; }
   addr[$t]="$found"
 done
+if [ -n "${LOAD_BASELINE:-}" ]; then
+  gateway_bin="$LOAD_BASELINE"
+  start_gateway baseline on || { echo "load.sh: the baseline gateway did not start:" >&2; cat "$work/baseline.log" >&2; exit 1; }
+  gateway_bin="$bin/chat_gateway"
+  addr[baseline]="$found"
+  targets+=(baseline)
+fi
 
 status=0
 redis_note=""

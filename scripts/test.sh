@@ -62,4 +62,7 @@ cargo test
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
+echo "==> load smoke (release build of the gateway; fails on any failed request)"
+scripts/load.sh --smoke
+
 echo "==> all checks passed"

@@ -32,9 +32,21 @@ use crate::store::{Bots, Budgets, Ledger};
 use crate::upstream::Upstreams;
 use crate::{mock, routes};
 
-/// What every handler shares. Cheap to clone; extend it with more `Arc`s.
+/// What every handler shares, behind one `Arc`: axum clones the state for every request,
+/// so a clone is one reference-count bump. Reads go through `Deref` to [`Shared`].
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The configuration.
     pub config: Arc<GatewayConfig>,
     /// Hashed API keys.
@@ -414,7 +426,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         None
     };
 
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         keys: Arc::new(KeyStore::new(&config.api_keys, &config.admin_keys)),
         upstreams,
         bots: Arc::new(Bots::memory()),
@@ -435,7 +447,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         }),
         metrics: metrics.clone(),
         config: Arc::clone(&config),
-    };
+    }));
 
     // Innermost first: rate limits need the principal that auth sets.
     let mut api = routes::api().with_state(state.clone());

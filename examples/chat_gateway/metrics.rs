@@ -19,9 +19,9 @@
 //! request log); tokens and cost by [`MeteredSink`], which sees every usage record the cost
 //! meter writes; breaker states are read when `/metrics` is scraped.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -30,12 +30,13 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::header::CONTENT_TYPE;
 use metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+    SharedString, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
 };
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use palisade::cost::{SinkError, UsageRecord, UsageSink};
+use palisade::cost::{Completion, SinkError, UsageRecord, UsageSink};
 use serde::Serialize;
 
 use crate::app::AppState;
@@ -238,10 +239,9 @@ impl Metrics {
         upstream: Option<Duration>,
     ) {
         let refusal = Refusal::of(res);
-        let status = res.status().as_u16().to_string();
+        let route = label(route);
         self.with(|| {
-            let route = route.to_owned();
-            counter!(REQUESTS, "route" => route.clone(), "method" => method.as_str().to_owned(), "status" => status)
+            counter!(REQUESTS, "route" => route.clone(), "method" => label(method.as_str()), "status" => label(res.status().as_str()))
                 .increment(1);
             histogram!(REQUEST_SECONDS, "route" => route.clone()).record(total.as_secs_f64());
             if let Some(up) = upstream {
@@ -305,7 +305,7 @@ impl Metrics {
     pub fn usage(&self, batch: &[UsageRecord]) {
         self.with(|| {
             for r in batch {
-                let model = r.model.clone().unwrap_or_else(|| "unknown".to_owned());
+                let model = label(r.model.as_deref().unwrap_or("unknown"));
                 let u = &r.usage;
                 for (kind, n) in [
                     ("input", u.input_tokens),
@@ -325,8 +325,8 @@ impl Metrics {
                     let picos = u64::try_from(cost.picos()).unwrap_or(u64::MAX);
                     counter!(COST, "model" => model.clone()).increment(picos);
                 }
-                let completion = format!("{:?}", r.completion).to_ascii_lowercase();
-                counter!(RECORDS, "model" => model, "completion" => completion).increment(1);
+                counter!(RECORDS, "model" => model, "completion" => completion_label(r.completion))
+                    .increment(1);
             }
         });
     }
@@ -350,6 +350,44 @@ impl Metrics {
         self.handle.run_upkeep();
         self.handle.render()
     }
+}
+
+/// A label value. Route templates, methods, statuses and model names are few: each
+/// distinct one is kept once (up to 1,024 of them), so labelling a request allocates
+/// nothing; values past that bound are copied per use rather than kept forever.
+fn label(value: &str) -> SharedString {
+    const MAX_KEPT: usize = 1024;
+    static KEPT: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
+    let kept = KEPT.get_or_init(RwLock::default);
+    if let Some(v) = kept
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(value)
+    {
+        return SharedString::const_str(v);
+    }
+    let mut kept = kept.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(v) = kept.get(value) {
+        return SharedString::const_str(v);
+    }
+    if kept.len() >= MAX_KEPT {
+        return SharedString::from_owned(value.to_owned());
+    }
+    let v: &'static str = Box::leak(value.into());
+    kept.insert(v);
+    SharedString::const_str(v)
+}
+
+/// The `completion` label of a usage record: its variant's name in lower case.
+fn completion_label(c: Completion) -> SharedString {
+    SharedString::const_str(match c {
+        Completion::Complete => "complete",
+        Completion::Partial => "partial",
+        Completion::UpstreamError => "upstreamerror",
+        Completion::Failed => "failed",
+        Completion::Cancelled => "cancelled",
+        other => return label(&format!("{other:?}").to_ascii_lowercase()),
+    })
 }
 
 /// A usage sink that counts tokens and cost in [`Metrics`], then hands the records on.
@@ -382,7 +420,7 @@ pub async fn record(State(metrics): State<Metrics>, req: Request, next: Next) ->
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
     let res = next.run(req).await;
     let total = start.elapsed();
     let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);

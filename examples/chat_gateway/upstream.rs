@@ -50,11 +50,16 @@ type Svc = BoxCloneSyncService<Request<Full<Bytes>>, Response<Body>, BoxError>;
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamTime(pub Duration);
 
-/// One upstream with its own client stack and breaker.
+/// One upstream with its own client stack and breaker. Cloned with the gateway's state on
+/// every request, so its parts sit behind one `Arc`.
 #[derive(Clone)]
 pub struct Upstream {
     /// `primary` or `fallback`.
     pub name: &'static str,
+    parts: Arc<Parts>,
+}
+
+struct Parts {
     base_url: String,
     api_key: Option<HeaderValue>,
     /// A model that replaces the caller's (a fallback to another model).
@@ -69,8 +74,8 @@ impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
             .field("name", &self.name)
-            .field("base_url", &self.base_url)
-            .field("model", &self.model)
+            .field("base_url", &self.parts.base_url)
+            .field("model", &self.parts.model)
             .finish_non_exhaustive()
     }
 }
@@ -181,9 +186,9 @@ impl Upstreams {
             _ => return first,
         };
         drop(first);
-        let label = match &fallback.model {
+        let label = match &fallback.parts.model {
             Some(model) => format!("model:{model}"),
-            None => format!("upstream:{}", fallback.base_url),
+            None => format!("upstream:{}", fallback.parts.base_url),
         };
         tracing::warn!(request_id = %call.request_id, reason, fallback = %label, "primary upstream unavailable: fallback taken");
         ledger.mark_fallback(&call.request_id, label.clone());
@@ -199,7 +204,7 @@ impl Upstreams {
         std::iter::once(&self.primary)
             .chain(self.fallback.as_ref())
             .filter_map(|u| {
-                let b = u.breaker.as_ref()?;
+                let b = u.parts.breaker.as_ref()?;
                 let state = b.state();
                 Some(BreakerHealth {
                     upstream: u.name,
@@ -250,12 +255,14 @@ impl Upstream {
                 .map_response(|r| r.map(Body::new));
             return Ok(Self {
                 name,
-                base_url,
-                api_key,
-                model,
-                svc: BoxCloneSyncService::new(svc),
-                breaker: None,
-                idle_timeout: config.stream_idle_timeout,
+                parts: Arc::new(Parts {
+                    base_url,
+                    api_key,
+                    model,
+                    svc: BoxCloneSyncService::new(svc),
+                    breaker: None,
+                    idle_timeout: config.stream_idle_timeout,
+                }),
             });
         }
         let client: Client<Connector, palisade::retry::ReplayBody<Full<Bytes>>> =
@@ -292,21 +299,23 @@ impl Upstream {
         };
         Ok(Self {
             name,
-            base_url,
-            api_key,
-            model,
-            svc,
-            breaker: Some(handle),
-            idle_timeout: config.stream_idle_timeout,
+            parts: Arc::new(Parts {
+                base_url,
+                api_key,
+                model,
+                svc,
+                breaker: Some(handle),
+                idle_timeout: config.stream_idle_timeout,
+            }),
         })
     }
 
     async fn send(&self, call: &Call) -> Result<Response<Body>, Error> {
-        let body = match &self.model {
+        let body = match &self.parts.model {
             Some(model) => replace_model(&call.body, model)?,
             None => call.body.clone(),
         };
-        let mut req = Request::post(format!("{}/v1/messages", self.base_url))
+        let mut req = Request::post(format!("{}/v1/messages", self.parts.base_url))
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .map_err(|e| Error::internal("bad upstream request").with_source(e))?;
@@ -315,7 +324,7 @@ impl Upstream {
         for (k, v) in &call.headers {
             h.insert(k.clone(), v.clone());
         }
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &self.parts.api_key {
             h.insert("x-api-key", key.clone());
         }
         if let Ok(v) = HeaderValue::from_str(&call.request_id) {
@@ -323,7 +332,13 @@ impl Upstream {
         }
         req.extensions_mut().insert(call.attribution.clone());
         let start = std::time::Instant::now();
-        let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
+        let mut res = self
+            .parts
+            .svc
+            .clone()
+            .oneshot(req)
+            .await
+            .map_err(to_error)?;
         if is_budget_refusal(&res) {
             // Audited by the authentication middleware, which sees every refusal.
             return Ok(res);
@@ -334,7 +349,7 @@ impl Upstream {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let timeout = self.idle_timeout;
+        let timeout = self.parts.idle_timeout;
         if sse {
             return Ok(res.map(|body| Body::new(Guarded::new(body, timeout, true))));
         }

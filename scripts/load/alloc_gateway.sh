@@ -4,6 +4,7 @@
 # runs in its own process, so only the gateway's allocations count.
 #
 #   scripts/load/alloc_gateway.sh
+#   LOAD_GATEWAY_BIN=/path/to/chat_gateway scripts/load/alloc_gateway.sh   # another build
 #
 # For each case the gateway runs twice under heaptrack, with a short and a longer wrk run at
 # one connection; allocations per request = difference of the totals / difference of the
@@ -15,6 +16,7 @@ command -v wrk >/dev/null || { echo "alloc_gateway.sh: wrk is not installed (apt
 
 cargo build --release --quiet --example chat_gateway --example mock_upstream
 bin=target/release/examples
+gateway="${LOAD_GATEWAY_BIN:-$bin/chat_gateway}"
 key="sk-load-0000000000000000"
 work="$(mktemp -d)"
 pids=()
@@ -49,7 +51,7 @@ measure() {
     PALISADE_GATEWAY_ADDR=127.0.0.1:0 PALISADE_GATEWAY_LAYERS="$layers" \
     PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
     ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
-    heaptrack -o "$out" "$bin/chat_gateway" >"$out.log" 2>&1 &
+    heaptrack -o "$out" "$gateway" >"$out.log" 2>&1 &
   local wrapper=$!
   pids+=("$wrapper")
   wait_for "$out.log" "$wrapper" || { cat "$out.log" >&2; return 1; }

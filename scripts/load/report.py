@@ -13,10 +13,11 @@ NAMES = {
     "mock": "direct to mock",
     "floor": "floor (layers off)",
     "full": "full stack, in memory",
+    "baseline": "full stack, baseline",
     "redis": "full stack, Redis",
     "litellm": "LiteLLM proxy",
 }
-ORDER = ["mock", "floor", "full", "redis", "litellm"]
+ORDER = ["mock", "floor", "full", "baseline", "redis", "litellm"]
 
 
 def parse(path):
@@ -79,7 +80,9 @@ def main():
     print("\nRatios (same run). Goals: full/floor req/s >= 0.9, p50 over floor <= 50 us, "
           "p99 over floor <= 200 us; Redis/full >= 0.8 at c=8.")
     header = f"{'case':<10} {'full/floor':>10} {'p50 +':>7} {'p99 +':>7}"
-    extra = [t for t in ("redis", "litellm") if t in targets]
+    extra = [t for t in ("baseline", "redis", "litellm") if t in targets]
+    if "baseline" in extra:
+        header += f" {'baseline/floor':>14}"
     if "redis" in extra:
         header += f" {'redis/full':>10}"
     if "litellm" in extra:
@@ -94,6 +97,9 @@ def main():
             f"{mode + ' c=' + str(conns):<10} {full['rps'] / floor['rps']:>10.2f} "
             f"{full['p50'] - floor['p50']:>+7.0f} {full['p99'] - floor['p99']:>+7.0f}"
         )
+        if "baseline" in extra:
+            b = med.get(("baseline", mode, conns))
+            row += f" {b['rps'] / floor['rps']:>14.2f}" if b else f" {'':>14}"
         if "redis" in extra:
             r = med.get(("redis", mode, conns))
             row += f" {r['rps'] / full['rps']:>10.2f}" if r else f" {'':>10}"

@@ -566,8 +566,14 @@ impl PriceTable {
 
     /// The prices of `model`, if known.
     pub fn get(&self, model: &str) -> Option<&ModelPrice> {
-        let lower = model.trim().to_ascii_lowercase();
-        let mut name = lower.as_str();
+        // Model names arrive in lower case nearly always: copied only when they are not.
+        let model = model.trim();
+        let lower = if model.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(model.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(model)
+        };
+        let mut name = &*lower;
         if let Some(p) = self.models.get(name) {
             return Some(p);
         }
@@ -776,6 +782,19 @@ mod tests {
             };
             prop_assert_eq!(Money(picos).dollars_string(), want.clone());
             prop_assert_eq!(Money(picos).to_string(), format!("${want}"));
+        }
+    }
+
+    #[test]
+    fn model_lookup_ignores_case_and_surrounding_space() {
+        let t = PriceTable::builtin();
+        let want = t.get("claude-sonnet-4-5").unwrap();
+        for name in [
+            " Claude-Sonnet-4-5 ",
+            "CLAUDE-SONNET-4-5",
+            "anthropic/Claude-Sonnet-4-5",
+        ] {
+            assert_eq!(t.get(name), Some(want), "{name}");
         }
     }
 
