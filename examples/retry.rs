@@ -63,7 +63,10 @@ async fn main() -> Result<(), palisade::BoxError> {
     // The same layer from the environment, in one line: PALISADE_RETRY_* (every mistake
     // listed at once; unset variables keep their defaults).
     let from_env = RetryLayer::from_env()?;
-    println!("retries from the environment: up to {}", from_env.max_retries());
+    println!(
+        "retries from the environment: up to {}",
+        from_env.max_retries()
+    );
 
     let request = http::Request::post(format!("http://{addr}/v1/messages"))
         .header("content-type", "application/json")
