@@ -20,7 +20,6 @@ use palisade::cost::{
 mod pg;
 
 #[cfg(feature = "redis")]
-#[allow(dead_code)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 
