@@ -110,6 +110,7 @@ mod builder;
 mod config;
 mod future;
 mod json_scan;
+mod json_view;
 mod layer;
 mod peek;
 pub mod pricing;
