@@ -908,19 +908,26 @@ async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
         .unwrap_err();
     assert!(matches!(err, E::Connect { .. }), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
-    // TLS without a TLS feature of the redis crate: the URL is reported invalid
-    for url in ["rediss://:hunter2@127.0.0.1:1/"] {
-        let single = RedisStore::builder().url(url).build().await.unwrap_err();
-        assert!(matches!(single, E::InvalidUrl { .. }), "{single:?}");
-        assert!(!format!("{single} {single:?}").contains("hunter2"));
-        let cluster = RedisStore::builder()
-            .cluster([url])
-            .build()
-            .await
-            .unwrap_err();
-        assert!(matches!(cluster, E::InvalidUrl { .. }), "{cluster:?}");
-        assert!(!format!("{cluster} {cluster:?}").contains("hunter2"));
-    }
+    // TLS: a single server connects lazily, a Cluster at once; neither shows the password
+    let url = "rediss://:hunter2@127.0.0.1:1/";
+    let single = RedisStore::builder()
+        .url(url)
+        .timeout(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1, 1);
+    let err = single.check(&[rule.item()]).await.unwrap_err();
+    let shown = format!("{err} {err:?} {:?} {single:?}", single.health());
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let cluster = RedisStore::builder()
+        .cluster([url])
+        .timeout(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(matches!(cluster, E::Connect { .. }), "{cluster:?}");
+    assert!(!format!("{cluster} {cluster:?}").contains("hunter2"));
     // a server that wants another password: health shows the error, never the URL's
     let server = RedisServer::start().await.expect("redis-server");
     let url = server.url().replace("redis://", "redis://:hunter2@");
@@ -1007,4 +1014,90 @@ fn settings_never_show_a_password() {
     env.finish().unwrap();
     let shown = format!("{config:?}");
     assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+/// A decision held up in Redis (`CLIENT PAUSE`) past the timeout is answered by the failure
+/// mode; when it then runs in Redis, what it debited is given back, so for the failing-closed
+/// and local stores only their own answer counts, for every algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_lands_after_the_timeout_gives_back_what_it_debited() {
+    let server = RedisServer::start().await.expect("redis-server");
+    for mode in [RedisFailMode::Closed, RedisFailMode::Local] {
+        for algorithm in ALGORITHMS {
+            let store = RedisStore::builder()
+                .url(server.url())
+                .prefix(unique(mode.as_str()))
+                .timeout(Duration::from_millis(50))
+                .on_failure(mode)
+                .build()
+                .await
+                .unwrap();
+            let rule = one_rule(algorithm, 10, 3);
+            // a first decision, so the connection is up before the pause
+            assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+            assert_eq!(remaining(&store, &rule).await, 7);
+            let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
+                .await
+                .unwrap();
+            assert!(paused.starts_with("+OK"), "{paused}");
+            let started = Instant::now();
+            let late = store.check(&[rule.item()]).await;
+            assert!(started.elapsed() < Duration::from_millis(250));
+            match mode {
+                RedisFailMode::Closed => assert!(late.is_err(), "{late:?}"),
+                _ => assert!(late.unwrap().admitted, "the local store decides"),
+            }
+            // The paused script runs once the pause ends; its debit must come back.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                if store.health().late_debits_returned == 1 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{mode:?} {algorithm:?}: the late decision's debit was not given back ({:?}; {} left in Redis)",
+                    store.health(),
+                    remaining(&store, &rule).await
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(
+                remaining(&store, &rule).await,
+                7,
+                "{mode:?} {algorithm:?}: only the first decision counts in Redis"
+            );
+        }
+    }
+}
+
+/// With the local fallback, a peek that Redis does not answer reads the local store (it
+/// failed before, though checks were answered locally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_fallback_answers_peeks_while_redis_is_away() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("peek"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::SlidingWindow, 10, 2);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    server.kill();
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    let peeked = store
+        .peek(&rule.item())
+        .await
+        .expect("the local store answers the peek");
+    assert_eq!(peeked.remaining, 10 - 2 * 2);
+    let closed = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    assert!(closed.peek(&rule.item()).await.is_err());
 }

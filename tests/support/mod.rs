@@ -114,11 +114,121 @@ fn spawn_redis(port: u16, dir: &Path, extra: &[&str]) -> Child {
         .expect("redis-server is installed but failed to start")
 }
 
+/// A test certificate authority and a server certificate it signed for 127.0.0.1 and
+/// `localhost`, made with the `openssl` command line tool (EC P-256, valid two days).
+pub struct TestCerts {
+    dir: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command line tool is installed (Debian package `openssl`)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+impl TestCerts {
+    /// Makes a fresh CA and a server certificate in `dir`.
+    pub fn generate(dir: &Path) -> Self {
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let ca_subject = format!("/CN=palisade test CA {}", rand::random::<u32>());
+        let mut ca = vec![
+            "req", "-x509", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
+        ];
+        ca.extend(ec);
+        ca.extend(["-subj", &ca_subject]);
+        openssl(dir, &ca);
+        let mut csr = vec!["req", "-keyout", "server.key", "-out", "server.csr"];
+        csr.extend(ec);
+        csr.extend(["-subj", "/CN=127.0.0.1"]);
+        openssl(dir, &csr);
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                "server.crt",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        Self {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.ca_file()).unwrap()
+    }
+
+    /// The CA certificate's file.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// `redis-server` arguments serving TLS on `tls_port` with the server certificate
+    /// (clients need no certificate of their own).
+    fn server_args(&self, tls_port: u16) -> Vec<String> {
+        let file = |name: &str| self.dir.join(name).to_str().unwrap().to_owned();
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            file("server.crt"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+}
+
+/// A CA that signed nothing the test servers present (PEM), for wrong-CA tests.
+pub fn unrelated_ca_pem() -> Vec<u8> {
+    let dir = temp_dir("other-ca");
+    let certs = TestCerts::generate(&dir);
+    let pem = certs.ca_pem();
+    let _ = std::fs::remove_dir_all(&dir);
+    pem
+}
+
 /// One real `redis-server`, killed on drop.
 pub struct RedisServer {
     child: Child,
     dir: PathBuf,
     addr: SocketAddr,
+    extra: Vec<String>,
+    tls: Option<(SocketAddr, TestCerts)>,
 }
 
 impl RedisServer {
@@ -131,7 +241,13 @@ impl RedisServer {
         let port = free_port(false);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let child = spawn_redis(port, &dir, &[]);
-        let mut server = Self { child, dir, addr };
+        let mut server = Self {
+            child,
+            dir,
+            addr,
+            extra: Vec::new(),
+            tls: None,
+        };
         let child = &mut server.child;
         wait_until("redis-server to answer PING", || {
             let exited = child.try_wait().ok().flatten();
@@ -144,6 +260,61 @@ impl RedisServer {
         })
         .await;
         Some(server)
+    }
+
+    /// Starts a server that serves TLS on a second port (with a fresh test CA) beside its
+    /// plain port, and waits until it answers `PING` on the plain one.
+    pub async fn start_tls() -> Option<Self> {
+        if !redis_available() {
+            return None;
+        }
+        let dir = temp_dir("redis-tls");
+        let certs = TestCerts::generate(&dir);
+        let port = free_port(false);
+        let tls_port = loop {
+            let p = free_port(false);
+            if p != port {
+                break p;
+            }
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let extra = certs.server_args(tls_port);
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let child = spawn_redis(port, &dir, &args);
+        let mut server = Self {
+            child,
+            dir,
+            addr,
+            extra,
+            tls: Some((SocketAddr::from((Ipv4Addr::LOCALHOST, tls_port)), certs)),
+        };
+        let child = &mut server.child;
+        wait_until("redis-server (TLS) to answer PING", || {
+            let exited = child.try_wait().ok().flatten();
+            assert!(exited.is_none(), "redis-server exited early: {exited:?}");
+            async move {
+                command(addr, "PING")
+                    .await
+                    .is_ok_and(|r| r.starts_with("+PONG"))
+            }
+        })
+        .await;
+        Some(server)
+    }
+
+    /// A `rediss://` URL for a server from [`RedisServer::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let (addr, _) = self.tls.as_ref().expect("a server started with start_tls");
+        format!("rediss://{addr}/")
+    }
+
+    /// The test CA of a server from [`RedisServer::start_tls`].
+    pub fn certs(&self) -> &TestCerts {
+        &self
+            .tls
+            .as_ref()
+            .expect("a server started with start_tls")
+            .1
     }
 
     /// The server's address.
@@ -161,7 +332,8 @@ impl RedisServer {
     /// Starts a killed server again on the same port and waits until it answers `PING`.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = spawn_redis(self.addr.port(), &self.dir, &[]);
+        let args: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = spawn_redis(self.addr.port(), &self.dir, &args);
         let addr = self.addr;
         wait_until("the restarted redis-server to answer PING", || async move {
             command(addr, "PING")
@@ -190,31 +362,41 @@ pub struct RedisCluster {
     nodes: Vec<Child>,
     dir: PathBuf,
     addrs: Vec<SocketAddr>,
+    tls: Option<(Vec<SocketAddr>, TestCerts)>,
 }
 
 impl RedisCluster {
     /// Starts three `redis-server --cluster-enabled yes` nodes, joins them with
     /// `redis-cli --cluster create`, and waits until every node reports `cluster_state:ok`.
     pub async fn start() -> Option<Self> {
-        Self::start_nodes(3, 0).await
+        Self::start_nodes(3, 0, false).await
+    }
+
+    /// Three masters that serve clients and each other over TLS (a fresh test CA) beside
+    /// their plain ports.
+    pub async fn start_tls() -> Option<Self> {
+        Self::start_nodes(3, 0, true).await
     }
 
     /// Six nodes: three masters, each with one replica (for failover tests); waits until
     /// every replica's link to its master is up.
     pub async fn start_with_replicas() -> Option<Self> {
-        Self::start_nodes(6, 1).await
+        Self::start_nodes(6, 1, false).await
     }
 
-    async fn start_nodes(count: usize, replicas: usize) -> Option<Self> {
+    async fn start_nodes(count: usize, replicas: usize, tls: bool) -> Option<Self> {
         if !redis_available() {
             return None;
         }
         let dir = temp_dir("cluster");
+        let certs = tls.then(|| TestCerts::generate(&dir));
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
             addrs: Vec::new(),
+            tls: None,
         };
+        let mut tls_addrs = Vec::new();
         for i in 0..count {
             let port = loop {
                 let p = free_port(true);
@@ -226,18 +408,29 @@ impl RedisCluster {
             std::fs::create_dir_all(&node_dir).unwrap();
             let conf = node_dir.join("nodes.conf");
             let conf = conf.to_str().unwrap();
-            let child = spawn_redis(
-                port,
-                &node_dir,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    conf,
-                    "--cluster-node-timeout",
-                    "5000",
-                ],
-            );
+            let mut args: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                conf,
+                "--cluster-node-timeout",
+                "5000",
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            if let Some(certs) = &certs {
+                let tls_port = loop {
+                    let p = free_port(false);
+                    if p != port && !cluster.addrs.iter().any(|a| a.port() == p) {
+                        break p;
+                    }
+                };
+                tls_addrs.push(SocketAddr::from((Ipv4Addr::LOCALHOST, tls_port)));
+                args.extend(certs.server_args(tls_port));
+                args.extend(["--tls-cluster".to_owned(), "yes".to_owned()]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let child = spawn_redis(port, &node_dir, &args);
             cluster.nodes.push(child);
             cluster
                 .addrs
@@ -284,7 +477,23 @@ impl RedisCluster {
                 .await;
             }
         }
+        cluster.tls = certs.map(|c| (tls_addrs, c));
         Some(cluster)
+    }
+
+    /// `rediss://` URLs for every node of a cluster from [`RedisCluster::start_tls`].
+    pub fn tls_urls(&self) -> Vec<String> {
+        let (addrs, _) = self.tls.as_ref().expect("a cluster started with start_tls");
+        addrs.iter().map(|a| format!("rediss://{a}/")).collect()
+    }
+
+    /// The test CA of a cluster from [`RedisCluster::start_tls`].
+    pub fn certs(&self) -> &TestCerts {
+        &self
+            .tls
+            .as_ref()
+            .expect("a cluster started with start_tls")
+            .1
     }
 
     /// The nodes' addresses.

@@ -8,7 +8,7 @@ mod config;
 mod health;
 
 use std::fmt;
-use std::future::ready;
+use std::future::{Future, ready};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,10 @@ const GRACE_CLIENT_MS: u64 = 1_000;
 /// How long a blocked-cache entry answers without a round trip: an admin reset or a refund
 /// through another instance reaches this one within it.
 const BLOCKED_FRESH: Duration = Duration::from_secs(1);
+
+/// How long a decision that missed the timeout is still awaited, so that what it debited in
+/// Redis, if it ran, is given back.
+const LATE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// The script counts in doubles: limits, bursts and windows (µs) must stay below this
 /// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
@@ -126,7 +130,7 @@ pub enum RedisConfigError {
     BothServers,
     /// A URL that does not parse (the URL is not repeated: it may hold a password).
     #[error(
-        "a Redis URL is invalid: {reason}; use redis://[:password@]host:port/[db] (rediss:// needs a TLS feature of the redis crate)"
+        "a Redis URL is invalid: {reason}; use redis://[:password@]host:port/[db], or rediss:// for TLS"
     )]
     InvalidUrl {
         /// Why.
@@ -141,6 +145,19 @@ pub enum RedisConfigError {
     /// A zero timeout.
     #[error("the Redis rate-limit store's timeout must be at least 1ms")]
     ZeroTimeout,
+    /// A TLS certificate authority that holds no PEM certificate or cannot be read.
+    #[error(
+        "the Redis TLS CA certificate is invalid: {reason}; give one or more PEM certificates (-----BEGIN CERTIFICATE-----)"
+    )]
+    InvalidTlsCa {
+        /// Why.
+        reason: String,
+    },
+    /// A TLS certificate authority for a server that is not reached over TLS.
+    #[error(
+        "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
+    )]
+    TlsCaWithoutTls,
     /// The first connection to a Cluster failed (a single server connects lazily).
     #[error("could not connect to the Redis Cluster: {reason}")]
     Connect {
@@ -161,6 +178,7 @@ pub struct RedisStoreBuilder {
     blocked_cache: usize,
     hash_tag: HashTag,
     fallback: Option<MemoryStore>,
+    tls_ca: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -172,6 +190,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("fail_mode", &self.fail_mode)
             .field("clock", &self.clock)
+            .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<set>"))
             .finish_non_exhaustive()
     }
 }
@@ -236,6 +255,14 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Trusts this certificate authority (one or more PEM certificates) for `rediss://`
+    /// servers instead of the system's roots: for deployments with their own CA or a
+    /// self-signed certificate. Every URL must then be `rediss://`.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(pem.into());
+        self
+    }
+
     /// Checks the settings and connects: lazily to a single server (building succeeds
     /// while it is down), at once to a Cluster (to learn its slots).
     pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
@@ -254,12 +281,35 @@ impl RedisStoreBuilder {
         let invalid = |e: redis::RedisError| RedisConfigError::InvalidUrl {
             reason: e.to_string(),
         };
+        let urls: Vec<&str> = self
+            .url
+            .iter()
+            .chain(&self.nodes)
+            .map(String::as_str)
+            .collect();
+        if let Some(pem) = &self.tls_ca {
+            check_ca(pem)?;
+            if !urls.iter().all(|u| is_tls(u)) {
+                return Err(RedisConfigError::TlsCaWithoutTls);
+            }
+        }
+        if urls.iter().any(|u| is_tls(u)) {
+            install_crypto_provider();
+        }
+        let certs = self.tls_ca.map(|pem| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        });
         let conn =
             match (self.url, self.nodes.is_empty()) {
                 (None, true) => return Err(RedisConfigError::NoServer),
                 (Some(_), false) => return Err(RedisConfigError::BothServers),
                 (Some(url), true) => {
-                    let client = redis::Client::open(url.as_str()).map_err(invalid)?;
+                    let client = match certs {
+                        None => redis::Client::open(url.as_str()),
+                        Some(certs) => redis::Client::build_with_tls(url.as_str(), certs),
+                    }
+                    .map_err(invalid)?;
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(250))))
                         .set_response_timeout(None)
@@ -271,12 +321,14 @@ impl RedisStoreBuilder {
                     )
                 }
                 (None, false) => {
-                    let client = redis::cluster::ClusterClientBuilder::new(self.nodes)
+                    let mut client = redis::cluster::ClusterClientBuilder::new(self.nodes)
                         .connection_timeout(self.timeout.max(Duration::from_millis(250)))
                         .response_timeout(Duration::from_secs(1))
-                        .retries(2)
-                        .build()
-                        .map_err(invalid)?;
+                        .retries(2);
+                    if let Some(certs) = certs {
+                        client = client.certs(certs);
+                    }
+                    let client = client.build().map_err(invalid)?;
                     let conn = client.get_async_connection().await.map_err(|e| {
                         RedisConfigError::Connect {
                             reason: e.to_string(),
@@ -300,6 +352,43 @@ impl RedisStoreBuilder {
                 health: Health::default(),
             }),
         })
+    }
+}
+
+/// Whether a URL asks for TLS.
+fn is_tls(url: &str) -> bool {
+    url.trim_start()
+        .get(..9)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
+}
+
+/// Checks that a CA holds at least one PEM certificate, all of them readable.
+fn check_ca(pem: &[u8]) -> Result<(), RedisConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| RedisConfigError::InvalidTlsCa {
+            reason: e.to_string(),
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(RedisConfigError::InvalidTlsCa {
+            reason: "no certificate found".to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// redis-rs's rustls needs a process-wide crypto provider: ring's, unless the application
+/// installed one. (rustls marks ring's provider deprecated for its lack of post-quantum key
+/// exchange; an application that wants it installs aws-lc-rs's before building the store.)
+#[allow(deprecated)]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may install one first: either is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -368,9 +457,21 @@ enum Conn {
 /// error, which the layer answers with 503), fail open (admit), or decide in a local
 /// [`MemoryStore`](crate::rate_limit::MemoryStore). The first failure of an episode is logged at
 /// `warn`, the recovery at `info`; both are counted in [`RedisStore::health`]. Recovery is
-/// automatic: the connection reconnects by itself. A decision that timed out may still
-/// reach Redis late and be counted there, though the failure mode answered it: set the
-/// timeout well above Redis's usual latency.
+/// automatic: the connection reconnects by itself.
+///
+/// **A decision that timed out.** The script may still run after the timeout answered
+/// (Redis was busy, paused, or the network slow). Failing open, what it debits stands:
+/// the request was admitted. Failing closed or to the local store, the store keeps
+/// waiting for the late answer in the background (up to 10 s) and gives back in Redis
+/// whatever it debited (a settlement, counted in
+/// [`RedisHealth::late_debits_returned`]), so the refusal or the local decision is the only
+/// one that counts. Between the late run and the give-back (one round trip), other
+/// requests see those units as used. When the connection breaks instead, the answer never
+/// comes and the debit, if the script ran, stays until its window passes.
+///
+/// **Peek and settle when Redis fails.** With [`RedisFailMode::Local`], a peek that Redis
+/// does not answer reads the local store, and a settlement is applied there (see the
+/// mode). Otherwise a peek or a settlement Redis does not answer returns a [`StoreError`].
 ///
 /// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
 /// the store remembers the key until the first instant one unit fits. Further requests
@@ -383,9 +484,12 @@ enum Conn {
 /// instance reach this one within a second; while it does not, every entry answers until
 /// its key can pass again.
 ///
-/// **TLS.** `rediss://` URLs need one of redis-rs's TLS features in the application's
-/// `Cargo.toml` (`redis = { version = "1", features = ["tokio-rustls-comp"] }` or
-/// `"tokio-native-tls-comp"`); without one, building the store reports the URL as invalid.
+/// **TLS.** `rediss://` URLs connect over TLS (rustls), for one server or every Cluster
+/// node, checking the server's certificate against the system's roots, or against your
+/// own CA with [`RedisStoreBuilder::tls_ca_pem`]. A certificate that does not verify is a
+/// failed round trip, as when Redis is down: the failure mode answers and
+/// [`RedisHealth::last_error`] says why. If the application installs no rustls crypto
+/// provider of its own, the store installs ring's.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -425,6 +529,7 @@ enum Mode {
 }
 
 /// A check's items, owned, for the failure modes and the blocked cache.
+#[derive(Clone)]
 struct OwnedItem {
     rule_index: u32,
     rule: Box<str>,
@@ -471,6 +576,7 @@ impl RedisStore {
             blocked_cache: DEFAULT_BLOCKED_CACHE,
             hash_tag: HashTag::default(),
             fallback: None,
+            tls_ca: None,
         }
     }
 
@@ -638,7 +744,7 @@ impl RedisStore {
         let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let answer = inner.call::<Vec<i64>>(&inv).await;
+            let answer = inner.call_check(inv, &owned).await;
             match answer {
                 Ok(values) => parse_check(&values, &owned)
                     .inspect(|(d, blocked)| {
@@ -740,11 +846,18 @@ impl RedisStore {
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
+        let local = (inner.fail_mode == RedisFailMode::Local).then(|| OwnedItem::of(item));
         Box::pin(async move {
-            let values = inner
-                .call::<Vec<i64>>(&inv)
-                .await
-                .map_err(|e| StoreError::new(format!("peeking in Redis failed: {e}")))?;
+            let values = match (inner.call::<Vec<i64>>(&inv).await, &local) {
+                (Ok(values), _) => values,
+                (Err(_), Some(item)) => {
+                    inner.health.degraded();
+                    return Ok(inner.fallback.peek_now(&item.item()));
+                }
+                (Err(e), None) => {
+                    return Err(StoreError::new(format!("peeking in Redis failed: {e}")));
+                }
+            };
             rule_at(&values, 0)
                 .ok_or_else(|| StoreError::new("the Redis script answered in an unexpected shape"))
         })
@@ -773,6 +886,87 @@ impl Inner {
             Err(e) => self.health.failure(e, self.fail_mode),
         }
         result
+    }
+
+    /// One decision within the timeout; counts the round trip or the failure. A decision the
+    /// timeout gave up on may still run in Redis: unless the store fails open, its answer is
+    /// awaited in the background and what it debited is given back.
+    async fn call_check(
+        self: &Arc<Self>,
+        inv: redis::ScriptInvocation<'static>,
+        items: &[OwnedItem],
+    ) -> Result<Vec<i64>, String> {
+        let conn = self.conn.clone();
+        let mut call = Box::pin(async move {
+            match conn {
+                Conn::Single(mut c) => inv.invoke_async::<Vec<i64>>(&mut c).await,
+                Conn::Cluster(mut c) => inv.invoke_async::<Vec<i64>>(&mut c).await,
+            }
+        });
+        let result = match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                if self.fail_mode != RedisFailMode::Open {
+                    let debits: SmallVec<[OwnedItem; 2]> = items.iter().cloned().collect();
+                    tokio::spawn(self.clone().return_late_debits(call, debits));
+                }
+                Err(format!("no answer within {:?}", self.timeout))
+            }
+        };
+        match &result {
+            Ok(_) => self.health.success(),
+            Err(e) => self.health.failure(e, self.fail_mode),
+        }
+        result
+    }
+
+    /// Awaits a decision that missed the timeout and gives back in Redis what it debited.
+    async fn return_late_debits<F>(self: Arc<Self>, call: F, debits: SmallVec<[OwnedItem; 2]>)
+    where
+        F: Future<Output = redis::RedisResult<Vec<i64>>>,
+    {
+        let Ok(Ok(values)) = tokio::time::timeout(LATE_ANSWER_WAIT, call).await else {
+            return;
+        };
+        if values.first() != Some(&1) || values.len() != 2 + debits.len() * FIELDS {
+            // Refused (nothing was debited) or not a decision.
+            return;
+        }
+        let returns: SmallVec<[(usize, u64); 2]> = (0..debits.len())
+            .filter_map(|i| {
+                let rule = rule_at(&values, i)?;
+                (rule.debited && debits[i].cost > 0).then_some((i, rule.window_start))
+            })
+            .collect();
+        if returns.is_empty() {
+            return;
+        }
+        let store = RedisStore {
+            inner: self.clone(),
+        };
+        let inv = store.invocation(
+            Mode::Settle,
+            None,
+            returns.iter().map(|&(i, window_start)| {
+                let item = &debits[i];
+                (
+                    &*item.rule,
+                    &item.key,
+                    item.params,
+                    window_start,
+                    -i64::try_from(item.cost).unwrap_or(i64::MAX),
+                )
+            }),
+        );
+        let Ok(inv) = inv else { return };
+        match self.call::<Vec<i64>>(&inv).await {
+            Ok(_) => self.health.late_debit_returned(),
+            Err(e) => tracing::debug!(
+                error = e,
+                "rate-limit Redis store: a late decision's debit could not be given back"
+            ),
+        }
     }
 
     /// A refusal from the blocked-key cache, when one of the group's rules is blocked (by

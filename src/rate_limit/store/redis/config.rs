@@ -1,6 +1,7 @@
 //! The Redis store's configuration, from files (serde) or the environment.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -51,6 +52,9 @@ pub struct RedisStoreConfig {
     pub blocked_cache: usize,
     /// One hash tag for every key (Cluster groups of different keys); none: each key's own.
     pub hash_tag: Option<String>,
+    /// A PEM file of the certificate authority that `rediss://` servers are checked
+    /// against, instead of the system's roots (see [`RedisStoreBuilder::tls_ca_pem`](super::RedisStoreBuilder::tls_ca_pem)).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for RedisStoreConfig {
@@ -64,6 +68,7 @@ impl Default for RedisStoreConfig {
             clock: RedisClock::default(),
             blocked_cache: DEFAULT_BLOCKED_CACHE,
             hash_tag: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -80,6 +85,7 @@ impl fmt::Debug for RedisStoreConfig {
             .field("clock", &self.clock)
             .field("blocked_cache", &self.blocked_cache)
             .field("hash_tag", &self.hash_tag)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }
@@ -97,6 +103,7 @@ impl RedisStoreConfig {
     /// | `PALISADE_RATE_LIMIT_REDIS_CLOCK` | `server` or `client` |
     /// | `PALISADE_RATE_LIMIT_REDIS_BLOCKED_CACHE` | `10000` |
     /// | `PALISADE_RATE_LIMIT_REDIS_HASH_TAG` | `limits` |
+    /// | `PALISADE_RATE_LIMIT_REDIS_TLS_CA_FILE` | `/etc/redis/ca.pem` |
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
         let var = |field: &str| env_var(PREFIX, field);
@@ -137,6 +144,10 @@ impl RedisStoreConfig {
         let hash_tag = env.optional_with(&var("redis.hash_tag"), None, "limits", |s| {
             Ok(Some(s.trim().to_owned()))
         });
+        let tls_ca_file =
+            env.optional_with(&var("redis.tls_ca_file"), None, "/etc/redis/ca.pem", |s| {
+                Ok(Some(PathBuf::from(s.trim())))
+            });
         Self {
             url,
             cluster_nodes,
@@ -146,12 +157,14 @@ impl RedisStoreConfig {
             clock,
             blocked_cache,
             hash_tag,
+            tls_ca_file,
         }
     }
 }
 
 impl RedisStore {
-    /// A store from its settings (see [`RedisStoreBuilder::build`](super::RedisStoreBuilder::build)).
+    /// A store from its settings (see [`RedisStoreBuilder::build`](super::RedisStoreBuilder::build));
+    /// `tls_ca_file` is read here.
     pub async fn from_config(config: RedisStoreConfig) -> Result<Self, RedisConfigError> {
         let mut builder = Self::builder()
             .prefix(config.prefix)
@@ -165,6 +178,12 @@ impl RedisStore {
         }
         if !config.cluster_nodes.is_empty() {
             builder = builder.cluster(config.cluster_nodes);
+        }
+        if let Some(path) = config.tls_ca_file {
+            let pem = std::fs::read(&path).map_err(|e| RedisConfigError::InvalidTlsCa {
+                reason: format!("cannot read {}: {e}", path.display()),
+            })?;
+            builder = builder.tls_ca_pem(pem);
         }
         builder.build().await
     }

@@ -29,6 +29,9 @@ pub struct RedisHealth {
     pub blocked_cache_hits: u64,
     /// Entries in the local cache of blocked keys.
     pub blocked_keys: usize,
+    /// Decisions that ran in Redis after the timeout had already answered them (fail
+    /// closed or local), whose debits were then given back in Redis.
+    pub late_debits_returned: u64,
     /// The failure mode in force.
     pub fail_mode: RedisFailMode,
     /// The last error (no secrets: Redis errors carry no credentials).
@@ -43,6 +46,7 @@ pub(super) struct Health {
     episodes: AtomicU64,
     degraded: AtomicU64,
     hits: AtomicU64,
+    returned: AtomicU64,
     since: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
 }
@@ -94,6 +98,10 @@ impl Health {
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn late_debit_returned(&self) {
+        self.returned.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self, fail_mode: RedisFailMode, blocked_keys: usize) -> RedisHealth {
         let unhealthy = self.unhealthy.load(Ordering::Acquire);
         let since = *self.since.lock().unwrap_or_else(PoisonError::into_inner);
@@ -110,6 +118,7 @@ impl Health {
             degraded_decisions: self.degraded.load(Ordering::Relaxed),
             blocked_cache_hits: self.hits.load(Ordering::Relaxed),
             blocked_keys,
+            late_debits_returned: self.returned.load(Ordering::Relaxed),
             fail_mode,
             last_error: self
                 .last_error
