@@ -52,20 +52,27 @@ struct Gateway {
 }
 
 async fn start(redis: &RedisServer, mode: &str) -> Gateway {
-    let keys: Vec<String> = USERS.iter().map(|u| format!("{u}={}", key(u))).collect();
     let rules = format!(
         r#"[{{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":{LIMIT},"window":"1h","skip_anonymous":true}}]"#
     );
-    let pairs = vec![
-        ("PALISADE_GATEWAY_API_KEYS", keys.join(",")),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_GATEWAY_DAILY_BUDGET", "none".to_owned()),
+    start_with(vec![
         ("PALISADE_RATE_LIMIT_RULES", rules),
         ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", mode.to_owned()),
         // Generous: a killed server refuses at once, and a loaded machine must not time out.
         ("PALISADE_RATE_LIMIT_REDIS_TIMEOUT", "2s".to_owned()),
         ("REDIS_URL", redis.url()),
+    ])
+    .await
+}
+
+async fn start_with(vars: Vec<(&'static str, String)>) -> Gateway {
+    let keys: Vec<String> = USERS.iter().map(|u| format!("{u}={}", key(u))).collect();
+    let mut pairs = vec![
+        ("PALISADE_GATEWAY_API_KEYS", keys.join(",")),
+        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
+        ("PALISADE_GATEWAY_DAILY_BUDGET", "none".to_owned()),
     ];
+    pairs.extend(vars);
     let mut env = Env::from_pairs(pairs);
     let config = config::GatewayConfig::from_env(&mut env);
     env.finish().expect("test configuration is valid");
@@ -118,8 +125,13 @@ impl Gateway {
 
     /// `BURST` concurrent chat requests by `user`, each on a task of its own.
     async fn burst(self: &Arc<Self>, user: &str) -> Vec<Answer> {
+        self.burst_of(user, BURST).await
+    }
+
+    /// `n` concurrent chat requests by `user`, each on a task of its own.
+    async fn burst_of(self: &Arc<Self>, user: &str, n: usize) -> Vec<Answer> {
         let mut set = tokio::task::JoinSet::new();
-        for i in 0..BURST {
+        for i in 0..n {
             let gw = Arc::clone(self);
             let key = key(user);
             let body = json!({
@@ -438,4 +450,95 @@ async fn postgres_stopped_and_restarted_twice_under_concurrent_load_adds_up() {
         got, expected,
         "the ledger's totals are those of its records"
     );
+}
+
+/// The gateway with `DATABASE_URL`: PostgreSQL stopped while requests flow and started
+/// again. The gateway answers throughout; once the server is back, every record the
+/// in-memory ledger holds is in `usage_logs` exactly once, or counted dropped, and the
+/// stored tokens are the clients'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_and_restarted_under_load_through_the_gateway_adds_up() {
+    const PER_PHASE: usize = 40;
+    let server = pg::Postgres::start();
+    let url = server.database("gateway_faults").await;
+    let rules = r#"[{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":1000000,"window":"1m","skip_anonymous":true}]"#;
+    let gw = Arc::new(
+        start_with(vec![
+            ("DATABASE_URL", url.clone()),
+            ("PALISADE_RATE_LIMIT_RULES", rules.to_owned()),
+        ])
+        .await,
+    );
+    let sink = gw
+        .state
+        .postgres
+        .clone()
+        .expect("DATABASE_URL wires the sink");
+    let mut answered = gw.burst_of("before", PER_PHASE).await;
+    server.stop();
+    answered.extend(gw.burst_of("during", PER_PHASE).await);
+    server.resume();
+    answered.extend(gw.burst_of("after", PER_PHASE).await);
+    assert!(
+        answered.iter().all(|a| a.status == 200),
+        "the gateway answers while PostgreSQL is away: {:?}",
+        answered.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    let n = answered.len();
+    let entries = gw.ledger_len(n).await;
+    assert_eq!(entries.len(), n, "one ledger record per answer");
+    let mut h = sink.health();
+    for _ in 0..2000 {
+        h = sink.health();
+        if h.accepted as usize == n && h.backlog == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("sink {h:?}");
+    assert_eq!(h.accepted as usize, n, "{h:?}");
+    assert_eq!(
+        h.backlog, 0,
+        "the backlog drains once the server is back: {h:?}"
+    );
+    assert_eq!(h.accepted, h.delivered + h.dropped, "{h:?}");
+
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT request_id, input_tokens, output_tokens FROM usage_logs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows.len() as u64,
+        h.delivered - h.duplicates,
+        "stored once each"
+    );
+    let by_id: std::collections::HashMap<String, (u64, u64)> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.record.request_id.clone().unwrap(),
+                (e.record.usage.input_tokens, e.record.usage.output_tokens),
+            )
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    for row in &rows {
+        let id: String = row.get(0);
+        assert!(seen.insert(id.clone()), "{id} stored twice");
+        let got: (i64, i64) = (row.get(1), row.get(2));
+        let want = by_id
+            .get(&id)
+            .unwrap_or_else(|| panic!("{id} is not in the ledger"));
+        assert_eq!((got.0 as u64, got.1 as u64), *want, "{id}");
+    }
+    let told: u64 = answered.iter().map(|a| a.usage.unwrap().0).sum();
+    let recorded: u64 = by_id.values().map(|t| t.0).sum();
+    assert_eq!(recorded, told, "the ledger's tokens = the clients'");
 }
