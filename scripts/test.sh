@@ -62,4 +62,7 @@ cargo test
 echo "==> cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
+echo "==> fuzz smoke (3 s per target; scripts/fuzz.sh SECONDS for a real run)"
+scripts/fuzz.sh 3
+
 echo "==> all checks passed"
