@@ -65,4 +65,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 echo "==> fuzz smoke (3 s per target; scripts/fuzz.sh SECONDS for a real run)"
 scripts/fuzz.sh 3
 
+echo "==> soak smoke (10 s; scripts/soak.sh SECONDS for a real run)"
+scripts/soak.sh 10
+
 echo "==> all checks passed"
