@@ -386,8 +386,10 @@ for i = 1, n do
       kept = d
       redis.call('SET', KEYS[i], encode(d), 'PX', ttl_ms(d.expires_at, now, grace))
     else
-      -- nothing was debited: what is left without this request
-      d.remaining = d.remaining + d.cost
+      -- nothing was debited: what is left without this request, as a peek reports it
+      -- (GCRA rounds the remaining after a debit down, so adding the cost back can come
+      -- out one short)
+      d.remaining = decide(p, load(KEYS[i]), now, 0).remaining
     end
   end
   local blocked = 0
