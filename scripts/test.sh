@@ -65,4 +65,10 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 echo "==> load smoke (release build of the gateway; fails on any failed request)"
 scripts/load.sh --smoke
 
+echo "==> soak smoke (10 s; scripts/soak.sh SECONDS for a real run)"
+scripts/soak.sh 10
+
+echo "==> fuzz smoke (3 s per target; scripts/fuzz.sh SECONDS for a real run)"
+scripts/fuzz.sh 3
+
 echo "==> all checks passed"
