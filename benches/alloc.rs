@@ -8,7 +8,8 @@
 //! - in-memory rate-limit decision through `RateLimitLayer` (10,000 peer-IP keys);
 //! - security headers (the `api()` preset in production: 12 headers);
 //! - a metered JSON response through `CostMeterLayer`, body read to the end and the usage
-//!   record delivered to a sink.
+//!   record delivered to a sink; and the same with the cost headers on (the body read
+//!   whole before the head is sent, as the gateway does).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -205,9 +206,16 @@ async fn main() {
             ..RecorderConfig::default()
         },
     );
-    let mut metered = CostMeterLayer::new(PriceTable::builtin(), recorder).layer(json_upstream());
+    let layer = CostMeterLayer::new(PriceTable::builtin(), recorder);
+    let mut metered = layer.clone().layer(json_upstream());
     row(
         "cost meter, JSON response metered",
         per_request(&mut metered).await,
+    );
+    // The gateway's setting: the body read whole first, the cost in five headers.
+    let mut with_headers = layer.cost_headers(Some(256 * 1024)).layer(json_upstream());
+    row(
+        "cost meter, JSON metered with cost headers",
+        per_request(&mut with_headers).await,
     );
 }

@@ -5,7 +5,9 @@
 //! every second. Code layout still moves the results (see BENCHMARKS.md), so read it beside
 //! the criterion run, not instead of it.
 //!
-//! `cargo bench --features axum --bench rate_limit_rounds` (`ROUNDS=30` for more rounds).
+//! `cargo bench --features axum --bench rate_limit_rounds` (`ROUNDS=30` for more rounds,
+//! `KEYED_KEYS=1000000` for the keyed rows over more keys, `ONLY=keyed` or `ONLY=layer` for
+//! one half).
 //!
 //! `PROFILE=N` runs only the no-headers palisade layer for N requests (after 10,000 to warm
 //! up) and prints nothing: a steady loop to read under a profiler, for example
@@ -28,17 +30,17 @@ use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
 use rate_limit_common::{
-    KEYS, decide_one, ip, poll_now, request, tower_governor_config, tower_governor_headers_config,
+    KEYS, decide_one, poll_now, request, tower_governor_config, tower_governor_headers_config,
 };
 
 const PER_ROUND: u64 = 300_000;
 const DECISIONS_PER_ROUND: u64 = 1_000_000;
 
-/// Nanoseconds per decision over one round of `decide(i)`.
-fn keyed_round(decide: &mut impl FnMut(usize) -> bool) -> f64 {
+/// Nanoseconds per decision over one round of `decide(i)` for `keys` keys.
+fn keyed_round(decide: &mut impl FnMut(usize) -> bool, keys: usize) -> f64 {
     let start = Instant::now();
     for i in 0..DECISIONS_PER_ROUND as usize {
-        assert!(decide(i * 7 % KEYS));
+        assert!(decide(i * 7 % keys));
     }
     start.elapsed().as_nanos() as f64 / DECISIONS_PER_ROUND as f64
 }
@@ -47,9 +49,12 @@ fn keyed_round(decide: &mut impl FnMut(usize) -> bool) -> f64 {
 type Row<'a> = (&'static str, Box<dyn FnMut(usize) -> bool + 'a>);
 
 /// The keyed rows of `rate_limit`'s `keyed_decision` group (1 thread), interleaved.
-fn keyed(rounds: usize) {
-    let ips: Vec<IpAddr> = (0..KEYS as u64).map(ip).collect();
-    let keys: Vec<RateKey> = ips.iter().map(|ip| RateKey::ip(*ip)).collect();
+fn keyed(rounds: usize, keys: usize) {
+    // 10.0.0.0/8 holds 16,777,216 addresses: enough distinct keys for any count asked for.
+    let ips: Vec<IpAddr> = (0..keys as u32)
+        .map(|i| IpAddr::from((0x0a00_0000u32 + i).to_be_bytes()))
+        .collect();
+    let rate_keys: Vec<RateKey> = ips.iter().map(|ip| RateKey::ip(*ip)).collect();
     let store = |clock| MemoryStore::builder().clock(clock).build().unwrap();
     let (fast, coarse) = (store(ClockSource::Fast), store(ClockSource::Coarse));
     let wide = Quota::per_second(u64::from(u32::MAX));
@@ -63,30 +68,30 @@ fn keyed(rounds: usize) {
         ),
         (
             "palisade, single item",
-            Box::new(|k| decide_one(&fast, &keys[k], sliding)),
+            Box::new(|k| decide_one(&fast, &rate_keys[k], sliding)),
         ),
         (
             "palisade, coarse clock",
-            Box::new(|k| decide_one(&coarse, &keys[k], sliding)),
+            Box::new(|k| decide_one(&coarse, &rate_keys[k], sliding)),
         ),
         (
             "palisade, GCRA",
-            Box::new(|k| decide_one(&fast, &keys[k], gcra)),
+            Box::new(|k| decide_one(&fast, &rate_keys[k], gcra)),
         ),
     ];
     for (_, decide) in rows.iter_mut() {
-        for k in 0..KEYS {
+        for k in 0..keys {
             assert!(decide(k), "warm-up");
         }
     }
     let mut best = [f64::MAX; 4];
     for _ in 0..rounds {
         for ((_, decide), b) in rows.iter_mut().zip(&mut best) {
-            *b = b.min(keyed_round(decide));
+            *b = b.min(keyed_round(decide, keys));
         }
     }
     println!(
-        "keyed decision, 1 thread, {KEYS} keys: fastest of {rounds} interleaved rounds, {DECISIONS_PER_ROUND} decisions each:"
+        "keyed decision, 1 thread, {keys} keys: fastest of {rounds} interleaved rounds, {DECISIONS_PER_ROUND} decisions each:"
     );
     for ((name, _), t) in rows.iter().zip(best) {
         println!("  {name:<28} {t:7.1} ns  {:.2}x", t / best[0]);
@@ -153,7 +158,17 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
-    keyed(rounds);
+    let only = std::env::var("ONLY").unwrap_or_default();
+    if only != "layer" {
+        let keys = std::env::var("KEYED_KEYS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(KEYS);
+        keyed(rounds, keys);
+    }
+    if only == "keyed" {
+        return;
+    }
     let mut best = [f64::MAX; 5];
     let mut i = 0u64;
     for _ in 0..rounds {

@@ -19,6 +19,7 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::circuit_breaker::{CircuitBreakerConfig, CircuitBreakerRegistry, CircuitState};
+use palisade::jitter::Jitter;
 use palisade::{BoxError, Error};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -49,7 +50,7 @@ async fn main() -> Result<(), BoxError> {
     config.window_size = 10;
     config.minimum_calls = 5;
     config.open_duration = Duration::from_millis(300);
-    config.jitter = 0.0;
+    config.jitter = Jitter::None;
     config.half_open_probes = 2;
     let registry = CircuitBreakerRegistry::new(config, 64)?
         .on_transition(|t| println!("  transition: {} -> {} ({:?})", t.from, t.to, t.reason));

@@ -50,7 +50,7 @@ pub enum ClockSource {
     /// A cached monotonic clock: one atomic load a read, refreshed every
     /// [`COARSE_RESOLUTION`] by one background thread (named `palisade-clock`) that runs
     /// only while some layer (or store) built with this source is alive: the first starts
-    /// it, and it stops within a tick of the last one being dropped. Times are late by at
+    /// it, and dropping the last one stops it (the drop returns once the thread has ended). Times are late by at
     /// most about a millisecond; tokio's paused clock does not move it.
     Coarse,
 }
@@ -138,104 +138,145 @@ impl Clock {
 
 /// The process-wide cached clock, and the thread that keeps it while it has users.
 mod coarse {
+    use std::sync::atomic::AtomicBool;
     use std::sync::{Arc, Mutex, PoisonError};
+    use std::thread::JoinHandle;
 
     use super::*;
 
-    /// Nanoseconds since [`EPOCH`], as last written by the clock thread; 0 when no thread
-    /// keeps it (readers then read the system clock).
-    static NOW: AtomicU64 = AtomicU64::new(0);
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    /// Live [`User`]s: the thread runs while this is above 0.
-    static USERS: Mutex<usize> = Mutex::new(0);
-    /// Bumped to start and to stop a thread: a thread runs while it equals the value it
-    /// started with.
-    static GENERATION: AtomicU64 = AtomicU64::new(0);
-    /// Clock threads running now (a stopped one may finish its last tick).
-    static THREADS: AtomicU64 = AtomicU64::new(0);
+    /// The ticker every coarse [`Clock`](super::Clock) reads.
+    static GLOBAL: Ticker = Ticker::new();
 
     fn epoch() -> std::time::Instant {
         *EPOCH.get_or_init(std::time::Instant::now)
     }
 
-    fn elapsed(epoch: std::time::Instant) -> u64 {
-        u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    fn elapsed() -> u64 {
+        u64::try_from(epoch().elapsed().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
-    /// A user of the cached clock; the last one dropped stops the thread.
+    /// A cached time and the thread that refreshes it while the ticker has users.
     #[derive(Debug)]
-    pub(crate) struct User(());
+    pub(super) struct Ticker {
+        /// Nanoseconds since [`EPOCH`], as last written by the thread; 0 until a thread
+        /// has run (readers then read the system clock).
+        now: AtomicU64,
+        running: Mutex<Running>,
+    }
+
+    #[derive(Debug)]
+    struct Running {
+        users: usize,
+        /// The thread and its stop flag, while there are users.
+        thread: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    }
+
+    impl Ticker {
+        pub(super) const fn new() -> Self {
+            Self {
+                now: AtomicU64::new(0),
+                running: Mutex::new(Running {
+                    users: 0,
+                    thread: None,
+                }),
+            }
+        }
+
+        /// Registers a user, starting the thread if it is the first.
+        pub(super) fn user(&'static self) -> Arc<User> {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.users += 1;
+            if running.users == 1 {
+                running.thread = self.start();
+            }
+            Arc::new(User(self))
+        }
+
+        fn start(&'static self) -> Option<(Arc<AtomicBool>, JoinHandle<()>)> {
+            // Readers may go on before the thread's first write: give them a time now.
+            self.now.fetch_max(elapsed(), Ordering::Release);
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopped = stop.clone();
+            let spawned = std::thread::Builder::new()
+                .name("palisade-clock".to_owned())
+                .spawn(move || {
+                    while !stopped.load(Ordering::Acquire) {
+                        self.now.fetch_max(elapsed(), Ordering::Release);
+                        std::thread::park_timeout(COARSE_RESOLUTION);
+                    }
+                });
+            match spawned {
+                Ok(handle) => Some((stop, handle)),
+                Err(err) => {
+                    // Without its thread the cached time would stand still: readers read
+                    // the system clock instead (correct, only slower), and the logs say why.
+                    self.now.store(0, Ordering::Release);
+                    tracing::error!(%err, "palisade: could not start the coarse clock thread");
+                    None
+                }
+            }
+        }
+
+        /// The cached time.
+        #[inline]
+        pub(super) fn now(&self) -> u64 {
+            match self.now.load(Ordering::Acquire) {
+                0 => slow_now(),
+                now => now,
+            }
+        }
+
+        /// Whether the thread runs.
+        #[cfg(test)]
+        pub(super) fn is_running(&self) -> bool {
+            let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.thread.is_some()
+        }
+    }
+
+    /// A user of a ticker; the last one dropped stops its thread, and has joined it when
+    /// the drop returns.
+    #[derive(Debug)]
+    pub(crate) struct User(&'static Ticker);
 
     impl User {
-        /// Registers a user, starting the thread if it is the first.
+        /// A user of the process-wide ticker.
         pub(crate) fn new() -> Arc<Self> {
-            let epoch = epoch();
-            let mut users = USERS.lock().unwrap_or_else(PoisonError::into_inner);
-            *users += 1;
-            if *users == 1 {
-                start(epoch);
-            }
-            Arc::new(User(()))
+            GLOBAL.user()
         }
     }
 
     impl Drop for User {
         fn drop(&mut self) {
-            let mut users = USERS.lock().unwrap_or_else(PoisonError::into_inner);
-            *users -= 1;
-            if *users == 0 {
-                // The thread sees the new generation at its next tick and ends.
-                GENERATION.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-    }
-
-    /// Starts a clock thread (called with [`USERS`] locked, going from 0 to 1).
-    fn start(epoch: std::time::Instant) {
-        let generation = GENERATION.fetch_add(1, Ordering::AcqRel) + 1;
-        // Readers may go on before the thread's first write: give them a time now.
-        NOW.fetch_max(elapsed(epoch).max(1), Ordering::Release);
-        THREADS.fetch_add(1, Ordering::AcqRel);
-        let spawned = std::thread::Builder::new()
-            .name("palisade-clock".to_owned())
-            .spawn(move || {
-                while GENERATION.load(Ordering::Acquire) == generation {
-                    NOW.fetch_max(elapsed(epoch).max(1), Ordering::Release);
-                    std::thread::sleep(COARSE_RESOLUTION);
+            let mut running = self
+                .0
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            running.users -= 1;
+            if running.users == 0 {
+                if let Some((stop, handle)) = running.thread.take() {
+                    stop.store(true, Ordering::Release);
+                    handle.thread().unpark();
+                    // The thread takes no lock: it ends within its current tick.
+                    let _ = handle.join();
                 }
-                THREADS.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(err) = spawned {
-            THREADS.fetch_sub(1, Ordering::AcqRel);
-            // Without its thread the cached time would stand still: readers read the system
-            // clock instead (correct, only slower), and the logs say why.
-            NOW.store(0, Ordering::Release);
-            tracing::error!(%err, "palisade: could not start the coarse clock thread");
+            }
         }
     }
 
     /// The cached time, in nanoseconds since the process first asked for it.
     #[inline]
     pub(super) fn now() -> u64 {
-        match NOW.load(Ordering::Acquire) {
-            0 => slow_now(),
-            now => now,
-        }
+        GLOBAL.now()
     }
 
     #[cold]
     fn slow_now() -> u64 {
-        elapsed(epoch()).max(1)
-    }
-
-    #[cfg(test)]
-    pub(super) fn users() -> usize {
-        *USERS.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    #[cfg(test)]
-    pub(super) fn threads() -> u64 {
-        THREADS.load(Ordering::Acquire)
+        elapsed()
     }
 }
 
@@ -289,7 +330,6 @@ mod tests {
     #[test]
     fn coarse_source_moves_with_real_time_and_never_back() {
         let clock = Clock::new(ClockSource::Coarse);
-        assert!(coarse::users() >= 1 && coarse::threads() >= 1);
         let first = clock.nanos();
         // Wait (by polling, no sleep) until the clock thread has refreshed the time.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -309,32 +349,34 @@ mod tests {
         assert!(second.nanos() <= clock.nanos());
     }
 
-    /// The clock thread stops once no clock uses it (other tests may hold coarse clocks for
-    /// a moment, so this waits until none does), and starts again for the next user.
+    /// A ticker's thread runs while the ticker has users and has ended (joined) when the
+    /// last one is dropped; the next user starts it again. (A ticker of this test's own,
+    /// so that clocks of other tests do not keep it running.)
     #[test]
     fn the_coarse_clock_thread_stops_when_no_clock_uses_it() {
-        let clock = Clock::new(ClockSource::Coarse);
-        let copy = clock.clone();
-        drop(clock);
-        assert!(coarse::users() >= 1, "a clone keeps the thread");
+        let ticker: &'static coarse::Ticker = Box::leak(Box::new(coarse::Ticker::new()));
+        assert!(!ticker.is_running());
+        let user = ticker.user();
+        let copy = user.clone();
+        let other = ticker.user();
+        assert!(ticker.is_running());
+        drop(user);
+        drop(other);
+        assert!(ticker.is_running(), "a clone keeps the thread");
         drop(copy);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while coarse::users() > 0 || coarse::threads() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the clock thread still runs without users"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let again = Clock::new(ClockSource::Coarse);
-        assert!(coarse::threads() >= 1);
-        let first = again.nanos();
-        while again.nanos() == first {
+        assert!(!ticker.is_running(), "the thread still runs without users");
+        let again = ticker.user();
+        assert!(ticker.is_running());
+        let first = ticker.now();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while ticker.now() == first {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the restarted clock stood still"
             );
             std::thread::yield_now();
         }
+        drop(again);
+        assert!(!ticker.is_running());
     }
 }

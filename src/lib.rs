@@ -113,6 +113,7 @@ pub mod clock;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod jitter;
 pub mod key;
 pub mod rate_limit;
 pub mod retry;

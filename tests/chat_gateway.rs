@@ -571,6 +571,62 @@ async fn rate_limit_429_with_retry_after_per_user_and_admin_reset() {
     r.anthropic_error(400, "invalid_request_error");
 }
 
+/// Without `PALISADE_RATE_LIMIT_RULES` the limits are palisade's presets (and the
+/// gateway's `bot_chat`): `chat` counts per API key, 20 a minute, and an admin reset of the
+/// user clears it.
+#[tokio::test]
+async fn default_limits_are_the_presets_and_an_admin_reset_clears_the_per_key_chat_limit() {
+    let defaults = app::default_rules();
+    let names: Vec<&str> = defaults.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["global", "chat", "bot_creation", "orchestrator", "bot_chat"]
+    );
+    for (i, preset) in [
+        palisade::rate_limit::Rule::global(),
+        palisade::rate_limit::Rule::chat(),
+        palisade::rate_limit::Rule::bot_creation(),
+        palisade::rate_limit::Rule::orchestrator(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(defaults[i], palisade::rate_limit::RuleConfig::from(preset));
+    }
+
+    let gw = start(&[]).await;
+    for _ in 0..20 {
+        let r = gw
+            .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert!(
+        r.headers
+            .get_all("ratelimit")
+            .iter()
+            .any(|v| v.to_str().unwrap().starts_with("\"chat\";r=0")),
+        "the chat preset refused: {:?}",
+        r.headers
+    );
+    let r = gw
+        .post("/admin/rate-limits/reset", ADMIN, json!({"user": "alice"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = gw
+        .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "the reset cleared the key's count: {:?}",
+        r.body
+    );
+}
+
 #[tokio::test]
 async fn default_route_limits_bot_creation_at_ten_an_hour() {
     let gw = start(&[]).await;
@@ -1074,7 +1130,8 @@ fn configuration_reports_every_problem_at_once() {
         ("PALISADE_GATEWAY_API_KEYS", "alice"),
         ("PALISADE_GATEWAY_DAILY_BUDGET", "lots"),
         ("REDIS_URL", "127.0.0.1:6379"),
-        ("DATABASE_URL", "postgres://u:secret@127.0.0.1/db"),
+        // Refused by every build: no `postgres` feature, or not a PostgreSQL URL.
+        ("DATABASE_URL", "mysql://u:secret@127.0.0.1/db"),
         ("PALISADE_GATEWAY_ALERT_WEBHOOK", "hooks.example.com/secret"),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
@@ -1098,6 +1155,19 @@ fn configuration_reports_every_problem_at_once() {
         !text.contains("secret"),
         "a URL with a password is not echoed: {text}"
     );
+}
+
+/// Without the `postgres` feature, `DATABASE_URL` is refused with the way to build, never
+/// ignored.
+#[cfg(not(feature = "postgres"))]
+#[test]
+fn database_url_without_the_postgres_feature_names_the_feature() {
+    let mut env = Env::from_pairs([("DATABASE_URL", "postgres://ledger:s3cret@127.0.0.1/db")]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let text = env.finish().unwrap_err().to_string();
+    assert!(text.contains("DATABASE_URL"), "{text}");
+    assert!(text.contains("--features postgres"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
 }
 
 #[test]
@@ -1160,7 +1230,13 @@ async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+    let server = tokio::spawn(serve::serve(
+        listener,
+        app.router,
+        Some(server_config),
+        Duration::from_secs(10),
+        stop_rx,
+    ));
 
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {

@@ -450,7 +450,13 @@ async fn headers_served_over_tls_score_a_plus_on_the_observatory_rules() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(tls::serve(listener, app.router, server_config, stop_rx));
+        tokio::spawn(serve::serve(
+            listener,
+            app.router,
+            Some(server_config),
+            Duration::from_secs(10),
+            stop_rx,
+        ));
 
         for http2 in [true, false] {
             let mut roots = RootCertStore::empty();

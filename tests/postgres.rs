@@ -73,7 +73,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     let server = pg::Postgres::start();
     let url = server.database("load").await;
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4]);
+    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5]);
     let config = RecorderConfig {
         capacity: 20_000,
         max_batch: 1000,
@@ -81,12 +81,14 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     };
     let (recorder, shutdown) = UsageRecorder::spawn(sink.clone(), config);
     let memory = Arc::new(MemorySink::new());
-    let producers: Vec<_> = (0..8u64)
+    let records: Arc<Vec<UsageRecord>> = Arc::new((0..10_000).map(record).collect());
+    let producers: Vec<_> = (0..8usize)
         .map(|p| {
             let recorder = recorder.clone();
+            let records = Arc::clone(&records);
             tokio::spawn(async move {
                 for i in (p..10_000).step_by(8) {
-                    assert!(recorder.record(record(i)));
+                    assert!(recorder.record(records[i].clone()));
                     if i % 64 == 0 {
                         tokio::task::yield_now().await;
                     }
@@ -97,7 +99,6 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     for p in producers {
         p.await.unwrap();
     }
-    let records: Vec<UsageRecord> = (0..10_000).map(record).collect();
     memory.record_batch(&records).await.unwrap();
     let stats = shutdown.shutdown().await;
     assert_eq!(stats.written, 10_000);
@@ -114,7 +115,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     );
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 10_000);
     assert_eq!(
-        count(&url, "SELECT count(DISTINCT request_id) FROM usage_logs").await,
+        count(&url, "SELECT count(DISTINCT record_id) FROM usage_logs").await,
         10_000
     );
 
@@ -171,11 +172,11 @@ async fn migrations_run_twice_or_at_once_are_a_no_op() {
     let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
     let mut applied = ra.unwrap();
     applied.extend(rb.unwrap());
-    assert_eq!(applied, [1, 2, 3, 4], "each migration applied once");
+    assert_eq!(applied, [1, 2, 3, 4, 5], "each migration applied once");
     assert!(a.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(&url, "SELECT count(*) FROM palisade_schema_migrations").await,
-        4
+        5
     );
 }
 
@@ -310,7 +311,110 @@ async fn a_server_stopped_and_restarted_mid_run_loses_nothing_uncounted() {
     let stored = count(&url, "SELECT count(*) FROM usage_logs").await as u64;
     assert_eq!(stored, h.delivered - h.duplicates);
     assert_eq!(
-        count(&url, "SELECT count(DISTINCT request_id) FROM usage_logs").await as u64,
+        count(&url, "SELECT count(DISTINCT record_id) FROM usage_logs").await as u64,
         stored
+    );
+}
+
+/// The request id comes from the client (`x-request-id`), and it was the ledger's unique
+/// key: a second request sent with the same id was dropped as a "duplicate", so a client
+/// could keep its own usage out of the ledger. The key is now the record's server-made id.
+#[tokio::test]
+async fn two_records_with_the_same_client_request_id_are_both_stored() {
+    let server = pg::Postgres::start();
+    let url = server.database("reqid").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    let mut a = record(1);
+    let mut b = record(2);
+    a.request_id = Some("req_chosen_by_client".into());
+    b.request_id = Some("req_chosen_by_client".into());
+    // two records alike in every field but their id are two records too
+    let c = record(3);
+    let mut d = c.clone();
+    d.id = palisade::cost::RecordId::generate();
+    sink.record_batch(&[a, b, c.clone(), d]).await.unwrap();
+    sink.record_batch(&[c]).await.unwrap(); // a retried record is stored once
+    let h = sink.health();
+    assert_eq!((h.delivered, h.duplicates, h.dropped), (5, 1, 0), "{h:?}");
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_logs WHERE request_id = 'req_chosen_by_client'"
+        )
+        .await,
+        2
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 4);
+}
+
+/// A table created before record ids existed keeps its rows, gets ids, and accepts
+/// records whose request ids repeat.
+#[tokio::test]
+async fn the_record_id_migration_keeps_existing_rows() {
+    let server = pg::Postgres::start();
+    let url = server.database("legacy").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE palisade_schema_migrations (version integer PRIMARY KEY, \
+             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    for (version, name, sql) in &palisade::cost::sink::MIGRATIONS[..4] {
+        client.batch_execute(sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO usage_logs (request_id, time, route, input_tokens, output_tokens, \
+             cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
+             web_search_requests, status, stream, completion, duration_ms, time_to_headers_ms) \
+             VALUES ('req_old', now(), '/', 1, 0, 0, 0, 0, 0, 200, false, 'complete', 0, 0), \
+             ('palisade:0123456789abcdef0123456789abcdef', now(), '/', 1, 0, 0, 0, 0, 0, 200, \
+             false, 'complete', 0, 0)",
+        )
+        .await
+        .unwrap();
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    assert_eq!(sink.migrate().await.unwrap(), [5]);
+    assert!(sink.migrate().await.unwrap().is_empty());
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_logs WHERE record_id = 'req_old' AND request_id = 'req_old'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_logs WHERE request_id IS NULL \
+            AND record_id = 'palisade:0123456789abcdef0123456789abcdef'"
+        )
+        .await,
+        1
+    );
+    let mut r = record(4);
+    r.request_id = Some("req_old".into());
+    sink.record_batch(&[r]).await.unwrap();
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_logs WHERE request_id = 'req_old'"
+        )
+        .await,
+        2
     );
 }

@@ -15,10 +15,12 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
-use palisade::cost::alert::{AlertEvent, AlertSink, TracingAlertSink, WebhookConfig, WebhookSink};
+use palisade::cost::alert::{
+    AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookConfig, WebhookSink,
+};
 use palisade::cost::budget::BudgetLayer;
-use palisade::cost::{CostStats, RecorderShutdown};
-use palisade::rate_limit::{KeySource, Quota, RateLimiter, RuleConfig};
+use palisade::cost::{CostStats, RecorderShutdown, SinkError, UsageRecord, UsageSink};
+use palisade::rate_limit::{KeySource, Quota, RateLimiter, Rule, RuleConfig};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -56,6 +58,16 @@ pub struct AppState {
     /// The Redis store of rate limits, for `/health` (`REDIS_URL`).
     #[cfg(feature = "redis")]
     pub redis: Option<palisade::rate_limit::RedisStore>,
+    /// Security events: the log, and `audit_logs` with `DATABASE_URL`.
+    pub audit: crate::audit::Audit,
+    /// Where alerts go (the log, and the webhook when set).
+    pub alerts: Arc<Alerts>,
+    /// The spend-spike detector fed by every usage record (`None` when switched off).
+    #[allow(dead_code)] // the tests give it a history
+    pub spikes: Option<Arc<SpikeDetector>>,
+    /// The PostgreSQL ledger, for `/health` (`DATABASE_URL`).
+    #[cfg(feature = "postgres")]
+    pub postgres: Option<palisade::cost::sink::PostgresSink>,
 }
 
 /// A built gateway: its router and what shutdown needs.
@@ -72,54 +84,42 @@ pub struct App {
     pub sentry: Option<crate::sentry::Sentry>,
 }
 
-/// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: 100 requests
-/// a minute per user over everything, and one rule per costly route.
+/// The gateway's rate-limit rules when `PALISADE_RATE_LIMIT_RULES` is unset: palisade's
+/// presets — `global` (100 a minute per user), `chat` (20 a minute per API key on
+/// `POST /v1/messages`), `bot_creation` (10 an hour per user on `POST /v1/bots`) and
+/// `orchestrator` (30 a minute per user on `POST /v1/orchestrator/*`) — and the gateway's
+/// `bot_chat` (20 a minute per user on `POST /v1/bots/{id}/messages`), for which there is
+/// no preset.
 pub fn default_rules() -> Vec<RuleConfig> {
-    let rule = |name: &str, method: Option<&str>, route: &str, quota: Quota| RuleConfig {
-        name: name.to_owned(),
-        method: method.map(str::to_owned),
-        route: route.to_owned(),
-        key: KeySource::Principal.to_string(),
-        limit: quota.limit(),
-        window: quota.window(),
-        skip_anonymous: true,
-        ..RuleConfig::default()
-    };
-    vec![
-        rule("global", None, "*", Quota::per_minute(100)),
-        rule(
-            "messages",
-            Some("POST"),
-            "/v1/messages",
-            Quota::per_minute(60),
-        ),
-        rule("bots_create", Some("POST"), "/v1/bots", Quota::per_hour(10)),
-        rule(
-            "bot_messages",
-            Some("POST"),
-            "/v1/bots/{id}/messages",
-            Quota::per_minute(20),
-        ),
-        rule(
-            "parse_intent",
-            Some("POST"),
-            "/v1/orchestrator/parse-intent",
-            Quota::per_minute(30),
-        ),
+    let bot_chat = Rule::new("bot_chat", Quota::per_minute(20))
+        .post("/v1/bots/{id}/messages")
+        .key(KeySource::Principal);
+    [
+        Rule::global(),
+        Rule::chat(),
+        Rule::bot_creation(),
+        Rule::orchestrator(),
+        bot_chat,
     ]
+    .iter()
+    .map(RuleConfig::from)
+    .collect()
 }
 
 /// The budget layer: the configured budgets, charged to the caller (the gateway's
 /// attribution, never a client header), threshold alerts to the log.
 ///
 /// With `REDIS_URL`, the accounts live in Redis, so every instance shares them.
-async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
+async fn budget_layer(
+    config: &GatewayConfig,
+    alerts: Arc<Alerts>,
+) -> Result<BudgetLayer, BoxError> {
     let builder = config
         .budget
         .builder()?
         .user_header(None)
         .bot_header(None)
-        .alerts(Alerts::new(config)?);
+        .alerts(alerts);
     #[cfg(feature = "redis")]
     let builder = match &config.redis {
         Some(r) if !r.cluster_nodes.is_empty() => {
@@ -144,13 +144,16 @@ async fn budget_layer(config: &GatewayConfig) -> Result<BudgetLayer, BoxError> {
     Ok(builder.build()?)
 }
 
-/// Alerts go to the log, and to `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set.
-struct Alerts {
+/// Alerts (budget thresholds, spend spikes, breakers opening) go to the log, and to
+/// `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set. Sending never waits: the webhook posts
+/// from its own task through a bounded queue.
+pub struct Alerts {
     webhook: Option<WebhookSink>,
 }
 
 impl Alerts {
-    fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
+    /// The sinks `config` names.
+    pub fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
         let webhook = match &config.alert_webhook {
             None => None,
             Some(url) => {
@@ -165,6 +168,13 @@ impl Alerts {
             }
         };
         Ok(Self { webhook })
+    }
+}
+
+impl Alerts {
+    /// The webhook's counters (`None` without a webhook).
+    pub fn webhook_stats(&self) -> Option<palisade::cost::alert::WebhookStats> {
+        self.webhook.as_ref().map(WebhookSink::stats)
     }
 }
 
@@ -228,6 +238,61 @@ impl Limiter {
     }
 }
 
+/// Where usage records go: the in-memory ledger behind `/v1/usage` (counted in the
+/// metrics) and, with `DATABASE_URL`, PostgreSQL's `usage_logs`.
+struct GatewaySink {
+    ledger: crate::metrics::MeteredSink<Ledger>,
+    spikes: Option<Arc<SpikeDetector>>,
+    #[cfg(feature = "postgres")]
+    postgres: Option<palisade::cost::sink::PostgresSink>,
+}
+
+impl UsageSink for GatewaySink {
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        // PostgreSQL first: its sink buffers what it cannot write yet and never fails a
+        // batch, so a batch is never retried into the in-memory ledger twice.
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &self.postgres {
+            pg.record_batch(batch).await?;
+        }
+        self.ledger.record_batch(batch).await?;
+        // On the recorder's task, off the request path.
+        if let Some(spikes) = &self.spikes {
+            batch.iter().for_each(|r| spikes.observe_record(r));
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        self.ledger.flush().await?;
+        #[cfg(feature = "postgres")]
+        if let Some(pg) = &self.postgres {
+            pg.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The PostgreSQL ledger (`DATABASE_URL`): connected and migrated, or a start-up error.
+#[cfg(feature = "postgres")]
+async fn postgres(
+    config: &GatewayConfig,
+) -> Result<Option<palisade::cost::sink::PostgresSink>, BoxError> {
+    let Some(settings) = &config.database else {
+        return Ok(None);
+    };
+    let sink = palisade::cost::sink::PostgresSink::connect(settings.clone())
+        .map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let applied = sink
+        .migrate()
+        .await
+        .map_err(|e| format!("DATABASE_URL: cannot apply the ledger's migrations: {e}"))?;
+    if !applied.is_empty() {
+        tracing::info!(versions = ?applied, "PostgreSQL ledger: migrations applied");
+    }
+    Ok(Some(sink))
+}
+
 /// Request ids: a random prefix per process and a counter (`req_3f2a…_000001`).
 #[derive(Clone)]
 struct MakeId {
@@ -253,8 +318,30 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     };
     let ledger = Ledger::memory();
     let metrics = crate::metrics::Metrics::new()?;
+    #[cfg(feature = "postgres")]
+    let postgres = postgres(&config).await?;
+    #[cfg(feature = "postgres")]
+    let audit = match &postgres {
+        Some(pg) => crate::audit::Audit::postgres(pg.clone()),
+        None => crate::audit::Audit::log_only(),
+    };
+    #[cfg(not(feature = "postgres"))]
+    let audit = crate::audit::Audit::log_only();
+    let alerts = Arc::new(Alerts::new(&config)?);
+    let spikes = match &config.spike {
+        Some(spike) => Some(Arc::new(
+            SpikeDetector::new(spike.clone(), Arc::clone(&alerts))
+                .map_err(|e| format!("PALISADE_GATEWAY_SPIKE_*: {e}"))?,
+        )),
+        None => None,
+    };
     let (meter, recorder) = if config.layers {
-        let sink = crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone());
+        let sink = GatewaySink {
+            spikes: spikes.clone(),
+            ledger: crate::metrics::MeteredSink::new(ledger.clone(), metrics.clone()),
+            #[cfg(feature = "postgres")]
+            postgres: postgres.clone(),
+        };
         let (layer, shutdown) = config.cost.spawn(sink)?;
         (Some(layer), Some(shutdown))
     } else {
@@ -262,7 +349,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     };
     let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
     let budgets = Budgets::new(if config.layers {
-        Some(budget_layer(&config).await?)
+        Some(budget_layer(&config, Arc::clone(&alerts)).await?)
     } else {
         None
     });
@@ -271,6 +358,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         mock_addr.map(|a| format!("http://{a}")),
         meter,
         budgets.layer().cloned(),
+        Arc::clone(&alerts) as Arc<dyn AlertSink>,
     )?;
 
     let mut rl = config.rate_limit.clone();
@@ -313,6 +401,11 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         limiter: rate_limit.as_ref().map(RateLimits::limiter),
         #[cfg(feature = "redis")]
         redis,
+        audit,
+        alerts,
+        spikes,
+        #[cfg(feature = "postgres")]
+        postgres,
         cost_stats,
         limits: Arc::new(Limits {
             models: config.models.clone(),

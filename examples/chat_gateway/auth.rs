@@ -13,8 +13,11 @@ use palisade::rate_limit::Principal;
 use palisade::{Error, ErrorKind};
 
 use crate::app::AppState;
+use crate::audit::AuditEntry;
 use crate::config::NamedKey;
 use crate::error::render;
+use crate::metrics::Refusal;
+use crate::upstream::UpstreamTime;
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +81,15 @@ impl KeyStore {
         Self { entries }
     }
 
+    /// The hashed keys `user` holds (what rules keyed by API key count against).
+    pub fn key_ids(&self, user: &str) -> Vec<ApiKeyId> {
+        self.entries
+            .iter()
+            .filter(|e| &*e.user == user)
+            .map(|e| ApiKeyId::from_bytes(e.hash))
+            .collect()
+    }
+
     /// The caller holding `key`. Every entry is compared, in constant time, whatever matches.
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
         let id = ApiKeyId::from_key(key);
@@ -100,8 +112,15 @@ impl KeyStore {
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let format = state.config.error_format();
     let route = req.uri().path().to_owned();
+    let audit = |action, outcome| {
+        AuditEntry::new(action, outcome)
+            .target(route.clone())
+            .request_id(crate::app::request_id(&req))
+    };
     let Some(key) = api_key_from_headers(req.headers()) else {
-        tracing::warn!(target: "chat_gateway::audit", event = "auth_failed", reason = "no key", route = %route);
+        state
+            .audit
+            .record(audit("auth_failed", "refused").detail("no key"));
         return render(
             &Error::new(
                 ErrorKind::Unauthenticated,
@@ -111,22 +130,29 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         );
     };
     let Some(caller) = state.keys.authenticate(key) else {
-        tracing::warn!(target: "chat_gateway::audit", event = "auth_failed", reason = "unknown key", route = %route);
+        // Named by its hash: the key itself is never written anywhere.
+        state.audit.record(
+            audit("auth_failed", "refused")
+                .actor(format!("key:{}", ApiKeyId::from_key(key)))
+                .detail("unknown key"),
+        );
         return render(
             &Error::new(ErrorKind::Unauthenticated, "invalid x-api-key"),
             format,
         );
     };
     if route.starts_with("/admin") && !caller.is_admin() {
-        tracing::warn!(target: "chat_gateway::audit", event = "forbidden", user = %caller.user, route = %route);
+        state.audit.record(
+            audit("forbidden", "refused")
+                .actor(&*caller.user)
+                .detail("an admin route with a user key"),
+        );
         return render(
             &Error::new(ErrorKind::Forbidden, "this route needs an admin key"),
             format,
         );
     }
-    if route.starts_with("/admin") {
-        tracing::info!(target: "chat_gateway::audit", event = "admin_access", user = %caller.user, method = %req.method(), route = %route);
-    }
+    let request_id = crate::app::request_id(&req);
     let ext = req.extensions_mut();
     ext.insert(Principal::new(caller.user.clone()));
     ext.insert(
@@ -137,6 +163,24 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     let user = caller.user.clone();
     ext.insert(caller);
     let mut res = next.run(req).await;
+    // Refusals by the rate limits and the budgets (both answer inside this middleware).
+    let refused = match Refusal::of(&res) {
+        // An upstream's own 429 carries the time it took; the gateway's limits answer
+        // without calling it.
+        Some(Refusal::RateLimited) if res.extensions().get::<UpstreamTime>().is_none() => {
+            Some("rate_limited")
+        }
+        Some(Refusal::BudgetExceeded) => Some("budget_refused"),
+        _ => None,
+    };
+    if let Some(action) = refused {
+        state.audit.record(
+            AuditEntry::new(action, "refused")
+                .actor(&*user)
+                .target(route)
+                .request_id(request_id),
+        );
+    }
     res.extensions_mut().insert(crate::log::LoggedUser(user));
     res
 }

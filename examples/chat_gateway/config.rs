@@ -12,6 +12,7 @@ use std::time::Duration;
 use palisade::ErrorFormat;
 use palisade::circuit_breaker::CircuitBreakerConfig;
 use palisade::config::{ConfigError, Env, Environment, ProblemKind, Settings};
+use palisade::cost::alert::SpikeConfig;
 use palisade::cost::budget::{BudgetConfig, BudgetRuleConfig, Period, Scope};
 use palisade::cost::{CostConfig, Money};
 use palisade::rate_limit::RateLimitConfig;
@@ -107,6 +108,9 @@ pub struct GatewayConfig {
     pub max_tokens: u64,
     /// The largest request body, in bytes.
     pub max_body: usize,
+    /// How long a client may take to send a request head (and to finish the TLS
+    /// handshake) before its connection is closed (`PALISADE_GATEWAY_HEADER_TIMEOUT`).
+    pub header_timeout: Duration,
     /// How long a request body may take to arrive (408 after that).
     pub body_timeout: Duration,
     /// The longest silence inside an upstream response body (a stream then ends with an
@@ -119,10 +123,16 @@ pub struct GatewayConfig {
     /// Where alerts (budget thresholds) are posted as JSON, besides the log
     /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`).
     pub alert_webhook: Option<String>,
+    /// Spend-spike alerts (`PALISADE_GATEWAY_SPIKE_*`; `None` when switched off).
+    pub spike: Option<SpikeConfig>,
     /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
     /// budgets.
     #[cfg(feature = "redis")]
     pub redis: Option<palisade::rate_limit::RedisStoreConfig>,
+    /// The PostgreSQL ledger (`DATABASE_URL`, with the `postgres` feature): usage records
+    /// in `usage_logs`, security events in `audit_logs`.
+    #[cfg(feature = "postgres")]
+    pub database: Option<palisade::cost::sink::PostgresConfig>,
     /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
     /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
     pub budget: BudgetConfig,
@@ -342,6 +352,16 @@ impl GatewayConfig {
             Duration::from_secs(30),
             "30s",
         );
+        let header_timeout = env.optional_with(
+            "PALISADE_GATEWAY_HEADER_TIMEOUT",
+            Duration::from_secs(10),
+            "10s",
+            |s| match palisade::config::duration::parse(s) {
+                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+                Ok(d) => Ok(d),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
             Duration::from_secs(120),
@@ -378,16 +398,11 @@ impl GatewayConfig {
             allow(unused_variables, clippy::let_unit_value)
         )]
         let redis = redis_env(env);
-        if env.raw("DATABASE_URL").is_some() {
-            env.problem(
-                "DATABASE_URL",
-                ProblemKind::Invalid {
-                    value: "[redacted]".into(),
-                    reason: "the gateway has no PostgreSQL ledger yet; unset it".into(),
-                },
-                "(unset)",
-            );
-        }
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(unused_variables, clippy::let_unit_value)
+        )]
+        let database = database_env(env);
         let alert_webhook: Option<String> = env.secret_with(
             "PALISADE_GATEWAY_ALERT_WEBHOOK",
             "https://hooks.example.com/palisade",
@@ -397,6 +412,7 @@ impl GatewayConfig {
             },
         );
         let tls = tls_env(env);
+        let spike = spike_env(env);
 
         let mut retry = RetryConfig::from_env(env);
         if env.raw("PALISADE_RETRY_ASSUME_IDEMPOTENT").is_none() {
@@ -452,13 +468,17 @@ impl GatewayConfig {
             models,
             max_tokens,
             max_body,
+            header_timeout,
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,
             budget,
             alert_webhook,
+            spike,
             #[cfg(feature = "redis")]
             redis,
+            #[cfg(feature = "postgres")]
+            database,
             tls,
             shutdown_grace,
             mock_slow_delay,
@@ -548,6 +568,103 @@ fn redis_env(env: &mut Env) -> RedisSettings {
             "(unset)",
         );
     }
+}
+
+/// The settings of the PostgreSQL ledger (`DATABASE_URL`).
+#[cfg(feature = "postgres")]
+type DatabaseSettings = Option<palisade::cost::sink::PostgresConfig>;
+#[cfg(not(feature = "postgres"))]
+type DatabaseSettings = ();
+
+/// `DATABASE_URL`: a `postgres://` URL (or a `key=value` connection string). Without the
+/// `postgres` feature, a set `DATABASE_URL` is a problem that says how to build.
+fn database_env(env: &mut Env) -> DatabaseSettings {
+    let url: Option<String> = env.secret_with(
+        "DATABASE_URL",
+        "postgres://palisade@127.0.0.1:5432/palisade",
+        |s| Ok(s.trim().to_owned()),
+    );
+    #[cfg(feature = "postgres")]
+    {
+        let url = url?;
+        let reason = if url.contains("://")
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            Some("must start with postgres:// or postgresql://".to_owned())
+        } else {
+            <tokio_postgres::Config as std::str::FromStr>::from_str(&url)
+                .err()
+                .map(|e| format!("not a PostgreSQL connection string: {e}"))
+        };
+        if let Some(reason) = reason {
+            env.problem(
+                "DATABASE_URL",
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason,
+                },
+                "postgres://palisade@127.0.0.1:5432/palisade",
+            );
+            return None;
+        }
+        Some(palisade::cost::sink::PostgresConfig::new(url))
+    }
+    #[cfg(not(feature = "postgres"))]
+    if url.is_some() {
+        env.problem(
+            "DATABASE_URL",
+            ProblemKind::Invalid {
+                value: "[redacted]".into(),
+                reason: "this build has no PostgreSQL support: run with `--features postgres` (cargo run --example chat_gateway --features postgres), or unset it".into(),
+            },
+            "(unset)",
+        );
+    }
+}
+
+/// `PALISADE_GATEWAY_SPIKE_*`: a user's spend in the last `WINDOW` above `MULTIPLE` times
+/// their trailing average (and at least `MIN_SPEND` dollars) is an alert, once per window.
+fn spike_env(env: &mut Env) -> Option<SpikeConfig> {
+    let on = env.optional_with("PALISADE_GATEWAY_SPIKE_ALERTS", true, "on", |s| {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "on" | "true" | "1" => Ok(true),
+            "off" | "false" | "0" => Ok(false),
+            _ => Err("expected `on` or `off`".into()),
+        }
+    });
+    let mut spike = SpikeConfig::default();
+    spike.window = env.duration("PALISADE_GATEWAY_SPIKE_WINDOW", spike.window, "5m");
+    if spike.window.is_zero() {
+        env.problem(
+            "PALISADE_GATEWAY_SPIKE_WINDOW",
+            ProblemKind::Invalid {
+                value: "0".into(),
+                reason: "must be longer than 0".into(),
+            },
+            "5m",
+        );
+    }
+    spike.multiple = env.optional_with(
+        "PALISADE_GATEWAY_SPIKE_MULTIPLE",
+        spike.multiple,
+        "3",
+        |s| match s.trim().parse::<f64>() {
+            Ok(m) if m.is_finite() && m >= 1.0 => Ok(m),
+            Ok(_) => Err("must be a number of at least 1".into()),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    spike.min_spend = env.optional_with(
+        "PALISADE_GATEWAY_SPIKE_MIN_SPEND",
+        spike.min_spend.clone(),
+        "1.00 (dollars)",
+        |s| {
+            Money::parse_dollars(s.trim())
+                .map(|_| s.trim().to_owned())
+                .map_err(|e| e.to_string())
+        },
+    );
+    on.then_some(spike)
 }
 
 /// The name of the per-user daily budget that `/admin/budgets/{user}` shows and sets.

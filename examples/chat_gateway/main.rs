@@ -8,6 +8,7 @@
 //! `.env.example` beside this file lists every variable.
 
 mod app;
+mod audit;
 mod auth;
 mod config;
 mod dashboard;
@@ -18,6 +19,7 @@ mod mock;
 mod routes;
 mod schema;
 mod sentry;
+mod serve;
 mod store;
 mod tls;
 mod upstream;
@@ -84,6 +86,7 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     let grace = config.shutdown_grace;
     let demo = config.demo_keys;
     let layers = config.layers;
+    let header_timeout = config.header_timeout;
     let tls = match &config.tls {
         Some((cert, key)) => Some(tls::load(cert, key)?),
         None => None,
@@ -126,31 +129,10 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>> =
-        match tls {
-            Some(tls) => Box::pin(async move {
-                tls::serve(listener, app.router, tls, stop_rx).await;
-                Ok(())
-            }),
-            None => Box::pin(
-                // Streamed answers are many small writes: without TCP_NODELAY, Nagle's
-                // algorithm and the client's delayed ACK hold each one for about 40 ms.
-                axum::serve(
-                    axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                        let _ = tcp.set_nodelay(true);
-                    }),
-                    app.router,
-                )
-                .with_graceful_shutdown(async move {
-                    let mut rx = stop_rx;
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .into_future(),
-            ),
-        };
+    let server = serve::serve(listener, app.router, tls, header_timeout, stop_rx);
     tokio::pin!(server);
     tokio::select! {
-        res = &mut server => res?,
+        () = &mut server => {}
         () = shutdown_signal() => {
             tracing::info!(grace = ?grace, "shutting down: no new connections; finishing requests and streams");
             let _ = stop_tx.send(true);
@@ -163,6 +145,12 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
         && !sentry.flush(grace)
     {
         tracing::warn!("error reports were still queued at shutdown");
+    }
+    if tokio::time::timeout(grace, app.state.audit.flush())
+        .await
+        .is_err()
+    {
+        tracing::error!("audit events were still queued at shutdown");
     }
     if let Some(recorder) = app.recorder {
         match recorder.shutdown_within(grace).await {

@@ -1,25 +1,14 @@
 //! Serving https (`PALISADE_GATEWAY_TLS_CERT` and `_KEY`, PEM files), so HSTS and browsers'
-//! secure contexts can be tried locally: rustls, HTTP/1.1 and HTTP/2 by ALPN, and the same
-//! graceful shutdown as plain http.
+//! secure contexts can be tried locally: rustls, HTTP/1.1 and HTTP/2 by ALPN. The server
+//! loop (`serve.rs`) is the one plain http uses, with the same graceful shutdown and header
+//! deadline (which also bounds the handshake).
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Loads a certificate chain and its private key (PEM) into a server configuration.
 pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
@@ -47,60 +36,9 @@ pub fn load(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// Serves `router` over TLS until `stop` turns true, then waits for open connections to
-/// finish their requests (the caller bounds that wait).
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    config: Arc<ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let acceptor = TlsAcceptor::from(config);
-    let router = router.layer(axum::middleware::map_request(mark_https));
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
-        };
-        // As on plain connections: no Nagle delay on streamed answers.
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
 /// Gives an HTTP/1.1 request that came over TLS the `https` scheme that HTTP/2 requests
 /// carry, so the layers see it as https (HSTS is sent on https answers only).
-async fn mark_https(mut req: axum::extract::Request) -> axum::extract::Request {
+pub async fn mark_https(mut req: axum::extract::Request) -> axum::extract::Request {
     if req.uri().scheme().is_none() {
         let authority = req
             .headers()

@@ -14,6 +14,7 @@
 //! ```text
 //! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -25,7 +26,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use palisade::body::ResponseBody;
-use palisade::circuit_breaker::{CircuitBreakerHandle, CircuitState};
+use palisade::circuit_breaker::{
+    CircuitBreakerHandle, CircuitBreakerLayerBuilder, CircuitState, Transition,
+};
+use palisade::cost::alert::{AlertEvent, AlertSink};
 use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{Attribution, CostMeterLayer};
 use palisade::{BoxError, Error, ErrorKind};
@@ -125,6 +129,7 @@ impl Upstreams {
         mock: Option<String>,
         meter: Option<CostMeterLayer>,
         budget: Option<BudgetLayer>,
+        alerts: Arc<dyn AlertSink>,
     ) -> Result<Self, BoxError> {
         let (base_url, api_key) = match &config.upstream {
             UpstreamTarget::Mock => (mock.ok_or("the mock upstream is not running")?, None),
@@ -143,6 +148,7 @@ impl Upstreams {
             None,
             meter.clone(),
             budget.clone(),
+            Arc::clone(&alerts),
         )?;
         let fallback = if config.has_fallback() {
             let url = config.fallback_base_url.clone().unwrap_or(base_url);
@@ -154,6 +160,7 @@ impl Upstreams {
                 config.fallback_model.clone(),
                 meter,
                 budget,
+                alerts,
             )?)
         } else {
             None
@@ -214,7 +221,15 @@ fn to_error(e: BoxError) -> Error {
     }
 }
 
+/// The alert a breaker's transition raises: one when it opens after being closed, so an
+/// episode of failed probes (half-open, then open again) raises nothing more.
+pub fn breaker_alert(t: &Transition) -> Option<AlertEvent> {
+    (t.to == CircuitState::Open && t.from != CircuitState::HalfOpen)
+        .then(|| AlertEvent::circuit_opened(&*t.name, t.open_for.unwrap_or_default()))
+}
+
 impl Upstream {
+    #[allow(clippy::too_many_arguments)]
     fn build(
         name: &'static str,
         config: &GatewayConfig,
@@ -223,6 +238,7 @@ impl Upstream {
         model: Option<String>,
         meter: Option<CostMeterLayer>,
         budget: Option<BudgetLayer>,
+        alerts: Arc<dyn AlertSink>,
     ) -> Result<Self, BoxError> {
         let executor = TokioExecutor::new();
         if !config.layers {
@@ -248,7 +264,14 @@ impl Upstream {
                 .build(connector());
         let mut breaker_config = config.breaker.clone();
         breaker_config.name = name.to_owned();
-        let breaker = breaker_config.build()?;
+        let breaker = CircuitBreakerLayerBuilder::new(breaker_config)
+            .on_transition(move |t| {
+                // The sink queues (the webhook posts from its own task): never blocks.
+                if let Some(event) = breaker_alert(t) {
+                    alerts.send(event);
+                }
+            })
+            .build()?;
         let handle = breaker.handle();
         let retry = config.retry.build()?;
         let meter = meter.ok_or("the cost meter is required with the layers on")?;
@@ -302,8 +325,7 @@ impl Upstream {
         let start = std::time::Instant::now();
         let mut res = self.svc.clone().oneshot(req).await.map_err(to_error)?;
         if is_budget_refusal(&res) {
-            tracing::warn!(target: "chat_gateway::audit", event = "budget_refused",
-                user = call.attribution.user.as_deref().unwrap_or("-"), request_id = %call.request_id);
+            // Audited by the authentication middleware, which sees every refusal.
             return Ok(res);
         }
         res.extensions_mut().insert(UpstreamTime(start.elapsed()));

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockSource;
 use crate::config::{ConfigError, Env, Problem, ProblemKind, env_var};
+use crate::jitter::Jitter;
 
 /// The prefix of the breaker's environment variables.
 const PREFIX: &str = "PALISADE_CIRCUIT_BREAKER";
@@ -74,8 +75,9 @@ pub struct CircuitBreakerConfig {
     pub max_open_duration: Duration,
     /// Each failed half-open attempt multiplies the open duration by this (default 2.0).
     pub backoff_multiplier: f64,
-    /// Random spread of each open duration, as a fraction: 0.2 means ±20 % (default 0.2).
-    pub jitter: f64,
+    /// How each open duration is randomised (default [`Jitter::Spread`]`(0.2)`, ±20 %):
+    /// the same [`Jitter`] as retry's, so `"0.2"`, `"full"` or `"none"` in configuration.
+    pub jitter: Jitter,
     /// How many probe calls half-open lets through; all must succeed to close (default 3).
     pub half_open_probes: u32,
     /// Half-open goes back to open if no probe has succeeded within this time and none is
@@ -110,7 +112,7 @@ impl Default for CircuitBreakerConfig {
             open_duration: Duration::from_secs(10),
             max_open_duration: Duration::from_secs(300),
             backoff_multiplier: 2.0,
-            jitter: 0.2,
+            jitter: Jitter::Spread(0.2),
             half_open_probes: 3,
             max_wait_in_half_open: Some(Duration::from_secs(60)),
             clock: ClockSource::Tokio,
@@ -170,8 +172,8 @@ pub enum CircuitBreakerConfigError {
     /// `backoff_multiplier` is below 1 or not finite.
     #[error("backoff_multiplier must be a finite number >= 1, got {0}")]
     Multiplier(f64),
-    /// `jitter` is outside `[0, 1)`.
-    #[error("jitter must be in [0, 1), got {0}")]
+    /// `jitter` is a [`Jitter::Spread`] outside `[0, 1)`.
+    #[error("a jitter spread must be a fraction in [0, 1), got {0}")]
     Jitter(f64),
     /// `half_open_probes` is 0 or too large.
     #[error("half_open_probes must be between 1 and {MAX_HALF_OPEN_PROBES}, got {0}")]
@@ -281,7 +283,7 @@ impl CircuitBreakerConfig {
             open_duration: Duration::from_secs(30),
             max_open_duration: Duration::from_secs(300),
             backoff_multiplier: 2.0,
-            jitter: 0.2,
+            jitter: Jitter::Spread(0.2),
             half_open_probes: 2,
             max_wait_in_half_open: Some(Duration::from_secs(180)),
             clock: ClockSource::Tokio,
@@ -367,8 +369,8 @@ impl CircuitBreakerConfig {
         if !(self.backoff_multiplier.is_finite() && self.backoff_multiplier >= 1.0) {
             errs.push(E::Multiplier(self.backoff_multiplier));
         }
-        if !(self.jitter.is_finite() && (0.0..1.0).contains(&self.jitter)) {
-            errs.push(E::Jitter(self.jitter));
+        if let Err(spread) = self.jitter.check() {
+            errs.push(E::Jitter(spread));
         }
         if self.half_open_probes == 0 || self.half_open_probes > MAX_HALF_OPEN_PROBES {
             errs.push(E::HalfOpenProbes(self.half_open_probes));
@@ -579,7 +581,7 @@ mod tests {
             ),
             (
                 CircuitBreakerConfig {
-                    jitter: 1.0,
+                    jitter: Jitter::Spread(1.0),
                     ..base()
                 },
                 |e| matches!(e, E::Jitter(_)),

@@ -255,9 +255,10 @@ impl CircuitBreakerLayerBuilder {
         self
     }
 
-    /// The random spread of open durations (0.2 = ±20 %; 0 for none).
-    pub fn jitter(mut self, jitter: f64) -> Self {
-        self.config.jitter = jitter;
+    /// How open durations are randomised: a spread (`0.2` = ±20 %, `0.0` for none) or any
+    /// other [`Jitter`](crate::jitter::Jitter), as retry's delays are.
+    pub fn jitter(mut self, jitter: impl Into<crate::jitter::Jitter>) -> Self {
+        self.config.jitter = jitter.into();
         self
     }
 

@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::clock::Clock;
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use crate::jitter::{Jitter, JitterRng};
 use serde::{Deserialize, Serialize};
 
 use super::config::{CircuitBreakerConfig, WindowKind};
@@ -152,7 +151,7 @@ struct Params {
     open_duration: Duration,
     max_open_duration: Duration,
     multiplier: f64,
-    jitter: f64,
+    jitter: Jitter,
     probes: u32,
     max_wait: Option<Duration>,
     needs_clock: bool,
@@ -163,8 +162,8 @@ struct Params {
 struct Transitions {
     /// Failed half-open attempts since the circuit last closed.
     reopens: u32,
-    /// The seeded jitter generator, if the configuration has a seed.
-    rng: Option<StdRng>,
+    /// The jitter generator: seeded if the configuration has a seed.
+    rng: JitterRng,
 }
 
 /// The shared state of one breaker.
@@ -337,7 +336,7 @@ impl Shared {
             },
             transitions: Mutex::new(Transitions {
                 reopens: 0,
-                rng: cfg.seed.map(StdRng::seed_from_u64),
+                rng: JitterRng::from_seed(cfg.seed),
             }),
             callbacks,
         }
@@ -567,21 +566,21 @@ impl Shared {
         }
     }
 
-    fn open_duration(&self, reopens: u32, rng: &mut Option<StdRng>) -> Duration {
+    fn open_duration(&self, reopens: u32, rng: &mut JitterRng) -> Duration {
         let p = &self.params;
         let max = p.max_open_duration.as_secs_f64();
-        let base = p.open_duration.as_secs_f64()
+        let secs = p.open_duration.as_secs_f64()
             * p.multiplier
                 .powi(i32::try_from(reopens.min(1024)).unwrap_or(1024));
-        let mut secs = base.min(max);
-        if p.jitter > 0.0 {
-            let spread = match rng {
-                Some(rng) => rng.random_range(-p.jitter..=p.jitter),
-                None => rand::rng().random_range(-p.jitter..=p.jitter),
-            };
-            secs *= 1.0 + spread;
-        }
-        Duration::from_secs_f64(secs.clamp(0.0, max))
+        let nominal = if secs.is_finite() && secs < max {
+            Duration::from_secs_f64(secs.max(0.0))
+        } else {
+            p.max_open_duration
+        };
+        // `previous` (read by `Jitter::Decorrelated` only) is the nominal duration itself.
+        p.jitter
+            .apply(nominal, p.open_duration, nominal, rng)
+            .min(p.max_open_duration)
     }
 
     /// Moves from `(generation, from)` to `to`, if the breaker is still there.

@@ -693,7 +693,7 @@ async fn registry_health_snapshot_json() {
         CircuitBreakerConfig {
             window_size: 10,
             minimum_calls: 5,
-            jitter: 0.0,
+            jitter: crate::jitter::Jitter::None,
             ..CircuitBreakerConfig::default()
         },
         10,

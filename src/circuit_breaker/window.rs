@@ -11,7 +11,7 @@
 //!   costs one atomic load (the healthy steady state). The window always slides: after
 //!   10,000 successes, 50 failures in a window of 100 are 50 %.
 //! - [`TimeWindow`]: a ring of per-second buckets, each one `AtomicU64` holding the
-//!   second it belongs to (22 bits) and its calls and failures (21 bits each); a second
+//!   second it belongs to (30 bits) and its calls and failures (17 bits each); a second
 //!   ring holds slow calls. Recording is one compare-and-swap on the current bucket, which
 //!   also resets a stale bucket, so the cost does not grow with the call rate. Totals are
 //!   summed over the buckets (a few dozen loads) only when a failure or slow call is
@@ -165,17 +165,23 @@ impl CountWindow {
     }
 }
 
-const STAMP_BITS: u32 = 22;
+/// A bucket's time stamp: the second, in 30 bits, so a bucket left alone is only read as
+/// current again after 2^30 s (34 years), never within a process's life.
+const STAMP_BITS: u32 = 30;
 const STAMP_MASK: u64 = (1 << STAMP_BITS) - 1;
+/// A bucket's calls and failures, 17 bits each (131,071 calls in one second, past which
+/// the bucket halves both and keeps the rate).
+const COUNT_BITS: u32 = 17;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
 const COUNT_SHIFT: u32 = STAMP_BITS;
-const SECOND_SHIFT: u32 = STAMP_BITS + BITS;
+const SECOND_SHIFT: u32 = STAMP_BITS + COUNT_BITS;
 
 /// The calls of the last N seconds, one bucket per second.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
-    /// stamp (22 bits) | calls (21 bits) | failures (21 bits)
+    /// stamp (30 bits) | calls (17 bits) | failures (17 bits)
     buckets: Box<[AtomicU64]>,
-    /// stamp (22 bits) | slow calls (21 bits)
+    /// stamp (30 bits) | slow calls (17 bits)
     slow: Box<[AtomicU64]>,
     secs: u64,
     mask: usize,
@@ -204,12 +210,15 @@ impl TimeWindow {
         let mut cur = bucket.load(Ordering::Relaxed);
         loop {
             let (mut calls, mut failures) = if cur & STAMP_MASK == stamp {
-                ((cur >> COUNT_SHIFT) & MASK, (cur >> SECOND_SHIFT) & MASK)
+                (
+                    (cur >> COUNT_SHIFT) & COUNT_MASK,
+                    (cur >> SECOND_SHIFT) & COUNT_MASK,
+                )
             } else {
                 (0, 0)
             };
-            if calls == MASK {
-                // Saturated (2 million calls in one second): halve, keeping the rate.
+            if calls == COUNT_MASK {
+                // Saturated (131,071 calls in one second): halve, keeping the rate.
                 calls /= 2;
                 failures /= 2;
             }
@@ -226,7 +235,7 @@ impl TimeWindow {
             let mut cur = bucket.load(Ordering::Relaxed);
             loop {
                 let slow = if cur & STAMP_MASK == stamp {
-                    ((cur >> COUNT_SHIFT) & MASK).min(MASK - 1)
+                    ((cur >> COUNT_SHIFT) & COUNT_MASK).min(COUNT_MASK - 1)
                 } else {
                     0
                 };
@@ -250,12 +259,12 @@ impl TimeWindow {
         for (bucket, slow) in self.buckets.iter().zip(self.slow.iter()) {
             let word = bucket.load(Ordering::Acquire);
             if live(word) {
-                t.calls += (word >> COUNT_SHIFT) & MASK;
-                t.failures += (word >> SECOND_SHIFT) & MASK;
+                t.calls += (word >> COUNT_SHIFT) & COUNT_MASK;
+                t.failures += (word >> SECOND_SHIFT) & COUNT_MASK;
             }
             let word = slow.load(Ordering::Acquire);
             if live(word) {
-                t.slow += (word >> COUNT_SHIFT) & MASK;
+                t.slow += (word >> COUNT_SHIFT) & COUNT_MASK;
             }
         }
         t.slow = t.slow.min(t.calls);
@@ -441,14 +450,33 @@ mod tests {
         assert_eq!(w.totals(21), Totals::default());
     }
 
+    /// A bucket left alone for 2^22 seconds (about 48.5 days) must not be read as current:
+    /// with a 22-bit time stamp its stamp came round to the current second's again, and
+    /// the calls and failures of seven weeks ago counted as this second's.
+    #[test]
+    fn time_window_forgets_a_bucket_left_idle_for_48_days() {
+        let w = TimeWindow::new(10);
+        for _ in 0..50 {
+            w.record(5, CALL | FAILED);
+        }
+        let later = 5 + (1 << 22);
+        let t = w.record(later, CALL).unwrap_or_else(|| w.totals(later));
+        assert_eq!((t.calls, t.failures), (1, 0), "{t:?}");
+        let t = w.record(later, CALL | FAILED).unwrap();
+        assert_eq!((t.calls, t.failures), (2, 1), "{t:?}");
+        // and neither a bucket of another second, read by the totals only
+        w.record(7, CALL | FAILED);
+        assert_eq!(w.totals(7 + (1 << 22)).failures, 1);
+    }
+
     #[test]
     fn time_window_saturates_by_halving() {
         let w = TimeWindow::new(1);
-        for i in 0..(MASK + 10) {
+        for i in 0..(COUNT_MASK + 10) {
             w.record(0, if i % 4 == 0 { CALL | FAILED } else { CALL });
         }
         let t = w.totals(0);
-        assert!(t.calls > MASK / 2 && t.calls <= MASK, "{t:?}");
+        assert!(t.calls > COUNT_MASK / 2 && t.calls <= COUNT_MASK, "{t:?}");
         let rate = t.failures as f64 / t.calls as f64;
         assert!((rate - 0.25).abs() < 0.01, "{rate}");
     }

@@ -10,15 +10,16 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::json_scan::{ScanState, TopLevelScan};
+use super::json_view::View;
 use super::layer::Shared;
 use super::pricing::Money;
 use super::record::{Attribution, Completion, UsageRecord};
 use super::sse::SseParser;
 use super::usage::{Usage, UsageExtractor};
-use serde_json::Value;
 
 /// What the request told us, carried until the record is written.
 #[derive(Debug)]
@@ -37,7 +38,8 @@ pub(crate) struct RequestMeta {
 enum Scan {
     Sse(SseParser),
     Json {
-        chunks: Vec<Bytes>,
+        /// Most answers arrive in one or two frames: held without a heap vector.
+        chunks: SmallVec<[Bytes; 2]>,
         len: usize,
     },
     /// A JSON body larger than `max_json_body`: read by its top-level members only.
@@ -83,7 +85,7 @@ impl Meter {
             Scan::Sse(SseParser::with_max_line(shared.max_sse_line))
         } else {
             Scan::Json {
-                chunks: Vec::new(),
+                chunks: SmallVec::new(),
                 len: 0,
             }
         };
@@ -158,23 +160,19 @@ impl Meter {
                     }
                 }
                 self.scan = Scan::Json {
-                    chunks: Vec::new(),
+                    chunks: SmallVec::new(),
                     len: 0,
                 };
             }
             Scan::Large(scan) => {
-                let mut doc = serde_json::Map::new();
-                for (i, key) in LARGE_KEYS.iter().enumerate() {
-                    if let Some(v) = scan
-                        .value(i)
-                        .and_then(|raw| serde_json::from_slice::<Value>(raw).ok())
-                    {
-                        doc.insert((*key).to_owned(), v);
-                    }
-                }
+                let doc: Vec<_> = LARGE_KEYS
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, key)| Some((*key, View::parse(scan.value(i)?)?)))
+                    .collect();
                 let complete = scan.state() == ScanState::Closed;
                 if !doc.is_empty() {
-                    self.extractor.feed_value(&Value::Object(doc), complete);
+                    self.extractor.feed_value(&View::Object(doc), complete);
                 }
                 self.scan = Scan::Large(Box::new(TopLevelScan::new(&[], 0)));
             }
@@ -238,8 +236,9 @@ impl Meter {
         if let Scan::Sse(p) = &self.scan {
             stats.add_overlong_lines(p.overlong_lines());
         }
-        let (outcome, model) = self.outcome();
-        let model = model.map(str::to_owned);
+        let (outcome, _) = self.outcome();
+        // Written once: the extractor's copy of the model moves into the record.
+        let model = self.extractor.take_model_name();
         let upstream_error = self.extractor.upstream_error().map(|e| e.kind.clone());
         let completion = if upstream_error.is_some() || self.status >= 400 {
             Completion::UpstreamError
@@ -315,6 +314,7 @@ impl RequestMeta {
         }
         let duration = self.start.elapsed();
         UsageRecord {
+            id: super::record::RecordId::at(self.time),
             time: self.time,
             request_id: self.request_id.take(),
             attribution,
@@ -340,9 +340,8 @@ pub(crate) fn cost_comment(outcome: &Outcome, newline_first: bool) -> Bytes {
         s.push('\n');
     }
     let u = &outcome.usage;
-    let usd = outcome
-        .cost
-        .map_or_else(|| "unknown".to_owned(), Money::dollars_string);
+    let dollars = outcome.cost.map(Money::dollars);
+    let usd = dollars.as_ref().map_or("unknown", |d| d.as_str());
     let _ = write!(
         s,
         ": palisade-cost usd={usd} input={} output={} cache_write_5m={} cache_write_1h={} cache_read={}\n\n",

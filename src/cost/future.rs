@@ -126,11 +126,13 @@ fn is_content_type(headers: &HeaderMap, want: &str) -> bool {
 
 fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
     let u = &outcome.usage;
-    let cost = outcome.cost.map_or_else(
-        || "unknown".to_owned(),
-        super::pricing::Money::dollars_string,
-    );
-    if let Ok(v) = HeaderValue::try_from(cost) {
+    // Five headers: one growth of the map, not several.
+    headers.reserve(5);
+    let cost = match outcome.cost {
+        Some(cost) => HeaderValue::from_str(cost.dollars().as_str()),
+        None => Ok(HeaderValue::from_static("unknown")),
+    };
+    if let Ok(v) = cost {
         headers.insert(X_PALISADE_COST_USD, v);
     }
     headers.insert(X_PALISADE_INPUT_TOKENS, HeaderValue::from(u.input_tokens));

@@ -110,6 +110,7 @@ mod builder;
 mod config;
 mod future;
 mod json_scan;
+mod json_view;
 mod layer;
 mod peek;
 pub mod pricing;
@@ -135,7 +136,7 @@ pub use layer::{
 };
 pub use peek::{BodyUserId, BodyUserIdLayer, UserIdBody};
 pub use pricing::{ModelPrice, Money, PriceTable, TokenPrices};
-pub use record::{Attribution, Completion, UsageRecord};
+pub use record::{Attribution, Completion, ParseRecordIdError, RecordId, UsageRecord};
 pub use sink::{
     CostStats, CostStatsSnapshot, MemorySink, RecorderConfig, RecorderShutdown, SinkError,
     TracingSink, UsageRecorder, UsageSink,

@@ -45,7 +45,7 @@ pub struct Money(u128);
 
 impl Serialize for Money {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.dollars_string())
+        s.serialize_str(self.dollars().as_str())
     }
 }
 
@@ -125,19 +125,73 @@ impl Money {
 
     /// The amount in dollars as a plain decimal without trailing zeros (`"0.054399"`).
     pub fn dollars_string(self) -> String {
-        let whole = self.0 / Self::PICOS_PER_DOLLAR;
-        let frac = self.0 % Self::PICOS_PER_DOLLAR;
-        if frac == 0 {
-            return whole.to_string();
+        self.dollars().as_str().to_owned()
+    }
+
+    /// [`dollars_string`](Self::dollars_string) written on the stack, for headers,
+    /// comments and serialisers that copy it anyway.
+    pub(crate) fn dollars(self) -> Dollars {
+        let mut out = Dollars {
+            buf: [0; Dollars::CAP],
+            len: 0,
+        };
+        let mut whole = self.0 / Self::PICOS_PER_DOLLAR;
+        let mut digits = [0u8; 39]; // u128::MAX has 39 digits
+        let mut n = 0;
+        loop {
+            digits[n] = b'0' + (whole % 10) as u8;
+            n += 1;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
         }
-        let digits = format!("{frac:012}");
-        format!("{whole}.{}", digits.trim_end_matches('0'))
+        for d in digits[..n].iter().rev() {
+            out.push(*d);
+        }
+        let mut frac = self.0 % Self::PICOS_PER_DOLLAR;
+        if frac != 0 {
+            out.push(b'.');
+            let mut places = [b'0'; 12];
+            for p in places.iter_mut().rev() {
+                *p = b'0' + (frac % 10) as u8;
+                frac /= 10;
+            }
+            let end = places.iter().rposition(|d| *d != b'0').map_or(0, |i| i + 1);
+            for d in &places[..end] {
+                out.push(*d);
+            }
+        }
+        out
+    }
+}
+
+/// A dollar amount in decimal, held on the stack (see [`Money::dollars`]).
+pub(crate) struct Dollars {
+    buf: [u8; Dollars::CAP],
+    len: usize,
+}
+
+impl Dollars {
+    /// 39 digits of whole dollars at most (u128 pico-dollars), a point and 12 places.
+    const CAP: usize = 52;
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    /// The text.
+    pub(crate) fn as_str(&self) -> &str {
+        // Only ASCII digits and '.' are pushed.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
     }
 }
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "${}", self.dollars_string())
+        f.write_str("$")?;
+        f.write_str(self.dollars().as_str())
     }
 }
 
@@ -700,7 +754,30 @@ fn base_name(name: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// The dollars written on the stack read as the plain decimal format would
+        /// write them, for every amount.
+        #[test]
+        fn dollars_on_the_stack_match_the_decimal_format(picos in prop_oneof![
+            any::<u128>(),
+            any::<u64>().prop_map(u128::from),
+            (0u128..1_000_000, 0u32..20).prop_map(|(m, e)| m * 10u128.pow(e)),
+        ]) {
+            let whole = picos / Money::PICOS_PER_DOLLAR;
+            let frac = picos % Money::PICOS_PER_DOLLAR;
+            let want = if frac == 0 {
+                whole.to_string()
+            } else {
+                format!("{whole}.{}", format!("{frac:012}").trim_end_matches('0'))
+            };
+            prop_assert_eq!(Money(picos).dollars_string(), want.clone());
+            prop_assert_eq!(Money(picos).to_string(), format!("${want}"));
+        }
+    }
 
     fn usage(input: u64, w5: u64, out: u64) -> Usage {
         Usage {

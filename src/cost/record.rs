@@ -1,5 +1,7 @@
 //! One usage record per metered response, and who it is attributed to.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -126,14 +128,106 @@ impl Completion {
     }
 }
 
+/// A usage record's own identity: 128 bits made on the server when the record is built
+/// (48 bits of Unix milliseconds, then 80 random bits, so ids sort roughly by time).
+///
+/// Sinks use it as the idempotency key: a batch delivered twice stores each record once,
+/// and two records never share an id, whatever request id a client sent. Shown as 32
+/// lowercase hex digits.
+///
+/// ```
+/// use palisade::cost::RecordId;
+/// let a = RecordId::generate();
+/// assert_ne!(a, RecordId::generate());
+/// assert_eq!(a.to_string().len(), 32);
+/// assert_eq!(a.to_string().parse::<RecordId>().unwrap(), a);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordId(u128);
+
+impl RecordId {
+    /// A fresh id stamped with the current wall clock.
+    pub fn generate() -> Self {
+        Self::at(SystemTime::now())
+    }
+
+    /// A fresh id stamped with `time` (the random part still makes it unique).
+    pub fn at(time: SystemTime) -> Self {
+        use rand::Rng;
+        let millis = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) & ((1 << 48) - 1);
+        let mut random = [0u8; 16];
+        rand::rng().fill_bytes(&mut random[6..]);
+        Self((millis << 80) | u128::from_be_bytes(random))
+    }
+
+    /// The id as 16 bytes (big-endian: the time first).
+    pub const fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+
+    /// The id from 16 bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(u128::from_be_bytes(bytes))
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordId({self})")
+    }
+}
+
+/// The text is not 32 hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a record id is 32 hex digits")]
+#[non_exhaustive]
+pub struct ParseRecordIdError;
+
+impl FromStr for RecordId {
+    type Err = ParseRecordIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ParseRecordIdError);
+        }
+        u128::from_str_radix(s, 16)
+            .map(Self)
+            .map_err(|_| ParseRecordIdError)
+    }
+}
+
+impl Serialize for RecordId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecordId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// One metered response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct UsageRecord {
+    /// The record's server-made identity, the sinks' idempotency key (a record read
+    /// without one gets a fresh id).
+    #[serde(default = "RecordId::generate")]
+    pub id: RecordId,
     /// When the request arrived (wall clock).
     #[serde(with = "unix_millis")]
     pub time: SystemTime,
-    /// The request id (`x-request-id` of the request or response), if any.
+    /// The request id (`x-request-id` of the request or response), if any. Chosen by the
+    /// client when it sends one: kept as data, never used as a key.
     pub request_id: Option<String>,
     /// Who the request belongs to.
     pub attribution: Attribution,
@@ -165,6 +259,7 @@ impl UsageRecord {
     /// tests and for feeding usage seen elsewhere.
     pub fn new(time: SystemTime, model: Option<String>, usage: Usage, cost: Option<Money>) -> Self {
         Self {
+            id: RecordId::at(time),
             time,
             request_id: None,
             attribution: Attribution::default(),

@@ -35,7 +35,8 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+
+use super::json_view::View;
 
 /// Token counts of one response, split by how each kind is priced.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -126,7 +127,7 @@ pub struct UsageExtractor {
 /// A token count: a non-negative integer, written as one (`2745`) or as an integral
 /// float (`2745.0`, `1.59217e5`), which every JSON reader takes for the same number. A
 /// count past `u64::MAX` saturates; negative or fractional values are not counts.
-fn u(v: Option<&Value>) -> Option<u64> {
+fn u(v: Option<&View<'_>>) -> Option<u64> {
     let n = v?.as_number()?;
     n.as_u64().or_else(|| {
         n.as_f64()
@@ -150,6 +151,11 @@ impl UsageExtractor {
     /// The model the response named, if seen.
     pub fn model(&self) -> Option<&str> {
         self.model.as_deref()
+    }
+
+    /// Takes the model out (for the record written last).
+    pub(crate) fn take_model_name(&mut self) -> Option<String> {
+        self.model.take()
     }
 
     /// The API format recognised, if any.
@@ -222,41 +228,41 @@ impl UsageExtractor {
             self.finished = true;
             return;
         }
-        match serde_json::from_slice::<Value>(data) {
-            Ok(v) => self.apply_value(event, &v),
-            Err(_) => self.parse_failures += 1,
+        match View::parse(data) {
+            Some(v) => self.apply_value(event, &v),
+            None => self.parse_failures += 1,
         }
     }
 
     /// Handles a whole JSON response body.
     pub fn feed_json(&mut self, body: &[u8]) {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(v) => {
+        match View::parse(body) {
+            Some(v) => {
                 self.apply_value(b"", &v);
                 if self.error.is_none() {
                     self.finished = true;
                 }
             }
-            Err(_) => self.parse_failures += 1,
+            None => self.parse_failures += 1,
         }
     }
 
     /// Handles a JSON document already parsed (or assembled from its top-level members):
     /// `complete` says whether the whole document was seen.
-    pub(crate) fn feed_value(&mut self, v: &Value, complete: bool) {
+    pub(crate) fn feed_value(&mut self, v: &View<'_>, complete: bool) {
         self.apply_value(b"", v);
         if complete && self.error.is_none() {
             self.finished = true;
         }
     }
 
-    fn apply_value(&mut self, event: &[u8], v: &Value) {
-        let ty = v.get("type").and_then(Value::as_str).unwrap_or_default();
+    fn apply_value(&mut self, event: &[u8], v: &View<'_>) {
+        let ty = v.get("type").and_then(View::as_str).unwrap_or_default();
         if event == b"error" || ty == "error" {
             let kind = v
                 .get("error")
                 .and_then(|e| e.get("type"))
-                .and_then(Value::as_str)
+                .and_then(View::as_str)
                 .unwrap_or("error");
             self.error = Some(UpstreamError {
                 kind: kind.to_owned(),
@@ -310,12 +316,12 @@ impl UsageExtractor {
             }
             _ => {}
         }
-        if v.get("object").and_then(Value::as_str) == Some("response") {
+        if v.get("object").and_then(View::as_str) == Some("response") {
             self.format = Some(ApiFormat::OpenAiResponses);
             self.apply_response(v);
             return;
         }
-        let object = v.get("object").and_then(Value::as_str).unwrap_or_default();
+        let object = v.get("object").and_then(View::as_str).unwrap_or_default();
         if object.starts_with("chat.completion") || v.get("choices").is_some() {
             self.format = Some(ApiFormat::OpenAi);
             self.take_model(v);
@@ -327,7 +333,7 @@ impl UsageExtractor {
         if let Some(err) = v.get("error").filter(|e| e.is_object()) {
             let kind = err
                 .get("type")
-                .and_then(Value::as_str)
+                .and_then(View::as_str)
                 .unwrap_or("error")
                 .to_owned();
             self.error = Some(UpstreamError { kind });
@@ -349,15 +355,15 @@ impl UsageExtractor {
         }
     }
 
-    fn take_model(&mut self, v: &Value) {
-        let model = v.get("model").and_then(Value::as_str);
+    fn take_model(&mut self, v: &View<'_>) {
+        let model = v.get("model").and_then(View::as_str);
         if let Some(m) = model.filter(|m| !m.is_empty() && self.model.as_deref() != Some(*m)) {
             self.model = Some(m.to_owned());
         }
     }
 
     /// Anthropic usage: every field present replaces the previous value (running totals).
-    fn apply_anthropic(&mut self, usage: &Value) {
+    fn apply_anthropic(&mut self, usage: &View<'_>) {
         self.seen_usage = true;
         let x = &mut self.usage;
         if let Some(n) = u(usage.get("input_tokens")) {
@@ -399,17 +405,17 @@ impl UsageExtractor {
     }
 
     /// A Responses API response object (whole, or inside a `response.*` event).
-    fn apply_response(&mut self, r: &Value) {
+    fn apply_response(&mut self, r: &View<'_>) {
         self.take_model(r);
         if let Some(usage) = r.get("usage").filter(|u| u.is_object()) {
             self.apply_responses_usage(usage);
         }
-        let failed = r.get("status").and_then(Value::as_str) == Some("failed");
+        let failed = r.get("status").and_then(View::as_str) == Some("failed");
         if let Some(err) = r.get("error").filter(|e| e.is_object()) {
             let kind = err
                 .get("code")
                 .or_else(|| err.get("type"))
-                .and_then(Value::as_str)
+                .and_then(View::as_str)
                 .unwrap_or("error");
             self.error = Some(UpstreamError {
                 kind: kind.to_owned(),
@@ -423,7 +429,7 @@ impl UsageExtractor {
 
     /// Responses usage: `input_tokens` *includes* `input_tokens_details.cached_tokens`;
     /// `output_tokens` includes `output_tokens_details.reasoning_tokens`.
-    fn apply_responses_usage(&mut self, usage: &Value) {
+    fn apply_responses_usage(&mut self, usage: &View<'_>) {
         self.seen_usage = true;
         let input = u(usage.get("input_tokens")).unwrap_or(0);
         let cached = usage
@@ -437,7 +443,7 @@ impl UsageExtractor {
         x.output_tokens = u(usage.get("output_tokens")).unwrap_or(0);
     }
 
-    fn apply_openai(&mut self, usage: &Value) {
+    fn apply_openai(&mut self, usage: &View<'_>) {
         self.seen_usage = true;
         let prompt = u(usage.get("prompt_tokens")).unwrap_or(0);
         let cached = usage
@@ -469,7 +475,7 @@ fn is_response_lifecycle(event: &[u8]) -> bool {
 
 /// Whether a usage object has the Responses API's shape (`input_tokens` with
 /// `input_tokens_details` / `output_tokens_details`), not Anthropic's.
-fn is_responses_usage(usage: &Value) -> bool {
+fn is_responses_usage(usage: &View<'_>) -> bool {
     usage.get("input_tokens_details").is_some() || usage.get("output_tokens_details").is_some()
 }
 

@@ -127,6 +127,42 @@ impl RuleConfig {
     }
 }
 
+impl From<&Rule> for RuleConfig {
+    /// The configuration that describes `rule`, so that a preset can be listed, adjusted
+    /// and built like any configured rule.
+    ///
+    /// ```
+    /// use palisade::rate_limit::{Rule, RuleConfig};
+    /// let mut chat = RuleConfig::from(&Rule::chat());
+    /// assert_eq!((chat.route.as_str(), chat.key.as_str(), chat.limit), ("/v1/messages", "api_key", 20));
+    /// chat.limit = 60;
+    /// assert_eq!(chat.to_rule().unwrap().quota().limit(), 60);
+    /// ```
+    fn from(rule: &Rule) -> Self {
+        let (cost, cost_mode) = match rule.cost {
+            Cost::Fixed(n) => (n, CostMode::Fixed),
+            Cost::Extension { default } => (default, CostMode::Extension),
+            Cost::Settled { estimate } => (estimate, CostMode::Settled),
+        };
+        let quota = rule.quota;
+        Self {
+            name: rule.name.to_string(),
+            method: rule.method.as_ref().map(ToString::to_string),
+            route: rule.route.to_string(),
+            key: rule.key.to_string(),
+            algorithm: rule.algorithm,
+            limit: quota.limit(),
+            window: quota.window(),
+            burst: (quota.burst() != quota.limit()).then(|| quota.burst()),
+            strict: rule.strict,
+            cost,
+            cost_mode,
+            shadow: rule.shadow,
+            skip_anonymous: rule.skip_anonymous,
+        }
+    }
+}
+
 /// The rate limiter's configuration.
 ///
 /// ```

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::future::{ResponseFuture, wait};
 use super::limiter::RateLimiter;
-use super::shared::{Lean, Outcome, PendingList, Shared};
+use super::shared::{Outcome, PendingList, Shared};
 use crate::body::ResponseBody;
 use crate::rate_limit::store::{MemoryStore, Store};
 
@@ -73,43 +73,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        if let Some(cost) = self.shared.plain_cost {
-            // The request stays with the caller and is read only by inlined code, so it
-            // moves into the inner call without a copy; the decision comes back in
-            // registers.
-            match self.shared.decide_plain(&req, cost) {
-                Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
-                Lean::Refuse(response) => return ResponseFuture::refused(response),
-                Lean::General => {}
-            }
-        }
-        self.call_general(req)
-    }
-}
-
-impl<S, St: Store> RateLimit<S, St> {
-    /// Every layer but the lean one-rule kind (headers, shadow rules, reservations, several
-    /// rules, stores that answer asynchronously).
-    #[inline(never)]
-    pub(super) fn call_general<B, ResBody>(
-        &mut self,
-        mut req: Request<B>,
-    ) -> ResponseFuture<S, St, B>
-    where
-        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
-    {
-        // A lean rule that is not plain (a route, a header key, trusted proxies...), or a
-        // plain one whose store could not answer at once (then this answers `General` too,
-        // having decided nothing).
-        if self.shared.lean_single {
-            match self.shared.decide_lean(&req) {
-                Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
-                Lean::Refuse(response) => return ResponseFuture::refused(response),
-                Lean::General => {}
-            }
-        }
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // The request stays in this frame until the inner call: no helper takes it by
         // value, so it is not copied on the way.
         let outcome = if self.shared.rules.len() == 1 {

@@ -718,7 +718,7 @@ async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
             self.0.reset(i, r, k)
         }
     }
-    // With headers the layer takes its general path; without, the lean one-rule path.
+    // With and without headers (a refusal carries them, an admission may not).
     for (fails, headers) in [(false, true), (true, true), (false, false), (true, false)] {
         let layer = RateLimitLayer::builder()
             .store(ListOnly(MemoryStore::new(), fails))
@@ -744,10 +744,10 @@ async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
     }
 }
 
-/// The lean one-rule path (no headers) lets requests the rule does not cover through
+/// A layer with one rule and no headers lets requests the rule does not cover through
 /// uncounted, and counts requests without a key in one bucket unless told to skip them.
 #[tokio::test(start_paused = true)]
-async fn lean_rules_pass_what_they_do_not_cover() {
+async fn one_rule_layers_pass_what_they_do_not_cover() {
     let user = || KeySource::Header(http::HeaderName::from_static("x-user"));
     for skip in [false, true] {
         let layer = RateLimitLayer::builder()
@@ -838,13 +838,12 @@ async fn without_headers_single_rules_count_shadow_refuse_and_reserve_as_before(
     }
 }
 
-/// A plain rule (every route, keyed by the peer with no trusted proxy or globally, fixed
-/// cost, no headers) is decided on `call`'s plain path; it answers exactly as the same rule
-/// on the lean path (here forced by a route that matches everything, or a trusted proxy
-/// list that matches no peer): statuses, retry-after, overrides, requests without an
-/// address (shared bucket or skipped) and counters.
+/// A rule on every route, keyed by the peer with no trusted proxy (or globally), answers
+/// exactly as the same rule on a route that matches everything behind a trusted proxy list
+/// that matches no peer: statuses, retry-after, overrides, requests without an address
+/// (shared bucket or skipped) and counters.
 #[tokio::test(start_paused = true)]
-async fn plain_rules_answer_as_lean_ones() {
+async fn a_rule_on_every_route_answers_as_one_on_the_root_prefix() {
     let peer = |ip: &str| -> Request<()> {
         let mut req = Request::get("/v1/messages").body(()).unwrap();
         let addr: SocketAddr = format!("{ip}:4000").parse().unwrap();
@@ -857,20 +856,19 @@ async fn plain_rules_answer_as_lean_ones() {
             let rule = Rule::new("r", Quota::per_minute(3))
                 .key(key.clone())
                 .skip_anonymous(skip);
-            let plain = RateLimitLayer::builder()
+            let every_route = RateLimitLayer::builder()
                 .rule(rule.clone())
                 .draft_headers(false)
                 .build()
                 .unwrap();
-            let lean = RateLimitLayer::builder()
+            let root_prefix = RateLimitLayer::builder()
                 .rule(rule.route(Route::Prefix("/".into())))
                 .trusted_proxies("192.0.2.0/24".parse().unwrap())
                 .draft_headers(false)
                 .build()
                 .unwrap();
-            assert!(plain.is_plain() && !lean.is_plain(), "{key:?}");
             let mut seen = Vec::new();
-            for layer in [&plain, &lean] {
+            for layer in [&every_route, &root_prefix] {
                 layer
                     .limiter()
                     .set_override(
@@ -1152,7 +1150,7 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
     assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
 }
 
-/// One request of [`the_lean_and_plain_paths_decide_as_the_general_path`].
+/// One request of [`one_rule_decides_as_it_does_beside_a_rule_that_never_applies`].
 #[derive(Debug, Clone)]
 struct Arrival {
     after_ms: u64,
@@ -1212,12 +1210,11 @@ fn arrival_request(a: &Arrival) -> Request<()> {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-    /// A layer with one rule and no headers decides on its lean path (or the plain one,
-    /// for a rule on every route keyed globally or by peer); with a second rule that never
-    /// applies, the same rule goes through the general path. Both must answer every
+    /// A layer with one rule decides it without building lists; with a second rule that
+    /// never applies, the same rule is decided as part of a group. Both must answer every
     /// request sequence with the same statuses, `retry-after` and counters.
     #[test]
-    fn the_lean_and_plain_paths_decide_as_the_general_path(
+    fn one_rule_decides_as_it_does_beside_a_rule_that_never_applies(
         key in 0u8..4,
         on_route: bool,
         post_only: bool,
@@ -1274,13 +1271,13 @@ proptest::proptest! {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let lean = build(None);
+            let single = build(None);
             let general = build(Some(
                 Rule::new("never", Quota::per_second(1))
                     .method(http::Method::PATCH)
                     .route("/never".parse().unwrap()),
             ));
-            let (mut a, mut b) = (service(&lean), service(&general));
+            let (mut a, mut b) = (service(&single), service(&general));
             for arrival in &arrivals {
                 tokio::time::advance(Duration::from_millis(arrival.after_ms)).await;
                 let ra = send(&mut a, arrival_request(arrival)).await;
@@ -1293,7 +1290,7 @@ proptest::proptest! {
                 );
                 proptest::prop_assert_eq!(ra.headers().len(), rb.headers().len());
             }
-            let (ca, cb) = (&lean.limiter().counters()[0], &general.limiter().counters()[0]);
+            let (ca, cb) = (&single.limiter().counters()[0], &general.limiter().counters()[0]);
             proptest::prop_assert_eq!(ca, cb);
             Ok(())
         })?;

@@ -1,76 +1,8 @@
 //! Exponential backoff with jitter.
 
-use std::fmt;
-use std::str::FromStr;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
-use serde::{Deserialize, Serialize};
-
-/// How the computed delay is randomised, so that clients that failed together do not
-/// retry together.
-///
-/// With `d = min(max_delay, base * factor^n)` for the `n`-th retry (counting from 0):
-///
-/// | kind | delay |
-/// |---|---|
-/// | `None` | `d` |
-/// | `Full` (default) | uniform in `[0, d]` |
-/// | `Equal` | `d/2` plus uniform in `[0, d/2]` |
-/// | `Decorrelated` | uniform in `[base, 3 * previous delay]` (AWS's "decorrelated jitter") |
-///
-/// Whatever the kind, the result is capped at `max_delay` after jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Jitter {
-    /// No randomness: exactly `base * factor^n`, capped.
-    None,
-    /// Uniform in `[0, d]` (the default).
-    #[default]
-    Full,
-    /// Half fixed, half random: uniform in `[d/2, d]`.
-    Equal,
-    /// Uniform in `[base, 3 * previous delay]`, capped.
-    Decorrelated,
-}
-
-/// The error of parsing a [`Jitter`].
-///
-/// ```
-/// use palisade::retry::Jitter;
-/// let err = "sometimes".parse::<Jitter>().unwrap_err();
-/// assert_eq!(err.to_string(), "unknown jitter `sometimes`: expected `full`, `equal`, `decorrelated` or `none`");
-/// ```
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown jitter `{0}`: expected `full`, `equal`, `decorrelated` or `none`")]
-pub struct ParseJitterError(String);
-
-impl FromStr for Jitter {
-    type Err = ParseJitterError;
-
-    fn from_str(s: &str) -> Result<Self, ParseJitterError> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "none" | "off" => Ok(Jitter::None),
-            "full" => Ok(Jitter::Full),
-            "equal" => Ok(Jitter::Equal),
-            "decorrelated" => Ok(Jitter::Decorrelated),
-            other => Err(ParseJitterError(other.to_owned())),
-        }
-    }
-}
-
-impl fmt::Display for Jitter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Jitter::None => "none",
-            Jitter::Full => "full",
-            Jitter::Equal => "equal",
-            Jitter::Decorrelated => "decorrelated",
-        })
-    }
-}
+pub use crate::jitter::{Jitter, JitterRng};
 
 /// An exponential backoff schedule: `base * factor^n`, jittered, then capped at
 /// `max_delay`.
@@ -147,18 +79,9 @@ impl Backoff {
     /// previous retry (only [`Jitter::Decorrelated`] reads it; pass `Duration::ZERO` for the
     /// first retry).
     pub fn delay(&self, n: u32, previous: Duration, rng: &mut JitterRng) -> Duration {
-        let d = self.nominal(n);
-        let jittered = match self.jitter {
-            Jitter::None => d,
-            Jitter::Full => d.mul_f64(rng.unit()),
-            Jitter::Equal => d / 2 + (d / 2).mul_f64(rng.unit()),
-            Jitter::Decorrelated => {
-                let low = self.base;
-                let high = previous.max(self.base).saturating_mul(3);
-                low + (high - low).mul_f64(rng.unit())
-            }
-        };
-        jittered.min(self.max_delay)
+        self.jitter
+            .apply(self.nominal(n), self.base, previous, rng)
+            .min(self.max_delay)
     }
 }
 
@@ -171,56 +94,6 @@ impl Default for Backoff {
             Duration::from_secs(8),
             Jitter::Full,
         )
-    }
-}
-
-/// The source of randomness for jitter: the thread-local generator, or a seeded one for
-/// reproducible schedules (tests, simulations).
-#[derive(Debug)]
-pub struct JitterRng {
-    seeded: Option<StdRng>,
-}
-
-impl JitterRng {
-    /// The thread-local generator (`rand::rng()`).
-    pub fn thread() -> Self {
-        Self { seeded: None }
-    }
-
-    /// A deterministic generator from `seed`.
-    pub fn seeded(seed: u64) -> Self {
-        Self {
-            seeded: Some(StdRng::seed_from_u64(seed)),
-        }
-    }
-
-    /// A uniform number in `[0, 1]`.
-    pub fn unit(&mut self) -> f64 {
-        match &mut self.seeded {
-            Some(rng) => rng.random_range(0.0..=1.0),
-            None => rand::rng().random_range(0.0..=1.0),
-        }
-    }
-}
-
-/// A jitter source shared by every request of one layer: seeded (behind a mutex, taken
-/// only when a retry is scheduled) or thread-local.
-#[derive(Debug)]
-pub(crate) struct SharedRng(Option<Mutex<JitterRng>>);
-
-impl SharedRng {
-    pub(crate) fn new(seed: Option<u64>) -> Self {
-        Self(seed.map(|s| Mutex::new(JitterRng::seeded(s))))
-    }
-
-    pub(crate) fn delay(&self, backoff: &Backoff, n: u32, previous: Duration) -> Duration {
-        match &self.0 {
-            Some(rng) => {
-                let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
-                backoff.delay(n, previous, &mut rng)
-            }
-            None => backoff.delay(n, previous, &mut JitterRng::thread()),
-        }
     }
 }
 
@@ -263,19 +136,6 @@ mod tests {
         assert_ne!(run(42), run(43));
     }
 
-    #[test]
-    fn jitter_parses_and_prints() {
-        for j in [
-            Jitter::None,
-            Jitter::Full,
-            Jitter::Equal,
-            Jitter::Decorrelated,
-        ] {
-            assert_eq!(j.to_string().parse::<Jitter>(), Ok(j));
-        }
-        assert!("sometimes".parse::<Jitter>().is_err());
-    }
-
     proptest! {
         #[test]
         fn delays_stay_within_bounds(
@@ -303,6 +163,7 @@ mod tests {
                         prop_assert!(d <= high.min(ms(cap_ms)));
                         prop_assert!(d >= ms(base_ms).min(ms(cap_ms)));
                     }
+                    _ => unreachable!("only the four kinds above are drawn"),
                 }
             }
         }

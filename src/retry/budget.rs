@@ -1,7 +1,7 @@
 //! A retry budget: retries may add at most a fixed share of the normal load.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -68,6 +68,24 @@ struct Inner {
     window: Duration,
     min_per_sec: u32,
     ratio: f64,
+    /// Taken to move the window on (once per slot of time, never on the steady path).
+    advancing: Mutex<()>,
+    /// Runs once the window has moved on and the move is visible to other callers: tests
+    /// put a racing caller there.
+    #[cfg(test)]
+    on_advance: Hook,
+}
+
+/// A callback for tests (see `Inner::on_advance`).
+#[cfg(test)]
+#[derive(Default)]
+struct Hook(std::sync::Mutex<Option<Box<dyn FnMut() + Send>>>);
+
+#[cfg(test)]
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 /// Why a budget could not be built.
@@ -115,6 +133,9 @@ impl RetryBudget {
                 window,
                 min_per_sec,
                 ratio,
+                advancing: Mutex::new(()),
+                #[cfg(test)]
+                on_advance: Hook::default(),
             }),
         })
     }
@@ -218,37 +239,98 @@ impl Inner {
 
     /// Moves the window to the current time, clearing the slots that fell out of it, and
     /// returns the current generation.
+    ///
+    /// The slots are cleared before the new generation is published (under a lock, once
+    /// per slot of time): a caller that sees the new generation writes into a slot that
+    /// is already clear, so no deposit or withdrawal made in the new generation is wiped.
     fn advance(&self) -> u64 {
         let elapsed = Instant::now()
             .saturating_duration_since(self.start)
             .as_nanos();
         let now_gen = u64::try_from(elapsed / u128::from(self.slot_nanos)).unwrap_or(u64::MAX);
-        let mut current = self.generation.load(Ordering::Acquire);
-        while now_gen > current {
-            match self.generation.compare_exchange_weak(
-                current,
-                now_gen,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    // The slots of generations current+1..=now_gen are reused: clear them.
-                    let stale = (now_gen - current).min(SLOTS as u64);
-                    for g in (now_gen + 1 - stale)..=now_gen {
-                        self.slots[(g % SLOTS as u64) as usize].store(0, Ordering::Relaxed);
-                    }
-                    return now_gen;
-                }
-                Err(actual) => current = actual,
-            }
+        let current = self.generation.load(Ordering::Acquire);
+        if now_gen <= current {
+            return current;
         }
-        current
+        let guard = self
+            .advancing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let current = self.generation.load(Ordering::Acquire);
+        if now_gen <= current {
+            return current;
+        }
+        // The slots of generations current+1..=now_gen are reused: clear them. (A slot of
+        // an expired generation that a slow caller still writes into holds an expired
+        // deposit or withdrawal: clearing it then is its expiry.)
+        let stale = (now_gen - current).min(SLOTS as u64);
+        for g in (now_gen + 1 - stale)..=now_gen {
+            self.slots[(g % SLOTS as u64) as usize].store(0, Ordering::SeqCst);
+        }
+        self.generation.store(now_gen, Ordering::Release);
+        drop(guard);
+        #[cfg(test)]
+        self.run_on_advance();
+        now_gen
+    }
+}
+
+#[cfg(test)]
+impl Inner {
+    fn run_on_advance(&self) {
+        let hook = self
+            .on_advance
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(mut hook) = hook {
+            hook();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A withdrawal made just as another caller moves the window into a new slot must
+    /// stay withdrawn. The window used to be moved first and its new slot cleared after,
+    /// so a withdrawal landing in between was wiped out and the budget allowed one retry
+    /// more than it held.
+    #[test]
+    fn a_withdrawal_racing_the_window_move_is_not_lost() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let _entered = runtime.enter();
+        // One token (a floor of 1 retry per second over 1 s), nothing earned.
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0).unwrap();
+        runtime.block_on(tokio::time::advance(Duration::from_millis(150)));
+        let (racer, taken) = (budget.clone(), std::sync::Arc::new(AtomicU64::new(0)));
+        let racer_taken = taken.clone();
+        *budget.inner.on_advance.0.lock().unwrap() = Some(Box::new(move || {
+            // Another caller, on another thread, withdraws while the window moves.
+            let (racer, taken, handle) = (racer.clone(), racer_taken.clone(), handle.clone());
+            std::thread::spawn(move || {
+                let _entered = handle.enter();
+                if racer.withdraw() {
+                    taken.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .join()
+            .unwrap();
+        }));
+        if budget.withdraw() {
+            taken.fetch_add(1, Ordering::SeqCst);
+        }
+        assert_eq!(taken.load(Ordering::SeqCst), 1, "one token, one retry");
+        assert!(!budget.withdraw(), "the budget is spent");
+        assert_eq!(budget.available(), 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn reserve_allows_floor_per_window() {

@@ -5,9 +5,9 @@ use std::time::Duration;
 use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
-use super::backoff::Jitter;
 use super::budget::BudgetError;
 use crate::config::{ConfigError, Env, Problem, ProblemKind, duration, env_var};
+use crate::jitter::Jitter;
 
 /// The prefix of the retry layer's environment variables.
 const PREFIX: &str = "PALISADE_RETRY";
@@ -124,6 +124,9 @@ pub enum RetryConfigError {
     /// The count header is not a valid header name.
     #[error("count_header `{0}` is not a valid HTTP header name")]
     CountHeader(String),
+    /// A [`Jitter::Spread`] outside `[0, 1)`.
+    #[error("a jitter spread must be a fraction in [0, 1), got {0}")]
+    Jitter(f64),
 }
 
 impl RetryConfigError {
@@ -136,6 +139,7 @@ impl RetryConfigError {
             Self::Budget(BudgetError::WindowTooShort(_)) => "budget_window",
             Self::Budget(_) => "budget_ratio",
             Self::CountHeader(_) => "count_header",
+            Self::Jitter(_) => "jitter",
         }
     }
 
@@ -154,6 +158,7 @@ impl RetryConfigError {
                 "attempt_timeout" => "10s",
                 "budget_window" => "10s",
                 "budget_ratio" => "0.2",
+                "jitter" => "full",
                 _ => "x-retry-count",
             }
             .to_owned(),
@@ -283,6 +288,9 @@ impl RetryConfig {
         let mut errs = Vec::new();
         if !(self.factor.is_finite() && self.factor >= 1.0) {
             errs.push(RetryConfigError::Factor(self.factor));
+        }
+        if let Err(spread) = self.jitter.check() {
+            errs.push(RetryConfigError::Jitter(spread));
         }
         if self.max_delay < self.base_delay {
             errs.push(RetryConfigError::MaxDelayBelowBase {

@@ -200,7 +200,7 @@ impl<C, R: ReplaySource> Attempts<'_, C, R> {
             }
             None => policy
                 .rng
-                .delay(&policy.backoff, self.retries, self.previous_delay),
+                .with(|rng| policy.backoff.delay(self.retries, self.previous_delay, rng)),
         };
         if remaining.is_some_and(|left| delay >= left) {
             tracing::debug!("no time left before the deadline; not retrying");

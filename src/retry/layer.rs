@@ -9,7 +9,7 @@ use http::HeaderName;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::backoff::{Backoff, Jitter, SharedRng};
+use super::backoff::{Backoff, Jitter};
 use super::budget::RetryBudget;
 use super::config::{RetryConfig, RetryConfigError};
 use super::future::ResponseFuture;
@@ -17,6 +17,7 @@ use super::policy::{Replay, ReplaySource, RetryResponse};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::config::{ConfigError, Env};
 use crate::error::BoxError;
+use crate::jitter::SharedRng;
 
 /// Everything a layer's services share: the schedule, the budget, the classifier.
 #[derive(Debug)]

@@ -87,7 +87,8 @@ mod future;
 mod layer;
 mod policy;
 
-pub use backoff::{Backoff, Jitter, JitterRng, ParseJitterError};
+pub use crate::jitter::{Jitter, JitterRng, ParseJitterError};
+pub use backoff::Backoff;
 pub use body::ReplayBody;
 pub use budget::{BudgetError, RetryBudget};
 pub use config::{RetryConfig, RetryConfigError};

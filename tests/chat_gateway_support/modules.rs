@@ -2,6 +2,8 @@
 // (`include!`d at their root, so that `crate::app` and the others resolve as in the example).
 #[path = "../../examples/chat_gateway/app.rs"]
 mod app;
+#[path = "../../examples/chat_gateway/audit.rs"]
+mod audit;
 #[path = "../../examples/chat_gateway/auth.rs"]
 mod auth;
 #[path = "../../examples/chat_gateway/config.rs"]
@@ -22,6 +24,8 @@ mod routes;
 mod schema;
 #[path = "../../examples/chat_gateway/sentry.rs"]
 mod sentry;
+#[path = "../../examples/chat_gateway/serve.rs"]
+mod serve;
 #[path = "../../examples/chat_gateway/store.rs"]
 mod store;
 #[path = "../../examples/chat_gateway/tls.rs"]

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::{ApiPath, read_json};
 use crate::app::AppState;
+use crate::audit::AuditEntry;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
 use crate::store::BudgetView;
@@ -71,24 +72,47 @@ pub async fn reset_rate_limits(
     if !unknown.is_empty() {
         return Err(ApiError::new(Error::invalid_fields(unknown), format));
     }
-    let key = RateKey::principal(req.user.as_str());
+    // Rules count a user by name (`principal`) or by each key they hold (`api_key`):
+    // reset them all.
+    let mut keys = vec![RateKey::principal(req.user.as_str())];
+    keys.extend(
+        state
+            .keys
+            .key_ids(&req.user)
+            .into_iter()
+            .map(RateKey::ApiKey),
+    );
     for rule in &rules {
-        limiter.reset(rule, &key).await.map_err(|e| {
-            ApiError::new(
-                Error::new(ErrorKind::Unavailable, "the rate-limit store failed").with_source(e),
-                format,
-            )
-        })?;
+        for key in &keys {
+            limiter.reset(rule, key).await.map_err(|e| {
+                ApiError::new(
+                    Error::new(ErrorKind::Unavailable, "the rate-limit store failed")
+                        .with_source(e),
+                    format,
+                )
+            })?;
+        }
     }
-    tracing::info!(target: "chat_gateway::audit", event = "rate_limits_reset", actor = %caller.user, target_user = %req.user, rules = ?rules);
+    state.audit.record(
+        AuditEntry::new("rate_limits_reset", "done")
+            .actor(&*caller.user)
+            .target(req.user.clone())
+            .detail(rules.join(",")),
+    );
     Ok(Json(json!({ "user": req.user, "reset": rules })))
 }
 
 /// `GET /admin/budgets/{user}`.
 pub async fn get_budget(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(user): ApiPath<String>,
 ) -> Json<BudgetView> {
+    state.audit.record(
+        AuditEntry::new("budget_read", "done")
+            .actor(&*caller.user)
+            .target(user.clone()),
+    );
     Json(state.budgets.view(&user))
 }
 
@@ -130,6 +154,12 @@ pub async fn put_budget(
         .as_deref()
         .and_then(|s| Money::parse_dollars(s).ok());
     if !state.budgets.set(&user, limit) {
+        state.audit.record(
+            AuditEntry::new("budget_set", "failed")
+                .actor(&*caller.user)
+                .target(user.clone())
+                .detail("no per-user daily budget is configured"),
+        );
         return Err(ApiError::new(
             Error::new(
                 ErrorKind::InvalidRequest,
@@ -138,6 +168,11 @@ pub async fn put_budget(
             format,
         ));
     }
-    tracing::info!(target: "chat_gateway::audit", event = "budget_set", actor = %caller.user, target_user = %user, limit = ?limit.map(Money::dollars_string));
+    state.audit.record(
+        AuditEntry::new("budget_set", "done")
+            .actor(&*caller.user)
+            .target(user.clone())
+            .detail(limit.map_or_else(|| "unlimited".to_owned(), Money::dollars_string)),
+    );
     Ok(Json(state.budgets.view(&user)))
 }

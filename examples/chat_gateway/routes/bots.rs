@@ -18,6 +18,7 @@ use tower_http::request_id::RequestId;
 
 use super::{ApiPath, forwarded_headers, pass_through, read_json};
 use crate::app::AppState;
+use crate::audit::AuditEntry;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
 use crate::schema::{Limits, Message, Metadata, check_messages};
@@ -135,7 +136,11 @@ pub async fn create(
                 .map_or(0, |d| d.as_secs()),
         })
         .await;
-    tracing::info!(target: "chat_gateway::audit", event = "bot_created", user = %caller.user, bot = %bot.id);
+    state.audit.record(
+        AuditEntry::new("bot_created", "done")
+            .actor(&*caller.user)
+            .target(bot.id.clone()),
+    );
     Ok((StatusCode::CREATED, Json(bot)).into_response())
 }
 
@@ -166,7 +171,11 @@ pub async fn delete(
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     if state.bots.delete(&caller.user, &id).await {
-        tracing::info!(target: "chat_gateway::audit", event = "bot_deleted", user = %caller.user, bot = %id);
+        state.audit.record(
+            AuditEntry::new("bot_deleted", "done")
+                .actor(&*caller.user)
+                .target(id.clone()),
+        );
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_found(&state))

@@ -1,5 +1,6 @@
-//! `GET /health`: the upstreams' breakers, Redis (with `REDIS_URL`) and the usage queue; 503 when no upstream can
-//! take a request.
+//! `GET /health`: the upstreams' breakers, Redis (with `REDIS_URL`), PostgreSQL (with
+//! `DATABASE_URL`: backlog, last error, dropped records and the audit writer) and the usage
+//! queue; 503 when no upstream can take a request.
 
 use axum::Json;
 use axum::extract::State;
@@ -37,9 +38,26 @@ pub async fn health(State(state): State<AppState>) -> Response {
     });
     #[cfg(not(feature = "redis"))]
     let redis: Option<serde_json::Value> = None;
+    #[cfg(feature = "postgres")]
+    let postgres = state.postgres.as_ref().map(|pg| {
+        let h = pg.health();
+        json!({
+            "backlog": h.backlog,
+            "last_error": h.last_error,
+            "dropped": h.dropped,
+            "accepted": h.accepted,
+            "delivered": h.delivered,
+            "duplicates": h.duplicates,
+        })
+    });
+    #[cfg(not(feature = "postgres"))]
+    let postgres: Option<serde_json::Value> = None;
     let status = if available { "ok" } else { "unhealthy" };
     let body = json!({
         "redis": redis,
+        "postgres": postgres,
+        "audit_writer": state.audit.health(),
+        "alert_webhook": state.alerts.webhook_stats(),
         "status": status,
         "layers": state.config.layers,
         "upstreams": breakers,

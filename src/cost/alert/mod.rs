@@ -8,6 +8,8 @@
 //!   spend falls back below.
 //! - **Spikes**: a [`SpikeDetector`] compares each subject's spend in the last few minutes
 //!   with its trailing average and raises [`AlertKind::Spike`] once per window.
+//! - **Circuit breakers**: [`AlertEvent::circuit_opened`] makes the event a service raises
+//!   when a breaker in front of an upstream opens (from its transition callback).
 //! - **Sinks**: [`TracingAlertSink`] logs each event; [`WebhookSink`] (feature `hyper-util`, on by default) POSTs it as JSON
 //!   from a background task with a timeout, retries and a bounded queue, so a slow or dead
 //!   receiver never slows a request (a full queue drops the event and counts it).
@@ -56,6 +58,12 @@ pub enum AlertKind {
         /// How many times the trailing average the recent spend was.
         multiple: f64,
     },
+    /// A circuit breaker in front of an upstream opened: calls to it stop for a while.
+    /// `source` names the breaker; `spent` and `reference` are zero.
+    CircuitOpened {
+        /// How long the circuit stays open before it probes the upstream, in milliseconds.
+        open_for_ms: u64,
+    },
 }
 
 /// One alert.
@@ -93,6 +101,21 @@ impl AlertEvent {
             subject: subject.into(),
             spent,
             reference: limit,
+            time: SystemTime::now(),
+        }
+    }
+
+    /// A circuit-opened event: the breaker `breaker` opened for `open_for`.
+    pub fn circuit_opened(breaker: impl Into<String>, open_for: std::time::Duration) -> Self {
+        let breaker = breaker.into();
+        Self {
+            kind: AlertKind::CircuitOpened {
+                open_for_ms: u64::try_from(open_for.as_millis()).unwrap_or(u64::MAX),
+            },
+            subject: format!("upstream:{breaker}"),
+            source: breaker,
+            spent: Money::ZERO,
+            reference: Money::ZERO,
             time: SystemTime::now(),
         }
     }
@@ -145,6 +168,10 @@ impl AlertSink for TracingAlertSink {
             AlertKind::Spike { multiple } => tracing::warn!(target: "palisade::cost::alert",
                 scope = %event.source, subject = %event.subject, multiple,
                 spent = %event.spent, trailing_average = %event.reference, "spend spike"),
+            AlertKind::CircuitOpened { open_for_ms } => {
+                tracing::warn!(target: "palisade::cost::alert",
+                breaker = %event.source, subject = %event.subject, open_for_ms, "circuit breaker opened")
+            }
         }
     }
 }

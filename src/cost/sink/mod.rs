@@ -28,6 +28,8 @@
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 mod tracing_sink;
 
 use std::future::Future;
@@ -44,6 +46,8 @@ pub use memory::MemorySink;
 pub use postgres::{
     AuditEvent, MIGRATIONS, PostgresConfig, PostgresHealth, PostgresSink, record_key,
 };
+#[cfg(feature = "redis")]
+pub use redis::{RedisSink, RedisSinkConfig, RedisSinkHealth};
 pub use tracing_sink::TracingSink;
 
 use super::record::UsageRecord;

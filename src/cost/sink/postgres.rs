@@ -6,8 +6,10 @@
 //!
 //! - `usage_logs`: one row per [`UsageRecord`] — user, hashed API key, bot, conversation,
 //!   route, model, every token class, cost in pico-dollars, status, stream, completion,
-//!   durations and time — with the request id `UNIQUE` as the idempotency key (a record
-//!   without one gets a key hashed from its content). Indexed by user and time.
+//!   durations, request id and time — with the record's server-made id
+//!   ([`RecordId`](crate::cost::RecordId), column `record_id`, `UNIQUE`) as the
+//!   idempotency key. The request id is kept as data: a client may choose it, so it is
+//!   never a key. Indexed by user and time, and by request id.
 //! - `audit_logs`: security events ([`AuditEvent`]): actor, action, target, outcome.
 //! - `user_usage_stats`: a materialized view per user and UTC day, refreshed by
 //!   `SELECT refresh_user_usage_stats()` ([`PostgresSink::refresh_stats`]).
@@ -20,7 +22,7 @@
 //!   to it (a materialized view has no row-level security).
 //!
 //! Writes are batched: each batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT
-//! (request_id) DO NOTHING`. While the server is away, records wait in a bounded buffer
+//! (record_id) DO NOTHING`. While the server is away, records wait in a bounded buffer
 //! and are retried with backoff; a record that does not fit is dropped and counted.
 //! [`PostgresSink::health`] shows the backlog, the counters and the last error:
 //! `accepted = delivered + dropped + backlog` at all times.
@@ -48,7 +50,6 @@ use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
@@ -81,6 +82,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "row_level_security",
         include_str!("postgres/0004_row_level_security.sql"),
     ),
+    (5, "record_id", include_str!("postgres/0005_record_id.sql")),
 ];
 
 /// An arbitrary constant: the advisory lock that serializes migrations across instances.
@@ -269,37 +271,20 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The record's idempotency key: its request id, or a hash of its content.
+/// The record's idempotency key: its server-made [`id`](UsageRecord::id) as text.
 pub fn record_key(r: &UsageRecord) -> String {
-    match &r.request_id {
-        Some(id) => id.clone(),
-        None => {
-            let json = serde_json::to_vec(r).unwrap_or_default();
-            let mut h = Sha256::new();
-            h.update(&json);
-            h.update(r.duration.as_nanos().to_le_bytes());
-            h.update(
-                r.time
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos())
-                    .to_le_bytes(),
-            );
-            let digest = h.finalize();
-            let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-            format!("palisade:{hex}")
-        }
-    }
+    r.id.to_string()
 }
 
-const INSERT: &str = "INSERT INTO usage_logs (request_id, time, user_id, api_key_hash, bot_id, \
+const INSERT: &str = "INSERT INTO usage_logs (record_id, request_id, time, user_id, api_key_hash, bot_id, \
     conversation_id, route, model, input_tokens, output_tokens, cache_write_5m_tokens, \
     cache_write_1h_tokens, cache_read_tokens, web_search_requests, cost_picos, status, stream, \
     completion, upstream_error, duration_ms, time_to_headers_ms) \
-    SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], \
-    $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], \
-    $13::int8[], $14::int8[], $15::int8[], $16::int2[], $17::bool[], $18::text[], $19::text[], \
-    $20::int8[], $21::int8[]) \
-    ON CONFLICT (request_id) DO NOTHING";
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
+    $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int2[], $18::bool[], $19::text[], \
+    $20::text[], $21::int8[], $22::int8[]) \
+    ON CONFLICT (record_id) DO NOTHING";
 
 fn completion_name(c: Completion) -> &'static str {
     match c {
@@ -419,6 +404,7 @@ impl PostgresSink {
         let client = self.client().await?;
         let stmt = client.prepare_cached(INSERT).await.map_err(pg)?;
         let n = batch.len();
+        let mut record_id = Vec::with_capacity(n);
         let mut request_id = Vec::with_capacity(n);
         let mut time = Vec::with_capacity(n);
         let mut user = Vec::with_capacity(n);
@@ -437,7 +423,8 @@ impl PostgresSink {
         let mut ttfb = Vec::with_capacity(n);
         for r in batch {
             let a = &r.attribution;
-            request_id.push(record_key(r));
+            record_id.push(record_key(r));
+            request_id.push(r.request_id.clone());
             time.push(r.time);
             user.push(a.user.clone());
             key.push(a.api_key.map(|k| k.to_string()));
@@ -464,7 +451,8 @@ impl PostgresSink {
             duration.push(millis(r.duration));
             ttfb.push(millis(r.time_to_headers));
         }
-        let params: [&(dyn ToSql + Sync); 21] = [
+        let params: [&(dyn ToSql + Sync); 22] = [
+            &record_id,
             &request_id,
             &time,
             &user,
@@ -800,22 +788,5 @@ mod tests {
             let dbg = format!("{:?}", PostgresConfig::new(url));
             assert!(!dbg.contains("s3cret"), "{dbg}");
         }
-    }
-
-    #[test]
-    fn records_without_a_request_id_get_a_stable_content_key() {
-        let r = UsageRecord::new(
-            SystemTime::UNIX_EPOCH,
-            Some("m".into()),
-            Usage::default(),
-            None,
-        );
-        assert_eq!(record_key(&r), record_key(&r.clone()));
-        let mut other = r.clone();
-        other.duration = Duration::from_nanos(1);
-        assert_ne!(record_key(&r), record_key(&other));
-        let mut with_id = r;
-        with_id.request_id = Some("req_1".into());
-        assert_eq!(record_key(&with_id), "req_1");
     }
 }

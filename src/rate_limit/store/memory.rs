@@ -356,18 +356,27 @@ impl MemoryStore {
             .iter()
             .map(|&i| (i, lock(&self.inner.shards[i].0)))
             .collect();
-        let mut decided: SmallVec<[algorithm::Decided; 4]> = SmallVec::new();
+        let mut decided: SmallVec<[(algorithm::State, algorithm::Decided); 4]> = SmallVec::new();
         let mut rules: SmallVec<[RuleDecision; 2]> = SmallVec::new();
         for (item, key) in items.iter().zip(&keys) {
             let shard = guard_for(&mut guards, self.shard_of(key.hash));
             let state = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
             let d = algorithm::decide(&item.params, &state, now, item.cost);
             rules.push(RuleDecision::from_decided(&d));
-            decided.push(d);
+            decided.push((state, d));
         }
-        let decision = Decision::group(items, rules);
+        let mut decision = Decision::group(items, rules);
+        if !decision.admitted {
+            // Nothing was debited: what is left is what a peek sees (GCRA's remaining after
+            // a debit is rounded down, so adding the cost back can come out one short).
+            for ((item, (state, _)), r) in items.iter().zip(&decided).zip(&mut decision.rules) {
+                if r.verdict.is_allowed() {
+                    r.remaining = algorithm::decide(&item.params, state, now, 0).remaining;
+                }
+            }
+        }
         if decision.admitted {
-            for ((key, d), r) in keys.iter().zip(&decided).zip(&decision.rules) {
+            for ((key, (_, d)), r) in keys.iter().zip(&decided).zip(&decision.rules) {
                 if r.debited {
                     let shard = guard_for(&mut guards, self.shard_of(key.hash));
                     self.put(shard, key, &d.state, d.expires_at, now);
@@ -625,6 +634,37 @@ mod tests {
             params,
             cost: 1,
             shadow: false,
+        }
+    }
+
+    /// In a group refused by another rule nothing is debited, and each allowing rule
+    /// reports what is left without the request: exactly what a peek reports. GCRA's
+    /// remaining after a debit is rounded down from the bucket's slack, so adding the cost
+    /// back (as for the window algorithms) came out one short.
+    #[test]
+    fn a_refused_group_reports_each_rules_remaining_as_a_peek_does() {
+        let store = MemoryStore::new();
+        let key = RateKey::Global;
+        let spent = Params::new(Algorithm::FixedWindow, Quota::per_minute(1));
+        let exhaust = CheckItem {
+            rule_index: 1,
+            ..item(&key, spent)
+        };
+        assert!(store.check_at(&[exhaust], 0).admitted);
+        for algorithm in [
+            Algorithm::Gcra,
+            Algorithm::SlidingWindow,
+            Algorithm::FixedWindow,
+        ] {
+            let open = Params::new(algorithm, Quota::per_second(3));
+            let decision = store.check_at(&[item(&key, open), exhaust], 1_000);
+            assert!(!decision.admitted);
+            let peek = store.peek_at(&item(&key, open), 1_000);
+            assert_eq!(
+                decision.rules[0].remaining, peek.remaining,
+                "{algorithm:?}: {decision:?}"
+            );
+            assert_eq!(peek.remaining, 3, "{algorithm:?}");
         }
     }
 

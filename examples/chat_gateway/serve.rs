@@ -1,0 +1,132 @@
+//! The gateway's server loop, for plain http and for https (`tls.rs`): HTTP/1.1 and
+//! HTTP/2, no Nagle delay, graceful shutdown, and a deadline on every request head.
+//!
+//! A client that opens a connection and sends its request head slowly, or never finishes
+//! it (slowloris), would otherwise hold a connection and a task for as long as it likes.
+//! Here the head must arrive within `PALISADE_GATEWAY_HEADER_TIMEOUT` (10 s by default):
+//! hyper's `header_read_timeout` on HTTP/1.1 (on tokio's clock), and the same deadline on
+//! the first bytes that tell HTTP/1.1 from HTTP/2 and on the TLS handshake. After it, the
+//! connection is closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+
+/// What an HTTP/2 connection without TLS (prior knowledge) starts with.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves `router` (over TLS when `tls` is set) until `stop` turns true, then waits for
+/// open connections to finish their requests (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<ServerConfig>>,
+    header_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let acceptor = tls.map(TlsAcceptor::from);
+    let router = match acceptor {
+        Some(_) => router.layer(axum::middleware::map_request(crate::tls::mark_https)),
+        None => router,
+    };
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        };
+        // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm
+        // and the client's delayed ACK hold each one for about 40 ms.
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + header_timeout;
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    // ALPN has chosen the protocol: no preface to wait for.
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let builder = builder(header_timeout, Some(h2));
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    if tokio::time::timeout_at(deadline, preface(&tcp))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "no request head within the header timeout");
+                        return;
+                    }
+                    let builder = builder(header_timeout, None);
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// A connection builder: HTTP/1.1 with the header deadline, HTTP/2, or either (`None`:
+/// told apart by the first bytes).
+fn builder(header_timeout: Duration, h2: Option<bool>) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    b.http2().timer(TokioTimer::new());
+    match h2 {
+        Some(true) => b.http2_only(),
+        Some(false) => b.http1_only(),
+        None => b,
+    }
+}
+
+/// Waits until the first bytes tell HTTP/1.1 from HTTP/2 (what hyper's detection reads
+/// without a deadline of its own): 24 bytes, bytes that are not the HTTP/2 preface, or
+/// the end of the stream.
+async fn preface(tcp: &TcpStream) {
+    let mut buf = [0u8; 24];
+    loop {
+        match tcp.peek(&mut buf).await {
+            Ok(n) if n > 0 && n < buf.len() && buf[..n] == H2_PREFACE[..n] => {
+                // A prefix of the preface so far: wait for more (peek does not consume).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            _ => return,
+        }
+    }
+}

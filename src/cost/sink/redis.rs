@@ -1,0 +1,613 @@
+//! [`RedisSink`]: a capped stream of usage records and live daily aggregates in Redis.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Script;
+use redis::aio::ConnectionLike;
+use serde::Serialize;
+
+use super::{SinkError, UsageSink};
+use crate::cost::pricing::Money;
+use crate::cost::record::UsageRecord;
+use crate::cost::summary::{Day, Subject, Summary, Totals};
+use crate::key::ApiKeyId;
+
+/// How the sink names, caps, keeps and buffers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisSinkConfig {
+    /// The hash tag every key carries (without braces).
+    pub hash_tag: String,
+    /// The stream is trimmed to about this many entries.
+    pub stream_max_len: u64,
+    /// How long a record id is remembered, so a retried batch counts once.
+    pub dedupe_ttl: Duration,
+    /// How long a day's aggregates are kept after their last update.
+    pub retention: Duration,
+    /// Records per script call.
+    pub max_batch: usize,
+    /// Records kept while Redis is away; more are dropped and counted.
+    pub max_buffer: usize,
+    /// One call gives up after this (and is retried).
+    pub timeout: Duration,
+    /// The longest wait between retries while Redis is away.
+    pub max_backoff: Duration,
+}
+
+impl Default for RedisSinkConfig {
+    /// Tag `usage`, a stream of about 1 000 000 records, ids remembered a day, aggregates
+    /// kept 40 days, batches of 500, 100 000 records buffered, 5 s timeout, backoff up to
+    /// 30 s.
+    fn default() -> Self {
+        Self {
+            hash_tag: "usage".to_owned(),
+            stream_max_len: 1_000_000,
+            dedupe_ttl: Duration::from_secs(86_400),
+            retention: Duration::from_secs(40 * 86_400),
+            max_batch: 500,
+            max_buffer: 100_000,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A snapshot of the sink's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RedisSinkHealth {
+    /// Records handed to the sink.
+    pub accepted: u64,
+    /// Records stored (counted now, or found counted by an earlier attempt).
+    pub delivered: u64,
+    /// Of `delivered`, records that were already counted (a retried batch).
+    pub duplicates: u64,
+    /// Records dropped because the buffer was full (or Redis refused them).
+    pub dropped: u64,
+    /// Records waiting for Redis.
+    pub backlog: u64,
+    /// The last error, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+struct State {
+    buffer: VecDeque<UsageRecord>,
+    health: RedisSinkHealth,
+    next_attempt: Option<tokio::time::Instant>,
+    backoff: Duration,
+}
+
+struct Inner<C> {
+    conn: C,
+    config: RedisSinkConfig,
+    prefix: String,
+    script: Script,
+    state: Mutex<State>,
+    /// One writer at a time, so the buffer drains in order.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// Usage records in Redis (feature `redis`): a capped stream plus daily aggregates. Cheap
+/// to clone.
+///
+/// Each batch is one script call, one round trip. For every record not seen before it
+///
+/// - appends the record (as JSON, with its [`RecordId`](crate::cost::RecordId)) to the
+///   stream `palisade:usage:{<tag>}:stream`, capped near `stream_max_len` entries
+///   (`XADD MAXLEN ~`);
+/// - adds its requests, every token class, its cost in pico-dollars and its unpriced,
+///   incomplete and error counts, per model, to the daily hashes of everything
+///   (`…:day:<n>:all`), its user (`…:user:<id>`), its hashed API key (`…:key:<hex>`), its
+///   bot (`…:bot:<id>`), or `…:anon` when it has neither user nor key (`<n>` counts UTC
+///   days since 1970-01-01); a record with a key and no user also counts in
+///   `…:keyonly:<hex>`, what the key ranks with in [`top`](RedisSink::top);
+/// - notes the subject it ranks under in the day's set (`…:day:<n>:subjects`).
+///
+/// A record counts once: the script sets a dedupe key per record id (`…:seen:<id>`, kept
+/// for `dedupe_ttl`) in the same call, so a batch sent again after a lost answer changes
+/// nothing. Every key carries the same hash tag (`usage` unless [`hash_tag`] says
+/// otherwise), so on a Redis Cluster a call touches one slot.
+///
+/// While Redis is away, records wait in a bounded buffer and are retried with backoff; a
+/// record that does not fit is dropped and counted. [`RedisSink::health`] shows the
+/// backlog, the counters and the last error: `accepted = delivered + dropped + backlog`.
+///
+/// [`summary`](RedisSink::summary) and [`top`](RedisSink::top) read the aggregates back,
+/// by whole UTC days; they equal [`summarize`](crate::cost::summary::summarize) and
+/// [`top`](crate::cost::summary::top) over the same records for windows that start and end
+/// at midnight UTC.
+///
+/// [`hash_tag`]: RedisSinkConfig::hash_tag
+///
+/// ```no_run
+/// use palisade::cost::sink::{RedisSink, RedisSinkConfig};
+/// use palisade::cost::{RecorderConfig, UsageRecorder};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let client = redis::Client::open("redis://127.0.0.1:6379/").unwrap();
+/// let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+/// let sink = RedisSink::new(conn, RedisSinkConfig::default());
+/// let (recorder, shutdown) = UsageRecorder::spawn(sink.clone(), RecorderConfig::default());
+/// # drop(recorder);
+/// shutdown.shutdown().await;
+/// println!("{:?}", sink.health());
+/// # }
+/// ```
+pub struct RedisSink<C> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RedisSink<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for RedisSink<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisSink")
+            .field("config", &self.inner.config)
+            .field("health", &self.health())
+            .finish_non_exhaustive()
+    }
+}
+
+fn redis_error(e: redis::RedisError) -> SinkError {
+    SinkError::Unavailable(e.to_string())
+}
+
+/// UTC days since 1970-01-01.
+fn day_number(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs() / 86_400).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs().div_ceil(86_400)).unwrap_or(i64::MAX),
+    }
+}
+
+/// The subject a record ranks under in [`RedisSink::top`], as a set member.
+fn rank_member(r: &UsageRecord) -> String {
+    let a = &r.attribution;
+    match (&a.user, a.api_key) {
+        (Some(u), _) => format!("user:{u}"),
+        (None, Some(k)) => format!("key:{k}"),
+        (None, None) => "anon".to_owned(),
+    }
+}
+
+fn subject_suffix(subject: &Subject) -> Result<String, SinkError> {
+    Ok(match subject {
+        Subject::All => "all".to_owned(),
+        Subject::User(u) => format!("user:{u}"),
+        Subject::ApiKey(k) => format!("key:{k}"),
+        Subject::Bot(b) => format!("bot:{b}"),
+        Subject::Anonymous => "anon".to_owned(),
+        _ => {
+            return Err(SinkError::Rejected(format!(
+                "the Redis sink keeps no aggregates for {subject:?}"
+            )));
+        }
+    })
+}
+
+fn parse_member(member: &str) -> Result<Subject, SinkError> {
+    if let Some(u) = member.strip_prefix("user:") {
+        return Ok(Subject::User(u.to_owned()));
+    }
+    if member == "anon" {
+        return Ok(Subject::Anonymous);
+    }
+    let bad = || SinkError::Rejected(format!("`{member}` is not a usage subject"));
+    let hex = member.strip_prefix("key:").ok_or_else(bad)?;
+    if hex.len() != 32 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut bytes = [0u8; 16];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(Subject::ApiKey(ApiKeyId::from_bytes(bytes)))
+}
+
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The 11 counters the script adds, in its order.
+fn counters(r: &UsageRecord) -> [i64; 11] {
+    let mut t = Totals::default();
+    t.add(r);
+    let u = &t.usage;
+    [
+        clamp(t.requests),
+        clamp(u.input_tokens),
+        clamp(u.output_tokens),
+        clamp(u.cache_write_5m_tokens),
+        clamp(u.cache_write_1h_tokens),
+        clamp(u.cache_read_tokens),
+        clamp(u.web_search_requests),
+        i64::try_from(t.cost.picos()).unwrap_or(i64::MAX),
+        clamp(t.unpriced),
+        clamp(t.incomplete),
+        clamp(t.errors),
+    ]
+}
+
+/// Adds one aggregate hash (`<counter>:<model>` → value) into per-model totals.
+fn read_hash(hash: HashMap<String, i64>, by_model: &mut BTreeMap<String, Totals>) {
+    for (field, value) in hash {
+        let Some((c, model)) = field.split_once(':') else {
+            continue;
+        };
+        let v = u64::try_from(value).unwrap_or(0);
+        let t = by_model.entry(model.to_owned()).or_default();
+        match c {
+            "0" => t.requests += v,
+            "1" => t.usage.input_tokens += v,
+            "2" => t.usage.output_tokens += v,
+            "3" => t.usage.cache_write_5m_tokens += v,
+            "4" => t.usage.cache_write_1h_tokens += v,
+            "5" => t.usage.cache_read_tokens += v,
+            "6" => t.usage.web_search_requests += v,
+            "7" => t.cost = t.cost.saturating_add(Money::from_picos(u128::from(v))),
+            "8" => t.unpriced += v,
+            "9" => t.incomplete += v,
+            "10" => t.errors += v,
+            _ => {}
+        }
+    }
+}
+
+fn add_totals(into: &mut Totals, t: &Totals) {
+    into.requests += t.requests;
+    into.usage.add(&t.usage);
+    into.cost = into.cost.saturating_add(t.cost);
+    into.unpriced += t.unpriced;
+    into.incomplete += t.incomplete;
+    into.errors += t.errors;
+}
+
+impl<C> RedisSink<C> {
+    /// A sink over `conn` (a `ConnectionManager`, or a cluster connection).
+    pub fn new(conn: C, config: RedisSinkConfig) -> Self {
+        let tag = config.hash_tag.replace(['{', '}'], "");
+        Self {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: format!("palisade:usage:{{{tag}}}"),
+                config,
+                script: Script::new(include_str!("redis_record.lua")),
+                state: Mutex::new(State {
+                    buffer: VecDeque::new(),
+                    health: RedisSinkHealth::default(),
+                    next_attempt: None,
+                    backoff: Duration::ZERO,
+                }),
+                writing: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The backlog, the counters and the last error.
+    pub fn health(&self) -> RedisSinkHealth {
+        let s = self.state();
+        let mut h = s.health.clone();
+        h.backlog = s.buffer.len() as u64;
+        h
+    }
+
+    /// The stream's key.
+    pub fn stream_key(&self) -> String {
+        format!("{}:stream", self.inner.prefix)
+    }
+
+    fn day_key(&self, day: i64, suffix: &str) -> String {
+        format!("{}:day:{day}:{suffix}", self.inner.prefix)
+    }
+}
+
+impl<C> RedisSink<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Runs the script over `batch`; returns how many records were new.
+    async fn store(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
+        let c = &self.inner.config;
+        let mut inv = self.inner.script.prepare_invoke();
+        inv.key(self.stream_key())
+            .arg(c.stream_max_len)
+            .arg(c.dedupe_ttl.as_secs().max(1))
+            .arg(c.retention.as_secs().max(1))
+            .arg(batch.len());
+        for r in batch {
+            let day = day_number(r.time);
+            let a = &r.attribution;
+            let mut aggregates = vec![self.day_key(day, "all")];
+            if let Some(u) = &a.user {
+                aggregates.push(self.day_key(day, &format!("user:{u}")));
+            }
+            if let Some(k) = a.api_key {
+                aggregates.push(self.day_key(day, &format!("key:{k}")));
+            }
+            if let Some(b) = &a.bot {
+                aggregates.push(self.day_key(day, &format!("bot:{b}")));
+            }
+            match (&a.user, a.api_key) {
+                (None, None) => aggregates.push(self.day_key(day, "anon")),
+                // what the key ranks with in `top`: its records without a user
+                (None, Some(k)) => aggregates.push(self.day_key(day, &format!("keyonly:{k}"))),
+                (Some(_), _) => {}
+            }
+            let json = serde_json::to_string(r)
+                .map_err(|e| SinkError::Rejected(format!("record not serializable: {e}")))?;
+            inv.key(format!("{}:seen:{}", self.inner.prefix, r.id))
+                .key(self.day_key(day, "subjects"));
+            for key in &aggregates {
+                inv.key(key);
+            }
+            inv.arg(r.id.to_string())
+                .arg(json)
+                .arg(rank_member(r))
+                .arg(aggregates.len())
+                .arg(r.model.as_deref().unwrap_or("unknown"));
+            for v in counters(r) {
+                inv.arg(v);
+            }
+        }
+        let mut conn = self.inner.conn.clone();
+        let call = inv.invoke_async::<u64>(&mut conn);
+        match tokio::time::timeout(c.timeout, call).await {
+            Ok(result) => result.map_err(redis_error),
+            Err(_) => Err(SinkError::Unavailable(format!(
+                "Redis did not answer within {:?}",
+                c.timeout
+            ))),
+        }
+    }
+
+    /// Writes buffered records in order until the buffer is empty or an attempt fails.
+    async fn drain(&self, force: bool) -> Result<(), SinkError> {
+        let _writer = self.inner.writing.lock().await;
+        loop {
+            let chunk: Vec<UsageRecord> = {
+                let s = self.state();
+                if !force
+                    && s.next_attempt
+                        .is_some_and(|t| tokio::time::Instant::now() < t)
+                {
+                    return Ok(()); // backing off: the records wait in the buffer
+                }
+                s.buffer
+                    .iter()
+                    .take(self.inner.config.max_batch.max(1))
+                    .cloned()
+                    .collect()
+            };
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let result = self.store(&chunk).await;
+            let mut s = self.state();
+            match result {
+                Ok(fresh) => {
+                    s.buffer.drain(..chunk.len());
+                    let n = chunk.len() as u64;
+                    s.health.delivered += n;
+                    s.health.duplicates += n.saturating_sub(fresh);
+                    s.health.last_error = None;
+                    s.next_attempt = None;
+                    s.backoff = Duration::ZERO;
+                }
+                Err(e) => {
+                    s.health.last_error = Some(e.to_string());
+                    s.backoff = (s.backoff * 2)
+                        .max(Duration::from_millis(100))
+                        .min(self.inner.config.max_backoff);
+                    s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
+                    if !e.is_retryable() {
+                        s.buffer.drain(..chunk.len());
+                        s.health.dropped += chunk.len() as u64;
+                    }
+                    tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
+                        "Redis sink: write failed, records kept for a retry");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, SinkError> {
+        let mut conn = self.inner.conn.clone();
+        let timeout = self.inner.config.timeout;
+        match tokio::time::timeout(timeout, pipe.query_async::<T>(&mut conn)).await {
+            Ok(r) => r.map_err(redis_error),
+            Err(_) => Err(SinkError::Unavailable(format!(
+                "Redis did not answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Per-day, per-model totals of the aggregate `suffix` for days `from..to`.
+    async fn days(
+        &self,
+        suffix: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, BTreeMap<String, Totals>)>, SinkError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for day in from..to {
+            pipe.cmd("HGETALL").arg(self.day_key(day, suffix));
+        }
+        let hashes: Vec<HashMap<String, i64>> = self.query(&pipe).await?;
+        Ok((from..to)
+            .zip(hashes)
+            .map(|(day, hash)| {
+                let mut by_model = BTreeMap::new();
+                read_hash(hash, &mut by_model);
+                (day, by_model)
+            })
+            .collect())
+    }
+
+    /// Totals of `subject`'s records by whole UTC days: from the day of `from` up to, not
+    /// including, the day of `to` (both rounded down to midnight UTC). Conversations have
+    /// no aggregates (`Err`).
+    pub async fn summary(
+        &self,
+        subject: &Subject,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Summary, SinkError> {
+        let suffix = subject_suffix(subject)?;
+        let mut s = Summary {
+            subject: subject.clone(),
+            total: Totals::default(),
+            by_model: BTreeMap::new(),
+            by_day: BTreeMap::new(),
+        };
+        for (day, by_model) in self.days(&suffix, day_number(from), day_number(to)).await? {
+            for (model, t) in by_model {
+                add_totals(&mut s.total, &t);
+                add_totals(s.by_day.entry(Day::from_days(day)).or_default(), &t);
+                add_totals(s.by_model.entry(model).or_default(), &t);
+            }
+        }
+        Ok(s)
+    }
+
+    /// The `n` users (else API keys) that cost the most, by whole UTC days as in
+    /// [`summary`](Self::summary), highest first, ties by subject. Reads the totals of
+    /// every subject active in the window.
+    pub async fn top(
+        &self,
+        n: usize,
+        from: SystemTime,
+        to: SystemTime,
+    ) -> Result<Vec<(Subject, Totals)>, SinkError> {
+        let (from, to) = (day_number(from), day_number(to));
+        if from >= to || n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for day in from..to {
+            pipe.cmd("SMEMBERS").arg(self.day_key(day, "subjects"));
+        }
+        let sets: Vec<Vec<String>> = self.query(&pipe).await?;
+        let members: Vec<(i64, String)> = (from..to)
+            .zip(sets)
+            .flat_map(|(day, set)| set.into_iter().map(move |m| (day, m)))
+            .collect();
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (day, member) in &members {
+            let hash = match member.strip_prefix("key:") {
+                Some(k) => self.day_key(*day, &format!("keyonly:{k}")),
+                None => self.day_key(*day, member),
+            };
+            pipe.cmd("HGETALL").arg(hash);
+        }
+        let hashes: Vec<HashMap<String, i64>> = self.query(&pipe).await?;
+        let mut by: BTreeMap<String, Totals> = BTreeMap::new();
+        for ((_, member), hash) in members.into_iter().zip(hashes) {
+            let mut by_model = BTreeMap::new();
+            read_hash(hash, &mut by_model);
+            let total = by.entry(member).or_default();
+            for t in by_model.values() {
+                add_totals(total, t);
+            }
+        }
+        let mut v = by
+            .into_iter()
+            .map(|(m, t)| parse_member(&m).map(|s| (s, t)))
+            .collect::<Result<Vec<_>, _>>()?;
+        v.sort_by(|(sa, a), (sb, b)| b.cost.cmp(&a.cost).then_with(|| sa.cmp(sb)));
+        v.truncate(n);
+        Ok(v)
+    }
+}
+
+impl<C> UsageSink for RedisSink<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
+    /// Redis being away is not an error here: the records wait and are retried with
+    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+        {
+            let mut s = self.state();
+            s.health.accepted += batch.len() as u64;
+            let room = self.inner.config.max_buffer.saturating_sub(s.buffer.len());
+            let keep = batch.len().min(room);
+            s.buffer.extend(batch[..keep].iter().cloned());
+            let lost = (batch.len() - keep) as u64;
+            if lost > 0 {
+                s.health.dropped += lost;
+                tracing::error!(target: "palisade::cost", dropped = lost,
+                    "Redis sink buffer full: records dropped");
+            }
+        }
+        let _ = self.drain(false).await;
+        Ok(())
+    }
+
+    /// Writes everything buffered now (no backoff); `Err` when Redis is still away (the
+    /// backlog stays in [`health`](RedisSink::health)).
+    async fn flush(&self) -> Result<(), SinkError> {
+        self.drain(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_counted_from_the_epoch_in_utc() {
+        assert_eq!(day_number(UNIX_EPOCH), 0);
+        assert_eq!(day_number(UNIX_EPOCH + Duration::from_secs(86_399)), 0);
+        assert_eq!(day_number(UNIX_EPOCH + Duration::from_secs(86_400)), 1);
+        assert_eq!(day_number(UNIX_EPOCH - Duration::from_secs(1)), -1);
+        assert_eq!(
+            Day::from_days(day_number(
+                UNIX_EPOCH + Duration::from_secs(20_417 * 86_400 + 5)
+            ))
+            .to_string(),
+            "2025-11-25"
+        );
+    }
+
+    #[test]
+    fn rank_members_parse_back() {
+        let key = ApiKeyId::from_key("sk-1");
+        for s in [
+            Subject::User("a:b c".into()),
+            Subject::ApiKey(key),
+            Subject::Anonymous,
+        ] {
+            assert_eq!(parse_member(&subject_suffix(&s).unwrap()).unwrap(), s);
+        }
+        assert!(parse_member("key:zz").is_err());
+        assert!(subject_suffix(&Subject::Conversation("c".into())).is_err());
+    }
+}

@@ -1,0 +1,346 @@
+//! The chat gateway with `DATABASE_URL` on a real PostgreSQL (started here on a free
+//! loopback port): every usage record lands once in `usage_logs` at the cost `/v1/usage`
+//! reports, security events land in `audit_logs`, no row holds an API key, and `/health`
+//! reports the ledger.
+#![cfg(feature = "postgres")]
+#![allow(dead_code)]
+
+#[path = "support/postgres.rs"]
+mod pg;
+
+include!("chat_gateway_support/modules.rs");
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade::config::Env;
+use palisade::cost::Money;
+use serde_json::{Value, json};
+
+const USER: &str = "sk-test-alice-0123456789";
+const ADMIN: &str = "sk-test-admin-0123456789";
+const WRONG: &str = "sk-test-nobody-987654321";
+
+struct Gateway {
+    addr: SocketAddr,
+    state: app::AppState,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct Answer {
+    status: u16,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+async fn start(database_url: &str, vars: &[(&str, &str)]) -> Gateway {
+    let mut pairs = vec![
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
+        ("DATABASE_URL", database_url.to_owned()),
+    ];
+    for (k, v) in vars {
+        pairs.retain(|(name, _)| name != k);
+        pairs.push((k, (*v).to_owned()));
+    }
+    let mut env = Env::from_pairs(pairs);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    let app = app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router;
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Gateway {
+        addr,
+        state: app.state,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    }
+}
+
+impl Gateway {
+    async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01");
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let res = self
+            .client
+            .request(req.body(Full::new(body)).unwrap())
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        Answer { status, body }
+    }
+
+    async fn chat(&self, stream: bool) -> Answer {
+        let mut body = json!({
+            "model": "claude-sonnet-4-5",
+            "max_tokens": 256,
+            "messages": [{"role": "user", "content": "Hello there"}]
+        });
+        if stream {
+            body["stream"] = Value::Bool(true);
+        }
+        self.call(Method::POST, "/v1/messages", USER, Some(body))
+            .await
+    }
+}
+
+async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test server");
+    tokio::spawn(conn);
+    client
+}
+
+/// Waits until `sql` (a count) reaches `n`; fails the test after 10 s.
+async fn wait_count(db: &tokio_postgres::Client, sql: &str, n: i64) {
+    let mut last = -1;
+    for _ in 0..1000 {
+        last = db.query_one(sql, &[]).await.unwrap().get(0);
+        if last >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("`{sql}` reached {last}, not {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_events_are_audited()
+{
+    let server = pg::Postgres::start();
+    let url = server.database("gateway").await;
+    let gw = start(
+        &url,
+        // One listing of bots a minute, so the second is a rate-limit refusal.
+        &[(
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"list_bots","method":"GET","route":"/v1/bots","key":"principal","limit":1,"window":"1m","skip_anonymous":true}]"#,
+        )],
+    )
+    .await;
+    let db = client(&url).await;
+
+    const N: i64 = 6;
+    for i in 0..N {
+        let a = gw.chat(i % 2 == 1).await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    }
+    wait_count(&db, "SELECT count(*) FROM usage_logs", N).await;
+
+    let rows = db
+        .query(
+            "SELECT request_id, cost_picos, stream, user_id FROM usage_logs",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len() as i64, N, "exactly one row per request");
+    let mut ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len() as i64, N, "each request once");
+    let streamed = rows.iter().filter(|r| r.get::<_, bool>(2)).count() as i64;
+    assert_eq!(streamed, N / 2, "JSON and streamed answers both recorded");
+    assert!(
+        rows.iter()
+            .all(|r| r.get::<_, Option<String>>(3).as_deref() == Some("alice"))
+    );
+    let db_cost: i64 = rows
+        .iter()
+        .map(|r| r.get::<_, Option<i64>>(1).expect("a priced model"))
+        .sum();
+    assert!(db_cost > 0);
+
+    let usage = gw.call(Method::GET, "/v1/usage", USER, None).await;
+    assert_eq!(usage.status, 200);
+    let reported = Money::parse_dollars(usage.json()["total_cost_usd"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        reported.picos(),
+        db_cost as u128,
+        "PostgreSQL and /v1/usage agree to the pico-dollar"
+    );
+
+    // An authentication failure, a rate-limit refusal and an admin action.
+    let a = gw.call(Method::GET, "/v1/bots", WRONG, None).await;
+    assert_eq!(a.status, 401);
+    assert_eq!(
+        gw.call(Method::GET, "/v1/bots", USER, None).await.status,
+        200
+    );
+    assert_eq!(
+        gw.call(Method::GET, "/v1/bots", USER, None).await.status,
+        429
+    );
+    let a = gw
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            ADMIN,
+            Some(json!({"daily_limit_usd": "12.50"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        gw.state.audit.flush().await,
+        "audit events go to PostgreSQL"
+    );
+
+    let audit = db
+        .query(
+            "SELECT action, actor, target, outcome, request_id FROM audit_logs ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let of = |action: &str| -> Vec<&tokio_postgres::Row> {
+        audit
+            .iter()
+            .filter(|r| r.get::<_, String>(0) == action)
+            .collect()
+    };
+    let auth = of("auth_failed");
+    assert_eq!(auth.len(), 1, "one row per authentication failure");
+    assert_eq!(auth[0].get::<_, String>(3), "refused");
+    assert_eq!(
+        auth[0].get::<_, Option<String>>(2).as_deref(),
+        Some("/v1/bots")
+    );
+    let limited = of("rate_limited");
+    assert_eq!(limited.len(), 1, "one row per rate-limit refusal");
+    assert_eq!(
+        limited[0].get::<_, Option<String>>(1).as_deref(),
+        Some("alice")
+    );
+    assert!(
+        limited[0].get::<_, Option<String>>(4).is_some(),
+        "with the request id"
+    );
+    let admin = of("budget_set");
+    assert_eq!(admin.len(), 1, "one row per admin action");
+    assert_eq!(admin[0].get::<_, Option<String>>(1).as_deref(), Some("ops"));
+    assert_eq!(
+        admin[0].get::<_, Option<String>>(2).as_deref(),
+        Some("alice")
+    );
+    assert_eq!(admin[0].get::<_, String>(3), "done");
+    assert_eq!(audit.len(), 3, "nothing else was audited: {audit:?}");
+
+    // No row anywhere holds an API key.
+    let dump: Vec<String> = db
+        .query(
+            "SELECT row_to_json(u)::text FROM usage_logs u \
+             UNION ALL SELECT row_to_json(a)::text FROM audit_logs a",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dump.len() as i64, N + 3);
+    for row in &dump {
+        for key in [USER, ADMIN, WRONG] {
+            assert!(!row.contains(key), "a key in a row: {row}");
+        }
+    }
+
+    let health = gw.call(Method::GET, "/health", USER, None).await.json();
+    let pg = &health["postgres"];
+    assert_eq!(pg["backlog"], 0, "{health}");
+    assert_eq!(pg["dropped"], 0, "{health}");
+    assert_eq!(pg["last_error"], Value::Null, "{health}");
+    assert_eq!(health["audit_writer"]["written"], 3, "{health}");
+}
+
+/// A budget refusal (a 429 with `x-should-retry: false`) is one audit row too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refusal_is_audited() {
+    let server = pg::Postgres::start();
+    let url = server.database("budget").await;
+    // One request reserves about $0.00404: the first fits in $0.00405, the second no
+    // longer does once the first settled.
+    let gw = start(&url, &[("PALISADE_GATEWAY_DAILY_BUDGET", "0.00405")]).await;
+    let db = client(&url).await;
+    assert_eq!(gw.chat(false).await.status, 200);
+    wait_count(&db, "SELECT count(*) FROM usage_logs", 1).await;
+    let a = gw.chat(false).await;
+    assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
+    assert!(gw.state.audit.flush().await);
+    let rows = db
+        .query("SELECT action, actor, outcome FROM audit_logs", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].get::<_, String>(0), "budget_refused");
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(1).as_deref(),
+        Some("alice")
+    );
+    assert_eq!(rows[0].get::<_, String>(2), "refused");
+}
+
+/// The gateway applies the ledger's migrations at start-up, and a second instance on the
+/// same database starts too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_applied_at_start_up_by_every_instance() {
+    let server = pg::Postgres::start();
+    let url = server.database("migrate").await;
+    let _one = start(&url, &[]).await;
+    let _two = start(&url, &[]).await;
+    let db = client(&url).await;
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM palisade_schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, palisade::cost::sink::MIGRATIONS.len() as i64);
+}
+
+/// An unreachable server is a start-up error that names the variable.
+#[tokio::test]
+async fn an_unreachable_database_fails_start_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        (
+            "DATABASE_URL",
+            format!("postgres://ledger:s3cret@127.0.0.1:{port}/none?connect_timeout=1"),
+        ),
+    ]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("a valid URL");
+    let Err(e) = app::build(config).await else {
+        panic!("the gateway started without its database");
+    };
+    let text = e.to_string();
+    assert!(text.contains("DATABASE_URL"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}

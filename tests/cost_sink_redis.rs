@@ -1,0 +1,253 @@
+//! The Redis usage sink against a real redis-server (and a real Cluster) started by the
+//! harness.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use palisade::cost::sink::{RedisSink, RedisSinkConfig, UsageSink};
+use palisade::cost::summary::{Subject, summarize, top};
+use palisade::cost::{
+    Attribution, Completion, MemorySink, Money, RecorderConfig, Usage, UsageRecord, UsageRecorder,
+};
+use palisade::key::ApiKeyId;
+
+const USERS: [&str; 7] = ["ann", "bob", "cy", "dee", "Eve", "éclair", "zed"];
+
+/// Record `i`: a spread of users, keys, models, days, token classes and outcomes.
+fn record(i: u64) -> UsageRecord {
+    let base = UNIX_EPOCH + Duration::from_secs(1_767_225_600); // 2026-01-01
+    let time = base + Duration::from_millis(i * 25_913); // about three days for 10 000
+    let usage = Usage {
+        input_tokens: i % 997,
+        output_tokens: (i * 7) % 4001,
+        cache_write_5m_tokens: i % 5,
+        cache_write_1h_tokens: i % 3,
+        cache_read_tokens: (i * 13) % 1000,
+        web_search_requests: i % 2,
+    };
+    let cost = (i % 11 != 0).then(|| Money::from_picos(u128::from(i) * 1_234_567_891));
+    let model = match i % 4 {
+        0 => None,
+        1 => Some("claude-sonnet-4-5".to_owned()),
+        2 => Some("gpt-4o".to_owned()),
+        _ => Some("mystery".to_owned()),
+    };
+    let mut attribution = Attribution::default();
+    if i % 9 != 0 {
+        attribution.user = Some(USERS[(i % 7) as usize].to_owned());
+    }
+    if i % 3 == 0 {
+        attribution.api_key = Some(ApiKeyId::from_key(&format!("sk-{}", i % 5)));
+    }
+    attribution.bot = (i % 2 == 0).then(|| "helper".to_owned());
+    let mut r = UsageRecord::new(time, model, usage, cost).with_attribution(attribution);
+    r.request_id = (i % 13 != 0).then(|| format!("req_{i}"));
+    r.route = "/v1/messages".into();
+    r.stream = i % 2 == 1;
+    r.completion = if i % 17 == 0 {
+        Completion::Partial
+    } else {
+        Completion::Complete
+    };
+    r.duration = Duration::from_millis(i % 3000);
+    r
+}
+
+async fn manager(url: &str) -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(url).unwrap();
+    redis::aio::ConnectionManager::new(client).await.unwrap()
+}
+
+/// Whole UTC days: 2025-12-31 up to 2026-01-06.
+fn window() -> (SystemTime, SystemTime) {
+    let day = |d: u64| UNIX_EPOCH + Duration::from_secs((20_453 + d) * 86_400);
+    (day(0), day(6))
+}
+
+async fn xlen(url: &str, key: &str) -> u64 {
+    let mut conn = manager(url).await;
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_records_under_load_are_counted_once_and_sum_like_the_memory_sink() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let (recorder, shutdown) = UsageRecorder::spawn(
+        sink.clone(),
+        RecorderConfig {
+            capacity: 20_000,
+            max_batch: 1000,
+            ..RecorderConfig::default()
+        },
+    );
+    let records: Arc<Vec<UsageRecord>> = Arc::new((0..10_000).map(record).collect());
+    let producers: Vec<_> = (0..8usize)
+        .map(|p| {
+            let recorder = recorder.clone();
+            let records = Arc::clone(&records);
+            tokio::spawn(async move {
+                for i in (p..10_000).step_by(8) {
+                    assert!(recorder.record(records[i].clone()));
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    let stats = shutdown.shutdown().await;
+    assert_eq!(stats.written, 10_000);
+    // a batch delivered twice (a retry after a lost answer) counts once
+    sink.record_batch(&records[..500]).await.unwrap();
+    let health = sink.health();
+    assert_eq!(
+        (health.accepted, health.delivered, health.duplicates),
+        (10_500, 10_500, 500)
+    );
+    assert_eq!(
+        (health.dropped, health.backlog, health.last_error.clone()),
+        (0, 0, None)
+    );
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 10_000);
+
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    let (from, to) = window();
+    let mut subjects = vec![
+        Subject::All,
+        Subject::Anonymous,
+        Subject::Bot("helper".into()),
+    ];
+    subjects.extend(USERS.iter().map(|u| Subject::User((*u).to_owned())));
+    subjects.extend((0..5).map(|k| Subject::ApiKey(ApiKeyId::from_key(&format!("sk-{k}")))));
+    for subject in &subjects {
+        let redis = sink.summary(subject, from, to).await.unwrap();
+        let mem = summarize(&memory.records(), subject, from, to);
+        assert_eq!(redis, mem, "{subject:?}");
+        assert!(
+            mem.total.requests > 0 || *subject == Subject::Anonymous,
+            "{subject:?}"
+        );
+    }
+    // one whole day inside the data
+    let a = from + Duration::from_secs(2 * 86_400);
+    let b = a + Duration::from_secs(86_400);
+    let ann = Subject::User("ann".into());
+    assert_eq!(
+        sink.summary(&ann, a, b).await.unwrap(),
+        summarize(&memory.records(), &ann, a, b)
+    );
+    assert_eq!(
+        sink.top(5, from, to).await.unwrap(),
+        top(&memory.records(), 5, from, to)
+    );
+    assert_eq!(
+        sink.top(50, a, b).await.unwrap(),
+        top(&memory.records(), 50, a, b)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_and_restarted_mid_run_loses_nothing_uncounted() {
+    let mut server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let mut config = RedisSinkConfig::default();
+    config.max_buffer = 2_500;
+    config.max_backoff = Duration::from_millis(200);
+    config.timeout = Duration::from_secs(1);
+    let sink = RedisSink::new(manager(&server.url()).await, config);
+    let (recorder, shutdown) = UsageRecorder::spawn(
+        sink.clone(),
+        RecorderConfig {
+            capacity: 1_000,
+            max_batch: 200,
+            ..RecorderConfig::default()
+        },
+    );
+    let send = |range: std::ops::Range<u64>| {
+        let recorder = recorder.clone();
+        async move {
+            for i in range {
+                recorder.record(record(i));
+                if i % 50 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    };
+    send(0..2_000).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.kill();
+    send(2_000..6_000).await; // Redis is away: buffered up to 2 500, then dropped
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let away = sink.health();
+    assert!(away.last_error.is_some(), "{away:?}");
+    server.restart().await; // empty: what it held before is gone with it
+    let before = sink.health().delivered;
+    send(6_000..8_000).await;
+    let stats = shutdown.shutdown().await; // flushes the backlog
+    let h = sink.health();
+    eprintln!("recorder {stats:?}\nsink {h:?}");
+    let sent = 8_000u64;
+    assert_eq!(h.backlog, 0, "{h:?}");
+    assert_eq!(h.accepted, stats.written);
+    assert_eq!(h.accepted, h.delivered + h.dropped);
+    // every record sent is counted once, or counted dropped (by the sink's buffer or the
+    // recorder's queue), never both and never neither
+    assert_eq!(
+        h.delivered + h.dropped + stats.dropped_full + stats.failed,
+        sent
+    );
+    assert!(
+        h.dropped + stats.dropped_full > 0,
+        "the outage was long enough to drop"
+    );
+    // what was delivered after the restart is in the new server, once
+    let after = h.delivered - before - h.duplicates;
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, after);
+    let (from, to) = (UNIX_EPOCH, UNIX_EPOCH + Duration::from_secs(2_000_000_000));
+    let all = sink.summary(&Subject::All, from, to).await.unwrap();
+    assert_eq!(all.total.requests, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_land_on_a_redis_cluster_in_one_slot_per_call() {
+    let cluster = support::RedisCluster::start()
+        .await
+        .expect("redis-server is required");
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let conn = client.get_async_connection().await.unwrap();
+    let sink = RedisSink::new(conn, RedisSinkConfig::default());
+    let records: Vec<UsageRecord> = (0..300).map(record).collect();
+    sink.record_batch(&records[..200]).await.unwrap();
+    sink.record_batch(&records[100..]).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.delivered, h.duplicates, h.last_error), (400, 100, None));
+    let (from, to) = window();
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    for subject in [Subject::All, Subject::User("ann".into())] {
+        assert_eq!(
+            sink.summary(&subject, from, to).await.unwrap(),
+            summarize(&memory.records(), &subject, from, to)
+        );
+    }
+    assert_eq!(
+        sink.top(3, from, to).await.unwrap(),
+        top(&memory.records(), 3, from, to)
+    );
+}

@@ -1,0 +1,155 @@
+//! Slow clients against the gateway's server loop over real sockets on 127.0.0.1: a
+//! request head that never finishes (slowloris), a prefix of the HTTP/2 preface and a TLS
+//! handshake that never starts are closed once `PALISADE_GATEWAY_HEADER_TIMEOUT` passes,
+//! not before. Tokio's paused clock makes the wait instant and exact.
+#![allow(dead_code)]
+
+include!("chat_gateway_support/modules.rs");
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use palisade::config::Env;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+const USER: &str = "sk-test-alice-0123456789";
+const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
+
+/// Starts the gateway with a header timeout of 10 s (from the environment), over TLS when
+/// asked.
+async fn start(tls: bool) -> SocketAddr {
+    let mut pairs = vec![
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        ("PALISADE_GATEWAY_HEADER_TIMEOUT", "10s".to_owned()),
+    ];
+    if tls {
+        pairs.push(("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()));
+        pairs.push(("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()));
+    }
+    let mut env = Env::from_pairs(pairs);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    assert_eq!(config.header_timeout, Duration::from_secs(10));
+    let header_timeout = config.header_timeout;
+    let server_config = config
+        .tls
+        .as_ref()
+        .map(|(cert, key)| tls::load(cert, key).unwrap());
+    let app = app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        serve::serve(listener, app.router, server_config, header_timeout, stop_rx).await;
+        drop(stop);
+    });
+    addr
+}
+
+/// Sends `bytes`, then asserts the connection stays open for 9 s and is closed (with no
+/// answer, or a refusal) by 10 s.
+async fn closed_at_the_header_timeout(addr: SocketAddr, bytes: &[u8]) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    tcp.write_all(bytes).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let early = tokio::time::timeout(Duration::from_secs(9), tcp.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "the connection answered or closed before the timeout: {early:?}"
+    );
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open 14 s after a half-sent head");
+    let waited = start.elapsed();
+    assert!(
+        (Duration::from_secs(10)..Duration::from_secs(11)).contains(&waited),
+        "closed after {waited:?}"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        !text.contains(" 200 "),
+        "a half-sent request was answered: {text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_head_that_never_ends_is_closed_after_the_header_timeout() {
+    let addr = start(false).await;
+    closed_at_the_header_timeout(
+        addr,
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a",
+    )
+    .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_few_bytes_of_a_request_line_are_closed_after_the_header_timeout() {
+    let addr = start(false).await;
+    closed_at_the_header_timeout(addr, b"GET /").await;
+}
+
+/// hyper tells HTTP/1.1 from HTTP/2 by the first 24 bytes, with no deadline of its own.
+#[tokio::test(start_paused = true)]
+async fn a_prefix_of_the_http2_preface_is_closed_after_the_header_timeout() {
+    let addr = start(false).await;
+    closed_at_the_header_timeout(addr, b"PRI * HTTP/2.0\r\n").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tls_handshake_that_never_starts_is_closed_after_the_header_timeout() {
+    let addr = start(true).await;
+    closed_at_the_header_timeout(addr, b"").await;
+}
+
+/// A whole request on the same server is answered, and a keep-alive connection serves a
+/// second one.
+#[tokio::test(start_paused = true)]
+async fn a_whole_request_head_is_answered() {
+    let addr = start(false).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(1), tcp.read(&mut buf))
+            .await
+            .expect("answered at once")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    }
+}
+
+#[test]
+fn a_zero_or_malformed_header_timeout_is_reported() {
+    for bad in ["0s", "soon"] {
+        let mut env = Env::from_pairs([("PALISADE_GATEWAY_HEADER_TIMEOUT", bad)]);
+        let _ = config::GatewayConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        assert!(
+            err.problems()
+                .iter()
+                .any(|p| p.name == "PALISADE_GATEWAY_HEADER_TIMEOUT"),
+            "{bad}: {err}"
+        );
+    }
+}
