@@ -391,8 +391,9 @@ for i = 1, n do
       kept = d
       redis.call('SET', KEYS[i], encode(d), 'PX', ttl_ms(d.expires_at, now, grace))
     else
-      -- nothing was debited: what is left without this request
-      d.remaining = d.remaining + d.cost
+      -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
+      -- down, so adding the cost back could come out one short)
+      d.remaining = decide(p, d.base, now, 0).remaining
     end
   end
   -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
