@@ -1052,7 +1052,11 @@ async fn json_bodies_split_at_every_byte_give_the_whole_body_record() {
             .await;
             assert_eq!(whole.len(), 1);
             assert!(whole[0].cost.is_some(), "{json}");
-            assert_eq!(whole[0].completion, Completion::Complete, "{json} cap {cap}");
+            assert_eq!(
+                whole[0].completion,
+                Completion::Complete,
+                "{json} cap {cap}"
+            );
             for i in 1..json.len() {
                 let (_, _, r, _) = meter(
                     |l| l.max_json_body(cap.min(1 << 30)),
@@ -1063,7 +1067,12 @@ async fn json_bodies_split_at_every_byte_give_the_whole_body_record() {
                 assert_eq!(r.len(), 1);
                 assert_eq!(
                     (r[0].usage, r[0].cost, &r[0].model, r[0].completion),
-                    (whole[0].usage, whole[0].cost, &whole[0].model, whole[0].completion),
+                    (
+                        whole[0].usage,
+                        whole[0].cost,
+                        &whole[0].model,
+                        whole[0].completion
+                    ),
                     "{json} cap {cap} split at {i}"
                 );
             }
