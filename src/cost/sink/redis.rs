@@ -98,7 +98,9 @@ struct Inner<C> {
 /// - appends the record (as JSON, with its [`RecordId`](crate::cost::RecordId)) to the
 ///   stream `palisade:usage:{<tag>}:stream`, capped near `stream_max_len` entries
 ///   (`XADD MAXLEN ~`);
-/// - adds its requests, every token class, its cost in pico-dollars and its unpriced,
+/// - adds its requests, every token class, its cost (whole dollars and the pico-dollars
+///   below one in two counters, carried in the script, so sums stay exact past 64 bits of
+///   pico-dollars) and its unpriced,
 ///   incomplete and error counts, per model, to the daily hashes of everything
 ///   (`…:day:<n>:all`), its user (`…:user:<id>`), its hashed API key (`…:key:<hex>`), its
 ///   bot (`…:bot:<id>`), or `…:anon` when it has neither user nor key (`<n>` counts UTC
@@ -218,8 +220,14 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The 11 counters the script adds, in its order.
-fn counters(r: &UsageRecord) -> [i64; 11] {
+/// Pico-dollars in a dollar: costs are kept in Redis as whole dollars plus the pico-dollars
+/// below one, so no 64-bit hash counter overflows (i64::MAX pico-dollars is only about
+/// $9.2 million).
+const PICOS_PER_DOLLAR: u128 = 1_000_000_000_000;
+
+/// The 12 counters the script adds, in its order (the cost as pico-dollars below a dollar
+/// at 7, whole dollars at 11).
+fn counters(r: &UsageRecord) -> [i64; 12] {
     let mut t = Totals::default();
     t.add(r);
     let u = &t.usage;
@@ -231,10 +239,11 @@ fn counters(r: &UsageRecord) -> [i64; 11] {
         clamp(u.cache_write_1h_tokens),
         clamp(u.cache_read_tokens),
         clamp(u.web_search_requests),
-        i64::try_from(t.cost.picos()).unwrap_or(i64::MAX),
+        i64::try_from(t.cost.picos() % PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
         clamp(t.unpriced),
         clamp(t.incomplete),
         clamp(t.errors),
+        i64::try_from(t.cost.picos() / PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
     ]
 }
 
@@ -258,6 +267,10 @@ fn read_hash(hash: HashMap<String, i64>, by_model: &mut BTreeMap<String, Totals>
             "8" => t.unpriced += v,
             "9" => t.incomplete += v,
             "10" => t.errors += v,
+            "11" => {
+                let picos = u128::from(v).saturating_mul(PICOS_PER_DOLLAR);
+                t.cost = t.cost.saturating_add(Money::from_picos(picos));
+            }
             _ => {}
         }
     }
