@@ -19,7 +19,8 @@ use crate::key::ApiKeyId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisSinkConfig {
-    /// The hash tag every key carries (without braces).
+    /// The hash tag every key carries (without braces; an empty one means `usage`, since
+    /// Redis Cluster ignores an empty `{}`).
     pub hash_tag: String,
     /// The stream is trimmed to about this many entries.
     pub stream_max_len: u64,
@@ -288,7 +289,11 @@ fn add_totals(into: &mut Totals, t: &Totals) {
 impl<C> RedisSink<C> {
     /// A sink over `conn` (a `ConnectionManager`, or a cluster connection).
     pub fn new(conn: C, config: RedisSinkConfig) -> Self {
-        let tag = config.hash_tag.replace(['{', '}'], "");
+        let mut tag = config.hash_tag.replace(['{', '}'], "");
+        if tag.is_empty() {
+            // `{}` is no hash tag to Redis Cluster: the keys would spread over slots
+            tag = RedisSinkConfig::default().hash_tag;
+        }
         Self {
             inner: Arc::new(Inner {
                 conn,
@@ -608,6 +613,20 @@ mod tests {
             .to_string(),
             "2025-11-25"
         );
+    }
+
+    /// Redis Cluster hashes the whole key when its first `{…}` is empty, so an empty tag
+    /// would scatter one script's keys over slots (CROSSSLOT).
+    #[test]
+    fn an_empty_hash_tag_falls_back_to_the_default() {
+        for tag in ["", "{}", "}{"] {
+            let config = RedisSinkConfig {
+                hash_tag: tag.to_owned(),
+                ..RedisSinkConfig::default()
+            };
+            let sink = RedisSink::new((), config);
+            assert_eq!(sink.stream_key(), "palisade:usage:{usage}:stream", "{tag:?}");
+        }
     }
 
     #[test]
