@@ -1152,6 +1152,59 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
     assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
 }
 
+/// A plain per-IP rule over a store that cannot answer at once (as the Redis store): a
+/// request without a peer address is counted in `no_key` once, not once by the plain path
+/// and again by the general path it falls back to.
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_peer_is_counted_once_when_the_plain_path_falls_back() {
+    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
+
+    #[derive(Clone)]
+    struct ListOnly(MemoryStore);
+    impl Store for ListOnly {
+        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
+        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+            self.0.check(items)
+        }
+        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+            self.0.check_now(items)
+        }
+        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+            None
+        }
+        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+            self.0.settle(s)
+        }
+        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, r, k)
+        }
+    }
+    for skip in [false, true] {
+        let layer = RateLimitLayer::builder()
+            .store(ListOnly(MemoryStore::new()))
+            .rule(
+                Rule::new("per-ip", Quota::per_minute(100))
+                    .key(KeySource::PeerIp)
+                    .skip_anonymous(skip),
+            )
+            .draft_headers(false)
+            .build()
+            .unwrap();
+        assert!(layer.is_plain());
+        let svc = layer.layer(service_fn(ok));
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(Request::new(())).await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let c = &layer.limiter().counters()[0];
+        assert_eq!(c.no_key, 3, "skip {skip}");
+        assert_eq!(c.allowed, if skip { 0 } else { 3 }, "skip {skip}");
+    }
+}
+
 /// One request of [`the_plain_path_decides_as_the_general_path`].
 #[derive(Debug, Clone)]
 struct Arrival {
