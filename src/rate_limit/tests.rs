@@ -1467,3 +1467,61 @@ async fn dot_dot_segments_do_not_step_out_of_a_rule() {
     assert!(r.matches("/v1/x/../messages"));
     assert!(!r.matches("/v1/messages/.."));
 }
+
+/// 1,000 concurrent requests on a multi-threaded runtime against a limit of 100: exactly
+/// 100 pass, on the plain path and the general one, with each algorithm.
+#[test]
+fn a_limit_is_exact_under_concurrency_on_every_path() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::SlidingWindow,
+        Algorithm::FixedWindow,
+    ] {
+        for (headers, key) in [
+            (false, KeySource::Global),
+            (true, KeySource::Global),
+            (false, KeySource::PeerIp),
+            (true, KeySource::PeerIp),
+        ] {
+            let layer = RateLimitLayer::builder()
+                .rule(
+                    Rule::new("r", Quota::per_day(100))
+                        .key(key.clone())
+                        .algorithm(algorithm),
+                )
+                .draft_headers(headers)
+                .build()
+                .unwrap();
+            assert_eq!(layer.is_plain(), !headers);
+            let svc = layer.layer(service_fn(ok));
+            let passed = runtime.block_on(async {
+                let tasks: Vec<_> = (0..1_000)
+                    .map(|_| {
+                        let svc = svc.clone();
+                        tokio::spawn(async move {
+                            let mut req = Request::new(());
+                            req.extensions_mut()
+                                .insert("198.51.100.7:4000".parse::<SocketAddr>().unwrap());
+                            svc.oneshot(req).await.unwrap().status()
+                        })
+                    })
+                    .collect();
+                let mut passed = 0;
+                for t in tasks {
+                    if t.await.unwrap() == StatusCode::OK {
+                        passed += 1;
+                    }
+                }
+                passed
+            });
+            let what = format!("{algorithm:?}, headers {headers}, {key:?}");
+            assert_eq!(passed, 100, "{what}");
+            let c = &layer.limiter().counters()[0];
+            assert_eq!((c.allowed, c.limited), (100, 900), "{what}");
+        }
+    }
+}
