@@ -249,3 +249,33 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
         "an idle keep-alive connection closed after {waited:?}"
     );
 }
+
+/// An HTTP/2 client (prior knowledge) that makes one request, then holds the connection
+/// open and answers nothing (not even the server's pings): closed, not kept forever.
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_gone_silent_after_a_request_is_closed() {
+    let addr = start(false).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://127.0.0.1/health
+    // (HPACK: indexed :method GET, :scheme http; :path and :authority as literals).
+    let mut block = vec![0x82, 0x86, 0x04, 7];
+    block.extend_from_slice(b"/health");
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"127.0.0.1");
+    let len = block.len();
+    let mut frame = vec![0, 0, len as u8, 1, 0x05, 0, 0, 0, 1];
+    frame.extend_from_slice(&block);
+    tcp.write_all(&frame).await.unwrap();
+    let start = Instant::now();
+    // Still open at the header timeout (so the request was seen); closed once a ping has
+    // gone unanswered.
+    let waited = closed_after(&mut tcp, start).await;
+    assert!(
+        waited.is_some_and(|w| (Duration::from_secs(11)..=Duration::from_secs(25)).contains(&w)),
+        "a silent HTTP/2 connection closed after {waited:?}"
+    );
+}

@@ -157,7 +157,12 @@ fn builder(header_timeout: Duration, h2: Option<bool>) -> auto::Builder<TokioExe
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    b.http2().timer(TokioTimer::new());
+    // HTTP/2 has no head deadline after the first request: a peer that stops answering
+    // (not even pings) is closed after a ping unanswered for another `header_timeout`.
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_timeout)
+        .keep_alive_timeout(header_timeout);
     match h2 {
         Some(true) => b.http2_only(),
         Some(false) => b.http1_only(),
