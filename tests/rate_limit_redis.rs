@@ -1101,3 +1101,58 @@ async fn the_local_fallback_answers_peeks_while_redis_is_away() {
         .unwrap();
     assert!(closed.peek(&rule.item()).await.is_err());
 }
+
+/// A reservation the local fallback decided (Redis held up past the timeout) is settled in
+/// the local store that counted it, never in Redis, where it was not debited: settling it
+/// there would give back units that other requests spent, for every algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_decided_locally_is_never_settled_in_redis() {
+    let server = RedisServer::start().await.expect("redis-server");
+    for algorithm in ALGORITHMS {
+        let store = RedisStore::builder()
+            .url(server.url())
+            .prefix(unique("local-reserve"))
+            .timeout(Duration::from_millis(50))
+            .on_failure(RedisFailMode::Local)
+            .build()
+            .await
+            .unwrap();
+        let spent = one_rule(algorithm, 10, 6);
+        assert!(store.check(&[spent.item()]).await.unwrap().admitted);
+        assert_eq!(remaining(&store, &spent).await, 4);
+        let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
+            .await
+            .unwrap();
+        assert!(paused.starts_with("+OK"), "{paused}");
+        // 5 units do not fit in Redis (4 left), so the late run debits nothing there; the
+        // local store admits them.
+        let reserve = Owned {
+            cost: 5,
+            ..spent.clone()
+        };
+        let local = store.check(&[reserve.item()]).await.unwrap();
+        assert!(local.admitted && local.rules[0].debited, "{local:?}");
+        assert_eq!(store.health().degraded_decisions, 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(remaining(&store, &spent).await, 4, "{algorithm:?}");
+        assert!(store.health().healthy);
+        // the request used nothing: the 5 units it reserved locally come back locally
+        store
+            .settle(&[Settlement {
+                rule_index: reserve.index,
+                rule: reserve.name,
+                key: &reserve.key,
+                params: reserve.params,
+                window_start: local.rules[0].window_start,
+                delta: -5,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(
+            remaining(&store, &spent).await,
+            4,
+            "{algorithm:?}: a local reservation's refund reached Redis"
+        );
+        assert_eq!(store.health().late_debits_returned, 0);
+    }
+}

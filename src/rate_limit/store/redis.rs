@@ -48,6 +48,11 @@ const BLOCKED_FRESH: Duration = Duration::from_secs(1);
 /// Redis, if it ran, is given back.
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
+/// Marks the `window_start` of a decision the local fallback store made, so that its
+/// settlement goes to that store and never to Redis, where nothing was debited (Redis's
+/// window starts stay below 2^53).
+const LOCAL_DECISION: u64 = 1 << 63;
+
 /// The script counts in doubles: limits, bursts and windows (µs) must stay below this
 /// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
 /// every capacity the store accepts and so decides the same.
@@ -73,8 +78,9 @@ pub enum RedisFailMode {
     /// rate-limit headers then report each rule's full capacity).
     Open,
     /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
-    /// a settlement Redis does not take is applied there too (so what was reserved locally
-    /// comes back locally) and reported as done.
+    /// a settlement Redis does not take is applied there too and reported as done. A
+    /// reservation decided locally is settled locally alone, even once Redis is back (its
+    /// [`RuleDecision::window_start`] carries the top bit, 2^63, to say so).
     Local,
 }
 
@@ -805,6 +811,26 @@ impl RedisStore {
                 self.inner.blocked.remove(s.rule, s.key);
             }
         }
+        // A reservation the local fallback made is settled there alone: Redis never
+        // counted it, and a refund there would give back units other requests spent.
+        let (local, settlements): (SmallVec<[Settlement<'_>; 2]>, SmallVec<[Settlement<'_>; 2]>) =
+            settlements
+                .iter()
+                .copied()
+                .partition(|s| s.window_start & LOCAL_DECISION != 0);
+        if !local.is_empty() {
+            let local: SmallVec<[Settlement<'_>; 2]> = local
+                .into_iter()
+                .map(|s| Settlement {
+                    window_start: s.window_start & !LOCAL_DECISION,
+                    ..s
+                })
+                .collect();
+            self.inner.fallback.settle_now(&local);
+            if settlements.is_empty() {
+                return Box::pin(ready(Ok(())));
+            }
+        }
         let inv = self.invocation(
             Mode::Settle,
             now,
@@ -1074,7 +1100,11 @@ impl Inner {
             RedisFailMode::Local => {
                 self.health.degraded();
                 let store = &self.fallback;
-                Ok(store.check_at(&refs, store.now_micros()))
+                let mut decision = store.check_at(&refs, store.now_micros());
+                for rule in &mut decision.rules {
+                    rule.window_start |= LOCAL_DECISION;
+                }
+                Ok(decision)
             }
         }
     }
