@@ -1156,3 +1156,39 @@ async fn a_reservation_decided_locally_is_never_settled_in_redis() {
         assert_eq!(store.health().late_debits_returned, 0);
     }
 }
+
+/// A Cluster decision held up for more than a second (its node paused) still has its debit
+/// given back once it runs: the cluster connection keeps waiting for the late answer as
+/// long as the store does, instead of dropping it after a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_decision_held_up_past_a_second_still_gives_back_its_debit() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("late-cluster"))
+        .timeout(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 10, 3);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(remaining(&store, &rule).await, 7);
+    for addr in cluster.addrs() {
+        let paused = support::command(*addr, "CLIENT PAUSE 1600 WRITE")
+            .await
+            .unwrap();
+        assert!(paused.starts_with("+OK"), "{paused}");
+    }
+    assert!(store.check(&[rule.item()]).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while store.health().late_debits_returned == 0 {
+        assert!(Instant::now() < deadline, "{:?}", store.health());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        remaining(&store, &rule).await,
+        7,
+        "the late decision's debit stayed in Redis"
+    );
+}

@@ -329,7 +329,10 @@ impl RedisStoreBuilder {
                 (None, false) => {
                     let mut client = redis::cluster::ClusterClientBuilder::new(self.nodes)
                         .connection_timeout(self.timeout.max(Duration::from_millis(250)))
-                        .response_timeout(Duration::from_secs(1))
+                        // The store's own timeout answers the caller; the connection waits as
+                        // long as a late decision is awaited, so that its answer (and its
+                        // debit, given back) is not lost, nor the script sent again.
+                        .response_timeout(LATE_ANSWER_WAIT)
                         .retries(2);
                     if let Some(certs) = certs {
                         client = client.certs(certs);
