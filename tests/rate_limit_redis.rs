@@ -1192,3 +1192,61 @@ async fn a_cluster_decision_held_up_past_a_second_still_gives_back_its_debit() {
         "the late decision's debit stayed in Redis"
     );
 }
+
+/// 1,000 decisions against a limit of 100 through two stores while Redis is paused past
+/// their timeout: none is admitted (failing closed), every late run's debit is given back,
+/// and once Redis answers again exactly 100 of another 1,000 are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_decisions_from_two_stores_leave_the_limit_whole() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("late-race");
+    let store = || {
+        RedisStore::builder()
+            .url(server.url())
+            .prefix(prefix.as_str())
+            .timeout(Duration::from_millis(50))
+            .build()
+    };
+    let stores = [store().await.unwrap(), store().await.unwrap()];
+    let rule = one_rule(Algorithm::SlidingWindow, 100, 1);
+    for s in &stores {
+        assert_eq!(remaining(s, &rule).await, 100);
+    }
+    let paused = support::command(server.addr(), "CLIENT PAUSE 500 WRITE")
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let mut tasks = Vec::new();
+    for i in 0..1_000 {
+        let store = stores[i % 2].clone();
+        let rule = rule.clone();
+        tasks.push(tokio::spawn(async move {
+            store.check(&[rule.item()]).await.is_ok_and(|d| d.admitted)
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(
+        admitted, 0,
+        "failing closed, a decision past the timeout refuses"
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
+        if returned == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{returned} debits given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(remaining(&stores[0], &rule).await, 100);
+    // Redis answers again (stores that wait long enough for 1,000 decisions on a busy machine)
+    let patient = [
+        single(&server.url(), &prefix).await,
+        single(&server.url(), &prefix).await,
+    ];
+    let admitted = race(&patient, 1_000, |_| vec![rule.clone()]).await;
+    assert_eq!(admitted.len(), 100);
+}
