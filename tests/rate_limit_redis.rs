@@ -1250,3 +1250,30 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
     let admitted = race(&patient, 1_000, |_| vec![rule.clone()]).await;
     assert_eq!(admitted.len(), 100);
 }
+
+/// A refusal that was under way when the key was reset (sent before the reset, answered
+/// after the reset cleared the blocked cache) does not block the reset key afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_under_way_during_a_reset_does_not_block_the_reset_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-race")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 2);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
+    store.clear_blocked_cache();
+    let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let under_way = {
+        let store = store.clone();
+        let rule = rule.clone();
+        tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap() })
+    };
+    // the refusal reaches Redis (and waits out the pause) before the reset does
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    assert!(!under_way.await.unwrap().admitted);
+    let after = store.check(&[rule.item()]).await.unwrap();
+    assert!(after.admitted, "the reset key is still blocked: {after:?}");
+}

@@ -783,12 +783,16 @@ impl RedisStore {
         };
         let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let inner = self.inner.clone();
+        let generations: SmallVec<[u64; 2]> = owned
+            .iter()
+            .map(|i| inner.blocked.generation(&i.rule, &i.key))
+            .collect();
         Box::pin(async move {
             let answer = inner.call_check(cmd, &owned).await;
             match answer {
                 Ok(values) => parse_check(&values, &owned)
                     .inspect(|(d, blocked)| {
-                        inner.remember_blocked(&owned, d, blocked);
+                        inner.remember_blocked(&owned, d, blocked, &generations);
                     })
                     .map(|(d, _)| d),
                 Err(e) => {
@@ -1112,12 +1116,23 @@ impl Inner {
         }
     }
 
-    fn remember_blocked(&self, items: &[OwnedItem], decision: &Decision, blocked: &[u64]) {
+    fn remember_blocked(
+        &self,
+        items: &[OwnedItem],
+        decision: &Decision,
+        blocked: &[u64],
+        generations: &[u64],
+    ) {
         if !self.blocked.enabled() {
             return;
         }
         let now = Instant::now();
-        for ((item, rule), &blocked_for) in items.iter().zip(&decision.rules).zip(blocked) {
+        for (((item, rule), &blocked_for), &generation) in items
+            .iter()
+            .zip(&decision.rules)
+            .zip(blocked)
+            .zip(generations)
+        {
             if blocked_for > 0 && !item.shadow {
                 self.blocked.insert(
                     &item.rule,
@@ -1130,6 +1145,7 @@ impl Inner {
                         window_start: rule.window_start,
                     },
                     now,
+                    generation,
                 );
             }
         }
