@@ -39,9 +39,6 @@ if ! "$PALISADE_TEST_PYTHON" -c 'import anthropic' >/dev/null 2>&1; then
 fi
 # The Debian package starts a system redis on 6379; the tests never use it.
 
-# CI never skips the tests that need real servers.
-unset PALISADE_SKIP_REDIS_TESTS
-
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "==> cargo fmt --check"

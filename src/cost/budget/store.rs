@@ -187,7 +187,15 @@ impl Account {
         }
         match period.calendar(now) {
             Some((id, _)) => id != self.period || self.spent == 0,
-            None => self.slots.is_empty(),
+            None => {
+                let Period::Rolling(window) = period else {
+                    return self.slots.is_empty();
+                };
+                // slots are only dropped when the account is next used: one whose newest
+                // slot has left the window spends nothing now
+                let current = unix_millis(now) / slot_millis(window);
+                self.slots.back().is_none_or(|&(s, _)| s + SLOTS <= current)
+            }
         }
     }
 }
@@ -495,6 +503,48 @@ mod tests {
             s.settle_now(&c, Money::from_picos(1), Money::ZERO, at(0));
         }
         assert!(s.len() <= 5, "{}", s.len());
+    }
+
+    /// A rolling account keeps its slots until it is next used: one whose every slot has
+    /// left the window spends nothing and must be pruned like an idle calendar account,
+    /// or a flood of one-off subjects on a rolling budget grows the map without bound.
+    /// An account still holding spend in its window stays (its limit still holds).
+    #[test]
+    fn rolling_accounts_whose_spend_has_aged_out_are_pruned() {
+        let s = MemoryBudgetStore::with_max_accounts(8);
+        let budget = Arc::new(Budget::new(
+            "r",
+            Scope::User,
+            Period::Rolling(Duration::from_secs(60)),
+            Money::from_picos(100),
+        ));
+        let c = |name: String| {
+            [Charge {
+                budget: Arc::clone(&budget),
+                subject: name.into(),
+            }]
+        };
+        let spend = |name: String, t: SystemTime, picos: u128| {
+            let c = c(name);
+            assert_eq!(
+                s.reserve_now(&c, Money::from_picos(picos), t),
+                Reserve::Granted
+            );
+            s.settle_now(&c, Money::from_picos(picos), Money::from_picos(picos), t);
+        };
+        for i in 0..100 {
+            spend(format!("old{i}"), at(0), 1);
+        }
+        spend("live".to_owned(), at(90_000), 100);
+        for i in 0..100 {
+            spend(format!("new{i}"), at(120_000), 1);
+        }
+        assert!(s.len() <= 128, "{} accounts kept", s.len());
+        // the live account kept its spend: its budget is still used up
+        assert!(matches!(
+            s.reserve_now(&c("live".to_owned()), Money::from_picos(1), at(125_000)),
+            Reserve::Refused { .. }
+        ));
     }
 
     /// Past the bound, every reservation scanned the whole map, even when no account was
