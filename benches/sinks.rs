@@ -1,6 +1,7 @@
 //! The request path's cost of recording (enqueue) and of a budget check, and records per
 //! second into each sink at batch sizes 1, 100 and 1000. The PostgreSQL rows run with
-//! `--features postgres` against a server the bench starts (the test harness's).
+//! `--features postgres`, the Redis rows with `--features redis`, each against a server the
+//! bench starts (the test harness's).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -17,6 +18,10 @@ use palisade::cost::{
 #[cfg(feature = "postgres")]
 #[path = "../tests/support/postgres.rs"]
 mod pg;
+
+#[cfg(feature = "redis")]
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -84,6 +89,23 @@ fn enqueue(c: &mut Criterion) {
         b.iter_batched(
             || template.clone(),
             |r| recorder.record(r),
+            BatchSize::SmallInput,
+        )
+    });
+    // The same job done the plain way, a tokio channel that wakes its receiver on every
+    // send: what `enqueue` is measured against.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<UsageRecord>(1 << 20);
+    rt.spawn(async move {
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            black_box(&batch);
+            batch.clear();
+        }
+    });
+    g.bench_function("enqueue_mpsc_baseline", |b| {
+        b.iter_batched(
+            || template.clone(),
+            |r| tx.try_send(r).is_ok(),
             BatchSize::SmallInput,
         )
     });
@@ -164,6 +186,40 @@ fn sinks(c: &mut Criterion) {
                             total += t.elapsed();
                         }
                         assert_eq!(sink.health().backlog, 0);
+                        total
+                    }
+                })
+            });
+        }
+    }
+    #[cfg(feature = "redis")]
+    {
+        use palisade::cost::sink::{RedisSink, RedisSinkConfig};
+        let server = rt
+            .block_on(support::RedisServer::start())
+            .expect("redis-server is required");
+        let sink = rt.block_on(async {
+            let client = redis::Client::open(server.url()).unwrap();
+            let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+            let mut config = RedisSinkConfig::default();
+            config.max_batch = 1000;
+            RedisSink::new(conn, config)
+        });
+        for batch in [1usize, 100, 1000] {
+            g.throughput(Throughput::Elements(batch as u64));
+            g.bench_with_input(BenchmarkId::new("redis", batch), &batch, |b, &n| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let sink = sink.clone();
+                    async move {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let records: Vec<UsageRecord> = (0..n).map(|_| record()).collect();
+                            let t = Instant::now();
+                            sink.record_batch(&records).await.unwrap();
+                            total += t.elapsed();
+                        }
+                        let h = sink.health();
+                        assert_eq!((h.backlog, h.duplicates), (0, 0), "{h:?}");
                         total
                     }
                 })

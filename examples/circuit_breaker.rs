@@ -52,6 +52,14 @@ async fn main() -> Result<(), BoxError> {
     config.open_duration = Duration::from_millis(300);
     config.jitter = Jitter::None;
     config.half_open_probes = 2;
+    // One breaker from the environment, in one line: PALISADE_CIRCUIT_BREAKER_* (every
+    // mistake listed at once; unset variables keep their defaults).
+    let from_env = palisade::circuit_breaker::CircuitBreakerLayer::from_env()?;
+    println!(
+        "breaker from the environment: `{}`, {:?}",
+        from_env.handle().name(),
+        from_env.handle().state()
+    );
     let registry = CircuitBreakerRegistry::new(config, 64)?
         .on_transition(|t| println!("  transition: {} -> {} ({:?})", t.from, t.to, t.reason));
     let layer = registry.layer("127.0.0.1");

@@ -31,9 +31,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .error_format(ErrorFormat::Anthropic)
         .build()?;
     let admin = layer.limiter();
+    // Another route's limits from the environment, in one line: PALISADE_RATE_LIMIT_RULES
+    // (JSON) and the other PALISADE_RATE_LIMIT_* variables, every mistake listed at once.
+    let from_env = RateLimitLayer::from_env()?;
     let app = Router::new()
         .route("/v1/messages", post(|| async { "{\"type\":\"message\"}" }))
-        .layer(layer);
+        .layer(layer)
+        .route("/v1/status", post(|| async { "ok" }).layer(from_env));
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

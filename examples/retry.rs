@@ -60,6 +60,13 @@ async fn main() -> Result<(), palisade::BoxError> {
         .count_header("x-retry-count")
         .build()?;
     let upstream = layer.layer(client);
+    // The same layer from the environment, in one line: PALISADE_RETRY_* (every mistake
+    // listed at once; unset variables keep their defaults).
+    let from_env = RetryLayer::from_env()?;
+    println!(
+        "retries from the environment: up to {}",
+        from_env.max_retries()
+    );
 
     let request = http::Request::post(format!("http://{addr}/v1/messages"))
         .header("content-type", "application/json")

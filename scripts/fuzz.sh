@@ -16,8 +16,10 @@ cd "$(dirname "$0")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
+build=("${targets[@]}")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(sse usage headers csp config validate)
+  build=("") # one build of every target
 fi
 
 export RUSTC_BOOTSTRAP=1
@@ -28,11 +30,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 echo "==> building ${targets[*]}"
-for t in "${targets[@]}"; do
-  cargo fuzz build "$t" 2>&1 | grep -E '^(error|warning: unused)' || true
-  # Fail on a build error (the grep above only shows it).
-  cargo fuzz build "$t" >/dev/null 2>&1
+build_log="$(mktemp)"
+for t in "${build[@]}"; do
+  # shellcheck disable=SC2086 # an empty $t builds every target
+  if ! cargo fuzz build $t >"$build_log" 2>&1; then
+    cat "$build_log" >&2
+    exit 1
+  fi
 done
+rm -f "$build_log"
 
 # Seeds from the test data. The structured targets read their input through `arbitrary`:
 # four bytes pick the input's variant (00000000 the first, ffffffff the last), the rest is

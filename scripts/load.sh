@@ -43,8 +43,14 @@ else
   rounds="${LOAD_ROUNDS:-3}" conns="${LOAD_CONNS:-1 8 64}"
 fi
 
-echo "==> building (release)"
-cargo build --release --quiet --example chat_gateway --example mock_upstream
+# With redis-server present the build has the `redis` feature (as scripts/soak.sh builds it,
+# so the two share one release build); the in-memory rows run the same binary.
+features=()
+if command -v redis-server >/dev/null 2>&1; then
+  features=(--features redis)
+fi
+echo "==> building (release${features:+, redis})"
+cargo build --release --quiet --example chat_gateway --example mock_upstream "${features[@]}"
 bin=target/release/examples
 
 work="$(mktemp -d)"

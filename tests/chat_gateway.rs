@@ -1292,3 +1292,99 @@ fn tls_needs_both_files_and_files_that_load() {
     assert_eq!(err.problems()[0].name, "PALISADE_GATEWAY_TLS_CERT");
     assert!(err.to_string().contains("no certificate"), "{err}");
 }
+
+/// Bot budgets and usage follow the route (`/v1/bots/{id}/messages`, after the ownership
+/// check), never a client-sent `x-bot-id`: naming someone else's bot charges it nothing.
+#[tokio::test]
+async fn a_client_sent_bot_id_naming_another_users_bot_charges_that_bot_nothing() {
+    let rules = r#"[{"name":"daily","scope":"user","period":"day","limit":"5"},{"name":"per_bot","scope":"bot","period":"day","limit":"5"}]"#;
+    let gw = start(&[("PALISADE_BUDGET_RULES", rules)]).await;
+    let helper = json!({"name": "Helper", "model": "claude-haiku-4-5"});
+    let bobs = gw.post("/v1/bots", OTHER, helper.clone()).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let alices = gw.post("/v1/bots", USER, helper).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let spoof = [("x-bot-id", bobs.as_str()), ("x-user-id", "bob")];
+
+    // The plain proxy with bob's bot named in headers.
+    let r = gw
+        .call(
+            Method::POST,
+            "/v1/messages",
+            Some(USER),
+            Some(chat("claude-haiku-4-5")),
+            &spoof,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // Chatting as bob's bot through its route is a 404.
+    let msg = json!({"messages": [{"role": "user", "content": "hi"}]});
+    let r = gw
+        .call(
+            Method::POST,
+            &format!("/v1/bots/{bobs}/messages"),
+            Some(USER),
+            Some(msg.clone()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    // Alice's own bot, with bob's bot named in headers: charged to alice's bot.
+    let r = gw
+        .call(
+            Method::POST,
+            &format!("/v1/bots/{alices}/messages"),
+            Some(USER),
+            Some(msg),
+            &spoof,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+
+    let entries = gw.usage_records(2).await;
+    let bots: Vec<Option<&str>> = entries
+        .iter()
+        .map(|e| e.record.attribution.bot.as_deref())
+        .collect();
+    assert!(bots.contains(&None), "{bots:?}");
+    assert!(bots.contains(&Some(alices.as_str())), "{bots:?}");
+    assert!(!bots.contains(&Some(bobs.as_str())), "{bots:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e.record.attribution.user.as_deref() == Some("alice"))
+    );
+    let budgets = gw.state.budgets.layer().expect("budgets on");
+    let spent = |bot: &str| {
+        budgets
+            .spend("per_bot", bot)
+            .map_or(0, |(s, r)| s.picos() + r.picos())
+    };
+    assert_eq!(spent(&bobs), 0, "bob's bot was charged");
+    assert!(spent(&alices) > 0, "alice's bot carries its own spend");
+}
+
+/// The client's attribution headers are removed before any layer sees the request: a rule
+/// keyed by `x-bot-id` finds no such header, so a client cannot spend a bot's allowance
+/// (or anyone's) by naming it.
+#[tokio::test]
+async fn attribution_headers_never_reach_the_layers() {
+    let rules = r#"[{"name":"per_bot","key":"header:x-bot-id","limit":1,"window":"1m","skip_anonymous":true}]"#;
+    let gw = start(&[("PALISADE_RATE_LIMIT_RULES", rules)]).await;
+    for _ in 0..3 {
+        let r = gw
+            .call(
+                Method::POST,
+                "/v1/messages",
+                Some(USER),
+                Some(chat("claude-haiku-4-5")),
+                &[("x-bot-id", "bot_someone_elses")],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+}

@@ -250,3 +250,72 @@ async fn budget_threshold_alerts_reach_the_webhook() {
     assert!(text.contains("daily"), "{text}");
     assert!(text.contains("user:alice"), "{text}");
 }
+
+/// `PUT /admin/budgets/{user}` on one instance holds on every instance sharing the Redis:
+/// those running read it back within the sync interval, one started later at start-up.
+#[tokio::test]
+async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
+    let redis = redis().await;
+    let vars = [("PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL", "20ms")];
+    let a = start(&redis, &vars).await;
+    let b = start(&redis, &vars).await;
+    assert_eq!(b.chat().await.status, 200);
+    let r = a
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            ADMIN,
+            Some(json!({"daily_limit_usd": "0"})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["custom"], true);
+
+    let mut view = Value::Null;
+    for _ in 0..500 {
+        view = b
+            .call(Method::GET, "/admin/budgets/alice", ADMIN, None)
+            .await
+            .json();
+        if view["custom"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        view["custom"], true,
+        "instance b never saw the limit: {view}"
+    );
+    assert_eq!(view["daily_limit_usd"], "0");
+    let r = b.chat().await;
+    assert_eq!(r.status, 429, "instance b enforces the limit set on a");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+
+    let c = start(&redis, &vars).await;
+    let view = c
+        .call(Method::GET, "/admin/budgets/alice", ADMIN, None)
+        .await
+        .json();
+    assert_eq!(view["custom"], true, "read at start-up: {view}");
+    assert_eq!(c.chat().await.status, 429);
+
+    // Lifted on b: a serves again.
+    let r = b
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            ADMIN,
+            Some(json!({"daily_limit_usd": null})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let mut status = 0;
+    for _ in 0..500 {
+        status = a.chat().await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(status, 200, "instance a never saw the limit lifted");
+}

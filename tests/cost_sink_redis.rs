@@ -251,3 +251,60 @@ async fn records_land_on_a_redis_cluster_in_one_slot_per_call() {
         top(&memory.records(), 3, from, to)
     );
 }
+
+/// Costs are u128 pico-dollars; Redis hash counters are 64-bit. A day's spend past
+/// i64::MAX pico-dollars (about $9.2 million) on one model, or one record above it, must
+/// still sum exactly like the memory sink, and no record may be half-counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spend_past_64_bits_of_pico_dollars_sums_exactly_like_the_memory_sink() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let day = UNIX_EPOCH + Duration::from_secs(20_454 * 86_400);
+    let big = |i: u64, picos: u128| {
+        let mut r = UsageRecord::new(
+            day + Duration::from_secs(i),
+            Some("gpt-4o".to_owned()),
+            Usage {
+                input_tokens: 1,
+                ..Usage::default()
+            },
+            Some(Money::from_picos(picos)),
+        )
+        .with_attribution(Attribution {
+            user: Some("whale".to_owned()),
+            ..Attribution::default()
+        });
+        r.route = "/v1/chat/completions".into();
+        r
+    };
+    let records: Vec<UsageRecord> = vec![
+        big(1, 5_000_000_000_000_000_001),
+        big(2, 5_000_000_000_000_000_003), // the day's sum passes i64::MAX
+        big(3, u128::from(u64::MAX) * 3 + 7), // one record past it
+        big(4, 999_999_999_999),
+    ];
+    for r in &records {
+        sink.record_batch(std::slice::from_ref(r)).await.unwrap();
+    }
+    sink.flush().await.unwrap();
+    let health = sink.health();
+    assert_eq!(
+        (health.delivered, health.duplicates, health.dropped, health.backlog),
+        (4, 0, 0, 0),
+        "{health:?}"
+    );
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    let (from, to) = window();
+    for subject in [Subject::All, Subject::User("whale".into())] {
+        let redis = sink.summary(&subject, from, to).await.unwrap();
+        let mem = summarize(&memory.records(), &subject, from, to);
+        assert_eq!(redis, mem, "{subject:?}");
+    }
+    assert_eq!(
+        sink.top(5, from, to).await.unwrap(),
+        top(&memory.records(), 5, from, to)
+    );
+}

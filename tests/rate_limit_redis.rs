@@ -591,11 +591,11 @@ async fn the_layer_enforces_limits_through_the_redis_store() {
     assert_eq!(LAYER_ADMITTED.load(Ordering::Relaxed), 2);
 }
 
-/// The state of one rule for one key costs Redis at most 144 bytes (`MEMORY USAGE`, which
-/// counts the key, the value and the expiry), whatever the algorithm: the figure the
-/// module docs state.
+/// The state of one rule for one key costs Redis what the module docs state (`MEMORY
+/// USAGE`, which counts the key, the value and the expiry), whatever the algorithm: at most
+/// 136 bytes for an API key, 120 for a principal such as `user-1234567`.
 #[tokio::test]
-async fn a_key_costs_redis_at_most_144_bytes() {
+async fn a_key_costs_redis_what_the_docs_state() {
     let server = RedisServer::start().await.expect("redis-server");
     let store = single(&server.url(), "palisade:rl").await;
     let mut conn = redis::Client::open(server.url())
@@ -618,7 +618,7 @@ async fn a_key_costs_redis_at_most_144_bytes() {
             .await
             .unwrap();
         eprintln!("{algorithm:?}: {bytes} bytes for {key}");
-        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+        assert!(bytes <= 136, "{algorithm:?}: {bytes} bytes");
         let other = Owned {
             name: "chat",
             key: RateKey::principal("user-1234567"),
@@ -633,7 +633,7 @@ async fn a_key_costs_redis_at_most_144_bytes() {
             .await
             .unwrap();
         eprintln!("{algorithm:?}: {bytes} bytes for {key}");
-        assert!(bytes <= 144, "{algorithm:?}: {bytes} bytes");
+        assert!(bytes <= 120, "{algorithm:?}: {bytes} bytes");
     }
 }
 

@@ -13,7 +13,6 @@ use tower::{Layer, ServiceExt, service_fn};
 /// `script-src 'nonce-{nonce}'; ...`, and the parser refuses that text ("no sources"), so a
 /// policy written out by `Display` cannot be read back.
 #[test]
-#[ignore = "defect: a CSP directive holding only 'nonce-{nonce}' renders as text the parser refuses"]
 fn csp_with_a_nonce_only_directive_reads_back() {
     let policy: ContentSecurityPolicy = "style-src 'self' 'nonce-{nonce}'\n".parse().unwrap();
     let rendered = policy.to_string();
@@ -31,7 +30,6 @@ fn csp_with_a_nonce_only_directive_reads_back() {
 /// only building the layer reads it, so `BudgetLayer::from_env` reports it alone (not with
 /// the other problems) and under `PALISADE_BUDGET_RULES`, not the variable to fix.
 #[test]
-#[ignore = "defect: PALISADE_BUDGET_PRICES_FILE is not checked by from_env; its error is reported under PALISADE_BUDGET_RULES"]
 fn budget_from_env_reports_a_missing_price_file() {
     let mut env = Env::from_pairs([("PALISADE_BUDGET_PRICES_FILE", "/no/such/prices.json")]);
     let config = BudgetConfig::from_env(&mut env);

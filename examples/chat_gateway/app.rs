@@ -120,13 +120,14 @@ pub fn default_rules() -> Vec<RuleConfig> {
 }
 
 /// The budget layer: the configured budgets, charged to the caller (the gateway's
-/// attribution, never a client header), threshold alerts to the log.
+/// attribution, never a client header), threshold alerts to the alert sinks.
 ///
-/// With `REDIS_URL`, the accounts live in Redis, so every instance shares them.
+/// With `REDIS_URL`, the accounts live in Redis, so every instance shares them; the
+/// connection is returned for the users' own limits, shared the same way.
 async fn budget_layer(
     config: &GatewayConfig,
     alerts: Arc<Alerts>,
-) -> Result<BudgetLayer, BoxError> {
+) -> Result<(BudgetLayer, Option<SharedConn>), BoxError> {
     let builder = config
         .budget
         .builder()?
@@ -134,14 +135,17 @@ async fn budget_layer(
         .bot_header(None)
         .alerts(alerts);
     #[cfg(feature = "redis")]
-    let builder = match &config.redis {
+    let (builder, conn) = match &config.redis {
         Some(r) if !r.cluster_nodes.is_empty() => {
             let conn = redis::cluster::ClusterClient::new(r.cluster_nodes.clone())
                 .map_err(|e| format!("REDIS_URL: {e}"))?
                 .get_async_connection()
                 .await
                 .map_err(|e| format!("REDIS_URL: cannot connect to the Cluster: {e}"))?;
-            builder.store(palisade::cost::budget::RedisBudgetStore::new(conn))
+            (
+                builder.store(palisade::cost::budget::RedisBudgetStore::new(conn.clone())),
+                Some(crate::store::RedisConn::Cluster(conn)),
+            )
         }
         Some(r) => {
             let url = r.url.clone().unwrap_or_default();
@@ -150,12 +154,23 @@ async fn budget_layer(
                 .get_connection_manager()
                 .await
                 .map_err(|e| format!("REDIS_URL: cannot connect: {e}"))?;
-            builder.store(palisade::cost::budget::RedisBudgetStore::new(conn))
+            (
+                builder.store(palisade::cost::budget::RedisBudgetStore::new(conn.clone())),
+                Some(crate::store::RedisConn::Single(conn)),
+            )
         }
-        None => builder,
+        None => (builder, None),
     };
-    Ok(builder.build()?)
+    #[cfg(not(feature = "redis"))]
+    let conn = None;
+    Ok((builder.build()?, conn))
 }
+
+/// The connection the users' own budget limits are shared through (Redis).
+#[cfg(feature = "redis")]
+type SharedConn = crate::store::RedisConn;
+#[cfg(not(feature = "redis"))]
+type SharedConn = std::convert::Infallible;
 
 /// Alerts (budget thresholds, spend spikes, breakers opening) go to the log, and to
 /// `PALISADE_GATEWAY_ALERT_WEBHOOK` when it is set. Sending never waits: the webhook posts
@@ -361,11 +376,18 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         (None, None)
     };
     let cost_stats = meter.as_ref().map(|m| Arc::clone(m.stats()));
-    let budgets = Budgets::new(if config.layers {
-        Some(budget_layer(&config, Arc::clone(&alerts)).await?)
-    } else {
-        None
-    });
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    let mut budgets = Budgets::new(None);
+    if config.layers {
+        let (layer, conn) = budget_layer(&config, Arc::clone(&alerts)).await?;
+        budgets = Budgets::new(Some(layer));
+        #[cfg(feature = "redis")]
+        if let Some(conn) = conn {
+            budgets.share(conn, config.budget_sync_interval).await;
+        }
+        #[cfg(not(feature = "redis"))]
+        let _ = conn;
+    }
     let upstreams = Upstreams::new(
         &config,
         mock_addr.map(|a| format!("http://{a}")),

@@ -107,6 +107,10 @@ impl KeyStore {
     }
 }
 
+/// Headers that name a user or a bot, which palisade's layers read when told to
+/// (`x-bot-id` by default in the cost meter): removed from every request.
+const ATTRIBUTION_HEADERS: [&str; 2] = ["x-bot-id", "x-user-id"];
+
 /// The middleware: authenticates, then puts the [`Caller`], its rate-limit [`Principal`]
 /// and its cost [`Attribution`] in the request extensions.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -153,6 +157,17 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         );
     }
     let request_id = crate::app::request_id(&req);
+    // The gateway attributes spend itself (the caller here, the bot from its route after
+    // the ownership check): headers that name a user or a bot are the client's claim, and
+    // no layer or handler below may see them.
+    let h = req.headers_mut();
+    for name in ATTRIBUTION_HEADERS {
+        h.remove(name);
+    }
+    let cost = &state.config.cost;
+    for name in [&cost.user_header, &cost.bot_header].into_iter().flatten() {
+        h.remove(name.as_str());
+    }
     let ext = req.extensions_mut();
     ext.insert(Principal::new(caller.user.clone()));
     ext.insert(

@@ -136,6 +136,10 @@ pub struct GatewayConfig {
     /// Spend budgets (`PALISADE_BUDGET_*`); when `PALISADE_BUDGET_RULES` is unset, one
     /// budget named `daily` per user per UTC day of `PALISADE_GATEWAY_DAILY_BUDGET`.
     pub budget: BudgetConfig,
+    /// How often each instance reads the users' own budget limits back from Redis
+    /// (`PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL`, with `REDIS_URL`).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub budget_sync_interval: Duration,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
     /// How long the mock's `mock-slow` model waits before answering.
@@ -342,6 +346,16 @@ impl GatewayConfig {
                 }
             },
         );
+        let budget_sync_interval = env.optional_with(
+            "PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL",
+            Duration::from_secs(1),
+            "1s",
+            |s| match palisade::config::duration::parse(s) {
+                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+                Ok(d) => Ok(d),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         let shutdown_grace = env.duration(
             "PALISADE_GATEWAY_SHUTDOWN_GRACE",
             Duration::from_secs(30),
@@ -480,6 +494,7 @@ impl GatewayConfig {
             #[cfg(feature = "postgres")]
             database,
             tls,
+            budget_sync_interval,
             shutdown_grace,
             mock_slow_delay,
             json_logs,

@@ -223,9 +223,56 @@ impl UsageSink for Ledger {
 
 /// The per-user daily budget as `/admin/budgets/{user}` sees it: palisade's
 /// [`BudgetLayer`] (reserve-then-settle, on the upstream stacks) and its `daily` budget.
+///
+/// A user's own limit (`PUT /admin/budgets/{user}`) lives in the layer, so in this process;
+/// with `REDIS_URL` it is also written to a Redis hash that every instance reads back
+/// (at start-up and every `PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL`).
 #[derive(Debug, Clone)]
 pub struct Budgets {
     layer: Option<BudgetLayer>,
+    #[cfg(feature = "redis")]
+    shared: Option<SharedLimits>,
+}
+
+/// The Redis hash of users' own daily limits (dollars, or `none`), shared by every
+/// instance.
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+pub struct SharedLimits {
+    conn: RedisConn,
+}
+
+/// A connection to one Redis server or to a Cluster.
+#[cfg(feature = "redis")]
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server.
+    Single(redis::aio::ConnectionManager),
+    /// A Cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+#[cfg(feature = "redis")]
+impl std::fmt::Debug for SharedLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLimits")
+            .field("key", &SHARED_LIMITS_KEY)
+            .finish()
+    }
+}
+
+/// The hash's key (one slot in a Cluster).
+#[cfg(feature = "redis")]
+const SHARED_LIMITS_KEY: &str = "{palisade-gateway}:budget-limits";
+
+#[cfg(feature = "redis")]
+impl RedisConn {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            RedisConn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            RedisConn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
 }
 
 /// A user's budget as `/admin/budgets/{user}` shows it.
@@ -246,7 +293,35 @@ pub struct BudgetView {
 impl Budgets {
     /// The budgets `layer` enforces (`None`: no budgets, as with the layers off).
     pub fn new(layer: Option<BudgetLayer>) -> Self {
-        Self { layer }
+        Self {
+            layer,
+            #[cfg(feature = "redis")]
+            shared: None,
+        }
+    }
+
+    /// Shares users' own limits through Redis: reads those already set now, then every
+    /// `interval` on a background task.
+    #[cfg(feature = "redis")]
+    pub async fn share(&mut self, conn: RedisConn, interval: std::time::Duration) {
+        let shared = SharedLimits { conn };
+        self.shared = Some(shared.clone());
+        let Some(layer) = self.layer.clone() else {
+            return;
+        };
+        if let Err(e) = pull(&shared, &layer).await {
+            tracing::warn!(error = %e, "budget limits: cannot read the shared limits from Redis yet");
+        }
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = pull(&shared, &layer).await {
+                    tracing::warn!(error = %e, "budget limits: cannot read the shared limits from Redis");
+                }
+            }
+        });
     }
 
     /// The layer, to stack on the upstream clients.
@@ -254,12 +329,31 @@ impl Budgets {
         self.layer.as_ref()
     }
 
-    /// Sets `user`'s daily limit (`None`: unlimited); `false` when no `daily` budget is
-    /// configured.
-    pub fn set(&self, user: &str, limit: Option<Money>) -> bool {
-        self.layer
-            .as_ref()
-            .is_some_and(|l| l.set_limit(DAILY_BUDGET, user, limit))
+    /// Sets `user`'s daily limit (`None`: unlimited): `Ok(false)` when no `daily` budget
+    /// is configured, `Err` when the shared store (Redis) cannot take it (then nothing
+    /// changed).
+    pub async fn set(&self, user: &str, limit: Option<Money>) -> Result<bool, String> {
+        let Some(layer) = &self.layer else {
+            return Ok(false);
+        };
+        if layer.limit(DAILY_BUDGET, user).is_none() {
+            return Ok(false);
+        }
+        #[cfg(feature = "redis")]
+        if let Some(shared) = &self.shared {
+            let value = limit.map_or_else(|| "none".to_owned(), Money::dollars_string);
+            shared
+                .conn
+                .query::<()>(
+                    redis::cmd("HSET")
+                        .arg(SHARED_LIMITS_KEY)
+                        .arg(user)
+                        .arg(value),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(layer.set_limit(DAILY_BUDGET, user, limit))
     }
 
     /// The view of `user`'s budget.
@@ -279,6 +373,33 @@ impl Budgets {
             custom,
         }
     }
+}
+
+/// Applies the shared limits to `layer`.
+#[cfg(feature = "redis")]
+async fn pull(shared: &SharedLimits, layer: &BudgetLayer) -> Result<(), String> {
+    let all: HashMap<String, String> = shared
+        .conn
+        .query(redis::cmd("HGETALL").arg(SHARED_LIMITS_KEY))
+        .await
+        .map_err(|e| e.to_string())?;
+    for (user, value) in all {
+        let limit = if value == "none" {
+            None
+        } else {
+            match Money::parse_dollars(&value) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "budget limits: a shared limit is not a dollar amount; skipped");
+                    continue;
+                }
+            }
+        };
+        if layer.limit(DAILY_BUDGET, &user) != Some((limit, true)) {
+            layer.set_limit(DAILY_BUDGET, &user, limit);
+        }
+    }
+    Ok(())
 }
 
 /// Totals grouped for `/v1/usage`.

@@ -213,15 +213,7 @@ macro_rules! layer {
         let mut env = Env::from_pairs($pairs.iter().cloned());
         let config = <$config>::from_env(&mut env);
         check_problems(&env, None, $prefix, $pairs);
-        // Known defect, held by the ignored test
-        // `budget_from_env_reports_a_missing_price_file` in tests/reliability_fuzz.rs: the
-        // budget's price file is only read when the layer is built. Skipped here so that the
-        // fuzzer keeps looking for other failures.
-        let known = $prefix == "PALISADE_BUDGET"
-            && $pairs.iter().any(|(k, v): &(String, String)| {
-                k == "PALISADE_BUDGET_PRICES_FILE" && !v.trim().is_empty()
-            });
-        if env.problems().is_empty() && !known {
+        if env.problems().is_empty() {
             let built = $build(config.clone());
             if let Err(e) = built {
                 panic!(

@@ -11,7 +11,7 @@ use crate::error::ErrorFormat;
 use crate::rate_limit::error::RateLimitConfigError;
 use crate::rate_limit::headers;
 use crate::rate_limit::key::TrustedProxies;
-use crate::rate_limit::rule::Rule;
+use crate::rate_limit::rule::{Cost, Rule};
 use crate::rate_limit::store::{MemoryStore, Store};
 
 /// What the layer does when its store fails (a remote store is unreachable).
@@ -116,6 +116,10 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 });
             }
             rules.push(CompiledRule {
+                lean: !self.draft_headers
+                    && !self.legacy_headers
+                    && !rule.shadow
+                    && !matches!(rule.cost, Cost::Settled { .. }),
                 params: rule.params(rule.quota),
                 policy: headers::policy_value(&rule.name, rule.quota.limit(), rule.quota.window()),
                 counters: Counters::default(),
@@ -130,8 +134,13 @@ impl<St: Store> RateLimitLayerBuilder<St> {
                 reason: "too many rules".into(),
             });
         }
+        let plain_cost = match &rules[..] {
+            [r] if r.lean => r.plain_cost(&self.proxies),
+            _ => None,
+        };
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
+                plain_cost,
                 rules: rules.into_boxed_slice(),
                 store: self.store,
                 format: self.format,

@@ -470,6 +470,11 @@ pub struct TrustedProxies {
 }
 
 impl TrustedProxies {
+    /// Whether no proxy is trusted (the peer address is always the client).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
     /// No trusted proxies: the peer address is the client.
     pub fn none() -> Self {
         Self::default()

@@ -112,6 +112,13 @@ impl RateLimitLayer<MemoryStore> {
 }
 
 impl<St: Store> RateLimitLayer<St> {
+    /// Whether `call` decides this layer's rule on its plain path (tests pin which path
+    /// they exercise).
+    #[cfg(test)]
+    pub(crate) fn is_plain(&self) -> bool {
+        self.shared.plain_cost.is_some()
+    }
+
     /// The admin handle: peek, reset, overrides and counters.
     pub fn limiter(&self) -> RateLimiter<St> {
         RateLimiter {

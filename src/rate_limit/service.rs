@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::future::{ResponseFuture, wait};
 use super::limiter::RateLimiter;
-use super::shared::{Outcome, PendingList, Shared};
+use super::shared::{Lean, Outcome, PendingList, Shared};
 use crate::body::ResponseBody;
 use crate::rate_limit::store::{MemoryStore, Store};
 
@@ -73,7 +73,33 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    #[inline]
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(cost) = self.shared.plain_cost {
+            // The request stays with the caller and is read only by inlined code, so it
+            // moves into the inner call without a copy; the decision comes back in
+            // registers.
+            match self.shared.decide_plain(&req, cost) {
+                Lean::Pass => return ResponseFuture::passing(self.inner.call(req)),
+                Lean::Refuse(response) => return ResponseFuture::refused(response),
+                Lean::General => {}
+            }
+        }
+        self.call_general(req)
+    }
+}
+
+impl<S, St: Store> RateLimit<S, St> {
+    /// Every layer but a plain one-rule one (see `CompiledRule::plain_cost`), and a plain
+    /// one whose store cannot answer at once.
+    #[inline(never)]
+    pub(super) fn call_general<B, ResBody>(
+        &mut self,
+        mut req: Request<B>,
+    ) -> ResponseFuture<S, St, B>
+    where
+        S: Service<Request<B>, Response = Response<ResBody>> + Clone,
+    {
         // The request stays in this frame until the inner call: no helper takes it by
         // value, so it is not copied on the way.
         let outcome = if self.shared.rules.len() == 1 {

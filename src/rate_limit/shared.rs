@@ -14,13 +14,16 @@ use crate::error::{Error, ErrorFormat, ErrorKind};
 use crate::rate_limit::algorithm::{Params, Verdict};
 use crate::rate_limit::error::StoreError;
 use crate::rate_limit::headers::{self, ceil_secs};
-use crate::rate_limit::key::{KeySource, RateKey, TrustedProxies};
+use crate::rate_limit::key::{KeySource, RateKey, TrustedProxies, peer_key};
 use crate::rate_limit::quota::Quota;
-use crate::rate_limit::rule::{Cost, Rule};
+use crate::rate_limit::rule::{Cost, Route, Rule};
 use crate::rate_limit::store::{CheckItem, Decision, RuleDecision, Store};
 
 pub(super) struct Shared<St> {
     pub(super) rules: Box<[CompiledRule]>,
+    /// The fixed cost of the layer's only rule when it is *plain* (see
+    /// `CompiledRule::plain_cost`): `RateLimit::call` decides it on its own path.
+    pub(super) plain_cost: Option<u64>,
     pub(super) store: St,
     pub(super) format: ErrorFormat,
     pub(super) draft_headers: bool,
@@ -36,6 +39,9 @@ pub(super) struct CompiledRule {
     pub(super) params: Params,
     pub(super) policy: HeaderValue,
     pub(super) counters: Counters,
+    /// An admitted request needs nothing but its counter: no headers (the layer sends
+    /// none), not a shadow rule, nothing to reserve.
+    pub(super) lean: bool,
     /// Whether a request without a peer address has been logged (a `PeerIp` rule).
     pub(super) warned_no_peer: AtomicBool,
 }
@@ -66,6 +72,33 @@ impl CompiledRule {
                  `RuleCounters::no_key`; logged once.",
                 self.rule.name
             );
+        }
+    }
+
+    /// The fixed cost of a *plain* rule: lean (see `CompiledRule::lean`) and needing nothing
+    /// from the request but its peer address: every route and method, keyed by the peer
+    /// (no proxy trusted) or globally, a fixed cost. `RateLimit::call` decides such a rule
+    /// without lending the request to code that is not inlined; a request whose address
+    /// has been lent that way must be copied before the inner service takes it (the
+    /// compiler cannot tell that no one kept the address), and the general path measured
+    /// slower than this one for the layer without headers.
+    pub(super) fn plain_cost(&self, proxies: &TrustedProxies) -> Option<u64> {
+        let rule = &self.rule;
+        let keyed_plainly = match rule.key {
+            KeySource::Global => true,
+            KeySource::PeerIp => proxies.is_empty(),
+            _ => false,
+        };
+        match rule.cost {
+            Cost::Fixed(cost)
+                if self.lean
+                    && keyed_plainly
+                    && rule.method.is_none()
+                    && matches!(rule.route, Route::All) =>
+            {
+                Some(cost)
+            }
+            _ => None,
         }
     }
 }
@@ -228,7 +261,6 @@ impl<St: Store> Shared<St> {
     }
 
     /// What the layer does for the rules' decisions (`rules[i]` for `pending[i]`).
-    #[inline]
     pub(super) fn outcome(
         self: &Arc<Self>,
         pending: &[Pending],
@@ -236,7 +268,7 @@ impl<St: Store> Shared<St> {
         rules: &[RuleDecision],
     ) -> Outcome {
         // The common case, one admitted rule with nothing to add to the response and
-        // nothing to reserve: only the counter (`outcome_in_full` does the same, slower).
+        // nothing to reserve: only the counter (the loop below does the same, slower).
         if let ([p], [d]) = (pending, rules) {
             let compiled = &self.rules[p.index as usize];
             let rule = &compiled.rule;
@@ -256,18 +288,6 @@ impl<St: Store> Shared<St> {
                 return Outcome::Admit(HeaderBlock::new(), None);
             }
         }
-        self.outcome_in_full(pending, admitted, rules)
-    }
-
-    /// [`Shared::outcome`] for everything but its common case: headers, refusals, shadow
-    /// rules, reservations, several rules.
-    #[inline(never)]
-    fn outcome_in_full(
-        self: &Arc<Self>,
-        pending: &[Pending],
-        admitted: bool,
-        rules: &[RuleDecision],
-    ) -> Outcome {
         let mut headers = HeaderBlock::new();
         if self.draft_headers || self.legacy_headers {
             headers.reserve_exact(2 * pending.len() + 3 * usize::from(self.legacy_headers));
@@ -406,6 +426,101 @@ impl<St: Store> Shared<St> {
                 .with_source(err);
                 Outcome::Refuse(Box::new(error.to_response(self.format)))
             }
+        }
+    }
+}
+
+/// What the plain one-rule path decided: small enough to come back in registers.
+pub(super) enum Lean {
+    /// Let the request through (admitted and counted, or the rule does not apply).
+    Pass,
+    /// Answer with this refusal.
+    Refuse(Box<Response<crate::body::ErrorBody>>),
+    /// The store cannot answer at once: nothing was decided, take the general path.
+    General,
+}
+
+impl<St: Store> Shared<St> {
+    /// Decides a request for a layer whose only rule is plain (see
+    /// `CompiledRule::plain_cost`): an admitted request needs nothing but its counter, and
+    /// the request is only read through inlined code, so its address is never lent out
+    /// (`RateLimit::call_general` decides every other layer, and gives the same answers:
+    /// see the property test `the_plain_path_decides_as_the_general_path`).
+    #[inline(always)]
+    pub(super) fn decide_plain<B>(self: &Arc<Self>, req: &Request<B>, cost: u64) -> Lean {
+        let compiled = &self.rules[0];
+        let rule = &compiled.rule;
+        let key = match rule.key {
+            KeySource::Global => RateKey::Global,
+            _ => match peer_key(req) {
+                Some(k) => RateKey::Ip(k),
+                None => {
+                    compiled.no_key();
+                    if rule.skip_anonymous {
+                        return Lean::Pass;
+                    }
+                    RateKey::Anonymous
+                }
+            },
+        };
+        self.decide_plain_key(key, cost)
+    }
+
+    /// The plain rule's decision once its key and cost are known.
+    #[inline]
+    pub(super) fn decide_plain_key(self: &Arc<Self>, key: RateKey, cost: u64) -> Lean {
+        let compiled = &self.rules[0];
+        let rule = &compiled.rule;
+        let params = if self.override_count.load(Ordering::Acquire) > 0 {
+            self.params_for(0, &key).0
+        } else {
+            compiled.params
+        };
+        let item = CheckItem {
+            rule_index: 0,
+            rule: &rule.name,
+            key: &key,
+            params,
+            cost,
+            shadow: false,
+        };
+        match self.store.check_one_now(&item) {
+            Some(Ok(d)) if d.debited => {
+                compiled
+                    .counters
+                    .stripe()
+                    .allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                Lean::Pass
+            }
+            Some(Ok(d)) => {
+                let pending = Pending {
+                    index: 0,
+                    key,
+                    params,
+                    cost,
+                };
+                self.plain_refusal(pending, d)
+            }
+            Some(Err(e)) => Lean::from(self.store_failed(e)),
+            None => Lean::General,
+        }
+    }
+
+    /// The plain rule did not debit: the request is refused (counted and logged there).
+    #[cold]
+    #[inline(never)]
+    pub(super) fn plain_refusal(self: &Arc<Self>, pending: Pending, d: RuleDecision) -> Lean {
+        Lean::from(self.outcome(std::slice::from_ref(&pending), false, &[d]))
+    }
+}
+
+impl From<Outcome> for Lean {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            // A plain rule adds no headers and reserves nothing.
+            Outcome::Admit(..) => Lean::Pass,
+            Outcome::Refuse(response) => Lean::Refuse(response),
         }
     }
 }

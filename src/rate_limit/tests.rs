@@ -718,7 +718,7 @@ async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
             self.0.reset(i, r, k)
         }
     }
-    // With and without headers (a refusal carries them, an admission may not).
+    // With headers and without (a refusal carries them, an admission may not).
     for (fails, headers) in [(false, true), (true, true), (false, false), (true, false)] {
         let layer = RateLimitLayer::builder()
             .store(ListOnly(MemoryStore::new(), fails))
@@ -838,12 +838,13 @@ async fn without_headers_single_rules_count_shadow_refuse_and_reserve_as_before(
     }
 }
 
-/// A rule on every route, keyed by the peer with no trusted proxy (or globally), answers
-/// exactly as the same rule on a route that matches everything behind a trusted proxy list
-/// that matches no peer: statuses, retry-after, overrides, requests without an address
-/// (shared bucket or skipped) and counters.
+/// A plain rule (every route, keyed by the peer with no trusted proxy or globally, fixed
+/// cost, no headers) is decided on `call`'s plain path; it answers exactly as the same rule
+/// on the general path (here forced by a route that matches everything, or a trusted proxy
+/// list that matches no peer): statuses, retry-after, overrides, requests without an
+/// address (shared bucket or skipped) and counters.
 #[tokio::test(start_paused = true)]
-async fn a_rule_on_every_route_answers_as_one_on_the_root_prefix() {
+async fn plain_rules_answer_as_general_ones() {
     let peer = |ip: &str| -> Request<()> {
         let mut req = Request::get("/v1/messages").body(()).unwrap();
         let addr: SocketAddr = format!("{ip}:4000").parse().unwrap();
@@ -856,19 +857,20 @@ async fn a_rule_on_every_route_answers_as_one_on_the_root_prefix() {
             let rule = Rule::new("r", Quota::per_minute(3))
                 .key(key.clone())
                 .skip_anonymous(skip);
-            let every_route = RateLimitLayer::builder()
+            let plain = RateLimitLayer::builder()
                 .rule(rule.clone())
                 .draft_headers(false)
                 .build()
                 .unwrap();
-            let root_prefix = RateLimitLayer::builder()
+            let general = RateLimitLayer::builder()
                 .rule(rule.route(Route::Prefix("/".into())))
                 .trusted_proxies("192.0.2.0/24".parse().unwrap())
                 .draft_headers(false)
                 .build()
                 .unwrap();
+            assert!(plain.is_plain() && !general.is_plain(), "{key:?}");
             let mut seen = Vec::new();
-            for layer in [&every_route, &root_prefix] {
+            for layer in [&plain, &general] {
                 layer
                     .limiter()
                     .set_override(
@@ -1150,7 +1152,7 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
     assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
 }
 
-/// One request of [`one_rule_decides_as_it_does_beside_a_rule_that_never_applies`].
+/// One request of [`the_plain_path_decides_as_the_general_path`].
 #[derive(Debug, Clone)]
 struct Arrival {
     after_ms: u64,
@@ -1210,11 +1212,12 @@ fn arrival_request(a: &Arrival) -> Request<()> {
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
 
-    /// A layer with one rule decides it without building lists; with a second rule that
-    /// never applies, the same rule is decided as part of a group. Both must answer every
-    /// request sequence with the same statuses, `retry-after` and counters.
+    /// A layer with one rule and no headers decides on the plain path when the rule is on
+    /// every route keyed globally or by peer (else on the general one); with a second rule
+    /// that never applies, the same rule goes through the general path. Both must answer
+    /// every request sequence with the same statuses, `retry-after` and counters.
     #[test]
-    fn one_rule_decides_as_it_does_beside_a_rule_that_never_applies(
+    fn the_plain_path_decides_as_the_general_path(
         key in 0u8..4,
         on_route: bool,
         post_only: bool,

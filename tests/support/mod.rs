@@ -3,8 +3,7 @@
 //!
 //! Each server is started fresh with no persistence, and killed (its files removed) when the
 //! handle is dropped. When `redis-server` is not installed, starting one panics with a
-//! message naming the Debian package, unless `PALISADE_SKIP_REDIS_TESTS=1` is set, in which
-//! case `start` returns `None` and the test returns early. CI never sets it.
+//! message naming the Debian package: these tests fail, never skip, without their server.
 #![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
@@ -18,9 +17,6 @@ use tokio::net::TcpStream;
 /// How long a server may take to start answering before the test fails.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Set to `1` to skip tests that need `redis-server` (never in CI).
-pub const SKIP_ENV: &str = "PALISADE_SKIP_REDIS_TESTS";
-
 fn redis_available() -> bool {
     for bin in ["redis-server", "redis-cli"] {
         let found = Command::new(bin)
@@ -30,14 +26,9 @@ fn redis_available() -> bool {
             .status()
             .is_ok();
         if !found {
-            if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-                eprintln!("skipping: {bin} not installed and {SKIP_ENV}=1");
-                return false;
-            }
             panic!(
                 "{bin} is not installed. Install Debian's package with \
-                 `apt-get install redis-server` (scripts/test.sh does this), \
-                 or set {SKIP_ENV}=1 to skip the tests that need it."
+                 `apt-get install redis-server` (scripts/test.sh does this)."
             );
         }
     }

@@ -153,7 +153,23 @@ pub async fn put_budget(
         .daily_limit_usd
         .as_deref()
         .and_then(|s| Money::parse_dollars(s).ok());
-    if !state.budgets.set(&user, limit) {
+    let set = state.budgets.set(&user, limit).await.map_err(|e| {
+        state.audit.record(
+            AuditEntry::new("budget_set", "failed")
+                .actor(&*caller.user)
+                .target(user.clone())
+                .detail("the shared store failed"),
+        );
+        ApiError::new(
+            Error::new(
+                ErrorKind::Unavailable,
+                "the budget store is unavailable; the limit was not changed, try again",
+            )
+            .with_source(e),
+            format,
+        )
+    })?;
+    if !set {
         state.audit.record(
             AuditEntry::new("budget_set", "failed")
                 .actor(&*caller.user)

@@ -83,7 +83,30 @@ pub struct SpikeDetector {
     multiple_milli: u128,
     min_spend: u128,
     sink: Arc<dyn AlertSink>,
-    subjects: Mutex<HashMap<String, History>>,
+    subjects: Mutex<Subjects>,
+}
+
+/// Subjects held before quiet ones are pruned; past it, pruning runs again only once the
+/// map has doubled from what the last pruning kept (amortized O(1) per observation).
+const MAX_SUBJECTS: usize = 100_000;
+
+#[derive(Debug)]
+struct Subjects {
+    map: HashMap<String, History>,
+    /// The size at which the next pruning runs.
+    prune_at: usize,
+    /// Subjects looked at by pruning, all told.
+    scanned: u64,
+}
+
+impl Subjects {
+    fn new(bound: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            prune_at: bound,
+            scanned: 0,
+        }
+    }
 }
 
 impl std::fmt::Debug for SpikeDetector {
@@ -118,22 +141,26 @@ impl SpikeDetector {
             multiple_milli: (config.multiple * 1000.0).round() as u128,
             min_spend,
             sink: Arc::new(sink),
-            subjects: Mutex::new(HashMap::new()),
+            subjects: Mutex::new(Subjects::new(MAX_SUBJECTS)),
         })
     }
 
     /// Adds `cost` spent by `subject` at `time`, raising a spike event if it makes one.
     pub fn observe(&self, subject: &str, time: SystemTime, cost: Money) {
         let w = unix_millis(time) / self.window_ms;
-        let mut map = self
+        let mut subjects = self
             .subjects
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if map.len() > 100_000 {
+        let s = &mut *subjects;
+        if s.map.len() >= s.prune_at {
             let horizon = w.saturating_sub(self.trailing + 1);
-            map.retain(|_, h| h.windows.last().is_some_and(|&(x, _)| x >= horizon));
+            s.scanned += s.map.len() as u64;
+            s.map
+                .retain(|_, h| h.windows.last().is_some_and(|&(x, _)| x >= horizon));
+            s.prune_at = MAX_SUBJECTS.max(s.map.len().saturating_mul(2));
         }
-        let h = map.entry(subject.to_owned()).or_insert_with(|| History {
+        let h = s.map.entry(subject.to_owned()).or_insert_with(|| History {
             first: w,
             ..History::default()
         });
@@ -172,7 +199,7 @@ impl SpikeDetector {
             } else {
                 recent as f64 / average as f64
             };
-            drop(map);
+            drop(subjects);
             self.sink.send(AlertEvent {
                 kind: AlertKind::Spike { multiple },
                 source: format!("spike:{}", self.scope.as_str()),
@@ -262,5 +289,31 @@ mod tests {
         // another subject is independent
         det.observe("bob", now, d("0.5"));
         assert_eq!(alerts.events().len(), 1, "below min_spend");
+    }
+
+    /// Past 100 000 subjects, every observation scanned them all, even when none was
+    /// quiet: O(n) per request under a flood of distinct subjects.
+    #[test]
+    fn a_flood_of_subjects_is_pruned_in_amortized_constant_time() {
+        let det = SpikeDetector::new(SpikeConfig::default(), MemoryAlertSink::default()).unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        let n = MAX_SUBJECTS as u64 + 20_000;
+        for i in 0..n {
+            det.observe(&format!("u{i}"), t0, d("0.01"));
+        }
+        let s = det.subjects.lock().unwrap();
+        assert_eq!(s.map.len() as u64, n, "every subject is live");
+        assert!(
+            s.scanned <= 2 * n,
+            "{} subjects scanned for {n} observations",
+            s.scanned
+        );
+        drop(s);
+        // quiet subjects still go once the map passes the bound again
+        let later = t0 + Duration::from_secs(86_400);
+        for i in 0..2 * n {
+            det.observe(&format!("v{i}"), later, d("0.01"));
+        }
+        assert!(det.subjects.lock().unwrap().map.len() < 3 * n as usize);
     }
 }

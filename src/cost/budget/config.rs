@@ -174,6 +174,27 @@ impl BudgetConfig {
             env.optional_with(&v("prices_file"), None, "/etc/palisade/prices.json", |s| {
                 Ok(Some(PathBuf::from(s.trim())))
             });
+        // Read and check the file now, so a missing or malformed one is reported with every
+        // other problem, under its own name (building from this config fails too).
+        if let Some(path) = &prices_file {
+            let checked = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read it: {e}"))
+                .and_then(|text| {
+                    PriceTable::builtin()
+                        .merge_litellm_json(&text)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(reason) = checked {
+                env.problem(
+                    &v("prices_file"),
+                    ProblemKind::Invalid {
+                        value: path.display().to_string(),
+                        reason,
+                    },
+                    "/etc/palisade/prices.json",
+                );
+            }
+        }
         for (field, n) in [
             ("max_body", max_body as u64),
             ("bytes_per_token", bytes_per_token),
@@ -246,8 +267,12 @@ impl BudgetLayer {
         let config = BudgetConfig::from_env(&mut env);
         env.finish()?;
         Self::from_config(config).map_err(|e| {
+            let field = match e {
+                BudgetConfigError::Prices(_) => "prices_file",
+                _ => "rules",
+            };
             crate::config::ConfigError::new(vec![crate::config::Problem {
-                name: env_var(PREFIX, "rules"),
+                name: env_var(PREFIX, field),
                 kind: ProblemKind::Invalid {
                     value: String::new(),
                     reason: e.to_string(),

@@ -75,10 +75,14 @@ impl<C> RedisBudgetStore<C> {
         }
     }
 
-    /// Uses `tag` as the keys' hash tag (default `budget`).
+    /// Uses `tag` as the keys' hash tag (default `budget`; an empty tag keeps the default,
+    /// since Redis Cluster ignores an empty `{}`).
     #[must_use]
     pub fn hash_tag(mut self, tag: &str) -> Self {
-        self.tag = tag.replace(['{', '}'], "").into();
+        let tag = tag.replace(['{', '}'], "");
+        if !tag.is_empty() {
+            self.tag = tag.into();
+        }
         self
     }
 
@@ -212,5 +216,32 @@ where
 
     fn spend(&self, _charge: &Charge, _now: SystemTime) -> Option<(Money, Money)> {
         None // a network store cannot answer without a round trip
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::budget::{Budget, Scope};
+
+    /// Redis Cluster hashes the whole key when its first `{…}` is empty: an empty tag
+    /// would put a request's accounts in different slots (CROSSSLOT on every script).
+    #[test]
+    fn an_empty_hash_tag_keeps_the_default() {
+        let charge = Charge {
+            budget: Arc::new(Budget::new(
+                "daily",
+                Scope::User,
+                Period::Day,
+                Money::from_picos(1),
+            )),
+            subject: "ann".into(),
+        };
+        for tag in ["", "{}", "}{"] {
+            let store = RedisBudgetStore::new(()).hash_tag(tag);
+            assert_eq!(store.key(&charge), "palisade:budget:{budget}:daily:ann", "{tag:?}");
+        }
+        let store = RedisBudgetStore::new(()).hash_tag("{team}");
+        assert_eq!(store.key(&charge), "palisade:budget:{team}:daily:ann");
     }
 }

@@ -187,7 +187,15 @@ impl Account {
         }
         match period.calendar(now) {
             Some((id, _)) => id != self.period || self.spent == 0,
-            None => self.slots.is_empty(),
+            None => {
+                let Period::Rolling(window) = period else {
+                    return self.slots.is_empty();
+                };
+                // slots are only dropped when the account is next used: one whose newest
+                // slot has left the window spends nothing now
+                let current = unix_millis(now) / slot_millis(window);
+                self.slots.back().is_none_or(|&(s, _)| s + SLOTS <= current)
+            }
         }
     }
 }
@@ -197,10 +205,21 @@ type AccountKey = (Arc<str>, Arc<str>);
 /// Budget accounts in this process's memory: one lock, so every reservation is atomic.
 ///
 /// Accounts with nothing reserved and nothing spent in their current period are pruned
-/// when the map grows past its bound (1 000 000 accounts by default).
+/// when the map grows past its bound (1 000 000 accounts by default); when most accounts
+/// are live, the next pruning waits until the map has doubled, so a flood of distinct
+/// subjects costs amortized O(1) per request, never a scan each.
 pub struct MemoryBudgetStore {
-    accounts: Mutex<HashMap<AccountKey, Account>>,
+    accounts: Mutex<Accounts>,
     max_accounts: usize,
+}
+
+struct Accounts {
+    map: HashMap<AccountKey, Account>,
+    /// The size at which the next pruning runs: the bound, or twice what the last
+    /// pruning kept.
+    prune_at: usize,
+    /// Accounts looked at by pruning, all told.
+    scanned: u64,
 }
 
 impl fmt::Debug for MemoryBudgetStore {
@@ -227,14 +246,18 @@ impl MemoryBudgetStore {
     /// An empty store pruning idle accounts above `max` accounts.
     pub fn with_max_accounts(max: usize) -> Self {
         Self {
-            accounts: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(Accounts {
+                map: HashMap::new(),
+                prune_at: max.max(1),
+                scanned: 0,
+            }),
             max_accounts: max.max(1),
         }
     }
 
     /// The number of accounts held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     /// Whether no account is held.
@@ -242,7 +265,7 @@ impl MemoryBudgetStore {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AccountKey, Account>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Accounts> {
         // A panic while holding the lock leaves consistent integers behind.
         self.accounts
             .lock()
@@ -254,10 +277,14 @@ impl MemoryBudgetStore {
     }
 
     fn reserve_now(&self, charges: &[Charge], amount: Money, now: SystemTime) -> Reserve {
-        let mut map = self.lock();
-        if map.len() >= self.max_accounts {
-            map.retain(|_, acc| !acc.idle(now));
+        let mut accounts = self.lock();
+        let accounts = &mut *accounts;
+        if accounts.map.len() >= accounts.prune_at {
+            accounts.scanned += accounts.map.len() as u64;
+            accounts.map.retain(|_, acc| !acc.idle(now));
+            accounts.prune_at = self.max_accounts.max(accounts.map.len().saturating_mul(2));
         }
+        let map = &mut accounts.map;
         let want = amount.picos();
         for (index, c) in charges.iter().enumerate() {
             let acc = map.entry(Self::key(c)).or_default();
@@ -304,8 +331,8 @@ impl BudgetStore for MemoryBudgetStore {
     }
 
     fn spend(&self, charge: &Charge, now: SystemTime) -> Option<(Money, Money)> {
-        let mut map = self.lock();
-        let acc = map.get_mut(&Self::key(charge))?;
+        let mut accounts = self.lock();
+        let acc = accounts.map.get_mut(&Self::key(charge))?;
         let spent = acc.roll(charge.budget.period, now);
         Some((Money::from_picos(spent), Money::from_picos(acc.reserved)))
     }
@@ -320,9 +347,9 @@ impl MemoryBudgetStore {
         now: SystemTime,
     ) -> Vec<Crossing> {
         let mut crossings = Vec::new();
-        let mut map = self.lock();
+        let mut accounts = self.lock();
         for (index, c) in charges.iter().enumerate() {
-            let acc = map.entry(Self::key(c)).or_default();
+            let acc = accounts.map.entry(Self::key(c)).or_default();
             acc.reserved = acc.reserved.saturating_sub(reserved.picos());
             acc.roll(c.budget.period, now);
             acc.add_spent(c.budget.period, now, actual.picos());
@@ -476,5 +503,94 @@ mod tests {
             s.settle_now(&c, Money::from_picos(1), Money::ZERO, at(0));
         }
         assert!(s.len() <= 5, "{}", s.len());
+    }
+
+    /// A rolling account keeps its slots until it is next used: one whose every slot has
+    /// left the window spends nothing and must be pruned like an idle calendar account,
+    /// or a flood of one-off subjects on a rolling budget grows the map without bound.
+    /// An account still holding spend in its window stays (its limit still holds).
+    #[test]
+    fn rolling_accounts_whose_spend_has_aged_out_are_pruned() {
+        let s = MemoryBudgetStore::with_max_accounts(8);
+        let budget = Arc::new(Budget::new(
+            "r",
+            Scope::User,
+            Period::Rolling(Duration::from_secs(60)),
+            Money::from_picos(100),
+        ));
+        let c = |name: String| {
+            [Charge {
+                budget: Arc::clone(&budget),
+                subject: name.into(),
+            }]
+        };
+        let spend = |name: String, t: SystemTime, picos: u128| {
+            let c = c(name);
+            assert_eq!(
+                s.reserve_now(&c, Money::from_picos(picos), t),
+                Reserve::Granted
+            );
+            s.settle_now(&c, Money::from_picos(picos), Money::from_picos(picos), t);
+        };
+        for i in 0..100 {
+            spend(format!("old{i}"), at(0), 1);
+        }
+        spend("live".to_owned(), at(90_000), 100);
+        for i in 0..100 {
+            spend(format!("new{i}"), at(120_000), 1);
+        }
+        assert!(s.len() <= 128, "{} accounts kept", s.len());
+        // the live account kept its spend: its budget is still used up
+        assert!(matches!(
+            s.reserve_now(&c("live".to_owned()), Money::from_picos(1), at(125_000)),
+            Reserve::Refused { .. }
+        ));
+    }
+
+    /// Past the bound, every reservation scanned the whole map, even when no account was
+    /// idle: O(n) per request under a flood of distinct subjects. Pruning now waits until
+    /// the map has doubled.
+    #[test]
+    fn a_flood_of_live_accounts_is_pruned_in_amortized_constant_time() {
+        let s = MemoryBudgetStore::with_max_accounts(8);
+        let budget = Arc::new(Budget::new(
+            "b",
+            Scope::User,
+            Period::Day,
+            Money::from_picos(100),
+        ));
+        let n = 2_000u64;
+        for i in 0..n {
+            let c = [Charge {
+                budget: Arc::clone(&budget),
+                subject: format!("u{i}").into(),
+            }];
+            // reserved and never settled: nothing is idle, nothing can go
+            assert_eq!(
+                s.reserve_now(&c, Money::from_picos(1), at(0)),
+                Reserve::Granted
+            );
+        }
+        assert_eq!(s.len() as u64, n);
+        let scanned = s.lock().scanned;
+        assert!(
+            scanned < 4 * n,
+            "{scanned} accounts scanned for {n} reservations"
+        );
+        // idle accounts still go once the map passes the bound
+        let c = |i: u64| {
+            [Charge {
+                budget: Arc::clone(&budget),
+                subject: format!("u{i}").into(),
+            }]
+        };
+        for i in 0..n {
+            s.settle_now(&c(i), Money::from_picos(1), Money::ZERO, at(0));
+        }
+        for i in n..2 * n + 8 {
+            s.reserve_now(&c(i), Money::from_picos(1), at(0));
+            s.settle_now(&c(i), Money::from_picos(1), Money::ZERO, at(0));
+        }
+        assert!(s.len() < 2 * n as usize, "{}", s.len());
     }
 }

@@ -33,12 +33,12 @@ mod redis;
 mod tracing_sink;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
 pub use memory::MemorySink;
@@ -202,7 +202,8 @@ impl CostStats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RecorderConfig {
-    /// Queue capacity in records.
+    /// Records waiting in the queue; more are dropped and counted. (The writer holds the
+    /// records it took last, at most as many again, while the sink stores them.)
     pub capacity: usize,
     /// Largest batch handed to the sink.
     pub max_batch: usize,
@@ -224,11 +225,62 @@ impl Default for RecorderConfig {
     }
 }
 
-/// The sending side of the usage queue. Cheap to clone; recording never blocks.
-#[derive(Debug, Clone)]
+/// How long the writer lets records gather after the first one arrives, unless a full
+/// batch is waiting sooner: the recorders then wake it about once per batch, not once
+/// per record.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// The queue between the recorders and the writer task: a short critical section per
+/// record (a push under a lock the writer takes once per batch), and a wake-up only when
+/// the queue turns non-empty or a batch fills up.
+#[derive(Debug)]
+struct Queue {
+    state: Mutex<QueueState>,
+    capacity: usize,
+    /// A full batch: the length at which a record wakes the lingering writer.
+    batch: usize,
+    wake: Notify,
+    /// Live [`UsageRecorder`]s: when none is left, the writer drains and ends.
+    senders: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    /// Taken whole by the writer (swapped with its empty buffer): O(1) under the lock.
+    records: Vec<UsageRecord>,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The sending side of the usage queue. Cheap to clone; recording never waits.
+#[derive(Debug)]
 pub struct UsageRecorder {
-    tx: mpsc::Sender<UsageRecord>,
+    queue: Arc<Queue>,
     stats: Arc<CostStats>,
+}
+
+impl Clone for UsageRecorder {
+    fn clone(&self) -> Self {
+        self.queue.senders.fetch_add(1, Ordering::Relaxed);
+        Self {
+            queue: Arc::clone(&self.queue),
+            stats: Arc::clone(&self.stats),
+        }
+    }
+}
+
+impl Drop for UsageRecorder {
+    fn drop(&mut self) {
+        if self.queue.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // the last one: let the writer drain and end
+            self.queue.wake.notify_one();
+        }
+    }
 }
 
 /// Stops the recorder's background task after draining the queue and flushing the sink.
@@ -244,12 +296,28 @@ impl UsageRecorder {
     /// Starts the background task feeding `sink` (must run inside a tokio runtime).
     pub fn spawn<S: UsageSink>(sink: S, config: RecorderConfig) -> (Self, RecorderShutdown) {
         let stats = Arc::new(CostStats::default());
-        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let capacity = config.capacity.max(1);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                records: Vec::with_capacity(capacity.min(1024)),
+                closed: false,
+            }),
+            capacity,
+            batch: config.max_batch.max(1),
+            wake: Notify::new(),
+            senders: AtomicUsize::new(1),
+        });
         let (stop, stop_rx) = oneshot::channel();
-        let task = tokio::spawn(run(sink, config, rx, stop_rx, Arc::clone(&stats)));
+        let task = tokio::spawn(run(
+            sink,
+            config,
+            Arc::clone(&queue),
+            stop_rx,
+            Arc::clone(&stats),
+        ));
         (
             Self {
-                tx,
+                queue,
                 stats: Arc::clone(&stats),
             },
             RecorderShutdown { stop, task, stats },
@@ -257,23 +325,30 @@ impl UsageRecorder {
     }
 
     /// Queues `record`; `false` (and a counted drop) when the queue is full or closed.
+    /// Never waits; wakes the writer task only when the queue turns non-empty or a batch
+    /// fills up.
     pub fn record(&self, record: UsageRecord) -> bool {
-        match self.tx.try_send(record) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: "palisade::cost", "usage queue full: record dropped");
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.stats.dropped_closed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: "palisade::cost", "usage recorder shut down: record dropped");
-                false
-            }
+        let mut q = self.queue.lock();
+        if q.closed {
+            drop(q);
+            self.stats.dropped_closed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "palisade::cost", "usage recorder shut down: record dropped");
+            return false;
         }
+        if q.records.len() >= self.queue.capacity {
+            drop(q);
+            self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "palisade::cost", "usage queue full: record dropped");
+            return false;
+        }
+        q.records.push(record);
+        let len = q.records.len();
+        drop(q);
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if len == 1 || len == self.queue.batch {
+            self.queue.wake.notify_one();
+        }
+        true
     }
 
     /// The shared counters.
@@ -325,36 +400,53 @@ impl RecorderShutdown {
 async fn run<S: UsageSink>(
     sink: S,
     config: RecorderConfig,
-    mut rx: mpsc::Receiver<UsageRecord>,
+    queue: Arc<Queue>,
     mut stop: oneshot::Receiver<()>,
     stats: Arc<CostStats>,
 ) {
     let max_batch = config.max_batch.max(1);
-    let mut batch = Vec::with_capacity(max_batch);
+    let mut taken = Vec::with_capacity(queue.capacity.min(1024));
     // `listening`: the shutdown handle still exists. When it is dropped without a call to
     // `shutdown`, the task runs on until every recorder is gone.
     let mut listening = true;
     loop {
-        let n = if listening {
+        // Checked before draining: once closed or without recorders, nothing more comes.
+        let last = queue.lock().closed || queue.senders.load(Ordering::Acquire) == 0;
+        loop {
+            std::mem::swap(&mut queue.lock().records, &mut taken);
+            if taken.is_empty() {
+                break;
+            }
+            for batch in taken.chunks(max_batch) {
+                write(&sink, &config, batch, &stats).await;
+            }
+            taken.clear();
+        }
+        if last {
+            break;
+        }
+        // Every record that finds the queue empty wakes us: nothing is left behind.
+        if listening {
             tokio::select! {
                 biased;
-                n = rx.recv_many(&mut batch, max_batch) => n,
+                () = queue.wake.notified() => {}
                 signal = &mut stop => {
                     listening = false;
                     if signal.is_ok() {
-                        rx.close();
+                        queue.lock().closed = true;
                     }
                     continue;
                 }
             }
         } else {
-            rx.recv_many(&mut batch, max_batch).await
-        };
-        if n == 0 {
-            break; // closed and drained
+            queue.wake.notified().await;
         }
-        write(&sink, &config, &batch, &stats).await;
-        batch.clear();
+        if queue.lock().records.len() < max_batch {
+            tokio::select! {
+                () = queue.wake.notified() => {}
+                () = tokio::time::sleep(LINGER) => {}
+            }
+        }
     }
     if let Err(e) = sink.flush().await {
         stats.sink_errors.fetch_add(1, Ordering::Relaxed);
@@ -515,6 +607,51 @@ mod tests {
         r.record(rec(1));
         let ok = shut.shutdown_within(Duration::from_secs(5)).await.unwrap();
         assert_eq!(ok.written, 1);
+    }
+
+    /// Records from several threads at once, while the writer drains: none lost, none
+    /// twice, each thread's in its order (a wake-up missed between the writer's look and
+    /// its wait would leave records behind until shutdown; the test waits for them first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_all_arrive_once_in_order_without_shutdown() {
+        let sink = flaky(0, true, usize::MAX >> 4);
+        let cfg = RecorderConfig {
+            capacity: 100_000,
+            max_batch: 64,
+            ..RecorderConfig::default()
+        };
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), cfg);
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5_000 {
+                        assert!(r.record(rec(t * 1_000_000 + i)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while r.stats().snapshot().written < 20_000 {
+            assert!(std::time::Instant::now() < deadline, "records left behind");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let stats = shut.shutdown().await;
+        assert_eq!(
+            (stats.queued, stats.written, stats.dropped_full),
+            (20_000, 20_000, 0)
+        );
+        let got = sink.got.lock().unwrap().clone();
+        for t in 0..4u64 {
+            let mine: Vec<u64> = got.iter().copied().filter(|n| n / 1_000_000 == t).collect();
+            assert_eq!(
+                mine,
+                (0..5_000).map(|i| t * 1_000_000 + i).collect::<Vec<_>>()
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,7 +19,8 @@ use crate::key::ApiKeyId;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RedisSinkConfig {
-    /// The hash tag every key carries (without braces).
+    /// The hash tag every key carries (without braces; an empty one means `usage`, since
+    /// Redis Cluster ignores an empty `{}`).
     pub hash_tag: String,
     /// The stream is trimmed to about this many entries.
     pub stream_max_len: u64,
@@ -98,7 +99,9 @@ struct Inner<C> {
 /// - appends the record (as JSON, with its [`RecordId`](crate::cost::RecordId)) to the
 ///   stream `palisade:usage:{<tag>}:stream`, capped near `stream_max_len` entries
 ///   (`XADD MAXLEN ~`);
-/// - adds its requests, every token class, its cost in pico-dollars and its unpriced,
+/// - adds its requests, every token class, its cost (whole dollars and the pico-dollars
+///   below one in two counters, carried in the script, so sums stay exact past 64 bits of
+///   pico-dollars) and its unpriced,
 ///   incomplete and error counts, per model, to the daily hashes of everything
 ///   (`…:day:<n>:all`), its user (`…:user:<id>`), its hashed API key (`…:key:<hex>`), its
 ///   bot (`…:bot:<id>`), or `…:anon` when it has neither user nor key (`<n>` counts UTC
@@ -218,8 +221,14 @@ fn clamp(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// The 11 counters the script adds, in its order.
-fn counters(r: &UsageRecord) -> [i64; 11] {
+/// Pico-dollars in a dollar: costs are kept in Redis as whole dollars plus the pico-dollars
+/// below one, so no 64-bit hash counter overflows (i64::MAX pico-dollars is only about
+/// $9.2 million).
+const PICOS_PER_DOLLAR: u128 = 1_000_000_000_000;
+
+/// The 12 counters the script adds, in its order (the cost as pico-dollars below a dollar
+/// at 7, whole dollars at 11).
+fn counters(r: &UsageRecord) -> [i64; 12] {
     let mut t = Totals::default();
     t.add(r);
     let u = &t.usage;
@@ -231,10 +240,11 @@ fn counters(r: &UsageRecord) -> [i64; 11] {
         clamp(u.cache_write_1h_tokens),
         clamp(u.cache_read_tokens),
         clamp(u.web_search_requests),
-        i64::try_from(t.cost.picos()).unwrap_or(i64::MAX),
+        i64::try_from(t.cost.picos() % PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
         clamp(t.unpriced),
         clamp(t.incomplete),
         clamp(t.errors),
+        i64::try_from(t.cost.picos() / PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
     ]
 }
 
@@ -258,6 +268,10 @@ fn read_hash(hash: HashMap<String, i64>, by_model: &mut BTreeMap<String, Totals>
             "8" => t.unpriced += v,
             "9" => t.incomplete += v,
             "10" => t.errors += v,
+            "11" => {
+                let picos = u128::from(v).saturating_mul(PICOS_PER_DOLLAR);
+                t.cost = t.cost.saturating_add(Money::from_picos(picos));
+            }
             _ => {}
         }
     }
@@ -275,7 +289,11 @@ fn add_totals(into: &mut Totals, t: &Totals) {
 impl<C> RedisSink<C> {
     /// A sink over `conn` (a `ConnectionManager`, or a cluster connection).
     pub fn new(conn: C, config: RedisSinkConfig) -> Self {
-        let tag = config.hash_tag.replace(['{', '}'], "");
+        let mut tag = config.hash_tag.replace(['{', '}'], "");
+        if tag.is_empty() {
+            // `{}` is no hash tag to Redis Cluster: the keys would spread over slots
+            tag = RedisSinkConfig::default().hash_tag;
+        }
         Self {
             inner: Arc::new(Inner {
                 conn,
@@ -595,6 +613,20 @@ mod tests {
             .to_string(),
             "2025-11-25"
         );
+    }
+
+    /// Redis Cluster hashes the whole key when its first `{…}` is empty, so an empty tag
+    /// would scatter one script's keys over slots (CROSSSLOT).
+    #[test]
+    fn an_empty_hash_tag_falls_back_to_the_default() {
+        for tag in ["", "{}", "}{"] {
+            let config = RedisSinkConfig {
+                hash_tag: tag.to_owned(),
+                ..RedisSinkConfig::default()
+            };
+            let sink = RedisSink::new((), config);
+            assert_eq!(sink.stream_key(), "palisade:usage:{usage}:stream", "{tag:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod blocked;
 mod config;
 mod health;
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::future::{Future, ready};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -450,7 +450,10 @@ enum Conn {
 /// different keys (per key and global) cannot be decided atomically across slots: give
 /// the store one fixed tag ([`HashTag::Fixed`]), which puts every key of the store on
 /// one slot, or keep such groups for a single server. A Cluster store refuses a group
-/// whose keys would cross slots with a clear [`StoreError`].
+/// whose keys would cross slots with a clear [`StoreError`], before any round trip and
+/// whatever the failure mode (a configuration mistake, not an outage); as a reservation
+/// is only made by a check that passed, its settlement never crosses slots either, and a
+/// settlement that would is refused the same way.
 ///
 /// **Faults.** Each decision waits at most [`RedisStoreBuilder::timeout`] (50 ms by
 /// default). When Redis fails, the store follows its [`RedisFailMode`]: fail closed (an
@@ -599,11 +602,25 @@ impl RedisStore {
 
     /// The Redis key holding one rule's state for one rate key.
     pub fn key_name(&self, rule: &str, key: &RateKey) -> String {
-        let encoded = encode_key(key);
+        let mut out = String::new();
+        self.write_key_name(&mut out, rule, key);
+        out
+    }
+
+    /// Writes [`RedisStore::key_name`] into `out`.
+    fn write_key_name(&self, out: &mut String, rule: &str, key: &RateKey) {
         let rule = encode_rule(rule);
+        let prefix = &self.inner.prefix;
         match &self.inner.hash_tag {
-            HashTag::Key => format!("{}:{rule}:{{{encoded}}}", self.inner.prefix),
-            HashTag::Fixed(tag) => format!("{}:{{{tag}}}:{rule}:{encoded}", self.inner.prefix),
+            HashTag::Key => {
+                let _ = write!(out, "{prefix}:{rule}:{{");
+                write_key(out, key);
+                out.push('}');
+            }
+            HashTag::Fixed(tag) => {
+                let _ = write!(out, "{prefix}:{{{tag}}}:{rule}:");
+                write_key(out, key);
+            }
         }
     }
 
@@ -635,47 +652,74 @@ impl RedisStore {
         self.peek_with(item, Some(now))
     }
 
-    fn now_arg(&self, now: Option<u64>) -> String {
+    /// The time sent to the script: µs, or `None` for the server's own clock.
+    fn now_arg(&self, now: Option<u64>) -> Option<u64> {
         match (now, self.inner.clock) {
-            (Some(now), _) => now.to_string(),
-            (None, RedisClock::Server) => "-".to_owned(),
+            (Some(now), _) => Some(now),
+            (None, RedisClock::Server) => None,
             (None, RedisClock::Client) => {
                 let since = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
-                u64::try_from(since.as_micros())
-                    .unwrap_or(u64::MAX)
-                    .to_string()
+                Some(u64::try_from(since.as_micros()).unwrap_or(u64::MAX))
             }
         }
     }
 
-    /// The script call for these rules, or an error when Cluster could not run it.
-    fn invocation<'k>(
+    /// The script call (`EVALSHA`) for these rules, or an error when Cluster could not run
+    /// it. The command is written straight into one buffer: numbers are formatted in
+    /// place, and the keys share one scratch string.
+    fn invocation<'k, I>(
         &self,
         mode: Mode,
         now: Option<u64>,
-        rules: impl Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64)>,
-    ) -> Result<redis::ScriptInvocation<'static>, StoreError> {
-        let mut inv = SCRIPT.prepare_invoke();
-        let grace = match (now, self.inner.clock) {
-            (None, RedisClock::Server) => GRACE_SERVER_MS,
-            _ => GRACE_CLIENT_MS,
-        };
-        inv.arg(match mode {
-            Mode::Check => "c",
-            Mode::Peek => "p",
-            Mode::Settle => "s",
-        })
-        .arg(self.now_arg(now))
-        .arg(grace);
+        rules: I,
+    ) -> Result<redis::Cmd, StoreError>
+    where
+        I: Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64)> + Clone,
+    {
         if now.is_some_and(|t| t >= LUA_TIME) {
             return Err(StoreError::new(
                 "the Redis store's time must stay below 2^53 µs (the year 2255)",
             ));
         }
-        let mut tag: Option<String> = None;
-        for (rule, key, params, a, b) in rules {
+        let count = rules.clone().count();
+        let mut cmd = redis::Cmd::with_capacity(6 + 8 * count, 96 + 128 * count);
+        cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(count);
+        let mut first: Option<&RateKey> = None;
+        let mut name = String::with_capacity(self.inner.prefix.len() + 48);
+        for (rule, key, ..) in rules.clone() {
+            if self.inner.cluster && self.inner.hash_tag == HashTag::Key {
+                // Equal rate keys, and only they, encode to the same hash tag.
+                match first {
+                    None => first = Some(key),
+                    Some(k) if k != key => {
+                        return Err(StoreError::new(
+                            "rules counting different keys cannot be decided atomically across Redis Cluster slots; use HashTag::Fixed for such groups",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+            name.clear();
+            self.write_key_name(&mut name, rule, key);
+            cmd.arg(name.as_bytes());
+        }
+        let grace = match (now, self.inner.clock) {
+            (None, RedisClock::Server) => GRACE_SERVER_MS,
+            _ => GRACE_CLIENT_MS,
+        };
+        cmd.arg(match mode {
+            Mode::Check => "c",
+            Mode::Peek => "p",
+            Mode::Settle => "s",
+        });
+        match self.now_arg(now) {
+            Some(now) => cmd.arg(now),
+            None => cmd.arg("-"),
+        };
+        cmd.arg(grace);
+        for (rule, _key, params, a, b) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
                 return Err(StoreError::new(format!(
@@ -691,20 +735,7 @@ impl RedisStore {
                     b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
                 ),
             };
-            if self.inner.cluster && self.inner.hash_tag == HashTag::Key {
-                let this = encode_key(key);
-                match &tag {
-                    None => tag = Some(this),
-                    Some(t) if *t != this => {
-                        return Err(StoreError::new(
-                            "rules counting different keys cannot be decided atomically across Redis Cluster slots; use HashTag::Fixed for such groups",
-                        ));
-                    }
-                    Some(_) => {}
-                }
-            }
-            inv.key(self.key_name(rule, key));
-            inv.arg(match params.algorithm {
+            cmd.arg(match params.algorithm {
                 Algorithm::SlidingWindow => 0,
                 Algorithm::FixedWindow => 1,
                 Algorithm::Gcra => 2,
@@ -716,7 +747,7 @@ impl RedisStore {
             .arg(a)
             .arg(b);
         }
-        Ok(inv)
+        Ok(cmd)
     }
 
     fn check_with(
@@ -737,14 +768,14 @@ impl RedisStore {
                 .iter()
                 .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow))),
         );
-        let inv = match inv {
-            Ok(inv) => inv,
+        let cmd = match inv {
+            Ok(cmd) => cmd,
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let answer = inner.call_check(inv, &owned).await;
+            let answer = inner.call_check(cmd, &owned).await;
             match answer {
                 Ok(values) => parse_check(&values, &owned)
                     .inspect(|(d, blocked)| {
@@ -781,8 +812,8 @@ impl RedisStore {
                 .iter()
                 .map(|s| (s.rule, s.key, s.params, s.window_start, s.delta)),
         );
-        let inv = match inv {
-            Ok(inv) => inv,
+        let cmd = match inv {
+            Ok(cmd) => cmd,
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
@@ -808,7 +839,7 @@ impl RedisStore {
             SmallVec::new()
         };
         Box::pin(async move {
-            match inner.call::<Vec<i64>>(&inv).await {
+            match inner.call(&cmd).await {
                 Ok(_) => Ok(()),
                 Err(_) if inner.fail_mode == RedisFailMode::Local => {
                     inner.health.degraded();
@@ -841,14 +872,14 @@ impl RedisStore {
             now,
             std::iter::once((item.rule, item.key, item.params, 0, 0)),
         );
-        let inv = match inv {
-            Ok(inv) => inv,
+        let cmd = match inv {
+            Ok(cmd) => cmd,
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
         let local = (inner.fail_mode == RedisFailMode::Local).then(|| OwnedItem::of(item));
         Box::pin(async move {
-            let values = match (inner.call::<Vec<i64>>(&inv).await, &local) {
+            let values = match (inner.call(&cmd).await, &local) {
                 (Ok(values), _) => values,
                 (Err(_), Some(item)) => {
                     inner.health.degraded();
@@ -866,16 +897,8 @@ impl RedisStore {
 
 impl Inner {
     /// One script call within the timeout; counts the round trip or the failure.
-    async fn call<T: redis::FromRedisValue>(
-        &self,
-        inv: &redis::ScriptInvocation<'static>,
-    ) -> Result<T, String> {
-        let call = async {
-            match self.conn.clone() {
-                Conn::Single(mut c) => inv.invoke_async::<T>(&mut c).await,
-                Conn::Cluster(mut c) => inv.invoke_async::<T>(&mut c).await,
-            }
-        };
+    async fn call(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, String> {
+        let call = eval(self.conn.clone(), cmd);
         let result = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
@@ -893,16 +916,11 @@ impl Inner {
     /// awaited in the background and what it debited is given back.
     async fn call_check(
         self: &Arc<Self>,
-        inv: redis::ScriptInvocation<'static>,
+        cmd: redis::Cmd,
         items: &[OwnedItem],
     ) -> Result<Vec<i64>, String> {
         let conn = self.conn.clone();
-        let mut call = Box::pin(async move {
-            match conn {
-                Conn::Single(mut c) => inv.invoke_async::<Vec<i64>>(&mut c).await,
-                Conn::Cluster(mut c) => inv.invoke_async::<Vec<i64>>(&mut c).await,
-            }
-        });
+        let mut call = Box::pin(async move { eval(conn, &cmd).await });
         let result = match tokio::time::timeout(self.timeout, &mut call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
@@ -959,8 +977,8 @@ impl Inner {
                 )
             }),
         );
-        let Ok(inv) = inv else { return };
-        match self.call::<Vec<i64>>(&inv).await {
+        let Ok(cmd) = inv else { return };
+        match self.call(&cmd).await {
             Ok(_) => self.health.late_debit_returned(),
             Err(e) => tracing::debug!(
                 error = e,
@@ -1085,6 +1103,27 @@ impl Inner {
     }
 }
 
+/// Runs the script (`EVALSHA`), loading it first when Redis does not know it (`NOSCRIPT`,
+/// after a restart or `SCRIPT FLUSH`).
+async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
+    async fn on<C: redis::aio::ConnectionLike>(
+        c: &mut C,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<Vec<i64>> {
+        match cmd.query_async(c).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                SCRIPT.load_async(c).await?;
+                cmd.query_async(c).await
+            }
+            answer => answer,
+        }
+    }
+    match conn {
+        Conn::Single(mut c) => on(&mut c, cmd).await,
+        Conn::Cluster(mut c) => on(&mut c, cmd).await,
+    }
+}
+
 /// Fields per rule in the script's answer.
 const FIELDS: usize = 7;
 
@@ -1144,29 +1183,37 @@ fn encode_rule(rule: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
-/// The rate key as it appears in a Redis key: readable, without braces (so it can be a
-/// hash tag), and a header's value only as a digest.
-fn encode_key(key: &RateKey) -> String {
-    fn escape(s: &str) -> String {
-        s.replace('%', "%25")
-            .replace('{', "%7B")
-            .replace('}', "%7D")
-    }
+/// Writes the rate key as it appears in a Redis key: readable, without braces (so it can
+/// be a hash tag), and a header's value only as a digest.
+fn write_key(out: &mut String, key: &RateKey) {
     match key {
-        RateKey::Global => "global".to_owned(),
-        RateKey::Ip(ip) => format!("ip:{ip}"),
-        RateKey::ApiKey(id) => format!("key:{id}"),
-        RateKey::Principal(p) => format!("principal:{}", escape(p)),
+        RateKey::Global => out.push_str("global"),
+        RateKey::Ip(ip) => {
+            let _ = write!(out, "ip:{ip}");
+        }
+        RateKey::ApiKey(id) => {
+            let _ = write!(out, "key:{id}");
+        }
+        RateKey::Principal(p) => {
+            out.push_str("principal:");
+            for c in p.chars() {
+                match c {
+                    '%' => out.push_str("%25"),
+                    '{' => out.push_str("%7B"),
+                    '}' => out.push_str("%7D"),
+                    c => out.push(c),
+                }
+            }
+        }
         RateKey::Header(h) => {
             use sha2::Digest;
             let digest = sha2::Sha256::digest(h.as_bytes());
-            let mut out = String::from("header:");
+            out.push_str("header:");
             for b in &digest[..16] {
-                out.push_str(&format!("{b:02x}"));
+                let _ = write!(out, "{b:02x}");
             }
-            out
         }
-        RateKey::Anonymous => "anonymous".to_owned(),
+        RateKey::Anonymous => out.push_str("anonymous"),
     }
 }
 

@@ -44,6 +44,11 @@ impl FromStr for ContentSecurityPolicy {
                     values.retain(|v| *v != "'nonce-{nonce}'");
                     if values.len() != before {
                         builder = builder.nonce(true);
+                        if values.is_empty() {
+                            // Only the per-request nonce: `nonce(true)` writes this
+                            // directive (as `Display` writes a nonce-only `script-src`).
+                            continue;
+                        }
                     }
                     builder = builder.directive(directive, values);
                 }

@@ -102,6 +102,27 @@ local function units_in(p, micros)
   return q
 end
 
+-- Sliding window: what is left after `c` units in the current window.
+local function sliding_remaining(p, prev, weighted, c)
+  if p.strict then
+    return sat_sub(p.limit, prev + c)
+  end
+  return sat_sub(sat_sub(p.limit, weighted), c)
+end
+
+-- Sliding window: the first instant (us into the window) at which `pp` units of the previous
+-- window weigh at most `x`.
+local function first_fit(w, pp, x)
+  if pp == 0 then
+    return 0
+  end
+  local slack = muldiv(x, w, pp)
+  if slack > w then
+    slack = w
+  end
+  return w - slack
+end
+
 -- A decision: verdict, retry_after, remaining, reset, window_start, and the state to keep
 -- (start, prev, count, expires_at).
 local function decide_sliding(p, s, now, cost)
@@ -123,12 +144,6 @@ local function decide_sliding(p, s, now, cost)
   if not p.strict then
     weighted = mul_div_ceil(prev, w - elapsed, w)
   end
-  local function remaining_after(c)
-    if p.strict then
-      return sat_sub(limit, prev + c)
-    end
-    return sat_sub(sat_sub(limit, weighted), c)
-  end
   local d = {
     verdict = 0, retry = 0, remaining = 0, reset = w - elapsed, window_start = start,
     start = start, prev = prev, count = count, expires_at = start + 2 * w,
@@ -136,7 +151,7 @@ local function decide_sliding(p, s, now, cost)
   }
   if cost > limit then
     d.verdict = 2
-    d.remaining = remaining_after(count)
+    d.remaining = sliding_remaining(p, prev, weighted, count)
     return d
   end
   local total = count + cost
@@ -148,11 +163,11 @@ local function decide_sliding(p, s, now, cost)
   end
   if fits then
     d.count = total
-    d.remaining = remaining_after(total)
+    d.remaining = sliding_remaining(p, prev, weighted, total)
     return d
   end
   d.verdict = 1
-  d.remaining = remaining_after(count)
+  d.remaining = sliding_remaining(p, prev, weighted, count)
   local to_next = w - elapsed
   if p.strict then
     if total <= limit then
@@ -162,24 +177,14 @@ local function decide_sliding(p, s, now, cost)
     end
     return d
   end
-  local function first_fit(pp, x)
-    if pp == 0 then
-      return 0
-    end
-    local slack = muldiv(x, w, pp)
-    if slack > w then
-      slack = w
-    end
-    return w - slack
-  end
   if total <= limit then
-    local f = first_fit(prev, limit - total)
+    local f = first_fit(w, prev, limit - total)
     if f < elapsed + 1 then
       f = elapsed + 1
     end
     d.retry = f - elapsed
   else
-    d.retry = to_next + first_fit(count, limit - cost)
+    d.retry = to_next + first_fit(w, count, limit - cost)
   end
   return d
 end
@@ -386,14 +391,15 @@ for i = 1, n do
       kept = d
       redis.call('SET', KEYS[i], encode(d), 'PX', ttl_ms(d.expires_at, now, grace))
     else
-      -- nothing was debited: what is left without this request, as a peek reports it
-      -- (GCRA rounds the remaining after a debit down, so adding the cost back can come
-      -- out one short)
-      d.remaining = decide(p, load(KEYS[i]), now, 0).remaining
+      -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
+      -- down, so adding the cost back could come out one short)
+      d.remaining = decide(p, d.base, now, 0).remaining
     end
   end
+  -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
+  -- it is at least 1, so only an exhausted rule needs the second look.
   local blocked = 0
-  if mode == 'c' and not d.shadow then
+  if mode == 'c' and not d.shadow and d.remaining < 1 then
     blocked = blocked_for(p, kept)
   end
   local k = #out
