@@ -85,7 +85,8 @@ for t in "${targets[@]}"; do
     -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 -max_len=65536 \
     -timeout=10 >"$log" 2>&1 || status=FAILED
   after="$(find "fuzz/artifacts/$t" -type f | wc -l)"
-  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)"
+  # (no stats when the run died early: the summary still prints, marked FAILED)
+  execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)"
   crashes=$((after - before))
   summary+=("$(printf '%-9s %12s executions  %3d crashes  %s' "$t" "${execs:-?}" "$crashes" "$status")")
   if [ "$status" != ok ] || [ "$crashes" -gt 0 ]; then

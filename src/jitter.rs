@@ -103,7 +103,9 @@ impl Jitter {
             }
             Jitter::Spread(r) if r > 0.0 && r.is_finite() => {
                 let r = r.min(1.0);
-                d.mul_f64(1.0 - r + 2.0 * r * rng.unit())
+                // Saturating: a spread may lengthen `d` past `Duration::MAX`.
+                Duration::try_from_secs_f64(d.as_secs_f64() * (1.0 - r + 2.0 * r * rng.unit()))
+                    .unwrap_or(Duration::MAX)
             }
             Jitter::Spread(_) => d,
         }
@@ -314,6 +316,23 @@ mod tests {
             let spread = Jitter::Spread(0.2).apply(d, base, previous, &mut rng);
             assert!(spread >= ms(800) && spread <= ms(1200), "{spread:?}");
             assert_eq!(Jitter::Spread(0.0).apply(d, base, previous, &mut rng), d);
+        }
+    }
+
+    /// A spread can lengthen a delay past its nominal value; on a very long delay (a
+    /// `max_delay` of `Duration::MAX`, which the retry configuration accepts) that must
+    /// saturate, not panic in the middle of a request.
+    #[test]
+    fn a_spread_of_a_very_long_delay_saturates() {
+        for seed in 0..50 {
+            let mut rng = JitterRng::seeded(seed);
+            let d = Jitter::Spread(0.5).apply(Duration::MAX, ms(1), Duration::MAX, &mut rng);
+            assert!(d >= Duration::MAX / 2, "{d:?}");
+        }
+        let backoff = crate::retry::Backoff::new(ms(500), 2.0, Duration::MAX, Jitter::Spread(0.5));
+        let mut rng = JitterRng::seeded(1);
+        for n in [0, 10, 100, 1000] {
+            assert!(backoff.delay(n, Duration::ZERO, &mut rng) <= Duration::MAX);
         }
     }
 

@@ -1202,6 +1202,35 @@ fn env_example_lists_every_gateway_variable() {
     env.finish().expect("load.env is a valid configuration");
 }
 
+/// The README's table of the gateway's own variables names each one the configuration
+/// reads (a family may be written `PALISADE_GATEWAY_SPIKE_ALERTS`, `_WINDOW`).
+#[test]
+fn readme_table_lists_every_gateway_variable() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("The gateway's own variables")
+        .expect("the README has the table");
+    let table = &readme[start..];
+    let table = &table[table.find("\n|").expect("the table follows")..];
+    let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+    let source = include_str!("../examples/chat_gateway/config.rs");
+    let mut missing = Vec::new();
+    for (i, _) in source.match_indices("\"PALISADE_GATEWAY_") {
+        let name: String = source[i + 1..]
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+            .collect();
+        let rest = &name["PALISADE_GATEWAY_".len()..];
+        let suffix = rest.find('_').map(|j| format!("`{}`", &rest[j..]));
+        let listed =
+            table.contains(&format!("`{name}`")) || suffix.is_some_and(|s| table.contains(&s));
+        if !listed && !missing.contains(&name) {
+            missing.push(name);
+        }
+    }
+    assert!(missing.is_empty(), "the README's table lacks {missing:?}");
+}
+
 const TLS_CERT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/chat_gateway_data/localhost.cert.pem"

@@ -303,6 +303,57 @@ async fn a_budget_refusal_is_audited() {
     assert_eq!(rows[0].get::<_, String>(2), "refused");
 }
 
+/// Refused and failed attempts are security events too: a user key reading another
+/// user's usage, an admin call with a body the gateway refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_usage_read_and_refused_admin_calls_are_audited() {
+    let server = pg::Postgres::start();
+    let url = server.database("refusals").await;
+    let gw = start(&url, &[]).await;
+    let db = client(&url).await;
+    let a = gw.call(Method::GET, "/v1/usage?user=ops", USER, None).await;
+    assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
+    let a = gw
+        .call(
+            Method::PUT,
+            "/admin/budgets/alice",
+            ADMIN,
+            Some(json!({"daily_limit_usd": "lots"})),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+    let a = gw
+        .call(
+            Method::POST,
+            "/admin/rate-limits/reset",
+            ADMIN,
+            Some(json!({"user": "alice", "rules": ["no_such_rule"]})),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+    assert!(gw.state.audit.flush().await);
+    let rows = db
+        .query(
+            "SELECT action, actor, outcome FROM audit_logs ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<String>, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let want = [
+        ("forbidden", "alice", "refused"),
+        ("budget_set", "ops", "failed"),
+        ("rate_limits_reset", "ops", "failed"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(a, b, c)| (a.to_owned(), Some(b.to_owned()), c.to_owned())),
+    );
+}
+
 /// The gateway applies the ledger's migrations at start-up, and a second instance on the
 /// same database starts too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

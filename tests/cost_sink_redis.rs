@@ -291,7 +291,12 @@ async fn spend_past_64_bits_of_pico_dollars_sums_exactly_like_the_memory_sink() 
     sink.flush().await.unwrap();
     let health = sink.health();
     assert_eq!(
-        (health.delivered, health.duplicates, health.dropped, health.backlog),
+        (
+            health.delivered,
+            health.duplicates,
+            health.dropped,
+            health.backlog
+        ),
         (4, 0, 0, 0),
         "{health:?}"
     );

@@ -523,3 +523,24 @@ async fn headers_served_over_tls_score_a_plus_on_the_observatory_rules() {
         }
     }
 }
+
+/// The webhook URL is read as a secret (a Slack or PagerDuty URL holds its token in the
+/// path): the configuration's Debug output must not show it, as it hides the upstream key.
+#[test]
+fn the_configurations_debug_output_hides_the_alert_webhooks_token() {
+    const TOKEN: &str = "T0000000/B0000000/XXXXsecretXXXXtoken";
+    let mut env = Env::from_pairs([
+        (
+            "PALISADE_GATEWAY_ALERT_WEBHOOK",
+            format!("https://hooks.slack.com/services/{TOKEN}"),
+        ),
+        ("ANTHROPIC_BASE_URL", "https://api.anthropic.com".to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-secret-key".to_owned()),
+    ]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("secretXXXXtoken"), "{debug}");
+    assert!(!debug.contains("sk-ant-upstream-secret-key"), "{debug}");
+    assert!(debug.contains("hooks.slack.com"), "{debug}");
+}

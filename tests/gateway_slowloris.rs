@@ -153,3 +153,129 @@ fn a_zero_or_malformed_header_timeout_is_reported() {
         );
     }
 }
+
+/// Reads whatever the server sends (its own SETTINGS frame, say) until the connection
+/// closes; returns when it closed, measured from `start`, or `None` if still open at 30 s.
+async fn closed_after(tcp: &mut TcpStream, start: Instant) -> Option<Duration> {
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| start.elapsed())
+}
+
+/// A whole HTTP/2 preface (prior knowledge) and its SETTINGS, then no request at all:
+/// hyper's HTTP/2 server has no header deadline of its own.
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_header_timeout() {
+    let addr = start(false).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // An empty SETTINGS frame: length 0, type 4, flags 0, stream 0.
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let waited = closed_after(&mut tcp, start).await;
+    assert!(
+        waited.is_some_and(|w| (Duration::from_secs(10)..Duration::from_secs(12)).contains(&w)),
+        "an idle HTTP/2 connection closed after {waited:?}"
+    );
+}
+
+/// The same over TLS, where ALPN has chosen h2: the handshake done, nothing more.
+#[tokio::test(start_paused = true)]
+async fn an_h2_tls_connection_that_never_sends_a_request_is_closed_after_the_header_timeout() {
+    use tokio_rustls::rustls;
+    let addr = start(true).await;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let waited = start.elapsed();
+    assert!(
+        closed.is_ok() && (Duration::from_secs(10)..Duration::from_secs(12)).contains(&waited),
+        "an idle h2 connection over TLS closed after {waited:?} ({closed:?})"
+    );
+}
+
+/// After a first answer, a keep-alive connection that never sends its next request head.
+#[tokio::test(start_paused = true)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let addr = start(false).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let waited = closed_after(&mut tcp, start).await;
+    assert!(
+        waited.is_some_and(|w| w < Duration::from_secs(12)),
+        "an idle keep-alive connection closed after {waited:?}"
+    );
+}
+
+/// An HTTP/2 client (prior knowledge) that makes one request, then holds the connection
+/// open and answers nothing (not even the server's pings): closed, not kept forever.
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_gone_silent_after_a_request_is_closed() {
+    let addr = start(false).await;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // HEADERS on stream 1, END_STREAM | END_HEADERS: GET http://127.0.0.1/health
+    // (HPACK: indexed :method GET, :scheme http; :path and :authority as literals).
+    let mut block = vec![0x82, 0x86, 0x04, 7];
+    block.extend_from_slice(b"/health");
+    block.extend_from_slice(&[0x01, 9]);
+    block.extend_from_slice(b"127.0.0.1");
+    let len = block.len();
+    let mut frame = vec![0, 0, len as u8, 1, 0x05, 0, 0, 0, 1];
+    frame.extend_from_slice(&block);
+    tcp.write_all(&frame).await.unwrap();
+    let start = Instant::now();
+    // Still open at the header timeout (so the request was seen); closed once a ping has
+    // gone unanswered.
+    let waited = closed_after(&mut tcp, start).await;
+    assert!(
+        waited.is_some_and(|w| (Duration::from_secs(11)..=Duration::from_secs(25)).contains(&w)),
+        "a silent HTTP/2 connection closed after {waited:?}"
+    );
+}

@@ -1101,3 +1101,179 @@ async fn the_local_fallback_answers_peeks_while_redis_is_away() {
         .unwrap();
     assert!(closed.peek(&rule.item()).await.is_err());
 }
+
+/// A reservation the local fallback decided (Redis held up past the timeout) is settled in
+/// the local store that counted it, never in Redis, where it was not debited: settling it
+/// there would give back units that other requests spent, for every algorithm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_decided_locally_is_never_settled_in_redis() {
+    let server = RedisServer::start().await.expect("redis-server");
+    for algorithm in ALGORITHMS {
+        let store = RedisStore::builder()
+            .url(server.url())
+            .prefix(unique("local-reserve"))
+            .timeout(Duration::from_millis(50))
+            .on_failure(RedisFailMode::Local)
+            .build()
+            .await
+            .unwrap();
+        let spent = one_rule(algorithm, 10, 6);
+        assert!(store.check(&[spent.item()]).await.unwrap().admitted);
+        assert_eq!(remaining(&store, &spent).await, 4);
+        let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
+            .await
+            .unwrap();
+        assert!(paused.starts_with("+OK"), "{paused}");
+        // 5 units do not fit in Redis (4 left), so the late run debits nothing there; the
+        // local store admits them.
+        let reserve = Owned {
+            cost: 5,
+            ..spent.clone()
+        };
+        let local = store.check(&[reserve.item()]).await.unwrap();
+        assert!(local.admitted && local.rules[0].debited, "{local:?}");
+        assert_eq!(store.health().degraded_decisions, 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(remaining(&store, &spent).await, 4, "{algorithm:?}");
+        assert!(store.health().healthy);
+        // the request used nothing: the 5 units it reserved locally come back locally
+        store
+            .settle(&[Settlement {
+                rule_index: reserve.index,
+                rule: reserve.name,
+                key: &reserve.key,
+                params: reserve.params,
+                window_start: local.rules[0].window_start,
+                delta: -5,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(
+            remaining(&store, &spent).await,
+            4,
+            "{algorithm:?}: a local reservation's refund reached Redis"
+        );
+        assert_eq!(store.health().late_debits_returned, 0);
+    }
+}
+
+/// A Cluster decision held up for more than a second (its node paused) still has its debit
+/// given back once it runs: the cluster connection keeps waiting for the late answer as
+/// long as the store does, instead of dropping it after a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_decision_held_up_past_a_second_still_gives_back_its_debit() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("late-cluster"))
+        .timeout(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 10, 3);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(remaining(&store, &rule).await, 7);
+    for addr in cluster.addrs() {
+        let paused = support::command(*addr, "CLIENT PAUSE 1600 WRITE")
+            .await
+            .unwrap();
+        assert!(paused.starts_with("+OK"), "{paused}");
+    }
+    assert!(store.check(&[rule.item()]).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while store.health().late_debits_returned == 0 {
+        assert!(Instant::now() < deadline, "{:?}", store.health());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        remaining(&store, &rule).await,
+        7,
+        "the late decision's debit stayed in Redis"
+    );
+}
+
+/// 1,000 decisions against a limit of 100 through two stores while Redis is paused past
+/// their timeout: none is admitted (failing closed), every late run's debit is given back,
+/// and once Redis answers again exactly 100 of another 1,000 are admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_decisions_from_two_stores_leave_the_limit_whole() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("late-race");
+    let store = || {
+        RedisStore::builder()
+            .url(server.url())
+            .prefix(prefix.as_str())
+            .timeout(Duration::from_millis(50))
+            .build()
+    };
+    let stores = [store().await.unwrap(), store().await.unwrap()];
+    let rule = one_rule(Algorithm::SlidingWindow, 100, 1);
+    for s in &stores {
+        assert_eq!(remaining(s, &rule).await, 100);
+    }
+    let paused = support::command(server.addr(), "CLIENT PAUSE 500 WRITE")
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let mut tasks = Vec::new();
+    for i in 0..1_000 {
+        let store = stores[i % 2].clone();
+        let rule = rule.clone();
+        tasks.push(tokio::spawn(async move {
+            store.check(&[rule.item()]).await.is_ok_and(|d| d.admitted)
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(
+        admitted, 0,
+        "failing closed, a decision past the timeout refuses"
+    );
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
+        if returned == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{returned} debits given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(remaining(&stores[0], &rule).await, 100);
+    // Redis answers again (stores that wait long enough for 1,000 decisions on a busy machine)
+    let patient = [
+        single(&server.url(), &prefix).await,
+        single(&server.url(), &prefix).await,
+    ];
+    let admitted = race(&patient, 1_000, |_| vec![rule.clone()]).await;
+    assert_eq!(admitted.len(), 100);
+}
+
+/// A refusal that was under way when the key was reset (sent before the reset, answered
+/// after the reset cleared the blocked cache) does not block the reset key afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_under_way_during_a_reset_does_not_block_the_reset_key() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-race")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 2);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
+    store.clear_blocked_cache();
+    let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let under_way = {
+        let store = store.clone();
+        let rule = rule.clone();
+        tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap() })
+    };
+    // the refusal reaches Redis (and waits out the pause) before the reset does
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    assert!(!under_way.await.unwrap().admitted);
+    let after = store.check(&[rule.item()]).await.unwrap();
+    assert!(after.admitted, "the reset key is still blocked: {after:?}");
+}

@@ -15,9 +15,7 @@ use axum::extract::Request;
 use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
-use palisade::cost::alert::{
-    AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookConfig, WebhookSink,
-};
+use palisade::cost::alert::{AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookSink};
 use palisade::cost::budget::BudgetLayer;
 use palisade::cost::{CostStats, RecorderShutdown, SinkError, UsageRecord, UsageSink};
 use palisade::rate_limit::{KeySource, Quota, RateLimiter, Rule, RuleConfig};
@@ -184,13 +182,13 @@ impl Alerts {
     pub fn new(config: &GatewayConfig) -> Result<Self, BoxError> {
         let webhook = match &config.alert_webhook {
             None => None,
-            Some(url) => {
+            Some(webhook) => {
                 let client = hyper_util::client::legacy::Client::builder(
                     hyper_util::rt::TokioExecutor::new(),
                 )
                 .build(crate::upstream::connector());
                 Some(
-                    WebhookSink::with_client(WebhookConfig::new(url.clone()), client)
+                    WebhookSink::with_client(webhook.clone(), client)
                         .map_err(|e| format!("PALISADE_GATEWAY_ALERT_WEBHOOK: {e}"))?,
                 )
             }

@@ -121,8 +121,9 @@ pub struct GatewayConfig {
     /// Serve https with this certificate chain and key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where alerts (budget thresholds) are posted as JSON, besides the log
-    /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`).
-    pub alert_webhook: Option<String>,
+    /// (`PALISADE_GATEWAY_ALERT_WEBHOOK`). A secret (the URL often holds a token):
+    /// `WebhookConfig`'s Debug shows its host only.
+    pub alert_webhook: Option<palisade::cost::alert::WebhookConfig>,
     /// Spend-spike alerts (`PALISADE_GATEWAY_SPIKE_*`; `None` when switched off).
     pub spike: Option<SpikeConfig>,
     /// Shared state in Redis (`REDIS_URL`, with the `redis` feature): rate limits and
@@ -417,12 +418,12 @@ impl GatewayConfig {
             allow(unused_variables, clippy::let_unit_value)
         )]
         let database = database_env(env);
-        let alert_webhook: Option<String> = env.secret_with(
+        let alert_webhook = env.secret_with(
             "PALISADE_GATEWAY_ALERT_WEBHOOK",
             "https://hooks.example.com/palisade",
             |s| {
                 let url = s.trim();
-                check_base_url(url).map(|()| url.to_owned())
+                check_base_url(url).map(|()| palisade::cost::alert::WebhookConfig::new(url))
             },
         );
         let tls = tls_env(env);

@@ -5,10 +5,12 @@
 //! it (slowloris), would otherwise hold a connection and a task for as long as it likes.
 //! Here the head must arrive within `PALISADE_GATEWAY_HEADER_TIMEOUT` (10 s by default):
 //! hyper's `header_read_timeout` on HTTP/1.1 (on tokio's clock), and the same deadline on
-//! the first bytes that tell HTTP/1.1 from HTTP/2 and on the TLS handshake. After it, the
-//! connection is closed.
+//! the first bytes that tell HTTP/1.1 from HTTP/2 and on the TLS handshake; and a
+//! connection (HTTP/2 above all, which has no head deadline in hyper) that has not made a
+//! whole first request by then is closed too. After it, the connection is closed.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -55,7 +57,11 @@ pub async fn serve(
         // and the client's delayed ACK hold each one for about 40 ms.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        let seen = Arc::new(AtomicBool::new(false));
+        let service = FirstRequest {
+            inner: TowerToHyperService::new(router.clone()),
+            seen: Arc::clone(&seen),
+        };
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + header_timeout;
@@ -76,7 +82,14 @@ pub async fn serve(
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let builder = builder(header_timeout, Some(h2));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    watcher.watch(conn.into_owned()).await
+                    let conn = watcher.watch(conn.into_owned());
+                    tokio::select! {
+                        r = conn => r,
+                        () = no_request_by(&seen, deadline) => {
+                            tracing::debug!(%peer, "no request within the header timeout");
+                            return;
+                        }
+                    }
                 }
                 None => {
                     if tokio::time::timeout_at(deadline, preface(&tcp))
@@ -88,7 +101,14 @@ pub async fn serve(
                     }
                     let builder = builder(header_timeout, None);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(conn.into_owned()).await
+                    let conn = watcher.watch(conn.into_owned());
+                    tokio::select! {
+                        r = conn => r,
+                        () = no_request_by(&seen, deadline) => {
+                            tracing::debug!(%peer, "no request within the header timeout");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
@@ -100,6 +120,36 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// The connection's service, noting that a whole request head has arrived.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    seen: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.seen.store(true, Ordering::Relaxed);
+        self.inner.call(req)
+    }
+}
+
+/// Ends at `deadline` if no request has been seen by then; otherwise never. Dropping the
+/// connection then closes it: nothing is in flight on it.
+async fn no_request_by(seen: &AtomicBool, deadline: tokio::time::Instant) {
+    tokio::time::sleep_until(deadline).await;
+    if seen.load(Ordering::Relaxed) {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// A connection builder: HTTP/1.1 with the header deadline, HTTP/2, or either (`None`:
 /// told apart by the first bytes).
 fn builder(header_timeout: Duration, h2: Option<bool>) -> auto::Builder<TokioExecutor> {
@@ -107,7 +157,12 @@ fn builder(header_timeout: Duration, h2: Option<bool>) -> auto::Builder<TokioExe
     b.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    b.http2().timer(TokioTimer::new());
+    // HTTP/2 has no head deadline after the first request: a peer that stops answering
+    // (not even pings) is closed after a ping unanswered for another `header_timeout`.
+    b.http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_timeout)
+        .keep_alive_timeout(header_timeout);
     match h2 {
         Some(true) => b.http2_only(),
         Some(false) => b.http1_only(),

@@ -208,6 +208,7 @@ impl TimeWindow {
         let bucket = &self.buckets[idx];
         let failed = u64::from(outcome & FAILED != 0);
         let mut cur = bucket.load(Ordering::Relaxed);
+        let mut halved;
         loop {
             let (mut calls, mut failures) = if cur & STAMP_MASK == stamp {
                 (
@@ -217,7 +218,8 @@ impl TimeWindow {
             } else {
                 (0, 0)
             };
-            if calls == COUNT_MASK {
+            halved = calls == COUNT_MASK;
+            if halved {
                 // Saturated (131,071 calls in one second): halve, keeping the rate.
                 calls /= 2;
                 failures /= 2;
@@ -228,6 +230,20 @@ impl TimeWindow {
             match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => break,
                 Err(actual) => cur = actual,
+            }
+        }
+        if halved {
+            // The slow calls of this second are halved with its calls, so that their
+            // share (the slow call rate) stays what it was.
+            let bucket = &self.slow[idx];
+            let mut cur = bucket.load(Ordering::Relaxed);
+            while cur & STAMP_MASK == stamp {
+                let slow = (cur >> COUNT_SHIFT) & COUNT_MASK;
+                let new = stamp | ((slow / 2) << COUNT_SHIFT);
+                match bucket.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(actual) => cur = actual,
+                }
             }
         }
         if outcome & SLOW != 0 {
@@ -467,6 +483,22 @@ mod tests {
         // and neither a bucket of another second, read by the totals only
         w.record(7, CALL | FAILED);
         assert_eq!(w.totals(7 + (1 << 22)).failures, 1);
+    }
+
+    /// Past 131,071 calls in one second a bucket halves its calls and failures; its slow
+    /// calls must be halved with them, or the slow call rate grows past the true one and
+    /// the breaker opens on a healthy upstream.
+    #[test]
+    fn time_window_keeps_the_slow_call_rate_when_a_bucket_halves() {
+        let w = TimeWindow::new(1);
+        let n = COUNT_MASK * 3 / 2;
+        for i in 0..n {
+            // two calls in five are slow: 40 %
+            w.record(0, if i % 5 < 2 { CALL | SLOW } else { CALL });
+        }
+        let t = w.totals(0);
+        let rate = t.slow as f64 / t.calls as f64;
+        assert!((rate - 0.4).abs() < 0.01, "slow call rate {rate}: {t:?}");
     }
 
     #[test]

@@ -1034,3 +1034,48 @@ async fn no_cost_comment_on_a_stream_that_reported_no_usage() {
         assert!(records.len() <= 1);
     }
 }
+
+#[tokio::test]
+async fn json_bodies_split_at_every_byte_give_the_whole_body_record() {
+    let bodies = [
+        r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-7","content":[{"type":"text","text":"a\"usage\":{}"}],"usage":{"input_tokens":6,"cache_creation_input_tokens":300,"cache_creation":{"ephemeral_5m_input_tokens":100,"ephemeral_1h_input_tokens":200},"cache_read_input_tokens":7,"output_tokens":2745,"server_tool_use":{"web_search_requests":2}}}"#,
+        r#"{"id":"c","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"message":{"content":"\u00e9"}}],"usage":{"prompt_tokens":2006,"completion_tokens":300.0,"prompt_tokens_details":{"cached_tokens":1920}}}"#,
+        r#"{"id":"r","object":"response","model":"gpt-4.1-mini","status":"completed","output":[],"usage":{"input_tokens":1e3,"output_tokens":5,"input_tokens_details":{"cached_tokens":10},"output_tokens_details":{"reasoning_tokens":2}}}"#,
+    ];
+    for json in bodies {
+        for cap in [usize::MAX >> 1, json.len(), json.len() - 1, json.len() / 2] {
+            let (_, _, whole, _) = meter(
+                |l| l.max_json_body(cap.min(1 << 30)),
+                "application/json",
+                Chunks::new(split(json, &[])),
+            )
+            .await;
+            assert_eq!(whole.len(), 1);
+            assert!(whole[0].cost.is_some(), "{json}");
+            assert_eq!(
+                whole[0].completion,
+                Completion::Complete,
+                "{json} cap {cap}"
+            );
+            for i in 1..json.len() {
+                let (_, _, r, _) = meter(
+                    |l| l.max_json_body(cap.min(1 << 30)),
+                    "application/json",
+                    Chunks::new(split(json, &[i])),
+                )
+                .await;
+                assert_eq!(r.len(), 1);
+                assert_eq!(
+                    (r[0].usage, r[0].cost, &r[0].model, r[0].completion),
+                    (
+                        whole[0].usage,
+                        whole[0].cost,
+                        &whole[0].model,
+                        whole[0].completion
+                    ),
+                    "{json} cap {cap} split at {i}"
+                );
+            }
+        }
+    }
+}

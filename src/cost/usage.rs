@@ -204,6 +204,7 @@ impl UsageExtractor {
                 self.model.is_none()
                     || memchr::memmem::find(data, b"\"error\"").is_some()
                     || usage_object_follows(data)
+                    || escapes_a_letter(data)
             }
             _ => false,
         }
@@ -498,6 +499,15 @@ fn reconcile_cache_writes(x: &mut Usage, total: u64) {
     }
 }
 
+/// Whether `data` writes a lowercase letter as an escape (`\u0061` to `\u007a`), as a key
+/// such as `"us\u0061ge"` or `"\u0065rror"` may: the byte searches above would miss it,
+/// and a JSON reader (the whole-body path) decodes it. No encoder escapes ASCII letters
+/// in ordinary text, so content deltas almost never get here.
+fn escapes_a_letter(data: &[u8]) -> bool {
+    memchr::memmem::find(data, b"\\u006").is_some()
+        || memchr::memmem::find(data, b"\\u007").is_some()
+}
+
 /// Whether `data` holds `"usage"` followed by `:` and an object (not `null`).
 fn usage_object_follows(data: &[u8]) -> bool {
     let finder = memchr::memmem::find_iter(data, b"\"usage\"");
@@ -514,6 +524,30 @@ fn usage_object_follows(data: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_chunks_with_escaped_keys_read_as_the_json_body_reads_them() {
+        // A JSON reader decodes escapes in keys (`"us\u0061ge"` is `"usage"`): the stream
+        // must count what the same chunk counts as a whole body.
+        let chunks: [&[u8]; 3] = [
+            br#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"hi"}}]}"#,
+            br#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"us\u0061ge":{"prompt_tokens":20,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#,
+            br#"{"\u0065rror":{"type":"server_error","message":"x"}}"#,
+        ];
+        let mut x = UsageExtractor::new();
+        x.on_event(b"", chunks[0]);
+        x.on_event(b"", chunks[1]);
+        let mut whole = UsageExtractor::new();
+        whole.feed_json(chunks[1]);
+        assert!(x.saw_usage());
+        assert_eq!(*x.usage(), *whole.usage());
+        assert_eq!(x.usage().input_tokens, 12);
+        x.on_event(b"", chunks[2]);
+        assert_eq!(
+            x.upstream_error().map(|e| e.kind.as_str()),
+            Some("server_error")
+        );
+    }
 
     #[test]
     fn anthropic_json_with_cache_split() {

@@ -454,13 +454,9 @@ impl<St: Store> Shared<St> {
             KeySource::Global => RateKey::Global,
             _ => match peer_key(req) {
                 Some(k) => RateKey::Ip(k),
-                None => {
-                    compiled.no_key();
-                    if rule.skip_anonymous {
-                        return Lean::Pass;
-                    }
-                    RateKey::Anonymous
-                }
+                // Counted, skipped or keyed `anonymous` by the general path, once (the
+                // plain path may fall back to it after the store's answer).
+                None => return Lean::General,
             },
         };
         self.decide_plain_key(key, cost)

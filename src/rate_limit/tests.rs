@@ -1152,6 +1152,59 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
     assert_eq!((c[0].no_key, c[1].no_key), (1, 1));
 }
 
+/// A plain per-IP rule over a store that cannot answer at once (as the Redis store): a
+/// request without a peer address is counted in `no_key` once, not once by the plain path
+/// and again by the general path it falls back to.
+#[tokio::test(start_paused = true)]
+async fn a_request_without_a_peer_is_counted_once_when_the_plain_path_falls_back() {
+    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
+
+    #[derive(Clone)]
+    struct ListOnly(MemoryStore);
+    impl Store for ListOnly {
+        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
+        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
+            self.0.check(items)
+        }
+        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+            self.0.check_now(items)
+        }
+        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+            None
+        }
+        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
+            self.0.settle(s)
+        }
+        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, r, k)
+        }
+    }
+    for skip in [false, true] {
+        let layer = RateLimitLayer::builder()
+            .store(ListOnly(MemoryStore::new()))
+            .rule(
+                Rule::new("per-ip", Quota::per_minute(100))
+                    .key(KeySource::PeerIp)
+                    .skip_anonymous(skip),
+            )
+            .draft_headers(false)
+            .build()
+            .unwrap();
+        assert!(layer.is_plain());
+        let svc = layer.layer(service_fn(ok));
+        for _ in 0..3 {
+            let r = svc.clone().oneshot(Request::new(())).await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let c = &layer.limiter().counters()[0];
+        assert_eq!(c.no_key, 3, "skip {skip}");
+        assert_eq!(c.allowed, if skip { 0 } else { 3 }, "skip {skip}");
+    }
+}
+
 /// One request of [`the_plain_path_decides_as_the_general_path`].
 #[derive(Debug, Clone)]
 struct Arrival {
@@ -1413,4 +1466,62 @@ async fn dot_dot_segments_do_not_step_out_of_a_rule() {
     let r: Route = "/v1/messages".parse().unwrap();
     assert!(r.matches("/v1/x/../messages"));
     assert!(!r.matches("/v1/messages/.."));
+}
+
+/// 1,000 concurrent requests on a multi-threaded runtime against a limit of 100: exactly
+/// 100 pass, on the plain path and the general one, with each algorithm.
+#[test]
+fn a_limit_is_exact_under_concurrency_on_every_path() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .build()
+        .unwrap();
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::SlidingWindow,
+        Algorithm::FixedWindow,
+    ] {
+        for (headers, key) in [
+            (false, KeySource::Global),
+            (true, KeySource::Global),
+            (false, KeySource::PeerIp),
+            (true, KeySource::PeerIp),
+        ] {
+            let layer = RateLimitLayer::builder()
+                .rule(
+                    Rule::new("r", Quota::per_day(100))
+                        .key(key.clone())
+                        .algorithm(algorithm),
+                )
+                .draft_headers(headers)
+                .build()
+                .unwrap();
+            assert_eq!(layer.is_plain(), !headers);
+            let svc = layer.layer(service_fn(ok));
+            let passed = runtime.block_on(async {
+                let tasks: Vec<_> = (0..1_000)
+                    .map(|_| {
+                        let svc = svc.clone();
+                        tokio::spawn(async move {
+                            let mut req = Request::new(());
+                            req.extensions_mut()
+                                .insert("198.51.100.7:4000".parse::<SocketAddr>().unwrap());
+                            svc.oneshot(req).await.unwrap().status()
+                        })
+                    })
+                    .collect();
+                let mut passed = 0;
+                for t in tasks {
+                    if t.await.unwrap() == StatusCode::OK {
+                        passed += 1;
+                    }
+                }
+                passed
+            });
+            let what = format!("{algorithm:?}, headers {headers}, {key:?}");
+            assert_eq!(passed, 100, "{what}");
+            let c = &layer.limiter().counters()[0];
+            assert_eq!((c.allowed, c.limited), (100, 900), "{what}");
+        }
+    }
 }

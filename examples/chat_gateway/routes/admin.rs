@@ -37,15 +37,32 @@ impl Validate for ResetLimits {
     }
 }
 
-/// `POST /admin/rate-limits/reset`.
+/// `POST /admin/rate-limits/reset`: every call audited, refused or failed ones too.
 pub async fn reset_rate_limits(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<Value>> {
+    let res = reset(&state, &caller, &headers, body).await;
+    if let Err(e) = &res {
+        state.audit.record(
+            AuditEntry::new("rate_limits_reset", "failed")
+                .actor(&*caller.user)
+                .detail(e.error.kind().as_str()),
+        );
+    }
+    res
+}
+
+async fn reset(
+    state: &AppState,
+    caller: &Caller,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
     let format = state.config.error_format();
-    let bytes = read_json(&state, &headers, body).await?;
+    let bytes = read_json(state, headers, body).await?;
     let req: ResetLimits = validate::from_json(&bytes).fmt_err(format)?;
     let Some(limiter) = &state.limiter else {
         return Err(ApiError::new(
@@ -147,8 +164,20 @@ pub async fn put_budget(
     body: Body,
 ) -> ApiResult<Json<BudgetView>> {
     let format = state.config.error_format();
-    let bytes = read_json(&state, &headers, body).await?;
-    let req: PutBudget = validate::from_json(&bytes).fmt_err(format)?;
+    let refused = |detail: &'static str| {
+        state.audit.record(
+            AuditEntry::new("budget_set", "failed")
+                .actor(&*caller.user)
+                .target(user.clone())
+                .detail(detail),
+        );
+    };
+    let bytes = read_json(&state, &headers, body)
+        .await
+        .inspect_err(|_| refused("the body was refused"))?;
+    let req: PutBudget = validate::from_json(&bytes)
+        .fmt_err(format)
+        .inspect_err(|_| refused("invalid body"))?;
     let limit = req
         .daily_limit_usd
         .as_deref()

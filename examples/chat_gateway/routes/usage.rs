@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::ApiQuery;
 use crate::app::AppState;
+use crate::audit::AuditEntry;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::store::UsageReport;
@@ -82,6 +83,12 @@ pub async fn usage(
         (Some(u), true) => Some(u.clone()),
         (None, true) => None,
         (Some(u), false) if **u != *caller.user => {
+            state.audit.record(
+                AuditEntry::new("forbidden", "refused")
+                    .actor(&*caller.user)
+                    .target("/v1/usage")
+                    .detail("another user's usage with a user key"),
+            );
             return Err(ApiError::new(
                 Error::new(
                     ErrorKind::Forbidden,

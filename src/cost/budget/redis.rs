@@ -239,7 +239,11 @@ mod tests {
         };
         for tag in ["", "{}", "}{"] {
             let store = RedisBudgetStore::new(()).hash_tag(tag);
-            assert_eq!(store.key(&charge), "palisade:budget:{budget}:daily:ann", "{tag:?}");
+            assert_eq!(
+                store.key(&charge),
+                "palisade:budget:{budget}:daily:ann",
+                "{tag:?}"
+            );
         }
         let store = RedisBudgetStore::new(()).hash_tag("{team}");
         assert_eq!(store.key(&charge), "palisade:budget:{team}:daily:ann");

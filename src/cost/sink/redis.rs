@@ -625,7 +625,11 @@ mod tests {
                 ..RedisSinkConfig::default()
             };
             let sink = RedisSink::new((), config);
-            assert_eq!(sink.stream_key(), "palisade:usage:{usage}:stream", "{tag:?}");
+            assert_eq!(
+                sink.stream_key(),
+                "palisade:usage:{usage}:stream",
+                "{tag:?}"
+            );
         }
     }
 

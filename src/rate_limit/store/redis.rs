@@ -48,6 +48,11 @@ const BLOCKED_FRESH: Duration = Duration::from_secs(1);
 /// Redis, if it ran, is given back.
 const LATE_ANSWER_WAIT: Duration = Duration::from_secs(10);
 
+/// Marks the `window_start` of a decision the local fallback store made, so that its
+/// settlement goes to that store and never to Redis, where nothing was debited (Redis's
+/// window starts stay below 2^53).
+const LOCAL_DECISION: u64 = 1 << 63;
+
 /// The script counts in doubles: limits, bursts and windows (µs) must stay below this
 /// (2^52); costs and settlement deltas at or above it are sent as 2^52 - 1, which is past
 /// every capacity the store accepts and so decides the same.
@@ -73,8 +78,9 @@ pub enum RedisFailMode {
     /// rate-limit headers then report each rule's full capacity).
     Open,
     /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
-    /// a settlement Redis does not take is applied there too (so what was reserved locally
-    /// comes back locally) and reported as done.
+    /// a settlement Redis does not take is applied there too and reported as done. A
+    /// reservation decided locally is settled locally alone, even once Redis is back (its
+    /// [`RuleDecision::window_start`] carries the top bit, 2^63, to say so).
     Local,
 }
 
@@ -323,7 +329,10 @@ impl RedisStoreBuilder {
                 (None, false) => {
                     let mut client = redis::cluster::ClusterClientBuilder::new(self.nodes)
                         .connection_timeout(self.timeout.max(Duration::from_millis(250)))
-                        .response_timeout(Duration::from_secs(1))
+                        // The store's own timeout answers the caller; the connection waits as
+                        // long as a late decision is awaited, so that its answer (and its
+                        // debit, given back) is not lost, nor the script sent again.
+                        .response_timeout(LATE_ANSWER_WAIT)
                         .retries(2);
                     if let Some(certs) = certs {
                         client = client.certs(certs);
@@ -774,12 +783,16 @@ impl RedisStore {
         };
         let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let inner = self.inner.clone();
+        let generations: SmallVec<[u64; 2]> = owned
+            .iter()
+            .map(|i| inner.blocked.generation(&i.rule, &i.key))
+            .collect();
         Box::pin(async move {
             let answer = inner.call_check(cmd, &owned).await;
             match answer {
                 Ok(values) => parse_check(&values, &owned)
                     .inspect(|(d, blocked)| {
-                        inner.remember_blocked(&owned, d, blocked);
+                        inner.remember_blocked(&owned, d, blocked, &generations);
                     })
                     .map(|(d, _)| d),
                 Err(e) => {
@@ -803,6 +816,26 @@ impl RedisStore {
         for s in settlements {
             if s.delta < 0 {
                 self.inner.blocked.remove(s.rule, s.key);
+            }
+        }
+        // A reservation the local fallback made is settled there alone: Redis never
+        // counted it, and a refund there would give back units other requests spent.
+        let (local, settlements): (SmallVec<[Settlement<'_>; 2]>, SmallVec<[Settlement<'_>; 2]>) =
+            settlements
+                .iter()
+                .copied()
+                .partition(|s| s.window_start & LOCAL_DECISION != 0);
+        if !local.is_empty() {
+            let local: SmallVec<[Settlement<'_>; 2]> = local
+                .into_iter()
+                .map(|s| Settlement {
+                    window_start: s.window_start & !LOCAL_DECISION,
+                    ..s
+                })
+                .collect();
+            self.inner.fallback.settle_now(&local);
+            if settlements.is_empty() {
+                return Box::pin(ready(Ok(())));
             }
         }
         let inv = self.invocation(
@@ -1074,17 +1107,32 @@ impl Inner {
             RedisFailMode::Local => {
                 self.health.degraded();
                 let store = &self.fallback;
-                Ok(store.check_at(&refs, store.now_micros()))
+                let mut decision = store.check_at(&refs, store.now_micros());
+                for rule in &mut decision.rules {
+                    rule.window_start |= LOCAL_DECISION;
+                }
+                Ok(decision)
             }
         }
     }
 
-    fn remember_blocked(&self, items: &[OwnedItem], decision: &Decision, blocked: &[u64]) {
+    fn remember_blocked(
+        &self,
+        items: &[OwnedItem],
+        decision: &Decision,
+        blocked: &[u64],
+        generations: &[u64],
+    ) {
         if !self.blocked.enabled() {
             return;
         }
         let now = Instant::now();
-        for ((item, rule), &blocked_for) in items.iter().zip(&decision.rules).zip(blocked) {
+        for (((item, rule), &blocked_for), &generation) in items
+            .iter()
+            .zip(&decision.rules)
+            .zip(blocked)
+            .zip(generations)
+        {
             if blocked_for > 0 && !item.shadow {
                 self.blocked.insert(
                     &item.rule,
@@ -1097,6 +1145,7 @@ impl Inner {
                         window_start: rule.window_start,
                     },
                     now,
+                    generation,
                 );
             }
         }

@@ -1,5 +1,6 @@
 //! The local cache of keys known to be blocked: repeated refusals without a round trip.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::time::Instant;
@@ -43,6 +44,19 @@ impl hashbrown::Equivalent<(Box<str>, RateKey)> for Lookup<'_> {
 pub(super) struct BlockedCache {
     capacity: usize,
     map: Mutex<Map>,
+    /// Bumped by every removal, per slot of keys: a refusal decided before one is not
+    /// remembered after it (the key may have been reset or given units back since).
+    generations: [AtomicU64; SLOTS],
+}
+
+/// Slots of removal generations: a removal holds back the blocked entries of the keys in
+/// its slot that were being decided, not of every key.
+const SLOTS: usize = 64;
+
+fn slot(rule: &str, key: &RateKey) -> usize {
+    use std::hash::BuildHasher;
+    // The remainder is below SLOTS: the cast cannot truncate.
+    (foldhash::fast::FixedState::default().hash_one(Lookup(rule, key)) % SLOTS as u64) as usize
 }
 
 impl BlockedCache {
@@ -50,6 +64,7 @@ impl BlockedCache {
         Self {
             capacity,
             map: Mutex::new(Map::default()),
+            generations: [const { AtomicU64::new(0) }; SLOTS],
         }
     }
 
@@ -83,13 +98,30 @@ impl BlockedCache {
             .copied()
     }
 
-    /// Remembers a blocked rule; when the cache is full, expired entries go first, and if
-    /// none has expired the newcomer is not kept.
-    pub fn insert(&self, rule: &str, key: &RateKey, blocked: Blocked, now: Instant) {
+    /// The key's current generation, read before a decision is sent: see
+    /// [`BlockedCache::insert`].
+    pub fn generation(&self, rule: &str, key: &RateKey) -> u64 {
+        self.generations[slot(rule, key)].load(Ordering::Acquire)
+    }
+
+    /// Remembers a blocked rule, unless an entry was removed since `generation` was read
+    /// (the refusal may predate a reset or a give-back); when the cache is full, expired
+    /// entries go first, and if none has expired the newcomer is not kept.
+    pub fn insert(
+        &self,
+        rule: &str,
+        key: &RateKey,
+        blocked: Blocked,
+        now: Instant,
+        generation: u64,
+    ) {
         if !self.enabled() {
             return;
         }
         let mut map = self.lock();
+        if self.generations[slot(rule, key)].load(Ordering::Acquire) != generation {
+            return;
+        }
         if map.len() >= self.capacity && !map.contains_key(&Lookup(rule, key)) {
             map.retain(|_, b| b.until > now);
             if map.len() >= self.capacity {
@@ -104,12 +136,18 @@ impl BlockedCache {
         if !self.enabled() {
             return;
         }
-        self.lock().remove(&Lookup(rule, key));
+        let mut map = self.lock();
+        self.generations[slot(rule, key)].fetch_add(1, Ordering::AcqRel);
+        map.remove(&Lookup(rule, key));
     }
 
     /// Forgets everything.
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut map = self.lock();
+        for generation in &self.generations {
+            generation.fetch_add(1, Ordering::AcqRel);
+        }
+        map.clear();
     }
 
     /// Entries held now (some may have expired).
@@ -142,7 +180,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..10_000 {
             let key = RateKey::principal(format!("user-{i}"));
-            cache.insert("chat", &key, blocked(now, 60_000), now);
+            cache.insert("chat", &key, blocked(now, 60_000), now, 0);
         }
         assert_eq!(cache.len(), 100);
         // the first hundred stay until they expire; then newcomers take their place
@@ -158,6 +196,7 @@ mod tests {
             &RateKey::principal("late"),
             blocked(later, 1),
             later,
+            0,
         );
         assert_eq!(cache.len(), 1);
         // another rule's name, the same key: a different entry
