@@ -507,8 +507,8 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     })
 }
 
-/// The request id keys usage records (a sink drops a record whose id it has seen), so the
-/// gateway makes every id itself: an id chosen by a client could collide with another's.
+/// The gateway makes every request id itself (logs, audit rows and usage records carry it):
+/// an id chosen by a client could collide with another's or impersonate it.
 fn drop_client_request_id(mut req: Request) -> Request {
     req.headers_mut().remove("x-request-id");
     req
