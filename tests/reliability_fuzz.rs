@@ -62,3 +62,19 @@ async fn rate_limit_fields_quote_a_rule_name_holding_list_separators() {
     let t = limit.strip_prefix("\",WW;x\";r=2;t=").unwrap();
     assert!(t.parse::<u64>().is_ok_and(|t| t >= 1), "{limit}");
 }
+
+/// fuzz target `csp`: `style-src 'none'` with the nonce on renders as a nonce-only
+/// `style-src`, which must read back as "only the nonce", not as a missing directive that
+/// falls back to `default-src`.
+#[test]
+fn a_nonce_only_directive_is_not_a_missing_one() {
+    let text = "script-src 'self'; default-src 'self' 'strict-dynamic' 'nonce-{nonce}' \
+                allow-scripts 'unsafe-inline' ; style-src 'none' ; ";
+    let policy: ContentSecurityPolicy = text.parse().unwrap();
+    let rendered = policy.to_string();
+    let again: ContentSecurityPolicy = rendered
+        .parse()
+        .unwrap_or_else(|e| panic!("{rendered:?} is refused: {e}"));
+    assert_eq!(again, policy, "{rendered}");
+    assert_eq!(again.to_string(), rendered);
+}

@@ -45,9 +45,9 @@ impl FromStr for ContentSecurityPolicy {
                     if values.len() != before {
                         builder = builder.nonce(true);
                         if values.is_empty() {
-                            // Only the per-request nonce: `nonce(true)` writes this
-                            // directive (as `Display` writes a nonce-only `script-src`).
-                            continue;
+                            // Only the per-request nonce: no other source (as `Display`
+                            // writes a directive whose list is empty, with the nonce).
+                            values.push("'none'");
                         }
                     }
                     builder = builder.directive(directive, values);
