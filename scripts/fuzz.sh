@@ -3,6 +3,7 @@
 # executions and crashes of each.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
+#   FUZZ_SEED=1 scripts/fuzz.sh 3   # the same input sequence on every run (the smoke in test.sh)
 #
 # Runs on the stable toolchain (RUSTC_BOOTSTRAP=1 unlocks the sanitizer flags cargo-fuzz
 # passes); installs cargo-fuzz when it is missing. Each target starts from seeds taken from
@@ -83,7 +84,7 @@ for t in "${targets[@]}"; do
   status=ok
   cargo fuzz run "$t" "fuzz/corpus/$t" -- \
     -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 -max_len=65536 \
-    -timeout=10 >"$log" 2>&1 || status=FAILED
+    -timeout=10 ${FUZZ_SEED:+-seed="$FUZZ_SEED"} >"$log" 2>&1 || status=FAILED
   after="$(find "fuzz/artifacts/$t" -type f | wc -l)"
   # (no stats when the run died early: the summary still prints, marked FAILED)
   execs="$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)"
