@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::Request;
-use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
 use palisade::cost::alert::{AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookSink};
@@ -457,10 +456,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         None => {}
     }
     let api = api.merge(crate::dashboard::api().with_state(state.clone()));
-    let api = api.layer(middleware::from_fn_with_state(
-        state.clone(),
-        crate::auth::authenticate,
-    ));
+    let api = api.layer(crate::auth::AuthLayer::new(state.clone()));
     let mut router = Router::new()
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
@@ -475,15 +471,12 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     let sentry = crate::sentry::Sentry::init(&config)?;
     #[cfg(feature = "sentry")]
     if let Some(sentry) = &sentry {
-        router = router.layer(middleware::from_fn_with_state(
+        router = router.layer(axum::middleware::from_fn_with_state(
             sentry.clone(),
             crate::sentry::report,
         ));
     }
-    let router = router.layer(middleware::from_fn_with_state(
-        metrics,
-        crate::metrics::record,
-    ));
+    let router = router.layer(crate::metrics::MetricsLayer::new(metrics));
     let make_id = MakeId {
         prefix: Arc::from(format!("{:08x}", rand::random::<u32>())),
         next: Arc::new(AtomicU64::new(1)),
@@ -495,7 +488,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         .map_request(drop_client_request_id)
         .layer(SetRequestIdLayer::x_request_id(make_id))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(middleware::from_fn(crate::log::request_line))
+        .layer(crate::log::RequestLogLayer)
         .service(router);
     let router = Router::new().fallback_service(outer);
     Ok(App {

@@ -15,17 +15,19 @@
 //! | `palisade_gateway_breaker_state` | gauge | `upstream`, `state`: 1 for the current state, 0 for the others |
 //! | `palisade_gateway_csp_reports_total` | counter | CSP violation reports the dashboard received |
 //!
-//! Requests are counted by [`record`] (a middleware outside every other layer but the
+//! Requests are counted by [`MetricsLayer`] (a middleware outside every other layer but the
 //! request log); tokens and cost by [`MeteredSink`], which sees every usage record the cost
 //! meter writes; breaker states are read when `/metrics` is scraped.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::header::CONTENT_TYPE;
@@ -37,6 +39,7 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use palisade::cost::{Completion, SinkError, UsageRecord, UsageSink};
+use pin_project_lite::pin_project;
 use serde::Serialize;
 
 use crate::app::AppState;
@@ -413,19 +416,103 @@ impl<S: UsageSink> UsageSink for MeteredSink<S> {
     }
 }
 
-/// The middleware: times the request and counts it by route template, method and status.
-pub async fn record(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
-    let res = next.run(req).await;
-    let total = start.elapsed();
-    let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
-    metrics.request(&route, &method, &res, total, upstream);
-    res
+/// Counts every request by route template, method and status, and times it: a tower
+/// layer for the router's routes (it reads the [`MatchedPath`] routing sets).
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+}
+
+impl MetricsLayer {
+    /// Counts into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = RecordMetrics<S>;
+
+    fn layer(&self, inner: S) -> RecordMetrics<S> {
+        RecordMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`MetricsLayer`] builds.
+#[derive(Debug, Clone)]
+pub struct RecordMetrics<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> tower::Service<Request> for RecordMetrics<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
+        MetricsFuture {
+            inner: self.inner.call(req),
+            counted: Some(Counted {
+                metrics: self.metrics.clone(),
+                start,
+                method,
+                route,
+            }),
+        }
+    }
+}
+
+/// What a request is counted under, kept until its response.
+struct Counted {
+    metrics: Metrics,
+    start: Instant,
+    method: http::Method,
+    route: SharedString,
+}
+
+pin_project! {
+    /// The response future of [`RecordMetrics`].
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        counted: Option<Counted>,
+    }
+}
+
+impl<F, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx))?;
+        if let Some(c) = this.counted.take() {
+            let total = c.start.elapsed();
+            let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
+            c.metrics
+                .request(&c.route, &c.method, &res, total, upstream);
+        }
+        Poll::Ready(Ok(res))
+    }
 }
 
 /// `GET /metrics`.
