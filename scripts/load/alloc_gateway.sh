@@ -67,7 +67,7 @@ measure() {
   grep -q ' non200=0 ' <<<"$line" || { echo "alloc_gateway.sh: failed requests: $line" >&2; return 1; }
   # The gateway is heaptrack's child: stop it, and heaptrack writes its file.
   local child
-  child="$(pgrep -P "$wrapper" -x chat_gateway || true)"
+  child="$(pgrep -P "$wrapper" -x "$(basename "$gateway" | cut -c1-15)" || true)"
   [ -n "$child" ] && kill -TERM "$child"
   wait "$wrapper" || true
   local calls requests
