@@ -10,7 +10,6 @@ use std::task::{Context, Poll, ready};
 use axum::extract::Request;
 use axum::response::Response;
 use http::Uri;
-use palisade::cost::Attribution;
 use palisade::key::{ApiKeyId, api_key_from_headers, constant_time_eq};
 use palisade::rate_limit::Principal;
 use palisade::{Error, ErrorKind};
@@ -118,8 +117,9 @@ const ATTRIBUTION_HEADERS: [&str; 2] = ["x-bot-id", "x-user-id"];
 
 /// Authentication as a tower layer over the authenticated routes: refuses without a key
 /// (401), with an unknown key (401) and with a user key on `/admin` (403), each an audit
-/// event; otherwise puts the [`Caller`], its rate-limit [`Principal`] and its cost
-/// [`Attribution`] in the request extensions, removes the headers that name a user or a bot,
+/// event; otherwise puts the [`Caller`] and its rate-limit [`Principal`] in the request
+/// extensions (the handlers bill upstream calls to the caller), removes the headers that
+/// name a user or a bot,
 /// and audits the rate-limit and budget refusals the layers below it answer with.
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -224,11 +224,6 @@ impl<S> Authenticate<S> {
         };
         let ext = req.extensions_mut();
         ext.insert(Principal::new(caller.user.clone()));
-        ext.insert(
-            Attribution::default()
-                .with_user(caller.user.to_string())
-                .with_api_key(caller.key_id),
-        );
         ext.insert(caller);
         Ok(admitted)
     }
