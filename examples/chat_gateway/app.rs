@@ -328,7 +328,8 @@ struct MakeId {
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("req_{}_{n:08}", self.prefix))
+        // The id's text becomes the header value's bytes, without a copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("req_{}_{n:08}", self.prefix)))
             .ok()
             .map(RequestId::new)
     }
