@@ -9,12 +9,11 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::Method;
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -23,154 +22,11 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, USER, chat};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Asserts an error in Anthropic's format, of `kind`, and returns its `error` member.
-    fn anthropic_error(&self, status: u16, kind: &str) -> Value {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "body: {}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let body = self.json();
-        assert_eq!(body["type"], "error", "{body}");
-        assert_eq!(body["error"]["type"], kind, "{body}");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty())
-        );
-        body["error"].clone()
-    }
-}
-
+/// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
-}
-
-impl Gateway {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> Reply {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        if let Some(key) = key {
-            req = req.header("x-api-key", key);
-        }
-        let bytes = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(&b).unwrap())
-            }
-            None => Bytes::new(),
-        };
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        self.send(req.body(Full::new(bytes)).unwrap()).await
-    }
-
-    async fn send(&self, req: http::Request<Full<Bytes>>) -> Reply {
-        let res = self.client.request(req).await.expect("gateway answers");
-        let status = res.status();
-        let headers = res.headers().clone();
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
-        self.call(Method::POST, path, Some(key), Some(body), &[])
-            .await
-    }
-
-    async fn get(&self, path: &str, key: &str) -> Reply {
-        self.call(Method::GET, path, Some(key), None, &[]).await
-    }
-
-    /// Waits (a few milliseconds at most, normally) until the ledger holds `n` records.
-    async fn usage_records(&self, n: usize) -> Vec<store::LedgerEntry> {
-        for _ in 0..500 {
-            let entries = self.state.ledger.entries(
-                std::time::UNIX_EPOCH,
-                std::time::SystemTime::now() + Duration::from_secs(60),
-                |_| true,
-            );
-            if entries.len() >= n {
-                return entries;
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("the ledger never held {n} records");
-    }
-}
-
-fn chat(model: &str) -> Value {
-    json!({
-        "model": model,
-        "max_tokens": 256,
-        "messages": [{"role": "user", "content": "Hello there"}]
-    })
+    fixture::start(&fixture::with(FAST_RETRIES, vars)).await
 }
 
 fn anthropic_message() -> Value {

@@ -1,0 +1,252 @@
+// One start-up for every gateway test crate: the demo keys, a configuration read from
+// test-chosen variables, the gateway built in-process and served on a free loopback port,
+// a hyper client, and the helpers most tests call (a request, its reply, the ledger).
+//
+// Mounted by `modules.rs` as `crate::fixture`, beside the example's modules it uses.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use palisade::config::Env;
+use serde_json::{Value, json};
+use tokio_rustls::rustls::ServerConfig;
+
+/// Alice's API key (a user).
+pub const USER: &str = "sk-test-alice-0123456789";
+/// Bob's API key (another user).
+pub const OTHER: &str = "sk-test-bob-0123456789ab";
+/// The operator's admin key.
+pub const ADMIN: &str = "sk-test-admin-0123456789";
+/// A well-formed key that no one holds.
+pub const WRONG: &str = "sk-test-nobody-987654321";
+
+/// Retries that wait milliseconds, not the defaults' hundreds of them.
+pub const FAST_RETRIES: &[(&str, &str)] = &[
+    ("PALISADE_RETRY_BASE_DELAY", "1ms"),
+    ("PALISADE_RETRY_MAX_DELAY", "5ms"),
+];
+
+/// No retry at all: every upstream answer reaches the client as it came.
+pub const NO_RETRIES: &[(&str, &str)] = &[("PALISADE_RETRY_MAX_RETRIES", "0")];
+
+/// `a` then `b`: a set of variables with a test's own on top (a later pair wins).
+pub fn with<'a>(a: &[(&'a str, &'a str)], b: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    [a, b].concat()
+}
+
+/// The gateway's configuration from the demo keys (alice, bob and the admin `ops`) and
+/// `vars`; a later pair replaces an earlier one of the same name. Panics with every problem
+/// when the variables are invalid.
+pub fn config(vars: &[(&str, &str)]) -> crate::config::GatewayConfig {
+    let mut pairs = vec![
+        (
+            "PALISADE_GATEWAY_API_KEYS",
+            format!("alice={USER},bob={OTHER}"),
+        ),
+        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
+    ];
+    for (k, v) in vars {
+        pairs.retain(|(name, _)| name != k);
+        pairs.push((k, (*v).to_owned()));
+    }
+    let mut env = Env::from_pairs(pairs);
+    let config = crate::config::GatewayConfig::from_env(&mut env);
+    env.finish().expect("test configuration is valid");
+    config
+}
+
+/// A gateway built from `config(vars)`, served by `axum::serve` on a free loopback port.
+pub async fn start(vars: &[(&str, &str)]) -> Gateway {
+    serve_axum(config(vars)).await
+}
+
+/// A gateway built from `config`, served by `axum::serve` on a free loopback port.
+pub async fn serve_axum(config: crate::config::GatewayConfig) -> Gateway {
+    let app = crate::app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router;
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Gateway::new(addr, app.state)
+}
+
+/// A gateway built from `config`, served by the gateway's own loop (`serve.rs`: header
+/// and idle deadlines, TLS when the configuration names a certificate) on a free loopback
+/// port, as `main.rs` serves it.
+pub async fn serve_own(config: crate::config::GatewayConfig) -> Gateway {
+    let tls: Option<Arc<ServerConfig>> = config
+        .tls
+        .as_ref()
+        .map(|(cert, key)| crate::tls::load(cert, key).expect("the test certificate loads"));
+    let header_timeout = config.header_timeout;
+    let app = crate::app::build(config).await.expect("gateway builds");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let router = app.router;
+    tokio::spawn(async move {
+        crate::serve::serve(listener, router, tls, header_timeout, stop_rx).await;
+        drop(stop);
+    });
+    Gateway::new(addr, app.state)
+}
+
+/// A gateway served on a loopback port, and a client for it.
+pub struct Gateway {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its state (stores, ledger, breakers), for assertions beside the HTTP answers.
+    pub state: crate::app::AppState,
+    /// A pooled HTTP/1.1 client.
+    pub client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// An answer, read whole.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON; panics with the body when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value, when present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error in Anthropic's format, of `kind`, and returns its `error` member.
+    pub fn anthropic_error(&self, status: u16, kind: &str) -> Value {
+        assert_eq!(
+            self.status.as_u16(),
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        let body = self.json();
+        assert_eq!(body["type"], "error", "{body}");
+        assert_eq!(body["error"]["type"], kind, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+        body["error"].clone()
+    }
+}
+
+impl Gateway {
+    fn new(addr: SocketAddr, state: crate::app::AppState) -> Self {
+        Self {
+            addr,
+            state,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// `method path` with `key` in `x-api-key`, `body` as JSON and extra `headers`.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        let bytes = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(&b).unwrap())
+            }
+            None => Bytes::new(),
+        };
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(bytes)).unwrap()).await
+    }
+
+    /// Sends `req` and reads the whole answer.
+    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Reply {
+        let res = self.client.request(req).await.expect("gateway answers");
+        let status = res.status();
+        let headers = res.headers().clone();
+        let body = res.into_body().collect().await.expect("body").to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `POST path` with `key` and a JSON body.
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.call(Method::POST, path, Some(key), Some(body), &[])
+            .await
+    }
+
+    /// `GET path` with `key`.
+    pub async fn get(&self, path: &str, key: &str) -> Reply {
+        self.call(Method::GET, path, Some(key), None, &[]).await
+    }
+
+    /// A small chat (`chat(model)`) on `/v1/messages` as `key`.
+    pub async fn chat(&self, key: &str, model: &str) -> Reply {
+        self.post("/v1/messages", key, chat(model)).await
+    }
+
+    /// The ledger's records so far.
+    pub fn records(&self) -> Vec<crate::store::LedgerEntry> {
+        self.state.ledger.entries(
+            UNIX_EPOCH,
+            SystemTime::now() + Duration::from_secs(60),
+            |_| true,
+        )
+    }
+
+    /// Waits (a few milliseconds at most, normally) until the ledger holds `n` records.
+    pub async fn usage_records(&self, n: usize) -> Vec<crate::store::LedgerEntry> {
+        for _ in 0..1000 {
+            let entries = self.records();
+            if entries.len() >= n {
+                return entries;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the ledger never held {n} records");
+    }
+}
+
+/// A small valid Messages request for `model`.
+pub fn chat(model: &str) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": "Hello there"}]
+    })
+}
