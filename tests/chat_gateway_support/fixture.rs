@@ -133,6 +133,12 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// A header's value; panics when it is missing.
+    pub fn expect_header(&self, name: &str) -> &str {
+        self.header(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+    }
+
     /// Asserts an error in Anthropic's format, of `kind`, and returns its `error` member.
     pub fn anthropic_error(&self, status: u16, kind: &str) -> Value {
         assert_eq!(
