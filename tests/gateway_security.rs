@@ -22,9 +22,7 @@ use serde_json::json;
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, FAST_RETRIES, OTHER, USER};
 const UPSTREAM_KEY: &str = "sk-ant-upstream-secret-9f8e7d";
 /// A string sent as message content: it must not be logged either.
 const CONTENT: &str = "private-content-5b1e0c";
@@ -66,28 +64,12 @@ impl Write for Capture {
     }
 }
 
+/// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top; its
+/// address.
 async fn start(vars: &[(&str, &str)]) -> SocketAddr {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
-    addr
+    fixture::start(&fixture::with(FAST_RETRIES, vars))
+        .await
+        .addr
 }
 
 async fn call(
