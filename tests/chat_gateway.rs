@@ -243,9 +243,7 @@ async fn refusals_401_403_404_in_anthropics_format_and_audited() {
     r.anthropic_error(403, "permission_error");
     let r = gw.get("/v1/nothing-here", USER).await;
     r.anthropic_error(404, "not_found_error");
-    let r = gw
-        .call(Method::DELETE, "/v1/messages", Some(USER), None, &[])
-        .await;
+    let r = gw.delete("/v1/messages", USER).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     // Health needs no key.
@@ -499,12 +497,10 @@ async fn default_route_limits_bot_creation_at_ten_an_hour() {
 async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
     let gw = start(&[]).await;
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": "0"})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": "0"}),
         )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -523,12 +519,10 @@ async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
         200
     );
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": null})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": null}),
         )
         .await;
     assert_eq!(r.status, 200);
@@ -539,12 +533,10 @@ async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
         200
     );
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": "ten"})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": "ten"}),
         )
         .await;
     r.anthropic_error(400, "invalid_request_error");
@@ -598,15 +590,9 @@ async fn bots_create_list_chat_delete_and_stay_private() {
     gw.post(&format!("/v1/bots/{id}/messages"), OTHER, msg.clone())
         .await
         .anthropic_error(404, "not_found_error");
-    gw.call(
-        Method::DELETE,
-        &format!("/v1/bots/{id}"),
-        Some(OTHER),
-        None,
-        &[],
-    )
-    .await
-    .anthropic_error(404, "not_found_error");
+    gw.delete(&format!("/v1/bots/{id}"), OTHER)
+        .await
+        .anthropic_error(404, "not_found_error");
     assert!(
         gw.get("/v1/bots", OTHER).await.json()["data"]
             .as_array()
@@ -649,15 +635,7 @@ async fn bots_create_list_chat_delete_and_stay_private() {
         .await;
     r.anthropic_error(400, "invalid_request_error");
 
-    let r = gw
-        .call(
-            Method::DELETE,
-            &format!("/v1/bots/{id}"),
-            Some(USER),
-            None,
-            &[],
-        )
-        .await;
+    let r = gw.delete(&format!("/v1/bots/{id}"), USER).await;
     assert_eq!(r.status, 204);
     gw.get(&format!("/v1/bots/{id}"), USER)
         .await
@@ -1209,13 +1187,7 @@ async fn a_client_sent_bot_id_naming_another_users_bot_charges_that_bot_nothing(
     // Chatting as bob's bot through its route is a 404.
     let msg = json!({"messages": [{"role": "user", "content": "hi"}]});
     let r = gw
-        .call(
-            Method::POST,
-            &format!("/v1/bots/{bobs}/messages"),
-            Some(USER),
-            Some(msg.clone()),
-            &[],
-        )
+        .post(&format!("/v1/bots/{bobs}/messages"), USER, msg.clone())
         .await;
     assert_eq!(r.status, 404);
     // Alice's own bot, with bob's bot named in headers: charged to alice's bot.

@@ -71,23 +71,13 @@ async fn metrics_count_requests_by_route_and_status_and_refusals_by_reason() {
         .await;
     assert_eq!(anonymous.status, 401);
     let invalid = gw
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(USER),
-            Some(json!({"model": "claude-sonnet-4-5"})),
-            &[],
-        )
+        .post("/v1/messages", USER, json!({"model": "claude-sonnet-4-5"}))
         .await;
     assert_eq!(invalid.status, 400);
-    let forbidden = gw
-        .call(Method::GET, "/admin/budgets/alice", Some(USER), None, &[])
-        .await;
+    let forbidden = gw.get("/admin/budgets/alice", USER).await;
     assert_eq!(forbidden.status, 403);
     // A bot route is counted under its template, not its id.
-    let missing = gw
-        .call(Method::GET, "/v1/bots/bot_nope", Some(USER), None, &[])
-        .await;
+    let missing = gw.get("/v1/bots/bot_nope", USER).await;
     assert_eq!(missing.status, 404);
 
     let m = gw.metrics().await;
@@ -298,9 +288,7 @@ async fn dashboard_data_needs_an_admin_key() {
         .call(Method::GET, "/v1/dashboard/data", None, None, &[])
         .await;
     assert_eq!(none.status, 401);
-    let user = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(USER), None, &[])
-        .await;
+    let user = gw.get("/v1/dashboard/data", USER).await;
     assert_eq!(user.status, 403);
     let body = user.json();
     assert_eq!(body["error"]["type"], "permission_error", "{body}");
@@ -310,9 +298,7 @@ async fn dashboard_data_needs_an_admin_key() {
             .unwrap()
             .contains("admin key")
     );
-    let admin = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None, &[])
-        .await;
+    let admin = gw.get("/v1/dashboard/data", ADMIN).await;
     assert_eq!(admin.status, 200, "{}", admin.text());
 }
 
@@ -321,12 +307,9 @@ async fn dashboard_data_minutes_out_of_range_is_a_field_error() {
     let gw = start(&[]).await;
     for bad in ["0", "1441", "an hour", "-5"] {
         let r = gw
-            .call(
-                Method::GET,
+            .get(
                 &format!("/v1/dashboard/data?minutes={}", bad.replace(' ', "%20")),
-                Some(ADMIN),
-                None,
-                &[],
+                ADMIN,
             )
             .await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
@@ -334,15 +317,7 @@ async fn dashboard_data_minutes_out_of_range_is_a_field_error() {
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
         assert!(body.to_string().contains("minutes"), "{body}");
     }
-    let ok = gw
-        .call(
-            Method::GET,
-            "/v1/dashboard/data?minutes=1440",
-            Some(ADMIN),
-            None,
-            &[],
-        )
-        .await;
+    let ok = gw.get("/v1/dashboard/data?minutes=1440", ADMIN).await;
     assert_eq!(ok.status, 200);
     let w = &ok.json()["window"];
     assert_eq!(w["bucket_ms"], 24 * 60_000);
@@ -374,10 +349,7 @@ async fn dashboard_data_shows_spend_per_user_and_model_breakers_and_refusals() {
     // A call that used nothing (the upstream was overloaded) is counted but not drawn.
     assert_eq!(gw.chat(USER, "mock-overloaded").await.status, 529);
     let entries = gw.usage_records(5).await;
-    let data = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None, &[])
-        .await
-        .json();
+    let data = gw.get("/v1/dashboard/data", ADMIN).await.json();
 
     let spend = data["spend"].as_array().unwrap();
     assert_eq!(spend.len(), 3, "{data}");
@@ -491,9 +463,7 @@ async fn dashboard_page_is_served_under_a_fresh_nonce_csp_with_no_inline_script(
         assert_eq!(r.expect_header("x-content-type-options"), "nosniff");
     }
     // The API keeps its own strict policy.
-    let api = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None, &[])
-        .await;
+    let api = gw.get("/v1/dashboard/data", ADMIN).await;
     assert!(
         api.expect_header("content-security-policy")
             .starts_with("default-src 'none'")
@@ -618,15 +588,7 @@ mod error_tracking {
             "max_tokens": 64,
             "messages": [{"role": "user", "content": "PROMPT-CANARY my key is sk-ant-api03-leaked0000"}]
         });
-        let failed = gw
-            .call(
-                Method::POST,
-                "/v1/messages?token=QUERY-CANARY",
-                Some(USER),
-                Some(body),
-                &[],
-            )
-            .await;
+        let failed = gw.post("/v1/messages?token=QUERY-CANARY", USER, body).await;
         assert_eq!(failed.status, 500);
         let request_id = failed.expect_header("x-request-id").to_owned();
 

@@ -25,25 +25,13 @@ async fn start(database_url: &str, vars: &[(&str, &str)]) -> Gateway {
 }
 
 impl Gateway {
-    /// `method path` as `key` (with `anthropic-version`, as the SDKs send it).
-    async fn call_as(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Reply {
-        self.call(
-            method,
-            path,
-            Some(key),
-            body,
-            &[("anthropic-version", "2023-06-01")],
-        )
-        .await
-    }
-
     /// A chat as alice, streamed or not.
     async fn alice_chat(&self, stream: bool) -> Reply {
         let mut body = fixture::chat("claude-sonnet-4-5");
         if stream {
             body["stream"] = Value::Bool(true);
         }
-        self.call_as(Method::POST, "/v1/messages", USER, Some(body))
+        self.call_versioned(Method::POST, "/v1/messages", USER, Some(body))
             .await
     }
 }
@@ -116,7 +104,9 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
         .sum();
     assert!(db_cost > 0);
 
-    let usage = gw.call_as(Method::GET, "/v1/usage", USER, None).await;
+    let usage = gw
+        .call_versioned(Method::GET, "/v1/usage", USER, None)
+        .await;
     assert_eq!(usage.status, 200);
     let reported = Money::parse_dollars(usage.json()["total_cost_usd"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -126,18 +116,24 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
     );
 
     // An authentication failure, a rate-limit refusal and an admin action.
-    let a = gw.call_as(Method::GET, "/v1/bots", WRONG, None).await;
+    let a = gw
+        .call_versioned(Method::GET, "/v1/bots", WRONG, None)
+        .await;
     assert_eq!(a.status, 401);
     assert_eq!(
-        gw.call_as(Method::GET, "/v1/bots", USER, None).await.status,
+        gw.call_versioned(Method::GET, "/v1/bots", USER, None)
+            .await
+            .status,
         200
     );
     assert_eq!(
-        gw.call_as(Method::GET, "/v1/bots", USER, None).await.status,
+        gw.call_versioned(Method::GET, "/v1/bots", USER, None)
+            .await
+            .status,
         429
     );
     let a = gw
-        .call_as(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,
@@ -209,7 +205,10 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
         }
     }
 
-    let health = gw.call_as(Method::GET, "/health", USER, None).await.json();
+    let health = gw
+        .call_versioned(Method::GET, "/health", USER, None)
+        .await
+        .json();
     let pg = &health["postgres"];
     assert_eq!(pg["backlog"], 0, "{health}");
     assert_eq!(pg["dropped"], 0, "{health}");
@@ -253,11 +252,11 @@ async fn a_forbidden_usage_read_and_refused_admin_calls_are_audited() {
     let gw = start(&url, &[]).await;
     let db = client(&url).await;
     let a = gw
-        .call_as(Method::GET, "/v1/usage?user=ops", USER, None)
+        .call_versioned(Method::GET, "/v1/usage?user=ops", USER, None)
         .await;
     assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
     let a = gw
-        .call_as(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,
@@ -266,7 +265,7 @@ async fn a_forbidden_usage_read_and_refused_admin_calls_are_audited() {
         .await;
     assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
     let a = gw
-        .call_as(
+        .call_versioned(
             Method::POST,
             "/admin/rate-limits/reset",
             ADMIN,

@@ -30,21 +30,9 @@ async fn start(redis: &RedisServer, vars: &[(&str, &str)]) -> Gateway {
 }
 
 impl Gateway {
-    /// `method path` as `key` (with `anthropic-version`, as the SDKs send it).
-    async fn call_as(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Reply {
-        self.call(
-            method,
-            path,
-            Some(key),
-            body,
-            &[("anthropic-version", "2023-06-01")],
-        )
-        .await
-    }
-
     /// A chat as alice.
     async fn alice_chat(&self) -> Reply {
-        self.call_as(
+        self.call_versioned(
             Method::POST,
             "/v1/messages",
             USER,
@@ -78,7 +66,7 @@ async fn two_instances_sharing_redis_hold_one_rate_limit() {
     // An admin reset clears the shared count (each instance's local cache of blocked keys
     // still refuses until its retry-after, so the reset is checked on the instance it ran on).
     let r = b
-        .call_as(
+        .call_versioned(
             Method::POST,
             "/admin/rate-limits/reset",
             ADMIN,
@@ -117,7 +105,7 @@ async fn health_reports_redis() {
     let redis = redis().await;
     let gw = start(&redis, &[]).await;
     assert_eq!(gw.alice_chat().await.status, 200);
-    let h = gw.call_as(Method::GET, "/health", USER, None).await;
+    let h = gw.call_versioned(Method::GET, "/health", USER, None).await;
     assert_eq!(h.status, 200);
     let body = h.json();
     assert_eq!(body["redis"]["healthy"], true, "{body}");
@@ -178,7 +166,7 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
     let b = start(&redis, &vars).await;
     assert_eq!(b.alice_chat().await.status, 200);
     let r = a
-        .call_as(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,
@@ -191,7 +179,7 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
     let mut view = Value::Null;
     for _ in 0..500 {
         view = b
-            .call_as(Method::GET, "/admin/budgets/alice", ADMIN, None)
+            .call_versioned(Method::GET, "/admin/budgets/alice", ADMIN, None)
             .await
             .json();
         if view["custom"] == true {
@@ -210,7 +198,7 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
 
     let c = start(&redis, &vars).await;
     let view = c
-        .call_as(Method::GET, "/admin/budgets/alice", ADMIN, None)
+        .call_versioned(Method::GET, "/admin/budgets/alice", ADMIN, None)
         .await
         .json();
     assert_eq!(view["custom"], true, "read at start-up: {view}");
@@ -218,7 +206,7 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
 
     // Lifted on b: a serves again.
     let r = b
-        .call_as(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,

@@ -220,6 +220,35 @@ impl Gateway {
         self.call(Method::GET, path, Some(key), None, &[]).await
     }
 
+    /// `PUT path` with `key` and a JSON body.
+    pub async fn put(&self, path: &str, key: &str, body: Value) -> Reply {
+        self.call(Method::PUT, path, Some(key), Some(body), &[])
+            .await
+    }
+
+    /// `DELETE path` with `key`.
+    pub async fn delete(&self, path: &str, key: &str) -> Reply {
+        self.call(Method::DELETE, path, Some(key), None, &[]).await
+    }
+
+    /// `method path` with `key` and `anthropic-version` (as the SDKs send it).
+    pub async fn call_versioned(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Reply {
+        self.call(
+            method,
+            path,
+            Some(key),
+            body,
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await
+    }
+
     /// A small chat (`chat(model)`) on `/v1/messages` as `key`.
     pub async fn chat(&self, key: &str, model: &str) -> Reply {
         self.post("/v1/messages", key, chat(model)).await
