@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, USER, chat};
+use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, TLS_CERT, TLS_KEY, USER, chat};
 
 /// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
@@ -1065,60 +1065,16 @@ fn readme_table_lists_every_gateway_variable() {
     assert!(missing.is_empty(), "the README's table lacks {missing:?}");
 }
 
-const TLS_CERT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.cert.pem"
-);
-const TLS_KEY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.key.pem"
-);
-
 #[tokio::test]
 async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
-    let mut env = Env::from_pairs([
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
-        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+    let config = fixture::config(&[
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY),
     ]);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("valid TLS configuration");
-    let (cert, key) = config.tls.clone().expect("TLS configured");
-    let server_config = tls::load(&cert, &key).unwrap();
-    let app = app::build(config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(serve::serve(
-        listener,
-        app.router,
-        Some(server_config),
-        Duration::from_secs(10),
-        stop_rx,
-    ));
-
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    #[allow(deprecated)]
-    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
-    let client_config = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_config)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    assert!(config.tls.is_some(), "TLS configured");
+    let (gw, server) = fixture::serve_own_stoppable(config).await;
+    let addr = gw.addr;
+    let client = fixture::https_client(None);
     let req = http::Request::post(format!("https://localhost:{}/v1/messages", addr.port()))
         .header("x-api-key", USER)
         .header("content-type", "application/json")
@@ -1130,12 +1086,7 @@ async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.version(), http::Version::HTTP_2);
     drop(client);
-
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("server stops")
-        .unwrap();
+    server.shutdown().await;
 }
 
 #[test]

@@ -14,14 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const TLS_CERT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.cert.pem"
-);
-const TLS_KEY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.key.pem"
-);
+use fixture::{TLS_CERT, TLS_KEY};
 
 /// Starts the gateway with a header timeout of 10 s (from the environment), over TLS when
 /// asked.
@@ -174,18 +167,8 @@ async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_head
 /// The same over TLS, where ALPN has chosen h2: the handshake done, nothing more.
 #[tokio::test(start_paused = true)]
 async fn an_h2_tls_connection_that_never_sends_a_request_is_closed_after_the_header_timeout() {
-    use tokio_rustls::rustls;
     let addr = start(true).await;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec()];
+    let client = fixture::tls_client_config(&[b"h2"]);
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let start = Instant::now();

@@ -17,7 +17,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use palisade::config::Env;
 use serde_json::{Value, json};
-use tokio_rustls::rustls::ServerConfig;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// Alice's API key (a user).
 pub const USER: &str = "sk-test-alice-0123456789";
@@ -27,6 +31,17 @@ pub const OTHER: &str = "sk-test-bob-0123456789ab";
 pub const ADMIN: &str = "sk-test-admin-0123456789";
 /// A well-formed key that no one holds.
 pub const WRONG: &str = "sk-test-nobody-987654321";
+
+/// A certificate for `localhost`, self-signed, for the TLS tests.
+pub const TLS_CERT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.cert.pem"
+);
+/// `TLS_CERT`'s private key.
+pub const TLS_KEY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/chat_gateway_data/localhost.key.pem"
+);
 
 /// Retries that wait milliseconds, not the defaults' hundreds of them.
 pub const FAST_RETRIES: &[(&str, &str)] = &[
@@ -80,8 +95,19 @@ pub async fn serve_axum(config: crate::config::GatewayConfig) -> Gateway {
 
 /// A gateway built from `config`, served by the gateway's own loop (`serve.rs`: header
 /// and idle deadlines, TLS when the configuration names a certificate) on a free loopback
-/// port, as `main.rs` serves it.
+/// port, as `main.rs` serves it, until the test ends.
 pub async fn serve_own(config: crate::config::GatewayConfig) -> Gateway {
+    let (gateway, server) = serve_own_stoppable(config).await;
+    // Dropping the stop signal would stop the server: keep it for the test's lifetime.
+    tokio::spawn(async move {
+        let _server = server;
+        std::future::pending::<()>().await;
+    });
+    gateway
+}
+
+/// As `serve_own`, with the means to stop the server as SIGTERM does in `main.rs`.
+pub async fn serve_own_stoppable(config: crate::config::GatewayConfig) -> (Gateway, Server) {
     let tls: Option<Arc<ServerConfig>> = config
         .tls
         .as_ref()
@@ -90,13 +116,67 @@ pub async fn serve_own(config: crate::config::GatewayConfig) -> Gateway {
     let app = crate::app::build(config).await.expect("gateway builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let router = app.router;
-    tokio::spawn(async move {
-        crate::serve::serve(listener, router, tls, header_timeout, stop_rx).await;
-        drop(stop);
-    });
-    Gateway::new(addr, app.state)
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(crate::serve::serve(
+        listener,
+        app.router,
+        tls,
+        header_timeout,
+        stop_rx,
+    ));
+    (Gateway::new(addr, app.state), Server { stop, task })
+}
+
+/// A server started by `serve_own_stoppable`; dropping it stops the server too.
+pub struct Server {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops accepting, lets open connections finish, and waits (5 s at most) for the end.
+    pub async fn shutdown(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("the server stops within 5 s")
+            .expect("the server task ends without a panic");
+    }
+}
+
+/// A rustls client configuration that trusts `TLS_CERT` and offers `alpn`.
+pub fn tls_client_config(alpn: &[&[u8]]) -> ClientConfig {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// A hyper client for `https://localhost:PORT` that trusts `TLS_CERT`: HTTP/1.1 and
+/// HTTP/2 chosen by ALPN (`None`), or only HTTP/2 (`Some(true)`) or HTTP/1.1 (`Some(false)`).
+pub fn https_client(
+    http2_only: Option<bool>,
+) -> Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>> {
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls_client_config(&[]))
+        .https_only();
+    let https = match http2_only {
+        None => builder.enable_http1().enable_http2().build(),
+        Some(true) => builder.enable_http2().build(),
+        Some(false) => builder.enable_http1().build(),
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(http2_only == Some(true))
+        .build(https)
 }
 
 /// A gateway served on a loopback port, and a client for it.
