@@ -809,22 +809,7 @@ async fn retries_529_then_answers_and_forwards_headers_both_ways() {
 
 #[tokio::test]
 async fn retries_a_500_on_post_like_the_sdks_do() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(500).set_body_json(
-                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
-            ),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message()))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = fixture::upstream_failing_once(anthropic_message()).await;
     let gw = wiremock_gateway(&server, &[]).await;
     let r = gw
         .post("/v1/messages", USER, chat("claude-sonnet-4-5"))

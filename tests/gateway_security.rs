@@ -19,8 +19,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use palisade::config::Env;
 use serde_json::json;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use fixture::{ADMIN, FAST_RETRIES, OTHER, TLS_CERT, TLS_KEY, USER};
 const UPSTREAM_KEY: &str = "sk-ant-upstream-secret-9f8e7d";
@@ -234,26 +232,12 @@ fn keys_are_compared_as_hashes_in_constant_time_against_every_entry() {
 #[tokio::test]
 async fn no_configured_key_or_message_content_reaches_the_logs_of_a_whole_run() {
     let logs = captured();
-    let upstream = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(500).set_body_json(
-                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
-            ),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-            "content": [{"type": "text", "text": CONTENT}],
-            "usage": {"input_tokens": 10, "output_tokens": 3}
-        })))
-        .with_priority(2)
-        .mount(&upstream)
-        .await;
+    let upstream = fixture::upstream_failing_once(json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": CONTENT}],
+        "usage": {"input_tokens": 10, "output_tokens": 3}
+    }))
+    .await;
     let uri = upstream.uri();
     let remote = start(&[
         ("ANTHROPIC_BASE_URL", uri.as_str()),

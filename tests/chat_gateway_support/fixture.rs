@@ -365,3 +365,27 @@ pub fn chat(model: &str) -> Value {
         "messages": [{"role": "user", "content": "Hello there"}]
     })
 }
+
+/// A wiremock upstream whose first POST fails with a 500 in Anthropic's error format and
+/// whose later POSTs answer 200 with `ok`.
+pub async fn upstream_failing_once(ok: Value) -> wiremock::MockServer {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(500).set_body_json(
+                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
+            ),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(ok))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    server
+}
