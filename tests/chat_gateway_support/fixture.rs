@@ -112,7 +112,7 @@ pub async fn serve_own_stoppable(config: crate::config::GatewayConfig) -> (Gatew
         .tls
         .as_ref()
         .map(|(cert, key)| crate::tls::load(cert, key).expect("the test certificate loads"));
-    let header_timeout = config.header_timeout;
+    let timeouts = crate::serve::Timeouts::from_config(&config);
     let app = crate::app::build(config).await.expect("gateway builds");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -121,7 +121,7 @@ pub async fn serve_own_stoppable(config: crate::config::GatewayConfig) -> (Gatew
         listener,
         app.router,
         tls,
-        header_timeout,
+        timeouts,
         stop_rx,
     ));
     (Gateway::new(addr, app.state), Server { stop, task })
