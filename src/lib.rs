@@ -34,11 +34,15 @@
 //!
 //! ## Features
 //!
+//! - `hyper-util` (default): the default classifier recognises hyper-util's client errors
+//!   (a connection never made is safe to retry); turn default features off if you bring
+//!   another client.
 //! - `axum`: `IntoResponse` for [`Error`], the `ValidatedJson` and `CspNonce` extractors,
 //!   and peer IPs from axum's `ConnectInfo` for rate-limit keys.
-//! - `redis`: reserved for the Redis and Redis Cluster stores of limits, budgets and usage
-//!   (the store traits are shaped for them; the stores land in a later release).
-//! - `postgres`: reserved for the PostgreSQL usage ledger (a later release).
+//! - `redis`: the Redis and Redis Cluster stores of rate limits (`RedisStore`), budgets
+//!   (`RedisBudgetStore`) and usage records (`RedisSink`), over `redis://` or `rediss://`.
+//! - `postgres`: the PostgreSQL usage and audit ledger (`PostgresSink`), with its
+//!   migrations and a connection pool.
 //!
 //! The default build needs no server and no network.
 //!
