@@ -78,6 +78,10 @@ struct Inner {
     /// tests pause the caller there.
     #[cfg(test)]
     on_refuse: Hook,
+    /// Runs when a withdrawal has looked at the clock, before it takes its token: tests
+    /// pause the caller there.
+    #[cfg(test)]
+    on_take: Hook,
 }
 
 /// A callback for tests (see `Inner::on_advance`).
@@ -142,6 +146,8 @@ impl RetryBudget {
                 on_advance: Hook::default(),
                 #[cfg(test)]
                 on_refuse: Hook::default(),
+                #[cfg(test)]
+                on_take: Hook::default(),
             }),
         })
     }
@@ -182,21 +188,38 @@ impl RetryBudget {
     /// went below zero: of callers racing for the last tokens, each sees the withdrawals
     /// ordered before its own, so together they never take more than there was (a loser
     /// of such a race may be refused while a winner gives its token back, which only ever
-    /// makes the budget stricter). A token is given back only while its slot is still in
-    /// the window, so a caller paused for a whole window between the two steps cannot
-    /// return a token the window has already let go.
+    /// makes the budget stricter).
+    ///
+    /// A token is taken in the slot of the time the caller looked at the clock, and the
+    /// clock is looked at again after: if the window moved in between (a caller paused
+    /// there), the token sits in a slot that leaves the window too soon, so it is given
+    /// back and taken again in the current slot. A token is given back only while its slot
+    /// is still in the window, so a caller paused for a whole window cannot return a token
+    /// the window has already let go.
     pub fn withdraw(&self) -> bool {
         let inner = &*self.inner;
-        let generation = inner.advance();
-        let slot = &inner.slots[(generation % SLOTS as u64) as usize];
-        slot.fetch_sub(UNIT, Ordering::SeqCst);
-        if inner.balance() >= 0 {
-            return true;
-        }
         #[cfg(test)]
-        Inner::run(&inner.on_refuse);
-        inner.give_back(generation);
-        false
+        let mut hook = Some(&inner.on_take);
+        loop {
+            let generation = inner.advance();
+            let slot = &inner.slots[(generation % SLOTS as u64) as usize];
+            #[cfg(test)]
+            if let Some(hook) = hook.take() {
+                Inner::run(hook);
+            }
+            slot.fetch_sub(UNIT, Ordering::SeqCst);
+            if inner.advance() != generation {
+                inner.give_back(generation);
+                continue;
+            }
+            if inner.balance() >= 0 {
+                return true;
+            }
+            #[cfg(test)]
+            Inner::run(&inner.on_refuse);
+            inner.give_back(generation);
+            return false;
+        }
     }
 
     /// The number of whole retries available now.
@@ -386,6 +409,31 @@ mod tests {
             !budget.withdraw(),
             "a retry from a budget that never held one"
         );
+    }
+
+    /// A withdrawal stamps its token with the slot of the time it looked at the clock.
+    /// A caller paused between that look and the taking put the token in a slot about to
+    /// leave the window, so it came back long before a window had passed: two retries
+    /// within a tenth of a second from a budget of one a second.
+    #[test]
+    fn a_withdrawal_paused_before_taking_stays_taken_for_a_window() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let _entered = runtime.enter();
+        // One token: a floor of 1 retry per second over 1 s, nothing earned.
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0).unwrap();
+        *budget.inner.on_take.0.lock().unwrap() = Some(Box::new(move || {
+            // The caller is paused for most of a window after looking at the clock.
+            handle.block_on(tokio::time::advance(Duration::from_millis(950)));
+        }));
+        assert!(budget.withdraw(), "the one token");
+        runtime.block_on(tokio::time::advance(Duration::from_millis(100)));
+        assert_eq!(budget.available(), 0, "the token came back after 100 ms");
+        assert!(!budget.withdraw(), "a second retry within the window");
     }
 
     #[tokio::test(start_paused = true)]
