@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade::rate_limit::algorithm::{Params, Verdict};
-use palisade::rate_limit::store::{CheckItem, Decision, Settlement};
+use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
 use palisade::rate_limit::{Algorithm, HashTag, Quota, RateKey, RedisFailMode, RedisStore, Store};
 use support::{RedisCluster, RedisServer};
 
@@ -88,6 +88,19 @@ async fn race(stores: &[RedisStore], n: usize, rules: impl Fn(usize) -> Vec<Owne
         admitted.extend(t.await.unwrap());
     }
     admitted
+}
+
+/// The settlement of `rule`'s reservation `d`, by `delta` units.
+fn settlement<'a>(rule: &'a Owned, d: &RuleDecision, delta: i64) -> Settlement<'a> {
+    Settlement {
+        rule_index: rule.index,
+        rule: rule.name,
+        key: &rule.key,
+        params: rule.params,
+        window_start: d.window_start,
+        generation: d.generation,
+        delta,
+    }
 }
 
 async fn remaining(store: &RedisStore, rule: &Owned) -> u64 {
@@ -283,10 +296,12 @@ async fn one_script_call_per_decision_and_none_for_a_blocked_key() {
     }
     assert_eq!(calls(&server.url(), "evalsha").await, 19);
     assert_eq!(store.health().blocked_cache_hits, 500);
-    // reset clears the cache: the next decision goes to Redis again, and passes
+    // a reset (one script call) clears the cache: the next decision goes to Redis again,
+    // and passes
     store.reset(0, "per-user", &rules[0].key).await.unwrap();
-    assert!(store.check(&items).await.unwrap().admitted);
     assert_eq!(calls(&server.url(), "evalsha").await, 20);
+    assert!(store.check(&items).await.unwrap().admitted);
+    assert_eq!(calls(&server.url(), "evalsha").await, 21);
 }
 
 #[tokio::test]
@@ -326,6 +341,7 @@ async fn settling_less_than_reserved_unblocks_the_key() {
             key: &rule.key,
             params: rule.params,
             window_start: d.rules[0].window_start,
+            generation: d.rules[0].generation,
             delta: -4,
         }])
         .await
@@ -864,6 +880,7 @@ async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
             key: &rule.key,
             params: rule.params,
             window_start: d.rules[0].window_start,
+            generation: d.rules[0].generation,
             delta: -9,
         }])
         .await
@@ -1144,6 +1161,7 @@ async fn a_reservation_decided_locally_is_never_settled_in_redis() {
                 key: &reserve.key,
                 params: reserve.params,
                 window_start: local.rules[0].window_start,
+                generation: local.rules[0].generation,
                 delta: -5,
             }])
             .await
@@ -1276,4 +1294,111 @@ async fn a_refusal_under_way_during_a_reset_does_not_block_the_reset_key() {
     assert!(!under_way.await.unwrap().admitted);
     let after = store.check(&[rule.item()]).await.unwrap();
     assert!(after.admitted, "the reset key is still blocked: {after:?}");
+}
+
+/// A reservation made before an admin reset and settled after it (a give-back) returns
+/// nothing: the units a request admitted after the reset paid stay paid, while that
+/// request's own settlement still applies; for every algorithm.
+#[tokio::test]
+async fn a_give_back_after_a_reset_does_not_refund_requests_admitted_after_it() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-give-back")).await;
+    for (algorithm, name) in ALGORITHMS.into_iter().zip(["sliding", "fixed", "gcra"]) {
+        let rule = Owned {
+            name,
+            ..one_rule(algorithm, 10, 6)
+        };
+        let before = store.check(&[rule.item()]).await.unwrap().rules[0];
+        assert!(before.debited);
+        store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+        let seven = Owned {
+            cost: 7,
+            ..rule.clone()
+        };
+        let after = store.check(&[seven.item()]).await.unwrap().rules[0];
+        assert!(after.debited);
+        assert_ne!(after.generation, before.generation);
+        store
+            .settle(&[settlement(&rule, &before, -6)])
+            .await
+            .unwrap();
+        assert_eq!(
+            remaining(&store, &rule).await,
+            3,
+            "{algorithm:?}: a give-back from before the reset refunded a later request"
+        );
+        store
+            .settle(&[settlement(&rule, &after, -2)])
+            .await
+            .unwrap();
+        assert_eq!(remaining(&store, &rule).await, 5, "{algorithm:?}");
+    }
+}
+
+/// A refusal decided in Redis before a give-back, but answered after the store had
+/// forgotten the key's blocked entry for that give-back, does not keep the key refused
+/// here once the units are back in Redis.
+#[tokio::test]
+async fn a_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("give-back-race")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 2);
+    let reserved = store.check(&[rule.item()]).await.unwrap().rules[0];
+    assert!(reserved.debited);
+    // the give-back is under way: called, not yet applied in Redis
+    let settling = store.settle(&[settlement(&rule, &reserved, -2)]);
+    let one = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    assert!(!store.check(&[one.item()]).await.unwrap().admitted);
+    settling.await.unwrap();
+    assert_eq!(remaining(&store, &rule).await, 2);
+    let after = store.check(&[one.item()]).await.unwrap();
+    assert!(
+        after.admitted,
+        "the key is still refused locally: {after:?}"
+    );
+}
+
+/// A decision that ran in Redis after its timeout, and whose debit was given back, does
+/// not leave the key refused here by a refusal decided between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_decisions_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("late-give-back"))
+        .timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 2, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    let paused = support::command(server.addr(), "CLIENT PAUSE 700 WRITE")
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let late = {
+        let store = store.clone();
+        let rule = rule.clone();
+        tokio::spawn(async move { store.check(&[rule.item()]).await })
+    };
+    // queued behind the late decision, and answered within its own timeout: Redis runs
+    // the late decision (the second unit), then refuses this one and it blocks the key
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = store.check(&[rule.item()]).await.unwrap();
+    assert!(!refused.admitted, "{refused:?}");
+    assert!(late.await.unwrap().is_err(), "the late decision timed out");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while store.health().late_debits_returned == 0 {
+        assert!(Instant::now() < deadline, "{:?}", store.health());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(remaining(&store, &rule).await, 1);
+    let after = store.check(&[rule.item()]).await.unwrap();
+    assert!(
+        after.admitted,
+        "the key is still refused locally: {after:?}"
+    );
 }
