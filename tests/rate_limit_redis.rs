@@ -1402,3 +1402,29 @@ async fn a_late_decisions_give_back_unblocks_a_key_that_a_refusal_blocked_meanwh
         "the key is still refused locally: {after:?}"
     );
 }
+
+/// A flood of distinct keys, each refused until it is blocked, never holds more blocked
+/// entries than the cache's capacity, and the newest blocked key is still answered locally.
+#[tokio::test]
+async fn a_flood_of_distinct_blocked_keys_keeps_the_blocked_cache_within_its_capacity() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("flood"))
+        .timeout(Duration::from_secs(2))
+        .blocked_cache(40)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..300 {
+        let rule = Owned {
+            key: RateKey::principal(format!("flood-{i}")),
+            ..one_rule(Algorithm::FixedWindow, 1, 1)
+        };
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+        assert!(store.health().blocked_keys <= 40, "{:?}", store.health());
+        let hits = store.health().blocked_cache_hits;
+        assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
+        assert_eq!(store.health().blocked_cache_hits, hits + 1, "flood-{i}");
+    }
+}
