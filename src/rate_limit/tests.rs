@@ -39,6 +39,15 @@ fn post(path: &str, key: &str) -> Request<()> {
         .unwrap()
 }
 
+/// The status of a POST to `/` with API key `key`, through a clone of `svc`.
+async fn status_of<S, B>(svc: &S, key: &str) -> StatusCode
+where
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    svc.clone().oneshot(post("/", key)).await.unwrap().status()
+}
+
 async fn body_json(r: Response<ResponseBody<Full<Bytes>>>) -> serde_json::Value {
     serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
@@ -267,22 +276,8 @@ async fn settled_quantities_are_reserved_then_corrected() {
     let key = RateKey::api_key("sk-a");
     assert_eq!(admin.peek("tpm", &key).await.unwrap().remaining, 300);
     // the next estimate still fits, the one after does not
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(status_of(&svc, "sk-a").await, 200);
+    assert_eq!(status_of(&svc, "sk-a").await, 429);
 }
 
 #[tokio::test(start_paused = true)]
@@ -302,47 +297,25 @@ async fn spoofed_forwarded_for_does_not_change_the_key() {
             .insert(peer.parse::<SocketAddr>().unwrap());
         r
     };
-    assert_eq!(
-        send(&mut svc, req("10.0.0.1:1", "1.1.1.1, 203.0.113.7"))
-            .await
-            .status(),
-        200
-    );
-    // the client forges a different leftmost hop: same client, still limited
-    assert_eq!(
-        send(&mut svc, req("10.0.0.2:1", "9.9.9.9, 203.0.113.7"))
-            .await
-            .status(),
-        429
-    );
-    // an untrusted peer's header is ignored entirely
-    assert_eq!(
-        send(&mut svc, req("198.51.100.1:1", "203.0.113.8"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        send(&mut svc, req("198.51.100.1:2", "203.0.113.9"))
-            .await
-            .status(),
-        429
-    );
-    // IPv6 peers are grouped by /64
-    assert_eq!(
-        send(&mut svc, req("[2001:db8::1]:1", "")).await.status(),
-        200
-    );
-    assert_eq!(
-        send(&mut svc, req("[2001:db8::ffff]:1", "")).await.status(),
-        429
-    );
-    assert_eq!(
-        send(&mut svc, req("[2001:db8:0:1::1]:1", ""))
-            .await
-            .status(),
-        200
-    );
+    for (peer, forwarded_for, status) in [
+        ("10.0.0.1:1", "1.1.1.1, 203.0.113.7", 200),
+        // the client forges a different leftmost hop: same client, still limited
+        ("10.0.0.2:1", "9.9.9.9, 203.0.113.7", 429),
+        // an untrusted peer's header is ignored entirely
+        ("198.51.100.1:1", "203.0.113.8", 200),
+        ("198.51.100.1:2", "203.0.113.9", 429),
+        // IPv6 peers are grouped by /64
+        ("[2001:db8::1]:1", "", 200),
+        ("[2001:db8::ffff]:1", "", 429),
+        ("[2001:db8:0:1::1]:1", "", 200),
+    ] {
+        let r = send(&mut svc, req(peer, forwarded_for)).await;
+        assert_eq!(
+            r.status(),
+            status,
+            "peer {peer}, x-forwarded-for {forwarded_for:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -952,22 +925,8 @@ async fn a_cost_of_zero_is_admitted_after_a_settlement_overshoots() {
         }
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     }));
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(status_of(&svc, "sk-a").await, 200);
+    assert_eq!(status_of(&svc, "sk-a").await, 429);
     let mut peek = post("/", "sk-a");
     peek.extensions_mut().insert(RequestCost(0));
     let r = svc.clone().oneshot(peek).await.unwrap();
