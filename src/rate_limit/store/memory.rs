@@ -39,7 +39,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 ///
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
-/// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
+/// other key, and an IP key whose counts outgrow 32 bits or that has been reset (a reset
+/// key keeps its generation, see [`MemoryStore::reset_now`]), in a 64-byte slot. With the
 /// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
 /// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
 /// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](crate::rate_limit::MAX_HEADER_KEY_LEN)

@@ -243,7 +243,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Entries in the local cache of blocked keys (default 10,000; 0 turns it off).
+    /// Entries in the local cache of blocked keys (default 10,000; 0 turns it off). A full
+    /// cache makes room by dropping expired entries, then those that unblock soonest.
     pub fn blocked_cache(mut self, entries: usize) -> Self {
         self.blocked_cache = entries;
         self
@@ -447,12 +448,22 @@ enum Conn {
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
-/// integers as a short string and expiring on its own (`PX`) once its state is back to
-/// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// integers as a short string (four once the key has been reset: its generation) and
+/// expiring on its own (`PX`) once its state is back to fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
-/// key (its 32-digit hash), the same for every algorithm; a million active keys take about
-/// 130 MB.
+/// key (its 32-digit hash), the same for every algorithm and after a reset; a million
+/// active keys take about 130 MB.
+///
+/// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
+/// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
+/// [generation](RuleDecision::generation), which keeps the old state's expiry. A
+/// settlement carries the generation and window of its reservation and applies only while
+/// the key still holds both, so a reservation made before a reset and settled after it
+/// gives back (or takes) nothing from the requests admitted since. A key that expired on
+/// its own starts again at generation 0: for GCRA, whose reservations have no window, a
+/// give-back that arrives after the key's state expired and a new request recreated it is
+/// applied to the new state.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
 /// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
@@ -489,12 +500,17 @@ enum Conn {
 /// the store remembers the key until the first instant one unit fits. Further requests
 /// for that key are refused locally, with no round trip (a flood from one key costs Redis
 /// almost nothing: one round trip per key and second), and keep being refused while Redis
-/// is away. The cache forgets a key on [`Store::reset`], on a settlement that gives units
-/// back, and when the rule's parameters change (a per-key override);
-/// [`RedisStore::clear_blocked_cache`] forgets everything. While Redis answers, an entry
-/// answers alone for at most a second, so a reset or units given back through another
-/// instance reach this one within a second; while it does not, every entry answers until
-/// its key can pass again.
+/// is away. The cache forgets a key on [`Store::reset`] and on a settlement that gives
+/// units back (when it is called and again once Redis has applied it, so a refusal decided
+/// in between does not outlive it), and once the debit of a decision that ran after its
+/// timeout has been given back; an entry is not used when the rule's parameters change (a
+/// per-key override); [`RedisStore::clear_blocked_cache`] forgets everything. While Redis
+/// answers, an entry answers alone for at most a second, so a reset or units given back
+/// through another instance reach this one within a second; while it does not, every
+/// entry answers until its key can pass again. A full cache drops its expired entries,
+/// then those that unblock soonest, down to 7/8 of its capacity
+/// ([`RedisStoreBuilder::blocked_cache`]), and keeps the newcomer: under a flood of
+/// distinct blocked keys it stays within its capacity at O(1) amortized per insert.
 ///
 /// **TLS.** `rediss://` URLs connect over TLS (rustls), for one server or every Cluster
 /// node, checking the server's certificate against the system's roots, or against your
