@@ -48,6 +48,26 @@ where
     svc.clone().oneshot(post("/", key)).await.unwrap().status()
 }
 
+/// `peek` and `reset` of a test store that wraps a [`MemoryStore`] as its field `.0`.
+macro_rules! peek_and_reset_in_memory {
+    () => {
+        fn peek(
+            &self,
+            item: &store::CheckItem<'_>,
+        ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(
+            &self,
+            i: u32,
+            rule: &str,
+            key: &RateKey,
+        ) -> store::BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, rule, key)
+        }
+    };
+}
+
 async fn body_json(r: Response<ResponseBody<Full<Bytes>>>) -> serde_json::Value {
     serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
@@ -597,15 +617,7 @@ impl Store for Deferred {
     fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
         self.0.settle(s)
     }
-    fn peek(
-        &self,
-        item: &store::CheckItem<'_>,
-    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
-        self.0.peek(item)
-    }
-    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
-        self.0.reset(i, rule, key)
-    }
+    peek_and_reset_in_memory!();
 }
 
 #[tokio::test(start_paused = true)]
@@ -664,33 +676,36 @@ async fn an_asynchronous_store_uses_the_ready_inner_service() {
 /// A synchronous store that answers `check_now` but not `check_one_now` (the default), or
 /// fails in `check_one_now`: the single-rule path falls back to the list, and a failure
 /// there follows the fail mode.
+/// A memory store without the single-rule shortcut: `check_one_now` fails when `.1` is
+/// set, else leaves the decision to the list path.
+#[derive(Clone)]
+struct ListOnly(MemoryStore, bool);
+
+impl Store for ListOnly {
+    type CheckFuture = <MemoryStore as Store>::CheckFuture;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        self.0.check(items)
+    }
+    fn check_now(
+        &self,
+        items: &[store::CheckItem<'_>],
+    ) -> Option<Result<store::Decision, StoreError>> {
+        self.0.check_now(items)
+    }
+    fn check_one_now(
+        &self,
+        _: &store::CheckItem<'_>,
+    ) -> Option<Result<store::RuleDecision, StoreError>> {
+        self.1.then(|| Err(StoreError::new("connection reset")))
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.settle(s)
+    }
+    peek_and_reset_in_memory!();
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
-    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
-
-    #[derive(Clone)]
-    struct ListOnly(MemoryStore, bool);
-    impl Store for ListOnly {
-        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
-        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
-            self.0.check(items)
-        }
-        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-            self.0.check_now(items)
-        }
-        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
-            self.1.then(|| Err(StoreError::new("connection reset")))
-        }
-        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
-            self.0.settle(s)
-        }
-        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
-            self.0.peek(item)
-        }
-        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
-            self.0.reset(i, r, k)
-        }
-    }
     // With headers and without (a refusal carries them, an admission may not).
     for (fails, headers) in [(false, true), (true, true), (false, false), (true, false)] {
         let layer = RateLimitLayer::builder()
@@ -1116,34 +1131,9 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
 /// and again by the general path it falls back to.
 #[tokio::test(start_paused = true)]
 async fn a_request_without_a_peer_is_counted_once_when_the_plain_path_falls_back() {
-    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
-
-    #[derive(Clone)]
-    struct ListOnly(MemoryStore);
-    impl Store for ListOnly {
-        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
-        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
-            self.0.check(items)
-        }
-        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-            self.0.check_now(items)
-        }
-        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
-            None
-        }
-        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
-            self.0.settle(s)
-        }
-        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
-            self.0.peek(item)
-        }
-        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
-            self.0.reset(i, r, k)
-        }
-    }
     for skip in [false, true] {
         let layer = RateLimitLayer::builder()
-            .store(ListOnly(MemoryStore::new()))
+            .store(ListOnly(MemoryStore::new(), false))
             .rule(
                 Rule::new("per-ip", Quota::per_minute(100))
                     .key(KeySource::PeerIp)
@@ -1355,15 +1345,7 @@ impl Store for FlakySettle {
         }
         self.0.settle(s)
     }
-    fn peek(
-        &self,
-        item: &store::CheckItem<'_>,
-    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
-        self.0.peek(item)
-    }
-    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
-        self.0.reset(i, rule, key)
-    }
+    peek_and_reset_in_memory!();
 }
 
 /// A settlement the store failed to apply is not spent: settling again applies it, so
