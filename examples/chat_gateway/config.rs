@@ -111,6 +111,10 @@ pub struct GatewayConfig {
     /// How long a client may take to send a request head (and to finish the TLS
     /// handshake) before its connection is closed (`PALISADE_GATEWAY_HEADER_TIMEOUT`).
     pub header_timeout: Duration,
+    /// How long an open connection may go with no request in flight before it is closed
+    /// gracefully (`PALISADE_GATEWAY_IDLE_TIMEOUT`): an HTTP/2 client that only answers
+    /// pings, or an HTTP/1.1 keep-alive connection between requests.
+    pub idle_timeout: Duration,
     /// How long a request body may take to arrive (408 after that).
     pub body_timeout: Duration,
     /// The longest silence inside an upstream response body (a stream then ends with an
@@ -377,6 +381,16 @@ impl GatewayConfig {
                 Err(e) => Err(e.to_string()),
             },
         );
+        let idle_timeout = env.optional_with(
+            "PALISADE_GATEWAY_IDLE_TIMEOUT",
+            Duration::from_secs(60),
+            "60s",
+            |s| match palisade::config::duration::parse(s) {
+                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+                Ok(d) => Ok(d),
+                Err(e) => Err(e.to_string()),
+            },
+        );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
             Duration::from_secs(120),
@@ -484,6 +498,7 @@ impl GatewayConfig {
             max_tokens,
             max_body,
             header_timeout,
+            idle_timeout,
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,
