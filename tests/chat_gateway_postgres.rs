@@ -220,6 +220,21 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
     assert_eq!(audit["dropped"], 0, "{health}");
 }
 
+/// The audit writer's `[queued, written, backlog, queue_full, failed, dropped]`.
+fn counts(audit: &audit::Audit) -> [u64; 6] {
+    let h = audit.health().expect("a PostgreSQL writer");
+    assert_eq!(h.queued, h.written + h.failed + h.backlog, "{h:?}");
+    assert_eq!(h.dropped, h.queue_full + h.failed, "{h:?}");
+    [
+        h.queued,
+        h.written,
+        h.backlog,
+        h.queue_full,
+        h.failed,
+        h.dropped,
+    ]
+}
+
 /// Events that found the audit queue full are dropped, never queued: they do not hide the
 /// events still waiting in the backlog (the backlog read 0 while 4 events waited), and a
 /// batch PostgreSQL refuses after every retry leaves the backlog for `failed`.
@@ -238,36 +253,12 @@ async fn the_audit_backlog_stays_true_after_queue_full_drops() {
     for i in 0..20 {
         audit.record(event(i));
     }
-    let h = audit.health().expect("a PostgreSQL writer");
-    assert_eq!(
-        (
-            h.queued,
-            h.written,
-            h.backlog,
-            h.queue_full,
-            h.failed,
-            h.dropped
-        ),
-        (4, 0, 4, 16, 0, 16),
-        "{h:?}"
-    );
+    assert_eq!(counts(&audit), [4, 0, 4, 16, 0, 16]);
 
     // The writer gives up on those 4 after its retries: no backlog, 20 dropped in all.
     assert!(audit.flush().await);
-    let h = audit.health().unwrap();
-    assert_eq!(
-        (
-            h.queued,
-            h.written,
-            h.backlog,
-            h.queue_full,
-            h.failed,
-            h.dropped
-        ),
-        (4, 0, 0, 16, 4, 20),
-        "{h:?}"
-    );
-    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(counts(&audit), [4, 0, 0, 16, 4, 20]);
+    assert!(audit.health().unwrap().last_error.is_some());
 
     // PostgreSQL back: new events are written, the counts add up.
     server.resume();
@@ -275,20 +266,7 @@ async fn the_audit_backlog_stays_true_after_queue_full_drops() {
         audit.record(event(i));
     }
     assert!(audit.flush().await);
-    let h = audit.health().unwrap();
-    assert_eq!(
-        (
-            h.queued,
-            h.written,
-            h.backlog,
-            h.queue_full,
-            h.failed,
-            h.dropped
-        ),
-        (6, 2, 0, 16, 4, 20),
-        "{h:?}"
-    );
-    assert_eq!(h.queued, h.written + h.failed + h.backlog);
+    assert_eq!(counts(&audit), [6, 2, 0, 16, 4, 20]);
     let db = client(&url).await;
     let rows: i64 = db
         .query_one("SELECT count(*) FROM audit_logs", &[])
