@@ -4,7 +4,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `palisade_gateway_requests_total` | counter | `route` (the route template), `method`, `status` |
+//! | `palisade_gateway_requests_total` | counter | `route` (the route template, `unmatched` for no route), `method` (`other` for a non-standard one), `status` |
 //! | `palisade_gateway_refusals_total` | counter | `reason` (`unauthenticated`, `rate_limited`, `budget_exceeded`, ...) |
 //! | `palisade_gateway_request_duration_seconds` | histogram | `route`: time to the response head |
 //! | `palisade_gateway_upstream_duration_seconds` | histogram | `route`: the upstream's time to the response head, retries included |
@@ -259,12 +259,13 @@ impl Metrics {
     ) {
         let refusal = Refusal::of(res);
         let status = res.status();
-        let kept = self.handles(route, method.as_str(), status);
+        let method = method_label(method);
+        let kept = self.handles(route, method, status);
         let fresh;
         let h = match &kept {
             Some(h) => &**h,
             None => {
-                fresh = self.register(label(route), label(method.as_str()), status);
+                fresh = self.register(label(route), SharedString::const_str(method), status);
                 &fresh
             }
         };
@@ -411,6 +412,25 @@ impl Metrics {
         });
         self.handle.run_upkeep();
         self.handle.render()
+    }
+}
+
+/// The `method` label: the standard methods by name, any other as `other`. A client may
+/// send any token as its method; were each one a label value, it would be a series of its
+/// own in the registry and a value kept for the life of the process.
+fn method_label(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
     }
 }
 
