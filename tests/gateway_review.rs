@@ -6,10 +6,18 @@
 include!("chat_gateway_support/modules.rs");
 
 use std::collections::BTreeSet;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
 use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use fixture::{FAST_RETRIES, Gateway, USER};
 
@@ -67,4 +75,154 @@ async fn methods_a_client_makes_up_do_not_add_metric_series() {
         .collect();
     assert!(made_up.is_empty(), "series per made-up method: {made_up:?}");
     assert!(labels.contains("other"), "{labels:?}");
+}
+
+/// Everything the tests' tracing subscriber writes (JSON lines).
+fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("chat_gateway=info"))
+            .json()
+            .with_writer(move || Capture(Arc::clone(&writer)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+        logs
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The request lines (their fields) logged for `route` so far.
+fn request_lines(route: &str) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(&captured().lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "chat_gateway::request" && l["fields"]["route"] == route)
+        .map(|l| l["fields"].clone())
+        .collect()
+}
+
+/// A raw HTTP/1.1 `POST path` with `body` as JSON, sent on a fresh connection.
+async fn raw_post(gw: &Gateway, path: &str, body: &serde_json::Value) -> TcpStream {
+    let body = serde_json::to_vec(body).unwrap();
+    let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    tcp
+}
+
+/// A client that hangs up while the upstream is still thinking (before any answer) paid
+/// for nothing it saw, but the request happened: it has its request line, not complete,
+/// as one whose stream was cut has.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_client_hangs_up_before_the_answer_still_has_its_line() {
+    captured();
+    let gw = start(&[("PALISADE_GATEWAY_MOCK_SLOW_DELAY", "100s")]).await;
+    let tcp = raw_post(&gw, "/v1/messages", &fixture::chat("mock-slow")).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(tcp);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = request_lines("/v1/messages");
+    let lines: Vec<_> = lines.iter().filter(|l| l["complete"] == false).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["method"], "POST", "{:?}", lines[0]);
+    assert_eq!(lines[0]["status"], 499, "{:?}", lines[0]);
+}
+
+/// An upstream that answers every POST with the start of an SSE stream and then nothing
+/// (it never ends).
+async fn endless_stream_upstream() -> String {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            let (tx, rx) = mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
+                let _ = tx
+                    .send(Bytes::from(format!("event: message_start\ndata: {start}\n\n")))
+                    .await;
+                tx.closed().await;
+            });
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::new(Channel(rx)))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// A response body fed through a channel.
+struct Channel(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Channel {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
+    }
+}
+
+/// A client that hangs up in the middle of a stream: its line is written, with the
+/// caller, the status and `complete: false`.
+#[tokio::test(start_paused = true)]
+async fn a_stream_cut_by_the_client_is_logged_as_incomplete() {
+    captured();
+    let upstream = endless_stream_upstream().await;
+    let gw = start(&[
+        ("ANTHROPIC_BASE_URL", upstream.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let mut body = fixture::chat("claude-sonnet-4-5");
+    body["stream"] = serde_json::Value::Bool(true);
+    let mut tcp = raw_post(&gw, "/v1/messages", &body).await;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("message_start") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.starts_with(b"HTTP/1.1 200 "),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    drop(tcp);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lines = request_lines("/v1/messages");
+    let cut: Vec<_> = lines
+        .iter()
+        .filter(|l| l["status"] == 200 && l["complete"] == false)
+        .collect();
+    assert_eq!(cut.len(), 1, "{lines:?}");
+    assert_eq!(cut[0]["user"], "alice", "{:?}", cut[0]);
 }

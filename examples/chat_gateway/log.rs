@@ -1,7 +1,9 @@
 //! One log line per request, written when the response body ends (so a stream's line has
 //! its whole duration): id, user, method, route, status, duration, whether the body was
 //! sent whole, and the cost (from `x-palisade-cost-usd` on small JSON answers, or the
-//! stream's closing `: palisade-cost` comment). Never a key, never message content.
+//! stream's closing `: palisade-cost` comment). A request whose client hung up before the
+//! answer began has its line too, with status 499 and `complete: false`. Never a key, never
+//! message content.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -104,13 +106,35 @@ struct Pending {
     route: String,
 }
 
+/// The status a request line shows when the client hung up before the answer began
+/// (nginx's "client closed request"): no status was sent.
+const CLIENT_CLOSED: u16 = 499;
+
 pin_project! {
     /// The response future of [`RequestLog`]: wraps the body so that the line is written
-    /// when it ends.
+    /// when it ends. Dropped before the answer (the client hung up), it writes the line
+    /// then, with status 499 and `complete: false`.
     pub struct LogFuture<F> {
         #[pin]
         inner: F,
         pending: Option<Pending>,
+    }
+
+    impl<F> PinnedDrop for LogFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(p) = this.project().pending.take() {
+                Line {
+                    start: p.start,
+                    id: p.id,
+                    user: None,
+                    method: p.method,
+                    route: p.route,
+                    status: CLIENT_CLOSED,
+                    cost: None,
+                }
+                .emit(false);
+            }
+        }
     }
 }
 
