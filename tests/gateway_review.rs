@@ -226,3 +226,148 @@ async fn a_stream_cut_by_the_client_is_logged_as_incomplete() {
     assert_eq!(cut.len(), 1, "{lines:?}");
     assert_eq!(cut[0]["user"], "alice", "{:?}", cut[0]);
 }
+
+/// An upstream that answers every POST with an SSE stream lasting `events` × `gap`.
+async fn slow_stream_upstream(events: usize, gap: Duration) -> String {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(move || async move {
+            let (tx, rx) = mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
+                let _ = tx.send(sse("message_start", start)).await;
+                for i in 0..events {
+                    tokio::time::sleep(gap).await;
+                    let delta = format!(
+                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"part {i} "}}}}"#
+                    );
+                    let _ = tx.send(sse("content_block_delta", &delta)).await;
+                }
+                let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#;
+                let _ = tx.send(sse("message_delta", end)).await;
+                let _ = tx.send(sse("message_stop", r#"{"type":"message_stop"}"#)).await;
+            });
+            axum::response::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::new(Channel(rx)))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn sse(event: &str, data: &str) -> Bytes {
+    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
+}
+
+/// The configuration of a gateway in front of `upstream`, idle timeout 30 s.
+fn own_config(upstream: &str) -> config::GatewayConfig {
+    fixture::config(&[
+        ("ANTHROPIC_BASE_URL", upstream),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+        ("PALISADE_GATEWAY_IDLE_TIMEOUT", "30s"),
+    ])
+}
+
+/// A streamed chat request as alice.
+fn stream_request(gw: &Gateway) -> http::Request<Full<Bytes>> {
+    let mut body = fixture::chat("claude-sonnet-4-5");
+    body["stream"] = serde_json::Value::Bool(true);
+    http::Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{}/v1/messages", gw.addr))
+        .header("x-api-key", USER)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .unwrap()
+}
+
+fn assert_whole_stream(text: &str, events: usize) {
+    for i in 0..events {
+        assert!(text.contains(&format!("part {i} ")), "{text}");
+    }
+    assert!(text.contains("event: message_stop"), "{text}");
+}
+
+/// HTTP/2 (prior knowledge): a 100 s stream and, on the same connection, short requests
+/// that begin and end while it runs: the idle timeout (30 s) neither cuts the stream nor
+/// closes the connection under the others.
+#[tokio::test(start_paused = true)]
+async fn http2_streams_ending_beside_a_long_one_do_not_make_the_connection_idle() {
+    use http_body_util::BodyExt;
+    let upstream = slow_stream_upstream(5, Duration::from_secs(20)).await;
+    let gw = fixture::serve_own(own_config(&upstream)).await;
+    let h2: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let start = tokio::time::Instant::now();
+    let long = tokio::spawn({
+        let req = stream_request(&gw);
+        let h2 = h2.clone();
+        async move {
+            let res = h2.request(req).await.expect("stream answered");
+            assert_eq!(res.status(), 200);
+            let body = res.into_body().collect().await.expect("stream whole");
+            String::from_utf8_lossy(&body.to_bytes()).into_owned()
+        }
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        let req = http::Request::builder()
+            .uri(format!("http://{}/health", gw.addr))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = h2.request(req).await.expect("answered beside the stream");
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        assert_eq!(res.status(), 200);
+        res.into_body().collect().await.unwrap();
+    }
+    let text = long.await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_secs(100),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_whole_stream(&text, 5);
+}
+
+/// Shutdown of the whole server while a stream is in flight over HTTP/1.1 (`h2` false) or
+/// HTTP/2: the stream is delivered whole, then the server ends.
+async fn shutdown_with_a_stream_in_flight(h2: bool) {
+    use http_body_util::BodyExt;
+    let upstream = slow_stream_upstream(3, Duration::from_secs(1)).await;
+    let (gw, server) = fixture::serve_own_stoppable(own_config(&upstream)).await;
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(h2)
+            .build_http();
+    let res = client.request(stream_request(&gw)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let body = tokio::spawn(async move {
+        let body = res.into_body().collect().await.expect("stream whole");
+        String::from_utf8_lossy(&body.to_bytes()).into_owned()
+    });
+    let start = tokio::time::Instant::now();
+    server.shutdown().await;
+    assert!(
+        start.elapsed() >= Duration::from_secs(3),
+        "h2 {h2}: {:?}",
+        start.elapsed()
+    );
+    assert_whole_stream(&body.await.unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_an_http1_stream_in_flight_finish_then_ends() {
+    shutdown_with_a_stream_in_flight(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_an_http2_stream_in_flight_finish_then_ends() {
+    shutdown_with_a_stream_in_flight(true).await;
+}
