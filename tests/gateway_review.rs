@@ -371,3 +371,41 @@ async fn shutdown_lets_an_http1_stream_in_flight_finish_then_ends() {
 async fn shutdown_lets_an_http2_stream_in_flight_finish_then_ends() {
     shutdown_with_a_stream_in_flight(true).await;
 }
+
+/// `/health`'s audit counts read while events find the queue full: an event refused by the
+/// full queue was counted as queued for a moment (added, then taken back), so a reading
+/// then showed more events queued than the queue holds and more recorded than were.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn audit_counts_read_during_queue_full_drops_never_count_a_dropped_event_as_queued() {
+    use palisade::cost::sink::{PostgresConfig, PostgresSink};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Never reached: the writer does not run while this test records (it never awaits).
+    let sink = PostgresSink::connect(PostgresConfig::new("postgres://127.0.0.1:1/none")).unwrap();
+    let audit = audit::Audit::postgres_with_capacity(sink, 4);
+    let event = || audit::AuditEntry::new("auth_failed", "refused");
+    for _ in 0..4 {
+        audit.record(event());
+    }
+    let done = AtomicBool::new(false);
+    let worst = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut worst = audit.health().unwrap();
+            while !done.load(Ordering::Acquire) {
+                let h = audit.health().unwrap();
+                if h.queued > worst.queued {
+                    worst = h;
+                }
+            }
+            worst
+        });
+        for _ in 0..200_000 {
+            audit.record(event());
+        }
+        done.store(true, Ordering::Release);
+        reader.join().unwrap()
+    });
+    assert_eq!((worst.queued, worst.backlog), (4, 4), "{worst:?}");
+    let h = audit.health().unwrap();
+    assert_eq!((h.queued, h.queue_full), (4, 200_000), "{h:?}");
+}

@@ -208,12 +208,18 @@ mod pg {
             event.target = e.target;
             event.detail = e.detail.map(|d| d.into_owned());
             event.request_id = e.request_id;
-            // Counted before the writer can see it, so `written` never passes `queued`.
-            self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            if self.tx.try_send(Msg::Event(event)).is_err() {
-                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(target: "chat_gateway::audit", "audit queue full: an event was not written to PostgreSQL");
+            // A place in the queue first: an event is counted as queued only once it has
+            // one (never for a moment before a full queue refuses it), and before the
+            // writer can see it, so `written` never passes `queued`.
+            match self.tx.try_reserve() {
+                Ok(place) => {
+                    self.counters.queued.fetch_add(1, Ordering::Release);
+                    place.send(Msg::Event(event));
+                }
+                Err(_) => {
+                    self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(target: "chat_gateway::audit", "audit queue full: an event was not written to PostgreSQL");
+                }
             }
         }
 
