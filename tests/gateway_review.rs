@@ -409,3 +409,30 @@ async fn audit_counts_read_during_queue_full_drops_never_count_a_dropped_event_a
     let h = audit.health().unwrap();
     assert_eq!((h.queued, h.queue_full), (4, 200_000), "{h:?}");
 }
+
+/// Shutdown does not wait for a connection whose first request head is still arriving
+/// (plain HTTP/1.1 bytes that tell the protocol, then nothing; an HTTP/2 preface and
+/// settings without a request): no request has begun there, so there is nothing to
+/// finish, as for a connection that sent nothing at all.
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_a_first_request_head_still_arriving() {
+    let partial: [&[u8]; 2] = [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    ];
+    for bytes in partial {
+        let (gw, server) = fixture::serve_own_stoppable(fixture::config(&[])).await;
+        let mut tcp = TcpStream::connect(gw.addr).await.unwrap();
+        tcp.write_all(bytes).await.unwrap();
+        // Let the server read what was sent.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = tokio::time::Instant::now();
+        server.shutdown().await;
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}: {:?}",
+            String::from_utf8_lossy(bytes),
+            start.elapsed()
+        );
+    }
+}

@@ -196,6 +196,11 @@ where
         () = activity.idle_for(idle) => true,
         () = stopped(&mut stop) => false,
     };
+    if !idle_close && !activity.seen.load(Ordering::Relaxed) {
+        // Shutdown before a first request began (its head still arriving): nothing to
+        // finish, and a graceful close would wait for that head up to the header timeout.
+        return Ok(Ended::Done);
+    }
     conn.as_mut().graceful_shutdown();
     if !idle_close {
         // Shutdown: in-flight requests and streams finish first.
