@@ -125,11 +125,8 @@ impl RetryBudget {
     /// A budget over a sliding `window`, with a floor of `min_per_sec` retries per second
     /// and `ratio` retries earned per request (0.2 = 20%).
     pub fn new(window: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, BudgetError> {
-        if window < Duration::from_millis(10) {
-            return Err(BudgetError::WindowTooShort(window));
-        }
-        if !(ratio.is_finite() && (0.0..=1000.0).contains(&ratio)) {
-            return Err(BudgetError::Ratio(ratio));
+        if let Some(err) = Self::errors(window, ratio).next() {
+            return Err(err);
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
         // Capped far below i64::MAX so that the balance (reserve plus slots) cannot overflow
@@ -163,6 +160,15 @@ impl RetryBudget {
                 on_take: Hook::default(),
             }),
         })
+    }
+
+    /// Every problem of these settings (`new` reports the first).
+    pub(super) fn errors(window: Duration, ratio: f64) -> impl Iterator<Item = BudgetError> {
+        let window_error =
+            (window < Duration::from_millis(10)).then_some(BudgetError::WindowTooShort(window));
+        let ratio_error = (!(ratio.is_finite() && (0.0..=1000.0).contains(&ratio)))
+            .then_some(BudgetError::Ratio(ratio));
+        window_error.into_iter().chain(ratio_error)
     }
 
     /// The window over which deposits and withdrawals count.

@@ -297,13 +297,10 @@ impl RetryConfig {
             errs.push(RetryConfigError::ZeroLimit("attempt_timeout"));
         }
         if self.budget {
-            if let Err(err) = super::budget::RetryBudget::new(
-                self.budget_window,
-                self.budget_min_per_sec,
-                self.budget_ratio,
-            ) {
-                errs.push(err.into());
-            }
+            errs.extend(
+                super::budget::RetryBudget::errors(self.budget_window, self.budget_ratio)
+                    .map(RetryConfigError::Budget),
+            );
         }
         if let Some(name) = self.count_header.as_deref() {
             if HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -369,6 +366,24 @@ mod tests {
                 "PALISADE_RETRY_BUDGET",
                 "PALISADE_RETRY_SEED"
             ]
+        );
+    }
+
+    /// A budget window too short and a ratio out of range, both set at once, were
+    /// reported one per start: the budget's own check stops at its first problem.
+    #[test]
+    fn from_env_reports_both_budget_mistakes_at_once() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_BUDGET_WINDOW", "5ms"),
+            ("PALISADE_RETRY_BUDGET_RATIO", "5000"),
+        ]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["PALISADE_RETRY_BUDGET_WINDOW", "PALISADE_RETRY_BUDGET_RATIO"],
+            "{err}"
         );
     }
 
