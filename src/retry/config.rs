@@ -169,6 +169,13 @@ impl FieldMistake for RetryConfigError {
             _ => "x-retry-count",
         }
     }
+
+    fn judged_against(&self) -> &'static [&'static str] {
+        match self {
+            Self::MaxDelayBelowBase { .. } => &["base_delay"],
+            _ => &[],
+        }
+    }
 }
 
 impl RetryConfig {
@@ -385,6 +392,21 @@ mod tests {
             ["PALISADE_RETRY_BUDGET_WINDOW", "PALISADE_RETRY_BUDGET_RATIO"],
             "{err}"
         );
+    }
+
+    /// A base delay that did not parse left the default (500 ms) in its place, and a
+    /// max delay of 100 ms was then reported as below it: a second problem the user
+    /// never wrote, gone once the base delay is fixed.
+    #[test]
+    fn a_value_judged_against_one_that_did_not_parse_is_not_reported() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_BASE_DELAY", "1 fortnight"),
+            ("PALISADE_RETRY_MAX_DELAY", "100ms"),
+        ]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["PALISADE_RETRY_BASE_DELAY"], "{err}");
     }
 
     /// `off` for the count header made a header named `off`; like every optional
