@@ -496,6 +496,57 @@ mod tests {
         assert!(!budget.withdraw(), "three tokens, three retries");
     }
 
+    /// Callers on many threads withdraw while the window slides under them: no ten
+    /// consecutive slots ever hold more successful withdrawals than the budget's tokens.
+    /// (A success holds a token in a slot between the generation before and after its
+    /// call, alive for a window.)
+    #[test]
+    fn withdrawals_racing_a_sliding_window_never_overspend() {
+        const THREADS: usize = 4;
+        const TOKENS: usize = 3;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let successes = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                let handle = runtime.handle().clone();
+                let (budget, done, successes) = (&budget, &done, &successes);
+                s.spawn(move || {
+                    let _entered = handle.enter();
+                    let mut mine = Vec::new();
+                    while !done.load(Ordering::SeqCst) {
+                        let before = budget.inner.generation.load(Ordering::SeqCst);
+                        if budget.withdraw() {
+                            mine.push((before, budget.inner.generation.load(Ordering::SeqCst)));
+                        }
+                    }
+                    successes.lock().unwrap().extend(mine);
+                });
+            }
+            for _ in 0..400 {
+                runtime.block_on(tokio::time::advance(Duration::from_millis(10)));
+                std::thread::yield_now();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let successes = successes.into_inner().unwrap();
+        assert!(successes.len() >= TOKENS, "{successes:?}");
+        let last = successes.iter().map(|&(_, after)| after).max().unwrap();
+        for first in 0..=last {
+            let within = successes
+                .iter()
+                .filter(|&&(before, after)| first <= before && after < first + SLOTS as u64)
+                .count();
+            assert!(within <= TOKENS, "{within} retries in the window from {first}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn reserve_allows_floor_per_window() {
         let budget = RetryBudget::new(Duration::from_secs(1), 5, 0.0).unwrap();
