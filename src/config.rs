@@ -350,9 +350,11 @@ impl Settings {
 pub enum ProblemKind {
     /// The variable is required and not set (or empty).
     Missing,
-    /// The variable is set but its value does not parse.
+    /// The variable is set but its value does not parse, or does not validate (a value
+    /// may also be judged against another one).
     Invalid {
-        /// The value as given (redacted for secrets).
+        /// The value as given (redacted for secrets); empty for a variable left unset and
+        /// judged against another one, and then left out of the report.
         value: String,
         /// Why it was refused.
         reason: String,
@@ -374,6 +376,10 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             ProblemKind::Missing => write!(f, "{} is missing", self.name)?,
+            // No value: a variable left unset, judged against another one.
+            ProblemKind::Invalid { value, reason } if value.is_empty() => {
+                write!(f, "{} is invalid: {reason}", self.name)?;
+            }
             ProblemKind::Invalid { value, reason } => {
                 write!(f, "{} is invalid ({value:?}): {reason}", self.name)?;
             }

@@ -712,6 +712,23 @@ mod tests {
         );
     }
 
+    /// A window smaller than the default minimum of calls blames the minimum, which was
+    /// not set: the report said it was set to `""`.
+    #[test]
+    fn a_value_left_unset_is_not_reported_as_set_to_nothing() {
+        let mut env = Env::from_pairs([("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "10")]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let text = env.finish().unwrap_err().to_string();
+        assert!(
+            text.contains("PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS is invalid: minimum_calls"),
+            "{text}"
+        );
+        let text = CircuitBreakerConfigError::Multiplier(0.5)
+            .to_config_error()
+            .to_string();
+        assert!(!text.contains(r#"("")"#), "{text}");
+    }
+
     /// Values that parse but do not validate were reported only when nothing else was
     /// wrong, and only the first of them.
     #[test]
