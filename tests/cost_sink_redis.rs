@@ -274,3 +274,69 @@ async fn spend_past_64_bits_of_pico_dollars_sums_exactly_like_the_memory_sink() 
         top(&memory.records(), 5, from, to)
     );
 }
+
+/// The script marked a record seen before writing it: when a write failed half-way (here
+/// a key of the wrong type in one user's aggregate), the record's stream entry and part of
+/// its aggregates stayed, and the retry took it for a duplicate, so that user's money was
+/// never counted. A record is now stored whole or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_write_fails_half_way_is_stored_whole_on_the_retry() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let day = UNIX_EPOCH + Duration::from_secs(20_454 * 86_400);
+    let by = |user: &str, i: u64| {
+        UsageRecord::new(
+            day + Duration::from_secs(i),
+            Some("gpt-4o".to_owned()),
+            Usage {
+                input_tokens: 10 + i,
+                ..Usage::default()
+            },
+            Some(Money::from_picos(1_000_000 + u128::from(i))),
+        )
+        .with_attribution(Attribution {
+            user: Some(user.to_owned()),
+            ..Attribution::default()
+        })
+    };
+    let records = vec![by("ann", 1), by("bob", 2), by("ann", 3)];
+    // bob's aggregate for the day is taken by a key of another type
+    let poisoned = "palisade:usage:{usage}:day:20454:user:bob";
+    let mut conn = manager(&server.url()).await;
+    let () = redis::cmd("SET")
+        .arg(poisoned)
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(h.backlog, 3, "{h:?}");
+    // the key is repaired; the retry stores every record once, whole
+    let () = redis::cmd("DEL")
+        .arg(poisoned)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.flush().await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.delivered, h.dropped, h.backlog), (3, 0, 0), "{h:?}");
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 3);
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    let (from, to) = window();
+    for subject in [
+        Subject::All,
+        Subject::User("ann".into()),
+        Subject::User("bob".into()),
+    ] {
+        assert_eq!(
+            sink.summary(&subject, from, to).await.unwrap(),
+            summarize(&memory.records(), &subject, from, to),
+            "{subject:?}"
+        );
+    }
+}

@@ -89,7 +89,11 @@ struct Inner<C> {
 ///
 /// A record counts once: the script sets a dedupe key per record id (`…:seen:<id>`, kept
 /// for `dedupe_ttl`) in the same call, so a batch sent again after a lost answer changes
-/// nothing. Every key carries the same hash tag (`usage` unless [`hash_tag`] says
+/// nothing. A record is stored whole or not at all: it is marked seen only once all its
+/// writes have succeeded, and a write that fails (a key of another type, a counter that
+/// would overflow) undoes the record's earlier writes and fails the call, so the retry
+/// stores it in full; while the cause lasts, the records wait in the buffer (shown in
+/// `last_error`). Every key carries the same hash tag (`usage` unless [`hash_tag`] says
 /// otherwise), so on a Redis Cluster a call touches one slot.
 ///
 /// While Redis is away, records wait in a bounded buffer and are retried with backoff; a
