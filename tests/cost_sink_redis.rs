@@ -340,3 +340,35 @@ async fn a_record_whose_write_fails_half_way_is_stored_whole_on_the_retry() {
         );
     }
 }
+
+/// The fallback a response came from travels in the stream entry's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_a_record_came_from_is_in_its_stream_entry() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let mut served = record(1);
+    served.fallback = Some("upstream:https://backup.example".into());
+    sink.record_batch(&[served.clone(), record(2)])
+        .await
+        .unwrap();
+    let mut conn = manager(&server.url()).await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(sink.stream_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let records: Vec<UsageRecord> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let json = &fields.iter().find(|(k, _)| k == "record").unwrap().1;
+            serde_json::from_str(json).unwrap()
+        })
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0], served);
+    assert_eq!(records[1].fallback, None);
+}

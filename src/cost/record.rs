@@ -215,6 +215,34 @@ impl<'de> Deserialize<'de> for RecordId {
     }
 }
 
+/// Says that a response came from a fallback (another model or another upstream standing
+/// in for the one the request was meant for), and which. Whatever calls the fallback puts
+/// it in the response's extensions, below the [`CostMeterLayer`](super::CostMeterLayer);
+/// the meter copies it into the record's [`fallback`](UsageRecord::fallback), which every
+/// sink stores.
+///
+/// ```
+/// use palisade::cost::Fallback;
+/// let mut res = http::Response::new(());
+/// res.extensions_mut().insert(Fallback::new("model:claude-haiku-4-5"));
+/// assert_eq!(res.extensions().get::<Fallback>().unwrap().as_str(), "model:claude-haiku-4-5");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fallback(String);
+
+impl Fallback {
+    /// A mark naming the fallback, e.g. `model:claude-haiku-4-5` or
+    /// `upstream:https://backup.example`.
+    pub fn new(label: impl Into<String>) -> Self {
+        Self(label.into())
+    }
+
+    /// The fallback's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// One metered response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -252,6 +280,10 @@ pub struct UsageRecord {
     pub completion: Completion,
     /// The upstream's in-body error type, if any.
     pub upstream_error: Option<String>,
+    /// The fallback the response came from ([`Fallback`]), if one stood in for the
+    /// upstream the request was meant for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 impl UsageRecord {
@@ -273,6 +305,7 @@ impl UsageRecord {
             stream: false,
             completion: Completion::Complete,
             upstream_error: None,
+            fallback: None,
         }
     }
 

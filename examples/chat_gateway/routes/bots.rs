@@ -256,10 +256,6 @@ pub async fn chat(
             .unwrap_or("req_unknown")
             .to_owned(),
     };
-    let res = state
-        .upstreams
-        .send(call, &state.ledger)
-        .await
-        .fmt_err(format)?;
+    let res = state.upstreams.send(call).await.fmt_err(format)?;
     Ok(pass_through(res))
 }

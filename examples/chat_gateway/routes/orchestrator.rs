@@ -93,11 +93,7 @@ pub async fn parse_intent(
             .unwrap_or("req_unknown")
             .to_owned(),
     };
-    let res = state
-        .upstreams
-        .send(call, &state.ledger)
-        .await
-        .fmt_err(format)?;
+    let res = state.upstreams.send(call).await.fmt_err(format)?;
     let status = res.status();
     if !status.is_success() {
         // The upstream's own refusal (overloaded, rate limited) passes through as it was.

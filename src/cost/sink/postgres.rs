@@ -6,7 +6,8 @@
 //!
 //! - `usage_logs`: one row per [`UsageRecord`] — user, hashed API key, bot, conversation,
 //!   route, model, every token class, cost in pico-dollars, status, stream, completion,
-//!   durations, request id and time — with the record's server-made id
+//!   durations, request id, time and the fallback the response came from, if any
+//!   (`fallback`, NULL otherwise) — with the record's server-made id
 //!   ([`RecordId`](crate::cost::RecordId), column `record_id`, `UNIQUE`) as the
 //!   idempotency key. The request id is kept as data: a client may choose it, so it is
 //!   never a key. Indexed by user and time, and by request id.
@@ -85,6 +86,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("postgres/0004_row_level_security.sql"),
     ),
     (5, "record_id", include_str!("postgres/0005_record_id.sql")),
+    (6, "fallback", include_str!("postgres/0006_fallback.sql")),
 ];
 
 /// An arbitrary constant: the advisory lock that serializes migrations across instances.
@@ -258,11 +260,11 @@ pub fn record_key(r: &UsageRecord) -> String {
 const INSERT: &str = "INSERT INTO usage_logs (record_id, request_id, time, user_id, api_key_hash, bot_id, \
     conversation_id, route, model, input_tokens, output_tokens, cache_write_5m_tokens, \
     cache_write_1h_tokens, cache_read_tokens, web_search_requests, cost_picos, status, stream, \
-    completion, upstream_error, duration_ms, time_to_headers_ms) \
+    completion, upstream_error, duration_ms, time_to_headers_ms, fallback) \
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], \
     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
     $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int2[], $18::bool[], $19::text[], \
-    $20::text[], $21::int8[], $22::int8[]) \
+    $20::text[], $21::int8[], $22::int8[], $23::text[]) \
     ON CONFLICT (record_id) DO NOTHING";
 
 fn completion_name(c: Completion) -> &'static str {
@@ -391,6 +393,7 @@ impl PostgresSink {
         let mut upstream_error = Vec::with_capacity(n);
         let mut duration = Vec::with_capacity(n);
         let mut ttfb = Vec::with_capacity(n);
+        let mut fallback = Vec::with_capacity(n);
         for r in batch {
             let a = &r.attribution;
             record_id.push(record_key(r));
@@ -420,8 +423,9 @@ impl PostgresSink {
             upstream_error.push(r.upstream_error.clone());
             duration.push(millis(r.duration));
             ttfb.push(millis(r.time_to_headers));
+            fallback.push(r.fallback.as_deref());
         }
-        let params: [&(dyn ToSql + Sync); 22] = [
+        let params: [&(dyn ToSql + Sync); 23] = [
             &record_id,
             &request_id,
             &time,
@@ -444,6 +448,7 @@ impl PostgresSink {
             &upstream_error,
             &duration,
             &ttfb,
+            &fallback,
         ];
         client.execute(&stmt, &params).await.map_err(|e| {
             if e.as_db_error().is_some() && e.code().is_some_and(|c| c.code().starts_with("42")) {
