@@ -9,12 +9,11 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::Method;
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -23,154 +22,11 @@ use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, TLS_CERT, TLS_KEY, USER, chat};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// Asserts an error in Anthropic's format, of `kind`, and returns its `error` member.
-    fn anthropic_error(&self, status: u16, kind: &str) -> Value {
-        assert_eq!(
-            self.status.as_u16(),
-            status,
-            "body: {}",
-            String::from_utf8_lossy(&self.body)
-        );
-        let body = self.json();
-        assert_eq!(body["type"], "error", "{body}");
-        assert_eq!(body["error"]["type"], kind, "{body}");
-        assert!(
-            body["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty())
-        );
-        body["error"].clone()
-    }
-}
-
+/// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
-}
-
-impl Gateway {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-        headers: &[(&str, &str)],
-    ) -> Reply {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        if let Some(key) = key {
-            req = req.header("x-api-key", key);
-        }
-        let bytes = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(&b).unwrap())
-            }
-            None => Bytes::new(),
-        };
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        self.send(req.body(Full::new(bytes)).unwrap()).await
-    }
-
-    async fn send(&self, req: http::Request<Full<Bytes>>) -> Reply {
-        let res = self.client.request(req).await.expect("gateway answers");
-        let status = res.status();
-        let headers = res.headers().clone();
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn post(&self, path: &str, key: &str, body: Value) -> Reply {
-        self.call(Method::POST, path, Some(key), Some(body), &[])
-            .await
-    }
-
-    async fn get(&self, path: &str, key: &str) -> Reply {
-        self.call(Method::GET, path, Some(key), None, &[]).await
-    }
-
-    /// Waits (a few milliseconds at most, normally) until the ledger holds `n` records.
-    async fn usage_records(&self, n: usize) -> Vec<store::LedgerEntry> {
-        for _ in 0..500 {
-            let entries = self.state.ledger.entries(
-                std::time::UNIX_EPOCH,
-                std::time::SystemTime::now() + Duration::from_secs(60),
-                |_| true,
-            );
-            if entries.len() >= n {
-                return entries;
-            }
-            tokio::task::yield_now().await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("the ledger never held {n} records");
-    }
-}
-
-fn chat(model: &str) -> Value {
-    json!({
-        "model": model,
-        "max_tokens": 256,
-        "messages": [{"role": "user", "content": "Hello there"}]
-    })
+    fixture::start(&fixture::with(FAST_RETRIES, vars)).await
 }
 
 fn anthropic_message() -> Value {
@@ -387,9 +243,7 @@ async fn refusals_401_403_404_in_anthropics_format_and_audited() {
     r.anthropic_error(403, "permission_error");
     let r = gw.get("/v1/nothing-here", USER).await;
     r.anthropic_error(404, "not_found_error");
-    let r = gw
-        .call(Method::DELETE, "/v1/messages", Some(USER), None, &[])
-        .await;
+    let r = gw.delete("/v1/messages", USER).await;
     assert_eq!(r.status, 405);
     assert_eq!(r.json()["error"]["type"], "invalid_request_error");
     // Health needs no key.
@@ -643,12 +497,10 @@ async fn default_route_limits_bot_creation_at_ten_an_hour() {
 async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
     let gw = start(&[]).await;
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": "0"})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": "0"}),
         )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -667,12 +519,10 @@ async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
         200
     );
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": null})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": null}),
         )
         .await;
     assert_eq!(r.status, 200);
@@ -683,12 +533,10 @@ async fn budget_refusal_is_429_without_retry_and_admin_can_lift_it() {
         200
     );
     let r = gw
-        .call(
-            Method::PUT,
+        .put(
             "/admin/budgets/alice",
-            Some(ADMIN),
-            Some(json!({"daily_limit_usd": "ten"})),
-            &[],
+            ADMIN,
+            json!({"daily_limit_usd": "ten"}),
         )
         .await;
     r.anthropic_error(400, "invalid_request_error");
@@ -742,15 +590,9 @@ async fn bots_create_list_chat_delete_and_stay_private() {
     gw.post(&format!("/v1/bots/{id}/messages"), OTHER, msg.clone())
         .await
         .anthropic_error(404, "not_found_error");
-    gw.call(
-        Method::DELETE,
-        &format!("/v1/bots/{id}"),
-        Some(OTHER),
-        None,
-        &[],
-    )
-    .await
-    .anthropic_error(404, "not_found_error");
+    gw.delete(&format!("/v1/bots/{id}"), OTHER)
+        .await
+        .anthropic_error(404, "not_found_error");
     assert!(
         gw.get("/v1/bots", OTHER).await.json()["data"]
             .as_array()
@@ -793,15 +635,7 @@ async fn bots_create_list_chat_delete_and_stay_private() {
         .await;
     r.anthropic_error(400, "invalid_request_error");
 
-    let r = gw
-        .call(
-            Method::DELETE,
-            &format!("/v1/bots/{id}"),
-            Some(USER),
-            None,
-            &[],
-        )
-        .await;
+    let r = gw.delete(&format!("/v1/bots/{id}"), USER).await;
     assert_eq!(r.status, 204);
     gw.get(&format!("/v1/bots/{id}"), USER)
         .await
@@ -975,22 +809,7 @@ async fn retries_529_then_answers_and_forwards_headers_both_ways() {
 
 #[tokio::test]
 async fn retries_a_500_on_post_like_the_sdks_do() {
-    let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(500).set_body_json(
-                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
-            ),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(anthropic_message()))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let server = fixture::upstream_failing_once(anthropic_message()).await;
     let gw = wiremock_gateway(&server, &[]).await;
     let r = gw
         .post("/v1/messages", USER, chat("claude-sonnet-4-5"))
@@ -1231,60 +1050,16 @@ fn readme_table_lists_every_gateway_variable() {
     assert!(missing.is_empty(), "the README's table lacks {missing:?}");
 }
 
-const TLS_CERT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.cert.pem"
-);
-const TLS_KEY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.key.pem"
-);
-
 #[tokio::test]
 async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
-    let mut env = Env::from_pairs([
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
-        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
+    let config = fixture::config(&[
+        ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT),
+        ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY),
     ]);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("valid TLS configuration");
-    let (cert, key) = config.tls.clone().expect("TLS configured");
-    let server_config = tls::load(&cert, &key).unwrap();
-    let app = app::build(config).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(serve::serve(
-        listener,
-        app.router,
-        Some(server_config),
-        Duration::from_secs(10),
-        stop_rx,
-    ));
-
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    #[allow(deprecated)]
-    let provider = tokio_rustls::rustls::crypto::ring::default_provider();
-    let client_config = ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(client_config)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(https);
+    assert!(config.tls.is_some(), "TLS configured");
+    let (gw, server) = fixture::serve_own_stoppable(config).await;
+    let addr = gw.addr;
+    let client = fixture::https_client(None);
     let req = http::Request::post(format!("https://localhost:{}/v1/messages", addr.port()))
         .header("x-api-key", USER)
         .header("content-type", "application/json")
@@ -1296,12 +1071,7 @@ async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.version(), http::Version::HTTP_2);
     drop(client);
-
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("server stops")
-        .unwrap();
+    server.shutdown().await;
 }
 
 #[test]
@@ -1353,13 +1123,7 @@ async fn a_client_sent_bot_id_naming_another_users_bot_charges_that_bot_nothing(
     // Chatting as bob's bot through its route is a 404.
     let msg = json!({"messages": [{"role": "user", "content": "hi"}]});
     let r = gw
-        .call(
-            Method::POST,
-            &format!("/v1/bots/{bobs}/messages"),
-            Some(USER),
-            Some(msg.clone()),
-            &[],
-        )
+        .post(&format!("/v1/bots/{bobs}/messages"), USER, msg.clone())
         .await;
     assert_eq!(r.status, 404);
     // Alice's own bot, with bob's bot named in headers: charged to alice's bot.

@@ -12,107 +12,40 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use axum::response::Html;
-use bytes::Bytes;
 use http::Method;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use palisade::config::Env;
 use palisade::cost::{Attribution, PriceTable, Usage, UsageRecord, UsageSink};
 use palisade::security_headers::SecurityHeadersLayer;
 use serde_json::json;
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, Gateway, NO_RETRIES, OTHER, USER, chat};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
+/// The gateway on the built-in mock, without retries, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_MAX_RETRIES", "0".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
+    fixture::start(&fixture::with(NO_RETRIES, vars)).await
 }
 
 impl Gateway {
-    async fn post(&self, key: Option<&str>, body: serde_json::Value) -> u16 {
-        let mut req = http::Request::builder()
-            .method(Method::POST)
-            .uri(format!("http://{}/v1/messages", self.addr))
-            .header("content-type", "application/json");
-        if let Some(key) = key {
-            req = req.header("x-api-key", key);
-        }
-        let res = self
-            .client
-            .request(req.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+    /// `POST /v1/messages` with `body`, as `key` or anonymously; the status.
+    async fn message_status(&self, key: Option<&str>, body: serde_json::Value) -> u16 {
+        self.call(Method::POST, "/v1/messages", key, Some(body), &[])
             .await
-            .expect("gateway answers");
-        let status = res.status().as_u16();
-        let _ = res.into_body().collect().await;
-        status
+            .status
+            .as_u16()
     }
 
-    async fn get(&self, path: &str) -> String {
-        let req = http::Request::get(format!("http://{}{path}", self.addr))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let res = self.client.request(req).await.expect("gateway answers");
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        String::from_utf8_lossy(&body).into_owned()
-    }
-
-    async fn usage_records(&self, n: usize) {
-        for _ in 0..1000 {
-            let entries = self.state.ledger.entries(
-                std::time::UNIX_EPOCH,
-                SystemTime::now() + Duration::from_secs(60),
-                |_| true,
-            );
-            if entries.len() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("the ledger never held {n} records");
+    /// `GET path` anonymously; the body as text.
+    async fn page(&self, path: &str) -> String {
+        self.call(Method::GET, path, None, None, &[]).await.text()
     }
 }
 
 /// `palisade_gateway_requests_total` by series (`route`, `method`, `status` labels).
 async fn requests(gw: &Gateway) -> std::collections::BTreeMap<String, f64> {
-    gw.get("/metrics")
+    gw.page("/metrics")
         .await
         .lines()
         .filter_map(|l| l.strip_prefix("palisade_gateway_requests_total{"))
@@ -134,14 +67,6 @@ fn grown(
             (d > 0.0).then(|| (k.clone(), d))
         })
         .collect()
-}
-
-fn chat(model: &str) -> serde_json::Value {
-    json!({
-        "model": model,
-        "max_tokens": 256,
-        "messages": [{"role": "user", "content": "Hello there"}]
-    })
 }
 
 /// What one headless Chromium run printed.
@@ -273,19 +198,26 @@ async fn dashboard_loads_in_headless_chromium_without_console_errors_or_csp_viol
         (USER, "claude-haiku-4-5"),
         (OTHER, "claude-haiku-4-5"),
     ] {
-        assert_eq!(gw.post(Some(key), chat(model)).await, 200);
+        assert_eq!(gw.message_status(Some(key), chat(model)).await, 200);
     }
     gw.usage_records(before.len() + 3).await;
-    assert_eq!(gw.post(None, chat("claude-haiku-4-5")).await, 401);
+    assert_eq!(gw.message_status(None, chat("claude-haiku-4-5")).await, 401);
     assert_eq!(
-        gw.post(Some(USER), json!({"model": "claude-haiku-4-5"}))
+        gw.message_status(Some(USER), json!({"model": "claude-haiku-4-5"}))
             .await,
         400
     );
-    assert_eq!(gw.post(Some(USER), chat("mock-overloaded")).await, 529);
+    assert_eq!(
+        gw.message_status(Some(USER), chat("mock-overloaded")).await,
+        529
+    );
     let mut limited = 0;
     for _ in 0..8 {
-        if gw.post(Some(OTHER), chat("claude-haiku-4-5")).await == 429 {
+        if gw
+            .message_status(Some(OTHER), chat("claude-haiku-4-5"))
+            .await
+            == 429
+        {
             limited += 1;
         }
     }
@@ -373,7 +305,7 @@ async fn dashboard_loads_in_headless_chromium_without_console_errors_or_csp_viol
         bytes.len()
     );
 
-    let metrics = gw.get("/metrics").await;
+    let metrics = gw.page("/metrics").await;
     assert!(
         !metrics.contains("palisade_gateway_csp_reports_total"),
         "no CSP report reached the gateway"

@@ -4,155 +4,29 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
-
 use bytes::Bytes;
-use http::{HeaderMap, Method, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
+use http_body_util::Full;
 use palisade::config::Env;
-use serde_json::{Value, json};
+use serde_json::json;
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, USER, chat};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_else(|| panic!("no {name} header"))
-    }
-}
-
+/// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
+    fixture::start(&fixture::with(FAST_RETRIES, vars)).await
 }
 
 impl Gateway {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        key: Option<&str>,
-        body: Option<Value>,
-    ) -> Reply {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr));
-        if let Some(key) = key {
-            req = req.header("x-api-key", key);
-        }
-        let bytes = match body {
-            Some(b) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(serde_json::to_vec(&b).unwrap())
-            }
-            None => Bytes::new(),
-        };
-        let res = self
-            .client
-            .request(req.body(Full::new(bytes)).unwrap())
-            .await
-            .expect("gateway answers");
-        let status = res.status();
-        let headers = res.headers().clone();
-        let body = res.into_body().collect().await.expect("body").to_bytes();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn chat(&self, key: &str, model: &str) -> Reply {
-        self.call(Method::POST, "/v1/messages", Some(key), Some(chat(model)))
-            .await
-    }
-
-    /// Waits until the ledger holds `n` records.
-    async fn usage_records(&self, n: usize) -> Vec<store::LedgerEntry> {
-        for _ in 0..500 {
-            let entries = self.state.ledger.entries(
-                std::time::UNIX_EPOCH,
-                SystemTime::now() + Duration::from_secs(60),
-                |_| true,
-            );
-            if entries.len() >= n {
-                return entries;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        panic!("the ledger never held {n} records");
-    }
-
     async fn metrics(&self) -> Metrics {
-        let r = self.call(Method::GET, "/metrics", None, None).await;
+        let r = self.call(Method::GET, "/metrics", None, None, &[]).await;
         assert_eq!(r.status, 200, "{}", r.text());
         assert!(
-            r.header("content-type")
+            r.expect_header("content-type")
                 .starts_with("text/plain; version=0.0.4")
         );
         Metrics(r.text())
     }
-}
-
-fn chat(model: &str) -> Value {
-    json!({
-        "model": model,
-        "max_tokens": 256,
-        "messages": [{"role": "user", "content": "Hello there"}]
-    })
 }
 
 /// Prometheus text, read by exact sample lines.
@@ -192,26 +66,18 @@ async fn metrics_count_requests_by_route_and_status_and_refusals_by_reason() {
             "/v1/messages",
             None,
             Some(chat("claude-sonnet-4-5")),
+            &[],
         )
         .await;
     assert_eq!(anonymous.status, 401);
     let invalid = gw
-        .call(
-            Method::POST,
-            "/v1/messages",
-            Some(USER),
-            Some(json!({"model": "claude-sonnet-4-5"})),
-        )
+        .post("/v1/messages", USER, json!({"model": "claude-sonnet-4-5"}))
         .await;
     assert_eq!(invalid.status, 400);
-    let forbidden = gw
-        .call(Method::GET, "/admin/budgets/alice", Some(USER), None)
-        .await;
+    let forbidden = gw.get("/admin/budgets/alice", USER).await;
     assert_eq!(forbidden.status, 403);
     // A bot route is counted under its template, not its id.
-    let missing = gw
-        .call(Method::GET, "/v1/bots/bot_nope", Some(USER), None)
-        .await;
+    let missing = gw.get("/v1/bots/bot_nope", USER).await;
     assert_eq!(missing.status, 404);
 
     let m = gw.metrics().await;
@@ -326,7 +192,7 @@ async fn metrics_tell_rate_limits_from_budgets() {
     gw_budget.usage_records(1).await;
     let over = gw_budget.chat(USER, "claude-sonnet-4-5").await;
     assert_eq!(over.status, 429);
-    assert_eq!(over.header("x-should-retry"), "false");
+    assert_eq!(over.expect_header("x-should-retry"), "false");
 
     let m = gw.metrics().await;
     assert_eq!(
@@ -418,11 +284,11 @@ async fn separate_gateways_keep_separate_metrics() {
 #[tokio::test]
 async fn dashboard_data_needs_an_admin_key() {
     let gw = start(&[]).await;
-    let none = gw.call(Method::GET, "/v1/dashboard/data", None, None).await;
-    assert_eq!(none.status, 401);
-    let user = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(USER), None)
+    let none = gw
+        .call(Method::GET, "/v1/dashboard/data", None, None, &[])
         .await;
+    assert_eq!(none.status, 401);
+    let user = gw.get("/v1/dashboard/data", USER).await;
     assert_eq!(user.status, 403);
     let body = user.json();
     assert_eq!(body["error"]["type"], "permission_error", "{body}");
@@ -432,9 +298,7 @@ async fn dashboard_data_needs_an_admin_key() {
             .unwrap()
             .contains("admin key")
     );
-    let admin = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None)
-        .await;
+    let admin = gw.get("/v1/dashboard/data", ADMIN).await;
     assert_eq!(admin.status, 200, "{}", admin.text());
 }
 
@@ -443,11 +307,9 @@ async fn dashboard_data_minutes_out_of_range_is_a_field_error() {
     let gw = start(&[]).await;
     for bad in ["0", "1441", "an hour", "-5"] {
         let r = gw
-            .call(
-                Method::GET,
+            .get(
                 &format!("/v1/dashboard/data?minutes={}", bad.replace(' ', "%20")),
-                Some(ADMIN),
-                None,
+                ADMIN,
             )
             .await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
@@ -455,14 +317,7 @@ async fn dashboard_data_minutes_out_of_range_is_a_field_error() {
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
         assert!(body.to_string().contains("minutes"), "{body}");
     }
-    let ok = gw
-        .call(
-            Method::GET,
-            "/v1/dashboard/data?minutes=1440",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+    let ok = gw.get("/v1/dashboard/data?minutes=1440", ADMIN).await;
     assert_eq!(ok.status, 200);
     let w = &ok.json()["window"];
     assert_eq!(w["bucket_ms"], 24 * 60_000);
@@ -484,7 +339,8 @@ async fn dashboard_data_shows_spend_per_user_and_model_breakers_and_refusals() {
             Method::POST,
             "/v1/messages",
             None,
-            Some(chat("claude-haiku-4-5"))
+            Some(chat("claude-haiku-4-5")),
+            &[],
         )
         .await
         .status,
@@ -493,10 +349,7 @@ async fn dashboard_data_shows_spend_per_user_and_model_breakers_and_refusals() {
     // A call that used nothing (the upstream was overloaded) is counted but not drawn.
     assert_eq!(gw.chat(USER, "mock-overloaded").await.status, 529);
     let entries = gw.usage_records(5).await;
-    let data = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None)
-        .await
-        .json();
+    let data = gw.get("/v1/dashboard/data", ADMIN).await.json();
 
     let spend = data["spend"].as_array().unwrap();
     assert_eq!(spend.len(), 3, "{data}");
@@ -557,10 +410,13 @@ async fn dashboard_data_shows_spend_per_user_and_model_breakers_and_refusals() {
 #[tokio::test]
 async fn dashboard_page_is_served_under_a_fresh_nonce_csp_with_no_inline_script() {
     let gw = start(&[]).await;
-    let page = gw.call(Method::GET, "/", None, None).await;
+    let page = gw.call(Method::GET, "/", None, None, &[]).await;
     assert_eq!(page.status, 200);
-    assert_eq!(page.header("content-type"), "text/html; charset=utf-8");
-    let csp = page.header("content-security-policy").to_owned();
+    assert_eq!(
+        page.expect_header("content-type"),
+        "text/html; charset=utf-8"
+    );
+    let csp = page.expect_header("content-security-policy").to_owned();
     let nonce = csp
         .split("'nonce-")
         .nth(1)
@@ -584,12 +440,16 @@ async fn dashboard_page_is_served_under_a_fresh_nonce_csp_with_no_inline_script(
     assert!(!html.contains("style="), "no inline style");
     assert!(!html.contains(" onclick=") && !html.contains(" onload="));
     assert!(!html.contains("{{nonce}}"));
-    assert_eq!(page.header("x-frame-options"), "DENY");
-    assert!(!page.header("permissions-policy").contains("bluetooth"));
+    assert_eq!(page.expect_header("x-frame-options"), "DENY");
+    assert!(
+        !page
+            .expect_header("permissions-policy")
+            .contains("bluetooth")
+    );
 
-    let again = gw.call(Method::GET, "/", None, None).await;
+    let again = gw.call(Method::GET, "/", None, None, &[]).await;
     assert_ne!(
-        again.header("content-security-policy"),
+        again.expect_header("content-security-policy"),
         csp,
         "a fresh nonce per response"
     );
@@ -597,17 +457,15 @@ async fn dashboard_page_is_served_under_a_fresh_nonce_csp_with_no_inline_script(
         ("/dashboard/app.js", "text/javascript; charset=utf-8"),
         ("/dashboard/app.css", "text/css; charset=utf-8"),
     ] {
-        let r = gw.call(Method::GET, path, None, None).await;
+        let r = gw.call(Method::GET, path, None, None, &[]).await;
         assert_eq!(r.status, 200, "{path}");
-        assert_eq!(r.header("content-type"), kind);
-        assert_eq!(r.header("x-content-type-options"), "nosniff");
+        assert_eq!(r.expect_header("content-type"), kind);
+        assert_eq!(r.expect_header("x-content-type-options"), "nosniff");
     }
     // The API keeps its own strict policy.
-    let api = gw
-        .call(Method::GET, "/v1/dashboard/data", Some(ADMIN), None)
-        .await;
+    let api = gw.get("/v1/dashboard/data", ADMIN).await;
     assert!(
-        api.header("content-security-policy")
+        api.expect_header("content-security-policy")
             .starts_with("default-src 'none'")
     );
 }
@@ -730,16 +588,9 @@ mod error_tracking {
             "max_tokens": 64,
             "messages": [{"role": "user", "content": "PROMPT-CANARY my key is sk-ant-api03-leaked0000"}]
         });
-        let failed = gw
-            .call(
-                Method::POST,
-                "/v1/messages?token=QUERY-CANARY",
-                Some(USER),
-                Some(body),
-            )
-            .await;
+        let failed = gw.post("/v1/messages?token=QUERY-CANARY", USER, body).await;
         assert_eq!(failed.status, 500);
-        let request_id = failed.header("x-request-id").to_owned();
+        let request_id = failed.expect_header("x-request-id").to_owned();
 
         let report = next(&mut rx).await;
         assert!(

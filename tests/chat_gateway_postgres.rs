@@ -10,99 +10,28 @@ mod pg;
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Method;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use palisade::config::Env;
 use palisade::cost::Money;
 use serde_json::{Value, json};
 
-const USER: &str = "sk-test-alice-0123456789";
-const ADMIN: &str = "sk-test-admin-0123456789";
-const WRONG: &str = "sk-test-nobody-987654321";
+use fixture::{ADMIN, Gateway, Reply, USER, WRONG};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-struct Answer {
-    status: u16,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-}
-
+/// The gateway with `DATABASE_URL` at `database_url`, with `vars` on top.
 async fn start(database_url: &str, vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("DATABASE_URL", database_url.to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
+    fixture::start(&fixture::with(&[("DATABASE_URL", database_url)], vars)).await
 }
 
 impl Gateway {
-    async fn call(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(format!("http://{}{path}", self.addr))
-            .header("x-api-key", key)
-            .header("anthropic-version", "2023-06-01");
-        let body = match body {
-            Some(v) => {
-                req = req.header("content-type", "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
-        let res = self
-            .client
-            .request(req.body(Full::new(body)).unwrap())
-            .await
-            .unwrap();
-        let status = res.status().as_u16();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        Answer { status, body }
-    }
-
-    async fn chat(&self, stream: bool) -> Answer {
-        let mut body = json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 256,
-            "messages": [{"role": "user", "content": "Hello there"}]
-        });
+    /// A chat as alice, streamed or not.
+    async fn alice_chat(&self, stream: bool) -> Reply {
+        let mut body = fixture::chat("claude-sonnet-4-5");
         if stream {
             body["stream"] = Value::Bool(true);
         }
-        self.call(Method::POST, "/v1/messages", USER, Some(body))
+        self.call_versioned(Method::POST, "/v1/messages", USER, Some(body))
             .await
     }
 }
@@ -146,7 +75,7 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
 
     const N: i64 = 6;
     for i in 0..N {
-        let a = gw.chat(i % 2 == 1).await;
+        let a = gw.alice_chat(i % 2 == 1).await;
         assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     }
     wait_count(&db, "SELECT count(*) FROM usage_logs", N).await;
@@ -175,7 +104,9 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
         .sum();
     assert!(db_cost > 0);
 
-    let usage = gw.call(Method::GET, "/v1/usage", USER, None).await;
+    let usage = gw
+        .call_versioned(Method::GET, "/v1/usage", USER, None)
+        .await;
     assert_eq!(usage.status, 200);
     let reported = Money::parse_dollars(usage.json()["total_cost_usd"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -185,18 +116,24 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
     );
 
     // An authentication failure, a rate-limit refusal and an admin action.
-    let a = gw.call(Method::GET, "/v1/bots", WRONG, None).await;
+    let a = gw
+        .call_versioned(Method::GET, "/v1/bots", WRONG, None)
+        .await;
     assert_eq!(a.status, 401);
     assert_eq!(
-        gw.call(Method::GET, "/v1/bots", USER, None).await.status,
+        gw.call_versioned(Method::GET, "/v1/bots", USER, None)
+            .await
+            .status,
         200
     );
     assert_eq!(
-        gw.call(Method::GET, "/v1/bots", USER, None).await.status,
+        gw.call_versioned(Method::GET, "/v1/bots", USER, None)
+            .await
+            .status,
         429
     );
     let a = gw
-        .call(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,
@@ -268,12 +205,75 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
         }
     }
 
-    let health = gw.call(Method::GET, "/health", USER, None).await.json();
+    let health = gw
+        .call_versioned(Method::GET, "/health", USER, None)
+        .await
+        .json();
     let pg = &health["postgres"];
     assert_eq!(pg["backlog"], 0, "{health}");
     assert_eq!(pg["dropped"], 0, "{health}");
     assert_eq!(pg["last_error"], Value::Null, "{health}");
-    assert_eq!(health["audit_writer"]["written"], 3, "{health}");
+    let audit = &health["audit_writer"];
+    assert_eq!(audit["queued"], 3, "{health}");
+    assert_eq!(audit["written"], 3, "{health}");
+    assert_eq!(audit["backlog"], 0, "{health}");
+    assert_eq!(audit["dropped"], 0, "{health}");
+}
+
+/// The audit writer's `[queued, written, backlog, queue_full, failed, dropped]`.
+fn counts(audit: &audit::Audit) -> [u64; 6] {
+    let h = audit.health().expect("a PostgreSQL writer");
+    assert_eq!(h.queued, h.written + h.failed + h.backlog, "{h:?}");
+    assert_eq!(h.dropped, h.queue_full + h.failed, "{h:?}");
+    [
+        h.queued,
+        h.written,
+        h.backlog,
+        h.queue_full,
+        h.failed,
+        h.dropped,
+    ]
+}
+
+/// Events that found the audit queue full are dropped, never queued: they do not hide the
+/// events still waiting in the backlog (the backlog read 0 while 4 events waited), and a
+/// batch PostgreSQL refuses after every retry leaves the backlog for `failed`.
+#[tokio::test]
+async fn the_audit_backlog_stays_true_after_queue_full_drops() {
+    use palisade::cost::sink::{PostgresConfig, PostgresSink};
+    let server = pg::Postgres::start();
+    let url = server.database("audit_backlog").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.as_str())).unwrap();
+    sink.migrate().await.unwrap();
+    let audit = audit::Audit::postgres_with_capacity(sink, 4);
+    let event = |i: usize| audit::AuditEntry::new("auth_failed", "refused").target(format!("#{i}"));
+
+    // PostgreSQL away; 20 events at once (the writer has not run yet): 4 fit the queue.
+    server.stop();
+    for i in 0..20 {
+        audit.record(event(i));
+    }
+    assert_eq!(counts(&audit), [4, 0, 4, 16, 0, 16]);
+
+    // The writer gives up on those 4 after its retries: no backlog, 20 dropped in all.
+    assert!(audit.flush().await);
+    assert_eq!(counts(&audit), [4, 0, 0, 16, 4, 20]);
+    assert!(audit.health().unwrap().last_error.is_some());
+
+    // PostgreSQL back: new events are written, the counts add up.
+    server.resume();
+    for i in 20..22 {
+        audit.record(event(i));
+    }
+    assert!(audit.flush().await);
+    assert_eq!(counts(&audit), [6, 2, 0, 16, 4, 20]);
+    let db = client(&url).await;
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM audit_logs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
 }
 
 /// A budget refusal (a 429 with `x-should-retry: false`) is one audit row too.
@@ -285,9 +285,9 @@ async fn a_budget_refusal_is_audited() {
     // longer does once the first settled.
     let gw = start(&url, &[("PALISADE_GATEWAY_DAILY_BUDGET", "0.00405")]).await;
     let db = client(&url).await;
-    assert_eq!(gw.chat(false).await.status, 200);
+    assert_eq!(gw.alice_chat(false).await.status, 200);
     wait_count(&db, "SELECT count(*) FROM usage_logs", 1).await;
-    let a = gw.chat(false).await;
+    let a = gw.alice_chat(false).await;
     assert_eq!(a.status, 429, "{}", String::from_utf8_lossy(&a.body));
     assert!(gw.state.audit.flush().await);
     let rows = db
@@ -311,10 +311,12 @@ async fn a_forbidden_usage_read_and_refused_admin_calls_are_audited() {
     let url = server.database("refusals").await;
     let gw = start(&url, &[]).await;
     let db = client(&url).await;
-    let a = gw.call(Method::GET, "/v1/usage?user=ops", USER, None).await;
+    let a = gw
+        .call_versioned(Method::GET, "/v1/usage?user=ops", USER, None)
+        .await;
     assert_eq!(a.status, 403, "{}", String::from_utf8_lossy(&a.body));
     let a = gw
-        .call(
+        .call_versioned(
             Method::PUT,
             "/admin/budgets/alice",
             ADMIN,
@@ -323,7 +325,7 @@ async fn a_forbidden_usage_read_and_refused_admin_calls_are_audited() {
         .await;
     assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
     let a = gw
-        .call(
+        .call_versioned(
             Method::POST,
             "/admin/rate-limits/reset",
             ADMIN,
@@ -417,9 +419,7 @@ async fn a_request_served_by_the_fallback_says_so_in_its_usage_row() {
         "max_tokens": 64,
         "messages": [{"role": "user", "content": "Hello there"}]
     });
-    let a = gw
-        .call(Method::POST, "/v1/messages", USER, Some(body))
-        .await;
+    let a = gw.post("/v1/messages", USER, body).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
     // the primary's 529 and the fallback's answer
     wait_count(&db, "SELECT count(*) FROM usage_logs", 2).await;
@@ -446,7 +446,7 @@ async fn a_request_served_by_the_fallback_says_so_in_its_usage_row() {
     );
     assert_eq!((rows[1].0, rows[1].1.as_deref()), (529, None), "{rows:?}");
 
-    let usage = gw.call(Method::GET, "/v1/usage", USER, None).await.json();
+    let usage = gw.get("/v1/usage", USER).await.json();
     assert_eq!(usage["report"]["fallbacks"], 1, "{usage}");
     assert_eq!(
         usage["report"]["by_fallback"]["model:claude-haiku-4-5"]["requests"], 1,

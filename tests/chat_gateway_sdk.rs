@@ -9,47 +9,16 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use palisade::config::Env;
 use serde_json::Value;
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{Gateway, NO_RETRIES, OTHER, USER};
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-}
-
+/// The gateway on the built-in mock, without retries, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_MAX_RETRIES", "0".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-    }
+    fixture::start(&fixture::with(NO_RETRIES, vars)).await
 }
 
 const SETUP: &str = "run scripts/test.sh, or create the virtualenv: python3 -m venv \
@@ -118,22 +87,6 @@ async fn sdk(gw: &Gateway, scenario: &str) -> Value {
     v["result"].clone()
 }
 
-/// Waits until the ledger holds `n` records.
-async fn usage_records(gw: &Gateway, n: usize) -> Vec<store::LedgerEntry> {
-    for _ in 0..1000 {
-        let entries = gw.state.ledger.entries(
-            std::time::UNIX_EPOCH,
-            SystemTime::now() + Duration::from_secs(60),
-            |_| true,
-        );
-        if entries.len() >= n {
-            return entries;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    panic!("the ledger never held {n} records");
-}
-
 #[tokio::test]
 async fn official_sdk_messages_create_through_the_gateway() {
     let gw = start(&[]).await;
@@ -152,7 +105,7 @@ async fn official_sdk_messages_create_through_the_gateway() {
         "{r}"
     );
 
-    let entries = usage_records(&gw, 1).await;
+    let entries = gw.usage_records(1).await;
     let rec = &entries[0].record;
     assert_eq!(rec.attribution.user.as_deref(), Some("alice"));
     assert_eq!(rec.model.as_deref(), Some("claude-sonnet-4-5"));
@@ -187,7 +140,7 @@ async fn official_sdk_messages_stream_through_the_gateway() {
     assert_eq!(r["model"], "claude-haiku-4-5");
     assert!(r["usage"]["output_tokens"].as_u64().unwrap() > 0, "{r}");
 
-    let entries = usage_records(&gw, 1).await;
+    let entries = gw.usage_records(1).await;
     let rec = &entries[0].record;
     assert!(rec.stream, "metered as a stream");
     assert_eq!(rec.model.as_deref(), Some("claude-haiku-4-5"));

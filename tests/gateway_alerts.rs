@@ -11,18 +11,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use palisade::circuit_breaker::{CircuitBreakerLayerBuilder, CircuitState};
 use palisade::config::Env;
 use palisade::cost::Money;
 use palisade::cost::alert::{AlertEvent, AlertKind, AlertSink, MemoryAlertSink};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tower::{Layer, ServiceExt, service_fn};
 
-const USER: &str = "sk-test-alice-0123456789";
+use fixture::{Gateway, NO_RETRIES, USER};
 
 type Received = Arc<Mutex<Vec<Value>>>;
 
@@ -52,57 +48,29 @@ async fn receiver(hang: bool) -> (SocketAddr, Received) {
     (addr, got)
 }
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
+/// The gateway posting its alerts to `hook`, without retries, with `vars` on top.
 async fn start(hook: SocketAddr, vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        (
-            "PALISADE_GATEWAY_ALERT_WEBHOOK",
-            format!("http://{hook}/hook"),
-        ),
-        ("PALISADE_RETRY_MAX_RETRIES", "0".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let router = app.router;
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-    }
+    let hook = format!("http://{hook}/hook");
+    let base = fixture::with(
+        NO_RETRIES,
+        &[("PALISADE_GATEWAY_ALERT_WEBHOOK", hook.as_str())],
+    );
+    fixture::start(&fixture::with(&base, vars)).await
 }
 
 impl Gateway {
-    async fn chat(&self, model: &str) -> u16 {
-        let body = json!({
-            "model": model,
-            "max_tokens": 256,
-            "messages": [{"role": "user", "content": "Hello there"}]
-        });
-        let req = http::Request::post(format!("http://{}/v1/messages", self.addr))
-            .header("x-api-key", USER)
-            .header("anthropic-version", "2023-06-01")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        let res = self.client.request(req).await.unwrap();
-        let status = res.status().as_u16();
-        let _ = res.into_body().collect().await;
-        status
+    /// A chat with `model` as alice (with `anthropic-version`); the status.
+    async fn alice_chat(&self, model: &str) -> u16 {
+        self.call(
+            http::Method::POST,
+            "/v1/messages",
+            Some(USER),
+            Some(fixture::chat(model)),
+            &[("anthropic-version", "2023-06-01")],
+        )
+        .await
+        .status
+        .as_u16()
     }
 
     /// Waits until the webhook has settled every event it queued (delivered or failed).
@@ -115,21 +83,6 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the webhook never delivered its queue");
-    }
-
-    async fn usage_records(&self, n: usize) {
-        for _ in 0..1000 {
-            let entries = self.state.ledger.entries(
-                std::time::UNIX_EPOCH,
-                SystemTime::now() + Duration::from_secs(60),
-                |_| true,
-            );
-            if entries.len() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        panic!("the ledger never held {n} records");
     }
 }
 
@@ -150,7 +103,7 @@ async fn a_breaker_opening_posts_one_alert_to_the_webhook() {
     .await;
     // Two 529s open the breaker; the calls after it are refused by the open breaker.
     for _ in 0..6 {
-        assert_eq!(gw.chat("mock-overloaded").await, 529);
+        assert_eq!(gw.alice_chat("mock-overloaded").await, 529);
     }
     gw.alerts_settled().await;
     let got = got.lock().unwrap().clone();
@@ -254,7 +207,7 @@ async fn a_spend_spike_posts_one_alert_per_window() {
         Money::parse_dollars("0.000001").unwrap(),
     );
     for _ in 0..3 {
-        assert_eq!(gw.chat("claude-sonnet-4-5").await, 200);
+        assert_eq!(gw.alice_chat("claude-sonnet-4-5").await, 200);
     }
     gw.usage_records(3).await;
     gw.alerts_settled().await;
@@ -299,7 +252,7 @@ async fn a_webhook_that_never_answers_slows_no_request() {
     .await;
     for _ in 0..5 {
         let t = Instant::now();
-        assert_eq!(gw.chat("mock-overloaded").await, 529);
+        assert_eq!(gw.alice_chat("mock-overloaded").await, 529);
         assert!(
             t.elapsed() < Duration::from_secs(2),
             "a request waited {:?} on the webhook",

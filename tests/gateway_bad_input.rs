@@ -11,42 +11,22 @@ include!("chat_gateway_support/modules.rs");
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use palisade::config::Env;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, OTHER, USER};
+
 const MODEL: &str = "claude-sonnet-4-5";
 
+/// The gateway on the built-in mock with `vars` on top; its address. The matrix sends more
+/// than a minute's worth of requests per user, so the global limit is lifted.
 async fn start(vars: &[(&str, &str)]) -> SocketAddr {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        // The matrix sends more than a minute's worth of requests per user.
-        (
-            "PALISADE_RATE_LIMIT_RULES",
-            r#"[{"name":"global","key":"principal","limit":1000000,"window":"1m","skip_anonymous":true}]"#
-                .to_owned(),
-        ),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
-    addr
+    let lifted = [(
+        "PALISADE_RATE_LIMIT_RULES",
+        r#"[{"name":"global","key":"principal","limit":1000000,"window":"1m","skip_anonymous":true}]"#,
+    )];
+    fixture::start(&fixture::with(&lifted, vars)).await.addr
 }
 
 /// A raw answer.

@@ -7,7 +7,6 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use palisade::config::Env;
 use palisade::cost::Completion;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,43 +23,23 @@ use tokio::net::{TcpListener, TcpStream};
 use wiremock::matchers::method;
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const USER: &str = "sk-test-alice-0123456789";
+use fixture::{FAST_RETRIES, Gateway, USER};
 const UPSTREAM_KEY: &str = "sk-ant-upstream-secret-42";
 
-struct Gateway {
-    addr: SocketAddr,
-    state: app::AppState,
-}
-
+/// The gateway in front of `upstream` (with a key of its own), retrying in milliseconds,
+/// with `vars` on top.
 async fn start(upstream: &str, vars: &[(&str, &str)]) -> Gateway {
-    let mut pairs = vec![
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        (
-            "PALISADE_GATEWAY_ADMIN_KEYS",
-            "ops=sk-test-admin-0123456789".to_owned(),
-        ),
-        ("ANTHROPIC_BASE_URL", upstream.to_owned()),
-        ("ANTHROPIC_API_KEY", UPSTREAM_KEY.to_owned()),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
-    Gateway {
-        addr,
-        state: app.state,
-    }
+    let base = fixture::with(
+        FAST_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream),
+            ("ANTHROPIC_API_KEY", UPSTREAM_KEY),
+        ],
+    );
+    fixture::start(&fixture::with(&base, vars)).await
 }
 
+/// An answer whose body may have failed midway.
 struct Reply {
     status: u16,
     headers: http::HeaderMap,
@@ -82,7 +60,8 @@ impl Reply {
 }
 
 impl Gateway {
-    async fn chat(&self, stream: bool) -> Reply {
+    /// A small chat as alice, streamed or not, within 20 s.
+    async fn alice_chat(&self, stream: bool) -> Reply {
         let body = json!({
             "model": "claude-sonnet-4-5",
             "max_tokens": 64,
@@ -122,14 +101,6 @@ impl Gateway {
             .await
             .unwrap();
         res.status().as_u16()
-    }
-
-    fn records(&self) -> Vec<store::LedgerEntry> {
-        self.state.ledger.entries(
-            std::time::UNIX_EPOCH,
-            std::time::SystemTime::now() + Duration::from_secs(60),
-            |_| true,
-        )
     }
 
     /// Waits until the ledger holds `n` records, then a little longer to see that no more
@@ -290,7 +261,7 @@ async fn a_stream_cut_after_message_start_ends_with_an_error_event_and_records_p
     ])
     .await;
     let gw = start(&url, &[]).await;
-    let r = gw.chat(true).await;
+    let r = gw.alice_chat(true).await;
     assert_eq!(r.status, 200);
     let text = r.text();
     assert!(text.starts_with("event: message_start"), "{text}");
@@ -317,7 +288,7 @@ async fn a_stalled_stream_ends_at_the_idle_timeout_with_an_error_event_and_parti
     .await;
     let gw = start(&url, &[("PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT", "300ms")]).await;
     let started = std::time::Instant::now();
-    let r = gw.chat(true).await;
+    let r = gw.alice_chat(true).await;
     assert_eq!(r.status, 200);
     ends_with_error_event(&r.text());
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -336,7 +307,7 @@ async fn a_slow_trickle_within_the_idle_timeout_is_delivered_whole_and_recorded_
     steps.push(Step::WriteOwned(message_end(37)));
     let (url, _) = raw_upstream(steps).await;
     let gw = start(&url, &[("PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT", "300ms")]).await;
-    let r = gw.chat(true).await;
+    let r = gw.alice_chat(true).await;
     assert_eq!(r.status, 200);
     let text = r.text();
     assert!(text.contains("w9 "), "{text}");
@@ -357,7 +328,7 @@ async fn a_json_body_reset_midway_is_a_500_api_error_and_is_recorded_once_as_par
     ])
     .await;
     let gw = start(&url, &[]).await;
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     // Never a connection closed without a word, never a short 200: an error response.
     assert_eq!(r.status, 500, "{:?}", r.body);
     assert_eq!(r.json()["error"]["type"], "api_error");
@@ -377,7 +348,7 @@ async fn garbage_sse_passes_through_and_bills_nothing() {
     ])
     .await;
     let gw = start(&url, &[]).await;
-    let r = gw.chat(true).await;
+    let r = gw.alice_chat(true).await;
     assert_eq!(r.status, 200);
     assert!(r.text().contains("garbage"));
     // Nothing usable was seen: nothing is billed, and the gateway keeps serving.
@@ -400,7 +371,7 @@ async fn a_json_answer_without_usage_is_passed_on_and_recorded_once_with_no_toke
         .mount(&server)
         .await;
     let gw = start(&server.uri(), &[]).await;
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["content"][0]["text"], "hi");
     let records = gw.exactly(1).await;
@@ -420,7 +391,7 @@ async fn a_429_with_retry_after_reaches_the_client_with_its_retry_after() {
         .mount(&server)
         .await;
     let gw = start(&server.uri(), &[("PALISADE_RETRY_MAX_RETRIES", "0")]).await;
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.headers.get("retry-after").unwrap(), "7");
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
@@ -455,7 +426,7 @@ async fn a_429_then_200_is_retried_after_the_upstreams_retry_after() {
         .mount(&server)
         .await;
     let gw = start(&server.uri(), &[("PALISADE_RETRY_MAX_RETRIES", "2")]).await;
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     assert_eq!(r.status, 200);
     assert_eq!(server.received_requests().await.unwrap().len(), 2);
     let records = gw.exactly(1).await;
@@ -480,13 +451,13 @@ async fn connection_refused_is_a_json_error_then_the_breaker_opens_and_recovers(
     )
     .await;
     for _ in 0..2 {
-        let r = gw.chat(false).await;
+        let r = gw.alice_chat(false).await;
         assert_eq!(r.status, 500, "{}", r.text());
         let body = r.json();
         assert_eq!(body["error"]["type"], "api_error");
         assert!(!r.text().contains(UPSTREAM_KEY));
     }
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     assert_eq!(r.status, 529, "the breaker is open: {}", r.text());
     assert!(r.headers.get("retry-after").is_some());
     assert_eq!(gw.health().await, 503);
@@ -513,7 +484,7 @@ async fn connection_refused_is_a_json_error_then_the_breaker_opens_and_recovers(
         .mount(&server)
         .await;
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let r = gw.chat(false).await;
+    let r = gw.alice_chat(false).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(gw.health().await, 200);
     // The recorder hands records to the ledger in batches, off the request path: wait for
@@ -547,7 +518,7 @@ async fn an_error_event_inside_the_stream_reaches_the_client_and_is_recorded_onc
     ])
     .await;
     let gw = start(&url, &[]).await;
-    let r = gw.chat(true).await;
+    let r = gw.alice_chat(true).await;
     assert_eq!(r.status, 200);
     assert!(r.text().contains("overloaded_error"), "{}", r.text());
     let records = gw.exactly(1).await;

@@ -19,12 +19,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use palisade::config::Env;
 use serde_json::json;
-use wiremock::matchers::method;
-use wiremock::{Mock, MockServer, ResponseTemplate};
 
-const USER: &str = "sk-test-alice-0123456789";
-const OTHER: &str = "sk-test-bob-0123456789ab";
-const ADMIN: &str = "sk-test-admin-0123456789";
+use fixture::{ADMIN, FAST_RETRIES, OTHER, TLS_CERT, TLS_KEY, USER};
 const UPSTREAM_KEY: &str = "sk-ant-upstream-secret-9f8e7d";
 /// A string sent as message content: it must not be logged either.
 const CONTENT: &str = "private-content-5b1e0c";
@@ -66,28 +62,12 @@ impl Write for Capture {
     }
 }
 
+/// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top; its
+/// address.
 async fn start(vars: &[(&str, &str)]) -> SocketAddr {
-    let mut pairs = vec![
-        (
-            "PALISADE_GATEWAY_API_KEYS",
-            format!("alice={USER},bob={OTHER}"),
-        ),
-        ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={ADMIN}")),
-        ("PALISADE_RETRY_BASE_DELAY", "1ms".to_owned()),
-        ("PALISADE_RETRY_MAX_DELAY", "5ms".to_owned()),
-    ];
-    for (k, v) in vars {
-        pairs.retain(|(name, _)| name != k);
-        pairs.push((k, (*v).to_owned()));
-    }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
-    addr
+    fixture::start(&fixture::with(FAST_RETRIES, vars))
+        .await
+        .addr
 }
 
 async fn call(
@@ -252,26 +232,12 @@ fn keys_are_compared_as_hashes_in_constant_time_against_every_entry() {
 #[tokio::test]
 async fn no_configured_key_or_message_content_reaches_the_logs_of_a_whole_run() {
     let logs = captured();
-    let upstream = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(500).set_body_json(
-                json!({"type":"error","error":{"type":"api_error","message":"boom"}}),
-            ),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&upstream)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
-            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-            "content": [{"type": "text", "text": CONTENT}],
-            "usage": {"input_tokens": 10, "output_tokens": 3}
-        })))
-        .with_priority(2)
-        .mount(&upstream)
-        .await;
+    let upstream = fixture::upstream_failing_once(json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": CONTENT}],
+        "usage": {"input_tokens": 10, "output_tokens": 3}
+    }))
+    .await;
     let uri = upstream.uri();
     let remote = start(&[
         ("ANTHROPIC_BASE_URL", uri.as_str()),
@@ -416,71 +382,23 @@ async fn no_configured_key_or_message_content_reaches_the_logs_of_a_whole_run() 
     }
 }
 
-const TLS_CERT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.cert.pem"
-);
-const TLS_KEY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.key.pem"
-);
-
 /// Served over TLS (the gateway's own https mode), every kind of answer — a chat, a
 /// refusal, a 404, health — scores A+ under the Observatory's header rules, over HTTP/2
 /// and HTTP/1.1.
 #[tokio::test]
 async fn headers_served_over_tls_score_a_plus_on_the_observatory_rules() {
     use palisade::security_headers::observatory;
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-
     for env_name in ["development", "production"] {
-        let mut env = Env::from_pairs([
-            ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-            ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()),
-            ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()),
-            ("PALISADE_ENV", env_name.to_owned()),
+        let config = fixture::config(&[
+            ("PALISADE_GATEWAY_TLS_CERT", TLS_CERT),
+            ("PALISADE_GATEWAY_TLS_KEY", TLS_KEY),
+            ("PALISADE_ENV", env_name),
         ]);
-        let config = config::GatewayConfig::from_env(&mut env);
-        env.finish().expect("valid TLS configuration");
-        let (cert, key) = config.tls.clone().expect("TLS configured");
-        let server_config = tls::load(&cert, &key).unwrap();
-        let app = app::build(config).await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve::serve(
-            listener,
-            app.router,
-            Some(server_config),
-            Duration::from_secs(10),
-            stop_rx,
-        ));
+        assert!(config.tls.is_some(), "TLS configured");
+        let addr = fixture::serve_own(config).await.addr;
 
         for http2 in [true, false] {
-            let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
-                roots.add(cert.unwrap()).unwrap();
-            }
-            #[allow(deprecated)]
-            let provider = tokio_rustls::rustls::crypto::ring::default_provider();
-            let client_config = ClientConfig::builder_with_provider(Arc::new(provider))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config(client_config)
-                .https_only();
-            let https = if http2 {
-                builder.enable_http2().build()
-            } else {
-                builder.enable_http1().build()
-            };
-            let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
-                .http2_only(http2)
-                .build(https);
+            let client = fixture::https_client(Some(http2));
             let base = format!("https://localhost:{}", addr.port());
             let chat = json!({
                 "model": "claude-sonnet-4-5", "max_tokens": 64,

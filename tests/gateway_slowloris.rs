@@ -14,45 +14,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-const USER: &str = "sk-test-alice-0123456789";
-const TLS_CERT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.cert.pem"
-);
-const TLS_KEY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/chat_gateway_data/localhost.key.pem"
-);
+use fixture::{TLS_CERT, TLS_KEY};
 
 /// Starts the gateway with a header timeout of 10 s (from the environment), over TLS when
 /// asked.
 async fn start(tls: bool) -> SocketAddr {
-    let mut pairs = vec![
-        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
-        ("PALISADE_GATEWAY_HEADER_TIMEOUT", "10s".to_owned()),
-    ];
+    let mut vars = vec![("PALISADE_GATEWAY_HEADER_TIMEOUT", "10s")];
     if tls {
-        pairs.push(("PALISADE_GATEWAY_TLS_CERT", TLS_CERT.to_owned()));
-        pairs.push(("PALISADE_GATEWAY_TLS_KEY", TLS_KEY.to_owned()));
+        vars.push(("PALISADE_GATEWAY_TLS_CERT", TLS_CERT));
+        vars.push(("PALISADE_GATEWAY_TLS_KEY", TLS_KEY));
     }
-    let mut env = Env::from_pairs(pairs);
-    let config = config::GatewayConfig::from_env(&mut env);
-    env.finish().expect("test configuration is valid");
+    let config = fixture::config(&vars);
     assert_eq!(config.header_timeout, Duration::from_secs(10));
-    let header_timeout = config.header_timeout;
-    let server_config = config
-        .tls
-        .as_ref()
-        .map(|(cert, key)| tls::load(cert, key).unwrap());
-    let app = app::build(config).await.expect("gateway builds");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        serve::serve(listener, app.router, server_config, header_timeout, stop_rx).await;
-        drop(stop);
-    });
-    addr
+    fixture::serve_own(config).await.addr
 }
 
 /// Sends `bytes`, then asserts the connection stays open for 9 s and is closed (with no
@@ -193,18 +167,8 @@ async fn an_http2_connection_that_never_sends_a_request_is_closed_after_the_head
 /// The same over TLS, where ALPN has chosen h2: the handshake done, nothing more.
 #[tokio::test(start_paused = true)]
 async fn an_h2_tls_connection_that_never_sends_a_request_is_closed_after_the_header_timeout() {
-    use tokio_rustls::rustls;
     let addr = start(true).await;
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(TLS_CERT).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec()];
+    let client = fixture::tls_client_config(&[b"h2"]);
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let start = Instant::now();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade::rate_limit::algorithm::{Params, Verdict};
-use palisade::rate_limit::store::{CheckItem, Decision, Settlement};
+use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
 use palisade::rate_limit::{Algorithm, HashTag, Quota, RateKey, RedisFailMode, RedisStore, Store};
 use support::{RedisCluster, RedisServer};
 
@@ -88,6 +88,60 @@ async fn race(stores: &[RedisStore], n: usize, rules: impl Fn(usize) -> Vec<Owne
         admitted.extend(t.await.unwrap());
     }
     admitted
+}
+
+/// The settlement of `rule`'s reservation `d`, by `delta` units.
+fn settlement<'a>(rule: &'a Owned, d: &RuleDecision, delta: i64) -> Settlement<'a> {
+    Settlement {
+        rule_index: rule.index,
+        rule: rule.name,
+        key: &rule.key,
+        params: rule.params,
+        window_start: d.window_start,
+        generation: d.generation,
+        delta,
+    }
+}
+
+/// A store on one server with a timeout and a failure mode, under a fresh prefix.
+async fn failing(url: &str, tag: &str, timeout: Duration, mode: RedisFailMode) -> RedisStore {
+    RedisStore::builder()
+        .url(url)
+        .prefix(unique(tag))
+        .timeout(timeout)
+        .on_failure(mode)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// Holds up every write command (scripts included) on the server at `addr` for `ms`.
+async fn pause_writes(addr: std::net::SocketAddr, ms: u64) {
+    let paused = support::command(addr, &format!("CLIENT PAUSE {ms} WRITE"))
+        .await
+        .unwrap();
+    assert!(paused.starts_with("+OK"), "{paused}");
+}
+
+/// Waits (up to `within`) until the stores have given back `n` late debits in all.
+async fn await_late_returns(stores: &[&RedisStore], n: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
+        if returned >= n {
+            assert_eq!(
+                returned, n,
+                "more late debits given back than decisions ran late"
+            );
+            return;
+        }
+        let health: Vec<_> = stores.iter().map(|s| s.health()).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{returned} of {n} late debits given back: {health:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn remaining(store: &RedisStore, rule: &Owned) -> u64 {
@@ -283,10 +337,12 @@ async fn one_script_call_per_decision_and_none_for_a_blocked_key() {
     }
     assert_eq!(calls(&server.url(), "evalsha").await, 19);
     assert_eq!(store.health().blocked_cache_hits, 500);
-    // reset clears the cache: the next decision goes to Redis again, and passes
+    // a reset (one script call) clears the cache: the next decision goes to Redis again,
+    // and passes
     store.reset(0, "per-user", &rules[0].key).await.unwrap();
-    assert!(store.check(&items).await.unwrap().admitted);
     assert_eq!(calls(&server.url(), "evalsha").await, 20);
+    assert!(store.check(&items).await.unwrap().admitted);
+    assert_eq!(calls(&server.url(), "evalsha").await, 21);
 }
 
 #[tokio::test]
@@ -320,14 +376,7 @@ async fn settling_less_than_reserved_unblocks_the_key() {
     };
     assert!(!store.check(&[small.item()]).await.unwrap().admitted);
     store
-        .settle(&[Settlement {
-            rule_index: 0,
-            rule: rule.name,
-            key: &rule.key,
-            params: rule.params,
-            window_start: d.rules[0].window_start,
-            delta: -4,
-        }])
+        .settle(&[settlement(&rule, &d.rules[0], -4)])
         .await
         .unwrap();
     assert_eq!(remaining(&store, &rule).await, 4);
@@ -351,14 +400,7 @@ async fn a_killed_server_is_survived_by_every_failure_mode() {
         RedisFailMode::Open,
         RedisFailMode::Local,
     ] {
-        let store = RedisStore::builder()
-            .url(server.url())
-            .prefix(unique(mode.as_str()))
-            .timeout(timeout)
-            .on_failure(mode)
-            .build()
-            .await
-            .unwrap();
+        let store = failing(&server.url(), mode.as_str(), timeout, mode).await;
         stores.push((mode, store));
     }
     let rule = one_rule(Algorithm::FixedWindow, 3, 1);
@@ -603,37 +645,37 @@ async fn a_key_costs_redis_what_the_docs_state() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    let api_key = RateKey::ApiKey(palisade::key::ApiKeyId::from_key("sk-ant-api03-example"));
     for algorithm in ALGORITHMS {
-        let rule = Owned {
-            name: "chat",
-            key: RateKey::ApiKey(palisade::key::ApiKeyId::from_key("sk-ant-api03-example")),
-            ..one_rule(algorithm, 1_000, 7)
-        };
-        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
-        let key = store.key_name(rule.name, &rule.key);
-        let bytes: u64 = redis::cmd("MEMORY")
-            .arg("USAGE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
-        assert!(bytes <= 136, "{algorithm:?}: {bytes} bytes");
-        let other = Owned {
-            name: "chat",
-            key: RateKey::principal("user-1234567"),
-            ..one_rule(algorithm, 1_000, 7)
-        };
-        assert!(store.check(&[other.item()]).await.unwrap().admitted);
-        let key = store.key_name(other.name, &other.key);
-        let bytes: u64 = redis::cmd("MEMORY")
-            .arg("USAGE")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        eprintln!("{algorithm:?}: {bytes} bytes for {key}");
-        assert!(bytes <= 120, "{algorithm:?}: {bytes} bytes");
+        for (key, most) in [(&api_key, 136), (&RateKey::principal("user-1234567"), 120)] {
+            let rule = Owned {
+                name: "chat",
+                key: key.clone(),
+                ..one_rule(algorithm, 1_000, 7)
+            };
+            let name = store.key_name(rule.name, &rule.key);
+            let mut usage = async || -> u64 {
+                redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(&name)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap()
+            };
+            assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+            let bytes = usage().await;
+            eprintln!("{algorithm:?}: {bytes} bytes for {name}");
+            assert!(bytes <= most, "{algorithm:?}: {bytes} bytes for {name}");
+            // a key that has been reset also holds its generation: no more memory
+            store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+            assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+            let bytes = usage().await;
+            eprintln!("{algorithm:?}: {bytes} bytes for {name} once reset");
+            assert!(
+                bytes <= most,
+                "{algorithm:?}: {bytes} bytes for {name} once reset"
+            );
+        }
     }
 }
 
@@ -842,14 +884,13 @@ async fn two_layers_sharing_a_store_do_not_share_blocked_cache_entries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
     let mut server = RedisServer::start().await.expect("redis-server");
-    let store = RedisStore::builder()
-        .url(server.url())
-        .prefix(unique("local-settle"))
-        .timeout(Duration::from_millis(50))
-        .on_failure(RedisFailMode::Local)
-        .build()
-        .await
-        .unwrap();
+    let store = failing(
+        &server.url(),
+        "local-settle",
+        Duration::from_millis(50),
+        RedisFailMode::Local,
+    )
+    .await;
     server.kill();
     // a reservation of the whole quota, decided locally
     let rule = one_rule(Algorithm::FixedWindow, 10, 10);
@@ -858,14 +899,7 @@ async fn the_local_fallback_settles_what_it_reserved_while_redis_is_away() {
     assert_eq!(store.health().degraded_decisions, 1);
     // the request used 1 unit: 9 come back to the store that counted them
     store
-        .settle(&[Settlement {
-            rule_index: rule.index,
-            rule: rule.name,
-            key: &rule.key,
-            params: rule.params,
-            window_start: d.rules[0].window_start,
-            delta: -9,
-        }])
+        .settle(&[settlement(&rule, &d.rules[0], -9)])
         .await
         .unwrap();
     let five = Owned {
@@ -947,14 +981,13 @@ async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
     let server = RedisServer::start().await.expect("redis-server");
-    let store = RedisStore::builder()
-        .url(server.url())
-        .prefix(unique("outage"))
-        .timeout(Duration::from_millis(50))
-        .on_failure(RedisFailMode::Open)
-        .build()
-        .await
-        .unwrap();
+    let store = failing(
+        &server.url(),
+        "outage",
+        Duration::from_millis(50),
+        RedisFailMode::Open,
+    )
+    .await;
     let rule = Owned {
         params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
         ..one_rule(Algorithm::FixedWindow, 1, 1)
@@ -1024,22 +1057,18 @@ async fn a_decision_that_lands_after_the_timeout_gives_back_what_it_debited() {
     let server = RedisServer::start().await.expect("redis-server");
     for mode in [RedisFailMode::Closed, RedisFailMode::Local] {
         for algorithm in ALGORITHMS {
-            let store = RedisStore::builder()
-                .url(server.url())
-                .prefix(unique(mode.as_str()))
-                .timeout(Duration::from_millis(50))
-                .on_failure(mode)
-                .build()
-                .await
-                .unwrap();
+            let store = failing(
+                &server.url(),
+                mode.as_str(),
+                Duration::from_millis(50),
+                mode,
+            )
+            .await;
             let rule = one_rule(algorithm, 10, 3);
             // a first decision, so the connection is up before the pause
             assert!(store.check(&[rule.item()]).await.unwrap().admitted);
             assert_eq!(remaining(&store, &rule).await, 7);
-            let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
-                .await
-                .unwrap();
-            assert!(paused.starts_with("+OK"), "{paused}");
+            pause_writes(server.addr(), 300).await;
             let started = Instant::now();
             let late = store.check(&[rule.item()]).await;
             assert!(started.elapsed() < Duration::from_millis(250));
@@ -1048,19 +1077,7 @@ async fn a_decision_that_lands_after_the_timeout_gives_back_what_it_debited() {
                 _ => assert!(late.unwrap().admitted, "the local store decides"),
             }
             // The paused script runs once the pause ends; its debit must come back.
-            let deadline = Instant::now() + Duration::from_secs(3);
-            loop {
-                if store.health().late_debits_returned == 1 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{mode:?} {algorithm:?}: the late decision's debit was not given back ({:?}; {} left in Redis)",
-                    store.health(),
-                    remaining(&store, &rule).await
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            await_late_returns(&[&store], 1, Duration::from_secs(3)).await;
             assert_eq!(
                 remaining(&store, &rule).await,
                 7,
@@ -1075,14 +1092,13 @@ async fn a_decision_that_lands_after_the_timeout_gives_back_what_it_debited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_fallback_answers_peeks_while_redis_is_away() {
     let mut server = RedisServer::start().await.expect("redis-server");
-    let store = RedisStore::builder()
-        .url(server.url())
-        .prefix(unique("peek"))
-        .timeout(Duration::from_millis(50))
-        .on_failure(RedisFailMode::Local)
-        .build()
-        .await
-        .unwrap();
+    let store = failing(
+        &server.url(),
+        "peek",
+        Duration::from_millis(50),
+        RedisFailMode::Local,
+    )
+    .await;
     let rule = one_rule(Algorithm::SlidingWindow, 10, 2);
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
     server.kill();
@@ -1109,21 +1125,17 @@ async fn the_local_fallback_answers_peeks_while_redis_is_away() {
 async fn a_reservation_decided_locally_is_never_settled_in_redis() {
     let server = RedisServer::start().await.expect("redis-server");
     for algorithm in ALGORITHMS {
-        let store = RedisStore::builder()
-            .url(server.url())
-            .prefix(unique("local-reserve"))
-            .timeout(Duration::from_millis(50))
-            .on_failure(RedisFailMode::Local)
-            .build()
-            .await
-            .unwrap();
+        let store = failing(
+            &server.url(),
+            "local-reserve",
+            Duration::from_millis(50),
+            RedisFailMode::Local,
+        )
+        .await;
         let spent = one_rule(algorithm, 10, 6);
         assert!(store.check(&[spent.item()]).await.unwrap().admitted);
         assert_eq!(remaining(&store, &spent).await, 4);
-        let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
-            .await
-            .unwrap();
-        assert!(paused.starts_with("+OK"), "{paused}");
+        pause_writes(server.addr(), 300).await;
         // 5 units do not fit in Redis (4 left), so the late run debits nothing there; the
         // local store admits them.
         let reserve = Owned {
@@ -1138,14 +1150,7 @@ async fn a_reservation_decided_locally_is_never_settled_in_redis() {
         assert!(store.health().healthy);
         // the request used nothing: the 5 units it reserved locally come back locally
         store
-            .settle(&[Settlement {
-                rule_index: reserve.index,
-                rule: reserve.name,
-                key: &reserve.key,
-                params: reserve.params,
-                window_start: local.rules[0].window_start,
-                delta: -5,
-            }])
+            .settle(&[settlement(&reserve, &local.rules[0], -5)])
             .await
             .unwrap();
         assert_eq!(
@@ -1174,17 +1179,10 @@ async fn a_cluster_decision_held_up_past_a_second_still_gives_back_its_debit() {
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
     assert_eq!(remaining(&store, &rule).await, 7);
     for addr in cluster.addrs() {
-        let paused = support::command(*addr, "CLIENT PAUSE 1600 WRITE")
-            .await
-            .unwrap();
-        assert!(paused.starts_with("+OK"), "{paused}");
+        pause_writes(*addr, 1600).await;
     }
     assert!(store.check(&[rule.item()]).await.is_err());
-    let deadline = Instant::now() + Duration::from_secs(8);
-    while store.health().late_debits_returned == 0 {
-        assert!(Instant::now() < deadline, "{:?}", store.health());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    await_late_returns(&[&store], 1, Duration::from_secs(8)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         remaining(&store, &rule).await,
@@ -1212,10 +1210,7 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
     for s in &stores {
         assert_eq!(remaining(s, &rule).await, 100);
     }
-    let paused = support::command(server.addr(), "CLIENT PAUSE 500 WRITE")
-        .await
-        .unwrap();
-    assert!(paused.starts_with("+OK"), "{paused}");
+    pause_writes(server.addr(), 500).await;
     let mut tasks = Vec::new();
     for i in 0..1_000 {
         let store = stores[i % 2].clone();
@@ -1232,15 +1227,8 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
         admitted, 0,
         "failing closed, a decision past the timeout refuses"
     );
-    let deadline = Instant::now() + Duration::from_secs(8);
-    loop {
-        let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
-        if returned == 100 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{returned} debits given back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // on a busy machine the thousand late answers and their give-backs take a while
+    await_late_returns(&[&stores[0], &stores[1]], 100, Duration::from_secs(15)).await;
     assert_eq!(remaining(&stores[0], &rule).await, 100);
     // Redis answers again (stores that wait long enough for 1,000 decisions on a busy machine)
     let patient = [
@@ -1261,10 +1249,7 @@ async fn a_refusal_under_way_during_a_reset_does_not_block_the_reset_key() {
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
     assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
     store.clear_blocked_cache();
-    let paused = support::command(server.addr(), "CLIENT PAUSE 300 WRITE")
-        .await
-        .unwrap();
-    assert!(paused.starts_with("+OK"), "{paused}");
+    pause_writes(server.addr(), 300).await;
     let under_way = {
         let store = store.clone();
         let rule = rule.clone();
@@ -1276,4 +1261,130 @@ async fn a_refusal_under_way_during_a_reset_does_not_block_the_reset_key() {
     assert!(!under_way.await.unwrap().admitted);
     let after = store.check(&[rule.item()]).await.unwrap();
     assert!(after.admitted, "the reset key is still blocked: {after:?}");
+}
+
+/// A reservation made before an admin reset and settled after it (a give-back) returns
+/// nothing: the units a request admitted after the reset paid stay paid, while that
+/// request's own settlement still applies; for every algorithm.
+#[tokio::test]
+async fn a_give_back_after_a_reset_does_not_refund_requests_admitted_after_it() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-give-back")).await;
+    for (algorithm, name) in ALGORITHMS.into_iter().zip(["sliding", "fixed", "gcra"]) {
+        let rule = Owned {
+            name,
+            ..one_rule(algorithm, 10, 6)
+        };
+        let before = store.check(&[rule.item()]).await.unwrap().rules[0];
+        assert!(before.debited);
+        store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+        let seven = Owned {
+            cost: 7,
+            ..rule.clone()
+        };
+        let after = store.check(&[seven.item()]).await.unwrap().rules[0];
+        assert!(after.debited);
+        assert_ne!(after.generation, before.generation);
+        store
+            .settle(&[settlement(&rule, &before, -6)])
+            .await
+            .unwrap();
+        assert_eq!(
+            remaining(&store, &rule).await,
+            3,
+            "{algorithm:?}: a give-back from before the reset refunded a later request"
+        );
+        store
+            .settle(&[settlement(&rule, &after, -2)])
+            .await
+            .unwrap();
+        assert_eq!(remaining(&store, &rule).await, 5, "{algorithm:?}");
+    }
+}
+
+/// A refusal decided in Redis before a give-back, but answered after the store had
+/// forgotten the key's blocked entry for that give-back, does not keep the key refused
+/// here once the units are back in Redis.
+#[tokio::test]
+async fn a_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("give-back-race")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 2);
+    let reserved = store.check(&[rule.item()]).await.unwrap().rules[0];
+    assert!(reserved.debited);
+    // the give-back is under way: called, not yet applied in Redis
+    let settling = store.settle(&[settlement(&rule, &reserved, -2)]);
+    let one = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    assert!(!store.check(&[one.item()]).await.unwrap().admitted);
+    settling.await.unwrap();
+    assert_eq!(remaining(&store, &rule).await, 2);
+    let after = store.check(&[one.item()]).await.unwrap();
+    assert!(
+        after.admitted,
+        "the key is still refused locally: {after:?}"
+    );
+}
+
+/// A decision that ran in Redis after its timeout, and whose debit was given back, does
+/// not leave the key refused here by a refusal decided between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_decisions_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = failing(
+        &server.url(),
+        "late-give-back",
+        Duration::from_millis(300),
+        RedisFailMode::Closed,
+    )
+    .await;
+    let rule = one_rule(Algorithm::FixedWindow, 2, 1);
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    pause_writes(server.addr(), 700).await;
+    let late = {
+        let store = store.clone();
+        let rule = rule.clone();
+        tokio::spawn(async move { store.check(&[rule.item()]).await })
+    };
+    // queued behind the late decision, and answered within its own timeout: Redis runs
+    // the late decision (the second unit), then refuses this one and it blocks the key
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = store.check(&[rule.item()]).await.unwrap();
+    assert!(!refused.admitted, "{refused:?}");
+    assert!(late.await.unwrap().is_err(), "the late decision timed out");
+    await_late_returns(&[&store], 1, Duration::from_secs(3)).await;
+    assert_eq!(remaining(&store, &rule).await, 1);
+    let after = store.check(&[rule.item()]).await.unwrap();
+    assert!(
+        after.admitted,
+        "the key is still refused locally: {after:?}"
+    );
+}
+
+/// A flood of distinct keys, each refused until it is blocked, never holds more blocked
+/// entries than the cache's capacity, and the newest blocked key is still answered locally.
+#[tokio::test]
+async fn a_flood_of_distinct_blocked_keys_keeps_the_blocked_cache_within_its_capacity() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("flood"))
+        .timeout(Duration::from_secs(2))
+        .blocked_cache(40)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..300 {
+        let rule = Owned {
+            key: RateKey::principal(format!("flood-{i}")),
+            ..one_rule(Algorithm::FixedWindow, 1, 1)
+        };
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+        assert!(store.health().blocked_keys <= 40, "{:?}", store.health());
+        let hits = store.health().blocked_cache_hits;
+        assert!(!store.check(&[rule.item()]).await.unwrap().admitted);
+        assert_eq!(store.health().blocked_cache_hits, hits + 1, "flood-{i}");
+    }
 }

@@ -111,7 +111,15 @@ fn redis_store_decides_exactly_as_the_memory_store() {
             rt.block_on(run_case(&server, case, &rules, &ops, t0))
         })
         .unwrap();
+    // the cases did settle reservations made before a reset of their key
+    assert!(
+        SETTLED_AFTER_RESET.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no settlement followed a reset"
+    );
 }
+
+/// Settlements of a reservation whose key had been reset since it was made.
+static SETTLED_AFTER_RESET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn run_case(
     server: &RedisServer,
@@ -132,8 +140,11 @@ async fn run_case(
     let keys = [RateKey::principal("user-7"), RateKey::Global];
     let names = ["a", "b", "c"];
     let mut now = t0;
-    // (rule, window_start) of admitted requests, for settlements
-    let mut reservations: Vec<(usize, u64)> = Vec::new();
+    // (rule, window_start, generation) of admitted requests, for settlements: some are
+    // settled after a reset of their key, which must give back nothing in both stores
+    let mut reservations: Vec<(usize, u64, u32, u32)> = Vec::new();
+    // resets of each rule so far
+    let mut resets = [0u32; 3];
     let item = |i: usize, cost: u64| CheckItem {
         rule_index: i as u32,
         rule: names[i],
@@ -157,7 +168,7 @@ async fn run_case(
                 prop_assert_eq!(&got, &want, "step {} at {}: {:?}", step, now, op);
                 for (&i, d) in chosen.iter().zip(&got.rules) {
                     if d.debited {
-                        reservations.push((i, d.window_start));
+                        reservations.push((i, d.window_start, d.generation, resets[i]));
                     }
                 }
                 // A peek reports what a cost-0 check does.
@@ -178,7 +189,11 @@ async fn run_case(
                 if reservations.is_empty() {
                     continue;
                 }
-                let (i, window_start) = reservations[which % reservations.len()];
+                let (i, window_start, generation, reset_at) =
+                    reservations[which % reservations.len()];
+                if reset_at != resets[i] {
+                    SETTLED_AFTER_RESET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let cap = i64::try_from(rules[i].params.capacity() * 4).unwrap();
                 let s = Settlement {
                     rule_index: i as u32,
@@ -186,12 +201,18 @@ async fn run_case(
                     key: &keys[usize::from(rules[i].key)],
                     params: rules[i].params,
                     window_start,
+                    generation,
                     // Settlements of up to four times the rule's capacity: every time stays
                     // in the store's documented range (below 2^53 µs).
                     delta: (*delta).clamp(-cap, cap),
                 };
                 memory.settle_now(&[s]);
                 redis.settle_at(&[s], now).await.unwrap();
+                let (want, got) = (
+                    memory.check_at(&[item(i, 0)], now),
+                    redis.check_at(&[item(i, 0)], now).await.unwrap(),
+                );
+                prop_assert_eq!(&got, &want, "after the settlement at step {}", step);
             }
             Op::Reset { rule } => {
                 if *rule >= rules.len() {
@@ -201,6 +222,12 @@ async fn run_case(
                 memory.reset_now(*rule as u32, key);
                 use palisade::rate_limit::Store;
                 redis.reset(*rule as u32, names[*rule], key).await.unwrap();
+                resets[*rule] += 1;
+                let (want, got) = (
+                    memory.check_at(&[item(*rule, 0)], now),
+                    redis.check_at(&[item(*rule, 0)], now).await.unwrap(),
+                );
+                prop_assert_eq!(&got, &want, "after the reset at step {}", step);
             }
         }
     }

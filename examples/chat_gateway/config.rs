@@ -111,6 +111,10 @@ pub struct GatewayConfig {
     /// How long a client may take to send a request head (and to finish the TLS
     /// handshake) before its connection is closed (`PALISADE_GATEWAY_HEADER_TIMEOUT`).
     pub header_timeout: Duration,
+    /// How long an open connection may go with no request in flight before it is closed
+    /// gracefully (`PALISADE_GATEWAY_IDLE_TIMEOUT`): an HTTP/2 client that only answers
+    /// pings, or an HTTP/1.1 keep-alive connection between requests.
+    pub idle_timeout: Duration,
     /// How long a request body may take to arrive (408 after that).
     pub body_timeout: Duration,
     /// The longest silence inside an upstream response body (a stream then ends with an
@@ -351,11 +355,7 @@ impl GatewayConfig {
             "PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL",
             Duration::from_secs(1),
             "1s",
-            |s| match palisade::config::duration::parse(s) {
-                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
-                Ok(d) => Ok(d),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_duration,
         );
         let shutdown_grace = env.duration(
             "PALISADE_GATEWAY_SHUTDOWN_GRACE",
@@ -371,11 +371,13 @@ impl GatewayConfig {
             "PALISADE_GATEWAY_HEADER_TIMEOUT",
             Duration::from_secs(10),
             "10s",
-            |s| match palisade::config::duration::parse(s) {
-                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
-                Ok(d) => Ok(d),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_duration,
+        );
+        let idle_timeout = env.optional_with(
+            "PALISADE_GATEWAY_IDLE_TIMEOUT",
+            Duration::from_secs(60),
+            "60s",
+            positive_duration,
         );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
@@ -484,6 +486,7 @@ impl GatewayConfig {
             max_tokens,
             max_body,
             header_timeout,
+            idle_timeout,
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,
@@ -735,6 +738,15 @@ fn tls_env(env: &mut Env) -> Option<(PathBuf, PathBuf)> {
                 None
             }
         },
+    }
+}
+
+/// A duration in the human format, longer than zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match palisade::config::duration::parse(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

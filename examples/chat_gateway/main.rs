@@ -86,7 +86,7 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     let grace = config.shutdown_grace;
     let demo = config.demo_keys;
     let layers = config.layers;
-    let header_timeout = config.header_timeout;
+    let timeouts = serve::Timeouts::from_config(&config);
     let tls = match &config.tls {
         Some((cert, key)) => Some(tls::load(cert, key)?),
         None => None,
@@ -129,7 +129,7 @@ async fn run(config: GatewayConfig) -> Result<(), palisade::BoxError> {
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = serve::serve(listener, app.router, tls, header_timeout, stop_rx);
+    let server = serve::serve(listener, app.router, tls, timeouts, stop_rx);
     tokio::pin!(server);
     tokio::select! {
         () = &mut server => {}

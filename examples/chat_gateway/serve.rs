@@ -1,5 +1,6 @@
 //! The gateway's server loop, for plain http and for https (`tls.rs`): HTTP/1.1 and
-//! HTTP/2, no Nagle delay, graceful shutdown, and a deadline on every request head.
+//! HTTP/2, no Nagle delay, graceful shutdown, a deadline on every request head, and an idle
+//! timeout on open connections.
 //!
 //! A client that opens a connection and sends its request head slowly, or never finishes
 //! it (slowloris), would otherwise hold a connection and a task for as long as it likes.
@@ -7,24 +8,60 @@
 //! hyper's `header_read_timeout` on HTTP/1.1 (on tokio's clock), and the same deadline on
 //! the first bytes that tell HTTP/1.1 from HTTP/2 and on the TLS handshake; and a
 //! connection (HTTP/2 above all, which has no head deadline in hyper) that has not made a
-//! whole first request by then is closed too. After it, the connection is closed.
+//! whole first request by then is closed too.
+//!
+//! After its first request, a connection with no request in flight (none being read,
+//! answered or streamed) for `PALISADE_GATEWAY_IDLE_TIMEOUT` (60 s by default) is closed
+//! gracefully: an HTTP/2 client gets a GOAWAY, an HTTP/1.1 keep-alive connection is closed
+//! between requests. A client that answers HTTP/2 pings but never sends a request is thus
+//! not kept forever, and a long stream is never cut, since it is in flight until its last
+//! byte.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 
 /// What an HTTP/2 connection without TLS (prior knowledge) starts with.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a connection closing gracefully (idle, or at shutdown with nothing in flight)
+/// may take to say goodbye before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The server loop's deadlines.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// A request head (and a TLS handshake, and a first request) must arrive within this.
+    pub header: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle: Duration,
+}
+
+impl Timeouts {
+    /// The deadlines the configuration names.
+    pub fn from_config(config: &crate::config::GatewayConfig) -> Self {
+        Self {
+            header: config.header_timeout,
+            idle: config.idle_timeout,
+        }
+    }
+}
+
+type Service = Tracked<TowerToHyperService<Router>>;
 
 /// Serves `router` (over TLS when `tls` is set) until `stop` turns true, then waits for
 /// open connections to finish their requests (the caller bounds that wait).
@@ -32,7 +69,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<ServerConfig>>,
-    header_timeout: Duration,
+    timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
@@ -40,7 +77,8 @@ pub async fn serve(
         Some(_) => router.layer(axum::middleware::map_request(crate::tls::mark_https)),
         None => router,
     };
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; all of them dropped means all connections ended.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -51,23 +89,30 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            () = stopped(&mut stop) => break,
         };
         // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK hold each one for about 40 ms.
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
-        let seen = Arc::new(AtomicBool::new(false));
-        let service = FirstRequest {
+        let activity = Arc::new(Activity::new());
+        let service = Tracked {
             inner: TowerToHyperService::new(router.clone()),
-            seen: Arc::clone(&seen),
+            activity: Arc::clone(&activity),
         };
-        let watcher = graceful.watcher();
+        let mut stop = stop.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + header_timeout;
+            let _open = open;
+            let deadline = Instant::now() + timeouts.header;
             let result = match acceptor {
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    let handshake = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => r,
+                        // Shutdown: no request has begun here, nothing to finish.
+                        () = stopped(&mut stop) => return,
+                    };
+                    let tls = match handshake {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -80,76 +125,250 @@ pub async fn serve(
                     };
                     // ALPN has chosen the protocol: no preface to wait for.
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let builder = builder(header_timeout, Some(h2));
+                    let builder = builder(timeouts.header, Some(h2));
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    let conn = watcher.watch(conn.into_owned());
-                    tokio::select! {
-                        r = conn => r,
-                        () = no_request_by(&seen, deadline) => {
-                            tracing::debug!(%peer, "no request within the header timeout");
-                            return;
-                        }
-                    }
+                    drive(conn.into_owned(), &activity, deadline, timeouts.idle, stop).await
                 }
                 None => {
-                    if tokio::time::timeout_at(deadline, preface(&tcp))
-                        .await
-                        .is_err()
-                    {
+                    let first_bytes = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, preface(&tcp)) => r,
+                        () = stopped(&mut stop) => return,
+                    };
+                    if first_bytes.is_err() {
                         tracing::debug!(%peer, "no request head within the header timeout");
                         return;
                     }
-                    let builder = builder(header_timeout, None);
+                    let builder = builder(timeouts.header, None);
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    let conn = watcher.watch(conn.into_owned());
-                    tokio::select! {
-                        r = conn => r,
-                        () = no_request_by(&seen, deadline) => {
-                            tracing::debug!(%peer, "no request within the header timeout");
-                            return;
-                        }
-                    }
+                    drive(conn.into_owned(), &activity, deadline, timeouts.idle, stop).await
                 }
             };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match result {
+                Ok(Ended::Done) => {}
+                Ok(Ended::NoRequest) => {
+                    tracing::debug!(%peer, "no request within the header timeout");
+                }
+                Ok(Ended::Idle) => {
+                    tracing::debug!(%peer, "connection idle for the idle timeout; closed");
+                }
+                Err(e) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
             }
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    drop(open);
+    let _ = all_closed.recv().await;
 }
 
-/// The connection's service, noting that a whole request head has arrived.
-#[derive(Clone)]
-struct FirstRequest<S> {
-    inner: S,
-    seen: Arc<AtomicBool>,
+/// Ends when `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
-impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+/// How a connection ended.
+enum Ended {
+    /// The peer closed it, or it closed after a graceful shutdown.
+    Done,
+    /// No whole request arrived within the header timeout.
+    NoRequest,
+    /// Nothing was in flight for the idle timeout.
+    Idle,
+}
+
+/// Runs one connection to its end: closed when no request came by `deadline`, closed
+/// gracefully after `idle` with nothing in flight, and gracefully when `stop` turns true
+/// (in-flight requests and streams finish; the caller bounds that wait).
+async fn drive<I>(
+    conn: auto::UpgradeableConnection<'static, I, Service, TokioExecutor>,
+    activity: &Activity,
+    deadline: Instant,
+    idle: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<Ended, palisade::BoxError>
 where
-    S: hyper::service::Service<R>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn call(&self, req: R) -> Self::Future {
-        self.seen.store(true, Ordering::Relaxed);
-        self.inner.call(req)
+    let mut conn = std::pin::pin!(conn);
+    let idle_close = tokio::select! {
+        r = conn.as_mut() => return r.map(|()| Ended::Done),
+        // Dropping the connection closes it: nothing is in flight on it.
+        () = no_request_by(activity, deadline) => return Ok(Ended::NoRequest),
+        () = activity.idle_for(idle) => true,
+        () = stopped(&mut stop) => false,
+    };
+    conn.as_mut().graceful_shutdown();
+    if !idle_close {
+        // Shutdown: in-flight requests and streams finish first.
+        return conn.await.map(|()| Ended::Done);
+    }
+    // Idle: nothing is in flight, so the goodbye is quick, unless the peer is gone silent.
+    match tokio::time::timeout(CLOSE_GRACE, conn).await {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) | Err(_) => Ok(Ended::Idle),
     }
 }
 
-/// Ends at `deadline` if no request has been seen by then; otherwise never. Dropping the
-/// connection then closes it: nothing is in flight on it.
-async fn no_request_by(seen: &AtomicBool, deadline: tokio::time::Instant) {
+/// One connection's requests: whether one has arrived, how many are in flight (from their
+/// head to their response body's end), and since when none has been.
+struct Activity {
+    started: Instant,
+    seen: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `started` at which the last request in flight ended.
+    idle_since_ms: AtomicU64,
+    /// Woken when the last request in flight ends.
+    went_idle: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            seen: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            went_idle: Notify::new(),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.seen.store(true, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(self))
+    }
+
+    /// Ends once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // `notify_one` keeps a permit when no one waits, so no wake-up is lost.
+                self.went_idle.notified().await;
+                continue;
+            }
+            let since =
+                self.started + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+            let deadline = since + idle;
+            if Instant::now() >= deadline {
+                if self.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                continue;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// A request in flight; dropped when its response body has ended (or was dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        let ms = activity
+            .started
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.went_idle.notify_one();
+        }
+    }
+}
+
+/// The connection's service: each request is in flight from its head to its body's end.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, R, B> hyper::service::Service<R> for Tracked<S>
+where
+    S: hyper::service::Service<R, Response = http::Response<B>>,
+{
+    type Response = http::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: R) -> Self::Future {
+        let guard = self.activity.begin();
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project! {
+    /// The service's future, keeping its request in flight.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> std::future::Future for TrackedFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = std::task::ready!(this.inner.poll(cx));
+        let guard = this.guard.take();
+        Poll::Ready(res.map(|res| {
+            res.map(|inner| TrackedBody {
+                inner,
+                _guard: guard,
+            })
+        }))
+    }
+}
+
+pin_project! {
+    /// A response body, keeping its request in flight until it ends or is dropped.
+    struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<InFlight>,
+    }
+}
+
+impl<B> http_body::Body for TrackedBody<B>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Ends at `deadline` if no request has been seen by then; otherwise never.
+async fn no_request_by(activity: &Activity, deadline: Instant) {
     tokio::time::sleep_until(deadline).await;
-    if seen.load(Ordering::Relaxed) {
+    if activity.seen.load(Ordering::Relaxed) {
         std::future::pending::<()>().await;
     }
 }
-
 /// A connection builder: HTTP/1.1 with the header deadline, HTTP/2, or either (`None`:
 /// told apart by the first bytes).
 fn builder(header_timeout: Duration, h2: Option<bool>) -> auto::Builder<TokioExecutor> {

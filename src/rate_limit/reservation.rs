@@ -35,6 +35,7 @@ pub(super) struct ReservedItem {
     pub(super) key: RateKey,
     pub(super) params: Params,
     pub(super) window_start: u64,
+    pub(super) generation: u32,
     pub(super) reserved: u64,
 }
 
@@ -93,6 +94,7 @@ impl Reservation {
                 key: &i.key,
                 params: i.params,
                 window_start: i.window_start,
+                generation: i.generation,
                 delta: settlement_delta(actual, i.reserved),
             })
             .filter(|s| s.delta != 0)

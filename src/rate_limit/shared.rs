@@ -338,6 +338,7 @@ impl<St: Store> Shared<St> {
                     key: p.key.clone(),
                     params: p.params,
                     window_start: d.window_start,
+                    generation: d.generation,
                     reserved: p.cost,
                 });
             }

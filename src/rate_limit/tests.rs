@@ -39,6 +39,35 @@ fn post(path: &str, key: &str) -> Request<()> {
         .unwrap()
 }
 
+/// The status of a POST to `/` with API key `key`, through a clone of `svc`.
+async fn status_of<S, B>(svc: &S, key: &str) -> StatusCode
+where
+    S: Service<Request<()>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    svc.clone().oneshot(post("/", key)).await.unwrap().status()
+}
+
+/// `peek` and `reset` of a test store that wraps a [`MemoryStore`] as its field `.0`.
+macro_rules! peek_and_reset_in_memory {
+    () => {
+        fn peek(
+            &self,
+            item: &store::CheckItem<'_>,
+        ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
+            self.0.peek(item)
+        }
+        fn reset(
+            &self,
+            i: u32,
+            rule: &str,
+            key: &RateKey,
+        ) -> store::BoxFuture<Result<(), StoreError>> {
+            self.0.reset(i, rule, key)
+        }
+    };
+}
+
 async fn body_json(r: Response<ResponseBody<Full<Bytes>>>) -> serde_json::Value {
     serde_json::from_slice(&r.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
@@ -267,22 +296,8 @@ async fn settled_quantities_are_reserved_then_corrected() {
     let key = RateKey::api_key("sk-a");
     assert_eq!(admin.peek("tpm", &key).await.unwrap().remaining, 300);
     // the next estimate still fits, the one after does not
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(status_of(&svc, "sk-a").await, 200);
+    assert_eq!(status_of(&svc, "sk-a").await, 429);
 }
 
 #[tokio::test(start_paused = true)]
@@ -302,47 +317,25 @@ async fn spoofed_forwarded_for_does_not_change_the_key() {
             .insert(peer.parse::<SocketAddr>().unwrap());
         r
     };
-    assert_eq!(
-        send(&mut svc, req("10.0.0.1:1", "1.1.1.1, 203.0.113.7"))
-            .await
-            .status(),
-        200
-    );
-    // the client forges a different leftmost hop: same client, still limited
-    assert_eq!(
-        send(&mut svc, req("10.0.0.2:1", "9.9.9.9, 203.0.113.7"))
-            .await
-            .status(),
-        429
-    );
-    // an untrusted peer's header is ignored entirely
-    assert_eq!(
-        send(&mut svc, req("198.51.100.1:1", "203.0.113.8"))
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        send(&mut svc, req("198.51.100.1:2", "203.0.113.9"))
-            .await
-            .status(),
-        429
-    );
-    // IPv6 peers are grouped by /64
-    assert_eq!(
-        send(&mut svc, req("[2001:db8::1]:1", "")).await.status(),
-        200
-    );
-    assert_eq!(
-        send(&mut svc, req("[2001:db8::ffff]:1", "")).await.status(),
-        429
-    );
-    assert_eq!(
-        send(&mut svc, req("[2001:db8:0:1::1]:1", ""))
-            .await
-            .status(),
-        200
-    );
+    for (peer, forwarded_for, status) in [
+        ("10.0.0.1:1", "1.1.1.1, 203.0.113.7", 200),
+        // the client forges a different leftmost hop: same client, still limited
+        ("10.0.0.2:1", "9.9.9.9, 203.0.113.7", 429),
+        // an untrusted peer's header is ignored entirely
+        ("198.51.100.1:1", "203.0.113.8", 200),
+        ("198.51.100.1:2", "203.0.113.9", 429),
+        // IPv6 peers are grouped by /64
+        ("[2001:db8::1]:1", "", 200),
+        ("[2001:db8::ffff]:1", "", 429),
+        ("[2001:db8:0:1::1]:1", "", 200),
+    ] {
+        let r = send(&mut svc, req(peer, forwarded_for)).await;
+        assert_eq!(
+            r.status(),
+            status,
+            "peer {peer}, x-forwarded-for {forwarded_for:?}"
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -624,15 +617,7 @@ impl Store for Deferred {
     fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
         self.0.settle(s)
     }
-    fn peek(
-        &self,
-        item: &store::CheckItem<'_>,
-    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
-        self.0.peek(item)
-    }
-    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
-        self.0.reset(i, rule, key)
-    }
+    peek_and_reset_in_memory!();
 }
 
 #[tokio::test(start_paused = true)]
@@ -691,33 +676,36 @@ async fn an_asynchronous_store_uses_the_ready_inner_service() {
 /// A synchronous store that answers `check_now` but not `check_one_now` (the default), or
 /// fails in `check_one_now`: the single-rule path falls back to the list, and a failure
 /// there follows the fail mode.
+/// A memory store without the single-rule shortcut: `check_one_now` fails when `.1` is
+/// set, else leaves the decision to the list path.
+#[derive(Clone)]
+struct ListOnly(MemoryStore, bool);
+
+impl Store for ListOnly {
+    type CheckFuture = <MemoryStore as Store>::CheckFuture;
+    fn check(&self, items: &[store::CheckItem<'_>]) -> Self::CheckFuture {
+        self.0.check(items)
+    }
+    fn check_now(
+        &self,
+        items: &[store::CheckItem<'_>],
+    ) -> Option<Result<store::Decision, StoreError>> {
+        self.0.check_now(items)
+    }
+    fn check_one_now(
+        &self,
+        _: &store::CheckItem<'_>,
+    ) -> Option<Result<store::RuleDecision, StoreError>> {
+        self.1.then(|| Err(StoreError::new("connection reset")))
+    }
+    fn settle(&self, s: &[store::Settlement<'_>]) -> store::BoxFuture<Result<(), StoreError>> {
+        self.0.settle(s)
+    }
+    peek_and_reset_in_memory!();
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_single_rule_path_falls_back_to_the_list_and_honours_failures() {
-    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
-
-    #[derive(Clone)]
-    struct ListOnly(MemoryStore, bool);
-    impl Store for ListOnly {
-        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
-        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
-            self.0.check(items)
-        }
-        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-            self.0.check_now(items)
-        }
-        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
-            self.1.then(|| Err(StoreError::new("connection reset")))
-        }
-        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
-            self.0.settle(s)
-        }
-        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
-            self.0.peek(item)
-        }
-        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
-            self.0.reset(i, r, k)
-        }
-    }
     // With headers and without (a refusal carries them, an admission may not).
     for (fails, headers) in [(false, true), (true, true), (false, false), (true, false)] {
         let layer = RateLimitLayer::builder()
@@ -952,22 +940,8 @@ async fn a_cost_of_zero_is_admitted_after_a_settlement_overshoots() {
         }
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
     }));
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        svc.clone()
-            .oneshot(post("/", "sk-a"))
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(status_of(&svc, "sk-a").await, 200);
+    assert_eq!(status_of(&svc, "sk-a").await, 429);
     let mut peek = post("/", "sk-a");
     peek.extensions_mut().insert(RequestCost(0));
     let r = svc.clone().oneshot(peek).await.unwrap();
@@ -1157,34 +1131,9 @@ async fn peer_ip_rules_count_requests_without_a_peer_address() {
 /// and again by the general path it falls back to.
 #[tokio::test(start_paused = true)]
 async fn a_request_without_a_peer_is_counted_once_when_the_plain_path_falls_back() {
-    use crate::rate_limit::store::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement};
-
-    #[derive(Clone)]
-    struct ListOnly(MemoryStore);
-    impl Store for ListOnly {
-        type CheckFuture = std::future::Ready<Result<Decision, StoreError>>;
-        fn check(&self, items: &[CheckItem<'_>]) -> Self::CheckFuture {
-            self.0.check(items)
-        }
-        fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
-            self.0.check_now(items)
-        }
-        fn check_one_now(&self, _: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
-            None
-        }
-        fn settle(&self, s: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
-            self.0.settle(s)
-        }
-        fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>> {
-            self.0.peek(item)
-        }
-        fn reset(&self, i: u32, r: &str, k: &RateKey) -> BoxFuture<Result<(), StoreError>> {
-            self.0.reset(i, r, k)
-        }
-    }
     for skip in [false, true] {
         let layer = RateLimitLayer::builder()
-            .store(ListOnly(MemoryStore::new()))
+            .store(ListOnly(MemoryStore::new(), false))
             .rule(
                 Rule::new("per-ip", Quota::per_minute(100))
                     .key(KeySource::PeerIp)
@@ -1396,15 +1345,7 @@ impl Store for FlakySettle {
         }
         self.0.settle(s)
     }
-    fn peek(
-        &self,
-        item: &store::CheckItem<'_>,
-    ) -> store::BoxFuture<Result<store::RuleDecision, StoreError>> {
-        self.0.peek(item)
-    }
-    fn reset(&self, i: u32, rule: &str, key: &RateKey) -> store::BoxFuture<Result<(), StoreError>> {
-        self.0.reset(i, rule, key)
-    }
+    peek_and_reset_in_memory!();
 }
 
 /// A settlement the store failed to apply is not spent: settling again applies it, so

@@ -32,3 +32,6 @@ mod store;
 mod tls;
 #[path = "../../examples/chat_gateway/upstream.rs"]
 mod upstream;
+// The shared start-up and helpers of the gateway tests.
+#[path = "fixture.rs"]
+mod fixture;

@@ -39,7 +39,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 ///
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
-/// other key, and an IP key whose counts outgrow 32 bits, in a 64-byte slot. With the
+/// other key, and an IP key whose counts outgrow 32 bits or that has been reset (a reset
+/// key keeps its generation, see [`MemoryStore::reset_now`]), in a 64-byte slot. With the
 /// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
 /// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
 /// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](crate::rate_limit::MAX_HEADER_KEY_LEN)
@@ -84,6 +85,9 @@ struct Shard {
 #[repr(align(64))]
 struct Slot {
     rule: u32,
+    /// Bumped by a reset (see [`MemoryStore::reset_now`]); in the padding after `rule`. A
+    /// small slot's generation is 0: a reset key moves to this table.
+    generation: u32,
     key: RateKey,
     state: State,
     expires_at: u64,
@@ -108,6 +112,14 @@ impl SlotMut<'_> {
         match self {
             SlotMut::Small(s) => s.state(),
             SlotMut::Wide(s) => s.state,
+        }
+    }
+
+    #[inline]
+    fn generation(&self) -> u32 {
+        match self {
+            SlotMut::Small(_) => 0,
+            SlotMut::Wide(s) => s.generation,
         }
     }
 
@@ -153,14 +165,17 @@ impl Shard {
             .map(SlotMut::Wide)
     }
 
+    /// A resident key's state and generation.
     #[inline]
-    fn state(&self, hash: u64, rule: u32, key: &RateKey) -> Option<State> {
+    fn state(&self, hash: u64, rule: u32, key: &RateKey) -> Option<(State, u32)> {
         if let Some(k) = SmallKey::of(rule, key) {
             if let Some(s) = self.small.find(hash, k) {
-                return Some(s.state());
+                return Some((s.state(), 0));
             }
         }
-        self.wide.find(hash, |s| s.is(rule, key)).map(|s| s.state)
+        self.wide
+            .find(hash, |s| s.is(rule, key))
+            .map(|s| (s.state, s.generation))
     }
 
     fn remove(&mut self, hasher: &StoreHasher, hash: u64, rule: u32, key: &RateKey) {
@@ -360,9 +375,11 @@ impl MemoryStore {
         let mut rules: SmallVec<[RuleDecision; 2]> = SmallVec::new();
         for (item, key) in items.iter().zip(&keys) {
             let shard = guard_for(&mut guards, self.shard_of(key.hash));
-            let state = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
+            let (state, generation) = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
             let d = algorithm::decide(&item.params, &state, now, item.cost);
-            rules.push(RuleDecision::from_decided(&d));
+            let mut rule = RuleDecision::from_decided(&d);
+            rule.generation = generation;
+            rules.push(rule);
             decided.push((state, d));
         }
         let mut decision = Decision::group(items, rules);
@@ -409,9 +426,13 @@ impl MemoryStore {
         let hash = self.hash(item.rule_index, item.key);
         let mut shard = lock(&self.inner.shards[self.shard_of(hash)].0);
         let entry = shard.find_mut(hash, item.rule_index, item.key);
-        let state = entry.as_ref().map(SlotMut::state).unwrap_or_default();
+        let (state, generation) = entry
+            .as_ref()
+            .map(|e| (e.state(), e.generation()))
+            .unwrap_or_default();
         let d = algorithm::decide(&item.params, &state, now, item.cost);
         let mut rule = RuleDecision::from_decided(&d);
+        rule.generation = generation;
         let allowed = d.verdict.is_allowed();
         rule.debited = allowed;
         if allowed {
@@ -464,21 +485,29 @@ impl MemoryStore {
                 .insert(key.hash, slot, |k| small_hash(hasher, k));
             return;
         }
-        self.insert_wide(shard, key, state, expires_at);
+        self.insert_wide(shard, key, state, expires_at, 0);
     }
 
-    /// Moves an IP key whose counts outgrew its small slot to the wide table (the key was
-    /// resident, so no room is needed).
+    /// Moves an IP key whose counts outgrew its small slot (generation 0) to the wide
+    /// table (the key was resident, so no room is needed).
     fn promote(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64) {
         shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
-        self.insert_wide(shard, key, state, expires_at);
+        self.insert_wide(shard, key, state, expires_at, 0);
     }
 
-    fn insert_wide(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64) {
+    fn insert_wide(
+        &self,
+        shard: &mut Shard,
+        key: &MapKey<'_>,
+        state: &State,
+        expires_at: u64,
+        generation: u32,
+    ) {
         shard.wide.insert_unique(
             key.hash,
             Slot {
                 rule: key.rule,
+                generation,
                 key: key.key.clone(),
                 state: *state,
                 expires_at,
@@ -527,7 +556,8 @@ impl MemoryStore {
         );
     }
 
-    /// Settles corrections at a given time.
+    /// Settles corrections. A settlement whose key is not resident, or was reset since
+    /// its reservation (another [`Settlement::generation`]), is dropped.
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
@@ -535,6 +565,9 @@ impl MemoryStore {
             let Some(mut slot) = shard.find_mut(key.hash, key.rule, key.key) else {
                 continue;
             };
+            if slot.generation() != s.generation {
+                continue;
+            }
             let state = algorithm::settle(&s.params, &slot.state(), s.window_start, s.delta);
             let expires_at = if s.params.algorithm == crate::rate_limit::Algorithm::Gcra {
                 state.start
@@ -556,17 +589,34 @@ impl MemoryStore {
     fn peek_at(&self, item: &CheckItem<'_>, now: u64) -> RuleDecision {
         let key = self.map_key(item.rule_index, item.key);
         let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-        let state = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
+        let (state, generation) = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
         drop(shard);
         let d = algorithm::decide(&item.params, &state, now, 0);
-        RuleDecision::from_decided(&d)
+        let mut rule = RuleDecision::from_decided(&d);
+        rule.generation = generation;
+        rule
     }
 
-    /// Forgets one rule's state for one key.
+    /// Forgets one rule's state for one key. A resident key keeps a fresh state with the
+    /// next generation until its old state would have expired, so that a reservation made
+    /// before the reset is not settled against requests admitted after it.
     pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
         let key = self.map_key(rule_index, key);
         let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
-        shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
+        let Some(slot) = shard.find_mut(key.hash, key.rule, key.key) else {
+            return;
+        };
+        let (generation, expires_at) = (slot.generation().wrapping_add(1), slot.expires_at());
+        match slot {
+            SlotMut::Wide(s) => {
+                s.state = State::default();
+                s.generation = generation;
+            }
+            SlotMut::Small(_) => {
+                shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
+                self.insert_wide(&mut shard, &key, &State::default(), expires_at, generation);
+            }
+        }
     }
 }
 
@@ -1112,6 +1162,7 @@ mod tests {
                                 key: &key,
                                 params,
                                 window_start: want.window_start,
+                                generation: got.generation,
                                 delta,
                             }]);
                             model = algorithm::settle(&params, &model, want.window_start, delta);
@@ -1142,6 +1193,7 @@ mod tests {
                 key: &key,
                 params,
                 window_start: 0,
+                generation: 0,
                 delta,
             };
             store.settle_now(&[settle(3)]);
@@ -1153,8 +1205,61 @@ mod tests {
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 0);
             assert!(!store.check_at(&[item(&key, params)], 5).admitted);
             store.reset_now(0, &key);
-            assert_eq!(store.len(), 0);
+            // the key keeps only its next generation, until its old state would expire
+            assert_eq!(store.len(), 1);
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 10);
+            assert_eq!(store.peek_at(&item(&key, params), 5).generation, 1);
+            store.reset_now(0, &key);
+            assert_eq!(store.peek_at(&item(&key, params), 5).generation, 2);
+            // a key holding nothing has nothing to reset
+            let other = RateKey::principal("never-seen");
+            store.reset_now(0, &other);
+            assert_eq!(store.len(), 1);
+            assert_eq!(store.peek_at(&item(&other, params), 5).generation, 0);
+        }
+    }
+
+    /// A reservation made before a reset and settled after it gives nothing back: the
+    /// units a request admitted after the reset paid stay paid, while that request's own
+    /// settlement still applies.
+    #[test]
+    fn a_give_back_after_a_reset_does_not_refund_requests_admitted_after_it() {
+        for (params, key) in all_algorithms(10)
+            .into_iter()
+            .flat_map(|p| [(p, RateKey::principal("k")), (p, ip("192.0.2.8"))])
+        {
+            let store = MemoryStore::new();
+            let spend = |cost| {
+                let d = store.check_one_at(
+                    &CheckItem {
+                        cost,
+                        ..item(&key, params)
+                    },
+                    5,
+                );
+                assert!(d.debited, "{params:?} {key}");
+                d
+            };
+            let give_back = |d: &RuleDecision, delta| {
+                store.settle_now(&[Settlement {
+                    rule_index: 0,
+                    rule: "r",
+                    key: &key,
+                    params,
+                    window_start: d.window_start,
+                    generation: d.generation,
+                    delta,
+                }]);
+            };
+            let before = spend(6);
+            store.reset_now(0, &key);
+            let after = spend(7);
+            assert_ne!(after.generation, before.generation);
+            give_back(&before, -6);
+            let left = store.peek_at(&item(&key, params), 5).remaining;
+            assert_eq!(left, 3, "{params:?} {key}: a pre-reset give-back refunded");
+            give_back(&after, -2);
+            assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
         }
     }
 }

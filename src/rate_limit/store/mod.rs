@@ -88,6 +88,10 @@ pub struct RuleDecision {
     pub reset_micros: u64,
     /// The window the cost was counted in (for settling).
     pub window_start: u64,
+    /// The key's generation: bumped by every [`Store::reset`] of a key that holds state,
+    /// so that a settlement of a reservation made before a reset never applies to the
+    /// state after it (for settling).
+    pub generation: u32,
     /// Whether this rule's cost was actually debited.
     pub debited: bool,
 }
@@ -99,6 +103,7 @@ impl RuleDecision {
             remaining: d.remaining,
             reset_micros: d.reset,
             window_start: d.window_start,
+            generation: 0,
             debited: false,
         }
     }
@@ -145,6 +150,10 @@ pub struct Settlement<'a> {
     pub params: Params,
     /// [`RuleDecision::window_start`] of the reservation.
     pub window_start: u64,
+    /// [`RuleDecision::generation`] of the reservation: a key reset since then holds
+    /// another generation, and the settlement is dropped (the units it would give back or
+    /// take were reset already).
+    pub generation: u32,
     /// Actual minus reserved units.
     pub delta: i64,
 }
@@ -177,13 +186,17 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Applies corrections for reservations (never refuses: the units were spent).
+    /// Applies corrections for reservations (never refuses: the units were spent). A
+    /// settlement applies only to the state its reservation was counted in: same
+    /// [`Settlement::generation`], and a window still held by the state.
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).
     fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>>;
 
-    /// Forgets one rule's state for one key.
+    /// Forgets one rule's state for one key, and bumps the key's
+    /// [`RuleDecision::generation`] so that reservations made before the reset are not
+    /// settled against what comes after it.
     fn reset(
         &self,
         rule_index: u32,

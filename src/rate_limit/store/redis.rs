@@ -243,7 +243,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Entries in the local cache of blocked keys (default 10,000; 0 turns it off).
+    /// Entries in the local cache of blocked keys (default 10,000; 0 turns it off). A full
+    /// cache makes room by dropping expired entries, then those that unblock soonest.
     pub fn blocked_cache(mut self, entries: usize) -> Self {
         self.blocked_cache = entries;
         self
@@ -447,12 +448,22 @@ enum Conn {
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
-/// integers as a short string and expiring on its own (`PX`) once its state is back to
-/// fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// integers as a short string (four once the key has been reset: its generation) and
+/// expiring on its own (`PX`) once its state is back to fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
-/// key (its 32-digit hash), the same for every algorithm; a million active keys take about
-/// 130 MB.
+/// key (its 32-digit hash), the same for every algorithm and after a reset; a million
+/// active keys take about 130 MB.
+///
+/// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
+/// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
+/// [generation](RuleDecision::generation), which keeps the old state's expiry. A
+/// settlement carries the generation and window of its reservation and applies only while
+/// the key still holds both, so a reservation made before a reset and settled after it
+/// gives back (or takes) nothing from the requests admitted since. A key that expired on
+/// its own starts again at generation 0: for GCRA, whose reservations have no window, a
+/// give-back that arrives after the key's state expired and a new request recreated it is
+/// applied to the new state.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
 /// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
@@ -489,12 +500,17 @@ enum Conn {
 /// the store remembers the key until the first instant one unit fits. Further requests
 /// for that key are refused locally, with no round trip (a flood from one key costs Redis
 /// almost nothing: one round trip per key and second), and keep being refused while Redis
-/// is away. The cache forgets a key on [`Store::reset`], on a settlement that gives units
-/// back, and when the rule's parameters change (a per-key override);
-/// [`RedisStore::clear_blocked_cache`] forgets everything. While Redis answers, an entry
-/// answers alone for at most a second, so a reset or units given back through another
-/// instance reach this one within a second; while it does not, every entry answers until
-/// its key can pass again.
+/// is away. The cache forgets a key on [`Store::reset`] and on a settlement that gives
+/// units back (when it is called and again once Redis has applied it, so a refusal decided
+/// in between does not outlive it), and once the debit of a decision that ran after its
+/// timeout has been given back; an entry is not used when the rule's parameters change (a
+/// per-key override); [`RedisStore::clear_blocked_cache`] forgets everything. While Redis
+/// answers, an entry answers alone for at most a second, so a reset or units given back
+/// through another instance reach this one within a second; while it does not, every
+/// entry answers until its key can pass again. A full cache drops its expired entries,
+/// then those that unblock soonest, down to 7/8 of its capacity
+/// ([`RedisStoreBuilder::blocked_cache`]), and keeps the newcomer: under a flood of
+/// distinct blocked keys it stays within its capacity at O(1) amortized per insert.
 ///
 /// **TLS.** `rediss://` URLs connect over TLS (rustls), for one server or every Cluster
 /// node, checking the server's certificate against the system's roots, or against your
@@ -685,7 +701,7 @@ impl RedisStore {
         rules: I,
     ) -> Result<redis::Cmd, StoreError>
     where
-        I: Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64)> + Clone,
+        I: Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64, u32)> + Clone,
     {
         if now.is_some_and(|t| t >= LUA_TIME) {
             return Err(StoreError::new(
@@ -728,7 +744,7 @@ impl RedisStore {
             None => cmd.arg("-"),
         };
         cmd.arg(grace);
-        for (rule, _key, params, a, b) in rules {
+        for (rule, _key, params, a, b, generation) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
                 return Err(StoreError::new(format!(
@@ -755,6 +771,9 @@ impl RedisStore {
             .arg(u8::from(params.strict))
             .arg(a)
             .arg(b);
+            if mode == Mode::Settle {
+                cmd.arg(generation);
+            }
         }
         Ok(cmd)
     }
@@ -775,7 +794,7 @@ impl RedisStore {
             now,
             items
                 .iter()
-                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow))),
+                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow), 0)),
         );
         let cmd = match inv {
             Ok(cmd) => cmd,
@@ -841,9 +860,16 @@ impl RedisStore {
         let inv = self.invocation(
             Mode::Settle,
             now,
-            settlements
-                .iter()
-                .map(|s| (s.rule, s.key, s.params, s.window_start, s.delta)),
+            settlements.iter().map(|s| {
+                (
+                    s.rule,
+                    s.key,
+                    s.params,
+                    s.window_start,
+                    s.delta,
+                    s.generation,
+                )
+            }),
         );
         let cmd = match inv {
             Ok(cmd) => cmd,
@@ -852,38 +878,55 @@ impl RedisStore {
         let inner = self.inner.clone();
         // With the local fallback, a reservation decided locally is settled locally when
         // Redis does not answer.
-        let local: SmallVec<[(OwnedItem, u64, i64); 2]> = if inner.fail_mode == RedisFailMode::Local
-        {
+        let local: SmallVec<[(OwnedItem, u64, i64, u32); 2]> =
+            if inner.fail_mode == RedisFailMode::Local {
+                settlements
+                    .iter()
+                    .map(|s| {
+                        let item = CheckItem {
+                            rule_index: s.rule_index,
+                            rule: s.rule,
+                            key: s.key,
+                            params: s.params,
+                            cost: 0,
+                            shadow: false,
+                        };
+                        (OwnedItem::of(&item), s.window_start, s.delta, s.generation)
+                    })
+                    .collect()
+            } else {
+                SmallVec::new()
+            };
+        // The keys given units back: a refusal decided in Redis before the give-back but
+        // answered after the removal above may have blocked one of them here again.
+        let give_backs: SmallVec<[(Box<str>, RateKey); 2]> = if inner.blocked.enabled() {
             settlements
                 .iter()
-                .map(|s| {
-                    let item = CheckItem {
-                        rule_index: s.rule_index,
-                        rule: s.rule,
-                        key: s.key,
-                        params: s.params,
-                        cost: 0,
-                        shadow: false,
-                    };
-                    (OwnedItem::of(&item), s.window_start, s.delta)
-                })
+                .filter(|s| s.delta < 0)
+                .map(|s| (s.rule.into(), s.key.clone()))
                 .collect()
         } else {
             SmallVec::new()
         };
         Box::pin(async move {
             match inner.call(&cmd).await {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    for (rule, key) in &give_backs {
+                        inner.blocked.remove(rule, key);
+                    }
+                    Ok(())
+                }
                 Err(_) if inner.fail_mode == RedisFailMode::Local => {
                     inner.health.degraded();
                     let refs: SmallVec<[Settlement<'_>; 2]> = local
                         .iter()
-                        .map(|(i, window_start, delta)| Settlement {
+                        .map(|(i, window_start, delta, generation)| Settlement {
                             rule_index: i.rule_index,
                             rule: &i.rule,
                             key: &i.key,
                             params: i.params,
                             window_start: *window_start,
+                            generation: *generation,
                             delta: *delta,
                         })
                         .collect();
@@ -903,7 +946,7 @@ impl RedisStore {
         let inv = self.invocation(
             Mode::Peek,
             now,
-            std::iter::once((item.rule, item.key, item.params, 0, 0)),
+            std::iter::once((item.rule, item.key, item.params, 0, 0, 0)),
         );
         let cmd = match inv {
             Ok(cmd) => cmd,
@@ -984,10 +1027,14 @@ impl Inner {
             // Refused (nothing was debited) or not a decision.
             return;
         }
-        let returns: SmallVec<[(usize, u64); 2]> = (0..debits.len())
+        let returns: SmallVec<[(usize, u64, u32); 2]> = (0..debits.len())
             .filter_map(|i| {
                 let rule = rule_at(&values, i)?;
-                (rule.debited && debits[i].cost > 0).then_some((i, rule.window_start))
+                (rule.debited && debits[i].cost > 0).then_some((
+                    i,
+                    rule.window_start,
+                    rule.generation,
+                ))
             })
             .collect();
         if returns.is_empty() {
@@ -999,7 +1046,7 @@ impl Inner {
         let inv = store.invocation(
             Mode::Settle,
             None,
-            returns.iter().map(|&(i, window_start)| {
+            returns.iter().map(|&(i, window_start, generation)| {
                 let item = &debits[i];
                 (
                     &*item.rule,
@@ -1007,12 +1054,20 @@ impl Inner {
                     item.params,
                     window_start,
                     -i64::try_from(item.cost).unwrap_or(i64::MAX),
+                    generation,
                 )
             }),
         );
         let Ok(cmd) = inv else { return };
         match self.call(&cmd).await {
-            Ok(_) => self.health.late_debit_returned(),
+            Ok(_) => {
+                self.health.late_debit_returned();
+                // A refusal decided between the late debit and its return may have
+                // blocked the key here: Redis now has room again.
+                for &(i, ..) in &returns {
+                    self.blocked.remove(&debits[i].rule, &debits[i].key);
+                }
+            }
             Err(e) => tracing::debug!(
                 error = e,
                 "rate-limit Redis store: a late decision's debit could not be given back"
@@ -1060,6 +1115,7 @@ impl Inner {
                     remaining: 0,
                     reset_micros: micros(b.reset_at),
                     window_start: b.window_start,
+                    generation: 0,
                     debited: false,
                 },
                 // Not known without a round trip: the rule allowed at its last decision.
@@ -1072,6 +1128,7 @@ impl Inner {
                     remaining: item.params.capacity(),
                     reset_micros: 0,
                     window_start: 0,
+                    generation: 0,
                     debited: false,
                 },
             })
@@ -1096,6 +1153,7 @@ impl Inner {
                         remaining: i.params.capacity(),
                         reset_micros: 0,
                         window_start: 0,
+                        generation: 0,
                         debited: false,
                     })
                     .collect();
@@ -1174,7 +1232,7 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
 }
 
 /// Fields per rule in the script's answer.
-const FIELDS: usize = 7;
+const FIELDS: usize = 8;
 
 fn rule_at(values: &[i64], i: usize) -> Option<RuleDecision> {
     let f = values.get(2 + i * FIELDS..2 + (i + 1) * FIELDS)?;
@@ -1192,6 +1250,7 @@ fn rule_at(values: &[i64], i: usize) -> Option<RuleDecision> {
         reset_micros: n(f[3]),
         window_start: n(f[4]),
         debited: f[5] == 1,
+        generation: u32::try_from(f[7]).unwrap_or(0),
     })
 }
 
@@ -1298,25 +1357,25 @@ impl Store for RedisStore {
         self.inner.blocked.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();
+        // Not a DEL: the key keeps a fresh state with the next generation until its old
+        // state would have expired, so reservations made before the reset settle nothing.
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(SCRIPT.get_hash())
+            .arg(1)
+            .arg(&name)
+            .arg("r")
+            .arg("-")
+            .arg(0);
+        let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
         Box::pin(async move {
-            let call = async {
-                match inner.conn.clone() {
-                    Conn::Single(mut c) => {
-                        redis::cmd("DEL")
-                            .arg(&name)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    }
-                    Conn::Cluster(mut c) => {
-                        redis::cmd("DEL")
-                            .arg(&name)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    }
-                }
-            };
+            let call = eval(inner.conn.clone(), &cmd);
             match tokio::time::timeout(inner.timeout, call).await {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(_)) => {
+                    // A refusal decided in Redis before the reset but answered after the
+                    // removal above may have blocked the key here again.
+                    inner.blocked.remove(&rule, &key);
+                    Ok(())
+                }
                 Ok(Err(e)) => Err(StoreError::new(format!("resetting in Redis failed: {e}"))),
                 Err(_) => Err(StoreError::new(
                     "resetting in Redis: no answer within the timeout",

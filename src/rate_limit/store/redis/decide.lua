@@ -1,4 +1,4 @@
--- palisade rate limiter: decides, peeks or settles every rule of one request at once.
+-- palisade rate limiter: decides, peeks, settles or resets every rule of one request at once.
 --
 -- The arithmetic is the one of palisade's `rate_limit::algorithm` module, integer for
 -- integer: Lua numbers are doubles, exact for integers below 2^53, and the one product
@@ -6,17 +6,21 @@
 -- is exact for factors below 2^52.
 --
 -- KEYS: one state key per rule.
--- ARGV[1]: mode, "c" (check), "p" (peek the first rule) or "s" (settle).
+-- ARGV[1]: mode, "c" (check), "p" (peek the first rule), "s" (settle) or "r" (reset).
 -- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
 -- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
--- Then 7 numbers per rule: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit,
--- window (us), burst, strict (0 or 1), then for a check cost and shadow (0 or 1), for a
--- settlement window_start and delta.
+-- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
+-- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
+-- or 1); for a settlement 8: window_start, delta and the reservation's generation.
+--
+-- A key holds "start prev count" or, once it has been reset, "start prev count generation".
+-- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
+-- expiry, so that a settlement of a reservation made before it is dropped.
 --
 -- A check answers {admitted, now, then per rule: verdict (0 allowed, 1 denied, 2 never),
--- retry_after, remaining, reset, window_start, debited, blocked_for}; blocked_for is how
--- long (us) no request of any cost can pass the rule, 0 when one could pass now. A peek
--- answers the same for its one rule; a settlement answers {}.
+-- retry_after, remaining, reset, window_start, debited, blocked_for, generation};
+-- blocked_for is how long (us) no request of any cost can pass the rule, 0 when one could
+-- pass now. A peek answers the same for its one rule; a settlement and a reset answer {}.
 
 local floor = math.floor
 local P53 = 9007199254740992
@@ -278,13 +282,17 @@ end
 local function load(key)
   local v = redis.call('GET', key)
   if not v then
-    return { start = 0, prev = 0, count = 0 }
+    return { start = 0, prev = 0, count = 0, gen = 0 }, false
   end
-  local a, b, c = string.match(v, '^(%d+) (%d+) (%d+)$')
-  return { start = tonumber(a), prev = tonumber(b), count = tonumber(c) }
+  local a, b, c, g = string.match(v, '^(%d+) (%d+) (%d+) ?(%d*)$')
+  return { start = tonumber(a), prev = tonumber(b), count = tonumber(c), gen = tonumber(g) or 0 },
+    true
 end
 
 local function encode(s)
+  if s.gen > 0 then
+    return string.format('%.0f %.0f %.0f %.0f', s.start, s.prev, s.count, s.gen)
+  end
   return string.format('%.0f %.0f %.0f', s.start, s.prev, s.count)
 end
 
@@ -296,15 +304,15 @@ local function ttl_ms(expires_at, now, grace)
   return ms
 end
 
-local function params(i)
-  local o = 3 + (i - 1) * 7
+local function params(i, stride)
+  local o = 3 + (i - 1) * stride
   return {
     algorithm = tonumber(ARGV[o + 1]),
     limit = tonumber(ARGV[o + 2]),
     window = tonumber(ARGV[o + 3]),
     burst = tonumber(ARGV[o + 4]),
     strict = ARGV[o + 5] == '1',
-  }, tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7])
+  }, tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]), tonumber(ARGV[o + 8])
 end
 
 local now
@@ -326,12 +334,23 @@ local function blocked_for(p, s)
   return 0
 end
 
+if mode == 'r' then
+  for i = 1, #KEYS do
+    local s, found = load(KEYS[i])
+    if found then
+      local fresh = { start = 0, prev = 0, count = 0, gen = (s.gen + 1) % 4294967296 }
+      redis.call('SET', KEYS[i], encode(fresh), 'KEEPTTL')
+    end
+  end
+  return {}
+end
+
 if mode == 's' then
   for i = 1, #KEYS do
-    local p, window_start, delta = params(i)
-    local v = redis.call('GET', KEYS[i])
-    if v then
-      local s = load(KEYS[i])
+    local p, window_start, delta, gen = params(i, 8)
+    local s, found = load(KEYS[i])
+    -- a key reset since the reservation holds another generation: nothing to settle
+    if found and s.gen == gen then
       local function apply(x)
         if delta >= 0 then
           return x + delta
@@ -364,11 +383,14 @@ local ds = {}
 local ps = {}
 local admitted = true
 for i = 1, n do
-  local p, cost, shadow = params(i)
+  local p, cost, shadow = params(i, 7)
   if mode == 'p' then
     cost = 0
   end
-  local d = decide(p, load(KEYS[i]), now, cost)
+  local s = load(KEYS[i])
+  local d = decide(p, s, now, cost)
+  d.gen = s.gen
+  d.base.gen = s.gen
   d.cost = cost
   d.shadow = shadow == 1
   if d.verdict ~= 0 and not d.shadow then
@@ -410,5 +432,6 @@ for i = 1, n do
   out[k + 5] = d.window_start
   out[k + 6] = debited
   out[k + 7] = blocked
+  out[k + 8] = d.gen
 end
 return out

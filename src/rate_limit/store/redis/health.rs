@@ -16,14 +16,16 @@ pub struct RedisHealth {
     pub healthy: bool,
     /// How long the current failure episode has lasted (`None` while healthy).
     pub unhealthy_for: Option<Duration>,
-    /// Round trips that answered.
+    /// Script calls for decisions, peeks and settlements that answered (resets are not
+    /// counted).
     pub round_trips: u64,
-    /// Round trips that failed or timed out.
+    /// Script calls for decisions, peeks and settlements that failed or timed out.
     pub failures: u64,
     /// Failure episodes (a run of failures between two successes counts once).
     pub episodes: u64,
     /// Decisions answered by the failure mode (open, or the local fallback store) instead
-    /// of Redis, and settlements the local fallback store applied.
+    /// of Redis, and peeks and settlements the local fallback store answered because
+    /// Redis did not.
     pub degraded_decisions: u64,
     /// Refusals answered by the local cache of blocked keys, without a round trip.
     pub blocked_cache_hits: u64,
