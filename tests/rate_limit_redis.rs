@@ -1388,3 +1388,61 @@ async fn a_flood_of_distinct_blocked_keys_keeps_the_blocked_cache_within_its_cap
         assert_eq!(store.health().blocked_cache_hits, hits + 1, "flood-{i}");
     }
 }
+
+/// A reset key keeps its generation until its state from before the reset would have
+/// expired, whatever is decided or settled after the reset. A GCRA decision after the reset
+/// set the key's expiry to its own, shorter state, and a give-back after it (the request
+/// failed downstream) to about a millisecond: the key then expired, started again at
+/// generation 0, and a give-back from before the reset refunded requests admitted after it.
+#[tokio::test]
+async fn a_reset_keys_generation_outlives_what_is_decided_and_given_back_after_the_reset() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-expiry")).await;
+    let rule = one_rule(Algorithm::Gcra, 10, 6);
+    let name = store.key_name(rule.name, &rule.key);
+    let pttl = || async {
+        let reply = support::command(server.addr(), &format!("PTTL {name}"))
+            .await
+            .unwrap();
+        reply.trim().trim_start_matches(':').parse::<i64>().unwrap()
+    };
+    let before = store.check(&[rule.item()]).await.unwrap().rules[0];
+    assert!(before.debited);
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    // the old state (6 of 10 units a window of 12.7 days) would have expired in 7.6 days
+    let kept = pttl().await;
+    assert!(kept > 7 * 86_400_000, "{kept} ms");
+    let one = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    let after = store.check(&[one.item()]).await.unwrap().rules[0];
+    assert!(after.debited);
+    assert!(
+        pttl().await > kept - 60_000,
+        "a decision shortened the reset key's life"
+    );
+    store.settle(&[settlement(&one, &after, -1)]).await.unwrap();
+    let left = pttl().await;
+    assert!(
+        left > kept - 60_000,
+        "a give-back shortened the reset key's life to {left} ms"
+    );
+    // a request for the whole quota, then the give-back from before the reset
+    let all = Owned {
+        cost: 10,
+        ..rule.clone()
+    };
+    let last = store.check(&[all.item()]).await.unwrap().rules[0];
+    assert!(last.debited);
+    assert_eq!(last.generation, after.generation);
+    store
+        .settle(&[settlement(&rule, &before, -6)])
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(&store, &rule).await,
+        0,
+        "a give-back from before the reset refunded a later request"
+    );
+}

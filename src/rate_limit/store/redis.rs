@@ -457,7 +457,8 @@ enum Conn {
 ///
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
 /// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
-/// [generation](RuleDecision::generation), which keeps the old state's expiry. A
+/// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
+/// decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
 /// the key still holds both, so a reservation made before a reset and settled after it
 /// gives back (or takes) nothing from the requests admitted since. A key that expired on
