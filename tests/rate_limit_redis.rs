@@ -1446,3 +1446,44 @@ async fn a_reset_keys_generation_outlives_what_is_decided_and_given_back_after_t
         "a give-back from before the reset refunded a later request"
     );
 }
+
+/// With the local fallback, a give-back of a reservation Redis made is not applied to the
+/// local store when Redis is away: the local store never counted those units, and giving
+/// them back there refunded requests it had admitted (a GCRA reservation, which has no
+/// window to tell the stores apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_of_a_redis_reservation_refunds_nothing_in_the_local_fallback() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let local = palisade::rate_limit::MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-give-back"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::Gcra, 10, 5);
+    let reserved = store.check(&[rule.item()]).await.unwrap();
+    assert!(reserved.admitted);
+    assert_eq!(store.health().degraded_decisions, 0, "Redis decided");
+    server.kill();
+    // Redis is away: the whole quota, decided locally
+    let all = Owned {
+        cost: 10,
+        ..rule.clone()
+    };
+    assert!(store.check(&[all.item()]).await.unwrap().admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    // the request Redis admitted used nothing
+    store
+        .settle(&[settlement(&rule, &reserved.rules[0], -5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        local.peek_now(&rule.item()).remaining,
+        0,
+        "the local store gave back units it never counted"
+    );
+}
