@@ -150,39 +150,38 @@ fn bench_cheap_clone(
         .budget(RetryBudgetBuilder::new().token_bucket().build().unwrap())
         .build()
         .layer(Ok200);
-    group.bench_function("cheap_clone/bare", |b| {
-        b.to_async(rt).iter(|| async {
-            let mut svc = Ok200;
-            ServiceExt::<u64>::ready(&mut svc).await.unwrap();
-            svc.call(std::hint::black_box(7u64)).await.unwrap()
-        })
+    let seven = || std::hint::black_box(7u64);
+    bench_call(group, rt, "cheap_clone/bare", &Ok200, seven);
+    bench_call(group, rt, "cheap_clone/palisade", &palisade, || {
+        Cloned::new(seven())
     });
-    group.bench_function("cheap_clone/palisade", |b| {
+    bench_call(group, rt, "cheap_clone/tower", &tower_retry, seven);
+    bench_call(
+        group,
+        rt,
+        "cheap_clone/tower_resilience",
+        &resilience,
+        seven,
+    );
+}
+
+/// Benches `id`: each iteration makes a clone of `svc` ready and calls it with `make()`.
+fn bench_call<S, R>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    id: &str,
+    svc: &S,
+    make: impl Fn() -> R + Copy,
+) where
+    S: Service<R> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    group.bench_function(id, |b| {
         b.to_async(rt).iter(|| {
-            let mut svc = palisade.clone();
+            let mut svc = svc.clone();
             async move {
-                ServiceExt::<Cloned<u64>>::ready(&mut svc).await.unwrap();
-                svc.call(Cloned::new(std::hint::black_box(7u64)))
-                    .await
-                    .unwrap()
-            }
-        })
-    });
-    group.bench_function("cheap_clone/tower", |b| {
-        b.to_async(rt).iter(|| {
-            let mut svc = tower_retry.clone();
-            async move {
-                ServiceExt::<u64>::ready(&mut svc).await.unwrap();
-                svc.call(std::hint::black_box(7u64)).await.unwrap()
-            }
-        })
-    });
-    group.bench_function("cheap_clone/tower_resilience", |b| {
-        b.to_async(rt).iter(|| {
-            let mut svc = resilience.clone();
-            async move {
-                ServiceExt::<u64>::ready(&mut svc).await.unwrap();
-                svc.call(std::hint::black_box(7u64)).await.unwrap()
+                ServiceExt::<R>::ready(&mut svc).await.unwrap();
+                svc.call(make()).await.unwrap()
             }
         })
     });
@@ -216,40 +215,28 @@ fn bench(c: &mut Criterion) {
         ("minimal", minimal as fn() -> Request<Body>),
         ("llm_post", request),
     ] {
-        group.bench_function(format!("{name}/bare"), |b| {
-            b.to_async(&rt).iter(|| async {
-                let mut svc = Ok200;
-                ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                svc.call(make()).await.unwrap()
-            })
-        });
-        group.bench_function(format!("{name}/palisade"), |b| {
-            b.to_async(&rt).iter(|| {
-                let mut svc = palisade.clone();
-                async move {
-                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                    svc.call(make()).await.unwrap()
-                }
-            })
-        });
-        group.bench_function(format!("{name}/tower"), |b| {
-            b.to_async(&rt).iter(|| {
-                let mut svc = tower_retry.clone();
-                async move {
-                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                    svc.call(make()).await.unwrap()
-                }
-            })
-        });
-        group.bench_function(format!("{name}/tower_resilience"), |b| {
-            b.to_async(&rt).iter(|| {
-                let mut svc = resilience.clone();
-                async move {
-                    ServiceExt::<Request<Body>>::ready(&mut svc).await.unwrap();
-                    svc.call(make()).await.unwrap()
-                }
-            })
-        });
+        bench_call(&mut group, &rt, &format!("{name}/bare"), &Ok200, make);
+        bench_call(
+            &mut group,
+            &rt,
+            &format!("{name}/palisade"),
+            &palisade,
+            make,
+        );
+        bench_call(
+            &mut group,
+            &rt,
+            &format!("{name}/tower"),
+            &tower_retry,
+            make,
+        );
+        bench_call(
+            &mut group,
+            &rt,
+            &format!("{name}/tower_resilience"),
+            &resilience,
+            make,
+        );
     }
     bench_cheap_clone(&mut group, &rt);
     group.finish();

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Either, Full, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use palisade::cost::{Completion, CostConfig, MemorySink, Subject};
+use palisade::cost::{
+    Completion, CostConfig, CostMeterLayer, MemorySink, RecorderConfig, Subject, UsageRecorder,
+};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 
@@ -97,6 +99,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     config.user_header = Some("x-user-id".to_owned());
     let sink = Arc::new(MemorySink::new());
     let (layer, shutdown) = config.spawn(Arc::clone(&sink))?;
+    // A layer from the environment, in one line: PALISADE_COST_* (every mistake listed at
+    // once; unset variables keep their defaults), recording through its own recorder.
+    let (recorder, env_shutdown) =
+        UsageRecorder::spawn(Arc::new(MemorySink::new()), RecorderConfig::default());
+    let _from_env = CostMeterLayer::from_env(recorder)?;
+    env_shutdown.shutdown().await;
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -1,5 +1,23 @@
 //! Where the layers read time: tokio's clock, or a cached clock for hot paths.
 //!
+//! ```
+//! use std::time::Duration;
+//! use palisade::circuit_breaker::CircuitBreakerLayer;
+//! use palisade::clock::ClockSource;
+//!
+//! assert_eq!(ClockSource::default(), ClockSource::Tokio);
+//! assert_eq!("coarse".parse::<ClockSource>().unwrap(), ClockSource::Coarse);
+//! assert!("wall".parse::<ClockSource>().is_err());
+//!
+//! // A breaker judging the last 30 s whose closed path reads the cached clock.
+//! let layer = CircuitBreakerLayer::builder()
+//!     .time_window(Duration::from_secs(30))
+//!     .clock(ClockSource::Coarse)
+//!     .build()
+//!     .unwrap();
+//! # drop(layer);
+//! ```
+//!
 //! Every layer reads time through tokio's clock by default ([`ClockSource::Tokio`]), so a
 //! test that pauses it (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`)
 //! drives every window, open duration and limit without real sleeps.
@@ -15,14 +33,6 @@
 //! | [`ClockSource::Coarse`] | one atomic load (about 1 ns) | [`COARSE_RESOLUTION`] | no |
 //!
 //! Tests that pause time keep the default.
-//!
-//! ```
-//! use palisade::clock::ClockSource;
-//!
-//! assert_eq!(ClockSource::default(), ClockSource::Tokio);
-//! assert_eq!("coarse".parse::<ClockSource>().unwrap(), ClockSource::Coarse);
-//! assert!("wall".parse::<ClockSource>().is_err());
-//! ```
 
 use std::fmt;
 use std::str::FromStr;
@@ -50,8 +60,9 @@ pub enum ClockSource {
     /// A cached monotonic clock: one atomic load a read, refreshed every
     /// [`COARSE_RESOLUTION`] by one background thread (named `palisade-clock`) that runs
     /// only while some layer (or store) built with this source is alive: the first starts
-    /// it, and dropping the last one stops it (the drop returns once the thread has ended). Times are late by at
-    /// most about a millisecond; tokio's paused clock does not move it.
+    /// it, and dropping the last one stops it (the drop returns once the thread has
+    /// ended). Times are late by at most about a millisecond; tokio's paused clock does
+    /// not move it.
     Coarse,
 }
 

@@ -453,6 +453,88 @@ pub(crate) fn record_invalid(env: &mut Env, mut problem: Problem) {
     env.problem(&problem.name, problem.kind, &problem.example);
 }
 
+/// A mistake in a layer's configuration that knows the field at fault: what retry's and
+/// the circuit breaker's configuration errors share, so that both report it under the
+/// field's variable the same way.
+pub(crate) trait FieldMistake: fmt::Display {
+    /// The configuration field at fault (its serde path).
+    fn field(&self) -> &'static str;
+    /// A valid value of that field, for the report.
+    fn example(&self) -> &'static str;
+}
+
+/// `mistake` as a problem with the variable of its field (the value is filled in by
+/// [`record_invalid`], from the variable as set).
+pub(crate) fn field_problem(prefix: &str, mistake: &impl FieldMistake) -> Problem {
+    Problem {
+        name: env_var(prefix, mistake.field()),
+        kind: ProblemKind::Invalid {
+            value: String::new(),
+            reason: mistake.to_string(),
+        },
+        example: mistake.example().to_owned(),
+    }
+}
+
+/// Records each of `mistakes` (values that parsed but do not validate) under its own
+/// variable, so `from_env` reports them all at once.
+pub(crate) fn record_mistakes<M: FieldMistake>(
+    env: &mut Env,
+    prefix: &str,
+    mistakes: impl IntoIterator<Item = M>,
+) {
+    for mistake in mistakes {
+        record_invalid(env, field_problem(prefix, &mistake));
+    }
+}
+
+/// A layer from the variables in `env`: `read` reads its configuration (recording every
+/// problem), and only when there is none is it built. `from_env` has recorded every
+/// mistake `build` knows of; should one slip through, it is still a [`ConfigError`]
+/// naming its variable, never a panic.
+pub(crate) fn layer_from_env<C, L, M: FieldMistake>(
+    mut env: Env,
+    prefix: &str,
+    read: impl FnOnce(&mut Env) -> C,
+    build: impl FnOnce(&C) -> Result<L, M>,
+) -> Result<L, ConfigError> {
+    let config = read(&mut env);
+    env.finish()?;
+    build(&config).map_err(|mistake| ConfigError::new(vec![field_problem(prefix, &mistake)]))
+}
+
+/// Whether a setting's value says "unset": `none` or `off`, in any case.
+fn is_unset(s: &str) -> bool {
+    let s = s.trim();
+    s.eq_ignore_ascii_case("none") || s.eq_ignore_ascii_case("off")
+}
+
+/// Parses an optional duration setting: `none` or `off` (any case) for none, else a
+/// [`duration`].
+pub(crate) fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
+    if is_unset(s) {
+        Ok(None)
+    } else {
+        duration::parse(s).map(Some)
+    }
+}
+
+/// Parses an optional setting with `FromStr`: `none` or `off` (any case) for none.
+pub(crate) fn parse_optional<T>(s: &str) -> Result<Option<T>, String>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    if is_unset(s) {
+        Ok(None)
+    } else {
+        s.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| e.to_string())
+    }
+}
+
 /// The environment variable that configures `field` of the layer whose variables start with
 /// `prefix`: the one naming rule every layer's `from_env` follows.
 ///
@@ -1050,6 +1132,21 @@ mod tests {
              for example PALISADE_ENV=production\n  \
              - ANTHROPIC_API_KEY is missing; for example ANTHROPIC_API_KEY=sk-ant-api03-..."
         );
+    }
+
+    #[test]
+    fn optional_settings_read_none_and_off_in_any_case() {
+        for unset in ["none", "off", " OFF ", "None"] {
+            assert_eq!(parse_optional_duration(unset), Ok(None), "{unset}");
+            assert_eq!(parse_optional::<u32>(unset), Ok(None), "{unset}");
+        }
+        assert_eq!(
+            parse_optional_duration("30s"),
+            Ok(Some(Duration::from_secs(30)))
+        );
+        assert_eq!(parse_optional::<u64>(" 42 "), Ok(Some(42)));
+        assert!(parse_optional_duration("soon").is_err());
+        assert!(parse_optional::<u32>("-1").is_err());
     }
 
     #[test]

@@ -4,6 +4,27 @@
 //! (Anthropic Messages, OpenAI chat completions) or any other upstream. Each layer stands
 //! alone: take one, or stack them all in front of a hyper or axum service.
 //!
+//! ```
+//! use palisade::ServiceBuilderExt;
+//! use palisade::rate_limit::Rule;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), palisade::BoxError> {
+//! let server = ServiceBuilder::new()
+//!     .security_headers_api()
+//!     .rate_limit_rules([Rule::chat()])? // 20 a minute per API key
+//!     .service(service_fn(|_req: http::Request<String>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//!     }));
+//! let request = http::Request::post("/v1/messages").header("x-api-key", "sk-ant-1");
+//! let response = server.oneshot(request.body(String::new())?).await?;
+//! assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+//! assert!(response.headers().contains_key("ratelimit")); // 19 left
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! | layer | job | side |
 //! |---|---|---|
 //! | [`RetryLayer`] ([`retry`]) | retry failed upstream calls with exponential backoff and jitter, honouring `retry-after`, inside a retry budget, replaying bodies | client |
@@ -34,11 +55,15 @@
 //!
 //! ## Features
 //!
+//! - `hyper-util` (default): the default classifier recognises hyper-util's client errors
+//!   (a connection never made is safe to retry); turn default features off if you bring
+//!   another client.
 //! - `axum`: `IntoResponse` for [`Error`], the `ValidatedJson` and `CspNonce` extractors,
 //!   and peer IPs from axum's `ConnectInfo` for rate-limit keys.
-//! - `redis`: reserved for the Redis and Redis Cluster stores of limits, budgets and usage
-//!   (the store traits are shaped for them; the stores land in a later release).
-//! - `postgres`: reserved for the PostgreSQL usage ledger (a later release).
+//! - `redis`: the Redis and Redis Cluster stores of rate limits (`RedisStore`), budgets
+//!   (`RedisBudgetStore`) and usage records (`RedisSink`), over `redis://` or `rediss://`.
+//! - `postgres`: the PostgreSQL usage and audit ledger (`PostgresSink`), with its
+//!   migrations and a connection pool.
 //!
 //! The default build needs no server and no network.
 //!

@@ -213,7 +213,67 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
     assert_eq!(pg["backlog"], 0, "{health}");
     assert_eq!(pg["dropped"], 0, "{health}");
     assert_eq!(pg["last_error"], Value::Null, "{health}");
-    assert_eq!(health["audit_writer"]["written"], 3, "{health}");
+    let audit = &health["audit_writer"];
+    assert_eq!(audit["queued"], 3, "{health}");
+    assert_eq!(audit["written"], 3, "{health}");
+    assert_eq!(audit["backlog"], 0, "{health}");
+    assert_eq!(audit["dropped"], 0, "{health}");
+}
+
+/// The audit writer's `[queued, written, backlog, queue_full, failed, dropped]`.
+fn counts(audit: &audit::Audit) -> [u64; 6] {
+    let h = audit.health().expect("a PostgreSQL writer");
+    assert_eq!(h.queued, h.written + h.failed + h.backlog, "{h:?}");
+    assert_eq!(h.dropped, h.queue_full + h.failed, "{h:?}");
+    [
+        h.queued,
+        h.written,
+        h.backlog,
+        h.queue_full,
+        h.failed,
+        h.dropped,
+    ]
+}
+
+/// Events that found the audit queue full are dropped, never queued: they do not hide the
+/// events still waiting in the backlog (the backlog read 0 while 4 events waited), and a
+/// batch PostgreSQL refuses after every retry leaves the backlog for `failed`.
+#[tokio::test]
+async fn the_audit_backlog_stays_true_after_queue_full_drops() {
+    use palisade::cost::sink::{PostgresConfig, PostgresSink};
+    let server = pg::Postgres::start();
+    let url = server.database("audit_backlog").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.as_str())).unwrap();
+    sink.migrate().await.unwrap();
+    let audit = audit::Audit::postgres_with_capacity(sink, 4);
+    let event = |i: usize| audit::AuditEntry::new("auth_failed", "refused").target(format!("#{i}"));
+
+    // PostgreSQL away; 20 events at once (the writer has not run yet): 4 fit the queue.
+    server.stop();
+    for i in 0..20 {
+        audit.record(event(i));
+    }
+    assert_eq!(counts(&audit), [4, 0, 4, 16, 0, 16]);
+
+    // The writer gives up on those 4 after its retries: no backlog, 20 dropped in all.
+    assert!(audit.flush().await);
+    assert_eq!(counts(&audit), [4, 0, 0, 16, 4, 20]);
+    assert!(audit.health().unwrap().last_error.is_some());
+
+    // PostgreSQL back: new events are written, the counts add up.
+    server.resume();
+    for i in 20..22 {
+        audit.record(event(i));
+    }
+    assert!(audit.flush().await);
+    assert_eq!(counts(&audit), [6, 2, 0, 16, 4, 20]);
+    let db = client(&url).await;
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM audit_logs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
 }
 
 /// A budget refusal (a 429 with `x-should-retry: false`) is one audit row too.

@@ -295,3 +295,27 @@ fn a_zero_or_malformed_idle_timeout_is_reported() {
         );
     }
 }
+
+/// Shutdown does not wait for connections that have not begun a request: one that sent
+/// nothing yet (plain) and one that has not begun its TLS handshake.
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_connections_that_sent_nothing() {
+    for tls in [false, true] {
+        let mut vars = vec![];
+        if tls {
+            vars.push(("PALISADE_GATEWAY_TLS_CERT", TLS_CERT));
+            vars.push(("PALISADE_GATEWAY_TLS_KEY", TLS_KEY));
+        }
+        let (gw, server) = fixture::serve_own_stoppable(fixture::config(&vars)).await;
+        let _silent = TcpStream::connect(gw.addr).await.unwrap();
+        // Let the server accept it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let start = Instant::now();
+        server.shutdown().await;
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "tls {tls}: {:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -462,3 +462,121 @@ fn the_configurations_debug_output_hides_the_alert_webhooks_token() {
     assert!(!debug.contains("sk-ant-upstream-secret-key"), "{debug}");
     assert!(debug.contains("hooks.slack.com"), "{debug}");
 }
+
+/// The captured log lines of `target` that carry `request_id`, as JSON.
+fn lines_of(target: &str, request_id: &str) -> Vec<serde_json::Value> {
+    let text = String::from_utf8_lossy(&captured().lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == target && l["fields"]["request_id"] == request_id)
+        .collect()
+}
+
+/// Authentication's refusals (no key, an unknown key, a user key on an admin route) and
+/// the refusals of the rate limits below it are each one audit event naming the route and
+/// the request id (and the caller when known), and every request's log line names its
+/// caller and status.
+#[tokio::test]
+async fn auth_and_limit_refusals_are_audited_and_request_lines_name_the_caller() {
+    captured();
+    let rules = r#"[{"name":"tight","method":"GET","route":"/v1/bots","key":"principal","limit":1,"window":"1h"}]"#;
+    let addr = start(&[("PALISADE_RATE_LIMIT_RULES", rules)]).await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    // (status, x-request-id) of one call.
+    let send = |path: &'static str, key: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = http::Request::builder().uri(format!("http://{addr}{path}"));
+            if let Some(key) = key {
+                req = req.header("x-api-key", key);
+            }
+            let res = client
+                .request(req.body(Full::new(Bytes::new())).unwrap())
+                .await
+                .unwrap();
+            let id = res.headers()["x-request-id"].to_str().unwrap().to_owned();
+            (res.status().as_u16(), id)
+        }
+    };
+    let (status, no_key) = send("/v1/bots", None).await;
+    assert_eq!(status, 401);
+    let (status, unknown) = send("/v1/bots", Some("sk-test-nobody-000000000")).await;
+    assert_eq!(status, 401);
+    let (status, forbidden) = send("/admin/budgets/alice", Some(USER)).await;
+    assert_eq!(status, 403);
+    let (status, admitted) = send("/v1/bots", Some(USER)).await;
+    assert_eq!(status, 200);
+    let (status, limited) = send("/v1/bots", Some(USER)).await;
+    assert_eq!(status, 429);
+    // The request line is written when the body ends: give the server a moment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let audit = |id: &str| {
+        let lines = lines_of("chat_gateway::audit", id);
+        assert_eq!(lines.len(), 1, "one audit event for {id}: {lines:?}");
+        lines[0]["fields"].clone()
+    };
+    let e = audit(&no_key);
+    assert_eq!(
+        (&e["event"], &e["actor"], &e["subject"], &e["detail"]),
+        (
+            &json!("auth_failed"),
+            &json!("-"),
+            &json!("/v1/bots"),
+            &json!("no key")
+        )
+    );
+    let e = audit(&unknown);
+    assert_eq!(e["event"], "auth_failed");
+    assert_eq!(e["detail"], "unknown key");
+    assert!(e["actor"].as_str().unwrap().starts_with("key:"), "{e}");
+    let e = audit(&forbidden);
+    assert_eq!(
+        (&e["event"], &e["actor"], &e["subject"]),
+        (
+            &json!("forbidden"),
+            &json!("alice"),
+            &json!("/admin/budgets/alice")
+        )
+    );
+    let e = audit(&limited);
+    assert_eq!(
+        (&e["event"], &e["outcome"], &e["actor"], &e["subject"]),
+        (
+            &json!("rate_limited"),
+            &json!("refused"),
+            &json!("alice"),
+            &json!("/v1/bots")
+        )
+    );
+    assert!(lines_of("chat_gateway::audit", &admitted).is_empty());
+
+    let line = |id: &str| {
+        let lines = lines_of("chat_gateway::request", id);
+        assert_eq!(lines.len(), 1, "one request line for {id}: {lines:?}");
+        lines[0]["fields"].clone()
+    };
+    for (id, user, status) in [
+        (&no_key, "-", 401),
+        (&forbidden, "-", 403),
+        (&admitted, "alice", 200),
+        (&limited, "alice", 429),
+    ] {
+        let l = line(id);
+        assert_eq!(
+            (&l["user"], &l["status"]),
+            (&json!(user), &json!(status)),
+            "{l}"
+        );
+        assert_eq!(
+            l["route"],
+            if status == 403 {
+                "/admin/budgets/alice"
+            } else {
+                "/v1/bots"
+            }
+        );
+        assert_eq!(l["complete"], true, "{l}");
+    }
+}

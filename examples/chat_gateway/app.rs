@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::Request;
-use axum::middleware;
 use http::HeaderValue;
 use palisade::BoxError;
 use palisade::cost::alert::{AlertEvent, AlertSink, SpikeDetector, TracingAlertSink, WebhookSink};
@@ -329,7 +328,8 @@ struct MakeId {
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("req_{}_{n:08}", self.prefix))
+        // The id's text becomes the header value's bytes, without a copy.
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("req_{}_{n:08}", self.prefix)))
             .ok()
             .map(RequestId::new)
     }
@@ -457,10 +457,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         None => {}
     }
     let api = api.merge(crate::dashboard::api().with_state(state.clone()));
-    let api = api.layer(middleware::from_fn_with_state(
-        state.clone(),
-        crate::auth::authenticate,
-    ));
+    let api = api.layer(crate::auth::AuthLayer::new(state.clone()));
     let mut router = Router::new()
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
@@ -475,15 +472,12 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     let sentry = crate::sentry::Sentry::init(&config)?;
     #[cfg(feature = "sentry")]
     if let Some(sentry) = &sentry {
-        router = router.layer(middleware::from_fn_with_state(
+        router = router.layer(axum::middleware::from_fn_with_state(
             sentry.clone(),
             crate::sentry::report,
         ));
     }
-    let router = router.layer(middleware::from_fn_with_state(
-        metrics,
-        crate::metrics::record,
-    ));
+    let router = router.layer(crate::metrics::MetricsLayer::new(metrics));
     let make_id = MakeId {
         prefix: Arc::from(format!("{:08x}", rand::random::<u32>())),
         next: Arc::new(AtomicU64::new(1)),
@@ -495,7 +489,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         .map_request(drop_client_request_id)
         .layer(SetRequestIdLayer::x_request_id(make_id))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(middleware::from_fn(crate::log::request_line))
+        .layer(crate::log::RequestLogLayer)
         .service(router);
     let router = Router::new().fallback_service(outer);
     Ok(App {

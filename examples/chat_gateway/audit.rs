@@ -69,15 +69,23 @@ pub struct Audit {
     writer: Option<pg::Writer>,
 }
 
-/// The PostgreSQL writer's counters, for `/health`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// The PostgreSQL writer's counters, for `/health`. Every event recorded is either
+/// queued or dropped because the queue was full; every event queued is written, failed,
+/// or still in the backlog: `queued = written + failed + backlog`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AuditHealth {
+    /// Events accepted into the writer's queue.
+    pub queued: u64,
     /// Events written to `audit_logs`.
     pub written: u64,
-    /// Events waiting to be written.
+    /// Events queued and not yet written or given up on.
     pub backlog: u64,
-    /// Events lost: the queue was full, or PostgreSQL refused them after every retry.
+    /// Events lost: `queue_full` + `failed`.
     pub dropped: u64,
+    /// Events not queued because the queue was full.
+    pub queue_full: u64,
+    /// Events queued that PostgreSQL refused after every retry.
+    pub failed: u64,
     /// The last write error, if the last write failed.
     pub last_error: Option<String>,
 }
@@ -91,8 +99,18 @@ impl Audit {
     /// Events go to the log and to `sink`'s `audit_logs` table.
     #[cfg(feature = "postgres")]
     pub fn postgres(sink: palisade::cost::sink::PostgresSink) -> Self {
+        Self::postgres_with_capacity(sink, pg::CAPACITY)
+    }
+
+    /// As `postgres`, queueing at most `capacity` events for the writer (more are dropped
+    /// and counted).
+    #[cfg(feature = "postgres")]
+    pub fn postgres_with_capacity(
+        sink: palisade::cost::sink::PostgresSink,
+        capacity: usize,
+    ) -> Self {
         Self {
-            writer: Some(pg::Writer::spawn(sink)),
+            writer: Some(pg::Writer::spawn(sink, capacity)),
         }
     }
 
@@ -146,8 +164,8 @@ mod pg {
 
     use super::{AuditEntry, AuditHealth};
 
-    /// Events queued at most; more are dropped and counted.
-    const CAPACITY: usize = 10_000;
+    /// Events queued at most by default; more are dropped and counted.
+    pub(super) const CAPACITY: usize = 10_000;
     /// Events per `INSERT`.
     const MAX_BATCH: usize = 500;
     /// Attempts per batch before it is counted as dropped.
@@ -162,7 +180,10 @@ mod pg {
     struct Counters {
         queued: AtomicU64,
         written: AtomicU64,
-        dropped: AtomicU64,
+        /// Not queued: the queue was full.
+        queue_full: AtomicU64,
+        /// Queued, then refused by PostgreSQL after every retry.
+        failed: AtomicU64,
         last_error: Mutex<Option<String>>,
     }
 
@@ -173,8 +194,8 @@ mod pg {
     }
 
     impl Writer {
-        pub(super) fn spawn(sink: PostgresSink) -> Self {
-            let (tx, rx) = mpsc::channel(CAPACITY);
+        pub(super) fn spawn(sink: PostgresSink, capacity: usize) -> Self {
+            let (tx, rx) = mpsc::channel(capacity.max(1));
             let counters = Arc::new(Counters::default());
             tokio::spawn(run(sink, rx, Arc::clone(&counters)));
             Self { tx, counters }
@@ -187,10 +208,11 @@ mod pg {
             event.target = e.target;
             event.detail = e.detail.map(|d| d.into_owned());
             event.request_id = e.request_id;
-            if self.tx.try_send(Msg::Event(event)).is_ok() {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            // Counted before the writer can see it, so `written` never passes `queued`.
+            self.counters.queued.fetch_add(1, Ordering::Relaxed);
+            if self.tx.try_send(Msg::Event(event)).is_err() {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                self.counters.queue_full.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(target: "chat_gateway::audit", "audit queue full: an event was not written to PostgreSQL");
             }
         }
@@ -205,14 +227,18 @@ mod pg {
 
         pub(super) fn health(&self) -> AuditHealth {
             let c = &self.counters;
-            let written = c.written.load(Ordering::Relaxed);
-            let queued = c.queued.load(Ordering::Relaxed);
-            let dropped = c.dropped.load(Ordering::Relaxed);
+            // Read the outcomes before `queued`: an event counted in either is in `queued`.
+            let written = c.written.load(Ordering::Acquire);
+            let failed = c.failed.load(Ordering::Acquire);
+            let queue_full = c.queue_full.load(Ordering::Relaxed);
+            let queued = c.queued.load(Ordering::Acquire);
             AuditHealth {
+                queued,
                 written,
-                // `dropped` also counts events never queued; those are not in `queued`.
-                backlog: queued.saturating_sub(written + dropped),
-                dropped,
+                backlog: queued.saturating_sub(written + failed),
+                dropped: queue_full + failed,
+                queue_full,
+                failed,
                 last_error: c
                     .last_error
                     .lock()
@@ -253,7 +279,7 @@ mod pg {
                 Ok(()) => {
                     counters
                         .written
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        .fetch_add(batch.len() as u64, Ordering::Release);
                     *counters
                         .last_error
                         .lock()
@@ -276,8 +302,8 @@ mod pg {
             }
         }
         counters
-            .dropped
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            .failed
+            .fetch_add(batch.len() as u64, Ordering::Release);
         tracing::error!(target: "chat_gateway::audit", dropped = batch.len(),
             "audit events dropped: PostgreSQL refused them after every retry");
         batch.clear();

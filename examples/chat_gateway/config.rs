@@ -355,11 +355,7 @@ impl GatewayConfig {
             "PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL",
             Duration::from_secs(1),
             "1s",
-            |s| match palisade::config::duration::parse(s) {
-                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
-                Ok(d) => Ok(d),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_duration,
         );
         let shutdown_grace = env.duration(
             "PALISADE_GATEWAY_SHUTDOWN_GRACE",
@@ -375,21 +371,13 @@ impl GatewayConfig {
             "PALISADE_GATEWAY_HEADER_TIMEOUT",
             Duration::from_secs(10),
             "10s",
-            |s| match palisade::config::duration::parse(s) {
-                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
-                Ok(d) => Ok(d),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_duration,
         );
         let idle_timeout = env.optional_with(
             "PALISADE_GATEWAY_IDLE_TIMEOUT",
             Duration::from_secs(60),
             "60s",
-            |s| match palisade::config::duration::parse(s) {
-                Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
-                Ok(d) => Ok(d),
-                Err(e) => Err(e.to_string()),
-            },
+            positive_duration,
         );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
@@ -750,6 +738,15 @@ fn tls_env(env: &mut Env) -> Option<(PathBuf, PathBuf)> {
                 None
             }
         },
+    }
+}
+
+/// A duration in the human format, longer than zero.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match palisade::config::duration::parse(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -3,14 +3,14 @@
 //! sent whole, and the cost (from `x-palisade-cost-usd` on small JSON answers, or the
 //! stream's closing `: palisade-cost` comment). Never a key, never message content.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::middleware::Next;
 use axum::response::Response;
 use http::Method;
 use http_body::{Frame, SizeHint};
@@ -49,36 +49,103 @@ impl Line {
     }
 }
 
-/// The middleware. With the request log filtered out (`RUST_LOG=warn`), it passes the
-/// request through untouched.
-pub async fn request_line(req: Request, next: Next) -> Response {
-    if !tracing::enabled!(target: "chat_gateway::request", tracing::Level::INFO) {
-        return next.run(req).await;
+/// The request log as a tower layer, outside the router: every answer, routed or not, gets
+/// its line. With the request log filtered out (`RUST_LOG=warn`), requests pass through
+/// untouched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestLogLayer;
+
+impl<S> tower::Layer<S> for RequestLogLayer {
+    type Service = RequestLog<S>;
+
+    fn layer(&self, inner: S) -> RequestLog<S> {
+        RequestLog { inner }
     }
-    let start = Instant::now();
-    let method = req.method().clone();
-    let route = req.uri().path().to_owned();
-    let id = crate::app::request_id(&req);
-    let res = next.run(req).await;
-    let line = Line {
-        start,
-        id,
-        user: res.extensions().get::<LoggedUser>().map(|u| u.0.clone()),
-        method,
-        route,
-        status: res.status().as_u16(),
-        cost: res
-            .headers()
-            .get(X_PALISADE_COST_USD)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
-    };
-    res.map(|body| {
-        Body::new(LoggedBody {
-            inner: body,
-            line: Some(line),
-        })
-    })
+}
+
+/// The service [`RequestLogLayer`] builds.
+#[derive(Debug, Clone)]
+pub struct RequestLog<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for RequestLog<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = LogFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let pending = tracing::enabled!(target: "chat_gateway::request", tracing::Level::INFO)
+            .then(|| Pending {
+                start: Instant::now(),
+                id: crate::app::request_id(&req),
+                method: req.method().clone(),
+                route: req.uri().path().to_owned(),
+            });
+        LogFuture {
+            inner: self.inner.call(req),
+            pending,
+        }
+    }
+}
+
+/// What the line knows before the response.
+struct Pending {
+    start: Instant,
+    id: String,
+    method: Method,
+    route: String,
+}
+
+pin_project! {
+    /// The response future of [`RequestLog`]: wraps the body so that the line is written
+    /// when it ends.
+    pub struct LogFuture<F> {
+        #[pin]
+        inner: F,
+        pending: Option<Pending>,
+    }
+}
+
+impl<F, E> Future for LogFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx))?;
+        let Some(p) = this.pending.take() else {
+            return Poll::Ready(Ok(res));
+        };
+        let line = Line {
+            start: p.start,
+            id: p.id,
+            user: res.extensions().get::<LoggedUser>().map(|u| u.0.clone()),
+            method: p.method,
+            route: p.route,
+            status: res.status().as_u16(),
+            cost: res
+                .headers()
+                .get(X_PALISADE_COST_USD)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        };
+        Poll::Ready(Ok(res.map(|body| {
+            Body::new(LoggedBody {
+                inner: body,
+                line: Some(line),
+            })
+        })))
+    }
 }
 
 pin_project! {

@@ -15,28 +15,31 @@
 //! | `palisade_gateway_breaker_state` | gauge | `upstream`, `state`: 1 for the current state, 0 for the others |
 //! | `palisade_gateway_csp_reports_total` | counter | CSP violation reports the dashboard received |
 //!
-//! Requests are counted by [`record`] (a middleware outside every other layer but the
+//! Requests are counted by [`MetricsLayer`] (a middleware outside every other layer but the
 //! request log); tokens and cost by [`MeteredSink`], which sees every usage record the cost
 //! meter writes; breaker states are read when `/metrics` is scraped.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use http::header::CONTENT_TYPE;
 use metrics::{
-    SharedString, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
-    histogram,
+    Counter, Histogram, SharedString, Unit, counter, describe_counter, describe_gauge,
+    describe_histogram, gauge, histogram,
 };
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use palisade::cost::{Completion, SinkError, UsageRecord, UsageSink};
+use pin_project_lite::pin_project;
 use serde::Serialize;
 
 use crate::app::AppState;
@@ -174,6 +177,21 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     refusals: Arc<RefusalCounts>,
+    handles: Arc<RwLock<HashMap<HandleKey, Arc<Handles>>>>,
+}
+
+/// Route template, method and status of a request's metrics.
+type HandleKey = (&'static str, &'static str, u16);
+
+/// The most `(route, method, status)` triples whose metrics are kept registered.
+const MAX_HANDLES: usize = 4096;
+
+/// The metrics one request updates, for one `(route, method, status)`.
+struct Handles {
+    requests: Counter,
+    request_seconds: Histogram,
+    upstream_seconds: Histogram,
+    overhead_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -208,6 +226,7 @@ impl Metrics {
             recorder: Arc::new(recorder),
             handle,
             refusals: Arc::default(),
+            handles: Arc::default(),
         };
         metrics.with(|| {
             describe_counter!(REQUESTS, Unit::Count, "Requests answered, by route template, method and status.");
@@ -239,23 +258,66 @@ impl Metrics {
         upstream: Option<Duration>,
     ) {
         let refusal = Refusal::of(res);
-        let route = label(route);
-        self.with(|| {
-            counter!(REQUESTS, "route" => route.clone(), "method" => label(method.as_str()), "status" => label(res.status().as_str()))
-                .increment(1);
-            histogram!(REQUEST_SECONDS, "route" => route.clone()).record(total.as_secs_f64());
-            if let Some(up) = upstream {
-                histogram!(UPSTREAM_SECONDS, "route" => route.clone()).record(up.as_secs_f64());
-                histogram!(OVERHEAD_SECONDS, "route" => route)
-                    .record(total.saturating_sub(up).as_secs_f64());
+        let status = res.status();
+        let kept = self.handles(route, method.as_str(), status);
+        let fresh;
+        let h = match &kept {
+            Some(h) => &**h,
+            None => {
+                fresh = self.register(label(route), label(method.as_str()), status);
+                &fresh
             }
-            if let Some(r) = refusal {
-                counter!(REFUSALS, "reason" => r.as_str()).increment(1);
-            }
-        });
+        };
+        h.requests.increment(1);
+        h.request_seconds.record(total.as_secs_f64());
+        if let Some(up) = upstream {
+            h.upstream_seconds.record(up.as_secs_f64());
+            h.overhead_seconds
+                .record(total.saturating_sub(up).as_secs_f64());
+        }
         if let Some(r) = refusal {
+            self.with(|| counter!(REFUSALS, "reason" => r.as_str()).increment(1));
             self.count_refusal(r, SystemTime::now());
         }
+    }
+
+    /// The request metrics of `(route, method, status)`, registered once and kept (up to
+    /// [`MAX_HANDLES`] of them), so that counting a request neither allocates nor looks its
+    /// labels up in the registry. `None` past the bound: the caller registers per use.
+    fn handles(&self, route: &str, method: &str, status: StatusCode) -> Option<Arc<Handles>> {
+        let key = (intern(route)?, intern(method)?, status.as_u16());
+        if let Some(h) = self
+            .handles
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Some(Arc::clone(h));
+        }
+        let mut kept = self.handles.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = kept.get(&key) {
+            return Some(Arc::clone(h));
+        }
+        if kept.len() >= MAX_HANDLES {
+            return None;
+        }
+        let h = Arc::new(self.register(
+            SharedString::const_str(key.0),
+            SharedString::const_str(key.1),
+            status,
+        ));
+        kept.insert(key, Arc::clone(&h));
+        Some(h)
+    }
+
+    /// Registers (or finds) the request metrics of `(route, method, status)`.
+    fn register(&self, route: SharedString, method: SharedString, status: StatusCode) -> Handles {
+        self.with(|| Handles {
+            requests: counter!(REQUESTS, "route" => route.clone(), "method" => method, "status" => label(status.as_str())),
+            request_seconds: histogram!(REQUEST_SECONDS, "route" => route.clone()),
+            upstream_seconds: histogram!(UPSTREAM_SECONDS, "route" => route.clone()),
+            overhead_seconds: histogram!(OVERHEAD_SECONDS, "route" => route),
+        })
     }
 
     fn count_refusal(&self, r: Refusal, now: SystemTime) {
@@ -356,6 +418,14 @@ impl Metrics {
 /// distinct one is kept once (up to 1,024 of them), so labelling a request allocates
 /// nothing; values past that bound are copied per use rather than kept forever.
 fn label(value: &str) -> SharedString {
+    match intern(value) {
+        Some(v) => SharedString::const_str(v),
+        None => SharedString::from_owned(value.to_owned()),
+    }
+}
+
+/// `value`, kept for the life of the process (`None` once 1,024 values are kept).
+fn intern(value: &str) -> Option<&'static str> {
     const MAX_KEPT: usize = 1024;
     static KEPT: OnceLock<RwLock<HashSet<&'static str>>> = OnceLock::new();
     let kept = KEPT.get_or_init(RwLock::default);
@@ -364,18 +434,18 @@ fn label(value: &str) -> SharedString {
         .unwrap_or_else(PoisonError::into_inner)
         .get(value)
     {
-        return SharedString::const_str(v);
+        return Some(v);
     }
     let mut kept = kept.write().unwrap_or_else(PoisonError::into_inner);
     if let Some(v) = kept.get(value) {
-        return SharedString::const_str(v);
+        return Some(v);
     }
     if kept.len() >= MAX_KEPT {
-        return SharedString::from_owned(value.to_owned());
+        return None;
     }
     let v: &'static str = Box::leak(value.into());
     kept.insert(v);
-    SharedString::const_str(v)
+    Some(v)
 }
 
 /// The `completion` label of a usage record: its variant's name in lower case.
@@ -413,19 +483,103 @@ impl<S: UsageSink> UsageSink for MeteredSink<S> {
     }
 }
 
-/// The middleware: times the request and counts it by route template, method and status.
-pub async fn record(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
-    let res = next.run(req).await;
-    let total = start.elapsed();
-    let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
-    metrics.request(&route, &method, &res, total, upstream);
-    res
+/// Counts every request by route template, method and status, and times it: a tower
+/// layer for the router's routes (it reads the [`MatchedPath`] routing sets).
+#[derive(Debug, Clone)]
+pub struct MetricsLayer {
+    metrics: Metrics,
+}
+
+impl MetricsLayer {
+    /// Counts into `metrics`.
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = RecordMetrics<S>;
+
+    fn layer(&self, inner: S) -> RecordMetrics<S> {
+        RecordMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`MetricsLayer`] builds.
+#[derive(Debug, Clone)]
+pub struct RecordMetrics<S> {
+    inner: S,
+    metrics: Metrics,
+}
+
+impl<S> tower::Service<Request> for RecordMetrics<S>
+where
+    S: tower::Service<Request, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let route = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
+        MetricsFuture {
+            inner: self.inner.call(req),
+            counted: Some(Counted {
+                metrics: self.metrics.clone(),
+                start,
+                method,
+                route,
+            }),
+        }
+    }
+}
+
+/// What a request is counted under, kept until its response.
+struct Counted {
+    metrics: Metrics,
+    start: Instant,
+    method: http::Method,
+    route: SharedString,
+}
+
+pin_project! {
+    /// The response future of [`RecordMetrics`].
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        counted: Option<Counted>,
+    }
+}
+
+impl<F, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx))?;
+        if let Some(c) = this.counted.take() {
+            let total = c.start.elapsed();
+            let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
+            c.metrics
+                .request(&c.route, &c.method, &res, total, upstream);
+        }
+        Poll::Ready(Ok(res))
+    }
 }
 
 /// `GET /metrics`.

@@ -89,7 +89,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
+            () = stopped(&mut stop) => break,
         };
         // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK hold each one for about 40 ms.
@@ -100,14 +100,19 @@ pub async fn serve(
             inner: TowerToHyperService::new(router.clone()),
             activity: Arc::clone(&activity),
         };
-        let stop = stop.clone();
+        let mut stop = stop.clone();
         let open = open.clone();
         tokio::spawn(async move {
             let _open = open;
             let deadline = Instant::now() + timeouts.header;
             let result = match acceptor {
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                    let handshake = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => r,
+                        // Shutdown: no request has begun here, nothing to finish.
+                        () = stopped(&mut stop) => return,
+                    };
+                    let tls = match handshake {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -125,10 +130,11 @@ pub async fn serve(
                     drive(conn.into_owned(), &activity, deadline, timeouts.idle, stop).await
                 }
                 None => {
-                    if tokio::time::timeout_at(deadline, preface(&tcp))
-                        .await
-                        .is_err()
-                    {
+                    let first_bytes = tokio::select! {
+                        r = tokio::time::timeout_at(deadline, preface(&tcp)) => r,
+                        () = stopped(&mut stop) => return,
+                    };
+                    if first_bytes.is_err() {
                         tracing::debug!(%peer, "no request head within the header timeout");
                         return;
                     }
@@ -152,6 +158,11 @@ pub async fn serve(
     drop(listener);
     drop(open);
     let _ = all_closed.recv().await;
+}
+
+/// Ends when `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// How a connection ended.
@@ -183,7 +194,7 @@ where
         // Dropping the connection closes it: nothing is in flight on it.
         () = no_request_by(activity, deadline) => return Ok(Ended::NoRequest),
         () = activity.idle_for(idle) => true,
-        () = async { let _ = stop.wait_for(|s| *s).await; } => false,
+        () = stopped(&mut stop) => false,
     };
     conn.as_mut().graceful_shutdown();
     if !idle_close {

@@ -14,7 +14,13 @@ cd "$(dirname "$0")/../.."
 command -v heaptrack >/dev/null || { echo "alloc_gateway.sh: heaptrack is not installed (apt-get install heaptrack)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "alloc_gateway.sh: wrk is not installed (apt-get install wrk)" >&2; exit 2; }
 
-cargo build --release --quiet --example chat_gateway --example mock_upstream
+# The same build as scripts/load.sh (with the `redis` feature when redis-server is present),
+# so the two share one release build; the runs here use in-memory stores.
+features=()
+if command -v redis-server >/dev/null 2>&1; then
+  features=(--features redis)
+fi
+cargo build --release --quiet --example chat_gateway --example mock_upstream "${features[@]}"
 bin=target/release/examples
 gateway="${LOAD_GATEWAY_BIN:-$bin/chat_gateway}"
 key="sk-load-0000000000000000"
@@ -61,7 +67,7 @@ measure() {
   grep -q ' non200=0 ' <<<"$line" || { echo "alloc_gateway.sh: failed requests: $line" >&2; return 1; }
   # The gateway is heaptrack's child: stop it, and heaptrack writes its file.
   local child
-  child="$(pgrep -P "$wrapper" -x chat_gateway || true)"
+  child="$(pgrep -P "$wrapper" -x "$(basename "$gateway" | cut -c1-15)" || true)"
   [ -n "$child" ] && kill -TERM "$child"
   wait "$wrapper" || true
   local calls requests

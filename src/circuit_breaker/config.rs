@@ -5,11 +5,14 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::ClockSource;
-use crate::config::{ConfigError, Env, Problem, ProblemKind, env_var};
+use crate::config::{
+    ConfigError, Env, FieldMistake, env_var, field_problem, parse_optional,
+    parse_optional_duration, record_mistakes,
+};
 use crate::jitter::Jitter;
 
 /// The prefix of the breaker's environment variables.
-const PREFIX: &str = "PALISADE_CIRCUIT_BREAKER";
+pub(super) const PREFIX: &str = "PALISADE_CIRCUIT_BREAKER";
 
 /// Which calls the breaker judges the upstream by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -198,7 +201,17 @@ impl CircuitBreakerConfigError {
         }
     }
 
-    /// A valid value of the field at fault.
+    /// This mistake as a [`ConfigError`] naming its `PALISADE_CIRCUIT_BREAKER_*` variable.
+    pub fn to_config_error(&self) -> ConfigError {
+        ConfigError::new(vec![field_problem(PREFIX, self)])
+    }
+}
+
+impl FieldMistake for CircuitBreakerConfigError {
+    fn field(&self) -> &'static str {
+        CircuitBreakerConfigError::field(self)
+    }
+
     fn example(&self) -> &'static str {
         match self.field() {
             "window_size" => "100",
@@ -215,23 +228,6 @@ impl CircuitBreakerConfigError {
             "half_open_probes" => "3",
             _ => "1000",
         }
-    }
-
-    /// This mistake as a problem with its `PALISADE_CIRCUIT_BREAKER_*` variable.
-    fn problem(&self) -> Problem {
-        Problem {
-            name: env_var(PREFIX, self.field()),
-            kind: ProblemKind::Invalid {
-                value: String::new(),
-                reason: self.to_string(),
-            },
-            example: self.example().to_owned(),
-        }
-    }
-
-    /// This mistake as a [`ConfigError`] naming its `PALISADE_CIRCUIT_BREAKER_*` variable.
-    pub fn to_config_error(&self) -> ConfigError {
-        ConfigError::new(vec![self.problem()])
     }
 }
 
@@ -392,10 +388,10 @@ impl CircuitBreakerConfig {
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_KIND` | `count` or `time` |
     /// | `PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE` | `100` |
     /// | `PALISADE_CIRCUIT_BREAKER_FAILURE_RATE_THRESHOLD` | `0.5` |
-    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION` | `30s` |
+    /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION` | `30s` (or `none`) |
     /// | `PALISADE_CIRCUIT_BREAKER_SLOW_CALL_RATE_THRESHOLD` | `0.8` |
     /// | `PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS` | `20` |
-    /// | `PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES` | `5` |
+    /// | `PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES` | `5` (or `none`) |
     /// | `PALISADE_CIRCUIT_BREAKER_OPEN_DURATION` | `10s` |
     /// | `PALISADE_CIRCUIT_BREAKER_MAX_OPEN_DURATION` | `5m` |
     /// | `PALISADE_CIRCUIT_BREAKER_BACKOFF_MULTIPLIER` | `2` |
@@ -440,19 +436,24 @@ impl CircuitBreakerConfig {
             d.failure_rate_threshold,
             "0.5",
         );
-        let slow_call_duration = env.optional_with(&var("slow_call_duration"), None, "30s", |s| {
-            crate::config::duration::parse(s).map(Some)
-        });
+        let slow_call_duration = env.optional_with(
+            &var("slow_call_duration"),
+            d.slow_call_duration,
+            "30s",
+            parse_optional_duration,
+        );
         let slow_call_rate_threshold = env.optional(
             &var("slow_call_rate_threshold"),
             d.slow_call_rate_threshold,
             "0.8",
         );
         let minimum_calls = env.optional(&var("minimum_calls"), d.minimum_calls, "20");
-        let consecutive_failures =
-            env.optional_with(&var("consecutive_failures"), None, "5", |s| {
-                s.trim().parse::<u32>().map(Some).map_err(|e| e.to_string())
-            });
+        let consecutive_failures = env.optional_with(
+            &var("consecutive_failures"),
+            d.consecutive_failures,
+            "5",
+            parse_optional,
+        );
         let open_duration = env.duration(&var("open_duration"), d.open_duration, "10s");
         let max_open_duration = env.duration(&var("max_open_duration"), d.max_open_duration, "5m");
         let backoff_multiplier =
@@ -463,15 +464,10 @@ impl CircuitBreakerConfig {
             &var("max_wait_in_half_open"),
             d.max_wait_in_half_open,
             "60s",
-            |s| match s.trim() {
-                "none" | "off" => Ok(None),
-                other => crate::config::duration::parse(other).map(Some),
-            },
+            parse_optional_duration,
         );
         let clock = env.optional(&var("clock"), d.clock, "coarse");
-        let seed = env.optional_with(&var("seed"), None, "42", |s| {
-            s.trim().parse::<u64>().map(Some).map_err(|e| e.to_string())
-        });
+        let seed = env.optional_with(&var("seed"), d.seed, "42", parse_optional);
         let cfg = Self {
             name,
             window_kind,
@@ -490,9 +486,7 @@ impl CircuitBreakerConfig {
             clock,
             seed,
         };
-        for err in cfg.errors() {
-            crate::config::record_invalid(env, err.problem());
-        }
+        record_mistakes(env, PREFIX, cfg.errors());
         cfg
     }
 }
@@ -658,6 +652,25 @@ mod tests {
         assert_eq!(cfg.clock, ClockSource::Coarse);
         assert_eq!(cfg.slow_call_duration, Some(Duration::from_secs(45)));
         assert_eq!(cfg.name, "anthropic");
+    }
+
+    /// `none` and `off` turn an optional setting off in any case, as in retry's
+    /// variables: `None` or `OFF` for the half-open wait was refused, and the slow-call
+    /// duration and the run of failures could not be turned off at all.
+    #[test]
+    fn optional_settings_read_none_and_off_in_any_case() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_MAX_WAIT_IN_HALF_OPEN", "None"),
+            ("PALISADE_CIRCUIT_BREAKER_SLOW_CALL_DURATION", "OFF"),
+            ("PALISADE_CIRCUIT_BREAKER_CONSECUTIVE_FAILURES", "none"),
+            ("PALISADE_CIRCUIT_BREAKER_SEED", "off"),
+        ]);
+        let cfg = CircuitBreakerConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(cfg.max_wait_in_half_open, None);
+        assert_eq!(cfg.slow_call_duration, None);
+        assert_eq!(cfg.consecutive_failures, None);
+        assert_eq!(cfg.seed, None);
     }
 
     /// Values that parse but do not validate were reported only when nothing else was

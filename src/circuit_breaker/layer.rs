@@ -81,10 +81,12 @@ impl CircuitBreakerLayer {
     /// # }
     /// ```
     pub fn from_env() -> Result<Self, ConfigError> {
-        let mut env = Env::from_process();
-        let config = CircuitBreakerConfig::from_env(&mut env);
-        env.finish()?;
-        Self::from_config(&config).map_err(|err| err.to_config_error())
+        crate::config::layer_from_env(
+            Env::from_process(),
+            super::config::PREFIX,
+            CircuitBreakerConfig::from_env,
+            |config: &_| Self::from_config(config),
+        )
     }
 
     /// A layer with a new breaker set for an LLM upstream (see

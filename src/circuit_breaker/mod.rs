@@ -1,5 +1,26 @@
 //! Stop calling an upstream that keeps failing; probe it back to health.
 //!
+//! ```
+//! use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//! use palisade::{BoxError, Error, ErrorKind};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let layer = CircuitBreakerLayer::builder().count_window(4).minimum_calls(4).build()?;
+//! let svc = layer.layer(service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, BoxError>(http::Response::builder().status(503).body(())?) // always failing
+//! }));
+//! for _ in 0..4 {
+//!     svc.clone().oneshot(http::Request::new(())).await?;
+//! }
+//! assert_eq!(layer.handle().state(), CircuitState::Open);
+//! let refused = svc.oneshot(http::Request::new(())).await.unwrap_err();
+//! assert_eq!(refused.downcast_ref::<Error>().unwrap().kind(), ErrorKind::CircuitOpen);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! [`CircuitBreakerLayer`] wraps a client service (an HTTP client calling an LLM API, or
 //! any `tower::Service`). It judges every call with the shared [`classify`](crate::classify)
 //! rules (5xx, 529, timeouts and transport errors fail; other 4xx are ignored) or your
@@ -48,7 +69,10 @@
 //! keeps one breaker per key (upstream host, model), bounded in number, and reports
 //! [`RegistryHealth`] as JSON for a `/health` endpoint.
 //!
-//! # Example
+//! # Example: the schedule, a handle, the refusal's `retry_after`
+//!
+//! The open duration is jittered (±20 % by default); a `seed` makes the schedule
+//! reproducible.
 //!
 //! ```
 //! use std::time::Duration;
@@ -64,7 +88,7 @@
 //!     .minimum_calls(4)
 //!     .failure_rate_threshold(0.5)
 //!     .open_duration(Duration::from_secs(5))
-//!     .jitter(0.0)
+//!     .seed(7)
 //!     .build()
 //!     .unwrap();
 //! let handle = layer.handle();
@@ -84,7 +108,8 @@
 //! let err = svc.ready().await.unwrap().call(http::Request::new(())).await.unwrap_err();
 //! let err = err.downcast::<Error>().unwrap();
 //! assert_eq!(err.kind(), ErrorKind::CircuitOpen);
-//! assert_eq!(err.retry_after(), Some(Duration::from_secs(5)));
+//! let retry_after = err.retry_after().unwrap();
+//! assert!(retry_after >= Duration::from_secs(4) && retry_after <= Duration::from_secs(6));
 //! # }
 //! ```
 

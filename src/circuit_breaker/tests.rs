@@ -266,6 +266,17 @@ async fn trip(svc: &mut Svc) {
     }
 }
 
+/// A breaker of `builder` (open for 10 s) tripped, and the open duration passed: the next
+/// call is a probe.
+async fn tripped_and_due_a_probe(
+    builder: CircuitBreakerLayerBuilder,
+) -> (Svc, CircuitBreakerHandle) {
+    let (mut svc, handle, _) = guarded(builder);
+    trip(&mut svc).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    (svc, handle)
+}
+
 #[tokio::test(start_paused = true)]
 async fn open_half_open_closed_and_growing_open_duration() {
     let transitions = Arc::new(Mutex::new(Vec::new()));
@@ -438,9 +449,7 @@ use std::future::Future;
 /// their successes, so such an upstream never closed the breaker again.
 #[tokio::test(start_paused = true)]
 async fn half_open_does_not_time_out_while_its_probes_are_in_flight() {
-    let (mut svc, handle, _) = guarded(base());
-    trip(&mut svc).await;
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (mut svc, handle) = tripped_and_due_a_probe(base()).await;
     let long = slow(200, Duration::from_secs(90));
     let p1 = svc.ready().await.unwrap().call(Request::new(long));
     let p2 = svc.ready().await.unwrap().call(Request::new(long));
@@ -467,9 +476,7 @@ async fn half_open_does_not_time_out_while_its_probes_are_in_flight() {
 /// the maximum wait.
 #[tokio::test(start_paused = true)]
 async fn half_open_times_out_when_no_probe_is_in_flight() {
-    let (mut svc, handle, _) = guarded(base());
-    trip(&mut svc).await;
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (mut svc, handle) = tripped_and_due_a_probe(base()).await;
     // the only probe is ignored (a 400 says nothing about the upstream's health)
     assert_eq!(send(&mut svc, BAD_REQUEST).await.unwrap(), 400);
     assert_eq!(handle.state(), CircuitState::HalfOpen);
@@ -488,9 +495,7 @@ async fn half_open_times_out_when_no_probe_is_in_flight() {
 /// other call was refused.
 #[tokio::test(start_paused = true)]
 async fn a_healthy_upstream_called_rarely_closes_the_breaker() {
-    let (mut svc, handle, _) = guarded(base());
-    trip(&mut svc).await;
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (mut svc, handle) = tripped_and_due_a_probe(base()).await;
     assert_eq!(send(&mut svc, OK).await.unwrap(), 200);
     assert_eq!(handle.state(), CircuitState::HalfOpen);
     // the next call comes after the maximum wait: it is the second probe, not refused
@@ -501,9 +506,7 @@ async fn a_healthy_upstream_called_rarely_closes_the_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn ignored_probe_releases_its_slot() {
-    let (mut svc, handle, _) = guarded(base().half_open_probes(1));
-    trip(&mut svc).await;
-    tokio::time::advance(Duration::from_secs(10)).await;
+    let (mut svc, handle) = tripped_and_due_a_probe(base().half_open_probes(1)).await;
     assert_eq!(send(&mut svc, BAD_REQUEST).await.unwrap(), 400);
     assert_eq!(handle.state(), CircuitState::HalfOpen);
     assert_eq!(send(&mut svc, OK).await.unwrap(), 200);

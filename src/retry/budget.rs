@@ -74,6 +74,14 @@ struct Inner {
     /// put a racing caller there.
     #[cfg(test)]
     on_advance: Hook,
+    /// Runs when a withdrawal found the budget spent, before its token is given back:
+    /// tests pause the caller there.
+    #[cfg(test)]
+    on_refuse: Hook,
+    /// Runs when a withdrawal has looked at the clock, before it takes its token: tests
+    /// pause the caller there.
+    #[cfg(test)]
+    on_take: Hook,
 }
 
 /// A callback for tests (see `Inner::on_advance`).
@@ -136,6 +144,10 @@ impl RetryBudget {
                 advancing: Mutex::new(()),
                 #[cfg(test)]
                 on_advance: Hook::default(),
+                #[cfg(test)]
+                on_refuse: Hook::default(),
+                #[cfg(test)]
+                on_take: Hook::default(),
             }),
         })
     }
@@ -177,16 +189,37 @@ impl RetryBudget {
     /// ordered before its own, so together they never take more than there was (a loser
     /// of such a race may be refused while a winner gives its token back, which only ever
     /// makes the budget stricter).
+    ///
+    /// A token is taken in the slot of the time the caller looked at the clock, and the
+    /// clock is looked at again after: if the window moved in between (a caller paused
+    /// there), the token sits in a slot that leaves the window too soon, so it is given
+    /// back and taken again in the current slot. A token is given back only while its slot
+    /// is still in the window, so a caller paused for a whole window cannot return a token
+    /// the window has already let go.
     pub fn withdraw(&self) -> bool {
         let inner = &*self.inner;
-        let generation = inner.advance();
-        let slot = &inner.slots[(generation % SLOTS as u64) as usize];
-        slot.fetch_sub(UNIT, Ordering::SeqCst);
-        if inner.balance() >= 0 {
-            return true;
+        #[cfg(test)]
+        let mut hook = Some(&inner.on_take);
+        loop {
+            let generation = inner.advance();
+            let slot = &inner.slots[(generation % SLOTS as u64) as usize];
+            #[cfg(test)]
+            if let Some(hook) = hook.take() {
+                Inner::run(hook);
+            }
+            slot.fetch_sub(UNIT, Ordering::SeqCst);
+            if inner.advance() != generation {
+                inner.give_back(generation);
+                continue;
+            }
+            if inner.balance() >= 0 {
+                return true;
+            }
+            #[cfg(test)]
+            Inner::run(&inner.on_refuse);
+            inner.give_back(generation);
+            return false;
         }
-        slot.fetch_add(UNIT, Ordering::SeqCst);
-        false
     }
 
     /// The number of whole retries available now.
@@ -237,6 +270,23 @@ impl Inner {
         })
     }
 
+    /// Gives back a token taken from the slot of `generation`, unless the window has
+    /// moved on far enough since to clear that slot for reuse (a caller paused for a
+    /// window between taking and giving back): the token taken is gone with the slot,
+    /// and giving one back would then add a token nobody deposited. Under the lock that
+    /// moves the window, so the slot cannot be cleared between the check and the add.
+    /// (Taken from a slot already reused, the token stays taken for one window: stricter,
+    /// never more lenient.) Only refusals come here.
+    fn give_back(&self, generation: u64) {
+        let _guard = self
+            .advancing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.generation.load(Ordering::Acquire) < generation.saturating_add(SLOTS as u64) {
+            self.slots[(generation % SLOTS as u64) as usize].fetch_add(UNIT, Ordering::SeqCst);
+        }
+    }
+
     /// Moves the window to the current time, clearing the slots that fell out of it, and
     /// returns the current generation.
     ///
@@ -270,16 +320,15 @@ impl Inner {
         self.generation.store(now_gen, Ordering::Release);
         drop(guard);
         #[cfg(test)]
-        self.run_on_advance();
+        Inner::run(&self.on_advance);
         now_gen
     }
 }
 
 #[cfg(test)]
 impl Inner {
-    fn run_on_advance(&self) {
-        let hook = self
-            .on_advance
+    fn run(hook: &Hook) {
+        let hook = hook
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -330,6 +379,61 @@ mod tests {
         assert_eq!(taken.load(Ordering::SeqCst), 1, "one token, one retry");
         assert!(!budget.withdraw(), "the budget is spent");
         assert_eq!(budget.available(), 0);
+    }
+
+    /// A refused withdrawal gives its token back; if its caller pauses there for a
+    /// window, the window moves on meanwhile and clears the slot the token was taken
+    /// from, and the token given back after that was never taken from anything: a retry
+    /// out of nothing, for a whole window.
+    #[test]
+    fn a_refusal_paused_past_the_window_gives_back_nothing() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let _entered = runtime.enter();
+        // No token at all: no floor, nothing earned.
+        let budget = RetryBudget::new(Duration::from_secs(1), 0, 0.0).unwrap();
+        let other = budget.clone();
+        *budget.inner.on_refuse.0.lock().unwrap() = Some(Box::new(move || {
+            // The refused caller is paused for a whole window, and another caller moves
+            // the window on meanwhile.
+            handle.block_on(tokio::time::advance(Duration::from_millis(1_050)));
+            assert_eq!(other.available(), 0);
+        }));
+        assert!(!budget.withdraw());
+        assert_eq!(budget.available(), 0, "a token appeared from nothing");
+        assert!(
+            !budget.withdraw(),
+            "a retry from a budget that never held one"
+        );
+    }
+
+    /// A withdrawal stamps its token with the slot of the time it looked at the clock.
+    /// A caller paused between that look and the taking put the token in a slot about to
+    /// leave the window, so it came back long before a window had passed: two retries
+    /// within a tenth of a second from a budget of one a second.
+    #[test]
+    fn a_withdrawal_paused_before_taking_stays_taken_for_a_window() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let _entered = runtime.enter();
+        // One token: a floor of 1 retry per second over 1 s, nothing earned.
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0).unwrap();
+        *budget.inner.on_take.0.lock().unwrap() = Some(Box::new(move || {
+            // The caller is paused for most of a window after looking at the clock.
+            handle.block_on(tokio::time::advance(Duration::from_millis(950)));
+        }));
+        assert!(budget.withdraw(), "the one token");
+        runtime.block_on(tokio::time::advance(Duration::from_millis(100)));
+        assert_eq!(budget.available(), 0, "the token came back after 100 ms");
+        assert!(!budget.withdraw(), "a second retry within the window");
     }
 
     #[tokio::test(start_paused = true)]

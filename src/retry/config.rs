@@ -6,11 +6,14 @@ use http::HeaderName;
 use serde::{Deserialize, Serialize};
 
 use super::budget::BudgetError;
-use crate::config::{ConfigError, Env, Problem, ProblemKind, duration, env_var};
+use crate::config::{
+    ConfigError, Env, FieldMistake, duration, env_var, field_problem, parse_optional,
+    parse_optional_duration, record_mistakes,
+};
 use crate::jitter::Jitter;
 
 /// The prefix of the retry layer's environment variables.
-const PREFIX: &str = "PALISADE_RETRY";
+pub(super) const PREFIX: &str = "PALISADE_RETRY";
 
 /// Configuration of a [`RetryLayer`](super::RetryLayer), from a file (serde) or from
 /// `PALISADE_RETRY_*` environment variables ([`RetryConfig::from_env`]). Build the layer
@@ -143,38 +146,28 @@ impl RetryConfigError {
         }
     }
 
-    /// This mistake as a problem with its `PALISADE_RETRY_*` variable.
-    fn problem(&self) -> Problem {
-        Problem {
-            name: env_var(PREFIX, self.field()),
-            kind: ProblemKind::Invalid {
-                value: String::new(),
-                reason: self.to_string(),
-            },
-            example: match self.field() {
-                "factor" => "2",
-                "max_delay" => "8s",
-                "deadline" => "30s",
-                "attempt_timeout" => "10s",
-                "budget_window" => "10s",
-                "budget_ratio" => "0.2",
-                "jitter" => "full",
-                _ => "x-retry-count",
-            }
-            .to_owned(),
-        }
-    }
-
     /// This mistake as a [`ConfigError`] naming its `PALISADE_RETRY_*` variable.
     pub fn to_config_error(&self) -> ConfigError {
-        ConfigError::new(vec![self.problem()])
+        ConfigError::new(vec![field_problem(PREFIX, self)])
     }
 }
 
-fn optional_duration(s: &str) -> Result<Option<Duration>, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "none" | "off" => Ok(None),
-        _ => duration::parse(s).map(Some),
+impl FieldMistake for RetryConfigError {
+    fn field(&self) -> &'static str {
+        RetryConfigError::field(self)
+    }
+
+    fn example(&self) -> &'static str {
+        match self.field() {
+            "factor" => "2",
+            "max_delay" => "8s",
+            "deadline" => "30s",
+            "attempt_timeout" => "10s",
+            "budget_window" => "10s",
+            "budget_ratio" => "0.2",
+            "jitter" => "full",
+            _ => "x-retry-count",
+        }
     }
 }
 
@@ -228,14 +221,17 @@ impl RetryConfig {
             factor: env.optional(&var("factor"), d.factor, "2"),
             max_delay: env.duration(&var("max_delay"), d.max_delay, "8s"),
             jitter: env.optional(&var("jitter"), d.jitter, "full"),
-            deadline: env.optional_with(&var("deadline"), d.deadline, "30s", |s| {
-                optional_duration(s)
-            }),
+            deadline: env.optional_with(
+                &var("deadline"),
+                d.deadline,
+                "30s",
+                parse_optional_duration,
+            ),
             attempt_timeout: env.optional_with(
                 &var("attempt_timeout"),
                 d.attempt_timeout,
                 "10s",
-                optional_duration,
+                parse_optional_duration,
             ),
             budget: env.optional(&var("budget"), d.budget, "true"),
             budget_window: env.duration(&var("budget_window"), d.budget_window, "10s"),
@@ -255,15 +251,11 @@ impl RetryConfig {
                 &var("count_header"),
                 d.count_header,
                 "x-retry-count",
-                |s| Ok(Some(s.trim().to_owned())),
+                parse_optional,
             ),
-            seed: env.optional_with(&var("seed"), d.seed, "42", |s| {
-                s.trim().parse().map(Some).map_err(|e| format!("{e}"))
-            }),
+            seed: env.optional_with(&var("seed"), d.seed, "42", parse_optional),
         };
-        for err in cfg.errors() {
-            crate::config::record_invalid(env, err.problem());
-        }
+        record_mistakes(env, PREFIX, cfg.errors());
         cfg
     }
 
@@ -378,6 +370,22 @@ mod tests {
                 "PALISADE_RETRY_SEED"
             ]
         );
+    }
+
+    /// `off` for the count header made a header named `off`; like every optional
+    /// setting, `none` and `off` (any case) now mean none.
+    #[test]
+    fn off_turns_an_optional_setting_off() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_COUNT_HEADER", "off"),
+            ("PALISADE_RETRY_DEADLINE", "None"),
+            ("PALISADE_RETRY_SEED", "OFF"),
+        ]);
+        let cfg = RetryConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(cfg.count_header, None);
+        assert_eq!(cfg.deadline, None);
+        assert_eq!(cfg.seed, None);
     }
 
     #[test]

@@ -88,10 +88,12 @@ impl RetryLayer {
     /// # }
     /// ```
     pub fn from_env() -> Result<Self, ConfigError> {
-        let mut env = Env::from_process();
-        let config = RetryConfig::from_env(&mut env);
-        env.finish()?;
-        Self::from_config(&config).map_err(|err| err.to_config_error())
+        crate::config::layer_from_env(
+            Env::from_process(),
+            super::config::PREFIX,
+            RetryConfig::from_env,
+            |config: &_| Self::from_config(config),
+        )
     }
 
     /// A preset for LLM APIs (Anthropic, OpenAI): the defaults, which follow the official

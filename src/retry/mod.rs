@@ -1,6 +1,25 @@
 //! Retry failed upstream calls: exponential backoff with jitter, server-directed delays,
 //! a retry budget, and request bodies replayed without `Clone`.
 //!
+//! ```
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use palisade::retry::{ReplayBody, RetryCount, RetryLayer};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), palisade::BoxError> {
+//! static CALLS: AtomicU32 = AtomicU32::new(0); // an upstream overloaded twice, then fine
+//! let upstream = service_fn(|_req: http::Request<ReplayBody<String>>| async {
+//!     let status = if CALLS.fetch_add(1, Ordering::SeqCst) < 2 { 529 } else { 200 };
+//!     Ok::<_, palisade::BoxError>(http::Response::builder().status(status).body(())?)
+//! });
+//! let client = ServiceBuilder::new().layer(RetryLayer::llm()).service(upstream);
+//! let response = client.oneshot(http::Request::new("{}".to_owned())).await?;
+//! assert_eq!((response.status(), RetryCount::of(&response)), (http::StatusCode::OK, 2));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! [`RetryLayer`] wraps the client side of a service (typically a hyper-util client that
 //! calls an LLM API). For each call it decides, with a [`Classify`](crate::classify::Classify)
 //! verdict on the whole `Result`, whether another attempt may help and is safe:
@@ -32,7 +51,7 @@
 //! The service's error type is [`BoxError`](crate::BoxError): a per-attempt timeout or the
 //! deadline ends an attempt with a [`crate::Error`] of kind `Timeout`.
 //!
-//! # Example
+//! # Example: replayed bodies, a count header
 //!
 //! ```
 //! use std::sync::Arc;

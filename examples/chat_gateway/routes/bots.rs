@@ -9,21 +9,21 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http::{HeaderMap, StatusCode};
-use palisade::cost::Attribution;
 use palisade::validate::{self, Validate, Validator};
 use palisade::{Error, ErrorKind, FieldError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower_http::request_id::RequestId;
 
-use super::{ApiPath, forwarded_headers, pass_through, read_json};
+use super::{
+    ApiPath, billed_to, forwarded_headers, json_body, pass_through, read_json, send_upstream,
+};
 use crate::app::AppState;
 use crate::audit::AuditEntry;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
 use crate::schema::{Limits, Message, Metadata, check_messages};
 use crate::store::Bot;
-use crate::upstream::Call;
 
 /// The longest bot name.
 pub const MAX_NAME: usize = 100;
@@ -237,29 +237,17 @@ pub async fn chat(
     if let Some(user_id) = chat.metadata.and_then(|m| m.user_id) {
         upstream["metadata"] = json!({ "user_id": user_id });
     }
-    let mut attribution = Attribution::default()
-        .with_user(caller.user.to_string())
-        .with_api_key(caller.key_id)
-        .with_bot(bot.id.clone());
+    let mut attribution = billed_to(&caller).with_bot(bot.id.clone());
     if let Some(c) = conversation {
         attribution = attribution.with_conversation(c);
     }
-    let call = Call {
-        body: serde_json::to_vec(&upstream)
-            .map_err(|e| ApiError::new(Error::internal("cannot encode").with_source(e), format))?
-            .into(),
-        headers: forwarded_headers(&headers),
+    let res = send_upstream(
+        &state,
+        &request_id,
+        json_body(&upstream, format)?,
+        forwarded_headers(&headers),
         attribution,
-        request_id: request_id
-            .header_value()
-            .to_str()
-            .unwrap_or("req_unknown")
-            .to_owned(),
-    };
-    let res = state
-        .upstreams
-        .send(call, &state.ledger)
-        .await
-        .fmt_err(format)?;
+    )
+    .await?;
     Ok(pass_through(res))
 }

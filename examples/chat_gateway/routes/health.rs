@@ -1,6 +1,9 @@
 //! `GET /health`: the upstreams' breakers, Redis (with `REDIS_URL`), PostgreSQL (with
-//! `DATABASE_URL`: backlog, last error, dropped records and the audit writer) and the usage
-//! queue; 503 when no upstream can take a request.
+//! `DATABASE_URL`: backlog, last error, dropped records; and the audit writer's events
+//! queued, written, in the backlog and dropped), the alert webhook's queue, and the usage
+//! queue; 503 when no upstream can take a request. Every backlog is what was queued less
+//! what has been written or given up on; what never joined a queue is counted as dropped
+//! only.
 
 use axum::Json;
 use axum::extract::State;

@@ -5,16 +5,14 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::Response;
 use http::HeaderMap;
-use palisade::cost::Attribution;
 use palisade::{Error, validate};
 use tower_http::request_id::RequestId;
 
-use super::{forwarded_headers, pass_through, read_json};
+use super::{billed_to, forwarded_headers, pass_through, read_json, send_upstream};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
 use crate::schema::MessagesRequest;
-use crate::upstream::Call;
 
 /// The handler.
 pub async fn create(
@@ -31,22 +29,13 @@ pub async fn create(
         .check(&state.limits)
         .map_err(|fields| ApiError::new(Error::invalid_fields(fields), format))?;
     tracing::debug!(model = %request.model, stream = request.stream.unwrap_or(false), "messages request");
-    let call = Call {
-        body: bytes,
-        headers: forwarded_headers(&headers),
-        attribution: Attribution::default()
-            .with_user(caller.user.to_string())
-            .with_api_key(caller.key_id),
-        request_id: request_id
-            .header_value()
-            .to_str()
-            .unwrap_or("req_unknown")
-            .to_owned(),
-    };
-    let res = state
-        .upstreams
-        .send(call, &state.ledger)
-        .await
-        .fmt_err(format)?;
+    let res = send_upstream(
+        &state,
+        &request_id,
+        bytes,
+        forwarded_headers(&headers),
+        billed_to(&caller),
+    )
+    .await?;
     Ok(pass_through(res))
 }

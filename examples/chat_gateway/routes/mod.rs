@@ -17,11 +17,15 @@ use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
 use http::request::Parts;
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use palisade::cost::Attribution;
 use palisade::{Error, ErrorKind};
 use serde::de::DeserializeOwned;
+use tower_http::request_id::RequestId;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult, WithFormat};
+use crate::upstream::Call;
 
 /// The routes that need an API key.
 pub fn api() -> Router<AppState> {
@@ -157,6 +161,47 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
             format,
         )),
     }
+}
+
+/// What a caller's upstream calls are billed to: the user and the hashed key.
+pub fn billed_to(caller: &Caller) -> Attribution {
+    Attribution::default()
+        .with_user(caller.user.to_string())
+        .with_api_key(caller.key_id)
+}
+
+/// `value` as a JSON request body for the upstream.
+pub fn json_body(value: &serde_json::Value, format: palisade::ErrorFormat) -> ApiResult<Bytes> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::new(Error::internal("cannot encode").with_source(e), format))
+}
+
+/// Sends one `/v1/messages` call upstream (the fallback too, when it is configured),
+/// billed to `attribution` under the gateway's `request_id`; a failure answers in the
+/// configured error format.
+pub async fn send_upstream(
+    state: &AppState,
+    request_id: &RequestId,
+    body: Bytes,
+    headers: Vec<(HeaderName, http::HeaderValue)>,
+    attribution: Attribution,
+) -> ApiResult<http::Response<Body>> {
+    let call = Call {
+        body,
+        headers,
+        attribution,
+        request_id: request_id
+            .header_value()
+            .to_str()
+            .unwrap_or("req_unknown")
+            .to_owned(),
+    };
+    state
+        .upstreams
+        .send(call, &state.ledger)
+        .await
+        .fmt_err(state.config.error_format())
 }
 
 /// The request headers forwarded upstream.

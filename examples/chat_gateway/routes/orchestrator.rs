@@ -8,20 +8,18 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use palisade::cost::Attribution;
 use palisade::validate::{self, Validate, Validator};
 use palisade::{Error, ErrorKind, FieldError};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tower_http::request_id::RequestId;
 
-use super::read_json;
+use super::{billed_to, json_body, read_json, send_upstream};
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiResult, WithFormat, render};
+use crate::error::{ApiResult, WithFormat, render};
 use crate::mock::BOT_DRAFT_MARKER;
 use crate::routes::bots::BotDraft;
-use crate::upstream::Call;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -79,25 +77,14 @@ pub async fn parse_intent(
         "system": system_prompt(),
         "messages": [{"role": "user", "content": intent.description}],
     });
-    let call = Call {
-        body: serde_json::to_vec(&request)
-            .map_err(|e| ApiError::new(Error::internal("cannot encode").with_source(e), format))?
-            .into(),
-        headers: Vec::new(),
-        attribution: Attribution::default()
-            .with_user(caller.user.to_string())
-            .with_api_key(caller.key_id),
-        request_id: request_id
-            .header_value()
-            .to_str()
-            .unwrap_or("req_unknown")
-            .to_owned(),
-    };
-    let res = state
-        .upstreams
-        .send(call, &state.ledger)
-        .await
-        .fmt_err(format)?;
+    let res = send_upstream(
+        &state,
+        &request_id,
+        json_body(&request, format)?,
+        Vec::new(),
+        billed_to(&caller),
+    )
+    .await?;
     let status = res.status();
     if !status.is_success() {
         // The upstream's own refusal (overloaded, rate limited) passes through as it was.
