@@ -1487,3 +1487,40 @@ async fn a_give_back_of_a_redis_reservation_refunds_nothing_in_the_local_fallbac
         "the local store gave back units it never counted"
     );
 }
+
+/// A reset forgets the key in the local fallback too: a key that the fallback exhausted
+/// while Redis was away, and that was reset once Redis was back, is not refused by the
+/// fallback's old count at the next outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_forgets_the_key_in_the_local_fallback_too() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let local = palisade::rate_limit::MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-reset"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 10, 10);
+    server.kill();
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    assert_eq!(local.peek_now(&rule.item()).remaining, 0);
+    server.restart().await;
+    let restarted = Instant::now();
+    while store.reset(rule.index, rule.name, &rule.key).await.is_err() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "the restarted server never took the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        local.peek_now(&rule.item()).remaining,
+        10,
+        "the reset key is still exhausted in the local fallback"
+    );
+}

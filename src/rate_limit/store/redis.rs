@@ -80,7 +80,7 @@ pub enum RedisFailMode {
     /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
     /// a settlement Redis does not take is charged there too when it takes more units, and
     /// dropped when it gives units back (the local store never counted them), and is
-    /// reported as done. A
+    /// reported as done. [`Store::reset`] resets the key there too. A
     /// reservation decided locally is settled locally alone, even once Redis is back (its
     /// [`RuleDecision::window_start`] carries the top bit, 2^63, to say so).
     Local,
@@ -1359,8 +1359,10 @@ impl Store for RedisStore {
         rule: &str,
         key: &RateKey,
     ) -> BoxFuture<Result<(), StoreError>> {
-        // Redis keys, and so the blocked cache, go by the rule's name.
-        let _ = rule_index;
+        // Redis keys, and so the blocked cache, go by the rule's name; the local fallback
+        // by its index. The fallback forgets the key too: what it counted while Redis was
+        // away would otherwise refuse the reset key at the next outage.
+        self.inner.fallback.reset_now(rule_index, key);
         self.inner.blocked.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();
