@@ -1524,3 +1524,50 @@ async fn a_reset_forgets_the_key_in_the_local_fallback_too() {
         "the reset key is still exhausted in the local fallback"
     );
 }
+
+/// On a Cluster, a script cache flushed on every master is loaded again by the next
+/// decision, a settlement and a reset, whichever master holds the key.
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_on_every_cluster_master() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("cluster-flush"))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let rules: Vec<Owned> = (0..12)
+        .map(|i| Owned {
+            key: RateKey::principal(format!("user-{i}")),
+            ..one_rule(Algorithm::Gcra, 3, 1)
+        })
+        .collect();
+    for rule in &rules {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    let flush = || async {
+        for &addr in cluster.addrs() {
+            let reply = support::command(addr, "SCRIPT FLUSH").await.unwrap();
+            assert!(reply.starts_with("+OK"), "{reply}");
+        }
+    };
+    flush().await;
+    let mut reserved = Vec::new();
+    for rule in &rules {
+        let d = store.check(&[rule.item()]).await.unwrap();
+        assert!(d.admitted);
+        reserved.push(d.rules[0]);
+    }
+    flush().await;
+    for (rule, d) in rules.iter().zip(&reserved) {
+        store.settle(&[settlement(rule, d, -1)]).await.unwrap();
+        assert_eq!(remaining(&store, rule).await, 2);
+    }
+    flush().await;
+    for rule in &rules {
+        store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+        assert_eq!(remaining(&store, rule).await, 3);
+    }
+    assert!(store.health().healthy);
+}
