@@ -289,3 +289,171 @@ async fn redis_down_refuses_with_503_or_passes_when_failing_open() {
     assert_eq!(open.oneshot(request("ann", 1)).await.unwrap().status(), 200);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+/// One account in Redis and the same account in memory, asked the same questions.
+struct Twin {
+    redis: RedisBudgetStore<redis::aio::ConnectionManager>,
+    memory: palisade::cost::budget::MemoryBudgetStore,
+    charges: Arc<[palisade::cost::budget::Charge]>,
+}
+
+impl Twin {
+    async fn new(server: &support::RedisServer, budget: Budget) -> Self {
+        Self {
+            redis: RedisBudgetStore::new(manager(&server.url()).await),
+            memory: palisade::cost::budget::MemoryBudgetStore::new(),
+            charges: Arc::from(vec![palisade::cost::budget::Charge {
+                budget: Arc::new(budget),
+                subject: "ann".into(),
+            }]),
+        }
+    }
+
+    /// Reserves `picos` in both stores; both must answer alike (the refusal's wait
+    /// aside: each reads its own clock). Returns whether it was granted.
+    async fn reserve(&self, picos: u128) -> bool {
+        use palisade::cost::budget::{BudgetStore, Reserve};
+        let now = std::time::SystemTime::now();
+        let amount = Money::from_picos(picos);
+        let strip = |r: Reserve| match r {
+            Reserve::Refused { index, spent, .. } => Some((index, spent)),
+            _ => None,
+        };
+        let in_redis = strip(
+            self.redis
+                .reserve(&self.charges, amount, now)
+                .await
+                .unwrap(),
+        );
+        let in_memory = strip(
+            self.memory
+                .reserve(&self.charges, amount, now)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(in_redis, in_memory, "reserving {picos} pico-dollars");
+        in_redis.is_none()
+    }
+
+    /// Settles a reservation of `reserved` at `actual` in both stores; both must report
+    /// the same crossings.
+    async fn settle(&self, reserved: u128, actual: u128) -> Vec<(u16, Money)> {
+        use palisade::cost::budget::BudgetStore;
+        let now = std::time::SystemTime::now();
+        let (r, a) = (Money::from_picos(reserved), Money::from_picos(actual));
+        let strip = |c: Vec<palisade::cost::budget::Crossing>| {
+            c.into_iter()
+                .map(|c| (c.permille, c.spent))
+                .collect::<Vec<_>>()
+        };
+        let in_redis = strip(
+            self.redis
+                .settle(Arc::clone(&self.charges), r, a, now)
+                .await
+                .unwrap(),
+        );
+        let in_memory = strip(
+            self.memory
+                .settle(Arc::clone(&self.charges), r, a, now)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(in_redis, in_memory, "settling {actual} of {reserved}");
+        in_redis
+    }
+
+    /// Reserves and settles `picos`.
+    async fn spend(&self, picos: u128) -> Vec<(u16, Money)> {
+        assert!(self.reserve(picos).await, "{picos} should fit");
+        self.settle(picos, picos).await
+    }
+}
+
+/// Lua numbers are doubles: past 2^53 pico-dollars (about $9,007) the scripts compared
+/// rounded sums, so an ordinary $10,000 monthly budget let a request through one
+/// pico-dollar over its limit and reported a rounded spend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_thousand_dollar_budget_in_redis_refuses_exactly_at_its_limit() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let limit = 10_000 * 1_000_000_000_000u128; // $10,000
+    let periods = [
+        ("monthly", Period::Month),
+        ("hourly", Period::Rolling(Duration::from_secs(3600))),
+    ];
+    for (name, period) in periods {
+        let twin = Twin::new(
+            &server,
+            Budget::new(name, Scope::User, period, Money::from_picos(limit)),
+        )
+        .await;
+        // odd amounts up to one pico-dollar short of the limit
+        for _ in 0..3 {
+            twin.spend(3_333_333_333_333_333).await;
+        }
+        assert!(
+            !twin.reserve(2).await,
+            "{name}: one pico-dollar over the limit"
+        );
+        assert!(twin.reserve(1).await, "{name}: exactly the limit");
+        twin.settle(1, 1).await;
+        assert!(!twin.reserve(1).await, "{name}: the budget is used up");
+    }
+}
+
+/// Spend was kept with HINCRBY: past $9.2 million (2^63 pico-dollars) per account the
+/// settlement failed and the spend was lost. Thresholds are compared on exact amounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_totals_in_redis_past_nine_million_dollars_are_exact() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let dollar = 1_000_000_000_000u128;
+    let limit = 20_000_000 * dollar + 2; // $20 million and two pico-dollars
+    let twin = Twin::new(
+        &server,
+        Budget::new(
+            "monthly",
+            Scope::User,
+            Period::Month,
+            Money::from_picos(limit),
+        )
+        .thresholds([0.5, 1.0]),
+    )
+    .await;
+    let half = limit / 2; // $10 million and one pico-dollar
+    assert!(twin.spend(half - 7).await.is_empty());
+    assert!(
+        twin.spend(6).await.is_empty(),
+        "one pico-dollar short of half"
+    );
+    assert_eq!(twin.spend(1).await, [(500, Money::from_picos(half))]);
+    assert!(twin.spend(half - 1).await.is_empty());
+    assert!(!twin.reserve(2).await);
+    assert_eq!(twin.spend(1).await, [(1000, Money::from_picos(limit))]);
+    let mut conn = manager(&server.url()).await;
+    let (spent, reserved): (String, String) = redis::cmd("HMGET")
+        .arg("palisade:budget:{budget}:monthly:ann")
+        .arg("s")
+        .arg("r")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((spent, reserved), (limit.to_string(), "0".to_owned()));
+    // amounts as large as Money holds are kept too
+    let huge = Twin::new(
+        &server,
+        Budget::new(
+            "huge",
+            Scope::User,
+            Period::Month,
+            Money::from_picos(u128::MAX),
+        ),
+    )
+    .await;
+    huge.spend(u128::MAX - 1).await;
+    assert!(!huge.reserve(2).await);
+    huge.spend(1).await;
+    assert!(!huge.reserve(1).await);
+}

@@ -397,3 +397,59 @@ async fn an_unreachable_database_fails_start_up() {
     assert!(text.contains("DATABASE_URL"), "{text}");
     assert!(!text.contains("s3cret"), "{text}");
 }
+
+/// "Served by a fallback" was kept in the gateway's memory only, keyed by the request id:
+/// `usage_logs` could not tell. The record carries the mark now, into PostgreSQL and into
+/// the in-memory ledger behind `/v1/usage`; the primary's refused attempt carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_served_by_the_fallback_says_so_in_its_usage_row() {
+    let server = pg::Postgres::start();
+    let url = server.database("fallback").await;
+    let gw = start(
+        &url,
+        &[
+            ("PALISADE_GATEWAY_FALLBACK_MODEL", "claude-haiku-4-5"),
+            ("PALISADE_RETRY_MAX_RETRIES", "0"),
+        ],
+    )
+    .await;
+    let db = client(&url).await;
+    let body = json!({
+        "model": "mock-overloaded",
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Hello there"}]
+    });
+    let a = gw.post("/v1/messages", USER, body).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    // the primary's 529 and the fallback's answer
+    wait_count(&db, "SELECT count(*) FROM usage_logs", 2).await;
+    let rows = db
+        .query(
+            "SELECT status, fallback, model FROM usage_logs ORDER BY status",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(i16, Option<String>, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[0].0, rows[0].1.as_deref(), rows[0].2.as_deref()),
+        (
+            200,
+            Some("model:claude-haiku-4-5"),
+            Some("claude-haiku-4-5")
+        ),
+        "{rows:?}"
+    );
+    assert_eq!((rows[1].0, rows[1].1.as_deref()), (529, None), "{rows:?}");
+
+    let usage = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(usage["report"]["fallbacks"], 1, "{usage}");
+    assert_eq!(
+        usage["report"]["by_fallback"]["model:claude-haiku-4-5"]["requests"], 1,
+        "{usage}"
+    );
+}

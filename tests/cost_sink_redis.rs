@@ -2,6 +2,8 @@
 //! harness.
 #![cfg(feature = "redis")]
 
+#[path = "support/records.rs"]
+mod records;
 mod support;
 
 use std::sync::Arc;
@@ -10,51 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use palisade::cost::sink::{RedisSink, RedisSinkConfig, UsageSink};
 use palisade::cost::summary::{Subject, summarize, top};
 use palisade::cost::{
-    Attribution, Completion, MemorySink, Money, RecorderConfig, Usage, UsageRecord, UsageRecorder,
+    Attribution, MemorySink, Money, RecorderConfig, Usage, UsageRecord, UsageRecorder,
 };
 use palisade::key::ApiKeyId;
-
-const USERS: [&str; 7] = ["ann", "bob", "cy", "dee", "Eve", "éclair", "zed"];
-
-/// Record `i`: a spread of users, keys, models, days, token classes and outcomes.
-fn record(i: u64) -> UsageRecord {
-    let base = UNIX_EPOCH + Duration::from_secs(1_767_225_600); // 2026-01-01
-    let time = base + Duration::from_millis(i * 25_913); // about three days for 10 000
-    let usage = Usage {
-        input_tokens: i % 997,
-        output_tokens: (i * 7) % 4001,
-        cache_write_5m_tokens: i % 5,
-        cache_write_1h_tokens: i % 3,
-        cache_read_tokens: (i * 13) % 1000,
-        web_search_requests: i % 2,
-    };
-    let cost = (i % 11 != 0).then(|| Money::from_picos(u128::from(i) * 1_234_567_891));
-    let model = match i % 4 {
-        0 => None,
-        1 => Some("claude-sonnet-4-5".to_owned()),
-        2 => Some("gpt-4o".to_owned()),
-        _ => Some("mystery".to_owned()),
-    };
-    let mut attribution = Attribution::default();
-    if i % 9 != 0 {
-        attribution.user = Some(USERS[(i % 7) as usize].to_owned());
-    }
-    if i % 3 == 0 {
-        attribution.api_key = Some(ApiKeyId::from_key(&format!("sk-{}", i % 5)));
-    }
-    attribution.bot = (i % 2 == 0).then(|| "helper".to_owned());
-    let mut r = UsageRecord::new(time, model, usage, cost).with_attribution(attribution);
-    r.request_id = (i % 13 != 0).then(|| format!("req_{i}"));
-    r.route = "/v1/messages".into();
-    r.stream = i % 2 == 1;
-    r.completion = if i % 17 == 0 {
-        Completion::Partial
-    } else {
-        Completion::Complete
-    };
-    r.duration = Duration::from_millis(i % 3000);
-    r
-}
+use records::{USERS, record};
 
 async fn manager(url: &str) -> redis::aio::ConnectionManager {
     let client = redis::Client::open(url).unwrap();
@@ -312,4 +273,102 @@ async fn spend_past_64_bits_of_pico_dollars_sums_exactly_like_the_memory_sink() 
         sink.top(5, from, to).await.unwrap(),
         top(&memory.records(), 5, from, to)
     );
+}
+
+/// The script marked a record seen before writing it: when a write failed half-way (here
+/// a key of the wrong type in one user's aggregate), the record's stream entry and part of
+/// its aggregates stayed, and the retry took it for a duplicate, so that user's money was
+/// never counted. A record is now stored whole or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_write_fails_half_way_is_stored_whole_on_the_retry() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let day = UNIX_EPOCH + Duration::from_secs(20_454 * 86_400);
+    let by = |user: &str, i: u64| {
+        UsageRecord::new(
+            day + Duration::from_secs(i),
+            Some("gpt-4o".to_owned()),
+            Usage {
+                input_tokens: 10 + i,
+                ..Usage::default()
+            },
+            Some(Money::from_picos(1_000_000 + u128::from(i))),
+        )
+        .with_attribution(Attribution {
+            user: Some(user.to_owned()),
+            ..Attribution::default()
+        })
+    };
+    let records = vec![by("ann", 1), by("bob", 2), by("ann", 3)];
+    // bob's aggregate for the day is taken by a key of another type
+    let poisoned = "palisade:usage:{usage}:day:20454:user:bob";
+    let mut conn = manager(&server.url()).await;
+    let () = redis::cmd("SET")
+        .arg(poisoned)
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(h.backlog, 3, "{h:?}");
+    // the key is repaired; the retry stores every record once, whole
+    let () = redis::cmd("DEL")
+        .arg(poisoned)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.flush().await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.delivered, h.dropped, h.backlog), (3, 0, 0), "{h:?}");
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 3);
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    let (from, to) = window();
+    for subject in [
+        Subject::All,
+        Subject::User("ann".into()),
+        Subject::User("bob".into()),
+    ] {
+        assert_eq!(
+            sink.summary(&subject, from, to).await.unwrap(),
+            summarize(&memory.records(), &subject, from, to),
+            "{subject:?}"
+        );
+    }
+}
+
+/// The fallback a response came from travels in the stream entry's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_a_record_came_from_is_in_its_stream_entry() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let mut served = record(1);
+    served.fallback = Some("upstream:https://backup.example".into());
+    sink.record_batch(&[served.clone(), record(2)])
+        .await
+        .unwrap();
+    let mut conn = manager(&server.url()).await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(sink.stream_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let records: Vec<UsageRecord> = entries
+        .iter()
+        .map(|(_, fields)| {
+            let json = &fields.iter().find(|(k, _)| k == "record").unwrap().1;
+            serde_json::from_str(json).unwrap()
+        })
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0], served);
+    assert_eq!(records[1].fallback, None);
 }

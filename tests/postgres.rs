@@ -3,58 +3,17 @@
 
 #[path = "support/postgres.rs"]
 mod pg;
+#[path = "support/records.rs"]
+mod records;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use palisade::cost::sink::{AuditEvent, PostgresConfig, PostgresSink, UsageSink};
 use palisade::cost::summary::{Subject, summarize, top};
-use palisade::cost::{
-    Attribution, Completion, MemorySink, Money, RecorderConfig, Usage, UsageRecord, UsageRecorder,
-};
+use palisade::cost::{MemorySink, RecorderConfig, UsageRecord, UsageRecorder};
 use palisade::key::ApiKeyId;
-
-const USERS: [&str; 7] = ["ann", "bob", "cy", "dee", "Eve", "éclair", "zed"];
-
-/// Record `i`: a spread of users, keys, models, days, token classes and outcomes.
-fn record(i: u64) -> UsageRecord {
-    let base = UNIX_EPOCH + Duration::from_secs(1_767_225_600); // 2026-01-01
-    let time = base + Duration::from_millis(i * 25_913); // about three days for 10 000
-    let usage = Usage {
-        input_tokens: i % 997,
-        output_tokens: (i * 7) % 4001,
-        cache_write_5m_tokens: i % 5,
-        cache_write_1h_tokens: i % 3,
-        cache_read_tokens: (i * 13) % 1000,
-        web_search_requests: i % 2,
-    };
-    let cost = (i % 11 != 0).then(|| Money::from_picos(u128::from(i) * 1_234_567_891));
-    let model = match i % 4 {
-        0 => None,
-        1 => Some("claude-sonnet-4-5".to_owned()),
-        2 => Some("gpt-4o".to_owned()),
-        _ => Some("mystery".to_owned()),
-    };
-    let mut attribution = Attribution::default();
-    if i % 9 != 0 {
-        attribution.user = Some(USERS[(i % 7) as usize].to_owned());
-    }
-    if i % 3 == 0 {
-        attribution.api_key = Some(ApiKeyId::from_key(&format!("sk-{}", i % 5)));
-    }
-    attribution.bot = (i % 2 == 0).then(|| "helper".to_owned());
-    let mut r = UsageRecord::new(time, model, usage, cost).with_attribution(attribution);
-    r.request_id = (i % 13 != 0).then(|| format!("req_{i}"));
-    r.route = "/v1/messages".into();
-    r.stream = i % 2 == 1;
-    r.completion = if i % 17 == 0 {
-        Completion::Partial
-    } else {
-        Completion::Complete
-    };
-    r.duration = Duration::from_millis(i % 3000);
-    r
-}
+use records::{USERS, record};
 
 async fn count(url: &str, sql: &str) -> i64 {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -73,7 +32,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     let server = pg::Postgres::start();
     let url = server.database("load").await;
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5]);
+    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5, 6]);
     let config = RecorderConfig {
         capacity: 20_000,
         max_batch: 1000,
@@ -172,11 +131,11 @@ async fn migrations_run_twice_or_at_once_are_a_no_op() {
     let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
     let mut applied = ra.unwrap();
     applied.extend(rb.unwrap());
-    assert_eq!(applied, [1, 2, 3, 4, 5], "each migration applied once");
+    assert_eq!(applied, [1, 2, 3, 4, 5, 6], "each migration applied once");
     assert!(a.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(&url, "SELECT count(*) FROM palisade_schema_migrations").await,
-        5
+        palisade::cost::sink::MIGRATIONS.len() as i64
     );
 }
 
@@ -387,7 +346,7 @@ async fn the_record_id_migration_keeps_existing_rows() {
         .await
         .unwrap();
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [5]);
+    assert_eq!(sink.migrate().await.unwrap(), [5, 6]);
     assert!(sink.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(
@@ -417,4 +376,70 @@ async fn the_record_id_migration_keeps_existing_rows() {
         .await,
         2
     );
+}
+
+/// The fallback a response came from was kept only in the gateway's memory: the record
+/// carries it now, and `usage_logs.fallback` stores it (NULL for rows stored before the
+/// column, and for records no fallback served).
+#[tokio::test]
+async fn the_fallback_a_record_came_from_is_stored_and_old_rows_keep_null() {
+    let server = pg::Postgres::start();
+    let url = server.database("fallback").await;
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(
+            "CREATE TABLE palisade_schema_migrations (version integer PRIMARY KEY, \
+             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .unwrap();
+    for (version, name, sql) in &palisade::cost::sink::MIGRATIONS[..5] {
+        client.batch_execute(sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO usage_logs (record_id, time, route, input_tokens, output_tokens, \
+             cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
+             web_search_requests, status, stream, completion, duration_ms, time_to_headers_ms) \
+             VALUES ('old', now(), '/', 1, 0, 0, 0, 0, 0, 200, false, 'complete', 0, 0)",
+        )
+        .await
+        .unwrap();
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    assert_eq!(sink.migrate().await.unwrap(), [6]);
+    let mut served = record(1);
+    served.fallback = Some("model:claude-haiku-4-5".into());
+    let plain = record(2);
+    sink.record_batch(&[served.clone(), plain.clone()])
+        .await
+        .unwrap();
+    let row = |id: String| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT fallback FROM usage_logs WHERE record_id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert_eq!(
+        row(served.id.to_string()).await.as_deref(),
+        Some("model:claude-haiku-4-5")
+    );
+    assert_eq!(row(plain.id.to_string()).await, None);
+    assert_eq!(row("old".to_owned()).await, None);
 }

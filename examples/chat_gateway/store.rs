@@ -116,13 +116,13 @@ impl Bots {
     }
 }
 
-/// A usage record as the gateway keeps it: the meter's record and, when a fallback served
-/// the request, what it fell back to.
+/// A usage record as the gateway keeps it.
 #[derive(Debug, Clone)]
 pub struct LedgerEntry {
     /// The meter's record.
     pub record: UsageRecord,
-    /// The fallback taken (`model:claude-haiku-4-5`, `upstream:https://...`), if any.
+    /// The fallback that answered (`model:claude-haiku-4-5`, `upstream:https://...`), if
+    /// any: the record's own [`fallback`](UsageRecord::fallback), which every sink stores.
     pub fallback: Option<String>,
 }
 
@@ -137,7 +137,6 @@ pub enum Ledger {
 #[derive(Debug, Default)]
 pub struct MemoryLedger {
     entries: Mutex<std::collections::VecDeque<LedgerEntry>>,
-    fallbacks: Mutex<HashMap<String, String>>,
     evicted: AtomicU64,
 }
 
@@ -148,20 +147,6 @@ impl Ledger {
     /// An empty in-memory ledger.
     pub fn memory() -> Self {
         Ledger::Memory(Arc::new(MemoryLedger::default()))
-    }
-
-    /// Notes that the request `request_id` was served by a fallback, so its record says so.
-    pub fn mark_fallback(&self, request_id: &str, fallback: String) {
-        match self {
-            Ledger::Memory(m) => {
-                let mut marks = lock(&m.fallbacks);
-                // A fallback that failed too leaves its mark unclaimed: keep them bounded.
-                if marks.len() >= 100_000 {
-                    marks.clear();
-                }
-                marks.insert(request_id.to_owned(), fallback);
-            }
-        }
     }
 
     /// The entries between `from` (inclusive) and `to` (exclusive) that `filter` keeps.
@@ -190,16 +175,9 @@ impl Ledger {
     fn add(&self, batch: &[UsageRecord]) {
         match self {
             Ledger::Memory(m) => {
-                let mut fallbacks = lock(&m.fallbacks);
                 let mut entries = lock(&m.entries);
                 for record in batch {
-                    // The primary's refusal carries the same request id: only the answer
-                    // that served the request takes the mark.
-                    let fallback = record
-                        .request_id
-                        .as_deref()
-                        .filter(|_| record.status < 400)
-                        .and_then(|id| fallbacks.remove(id));
+                    let fallback = record.fallback.clone();
                     if entries.len() >= MAX_LEDGER_ENTRIES {
                         entries.pop_front();
                         m.evicted.fetch_add(1, Ordering::Relaxed);
@@ -415,8 +393,11 @@ pub struct UsageReport {
     pub by_bot: BTreeMap<String, Totals>,
     /// By conversation.
     pub by_conversation: BTreeMap<String, Totals>,
-    /// Requests a fallback served.
+    /// Requests a fallback served (answered without an error).
     pub fallbacks: u64,
+    /// Everything a fallback answered, by fallback (`model:claude-haiku-4-5`, ...), errors
+    /// included.
+    pub by_fallback: BTreeMap<String, Totals>,
 }
 
 impl UsageReport {
@@ -439,8 +420,11 @@ impl UsageReport {
             if let Some(c) = &rec.attribution.conversation {
                 r.by_conversation.entry(c.clone()).or_default().add(rec);
             }
-            if e.fallback.is_some() {
-                r.fallbacks += 1;
+            if let Some(fallback) = &rec.fallback {
+                if rec.status < 400 && !rec.completion.is_error() {
+                    r.fallbacks += 1;
+                }
+                r.by_fallback.entry(fallback.clone()).or_default().add(rec);
             }
         }
         r

@@ -31,13 +31,12 @@ use palisade::circuit_breaker::{
 };
 use palisade::cost::alert::{AlertEvent, AlertSink};
 use palisade::cost::budget::BudgetLayer;
-use palisade::cost::{Attribution, CostMeterLayer};
+use palisade::cost::{Attribution, CostMeterLayer, Fallback};
 use palisade::{BoxError, Error, ErrorKind};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
 use crate::config::{GatewayConfig, UpstreamTarget};
-use crate::store::Ledger;
 
 /// The response header that says a fallback served the request.
 pub const X_PALISADE_FALLBACK: HeaderName = HeaderName::from_static("x-palisade-fallback");
@@ -64,6 +63,8 @@ struct Parts {
     api_key: Option<HeaderValue>,
     /// A model that replaces the caller's (a fallback to another model).
     model: Option<String>,
+    /// For the fallback: its name in the `x-palisade-fallback` header and in usage records.
+    fallback_label: Option<String>,
     svc: Svc,
     breaker: Option<CircuitBreakerHandle>,
     /// The longest silence inside a response body.
@@ -174,8 +175,8 @@ impl Upstreams {
     }
 
     /// Calls the primary; on an open breaker or a 529, the fallback (marked in the
-    /// `x-palisade-fallback` header and in the usage record).
-    pub async fn send(&self, call: Call, ledger: &Ledger) -> Result<Response<Body>, Error> {
+    /// `x-palisade-fallback` header and, through [`Fallback`], in its usage record).
+    pub async fn send(&self, call: Call) -> Result<Response<Body>, Error> {
         let first = self.primary.send(&call).await;
         let Some(fallback) = &self.fallback else {
             return first;
@@ -186,14 +187,11 @@ impl Upstreams {
             _ => return first,
         };
         drop(first);
-        let label = match &fallback.parts.model {
-            Some(model) => format!("model:{model}"),
-            None => format!("upstream:{}", fallback.parts.base_url),
-        };
+        let label = fallback.parts.fallback_label.as_deref().unwrap_or_default();
         tracing::warn!(request_id = %call.request_id, reason, fallback = %label, "primary upstream unavailable: fallback taken");
-        ledger.mark_fallback(&call.request_id, label.clone());
+        // the fallback's usage record carries the mark itself (see `Upstream::build`)
         let mut res = fallback.send(&call).await?;
-        if let Ok(v) = HeaderValue::from_str(&label) {
+        if let Ok(v) = HeaderValue::from_str(label) {
             res.headers_mut().insert(X_PALISADE_FALLBACK, v);
         }
         Ok(res)
@@ -246,6 +244,10 @@ impl Upstream {
         alerts: Arc<dyn AlertSink>,
     ) -> Result<Self, BoxError> {
         let executor = TokioExecutor::new();
+        let fallback_label = (name == "fallback").then(|| match &model {
+            Some(model) => format!("model:{model}"),
+            None => format!("upstream:{base_url}"),
+        });
         if !config.layers {
             let client: Client<Connector, Full<Bytes>> = Client::builder(executor)
                 .pool_idle_timeout(Duration::from_secs(90))
@@ -259,6 +261,7 @@ impl Upstream {
                     base_url,
                     api_key,
                     model,
+                    fallback_label,
                     svc: BoxCloneSyncService::new(svc),
                     breaker: None,
                     idle_timeout: config.stream_idle_timeout,
@@ -282,8 +285,16 @@ impl Upstream {
         let handle = breaker.handle();
         let retry = config.retry.build()?;
         let meter = meter.ok_or("the cost meter is required with the layers on")?;
+        // The fallback's answers carry a mark the meter copies into their usage records.
+        let mark = fallback_label.clone().map(Fallback::new);
         let stack = ServiceBuilder::new()
             .layer(meter)
+            .map_response(move |mut res: Response<_>| {
+                if let Some(mark) = &mark {
+                    res.extensions_mut().insert(mark.clone());
+                }
+                res
+            })
             .layer(retry)
             .layer(breaker)
             .service(client.map_err(BoxError::from));
@@ -303,6 +314,7 @@ impl Upstream {
                 base_url,
                 api_key,
                 model,
+                fallback_label,
                 svc,
                 breaker: Some(handle),
                 idle_timeout: config.stream_idle_timeout,

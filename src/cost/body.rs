@@ -32,6 +32,8 @@ pub(crate) struct RequestMeta {
     pub(crate) body_user: Option<Arc<std::sync::OnceLock<String>>>,
     /// The request's budget reservation, settled with the measured cost.
     pub(crate) budget: Option<super::budget::BudgetReservation>,
+    /// The response's [`Fallback`](super::Fallback) mark, read with its head.
+    pub(crate) fallback: Option<String>,
 }
 
 #[derive(Debug)]
@@ -328,6 +330,7 @@ impl RequestMeta {
             stream: false,
             completion,
             upstream_error: None,
+            fallback: self.fallback.take(),
         }
     }
 }

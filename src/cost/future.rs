@@ -177,6 +177,10 @@ where
                         this.state.set(State::Done);
                         return Poll::Ready(Ok(response.map(MeteredBody::passthrough)));
                     };
+                    meta.fallback = response
+                        .extensions()
+                        .get::<super::record::Fallback>()
+                        .map(|f| f.as_str().to_owned());
                     let headers = response.headers();
                     let stream = is_content_type(headers, "text/event-stream");
                     let json = !stream && is_content_type(headers, "application/json");

@@ -296,6 +296,7 @@ where
                 .extensions()
                 .get::<super::budget::BudgetReservation>()
                 .cloned(),
+            fallback: None,
         };
         ResponseFuture::new(self.inner.call(req), Arc::clone(&self.shared), meta)
     }

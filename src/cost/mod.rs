@@ -136,7 +136,7 @@ pub use layer::{
 };
 pub use peek::{BodyUserId, BodyUserIdLayer, UserIdBody};
 pub use pricing::{ModelPrice, Money, PriceTable, TokenPrices};
-pub use record::{Attribution, Completion, ParseRecordIdError, RecordId, UsageRecord};
+pub use record::{Attribution, Completion, Fallback, ParseRecordIdError, RecordId, UsageRecord};
 pub use sink::{
     CostStats, CostStatsSnapshot, MemorySink, RecorderConfig, RecorderShutdown, SinkError,
     TracingSink, UsageRecorder, UsageSink,

@@ -215,13 +215,47 @@ impl<'de> Deserialize<'de> for RecordId {
     }
 }
 
+/// Says that a response came from a fallback (another model or another upstream standing
+/// in for the one the request was meant for), and which. Whatever calls the fallback puts
+/// it in the response's extensions, below the [`CostMeterLayer`](super::CostMeterLayer);
+/// the meter copies it into the record's [`fallback`](UsageRecord::fallback), which every
+/// sink stores.
+///
+/// ```
+/// use palisade::cost::Fallback;
+/// let mut res = http::Response::new(());
+/// res.extensions_mut().insert(Fallback::new("model:claude-haiku-4-5"));
+/// assert_eq!(res.extensions().get::<Fallback>().unwrap().as_str(), "model:claude-haiku-4-5");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fallback(String);
+
+impl Fallback {
+    /// A mark naming the fallback, e.g. `model:claude-haiku-4-5` or
+    /// `upstream:https://backup.example`.
+    pub fn new(label: impl Into<String>) -> Self {
+        Self(label.into())
+    }
+
+    /// The fallback's name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// One metered response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RecordWire")]
 #[non_exhaustive]
 pub struct UsageRecord {
-    /// The record's server-made identity, the sinks' idempotency key (a record read
-    /// without one gets a fresh id).
-    #[serde(default = "RecordId::generate")]
+    /// The record's server-made identity, the sinks' idempotency key.
+    ///
+    /// A record read without one (written by something other than the meter) gets an id
+    /// derived from its content: its time's milliseconds, then 80 bits of a SHA-256 of
+    /// its other fields. So reading the same record twice gives the same id, and a
+    /// record replayed into a sink is stored once. Two such records equal in every field
+    /// (durations to the nanosecond included) share that id and are stored once: give
+    /// records that may be equal an id of their own ([`RecordId::generate`]).
     pub id: RecordId,
     /// When the request arrived (wall clock).
     #[serde(with = "unix_millis")]
@@ -252,6 +286,79 @@ pub struct UsageRecord {
     pub completion: Completion,
     /// The upstream's in-body error type, if any.
     pub upstream_error: Option<String>,
+    /// The fallback the response came from ([`Fallback`]), if one stood in for the
+    /// upstream the request was meant for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// A [`UsageRecord`] as read: the id may be missing.
+#[derive(Deserialize)]
+struct RecordWire {
+    #[serde(default)]
+    id: Option<RecordId>,
+    #[serde(with = "unix_millis")]
+    time: SystemTime,
+    request_id: Option<String>,
+    attribution: Attribution,
+    route: String,
+    model: Option<String>,
+    usage: Usage,
+    cost: Option<Money>,
+    duration: Duration,
+    time_to_headers: Duration,
+    status: u16,
+    stream: bool,
+    completion: Completion,
+    upstream_error: Option<String>,
+    #[serde(default)]
+    fallback: Option<String>,
+}
+
+impl From<RecordWire> for UsageRecord {
+    fn from(w: RecordWire) -> Self {
+        let mut record = UsageRecord {
+            id: RecordId(0),
+            time: w.time,
+            request_id: w.request_id,
+            attribution: w.attribution,
+            route: w.route,
+            model: w.model,
+            usage: w.usage,
+            cost: w.cost,
+            duration: w.duration,
+            time_to_headers: w.time_to_headers,
+            status: w.status,
+            stream: w.stream,
+            completion: w.completion,
+            upstream_error: w.upstream_error,
+            fallback: w.fallback,
+        };
+        record.id = match w.id {
+            Some(id) => id,
+            None => RecordId::of_content(&record),
+        };
+        record
+    }
+}
+
+impl RecordId {
+    /// The id of a record read without one (its own id zero): its time's milliseconds,
+    /// then 80 bits of a SHA-256 of its JSON.
+    fn of_content(record: &UsageRecord) -> Self {
+        use sha2::{Digest, Sha256};
+        // serializing a record cannot fail: every field is plain data
+        let json = serde_json::to_vec(record).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        let mut low = [0u8; 16];
+        low[6..].copy_from_slice(&digest[..10]);
+        let millis = record
+            .time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+            & ((1 << 48) - 1);
+        Self((millis << 80) | u128::from_be_bytes(low))
+    }
 }
 
 impl UsageRecord {
@@ -273,6 +380,7 @@ impl UsageRecord {
             stream: false,
             completion: Completion::Complete,
             upstream_error: None,
+            fallback: None,
         }
     }
 
@@ -332,5 +440,36 @@ mod tests {
         let back: UsageRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, r);
         assert_eq!(back.unix_millis(), 1_700_000_000_123);
+    }
+
+    /// A record read without an id got a fresh random one on every read, so the same
+    /// record replayed into a sink was stored again each time.
+    #[test]
+    fn a_record_read_without_an_id_gets_the_same_id_on_every_read() {
+        let r = UsageRecord::new(
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            Some("claude-haiku-4-5".into()),
+            Usage {
+                input_tokens: 7,
+                ..Usage::default()
+            },
+            Some(Money::from_picos(42)),
+        );
+        let mut json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("id");
+        let read = |json: &serde_json::Value| -> UsageRecord {
+            serde_json::from_value(json.clone()).unwrap()
+        };
+        let (a, b) = (read(&json), read(&json));
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, r.id, "derived from the content, not the original id");
+        // the time still leads the id
+        assert_eq!(a.id.to_bytes()[..6], r.id.to_bytes()[..6]);
+        // another record, another id
+        json["usage"]["input_tokens"] = 8.into();
+        assert_ne!(read(&json).id, a.id);
+        // what was read, written and read again keeps its id
+        let again: UsageRecord = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(again, a);
     }
 }

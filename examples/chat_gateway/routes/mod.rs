@@ -199,7 +199,7 @@ pub async fn send_upstream(
     };
     state
         .upstreams
-        .send(call, &state.ledger)
+        .send(call)
         .await
         .fmt_err(state.config.error_format())
 }

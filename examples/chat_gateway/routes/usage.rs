@@ -1,5 +1,5 @@
-//! `GET /v1/usage`: the caller's spend over `from`..`to` (totals, by model, day, bot and
-//! conversation). With an admin key: any `user`, or everyone with the `top` N spenders.
+//! `GET /v1/usage`: the caller's spend over `from`..`to` (totals, by model, day, bot,
+//! conversation and fallback). With an admin key: any `user`, or everyone with the `top` N spenders.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

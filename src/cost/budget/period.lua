@@ -30,14 +30,14 @@ local function period(kind, now_ms)
   return nil, nil
 end
 
--- Moves the account to the current period; returns its settled spend (a number) and,
--- for rolling windows, its live slots (oldest first).
+-- Moves the account to the current period; returns its settled spend (an amount of
+-- money.lua) and, for rolling windows, its live slots (oldest first: slot, amount).
 local function roll(key, kind, window_ms, now_ms)
   if kind == 'r' then
     local slot_ms = math.max(1, math.floor(window_ms / 60))
     local cur = math.floor(now_ms / slot_ms)
     local flat = redis.call('HGETALL', key)
-    local spent, slots = 0, {}
+    local spent, slots = {}, {}
     for i = 1, #flat, 2 do
       local f = flat[i]
       if string.sub(f, 1, 1) == 'w' then
@@ -45,8 +45,8 @@ local function roll(key, kind, window_ms, now_ms)
         if slot + 60 <= cur then
           redis.call('HDEL', key, f)
         else
-          local v = tonumber(flat[i + 1])
-          spent = spent + v
+          local v = big(flat[i + 1])
+          spent = big_add(spent, v)
           slots[#slots + 1] = {slot, v}
         end
       end
@@ -58,7 +58,7 @@ local function roll(key, kind, window_ms, now_ms)
   if tonumber(redis.call('HGET', key, 'p')) ~= id then
     redis.call('HSET', key, 'p', id, 's', 0, 'f', 0)
   end
-  return tonumber(redis.call('HGET', key, 's')) or 0, nil, nil, nil
+  return big(redis.call('HGET', key, 's')), nil, nil, nil
 end
 
 local t = redis.call('TIME')

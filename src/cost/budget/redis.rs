@@ -13,6 +13,7 @@ use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, R
 use crate::cost::pricing::Money;
 
 const PERIOD: &str = include_str!("period.lua");
+const MONEY: &str = include_str!("money.lua");
 
 /// Budget accounts in Redis (or Redis Cluster): each reservation and each settlement is
 /// one script, one round trip, on Redis's own clock, all or nothing across the request's
@@ -23,8 +24,9 @@ const PERIOD: &str = include_str!("period.lua");
 ///   script can check them together. Budgets are a few keys per user: one slot carries
 ///   them; give each layer its own tag to spread several.
 /// - Each account is a hash that expires a day after its period could matter.
-/// - Amounts are kept exactly (Redis integers, pico-dollars, up to $9.2 million per
-///   account); comparisons in the script use doubles, exact below $9 000 per account.
+/// - Amounts are kept and compared exactly, as `MemoryBudgetStore` does, for any amount
+///   [`Money`] holds: the scripts store pico-dollars as decimal strings and compute on
+///   them digit by digit, never through Lua's doubles (exact only below about $9,007).
 /// - When Redis fails, the layer follows its failure mode (`fail_open`): 503 by default.
 ///
 /// ```no_run
@@ -65,11 +67,11 @@ impl<C> RedisBudgetStore<C> {
             conn,
             tag: "budget".into(),
             reserve: Arc::new(Script::new(&format!(
-                "{PERIOD}\n{}",
+                "{MONEY}\n{PERIOD}\n{}",
                 include_str!("reserve.lua")
             ))),
             settle: Arc::new(Script::new(&format!(
-                "{PERIOD}\n{}",
+                "{MONEY}\n{PERIOD}\n{}",
                 include_str!("settle.lua")
             ))),
         }
@@ -111,8 +113,16 @@ fn store_error(e: redis::RedisError) -> BudgetStoreError {
     BudgetStoreError(e.to_string())
 }
 
+/// An amount the scripts returned (a decimal string); one past what `Money` holds (a sum
+/// of reservations can be) saturates, as `MemoryBudgetStore` does.
 fn picos(text: &str) -> Money {
-    Money::from_picos(text.parse().unwrap_or(0))
+    match text.parse::<u128>() {
+        Ok(n) => Money::from_picos(n),
+        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => {
+            Money::from_picos(u128::MAX)
+        }
+        Err(_) => Money::ZERO,
+    }
 }
 
 impl<C> BudgetStore for RedisBudgetStore<C>
@@ -173,12 +183,8 @@ where
         let mut conn = self.conn.clone();
         Box::pin(async move {
             let mut inv = script.prepare_invoke();
-            let release = if reserved == Money::ZERO {
-                "0".to_owned()
-            } else {
-                format!("-{}", reserved.picos())
-            };
-            inv.arg(release).arg(actual.picos().to_string());
+            inv.arg(reserved.picos().to_string())
+                .arg(actual.picos().to_string());
             for (c, key) in charges.iter().zip(keys) {
                 let (kind, window, ttl) = shape(c.budget.period);
                 let thresholds: Vec<String> =

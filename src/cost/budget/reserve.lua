@@ -1,31 +1,32 @@
 -- Reserves ARGV[1] pico-dollars on every account in KEYS, or on none.
 -- ARGV[2..]: per key: limit, kind, window_ms, ttl_ms.
 -- Returns {0} when granted, else {1, index (0-based), spent, retry_after_ms or -1}.
-local amount = tonumber(ARGV[1])
+local amount = big(ARGV[1])
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
-  local limit, kind, window_ms = tonumber(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2])
+  local limit, kind, window_ms = big(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2])
   local spent, slots, slot_ms = roll(KEYS[i], kind, window_ms, now_ms)
-  local reserved = tonumber(redis.call('HGET', KEYS[i], 'r')) or 0
-  local total = spent + reserved + amount
-  if total > limit then
+  local reserved = big(redis.call('HGET', KEYS[i], 'r'))
+  local total = big_add(big_add(spent, reserved), amount)
+  if big_cmp(total, limit) > 0 then
     local retry = -1
     if kind == 'r' then
-      local need, freed = total - limit, 0
+      local need, freed = big_sub(total, limit), {}
       for _, s in ipairs(slots) do
-        freed = freed + s[2]
-        if freed >= need then retry = (s[1] + 60) * slot_ms - now_ms; break end
+        freed = big_add(freed, s[2])
+        if big_cmp(freed, need) >= 0 then retry = (s[1] + 60) * slot_ms - now_ms; break end
       end
     else
       local _, next_ms = period(kind, now_ms)
       retry = next_ms - now_ms
     end
-    return {1, i - 1, string.format('%.0f', spent), retry}
+    return {1, i - 1, big_str(spent), retry}
   end
 end
 for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
-  redis.call('HINCRBY', KEYS[i], 'r', ARGV[1])
+  local reserved = big(redis.call('HGET', KEYS[i], 'r'))
+  redis.call('HSET', KEYS[i], 'r', big_str(big_add(reserved, amount)))
   redis.call('PEXPIRE', KEYS[i], ARGV[b + 3])
 end
 return {0}

@@ -200,6 +200,17 @@ impl Account {
     }
 }
 
+/// `a × m` exactly, as (high, low) 64-bit halves beyond `u128`: thresholds compare
+/// `spent × 1000` with `limit × permille`, which a saturating product gets wrong near
+/// `u128::MAX`.
+fn wide_mul(a: u128, m: u16) -> (u128, u128) {
+    const LOW: u128 = (1 << 64) - 1;
+    let m = u128::from(m);
+    let low = (a & LOW) * m; // < 2^80
+    let high = (a >> 64) * m + (low >> 64); // < 2^81
+    (high, low & LOW)
+}
+
 type AccountKey = (Arc<str>, Arc<str>);
 
 /// Budget accounts in this process's memory: one lock, so every reservation is atomic.
@@ -289,13 +300,17 @@ impl MemoryBudgetStore {
         for (index, c) in charges.iter().enumerate() {
             let acc = map.entry(Self::key(c)).or_default();
             let spent = acc.roll(c.budget.period, now);
-            let total = spent.saturating_add(acc.reserved).saturating_add(want);
+            // a sum past what u128 holds is over any limit (a saturated one would fit)
+            let total = spent
+                .checked_add(acc.reserved)
+                .and_then(|t| t.checked_add(want));
             let limit = c.budget.limit.picos();
-            if total > limit {
+            if total.is_none_or(|total| total > limit) {
+                let need = total.map_or(u128::MAX, |total| total - limit);
                 return Reserve::Refused {
                     index,
                     spent: Money::from_picos(spent),
-                    retry_after: acc.retry_after(c.budget.period, now, total - limit),
+                    retry_after: acc.retry_after(c.budget.period, now, need),
                 };
             }
         }
@@ -357,7 +372,7 @@ impl MemoryBudgetStore {
             let limit = c.budget.limit.picos();
             for (bit, &permille) in c.budget.thresholds.iter().enumerate().take(32) {
                 let mask = 1u32 << bit;
-                let reached = spent.saturating_mul(1000) >= limit.saturating_mul(permille.into());
+                let reached = wide_mul(spent, 1000) >= wide_mul(limit, permille);
                 if reached && acc.fired & mask == 0 {
                     acc.fired |= mask;
                     crossings.push(Crossing {
@@ -418,6 +433,30 @@ mod tests {
         assert_eq!(
             s.spend(&c[0], t),
             Some((Money::from_picos(60), Money::ZERO))
+        );
+    }
+
+    /// `spent × 1000` saturated near `u128::MAX`: a spend one pico-dollar short of the
+    /// largest limit read as 100 % of it.
+    #[test]
+    fn thresholds_near_the_largest_amount_are_exact() {
+        let s = MemoryBudgetStore::new();
+        let c = charge(Period::Day, u128::MAX);
+        let t = at(1_000);
+        let crossed = s.settle_now(&c, Money::ZERO, Money::from_picos(u128::MAX - 1), t);
+        assert_eq!(
+            crossed.iter().map(|c| c.permille).collect::<Vec<_>>(),
+            [500]
+        );
+        // a reservation past what Money holds is refused, not saturated into the limit
+        assert!(matches!(
+            s.reserve_now(&c, Money::from_picos(2), t),
+            Reserve::Refused { .. }
+        ));
+        let crossed = s.settle_now(&c, Money::ZERO, Money::from_picos(1), t);
+        assert_eq!(
+            crossed.iter().map(|c| c.permille).collect::<Vec<_>>(),
+            [1000]
         );
     }
 

@@ -25,6 +25,8 @@
 //! # }
 //! ```
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod backlog;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -41,6 +43,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub use backlog::SinkHealth;
 pub use memory::MemorySink;
 #[cfg(feature = "postgres")]
 pub use postgres::{

@@ -6,7 +6,8 @@
 //!
 //! - `usage_logs`: one row per [`UsageRecord`] — user, hashed API key, bot, conversation,
 //!   route, model, every token class, cost in pico-dollars, status, stream, completion,
-//!   durations, request id and time — with the record's server-made id
+//!   durations, request id, time and the fallback the response came from, if any
+//!   (`fallback`, NULL otherwise) — with the record's server-made id
 //!   ([`RecordId`](crate::cost::RecordId), column `record_id`, `UNIQUE`) as the
 //!   idempotency key. The request id is kept as data: a client may choose it, so it is
 //!   never a key. Indexed by user and time, and by request id.
@@ -42,10 +43,11 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
+use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -53,6 +55,7 @@ use serde::Serialize;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
+use super::backlog::{Backlog, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
 use crate::cost::record::{Completion, UsageRecord};
@@ -83,6 +86,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("postgres/0004_row_level_security.sql"),
     ),
     (5, "record_id", include_str!("postgres/0005_record_id.sql")),
+    (6, "fallback", include_str!("postgres/0006_fallback.sql")),
 ];
 
 /// An arbitrary constant: the advisory lock that serializes migrations across instances.
@@ -203,37 +207,14 @@ impl AuditEvent {
     }
 }
 
-/// A snapshot of the sink's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct PostgresHealth {
-    /// Records handed to the sink.
-    pub accepted: u64,
-    /// Records stored (inserted now, or found already stored from an earlier attempt).
-    pub delivered: u64,
-    /// Of `delivered`, records that were already there (a retried batch).
-    pub duplicates: u64,
-    /// Records dropped because the buffer was full.
-    pub dropped: u64,
-    /// Records waiting for the server.
-    pub backlog: u64,
-    /// The last error, if the last attempt failed.
-    pub last_error: Option<String>,
-}
-
-struct State {
-    buffer: VecDeque<UsageRecord>,
-    health: PostgresHealth,
-    next_attempt: Option<tokio::time::Instant>,
-    backoff: Duration,
-}
+/// A snapshot of the sink's state (the shared [`SinkHealth`]; this name is kept so code
+/// written against it still builds).
+pub type PostgresHealth = SinkHealth;
 
 struct Inner {
     pool: Pool,
     config: PostgresConfig,
-    state: Mutex<State>,
-    /// One writer at a time, so the buffer drains in order.
-    writing: tokio::sync::Mutex<()>,
+    backlog: Backlog,
 }
 
 /// The PostgreSQL ledger. Cheap to clone. See the [`sink`](super) module.
@@ -279,11 +260,11 @@ pub fn record_key(r: &UsageRecord) -> String {
 const INSERT: &str = "INSERT INTO usage_logs (record_id, request_id, time, user_id, api_key_hash, bot_id, \
     conversation_id, route, model, input_tokens, output_tokens, cache_write_5m_tokens, \
     cache_write_1h_tokens, cache_read_tokens, web_search_requests, cost_picos, status, stream, \
-    completion, upstream_error, duration_ms, time_to_headers_ms) \
+    completion, upstream_error, duration_ms, time_to_headers_ms, fallback) \
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], \
     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
     $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int2[], $18::bool[], $19::text[], \
-    $20::text[], $21::int8[], $22::int8[]) \
+    $20::text[], $21::int8[], $22::int8[], $23::text[]) \
     ON CONFLICT (record_id) DO NOTHING";
 
 fn completion_name(c: Completion) -> &'static str {
@@ -322,31 +303,22 @@ impl PostgresSink {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                backlog: Backlog::new(
+                    "PostgreSQL sink",
+                    Limits {
+                        max_batch: config.max_batch,
+                        max_buffer: config.max_buffer,
+                        max_backoff: config.max_backoff,
+                    },
+                ),
                 config,
-                state: Mutex::new(State {
-                    buffer: VecDeque::new(),
-                    health: PostgresHealth::default(),
-                    next_attempt: None,
-                    backoff: Duration::ZERO,
-                }),
-                writing: tokio::sync::Mutex::new(()),
             }),
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The backlog, the counters and the last error.
-    pub fn health(&self) -> PostgresHealth {
-        let s = self.state();
-        let mut h = s.health.clone();
-        h.backlog = s.buffer.len() as u64;
-        h
+    pub fn health(&self) -> SinkHealth {
+        self.inner.backlog.health()
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, SinkError> {
@@ -421,6 +393,7 @@ impl PostgresSink {
         let mut upstream_error = Vec::with_capacity(n);
         let mut duration = Vec::with_capacity(n);
         let mut ttfb = Vec::with_capacity(n);
+        let mut fallback = Vec::with_capacity(n);
         for r in batch {
             let a = &r.attribution;
             record_id.push(record_key(r));
@@ -450,8 +423,9 @@ impl PostgresSink {
             upstream_error.push(r.upstream_error.clone());
             duration.push(millis(r.duration));
             ttfb.push(millis(r.time_to_headers));
+            fallback.push(r.fallback.as_deref());
         }
-        let params: [&(dyn ToSql + Sync); 22] = [
+        let params: [&(dyn ToSql + Sync); 23] = [
             &record_id,
             &request_id,
             &time,
@@ -474,6 +448,7 @@ impl PostgresSink {
             &upstream_error,
             &duration,
             &ttfb,
+            &fallback,
         ];
         client.execute(&stmt, &params).await.map_err(|e| {
             if e.as_db_error().is_some() && e.code().is_some_and(|c| c.code().starts_with("42")) {
@@ -483,58 +458,6 @@ impl PostgresSink {
                 pg(e)
             }
         })
-    }
-
-    /// Writes buffered records in order until the buffer is empty or an attempt fails.
-    async fn drain(&self, force: bool) -> Result<(), SinkError> {
-        let _writer = self.inner.writing.lock().await;
-        loop {
-            let chunk: Vec<UsageRecord> = {
-                let s = self.state();
-                if !force
-                    && s.next_attempt
-                        .is_some_and(|t| tokio::time::Instant::now() < t)
-                {
-                    return Ok(()); // backing off: the records wait in the buffer
-                }
-                s.buffer
-                    .iter()
-                    .take(self.inner.config.max_batch.max(1))
-                    .cloned()
-                    .collect()
-            };
-            if chunk.is_empty() {
-                return Ok(());
-            }
-            match self.insert(&chunk).await {
-                Ok(inserted) => {
-                    let mut s = self.state();
-                    s.buffer.drain(..chunk.len());
-                    let n = chunk.len() as u64;
-                    s.health.delivered += n;
-                    s.health.duplicates += n.saturating_sub(inserted);
-                    s.health.last_error = None;
-                    s.next_attempt = None;
-                    s.backoff = Duration::ZERO;
-                }
-                Err(e) => {
-                    let mut s = self.state();
-                    s.health.last_error = Some(e.to_string());
-                    s.backoff = (s.backoff * 2)
-                        .max(Duration::from_millis(100))
-                        .min(self.inner.config.max_backoff);
-                    s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
-                    if !e.is_retryable() {
-                        // the rows can never be stored as they are: count them dropped
-                        s.buffer.drain(..chunk.len());
-                        s.health.dropped += chunk.len() as u64;
-                    }
-                    tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
-                        "PostgreSQL sink: write failed, records kept for a retry");
-                    return Err(e);
-                }
-            }
-        }
     }
 
     /// Recomputes `user_usage_stats`.
@@ -722,27 +645,19 @@ impl UsageSink for PostgresSink {
     /// A server that is away is not an error here: the records wait and are retried with
     /// backoff on the next batch or at [`flush`](UsageSink::flush).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
-        {
-            let mut s = self.state();
-            s.health.accepted += batch.len() as u64;
-            let room = self.inner.config.max_buffer.saturating_sub(s.buffer.len());
-            let keep = batch.len().min(room);
-            s.buffer.extend(batch[..keep].iter().cloned());
-            let lost = (batch.len() - keep) as u64;
-            if lost > 0 {
-                s.health.dropped += lost;
-                tracing::error!(target: "palisade::cost", dropped = lost,
-                    "PostgreSQL sink buffer full: records dropped");
-            }
-        }
-        let _ = self.drain(false).await;
-        Ok(())
+        self.inner.backlog.record_batch(self, batch).await
     }
 
     /// Writes everything buffered now (no backoff); `Err` when the server is still away
     /// (the backlog stays in [`health`](PostgresSink::health)).
     async fn flush(&self) -> Result<(), SinkError> {
-        self.drain(true).await
+        self.inner.backlog.flush(self).await
+    }
+}
+
+impl Store for PostgresSink {
+    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, SinkError>> + Send {
+        self.insert(batch)
     }
 }
 

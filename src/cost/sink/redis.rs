@@ -1,14 +1,15 @@
 //! [`RedisSink`]: a capped stream of usage records and live daily aggregates in Redis.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Script;
 use redis::aio::ConnectionLike;
-use serde::Serialize;
 
+use super::backlog::{Backlog, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
 use crate::cost::record::UsageRecord;
@@ -56,39 +57,16 @@ impl Default for RedisSinkConfig {
     }
 }
 
-/// A snapshot of the sink's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-#[non_exhaustive]
-pub struct RedisSinkHealth {
-    /// Records handed to the sink.
-    pub accepted: u64,
-    /// Records stored (counted now, or found counted by an earlier attempt).
-    pub delivered: u64,
-    /// Of `delivered`, records that were already counted (a retried batch).
-    pub duplicates: u64,
-    /// Records dropped because the buffer was full (or Redis refused them).
-    pub dropped: u64,
-    /// Records waiting for Redis.
-    pub backlog: u64,
-    /// The last error, if the last attempt failed.
-    pub last_error: Option<String>,
-}
-
-struct State {
-    buffer: VecDeque<UsageRecord>,
-    health: RedisSinkHealth,
-    next_attempt: Option<tokio::time::Instant>,
-    backoff: Duration,
-}
+/// A snapshot of the sink's state (the shared [`SinkHealth`]; this name is kept so code
+/// written against it still builds).
+pub type RedisSinkHealth = SinkHealth;
 
 struct Inner<C> {
     conn: C,
     config: RedisSinkConfig,
     prefix: String,
     script: Script,
-    state: Mutex<State>,
-    /// One writer at a time, so the buffer drains in order.
-    writing: tokio::sync::Mutex<()>,
+    backlog: Backlog,
 }
 
 /// Usage records in Redis (feature `redis`): a capped stream plus daily aggregates. Cheap
@@ -111,7 +89,11 @@ struct Inner<C> {
 ///
 /// A record counts once: the script sets a dedupe key per record id (`…:seen:<id>`, kept
 /// for `dedupe_ttl`) in the same call, so a batch sent again after a lost answer changes
-/// nothing. Every key carries the same hash tag (`usage` unless [`hash_tag`] says
+/// nothing. A record is stored whole or not at all: it is marked seen only once all its
+/// writes have succeeded, and a write that fails (a key of another type, a counter that
+/// would overflow) undoes the record's earlier writes and fails the call, so the retry
+/// stores it in full; while the cause lasts, the records wait in the buffer (shown in
+/// `last_error`). Every key carries the same hash tag (`usage` unless [`hash_tag`] says
 /// otherwise), so on a Redis Cluster a call touches one slot.
 ///
 /// While Redis is away, records wait in a bounded buffer and are retried with backoff; a
@@ -298,32 +280,23 @@ impl<C> RedisSink<C> {
             inner: Arc::new(Inner {
                 conn,
                 prefix: format!("palisade:usage:{{{tag}}}"),
-                config,
                 script: Script::new(include_str!("redis_record.lua")),
-                state: Mutex::new(State {
-                    buffer: VecDeque::new(),
-                    health: RedisSinkHealth::default(),
-                    next_attempt: None,
-                    backoff: Duration::ZERO,
-                }),
-                writing: tokio::sync::Mutex::new(()),
+                backlog: Backlog::new(
+                    "Redis sink",
+                    Limits {
+                        max_batch: config.max_batch,
+                        max_buffer: config.max_buffer,
+                        max_backoff: config.max_backoff,
+                    },
+                ),
+                config,
             }),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The backlog, the counters and the last error.
-    pub fn health(&self) -> RedisSinkHealth {
-        let s = self.state();
-        let mut h = s.health.clone();
-        h.backlog = s.buffer.len() as u64;
-        h
+    pub fn health(&self) -> SinkHealth {
+        self.inner.backlog.health()
     }
 
     /// The stream's key.
@@ -341,7 +314,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// Runs the script over `batch`; returns how many records were new.
-    async fn store(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
+    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
         let c = &self.inner.config;
         let mut inv = self.inner.script.prepare_invoke();
         inv.key(self.stream_key())
@@ -392,57 +365,6 @@ where
                 "Redis did not answer within {:?}",
                 c.timeout
             ))),
-        }
-    }
-
-    /// Writes buffered records in order until the buffer is empty or an attempt fails.
-    async fn drain(&self, force: bool) -> Result<(), SinkError> {
-        let _writer = self.inner.writing.lock().await;
-        loop {
-            let chunk: Vec<UsageRecord> = {
-                let s = self.state();
-                if !force
-                    && s.next_attempt
-                        .is_some_and(|t| tokio::time::Instant::now() < t)
-                {
-                    return Ok(()); // backing off: the records wait in the buffer
-                }
-                s.buffer
-                    .iter()
-                    .take(self.inner.config.max_batch.max(1))
-                    .cloned()
-                    .collect()
-            };
-            if chunk.is_empty() {
-                return Ok(());
-            }
-            let result = self.store(&chunk).await;
-            let mut s = self.state();
-            match result {
-                Ok(fresh) => {
-                    s.buffer.drain(..chunk.len());
-                    let n = chunk.len() as u64;
-                    s.health.delivered += n;
-                    s.health.duplicates += n.saturating_sub(fresh);
-                    s.health.last_error = None;
-                    s.next_attempt = None;
-                    s.backoff = Duration::ZERO;
-                }
-                Err(e) => {
-                    s.health.last_error = Some(e.to_string());
-                    s.backoff = (s.backoff * 2)
-                        .max(Duration::from_millis(100))
-                        .min(self.inner.config.max_backoff);
-                    s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
-                    if !e.is_retryable() {
-                        s.buffer.drain(..chunk.len());
-                        s.health.dropped += chunk.len() as u64;
-                    }
-                    tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
-                        "Redis sink: write failed, records kept for a retry");
-                    return Err(e);
-                }
-            }
         }
     }
 
@@ -572,27 +494,22 @@ where
     /// Redis being away is not an error here: the records wait and are retried with
     /// backoff on the next batch or at [`flush`](UsageSink::flush).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
-        {
-            let mut s = self.state();
-            s.health.accepted += batch.len() as u64;
-            let room = self.inner.config.max_buffer.saturating_sub(s.buffer.len());
-            let keep = batch.len().min(room);
-            s.buffer.extend(batch[..keep].iter().cloned());
-            let lost = (batch.len() - keep) as u64;
-            if lost > 0 {
-                s.health.dropped += lost;
-                tracing::error!(target: "palisade::cost", dropped = lost,
-                    "Redis sink buffer full: records dropped");
-            }
-        }
-        let _ = self.drain(false).await;
-        Ok(())
+        self.inner.backlog.record_batch(self, batch).await
     }
 
     /// Writes everything buffered now (no backoff); `Err` when Redis is still away (the
     /// backlog stays in [`health`](RedisSink::health)).
     async fn flush(&self) -> Result<(), SinkError> {
-        self.drain(true).await
+        self.inner.backlog.flush(self).await
+    }
+}
+
+impl<C> Store for RedisSink<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, SinkError>> + Send {
+        self.write(batch)
     }
 }
 

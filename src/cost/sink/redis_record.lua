@@ -9,38 +9,87 @@
 --              unpriced, incomplete, errors, cost's whole dollars)
 -- Counter 7 is carried into counter 11 whenever it reaches a dollar, so it stays below
 -- two dollars and no 64-bit counter overflows on money.
+--
+-- A record is stored whole or not at all: it is marked seen only after all its writes
+-- succeed, and when one fails (a key of another type, a counter that would overflow) the
+-- writes it made are undone and the script stops with the error, so the retry stores it
+-- again in full. Records before it in the batch stay stored (and count as seen).
 -- Returns how many records were new.
 local maxlen, seen_ttl, agg_ttl, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local k, a, fresh = 2, 5, 0
 local dollar = 1000000000000
+
+-- The writes of the record being stored, undone in reverse order if a later one fails.
+local undo = {}
+local function write(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then
+    for i = #undo, 1, -1 do redis.pcall(unpack(undo[i])) end
+    undo = {}
+    return nil, r.err
+  end
+  return r
+end
+
+local function negate(v)
+  if string.sub(v, 1, 1) == '-' then return string.sub(v, 2) end
+  return '-' .. v
+end
+
 for _ = 1, count do
-    local seen, subjects = KEYS[k], KEYS[k + 1]
-    local id, json, member = ARGV[a], ARGV[a + 1], ARGV[a + 2]
-    local n, model = tonumber(ARGV[a + 3]), ARGV[a + 4]
-    local counters = a + 5
-    k = k + 2
-    a = a + 17
-    if redis.call('SET', seen, '1', 'NX', 'EX', seen_ttl) then
-        fresh = fresh + 1
-        redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'id', id, 'record', json)
-        redis.call('SADD', subjects, member)
-        redis.call('EXPIRE', subjects, agg_ttl)
-        for j = 0, n - 1 do
-            local h = KEYS[k + j]
-            for c = 0, 11 do
-                local v = ARGV[counters + c]
-                if v ~= '0' then
-                    local sum = redis.call('HINCRBY', h, c .. ':' .. model, v)
-                    if c == 7 and sum >= dollar then
-                        local carry = math.floor(sum / dollar)
-                        redis.call('HINCRBY', h, '7:' .. model, -carry * dollar)
-                        redis.call('HINCRBY', h, '11:' .. model, carry)
-                    end
-                end
-            end
-            redis.call('EXPIRE', h, agg_ttl)
-        end
+  local seen, subjects = KEYS[k], KEYS[k + 1]
+  local id, json, member = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local n, model = tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local counters = a + 5
+  k = k + 2
+  a = a + 17
+  if redis.call('EXISTS', seen) == 0 then
+    undo = {}
+    local failed
+    local entry, err = write('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'id', id, 'record', json)
+    if entry then
+      undo[#undo + 1] = {'XDEL', KEYS[1], entry}
+      local added
+      added, err = write('SADD', subjects, member)
+      if added == 1 then undo[#undo + 1] = {'SREM', subjects, member} end
+      failed = not added
+    else
+      failed = true
     end
-    k = k + n
+    for j = 0, n - 1 do
+      if failed then break end
+      local h = KEYS[k + j]
+      for c = 0, 11 do
+        local v = ARGV[counters + c]
+        if v ~= '0' then
+          local field = c .. ':' .. model
+          local sum
+          sum, err = write('HINCRBY', h, field, v)
+          if not sum then failed = true; break end
+          undo[#undo + 1] = {'HINCRBY', h, field, negate(v)}
+          if c == 7 and sum >= dollar then
+            local carry = math.floor(sum / dollar)
+            local down = string.format('%d', -carry * dollar)
+            local ok
+            ok, err = write('HINCRBY', h, '11:' .. model, carry)
+            if not ok then failed = true; break end
+            undo[#undo + 1] = {'HINCRBY', h, '11:' .. model, -carry}
+            ok, err = write('HINCRBY', h, '7:' .. model, down)
+            if not ok then failed = true; break end
+            undo[#undo + 1] = {'HINCRBY', h, '7:' .. model, negate(down)}
+          end
+        end
+      end
+    end
+    if failed then
+      return redis.error_reply('usage record ' .. id .. ' not stored: ' .. tostring(err))
+    end
+    -- expiries only lengthen a key's life: nothing to undo
+    redis.call('EXPIRE', subjects, agg_ttl)
+    for j = 0, n - 1 do redis.call('EXPIRE', KEYS[k + j], agg_ttl) end
+    redis.call('SET', seen, '1', 'EX', seen_ttl)
+    fresh = fresh + 1
+  end
+  k = k + n
 end
 return fresh
