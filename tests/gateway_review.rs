@@ -140,10 +140,11 @@ async fn a_request_whose_client_hangs_up_before_the_answer_still_has_its_line() 
     drop(tcp);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lines = request_lines("/v1/messages");
-    let lines: Vec<_> = lines.iter().filter(|l| l["complete"] == false).collect();
+    // Only a hang-up before the answer makes a 499 (the other tests here log as well).
+    let lines: Vec<_> = lines.iter().filter(|l| l["status"] == 499).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["method"], "POST", "{:?}", lines[0]);
-    assert_eq!(lines[0]["status"], 499, "{:?}", lines[0]);
+    assert_eq!(lines[0]["complete"], false, "{:?}", lines[0]);
 }
 
 /// An upstream that answers every POST with the start of an SSE stream and then nothing
@@ -387,6 +388,8 @@ async fn audit_counts_read_during_queue_full_drops_never_count_a_dropped_event_a
     for _ in 0..4 {
         audit.record(event());
     }
+    // The refusals' error lines are not what this test reads: not written, they cost nothing.
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
     let done = AtomicBool::new(false);
     let worst = std::thread::scope(|s| {
         let reader = s.spawn(|| {
@@ -435,4 +438,59 @@ async fn shutdown_does_not_wait_for_a_first_request_head_still_arriving() {
             start.elapsed()
         );
     }
+}
+
+/// An upstream that answers every POST with its own 429, `x-should-retry: false`
+/// (Anthropic's header on its answers).
+async fn upstream_refusing_with_429() -> String {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            axum::response::Response::builder()
+                .status(429)
+                .header("content-type", "application/json")
+                .header("x-should-retry", "false")
+                .body(axum::body::Body::from(
+                    r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+                ))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The upstream's own 429 with `x-should-retry: false` is not a refusal by the gateway's
+/// budgets: no `budget_refused` audit event names the caller, and `/metrics` does not
+/// count a `budget_exceeded` refusal (only the budget layer's own 429s are those).
+#[tokio::test]
+async fn an_upstream_429_that_says_do_not_retry_is_not_audited_as_a_budget_refusal() {
+    captured();
+    let upstream = upstream_refusing_with_429().await;
+    let gw = start(&[
+        ("ANTHROPIC_BASE_URL", upstream.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let r = gw.chat(USER, "claude-sonnet-4-5").await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    let id = r.expect_header("x-request-id").to_owned();
+    let text = String::from_utf8_lossy(&captured().lock().unwrap()).into_owned();
+    let audited: Vec<_> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "chat_gateway::audit" && l["fields"]["request_id"] == id)
+        .collect();
+    assert!(audited.is_empty(), "{audited:?}");
+    let m = gw
+        .call(Method::GET, "/metrics", None, None, &[])
+        .await
+        .text();
+    assert!(
+        !m.contains(r#"palisade_gateway_refusals_total{reason="budget_exceeded"}"#),
+        "{m}"
+    );
 }

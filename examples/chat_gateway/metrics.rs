@@ -86,7 +86,8 @@ pub enum Refusal {
     UnsupportedMediaType,
     /// 429 that may be retried: a rate limit.
     RateLimited,
-    /// 429 with `x-should-retry: false`: a spend budget.
+    /// 429 with `x-should-retry: false` from the gateway itself (not the upstream): a
+    /// spend budget.
     BudgetExceeded,
     /// 503: a breaker is open and no fallback served.
     Unavailable,
@@ -138,10 +139,13 @@ impl Refusal {
             405 => Refusal::MethodNotAllowed,
             413 => Refusal::PayloadTooLarge,
             415 => Refusal::UnsupportedMediaType,
-            429 if res
-                .headers()
-                .get("x-should-retry")
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false")) =>
+            // The budgets answer without calling the upstream; an upstream's own 429 (which
+            // may say `x-should-retry: false` too) carries the time it took.
+            429 if res.extensions().get::<UpstreamTime>().is_none()
+                && res
+                    .headers()
+                    .get("x-should-retry")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"false")) =>
             {
                 Refusal::BudgetExceeded
             }
@@ -230,7 +234,7 @@ impl Metrics {
         };
         metrics.with(|| {
             describe_counter!(REQUESTS, Unit::Count, "Requests answered, by route template, method and status.");
-            describe_counter!(REFUSALS, Unit::Count, "Requests refused, by reason (from the status; 429 with x-should-retry: false is a budget).");
+            describe_counter!(REFUSALS, Unit::Count, "Requests refused, by reason (from the status; the gateway's own 429 with x-should-retry: false is a budget).");
             describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from the request to the response head, by route.");
             describe_histogram!(UPSTREAM_SECONDS, Unit::Seconds, "The upstream's time to the response head (retries included), by route.");
             describe_histogram!(OVERHEAD_SECONDS, Unit::Seconds, "The gateway's own time on requests that went upstream: request time minus upstream time.");
