@@ -93,7 +93,7 @@ pub use layer::{
     BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
     BudgetService, ResponseFuture,
 };
-pub use period::Period;
+pub use period::{ParsePeriodError, Period};
 pub(crate) use period::unix_millis;
 #[cfg(feature = "redis")]
 pub use redis::RedisBudgetStore;
