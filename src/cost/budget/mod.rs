@@ -77,6 +77,7 @@
 
 mod config;
 mod estimate;
+mod future;
 mod layer;
 mod period;
 #[cfg(feature = "redis")]
@@ -89,9 +90,10 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{BudgetConfig, BudgetRuleConfig};
 pub use estimate::BudgetEstimate;
+pub use future::ResponseFuture;
 pub use layer::{
     BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
-    BudgetService, ResponseFuture,
+    BudgetService,
 };
 pub use period::{ParsePeriodError, Period};
 pub(crate) use period::unix_millis;
