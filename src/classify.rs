@@ -1,5 +1,20 @@
 //! What an upstream's answer means: success, failure, or neither, and whether to retry.
 //!
+//! ```
+//! use std::time::Duration;
+//! use palisade::classify::{Classify, DefaultClassifier, Outcome, Retry};
+//!
+//! let response = http::Response::builder()
+//!     .status(529)
+//!     .header("retry-after", "7")
+//!     .body(())
+//!     .unwrap();
+//! let verdict = DefaultClassifier::new().classify(Ok::<_, &std::io::Error>(&response));
+//! assert_eq!(verdict.outcome, Outcome::Failure);
+//! assert_eq!(verdict.retry, Retry::Safe);
+//! assert_eq!(verdict.retry_after, Some(Duration::from_secs(7)));
+//! ```
+//!
 //! The retry layer and the circuit breaker make the same judgement about every call, so it
 //! lives here, once. A [`Classify`] implementation looks at the whole `Result` of a call
 //! and returns a [`Classification`]:
@@ -34,23 +49,6 @@
 //!
 //! `x-should-retry: false` turns any verdict into `Never`; `x-should-retry: true` on a
 //! non-success answer turns it into `Safe`.
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use palisade::classify::{Classify, DefaultClassifier, Outcome, Retry};
-//!
-//! let response = http::Response::builder()
-//!     .status(529)
-//!     .header("retry-after", "7")
-//!     .body(())
-//!     .unwrap();
-//! let verdict = DefaultClassifier::new().classify(Ok::<_, &std::io::Error>(&response));
-//! assert_eq!(verdict.outcome, Outcome::Failure);
-//! assert_eq!(verdict.retry, Retry::Safe);
-//! assert_eq!(verdict.retry_after, Some(Duration::from_secs(7)));
-//! ```
 
 use std::error::Error as StdError;
 use std::time::{Duration, SystemTime};

@@ -350,9 +350,11 @@ impl Settings {
 pub enum ProblemKind {
     /// The variable is required and not set (or empty).
     Missing,
-    /// The variable is set but its value does not parse.
+    /// The variable is set but its value does not parse, or does not validate (a value
+    /// may also be judged against another one).
     Invalid {
-        /// The value as given (redacted for secrets).
+        /// The value as given (redacted for secrets); empty for a variable left unset and
+        /// judged against another one, and then left out of the report.
         value: String,
         /// Why it was refused.
         reason: String,
@@ -374,6 +376,10 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
             ProblemKind::Missing => write!(f, "{} is missing", self.name)?,
+            // No value: a variable left unset, judged against another one.
+            ProblemKind::Invalid { value, reason } if value.is_empty() => {
+                write!(f, "{} is invalid: {reason}", self.name)?;
+            }
             ProblemKind::Invalid { value, reason } => {
                 write!(f, "{} is invalid ({value:?}): {reason}", self.name)?;
             }
@@ -461,6 +467,12 @@ pub(crate) trait FieldMistake: fmt::Display {
     fn field(&self) -> &'static str;
     /// A valid value of that field, for the report.
     fn example(&self) -> &'static str;
+    /// The other fields the value was judged against (their serde paths): when one of
+    /// their variables did not parse, its default stood in, and the judgement says
+    /// nothing about what was set.
+    fn judged_against(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// `mistake` as a problem with the variable of its field (the value is filled in by
@@ -477,14 +489,21 @@ pub(crate) fn field_problem(prefix: &str, mistake: &impl FieldMistake) -> Proble
 }
 
 /// Records each of `mistakes` (values that parsed but do not validate) under its own
-/// variable, so `from_env` reports them all at once.
+/// variable, so `from_env` reports them all at once; not a mistake judged against a
+/// variable that did not parse (its problem is already recorded).
 pub(crate) fn record_mistakes<M: FieldMistake>(
     env: &mut Env,
     prefix: &str,
     mistakes: impl IntoIterator<Item = M>,
 ) {
     for mistake in mistakes {
-        record_invalid(env, field_problem(prefix, &mistake));
+        let other_unread = mistake.judged_against().iter().any(|field| {
+            let name = env_var(prefix, field);
+            env.problems().iter().any(|p| p.name == name)
+        });
+        if !other_unread {
+            record_invalid(env, field_problem(prefix, &mistake));
+        }
     }
 }
 

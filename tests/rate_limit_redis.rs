@@ -1388,3 +1388,186 @@ async fn a_flood_of_distinct_blocked_keys_keeps_the_blocked_cache_within_its_cap
         assert_eq!(store.health().blocked_cache_hits, hits + 1, "flood-{i}");
     }
 }
+
+/// A reset key keeps its generation until its state from before the reset would have
+/// expired, whatever is decided or settled after the reset. A GCRA decision after the reset
+/// set the key's expiry to its own, shorter state, and a give-back after it (the request
+/// failed downstream) to about a millisecond: the key then expired, started again at
+/// generation 0, and a give-back from before the reset refunded requests admitted after it.
+#[tokio::test]
+async fn a_reset_keys_generation_outlives_what_is_decided_and_given_back_after_the_reset() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("reset-expiry")).await;
+    let rule = one_rule(Algorithm::Gcra, 10, 6);
+    let name = store.key_name(rule.name, &rule.key);
+    let pttl = || async {
+        let reply = support::command(server.addr(), &format!("PTTL {name}"))
+            .await
+            .unwrap();
+        reply.trim().trim_start_matches(':').parse::<i64>().unwrap()
+    };
+    let before = store.check(&[rule.item()]).await.unwrap().rules[0];
+    assert!(before.debited);
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    // the old state (6 of 10 units a window of 12.7 days) would have expired in 7.6 days
+    let kept = pttl().await;
+    assert!(kept > 7 * 86_400_000, "{kept} ms");
+    let one = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    let after = store.check(&[one.item()]).await.unwrap().rules[0];
+    assert!(after.debited);
+    assert!(
+        pttl().await > kept - 60_000,
+        "a decision shortened the reset key's life"
+    );
+    store.settle(&[settlement(&one, &after, -1)]).await.unwrap();
+    let left = pttl().await;
+    assert!(
+        left > kept - 60_000,
+        "a give-back shortened the reset key's life to {left} ms"
+    );
+    // a request for the whole quota, then the give-back from before the reset
+    let all = Owned {
+        cost: 10,
+        ..rule.clone()
+    };
+    let last = store.check(&[all.item()]).await.unwrap().rules[0];
+    assert!(last.debited);
+    assert_eq!(last.generation, after.generation);
+    store
+        .settle(&[settlement(&rule, &before, -6)])
+        .await
+        .unwrap();
+    assert_eq!(
+        remaining(&store, &rule).await,
+        0,
+        "a give-back from before the reset refunded a later request"
+    );
+}
+
+/// With the local fallback, a give-back of a reservation Redis made is not applied to the
+/// local store when Redis is away: the local store never counted those units, and giving
+/// them back there refunded requests it had admitted (a GCRA reservation, which has no
+/// window to tell the stores apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_of_a_redis_reservation_refunds_nothing_in_the_local_fallback() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let local = palisade::rate_limit::MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-give-back"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::Gcra, 10, 5);
+    let reserved = store.check(&[rule.item()]).await.unwrap();
+    assert!(reserved.admitted);
+    assert_eq!(store.health().degraded_decisions, 0, "Redis decided");
+    server.kill();
+    // Redis is away: the whole quota, decided locally
+    let all = Owned {
+        cost: 10,
+        ..rule.clone()
+    };
+    assert!(store.check(&[all.item()]).await.unwrap().admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    // the request Redis admitted used nothing
+    store
+        .settle(&[settlement(&rule, &reserved.rules[0], -5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        local.peek_now(&rule.item()).remaining,
+        0,
+        "the local store gave back units it never counted"
+    );
+}
+
+/// A reset forgets the key in the local fallback too: a key that the fallback exhausted
+/// while Redis was away, and that was reset once Redis was back, is not refused by the
+/// fallback's old count at the next outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_forgets_the_key_in_the_local_fallback_too() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let local = palisade::rate_limit::MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("local-reset"))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 10, 10);
+    server.kill();
+    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(store.health().degraded_decisions, 1);
+    assert_eq!(local.peek_now(&rule.item()).remaining, 0);
+    server.restart().await;
+    let restarted = Instant::now();
+    while store.reset(rule.index, rule.name, &rule.key).await.is_err() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "the restarted server never took the reset"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        local.peek_now(&rule.item()).remaining,
+        10,
+        "the reset key is still exhausted in the local fallback"
+    );
+}
+
+/// On a Cluster, a script cache flushed on every master is loaded again by the next
+/// decision, a settlement and a reset, whichever master holds the key.
+#[tokio::test]
+async fn a_flushed_script_cache_is_reloaded_on_every_cluster_master() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("cluster-flush"))
+        .timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let rules: Vec<Owned> = (0..12)
+        .map(|i| Owned {
+            key: RateKey::principal(format!("user-{i}")),
+            ..one_rule(Algorithm::Gcra, 3, 1)
+        })
+        .collect();
+    for rule in &rules {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    let flush = || async {
+        for &addr in cluster.addrs() {
+            let reply = support::command(addr, "SCRIPT FLUSH").await.unwrap();
+            assert!(reply.starts_with("+OK"), "{reply}");
+        }
+    };
+    flush().await;
+    let mut reserved = Vec::new();
+    for rule in &rules {
+        let d = store.check(&[rule.item()]).await.unwrap();
+        assert!(d.admitted);
+        reserved.push(d.rules[0]);
+    }
+    flush().await;
+    for (rule, d) in rules.iter().zip(&reserved) {
+        store.settle(&[settlement(rule, d, -1)]).await.unwrap();
+        assert_eq!(remaining(&store, rule).await, 2);
+    }
+    flush().await;
+    for rule in &rules {
+        store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+        assert_eq!(remaining(&store, rule).await, 3);
+    }
+    assert!(store.health().healthy);
+}

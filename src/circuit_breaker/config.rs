@@ -229,6 +229,18 @@ impl FieldMistake for CircuitBreakerConfigError {
             _ => "1000",
         }
     }
+
+    fn judged_against(&self) -> &'static [&'static str] {
+        match self {
+            Self::WindowSize { .. } => &["window_kind"],
+            Self::MinimumCalls { .. } => &["window_kind", "window_size"],
+            Self::Duration {
+                field: "max_open_duration",
+                reason: SHORTER_THAN_OPEN,
+            } => &["open_duration"],
+            _ => &[],
+        }
+    }
 }
 
 impl From<CircuitBreakerConfigError> for crate::Error {
@@ -236,6 +248,9 @@ impl From<CircuitBreakerConfigError> for crate::Error {
         crate::Error::new(crate::ErrorKind::Config, err.to_string()).with_source(err)
     }
 }
+
+/// Why a cap below the open duration is refused.
+const SHORTER_THAN_OPEN: &str = "must not be shorter than open_duration";
 
 fn fraction_ok(p: f64) -> bool {
     p.is_finite() && p > 0.0 && p <= 1.0
@@ -347,7 +362,7 @@ impl CircuitBreakerConfig {
         if self.max_open_duration < self.open_duration {
             errs.push(E::Duration {
                 field: "max_open_duration",
-                reason: "must not be shorter than open_duration",
+                reason: SHORTER_THAN_OPEN,
             });
         }
         if self.max_open_duration > Duration::from_secs(86_400 * 365) {
@@ -671,6 +686,47 @@ mod tests {
         assert_eq!(cfg.slow_call_duration, None);
         assert_eq!(cfg.consecutive_failures, None);
         assert_eq!(cfg.seed, None);
+    }
+
+    /// A window size that did not parse left the default (100) in its place, and a
+    /// minimum of 500 calls was then reported as larger than the window: a problem the
+    /// user never wrote. The same for an open duration that did not parse and the cap.
+    #[test]
+    fn a_value_judged_against_one_that_did_not_parse_is_not_reported() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "lots"),
+            ("PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS", "500"),
+            ("PALISADE_CIRCUIT_BREAKER_OPEN_DURATION", "soon"),
+            ("PALISADE_CIRCUIT_BREAKER_MAX_OPEN_DURATION", "5s"),
+        ]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE",
+                "PALISADE_CIRCUIT_BREAKER_OPEN_DURATION"
+            ],
+            "{err}"
+        );
+    }
+
+    /// A window smaller than the default minimum of calls blames the minimum, which was
+    /// not set: the report said it was set to `""`.
+    #[test]
+    fn a_value_left_unset_is_not_reported_as_set_to_nothing() {
+        let mut env = Env::from_pairs([("PALISADE_CIRCUIT_BREAKER_WINDOW_SIZE", "10")]);
+        let _ = CircuitBreakerConfig::from_env(&mut env);
+        let text = env.finish().unwrap_err().to_string();
+        assert!(
+            text.contains("PALISADE_CIRCUIT_BREAKER_MINIMUM_CALLS is invalid: minimum_calls"),
+            "{text}"
+        );
+        let text = CircuitBreakerConfigError::Multiplier(0.5)
+            .to_config_error()
+            .to_string();
+        assert!(!text.contains(r#"("")"#), "{text}");
     }
 
     /// Values that parse but do not validate were reported only when nothing else was

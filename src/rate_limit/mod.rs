@@ -1,6 +1,22 @@
 //! Per-key, per-route rate limits: correct under concurrency, bounded in memory, with the
 //! headers clients understand.
 //!
+//! ```
+//! use palisade::rate_limit::{KeySource, Quota, RateLimitLayer, Rule};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let rule = Rule::new("chat", Quota::per_minute(1)).key(KeySource::ApiKey);
+//! let svc = RateLimitLayer::new([rule]).unwrap().layer(service_fn(|_req| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+//! }));
+//! let request = || http::Request::post("/").header("x-api-key", "sk-1").body(()).unwrap();
+//! assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), 200);
+//! assert_eq!(svc.oneshot(request()).await.unwrap().status(), 429);
+//! # }
+//! ```
+//!
 //! A [`RateLimitLayer`] holds [`Rule`]s. A rule has a name, a matcher (method and route),
 //! a [`KeySource`] (global, an authenticated [`Principal`], a header, the hashed API key or
 //! the client IP), a [`Quota`] enforced by an [`Algorithm`] (sliding window by default,
@@ -24,7 +40,7 @@
 //! The default [`MemoryStore`] is sharded and bounded: idle keys are dropped first, and a
 //! flood of distinct keys never grows it past its cap.
 //!
-//! # Example
+//! # Headers
 //!
 //! ```
 //! use std::convert::Infallible;

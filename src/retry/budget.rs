@@ -14,6 +14,16 @@ const UNIT: i64 = 1000;
 const CLOCK_EVERY: i64 = 32;
 /// The largest reserve, in thousandths of a retry.
 const MAX_RESERVE: i64 = 1 << 60;
+/// A slot holds its amount shifted left by this many bits, over the low bits of the
+/// generation it belongs to (its tag): adding or taking whole shifted amounts never
+/// changes the tag, and a withdrawal learns from the value it took from which generation's
+/// slot its token went to.
+const TAG_BITS: u32 = 8;
+/// The tag bits of a slot.
+const TAG_MASK: i64 = (1 << TAG_BITS) - 1;
+/// Generations after which a slot's tag repeats: a slot is reused every `SLOTS`
+/// generations, and the tag repeats every `2^TAG_BITS` (1280 = lcm(10, 256)).
+const TAG_REPEAT: u64 = 1280;
 
 /// A retry budget shared by every request of a layer (and of any layers it is cloned into).
 ///
@@ -59,7 +69,10 @@ struct Inner {
     start: Instant,
     slot_nanos: u64,
     generation: AtomicU64,
+    /// Each slot's amount (thousandths of a token) shifted left by `TAG_BITS`, over the tag
+    /// of the generation it belongs to.
     slots: [AtomicI64; SLOTS],
+    /// A deposit, shifted left by `TAG_BITS`.
     deposit: i64,
     /// High bits whose change, when a deposit is added, means "look at the clock": a
     /// power of two near `deposit * CLOCK_EVERY`, so the check needs no division.
@@ -112,11 +125,8 @@ impl RetryBudget {
     /// A budget over a sliding `window`, with a floor of `min_per_sec` retries per second
     /// and `ratio` retries earned per request (0.2 = 20%).
     pub fn new(window: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, BudgetError> {
-        if window < Duration::from_millis(10) {
-            return Err(BudgetError::WindowTooShort(window));
-        }
-        if !(ratio.is_finite() && (0.0..=1000.0).contains(&ratio)) {
-            return Err(BudgetError::Ratio(ratio));
+        if let Some(err) = Self::errors(window, ratio).next() {
+            return Err(err);
         }
         let slot_nanos = u64::try_from(window.as_nanos() / SLOTS as u128).unwrap_or(u64::MAX);
         // Capped far below i64::MAX so that the balance (reserve plus slots) cannot overflow
@@ -124,8 +134,8 @@ impl RetryBudget {
         let reserve =
             ((f64::from(min_per_sec) * window.as_secs_f64() * UNIT as f64) as i64).min(MAX_RESERVE);
         // Rounded down, so the effective ratio never exceeds the one asked for.
-        let deposit = (ratio * UNIT as f64).floor() as i64;
-        let period = u64::try_from(deposit.max(1) * CLOCK_EVERY)
+        let deposit = ((ratio * UNIT as f64).floor() as i64) << TAG_BITS;
+        let period = u64::try_from(deposit.max(1 << TAG_BITS) * CLOCK_EVERY)
             .unwrap_or(1)
             .next_power_of_two();
         let clock_mask = !(i64::try_from(period).unwrap_or(i64::MAX) - 1);
@@ -150,6 +160,15 @@ impl RetryBudget {
                 on_take: Hook::default(),
             }),
         })
+    }
+
+    /// Every problem of these settings (`new` reports the first).
+    pub(super) fn errors(window: Duration, ratio: f64) -> impl Iterator<Item = BudgetError> {
+        let window_error =
+            (window < Duration::from_millis(10)).then_some(BudgetError::WindowTooShort(window));
+        let ratio_error = (!(ratio.is_finite() && (0.0..=1000.0).contains(&ratio)))
+            .then_some(BudgetError::Ratio(ratio));
+        window_error.into_iter().chain(ratio_error)
     }
 
     /// The window over which deposits and withdrawals count.
@@ -193,9 +212,11 @@ impl RetryBudget {
     /// A token is taken in the slot of the time the caller looked at the clock, and the
     /// clock is looked at again after: if the window moved in between (a caller paused
     /// there), the token sits in a slot that leaves the window too soon, so it is given
-    /// back and taken again in the current slot. A token is given back only while its slot
-    /// is still in the window, so a caller paused for a whole window cannot return a token
-    /// the window has already let go.
+    /// back and taken again in the current slot. A token is given back only while the slot
+    /// it was taken from has not been cleared since, so a caller paused for a whole window
+    /// cannot return a token the window has already let go; one paused for a whole window
+    /// before taking took from a slot already reused, and gets that token back before it
+    /// takes its one token in the current slot.
     pub fn withdraw(&self) -> bool {
         let inner = &*self.inner;
         #[cfg(test)]
@@ -207,9 +228,9 @@ impl RetryBudget {
             if let Some(hook) = hook.take() {
                 Inner::run(hook);
             }
-            slot.fetch_sub(UNIT, Ordering::SeqCst);
+            let taken = slot.fetch_sub(UNIT << TAG_BITS, Ordering::SeqCst);
             if inner.advance() != generation {
-                inner.give_back(generation);
+                inner.give_back(generation, taken);
                 continue;
             }
             if inner.balance() >= 0 {
@@ -217,7 +238,7 @@ impl RetryBudget {
             }
             #[cfg(test)]
             Inner::run(&inner.on_refuse);
-            inner.give_back(generation);
+            inner.give_back(generation, taken);
             return false;
         }
     }
@@ -266,24 +287,32 @@ impl Default for RetryBudget {
 impl Inner {
     fn balance(&self) -> i64 {
         self.slots.iter().fold(self.reserve, |sum, s| {
-            sum.saturating_add(s.load(Ordering::SeqCst))
+            sum.saturating_add(s.load(Ordering::SeqCst) >> TAG_BITS)
         })
     }
 
-    /// Gives back a token taken from the slot of `generation`, unless the window has
-    /// moved on far enough since to clear that slot for reuse (a caller paused for a
-    /// window between taking and giving back): the token taken is gone with the slot,
-    /// and giving one back would then add a token nobody deposited. Under the lock that
-    /// moves the window, so the slot cannot be cleared between the check and the add.
-    /// (Taken from a slot already reused, the token stays taken for one window: stricter,
-    /// never more lenient.) Only refusals come here.
-    fn give_back(&self, generation: u64) {
+    /// Gives back a token taken from the slot of `generation` (looked up at that
+    /// generation; `taken` is the slot's value the taking replaced), unless the slot has
+    /// been cleared for reuse since the taking (a caller paused for a window between
+    /// taking and giving back): the token taken is gone with the slot, and giving one
+    /// back would then add a token nobody deposited. The slot's tag tells: it is the one
+    /// the token was taken under until the slot is cleared. A slot cleared before the
+    /// taking (a caller paused for a window before it) kept the token, and gets it back.
+    /// Under the lock that moves the window, so the slot cannot be cleared between the
+    /// check and the add. After `TAG_REPEAT` generations the tag could repeat: the token
+    /// then stays taken (stricter, never more lenient).
+    fn give_back(&self, generation: u64, taken: i64) {
         let _guard = self
             .advancing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if self.generation.load(Ordering::Acquire) < generation.saturating_add(SLOTS as u64) {
-            self.slots[(generation % SLOTS as u64) as usize].fetch_add(UNIT, Ordering::SeqCst);
+        let slot = &self.slots[(generation % SLOTS as u64) as usize];
+        let moved = self
+            .generation
+            .load(Ordering::Acquire)
+            .saturating_sub(generation);
+        if moved < TAG_REPEAT && slot.load(Ordering::SeqCst) & TAG_MASK == taken & TAG_MASK {
+            slot.fetch_add(UNIT << TAG_BITS, Ordering::SeqCst);
         }
     }
 
@@ -310,12 +339,14 @@ impl Inner {
         if now_gen <= current {
             return current;
         }
-        // The slots of generations current+1..=now_gen are reused: clear them. (A slot of
-        // an expired generation that a slow caller still writes into holds an expired
-        // deposit or withdrawal: clearing it then is its expiry.)
+        // The slots of generations current+1..=now_gen are reused: clear them, tagged
+        // with their new generation. (A slot of an expired generation that a slow caller
+        // still writes into holds an expired deposit or withdrawal: clearing it then is
+        // its expiry.)
         let stale = (now_gen - current).min(SLOTS as u64);
         for g in (now_gen + 1 - stale)..=now_gen {
-            self.slots[(g % SLOTS as u64) as usize].store(0, Ordering::SeqCst);
+            self.slots[(g % SLOTS as u64) as usize]
+                .store((g as i64) & TAG_MASK, Ordering::SeqCst);
         }
         self.generation.store(now_gen, Ordering::Release);
         drop(guard);
@@ -434,6 +465,86 @@ mod tests {
         runtime.block_on(tokio::time::advance(Duration::from_millis(100)));
         assert_eq!(budget.available(), 0, "the token came back after 100 ms");
         assert!(!budget.withdraw(), "a second retry within the window");
+    }
+
+    /// A caller paused before taking its token while another caller moves the window a
+    /// whole window on takes its token from a slot already reused by the current window:
+    /// the token is taken. It was neither given back nor counted once: the withdrawal took
+    /// a second token, so a budget of one refused its only retry and stayed spent.
+    #[test]
+    fn a_withdrawal_paused_a_window_before_taking_takes_one_token() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        let _entered = runtime.enter();
+        // Three tokens: a floor of 3 retries per second over 1 s, nothing earned.
+        let budget = RetryBudget::new(Duration::from_secs(1), 3, 0.0).unwrap();
+        let other = budget.clone();
+        *budget.inner.on_take.0.lock().unwrap() = Some(Box::new(move || {
+            // The caller is paused for more than a window after looking at the clock,
+            // and another caller moves the window on meanwhile.
+            handle.block_on(tokio::time::advance(Duration::from_millis(1_050)));
+            assert_eq!(other.available(), 3);
+        }));
+        assert!(budget.withdraw(), "a retry from a budget of three");
+        assert_eq!(budget.available(), 2, "one withdrawal, one token");
+        assert!(budget.withdraw());
+        assert!(budget.withdraw());
+        assert!(!budget.withdraw(), "three tokens, three retries");
+    }
+
+    /// Callers on many threads withdraw while the window slides under them: no ten
+    /// consecutive slots ever hold more successful withdrawals than the budget's tokens.
+    /// (A success holds a token in a slot between the generation before and after its
+    /// call, alive for a window.)
+    #[test]
+    fn withdrawals_racing_a_sliding_window_never_overspend() {
+        const THREADS: usize = 4;
+        const TOKENS: usize = 3;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let successes = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                let handle = runtime.handle().clone();
+                let (budget, done, successes) = (&budget, &done, &successes);
+                s.spawn(move || {
+                    let _entered = handle.enter();
+                    let mut mine = Vec::new();
+                    while !done.load(Ordering::SeqCst) {
+                        let before = budget.inner.generation.load(Ordering::SeqCst);
+                        if budget.withdraw() {
+                            mine.push((before, budget.inner.generation.load(Ordering::SeqCst)));
+                        }
+                    }
+                    successes.lock().unwrap().extend(mine);
+                });
+            }
+            for _ in 0..400 {
+                runtime.block_on(tokio::time::advance(Duration::from_millis(10)));
+                std::thread::yield_now();
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let successes = successes.into_inner().unwrap();
+        assert!(successes.len() >= TOKENS, "{successes:?}");
+        let last = successes.iter().map(|&(_, after)| after).max().unwrap();
+        for first in 0..=last {
+            let within = successes
+                .iter()
+                .filter(|&&(before, after)| first <= before && after < first + SLOTS as u64)
+                .count();
+            assert!(within <= TOKENS, "{within} retries in the window from {first}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

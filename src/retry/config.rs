@@ -169,6 +169,13 @@ impl FieldMistake for RetryConfigError {
             _ => "x-retry-count",
         }
     }
+
+    fn judged_against(&self) -> &'static [&'static str] {
+        match self {
+            Self::MaxDelayBelowBase { .. } => &["base_delay"],
+            _ => &[],
+        }
+    }
 }
 
 impl RetryConfig {
@@ -297,13 +304,10 @@ impl RetryConfig {
             errs.push(RetryConfigError::ZeroLimit("attempt_timeout"));
         }
         if self.budget {
-            if let Err(err) = super::budget::RetryBudget::new(
-                self.budget_window,
-                self.budget_min_per_sec,
-                self.budget_ratio,
-            ) {
-                errs.push(err.into());
-            }
+            errs.extend(
+                super::budget::RetryBudget::errors(self.budget_window, self.budget_ratio)
+                    .map(RetryConfigError::Budget),
+            );
         }
         if let Some(name) = self.count_header.as_deref() {
             if HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -370,6 +374,39 @@ mod tests {
                 "PALISADE_RETRY_SEED"
             ]
         );
+    }
+
+    /// A budget window too short and a ratio out of range, both set at once, were
+    /// reported one per start: the budget's own check stops at its first problem.
+    #[test]
+    fn from_env_reports_both_budget_mistakes_at_once() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_BUDGET_WINDOW", "5ms"),
+            ("PALISADE_RETRY_BUDGET_RATIO", "5000"),
+        ]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["PALISADE_RETRY_BUDGET_WINDOW", "PALISADE_RETRY_BUDGET_RATIO"],
+            "{err}"
+        );
+    }
+
+    /// A base delay that did not parse left the default (500 ms) in its place, and a
+    /// max delay of 100 ms was then reported as below it: a second problem the user
+    /// never wrote, gone once the base delay is fixed.
+    #[test]
+    fn a_value_judged_against_one_that_did_not_parse_is_not_reported() {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RETRY_BASE_DELAY", "1 fortnight"),
+            ("PALISADE_RETRY_MAX_DELAY", "100ms"),
+        ]);
+        let _ = RetryConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["PALISADE_RETRY_BASE_DELAY"], "{err}");
     }
 
     /// `off` for the count header made a header named `off`; like every optional

@@ -131,14 +131,20 @@ impl SlotMut<'_> {
     }
 
     /// Stores `state`; false when a small slot cannot hold it (the caller moves the key
-    /// to the wide table).
+    /// to the wide table). A reset key (generation above 0) never expires sooner than it
+    /// already would: its generation lives at least as long as its state from before the
+    /// reset would have (see [`MemoryStore::reset_now`]).
     #[inline]
     fn set(&mut self, state: &State, expires_at: u64) -> bool {
         match self {
             SlotMut::Small(s) => s.set(state, expires_at),
             SlotMut::Wide(s) => {
                 s.state = *state;
-                s.expires_at = expires_at;
+                s.expires_at = if s.generation > 0 {
+                    s.expires_at.max(expires_at)
+                } else {
+                    expires_at
+                };
                 true
             }
         }
@@ -599,7 +605,8 @@ impl MemoryStore {
 
     /// Forgets one rule's state for one key. A resident key keeps a fresh state with the
     /// next generation until its old state would have expired, so that a reservation made
-    /// before the reset is not settled against requests admitted after it.
+    /// before the reset is not settled against requests admitted after it (later
+    /// decisions and settlements never make it expire sooner).
     pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
         let key = self.map_key(rule_index, key);
         let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
@@ -1261,5 +1268,55 @@ mod tests {
             give_back(&after, -2);
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
         }
+    }
+
+    /// A reset key keeps its generation until its state from before the reset would have
+    /// expired: a decision after the reset set the slot's expiry to its own, shorter state,
+    /// a full shard then dropped the slot as idle, the key started again at generation 0,
+    /// and a give-back from before the reset refunded a request admitted after it (as the
+    /// Redis store's key expired).
+    #[test]
+    fn a_reset_keys_generation_outlives_what_is_decided_after_the_reset() {
+        let store = MemoryStore::builder()
+            .max_entries(16)
+            .shards(1)
+            .build()
+            .unwrap();
+        let key = RateKey::principal("hot");
+        let params = Params::new(Algorithm::Gcra, Quota::per_minute(10));
+        let with = |cost| CheckItem {
+            cost,
+            ..item(&key, params)
+        };
+        let sec = 1_000_000;
+        // six units at 0 weigh until 36 s
+        let before = store.check_at(&[with(6)], 0).rules[0];
+        assert!(before.debited);
+        store.reset_now(0, &key);
+        // one unit at 1 s weighs until 7 s
+        let after = store.check_at(&[with(1)], sec).rules[0];
+        assert!(after.debited && after.generation == 1);
+        // at 10 s other keys fill the shard
+        for i in 0..20 {
+            let other = RateKey::principal(format!("user-{i}"));
+            assert!(store.check_at(&[item(&other, params)], 10 * sec).admitted);
+        }
+        let all = store.check_at(&[with(10)], 10 * sec).rules[0];
+        assert!(all.debited);
+        assert_eq!(all.generation, 1, "the reset key lost its generation");
+        store.settle_now(&[Settlement {
+            rule_index: 0,
+            rule: "r",
+            key: &key,
+            params,
+            window_start: before.window_start,
+            generation: before.generation,
+            delta: -6,
+        }]);
+        assert_eq!(
+            store.peek_at(&with(0), 10 * sec).remaining,
+            0,
+            "a give-back from before the reset refunded a later request"
+        );
     }
 }

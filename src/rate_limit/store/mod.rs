@@ -1,5 +1,19 @@
 //! Where rate-limit state lives.
 //!
+//! ```
+//! use palisade::rate_limit::{MemoryStore, Quota, RateLimitLayer, Rule};
+//!
+//! // the default store, sized explicitly: at most 100,000 keys, idle keys dropped first
+//! let store = MemoryStore::builder().max_entries(100_000).build().unwrap();
+//! assert!(store.max_entries() <= 100_000); // the bound, shared out among the shards
+//! let layer = RateLimitLayer::builder()
+//!     .rule(Rule::new("chat", Quota::per_minute(60)))
+//!     .store(store)
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
+//!
 //! A [`Store`] decides **all of a request's rules in one call**, atomically: either every
 //! admitted rule is debited or none is. The inputs are self-contained ([`CheckItem`]: the
 //! rule's name and index, the key, the algorithm parameters and the cost), so a remote store

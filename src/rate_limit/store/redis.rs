@@ -78,7 +78,9 @@ pub enum RedisFailMode {
     /// rate-limit headers then report each rule's full capacity).
     Open,
     /// Decide in a local memory store (limits per instance, not shared) until Redis is back;
-    /// a settlement Redis does not take is applied there too and reported as done. A
+    /// a settlement Redis does not take is charged there too when it takes more units, and
+    /// dropped when it gives units back (the local store never counted them), and is
+    /// reported as done. [`Store::reset`] resets the key there too. A
     /// reservation decided locally is settled locally alone, even once Redis is back (its
     /// [`RuleDecision::window_start`] carries the top bit, 2^63, to say so).
     Local,
@@ -457,7 +459,8 @@ enum Conn {
 ///
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
 /// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
-/// [generation](RuleDecision::generation), which keeps the old state's expiry. A
+/// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
+/// decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
 /// the key still holds both, so a reservation made before a reset and settled after it
 /// gives back (or takes) nothing from the requests admitted since. A key that expired on
@@ -493,8 +496,10 @@ enum Conn {
 /// comes and the debit, if the script ran, stays until its window passes.
 ///
 /// **Peek and settle when Redis fails.** With [`RedisFailMode::Local`], a peek that Redis
-/// does not answer reads the local store, and a settlement is applied there (see the
-/// mode). Otherwise a peek or a settlement Redis does not answer returns a [`StoreError`].
+/// does not answer reads the local store, and a settlement that takes more units is
+/// charged there (a give-back of a reservation Redis made is dropped: the local store
+/// never counted those units). Otherwise a peek or a settlement Redis does not answer
+/// returns a [`StoreError`].
 ///
 /// **Blocked-key cache.** When a decision leaves a rule with no room for even one unit,
 /// the store remembers the key until the first instant one unit fits. Further requests
@@ -876,12 +881,14 @@ impl RedisStore {
             Err(e) => return Box::pin(ready(Err(e))),
         };
         let inner = self.inner.clone();
-        // With the local fallback, a reservation decided locally is settled locally when
-        // Redis does not answer.
+        // With the local fallback, a settlement of a reservation Redis made is charged
+        // locally when Redis does not answer; a give-back is not (the local store never
+        // counted those units: giving them back there refunds requests it admitted).
         let local: SmallVec<[(OwnedItem, u64, i64, u32); 2]> =
             if inner.fail_mode == RedisFailMode::Local {
                 settlements
                     .iter()
+                    .filter(|s| s.delta > 0)
                     .map(|s| {
                         let item = CheckItem {
                             rule_index: s.rule_index,
@@ -1352,8 +1359,10 @@ impl Store for RedisStore {
         rule: &str,
         key: &RateKey,
     ) -> BoxFuture<Result<(), StoreError>> {
-        // Redis keys, and so the blocked cache, go by the rule's name.
-        let _ = rule_index;
+        // Redis keys, and so the blocked cache, go by the rule's name; the local fallback
+        // by its index. The fallback forgets the key too: what it counted while Redis was
+        // away would otherwise refuse the reset key at the next outage.
+        self.inner.fallback.reset_now(rule_index, key);
         self.inner.blocked.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();

@@ -5,8 +5,8 @@ use std::sync::{Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-use super::super::super::algorithm::Params;
-use super::super::super::key::RateKey;
+use crate::rate_limit::algorithm::Params;
+use crate::rate_limit::key::RateKey;
 
 /// One blocked rule for one key.
 #[derive(Debug, Clone, Copy)]

@@ -15,7 +15,8 @@
 --
 -- A key holds "start prev count" or, once it has been reset, "start prev count generation".
 -- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
--- expiry, so that a settlement of a reservation made before it is dropped.
+-- expiry (which later writes never shorten), so that a settlement of a reservation made
+-- before it is dropped.
 --
 -- A check answers {admitted, now, then per rule: verdict (0 allowed, 1 denied, 2 never),
 -- retry_after, remaining, reset, window_start, debited, blocked_for, generation};
@@ -304,6 +305,20 @@ local function ttl_ms(expires_at, now, grace)
   return ms
 end
 
+-- Writes a state that expires in `ms`. A key that has been reset (generation above 0)
+-- never expires sooner than it already would: its generation lives at least as long as the
+-- state from before the reset would have, so a give-back of a reservation made before the
+-- reset cannot find the key started again at generation 0.
+local function write(key, s, ms)
+  if s.gen > 0 then
+    local left = redis.call('PTTL', key)
+    if left > ms then
+      ms = left
+    end
+  end
+  redis.call('SET', key, encode(s), 'PX', ms)
+end
+
 local function params(i, stride)
   local o = 3 + (i - 1) * stride
   return {
@@ -364,7 +379,7 @@ if mode == 's' then
         else
           s.start = sat_sub(s.start, step)
         end
-        redis.call('SET', KEYS[i], encode(s), 'PX', ttl_ms(s.start, now, grace))
+        write(KEYS[i], s, ttl_ms(s.start, now, grace))
       else
         if s.start == window_start then
           s.count = apply(s.count)
@@ -411,7 +426,7 @@ for i = 1, n do
     if admitted then
       debited = 1
       kept = d
-      redis.call('SET', KEYS[i], encode(d), 'PX', ttl_ms(d.expires_at, now, grace))
+      write(KEYS[i], d, ttl_ms(d.expires_at, now, grace))
     else
       -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
       -- down, so adding the cost back could come out one short)
