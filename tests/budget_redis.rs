@@ -457,3 +457,34 @@ async fn budget_totals_in_redis_past_nine_million_dollars_are_exact() {
     huge.spend(1).await;
     assert!(!huge.reserve(1).await);
 }
+
+/// A refused reservation read (and, for a new account, created) the account's hash but
+/// set no expiry, so every subject whose first request was refused left a key in Redis
+/// for ever; the memory store forgets such accounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reservation_leaves_no_key_without_an_expiry() {
+    let Some(server) = support::RedisServer::start().await else {
+        return;
+    };
+    let mut conn = manager(&server.url()).await;
+    let periods = [
+        ("daily", Period::Day),
+        ("monthly", Period::Month),
+        ("hourly", Period::Rolling(Duration::from_secs(3600))),
+    ];
+    for (name, period) in periods {
+        let twin = Twin::new(
+            &server,
+            Budget::new(name, Scope::User, period, Money::from_picos(10)),
+        )
+        .await;
+        assert!(!twin.reserve(11).await, "{name}: over the limit");
+        let key = format!("palisade:budget:{{budget}}:{name}:ann");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_ne!(ttl, -1, "{name}: {key} has no expiry");
+    }
+}

@@ -720,7 +720,7 @@ async fn fallback_model_serves_when_the_primary_is_overloaded_and_is_marked() {
     let served: Vec<_> = records.iter().filter(|e| e.record.status == 200).collect();
     assert_eq!(served.len(), 1);
     assert_eq!(
-        served[0].fallback.as_deref(),
+        served[0].record.fallback.as_deref(),
         Some("model:claude-haiku-4-5")
     );
     let usage = gw.get("/v1/usage", USER).await.json();

@@ -119,11 +119,9 @@ impl Bots {
 /// A usage record as the gateway keeps it.
 #[derive(Debug, Clone)]
 pub struct LedgerEntry {
-    /// The meter's record.
+    /// The meter's record (with the fallback that answered, if any, in its
+    /// [`fallback`](UsageRecord::fallback)).
     pub record: UsageRecord,
-    /// The fallback that answered (`model:claude-haiku-4-5`, `upstream:https://...`), if
-    /// any: the record's own [`fallback`](UsageRecord::fallback), which every sink stores.
-    pub fallback: Option<String>,
 }
 
 /// The usage ledger: the usage recorder's sink and the source of `/v1/usage`.
@@ -177,14 +175,12 @@ impl Ledger {
             Ledger::Memory(m) => {
                 let mut entries = lock(&m.entries);
                 for record in batch {
-                    let fallback = record.fallback.clone();
                     if entries.len() >= MAX_LEDGER_ENTRIES {
                         entries.pop_front();
                         m.evicted.fetch_add(1, Ordering::Relaxed);
                     }
                     entries.push_back(LedgerEntry {
                         record: record.clone(),
-                        fallback,
                     });
                 }
             }

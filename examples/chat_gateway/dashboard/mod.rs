@@ -193,7 +193,7 @@ pub fn snapshot(state: &AppState, now: SystemTime, minutes: u64) -> Value {
     let mut fallbacks = 0u64;
     for e in &entries {
         let r = &e.record;
-        if e.fallback.is_some() {
+        if r.fallback.is_some() {
             fallbacks += 1;
         }
         if r.cost.is_none() && r.usage == palisade::cost::Usage::default() {

@@ -1,3 +1,15 @@
+//! ```
+//! use std::sync::Arc;
+//! use palisade::cost::alert::{AlertEvent, AlertKind, AlertSink, MemoryAlertSink};
+//! use palisade::cost::Money;
+//!
+//! let sink = Arc::new(MemoryAlertSink::default());
+//! sink.send(AlertEvent::threshold("daily", "user:ann", 800, Money::from_nanos(8), Money::from_nanos(10)));
+//! let events = sink.events();
+//! assert_eq!(events[0].kind, AlertKind::Threshold { ratio: 0.8 });
+//! assert_eq!(events[0].to_json()["spent_usd"], "0.000000008");
+//! ```
+//!
 //! Cost alerts: budget thresholds and spend spikes, raised once per period per subject,
 //! delivered through an [`AlertSink`].
 //!
@@ -13,18 +25,6 @@
 //! - **Sinks**: [`TracingAlertSink`] logs each event; [`WebhookSink`] (feature `hyper-util`, on by default) POSTs it as JSON
 //!   from a background task with a timeout, retries and a bounded queue, so a slow or dead
 //!   receiver never slows a request (a full queue drops the event and counts it).
-//!
-//! ```
-//! use std::sync::Arc;
-//! use palisade::cost::alert::{AlertEvent, AlertKind, AlertSink, MemoryAlertSink};
-//! use palisade::cost::Money;
-//!
-//! let sink = Arc::new(MemoryAlertSink::default());
-//! sink.send(AlertEvent::threshold("daily", "user:ann", 800, Money::from_nanos(8), Money::from_nanos(10)));
-//! let events = sink.events();
-//! assert_eq!(events[0].kind, AlertKind::Threshold { ratio: 0.8 });
-//! assert_eq!(events[0].to_json()["spent_usd"], "0.000000008");
-//! ```
 
 mod spike;
 #[cfg(feature = "hyper-util")]

@@ -155,15 +155,16 @@ impl BudgetConfig {
                 .filter(|n| (400..600).contains(n))
                 .ok_or_else(|| "expected an error status, 400–599".to_owned())
         });
-        let shared = env.raw("PALISADE_ERROR_FORMAT").map(parse_format);
+        // the shared setting through its one reader, which reports a bad value (once)
+        let shared = env
+            .raw(crate::config::ERROR_FORMAT_VAR)
+            .is_some()
+            .then(|| ErrorFormat::from_env(env));
         let error_format = env
             .optional_with(&v("error_format"), None, "anthropic", |s| {
                 parse_format(s).map(Some)
             })
-            .or(match shared {
-                Some(Ok(f)) => Some(f),
-                _ => None, // the shared setting's own reader reports it
-            });
+            .or(shared);
         let max_body = env.optional(&v("max_body"), d.max_body, "4194304");
         let bytes_per_token = env.optional(&v("bytes_per_token"), d.bytes_per_token, "3");
         let default_max_tokens =
@@ -280,5 +281,30 @@ impl BudgetLayer {
                 example: RULES_EXAMPLE.to_owned(),
             }])
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The budget layer read the shared setting raw and ignored a bad value, so a typo in
+    /// `PALISADE_ERROR_FORMAT` went unreported when the budget layer was its only reader.
+    #[test]
+    fn a_bad_shared_error_format_is_reported_when_the_budget_layer_reads_it_alone() {
+        let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "xml")]);
+        let _ = BudgetConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["PALISADE_ERROR_FORMAT"]);
+
+        let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
+        let config = BudgetConfig::from_env(&mut env);
+        env.finish().unwrap();
+        assert_eq!(config.error_format, Some(ErrorFormat::Anthropic));
+
+        let mut env = Env::default();
+        assert_eq!(BudgetConfig::from_env(&mut env).error_format, None);
+        env.finish().unwrap();
     }
 }

@@ -2,8 +2,6 @@
 //! handle.
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -17,6 +15,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::estimate::{BudgetEstimate, Estimate, estimate};
+use super::future::ResponseFuture;
 use super::store::{BudgetStore, Charge, MemoryBudgetStore, Reserve};
 use super::{Budget, Scope};
 use crate::body::ResponseBody;
@@ -643,25 +642,6 @@ impl Shared {
             *res.status_mut() = self.status;
         }
         res
-    }
-}
-
-/// The response future of [`BudgetService`].
-pub struct ResponseFuture<R, E> {
-    inner: Pin<Box<dyn Future<Output = Result<R, E>> + Send>>,
-}
-
-impl<R, E> fmt::Debug for ResponseFuture<R, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
-    }
-}
-
-impl<R, E> Future for ResponseFuture<R, E> {
-    type Output = Result<R, E>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.inner.as_mut().poll(cx)
     }
 }
 

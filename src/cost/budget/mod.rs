@@ -1,3 +1,24 @@
+//! ```
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use palisade::cost::budget::{Budget, BudgetEstimate, BudgetLayer, Period, Scope};
+//! use palisade::cost::{Money, Principal};
+//! use tower::{Layer, ServiceExt, service_fn};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let daily = Budget::new("daily", Scope::User, Period::Day, Money::parse_dollars("5").unwrap());
+//! let svc = BudgetLayer::builder().budget(daily).build().unwrap().layer(service_fn(
+//!     |_req| async { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new()))) },
+//! ));
+//! let mut req = http::Request::post("/v1/messages")
+//!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku"}"#)))
+//!     .unwrap();
+//! req.extensions_mut().insert(Principal::new("ann")); // set by your authentication
+//! req.extensions_mut().insert(BudgetEstimate(Money::parse_dollars("6").unwrap())); // may cost $6
+//! assert_eq!(svc.oneshot(req).await.unwrap().status(), 400); // more than the whole budget
+//! # }
+//! ```
+//!
 //! Spend budgets per user, API key, bot (or overall), per calendar day or month (UTC) or
 //! a rolling window, enforced by **reserve-then-settle**.
 //!
@@ -77,6 +98,7 @@
 
 mod config;
 mod estimate;
+mod future;
 mod layer;
 mod period;
 #[cfg(feature = "redis")]
@@ -89,11 +111,12 @@ use serde::{Deserialize, Serialize};
 
 pub use config::{BudgetConfig, BudgetRuleConfig};
 pub use estimate::BudgetEstimate;
+pub use future::ResponseFuture;
 pub use layer::{
     BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
-    BudgetService, ResponseFuture,
+    BudgetService,
 };
-pub use period::Period;
+pub use period::{ParsePeriodError, Period};
 pub(crate) use period::unix_millis;
 #[cfg(feature = "redis")]
 pub use redis::RedisBudgetStore;

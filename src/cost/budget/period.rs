@@ -15,11 +15,15 @@ const DAY_SECS: u64 = 86_400;
 ///
 /// ```
 /// use std::time::Duration;
-/// use palisade::cost::budget::Period;
+/// use palisade::cost::budget::{ParsePeriodError, Period};
 ///
 /// assert_eq!("day".parse::<Period>(), Ok(Period::Day));
 /// assert_eq!("6h".parse::<Period>(), Ok(Period::Rolling(Duration::from_secs(6 * 3600))));
-/// assert!("fortnight".parse::<Period>().is_err());
+/// assert_eq!(
+///     "fortnight".parse::<Period>(),
+///     Err(ParsePeriodError::Unknown("fortnight".to_owned()))
+/// );
+/// assert_eq!("0.5s".parse::<Period>(), Err(ParsePeriodError::TooShort));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -90,8 +94,20 @@ impl Period {
     }
 }
 
+/// Why a text is not a [`Period`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParsePeriodError {
+    /// A rolling window shorter than one second.
+    #[error("a rolling period must be at least 1s")]
+    TooShort,
+    /// Neither `day`, `month` nor a duration.
+    #[error("`{0}` is not a period: use `day`, `month` or a duration such as `24h`")]
+    Unknown(String),
+}
+
 impl FromStr for Period {
-    type Err = String;
+    type Err = ParsePeriodError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim().to_ascii_lowercase().as_str() {
@@ -99,10 +115,8 @@ impl FromStr for Period {
             "month" | "monthly" => Ok(Period::Month),
             other => match crate::config::duration::parse(other) {
                 Ok(d) if d >= Duration::from_secs(1) => Ok(Period::Rolling(d)),
-                Ok(_) => Err("a rolling period must be at least 1s".to_owned()),
-                Err(_) => Err(format!(
-                    "`{other}` is not a period: use `day`, `month` or a duration such as `24h`"
-                )),
+                Ok(_) => Err(ParsePeriodError::TooShort),
+                Err(_) => Err(ParsePeriodError::Unknown(other.to_owned())),
             },
         }
     }
@@ -169,6 +183,6 @@ mod tests {
             let p: Period = s.parse().unwrap();
             assert_eq!(p.to_string().parse::<Period>(), Ok(p));
         }
-        assert!("0s".parse::<Period>().is_err());
+        assert_eq!("0s".parse::<Period>(), Err(ParsePeriodError::TooShort));
     }
 }

@@ -6,6 +6,8 @@ for i = 1, #KEYS do
   local b = 2 + (i - 1) * 4
   local limit, kind, window_ms = big(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2])
   local spent, slots, slot_ms = roll(KEYS[i], kind, window_ms, now_ms)
+  -- rolling may have created the account: it expires even when the reservation is refused
+  redis.call('PEXPIRE', KEYS[i], ARGV[b + 3])
   local reserved = big(redis.call('HGET', KEYS[i], 'r'))
   local total = big_add(big_add(spent, reserved), amount)
   if big_cmp(total, limit) > 0 then
@@ -24,9 +26,7 @@ for i = 1, #KEYS do
   end
 end
 for i = 1, #KEYS do
-  local b = 2 + (i - 1) * 4
   local reserved = big(redis.call('HGET', KEYS[i], 'r'))
   redis.call('HSET', KEYS[i], 'r', big_str(big_add(reserved, amount)))
-  redis.call('PEXPIRE', KEYS[i], ARGV[b + 3])
 end
 return {0}
