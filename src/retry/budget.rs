@@ -345,8 +345,7 @@ impl Inner {
         // its expiry.)
         let stale = (now_gen - current).min(SLOTS as u64);
         for g in (now_gen + 1 - stale)..=now_gen {
-            self.slots[(g % SLOTS as u64) as usize]
-                .store((g as i64) & TAG_MASK, Ordering::SeqCst);
+            self.slots[(g % SLOTS as u64) as usize].store((g as i64) & TAG_MASK, Ordering::SeqCst);
         }
         self.generation.store(now_gen, Ordering::Release);
         drop(guard);
@@ -543,7 +542,10 @@ mod tests {
                 .iter()
                 .filter(|&&(before, after)| first <= before && after < first + SLOTS as u64)
                 .count();
-            assert!(within <= TOKENS, "{within} retries in the window from {first}");
+            assert!(
+                within <= TOKENS,
+                "{within} retries in the window from {first}"
+            );
         }
     }
 

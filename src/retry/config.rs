@@ -389,7 +389,10 @@ mod tests {
         let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
-            ["PALISADE_RETRY_BUDGET_WINDOW", "PALISADE_RETRY_BUDGET_RATIO"],
+            [
+                "PALISADE_RETRY_BUDGET_WINDOW",
+                "PALISADE_RETRY_BUDGET_RATIO"
+            ],
             "{err}"
         );
     }

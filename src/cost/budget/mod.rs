@@ -116,8 +116,8 @@ pub use layer::{
     BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
     BudgetService,
 };
-pub use period::{ParsePeriodError, Period};
 pub(crate) use period::unix_millis;
+pub use period::{ParsePeriodError, Period};
 #[cfg(feature = "redis")]
 pub use redis::RedisBudgetStore;
 pub use store::{
