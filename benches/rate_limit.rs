@@ -5,8 +5,6 @@
 //!   `_one` rows use `Store::check_one_now`, the others `Store::check_now` with a list of one).
 //! - `layer_overhead/*`: one request through the bare service, palisade's layer (with and
 //!   without its headers) and tower_governor's layer, keyed by peer IP, polled by hand.
-//! - `ip_table_1m/*`: the memory store's IP-keyed table against hashbrown at 1,000,000
-//!   IPv4 keys (see `rate_limit_ip_table`).
 
 use std::convert::Infallible;
 use std::hint::black_box;
@@ -26,13 +24,10 @@ use palisade::rate_limit::{
 use tower::{Layer, Service, service_fn};
 
 mod rate_limit_common;
-mod rate_limit_ip_table;
 use rate_limit_common::{
     KEYS, decide, decide_one, ip, poll_now, request, tower_governor_config,
     tower_governor_headers_config,
 };
-/// The crate types the store's IP table names, for `rate_limit_ip_table`.
-use rate_limit_ip_table::rate_limit;
 
 fn ips() -> Vec<IpAddr> {
     (0..KEYS as u64).map(ip).collect()
@@ -250,10 +245,5 @@ fn layer_overhead(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(
-    benches,
-    keyed,
-    layer_overhead,
-    rate_limit_ip_table::ip_table_1m
-);
+criterion_group!(benches, keyed, layer_overhead);
 criterion_main!(benches);
