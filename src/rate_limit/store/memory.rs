@@ -40,9 +40,10 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits; any
 /// other key, and an IP key whose counts outgrow 32 bits or that has been reset (a reset
-/// key keeps its generation, see [`MemoryStore::reset_now`]), in a 64-byte slot. With the
-/// tables' spare capacity that is about 40 to 90 bytes per IP key and twice that for
-/// other keys: 1,000,000 peer addresses take under 100 MB. A principal or header key also
+/// key keeps its generation, see [`MemoryStore::reset_now`]), in a 64-byte slot. Both
+/// tables are `hashbrown` tables, at most 7/8 full with one control byte per slot: with
+/// that spare capacity an IP key takes about 38 to 75 bytes and any other key about 74
+/// to 149: 1,000,000 peer addresses take under 80 MB. A principal or header key also
 /// holds its text: a header value up to [`MAX_HEADER_KEY_LEN`](crate::rate_limit::MAX_HEADER_KEY_LEN)
 /// bytes, a longer one as a 39-byte hash, so **any header key costs at most 300 bytes**
 /// whatever a client sends.
@@ -68,7 +69,7 @@ struct Inner {
 #[repr(align(128))]
 struct Padded(Mutex<Shard>);
 
-/// One shard: two hash tables of slots found by their precomputed hash (so a lookup
+/// One shard: two `hashbrown` tables of slots found by their precomputed hash (so a lookup
 /// neither rehashes nor clones the key), one per slot size.
 #[derive(Default)]
 struct Shard {

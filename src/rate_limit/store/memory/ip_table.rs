@@ -1,13 +1,9 @@
-//! The memory store's table for IP keys: 32-byte slots in one array, open addressing with
-//! linear probing.
+//! The memory store's table for IP keys: 32-byte slots in a `hashbrown::HashTable`, found
+//! by the hash the store computed once for the decision.
 //!
-//! A lookup starts at the slot the hash names and reads slots until it finds the key or an
-//! empty slot, so a hit near home costs one cache line. hashbrown, which the wide table
-//! uses, first reads a group of control bytes and then the slot: two dependent reads, and
-//! at 10,000 keys both miss the L1 cache. The table keeps at most 3/4 of its slots full, so
-//! probe runs stay short and there is always an empty slot to end a search. Removal shifts
-//! the following run back (no tombstones), so a table that churns through keys does not
-//! slow down.
+//! The table keeps at most 7/8 of its slots full, with one control byte per slot beside
+//! the slots: a lookup reads a group of control bytes, then the slot. A removed slot is
+//! reused by a later insert, so a table that churns through keys stays within its size.
 
 use crate::rate_limit::algorithm::State;
 use crate::rate_limit::key::RateKey;
@@ -23,8 +19,7 @@ pub(super) const EXPIRY_UNIT: u64 = 1 << 20;
 pub(super) struct SmallSlot {
     ip: u64,
     start: u64,
-    /// The rule index, with [`SmallKey::V6`] set for an IPv6 network; [`EMPTY`] when the
-    /// slot is free.
+    /// The rule index, with [`SmallKey::V6`] set for an IPv6 network.
     tag: u32,
     prev: u32,
     count: u32,
@@ -32,25 +27,19 @@ pub(super) struct SmallSlot {
     expires: u32,
 }
 
-/// The tag of a free slot (no key has it: see [`SmallKey::of`]).
+/// The largest tag, which no key has (see [`SmallKey::of`]).
 const EMPTY: u32 = u32::MAX;
-
-const FREE: SmallSlot = SmallSlot {
-    ip: 0,
-    start: 0,
-    tag: EMPTY,
-    prev: 0,
-    count: 0,
-    expires: 0,
-};
 
 impl SmallSlot {
     /// A slot for `key` holding `state`, or `None` when the counts do not fit in 32 bits.
     pub(super) fn new(key: SmallKey, state: &State, expires_at: u64) -> Option<Self> {
         let mut slot = Self {
             ip: key.ip,
+            start: 0,
             tag: key.tag,
-            ..FREE
+            prev: 0,
+            count: 0,
+            expires: 0,
         };
         slot.set(state, expires_at).then_some(slot)
     }
@@ -58,11 +47,6 @@ impl SmallSlot {
     #[inline]
     fn is(&self, key: SmallKey) -> bool {
         self.tag == key.tag && self.ip == key.ip
-    }
-
-    #[inline]
-    fn is_free(&self) -> bool {
-        self.tag == EMPTY
     }
 
     pub(super) fn key(&self) -> SmallKey {
@@ -118,7 +102,7 @@ impl SmallKey {
     #[inline]
     pub(super) fn of(rule: u32, key: &RateKey) -> Option<Self> {
         match key {
-            RateKey::Ip(ip) if rule < Self::V6 - 1 => {
+            RateKey::Ip(ip) if rule < EMPTY & !Self::V6 => {
                 let (word, v6) = ip.packed();
                 Some(Self {
                     tag: rule | if v6 { Self::V6 } else { 0 },
@@ -134,145 +118,64 @@ impl SmallKey {
     }
 }
 
-/// IP keys in one array of slots, found by linear probing from the slot their hash names.
-/// The hash is not stored: the functions that move slots take the store's hash function.
+/// IP keys in a `hashbrown::HashTable`, found by the store's hash of their rule and key.
+/// The hash is not stored: growing the table takes the store's hash function to place the
+/// slots again.
 #[derive(Default)]
 pub(super) struct IpTable {
-    /// A power of two long, or empty.
-    slots: Vec<SmallSlot>,
-    len: usize,
+    slots: hashbrown::HashTable<SmallSlot>,
 }
 
 impl IpTable {
     pub(super) fn len(&self) -> usize {
-        self.len
-    }
-
-    #[inline]
-    fn home(&self, hash: u64) -> usize {
-        // The mask keeps the low bits, which the shard choice (bits 40 and up) leaves free;
-        // clearing bit 0 starts every search at the first slot of a cache line, so the
-        // first two probes read one line.
-        hash as usize & (self.slots.len() - 2)
-    }
-
-    /// The position of `key`'s slot, if resident.
-    #[inline]
-    fn position(&self, hash: u64, key: SmallKey) -> Option<usize> {
-        if self.slots.is_empty() {
-            return None;
-        }
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(hash);
-        loop {
-            let slot = &self.slots[i];
-            if slot.is(key) {
-                return Some(i);
-            }
-            if slot.is_free() {
-                return None;
-            }
-            i = (i + 1) & mask;
-        }
+        self.slots.len()
     }
 
     #[inline]
     pub(super) fn find(&self, hash: u64, key: SmallKey) -> Option<&SmallSlot> {
-        self.position(hash, key).map(|i| &self.slots[i])
+        self.slots.find(hash, |s| s.is(key))
     }
 
     #[inline]
     pub(super) fn find_mut(&mut self, hash: u64, key: SmallKey) -> Option<&mut SmallSlot> {
-        self.position(hash, key).map(|i| &mut self.slots[i])
+        self.slots.find_mut(hash, |s| s.is(key))
     }
 
     /// Adds a slot whose key is not resident.
     pub(super) fn insert(&mut self, hash: u64, slot: SmallSlot, rehash: impl Fn(SmallKey) -> u64) {
-        if (self.len + 1) * 4 > self.slots.len() * 3 {
-            self.grow(&rehash);
-        }
-        self.place(hash, slot);
-        self.len += 1;
+        self.slots.insert_unique(hash, slot, |s| rehash(s.key()));
     }
 
-    /// Writes `slot` into the first free slot from its home.
-    fn place(&mut self, hash: u64, slot: SmallSlot) {
-        let mask = self.slots.len() - 1;
-        let mut i = self.home(hash);
-        while !self.slots[i].is_free() {
-            i = (i + 1) & mask;
-        }
-        self.slots[i] = slot;
-    }
-
-    fn grow(&mut self, rehash: &impl Fn(SmallKey) -> u64) {
-        let capacity = (self.slots.len() * 2).max(16);
-        let old = std::mem::replace(&mut self.slots, vec![FREE; capacity]);
-        for slot in old.into_iter().filter(|s| !s.is_free()) {
-            self.place(rehash(slot.key()), slot);
-        }
-    }
-
-    /// Removes `key`'s slot, if resident (and says whether it was), and shifts the run after
-    /// it back so that every key stays reachable from its home without a tombstone.
+    /// Removes `key`'s slot, if resident, and says whether it was. `_rehash`, the store's
+    /// hash, goes unused: hashbrown removes a slot without moving the others.
     pub(super) fn remove(
         &mut self,
         hash: u64,
         key: SmallKey,
-        rehash: impl Fn(SmallKey) -> u64,
+        _rehash: impl Fn(SmallKey) -> u64,
     ) -> bool {
-        let Some(mut hole) = self.position(hash, key) else {
-            return false;
-        };
-        let mask = self.slots.len() - 1;
-        let mut i = hole;
-        loop {
-            i = (i + 1) & mask;
-            if self.slots[i].is_free() {
-                break;
+        match self.slots.find_entry(hash, |s| s.is(key)) {
+            Ok(entry) => {
+                entry.remove();
+                true
             }
-            // The slot at `i` may fill the hole when the hole lies on its probe path, that
-            // is, no further from its home than `i` is.
-            let home = self.home(rehash(self.slots[i].key()));
-            if (i.wrapping_sub(home) & mask) >= (i.wrapping_sub(hole) & mask) {
-                self.slots[hole] = self.slots[i];
-                hole = i;
-            }
+            Err(_) => false,
         }
-        self.slots[hole] = FREE;
-        self.len -= 1;
-        true
     }
 
-    /// Keeps the slots for which `keep` is true (one pass, then the survivors are placed
-    /// again, so the O(n) sweep also compacts the probe runs).
+    /// Keeps the slots for which `keep` is true, in one O(n) pass. As in
+    /// [`remove`](Self::remove), no slot moves, so `_rehash` goes unused.
     pub(super) fn retain(
         &mut self,
         mut keep: impl FnMut(&SmallSlot) -> bool,
-        rehash: impl Fn(SmallKey) -> u64,
+        _rehash: impl Fn(SmallKey) -> u64,
     ) {
-        if self.len == 0 {
-            return;
-        }
-        let kept: Vec<SmallSlot> = self
-            .slots
-            .iter()
-            .filter(|s| !s.is_free() && keep(s))
-            .copied()
-            .collect();
-        if kept.len() == self.len {
-            return;
-        }
-        self.slots.fill(FREE);
-        self.len = kept.len();
-        for slot in kept {
-            self.place(rehash(slot.key()), slot);
-        }
+        self.slots.retain(|s| keep(s));
     }
 
     /// The resident slots, in table order.
     pub(super) fn iter(&self) -> impl Iterator<Item = &SmallSlot> {
-        self.slots.iter().filter(|s| !s.is_free())
+        self.slots.iter()
     }
 }
 
