@@ -1,8 +1,9 @@
 //! Clients that read an answer slowly, against the gateway's server loop over real sockets
 //! on 127.0.0.1: one that stops reading mid-stream is closed once
 //! `PALISADE_GATEWAY_WRITE_TIMEOUT` passes with nothing written, and its usage is recorded
-//! once, as partial; one that reads slowly but steadily gets the whole stream. The client
-//! sets a tiny receive buffer so that the server's writes wait on it. Tokio's paused clock
+//! once, as partial (over HTTP/1.1, and over HTTP/2 with its window closed); one that
+//! reads slowly but steadily gets the whole stream. The HTTP/1.1 client sets a tiny
+//! receive buffer so that the server's writes wait on it. Tokio's paused clock
 //! makes the waits instant.
 #![allow(dead_code)]
 
@@ -218,4 +219,43 @@ fn a_zero_or_malformed_write_timeout_is_reported() {
             "{bad}: {err}"
         );
     }
+}
+
+/// Over HTTP/2 the client reads the head, then lets its flow-control window close: the
+/// stream waits for the write timeout, and the connection is closed, its usage recorded
+/// once, as partial.
+#[tokio::test(start_paused = true)]
+async fn an_http2_client_whose_window_stays_closed_is_closed_after_the_write_timeout() {
+    let gw = start().await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    // The smallest windows HTTP/2 starts with (hyper's client asks for megabytes).
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut body = fixture::chat("claude-sonnet-4-5");
+    body["stream"] = serde_json::Value::Bool(true);
+    let req = http::Request::post(format!("http://{}/v1/messages", gw.addr))
+        .header("x-api-key", USER)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(Bytes::from(
+            serde_json::to_vec(&body).unwrap(),
+        )))
+        .unwrap();
+    let res = sender.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    // The body is never read: no window update, the window closes after 64 KiB.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(gw.records().is_empty(), "{:?}", gw.records());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let records = gw.usage_records(1).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].record.completion, Completion::Partial);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the connection is closed");
+    drop(res);
 }
