@@ -266,6 +266,30 @@ async fn a_stream_longer_than_the_idle_timeout_is_delivered_whole() {
     assert!(text.contains("event: message_stop"), "{text}");
 }
 
+/// An upstream that waits 50 s between events, under a 10 s write timeout: the client
+/// waits and reads, nothing waits to be written, so the stream is not cut.
+#[tokio::test(start_paused = true)]
+async fn an_upstream_slower_than_the_write_timeout_is_not_cut() {
+    let upstream = slow_stream_upstream(3, Duration::from_secs(50)).await;
+    let gw = start(&[
+        ("ANTHROPIC_BASE_URL", upstream.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ("PALISADE_GATEWAY_WRITE_TIMEOUT", "10s"),
+    ])
+    .await;
+    let mut body = fixture::chat("claude-sonnet-4-5");
+    body["stream"] = serde_json::Value::Bool(true);
+    let r = gw
+        .call(Method::POST, "/v1/messages", Some(USER), Some(body), &[])
+        .await;
+    let text = r.text();
+    assert_eq!(r.status, 200, "{text}");
+    for i in 0..3 {
+        assert!(text.contains(&format!("part {i} ")), "{text}");
+    }
+    assert!(text.contains("event: message_stop"), "{text}");
+}
+
 /// A request whose answer takes 100 s to start (the mock's slow model) under a 30 s idle
 /// timeout: answered, not closed while it waits.
 #[tokio::test(start_paused = true)]

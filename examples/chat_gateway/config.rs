@@ -115,6 +115,10 @@ pub struct GatewayConfig {
     /// gracefully (`PALISADE_GATEWAY_IDLE_TIMEOUT`): an HTTP/2 client that only answers
     /// pings, or an HTTP/1.1 keep-alive connection between requests.
     pub idle_timeout: Duration,
+    /// How long a response may wait for its client to read before the connection is
+    /// closed (`PALISADE_GATEWAY_WRITE_TIMEOUT`): a client that stops reading mid-answer
+    /// (slow read) cannot hold a connection and its upstream stream forever.
+    pub write_timeout: Duration,
     /// How long a request body may take to arrive (408 after that).
     pub body_timeout: Duration,
     /// The longest silence inside an upstream response body (a stream then ends with an
@@ -379,6 +383,12 @@ impl GatewayConfig {
             "60s",
             positive_duration,
         );
+        let write_timeout = env.optional_with(
+            "PALISADE_GATEWAY_WRITE_TIMEOUT",
+            Duration::from_secs(30),
+            "30s",
+            positive_duration,
+        );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
             Duration::from_secs(120),
@@ -487,6 +497,7 @@ impl GatewayConfig {
             max_body,
             header_timeout,
             idle_timeout,
+            write_timeout,
             body_timeout,
             stream_idle_timeout,
             orchestrator_model,

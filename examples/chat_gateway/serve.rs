@@ -16,10 +16,22 @@
 //! between requests. A client that answers HTTP/2 pings but never sends a request is thus
 //! not kept forever, and a long stream is never cut, since it is in flight until its last
 //! byte.
+//!
+//! A client that stops reading mid-answer (slow read: a long stream, a large body) keeps
+//! its request in flight, so the idle timeout never applies to it. When a response body
+//! has a frame waiting to be written for `PALISADE_GATEWAY_WRITE_TIMEOUT` (30 s by
+//! default) — over HTTP/1.1 with not a byte sent to the socket meanwhile, over HTTP/2
+//! with the client's flow-control window closed — the connection is closed and its
+//! response body (and upstream stream) dropped, so its usage is recorded as partial. Each
+//! connection's kernel send buffer is bounded (64 KiB) so that a client that reads slowly
+//! but steadily (a few KiB a second) lets bytes through within the timeout and is not
+//! cut; an upstream slow to answer leaves nothing waiting to be written and is not cut
+//! either (the stream idle timeout covers it).
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +50,10 @@ use tokio_rustls::rustls::ServerConfig;
 /// What an HTTP/2 connection without TLS (prior knowledge) starts with.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// The kernel send buffer of each connection (Linux doubles it): the client must read
+/// a part of this within the write timeout for its response to be written on.
+const SEND_BUFFER: usize = 64 * 1024;
+
 /// How long a connection closing gracefully (idle, or at shutdown with nothing in flight)
 /// may take to say goodbye before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +65,8 @@ pub struct Timeouts {
     pub header: Duration,
     /// A connection with no request in flight for this long is closed.
     pub idle: Duration,
+    /// A connection whose writes make no progress for this long is closed.
+    pub write: Duration,
 }
 
 impl Timeouts {
@@ -57,6 +75,7 @@ impl Timeouts {
         Self {
             header: config.header_timeout,
             idle: config.idle_timeout,
+            write: config.write_timeout,
         }
     }
 }
@@ -94,6 +113,10 @@ pub async fn serve(
         // Streamed answers are many small writes: without TCP_NODELAY, Nagle's algorithm
         // and the client's delayed ACK hold each one for about 40 ms.
         let _ = tcp.set_nodelay(true);
+        // A bounded send buffer, so that a client that reads at all lets writes through
+        // within the write timeout (the kernel would otherwise buffer up to megabytes,
+        // and wake the writer only once much of them is read).
+        let _ = socket2::SockRef::from(&tcp).set_send_buffer_size(SEND_BUFFER);
         let acceptor = acceptor.clone();
         let activity = Arc::new(Activity::new());
         let service = Tracked {
@@ -126,8 +149,11 @@ pub async fn serve(
                     // ALPN has chosen the protocol: no preface to wait for.
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let builder = builder(timeouts.header, Some(h2));
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    drive(conn.into_owned(), &activity, deadline, timeouts.idle, stop).await
+                    let conn = builder.serve_connection_with_upgrades(
+                        Watched::new(TokioIo::new(tls), &activity),
+                        service,
+                    );
+                    drive(conn.into_owned(), &activity, deadline, timeouts, stop).await
                 }
                 None => {
                     let first_bytes = tokio::select! {
@@ -139,8 +165,11 @@ pub async fn serve(
                         return;
                     }
                     let builder = builder(timeouts.header, None);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    drive(conn.into_owned(), &activity, deadline, timeouts.idle, stop).await
+                    let conn = builder.serve_connection_with_upgrades(
+                        Watched::new(TokioIo::new(tcp), &activity),
+                        service,
+                    );
+                    drive(conn.into_owned(), &activity, deadline, timeouts, stop).await
                 }
             };
             match result {
@@ -150,6 +179,9 @@ pub async fn serve(
                 }
                 Ok(Ended::Idle) => {
                     tracing::debug!(%peer, "connection idle for the idle timeout; closed");
+                }
+                Ok(Ended::WriteStalled) => {
+                    tracing::debug!(%peer, "client read nothing for the write timeout; closed");
                 }
                 Err(e) => tracing::debug!(%peer, error = %e, "connection ended with an error"),
             }
@@ -173,16 +205,20 @@ enum Ended {
     NoRequest,
     /// Nothing was in flight for the idle timeout.
     Idle,
+    /// A write waited for the write timeout without a byte sent (the client stopped
+    /// reading).
+    WriteStalled,
 }
 
 /// Runs one connection to its end: closed when no request came by `deadline`, closed
-/// gracefully after `idle` with nothing in flight, and gracefully when `stop` turns true
-/// (in-flight requests and streams finish; the caller bounds that wait).
+/// gracefully after `idle` with nothing in flight, closed at once when a write has made no
+/// progress for the write timeout, and gracefully when `stop` turns true (in-flight
+/// requests and streams finish; the caller bounds that wait).
 async fn drive<I>(
-    conn: auto::UpgradeableConnection<'static, I, Service, TokioExecutor>,
+    conn: auto::UpgradeableConnection<'static, Watched<I>, Service, TokioExecutor>,
     activity: &Activity,
     deadline: Instant,
-    idle: Duration,
+    timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Ended, palisade::BoxError>
 where
@@ -193,7 +229,10 @@ where
         r = conn.as_mut() => return r.map(|()| Ended::Done),
         // Dropping the connection closes it: nothing is in flight on it.
         () = no_request_by(activity, deadline) => return Ok(Ended::NoRequest),
-        () = activity.idle_for(idle) => true,
+        // Dropping the connection drops the stalled response body (and its upstream
+        // stream): its usage is recorded as partial.
+        () = activity.write_stalled_for(timeouts.write) => return Ok(Ended::WriteStalled),
+        () = activity.idle_for(timeouts.idle) => true,
         () = stopped(&mut stop) => false,
     };
     if !idle_close && !activity.seen.load(Ordering::Relaxed) {
@@ -203,8 +242,12 @@ where
     }
     conn.as_mut().graceful_shutdown();
     if !idle_close {
-        // Shutdown: in-flight requests and streams finish first.
-        return conn.await.map(|()| Ended::Done);
+        // Shutdown: in-flight requests and streams finish first, unless their client
+        // stopped reading.
+        return tokio::select! {
+            r = conn => r.map(|()| Ended::Done),
+            () = activity.write_stalled_for(timeouts.write) => Ok(Ended::WriteStalled),
+        };
     }
     // Idle: nothing is in flight, so the goodbye is quick, unless the peer is gone silent.
     match tokio::time::timeout(CLOSE_GRACE, conn).await {
@@ -223,6 +266,22 @@ struct Activity {
     idle_since_ms: AtomicU64,
     /// Woken when the last request in flight ends.
     went_idle: Notify,
+    /// Response bodies that gave a frame and have not been asked for the next one yet
+    /// (by id), and since when: the frame waits for the client to read.
+    unread: Mutex<Unread>,
+    /// Woken when a body starts to wait.
+    body_waiting: Notify,
+    /// Milliseconds after `started` at which bytes last went to the socket.
+    written_ms: AtomicU64,
+}
+
+/// See [`Activity::unread`].
+#[derive(Default)]
+struct Unread {
+    next_id: u64,
+    /// Since when, and whether over HTTP/1 (where bytes written to the socket for any
+    /// request show that the client reads).
+    since: BTreeMap<u64, (Instant, bool)>,
 }
 
 impl Activity {
@@ -233,6 +292,9 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             went_idle: Notify::new(),
+            unread: Mutex::new(Unread::default()),
+            body_waiting: Notify::new(),
+            written_ms: AtomicU64::new(0),
         }
     }
 
@@ -258,6 +320,68 @@ impl Activity {
                     return;
                 }
                 continue;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    fn unread(&self) -> std::sync::MutexGuard<'_, Unread> {
+        self.unread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A new body's id.
+    fn body_id(&self) -> u64 {
+        let mut unread = self.unread();
+        unread.next_id += 1;
+        unread.next_id
+    }
+
+    /// Bytes went to the socket.
+    fn written(&self) {
+        let ms = self
+            .started
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        self.written_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// Body `id` gave a frame: it waits until it is asked for the next one.
+    fn body_gave_frame(&self, id: u64, http1: bool) {
+        self.unread().since.insert(id, (Instant::now(), http1));
+        self.body_waiting.notify_one();
+    }
+
+    /// Body `id` is asked for a frame (its last one was written), or is gone.
+    fn body_asked(&self, id: u64) {
+        self.unread().since.remove(&id);
+    }
+
+    /// Ends once a response body has waited `timeout` for its last frame to be written
+    /// (over HTTP/2: the client's window stayed closed; over HTTP/1.1: not a byte went to
+    /// the socket either, since hyper buffers a few frames): its client has stopped
+    /// reading.
+    async fn write_stalled_for(&self, timeout: Duration) {
+        loop {
+            let written =
+                self.started + Duration::from_millis(self.written_ms.load(Ordering::Acquire));
+            let oldest = self
+                .unread()
+                .since
+                .values()
+                .map(|&(since, http1)| if http1 { since.max(written) } else { since })
+                .min();
+            let Some(since) = oldest else {
+                // `notify_one` keeps a permit when no one waits, so no wake-up is lost.
+                self.body_waiting.notified().await;
+                continue;
+            };
+            let deadline = since + timeout;
+            if Instant::now() >= deadline {
+                return;
             }
             tokio::time::sleep_until(deadline).await;
         }
@@ -290,19 +414,21 @@ struct Tracked<S> {
     activity: Arc<Activity>,
 }
 
-impl<S, R, B> hyper::service::Service<R> for Tracked<S>
+impl<S, R, B> hyper::service::Service<http::Request<R>> for Tracked<S>
 where
-    S: hyper::service::Service<R, Response = http::Response<B>>,
+    S: hyper::service::Service<http::Request<R>, Response = http::Response<B>>,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: R) -> Self::Future {
+    fn call(&self, req: http::Request<R>) -> Self::Future {
         let guard = self.activity.begin();
+        let http1 = req.version() < http::Version::HTTP_2;
         TrackedFuture {
             inner: self.inner.call(req),
             guard: Some(guard),
+            http1,
         }
     }
 }
@@ -313,6 +439,7 @@ pin_project! {
         #[pin]
         inner: F,
         guard: Option<InFlight>,
+        http1: bool,
     }
 }
 
@@ -327,20 +454,37 @@ where
         let res = std::task::ready!(this.inner.poll(cx));
         let guard = this.guard.take();
         Poll::Ready(res.map(|res| {
-            res.map(|inner| TrackedBody {
-                inner,
-                _guard: guard,
+            res.map(|inner| {
+                let id = guard.as_ref().map(|g| g.0.body_id()).unwrap_or_default();
+                TrackedBody {
+                    inner,
+                    id,
+                    http1: *this.http1,
+                    _guard: guard,
+                }
             })
         }))
     }
 }
 
 pin_project! {
-    /// A response body, keeping its request in flight until it ends or is dropped.
+    /// A response body, keeping its request in flight until it ends or is dropped, and
+    /// telling the connection when a frame it gave has not been written yet.
     struct TrackedBody<B> {
         #[pin]
         inner: B,
+        id: u64,
+        http1: bool,
         _guard: Option<InFlight>,
+    }
+
+    impl<B> PinnedDrop for TrackedBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(guard) = this._guard.as_ref() {
+                guard.0.body_asked(*this.id);
+            }
+        }
     }
 }
 
@@ -355,7 +499,16 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        let activity = this._guard.as_ref().map(|g| &g.0);
+        if let Some(activity) = activity {
+            activity.body_asked(*this.id);
+        }
+        let poll = this.inner.poll_frame(cx);
+        if let (Some(activity), Poll::Ready(Some(Ok(_)))) = (activity, &poll) {
+            activity.body_gave_frame(*this.id, *this.http1);
+        }
+        poll
     }
 
     fn is_end_stream(&self) -> bool {
@@ -364,6 +517,74 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A connection's socket, telling its [`Activity`] when bytes go through.
+    struct Watched<I> {
+        #[pin]
+        io: I,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<I> Watched<I> {
+    fn new(io: I, activity: &Arc<Activity>) -> Self {
+        Self {
+            io,
+            activity: Arc::clone(activity),
+        }
+    }
+}
+
+impl<I: hyper::rt::Read> hyper::rt::Read for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl<I: hyper::rt::Write> hyper::rt::Write for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let poll = this.io.poll_write(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.written();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let poll = this.io.poll_write_vectored(cx, bufs);
+        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.written();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
     }
 }
 
