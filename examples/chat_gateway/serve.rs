@@ -122,6 +122,7 @@ pub async fn serve(
         let service = Tracked {
             inner: TowerToHyperService::new(router.clone()),
             activity: Arc::clone(&activity),
+            peer,
         };
         let mut stop = stop.clone();
         let open = open.clone();
@@ -412,6 +413,10 @@ impl Drop for InFlight {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    /// The client's address, given to every request as axum's `ConnectInfo`: the rate
+    /// limiter keys anonymous callers by it (and reads `X-Forwarded-For` only from trusted
+    /// proxies), so without it every anonymous client shared one bucket.
+    peer: std::net::SocketAddr,
 }
 
 impl<S, R, B> hyper::service::Service<http::Request<R>> for Tracked<S>
@@ -422,7 +427,9 @@ where
     type Error = S::Error;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: http::Request<R>) -> Self::Future {
+    fn call(&self, mut req: http::Request<R>) -> Self::Future {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let guard = self.activity.begin();
         let http1 = req.version() < http::Version::HTTP_2;
         TrackedFuture {
