@@ -413,7 +413,7 @@ impl Drop for InFlight {
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    /// The client's address, given to every request as axum's `ConnectInfo`: the rate
+    /// The client's address, given to every request as a `SocketAddr` extension: the rate
     /// limiter keys anonymous callers by it (and reads `X-Forwarded-For` only from trusted
     /// proxies), so without it every anonymous client shared one bucket.
     peer: std::net::SocketAddr,
@@ -428,8 +428,7 @@ where
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: http::Request<R>) -> Self::Future {
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(self.peer));
+        req.extensions_mut().insert(self.peer);
         let guard = self.activity.begin();
         let http1 = req.version() < http::Version::HTTP_2;
         TrackedFuture {
