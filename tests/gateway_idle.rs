@@ -7,18 +7,15 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Method;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use fixture::{Gateway, NO_RETRIES, TLS_CERT, TLS_KEY, USER};
+use sse_upstream::slow_stream_upstream;
 
 /// The gateway on its own server loop, idle timeout 30 s, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
@@ -182,59 +179,6 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() 
         closed.is_some_and(|w| (Duration::from_secs(30)..Duration::from_secs(31)).contains(&w)),
         "an idle keep-alive connection closed after {closed:?}"
     );
-}
-
-/// An upstream that answers every POST with an SSE stream lasting `events` × `gap`.
-async fn slow_stream_upstream(events: usize, gap: Duration) -> String {
-    let app = axum::Router::new().route(
-        "/v1/messages",
-        axum::routing::post(move || async move {
-            let (tx, rx) = mpsc::channel::<Bytes>(4);
-            tokio::spawn(async move {
-                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
-                let _ = tx.send(sse("message_start", start)).await;
-                for i in 0..events {
-                    tokio::time::sleep(gap).await;
-                    let delta = format!(
-                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"part {i} "}}}}"#
-                    );
-                    let _ = tx.send(sse("content_block_delta", &delta)).await;
-                }
-                let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#;
-                let _ = tx.send(sse("message_delta", end)).await;
-                let _ = tx.send(sse("message_stop", r#"{"type":"message_stop"}"#)).await;
-            });
-            axum::response::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::new(Channel(rx)))
-                .unwrap()
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-fn sse(event: &str, data: &str) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
-}
-
-/// A response body fed through a channel.
-struct Channel(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Channel {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
 }
 
 /// A stream of 100 s (an event every 20 s) through a gateway whose idle timeout is 30 s:

@@ -7,9 +7,7 @@ include!("chat_gateway_support/modules.rs");
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use fixture::{FAST_RETRIES, Gateway, USER};
+use sse_upstream::{Channel, slow_stream_upstream};
 
 /// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
@@ -167,27 +166,7 @@ async fn endless_stream_upstream() -> String {
                 .unwrap()
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-/// A response body fed through a channel.
-struct Channel(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Channel {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
+    sse_upstream::serve(app).await
 }
 
 /// A client that hangs up in the middle of a stream: its line is written, with the
@@ -226,42 +205,6 @@ async fn a_stream_cut_by_the_client_is_logged_as_incomplete() {
         .collect();
     assert_eq!(cut.len(), 1, "{lines:?}");
     assert_eq!(cut[0]["user"], "alice", "{:?}", cut[0]);
-}
-
-/// An upstream that answers every POST with an SSE stream lasting `events` × `gap`.
-async fn slow_stream_upstream(events: usize, gap: Duration) -> String {
-    let app = axum::Router::new().route(
-        "/v1/messages",
-        axum::routing::post(move || async move {
-            let (tx, rx) = mpsc::channel::<Bytes>(4);
-            tokio::spawn(async move {
-                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
-                let _ = tx.send(sse("message_start", start)).await;
-                for i in 0..events {
-                    tokio::time::sleep(gap).await;
-                    let delta = format!(
-                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"part {i} "}}}}"#
-                    );
-                    let _ = tx.send(sse("content_block_delta", &delta)).await;
-                }
-                let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#;
-                let _ = tx.send(sse("message_delta", end)).await;
-                let _ = tx.send(sse("message_stop", r#"{"type":"message_stop"}"#)).await;
-            });
-            axum::response::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::new(Channel(rx)))
-                .unwrap()
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-fn sse(event: &str, data: &str) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
 
 /// The configuration of a gateway in front of `upstream`, idle timeout 30 s.
@@ -456,10 +399,7 @@ async fn upstream_refusing_with_429() -> String {
                 .unwrap()
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
+    sse_upstream::serve(app).await
 }
 
 /// The upstream's own 429 with `x-should-retry: false` is not a refusal by the gateway's

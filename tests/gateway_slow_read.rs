@@ -9,8 +9,6 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use fixture::{Gateway, NO_RETRIES, USER};
+use sse_upstream::{Channel, sse};
 
 /// Events in the upstream's stream, and the text of each: about 1.5 MB in all, more
 /// than the sockets between the gateway and the client hold.
@@ -55,31 +54,7 @@ async fn big_stream_upstream() -> String {
                 .unwrap()
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-fn sse(event: &str, data: &str) -> Bytes {
-    Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
-}
-
-/// A response body fed through a channel.
-struct Channel(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for Channel {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(http_body::Frame::data(c))))
-    }
+    sse_upstream::serve(app).await
 }
 
 /// The gateway on its own server loop, in front of the big stream, write timeout 30 s.

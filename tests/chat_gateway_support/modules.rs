@@ -35,3 +35,6 @@ mod upstream;
 // The shared start-up and helpers of the gateway tests.
 #[path = "fixture.rs"]
 mod fixture;
+// Streamed upstreams for the tests of streams and connections.
+#[path = "sse_upstream.rs"]
+mod sse_upstream;
