@@ -185,9 +185,9 @@ impl Shard {
             .map(|s| (s.state, s.generation))
     }
 
-    fn remove(&mut self, hasher: &StoreHasher, hash: u64, rule: u32, key: &RateKey) {
+    fn remove(&mut self, hash: u64, rule: u32, key: &RateKey) {
         if let Some(k) = SmallKey::of(rule, key) {
-            if self.small.remove(hash, k, |k| small_hash(hasher, k)) {
+            if self.small.remove(hash, k) {
                 return;
             }
         }
@@ -197,9 +197,8 @@ impl Shard {
     }
 
     /// Drops every key whose state has expired back to fresh.
-    fn drop_idle(&mut self, hasher: &StoreHasher, now: u64) {
-        self.small
-            .retain(|s| s.expires_at() > now, |k| small_hash(hasher, k));
+    fn drop_idle(&mut self, now: u64) {
+        self.small.retain(|s| s.expires_at() > now);
         self.wide.retain(|s| s.expires_at > now);
     }
 }
@@ -498,7 +497,7 @@ impl MemoryStore {
     /// Moves an IP key whose counts outgrew its small slot (generation 0) to the wide
     /// table (the key was resident, so no room is needed).
     fn promote(&self, shard: &mut Shard, key: &MapKey<'_>, state: &State, expires_at: u64) {
-        shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
+        shard.remove(key.hash, key.rule, key.key);
         self.insert_wide(shard, key, state, expires_at, 0);
     }
 
@@ -526,7 +525,7 @@ impl MemoryStore {
     /// Drops idle keys; if the shard is still over 7/8 full, drops the keys nearest to
     /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts.
     fn make_room(&self, shard: &mut Shard, now: u64) {
-        shard.drop_idle(&self.inner.hasher, now);
+        shard.drop_idle(now);
         let target = self.inner.per_shard - self.inner.per_shard / 8 - 1;
         let target = target.min(self.inner.per_shard.saturating_sub(1));
         if shard.len() <= target {
@@ -549,10 +548,7 @@ impl MemoryStore {
                 true
             }
         };
-        shard.small.retain(
-            |e| keep(e.expires_at()),
-            |k| small_hash(&self.inner.hasher, k),
-        );
+        shard.small.retain(|e| keep(e.expires_at()));
         shard.wide.retain(|e| keep(e.expires_at));
         self.inner
             .evictions
@@ -621,7 +617,7 @@ impl MemoryStore {
                 s.generation = generation;
             }
             SlotMut::Small(_) => {
-                shard.remove(&self.inner.hasher, key.hash, key.rule, key.key);
+                shard.remove(key.hash, key.rule, key.key);
                 self.insert_wide(&mut shard, &key, &State::default(), expires_at, generation);
             }
         }

@@ -146,14 +146,8 @@ impl IpTable {
         self.slots.insert_unique(hash, slot, |s| rehash(s.key()));
     }
 
-    /// Removes `key`'s slot, if resident, and says whether it was. `_rehash`, the store's
-    /// hash, goes unused: hashbrown removes a slot without moving the others.
-    pub(super) fn remove(
-        &mut self,
-        hash: u64,
-        key: SmallKey,
-        _rehash: impl Fn(SmallKey) -> u64,
-    ) -> bool {
+    /// Removes `key`'s slot, if resident, and says whether it was.
+    pub(super) fn remove(&mut self, hash: u64, key: SmallKey) -> bool {
         match self.slots.find_entry(hash, |s| s.is(key)) {
             Ok(entry) => {
                 entry.remove();
@@ -163,13 +157,8 @@ impl IpTable {
         }
     }
 
-    /// Keeps the slots for which `keep` is true, in one O(n) pass. As in
-    /// [`remove`](Self::remove), no slot moves, so `_rehash` goes unused.
-    pub(super) fn retain(
-        &mut self,
-        mut keep: impl FnMut(&SmallSlot) -> bool,
-        _rehash: impl Fn(SmallKey) -> u64,
-    ) {
+    /// Keeps the slots for which `keep` is true, in one O(n) pass.
+    pub(super) fn retain(&mut self, mut keep: impl FnMut(&SmallSlot) -> bool) {
         self.slots.retain(|s| keep(s));
     }
 
@@ -231,11 +220,11 @@ mod tests {
                         }
                     }
                     2 => {
-                        let removed = table.remove(clustered(sk), sk, clustered);
+                        let removed = table.remove(clustered(sk), sk);
                         prop_assert_eq!(removed, model.remove(&k).is_some());
                     }
                     _ => {
-                        table.retain(|s| s.key().ip % 3 != k % 3, clustered);
+                        table.retain(|s| s.key().ip % 3 != k % 3);
                         model.retain(|ip, _| ip % 3 != k % 3);
                     }
                 }
