@@ -153,3 +153,127 @@ async fn the_upkeep_task_ends_with_its_registry() {
     }
     assert_eq!(runtime.metrics().num_alive_tasks(), before);
 }
+
+/// The text of the whole (not streamed) answer: about 1.5 MB, more than the sockets
+/// between the gateway and the client hold.
+const BIG_TEXT: usize = 1_500_000;
+
+/// A gateway on its own loop (write timeout 30 s, idle timeout `idle`, header timeout
+/// 120 s: hyper's applies between keep-alive requests too) in front of an upstream that
+/// answers every POST with one large JSON message.
+async fn big_json_gateway(idle: &str) -> fixture::Gateway {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            axum::Json(serde_json::json!({
+                "id": "msg_1", "type": "message", "role": "assistant",
+                "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                "content": [{"type": "text", "text": "x".repeat(BIG_TEXT)}],
+                "usage": {"input_tokens": 10, "output_tokens": 7}
+            }))
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+            ("PALISADE_GATEWAY_WRITE_TIMEOUT", "30s"),
+            ("PALISADE_GATEWAY_IDLE_TIMEOUT", idle),
+            ("PALISADE_GATEWAY_HEADER_TIMEOUT", "120s"),
+        ],
+    );
+    fixture::serve_own(fixture::config(&vars)).await
+}
+
+/// A whole answer is one body frame, its last: the body ends (and is dropped by hyper) as
+/// soon as that frame is handed over, before a byte of it is written. A client that stops
+/// reading it must still be cut after the write timeout, not held until the idle timeout
+/// (and its grace) long after.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_a_whole_answer_is_closed_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = big_json_gateway("60s").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut tcp = socket.connect(gw.addr).await.unwrap();
+    let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    let mut first = vec![0u8; 1024];
+    let n = tcp.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200 "));
+    // The client stops reading; past the write timeout (not the idle timeout) the
+    // connection is closed.
+    tokio::time::sleep(std::time::Duration::from_secs(35)).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(k @ 1..) = tcp.read(&mut buf).await {
+            rest.extend_from_slice(&buf[..k]);
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok() && rest.len() < BIG_TEXT,
+        "closed: {}, {} bytes read after the stop",
+        ended.is_ok(),
+        rest.len()
+    );
+    // Its usage was recorded once, when the whole answer came from upstream.
+    let records = gw.usage_records(1).await;
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(gw.records().len(), 1, "{records:?}");
+}
+
+/// A client that reads a whole answer slowly but steadily gets all of it, though that
+/// takes longer than the idle timeout and its grace: the request is in flight until its
+/// last frame is written (hyper drops the body as soon as it takes that frame, which ended
+/// the request and let the idle timeout cut the answer after 65 s). Its keep-alive
+/// connection, then quiet past the write timeout, serves a second request: a written last
+/// frame no longer waits.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_of_a_whole_answer_gets_it_and_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for idle in ["60s", "300s"] {
+        let gw = big_json_gateway(idle).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut tcp = socket.connect(gw.addr).await.unwrap();
+        let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let rounds = if idle == "60s" { 1 } else { 2 };
+        for round in 0..rounds {
+            let start = tokio::time::Instant::now();
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            tcp.write_all(&body).await.unwrap();
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            // At most 64 KiB every 2 s: never the write timeout without a byte written.
+            while !all.ends_with(b"}") || all.len() < BIG_TEXT {
+                let k = tcp.read(&mut buf).await.unwrap();
+                assert!(
+                    k > 0,
+                    "idle {idle}, round {round}: closed after {} bytes",
+                    all.len()
+                );
+                all.extend_from_slice(&buf[..k]);
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            let text = String::from_utf8_lossy(&all);
+            assert!(text.starts_with("HTTP/1.1 200 "), "{}", &text[..200]);
+            assert!(start.elapsed() > std::time::Duration::from_secs(65));
+            // Quiet past the write timeout (within the idle timeout).
+            tokio::time::sleep(std::time::Duration::from_secs(45)).await;
+        }
+        assert_eq!(gw.usage_records(rounds).await.len(), rounds);
+    }
+}
