@@ -277,3 +277,29 @@ async fn a_slow_reader_of_a_whole_answer_gets_it_and_keeps_its_connection() {
         assert_eq!(gw.usage_records(rounds).await.len(), rounds);
     }
 }
+
+/// An HTTP/1.1 keep-alive connection waits for its next request head under hyper's header
+/// deadline: with the defaults (header 10 s, idle 60 s) it is closed 10 s after its last
+/// answer, as the README now says, not after the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn an_http1_keep_alive_connection_waits_for_its_next_head_at_most_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!("GET /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    let quiet = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while tcp.read(&mut buf).await.is_ok_and(|k| k > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 30 s");
+    let after = quiet.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(10) && after < std::time::Duration::from_secs(11),
+        "{after:?}"
+    );
+}

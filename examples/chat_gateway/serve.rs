@@ -13,7 +13,8 @@
 //! After its first request, a connection with no request in flight (none being read,
 //! answered or streamed) for `PALISADE_GATEWAY_IDLE_TIMEOUT` (60 s by default) is closed
 //! gracefully: an HTTP/2 client gets a GOAWAY, an HTTP/1.1 keep-alive connection is closed
-//! between requests. A client that answers HTTP/2 pings but never sends a request is thus
+//! between requests (sooner when the header timeout is shorter: hyper's head deadline also
+//! covers the wait for the next request head). A client that answers HTTP/2 pings but never sends a request is thus
 //! not kept forever, and a long stream is never cut, since it is in flight until its last
 //! byte.
 //!
