@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use palisade::rate_limit::algorithm::{Params, Verdict};
 use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
-use palisade::rate_limit::{Algorithm, HashTag, Quota, RateKey, RedisFailMode, RedisStore, Store};
+use palisade::rate_limit::{
+    Algorithm, HashTag, MemoryStore, Quota, RateKey, RedisFailMode, RedisStore, Store,
+};
 use support::{RedisCluster, RedisServer};
 
 /// A window long enough that no test crosses an edge of a fixed window (2^40 µs, 12.7 days).
@@ -113,6 +115,22 @@ async fn failing(url: &str, tag: &str, timeout: Duration, mode: RedisFailMode) -
         .build()
         .await
         .unwrap()
+}
+
+/// A store failing to a local memory store (returned too), with a 50 ms timeout, under a
+/// fresh prefix.
+async fn with_local_fallback(url: &str, tag: &str) -> (RedisStore, MemoryStore) {
+    let local = MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(url)
+        .prefix(unique(tag))
+        .timeout(Duration::from_millis(50))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    (store, local)
 }
 
 /// Holds up every write command (scripts included) on the server at `addr` for `ms`.
@@ -1496,16 +1514,7 @@ async fn a_reset_keys_generation_outlives_what_is_decided_and_given_back_after_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_give_back_of_a_redis_reservation_refunds_nothing_in_the_local_fallback() {
     let mut server = RedisServer::start().await.expect("redis-server");
-    let local = palisade::rate_limit::MemoryStore::new();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .prefix(unique("local-give-back"))
-        .timeout(Duration::from_millis(50))
-        .on_failure(RedisFailMode::Local)
-        .fallback(local.clone())
-        .build()
-        .await
-        .unwrap();
+    let (store, local) = with_local_fallback(&server.url(), "local-give-back").await;
     let rule = one_rule(Algorithm::Gcra, 10, 5);
     let reserved = store.check(&[rule.item()]).await.unwrap();
     assert!(reserved.admitted);
@@ -1536,16 +1545,7 @@ async fn a_give_back_of_a_redis_reservation_refunds_nothing_in_the_local_fallbac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_forgets_the_key_in_the_local_fallback_too() {
     let mut server = RedisServer::start().await.expect("redis-server");
-    let local = palisade::rate_limit::MemoryStore::new();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .prefix(unique("local-reset"))
-        .timeout(Duration::from_millis(50))
-        .on_failure(RedisFailMode::Local)
-        .fallback(local.clone())
-        .build()
-        .await
-        .unwrap();
+    let (store, local) = with_local_fallback(&server.url(), "local-reset").await;
     let rule = one_rule(Algorithm::FixedWindow, 10, 10);
     server.kill();
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);

@@ -84,21 +84,25 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A runner of `cases` cases (PROPTEST_CASES=2000 for a longer search).
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(cases),
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
 #[test]
 fn redis_store_decides_exactly_as_the_memory_store() {
     let rt = rt();
     let server = rt
         .block_on(RedisServer::start())
         .expect("redis-server is required");
-    let mut runner = TestRunner::new(Config {
-        // PROPTEST_CASES=2000 for a longer search.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(96),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(96);
     let strategy = (
         prop::collection::vec(rule(), 1..4),
         prop::collection::vec(op(), 1..120),
@@ -405,14 +409,7 @@ fn batched_decisions_answer_exactly_as_one_by_one() {
     let server = rt
         .block_on(RedisServer::start())
         .expect("redis-server is required");
-    let mut runner = TestRunner::new(Config {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(48),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(48);
     let check = (
         prop_oneof![Just(0u64), 0u64..2_000, 0u64..100_000_000],
         0u8..8,
