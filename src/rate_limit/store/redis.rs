@@ -450,8 +450,9 @@ enum Conn {
 /// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
 /// memory store refuses it.
 ///
-/// **Batching.** A call made while none is in flight on the connection is sent at once;
-/// calls made while one is in flight wait for it, then go together as one script call
+/// **Batching.** A call made while the connection has room (fewer than two calls in
+/// flight) is sent at once; calls made while it has none wait for a call to end, then go
+/// together as one script call
 /// (at most 64) that runs each of them in order, each atomic and answered exactly as it
 /// would be alone (one `TIME` serves the batch). Under load one round trip, and one script
 /// call's fixed cost in Redis, then serve many decisions; idle, nothing waits. Each call

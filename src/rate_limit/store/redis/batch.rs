@@ -1,6 +1,7 @@
-//! Natural batching of script calls ("group commit"): a call made while none is in flight
-//! goes at once, alone; calls made while one is in flight wait for it and then go together,
-//! as one script call that runs each of them in order, exactly as it would alone.
+//! Natural batching of script calls ("group commit"): a call made while the connection has
+//! room (fewer than two calls in flight) goes at once, alone; calls made while it has none
+//! wait for a call to end and then go together, as one script call that runs each of them
+//! in order, exactly as it would alone.
 //!
 //! Under no load this adds no wait; under load one round trip (and one script call, with
 //! its fixed cost in Redis) serves many decisions.
@@ -14,6 +15,10 @@ use super::{Inner, SCRIPT, eval};
 /// The most calls one batch carries.
 pub(super) const MAX_BATCH: usize = 64;
 
+/// Script calls in flight on the connection at once: two, so that Redis runs one while
+/// the answer of the other travels back and its callers are woken.
+const MAX_IN_FLIGHT: usize = 2;
+
 /// A script call's answer, or why it has none.
 pub(super) type Answer = Result<Vec<i64>, String>;
 
@@ -23,7 +28,7 @@ struct Pending {
     tx: oneshot::Sender<Answer>,
 }
 
-/// The calls of one connection: whether one is in flight, and those waiting for it.
+/// The calls of one connection: how many are in flight, and those waiting for one to end.
 #[derive(Default)]
 pub(super) struct Batcher {
     state: Mutex<State>,
@@ -31,7 +36,7 @@ pub(super) struct Batcher {
 
 #[derive(Default)]
 struct State {
-    in_flight: bool,
+    in_flight: usize,
     queue: Vec<Pending>,
 }
 
@@ -52,8 +57,8 @@ impl Drop for Leader {
     }
 }
 
-/// Makes the connection free again, and fails what waits, when a flush is dropped before
-/// it ends (its runtime shutting down).
+/// Frees the flush's place, and fails what waits when no call is left in flight to send
+/// it, when a flush is dropped before it ends (its runtime shutting down).
 struct FlushGuard {
     inner: Arc<Inner>,
     armed: bool,
@@ -63,9 +68,11 @@ impl Drop for FlushGuard {
     fn drop(&mut self) {
         if self.armed {
             let mut state = self.inner.batcher.lock();
-            state.in_flight = false;
-            // Dropping the senders answers their callers with an error.
-            state.queue.clear();
+            state.in_flight -= 1;
+            if state.in_flight == 0 {
+                // Dropping the senders answers their callers with an error.
+                state.queue.clear();
+            }
         }
     }
 }
@@ -74,12 +81,12 @@ impl Drop for FlushGuard {
 pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd) -> Answer {
     let waiting = {
         let mut state = inner.batcher.lock();
-        if state.in_flight {
+        if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
             let (tx, rx) = oneshot::channel();
             state.queue.push(Pending { cmd, tx });
             Err(rx)
         } else {
-            state.in_flight = true;
+            state.in_flight += 1;
             Ok(cmd)
         }
     };
@@ -100,12 +107,12 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd) -> Answer {
     }
 }
 
-/// Sends what waits, if anything, or makes the connection free.
+/// Sends what waits, if anything, in the place of the call that ended, or frees its place.
 fn hand_off(inner: &Arc<Inner>) {
     let batch = {
         let mut state = inner.batcher.lock();
         if state.queue.is_empty() {
-            state.in_flight = false;
+            state.in_flight -= 1;
             return;
         }
         take(&mut state.queue)
@@ -144,7 +151,7 @@ fn flush(inner: Arc<Inner>, batch: Vec<Pending>) -> impl Future<Output = ()> + S
             send(&inner, batch).await;
             let mut state = inner.batcher.lock();
             if state.queue.is_empty() {
-                state.in_flight = false;
+                state.in_flight -= 1;
                 guard.armed = false;
                 return;
             }
