@@ -28,7 +28,6 @@
 //! cut; an upstream slow to answer leaves nothing waiting to be written and is not cut
 //! either (the stream idle timeout covers it).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -280,9 +279,11 @@ struct Activity {
 #[derive(Default)]
 struct Unread {
     next_id: u64,
-    /// Since when, and whether over HTTP/1 (where bytes written to the socket for any
-    /// request show that the client reads).
-    since: BTreeMap<u64, (Instant, bool)>,
+    /// Body id, since when, and whether over HTTP/1 (where bytes written to the socket for
+    /// any request show that the client reads). A few entries at most (one per response
+    /// being written): a vector, which keeps its room, rather than a map that allocates for
+    /// every first frame.
+    since: Vec<(u64, Instant, bool)>,
 }
 
 impl Activity {
@@ -352,13 +353,22 @@ impl Activity {
 
     /// Body `id` gave a frame: it waits until it is asked for the next one.
     fn body_gave_frame(&self, id: u64, http1: bool) {
-        self.unread().since.insert(id, (Instant::now(), http1));
+        let now = Instant::now();
+        let mut unread = self.unread();
+        match unread.since.iter_mut().find(|(body, ..)| *body == id) {
+            Some(entry) => *entry = (id, now, http1),
+            None => unread.since.push((id, now, http1)),
+        }
+        drop(unread);
         self.body_waiting.notify_one();
     }
 
     /// Body `id` is asked for a frame (its last one was written), or is gone.
     fn body_asked(&self, id: u64) {
-        self.unread().since.remove(&id);
+        let mut unread = self.unread();
+        if let Some(at) = unread.since.iter().position(|(body, ..)| *body == id) {
+            unread.since.swap_remove(at);
+        }
     }
 
     /// Ends once a response body has waited `timeout` for its last frame to be written
@@ -372,8 +382,8 @@ impl Activity {
             let oldest = self
                 .unread()
                 .since
-                .values()
-                .map(|&(since, http1)| if http1 { since.max(written) } else { since })
+                .iter()
+                .map(|&(_, since, http1)| if http1 { since.max(written) } else { since })
                 .min();
             let Some(since) = oldest else {
                 // `notify_one` keeps a permit when no one waits, so no wake-up is lost.
