@@ -1,4 +1,5 @@
-//! The request path's cost of recording (enqueue) and of a budget check, and records per
+//! The request path's cost of recording (enqueue, alone and with two threads recording at
+//! once, next to a tokio channel's `try_send`) and of a budget check, and records per
 //! second into each sink at batch sizes 1, 100 and 1000. The PostgreSQL rows run with
 //! `--features postgres`, the Redis rows with `--features redis`, each against a server the
 //! bench starts (the test harness's).
@@ -58,6 +59,37 @@ fn ready<T>(mut f: std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send 
     }
 }
 
+/// Runs `send` `iters` times on each of two threads at once, in rounds of up to 1000
+/// records cloned beforehand, and returns the time of the slower thread: the time of
+/// `iters` calls each made while the other thread calls too.
+fn contended(iters: u64, send: impl Fn(UsageRecord) -> bool + Sync) -> Duration {
+    const ROUND: u64 = 1000;
+    let template = record();
+    let barrier = std::sync::Barrier::new(2);
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(ROUND);
+        left -= n;
+        let (a, b) = std::thread::scope(|s| {
+            let run = || {
+                let records: Vec<UsageRecord> = (0..n).map(|_| template.clone()).collect();
+                barrier.wait();
+                let t = Instant::now();
+                for r in records {
+                    black_box(send(r));
+                }
+                t.elapsed()
+            };
+            let other = s.spawn(run);
+            let mine = run();
+            (mine, other.join().unwrap())
+        });
+        total += a.max(b);
+    }
+    total
+}
+
 struct Discard;
 
 impl UsageSink for Discard {
@@ -108,6 +140,14 @@ fn enqueue(c: &mut Criterion) {
             |r| tx.try_send(r).is_ok(),
             BatchSize::SmallInput,
         )
+    });
+    // Two threads recording at once: the time of one call while the other thread calls
+    // too (each thread's records are cloned before the clock runs).
+    g.bench_function("enqueue_2_threads", |b| {
+        b.iter_custom(|iters| contended(iters, |r| recorder.record(r)))
+    });
+    g.bench_function("enqueue_mpsc_baseline_2_threads", |b| {
+        b.iter_custom(|iters| contended(iters, |r| tx.try_send(r).is_ok()))
     });
     let store = MemoryBudgetStore::new();
     let budget = Arc::new(Budget::new(

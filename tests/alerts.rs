@@ -107,6 +107,60 @@ async fn the_webhook_posts_json_and_retries_a_failing_receiver() {
     );
 }
 
+/// `queued` was counted after the event was handed to the delivery task, and read before
+/// `delivered`, so a reader could see more delivered than queued. Two threads send while
+/// a third reads the counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_never_sees_more_delivered_than_queued() {
+    let (addr, _got) = receiver(0).await;
+    let mut config = WebhookConfig::new(format!("http://{addr}/alerts"));
+    config.capacity = 100_000;
+    let sink = WebhookSink::spawn(config).unwrap();
+    const EACH: u16 = 3_000;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let sink = sink.clone();
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let mut bad = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let s = sink.stats();
+                if s.delivered + s.failed > s.queued {
+                    bad += 1;
+                }
+            }
+            bad
+        })
+    };
+    let senders: Vec<_> = (0..2u16)
+        .map(|t| {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    sink.send(event(t * EACH + i));
+                    if i % 8 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.stats().delivered < u64::from(2 * EACH) {
+        assert!(Instant::now() < deadline, "{:?}", sink.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(
+        reader.join().unwrap(),
+        0,
+        "snapshots with delivered > queued"
+    );
+}
+
 #[tokio::test]
 async fn a_receiver_that_never_answers_times_out_and_is_counted() {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();

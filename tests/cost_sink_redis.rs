@@ -295,12 +295,12 @@ async fn spend_past_64_bits_of_pico_dollars_sums_exactly_like_the_memory_sink() 
     );
 }
 
-/// The script marked a record seen before writing it: when a write failed half-way (here
-/// a key of the wrong type in one user's aggregate), the record's stream entry and part of
-/// its aggregates stayed, and the retry took it for a duplicate, so that user's money was
-/// never counted. A record is now stored whole or not at all.
+/// A record Redis can never store (here a key of the wrong type in one user's daily
+/// aggregate) was retried for ever and held every record behind it. It is now set aside
+/// in the dead-letter stream, counted and stored nowhere else (its half-done writes
+/// undone, so no aggregate holds part of it), and the records around it are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_record_whose_write_fails_half_way_is_stored_whole_on_the_retry() {
+async fn a_record_redis_refuses_is_dead_lettered_and_the_records_behind_it_flow_on() {
     let server = support::RedisServer::start()
         .await
         .expect("redis-server is required");
@@ -333,32 +333,110 @@ async fn a_record_whose_write_fails_half_way_is_stored_whole_on_the_retry() {
         .unwrap();
     sink.record_batch(&records).await.unwrap();
     let h = sink.health();
-    assert!(h.last_error.is_some(), "{h:?}");
-    assert_eq!(h.backlog, 3, "{h:?}");
-    // the key is repaired; the retry stores every record once, whole
-    let () = redis::cmd("DEL")
-        .arg(poisoned)
+    assert_eq!(
+        (
+            h.accepted,
+            h.delivered,
+            h.dead_lettered,
+            h.dropped,
+            h.backlog
+        ),
+        (3, 2, 1, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(h.duplicates, 0, "{h:?}");
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 2);
+    // the dead letter: bob's record, whole, and why
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(sink.dead_letter_key())
+        .arg("-")
+        .arg("+")
         .query_async(&mut conn)
         .await
         .unwrap();
-    sink.flush().await.unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let field = |name: &str| {
+        entries[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {entries:?}"))
+    };
+    assert_eq!(field("id"), records[1].id.to_string());
+    let dead: UsageRecord = serde_json::from_str(&field("record")).unwrap();
+    assert_eq!(dead, records[1]);
+    assert!(field("error").contains("WRONGTYPE"), "{}", field("error"));
+    // the same batch again (a lost answer): nothing is stored or set aside twice
+    sink.record_batch(&records).await.unwrap();
     let h = sink.health();
-    assert_eq!((h.delivered, h.dropped, h.backlog), (3, 0, 0), "{h:?}");
-    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 3);
+    assert_eq!(
+        (h.delivered, h.duplicates, h.dead_lettered, h.backlog),
+        (4, 2, 2, 0),
+        "{h:?}"
+    );
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 2);
+    assert_eq!(xlen(&server.url(), &sink.dead_letter_key()).await, 1);
+    // the aggregates hold ann's records and nothing of bob's
     let memory = MemorySink::new();
-    memory.record_batch(&records).await.unwrap();
+    memory
+        .record_batch(&[records[0].clone(), records[2].clone()])
+        .await
+        .unwrap();
     let (from, to) = window();
-    for subject in [
-        Subject::All,
-        Subject::User("ann".into()),
-        Subject::User("bob".into()),
-    ] {
+    for subject in [Subject::All, Subject::User("ann".into())] {
         assert_eq!(
             sink.summary(&subject, from, to).await.unwrap(),
             summarize(&memory.records(), &subject, from, to),
             "{subject:?}"
         );
     }
+}
+
+/// In a long batch the refused record is found in one round trip and the records before
+/// and after it are stored in order, none twice; a Redis that is away is not a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_in_a_long_batch_is_set_aside_and_an_absent_redis_refuses_nothing() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let mut records: Vec<UsageRecord> = (0..200).map(record).collect();
+    let user = "poisoned-user";
+    records[137].attribution.user = Some(user.to_owned());
+    let day = records[137]
+        .time
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    let mut conn = manager(&server.url()).await;
+    let () = redis::cmd("LPUSH")
+        .arg(format!("palisade:usage:{{usage}}:day:{day}:user:{user}"))
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (
+            h.delivered,
+            h.duplicates,
+            h.dead_lettered,
+            h.dropped,
+            h.backlog
+        ),
+        (199, 0, 1, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(xlen(&server.url(), &sink.dead_letter_key()).await, 1);
+    // Redis away: the records wait, nothing is set aside
+    drop(server);
+    sink.record_batch(&records[..3]).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.dead_lettered, h.dropped, h.backlog), (1, 0, 3), "{h:?}");
+    assert!(h.last_error.is_some(), "{h:?}");
 }
 
 /// The fallback a response came from travels in the stream entry's record.

@@ -32,7 +32,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     let server = pg::Postgres::start();
     let url = server.database("load").await;
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5, 6, 7]);
     let config = RecorderConfig {
         capacity: 20_000,
         max_batch: 1000,
@@ -131,7 +131,11 @@ async fn migrations_run_twice_or_at_once_are_a_no_op() {
     let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
     let mut applied = ra.unwrap();
     applied.extend(rb.unwrap());
-    assert_eq!(applied, [1, 2, 3, 4, 5, 6], "each migration applied once");
+    assert_eq!(
+        applied,
+        [1, 2, 3, 4, 5, 6, 7],
+        "each migration applied once"
+    );
     assert!(a.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(&url, "SELECT count(*) FROM palisade_schema_migrations").await,
@@ -307,6 +311,101 @@ async fn two_records_with_the_same_client_request_id_are_both_stored() {
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 4);
 }
 
+/// A record PostgreSQL refuses (text holding a NUL byte, which a `text` column cannot
+/// store: SQLSTATE 22021) was retried for ever with its whole batch, and every record
+/// behind it waited. The batch is now split: the refused records go to
+/// `usage_dead_letters` with the error, counted, and the others are stored, once.
+#[tokio::test]
+async fn records_postgres_refuses_are_dead_lettered_and_the_rest_are_stored() {
+    let server = pg::Postgres::start();
+    let url = server.database("poison").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    let mut records: Vec<UsageRecord> = (0..100).map(record).collect();
+    for i in [3, 71] {
+        records[i].route = "/v1/messages\0".into();
+    }
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (
+            h.accepted,
+            h.delivered,
+            h.dead_lettered,
+            h.dropped,
+            h.backlog
+        ),
+        (100, 98, 2, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(h.duplicates, 0, "{h:?}");
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 98);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT record_id, record::text, error FROM usage_dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, i) in rows.iter().zip([3, 71]) {
+        assert_eq!(row.get::<_, String>(0), records[i].id.to_string());
+        let dead: UsageRecord = serde_json::from_str(&row.get::<_, String>(1)).unwrap();
+        assert_eq!(dead, records[i]);
+        let error: String = row.get(2);
+        assert!(error.contains("22021"), "{error}");
+    }
+    // sent again (a lost answer): nothing stored or set aside twice
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.duplicates, h.dead_lettered, h.backlog),
+        (196, 98, 4, 0),
+        "{h:?}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 98);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM usage_dead_letters").await,
+        2
+    );
+}
+
+/// A server that is away is not a refusal: the records wait, none is set aside, and they
+/// are stored once it is back.
+#[tokio::test]
+async fn a_stopped_server_sets_nothing_aside() {
+    let server = pg::Postgres::start();
+    let url = server.database("away").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    server.stop();
+    let records: Vec<UsageRecord> = (0..10).map(record).collect();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.dead_lettered, h.dropped, h.backlog), (0, 0, 10), "{h:?}");
+    server.resume();
+    let mut flushed = sink.flush().await;
+    for _ in 0..100 {
+        if flushed.is_ok() {
+            break;
+        }
+        // a pooled connection from before the stop fails once
+        assert!(flushed.as_ref().unwrap_err().is_retryable(), "{flushed:?}");
+        flushed = sink.flush().await;
+    }
+    flushed.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.dead_lettered, h.dropped, h.backlog),
+        (10, 0, 0, 0),
+        "{h:?}"
+    );
+}
+
 /// A table created before record ids existed keeps its rows, gets ids, and accepts
 /// records whose request ids repeat.
 #[tokio::test]
@@ -346,7 +445,7 @@ async fn the_record_id_migration_keeps_existing_rows() {
         .await
         .unwrap();
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [5, 6]);
+    assert_eq!(sink.migrate().await.unwrap(), [5, 6, 7]);
     assert!(sink.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(
@@ -416,7 +515,7 @@ async fn the_fallback_a_record_came_from_is_stored_and_old_rows_keep_null() {
         .await
         .unwrap();
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [6]);
+    assert_eq!(sink.migrate().await.unwrap(), [6, 7]);
     let mut served = record(1);
     served.fallback = Some("model:claude-haiku-4-5".into());
     let plain = record(2);

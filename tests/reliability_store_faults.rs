@@ -314,6 +314,44 @@ fn pg_record(i: u64) -> palisade::cost::UsageRecord {
     r
 }
 
+/// Polls `check` every 10 ms until it gives a value; fails after a minute (a bound far
+/// above the few milliseconds it takes on a quiet machine).
+async fn until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The sink's health once its backlog is stored: flushes (each one try, no backoff) until
+/// nothing waits, for at most a minute; the counters add up at every step.
+async fn drained(sink: &palisade::cost::sink::PostgresSink) -> palisade::cost::sink::SinkHealth {
+    use palisade::cost::sink::UsageSink;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let flushed = sink.flush().await;
+        let h = sink.health();
+        assert_eq!(
+            h.accepted,
+            h.delivered + h.dead_lettered + h.dropped + h.backlog,
+            "{h:?}"
+        );
+        match flushed {
+            Ok(()) => return h,
+            Err(e) => assert!(e.is_retryable(), "{e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "PostgreSQL never took the backlog: {h:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Eight producers record 12 000 records while the server is stopped and started again
 /// twice: every record is stored exactly once or counted dropped, and the stored tokens and
 /// cost are exactly those of the stored records.
@@ -372,7 +410,13 @@ async fn postgres_stopped_and_restarted_twice_under_concurrent_load_adds_up() {
     at(2_000).await;
     server.stop();
     at(5_000).await;
-    let away = sink.health();
+    // The sink notices the outage on its next write; under load that write may come late,
+    // so wait for it (bounded) rather than read the health at one instant.
+    let away = until("the sink sees the outage", || {
+        let h = sink.health();
+        h.last_error.is_some().then_some(h)
+    })
+    .await;
     server.resume();
     at(7_000).await;
     server.stop();
@@ -382,7 +426,9 @@ async fn postgres_stopped_and_restarted_twice_under_concurrent_load_adds_up() {
         p.await.unwrap();
     }
     let stats = shutdown.shutdown().await; // flushes the backlog
-    let h = sink.health();
+    // Shutdown's flush is one try: under load it can meet a connection from before the
+    // restart, or a new one slower than the connect timeout. Flush until drained.
+    let h = drained(&sink).await;
     eprintln!("recorder {stats:?}\nsink {h:?}\nduring the first outage {away:?}");
     assert!(away.last_error.is_some(), "the outage was seen: {away:?}");
     assert_eq!(h.backlog, 0, "{h:?}");

@@ -375,19 +375,19 @@ impl GatewayConfig {
             "PALISADE_GATEWAY_HEADER_TIMEOUT",
             Duration::from_secs(10),
             "10s",
-            positive_duration,
+            server_deadline,
         );
         let idle_timeout = env.optional_with(
             "PALISADE_GATEWAY_IDLE_TIMEOUT",
             Duration::from_secs(60),
             "60s",
-            positive_duration,
+            server_deadline,
         );
         let write_timeout = env.optional_with(
             "PALISADE_GATEWAY_WRITE_TIMEOUT",
             Duration::from_secs(30),
             "30s",
-            positive_duration,
+            server_deadline,
         );
         let stream_idle_timeout = env.duration(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
@@ -758,6 +758,16 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A server loop deadline (header, idle, write): positive, and at most a day, so that
+/// adding it to the clock never overflows (a connection's task would panic on it).
+fn server_deadline(s: &str) -> Result<Duration, String> {
+    const LONGEST: Duration = Duration::from_secs(24 * 60 * 60);
+    match positive_duration(s)? {
+        d if d > LONGEST => Err("must be at most 24h".into()),
+        d => Ok(d),
     }
 }
 

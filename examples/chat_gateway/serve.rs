@@ -13,7 +13,8 @@
 //! After its first request, a connection with no request in flight (none being read,
 //! answered or streamed) for `PALISADE_GATEWAY_IDLE_TIMEOUT` (60 s by default) is closed
 //! gracefully: an HTTP/2 client gets a GOAWAY, an HTTP/1.1 keep-alive connection is closed
-//! between requests. A client that answers HTTP/2 pings but never sends a request is thus
+//! between requests (sooner when the header timeout is shorter: hyper's head deadline also
+//! covers the wait for the next request head). A client that answers HTTP/2 pings but never sends a request is thus
 //! not kept forever, and a long stream is never cut, since it is in flight until its last
 //! byte.
 //!
@@ -22,7 +23,10 @@
 //! has a frame waiting to be written for `PALISADE_GATEWAY_WRITE_TIMEOUT` (30 s by
 //! default) — over HTTP/1.1 with not a byte sent to the socket meanwhile, over HTTP/2
 //! with the client's flow-control window closed — the connection is closed and its
-//! response body (and upstream stream) dropped, so its usage is recorded as partial. Each
+//! response body (and upstream stream) dropped, so its usage is recorded as partial. Over
+//! HTTP/1.1 this holds for a body's last frame too (a whole answer is one), which hyper
+//! takes before it is written: the request stays in flight until the socket is flushed.
+//! Over HTTP/2 a last frame handed to the connection is covered by the idle timeout. Each
 //! connection's kernel send buffer is bounded (64 KiB) so that a client that reads slowly
 //! but steadily (a few KiB a second) lets bytes through within the timeout and is not
 //! cut; an upstream slow to answer leaves nothing waiting to be written and is not cut
@@ -274,6 +278,8 @@ struct Activity {
     body_waiting: Notify,
     /// Milliseconds after `started` at which bytes last went to the socket.
     written_ms: AtomicU64,
+    /// Whether `unread.ended` is not empty (read on every flush without the lock).
+    ended: AtomicBool,
 }
 
 /// See [`Activity::unread`].
@@ -283,6 +289,11 @@ struct Unread {
     /// Since when, and whether over HTTP/1 (where bytes written to the socket for any
     /// request show that the client reads).
     since: BTreeMap<u64, (Instant, bool)>,
+    /// HTTP/1 bodies dropped with their last frame not yet written (a whole answer is one
+    /// such frame): hyper drops a body as soon as it takes its last frame, and flushes the
+    /// socket once all it holds is written, which ends their wait. Their requests stay in
+    /// flight until then.
+    ended: Vec<u64>,
 }
 
 impl Activity {
@@ -296,6 +307,7 @@ impl Activity {
             unread: Mutex::new(Unread::default()),
             body_waiting: Notify::new(),
             written_ms: AtomicU64::new(0),
+            ended: AtomicBool::new(false),
         }
     }
 
@@ -356,9 +368,54 @@ impl Activity {
         self.body_waiting.notify_one();
     }
 
-    /// Body `id` is asked for a frame (its last one was written), or is gone.
+    /// Body `id` is asked for a frame (its last one was written).
     fn body_asked(&self, id: u64) {
         self.unread().since.remove(&id);
+    }
+
+    /// Body `id` is gone: over HTTP/1 a frame it gave last may still wait to be written
+    /// (until the next flush of the socket).
+    fn body_dropped(&self, id: u64, http1: bool) {
+        let mut unread = self.unread();
+        if http1 && unread.since.contains_key(&id) {
+            unread.ended.push(id);
+            // In flight until written (the body's own guard drops after this).
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.ended.store(true, Ordering::Release);
+        } else {
+            unread.since.remove(&id);
+        }
+    }
+
+    /// The socket was flushed: over HTTP/1 everything the connection held is written.
+    fn flushed(&self) {
+        if self.ended.swap(false, Ordering::AcqRel) {
+            let ended = {
+                let mut unread = self.unread();
+                let ended = std::mem::take(&mut unread.ended);
+                for id in &ended {
+                    unread.since.remove(id);
+                }
+                ended
+            };
+            for _ in ended {
+                self.end_request();
+            }
+        }
+    }
+
+    /// A request in flight ended (its response written, or given up).
+    fn end_request(&self) {
+        let ms = self
+            .started
+            .elapsed()
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        self.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.went_idle.notify_one();
+        }
     }
 
     /// Ends once a response body has waited `timeout` for its last frame to be written
@@ -394,17 +451,7 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
-        let ms = activity
-            .started
-            .elapsed()
-            .as_millis()
-            .try_into()
-            .unwrap_or(u64::MAX);
-        activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
-        if activity.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            activity.went_idle.notify_one();
-        }
+        self.0.end_request();
     }
 }
 
@@ -488,7 +535,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(guard) = this._guard.as_ref() {
-                guard.0.body_asked(*this.id);
+                guard.0.body_dropped(*this.id, *this.http1);
             }
         }
     }
@@ -586,7 +633,12 @@ impl<I: hyper::rt::Write> hyper::rt::Write for Watched<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_flush(cx)
+        let this = self.project();
+        let poll = this.io.poll_flush(cx);
+        if matches!(poll, Poll::Ready(Ok(()))) {
+            this.activity.flushed();
+        }
+        poll
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

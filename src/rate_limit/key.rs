@@ -536,11 +536,10 @@ impl TrustedProxies {
         }
         let mut client = peer;
         for value in req.headers().get_all("x-forwarded-for").iter().rev() {
-            let Ok(value) = value.to_str() else {
-                return client;
-            };
-            for hop in value.rsplit(',') {
-                let Some(ip) = parse_hop(hop) else {
+            // Hop by hop from the right, as bytes: unreadable bytes the client wrote to the
+            // left do not hide the hops the proxies appended.
+            for hop in value.as_bytes().rsplit(|&b| b == b',') {
+                let Some(ip) = std::str::from_utf8(hop).ok().and_then(parse_hop) else {
                     // Garbage from an untrusted writer: stop at the last good hop.
                     return client;
                 };

@@ -104,7 +104,8 @@ struct Counters {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct WebhookStats {
-    /// Events accepted into the queue.
+    /// Events accepted into the queue (counted as the event is handed over, so an event
+    /// the full queue then drops may show here for an instant).
     pub queued: u64,
     /// Events the receiver accepted (2xx).
     pub delivered: u64,
@@ -156,26 +157,31 @@ impl WebhookSink {
         Ok(Self { tx, counters })
     }
 
-    /// The counters.
+    /// The counters. `delivered + failed` never exceeds `queued` in a snapshot: an event
+    /// is counted queued before the delivery task can see it, and the outcomes are read
+    /// before `queued`.
     pub fn stats(&self) -> WebhookStats {
-        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let c = &self.counters;
+        let delivered = c.delivered.load(Ordering::Acquire);
+        let failed = c.failed.load(Ordering::Acquire);
         WebhookStats {
-            queued: l(&c.queued),
-            delivered: l(&c.delivered),
-            failed: l(&c.failed),
-            dropped: l(&c.dropped),
+            queued: c.queued.load(Ordering::Relaxed),
+            delivered,
+            failed,
+            dropped: c.dropped.load(Ordering::Relaxed),
         }
     }
 }
 
 impl AlertSink for WebhookSink {
     fn send(&self, event: AlertEvent) {
+        // counted before the delivery task can see it (and taken back if the queue is
+        // full), so `delivered` never passes `queued`
+        self.counters.queued.fetch_add(1, Ordering::Relaxed);
         match self.tx.try_send(event) {
-            Ok(()) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
-            }
+            Ok(()) => {}
             Err(_) => {
+                self.counters.queued.fetch_sub(1, Ordering::Relaxed);
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(target: "palisade::cost::alert", "alert webhook queue full: event dropped");
             }
@@ -240,7 +246,7 @@ async fn deliver<C>(
         loop {
             match attempt(&client, &uri, &body, config.timeout).await {
                 Attempt::Delivered => {
-                    counters.delivered.fetch_add(1, Ordering::Relaxed);
+                    counters.delivered.fetch_add(1, Ordering::Release);
                     break;
                 }
                 Attempt::Retry(why) if tries < config.retries => {
@@ -250,7 +256,7 @@ async fn deliver<C>(
                     backoff = backoff.saturating_mul(2);
                 }
                 Attempt::Retry(why) | Attempt::GiveUp(why) => {
-                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    counters.failed.fetch_add(1, Ordering::Release);
                     tracing::warn!(target: "palisade::cost::alert", error = %why, "alert webhook failed: event lost");
                     break;
                 }

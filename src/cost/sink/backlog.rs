@@ -1,5 +1,10 @@
 //! The bounded retry buffer the network sinks share: records wait here while their server
 //! is away and are written in order, with backoff, when it answers again.
+//!
+//! A record the server refuses for a lasting reason (it answered "no": a key of the wrong
+//! type, a value out of range) never blocks the records behind it: the batch is split to
+//! find the records at fault, those go to the sink's dead-letter place, counted and logged
+//! once each, and the rest flow on.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -13,7 +18,7 @@ use crate::cost::record::UsageRecord;
 
 /// A snapshot of a network sink's state ([`RedisSink`](super::RedisSink),
 /// [`PostgresSink`](super::PostgresSink)): at all times
-/// `accepted = delivered + dropped + backlog`.
+/// `accepted = delivered + dead_lettered + dropped + backlog`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct SinkHealth {
@@ -23,7 +28,13 @@ pub struct SinkHealth {
     pub delivered: u64,
     /// Of `delivered`, records that were already stored (a retried batch).
     pub duplicates: u64,
-    /// Records dropped because the buffer was full, or because the server refused them.
+    /// Records the server refused for a lasting reason, set aside in the sink's
+    /// dead-letter place (Redis: a capped stream; PostgreSQL: `usage_dead_letters`) with
+    /// the error, so the records behind them flow on. A record sent again counts again,
+    /// as in `delivered`, and is set aside once.
+    pub dead_lettered: u64,
+    /// Records lost: the buffer was full, or the server refused both the record and its
+    /// dead letter (each logged).
     pub dropped: u64,
     /// Records waiting for the server.
     pub backlog: u64,
@@ -31,10 +42,45 @@ pub struct SinkHealth {
     pub last_error: Option<String>,
 }
 
+/// A write that failed, possibly after storing a first part of its batch.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    /// Why. [`SinkError::Rejected`] is a lasting refusal (the server answered "no");
+    /// anything else passes (connection lost, timeout, server loading or failing over).
+    pub error: SinkError,
+    /// The first records of the batch that were stored all the same.
+    pub stored: usize,
+    /// Of `stored`, how many were new.
+    pub fresh: u64,
+    /// Whether a lasting `error` is known to be the fault of the record at `stored` (else
+    /// the batch is split to find it).
+    pub pinpointed: bool,
+}
+
+impl From<SinkError> for Failure {
+    /// Nothing stored, culprit unknown.
+    fn from(error: SinkError) -> Self {
+        Self {
+            error,
+            stored: 0,
+            fresh: 0,
+            pinpointed: false,
+        }
+    }
+}
+
 /// Writes one batch of records to a server; returns how many were new (the rest were
 /// stored by an earlier attempt).
 pub(crate) trait Store {
-    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, SinkError>> + Send;
+    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send;
+
+    /// Sets aside a record the server refused for a lasting reason, with the reason; a
+    /// record set aside before is not set aside twice (`Ok(false)`).
+    fn dead_letter(
+        &self,
+        record: &UsageRecord,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, SinkError>> + Send;
 }
 
 /// How much a [`Backlog`] holds and writes at once, and how long it waits at most.
@@ -125,7 +171,8 @@ impl Backlog {
         self.drain(store, true).await
     }
 
-    /// Writes buffered records in order until the buffer is empty or an attempt fails.
+    /// Writes buffered records in order until the buffer is empty or an attempt fails
+    /// for a passing reason.
     async fn drain<S: Store>(&self, store: &S, force: bool) -> Result<(), SinkError> {
         let _writer = self.writing.lock().await;
         loop {
@@ -146,33 +193,117 @@ impl Backlog {
             if chunk.is_empty() {
                 return Ok(());
             }
-            let result = store.store(&chunk).await;
-            let mut s = self.state();
-            match result {
+            self.write(store, &chunk).await?;
+        }
+    }
+
+    /// Writes `chunk` (the front of the buffer). A lasting refusal splits it until the
+    /// records at fault are found and set aside; the others are stored in order.
+    async fn write<S: Store>(&self, store: &S, chunk: &[UsageRecord]) -> Result<(), SinkError> {
+        // Parts still to write, the next one last; each part follows the one before in
+        // the buffer, so what is done is always the buffer's front.
+        let mut parts = vec![(0, chunk.len())];
+        while let Some((lo, hi)) = parts.pop() {
+            let failure = match store.store(&chunk[lo..hi]).await {
                 Ok(fresh) => {
-                    s.buffer.drain(..chunk.len());
-                    let n = chunk.len() as u64;
-                    s.health.delivered += n;
-                    s.health.duplicates += n.saturating_sub(fresh);
-                    s.health.last_error = None;
-                    s.next_attempt = None;
-                    s.backoff = Duration::ZERO;
+                    self.delivered(hi - lo, fresh);
+                    continue;
                 }
-                Err(e) => {
-                    s.health.last_error = Some(e.to_string());
-                    s.backoff = (s.backoff * 2)
-                        .max(Duration::from_millis(100))
-                        .min(self.limits.max_backoff);
-                    s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
-                    if !e.is_retryable() {
-                        // the records can never be stored as they are: count them dropped
-                        s.buffer.drain(..chunk.len());
-                        s.health.dropped += chunk.len() as u64;
-                    }
-                    tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
-                        "{}: write failed, records kept for a retry", self.name);
-                    return Err(e);
+                Err(f) => f,
+            };
+            let Failure {
+                error,
+                stored,
+                fresh,
+                pinpointed,
+            } = failure;
+            let stored = stored.min(hi - lo);
+            if stored > 0 {
+                self.delivered(stored, fresh);
+            }
+            let lo = lo + stored;
+            if lo >= hi {
+                continue;
+            }
+            if error.is_retryable() {
+                self.failed(&error);
+                return Err(error);
+            }
+            if pinpointed || hi - lo == 1 {
+                self.set_aside(store, &chunk[lo], &error).await?;
+                if lo + 1 < hi {
+                    parts.push((lo + 1, hi));
                 }
+            } else {
+                let mid = lo + (hi - lo) / 2;
+                parts.push((mid, hi));
+                parts.push((lo, mid));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first `n` buffered records are stored, `fresh` of them new.
+    fn delivered(&self, n: usize, fresh: u64) {
+        let mut s = self.state();
+        s.buffer.drain(..n);
+        let n = n as u64;
+        s.health.delivered += n;
+        s.health.duplicates += n.saturating_sub(fresh);
+        s.health.last_error = None;
+        s.next_attempt = None;
+        s.backoff = Duration::ZERO;
+    }
+
+    /// An attempt failed for a passing reason: the records wait, with backoff.
+    fn failed(&self, e: &SinkError) {
+        let mut s = self.state();
+        s.health.last_error = Some(e.to_string());
+        s.backoff = (s.backoff * 2)
+            .max(Duration::from_millis(100))
+            .min(self.limits.max_backoff);
+        s.next_attempt = Some(tokio::time::Instant::now() + s.backoff);
+        tracing::warn!(target: "palisade::cost", error = %e, backlog = s.buffer.len(),
+            "{}: write failed, records kept for a retry", self.name);
+    }
+
+    /// The first buffered record, `record`, was refused for a lasting reason: it goes to
+    /// the dead letters (or, refused there too, is dropped), counted and logged once.
+    /// `Err` when the dead letter could not be written for a passing reason: the record
+    /// stays first in the buffer and is tried again later.
+    async fn set_aside<S: Store>(
+        &self,
+        store: &S,
+        record: &UsageRecord,
+        error: &SinkError,
+    ) -> Result<(), SinkError> {
+        let reason = error.to_string();
+        let outcome = store.dead_letter(record, &reason).await;
+        let mut s = self.state();
+        match outcome {
+            Ok(new) => {
+                s.buffer.pop_front();
+                s.health.dead_lettered += 1;
+                s.health.last_error = Some(reason.clone());
+                if new {
+                    tracing::error!(target: "palisade::cost", record = %record.id, error = %reason,
+                        "{}: record refused, set aside as a dead letter", self.name);
+                }
+                Ok(())
+            }
+            Err(e) if e.is_retryable() => {
+                drop(s);
+                self.failed(&e);
+                Err(e)
+            }
+            Err(e) => {
+                s.buffer.pop_front();
+                s.health.dropped += 1;
+                s.health.last_error = Some(reason.clone());
+                tracing::error!(target: "palisade::cost", record = %record.id, error = %reason,
+                    dead_letter_error = %e, "{}: record refused, and its dead letter too: record dropped",
+                    self.name);
+                Ok(())
             }
         }
     }

@@ -154,15 +154,19 @@ pub struct CostStatsSnapshot {
 }
 
 impl CostStats {
-    /// A copy of every counter.
+    /// A copy of every counter. `written + failed` never exceeds `queued` in a snapshot:
+    /// a record is counted queued before the writer can take it, and the outcomes are read
+    /// before `queued`.
     pub fn snapshot(&self) -> CostStatsSnapshot {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let written = self.written.load(Ordering::Acquire);
+        let failed = self.failed.load(Ordering::Acquire);
         CostStatsSnapshot {
             queued: l(&self.queued),
-            written: l(&self.written),
+            written,
             dropped_full: l(&self.dropped_full),
             dropped_closed: l(&self.dropped_closed),
-            failed: l(&self.failed),
+            failed,
             sink_errors: l(&self.sink_errors),
             unknown_model: l(&self.unknown_model),
             oversize_body: l(&self.oversize_body),
@@ -229,23 +233,24 @@ impl Default for RecorderConfig {
     }
 }
 
-/// How long the writer lets records gather after the first one arrives, unless a full
-/// batch is waiting sooner: the recorders then wake it about once per batch, not once
-/// per record.
+/// How long the writer, woken by a record, lets more gather before it takes them all
+/// (unless a full batch is already waiting): under load the recorders wake it about once
+/// per linger, not once per record. Shutdown and the last recorder's drop cut it short.
 const LINGER: Duration = Duration::from_millis(1);
 
 /// The queue between the recorders and the writer task: a short critical section per
-/// record (a push under a lock the writer takes once per batch), and a wake-up only when
-/// the queue turns non-empty or a batch fills up.
+/// record (a push under a lock the writer takes once per linger), and a wake-up only when
+/// the writer is idle.
 #[derive(Debug)]
 struct Queue {
     state: Mutex<QueueState>,
     capacity: usize,
-    /// A full batch: the length at which a record wakes the lingering writer.
-    batch: usize,
     wake: Notify,
     /// Live [`UsageRecorder`]s: when none is left, the writer drains and ends.
     senders: AtomicUsize,
+    /// Wake-ups sent by [`UsageRecorder::record`].
+    #[cfg(test)]
+    wakeups: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -253,6 +258,8 @@ struct QueueState {
     /// Taken whole by the writer (swapped with its empty buffer): O(1) under the lock.
     records: Vec<UsageRecord>,
     closed: bool,
+    /// The writer found the queue empty and waits: the next record wakes it.
+    idle: bool,
 }
 
 impl Queue {
@@ -304,12 +311,13 @@ impl UsageRecorder {
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState {
                 records: Vec::with_capacity(capacity.min(1024)),
-                closed: false,
+                ..QueueState::default()
             }),
             capacity,
-            batch: config.max_batch.max(1),
             wake: Notify::new(),
             senders: AtomicUsize::new(1),
+            #[cfg(test)]
+            wakeups: AtomicU64::new(0),
         });
         let (stop, stop_rx) = oneshot::channel();
         let task = tokio::spawn(run(
@@ -329,8 +337,7 @@ impl UsageRecorder {
     }
 
     /// Queues `record`; `false` (and a counted drop) when the queue is full or closed.
-    /// Never waits; wakes the writer task only when the queue turns non-empty or a batch
-    /// fills up.
+    /// Never waits; wakes the writer task only when it is idle (waiting for records).
     pub fn record(&self, record: UsageRecord) -> bool {
         let mut q = self.queue.lock();
         if q.closed {
@@ -346,10 +353,13 @@ impl UsageRecorder {
             return false;
         }
         q.records.push(record);
-        let len = q.records.len();
-        drop(q);
+        // counted before the writer can take it, so `written` never passes `queued`
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if len == 1 || len == self.queue.batch {
+        let wake = std::mem::take(&mut q.idle);
+        drop(q);
+        if wake {
+            #[cfg(test)]
+            self.queue.wakeups.fetch_add(1, Ordering::Relaxed);
             self.queue.wake.notify_one();
         }
         true
@@ -429,15 +439,26 @@ async fn run<S: UsageSink>(
         if last {
             break;
         }
-        // Every record that finds the queue empty wakes us: nothing is left behind.
+        // Idle: the next record wakes us (the flag is set and read under the queue's
+        // lock, and a wake-up sent before we wait is kept by `Notify`): nothing is left
+        // behind. While we write, records gather without waking anyone.
+        {
+            let mut q = queue.lock();
+            if !q.records.is_empty() {
+                continue;
+            }
+            q.idle = true;
+        }
         if listening {
             tokio::select! {
                 biased;
                 () = queue.wake.notified() => {}
                 signal = &mut stop => {
                     listening = false;
+                    let mut q = queue.lock();
+                    q.idle = false;
                     if signal.is_ok() {
-                        queue.lock().closed = true;
+                        q.closed = true;
                     }
                     continue;
                 }
@@ -445,7 +466,28 @@ async fn run<S: UsageSink>(
         } else {
             queue.wake.notified().await;
         }
-        if queue.lock().records.len() < max_batch {
+        // Linger for more records, unless a full batch is waiting; a shutdown cuts the
+        // linger short. Records that arrive meanwhile wake no one.
+        {
+            let mut q = queue.lock();
+            q.idle = false;
+            if q.records.len() >= max_batch || q.closed {
+                continue;
+            }
+        }
+        if listening {
+            tokio::select! {
+                biased;
+                signal = &mut stop => {
+                    listening = false;
+                    if signal.is_ok() {
+                        queue.lock().closed = true;
+                    }
+                }
+                () = queue.wake.notified() => {}
+                () = tokio::time::sleep(LINGER) => {}
+            }
+        } else {
             tokio::select! {
                 () = queue.wake.notified() => {}
                 () = tokio::time::sleep(LINGER) => {}
@@ -471,7 +513,7 @@ async fn write<S: UsageSink>(
             Ok(()) => {
                 stats
                     .written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    .fetch_add(batch.len() as u64, Ordering::Release);
                 return;
             }
             Err(e) => {
@@ -479,7 +521,7 @@ async fn write<S: UsageSink>(
                 if !e.is_retryable() || attempt >= config.retries {
                     stats
                         .failed
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        .fetch_add(batch.len() as u64, Ordering::Release);
                     tracing::error!(target: "palisade::cost", error = %e, records = batch.len(),
                         "usage sink failed: batch lost");
                     return;
@@ -656,6 +698,101 @@ mod tests {
                 (0..5_000).map(|i| t * 1_000_000 + i).collect::<Vec<_>>()
             );
         }
+    }
+
+    /// Wake-ups of the writer per record when `per_ms` records arrive each millisecond,
+    /// the writer free to run between any two of them.
+    async fn wakeups_per_record(per_ms: u64) -> f64 {
+        let sink = Arc::new(MemorySink::new());
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        const N: u64 = 20_000;
+        for i in 0..N {
+            assert!(r.record(rec(i)));
+            tokio::task::yield_now().await;
+            if i % per_ms == per_ms - 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let wakeups = r.queue.wakeups.load(Ordering::Relaxed);
+        let stats = shut.shutdown().await;
+        assert_eq!(stats.written, N);
+        assert_eq!(sink.len() as u64, N);
+        wakeups as f64 / N as f64
+    }
+
+    /// Under a steady stream of records the writer is woken about once per linger (or
+    /// per full batch), not once per record: each wake-up is a cross-thread futex wake and
+    /// a task poll, costly on small machines.
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_wakes_the_writer_about_once_per_linger() {
+        for (per_ms, most) in [(1, 1.0), (10, 0.11), (100, 0.011), (1000, 0.0015)] {
+            let w = wakeups_per_record(per_ms).await;
+            eprintln!("{per_ms} records per ms: {w:.4} wake-ups per record");
+            assert!(
+                w <= most,
+                "{per_ms} records per ms: {w} wake-ups per record"
+            );
+        }
+    }
+
+    /// The writer lingers for more records after the first; a shutdown then waited out
+    /// the linger. It stops it at once.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_does_not_wait_out_the_linger() {
+        let sink = Arc::new(MemorySink::new());
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        r.record(rec(1));
+        tokio::task::yield_now().await; // the writer wakes and lingers
+        let start = tokio::time::Instant::now();
+        let stats = shut.shutdown().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        assert_eq!(stats.written, 1);
+    }
+
+    /// `queued` was counted after the queue's lock was released, so the writer could take
+    /// and write a record first, and a reader saw `written > queued`. Two threads record
+    /// while a third reads the counters.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_never_sees_more_written_than_queued() {
+        let sink = flaky(0, true, usize::MAX >> 4);
+        let cfg = RecorderConfig {
+            capacity: 1_000_000,
+            max_batch: 1,
+            ..RecorderConfig::default()
+        };
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), cfg);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let stats = Arc::clone(r.stats());
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut bad = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    let s = stats.snapshot();
+                    if s.written + s.failed > s.queued {
+                        bad += 1;
+                    }
+                }
+                bad
+            })
+        };
+        let threads: Vec<_> = (0..2u64)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..100_000 {
+                        assert!(r.record(rec(t * 1_000_000 + i)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let stats = shut.shutdown().await;
+        done.store(true, Ordering::Relaxed);
+        assert_eq!(reader.join().unwrap(), 0, "snapshots with written > queued");
+        assert_eq!(stats.written, 200_000);
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,8 @@
 //!   idempotency key. The request id is kept as data: a client may choose it, so it is
 //!   never a key. Indexed by user and time, and by request id.
 //! - `audit_logs`: security events ([`AuditEvent`]): actor, action, target, outcome.
+//! - `usage_dead_letters`: records the server refused for a lasting reason (a constraint
+//!   or a value it cannot store), each with its id, the record as JSON and the error.
 //! - `user_usage_stats`: a materialized view per user and UTC day, refreshed by
 //!   `SELECT refresh_user_usage_stats()` ([`PostgresSink::refresh_stats`]).
 //! - Row-level security: a session in the role `palisade_user` that sets `app.user_id`
@@ -23,10 +25,15 @@
 //!   to it (a materialized view has no row-level security).
 //!
 //! Writes are batched: each batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT
-//! (record_id) DO NOTHING`. While the server is away, records wait in a bounded buffer
-//! and are retried with backoff; a record that does not fit is dropped and counted.
+//! (record_id) DO NOTHING`. While the server is away (no connection, a timeout, a server
+//! shutting down or read-only, a missing table until the migrations run), records wait in
+//! a bounded buffer and are retried with backoff; a record that does not fit is dropped
+//! and counted. A batch the server refuses for a lasting reason (a data exception, SQLSTATE
+//! class 22; a constraint, class 23; a program limit, class 54) is split until the records
+//! at fault are found: those go to `usage_dead_letters`, counted in
+//! [`SinkHealth::dead_lettered`] and logged, and the rest are stored.
 //! [`PostgresSink::health`] shows the backlog, the counters and the last error:
-//! `accepted = delivered + dropped + backlog` at all times.
+//! `accepted = delivered + dead_lettered + dropped + backlog` at all times.
 //!
 //! ```no_run
 //! use palisade::cost::sink::{PostgresConfig, PostgresSink};
@@ -55,7 +62,7 @@ use serde::Serialize;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
-use super::backlog::{Backlog, Limits, SinkHealth, Store};
+use super::backlog::{Backlog, Failure, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
 use crate::cost::record::{Completion, UsageRecord};
@@ -87,6 +94,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
     (5, "record_id", include_str!("postgres/0005_record_id.sql")),
     (6, "fallback", include_str!("postgres/0006_fallback.sql")),
+    (
+        7,
+        "usage_dead_letters",
+        include_str!("postgres/0007_usage_dead_letters.sql"),
+    ),
 ];
 
 /// An arbitrary constant: the advisory lock that serializes migrations across instances.
@@ -241,6 +253,19 @@ fn pg(e: tokio_postgres::Error) -> SinkError {
     match e.as_db_error() {
         Some(db) => SinkError::Unavailable(format!("{}: {}", db.code().code(), db.message())),
         None => unavailable(e),
+    }
+}
+
+/// A write's error: lasting ([`SinkError::Rejected`]) when the server refused the rows
+/// themselves (SQLSTATE class 22, data exception; 23, integrity constraint; 54, program
+/// limit), passing otherwise (the connection, the server's state, the schema).
+fn pg_write(e: tokio_postgres::Error) -> SinkError {
+    let lasting = e
+        .as_db_error()
+        .is_some_and(|db| matches!(&db.code().code()[..2], "22" | "23" | "54"));
+    match pg(e) {
+        SinkError::Unavailable(m) if lasting => SinkError::Rejected(m),
+        other => other,
     }
 }
 
@@ -450,14 +475,25 @@ impl PostgresSink {
             &ttfb,
             &fallback,
         ];
-        client.execute(&stmt, &params).await.map_err(|e| {
-            if e.as_db_error().is_some() && e.code().is_some_and(|c| c.code().starts_with("42")) {
-                // a schema problem (run the migrations): retrying will not help
-                SinkError::Rejected(pg(e).to_string())
-            } else {
-                pg(e)
-            }
-        })
+        client.execute(&stmt, &params).await.map_err(pg_write)
+    }
+
+    /// Sets `record` aside in `usage_dead_letters`, once per record id.
+    async fn set_aside(&self, record: &UsageRecord, error: &str) -> Result<bool, SinkError> {
+        let json = serde_json::to_string(record)
+            .map_err(|e| SinkError::Rejected(format!("record not serializable: {e}")))?;
+        // text cannot hold NUL: the error may quote a value that had one
+        let error = error.replace('\0', "\\0");
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "INSERT INTO usage_dead_letters (record_id, record, error) \
+                 VALUES ($1, $2::text::json, $3) ON CONFLICT (record_id) DO NOTHING",
+                &[&record_key(record), &json, &error],
+            )
+            .await
+            .map_err(pg_write)?;
+        Ok(n == 1)
     }
 
     /// Recomputes `user_usage_stats`.
@@ -656,8 +692,17 @@ impl UsageSink for PostgresSink {
 }
 
 impl Store for PostgresSink {
-    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, SinkError>> + Send {
-        self.insert(batch)
+    async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+        // one statement: all of the batch is stored, or none of it
+        Ok(self.insert(batch).await?)
+    }
+
+    fn dead_letter(
+        &self,
+        record: &UsageRecord,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, SinkError>> + Send {
+        self.set_aside(record, error)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-use super::backlog::{Backlog, Limits, SinkHealth, Store};
+use super::backlog::{Backlog, Failure, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
 use crate::cost::record::UsageRecord;
@@ -37,12 +37,15 @@ pub struct RedisSinkConfig {
     pub timeout: Duration,
     /// The longest wait between retries while Redis is away.
     pub max_backoff: Duration,
+    /// The dead-letter stream (records Redis refused, with the error) is trimmed to about
+    /// this many entries.
+    pub dead_letter_max_len: u64,
 }
 
 impl Default for RedisSinkConfig {
     /// Tag `usage`, a stream of about 1 000 000 records, ids remembered a day, aggregates
     /// kept 40 days, batches of 500, 100 000 records buffered, 5 s timeout, backoff up to
-    /// 30 s.
+    /// 30 s, a dead-letter stream of about 10 000 records.
     fn default() -> Self {
         Self {
             hash_tag: "usage".to_owned(),
@@ -53,6 +56,7 @@ impl Default for RedisSinkConfig {
             max_buffer: 100_000,
             timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
+            dead_letter_max_len: 10_000,
         }
     }
 }
@@ -66,6 +70,7 @@ struct Inner<C> {
     config: RedisSinkConfig,
     prefix: String,
     script: Script,
+    dead_letter: Script,
     backlog: Backlog,
 }
 
@@ -91,14 +96,20 @@ struct Inner<C> {
 /// for `dedupe_ttl`) in the same call, so a batch sent again after a lost answer changes
 /// nothing. A record is stored whole or not at all: it is marked seen only once all its
 /// writes have succeeded, and a write that fails (a key of another type, a counter that
-/// would overflow) undoes the record's earlier writes and fails the call, so the retry
-/// stores it in full; while the cause lasts, the records wait in the buffer (shown in
-/// `last_error`). Every key carries the same hash tag (`usage` unless [`hash_tag`] says
-/// otherwise), so on a Redis Cluster a call touches one slot.
+/// would overflow) undoes the record's earlier writes. Such a record can never be stored
+/// as it is, so it is set aside in the dead-letter stream
+/// ([`dead_letter_key`](RedisSink::dead_letter_key), capped near `dead_letter_max_len`
+/// entries: the record's id, its JSON and the error), counted in
+/// [`SinkHealth::dead_lettered`] and logged, and the records behind it flow on. Every key
+/// carries the same hash tag (`usage` unless [`hash_tag`] says otherwise), so on a Redis
+/// Cluster a call touches one slot.
 ///
-/// While Redis is away, records wait in a bounded buffer and are retried with backoff; a
-/// record that does not fit is dropped and counted. [`RedisSink::health`] shows the
-/// backlog, the counters and the last error: `accepted = delivered + dropped + backlog`.
+/// While Redis is away (no answer, a lost connection, a timeout, or an answer that says
+/// wait: `LOADING`, `BUSY`, `READONLY`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `OOM`,
+/// `NOPERM`, …), records wait in a bounded buffer and are retried with backoff; a record
+/// that does not fit is dropped and counted. [`RedisSink::health`] shows the backlog, the
+/// counters and the last error:
+/// `accepted = delivered + dead_lettered + dropped + backlog`.
 ///
 /// [`summary`](RedisSink::summary) and [`top`](RedisSink::top) read the aggregates back,
 /// by whole UTC days; they equal [`summarize`](crate::cost::summary::summarize) and
@@ -143,8 +154,43 @@ impl<C> fmt::Debug for RedisSink<C> {
     }
 }
 
+/// Error codes with which Redis says "not now" rather than "never": the records wait.
+const PASSING: &[&str] = &[
+    "LOADING",
+    "BUSY",
+    "READONLY",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
+    "OOM",
+    "NOREPLICAS",
+    "NOPERM",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOSCRIPT",
+    "UNBLOCKED",
+];
+
+/// An error from Redis: lasting ([`SinkError::Rejected`]) when the server answered with an
+/// error code not in [`PASSING`], else passing.
 fn redis_error(e: redis::RedisError) -> SinkError {
-    SinkError::Unavailable(e.to_string())
+    match e.code() {
+        Some(code) if !PASSING.contains(&code) => SinkError::Rejected(e.to_string()),
+        _ => SinkError::Unavailable(e.to_string()),
+    }
+}
+
+/// An error a script met on one of its own writes (`WRONGTYPE Operation against …`),
+/// classified by its code as [`redis_error`] does.
+fn script_error(err: &str) -> SinkError {
+    let code = err.split_whitespace().next().unwrap_or("");
+    if PASSING.contains(&code) {
+        SinkError::Unavailable(err.to_owned())
+    } else {
+        SinkError::Rejected(err.to_owned())
+    }
 }
 
 /// UTC days since 1970-01-01.
@@ -281,6 +327,7 @@ impl<C> RedisSink<C> {
                 conn,
                 prefix: format!("palisade:usage:{{{tag}}}"),
                 script: Script::new(include_str!("redis_record.lua")),
+                dead_letter: Script::new(include_str!("redis_dead_letter.lua")),
                 backlog: Backlog::new(
                     "Redis sink",
                     Limits {
@@ -304,6 +351,12 @@ impl<C> RedisSink<C> {
         format!("{}:stream", self.inner.prefix)
     }
 
+    /// The dead-letter stream's key: records Redis refused for a lasting reason, each an
+    /// entry with fields `id`, `record` (its JSON, as in the stream) and `error`.
+    pub fn dead_letter_key(&self) -> String {
+        format!("{}:dead", self.inner.prefix)
+    }
+
     fn day_key(&self, day: i64, suffix: &str) -> String {
         format!("{}:day:{day}:{suffix}", self.inner.prefix)
     }
@@ -314,7 +367,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// Runs the script over `batch`; returns how many records were new.
-    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
+    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
         let c = &self.inner.config;
         let mut inv = self.inner.script.prepare_invoke();
         inv.key(self.stream_key())
@@ -358,9 +411,37 @@ where
             }
         }
         let mut conn = self.inner.conn.clone();
-        let call = inv.invoke_async::<u64>(&mut conn);
+        let call = inv.invoke_async::<redis::Value>(&mut conn);
+        let answer = match tokio::time::timeout(c.timeout, call).await {
+            Ok(result) => result.map_err(redis_error)?,
+            Err(_) => {
+                return Err(SinkError::Unavailable(format!(
+                    "Redis did not answer within {:?}",
+                    c.timeout
+                ))
+                .into());
+            }
+        };
+        script_answer(answer, batch)
+    }
+
+    /// Sets `record` aside in the dead-letter stream, once per record id.
+    async fn set_aside(&self, record: &UsageRecord, error: &str) -> Result<bool, SinkError> {
+        let c = &self.inner.config;
+        let json = serde_json::to_string(record)
+            .map_err(|e| SinkError::Rejected(format!("record not serializable: {e}")))?;
+        let mut inv = self.inner.dead_letter.prepare_invoke();
+        inv.key(self.dead_letter_key())
+            .key(format!("{}:dead:{}", self.inner.prefix, record.id))
+            .arg(c.dead_letter_max_len)
+            .arg(c.dedupe_ttl.as_secs().max(1))
+            .arg(record.id.to_string())
+            .arg(json)
+            .arg(error);
+        let mut conn = self.inner.conn.clone();
+        let call = inv.invoke_async::<i64>(&mut conn);
         match tokio::time::timeout(c.timeout, call).await {
-            Ok(result) => result.map_err(redis_error),
+            Ok(result) => result.map(|n| n == 1).map_err(redis_error),
             Err(_) => Err(SinkError::Unavailable(format!(
                 "Redis did not answer within {:?}",
                 c.timeout
@@ -508,8 +589,62 @@ impl<C> Store for RedisSink<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, SinkError>> + Send {
+    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send {
         self.write(batch)
+    }
+
+    fn dead_letter(
+        &self,
+        record: &UsageRecord,
+        error: &str,
+    ) -> impl Future<Output = Result<bool, SinkError>> + Send {
+        self.set_aside(record, error)
+    }
+}
+
+/// The record script's answer: how many records were new, or where it stopped and why.
+fn script_answer(answer: redis::Value, batch: &[UsageRecord]) -> Result<u64, Failure> {
+    use redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let unexpected = || {
+        Failure::from(SinkError::Unavailable(format!(
+            "unexpected answer from the usage script: {answer:?}"
+        )))
+    };
+    match &answer {
+        Value::Int(_) => int(&answer).ok_or_else(unexpected),
+        Value::Array(parts) if parts.len() == 3 => {
+            let (Some(fresh), Some(at), Some(err)) =
+                (int(&parts[0]), int(&parts[1]), text(&parts[2]))
+            else {
+                return Err(unexpected());
+            };
+            let at = usize::try_from(at).unwrap_or(usize::MAX);
+            let Some(record) = batch.get(at) else {
+                return Err(unexpected());
+            };
+            let error = match script_error(&err) {
+                SinkError::Rejected(e) => {
+                    SinkError::Rejected(format!("usage record {} not stored: {e}", record.id))
+                }
+                other => other,
+            };
+            Err(Failure {
+                error,
+                stored: at,
+                fresh,
+                pinpointed: true,
+            })
+        }
+        _ => Err(unexpected()),
     }
 }
 

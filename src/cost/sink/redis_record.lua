@@ -12,9 +12,10 @@
 --
 -- A record is stored whole or not at all: it is marked seen only after all its writes
 -- succeed, and when one fails (a key of another type, a counter that would overflow) the
--- writes it made are undone and the script stops with the error, so the retry stores it
--- again in full. Records before it in the batch stay stored (and count as seen).
--- Returns how many records were new.
+-- writes it made are undone and the script stops. Records before it in the batch stay
+-- stored (and count as seen).
+-- Returns how many records were new; when a record failed, {new records before it, its
+-- index in the batch (from 0), the error}.
 local maxlen, seen_ttl, agg_ttl, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local k, a, fresh = 2, 5, 0
 local dollar = 1000000000000
@@ -36,7 +37,7 @@ local function negate(v)
   return '-' .. v
 end
 
-for _ = 1, count do
+for i = 1, count do
   local seen, subjects = KEYS[k], KEYS[k + 1]
   local id, json, member = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local n, model = tonumber(ARGV[a + 3]), ARGV[a + 4]
@@ -82,7 +83,7 @@ for _ = 1, count do
       end
     end
     if failed then
-      return redis.error_reply('usage record ' .. id .. ' not stored: ' .. tostring(err))
+      return {fresh, i - 1, tostring(err)}
     end
     -- expiries only lengthen a key's life: nothing to undo
     redis.call('EXPIRE', subjects, agg_ttl)

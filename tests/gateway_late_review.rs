@@ -1,0 +1,305 @@
+//! The gateway's late changes under hostile input, over real sockets on 127.0.0.1: the
+//! server loop's deadlines at their configured extremes, and the histogram upkeep.
+#![allow(dead_code)]
+
+include!("chat_gateway_support/modules.rs");
+
+use fixture::USER;
+
+/// The server loop's deadlines: each must be given as a positive duration it can add to
+/// the clock. A duration past what tokio's clock can hold (`Instant + Duration`
+/// overflows, about 292 billion years on Linux) was accepted and made every connection's
+/// task panic: the header deadline on accept, the idle and write deadlines on the first
+/// request.
+const DEADLINES: [&str; 3] = [
+    "PALISADE_GATEWAY_HEADER_TIMEOUT",
+    "PALISADE_GATEWAY_IDLE_TIMEOUT",
+    "PALISADE_GATEWAY_WRITE_TIMEOUT",
+];
+
+#[test]
+fn an_absurd_server_deadline_is_a_configuration_error() {
+    for name in DEADLINES {
+        for bad in ["200000000000000d", "18446744073709551615s", "100000000h"] {
+            let mut env = palisade::config::Env::from_pairs([(name, bad)]);
+            let _ = config::GatewayConfig::from_env(&mut env);
+            let err = env.finish().expect_err(&format!("{name}={bad} is refused"));
+            assert!(
+                err.problems().iter().any(|p| p.name == name),
+                "{name}={bad}: {err}"
+            );
+        }
+    }
+}
+
+/// The longest deadline the configuration takes is served: a request is answered and the
+/// connection stays usable.
+#[tokio::test]
+async fn the_longest_accepted_deadlines_serve_requests() {
+    let vars = [
+        ("PALISADE_GATEWAY_HEADER_TIMEOUT", "24h"),
+        ("PALISADE_GATEWAY_IDLE_TIMEOUT", "24h"),
+        ("PALISADE_GATEWAY_WRITE_TIMEOUT", "24h"),
+    ];
+    let gw = fixture::serve_own(fixture::config(&vars)).await;
+    for _ in 0..2 {
+        let r = gw.get("/v1/usage", USER).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+}
+
+/// `name{labels} value` in Prometheus text: the value.
+fn sample(text: &str, name: &str, labels: &str) -> f64 {
+    let head = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(head.as_str()))
+        .unwrap_or_else(|| panic!("no {head} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Histogram samples folded by the upkeep every 5 s and by scrapes are neither lost nor
+/// counted twice: counts and sums stay exact over many upkeeps and scrapes.
+#[tokio::test(start_paused = true)]
+async fn histogram_counts_and_sums_stay_exact_across_upkeeps_and_scrapes() {
+    let app = crate::app::build(fixture::config(&[]))
+        .await
+        .expect("gateway builds");
+    let metrics = &app.state.metrics;
+    let ok = || axum::response::IntoResponse::into_response(http::StatusCode::OK);
+    let mut n = 0u64;
+    let mut sum = 0.0f64;
+    for round in 0..40u64 {
+        for i in 0..25u64 {
+            // Binary fractions: every sum is exact in f64.
+            let total = std::time::Duration::from_secs_f64(0.25 * (1 + (i + round) % 4) as f64);
+            metrics.request("/late", &http::Method::POST, &ok(), total, None);
+            n += 1;
+            sum += total.as_secs_f64();
+        }
+        // Upkeeps on the paused clock, and a scrape every third round.
+        tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+        tokio::task::yield_now().await;
+        if round % 3 == 0 {
+            let text = metrics.render(&app.state);
+            let count = sample(
+                &text,
+                "palisade_gateway_request_duration_seconds_count",
+                r#"route="/late""#,
+            );
+            assert_eq!(count, n as f64, "round {round}");
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let text = metrics.render(&app.state);
+    let labels = r#"route="/late""#;
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_gateway_request_duration_seconds_count",
+            labels
+        ),
+        n as f64
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_gateway_request_duration_seconds_sum",
+            labels
+        ),
+        sum
+    );
+    let requests = sample(
+        &text,
+        "palisade_gateway_requests_total",
+        r#"route="/late",method="POST",status="200""#,
+    );
+    assert_eq!(requests, n as f64);
+    // A second scrape with nothing new says the same.
+    let again = metrics.render(&app.state);
+    assert_eq!(
+        sample(
+            &again,
+            "palisade_gateway_request_duration_seconds_count",
+            labels
+        ),
+        n as f64
+    );
+    assert_eq!(
+        sample(
+            &again,
+            "palisade_gateway_request_duration_seconds_sum",
+            labels
+        ),
+        sum
+    );
+}
+
+/// The upkeep task ends with its registry: building metrics many times (as tests build the
+/// gateway) leaves no task behind once they are dropped.
+#[tokio::test(start_paused = true)]
+async fn the_upkeep_task_ends_with_its_registry() {
+    let runtime = tokio::runtime::Handle::current();
+    let before = runtime.metrics().num_alive_tasks();
+    let built: Vec<_> = (0..50)
+        .map(|_| crate::metrics::Metrics::new().unwrap())
+        .collect();
+    tokio::task::yield_now().await;
+    assert_eq!(runtime.metrics().num_alive_tasks(), before + 50);
+    drop(built);
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(runtime.metrics().num_alive_tasks(), before);
+}
+
+/// The text of the whole (not streamed) answer: about 1.5 MB, more than the sockets
+/// between the gateway and the client hold.
+const BIG_TEXT: usize = 1_500_000;
+
+/// A gateway on its own loop (write timeout 30 s, idle timeout `idle`, header timeout
+/// 120 s: hyper's applies between keep-alive requests too) in front of an upstream that
+/// answers every POST with one large JSON message.
+async fn big_json_gateway(idle: &str) -> fixture::Gateway {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            axum::Json(serde_json::json!({
+                "id": "msg_1", "type": "message", "role": "assistant",
+                "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                "content": [{"type": "text", "text": "x".repeat(BIG_TEXT)}],
+                "usage": {"input_tokens": 10, "output_tokens": 7}
+            }))
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+            ("PALISADE_GATEWAY_WRITE_TIMEOUT", "30s"),
+            ("PALISADE_GATEWAY_IDLE_TIMEOUT", idle),
+            ("PALISADE_GATEWAY_HEADER_TIMEOUT", "120s"),
+        ],
+    );
+    fixture::serve_own(fixture::config(&vars)).await
+}
+
+/// A whole answer is one body frame, its last: the body ends (and is dropped by hyper) as
+/// soon as that frame is handed over, before a byte of it is written. A client that stops
+/// reading it must still be cut after the write timeout, not held until the idle timeout
+/// (and its grace) long after.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_a_whole_answer_is_closed_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = big_json_gateway("60s").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut tcp = socket.connect(gw.addr).await.unwrap();
+    let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    let mut first = vec![0u8; 1024];
+    let n = tcp.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200 "));
+    // The client stops reading; past the write timeout (not the idle timeout) the
+    // connection is closed.
+    tokio::time::sleep(std::time::Duration::from_secs(35)).await;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(k @ 1..) = tcp.read(&mut buf).await {
+            rest.extend_from_slice(&buf[..k]);
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok() && rest.len() < BIG_TEXT,
+        "closed: {}, {} bytes read after the stop",
+        ended.is_ok(),
+        rest.len()
+    );
+    // Its usage was recorded once, when the whole answer came from upstream.
+    let records = gw.usage_records(1).await;
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(gw.records().len(), 1, "{records:?}");
+}
+
+/// A client that reads a whole answer slowly but steadily gets all of it, though that
+/// takes longer than the idle timeout and its grace: the request is in flight until its
+/// last frame is written (hyper drops the body as soon as it takes that frame, which ended
+/// the request and let the idle timeout cut the answer after 65 s). Its keep-alive
+/// connection, then quiet past the write timeout, serves a second request: a written last
+/// frame no longer waits.
+#[tokio::test(start_paused = true)]
+async fn a_slow_reader_of_a_whole_answer_gets_it_and_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for idle in ["60s", "300s"] {
+        let gw = big_json_gateway(idle).await;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut tcp = socket.connect(gw.addr).await.unwrap();
+        let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+        let head = format!(
+            "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let rounds = if idle == "60s" { 1 } else { 2 };
+        for round in 0..rounds {
+            let start = tokio::time::Instant::now();
+            tcp.write_all(head.as_bytes()).await.unwrap();
+            tcp.write_all(&body).await.unwrap();
+            let mut all = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            // At most 64 KiB every 2 s: never the write timeout without a byte written.
+            while !all.ends_with(b"}") || all.len() < BIG_TEXT {
+                let k = tcp.read(&mut buf).await.unwrap();
+                assert!(
+                    k > 0,
+                    "idle {idle}, round {round}: closed after {} bytes",
+                    all.len()
+                );
+                all.extend_from_slice(&buf[..k]);
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            let text = String::from_utf8_lossy(&all);
+            assert!(text.starts_with("HTTP/1.1 200 "), "{}", &text[..200]);
+            assert!(start.elapsed() > std::time::Duration::from_secs(65));
+            // Quiet past the write timeout (within the idle timeout).
+            tokio::time::sleep(std::time::Duration::from_secs(45)).await;
+        }
+        assert_eq!(gw.usage_records(rounds).await.len(), rounds);
+    }
+}
+
+/// An HTTP/1.1 keep-alive connection waits for its next request head under hyper's header
+/// deadline: with the defaults (header 10 s, idle 60 s) it is closed 10 s after its last
+/// answer, as the README now says, not after the idle timeout.
+#[tokio::test(start_paused = true)]
+async fn an_http1_keep_alive_connection_waits_for_its_next_head_at_most_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!("GET /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200 "));
+    let quiet = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while tcp.read(&mut buf).await.is_ok_and(|k| k > 0) {}
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 30 s");
+    let after = quiet.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(10) && after < std::time::Duration::from_secs(11),
+        "{after:?}"
+    );
+}
