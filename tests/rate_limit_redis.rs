@@ -1028,18 +1028,18 @@ async fn passwords_in_node_urls_stay_out_of_errors_and_debug() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
     let server = RedisServer::start().await.expect("redis-server");
-    let store = failing(
-        &server.url(),
-        "outage",
-        Duration::from_millis(50),
-        RedisFailMode::Open,
-    )
-    .await;
+    // A timeout a loaded machine meets: the first decision must be Redis's own (one that
+    // fails open leaves no entry in the cache, and the key is then admitted all through
+    // the outage), and "at once" is measured against it.
+    let timeout = Duration::from_secs(1);
+    let store = failing(&server.url(), "outage", timeout, RedisFailMode::Open).await;
     let rule = Owned {
         params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
         ..one_rule(Algorithm::FixedWindow, 1, 1)
     };
-    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    let first = store.check(&[rule.item()]).await.unwrap();
+    assert!(first.admitted && first.rules[0].debited, "{first:?}");
+    assert_eq!(store.health().degraded_decisions, 0);
     // Redis stops answering (paused rather than killed: a killed server's port may be
     // taken by another test's server meanwhile)
     let mut admin = redis::Client::open(server.url())
@@ -1064,15 +1064,13 @@ async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
     // past the second in which an entry answers alone, Redis is still away: the entry
     // answers, without waiting out the timeout
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    for _ in 0..3 {
+    let hits = store.health().blocked_cache_hits;
+    for i in 1..=3 {
         let start = Instant::now();
         let d = store.check(&[rule.item()]).await.unwrap();
-        assert!(!d.admitted);
-        assert!(
-            start.elapsed() < Duration::from_millis(20),
-            "{:?}",
-            start.elapsed()
-        );
+        assert!(!d.admitted, "{d:?} {:?}", store.health());
+        assert!(start.elapsed() < timeout, "{:?}", start.elapsed());
+        assert_eq!(store.health().blocked_cache_hits, hits + i);
     }
 }
 
@@ -1215,24 +1213,30 @@ async fn a_reservation_decided_locally_is_never_settled_in_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_decision_held_up_past_a_second_still_gives_back_its_debit() {
     let cluster = RedisCluster::start().await.expect("redis cluster");
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .prefix(unique("late-cluster"))
-        .timeout(Duration::from_millis(50))
-        .build()
-        .await
-        .unwrap();
+    let prefix = unique("late-cluster");
+    let store = |timeout| {
+        RedisStore::builder()
+            .cluster(cluster.urls())
+            .prefix(prefix.as_str())
+            .timeout(timeout)
+            .build()
+    };
+    // The decisions around the held-up one go through a store whose timeout a loaded
+    // machine meets (a first call on a Cluster may take several round trips: loading
+    // the script, a redirection); only the held-up one has the short timeout.
+    let steady = store(Duration::from_secs(5)).await.unwrap();
+    let short = store(Duration::from_millis(50)).await.unwrap();
     let rule = one_rule(Algorithm::FixedWindow, 10, 3);
-    assert!(store.check(&[rule.item()]).await.unwrap().admitted);
-    assert_eq!(remaining(&store, &rule).await, 7);
+    assert!(steady.check(&[rule.item()]).await.unwrap().admitted);
+    assert_eq!(remaining(&steady, &rule).await, 7);
     for addr in cluster.addrs() {
         pause_writes(*addr, 1600).await;
     }
-    assert!(store.check(&[rule.item()]).await.is_err());
-    await_late_returns(&[&store], 1, Duration::from_secs(8)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(short.check(&[rule.item()]).await.is_err());
+    await_late_returns(&[&short], 1, Duration::from_secs(8)).await;
+    // the give-back was answered before the count above moved
     assert_eq!(
-        remaining(&store, &rule).await,
+        remaining(&steady, &rule).await,
         7,
         "the late decision's debit stayed in Redis"
     );
