@@ -1617,3 +1617,85 @@ async fn a_flushed_script_cache_is_reloaded_on_every_cluster_master() {
     }
     assert!(store.health().healthy);
 }
+
+/// A burst while Redis stalls: the calls waiting for room are bounded, and those past the
+/// bound are failed at once (their failure mode answers) instead of piling up in memory
+/// and running in Redis long after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_while_redis_stalls_waits_in_a_bounded_queue() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = failing(
+        &server.url(),
+        "bounded",
+        Duration::from_secs(10),
+        RedisFailMode::Closed,
+    )
+    .await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 1);
+    assert_eq!(remaining(&store, &rule).await, 10);
+    pause_writes(server.addr(), 2_000).await;
+    // two calls in flight (held up), 8,192 waiting, the rest failed at once
+    let burst = 10_000;
+    let mut tasks = Vec::new();
+    for _ in 0..burst {
+        let store = store.clone();
+        let rule = rule.clone();
+        tasks.push(tokio::spawn(async move {
+            match store.check(&[rule.item()]).await {
+                Ok(d) => (usize::from(d.admitted), 0),
+                Err(e) => {
+                    assert!(e.to_string().contains("already waiting"), "{e}");
+                    (0, 1)
+                }
+            }
+        }));
+    }
+    let (mut admitted, mut turned_away) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        admitted += a;
+        turned_away += r;
+    }
+    assert_eq!(turned_away, burst - 2 - 8_192);
+    assert_eq!(admitted, 10);
+    assert_eq!(remaining(&store, &rule).await, 0);
+}
+
+/// A caller cancelled while its decision waits for room: the decision is never sent, so
+/// Redis holds no debit that nobody owns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_cancelled_while_it_waits_for_room_is_not_sent() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = failing(
+        &server.url(),
+        "cancelled",
+        Duration::from_secs(10),
+        RedisFailMode::Closed,
+    )
+    .await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 1);
+    assert_eq!(remaining(&store, &rule).await, 10);
+    pause_writes(server.addr(), 1_000).await;
+    // two decisions take the connection's two places, held up by the pause
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap().admitted })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // a third waits for room, and its caller goes away
+    let gone = tokio::time::timeout(Duration::from_millis(200), store.check(&[rule.item()])).await;
+    assert!(gone.is_err(), "{gone:?}");
+    for h in held {
+        assert!(h.await.unwrap());
+    }
+    // room again: had the cancelled decision been kept, it would be sent now
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        remaining(&store, &rule).await,
+        8,
+        "a cancelled decision debited Redis"
+    );
+}

@@ -456,7 +456,11 @@ enum Conn {
 /// (at most 64) that runs each of them in order, each atomic and answered exactly as it
 /// would be alone (one `TIME` serves the batch). Under load one round trip, and one script
 /// call's fixed cost in Redis, then serve many decisions; idle, nothing waits. Each call
-/// keeps its own timeout and failure mode; a batch that fails fails each of its calls. On
+/// keeps its own timeout and failure mode; a batch that fails fails each of its calls. At
+/// most 8,192 decisions and peeks wait for room: while Redis stalls, one past them fails at
+/// once (its failure mode answers), and one whose caller went away while it waited (a
+/// decision that timed out is awaited in the background as said below) is not sent;
+/// settlements are always sent. On
 /// a Cluster, a batch holds only calls whose keys share a hash tag (one call per tag, sent
 /// side by side), so it never crosses slots. [`RedisHealth::batched_calls`] counts the
 /// calls that went in a batch.
@@ -930,7 +934,7 @@ impl RedisStore {
             SmallVec::new()
         };
         Box::pin(async move {
-            match inner.call(cmd).await {
+            match inner.call(cmd, batch::Kind::Settlement).await {
                 Ok(_) => {
                     for (rule, key) in &give_backs {
                         inner.blocked.remove(rule, key);
@@ -976,7 +980,7 @@ impl RedisStore {
         let inner = self.inner.clone();
         let local = (inner.fail_mode == RedisFailMode::Local).then(|| OwnedItem::of(item));
         Box::pin(async move {
-            let values = match (inner.call(cmd).await, &local) {
+            let values = match (inner.call(cmd, batch::Kind::Decision).await, &local) {
                 (Ok(values), _) => values,
                 (Err(_), Some(item)) => {
                     inner.health.degraded();
@@ -994,8 +998,15 @@ impl RedisStore {
 
 impl Inner {
     /// One script call within the timeout; counts the round trip or the failure.
-    async fn call(self: &Arc<Self>, cmd: redis::Cmd) -> Result<Vec<i64>, String> {
-        self.count(self.within_timeout(batch::submit(self.clone(), cmd)).await)
+    async fn call(
+        self: &Arc<Self>,
+        cmd: redis::Cmd,
+        kind: batch::Kind,
+    ) -> Result<Vec<i64>, String> {
+        self.count(
+            self.within_timeout(batch::submit(self.clone(), cmd, kind))
+                .await,
+        )
     }
 
     /// Waits for a call within the timeout.
@@ -1026,7 +1037,7 @@ impl Inner {
         cmd: redis::Cmd,
         items: &[OwnedItem],
     ) -> Result<Vec<i64>, String> {
-        let mut call = Box::pin(batch::submit(self.clone(), cmd));
+        let mut call = Box::pin(batch::submit(self.clone(), cmd, batch::Kind::Decision));
         let result = match tokio::time::timeout(self.timeout, &mut call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e),
@@ -1092,7 +1103,7 @@ impl Inner {
         // In order behind what was sent before it, and awaited as long as a late answer:
         // the late answers of a stall arrive together, and their give-backs queue behind
         // the decisions made meanwhile.
-        let call = batch::submit(self.clone(), cmd);
+        let call = batch::submit(self.clone(), cmd, batch::Kind::Settlement);
         let answer = match tokio::time::timeout(LATE_ANSWER_WAIT, call).await {
             Ok(answer) => answer,
             Err(_) => Err(format!("no answer within {LATE_ANSWER_WAIT:?}")),

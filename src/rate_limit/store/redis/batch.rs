@@ -15,6 +15,12 @@ use super::{Inner, SCRIPT, eval};
 /// The most calls one batch carries.
 pub(super) const MAX_BATCH: usize = 64;
 
+/// The most calls waiting for room at once (128 full batches, two in flight: 64 round
+/// trips). A call made while that many wait is failed at once, and follows its failure
+/// mode: when Redis stalls, a burst does not pile up in memory, nor run in Redis long after
+/// its callers were answered.
+pub(super) const MAX_QUEUED: usize = 128 * MAX_BATCH;
+
 /// Script calls in flight on the connection at once: two, so that Redis runs one while
 /// the answer of the other travels back and its callers are woken.
 const MAX_IN_FLIGHT: usize = 2;
@@ -22,10 +28,30 @@ const MAX_IN_FLIGHT: usize = 2;
 /// A script call's answer, or why it has none.
 pub(super) type Answer = Result<Vec<i64>, String>;
 
+/// What a call does, for the queue's sake.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Kind {
+    /// A decision or a peek: turned away when the queue is full, and not sent once its
+    /// caller is gone (nobody would own its debit).
+    Decision,
+    /// A settlement: always queued and sent, awaited or not, since what it gives back
+    /// stays counted otherwise (its generation and window keep a late one harmless). Each
+    /// settles a reservation an earlier decision made, so they are bounded by those.
+    Settlement,
+}
+
 /// A call waiting for the one in flight.
 struct Pending {
     cmd: redis::Cmd,
     tx: oneshot::Sender<Answer>,
+    kind: Kind,
+}
+
+impl Pending {
+    /// A decision whose caller is gone.
+    fn abandoned(&self) -> bool {
+        self.kind == Kind::Decision && self.tx.is_closed()
+    }
 }
 
 /// The calls of one connection: how many are in flight, and those waiting for one to end.
@@ -78,12 +104,20 @@ impl Drop for FlushGuard {
 }
 
 /// Runs one script call (an `EVALSHA` of the store's script) through the batcher.
-pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd) -> Answer {
+pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> Answer {
     let waiting = {
         let mut state = inner.batcher.lock();
         if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
+            if kind == Kind::Decision && state.queue.len() >= MAX_QUEUED {
+                state.queue.retain(|p| !p.abandoned());
+                if state.queue.len() >= MAX_QUEUED {
+                    return Err(format!(
+                        "{MAX_QUEUED} Redis calls were already waiting for an answer"
+                    ));
+                }
+            }
             let (tx, rx) = oneshot::channel();
-            state.queue.push(Pending { cmd, tx });
+            state.queue.push(Pending { cmd, tx, kind });
             Err(rx)
         } else {
             state.in_flight += 1;
@@ -111,11 +145,12 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd) -> Answer {
 fn hand_off(inner: &Arc<Inner>) {
     let batch = {
         let mut state = inner.batcher.lock();
-        if state.queue.is_empty() {
+        let batch = take(&mut state.queue);
+        if batch.is_empty() {
             state.in_flight -= 1;
             return;
         }
-        take(&mut state.queue)
+        batch
     };
     let flush = flush(inner.clone(), batch);
     match tokio::runtime::Handle::try_current() {
@@ -127,8 +162,11 @@ fn hand_off(inner: &Arc<Inner>) {
     }
 }
 
-/// The first calls of the queue, at most a batch.
+/// The first calls of the queue, at most a batch. A decision whose caller is gone
+/// (cancelled, or answered by its timeout and no longer awaited) is not sent: nobody would
+/// own what it debits.
 fn take(queue: &mut Vec<Pending>) -> Vec<Pending> {
+    queue.retain(|p| !p.abandoned());
     if queue.len() <= MAX_BATCH {
         std::mem::take(queue)
     } else {
@@ -150,12 +188,12 @@ fn flush(inner: Arc<Inner>, batch: Vec<Pending>) -> impl Future<Output = ()> + S
         loop {
             send(&inner, batch).await;
             let mut state = inner.batcher.lock();
-            if state.queue.is_empty() {
+            batch = take(&mut state.queue);
+            if batch.is_empty() {
                 state.in_flight -= 1;
                 guard.armed = false;
                 return;
             }
-            batch = take(&mut state.queue);
         }
     }
 }
