@@ -1699,3 +1699,45 @@ async fn a_decision_cancelled_while_it_waits_for_room_is_not_sent() {
         "a cancelled decision debited Redis"
     );
 }
+
+/// The connection killed while a batch is in flight and more decisions wait: each decision
+/// is answered once, by Redis or by the local fallback (counted there once), none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_killed_mid_batch_answers_each_decision_once() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let local = MemoryStore::new();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("killed"))
+        .timeout(Duration::from_secs(10))
+        .on_failure(RedisFailMode::Local)
+        .fallback(local.clone())
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1_000, 1);
+    assert_eq!(remaining(&store, &rule).await, 1_000);
+    pause_writes(server.addr(), 1_000).await;
+    let decisions = 300;
+    let tasks: Vec<_> = (0..decisions)
+        .map(|_| {
+            let store = store.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap().admitted })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let killed = support::command(server.addr(), "CLIENT KILL TYPE normal")
+        .await
+        .unwrap();
+    assert!(killed.starts_with(':'), "{killed}");
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    let in_redis = 1_000 - remaining(&store, &rule).await;
+    let in_local = 1_000 - local.peek(&rule.item()).await.unwrap().remaining;
+    let health = store.health();
+    assert_eq!(in_redis + in_local, decisions, "{health:?}");
+    assert_eq!(health.degraded_decisions, in_local, "{health:?}");
+    assert!(in_local > 0, "{health:?}");
+}
