@@ -1741,3 +1741,133 @@ async fn a_connection_killed_mid_batch_answers_each_decision_once() {
     assert_eq!(health.degraded_decisions, in_local, "{health:?}");
     assert!(in_local > 0, "{health:?}");
 }
+
+/// A call of a batch that fails in the script (its key holds another type) fails alone:
+/// the others of the batch are answered with their own decisions, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_failing_in_a_batch_fails_alone() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = failing(
+        &server.url(),
+        "one-fails",
+        Duration::from_secs(10),
+        RedisFailMode::Closed,
+    )
+    .await;
+    let good = one_rule(Algorithm::FixedWindow, 5, 1);
+    let broken = Owned {
+        name: "broken",
+        ..good.clone()
+    };
+    let name = store.key_name(broken.name, &broken.key);
+    let pushed = support::command(server.addr(), &format!("LPUSH {name} x"))
+        .await
+        .unwrap();
+    assert!(pushed.starts_with(":1"), "{pushed}");
+    assert_eq!(remaining(&store, &good).await, 5);
+    pause_writes(server.addr(), 500).await;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            let rule = if i % 2 == 0 { &good } else { &broken }.clone();
+            tokio::spawn(async move { (i, store.check(&[rule.item()]).await) })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        let (i, answer) = t.await.unwrap();
+        if i % 2 == 0 {
+            let d = answer.unwrap();
+            admitted += usize::from(d.admitted);
+            assert_eq!(d.rules.len(), 1);
+        } else {
+            assert!(answer.is_err(), "{answer:?}");
+        }
+    }
+    assert_eq!(admitted, 5);
+    assert!(store.health().batched_calls > 0, "{:?}", store.health());
+    assert_eq!(remaining(&store, &good).await, 0);
+}
+
+/// The script cache flushed while decisions go in batches: each batch loads the script
+/// again and the limit is admitted exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_after_a_script_flush_admit_exactly_the_limit() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("flushed-batch"))
+        .timeout(Duration::from_secs(10))
+        .blocked_cache(0)
+        .build()
+        .await
+        .unwrap();
+    for (round, name) in ["first", "second", "third"].into_iter().enumerate() {
+        let rule = Owned {
+            name,
+            ..one_rule(Algorithm::SlidingWindow, 50, 1)
+        };
+        let flushed = support::command(server.addr(), "SCRIPT FLUSH").await.unwrap();
+        assert!(flushed.starts_with("+OK"), "{flushed}");
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let store = store.clone();
+                let rule = rule.clone();
+                tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap().admitted })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap());
+        }
+        assert_eq!(admitted, 50, "round {round}");
+    }
+    assert!(store.health().batched_calls > 0, "{:?}", store.health());
+    assert_eq!(store.health().failures, 0, "{:?}", store.health());
+}
+
+/// A give-back whose caller went away while it waited for room is still sent: the units
+/// it returns would otherwise stay counted until the window passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_give_back_whose_caller_went_away_while_it_waited_is_still_sent() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = failing(
+        &server.url(),
+        "give-back-gone",
+        Duration::from_secs(10),
+        RedisFailMode::Closed,
+    )
+    .await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 4);
+    let reserved = store.check(&[rule.item()]).await.unwrap();
+    assert!(reserved.admitted);
+    pause_writes(server.addr(), 1_000).await;
+    let probe = Owned {
+        cost: 1,
+        ..rule.clone()
+    };
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let probe = probe.clone();
+            tokio::spawn(async move { store.check(&[probe.item()]).await.unwrap().admitted })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gone = tokio::time::timeout(
+        Duration::from_millis(200),
+        store.settle(&[settlement(&rule, &reserved.rules[0], -4)]),
+    )
+    .await;
+    assert!(gone.is_err(), "{gone:?}");
+    for h in held {
+        assert!(h.await.unwrap());
+    }
+    // 10 - 4 reserved - 2 held + 4 given back; waits for the give-back, sent after the
+    // held decisions
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while remaining(&store, &rule).await != 8 {
+        assert!(Instant::now() < deadline, "the give-back was dropped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
