@@ -1807,7 +1807,9 @@ async fn batches_after_a_script_flush_admit_exactly_the_limit() {
             name,
             ..one_rule(Algorithm::SlidingWindow, 50, 1)
         };
-        let flushed = support::command(server.addr(), "SCRIPT FLUSH").await.unwrap();
+        let flushed = support::command(server.addr(), "SCRIPT FLUSH")
+            .await
+            .unwrap();
         assert!(flushed.starts_with("+OK"), "{flushed}");
         let tasks: Vec<_> = (0..200)
             .map(|_| {
@@ -1869,5 +1871,127 @@ async fn a_give_back_whose_caller_went_away_while_it_waited_is_still_sent() {
     while remaining(&store, &rule).await != 8 {
         assert!(Instant::now() < deadline, "the give-back was dropped");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Batches on several slots keep going through a Cluster failover: no call crosses slots,
+/// and once the late answers are in, Redis counts exactly what was admitted on every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_through_a_cluster_failover_count_exactly_what_was_admitted() {
+    let cluster = RedisCluster::start_with_replicas()
+        .await
+        .expect("redis cluster with replicas");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("failover-batch"))
+        .timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let rules: Vec<Owned> = (0..8)
+        .map(|i| Owned {
+            key: RateKey::principal(format!("user-{i}")),
+            ..one_rule(Algorithm::FixedWindow, 100_000, 1)
+        })
+        .collect();
+    for rule in &rules {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    let admitted: Arc<Vec<AtomicU64>> = Arc::new(rules.iter().map(|_| AtomicU64::new(1)).collect());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..32)
+        .map(|w| {
+            let (store, rules, admitted, stop) =
+                (store.clone(), rules.clone(), admitted.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = i % rules.len();
+                    i += 1;
+                    match store.check(&[rules[k].item()]).await {
+                        Ok(d) => {
+                            assert!(d.admitted, "{d:?}");
+                            admitted[k].fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            assert!(!e.to_string().contains("CROSSSLOT"), "{e}");
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // promote the replica of the master holding the first key
+    let key = store.key_name(rules[0].name, &rules[0].key);
+    let slot: u64 = support::command(cluster.addrs()[0], &format!("CLUSTER KEYSLOT {key}"))
+        .await
+        .unwrap()
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    let mut replica = None;
+    for &addr in cluster.addrs() {
+        let nodes = support::command(addr, "CLUSTER NODES").await.unwrap();
+        let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
+        if myself.contains("slave") {
+            let master_id = myself.split(' ').nth(3).unwrap();
+            let master = nodes.lines().find(|l| l.starts_with(master_id)).unwrap();
+            let serves = master.split(' ').skip(8).any(|range| {
+                let mut ends = range
+                    .split('-')
+                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+                let lo = ends.next().unwrap();
+                let hi = ends.next().unwrap_or(lo);
+                (lo..=hi).contains(&slot)
+            });
+            if serves {
+                replica = Some(addr);
+            }
+        }
+    }
+    let replica = replica.expect("a replica of the key's master");
+    let reply = support::command(replica, "CLUSTER FAILOVER").await.unwrap();
+    assert!(reply.starts_with("+OK"), "{reply}");
+    let start = Instant::now();
+    while !support::command(replica, "INFO replication")
+        .await
+        .unwrap()
+        .contains("role:master")
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "no failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // decisions go on after it
+    let before = admitted[0].load(Ordering::Relaxed);
+    while admitted[0].load(Ordering::Relaxed) < before + 50 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no decision after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(store.health().batched_calls > 0, "{:?}", store.health());
+    // late decisions give back what they debited: wait for the counts to agree
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for (k, rule) in rules.iter().enumerate() {
+        loop {
+            let used = 100_000 - remaining(&store, rule).await;
+            let want = admitted[k].load(Ordering::Relaxed);
+            if used == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "key {k}: Redis counts {used}, {want} admitted: {:?}",
+                store.health()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
