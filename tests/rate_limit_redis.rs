@@ -1995,3 +1995,64 @@ async fn batches_through_a_cluster_failover_count_exactly_what_was_admitted() {
         }
     }
 }
+
+/// A reset made while decisions wait for room, then a decision and a give-back of a
+/// reservation made before the reset, batched together: the decision counts against the
+/// fresh state and the give-back refunds nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_give_back_of_a_reservation_from_before_a_reset_refunds_nothing() {
+    for algorithm in ALGORITHMS {
+        let server = RedisServer::start().await.expect("redis-server");
+        let store = RedisStore::builder()
+            .url(server.url())
+            .prefix(unique("reset-batch"))
+            .timeout(Duration::from_secs(10))
+            .blocked_cache(0)
+            .build()
+            .await
+            .unwrap();
+        let rule = one_rule(algorithm, 10, 6);
+        let old = store.check(&[rule.item()]).await.unwrap();
+        assert!(old.admitted);
+        pause_writes(server.addr(), 600).await;
+        let probe = Owned {
+            cost: 1,
+            ..rule.clone()
+        };
+        let held: Vec<_> = (0..2)
+            .map(|_| {
+                let store = store.clone();
+                let probe = probe.clone();
+                tokio::spawn(async move { store.check(&[probe.item()]).await.unwrap() })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reset = {
+            let store = store.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { store.reset(rule.index, rule.name, &rule.key).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let three = Owned {
+            cost: 3,
+            ..rule.clone()
+        };
+        let (after, give_back) = tokio::join!(
+            store.check(&[three.item()]),
+            store.settle(&[settlement(&rule, &old.rules[0], -6)])
+        );
+        for h in held {
+            h.await.unwrap();
+        }
+        reset.await.unwrap().unwrap();
+        give_back.unwrap();
+        let after = after.unwrap();
+        assert!(after.admitted, "{algorithm:?}: {after:?}");
+        assert_eq!(
+            remaining(&store, &rule).await,
+            7,
+            "{algorithm:?}: {:?}",
+            store.health()
+        );
+    }
+}
