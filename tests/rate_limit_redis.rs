@@ -2056,3 +2056,39 @@ async fn a_batched_give_back_of_a_reservation_from_before_a_reset_refunds_nothin
         );
     }
 }
+
+/// Batched decisions that all miss the timeout, failing to the local store: each is
+/// decided there once (exactly the limit admitted), and every debit their late runs made
+/// in Redis is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_decisions_past_the_timeout_fall_back_locally_once_each() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let (store, local) = with_local_fallback(&server.url(), "late-local-batch").await;
+    let rule = one_rule(Algorithm::SlidingWindow, 100, 1);
+    assert_eq!(remaining(&store, &rule).await, 100);
+    pause_writes(server.addr(), 500).await;
+    let tasks: Vec<_> = (0..300)
+        .map(|_| {
+            let store = store.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap().admitted })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    assert_eq!(admitted, 100);
+    assert_eq!(store.health().degraded_decisions, 300);
+    assert_eq!(local.peek(&rule.item()).await.unwrap().remaining, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let health = store.health();
+        if health.late_debits_returned >= 100 && remaining(&store, &rule).await == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{health:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.health().batched_calls > 0, "{:?}", store.health());
+}
