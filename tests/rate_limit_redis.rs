@@ -1033,9 +1033,11 @@ async fn a_blocked_key_is_refused_at_once_all_through_a_long_outage() {
     // the outage), and "at once" is measured against it.
     let timeout = Duration::from_secs(1);
     let store = failing(&server.url(), "outage", timeout, RedisFailMode::Open).await;
+    // GCRA: blocked for a day from the first decision on, whatever the time of day (a fixed
+    // window's day could end during the test)
     let rule = Owned {
-        params: Params::new(Algorithm::FixedWindow, Quota::per_day(1)),
-        ..one_rule(Algorithm::FixedWindow, 1, 1)
+        params: Params::new(Algorithm::Gcra, Quota::per_day(1)),
+        ..one_rule(Algorithm::Gcra, 1, 1)
     };
     let first = store.check(&[rule.item()]).await.unwrap();
     assert!(first.admitted && first.rules[0].debited, "{first:?}");
