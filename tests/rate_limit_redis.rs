@@ -2094,3 +2094,40 @@ async fn batched_decisions_past_the_timeout_fall_back_locally_once_each() {
     }
     assert!(store.health().batched_calls > 0, "{:?}", store.health());
 }
+
+/// `RedisHealth::round_trips` counts the calls Redis answered, each call of a batch once:
+/// under load more than the script calls Redis ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_count_each_call_of_a_batch() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("counted"))
+        .timeout(Duration::from_secs(10))
+        .blocked_cache(0)
+        .build()
+        .await
+        .unwrap();
+    let rule = one_rule(Algorithm::FixedWindow, 1_000, 1);
+    assert_eq!(remaining(&store, &rule).await, 1_000);
+    reset_stats(&server.url()).await;
+    let before = store.health().round_trips;
+    let tasks: Vec<_> = (0..500)
+        .map(|_| {
+            let store = store.clone();
+            let rule = rule.clone();
+            tokio::spawn(async move { store.check(&[rule.item()]).await.unwrap().admitted })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    let health = store.health();
+    assert_eq!(health.round_trips - before, 500, "{health:?}");
+    assert_eq!(health.failures, 0, "{health:?}");
+    let script_calls = calls(&server.url(), "evalsha").await;
+    assert!(
+        script_calls < 500,
+        "{script_calls} script calls: {health:?}"
+    );
+}

@@ -16,10 +16,11 @@ pub struct RedisHealth {
     pub healthy: bool,
     /// How long the current failure episode has lasted (`None` while healthy).
     pub unhealthy_for: Option<Duration>,
-    /// Script calls for decisions, peeks and settlements that answered (resets are not
-    /// counted).
+    /// Decisions, peeks and settlements that Redis answered, each call of a batch once (so
+    /// under load more than the script calls Redis ran; resets are not counted).
     pub round_trips: u64,
-    /// Script calls for decisions, peeks and settlements that failed or timed out.
+    /// Decisions, peeks and settlements that failed or timed out, each call of a batch
+    /// once.
     pub failures: u64,
     /// Failure episodes (a run of failures between two successes counts once).
     pub episodes: u64,
@@ -35,7 +36,7 @@ pub struct RedisHealth {
     /// closed or local), whose debits were then given back in Redis.
     pub late_debits_returned: u64,
     /// Calls (decisions, peeks, settlements) that went to Redis in one script call with
-    /// others, because they were made while another call was in flight.
+    /// others, because they were made while the connection had two calls in flight.
     pub batched_calls: u64,
     /// The failure mode in force.
     pub fail_mode: RedisFailMode,
