@@ -2131,3 +2131,71 @@ async fn round_trips_count_each_call_of_a_batch() {
         "{script_calls} script calls: {health:?}"
     );
 }
+
+/// One Cluster master held up does not hold up decisions on the others: calls wait for
+/// room only behind calls of their own slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_up_cluster_master_does_not_hold_up_keys_on_the_others() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("head-of-line"))
+        .timeout(Duration::from_millis(500))
+        .on_failure(RedisFailMode::Closed)
+        .build()
+        .await
+        .unwrap();
+    // the master of a key: the node that answers for it without a redirection
+    let owner = |key: String| {
+        let addrs = cluster.addrs().to_vec();
+        async move {
+            for addr in addrs {
+                let reply = support::command(addr, &format!("EXISTS {key}"))
+                    .await
+                    .unwrap();
+                if reply.starts_with(':') {
+                    return addr;
+                }
+            }
+            panic!("no master answers for {key}");
+        }
+    };
+    let rule_of = |i: usize| Owned {
+        key: RateKey::principal(format!("user-{i}")),
+        ..one_rule(Algorithm::FixedWindow, 100, 1)
+    };
+    let held_rule = rule_of(0);
+    let held_node = owner(store.key_name(held_rule.name, &held_rule.key)).await;
+    let mut free_rule = None;
+    for i in 1..100 {
+        let rule = rule_of(i);
+        if owner(store.key_name(rule.name, &rule.key)).await != held_node {
+            free_rule = Some(rule);
+            break;
+        }
+    }
+    let free_rule = free_rule.expect("a key on another master");
+    for rule in [&held_rule, &free_rule] {
+        assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+    }
+    pause_writes(held_node, 1_500).await;
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let rule = held_rule.clone();
+            tokio::spawn(async move { store.check(&[rule.item()]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let d = store.check(&[free_rule.item()]).await;
+        assert!(
+            d.as_ref().is_ok_and(|d| d.admitted),
+            "{d:?} {:?}",
+            store.health()
+        );
+    }
+    for h in held {
+        let _ = h.await.unwrap();
+    }
+}

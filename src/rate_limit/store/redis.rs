@@ -363,7 +363,7 @@ impl RedisStoreBuilder {
                 blocked: BlockedCache::new(self.blocked_cache),
                 fallback: self.fallback.unwrap_or_default(),
                 health: Health::default(),
-                batcher: batch::Batcher::default(),
+                batcher: batch::Batchers::new(cluster),
             }),
         })
     }
@@ -457,12 +457,15 @@ enum Conn {
 /// would be alone (one `TIME` serves the batch). Under load one round trip, and one script
 /// call's fixed cost in Redis, then serve many decisions; idle, nothing waits. Each call
 /// keeps its own timeout and failure mode; a batch that fails fails each of its calls. At
-/// most 8,192 decisions and peeks wait for room: while Redis stalls, one past them fails at
+/// most 8,192 decisions and peeks wait for room (on a Cluster, in each slot): while Redis
+/// stalls, one past them fails at
 /// once (its failure mode answers), and one whose caller went away while it waited (a
 /// decision that timed out is awaited in the background as said below) is not sent;
 /// settlements are always sent. On
-/// a Cluster, a batch holds only calls whose keys share a hash tag (one call per tag, sent
-/// side by side), so it never crosses slots. [`RedisHealth::batched_calls`] counts the
+/// a Cluster, the two calls in flight and those waiting are counted per slot, so a master
+/// held up (paused, failing over) holds up no key of another; a batch holds only calls
+/// whose keys share a hash tag (one call per tag, sent side by side), so it never crosses
+/// slots. [`RedisHealth::batched_calls`] counts the
 /// calls that went in a batch.
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
@@ -556,7 +559,7 @@ struct Inner {
     blocked: BlockedCache,
     fallback: MemoryStore,
     health: Health,
-    batcher: batch::Batcher,
+    batcher: batch::Batchers,
 }
 
 impl fmt::Debug for RedisStore {

@@ -54,9 +54,32 @@ impl Pending {
     }
 }
 
-/// The calls of one connection: how many are in flight, and those waiting for one to end.
+/// The calls of one connection, or on a Cluster of one slot: how many are in flight, and
+/// those waiting for one to end. On a Cluster each slot waits only behind its own calls,
+/// so a master that is held up (paused, failing over) holds up no key of another.
+pub(super) struct Batchers {
+    slots: Box<[Batcher]>,
+}
+
+impl Batchers {
+    pub(super) fn new(cluster: bool) -> Self {
+        let n = if cluster { SLOTS } else { 1 };
+        Self {
+            slots: (0..n).map(|_| Batcher::default()).collect(),
+        }
+    }
+
+    /// The batcher of a call's slot (the only one on a single server).
+    fn of(&self, slot: usize) -> &Batcher {
+        &self.slots[slot % self.slots.len()]
+    }
+}
+
+/// Redis Cluster's hash slots.
+const SLOTS: usize = 16_384;
+
 #[derive(Default)]
-pub(super) struct Batcher {
+struct Batcher {
     state: Mutex<State>,
 }
 
@@ -75,11 +98,12 @@ impl Batcher {
 /// Hands the connection on when the call that held it ends, answered or dropped.
 struct Leader {
     inner: Arc<Inner>,
+    slot: usize,
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        hand_off(&self.inner);
+        hand_off(&self.inner, self.slot);
     }
 }
 
@@ -87,13 +111,14 @@ impl Drop for Leader {
 /// it, when a flush is dropped before it ends (its runtime shutting down).
 struct FlushGuard {
     inner: Arc<Inner>,
+    slot: usize,
     armed: bool,
 }
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
         if self.armed {
-            let mut state = self.inner.batcher.lock();
+            let mut state = self.inner.batcher.of(self.slot).lock();
             state.in_flight -= 1;
             if state.in_flight == 0 {
                 // Dropping the senders answers their callers with an error.
@@ -105,8 +130,13 @@ impl Drop for FlushGuard {
 
 /// Runs one script call (an `EVALSHA` of the store's script) through the batcher.
 pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> Answer {
+    let slot = if inner.cluster {
+        usize::from(crc16(&hash_tag(&cmd))) % SLOTS
+    } else {
+        0
+    };
     let waiting = {
-        let mut state = inner.batcher.lock();
+        let mut state = inner.batcher.of(slot).lock();
         if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
             if kind == Kind::Decision && state.queue.len() >= MAX_QUEUED {
                 state.queue.retain(|p| !p.abandoned());
@@ -128,6 +158,7 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> An
         Ok(cmd) => {
             let leader = Leader {
                 inner: inner.clone(),
+                slot,
             };
             let answer = eval(inner.conn.clone(), &cmd)
                 .await
@@ -142,9 +173,9 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> An
 }
 
 /// Sends what waits, if anything, in the place of the call that ended, or frees its place.
-fn hand_off(inner: &Arc<Inner>) {
+fn hand_off(inner: &Arc<Inner>, slot: usize) {
     let batch = {
-        let mut state = inner.batcher.lock();
+        let mut state = inner.batcher.of(slot).lock();
         let batch = take(&mut state.queue);
         if batch.is_empty() {
             state.in_flight -= 1;
@@ -152,7 +183,7 @@ fn hand_off(inner: &Arc<Inner>) {
         }
         batch
     };
-    let flush = flush(inner.clone(), batch);
+    let flush = flush(inner.clone(), slot, batch);
     match tokio::runtime::Handle::try_current() {
         Ok(handle) => {
             handle.spawn(flush);
@@ -175,11 +206,16 @@ fn take(queue: &mut Vec<Pending>) -> Vec<Pending> {
 }
 
 /// Sends batches until nothing waits.
-fn flush(inner: Arc<Inner>, batch: Vec<Pending>) -> impl Future<Output = ()> + Send + 'static {
+fn flush(
+    inner: Arc<Inner>,
+    slot: usize,
+    batch: Vec<Pending>,
+) -> impl Future<Output = ()> + Send + 'static {
     // Made before the future first runs, so that a flush dropped unpolled frees the
     // connection too.
     let guard = FlushGuard {
         inner: inner.clone(),
+        slot,
         armed: true,
     };
     async move {
@@ -187,7 +223,7 @@ fn flush(inner: Arc<Inner>, batch: Vec<Pending>) -> impl Future<Output = ()> + S
         let mut batch = batch;
         loop {
             send(&inner, batch).await;
-            let mut state = inner.batcher.lock();
+            let mut state = inner.batcher.of(slot).lock();
             batch = take(&mut state.queue);
             if batch.is_empty() {
                 state.in_flight -= 1;
@@ -222,6 +258,22 @@ async fn send(inner: &Arc<Inner>, batch: Vec<Pending>) {
     for other in others {
         let _ = other.await;
     }
+}
+
+/// CRC16 (XMODEM), whose value modulo 16384 is a key's Cluster slot.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 {
+                crc << 1
+            } else {
+                (crc << 1) ^ 0x1021
+            };
+        }
+    }
+    crc
 }
 
 /// The hash tag of a call's first key (the whole key when it has none): calls with equal
@@ -328,4 +380,17 @@ fn combine(group: &[Pending]) -> redis::Cmd {
         }
     }
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crc16;
+
+    #[test]
+    fn crc16_is_the_one_of_cluster_slots() {
+        // the check value of CRC16/XMODEM, and slots Redis gives (CLUSTER KEYSLOT)
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(crc16(b"somekey") % 16_384, 11_058);
+        assert_eq!(crc16(b"hash_tag") % 16_384, 2_515);
+    }
 }
