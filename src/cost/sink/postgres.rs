@@ -223,7 +223,7 @@ impl AuditEvent {
 /// written against it still builds).
 pub type PostgresHealth = SinkHealth;
 
-struct Inner {
+pub(crate) struct Inner {
     pool: Pool,
     config: PostgresConfig,
     backlog: Backlog,
@@ -679,7 +679,8 @@ fn parse_key(hex: &str) -> Result<ApiKeyId, SinkError> {
 impl UsageSink for PostgresSink {
     /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
     /// A server that is away is not an error here: the records wait and are retried with
-    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    /// backoff (by a timer of their own while the sink lives, on the next batch, or at
+    /// [`flush`](UsageSink::flush)).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
         self.inner.backlog.record_batch(self, batch).await
     }
@@ -692,6 +693,20 @@ impl UsageSink for PostgresSink {
 }
 
 impl Store for PostgresSink {
+    type Weak = std::sync::Weak<Inner>;
+
+    fn backlog(&self) -> &Backlog {
+        &self.inner.backlog
+    }
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|inner| Self { inner })
+    }
+
     async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
         // one statement: all of the batch is stored, or none of it
         Ok(self.insert(batch).await?)

@@ -65,7 +65,7 @@ impl Default for RedisSinkConfig {
 /// written against it still builds).
 pub type RedisSinkHealth = SinkHealth;
 
-struct Inner<C> {
+pub(crate) struct Inner<C> {
     conn: C,
     config: RedisSinkConfig,
     prefix: String,
@@ -573,7 +573,8 @@ where
 {
     /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
     /// Redis being away is not an error here: the records wait and are retried with
-    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    /// backoff (by a timer of their own while the sink lives, on the next batch, or at
+    /// [`flush`](UsageSink::flush)).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
         self.inner.backlog.record_batch(self, batch).await
     }
@@ -589,6 +590,20 @@ impl<C> Store for RedisSink<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    type Weak = std::sync::Weak<Inner<C>>;
+
+    fn backlog(&self) -> &Backlog {
+        &self.inner.backlog
+    }
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|inner| Self { inner })
+    }
+
     fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send {
         self.write(batch)
     }
