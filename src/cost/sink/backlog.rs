@@ -492,12 +492,19 @@ mod tests {
         let s = sink(true);
         record(&s, &[rec(1)]).await;
         let weak = s.downgrade();
-        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
         assert_eq!(tasks, 1, "one retry timer");
         drop(s);
-        assert!(Sink::upgrade(&weak).is_none(), "the timer keeps the sink alive");
+        assert!(
+            Sink::upgrade(&weak).is_none(),
+            "the timer keeps the sink alive"
+        );
         tokio::time::sleep(Duration::from_secs(60)).await;
-        let tasks = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
         assert_eq!(tasks, 0, "the timer outlived the sink");
     }
 
