@@ -288,6 +288,16 @@ pub fn from_json<T: DeserializeOwned + Validate>(body: &[u8]) -> Result<T, Error
 
 /// Deserializes JSON with the failing field's path in the error, without validating.
 pub fn deserialize_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    // The paths cost a little on every field; they only describe a failure, so a body is
+    // parsed plainly first and again, with paths, only when that fails.
+    match serde_json::from_slice(body) {
+        Ok(value) => Ok(value),
+        Err(_) => deserialize_json_with_paths(body),
+    }
+}
+
+/// [`deserialize_json`] tracking the path of every field, to name the failing one.
+fn deserialize_json_with_paths<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
@@ -510,6 +520,102 @@ mod tests {
             err.fields()[0].message.contains("missing field `name`"),
             "{err}"
         );
+    }
+
+    /// A JSON-like document of `Outer`'s members: well-formed or not, values of the
+    /// right type or not, cut short or followed by more bytes.
+    fn outer_document() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            Just("kind"),
+            Just("temperature"),
+            Just("tags"),
+            Just("inner"),
+            Just("items"),
+            Just("limit"),
+            Just("other"),
+        ];
+        let value = prop_oneof![
+            Just("null"),
+            Just("0.5"),
+            Just("3"),
+            Just("-1"),
+            Just("1e400"),
+            Just(r#""a""#),
+            Just(r#""""#),
+            Just("true"),
+            Just("[]"),
+            Just("{}"),
+            Just(r#"{"name":"n"}"#),
+            Just(r#"{"name":5}"#),
+            Just(r#"[{"name":"x"},{"name":""}]"#),
+            Just(r#"["t","u v"]"#),
+            Just("[1,"),
+        ];
+        let members = proptest::collection::vec((key, value), 0..9);
+        (members, proptest::option::of(0usize..120), "[ }x,]{0,2}").prop_map(
+            |(members, cut, tail)| {
+                let inner: Vec<String> = members
+                    .iter()
+                    .map(|(k, v)| format!(r#""{k}":{v}"#))
+                    .collect();
+                let mut doc = format!("{{{}}}{tail}", inner.join(",")).into_bytes();
+                if let Some(cut) = cut {
+                    doc.truncate(cut);
+                }
+                doc
+            },
+        )
+    }
+
+    /// The outcome of a deserialization, comparable.
+    fn outcome<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+        match r {
+            Ok(v) => format!("ok {v:?}"),
+            Err(e) => format!("err {e} {:?}", e.fields()),
+        }
+    }
+
+    proptest::proptest! {
+        /// The plain parse tried first gives the same answers as the parse with paths.
+        #[test]
+        fn deserialize_json_agrees_with_the_parse_with_paths(doc in outer_document()) {
+            proptest::prop_assert_eq!(
+                outcome(deserialize_json::<Outer>(&doc)),
+                outcome(deserialize_json_with_paths::<Outer>(&doc))
+            );
+        }
+
+        /// The same on well-formed documents of the right types (which both accept).
+        #[test]
+        fn deserialize_json_agrees_on_well_formed_documents(
+            kind in "[ab ]{0,2}",
+            temperature in -2.0f64..2.0,
+            tags in proptest::collection::vec("[a-z -]{0,3}", 0..3),
+            names in proptest::collection::vec("[a-z ]{0,2}", 1..4),
+            limit in proptest::option::of(proptest::prelude::any::<u32>()),
+        ) {
+            let items: Vec<_> = names.iter().map(|n| serde_json::json!({"name": n})).collect();
+            let doc = serde_json::to_vec(&serde_json::json!({
+                "kind": kind, "temperature": temperature, "tags": tags,
+                "inner": {"name": names[0]}, "items": items, "limit": limit,
+            }))
+            .expect("a JSON value encodes");
+            let fast = outcome(deserialize_json::<Outer>(&doc));
+            proptest::prop_assert!(fast.starts_with("ok "), "{}", fast);
+            proptest::prop_assert_eq!(fast, outcome(deserialize_json_with_paths::<Outer>(&doc)));
+        }
+
+        /// The same on arbitrary bytes.
+        #[test]
+        fn deserialize_json_agrees_on_any_bytes(
+            doc in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48)
+        ) {
+            proptest::prop_assert_eq!(
+                outcome(deserialize_json::<Inner>(&doc)),
+                outcome(deserialize_json_with_paths::<Inner>(&doc))
+            );
+        }
     }
 
     #[test]

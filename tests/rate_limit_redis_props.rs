@@ -84,21 +84,25 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A runner of `cases` cases (PROPTEST_CASES=2000 for a longer search).
+fn runner(cases: u32) -> TestRunner {
+    TestRunner::new(Config {
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(cases),
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
 #[test]
 fn redis_store_decides_exactly_as_the_memory_store() {
     let rt = rt();
     let server = rt
         .block_on(RedisServer::start())
         .expect("redis-server is required");
-    let mut runner = TestRunner::new(Config {
-        // PROPTEST_CASES=2000 for a longer search.
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(96),
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let mut runner = runner(96);
     let strategy = (
         prop::collection::vec(rule(), 1..4),
         prop::collection::vec(op(), 1..120),
@@ -370,4 +374,133 @@ fn the_scripts_multiply_divide_is_exact_past_two_to_the_53() {
         })
         .unwrap();
     assert!(past_2_53.get() > 1_000, "{}", past_2_53.get());
+}
+
+/// Polls every future in the order given until all are done: the first goes to Redis
+/// alone, the others are made while it is in flight and so go together, in order, as one
+/// batched script call.
+async fn join_in_order<T>(
+    mut futures: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>,
+) -> Vec<T> {
+    let mut out: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        for (f, slot) in futures.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                if let std::task::Poll::Ready(v) = f.as_mut().poll(cx) {
+                    *slot = Some(v);
+                }
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// Decisions and peeks made while another call is in flight go to Redis together, in one
+/// script call: the same sequence answers exactly as when each waits for the one before.
+#[test]
+fn batched_decisions_answer_exactly_as_one_by_one() {
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let mut runner = runner(48);
+    let check = (
+        prop_oneof![Just(0u64), 0u64..2_000, 0u64..100_000_000],
+        0u8..8,
+        prop::array::uniform3(prop_oneof![Just(0u64), 1u64..4, 1u64..20_000_000]),
+    );
+    let strategy = (
+        prop::collection::vec(rule(), 1..4),
+        prop::collection::vec(check, 2..150),
+        0u64..(1 << 50),
+    );
+    let case = std::sync::atomic::AtomicU64::new(0);
+    let batched = std::sync::atomic::AtomicU64::new(0);
+    runner
+        .run(&strategy, |(rules, checks, t0)| {
+            let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(async {
+                let store = |name: &str| {
+                    RedisStore::builder()
+                        .url(server.url())
+                        .prefix(format!("batch{name}{case}"))
+                        .timeout(std::time::Duration::from_secs(5))
+                        .blocked_cache(0)
+                        .build()
+                };
+                let (alone, together) = (store("a").await.unwrap(), store("b").await.unwrap());
+                let keys = [RateKey::principal("user-7"), RateKey::Global];
+                let names = ["a", "b", "c"];
+                let mut now = t0;
+                // (time, rules and costs; mask 0 is a peek of the first rule)
+                let mut calls: Vec<(u64, Vec<CheckItem<'_>>, bool)> = Vec::new();
+                for (dt, mask, costs) in &checks {
+                    now += dt;
+                    let chosen: Vec<usize> =
+                        (0..rules.len()).filter(|i| mask & (1 << i) != 0).collect();
+                    let peek = chosen.is_empty();
+                    let items = if peek { vec![0] } else { chosen }
+                        .into_iter()
+                        .map(|i| CheckItem {
+                            rule_index: i as u32,
+                            rule: names[i],
+                            key: &keys[usize::from(rules[i].key)],
+                            params: rules[i].params,
+                            cost: costs[i],
+                            shadow: rules[i].shadow,
+                        })
+                        .collect();
+                    calls.push((now, items, peek));
+                }
+                type Answer = Result<
+                    (
+                        Option<palisade::rate_limit::store::Decision>,
+                        Option<palisade::rate_limit::store::RuleDecision>,
+                    ),
+                    String,
+                >;
+                let call = |store: &RedisStore,
+                            (now, items, peek): &(u64, Vec<CheckItem<'_>>, bool)|
+                 -> std::pin::Pin<
+                    Box<dyn std::future::Future<Output = Answer> + Send>,
+                > {
+                    if *peek {
+                        let f = store.peek_at(&items[0], *now);
+                        Box::pin(async move {
+                            f.await.map(|r| (None, Some(r))).map_err(|e| e.to_string())
+                        })
+                    } else {
+                        let f = store.check_at(items, *now);
+                        Box::pin(async move {
+                            f.await.map(|d| (Some(d), None)).map_err(|e| e.to_string())
+                        })
+                    }
+                };
+                let mut want = Vec::new();
+                for c in &calls {
+                    want.push(call(&alone, c).await);
+                }
+                let got = join_in_order(calls.iter().map(|c| call(&together, c)).collect()).await;
+                for (step, (got, want)) in got.iter().zip(&want).enumerate() {
+                    prop_assert_eq!(got, want, "call {} of {}", step, calls.len());
+                }
+                prop_assert_eq!(alone.health().batched_calls, 0);
+                batched.fetch_add(
+                    together.health().batched_calls,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                Ok(())
+            })
+        })
+        .unwrap();
+    assert!(
+        batched.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no call went to Redis in a batch"
+    );
 }

@@ -182,7 +182,33 @@ pub struct Metrics {
     handle: PrometheusHandle,
     refusals: Arc<RefusalCounts>,
     handles: Arc<RwLock<HashMap<HandleKey, Arc<Handles>>>>,
+    usage_handles: Arc<RwLock<HashMap<&'static str, Arc<UsageHandles>>>>,
 }
+
+/// The usage metrics of one model, each registered when first counted (so the registry
+/// holds the same series as when every record registers its own), then kept.
+struct UsageHandles {
+    model: SharedString,
+    /// By [`TOKEN_KINDS`].
+    tokens: [OnceLock<Counter>; 4],
+    cost: OnceLock<Counter>,
+    /// By [`completion_index`].
+    records: [OnceLock<Counter>; 5],
+}
+
+impl UsageHandles {
+    fn new(model: SharedString) -> Self {
+        Self {
+            model,
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+            records: Default::default(),
+        }
+    }
+}
+
+/// The `kind` labels of `palisade_gateway_tokens_total`.
+const TOKEN_KINDS: [&str; 4] = ["input", "output", "cache_write", "cache_read"];
 
 /// Route template, method and status of a request's metrics.
 type HandleKey = (&'static str, &'static str, u16);
@@ -233,6 +259,7 @@ impl Metrics {
             handle,
             refusals: Arc::default(),
             handles: Arc::default(),
+            usage_handles: Arc::default(),
         };
         metrics.with(|| {
             describe_counter!(REQUESTS, Unit::Count, "Requests answered, by route template, method and status.");
@@ -372,32 +399,74 @@ impl Metrics {
 
     /// Counts the usage of metered records.
     pub fn usage(&self, batch: &[UsageRecord]) {
-        self.with(|| {
-            for r in batch {
-                let model = label(r.model.as_deref().unwrap_or("unknown"));
-                let u = &r.usage;
-                for (kind, n) in [
-                    ("input", u.input_tokens),
-                    ("output", u.output_tokens),
-                    (
-                        "cache_write",
-                        u.cache_write_5m_tokens
-                            .saturating_add(u.cache_write_1h_tokens),
-                    ),
-                    ("cache_read", u.cache_read_tokens),
-                ] {
-                    if n > 0 {
-                        counter!(TOKENS, "model" => model.clone(), "kind" => kind).increment(n);
-                    }
+        for r in batch {
+            let model = r.model.as_deref().unwrap_or("unknown");
+            let kept = self.usage_handles(model);
+            let fresh;
+            let h = match &kept {
+                Some(h) => &**h,
+                None => {
+                    fresh = UsageHandles::new(label(model));
+                    &fresh
                 }
-                if let Some(cost) = r.cost {
-                    let picos = u64::try_from(cost.picos()).unwrap_or(u64::MAX);
-                    counter!(COST, "model" => model.clone()).increment(picos);
+            };
+            let u = &r.usage;
+            let counts = [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_write_5m_tokens
+                    .saturating_add(u.cache_write_1h_tokens),
+                u.cache_read_tokens,
+            ];
+            for ((kind, n), slot) in TOKEN_KINDS.into_iter().zip(counts).zip(&h.tokens) {
+                if n > 0 {
+                    slot.get_or_init(|| {
+                        self.with(|| counter!(TOKENS, "model" => h.model.clone(), "kind" => kind))
+                    })
+                    .increment(n);
                 }
-                counter!(RECORDS, "model" => model, "completion" => completion_label(r.completion))
-                    .increment(1);
             }
-        });
+            if let Some(cost) = r.cost {
+                let picos = u64::try_from(cost.picos()).unwrap_or(u64::MAX);
+                h.cost
+                    .get_or_init(|| self.with(|| counter!(COST, "model" => h.model.clone())))
+                    .increment(picos);
+            }
+            let records = || {
+                self.with(|| {
+                    counter!(RECORDS, "model" => h.model.clone(), "completion" => completion_label(r.completion))
+                })
+            };
+            match completion_index(r.completion) {
+                Some(i) => h.records[i].get_or_init(records).increment(1),
+                None => records().increment(1),
+            }
+        }
+    }
+
+    /// The usage metrics of `model`, kept (up to [`MAX_HANDLES`] models; `None` past the
+    /// bound: the caller registers per use).
+    fn usage_handles(&self, model: &str) -> Option<Arc<UsageHandles>> {
+        let model = intern(model)?;
+        if let Some(h) = self
+            .usage_handles
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(model)
+        {
+            return Some(Arc::clone(h));
+        }
+        let mut kept = self
+            .usage_handles
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if kept.len() >= MAX_HANDLES && !kept.contains_key(model) {
+            return None;
+        }
+        let h = kept
+            .entry(model)
+            .or_insert_with(|| Arc::new(UsageHandles::new(SharedString::const_str(model))));
+        Some(Arc::clone(h))
     }
 
     /// Counts a CSP violation report.
@@ -508,6 +577,19 @@ fn completion_label(c: Completion) -> SharedString {
         Completion::Failed => "failed",
         Completion::Cancelled => "cancelled",
         other => return label(&format!("{other:?}").to_ascii_lowercase()),
+    })
+}
+
+/// Where a completion's record counter is kept in [`UsageHandles::records`] (`None`: not
+/// kept, registered per use).
+fn completion_index(c: Completion) -> Option<usize> {
+    Some(match c {
+        Completion::Complete => 0,
+        Completion::Partial => 1,
+        Completion::UpstreamError => 2,
+        Completion::Failed => 3,
+        Completion::Cancelled => 4,
+        _ => return None,
     })
 }
 

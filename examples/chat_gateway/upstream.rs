@@ -60,6 +60,9 @@ pub struct Upstream {
 
 struct Parts {
     base_url: String,
+    /// `{base_url}/v1/messages`, parsed once (`None` when it does not parse: each call then
+    /// fails as it would with the text).
+    messages_uri: Option<http::Uri>,
     api_key: Option<HeaderValue>,
     /// A model that replaces the caller's (a fallback to another model).
     model: Option<String>,
@@ -258,6 +261,7 @@ impl Upstream {
             return Ok(Self {
                 name,
                 parts: Arc::new(Parts {
+                    messages_uri: messages_uri(&base_url),
                     base_url,
                     api_key,
                     model,
@@ -311,6 +315,7 @@ impl Upstream {
         Ok(Self {
             name,
             parts: Arc::new(Parts {
+                messages_uri: messages_uri(&base_url),
                 base_url,
                 api_key,
                 model,
@@ -327,20 +332,25 @@ impl Upstream {
             Some(model) => replace_model(&call.body, model)?,
             None => call.body.clone(),
         };
-        let mut req = Request::post(format!("{}/v1/messages", self.parts.base_url))
-            .header(CONTENT_TYPE, "application/json")
+        let builder = match &self.parts.messages_uri {
+            Some(uri) => Request::post(uri.clone()),
+            None => Request::post(format!("{}/v1/messages", self.parts.base_url)),
+        };
+        let mut req = builder
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(Full::new(body))
             .map_err(|e| Error::internal("bad upstream request").with_source(e))?;
         let h = req.headers_mut();
-        h.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
+        h.reserve(4 + call.headers.len());
+        h.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
         for (k, v) in &call.headers {
             h.insert(k.clone(), v.clone());
         }
         if let Some(key) = &self.parts.api_key {
-            h.insert("x-api-key", key.clone());
+            h.insert(X_API_KEY, key.clone());
         }
         if let Ok(v) = HeaderValue::from_str(&call.request_id) {
-            h.insert("x-request-id", v);
+            h.insert(X_REQUEST_ID, v);
         }
         req.extensions_mut().insert(call.attribution.clone());
         let start = std::time::Instant::now();
@@ -459,6 +469,15 @@ impl http_body::Body for Guarded {
         self.done || self.inner.is_end_stream()
     }
 }
+
+/// `{base_url}/v1/messages` as a URI, when it is one.
+fn messages_uri(base_url: &str) -> Option<http::Uri> {
+    format!("{base_url}/v1/messages").parse().ok()
+}
+
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Marks an answer the budget layer gave itself (a refusal), not the upstream.
 #[derive(Debug, Clone, Copy)]

@@ -135,19 +135,26 @@ fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
     if let Ok(v) = cost {
         headers.insert(X_PALISADE_COST_USD, v);
     }
-    headers.insert(X_PALISADE_INPUT_TOKENS, HeaderValue::from(u.input_tokens));
-    headers.insert(X_PALISADE_OUTPUT_TOKENS, HeaderValue::from(u.output_tokens));
+    headers.insert(X_PALISADE_INPUT_TOKENS, count(u.input_tokens));
+    headers.insert(X_PALISADE_OUTPUT_TOKENS, count(u.output_tokens));
     headers.insert(
         X_PALISADE_CACHE_WRITE_TOKENS,
-        HeaderValue::from(
+        count(
             u.cache_write_5m_tokens
                 .saturating_add(u.cache_write_1h_tokens),
         ),
     );
-    headers.insert(
-        X_PALISADE_CACHE_READ_TOKENS,
-        HeaderValue::from(u.cache_read_tokens),
-    );
+    headers.insert(X_PALISADE_CACHE_READ_TOKENS, count(u.cache_read_tokens));
+}
+
+/// A token count as a header value; 0 (the cache counts, most of the time) without
+/// allocating.
+fn count(n: u64) -> HeaderValue {
+    if n == 0 {
+        HeaderValue::from_static("0")
+    } else {
+        HeaderValue::from(n)
+    }
 }
 
 impl<F, B, E> Future for ResponseFuture<F, B>

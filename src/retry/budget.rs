@@ -373,17 +373,23 @@ impl Inner {
 mod tests {
     use super::*;
 
+    /// A current-thread runtime on tokio's paused clock, for tests that step time from
+    /// threads of their own.
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
     /// A withdrawal made just as another caller moves the window into a new slot must
     /// stay withdrawn. The window used to be moved first and its new slot cleared after,
     /// so a withdrawal landing in between was wiped out and the budget allowed one retry
     /// more than it held.
     #[test]
     fn a_withdrawal_racing_the_window_move_is_not_lost() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = paused_runtime();
         let handle = runtime.handle().clone();
         let _entered = runtime.enter();
         // One token (a floor of 1 retry per second over 1 s), nothing earned.
@@ -417,11 +423,7 @@ mod tests {
     /// out of nothing, for a whole window.
     #[test]
     fn a_refusal_paused_past_the_window_gives_back_nothing() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = paused_runtime();
         let handle = runtime.handle().clone();
         let _entered = runtime.enter();
         // No token at all: no floor, nothing earned.
@@ -447,11 +449,7 @@ mod tests {
     /// within a tenth of a second from a budget of one a second.
     #[test]
     fn a_withdrawal_paused_before_taking_stays_taken_for_a_window() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = paused_runtime();
         let handle = runtime.handle().clone();
         let _entered = runtime.enter();
         // One token: a floor of 1 retry per second over 1 s, nothing earned.
@@ -472,11 +470,7 @@ mod tests {
     /// a second token, so a budget of one refused its only retry and stayed spent.
     #[test]
     fn a_withdrawal_paused_a_window_before_taking_takes_one_token() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = paused_runtime();
         let handle = runtime.handle().clone();
         let _entered = runtime.enter();
         // Three tokens: a floor of 3 retries per second over 1 s, nothing earned.
@@ -503,11 +497,7 @@ mod tests {
     fn withdrawals_racing_a_sliding_window_never_overspend() {
         const THREADS: usize = 4;
         const TOKENS: usize = 3;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = paused_runtime();
         let _entered = runtime.enter();
         let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
         let done = std::sync::atomic::AtomicBool::new(false);

@@ -111,6 +111,7 @@ where
         })
     }
 
+    #[inline]
     fn can_replay(&self) -> bool {
         self.parts.is_some() && self.body.replayable()
     }

@@ -1,10 +1,8 @@
 //! `POST /v1/messages`: the Anthropic-compatible proxy, streamed and not.
 
 use axum::Extension;
-use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::response::Response;
-use http::HeaderMap;
 use palisade::{Error, validate};
 use tower_http::request_id::RequestId;
 
@@ -19,9 +17,11 @@ pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(request_id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> ApiResult<Response> {
+    // The head taken apart rather than extracted as a `HeaderMap`, which would copy it.
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let format = state.config.error_format();
     let bytes = read_json(&state, &headers, body).await?;
     let request: MessagesRequest = validate::deserialize_json(&bytes).fmt_err(format)?;

@@ -206,41 +206,45 @@ pub async fn send_upstream(
 
 /// The request headers forwarded upstream.
 pub fn forwarded_headers(headers: &HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
-    ["anthropic-version", "anthropic-beta"]
-        .into_iter()
-        .filter_map(|name| {
-            headers
-                .get(name)
-                .map(|v| (HeaderName::from_static(name), v.clone()))
-        })
+    const FORWARDED: [HeaderName; 2] = [
+        HeaderName::from_static("anthropic-version"),
+        HeaderName::from_static("anthropic-beta"),
+    ];
+    FORWARDED
+        .iter()
+        .filter_map(|name| headers.get(name).map(|v| (name.clone(), v.clone())))
         .collect()
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// The hop-by-hop headers (RFC 9110, section 7.6.1, and `keep-alive`), as header names so
+/// that removing them parses nothing.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
 ];
 
 /// An upstream response with hop-by-hop headers dropped (and those `connection` names).
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
     let h = res.headers_mut();
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        h.remove(name);
+    if h.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         h.remove(name);
     }
     res

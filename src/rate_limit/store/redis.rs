@@ -3,6 +3,7 @@
 //! See [`RedisStore`] for how decisions, keys, Cluster, faults and the blocked-key cache
 //! work.
 
+mod batch;
 mod blocked;
 mod config;
 mod health;
@@ -362,6 +363,7 @@ impl RedisStoreBuilder {
                 blocked: BlockedCache::new(self.blocked_cache),
                 fallback: self.fallback.unwrap_or_default(),
                 health: Health::default(),
+                batcher: batch::Batcher::default(),
             }),
         })
     }
@@ -447,6 +449,17 @@ enum Conn {
 /// rule past them gets a [`StoreError`] naming it, never a silently inexact count. A cost
 /// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
 /// memory store refuses it.
+///
+/// **Batching.** A call made while the connection has room (fewer than two calls in
+/// flight) is sent at once; calls made while it has none wait for a call to end, then go
+/// together as one script call
+/// (at most 64) that runs each of them in order, each atomic and answered exactly as it
+/// would be alone (one `TIME` serves the batch). Under load one round trip, and one script
+/// call's fixed cost in Redis, then serve many decisions; idle, nothing waits. Each call
+/// keeps its own timeout and failure mode; a batch that fails fails each of its calls. On
+/// a Cluster, a batch holds only calls whose keys share a hash tag (one call per tag, sent
+/// side by side), so it never crosses slots. [`RedisHealth::batched_calls`] counts the
+/// calls that went in a batch.
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
@@ -539,6 +552,7 @@ struct Inner {
     blocked: BlockedCache,
     fallback: MemoryStore,
     health: Health,
+    batcher: batch::Batcher,
 }
 
 impl fmt::Debug for RedisStore {
@@ -916,7 +930,7 @@ impl RedisStore {
             SmallVec::new()
         };
         Box::pin(async move {
-            match inner.call(&cmd).await {
+            match inner.call(cmd).await {
                 Ok(_) => {
                     for (rule, key) in &give_backs {
                         inner.blocked.remove(rule, key);
@@ -962,7 +976,7 @@ impl RedisStore {
         let inner = self.inner.clone();
         let local = (inner.fail_mode == RedisFailMode::Local).then(|| OwnedItem::of(item));
         Box::pin(async move {
-            let values = match (inner.call(&cmd).await, &local) {
+            let values = match (inner.call(cmd).await, &local) {
                 (Ok(values), _) => values,
                 (Err(_), Some(item)) => {
                     inner.health.degraded();
@@ -980,13 +994,23 @@ impl RedisStore {
 
 impl Inner {
     /// One script call within the timeout; counts the round trip or the failure.
-    async fn call(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, String> {
-        let call = eval(self.conn.clone(), cmd);
-        let result = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
+    async fn call(self: &Arc<Self>, cmd: redis::Cmd) -> Result<Vec<i64>, String> {
+        self.count(self.within_timeout(batch::submit(self.clone(), cmd)).await)
+    }
+
+    /// Waits for a call within the timeout.
+    async fn within_timeout(
+        &self,
+        call: impl Future<Output = batch::Answer>,
+    ) -> Result<Vec<i64>, String> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(answer) => answer,
             Err(_) => Err(format!("no answer within {:?}", self.timeout)),
-        };
+        }
+    }
+
+    /// Counts a round trip or a failure.
+    fn count(&self, result: Result<Vec<i64>, String>) -> Result<Vec<i64>, String> {
         match &result {
             Ok(_) => self.health.success(),
             Err(e) => self.health.failure(e, self.fail_mode),
@@ -1002,11 +1026,10 @@ impl Inner {
         cmd: redis::Cmd,
         items: &[OwnedItem],
     ) -> Result<Vec<i64>, String> {
-        let conn = self.conn.clone();
-        let mut call = Box::pin(async move { eval(conn, &cmd).await });
+        let mut call = Box::pin(batch::submit(self.clone(), cmd));
         let result = match tokio::time::timeout(self.timeout, &mut call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e),
             Err(_) => {
                 if self.fail_mode != RedisFailMode::Open {
                     let debits: SmallVec<[OwnedItem; 2]> = items.iter().cloned().collect();
@@ -1025,7 +1048,7 @@ impl Inner {
     /// Awaits a decision that missed the timeout and gives back in Redis what it debited.
     async fn return_late_debits<F>(self: Arc<Self>, call: F, debits: SmallVec<[OwnedItem; 2]>)
     where
-        F: Future<Output = redis::RedisResult<Vec<i64>>>,
+        F: Future<Output = batch::Answer>,
     {
         let Ok(Ok(values)) = tokio::time::timeout(LATE_ANSWER_WAIT, call).await else {
             return;
@@ -1066,7 +1089,15 @@ impl Inner {
             }),
         );
         let Ok(cmd) = inv else { return };
-        match self.call(&cmd).await {
+        // In order behind what was sent before it, and awaited as long as a late answer:
+        // the late answers of a stall arrive together, and their give-backs queue behind
+        // the decisions made meanwhile.
+        let call = batch::submit(self.clone(), cmd);
+        let answer = match tokio::time::timeout(LATE_ANSWER_WAIT, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("no answer within {LATE_ANSWER_WAIT:?}")),
+        };
+        match self.count(answer) {
             Ok(_) => {
                 self.health.late_debit_returned();
                 // A refusal decided between the late debit and its return may have

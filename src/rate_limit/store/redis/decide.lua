@@ -6,7 +6,8 @@
 -- is exact for factors below 2^52.
 --
 -- KEYS: one state key per rule.
--- ARGV[1]: mode, "c" (check), "p" (peek the first rule), "s" (settle) or "r" (reset).
+-- ARGV[1]: mode, "c" (check), "p" (peek the first rule), "s" (settle), "r" (reset), or "b"
+-- (a batch of calls, see the end of the script).
 -- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
 -- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
 -- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
@@ -319,8 +320,9 @@ local function write(key, s, ms)
   redis.call('SET', key, encode(s), 'PX', ms)
 end
 
-local function params(i, stride)
-  local o = 3 + (i - 1) * stride
+-- The rule `i` of a call whose numbers follow ARGV[base], `stride` numbers a rule.
+local function params(base, i, stride)
+  local o = base + (i - 1) * stride
   return {
     algorithm = tonumber(ARGV[o + 1]),
     limit = tonumber(ARGV[o + 2]),
@@ -330,15 +332,14 @@ local function params(i, stride)
   }, tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]), tonumber(ARGV[o + 8])
 end
 
-local now
-if ARGV[2] == '-' then
+local function server_time()
   local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[2])
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local grace = tonumber(ARGV[3])
-local mode = ARGV[1]
+
+-- The time and grace of the call being run.
+local now
+local grace
 
 -- How long no request of any cost can pass, from the state `s` that was kept.
 local function blocked_for(p, s)
@@ -349,21 +350,24 @@ local function blocked_for(p, s)
   return 0
 end
 
-if mode == 'r' then
-  for i = 1, #KEYS do
-    local s, found = load(KEYS[i])
+-- A reset of the `n` keys after KEYS[ko].
+local function run_reset(ko, n)
+  for i = 1, n do
+    local key = KEYS[ko + i]
+    local s, found = load(key)
     if found then
       local fresh = { start = 0, prev = 0, count = 0, gen = (s.gen + 1) % 4294967296 }
-      redis.call('SET', KEYS[i], encode(fresh), 'KEEPTTL')
+      redis.call('SET', key, encode(fresh), 'KEEPTTL')
     end
   end
-  return {}
 end
 
-if mode == 's' then
-  for i = 1, #KEYS do
-    local p, window_start, delta, gen = params(i, 8)
-    local s, found = load(KEYS[i])
+-- A settlement of the `n` keys after KEYS[ko], their numbers after ARGV[base].
+local function run_settle(ko, n, base)
+  for i = 1, n do
+    local key = KEYS[ko + i]
+    local p, window_start, delta, gen = params(base, i, 8)
+    local s, found = load(key)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and s.gen == gen then
       local function apply(x)
@@ -379,74 +383,138 @@ if mode == 's' then
         else
           s.start = sat_sub(s.start, step)
         end
-        write(KEYS[i], s, ttl_ms(s.start, now, grace))
+        write(key, s, ttl_ms(s.start, now, grace))
       else
         if s.start == window_start then
           s.count = apply(s.count)
         elseif p.algorithm == 0 and s.start == window_start + p.window then
           s.prev = apply(s.prev)
         end
-        redis.call('SET', KEYS[i], encode(s), 'KEEPTTL')
+        redis.call('SET', key, encode(s), 'KEEPTTL')
       end
     end
   end
-  return {}
 end
 
-local n = #KEYS
-local ds = {}
-local ps = {}
-local admitted = true
-for i = 1, n do
-  local p, cost, shadow = params(i, 7)
-  if mode == 'p' then
-    cost = 0
+-- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
+-- the answer to `out`.
+local function run_check(mode, ko, n, base, out)
+  local ds = {}
+  local ps = {}
+  local admitted = true
+  for i = 1, n do
+    local p, cost, shadow = params(base, i, 7)
+    if mode == 'p' then
+      cost = 0
+    end
+    local s = load(KEYS[ko + i])
+    local d = decide(p, s, now, cost)
+    d.gen = s.gen
+    d.base.gen = s.gen
+    d.shadow = shadow == 1
+    if d.verdict ~= 0 and not d.shadow then
+      admitted = false
+    end
+    ds[i] = d
+    ps[i] = p
   end
-  local s = load(KEYS[i])
-  local d = decide(p, s, now, cost)
-  d.gen = s.gen
-  d.base.gen = s.gen
-  d.cost = cost
-  d.shadow = shadow == 1
-  if d.verdict ~= 0 and not d.shadow then
+  if mode == 'p' then
     admitted = false
   end
-  ds[i] = d
-  ps[i] = p
-end
-if mode == 'p' then
-  admitted = false
-end
-local out = { admitted and 1 or 0, now }
-for i = 1, n do
-  local d, p = ds[i], ps[i]
-  local debited = 0
-  local kept = d.base
-  if d.verdict == 0 then
-    if admitted then
-      debited = 1
-      kept = d
-      write(KEYS[i], d, ttl_ms(d.expires_at, now, grace))
-    else
-      -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
-      -- down, so adding the cost back could come out one short)
-      d.remaining = decide(p, d.base, now, 0).remaining
+  out[#out + 1] = admitted and 1 or 0
+  out[#out + 1] = now
+  for i = 1, n do
+    local d, p = ds[i], ps[i]
+    local debited = 0
+    local kept = d.base
+    if d.verdict == 0 then
+      if admitted then
+        debited = 1
+        kept = d
+        write(KEYS[ko + i], d, ttl_ms(d.expires_at, now, grace))
+      else
+        -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
+        -- down, so adding the cost back could come out one short)
+        d.remaining = decide(p, d.base, now, 0).remaining
+      end
     end
+    -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
+    -- it is at least 1, so only an exhausted rule needs the second look.
+    local blocked = 0
+    if mode == 'c' and not d.shadow and d.remaining < 1 then
+      blocked = blocked_for(p, kept)
+    end
+    local k = #out
+    out[k + 1] = d.verdict
+    out[k + 2] = d.retry
+    out[k + 3] = d.remaining
+    out[k + 4] = d.reset
+    out[k + 5] = d.window_start
+    out[k + 6] = debited
+    out[k + 7] = blocked
+    out[k + 8] = d.gen
   end
-  -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
-  -- it is at least 1, so only an exhausted rule needs the second look.
-  local blocked = 0
-  if mode == 'c' and not d.shadow and d.remaining < 1 then
-    blocked = blocked_for(p, kept)
+end
+
+local function run(mode, ko, n, base, out)
+  if mode == 'r' then
+    run_reset(ko, n)
+  elseif mode == 's' then
+    run_settle(ko, n, base)
+  else
+    run_check(mode, ko, n, base, out)
   end
-  local k = #out
-  out[k + 1] = d.verdict
-  out[k + 2] = d.retry
-  out[k + 3] = d.remaining
-  out[k + 4] = d.reset
-  out[k + 5] = d.window_start
-  out[k + 6] = debited
-  out[k + 7] = blocked
-  out[k + 8] = d.gen
+end
+
+local mode = ARGV[1]
+
+if mode ~= 'b' then
+  if ARGV[2] == '-' then
+    now = server_time()
+  else
+    now = tonumber(ARGV[2])
+  end
+  grace = tonumber(ARGV[3])
+  local out = {}
+  run(mode, 0, #KEYS, 3, out)
+  return out
+end
+
+-- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its numbers, its keys
+-- following the previous call's in KEYS. They run one after another, each exactly as it
+-- would alone (one TIME for those on the server's clock), and each answer follows its
+-- length (-1 for a call that failed: its error fails it alone).
+local out = {}
+local server_now
+local ko, base = 0, 2
+for _ = 1, tonumber(ARGV[2]) do
+  local m, n, t = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
+  grace = tonumber(ARGV[base + 4])
+  base = base + 4
+  if t == '-' then
+    if not server_now then
+      server_now = server_time()
+    end
+    now = server_now
+  else
+    now = tonumber(t)
+  end
+  local at = #out + 1
+  out[at] = 0
+  local answer = {}
+  if pcall(run, m, ko, n, base, answer) then
+    for i = 1, #answer do
+      out[at + i] = answer[i]
+    end
+    out[at] = #answer
+  else
+    out[at] = -1
+  end
+  ko = ko + n
+  if m == 's' then
+    base = base + 8 * n
+  elseif m ~= 'r' then
+    base = base + 7 * n
+  end
 end
 return out

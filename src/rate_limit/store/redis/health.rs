@@ -34,6 +34,9 @@ pub struct RedisHealth {
     /// Decisions that ran in Redis after the timeout had already answered them (fail
     /// closed or local), whose debits were then given back in Redis.
     pub late_debits_returned: u64,
+    /// Calls (decisions, peeks, settlements) that went to Redis in one script call with
+    /// others, because they were made while another call was in flight.
+    pub batched_calls: u64,
     /// The failure mode in force.
     pub fail_mode: RedisFailMode,
     /// The last error (no secrets: Redis errors carry no credentials).
@@ -49,6 +52,7 @@ pub(super) struct Health {
     degraded: AtomicU64,
     hits: AtomicU64,
     returned: AtomicU64,
+    batched: AtomicU64,
     since: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
 }
@@ -104,6 +108,11 @@ impl Health {
         self.returned.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn batched(&self, calls: usize) {
+        self.batched
+            .fetch_add(u64::try_from(calls).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self, fail_mode: RedisFailMode, blocked_keys: usize) -> RedisHealth {
         let unhealthy = self.unhealthy.load(Ordering::Acquire);
         let since = *self.since.lock().unwrap_or_else(PoisonError::into_inner);
@@ -121,6 +130,7 @@ impl Health {
             blocked_cache_hits: self.hits.load(Ordering::Relaxed),
             blocked_keys,
             late_debits_returned: self.returned.load(Ordering::Relaxed),
+            batched_calls: self.batched.load(Ordering::Relaxed),
             fail_mode,
             last_error: self
                 .last_error

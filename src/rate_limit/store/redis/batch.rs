@@ -1,0 +1,293 @@
+//! Natural batching of script calls ("group commit"): a call made while the connection has
+//! room (fewer than two calls in flight) goes at once, alone; calls made while it has none
+//! wait for a call to end and then go together, as one script call that runs each of them
+//! in order, exactly as it would alone.
+//!
+//! Under no load this adds no wait; under load one round trip (and one script call, with
+//! its fixed cost in Redis) serves many decisions.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::oneshot;
+
+use super::{Inner, SCRIPT, eval};
+
+/// The most calls one batch carries.
+pub(super) const MAX_BATCH: usize = 64;
+
+/// Script calls in flight on the connection at once: two, so that Redis runs one while
+/// the answer of the other travels back and its callers are woken.
+const MAX_IN_FLIGHT: usize = 2;
+
+/// A script call's answer, or why it has none.
+pub(super) type Answer = Result<Vec<i64>, String>;
+
+/// A call waiting for the one in flight.
+struct Pending {
+    cmd: redis::Cmd,
+    tx: oneshot::Sender<Answer>,
+}
+
+/// The calls of one connection: how many are in flight, and those waiting for one to end.
+#[derive(Default)]
+pub(super) struct Batcher {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    in_flight: usize,
+    queue: Vec<Pending>,
+}
+
+impl Batcher {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Hands the connection on when the call that held it ends, answered or dropped.
+struct Leader {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        hand_off(&self.inner);
+    }
+}
+
+/// Frees the flush's place, and fails what waits when no call is left in flight to send
+/// it, when a flush is dropped before it ends (its runtime shutting down).
+struct FlushGuard {
+    inner: Arc<Inner>,
+    armed: bool,
+}
+
+impl Drop for FlushGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.inner.batcher.lock();
+            state.in_flight -= 1;
+            if state.in_flight == 0 {
+                // Dropping the senders answers their callers with an error.
+                state.queue.clear();
+            }
+        }
+    }
+}
+
+/// Runs one script call (an `EVALSHA` of the store's script) through the batcher.
+pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd) -> Answer {
+    let waiting = {
+        let mut state = inner.batcher.lock();
+        if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            state.queue.push(Pending { cmd, tx });
+            Err(rx)
+        } else {
+            state.in_flight += 1;
+            Ok(cmd)
+        }
+    };
+    match waiting {
+        Ok(cmd) => {
+            let leader = Leader {
+                inner: inner.clone(),
+            };
+            let answer = eval(inner.conn.clone(), &cmd)
+                .await
+                .map_err(|e| e.to_string());
+            drop(leader);
+            answer
+        }
+        Err(rx) => rx
+            .await
+            .unwrap_or_else(|_| Err("the Redis call was dropped before it was sent".to_owned())),
+    }
+}
+
+/// Sends what waits, if anything, in the place of the call that ended, or frees its place.
+fn hand_off(inner: &Arc<Inner>) {
+    let batch = {
+        let mut state = inner.batcher.lock();
+        if state.queue.is_empty() {
+            state.in_flight -= 1;
+            return;
+        }
+        take(&mut state.queue)
+    };
+    let flush = flush(inner.clone(), batch);
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            handle.spawn(flush);
+        }
+        // No runtime to run them on: the flush, dropped, fails them.
+        Err(_) => drop(flush),
+    }
+}
+
+/// The first calls of the queue, at most a batch.
+fn take(queue: &mut Vec<Pending>) -> Vec<Pending> {
+    if queue.len() <= MAX_BATCH {
+        std::mem::take(queue)
+    } else {
+        queue.drain(..MAX_BATCH).collect()
+    }
+}
+
+/// Sends batches until nothing waits.
+fn flush(inner: Arc<Inner>, batch: Vec<Pending>) -> impl Future<Output = ()> + Send + 'static {
+    // Made before the future first runs, so that a flush dropped unpolled frees the
+    // connection too.
+    let guard = FlushGuard {
+        inner: inner.clone(),
+        armed: true,
+    };
+    async move {
+        let mut guard = guard;
+        let mut batch = batch;
+        loop {
+            send(&inner, batch).await;
+            let mut state = inner.batcher.lock();
+            if state.queue.is_empty() {
+                state.in_flight -= 1;
+                guard.armed = false;
+                return;
+            }
+            batch = take(&mut state.queue);
+        }
+    }
+}
+
+/// Sends one batch: one script call for each group of calls that may share one (on a
+/// Cluster, the calls whose keys share a hash tag), and answers each call.
+async fn send(inner: &Arc<Inner>, batch: Vec<Pending>) {
+    if !inner.cluster {
+        send_group(inner.clone(), batch).await;
+        return;
+    }
+    let mut groups: Vec<(Vec<u8>, Vec<Pending>)> = Vec::new();
+    for p in batch {
+        let tag = hash_tag(&p.cmd);
+        match groups.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, group)) => group.push(p),
+            None => groups.push((tag, vec![p])),
+        }
+    }
+    let mut groups = groups.into_iter().map(|(_, g)| g);
+    let Some(first) = groups.next() else { return };
+    let others: Vec<_> = groups
+        .map(|g| tokio::spawn(send_group(inner.clone(), g)))
+        .collect();
+    send_group(inner.clone(), first).await;
+    for other in others {
+        let _ = other.await;
+    }
+}
+
+/// The hash tag of a call's first key (the whole key when it has none): calls with equal
+/// tags have every key on one Cluster slot.
+fn hash_tag(cmd: &redis::Cmd) -> Vec<u8> {
+    let key = cmd.args_iter().nth(3).and_then(|a| match a {
+        redis::Arg::Simple(key) => Some(key),
+        _ => None,
+    });
+    let Some(key) = key else { return Vec::new() };
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
+            if len > 0 {
+                return key[open + 1..open + 1 + len].to_vec();
+            }
+        }
+    }
+    key.to_vec()
+}
+
+/// One script call for these calls, alone or as a batch.
+async fn send_group(inner: Arc<Inner>, mut group: Vec<Pending>) {
+    if group.len() == 1 {
+        let Some(p) = group.pop() else { return };
+        let answer = eval(inner.conn.clone(), &p.cmd)
+            .await
+            .map_err(|e| e.to_string());
+        let _ = p.tx.send(answer);
+        return;
+    }
+    let cmd = combine(&group);
+    inner.health.batched(group.len());
+    match eval(inner.conn.clone(), &cmd).await {
+        Ok(values) => {
+            let mut at = 0;
+            for p in group {
+                let answer = match values.get(at).copied() {
+                    Some(len) if len >= 0 => {
+                        let len = usize::try_from(len).unwrap_or(usize::MAX);
+                        let answer = values.get(at + 1..at + 1 + len).map(<[i64]>::to_vec);
+                        at = at.saturating_add(1 + len);
+                        answer.ok_or_else(|| {
+                            "the Redis script answered a batch in an unexpected shape".to_owned()
+                        })
+                    }
+                    Some(_) => {
+                        at += 1;
+                        Err("the Redis script failed on this call of a batch".to_owned())
+                    }
+                    None => {
+                        Err("the Redis script answered a batch in an unexpected shape".to_owned())
+                    }
+                };
+                let _ = p.tx.send(answer);
+            }
+        }
+        Err(e) => {
+            // A failed batch fails each of its calls.
+            let e = e.to_string();
+            for p in group {
+                let _ = p.tx.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The batch call: `EVALSHA sha KEYS... b COUNT` then, for each call, its mode, key count,
+/// time, grace and numbers, from the call's own `EVALSHA sha N KEYS... MODE TIME GRACE
+/// NUMBERS...`.
+fn combine(group: &[Pending]) -> redis::Cmd {
+    fn args(p: &Pending) -> Vec<&[u8]> {
+        p.cmd
+            .args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+    let all: Vec<Vec<&[u8]>> = group.iter().map(args).collect();
+    let count = |a: &[&[u8]]| -> usize {
+        a.get(2)
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let keys: usize = all.iter().map(|a| count(a)).sum();
+    let size: usize = all.iter().flatten().map(|a| a.len()).sum();
+    let mut cmd = redis::Cmd::with_capacity(4 + all.iter().map(Vec::len).sum::<usize>(), size + 32);
+    cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(keys);
+    for a in &all {
+        for key in a.iter().skip(3).take(count(a)) {
+            cmd.arg(*key);
+        }
+    }
+    cmd.arg("b").arg(group.len());
+    for a in &all {
+        let n = count(a);
+        let rest = a.get(3 + n..).unwrap_or_default();
+        // mode, key count, time, grace, numbers
+        cmd.arg(rest.first().copied().unwrap_or_default()).arg(n);
+        for arg in rest.iter().skip(1) {
+            cmd.arg(*arg);
+        }
+    }
+    cmd
+}
