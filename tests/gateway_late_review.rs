@@ -328,43 +328,65 @@ async fn read_answer(tcp: &mut tokio::net::TcpStream) -> Option<String> {
     }
 }
 
-/// A refusal answered before its request's body arrived (no or wrong key; the rate limit
-/// and budgets refuse the same way) leaves a keep-alive connection the client can use:
-/// either the answer says `connection: close`, or the next request on the connection is
-/// answered. hyper gave up reading a body the service dropped unread when its bytes were
-/// not there yet, and closed the connection after an answer that had promised to keep it
-/// open, so the client's next request on it met "Server disconnected without sending a
-/// response".
+/// A refusal answered before its request's body arrived (no key, a wrong key, the rate
+/// limit) leaves a keep-alive connection the client can use: either the answer says
+/// `connection: close`, or the next request on the connection is answered. hyper gave up
+/// reading a body the service dropped unread when its bytes were not there yet, and closed
+/// the connection after an answer that had promised to keep it open, so the client's next
+/// request on it met "Server disconnected without sending a response".
 #[tokio::test]
 async fn a_refusal_before_the_body_arrived_never_breaks_a_keep_alive_connection() {
-    use tokio::io::AsyncWriteExt;
-    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let plain = fixture::serve_own(fixture::config(&[])).await;
     for key in ["", "x-api-key: sk-wrong\r\n"] {
-        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-        let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
-        let head = format!(
-            "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        );
-        tcp.write_all(head.as_bytes()).await.unwrap();
-        let refused = read_answer(&mut tcp).await.expect("the refusal");
-        assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
-        let closes = refused
-            .to_ascii_lowercase()
-            .lines()
-            .any(|l| l.starts_with("connection:") && l.contains("close"));
-        // The body arrives after the answer, and the next request behind it.
-        let next = format!("GET /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\n\r\n");
-        let mut rest = body.clone();
-        rest.extend_from_slice(next.as_bytes());
-        let sent = tcp.write_all(&rest).await;
-        let answer = match sent {
-            Ok(()) => read_answer(&mut tcp).await,
-            Err(_) => None,
-        };
-        match answer {
-            Some(a) => assert!(a.starts_with("HTTP/1.1 200 "), "{a}"),
-            None => assert!(closes, "closed without saying so: {refused}"),
-        }
+        refused_then_next(&plain, key, "401").await;
+    }
+    let rules = r#"[{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":1,"window":"1m","skip_anonymous":true}]"#;
+    let limited =
+        fixture::serve_own(fixture::config(&[("PALISADE_RATE_LIMIT_RULES", rules)])).await;
+    let key = format!("x-api-key: {USER}\r\n");
+    // The first request takes the one allowed (its body is read, and refused as empty).
+    let mut tcp = tokio::net::TcpStream::connect(limited.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    let first = read_answer(&mut tcp).await.expect("an answer");
+    assert!(first.starts_with("HTTP/1.1 400 "), "{first}");
+    refused_then_next(&limited, &key, "429").await;
+}
+
+/// On a new connection to `gw`: a chat request head (with `key`), answered `status` before
+/// its body is sent; then the body and a second request.
+async fn refused_then_next(gw: &fixture::Gateway, key: &str, status: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(
+        refused.starts_with(&format!("HTTP/1.1 {status} ")),
+        "{refused}"
+    );
+    let closes = refused
+        .to_ascii_lowercase()
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"));
+    // The body arrives after the answer, and the next request behind it.
+    let next = format!("GET /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\n\r\n");
+    let mut rest = body.clone();
+    rest.extend_from_slice(next.as_bytes());
+    let answer = match tcp.write_all(&rest).await {
+        Ok(()) => read_answer(&mut tcp).await,
+        Err(_) => None,
+    };
+    match answer {
+        Some(a) => assert!(a.starts_with("HTTP/1.1 200 "), "{a}"),
+        None => assert!(closes, "closed without saying so: {refused}"),
     }
 }

@@ -16,7 +16,10 @@
 //! between requests (sooner when the header timeout is shorter: hyper's head deadline also
 //! covers the wait for the next request head). A client that answers HTTP/2 pings but never sends a request is thus
 //! not kept forever, and a long stream is never cut, since it is in flight until its last
-//! byte.
+//! byte. An HTTP/1.1 answer given before its request's body was read to its end (a
+//! refusal: no key, a rate limit, a budget, a body too large) says `connection: close`,
+//! and the connection closes after it: hyper reads on only what of such a body has
+//! already arrived.
 //!
 //! A client that stops reading mid-answer (slow read: a long stream, a large body) keeps
 //! its request in flight, so the idle timeout never applies to it. When a response body
