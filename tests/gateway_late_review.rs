@@ -390,3 +390,35 @@ async fn refused_then_next(gw: &fixture::Gateway, key: &str, status: &str) {
         None => assert!(closes, "closed without saying so: {refused}"),
     }
 }
+
+/// An upstream answer loses its hop-by-hop headers and every header its `connection`
+/// headers name, whatever their case, spacing and number; end-to-end headers stay.
+#[test]
+fn the_pass_through_drops_hop_by_hop_headers_and_the_names_connection_lists() {
+    let mut res = http::Response::new(axum::body::Body::empty());
+    let h = res.headers_mut();
+    h.append("connection", "  X-Foo ,Keep-Alive,,".parse().unwrap());
+    h.append("connection", "x-BAR\t, close".parse().unwrap());
+    let dropped = [
+        "x-foo",
+        "x-bar",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    for name in dropped {
+        h.insert(name, "1".parse().unwrap());
+    }
+    h.insert("x-kept", "1".parse().unwrap());
+    h.insert("request-id", "req_1".parse().unwrap());
+    let out = routes::pass_through(res);
+    let h = out.headers();
+    for name in dropped.iter().chain(&["connection"]) {
+        assert!(!h.contains_key(*name), "{name} passed: {h:?}");
+    }
+    assert_eq!(h.len(), 2, "{h:?}");
+}
