@@ -212,6 +212,7 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
     let pg = &health["postgres"];
     assert_eq!(pg["backlog"], 0, "{health}");
     assert_eq!(pg["dropped"], 0, "{health}");
+    assert_eq!(pg["dead_lettered"], 0, "{health}");
     assert_eq!(pg["last_error"], Value::Null, "{health}");
     let audit = &health["audit_writer"];
     assert_eq!(audit["queued"], 3, "{health}");

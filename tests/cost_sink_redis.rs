@@ -470,3 +470,70 @@ async fn the_fallback_a_record_came_from_is_in_its_stream_entry() {
     assert_eq!(records[0], served);
     assert_eq!(records[1].fallback, None);
 }
+
+/// A Redis that cannot persist refuses writes with `MISCONF` until its disk is back: a
+/// passing state. It was taken for a lasting refusal, so every record was split out,
+/// refused again as a dead letter, and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_cannot_persist_refuses_nothing_for_good() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let mut conn = manager(&server.url()).await;
+    // snapshots on, into the server's directory, which is then removed: the next fails
+    for (k, v) in [("save", "3600 1"), ("stop-writes-on-bgsave-error", "yes")] {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(k)
+            .arg(v)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (_, dir): (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("dir")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(dir.contains("palisade-redis"), "{dir}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let _: redis::Value = redis::cmd("BGSAVE").query_async(&mut conn).await.unwrap();
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if info.contains("rdb_last_bgsave_status:err") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let records: Vec<UsageRecord> = (0..3).map(record).collect();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.dead_lettered, h.dropped, h.backlog), (0, 0, 3), "{h:?}");
+    assert!(
+        h.last_error.as_deref().unwrap_or("").contains("MISCONF"),
+        "{h:?}"
+    );
+    // the disk is back: everything is stored, nothing set aside
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("stop-writes-on-bgsave-error")
+        .arg("no")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    sink.flush().await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.dead_lettered, h.dropped, h.backlog),
+        (3, 0, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 3);
+    assert_eq!(xlen(&server.url(), &sink.dead_letter_key()).await, 0);
+}

@@ -303,3 +303,122 @@ async fn an_http1_keep_alive_connection_waits_for_its_next_head_at_most_the_head
         "{after:?}"
     );
 }
+
+/// Reads one HTTP/1.1 answer (head and `content-length` body) from `tcp`: `None` when the
+/// connection ends first.
+async fn read_answer(tcp: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if let Some(end) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&all[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if all.len() >= end + 4 + len {
+                return Some(String::from_utf8_lossy(&all[..end + 4 + len]).into_owned());
+            }
+        }
+        match tcp.read(&mut buf).await {
+            Ok(k @ 1..) => all.extend_from_slice(&buf[..k]),
+            _ => return None,
+        }
+    }
+}
+
+/// A refusal answered before its request's body arrived (no key, a wrong key, the rate
+/// limit) leaves a keep-alive connection the client can use: either the answer says
+/// `connection: close`, or the next request on the connection is answered. hyper gave up
+/// reading a body the service dropped unread when its bytes were not there yet, and closed
+/// the connection after an answer that had promised to keep it open, so the client's next
+/// request on it met "Server disconnected without sending a response".
+#[tokio::test]
+async fn a_refusal_before_the_body_arrived_never_breaks_a_keep_alive_connection() {
+    let plain = fixture::serve_own(fixture::config(&[])).await;
+    for key in ["", "x-api-key: sk-wrong\r\n"] {
+        refused_then_next(&plain, key, "401").await;
+    }
+    let rules = r#"[{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":1,"window":"1m","skip_anonymous":true}]"#;
+    let limited =
+        fixture::serve_own(fixture::config(&[("PALISADE_RATE_LIMIT_RULES", rules)])).await;
+    let key = format!("x-api-key: {USER}\r\n");
+    // The first request takes the one allowed (its body is read, and refused as empty).
+    let mut tcp = tokio::net::TcpStream::connect(limited.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}content-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    let first = read_answer(&mut tcp).await.expect("an answer");
+    assert!(first.starts_with("HTTP/1.1 400 "), "{first}");
+    refused_then_next(&limited, &key, "429").await;
+}
+
+/// On a new connection to `gw`: a chat request head (with `key`), answered `status` before
+/// its body is sent; then the body and a second request.
+async fn refused_then_next(gw: &fixture::Gateway, key: &str, status: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let body = serde_json::to_vec(&fixture::chat("claude-sonnet-4-5")).unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n{key}content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(
+        refused.starts_with(&format!("HTTP/1.1 {status} ")),
+        "{refused}"
+    );
+    let closes = refused
+        .to_ascii_lowercase()
+        .lines()
+        .any(|l| l.starts_with("connection:") && l.contains("close"));
+    // The body arrives after the answer, and the next request behind it.
+    let next = format!("GET /v1/usage HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\n\r\n");
+    let mut rest = body.clone();
+    rest.extend_from_slice(next.as_bytes());
+    let answer = match tcp.write_all(&rest).await {
+        Ok(()) => read_answer(&mut tcp).await,
+        Err(_) => None,
+    };
+    match answer {
+        Some(a) => assert!(a.starts_with("HTTP/1.1 200 "), "{a}"),
+        None => assert!(closes, "closed without saying so: {refused}"),
+    }
+}
+
+/// An upstream answer loses its hop-by-hop headers and every header its `connection`
+/// headers name, whatever their case, spacing and number; end-to-end headers stay.
+#[test]
+fn the_pass_through_drops_hop_by_hop_headers_and_the_names_connection_lists() {
+    let mut res = http::Response::new(axum::body::Body::empty());
+    let h = res.headers_mut();
+    h.append("connection", "  X-Foo ,Keep-Alive,,".parse().unwrap());
+    h.append("connection", "x-BAR\t, close".parse().unwrap());
+    let dropped = [
+        "x-foo",
+        "x-bar",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    for name in dropped {
+        h.insert(name, "1".parse().unwrap());
+    }
+    h.insert("x-kept", "1".parse().unwrap());
+    h.insert("request-id", "req_1".parse().unwrap());
+    let out = routes::pass_through(res);
+    let h = out.headers();
+    for name in dropped.iter().chain(&["connection"]) {
+        assert!(!h.contains_key(*name), "{name} passed: {h:?}");
+    }
+    assert_eq!(h.len(), 2, "{h:?}");
+}

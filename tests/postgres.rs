@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use palisade::cost::sink::{AuditEvent, PostgresConfig, PostgresSink, UsageSink};
 use palisade::cost::summary::{Subject, summarize, top};
-use palisade::cost::{MemorySink, RecorderConfig, UsageRecord, UsageRecorder};
+use palisade::cost::{MemorySink, Money, RecorderConfig, UsageRecord, UsageRecorder};
 use palisade::key::ApiKeyId;
 use records::{USERS, record};
 
@@ -541,4 +541,37 @@ async fn the_fallback_a_record_came_from_is_stored_and_old_rows_keep_null() {
     );
     assert_eq!(row(plain.id.to_string()).await, None);
     assert_eq!(row("old".to_owned()).await, None);
+}
+
+/// `usage_logs.cost` is a bigint of pico-dollars: a cost past `i64::MAX` (about $9.2
+/// million) was stored as `i64::MAX`, a wrong amount counted as delivered. The record
+/// is set aside with the reason, and the records around it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_past_the_column_is_set_aside_not_stored_wrong() {
+    let server = pg::Postgres::start();
+    let url = server.database("bigcost").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    let mut records: Vec<UsageRecord> = (1..5).map(record).collect();
+    records[2].cost = Some(Money::from_picos(i64::MAX as u128 + 1));
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.dead_lettered, h.dropped, h.backlog),
+        (3, 1, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 3);
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_logs WHERE cost_picos = 9223372036854775807"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM usage_dead_letters").await,
+        1
+    );
 }

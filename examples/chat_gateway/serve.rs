@@ -16,7 +16,10 @@
 //! between requests (sooner when the header timeout is shorter: hyper's head deadline also
 //! covers the wait for the next request head). A client that answers HTTP/2 pings but never sends a request is thus
 //! not kept forever, and a long stream is never cut, since it is in flight until its last
-//! byte.
+//! byte. An HTTP/1.1 answer given before its request's body was read to its end (a
+//! refusal: no key, a rate limit, a budget, a body too large) says `connection: close`,
+//! and the connection closes after it: hyper reads on only what of such a body has
+//! already arrived.
 //!
 //! A client that stops reading mid-answer (slow read: a long stream, a large body) keeps
 //! its request in flight, so the idle timeout never applies to it. When a response body
@@ -468,7 +471,8 @@ struct Tracked<S> {
 
 impl<S, R, B> hyper::service::Service<http::Request<R>> for Tracked<S>
 where
-    S: hyper::service::Service<http::Request<R>, Response = http::Response<B>>,
+    S: hyper::service::Service<http::Request<ReadBody<R>>, Response = http::Response<B>>,
+    R: http_body::Body,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -478,21 +482,69 @@ where
         req.extensions_mut().insert(self.peer);
         let guard = self.activity.begin();
         let http1 = req.version() < http::Version::HTTP_2;
+        let read = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+        let req = req.map(|inner| ReadBody {
+            inner,
+            read: Arc::clone(&read),
+        });
         TrackedFuture {
             inner: self.inner.call(req),
             guard: Some(guard),
             http1,
+            read,
         }
     }
 }
 
 pin_project! {
-    /// The service's future, keeping its request in flight.
+    /// A request body, telling its request's future whether it was read to its end.
+    pub struct ReadBody<R> {
+        #[pin]
+        inner: R,
+        read: Arc<AtomicBool>,
+    }
+}
+
+impl<R: http_body::Body> http_body::Body for ReadBody<R> {
+    type Data = R::Data;
+    type Error = R::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<R::Data>, R::Error>>> {
+        let mut this = self.project();
+        let poll = this.inner.as_mut().poll_frame(cx);
+        let ended = match &poll {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended {
+            this.read.store(true, Ordering::Release);
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// The service's future, keeping its request in flight (and knowing whether its body
+    /// was read to its end).
     struct TrackedFuture<F> {
         #[pin]
         inner: F,
         guard: Option<InFlight>,
         http1: bool,
+        // Whether the request's body was read to its end.
+        read: Arc<AtomicBool>,
     }
 }
 
@@ -506,7 +558,19 @@ where
         let this = self.project();
         let res = std::task::ready!(this.inner.poll(cx));
         let guard = this.guard.take();
-        Poll::Ready(res.map(|res| {
+        let unread_body = *this.http1 && !this.read.load(Ordering::Acquire);
+        Poll::Ready(res.map(|mut res| {
+            // An HTTP/1.1 answer given before its request's body was read (a refusal: no
+            // key, a rate limit, a budget, a body too large): hyper reads on only what of
+            // that body has already arrived and otherwise closes the connection after the
+            // answer. The answer says so, or the client would send its next request on a
+            // connection about to close ("Server disconnected without sending a response").
+            if unread_body && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                res.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             res.map(|inner| {
                 let id = guard.as_ref().map(|g| g.0.body_id()).unwrap_or_default();
                 TrackedBody {

@@ -1,9 +1,9 @@
 //! `GET /health`: the upstreams' breakers, Redis (with `REDIS_URL`), PostgreSQL (with
-//! `DATABASE_URL`: backlog, last error, dropped records; and the audit writer's events
-//! queued, written, in the backlog and dropped), the alert webhook's queue, and the usage
-//! queue; 503 when no upstream can take a request. Every backlog is what was queued less
-//! what has been written or given up on; what never joined a queue is counted as dropped
-//! only.
+//! `DATABASE_URL`: backlog, last error, dropped and dead-lettered records; and the audit
+//! writer's events queued, written, in the backlog and dropped), the alert webhook's
+//! queue, and the usage queue; 503 when no upstream can take a request. Every backlog is
+//! what was queued less what has been written or given up on; what never joined a queue
+//! is counted as dropped only.
 
 use axum::Json;
 use axum::extract::State;
@@ -48,6 +48,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "backlog": h.backlog,
             "last_error": h.last_error,
             "dropped": h.dropped,
+            "dead_lettered": h.dead_lettered,
             "accepted": h.accepted,
             "delivered": h.delivered,
             "duplicates": h.duplicates,

@@ -71,7 +71,19 @@ impl From<SinkError> for Failure {
 
 /// Writes one batch of records to a server; returns how many were new (the rest were
 /// stored by an earlier attempt).
-pub(crate) trait Store {
+pub(crate) trait Store: Send + Sync + Sized + 'static {
+    /// A handle on the sink that does not keep it alive (the retry timer holds one).
+    type Weak: Send + Sync + 'static;
+
+    /// The sink's backlog.
+    fn backlog(&self) -> &Backlog;
+
+    /// A handle that does not keep the sink alive.
+    fn downgrade(&self) -> Self::Weak;
+
+    /// The sink again, unless every clone of it is gone.
+    fn upgrade(weak: &Self::Weak) -> Option<Self>;
+
     fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send;
 
     /// Sets aside a record the server refused for a lasting reason, with the reason; a
@@ -99,6 +111,8 @@ struct State {
     health: SinkHealth,
     next_attempt: Option<tokio::time::Instant>,
     backoff: Duration,
+    /// Whether a retry timer is running.
+    retrying: bool,
 }
 
 /// Records accepted and not yet stored, in order, with the sink's counters.
@@ -121,6 +135,7 @@ impl Backlog {
                 health: SinkHealth::default(),
                 next_attempt: None,
                 backoff: Duration::ZERO,
+                retrying: false,
             }),
             writing: tokio::sync::Mutex::new(()),
         }
@@ -143,7 +158,8 @@ impl Backlog {
 
     /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
     /// A server that is away is not an error here: the records wait and are retried with
-    /// backoff on the next batch or at [`flush`](Self::flush).
+    /// backoff, by a timer of their own (which ends with the sink), on the next batch, or
+    /// at [`flush`](Self::flush).
     pub(crate) async fn record_batch<S: Store>(
         &self,
         store: &S,
@@ -174,6 +190,56 @@ impl Backlog {
     /// Writes buffered records in order until the buffer is empty or an attempt fails
     /// for a passing reason.
     async fn drain<S: Store>(&self, store: &S, force: bool) -> Result<(), SinkError> {
+        let result = self.drain_now(store, force).await;
+        if result.is_err() {
+            self.retry_later(store);
+        }
+        result
+    }
+
+    /// Starts a timer that writes the buffer when its backoff ends, and again after each
+    /// failed attempt, until the buffer is empty or the sink is gone (it holds no strong
+    /// handle while it waits). One timer at a time; none outside a Tokio runtime (the next
+    /// batch or flush retries then).
+    fn retry_later<S: Store>(&self, store: &S) {
+        {
+            let mut s = self.state();
+            if s.retrying || s.buffer.is_empty() || s.next_attempt.is_none() {
+                return;
+            }
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            s.retrying = true;
+            drop(s);
+            let weak = store.downgrade();
+            runtime.spawn(async move {
+                loop {
+                    let at = {
+                        let Some(sink) = S::upgrade(&weak) else {
+                            return;
+                        };
+                        let mut s = sink.backlog().state();
+                        match s.next_attempt {
+                            Some(at) if !s.buffer.is_empty() => at,
+                            _ => {
+                                s.retrying = false;
+                                return;
+                            }
+                        }
+                    };
+                    tokio::time::sleep_until(at).await;
+                    let Some(sink) = S::upgrade(&weak) else {
+                        return;
+                    };
+                    let _ = sink.backlog().drain_now(&sink, false).await;
+                }
+            });
+        }
+    }
+
+    /// [`drain`](Self::drain) without starting the retry timer.
+    async fn drain_now<S: Store>(&self, store: &S, force: bool) -> Result<(), SinkError> {
         let _writer = self.writing.lock().await;
         loop {
             let chunk: Vec<UsageRecord> = {
@@ -306,5 +372,151 @@ impl Backlog {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::cost::usage::Usage;
+
+    fn rec(n: u64) -> UsageRecord {
+        UsageRecord::new(
+            SystemTime::UNIX_EPOCH,
+            Some(format!("m{n}")),
+            Usage {
+                input_tokens: n,
+                ..Usage::default()
+            },
+            None,
+        )
+    }
+
+    /// An in-process server that is away while `down` is set.
+    struct Server {
+        backlog: Backlog,
+        down: AtomicBool,
+        attempts: AtomicU32,
+        stored: Mutex<Vec<u64>>,
+    }
+
+    #[derive(Clone)]
+    struct Sink(Arc<Server>);
+
+    impl Store for Sink {
+        type Weak = std::sync::Weak<Server>;
+
+        fn backlog(&self) -> &Backlog {
+            &self.0.backlog
+        }
+
+        fn downgrade(&self) -> Self::Weak {
+            Arc::downgrade(&self.0)
+        }
+
+        fn upgrade(weak: &Self::Weak) -> Option<Self> {
+            weak.upgrade().map(Sink)
+        }
+
+        async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+            self.0.attempts.fetch_add(1, Ordering::SeqCst);
+            if self.0.down.load(Ordering::SeqCst) {
+                return Err(SinkError::Unavailable("connection refused".into()).into());
+            }
+            let mut stored = self.0.stored.lock().unwrap();
+            stored.extend(batch.iter().map(|r| r.usage.input_tokens));
+            Ok(batch.len() as u64)
+        }
+
+        async fn dead_letter(&self, _: &UsageRecord, _: &str) -> Result<bool, SinkError> {
+            Ok(true)
+        }
+    }
+
+    fn sink(down: bool) -> Sink {
+        Sink(Arc::new(Server {
+            backlog: Backlog::new(
+                "test sink",
+                Limits {
+                    max_batch: 2,
+                    max_buffer: 100,
+                    max_backoff: Duration::from_secs(30),
+                },
+            ),
+            down: AtomicBool::new(down),
+            attempts: AtomicU32::new(0),
+            stored: Mutex::new(Vec::new()),
+        }))
+    }
+
+    async fn record(s: &Sink, batch: &[UsageRecord]) {
+        s.backlog().record_batch(s, batch).await.unwrap();
+    }
+
+    /// Traffic stops while the server is away: the backlog is written when the server
+    /// is back, with no new batch and no flush.
+    #[tokio::test(start_paused = true)]
+    async fn a_backlog_is_retried_on_its_own_when_traffic_stops() {
+        let s = sink(true);
+        record(&s, &[rec(1), rec(2), rec(3)]).await;
+        assert_eq!(s.backlog().health().backlog, 3);
+        // backing off: 100 ms, 200 ms, 400 ms, … up to 30 s
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let tries = s.0.attempts.load(Ordering::SeqCst);
+        assert!((4..=6).contains(&tries), "{tries} attempts in 2 s");
+        s.0.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let h = s.backlog().health();
+        assert_eq!((h.accepted, h.delivered, h.backlog), (3, 3, 0), "{h:?}");
+        assert_eq!(h.last_error, None);
+        assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3]);
+        // the timer ended with the backlog: nothing more is tried
+        let tries = s.0.attempts.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert_eq!(s.0.attempts.load(Ordering::SeqCst), tries);
+        // and a later outage starts a timer again
+        s.0.down.store(true, Ordering::SeqCst);
+        record(&s, &[rec(4)]).await;
+        s.0.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3, 4]);
+    }
+
+    /// The timer holds no strong handle while it waits: dropping the sink ends it.
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_timer_ends_with_the_sink() {
+        let s = sink(true);
+        record(&s, &[rec(1)]).await;
+        let weak = s.downgrade();
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 1, "one retry timer");
+        drop(s);
+        assert!(
+            Sink::upgrade(&weak).is_none(),
+            "the timer keeps the sink alive"
+        );
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let tasks = tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks();
+        assert_eq!(tasks, 0, "the timer outlived the sink");
+    }
+
+    /// A failed flush starts the timer too.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_flush_is_retried_on_its_own() {
+        let s = sink(false);
+        s.0.down.store(true, Ordering::SeqCst);
+        record(&s, &[rec(1)]).await;
+        assert!(s.backlog().flush(&s).await.is_err());
+        s.0.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(s.backlog().health().backlog, 0);
     }
 }

@@ -427,6 +427,18 @@ async fn run<S: UsageSink>(
         // Checked before draining: once closed or without recorders, nothing more comes.
         let last = queue.lock().closed || queue.senders.load(Ordering::Acquire) == 0;
         loop {
+            // A steady stream can keep the queue from ever being empty here: the shutdown
+            // signal is looked at before each take, not only when idle.
+            if listening {
+                match stop.try_recv() {
+                    Ok(()) => {
+                        listening = false;
+                        queue.lock().closed = true;
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => listening = false,
+                    Err(oneshot::error::TryRecvError::Empty) => {}
+                }
+            }
             std::mem::swap(&mut queue.lock().records, &mut taken);
             if taken.is_empty() {
                 break;
@@ -436,7 +448,8 @@ async fn run<S: UsageSink>(
             }
             taken.clear();
         }
-        if last {
+        // closed before the last (empty) take: nothing more comes
+        if last || queue.lock().closed {
             break;
         }
         // Idle: the next record wakes us (the flag is set and read under the queue's
@@ -825,5 +838,50 @@ mod tests {
         let stats = shut.shutdown().await;
         assert_eq!(stats.written, 6);
         assert_eq!(*sink.got.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    /// A sink that takes 1 ms per batch.
+    struct Slow(Mutex<u64>);
+
+    impl UsageSink for Slow {
+        async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            *self.0.lock().unwrap() += batch.len() as u64;
+            Ok(())
+        }
+
+        async fn flush(&self) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// Records keep arriving faster than the writer drains them (a slow sink, a steady
+    /// stream): the writer, never finding the queue empty, never looked at the shutdown
+    /// signal, so `shutdown` waited for the traffic to stop. It closes the queue at once
+    /// and writes what was accepted.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_under_steady_traffic_closes_the_queue() {
+        let sink = Arc::new(Slow(Mutex::new(0)));
+        let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        let producer = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut i = 0;
+                loop {
+                    r.record(rec(i));
+                    i += 1;
+                    tokio::time::sleep(Duration::from_micros(100)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = tokio::time::timeout(Duration::from_secs(1), shut.shutdown())
+            .await
+            .expect("shutdown waited for the traffic to stop");
+        producer.abort();
+        assert!(stats.queued > 0);
+        assert_eq!(stats.written, stats.queued, "{stats:?}");
+        assert_eq!(*sink.0.lock().unwrap(), stats.written);
+        assert!(!r.record(rec(0)), "the queue is closed");
     }
 }

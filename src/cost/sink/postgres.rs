@@ -30,8 +30,10 @@
 //! a bounded buffer and are retried with backoff; a record that does not fit is dropped
 //! and counted. A batch the server refuses for a lasting reason (a data exception, SQLSTATE
 //! class 22; a constraint, class 23; a program limit, class 54) is split until the records
-//! at fault are found: those go to `usage_dead_letters`, counted in
-//! [`SinkHealth::dead_lettered`] and logged, and the rest are stored.
+//! at fault are found, and a record with a cost or token count past its `bigint` column
+//! (a cost past about $9.2 million) is refused before it is sent: those go to
+//! `usage_dead_letters`, counted in [`SinkHealth::dead_lettered`] and logged, and the
+//! rest are stored.
 //! [`PostgresSink::health`] shows the backlog, the counters and the last error:
 //! `accepted = delivered + dead_lettered + dropped + backlog` at all times.
 //!
@@ -223,7 +225,7 @@ impl AuditEvent {
 /// written against it still builds).
 pub type PostgresHealth = SinkHealth;
 
-struct Inner {
+pub(crate) struct Inner {
     pool: Pool,
     config: PostgresConfig,
     backlog: Backlog,
@@ -679,7 +681,8 @@ fn parse_key(hex: &str) -> Result<ApiKeyId, SinkError> {
 impl UsageSink for PostgresSink {
     /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
     /// A server that is away is not an error here: the records wait and are retried with
-    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    /// backoff (by a timer of their own while the sink lives, on the next batch, or at
+    /// [`flush`](UsageSink::flush)).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
         self.inner.backlog.record_batch(self, batch).await
     }
@@ -692,7 +695,57 @@ impl UsageSink for PostgresSink {
 }
 
 impl Store for PostgresSink {
+    type Weak = std::sync::Weak<Inner>;
+
+    fn backlog(&self) -> &Backlog {
+        &self.inner.backlog
+    }
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|inner| Self { inner })
+    }
+
     async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+        // A value past its bigint column would be stored clamped, a wrong amount: the
+        // records before it are stored, and it is refused for good.
+        if let Some((at, why)) = batch.iter().enumerate().find_map(|(i, r)| {
+            let cost = r.cost.map_or(0, |c| c.picos());
+            let u = &r.usage;
+            let tokens = [
+                u.input_tokens,
+                u.output_tokens,
+                u.cache_write_5m_tokens,
+                u.cache_write_1h_tokens,
+                u.cache_read_tokens,
+                u.web_search_requests,
+            ];
+            if cost > i64::MAX as u128 {
+                Some((i, format!("cost of {cost} pico-dollars")))
+            } else if tokens.iter().any(|&t| t > i64::MAX as u64) {
+                Some((i, "a token count".to_owned()))
+            } else {
+                None
+            }
+        }) {
+            let fresh = if at > 0 {
+                self.insert(&batch[..at]).await?
+            } else {
+                0
+            };
+            return Err(Failure {
+                error: SinkError::Rejected(format!(
+                    "usage record {} not stored: its {why} does not fit a bigint column",
+                    batch[at].id
+                )),
+                stored: at,
+                fresh,
+                pinpointed: true,
+            });
+        }
         // one statement: all of the batch is stored, or none of it
         Ok(self.insert(batch).await?)
     }

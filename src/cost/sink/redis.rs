@@ -65,7 +65,7 @@ impl Default for RedisSinkConfig {
 /// written against it still builds).
 pub type RedisSinkHealth = SinkHealth;
 
-struct Inner<C> {
+pub(crate) struct Inner<C> {
     conn: C,
     config: RedisSinkConfig,
     prefix: String,
@@ -106,8 +106,9 @@ struct Inner<C> {
 ///
 /// While Redis is away (no answer, a lost connection, a timeout, or an answer that says
 /// wait: `LOADING`, `BUSY`, `READONLY`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `OOM`,
-/// `NOPERM`, …), records wait in a bounded buffer and are retried with backoff; a record
-/// that does not fit is dropped and counted. [`RedisSink::health`] shows the backlog, the
+/// `MISCONF`, `NOPERM`, `ERR max number of clients reached`, …), records wait in a
+/// bounded buffer and are retried with backoff; a record that does not fit is dropped
+/// and counted. [`RedisSink::health`] shows the backlog, the
 /// counters and the last error:
 /// `accepted = delivered + dead_lettered + dropped + backlog`.
 ///
@@ -171,14 +172,23 @@ const PASSING: &[&str] = &[
     "WRONGPASS",
     "NOSCRIPT",
     "UNBLOCKED",
+    // a failed snapshot stops writes until the disk is back
+    "MISCONF",
 ];
 
+/// Whether an error answer with `code` and `message` says "not now": its code is in
+/// [`PASSING`], or it is the generic `ERR` of a server at its client limit.
+fn passing(code: &str, message: &str) -> bool {
+    PASSING.contains(&code) || (code == "ERR" && message.contains("max number of clients"))
+}
+
 /// An error from Redis: lasting ([`SinkError::Rejected`]) when the server answered with an
-/// error code not in [`PASSING`], else passing.
+/// error that is not [`passing`], else passing.
 fn redis_error(e: redis::RedisError) -> SinkError {
+    let message = e.to_string();
     match e.code() {
-        Some(code) if !PASSING.contains(&code) => SinkError::Rejected(e.to_string()),
-        _ => SinkError::Unavailable(e.to_string()),
+        Some(code) if !passing(code, &message) => SinkError::Rejected(message),
+        _ => SinkError::Unavailable(message),
     }
 }
 
@@ -186,7 +196,7 @@ fn redis_error(e: redis::RedisError) -> SinkError {
 /// classified by its code as [`redis_error`] does.
 fn script_error(err: &str) -> SinkError {
     let code = err.split_whitespace().next().unwrap_or("");
-    if PASSING.contains(&code) {
+    if passing(code, err) {
         SinkError::Unavailable(err.to_owned())
     } else {
         SinkError::Rejected(err.to_owned())
@@ -573,7 +583,8 @@ where
 {
     /// Buffers `batch` (dropping and counting what does not fit) and writes the buffer.
     /// Redis being away is not an error here: the records wait and are retried with
-    /// backoff on the next batch or at [`flush`](UsageSink::flush).
+    /// backoff (by a timer of their own while the sink lives, on the next batch, or at
+    /// [`flush`](UsageSink::flush)).
     async fn record_batch(&self, batch: &[UsageRecord]) -> Result<(), SinkError> {
         self.inner.backlog.record_batch(self, batch).await
     }
@@ -589,6 +600,20 @@ impl<C> Store for RedisSink<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    type Weak = std::sync::Weak<Inner<C>>;
+
+    fn backlog(&self) -> &Backlog {
+        &self.inner.backlog
+    }
+
+    fn downgrade(&self) -> Self::Weak {
+        Arc::downgrade(&self.inner)
+    }
+
+    fn upgrade(weak: &Self::Weak) -> Option<Self> {
+        weak.upgrade().map(|inner| Self { inner })
+    }
+
     fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send {
         self.write(batch)
     }
@@ -682,6 +707,28 @@ mod tests {
                 "palisade:usage:{usage}:stream",
                 "{tag:?}"
             );
+        }
+    }
+
+    /// Answers that say "not now" keep the records waiting; a refusal of the record
+    /// itself sets it aside.
+    #[test]
+    fn passing_and_lasting_answers_are_told_apart() {
+        for err in [
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable",
+            "ERR max number of clients reached",
+            "LOADING Redis is loading the dataset in memory",
+            "READONLY You can't write against a read only replica.",
+            "OOM command not allowed when used memory > 'maxmemory'.",
+        ] {
+            assert!(script_error(err).is_retryable(), "{err}");
+        }
+        for err in [
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "ERR increment or decrement would overflow",
+            "ERR string exceeds maximum allowed size (proto-max-bulk-len)",
+        ] {
+            assert!(!script_error(err).is_retryable(), "{err}");
         }
     }
 
