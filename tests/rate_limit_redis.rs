@@ -2199,3 +2199,60 @@ async fn a_held_up_cluster_master_does_not_hold_up_keys_on_the_others() {
         let _ = h.await.unwrap();
     }
 }
+
+/// On a Cluster the bound on waiting calls holds for all slots together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
+    let cluster = RedisCluster::start().await.expect("redis cluster");
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique("bounded-cluster"))
+        .timeout(Duration::from_secs(10))
+        .on_failure(RedisFailMode::Closed)
+        .build()
+        .await
+        .unwrap();
+    let rules: Vec<Owned> = (0..8)
+        .map(|i| Owned {
+            key: RateKey::principal(format!("user-{i}")),
+            ..one_rule(Algorithm::FixedWindow, 10, 1)
+        })
+        .collect();
+    let mut slots = std::collections::BTreeSet::new();
+    for rule in &rules {
+        assert_eq!(remaining(&store, rule).await, 10);
+        let key = store.key_name(rule.name, &rule.key);
+        let slot = support::command(cluster.addrs()[0], &format!("CLUSTER KEYSLOT {key}"))
+            .await
+            .unwrap();
+        slots.insert(slot);
+    }
+    for addr in cluster.addrs() {
+        pause_writes(*addr, 2_000).await;
+    }
+    let burst = 10_000;
+    let tasks: Vec<_> = (0..burst)
+        .map(|i| {
+            let store = store.clone();
+            let rule = rules[i % rules.len()].clone();
+            tokio::spawn(async move {
+                match store.check(&[rule.item()]).await {
+                    Ok(d) => (usize::from(d.admitted), 0),
+                    Err(e) => {
+                        assert!(e.to_string().contains("already waiting"), "{e}");
+                        (0, 1)
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut admitted, mut turned_away) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        admitted += a;
+        turned_away += r;
+    }
+    // two calls in flight on each slot, 8,192 waiting in all
+    assert_eq!(turned_away, burst - 2 * slots.len() - 8_192);
+    assert_eq!(admitted, 10 * rules.len());
+}

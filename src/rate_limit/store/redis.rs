@@ -457,8 +457,8 @@ enum Conn {
 /// would be alone (one `TIME` serves the batch). Under load one round trip, and one script
 /// call's fixed cost in Redis, then serve many decisions; idle, nothing waits. Each call
 /// keeps its own timeout and failure mode; a batch that fails fails each of its calls. At
-/// most 8,192 decisions and peeks wait for room (on a Cluster, in each slot): while Redis
-/// stalls, one past them fails at
+/// most 8,192 decisions and peeks wait for room (on a Cluster, in all slots together):
+/// while Redis stalls, one past them fails at
 /// once (its failure mode answers), and one whose caller went away while it waited (a
 /// decision that timed out is awaited in the background as said below) is not sent;
 /// settlements are always sent. On

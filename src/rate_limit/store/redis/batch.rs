@@ -6,6 +6,7 @@
 //! Under no load this adds no wait; under load one round trip (and one script call, with
 //! its fixed cost in Redis) serves many decisions.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::oneshot;
@@ -15,8 +16,8 @@ use super::{Inner, SCRIPT, eval};
 /// The most calls one batch carries.
 pub(super) const MAX_BATCH: usize = 64;
 
-/// The most calls waiting for room at once (128 full batches, two in flight: 64 round
-/// trips). A call made while that many wait is failed at once, and follows its failure
+/// The most calls waiting for room at once, in all slots of a Cluster together (128 full
+/// batches, two in flight: 64 round trips). A call made while that many wait is failed at once, and follows its failure
 /// mode: when Redis stalls, a burst does not pile up in memory, nor run in Redis long after
 /// its callers were answered.
 pub(super) const MAX_QUEUED: usize = 128 * MAX_BATCH;
@@ -59,6 +60,8 @@ impl Pending {
 /// so a master that is held up (paused, failing over) holds up no key of another.
 pub(super) struct Batchers {
     slots: Box<[Batcher]>,
+    /// Calls waiting, in every slot.
+    queued: AtomicUsize,
 }
 
 impl Batchers {
@@ -66,6 +69,7 @@ impl Batchers {
         let n = if cluster { SLOTS } else { 1 };
         Self {
             slots: (0..n).map(|_| Batcher::default()).collect(),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -122,6 +126,11 @@ impl Drop for FlushGuard {
             state.in_flight -= 1;
             if state.in_flight == 0 {
                 // Dropping the senders answers their callers with an error.
+                let waiting = state.queue.len();
+                self.inner
+                    .batcher
+                    .queued
+                    .fetch_sub(waiting, Ordering::Relaxed);
                 state.queue.clear();
             }
         }
@@ -138,9 +147,23 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> An
     let waiting = {
         let mut state = inner.batcher.of(slot).lock();
         if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
-            if kind == Kind::Decision && state.queue.len() >= MAX_QUEUED {
+            // A place is taken before the call is queued (the slots' locks are apart, the
+            // count is shared): a decision only while fewer than the bound wait.
+            let queued = &inner.batcher.queued;
+            let full = |q: &AtomicUsize| {
+                let full = q.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED;
+                if full {
+                    q.fetch_sub(1, Ordering::Relaxed);
+                }
+                full
+            };
+            if kind == Kind::Settlement {
+                queued.fetch_add(1, Ordering::Relaxed);
+            } else if full(queued) {
+                let before = state.queue.len();
                 state.queue.retain(|p| !p.abandoned());
-                if state.queue.len() >= MAX_QUEUED {
+                queued.fetch_sub(before - state.queue.len(), Ordering::Relaxed);
+                if full(queued) {
                     return Err(format!(
                         "{MAX_QUEUED} Redis calls were already waiting for an answer"
                     ));
@@ -176,7 +199,7 @@ pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> An
 fn hand_off(inner: &Arc<Inner>, slot: usize) {
     let batch = {
         let mut state = inner.batcher.of(slot).lock();
-        let batch = take(&mut state.queue);
+        let batch = take(&mut state.queue, &inner.batcher.queued);
         if batch.is_empty() {
             state.in_flight -= 1;
             return;
@@ -196,13 +219,16 @@ fn hand_off(inner: &Arc<Inner>, slot: usize) {
 /// The first calls of the queue, at most a batch. A decision whose caller is gone
 /// (cancelled, or answered by its timeout and no longer awaited) is not sent: nobody would
 /// own what it debits.
-fn take(queue: &mut Vec<Pending>) -> Vec<Pending> {
+fn take(queue: &mut Vec<Pending>, queued: &AtomicUsize) -> Vec<Pending> {
+    let before = queue.len();
     queue.retain(|p| !p.abandoned());
-    if queue.len() <= MAX_BATCH {
+    let batch: Vec<Pending> = if queue.len() <= MAX_BATCH {
         std::mem::take(queue)
     } else {
         queue.drain(..MAX_BATCH).collect()
-    }
+    };
+    queued.fetch_sub(before - queue.len(), Ordering::Relaxed);
+    batch
 }
 
 /// Sends batches until nothing waits.
@@ -224,7 +250,7 @@ fn flush(
         loop {
             send(&inner, batch).await;
             let mut state = inner.batcher.of(slot).lock();
-            batch = take(&mut state.queue);
+            batch = take(&mut state.queue, &inner.batcher.queued);
             if batch.is_empty() {
                 state.in_flight -= 1;
                 guard.armed = false;
