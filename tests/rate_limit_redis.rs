@@ -531,49 +531,7 @@ async fn a_cluster_failover_is_survived() {
     }
     // promote the replica of the master that holds the key
     let key = store.key_name(rule.name, &rule.key);
-    let slot: u64 = {
-        let addr = cluster.addrs()[0];
-        let reply = support::command(addr, &format!("CLUSTER KEYSLOT {key}"))
-            .await
-            .unwrap();
-        reply.trim().trim_start_matches(':').parse().unwrap()
-    };
-    let mut replica = None;
-    for &addr in cluster.addrs() {
-        let nodes = support::command(addr, "CLUSTER NODES").await.unwrap();
-        let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
-        if myself.contains("slave") {
-            let master_id = myself.split(' ').nth(3).unwrap();
-            let master = nodes.lines().find(|l| l.starts_with(master_id)).unwrap();
-            let serves = master.split(' ').skip(8).any(|range| {
-                let mut ends = range
-                    .split('-')
-                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
-                let lo = ends.next().unwrap();
-                let hi = ends.next().unwrap_or(lo);
-                (lo..=hi).contains(&slot)
-            });
-            if serves {
-                replica = Some(addr);
-            }
-        }
-    }
-    let replica = replica.expect("a replica of the key's master");
-    let reply = support::command(replica, "CLUSTER FAILOVER").await.unwrap();
-    assert!(reply.starts_with("+OK"), "{reply}");
-    // wait until the replica reports itself master
-    let start = Instant::now();
-    loop {
-        let info = support::command(replica, "INFO replication").await.unwrap();
-        if info.contains("role:master") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "failover did not happen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.fail_over_slot(cluster.key_slot(&key).await).await;
     // decisions go on, on the promoted node, with the state it replicated
     let start = Instant::now();
     let mut admitted = 0;
@@ -1926,45 +1884,8 @@ async fn batches_through_a_cluster_failover_count_exactly_what_was_admitted() {
         .collect();
     // promote the replica of the master holding the first key
     let key = store.key_name(rules[0].name, &rules[0].key);
-    let slot: u64 = support::command(cluster.addrs()[0], &format!("CLUSTER KEYSLOT {key}"))
-        .await
-        .unwrap()
-        .trim()
-        .trim_start_matches(':')
-        .parse()
-        .unwrap();
-    let mut replica = None;
-    for &addr in cluster.addrs() {
-        let nodes = support::command(addr, "CLUSTER NODES").await.unwrap();
-        let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
-        if myself.contains("slave") {
-            let master_id = myself.split(' ').nth(3).unwrap();
-            let master = nodes.lines().find(|l| l.starts_with(master_id)).unwrap();
-            let serves = master.split(' ').skip(8).any(|range| {
-                let mut ends = range
-                    .split('-')
-                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
-                let lo = ends.next().unwrap();
-                let hi = ends.next().unwrap_or(lo);
-                (lo..=hi).contains(&slot)
-            });
-            if serves {
-                replica = Some(addr);
-            }
-        }
-    }
-    let replica = replica.expect("a replica of the key's master");
-    let reply = support::command(replica, "CLUSTER FAILOVER").await.unwrap();
-    assert!(reply.starts_with("+OK"), "{reply}");
     let start = Instant::now();
-    while !support::command(replica, "INFO replication")
-        .await
-        .unwrap()
-        .contains("role:master")
-    {
-        assert!(start.elapsed() < Duration::from_secs(10), "no failover");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster.fail_over_slot(cluster.key_slot(&key).await).await;
     // decisions go on after it
     let before = admitted[0].load(Ordering::Relaxed);
     while admitted[0].load(Ordering::Relaxed) < before + 50 {
@@ -2222,10 +2143,7 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
     for rule in &rules {
         assert_eq!(remaining(&store, rule).await, 10);
         let key = store.key_name(rule.name, &rule.key);
-        let slot = support::command(cluster.addrs()[0], &format!("CLUSTER KEYSLOT {key}"))
-            .await
-            .unwrap();
-        slots.insert(slot);
+        slots.insert(cluster.key_slot(&key).await);
     }
     for addr in cluster.addrs() {
         pause_writes(*addr, 2_000).await;

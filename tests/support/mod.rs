@@ -496,6 +496,64 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.addrs.iter().map(|a| format!("redis://{a}/")).collect()
     }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn key_slot(&self, key: &str) -> u64 {
+        command(self.addrs[0], &format!("CLUSTER KEYSLOT {key}"))
+            .await
+            .unwrap()
+            .trim()
+            .trim_start_matches(':')
+            .parse()
+            .unwrap()
+    }
+
+    /// The replica whose master serves `slot`, on a cluster from
+    /// [`RedisCluster::start_with_replicas`].
+    pub async fn replica_of_slot(&self, slot: u64) -> SocketAddr {
+        let mut replica = None;
+        for &addr in &self.addrs {
+            let nodes = command(addr, "CLUSTER NODES").await.unwrap();
+            let myself = nodes.lines().find(|l| l.contains("myself")).unwrap();
+            if myself.contains("slave") {
+                let master_id = myself.split(' ').nth(3).unwrap();
+                let master = nodes.lines().find(|l| l.starts_with(master_id)).unwrap();
+                let serves = master.split(' ').skip(8).any(|range| {
+                    let mut ends = range
+                        .split('-')
+                        .map(|v| v.parse::<u64>().unwrap_or(u64::MAX));
+                    let lo = ends.next().unwrap();
+                    let hi = ends.next().unwrap_or(lo);
+                    (lo..=hi).contains(&slot)
+                });
+                if serves {
+                    replica = Some(addr);
+                }
+            }
+        }
+        replica.expect("a replica of the slot's master")
+    }
+
+    /// Promotes the replica of the master serving `slot` with `CLUSTER FAILOVER` and waits
+    /// (10 s at most) until it reports itself master; returns the promoted node.
+    pub async fn fail_over_slot(&self, slot: u64) -> SocketAddr {
+        let replica = self.replica_of_slot(slot).await;
+        let reply = command(replica, "CLUSTER FAILOVER").await.unwrap();
+        assert!(reply.starts_with("+OK"), "{reply}");
+        let start = std::time::Instant::now();
+        while !command(replica, "INFO replication")
+            .await
+            .unwrap()
+            .contains("role:master")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "failover did not happen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        replica
+    }
 }
 
 impl Drop for RedisCluster {
