@@ -176,6 +176,27 @@ fn one_rule(algorithm: Algorithm, limit: u64, cost: u64) -> Owned {
     }
 }
 
+/// `n` copies of [`one_rule`], each on its own key `user-{i}`.
+fn per_user(n: usize, algorithm: Algorithm, limit: u64, cost: u64) -> Vec<Owned> {
+    (0..n)
+        .map(|i| Owned {
+            key: RateKey::principal(format!("user-{i}")),
+            ..one_rule(algorithm, limit, cost)
+        })
+        .collect()
+}
+
+/// A store on `cluster` with a fresh prefix tagged `tag`.
+async fn cluster_store(cluster: &RedisCluster, tag: &str, timeout: Duration) -> RedisStore {
+    RedisStore::builder()
+        .cluster(cluster.urls())
+        .prefix(unique(tag))
+        .timeout(timeout)
+        .build()
+        .await
+        .unwrap()
+}
+
 /// The group: a per-user rule (20 each) and a global rule (100 in all), ten users.
 fn group(algorithm: Algorithm, i: usize) -> Vec<Owned> {
     vec![
@@ -290,13 +311,7 @@ async fn a_three_master_cluster_admits_exactly_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_decisions_on_many_cluster_slots_batch_per_slot_and_stay_exact() {
     let cluster = RedisCluster::start().await.expect("redis cluster");
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .prefix(unique("slots"))
-        .timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap();
+    let store = cluster_store(&cluster, "slots", Duration::from_secs(2)).await;
     // 40 keys spread over the masters' slots, 5 each admitted of 25 requests: a batch
     // mixing keys of several slots must never become one cross-slot script call
     let rule = |i: usize| Owned {
@@ -518,13 +533,7 @@ async fn a_cluster_failover_is_survived() {
     let cluster = RedisCluster::start_with_replicas()
         .await
         .expect("redis cluster with replicas");
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .prefix(unique("failover"))
-        .timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
+    let store = cluster_store(&cluster, "failover", Duration::from_millis(500)).await;
     let rule = one_rule(Algorithm::FixedWindow, 1_000, 1);
     for _ in 0..10 {
         assert!(store.check(&[rule.item()]).await.unwrap().admitted);
@@ -1536,19 +1545,8 @@ async fn a_reset_forgets_the_key_in_the_local_fallback_too() {
 #[tokio::test]
 async fn a_flushed_script_cache_is_reloaded_on_every_cluster_master() {
     let cluster = RedisCluster::start().await.expect("redis cluster");
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .prefix(unique("cluster-flush"))
-        .timeout(Duration::from_secs(2))
-        .build()
-        .await
-        .unwrap();
-    let rules: Vec<Owned> = (0..12)
-        .map(|i| Owned {
-            key: RateKey::principal(format!("user-{i}")),
-            ..one_rule(Algorithm::Gcra, 3, 1)
-        })
-        .collect();
+    let store = cluster_store(&cluster, "cluster-flush", Duration::from_secs(2)).await;
+    let rules = per_user(12, Algorithm::Gcra, 3, 1);
     for rule in &rules {
         assert!(store.check(&[rule.item()]).await.unwrap().admitted);
     }
@@ -1578,6 +1576,38 @@ async fn a_flushed_script_cache_is_reloaded_on_every_cluster_master() {
     assert!(store.health().healthy);
 }
 
+/// Sends `n` concurrent decisions, request `i` on `rule_of(i)`, while Redis is held up;
+/// returns how many were admitted and how many were turned away for want of room (any
+/// other error fails the test).
+async fn bounded_burst(
+    store: &RedisStore,
+    n: usize,
+    rule_of: impl Fn(usize) -> Owned,
+) -> (usize, usize) {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let store = store.clone();
+            let rule = rule_of(i);
+            tokio::spawn(async move {
+                match store.check(&[rule.item()]).await {
+                    Ok(d) => (usize::from(d.admitted), 0),
+                    Err(e) => {
+                        assert!(e.to_string().contains("already waiting"), "{e}");
+                        (0, 1)
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut admitted, mut turned_away) = (0, 0);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        admitted += a;
+        turned_away += r;
+    }
+    (admitted, turned_away)
+}
+
 /// A burst while Redis stalls: the calls waiting for room are bounded, and those past the
 /// bound are failed at once (their failure mode answers) instead of piling up in memory
 /// and running in Redis long after.
@@ -1596,26 +1626,7 @@ async fn a_burst_while_redis_stalls_waits_in_a_bounded_queue() {
     pause_writes(server.addr(), 2_000).await;
     // two calls in flight (held up), 8,192 waiting, the rest failed at once
     let burst = 10_000;
-    let mut tasks = Vec::new();
-    for _ in 0..burst {
-        let store = store.clone();
-        let rule = rule.clone();
-        tasks.push(tokio::spawn(async move {
-            match store.check(&[rule.item()]).await {
-                Ok(d) => (usize::from(d.admitted), 0),
-                Err(e) => {
-                    assert!(e.to_string().contains("already waiting"), "{e}");
-                    (0, 1)
-                }
-            }
-        }));
-    }
-    let (mut admitted, mut turned_away) = (0, 0);
-    for t in tasks {
-        let (a, r) = t.await.unwrap();
-        admitted += a;
-        turned_away += r;
-    }
+    let (admitted, turned_away) = bounded_burst(&store, burst, |_| rule.clone()).await;
     assert_eq!(turned_away, burst - 2 - 8_192);
     assert_eq!(admitted, 10);
     assert_eq!(remaining(&store, &rule).await, 0);
@@ -1841,19 +1852,8 @@ async fn batches_through_a_cluster_failover_count_exactly_what_was_admitted() {
     let cluster = RedisCluster::start_with_replicas()
         .await
         .expect("redis cluster with replicas");
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .prefix(unique("failover-batch"))
-        .timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
-    let rules: Vec<Owned> = (0..8)
-        .map(|i| Owned {
-            key: RateKey::principal(format!("user-{i}")),
-            ..one_rule(Algorithm::FixedWindow, 100_000, 1)
-        })
-        .collect();
+    let store = cluster_store(&cluster, "failover-batch", Duration::from_millis(500)).await;
+    let rules = per_user(8, Algorithm::FixedWindow, 100_000, 1);
     for rule in &rules {
         assert!(store.check(&[rule.item()]).await.unwrap().admitted);
     }
@@ -2133,12 +2133,7 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
         .build()
         .await
         .unwrap();
-    let rules: Vec<Owned> = (0..8)
-        .map(|i| Owned {
-            key: RateKey::principal(format!("user-{i}")),
-            ..one_rule(Algorithm::FixedWindow, 10, 1)
-        })
-        .collect();
+    let rules = per_user(8, Algorithm::FixedWindow, 10, 1);
     let mut slots = std::collections::BTreeSet::new();
     for rule in &rules {
         assert_eq!(remaining(&store, rule).await, 10);
@@ -2149,27 +2144,8 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
         pause_writes(*addr, 2_000).await;
     }
     let burst = 10_000;
-    let tasks: Vec<_> = (0..burst)
-        .map(|i| {
-            let store = store.clone();
-            let rule = rules[i % rules.len()].clone();
-            tokio::spawn(async move {
-                match store.check(&[rule.item()]).await {
-                    Ok(d) => (usize::from(d.admitted), 0),
-                    Err(e) => {
-                        assert!(e.to_string().contains("already waiting"), "{e}");
-                        (0, 1)
-                    }
-                }
-            })
-        })
-        .collect();
-    let (mut admitted, mut turned_away) = (0, 0);
-    for t in tasks {
-        let (a, r) = t.await.unwrap();
-        admitted += a;
-        turned_away += r;
-    }
+    let (admitted, turned_away) =
+        bounded_burst(&store, burst, |i| rules[i % rules.len()].clone()).await;
     // two calls in flight on each slot, 8,192 waiting in all
     assert_eq!(turned_away, burst - 2 * slots.len() - 8_192);
     assert_eq!(admitted, 10 * rules.len());
