@@ -13,14 +13,32 @@ use palisade::cost::sink::{AuditEvent, PostgresConfig, PostgresSink, UsageSink};
 use palisade::cost::summary::{Subject, summarize, top};
 use palisade::cost::{MemorySink, Money, RecorderConfig, UsageRecord, UsageRecorder};
 use palisade::key::ApiKeyId;
-use records::{USERS, record};
+use records::{USERS, assert_dead_letter, record};
 
 async fn count(url: &str, sql: &str) -> i64 {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let client = pg::client(url).await;
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Applies the first `n` migrations the way a release that had only those did.
+async fn migrate_by_hand(client: &tokio_postgres::Client, n: usize) {
+    client
+        .batch_execute(
+            "CREATE TABLE palisade_schema_migrations (version integer PRIMARY KEY, \
+             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
         .await
         .unwrap();
-    tokio::spawn(conn);
-    client.query_one(sql, &[]).await.unwrap().get(0)
+    for (version, name, sql) in &palisade::cost::sink::MIGRATIONS[..n] {
+        client.batch_execute(sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .unwrap();
+    }
 }
 
 fn window() -> (SystemTime, SystemTime) {
@@ -156,10 +174,7 @@ async fn a_user_role_sees_only_its_own_rows() {
         .filter(|r| r.attribution.user.as_deref() == Some("ann"))
         .count() as i64;
     assert!(anns > 0);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = pg::client(&url).await;
     client
         .batch_execute("SET ROLE palisade_user")
         .await
@@ -340,10 +355,7 @@ async fn records_postgres_refuses_are_dead_lettered_and_the_rest_are_stored() {
     );
     assert_eq!(h.duplicates, 0, "{h:?}");
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 98);
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = pg::client(&url).await;
     let rows = client
         .query(
             "SELECT record_id, record::text, error FROM usage_dead_letters ORDER BY id",
@@ -353,11 +365,7 @@ async fn records_postgres_refuses_are_dead_lettered_and_the_rest_are_stored() {
         .unwrap();
     assert_eq!(rows.len(), 2);
     for (row, i) in rows.iter().zip([3, 71]) {
-        assert_eq!(row.get::<_, String>(0), records[i].id.to_string());
-        let dead: UsageRecord = serde_json::from_str(&row.get::<_, String>(1)).unwrap();
-        assert_eq!(dead, records[i]);
-        let error: String = row.get(2);
-        assert!(error.contains("22021"), "{error}");
+        assert_dead_letter(&records[i], row.get(0), row.get(1), row.get(2), "22021");
     }
     // sent again (a lost answer): nothing stored or set aside twice
     sink.record_batch(&records).await.unwrap();
@@ -412,27 +420,8 @@ async fn a_stopped_server_sets_nothing_aside() {
 async fn the_record_id_migration_keeps_existing_rows() {
     let server = pg::Postgres::start();
     let url = server.database("legacy").await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "CREATE TABLE palisade_schema_migrations (version integer PRIMARY KEY, \
-             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .unwrap();
-    for (version, name, sql) in &palisade::cost::sink::MIGRATIONS[..4] {
-        client.batch_execute(sql).await.unwrap();
-        client
-            .execute(
-                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
-                &[version, name],
-            )
-            .await
-            .unwrap();
-    }
+    let client = pg::client(&url).await;
+    migrate_by_hand(&client, 4).await;
     client
         .batch_execute(
             "INSERT INTO usage_logs (request_id, time, route, input_tokens, output_tokens, \
@@ -484,27 +473,8 @@ async fn the_record_id_migration_keeps_existing_rows() {
 async fn the_fallback_a_record_came_from_is_stored_and_old_rows_keep_null() {
     let server = pg::Postgres::start();
     let url = server.database("fallback").await;
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(
-            "CREATE TABLE palisade_schema_migrations (version integer PRIMARY KEY, \
-             name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await
-        .unwrap();
-    for (version, name, sql) in &palisade::cost::sink::MIGRATIONS[..5] {
-        client.batch_execute(sql).await.unwrap();
-        client
-            .execute(
-                "INSERT INTO palisade_schema_migrations (version, name) VALUES ($1, $2)",
-                &[version, name],
-            )
-            .await
-            .unwrap();
-    }
+    let client = pg::client(&url).await;
+    migrate_by_hand(&client, 5).await;
     client
         .batch_execute(
             "INSERT INTO usage_logs (record_id, time, route, input_tokens, output_tokens, \

@@ -442,10 +442,7 @@ async fn postgres_stopped_and_restarted_twice_under_concurrent_load_adds_up() {
         "{stats:?} {h:?}"
     );
 
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = pg::client(&url).await;
     let rows = client
         .query(
             "SELECT request_id, input_tokens, output_tokens, cache_read_tokens, cost_picos FROM usage_logs",
@@ -549,10 +546,7 @@ async fn postgres_stopped_and_restarted_under_load_through_the_gateway_adds_up()
     );
     assert_eq!(h.accepted, h.delivered + h.dropped, "{h:?}");
 
-    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let client = pg::client(&url).await;
     let rows = client
         .query(
             "SELECT request_id, input_tokens, output_tokens FROM usage_logs",

@@ -202,6 +202,15 @@ impl Postgres {
     }
 }
 
+/// A client on `url`, its connection driven by a spawned task.
+pub async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test server");
+    tokio::spawn(conn);
+    client
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();

@@ -49,3 +49,12 @@ pub fn record(i: u64) -> UsageRecord {
     r.duration = Duration::from_millis(i % 3000);
     r
 }
+
+/// Checks one dead letter as a sink stored it: it names `record` by id, holds the whole
+/// record as JSON, and its error text contains `reason`.
+pub fn assert_dead_letter(record: &UsageRecord, id: &str, json: &str, error: &str, reason: &str) {
+    assert_eq!(id, record.id.to_string());
+    let dead: UsageRecord = serde_json::from_str(json).unwrap();
+    assert_eq!(&dead, record);
+    assert!(error.contains(reason), "{error}");
+}
