@@ -379,22 +379,9 @@ impl Backlog {
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-    use std::time::SystemTime;
 
     use super::*;
-    use crate::cost::usage::Usage;
-
-    fn rec(n: u64) -> UsageRecord {
-        UsageRecord::new(
-            SystemTime::UNIX_EPOCH,
-            Some(format!("m{n}")),
-            Usage {
-                input_tokens: n,
-                ..Usage::default()
-            },
-            None,
-        )
-    }
+    use crate::cost::sink::tests::rec;
 
     /// An in-process server that is away while `down` is set.
     struct Server {

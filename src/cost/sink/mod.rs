@@ -556,7 +556,8 @@ mod tests {
     use super::*;
     use crate::cost::usage::Usage;
 
-    fn rec(n: u64) -> UsageRecord {
+    /// Record `n`: model `m{n}`, `n` input tokens (the sinks' unit tests share it).
+    pub(super) fn rec(n: u64) -> UsageRecord {
         UsageRecord::new(
             SystemTime::UNIX_EPOCH,
             Some(format!("m{n}")),
@@ -566,6 +567,24 @@ mod tests {
             },
             None,
         )
+    }
+
+    /// Records `each` records from each of `threads` threads at once (thread `t` records
+    /// `t * 1_000_000 + i` in order) and waits for the threads.
+    fn record_from_threads(r: &UsageRecorder, threads: u64, each: u64) {
+        let threads: Vec<_> = (0..threads)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    for i in 0..each {
+                        assert!(r.record(rec(t * 1_000_000 + i)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     /// A sink that fails a set number of times, and can be held shut to fill the queue.
@@ -680,19 +699,7 @@ mod tests {
             ..RecorderConfig::default()
         };
         let (r, shut) = UsageRecorder::spawn(Arc::clone(&sink), cfg);
-        let threads: Vec<_> = (0..4u64)
-            .map(|t| {
-                let r = r.clone();
-                std::thread::spawn(move || {
-                    for i in 0..5_000 {
-                        assert!(r.record(rec(t * 1_000_000 + i)));
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        record_from_threads(&r, 4, 5_000);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while r.stats().snapshot().written < 20_000 {
             assert!(std::time::Instant::now() < deadline, "records left behind");
@@ -789,19 +796,7 @@ mod tests {
                 bad
             })
         };
-        let threads: Vec<_> = (0..2u64)
-            .map(|t| {
-                let r = r.clone();
-                std::thread::spawn(move || {
-                    for i in 0..100_000 {
-                        assert!(r.record(rec(t * 1_000_000 + i)));
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
+        record_from_threads(&r, 2, 100_000);
         let stats = shut.shutdown().await;
         done.store(true, Ordering::Relaxed);
         assert_eq!(reader.join().unwrap(), 0, "snapshots with written > queued");

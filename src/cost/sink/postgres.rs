@@ -271,6 +271,18 @@ fn pg_write(e: tokio_postgres::Error) -> SinkError {
     }
 }
 
+/// The token counts a row stores, in the order of its token columns.
+fn token_counts(u: &Usage) -> [u64; 6] {
+    [
+        u.input_tokens,
+        u.output_tokens,
+        u.cache_write_5m_tokens,
+        u.cache_write_1h_tokens,
+        u.cache_read_tokens,
+        u.web_search_requests,
+    ]
+}
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -432,15 +444,7 @@ impl PostgresSink {
             conversation.push(a.conversation.clone());
             route.push(r.route.clone());
             model.push(r.model.clone());
-            let u = &r.usage;
-            for (v, t) in tokens.iter_mut().zip([
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_write_5m_tokens,
-                u.cache_write_1h_tokens,
-                u.cache_read_tokens,
-                u.web_search_requests,
-            ]) {
+            for (v, t) in tokens.iter_mut().zip(token_counts(&r.usage)) {
                 v.push(to_i64(t));
             }
             cost.push(r.cost.map(|c| i64::try_from(c.picos()).unwrap_or(i64::MAX)));
@@ -714,15 +718,7 @@ impl Store for PostgresSink {
         // records before it are stored, and it is refused for good.
         if let Some((at, why)) = batch.iter().enumerate().find_map(|(i, r)| {
             let cost = r.cost.map_or(0, |c| c.picos());
-            let u = &r.usage;
-            let tokens = [
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_write_5m_tokens,
-                u.cache_write_1h_tokens,
-                u.cache_read_tokens,
-                u.web_search_requests,
-            ];
+            let tokens = token_counts(&r.usage);
             if cost > i64::MAX as u128 {
                 Some((i, format!("cost of {cost} pico-dollars")))
             } else if tokens.iter().any(|&t| t > i64::MAX as u64) {
