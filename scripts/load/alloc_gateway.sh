@@ -14,53 +14,13 @@ cd "$(dirname "$0")/../.."
 command -v heaptrack >/dev/null || { echo "alloc_gateway.sh: heaptrack is not installed (apt-get install heaptrack)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "alloc_gateway.sh: wrk is not installed (apt-get install wrk)" >&2; exit 2; }
 
-# The same build as scripts/load.sh (with the `redis` feature when redis-server is present),
-# so the two share one release build; the runs here use in-memory stores.
-features=()
-if command -v redis-server >/dev/null 2>&1; then
-  features=(--features redis)
-fi
-cargo build --release --quiet --example chat_gateway --example mock_upstream "${features[@]}"
-bin=target/release/examples
-gateway="${LOAD_GATEWAY_BIN:-$bin/chat_gateway}"
-key="sk-load-0000000000000000"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# wait_for LOG PID: waits for "listening on 127.0.0.1:PORT" in LOG; sets $found.
-wait_for() {
-  found=""
-  for _ in $(seq 1 600); do
-    kill -0 "$2" 2>/dev/null || return 1
-    found="$(grep -o -m1 'listening on [a-z:/]*127\.0\.0\.1:[0-9]*' "$1" | grep -o '127\.0\.0\.1:[0-9]*' || true)"
-    [ -n "$found" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
-"$bin/mock_upstream" 127.0.0.1:0 >"$work/mock.log" 2>&1 &
-pids+=($!)
-wait_for "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
-mock="$found"
+# shellcheck source=scripts/load/common.sh
+source scripts/load/common.sh
 
 # measure LAYERS MODE SECONDS: prints "ALLOCATIONS REQUESTS" of one gateway run.
 measure() {
   local layers="$1" mode="$2" secs="$3" out="$work/hp-$1-$2-$3"
-  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL \
-    PALISADE_GATEWAY_ENV_FILE=examples/chat_gateway/load.env \
-    PALISADE_GATEWAY_ADDR=127.0.0.1:0 PALISADE_GATEWAY_LAYERS="$layers" \
-    PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
-    ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
-    heaptrack -o "$out" "$gateway" >"$out.log" 2>&1 &
-  local wrapper=$!
-  pids+=("$wrapper")
-  wait_for "$out.log" "$wrapper" || { cat "$out.log" >&2; return 1; }
+  start "$layers" "$out.log" heaptrack -o "$out"
   local line
   line="$(LOAD_STREAM=$([ "$mode" = sse ] && echo 1 || echo 0) LOAD_KEY="$key" LOAD_CHECK=1 \
     wrk -t1 -c1 -d"${secs}s" -s scripts/load/messages.lua "http://$found" | grep '^RESULT ')"

@@ -20,40 +20,10 @@ for tool in valgrind callgrind_control strace wrk; do
   command -v "$tool" >/dev/null || { echo "instr_gateway.sh: $tool is not installed" >&2; exit 2; }
 done
 
-# The same build as scripts/load.sh (with the `redis` feature when redis-server is present).
-features=()
-if command -v redis-server >/dev/null 2>&1; then
-  features=(--features redis)
-fi
-cargo build --release --quiet --example chat_gateway --example mock_upstream "${features[@]}"
-bin=target/release/examples
-gateway="${LOAD_GATEWAY_BIN:-$bin/chat_gateway}"
-key="sk-load-0000000000000000"
 secs="${INSTR_SECONDS:-4}"
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-# wait_for LOG PID: waits for "listening on 127.0.0.1:PORT" in LOG; sets $found.
-wait_for() {
-  found=""
-  for _ in $(seq 1 1200); do
-    kill -0 "$2" 2>/dev/null || return 1
-    found="$(grep -o -m1 'listening on [a-z:/]*127\.0\.0\.1:[0-9]*' "$1" | grep -o '127\.0\.0\.1:[0-9]*' || true)"
-    [ -n "$found" ] && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
-"$bin/mock_upstream" 127.0.0.1:0 >"$work/mock.log" 2>&1 &
-pids+=($!)
-wait_for "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
-mock="$found"
+wait_tries=1200 # callgrind starts the gateway slowly
+# shellcheck source=scripts/load/common.sh
+source scripts/load/common.sh
 
 # drive ADDR SECONDS: one wrk run at one connection; prints its request count.
 drive() {
@@ -61,21 +31,6 @@ drive() {
   line="$(LOAD_KEY="$key" LOAD_CHECK=1 wrk -t1 -c1 -d"$2s" -s scripts/load/messages.lua "http://$1" | grep '^RESULT ')"
   grep -q ' non200=0 ' <<<"$line" || { echo "instr_gateway.sh: failed requests: $line" >&2; return 1; }
   grep -o 'requests=[0-9]*' <<<"$line" | cut -d= -f2
-}
-
-# start LAYERS LOG WRAPPER...: starts the gateway under WRAPPER; sets $wrapper and $found.
-start() {
-  local layers="$1" log="$2"
-  shift 2
-  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL \
-    PALISADE_GATEWAY_ENV_FILE=examples/chat_gateway/load.env \
-    PALISADE_GATEWAY_ADDR=127.0.0.1:0 PALISADE_GATEWAY_LAYERS="$layers" \
-    PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
-    ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
-    "$@" "$gateway" >"$log" 2>&1 &
-  wrapper=$!
-  pids+=("$wrapper")
-  wait_for "$log" "$wrapper" || { cat "$log" >&2; return 1; }
 }
 
 # instructions LAYERS: prints "INSTRUCTIONS REQUESTS".
