@@ -1,5 +1,6 @@
-//! The gateway's late changes under hostile input, over real sockets on 127.0.0.1: the
-//! server loop's deadlines at their configured extremes, and the histogram upkeep.
+//! The gateway's server loop under hostile input, over real sockets on 127.0.0.1: deadlines
+//! at their configured extremes, whole answers under the write timeout, keep-alive
+//! connections after refusals, hop-by-hop headers, and the histogram upkeep.
 #![allow(dead_code)]
 
 include!("chat_gateway_support/modules.rs");

@@ -1,4 +1,4 @@
-//! The rate limiter's late changes under hostile input: the client's address as a
+//! The rate limiter's view of the client under hostile input: its address as a
 //! `SocketAddr` extension (IPv6, IPv4-mapped, spoofed `X-Forwarded-For`), and the memory
 //! store's IP table against the generic key path.
 
