@@ -139,11 +139,7 @@ impl Drop for FlushGuard {
 
 /// Runs one script call (an `EVALSHA` of the store's script) through the batcher.
 pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> Answer {
-    let slot = if inner.cluster {
-        usize::from(crc16(&hash_tag(&cmd))) % SLOTS
-    } else {
-        0
-    };
+    let slot = if inner.cluster { slot_of(&cmd) } else { 0 };
     let waiting = {
         let mut state = inner.batcher.of(slot).lock();
         if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
@@ -248,7 +244,7 @@ fn flush(
         let mut guard = guard;
         let mut batch = batch;
         loop {
-            send(&inner, batch).await;
+            send_group(inner.clone(), batch).await;
             let mut state = inner.batcher.of(slot).lock();
             batch = take(&mut state.queue, &inner.batcher.queued);
             if batch.is_empty() {
@@ -257,32 +253,6 @@ fn flush(
                 return;
             }
         }
-    }
-}
-
-/// Sends one batch: one script call for each group of calls that may share one (on a
-/// Cluster, the calls whose keys share a hash tag), and answers each call.
-async fn send(inner: &Arc<Inner>, batch: Vec<Pending>) {
-    if !inner.cluster {
-        send_group(inner.clone(), batch).await;
-        return;
-    }
-    let mut groups: Vec<(Vec<u8>, Vec<Pending>)> = Vec::new();
-    for p in batch {
-        let tag = hash_tag(&p.cmd);
-        match groups.iter_mut().find(|(t, _)| *t == tag) {
-            Some((_, group)) => group.push(p),
-            None => groups.push((tag, vec![p])),
-        }
-    }
-    let mut groups = groups.into_iter().map(|(_, g)| g);
-    let Some(first) = groups.next() else { return };
-    let others: Vec<_> = groups
-        .map(|g| tokio::spawn(send_group(inner.clone(), g)))
-        .collect();
-    send_group(inner.clone(), first).await;
-    for other in others {
-        let _ = other.await;
     }
 }
 
@@ -302,22 +272,20 @@ fn crc16(data: &[u8]) -> u16 {
     crc
 }
 
-/// The hash tag of a call's first key (the whole key when it has none): calls with equal
-/// tags have every key on one Cluster slot.
-fn hash_tag(cmd: &redis::Cmd) -> Vec<u8> {
-    let key = cmd.args_iter().nth(3).and_then(|a| match a {
-        redis::Arg::Simple(key) => Some(key),
-        _ => None,
+/// The Cluster slot of a call's first key (of its hash tag, when it has one). The store
+/// gives every key of one call the same tag, and a batch holds the calls of one slot only,
+/// so one script call may carry it.
+fn slot_of(cmd: &redis::Cmd) -> usize {
+    let key = match cmd.args_iter().nth(3) {
+        Some(redis::Arg::Simple(key)) => key,
+        _ => &[][..],
+    };
+    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let len = rest.iter().position(|&b| b == b'}')?;
+        (len > 0).then(|| &rest[..len])
     });
-    let Some(key) = key else { return Vec::new() };
-    if let Some(open) = key.iter().position(|&b| b == b'{') {
-        if let Some(len) = key[open + 1..].iter().position(|&b| b == b'}') {
-            if len > 0 {
-                return key[open + 1..open + 1 + len].to_vec();
-            }
-        }
-    }
-    key.to_vec()
+    usize::from(crc16(tag.unwrap_or(key))) % SLOTS
 }
 
 /// One script call for these calls, alone or as a batch.
