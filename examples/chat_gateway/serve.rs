@@ -354,15 +354,19 @@ impl Activity {
         unread.next_id
     }
 
-    /// Bytes went to the socket.
-    fn written(&self) {
-        let ms = self
-            .started
+    /// Milliseconds since the connection started (the clock the deadlines are kept in).
+    fn elapsed_ms(&self) -> u64 {
+        self.started
             .elapsed()
             .as_millis()
             .try_into()
-            .unwrap_or(u64::MAX);
-        self.written_ms.fetch_max(ms, Ordering::AcqRel);
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Bytes went to the socket.
+    fn written(&self) {
+        self.written_ms
+            .fetch_max(self.elapsed_ms(), Ordering::AcqRel);
     }
 
     /// Body `id` gave a frame: it waits until it is asked for the next one.
@@ -409,13 +413,8 @@ impl Activity {
 
     /// A request in flight ended (its response written, or given up).
     fn end_request(&self) {
-        let ms = self
-            .started
-            .elapsed()
-            .as_millis()
-            .try_into()
-            .unwrap_or(u64::MAX);
-        self.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        self.idle_since_ms
+            .fetch_max(self.elapsed_ms(), Ordering::AcqRel);
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.went_idle.notify_one();
         }
