@@ -6,8 +6,7 @@
 include!("chat_gateway_support/modules.rs");
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -78,30 +77,7 @@ async fn methods_a_client_makes_up_do_not_add_metric_series() {
 
 /// Everything the tests' tracing subscriber writes (JSON lines).
 fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&logs);
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("chat_gateway=info"))
-            .json()
-            .with_writer(move || Capture(Arc::clone(&writer)))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
-        logs
-    })
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    fixture::captured_logs("chat_gateway=info")
 }
 
 /// The request lines (their fields) logged for `route` so far.

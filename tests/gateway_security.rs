@@ -6,9 +6,8 @@
 
 include!("chat_gateway_support/modules.rs");
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,32 +33,7 @@ const ADMIN_ROUTES: [(&str, &str); 3] = [
 
 /// Everything the tests' tracing subscriber writes.
 fn captured() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let writer = Arc::clone(&logs);
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "trace,hyper=debug,hyper_util=debug,h2=debug,wiremock=info",
-            ))
-            .json()
-            .with_writer(move || Capture(Arc::clone(&writer)))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
-        logs
-    })
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+    fixture::captured_logs("trace,hyper=debug,hyper_util=debug,h2=debug,wiremock=info")
 }
 
 /// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top; its

@@ -389,3 +389,34 @@ pub async fn upstream_failing_once(ok: Value) -> wiremock::MockServer {
         .await;
     server
 }
+
+/// Installs, once per test crate, a JSON tracing subscriber with `filter` (the first call's
+/// filter holds) whose output the tests read back: the buffer it writes to.
+pub fn captured_logs(filter: &str) -> &'static Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer = Arc::clone(&logs);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .json()
+            .with_writer(move || Capture(Arc::clone(&writer)))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
+        logs
+    })
+}
+
+/// The writer of [`captured_logs`]: appends to the shared buffer.
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
