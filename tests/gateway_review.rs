@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use fixture::{FAST_RETRIES, Gateway, USER};
-use sse_upstream::{Channel, slow_stream_upstream};
+use sse_upstream::slow_stream_upstream;
 
 /// The gateway on the built-in mock, retrying in milliseconds, with `vars` on top.
 async fn start(vars: &[(&str, &str)]) -> Gateway {
@@ -130,16 +130,10 @@ async fn endless_stream_upstream() -> String {
         axum::routing::post(|| async {
             let (tx, rx) = mpsc::channel::<Bytes>(4);
             tokio::spawn(async move {
-                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
-                let _ = tx
-                    .send(Bytes::from(format!("event: message_start\ndata: {start}\n\n")))
-                    .await;
+                let _ = tx.send(sse_upstream::message_start()).await;
                 tx.closed().await;
             });
-            axum::response::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::new(Channel(rx)))
-                .unwrap()
+            sse_upstream::answer(rx)
         }),
     );
     sse_upstream::serve(app).await

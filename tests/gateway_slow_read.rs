@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use fixture::{Gateway, NO_RETRIES, USER};
-use sse_upstream::{Channel, sse};
 
 /// Events in the upstream's stream, and the text of each: about 1.5 MB in all, more
 /// than the sockets between the gateway and the client hold.
@@ -33,25 +32,19 @@ async fn big_stream_upstream() -> String {
         axum::routing::post(|| async {
             let (tx, rx) = mpsc::channel::<Bytes>(16);
             tokio::spawn(async move {
-                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
-                let _ = tx.send(sse("message_start", start)).await;
+                let _ = tx.send(sse_upstream::message_start()).await;
                 let text = "x".repeat(EVENT_TEXT);
                 for i in 0..EVENTS {
-                    let delta = format!(
-                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"{i:05}{text}"}}}}"#
-                    );
-                    if tx.send(sse("content_block_delta", &delta)).await.is_err() {
+                    let delta = sse_upstream::text_delta(&format!("{i:05}{text}"));
+                    if tx.send(delta).await.is_err() {
                         return;
                     }
                 }
-                let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#;
-                let _ = tx.send(sse("message_delta", end)).await;
-                let _ = tx.send(sse("message_stop", r#"{"type":"message_stop"}"#)).await;
+                for event in sse_upstream::message_end() {
+                    let _ = tx.send(event).await;
+                }
             });
-            axum::response::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::new(Channel(rx)))
-                .unwrap()
+            sse_upstream::answer(rx)
         }),
     );
     sse_upstream::serve(app).await

@@ -24,28 +24,59 @@ pub async fn slow_stream_upstream(events: usize, gap: Duration) -> String {
         axum::routing::post(move || async move {
             let (tx, rx) = mpsc::channel::<Bytes>(4);
             tokio::spawn(async move {
-                let start = r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#;
-                let _ = tx.send(sse("message_start", start)).await;
+                let _ = tx.send(message_start()).await;
                 for i in 0..events {
                     tokio::time::sleep(gap).await;
-                    let delta = format!(
-                        r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"part {i} "}}}}"#
-                    );
-                    let _ = tx.send(sse("content_block_delta", &delta)).await;
+                    let _ = tx.send(text_delta(&format!("part {i} "))).await;
                 }
-                let end = r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#;
-                let _ = tx.send(sse("message_delta", end)).await;
-                let _ = tx.send(sse("message_stop", r#"{"type":"message_stop"}"#)).await;
+                for event in message_end() {
+                    let _ = tx.send(event).await;
+                }
             });
-            axum::response::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::new(Channel(rx)))
-                .unwrap()
+            answer(rx)
         }),
     );
     serve(app).await
 }
 
+/// The stream's first event: a `message_start` with 10 input tokens.
+pub fn message_start() -> Bytes {
+    sse(
+        "message_start",
+        r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[],"usage":{"input_tokens":10,"output_tokens":1}}}"#,
+    )
+}
+
+/// A `content_block_delta` carrying `text` (plain text: no quotes or backslashes).
+pub fn text_delta(text: &str) -> Bytes {
+    sse(
+        "content_block_delta",
+        &format!(
+            r#"{{"type":"content_block_delta","index":0,"delta":{{"type":"text_delta","text":"{text}"}}}}"#
+        ),
+    )
+}
+
+/// The stream's last events: a `message_delta` with 7 output tokens, then `message_stop`.
+pub fn message_end() -> [Bytes; 2] {
+    [
+        sse(
+            "message_delta",
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+        ),
+        sse("message_stop", r#"{"type":"message_stop"}"#),
+    ]
+}
+
+/// An SSE answer whose body is what arrives on `rx`.
+pub fn answer(rx: mpsc::Receiver<Bytes>) -> axum::response::Response {
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::new(Channel(rx)))
+        .unwrap()
+}
+
+/// One SSE event.
 pub fn sse(event: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {event}\ndata: {data}\n\n"))
 }
