@@ -418,6 +418,8 @@ impl<S> Layer<S> for BudgetLayer {
     type Service = BudgetService<S>;
 
     fn layer(&self, inner: S) -> BudgetService<S> {
+        // this service is a gate for the layer's split start (see `split`)
+        self.shared.gated.store(true, Ordering::Release);
         BudgetService {
             inner,
             shared: Arc::clone(&self.shared),
@@ -675,8 +677,13 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        ResponseFuture {
-            inner: Box::pin(check(shared, inner, req)),
+        match super::split::pending_for(&shared, &req) {
+            Some(pending) => ResponseFuture {
+                inner: Box::pin(super::split::gate(shared, inner, req, pending)),
+            },
+            None => ResponseFuture {
+                inner: Box::pin(check(shared, inner, req)),
+            },
         }
     }
 }

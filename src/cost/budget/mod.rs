@@ -125,9 +125,7 @@ pub(crate) use period::unix_millis;
 pub use period::{ParsePeriodError, Period};
 #[cfg(feature = "redis")]
 pub use redis::RedisBudgetStore;
-pub use split::{
-    BudgetGate, BudgetGateLayer, BudgetStart, BudgetStartLayer, PendingBudget, StartBody,
-};
+pub use split::{BudgetGateLayer, BudgetStart, BudgetStartLayer, PendingBudget, StartBody};
 pub use store::{
     BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, MemoryBudgetStore, Reserve,
 };

@@ -53,8 +53,8 @@ use tower_service::Service;
 use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
-    BudgetLayer, BudgetReservation, Outcome, Plan, Shared, check, larger_than_budget, outcome,
-    pass, plan, refusal,
+    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Shared, check,
+    larger_than_budget, outcome, pass, plan, refusal,
 };
 use super::store::{BoxFuture, BudgetStoreError, Charge, Reserve};
 use crate::body::ResponseBody;
@@ -84,8 +84,11 @@ impl BudgetLayer {
     ///   nothing for it: a body the start could not read (larger than `max_body`, not
     ///   JSON), a second upstream call of the same request (a fallback), a request the
     ///   handler built anew. So nothing reaches the upstream unchecked.
-    /// - Until the gate wraps a service, the start refuses every request with 500 and logs
-    ///   why: a start without its gate cannot send anything upstream unchecked.
+    /// - The gate is this layer itself: [`BudgetGateLayer`] and this [`BudgetLayer`] build
+    ///   the same service, which waits for a pending reservation of its own layer wherever
+    ///   it meets one. Until one of them wraps a service, the start refuses every request
+    ///   with 500 and logs why: a start without a gate cannot send anything upstream
+    ///   unchecked.
     /// - The gate finds the pending reservation in the request extensions
     ///   ([`PendingBudget`]) or, for a request a handler built anew on the same task,
     ///   from the request being served. A handler that calls the upstream from a task of
@@ -111,7 +114,9 @@ pub struct BudgetStartLayer {
 }
 
 /// The lower half of [`BudgetLayer::split`]: waits for the request's reservation before
-/// the upstream call.
+/// the upstream call. It builds the same [`BudgetService`] as the [`BudgetLayer`] it came
+/// from: that service waits for a pending reservation of its own layer wherever it meets
+/// one, and checks every other request itself.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct BudgetGateLayer {
@@ -130,14 +135,13 @@ impl<S> Layer<S> for BudgetStartLayer {
 }
 
 impl<S> Layer<S> for BudgetGateLayer {
-    type Service = BudgetGate<S>;
+    type Service = BudgetService<S>;
 
-    fn layer(&self, inner: S) -> BudgetGate<S> {
-        self.shared.gated.store(true, Ordering::Release);
-        BudgetGate {
-            inner,
+    fn layer(&self, inner: S) -> BudgetService<S> {
+        BudgetLayer {
             shared: Arc::clone(&self.shared),
         }
+        .layer(inner)
     }
 }
 
@@ -149,35 +153,22 @@ pub struct BudgetStart<S> {
     shared: Arc<Shared>,
 }
 
-/// The service built by [`BudgetGateLayer`].
-#[derive(Debug, Clone)]
-pub struct BudgetGate<S> {
-    inner: S,
-    shared: Arc<Shared>,
+impl<S> BudgetStart<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
-
-macro_rules! inner_accessors {
-    ($name:ident) => {
-        impl<S> $name<S> {
-            /// The inner service.
-            pub fn get_ref(&self) -> &S {
-                &self.inner
-            }
-
-            /// The inner service, mutably.
-            pub fn get_mut(&mut self) -> &mut S {
-                &mut self.inner
-            }
-
-            /// The inner service.
-            pub fn into_inner(self) -> S {
-                self.inner
-            }
-        }
-    };
-}
-inner_accessors!(BudgetStart);
-inner_accessors!(BudgetGate);
 
 /// What the start decided for a request, as the gate takes it.
 enum Decision {
@@ -692,57 +683,48 @@ where
     res.map(|r| r.map(ResponseBody::inner))
 }
 
-impl<S, ReqB, ResB> Service<Request<ReqB>> for BudgetGate<S>
+/// The pending reservation `req` carries from a start of the layer `shared` belongs to:
+/// in its extensions, or of the request being served on this task.
+pub(super) fn pending_for<B>(shared: &Arc<Shared>, req: &Request<B>) -> Option<PendingBudget> {
+    let mine = owner(shared);
+    req.extensions()
+        .get::<PendingBudget>()
+        .filter(|p| p.owner == mine)
+        .cloned()
+        .or_else(|| {
+            PENDING
+                .try_with(|p| (p.owner == mine).then(|| p.clone()))
+                .ok()
+                .flatten()
+        })
+}
+
+/// The gate: waits for the start's decision on `pending`, or checks the request itself
+/// when the start left it to the gate.
+pub(super) async fn gate<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    mut req: Request<ReqB>,
+    pending: PendingBudget,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqB: Body + From<Bytes> + Send + 'static,
-    ReqB::Data: Send,
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
-    ResB: Send + 'static,
 {
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, S::Error>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = Arc::clone(&self.shared);
-        let mine = owner(&shared);
-        let pending = req
-            .extensions()
-            .get::<PendingBudget>()
-            .cloned()
-            .or_else(|| PENDING.try_with(PendingBudget::clone).ok())
-            .filter(|p| p.owner == mine);
-        ResponseFuture {
-            inner: Box::pin(async move {
-                let Some(pending) = pending else {
-                    return check(shared, inner, req).await;
-                };
-                let mut req = req;
-                match pending.take().await {
-                    Decision::Granted(reservation) => {
-                        req.extensions_mut().insert(reservation.clone());
-                        match pass(inner, req).await {
-                            Ok(res) => Ok(res),
-                            Err(e) => {
-                                reservation.refund(); // no response, no usage
-                                Err(e)
-                            }
-                        }
-                    }
-                    Decision::Refused(err) => Ok(refusal(&shared, err)),
-                    Decision::Pass => pass(inner, req).await,
-                    Decision::CheckAtGate => check(shared, inner, req).await,
+    match pending.take().await {
+        Decision::Granted(reservation) => {
+            req.extensions_mut().insert(reservation.clone());
+            match pass(inner, req).await {
+                Ok(res) => Ok(res),
+                Err(e) => {
+                    reservation.refund(); // no response, no usage
+                    Err(e)
                 }
-            }),
+            }
         }
+        Decision::Refused(err) => Ok(refusal(&shared, err)),
+        Decision::Pass => pass(inner, req).await,
+        Decision::CheckAtGate => check(shared, inner, req).await,
     }
 }
