@@ -526,3 +526,98 @@ mod redis_store {
         );
     }
 }
+
+/// A memory store whose reservations wait for the test's go-ahead.
+struct HeldStore {
+    inner: palisade::cost::budget::MemoryBudgetStore,
+    started: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Semaphore>,
+}
+
+impl palisade::cost::budget::BudgetStore for HeldStore {
+    fn reserve<'a>(
+        &'a self,
+        charges: &'a [palisade::cost::budget::Charge],
+        amount: Money,
+        now: std::time::SystemTime,
+    ) -> palisade::cost::budget::BoxFuture<
+        'a,
+        Result<palisade::cost::budget::Reserve, palisade::cost::budget::BudgetStoreError>,
+    > {
+        Box::pin(async move {
+            self.started.notify_one();
+            let _go = self.go.acquire().await.unwrap();
+            self.inner.reserve(charges, amount, now).await
+        })
+    }
+
+    fn settle(
+        &self,
+        charges: Arc<[palisade::cost::budget::Charge]>,
+        reserved: Money,
+        actual: Money,
+        now: std::time::SystemTime,
+    ) -> palisade::cost::budget::BoxFuture<
+        'static,
+        Result<Vec<palisade::cost::budget::Crossing>, palisade::cost::budget::BudgetStoreError>,
+    > {
+        self.inner.settle(charges, reserved, actual, now)
+    }
+
+    fn spend(
+        &self,
+        charge: &palisade::cost::budget::Charge,
+        now: std::time::SystemTime,
+    ) -> Option<(Money, Money)> {
+        self.inner.spend(charge, now)
+    }
+}
+
+/// The layers between start and gate run while the store call is in flight: here the one
+/// between lets the store answer only once the reservation has started, which a layer that
+/// waited for the reservation before going on could never see.
+#[tokio::test(start_paused = true)]
+async fn the_reservation_is_in_flight_while_the_layers_between_run() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let budgets = BudgetLayer::builder()
+        .budget(Budget::new(
+            "daily",
+            Scope::User,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .store(HeldStore {
+            inner: palisade::cost::budget::MemoryBudgetStore::new(),
+            started: Arc::clone(&started),
+            go: Arc::clone(&go),
+        })
+        .build()
+        .unwrap();
+    let (start, gate) = budgets.split();
+    let called = Arc::new(AtomicUsize::new(0));
+    let gated = gate.layer(upstream(
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Arc::clone(&called),
+        Money::ZERO,
+    ));
+    let middle = service_fn(move |req: Request<Body>| {
+        let (started, go, gated) = (Arc::clone(&started), Arc::clone(&go), gated.clone());
+        async move {
+            // a rate limiter's own store call, answered once the reservation is out too
+            started.notified().await;
+            go.add_permits(1);
+            gated.oneshot(req).await
+        }
+    });
+    let svc = start.layer(middle);
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        svc.oneshot(request("ann", false)),
+    )
+    .await
+    .expect("the reservation and the layers between ran together")
+    .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(called.load(Ordering::SeqCst), 1);
+}
