@@ -395,9 +395,11 @@ async fn a_request_built_anew_below_the_start_is_checked_at_the_gate() {
         async move {
             let body = req.into_body().collect().await.unwrap().to_bytes();
             // first call: a new request of the same body; second: a priced estimate
-            let first = upstream
-                .clone()
-                .oneshot(Request::post("/v1/messages").body(Full::new(body)).unwrap());
+            let mut first = Request::post("/v1/messages").body(Full::new(body)).unwrap();
+            first
+                .extensions_mut()
+                .insert(palisade::cost::Principal::new("ann"));
+            let first = upstream.clone().oneshot(first);
             let status = first.await.unwrap().status();
             assert_eq!(status, 200);
             let mut second = Request::post("/v1/messages")
@@ -620,4 +622,54 @@ async fn the_reservation_is_in_flight_while_the_layers_between_run() {
     .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(called.load(Ordering::SeqCst), 1);
+}
+
+/// A request that reaches the gate charged to more accounts than its start knew of (a
+/// bot named only once the handler checked it) is checked at the gate on all of them:
+/// the start's reservation is released, never counted twice.
+#[tokio::test(start_paused = true)]
+async fn a_gate_seeing_other_accounts_than_the_start_checks_them_itself() {
+    let amount = amount_of_body().await;
+    let budgets = BudgetLayer::builder()
+        .budget(Budget::new(
+            "daily",
+            Scope::User,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .budget(Budget::new(
+            "bot",
+            Scope::Bot,
+            Period::Day,
+            Money::from_picos(amount.picos() * 3 / 2),
+        ))
+        .build()
+        .unwrap();
+    let (start, gate) = budgets.split();
+    let upstream = gate.layer(service_fn(move |req: Request<Body>| {
+        let r = req.extensions().get::<BudgetReservation>().cloned();
+        async move {
+            r.expect("reserved at the gate").settle(amount);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let handler = service_fn(move |mut req: Request<Body>| {
+        let upstream = upstream.clone();
+        req.extensions_mut().insert(
+            palisade::cost::Attribution::default()
+                .with_user("ann".to_owned())
+                .with_bot("b1".to_owned()),
+        );
+        async move { upstream.oneshot(req).await }
+    });
+    let svc = start.layer(handler);
+    let first = svc.clone().oneshot(request("ann", false)).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let second = svc.oneshot(request("ann", false)).await.unwrap();
+    assert_eq!(second.status(), 429, "the bot's budget is spent");
+    assert_eq!(
+        budgets.spend("daily", "ann").unwrap(),
+        (amount, Money::ZERO)
+    );
+    assert_eq!(budgets.spend("bot", "b1").unwrap(), (amount, Money::ZERO));
 }

@@ -462,10 +462,19 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     }
     // The budgets' reservation starts above the rate limits and is awaited by the budget
     // layer on the upstream stacks: with Redis, both store calls are in flight together.
+    // The start charges the accounts the upstream call will be billed to (the caller, as
+    // the handlers bill it); a call billed otherwise (a bot's) is checked at the gate.
     if let Some(budgets) = state.budgets.layer() {
         let (start, _gate) = budgets.split(); // the upstream stacks' budget layer is the gate
         api = api.layer(
             ServiceBuilder::new()
+                .map_request(|mut req: Request| {
+                    if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
+                        let billed = routes::billed_to(caller);
+                        req.extensions_mut().insert(billed);
+                    }
+                    req
+                })
                 .layer(start)
                 .map_request(|req: http::Request<_>| req.map(axum::body::Body::new)),
         );

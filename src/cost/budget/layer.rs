@@ -708,6 +708,37 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
+    match prepare(&shared, req).await {
+        Prepared::Pass(req) => pass(inner, req).await,
+        Prepared::Refuse(err) => Ok(refusal(&shared, err)),
+        Prepared::Reserve {
+            req,
+            charges,
+            amount,
+        } => reserve_and_pass(shared, inner, req, charges, amount).await,
+    }
+}
+
+/// What the layer makes of a request before asking the store.
+pub(super) enum Prepared<B> {
+    /// Nothing to reserve.
+    Pass(Request<B>),
+    /// Refused before any reservation.
+    Refuse(Error),
+    /// Reserve `amount` on `charges`.
+    Reserve {
+        req: Request<B>,
+        charges: Vec<Charge>,
+        amount: Money,
+    },
+}
+
+/// The accounts and the amount a request needs, from its `BudgetEstimate` or its body.
+pub(super) async fn prepare<B>(shared: &Shared, req: Request<B>) -> Prepared<B>
+where
+    B: Body + From<Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
     let charges = shared.charges(&req);
     if charges.is_empty()
         || matches!(
@@ -715,28 +746,27 @@ where
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
         )
     {
-        return pass(inner, req).await;
+        return Prepared::Pass(req);
     }
-    let (mut req, amount) = match req.extensions().get::<BudgetEstimate>() {
+    let (req, amount) = match req.extensions().get::<BudgetEstimate>() {
         Some(&BudgetEstimate(amount)) => (req, amount),
         None => {
             let (parts, body) = req.into_parts();
             let bytes = match Limited::new(body, shared.max_body).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    let err = Error::new(
+                    return Prepared::Refuse(Error::new(
                         ErrorKind::PayloadTooLarge,
                         format!(
                             "the request body is larger than {} bytes, the most the budget check reads",
                             shared.max_body
                         ),
-                    );
-                    return Ok(refusal(&shared, err));
+                    ));
                 }
                 Err(e) => {
-                    let err =
-                        Error::invalid_request("the request body could not be read").with_source(e);
-                    return Ok(refusal(&shared, err));
+                    return Prepared::Refuse(
+                        Error::invalid_request("the request body could not be read").with_source(e),
+                    );
                 }
             };
             let est = estimate(
@@ -745,24 +775,54 @@ where
                 shared.bytes_per_token,
                 shared.default_max_tokens,
             );
-            let req = Request::from_parts(parts, ReqB::from(bytes));
-            match plan(&shared, est) {
-                Plan::Pass => return pass(inner, req).await,
-                Plan::Refuse(err) => return Ok(refusal(&shared, err)),
+            let req = Request::from_parts(parts, B::from(bytes));
+            match plan(shared, est) {
+                Plan::Pass => return Prepared::Pass(req),
+                Plan::Refuse(err) => return Prepared::Refuse(err),
                 Plan::Reserve(amount) => (req, amount),
             }
         }
     };
     if let Some(err) = larger_than_budget(&charges, amount) {
-        return Ok(refusal(&shared, err));
+        return Prepared::Refuse(err);
     }
+    Prepared::Reserve {
+        req,
+        charges,
+        amount,
+    }
+}
+
+/// Reserves `amount` on `charges` and calls `inner` holding the reservation.
+pub(super) async fn reserve_and_pass<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqB>,
+    charges: Vec<Charge>,
+    amount: Money,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
     let now = shared.clock.now();
     let result = shared.store.reserve(&charges, amount, now).await;
-    let reservation = match outcome(&shared, charges.into(), amount, result) {
-        Outcome::Granted(reservation) => reservation,
-        Outcome::Refused(err) => return Ok(refusal(&shared, err)),
-        Outcome::Pass => return pass(inner, req).await,
-    };
+    match outcome(&shared, charges.into(), amount, result) {
+        Outcome::Granted(reservation) => pass_holding(inner, req, reservation).await,
+        Outcome::Refused(err) => Ok(refusal(&shared, err)),
+        Outcome::Pass => pass(inner, req).await,
+    }
+}
+
+/// Calls `inner` with `reservation` in the request extensions; refunded when the call
+/// fails without a response.
+pub(super) async fn pass_holding<S, ReqB, ResB>(
+    inner: S,
+    mut req: Request<ReqB>,
+    reservation: BudgetReservation,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
     req.extensions_mut().insert(reservation.clone());
     match pass(inner, req).await {
         Ok(res) => Ok(res),
@@ -770,6 +830,13 @@ where
             reservation.refund(); // no response, no usage
             Err(e)
         }
+    }
+}
+
+impl BudgetReservation {
+    /// Whether this reservation covers a request needing `amount` on `charges`.
+    pub(super) fn covers(&self, charges: &[Charge], amount: Money) -> bool {
+        amount <= self.inner.amount && *self.inner.charges == *charges
     }
 }
 

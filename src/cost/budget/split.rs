@@ -53,8 +53,8 @@ use tower_service::Service;
 use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
-    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Shared, check,
-    larger_than_budget, outcome, pass, plan, refusal,
+    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Shared, check,
+    larger_than_budget, outcome, pass, pass_holding, plan, prepare, refusal, reserve_and_pass,
 };
 use super::store::{BoxFuture, BudgetStoreError, Charge, Reserve};
 use crate::body::ResponseBody;
@@ -699,12 +699,14 @@ pub(super) fn pending_for<B>(shared: &Arc<Shared>, req: &Request<B>) -> Option<P
         })
 }
 
-/// The gate: waits for the start's decision on `pending`, or checks the request itself
-/// when the start left it to the gate.
+/// The gate: waits for the start's decision on `pending`. A granted reservation lets the
+/// request through when it covers what this layer would reserve for the request as it
+/// reaches the gate (the same accounts, at least the amount); otherwise it is released
+/// and the request is checked here, as the plain layer checks it.
 pub(super) async fn gate<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
-    mut req: Request<ReqB>,
+    req: Request<ReqB>,
     pending: PendingBudget,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
@@ -712,19 +714,34 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
-    match pending.take().await {
-        Decision::Granted(reservation) => {
-            req.extensions_mut().insert(reservation.clone());
-            match pass(inner, req).await {
-                Ok(res) => Ok(res),
-                Err(e) => {
-                    reservation.refund(); // no response, no usage
-                    Err(e)
-                }
+    let decision = pending.take().await;
+    let granted = match decision {
+        Decision::Granted(reservation) => reservation,
+        Decision::Refused(err) => return Ok(refusal(&shared, err)),
+        Decision::Pass => return pass(inner, req).await,
+        Decision::CheckAtGate => return check(shared, inner, req).await,
+    };
+    match prepare(&shared, req).await {
+        Prepared::Reserve {
+            req,
+            charges,
+            amount,
+        } => {
+            if granted.covers(&charges, amount) {
+                return pass_holding(inner, req, granted).await;
             }
+            tracing::debug!(target: "palisade::cost::budget", reserved = %granted.amount(), needed = %amount,
+                "the request at the budget gate needs another reservation than its start made");
+            granted.refund();
+            reserve_and_pass(shared, inner, req, charges, amount).await
         }
-        Decision::Refused(err) => Ok(refusal(&shared, err)),
-        Decision::Pass => pass(inner, req).await,
-        Decision::CheckAtGate => check(shared, inner, req).await,
+        Prepared::Pass(req) => {
+            granted.refund();
+            pass(inner, req).await
+        }
+        Prepared::Refuse(err) => {
+            granted.refund();
+            Ok(refusal(&shared, err))
+        }
     }
 }
