@@ -80,10 +80,14 @@ impl BudgetLayer {
     ///
     /// - A request the layers between refuse (401, 429, a bad body), or whose client goes
     ///   away before the gate, has its reservation released exactly once, never charged.
-    /// - The gate checks a request itself, as this layer does, when the start reserved
-    ///   nothing for it: a body the start could not read (larger than `max_body`, not
-    ///   JSON), a second upstream call of the same request (a fallback), a request the
-    ///   handler built anew. So nothing reaches the upstream unchecked.
+    /// - The gate lets a request through on its start's reservation only when that covers
+    ///   what this layer would reserve for the request as it reaches the gate (the same
+    ///   accounts, at least the amount). Otherwise (the start reserved nothing: a body it
+    ///   could not read, larger than `max_body` or not JSON; a second upstream call of the
+    ///   same request, such as a fallback; a request a handler built anew for other
+    ///   accounts or a dearer model) the start's reservation is released and the gate
+    ///   checks the request itself, as this layer does. So nothing reaches the upstream
+    ///   unchecked, and what the split saves is only the wait.
     /// - The gate is this layer itself: [`BudgetGateLayer`] and this [`BudgetLayer`] build
     ///   the same service, which waits for a pending reservation of its own layer wherever
     ///   it meets one. Until one of them wraps a service, the start refuses every request
