@@ -529,11 +529,14 @@ mod redis_store {
     }
 }
 
-/// A memory store whose reservations wait for the test's go-ahead.
+/// A memory store whose reservations wait for the test's go-ahead. With `late_answer`
+/// the reservation is made first and only its answer waits (a network store that applied
+/// the call and whose reply is still on its way).
 struct HeldStore {
     inner: palisade::cost::budget::MemoryBudgetStore,
     started: Arc<tokio::sync::Notify>,
     go: Arc<tokio::sync::Semaphore>,
+    late_answer: bool,
 }
 
 impl palisade::cost::budget::BudgetStore for HeldStore {
@@ -547,6 +550,12 @@ impl palisade::cost::budget::BudgetStore for HeldStore {
         Result<palisade::cost::budget::Reserve, palisade::cost::budget::BudgetStoreError>,
     > {
         Box::pin(async move {
+            if self.late_answer {
+                let answer = self.inner.reserve(charges, amount, now).await;
+                self.started.notify_one();
+                let _go = self.go.acquire().await.unwrap();
+                return answer;
+            }
             self.started.notify_one();
             let _go = self.go.acquire().await.unwrap();
             self.inner.reserve(charges, amount, now).await
@@ -593,6 +602,7 @@ async fn the_reservation_is_in_flight_while_the_layers_between_run() {
             inner: palisade::cost::budget::MemoryBudgetStore::new(),
             started: Arc::clone(&started),
             go: Arc::clone(&go),
+            late_answer: false,
         })
         .build()
         .unwrap();
@@ -672,4 +682,43 @@ async fn a_gate_seeing_other_accounts_than_the_start_checks_them_itself() {
         (amount, Money::ZERO)
     );
     assert_eq!(budgets.spend("bot", "b1").unwrap(), (amount, Money::ZERO));
+}
+
+/// The plain layer (no split): a client gone while the store call is in flight leaves
+/// nothing held once the store grants the reservation it asked for; it is released,
+/// never charged, as the split's start does.
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_the_plain_layer_reserves_leaves_no_hold() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let go = Arc::new(tokio::sync::Semaphore::new(0));
+    let budgets = BudgetLayer::builder()
+        .budget(Budget::new(
+            "daily",
+            Scope::User,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .store(HeldStore {
+            inner: palisade::cost::budget::MemoryBudgetStore::new(),
+            started: Arc::clone(&started),
+            go: Arc::clone(&go),
+            late_answer: true,
+        })
+        .build()
+        .unwrap();
+    let called = Arc::new(AtomicUsize::new(0));
+    let svc = budgets.layer(upstream(
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Arc::clone(&called),
+        Money::ZERO,
+    ));
+    let gone = tokio::spawn(svc.oneshot(request("ann", false)));
+    started.notified().await;
+    gone.abort();
+    assert!(gone.await.unwrap_err().is_cancelled());
+    // the store answers after the client left
+    go.add_permits(1);
+    settle_down().await;
+    assert_eq!(called.load(Ordering::SeqCst), 0);
+    assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
 }

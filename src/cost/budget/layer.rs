@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use super::estimate::{BudgetEstimate, Estimate, estimate};
 use super::future::ResponseFuture;
-use super::store::{BudgetStore, Charge, MemoryBudgetStore, Reserve};
+use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, MemoryBudgetStore, Reserve};
 use super::{Budget, Scope};
 use crate::body::ResponseBody;
 use crate::cost::alert::{AlertEvent, AlertSink};
@@ -804,12 +804,84 @@ pub(super) async fn reserve_and_pass<S, ReqB, ResB>(
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    let now = shared.clock.now();
-    let result = shared.store.reserve(&charges, amount, now).await;
-    match outcome(&shared, charges.into(), amount, result) {
+    match Reserving::new(&shared, charges.into(), amount).await {
         Outcome::Granted(reservation) => pass_holding(inner, req, reservation).await,
         Outcome::Refused(err) => Ok(refusal(&shared, err)),
         Outcome::Pass => pass(inner, req).await,
+    }
+}
+
+/// A reservation in flight, resolving to its [`Outcome`]. Dropped before the store
+/// answered (the client went away), it finishes the store call in the background and
+/// releases what the store grants: a network store may have applied it already.
+pub(super) struct Reserving {
+    shared: Arc<Shared>,
+    future: Option<BoxFuture<'static, Result<Reserve, BudgetStoreError>>>,
+    charges: Arc<[Charge]>,
+    amount: Money,
+}
+
+impl Reserving {
+    /// Asks the store for `amount` on `charges` (sent when first polled).
+    pub(super) fn new(shared: &Arc<Shared>, charges: Arc<[Charge]>, amount: Money) -> Self {
+        let now = shared.clock.now();
+        let store = Arc::clone(&shared.store);
+        let for_store = Arc::clone(&charges);
+        Self {
+            shared: Arc::clone(shared),
+            future: Some(Box::pin(async move {
+                store.reserve(&for_store, amount, now).await
+            })),
+            charges,
+            amount,
+        }
+    }
+}
+
+impl Future for Reserving {
+    type Output = Outcome;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = &mut *self;
+        let Some(future) = this.future.as_mut() else {
+            panic!("Reserving polled after it resolved");
+        };
+        let Poll::Ready(result) = future.as_mut().poll(cx) else {
+            return Poll::Pending;
+        };
+        this.future = None;
+        Poll::Ready(outcome(
+            &this.shared,
+            Arc::clone(&this.charges),
+            this.amount,
+            result,
+        ))
+    }
+}
+
+impl Drop for Reserving {
+    fn drop(&mut self) {
+        let Some(future) = self.future.take() else {
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let charges = Arc::clone(&self.charges);
+        let amount = self.amount;
+        let release = async move {
+            let result = future.await;
+            if let Outcome::Granted(r) = outcome(&shared, charges, amount, result) {
+                tracing::debug!(target: "palisade::cost::budget", amount = %amount,
+                    "reservation granted after its request was gone: released");
+                r.refund();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(release);
+            }
+            Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %amount,
+                "a request abandoned outside a tokio runtime: its reservation, if granted, stays held"),
+        }
     }
 }
 

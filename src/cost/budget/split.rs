@@ -53,10 +53,10 @@ use tower_service::Service;
 use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
-    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Shared, check,
-    larger_than_budget, outcome, pass, pass_holding, plan, prepare, refusal, reserve_and_pass,
+    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Reserving, Shared,
+    check, larger_than_budget, pass, pass_holding, plan, prepare, refusal, reserve_and_pass,
 };
-use super::store::{BoxFuture, BudgetStoreError, Charge, Reserve};
+use super::store::Charge;
 use crate::body::ResponseBody;
 use crate::cost::pricing::Money;
 use crate::error::Error;
@@ -403,8 +403,6 @@ impl<B: Body> Body for StartBody<B> {
     }
 }
 
-type ReserveFuture = BoxFuture<'static, Result<Reserve, BudgetStoreError>>;
-
 enum Phase<B: Body> {
     /// Reading the body: what has been read, and its length.
     Reading {
@@ -412,11 +410,8 @@ enum Phase<B: Body> {
         chunks: Vec<Bytes>,
         len: usize,
     },
-    Reserving {
-        future: ReserveFuture,
-        charges: Arc<[Charge]>,
-        amount: Money,
-    },
+    /// The store call; dropped unanswered, it releases what the store grants.
+    Reserving(Reserving),
     Done,
 }
 
@@ -445,14 +440,7 @@ where
             self.finish(Decision::Refused(err));
             return;
         }
-        let shared = Arc::clone(&self.shared);
-        let now = shared.clock.now();
-        let for_store = Arc::clone(&charges);
-        self.phase = Phase::Reserving {
-            future: Box::pin(async move { shared.store.reserve(&for_store, amount, now).await }),
-            charges,
-            amount,
-        };
+        self.phase = Phase::Reserving(Reserving::new(&self.shared, charges, amount));
     }
 
     fn finish(&mut self, decision: Decision) {
@@ -489,16 +477,11 @@ where
                         Plan::Reserve(amount) => self.begin(amount),
                     }
                 }
-                Phase::Reserving {
-                    future,
-                    charges,
-                    amount,
-                } => {
-                    let Poll::Ready(result) = future.as_mut().poll(cx) else {
+                Phase::Reserving(reserving) => {
+                    let Poll::Ready(outcome) = Pin::new(reserving).poll(cx) else {
                         return;
                     };
-                    let decision = match outcome(&self.shared, Arc::clone(charges), *amount, result)
-                    {
+                    let decision = match outcome {
                         Outcome::Granted(r) => Decision::Granted(r),
                         Outcome::Refused(err) => Decision::Refused(err),
                         Outcome::Pass => Decision::Pass,
@@ -555,29 +538,8 @@ fn poll_read<B: Body<Data = Bytes>>(
 impl<B: Body> Drop for Driver<B> {
     fn drop(&mut self) {
         self.pending.close();
-        let Phase::Reserving {
-            future,
-            charges,
-            amount,
-        } = std::mem::replace(&mut self.phase, Phase::Done)
-        else {
-            return;
-        };
-        // The store may grant the reservation after the request is gone: release it then.
-        let shared = Arc::clone(&self.shared);
-        let release = async move {
-            let result = future.await;
-            if let Outcome::Granted(r) = outcome(&shared, charges, amount, result) {
-                r.refund();
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(release);
-            }
-            Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %amount,
-                "a request abandoned outside a tokio runtime: its reservation, if granted, stays held"),
-        }
+        // a store call still in flight releases, in the background, what the store grants
+        self.phase = Phase::Done;
     }
 }
 
