@@ -279,6 +279,11 @@ impl Principal {
     pub fn id(&self) -> &str {
         &self.0
     }
+
+    /// The id, shared (a rate-limit key takes it without a copy).
+    pub(crate) fn shared_id(&self) -> &std::sync::Arc<str> {
+        &self.0
+    }
 }
 
 #[cfg(test)]

@@ -523,3 +523,31 @@ async fn a_body_the_estimate_cannot_read_is_refused_not_passed_unchecked() {
     }
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 }
+
+/// One authenticated caller for every layer: the `Principal` an authentication layer
+/// sets for the rate limiter is the one the budgets charge (and the cost meter bills), so
+/// a stack whose authentication sets it once has its users' budgets enforced.
+#[tokio::test]
+async fn the_rate_limiters_principal_is_the_caller_the_budgets_charge() {
+    let layer = BudgetLayer::builder()
+        .budget(Budget::new("daily", Scope::User, Period::Day, dollars("5")))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let held = req.extensions().get::<BudgetReservation>().is_some();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(held.to_string()))))
+    }));
+    let mut req = Request::post("/v1/messages")
+        .body(Full::new(Bytes::from(BODY)))
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::rate_limit::Principal::new("ann"));
+    let res = svc.oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"true", "the request was charged to its caller");
+    assert!(
+        layer
+            .spend("daily", "ann")
+            .is_some_and(|(s, _)| s > Money::ZERO)
+    );
+}

@@ -269,28 +269,17 @@ impl fmt::Debug for IpKey {
     }
 }
 
-/// An authenticated principal, put in the request extensions by an authentication layer;
-/// rules keyed by [`KeySource::Principal`] count against it.
+/// The authenticated caller, put in the request extensions by an authentication layer;
+/// rules keyed by [`KeySource::Principal`] count against it. It is the one type
+/// [`crate::key::Principal`]: the budgets and the cost meter charge the same caller.
 ///
 /// ```
 /// use palisade::rate_limit::Principal;
 /// let mut req = http::Request::new(());
 /// req.extensions_mut().insert(Principal::new("user-42"));
+/// assert!(req.extensions().get::<palisade::key::Principal>().is_some());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Principal(Arc<str>);
-
-impl Principal {
-    /// A principal with this stable id.
-    pub fn new(id: impl Into<Arc<str>>) -> Self {
-        Self(id.into())
-    }
-
-    /// The id.
-    pub fn id(&self) -> &str {
-        &self.0
-    }
-}
+pub use crate::key::Principal;
 
 /// Where a rule finds its key.
 #[derive(Debug, Clone)]
@@ -337,7 +326,7 @@ impl KeySource {
             KeySource::Principal => req
                 .extensions()
                 .get::<Principal>()
-                .map(|p| RateKey::Principal(bounded(p.0.clone()))),
+                .map(|p| RateKey::Principal(bounded(p.shared_id().clone()))),
             KeySource::Header(name) => {
                 let value = req.headers().get(name)?.as_bytes().trim_ascii();
                 (!value.is_empty()).then(|| RateKey::header_bytes(value))
