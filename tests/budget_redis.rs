@@ -42,9 +42,9 @@ fn daily(limit: u128) -> Budget {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_sharing_redis_let_fifty_concurrent_requests_through_ten_times() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let calls = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let mut instances = Vec::new();
@@ -120,9 +120,9 @@ async fn two_instances_sharing_redis_let_fifty_concurrent_requests_through_ten_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refunds_and_threshold_alerts_work_through_redis() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let alerts = Arc::new(MemoryAlertSink::default());
     let layer = BudgetLayer::builder()
         .budget(daily(100))
@@ -183,9 +183,9 @@ async fn refunds_and_threshold_alerts_work_through_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_budget_in_redis_says_when_it_frees_up() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let layer = BudgetLayer::builder()
         .budget(Budget::new(
             "hourly",
@@ -222,9 +222,9 @@ async fn a_rolling_budget_in_redis_says_when_it_frees_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_work_on_a_redis_cluster() {
-    let Some(cluster) = support::RedisCluster::start().await else {
-        return;
-    };
+    let cluster = support::RedisCluster::start()
+        .await
+        .expect("redis-server is installed");
     let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
     let conn = client.get_async_connection().await.unwrap();
     let layer = BudgetLayer::builder()
@@ -256,9 +256,9 @@ async fn budgets_work_on_a_redis_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_refuses_with_503_or_passes_when_failing_open() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let url = server.url();
     let conn = manager(&url).await;
     drop(server); // killed
@@ -374,9 +374,9 @@ impl Twin {
 /// pico-dollar over its limit and reported a rounded spend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_thousand_dollar_budget_in_redis_refuses_exactly_at_its_limit() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let limit = 10_000 * 1_000_000_000_000u128; // $10,000
     let periods = [
         ("monthly", Period::Month),
@@ -406,9 +406,9 @@ async fn a_ten_thousand_dollar_budget_in_redis_refuses_exactly_at_its_limit() {
 /// settlement failed and the spend was lost. Thresholds are compared on exact amounts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_totals_in_redis_past_nine_million_dollars_are_exact() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let dollar = 1_000_000_000_000u128;
     let limit = 20_000_000 * dollar + 2; // $20 million and two pico-dollars
     let twin = Twin::new(
@@ -463,9 +463,9 @@ async fn budget_totals_in_redis_past_nine_million_dollars_are_exact() {
 /// for ever; the memory store forgets such accounts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reservation_leaves_no_key_without_an_expiry() {
-    let Some(server) = support::RedisServer::start().await else {
-        return;
-    };
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
     let mut conn = manager(&server.url()).await;
     let periods = [
         ("daily", Period::Day),
