@@ -14,7 +14,9 @@
 -- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
 -- or 1); for a settlement 8: window_start, delta and the reservation's generation.
 --
--- A key holds "start prev count" or, once it has been reset, "start prev count generation".
+-- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
+-- "start prev count generation" (GCRA: the TAT, 0, and the TAT's distance from its epoch's
+-- start).
 -- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
 -- expiry (which later writes never shorten), so that a settlement of a reservation made
 -- before it is dropped.
@@ -221,17 +223,23 @@ local function decide_fixed(p, s, now, cost)
   return d
 end
 
+-- GCRA keeps its epoch, the time its bucket was last found full, as the TAT's distance from
+-- it in `count`, and answers it as the window start: a settlement applies only in its
+-- reservation's epoch.
 local function decide_gcra(p, s, now, cost)
   local tolerance = increment(p, p.burst)
   local tat = s.start
-  if tat < now then
+  local epoch = now
+  if tat > now then
+    epoch = tat - s.count
+  else
     tat = now
   end
   local horizon = now + tolerance
   local d = {
-    verdict = 0, retry = 0, remaining = 0, reset = tat - now, window_start = 0,
-    start = tat, prev = 0, count = 0, expires_at = tat,
-    base = { start = tat, prev = 0, count = 0 },
+    verdict = 0, retry = 0, remaining = 0, reset = tat - now, window_start = epoch,
+    start = tat, prev = 0, count = tat - epoch, expires_at = tat,
+    base = { start = tat, prev = 0, count = tat - epoch },
   }
   if cost > p.burst then
     d.verdict = 2
@@ -241,6 +249,7 @@ local function decide_gcra(p, s, now, cost)
   local new_tat = tat + increment(p, cost)
   if new_tat <= horizon then
     d.start = new_tat
+    d.count = new_tat - epoch
     d.remaining = units_in(p, horizon - new_tat)
     d.reset = new_tat - now
     d.expires_at = new_tat
@@ -286,7 +295,11 @@ local function load(key)
   if not v then
     return { start = 0, prev = 0, count = 0, gen = 0 }, false
   end
-  local a, b, c, g = string.match(v, '^(%d+) (%d+) (%d+) ?(%d*)$')
+  local a, b, c, g = string.match(v, '^(%d+) (%d+) ?(%d*) ?(%d*)$')
+  if c == '' then
+    -- "start count": prev and generation 0
+    return { start = tonumber(a), prev = 0, count = tonumber(b), gen = 0 }, true
+  end
   return { start = tonumber(a), prev = tonumber(b), count = tonumber(c), gen = tonumber(g) or 0 },
     true
 end
@@ -294,6 +307,9 @@ end
 local function encode(s)
   if s.gen > 0 then
     return string.format('%.0f %.0f %.0f %.0f', s.start, s.prev, s.count, s.gen)
+  end
+  if s.prev == 0 then
+    return string.format('%.0f %.0f', s.start, s.count)
   end
   return string.format('%.0f %.0f %.0f', s.start, s.prev, s.count)
 end
@@ -377,13 +393,22 @@ local function run_settle(ko, n, base)
         return sat_sub(x, -delta)
       end
       if p.algorithm == 2 then
-        local step = increment(p, math.abs(delta))
-        if delta >= 0 then
-          s.start = s.start + step
-        else
-          s.start = sat_sub(s.start, step)
+        -- only in the reservation's epoch; never before the epoch's start (the bucket is
+        -- then full, and stays no fuller)
+        local epoch = s.start - s.count
+        if epoch == window_start then
+          local step = increment(p, math.abs(delta))
+          if delta >= 0 then
+            s.start = s.start + step
+          else
+            s.start = sat_sub(s.start, step)
+            if s.start < epoch then
+              s.start = epoch
+            end
+          end
+          s.count = s.start - epoch
+          write(key, s, ttl_ms(s.start, now, grace))
         end
-        write(key, s, ttl_ms(s.start, now, grace))
       else
         if s.start == window_start then
           s.count = apply(s.count)
