@@ -479,7 +479,8 @@ enum Conn {
 /// minutes); a million active keys take about 130 MB.
 ///
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
-/// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
+/// `SCAN` or `KEYS`), in order behind the calls made before it (it waits and is batched
+/// as a settlement is): it leaves a fresh state with the key's next
 /// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
 /// decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
@@ -1425,7 +1426,8 @@ impl Store for RedisStore {
             .arg(0);
         let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
         Box::pin(async move {
-            let call = eval(inner.conn.clone(), &cmd);
+            // In order with the calls made before it, as a settlement: always sent.
+            let call = batch::submit(inner.clone(), cmd, batch::Kind::Settlement);
             match tokio::time::timeout(inner.timeout, call).await {
                 Ok(Ok(_)) => {
                     // A refusal decided in Redis before the reset but answered after the
