@@ -30,15 +30,10 @@ local floor = math.floor
 local P53 = 9007199254740992
 local LIMB = 16777216 -- 2^24
 
--- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52.
-local function muldiv(a, b, c)
-  local p = a * b
-  if p < P53 then
-    local q = floor(p / c)
-    return q, p - q * c ~= 0
-  end
-  -- The product in base-2^24 limbs, least significant first, then binary long division
-  -- (the remainder stays below c, so 2r + 1 < 2^53).
+-- floor(a * b / c) and whether it left a remainder, for a product past 2^53 (a, b < c):
+-- the product in base-2^24 limbs, least significant first, then binary long division (the
+-- remainder stays below c, so 2r + 1 < 2^53).
+local function muldiv_long(a, b, c)
   local x = { a % LIMB, floor(a / LIMB) % LIMB, floor(a / LIMB / LIMB) }
   local y = { b % LIMB, floor(b / LIMB) % LIMB, floor(b / LIMB / LIMB) }
   local z = { 0, 0, 0, 0, 0, 0, 0 }
@@ -72,6 +67,30 @@ local function muldiv(a, b, c)
     end
   end
   return q, r ~= 0
+end
+
+-- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52, and the
+-- quotient below 2^53. A product below 2^53 is one division (whose floor is exact there);
+-- past it, a = qa c + ra and b = qb c + rb give a b / c = qa b + ra qb + ra rb / c, where
+-- ra rb < c^2 is usually small enough for one division again (always for c < 2^26.5, and
+-- for a count that is a multiple of the limit); else the long division.
+local function muldiv(a, b, c)
+  local p = a * b
+  if p < P53 then
+    local q = floor(p / c)
+    return q, p - q * c ~= 0
+  end
+  local qa, qb = floor(a / c), floor(b / c)
+  local ra, rb = a - qa * c, b - qb * c
+  local t = ra * rb
+  local q, rem
+  if t < P53 then
+    q = floor(t / c)
+    rem = t - q * c ~= 0
+  else
+    q, rem = muldiv_long(ra, rb, c)
+  end
+  return qa * b + ra * qb + q, rem
 end
 
 local function mul_div_ceil(a, b, c)
