@@ -562,7 +562,8 @@ impl MemoryStore {
 
     /// Settles corrections. A settlement whose key is not resident, or was reset since
     /// its reservation (another [`Settlement::generation`]), or (GCRA) whose key has
-    /// started afresh since (another epoch, see [`decide`]), is dropped.
+    /// started afresh since (another epoch: the time its bucket was last found full, the
+    /// reservation's [`RuleDecision::window_start`]), is dropped.
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
