@@ -230,15 +230,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// An upstream response with hop-by-hop headers dropped (and those `connection` names).
+/// A `connection` value is read as bytes: one that holds bytes outside visible ASCII still
+/// has every name it lists dropped.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
     let h = res.headers_mut();
     if h.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
             .collect();
         for name in named {
             h.remove(name);
