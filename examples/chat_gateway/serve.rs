@@ -35,7 +35,6 @@
 //! cut; an upstream slow to answer leaves nothing waiting to be written and is not cut
 //! either (the stream idle timeout covers it).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -289,14 +288,24 @@ struct Activity {
 #[derive(Default)]
 struct Unread {
     next_id: u64,
-    /// Since when, and whether over HTTP/1 (where bytes written to the socket for any
-    /// request show that the client reads).
-    since: BTreeMap<u64, (Instant, bool)>,
+    /// By body id: since when, and whether over HTTP/1 (where bytes written to the socket
+    /// for any request show that the client reads). A few entries at most (one per body in
+    /// flight), in a vector that keeps its room: no allocation per frame.
+    since: Vec<(u64, Instant, bool)>,
     /// HTTP/1 bodies dropped with their last frame not yet written (a whole answer is one
     /// such frame): hyper drops a body as soon as it takes its last frame, and flushes the
     /// socket once all it holds is written, which ends their wait. Their requests stay in
     /// flight until then.
     ended: Vec<u64>,
+}
+
+impl Unread {
+    /// Body `id` waits no more.
+    fn remove(&mut self, id: u64) {
+        if let Some(at) = self.since.iter().position(|(body, ..)| *body == id) {
+            self.since.swap_remove(at);
+        }
+    }
 }
 
 impl Activity {
@@ -371,26 +380,33 @@ impl Activity {
 
     /// Body `id` gave a frame: it waits until it is asked for the next one.
     fn body_gave_frame(&self, id: u64, http1: bool) {
-        self.unread().since.insert(id, (Instant::now(), http1));
+        let now = Instant::now();
+        {
+            let mut unread = self.unread();
+            match unread.since.iter_mut().find(|(body, ..)| *body == id) {
+                Some(entry) => *entry = (id, now, http1),
+                None => unread.since.push((id, now, http1)),
+            }
+        }
         self.body_waiting.notify_one();
     }
 
     /// Body `id` is asked for a frame (its last one was written).
     fn body_asked(&self, id: u64) {
-        self.unread().since.remove(&id);
+        self.unread().remove(id);
     }
 
     /// Body `id` is gone: over HTTP/1 a frame it gave last may still wait to be written
     /// (until the next flush of the socket).
     fn body_dropped(&self, id: u64, http1: bool) {
         let mut unread = self.unread();
-        if http1 && unread.since.contains_key(&id) {
+        if http1 && unread.since.iter().any(|(body, ..)| *body == id) {
             unread.ended.push(id);
             // In flight until written (the body's own guard drops after this).
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             self.ended.store(true, Ordering::Release);
         } else {
-            unread.since.remove(&id);
+            unread.remove(id);
         }
     }
 
@@ -401,7 +417,7 @@ impl Activity {
                 let mut unread = self.unread();
                 let ended = std::mem::take(&mut unread.ended);
                 for id in &ended {
-                    unread.since.remove(id);
+                    unread.remove(*id);
                 }
                 ended
             };
@@ -431,8 +447,8 @@ impl Activity {
             let oldest = self
                 .unread()
                 .since
-                .values()
-                .map(|&(since, http1)| if http1 { since.max(written) } else { since })
+                .iter()
+                .map(|&(_, since, http1)| if http1 { since.max(written) } else { since })
                 .min();
             let Some(since) = oldest else {
                 // `notify_one` keeps a permit when no one waits, so no wake-up is lost.
