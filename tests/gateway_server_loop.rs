@@ -445,3 +445,37 @@ fn connection_headers_with_non_ascii_bytes_still_have_the_names_they_list_droppe
     }
     assert_eq!(h.len(), 1, "{h:?}");
 }
+
+/// A refusal answered before its request's body arrived ends with a lingering close: the
+/// gateway shuts its side, then reads and discards what the client still sends, so a client
+/// that sends its whole body before it reads (as most do) meets no reset on its writes.
+/// The gateway closed at once, and the body's bytes arriving at a closed socket were
+/// answered with a reset, failing the client's writes before it read the answer.
+#[tokio::test]
+async fn a_refusal_before_the_body_arrived_lingers_while_the_client_still_sends_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    let chunks = 64;
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        chunk.len() * chunks
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // No key: refused at once, before the body, and the gateway ends its side.
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tcp.read(&mut rest).await.unwrap(),
+        0,
+        "the gateway ends its side"
+    );
+    for i in 0..chunks {
+        if let Err(e) = tcp.write_all(&chunk).await {
+            panic!("the body's chunk {i} met {e}: the gateway did not linger");
+        }
+    }
+    tcp.shutdown().await.unwrap();
+}
