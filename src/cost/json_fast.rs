@@ -26,12 +26,7 @@ const MAX_INT_DIGITS: usize = 300;
 
 /// The view of `text`, when this reader can vouch for it (see the [module docs](self)).
 pub(crate) fn parse(text: &[u8]) -> Option<View<'_>> {
-    let text = std::str::from_utf8(text).ok()?;
-    let mut r = Reader {
-        s: text,
-        b: text.as_bytes(),
-        i: 0,
-    };
+    let mut r = Reader { b: text, i: 0 };
     r.ws();
     let v = r.value(0)?;
     r.ws();
@@ -39,7 +34,6 @@ pub(crate) fn parse(text: &[u8]) -> Option<View<'_>> {
 }
 
 struct Reader<'a> {
-    s: &'a str,
     b: &'a [u8],
     i: usize,
 }
@@ -67,15 +61,16 @@ impl<'a> Reader<'a> {
                 let start = self.i;
                 let escaped = self.string()?;
                 if escaped {
-                    serde_json::from_str(&self.s[start..self.i]).ok()
+                    serde_json::from_slice(&self.b[start..self.i]).ok()
                 } else {
-                    Some(View::String(Cow::Borrowed(&self.s[start + 1..self.i - 1])))
+                    let text = std::str::from_utf8(&self.b[start + 1..self.i - 1]).ok()?;
+                    Some(View::String(Cow::Borrowed(text)))
                 }
             }
             b'-' | b'0'..=b'9' => {
                 let start = self.i;
                 self.number()?;
-                serde_json::from_str(&self.s[start..self.i]).ok()
+                serde_json::from_slice(&self.b[start..self.i]).ok()
             }
             _ => {
                 let lit = self.literal()?;
@@ -211,46 +206,60 @@ impl<'a> Reader<'a> {
         }
         let start = self.i;
         let escaped = self.string()?;
-        let key: Cow<'_, str> = if escaped {
-            Cow::Owned(serde_json::from_str::<String>(&self.s[start..self.i]).ok()?)
+        if escaped {
+            let key = serde_json::from_slice::<String>(&self.b[start..self.i]).ok()?;
+            Some(KEYS.iter().copied().find(|k| *k == key))
         } else {
-            Cow::Borrowed(&self.s[start + 1..self.i - 1])
-        };
-        Some(KEYS.iter().copied().find(|k| *k == key))
+            let key = &self.b[start + 1..self.i - 1];
+            Some(KEYS.iter().copied().find(|k| k.as_bytes() == key))
+        }
     }
 
-    /// Passes a string (from its opening quote); whether it holds escapes.
+    /// Passes a string (from its opening quote); whether it holds escapes. A string with
+    /// bytes past ASCII is checked as UTF-8 on its own (JSON allows them nowhere else).
     fn string(&mut self) -> Option<bool> {
         self.i += 1; // `"`
+        let start = self.i;
         let mut escaped = false;
+        let mut wide = false;
         loop {
             let rest = &self.b[self.i..];
             let at = memchr::memchr2(b'"', b'\\', rest)?;
-            if has_control(&rest[..at]) {
-                return None;
+            let (lowest, highest) = byte_range(&rest[..at]);
+            if lowest < 0x20 {
+                return None; // a control character
             }
+            wide |= highest >= 0x80;
             self.i += at + 1;
             if rest[at] == b'"' {
+                if wide {
+                    std::str::from_utf8(&self.b[start..self.i - 1]).ok()?;
+                }
                 return Some(escaped);
             }
             escaped = true;
-            match self.peek()? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
-                b'u' => {
-                    let hex = self.b.get(self.i + 1..self.i + 5)?;
-                    let hex = std::str::from_utf8(hex).ok()?;
-                    if !hex.bytes().all(|h| h.is_ascii_hexdigit()) {
-                        return None;
-                    }
-                    let unit = u16::from_str_radix(hex, 16).ok()?;
-                    if (0xD800..=0xDFFF).contains(&unit) {
-                        return None; // surrogates: serde's rules for pairs apply
-                    }
-                    self.i += 5;
-                }
-                _ => return None,
-            }
+            self.escape()?;
         }
+    }
+
+    /// Passes the escape after a backslash.
+    fn escape(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+            b'u' => {
+                let hex = self.b.get(self.i + 1..self.i + 5)?;
+                let mut unit = 0u32;
+                for &h in hex {
+                    unit = unit * 16 + char::from(h).to_digit(16)?;
+                }
+                if (0xD800..=0xDFFF).contains(&unit) {
+                    return None; // surrogates: serde's rules for pairs apply
+                }
+                self.i += 5;
+            }
+            _ => return None,
+        }
+        Some(())
     }
 
     /// Passes a number whose value is surely in `f64`'s range.
@@ -293,10 +302,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Whether `bytes` holds a control character (which JSON strings may not hold raw). Written
-/// without an early exit so that it runs over many bytes at a time.
-fn has_control(bytes: &[u8]) -> bool {
-    bytes.iter().fold(false, |seen, &b| seen | (b < 0x20))
+/// The lowest and the highest byte of `bytes` (`(0xFF, 0)` when empty), in one pass
+/// without an early exit, so that it runs over many bytes at a time.
+fn byte_range(bytes: &[u8]) -> (u8, u8) {
+    let (mut lo, mut hi) = (u8::MAX, 0);
+    for &b in bytes {
+        lo = lo.min(b);
+        hi = hi.max(b);
+    }
+    (lo, hi)
 }
 
 #[cfg(test)]
