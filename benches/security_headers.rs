@@ -3,6 +3,10 @@
 //!
 //! Every service is called and its (always ready) future polled once with a no-op waker, so
 //! the numbers hold the layer's own work and no runtime scheduling.
+//!
+//! A second group puts the `api()` preset in front of a handler answering with the 13
+//! headers of the demo gateway's JSON answer (upstream, cost meter and rate-limit headers,
+//! two of them with two values), where every handler header is moved into the layer's map.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,6 +32,37 @@ fn handler() -> Handler {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        std::future::ready(Ok(res))
+    }
+    service_fn(answer as fn(_) -> _)
+}
+
+/// A handler answering as the demo gateway's inner stack does on a non-streamed chat
+/// request: the upstream's headers, the cost meter's and the rate limit's.
+fn gateway_like_handler() -> Handler {
+    fn answer(_req: Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> {
+        let mut res = Response::new(());
+        let h = res.headers_mut();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("request-id", "req_mock_load"),
+            ("content-length", "2931"),
+            ("date", "Sun, 06 Dec 2026 21:51:53 GMT"),
+            ("x-palisade-cost-usd", "0.0064332"),
+            ("x-palisade-input-tokens", "42"),
+            ("x-palisade-output-tokens", "400"),
+            ("x-palisade-cache-write-tokens", "0"),
+            ("x-palisade-cache-read-tokens", "1024"),
+            ("ratelimit-policy", "\"global\";q=1000000000;w=60"),
+            ("ratelimit", "\"global\";r=999999999;t=118"),
+            ("ratelimit-policy", "\"chat\";q=1000000000;w=60"),
+            ("ratelimit", "\"chat\";r=999999999;t=118"),
+        ] {
+            h.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
         std::future::ready(Ok(res))
     }
     service_fn(answer as fn(_) -> _)
@@ -144,6 +179,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(call(&mut web)))
     });
 
+    group.finish();
+
+    let mut group = c.benchmark_group("security_headers_gateway_response");
+    let mut bare = gateway_like_handler();
+    assert_eq!(call(&mut bare).headers().len(), 13);
+    group.bench_function("bare", |b| b.iter(|| black_box(call(&mut bare))));
+    let mut api = production_api(HeaderMode::IfNotPresent).layer(gateway_like_handler());
+    assert_eq!(call(&mut api).headers().len(), 13 + 12);
+    group.bench_function("palisade_api_if_not_present", |b| {
+        b.iter(|| black_box(call(&mut api)))
+    });
     group.finish();
 }
 

@@ -14,6 +14,9 @@
 #   LOAD_BASELINE=/path/to/chat_gateway   # adds that binary's full stack ("baseline") to
 #                                         # compare two builds in one run
 #   LOAD_KEYS=1000000 LOAD_KEYS_SECONDS=240              # --keys: keys to send, time limit
+#   LOAD_BUDGET=1   # the full stacks (and the baseline) keep a daily budget per user (one
+#                   # that never runs out), so each request also reserves and settles it;
+#                   # with --redis and LOAD_BASELINE the baseline runs on Redis too
 #
 # Needs wrk (Debian's package) and, for --redis, redis-server. Everything listens on
 # 127.0.0.1. wrk, the mock and the proxy share the machine's cores: read the ratios between
@@ -29,7 +32,7 @@ for arg in "$@"; do
     --keys) keys=1 ;;
     --redis) redis=1 ;;
     --peers) peers=1 ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "load.sh: unknown argument '$arg' (expected --smoke, --redis, --peers, --keys)" >&2; exit 2 ;;
   esac
 done
@@ -98,10 +101,14 @@ mock="$found"
 # start_gateway NAME LAYERS [VAR=value...]: starts the gateway (the binary $gateway_bin)
 # in front of the mock; sets $found to its address and $gateway_pid.
 gateway_bin="$bin/chat_gateway"
+budget_env=()
+if [ "${LOAD_BUDGET:-0}" = 1 ]; then
+  budget_env=(PALISADE_GATEWAY_DAILY_BUDGET=1000000000)
+fi
 start_gateway() {
   local name="$1" layers="$2"
   shift 2
-  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL \
+  env -u REDIS_URL -u PALISADE_REDIS_URL -u DATABASE_URL "${budget_env[@]}" \
     PALISADE_GATEWAY_ENV_FILE=examples/chat_gateway/load.env \
     PALISADE_GATEWAY_ADDR=127.0.0.1:0 \
     PALISADE_GATEWAY_LAYERS="$layers" \
@@ -179,6 +186,14 @@ if [ "$redis" = 1 ]; then
     elif start_gateway gateway-redis on REDIS_URL="redis://127.0.0.1:$rport"; then
       addr[redis]="$found"
       targets+=(redis)
+      if [ -n "${LOAD_BASELINE:-}" ]; then
+        gateway_bin="$LOAD_BASELINE"
+        start_gateway baseline-redis on REDIS_URL="redis://127.0.0.1:$rport" \
+          || { echo "load.sh: the baseline gateway did not start with Redis:" >&2; cat "$work/baseline-redis.log" >&2; exit 1; }
+        gateway_bin="$bin/chat_gateway"
+        addr[baseline_redis]="$found"
+        targets+=(baseline_redis)
+      fi
     else
       redis_note="the gateway on this branch does not run with REDIS_URL, so there is no Redis table. It said: $(grep -m1 -i 'redis' "$work/gateway-redis.log" || head -3 "$work/gateway-redis.log")"
       status=1

@@ -2,10 +2,14 @@
 //! that `main` and the tests build the same thing.
 //!
 //! ```text
-//! request id -> request log -> security headers -> auth -> rate limits -> route
+//! request id -> request log -> security headers -> auth -> budget start -> rate limits -> route
 //!   route: body limit, content type, validation -> upstream stack (upstream.rs)
-//!   upstream stack: budget reserve -> cost meter (settles it) -> retry -> breaker -> client
+//!   upstream stack: budget gate -> cost meter (settles it) -> retry -> breaker -> client
 //! ```
+//!
+//! The budget start begins the request's reservation and goes on at once; the budget gate
+//! waits for it before the upstream call, so with Redis the rate limits' and the budgets'
+//! store calls are in flight together: one round trip of latency, not two in a row.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -455,6 +459,25 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         #[cfg(feature = "redis")]
         Some(RateLimits::Redis(layer)) => api = api.layer(layer),
         None => {}
+    }
+    // The budgets' reservation starts above the rate limits and is awaited by the budget
+    // layer on the upstream stacks: with Redis, both store calls are in flight together.
+    // The start charges the accounts the upstream call will be billed to (the caller, as
+    // the handlers bill it); a call billed otherwise (a bot's) is checked at the gate.
+    if let Some(budgets) = state.budgets.layer() {
+        let (start, _gate) = budgets.split(); // the upstream stacks' budget layer is the gate
+        api = api.layer(
+            ServiceBuilder::new()
+                .map_request(|mut req: Request| {
+                    if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
+                        let billed = routes::billed_to(caller);
+                        req.extensions_mut().insert(billed);
+                    }
+                    req
+                })
+                .layer(start)
+                .map_request(|req: http::Request<_>| req.map(axum::body::Body::new)),
+        );
     }
     let api = api.merge(crate::dashboard::api().with_state(state.clone()));
     let api = api.layer(crate::auth::AuthLayer::new(state.clone()));

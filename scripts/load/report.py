@@ -15,9 +15,10 @@ NAMES = {
     "full": "full stack, in memory",
     "baseline": "full stack, baseline",
     "redis": "full stack, Redis",
+    "baseline_redis": "baseline, Redis",
     "litellm": "LiteLLM proxy",
 }
-ORDER = ["mock", "floor", "full", "baseline", "redis", "litellm"]
+ORDER = ["mock", "floor", "full", "baseline", "redis", "baseline_redis", "litellm"]
 
 
 def parse(path):
@@ -85,6 +86,8 @@ def main():
         header += f" {'baseline/floor':>14}"
     if "redis" in extra:
         header += f" {'redis/full':>10}"
+    if "baseline_redis" in targets:
+        header += f" {'base-redis/base':>15}"
     if "litellm" in extra:
         header += f" {'full/litellm':>12} {'litellm p50 +':>13}"
     print(header)
@@ -103,6 +106,10 @@ def main():
         if "redis" in extra:
             r = med.get(("redis", mode, conns))
             row += f" {r['rps'] / full['rps']:>10.2f}" if r else f" {'':>10}"
+        if "baseline_redis" in targets:
+            br = med.get(("baseline_redis", mode, conns))
+            b = med.get(("baseline", mode, conns))
+            row += f" {br['rps'] / b['rps']:>15.2f}" if br and b else f" {'':>15}"
         if "litellm" in extra:
             lite = med.get(("litellm", mode, conns))
             mock = med.get(("mock", mode, conns))

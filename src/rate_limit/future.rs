@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
+use http::header::Entry;
 use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -168,10 +169,21 @@ pub(super) fn finish<B>(
     headers: &mut Box<[(HeaderName, HeaderValue)]>,
 ) -> Response<ResponseBody<B>> {
     let mut response = response.map(ResponseBody::inner);
-    let headers = std::mem::take(headers).into_vec();
-    response.headers_mut().reserve(headers.len());
-    for (name, value) in headers {
-        response.headers_mut().append(name, value);
+    let map = response.headers_mut();
+    // The block holds each name's values together: one lookup per name. (Reserving room
+    // first measured slower than letting the map grow as they go in.)
+    let mut headers = std::mem::take(headers).into_vec().into_iter().peekable();
+    while let Some((name, value)) = headers.next() {
+        let mut entry = match map.entry(name) {
+            Entry::Occupied(mut entry) => {
+                entry.append(value);
+                entry
+            }
+            Entry::Vacant(slot) => slot.insert_entry(value),
+        };
+        while let Some((_, value)) = headers.next_if(|(next, _)| next == entry.key()) {
+            entry.append(value);
+        }
     }
     response
 }

@@ -90,6 +90,14 @@ pub(crate) fn ratelimit_value(name: &str, remaining: u64, reset_secs: u64) -> He
     HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("\"policy\";r=0;t=1"))
 }
 
+/// "00" to "99", the two digits of each number below 100.
+const DIGIT_PAIRS: &[u8; 200] = b"\
+    0001020304050607080910111213141516171819\
+    2021222324252627282930313233343536373839\
+    4041424344454647484950515253545556575859\
+    6061626364656667686970717273747576777879\
+    8081828384858687888990919293949596979899";
+
 /// A small fixed buffer that records overflow instead of growing.
 struct StackBuf {
     buf: [u8; 128],
@@ -117,15 +125,22 @@ impl StackBuf {
     }
 
     fn push_u64(&mut self, mut n: u64) {
+        // Two digits per division.
         let mut digits = [0u8; 20];
         let mut i = digits.len();
-        loop {
+        while n >= 100 {
+            let pair = (n % 100) as usize * 2;
+            n /= 100;
+            i -= 2;
+            digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        }
+        if n >= 10 {
+            let pair = n as usize * 2;
+            i -= 2;
+            digits[i..i + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+        } else {
             i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
+            digits[i] = b'0' + n as u8;
         }
         self.push(&digits[i..]);
     }
@@ -199,11 +214,21 @@ pub(crate) mod tests {
             (10, 100),
             (u64::MAX, 12_345),
             (999_999, u64::MAX),
+            (99, 101),
+            (999_999_999, 118),
         ] {
             assert_eq!(
                 ratelimit_value("n", r, t).to_str().unwrap(),
                 format!("\"n\";r={r};t={t}")
             );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ratelimit_values_match_the_formatted_text_for_any_numbers(r: u64, t: u64) {
+            let value = ratelimit_value("n", r, t);
+            proptest::prop_assert_eq!(value.to_str().unwrap(), format!("\"n\";r={r};t={t}"));
         }
     }
 

@@ -296,6 +296,10 @@ impl<St: Store> Shared<St> {
         let mut denied: Option<(&Pending, u64)> = None;
         let mut tightest: Option<(u64, u64, u64)> = None; // (limit, remaining, reset secs)
         let mut reserved: SmallVec<[ReservedItem; 2]> = SmallVec::new();
+        // The block holds each name's values together (every `RateLimit-Policy`, then
+        // every `RateLimit`): the response gets the same fields, and each name is looked
+        // up in its map once.
+        let mut policies = 0;
         for (p, d) in pending.iter().zip(rules) {
             let compiled = &self.rules[p.index as usize];
             let rule = &compiled.rule;
@@ -346,7 +350,11 @@ impl<St: Store> Shared<St> {
                 continue;
             }
             if self.draft_headers {
-                headers.push((headers::RATELIMIT_POLICY, compiled.policy.clone()));
+                headers.insert(
+                    policies,
+                    (headers::RATELIMIT_POLICY, compiled.policy.clone()),
+                );
+                policies += 1;
                 headers.push((
                     headers::RATELIMIT,
                     headers::ratelimit_value(&rule.name, d.remaining, reset_secs),

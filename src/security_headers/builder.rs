@@ -534,6 +534,41 @@ enum Fate {
     Keep,
 }
 
+/// A set of header names that answers "certainly not in the set" with one bit: a bit per
+/// fingerprint (length, last and middle byte) of the names added. A name whose bit is set
+/// may be in the set, and is then compared with each name.
+#[derive(Debug, Default)]
+pub(crate) struct NameFilter {
+    bits: [u64; 4],
+}
+
+impl NameFilter {
+    #[inline]
+    fn fingerprint(name: &HeaderName) -> u8 {
+        let bytes = name.as_str().as_bytes();
+        let len = bytes.len();
+        // A header name is never empty; `unwrap_or` keeps this total all the same.
+        let last = bytes.last().copied().unwrap_or(0);
+        let middle = bytes.get(len / 2).copied().unwrap_or(0);
+        (len as u8)
+            .wrapping_mul(37)
+            .wrapping_add(last.wrapping_mul(5))
+            .wrapping_add(middle)
+    }
+
+    pub(crate) fn add(&mut self, name: &HeaderName) {
+        let f = Self::fingerprint(name);
+        self.bits[usize::from(f >> 6)] |= 1 << (f & 63);
+    }
+
+    /// `false` when `name` was certainly never added.
+    #[inline]
+    pub(crate) fn may_hold(&self, name: &HeaderName) -> bool {
+        let f = Self::fingerprint(name);
+        self.bits[usize::from(f >> 6)] & (1 << (f & 63)) != 0
+    }
+}
+
 /// Everything the layer applies, built once and shared.
 #[derive(Debug)]
 pub(crate) struct Policy {
@@ -546,6 +581,8 @@ pub(crate) struct Policy {
     /// The fixed headers as a ready map, without and with HSTS.
     pub(crate) base: HeaderMap,
     pub(crate) base_hsts: HeaderMap,
+    /// Every name the policy removes or sets, for a quick "not one of ours".
+    pub(crate) managed: NameFilter,
 }
 
 impl Policy {
@@ -565,6 +602,14 @@ impl Policy {
         if let Some(f) = &hsts {
             base_hsts.insert(f.name.clone(), f.value.clone());
         }
+        let mut managed = NameFilter::default();
+        for name in remove
+            .iter()
+            .chain(fixed.iter().map(|f| &f.name))
+            .chain(hsts.iter().map(|f| &f.name))
+        {
+            managed.add(name);
+        }
         Self {
             fixed,
             remove,
@@ -574,6 +619,7 @@ impl Policy {
             csp_template,
             base,
             base_hsts,
+            managed,
         }
     }
 
@@ -623,7 +669,13 @@ impl Policy {
     }
 
     /// The fate of a handler's header under this policy.
+    #[inline]
     fn fate(&self, name: &HeaderName, hsts: bool) -> Fate {
+        // Most of a handler's headers are neither removed nor set by the layer: one bit
+        // says so without comparing the name with every managed one.
+        if !self.managed.may_hold(name) {
+            return Fate::Keep;
+        }
         if self.remove.iter().any(|r| r == name) {
             return Fate::Drop;
         }
@@ -640,32 +692,49 @@ impl Policy {
     }
 
     /// Starts from a clone of the prebuilt map (no hashing of the layer's names) and moves
-    /// the handler's few headers into it.
+    /// the handler's few headers into it: each name is hashed once, its further values
+    /// follow through the same entry.
     pub(crate) fn apply_by_merge(&self, headers: &mut HeaderMap, hsts: bool) {
         let base = if hsts && self.hsts.is_some() {
             &self.base_hsts
         } else {
             &self.base
         };
-        let theirs = std::mem::replace(headers, base.clone());
-        let mut current: Option<(HeaderName, Fate)> = None;
-        for (name, value) in theirs {
-            if let Some(name) = name {
-                let fate = self.fate(&name, hsts);
-                match fate {
-                    Fate::Drop => {}
-                    Fate::Replace => {
-                        headers.insert(&name, value);
+        // (Reserving room for the handler's headers first measured slower than letting
+        // the map grow as they go in.)
+        let mut theirs = std::mem::replace(headers, base.clone()).into_iter();
+        // A map's iterator names the first value of each header and leaves the name out
+        // (`None`) for the values that follow it.
+        let (mut name, mut value) = match theirs.next() {
+            Some((Some(name), value)) => (name, value),
+            _ => return,
+        };
+        loop {
+            let mut entry = match self.fate(&name, hsts) {
+                Fate::Drop => None,
+                Fate::Replace | Fate::Keep => Some(match headers.entry(name) {
+                    // Only the layer's own headers are in the map so far: the handler's
+                    // value takes the place of the layer's (if-not-present).
+                    Entry::Occupied(mut slot) => {
+                        slot.insert(value);
+                        slot
                     }
-                    Fate::Keep => {
-                        headers.append(&name, value);
+                    Entry::Vacant(slot) => slot.insert_entry(value),
+                }),
+            };
+            loop {
+                match theirs.next() {
+                    Some((Some(next), next_value)) => {
+                        name = next;
+                        value = next_value;
+                        break;
                     }
-                }
-                current = Some((name, fate));
-            } else if let Some((name, fate)) = &current {
-                // Another value of the same header.
-                if *fate != Fate::Drop {
-                    headers.append(name, value);
+                    Some((None, more)) => {
+                        if let Some(entry) = &mut entry {
+                            entry.append(more);
+                        }
+                    }
+                    None => return,
                 }
             }
         }

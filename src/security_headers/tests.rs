@@ -826,6 +826,103 @@ fn merge_and_in_place_agree() {
     }
 }
 
+/// A merged response lists the layer's headers first, then the handler's in their own
+/// order, each header's values together and in order (what goes on the wire).
+#[test]
+fn merged_headers_keep_their_order() {
+    let policy = SecurityHeadersLayerBuilder::api().compile().unwrap();
+    let mut handler = HeaderMap::new();
+    for (name, value) in [
+        ("content-type", "application/json"),
+        ("ratelimit-policy", "a"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("server", "nginx"),
+        ("ratelimit", "b"),
+        ("ratelimit-policy", "c"),
+        ("ratelimit", "d"),
+        ("x-frame-options", "ALLOW-FROM https://a.example"),
+    ] {
+        handler.append(name, HeaderValue::from_static(value));
+    }
+    policy.apply_by_merge(&mut handler, false);
+    let got: Vec<(String, String)> = handler
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
+        .collect();
+    let mut want: Vec<(String, String)> = Vec::new();
+    for f in policy.fixed.iter() {
+        want.push((f.name.to_string(), f.value.to_str().unwrap().to_owned()));
+        if f.name == "x-frame-options" {
+            // The handler's values take the place of the layer's (if-not-present).
+            want.pop();
+            want.push(("x-frame-options".into(), "SAMEORIGIN".into()));
+            want.push((
+                "x-frame-options".into(),
+                "ALLOW-FROM https://a.example".into(),
+            ));
+        }
+    }
+    for (n, v) in [
+        ("content-type", "application/json"),
+        ("ratelimit-policy", "a"),
+        ("ratelimit-policy", "c"),
+        ("ratelimit", "b"),
+        ("ratelimit", "d"),
+    ] {
+        want.push((n.into(), v.into()));
+    }
+    assert_eq!(got, want);
+}
+
+proptest::proptest! {
+    /// The quick "not one of ours" test of the merge never passes over a name the policy
+    /// removes or sets, whatever the names.
+    #[test]
+    fn the_name_filter_holds_every_name_added(
+        added in proptest::collection::vec("[a-z0-9-]{1,40}", 1..24),
+        other in "[a-z0-9-]{1,40}",
+    ) {
+        let mut filter = super::builder::NameFilter::default();
+        let names: Vec<http::HeaderName> = added
+            .iter()
+            .map(|n| http::HeaderName::from_bytes(n.as_bytes()).unwrap())
+            .collect();
+        for name in &names {
+            filter.add(name);
+        }
+        for name in &names {
+            proptest::prop_assert!(filter.may_hold(name));
+        }
+        let other = http::HeaderName::from_bytes(other.as_bytes()).unwrap();
+        if !filter.may_hold(&other) {
+            proptest::prop_assert!(!names.contains(&other));
+        }
+    }
+}
+
+#[test]
+fn the_name_filter_passes_every_managed_and_removed_header() {
+    for builder in [
+        SecurityHeadersLayerBuilder::api(),
+        SecurityHeadersLayerBuilder::web().cache_control_no_store(true),
+    ] {
+        let policy = builder.compile().unwrap();
+        let managed = policy
+            .fixed
+            .iter()
+            .chain(&policy.hsts)
+            .map(|f| &f.name)
+            .chain(policy.remove.iter());
+        for name in managed {
+            assert!(policy.managed.may_hold(name), "{name}");
+        }
+        assert_eq!(
+            policy.remove.len(),
+            super::builder::DEFAULT_REMOVED_HEADERS.len()
+        );
+    }
+}
+
 #[tokio::test]
 async fn large_responses_take_the_in_place_path() {
     let names: Vec<String> = (0..40).map(|i| format!("x-custom-{i}")).collect();

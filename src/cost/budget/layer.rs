@@ -98,22 +98,25 @@ pub enum BudgetConfigError {
 type Overrides = std::collections::HashMap<(Arc<str>, Arc<str>), Option<Money>>;
 
 pub(crate) struct Shared {
-    budgets: Vec<Arc<Budget>>,
-    store: Arc<dyn BudgetStore>,
-    prices: Arc<PriceTable>,
-    format: ErrorFormat,
-    status: StatusCode,
-    max_body: usize,
-    bytes_per_token: u64,
-    default_max_tokens: u64,
-    allow_unpriced: bool,
-    fail_open: bool,
-    user_header: Option<HeaderName>,
-    bot_header: Option<HeaderName>,
-    alerts: Option<Arc<dyn AlertSink>>,
-    clock: BudgetClock,
+    pub(super) budgets: Vec<Arc<Budget>>,
+    pub(super) store: Arc<dyn BudgetStore>,
+    pub(super) prices: Arc<PriceTable>,
+    pub(super) format: ErrorFormat,
+    pub(super) status: StatusCode,
+    pub(super) max_body: usize,
+    pub(super) bytes_per_token: u64,
+    pub(super) default_max_tokens: u64,
+    pub(super) allow_unpriced: bool,
+    pub(super) fail_open: bool,
+    pub(super) user_header: Option<HeaderName>,
+    pub(super) bot_header: Option<HeaderName>,
+    pub(super) alerts: Option<Arc<dyn AlertSink>>,
+    pub(super) clock: BudgetClock,
     /// Per-subject limits set at run time: `(budget, subject)` → limit (`None`: none).
-    overrides: std::sync::RwLock<Overrides>,
+    pub(super) overrides: std::sync::RwLock<Overrides>,
+    /// Whether a [`BudgetGateLayer`](super::BudgetGateLayer) of this layer wraps a
+    /// service: the split form's start refuses every request until one does.
+    pub(super) gated: AtomicBool,
 }
 
 impl fmt::Debug for Shared {
@@ -130,7 +133,7 @@ impl fmt::Debug for Shared {
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct BudgetLayer {
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 /// Builds a [`BudgetLayer`].
@@ -405,6 +408,7 @@ impl BudgetLayerBuilder {
                 alerts: self.alerts,
                 clock: self.clock.unwrap_or_else(BudgetClock::system),
                 overrides: std::sync::RwLock::default(),
+                gated: AtomicBool::new(false),
             }),
         })
     }
@@ -414,6 +418,8 @@ impl<S> Layer<S> for BudgetLayer {
     type Service = BudgetService<S>;
 
     fn layer(&self, inner: S) -> BudgetService<S> {
+        // this service is a gate for the layer's split start (see `split`)
+        self.shared.gated.store(true, Ordering::Release);
         BudgetService {
             inner,
             shared: Arc::clone(&self.shared),
@@ -455,7 +461,7 @@ pub struct BudgetReservation {
     inner: Arc<ReservationInner>,
 }
 
-struct ReservationInner {
+pub(super) struct ReservationInner {
     shared: Arc<Shared>,
     charges: Arc<[Charge]>,
     amount: Money,
@@ -587,7 +593,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: Option<&HeaderName>) -> Option<&
 
 impl Shared {
     /// The accounts `req` is charged to.
-    fn charges<B>(&self, req: &Request<B>) -> Vec<Charge> {
+    pub(super) fn charges<B>(&self, req: &Request<B>) -> Vec<Charge> {
         let attribution = req.extensions().get::<Attribution>();
         let headers = req.headers();
         let mut out = Vec::with_capacity(self.budgets.len());
@@ -645,7 +651,7 @@ impl Shared {
     }
 }
 
-fn refusal<B>(shared: &Shared, err: Error) -> Response<ResponseBody<B>> {
+pub(super) fn refusal<B>(shared: &Shared, err: Error) -> Response<ResponseBody<B>> {
     shared.refuse(err).map(ResponseBody::error)
 }
 
@@ -671,13 +677,18 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let shared = Arc::clone(&self.shared);
-        ResponseFuture {
-            inner: Box::pin(check(shared, inner, req)),
+        match super::split::pending_for(&shared, &req) {
+            Some(pending) => ResponseFuture {
+                inner: Box::pin(super::split::gate(shared, inner, req, pending)),
+            },
+            None => ResponseFuture {
+                inner: Box::pin(check(shared, inner, req)),
+            },
         }
     }
 }
 
-async fn pass<S, ReqB, ResB>(
+pub(super) async fn pass<S, ReqB, ResB>(
     mut inner: S,
     req: Request<ReqB>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
@@ -687,7 +698,7 @@ where
     inner.call(req).await.map(|r| r.map(ResponseBody::inner))
 }
 
-async fn check<S, ReqB, ResB>(
+pub(super) async fn check<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
     req: Request<ReqB>,
@@ -697,6 +708,37 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
+    match prepare(&shared, req).await {
+        Prepared::Pass(req) => pass(inner, req).await,
+        Prepared::Refuse(err) => Ok(refusal(&shared, err)),
+        Prepared::Reserve {
+            req,
+            charges,
+            amount,
+        } => reserve_and_pass(shared, inner, req, charges, amount).await,
+    }
+}
+
+/// What the layer makes of a request before asking the store.
+pub(super) enum Prepared<B> {
+    /// Nothing to reserve.
+    Pass(Request<B>),
+    /// Refused before any reservation.
+    Refuse(Error),
+    /// Reserve `amount` on `charges`.
+    Reserve {
+        req: Request<B>,
+        charges: Vec<Charge>,
+        amount: Money,
+    },
+}
+
+/// The accounts and the amount a request needs, from its `BudgetEstimate` or its body.
+pub(super) async fn prepare<B>(shared: &Shared, req: Request<B>) -> Prepared<B>
+where
+    B: Body + From<Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
     let charges = shared.charges(&req);
     if charges.is_empty()
         || matches!(
@@ -704,28 +746,27 @@ where
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
         )
     {
-        return pass(inner, req).await;
+        return Prepared::Pass(req);
     }
-    let (mut req, amount) = match req.extensions().get::<BudgetEstimate>() {
+    let (req, amount) = match req.extensions().get::<BudgetEstimate>() {
         Some(&BudgetEstimate(amount)) => (req, amount),
         None => {
             let (parts, body) = req.into_parts();
             let bytes = match Limited::new(body, shared.max_body).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    let err = Error::new(
+                    return Prepared::Refuse(Error::new(
                         ErrorKind::PayloadTooLarge,
                         format!(
                             "the request body is larger than {} bytes, the most the budget check reads",
                             shared.max_body
                         ),
-                    );
-                    return Ok(refusal(&shared, err));
+                    ));
                 }
                 Err(e) => {
-                    let err =
-                        Error::invalid_request("the request body could not be read").with_source(e);
-                    return Ok(refusal(&shared, err));
+                    return Prepared::Refuse(
+                        Error::invalid_request("the request body could not be read").with_source(e),
+                    );
                 }
             };
             let est = estimate(
@@ -734,51 +775,144 @@ where
                 shared.bytes_per_token,
                 shared.default_max_tokens,
             );
-            let req = Request::from_parts(parts, ReqB::from(bytes));
-            match est {
-                Estimate::NotMetered => return pass(inner, req).await,
-                Estimate::Invalid { field, reason } => {
-                    let err = Error::invalid_fields([FieldError::new(field, reason)]);
-                    return Ok(refusal(&shared, err));
-                }
-                Estimate::Unpriced(_) if shared.allow_unpriced => return pass(inner, req).await,
-                Estimate::Unpriced(model) => {
-                    let err = Error::invalid_fields([FieldError::new(
-                        "model",
-                        format!(
-                            "`{model}` has no price, so its cost cannot be checked against a budget"
-                        ),
-                    )]);
-                    return Ok(refusal(&shared, err));
-                }
-                Estimate::Cost { max, .. } => (req, max),
+            let req = Request::from_parts(parts, B::from(bytes));
+            match plan(shared, est) {
+                Plan::Pass => return Prepared::Pass(req),
+                Plan::Refuse(err) => return Prepared::Refuse(err),
+                Plan::Reserve(amount) => (req, amount),
             }
         }
     };
-    // A limit of 0 (a subject blocked by an override) is a budget refusal, below.
-    if let Some(c) = charges
-        .iter()
-        .find(|c| c.budget.limit > Money::ZERO && amount > c.budget.limit)
-    {
-        let err = Error::invalid_fields([FieldError::new(
-            "max_tokens",
-            format!(
-                "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens or shorten the input",
-                c.budget.name, c.budget.limit, c.budget.period
-            ),
-        )]);
-        return Ok(refusal(&shared, err));
+    if let Some(err) = larger_than_budget(&charges, amount) {
+        return Prepared::Refuse(err);
     }
+    Prepared::Reserve {
+        req,
+        charges,
+        amount,
+    }
+}
+
+/// Reserves `amount` on `charges` and calls `inner` holding the reservation.
+pub(super) async fn reserve_and_pass<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqB>,
+    charges: Vec<Charge>,
+    amount: Money,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
     let now = shared.clock.now();
-    match shared.store.reserve(&charges, amount, now).await {
-        Ok(Reserve::Granted) => {}
+    let result = shared.store.reserve(&charges, amount, now).await;
+    match outcome(&shared, charges.into(), amount, result) {
+        Outcome::Granted(reservation) => pass_holding(inner, req, reservation).await,
+        Outcome::Refused(err) => Ok(refusal(&shared, err)),
+        Outcome::Pass => pass(inner, req).await,
+    }
+}
+
+/// Calls `inner` with `reservation` in the request extensions; refunded when the call
+/// fails without a response.
+pub(super) async fn pass_holding<S, ReqB, ResB>(
+    inner: S,
+    mut req: Request<ReqB>,
+    reservation: BudgetReservation,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    req.extensions_mut().insert(reservation.clone());
+    match pass(inner, req).await {
+        Ok(res) => Ok(res),
+        Err(e) => {
+            reservation.refund(); // no response, no usage
+            Err(e)
+        }
+    }
+}
+
+impl BudgetReservation {
+    /// Whether this reservation covers a request needing `amount` on `charges`.
+    pub(super) fn covers(&self, charges: &[Charge], amount: Money) -> bool {
+        amount <= self.inner.amount && *self.inner.charges == *charges
+    }
+}
+
+/// What a request's body means for its budgets.
+pub(super) enum Plan {
+    /// Not metered (or an unpriced model that may pass): no reservation.
+    Pass,
+    /// Refused before any reservation.
+    Refuse(Error),
+    /// Reserve this much.
+    Reserve(Money),
+}
+
+/// The plan for a body's estimate.
+pub(super) fn plan(shared: &Shared, est: Estimate) -> Plan {
+    match est {
+        Estimate::NotMetered => Plan::Pass,
+        Estimate::Invalid { field, reason } => {
+            Plan::Refuse(Error::invalid_fields([FieldError::new(field, reason)]))
+        }
+        Estimate::Unpriced(_) if shared.allow_unpriced => Plan::Pass,
+        Estimate::Unpriced(model) => Plan::Refuse(Error::invalid_fields([FieldError::new(
+            "model",
+            format!("`{model}` has no price, so its cost cannot be checked against a budget"),
+        )])),
+        Estimate::Cost { max, .. } => Plan::Reserve(max),
+    }
+}
+
+/// The 400 for a request that may cost more than a whole budget. A limit of 0 (a subject
+/// blocked by an override) is left to the store: a budget refusal.
+pub(super) fn larger_than_budget(charges: &[Charge], amount: Money) -> Option<Error> {
+    let c = charges
+        .iter()
+        .find(|c| c.budget.limit > Money::ZERO && amount > c.budget.limit)?;
+    Some(Error::invalid_fields([FieldError::new(
+        "max_tokens",
+        format!(
+            "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens or shorten the input",
+            c.budget.name, c.budget.limit, c.budget.period
+        ),
+    )]))
+}
+
+/// What the store's answer to a reservation means for the request.
+pub(super) enum Outcome {
+    /// Reserved: the request goes on, holding this.
+    Granted(BudgetReservation),
+    /// Refused (a budget is spent, or the store failed and the layer fails closed).
+    Refused(Error),
+    /// The store failed and the layer fails open: the request passes unchecked.
+    Pass,
+}
+
+pub(super) fn outcome(
+    shared: &Arc<Shared>,
+    charges: Arc<[Charge]>,
+    amount: Money,
+    result: Result<Reserve, super::store::BudgetStoreError>,
+) -> Outcome {
+    match result {
+        Ok(Reserve::Granted) => Outcome::Granted(BudgetReservation {
+            inner: Arc::new(ReservationInner {
+                shared: Arc::clone(shared),
+                charges,
+                amount,
+                settled: AtomicBool::new(false),
+            }),
+        }),
         Ok(Reserve::Refused {
             index,
             spent,
             retry_after,
         }) => {
-            let c = &charges[index];
-            let mut err = Error::budget_exceeded(format!(
+            let c = &charges[index.min(charges.len().saturating_sub(1))];
+            let err = Error::budget_exceeded(format!(
                 "the {} budget `{}` of {} is spent ({} used); it frees up {}",
                 c.budget.period,
                 c.budget.name,
@@ -789,39 +923,21 @@ where
                     None => "as requests in flight finish".to_owned(),
                 }
             ));
-            err = err.with_retry_after(retry_after.unwrap_or(Duration::from_secs(1)));
-            return Ok(refusal(&shared, err));
+            Outcome::Refused(err.with_retry_after(retry_after.unwrap_or(Duration::from_secs(1))))
         }
         Err(e) if shared.fail_open => {
             tracing::warn!(target: "palisade::cost::budget", error = %e,
                 "budget store failed: request passes unchecked");
-            return pass(inner, req).await;
+            Outcome::Pass
         }
-        Err(e) => {
-            let err = Error::new(
+        Err(e) => Outcome::Refused(
+            Error::new(
                 ErrorKind::Unavailable,
                 "budgets cannot be checked right now",
             )
             .with_retry_after(Duration::from_secs(1))
-            .with_source(e);
-            return Ok(refusal(&shared, err));
-        }
-    }
-    let reservation = BudgetReservation {
-        inner: Arc::new(ReservationInner {
-            shared: Arc::clone(&shared),
-            charges: charges.into(),
-            amount,
-            settled: AtomicBool::new(false),
-        }),
-    };
-    req.extensions_mut().insert(reservation.clone());
-    match pass(inner, req).await {
-        Ok(res) => Ok(res),
-        Err(e) => {
-            reservation.refund(); // no response, no usage
-            Err(e)
-        }
+            .with_source(e),
+        ),
     }
 }
 

@@ -46,6 +46,10 @@
 //!   [`AlertSink`](super::alert::AlertSink) you give the builder.
 //! - The default [`MemoryBudgetStore`] keeps accounts in this process; implement
 //!   [`BudgetStore`] for shared state.
+//! - [`BudgetLayer::split`] gives the layer in two halves for stacks with another store
+//!   call before the upstream (a rate limiter in Redis): [`BudgetStartLayer`] starts the
+//!   reservation above it, [`BudgetGateLayer`] waits for it just above the upstream, so
+//!   the two store calls are in flight together.
 //!
 //! **A token budget per minute** is a rate limit, not a spend budget: give
 //! [`RateLimitLayer`](crate::rate_limit::RateLimitLayer) a rule with
@@ -103,6 +107,7 @@ mod layer;
 mod period;
 #[cfg(feature = "redis")]
 mod redis;
+mod split;
 mod store;
 
 use std::sync::Arc;
@@ -120,6 +125,7 @@ pub(crate) use period::unix_millis;
 pub use period::{ParsePeriodError, Period};
 #[cfg(feature = "redis")]
 pub use redis::RedisBudgetStore;
+pub use split::{BudgetGateLayer, BudgetStart, BudgetStartLayer, PendingBudget, StartBody};
 pub use store::{
     BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, MemoryBudgetStore, Reserve,
 };

@@ -1,0 +1,751 @@
+//! The split form of [`BudgetLayer`]: [`BudgetStartLayer`] starts a request's reservation
+//! and lets it go on at once; [`BudgetGateLayer`], lower in the stack, waits for the
+//! store's answer before the upstream call. What lies between them (a rate limiter, its
+//! own store call, authorization, validation) runs while the reservation is in flight, so
+//! a request pays one store round trip of latency instead of two in a row.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use palisade::cost::budget::{Budget, BudgetLayer, BudgetReservation, Period, Scope};
+//! use palisade::cost::{Money, Principal};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let budgets = BudgetLayer::builder()
+//!     .budget(Budget::new("daily", Scope::User, Period::Day, Money::parse_dollars("5").unwrap()))
+//!     .build()
+//!     .unwrap();
+//! let (start, gate) = budgets.split();
+//! let svc = ServiceBuilder::new()
+//!     .layer(start)
+//!     // ... a rate limiter, authorization: they run while the reservation is in flight
+//!     .layer(gate)
+//!     .service(service_fn(|req: http::Request<_>| async move {
+//!         // the upstream call: reached only with a granted reservation
+//!         assert!(req.extensions().get::<BudgetReservation>().is_some());
+//!         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+//!     }));
+//! let mut req = http::Request::post("/v1/messages")
+//!     .body(Full::new(Bytes::from(r#"{"model":"claude-3-5-haiku-20241022","max_tokens":100}"#)))
+//!     .unwrap();
+//! req.extensions_mut().insert(Principal::new("ann")); // set by your authentication
+//! assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::estimate::{BudgetEstimate, estimate};
+use super::future::ResponseFuture;
+use super::layer::{
+    BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Shared, check,
+    larger_than_budget, outcome, pass, pass_holding, plan, prepare, refusal, reserve_and_pass,
+};
+use super::store::{BoxFuture, BudgetStoreError, Charge, Reserve};
+use crate::body::ResponseBody;
+use crate::cost::pricing::Money;
+use crate::error::Error;
+
+tokio::task_local! {
+    /// The pending reservation of the request being served, for gates reached through a
+    /// request built anew below the start (a handler's own upstream request).
+    static PENDING: PendingBudget;
+}
+
+impl BudgetLayer {
+    /// The split form of this layer, for stacks where another store call (a rate
+    /// limiter's) sits between the request's arrival and its upstream call.
+    ///
+    /// Place the [`BudgetStartLayer`] above that call and the [`BudgetGateLayer`] just
+    /// above the upstream (above the cost meter, where this layer would go). The start
+    /// reads the body (while the layers below run), begins the reservation and passes the
+    /// request on at once; the gate waits for the store's answer and lets the request
+    /// through with its [`BudgetReservation`] or answers the refusal this layer would
+    /// give. Both share this layer's budgets, store and per-subject limits.
+    ///
+    /// - A request the layers between refuse (401, 429, a bad body), or whose client goes
+    ///   away before the gate, has its reservation released exactly once, never charged.
+    /// - The gate lets a request through on its start's reservation only when that covers
+    ///   what this layer would reserve for the request as it reaches the gate (the same
+    ///   accounts, at least the amount). Otherwise (the start reserved nothing: a body it
+    ///   could not read, larger than `max_body` or not JSON; a second upstream call of the
+    ///   same request, such as a fallback; a request a handler built anew for other
+    ///   accounts or a dearer model) the start's reservation is released and the gate
+    ///   checks the request itself, as this layer does. So nothing reaches the upstream
+    ///   unchecked, and what the split saves is only the wait.
+    /// - The gate is this layer itself: [`BudgetGateLayer`] and this [`BudgetLayer`] build
+    ///   the same service, which waits for a pending reservation of its own layer wherever
+    ///   it meets one. Until one of them wraps a service, the start refuses every request
+    ///   with 500 and logs why: a start without a gate cannot send anything upstream
+    ///   unchecked.
+    /// - The gate finds the pending reservation in the request extensions
+    ///   ([`PendingBudget`]) or, for a request a handler built anew on the same task,
+    ///   from the request being served. A handler that calls the upstream from a task of
+    ///   its own gets the plain check at the gate (and the start's reservation released).
+    pub fn split(&self) -> (BudgetStartLayer, BudgetGateLayer) {
+        (
+            BudgetStartLayer {
+                shared: Arc::clone(&self.shared),
+            },
+            BudgetGateLayer {
+                shared: Arc::clone(&self.shared),
+            },
+        )
+    }
+}
+
+/// The upper half of [`BudgetLayer::split`]: starts each request's reservation without
+/// waiting for it.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct BudgetStartLayer {
+    shared: Arc<Shared>,
+}
+
+/// The lower half of [`BudgetLayer::split`]: waits for the request's reservation before
+/// the upstream call. It builds the same [`BudgetService`] as the [`BudgetLayer`] it came
+/// from: that service waits for a pending reservation of its own layer wherever it meets
+/// one, and checks every other request itself.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct BudgetGateLayer {
+    shared: Arc<Shared>,
+}
+
+impl<S> Layer<S> for BudgetStartLayer {
+    type Service = BudgetStart<S>;
+
+    fn layer(&self, inner: S) -> BudgetStart<S> {
+        BudgetStart {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S> Layer<S> for BudgetGateLayer {
+    type Service = BudgetService<S>;
+
+    fn layer(&self, inner: S) -> BudgetService<S> {
+        BudgetLayer {
+            shared: Arc::clone(&self.shared),
+        }
+        .layer(inner)
+    }
+}
+
+/// The service built by [`BudgetStartLayer`]. Its inner service receives the request
+/// with a [`StartBody`] (the body as it arrives, while the start reads it too).
+#[derive(Debug, Clone)]
+pub struct BudgetStart<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> BudgetStart<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What the start decided for a request, as the gate takes it.
+enum Decision {
+    Granted(BudgetReservation),
+    Refused(Error),
+    /// The store failed and the layer fails open.
+    Pass,
+    /// Nothing reserved: the gate checks the request itself.
+    CheckAtGate,
+}
+
+enum State {
+    Waiting(Option<Waker>),
+    Ready(Decision),
+    /// The gate took the decision (a granted reservation now belongs to the request).
+    Taken,
+    /// The start is gone (the request was answered or abandoned).
+    Closed,
+}
+
+/// A request's reservation while the start waits for the store, in the request
+/// extensions between [`BudgetStartLayer`] and [`BudgetGateLayer`].
+#[derive(Clone)]
+pub struct PendingBudget {
+    cell: Arc<Mutex<State>>,
+    /// The layer that started it (its shared state's address).
+    owner: usize,
+}
+
+impl fmt::Debug for PendingBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &*self.lock() {
+            State::Waiting(_) => "waiting",
+            State::Ready(_) => "ready",
+            State::Taken => "taken",
+            State::Closed => "closed",
+        };
+        f.debug_struct("PendingBudget")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+fn owner(shared: &Arc<Shared>) -> usize {
+    Arc::as_ptr(shared) as usize
+}
+
+impl PendingBudget {
+    fn new(shared: &Arc<Shared>) -> Self {
+        Self {
+            cell: Arc::new(Mutex::new(State::Waiting(None))),
+            owner: owner(shared),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.cell.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn deliver(&self, decision: Decision) {
+        let mut state = self.lock();
+        match &mut *state {
+            State::Waiting(waker) => {
+                let waker = waker.take();
+                *state = State::Ready(decision);
+                drop(state);
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+            _ => {
+                drop(state);
+                if let Decision::Granted(r) = decision {
+                    r.refund(); // nobody will take it
+                }
+            }
+        }
+    }
+
+    /// The start is done with the request: a decision the gate did not take is released.
+    fn close(&self) {
+        let previous = {
+            let mut state = self.lock();
+            match &*state {
+                State::Taken => return,
+                _ => std::mem::replace(&mut *state, State::Closed),
+            }
+        };
+        if let State::Ready(Decision::Granted(r)) = previous {
+            tracing::debug!(target: "palisade::cost::budget", amount = %r.amount(),
+                "request answered before its budget gate: reservation released");
+            r.refund();
+        }
+    }
+
+    async fn take(&self) -> Decision {
+        poll_fn(|cx| {
+            let mut state = self.lock();
+            match &mut *state {
+                State::Waiting(waker) => {
+                    *waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+                State::Ready(_) => match std::mem::replace(&mut *state, State::Taken) {
+                    State::Ready(d) => Poll::Ready(d),
+                    _ => unreachable!("matched Ready above"),
+                },
+                State::Taken | State::Closed => Poll::Ready(Decision::CheckAtGate),
+            }
+        })
+        .await
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The request body below a [`BudgetStart`]: the body as it arrives, while the start
+    /// reads it (up to the layer's `max_body`) to estimate the request's cost.
+    pub struct StartBody<B: Body> {
+        #[pin]
+        inner: Inner<B>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = InnerProj]
+    enum Inner<B: Body> {
+        // The body, untouched (nothing to estimate from it).
+        Plain { #[pin] body: B },
+        // Shared with the start while it reads.
+        Tee { tee: Arc<Mutex<Tee<B>>> },
+    }
+}
+
+impl<B: Body> StartBody<B> {
+    fn plain(body: B) -> Self {
+        Self {
+            inner: Inner::Plain { body },
+        }
+    }
+}
+
+/// A body made whole (the gate's own check rebuilds the body it read).
+impl<B: Body + From<Bytes>> From<Bytes> for StartBody<B> {
+    fn from(bytes: Bytes) -> Self {
+        Self::plain(B::from(bytes))
+    }
+}
+
+impl<B: Body> fmt::Debug for StartBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StartBody").finish_non_exhaustive()
+    }
+}
+
+/// The body shared by the start (reading it) and the layers below (reading what the start
+/// has read, then the rest).
+struct Tee<B: Body> {
+    body: Pin<Box<B>>,
+    /// Frames the start has read and the layers below have not.
+    frames: VecDeque<Frame<B::Data>>,
+    error: Option<B::Error>,
+    ended: bool,
+    /// The start still reads the body.
+    filling: bool,
+    /// A reader below waiting for the start.
+    waker: Option<Waker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<B: Body> Body for StartBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        match self.project().inner.project() {
+            InnerProj::Plain { body } => body.poll_frame(cx),
+            InnerProj::Tee { tee } => {
+                let mut t = lock(tee);
+                if let Some(frame) = t.frames.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(e) = t.error.take() {
+                    t.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                if t.ended {
+                    return Poll::Ready(None);
+                }
+                if t.filling {
+                    t.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                t.body.as_mut().poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Plain { body } => body.is_end_stream(),
+            Inner::Tee { tee } => {
+                let t = lock(tee);
+                t.frames.is_empty()
+                    && t.error.is_none()
+                    && (t.ended || (!t.filling && t.body.is_end_stream()))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Plain { body } => body.size_hint(),
+            Inner::Tee { tee } => {
+                let t = lock(tee);
+                if t.frames.is_empty() && t.error.is_none() && !t.ended && !t.filling {
+                    t.body.size_hint()
+                } else {
+                    SizeHint::default()
+                }
+            }
+        }
+    }
+}
+
+type ReserveFuture = BoxFuture<'static, Result<Reserve, BudgetStoreError>>;
+
+enum Phase<B: Body> {
+    /// Reading the body: what has been read, and its length.
+    Reading {
+        tee: Arc<Mutex<Tee<B>>>,
+        chunks: Vec<Bytes>,
+        len: usize,
+    },
+    Reserving {
+        future: ReserveFuture,
+        charges: Arc<[Charge]>,
+        amount: Money,
+    },
+    Done,
+}
+
+/// The start's work for one request, polled beside the inner service's future; dropped
+/// (answered or abandoned), it releases what the gate did not take.
+struct Driver<B: Body> {
+    shared: Arc<Shared>,
+    pending: PendingBudget,
+    charges: Option<Vec<Charge>>,
+    phase: Phase<B>,
+}
+
+enum Read {
+    Complete,
+    /// Larger than `max_body`, or failed: the gate checks the request itself.
+    Unread,
+}
+
+impl<B> Driver<B>
+where
+    B: Body<Data = Bytes>,
+{
+    fn begin(&mut self, amount: Money) {
+        let charges: Arc<[Charge]> = self.charges.take().unwrap_or_default().into();
+        if let Some(err) = larger_than_budget(&charges, amount) {
+            self.finish(Decision::Refused(err));
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let now = shared.clock.now();
+        let for_store = Arc::clone(&charges);
+        self.phase = Phase::Reserving {
+            future: Box::pin(async move { shared.store.reserve(&for_store, amount, now).await }),
+            charges,
+            amount,
+        };
+    }
+
+    fn finish(&mut self, decision: Decision) {
+        self.phase = Phase::Done;
+        self.pending.deliver(decision);
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        loop {
+            match &mut self.phase {
+                Phase::Reading { tee, chunks, len } => {
+                    let read = match poll_read(tee, chunks, len, self.shared.max_body, cx) {
+                        Poll::Pending => return,
+                        Poll::Ready(read) => read,
+                    };
+                    let bytes = match (read, chunks.len()) {
+                        (Read::Unread, _) => None,
+                        (Read::Complete, 1) => Some(chunks[0].clone()),
+                        (Read::Complete, _) => Some(Bytes::from(chunks.concat())),
+                    };
+                    let Some(bytes) = bytes else {
+                        self.finish(Decision::CheckAtGate);
+                        continue;
+                    };
+                    let est = estimate(
+                        &bytes,
+                        &self.shared.prices,
+                        self.shared.bytes_per_token,
+                        self.shared.default_max_tokens,
+                    );
+                    match plan(&self.shared, est) {
+                        Plan::Pass => self.finish(Decision::CheckAtGate),
+                        Plan::Refuse(err) => self.finish(Decision::Refused(err)),
+                        Plan::Reserve(amount) => self.begin(amount),
+                    }
+                }
+                Phase::Reserving {
+                    future,
+                    charges,
+                    amount,
+                } => {
+                    let Poll::Ready(result) = future.as_mut().poll(cx) else {
+                        return;
+                    };
+                    let decision = match outcome(&self.shared, Arc::clone(charges), *amount, result)
+                    {
+                        Outcome::Granted(r) => Decision::Granted(r),
+                        Outcome::Refused(err) => Decision::Refused(err),
+                        Outcome::Pass => Decision::Pass,
+                    };
+                    self.finish(decision);
+                }
+                Phase::Done => return,
+            }
+        }
+    }
+}
+
+fn poll_read<B: Body<Data = Bytes>>(
+    tee: &Mutex<Tee<B>>,
+    chunks: &mut Vec<Bytes>,
+    len: &mut usize,
+    max: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Read> {
+    let mut t = lock(tee);
+    let read = loop {
+        match t.body.as_mut().poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                t.ended = true;
+                break Read::Complete;
+            }
+            Poll::Ready(Some(Err(e))) => {
+                t.error = Some(e);
+                break Read::Unread;
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *len += data.len();
+                    chunks.push(data.clone());
+                }
+                t.frames.push_back(frame);
+                if let Some(w) = t.waker.take() {
+                    w.wake();
+                }
+                if *len > max {
+                    break Read::Unread;
+                }
+            }
+        }
+    };
+    t.filling = false;
+    if let Some(w) = t.waker.take() {
+        w.wake();
+    }
+    Poll::Ready(read)
+}
+
+impl<B: Body> Drop for Driver<B> {
+    fn drop(&mut self) {
+        self.pending.close();
+        let Phase::Reserving {
+            future,
+            charges,
+            amount,
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            return;
+        };
+        // The store may grant the reservation after the request is gone: release it then.
+        let shared = Arc::clone(&self.shared);
+        let release = async move {
+            let result = future.await;
+            if let Outcome::Granted(r) = outcome(&shared, charges, amount, result) {
+                r.refund();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(release);
+            }
+            Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %amount,
+                "a request abandoned outside a tokio runtime: its reservation, if granted, stays held"),
+        }
+    }
+}
+
+fn metered_method(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    )
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for BudgetStart<S>
+where
+    S: Service<Request<StartBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Send,
+    ResB: Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Self::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture {
+            inner: Box::pin(start(Arc::clone(&self.shared), inner, req)),
+        }
+    }
+}
+
+async fn start<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<ReqB>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<StartBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body<Data = Bytes>,
+{
+    if !shared.gated.load(Ordering::Acquire) {
+        tracing::error!(target: "palisade::cost::budget",
+            "BudgetStartLayer without its BudgetGateLayer: requests are refused until the gate wraps the upstream");
+        let err = Error::internal("budgets cannot be checked: the gateway is misconfigured");
+        return Ok(refusal(&shared, err));
+    }
+    let charges = shared.charges(&req);
+    if charges.is_empty() || !metered_method(req.method()) {
+        let req = req.map(StartBody::plain);
+        return pass(inner, req).await;
+    }
+    let pending = PendingBudget::new(&shared);
+    let (mut parts, body) = req.into_parts();
+    let mut driver = Driver {
+        shared: Arc::clone(&shared),
+        pending: pending.clone(),
+        charges: Some(charges),
+        phase: Phase::Done,
+    };
+    let body = match parts.extensions.get::<BudgetEstimate>() {
+        Some(&BudgetEstimate(amount)) => {
+            driver.begin(amount);
+            StartBody::plain(body)
+        }
+        None if body
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n > shared.max_body as u64) =>
+        {
+            driver.finish(Decision::CheckAtGate);
+            StartBody::plain(body)
+        }
+        None => {
+            let tee = Arc::new(Mutex::new(Tee {
+                body: Box::pin(body),
+                frames: VecDeque::new(),
+                error: None,
+                ended: false,
+                filling: true,
+                waker: None,
+            }));
+            driver.phase = Phase::Reading {
+                tee: Arc::clone(&tee),
+                chunks: Vec::new(),
+                len: 0,
+            };
+            StartBody {
+                inner: Inner::Tee { tee },
+            }
+        }
+    };
+    parts.extensions.insert(pending.clone());
+    let call = PENDING.scope(pending, inner.call(Request::from_parts(parts, body)));
+    let mut call = pin!(call);
+    let res = poll_fn(|cx| {
+        // the store call goes out before the inner service's own calls
+        driver.poll(cx);
+        call.as_mut().poll(cx)
+    })
+    .await;
+    drop(driver);
+    res.map(|r| r.map(ResponseBody::inner))
+}
+
+/// The pending reservation `req` carries from a start of the layer `shared` belongs to:
+/// in its extensions, or of the request being served on this task.
+pub(super) fn pending_for<B>(shared: &Arc<Shared>, req: &Request<B>) -> Option<PendingBudget> {
+    let mine = owner(shared);
+    req.extensions()
+        .get::<PendingBudget>()
+        .filter(|p| p.owner == mine)
+        .cloned()
+        .or_else(|| {
+            PENDING
+                .try_with(|p| (p.owner == mine).then(|| p.clone()))
+                .ok()
+                .flatten()
+        })
+}
+
+/// The gate: waits for the start's decision on `pending`. A granted reservation lets the
+/// request through when it covers what this layer would reserve for the request as it
+/// reaches the gate (the same accounts, at least the amount); otherwise it is released
+/// and the request is checked here, as the plain layer checks it.
+pub(super) async fn gate<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqB>,
+    pending: PendingBudget,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ReqB: Body + From<Bytes>,
+    ReqB::Error: Into<crate::BoxError>,
+{
+    let decision = pending.take().await;
+    let granted = match decision {
+        Decision::Granted(reservation) => reservation,
+        Decision::Refused(err) => return Ok(refusal(&shared, err)),
+        Decision::Pass => return pass(inner, req).await,
+        Decision::CheckAtGate => return check(shared, inner, req).await,
+    };
+    match prepare(&shared, req).await {
+        Prepared::Reserve {
+            req,
+            charges,
+            amount,
+        } => {
+            if granted.covers(&charges, amount) {
+                return pass_holding(inner, req, granted).await;
+            }
+            tracing::debug!(target: "palisade::cost::budget", reserved = %granted.amount(), needed = %amount,
+                "the request at the budget gate needs another reservation than its start made");
+            granted.refund();
+            reserve_and_pass(shared, inner, req, charges, amount).await
+        }
+        Prepared::Pass(req) => {
+            granted.refund();
+            pass(inner, req).await
+        }
+        Prepared::Refuse(err) => {
+            granted.refund();
+            Ok(refusal(&shared, err))
+        }
+    }
+}
