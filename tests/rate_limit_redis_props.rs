@@ -6,7 +6,7 @@
 mod support;
 
 use palisade::rate_limit::algorithm::Params;
-use palisade::rate_limit::store::{CheckItem, Settlement};
+use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
 use palisade::rate_limit::{Algorithm, MemoryStore, RateKey, RedisStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -401,31 +401,71 @@ async fn join_in_order<T>(
     out.into_iter().map(Option::unwrap).collect()
 }
 
-/// Decisions and peeks made while another call is in flight go to Redis together, in one
-/// script call: the same sequence answers exactly as when each waits for the one before.
+/// One call of a batching case.
+#[derive(Debug, Clone)]
+enum BatchOp {
+    /// Advance time, then decide the rules in `mask` (0: peek the first rule).
+    Check { dt: u64, mask: u8, costs: [u64; 3] },
+    /// Settle what the decision `which` (modulo the calls before) debited by `delta`.
+    Settle { which: usize, delta: i64 },
+    /// Reset rule `rule`.
+    Reset { rule: usize },
+}
+
+/// What a call answered.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    Decided(Decision),
+    Peeked(RuleDecision),
+    Done,
+}
+
+/// A call made: a check or a peek at a time, a settlement of an earlier call's debits, or
+/// a reset.
+enum Call<'a> {
+    Check(u64, Vec<CheckItem<'a>>),
+    Peek(u64, CheckItem<'a>),
+    Settle(u64, usize, i64),
+    Reset(usize),
+}
+
+/// Decisions, peeks, settlements (give-backs and more) and resets made while another call
+/// is in flight go to Redis together, in order: the same sequence answers exactly as when
+/// each waits for the one before, and leaves the same state.
 #[test]
-fn batched_decisions_answer_exactly_as_one_by_one() {
+fn batched_calls_answer_exactly_as_one_by_one() {
     let rt = rt();
     let server = rt
         .block_on(RedisServer::start())
         .expect("redis-server is required");
     let mut runner = runner(48);
-    let check = (
-        prop_oneof![Just(0u64), 0u64..2_000, 0u64..100_000_000],
-        0u8..8,
-        prop::array::uniform3(prop_oneof![Just(0u64), 1u64..4, 1u64..20_000_000]),
-    );
+    let op = prop_oneof![
+        8 => (
+            prop_oneof![Just(0u64), 0u64..2_000, 0u64..100_000_000],
+            0u8..8,
+            prop::array::uniform3(prop_oneof![Just(0u64), 1u64..4, 1u64..20_000_000]),
+        )
+            .prop_map(|(dt, mask, costs)| BatchOp::Check { dt, mask, costs }),
+        2 => (0usize..64, -3_000_000i64..3_000_000)
+            .prop_map(|(which, delta)| BatchOp::Settle { which, delta }),
+        1 => (0usize..3).prop_map(|rule| BatchOp::Reset { rule }),
+    ];
     let strategy = (
         prop::collection::vec(rule(), 1..4),
-        prop::collection::vec(check, 2..150),
+        prop::collection::vec(op, 2..150),
         0u64..(1 << 50),
     );
     let case = std::sync::atomic::AtomicU64::new(0);
     let batched = std::sync::atomic::AtomicU64::new(0);
+    let (settled, reset) = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    );
     runner
-        .run(&strategy, |(rules, checks, t0)| {
+        .run(&strategy, |(rules, ops, t0)| {
             let case = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             rt.block_on(async {
+                use palisade::rate_limit::Store;
                 let store = |name: &str| {
                     RedisStore::builder()
                         .url(server.url())
@@ -437,64 +477,131 @@ fn batched_decisions_answer_exactly_as_one_by_one() {
                 let (alone, together) = (store("a").await.unwrap(), store("b").await.unwrap());
                 let keys = [RateKey::principal("user-7"), RateKey::Global];
                 let names = ["a", "b", "c"];
+                let item = |i: usize, cost: u64| CheckItem {
+                    rule_index: i as u32,
+                    rule: names[i],
+                    key: &keys[usize::from(rules[i].key)],
+                    params: rules[i].params,
+                    cost,
+                    shadow: rules[i].shadow,
+                };
                 let mut now = t0;
-                // (time, rules and costs; mask 0 is a peek of the first rule)
-                let mut calls: Vec<(u64, Vec<CheckItem<'_>>, bool)> = Vec::new();
-                for (dt, mask, costs) in &checks {
-                    now += dt;
-                    let chosen: Vec<usize> =
-                        (0..rules.len()).filter(|i| mask & (1 << i) != 0).collect();
-                    let peek = chosen.is_empty();
-                    let items = if peek { vec![0] } else { chosen }
-                        .into_iter()
-                        .map(|i| CheckItem {
-                            rule_index: i as u32,
-                            rule: names[i],
-                            key: &keys[usize::from(rules[i].key)],
-                            params: rules[i].params,
-                            cost: costs[i],
-                            shadow: rules[i].shadow,
-                        })
-                        .collect();
-                    calls.push((now, items, peek));
+                let mut calls: Vec<Call<'_>> = Vec::new();
+                for op in &ops {
+                    match op {
+                        BatchOp::Check { dt, mask, costs } => {
+                            now += dt;
+                            let chosen: Vec<usize> =
+                                (0..rules.len()).filter(|i| mask & (1 << i) != 0).collect();
+                            if chosen.is_empty() {
+                                calls.push(Call::Peek(now, item(0, costs[0])));
+                            } else {
+                                let items = chosen.into_iter().map(|i| item(i, costs[i])).collect();
+                                calls.push(Call::Check(now, items));
+                            }
+                        }
+                        BatchOp::Settle { which, delta } => {
+                            if !calls.is_empty() {
+                                calls.push(Call::Settle(now, which % calls.len(), *delta));
+                            }
+                        }
+                        BatchOp::Reset { rule } => {
+                            if *rule < rules.len() {
+                                calls.push(Call::Reset(*rule));
+                            }
+                        }
+                    }
                 }
-                type Answer = Result<
-                    (
-                        Option<palisade::rate_limit::store::Decision>,
-                        Option<palisade::rate_limit::store::RuleDecision>,
-                    ),
-                    String,
-                >;
+                type Answer = Result<Outcome, String>;
+                // What a settlement settles: the debits of the decision it names, as the
+                // one-by-one run answered it (the batched run must answer the same).
+                let settlements = |answers: &[Answer], j: usize, delta: i64| {
+                    let Call::Check(_, items) = &calls[j] else {
+                        return Vec::new();
+                    };
+                    let Some(Ok(Outcome::Decided(decision))) = answers.get(j) else {
+                        return Vec::new();
+                    };
+                    items
+                        .iter()
+                        .zip(&decision.rules)
+                        .filter(|(_, r)| r.debited)
+                        .map(|(i, r)| {
+                            let cap = i64::try_from(i.params.capacity() * 4).unwrap();
+                            Settlement {
+                                rule_index: i.rule_index,
+                                rule: i.rule,
+                                key: i.key,
+                                params: i.params,
+                                window_start: r.window_start,
+                                generation: r.generation,
+                                delta: delta.clamp(-cap, cap),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                };
                 let call = |store: &RedisStore,
-                            (now, items, peek): &(u64, Vec<CheckItem<'_>>, bool)|
+                            c: &Call<'_>,
+                            answers: &[Answer]|
                  -> std::pin::Pin<
                     Box<dyn std::future::Future<Output = Answer> + Send>,
                 > {
-                    if *peek {
-                        let f = store.peek_at(&items[0], *now);
-                        Box::pin(async move {
-                            f.await.map(|r| (None, Some(r))).map_err(|e| e.to_string())
-                        })
-                    } else {
-                        let f = store.check_at(items, *now);
-                        Box::pin(async move {
-                            f.await.map(|d| (Some(d), None)).map_err(|e| e.to_string())
-                        })
+                    let shown = |e: palisade::rate_limit::StoreError| e.to_string();
+                    match c {
+                        Call::Peek(now, item) => {
+                            let f = store.peek_at(item, *now);
+                            Box::pin(async move { f.await.map(Outcome::Peeked).map_err(shown) })
+                        }
+                        Call::Check(now, items) => {
+                            let f = store.check_at(items, *now);
+                            Box::pin(async move { f.await.map(Outcome::Decided).map_err(shown) })
+                        }
+                        Call::Settle(now, j, delta) => {
+                            let f = store.settle_at(&settlements(answers, *j, *delta), *now);
+                            Box::pin(async move { f.await.map(|()| Outcome::Done).map_err(shown) })
+                        }
+                        Call::Reset(i) => {
+                            let f = store.reset(
+                                *i as u32,
+                                names[*i],
+                                &keys[usize::from(rules[*i].key)],
+                            );
+                            Box::pin(async move { f.await.map(|()| Outcome::Done).map_err(shown) })
+                        }
                     }
                 };
-                let mut want = Vec::new();
+                let mut want: Vec<Answer> = Vec::new();
                 for c in &calls {
-                    want.push(call(&alone, c).await);
+                    let answer = call(&alone, c, &want).await;
+                    want.push(answer);
                 }
-                let got = join_in_order(calls.iter().map(|c| call(&together, c)).collect()).await;
+                let got =
+                    join_in_order(calls.iter().map(|c| call(&together, c, &want)).collect()).await;
                 for (step, (got, want)) in got.iter().zip(&want).enumerate() {
                     prop_assert_eq!(got, want, "call {} of {}", step, calls.len());
+                }
+                // the same state is left: every rule peeks the same
+                for i in 0..rules.len() {
+                    let (a, b) = (
+                        alone.peek_at(&item(i, 0), now).await.unwrap(),
+                        together.peek_at(&item(i, 0), now).await.unwrap(),
+                    );
+                    prop_assert_eq!(a, b, "rule {} at the end", i);
                 }
                 prop_assert_eq!(alone.health().batched_calls, 0);
                 batched.fetch_add(
                     together.health().batched_calls,
                     std::sync::atomic::Ordering::Relaxed,
                 );
+                for c in &calls {
+                    match c {
+                        Call::Settle(..) => {
+                            settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                        }
+                        Call::Reset(_) => reset.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        _ => 0,
+                    };
+                }
                 Ok(())
             })
         })
@@ -502,5 +609,13 @@ fn batched_decisions_answer_exactly_as_one_by_one() {
     assert!(
         batched.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no call went to Redis in a batch"
+    );
+    assert!(
+        settled.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no settlement"
+    );
+    assert!(
+        reset.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no reset"
     );
 }

@@ -5,6 +5,10 @@
 # Set $wait_tries first for a longer wait for a server to listen (tenths of a second, 600
 # unless set). After sourcing: $bin, $gateway, $key, $work, $pids, $mock (the mock
 # upstream's address), and the functions wait_for and start.
+#
+# With INSTR_REDIS=1 the gateways start with REDIS_URL on a redis-server started here on a
+# free loopback port (as scripts/load.sh --redis does): limits and budgets in Redis. Then
+# $redis_url is set.
 
 # The same build as scripts/load.sh (with the `redis` feature when redis-server is present),
 # so they share one release build; the runs here use in-memory stores.
@@ -42,8 +46,22 @@ pids+=($!)
 wait_for "$work/mock.log" $! || { cat "$work/mock.log" >&2; exit 1; }
 mock="$found"
 
-# start LAYERS LOG WRAPPER...: starts the gateway (in-memory stores, the mock upstream)
-# under WRAPPER; sets $wrapper and $found.
+redis_url=""
+if [ "${INSTR_REDIS:-0}" = 1 ]; then
+  command -v redis-server >/dev/null || { echo "INSTR_REDIS=1: redis-server is not installed" >&2; exit 2; }
+  rport="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  redis-server --bind 127.0.0.1 --port "$rport" --save '' --appendonly no >"$work/redis.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$rport") 2>/dev/null && break
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$work/redis.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  redis_url="redis://127.0.0.1:$rport"
+fi
+
+# start LAYERS LOG WRAPPER...: starts the gateway (in-memory stores unless INSTR_REDIS=1,
+# the mock upstream) under WRAPPER; sets $wrapper and $found.
 start() {
   local layers="$1" log="$2"
   shift 2
@@ -52,6 +70,7 @@ start() {
     PALISADE_GATEWAY_ADDR=127.0.0.1:0 PALISADE_GATEWAY_LAYERS="$layers" \
     PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
     ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
+    ${redis_url:+REDIS_URL="$redis_url"} \
     "$@" "$gateway" >"$log" 2>&1 &
   wrapper=$!
   pids+=("$wrapper")

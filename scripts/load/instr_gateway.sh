@@ -9,6 +9,8 @@
 #   LOAD_GATEWAY_BIN=/path/to/chat_gateway scripts/load/instr_gateway.sh   # another build
 #   INSTR_KEEP=/tmp/cg scripts/load/instr_gateway.sh   # keep the callgrind files there
 #                                                      # (callgrind_annotate --inclusive=yes)
+#   INSTR_REDIS=1 scripts/load/instr_gateway.sh   # limits and budgets in a redis-server
+#                                                 # started on a free port (REDIS_URL)
 #
 # For each case the gateway starts under callgrind, answers a warm-up run at one
 # connection, has its counters zeroed, answers a measured run (wrk, one connection), and
@@ -78,7 +80,9 @@ syscalls() {
   echo "${total:-0} ${futex:-0} $requests"
 }
 
-printf '%-22s %14s %12s %12s\n' "gateway, 1 connection" "instr/req" "syscalls/req" "futex/req"
+title="gateway, 1 connection"
+[ -n "$redis_url" ] && title="gateway+Redis, 1 conn"
+printf '%-22s %14s %12s %12s\n' "$title" "instr/req" "syscalls/req" "futex/req"
 for layers in on off; do
   read -r ir ireq < <(instructions "$layers")
   read -r sc fx sreq < <(syscalls "$layers")

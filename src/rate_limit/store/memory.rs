@@ -9,7 +9,8 @@ use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
 
 use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
-use crate::rate_limit::algorithm::{self, State};
+use crate::rate_limit::Algorithm;
+use crate::rate_limit::algorithm::{self, Decided, Params, State};
 use crate::rate_limit::error::{RateLimitConfigError, StoreError};
 use crate::rate_limit::key::RateKey;
 
@@ -382,7 +383,7 @@ impl MemoryStore {
         for (item, key) in items.iter().zip(&keys) {
             let shard = guard_for(&mut guards, self.shard_of(key.hash));
             let (state, generation) = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
-            let d = algorithm::decide(&item.params, &state, now, item.cost);
+            let d = decide(&item.params, &state, now, item.cost);
             let mut rule = RuleDecision::from_decided(&d);
             rule.generation = generation;
             rules.push(rule);
@@ -436,7 +437,7 @@ impl MemoryStore {
             .as_ref()
             .map(|e| (e.state(), e.generation()))
             .unwrap_or_default();
-        let d = algorithm::decide(&item.params, &state, now, item.cost);
+        let d = decide(&item.params, &state, now, item.cost);
         let mut rule = RuleDecision::from_decided(&d);
         rule.generation = generation;
         let allowed = d.verdict.is_allowed();
@@ -560,7 +561,9 @@ impl MemoryStore {
     }
 
     /// Settles corrections. A settlement whose key is not resident, or was reset since
-    /// its reservation (another [`Settlement::generation`]), is dropped.
+    /// its reservation (another [`Settlement::generation`]), or (GCRA) whose key has
+    /// started afresh since (another epoch: the time its bucket was last found full, the
+    /// reservation's [`RuleDecision::window_start`]), is dropped.
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
@@ -571,8 +574,10 @@ impl MemoryStore {
             if slot.generation() != s.generation {
                 continue;
             }
-            let state = algorithm::settle(&s.params, &slot.state(), s.window_start, s.delta);
-            let expires_at = if s.params.algorithm == crate::rate_limit::Algorithm::Gcra {
+            let Some(state) = settle(&s.params, &slot.state(), s.window_start, s.delta) else {
+                continue;
+            };
+            let expires_at = if s.params.algorithm == Algorithm::Gcra {
                 state.start
             } else {
                 slot.expires_at()
@@ -594,7 +599,7 @@ impl MemoryStore {
         let shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
         let (state, generation) = shard.state(key.hash, key.rule, key.key).unwrap_or_default();
         drop(shard);
-        let d = algorithm::decide(&item.params, &state, now, 0);
+        let d = decide(&item.params, &state, now, 0);
         let mut rule = RuleDecision::from_decided(&d);
         rule.generation = generation;
         rule
@@ -622,6 +627,57 @@ impl MemoryStore {
             }
         }
     }
+}
+
+/// [`algorithm::decide`], with GCRA's epoch: the time its bucket was last found full, kept
+/// beside the TAT as the TAT's distance from it (in `prev` and `count`, 32 bits each, so an
+/// IP key keeps its small slot) and reported as the decision's `window_start`. A bucket
+/// found full (TAT at or before now: every unit debited before has come back) starts a new
+/// epoch, so a give-back of a reservation from an earlier one refunds nothing (see
+/// [`settle`]). The Redis script keeps the same epoch.
+#[inline]
+fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
+    let mut d = algorithm::decide(params, state, now, cost);
+    if params.algorithm == Algorithm::Gcra {
+        let epoch = if state.start > now {
+            state.start.saturating_sub(epoch_age(state))
+        } else {
+            now
+        };
+        d.window_start = epoch;
+        let age = d.state.start.saturating_sub(epoch);
+        set_epoch_age(&mut d.state, age);
+    }
+    d
+}
+
+/// [`algorithm::settle`] of a reservation made in the state's epoch (GCRA), or `None` for
+/// one made in an earlier epoch. A GCRA give-back never moves the TAT before the epoch's
+/// start: the bucket is then full, and stays no fuller.
+fn settle(params: &Params, state: &State, window_start: u64, delta: i64) -> Option<State> {
+    let mut s = algorithm::settle(params, state, window_start, delta);
+    if params.algorithm == Algorithm::Gcra {
+        let epoch = state.start.saturating_sub(epoch_age(state));
+        if epoch != window_start {
+            return None;
+        }
+        s.start = s.start.max(epoch);
+        let age = s.start - epoch;
+        set_epoch_age(&mut s, age);
+    }
+    Some(s)
+}
+
+/// A GCRA state's TAT minus its epoch's start.
+#[inline]
+fn epoch_age(state: &State) -> u64 {
+    (state.prev << 32) | (state.count & u64::from(u32::MAX))
+}
+
+#[inline]
+fn set_epoch_age(state: &mut State, age: u64) {
+    state.prev = age >> 32;
+    state.count = age & u64::from(u32::MAX);
 }
 
 #[inline]
@@ -1135,7 +1191,8 @@ mod tests {
                             resident = false;
                             continue;
                         }
-                        let want = algorithm::decide(&params, &model, now, cost);
+                        // the store's decide: the algorithm's, with GCRA's epoch
+                        let want = decide(&params, &model, now, cost);
                         let it = CheckItem {
                             cost,
                             ..item(&key, params)
@@ -1169,10 +1226,13 @@ mod tests {
                                 generation: got.generation,
                                 delta,
                             }]);
-                            model = algorithm::settle(&params, &model, want.window_start, delta);
+                            if let Some(settled) = settle(&params, &model, want.window_start, delta)
+                            {
+                                model = settled;
+                            }
                         }
                         let peek = store.peek_at(&item(&key, params), now);
-                        let want = algorithm::decide(&params, &model, now, 0);
+                        let want = decide(&params, &model, now, 0);
                         assert_eq!(peek.remaining, want.remaining, "{params:?} step {step}");
                     }
                 }
@@ -1187,8 +1247,11 @@ mod tests {
             .flat_map(|p| [(p, RateKey::principal("k")), (p, ip("192.0.2.8"))])
         {
             let store = MemoryStore::new();
+            let mut window_start = 0;
             for _ in 0..4 {
-                assert!(store.check_at(&[item(&key, params)], 5).admitted);
+                let d = store.check_at(&[item(&key, params)], 5);
+                assert!(d.admitted);
+                window_start = d.rules[0].window_start;
             }
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 6);
             let settle = |delta| Settlement {
@@ -1196,7 +1259,7 @@ mod tests {
                 rule: "r",
                 key: &key,
                 params,
-                window_start: 0,
+                window_start,
                 generation: 0,
                 delta,
             };
@@ -1264,6 +1327,55 @@ mod tests {
             assert_eq!(left, 3, "{params:?} {key}: a pre-reset give-back refunded");
             give_back(&after, -2);
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
+        }
+    }
+
+    /// A GCRA give-back applies only to the state its reservation debited. Once the
+    /// bucket has filled again (the key's state expired back to fresh), a new request
+    /// starts the key afresh, and a give-back of a reservation made before refunds
+    /// nothing: its units came back with time, and the new request's stay paid (as after
+    /// a reset), while the new request's own give-back applies; for IP keys (small slots)
+    /// and others, and for a give-back that drains the bucket.
+    #[test]
+    fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() {
+        for key in [RateKey::principal("k"), ip("192.0.2.8")] {
+            let store = MemoryStore::new();
+            let params = Params::new(Algorithm::Gcra, Quota::per_second(10));
+            let with = |cost| CheckItem {
+                cost,
+                ..item(&key, params)
+            };
+            let give_back = |d: &RuleDecision, delta| {
+                store.settle_now(&[Settlement {
+                    rule_index: 0,
+                    rule: "r",
+                    key: &key,
+                    params,
+                    window_start: d.window_start,
+                    generation: d.generation,
+                    delta,
+                }]);
+            };
+            let sec = 1_000_000;
+            let before = store.check_one_at(&with(6), 0);
+            assert!(before.debited);
+            // full again after 0.6 s; at 5 s a new request takes 7 of 10
+            let after = store.check_one_at(&with(7), 5 * sec);
+            assert!(after.debited);
+            give_back(&before, -6);
+            assert_eq!(
+                store.peek_at(&with(0), 5 * sec).remaining,
+                3,
+                "{key}: a give-back from before the key expired refunded a later request"
+            );
+            give_back(&after, -2);
+            assert_eq!(store.peek_at(&with(0), 5 * sec).remaining, 5, "{key}");
+            // a give-back past what is debited leaves the bucket full, not fuller
+            give_back(&after, -9);
+            assert_eq!(store.peek_at(&with(0), 5 * sec).remaining, 10, "{key}");
+            let next = store.check_one_at(&with(10), 5 * sec);
+            assert!(next.debited, "{key}: {next:?}");
+            assert_eq!(store.peek_at(&with(0), 5 * sec).remaining, 0, "{key}");
         }
     }
 

@@ -100,7 +100,8 @@ pub struct RuleDecision {
     pub remaining: u64,
     /// µs until the quota is fully restored.
     pub reset_micros: u64,
-    /// The window the cost was counted in (for settling).
+    /// The window the cost was counted in (for settling); for GCRA, which has no windows,
+    /// the epoch: the time its bucket was last found full.
     pub window_start: u64,
     /// The key's generation: bumped by every [`Store::reset`] of a key that holds state,
     /// so that a settlement of a reservation made before a reset never applies to the
@@ -202,7 +203,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies corrections for reservations (never refuses: the units were spent). A
     /// settlement applies only to the state its reservation was counted in: same
-    /// [`Settlement::generation`], and a window still held by the state.
+    /// [`Settlement::generation`], and a window (GCRA: an epoch) still held by the state.
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).

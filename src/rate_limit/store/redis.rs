@@ -469,24 +469,28 @@ enum Conn {
 /// calls that went in a batch.
 ///
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
-/// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding three
-/// integers as a short string (four once the key has been reset: its generation) and
+/// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding two or
+/// three integers as a short string (four once the key has been reset: its generation) and
 /// expiring on its own (`PX`) once its state is back to fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
-/// key (its 32-digit hash), the same for every algorithm and after a reset; a million
-/// active keys take about 130 MB.
+/// key (its 32-digit hash), the same for every algorithm and after a reset (16 bytes more
+/// for a GCRA key that has been reset and whose bucket has been emptying for over 16
+/// minutes); a million active keys take about 130 MB.
 ///
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
-/// `SCAN` or `KEYS`): it leaves a fresh state with the key's next
+/// `SCAN` or `KEYS`), in order behind the calls made before it (it waits and is batched
+/// as a settlement is): it leaves a fresh state with the key's next
 /// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
 /// decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
 /// the key still holds both, so a reservation made before a reset and settled after it
-/// gives back (or takes) nothing from the requests admitted since. A key that expired on
-/// its own starts again at generation 0: for GCRA, whose reservations have no window, a
-/// give-back that arrives after the key's state expired and a new request recreated it is
-/// applied to the new state.
+/// gives back (or takes) nothing from the requests admitted since. GCRA, which has no
+/// windows, keeps an epoch instead: the time its bucket was last found full, reported as
+/// the reservation's [`RuleDecision::window_start`]; once the bucket is full again (the
+/// key expired on its own, or not yet), the next request starts a new epoch, and a
+/// settlement of a reservation from an earlier one is dropped, as the memory store drops
+/// it. A give-back never makes the bucket fuller than full.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
 /// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
@@ -1422,7 +1426,8 @@ impl Store for RedisStore {
             .arg(0);
         let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
         Box::pin(async move {
-            let call = eval(inner.conn.clone(), &cmd);
+            // In order with the calls made before it, as a settlement: always sent.
+            let call = batch::submit(inner.clone(), cmd, batch::Kind::Settlement);
             match tokio::time::timeout(inner.timeout, call).await {
                 Ok(Ok(_)) => {
                     // A refusal decided in Redis before the reset but answered after the

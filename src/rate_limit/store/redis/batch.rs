@@ -35,9 +35,10 @@ pub(super) enum Kind {
     /// A decision or a peek: turned away when the queue is full, and not sent once its
     /// caller is gone (nobody would own its debit).
     Decision,
-    /// A settlement: always queued and sent, awaited or not, since what it gives back
-    /// stays counted otherwise (its generation and window keep a late one harmless). Each
-    /// settles a reservation an earlier decision made, so they are bounded by those.
+    /// A settlement or a reset: always queued and sent, awaited or not, since what it
+    /// gives back stays counted otherwise (its generation and window keep a late one
+    /// harmless). Each settles a reservation an earlier decision made, so they are bounded
+    /// by those; resets are admin calls.
     Settlement,
 }
 

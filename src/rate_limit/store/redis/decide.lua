@@ -14,7 +14,9 @@
 -- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
 -- or 1); for a settlement 8: window_start, delta and the reservation's generation.
 --
--- A key holds "start prev count" or, once it has been reset, "start prev count generation".
+-- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
+-- "start prev count generation" (GCRA: the TAT, 0, and the TAT's distance from its epoch's
+-- start).
 -- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
 -- expiry (which later writes never shorten), so that a settlement of a reservation made
 -- before it is dropped.
@@ -28,15 +30,10 @@ local floor = math.floor
 local P53 = 9007199254740992
 local LIMB = 16777216 -- 2^24
 
--- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52.
-local function muldiv(a, b, c)
-  local p = a * b
-  if p < P53 then
-    local q = floor(p / c)
-    return q, p - q * c ~= 0
-  end
-  -- The product in base-2^24 limbs, least significant first, then binary long division
-  -- (the remainder stays below c, so 2r + 1 < 2^53).
+-- floor(a * b / c) and whether it left a remainder, for a product past 2^53 (a, b < c):
+-- the product in base-2^24 limbs, least significant first, then binary long division (the
+-- remainder stays below c, so 2r + 1 < 2^53).
+local function muldiv_long(a, b, c)
   local x = { a % LIMB, floor(a / LIMB) % LIMB, floor(a / LIMB / LIMB) }
   local y = { b % LIMB, floor(b / LIMB) % LIMB, floor(b / LIMB / LIMB) }
   local z = { 0, 0, 0, 0, 0, 0, 0 }
@@ -72,6 +69,30 @@ local function muldiv(a, b, c)
   return q, r ~= 0
 end
 
+-- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52, and the
+-- quotient below 2^53. A product below 2^53 is one division (whose floor is exact there);
+-- past it, a = qa c + ra and b = qb c + rb give a b / c = qa b + ra qb + ra rb / c, where
+-- ra rb < c^2 is usually small enough for one division again (always for c < 2^26.5, and
+-- for a count that is a multiple of the limit); else the long division.
+local function muldiv(a, b, c)
+  local p = a * b
+  if p < P53 then
+    local q = floor(p / c)
+    return q, p - q * c ~= 0
+  end
+  local qa, qb = floor(a / c), floor(b / c)
+  local ra, rb = a - qa * c, b - qb * c
+  local t = ra * rb
+  local q, rem
+  if t < P53 then
+    q = floor(t / c)
+    rem = t - q * c ~= 0
+  else
+    q, rem = muldiv_long(ra, rb, c)
+  end
+  return qa * b + ra * qb + q, rem
+end
+
 local function mul_div_ceil(a, b, c)
   if a == 0 or c == 0 then
     return 0
@@ -90,30 +111,45 @@ local function sat_sub(a, b)
   return 0
 end
 
+local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
+
+-- The rule being decided, read from ARGV by `rule`: the helpers below read these instead of
+-- a table of parameters, so that a decision builds no table and no closure.
+local alg, limit, window, burst, strict
+
+-- Reads the rule whose numbers follow ARGV[o].
+local function rule(o)
+  alg = tonumber(ARGV[o + 1])
+  limit = tonumber(ARGV[o + 2])
+  window = tonumber(ARGV[o + 3])
+  burst = tonumber(ARGV[o + 4])
+  strict = ARGV[o + 5] == '1'
+end
+
 -- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
-local function increment(p, units)
-  local limit = p.limit
-  if limit < 1 then
-    limit = 1
+local function increment(units)
+  local l = limit
+  if l < 1 then
+    l = 1
   end
-  return mul_div_ceil(units, p.window, limit)
+  return mul_div_ceil(units, window, l)
 end
 
 -- GCRA: whole units in `micros` of slack, floor(micros * limit / window).
-local function units_in(p, micros)
+local function units_in(micros)
   if micros == 0 then
     return 0
   end
-  local q = muldiv(micros, p.limit, p.window)
+  local q = muldiv(micros, limit, window)
   return q
 end
 
 -- Sliding window: what is left after `c` units in the current window.
-local function sliding_remaining(p, prev, weighted, c)
-  if p.strict then
-    return sat_sub(p.limit, prev + c)
+local function sliding_remaining(prev, weighted, c)
+  if strict then
+    return sat_sub(limit, prev + c)
   end
-  return sat_sub(sat_sub(p.limit, weighted), c)
+  return sat_sub(sat_sub(limit, weighted), c)
 end
 
 -- Sliding window: the first instant (us into the window) at which `pp` units of the previous
@@ -129,16 +165,17 @@ local function first_fit(w, pp, x)
   return w - slack
 end
 
--- A decision: verdict, retry_after, remaining, reset, window_start, and the state to keep
--- (start, prev, count, expires_at).
-local function decide_sliding(p, s, now, cost)
-  local w, limit = p.window, p.limit
+-- A decision, from the kept state (start, prev, count), answers: verdict, retry_after,
+-- remaining, reset, window_start, the state to keep if it is debited (start, prev, count,
+-- expires_at), and the state to keep if it is not (start, prev, count).
+local function decide_sliding(s0, p0, c0, now, cost)
+  local w = window
   local aligned = now - now % w
   local start, prev, count
-  if s.start >= aligned then
-    start, prev, count = s.start, s.prev, s.count
-  elseif s.start + w == aligned then
-    start, prev, count = aligned, s.count, 0
+  if s0 >= aligned then
+    start, prev, count = s0, p0, c0
+  elseif s0 + w == aligned then
+    start, prev, count = aligned, c0, 0
   else
     start, prev, count = aligned, 0, 0
   end
@@ -147,155 +184,147 @@ local function decide_sliding(p, s, now, cost)
     elapsed = w - 1
   end
   local weighted = 0
-  if not p.strict then
+  if not strict then
     weighted = mul_div_ceil(prev, w - elapsed, w)
   end
-  local d = {
-    verdict = 0, retry = 0, remaining = 0, reset = w - elapsed, window_start = start,
-    start = start, prev = prev, count = count, expires_at = start + 2 * w,
-    base = { start = start, prev = prev, count = count },
-  }
+  local to_next = w - elapsed
+  local expires_at = start + 2 * w
   if cost > limit then
-    d.verdict = 2
-    d.remaining = sliding_remaining(p, prev, weighted, count)
-    return d
+    return 2, 0, sliding_remaining(prev, weighted, count), to_next, start,
+      start, prev, count, expires_at, start, prev, count
   end
   local total = count + cost
   local fits
-  if p.strict then
+  if strict then
     fits = prev + total <= limit
   else
     fits = total <= limit and weighted <= limit - total
   end
   if fits then
-    d.count = total
-    d.remaining = sliding_remaining(p, prev, weighted, total)
-    return d
+    return 0, 0, sliding_remaining(prev, weighted, total), to_next, start,
+      start, prev, total, expires_at, start, prev, count
   end
-  d.verdict = 1
-  d.remaining = sliding_remaining(p, prev, weighted, count)
-  local to_next = w - elapsed
-  if p.strict then
+  local retry
+  if strict then
     if total <= limit then
-      d.retry = to_next
+      retry = to_next
     else
-      d.retry = to_next + w
+      retry = to_next + w
     end
-    return d
-  end
-  if total <= limit then
+  elseif total <= limit then
     local f = first_fit(w, prev, limit - total)
     if f < elapsed + 1 then
       f = elapsed + 1
     end
-    d.retry = f - elapsed
+    retry = f - elapsed
   else
-    d.retry = to_next + first_fit(w, count, limit - cost)
+    retry = to_next + first_fit(w, count, limit - cost)
   end
-  return d
+  return 1, retry, sliding_remaining(prev, weighted, count), to_next, start,
+    start, prev, count, expires_at, start, prev, count
 end
 
-local function decide_fixed(p, s, now, cost)
-  local w = p.window
+local function decide_fixed(s0, c0, now, cost)
+  local w = window
   local start = now - now % w
   local count = 0
-  if s.start >= start then
-    count = s.count
-    start = s.start
+  if s0 >= start then
+    count = c0
+    start = s0
   end
   local finish = start + w
-  local d = {
-    verdict = 0, retry = 0, remaining = sat_sub(p.limit, count), reset = sat_sub(finish, now),
-    window_start = start, start = start, prev = 0, count = count, expires_at = finish,
-    base = { start = start, prev = 0, count = count },
-  }
-  if cost > p.limit then
-    d.verdict = 2
-  elseif count + cost <= p.limit then
-    d.count = count + cost
-    d.remaining = p.limit - count - cost
-  else
-    d.verdict = 1
-    d.retry = d.reset
+  local reset = sat_sub(finish, now)
+  if cost > limit then
+    return 2, 0, sat_sub(limit, count), reset, start, start, 0, count, finish, start, 0, count
   end
-  return d
+  if count + cost <= limit then
+    return 0, 0, limit - count - cost, reset, start,
+      start, 0, count + cost, finish, start, 0, count
+  end
+  return 1, reset, sat_sub(limit, count), reset, start, start, 0, count, finish, start, 0, count
 end
 
-local function decide_gcra(p, s, now, cost)
-  local tolerance = increment(p, p.burst)
-  local tat = s.start
-  if tat < now then
+-- GCRA keeps its epoch, the time its bucket was last found full, as the TAT's distance from
+-- it in `count`, and answers it as the window start: a settlement applies only in its
+-- reservation's epoch.
+local function decide_gcra(s0, c0, now, cost)
+  local tolerance = increment(burst)
+  local tat, epoch = s0, now
+  if tat > now then
+    epoch = tat - c0
+  else
     tat = now
   end
+  local age = tat - epoch
   local horizon = now + tolerance
-  local d = {
-    verdict = 0, retry = 0, remaining = 0, reset = tat - now, window_start = 0,
-    start = tat, prev = 0, count = 0, expires_at = tat,
-    base = { start = tat, prev = 0, count = 0 },
-  }
-  if cost > p.burst then
-    d.verdict = 2
-    d.remaining = units_in(p, sat_sub(horizon, tat))
-    return d
+  if cost > burst then
+    return 2, 0, units_in(sat_sub(horizon, tat)), tat - now, epoch, tat, 0, age, tat, tat, 0, age
   end
-  local new_tat = tat + increment(p, cost)
+  local new_tat = tat + increment(cost)
   if new_tat <= horizon then
-    d.start = new_tat
-    d.remaining = units_in(p, horizon - new_tat)
-    d.reset = new_tat - now
-    d.expires_at = new_tat
-  else
-    d.verdict = 1
-    d.retry = new_tat - horizon
-    d.remaining = units_in(p, sat_sub(horizon, tat))
+    return 0, 0, units_in(horizon - new_tat), new_tat - now, epoch,
+      new_tat, 0, new_tat - epoch, new_tat, tat, 0, age
   end
-  return d
+  return 1, new_tat - horizon, units_in(sat_sub(horizon, tat)), tat - now, epoch,
+    tat, 0, age, tat, tat, 0, age
 end
 
 -- As rate_limit::algorithm::decide: `reset` is when the quota is whole again, and a cost of
 -- 0 is a peek, always allowed.
-local function decide(p, s, now, cost)
-  local d
-  if p.algorithm == 0 then
-    d = decide_sliding(p, s, now, cost)
+local function decide(s0, p0, c0, now, cost)
+  local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc
+  if alg == 0 then
+    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc =
+      decide_sliding(s0, p0, c0, now, cost)
     -- The current window's units weigh until the end of the next window, the previous
     -- window's until the end of the current one.
-    if d.count > 0 then
-      d.reset = sat_sub(d.start + 2 * p.window, now)
-    elseif d.prev > 0 then
-      d.reset = sat_sub(d.start + p.window, now)
+    if co > 0 then
+      reset = sat_sub(st + 2 * window, now)
+    elseif pr > 0 then
+      reset = sat_sub(st + window, now)
     else
-      d.reset = 0
+      reset = 0
     end
-  elseif p.algorithm == 1 then
-    d = decide_fixed(p, s, now, cost)
-    if d.count == 0 then
-      d.reset = 0
+  elseif alg == 1 then
+    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide_fixed(s0, c0, now, cost)
+    if co == 0 then
+      reset = 0
     end
   else
-    d = decide_gcra(p, s, now, cost)
+    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide_gcra(s0, c0, now, cost)
   end
   if cost == 0 then
-    d.verdict = 0
+    v = 0
   end
-  return d
+  return v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc
 end
 
-local function load(key)
-  local v = redis.call('GET', key)
+-- A stored state: start, prev, count, generation, and whether there was one.
+local function parse(v)
   if not v then
-    return { start = 0, prev = 0, count = 0, gen = 0 }, false
+    return 0, 0, 0, 0, false
   end
-  local a, b, c, g = string.match(v, '^(%d+) (%d+) (%d+) ?(%d*)$')
-  return { start = tonumber(a), prev = tonumber(b), count = tonumber(c), gen = tonumber(g) or 0 },
-    true
+  local a, b, c, g = match(v, '^(%d+) (%d+) ?(%d*) ?(%d*)$')
+  if c == '' then
+    -- "start count": prev and generation 0
+    return tonumber(a), 0, tonumber(b), 0, true
+  end
+  return tonumber(a), tonumber(b), tonumber(c), tonumber(g) or 0, true
 end
 
-local function encode(s)
-  if s.gen > 0 then
-    return string.format('%.0f %.0f %.0f %.0f', s.start, s.prev, s.count, s.gen)
+-- A key's state, as `parse` gives it.
+local function load(key)
+  return parse(redis.call('GET', key))
+end
+
+local function encode(start, prev, count, gen)
+  if gen > 0 then
+    return format('%.0f %.0f %.0f %.0f', start, prev, count, gen)
   end
-  return string.format('%.0f %.0f %.0f', s.start, s.prev, s.count)
+  if prev == 0 then
+    return format('%.0f %.0f', start, count)
+  end
+  return format('%.0f %.0f %.0f', start, prev, count)
 end
 
 local function ttl_ms(expires_at, now, grace)
@@ -310,26 +339,14 @@ end
 -- never expires sooner than it already would: its generation lives at least as long as the
 -- state from before the reset would have, so a give-back of a reservation made before the
 -- reset cannot find the key started again at generation 0.
-local function write(key, s, ms)
-  if s.gen > 0 then
+local function write(key, start, prev, count, gen, ms)
+  if gen > 0 then
     local left = redis.call('PTTL', key)
     if left > ms then
       ms = left
     end
   end
-  redis.call('SET', key, encode(s), 'PX', ms)
-end
-
--- The rule `i` of a call whose numbers follow ARGV[base], `stride` numbers a rule.
-local function params(base, i, stride)
-  local o = base + (i - 1) * stride
-  return {
-    algorithm = tonumber(ARGV[o + 1]),
-    limit = tonumber(ARGV[o + 2]),
-    window = tonumber(ARGV[o + 3]),
-    burst = tonumber(ARGV[o + 4]),
-    strict = ARGV[o + 5] == '1',
-  }, tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]), tonumber(ARGV[o + 8])
+  redis.call('SET', key, encode(start, prev, count, gen), 'PX', ms)
 end
 
 local function server_time()
@@ -341,23 +358,30 @@ end
 local now
 local grace
 
--- How long no request of any cost can pass, from the state `s` that was kept.
-local function blocked_for(p, s)
-  local unit = decide(p, s, now, 1)
-  if unit.verdict == 1 then
-    return unit.retry
+-- How long no request of any cost can pass the current rule, from the state kept.
+local function blocked_for(start, prev, count)
+  local v, retry = decide(start, prev, count, now, 1)
+  if v == 1 then
+    return retry
   end
   return 0
+end
+
+-- x moved by delta, not below 0.
+local function apply(x, delta)
+  if delta >= 0 then
+    return x + delta
+  end
+  return sat_sub(x, -delta)
 end
 
 -- A reset of the `n` keys after KEYS[ko].
 local function run_reset(ko, n)
   for i = 1, n do
     local key = KEYS[ko + i]
-    local s, found = load(key)
+    local _, _, _, gen, found = load(key)
     if found then
-      local fresh = { start = 0, prev = 0, count = 0, gen = (s.gen + 1) % 4294967296 }
-      redis.call('SET', key, encode(fresh), 'KEEPTTL')
+      redis.call('SET', key, encode(0, 0, 0, (gen + 1) % 4294967296), 'KEEPTTL')
     end
   end
 end
@@ -366,93 +390,110 @@ end
 local function run_settle(ko, n, base)
   for i = 1, n do
     local key = KEYS[ko + i]
-    local p, window_start, delta, gen = params(base, i, 8)
-    local s, found = load(key)
+    local o = base + (i - 1) * 8
+    rule(o)
+    local window_start, delta, gen = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
+      tonumber(ARGV[o + 8])
+    local start, prev, count, g, found = load(key)
     -- a key reset since the reservation holds another generation: nothing to settle
-    if found and s.gen == gen then
-      local function apply(x)
-        if delta >= 0 then
-          return x + delta
+    if found and g == gen then
+      if alg == 2 then
+        -- only in the reservation's epoch; never before the epoch's start (the bucket is
+        -- then full, and stays no fuller)
+        local epoch = start - count
+        if epoch == window_start then
+          if delta >= 0 then
+            start = start + increment(delta)
+          else
+            start = sat_sub(start, increment(-delta))
+            if start < epoch then
+              start = epoch
+            end
+          end
+          write(key, start, prev, start - epoch, g, ttl_ms(start, now, grace))
         end
-        return sat_sub(x, -delta)
-      end
-      if p.algorithm == 2 then
-        local step = increment(p, math.abs(delta))
-        if delta >= 0 then
-          s.start = s.start + step
-        else
-          s.start = sat_sub(s.start, step)
-        end
-        write(key, s, ttl_ms(s.start, now, grace))
-      else
-        if s.start == window_start then
-          s.count = apply(s.count)
-        elseif p.algorithm == 0 and s.start == window_start + p.window then
-          s.prev = apply(s.prev)
-        end
-        redis.call('SET', key, encode(s), 'KEEPTTL')
+      elseif start == window_start then
+        redis.call('SET', key, encode(start, prev, apply(count, delta), g), 'KEEPTTL')
+      elseif alg == 0 and start == window_start + window then
+        redis.call('SET', key, encode(start, apply(prev, delta), count, g), 'KEEPTTL')
       end
     end
   end
 end
 
+-- Values kept per rule between the two passes of a check.
+local KEPT = 14
+
 -- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
 -- the answer to `out`.
 local function run_check(mode, ko, n, base, out)
-  local ds = {}
-  local ps = {}
-  local admitted = true
+  local admitted = mode ~= 'p'
+  local r = {}
   for i = 1, n do
-    local p, cost, shadow = params(base, i, 7)
+    local o = base + (i - 1) * 7
+    rule(o)
+    local cost = tonumber(ARGV[o + 6])
     if mode == 'p' then
       cost = 0
     end
-    local s = load(KEYS[ko + i])
-    local d = decide(p, s, now, cost)
-    d.gen = s.gen
-    d.base.gen = s.gen
-    d.shadow = shadow == 1
-    if d.verdict ~= 0 and not d.shadow then
+    local shadow = ARGV[o + 7] == '1'
+    local s0, p0, c0, gen = load(KEYS[ko + i])
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide(s0, p0, c0, now, cost)
+    if v ~= 0 and not shadow then
       admitted = false
     end
-    ds[i] = d
-    ps[i] = p
+    local k = (i - 1) * KEPT
+    r[k + 1], r[k + 2], r[k + 3], r[k + 4], r[k + 5], r[k + 6], r[k + 7] =
+      v, retry, rem, reset, ws, st, pr
+    r[k + 8], r[k + 9], r[k + 10], r[k + 11], r[k + 12], r[k + 13], r[k + 14] =
+      co, exp, bs, bp, bc, gen, shadow
   end
-  if mode == 'p' then
-    admitted = false
-  end
-  out[#out + 1] = admitted and 1 or 0
-  out[#out + 1] = now
+  local at = #out
+  out[at + 1] = admitted and 1 or 0
+  out[at + 2] = now
+  at = at + 2
   for i = 1, n do
-    local d, p = ds[i], ps[i]
+    local k = (i - 1) * KEPT
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow =
+      unpack(r, k + 1, k + KEPT)
     local debited = 0
-    local kept = d.base
-    if d.verdict == 0 then
+    -- the state kept
+    local ks, kp, kc = bs, bp, bc
+    local ruled = n == 1
+    if v == 0 then
       if admitted then
         debited = 1
-        kept = d
-        write(KEYS[ko + i], d, ttl_ms(d.expires_at, now, grace))
+        ks, kp, kc = st, pr, co
+        write(KEYS[ko + i], st, pr, co, gen, ttl_ms(exp, now, grace))
       else
         -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
         -- down, so adding the cost back could come out one short)
-        d.remaining = decide(p, d.base, now, 0).remaining
+        if not ruled then
+          rule(base + (i - 1) * 7)
+          ruled = true
+        end
+        local _, _, peeked = decide(bs, bp, bc, now, 0)
+        rem = peeked
       end
     end
     -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
     -- it is at least 1, so only an exhausted rule needs the second look.
     local blocked = 0
-    if mode == 'c' and not d.shadow and d.remaining < 1 then
-      blocked = blocked_for(p, kept)
+    if mode == 'c' and not shadow and rem < 1 then
+      if not ruled then
+        rule(base + (i - 1) * 7)
+      end
+      blocked = blocked_for(ks, kp, kc)
     end
-    local k = #out
-    out[k + 1] = d.verdict
-    out[k + 2] = d.retry
-    out[k + 3] = d.remaining
-    out[k + 4] = d.reset
-    out[k + 5] = d.window_start
-    out[k + 6] = debited
-    out[k + 7] = blocked
-    out[k + 8] = d.gen
+    out[at + 1] = v
+    out[at + 2] = retry
+    out[at + 3] = rem
+    out[at + 4] = reset
+    out[at + 5] = ws
+    out[at + 6] = debited
+    out[at + 7] = blocked
+    out[at + 8] = gen
+    at = at + 8
   end
 end
 
