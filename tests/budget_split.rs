@@ -722,3 +722,34 @@ async fn a_client_gone_while_the_plain_layer_reserves_leaves_no_hold() {
     assert_eq!(called.load(Ordering::SeqCst), 0);
     assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
 }
+
+/// A start refused on its accounts does not refuse a request the handler built anew for
+/// other accounts: the gate checks that one itself, as the plain layer would (here the
+/// caller is blocked, the account the handler bills has room).
+#[tokio::test(start_paused = true)]
+async fn a_start_refused_on_other_accounts_than_the_gate_sees_is_checked_at_the_gate() {
+    let budgets = layer(Money::parse_dollars("5").unwrap());
+    assert!(budgets.set_limit("daily", "ann", Some(Money::ZERO)));
+    let (start, gate) = budgets.split();
+    let called = Arc::new(AtomicUsize::new(0));
+    let upstream = gate.layer(upstream(
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        Arc::clone(&called),
+        Money::from_picos(7),
+    ));
+    let handler = service_fn(move |mut req: Request<Body>| {
+        let upstream = upstream.clone();
+        // billed to the organisation's account, not the caller's
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("org"));
+        async move { upstream.oneshot(req).await }
+    });
+    let svc = start.layer(handler);
+    let res = svc.oneshot(request("ann", false)).await.unwrap();
+    assert_eq!(res.status(), 200, "the account billed has room");
+    assert_eq!(called.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        budgets.spend("daily", "org").unwrap(),
+        (Money::from_picos(7), Money::ZERO)
+    );
+}

@@ -838,6 +838,13 @@ impl Reserving {
     }
 }
 
+impl Reserving {
+    /// The accounts and the amount asked for.
+    pub(super) fn asked(&self) -> (Arc<[Charge]>, Money) {
+        (Arc::clone(&self.charges), self.amount)
+    }
+}
+
 impl Future for Reserving {
     type Output = Outcome;
 

@@ -86,8 +86,13 @@ impl BudgetLayer {
     ///   could not read, larger than `max_body` or not JSON; a second upstream call of the
     ///   same request, such as a fallback; a request a handler built anew for other
     ///   accounts or a dearer model) the start's reservation is released and the gate
-    ///   checks the request itself, as this layer does. So nothing reaches the upstream
-    ///   unchecked, and what the split saves is only the wait.
+    ///   checks the request itself, as this layer does. A refusal works the same way: the
+    ///   store's refusal of the start is the gate's answer only for a request needing at
+    ///   least as much on the same accounts, and a request the start refused on its body
+    ///   alone (a bad field, an unpriced model, more than a whole budget) is judged again on
+    ///   the body that reaches the gate. So nothing reaches the upstream unchecked, nothing
+    ///   is refused that this layer would let through, and what the split saves is only
+    ///   the wait.
     /// - The gate is this layer itself: [`BudgetGateLayer`] and this [`BudgetLayer`] build
     ///   the same service, which waits for a pending reservation of its own layer wherever
     ///   it meets one. Until one of them wraps a service, the start refuses every request
@@ -177,7 +182,16 @@ impl<S> BudgetStart<S> {
 /// What the start decided for a request, as the gate takes it.
 enum Decision {
     Granted(BudgetReservation),
-    Refused(Error),
+    /// Refused before any store call (the body, or more than a whole budget): the gate
+    /// judges the request as it reaches it, as the plain layer does.
+    Refused,
+    /// The store refused `amount` on `charges` (or failed, and the layer fails closed):
+    /// final for a request at the gate needing at least that on the same accounts.
+    StoreRefused {
+        err: Error,
+        charges: Arc<[Charge]>,
+        amount: Money,
+    },
     /// The store failed and the layer fails open.
     Pass,
     /// Nothing reserved: the gate checks the request itself.
@@ -436,8 +450,8 @@ where
 {
     fn begin(&mut self, amount: Money) {
         let charges: Arc<[Charge]> = self.charges.take().unwrap_or_default().into();
-        if let Some(err) = larger_than_budget(&charges, amount) {
-            self.finish(Decision::Refused(err));
+        if larger_than_budget(&charges, amount).is_some() {
+            self.finish(Decision::Refused);
             return;
         }
         self.phase = Phase::Reserving(Reserving::new(&self.shared, charges, amount));
@@ -473,17 +487,24 @@ where
                     );
                     match plan(&self.shared, est) {
                         Plan::Pass => self.finish(Decision::CheckAtGate),
-                        Plan::Refuse(err) => self.finish(Decision::Refused(err)),
+                        Plan::Refuse(_) => self.finish(Decision::Refused),
                         Plan::Reserve(amount) => self.begin(amount),
                     }
                 }
                 Phase::Reserving(reserving) => {
-                    let Poll::Ready(outcome) = Pin::new(reserving).poll(cx) else {
+                    let Poll::Ready(outcome) = Pin::new(&mut *reserving).poll(cx) else {
                         return;
                     };
                     let decision = match outcome {
                         Outcome::Granted(r) => Decision::Granted(r),
-                        Outcome::Refused(err) => Decision::Refused(err),
+                        Outcome::Refused(err) => {
+                            let (charges, amount) = reserving.asked();
+                            Decision::StoreRefused {
+                                err,
+                                charges,
+                                amount,
+                            }
+                        }
                         Outcome::Pass => Decision::Pass,
                     };
                     self.finish(decision);
@@ -683,9 +704,31 @@ where
     let decision = pending.take().await;
     let granted = match decision {
         Decision::Granted(reservation) => reservation,
-        Decision::Refused(err) => return Ok(refusal(&shared, err)),
+        Decision::StoreRefused {
+            err,
+            charges: refused,
+            amount: refused_amount,
+        } => {
+            return match prepare(&shared, req).await {
+                Prepared::Reserve {
+                    req,
+                    charges,
+                    amount,
+                } => {
+                    if amount >= refused_amount && *refused == *charges {
+                        return Ok(refusal(&shared, err));
+                    }
+                    tracing::debug!(target: "palisade::cost::budget",
+                        "the request at the budget gate needs another reservation than its start was refused");
+                    reserve_and_pass(shared, inner, req, charges, amount).await
+                }
+                Prepared::Pass(req) => pass(inner, req).await,
+                Prepared::Refuse(err) => Ok(refusal(&shared, err)),
+            };
+        }
         Decision::Pass => return pass(inner, req).await,
-        Decision::CheckAtGate => return check(shared, inner, req).await,
+        // refused on the body alone: the gate judges the body it sees
+        Decision::Refused | Decision::CheckAtGate => return check(shared, inner, req).await,
     };
     match prepare(&shared, req).await {
         Prepared::Reserve {
