@@ -753,3 +753,56 @@ async fn a_start_refused_on_other_accounts_than_the_gate_sees_is_checked_at_the_
         (Money::from_picos(7), Money::ZERO)
     );
 }
+
+/// A request body whose frames the test sends.
+struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+/// A service below the start that answers at once and reads the body on a task of its
+/// own (a proxy still streaming the upload after an early answer) gets the whole body:
+/// the start stops reading it when the request is answered, and hands it over.
+#[tokio::test(start_paused = true)]
+async fn a_body_still_read_after_the_answer_is_handed_over_whole() {
+    let budgets = layer(Money::parse_dollars("5").unwrap());
+    let (start, gate) = budgets.split();
+    let _gated = gate.layer(service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let (read_tx, read_rx) = tokio::sync::oneshot::channel();
+    let read_tx = Arc::new(std::sync::Mutex::new(Some(read_tx)));
+    let svc = start.layer(service_fn(move |req: Request<StartBody<ChannelBody>>| {
+        let read_tx = read_tx.lock().unwrap().take().unwrap();
+        tokio::spawn(async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let _ = read_tx.send(body);
+        });
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+    }));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (first, rest) = BODY.split_at(20);
+    tx.send(Bytes::from(first)).unwrap();
+    let mut req = Request::post("/v1/messages").body(ChannelBody(rx)).unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("ann"));
+    assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+    tx.send(Bytes::from(rest)).unwrap();
+    drop(tx);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(60), read_rx)
+        .await
+        .expect("the body reached its reader")
+        .unwrap();
+    assert_eq!(&body[..], BODY.as_bytes());
+}

@@ -559,6 +559,15 @@ fn poll_read<B: Body<Data = Bytes>>(
 impl<B: Body> Drop for Driver<B> {
     fn drop(&mut self) {
         self.pending.close();
+        // A body still being read goes on to its reader below, which may outlive the
+        // answer (an upload still streaming): it reads the rest itself.
+        if let Phase::Reading { tee, .. } = &self.phase {
+            let mut t = lock(tee);
+            t.filling = false;
+            if let Some(w) = t.waker.take() {
+                w.wake();
+            }
+        }
         // a store call still in flight releases, in the background, what the store grants
         self.phase = Phase::Done;
     }
