@@ -418,6 +418,8 @@ mod tests {
         down: AtomicBool,
         attempts: AtomicU32,
         stored: Mutex<Vec<u64>>,
+        /// Every attempt: its batch id and its records.
+        batches: Mutex<Vec<(RecordId, Vec<u64>)>>,
     }
 
     #[derive(Clone)]
@@ -438,8 +440,10 @@ mod tests {
             weak.upgrade().map(Sink)
         }
 
-        async fn store(&self, batch: &[UsageRecord], _: RecordId) -> Result<u64, Failure> {
+        async fn store(&self, batch: &[UsageRecord], id: RecordId) -> Result<u64, Failure> {
             self.0.attempts.fetch_add(1, Ordering::SeqCst);
+            let tokens = batch.iter().map(|r| r.usage.input_tokens).collect();
+            self.0.batches.lock().unwrap().push((id, tokens));
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(SinkError::Unavailable("connection refused".into()).into());
             }
@@ -466,6 +470,7 @@ mod tests {
             down: AtomicBool::new(down),
             attempts: AtomicU32::new(0),
             stored: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
         }))
     }
 
@@ -499,6 +504,27 @@ mod tests {
         record(&s, &[rec(4)]).await;
         s.0.down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3, 4]);
+    }
+
+    /// A write that failed with nothing known stored (it may have landed) is sent again
+    /// as it was: the same records under the same batch id, though more wait behind
+    /// them; the next batch has an id of its own.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_batch_is_retried_whole_under_its_own_id() {
+        let s = sink(true);
+        record(&s, &[rec(1), rec(2), rec(3)]).await;
+        record(&s, &[rec(4)]).await;
+        s.0.down.store(false, Ordering::SeqCst);
+        s.backlog().flush(&s).await.unwrap();
+        let batches = s.0.batches.lock().unwrap().clone();
+        let first = batches[0].0;
+        let (retried, rest) = batches.split_at(batches.len() - 1);
+        for (id, tokens) in retried {
+            assert_eq!((*id, tokens.as_slice()), (first, &[1, 2][..]));
+        }
+        assert_eq!(rest[0].1, [3, 4]);
+        assert_ne!(rest[0].0, first);
         assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3, 4]);
     }
 
