@@ -595,3 +595,96 @@ async fn a_redis_that_cannot_persist_refuses_nothing_for_good() {
     assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 3);
     assert_eq!(xlen(&server.url(), &sink.dead_letter_key()).await, 0);
 }
+
+/// A connection to a real Redis that loses the answer to the next `lose` script calls
+/// Redis carried out: the write lands, and the sink sees a broken connection (as when an
+/// answer outlasts the sink's timeout).
+#[derive(Clone)]
+struct LosesAnswers {
+    conn: redis::aio::ConnectionManager,
+    lose: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl redis::aio::ConnectionLike for LosesAnswers {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let answer = self.conn.req_packed_command(cmd).await;
+            let script = cmd.args_iter().next().is_some_and(|a| {
+                matches!(a, redis::Arg::Simple(n) if n.eq_ignore_ascii_case(b"EVALSHA") || n.eq_ignore_ascii_case(b"EVAL"))
+            });
+            if script
+                && matches!(&answer, Ok(v) if !matches!(v, redis::Value::ServerError(_)))
+                && self
+                    .lose
+                    .fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok()
+            {
+                return Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "the answer was lost",
+                )));
+            }
+            answer
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.conn.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
+/// A batch whose write landed in Redis but whose answer was lost is sent again: the
+/// retry changes nothing, and its records are delivered once, not reported as
+/// duplicates; a batch the caller hands over again still is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_answer_was_lost_is_retried_and_counted_once() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let lose = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let conn = LosesAnswers {
+        conn: manager(&server.url()).await,
+        lose: Arc::clone(&lose),
+    };
+    let sink = RedisSink::new(conn, RedisSinkConfig::default());
+    let records: Vec<UsageRecord> = (0..300).map(record).collect();
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.accepted, h.delivered, h.backlog), (300, 0, 300), "{h:?}");
+    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 300);
+
+    let h = drained(&sink).await;
+    assert_eq!(
+        (h.accepted, h.delivered, h.duplicates, h.backlog, h.last_error),
+        (300, 300, 0, 0, None)
+    );
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 300);
+
+    sink.record_batch(&records[..100]).await.unwrap();
+    let h = drained(&sink).await;
+    assert_eq!((h.accepted, h.delivered, h.duplicates), (400, 400, 100));
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 300);
+
+    let memory = MemorySink::new();
+    memory.record_batch(&records).await.unwrap();
+    let (from, to) = window();
+    let redis = sink.summary(&Subject::All, from, to).await.unwrap();
+    assert_eq!(redis, summarize(&memory.records(), &Subject::All, from, to));
+}

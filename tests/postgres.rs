@@ -545,3 +545,86 @@ async fn a_cost_past_the_column_is_set_aside_not_stored_wrong() {
         1
     );
 }
+
+/// A TCP relay on 127.0.0.1 to the test server that, once `cut` is set, swallows the
+/// next answer the server sends and closes that connection: what the server did stays
+/// done, and the client sees its connection lost.
+async fn relay_losing_one_answer(
+    server_port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let server = tokio::net::TcpStream::connect(("127.0.0.1", server_port))
+                .await
+                .unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let up = tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let cut = Arc::clone(&cut);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if cut.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        break; // the answer is lost with the connection
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    port
+}
+
+/// A batch whose insert was committed but whose answer was lost with the connection is
+/// sent again: the retry adds no row (each record's id is unique), and every record is
+/// delivered once. The retry finds the records stored, so they count as duplicates: the
+/// PostgreSQL sink keeps no batch ids (see `SinkHealth::duplicates`).
+#[tokio::test]
+async fn a_batch_whose_commit_answer_was_lost_is_stored_once() {
+    let server = pg::Postgres::start();
+    let url = server.database("lostanswer").await;
+    let direct = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    direct.migrate().await.unwrap();
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = relay_losing_one_answer(server.port(), Arc::clone(&cut)).await;
+    let relayed = format!("postgres://postgres@127.0.0.1:{port}/lostanswer");
+    let sink = PostgresSink::connect(PostgresConfig::new(relayed)).unwrap();
+    let records: Vec<UsageRecord> = (0..200).map(record).collect();
+    // the pool's connection is open and the insert prepared: the next answer is the
+    // insert's, sent once it is committed
+    sink.record_batch(&records[..1]).await.unwrap();
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    sink.record_batch(&records[1..]).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.accepted, h.delivered, h.backlog), (200, 1, 199), "{h:?}");
+    assert!(h.last_error.is_some(), "{h:?}");
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
+
+    sink.flush().await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.accepted, h.delivered, h.duplicates, h.backlog, h.last_error),
+        (200, 200, 199, 0, None)
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
+    assert_eq!(
+        count(&url, "SELECT count(DISTINCT record_id) FROM usage_logs").await,
+        200
+    );
+}

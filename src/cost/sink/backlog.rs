@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::SinkError;
-use crate::cost::record::UsageRecord;
+use crate::cost::record::{RecordId, UsageRecord};
 
 /// A snapshot of a network sink's state ([`RedisSink`](super::RedisSink),
 /// [`PostgresSink`](super::PostgresSink)): at all times
@@ -26,7 +26,9 @@ pub struct SinkHealth {
     pub accepted: u64,
     /// Records stored (stored now, or found stored by an earlier attempt).
     pub delivered: u64,
-    /// Of `delivered`, records that were already stored (a retried batch).
+    /// Of `delivered`, records that were already stored when handed over (a batch the
+    /// caller sent again). The Redis sink does not count here its own retry of a batch
+    /// whose write landed but whose answer was lost; the PostgreSQL sink does.
     pub duplicates: u64,
     /// Records the server refused for a lasting reason, set aside in the sink's
     /// dead-letter place (Redis: a capped stream; PostgreSQL: `usage_dead_letters`) with
@@ -71,6 +73,11 @@ impl From<SinkError> for Failure {
 
 /// Writes one batch of records to a server; returns how many were new (the rest were
 /// stored by an earlier attempt).
+///
+/// Each write carries a batch id. When a write goes unanswered (a lost connection, a
+/// timeout: it may have landed all the same), the same records are sent again with the
+/// same id, so a store that remembers its ids can answer the retry as it answered the
+/// first attempt: the records the first attempt stored count as new, not as duplicates.
 pub(crate) trait Store: Send + Sync + Sized + 'static {
     /// A handle on the sink that does not keep it alive (the retry timer holds one).
     type Weak: Send + Sync + 'static;
@@ -84,7 +91,11 @@ pub(crate) trait Store: Send + Sync + Sized + 'static {
     /// The sink again, unless every clone of it is gone.
     fn upgrade(weak: &Self::Weak) -> Option<Self>;
 
-    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send;
+    fn store(
+        &self,
+        batch: &[UsageRecord],
+        batch_id: RecordId,
+    ) -> impl Future<Output = Result<u64, Failure>> + Send;
 
     /// Sets aside a record the server refused for a lasting reason, with the reason; a
     /// record set aside before is not set aside twice (`Ok(false)`).
@@ -113,6 +124,10 @@ struct State {
     backoff: Duration,
     /// Whether a retry timer is running.
     retrying: bool,
+    /// The last write, when it failed for a passing reason with nothing known stored: its
+    /// batch id and how many records it held (the buffer's front). The retry sends the
+    /// same records with the same id.
+    unanswered: Option<(RecordId, usize)>,
 }
 
 /// Records accepted and not yet stored, in order, with the sink's counters.
@@ -136,6 +151,7 @@ impl Backlog {
                 next_attempt: None,
                 backoff: Duration::ZERO,
                 retrying: false,
+                unanswered: None,
             }),
             writing: tokio::sync::Mutex::new(()),
         }
@@ -242,7 +258,7 @@ impl Backlog {
     async fn drain_now<S: Store>(&self, store: &S, force: bool) -> Result<(), SinkError> {
         let _writer = self.writing.lock().await;
         loop {
-            let chunk: Vec<UsageRecord> = {
+            let (chunk, id): (Vec<UsageRecord>, RecordId) = {
                 let s = self.state();
                 if !force
                     && s.next_attempt
@@ -250,27 +266,40 @@ impl Backlog {
                 {
                     return Ok(()); // backing off: the records wait in the buffer
                 }
-                s.buffer
-                    .iter()
-                    .take(self.limits.max_batch.max(1))
-                    .cloned()
-                    .collect()
+                let (id, len) = s
+                    .unanswered
+                    .unwrap_or_else(|| (RecordId::generate(), self.limits.max_batch.max(1)));
+                (s.buffer.iter().take(len).cloned().collect(), id)
             };
             if chunk.is_empty() {
                 return Ok(());
             }
-            self.write(store, &chunk).await?;
+            self.write(store, &chunk, id).await?;
         }
     }
 
-    /// Writes `chunk` (the front of the buffer). A lasting refusal splits it until the
-    /// records at fault are found and set aside; the others are stored in order.
-    async fn write<S: Store>(&self, store: &S, chunk: &[UsageRecord]) -> Result<(), SinkError> {
+    /// Writes `chunk` (the front of the buffer) as batch `id`. A lasting refusal splits
+    /// it until the records at fault are found and set aside; the others are stored in
+    /// order.
+    async fn write<S: Store>(
+        &self,
+        store: &S,
+        chunk: &[UsageRecord],
+        id: RecordId,
+    ) -> Result<(), SinkError> {
         // Parts still to write, the next one last; each part follows the one before in
         // the buffer, so what is done is always the buffer's front.
         let mut parts = vec![(0, chunk.len())];
+        let mut id = Some(id);
         while let Some((lo, hi)) = parts.pop() {
-            let failure = match store.store(&chunk[lo..hi]).await {
+            // the chunk's id for the chunk itself, a new one for each part of it
+            let batch_id = id.take().unwrap_or_else(RecordId::generate);
+            let result = store.store(&chunk[lo..hi], batch_id).await;
+            self.state().unanswered = match &result {
+                Err(f) if f.stored == 0 && f.error.is_retryable() => Some((batch_id, hi - lo)),
+                _ => None,
+            };
+            let failure = match result {
                 Ok(fresh) => {
                     self.delivered(hi - lo, fresh);
                     continue;
@@ -389,6 +418,8 @@ mod tests {
         down: AtomicBool,
         attempts: AtomicU32,
         stored: Mutex<Vec<u64>>,
+        /// Every attempt: its batch id and its records.
+        batches: Mutex<Vec<(RecordId, Vec<u64>)>>,
     }
 
     #[derive(Clone)]
@@ -409,8 +440,10 @@ mod tests {
             weak.upgrade().map(Sink)
         }
 
-        async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+        async fn store(&self, batch: &[UsageRecord], id: RecordId) -> Result<u64, Failure> {
             self.0.attempts.fetch_add(1, Ordering::SeqCst);
+            let tokens = batch.iter().map(|r| r.usage.input_tokens).collect();
+            self.0.batches.lock().unwrap().push((id, tokens));
             if self.0.down.load(Ordering::SeqCst) {
                 return Err(SinkError::Unavailable("connection refused".into()).into());
             }
@@ -437,6 +470,7 @@ mod tests {
             down: AtomicBool::new(down),
             attempts: AtomicU32::new(0),
             stored: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
         }))
     }
 
@@ -470,6 +504,27 @@ mod tests {
         record(&s, &[rec(4)]).await;
         s.0.down.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3, 4]);
+    }
+
+    /// A write that failed with nothing known stored (it may have landed) is sent again
+    /// as it was: the same records under the same batch id, though more wait behind
+    /// them; the next batch has an id of its own.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_batch_is_retried_whole_under_its_own_id() {
+        let s = sink(true);
+        record(&s, &[rec(1), rec(2), rec(3)]).await;
+        record(&s, &[rec(4)]).await;
+        s.0.down.store(false, Ordering::SeqCst);
+        s.backlog().flush(&s).await.unwrap();
+        let batches = s.0.batches.lock().unwrap().clone();
+        let first = batches[0].0;
+        let (retried, rest) = batches.split_at(batches.len() - 1);
+        for (id, tokens) in retried {
+            assert_eq!((*id, tokens.as_slice()), (first, &[1, 2][..]));
+        }
+        assert_eq!(rest[0].1, [3, 4]);
+        assert_ne!(rest[0].0, first);
         assert_eq!(*s.0.stored.lock().unwrap(), [1, 2, 3, 4]);
     }
 

@@ -67,7 +67,7 @@ use tokio_postgres::types::ToSql;
 use super::backlog::{Backlog, Failure, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
-use crate::cost::record::{Completion, UsageRecord};
+use crate::cost::record::{Completion, RecordId, UsageRecord};
 use crate::cost::summary::{Day, Subject, Summary, Totals};
 use crate::cost::usage::Usage;
 use crate::key::ApiKeyId;
@@ -713,7 +713,7 @@ impl Store for PostgresSink {
         weak.upgrade().map(|inner| Self { inner })
     }
 
-    async fn store(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+    async fn store(&self, batch: &[UsageRecord], _: RecordId) -> Result<u64, Failure> {
         // A value past its bigint column would be stored clamped, a wrong amount: the
         // records before it are stored, and it is refused for good.
         if let Some((at, why)) = batch.iter().enumerate().find_map(|(i, r)| {

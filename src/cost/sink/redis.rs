@@ -12,7 +12,7 @@ use redis::aio::ConnectionLike;
 use super::backlog::{Backlog, Failure, Limits, SinkHealth, Store};
 use super::{SinkError, UsageSink};
 use crate::cost::pricing::Money;
-use crate::cost::record::UsageRecord;
+use crate::cost::record::{RecordId, UsageRecord};
 use crate::cost::summary::{Day, Subject, Summary, Totals};
 use crate::key::ApiKeyId;
 
@@ -25,7 +25,8 @@ pub struct RedisSinkConfig {
     pub hash_tag: String,
     /// The stream is trimmed to about this many entries.
     pub stream_max_len: u64,
-    /// How long a record id is remembered, so a retried batch counts once.
+    /// How long a record id (and a batch id) is remembered, so a retried batch counts
+    /// once.
     pub dedupe_ttl: Duration,
     /// How long a day's aggregates are kept after their last update.
     pub retention: Duration,
@@ -94,7 +95,11 @@ pub(crate) struct Inner<C> {
 ///
 /// A record counts once: the script sets a dedupe key per record id (`…:seen:<id>`, kept
 /// for `dedupe_ttl`) in the same call, so a batch sent again after a lost answer changes
-/// nothing. A record is stored whole or not at all: it is marked seen only once all its
+/// nothing. Each call also adds how many of its records were new to a key of its batch
+/// (`…:batch:<id>`, kept for `dedupe_ttl`) and answers that sum: a batch whose write
+/// landed but whose answer was lost (a timeout, a broken connection) is sent again with
+/// the same id, so its records count as delivered once and not as
+/// [`duplicates`](SinkHealth::duplicates). A record is stored whole or not at all: it is marked seen only once all its
 /// writes have succeeded, and a write that fails (a key of another type, a counter that
 /// would overflow) undoes the record's earlier writes. Such a record can never be stored
 /// as it is, so it is set aside in the dead-letter stream
@@ -384,11 +389,13 @@ impl<C> RedisSink<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    /// Runs the script over `batch`; returns how many records were new.
-    async fn write(&self, batch: &[UsageRecord]) -> Result<u64, Failure> {
+    /// Runs the script over `batch`; returns how many records were new to this batch id
+    /// (in this call or an earlier one with the same id).
+    async fn write(&self, batch: &[UsageRecord], batch_id: RecordId) -> Result<u64, Failure> {
         let c = &self.inner.config;
         let mut inv = self.inner.script.prepare_invoke();
         inv.key(self.stream_key())
+            .key(format!("{}:batch:{batch_id}", self.inner.prefix))
             .arg(c.stream_max_len)
             .arg(c.dedupe_ttl.as_secs().max(1))
             .arg(c.retention.as_secs().max(1))
@@ -622,8 +629,12 @@ where
         weak.upgrade().map(|inner| Self { inner })
     }
 
-    fn store(&self, batch: &[UsageRecord]) -> impl Future<Output = Result<u64, Failure>> + Send {
-        self.write(batch)
+    fn store(
+        &self,
+        batch: &[UsageRecord],
+        batch_id: RecordId,
+    ) -> impl Future<Output = Result<u64, Failure>> + Send {
+        self.write(batch, batch_id)
     }
 
     fn dead_letter(

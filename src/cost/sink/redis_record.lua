@@ -2,6 +2,8 @@
 -- daily aggregates; a record already seen (a retried batch) changes nothing.
 --
 -- KEYS[1]      the stream
+-- KEYS[2]      the batch key: how many of the batch's records were new, over every call
+--              with this batch id (a retry after a lost answer sends the same id)
 -- per record:  its dedupe key, its day's subject set, then `n` aggregate hashes
 -- ARGV[1..4]   stream max length, dedupe ttl (s), aggregate ttl (s), record count
 -- per record:  id, json, subject-set member, n, model, then 12 counters
@@ -14,10 +16,18 @@
 -- succeed, and when one fails (a key of another type, a counter that would overflow) the
 -- writes it made are undone and the script stops. Records before it in the batch stay
 -- stored (and count as seen).
--- Returns how many records were new; when a record failed, {new records before it, its
--- index in the batch (from 0), the error}.
+-- Returns how many records were new to this batch id (in this call or an earlier one);
+-- when a record failed, {that count for the records before it, its index in the batch
+-- (from 0), the error}.
 local maxlen, seen_ttl, agg_ttl, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local k, a, fresh = 2, 5, 0
+local k, a, fresh = 3, 5, 0
+
+-- Adds this call's new records to the batch's count; returns the count.
+local function settle()
+  local total = redis.call('INCRBY', KEYS[2], fresh)
+  redis.call('EXPIRE', KEYS[2], seen_ttl)
+  return total
+end
 local dollar = 1000000000000
 
 -- The writes of the record being stored, undone in reverse order if a later one fails.
@@ -83,7 +93,7 @@ for i = 1, count do
       end
     end
     if failed then
-      return {fresh, i - 1, tostring(err)}
+      return {settle(), i - 1, tostring(err)}
     end
     -- expiries only lengthen a key's life: nothing to undo
     redis.call('EXPIRE', subjects, agg_ttl)
@@ -93,4 +103,4 @@ for i = 1, count do
   end
   k = k + n
 end
-return fresh
+return settle()
