@@ -141,6 +141,38 @@ async fn pause_writes(addr: std::net::SocketAddr, ms: u64) {
     assert!(paused.starts_with("+OK"), "{paused}");
 }
 
+/// Holds the server's writes (scripts included) until [`release_writes`], however long the
+/// test takes to get there: a test that needs calls to wait in Redis waits on its own
+/// conditions, not on a pause length a loaded machine may outrun.
+async fn hold_writes(addr: std::net::SocketAddr) {
+    pause_writes(addr, 600_000).await;
+}
+
+/// Ends [`hold_writes`].
+async fn release_writes(addr: std::net::SocketAddr) {
+    let released = support::command(addr, "CLIENT UNPAUSE").await.unwrap();
+    assert!(released.starts_with("+OK"), "{released}");
+}
+
+/// Waits until a script call is queued in Redis behind another that writes hold: a client
+/// whose last command is EVALSHA has bytes in its query buffer.
+async fn await_script_call_queued_behind(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let clients = support::command(addr, "CLIENT LIST").await.unwrap();
+        let queued = clients.lines().any(|c| {
+            c.contains(" cmd=evalsha ")
+                && c.split(' ')
+                    .any(|f| f.strip_prefix("qbuf=").is_some_and(|n| n != "0"))
+        });
+        if queued {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{clients}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (up to `within`) until the stores have given back `n` late debits in all.
 async fn await_late_returns(stores: &[&RedisStore], n: u64, within: Duration) {
     let deadline = Instant::now() + within;
@@ -1248,11 +1280,12 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
             .build()
     };
     let stores = [store().await.unwrap(), store().await.unwrap()];
+    // reads go through a store that waits as long as a loaded machine needs
+    let reader = single(&server.url(), &prefix).await;
     let rule = one_rule(Algorithm::SlidingWindow, 100, 1);
-    for s in &stores {
-        assert_eq!(remaining(s, &rule).await, 100);
-    }
-    pause_writes(server.addr(), 500).await;
+    assert_eq!(remaining(&reader, &rule).await, 100);
+    // Redis runs nothing until every decision has timed out, however long that takes
+    hold_writes(server.addr()).await;
     let mut tasks = Vec::new();
     for i in 0..1_000 {
         let store = stores[i % 2].clone();
@@ -1269,13 +1302,14 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
         admitted, 0,
         "failing closed, a decision past the timeout refuses"
     );
+    release_writes(server.addr()).await;
     // Every late debit is given back: at least the 100 units the limit held (a give-back
     // may land before a later batch of late decisions, which then debits and gives back
     // again). Waits on that condition; the bound only keeps a broken store from hanging.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
-        if returned >= 100 && remaining(&stores[0], &rule).await == 100 {
+        if returned >= 100 && remaining(&reader, &rule).await == 100 {
             break;
         }
         assert!(
@@ -1388,28 +1422,32 @@ async fn a_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_decisions_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
     let server = RedisServer::start().await.expect("redis-server");
+    // long enough for a loaded machine to answer the refusal below once writes go on
     let store = failing(
         &server.url(),
         "late-give-back",
-        Duration::from_millis(300),
+        Duration::from_secs(2),
         RedisFailMode::Closed,
     )
     .await;
     let rule = one_rule(Algorithm::FixedWindow, 2, 1);
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
-    pause_writes(server.addr(), 700).await;
-    let late = {
+    hold_writes(server.addr()).await;
+    // the late decision waits in Redis past its timeout
+    let late = store.check(&[rule.item()]).await;
+    assert!(late.is_err(), "the late decision timed out: {late:?}");
+    // queued in Redis behind the late decision before Redis runs either: Redis runs the
+    // late decision (the second unit), then refuses this one and it blocks the key
+    let refusing = {
         let store = store.clone();
         let rule = rule.clone();
         tokio::spawn(async move { store.check(&[rule.item()]).await })
     };
-    // queued behind the late decision, and answered within its own timeout: Redis runs
-    // the late decision (the second unit), then refuses this one and it blocks the key
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let refused = store.check(&[rule.item()]).await.unwrap();
+    await_script_call_queued_behind(server.addr()).await;
+    release_writes(server.addr()).await;
+    let refused = refusing.await.unwrap().unwrap();
     assert!(!refused.admitted, "{refused:?}");
-    assert!(late.await.unwrap().is_err(), "the late decision timed out");
-    await_late_returns(&[&store], 1, Duration::from_secs(3)).await;
+    await_late_returns(&[&store], 1, Duration::from_secs(60)).await;
     assert_eq!(remaining(&store, &rule).await, 1);
     let after = store.check(&[rule.item()]).await.unwrap();
     assert!(
