@@ -1622,6 +1622,46 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
     );
 }
 
+/// A GCRA charge (a request used more than it reserved) is kept in Redis as in the memory
+/// store whatever epoch the key is in: a request that reserved 1 unit, used 6, and
+/// settled after another request started the key afresh still pays its 5 units.
+#[tokio::test]
+async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("gcra-charge")).await;
+    let memory = MemoryStore::new();
+    let rule = Owned {
+        params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
+        ..one_rule(Algorithm::Gcra, 10, 1)
+    };
+    let sec = 1_000_000;
+    let t0 = 1 << 40;
+    let long = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+    let mem_long = memory.check_at(&[rule.item()], t0).rules[0];
+    // full again after 0.1 s: at 5 s another request starts a new epoch
+    let at = t0 + 5 * sec;
+    let next = redis_store.check_at(&[rule.item()], at).await.unwrap().rules[0];
+    assert!(long.debited && next.debited);
+    assert_ne!(next.window_start, long.window_start);
+    memory.check_at(&[rule.item()], at);
+    redis_store
+        .settle_at(&[settlement(&rule, &long, 5)], at)
+        .await
+        .unwrap();
+    memory.settle_now(&[settlement(&rule, &mem_long, 5)]);
+    let left = redis_store.peek_at(&rule.item(), at).await.unwrap().remaining;
+    let peek = Owned {
+        cost: 0,
+        ..rule.clone()
+    };
+    let mem_left = memory.check_at(&[peek.item()], at).rules[0].remaining;
+    assert_eq!(
+        (left, mem_left),
+        (4, 4),
+        "a charge from an earlier epoch was dropped"
+    );
+}
+
 /// With the local fallback, a give-back of a reservation Redis made is not applied to the
 /// local store when Redis is away: the local store never counted those units, and giving
 /// them back there refunded requests it had admitted (a GCRA reservation, which has no

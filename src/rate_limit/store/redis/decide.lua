@@ -398,10 +398,11 @@ local function run_settle(ko, n, base)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and g == gen then
       if alg == 2 then
-        -- only in the reservation's epoch; never before the epoch's start (the bucket is
-        -- then full, and stays no fuller)
+        -- a charge in any epoch (the units were used); a give-back only in the
+        -- reservation's epoch, and never before the epoch's start (the bucket is then
+        -- full, and stays no fuller)
         local epoch = start - count
-        if epoch == window_start then
+        if delta >= 0 or epoch == window_start then
           if delta >= 0 then
             start = start + increment(delta)
           else
