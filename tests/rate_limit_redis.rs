@@ -2332,3 +2332,38 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
     assert_eq!(turned_away, burst - 2 * slots.len() - 8_192);
     assert_eq!(admitted, 10 * rules.len());
 }
+
+/// A settlement of the largest charge (`i64::MAX` units, what a request reporting
+/// `u64::MAX` used settles) leaves the key refused in Redis as in the memory store, and
+/// the key answers afterwards: for every algorithm.
+#[tokio::test]
+async fn the_largest_charge_settles_as_in_the_memory_store() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("huge-charge")).await;
+    for (algorithm, name) in ALGORITHMS.into_iter().zip(["sliding", "fixed", "gcra"]) {
+        let memory = MemoryStore::new();
+        let rule = Owned {
+            name,
+            ..one_rule(algorithm, 10, 1)
+        };
+        let t0 = 1 << 40;
+        let d = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+        let m = memory.check_at(&[rule.item()], t0).rules[0];
+        let settled = redis_store
+            .settle_at(&[settlement(&rule, &d, i64::MAX)], t0)
+            .await;
+        memory.settle_now(&[settlement(&rule, &m, i64::MAX)]);
+        assert!(settled.is_ok(), "{algorithm:?}: {settled:?}");
+        let peek = Owned {
+            cost: 0,
+            ..rule.clone()
+        };
+        let got = redis_store.peek_at(&rule.item(), t0).await;
+        let want = memory.check_at(&[peek.item()], t0).rules[0];
+        let got = got.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        assert_eq!(got.remaining, want.remaining, "{algorithm:?}");
+        let again = redis_store.check_at(&[rule.item()], t0).await;
+        let again = again.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        assert!(!again.admitted, "{algorithm:?}: {again:?}");
+    }
+}

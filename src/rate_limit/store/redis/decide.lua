@@ -404,7 +404,12 @@ local function run_settle(ko, n, base)
         local epoch = start - count
         if delta >= 0 or epoch == window_start then
           if delta >= 0 then
+            -- no further than 2^53 us (285 years): past it the TAT is no longer exact,
+            -- and its expiry is past what SET PX takes
             start = start + increment(delta)
+            if start > P53 then
+              start = P53
+            end
           else
             start = sat_sub(start, increment(-delta))
             if start < epoch then
