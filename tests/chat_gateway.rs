@@ -727,6 +727,40 @@ async fn fallback_model_serves_when_the_primary_is_overloaded_and_is_marked() {
     assert_eq!(usage["report"]["fallbacks"], 1);
 }
 
+/// The dashboard and `/v1/usage` count the same requests as served by a fallback: those
+/// it answered without an error. A fallback that failed too is in `by_fallback` (with its
+/// error), not in `fallbacks`; the dashboard used to count it as served.
+#[tokio::test]
+async fn the_dashboard_and_usage_agree_that_an_errored_fallback_served_nothing() {
+    let fallback = fixture::upstream_failing_once(anthropic_message()).await;
+    let uri = fallback.uri();
+    let gw = start(&[
+        ("PALISADE_GATEWAY_FALLBACK_BASE_URL", uri.as_str()),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    // The primary (the mock) is overloaded both times; the fallback fails, then serves.
+    let failed = gw.post("/v1/messages", USER, chat("mock-overloaded")).await;
+    assert_eq!(failed.status, 500, "{:?}", failed.body);
+    let served = gw.post("/v1/messages", USER, chat("mock-overloaded")).await;
+    assert_eq!(served.status, 200, "{:?}", served.body);
+    let records = gw.usage_records(4).await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|e| e.record.fallback.is_some())
+            .count(),
+        2
+    );
+    let usage = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(usage["report"]["fallbacks"], 1, "{usage}");
+    let by_fallback = usage["report"]["by_fallback"].as_object().unwrap();
+    let label = format!("upstream:{uri}");
+    assert_eq!(by_fallback[&label]["requests"], 2, "{usage}");
+    let dashboard = gw.get("/v1/dashboard/data", ADMIN).await.json();
+    assert_eq!(dashboard["totals"]["fallbacks"], 1, "{dashboard}");
+}
+
 #[tokio::test]
 async fn without_fallback_an_overloaded_upstream_answers_529_as_it_was() {
     let gw = start(&[("PALISADE_RETRY_MAX_RETRIES", "0")]).await;

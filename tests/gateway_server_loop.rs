@@ -423,3 +423,59 @@ fn the_pass_through_drops_hop_by_hop_headers_and_the_names_connection_lists() {
     }
     assert_eq!(h.len(), 2, "{h:?}");
 }
+
+/// A `connection` header holding bytes that are not visible ASCII still has the names it
+/// lists dropped: it used to be skipped whole, so the upstream's hop-by-hop headers it named
+/// were forwarded to the client.
+#[test]
+fn connection_headers_with_non_ascii_bytes_still_have_the_names_they_list_dropped() {
+    let mut res = http::Response::new(axum::body::Body::empty());
+    let h = res.headers_mut();
+    h.append(
+        "connection",
+        http::HeaderValue::from_bytes(b"x-hop, caf\xe9, X-Other").unwrap(),
+    );
+    h.insert("x-hop", "1".parse().unwrap());
+    h.insert("x-other", "1".parse().unwrap());
+    h.insert("x-kept", "1".parse().unwrap());
+    let out = routes::pass_through(res);
+    let h = out.headers();
+    for name in ["x-hop", "x-other", "connection"] {
+        assert!(!h.contains_key(name), "{name} passed: {h:?}");
+    }
+    assert_eq!(h.len(), 1, "{h:?}");
+}
+
+/// A refusal answered before its request's body arrived ends with a lingering close: the
+/// gateway shuts its side, then reads and discards what the client still sends, so a client
+/// that sends its whole body before it reads (as most do) meets no reset on its writes.
+/// The gateway closed at once, and the body's bytes arriving at a closed socket were
+/// answered with a reset, failing the client's writes before it read the answer.
+#[tokio::test]
+async fn a_refusal_before_the_body_arrived_lingers_while_the_client_still_sends_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let chunk = vec![b' '; 64 * 1024];
+    let chunks = 64;
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        chunk.len() * chunks
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // No key: refused at once, before the body, and the gateway ends its side.
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tcp.read(&mut rest).await.unwrap(),
+        0,
+        "the gateway ends its side"
+    );
+    for i in 0..chunks {
+        if let Err(e) = tcp.write_all(&chunk).await {
+            panic!("the body's chunk {i} met {e}: the gateway did not linger");
+        }
+    }
+    tcp.shutdown().await.unwrap();
+}

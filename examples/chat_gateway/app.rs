@@ -11,6 +11,7 @@
 //! waits for it before the upstream call, so with Redis the rate limits' and the budgets'
 //! store calls are in flight together: one round trip of latency, not two in a row.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -332,8 +333,21 @@ struct MakeId {
 impl MakeRequestId for MakeId {
     fn make_request_id<B>(&mut self, _req: &http::Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        // The id's text becomes the header value's bytes, without a copy.
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("req_{}_{n:08}", self.prefix)))
+        // Written into a buffer of its exact length, which becomes the header value's bytes
+        // without a copy: one allocation per id.
+        let digits = n.checked_ilog10().map_or(1, |d| d as usize + 1).max(8);
+        let mut id = Vec::with_capacity(4 + self.prefix.len() + 1 + digits);
+        id.extend_from_slice(b"req_");
+        id.extend_from_slice(self.prefix.as_bytes());
+        id.push(b'_');
+        let start = id.len();
+        id.resize(start + digits, b'0');
+        let mut rest = n;
+        for d in id[start..].iter_mut().rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
             .ok()
             .map(RequestId::new)
     }
@@ -481,6 +495,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     }
     let api = api.merge(crate::dashboard::api().with_state(state.clone()));
     let api = api.layer(crate::auth::AuthLayer::new(state.clone()));
+    #[cfg_attr(not(feature = "sentry"), allow(unused_mut))]
     let mut router = Router::new()
         .merge(api)
         .merge(routes::public().with_state(state.clone()))
@@ -489,9 +504,6 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
             let format = config.error_format();
             move || async move { routes::not_found(format) }
         });
-    if let Some(layer) = security_headers {
-        router = router.layer(layer);
-    }
     let sentry = crate::sentry::Sentry::init(&config)?;
     #[cfg(feature = "sentry")]
     if let Some(sentry) = &sentry {
@@ -508,13 +520,11 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     // The layers that need no routing (no `MatchedPath`) wrap the whole router once rather
     // than every route: a route's layers are cloned on each request, once per middleware
     // above them, so each layer kept out of the routes saves allocations on every request.
-    let outer = ServiceBuilder::new()
-        .map_request(drop_client_request_id)
-        .layer(SetRequestIdLayer::x_request_id(make_id))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(crate::log::RequestLogLayer)
-        .service(router);
-    let router = Router::new().fallback_service(outer);
+    // The security headers are among them (every answer gets them, the 404 too).
+    let router = match security_headers {
+        Some(layer) => outside_the_routes(make_id, tower::Layer::layer(&layer, router)),
+        None => outside_the_routes(make_id, router),
+    };
     Ok(App {
         router,
         state,
@@ -524,10 +534,31 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
     })
 }
 
+/// `routes` under the layers that need no routing: request id, request log (and the
+/// security headers, which the caller has put on `routes`), as one router.
+fn outside_the_routes<S>(make_id: MakeId, routes: S) -> Router
+where
+    S: tower::Service<Request, Response = axum::response::Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let outer = ServiceBuilder::new()
+        .map_request(drop_client_request_id)
+        .layer(SetRequestIdLayer::x_request_id(make_id))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(crate::log::RequestLogLayer)
+        .service(routes);
+    Router::new().fallback_service(outer)
+}
+
 /// The gateway makes every request id itself (logs, audit rows and usage records carry it):
 /// an id chosen by a client could collide with another's or impersonate it.
 fn drop_client_request_id(mut req: Request) -> Request {
-    req.headers_mut().remove("x-request-id");
+    const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+    req.headers_mut().remove(X_REQUEST_ID);
     req
 }
 

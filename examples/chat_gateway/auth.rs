@@ -10,6 +10,7 @@ use std::task::{Context, Poll, ready};
 use axum::extract::Request;
 use axum::response::Response;
 use http::Uri;
+use http::header::HeaderName;
 use palisade::key::{ApiKeyId, api_key_from_headers, constant_time_eq};
 use palisade::rate_limit::Principal;
 use palisade::{Error, ErrorKind};
@@ -113,7 +114,26 @@ impl KeyStore {
 
 /// Headers that name a user or a bot, which palisade's layers read when told to
 /// (`x-bot-id` by default in the cost meter): removed from every request.
-const ATTRIBUTION_HEADERS: [&str; 2] = ["x-bot-id", "x-user-id"];
+const ATTRIBUTION_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-bot-id"),
+    HeaderName::from_static("x-user-id"),
+];
+
+/// The headers removed from every authenticated request: [`ATTRIBUTION_HEADERS`] and those
+/// the cost meter is configured to read a user or a bot from (parsed once, here; a name
+/// that is not a header name cannot be in a request).
+fn attribution_headers(state: &AppState) -> Arc<[HeaderName]> {
+    let cost = &state.config.cost;
+    let mut names = ATTRIBUTION_HEADERS.to_vec();
+    for name in [&cost.user_header, &cost.bot_header].into_iter().flatten() {
+        if let Ok(name) = HeaderName::from_bytes(name.as_bytes())
+            && !names.contains(&name)
+        {
+            names.push(name);
+        }
+    }
+    names.into()
+}
 
 /// Authentication as a tower layer over the authenticated routes: refuses without a key
 /// (401), with an unknown key (401) and with a user key on `/admin` (403), each an audit
@@ -124,12 +144,14 @@ const ATTRIBUTION_HEADERS: [&str; 2] = ["x-bot-id", "x-user-id"];
 #[derive(Clone)]
 pub struct AuthLayer {
     state: AppState,
+    strip: Arc<[HeaderName]>,
 }
 
 impl AuthLayer {
     /// Authenticates against `state`'s keys, auditing to its audit log.
     pub fn new(state: AppState) -> Self {
-        Self { state }
+        let strip = attribution_headers(&state);
+        Self { state, strip }
     }
 }
 
@@ -140,6 +162,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         Authenticate {
             inner,
             state: self.state.clone(),
+            strip: Arc::clone(&self.strip),
         }
     }
 }
@@ -149,6 +172,8 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct Authenticate<S> {
     inner: S,
     state: AppState,
+    /// The headers removed from every request it admits.
+    strip: Arc<[HeaderName]>,
 }
 
 /// An admitted request, kept until its response: who made it, to audit a refusal by the
@@ -209,12 +234,8 @@ impl<S> Authenticate<S> {
         // the ownership check): headers that name a user or a bot are the client's claim, and
         // no layer or handler below may see them.
         let h = req.headers_mut();
-        for name in ATTRIBUTION_HEADERS {
+        for name in self.strip.iter() {
             h.remove(name);
-        }
-        let cost = &state.config.cost;
-        for name in [&cost.user_header, &cost.bot_header].into_iter().flatten() {
-            h.remove(name.as_str());
         }
         let admitted = Admitted {
             state: state.clone(),

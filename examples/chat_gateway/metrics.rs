@@ -181,7 +181,7 @@ pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
     refusals: Arc<RefusalCounts>,
-    handles: Arc<RwLock<HashMap<HandleKey, Arc<Handles>>>>,
+    handles: Arc<RwLock<HashMap<HandleKey, Arc<Handles>, foldhash::fast::RandomState>>>,
     usage_handles: Arc<RwLock<HashMap<&'static str, Arc<UsageHandles>>>>,
 }
 
@@ -282,6 +282,7 @@ impl Metrics {
     }
 
     /// Counts one answered request.
+    #[allow(dead_code)] // the middleware counts through `count`; the tests call this
     pub fn request(
         &self,
         route: &str,
@@ -290,15 +291,34 @@ impl Metrics {
         total: Duration,
         upstream: Option<Duration>,
     ) {
+        let route = intern(route).ok_or(route);
+        self.count(route, method_label(method), res, total, upstream);
+    }
+
+    /// Counts one answered request under `route`: kept (interned) or, past the bound of
+    /// kept values, as it is.
+    fn count(
+        &self,
+        route: Result<&'static str, &str>,
+        method: &'static str,
+        res: &Response,
+        total: Duration,
+        upstream: Option<Duration>,
+    ) {
         let refusal = Refusal::of(res);
         let status = res.status();
-        let method = method_label(method);
-        let kept = self.handles(route, method, status);
+        let kept = route
+            .ok()
+            .and_then(|route| self.handles(route, method, status));
         let fresh;
         let h = match &kept {
             Some(h) => &**h,
             None => {
-                fresh = self.register(label(route), SharedString::const_str(method), status);
+                let route = match route {
+                    Ok(kept) => SharedString::const_str(kept),
+                    Err(other) => SharedString::from_owned(other.to_owned()),
+                };
+                fresh = self.register(route, SharedString::const_str(method), status);
                 &fresh
             }
         };
@@ -315,11 +335,17 @@ impl Metrics {
         }
     }
 
-    /// The request metrics of `(route, method, status)`, registered once and kept (up to
-    /// [`MAX_HANDLES`] of them), so that counting a request neither allocates nor looks its
-    /// labels up in the registry. `None` past the bound: the caller registers per use.
-    fn handles(&self, route: &str, method: &str, status: StatusCode) -> Option<Arc<Handles>> {
-        let key = (intern(route)?, intern(method)?, status.as_u16());
+    /// The request metrics of `(route, method, status)` (kept label values), registered
+    /// once and kept (up to [`MAX_HANDLES`] of them), so that counting a request neither
+    /// allocates nor looks its labels up in the registry. `None` past the bound: the caller
+    /// registers per use.
+    fn handles(
+        &self,
+        route: &'static str,
+        method: &'static str,
+        status: StatusCode,
+    ) -> Option<Arc<Handles>> {
+        let key = (route, method, status.as_u16());
         if let Some(h) = self
             .handles
             .read()
@@ -662,11 +688,14 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let start = Instant::now();
-        let method = req.method().clone();
-        let route = req
-            .extensions()
-            .get::<MatchedPath>()
-            .map_or(SharedString::const_str("unmatched"), |p| label(p.as_str()));
+        let method = method_label(req.method());
+        let route = match req.extensions().get::<MatchedPath>() {
+            None => RouteLabel::Kept("unmatched"),
+            Some(p) => intern(p.as_str()).map_or_else(
+                || RouteLabel::Other(p.as_str().to_owned()),
+                RouteLabel::Kept,
+            ),
+        };
         MetricsFuture {
             inner: self.inner.call(req),
             counted: Some(Counted {
@@ -683,8 +712,16 @@ where
 struct Counted {
     metrics: Metrics,
     start: Instant,
-    method: http::Method,
-    route: SharedString,
+    method: &'static str,
+    route: RouteLabel,
+}
+
+/// A request's `route` label.
+enum RouteLabel {
+    /// A kept value (see [`intern`]).
+    Kept(&'static str),
+    /// A value past the bound of kept ones.
+    Other(String),
 }
 
 pin_project! {
@@ -708,8 +745,11 @@ where
         if let Some(c) = this.counted.take() {
             let total = c.start.elapsed();
             let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
-            c.metrics
-                .request(&c.route, &c.method, &res, total, upstream);
+            let route = match &c.route {
+                RouteLabel::Kept(route) => Ok(*route),
+                RouteLabel::Other(route) => Err(route.as_str()),
+            };
+            c.metrics.count(route, c.method, &res, total, upstream);
         }
         Poll::Ready(Ok(res))
     }

@@ -19,7 +19,9 @@
 //! byte. An HTTP/1.1 answer given before its request's body was read to its end (a
 //! refusal: no key, a rate limit, a budget, a body too large) says `connection: close`,
 //! and the connection closes after it: hyper reads on only what of such a body has
-//! already arrived.
+//! already arrived. That close lingers: the write side is shut, and what the client still
+//! sends is read and discarded (2 s and 16 MiB at most) before the socket closes, so that a
+//! client still sending its body gets the answer rather than a reset.
 //!
 //! A client that stops reading mid-answer (slow read: a long stream, a large body) keeps
 //! its request in flight, so the idle timeout never applies to it. When a response body
@@ -35,11 +37,10 @@
 //! cut; an upstream slow to answer leaves nothing waiting to be written and is not cut
 //! either (the stream idle timeout covers it).
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -283,20 +284,33 @@ struct Activity {
     written_ms: AtomicU64,
     /// Whether `unread.ended` is not empty (read on every flush without the lock).
     ended: AtomicBool,
+    /// Whether an answer was given before its request's body was read: the connection's
+    /// close then lingers (see [`Linger`]).
+    linger: AtomicBool,
 }
 
 /// See [`Activity::unread`].
 #[derive(Default)]
 struct Unread {
     next_id: u64,
-    /// Since when, and whether over HTTP/1 (where bytes written to the socket for any
-    /// request show that the client reads).
-    since: BTreeMap<u64, (Instant, bool)>,
+    /// By body id: since when, and whether over HTTP/1 (where bytes written to the socket
+    /// for any request show that the client reads). A few entries at most (one per body in
+    /// flight), in a vector that keeps its room: no allocation per frame.
+    since: Vec<(u64, Instant, bool)>,
     /// HTTP/1 bodies dropped with their last frame not yet written (a whole answer is one
     /// such frame): hyper drops a body as soon as it takes its last frame, and flushes the
     /// socket once all it holds is written, which ends their wait. Their requests stay in
     /// flight until then.
     ended: Vec<u64>,
+}
+
+impl Unread {
+    /// Body `id` waits no more.
+    fn remove(&mut self, id: u64) {
+        if let Some(at) = self.since.iter().position(|(body, ..)| *body == id) {
+            self.since.swap_remove(at);
+        }
+    }
 }
 
 impl Activity {
@@ -311,6 +325,7 @@ impl Activity {
             body_waiting: Notify::new(),
             written_ms: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            linger: AtomicBool::new(false),
         }
     }
 
@@ -371,26 +386,33 @@ impl Activity {
 
     /// Body `id` gave a frame: it waits until it is asked for the next one.
     fn body_gave_frame(&self, id: u64, http1: bool) {
-        self.unread().since.insert(id, (Instant::now(), http1));
+        let now = Instant::now();
+        {
+            let mut unread = self.unread();
+            match unread.since.iter_mut().find(|(body, ..)| *body == id) {
+                Some(entry) => *entry = (id, now, http1),
+                None => unread.since.push((id, now, http1)),
+            }
+        }
         self.body_waiting.notify_one();
     }
 
     /// Body `id` is asked for a frame (its last one was written).
     fn body_asked(&self, id: u64) {
-        self.unread().since.remove(&id);
+        self.unread().remove(id);
     }
 
     /// Body `id` is gone: over HTTP/1 a frame it gave last may still wait to be written
     /// (until the next flush of the socket).
     fn body_dropped(&self, id: u64, http1: bool) {
         let mut unread = self.unread();
-        if http1 && unread.since.contains_key(&id) {
+        if http1 && unread.since.iter().any(|(body, ..)| *body == id) {
             unread.ended.push(id);
             // In flight until written (the body's own guard drops after this).
             self.in_flight.fetch_add(1, Ordering::AcqRel);
             self.ended.store(true, Ordering::Release);
         } else {
-            unread.since.remove(&id);
+            unread.remove(id);
         }
     }
 
@@ -401,7 +423,7 @@ impl Activity {
                 let mut unread = self.unread();
                 let ended = std::mem::take(&mut unread.ended);
                 for id in &ended {
-                    unread.since.remove(id);
+                    unread.remove(*id);
                 }
                 ended
             };
@@ -431,8 +453,8 @@ impl Activity {
             let oldest = self
                 .unread()
                 .since
-                .values()
-                .map(|&(since, http1)| if http1 { since.max(written) } else { since })
+                .iter()
+                .map(|&(_, since, http1)| if http1 { since.max(written) } else { since })
                 .min();
             let Some(since) = oldest else {
                 // `notify_one` keeps a permit when no one waits, so no wake-up is lost.
@@ -565,6 +587,9 @@ where
             // answer. The answer says so, or the client would send its next request on a
             // connection about to close ("Server disconnected without sending a response").
             if unread_body && res.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(guard) = &guard {
+                    guard.0.linger.store(true, Ordering::Release);
+                }
                 res.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
@@ -637,11 +662,13 @@ where
 }
 
 pin_project! {
-    /// A connection's socket, telling its [`Activity`] when bytes go through.
+    /// A connection's socket, telling its [`Activity`] when bytes go through, and lingering
+    /// at its close when an answer left a request body unread.
     struct Watched<I> {
         #[pin]
         io: I,
         activity: Arc<Activity>,
+        lingering: Option<Linger>,
     }
 }
 
@@ -650,6 +677,7 @@ impl<I> Watched<I> {
         Self {
             io,
             activity: Arc::clone(activity),
+            lingering: None,
         }
     }
 }
@@ -664,7 +692,7 @@ impl<I: hyper::rt::Read> hyper::rt::Read for Watched<I> {
     }
 }
 
-impl<I: hyper::rt::Write> hyper::rt::Write for Watched<I> {
+impl<I: hyper::rt::Read + hyper::rt::Write> hyper::rt::Write for Watched<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -704,8 +732,60 @@ impl<I: hyper::rt::Write> hyper::rt::Write for Watched<I> {
         poll
     }
 
+    /// Shuts the write side; after an answer given before its request's body was read, the
+    /// close then lingers (see [`Linger`]).
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
+        let mut this = self.project();
+        if this.lingering.is_none() {
+            ready!(this.io.as_mut().poll_shutdown(cx))?;
+            if !this.activity.linger.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            *this.lingering = Some(Linger::new());
+        }
+        let Some(linger) = this.lingering.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while linger.discarded < LINGER_BYTES && linger.until.as_mut().poll(cx).is_pending() {
+            let mut buf = hyper::rt::ReadBuf::new(&mut linger.buf);
+            match hyper::rt::Read::poll_read(this.io.as_mut(), cx, buf.unfilled()) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    linger.discarded += buf.filled().len();
+                }
+                // The end of the stream, or an error: nothing more will come.
+                Poll::Ready(_) => break,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// How long a lingering close reads on, at most.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How many bytes a lingering close discards, at most.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
+
+/// A lingering close: after an HTTP/1.1 answer given before its request's body was read (a
+/// refusal), the connection's write side is shut, then what the client still sends is read
+/// and discarded until it ends its side, for [`LINGER`] and [`LINGER_BYTES`] at most,
+/// before the socket is closed. Closing a socket with unread bytes (or bytes still
+/// arriving) answers them with a reset, which a client still sending its body meets on its
+/// next write, before it reads the answer waiting for it.
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    discarded: usize,
+    buf: Box<[u8]>,
+}
+
+impl Linger {
+    fn new() -> Self {
+        Self {
+            until: Box::pin(tokio::time::sleep(LINGER)),
+            discarded: 0,
+            buf: vec![0; 16 * 1024].into_boxed_slice(),
+        }
     }
 }
 

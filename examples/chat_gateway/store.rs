@@ -376,6 +376,13 @@ async fn pull(shared: &SharedLimits, layer: &BudgetLayer) -> Result<(), String> 
     Ok(())
 }
 
+/// Whether a fallback served `record`'s request: a fallback answered it, without an error.
+/// `/v1/usage` (`fallbacks`) and the dashboard count the same requests by it; a fallback
+/// that failed as well served nothing (it is still in `by_fallback`, with its error).
+pub fn served_by_fallback(record: &UsageRecord) -> bool {
+    record.fallback.is_some() && record.status < 400 && !record.completion.is_error()
+}
+
 /// Totals grouped for `/v1/usage`.
 #[derive(Debug, Default, Serialize)]
 pub struct UsageReport {
@@ -417,7 +424,7 @@ impl UsageReport {
                 r.by_conversation.entry(c.clone()).or_default().add(rec);
             }
             if let Some(fallback) = &rec.fallback {
-                if rec.status < 400 && !rec.completion.is_error() {
+                if served_by_fallback(rec) {
                     r.fallbacks += 1;
                 }
                 r.by_fallback.entry(fallback.clone()).or_default().add(rec);

@@ -21,7 +21,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -90,11 +90,29 @@ pub struct Call {
     /// The JSON body.
     pub body: Bytes,
     /// `anthropic-version`, `anthropic-beta` as the client sent them.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub headers: Forwarded,
     /// Who pays.
     pub attribution: Attribution,
-    /// The gateway's request id (the usage record's idempotency key).
-    pub request_id: String,
+    /// The gateway's request id (the usage record's idempotency key), as its header value.
+    pub request_id: HeaderValue,
+}
+
+/// The client's headers a call forwards upstream, in the order of [`Forwarded::FORWARDED`]
+/// (`None`: the client did not send it).
+#[derive(Debug, Clone, Default)]
+pub struct Forwarded(pub [Option<HeaderValue>; 2]);
+
+impl Forwarded {
+    /// The names forwarded.
+    pub const FORWARDED: [HeaderName; 2] = [ANTHROPIC_VERSION, ANTHROPIC_BETA];
+
+    /// The headers the client sent, with their names.
+    fn iter(&self) -> impl Iterator<Item = (HeaderName, &HeaderValue)> {
+        Self::FORWARDED
+            .into_iter()
+            .zip(&self.0)
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
+    }
 }
 
 /// The primary upstream and its fallback.
@@ -179,11 +197,12 @@ impl Upstreams {
 
     /// Calls the primary; on an open breaker or a 529, the fallback (marked in the
     /// `x-palisade-fallback` header and, through [`Fallback`], in its usage record).
-    pub async fn send(&self, call: Call) -> Result<Response<Body>, Error> {
-        let first = self.primary.send(&call).await;
+    pub async fn send(&self, mut call: Call) -> Result<Response<Body>, Error> {
+        let attribution = std::mem::take(&mut call.attribution);
         let Some(fallback) = &self.fallback else {
-            return first;
+            return self.primary.send(&call, attribution).await;
         };
+        let first = self.primary.send(&call, attribution.clone()).await;
         let reason = match &first {
             Ok(res) if res.status().as_u16() == 529 => "overloaded",
             Err(e) if e.kind() == ErrorKind::CircuitOpen => "circuit_open",
@@ -191,9 +210,10 @@ impl Upstreams {
         };
         drop(first);
         let label = fallback.parts.fallback_label.as_deref().unwrap_or_default();
-        tracing::warn!(request_id = %call.request_id, reason, fallback = %label, "primary upstream unavailable: fallback taken");
+        let request_id = call.request_id.to_str().unwrap_or("req_unknown");
+        tracing::warn!(request_id, reason, fallback = %label, "primary upstream unavailable: fallback taken");
         // the fallback's usage record carries the mark itself (see `Upstream::build`)
-        let mut res = fallback.send(&call).await?;
+        let mut res = fallback.send(&call, attribution).await?;
         if let Ok(v) = HeaderValue::from_str(label) {
             res.headers_mut().insert(X_PALISADE_FALLBACK, v);
         }
@@ -327,32 +347,33 @@ impl Upstream {
         })
     }
 
-    async fn send(&self, call: &Call) -> Result<Response<Body>, Error> {
+    async fn send(&self, call: &Call, attribution: Attribution) -> Result<Response<Body>, Error> {
         let body = match &self.parts.model {
             Some(model) => replace_model(&call.body, model)?,
             None => call.body.clone(),
         };
-        let builder = match &self.parts.messages_uri {
-            Some(uri) => Request::post(uri.clone()),
-            None => Request::post(format!("{}/v1/messages", self.parts.base_url)),
+        let uri = match &self.parts.messages_uri {
+            Some(uri) => uri.clone(),
+            None => format!("{}/v1/messages", self.parts.base_url)
+                .parse()
+                .map_err(|e| Error::internal("bad upstream request").with_source(e))?,
         };
-        let mut req = builder
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(Full::new(body))
-            .map_err(|e| Error::internal("bad upstream request").with_source(e))?;
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = http::Method::POST;
+        *req.uri_mut() = uri;
+        // Sized once for every header it gets.
         let h = req.headers_mut();
-        h.reserve(4 + call.headers.len());
+        h.reserve(6);
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(ANTHROPIC_VERSION, HeaderValue::from_static("2023-06-01"));
-        for (k, v) in &call.headers {
-            h.insert(k.clone(), v.clone());
+        for (k, v) in call.headers.iter() {
+            h.insert(k, v.clone());
         }
         if let Some(key) = &self.parts.api_key {
             h.insert(X_API_KEY, key.clone());
         }
-        if let Ok(v) = HeaderValue::from_str(&call.request_id) {
-            h.insert(X_REQUEST_ID, v);
-        }
-        req.extensions_mut().insert(call.attribution.clone());
+        h.insert(X_REQUEST_ID, call.request_id.clone());
+        req.extensions_mut().insert(attribution);
         let start = std::time::Instant::now();
         let mut res = self
             .parts
@@ -378,16 +399,14 @@ impl Upstream {
         // A whole answer is read before its head is passed on, so one that breaks off is
         // an error response rather than a connection closed without a word.
         let (parts, body) = res.into_parts();
-        let bytes = Guarded::new(body, timeout, false)
-            .collect()
+        let bytes = crate::routes::whole(Guarded::new(body, timeout, false))
             .await
             .map_err(|e| {
                 Error::upstream(
                     "the upstream answer broke off before its end; try again shortly",
                     e,
                 )
-            })?
-            .to_bytes();
+            })?;
         Ok(Response::from_parts(parts, Body::from(bytes)))
     }
 }
@@ -476,6 +495,7 @@ fn messages_uri(base_url: &str) -> Option<http::Uri> {
 }
 
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -173,7 +173,9 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Everything the page draws, for the window of `minutes` ending at `now`.
+/// Everything the page draws, for the window of `minutes` ending at `now`. Its
+/// `totals.fallbacks` counts the requests a fallback served (answered without an error), as
+/// `/v1/usage`'s `fallbacks` does.
 pub fn snapshot(state: &AppState, now: SystemTime, minutes: u64) -> Value {
     let bucket = Duration::from_millis(minutes * 60_000 / BUCKETS);
     let from = now - bucket * BUCKETS as u32;
@@ -193,7 +195,7 @@ pub fn snapshot(state: &AppState, now: SystemTime, minutes: u64) -> Value {
     let mut fallbacks = 0u64;
     for e in &entries {
         let r = &e.record;
-        if r.fallback.is_some() {
+        if crate::store::served_by_fallback(r) {
             fallbacks += 1;
         }
         if r.cost.is_none() && r.usage == palisade::cost::Usage::default() {

@@ -25,7 +25,7 @@ use tower_http::request_id::RequestId;
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, WithFormat};
-use crate::upstream::Call;
+use crate::upstream::{Call, Forwarded};
 
 /// The routes that need an API key.
 pub fn api() -> Router<AppState> {
@@ -110,12 +110,7 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
     let max = state.config.max_body;
     let json = headers
         .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            let v = v.trim().to_ascii_lowercase();
-            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
-        });
+        .is_some_and(|v| is_json(v.as_bytes()));
     if !json {
         return Err(ApiError::new(
             Error::new(
@@ -143,7 +138,7 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
         return Err(too_large());
     }
     let timeout = state.config.body_timeout;
-    let Ok(read) = tokio::time::timeout(timeout, Limited::new(body, max).collect()).await else {
+    let Ok(read) = tokio::time::timeout(timeout, whole(Limited::new(body, max))).await else {
         return Err(ApiError::new(
             Error::invalid_request(format!(
                 "the request body did not arrive within {}",
@@ -154,13 +149,62 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
         .with_status(StatusCode::REQUEST_TIMEOUT));
     };
     match read {
-        Ok(collected) => Ok(collected.to_bytes()),
+        Ok(bytes) => Ok(bytes),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::new(
             Error::invalid_request("the request body could not be read").with_source(e),
             format,
         )),
     }
+}
+
+/// Whether a `content-type` value names JSON: `application/json` or `application/*+json`,
+/// in any case, parameters after `;` aside.
+fn is_json(content_type: &[u8]) -> bool {
+    let essence = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    let Some(sub) = essence
+        .get(..12)
+        .filter(|t| t.eq_ignore_ascii_case(b"application/"))
+        .map(|_| &essence[12..])
+    else {
+        return false;
+    };
+    sub.eq_ignore_ascii_case(b"json")
+        || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case(b"+json")
+}
+
+/// A body read to its end: its one data frame as it came (no copy), or its frames joined.
+/// Frames that are not data (trailers) are skipped.
+pub async fn whole<B>(body: B) -> Result<Bytes, B::Error>
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        match (&mut joined, &first) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(one)) => {
+                let mut all = bytes::BytesMut::with_capacity(one.len() + data.len());
+                all.extend_from_slice(one);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(all) => all.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 /// What a caller's upstream calls are billed to: the user and the hashed key.
@@ -184,18 +228,14 @@ pub async fn send_upstream(
     state: &AppState,
     request_id: &RequestId,
     body: Bytes,
-    headers: Vec<(HeaderName, http::HeaderValue)>,
+    headers: Forwarded,
     attribution: Attribution,
 ) -> ApiResult<http::Response<Body>> {
     let call = Call {
         body,
         headers,
         attribution,
-        request_id: request_id
-            .header_value()
-            .to_str()
-            .unwrap_or("req_unknown")
-            .to_owned(),
+        request_id: request_id.header_value().clone(),
     };
     state
         .upstreams
@@ -205,15 +245,8 @@ pub async fn send_upstream(
 }
 
 /// The request headers forwarded upstream.
-pub fn forwarded_headers(headers: &HeaderMap) -> Vec<(HeaderName, http::HeaderValue)> {
-    const FORWARDED: [HeaderName; 2] = [
-        HeaderName::from_static("anthropic-version"),
-        HeaderName::from_static("anthropic-beta"),
-    ];
-    FORWARDED
-        .iter()
-        .filter_map(|name| headers.get(name).map(|v| (name.clone(), v.clone())))
-        .collect()
+pub fn forwarded_headers(headers: &HeaderMap) -> Forwarded {
+    Forwarded(Forwarded::FORWARDED.map(|name| headers.get(name).cloned()))
 }
 
 /// The hop-by-hop headers (RFC 9110, section 7.6.1, and `keep-alive`), as header names so
@@ -230,15 +263,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// An upstream response with hop-by-hop headers dropped (and those `connection` names).
+/// A `connection` value is read as bytes: one that holds bytes outside visible ASCII still
+/// has every name it lists dropped.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
     let h = res.headers_mut();
     if h.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim_ascii()).ok())
             .collect();
         for name in named {
             h.remove(name);

@@ -20,6 +20,7 @@ use crate::auth::Caller;
 use crate::error::{ApiResult, WithFormat, render};
 use crate::mock::BOT_DRAFT_MARKER;
 use crate::routes::bots::BotDraft;
+use crate::upstream::Forwarded;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -81,7 +82,7 @@ pub async fn parse_intent(
         &state,
         &request_id,
         json_body(&request, format)?,
-        Vec::new(),
+        Forwarded::default(),
         billed_to(&caller),
     )
     .await?;
