@@ -141,6 +141,38 @@ async fn pause_writes(addr: std::net::SocketAddr, ms: u64) {
     assert!(paused.starts_with("+OK"), "{paused}");
 }
 
+/// Holds the server's writes (scripts included) until [`release_writes`], however long the
+/// test takes to get there: a test that needs calls to wait in Redis waits on its own
+/// conditions, not on a pause length a loaded machine may outrun.
+async fn hold_writes(addr: std::net::SocketAddr) {
+    pause_writes(addr, 600_000).await;
+}
+
+/// Ends [`hold_writes`].
+async fn release_writes(addr: std::net::SocketAddr) {
+    let released = support::command(addr, "CLIENT UNPAUSE").await.unwrap();
+    assert!(released.starts_with("+OK"), "{released}");
+}
+
+/// Waits until a script call is queued in Redis behind another that writes hold: a client
+/// whose last command is EVALSHA has bytes in its query buffer.
+async fn await_script_call_queued_behind(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let clients = support::command(addr, "CLIENT LIST").await.unwrap();
+        let queued = clients.lines().any(|c| {
+            c.contains(" cmd=evalsha ")
+                && c.split(' ')
+                    .any(|f| f.strip_prefix("qbuf=").is_some_and(|n| n != "0"))
+        });
+        if queued {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{clients}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (up to `within`) until the stores have given back `n` late debits in all.
 async fn await_late_returns(stores: &[&RedisStore], n: u64, within: Duration) {
     let deadline = Instant::now() + within;
@@ -1248,11 +1280,12 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
             .build()
     };
     let stores = [store().await.unwrap(), store().await.unwrap()];
+    // reads go through a store that waits as long as a loaded machine needs
+    let reader = single(&server.url(), &prefix).await;
     let rule = one_rule(Algorithm::SlidingWindow, 100, 1);
-    for s in &stores {
-        assert_eq!(remaining(s, &rule).await, 100);
-    }
-    pause_writes(server.addr(), 500).await;
+    assert_eq!(remaining(&reader, &rule).await, 100);
+    // Redis runs nothing until every decision has timed out, however long that takes
+    hold_writes(server.addr()).await;
     let mut tasks = Vec::new();
     for i in 0..1_000 {
         let store = stores[i % 2].clone();
@@ -1269,13 +1302,14 @@ async fn late_decisions_from_two_stores_leave_the_limit_whole() {
         admitted, 0,
         "failing closed, a decision past the timeout refuses"
     );
+    release_writes(server.addr()).await;
     // Every late debit is given back: at least the 100 units the limit held (a give-back
     // may land before a later batch of late decisions, which then debits and gives back
     // again). Waits on that condition; the bound only keeps a broken store from hanging.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let returned: u64 = stores.iter().map(|s| s.health().late_debits_returned).sum();
-        if returned >= 100 && remaining(&stores[0], &rule).await == 100 {
+        if returned >= 100 && remaining(&reader, &rule).await == 100 {
             break;
         }
         assert!(
@@ -1388,28 +1422,32 @@ async fn a_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_decisions_give_back_unblocks_a_key_that_a_refusal_blocked_meanwhile() {
     let server = RedisServer::start().await.expect("redis-server");
+    // long enough for a loaded machine to answer the refusal below once writes go on
     let store = failing(
         &server.url(),
         "late-give-back",
-        Duration::from_millis(300),
+        Duration::from_secs(2),
         RedisFailMode::Closed,
     )
     .await;
     let rule = one_rule(Algorithm::FixedWindow, 2, 1);
     assert!(store.check(&[rule.item()]).await.unwrap().admitted);
-    pause_writes(server.addr(), 700).await;
-    let late = {
+    hold_writes(server.addr()).await;
+    // the late decision waits in Redis past its timeout
+    let late = store.check(&[rule.item()]).await;
+    assert!(late.is_err(), "the late decision timed out: {late:?}");
+    // queued in Redis behind the late decision before Redis runs either: Redis runs the
+    // late decision (the second unit), then refuses this one and it blocks the key
+    let refusing = {
         let store = store.clone();
         let rule = rule.clone();
         tokio::spawn(async move { store.check(&[rule.item()]).await })
     };
-    // queued behind the late decision, and answered within its own timeout: Redis runs
-    // the late decision (the second unit), then refuses this one and it blocks the key
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let refused = store.check(&[rule.item()]).await.unwrap();
+    await_script_call_queued_behind(server.addr()).await;
+    release_writes(server.addr()).await;
+    let refused = refusing.await.unwrap().unwrap();
     assert!(!refused.admitted, "{refused:?}");
-    assert!(late.await.unwrap().is_err(), "the late decision timed out");
-    await_late_returns(&[&store], 1, Duration::from_secs(3)).await;
+    await_late_returns(&[&store], 1, Duration::from_secs(60)).await;
     assert_eq!(remaining(&store, &rule).await, 1);
     let after = store.check(&[rule.item()]).await.unwrap();
     assert!(
@@ -1581,6 +1619,46 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
     assert_eq!(
         (before.window_start, after.window_start),
         (mem_before.window_start, mem_after.window_start)
+    );
+}
+
+/// A GCRA charge (a request used more than it reserved) is kept in Redis as in the memory
+/// store whatever epoch the key is in: a request that reserved 1 unit, used 6, and
+/// settled after another request started the key afresh still pays its 5 units.
+#[tokio::test]
+async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("gcra-charge")).await;
+    let memory = MemoryStore::new();
+    let rule = Owned {
+        params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
+        ..one_rule(Algorithm::Gcra, 10, 1)
+    };
+    let sec = 1_000_000;
+    let t0 = 1 << 40;
+    let long = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+    let mem_long = memory.check_at(&[rule.item()], t0).rules[0];
+    // full again after 0.1 s: at 5 s another request starts a new epoch
+    let at = t0 + 5 * sec;
+    let next = redis_store.check_at(&[rule.item()], at).await.unwrap().rules[0];
+    assert!(long.debited && next.debited);
+    assert_ne!(next.window_start, long.window_start);
+    memory.check_at(&[rule.item()], at);
+    redis_store
+        .settle_at(&[settlement(&rule, &long, 5)], at)
+        .await
+        .unwrap();
+    memory.settle_now(&[settlement(&rule, &mem_long, 5)]);
+    let left = redis_store.peek_at(&rule.item(), at).await.unwrap().remaining;
+    let peek = Owned {
+        cost: 0,
+        ..rule.clone()
+    };
+    let mem_left = memory.check_at(&[peek.item()], at).rules[0].remaining;
+    assert_eq!(
+        (left, mem_left),
+        (4, 4),
+        "a charge from an earlier epoch was dropped"
     );
 }
 
@@ -2253,4 +2331,39 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
     // two calls in flight on each slot, 8,192 waiting in all
     assert_eq!(turned_away, burst - 2 * slots.len() - 8_192);
     assert_eq!(admitted, 10 * rules.len());
+}
+
+/// A settlement of the largest charge (`i64::MAX` units, what a request reporting
+/// `u64::MAX` used settles) leaves the key refused in Redis as in the memory store, and
+/// the key answers afterwards: for every algorithm.
+#[tokio::test]
+async fn the_largest_charge_settles_as_in_the_memory_store() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("huge-charge")).await;
+    for (algorithm, name) in ALGORITHMS.into_iter().zip(["sliding", "fixed", "gcra"]) {
+        let memory = MemoryStore::new();
+        let rule = Owned {
+            name,
+            ..one_rule(algorithm, 10, 1)
+        };
+        let t0 = 1 << 40;
+        let d = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+        let m = memory.check_at(&[rule.item()], t0).rules[0];
+        let settled = redis_store
+            .settle_at(&[settlement(&rule, &d, i64::MAX)], t0)
+            .await;
+        memory.settle_now(&[settlement(&rule, &m, i64::MAX)]);
+        assert!(settled.is_ok(), "{algorithm:?}: {settled:?}");
+        let peek = Owned {
+            cost: 0,
+            ..rule.clone()
+        };
+        let got = redis_store.peek_at(&rule.item(), t0).await;
+        let want = memory.check_at(&[peek.item()], t0).rules[0];
+        let got = got.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        assert_eq!(got.remaining, want.remaining, "{algorithm:?}");
+        let again = redis_store.check_at(&[rule.item()], t0).await;
+        let again = again.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        assert!(!again.admitted, "{algorithm:?}: {again:?}");
+    }
 }

@@ -8,10 +8,13 @@
 #
 # With INSTR_REDIS=1 the gateways start with REDIS_URL on a redis-server started here on a
 # free loopback port (as scripts/load.sh --redis does): limits and budgets in Redis. Then
-# $redis_url is set.
+# $redis_url is set. The rate-limit store then waits up to 5 s for Redis (not the default
+# 50 ms): the runs count work per request, and a gateway under callgrind or strace on a
+# busy machine misses 50 ms now and then, which fails closed (529) and the run with it.
 
 # The same build as scripts/load.sh (with the `redis` feature when redis-server is present),
-# so they share one release build; the runs here use in-memory stores.
+# so they share one release build; the runs here use in-memory stores
+# unless INSTR_REDIS=1.
 features=()
 if command -v redis-server >/dev/null 2>&1; then
   features=(--features redis)
@@ -71,6 +74,7 @@ start() {
     PALISADE_GATEWAY_API_KEYS="load=$key" ANTHROPIC_BASE_URL="http://$mock" \
     ANTHROPIC_API_KEY=sk-ant-load-mock-upstream \
     ${redis_url:+REDIS_URL="$redis_url"} \
+    ${redis_url:+PALISADE_RATE_LIMIT_REDIS_TIMEOUT=5s} \
     "$@" "$gateway" >"$log" 2>&1 &
   wrapper=$!
   pids+=("$wrapper")

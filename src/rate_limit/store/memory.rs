@@ -561,9 +561,10 @@ impl MemoryStore {
     }
 
     /// Settles corrections. A settlement whose key is not resident, or was reset since
-    /// its reservation (another [`Settlement::generation`]), or (GCRA) whose key has
-    /// started afresh since (another epoch: the time its bucket was last found full, the
-    /// reservation's [`RuleDecision::window_start`]), is dropped.
+    /// its reservation (another [`Settlement::generation`]), or (GCRA) a give-back whose
+    /// key has started afresh since (another epoch: the time its bucket was last found
+    /// full, the reservation's [`RuleDecision::window_start`]), is dropped; a GCRA charge
+    /// (more used than reserved) applies in any epoch.
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         for s in settlements {
             let key = self.map_key(s.rule_index, s.key);
@@ -651,14 +652,15 @@ fn decide(params: &Params, state: &State, now: u64, cost: u64) -> Decided {
     d
 }
 
-/// [`algorithm::settle`] of a reservation made in the state's epoch (GCRA), or `None` for
-/// one made in an earlier epoch. A GCRA give-back never moves the TAT before the epoch's
+/// [`algorithm::settle`], or `None` for a GCRA give-back of a reservation made in an
+/// earlier epoch than the state's (a charge, more used than reserved, applies in any
+/// epoch: the units were used). A GCRA give-back never moves the TAT before the epoch's
 /// start: the bucket is then full, and stays no fuller.
 fn settle(params: &Params, state: &State, window_start: u64, delta: i64) -> Option<State> {
     let mut s = algorithm::settle(params, state, window_start, delta);
     if params.algorithm == Algorithm::Gcra {
         let epoch = state.start.saturating_sub(epoch_age(state));
-        if epoch != window_start {
+        if delta < 0 && epoch != window_start {
             return None;
         }
         s.start = s.start.max(epoch);
@@ -1327,6 +1329,40 @@ mod tests {
             assert_eq!(left, 3, "{params:?} {key}: a pre-reset give-back refunded");
             give_back(&after, -2);
             assert_eq!(store.peek_at(&item(&key, params), 5).remaining, 5);
+        }
+    }
+
+    /// A GCRA charge (a settlement of more than was reserved) is kept whatever epoch the
+    /// key is in: the units were used, so a request that reserved little and used much
+    /// pays for it even when another request has started the key afresh meanwhile; only a
+    /// give-back is bound to its reservation's epoch. For IP keys (small slots) and others.
+    #[test]
+    fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
+        for key in [RateKey::principal("k"), ip("192.0.2.8")] {
+            let store = MemoryStore::new();
+            let params = Params::new(Algorithm::Gcra, Quota::per_second(10));
+            let sec = 1_000_000;
+            let long = store.check_one_at(&item(&key, params), 0);
+            assert!(long.debited);
+            // full again after 0.1 s; at 5 s another request starts a new epoch
+            let next = store.check_one_at(&item(&key, params), 5 * sec);
+            assert!(next.debited);
+            assert_ne!(next.window_start, long.window_start);
+            // the first request used 6 units where it reserved 1
+            store.settle_now(&[Settlement {
+                rule_index: 0,
+                rule: "r",
+                key: &key,
+                params,
+                window_start: long.window_start,
+                generation: long.generation,
+                delta: 5,
+            }]);
+            assert_eq!(
+                store.peek_at(&item(&key, params), 5 * sec).remaining,
+                4,
+                "{key}: a charge from an earlier epoch was dropped"
+            );
         }
     }
 

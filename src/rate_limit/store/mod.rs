@@ -203,7 +203,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies corrections for reservations (never refuses: the units were spent). A
     /// settlement applies only to the state its reservation was counted in: same
-    /// [`Settlement::generation`], and a window (GCRA: an epoch) still held by the state.
+    /// [`Settlement::generation`], and a window still held by the state (GCRA: a give-back
+    /// applies only in its reservation's epoch, a charge in any).
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).

@@ -489,8 +489,9 @@ enum Conn {
 /// windows, keeps an epoch instead: the time its bucket was last found full, reported as
 /// the reservation's [`RuleDecision::window_start`]; once the bucket is full again (the
 /// key expired on its own, or not yet), the next request starts a new epoch, and a
-/// settlement of a reservation from an earlier one is dropped, as the memory store drops
-/// it. A give-back never makes the bucket fuller than full.
+/// give-back of a reservation from an earlier one is dropped, as the memory store drops
+/// it; a charge (more used than reserved) applies in any epoch, since the units were
+/// used. A give-back never makes the bucket fuller than full.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
 /// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting

@@ -398,12 +398,18 @@ local function run_settle(ko, n, base)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and g == gen then
       if alg == 2 then
-        -- only in the reservation's epoch; never before the epoch's start (the bucket is
-        -- then full, and stays no fuller)
+        -- a charge in any epoch (the units were used); a give-back only in the
+        -- reservation's epoch, and never before the epoch's start (the bucket is then
+        -- full, and stays no fuller)
         local epoch = start - count
-        if epoch == window_start then
+        if delta >= 0 or epoch == window_start then
           if delta >= 0 then
+            -- no further than 2^53 us (285 years): past it the TAT is no longer exact,
+            -- and its expiry is past what SET PX takes
             start = start + increment(delta)
+            if start > P53 then
+              start = P53
+            end
           else
             start = sat_sub(start, increment(-delta))
             if start < epoch then
