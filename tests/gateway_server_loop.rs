@@ -479,3 +479,47 @@ async fn a_refusal_before_the_body_arrived_lingers_while_the_client_still_sends_
     }
     tcp.shutdown().await.unwrap();
 }
+
+/// A client that hangs up before the answer is counted in the metrics as it is logged
+/// (status 499): in `palisade_gateway_requests_total` and in the request histogram. The
+/// metrics counted only answered requests, so the requests whose clients gave up waiting
+/// (a slow upstream) had their log line and were missing from `/metrics`.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_client_hangs_up_before_the_answer_is_counted_in_the_metrics() {
+    use tokio::io::AsyncWriteExt;
+    let gw = fixture::start(&[("PALISADE_GATEWAY_MOCK_SLOW_DELAY", "100s")]).await;
+    let body = serde_json::to_vec(&fixture::chat("mock-slow")).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    drop(tcp);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let r = gw
+        .call(http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("palisade_gateway_requests_total{")
+                && l.contains(r#"route="/v1/messages""#)
+        })
+        .collect();
+    assert_eq!(
+        counted,
+        [r#"palisade_gateway_requests_total{route="/v1/messages",method="POST",status="499"} 1"#],
+        "{text}"
+    );
+    let waited = sample(
+        &text,
+        "palisade_gateway_request_duration_seconds_count",
+        r#"route="/v1/messages""#,
+    );
+    assert_eq!(waited, 1.0, "{text}");
+}
