@@ -480,6 +480,45 @@ async fn a_refusal_before_the_body_arrived_lingers_while_the_client_still_sends_
     tcp.shutdown().await.unwrap();
 }
 
+/// A lingering close cannot be held open: a client that trickles a byte of its body every
+/// 100 ms after a refusal has its connection closed 2 s after the answer (its writes then
+/// fail), not kept for as long as it keeps sending.
+#[tokio::test(start_paused = true)]
+async fn a_lingering_close_ends_after_two_seconds_however_the_client_trickles() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Each trickled byte goes at once (Nagle would hold them while one is unacknowledged).
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tcp.read(&mut rest).await.unwrap(),
+        0,
+        "the gateway ends its side"
+    );
+    let answered = tokio::time::Instant::now();
+    let mut closed = None;
+    for _ in 0..100 {
+        if tcp.write_all(b" ").await.is_err() {
+            closed = Some(answered.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let closed = closed.expect("the gateway still read the trickle 10 s after its answer");
+    assert!(
+        closed >= std::time::Duration::from_secs(2) && closed < std::time::Duration::from_secs(4),
+        "{closed:?}"
+    );
+}
+
 /// A client that hangs up before the answer is counted in the metrics as it is logged
 /// (status 499): in `palisade_gateway_requests_total` and in the request histogram. The
 /// metrics counted only answered requests, so the requests whose clients gave up waiting
