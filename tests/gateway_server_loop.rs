@@ -562,3 +562,52 @@ async fn a_request_whose_client_hangs_up_before_the_answer_is_counted_in_the_met
     );
     assert_eq!(waited, 1.0, "{text}");
 }
+
+/// The names an upstream's `connection` header lists are its own hop-by-hop headers: they
+/// never take away the headers the gateway sets on the answer (its cost, which the request
+/// log reads too). The pass-through ran after the cost meter had added its headers, so an
+/// upstream answering `connection: x-palisade-cost-usd` hid the cost from the client and
+/// from the log line.
+#[tokio::test]
+async fn an_upstreams_connection_header_never_drops_the_gateways_own_headers() {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            (
+                [
+                    (
+                        http::header::CONNECTION,
+                        "x-palisade-cost-usd, X-Palisade-Input-Tokens, x-upstream-hop",
+                    ),
+                    (http::HeaderName::from_static("x-upstream-hop"), "1"),
+                ],
+                axum::Json(serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": 10, "output_tokens": 7}
+                })),
+            )
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ],
+    );
+    let gw = fixture::start(&vars).await;
+    let r = gw.chat(USER, "claude-sonnet-4-5").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-upstream-hop").is_none(), "{:?}", r.headers);
+    assert!(r.header("connection").is_none(), "{:?}", r.headers);
+    assert!(r.header("x-palisade-cost-usd").is_some(), "{:?}", r.headers);
+    assert_eq!(
+        r.header("x-palisade-input-tokens"),
+        Some("10"),
+        "{:?}",
+        r.headers
+    );
+}

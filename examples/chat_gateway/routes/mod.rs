@@ -262,11 +262,19 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::UPGRADE,
 ];
 
-/// An upstream response with hop-by-hop headers dropped (and those `connection` names).
-/// A `connection` value is read as bytes: one that holds bytes outside visible ASCII still
-/// has every name it lists dropped.
+/// An upstream response with hop-by-hop headers dropped (see [`strip_hop_by_hop`]). The
+/// upstream client has done so already, before the gateway's layers set their headers on
+/// the answer (its cost, its fallback mark): the names an upstream's `connection` header
+/// lists never take those away.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
-    let h = res.headers_mut();
+    strip_hop_by_hop(res.headers_mut());
+    res
+}
+
+/// Drops the hop-by-hop headers of an upstream's answer, and the names its `connection`
+/// headers list. A `connection` value is read as bytes: one that holds bytes outside
+/// visible ASCII still has every name it lists dropped.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
@@ -281,5 +289,4 @@ pub fn pass_through(mut res: http::Response<Body>) -> Response {
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    res
 }
