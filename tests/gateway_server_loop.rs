@@ -611,3 +611,52 @@ async fn an_upstreams_connection_header_never_drops_the_gateways_own_headers() {
         r.headers
     );
 }
+
+/// The answer's `x-request-id` is the gateway's (the id its log lines and usage records
+/// carry), whatever the upstream answers with: an upstream's own `x-request-id` went to the
+/// client in its place, so the client could not name its request to the gateway's operator.
+/// The upstream's `request-id` still passes through.
+#[tokio::test]
+async fn the_answers_request_id_is_the_gateways_whatever_the_upstream_says() {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            (
+                [
+                    (http::HeaderName::from_static("x-request-id"), "upstream-1"),
+                    (http::HeaderName::from_static("request-id"), "req_upstream"),
+                ],
+                axum::Json(serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": 10, "output_tokens": 7}
+                })),
+            )
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ],
+    );
+    let gw = fixture::start(&vars).await;
+    let r = gw.chat(USER, "claude-sonnet-4-5").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "{:?}", r.headers);
+    assert!(
+        ids[0].to_str().unwrap().starts_with("req_"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.header("request-id"),
+        Some("req_upstream"),
+        "{:?}",
+        r.headers
+    );
+}
