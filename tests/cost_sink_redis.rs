@@ -396,6 +396,61 @@ async fn a_record_redis_refuses_is_dead_lettered_and_the_records_behind_it_flow_
     }
 }
 
+/// A token count past what a Redis counter holds (`i64::MAX`) can be neither added nor
+/// cut down without the day's totals lying: the record is set aside whole, with why, and
+/// the records around it are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_count_past_a_redis_counter_is_dead_lettered_not_clamped() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    let sink = RedisSink::new(manager(&server.url()).await, RedisSinkConfig::default());
+    let mut records: Vec<UsageRecord> = (1..4).map(record).collect();
+    records[1].usage.output_tokens = i64::MAX.unsigned_abs() + 1;
+    sink.record_batch(&records).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.dead_lettered, h.dropped, h.backlog),
+        (2, 1, 0, 0),
+        "{h:?}"
+    );
+    assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 2);
+    let mut conn = manager(&server.url()).await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(sink.dead_letter_key())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let field = |name: &str| {
+        entries[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {name} in {entries:?}"))
+    };
+    assert_dead_letter(
+        &records[1],
+        &field("id"),
+        &field("record"),
+        &field("error"),
+        "past what a Redis counter holds",
+    );
+    let memory = MemorySink::new();
+    memory
+        .record_batch(&[records[0].clone(), records[2].clone()])
+        .await
+        .unwrap();
+    let (from, to) = window();
+    assert_eq!(
+        sink.summary(&Subject::All, from, to).await.unwrap(),
+        summarize(&memory.records(), &Subject::All, from, to)
+    );
+}
+
 /// In a long batch the refused record is found in one round trip and the records before
 /// and after it are stored in order, none twice; a Redis that is away is not a refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

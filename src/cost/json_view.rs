@@ -61,7 +61,14 @@ pub(crate) enum View<'a> {
 
 impl<'a> View<'a> {
     /// Parses one JSON document; `None` when `serde_json::from_slice::<Value>` would fail.
+    /// The [fast reader](super::json_fast) takes the texts it can vouch for; the others
+    /// go through serde.
     pub(crate) fn parse(text: &'a [u8]) -> Option<Self> {
+        super::json_fast::parse(text).or_else(|| Self::parse_serde(text))
+    }
+
+    /// Parses one JSON document through serde's parser alone.
+    pub(crate) fn parse_serde(text: &'a [u8]) -> Option<Self> {
         serde_json::from_slice(text).ok()
     }
 

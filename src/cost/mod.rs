@@ -109,6 +109,7 @@ pub mod budget;
 mod builder;
 mod config;
 mod future;
+mod json_fast;
 mod json_scan;
 mod json_view;
 mod layer;

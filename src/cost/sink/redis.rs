@@ -255,35 +255,43 @@ fn parse_member(member: &str) -> Result<Subject, SinkError> {
     Ok(Subject::ApiKey(ApiKeyId::from_bytes(bytes)))
 }
 
-fn clamp(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 /// Pico-dollars in a dollar: costs are kept in Redis as whole dollars plus the pico-dollars
 /// below one, so no 64-bit hash counter overflows (i64::MAX pico-dollars is only about
 /// $9.2 million).
 const PICOS_PER_DOLLAR: u128 = 1_000_000_000_000;
 
 /// The 12 counters the script adds, in its order (the cost as pico-dollars below a dollar
-/// at 7, whole dollars at 11).
-fn counters(r: &UsageRecord) -> [i64; 12] {
+/// at 7, whole dollars at 11). A count past `i64::MAX` (what a Redis counter holds) is
+/// refused, so the record is set aside whole rather than counted short.
+fn counters(r: &UsageRecord) -> Result<[i64; 12], SinkError> {
     let mut t = Totals::default();
     t.add(r);
     let u = &t.usage;
-    [
-        clamp(t.requests),
-        clamp(u.input_tokens),
-        clamp(u.output_tokens),
-        clamp(u.cache_write_5m_tokens),
-        clamp(u.cache_write_1h_tokens),
-        clamp(u.cache_read_tokens),
-        clamp(u.web_search_requests),
-        i64::try_from(t.cost.picos() % PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
-        clamp(t.unpriced),
-        clamp(t.incomplete),
-        clamp(t.errors),
-        i64::try_from(t.cost.picos() / PICOS_PER_DOLLAR).unwrap_or(i64::MAX),
-    ]
+    let counts: [u128; 12] = [
+        t.requests.into(),
+        u.input_tokens.into(),
+        u.output_tokens.into(),
+        u.cache_write_5m_tokens.into(),
+        u.cache_write_1h_tokens.into(),
+        u.cache_read_tokens.into(),
+        u.web_search_requests.into(),
+        t.cost.picos() % PICOS_PER_DOLLAR,
+        t.unpriced.into(),
+        t.incomplete.into(),
+        t.errors.into(),
+        t.cost.picos() / PICOS_PER_DOLLAR,
+    ];
+    let mut out = [0; 12];
+    for (o, n) in out.iter_mut().zip(counts) {
+        *o = i64::try_from(n).map_err(|_| {
+            SinkError::Rejected(format!(
+                "usage record {}: the count {n} is past what a Redis counter holds ({})",
+                r.id,
+                i64::MAX
+            ))
+        })?;
+    }
+    Ok(out)
 }
 
 /// Adds one aggregate hash (`<counter>:<model>` → value) into per-model totals.
@@ -416,7 +424,7 @@ where
                 .arg(rank_member(r))
                 .arg(aggregates.len())
                 .arg(r.model.as_deref().unwrap_or("unknown"));
-            for v in counters(r) {
+            for v in counters(r)? {
                 inv.arg(v);
             }
         }

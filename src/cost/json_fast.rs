@@ -1,0 +1,514 @@
+//! A fast reader of [`View`]s: it checks a JSON text as it skips it, building only the
+//! members of [`KEYS`](super::json_view::KEYS), without going through a serde visitor for
+//! every value it drops.
+//!
+//! [`parse`] never decides alone that a text is invalid: it answers `Some(view)` only for
+//! texts it has checked completely and that `serde_json` accepts too (with the view the
+//! serde path builds), and `None` ("not decided here") for anything else, which then goes
+//! to the serde path. So a text serde rejects is rejected as before (the usage reader counts
+//! a parse failure and reads no usage from it), and the fast path only has to be right
+//! about what it accepts. What it leaves to serde: invalid UTF-8, control characters or
+//! unknown escapes in strings, `\u` escapes of surrogates, numbers with a positive exponent
+//! or more than 300 integer digits (which may be out of `f64`'s range), nesting deeper than
+//! 100, and any syntax error. Kept numbers and kept strings with escapes are read by serde
+//! itself from their own bytes, so their values are serde's to the bit.
+
+use std::borrow::Cow;
+
+use super::json_view::{KEYS, View};
+
+/// Deeper nesting goes to serde (whose limit is 128 levels).
+const MAX_DEPTH: u32 = 100;
+
+/// The most integer digits of a number skipped here: below `f64::MAX` (about 1.8e308)
+/// whatever follows them.
+const MAX_INT_DIGITS: usize = 300;
+
+/// The view of `text`, when this reader can vouch for it (see the [module docs](self)).
+pub(crate) fn parse(text: &[u8]) -> Option<View<'_>> {
+    let mut r = Reader { b: text, i: 0 };
+    r.ws();
+    let v = r.value(0)?;
+    r.ws();
+    (r.i == r.b.len()).then_some(v)
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    /// A value that is kept (its view is built).
+    fn value(&mut self, depth: u32) -> Option<View<'a>> {
+        match self.peek()? {
+            b'{' => self.object(depth + 1),
+            b'[' => {
+                self.array(depth + 1)?;
+                Some(View::Array)
+            }
+            b'"' => {
+                let start = self.i;
+                let escaped = self.string()?;
+                if escaped {
+                    serde_json::from_slice(&self.b[start..self.i]).ok()
+                } else {
+                    let text = std::str::from_utf8(&self.b[start + 1..self.i - 1]).ok()?;
+                    Some(View::String(Cow::Borrowed(text)))
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = self.i;
+                self.number()?;
+                let text = &self.b[start..self.i];
+                // A token count: a plain integer of at most 19 digits, which serde reads
+                // as that `u64` too. Anything else (signs, fractions, exponents, longer
+                // numbers) is serde's to read.
+                if text.len() <= 19 && text.iter().all(u8::is_ascii_digit) {
+                    let n = text.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                    return Some(View::Number(n.into()));
+                }
+                serde_json::from_slice(text).ok()
+            }
+            _ => {
+                let lit = self.literal()?;
+                Some(lit)
+            }
+        }
+    }
+
+    /// A value that is checked and dropped.
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        match self.peek()? {
+            b'{' => self.skip_object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b'"' => self.string().map(drop),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => self.literal().map(drop),
+        }
+    }
+
+    fn literal(&mut self) -> Option<View<'a>> {
+        let rest = &self.b[self.i..];
+        let (len, v) = if rest.starts_with(b"true") {
+            (4, View::Bool(true))
+        } else if rest.starts_with(b"false") {
+            (5, View::Bool(false))
+        } else if rest.starts_with(b"null") {
+            (4, View::Null)
+        } else {
+            return None;
+        };
+        self.i += len;
+        Some(v)
+    }
+
+    /// Passes `expected` (after whitespace).
+    fn eat(&mut self, expected: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == expected).then(|| self.i += 1)
+    }
+
+    fn object(&mut self, depth: u32) -> Option<View<'a>> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.i += 1; // `{`
+        let mut members = Vec::new();
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(View::Object(members));
+        }
+        loop {
+            self.ws();
+            let key = self.key()?;
+            self.eat(b':')?;
+            self.ws();
+            match key {
+                Some(key) => members.push((key, self.value(depth)?)),
+                None => self.skip(depth)?,
+            }
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(View::Object(members));
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn skip_object(&mut self, depth: u32) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.i += 1; // `{`
+        self.ws();
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.ws();
+            if self.peek()? != b'"' {
+                return None;
+            }
+            self.string()?;
+            self.eat(b':')?;
+            self.ws();
+            self.skip(depth)?;
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn array(&mut self, depth: u32) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.i += 1; // `[`
+        self.ws();
+        if self.peek()? == b']' {
+            self.i += 1;
+            return Some(());
+        }
+        loop {
+            self.ws();
+            self.skip(depth)?;
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// An object's key: which of [`KEYS`] it is, if any, as serde decodes it.
+    fn key(&mut self) -> Option<Option<&'static str>> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        let start = self.i;
+        let escaped = self.string()?;
+        if escaped {
+            let key = serde_json::from_slice::<String>(&self.b[start..self.i]).ok()?;
+            Some(KEYS.iter().copied().find(|k| *k == key))
+        } else {
+            let key = &self.b[start + 1..self.i - 1];
+            Some(KEYS.iter().copied().find(|k| k.as_bytes() == key))
+        }
+    }
+
+    /// Passes a string (from its opening quote); whether it holds escapes. A string with
+    /// bytes past ASCII is checked as UTF-8 on its own (JSON allows them nowhere else).
+    fn string(&mut self) -> Option<bool> {
+        self.i += 1; // `"`
+        let start = self.i;
+        let mut escaped = false;
+        let mut wide = false;
+        loop {
+            let rest = &self.b[self.i..];
+            let at = memchr::memchr2(b'"', b'\\', rest)?;
+            let (lowest, highest) = byte_range(&rest[..at]);
+            if lowest < 0x20 {
+                return None; // a control character
+            }
+            wide |= highest >= 0x80;
+            self.i += at + 1;
+            if rest[at] == b'"' {
+                if wide {
+                    std::str::from_utf8(&self.b[start..self.i - 1]).ok()?;
+                }
+                return Some(escaped);
+            }
+            escaped = true;
+            self.escape()?;
+        }
+    }
+
+    /// Passes the escape after a backslash.
+    fn escape(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.i += 1,
+            b'u' => {
+                let hex = self.b.get(self.i + 1..self.i + 5)?;
+                let mut unit = 0u32;
+                for &h in hex {
+                    unit = unit * 16 + char::from(h).to_digit(16)?;
+                }
+                if (0xD800..=0xDFFF).contains(&unit) {
+                    return None; // surrogates: serde's rules for pairs apply
+                }
+                self.i += 5;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+
+    /// Passes a number whose value is surely in `f64`'s range.
+    fn number(&mut self) -> Option<()> {
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let int = self.digits();
+        match int {
+            0 => return None,
+            1 => {}
+            n if n > MAX_INT_DIGITS || self.b[self.i - n] == b'0' => return None,
+            _ => {}
+        }
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            // Only a negative exponent: the value can only shrink (to 0 at worst).
+            if self.b.get(self.i + 1) != Some(&b'-') {
+                return None;
+            }
+            self.i += 2;
+            if self.digits() == 0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.b.get(self.i) {
+            self.i += 1;
+        }
+        self.i - start
+    }
+}
+
+/// The lowest and the highest byte of `bytes` (`(0xFF, 0)` when empty), in one pass
+/// without an early exit, so that it runs over many bytes at a time.
+fn byte_range(bytes: &[u8]) -> (u8, u8) {
+    let (mut lo, mut hi) = (u8::MAX, 0);
+    for &b in bytes {
+        lo = lo.min(b);
+        hi = hi.max(b);
+    }
+    (lo, hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn serde_view(t: &[u8]) -> Option<View<'_>> {
+        serde_json::from_slice(t).ok()
+    }
+
+    #[test]
+    fn decides_ordinary_answers_and_leaves_the_doubtful_to_serde() {
+        let answer = br#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-opus-4-7",
+            "content":[{"type":"text","text":"line\nnext \"quoted\" caf\u00e9 \/ x"}],"stop_sequence":null,
+            "usage":{"input_tokens":6,"cache_creation":{"ephemeral_5m_input_tokens":1,"x":[1.5e-3,-0,true]},
+            "output_tokens":2745.0}, "logprob": -1.25e-05 }"#;
+        let fast = parse(answer).expect("an ordinary answer is decided here");
+        assert_eq!(Some(fast), serde_view(answer));
+        for doubtful in [
+            &br#"{"a":1e5}"#[..],
+            br#"{"a":1E+5}"#,
+            br#"{"a":"\ud83d\ude00"}"#,
+            br#"{"a":"\ud800"}"#,
+            b"{\"a\":\"\x01\"}",
+            b"{\"a\":\"\xff\"}",
+            br#"{"a":01}"#,
+            br#"{"a":1.}"#,
+            br#"{"a":-}"#,
+            br#"{"a":"\x"}"#,
+            br#"{"a":1,}"#,
+            br#"{"a" 1}"#,
+            br#"[1,]"#,
+            br#"{"a":tru}"#,
+            br#"{"a":1} x"#,
+            b"\xef\xbb\xbf{}",
+            b"",
+        ] {
+            assert_eq!(
+                parse(doubtful),
+                None,
+                "{}",
+                String::from_utf8_lossy(doubtful)
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(101), "]".repeat(101));
+        assert_eq!(parse(deep.as_bytes()), None);
+        let deep = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(parse(deep.as_bytes()), Some(View::Array));
+        let long = format!("{{\"a\":{}}}", "9".repeat(301));
+        assert_eq!(parse(long.as_bytes()), None);
+    }
+
+    #[test]
+    fn kept_values_are_serdes_own() {
+        let t = br#"{"model":"a\"b\u00e9","usage":{"input_tokens":18446744073709551616,"output_tokens":-0,"cache_read_input_tokens":1.0e-2,"cache_creation_input_tokens":9999999999999999999,"web_search_requests":0},"us\u0061ge":{"input_tokens":3,"output_tokens":-9223372036854775808}}"#;
+        assert_eq!(parse(t), serde_view(t));
+        assert!(parse(t).is_some());
+    }
+
+    /// Real answers: every `data:` payload of the recorded streams, and a whole JSON answer
+    /// with a long text of escapes and non-ASCII letters.
+    fn real_answers() -> Vec<Vec<u8>> {
+        let streams: [&[u8]; 5] = [
+            include_bytes!("../../tests/cost_data/anthropic_opus47.sse"),
+            include_bytes!("../../tests/cost_data/anthropic_opus47_1h.sse"),
+            include_bytes!("../../tests/cost_data/anthropic_sonnet37.sse"),
+            include_bytes!("../../tests/cost_data/openai_gpt4o.sse"),
+            include_bytes!("../../tests/cost_data/openai_responses.sse"),
+        ];
+        let mut out: Vec<Vec<u8>> = streams
+            .iter()
+            .flat_map(|s| s.split(|b| *b == b'\n'))
+            .filter_map(|line| line.strip_prefix(b"data: "))
+            .filter(|d| d.starts_with(b"{"))
+            .map(<[u8]>::to_vec)
+            .collect();
+        let text = "Voilà: a \"quoted\" line,\n\ta tab, a slash / and 表 — ".repeat(40);
+        out.push(
+            serde_json::to_vec(&serde_json::json!({
+                "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-7",
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 6, "cache_creation_input_tokens": 159_217,
+                    "cache_read_input_tokens": 0, "output_tokens": 2745,
+                    "cache_creation": {"ephemeral_5m_input_tokens": 159_000,
+                        "ephemeral_1h_input_tokens": 217}}
+            }))
+            .unwrap(),
+        );
+        out
+    }
+
+    #[test]
+    fn real_answers_are_decided_here() {
+        let answers = real_answers();
+        let decided = answers.iter().filter(|a| parse(a).is_some()).count();
+        let valid = answers.iter().filter(|a| serde_view(a).is_some()).count();
+        assert!(valid > 20, "{valid} valid answers");
+        assert_eq!(decided, valid);
+    }
+
+    /// Bytes replaced, dropped or inserted from an alphabet of near-misses.
+    fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+        let edit = (
+            any::<prop::sample::Index>(),
+            0u8..3,
+            prop::sample::select(vec![
+                &b"\""[..],
+                b"\\",
+                b"\\u0075",
+                b"\\ud800",
+                b"\\udc00",
+                b"\\ud83d\\ude00",
+                b"1e400",
+                b"1e-400",
+                b"9e-99999999999",
+                b"-0",
+                b"0",
+                b".",
+                b"e",
+                b"-",
+                b"\xff",
+                b"\xc3\xa9",
+                b"\xc3",
+                b"\x01",
+                b"\x1f",
+                b"\x7f",
+                b" ",
+                b"\t",
+                b"\x0c",
+                b",",
+                b":",
+                b"{",
+                b"}",
+                b"[",
+                b"]",
+                b"null",
+                b"tru",
+                br#","usage":{"input_tokens":3}"#,
+                br#","model":"m""#,
+                br#"\u006d"#,
+            ]),
+        );
+        prop::collection::vec(edit, 0..4).prop_map(move |edits| {
+            let mut t = base.clone();
+            for (at, op, bytes) in edits {
+                let i = at.index(t.len() + 1);
+                match op {
+                    0 => {
+                        t.splice(i..i, bytes.iter().copied());
+                    }
+                    1 if i < t.len() => {
+                        t.remove(i);
+                    }
+                    _ if i < t.len() => {
+                        t.splice(i..=i, bytes.iter().copied());
+                    }
+                    _ => {}
+                }
+            }
+            t
+        })
+    }
+
+    fn real_mutated() -> impl Strategy<Value = Vec<u8>> {
+        prop::sample::select(real_answers()).prop_flat_map(mutated)
+    }
+
+    /// Arbitrary bytes from JSON's alphabet: mostly invalid, sometimes valid in odd ways.
+    fn json_ish() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop::sample::select(
+                b" \t\n\r{}[]:,\"\\/0123456789-+.eEbfnrtu aluseknmod\x00\x1f\xc3\xa9\xff".to_vec(),
+            ),
+            0..48,
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// What the fast reader decides, serde decides the same way with the same view;
+        /// what serde rejects, the fast reader never accepts.
+        #[test]
+        fn fast_reader_agrees_with_serde(t in prop_oneof![3 => real_mutated(), 1 => json_ish()]) {
+            if let Some(fast) = parse(&t) {
+                prop_assert_eq!(Some(fast), serde_view(&t), "{}", String::from_utf8_lossy(&t));
+            }
+        }
+    }
+}
