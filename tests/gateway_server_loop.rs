@@ -660,3 +660,36 @@ async fn the_answers_request_id_is_the_gateways_whatever_the_upstream_says() {
         r.headers
     );
 }
+
+/// Random paths (each a 404) never make a label of their own: they count under
+/// `route="unmatched"`, so a client cannot grow the registry (or the kept labels) with them.
+#[tokio::test]
+async fn random_paths_count_under_one_unmatched_route_label() {
+    let gw = fixture::start(&[]).await;
+    for i in 0..50 {
+        let r = gw
+            .call(
+                http::Method::GET,
+                &format!("/no/such/{i}/path"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    let r = gw
+        .call(http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = r.text();
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_gateway_requests_total",
+            r#"route="unmatched",method="GET",status="404""#
+        ),
+        50.0,
+        "{text}"
+    );
+    assert!(!text.contains("/no/such/"), "{text}");
+}
