@@ -479,3 +479,217 @@ async fn a_refusal_before_the_body_arrived_lingers_while_the_client_still_sends_
     }
     tcp.shutdown().await.unwrap();
 }
+
+/// A lingering close cannot be held open: a client that trickles a byte of its body every
+/// 100 ms after a refusal has its connection closed 2 s after the answer (its writes then
+/// fail), not kept for as long as it keeps sending.
+#[tokio::test(start_paused = true)]
+async fn a_lingering_close_ends_after_two_seconds_however_the_client_trickles() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = fixture::serve_own(fixture::config(&[])).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // Each trickled byte goes at once (Nagle would hold them while one is unacknowledged).
+    tcp.set_nodelay(true).unwrap();
+    tcp.write_all(
+        b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000000\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let refused = read_answer(&mut tcp).await.expect("the refusal");
+    assert!(refused.starts_with("HTTP/1.1 401 "), "{refused}");
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        tcp.read(&mut rest).await.unwrap(),
+        0,
+        "the gateway ends its side"
+    );
+    let answered = tokio::time::Instant::now();
+    let mut closed = None;
+    for _ in 0..100 {
+        if tcp.write_all(b" ").await.is_err() {
+            closed = Some(answered.elapsed());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let closed = closed.expect("the gateway still read the trickle 10 s after its answer");
+    assert!(
+        closed >= std::time::Duration::from_secs(2) && closed < std::time::Duration::from_secs(4),
+        "{closed:?}"
+    );
+}
+
+/// A client that hangs up before the answer is counted in the metrics as it is logged
+/// (status 499): in `palisade_gateway_requests_total` and in the request histogram. The
+/// metrics counted only answered requests, so the requests whose clients gave up waiting
+/// (a slow upstream) had their log line and were missing from `/metrics`.
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_client_hangs_up_before_the_answer_is_counted_in_the_metrics() {
+    use tokio::io::AsyncWriteExt;
+    let gw = fixture::start(&[("PALISADE_GATEWAY_MOCK_SLOW_DELAY", "100s")]).await;
+    let body = serde_json::to_vec(&fixture::chat("mock-slow")).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {USER}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    drop(tcp);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let r = gw
+        .call(http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    let counted: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("palisade_gateway_requests_total{")
+                && l.contains(r#"route="/v1/messages""#)
+        })
+        .collect();
+    assert_eq!(
+        counted,
+        [r#"palisade_gateway_requests_total{route="/v1/messages",method="POST",status="499"} 1"#],
+        "{text}"
+    );
+    let waited = sample(
+        &text,
+        "palisade_gateway_request_duration_seconds_count",
+        r#"route="/v1/messages""#,
+    );
+    assert_eq!(waited, 1.0, "{text}");
+}
+
+/// The names an upstream's `connection` header lists are its own hop-by-hop headers: they
+/// never take away the headers the gateway sets on the answer (its cost, which the request
+/// log reads too). The pass-through ran after the cost meter had added its headers, so an
+/// upstream answering `connection: x-palisade-cost-usd` hid the cost from the client and
+/// from the log line.
+#[tokio::test]
+async fn an_upstreams_connection_header_never_drops_the_gateways_own_headers() {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            (
+                [
+                    (
+                        http::header::CONNECTION,
+                        "x-palisade-cost-usd, X-Palisade-Input-Tokens, x-upstream-hop",
+                    ),
+                    (http::HeaderName::from_static("x-upstream-hop"), "1"),
+                ],
+                axum::Json(serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": 10, "output_tokens": 7}
+                })),
+            )
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ],
+    );
+    let gw = fixture::start(&vars).await;
+    let r = gw.chat(USER, "claude-sonnet-4-5").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-upstream-hop").is_none(), "{:?}", r.headers);
+    assert!(r.header("connection").is_none(), "{:?}", r.headers);
+    assert!(r.header("x-palisade-cost-usd").is_some(), "{:?}", r.headers);
+    assert_eq!(
+        r.header("x-palisade-input-tokens"),
+        Some("10"),
+        "{:?}",
+        r.headers
+    );
+}
+
+/// The answer's `x-request-id` is the gateway's (the id its log lines and usage records
+/// carry), whatever the upstream answers with: an upstream's own `x-request-id` went to the
+/// client in its place, so the client could not name its request to the gateway's operator.
+/// The upstream's `request-id` still passes through.
+#[tokio::test]
+async fn the_answers_request_id_is_the_gateways_whatever_the_upstream_says() {
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|| async {
+            (
+                [
+                    (http::HeaderName::from_static("x-request-id"), "upstream-1"),
+                    (http::HeaderName::from_static("request-id"), "req_upstream"),
+                ],
+                axum::Json(serde_json::json!({
+                    "id": "msg_1", "type": "message", "role": "assistant",
+                    "model": "claude-sonnet-4-5", "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": "hi"}],
+                    "usage": {"input_tokens": 10, "output_tokens": 7}
+                })),
+            )
+        }),
+    );
+    let upstream = sse_upstream::serve(app).await;
+    let vars = fixture::with(
+        fixture::NO_RETRIES,
+        &[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ],
+    );
+    let gw = fixture::start(&vars).await;
+    let r = gw.chat(USER, "claude-sonnet-4-5").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(ids.len(), 1, "{:?}", r.headers);
+    assert!(
+        ids[0].to_str().unwrap().starts_with("req_"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(
+        r.header("request-id"),
+        Some("req_upstream"),
+        "{:?}",
+        r.headers
+    );
+}
+
+/// Random paths (each a 404) never make a label of their own: they count under
+/// `route="unmatched"`, so a client cannot grow the registry (or the kept labels) with them.
+#[tokio::test]
+async fn random_paths_count_under_one_unmatched_route_label() {
+    let gw = fixture::start(&[]).await;
+    for i in 0..50 {
+        let r = gw
+            .call(
+                http::Method::GET,
+                &format!("/no/such/{i}/path"),
+                None,
+                None,
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    let r = gw
+        .call(http::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = r.text();
+    assert_eq!(
+        sample(
+            &text,
+            "palisade_gateway_requests_total",
+            r#"route="unmatched",method="GET",status="404""#
+        ),
+        50.0,
+        "{text}"
+    );
+    assert!(!text.contains("/no/such/"), "{text}");
+}

@@ -4,7 +4,7 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `palisade_gateway_requests_total` | counter | `route` (the route template, `unmatched` for no route), `method` (`other` for a non-standard one), `status` |
+//! | `palisade_gateway_requests_total` | counter | `route` (the route template, `unmatched` for no route), `method` (`other` for a non-standard one), `status` (499: the client hung up before the answer) |
 //! | `palisade_gateway_refusals_total` | counter | `reason` (`unauthenticated`, `rate_limited`, `budget_exceeded`, ...) |
 //! | `palisade_gateway_request_duration_seconds` | histogram | `route`: time to the response head |
 //! | `palisade_gateway_upstream_duration_seconds` | histogram | `route`: the upstream's time to the response head, retries included |
@@ -262,7 +262,7 @@ impl Metrics {
             usage_handles: Arc::default(),
         };
         metrics.with(|| {
-            describe_counter!(REQUESTS, Unit::Count, "Requests answered, by route template, method and status.");
+            describe_counter!(REQUESTS, Unit::Count, "Requests, by route template, method and status (499: the client hung up before the answer).");
             describe_counter!(REFUSALS, Unit::Count, "Requests refused, by reason (from the status; the gateway's own 429 with x-should-retry: false is a budget).");
             describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from the request to the response head, by route.");
             describe_histogram!(UPSTREAM_SECONDS, Unit::Seconds, "The upstream's time to the response head (retries included), by route.");
@@ -292,21 +292,27 @@ impl Metrics {
         upstream: Option<Duration>,
     ) {
         let route = intern(route).ok_or(route);
-        self.count(route, method_label(method), res, total, upstream);
+        self.count(
+            route,
+            method_label(method),
+            res.status(),
+            Refusal::of(res),
+            total,
+            upstream,
+        );
     }
 
-    /// Counts one answered request under `route`: kept (interned) or, past the bound of
-    /// kept values, as it is.
+    /// Counts one request under `route` (kept, interned, or past the bound of kept values,
+    /// as it is), answered with `status` (499: its client hung up before the answer).
     fn count(
         &self,
         route: Result<&'static str, &str>,
         method: &'static str,
-        res: &Response,
+        status: StatusCode,
+        refusal: Option<Refusal>,
         total: Duration,
         upstream: Option<Duration>,
     ) {
-        let refusal = Refusal::of(res);
-        let status = res.status();
         let kept = route
             .ok()
             .and_then(|route| self.handles(route, method, status));
@@ -724,12 +730,39 @@ enum RouteLabel {
     Other(String),
 }
 
+/// The status a request is counted under when its client hung up before the answer (as
+/// the request log shows it: nginx's "client closed request").
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+impl Counted {
+    fn route(&self) -> Result<&'static str, &str> {
+        match &self.route {
+            RouteLabel::Kept(route) => Ok(*route),
+            RouteLabel::Other(route) => Err(route.as_str()),
+        }
+    }
+}
+
 pin_project! {
-    /// The response future of [`RecordMetrics`].
+    /// The response future of [`RecordMetrics`]. Dropped before the answer (the client
+    /// hung up), it counts the request then, with status 499, as the request log does.
     pub struct MetricsFuture<F> {
         #[pin]
         inner: F,
         counted: Option<Counted>,
+    }
+
+    impl<F> PinnedDrop for MetricsFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(c) = this.project().counted.take() {
+                let total = c.start.elapsed();
+                c.metrics
+                    .count(c.route(), c.method, CLIENT_CLOSED, None, total, None);
+            }
+        }
     }
 }
 
@@ -745,11 +778,15 @@ where
         if let Some(c) = this.counted.take() {
             let total = c.start.elapsed();
             let upstream = res.extensions().get::<UpstreamTime>().map(|t| t.0);
-            let route = match &c.route {
-                RouteLabel::Kept(route) => Ok(*route),
-                RouteLabel::Other(route) => Err(route.as_str()),
-            };
-            c.metrics.count(route, c.method, &res, total, upstream);
+            let status = res.status();
+            c.metrics.count(
+                c.route(),
+                c.method,
+                status,
+                Refusal::of(&res),
+                total,
+                upstream,
+            );
         }
         Poll::Ready(Ok(res))
     }

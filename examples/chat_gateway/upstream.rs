@@ -277,7 +277,7 @@ impl Upstream {
                 .build(connector());
             let svc = client
                 .map_err(BoxError::from)
-                .map_response(|r| r.map(Body::new));
+                .map_response(|r| without_hop_by_hop(r).map(Body::new));
             return Ok(Self {
                 name,
                 parts: Arc::new(Parts {
@@ -321,7 +321,11 @@ impl Upstream {
             })
             .layer(retry)
             .layer(breaker)
-            .service(client.map_err(BoxError::from));
+            .service(
+                client
+                    .map_err(BoxError::from)
+                    .map_response(without_hop_by_hop),
+            );
         let svc = match budget {
             Some(budget) => BoxCloneSyncService::new(budget.layer(stack).map_response(|r| {
                 let (mut parts, body) = r.into_parts();
@@ -492,6 +496,14 @@ impl http_body::Body for Guarded {
 /// `{base_url}/v1/messages` as a URI, when it is one.
 fn messages_uri(base_url: &str) -> Option<http::Uri> {
     format!("{base_url}/v1/messages").parse().ok()
+}
+
+/// The upstream's answer without its hop-by-hop headers, dropped as it arrives: the names
+/// its `connection` header lists are the upstream's own headers, never those the gateway's
+/// layers set afterwards (the cost meter's, the fallback mark).
+fn without_hop_by_hop<B>(mut res: Response<B>) -> Response<B> {
+    crate::routes::strip_hop_by_hop(res.headers_mut());
+    res
 }
 
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");

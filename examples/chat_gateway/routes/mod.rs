@@ -262,11 +262,24 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     http::header::UPGRADE,
 ];
 
-/// An upstream response with hop-by-hop headers dropped (and those `connection` names).
-/// A `connection` value is read as bytes: one that holds bytes outside visible ASCII still
-/// has every name it lists dropped.
+/// An upstream response with hop-by-hop headers dropped (see [`strip_hop_by_hop`]). The
+/// upstream client has done so already, before the gateway's layers set their headers on
+/// the answer (its cost, its fallback mark): the names an upstream's `connection` header
+/// lists never take those away. An upstream's own `x-request-id` is dropped too: the
+/// answer's is the gateway's (set on the way out), the id its log lines and usage records
+/// carry; the upstream's `request-id` passes through.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
+    const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     let h = res.headers_mut();
+    strip_hop_by_hop(h);
+    h.remove(X_REQUEST_ID);
+    res
+}
+
+/// Drops the hop-by-hop headers of an upstream's answer, and the names its `connection`
+/// headers list. A `connection` value is read as bytes: one that holds bytes outside
+/// visible ASCII still has every name it lists dropped.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)
@@ -281,5 +294,4 @@ pub fn pass_through(mut res: http::Response<Body>) -> Response {
     for name in &HOP_BY_HOP {
         h.remove(name);
     }
-    res
 }
