@@ -672,7 +672,13 @@ async fn a_batch_whose_answer_was_lost_is_retried_and_counted_once() {
 
     let h = drained(&sink).await;
     assert_eq!(
-        (h.accepted, h.delivered, h.duplicates, h.backlog, h.last_error),
+        (
+            h.accepted,
+            h.delivered,
+            h.duplicates,
+            h.backlog,
+            h.last_error
+        ),
         (300, 300, 0, 0, None)
     );
     assert_eq!(xlen(&server.url(), &sink.stream_key()).await, 300);

@@ -549,10 +549,7 @@ async fn a_cost_past_the_column_is_set_aside_not_stored_wrong() {
 /// A TCP relay on 127.0.0.1 to the test server that, once `cut` is set, swallows the
 /// next answer the server sends and closes that connection: what the server did stays
 /// done, and the client sees its connection lost.
-async fn relay_losing_one_answer(
-    server_port: u16,
-    cut: Arc<std::sync::atomic::AtomicBool>,
-) -> u16 {
+async fn relay_losing_one_answer(server_port: u16, cut: Arc<std::sync::atomic::AtomicBool>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -619,7 +616,13 @@ async fn a_batch_whose_commit_answer_was_lost_is_stored_once() {
     sink.flush().await.unwrap();
     let h = sink.health();
     assert_eq!(
-        (h.accepted, h.delivered, h.duplicates, h.backlog, h.last_error),
+        (
+            h.accepted,
+            h.delivered,
+            h.duplicates,
+            h.backlog,
+            h.last_error
+        ),
         (200, 200, 199, 0, None)
     );
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);

@@ -1636,11 +1636,19 @@ async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
     };
     let sec = 1_000_000;
     let t0 = 1 << 40;
-    let long = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+    let long = redis_store
+        .check_at(&[rule.item()], t0)
+        .await
+        .unwrap()
+        .rules[0];
     let mem_long = memory.check_at(&[rule.item()], t0).rules[0];
     // full again after 0.1 s: at 5 s another request starts a new epoch
     let at = t0 + 5 * sec;
-    let next = redis_store.check_at(&[rule.item()], at).await.unwrap().rules[0];
+    let next = redis_store
+        .check_at(&[rule.item()], at)
+        .await
+        .unwrap()
+        .rules[0];
     assert!(long.debited && next.debited);
     assert_ne!(next.window_start, long.window_start);
     memory.check_at(&[rule.item()], at);
@@ -1649,7 +1657,11 @@ async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
         .await
         .unwrap();
     memory.settle_now(&[settlement(&rule, &mem_long, 5)]);
-    let left = redis_store.peek_at(&rule.item(), at).await.unwrap().remaining;
+    let left = redis_store
+        .peek_at(&rule.item(), at)
+        .await
+        .unwrap()
+        .remaining;
     let peek = Owned {
         cost: 0,
         ..rule.clone()
@@ -2347,7 +2359,11 @@ async fn the_largest_charge_settles_as_in_the_memory_store() {
             ..one_rule(algorithm, 10, 1)
         };
         let t0 = 1 << 40;
-        let d = redis_store.check_at(&[rule.item()], t0).await.unwrap().rules[0];
+        let d = redis_store
+            .check_at(&[rule.item()], t0)
+            .await
+            .unwrap()
+            .rules[0];
         let m = memory.check_at(&[rule.item()], t0).rules[0];
         let settled = redis_store
             .settle_at(&[settlement(&rule, &d, i64::MAX)], t0)

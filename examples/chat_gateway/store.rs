@@ -3,7 +3,7 @@
 //! Each is an enum with an in-memory variant, so that shared stores (Redis, PostgreSQL)
 //! can be added as variants without touching the routes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::SystemTime;
@@ -352,7 +352,7 @@ impl Budgets {
 /// Applies the shared limits to `layer`.
 #[cfg(feature = "redis")]
 async fn pull(shared: &SharedLimits, layer: &BudgetLayer) -> Result<(), String> {
-    let all: HashMap<String, String> = shared
+    let all: std::collections::HashMap<String, String> = shared
         .conn
         .query(redis::cmd("HGETALL").arg(SHARED_LIMITS_KEY))
         .await
