@@ -238,8 +238,8 @@ proptest! {
         let keys = pool();
         let paths = Paths::new(max_entries);
         let mut now = 0u64;
-        // Per key, per path: the last admitted decision's window start and generation.
-        let mut last: Vec<[Option<(u64, u32)>; 3]> = vec![[None; 3]; keys.len()];
+        // Per key, per path: the last admitted decision's window start, generation and end.
+        let mut last: Vec<[Option<(u64, u32, u64)>; 3]> = vec![[None; 3]; keys.len()];
         for op in ops {
             if paths.evictions() > 0 {
                 // Which key is evicted first is table order; past that the paths may
@@ -255,7 +255,7 @@ proptest! {
                         let item = CheckItem { rule_index: paths.rules[i], rule: "r", key: &k, params: p, cost, shadow: false };
                         let d = store.check_at(&[item], now);
                         if d.admitted {
-                            last[key][i] = Some((d.rules[0].window_start, d.rules[0].generation));
+                            last[key][i] = Some((d.rules[0].window_start, d.rules[0].generation, d.rules[0].reservation_end));
                         }
                         got.push((d.admitted, without_generation(d.rules[0])));
                     }
@@ -279,9 +279,9 @@ proptest! {
                 }
                 Op::Settle { key, delta } => {
                     for (i, store) in paths.stores.iter().enumerate() {
-                        let Some((window_start, generation)) = last[key][i] else { continue };
+                        let Some((window_start, generation, reservation_end)) = last[key][i] else { continue };
                         let k = Paths::key(i, &keys[key]);
-                        store.settle_now(&[Settlement { rule_index: paths.rules[i], rule: "r", key: &k, params: p, window_start, generation, delta }]);
+                        store.settle_at(&[Settlement { rule_index: paths.rules[i], rule: "r", key: &k, params: p, window_start, generation, reservation_end, delta }], now);
                     }
                 }
                 Op::Reset { key } => {

@@ -101,7 +101,16 @@ fn settlement<'a>(rule: &'a Owned, d: &RuleDecision, delta: i64) -> Settlement<'
         params: rule.params,
         window_start: d.window_start,
         generation: d.generation,
+        reservation_end: d.reservation_end,
         delta,
+    }
+}
+
+/// What a peek answers, from a cost-0 check's decision (which debits nothing).
+fn peeked(d: Decision) -> RuleDecision {
+    RuleDecision {
+        debited: false,
+        ..d.rules[0]
     }
 }
 
@@ -682,7 +691,8 @@ async fn the_layer_enforces_limits_through_the_redis_store() {
 /// The state of one rule for one key costs Redis what the module docs state (`MEMORY
 /// USAGE`, which counts the key, the value and the expiry), whatever the algorithm: at most
 /// 136 bytes for an API key, 120 for a principal such as `user-1234567`; 16 more for a
-/// GCRA key that has been reset and holds a long epoch (its value is past 28 bytes).
+/// GCRA key that has had units given back in its epoch or has been reset and holds a long
+/// epoch (its value is past 28 bytes), 32 more for both.
 #[tokio::test]
 async fn a_key_costs_redis_what_the_docs_state() {
     let server = RedisServer::start().await.expect("redis-server");
@@ -715,24 +725,50 @@ async fn a_key_costs_redis_what_the_docs_state() {
                     .await
                     .unwrap()
             };
-            assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+            let d = store.check(&[rule.item()]).await.unwrap();
+            assert!(d.admitted);
             let bytes = usage().await;
             eprintln!("{algorithm:?}: {bytes} bytes for {name}");
             assert!(bytes <= most, "{algorithm:?}: {bytes} bytes for {name}");
+            // a give-back: no more memory, but for a GCRA key, which then holds how far
+            // give-backs moved its bucket back (10 digits here)
+            let gcra = |extra| {
+                if algorithm == Algorithm::Gcra {
+                    most + extra
+                } else {
+                    most
+                }
+            };
+            store
+                .settle(&[settlement(&rule, &d.rules[0], -3)])
+                .await
+                .unwrap();
+            let bytes = usage().await;
+            eprintln!("{algorithm:?}: {bytes} bytes for {name} once settled");
+            assert!(
+                bytes <= gcra(16),
+                "{algorithm:?}: {bytes} bytes for {name} once settled"
+            );
             // a key that has been reset also holds its generation: no more memory, but for a
-            // GCRA key with a 10-digit epoch length
+            // GCRA key with a 10-digit epoch length (and give-backs)
             store.reset(rule.index, rule.name, &rule.key).await.unwrap();
-            assert!(store.check(&[rule.item()]).await.unwrap().admitted);
+            let d = store.check(&[rule.item()]).await.unwrap();
+            assert!(d.admitted);
             let bytes = usage().await;
             eprintln!("{algorithm:?}: {bytes} bytes for {name} once reset");
-            let most = if algorithm == Algorithm::Gcra {
-                most + 16
-            } else {
-                most
-            };
             assert!(
-                bytes <= most,
+                bytes <= gcra(16),
                 "{algorithm:?}: {bytes} bytes for {name} once reset"
+            );
+            store
+                .settle(&[settlement(&rule, &d.rules[0], -3)])
+                .await
+                .unwrap();
+            let bytes = usage().await;
+            eprintln!("{algorithm:?}: {bytes} bytes for {name} once reset and settled");
+            assert!(
+                bytes <= gcra(32),
+                "{algorithm:?}: {bytes} bytes for {name} once reset and settled"
             );
         }
     }
@@ -1593,7 +1629,7 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
         .settle_at(&[settlement(&rule, &before, -6)], at)
         .await
         .unwrap();
-    memory.settle_now(&[settlement(&rule, &mem_before, -6)]);
+    memory.settle_at(&[settlement(&rule, &mem_before, -6)], at);
     let left = redis_store
         .peek_at(&rule.item(), at)
         .await
@@ -1607,7 +1643,7 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
         .settle_at(&[settlement(&rule, &after, -2)], at)
         .await
         .unwrap();
-    memory.settle_now(&[settlement(&rule, &mem_after, -2)]);
+    memory.settle_at(&[settlement(&rule, &mem_after, -2)], at);
     let peek = Owned {
         cost: 0,
         ..rule.clone()
@@ -1656,7 +1692,7 @@ async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
         .settle_at(&[settlement(&rule, &long, 5)], at)
         .await
         .unwrap();
-    memory.settle_now(&[settlement(&rule, &mem_long, 5)]);
+    memory.settle_at(&[settlement(&rule, &mem_long, 5)], at);
     let left = redis_store
         .peek_at(&rule.item(), at)
         .await
@@ -1671,6 +1707,134 @@ async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
         (left, mem_left),
         (4, 4),
         "a charge from an earlier epoch was dropped"
+    );
+}
+
+/// A GCRA give-back refunds at most what of its reservation is still outstanding, in
+/// Redis as in the memory store. At 10 units a second, A takes 6 at 0 and B 5 at 0.5 s; by
+/// then 5 of A's units have drained, so A giving its 6 back refunds one and the bucket
+/// keeps B's 5 (it was left full: B's units refunded, 10 more admitted beside them). B's
+/// own give-back then refunds its 5.
+#[tokio::test]
+async fn a_gcra_give_back_refunds_only_what_its_reservation_still_holds() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("gcra-outstanding")).await;
+    let memory = MemoryStore::new();
+    let rule = Owned {
+        params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
+        ..one_rule(Algorithm::Gcra, 10, 6)
+    };
+    let with = |cost| Owned {
+        cost,
+        ..rule.clone()
+    };
+    let t0 = 1 << 40;
+    let half = t0 + 500_000;
+    let a = redis_store.check_at(&[rule.item()], t0).await.unwrap();
+    assert_eq!(a, memory.check_at(&[rule.item()], t0));
+    let b = redis_store.check_at(&[with(5).item()], half).await.unwrap();
+    assert_eq!(b, memory.check_at(&[with(5).item()], half));
+    assert!(a.admitted && b.admitted);
+    let give_back = settlement(&rule, &a.rules[0], -6);
+    redis_store.settle_at(&[give_back], half).await.unwrap();
+    memory.settle_at(&[give_back], half);
+    let left = redis_store.peek_at(&rule.item(), half).await.unwrap();
+    assert_eq!(
+        left.remaining, 5,
+        "a give-back refunded units a later request holds"
+    );
+    assert_eq!(left, peeked(memory.check_at(&[with(0).item()], half)));
+    let six = redis_store.check_at(&[rule.item()], half).await.unwrap();
+    assert!(!six.admitted, "{six:?}");
+    let give_back = settlement(&rule, &b.rules[0], -5);
+    redis_store.settle_at(&[give_back], half).await.unwrap();
+    memory.settle_at(&[give_back], half);
+    let left = redis_store.peek_at(&rule.item(), half).await.unwrap();
+    assert_eq!(left.remaining, 10);
+    assert_eq!(left, peeked(memory.check_at(&[with(0).item()], half)));
+}
+
+/// A give-back that another give-back has moved down the bucket refunds no more than what
+/// of it is still outstanding there, in Redis as in the memory store. At 10 units a
+/// second, X and A take 5 each at 0, X gives its 5 back at once (A's units now drain
+/// first), B takes 5 at 0.49 s, and A gives its 5 back: 0.01 s of A is left, so the bucket
+/// keeps B's 5 (counting A's end from its reservation alone refunded 4 of B's units).
+#[tokio::test]
+async fn a_gcra_give_back_moved_down_by_another_refunds_only_its_outstanding_part() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let redis_store = single(&server.url(), &unique("gcra-moved")).await;
+    let memory = MemoryStore::new();
+    let rule = Owned {
+        params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
+        ..one_rule(Algorithm::Gcra, 10, 5)
+    };
+    let peek = Owned {
+        cost: 0,
+        ..rule.clone()
+    };
+    let t0 = 1 << 40;
+    let later = t0 + 490_000;
+    let mut taken = Vec::new();
+    for at in [t0, t0, later] {
+        if at == later {
+            let x = settlement(&rule, &taken[0], -5);
+            redis_store.settle_at(&[x], t0).await.unwrap();
+            memory.settle_at(&[x], t0);
+        }
+        let d = redis_store.check_at(&[rule.item()], at).await.unwrap();
+        assert_eq!(d, memory.check_at(&[rule.item()], at));
+        assert!(d.admitted, "{d:?}");
+        taken.push(d.rules[0]);
+    }
+    let a = settlement(&rule, &taken[1], -5);
+    redis_store.settle_at(&[a], later).await.unwrap();
+    memory.settle_at(&[a], later);
+    let left = redis_store.peek_at(&rule.item(), later).await.unwrap();
+    assert_eq!(left.remaining, 5, "A's give-back refunded B's units");
+    assert_eq!(left, peeked(memory.check_at(&[peek.item()], later)));
+}
+
+/// The layer carries a GCRA reservation's end to its settlement: a request that reserved
+/// 10 units and used none gives them back through its `Reservation` (a settlement without
+/// the end would give nothing back).
+#[tokio::test]
+async fn a_gcra_reservation_settled_through_the_layer_gives_back_what_it_holds() {
+    use http::{Request, Response};
+    use palisade::rate_limit::{Cost, KeySource, RateLimitLayer, Reservation, Rule};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let layer = RateLimitLayer::builder()
+        .store(single(&server.url(), &unique("layer-gcra")).await)
+        .rule(
+            Rule::new("tpm", Quota::per_minute(60))
+                .algorithm(Algorithm::Gcra)
+                .key(KeySource::ApiKey)
+                .cost(Cost::Settled { estimate: 10 }),
+        )
+        .build()
+        .unwrap();
+    let limiter = layer.limiter();
+    let svc = layer.layer(service_fn(|req: Request<()>| async move {
+        let reservation = req.extensions().get::<Reservation>().expect("reserved");
+        assert_eq!(reservation.reserved(), 10);
+        reservation.settle(0).await.unwrap();
+        Ok::<_, std::convert::Infallible>(Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+    }));
+    let request = Request::post("/v1/messages")
+        .header("x-api-key", "sk-test-gcra")
+        .body(())
+        .unwrap();
+    assert_eq!(svc.oneshot(request).await.unwrap().status(), 200);
+    let status = limiter
+        .peek("tpm", &RateKey::api_key("sk-test-gcra"))
+        .await
+        .unwrap();
+    assert_eq!(
+        status.remaining, 60,
+        "the 10 reserved units were not given back"
     );
 }
 
@@ -2368,7 +2532,7 @@ async fn the_largest_charge_settles_as_in_the_memory_store() {
         let settled = redis_store
             .settle_at(&[settlement(&rule, &d, i64::MAX)], t0)
             .await;
-        memory.settle_now(&[settlement(&rule, &m, i64::MAX)]);
+        memory.settle_at(&[settlement(&rule, &m, i64::MAX)], t0);
         assert!(settled.is_ok(), "{algorithm:?}: {settled:?}");
         let peek = Owned {
             cost: 0,

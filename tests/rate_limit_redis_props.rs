@@ -1,11 +1,13 @@
 //! The Redis store answers exactly as the memory store: the same random sequences of
 //! requests, costs, settlements, resets and times through both, against a real
 //! redis-server, with identical decisions, remaining counts, resets and retry-after values.
+//! Both hold at least what a model of each reservation's outstanding part holds: a
+//! give-back never refunds units that other requests still hold.
 #![cfg(feature = "redis")]
 
 mod support;
 
-use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::algorithm::{self, Params, State};
 use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
 use palisade::rate_limit::{Algorithm, MemoryStore, RateKey, RedisStore};
 use proptest::prelude::*;
@@ -25,7 +27,7 @@ struct RuleSpec {
 enum Op {
     /// Advance time, then decide the rules in `mask` with these costs.
     Check { dt: u64, mask: u8, costs: [u64; 3] },
-    /// Settle the reservation `which` (modulo the reservations made) by `delta`.
+    /// Settle the reservation `which` (modulo those not settled yet) by `delta`.
     Settle { which: usize, delta: i64 },
     /// Reset rule `rule`.
     Reset { rule: usize },
@@ -75,6 +77,183 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..64, -3_000_000i64..3_000_000).prop_map(|(which, delta)| Op::Settle { which, delta }),
         1 => (0usize..3).prop_map(|rule| Op::Reset { rule }),
     ]
+}
+
+/// µs that `units` advance a GCRA bucket: `ceil(units × window / limit)`.
+fn increment(params: &Params, units: u64) -> u64 {
+    let num = u128::from(units) * u128::from(params.window);
+    u64::try_from(num.div_ceil(u128::from(params.limit.max(1)))).unwrap_or(u64::MAX)
+}
+
+/// What one rule's key must still hold, reservation by reservation: the units admitted and
+/// not given back that have not drained yet. A GCRA bucket is a queue of cells (one per
+/// reservation, one per charge) that drains from the bottom, one µs a µs: a give-back takes
+/// back at most the part of its own cell still above now, and the cells above it move down.
+/// A window keeps every unit counted in it until the window is dropped: a give-back takes
+/// back its own units. Settlements made before a reset of the key settle nothing.
+///
+/// A store may hold more than the model (a GCRA give-back may refund less than its cell
+/// still holds, when other give-backs have moved the bucket since), never less: every
+/// admission must fit beside what the model holds, and the store's remaining units are at
+/// most the model's.
+#[derive(Debug, Default)]
+struct Held {
+    /// GCRA: the cells, bottom first, as (reservation, µs); `None` for a charge.
+    cells: Vec<(Option<usize>, u64)>,
+    /// GCRA: where the last cell ends (µs; below now when the bucket is full).
+    top: u64,
+    /// Windows: units counted per window start.
+    windows: Vec<(u64, u64)>,
+}
+
+impl Held {
+    /// The model as the algorithm's state at `now`.
+    fn state(&self, params: &Params, now: u64) -> State {
+        let units = |start: u64| {
+            self.windows
+                .iter()
+                .filter(|(s, _)| *s == start)
+                .map(|(_, u)| *u)
+                .sum::<u64>()
+        };
+        let aligned = now - now % params.window;
+        match params.algorithm {
+            Algorithm::Gcra => State {
+                start: self.top,
+                prev: 0,
+                count: 0,
+            },
+            Algorithm::FixedWindow => State {
+                start: aligned,
+                prev: 0,
+                count: units(aligned),
+            },
+            Algorithm::SlidingWindow => State {
+                start: aligned,
+                prev: aligned.checked_sub(params.window).map_or(0, units),
+                count: units(aligned),
+            },
+        }
+    }
+
+    /// Whether `cost` units fit beside what the model holds at `now`.
+    fn fits(&self, params: &Params, now: u64, cost: u64) -> bool {
+        algorithm::decide(params, &self.state(params, now), now, cost)
+            .verdict
+            .is_allowed()
+    }
+
+    /// The units the model leaves at `now`, and (GCRA) µs until its bucket is full again.
+    fn left(&self, params: &Params, now: u64) -> (u64, u64) {
+        let d = algorithm::decide(params, &self.state(params, now), now, 0);
+        (d.remaining, d.reset)
+    }
+
+    /// Reservation `id` of `units` units, admitted at `now` in window `window_start`.
+    fn admit(&mut self, params: &Params, id: usize, window_start: u64, now: u64, units: u64) {
+        if params.algorithm == Algorithm::Gcra {
+            if self.top <= now {
+                // every cell has drained
+                self.cells.clear();
+                self.top = now;
+            }
+            let step = increment(params, units);
+            self.top = self.top.saturating_add(step);
+            self.cells.push((Some(id), step));
+        } else {
+            self.windows.push((window_start, units));
+        }
+    }
+
+    /// Reservation `id` (in window `window_start`) used `delta` more units than it
+    /// reserved (a charge, at the top of the bucket), or gave back `-delta` (at most what
+    /// it reserved).
+    fn settle(&mut self, params: &Params, id: usize, window_start: u64, now: u64, delta: i64) {
+        let units = delta.unsigned_abs();
+        if params.algorithm != Algorithm::Gcra {
+            if delta >= 0 {
+                self.windows.push((window_start, units));
+            } else {
+                // the reservation's own units, counted in its window
+                let mut left = units;
+                for (_, u) in self.windows.iter_mut().filter(|(s, _)| *s == window_start) {
+                    let take = left.min(*u);
+                    *u -= take;
+                    left -= take;
+                }
+            }
+            return;
+        }
+        let step = increment(params, units);
+        if delta >= 0 {
+            self.cells.push((None, step));
+            self.top = self.top.saturating_add(step);
+            return;
+        }
+        let Some(k) = self.cells.iter().position(|(r, _)| *r == Some(id)) else {
+            return; // drained, and dropped with the others
+        };
+        let above: u64 = self.cells[k + 1..].iter().map(|(_, len)| len).sum();
+        let end = self.top - above;
+        let back = step.min(self.cells[k].1).min(end.saturating_sub(now));
+        if back < step && back < self.top.saturating_sub(now) {
+            // part of the cell has drained, and later cells hold the rest of the bucket:
+            // a give-back of all it asks would refund them
+            PARTLY_DRAINED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.cells[k].1 -= back;
+        self.top -= back;
+    }
+
+    /// The key was reset: nothing is held.
+    fn reset(&mut self) {
+        *self = Held::default();
+    }
+}
+
+/// GCRA give-backs of a reservation partly drained, with later cells above it.
+static PARTLY_DRAINED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A request a rule admitted, for settling.
+#[derive(Debug)]
+struct Reservation {
+    rule: usize,
+    decision: RuleDecision,
+    units: u64,
+    /// The rule's resets before it.
+    resets: u32,
+    settled: bool,
+}
+
+/// Whether a store's peek at `now` holds at least what the model holds: no more units
+/// left, and (GCRA) no sooner full again.
+fn holds_at_least(
+    held: &Held,
+    params: &Params,
+    peek: &RuleDecision,
+    now: u64,
+    step: usize,
+) -> Result<(), TestCaseError> {
+    let (remaining, full_in) = held.left(params, now);
+    prop_assert!(
+        peek.remaining <= remaining,
+        "step {}: {} units left where the requests admitted and not given back leave {}: {:?}",
+        step,
+        peek.remaining,
+        remaining,
+        held
+    );
+    if params.algorithm == Algorithm::Gcra {
+        prop_assert!(
+            peek.reset_micros >= full_in,
+            "step {}: the bucket is full in {} µs where the requests admitted and not given back hold it {} µs: {:?}",
+            step,
+            peek.reset_micros,
+            full_in,
+            held
+        );
+    }
+    Ok(())
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -144,11 +323,14 @@ async fn run_case(
     let keys = [RateKey::principal("user-7"), RateKey::Global];
     let names = ["a", "b", "c"];
     let mut now = t0;
-    // (rule, window_start, generation) of admitted requests, for settlements: some are
-    // settled after a reset of their key, which must give back nothing in both stores
-    let mut reservations: Vec<(usize, u64, u32, u32)> = Vec::new();
+    // Admitted requests, for settlements: some are settled after a reset of their key,
+    // which must give back nothing in both stores. Each is settled at most once (as a
+    // `Reservation` is), and gives back at most what it reserved.
+    let mut reservations: Vec<Reservation> = Vec::new();
     // resets of each rule so far
     let mut resets = [0u32; 3];
+    // what each rule's key must still hold
+    let mut held: Vec<Held> = rules.iter().map(|_| Held::default()).collect();
     let item = |i: usize, cost: u64| CheckItem {
         rule_index: i as u32,
         rule: names[i],
@@ -172,7 +354,23 @@ async fn run_case(
                 prop_assert_eq!(&got, &want, "step {} at {}: {:?}", step, now, op);
                 for (&i, d) in chosen.iter().zip(&got.rules) {
                     if d.debited {
-                        reservations.push((i, d.window_start, d.generation, resets[i]));
+                        let p = &rules[i].params;
+                        prop_assert!(
+                            held[i].fits(p, now, costs[i]),
+                            "step {}: rule {} admitted {} units beside {:?}",
+                            step,
+                            i,
+                            costs[i],
+                            held[i]
+                        );
+                        held[i].admit(p, reservations.len(), d.window_start, now, costs[i]);
+                        reservations.push(Reservation {
+                            rule: i,
+                            decision: *d,
+                            units: costs[i],
+                            resets: resets[i],
+                            settled: false,
+                        });
                     }
                 }
                 // A peek reports what a cost-0 check does.
@@ -188,35 +386,49 @@ async fn run_case(
                 prop_assert_eq!(peek.reset_micros, zero.rules[0].reset_micros);
                 let zero_redis = redis.check_at(&[item(i, 0)], now).await.unwrap();
                 prop_assert_eq!(&zero_redis, &zero, "cost 0 at step {}", step);
+                holds_at_least(&held[i], &rules[i].params, &peek, now, step)?;
             }
             Op::Settle { which, delta } => {
-                if reservations.is_empty() {
+                let open: Vec<usize> = (0..reservations.len())
+                    .filter(|&r| !reservations[r].settled)
+                    .collect();
+                if open.is_empty() {
                     continue;
                 }
-                let (i, window_start, generation, reset_at) =
-                    reservations[which % reservations.len()];
-                if reset_at != resets[i] {
-                    SETTLED_AFTER_RESET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+                let id = open[which % open.len()];
+                let r = &mut reservations[id];
+                r.settled = true;
+                let i = r.rule;
                 let cap = i64::try_from(rules[i].params.capacity() * 4).unwrap();
+                // Settlements of up to four times the rule's capacity: every time stays in
+                // the store's documented range (below 2^53 µs).
+                let delta = (*delta).clamp(-i64::try_from(r.units).unwrap().min(cap), cap);
                 let s = Settlement {
                     rule_index: i as u32,
                     rule: names[i],
                     key: &keys[usize::from(rules[i].key)],
                     params: rules[i].params,
-                    window_start,
-                    generation,
-                    // Settlements of up to four times the rule's capacity: every time stays
-                    // in the store's documented range (below 2^53 µs).
-                    delta: (*delta).clamp(-cap, cap),
+                    window_start: r.decision.window_start,
+                    generation: r.decision.generation,
+                    reservation_end: r.decision.reservation_end,
+                    delta,
                 };
-                memory.settle_now(&[s]);
+                if r.resets != resets[i] {
+                    SETTLED_AFTER_RESET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    held[i].settle(&rules[i].params, id, r.decision.window_start, now, delta);
+                }
+                memory.settle_at(&[s], now);
                 redis.settle_at(&[s], now).await.unwrap();
                 let (want, got) = (
                     memory.check_at(&[item(i, 0)], now),
                     redis.check_at(&[item(i, 0)], now).await.unwrap(),
                 );
                 prop_assert_eq!(&got, &want, "after the settlement at step {}", step);
+                for (j, h) in held.iter().enumerate() {
+                    let peek = redis.peek_at(&item(j, 0), now).await.unwrap();
+                    holds_at_least(h, &rules[j].params, &peek, now, step)?;
+                }
             }
             Op::Reset { rule } => {
                 if *rule >= rules.len() {
@@ -227,6 +439,7 @@ async fn run_case(
                 use palisade::rate_limit::Store;
                 redis.reset(*rule as u32, names[*rule], key).await.unwrap();
                 resets[*rule] += 1;
+                held[*rule].reset();
                 let (want, got) = (
                     memory.check_at(&[item(*rule, 0)], now),
                     redis.check_at(&[item(*rule, 0)], now).await.unwrap(),
@@ -236,6 +449,74 @@ async fn run_case(
         }
     }
     Ok(())
+}
+
+/// Many give-backs among small quotas, at times spread over the first rule's window: both
+/// stores hold at least what the reservations admitted and not given back hold, when a
+/// reservation gives back after part of it has drained and later requests hold the rest of
+/// the bucket (the test requires some), and after resets.
+#[test]
+fn give_backs_never_refund_units_other_requests_hold() {
+    let rt = rt();
+    let server = rt
+        .block_on(RedisServer::start())
+        .expect("redis-server is required");
+    let mut runner = runner(96);
+    let rule = (
+        0u8..5,
+        1u64..12,
+        prop_oneof![Just(1_000_000u64), Just(60_000_000), 1u64..5_000],
+        1u64..4,
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(alg, limit, window, burst_factor, shadow)| RuleSpec {
+            params: Params {
+                algorithm: match alg {
+                    0 => Algorithm::SlidingWindow,
+                    1 => Algorithm::FixedWindow,
+                    _ => Algorithm::Gcra,
+                },
+                limit,
+                window,
+                burst: (limit * burst_factor / 2).max(1),
+                strict: false,
+            },
+            key: 0,
+            shadow,
+        });
+    let strategy = prop::collection::vec(rule, 1..4).prop_flat_map(|rules| {
+        let window = rules[0].params.window;
+        let op = prop_oneof![
+            6 => (
+                prop_oneof![Just(0u64), 0u64..24, 0u64..24],
+                1u8..8,
+                prop::array::uniform3(0u64..6),
+            )
+                .prop_map(move |(sixteenths, mask, costs)| Op::Check {
+                    dt: window * sixteenths / 16,
+                    mask,
+                    costs,
+                }),
+            3 => (0usize..64, -20i64..8).prop_map(|(which, delta)| Op::Settle { which, delta }),
+            1 => (0usize..3).prop_map(|rule| Op::Reset { rule }),
+        ];
+        (
+            Just(rules),
+            prop::collection::vec(op, 1..80),
+            0u64..(1 << 50),
+        )
+    });
+    let case = std::sync::atomic::AtomicU64::new(0);
+    runner
+        .run(&strategy, |(rules, ops, t0)| {
+            let case = 2_000_000 + case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rt.block_on(run_case(&server, case, &rules, &ops, t0))
+        })
+        .unwrap();
+    assert!(
+        PARTLY_DRAINED.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no give-back of a partly drained reservation below later ones"
+    );
 }
 
 /// Quotas of ten million units a day, whose products (count × window in µs) pass 2^53:
@@ -487,6 +768,8 @@ fn batched_calls_answer_exactly_as_one_by_one() {
                 };
                 let mut now = t0;
                 let mut calls: Vec<Call<'_>> = Vec::new();
+                // each decision is settled at most once, as a `Reservation` is
+                let mut settled_calls = std::collections::HashSet::new();
                 for op in &ops {
                     match op {
                         BatchOp::Check { dt, mask, costs } => {
@@ -501,7 +784,7 @@ fn batched_calls_answer_exactly_as_one_by_one() {
                             }
                         }
                         BatchOp::Settle { which, delta } => {
-                            if !calls.is_empty() {
+                            if !calls.is_empty() && settled_calls.insert(which % calls.len()) {
                                 calls.push(Call::Settle(now, which % calls.len(), *delta));
                             }
                         }
@@ -528,6 +811,8 @@ fn batched_calls_answer_exactly_as_one_by_one() {
                         .filter(|(_, r)| r.debited)
                         .map(|(i, r)| {
                             let cap = i64::try_from(i.params.capacity() * 4).unwrap();
+                            // a give-back of at most what was reserved
+                            let least = -i64::try_from(i.cost).unwrap().min(cap);
                             Settlement {
                                 rule_index: i.rule_index,
                                 rule: i.rule,
@@ -535,7 +820,8 @@ fn batched_calls_answer_exactly_as_one_by_one() {
                                 params: i.params,
                                 window_start: r.window_start,
                                 generation: r.generation,
-                                delta: delta.clamp(-cap, cap),
+                                reservation_end: r.reservation_end,
+                                delta: delta.clamp(least, cap),
                             }
                         })
                         .collect::<Vec<_>>()
@@ -571,8 +857,63 @@ fn batched_calls_answer_exactly_as_one_by_one() {
                     }
                 };
                 let mut want: Vec<Answer> = Vec::new();
-                for c in &calls {
+                // What each rule's key must still hold, after each call of the one-by-one
+                // run; a reservation is rule `r` of call `n`, numbered `3 n + r`.
+                let mut held: Vec<Held> = rules.iter().map(|_| Held::default()).collect();
+                let mut resets = [0u32; 3];
+                let mut resets_before: Vec<[u32; 3]> = Vec::new();
+                let mut at = t0;
+                for (n, c) in calls.iter().enumerate() {
                     let answer = call(&alone, c, &want).await;
+                    match (c, &answer) {
+                        (Call::Check(now, items), Ok(Outcome::Decided(d))) => {
+                            at = *now;
+                            for (item, r) in items.iter().zip(&d.rules).filter(|(_, r)| r.debited) {
+                                let i = item.rule_index as usize;
+                                prop_assert!(
+                                    held[i].fits(&item.params, at, item.cost),
+                                    "call {}: rule {} admitted {} units beside {:?}",
+                                    n,
+                                    i,
+                                    item.cost,
+                                    held[i]
+                                );
+                                held[i].admit(
+                                    &item.params,
+                                    3 * n + i,
+                                    r.window_start,
+                                    at,
+                                    item.cost,
+                                );
+                            }
+                        }
+                        (Call::Settle(now, j, delta), Ok(_)) => {
+                            at = *now;
+                            for s in settlements(&want, *j, *delta) {
+                                let i = s.rule_index as usize;
+                                if resets_before[*j][i] == resets[i] {
+                                    held[i].settle(
+                                        &s.params,
+                                        3 * j + i,
+                                        s.window_start,
+                                        at,
+                                        s.delta,
+                                    );
+                                }
+                            }
+                        }
+                        (Call::Reset(i), Ok(_)) => {
+                            resets[*i] += 1;
+                            held[*i].reset();
+                        }
+                        (Call::Peek(now, _), _) => at = *now,
+                        _ => {}
+                    }
+                    resets_before.push(resets);
+                    for (i, h) in held.iter().enumerate() {
+                        let peek = alone.peek_at(&item(i, 0), at).await.unwrap();
+                        holds_at_least(h, &rules[i].params, &peek, at, n)?;
+                    }
                     want.push(answer);
                 }
                 let got =

@@ -36,6 +36,7 @@ pub(super) struct ReservedItem {
     pub(super) params: Params,
     pub(super) window_start: u64,
     pub(super) generation: u32,
+    pub(super) reservation_end: u64,
     pub(super) reserved: u64,
 }
 
@@ -95,6 +96,7 @@ impl Reservation {
                 params: i.params,
                 window_start: i.window_start,
                 generation: i.generation,
+                reservation_end: i.reservation_end,
                 delta: settlement_delta(actual, i.reserved),
             })
             .filter(|s| s.delta != 0)

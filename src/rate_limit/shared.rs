@@ -343,6 +343,7 @@ impl<St: Store> Shared<St> {
                     params: p.params,
                     window_start: d.window_start,
                     generation: d.generation,
+                    reservation_end: d.reservation_end,
                     reserved: p.cost,
                 });
             }

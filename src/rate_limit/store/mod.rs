@@ -107,6 +107,14 @@ pub struct RuleDecision {
     /// so that a settlement of a reservation made before a reset never applies to the
     /// state after it (for settling).
     pub generation: u32,
+    /// GCRA: where this request's units end in the bucket, on its epoch's timeline (for
+    /// settling): the theoretical arrival time right after the request, plus what earlier
+    /// give-backs of the epoch had moved it back. A give-back of the reservation refunds
+    /// at most the part of it still outstanding when it is settled (what has not drained
+    /// yet), never units that later requests hold. 0 for the window algorithms, which
+    /// need no such mark (a unit stays counted in its window's count until the whole
+    /// window is dropped).
+    pub reservation_end: u64,
     /// Whether this rule's cost was actually debited.
     pub debited: bool,
 }
@@ -119,6 +127,7 @@ impl RuleDecision {
             reset_micros: d.reset,
             window_start: d.window_start,
             generation: 0,
+            reservation_end: 0,
             debited: false,
         }
     }
@@ -169,7 +178,11 @@ pub struct Settlement<'a> {
     /// another generation, and the settlement is dropped (the units it would give back or
     /// take were reset already).
     pub generation: u32,
-    /// Actual minus reserved units.
+    /// [`RuleDecision::reservation_end`] of the reservation: a GCRA give-back moves the
+    /// bucket back by at most the part of the reservation still outstanding at settlement
+    /// (0 gives nothing back). The window algorithms ignore it.
+    pub reservation_end: u64,
+    /// Actual minus reserved units (a give-back is at most the units reserved).
     pub delta: i64,
 }
 
@@ -204,7 +217,9 @@ pub trait Store: Send + Sync + 'static {
     /// Applies corrections for reservations (never refuses: the units were spent). A
     /// settlement applies only to the state its reservation was counted in: same
     /// [`Settlement::generation`], and a window still held by the state (GCRA: a give-back
-    /// applies only in its reservation's epoch, a charge in any).
+    /// applies only in its reservation's epoch, and refunds at most what of the
+    /// reservation is still outstanding, see [`Settlement::reservation_end`]; a charge
+    /// applies in any epoch).
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).

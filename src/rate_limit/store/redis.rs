@@ -475,8 +475,9 @@ enum Conn {
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
 /// key (its 32-digit hash), the same for every algorithm and after a reset (16 bytes more
-/// for a GCRA key that has been reset and whose bucket has been emptying for over 16
-/// minutes); a million active keys take about 130 MB.
+/// for a GCRA key whose bucket has had units given back since it was last full, or that
+/// has been reset and whose bucket has been emptying for over 16 minutes; up to 32 for
+/// both); a million active keys take about 130 MB.
 ///
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
 /// `SCAN` or `KEYS`), in order behind the calls made before it (it waits and is batched
@@ -491,7 +492,9 @@ enum Conn {
 /// key expired on its own, or not yet), the next request starts a new epoch, and a
 /// give-back of a reservation from an earlier one is dropped, as the memory store drops
 /// it; a charge (more used than reserved) applies in any epoch, since the units were
-/// used. A give-back never makes the bucket fuller than full.
+/// used. A give-back never makes the bucket fuller than full, and refunds at most what of
+/// its reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
+/// units that have drained since (they came back with time) nor those of later requests.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
 /// key (a per-minute and a per-day rule for one API key) share a slot. Rules counting
@@ -622,6 +625,26 @@ impl OwnedItem {
     }
 }
 
+/// What a settlement carries besides its rule and key, owned, for the local fallback.
+#[derive(Clone, Copy)]
+struct Settled {
+    window_start: u64,
+    generation: u32,
+    reservation_end: u64,
+    delta: i64,
+}
+
+impl Settled {
+    fn of(s: &Settlement<'_>) -> Self {
+        Self {
+            window_start: s.window_start,
+            generation: s.generation,
+            reservation_end: s.reservation_end,
+            delta: s.delta,
+        }
+    }
+}
+
 impl RedisStore {
     /// A builder (a server URL or Cluster nodes are required).
     pub fn builder() -> RedisStoreBuilder {
@@ -732,7 +755,7 @@ impl RedisStore {
         rules: I,
     ) -> Result<redis::Cmd, StoreError>
     where
-        I: Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64, u32)> + Clone,
+        I: Iterator<Item = (&'k str, &'k RateKey, Params, u64, i64, u32, u64)> + Clone,
     {
         if now.is_some_and(|t| t >= LUA_TIME) {
             return Err(StoreError::new(
@@ -775,7 +798,7 @@ impl RedisStore {
             None => cmd.arg("-"),
         };
         cmd.arg(grace);
-        for (rule, _key, params, a, b, generation) in rules {
+        for (rule, _key, params, a, b, generation, reservation_end) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
                 return Err(StoreError::new(format!(
@@ -803,7 +826,9 @@ impl RedisStore {
             .arg(a)
             .arg(b);
             if mode == Mode::Settle {
-                cmd.arg(generation);
+                // An end past the script's exact range is only ever later than the truth;
+                // lowering it gives back less, never more.
+                cmd.arg(generation).arg(reservation_end.min(LUA_TIME - 1));
             }
         }
         Ok(cmd)
@@ -825,7 +850,7 @@ impl RedisStore {
             now,
             items
                 .iter()
-                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow), 0)),
+                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow), 0, 0)),
         );
         let cmd = match inv {
             Ok(cmd) => cmd,
@@ -899,6 +924,7 @@ impl RedisStore {
                     s.window_start,
                     s.delta,
                     s.generation,
+                    s.reservation_end,
                 )
             }),
         );
@@ -910,26 +936,26 @@ impl RedisStore {
         // With the local fallback, a settlement of a reservation Redis made is charged
         // locally when Redis does not answer; a give-back is not (the local store never
         // counted those units: giving them back there refunds requests it admitted).
-        let local: SmallVec<[(OwnedItem, u64, i64, u32); 2]> =
-            if inner.fail_mode == RedisFailMode::Local {
-                settlements
-                    .iter()
-                    .filter(|s| s.delta > 0)
-                    .map(|s| {
-                        let item = CheckItem {
-                            rule_index: s.rule_index,
-                            rule: s.rule,
-                            key: s.key,
-                            params: s.params,
-                            cost: 0,
-                            shadow: false,
-                        };
-                        (OwnedItem::of(&item), s.window_start, s.delta, s.generation)
-                    })
-                    .collect()
-            } else {
-                SmallVec::new()
-            };
+        let local: SmallVec<[(OwnedItem, Settled); 2]> = if inner.fail_mode == RedisFailMode::Local
+        {
+            settlements
+                .iter()
+                .filter(|s| s.delta > 0)
+                .map(|s| {
+                    let item = CheckItem {
+                        rule_index: s.rule_index,
+                        rule: s.rule,
+                        key: s.key,
+                        params: s.params,
+                        cost: 0,
+                        shadow: false,
+                    };
+                    (OwnedItem::of(&item), Settled::of(s))
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         // The keys given units back: a refusal decided in Redis before the give-back but
         // answered after the removal above may have blocked one of them here again.
         let give_backs: SmallVec<[(Box<str>, RateKey); 2]> = if inner.blocked.enabled() {
@@ -953,14 +979,15 @@ impl RedisStore {
                     inner.health.degraded();
                     let refs: SmallVec<[Settlement<'_>; 2]> = local
                         .iter()
-                        .map(|(i, window_start, delta, generation)| Settlement {
+                        .map(|(i, s)| Settlement {
                             rule_index: i.rule_index,
                             rule: &i.rule,
                             key: &i.key,
                             params: i.params,
-                            window_start: *window_start,
-                            generation: *generation,
-                            delta: *delta,
+                            window_start: s.window_start,
+                            generation: s.generation,
+                            reservation_end: s.reservation_end,
+                            delta: s.delta,
                         })
                         .collect();
                     inner.fallback.settle_now(&refs);
@@ -979,7 +1006,7 @@ impl RedisStore {
         let inv = self.invocation(
             Mode::Peek,
             now,
-            std::iter::once((item.rule, item.key, item.params, 0, 0, 0)),
+            std::iter::once((item.rule, item.key, item.params, 0, 0, 0, 0)),
         );
         let cmd = match inv {
             Ok(cmd) => cmd,
@@ -1076,14 +1103,10 @@ impl Inner {
             // Refused (nothing was debited) or not a decision.
             return;
         }
-        let returns: SmallVec<[(usize, u64, u32); 2]> = (0..debits.len())
+        let returns: SmallVec<[(usize, RuleDecision); 2]> = (0..debits.len())
             .filter_map(|i| {
                 let rule = rule_at(&values, i)?;
-                (rule.debited && debits[i].cost > 0).then_some((
-                    i,
-                    rule.window_start,
-                    rule.generation,
-                ))
+                (rule.debited && debits[i].cost > 0).then_some((i, rule))
             })
             .collect();
         if returns.is_empty() {
@@ -1095,15 +1118,16 @@ impl Inner {
         let inv = store.invocation(
             Mode::Settle,
             None,
-            returns.iter().map(|&(i, window_start, generation)| {
-                let item = &debits[i];
+            returns.iter().map(|(i, rule)| {
+                let item = &debits[*i];
                 (
                     &*item.rule,
                     &item.key,
                     item.params,
-                    window_start,
+                    rule.window_start,
                     -i64::try_from(item.cost).unwrap_or(i64::MAX),
-                    generation,
+                    rule.generation,
+                    rule.reservation_end,
                 )
             }),
         );
@@ -1173,6 +1197,7 @@ impl Inner {
                     reset_micros: micros(b.reset_at),
                     window_start: b.window_start,
                     generation: 0,
+                    reservation_end: 0,
                     debited: false,
                 },
                 // Not known without a round trip: the rule allowed at its last decision.
@@ -1186,6 +1211,7 @@ impl Inner {
                     reset_micros: 0,
                     window_start: 0,
                     generation: 0,
+                    reservation_end: 0,
                     debited: false,
                 },
             })
@@ -1211,6 +1237,7 @@ impl Inner {
                         reset_micros: 0,
                         window_start: 0,
                         generation: 0,
+                        reservation_end: 0,
                         debited: false,
                     })
                     .collect();
@@ -1289,7 +1316,7 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
 }
 
 /// Fields per rule in the script's answer.
-const FIELDS: usize = 8;
+const FIELDS: usize = 9;
 
 fn rule_at(values: &[i64], i: usize) -> Option<RuleDecision> {
     let f = values.get(2 + i * FIELDS..2 + (i + 1) * FIELDS)?;
@@ -1308,6 +1335,7 @@ fn rule_at(values: &[i64], i: usize) -> Option<RuleDecision> {
         window_start: n(f[4]),
         debited: f[5] == 1,
         generation: u32::try_from(f[7]).unwrap_or(0),
+        reservation_end: n(f[8]),
     })
 }
 

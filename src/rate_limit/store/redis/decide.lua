@@ -12,19 +12,22 @@
 -- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
 -- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
 -- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
--- or 1); for a settlement 8: window_start, delta and the reservation's generation.
+-- or 1); for a settlement 9: window_start, delta, the reservation's generation and its end
+-- (GCRA: where its units end on the epoch's timeline; the window algorithms ignore it).
 --
 -- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
--- "start prev count generation" (GCRA: the TAT, 0, and the TAT's distance from its epoch's
--- start).
+-- "start prev count generation" (GCRA: the TAT, the us that give-backs have moved it back
+-- in its epoch, and the TAT's distance from its epoch's start).
 -- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
 -- expiry (which later writes never shorten), so that a settlement of a reservation made
 -- before it is dropped.
 --
 -- A check answers {admitted, now, then per rule: verdict (0 allowed, 1 denied, 2 never),
--- retry_after, remaining, reset, window_start, debited, blocked_for, generation};
--- blocked_for is how long (us) no request of any cost can pass the rule, 0 when one could
--- pass now. A peek answers the same for its one rule; a settlement and a reset answer {}.
+-- retry_after, remaining, reset, window_start, debited, blocked_for, generation,
+-- reservation_end}; blocked_for is how long (us) no request of any cost can pass the rule, 0
+-- when one could pass now; reservation_end is, for GCRA, the decided TAT plus what
+-- give-backs have moved the TAT back in its epoch (0 for the window algorithms). A peek
+-- answers the same for its one rule; a settlement and a reset answer {}.
 
 local floor = math.floor
 local P53 = 9007199254740992
@@ -245,34 +248,40 @@ local function decide_fixed(s0, c0, now, cost)
 end
 
 -- GCRA keeps its epoch, the time its bucket was last found full, as the TAT's distance from
--- it in `count`, and answers it as the window start: a settlement applies only in its
--- reservation's epoch.
-local function decide_gcra(s0, c0, now, cost)
+-- it in `count`, and answers it as the window start: a give-back applies only in its
+-- reservation's epoch. `prev` holds the us that give-backs have moved the TAT back in the
+-- epoch; the TAT plus them is where the decided units end on the epoch's timeline, answered
+-- last (a give-back refunds at most what of its reservation is still outstanding).
+local function decide_gcra(s0, p0, c0, now, cost)
   local tolerance = increment(burst)
-  local tat, epoch = s0, now
+  local tat, epoch, back = s0, now, 0
   if tat > now then
     epoch = tat - c0
+    back = p0
   else
     tat = now
   end
   local age = tat - epoch
   local horizon = now + tolerance
   if cost > burst then
-    return 2, 0, units_in(sat_sub(horizon, tat)), tat - now, epoch, tat, 0, age, tat, tat, 0, age
+    return 2, 0, units_in(sat_sub(horizon, tat)), tat - now, epoch,
+      tat, back, age, tat, tat, back, age, tat + back
   end
   local new_tat = tat + increment(cost)
   if new_tat <= horizon then
     return 0, 0, units_in(horizon - new_tat), new_tat - now, epoch,
-      new_tat, 0, new_tat - epoch, new_tat, tat, 0, age
+      new_tat, back, new_tat - epoch, new_tat, tat, back, age, new_tat + back
   end
   return 1, new_tat - horizon, units_in(sat_sub(horizon, tat)), tat - now, epoch,
-    tat, 0, age, tat, tat, 0, age
+    tat, back, age, tat, tat, back, age, tat + back
 end
 
 -- As rate_limit::algorithm::decide: `reset` is when the quota is whole again, and a cost of
--- 0 is a peek, always allowed.
+-- 0 is a peek, always allowed. Answers what the algorithms answer, then the reservation's
+-- end (GCRA; 0 for the windows).
 local function decide(s0, p0, c0, now, cost)
   local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc
+  local re = 0
   if alg == 0 then
     v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc =
       decide_sliding(s0, p0, c0, now, cost)
@@ -291,12 +300,13 @@ local function decide(s0, p0, c0, now, cost)
       reset = 0
     end
   else
-    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide_gcra(s0, c0, now, cost)
+    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
+      decide_gcra(s0, p0, c0, now, cost)
   end
   if cost == 0 then
     v = 0
   end
-  return v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc
+  return v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re
 end
 
 -- A stored state: start, prev, count, generation, and whether there was one.
@@ -390,7 +400,7 @@ end
 local function run_settle(ko, n, base)
   for i = 1, n do
     local key = KEYS[ko + i]
-    local o = base + (i - 1) * 8
+    local o = base + (i - 1) * 9
     rule(o)
     local window_start, delta, gen = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
       tonumber(ARGV[o + 8])
@@ -399,10 +409,14 @@ local function run_settle(ko, n, base)
     if found and g == gen then
       if alg == 2 then
         -- a charge in any epoch (the units were used); a give-back only in the
-        -- reservation's epoch, and never before the epoch's start (the bucket is then
-        -- full, and stays no fuller)
+        -- reservation's epoch, by no more than what of the reservation is still
+        -- outstanding (its end, less what give-backs have moved the TAT back since it was
+        -- made, minus now: the units before have drained, those after belong to later
+        -- requests), and never before the epoch's start (the bucket is then full, and
+        -- stays no fuller)
         local epoch = start - count
         if delta >= 0 or epoch == window_start then
+          local was = start
           if delta >= 0 then
             -- no further than 2^53 us (285 years): past it the TAT is no longer exact,
             -- and its expiry is past what SET PX takes
@@ -411,10 +425,16 @@ local function run_settle(ko, n, base)
               start = P53
             end
           else
-            start = sat_sub(start, increment(-delta))
+            local back = increment(-delta)
+            local outstanding = sat_sub(sat_sub(tonumber(ARGV[o + 9]), prev), now)
+            if back > outstanding then
+              back = outstanding
+            end
+            start = sat_sub(start, back)
             if start < epoch then
               start = epoch
             end
+            prev = prev + (was - start)
           end
           write(key, start, prev, start - epoch, g, ttl_ms(start, now, grace))
         end
@@ -428,7 +448,7 @@ local function run_settle(ko, n, base)
 end
 
 -- Values kept per rule between the two passes of a check.
-local KEPT = 14
+local KEPT = 15
 
 -- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
 -- the answer to `out`.
@@ -444,15 +464,16 @@ local function run_check(mode, ko, n, base, out)
     end
     local shadow = ARGV[o + 7] == '1'
     local s0, p0, c0, gen = load(KEYS[ko + i])
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide(s0, p0, c0, now, cost)
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
+      decide(s0, p0, c0, now, cost)
     if v ~= 0 and not shadow then
       admitted = false
     end
     local k = (i - 1) * KEPT
     r[k + 1], r[k + 2], r[k + 3], r[k + 4], r[k + 5], r[k + 6], r[k + 7] =
       v, retry, rem, reset, ws, st, pr
-    r[k + 8], r[k + 9], r[k + 10], r[k + 11], r[k + 12], r[k + 13], r[k + 14] =
-      co, exp, bs, bp, bc, gen, shadow
+    r[k + 8], r[k + 9], r[k + 10], r[k + 11], r[k + 12], r[k + 13], r[k + 14], r[k + 15] =
+      co, exp, bs, bp, bc, gen, shadow, re
   end
   local at = #out
   out[at + 1] = admitted and 1 or 0
@@ -460,7 +481,7 @@ local function run_check(mode, ko, n, base, out)
   at = at + 2
   for i = 1, n do
     local k = (i - 1) * KEPT
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow =
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re =
       unpack(r, k + 1, k + KEPT)
     local debited = 0
     -- the state kept
@@ -499,7 +520,8 @@ local function run_check(mode, ko, n, base, out)
     out[at + 6] = debited
     out[at + 7] = blocked
     out[at + 8] = gen
-    at = at + 8
+    out[at + 9] = re
+    at = at + 9
   end
 end
 
@@ -559,7 +581,7 @@ for _ = 1, tonumber(ARGV[2]) do
   end
   ko = ko + n
   if m == 's' then
-    base = base + 8 * n
+    base = base + 9 * n
   elseif m ~= 'r' then
     base = base + 7 * n
   end
