@@ -263,11 +263,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// An upstream response with hop-by-hop headers dropped (see [`strip_hop_by_hop`]). The
-/// upstream client has done so already, before the gateway's layers set their headers on
-/// the answer (its cost, its fallback mark): the names an upstream's `connection` header
-/// lists never take those away. An upstream's own `x-request-id` is dropped too: the
-/// answer's is the gateway's (set on the way out), the id its log lines and usage records
-/// carry; the upstream's `request-id` passes through.
+/// upstream client has done so already, and dropped the upstream's own `x-palisade-*`
+/// headers, before the gateway's layers set theirs on the answer (its cost, its fallback
+/// mark): the names an upstream's `connection` header lists never take those away, and an
+/// upstream never speaks in the gateway's name. An upstream's own `x-request-id` is
+/// dropped too: the answer's is the gateway's (set on the way out), the id its log lines
+/// and usage records carry; the upstream's `request-id` passes through.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
     const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     let h = res.headers_mut();
