@@ -942,10 +942,10 @@ async fn every_bad_request_gets_its_4xx_as_a_problem_document() {
     assert!(n >= 60, "{n} cases");
 }
 
-/// The JSON media-type rule before the allocation-free check (commit d1cd92f), as it was
-/// written: a `content-type` of visible ASCII whose part before the first `;`, trimmed and
+/// The JSON media-type rule written plainly (allocating), the oracle the gateway's
+/// allocation-free `is_json` must agree with: a `content-type` of visible ASCII whose part before the first `;`, trimmed and
 /// lower-cased, is `application/json` or starts with `application/` and ends with `+json`.
-fn previous_is_json(v: &http::HeaderValue) -> bool {
+fn plain_is_json(v: &http::HeaderValue) -> bool {
     Some(v)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
@@ -955,9 +955,9 @@ fn previous_is_json(v: &http::HeaderValue) -> bool {
         })
 }
 
-/// The content types at the edges of the rule, with the previous rule's verdict: the
-/// allocation-free check refused `application/+json` and took non-ASCII bytes in the
-/// parameters (or anywhere after the essence's `+json`) for JSON.
+/// The content types at the edges of the rule, with the plain rule's verdict: among them
+/// `application/+json` (JSON) and non-ASCII bytes in the parameters or after the essence's
+/// `+json` (not JSON), where an allocation-free check most easily goes wrong.
 const CONTENT_TYPE_EDGES: &[(&[u8], bool)] = &[
     (b"application/json", true),
     (b"APPLICATION/JSON", true),
@@ -987,7 +987,7 @@ const CONTENT_TYPE_EDGES: &[(&[u8], bool)] = &[
 fn the_json_content_type_check_keeps_its_edges() {
     for (ct, json) in CONTENT_TYPE_EDGES {
         let v = http::HeaderValue::from_bytes(ct).unwrap();
-        assert_eq!(previous_is_json(&v), *json, "previous rule on {v:?}");
+        assert_eq!(plain_is_json(&v), *json, "plain rule on {v:?}");
         assert_eq!(routes::is_json(ct), *json, "{v:?}");
     }
 }
@@ -1062,24 +1062,24 @@ fn content_type() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(20_000))]
 
-    /// The allocation-free check accepts and refuses exactly what the previous rule did,
+    /// The allocation-free check accepts and refuses exactly what the plain rule does,
     /// on every value a `content-type` header can hold.
     #[test]
-    fn the_json_content_type_check_matches_the_previous_rule(ct in content_type()) {
+    fn the_json_content_type_check_matches_the_plain_rule(ct in content_type()) {
         let v = http::HeaderValue::from_bytes(&ct).expect("a header value's bytes");
-        prop_assert_eq!(routes::is_json(&ct), previous_is_json(&v), "{:?}", v);
+        prop_assert_eq!(routes::is_json(&ct), plain_is_json(&v), "{:?}", v);
     }
 
     /// The same over any bytes a header value may hold, not only the rule's pieces.
     #[test]
-    fn the_json_content_type_check_matches_the_previous_rule_on_any_value(
+    fn the_json_content_type_check_matches_the_plain_rule_on_any_value(
         ct in proptest::collection::vec(
             prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff],
             0..24,
         )
     ) {
         let v = http::HeaderValue::from_bytes(&ct).expect("a header value's bytes");
-        prop_assert_eq!(routes::is_json(&ct), previous_is_json(&v), "{:?}", v);
+        prop_assert_eq!(routes::is_json(&ct), plain_is_json(&v), "{:?}", v);
     }
 }
 
@@ -1102,7 +1102,7 @@ fn chat_with_content_type(content_type: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Over a real socket, a chat's `content-type` is JSON exactly as the previous rule said:
+/// Over a real socket, a chat's `content-type` is JSON exactly as the plain rule says:
 /// `application/+json` is served, a `content-type` with non-ASCII bytes in its parameters
 /// is 415.
 #[tokio::test]
