@@ -11,6 +11,7 @@ include!("chat_gateway_support/modules.rs");
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use proptest::prelude::*;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -939,4 +940,187 @@ async fn a_body_slower_than_the_body_timeout_is_408_in_the_error_format() {
 async fn every_bad_request_gets_its_4xx_as_a_problem_document() {
     let n = run_matrix("problem").await;
     assert!(n >= 60, "{n} cases");
+}
+
+/// The JSON media-type rule written plainly (allocating), the oracle the gateway's
+/// allocation-free `is_json` must agree with: a `content-type` of visible ASCII whose part before the first `;`, trimmed and
+/// lower-cased, is `application/json` or starts with `application/` and ends with `+json`.
+fn plain_is_json(v: &http::HeaderValue) -> bool {
+    Some(v)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            v == "application/json" || (v.starts_with("application/") && v.ends_with("+json"))
+        })
+}
+
+/// The content types at the edges of the rule, with the plain rule's verdict: among them
+/// `application/+json` (JSON) and non-ASCII bytes in the parameters or after the essence's
+/// `+json` (not JSON), where an allocation-free check most easily goes wrong.
+const CONTENT_TYPE_EDGES: &[(&[u8], bool)] = &[
+    (b"application/json", true),
+    (b"APPLICATION/JSON", true),
+    (b" \tapplication/json \t; charset=utf-8", true),
+    (b"application/+json", true),
+    (b"application/+JSON;x=y", true),
+    (b"application/vnd.api+json", true),
+    (b"application/problem+json; charset=utf-8", true),
+    (b"application/json;", true),
+    (b"application/json; charset=caf\xc3\xa9", false),
+    (b"application/json;\xff", false),
+    (b"application/json\x80", false),
+    (b"application/\xe9+json", false),
+    (b"\xa0application/json", false),
+    (b"application/json\t", true),
+    (b"application/jsonp", false),
+    (b"application/json+", false),
+    (b"application/", false),
+    (b"application+json", false),
+    (b"application/+jso", false),
+    (b"text/json", false),
+    (b"", false),
+    (b";application/json", false),
+];
+
+#[test]
+fn the_json_content_type_check_keeps_its_edges() {
+    for (ct, json) in CONTENT_TYPE_EDGES {
+        let v = http::HeaderValue::from_bytes(ct).unwrap();
+        assert_eq!(plain_is_json(&v), *json, "plain rule on {v:?}");
+        assert_eq!(routes::is_json(ct), *json, "{v:?}");
+    }
+}
+
+/// A `content-type` value built from the pieces the rule looks at (white space, the type
+/// in mixed case, `/`, a subtype near `json`, parameters), each also possibly bytes of its
+/// own; every byte one a header value may hold (tab, space to `~`, 0x80 and above).
+fn content_type() -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        Just(b' '),
+        Just(b'\t'),
+        Just(b';'),
+        Just(b'/'),
+        Just(b'+'),
+        Just(b'='),
+        Just(b'j'),
+        Just(b'S'),
+        Just(b'o'),
+        Just(b'N'),
+        Just(b'a'),
+        Just(b'~'),
+        0x80u8..=0xff,
+        0x20u8..0x7f,
+    ];
+    let bytes = proptest::collection::vec(byte, 0..6);
+    let piece = |fixed: &'static [&'static str]| {
+        prop_oneof![
+            3 => proptest::sample::select(fixed).prop_map(|s| s.as_bytes().to_vec()),
+            1 => proptest::collection::vec(
+                prop_oneof![Just(b' '), Just(b'\t'), Just(b'+'), 0x20u8..0x7f, 0x80u8..=0xff],
+                0..6,
+            ),
+        ]
+    };
+    let mixed_case = |mut v: Vec<u8>, flips: u64| {
+        for (i, b) in v.iter_mut().enumerate() {
+            if flips >> (i % 64) & 1 == 1 {
+                *b = b.to_ascii_uppercase();
+            }
+        }
+        v
+    };
+    (
+        piece(&["", " ", "\t", " \t "]),
+        piece(&["application", "applicatio", "text", "", "xapplication"]),
+        piece(&["/", "", "//", "+"]),
+        piece(&[
+            "json",
+            "+json",
+            "x+json",
+            "vnd.api+json",
+            "jsonp",
+            "json+",
+            "",
+            "+jso",
+            "+",
+        ]),
+        piece(&["", " ", "\t", " \t"]),
+        prop_oneof![
+            Just(Vec::new()),
+            bytes.clone().prop_map(|b| [&b";"[..], &b].concat())
+        ],
+        bytes,
+        any::<u64>(),
+    )
+        .prop_map(move |(lead, ty, slash, sub, trail, params, tail, flips)| {
+            let essence = mixed_case([ty, slash, sub].concat(), flips);
+            [lead, essence, trail, params, tail].concat()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+    /// The allocation-free check accepts and refuses exactly what the plain rule does,
+    /// on every value a `content-type` header can hold.
+    #[test]
+    fn the_json_content_type_check_matches_the_plain_rule(ct in content_type()) {
+        let v = http::HeaderValue::from_bytes(&ct).expect("a header value's bytes");
+        prop_assert_eq!(routes::is_json(&ct), plain_is_json(&v), "{:?}", v);
+    }
+
+    /// The same over any bytes a header value may hold, not only the rule's pieces.
+    #[test]
+    fn the_json_content_type_check_matches_the_plain_rule_on_any_value(
+        ct in proptest::collection::vec(
+            prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff],
+            0..24,
+        )
+    ) {
+        let v = http::HeaderValue::from_bytes(&ct).expect("a header value's bytes");
+        prop_assert_eq!(routes::is_json(&ct), plain_is_json(&v), "{:?}", v);
+    }
+}
+
+/// A chat for the built-in mock as alice, sent with `content_type` as raw bytes.
+fn chat_with_content_type(content_type: &[u8]) -> Vec<u8> {
+    let body = json!({
+        "model": MODEL,
+        "max_tokens": 64,
+        "messages": [{"role": "user", "content": "Hello"}]
+    })
+    .to_string();
+    let mut out = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\nx-api-key: {USER}\r\ncontent-length: {}\r\ncontent-type: ",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(content_type);
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// Over a real socket, a chat's `content-type` is JSON exactly as the plain rule says:
+/// `application/+json` is served, a `content-type` with non-ASCII bytes in its parameters
+/// is 415.
+#[tokio::test]
+async fn the_json_content_type_edges_hold_over_the_wire() {
+    let addr = start(&[("PALISADE_ERROR_FORMAT", "problem")]).await;
+    for (ct, json) in CONTENT_TYPE_EDGES {
+        if ct.is_empty() || ct.starts_with(b" ") {
+            // Not a value the HTTP parser hands over as written.
+            continue;
+        }
+        let r = send(addr, chat_with_content_type(ct)).await;
+        let expected = if *json { 200 } else { 415 };
+        assert_eq!(
+            r.status,
+            expected,
+            "{:?}: {}",
+            String::from_utf8_lossy(ct),
+            String::from_utf8_lossy(&r.body)
+        );
+    }
 }

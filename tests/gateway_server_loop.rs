@@ -612,6 +612,143 @@ async fn an_upstreams_connection_header_never_drops_the_gateways_own_headers() {
     );
 }
 
+/// The `x-palisade-*` headers the upstream sends on every answer of
+/// [`an_upstreams_x_palisade_headers_never_reach_the_client`]: some the gateway sets, some
+/// only where it served a fallback, one it never sets.
+const UPSTREAM_OWN_PALISADE: [(&str, &str); 5] = [
+    ("x-palisade-cost-usd", "999.99"),
+    ("x-palisade-input-tokens", "123456"),
+    ("x-palisade-output-tokens", "654321"),
+    ("x-palisade-fallback", "model:not-the-gateways"),
+    ("x-palisade-budget-remaining", "1000000"),
+];
+
+/// An upstream that answers every call with its own `x-palisade-*` headers (and one header
+/// of its own, which passes): a priced JSON answer for `claude-sonnet-4-5`, an unpriced one
+/// for `house-model`, a 400 error for `error-model`, and an SSE stream when the request
+/// says `stream: true`.
+fn namespace_squatting_upstream() -> axum::Router {
+    axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(
+            |axum::Json(req): axum::Json<serde_json::Value>| async move {
+                let mut res = if req["stream"] == true {
+                    let (tx, rx) = tokio::sync::mpsc::channel(4);
+                    tokio::spawn(async move {
+                        let _ = tx.send(sse_upstream::message_start()).await;
+                        let _ = tx.send(sse_upstream::text_delta("hi")).await;
+                        for event in sse_upstream::message_end() {
+                            let _ = tx.send(event).await;
+                        }
+                    });
+                    sse_upstream::answer(rx)
+                } else if req["model"] == "error-model" {
+                    axum::response::IntoResponse::into_response((
+                        http::StatusCode::BAD_REQUEST,
+                        axum::Json(serde_json::json!({
+                            "type": "error",
+                            "error": {"type": "invalid_request_error", "message": "no"}
+                        })),
+                    ))
+                } else {
+                    axum::response::IntoResponse::into_response(axum::Json(serde_json::json!({
+                        "id": "msg_1", "type": "message", "role": "assistant",
+                        "model": req["model"], "stop_reason": "end_turn",
+                        "content": [{"type": "text", "text": "hi"}],
+                        "usage": {"input_tokens": 10, "output_tokens": 7}
+                    })))
+                };
+                let h = res.headers_mut();
+                for (name, value) in UPSTREAM_OWN_PALISADE {
+                    h.insert(
+                        http::HeaderName::from_static(name),
+                        http::HeaderValue::from_static(value),
+                    );
+                }
+                h.insert("x-upstream-own", http::HeaderValue::from_static("1"));
+                res
+            },
+        ),
+    )
+}
+
+/// The `x-palisade-*` namespace is the gateway's: an upstream's own `x-palisade-*` headers
+/// are dropped as its answer arrives, so the client sees only those the gateway set (the
+/// cost meter's on a whole JSON answer with its usage, `unknown` cost for an unpriced model;
+/// none elsewhere). They reached the client as if the gateway had said them wherever the
+/// gateway set none of that name: an error answer, a stream, every answer with the layers
+/// off, and any name the gateway never sets (a made-up `x-palisade-fallback` claimed a
+/// fallback that never served).
+#[tokio::test]
+async fn an_upstreams_x_palisade_headers_never_reach_the_client() {
+    let upstream = sse_upstream::serve(namespace_squatting_upstream()).await;
+    let meter = [
+        "x-palisade-cost-usd",
+        "x-palisade-input-tokens",
+        "x-palisade-output-tokens",
+        "x-palisade-cache-write-tokens",
+        "x-palisade-cache-read-tokens",
+    ];
+    for layers in ["on", "off"] {
+        let vars = fixture::with(
+            fixture::NO_RETRIES,
+            &[
+                ("ANTHROPIC_BASE_URL", upstream.as_str()),
+                ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+                ("PALISADE_GATEWAY_LAYERS", layers),
+                (
+                    "PALISADE_GATEWAY_MODELS",
+                    "claude-sonnet-4-5,house-model,error-model",
+                ),
+                ("PALISADE_BUDGET_ALLOW_UNPRICED", "true"),
+            ],
+        );
+        let gw = fixture::start(&vars).await;
+        let cases = [
+            ("priced", "claude-sonnet-4-5", false, 200),
+            ("unpriced", "house-model", false, 200),
+            ("error", "error-model", false, 400),
+            ("streamed", "claude-sonnet-4-5", true, 200),
+        ];
+        for (case, model, stream, status) in cases {
+            let mut body = fixture::chat(model);
+            if stream {
+                body["stream"] = serde_json::Value::Bool(true);
+            }
+            let r = gw.post("/v1/messages", USER, body).await;
+            let what = format!("layers {layers}, {case}: {:?}", r.headers);
+            assert_eq!(r.status, status, "{what}: {}", r.text());
+            assert_eq!(r.header("x-upstream-own"), Some("1"), "{what}");
+            let mut ours: Vec<&str> = r
+                .headers
+                .keys()
+                .map(http::HeaderName::as_str)
+                .filter(|name| name.starts_with("x-palisade-"))
+                .collect();
+            ours.sort_unstable();
+            let metered = layers == "on" && matches!(case, "priced" | "unpriced");
+            let mut expected = if metered { meter.to_vec() } else { Vec::new() };
+            expected.sort_unstable();
+            assert_eq!(ours, expected, "{what}");
+            for name in ours {
+                let values: Vec<_> = r.headers.get_all(name).iter().collect();
+                assert_eq!(values.len(), 1, "{what}");
+            }
+            if !expected.is_empty() {
+                // The meter's own values, not the upstream's.
+                assert_eq!(r.header("x-palisade-input-tokens"), Some("10"), "{what}");
+                assert_eq!(r.header("x-palisade-output-tokens"), Some("7"), "{what}");
+                let cost = if case == "unpriced" {
+                    Some("unknown")
+                } else {
+                    Some("0.000135")
+                };
+                assert_eq!(r.header("x-palisade-cost-usd"), cost, "{what}");
+            }
+        }
+    }
+}
+
 /// The answer's `x-request-id` is the gateway's (the id its log lines and usage records
 /// carry), whatever the upstream answers with: an upstream's own `x-request-id` went to the
 /// client in its place, so the client could not name its request to the gateway's operator.

@@ -277,7 +277,7 @@ impl Upstream {
                 .build(connector());
             let svc = client
                 .map_err(BoxError::from)
-                .map_response(|r| without_hop_by_hop(r).map(Body::new));
+                .map_response(|r| as_arrived(r).map(Body::new));
             return Ok(Self {
                 name,
                 parts: Arc::new(Parts {
@@ -321,11 +321,7 @@ impl Upstream {
             })
             .layer(retry)
             .layer(breaker)
-            .service(
-                client
-                    .map_err(BoxError::from)
-                    .map_response(without_hop_by_hop),
-            );
+            .service(client.map_err(BoxError::from).map_response(as_arrived));
         let svc = match budget {
             Some(budget) => BoxCloneSyncService::new(budget.layer(stack).map_response(|r| {
                 let (mut parts, body) = r.into_parts();
@@ -498,12 +494,34 @@ fn messages_uri(base_url: &str) -> Option<http::Uri> {
     format!("{base_url}/v1/messages").parse().ok()
 }
 
-/// The upstream's answer without its hop-by-hop headers, dropped as it arrives: the names
-/// its `connection` header lists are the upstream's own headers, never those the gateway's
-/// layers set afterwards (the cost meter's, the fallback mark).
-fn without_hop_by_hop<B>(mut res: Response<B>) -> Response<B> {
-    crate::routes::strip_hop_by_hop(res.headers_mut());
+/// The upstream's answer without its hop-by-hop headers and its `x-palisade-*` headers,
+/// dropped as it arrives, before the gateway's layers set theirs (the cost meter's, the
+/// fallback mark): the names its `connection` header lists are the upstream's own headers,
+/// never the gateway's, and the `x-palisade-*` namespace is the gateway's alone, so an
+/// upstream's never reaches the client (or the request log) where the gateway sets none of
+/// that name (an error answer, a stream, the layers off, a name it never sets).
+fn as_arrived<B>(mut res: Response<B>) -> Response<B> {
+    let h = res.headers_mut();
+    crate::routes::strip_hop_by_hop(h);
+    strip_gateway_namespace(h);
     res
+}
+
+/// The prefix of the headers the gateway says on its answers (`x-palisade-cost-usd`,
+/// `x-palisade-fallback`, ...). Header names are lower case.
+const GATEWAY_NAMESPACE: &str = "x-palisade-";
+
+/// Drops every `x-palisade-*` header of an upstream's answer. Allocates only when there is
+/// one to drop.
+fn strip_gateway_namespace(h: &mut http::HeaderMap) {
+    let ours = |name: &HeaderName| name.as_str().starts_with(GATEWAY_NAMESPACE);
+    if !h.keys().any(ours) {
+        return;
+    }
+    let named: Vec<HeaderName> = h.keys().filter(|n| ours(n)).cloned().collect();
+    for name in named {
+        h.remove(name);
+    }
 }
 
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");

@@ -158,9 +158,17 @@ pub async fn read_json(state: &AppState, headers: &HeaderMap, body: Body) -> Api
     }
 }
 
-/// Whether a `content-type` value names JSON: `application/json` or `application/*+json`,
-/// in any case, parameters after `;` aside.
-fn is_json(content_type: &[u8]) -> bool {
+/// Whether a `content-type` value names JSON: `application/json` or `application/*+json`
+/// (`application/+json` too), in any case, parameters after `;` aside. A value holding a
+/// byte outside visible ASCII and tab, in its parameters too, is not JSON: the rule reads
+/// the value as text, as `HeaderValue::to_str` does. Allocates nothing.
+pub fn is_json(content_type: &[u8]) -> bool {
+    if !content_type
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return false;
+    }
     let essence = content_type
         .split(|&b| b == b';')
         .next()
@@ -174,7 +182,7 @@ fn is_json(content_type: &[u8]) -> bool {
         return false;
     };
     sub.eq_ignore_ascii_case(b"json")
-        || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case(b"+json")
+        || sub.len() >= 5 && sub[sub.len() - 5..].eq_ignore_ascii_case(b"+json")
 }
 
 /// A body read to its end: its one data frame as it came (no copy), or its frames joined.
@@ -263,11 +271,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// An upstream response with hop-by-hop headers dropped (see [`strip_hop_by_hop`]). The
-/// upstream client has done so already, before the gateway's layers set their headers on
-/// the answer (its cost, its fallback mark): the names an upstream's `connection` header
-/// lists never take those away. An upstream's own `x-request-id` is dropped too: the
-/// answer's is the gateway's (set on the way out), the id its log lines and usage records
-/// carry; the upstream's `request-id` passes through.
+/// upstream client has done so already, and dropped the upstream's own `x-palisade-*`
+/// headers, before the gateway's layers set theirs on the answer (its cost, its fallback
+/// mark): the names an upstream's `connection` header lists never take those away, and an
+/// upstream never speaks in the gateway's name. An upstream's own `x-request-id` is
+/// dropped too: the answer's is the gateway's (set on the way out), the id its log lines
+/// and usage records carry; the upstream's `request-id` passes through.
 pub fn pass_through(mut res: http::Response<Body>) -> Response {
     const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     let h = res.headers_mut();
