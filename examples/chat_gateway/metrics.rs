@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `palisade_gateway_requests_total` | counter | `route` (the route template, `unmatched` for no route), `method` (`other` for a non-standard one), `status` (499: the client hung up before the answer) |
 //! | `palisade_gateway_refusals_total` | counter | `reason` (`unauthenticated`, `rate_limited`, `budget_exceeded`, ...) |
-//! | `palisade_gateway_request_duration_seconds` | histogram | `route`: time to the response head |
+//! | `palisade_gateway_request_duration_seconds` | histogram | `route`: time to the response head (for a client that hung up first, 499, the time until it did) |
 //! | `palisade_gateway_upstream_duration_seconds` | histogram | `route`: the upstream's time to the response head, retries included |
 //! | `palisade_gateway_overhead_seconds` | histogram | `route`: the gateway's own time (request minus upstream) |
 //! | `palisade_gateway_tokens_total` | counter | `model`, `kind` (`input`, `output`, `cache_write`, `cache_read`) |
@@ -264,7 +264,7 @@ impl Metrics {
         metrics.with(|| {
             describe_counter!(REQUESTS, Unit::Count, "Requests, by route template, method and status (499: the client hung up before the answer).");
             describe_counter!(REFUSALS, Unit::Count, "Requests refused, by reason (from the status; the gateway's own 429 with x-should-retry: false is a budget).");
-            describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from the request to the response head, by route.");
+            describe_histogram!(REQUEST_SECONDS, Unit::Seconds, "Time from the request to the response head (or to the client hanging up, status 499), by route.");
             describe_histogram!(UPSTREAM_SECONDS, Unit::Seconds, "The upstream's time to the response head (retries included), by route.");
             describe_histogram!(OVERHEAD_SECONDS, Unit::Seconds, "The gateway's own time on requests that went upstream: request time minus upstream time.");
             describe_counter!(TOKENS, Unit::Count, "Tokens metered from upstream responses, by model and kind.");
