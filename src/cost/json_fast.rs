@@ -466,21 +466,7 @@ mod tests {
         );
         prop::collection::vec(edit, 0..4).prop_map(move |edits| {
             let mut t = base.clone();
-            for (at, op, bytes) in edits {
-                let i = at.index(t.len() + 1);
-                match op {
-                    0 => {
-                        t.splice(i..i, bytes.iter().copied());
-                    }
-                    1 if i < t.len() => {
-                        t.remove(i);
-                    }
-                    _ if i < t.len() => {
-                        t.splice(i..=i, bytes.iter().copied());
-                    }
-                    _ => {}
-                }
-            }
+            crate::cost::json_view::props::damage(&mut t, edits);
             t
         })
     }

@@ -264,7 +264,7 @@ impl<'de> Visitor<'de> for Skip {
 }
 
 #[cfg(test)]
-mod props {
+pub(crate) mod props {
     use proptest::prelude::*;
     use serde_json::{Map, Value};
 
@@ -328,6 +328,27 @@ mod props {
         })
     }
 
+    /// Applies `edits` to a JSON text: at each index, insert (0), drop (1) or replace (2)
+    /// a byte with the edit's bytes. The damage the property tests of the usage readers
+    /// make to valid answers.
+    pub(crate) fn damage(t: &mut Vec<u8>, edits: Vec<(prop::sample::Index, u8, &'static [u8])>) {
+        for (at, op, bytes) in edits {
+            let i = at.index(t.len() + 1);
+            match op {
+                0 => {
+                    t.splice(i..i, bytes.iter().copied());
+                }
+                1 if i < t.len() => {
+                    t.remove(i);
+                }
+                _ if i < t.len() => {
+                    t.splice(i..=i, bytes.iter().copied());
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// A JSON text, possibly damaged: bytes replaced, dropped or inserted from an
     /// alphabet that makes near-misses (escapes, huge numbers, invalid UTF-8, repeats).
     fn text() -> impl Strategy<Value = Vec<u8>> {
@@ -360,21 +381,7 @@ mod props {
                 } else {
                     serde_json::to_vec(&v).unwrap()
                 };
-                for (at, op, bytes) in edits {
-                    let i = at.index(t.len() + 1);
-                    match op {
-                        0 => {
-                            t.splice(i..i, bytes.iter().copied());
-                        }
-                        1 if i < t.len() => {
-                            t.remove(i);
-                        }
-                        _ if i < t.len() => {
-                            t.splice(i..=i, bytes.iter().copied());
-                        }
-                        _ => {}
-                    }
-                }
+                damage(&mut t, edits);
                 t
             },
         )
