@@ -775,6 +775,25 @@ mod tests {
         }
     }
 
+    /// The settlement of decision `d` on rule 0 (`"r"`) by `delta` units.
+    fn settlement<'a>(
+        key: &'a RateKey,
+        params: Params,
+        d: &RuleDecision,
+        delta: i64,
+    ) -> Settlement<'a> {
+        Settlement {
+            rule_index: 0,
+            rule: "r",
+            key,
+            params,
+            window_start: d.window_start,
+            generation: d.generation,
+            reservation_end: d.reservation_end,
+            delta,
+        }
+    }
+
     /// In a group refused by another rule nothing is debited, and each allowing rule
     /// reports what is left without the request: exactly what a peek reports. GCRA's
     /// remaining after a debit is rounded down from the bucket's slack, so adding the cost
@@ -1339,16 +1358,7 @@ mod tests {
                 d
             };
             let give_back = |d: &RuleDecision, delta| {
-                let s = Settlement {
-                    rule_index: 0,
-                    rule: "r",
-                    key: &key,
-                    params,
-                    window_start: d.window_start,
-                    generation: d.generation,
-                    reservation_end: d.reservation_end,
-                    delta,
-                };
+                let s = settlement(&key, params, d, delta);
                 store.settle_at(&[s], 5);
             };
             let before = spend(6);
@@ -1380,16 +1390,7 @@ mod tests {
             assert!(next.debited);
             assert_ne!(next.window_start, long.window_start);
             // the first request used 6 units where it reserved 1
-            let charge = Settlement {
-                rule_index: 0,
-                rule: "r",
-                key: &key,
-                params,
-                window_start: long.window_start,
-                generation: long.generation,
-                reservation_end: long.reservation_end,
-                delta: 5,
-            };
+            let charge = settlement(&key, params, &long, 5);
             store.settle_at(&[charge], 5 * sec);
             assert_eq!(
                 store.peek_at(&item(&key, params), 5 * sec).remaining,
@@ -1416,16 +1417,7 @@ mod tests {
             };
             let sec = 1_000_000;
             let give_back = |d: &RuleDecision, delta| {
-                let s = Settlement {
-                    rule_index: 0,
-                    rule: "r",
-                    key: &key,
-                    params,
-                    window_start: d.window_start,
-                    generation: d.generation,
-                    reservation_end: d.reservation_end,
-                    delta,
-                };
+                let s = settlement(&key, params, d, delta);
                 store.settle_at(&[s], 5 * sec);
             };
             let before = store.check_one_at(&with(6), 0);
@@ -1484,16 +1476,7 @@ mod tests {
         let all = store.check_at(&[with(10)], 10 * sec).rules[0];
         assert!(all.debited);
         assert_eq!(all.generation, 1, "the reset key lost its generation");
-        let give_back = Settlement {
-            rule_index: 0,
-            rule: "r",
-            key: &key,
-            params,
-            window_start: before.window_start,
-            generation: before.generation,
-            reservation_end: before.reservation_end,
-            delta: -6,
-        };
+        let give_back = settlement(&key, params, &before, -6);
         store.settle_at(&[give_back], 10 * sec);
         assert_eq!(
             store.peek_at(&with(0), 10 * sec).remaining,
@@ -1517,16 +1500,7 @@ mod tests {
                 cost,
                 ..item(&key, params)
             };
-            let give_back = |d: &RuleDecision, delta| Settlement {
-                rule_index: 0,
-                rule: "r",
-                key: &key,
-                params,
-                window_start: d.window_start,
-                generation: d.generation,
-                reservation_end: d.reservation_end,
-                delta,
-            };
+            let give_back = |d: &RuleDecision, delta| settlement(&key, params, d, delta);
             let a = store.check(&[with(6)]).await.unwrap().rules[0];
             assert!(a.debited, "{key}");
             tokio::time::advance(std::time::Duration::from_millis(500)).await;
@@ -1566,16 +1540,7 @@ mod tests {
                 d
             };
             let give_back = |d: &RuleDecision, delta, now| {
-                let s = Settlement {
-                    rule_index: 0,
-                    rule: "r",
-                    key: &key,
-                    params,
-                    window_start: d.window_start,
-                    generation: d.generation,
-                    reservation_end: d.reservation_end,
-                    delta,
-                };
+                let s = settlement(&key, params, d, delta);
                 store.settle_at(&[s], now);
             };
             let left = |now| store.peek_at(&item(&key, params), now).remaining;
@@ -1761,16 +1726,7 @@ mod tests {
                                 {
                                     partly_drained += 1;
                                 }
-                                let s = Settlement {
-                                    rule_index: 0,
-                                    rule: "r",
-                                    key: &key,
-                                    params,
-                                    window_start: d.window_start,
-                                    generation: d.generation,
-                                    reservation_end: d.reservation_end,
-                                    delta,
-                                };
+                                let s = settlement(&key, params, &d, delta);
                                 store.settle_at(&[s], now);
                             }
                             _ => {
