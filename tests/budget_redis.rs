@@ -727,6 +727,41 @@ async fn a_call_that_fails_inside_a_batch_fails_alone() {
     assert_eq!(account(&mut admin, key).await, ("133".into(), "0".into()));
 }
 
+/// A settlement whose future is dropped at once (its caller gone) still reaches Redis:
+/// what it releases would otherwise stay reserved until the period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_dropped_by_its_caller_still_lands() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(100));
+    let ann = charge_of(&budget, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
+        [Some(true)]
+    );
+    drop(store.settle(
+        Arc::clone(&ann),
+        Money::from_picos(100),
+        Money::from_picos(30),
+        std::time::SystemTime::now(),
+    ));
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    // each look is a round trip: the settlement, sent first, lands within a few
+    for _ in 0..1000 {
+        if seen.1 != "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), "30".into()));
+}
+
 /// On a Cluster every key of the store carries its hash tag: the calls of a batch share
 /// one slot, and one script call carries them.
 #[tokio::test]

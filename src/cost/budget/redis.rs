@@ -12,7 +12,7 @@ use redis::aio::ConnectionLike;
 use super::Period;
 use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Reserve};
 use crate::cost::pricing::Money;
-use crate::redis_batch::{self, BatchScript, Batchers, Kind};
+use crate::redis_batch::{self, Answer, BatchScript, Batchers, Kind};
 
 /// One script for reservations and settlements, alone or in batches.
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
@@ -39,7 +39,9 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   serves many requests. A batch that fails fails each of its calls (the layer then
 ///   follows its failure mode); a call that fails inside a batch fails alone.
 ///   [`RedisBudgetStore::batched_calls`] counts the calls that went in a batch.
-/// - A reservation still waiting when its caller is gone is not sent.
+/// - A settlement is sent even when the future [`BudgetStore::settle`] returned is
+///   dropped (it runs on a task of the current tokio runtime); a reservation still waiting
+///   when its caller is gone is not sent.
 /// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>`, every one with the same hash
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
@@ -275,6 +277,19 @@ where
                 });
         }
         let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Settlement);
+        // Sent from a task of its own, so that it lands even when this future is dropped:
+        // what it releases would stay reserved otherwise.
+        let call: BoxFuture<'static, Answer<redis::Value>> =
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let task = rt.spawn(call);
+                    Box::pin(async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
+                    })
+                }
+                Err(_) => Box::pin(call),
+            };
         Box::pin(async move {
             let reply = call.await.map_err(BudgetStoreError)?;
             let mut out = Vec::new();
