@@ -790,3 +790,63 @@ async fn reservations_and_settlements_batch_on_a_redis_cluster() {
     let refused = reserve_at_once(&store, &[charge_of(&budget, "bob")], 77).await;
     assert_eq!(refused, [Some(false)]);
 }
+
+/// A burst of requests through the layer: each reserves and settles, and the calls made
+/// while the connection is busy share script calls, so the burst takes far fewer than the
+/// two script calls per request it would one by one.
+#[tokio::test]
+async fn a_burst_of_requests_through_the_layer_shares_script_calls() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let layer = BudgetLayer::builder()
+        .budget(daily(1_000_000))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.settle(Money::from_picos(3));
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    // the script is loaded, and the counts start from here
+    assert_eq!(
+        svc.clone()
+            .oneshot(request("warm", 1))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let requests = 200;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..requests {
+        let svc = svc.clone();
+        tasks.spawn(async move { svc.oneshot(request("ann", 5)).await.unwrap().status() });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    // settlements finish on background tasks: each look is a round trip behind them
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    for _ in 0..1000 {
+        if seen.0 == "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), (3 * requests).to_string()));
+    let evals = calls_of(&mut admin, "evalsha").await;
+    assert!(
+        evals * 4 <= 2 * requests,
+        "{requests} requests took {evals} script calls"
+    );
+}
