@@ -79,7 +79,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     memory.record_batch(&records).await.unwrap();
     let stats = shutdown.shutdown().await;
     assert_eq!(stats.written, 10_000);
-    // a batch delivered twice (a retry after a lost answer) is stored once
+    // records a caller sends again are stored once, and counted as duplicates
     sink.record_batch(&records[..500]).await.unwrap();
     let health = sink.health();
     assert_eq!(
