@@ -850,3 +850,45 @@ async fn a_burst_of_requests_through_the_layer_shares_script_calls() {
         "{requests} requests took {evals} script calls"
     );
 }
+
+/// A settlement made and dropped on a thread outside any tokio runtime (a reservation
+/// dropped there, say) still lands: the store sends it from the runtime it was made on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_dropped_outside_a_runtime_still_lands() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(100));
+    let ann = charge_of(&budget, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
+        [Some(true)]
+    );
+    let outside = {
+        let store = Arc::clone(&store);
+        let ann = Arc::clone(&ann);
+        std::thread::spawn(move || {
+            assert!(tokio::runtime::Handle::try_current().is_err());
+            drop(store.settle(
+                ann,
+                Money::from_picos(100),
+                Money::from_picos(30),
+                std::time::SystemTime::now(),
+            ));
+        })
+    };
+    outside.join().unwrap();
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    for _ in 0..1000 {
+        if seen.1 != "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), "30".into()));
+}

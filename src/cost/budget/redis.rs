@@ -40,8 +40,10 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   follows its failure mode); a call that fails inside a batch fails alone.
 ///   [`RedisBudgetStore::batched_calls`] counts the calls that went in a batch.
 /// - A settlement is sent even when the future [`BudgetStore::settle`] returned is
-///   dropped (it runs on a task of the current tokio runtime); a reservation still waiting
-///   when its caller is gone is not sent.
+///   dropped: it runs on a task of the current tokio runtime or, settled on a thread
+///   outside any, of the runtime the store was made on. (A store made outside a runtime
+///   sends it there only while the future is polled.) A reservation still waiting when its
+///   caller is gone is not sent.
 /// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>`, every one with the same hash
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
@@ -279,17 +281,18 @@ where
         let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Settlement);
         // Sent from a task of its own, so that it lands even when this future is dropped:
         // what it releases would stay reserved otherwise.
-        let call: BoxFuture<'static, Answer<redis::Value>> =
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    let task = rt.spawn(call);
-                    Box::pin(async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
-                    })
-                }
-                Err(_) => Box::pin(call),
-            };
+        // Outside a runtime, the task runs on the one the store was made on.
+        let call: BoxFuture<'static, Answer<redis::Value>> = match self.link.batchers.runtime()
+        {
+            Some(rt) => {
+                let task = rt.spawn(call);
+                Box::pin(async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
+                })
+            }
+            None => Box::pin(call),
+        };
         Box::pin(async move {
             let reply = call.await.map_err(BudgetStoreError)?;
             let mut out = Vec::new();
