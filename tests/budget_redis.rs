@@ -892,3 +892,56 @@ async fn a_settlement_dropped_outside_a_runtime_still_lands() {
     }
     assert_eq!(seen, ("0".into(), "30".into()));
 }
+
+/// A settlement is all or nothing across the request's accounts: when one of them cannot
+/// be settled (here it is not a hash), the call fails and the others keep their
+/// reservation too, as the layer reports ("stays charged"), alone or in a batch.
+#[tokio::test]
+async fn a_settlement_that_fails_on_one_account_changes_none() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let charges: Arc<[palisade::cost::budget::Charge]> = Arc::from(vec![
+        palisade::cost::budget::Charge {
+            budget: Arc::new(daily(1000)),
+            subject: "ann".into(),
+        },
+        palisade::cost::budget::Charge {
+            budget: Arc::new(Budget::new(
+                "monthly",
+                Scope::User,
+                Period::Month,
+                Money::from_picos(1000),
+            )),
+            subject: "ann".into(),
+        },
+    ]);
+    assert_eq!(
+        reserve_at_once(&store, std::slice::from_ref(&charges), 100).await,
+        [Some(true)]
+    );
+    let monthly = "palisade:budget:{budget}:monthly:ann";
+    let _: () = redis::cmd("SET")
+        .arg(monthly)
+        .arg("not a hash")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let settled = store
+        .settle(
+            Arc::clone(&charges),
+            Money::from_picos(100),
+            Money::from_picos(30),
+            std::time::SystemTime::now(),
+        )
+        .await;
+    assert!(settled.is_err(), "{settled:?}");
+    let daily_key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(
+        account(&mut admin, daily_key).await,
+        ("100".into(), "0".into())
+    );
+}
