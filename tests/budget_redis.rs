@@ -945,3 +945,37 @@ async fn a_settlement_that_fails_on_one_account_changes_none() {
         ("100".into(), "0".into())
     );
 }
+
+/// Budget names and subjects with colons never share an account, as they do not in the
+/// memory store: `daily` of `vip:ann` and `daily:vip` of `ann` are two accounts.
+#[tokio::test]
+async fn budget_names_and_subjects_with_colons_never_share_an_account() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let daily_budget = Arc::new(daily(100));
+    let vip = Arc::new(Budget::new(
+        "daily:vip",
+        Scope::User,
+        Period::Day,
+        Money::from_picos(100),
+    ));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&daily_budget, "vip:ann")], 100).await,
+        [Some(true)]
+    );
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&vip, "ann")], 100).await,
+        [Some(true)]
+    );
+    assert_ne!(
+        store.key(&charge_of(&daily_budget, "vip:ann")[0]),
+        store.key(&charge_of(&vip, "ann")[0])
+    );
+    // names without a colon or a percent sign keep their keys
+    assert_eq!(
+        store.key(&charge_of(&daily_budget, "ann")[0]),
+        "palisade:budget:{budget}:daily:ann"
+    );
+}

@@ -44,7 +44,8 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   outside any, of the runtime the store was made on. (A store made outside a runtime
 ///   sends it there only while the future is polled.) A reservation still waiting when its
 ///   caller is gone is not sent.
-/// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>`, every one with the same hash
+/// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>` (a `%` or `:` in either
+///   written `%25` or `%3A`, see [`RedisBudgetStore::key`]), every one with the same hash
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
 ///   user: one slot carries them; give each layer its own tag to spread several.
@@ -115,11 +116,22 @@ impl<C> RedisBudgetStore<C> {
         self
     }
 
-    /// The Redis key of an account.
+    /// The Redis key of an account. A `%` or `:` in the budget's name or the subject is
+    /// written `%25` or `%3A`, so that no two accounts share a key (`daily` of `vip:ann`
+    /// and `daily:vip` of `ann`); other names are kept as they are.
     pub fn key(&self, charge: &Charge) -> String {
+        fn part(s: &str) -> std::borrow::Cow<'_, str> {
+            if s.contains(['%', ':']) {
+                s.replace('%', "%25").replace(':', "%3A").into()
+            } else {
+                s.into()
+            }
+        }
         format!(
             "palisade:budget:{{{}}}:{}:{}",
-            self.tag, charge.budget.name, charge.subject
+            self.tag,
+            part(&charge.budget.name),
+            part(&charge.subject)
         )
     }
 
