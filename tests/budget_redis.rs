@@ -979,3 +979,59 @@ async fn budget_names_and_subjects_with_colons_never_share_an_account() {
         "palisade:budget:{budget}:daily:ann"
     );
 }
+
+/// A request whose client goes away while its reservation is on its way to Redis: the
+/// reservation, granted there, is released once its answer comes, not held until the
+/// period ends.
+#[tokio::test]
+async fn a_request_dropped_while_its_reservation_is_in_flight_releases_it() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let layer = BudgetLayer::builder()
+        .budget(daily(1000))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async move {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    // a burst of requests, each polled once (its reservation sent or queued) and dropped
+    let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
+    for user in &users {
+        let mut call = std::pin::pin!(svc.clone().oneshot(request(user, 50)));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(call.as_mut().poll(cx).is_pending())
+        })
+        .await;
+        assert!(first, "the request waits for Redis");
+    }
+    // each account's `r` appears with its reservation and is back to 0 once released
+    for user in &users {
+        let key = format!("palisade:budget:{{budget}}:daily:{user}");
+        let reserved = || {
+            let mut admin = admin.clone();
+            let key = key.clone();
+            async move {
+                let r: Option<String> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("r")
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                r
+            }
+        };
+        let mut seen = reserved().await;
+        for _ in 0..1000 {
+            if seen.as_deref() == Some("0") {
+                break;
+            }
+            tokio::task::yield_now().await;
+            seen = reserved().await;
+        }
+        assert_eq!(seen.as_deref(), Some("0"), "{user}");
+        assert_eq!(account(&mut admin, &key).await.1, "0", "{user}");
+    }
+}
