@@ -1035,3 +1035,29 @@ async fn a_request_dropped_while_its_reservation_is_in_flight_releases_it() {
         assert_eq!(account(&mut admin, &key).await.1, "0", "{user}");
     }
 }
+
+/// A rolling window longer than Redis can set an expiry for (a "lifetime" budget of
+/// `Duration::MAX`) still counts: the account's expiry is capped, not refused by Redis.
+#[tokio::test]
+async fn a_rolling_budget_of_the_longest_window_counts_in_redis() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let lifetime = Arc::new(Budget::new(
+        "lifetime",
+        Scope::User,
+        Period::Rolling(Duration::MAX),
+        Money::from_picos(100),
+    ));
+    let ann = charge_of(&lifetime, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
+        [Some(true)]
+    );
+    settle_at_once(&store, &ann, 1, 60, 60).await;
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
+        [Some(false)]
+    );
+}

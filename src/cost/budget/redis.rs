@@ -205,8 +205,11 @@ fn shape(period: Period) -> (&'static str, u64, u64) {
         Period::Day => ("d", 0, 2 * DAY),
         Period::Month => ("m", 0, 32 * DAY),
         Period::Rolling(w) => {
-            let w = u64::try_from(w.as_millis()).unwrap_or(u64::MAX / 2);
-            ("r", w, w.saturating_add(DAY))
+            // at most 2^62 ms (146 million years): its expiry (a day more, from now) is
+            // one Redis can set, and every amount of time the script computes fits an i64
+            const LONGEST: u64 = 1 << 62;
+            let w = u64::try_from(w.as_millis()).map_or(LONGEST, |w| w.min(LONGEST));
+            ("r", w, w + DAY)
         }
     }
 }
