@@ -1061,3 +1061,65 @@ async fn a_rolling_budget_of_the_longest_window_counts_in_redis() {
         [Some(false)]
     );
 }
+
+/// A reservation answered after the connection's response timeout (Redis held up: here
+/// its writes paused) failed for its caller, who holds nothing; once Redis runs it, what
+/// it reserved must not stay held.
+#[tokio::test]
+#[ignore = "a reservation that runs in Redis after its caller's timeout stays held: the store cannot yet tell it from one that never ran"]
+async fn a_reservation_that_lands_after_its_timeout_is_not_held() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(1000));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
+        [Some(true)]
+    );
+    let pause = |args: &'static [&'static str]| {
+        let mut admin = admin.clone();
+        async move {
+            let _: () = redis::cmd("CLIENT")
+                .arg(args)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    pause(&["PAUSE", "60000", "WRITE"]).await;
+    let late = store
+        .reserve(
+            &charge_of(&budget, "ann"),
+            Money::from_picos(100),
+            std::time::SystemTime::now(),
+        )
+        .await;
+    assert!(late.is_err(), "{late:?}");
+    pause(&["UNPAUSE"]).await;
+    let key = "palisade:budget:{budget}:daily:ann";
+    let reserved = || {
+        let mut admin = admin.clone();
+        async move {
+            let r: Option<String> = redis::cmd("HGET")
+                .arg(key)
+                .arg("r")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            r
+        }
+    };
+    let mut seen = reserved().await;
+    for _ in 0..1000 {
+        if seen.as_deref() == Some("0") {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = reserved().await;
+    }
+    assert_eq!(seen.as_deref(), Some("0"));
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+}
