@@ -27,8 +27,7 @@ async fn redis() -> RedisServer {
 ///
 /// The rate-limit store's timeout is 5 s here, not its 50 ms default: these tests hold the
 /// shared limits and budgets, not the timeout, and on a busy machine a loopback round trip
-/// (the first one also connects and loads the script) can miss 50 ms, which fails closed
-/// with a 529.
+/// can miss 50 ms, which fails closed with a 529.
 async fn start(redis: &RedisServer, vars: &[(&str, &str)]) -> Gateway {
     let url = redis.url();
     fixture::start(&fixture::with(
