@@ -88,6 +88,43 @@ async fn two_instances_sharing_redis_hold_one_rate_limit() {
     assert_eq!(b.alice_chat().await.status, 200);
 }
 
+/// Waits (up to a minute, for a busy machine) until every budget account in `redis` holds
+/// no reservation and some spend: the settlement, sent on a task of its own, has landed.
+async fn await_settled(redis: &RedisServer) {
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut accounts = Vec::new();
+    for _ in 0..12_000 {
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg("palisade:budget:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        accounts.clear();
+        for key in &keys {
+            let fields: (Option<String>, Option<String>) = ::redis::cmd("HMGET")
+                .arg(key)
+                .arg("r")
+                .arg("s")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            accounts.push(fields);
+        }
+        let settled = |(r, s): &(Option<String>, Option<String>)| {
+            r.as_deref() == Some("0") && s.as_deref().is_some_and(|s| s != "0")
+        };
+        if !accounts.is_empty() && accounts.iter().all(settled) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the settlement never reached Redis: {accounts:?}");
+}
+
 #[tokio::test]
 async fn two_instances_sharing_redis_hold_one_budget() {
     let redis = redis().await;
@@ -98,9 +135,8 @@ async fn two_instances_sharing_redis_hold_one_budget() {
     let b = start(&redis, &vars).await;
     assert_eq!(a.alice_chat().await.status, 200);
     a.usage_records(1).await;
-    // The settlement goes to Redis on a task of its own, spawned before the record
-    // reached the ledger: one round trip on loopback.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The settlement goes to Redis on a task of its own: wait until it landed.
+    await_settled(&redis).await;
     let r = b.alice_chat().await;
     assert_eq!(
         r.status, 429,
@@ -190,8 +226,9 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     assert_eq!(r.json()["custom"], true);
 
+    // each wait below is for the sync interval (20 ms), up to a minute for a busy machine
     let mut view = Value::Null;
-    for _ in 0..500 {
+    for _ in 0..12_000 {
         view = b
             .call_versioned(Method::GET, "/admin/budgets/alice", ADMIN, None)
             .await
@@ -229,7 +266,7 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let mut status = 0;
-    for _ in 0..500 {
+    for _ in 0..12_000 {
         status = a.alice_chat().await.status.as_u16();
         if status == 200 {
             break;
