@@ -167,7 +167,8 @@ pub enum RedisConfigError {
         "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
     )]
     TlsCaWithoutTls,
-    /// The first connection to a Cluster failed (a single server connects lazily).
+    /// The first connection to a Cluster failed (a single server that cannot be reached
+    /// when the store is built is connected to on the first call instead).
     #[error("could not connect to the Redis Cluster: {reason}")]
     Connect {
         /// Why.
