@@ -1295,12 +1295,12 @@ impl Inner {
 }
 
 /// Runs the script (`EVALSHA`), loading it first when Redis does not know it (`NOSCRIPT`,
-/// after a restart or `SCRIPT FLUSH`).
+/// after a restart or `SCRIPT FLUSH`), and decodes its answer.
 async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
     async fn on<C: redis::aio::ConnectionLike>(
         c: &mut C,
         cmd: &redis::Cmd,
-    ) -> redis::RedisResult<Vec<i64>> {
+    ) -> redis::RedisResult<redis::Value> {
         match cmd.query_async(c).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 SCRIPT.load_async(c).await?;
@@ -1309,10 +1309,62 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
             answer => answer,
         }
     }
-    match conn {
-        Conn::Single(mut c) => on(&mut c, cmd).await,
-        Conn::Cluster(mut c) => on(&mut c, cmd).await,
+    let answer = match conn {
+        Conn::Single(mut c) => on(&mut c, cmd).await?,
+        Conn::Cluster(mut c) => on(&mut c, cmd).await?,
+    };
+    match answer {
+        redis::Value::BulkString(text) => decode_answer(&text),
+        _ => None,
     }
+    .ok_or_else(|| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "the Redis script answered in an unexpected shape",
+        ))
+    })
+}
+
+/// The integers of the script's answer: each in decimal and followed by one space, as the
+/// script's `%d ` writes them (`-` before a negative one; no `+`, no leading zero, no
+/// `-0`). Any other text, or an integer outside `i64`, is `None`: every text read is the
+/// one writing its integers gives.
+fn decode_answer(text: &[u8]) -> Option<Vec<i64>> {
+    // An integer takes two bytes at least.
+    let mut out = Vec::with_capacity(text.len() / 2);
+    let mut bytes = text.iter();
+    while let Some(&first) = bytes.next() {
+        let negative = first == b'-';
+        let mut digit = if negative { *bytes.next()? } else { first };
+        if digit == b'0' {
+            // zero is "0" alone
+            if negative || *bytes.next()? != b' ' {
+                return None;
+            }
+            out.push(0);
+            continue;
+        }
+        // Accumulated negative, so that i64::MIN fits.
+        let mut value: i64 = 0;
+        loop {
+            if !digit.is_ascii_digit() {
+                return None;
+            }
+            value = value
+                .checked_mul(10)?
+                .checked_sub(i64::from(digit - b'0'))?;
+            match *bytes.next()? {
+                b' ' => break,
+                next => digit = next,
+            }
+        }
+        out.push(if negative {
+            value
+        } else {
+            value.checked_neg()?
+        });
+    }
+    Some(out)
 }
 
 /// Fields per rule in the script's answer.
@@ -1470,5 +1522,101 @@ impl Store for RedisStore {
                 )),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::decode_answer;
+
+    /// What the script's `format(rep('%d ', n), ...)` writes for these integers.
+    fn encode(values: &[i64]) -> String {
+        values.iter().map(|v| format!("{v} ")).collect()
+    }
+
+    #[test]
+    fn the_answer_decodes_the_extremes_and_the_batch_marker() {
+        let values = [
+            0,
+            -1,
+            1,
+            i64::MIN,
+            i64::MAX,
+            (1 << 53) - 1,
+            1 << 53,
+            -(1 << 53),
+            4_294_967_295,
+        ];
+        assert_eq!(
+            decode_answer(encode(&values).as_bytes()),
+            Some(values.to_vec())
+        );
+        assert_eq!(decode_answer(b""), Some(Vec::new()));
+    }
+
+    #[test]
+    fn an_answer_in_another_shape_is_refused_not_misread() {
+        for text in [
+            "1",
+            "1 2",
+            " 1 ",
+            "1  ",
+            "+1 ",
+            "--1 ",
+            "- ",
+            "-",
+            "1a ",
+            "a ",
+            "1\n",
+            "1,2 ",
+            "-0 ",
+            "01 ",
+            "00 ",
+            "-01 ",
+            "9223372036854775808 ",
+            "-9223372036854775809 ",
+            "99999999999999999999 ",
+        ] {
+            assert_eq!(decode_answer(text.as_bytes()), None, "{text:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_integers_round_trip(values in prop::collection::vec(any::<i64>(), 0..300)) {
+            prop_assert_eq!(decode_answer(encode(&values).as_bytes()), Some(values));
+        }
+
+        /// A batch's answer: each call's part after its length, or -1 for a call that
+        /// failed, every integer as exact as alone.
+        #[test]
+        fn a_batch_answer_round_trips(
+            calls in prop::collection::vec(
+                prop::option::of(prop::collection::vec(-(1i64 << 53)..=(1i64 << 53), 0..40)),
+                1..64,
+            ),
+        ) {
+            let mut flat = Vec::new();
+            for call in &calls {
+                match call {
+                    Some(part) => {
+                        flat.push(i64::try_from(part.len()).unwrap_or(i64::MAX));
+                        flat.extend_from_slice(part);
+                    }
+                    None => flat.push(-1),
+                }
+            }
+            prop_assert_eq!(decode_answer(encode(&flat).as_bytes()), Some(flat));
+        }
+
+        #[test]
+        fn a_damaged_answer_is_refused_or_read_exactly(text in "[-0-9 +a]{0,40}") {
+            // never a panic, and a text read is the one its integers write
+            if let Some(values) = decode_answer(text.as_bytes()) {
+                prop_assert_eq!(encode(&values), text);
+            }
+        }
     }
 }
