@@ -688,16 +688,23 @@ impl RedisStore {
 
     /// Writes [`RedisStore::key_name`] into `out`.
     fn write_key_name(&self, out: &mut String, rule: &str, key: &RateKey) {
+        // `push_str` rather than `write!`: this runs for every rule of every decision.
         let rule = encode_rule(rule);
-        let prefix = &self.inner.prefix;
+        out.push_str(&self.inner.prefix);
         match &self.inner.hash_tag {
             HashTag::Key => {
-                let _ = write!(out, "{prefix}:{rule}:{{");
+                out.push(':');
+                out.push_str(&rule);
+                out.push_str(":{");
                 write_key(out, key);
                 out.push('}');
             }
             HashTag::Fixed(tag) => {
-                let _ = write!(out, "{prefix}:{{{tag}}}:{rule}:");
+                out.push_str(":{");
+                out.push_str(tag);
+                out.push_str("}:");
+                out.push_str(&rule);
+                out.push(':');
                 write_key(out, key);
             }
         }
@@ -746,8 +753,9 @@ impl RedisStore {
     }
 
     /// The script call (`EVALSHA`) for these rules, or an error when Cluster could not run
-    /// it. The command is written straight into one buffer: numbers are formatted in
-    /// place, and the keys share one scratch string.
+    /// it. Each rule's numbers travel as one argument (decimal, one space apart), which
+    /// the script splits with one pattern match; keys and numbers share one scratch
+    /// buffer.
     fn invocation<'k, I>(
         &self,
         mode: Mode,
@@ -763,7 +771,7 @@ impl RedisStore {
             ));
         }
         let count = rules.clone().count();
-        let mut cmd = redis::Cmd::with_capacity(6 + 8 * count, 96 + 128 * count);
+        let mut cmd = redis::Cmd::with_capacity(6 + 2 * count, 96 + 128 * count);
         cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(count);
         let mut first: Option<&RateKey> = None;
         let mut name = String::with_capacity(self.inner.prefix.len() + 48);
@@ -798,6 +806,8 @@ impl RedisStore {
             None => cmd.arg("-"),
         };
         cmd.arg(grace);
+        // the keys' scratch buffer, reused
+        let mut numbers = name.into_bytes();
         for (rule, _key, params, a, b, generation, reservation_end) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
@@ -814,22 +824,32 @@ impl RedisStore {
                     b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
                 ),
             };
-            cmd.arg(match params.algorithm {
-                Algorithm::SlidingWindow => 0,
-                Algorithm::FixedWindow => 1,
-                Algorithm::Gcra => 2,
-            })
-            .arg(params.limit)
-            .arg(params.window)
-            .arg(params.burst)
-            .arg(u8::from(params.strict))
-            .arg(a)
-            .arg(b);
+            numbers.clear();
+            numbers.push(match params.algorithm {
+                Algorithm::SlidingWindow => b'0',
+                Algorithm::FixedWindow => b'1',
+                Algorithm::Gcra => b'2',
+            });
+            for n in [params.limit, params.window, params.burst] {
+                numbers.push(b' ');
+                push_decimal(&mut numbers, n);
+            }
+            numbers.extend_from_slice(if params.strict { b" 1 " } else { b" 0 " });
+            push_decimal(&mut numbers, a);
+            numbers.push(b' ');
+            if b < 0 {
+                numbers.push(b'-');
+            }
+            push_decimal(&mut numbers, b.unsigned_abs());
             if mode == Mode::Settle {
                 // An end past the script's exact range is only ever later than the truth;
                 // lowering it gives back less, never more.
-                cmd.arg(generation).arg(reservation_end.min(LUA_TIME - 1));
+                numbers.push(b' ');
+                push_decimal(&mut numbers, u64::from(generation));
+                numbers.push(b' ');
+                push_decimal(&mut numbers, reservation_end.min(LUA_TIME - 1));
             }
+            cmd.arg(&numbers[..]);
         }
         Ok(cmd)
     }
@@ -1325,46 +1345,73 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
     })
 }
 
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// The integers of the script's answer: each in decimal and followed by one space, as the
 /// script's `%d ` writes them (`-` before a negative one; no `+`, no leading zero, no
 /// `-0`). Any other text, or an integer outside `i64`, is `None`: every text read is the
 /// one writing its integers gives.
 fn decode_answer(text: &[u8]) -> Option<Vec<i64>> {
-    // An integer takes two bytes at least.
-    let mut out = Vec::with_capacity(text.len() / 2);
-    let mut bytes = text.iter();
-    while let Some(&first) = bytes.next() {
-        let negative = first == b'-';
-        let mut digit = if negative { *bytes.next()? } else { first };
-        if digit == b'0' {
-            // zero is "0" alone
-            if negative || *bytes.next()? != b' ' {
-                return None;
-            }
-            out.push(0);
-            continue;
-        }
-        // Accumulated negative, so that i64::MIN fits.
-        let mut value: i64 = 0;
-        loop {
-            if !digit.is_ascii_digit() {
-                return None;
-            }
-            value = value
-                .checked_mul(10)?
-                .checked_sub(i64::from(digit - b'0'))?;
-            match *bytes.next()? {
-                b' ' => break,
-                next => digit = next,
-            }
-        }
-        out.push(if negative {
-            value
-        } else {
-            value.checked_neg()?
-        });
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    let body = text.strip_suffix(b" ")?;
+    let mut out = Vec::with_capacity(text.iter().filter(|&&b| b == b' ').count());
+    for token in body.split(|&b| b == b' ') {
+        out.push(decode_integer(token)?);
     }
     Some(out)
+}
+
+/// One integer of the script's answer, as [`decode_answer`] reads it.
+fn decode_integer(token: &[u8]) -> Option<i64> {
+    let (negative, digits) = match token {
+        [b'-', digits @ ..] => (true, digits),
+        digits => (false, digits),
+    };
+    match digits {
+        // zero is "0" alone
+        [b'0'] if !negative => return Some(0),
+        [b'1'..=b'9', ..] => {}
+        _ => return None,
+    }
+    if digits.len() <= 18 {
+        // below 10^18: no overflow to check
+        let mut value: i64 = 0;
+        for &d in digits {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            value = value * 10 + i64::from(d - b'0');
+        }
+        return Some(if negative { -value } else { value });
+    }
+    // Accumulated negative, so that i64::MIN fits.
+    let mut value: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        value = value.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
+    }
+    if negative {
+        Some(value)
+    } else {
+        value.checked_neg()
+    }
 }
 
 /// Fields per rule in the script's answer.
@@ -1580,6 +1627,41 @@ mod tests {
             "99999999999999999999 ",
         ] {
             assert_eq!(decode_answer(text.as_bytes()), None, "{text:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn key_names_keep_their_shape_for_both_hash_tags() {
+        use super::{HashTag, RateKey, RedisStore};
+        // a single server connects lazily: nothing listens here, nothing is sent
+        let store = |tag| {
+            RedisStore::builder()
+                .url("redis://127.0.0.1:1/")
+                .prefix("p")
+                .hash_tag(tag)
+                .build()
+        };
+        let by_key = store(HashTag::Key).await.unwrap();
+        let fixed = store(HashTag::Fixed("t".into())).await.unwrap();
+        let principal = RateKey::principal("a}b");
+        assert_eq!(
+            by_key.key_name("r:1", &principal),
+            "p:r%3A1:{principal:a%7Db}"
+        );
+        assert_eq!(
+            fixed.key_name("r:1", &principal),
+            "p:{t}:r%3A1:principal:a%7Db"
+        );
+        assert_eq!(by_key.key_name("r", &RateKey::Global), "p:r:{global}");
+    }
+
+    #[test]
+    fn rule_numbers_are_written_in_decimal() {
+        let mut out = Vec::new();
+        for n in [0, 7, 10, 1 << 53, u64::MAX] {
+            out.clear();
+            super::push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
         }
     }
 

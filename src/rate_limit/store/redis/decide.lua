@@ -10,10 +10,11 @@
 -- (a batch of calls, see the end of the script).
 -- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
 -- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
--- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
--- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
--- or 1); for a settlement 9: window_start, delta, the reservation's generation and its end
--- (GCRA: where its units end on the epoch's timeline; the window algorithms ignore it).
+-- Then, except for a reset, one argument per rule: its numbers in decimal, one space
+-- apart: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit, window (us), burst,
+-- strict (0 or 1), then for a check cost and shadow (0 or 1); for a settlement
+-- window_start, delta, the reservation's generation and its end (GCRA: where its units end
+-- on the epoch's timeline; the window algorithms ignore it).
 --
 -- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
 -- "start prev count generation" (GCRA: the TAT, the us that give-backs have moved it back
@@ -121,16 +122,22 @@ end
 local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
 
 -- The rule being decided, read from ARGV by `rule`: the helpers below read these instead of
--- a table of parameters, so that a decision builds no table and no closure.
+-- a table of parameters, so that a decision builds no table and no closure. `arg1` to
+-- `arg4` are the call's own numbers (a check's cost and shadow; a settlement's
+-- window_start, delta, generation and reservation end), as strings.
 local alg, limit, window, burst, strict
+local arg1, arg2, arg3, arg4
 
--- Reads the rule whose numbers follow ARGV[o].
+-- Reads the rule whose numbers are ARGV[o].
 local function rule(o)
-  alg = tonumber(ARGV[o + 1])
-  limit = tonumber(ARGV[o + 2])
-  window = tonumber(ARGV[o + 3])
-  burst = tonumber(ARGV[o + 4])
-  strict = ARGV[o + 5] == '1'
+  local a, l, w, b, s
+  a, l, w, b, s, arg1, arg2, arg3, arg4 =
+    match(ARGV[o], '^(%d+) (%d+) (%d+) (%d+) (%d) (%d+) (%-?%d+) ?(%d*) ?(%d*)$')
+  alg = tonumber(a)
+  limit = tonumber(l)
+  window = tonumber(w)
+  burst = tonumber(b)
+  strict = s == '1'
 end
 
 -- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
@@ -400,14 +407,13 @@ local function run_reset(ko, n)
   end
 end
 
--- A settlement of the `n` keys after KEYS[ko], their numbers after ARGV[base].
+-- A settlement of the `n` keys after KEYS[ko], their rules after ARGV[base].
 local function run_settle(ko, n, base)
   for i = 1, n do
     local key = KEYS[ko + i]
-    local o = base + (i - 1) * 9
-    rule(o)
-    local window_start, delta, gen = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
-      tonumber(ARGV[o + 8])
+    rule(base + i)
+    local window_start, delta, gen, reservation_end = tonumber(arg1), tonumber(arg2),
+      tonumber(arg3), tonumber(arg4)
     local start, prev, count, g, found = load(key)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and g == gen then
@@ -430,7 +436,7 @@ local function run_settle(ko, n, base)
             end
           else
             local back = increment(-delta)
-            local outstanding = sat_sub(sat_sub(tonumber(ARGV[o + 9]), prev), now)
+            local outstanding = sat_sub(sat_sub(reservation_end, prev), now)
             if back > outstanding then
               back = outstanding
             end
@@ -454,19 +460,18 @@ end
 -- Values kept per rule between the two passes of a check.
 local KEPT = 15
 
--- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
+-- A check or peek of the `n` keys after KEYS[ko], their rules after ARGV[base]; appends
 -- the answer to `out`.
 local function run_check(mode, ko, n, base, out)
   local admitted = mode ~= 'p'
   local r = {}
   for i = 1, n do
-    local o = base + (i - 1) * 7
-    rule(o)
-    local cost = tonumber(ARGV[o + 6])
+    rule(base + i)
+    local cost = tonumber(arg1)
     if mode == 'p' then
       cost = 0
     end
-    local shadow = ARGV[o + 7] == '1'
+    local shadow = arg2 == '1'
     local s0, p0, c0, gen = load(KEYS[ko + i])
     local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
       decide(s0, p0, c0, now, cost)
@@ -500,7 +505,7 @@ local function run_check(mode, ko, n, base, out)
         -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
         -- down, so adding the cost back could come out one short)
         if not ruled then
-          rule(base + (i - 1) * 7)
+          rule(base + i)
           ruled = true
         end
         local _, _, peeked = decide(bs, bp, bc, now, 0)
@@ -512,7 +517,7 @@ local function run_check(mode, ko, n, base, out)
     local blocked = 0
     if mode == 'c' and not shadow and rem < 1 then
       if not ruled then
-        rule(base + (i - 1) * 7)
+        rule(base + i)
       end
       blocked = blocked_for(ks, kp, kc)
     end
@@ -573,7 +578,7 @@ if mode ~= 'b' then
   return answer(out)
 end
 
--- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its numbers, its keys
+-- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its rules, its keys
 -- following the previous call's in KEYS. They run one after another, each exactly as it
 -- would alone (one TIME for those on the server's clock), and each answer follows its
 -- length (-1 for a call that failed: its error fails it alone).
@@ -604,10 +609,8 @@ for _ = 1, tonumber(ARGV[2]) do
     out[at] = -1
   end
   ko = ko + n
-  if m == 's' then
-    base = base + 9 * n
-  elseif m ~= 'r' then
-    base = base + 7 * n
+  if m ~= 'r' then
+    base = base + n
   end
 end
 return answer(out)
