@@ -753,9 +753,8 @@ impl RedisStore {
     }
 
     /// The script call (`EVALSHA`) for these rules, or an error when Cluster could not run
-    /// it. Each rule's numbers travel as one argument (decimal, one space apart), which
-    /// the script splits with one pattern match; keys and numbers share one scratch
-    /// buffer.
+    /// it. The command is written straight into one buffer: numbers are formatted in
+    /// place, and the keys share one scratch string.
     fn invocation<'k, I>(
         &self,
         mode: Mode,
@@ -771,7 +770,7 @@ impl RedisStore {
             ));
         }
         let count = rules.clone().count();
-        let mut cmd = redis::Cmd::with_capacity(6 + 2 * count, 96 + 128 * count);
+        let mut cmd = redis::Cmd::with_capacity(6 + 8 * count, 96 + 128 * count);
         cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(count);
         let mut first: Option<&RateKey> = None;
         let mut name = String::with_capacity(self.inner.prefix.len() + 48);
@@ -806,8 +805,6 @@ impl RedisStore {
             None => cmd.arg("-"),
         };
         cmd.arg(grace);
-        // the keys' scratch buffer, reused
-        let mut numbers = name.into_bytes();
         for (rule, _key, params, a, b, generation, reservation_end) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
@@ -824,32 +821,22 @@ impl RedisStore {
                     b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
                 ),
             };
-            numbers.clear();
-            numbers.push(match params.algorithm {
-                Algorithm::SlidingWindow => b'0',
-                Algorithm::FixedWindow => b'1',
-                Algorithm::Gcra => b'2',
-            });
-            for n in [params.limit, params.window, params.burst] {
-                numbers.push(b' ');
-                push_decimal(&mut numbers, n);
-            }
-            numbers.extend_from_slice(if params.strict { b" 1 " } else { b" 0 " });
-            push_decimal(&mut numbers, a);
-            numbers.push(b' ');
-            if b < 0 {
-                numbers.push(b'-');
-            }
-            push_decimal(&mut numbers, b.unsigned_abs());
+            cmd.arg(match params.algorithm {
+                Algorithm::SlidingWindow => 0,
+                Algorithm::FixedWindow => 1,
+                Algorithm::Gcra => 2,
+            })
+            .arg(params.limit)
+            .arg(params.window)
+            .arg(params.burst)
+            .arg(u8::from(params.strict))
+            .arg(a)
+            .arg(b);
             if mode == Mode::Settle {
                 // An end past the script's exact range is only ever later than the truth;
                 // lowering it gives back less, never more.
-                numbers.push(b' ');
-                push_decimal(&mut numbers, u64::from(generation));
-                numbers.push(b' ');
-                push_decimal(&mut numbers, reservation_end.min(LUA_TIME - 1));
+                cmd.arg(generation).arg(reservation_end.min(LUA_TIME - 1));
             }
-            cmd.arg(&numbers[..]);
         }
         Ok(cmd)
     }
@@ -1345,73 +1332,19 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
     })
 }
 
-/// Appends `n` in decimal.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-}
-
-/// The integers of the script's answer: each in decimal and followed by one space, as the
-/// script's `%d ` writes them (`-` before a negative one; no `+`, no leading zero, no
-/// `-0`). Any other text, or an integer outside `i64`, is `None`: every text read is the
-/// one writing its integers gives.
+/// The integers of the script's answer: 8 bytes each, little-endian two's complement, as
+/// the script's `struct.pack('<i8...')` writes them. A length that is not a multiple of 8
+/// is `None`; every other text is exactly one sequence of integers.
 fn decode_answer(text: &[u8]) -> Option<Vec<i64>> {
-    if text.is_empty() {
-        return Some(Vec::new());
+    let words = text.chunks_exact(8);
+    if !words.remainder().is_empty() {
+        return None;
     }
-    let body = text.strip_suffix(b" ")?;
-    let mut out = Vec::with_capacity(text.iter().filter(|&&b| b == b' ').count());
-    for token in body.split(|&b| b == b' ') {
-        out.push(decode_integer(token)?);
-    }
-    Some(out)
-}
-
-/// One integer of the script's answer, as [`decode_answer`] reads it.
-fn decode_integer(token: &[u8]) -> Option<i64> {
-    let (negative, digits) = match token {
-        [b'-', digits @ ..] => (true, digits),
-        digits => (false, digits),
-    };
-    match digits {
-        // zero is "0" alone
-        [b'0'] if !negative => return Some(0),
-        [b'1'..=b'9', ..] => {}
-        _ => return None,
-    }
-    if digits.len() <= 18 {
-        // below 10^18: no overflow to check
-        let mut value: i64 = 0;
-        for &d in digits {
-            if !d.is_ascii_digit() {
-                return None;
-            }
-            value = value * 10 + i64::from(d - b'0');
-        }
-        return Some(if negative { -value } else { value });
-    }
-    // Accumulated negative, so that i64::MIN fits.
-    let mut value: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        value = value.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
-    }
-    if negative {
-        Some(value)
-    } else {
-        value.checked_neg()
-    }
+    Some(
+        words
+            .map(|w| i64::from_le_bytes(w.try_into().unwrap_or_default()))
+            .collect(),
+    )
 }
 
 /// Fields per rule in the script's answer.
@@ -1578,9 +1511,9 @@ mod tests {
 
     use super::decode_answer;
 
-    /// What the script's `format(rep('%d ', n), ...)` writes for these integers.
-    fn encode(values: &[i64]) -> String {
-        values.iter().map(|v| format!("{v} ")).collect()
+    /// What the script's `struct.pack('<' .. rep('i8', n), ...)` writes for these integers.
+    fn encode(values: &[i64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 
     #[test]
@@ -1596,37 +1529,14 @@ mod tests {
             -(1 << 53),
             4_294_967_295,
         ];
-        assert_eq!(
-            decode_answer(encode(&values).as_bytes()),
-            Some(values.to_vec())
-        );
+        assert_eq!(decode_answer(&encode(&values)), Some(values.to_vec()));
         assert_eq!(decode_answer(b""), Some(Vec::new()));
     }
 
     #[test]
-    fn an_answer_in_another_shape_is_refused_not_misread() {
-        for text in [
-            "1",
-            "1 2",
-            " 1 ",
-            "1  ",
-            "+1 ",
-            "--1 ",
-            "- ",
-            "-",
-            "1a ",
-            "a ",
-            "1\n",
-            "1,2 ",
-            "-0 ",
-            "01 ",
-            "00 ",
-            "-01 ",
-            "9223372036854775808 ",
-            "-9223372036854775809 ",
-            "99999999999999999999 ",
-        ] {
-            assert_eq!(decode_answer(text.as_bytes()), None, "{text:?}");
+    fn an_answer_of_a_length_not_a_multiple_of_8_is_refused() {
+        for len in [1, 7, 9, 15, 17] {
+            assert_eq!(decode_answer(&vec![0; len]), None, "{len} bytes");
         }
     }
 
@@ -1655,20 +1565,10 @@ mod tests {
         assert_eq!(by_key.key_name("r", &RateKey::Global), "p:r:{global}");
     }
 
-    #[test]
-    fn rule_numbers_are_written_in_decimal() {
-        let mut out = Vec::new();
-        for n in [0, 7, 10, 1 << 53, u64::MAX] {
-            out.clear();
-            super::push_decimal(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
-        }
-    }
-
     proptest! {
         #[test]
         fn any_integers_round_trip(values in prop::collection::vec(any::<i64>(), 0..300)) {
-            prop_assert_eq!(decode_answer(encode(&values).as_bytes()), Some(values));
+            prop_assert_eq!(decode_answer(&encode(&values)), Some(values));
         }
 
         /// A batch's answer: each call's part after its length, or -1 for a call that
@@ -1690,14 +1590,15 @@ mod tests {
                     None => flat.push(-1),
                 }
             }
-            prop_assert_eq!(decode_answer(encode(&flat).as_bytes()), Some(flat));
+            prop_assert_eq!(decode_answer(&encode(&flat)), Some(flat));
         }
 
         #[test]
-        fn a_damaged_answer_is_refused_or_read_exactly(text in "[-0-9 +a]{0,40}") {
-            // never a panic, and a text read is the one its integers write
-            if let Some(values) = decode_answer(text.as_bytes()) {
-                prop_assert_eq!(encode(&values), text);
+        fn any_bytes_are_refused_or_read_exactly(bytes in prop::collection::vec(any::<u8>(), 0..100)) {
+            // never a panic, and the bytes read are the ones their integers write
+            match decode_answer(&bytes) {
+                Some(values) => prop_assert_eq!(encode(&values), bytes),
+                None => prop_assert_ne!(bytes.len() % 8, 0),
             }
         }
     }

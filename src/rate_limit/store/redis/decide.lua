@@ -10,11 +10,10 @@
 -- (a batch of calls, see the end of the script).
 -- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
 -- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
--- Then, except for a reset, one argument per rule: its numbers in decimal, one space
--- apart: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit, window (us), burst,
--- strict (0 or 1), then for a check cost and shadow (0 or 1); for a settlement
--- window_start, delta, the reservation's generation and its end (GCRA: where its units end
--- on the epoch's timeline; the window algorithms ignore it).
+-- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
+-- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
+-- or 1); for a settlement 9: window_start, delta, the reservation's generation and its end
+-- (GCRA: where its units end on the epoch's timeline; the window algorithms ignore it).
 --
 -- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
 -- "start prev count generation" (GCRA: the TAT, the us that give-backs have moved it back
@@ -30,9 +29,10 @@
 -- give-backs have moved the TAT back in its epoch (0 for the window algorithms). A peek
 -- answers the same for its one rule; a settlement and a reset answer {}.
 --
--- The script returns its answer as one string: every integer in decimal, each followed by
--- one space ("" for {}). `%d` converts a number as Redis converts one in a returned table
--- (to a 64-bit integer), and the client then reads one value instead of one per integer.
+-- The script returns its answer as one string: every integer as 8 bytes, little-endian two's
+-- complement ("" for {}). struct.pack converts a number to a 64-bit integer as Redis
+-- converts one in a returned table, with no text formatting, and the client then reads one
+-- value instead of one per integer.
 
 local floor = math.floor
 local P53 = 9007199254740992
@@ -122,22 +122,16 @@ end
 local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
 
 -- The rule being decided, read from ARGV by `rule`: the helpers below read these instead of
--- a table of parameters, so that a decision builds no table and no closure. `arg1` to
--- `arg4` are the call's own numbers (a check's cost and shadow; a settlement's
--- window_start, delta, generation and reservation end), as strings.
+-- a table of parameters, so that a decision builds no table and no closure.
 local alg, limit, window, burst, strict
-local arg1, arg2, arg3, arg4
 
--- Reads the rule whose numbers are ARGV[o].
+-- Reads the rule whose numbers follow ARGV[o].
 local function rule(o)
-  local a, l, w, b, s
-  a, l, w, b, s, arg1, arg2, arg3, arg4 =
-    match(ARGV[o], '^(%d+) (%d+) (%d+) (%d+) (%d) (%d+) (%-?%d+) ?(%d*) ?(%d*)$')
-  alg = tonumber(a)
-  limit = tonumber(l)
-  window = tonumber(w)
-  burst = tonumber(b)
-  strict = s == '1'
+  alg = tonumber(ARGV[o + 1])
+  limit = tonumber(ARGV[o + 2])
+  window = tonumber(ARGV[o + 3])
+  burst = tonumber(ARGV[o + 4])
+  strict = ARGV[o + 5] == '1'
 end
 
 -- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
@@ -407,13 +401,14 @@ local function run_reset(ko, n)
   end
 end
 
--- A settlement of the `n` keys after KEYS[ko], their rules after ARGV[base].
+-- A settlement of the `n` keys after KEYS[ko], their numbers after ARGV[base].
 local function run_settle(ko, n, base)
   for i = 1, n do
     local key = KEYS[ko + i]
-    rule(base + i)
-    local window_start, delta, gen, reservation_end = tonumber(arg1), tonumber(arg2),
-      tonumber(arg3), tonumber(arg4)
+    local o = base + (i - 1) * 9
+    rule(o)
+    local window_start, delta, gen = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
+      tonumber(ARGV[o + 8])
     local start, prev, count, g, found = load(key)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and g == gen then
@@ -436,7 +431,7 @@ local function run_settle(ko, n, base)
             end
           else
             local back = increment(-delta)
-            local outstanding = sat_sub(sat_sub(reservation_end, prev), now)
+            local outstanding = sat_sub(sat_sub(tonumber(ARGV[o + 9]), prev), now)
             if back > outstanding then
               back = outstanding
             end
@@ -460,18 +455,19 @@ end
 -- Values kept per rule between the two passes of a check.
 local KEPT = 15
 
--- A check or peek of the `n` keys after KEYS[ko], their rules after ARGV[base]; appends
+-- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
 -- the answer to `out`.
 local function run_check(mode, ko, n, base, out)
   local admitted = mode ~= 'p'
   local r = {}
   for i = 1, n do
-    rule(base + i)
-    local cost = tonumber(arg1)
+    local o = base + (i - 1) * 7
+    rule(o)
+    local cost = tonumber(ARGV[o + 6])
     if mode == 'p' then
       cost = 0
     end
-    local shadow = arg2 == '1'
+    local shadow = ARGV[o + 7] == '1'
     local s0, p0, c0, gen = load(KEYS[ko + i])
     local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
       decide(s0, p0, c0, now, cost)
@@ -505,7 +501,7 @@ local function run_check(mode, ko, n, base, out)
         -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
         -- down, so adding the cost back could come out one short)
         if not ruled then
-          rule(base + i)
+          rule(base + (i - 1) * 7)
           ruled = true
         end
         local _, _, peeked = decide(bs, bp, bc, now, 0)
@@ -517,7 +513,7 @@ local function run_check(mode, ko, n, base, out)
     local blocked = 0
     if mode == 'c' and not shadow and rem < 1 then
       if not ruled then
-        rule(base + i)
+        rule(base + (i - 1) * 7)
       end
       blocked = blocked_for(ks, kp, kc)
     end
@@ -535,13 +531,13 @@ local function run_check(mode, ko, n, base, out)
 end
 
 -- The answer `out` as the string the header describes. `unpack` takes a bounded number of
--- values, so a long answer is formatted in chunks.
+-- values, so a long answer is packed in chunks.
 local CHUNK = 200
-local rep, concat = string.rep, table.concat
+local rep, concat, pack = string.rep, table.concat, struct.pack
 local function answer(out)
   local n = #out
   if n <= CHUNK then
-    return format(rep('%d ', n), unpack(out, 1, n))
+    return pack('<' .. rep('i8', n), unpack(out, 1, n))
   end
   local parts = {}
   for i = 1, n, CHUNK do
@@ -549,7 +545,7 @@ local function answer(out)
     if j > n then
       j = n
     end
-    parts[#parts + 1] = format(rep('%d ', j - i + 1), unpack(out, i, j))
+    parts[#parts + 1] = pack('<' .. rep('i8', j - i + 1), unpack(out, i, j))
   end
   return concat(parts)
 end
@@ -578,7 +574,7 @@ if mode ~= 'b' then
   return answer(out)
 end
 
--- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its rules, its keys
+-- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its numbers, its keys
 -- following the previous call's in KEYS. They run one after another, each exactly as it
 -- would alone (one TIME for those on the server's clock), and each answer follows its
 -- length (-1 for a call that failed: its error fails it alone).
@@ -609,8 +605,10 @@ for _ = 1, tonumber(ARGV[2]) do
     out[at] = -1
   end
   ko = ko + n
-  if m ~= 'r' then
-    base = base + n
+  if m == 's' then
+    base = base + 9 * n
+  elseif m ~= 'r' then
+    base = base + 7 * n
   end
 end
 return answer(out)
