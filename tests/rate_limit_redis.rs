@@ -465,6 +465,58 @@ async fn reset_stats(url: &str) {
         .unwrap();
 }
 
+/// The script answers its integers packed with `struct.pack('<i8...')`: Redis's Lua must
+/// convert every number the script can hold (doubles: integers up to 2^53, the batch's -1
+/// marker, a stray fraction) to the same 64-bit integer as it does for a number in a
+/// returned table, the form the script answered in before.
+#[tokio::test]
+async fn the_scripts_packed_integers_are_the_ones_redis_returns_in_a_table() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let numbers = [
+        "0",
+        "1",
+        "-1",
+        "4294967295",
+        "4503599627370496",
+        "9007199254740991",
+        "9007199254740992",
+        "-9007199254740992",
+        "1796606185341901",
+        "2.5",
+        "-2.5",
+    ];
+    let read = "local n = {} for i = 1, #ARGV do n[i] = tonumber(ARGV[i]) end ";
+    let table: Vec<i64> = redis::cmd("EVAL")
+        .arg(format!("{read} return n"))
+        .arg(0)
+        .arg(&numbers[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let packed: Vec<u8> = redis::cmd("EVAL")
+        .arg(format!(
+            "{read} return struct.pack('<' .. string.rep('i8', #n), unpack(n))"
+        ))
+        .arg(0)
+        .arg(&numbers[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let unpacked: Vec<i64> = packed
+        .chunks_exact(8)
+        .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    assert_eq!(packed.len(), 8 * numbers.len());
+    assert_eq!(unpacked, table);
+    assert_eq!(table[2], -1);
+    assert_eq!(table[7], -(1 << 53));
+}
+
 #[tokio::test]
 async fn one_script_call_per_decision_and_none_for_a_blocked_key() {
     let server = RedisServer::start().await.expect("redis-server");
