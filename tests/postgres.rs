@@ -50,7 +50,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     let server = pg::Postgres::start();
     let url = server.database("load").await;
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(sink.migrate().await.unwrap(), [1, 2, 3, 4, 5, 6, 7, 8]);
     let config = RecorderConfig {
         capacity: 20_000,
         max_batch: 1000,
@@ -79,7 +79,7 @@ async fn ten_thousand_records_under_load_are_stored_exactly_once_and_sum_like_th
     memory.record_batch(&records).await.unwrap();
     let stats = shutdown.shutdown().await;
     assert_eq!(stats.written, 10_000);
-    // a batch delivered twice (a retry after a lost answer) is stored once
+    // records a caller sends again are stored once, and counted as duplicates
     sink.record_batch(&records[..500]).await.unwrap();
     let health = sink.health();
     assert_eq!(
@@ -151,7 +151,7 @@ async fn migrations_run_twice_or_at_once_are_a_no_op() {
     applied.extend(rb.unwrap());
     assert_eq!(
         applied,
-        [1, 2, 3, 4, 5, 6, 7],
+        [1, 2, 3, 4, 5, 6, 7, 8],
         "each migration applied once"
     );
     assert!(a.migrate().await.unwrap().is_empty());
@@ -434,7 +434,7 @@ async fn the_record_id_migration_keeps_existing_rows() {
         .await
         .unwrap();
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [5, 6, 7]);
+    assert_eq!(sink.migrate().await.unwrap(), [5, 6, 7, 8]);
     assert!(sink.migrate().await.unwrap().is_empty());
     assert_eq!(
         count(
@@ -485,7 +485,7 @@ async fn the_fallback_a_record_came_from_is_stored_and_old_rows_keep_null() {
         .await
         .unwrap();
     let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    assert_eq!(sink.migrate().await.unwrap(), [6, 7]);
+    assert_eq!(sink.migrate().await.unwrap(), [6, 7, 8]);
     let mut served = record(1);
     served.fallback = Some("model:claude-haiku-4-5".into());
     let plain = record(2);
@@ -588,20 +588,16 @@ async fn relay_losing_one_answer(server_port: u16, cut: Arc<std::sync::atomic::A
     port
 }
 
-/// A batch whose insert was committed but whose answer was lost with the connection is
-/// sent again: the retry adds no row (each record's id is unique), and every record is
-/// delivered once. The retry finds the records stored, so they count as duplicates: the
-/// PostgreSQL sink keeps no batch ids (see `SinkHealth::duplicates`).
-#[tokio::test]
-async fn a_batch_whose_commit_answer_was_lost_is_stored_once() {
-    let server = pg::Postgres::start();
-    let url = server.database("lostanswer").await;
-    let direct = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
-    direct.migrate().await.unwrap();
+/// Sends 200 records to `db` on `server` through a relay that loses the answer to the
+/// commit of the second batch (199 records): the sink sends that batch again under its
+/// id. Returns the sink, flushed.
+async fn lose_one_commit_answer(server: &pg::Postgres, db: &str) -> PostgresSink {
+    let url = format!("postgres://postgres@127.0.0.1:{}/{db}", server.port());
     let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let port = relay_losing_one_answer(server.port(), Arc::clone(&cut)).await;
-    let relayed = format!("postgres://postgres@127.0.0.1:{port}/lostanswer");
+    let relayed = format!("postgres://postgres@127.0.0.1:{port}/{db}");
     let sink = PostgresSink::connect(PostgresConfig::new(relayed)).unwrap();
+    let before = count(&url, "SELECT count(*) FROM usage_logs").await;
     let records: Vec<UsageRecord> = (0..200).map(record).collect();
     // the pool's connection is open and the insert prepared: the next answer is the
     // insert's, sent once it is committed
@@ -611,9 +607,27 @@ async fn a_batch_whose_commit_answer_was_lost_is_stored_once() {
     let h = sink.health();
     assert_eq!((h.accepted, h.delivered, h.backlog), (200, 1, 199), "{h:?}");
     assert!(h.last_error.is_some(), "{h:?}");
-    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
-
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM usage_logs").await,
+        before + 200,
+        "the lost answer's batch was committed"
+    );
     sink.flush().await.unwrap();
+    sink
+}
+
+/// A batch whose insert was committed but whose answer was lost with the connection is
+/// sent again: the retry adds no row (each record's id is unique), and every record is
+/// delivered once. The retry counted its 199 records as duplicates, though no client
+/// sent a record twice: the batch's id, noted with its rows, now answers the retry with
+/// the count of its first store.
+#[tokio::test]
+async fn a_batch_whose_commit_answer_was_lost_is_stored_once_and_counts_no_duplicate() {
+    let server = pg::Postgres::start();
+    let url = server.database("lostanswer").await;
+    let direct = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    direct.migrate().await.unwrap();
+    let sink = lose_one_commit_answer(&server, "lostanswer").await;
     let h = sink.health();
     assert_eq!(
         (
@@ -623,11 +637,93 @@ async fn a_batch_whose_commit_answer_was_lost_is_stored_once() {
             h.backlog,
             h.last_error
         ),
-        (200, 200, 199, 0, None)
+        (200, 200, 0, 0, None)
     );
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
     assert_eq!(
         count(&url, "SELECT count(DISTINCT record_id) FROM usage_logs").await,
         200
     );
+    // one row per batch id, with the count of its first store
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM usage_batches WHERE fresh IN (1, 199)"
+        )
+        .await,
+        2
+    );
+
+    // a record a client really sends twice still counts, once
+    let twice = record(1_000);
+    sink.record_batch(std::slice::from_ref(&twice))
+        .await
+        .unwrap();
+    sink.record_batch(&[twice, record(1_001)]).await.unwrap();
+    let h = sink.health();
+    assert_eq!((h.delivered, h.duplicates), (203, 1), "{h:?}");
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 202);
+}
+
+/// A ledger at migration 0007 (before batch ids) upgrades to 0008 with its rows kept,
+/// and a lost answer then counts no duplicate there too.
+#[tokio::test]
+async fn a_database_at_migration_7_upgrades_and_a_lost_answer_counts_no_duplicate() {
+    let server = pg::Postgres::start();
+    let url = server.database("at7").await;
+    let client = pg::client(&url).await;
+    migrate_by_hand(&client, 7).await;
+    client
+        .batch_execute(
+            "INSERT INTO usage_logs (record_id, time, route, input_tokens, output_tokens, \
+             cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens, \
+             web_search_requests, status, stream, completion, duration_ms, time_to_headers_ms) \
+             VALUES ('old', now(), '/', 1, 0, 0, 0, 0, 0, 200, false, 'complete', 0, 0)",
+        )
+        .await
+        .unwrap();
+    let direct = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    assert_eq!(direct.migrate().await.unwrap(), [8]);
+    assert!(direct.migrate().await.unwrap().is_empty());
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM palisade_schema_migrations").await,
+        palisade::cost::sink::MIGRATIONS.len() as i64
+    );
+    let sink = lose_one_commit_answer(&server, "at7").await;
+    let h = sink.health();
+    assert_eq!((h.delivered, h.duplicates, h.backlog), (200, 0, 0), "{h:?}");
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 201);
+}
+
+/// Batch ids are kept a day: the sink deletes older ones (on its first store, then at
+/// most once a minute), and a fresh one stays.
+#[tokio::test]
+async fn batch_ids_older_than_a_day_are_deleted() {
+    let server = pg::Postgres::start();
+    let url = server.database("prune").await;
+    let sink = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    sink.migrate().await.unwrap();
+    let client = pg::client(&url).await;
+    client
+        .batch_execute(
+            "INSERT INTO usage_batches (batch_id, fresh, applied_at) VALUES \
+             ('stale', 3, now() - interval '25 hours'), \
+             ('recent', 2, now() - interval '23 hours')",
+        )
+        .await
+        .unwrap();
+    sink.record_batch(&[record(1), record(2)]).await.unwrap();
+    let ids: Vec<(String, i64)> = client
+        .query(
+            "SELECT batch_id, fresh FROM usage_batches ORDER BY applied_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], ("recent".to_owned(), 2));
+    assert_eq!(ids[1].1, 2, "{ids:?}");
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use palisade::rate_limit::algorithm::{Params, Verdict};
 use palisade::rate_limit::store::{CheckItem, Decision, RuleDecision, Settlement};
 use palisade::rate_limit::{
-    Algorithm, HashTag, MemoryStore, Quota, RateKey, RedisFailMode, RedisStore, Store,
+    Algorithm, HashTag, MemoryStore, Quota, RateKey, RedisFailMode, RedisStore, Store, StoreError,
 };
 use support::{RedisCluster, RedisServer};
 
@@ -111,6 +111,57 @@ fn peeked(d: Decision) -> RuleDecision {
     RuleDecision {
         debited: false,
         ..d.rules[0]
+    }
+}
+
+/// A Redis store and a memory store taking the same steps at the same instants, so a test
+/// holds Redis to the memory store's answers one line per step. Each method answers
+/// (Redis's, the memory store's).
+struct Both {
+    redis: RedisStore,
+    memory: MemoryStore,
+}
+
+impl Both {
+    /// A store on `server` under a fresh prefix from `tag`, beside a fresh memory store.
+    async fn start(server: &RedisServer, tag: &str) -> Self {
+        Self {
+            redis: single(&server.url(), &unique(tag)).await,
+            memory: MemoryStore::new(),
+        }
+    }
+
+    /// `rule` checked in each at `at`.
+    async fn check(&self, rule: &Owned, at: u64) -> (Decision, Decision) {
+        let redis = self.redis.check_at(&[rule.item()], at).await.unwrap();
+        (redis, self.memory.check_at(&[rule.item()], at))
+    }
+
+    /// `delta` units of `rule` settled in each at `at`, each against its own decision
+    /// (Redis's, the memory store's); answers Redis's result.
+    async fn settle(
+        &self,
+        rule: &Owned,
+        (redis, memory): (&RuleDecision, &RuleDecision),
+        delta: i64,
+        at: u64,
+    ) -> Result<(), StoreError> {
+        self.memory
+            .settle_at(&[settlement(rule, memory, delta)], at);
+        self.redis
+            .settle_at(&[settlement(rule, redis, delta)], at)
+            .await
+    }
+
+    /// What `rule`'s key holds in each at `at`: Redis's peek, the memory store's answer
+    /// to a check of cost 0 (which debits nothing).
+    async fn peek(&self, rule: &Owned, at: u64) -> (RuleDecision, RuleDecision) {
+        let zero = Owned {
+            cost: 0,
+            ..rule.clone()
+        };
+        let redis = self.redis.peek_at(&rule.item(), at).await.unwrap();
+        (redis, peeked(self.memory.check_at(&[zero.item()], at)))
     }
 }
 
@@ -850,8 +901,8 @@ async fn the_client_clock_decides_windows_from_this_machines_time() {
 #[tokio::test]
 async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
     let server = RedisServer::start().await.expect("redis-server");
-    let store = single(&server.url(), &unique("huge")).await;
-    let memory = palisade::rate_limit::MemoryStore::new();
+    let both = Both::start(&server, "huge").await;
+    let store = &both.redis;
     let now = 1u64 << 40;
     // the largest quota the script counts exactly: the same answers as the memory store
     for (n, algorithm) in (0..).zip(ALGORITHMS) {
@@ -862,8 +913,7 @@ async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
             cost: limit - 1,
             ..one_rule(algorithm, limit, 1)
         };
-        let r = store.check_at(&[rule.item()], now).await.unwrap();
-        let m = memory.check_at(&[rule.item()], now);
+        let (r, m) = both.check(&rule, now).await;
         assert_eq!(r, m, "{algorithm:?}");
     }
     // past it a double cannot hold every count: an error, never a silently wrong answer
@@ -881,8 +931,8 @@ async fn quotas_past_what_lua_counts_exactly_are_refused_with_an_error() {
             ..one_rule(algorithm, 100, 1)
         };
         // a cost past every capacity is refused as the memory store refuses it
-        let r = store.check_at(&[costly.item()], now).await.unwrap();
-        assert_eq!(r, memory.check_at(&[costly.item()], now), "{algorithm:?}");
+        let (r, m) = both.check(&costly, now).await;
+        assert_eq!(r, m, "{algorithm:?}");
         assert_eq!(r.rules[0].verdict, Verdict::Never);
         assert!(store.peek_at(&huge.item(), now).await.is_err());
     }
@@ -1583,8 +1633,7 @@ async fn a_reset_keys_generation_outlives_what_is_decided_and_given_back_after_t
 #[tokio::test]
 async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() {
     let server = RedisServer::start().await.expect("redis-server");
-    let redis_store = single(&server.url(), &unique("gcra-expiry")).await;
-    let memory = MemoryStore::new();
+    let both = Both::start(&server, "gcra-expiry").await;
     // 10 units a second: 6 units weigh 0.6 s, and the key lives 1 s longer (the grace of
     // explicit times)
     let rule = Owned {
@@ -1595,16 +1644,12 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
         cost: 7,
         ..rule.clone()
     };
-    let name = redis_store.key_name(rule.name, &rule.key);
+    let name = both.redis.key_name(rule.name, &rule.key);
     let sec = 1_000_000;
     let t0 = 1 << 40;
-    let before = redis_store
-        .check_at(&[rule.item()], t0)
-        .await
-        .unwrap()
-        .rules[0];
+    let (before, mem_before) = both.check(&rule, t0).await;
+    let (before, mem_before) = (before.rules[0], mem_before.rules[0]);
     assert!(before.debited);
-    let mem_before = memory.check_at(&[rule.item()], t0).rules[0];
     // Redis drops the key on its own
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1618,19 +1663,14 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let at = t0 + 5 * sec;
-    let after = redis_store
-        .check_at(&[seven.item()], at)
-        .await
-        .unwrap()
-        .rules[0];
+    let (after, mem_after) = both.check(&seven, at).await;
+    let (after, mem_after) = (after.rules[0], mem_after.rules[0]);
     assert!(after.debited);
-    let mem_after = memory.check_at(&[seven.item()], at).rules[0];
-    redis_store
-        .settle_at(&[settlement(&rule, &before, -6)], at)
+    both.settle(&rule, (&before, &mem_before), -6, at)
         .await
         .unwrap();
-    memory.settle_at(&[settlement(&rule, &mem_before, -6)], at);
-    let left = redis_store
+    let left = both
+        .redis
         .peek_at(&rule.item(), at)
         .await
         .unwrap()
@@ -1639,18 +1679,12 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
         left, 3,
         "a give-back from before the key expired refunded a later request"
     );
-    redis_store
-        .settle_at(&[settlement(&rule, &after, -2)], at)
+    both.settle(&rule, (&after, &mem_after), -2, at)
         .await
         .unwrap();
-    memory.settle_at(&[settlement(&rule, &mem_after, -2)], at);
-    let peek = Owned {
-        cost: 0,
-        ..rule.clone()
-    };
-    let redis_peek = redis_store.peek_at(&rule.item(), at).await.unwrap();
+    let (redis_peek, mem_peek) = both.peek(&rule, at).await;
     assert_eq!(redis_peek.remaining, 5);
-    assert_eq!(memory.check_at(&[peek.item()], at).rules[0].remaining, 5);
+    assert_eq!(mem_peek.remaining, 5);
     // the two stores name the same epochs
     assert_eq!(
         (before.window_start, after.window_start),
@@ -1664,47 +1698,24 @@ async fn a_gcra_give_back_after_the_key_expired_does_not_refund_the_new_state() 
 #[tokio::test]
 async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
     let server = RedisServer::start().await.expect("redis-server");
-    let redis_store = single(&server.url(), &unique("gcra-charge")).await;
-    let memory = MemoryStore::new();
+    let both = Both::start(&server, "gcra-charge").await;
     let rule = Owned {
         params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
         ..one_rule(Algorithm::Gcra, 10, 1)
     };
     let sec = 1_000_000;
     let t0 = 1 << 40;
-    let long = redis_store
-        .check_at(&[rule.item()], t0)
-        .await
-        .unwrap()
-        .rules[0];
-    let mem_long = memory.check_at(&[rule.item()], t0).rules[0];
+    let (long, mem_long) = both.check(&rule, t0).await;
+    let (long, mem_long) = (long.rules[0], mem_long.rules[0]);
     // full again after 0.1 s: at 5 s another request starts a new epoch
     let at = t0 + 5 * sec;
-    let next = redis_store
-        .check_at(&[rule.item()], at)
-        .await
-        .unwrap()
-        .rules[0];
+    let next = both.check(&rule, at).await.0.rules[0];
     assert!(long.debited && next.debited);
     assert_ne!(next.window_start, long.window_start);
-    memory.check_at(&[rule.item()], at);
-    redis_store
-        .settle_at(&[settlement(&rule, &long, 5)], at)
-        .await
-        .unwrap();
-    memory.settle_at(&[settlement(&rule, &mem_long, 5)], at);
-    let left = redis_store
-        .peek_at(&rule.item(), at)
-        .await
-        .unwrap()
-        .remaining;
-    let peek = Owned {
-        cost: 0,
-        ..rule.clone()
-    };
-    let mem_left = memory.check_at(&[peek.item()], at).rules[0].remaining;
+    both.settle(&rule, (&long, &mem_long), 5, at).await.unwrap();
+    let (left, mem_left) = both.peek(&rule, at).await;
     assert_eq!(
-        (left, mem_left),
+        (left.remaining, mem_left.remaining),
         (4, 4),
         "a charge from an earlier epoch was dropped"
     );
@@ -1718,40 +1729,39 @@ async fn a_gcra_charge_from_an_earlier_epoch_is_kept() {
 #[tokio::test]
 async fn a_gcra_give_back_refunds_only_what_its_reservation_still_holds() {
     let server = RedisServer::start().await.expect("redis-server");
-    let redis_store = single(&server.url(), &unique("gcra-outstanding")).await;
-    let memory = MemoryStore::new();
+    let both = Both::start(&server, "gcra-outstanding").await;
     let rule = Owned {
         params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
         ..one_rule(Algorithm::Gcra, 10, 6)
     };
-    let with = |cost| Owned {
-        cost,
+    let five = Owned {
+        cost: 5,
         ..rule.clone()
     };
     let t0 = 1 << 40;
     let half = t0 + 500_000;
-    let a = redis_store.check_at(&[rule.item()], t0).await.unwrap();
-    assert_eq!(a, memory.check_at(&[rule.item()], t0));
-    let b = redis_store.check_at(&[with(5).item()], half).await.unwrap();
-    assert_eq!(b, memory.check_at(&[with(5).item()], half));
+    let (a, mem_a) = both.check(&rule, t0).await;
+    assert_eq!(a, mem_a);
+    let (b, mem_b) = both.check(&five, half).await;
+    assert_eq!(b, mem_b);
     assert!(a.admitted && b.admitted);
-    let give_back = settlement(&rule, &a.rules[0], -6);
-    redis_store.settle_at(&[give_back], half).await.unwrap();
-    memory.settle_at(&[give_back], half);
-    let left = redis_store.peek_at(&rule.item(), half).await.unwrap();
+    both.settle(&rule, (&a.rules[0], &mem_a.rules[0]), -6, half)
+        .await
+        .unwrap();
+    let (left, mem_left) = both.peek(&rule, half).await;
     assert_eq!(
         left.remaining, 5,
         "a give-back refunded units a later request holds"
     );
-    assert_eq!(left, peeked(memory.check_at(&[with(0).item()], half)));
-    let six = redis_store.check_at(&[rule.item()], half).await.unwrap();
+    assert_eq!(left, mem_left);
+    let six = both.redis.check_at(&[rule.item()], half).await.unwrap();
     assert!(!six.admitted, "{six:?}");
-    let give_back = settlement(&rule, &b.rules[0], -5);
-    redis_store.settle_at(&[give_back], half).await.unwrap();
-    memory.settle_at(&[give_back], half);
-    let left = redis_store.peek_at(&rule.item(), half).await.unwrap();
+    both.settle(&rule, (&b.rules[0], &mem_b.rules[0]), -5, half)
+        .await
+        .unwrap();
+    let (left, mem_left) = both.peek(&rule, half).await;
     assert_eq!(left.remaining, 10);
-    assert_eq!(left, peeked(memory.check_at(&[with(0).item()], half)));
+    assert_eq!(left, mem_left);
 }
 
 /// A give-back that another give-back has moved down the bucket refunds no more than what
@@ -1762,36 +1772,31 @@ async fn a_gcra_give_back_refunds_only_what_its_reservation_still_holds() {
 #[tokio::test]
 async fn a_gcra_give_back_moved_down_by_another_refunds_only_its_outstanding_part() {
     let server = RedisServer::start().await.expect("redis-server");
-    let redis_store = single(&server.url(), &unique("gcra-moved")).await;
-    let memory = MemoryStore::new();
+    let both = Both::start(&server, "gcra-moved").await;
     let rule = Owned {
         params: Params::new(Algorithm::Gcra, Quota::per_second(10)),
         ..one_rule(Algorithm::Gcra, 10, 5)
-    };
-    let peek = Owned {
-        cost: 0,
-        ..rule.clone()
     };
     let t0 = 1 << 40;
     let later = t0 + 490_000;
     let mut taken = Vec::new();
     for at in [t0, t0, later] {
         if at == later {
-            let x = settlement(&rule, &taken[0], -5);
-            redis_store.settle_at(&[x], t0).await.unwrap();
-            memory.settle_at(&[x], t0);
+            both.settle(&rule, (&taken[0], &taken[0]), -5, t0)
+                .await
+                .unwrap();
         }
-        let d = redis_store.check_at(&[rule.item()], at).await.unwrap();
-        assert_eq!(d, memory.check_at(&[rule.item()], at));
+        let (d, m) = both.check(&rule, at).await;
+        assert_eq!(d, m);
         assert!(d.admitted, "{d:?}");
         taken.push(d.rules[0]);
     }
-    let a = settlement(&rule, &taken[1], -5);
-    redis_store.settle_at(&[a], later).await.unwrap();
-    memory.settle_at(&[a], later);
-    let left = redis_store.peek_at(&rule.item(), later).await.unwrap();
+    both.settle(&rule, (&taken[1], &taken[1]), -5, later)
+        .await
+        .unwrap();
+    let (left, mem_left) = both.peek(&rule, later).await;
     assert_eq!(left.remaining, 5, "A's give-back refunded B's units");
-    assert_eq!(left, peeked(memory.check_at(&[peek.item()], later)));
+    assert_eq!(left, mem_left);
 }
 
 /// The layer carries a GCRA reservation's end to its settlement: a request that reserved
@@ -2515,34 +2520,21 @@ async fn a_burst_on_many_cluster_slots_waits_in_one_bounded_queue() {
 #[tokio::test]
 async fn the_largest_charge_settles_as_in_the_memory_store() {
     let server = RedisServer::start().await.expect("redis-server");
-    let redis_store = single(&server.url(), &unique("huge-charge")).await;
     for (algorithm, name) in ALGORITHMS.into_iter().zip(["sliding", "fixed", "gcra"]) {
-        let memory = MemoryStore::new();
+        let both = Both::start(&server, "huge-charge").await;
         let rule = Owned {
             name,
             ..one_rule(algorithm, 10, 1)
         };
         let t0 = 1 << 40;
-        let d = redis_store
-            .check_at(&[rule.item()], t0)
-            .await
-            .unwrap()
-            .rules[0];
-        let m = memory.check_at(&[rule.item()], t0).rules[0];
-        let settled = redis_store
-            .settle_at(&[settlement(&rule, &d, i64::MAX)], t0)
+        let (d, m) = both.check(&rule, t0).await;
+        let settled = both
+            .settle(&rule, (&d.rules[0], &m.rules[0]), i64::MAX, t0)
             .await;
-        memory.settle_at(&[settlement(&rule, &m, i64::MAX)], t0);
         assert!(settled.is_ok(), "{algorithm:?}: {settled:?}");
-        let peek = Owned {
-            cost: 0,
-            ..rule.clone()
-        };
-        let got = redis_store.peek_at(&rule.item(), t0).await;
-        let want = memory.check_at(&[peek.item()], t0).rules[0];
-        let got = got.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        let (got, want) = both.peek(&rule, t0).await;
         assert_eq!(got.remaining, want.remaining, "{algorithm:?}");
-        let again = redis_store.check_at(&[rule.item()], t0).await;
+        let again = both.redis.check_at(&[rule.item()], t0).await;
         let again = again.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
         assert!(!again.admitted, "{algorithm:?}: {again:?}");
     }

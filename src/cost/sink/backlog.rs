@@ -27,8 +27,10 @@ pub struct SinkHealth {
     /// Records stored (stored now, or found stored by an earlier attempt).
     pub delivered: u64,
     /// Of `delivered`, records that were already stored when handed over (a batch the
-    /// caller sent again). The Redis sink does not count here its own retry of a batch
-    /// whose write landed but whose answer was lost; the PostgreSQL sink does.
+    /// caller sent again). The sink's own retry of a batch whose write landed but whose
+    /// answer was lost does not count here: the Redis and PostgreSQL sinks remember each
+    /// batch's id (Redis for its `dedupe_ttl`, PostgreSQL for a day) and answer a retry
+    /// as they answered the first store.
     pub duplicates: u64,
     /// Records the server refused for a lasting reason, set aside in the sink's
     /// dead-letter place (Redis: a capped stream; PostgreSQL: `usage_dead_letters`) with

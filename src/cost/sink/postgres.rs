@@ -14,6 +14,8 @@
 //! - `audit_logs`: security events ([`AuditEvent`]): actor, action, target, outcome.
 //! - `usage_dead_letters`: records the server refused for a lasting reason (a constraint
 //!   or a value it cannot store), each with its id, the record as JSON and the error.
+//! - `usage_batches`: the id of each batch the sink stored, with how many of its records
+//!   were new, kept a day (the sink deletes older rows now and then).
 //! - `user_usage_stats`: a materialized view per user and UTC day, refreshed by
 //!   `SELECT refresh_user_usage_stats()` ([`PostgresSink::refresh_stats`]).
 //! - Row-level security: a session in the role `palisade_user` that sets `app.user_id`
@@ -24,8 +26,13 @@
 //!   user a SQL session in that role. `audit_logs` and `user_usage_stats` are not granted
 //!   to it (a materialized view has no row-level security).
 //!
-//! Writes are batched: each batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT
-//! (record_id) DO NOTHING`. While the server is away (no connection, a timeout, a server
+//! Writes are batched: each batch is one statement, `INSERT … SELECT FROM UNNEST(…) ON
+//! CONFLICT (record_id) DO NOTHING` that also notes the batch's id and how many of its
+//! records were new in `usage_batches`, in the same transaction. A record already stored
+//! adds no row and counts in [`SinkHealth::duplicates`]; a batch whose commit landed but
+//! whose answer was lost (the connection dropped) is sent again under the same id and
+//! answers the count of its first store, so the sink's own retry counts no duplicate.
+//! While the server is away (no connection, a timeout, a server
 //! shutting down or read-only, a missing table until the migrations run), records wait in
 //! a bounded buffer and are retried with backoff; a record that does not fit is dropped
 //! and counted. A batch the server refuses for a lasting reason (a data exception, SQLSTATE
@@ -100,6 +107,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         7,
         "usage_dead_letters",
         include_str!("postgres/0007_usage_dead_letters.sql"),
+    ),
+    (
+        8,
+        "usage_batches",
+        include_str!("postgres/0008_usage_batches.sql"),
     ),
 ];
 
@@ -229,6 +241,8 @@ pub(crate) struct Inner {
     pool: Pool,
     config: PostgresConfig,
     backlog: Backlog,
+    /// When the sink last deleted old batch ids.
+    pruned: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// The PostgreSQL ledger. Cheap to clone. See the [`sink`](super) module.
@@ -296,7 +310,12 @@ pub fn record_key(r: &UsageRecord) -> String {
     r.id.to_string()
 }
 
-const INSERT: &str = "INSERT INTO usage_logs (record_id, request_id, time, user_id, api_key_hash, bot_id, \
+/// Stores a batch and notes its id, in one statement (so in one transaction): the
+/// records new to `usage_logs` are counted, the count is added to the batch's row in
+/// `usage_batches` (made on its first store), and the statement answers the batch's total.
+/// A batch stored again under its id (its first answer was lost) answers the count of
+/// its first store.
+const INSERT: &str = "WITH stored AS (INSERT INTO usage_logs (record_id, request_id, time, user_id, api_key_hash, bot_id, \
     conversation_id, route, model, input_tokens, output_tokens, cache_write_5m_tokens, \
     cache_write_1h_tokens, cache_read_tokens, web_search_requests, cost_picos, status, stream, \
     completion, upstream_error, duration_ms, time_to_headers_ms, fallback) \
@@ -304,7 +323,20 @@ const INSERT: &str = "INSERT INTO usage_logs (record_id, request_id, time, user_
     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
     $13::int8[], $14::int8[], $15::int8[], $16::int8[], $17::int2[], $18::bool[], $19::text[], \
     $20::text[], $21::int8[], $22::int8[], $23::text[]) \
-    ON CONFLICT (record_id) DO NOTHING";
+    ON CONFLICT (record_id) DO NOTHING RETURNING 1), \
+    batch AS (INSERT INTO usage_batches (batch_id, fresh) SELECT $24, count(*) FROM stored \
+    ON CONFLICT (batch_id) DO UPDATE SET fresh = usage_batches.fresh + EXCLUDED.fresh \
+    RETURNING fresh) \
+    SELECT fresh FROM batch";
+
+/// How often, at most, the sink runs [`PRUNE`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes the batch ids noted more than a day ago (a retry comes within the sink's
+/// backoff of the server answering again, far sooner). Rows another instance is deleting
+/// at the same moment are left to it, so two sinks never wait on each other.
+const PRUNE: &str = "DELETE FROM usage_batches WHERE batch_id IN (SELECT batch_id FROM \
+    usage_batches WHERE applied_at < now() - interval '1 day' FOR UPDATE SKIP LOCKED)";
 
 fn completion_name(c: Completion) -> &'static str {
     match c {
@@ -351,6 +383,7 @@ impl PostgresSink {
                     },
                 ),
                 config,
+                pruned: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -410,8 +443,9 @@ impl PostgresSink {
         Ok(applied)
     }
 
-    /// Inserts `batch`; returns how many rows were new.
-    async fn insert(&self, batch: &[UsageRecord]) -> Result<u64, SinkError> {
+    /// Inserts `batch` as batch `batch_id`; returns how many of its rows were new, over
+    /// every store of that batch id.
+    async fn insert(&self, batch: &[UsageRecord], batch_id: RecordId) -> Result<u64, SinkError> {
         let client = self.client().await?;
         let stmt = client.prepare_cached(INSERT).await.map_err(pg)?;
         let n = batch.len();
@@ -456,7 +490,8 @@ impl PostgresSink {
             ttfb.push(millis(r.time_to_headers));
             fallback.push(r.fallback.as_deref());
         }
-        let params: [&(dyn ToSql + Sync); 23] = [
+        let batch_id = batch_id.to_string();
+        let params: [&(dyn ToSql + Sync); 24] = [
             &record_id,
             &request_id,
             &time,
@@ -480,8 +515,45 @@ impl PostgresSink {
             &duration,
             &ttfb,
             &fallback,
+            &batch_id,
         ];
-        client.execute(&stmt, &params).await.map_err(pg_write)
+        let fresh: i64 = client
+            .query_one(&stmt, &params)
+            .await
+            .map_err(pg_write)?
+            .get(0);
+        drop(client);
+        self.prune_now_and_then().await;
+        Ok(u64::try_from(fresh).unwrap_or(0))
+    }
+
+    /// Deletes old batch ids, at most once per [`PRUNE_EVERY`]. A failure is logged and
+    /// left for the next time: the ids only make `duplicates` exact.
+    async fn prune_now_and_then(&self) {
+        {
+            let now = tokio::time::Instant::now();
+            let mut pruned = self
+                .inner
+                .pruned
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if pruned.is_some_and(|at| now < at + PRUNE_EVERY) {
+                return;
+            }
+            *pruned = Some(now);
+        }
+        let result = match self.client().await {
+            Ok(client) => client.execute(PRUNE, &[]).await.map_err(pg),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(n) => {
+                tracing::debug!(target: "palisade::cost", deleted = n, "PostgreSQL sink: old batch ids deleted");
+            }
+            Err(e) => {
+                tracing::warn!(target: "palisade::cost", error = %e, "PostgreSQL sink: old batch ids not deleted");
+            }
+        }
     }
 
     /// Sets `record` aside in `usage_dead_letters`, once per record id.
@@ -713,7 +785,7 @@ impl Store for PostgresSink {
         weak.upgrade().map(|inner| Self { inner })
     }
 
-    async fn store(&self, batch: &[UsageRecord], _: RecordId) -> Result<u64, Failure> {
+    async fn store(&self, batch: &[UsageRecord], batch_id: RecordId) -> Result<u64, Failure> {
         // A value past its bigint column would be stored clamped, a wrong amount: the
         // records before it are stored, and it is refused for good.
         if let Some((at, why)) = batch.iter().enumerate().find_map(|(i, r)| {
@@ -728,7 +800,7 @@ impl Store for PostgresSink {
             }
         }) {
             let fresh = if at > 0 {
-                self.insert(&batch[..at]).await?
+                self.insert(&batch[..at], batch_id).await?
             } else {
                 0
             };
@@ -743,7 +815,7 @@ impl Store for PostgresSink {
             });
         }
         // one statement: all of the batch is stored, or none of it
-        Ok(self.insert(batch).await?)
+        Ok(self.insert(batch, batch_id).await?)
     }
 
     fn dead_letter(
