@@ -141,6 +141,8 @@ pub mod error;
 pub mod jitter;
 pub mod key;
 pub mod rate_limit;
+#[cfg(feature = "redis")]
+mod redis_batch;
 pub mod retry;
 pub mod security_headers;
 pub mod service_builder;

@@ -488,3 +488,365 @@ async fn a_refused_reservation_leaves_no_key_without_an_expiry() {
         assert_ne!(ttl, -1, "{name}: {key} has no expiry");
     }
 }
+
+/// The charge of `subject` on `budget`.
+fn charge_of(budget: &Arc<Budget>, subject: &str) -> Arc<[palisade::cost::budget::Charge]> {
+    Arc::from(vec![palisade::cost::budget::Charge {
+        budget: Arc::clone(budget),
+        subject: subject.into(),
+    }])
+}
+
+/// The `calls` of one command in `INFO commandstats`.
+async fn calls_of(conn: &mut impl redis::aio::ConnectionLike, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|l| l.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// The reserved and the settled amounts of an account, as Redis keeps them.
+async fn account(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> (String, String) {
+    let (reserved, spent): (Option<String>, Option<String>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("r")
+        .arg("s")
+        .query_async(conn)
+        .await
+        .unwrap();
+    (
+        reserved.unwrap_or_else(|| "0".into()),
+        spent.unwrap_or_else(|| "0".into()),
+    )
+}
+
+/// `n` reservations of `picos` on `charges` at once, each on a task of its own; whether
+/// each was granted (`None`: the store failed).
+async fn reserve_at_once<C>(
+    store: &Arc<RedisBudgetStore<C>>,
+    charges: &[Arc<[palisade::cost::budget::Charge]>],
+    picos: u128,
+) -> Vec<Option<bool>>
+where
+    RedisBudgetStore<C>: palisade::cost::budget::BudgetStore,
+    C: Send + Sync + 'static,
+{
+    use palisade::cost::budget::{BudgetStore, Reserve};
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, charges) in charges.iter().enumerate() {
+        let store = Arc::clone(store);
+        let charges = Arc::clone(charges);
+        tasks.spawn(async move {
+            let answer = store
+                .reserve(
+                    &charges,
+                    Money::from_picos(picos),
+                    std::time::SystemTime::now(),
+                )
+                .await;
+            (i, answer.ok().map(|r| r == Reserve::Granted))
+        });
+    }
+    let mut out = vec![None; charges.len()];
+    while let Some(done) = tasks.join_next().await {
+        let (i, granted) = done.unwrap();
+        out[i] = granted;
+    }
+    out
+}
+
+/// `n` settlements of `reserved` at `actual` on `charges` at once, each on a task of its
+/// own.
+async fn settle_at_once<C>(
+    store: &Arc<RedisBudgetStore<C>>,
+    charges: &Arc<[palisade::cost::budget::Charge]>,
+    n: usize,
+    reserved: u128,
+    actual: u128,
+) where
+    RedisBudgetStore<C>: palisade::cost::budget::BudgetStore,
+    C: Send + Sync + 'static,
+{
+    use palisade::cost::budget::BudgetStore;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let store = Arc::clone(store);
+        let charges = Arc::clone(charges);
+        tasks.spawn(async move {
+            store
+                .settle(
+                    charges,
+                    Money::from_picos(reserved),
+                    Money::from_picos(actual),
+                    std::time::SystemTime::now(),
+                )
+                .await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
+}
+
+/// Reservations made while two calls are in flight wait and go together as one script
+/// call; each runs exactly as it would alone, so one budget admits exactly what fits.
+#[tokio::test]
+async fn concurrent_reservations_and_settlements_go_in_batches_and_stay_exact() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(7 * 40 + 6));
+    let ann = charge_of(&budget, "ann");
+    // the script is loaded, and the counts start from here
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
+        [Some(true)]
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let granted = reserve_at_once(&store, &vec![Arc::clone(&ann); 100], 7).await;
+    assert_eq!(granted.iter().filter(|g| **g == Some(true)).count(), 40);
+    assert_eq!(granted.iter().filter(|g| **g == Some(false)).count(), 60);
+    let key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(account(&mut admin, key).await, ("280".into(), "0".into()));
+    let evals = calls_of(&mut admin, "evalsha").await;
+    assert!(evals <= 10, "100 reservations took {evals} script calls");
+    assert!(store.batched_calls() >= 90, "{}", store.batched_calls());
+    // settlements batch too: 40 at 5 of their 7
+    let before = store.batched_calls();
+    settle_at_once(&store, &ann, 40, 7, 5).await;
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "200".into()));
+    assert!(store.batched_calls() > before);
+}
+
+/// A batch sent after Redis forgot the script (`NOSCRIPT`: restart, `SCRIPT FLUSH`) is
+/// sent again once the script is loaded: no reservation is lost or made twice.
+#[tokio::test]
+async fn a_batch_sent_again_after_noscript_reserves_each_call_once() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(7 * 40 + 6));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
+        [Some(true)]
+    );
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let granted = reserve_at_once(&store, &vec![charge_of(&budget, "ann"); 100], 7).await;
+    assert!(granted.iter().all(Option::is_some), "{granted:?}");
+    assert_eq!(granted.iter().filter(|g| **g == Some(true)).count(), 40);
+    let key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(account(&mut admin, key).await, ("280".into(), "0".into()));
+    assert!(store.batched_calls() > 0);
+}
+
+/// A batch that Redis refuses fails each of its calls (the layer then follows its failure
+/// mode) and reserves nothing.
+#[tokio::test]
+async fn a_failing_batch_fails_each_of_its_calls() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(1000));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
+        [Some(true)]
+    );
+    let acl = |rule: &'static str| {
+        let mut admin = admin.clone();
+        async move {
+            let _: () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    acl("-evalsha").await;
+    let granted = reserve_at_once(&store, &vec![charge_of(&budget, "ann"); 20], 7).await;
+    assert_eq!(granted, vec![None; 20]);
+    assert_eq!(
+        store.batched_calls(),
+        18,
+        "two went alone, the rest as one batch"
+    );
+    acl("+evalsha").await;
+    let key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "ann")], 7).await,
+        [Some(true)]
+    );
+}
+
+/// A call that fails inside a batch (here its account is not a hash) fails alone: the
+/// other calls of the batch run and count exactly.
+#[tokio::test]
+async fn a_call_that_fails_inside_a_batch_fails_alone() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(1000));
+    let _: () = redis::cmd("SET")
+        .arg("palisade:budget:{budget}:daily:bob")
+        .arg("not a hash")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut charges = vec![charge_of(&budget, "ann"); 20];
+    charges[10] = charge_of(&budget, "bob");
+    let granted = reserve_at_once(&store, &charges, 7).await;
+    let mut expected = vec![Some(true); 20];
+    expected[10] = None;
+    assert_eq!(granted, expected);
+    assert!(store.batched_calls() >= 10);
+    let key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(account(&mut admin, key).await, ("133".into(), "0".into()));
+}
+
+/// A settlement whose future is dropped at once (its caller gone) still reaches Redis:
+/// what it releases would otherwise stay reserved until the period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_dropped_by_its_caller_still_lands() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(100));
+    let ann = charge_of(&budget, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
+        [Some(true)]
+    );
+    drop(store.settle(
+        Arc::clone(&ann),
+        Money::from_picos(100),
+        Money::from_picos(30),
+        std::time::SystemTime::now(),
+    ));
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    // each look is a round trip: the settlement, sent first, lands within a few
+    for _ in 0..1000 {
+        if seen.1 != "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), "30".into()));
+}
+
+/// On a Cluster every key of the store carries its hash tag: the calls of a batch share
+/// one slot, and one script call carries them.
+#[tokio::test]
+async fn reservations_and_settlements_batch_on_a_redis_cluster() {
+    let cluster = support::RedisCluster::start()
+        .await
+        .expect("redis-server is installed");
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
+    let mut admin = client.get_async_connection().await.unwrap();
+    let store = Arc::new(
+        RedisBudgetStore::new(client.get_async_connection().await.unwrap()).hash_tag("team"),
+    );
+    let budget = Arc::new(daily(7 * 40 + 6));
+    let mut charges = vec![charge_of(&budget, "ann"); 60];
+    for c in charges.iter_mut().skip(1).step_by(2) {
+        *c = charge_of(&budget, "bob");
+    }
+    let granted = reserve_at_once(&store, &charges, 7).await;
+    assert_eq!(granted.iter().filter(|g| **g == Some(true)).count(), 60);
+    assert!(store.batched_calls() >= 50, "{}", store.batched_calls());
+    let ann = "palisade:budget:{team}:daily:ann";
+    let bob = "palisade:budget:{team}:daily:bob";
+    assert_eq!(account(&mut admin, ann).await, ("210".into(), "0".into()));
+    settle_at_once(&store, &charge_of(&budget, "bob"), 30, 7, 7).await;
+    assert_eq!(account(&mut admin, bob).await, ("0".into(), "210".into()));
+    let refused = reserve_at_once(&store, &[charge_of(&budget, "bob")], 77).await;
+    assert_eq!(refused, [Some(false)]);
+}
+
+/// A burst of requests through the layer: each reserves and settles, and the calls made
+/// while the connection is busy share script calls, so the burst takes far fewer than the
+/// two script calls per request it would one by one.
+#[tokio::test]
+async fn a_burst_of_requests_through_the_layer_shares_script_calls() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let layer = BudgetLayer::builder()
+        .budget(daily(1_000_000))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.settle(Money::from_picos(3));
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    // the script is loaded, and the counts start from here
+    assert_eq!(
+        svc.clone()
+            .oneshot(request("warm", 1))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let requests = 200;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..requests {
+        let svc = svc.clone();
+        tasks.spawn(async move { svc.oneshot(request("ann", 5)).await.unwrap().status() });
+    }
+    while let Some(status) = tasks.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    // settlements finish on background tasks: each look is a round trip behind them
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    for _ in 0..1000 {
+        if seen.0 == "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), (3 * requests).to_string()));
+    let evals = calls_of(&mut admin, "evalsha").await;
+    assert!(
+        evals * 4 <= 2 * requests,
+        "{requests} requests took {evals} script calls"
+    );
+}

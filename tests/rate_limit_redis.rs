@@ -2539,3 +2539,54 @@ async fn the_largest_charge_settles_as_in_the_memory_store() {
         assert!(!again.admitted, "{algorithm:?}: {again:?}");
     }
 }
+
+/// A field of `INFO section` on one server, as a number.
+async fn info_number(url: &str, section: &str, field: &str) -> u64 {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A store on one server is connected, and its script loaded, once `build` returns (the
+/// server being up). Its first decision is then one script call: before, it also made the
+/// connection, met `NOSCRIPT` and loaded the script, all within the decision's timeout
+/// (50 ms by default), which a busy machine or a distant server misses, so the first
+/// request after start-up failed closed (a 529 in the gateway).
+#[tokio::test]
+async fn a_store_on_one_server_is_connected_and_its_script_loaded_once_built() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let url = server.url();
+    // `info_number` itself holds one connection while it asks
+    assert_eq!(info_number(&url, "clients", "connected_clients").await, 1);
+    assert_eq!(info_number(&url, "memory", "number_of_cached_scripts").await, 0);
+    let store = single(&url, &unique("warm")).await;
+    assert_eq!(
+        info_number(&url, "clients", "connected_clients").await,
+        2,
+        "the store's connection is open"
+    );
+    assert_eq!(
+        info_number(&url, "memory", "number_of_cached_scripts").await,
+        1,
+        "the store's script is loaded"
+    );
+    reset_stats(&url).await;
+    let rules = group(Algorithm::SlidingWindow, 1);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    assert!(store.check(&items).await.unwrap().admitted);
+    assert_eq!(calls(&url, "evalsha").await, 1, "one script call");
+    assert_eq!(calls(&url, "script|load").await, 0);
+}

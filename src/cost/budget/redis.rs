@@ -2,7 +2,8 @@
 //! `redis`).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use redis::Script;
@@ -11,18 +12,40 @@ use redis::aio::ConnectionLike;
 use super::Period;
 use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Reserve};
 use crate::cost::pricing::Money;
+use crate::redis_batch::{self, Answer, BatchScript, Batchers, Kind};
 
-const PERIOD: &str = include_str!("period.lua");
-const MONEY: &str = include_str!("money.lua");
+/// One script for reservations and settlements, alone or in batches.
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("money.lua"),
+        "\n",
+        include_str!("period.lua"),
+        "\n",
+        include_str!("reserve.lua"),
+        "\n",
+        include_str!("settle.lua"),
+        "\n",
+        include_str!("calls.lua"),
+    ))
+});
 
 /// Budget accounts in Redis (or Redis Cluster): each reservation and each settlement is
-/// one script, one round trip, on Redis's own clock, all or nothing across the request's
-/// budgets.
+/// one script call, on Redis's own clock, all or nothing across the request's budgets.
 ///
+/// - Calls are batched: a call made while two are in flight on the connection waits for
+///   one to end and goes with the others waiting, reservations and settlements alike, as
+///   one script call that runs each of them in order, exactly as it would alone (one
+///   `TIME` serves the batch). Under no load nothing waits; under load one round trip
+///   serves many requests. A batch that fails fails each of its calls (the layer then
+///   follows its failure mode); a call that fails inside a batch fails alone.
+///   [`RedisBudgetStore::batched_calls`] counts the calls that went in a batch.
+/// - A settlement is sent even when the future [`BudgetStore::settle`] returned is
+///   dropped (it runs on a task of the current tokio runtime); a reservation still waiting
+///   when its caller is gone is not sent.
 /// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>`, every one with the same hash
-///   tag (`budget` by default), so a request's accounts sit in one Cluster slot and one
-///   script can check them together. Budgets are a few keys per user: one slot carries
-///   them; give each layer its own tag to spread several.
+///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
+///   one Cluster slot and one script can check them together. Budgets are a few keys per
+///   user: one slot carries them; give each layer its own tag to spread several.
 /// - Each account is a hash that expires a day after its period could matter.
 /// - Amounts are kept and compared exactly, as `MemoryBudgetStore` does, for any amount
 ///   [`Money`] holds: the scripts store pico-dollars as decimal strings and compute on
@@ -46,10 +69,15 @@ const MONEY: &str = include_str!("money.lua");
 /// # }
 /// ```
 pub struct RedisBudgetStore<C> {
-    conn: C,
+    link: Arc<Link<C>>,
     tag: Arc<str>,
-    reserve: Arc<Script>,
-    settle: Arc<Script>,
+}
+
+/// The connection and the calls waiting for it.
+struct Link<C> {
+    conn: C,
+    batchers: Batchers<redis::Value>,
+    batched: AtomicU64,
 }
 
 impl<C> fmt::Debug for RedisBudgetStore<C> {
@@ -64,16 +92,13 @@ impl<C> RedisBudgetStore<C> {
     /// A store over `conn` (a `ConnectionManager`, or a cluster connection).
     pub fn new(conn: C) -> Self {
         Self {
-            conn,
+            link: Arc::new(Link {
+                conn,
+                // every key carries the store's hash tag: one slot, on a Cluster too
+                batchers: Batchers::new(false),
+                batched: AtomicU64::new(0),
+            }),
             tag: "budget".into(),
-            reserve: Arc::new(Script::new(&format!(
-                "{MONEY}\n{PERIOD}\n{}",
-                include_str!("reserve.lua")
-            ))),
-            settle: Arc::new(Script::new(&format!(
-                "{MONEY}\n{PERIOD}\n{}",
-                include_str!("settle.lua")
-            ))),
         }
     }
 
@@ -95,6 +120,69 @@ impl<C> RedisBudgetStore<C> {
             self.tag, charge.budget.name, charge.subject
         )
     }
+
+    /// Calls (reservations and settlements) that went to Redis in a batch with others,
+    /// since the store was made.
+    pub fn batched_calls(&self) -> u64 {
+        self.link.batched.load(Ordering::Relaxed)
+    }
+
+    /// A script call of mode `mode` on the accounts of `charges`; its arguments follow.
+    fn call(&self, charges: &[Charge], mode: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(SCRIPT.get_hash()).arg(charges.len());
+        for c in charges {
+            cmd.arg(self.key(c));
+        }
+        cmd.arg(mode);
+        cmd
+    }
+}
+
+impl<C> BatchScript for Link<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    type Item = redis::Value;
+
+    fn batchers(&self) -> &Batchers<redis::Value> {
+        &self.batchers
+    }
+
+    fn hash(&self) -> &str {
+        SCRIPT.get_hash()
+    }
+
+    fn eval(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> impl Future<Output = redis::RedisResult<Vec<redis::Value>>> + Send {
+        let mut conn = self.conn.clone();
+        async move {
+            match cmd.query_async(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    // nothing ran: load the script and send the call again
+                    SCRIPT.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await
+                }
+                answer => answer,
+            }
+        }
+    }
+
+    fn length(item: &redis::Value) -> Option<i64> {
+        match item {
+            redis::Value::Int(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn batched(&self, calls: usize) {
+        self.batched
+            .fetch_add(u64::try_from(calls).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 fn shape(period: Period) -> (&'static str, u64, u64) {
@@ -107,10 +195,6 @@ fn shape(period: Period) -> (&'static str, u64, u64) {
             ("r", w, w.saturating_add(DAY))
         }
     }
-}
-
-fn store_error(e: redis::RedisError) -> BudgetStoreError {
-    BudgetStoreError(e.to_string())
 }
 
 /// An amount the scripts returned (a decimal string); one past what `Money` holds (a sum
@@ -135,20 +219,18 @@ where
         amount: Money,
         _now: SystemTime,
     ) -> BoxFuture<'a, Result<Reserve, BudgetStoreError>> {
+        let mut cmd = self.call(charges, "r");
+        cmd.arg(amount.picos().to_string());
+        for c in charges {
+            let (kind, window, ttl) = shape(c.budget.period);
+            cmd.arg(c.budget.limit.picos().to_string())
+                .arg(kind)
+                .arg(window)
+                .arg(ttl);
+        }
+        let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Decision);
         Box::pin(async move {
-            let mut inv = self.reserve.prepare_invoke();
-            inv.arg(amount.picos().to_string());
-            for c in charges {
-                let (kind, window, ttl) = shape(c.budget.period);
-                inv.key(self.key(c))
-                    .arg(c.budget.limit.picos().to_string())
-                    .arg(kind)
-                    .arg(window)
-                    .arg(ttl);
-            }
-            let mut conn = self.conn.clone();
-            let reply: Vec<redis::Value> =
-                inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            let reply = call.await.map_err(BudgetStoreError)?;
             let int = |v: Option<&redis::Value>| -> i64 {
                 match v {
                     Some(redis::Value::Int(n)) => *n,
@@ -178,30 +260,38 @@ where
         actual: Money,
         _now: SystemTime,
     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
-        let script = Arc::clone(&self.settle);
-        let keys: Vec<String> = charges.iter().map(|c| self.key(c)).collect();
-        let mut conn = self.conn.clone();
+        let mut cmd = self.call(&charges, "s");
+        cmd.arg(reserved.picos().to_string())
+            .arg(actual.picos().to_string());
+        for c in charges.iter() {
+            let (kind, window, ttl) = shape(c.budget.period);
+            let thresholds: Vec<String> = c.budget.thresholds.iter().map(u16::to_string).collect();
+            cmd.arg(c.budget.limit.picos().to_string())
+                .arg(kind)
+                .arg(window)
+                .arg(ttl)
+                .arg(if thresholds.is_empty() {
+                    "-".to_owned()
+                } else {
+                    thresholds.join(",")
+                });
+        }
+        let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Settlement);
+        // Sent from a task of its own, so that it lands even when this future is dropped:
+        // what it releases would stay reserved otherwise.
+        let call: BoxFuture<'static, Answer<redis::Value>> =
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let task = rt.spawn(call);
+                    Box::pin(async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
+                    })
+                }
+                Err(_) => Box::pin(call),
+            };
         Box::pin(async move {
-            let mut inv = script.prepare_invoke();
-            inv.arg(reserved.picos().to_string())
-                .arg(actual.picos().to_string());
-            for (c, key) in charges.iter().zip(keys) {
-                let (kind, window, ttl) = shape(c.budget.period);
-                let thresholds: Vec<String> =
-                    c.budget.thresholds.iter().map(u16::to_string).collect();
-                inv.key(key)
-                    .arg(c.budget.limit.picos().to_string())
-                    .arg(kind)
-                    .arg(window)
-                    .arg(ttl)
-                    .arg(if thresholds.is_empty() {
-                        "-".to_owned()
-                    } else {
-                        thresholds.join(",")
-                    });
-            }
-            let reply: Vec<redis::Value> =
-                inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            let reply = call.await.map_err(BudgetStoreError)?;
             let mut out = Vec::new();
             for triple in reply.chunks(3) {
                 if let [redis::Value::Int(i), redis::Value::Int(p), spent] = triple {

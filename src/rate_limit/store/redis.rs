@@ -167,7 +167,8 @@ pub enum RedisConfigError {
         "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
     )]
     TlsCaWithoutTls,
-    /// The first connection to a Cluster failed (a single server connects lazily).
+    /// The first connection to a Cluster failed (a single server that cannot be reached
+    /// when the store is built is connected to on the first call instead).
     #[error("could not connect to the Redis Cluster: {reason}")]
     Connect {
         /// Why.
@@ -273,8 +274,10 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Checks the settings and connects: lazily to a single server (building succeeds
-    /// while it is down), at once to a Cluster (to learn its slots).
+    /// Checks the settings and connects: to a single server at once when it answers
+    /// within the connection timeout (the larger of the timeout and 250 ms), loading the
+    /// script, so the first decision is one round trip; else on the first call (building
+    /// succeeds while it is down); at once to a Cluster (to learn its slots).
     pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
         let bad_braces = |s: &str| s.is_empty() || s.contains(['{', '}']);
         if bad_braces(&self.prefix) {
@@ -350,6 +353,16 @@ impl RedisStoreBuilder {
                     Conn::Cluster(conn)
                 }
             };
+        if let Conn::Single(manager) = &conn {
+            // Connect and load the script now, while the server is up: else the first
+            // decision would do both within its own timeout (50 ms by default), which a
+            // busy machine or a distant server misses, failing the first request. A
+            // server that is down or slower than the connection timeout leaves it to the
+            // first decision, as before: building still succeeds.
+            let mut manager = manager.clone();
+            let connect_timeout = self.timeout.max(Duration::from_millis(250));
+            let _ = tokio::time::timeout(connect_timeout, SCRIPT.load_async(&mut manager)).await;
+        }
         let cluster = matches!(conn, Conn::Cluster(_));
         Ok(RedisStore {
             inner: Arc::new(Inner {

@@ -1,391 +1,45 @@
-//! Natural batching of script calls ("group commit"): a call made while the connection has
-//! room (fewer than two calls in flight) goes at once, alone; calls made while it has none
-//! wait for a call to end and then go together, as one script call that runs each of them
-//! in order, exactly as it would alone.
-//!
-//! Under no load this adds no wait; under load one round trip (and one script call, with
-//! its fixed cost in Redis) serves many decisions.
+//! The store's script calls through the shared group-commit batcher
+//! ([`crate::redis_batch`]): a call made while two are in flight waits and goes with the
+//! others as one script call (`decide.lua`'s mode `b`), one batcher per Cluster slot.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use tokio::sync::oneshot;
+pub(super) use crate::redis_batch::Kind;
+use crate::redis_batch::{self, BatchScript};
 
 use super::{Inner, SCRIPT, eval};
 
-/// The most calls one batch carries.
-pub(super) const MAX_BATCH: usize = 64;
-
-/// The most calls waiting for room at once, in all slots of a Cluster together (128 full
-/// batches, two in flight: 64 round trips). A call made while that many wait is failed at once, and follows its failure
-/// mode: when Redis stalls, a burst does not pile up in memory, nor run in Redis long after
-/// its callers were answered.
-pub(super) const MAX_QUEUED: usize = 128 * MAX_BATCH;
-
-/// Script calls in flight on the connection at once: two, so that Redis runs one while
-/// the answer of the other travels back and its callers are woken.
-const MAX_IN_FLIGHT: usize = 2;
+/// The batchers of the store's connection.
+pub(super) type Batchers = redis_batch::Batchers<i64>;
 
 /// A script call's answer, or why it has none.
-pub(super) type Answer = Result<Vec<i64>, String>;
+pub(super) type Answer = redis_batch::Answer<i64>;
 
-/// What a call does, for the queue's sake.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Kind {
-    /// A decision or a peek: turned away when the queue is full, and not sent once its
-    /// caller is gone (nobody would own its debit).
-    Decision,
-    /// A settlement or a reset: always queued and sent, awaited or not, since what it
-    /// gives back stays counted otherwise (its generation and window keep a late one
-    /// harmless). Each settles a reservation an earlier decision made, so they are bounded
-    /// by those; resets are admin calls.
-    Settlement,
-}
+impl BatchScript for Inner {
+    type Item = i64;
 
-/// A call waiting for the one in flight.
-struct Pending {
-    cmd: redis::Cmd,
-    tx: oneshot::Sender<Answer>,
-    kind: Kind,
-}
-
-impl Pending {
-    /// A decision whose caller is gone.
-    fn abandoned(&self) -> bool {
-        self.kind == Kind::Decision && self.tx.is_closed()
-    }
-}
-
-/// The calls of one connection, or on a Cluster of one slot: how many are in flight, and
-/// those waiting for one to end. On a Cluster each slot waits only behind its own calls,
-/// so a master that is held up (paused, failing over) holds up no key of another.
-pub(super) struct Batchers {
-    slots: Box<[Batcher]>,
-    /// Calls waiting, in every slot.
-    queued: AtomicUsize,
-}
-
-impl Batchers {
-    pub(super) fn new(cluster: bool) -> Self {
-        let n = if cluster { SLOTS } else { 1 };
-        Self {
-            slots: (0..n).map(|_| Batcher::default()).collect(),
-            queued: AtomicUsize::new(0),
-        }
+    fn batchers(&self) -> &Batchers {
+        &self.batcher
     }
 
-    /// The batcher of a call's slot (the only one on a single server).
-    fn of(&self, slot: usize) -> &Batcher {
-        &self.slots[slot % self.slots.len()]
+    fn hash(&self) -> &str {
+        SCRIPT.get_hash()
     }
-}
 
-/// Redis Cluster's hash slots.
-const SLOTS: usize = 16_384;
-
-#[derive(Default)]
-struct Batcher {
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    in_flight: usize,
-    queue: Vec<Pending>,
-}
-
-impl Batcher {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn eval(&self, cmd: &redis::Cmd) -> impl Future<Output = redis::RedisResult<Vec<i64>>> + Send {
+        eval(self.conn.clone(), cmd)
     }
-}
 
-/// Hands the connection on when the call that held it ends, answered or dropped.
-struct Leader {
-    inner: Arc<Inner>,
-    slot: usize,
-}
-
-impl Drop for Leader {
-    fn drop(&mut self) {
-        hand_off(&self.inner, self.slot);
+    fn length(item: &i64) -> Option<i64> {
+        Some(*item)
     }
-}
 
-/// Frees the flush's place, and fails what waits when no call is left in flight to send
-/// it, when a flush is dropped before it ends (its runtime shutting down).
-struct FlushGuard {
-    inner: Arc<Inner>,
-    slot: usize,
-    armed: bool,
-}
-
-impl Drop for FlushGuard {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut state = self.inner.batcher.of(self.slot).lock();
-            state.in_flight -= 1;
-            if state.in_flight == 0 {
-                // Dropping the senders answers their callers with an error.
-                let waiting = state.queue.len();
-                self.inner
-                    .batcher
-                    .queued
-                    .fetch_sub(waiting, Ordering::Relaxed);
-                state.queue.clear();
-            }
-        }
+    fn batched(&self, calls: usize) {
+        self.health.batched(calls);
     }
 }
 
 /// Runs one script call (an `EVALSHA` of the store's script) through the batcher.
 pub(super) async fn submit(inner: Arc<Inner>, cmd: redis::Cmd, kind: Kind) -> Answer {
-    let slot = if inner.cluster { slot_of(&cmd) } else { 0 };
-    let waiting = {
-        let mut state = inner.batcher.of(slot).lock();
-        if state.in_flight >= MAX_IN_FLIGHT || !state.queue.is_empty() {
-            // A place is taken before the call is queued (the slots' locks are apart, the
-            // count is shared): a decision only while fewer than the bound wait.
-            let queued = &inner.batcher.queued;
-            let full = |q: &AtomicUsize| {
-                let full = q.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED;
-                if full {
-                    q.fetch_sub(1, Ordering::Relaxed);
-                }
-                full
-            };
-            if kind == Kind::Settlement {
-                queued.fetch_add(1, Ordering::Relaxed);
-            } else if full(queued) {
-                let before = state.queue.len();
-                state.queue.retain(|p| !p.abandoned());
-                queued.fetch_sub(before - state.queue.len(), Ordering::Relaxed);
-                if full(queued) {
-                    return Err(format!(
-                        "{MAX_QUEUED} Redis calls were already waiting for an answer"
-                    ));
-                }
-            }
-            let (tx, rx) = oneshot::channel();
-            state.queue.push(Pending { cmd, tx, kind });
-            Err(rx)
-        } else {
-            state.in_flight += 1;
-            Ok(cmd)
-        }
-    };
-    match waiting {
-        Ok(cmd) => {
-            let leader = Leader {
-                inner: inner.clone(),
-                slot,
-            };
-            let answer = eval(inner.conn.clone(), &cmd)
-                .await
-                .map_err(|e| e.to_string());
-            drop(leader);
-            answer
-        }
-        Err(rx) => rx
-            .await
-            .unwrap_or_else(|_| Err("the Redis call was dropped before it was sent".to_owned())),
-    }
-}
-
-/// Sends what waits, if anything, in the place of the call that ended, or frees its place.
-fn hand_off(inner: &Arc<Inner>, slot: usize) {
-    let batch = {
-        let mut state = inner.batcher.of(slot).lock();
-        let batch = take(&mut state.queue, &inner.batcher.queued);
-        if batch.is_empty() {
-            state.in_flight -= 1;
-            return;
-        }
-        batch
-    };
-    let flush = flush(inner.clone(), slot, batch);
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
-            handle.spawn(flush);
-        }
-        // No runtime to run them on: the flush, dropped, fails them.
-        Err(_) => drop(flush),
-    }
-}
-
-/// The first calls of the queue, at most a batch. A decision whose caller is gone
-/// (cancelled, or answered by its timeout and no longer awaited) is not sent: nobody would
-/// own what it debits.
-fn take(queue: &mut Vec<Pending>, queued: &AtomicUsize) -> Vec<Pending> {
-    let before = queue.len();
-    queue.retain(|p| !p.abandoned());
-    let batch: Vec<Pending> = if queue.len() <= MAX_BATCH {
-        std::mem::take(queue)
-    } else {
-        queue.drain(..MAX_BATCH).collect()
-    };
-    queued.fetch_sub(before - queue.len(), Ordering::Relaxed);
-    batch
-}
-
-/// Sends batches until nothing waits.
-fn flush(
-    inner: Arc<Inner>,
-    slot: usize,
-    batch: Vec<Pending>,
-) -> impl Future<Output = ()> + Send + 'static {
-    // Made before the future first runs, so that a flush dropped unpolled frees the
-    // connection too.
-    let guard = FlushGuard {
-        inner: inner.clone(),
-        slot,
-        armed: true,
-    };
-    async move {
-        let mut guard = guard;
-        let mut batch = batch;
-        loop {
-            send_group(inner.clone(), batch).await;
-            let mut state = inner.batcher.of(slot).lock();
-            batch = take(&mut state.queue, &inner.batcher.queued);
-            if batch.is_empty() {
-                state.in_flight -= 1;
-                guard.armed = false;
-                return;
-            }
-        }
-    }
-}
-
-/// CRC16 (XMODEM), whose value modulo 16384 is a key's Cluster slot.
-fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 == 0 {
-                crc << 1
-            } else {
-                (crc << 1) ^ 0x1021
-            };
-        }
-    }
-    crc
-}
-
-/// The Cluster slot of a call's first key (of its hash tag, when it has one). The store
-/// gives every key of one call the same tag, and a batch holds the calls of one slot only,
-/// so one script call may carry it.
-fn slot_of(cmd: &redis::Cmd) -> usize {
-    let key = match cmd.args_iter().nth(3) {
-        Some(redis::Arg::Simple(key)) => key,
-        _ => &[][..],
-    };
-    let tag = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        let len = rest.iter().position(|&b| b == b'}')?;
-        (len > 0).then(|| &rest[..len])
-    });
-    usize::from(crc16(tag.unwrap_or(key))) % SLOTS
-}
-
-/// One script call for these calls, alone or as a batch.
-async fn send_group(inner: Arc<Inner>, mut group: Vec<Pending>) {
-    if group.len() == 1 {
-        let Some(p) = group.pop() else { return };
-        let answer = eval(inner.conn.clone(), &p.cmd)
-            .await
-            .map_err(|e| e.to_string());
-        let _ = p.tx.send(answer);
-        return;
-    }
-    let cmd = combine(&group);
-    inner.health.batched(group.len());
-    match eval(inner.conn.clone(), &cmd).await {
-        Ok(values) => {
-            let mut at = 0;
-            for p in group {
-                let answer = match values.get(at).copied() {
-                    Some(len) if len >= 0 => {
-                        let len = usize::try_from(len).unwrap_or(usize::MAX);
-                        let answer = values.get(at + 1..at + 1 + len).map(<[i64]>::to_vec);
-                        at = at.saturating_add(1 + len);
-                        answer.ok_or_else(|| {
-                            "the Redis script answered a batch in an unexpected shape".to_owned()
-                        })
-                    }
-                    Some(_) => {
-                        at += 1;
-                        Err("the Redis script failed on this call of a batch".to_owned())
-                    }
-                    None => {
-                        Err("the Redis script answered a batch in an unexpected shape".to_owned())
-                    }
-                };
-                let _ = p.tx.send(answer);
-            }
-        }
-        Err(e) => {
-            // A failed batch fails each of its calls.
-            let e = e.to_string();
-            for p in group {
-                let _ = p.tx.send(Err(e.clone()));
-            }
-        }
-    }
-}
-
-/// The batch call: `EVALSHA sha KEYS... b COUNT` then, for each call, its mode, key count,
-/// time, grace and numbers, from the call's own `EVALSHA sha N KEYS... MODE TIME GRACE
-/// NUMBERS...`.
-fn combine(group: &[Pending]) -> redis::Cmd {
-    fn args(p: &Pending) -> Vec<&[u8]> {
-        p.cmd
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(a) => Some(a),
-                _ => None,
-            })
-            .collect()
-    }
-    let all: Vec<Vec<&[u8]>> = group.iter().map(args).collect();
-    let count = |a: &[&[u8]]| -> usize {
-        a.get(2)
-            .and_then(|n| std::str::from_utf8(n).ok())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    let keys: usize = all.iter().map(|a| count(a)).sum();
-    let size: usize = all.iter().flatten().map(|a| a.len()).sum();
-    let mut cmd = redis::Cmd::with_capacity(4 + all.iter().map(Vec::len).sum::<usize>(), size + 32);
-    cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(keys);
-    for a in &all {
-        for key in a.iter().skip(3).take(count(a)) {
-            cmd.arg(*key);
-        }
-    }
-    cmd.arg("b").arg(group.len());
-    for a in &all {
-        let n = count(a);
-        let rest = a.get(3 + n..).unwrap_or_default();
-        // mode, key count, time, grace, numbers
-        cmd.arg(rest.first().copied().unwrap_or_default()).arg(n);
-        for arg in rest.iter().skip(1) {
-            cmd.arg(*arg);
-        }
-    }
-    cmd
-}
-
-#[cfg(test)]
-mod tests {
-    use super::crc16;
-
-    #[test]
-    fn crc16_is_the_one_of_cluster_slots() {
-        // the check value of CRC16/XMODEM, and slots Redis gives (CLUSTER KEYSLOT)
-        assert_eq!(crc16(b"123456789"), 0x31c3);
-        assert_eq!(crc16(b"somekey") % 16_384, 11_058);
-        assert_eq!(crc16(b"hash_tag") % 16_384, 2_515);
-    }
+    redis_batch::submit(inner, cmd, kind).await
 }
