@@ -206,7 +206,12 @@ async fn a_user_role_sees_only_its_own_rows() {
     );
     // nor read the tables that are not granted to it (every user's records are in the
     // dead letters; the batch ids are the sink's own)
-    for table in ["audit_logs", "usage_dead_letters", "usage_batches", "user_usage_stats"] {
+    for table in [
+        "audit_logs",
+        "usage_dead_letters",
+        "usage_batches",
+        "user_usage_stats",
+    ] {
         let read = client
             .query_one(&format!("SELECT count(*) FROM {table}"), &[])
             .await;
@@ -694,7 +699,11 @@ async fn a_partly_stored_batch_whose_commit_answer_was_lost_counts_only_its_old_
     cut.store(true, std::sync::atomic::Ordering::SeqCst);
     sink.record_batch(&records[1..]).await.unwrap();
     let h = sink.health();
-    assert_eq!((h.delivered, h.backlog), (1, 199), "the answer was lost: {h:?}");
+    assert_eq!(
+        (h.delivered, h.backlog),
+        (1, 199),
+        "the answer was lost: {h:?}"
+    );
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
     sink.flush().await.unwrap();
     let h = sink.health();

@@ -2623,7 +2623,10 @@ async fn a_store_on_one_server_is_connected_and_its_script_loaded_once_built() {
     let url = server.url();
     // `info_number` itself holds one connection while it asks
     assert_eq!(info_number(&url, "clients", "connected_clients").await, 1);
-    assert_eq!(info_number(&url, "memory", "number_of_cached_scripts").await, 0);
+    assert_eq!(
+        info_number(&url, "memory", "number_of_cached_scripts").await,
+        0
+    );
     let store = single(&url, &unique("warm")).await;
     assert_eq!(
         info_number(&url, "clients", "connected_clients").await,
