@@ -204,6 +204,19 @@ async fn a_user_role_sees_only_its_own_rows() {
             .await
             .is_err()
     );
+    // nor read the tables that are not granted to it (every user's records are in the
+    // dead letters; the batch ids are the sink's own)
+    for table in [
+        "audit_logs",
+        "usage_dead_letters",
+        "usage_batches",
+        "user_usage_stats",
+    ] {
+        let read = client
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await;
+        assert!(read.is_err(), "{table} is readable: {read:?}");
+    }
 }
 
 #[tokio::test]
@@ -663,6 +676,43 @@ async fn a_batch_whose_commit_answer_was_lost_is_stored_once_and_counts_no_dupli
     let h = sink.health();
     assert_eq!((h.delivered, h.duplicates), (203, 1), "{h:?}");
     assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 202);
+}
+
+/// A batch some of whose records another batch stored before, and whose commit answer was
+/// lost: the retry answers what its first store did, so exactly the records stored before
+/// count as duplicates (they are ones a caller sent twice), and the sink's own retry adds
+/// none.
+#[tokio::test]
+async fn a_partly_stored_batch_whose_commit_answer_was_lost_counts_only_its_old_records() {
+    let server = pg::Postgres::start();
+    let url = server.database("partlost").await;
+    let direct = PostgresSink::connect(PostgresConfig::new(url.clone())).unwrap();
+    direct.migrate().await.unwrap();
+    let records: Vec<UsageRecord> = (0..200).map(record).collect();
+    direct.record_batch(&records[100..150]).await.unwrap();
+    assert_eq!(direct.health().delivered, 50);
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = relay_losing_one_answer(server.port(), Arc::clone(&cut)).await;
+    let relayed = format!("postgres://postgres@127.0.0.1:{port}/partlost");
+    let sink = PostgresSink::connect(PostgresConfig::new(relayed)).unwrap();
+    sink.record_batch(&records[..1]).await.unwrap();
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    sink.record_batch(&records[1..]).await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.delivered, h.backlog),
+        (1, 199),
+        "the answer was lost: {h:?}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
+    sink.flush().await.unwrap();
+    let h = sink.health();
+    assert_eq!(
+        (h.accepted, h.delivered, h.duplicates, h.backlog),
+        (200, 200, 50, 0),
+        "{h:?}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM usage_logs").await, 200);
 }
 
 /// A ledger at migration 0007 (before batch ids) upgrades to 0008 with its rows kept,

@@ -465,6 +465,58 @@ async fn reset_stats(url: &str) {
         .unwrap();
 }
 
+/// The script answers its integers packed with `struct.pack('<i8...')`: Redis's Lua must
+/// convert every number the script can hold (doubles: integers up to 2^53, the batch's -1
+/// marker, a stray fraction) to the same 64-bit integer as it does for a number in a
+/// returned table, the form the script answered in before.
+#[tokio::test]
+async fn the_scripts_packed_integers_are_the_ones_redis_returns_in_a_table() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let numbers = [
+        "0",
+        "1",
+        "-1",
+        "4294967295",
+        "4503599627370496",
+        "9007199254740991",
+        "9007199254740992",
+        "-9007199254740992",
+        "1796606185341901",
+        "2.5",
+        "-2.5",
+    ];
+    let read = "local n = {} for i = 1, #ARGV do n[i] = tonumber(ARGV[i]) end ";
+    let table: Vec<i64> = redis::cmd("EVAL")
+        .arg(format!("{read} return n"))
+        .arg(0)
+        .arg(&numbers[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let packed: Vec<u8> = redis::cmd("EVAL")
+        .arg(format!(
+            "{read} return struct.pack('<' .. string.rep('i8', #n), unpack(n))"
+        ))
+        .arg(0)
+        .arg(&numbers[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let unpacked: Vec<i64> = packed
+        .chunks_exact(8)
+        .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
+        .collect();
+    assert_eq!(packed.len(), 8 * numbers.len());
+    assert_eq!(unpacked, table);
+    assert_eq!(table[2], -1);
+    assert_eq!(table[7], -(1 << 53));
+}
+
 #[tokio::test]
 async fn one_script_call_per_decision_and_none_for_a_blocked_key() {
     let server = RedisServer::start().await.expect("redis-server");
@@ -2538,4 +2590,58 @@ async fn the_largest_charge_settles_as_in_the_memory_store() {
         let again = again.unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
         assert!(!again.admitted, "{algorithm:?}: {again:?}");
     }
+}
+
+/// A field of `INFO section` on one server, as a number.
+async fn info_number(url: &str, section: &str, field: &str) -> u64 {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A store on one server is connected, and its script loaded, once `build` returns (the
+/// server being up). Its first decision is then one script call: before, it also made the
+/// connection, met `NOSCRIPT` and loaded the script, all within the decision's timeout
+/// (50 ms by default), which a busy machine or a distant server misses, so the first
+/// request after start-up failed closed (a 529 in the gateway).
+#[tokio::test]
+async fn a_store_on_one_server_is_connected_and_its_script_loaded_once_built() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let url = server.url();
+    // `info_number` itself holds one connection while it asks
+    assert_eq!(info_number(&url, "clients", "connected_clients").await, 1);
+    assert_eq!(
+        info_number(&url, "memory", "number_of_cached_scripts").await,
+        0
+    );
+    let store = single(&url, &unique("warm")).await;
+    assert_eq!(
+        info_number(&url, "clients", "connected_clients").await,
+        2,
+        "the store's connection is open"
+    );
+    assert_eq!(
+        info_number(&url, "memory", "number_of_cached_scripts").await,
+        1,
+        "the store's script is loaded"
+    );
+    reset_stats(&url).await;
+    let rules = group(Algorithm::SlidingWindow, 1);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    assert!(store.check(&items).await.unwrap().admitted);
+    assert_eq!(calls(&url, "evalsha").await, 1, "one script call");
+    assert_eq!(calls(&url, "script|load").await, 0);
 }

@@ -149,6 +149,12 @@ impl Meter {
 
     /// Parses a JSON body read to its end now (used before sending cost headers).
     pub(crate) fn settle(&mut self) -> Outcome {
+        self.parse_held();
+        self.outcome().0
+    }
+
+    /// Parses what a JSON body held (nothing once parsed: its bytes go with it).
+    fn parse_held(&mut self) {
         self.settled = true;
         match &mut self.scan {
             Scan::Json { chunks, len } => {
@@ -180,7 +186,6 @@ impl Meter {
             }
             Scan::Sse(_) => {}
         }
-        self.outcome().0
     }
 
     /// Whether the JSON body held so far is a whole document.
@@ -199,20 +204,21 @@ impl Meter {
     /// The usage and its cost. The cost is `None` when the model has no price, and also
     /// when no usage was reported at all (an OpenAI stream abandoned before its final
     /// usage chunk): unknown is not free.
-    fn outcome(&self) -> (Outcome, Option<&str>) {
+    ///
+    /// Also whether the model has a price (one look-up for both).
+    fn outcome(&self) -> (Outcome, bool) {
         let x = &self.extractor;
         let model = x.model();
         let usage = *x.usage();
-        let cost = model
-            .filter(|_| x.saw_usage())
-            .and_then(|m| self.shared.prices.cost(m, &usage));
+        let price = model.and_then(|m| self.shared.prices.get(m));
+        let cost = price.filter(|_| x.saw_usage()).map(|p| p.cost(&usage));
         let outcome = Outcome {
             usage,
             cost,
             saw_usage: x.saw_usage(),
             recognised: x.saw_usage() || model.is_some() || x.format().is_some(),
         };
-        (outcome, model)
+        (outcome, price.is_some())
     }
 
     /// Writes the record. `ended` is whether the body reached its end.
@@ -231,14 +237,14 @@ impl Meter {
             ended = self.whole_document();
         }
         if ended {
-            self.settle();
+            self.parse_held();
         }
         let stats = &self.shared.stats;
         stats.add_parse_failures(self.extractor.parse_failures());
         if let Scan::Sse(p) = &self.scan {
             stats.add_overlong_lines(p.overlong_lines());
         }
-        let (outcome, _) = self.outcome();
+        let (outcome, priced) = self.outcome();
         // Written once: the extractor's copy of the model moves into the record.
         let model = self.extractor.take_model_name();
         let upstream_error = self.extractor.upstream_error().map(|e| e.kind.clone());
@@ -271,9 +277,6 @@ impl Meter {
                 route = %self.meta.route,
                 "response reported no usage (OpenAI streams need stream_options.include_usage): cost None");
         }
-        let priced = model
-            .as_deref()
-            .is_some_and(|m| self.shared.prices.get(m).is_some());
         if !priced && (model.is_some() || !outcome.usage.is_empty()) {
             stats.add_unknown_model();
             tracing::warn!(target: "palisade::cost", model = model.as_deref().unwrap_or("<none>"),

@@ -110,18 +110,36 @@ impl<F, B: Body> std::fmt::Debug for ResponseFuture<F, B> {
     }
 }
 
-fn is_content_type(headers: &HeaderMap, want: &str) -> bool {
-    headers
+/// What a response's `content-type` says its body is, as far as the meter cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    /// `text/event-stream`.
+    Stream,
+    /// `application/json` or any `…+json`.
+    Json,
+    /// Anything else, or no `content-type`.
+    Other,
+}
+
+/// The body kind of a response, from one look-up of its `content-type`.
+fn body_kind(headers: &HeaderMap) -> BodyKind {
+    let Some(v) = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| {
-            let v = v.trim();
-            v.eq_ignore_ascii_case(want)
-                || (want == "application/json"
-                    && v.len() > 5
-                    && v[v.len() - 5..].eq_ignore_ascii_case("+json"))
-        })
+    else {
+        return BodyKind::Other;
+    };
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("text/event-stream") {
+        BodyKind::Stream
+    } else if v.eq_ignore_ascii_case("application/json")
+        || (v.len() > 5 && v[v.len() - 5..].eq_ignore_ascii_case("+json"))
+    {
+        BodyKind::Json
+    } else {
+        BodyKind::Other
+    }
 }
 
 fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
@@ -189,8 +207,9 @@ where
                         .get::<super::record::Fallback>()
                         .map(|f| f.as_str().to_owned());
                     let headers = response.headers();
-                    let stream = is_content_type(headers, "text/event-stream");
-                    let json = !stream && is_content_type(headers, "application/json");
+                    let kind = body_kind(headers);
+                    let stream = kind == BodyKind::Stream;
+                    let json = kind == BodyKind::Json;
                     if !stream && !json {
                         // An error page (a gateway's HTML 502, a plain-text 429) still
                         // comes from a request that reached the upstream.
@@ -322,5 +341,32 @@ where
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_kind_reads_the_media_type_alone() {
+        let kind = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(v));
+            body_kind(&h)
+        };
+        assert_eq!(kind("text/event-stream"), BodyKind::Stream);
+        assert_eq!(kind("Text/Event-Stream; charset=utf-8"), BodyKind::Stream);
+        assert_eq!(kind("application/json"), BodyKind::Json);
+        assert_eq!(kind(" APPLICATION/JSON ;charset=utf-8"), BodyKind::Json);
+        assert_eq!(kind("application/problem+json"), BodyKind::Json);
+        assert_eq!(
+            kind("+json"),
+            BodyKind::Other,
+            "a suffix needs a type before it"
+        );
+        assert_eq!(kind("text/html"), BodyKind::Other);
+        assert_eq!(kind("application/jsonl"), BodyKind::Other);
+        assert_eq!(body_kind(&HeaderMap::new()), BodyKind::Other);
     }
 }

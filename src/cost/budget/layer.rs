@@ -667,25 +667,46 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, S::Error>;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if let Some(pending) = super::split::pending_for(&self.shared, &req) {
+            let (shared, inner) = self.take_inner();
+            return ResponseFuture::boxed(super::split::gate(shared, inner, req, pending));
+        }
+        // Nothing to reserve: the inner call as it is, no body read, no box.
+        if !metered_method(req.method()) {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        let charges = self.shared.charges(&req);
+        if charges.is_empty() {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        let (shared, inner) = self.take_inner();
+        ResponseFuture::boxed(check_charged(shared, inner, req, charges))
+    }
+}
+
+impl<S: Clone> BudgetService<S> {
+    /// The ready inner service (a clone stays behind) and the shared state, for a call
+    /// that goes on after `call` returns.
+    fn take_inner(&mut self) -> (Arc<Shared>, S) {
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let shared = Arc::clone(&self.shared);
-        match super::split::pending_for(&shared, &req) {
-            Some(pending) => ResponseFuture {
-                inner: Box::pin(super::split::gate(shared, inner, req, pending)),
-            },
-            None => ResponseFuture {
-                inner: Box::pin(check(shared, inner, req)),
-            },
-        }
+        (Arc::clone(&self.shared), inner)
     }
+}
+
+/// Whether requests of `method` are checked against budgets (reads and deletes are not).
+pub(super) fn metered_method(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    )
 }
 
 pub(super) async fn pass<S, ReqB, ResB>(
@@ -708,7 +729,23 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
-    match prepare(&shared, req).await {
+    let charges = shared.charges(&req);
+    check_charged(shared, inner, req, charges).await
+}
+
+/// [`check`] of a request whose accounts are known.
+pub(super) async fn check_charged<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<ReqB>,
+    charges: Vec<Charge>,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ReqB: Body + From<Bytes>,
+    ReqB::Error: Into<crate::BoxError>,
+{
+    match prepare_charged(&shared, req, charges).await {
         Prepared::Pass(req) => pass(inner, req).await,
         Prepared::Refuse(err) => Ok(refusal(&shared, err)),
         Prepared::Reserve {
@@ -740,12 +777,20 @@ where
     B::Error: Into<crate::BoxError>,
 {
     let charges = shared.charges(&req);
-    if charges.is_empty()
-        || matches!(
-            *req.method(),
-            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-        )
-    {
+    prepare_charged(shared, req, charges).await
+}
+
+/// [`prepare`] of a request whose accounts are known.
+pub(super) async fn prepare_charged<B>(
+    shared: &Shared,
+    req: Request<B>,
+    charges: Vec<Charge>,
+) -> Prepared<B>
+where
+    B: Body + From<Bytes>,
+    B::Error: Into<crate::BoxError>,
+{
+    if charges.is_empty() || !metered_method(req.method()) {
         return Prepared::Pass(req);
     }
     let (req, amount) = match req.extensions().get::<BudgetEstimate>() {

@@ -45,7 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -54,7 +54,8 @@ use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
     BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Reserving, Shared,
-    check, larger_than_budget, pass, pass_holding, plan, prepare, refusal, reserve_and_pass,
+    check, larger_than_budget, metered_method, pass, pass_holding, plan, prepare, refusal,
+    reserve_and_pass,
 };
 use super::store::Charge;
 use crate::body::ResponseBody;
@@ -573,13 +574,6 @@ impl<B: Body> Drop for Driver<B> {
     }
 }
 
-fn metered_method(method: &Method) -> bool {
-    !matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-    )
-}
-
 impl<S, ReqB, ResB> Service<Request<ReqB>> for BudgetStart<S>
 where
     S: Service<Request<StartBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -591,41 +585,45 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<Self::Response, S::Error>;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if !self.shared.gated.load(Ordering::Acquire) {
+            tracing::error!(target: "palisade::cost::budget",
+                "BudgetStartLayer without its BudgetGateLayer: requests are refused until the gate wraps the upstream");
+            let err = Error::internal("budgets cannot be checked: the gateway is misconfigured");
+            return ResponseFuture::boxed(std::future::ready(Ok(refusal(&self.shared, err))));
+        }
+        // Nothing to reserve: the inner call as it is, no box.
+        if !metered_method(req.method()) {
+            return ResponseFuture::inner(self.inner.call(req.map(StartBody::plain)));
+        }
+        let charges = self.shared.charges(&req);
+        if charges.is_empty() {
+            return ResponseFuture::inner(self.inner.call(req.map(StartBody::plain)));
+        }
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture {
-            inner: Box::pin(start(Arc::clone(&self.shared), inner, req)),
-        }
+        ResponseFuture::boxed(start(Arc::clone(&self.shared), inner, req, charges))
     }
 }
 
+/// Begins the reservation of a request with something to reserve on `charges`, and calls
+/// `inner` at once.
 async fn start<S, ReqB, ResB>(
     shared: Arc<Shared>,
     mut inner: S,
     req: Request<ReqB>,
+    charges: Vec<Charge>,
 ) -> Result<Response<ResponseBody<ResB>>, S::Error>
 where
     S: Service<Request<StartBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body<Data = Bytes>,
 {
-    if !shared.gated.load(Ordering::Acquire) {
-        tracing::error!(target: "palisade::cost::budget",
-            "BudgetStartLayer without its BudgetGateLayer: requests are refused until the gate wraps the upstream");
-        let err = Error::internal("budgets cannot be checked: the gateway is misconfigured");
-        return Ok(refusal(&shared, err));
-    }
-    let charges = shared.charges(&req);
-    if charges.is_empty() || !metered_method(req.method()) {
-        let req = req.map(StartBody::plain);
-        return pass(inner, req).await;
-    }
     let pending = PendingBudget::new(&shared);
     let (mut parts, body) = req.into_parts();
     let mut driver = Driver {

@@ -23,8 +23,9 @@
 //!   all). `app.user_id` is not a credential: any session in `palisade_user` may set it
 //!   to any user, by design, so it isolates users only when your application opens the
 //!   session and sets it (`SET LOCAL app.user_id` in each transaction); never give an end
-//!   user a SQL session in that role. `audit_logs` and `user_usage_stats` are not granted
-//!   to it (a materialized view has no row-level security).
+//!   user a SQL session in that role. Only `usage_logs` is granted to it: `audit_logs`,
+//!   `usage_dead_letters` (every user's refused records), `usage_batches` and
+//!   `user_usage_stats` (a materialized view has no row-level security) are not.
 //!
 //! Writes are batched: each batch is one statement, `INSERT … SELECT FROM UNNEST(…) ON
 //! CONFLICT (record_id) DO NOTHING` that also notes the batch's id and how many of its

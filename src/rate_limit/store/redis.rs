@@ -167,7 +167,8 @@ pub enum RedisConfigError {
         "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
     )]
     TlsCaWithoutTls,
-    /// The first connection to a Cluster failed (a single server connects lazily).
+    /// The first connection to a Cluster failed (a single server that cannot be reached
+    /// when the store is built is connected to on the first call instead).
     #[error("could not connect to the Redis Cluster: {reason}")]
     Connect {
         /// Why.
@@ -273,8 +274,10 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Checks the settings and connects: lazily to a single server (building succeeds
-    /// while it is down), at once to a Cluster (to learn its slots).
+    /// Checks the settings and connects: to a single server at once when it answers
+    /// within the connection timeout (the larger of the timeout and 250 ms), loading the
+    /// script, so the first decision is one round trip; else on the first call (building
+    /// succeeds while it is down); at once to a Cluster (to learn its slots).
     pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
         let bad_braces = |s: &str| s.is_empty() || s.contains(['{', '}']);
         if bad_braces(&self.prefix) {
@@ -350,6 +353,16 @@ impl RedisStoreBuilder {
                     Conn::Cluster(conn)
                 }
             };
+        if let Conn::Single(manager) = &conn {
+            // Connect and load the script now, while the server is up: else the first
+            // decision would do both within its own timeout (50 ms by default), which a
+            // busy machine or a distant server misses, failing the first request. A
+            // server that is down or slower than the connection timeout leaves it to the
+            // first decision, as before: building still succeeds.
+            let mut manager = manager.clone();
+            let connect_timeout = self.timeout.max(Duration::from_millis(250));
+            let _ = tokio::time::timeout(connect_timeout, SCRIPT.load_async(&mut manager)).await;
+        }
         let cluster = matches!(conn, Conn::Cluster(_));
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -688,16 +701,23 @@ impl RedisStore {
 
     /// Writes [`RedisStore::key_name`] into `out`.
     fn write_key_name(&self, out: &mut String, rule: &str, key: &RateKey) {
+        // `push_str` rather than `write!`: this runs for every rule of every decision.
         let rule = encode_rule(rule);
-        let prefix = &self.inner.prefix;
+        out.push_str(&self.inner.prefix);
         match &self.inner.hash_tag {
             HashTag::Key => {
-                let _ = write!(out, "{prefix}:{rule}:{{");
+                out.push(':');
+                out.push_str(&rule);
+                out.push_str(":{");
                 write_key(out, key);
                 out.push('}');
             }
             HashTag::Fixed(tag) => {
-                let _ = write!(out, "{prefix}:{{{tag}}}:{rule}:");
+                out.push_str(":{");
+                out.push_str(tag);
+                out.push_str("}:");
+                out.push_str(&rule);
+                out.push(':');
                 write_key(out, key);
             }
         }
@@ -1295,12 +1315,12 @@ impl Inner {
 }
 
 /// Runs the script (`EVALSHA`), loading it first when Redis does not know it (`NOSCRIPT`,
-/// after a restart or `SCRIPT FLUSH`).
+/// after a restart or `SCRIPT FLUSH`), and decodes its answer.
 async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
     async fn on<C: redis::aio::ConnectionLike>(
         c: &mut C,
         cmd: &redis::Cmd,
-    ) -> redis::RedisResult<Vec<i64>> {
+    ) -> redis::RedisResult<redis::Value> {
         match cmd.query_async(c).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 SCRIPT.load_async(c).await?;
@@ -1309,10 +1329,35 @@ async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
             answer => answer,
         }
     }
-    match conn {
-        Conn::Single(mut c) => on(&mut c, cmd).await,
-        Conn::Cluster(mut c) => on(&mut c, cmd).await,
+    let answer = match conn {
+        Conn::Single(mut c) => on(&mut c, cmd).await?,
+        Conn::Cluster(mut c) => on(&mut c, cmd).await?,
+    };
+    match answer {
+        redis::Value::BulkString(text) => decode_answer(&text),
+        _ => None,
     }
+    .ok_or_else(|| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "the Redis script answered in an unexpected shape",
+        ))
+    })
+}
+
+/// The integers of the script's answer: 8 bytes each, little-endian two's complement, as
+/// the script's `struct.pack('<i8...')` writes them. A length that is not a multiple of 8
+/// is `None`; every other text is exactly one sequence of integers.
+fn decode_answer(text: &[u8]) -> Option<Vec<i64>> {
+    let words = text.chunks_exact(8);
+    if !words.remainder().is_empty() {
+        return None;
+    }
+    Some(
+        words
+            .map(|w| i64::from_le_bytes(w.try_into().unwrap_or_default()))
+            .collect(),
+    )
 }
 
 /// Fields per rule in the script's answer.
@@ -1470,5 +1515,104 @@ impl Store for RedisStore {
                 )),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::decode_answer;
+
+    /// What the script's `struct.pack('<' .. rep('i8', n), ...)` writes for these integers.
+    fn encode(values: &[i64]) -> Vec<u8> {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn the_answer_decodes_the_extremes_and_the_batch_marker() {
+        let values = [
+            0,
+            -1,
+            1,
+            i64::MIN,
+            i64::MAX,
+            (1 << 53) - 1,
+            1 << 53,
+            -(1 << 53),
+            4_294_967_295,
+        ];
+        assert_eq!(decode_answer(&encode(&values)), Some(values.to_vec()));
+        assert_eq!(decode_answer(b""), Some(Vec::new()));
+    }
+
+    #[test]
+    fn an_answer_of_a_length_not_a_multiple_of_8_is_refused() {
+        for len in [1, 7, 9, 15, 17] {
+            assert_eq!(decode_answer(&vec![0; len]), None, "{len} bytes");
+        }
+    }
+
+    #[tokio::test]
+    async fn key_names_keep_their_shape_for_both_hash_tags() {
+        use super::{HashTag, RateKey, RedisStore};
+        // a single server connects lazily: nothing listens here, nothing is sent
+        let store = |tag| {
+            RedisStore::builder()
+                .url("redis://127.0.0.1:1/")
+                .prefix("p")
+                .hash_tag(tag)
+                .build()
+        };
+        let by_key = store(HashTag::Key).await.unwrap();
+        let fixed = store(HashTag::Fixed("t".into())).await.unwrap();
+        let principal = RateKey::principal("a}b");
+        assert_eq!(
+            by_key.key_name("r:1", &principal),
+            "p:r%3A1:{principal:a%7Db}"
+        );
+        assert_eq!(
+            fixed.key_name("r:1", &principal),
+            "p:{t}:r%3A1:principal:a%7Db"
+        );
+        assert_eq!(by_key.key_name("r", &RateKey::Global), "p:r:{global}");
+    }
+
+    proptest! {
+        #[test]
+        fn any_integers_round_trip(values in prop::collection::vec(any::<i64>(), 0..300)) {
+            prop_assert_eq!(decode_answer(&encode(&values)), Some(values));
+        }
+
+        /// A batch's answer: each call's part after its length, or -1 for a call that
+        /// failed, every integer as exact as alone.
+        #[test]
+        fn a_batch_answer_round_trips(
+            calls in prop::collection::vec(
+                prop::option::of(prop::collection::vec(-(1i64 << 53)..=(1i64 << 53), 0..40)),
+                1..64,
+            ),
+        ) {
+            let mut flat = Vec::new();
+            for call in &calls {
+                match call {
+                    Some(part) => {
+                        flat.push(i64::try_from(part.len()).unwrap_or(i64::MAX));
+                        flat.extend_from_slice(part);
+                    }
+                    None => flat.push(-1),
+                }
+            }
+            prop_assert_eq!(decode_answer(&encode(&flat)), Some(flat));
+        }
+
+        #[test]
+        fn any_bytes_are_refused_or_read_exactly(bytes in prop::collection::vec(any::<u8>(), 0..100)) {
+            // never a panic, and the bytes read are the ones their integers write
+            match decode_answer(&bytes) {
+                Some(values) => prop_assert_eq!(encode(&values), bytes),
+                None => prop_assert_ne!(bytes.len() % 8, 0),
+            }
+        }
     }
 }

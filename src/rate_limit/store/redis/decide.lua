@@ -28,6 +28,11 @@
 -- when one could pass now; reservation_end is, for GCRA, the decided TAT plus what
 -- give-backs have moved the TAT back in its epoch (0 for the window algorithms). A peek
 -- answers the same for its one rule; a settlement and a reset answer {}.
+--
+-- The script returns its answer as one string: every integer as 8 bytes, little-endian two's
+-- complement ("" for {}). struct.pack converts a number to a 64-bit integer as Redis
+-- converts one in a returned table, with no text formatting, and the client then reads one
+-- value instead of one per integer.
 
 local floor = math.floor
 local P53 = 9007199254740992
@@ -525,6 +530,26 @@ local function run_check(mode, ko, n, base, out)
   end
 end
 
+-- The answer `out` as the string the header describes. `unpack` takes a bounded number of
+-- values, so a long answer is packed in chunks.
+local CHUNK = 200
+local rep, concat, pack = string.rep, table.concat, struct.pack
+local function answer(out)
+  local n = #out
+  if n <= CHUNK then
+    return pack('<' .. rep('i8', n), unpack(out, 1, n))
+  end
+  local parts = {}
+  for i = 1, n, CHUNK do
+    local j = i + CHUNK - 1
+    if j > n then
+      j = n
+    end
+    parts[#parts + 1] = pack('<' .. rep('i8', j - i + 1), unpack(out, i, j))
+  end
+  return concat(parts)
+end
+
 local function run(mode, ko, n, base, out)
   if mode == 'r' then
     run_reset(ko, n)
@@ -546,7 +571,7 @@ if mode ~= 'b' then
   grace = tonumber(ARGV[3])
   local out = {}
   run(mode, 0, #KEYS, 3, out)
-  return out
+  return answer(out)
 end
 
 -- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its numbers, its keys
@@ -586,4 +611,4 @@ for _ = 1, tonumber(ARGV[2]) do
     base = base + 7 * n
   end
 end
-return out
+return answer(out)
