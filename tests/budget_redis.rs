@@ -1001,10 +1001,9 @@ async fn a_request_dropped_while_its_reservation_is_in_flight_releases_it() {
     let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
     for user in &users {
         let mut call = std::pin::pin!(svc.clone().oneshot(request(user, 50)));
-        let first = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(call.as_mut().poll(cx).is_pending())
-        })
-        .await;
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx).is_pending()))
+                .await;
         assert!(first, "the request waits for Redis");
     }
     // each account's `r` appears with its reservation and is back to 0 once released

@@ -297,8 +297,7 @@ where
         // Sent from a task of its own, so that it lands even when this future is dropped:
         // what it releases would stay reserved otherwise.
         // Outside a runtime, the task runs on the one the store was made on.
-        let call: BoxFuture<'static, Answer<redis::Value>> = match self.link.batchers.runtime()
-        {
+        let call: BoxFuture<'static, Answer<redis::Value>> = match self.link.batchers.runtime() {
             Some(rt) => {
                 let task = rt.spawn(call);
                 Box::pin(async move {
