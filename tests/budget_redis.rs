@@ -14,7 +14,7 @@ use http_body_util::Full;
 use palisade::cost::Money;
 use palisade::cost::alert::{AlertKind, MemoryAlertSink};
 use palisade::cost::budget::{
-    Budget, BudgetEstimate, BudgetLayer, BudgetReservation, Period, RedisBudgetStore, Scope,
+    Budget, BudgetEstimate, BudgetLayer, BudgetReservation, Hold, Period, RedisBudgetStore, Scope,
 };
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -103,13 +103,7 @@ async fn two_instances_sharing_redis_let_fifty_concurrent_requests_through_ten_t
     let mut conn = manager(&server.url()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (spent, reserved): (String, String) = redis::cmd("HMGET")
-            .arg("palisade:budget:{budget}:daily:ann")
-            .arg("s")
-            .arg("r")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let (reserved, spent) = account(&mut conn, "palisade:budget:{budget}:daily:ann").await;
         if reserved == "0" || std::time::Instant::now() > deadline {
             assert_eq!((spent.as_str(), reserved.as_str()), ("1000", "0"));
             break;
@@ -295,6 +289,8 @@ struct Twin {
     redis: RedisBudgetStore<redis::aio::ConnectionManager>,
     memory: palisade::cost::budget::MemoryBudgetStore,
     charges: Arc<[palisade::cost::budget::Charge]>,
+    /// The holds of the reservations in Redis not yet settled.
+    holds: std::sync::Mutex<Vec<Hold>>,
 }
 
 impl Twin {
@@ -306,6 +302,7 @@ impl Twin {
                 budget: Arc::new(budget),
                 subject: "ann".into(),
             }]),
+            holds: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -319,12 +316,15 @@ impl Twin {
             Reserve::Refused { index, spent, .. } => Some((index, spent)),
             _ => None,
         };
-        let in_redis = strip(
-            self.redis
-                .reserve(&self.charges, amount, now)
-                .await
-                .unwrap(),
-        );
+        let answer = self
+            .redis
+            .reserve(&self.charges, amount, now)
+            .await
+            .unwrap();
+        if let Reserve::Granted(hold) = answer {
+            self.holds.lock().unwrap().push(hold);
+        }
+        let in_redis = strip(answer);
         let in_memory = strip(
             self.memory
                 .reserve(&self.charges, amount, now)
@@ -346,9 +346,10 @@ impl Twin {
                 .map(|c| (c.permille, c.spent))
                 .collect::<Vec<_>>()
         };
+        let hold = self.holds.lock().unwrap().pop().unwrap_or(Hold::NONE);
         let in_redis = strip(
             self.redis
-                .settle(Arc::clone(&self.charges), r, a, now)
+                .settle_hold(Arc::clone(&self.charges), hold, r, a, now)
                 .await
                 .unwrap(),
         );
@@ -433,13 +434,7 @@ async fn budget_totals_in_redis_past_nine_million_dollars_are_exact() {
     assert!(!twin.reserve(2).await);
     assert_eq!(twin.spend(1).await, [(1000, Money::from_picos(limit))]);
     let mut conn = manager(&server.url()).await;
-    let (spent, reserved): (String, String) = redis::cmd("HMGET")
-        .arg("palisade:budget:{budget}:monthly:ann")
-        .arg("s")
-        .arg("r")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let (reserved, spent) = account(&mut conn, "palisade:budget:{budget}:monthly:ann").await;
     assert_eq!((spent, reserved), (limit.to_string(), "0".to_owned()));
     // amounts as large as Money holds are kept too
     let huge = Twin::new(
@@ -511,28 +506,73 @@ async fn calls_of(conn: &mut impl redis::aio::ConnectionLike, command: &str) -> 
         .map_or(0, |n| n.parse().unwrap())
 }
 
-/// The reserved and the settled amounts of an account, as Redis keeps them.
-async fn account(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> (String, String) {
-    let (reserved, spent): (Option<String>, Option<String>) = redis::cmd("HMGET")
+/// The reserved amount of an account, as Redis keeps it: the sum of its holds (fields
+/// `h<until_ms>`, live or not yet cleared) and of `r` (kept by earlier versions); `None`
+/// when it has neither.
+async fn reserved_of(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> Option<String> {
+    let (reserved, _) = fields_of(conn, key).await;
+    reserved
+}
+
+/// The reserved (as [`reserved_of`]) and the settled amounts of an account, read at once.
+async fn fields_of(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+) -> (Option<String>, Option<String>) {
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(key)
-        .arg("r")
-        .arg("s")
         .query_async(conn)
         .await
         .unwrap();
+    let held: Vec<u128> = fields
+        .iter()
+        .filter(|(f, _)| f == "r" || f.starts_with('h'))
+        .map(|(_, v)| v.parse().unwrap())
+        .collect();
+    let spent = fields
+        .iter()
+        .find(|(f, _)| f == "s")
+        .map(|(_, v)| v.clone());
+    (
+        (!held.is_empty()).then(|| held.iter().sum::<u128>().to_string()),
+        spent,
+    )
+}
+
+/// The reserved and the settled amounts of an account, as Redis keeps them.
+async fn account(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> (String, String) {
+    let (reserved, spent) = fields_of(conn, key).await;
     (
         reserved.unwrap_or_else(|| "0".into()),
         spent.unwrap_or_else(|| "0".into()),
     )
 }
 
-/// `n` reservations of `picos` on `charges` at once, each on a task of its own; whether
-/// each was granted (`None`: the store failed).
+/// Reservations of `picos` on each of `charges` at once, each on a task of its own;
+/// whether each was granted (`None`: the store failed).
 async fn reserve_at_once<C>(
     store: &Arc<RedisBudgetStore<C>>,
     charges: &[Arc<[palisade::cost::budget::Charge]>],
     picos: u128,
 ) -> Vec<Option<bool>>
+where
+    RedisBudgetStore<C>: palisade::cost::budget::BudgetStore,
+    C: Send + Sync + 'static,
+{
+    holds_at_once(store, charges, picos)
+        .await
+        .into_iter()
+        .map(|answer| answer.map(|hold| hold.is_some()))
+        .collect()
+}
+
+/// Reservations of `picos` on each of `charges` at once, each on a task of its own; the
+/// hold of each granted one (`Some(None)`: refused; `None`: the store failed).
+async fn holds_at_once<C>(
+    store: &Arc<RedisBudgetStore<C>>,
+    charges: &[Arc<[palisade::cost::budget::Charge]>],
+    picos: u128,
+) -> Vec<Option<Option<Hold>>>
 where
     RedisBudgetStore<C>: palisade::cost::budget::BudgetStore,
     C: Send + Sync + 'static,
@@ -550,23 +590,27 @@ where
                     std::time::SystemTime::now(),
                 )
                 .await;
-            (i, answer.ok().map(|r| r == Reserve::Granted))
+            let hold = answer.ok().map(|r| match r {
+                Reserve::Granted(hold) => Some(hold),
+                _ => None,
+            });
+            (i, hold)
         });
     }
     let mut out = vec![None; charges.len()];
     while let Some(done) = tasks.join_next().await {
-        let (i, granted) = done.unwrap();
-        out[i] = granted;
+        let (i, hold) = done.unwrap();
+        out[i] = hold;
     }
     out
 }
 
-/// `n` settlements of `reserved` at `actual` on `charges` at once, each on a task of its
-/// own.
+/// The settlements of the reservations of `holds` (each of `reserved`) at `actual` on
+/// `charges` at once, each on a task of its own.
 async fn settle_at_once<C>(
     store: &Arc<RedisBudgetStore<C>>,
     charges: &Arc<[palisade::cost::budget::Charge]>,
-    n: usize,
+    holds: &[Hold],
     reserved: u128,
     actual: u128,
 ) where
@@ -575,13 +619,14 @@ async fn settle_at_once<C>(
 {
     use palisade::cost::budget::BudgetStore;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..n {
+    for &hold in holds {
         let store = Arc::clone(store);
         let charges = Arc::clone(charges);
         tasks.spawn(async move {
             store
-                .settle(
+                .settle_hold(
                     charges,
+                    hold,
                     Money::from_picos(reserved),
                     Money::from_picos(actual),
                     std::time::SystemTime::now(),
@@ -592,6 +637,20 @@ async fn settle_at_once<C>(
     while let Some(done) = tasks.join_next().await {
         done.unwrap().unwrap();
     }
+}
+
+/// The one hold of a single granted reservation of `picos` on `charges`.
+async fn hold_of<C>(
+    store: &Arc<RedisBudgetStore<C>>,
+    charges: &Arc<[palisade::cost::budget::Charge]>,
+    picos: u128,
+) -> Hold
+where
+    RedisBudgetStore<C>: palisade::cost::budget::BudgetStore,
+    C: Send + Sync + 'static,
+{
+    let answers = holds_at_once(store, std::slice::from_ref(charges), picos).await;
+    answers[0].expect("the store answers").expect("granted")
 }
 
 /// Reservations made while two calls are in flight wait and go together as one script
@@ -615,9 +674,10 @@ async fn concurrent_reservations_and_settlements_go_in_batches_and_stay_exact() 
         .query_async(&mut admin)
         .await
         .unwrap();
-    let granted = reserve_at_once(&store, &vec![Arc::clone(&ann); 100], 7).await;
-    assert_eq!(granted.iter().filter(|g| **g == Some(true)).count(), 40);
-    assert_eq!(granted.iter().filter(|g| **g == Some(false)).count(), 60);
+    let granted = holds_at_once(&store, &vec![Arc::clone(&ann); 100], 7).await;
+    let holds: Vec<Hold> = granted.iter().flatten().flatten().copied().collect();
+    assert_eq!(holds.len(), 40);
+    assert_eq!(granted.iter().filter(|g| **g == Some(None)).count(), 60);
     let key = "palisade:budget:{budget}:daily:ann";
     assert_eq!(account(&mut admin, key).await, ("280".into(), "0".into()));
     let evals = calls_of(&mut admin, "evalsha").await;
@@ -625,7 +685,7 @@ async fn concurrent_reservations_and_settlements_go_in_batches_and_stay_exact() 
     assert!(store.batched_calls() >= 90, "{}", store.batched_calls());
     // settlements batch too: 40 at 5 of their 7
     let before = store.batched_calls();
-    settle_at_once(&store, &ann, 40, 7, 5).await;
+    settle_at_once(&store, &ann, &holds, 7, 5).await;
     assert_eq!(account(&mut admin, key).await, ("0".into(), "200".into()));
     assert!(store.batched_calls() > before);
 }
@@ -739,12 +799,10 @@ async fn a_settlement_dropped_by_its_caller_still_lands() {
     let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
     let budget = Arc::new(daily(100));
     let ann = charge_of(&budget, "ann");
-    assert_eq!(
-        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
-        [Some(true)]
-    );
-    drop(store.settle(
+    let hold = hold_of(&store, &ann, 100).await;
+    drop(store.settle_hold(
         Arc::clone(&ann),
+        hold,
         Money::from_picos(100),
         Money::from_picos(30),
         std::time::SystemTime::now(),
@@ -779,13 +837,26 @@ async fn reservations_and_settlements_batch_on_a_redis_cluster() {
     for c in charges.iter_mut().skip(1).step_by(2) {
         *c = charge_of(&budget, "bob");
     }
-    let granted = reserve_at_once(&store, &charges, 7).await;
-    assert_eq!(granted.iter().filter(|g| **g == Some(true)).count(), 60);
+    let granted = holds_at_once(&store, &charges, 7).await;
+    assert_eq!(
+        granted
+            .iter()
+            .filter(|g| matches!(g, Some(Some(_))))
+            .count(),
+        60
+    );
     assert!(store.batched_calls() >= 50, "{}", store.batched_calls());
+    // bob's are the odd ones
+    let bobs: Vec<Hold> = granted
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .map(|g| g.unwrap().unwrap())
+        .collect();
     let ann = "palisade:budget:{team}:daily:ann";
     let bob = "palisade:budget:{team}:daily:bob";
     assert_eq!(account(&mut admin, ann).await, ("210".into(), "0".into()));
-    settle_at_once(&store, &charge_of(&budget, "bob"), 30, 7, 7).await;
+    settle_at_once(&store, &charge_of(&budget, "bob"), &bobs, 7, 7).await;
     assert_eq!(account(&mut admin, bob).await, ("0".into(), "210".into()));
     let refused = reserve_at_once(&store, &[charge_of(&budget, "bob")], 77).await;
     assert_eq!(refused, [Some(false)]);
@@ -863,17 +934,15 @@ async fn a_settlement_dropped_outside_a_runtime_still_lands() {
     let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
     let budget = Arc::new(daily(100));
     let ann = charge_of(&budget, "ann");
-    assert_eq!(
-        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
-        [Some(true)]
-    );
+    let hold = hold_of(&store, &ann, 100).await;
     let outside = {
         let store = Arc::clone(&store);
         let ann = Arc::clone(&ann);
         std::thread::spawn(move || {
             assert!(tokio::runtime::Handle::try_current().is_err());
-            drop(store.settle(
+            drop(store.settle_hold(
                 ann,
+                hold,
                 Money::from_picos(100),
                 Money::from_picos(30),
                 std::time::SystemTime::now(),
@@ -919,10 +988,7 @@ async fn a_settlement_that_fails_on_one_account_changes_none() {
             subject: "ann".into(),
         },
     ]);
-    assert_eq!(
-        reserve_at_once(&store, std::slice::from_ref(&charges), 100).await,
-        [Some(true)]
-    );
+    let hold = hold_of(&store, &charges, 100).await;
     let monthly = "palisade:budget:{budget}:monthly:ann";
     let _: () = redis::cmd("SET")
         .arg(monthly)
@@ -931,8 +997,9 @@ async fn a_settlement_that_fails_on_one_account_changes_none() {
         .await
         .unwrap();
     let settled = store
-        .settle(
+        .settle_hold(
             Arc::clone(&charges),
+            hold,
             Money::from_picos(100),
             Money::from_picos(30),
             std::time::SystemTime::now(),
@@ -1006,21 +1073,13 @@ async fn a_request_dropped_while_its_reservation_is_in_flight_releases_it() {
                 .await;
         assert!(first, "the request waits for Redis");
     }
-    // each account's `r` appears with its reservation and is back to 0 once released
+    // each account's hold appears with its reservation and is back to 0 once released
     for user in &users {
         let key = format!("palisade:budget:{{budget}}:daily:{user}");
         let reserved = || {
             let mut admin = admin.clone();
             let key = key.clone();
-            async move {
-                let r: Option<String> = redis::cmd("HGET")
-                    .arg(&key)
-                    .arg("r")
-                    .query_async(&mut admin)
-                    .await
-                    .unwrap();
-                r
-            }
+            async move { reserved_of(&mut admin, &key).await }
         };
         let mut seen = reserved().await;
         for _ in 0..1000 {
@@ -1050,29 +1109,47 @@ async fn a_rolling_budget_of_the_longest_window_counts_in_redis() {
         Money::from_picos(100),
     ));
     let ann = charge_of(&lifetime, "ann");
-    assert_eq!(
-        reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
-        [Some(true)]
-    );
-    settle_at_once(&store, &ann, 1, 60, 60).await;
+    let hold = hold_of(&store, &ann, 60).await;
+    settle_at_once(&store, &ann, &[hold], 60, 60).await;
     assert_eq!(
         reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
         [Some(false)]
     );
 }
 
+/// Until `check` holds (each look is a round trip to Redis), at most `secs` seconds of
+/// real time: Redis keeps its own clock, which a paused tokio clock does not move.
+async fn within<F, Fut>(secs: u64, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
 /// A reservation answered after the connection's response timeout (Redis held up: here
-/// its writes paused) failed for its caller, who holds nothing; once Redis runs it, what
-/// it reserved must not stay held.
+/// its writes paused) failed for its caller, who holds nothing; once Redis runs it, its
+/// hold lands too, and frees itself once its lifetime is over: the user can then spend
+/// the whole budget again.
 #[tokio::test]
-#[ignore = "a reservation that runs in Redis after its caller's timeout stays held: the store cannot yet tell it from one that never ran"]
 async fn a_reservation_that_lands_after_its_timeout_is_not_held() {
     use palisade::cost::budget::BudgetStore;
     let server = support::RedisServer::start()
         .await
         .expect("redis-server is installed");
-    let mut admin = manager(&server.url()).await;
-    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let admin = manager(&server.url()).await;
+    let store = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_secs(1)),
+    );
     let budget = Arc::new(daily(1000));
     assert_eq!(
         reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
@@ -1089,36 +1166,184 @@ async fn a_reservation_that_lands_after_its_timeout_is_not_held() {
         }
     };
     pause(&["PAUSE", "60000", "WRITE"]).await;
+    let ann = charge_of(&budget, "ann");
     let late = store
-        .reserve(
-            &charge_of(&budget, "ann"),
-            Money::from_picos(100),
-            std::time::SystemTime::now(),
-        )
+        .reserve(&ann, Money::from_picos(100), std::time::SystemTime::now())
         .await;
     assert!(late.is_err(), "{late:?}");
     pause(&["UNPAUSE"]).await;
     let key = "palisade:budget:{budget}:daily:ann";
     let reserved = || {
         let mut admin = admin.clone();
-        async move {
-            let r: Option<String> = redis::cmd("HGET")
-                .arg(key)
-                .arg("r")
-                .query_async(&mut admin)
-                .await
-                .unwrap();
-            r
-        }
+        async move { reserved_of(&mut admin, key).await }
     };
-    let mut seen = reserved().await;
-    for _ in 0..1000 {
-        if seen.as_deref() == Some("0") {
-            break;
-        }
-        tokio::task::yield_now().await;
-        seen = reserved().await;
-    }
-    assert_eq!(seen.as_deref(), Some("0"));
-    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+    // it ran in Redis after all, and holds its amount for a while
+    assert!(
+        within(20, || async { reserved().await.as_deref() == Some("100") }).await,
+        "the late reservation lands"
+    );
+    assert_eq!(
+        reserve_at_once(&store, std::slice::from_ref(&ann), 1000).await,
+        [Some(false)],
+        "held while its hold lives"
+    );
+    // at most two lifetimes later the hold is gone: the whole budget fits again
+    let whole = || {
+        let store = Arc::clone(&store);
+        let ann = Arc::clone(&ann);
+        async move { reserve_at_once(&store, std::slice::from_ref(&ann), 1000).await == [Some(true)] }
+    };
+    assert!(within(20, whole).await, "the late hold expires");
+    assert_eq!(
+        account(&mut admin.clone(), key).await,
+        ("1000".into(), "0".into())
+    );
+}
+
+/// Redis's clock, in milliseconds since the epoch.
+async fn redis_now_ms(conn: &mut impl redis::aio::ConnectionLike) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// The holds of an account (fields `h<until_ms>`), sorted.
+async fn holds_in(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> Vec<(String, String)> {
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut holds: Vec<_> = fields
+        .into_iter()
+        .filter(|(f, _)| f.starts_with('h'))
+        .collect();
+    holds.sort();
+    holds
+}
+
+/// A settlement of a live hold takes exactly its reservation off (amounts past what Lua's
+/// doubles hold exactly) and leaves the others held in the same span.
+#[tokio::test]
+async fn a_settlement_of_a_live_hold_releases_exactly_it() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let limit = 20_000 * 1_000_000_000_000u128; // $20,000
+    let budget = Arc::new(daily(limit));
+    let ann = charge_of(&budget, "ann");
+    let first = 9_007_199_254_740_993u128; // 2^53 + 1
+    let second = 3_333_333_333_333_337u128;
+    let hold = hold_of(&store, &ann, first).await;
+    let other = hold_of(&store, &ann, second).await;
+    let key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(
+        account(&mut admin, key).await,
+        ((first + second).to_string(), "0".into())
+    );
+    settle_at_once(&store, &ann, &[hold], first, 1_234_567_890_123_457).await;
+    assert_eq!(
+        account(&mut admin, key).await,
+        (second.to_string(), "1234567890123457".into())
+    );
+    settle_at_once(&store, &ann, &[other], second, second).await;
+    assert_eq!(
+        account(&mut admin, key).await,
+        ("0".into(), (1_234_567_890_123_457 + second).to_string())
+    );
+}
+
+/// A settlement that comes after its hold expired finds nothing to release: it leaves
+/// every other hold as it is, and still charges the actual cost.
+#[tokio::test]
+async fn a_settlement_after_its_hold_expired_changes_no_hold_and_charges_the_actual_cost() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let admin = manager(&server.url()).await;
+    let store = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_millis(50)),
+    );
+    let budget = Arc::new(daily(1000));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:daily:ann";
+    let expired = hold_of(&store, &ann, 600).await;
+    let until = expired.get();
+    assert!(
+        within(20, || {
+            let mut admin = admin.clone();
+            async move { redis_now_ms(&mut admin).await >= until }
+        })
+        .await,
+        "Redis's clock passes the hold's end"
+    );
+    // the expired hold no longer counts: 900 fits beside nothing else held
+    let live = hold_of(&store, &ann, 900).await;
+    assert_ne!(live, expired);
+    let mut conn = admin.clone();
+    let before = holds_in(&mut conn, key).await;
+    assert_eq!(before, [(format!("h{}", live.get()), "900".into())]);
+    settle_at_once(&store, &ann, &[expired], 600, 70).await;
+    assert_eq!(holds_in(&mut conn, key).await, before);
+    assert_eq!(account(&mut conn, key).await, ("900".into(), "70".into()));
+}
+
+/// An account written before holds expired keeps its reserved amount in `r`: it counts
+/// against reservations made now, and drains as its own reservations settle, while the
+/// new holds stay apart from it.
+#[tokio::test]
+async fn a_legacy_reserved_amount_counts_and_drains() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(1000));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:daily:ann";
+    // as the earlier script left it: 400 reserved by an instance still running it
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg("r")
+        .arg("400")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 601).await,
+        [Some(false)]
+    );
+    let hold = hold_of(&store, &ann, 600).await;
+    assert_eq!(account(&mut admin, key).await, ("1000".into(), "0".into()));
+    // the older instance settles its reservation (no hold): `r` drains, the hold stays
+    store
+        .settle(
+            Arc::clone(&ann),
+            Money::from_picos(400),
+            Money::from_picos(100),
+            std::time::SystemTime::now(),
+        )
+        .await
+        .unwrap();
+    let r: String = redis::cmd("HGET")
+        .arg(key)
+        .arg("r")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(r, "0");
+    assert_eq!(account(&mut admin, key).await, ("600".into(), "100".into()));
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 301).await,
+        [Some(false)]
+    );
+    // and this instance's settlement takes its hold, never `r`
+    settle_at_once(&store, &ann, &[hold], 600, 600).await;
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "700".into()));
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 300).await,
+        [Some(true)]
+    );
 }

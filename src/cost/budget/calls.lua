@@ -27,6 +27,6 @@ for _ = 1, tonumber(ARGV[2]) do
     out[#out + 1] = -1
   end
   ko = ko + n
-  if m == 'r' then base = base + 1 + 4 * n else base = base + 2 + 5 * n end
+  if m == 'r' then base = base + 2 + 4 * n else base = base + 3 + 5 * n end
 end
 return out

@@ -465,6 +465,7 @@ pub(super) struct ReservationInner {
     shared: Arc<Shared>,
     charges: Arc<[Charge]>,
     amount: Money,
+    hold: super::store::Hold,
     settled: AtomicBool,
 }
 
@@ -519,10 +520,13 @@ impl ReservationInner {
             return;
         }
         let now = self.shared.clock.now();
-        let mut settling =
-            self.shared
-                .store
-                .settle(Arc::clone(&self.charges), self.amount, actual, now);
+        let mut settling = self.shared.store.settle_hold(
+            Arc::clone(&self.charges),
+            self.hold,
+            self.amount,
+            actual,
+            now,
+        );
         // A memory store answers at once; a network store finishes in the background.
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if let Poll::Ready(result) = settling.as_mut().poll(&mut cx) {
@@ -1022,11 +1026,12 @@ pub(super) fn outcome(
     result: Result<Reserve, super::store::BudgetStoreError>,
 ) -> Outcome {
     match result {
-        Ok(Reserve::Granted) => Outcome::Granted(BudgetReservation {
+        Ok(Reserve::Granted(hold)) => Outcome::Granted(BudgetReservation {
             inner: Arc::new(ReservationInner {
                 shared: Arc::clone(shared),
                 charges,
                 amount,
+                hold,
                 settled: AtomicBool::new(false),
             }),
         }),

@@ -127,7 +127,7 @@ pub use period::{ParsePeriodError, Period};
 pub use redis::RedisBudgetStore;
 pub use split::{BudgetGateLayer, BudgetStart, BudgetStartLayer, PendingBudget, StartBody};
 pub use store::{
-    BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, MemoryBudgetStore, Reserve,
+    BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Hold, MemoryBudgetStore, Reserve,
 };
 
 use super::pricing::Money;

@@ -10,7 +10,7 @@ use redis::Script;
 use redis::aio::ConnectionLike;
 
 use super::Period;
-use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Reserve};
+use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Hold, Reserve};
 use crate::cost::pricing::Money;
 use crate::redis_batch::{self, Answer, BatchScript, Batchers, Kind};
 
@@ -50,6 +50,16 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
 ///   user: one slot carries them; give each layer its own tag to spread several.
 /// - Each account is a hash that expires a day after its period could matter.
+/// - What a request reserves is held for a while, not for ever: for at least
+///   [`hold_ttl`](RedisBudgetStore::hold_ttl) (15 minutes by default) and at most twice
+///   that, then it frees itself. A reservation whose answer never reached the gateway (a
+///   response timeout, a connection dropped after the call was sent) and the reservations
+///   of a gateway that crashed or was stopped between reservation and settlement thus
+///   hold nothing for long. A request that outlives its hold no longer holds money
+///   against others; its actual cost is still charged when it settles. Accounts written
+///   by earlier versions keep their reserved amount in the field `r`: it still counts,
+///   and drains as the requests of the older instances settle, so a rolling upgrade
+///   neither frees nor counts twice what is held.
 /// - Amounts are kept and compared exactly, as `MemoryBudgetStore` does, for any amount
 ///   [`Money`] holds: the scripts store pico-dollars as decimal strings and compute on
 ///   them digit by digit, never through Lua's doubles (exact only below about $9,007).
@@ -74,7 +84,15 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 pub struct RedisBudgetStore<C> {
     link: Arc<Link<C>>,
     tag: Arc<str>,
+    hold_ms: u64,
 }
+
+/// The default of [`RedisBudgetStore::hold_ttl`].
+const HOLD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The longest hold (2^40 ms, about 35 years): every time the scripts compute from it
+/// stays exact in Lua's doubles.
+const LONGEST_HOLD_MS: u64 = 1 << 40;
 
 /// The connection and the calls waiting for it.
 struct Link<C> {
@@ -87,6 +105,7 @@ impl<C> fmt::Debug for RedisBudgetStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBudgetStore")
             .field("tag", &self.tag)
+            .field("hold_ttl", &Duration::from_millis(self.hold_ms))
             .finish_non_exhaustive()
     }
 }
@@ -102,7 +121,21 @@ impl<C> RedisBudgetStore<C> {
                 batched: AtomicU64::new(0),
             }),
             tag: "budget".into(),
+            hold_ms: u64::try_from(HOLD_TTL.as_millis()).unwrap_or(LONGEST_HOLD_MS),
         }
+    }
+
+    /// How long a reservation holds its amount at least (default 15 minutes; at most
+    /// twice this, then it frees itself, settled or not). Make it longer than any request
+    /// may take: a request that outlives its hold no longer holds money against others,
+    /// though its actual cost is still charged when it settles. Durations are counted in
+    /// whole milliseconds, from 1 ms to about 35 years.
+    #[must_use]
+    pub fn hold_ttl(mut self, ttl: Duration) -> Self {
+        self.hold_ms = u64::try_from(ttl.as_millis())
+            .unwrap_or(LONGEST_HOLD_MS)
+            .clamp(1, LONGEST_HOLD_MS);
+        self
     }
 
     /// Uses `tag` as the keys' hash tag (default `budget`; an empty tag keeps the default,
@@ -237,7 +270,7 @@ where
         _now: SystemTime,
     ) -> BoxFuture<'a, Result<Reserve, BudgetStoreError>> {
         let mut cmd = self.call(charges, "r");
-        cmd.arg(amount.picos().to_string());
+        cmd.arg(amount.picos().to_string()).arg(self.hold_ms);
         for c in charges {
             let (kind, window, ttl) = shape(c.budget.period);
             cmd.arg(c.budget.limit.picos().to_string())
@@ -255,7 +288,9 @@ where
                 }
             };
             if int(reply.first()) == 0 {
-                return Ok(Reserve::Granted);
+                // the time the hold expires: never 0, which would settle from `r`
+                let until = u64::try_from(int(reply.get(1))).unwrap_or(0);
+                return Ok(Reserve::Granted(Hold::new(until)));
             }
             let spent = match reply.get(2) {
                 Some(redis::Value::BulkString(b)) => picos(&String::from_utf8_lossy(b)),
@@ -270,9 +305,22 @@ where
         })
     }
 
+    /// Settles a reservation made without a hold (by an earlier version, whose amount is
+    /// in the field `r`); the layer settles through [`BudgetStore::settle_hold`].
     fn settle(
         &self,
         charges: Arc<[Charge]>,
+        reserved: Money,
+        actual: Money,
+        now: SystemTime,
+    ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
+        self.settle_hold(charges, Hold::NONE, reserved, actual, now)
+    }
+
+    fn settle_hold(
+        &self,
+        charges: Arc<[Charge]>,
+        hold: Hold,
         reserved: Money,
         actual: Money,
         _now: SystemTime,
@@ -280,6 +328,10 @@ where
         let mut cmd = self.call(&charges, "s");
         cmd.arg(reserved.picos().to_string())
             .arg(actual.picos().to_string());
+        match hold.get() {
+            0 => cmd.arg("-"),
+            until => cmd.arg(until),
+        };
         for c in charges.iter() {
             let (kind, window, ttl) = shape(c.budget.period);
             let thresholds: Vec<String> = c.budget.thresholds.iter().map(u16::to_string).collect();

@@ -1,20 +1,27 @@
--- A settlement: takes the reservation off the reserved amount and adds the actual cost to
--- the spend of every account of the call's keys.
--- Arguments (after the mode): reservation, actual, then per key: limit, kind, window_ms,
--- ttl_ms, thresholds ("500,800,1000", or "-").
+-- A settlement: takes the reservation off its hold, if the hold still lives, and adds the
+-- actual cost to the spend of every account of the call's keys.
+-- Arguments (after the mode): reservation, actual, the hold's until_ms (as the
+-- reservation answered it; "-" for one made before holds expired: its amount is in 'r'),
+-- then per key: limit, kind, window_ms, ttl_ms, thresholds ("500,800,1000", or "-").
 -- Answers the crossings, flat: index (0-based), permille, spent, ...
 local function settle(ko, n, base)
   local release, actual = big(ARGV[base + 1]), big(ARGV[base + 2])
+  local until_ms = tonumber(ARGV[base + 3])
+  local hold = until_ms == nil and 'r' or 'h' .. ARGV[base + 3]
   local crossings = {}
   -- every account is read before any is written: one that cannot be (not a hash) fails
   -- the call with nothing changed
   for i = 1, n do redis.call('HGET', KEYS[ko + i], 'r') end
   for i = 1, n do
     local key = KEYS[ko + i]
-    local b = base + 3 + (i - 1) * 5
+    local b = base + 4 + (i - 1) * 5
     local limit, kind, window_ms = big(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2])
-    local reserved = big(redis.call('HGET', key, 'r'))
-    redis.call('HSET', key, 'r', big_str(big_sub(reserved, release)))
+    -- an expired hold is gone already: nothing to release
+    if until_ms == nil or until_ms > now_ms then
+      -- (a hold emptied stays, at 0, until it expires: one field per span at most)
+      local left = big_sub(big(redis.call('HGET', key, hold)), release)
+      redis.call('HSET', key, hold, big_str(left))
+    end
     local _, _, slot_ms, cur = roll(key, kind, window_ms, now_ms)
     local field = kind == 'r' and 'w' .. cur or 's'
     local before = big(redis.call('HGET', key, field))

@@ -24,12 +24,34 @@ pub struct Charge {
     pub subject: Arc<str>,
 }
 
+/// Where a store keeps a granted reservation, handed back to it at settlement
+/// ([`BudgetStore::settle_hold`]). Opaque to everyone but the store that made it: the
+/// Redis store keeps the time its hold expires here; the memory store keeps nothing
+/// ([`Hold::NONE`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Hold(u64);
+
+impl Hold {
+    /// No mark: the store finds the reservation without one.
+    pub const NONE: Hold = Hold(0);
+
+    /// A mark of the store's own making.
+    pub const fn new(mark: u64) -> Self {
+        Self(mark)
+    }
+
+    /// The mark [`Hold::new`] was given (0 for [`Hold::NONE`]).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
 /// The answer of [`BudgetStore::reserve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Reserve {
-    /// Every account had room: the amount is now reserved on each.
-    Granted,
+    /// Every account had room: the amount is now reserved on each, in this hold.
+    Granted(Hold),
     /// This account (index into the charges) had no room: nothing was reserved.
     Refused {
         /// Index of the refusing charge.
@@ -83,6 +105,21 @@ pub trait BudgetStore: Send + Sync + 'static {
         actual: Money,
         now: SystemTime,
     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>>;
+
+    /// [`settle`](Self::settle) for a reservation granted in `hold` (the one
+    /// [`Reserve::Granted`] answered). By default the hold is ignored; a store that marks
+    /// its reservations (and a store that wraps one) overrides this.
+    fn settle_hold(
+        &self,
+        charges: Arc<[Charge]>,
+        hold: Hold,
+        reserved: Money,
+        actual: Money,
+        now: SystemTime,
+    ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
+        let _ = hold;
+        self.settle(charges, reserved, actual, now)
+    }
 
     /// The settled spend and the reserved amount of one account now, if the store keeps
     /// it.
@@ -319,7 +356,7 @@ impl MemoryBudgetStore {
                 acc.reserved = acc.reserved.saturating_add(want);
             }
         }
-        Reserve::Granted
+        Reserve::Granted(Hold::NONE)
     }
 }
 
@@ -415,7 +452,7 @@ mod tests {
         let t = at(1_000);
         assert_eq!(
             s.reserve_now(&c, Money::from_picos(60), t),
-            Reserve::Granted
+            Reserve::Granted(Hold::NONE)
         );
         assert!(matches!(
             s.reserve_now(&c, Money::from_picos(60), t),
@@ -425,7 +462,7 @@ mod tests {
         assert!(crossed.is_empty());
         assert_eq!(
             s.reserve_now(&c, Money::from_picos(60), t),
-            Reserve::Granted
+            Reserve::Granted(Hold::NONE)
         );
         let crossed = s.settle_now(&c, Money::from_picos(60), Money::from_picos(50), t);
         assert_eq!(crossed.len(), 1);
@@ -476,7 +513,7 @@ mod tests {
         let next = at(86_400_000);
         assert_eq!(
             s.reserve_now(&c, Money::from_picos(100), next),
-            Reserve::Granted
+            Reserve::Granted(Hold::NONE)
         );
         let crossed = s.settle_now(&c, Money::from_picos(100), Money::from_picos(100), next);
         assert_eq!(crossed.len(), 2);
@@ -499,7 +536,7 @@ mod tests {
         assert_eq!(retry_after, Some(Duration::from_secs(20)));
         assert_eq!(
             s.reserve_now(&c, Money::from_picos(50), at(60_000)),
-            Reserve::Granted
+            Reserve::Granted(Hold::NONE)
         );
     }
 
@@ -567,7 +604,7 @@ mod tests {
             let c = c(name);
             assert_eq!(
                 s.reserve_now(&c, Money::from_picos(picos), t),
-                Reserve::Granted
+                Reserve::Granted(Hold::NONE)
             );
             s.settle_now(&c, Money::from_picos(picos), Money::from_picos(picos), t);
         };
@@ -607,7 +644,7 @@ mod tests {
             // reserved and never settled: nothing is idle, nothing can go
             assert_eq!(
                 s.reserve_now(&c, Money::from_picos(1), at(0)),
-                Reserve::Granted
+                Reserve::Granted(Hold::NONE)
             );
         }
         assert_eq!(s.len() as u64, n);
