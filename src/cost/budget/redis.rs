@@ -413,4 +413,16 @@ mod tests {
         let store = RedisBudgetStore::new(()).hash_tag("{team}");
         assert_eq!(store.key(&charge), "palisade:budget:{team}:daily:ann");
     }
+
+    /// A hold of 0 ms would divide by zero in the script, and one past 2^40 ms would
+    /// leave the integers Lua's doubles hold exactly: both are brought into range.
+    #[test]
+    fn hold_lifetimes_are_kept_in_what_the_script_computes_exactly() {
+        let ms = |ttl| RedisBudgetStore::new(()).hold_ttl(ttl).hold_ms;
+        assert_eq!(RedisBudgetStore::new(()).hold_ms, 15 * 60 * 1000);
+        assert_eq!(ms(Duration::ZERO), 1);
+        assert_eq!(ms(Duration::from_micros(1500)), 1);
+        assert_eq!(ms(Duration::from_secs(2)), 2000);
+        assert_eq!(ms(Duration::MAX), LONGEST_HOLD_MS);
+    }
 }
