@@ -442,13 +442,23 @@ mod redis_store {
     async fn account(url: &str, user: &str) -> (Option<String>, Option<String>) {
         let client = redis::Client::open(url).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("HMGET")
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
             .arg(format!("palisade:budget:{{budget}}:daily:{user}"))
-            .arg("s")
-            .arg("r")
             .query_async(&mut conn)
             .await
-            .unwrap()
+            .unwrap();
+        // reserved: the holds (`h<until_ms>`) and `r` of accounts written before holds
+        let held: Vec<u128> = fields
+            .iter()
+            .filter(|(f, _)| f == "r" || f.starts_with('h'))
+            .map(|(_, v)| v.parse().unwrap())
+            .collect();
+        let spent = fields
+            .iter()
+            .find(|(f, _)| f == "s")
+            .map(|(_, v)| v.clone());
+        let reserved = (!held.is_empty()).then(|| held.iter().sum::<u128>().to_string());
+        (spent, reserved)
     }
 
     /// Reads the account until its reserved amount is `want` (each read a round trip, so

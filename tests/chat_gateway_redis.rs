@@ -105,17 +105,25 @@ async fn await_settled(redis: &RedisServer) {
             .unwrap();
         accounts.clear();
         for key in &keys {
-            let fields: (Option<String>, Option<String>) = ::redis::cmd("HMGET")
+            // reserved: the holds (`h<until_ms>`) and `r` of accounts written before holds
+            let fields: Vec<(String, String)> = ::redis::cmd("HGETALL")
                 .arg(key)
-                .arg("r")
-                .arg("s")
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            accounts.push(fields);
+            let held = fields
+                .iter()
+                .filter(|(f, _)| f == "r" || f.starts_with('h'))
+                .map(|(_, v)| v.parse::<u128>().unwrap())
+                .sum::<u128>();
+            let spent = fields
+                .iter()
+                .find(|(f, _)| f == "s")
+                .map(|(_, v)| v.clone());
+            accounts.push((held, spent));
         }
-        let settled = |(r, s): &(Option<String>, Option<String>)| {
-            r.as_deref() == Some("0") && s.as_deref().is_some_and(|s| s != "0")
+        let settled = |(held, s): &(u128, Option<String>)| {
+            *held == 0 && s.as_deref().is_some_and(|s| s != "0")
         };
         if !accounts.is_empty() && accounts.iter().all(settled) {
             return;
