@@ -281,3 +281,27 @@ async fn a_subjects_own_limits_zero_and_none_decide_as_the_budget_does() {
     }
     assert_eq!(budgets.spend("daily", "bob"), None);
 }
+
+/// The response future is `Send`, and `Unpin` over an `Unpin` inner future, on every path.
+#[tokio::test(start_paused = true)]
+async fn the_response_future_is_send_and_unpin_over_an_unpin_inner_future() {
+    fn send_unpin<T: Send + Unpin>(t: T) -> T {
+        t
+    }
+    let budgets = layer(Scope::User, "5");
+    let (inner, _, _) = readiness();
+    let mut svc = budgets.layer(inner);
+    for req in [
+        request(http::Method::GET, Some("ann")),
+        request(http::Method::POST, Some("ann")),
+    ] {
+        ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+            .await
+            .unwrap();
+        let mut fut = send_unpin(svc.call(req));
+        let res = std::future::poll_fn(|cx| Pin::new(&mut fut).poll(cx))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+}
