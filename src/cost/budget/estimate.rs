@@ -31,6 +31,9 @@ struct Head<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// OpenAI's number of choices, each up to the output limit, all billed.
+    #[serde(default)]
+    n: Option<u64>,
 }
 
 /// What the body says about a request's worst cost.
@@ -49,7 +52,8 @@ pub(crate) enum Estimate {
 }
 
 /// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
-/// dearest input rate (plain or cache write), plus the output limit at the output price.
+/// dearest input rate (plain or cache write), plus the output limit (the largest one given)
+/// at the output price for each of the `n` choices asked for.
 pub(crate) fn estimate(
     body: &[u8],
     prices: &PriceTable,
@@ -66,11 +70,16 @@ pub(crate) fn estimate(
     let Some(price) = prices.get(&model) else {
         return Estimate::Unpriced(model.into_owned());
     };
-    let output = head
-        .max_tokens
-        .or(head.max_completion_tokens)
-        .or(head.max_output_tokens)
-        .unwrap_or(default_max_tokens);
+    let output = [
+        head.max_tokens,
+        head.max_completion_tokens,
+        head.max_output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(default_max_tokens)
+    .saturating_mul(head.n.unwrap_or(1).max(1));
     let input = (body.len() as u64).div_ceil(bytes_per_token.max(1));
     let as_plain = Usage {
         input_tokens: input,
@@ -124,10 +133,17 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
             reason: "must be a whole number of tokens, 0 or more".to_owned(),
         };
     }
+    if map.get("n").is_some_and(|v| !v.is_null() && !v.is_u64()) {
+        return Estimate::Invalid {
+            field: "n",
+            reason: "must be a whole number of choices".to_owned(),
+        };
+    }
     // The types are right, so a field is given twice.
     let msg = e.to_string();
     let field = std::iter::once("model")
         .chain(LIMITS)
+        .chain(["n"])
         .find(|f| msg.contains(&format!("`{f}`")))
         .unwrap_or("model");
     Estimate::Invalid {
