@@ -305,3 +305,70 @@ async fn the_response_future_is_send_and_unpin_over_an_unpin_inner_future() {
         assert_eq!(res.status(), 200);
     }
 }
+
+/// An inner service that panics in its future, before any answer.
+#[derive(Clone)]
+struct Panics;
+
+impl<B: Send + 'static> Service<Request<B>> for Panics {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _req: Request<B>) -> Self::Future {
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            panic!("the inner service failed");
+        })
+    }
+}
+
+/// A panic below the layer leaves no hold behind, plain or split: the reservation is
+/// settled once (charged in full, as any reservation dropped unsettled), never held on.
+#[tokio::test(start_paused = true)]
+async fn a_panic_below_the_layer_leaves_no_hold() {
+    for split in [false, true] {
+        let budgets = layer(Scope::User, "5");
+        let task = if split {
+            let (start, gate) = budgets.split();
+            let mut svc = start.layer(gate.layer(Panics));
+            tokio::spawn(async move {
+                send(&mut svc, request(http::Method::POST, Some("ann"))).await;
+            })
+        } else {
+            let mut svc = budgets.layer(Panics);
+            tokio::spawn(async move {
+                send(&mut svc, request(http::Method::POST, Some("ann"))).await;
+            })
+        };
+        assert!(task.await.unwrap_err().is_panic());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let (spent, held) = budgets.spend("daily", "ann").unwrap();
+        assert_eq!(held, Money::ZERO, "split: {split}");
+        assert_eq!(
+            spent,
+            amount().await,
+            "split: {split}: settled once, in full"
+        );
+    }
+}
+
+/// What one request reserves (through a roomy layer whose upstream refunds it).
+async fn amount() -> Money {
+    let budgets = layer(Scope::User, "5");
+    let mut svc = budgets.layer(tower::service_fn(|req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        r.refund();
+        let mut res = Response::new(Full::new(Bytes::new()));
+        res.extensions_mut().insert(r.amount());
+        Ok::<_, Infallible>(res)
+    }));
+    let res = send(&mut svc, request(http::Method::POST, Some("probe"))).await;
+    *res.extensions().get::<Money>().unwrap()
+}
