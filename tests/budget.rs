@@ -625,3 +625,39 @@ async fn every_choice_a_request_asks_for_is_reserved() {
         assert_eq!(json["errors"][0]["field"], "n", "{body}: {json}");
     }
 }
+
+/// Server-side web searches are billed per search: a request allowing up to `max_uses` of
+/// them reserves their price too ($10 per thousand on Anthropic's models).
+#[tokio::test(start_paused = true)]
+async fn the_web_searches_a_request_allows_are_reserved() {
+    let plain = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":0}]}"#,
+    )
+    .await;
+    let five = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5}]}"#,
+    )
+    .await;
+    // five searches at one cent each (the body is as long: the same input)
+    assert_eq!(five.picos(), plain.picos() + 5 * 10_000_000_000);
+
+    let layer = builder(dollars("1000")).build().unwrap();
+    for body in [
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","max_uses":-1}]}"#,
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":{"type":"web_search_20250305"}}"#,
+    ] {
+        let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+        let mut req = Request::post("/v1/messages")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("ann"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+}
