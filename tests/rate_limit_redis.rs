@@ -2818,3 +2818,35 @@ async fn a_batch_of_64_calls_answers_each_exactly_as_alone() {
     }
     assert_eq!(at, batch.len());
 }
+
+/// A window's end past 2^53 µs is not a double the script can hold (its start, below 2^53,
+/// plus a window below 2^52): the time until it, the decision's `reset`, is still exact, as
+/// in the memory store (a window of about 60 years, checked in the year 2211).
+#[tokio::test]
+async fn a_reset_whose_window_ends_past_2_53_is_exact() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "late-reset").await;
+    let window = Duration::from_micros(1_904_176_396_976_475);
+    let at = 7_635_004_549_537_266;
+    for (index, algorithm) in [Algorithm::FixedWindow, Algorithm::SlidingWindow]
+        .into_iter()
+        .enumerate()
+    {
+        let rule = Owned {
+            index: u32::try_from(index).unwrap(),
+            name: match algorithm {
+                Algorithm::FixedWindow => "fixed",
+                _ => "sliding",
+            },
+            params: Params::new(algorithm, Quota::new(5, window)),
+            ..one_rule(algorithm, 5, 1)
+        };
+        let (redis, memory) = both.check(&rule, at).await;
+        assert!(redis.admitted && memory.admitted, "{algorithm:?}");
+        assert_eq!(
+            redis.rules[0].reset_micros, memory.rules[0].reset_micros,
+            "{algorithm:?}"
+        );
+        assert_eq!(redis.rules[0], memory.rules[0], "{algorithm:?}");
+    }
+}
