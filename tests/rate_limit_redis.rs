@@ -2850,3 +2850,48 @@ async fn a_reset_whose_window_ends_past_2_53_is_exact() {
         assert_eq!(redis.rules[0], memory.rules[0], "{algorithm:?}");
     }
 }
+
+/// A GCRA rule whose limit, burst and window are each below 2^52 but whose tolerance (the
+/// burst's µs, `burst × window / limit`) reaches 2^52 cannot be decided exactly in the
+/// script's doubles (the time plus it passes 2^53): the store refuses it with an error
+/// naming the rule, as it refuses a limit past 2^52, never an inexact answer.
+#[tokio::test]
+async fn a_gcra_rule_whose_burst_spans_past_2_53_us_is_refused_not_inexact() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "wide-burst").await;
+    for (n, (limit, window, burst)) in [
+        (1, 86_400_000_000, 200_000),
+        (1, 1 << 51, 1 << 51),
+        (3, (1 << 51) - 1, 1 << 40),
+        (1, 86_400_000_000, 50_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rule = Owned {
+            index: u32::try_from(n).unwrap(),
+            key: RateKey::principal(format!("wide-{n}")),
+            params: Params {
+                algorithm: Algorithm::Gcra,
+                limit,
+                window,
+                burst,
+                strict: false,
+            },
+            ..one_rule(Algorithm::Gcra, 1, 1)
+        };
+        let mut at = 1_765_000_000_000_001;
+        for _ in 0..20 {
+            let redis = both.redis.check_at(&[rule.item()], at).await;
+            let memory = both.memory.check_at(&[rule.item()], at);
+            let span = (u128::from(burst) * u128::from(window)).div_ceil(u128::from(limit));
+            if span >= 1 << 52 {
+                let e = redis.expect_err("refused");
+                assert!(e.to_string().contains("rule `per-key`"), "{e}");
+            } else {
+                assert_eq!(redis.unwrap(), memory, "at {at}");
+            }
+            at += 1_234_567;
+        }
+    }
+}

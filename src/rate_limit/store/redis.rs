@@ -464,7 +464,8 @@ enum Conn {
 /// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
 /// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
 /// it). Lua counts in doubles: limits, bursts and windows (in µs, about 142 years) must
-/// stay below 2^52, and times below 2^53 µs (the year 2255), which any real quota does; a
+/// stay below 2^52, so must a GCRA rule's burst span (`burst × window / limit` µs), and
+/// times below 2^53 µs (the year 2255), which any real quota does; a
 /// rule past them gets a [`StoreError`] naming it, never a silently inexact count. A cost
 /// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
 /// memory store refuses it.
@@ -829,6 +830,17 @@ impl RedisStore {
             {
                 return Err(StoreError::new(format!(
                     "rule `{rule}`: the Redis store counts exactly only below 2^52: a quota's limit, burst and window (in µs, about 142 years) must be smaller"
+                )));
+            }
+            // GCRA's tolerance, ceil(burst × window / limit) µs, is added to the time: past
+            // 2^52 the script's doubles no longer hold the sums exactly.
+            if params.algorithm == Algorithm::Gcra
+                && (u128::from(params.burst) * u128::from(params.window))
+                    .div_ceil(u128::from(params.limit.max(1)))
+                    >= u128::from(LUA_EXACT)
+            {
+                return Err(StoreError::new(format!(
+                    "rule `{rule}`: the Redis store counts exactly only below 2^52: a GCRA quota's burst times its window over its limit (in µs, about 142 years) must be smaller"
                 )));
             }
             // A cost past every capacity is refused (`Never`) whatever its size; a delta
