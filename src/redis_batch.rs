@@ -96,6 +96,9 @@ pub(crate) struct Batchers<T> {
     slots: Box<[Batcher<T>]>,
     /// Calls waiting, in every slot.
     queued: AtomicUsize,
+    /// The runtime the batchers were made on: waiting calls are sent from it when the call
+    /// that held the connection ends on a thread outside any runtime.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl<T> Batchers<T> {
@@ -106,7 +109,16 @@ impl<T> Batchers<T> {
         Self {
             slots: (0..n).map(|_| Batcher::default()).collect(),
             queued: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
+    }
+
+    /// The runtime to run a task on: the current one, else the one the batchers were made
+    /// on (if any).
+    pub(crate) fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        tokio::runtime::Handle::try_current()
+            .ok()
+            .or_else(|| self.runtime.clone())
     }
 
     /// The batcher of a call (the only one unless slots are apart).
@@ -256,12 +268,12 @@ fn hand_off<S: BatchScript>(script: &Arc<S>, slot: usize) {
         batch
     };
     let flush = flush(script.clone(), slot, batch);
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => {
+    match script.batchers().runtime() {
+        Some(handle) => {
             handle.spawn(flush);
         }
         // No runtime to run them on: the flush, dropped, fails them.
-        Err(_) => drop(flush),
+        None => drop(flush),
     }
 }
 

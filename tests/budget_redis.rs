@@ -850,3 +850,275 @@ async fn a_burst_of_requests_through_the_layer_shares_script_calls() {
         "{requests} requests took {evals} script calls"
     );
 }
+
+/// A settlement made and dropped on a thread outside any tokio runtime (a reservation
+/// dropped there, say) still lands: the store sends it from the runtime it was made on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_dropped_outside_a_runtime_still_lands() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(100));
+    let ann = charge_of(&budget, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 100).await,
+        [Some(true)]
+    );
+    let outside = {
+        let store = Arc::clone(&store);
+        let ann = Arc::clone(&ann);
+        std::thread::spawn(move || {
+            assert!(tokio::runtime::Handle::try_current().is_err());
+            drop(store.settle(
+                ann,
+                Money::from_picos(100),
+                Money::from_picos(30),
+                std::time::SystemTime::now(),
+            ));
+        })
+    };
+    outside.join().unwrap();
+    let key = "palisade:budget:{budget}:daily:ann";
+    let mut seen = account(&mut admin, key).await;
+    for _ in 0..1000 {
+        if seen.1 != "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(&mut admin, key).await;
+    }
+    assert_eq!(seen, ("0".into(), "30".into()));
+}
+
+/// A settlement is all or nothing across the request's accounts: when one of them cannot
+/// be settled (here it is not a hash), the call fails and the others keep their
+/// reservation too, as the layer reports ("stays charged"), alone or in a batch.
+#[tokio::test]
+async fn a_settlement_that_fails_on_one_account_changes_none() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let charges: Arc<[palisade::cost::budget::Charge]> = Arc::from(vec![
+        palisade::cost::budget::Charge {
+            budget: Arc::new(daily(1000)),
+            subject: "ann".into(),
+        },
+        palisade::cost::budget::Charge {
+            budget: Arc::new(Budget::new(
+                "monthly",
+                Scope::User,
+                Period::Month,
+                Money::from_picos(1000),
+            )),
+            subject: "ann".into(),
+        },
+    ]);
+    assert_eq!(
+        reserve_at_once(&store, std::slice::from_ref(&charges), 100).await,
+        [Some(true)]
+    );
+    let monthly = "palisade:budget:{budget}:monthly:ann";
+    let _: () = redis::cmd("SET")
+        .arg(monthly)
+        .arg("not a hash")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let settled = store
+        .settle(
+            Arc::clone(&charges),
+            Money::from_picos(100),
+            Money::from_picos(30),
+            std::time::SystemTime::now(),
+        )
+        .await;
+    assert!(settled.is_err(), "{settled:?}");
+    let daily_key = "palisade:budget:{budget}:daily:ann";
+    assert_eq!(
+        account(&mut admin, daily_key).await,
+        ("100".into(), "0".into())
+    );
+}
+
+/// Budget names and subjects with colons never share an account, as they do not in the
+/// memory store: `daily` of `vip:ann` and `daily:vip` of `ann` are two accounts.
+#[tokio::test]
+async fn budget_names_and_subjects_with_colons_never_share_an_account() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let daily_budget = Arc::new(daily(100));
+    let vip = Arc::new(Budget::new(
+        "daily:vip",
+        Scope::User,
+        Period::Day,
+        Money::from_picos(100),
+    ));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&daily_budget, "vip:ann")], 100).await,
+        [Some(true)]
+    );
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&vip, "ann")], 100).await,
+        [Some(true)]
+    );
+    assert_ne!(
+        store.key(&charge_of(&daily_budget, "vip:ann")[0]),
+        store.key(&charge_of(&vip, "ann")[0])
+    );
+    // names without a colon or a percent sign keep their keys
+    assert_eq!(
+        store.key(&charge_of(&daily_budget, "ann")[0]),
+        "palisade:budget:{budget}:daily:ann"
+    );
+}
+
+/// A request whose client goes away while its reservation is on its way to Redis: the
+/// reservation, granted there, is released once its answer comes, not held until the
+/// period ends.
+#[tokio::test]
+async fn a_request_dropped_while_its_reservation_is_in_flight_releases_it() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let layer = BudgetLayer::builder()
+        .budget(daily(1000))
+        .store(RedisBudgetStore::new(manager(&server.url()).await))
+        .build()
+        .unwrap();
+    let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async move {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    // a burst of requests, each polled once (its reservation sent or queued) and dropped
+    let users: Vec<String> = (0..20).map(|i| format!("user{i}")).collect();
+    for user in &users {
+        let mut call = std::pin::pin!(svc.clone().oneshot(request(user, 50)));
+        let first =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx).is_pending()))
+                .await;
+        assert!(first, "the request waits for Redis");
+    }
+    // each account's `r` appears with its reservation and is back to 0 once released
+    for user in &users {
+        let key = format!("palisade:budget:{{budget}}:daily:{user}");
+        let reserved = || {
+            let mut admin = admin.clone();
+            let key = key.clone();
+            async move {
+                let r: Option<String> = redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("r")
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                r
+            }
+        };
+        let mut seen = reserved().await;
+        for _ in 0..1000 {
+            if seen.as_deref() == Some("0") {
+                break;
+            }
+            tokio::task::yield_now().await;
+            seen = reserved().await;
+        }
+        assert_eq!(seen.as_deref(), Some("0"), "{user}");
+        assert_eq!(account(&mut admin, &key).await.1, "0", "{user}");
+    }
+}
+
+/// A rolling window longer than Redis can set an expiry for (a "lifetime" budget of
+/// `Duration::MAX`) still counts: the account's expiry is capped, not refused by Redis.
+#[tokio::test]
+async fn a_rolling_budget_of_the_longest_window_counts_in_redis() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let lifetime = Arc::new(Budget::new(
+        "lifetime",
+        Scope::User,
+        Period::Rolling(Duration::MAX),
+        Money::from_picos(100),
+    ));
+    let ann = charge_of(&lifetime, "ann");
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
+        [Some(true)]
+    );
+    settle_at_once(&store, &ann, 1, 60, 60).await;
+    assert_eq!(
+        reserve_at_once(&store, &[Arc::clone(&ann)], 60).await,
+        [Some(false)]
+    );
+}
+
+/// A reservation answered after the connection's response timeout (Redis held up: here
+/// its writes paused) failed for its caller, who holds nothing; once Redis runs it, what
+/// it reserved must not stay held.
+#[tokio::test]
+#[ignore = "a reservation that runs in Redis after its caller's timeout stays held: the store cannot yet tell it from one that never ran"]
+async fn a_reservation_that_lands_after_its_timeout_is_not_held() {
+    use palisade::cost::budget::BudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(daily(1000));
+    assert_eq!(
+        reserve_at_once(&store, &[charge_of(&budget, "warm")], 1).await,
+        [Some(true)]
+    );
+    let pause = |args: &'static [&'static str]| {
+        let mut admin = admin.clone();
+        async move {
+            let _: () = redis::cmd("CLIENT")
+                .arg(args)
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    };
+    pause(&["PAUSE", "60000", "WRITE"]).await;
+    let late = store
+        .reserve(
+            &charge_of(&budget, "ann"),
+            Money::from_picos(100),
+            std::time::SystemTime::now(),
+        )
+        .await;
+    assert!(late.is_err(), "{late:?}");
+    pause(&["UNPAUSE"]).await;
+    let key = "palisade:budget:{budget}:daily:ann";
+    let reserved = || {
+        let mut admin = admin.clone();
+        async move {
+            let r: Option<String> = redis::cmd("HGET")
+                .arg(key)
+                .arg("r")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            r
+        }
+    };
+    let mut seen = reserved().await;
+    for _ in 0..1000 {
+        if seen.as_deref() == Some("0") {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = reserved().await;
+    }
+    assert_eq!(seen.as_deref(), Some("0"));
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+}

@@ -40,9 +40,12 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   follows its failure mode); a call that fails inside a batch fails alone.
 ///   [`RedisBudgetStore::batched_calls`] counts the calls that went in a batch.
 /// - A settlement is sent even when the future [`BudgetStore::settle`] returned is
-///   dropped (it runs on a task of the current tokio runtime); a reservation still waiting
-///   when its caller is gone is not sent.
-/// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>`, every one with the same hash
+///   dropped: it runs on a task of the current tokio runtime or, settled on a thread
+///   outside any, of the runtime the store was made on. (A store made outside a runtime
+///   sends it there only while the future is polled.) A reservation still waiting when its
+///   caller is gone is not sent.
+/// - Keys are `palisade:budget:{<tag>}:<budget>:<subject>` (a `%` or `:` in either
+///   written `%25` or `%3A`, see [`RedisBudgetStore::key`]), every one with the same hash
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
 ///   user: one slot carries them; give each layer its own tag to spread several.
@@ -113,11 +116,22 @@ impl<C> RedisBudgetStore<C> {
         self
     }
 
-    /// The Redis key of an account.
+    /// The Redis key of an account. A `%` or `:` in the budget's name or the subject is
+    /// written `%25` or `%3A`, so that no two accounts share a key (`daily` of `vip:ann`
+    /// and `daily:vip` of `ann`); other names are kept as they are.
     pub fn key(&self, charge: &Charge) -> String {
+        fn part(s: &str) -> std::borrow::Cow<'_, str> {
+            if s.contains(['%', ':']) {
+                s.replace('%', "%25").replace(':', "%3A").into()
+            } else {
+                s.into()
+            }
+        }
         format!(
             "palisade:budget:{{{}}}:{}:{}",
-            self.tag, charge.budget.name, charge.subject
+            self.tag,
+            part(&charge.budget.name),
+            part(&charge.subject)
         )
     }
 
@@ -191,8 +205,11 @@ fn shape(period: Period) -> (&'static str, u64, u64) {
         Period::Day => ("d", 0, 2 * DAY),
         Period::Month => ("m", 0, 32 * DAY),
         Period::Rolling(w) => {
-            let w = u64::try_from(w.as_millis()).unwrap_or(u64::MAX / 2);
-            ("r", w, w.saturating_add(DAY))
+            // at most 2^62 ms (146 million years): its expiry (a day more, from now) is
+            // one Redis can set, and every amount of time the script computes fits an i64
+            const LONGEST: u64 = 1 << 62;
+            let w = u64::try_from(w.as_millis()).map_or(LONGEST, |w| w.min(LONGEST));
+            ("r", w, w + DAY)
         }
     }
 }
@@ -279,17 +296,17 @@ where
         let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Settlement);
         // Sent from a task of its own, so that it lands even when this future is dropped:
         // what it releases would stay reserved otherwise.
-        let call: BoxFuture<'static, Answer<redis::Value>> =
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    let task = rt.spawn(call);
-                    Box::pin(async move {
-                        task.await
-                            .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
-                    })
-                }
-                Err(_) => Box::pin(call),
-            };
+        // Outside a runtime, the task runs on the one the store was made on.
+        let call: BoxFuture<'static, Answer<redis::Value>> = match self.link.batchers.runtime() {
+            Some(rt) => {
+                let task = rt.spawn(call);
+                Box::pin(async move {
+                    task.await
+                        .unwrap_or_else(|e| Err(format!("the settlement's task failed: {e}")))
+                })
+            }
+            None => Box::pin(call),
+        };
         Box::pin(async move {
             let reply = call.await.map_err(BudgetStoreError)?;
             let mut out = Vec::new();

@@ -6,6 +6,9 @@
 local function settle(ko, n, base)
   local release, actual = big(ARGV[base + 1]), big(ARGV[base + 2])
   local crossings = {}
+  -- every account is read before any is written: one that cannot be (not a hash) fails
+  -- the call with nothing changed
+  for i = 1, n do redis.call('HGET', KEYS[ko + i], 'r') end
   for i = 1, n do
     local key = KEYS[ko + i]
     local b = base + 3 + (i - 1) * 5
