@@ -30,9 +30,10 @@
 -- answers the same for its one rule; a settlement and a reset answer {}.
 --
 -- The script returns its answer as one string: every integer as 8 bytes, little-endian two's
--- complement ("" for {}). struct.pack converts a number to a 64-bit integer as Redis
--- converts one in a returned table, with no text formatting, and the client then reads one
--- value instead of one per integer.
+-- complement ("" for {}). struct.pack converts a number of magnitude below 2^63 (the times
+-- and µs answered here are far below it) to a 64-bit integer as Redis converts one in a
+-- returned table, with no text formatting, and the client then reads one value instead of
+-- one per integer. The script needs Lua's `struct` library (built into Redis and Valkey).
 
 local floor = math.floor
 local P53 = 9007199254740992
