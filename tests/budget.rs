@@ -551,3 +551,113 @@ async fn the_rate_limiters_principal_is_the_caller_the_budgets_charge() {
             .is_some_and(|(s, _)| s > Money::ZERO)
     );
 }
+
+/// What a body reserves through a roomy budget (the upstream refunds it).
+async fn reservation_of(body: &'static str) -> Money {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Money::ZERO));
+    let s2 = Arc::clone(&seen);
+    let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| {
+        let s2 = Arc::clone(&s2);
+        async move {
+            let r = req.extensions().get::<BudgetReservation>().unwrap();
+            *s2.lock().unwrap() = r.amount();
+            r.refund();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let mut req = Request::post("/v1/chat/completions")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("ann"));
+    let res = svc.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), 200, "{body}");
+    let amount = *seen.lock().unwrap();
+    assert!(amount > Money::ZERO);
+    amount
+}
+
+/// OpenAI's `n` asks for that many choices, each up to the output limit, all billed: the
+/// reservation covers every one of them. A body giving two output limits reserves the
+/// larger; an `n` that is not a whole number is refused like a bad output limit.
+#[tokio::test(start_paused = true)]
+async fn every_choice_a_request_asks_for_is_reserved() {
+    let one = reservation_of(r#"{"model":"gpt-4o","max_tokens":1000,"messages":[]}"#).await;
+    let ten = reservation_of(r#"{"model":"gpt-4o","max_tokens":1000,"n":10,"messages":[]}"#).await;
+    // gpt-4o output is $10 per million tokens: nine more choices of 1000 tokens are $0.09
+    // (the body is 7 bytes longer: 2 more input tokens at $2.50 per million)
+    assert_eq!(
+        ten.picos(),
+        one.picos() + 9 * 1000 * 10_000_000 + 2 * 2_500_000,
+        "one choice {one}, ten {ten}"
+    );
+    let both = reservation_of(
+        r#"{"model":"gpt-4o","max_tokens":10,"max_completion_tokens":1000,"messages":[]}"#,
+    )
+    .await;
+    let larger = reservation_of(
+        r#"{"model":"gpt-4o","max_tokens":1000,"max_completion_tokens":10,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(both, larger);
+    assert!(both.picos() >= 1000 * 10_000_000);
+
+    let layer = builder(dollars("1000")).build().unwrap();
+    for body in [
+        r#"{"model":"gpt-4o","max_tokens":10,"n":-1}"#,
+        r#"{"model":"gpt-4o","max_tokens":10,"n":1.5}"#,
+        r#"{"model":"gpt-4o","max_tokens":10,"n":"2"}"#,
+        r#"{"model":"gpt-4o","max_tokens":10,"n":2,"n":1}"#,
+    ] {
+        let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+        let mut req = Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("ann"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["errors"][0]["field"], "n", "{body}: {json}");
+    }
+}
+
+/// Server-side web searches are billed per search: a request allowing up to `max_uses` of
+/// them reserves their price too ($10 per thousand on Anthropic's models).
+#[tokio::test(start_paused = true)]
+async fn the_web_searches_a_request_allows_are_reserved() {
+    let plain = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":0}]}"#,
+    )
+    .await;
+    let five = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5}]}"#,
+    )
+    .await;
+    // five searches at one cent each (the body is as long: the same input)
+    assert_eq!(five.picos(), plain.picos() + 5 * 10_000_000_000);
+
+    let layer = builder(dollars("1000")).build().unwrap();
+    for body in [
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","max_uses":-1}]}"#,
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":{"type":"web_search_20250305"}}"#,
+    ] {
+        let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+        let mut req = Request::post("/v1/messages")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("ann"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 400, "{body}");
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+}

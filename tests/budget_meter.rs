@@ -225,3 +225,64 @@ async fn a_stream_that_reports_no_usage_is_charged_its_reservation_not_refunded(
     assert_eq!(reserved, Money::ZERO);
     assert!(spent > Money::ZERO, "a stream with unknown usage was free");
 }
+
+/// An answer from another model than the one asked for (a fallback upstream) is priced at
+/// the model that answered: its record, its cost header and the budget's spend agree to
+/// the pico-dollar, and a model with no price is charged the whole reservation.
+#[tokio::test]
+async fn an_answer_from_another_model_settles_the_answering_models_cost() {
+    for (answered, cost) in [
+        (
+            "claude-opus-4-7",
+            Some(Money::from_picos(
+                3 * 5_000_000 + 12_304 * 6_250_000 + 550 * 25_000_000,
+            )),
+        ),
+        ("claude-from-the-future-9", None),
+    ] {
+        let (budget, _, _) = layers();
+        let (tx, mut records) = mpsc::unbounded_channel();
+        let (recorder, _shutdown) = UsageRecorder::spawn(Forward(tx), RecorderConfig::default());
+        let meter = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
+        let body = format!(
+            r#"{{"type":"message","model":"{answered}","content":[],"stop_reason":"end_turn",
+            "usage":{{"input_tokens":3,"cache_creation_input_tokens":12304,"output_tokens":550}}}}"#
+        );
+        let upstream = service_fn(move |_req: Request<Full<Bytes>>| {
+            let body = body.clone();
+            async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header("content-type", "application/json; charset=utf-8")
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap(),
+                )
+            }
+        });
+        let svc = ServiceBuilder::new()
+            .layer(budget.clone())
+            .layer(meter)
+            .service(upstream);
+        let res = svc.oneshot(request()).await.unwrap();
+        let header = res.headers()["x-palisade-cost-usd"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        res.into_body().collect().await.unwrap();
+        let record = records.recv().await.unwrap();
+        assert_eq!(record.model.as_deref(), Some(answered));
+        assert_eq!(record.cost, cost, "{answered}");
+        let (spent, held) = budget.spend("daily", "carol").unwrap();
+        assert_eq!(held, Money::ZERO, "{answered}: nothing left held");
+        match cost {
+            Some(cost) => {
+                assert_eq!(header, cost.dollars_string());
+                assert_eq!(spent, cost, "{answered}: charged what the record says");
+            }
+            None => {
+                assert_eq!(header, "unknown");
+                assert!(spent > Money::ZERO, "{answered}: unknown is not free");
+            }
+        }
+    }
+}

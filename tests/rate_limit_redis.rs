@@ -2645,3 +2645,253 @@ async fn a_store_on_one_server_is_connected_and_its_script_loaded_once_built() {
     assert_eq!(calls(&url, "evalsha").await, 1, "one script call");
     assert_eq!(calls(&url, "script|load").await, 0);
 }
+
+/// A store built while its server is down still builds, within its connection timeout,
+/// and its first decision once the server is back connects and is answered by Redis (not
+/// the error of the connection attempt made at build).
+#[tokio::test]
+async fn a_store_built_while_its_server_is_down_decides_in_redis_on_its_first_call_once_it_is_up() {
+    let mut server = RedisServer::start().await.expect("redis-server");
+    let url = server.url();
+    server.kill();
+    let started = Instant::now();
+    let store = RedisStore::builder()
+        .url(&url)
+        .prefix(unique("down"))
+        .timeout(Duration::from_secs(2))
+        .on_failure(RedisFailMode::Closed)
+        .build()
+        .await
+        .expect("building succeeds while the server is down");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "build took {:?}",
+        started.elapsed()
+    );
+    server.restart().await;
+    let rules = group(Algorithm::SlidingWindow, 1);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    let first = store.check(&items).await;
+    assert!(
+        first.as_ref().is_ok_and(|d| d.admitted),
+        "the first decision: {first:?}"
+    );
+    assert_eq!(calls(&url, "evalsha").await, 2, "NOSCRIPT, then the script");
+}
+
+/// A server that accepts the connection but never answers holds `build` for the
+/// connection timeout (the larger of the timeout and 250 ms), no longer.
+#[tokio::test]
+async fn building_against_a_silent_server_waits_the_connection_timeout_and_no_longer() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let accepting = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                held.lock().await.push(socket);
+            }
+        })
+    };
+    for (timeout, bound) in [
+        (Duration::from_millis(50), Duration::from_millis(250)),
+        (Duration::from_millis(600), Duration::from_millis(600)),
+    ] {
+        let started = Instant::now();
+        let store = RedisStore::builder()
+            .url(format!("redis://{addr}/"))
+            .prefix(unique("silent"))
+            .timeout(timeout)
+            .build()
+            .await
+            .expect("building succeeds");
+        let took = started.elapsed();
+        assert!(took >= bound, "{timeout:?}: build took {took:?}");
+        assert!(
+            took < bound + Duration::from_secs(5),
+            "{timeout:?}: build took {took:?}"
+        );
+        drop(store);
+    }
+    accepting.abort();
+}
+
+/// A wrong password does not fail `build` (a single server may be down when the store is
+/// built): the first decision fails with the server's error, which the failure mode
+/// answers; with the right one, the script is loaded at build.
+#[tokio::test]
+async fn a_wrong_password_shows_on_the_first_decision_and_the_right_one_loads_at_build() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let set = support::command(server.addr(), "CONFIG SET requirepass s3cret")
+        .await
+        .unwrap();
+    assert!(set.starts_with("+OK"), "{set}");
+    let rules = group(Algorithm::FixedWindow, 1);
+    let items: Vec<CheckItem<'_>> = rules.iter().map(Owned::item).collect();
+    let wrong = RedisStore::builder()
+        .url(format!("redis://:wrong@{}/", server.addr()))
+        .prefix(unique("auth"))
+        .timeout(Duration::from_secs(2))
+        .on_failure(RedisFailMode::Closed)
+        .build()
+        .await
+        .expect("building succeeds");
+    let first = wrong.check(&items).await;
+    assert!(first.is_err(), "{first:?}");
+    let right = RedisStore::builder()
+        .url(format!("redis://:s3cret@{}/", server.addr()))
+        .prefix(unique("auth"))
+        .timeout(Duration::from_secs(2))
+        .on_failure(RedisFailMode::Closed)
+        .build()
+        .await
+        .expect("building succeeds");
+    assert!(right.check(&items).await.unwrap().admitted);
+}
+
+/// The script's batch of 64 calls of two rules answers 1,344 integers, packed in chunks of
+/// 200 that split calls: each call's part is its length and then exactly what the same
+/// call answers alone, in the same order on the same state.
+#[tokio::test]
+async fn a_batch_of_64_calls_answers_each_exactly_as_alone() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let script = include_str!("../src/rate_limit/store/redis/decide.lua");
+    let words = |bytes: Vec<u8>| -> Vec<i64> {
+        assert_eq!(bytes.len() % 8, 0);
+        bytes
+            .chunks_exact(8)
+            .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
+            .collect()
+    };
+    // call i: its two keys, time and per-rule numbers
+    let call = |prefix: &str, i: u64| {
+        let keys = vec![format!("{prefix}:a{}", i % 3), format!("{prefix}:g")];
+        let mut numbers = Vec::new();
+        for (r, limit) in [(i % 3, 3 + i % 2), (2 - i % 3, 40)] {
+            for n in [r, limit, 60_000_000, limit, 0, 1 + i % 2, 0] {
+                numbers.push(n.to_string());
+            }
+        }
+        (keys, (1_000_000 + i * 1_000).to_string(), numbers)
+    };
+    let mut keys = Vec::new();
+    let mut args = vec!["b".to_owned(), "64".to_owned()];
+    for i in 0..64 {
+        let (k, time, numbers) = call("batch", i);
+        args.extend(["c".to_owned(), "2".to_owned(), time, "0".to_owned()]);
+        args.extend(numbers);
+        keys.extend(k);
+    }
+    let batch: Vec<u8> = redis::cmd("EVAL")
+        .arg(script)
+        .arg(keys.len())
+        .arg(&keys)
+        .arg(&args)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let batch = words(batch);
+    assert_eq!(batch.len(), 64 * (1 + 2 + 2 * 9));
+    let mut at = 0;
+    for i in 0..64 {
+        let (k, time, numbers) = call("alone", i);
+        let mut args = vec!["c".to_owned(), time, "0".to_owned()];
+        args.extend(numbers);
+        let alone: Vec<u8> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(2)
+            .arg(&k)
+            .arg(&args)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let alone = words(alone);
+        assert_eq!(batch[at], i64::try_from(alone.len()).unwrap(), "call {i}");
+        assert_eq!(&batch[at + 1..at + 1 + alone.len()], &alone[..], "call {i}");
+        at += 1 + alone.len();
+    }
+    assert_eq!(at, batch.len());
+}
+
+/// A window's end past 2^53 µs is not a double the script can hold (its start, below 2^53,
+/// plus a window below 2^52): the time until it, the decision's `reset`, is still exact, as
+/// in the memory store (a window of about 60 years, checked in the year 2211).
+#[tokio::test]
+async fn a_reset_whose_window_ends_past_2_53_is_exact() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "late-reset").await;
+    let window = Duration::from_micros(1_904_176_396_976_475);
+    let at = 7_635_004_549_537_266;
+    for (index, algorithm) in [Algorithm::FixedWindow, Algorithm::SlidingWindow]
+        .into_iter()
+        .enumerate()
+    {
+        let rule = Owned {
+            index: u32::try_from(index).unwrap(),
+            name: match algorithm {
+                Algorithm::FixedWindow => "fixed",
+                _ => "sliding",
+            },
+            params: Params::new(algorithm, Quota::new(5, window)),
+            ..one_rule(algorithm, 5, 1)
+        };
+        let (redis, memory) = both.check(&rule, at).await;
+        assert!(redis.admitted && memory.admitted, "{algorithm:?}");
+        assert_eq!(
+            redis.rules[0].reset_micros, memory.rules[0].reset_micros,
+            "{algorithm:?}"
+        );
+        assert_eq!(redis.rules[0], memory.rules[0], "{algorithm:?}");
+    }
+}
+
+/// A GCRA rule whose limit, burst and window are each below 2^52 but whose tolerance (the
+/// burst's µs, `burst × window / limit`) reaches 2^52 cannot be decided exactly in the
+/// script's doubles (the time plus it passes 2^53): the store refuses it with an error
+/// naming the rule, as it refuses a limit past 2^52, never an inexact answer.
+#[tokio::test]
+async fn a_gcra_rule_whose_burst_spans_past_2_53_us_is_refused_not_inexact() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "wide-burst").await;
+    for (n, (limit, window, burst)) in [
+        (1, 86_400_000_000, 200_000),
+        (1, 1 << 51, 1 << 51),
+        (3, (1 << 51) - 1, 1 << 40),
+        (1, 86_400_000_000, 50_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rule = Owned {
+            index: u32::try_from(n).unwrap(),
+            key: RateKey::principal(format!("wide-{n}")),
+            params: Params {
+                algorithm: Algorithm::Gcra,
+                limit,
+                window,
+                burst,
+                strict: false,
+            },
+            ..one_rule(Algorithm::Gcra, 1, 1)
+        };
+        let mut at = 1_765_000_000_000_001;
+        for _ in 0..20 {
+            let redis = both.redis.check_at(&[rule.item()], at).await;
+            let memory = both.memory.check_at(&[rule.item()], at);
+            let span = (u128::from(burst) * u128::from(window)).div_ceil(u128::from(limit));
+            if span >= 1 << 52 {
+                let e = redis.expect_err("refused");
+                assert!(e.to_string().contains("rule `per-key`"), "{e}");
+            } else {
+                assert_eq!(redis.unwrap(), memory, "at {at}");
+            }
+            at += 1_234_567;
+        }
+    }
+}

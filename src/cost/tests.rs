@@ -1079,3 +1079,54 @@ async fn json_bodies_split_at_every_byte_give_the_whole_body_record() {
         }
     }
 }
+
+/// The cost headers of a JSON answer read whole equal the cost of its one record, priced
+/// once at the model the answer names (not the one asked for), and an unknown model is
+/// counted once: `unknown` in the header, no cost in the record.
+#[tokio::test]
+async fn cost_headers_equal_the_records_cost_for_the_model_the_answer_names() {
+    for (model, dollars, unknown) in [
+        ("claude-opus-4-7", Some("1.06376125"), 0),
+        ("Anthropic/Claude-Opus-4-7", Some("1.06376125"), 0),
+        ("claude-from-the-future-9", None, 1),
+    ] {
+        let json = format!(
+            r#"{{"id":"msg_1","type":"message","role":"assistant","model":"{model}","content":[],"stop_reason":"end_turn","usage":{{"input_tokens":6,"cache_creation_input_tokens":159217,"cache_read_input_tokens":0,"output_tokens":2745}}}}"#
+        );
+        let sink = Arc::new(MemorySink::new());
+        let (recorder, shutdown) =
+            UsageRecorder::spawn(Arc::clone(&sink), RecorderConfig::default());
+        let layer = CostMeterLayer::new(PriceTable::builtin(), recorder).cost_headers(Some(4096));
+        let body = Bytes::from(json);
+        let svc = layer.layer(service_fn(move |_req: http::Request<Full<Bytes>>| {
+            let body = body.clone();
+            async move {
+                Ok::<_, Infallible>(
+                    http::Response::builder()
+                        .header("content-type", "Application/JSON; Charset=UTF-8")
+                        .body(Full::new(body))
+                        .unwrap(),
+                )
+            }
+        }));
+        // asked for another model than the one that answered
+        let mut req = request();
+        *req.body_mut() = Full::new(Bytes::from_static(
+            br#"{"model":"claude-3-5-haiku-20241022","max_tokens":10}"#,
+        ));
+        let res = svc.oneshot(req).await.unwrap();
+        let header = res.headers()[X_PALISADE_COST_USD]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        res.into_body().collect().await.unwrap();
+        let stats = shutdown.shutdown().await;
+        let records = sink.records();
+        assert_eq!(records.len(), 1, "{model}: exactly one record");
+        let r = &records[0];
+        assert_eq!(r.model.as_deref(), Some(model));
+        assert_eq!(r.cost.map(|c| c.dollars_string()).as_deref(), dollars);
+        assert_eq!(header, dollars.unwrap_or("unknown"), "{model}");
+        assert_eq!(stats.unknown_model, unknown, "{model}");
+    }
+}

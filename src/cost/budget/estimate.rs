@@ -31,6 +31,37 @@ struct Head<'a> {
     max_completion_tokens: Option<u64>,
     #[serde(default)]
     max_output_tokens: Option<u64>,
+    /// OpenAI's number of choices, each up to the output limit, all billed.
+    #[serde(default)]
+    n: Option<u64>,
+    /// The tools, for the server-side web searches they allow (billed per search).
+    #[serde(borrow, default)]
+    tools: Option<Vec<Tool<'a>>>,
+}
+
+/// A tool of the request, as far as its price goes.
+#[derive(Deserialize)]
+struct Tool<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    /// The most searches a web search tool may run (Anthropic's `max_uses`).
+    #[serde(default)]
+    max_uses: Option<u64>,
+}
+
+/// The most web searches the tools allow: the `max_uses` of each web search tool (one
+/// without `max_uses` is bounded by the model alone, and reserves nothing).
+fn searches(tools: Option<&[Tool<'_>]>) -> u64 {
+    tools
+        .unwrap_or_default()
+        .iter()
+        .filter(|t| {
+            t.kind
+                .as_deref()
+                .is_some_and(|k| k.starts_with("web_search"))
+        })
+        .filter_map(|t| t.max_uses)
+        .fold(0, u64::saturating_add)
 }
 
 /// What the body says about a request's worst cost.
@@ -49,7 +80,9 @@ pub(crate) enum Estimate {
 }
 
 /// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
-/// dearest input rate (plain or cache write), plus the output limit at the output price.
+/// dearest input rate (plain or cache write), plus the output limit (the largest one given)
+/// at the output price for each of the `n` choices asked for, plus the web searches its
+/// tools allow (`max_uses`) at the model's price per search.
 pub(crate) fn estimate(
     body: &[u8],
     prices: &PriceTable,
@@ -66,25 +99,34 @@ pub(crate) fn estimate(
     let Some(price) = prices.get(&model) else {
         return Estimate::Unpriced(model.into_owned());
     };
-    let output = head
-        .max_tokens
-        .or(head.max_completion_tokens)
-        .or(head.max_output_tokens)
-        .unwrap_or(default_max_tokens);
+    let output = [
+        head.max_tokens,
+        head.max_completion_tokens,
+        head.max_output_tokens,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(default_max_tokens)
+    .saturating_mul(head.n.unwrap_or(1).max(1));
     let input = (body.len() as u64).div_ceil(bytes_per_token.max(1));
+    let web_search_requests = searches(head.tools.as_deref());
     let as_plain = Usage {
         input_tokens: input,
         output_tokens: output,
+        web_search_requests,
         ..Usage::default()
     };
     let as_5m = Usage {
         cache_write_5m_tokens: input,
         output_tokens: output,
+        web_search_requests,
         ..Usage::default()
     };
     let as_1h = Usage {
         cache_write_1h_tokens: input,
         output_tokens: output,
+        web_search_requests,
         ..Usage::default()
     };
     let max = [as_plain, as_5m, as_1h]
@@ -124,10 +166,32 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
             reason: "must be a whole number of tokens, 0 or more".to_owned(),
         };
     }
+    if map.get("n").is_some_and(|v| !v.is_null() && !v.is_u64()) {
+        return Estimate::Invalid {
+            field: "n",
+            reason: "must be a whole number of choices".to_owned(),
+        };
+    }
+    let tool_ok = |t: &serde_json::Value| {
+        t.as_object().is_some_and(|t| {
+            t.get("type").is_none_or(|v| v.is_null() || v.is_string())
+                && t.get("max_uses").is_none_or(|v| v.is_null() || v.is_u64())
+        })
+    };
+    if map.get("tools").is_some_and(|v| {
+        !v.is_null() && !v.as_array().is_some_and(|tools| tools.iter().all(tool_ok))
+    }) {
+        return Estimate::Invalid {
+            field: "tools",
+            reason: "must be a list of tools, each with a string type and a whole max_uses"
+                .to_owned(),
+        };
+    }
     // The types are right, so a field is given twice.
     let msg = e.to_string();
     let field = std::iter::once("model")
         .chain(LIMITS)
+        .chain(["n", "tools"])
         .find(|f| msg.contains(&format!("`{f}`")))
         .unwrap_or("model");
     Estimate::Invalid {

@@ -19,6 +19,14 @@ pin_project! {
     /// [`BudgetStart`](super::BudgetStart): the inner service's own future when the
     /// request has nothing to reserve, a boxed one when it reads the body or asks the
     /// store first.
+    ///
+    /// - `F` is the inner service's future (`S::Future`), polled in place when nothing is
+    ///   reserved: this future is [`Unpin`] when `F` is, so pin it (`Box::pin`,
+    ///   `std::pin::pin!`) to poll it by hand otherwise.
+    /// - `B` is the inner service's response body; the response is a
+    ///   [`ResponseBody<B>`](crate::body::ResponseBody): that body, or the layer's own
+    ///   error body for a refusal.
+    /// - `E` is the inner service's error, passed through.
     pub struct ResponseFuture<F, B, E> {
         #[pin]
         kind: Kind<F, B, E>,

@@ -24,8 +24,10 @@
 //!
 //! [`BudgetLayer`] runs before the upstream call. For each request whose JSON body names
 //! a model it reserves the most the request can cost — the input estimated from the body
-//! size plus `max_tokens` output tokens, at the model's prices — on every budget that
-//! applies, all or none, atomically. When the response has been metered, the
+//! size plus `max_tokens` output tokens (the largest output limit given, for each of
+//! OpenAI's `n` choices), and the web searches its tools allow (`max_uses`; a web search
+//! tool without it is bounded by the model alone and reserves nothing), at the model's
+//! prices — on every budget that applies, all or none, atomically. When the response has been metered, the
 //! [`BudgetReservation`] left in the request extensions is settled with the real cost
 //! (complete, partial or failed) and the rest is refunded. So concurrent requests can never
 //! spend together more than the budget holds, as long as each costs no more than it

@@ -277,7 +277,9 @@ impl RedisStoreBuilder {
     /// Checks the settings and connects: to a single server at once when it answers
     /// within the connection timeout (the larger of the timeout and 250 ms), loading the
     /// script, so the first decision is one round trip; else on the first call (building
-    /// succeeds while it is down); at once to a Cluster (to learn its slots).
+    /// succeeds while it is down, and a wrong password or TLS setting shows as that call's
+    /// error); at once to a Cluster (to learn its slots), whose failure is
+    /// [`RedisConfigError::Connect`].
     pub async fn build(self) -> Result<RedisStore, RedisConfigError> {
         let bad_braces = |s: &str| s.is_empty() || s.contains(['{', '}']);
         if bad_braces(&self.prefix) {
@@ -452,13 +454,18 @@ enum Conn {
 ///
 /// **One round trip per decision.** One Lua script decides every rule of a request at once
 /// (all admitted rules are debited, or none; refusals never count), sent with `EVALSHA`
-/// and loaded again by itself after a Redis restart (`NOSCRIPT`). It reads Redis's own
+/// and loaded again by itself after a Redis restart (`NOSCRIPT`); a store on one server
+/// loads it when built ([`RedisStoreBuilder::build`]). The script needs Redis 6.0 or later
+/// (`SET ... KEEPTTL`) and Lua's `struct` library (built into Redis and Valkey; it packs
+/// the answer as 8-byte integers): a server without them fails every decision, which the
+/// [`RedisFailMode`] answers. It reads Redis's own
 /// clock (`TIME`) by default, so instances whose clocks disagree still agree on windows
 /// ([`RedisClock`]). The script's arithmetic is the one of
 /// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers
 /// exactly as a [`MemoryStore`](crate::rate_limit::MemoryStore) would (a property test holds them to
 /// it). Lua counts in doubles: limits, bursts and windows (in µs, about 142 years) must
-/// stay below 2^52, and times below 2^53 µs (the year 2255), which any real quota does; a
+/// stay below 2^52, so must a GCRA rule's burst span (`burst × window / limit` µs), and
+/// times below 2^53 µs (the year 2255), which any real quota does; a
 /// rule past them gets a [`StoreError`] naming it, never a silently inexact count. A cost
 /// past 2^52 is past every such capacity and is refused as [`Verdict::Never`], as the
 /// memory store refuses it.
@@ -823,6 +830,17 @@ impl RedisStore {
             {
                 return Err(StoreError::new(format!(
                     "rule `{rule}`: the Redis store counts exactly only below 2^52: a quota's limit, burst and window (in µs, about 142 years) must be smaller"
+                )));
+            }
+            // GCRA's tolerance, ceil(burst × window / limit) µs, is added to the time: past
+            // 2^52 the script's doubles no longer hold the sums exactly.
+            if params.algorithm == Algorithm::Gcra
+                && (u128::from(params.burst) * u128::from(params.window))
+                    .div_ceil(u128::from(params.limit.max(1)))
+                    >= u128::from(LUA_EXACT)
+            {
+                return Err(StoreError::new(format!(
+                    "rule `{rule}`: the Redis store counts exactly only below 2^52: a GCRA quota's burst times its window over its limit (in µs, about 142 years) must be smaller"
                 )));
             }
             // A cost past every capacity is refused (`Never`) whatever its size; a delta
@@ -1556,7 +1574,7 @@ mod tests {
     #[tokio::test]
     async fn key_names_keep_their_shape_for_both_hash_tags() {
         use super::{HashTag, RateKey, RedisStore};
-        // a single server connects lazily: nothing listens here, nothing is sent
+        // nothing listens here: building tries to connect, is refused and still succeeds
         let store = |tag| {
             RedisStore::builder()
                 .url("redis://127.0.0.1:1/")

@@ -30,9 +30,10 @@
 -- answers the same for its one rule; a settlement and a reset answer {}.
 --
 -- The script returns its answer as one string: every integer as 8 bytes, little-endian two's
--- complement ("" for {}). struct.pack converts a number to a 64-bit integer as Redis
--- converts one in a returned table, with no text formatting, and the client then reads one
--- value instead of one per integer.
+-- complement ("" for {}). struct.pack converts a number of magnitude below 2^63 (the times
+-- and µs answered here are far below it) to a 64-bit integer as Redis converts one in a
+-- returned table, with no text formatting, and the client then reads one value instead of
+-- one per integer. The script needs Lua's `struct` library (built into Redis and Valkey).
 
 local floor = math.floor
 local P53 = 9007199254740992
@@ -117,6 +118,15 @@ local function sat_sub(a, b)
     return a - b
   end
   return 0
+end
+
+-- sat_sub(base + span, now) without forming base + span, which can pass 2^53 (a window's
+-- start below 2^53 plus a window below 2^52) where a double no longer holds it exactly.
+local function left_until(base, span, now)
+  if now >= base then
+    return sat_sub(span, now - base)
+  end
+  return (base - now) + span
 end
 
 local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
@@ -241,7 +251,7 @@ local function decide_fixed(s0, c0, now, cost)
     start = s0
   end
   local finish = start + w
-  local reset = sat_sub(finish, now)
+  local reset = left_until(start, w, now)
   if cost > limit then
     return 2, 0, sat_sub(limit, count), reset, start, start, 0, count, finish, start, 0, count
   end
@@ -293,9 +303,9 @@ local function decide(s0, p0, c0, now, cost)
     -- The current window's units weigh until the end of the next window, the previous
     -- window's until the end of the current one.
     if co > 0 then
-      reset = sat_sub(st + 2 * window, now)
+      reset = left_until(st, 2 * window, now)
     elseif pr > 0 then
-      reset = sat_sub(st + window, now)
+      reset = left_until(st, window, now)
     else
       reset = 0
     end
