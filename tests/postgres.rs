@@ -559,9 +559,23 @@ async fn a_cost_past_the_column_is_set_aside_not_stored_wrong() {
     );
 }
 
+/// Whether `bytes`, PostgreSQL backend messages, hold a BindComplete: the start of the
+/// answer to a statement's execution, which the server sends only after the implicit
+/// transaction of its `Sync` has committed.
+fn answers_a_bind(mut bytes: &[u8]) -> bool {
+    while let [kind, a, b, c, d, ..] = bytes {
+        if *kind == b'2' {
+            return true;
+        }
+        let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+        bytes = bytes.get(1 + len..).unwrap_or(&[]);
+    }
+    false
+}
+
 /// A TCP relay on 127.0.0.1 to the test server that, once `cut` is set, swallows the
-/// next answer the server sends and closes that connection: what the server did stays
-/// done, and the client sees its connection lost.
+/// next answer to a statement's execution and closes that connection: what the server did
+/// stays done, and the client sees its connection lost.
 async fn relay_losing_one_answer(server_port: u16, cut: Arc<std::sync::atomic::AtomicBool>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -587,7 +601,11 @@ async fn relay_losing_one_answer(server_port: u16, cut: Arc<std::sync::atomic::A
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    if cut.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    // the answer to the batch's statement, sent once it is committed (not
+                    // one to a statement closed in the background)
+                    if answers_a_bind(&buf[..n])
+                        && cut.swap(false, std::sync::atomic::Ordering::SeqCst)
+                    {
                         break; // the answer is lost with the connection
                     }
                     if client_write.write_all(&buf[..n]).await.is_err() {

@@ -559,7 +559,7 @@ fn raise(
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(target: "palisade::cost::budget", error = %e,
-                "budget settlement failed: the reservation stays charged until the period ends");
+                "budget settlement failed: the reservation stays held until the store frees it (a Redis hold expires; see RedisBudgetStore::hold_ttl)");
             return;
         }
     };
