@@ -502,10 +502,11 @@ mod tests {
         let budget = RetryBudget::new(Duration::from_secs(1), TOKENS as u32, 0.0).unwrap();
         let done = std::sync::atomic::AtomicBool::new(false);
         let successes = std::sync::Mutex::new(Vec::new());
+        let succeeded = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..THREADS {
                 let handle = runtime.handle().clone();
-                let (budget, done, successes) = (&budget, &done, &successes);
+                let (budget, done, successes, succeeded) = (&budget, &done, &successes, &succeeded);
                 s.spawn(move || {
                     let _entered = handle.enter();
                     let mut mine = Vec::new();
@@ -513,14 +514,20 @@ mod tests {
                         let before = budget.inner.generation.load(Ordering::SeqCst);
                         if budget.withdraw() {
                             mine.push((before, budget.inner.generation.load(Ordering::SeqCst)));
+                            succeeded.fetch_add(1, Ordering::SeqCst);
                         }
                     }
                     successes.lock().unwrap().extend(mine);
                 });
             }
-            for _ in 0..400 {
+            // at least 400 steps (40 windows), and on until the threads, which a busy
+            // machine may start late, have withdrawn in several windows
+            let mut steps = 0;
+            while steps < 400 || (succeeded.load(Ordering::SeqCst) < 4 * TOKENS && steps < 400_000)
+            {
                 runtime.block_on(tokio::time::advance(Duration::from_millis(10)));
                 std::thread::yield_now();
+                steps += 1;
             }
             done.store(true, Ordering::SeqCst);
         });
