@@ -1347,3 +1347,38 @@ async fn a_legacy_reserved_amount_counts_and_drains() {
         [Some(true)]
     );
 }
+
+/// A hold longer than the account's expiry (a day budget's key expires two days after
+/// its last write; `hold_ttl` may be longer) keeps the key alive while it lives, through
+/// reservations and settlements alike: the key's expiry would free it early otherwise.
+#[tokio::test]
+async fn a_hold_longer_than_the_accounts_expiry_keeps_the_account() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await)
+            .hold_ttl(Duration::from_secs(3 * 86_400)),
+    );
+    let budget = Arc::new(daily(1000));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:daily:ann";
+    let pttl = |mut conn: redis::aio::ConnectionManager| async move {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ttl
+    };
+    let hold = hold_of(&store, &ann, 600).await;
+    let other = hold_of(&store, &ann, 100).await;
+    let left = |now: u64| i64::try_from(hold.get() - now).unwrap();
+    let now = redis_now_ms(&mut admin).await;
+    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after the reservations");
+    settle_at_once(&store, &ann, &[other], 100, 100).await;
+    let now = redis_now_ms(&mut admin).await;
+    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after a settlement");
+    assert_eq!(account(&mut admin, key).await, ("600".into(), "100".into()));
+}

@@ -49,7 +49,8 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
 ///   user: one slot carries them; give each layer its own tag to spread several.
-/// - Each account is a hash that expires a day after its period could matter.
+/// - Each account is a hash that expires a day after its period could matter, and not
+///   before the end of any hold it keeps.
 /// - What a request reserves is held for a while, not for ever: for at least
 ///   [`hold_ttl`](RedisBudgetStore::hold_ttl) (15 minutes by default) and at most twice
 ///   that, then it frees itself. A reservation whose answer never reached the gateway (a
