@@ -1382,3 +1382,51 @@ async fn a_hold_longer_than_the_accounts_expiry_keeps_the_account() {
     assert!(pttl(admin.clone()).await >= left(now) - 1000, "after a settlement");
     assert_eq!(account(&mut admin, key).await, ("600".into(), "100".into()));
 }
+
+/// Two instances with different `hold_ttl` sharing an account: each reservation is held
+/// in the span its own store computes (the same field when both end at once), and each
+/// settlement releases exactly its own amount, on a rolling budget whose window fields sit
+/// beside the holds.
+#[tokio::test]
+async fn instances_with_different_hold_lifetimes_share_an_account_exactly() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let short = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_secs(60)),
+    );
+    let long = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_secs(7200)),
+    );
+    let budget = Arc::new(Budget::new(
+        "hourly",
+        Scope::User,
+        Period::Rolling(Duration::from_secs(3600)),
+        Money::from_picos(1000),
+    ));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:hourly:ann";
+    let a = hold_of(&short, &ann, 300).await;
+    let b = hold_of(&long, &ann, 500).await;
+    assert_ne!(a, b);
+    assert_eq!(
+        reserve_at_once(&short, std::slice::from_ref(&ann), 201).await,
+        [Some(false)],
+        "both holds count on either instance"
+    );
+    // each settles through the other instance: the hold says where the amount is
+    settle_at_once(&long, &ann, &[a], 300, 120).await;
+    assert_eq!(account(&mut admin, key).await, ("500".into(), "0".into()));
+    settle_at_once(&short, &ann, &[b], 500, 480).await;
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+    assert_eq!(
+        reserve_at_once(&long, std::slice::from_ref(&ann), 401).await,
+        [Some(false)],
+        "600 spent in the window"
+    );
+    assert_eq!(
+        reserve_at_once(&long, std::slice::from_ref(&ann), 400).await,
+        [Some(true)]
+    );
+}
