@@ -60,7 +60,9 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   against others; its actual cost is still charged when it settles. Accounts written
 ///   by earlier versions keep their reserved amount in the field `r`: it still counts,
 ///   and drains as the requests of the older instances settle, so a rolling upgrade
-///   neither frees nor counts twice what is held.
+///   neither frees nor counts twice what is held. Older instances read `r` alone, though:
+///   until the last is replaced, what they admit does not count the holds of newer ones,
+///   so the budget may be overspent by what those hold meanwhile.
 /// - Amounts are kept and compared exactly, as `MemoryBudgetStore` does, for any amount
 ///   [`Money`] holds: the scripts store pico-dollars as decimal strings and compute on
 ///   them digit by digit, never through Lua's doubles (exact only below about $9,007).
