@@ -1430,3 +1430,28 @@ async fn instances_with_different_hold_lifetimes_share_an_account_exactly() {
         [Some(true)]
     );
 }
+
+/// A rolling account is made by the reservation that first writes it (its roll reads no
+/// field): it expires from then on, so a reservation never settled (a lost answer, a
+/// crashed instance) leaves no key in Redis for ever.
+#[tokio::test]
+async fn a_rolling_account_made_by_a_reservation_expires_unsettled() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(Budget::new(
+        "hourly",
+        Scope::User,
+        Period::Rolling(Duration::from_secs(3600)),
+        Money::from_picos(1000),
+    ));
+    let _unsettled = hold_of(&store, &charge_of(&budget, "ann"), 300).await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("palisade:budget:{budget}:hourly:ann")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the account expires: {ttl}");
+}
