@@ -1347,3 +1347,111 @@ async fn a_legacy_reserved_amount_counts_and_drains() {
         [Some(true)]
     );
 }
+
+/// A hold longer than the account's expiry (a day budget's key expires two days after
+/// its last write; `hold_ttl` may be longer) keeps the key alive while it lives, through
+/// reservations and settlements alike: the key's expiry would free it early otherwise.
+#[tokio::test]
+async fn a_hold_longer_than_the_accounts_expiry_keeps_the_account() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await)
+            .hold_ttl(Duration::from_secs(3 * 86_400)),
+    );
+    let budget = Arc::new(daily(1000));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:daily:ann";
+    let pttl = |mut conn: redis::aio::ConnectionManager| async move {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ttl
+    };
+    let hold = hold_of(&store, &ann, 600).await;
+    let other = hold_of(&store, &ann, 100).await;
+    let left = |now: u64| i64::try_from(hold.get() - now).unwrap();
+    let now = redis_now_ms(&mut admin).await;
+    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after the reservations");
+    settle_at_once(&store, &ann, &[other], 100, 100).await;
+    let now = redis_now_ms(&mut admin).await;
+    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after a settlement");
+    assert_eq!(account(&mut admin, key).await, ("600".into(), "100".into()));
+}
+
+/// Two instances with different `hold_ttl` sharing an account: each reservation is held
+/// in the span its own store computes (the same field when both end at once), and each
+/// settlement releases exactly its own amount, on a rolling budget whose window fields sit
+/// beside the holds.
+#[tokio::test]
+async fn instances_with_different_hold_lifetimes_share_an_account_exactly() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let short = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_secs(60)),
+    );
+    let long = Arc::new(
+        RedisBudgetStore::new(manager(&server.url()).await).hold_ttl(Duration::from_secs(7200)),
+    );
+    let budget = Arc::new(Budget::new(
+        "hourly",
+        Scope::User,
+        Period::Rolling(Duration::from_secs(3600)),
+        Money::from_picos(1000),
+    ));
+    let ann = charge_of(&budget, "ann");
+    let key = "palisade:budget:{budget}:hourly:ann";
+    let a = hold_of(&short, &ann, 300).await;
+    let b = hold_of(&long, &ann, 500).await;
+    assert_ne!(a, b);
+    assert_eq!(
+        reserve_at_once(&short, std::slice::from_ref(&ann), 201).await,
+        [Some(false)],
+        "both holds count on either instance"
+    );
+    // each settles through the other instance: the hold says where the amount is
+    settle_at_once(&long, &ann, &[a], 300, 120).await;
+    assert_eq!(account(&mut admin, key).await, ("500".into(), "0".into()));
+    settle_at_once(&short, &ann, &[b], 500, 480).await;
+    assert_eq!(account(&mut admin, key).await, ("0".into(), "0".into()));
+    assert_eq!(
+        reserve_at_once(&long, std::slice::from_ref(&ann), 401).await,
+        [Some(false)],
+        "600 spent in the window"
+    );
+    assert_eq!(
+        reserve_at_once(&long, std::slice::from_ref(&ann), 400).await,
+        [Some(true)]
+    );
+}
+
+/// A rolling account is made by the reservation that first writes it (its roll reads no
+/// field): it expires from then on, so a reservation never settled (a lost answer, a
+/// crashed instance) leaves no key in Redis for ever.
+#[tokio::test]
+async fn a_rolling_account_made_by_a_reservation_expires_unsettled() {
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let mut admin = manager(&server.url()).await;
+    let store = Arc::new(RedisBudgetStore::new(manager(&server.url()).await));
+    let budget = Arc::new(Budget::new(
+        "hourly",
+        Scope::User,
+        Period::Rolling(Duration::from_secs(3600)),
+        Money::from_picos(1000),
+    ));
+    let _unsettled = hold_of(&store, &charge_of(&budget, "ann"), 300).await;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("palisade:budget:{budget}:hourly:ann")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "the account expires: {ttl}");
+}

@@ -49,7 +49,8 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   tag (`budget` by default), so a request's accounts, and every call of a batch, sit in
 ///   one Cluster slot and one script can check them together. Budgets are a few keys per
 ///   user: one slot carries them; give each layer its own tag to spread several.
-/// - Each account is a hash that expires a day after its period could matter.
+/// - Each account is a hash that expires a day after its period could matter, and not
+///   before the end of any hold it keeps.
 /// - What a request reserves is held for a while, not for ever: for at least
 ///   [`hold_ttl`](RedisBudgetStore::hold_ttl) (15 minutes by default) and at most twice
 ///   that, then it frees itself. A reservation whose answer never reached the gateway (a
@@ -59,7 +60,9 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| {
 ///   against others; its actual cost is still charged when it settles. Accounts written
 ///   by earlier versions keep their reserved amount in the field `r`: it still counts,
 ///   and drains as the requests of the older instances settle, so a rolling upgrade
-///   neither frees nor counts twice what is held.
+///   neither frees nor counts twice what is held. Older instances read `r` alone, though:
+///   until the last is replaced, what they admit does not count the holds of newer ones,
+///   so the budget may be overspent by what those hold meanwhile.
 /// - Amounts are kept and compared exactly, as `MemoryBudgetStore` does, for any amount
 ///   [`Money`] holds: the scripts store pico-dollars as decimal strings and compute on
 ///   them digit by digit, never through Lua's doubles (exact only below about $9,007).

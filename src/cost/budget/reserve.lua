@@ -25,6 +25,19 @@ local function held(key)
   return sum
 end
 
+-- Sets the account's expiry to ttl (ms, a decimal string), or longer while one of its
+-- holds lives (until_ms, or one an earlier call kept it for): a hold may outlive the
+-- account's own expiry (a hold_ttl past a day), and the key's expiry would free it early.
+local function expire(key, ttl, until_ms)
+  local left = redis.call('PTTL', key)
+  if until_ms ~= nil then left = math.max(left, until_ms - now_ms) end
+  if left > tonumber(ttl) then
+    redis.call('PEXPIRE', key, string.format('%d', left))
+  else
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+
 -- A reservation: the amount on every account of the call's keys, or on none.
 -- Arguments (after the mode): amount, hold_ms, then per key: limit, kind, window_ms,
 -- ttl_ms.
@@ -41,7 +54,7 @@ local function reserve(ko, n, base)
     local limit, kind, window_ms = big(ARGV[b]), ARGV[b + 1], tonumber(ARGV[b + 2])
     local spent, slots, slot_ms = roll(key, kind, window_ms, now_ms)
     -- rolling may have created the account: it expires even when the reservation is refused
-    redis.call('PEXPIRE', key, ARGV[b + 3])
+    expire(key, ARGV[b + 3])
     local reserved = held(key)
     local total = big_add(big_add(spent, reserved), amount)
     if big_cmp(total, limit) > 0 then
@@ -63,6 +76,7 @@ local function reserve(ko, n, base)
     local key = KEYS[ko + i]
     local before = big(redis.call('HGET', key, field))
     redis.call('HSET', key, field, big_str(big_add(before, amount)))
+    expire(key, ARGV[base + 3 + (i - 1) * 4 + 3], until_ms)
   end
   return {0, until_ms}
 end

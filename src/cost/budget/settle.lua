@@ -26,7 +26,7 @@ local function settle(ko, n, base)
     local field = kind == 'r' and 'w' .. cur or 's'
     local before = big(redis.call('HGET', key, field))
     redis.call('HSET', key, field, big_str(big_add(before, actual)))
-    redis.call('PEXPIRE', key, ARGV[b + 3])
+    expire(key, ARGV[b + 3])
     local spent = roll(key, kind, window_ms, now_ms)
     local fired = tonumber(redis.call('HGET', key, 'f')) or 0
     local bit_i = 0
