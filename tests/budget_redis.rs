@@ -1376,10 +1376,16 @@ async fn a_hold_longer_than_the_accounts_expiry_keeps_the_account() {
     let other = hold_of(&store, &ann, 100).await;
     let left = |now: u64| i64::try_from(hold.get() - now).unwrap();
     let now = redis_now_ms(&mut admin).await;
-    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after the reservations");
+    assert!(
+        pttl(admin.clone()).await >= left(now) - 1000,
+        "after the reservations"
+    );
     settle_at_once(&store, &ann, &[other], 100, 100).await;
     let now = redis_now_ms(&mut admin).await;
-    assert!(pttl(admin.clone()).await >= left(now) - 1000, "after a settlement");
+    assert!(
+        pttl(admin.clone()).await >= left(now) - 1000,
+        "after a settlement"
+    );
     assert_eq!(account(&mut admin, key).await, ("600".into(), "100".into()));
 }
 
