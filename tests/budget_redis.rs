@@ -548,6 +548,24 @@ async fn account(conn: &mut impl redis::aio::ConnectionLike, key: &str) -> (Stri
     )
 }
 
+/// The account at `key` once `done` holds for it, looked at up to 1,000 times (each look a
+/// round trip, behind the calls sent before it), or as last seen.
+async fn account_once(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    done: impl Fn(&(String, String)) -> bool,
+) -> (String, String) {
+    let mut seen = account(conn, key).await;
+    for _ in 0..1000 {
+        if done(&seen) {
+            break;
+        }
+        tokio::task::yield_now().await;
+        seen = account(conn, key).await;
+    }
+    seen
+}
+
 /// Reservations of `picos` on each of `charges` at once, each on a task of its own;
 /// whether each was granted (`None`: the store failed).
 async fn reserve_at_once<C>(
@@ -808,15 +826,8 @@ async fn a_settlement_dropped_by_its_caller_still_lands() {
         std::time::SystemTime::now(),
     ));
     let key = "palisade:budget:{budget}:daily:ann";
-    let mut seen = account(&mut admin, key).await;
     // each look is a round trip: the settlement, sent first, lands within a few
-    for _ in 0..1000 {
-        if seen.1 != "0" {
-            break;
-        }
-        tokio::task::yield_now().await;
-        seen = account(&mut admin, key).await;
-    }
+    let seen = account_once(&mut admin, key, |seen| seen.1 != "0").await;
     assert_eq!(seen, ("0".into(), "30".into()));
 }
 
@@ -906,14 +917,7 @@ async fn a_burst_of_requests_through_the_layer_shares_script_calls() {
     }
     // settlements finish on background tasks: each look is a round trip behind them
     let key = "palisade:budget:{budget}:daily:ann";
-    let mut seen = account(&mut admin, key).await;
-    for _ in 0..1000 {
-        if seen.0 == "0" {
-            break;
-        }
-        tokio::task::yield_now().await;
-        seen = account(&mut admin, key).await;
-    }
+    let seen = account_once(&mut admin, key, |seen| seen.0 == "0").await;
     assert_eq!(seen, ("0".into(), (3 * requests).to_string()));
     let evals = calls_of(&mut admin, "evalsha").await;
     assert!(
@@ -951,14 +955,7 @@ async fn a_settlement_dropped_outside_a_runtime_still_lands() {
     };
     outside.join().unwrap();
     let key = "palisade:budget:{budget}:daily:ann";
-    let mut seen = account(&mut admin, key).await;
-    for _ in 0..1000 {
-        if seen.1 != "0" {
-            break;
-        }
-        tokio::task::yield_now().await;
-        seen = account(&mut admin, key).await;
-    }
+    let seen = account_once(&mut admin, key, |seen| seen.1 != "0").await;
     assert_eq!(seen, ("0".into(), "30".into()));
 }
 
