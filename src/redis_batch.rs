@@ -37,6 +37,23 @@ const SLOTS: usize = 16_384;
 /// A script call's answer, or why it has none.
 pub(crate) type Answer<T> = Result<Vec<T>, String>;
 
+/// Runs `cmd`, an `EVALSHA` of `script`, on `conn`; when Redis does not know the script
+/// (`NOSCRIPT`, after a restart or `SCRIPT FLUSH`: nothing ran) loads it and sends the call
+/// again.
+pub(crate) async fn eval_loading<C: redis::aio::ConnectionLike, T: redis::FromRedisValue>(
+    conn: &mut C,
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            let _: String = script.load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        answer => answer,
+    }
+}
+
 /// A script whose calls can go to Redis in batches.
 pub(crate) trait BatchScript: Send + Sync + 'static {
     /// One value of a call's answer.

@@ -208,18 +208,7 @@ where
         cmd: &redis::Cmd,
     ) -> impl Future<Output = redis::RedisResult<Vec<redis::Value>>> + Send {
         let mut conn = self.conn.clone();
-        async move {
-            match cmd.query_async(&mut conn).await {
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    // nothing ran: load the script and send the call again
-                    SCRIPT.load_async(&mut conn).await?;
-                    cmd.query_async(&mut conn).await
-                }
-                answer => answer,
-            }
-        }
+        async move { redis_batch::eval_loading(&mut conn, &SCRIPT, cmd).await }
     }
 
     fn length(item: &redis::Value) -> Option<i64> {

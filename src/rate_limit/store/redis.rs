@@ -1335,21 +1335,10 @@ impl Inner {
 /// Runs the script (`EVALSHA`), loading it first when Redis does not know it (`NOSCRIPT`,
 /// after a restart or `SCRIPT FLUSH`), and decodes its answer.
 async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
-    async fn on<C: redis::aio::ConnectionLike>(
-        c: &mut C,
-        cmd: &redis::Cmd,
-    ) -> redis::RedisResult<redis::Value> {
-        match cmd.query_async(c).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                SCRIPT.load_async(c).await?;
-                cmd.query_async(c).await
-            }
-            answer => answer,
-        }
-    }
-    let answer = match conn {
-        Conn::Single(mut c) => on(&mut c, cmd).await?,
-        Conn::Cluster(mut c) => on(&mut c, cmd).await?,
+    use crate::redis_batch::eval_loading;
+    let answer: redis::Value = match conn {
+        Conn::Single(mut c) => eval_loading(&mut c, &SCRIPT, cmd).await?,
+        Conn::Cluster(mut c) => eval_loading(&mut c, &SCRIPT, cmd).await?,
     };
     match answer {
         redis::Value::BulkString(text) => decode_answer(&text),
