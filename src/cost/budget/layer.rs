@@ -885,9 +885,7 @@ impl Reserving {
             amount,
         }
     }
-}
 
-impl Reserving {
     /// The accounts and the amount asked for.
     pub(super) fn asked(&self) -> (Arc<[Charge]>, Money) {
         (Arc::clone(&self.charges), self.amount)
