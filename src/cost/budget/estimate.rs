@@ -105,16 +105,23 @@ pub(crate) enum Estimate {
     Cost { model: String, max: Money },
 }
 
+/// The byte-order mark some clients put before a UTF-8 text.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
 /// dearest input rate (plain or cache write), plus the output limit (the largest one given)
 /// at the output price for each of the `n` choices asked for, plus the web searches its
 /// tools allow (`max_uses`) at the model's price per search.
+///
+/// A body opening with a UTF-8 byte-order mark is read as the JSON after it (as lenient
+/// JSON readers do, so an upstream may well accept it): it is estimated as that JSON alone.
 pub(crate) fn estimate(
     body: &[u8],
     prices: &PriceTable,
     bytes_per_token: u64,
     default_max_tokens: u64,
 ) -> Estimate {
+    let body = body.strip_prefix(BOM).unwrap_or(body);
     let bounds = match scan(body) {
         Some(bounds) => bounds,
         None => match serde_json::from_slice::<Head<'_>>(body) {
@@ -133,6 +140,7 @@ fn estimate_serde(
     bytes_per_token: u64,
     default_max_tokens: u64,
 ) -> Estimate {
+    let body = body.strip_prefix(BOM).unwrap_or(body);
     match serde_json::from_slice::<Head<'_>>(body) {
         Ok(head) => priced(
             Bounds::from(head),
@@ -566,6 +574,7 @@ mod tests {
                 b"\xc3\xa9",
                 b"\x01",
                 b" ",
+                b"\xEF\xBB\xBF",
                 b",",
                 b":",
                 b"{",
