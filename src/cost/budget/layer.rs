@@ -749,7 +749,7 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
-    match prepare_charged(&shared, req, charges).await {
+    match prepare_charged(&shared, req, charges, None).await {
         Prepared::Pass(req) => pass(inner, req).await,
         Prepared::Refuse(err) => Ok(refusal(&shared, err)),
         Prepared::Reserve {
@@ -775,13 +775,19 @@ pub(super) enum Prepared<B> {
 }
 
 /// The accounts and the amount a request needs, from its `BudgetEstimate` or its body.
-pub(super) async fn prepare<B>(shared: &Shared, req: Request<B>) -> Prepared<B>
+/// `known`: a body already estimated and the amount it needs, taken as it is when the
+/// request's body is the same (the estimate reads nothing else).
+pub(super) async fn prepare<B>(
+    shared: &Shared,
+    req: Request<B>,
+    known: Option<(Bytes, Money)>,
+) -> Prepared<B>
 where
     B: Body + From<Bytes>,
     B::Error: Into<crate::BoxError>,
 {
     let charges = shared.charges(&req);
-    prepare_charged(shared, req, charges).await
+    prepare_charged(shared, req, charges, known).await
 }
 
 /// [`prepare`] of a request whose accounts are known.
@@ -789,6 +795,7 @@ pub(super) async fn prepare_charged<B>(
     shared: &Shared,
     req: Request<B>,
     charges: Vec<Charge>,
+    known: Option<(Bytes, Money)>,
 ) -> Prepared<B>
 where
     B: Body + From<Bytes>,
@@ -818,14 +825,20 @@ where
                     );
                 }
             };
-            let est = estimate(
-                &bytes,
-                &shared.prices,
-                shared.bytes_per_token,
-                shared.default_max_tokens,
-            );
+            let plan = match known {
+                Some((seen, amount)) if seen == bytes => Plan::Reserve(amount),
+                _ => plan(
+                    shared,
+                    estimate(
+                        &bytes,
+                        &shared.prices,
+                        shared.bytes_per_token,
+                        shared.default_max_tokens,
+                    ),
+                ),
+            };
             let req = Request::from_parts(parts, B::from(bytes));
-            match plan(shared, est) {
+            match plan {
                 Plan::Pass => return Prepared::Pass(req),
                 Plan::Refuse(err) => return Prepared::Refuse(err),
                 Plan::Reserve(amount) => (req, amount),

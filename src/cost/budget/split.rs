@@ -182,7 +182,8 @@ impl<S> BudgetStart<S> {
 
 /// What the start decided for a request, as the gate takes it.
 enum Decision {
-    Granted(BudgetReservation),
+    /// Granted, on the body the start read (`None`: the request's `BudgetEstimate`).
+    Granted(BudgetReservation, Option<Bytes>),
     /// Refused before any store call (the body, or more than a whole budget): the gate
     /// judges the request as it reaches it, as the plain layer does.
     Refused,
@@ -192,6 +193,7 @@ enum Decision {
         err: Error,
         charges: Arc<[Charge]>,
         amount: Money,
+        read: Option<Bytes>,
     },
     /// The store failed and the layer fails open.
     Pass,
@@ -260,7 +262,7 @@ impl PendingBudget {
             }
             _ => {
                 drop(state);
-                if let Decision::Granted(r) = decision {
+                if let Decision::Granted(r, _) = decision {
                     r.refund(); // nobody will take it
                 }
             }
@@ -276,7 +278,7 @@ impl PendingBudget {
                 _ => std::mem::replace(&mut *state, State::Closed),
             }
         };
-        if let State::Ready(Decision::Granted(r)) = previous {
+        if let State::Ready(Decision::Granted(r, _)) = previous {
             tracing::debug!(target: "palisade::cost::budget", amount = %r.amount(),
                 "request answered before its budget gate: reservation released");
             r.refund();
@@ -436,6 +438,8 @@ struct Driver<B: Body> {
     shared: Arc<Shared>,
     pending: PendingBudget,
     charges: Option<Vec<Charge>>,
+    /// The body estimated, for the gate to know it again.
+    read: Option<Bytes>,
     phase: Phase<B>,
 }
 
@@ -489,7 +493,10 @@ where
                     match plan(&self.shared, est) {
                         Plan::Pass => self.finish(Decision::CheckAtGate),
                         Plan::Refuse(_) => self.finish(Decision::Refused),
-                        Plan::Reserve(amount) => self.begin(amount),
+                        Plan::Reserve(amount) => {
+                            self.read = Some(bytes);
+                            self.begin(amount);
+                        }
                     }
                 }
                 Phase::Reserving(reserving) => {
@@ -497,13 +504,14 @@ where
                         return;
                     };
                     let decision = match outcome {
-                        Outcome::Granted(r) => Decision::Granted(r),
+                        Outcome::Granted(r) => Decision::Granted(r, self.read.take()),
                         Outcome::Refused(err) => {
                             let (charges, amount) = reserving.asked();
                             Decision::StoreRefused {
                                 err,
                                 charges,
                                 amount,
+                                read: self.read.take(),
                             }
                         }
                         Outcome::Pass => Decision::Pass,
@@ -630,6 +638,7 @@ where
         shared: Arc::clone(&shared),
         pending: pending.clone(),
         charges: Some(charges),
+        read: None,
         phase: Phase::Done,
     };
     let body = match parts.extensions.get::<BudgetEstimate>() {
@@ -709,14 +718,16 @@ where
     ReqB::Error: Into<crate::BoxError>,
 {
     let decision = pending.take().await;
-    let granted = match decision {
-        Decision::Granted(reservation) => reservation,
+    let (granted, read) = match decision {
+        Decision::Granted(reservation, read) => (reservation, read),
         Decision::StoreRefused {
             err,
             charges: refused,
             amount: refused_amount,
+            read,
         } => {
-            return match prepare(&shared, req).await {
+            let known = read.map(|b| (b, refused_amount));
+            return match prepare(&shared, req, known).await {
                 Prepared::Reserve {
                     req,
                     charges,
@@ -737,7 +748,8 @@ where
         // refused on the body alone: the gate judges the body it sees
         Decision::Refused | Decision::CheckAtGate => return check(shared, inner, req).await,
     };
-    match prepare(&shared, req).await {
+    let known = read.map(|b| (b, granted.amount()));
+    match prepare(&shared, req, known).await {
         Prepared::Reserve {
             req,
             charges,
