@@ -33,15 +33,6 @@ pub(crate) fn parse(text: &[u8]) -> Option<View<'_>> {
     (r.i == r.b.len()).then_some(v)
 }
 
-/// Checks and passes the one JSON value of `text` that starts at `at` (its first byte),
-/// nested `depth` levels deep, as this reader passes a member it does not keep: the index
-/// just after it, or `None` when not decided here (serde decides; the text may be valid).
-pub(crate) fn skip(text: &[u8], at: usize, depth: u32) -> Option<usize> {
-    let mut r = Reader { b: text, i: at };
-    r.skip(depth)?;
-    Some(r.i)
-}
-
 struct Reader<'a> {
     b: &'a [u8],
     i: usize,
