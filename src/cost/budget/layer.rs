@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// Whether a [`BudgetGateLayer`](super::BudgetGateLayer) of this layer wraps a
     /// service: the split form's start refuses every request until one does.
     pub(super) gated: AtomicBool,
+    /// The subject of a global budget, `*`, made once.
+    pub(super) everyone: Arc<str>,
 }
 
 impl fmt::Debug for Shared {
@@ -409,6 +411,7 @@ impl BudgetLayerBuilder {
                 clock: self.clock.unwrap_or_else(BudgetClock::system),
                 overrides: std::sync::RwLock::default(),
                 gated: AtomicBool::new(false),
+                everyone: Arc::from("*"),
             }),
         })
     }
@@ -608,15 +611,15 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for b in &self.budgets {
             let subject: Option<Arc<str>> = match b.scope {
-                Scope::Global => Some("*".into()),
+                Scope::Global => Some(Arc::clone(&self.everyone)),
                 // The authenticated caller first, as the cost meter attributes spend.
-                Scope::User => req
-                    .extensions()
-                    .get::<crate::key::Principal>()
-                    .map(crate::key::Principal::id)
-                    .or_else(|| attribution.and_then(|a| a.user.as_deref()))
-                    .or_else(|| header_str(headers, self.user_header.as_ref()))
-                    .map(Into::into),
+                Scope::User => match req.extensions().get::<crate::key::Principal>() {
+                    Some(p) => Some(Arc::clone(p.shared_id())),
+                    None => attribution
+                        .and_then(|a| a.user.as_deref())
+                        .or_else(|| header_str(headers, self.user_header.as_ref()))
+                        .map(Into::into),
+                },
                 Scope::Bot => attribution
                     .and_then(|a| a.bot.as_deref())
                     .or_else(|| header_str(headers, self.bot_header.as_ref()))
@@ -632,7 +635,12 @@ impl Shared {
                     .map(Into::into),
             };
             let Some(subject) = subject else { continue };
-            let budget = match overrides.get(&(Arc::clone(&b.name), Arc::clone(&subject))) {
+            let over = if overrides.is_empty() {
+                None
+            } else {
+                overrides.get(&(Arc::clone(&b.name), Arc::clone(&subject)))
+            };
+            let budget = match over {
                 None => Arc::clone(b),
                 Some(None) => continue, // this subject has no limit
                 Some(Some(limit)) => Arc::new(Budget {
