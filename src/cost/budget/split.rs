@@ -54,8 +54,7 @@ use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
     BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Reserving, Shared,
-    check, larger_than_budget, metered_method, pass, pass_holding, plan, prepare, refusal,
-    reserve_and_pass,
+    check, larger_than_budget, metered_method, pass, plan, prepare, refusal, reserve_and_pass,
 };
 use super::store::Charge;
 use crate::body::ResponseBody;
@@ -756,7 +755,16 @@ where
             amount,
         } => {
             if granted.covers(&charges, amount) {
-                return pass_holding(inner, req, granted).await;
+                // `pass_holding` inlined: one future less to build and move
+                let (mut inner, mut req) = (inner, req);
+                req.extensions_mut().insert(granted.clone());
+                return match inner.call(req).await {
+                    Ok(res) => Ok(res.map(ResponseBody::inner)),
+                    Err(e) => {
+                        granted.refund(); // no response, no usage
+                        Err(e)
+                    }
+                };
             }
             tracing::debug!(target: "palisade::cost::budget", reserved = %granted.amount(), needed = %amount,
                 "the request at the budget gate needs another reservation than its start made");
