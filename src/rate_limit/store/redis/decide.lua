@@ -342,14 +342,16 @@ local function load(key)
   return parse(redis.call('GET', key))
 end
 
+-- `%d` prints a number as a C long (64 bits), exactly for the integers below 2^53 kept
+-- here, without the arbitrary-precision digit loop that `%.0f` runs for a double.
 local function encode(start, prev, count, gen)
   if gen > 0 then
-    return format('%.0f %.0f %.0f %.0f', start, prev, count, gen)
+    return format('%d %d %d %d', start, prev, count, gen)
   end
   if prev == 0 then
-    return format('%.0f %.0f', start, count)
+    return format('%d %d', start, count)
   end
-  return format('%.0f %.0f %.0f', start, prev, count)
+  return format('%d %d %d', start, prev, count)
 end
 
 local function ttl_ms(expires_at, now, grace)
