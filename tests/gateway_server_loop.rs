@@ -424,6 +424,33 @@ fn the_pass_through_drops_hop_by_hop_headers_and_the_names_connection_lists() {
     assert_eq!(h.len(), 2, "{h:?}");
 }
 
+/// Each hop-by-hop header is dropped when it is the only one an answer holds (the
+/// pass-through looks for any of them before it removes them).
+#[test]
+fn each_hop_by_hop_header_alone_is_dropped() {
+    let hop_by_hop = [
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    for name in hop_by_hop {
+        let mut res = http::Response::new(axum::body::Body::empty());
+        let h = res.headers_mut();
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert(name, "1".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        let out = routes::pass_through(res);
+        let h = out.headers();
+        assert!(!h.contains_key(name), "{name} passed: {h:?}");
+        assert_eq!(h.len(), 2, "{name}: {h:?}");
+    }
+}
+
 /// A `connection` header holding bytes that are not visible ASCII still has the names it
 /// lists dropped: it used to be skipped whole, so the upstream's hop-by-hop headers it named
 /// were forwarded to the client.

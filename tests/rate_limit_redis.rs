@@ -2769,23 +2769,26 @@ async fn a_batch_of_64_calls_answers_each_exactly_as_alone() {
             .map(|w| i64::from_le_bytes(w.try_into().unwrap()))
             .collect()
     };
-    // call i: its two keys, time and per-rule numbers
+    // call i: its two keys, then its numbers as the script reads them (8 bytes each): the
+    // time, the grace and each rule's
     let call = |prefix: &str, i: u64| {
         let keys = vec![format!("{prefix}:a{}", i % 3), format!("{prefix}:g")];
-        let mut numbers = Vec::new();
+        let mut numbers: Vec<u8> = Vec::new();
+        for n in [1_000_000 + i * 1_000, 0] {
+            numbers.extend(n.to_le_bytes());
+        }
         for (r, limit) in [(i % 3, 3 + i % 2), (2 - i % 3, 40)] {
             for n in [r, limit, 60_000_000, limit, 0, 1 + i % 2, 0] {
-                numbers.push(n.to_string());
+                numbers.extend(n.to_le_bytes());
             }
         }
-        (keys, (1_000_000 + i * 1_000).to_string(), numbers)
+        (keys, numbers)
     };
     let mut keys = Vec::new();
-    let mut args = vec!["b".to_owned(), "64".to_owned()];
+    let mut args: Vec<Vec<u8>> = vec![b"b".to_vec(), b"64".to_vec()];
     for i in 0..64 {
-        let (k, time, numbers) = call("batch", i);
-        args.extend(["c".to_owned(), "2".to_owned(), time, "0".to_owned()]);
-        args.extend(numbers);
+        let (k, numbers) = call("batch", i);
+        args.extend([b"c".to_vec(), b"2".to_vec(), numbers]);
         keys.extend(k);
     }
     let batch: Vec<u8> = redis::cmd("EVAL")
@@ -2800,14 +2803,13 @@ async fn a_batch_of_64_calls_answers_each_exactly_as_alone() {
     assert_eq!(batch.len(), 64 * (1 + 2 + 2 * 9));
     let mut at = 0;
     for i in 0..64 {
-        let (k, time, numbers) = call("alone", i);
-        let mut args = vec!["c".to_owned(), time, "0".to_owned()];
-        args.extend(numbers);
+        let (k, numbers) = call("alone", i);
         let alone: Vec<u8> = redis::cmd("EVAL")
             .arg(script)
             .arg(2)
             .arg(&k)
-            .arg(&args)
+            .arg("c")
+            .arg(numbers)
             .query_async(&mut conn)
             .await
             .unwrap();

@@ -466,35 +466,25 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         config: Arc::clone(&config),
     }));
 
-    // Innermost first: rate limits need the principal that auth sets.
-    let mut api = routes::api().with_state(state.clone());
-    match rate_limit {
-        Some(RateLimits::Memory(layer)) => api = api.layer(layer),
+    // Authentication, the budgets' start and the rate limits go on the API routes as one
+    // layer: axum boxes each layer it puts on a route and clones every box below the one
+    // it calls, on every request, so one layer instead of three saves those clones.
+    let auth = crate::auth::AuthLayer::new(state.clone());
+    let api = routes::api().with_state(state.clone());
+    let api = match rate_limit {
+        Some(RateLimits::Memory(layer)) => guard(api, &state, auth.clone(), layer),
         #[cfg(feature = "redis")]
-        Some(RateLimits::Redis(layer)) => api = api.layer(layer),
-        None => {}
-    }
-    // The budgets' reservation starts above the rate limits and is awaited by the budget
-    // layer on the upstream stacks: with Redis, both store calls are in flight together.
-    // The start charges the accounts the upstream call will be billed to (the caller, as
-    // the handlers bill it); a call billed otherwise (a bot's) is checked at the gate.
-    if let Some(budgets) = state.budgets.layer() {
-        let (start, _gate) = budgets.split(); // the upstream stacks' budget layer is the gate
-        api = api.layer(
-            ServiceBuilder::new()
-                .map_request(|mut req: Request| {
-                    if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
-                        let billed = routes::billed_to(caller);
-                        req.extensions_mut().insert(billed);
-                    }
-                    req
-                })
-                .layer(start)
-                .map_request(|req: http::Request<_>| req.map(axum::body::Body::new)),
-        );
-    }
-    let api = api.merge(crate::dashboard::api().with_state(state.clone()));
-    let api = api.layer(crate::auth::AuthLayer::new(state.clone()));
+        Some(RateLimits::Redis(layer)) => guard(api, &state, auth.clone(), layer),
+        None => {
+            let none = tower::layer::util::Identity::new();
+            guard(api, &state, auth.clone(), none)
+        }
+    };
+    let api = api.merge(
+        crate::dashboard::api()
+            .with_state(state.clone())
+            .layer(auth),
+    );
     #[cfg_attr(not(feature = "sentry"), allow(unused_mut))]
     let mut router = Router::new()
         .merge(api)
@@ -532,6 +522,49 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         mock_addr,
         sentry,
     })
+}
+
+/// `api` under authentication (outermost), the budgets' reservation start (when budgets
+/// are on) and `limits` (innermost: rate limits need the principal that authentication
+/// sets), as one layer on its routes.
+///
+/// The budgets' start charges the accounts the upstream call will be billed to (the
+/// caller, as the handlers bill it); a call billed otherwise (a bot's) is checked at the
+/// gate, the budget layer on the upstream stacks, which awaits the reservation started
+/// here: with Redis, both store calls are in flight together.
+fn guard<L>(api: Router, state: &AppState, auth: crate::auth::AuthLayer, limits: L) -> Router
+where
+    L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<Request>>::Response: axum::response::IntoResponse + 'static,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    use axum::response::IntoResponse;
+    let Some(budgets) = state.budgets.layer() else {
+        return api.layer(
+            ServiceBuilder::new()
+                .layer(auth)
+                .map_response(IntoResponse::into_response)
+                .layer(limits),
+        );
+    };
+    let (start, _gate) = budgets.split(); // the upstream stacks' budget layer is the gate
+    api.layer(
+        ServiceBuilder::new()
+            .layer(auth)
+            .map_response(IntoResponse::into_response)
+            .map_request(|mut req: Request| {
+                if let Some(caller) = req.extensions().get::<crate::auth::Caller>() {
+                    let billed = routes::billed_to(caller);
+                    req.extensions_mut().insert(billed);
+                }
+                req
+            })
+            .layer(start)
+            .map_request(|req: http::Request<_>| req.map(axum::body::Body::new))
+            .map_response(IntoResponse::into_response)
+            .layer(limits),
+    )
 }
 
 /// `routes` under the layers that need no routing: request id, request log (and the

@@ -420,10 +420,15 @@ pub struct MergeReport {
 /// falls back to a dated entry only when it has no entry itself.
 #[derive(Debug, Clone, Default)]
 pub struct PriceTable {
-    models: HashMap<String, Arc<ModelPrice>>,
+    models: Names,
     /// Undated names reached only through dated entries (the latest inserted wins).
-    aliases: HashMap<String, Arc<ModelPrice>>,
+    aliases: Names,
 }
+
+/// Prices by model name. Looked up on every metered response (twice or more, with the
+/// name's variants): foldhash rather than SipHash, as the names come from the price table
+/// and the upstream's answers, not from a client choosing them to collide.
+type Names = HashMap<String, Arc<ModelPrice>, foldhash::fast::RandomState>;
 
 /// Claude prices: the official pricing page and the models' own pages, read 2026-12-06.
 /// Cache writes cost 1.25× (5 minutes) and 2× (1 hour) the input price, cache reads 0.1×,

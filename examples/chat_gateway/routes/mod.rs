@@ -288,7 +288,13 @@ pub fn pass_through(mut res: http::Response<Body>) -> Response {
 /// Drops the hop-by-hop headers of an upstream's answer, and the names its `connection`
 /// headers list. A `connection` value is read as bytes: one that holds bytes outside
 /// visible ASCII still has every name it lists dropped.
+///
+/// Most answers hold none of them: one pass over the answer's few names finds that out,
+/// where a removal per hop-by-hop name would hash and look up each of them.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if !h.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     if h.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(CONNECTION)

@@ -790,7 +790,7 @@ impl RedisStore {
             ));
         }
         let count = rules.clone().count();
-        let mut cmd = redis::Cmd::with_capacity(6 + 8 * count, 96 + 128 * count);
+        let mut cmd = redis::Cmd::with_capacity(6 + count, 128 + 128 * count);
         cmd.arg("EVALSHA").arg(SCRIPT.get_hash()).arg(count);
         let mut first: Option<&RateKey> = None;
         let mut name = String::with_capacity(self.inner.prefix.len() + 48);
@@ -820,11 +820,16 @@ impl RedisStore {
             Mode::Peek => "p",
             Mode::Settle => "s",
         });
-        match self.now_arg(now) {
-            Some(now) => cmd.arg(now),
-            None => cmd.arg("-"),
-        };
-        cmd.arg(grace);
+        // The numbers, 8 bytes each (the script's `struct.unpack` reads them): the time
+        // (-1: the server's clock), the grace, then each rule's.
+        let per_rule = if mode == Mode::Settle { 9 } else { 7 };
+        let mut nums = Vec::with_capacity(8 * (2 + per_rule * count));
+        let time = self
+            .now_arg(now)
+            .map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX));
+        let mut push = |n: i64| nums.extend_from_slice(&n.to_le_bytes());
+        push(time);
+        push(i64::try_from(grace).unwrap_or(i64::MAX));
         for (rule, _key, params, a, b, generation, reservation_end) in rules {
             if params.limit >= LUA_EXACT || params.window >= LUA_EXACT || params.burst >= LUA_EXACT
             {
@@ -852,23 +857,27 @@ impl RedisStore {
                     b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
                 ),
             };
-            cmd.arg(match params.algorithm {
+            // Every number below is under 2^53 (checked or clamped above), so none wraps.
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            push(match params.algorithm {
                 Algorithm::SlidingWindow => 0,
                 Algorithm::FixedWindow => 1,
                 Algorithm::Gcra => 2,
-            })
-            .arg(params.limit)
-            .arg(params.window)
-            .arg(params.burst)
-            .arg(u8::from(params.strict))
-            .arg(a)
-            .arg(b);
+            });
+            push(n(params.limit));
+            push(n(params.window));
+            push(n(params.burst));
+            push(i64::from(params.strict));
+            push(n(a));
+            push(b);
             if mode == Mode::Settle {
                 // An end past the script's exact range is only ever later than the truth;
                 // lowering it gives back less, never more.
-                cmd.arg(generation).arg(reservation_end.min(LUA_TIME - 1));
+                push(i64::from(generation));
+                push(n(reservation_end.min(LUA_TIME - 1)));
             }
         }
+        cmd.arg(&nums[..]);
         Ok(cmd)
     }
 
@@ -1332,6 +1341,15 @@ impl Inner {
     }
 }
 
+/// A call's numbers as the script reads them (8 bytes each, little-endian): the time (-1:
+/// the server's clock) and the grace, for a call without rules (a reset).
+fn numbers(time: i64, grace: i64) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[..8].copy_from_slice(&time.to_le_bytes());
+    out[8..].copy_from_slice(&grace.to_le_bytes());
+    out
+}
+
 /// Runs the script (`EVALSHA`), loading it first when Redis does not know it (`NOSCRIPT`,
 /// after a restart or `SCRIPT FLUSH`), and decodes its answer.
 async fn eval(conn: Conn, cmd: &redis::Cmd) -> redis::RedisResult<Vec<i64>> {
@@ -1503,8 +1521,7 @@ impl Store for RedisStore {
             .arg(1)
             .arg(&name)
             .arg("r")
-            .arg("-")
-            .arg(0);
+            .arg(&numbers(-1, 0)[..]);
         let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
         Box::pin(async move {
             // In order with the calls made before it, as a settlement: always sent.

@@ -8,16 +8,21 @@
 -- KEYS: one state key per rule.
 -- ARGV[1]: mode, "c" (check), "p" (peek the first rule), "s" (settle), "r" (reset), or "b"
 -- (a batch of calls, see the end of the script).
--- ARGV[2]: the time in microseconds, or "-" for the server's own clock (TIME).
--- ARGV[3]: milliseconds added to every expiry (grace for clocks that do not follow Redis's).
--- Then, except for a reset, 7 numbers per rule: algorithm (0 sliding window, 1 fixed window,
--- 2 GCRA), limit, window (us), burst, strict (0 or 1), then for a check cost and shadow (0
--- or 1); for a settlement 9: window_start, delta, the reservation's generation and its end
--- (GCRA: where its units end on the epoch's timeline; the window algorithms ignore it).
+-- ARGV[2]: the call's numbers, each 8 bytes, little-endian two's complement (one
+-- struct.unpack reads a rule's, where a decimal argument would cost a tonumber each): the
+-- time in microseconds (-1 for the server's own clock, TIME), the milliseconds added to
+-- every expiry (grace for clocks that do not follow Redis's), then, except for a reset, 7
+-- numbers per rule: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit, window
+-- (us), burst, strict (0 or 1), then for a check cost and shadow (0 or 1); for a
+-- settlement 9: window_start, delta, the reservation's generation and its end (GCRA: where
+-- its units end on the epoch's timeline; the window algorithms ignore it).
 --
 -- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
 -- "start prev count generation" (GCRA: the TAT, the us that give-backs have moved it back
 -- in its epoch, and the TAT's distance from its epoch's start).
+-- That text is the same in every version of this script: during a rolling upgrade, instances
+-- running older and newer versions share the keys, each calling its own script (by its
+-- SHA1) with the arguments it builds.
 -- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
 -- expiry (which later writes never shorten), so that a settlement of a reservation made
 -- before it is dropped.
@@ -131,17 +136,21 @@ end
 
 local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
 
--- The rule being decided, read from ARGV by `rule`: the helpers below read these instead of
--- a table of parameters, so that a decision builds no table and no closure.
+-- The rule being decided, read by `rule`: the helpers below read these instead of a table
+-- of parameters, so that a decision builds no table and no closure.
 local alg, limit, window, burst, strict
 
--- Reads the rule whose numbers follow ARGV[o].
-local function rule(o)
-  alg = tonumber(ARGV[o + 1])
-  limit = tonumber(ARGV[o + 2])
-  window = tonumber(ARGV[o + 3])
-  burst = tonumber(ARGV[o + 4])
-  strict = ARGV[o + 5] == '1'
+-- The numbers of the call being run (ARGV[2], or a batched call's), and their layouts.
+local nums
+local struct_unpack = struct.unpack
+local CHECK_RULE, SETTLE_RULE = '<i8i8i8i8i8i8i8', '<i8i8i8i8i8i8i8i8i8'
+
+-- Reads the rule whose numbers start at byte `o` of `nums`, laid out as `layout`, and
+-- answers those after its first five.
+local function rule(layout, o)
+  local a, l, w, b, st, x, y, z, e = struct_unpack(layout, nums, o)
+  alg, limit, window, burst, strict = a, l, w, b, st == 1
+  return x, y, z, e
 end
 
 -- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
@@ -342,14 +351,16 @@ local function load(key)
   return parse(redis.call('GET', key))
 end
 
+-- `%d` prints a number as a C long (64 bits), exactly for the integers below 2^53 kept
+-- here, without the arbitrary-precision digit loop that `%.0f` runs for a double.
 local function encode(start, prev, count, gen)
   if gen > 0 then
-    return format('%.0f %.0f %.0f %.0f', start, prev, count, gen)
+    return format('%d %d %d %d', start, prev, count, gen)
   end
   if prev == 0 then
-    return format('%.0f %.0f', start, count)
+    return format('%d %d', start, count)
   end
-  return format('%.0f %.0f %.0f', start, prev, count)
+  return format('%d %d %d', start, prev, count)
 end
 
 local function ttl_ms(expires_at, now, grace)
@@ -411,14 +422,11 @@ local function run_reset(ko, n)
   end
 end
 
--- A settlement of the `n` keys after KEYS[ko], their numbers after ARGV[base].
+-- A settlement of the `n` keys after KEYS[ko], their numbers from byte `base` of `nums`.
 local function run_settle(ko, n, base)
   for i = 1, n do
     local key = KEYS[ko + i]
-    local o = base + (i - 1) * 9
-    rule(o)
-    local window_start, delta, gen = tonumber(ARGV[o + 6]), tonumber(ARGV[o + 7]),
-      tonumber(ARGV[o + 8])
+    local window_start, delta, gen, reservation_end = rule(SETTLE_RULE, base + (i - 1) * 72)
     local start, prev, count, g, found = load(key)
     -- a key reset since the reservation holds another generation: nothing to settle
     if found and g == gen then
@@ -441,7 +449,7 @@ local function run_settle(ko, n, base)
             end
           else
             local back = increment(-delta)
-            local outstanding = sat_sub(sat_sub(tonumber(ARGV[o + 9]), prev), now)
+            local outstanding = sat_sub(sat_sub(reservation_end, prev), now)
             if back > outstanding then
               back = outstanding
             end
@@ -465,19 +473,17 @@ end
 -- Values kept per rule between the two passes of a check.
 local KEPT = 15
 
--- A check or peek of the `n` keys after KEYS[ko], their numbers after ARGV[base]; appends
--- the answer to `out`.
+-- A check or peek of the `n` keys after KEYS[ko], their numbers from byte `base` of `nums`;
+-- appends the answer to `out`.
 local function run_check(mode, ko, n, base, out)
   local admitted = mode ~= 'p'
   local r = {}
   for i = 1, n do
-    local o = base + (i - 1) * 7
-    rule(o)
-    local cost = tonumber(ARGV[o + 6])
+    local cost, shadow = rule(CHECK_RULE, base + (i - 1) * 56)
     if mode == 'p' then
       cost = 0
     end
-    local shadow = ARGV[o + 7] == '1'
+    shadow = shadow == 1
     local s0, p0, c0, gen = load(KEYS[ko + i])
     local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
       decide(s0, p0, c0, now, cost)
@@ -511,7 +517,7 @@ local function run_check(mode, ko, n, base, out)
         -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
         -- down, so adding the cost back could come out one short)
         if not ruled then
-          rule(base + (i - 1) * 7)
+          rule(CHECK_RULE, base + (i - 1) * 56)
           ruled = true
         end
         local _, _, peeked = decide(bs, bp, bc, now, 0)
@@ -523,7 +529,7 @@ local function run_check(mode, ko, n, base, out)
     local blocked = 0
     if mode == 'c' and not shadow and rem < 1 then
       if not ruled then
-        rule(base + (i - 1) * 7)
+        rule(CHECK_RULE, base + (i - 1) * 56)
       end
       blocked = blocked_for(ks, kp, kc)
     end
@@ -560,53 +566,53 @@ local function answer(out)
   return concat(parts)
 end
 
-local function run(mode, ko, n, base, out)
+-- The server's time, read once for every call of a batch that asks for it.
+local server_now
+
+-- Runs one call: its time and grace lead its numbers, its rules' follow from byte 17.
+local function run(mode, ko, n, out)
+  local t, g = struct_unpack('<i8i8', nums)
+  if t < 0 then
+    if not server_now then
+      server_now = server_time()
+    end
+    now = server_now
+  else
+    now = t
+  end
+  grace = g
   if mode == 'r' then
     run_reset(ko, n)
   elseif mode == 's' then
-    run_settle(ko, n, base)
+    run_settle(ko, n, 17)
   else
-    run_check(mode, ko, n, base, out)
+    run_check(mode, ko, n, 17, out)
   end
 end
 
 local mode = ARGV[1]
 
 if mode ~= 'b' then
-  if ARGV[2] == '-' then
-    now = server_time()
-  else
-    now = tonumber(ARGV[2])
-  end
-  grace = tonumber(ARGV[3])
+  nums = ARGV[2]
   local out = {}
-  run(mode, 0, #KEYS, 3, out)
+  run(mode, 0, #KEYS, out)
   return answer(out)
 end
 
--- A batch: ARGV[2] calls, each as mode, key count, time, grace, then its numbers, its keys
--- following the previous call's in KEYS. They run one after another, each exactly as it
--- would alone (one TIME for those on the server's clock), and each answer follows its
+-- A batch: ARGV[2] calls, each as mode, key count and numbers (as ARGV[2] of a call alone),
+-- its keys following the previous call's in KEYS. They run one after another, each exactly
+-- as it would alone (one TIME for those on the server's clock), and each answer follows its
 -- length (-1 for a call that failed: its error fails it alone).
 local out = {}
-local server_now
 local ko, base = 0, 2
 for _ = 1, tonumber(ARGV[2]) do
-  local m, n, t = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3]
-  grace = tonumber(ARGV[base + 4])
-  base = base + 4
-  if t == '-' then
-    if not server_now then
-      server_now = server_time()
-    end
-    now = server_now
-  else
-    now = tonumber(t)
-  end
+  local m, n = ARGV[base + 1], tonumber(ARGV[base + 2])
+  nums = ARGV[base + 3]
+  base = base + 3
   local at = #out + 1
   out[at] = 0
   local answer = {}
-  if pcall(run, m, ko, n, base, answer) then
+  if pcall(run, m, ko, n, answer) then
     for i = 1, #answer do
       out[at + i] = answer[i]
     end
@@ -615,10 +621,5 @@ for _ = 1, tonumber(ARGV[2]) do
     out[at] = -1
   end
   ko = ko + n
-  if m == 's' then
-    base = base + 9 * n
-  elseif m ~= 'r' then
-    base = base + 7 * n
-  end
 end
 return answer(out)
