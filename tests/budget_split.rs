@@ -863,3 +863,59 @@ async fn a_body_still_read_after_the_answer_is_handed_over_whole() {
         .unwrap();
     assert_eq!(&body[..], BODY.as_bytes());
 }
+
+/// A body made whole (the gate's own check rebuilds the body it read).
+impl From<Bytes> for ChannelBody {
+    fn from(bytes: Bytes) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(bytes).unwrap();
+        Self(rx)
+    }
+}
+
+/// A reservation the gate took from its start is released, never charged, when the client
+/// goes away while the gate still reads the body of a request a handler built anew (here
+/// the upload itself, streamed on; the start reserved the request's `BudgetEstimate`
+/// without reading it): nothing was sent upstream.
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_the_gate_reads_the_body_releases_the_starts_reservation() {
+    let budgets = layer(Money::parse_dollars("5").unwrap());
+    let (start, gate) = budgets.split();
+    let called = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&called);
+    let upstream = gate.layer(service_fn(move |_: Request<StartBody<ChannelBody>>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+    }));
+    let handler = service_fn(move |req: Request<StartBody<ChannelBody>>| {
+        let upstream = upstream.clone();
+        async move {
+            // a new request streaming the upload on, the caller's identity copied alone
+            let principal = req
+                .extensions()
+                .get::<palisade::cost::Principal>()
+                .cloned()
+                .unwrap();
+            let mut anew = Request::post("/v1/messages").body(req.into_body()).unwrap();
+            anew.extensions_mut().insert(principal);
+            upstream.oneshot(anew).await
+        }
+    });
+    let svc = start.layer(handler);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(Bytes::from(&BODY[..20])).unwrap();
+    let mut req = Request::post("/v1/messages").body(ChannelBody(rx)).unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("ann"));
+    let estimate = Money::parse_dollars("1").unwrap();
+    req.extensions_mut().insert(BudgetEstimate(estimate));
+    let client = tokio::spawn(svc.oneshot(req));
+    settle_down().await;
+    assert_eq!(spend(&budgets, "ann"), (Money::ZERO, estimate));
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    settle_down().await;
+    assert_eq!(called.load(Ordering::SeqCst), 0);
+    assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
+    drop(tx);
+}

@@ -79,7 +79,8 @@ impl BudgetLayer {
     /// give. Both share this layer's budgets, store and per-subject limits.
     ///
     /// - A request the layers between refuse (401, 429, a bad body), or whose client goes
-    ///   away before the gate, has its reservation released exactly once, never charged.
+    ///   away before the gate or while the gate still reads its body, has its reservation
+    ///   released exactly once, never charged.
     /// - The gate lets a request through on its start's reservation only when that covers
     ///   what this layer would reserve for the request as it reaches the gate (the same
     ///   accounts, at least the amount). Otherwise (the start reserved nothing: a body it
@@ -748,7 +749,14 @@ where
         Decision::Refused | Decision::CheckAtGate => return check(shared, inner, req).await,
     };
     let known = read.map(|b| (b, granted.amount()));
-    match prepare(&shared, req, known).await {
+    // Until the upstream call, a gate dropped (its client gone while it reads the body)
+    // releases the reservation: nothing was sent.
+    let mut unsent = Unsent(Some(granted));
+    let prepared = prepare(&shared, req, known).await;
+    let Some(granted) = unsent.0.take() else {
+        unreachable!("taken only here")
+    };
+    match prepared {
         Prepared::Reserve {
             req,
             charges,
@@ -778,6 +786,19 @@ where
         Prepared::Refuse(err) => {
             granted.refund();
             Ok(refusal(&shared, err))
+        }
+    }
+}
+
+/// A reservation the gate holds before its upstream call: dropped with it, released.
+struct Unsent(Option<BudgetReservation>);
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            tracing::debug!(target: "palisade::cost::budget", amount = %r.amount(),
+                "request gone at its budget gate: reservation released");
+            r.refund();
         }
     }
 }
