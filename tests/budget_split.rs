@@ -919,3 +919,36 @@ async fn a_client_gone_while_the_gate_reads_the_body_releases_the_starts_reserva
     assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
     drop(tx);
 }
+
+/// A layer between start and gate that builds the upstream request anew in its `call`
+/// (a `map_request` keeping the body and the caller alone) reaches the gate with the
+/// start's reservation: a budget room for one request lets it through, as the plain
+/// layer does, instead of reserving it twice.
+#[tokio::test(start_paused = true)]
+async fn a_request_built_anew_in_a_layers_call_is_covered_by_the_starts_reservation() {
+    let amount = amount_of_body().await;
+    let budgets = layer(amount);
+    let (start, gate) = budgets.split();
+    let upstream = gate.layer(service_fn(|req: Request<Body>| {
+        let r = req.extensions().get::<BudgetReservation>().cloned();
+        async move {
+            r.expect("let through with its reservation")
+                .settle(Money::ZERO);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let anew = tower::util::MapRequestLayer::new(|req: Request<Body>| {
+        let principal = req
+            .extensions()
+            .get::<palisade::cost::Principal>()
+            .cloned()
+            .unwrap();
+        let mut anew = Request::post("/v1/messages").body(req.into_body()).unwrap();
+        anew.extensions_mut().insert(principal);
+        anew
+    });
+    let svc = start.layer(anew.layer(upstream));
+    let res = svc.oneshot(request("ann", false)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
+}

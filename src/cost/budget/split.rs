@@ -674,7 +674,11 @@ where
         }
     };
     parts.extensions.insert(pending.clone());
-    let call = PENDING.scope(pending, inner.call(Request::from_parts(parts, body)));
+    // The pending reservation is the task's while the inner service is called too: a
+    // layer below may build the upstream request anew in its `call`.
+    let req = Request::from_parts(parts, body);
+    let call = PENDING.sync_scope(pending.clone(), || inner.call(req));
+    let call = PENDING.scope(pending, call);
     let mut call = pin!(call);
     let res = poll_fn(|cx| {
         // the store call goes out before the inner service's own calls
