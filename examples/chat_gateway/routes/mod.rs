@@ -257,11 +257,12 @@ pub fn forwarded_headers(headers: &HeaderMap) -> Forwarded {
     Forwarded(Forwarded::FORWARDED.map(|name| headers.get(name).cloned()))
 }
 
-/// The hop-by-hop headers (RFC 9110, section 7.6.1, and `keep-alive`), as header names so
-/// that removing them parses nothing.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The hop-by-hop headers (RFC 9110, section 7.6.1: `proxy-connection` and `keep-alive`
+/// among them), as header names so that removing them parses nothing.
+const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHENTICATE,
     http::header::PROXY_AUTHORIZATION,
     http::header::TE,
