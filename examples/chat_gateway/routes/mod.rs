@@ -59,7 +59,9 @@ pub fn not_found(format: palisade::ErrorFormat) -> Response {
     crate::error::render(&Error::new(ErrorKind::NotFound, "no such route"), format)
 }
 
-async fn method_not_allowed(State(state): State<AppState>) -> Response {
+/// 405 in the configured error format (axum's own has an empty body): the fallback of
+/// every route's methods, the dashboard's too.
+pub async fn method_not_allowed(State(state): State<AppState>) -> Response {
     ApiError::new(
         Error::invalid_request("this method is not allowed on this route"),
         state.config.error_format(),
