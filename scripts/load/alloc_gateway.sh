@@ -4,23 +4,16 @@
 # runs in its own process, so only the gateway's allocations count.
 #
 #   scripts/load/alloc_gateway.sh
-#   LOAD_GATEWAY_BIN=/path/to/chat_gateway scripts/load/alloc_gateway.sh   # another build (with
-#                                                                         # the system allocator)
+#   LOAD_GATEWAY_BIN=/path/to/chat_gateway scripts/load/alloc_gateway.sh   # another build
 #
 # For each case the gateway runs twice under heaptrack, with a short and a longer wrk run at
 # one connection; allocations per request = difference of the totals / difference of the
 # request counts, so start-up and shutdown cancel out.
-#
-# heaptrack counts calls to the C library's allocator: the gateway is built here with
-# `--cfg palisade_system_allocator` (in target/system-allocator), which keeps the system
-# allocator in place of mimalloc, whose allocations heaptrack does not see.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v heaptrack >/dev/null || { echo "alloc_gateway.sh: heaptrack is not installed (apt-get install heaptrack)" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "alloc_gateway.sh: wrk is not installed (apt-get install wrk)" >&2; exit 2; }
 
-export RUSTFLAGS="${RUSTFLAGS:-} --cfg palisade_system_allocator"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/system-allocator}"
 # shellcheck source=scripts/load/common.sh
 source scripts/load/common.sh
 

@@ -20,7 +20,7 @@ if command -v redis-server >/dev/null 2>&1; then
   features=(--features redis)
 fi
 cargo build --release --quiet --example chat_gateway --example mock_upstream "${features[@]}"
-bin="${CARGO_TARGET_DIR:-target}/release/examples"
+bin=target/release/examples
 gateway="${LOAD_GATEWAY_BIN:-$bin/chat_gateway}"
 key="sk-load-0000000000000000"
 work="$(mktemp -d)"
