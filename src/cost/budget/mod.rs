@@ -23,7 +23,8 @@
 //! a rolling window, enforced by **reserve-then-settle**.
 //!
 //! [`BudgetLayer`] runs before the upstream call. For each request whose JSON body names
-//! a model it reserves the most the request can cost — the input estimated from the body
+//! a model (a UTF-8 byte-order mark before it is skipped, as lenient JSON readers do) it
+//! reserves the most the request can cost — the input estimated from the body
 //! size plus `max_tokens` output tokens (the largest output limit given, for each of
 //! OpenAI's `n` choices), and the web searches its tools allow (`max_uses`; a web search
 //! tool without it is bounded by the model alone and reserves nothing), at the model's
