@@ -275,4 +275,22 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn only_one_leading_utf8_byte_order_mark_is_skipped() {
+        let table = PriceTable::builtin();
+        let json = r#"{"model":"gpt-4o","max_tokens":10}"#;
+        let utf16: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(json.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        for body in [
+            BOM,
+            &utf16,
+            "{\"model\":\"gpt-4o\",\u{feff}\"max_tokens\":10}".as_bytes(),
+            format!(" \u{feff}{json}").as_bytes(),
+        ] {
+            assert_eq!(estimate(body, &table, 3, 4096), Estimate::NotMetered);
+        }
+    }
 }
