@@ -952,3 +952,46 @@ async fn a_request_built_anew_in_a_layers_call_is_covered_by_the_starts_reservat
     assert_eq!(res.status(), 200);
     assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
 }
+
+/// Two split layers, one inside the other (a per-user budget and a global one in two
+/// layers): a request a handler builds anew reaches each gate with its own start's
+/// reservation, so a budget room for one request lets it through.
+#[tokio::test(start_paused = true)]
+async fn two_split_layers_nested_each_find_their_starts_reservation() {
+    let amount = amount_of_body().await;
+    let users = layer(amount);
+    let everyone = BudgetLayer::builder()
+        .budget(Budget::new("all", Scope::Global, Period::Day, amount))
+        .build()
+        .unwrap();
+    let (start_users, gate_users) = users.split();
+    let (start_all, gate_all) = everyone.split();
+    let upstream = gate_users.layer(gate_all.layer(service_fn(|req: Request<Full<Bytes>>| {
+        let n = req.extensions().get::<BudgetReservation>().cloned();
+        async move {
+            n.expect("let through with a reservation")
+                .settle(Money::ZERO);
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    })));
+    let handler = service_fn(move |req: Request<StartBody<StartBody<Full<Bytes>>>>| {
+        let upstream = upstream.clone();
+        async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let mut anew = Request::post("/v1/messages").body(Full::new(body)).unwrap();
+            anew.extensions_mut()
+                .insert(palisade::cost::Principal::new("ann"));
+            let res = upstream.oneshot(anew).await.unwrap();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+                res.status().as_str().to_owned(),
+            ))))
+        }
+    });
+    let svc = start_users.layer(start_all.layer(handler));
+    let res = svc.oneshot(request("ann", false)).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"200");
+    // nothing left held (the upstream here settles the inner layer's reservation alone)
+    assert_eq!(spend(&users, "ann").1, Money::ZERO);
+    assert_eq!(spend(&everyone, "*"), (Money::ZERO, Money::ZERO));
+}

@@ -62,9 +62,17 @@ use crate::cost::pricing::Money;
 use crate::error::Error;
 
 tokio::task_local! {
-    /// The pending reservation of the request being served, for gates reached through a
+    /// The pending reservations of the request being served, for gates reached through a
     /// request built anew below the start (a handler's own upstream request).
-    static PENDING: PendingBudget;
+    static PENDING: Scoped;
+}
+
+/// A start's pending reservation on its task, and those of the starts around it (each
+/// split layer's gate looks for its own).
+#[derive(Clone)]
+struct Scoped {
+    pending: PendingBudget,
+    outer: Option<Arc<Scoped>>,
 }
 
 impl BudgetLayer {
@@ -101,7 +109,8 @@ impl BudgetLayer {
     ///   unchecked.
     /// - The gate finds the pending reservation in the request extensions
     ///   ([`PendingBudget`]) or, for a request a handler built anew on the same task,
-    ///   from the request being served. A handler that calls the upstream from a task of
+    ///   from the request being served (each split layer's gate finds its own start's,
+    ///   split layers nested or not). A handler that calls the upstream from a task of
     ///   its own gets the plain check at the gate (and the start's reservation released).
     pub fn split(&self) -> (BudgetStartLayer, BudgetGateLayer) {
         (
@@ -677,8 +686,12 @@ where
     // The pending reservation is the task's while the inner service is called too: a
     // layer below may build the upstream request anew in its `call`.
     let req = Request::from_parts(parts, body);
-    let call = PENDING.sync_scope(pending.clone(), || inner.call(req));
-    let call = PENDING.scope(pending, call);
+    let scoped = Scoped {
+        pending,
+        outer: PENDING.try_with(|outer| Arc::new(outer.clone())).ok(),
+    };
+    let call = PENDING.sync_scope(scoped.clone(), || inner.call(req));
+    let call = PENDING.scope(scoped, call);
     let mut call = pin!(call);
     let res = poll_fn(|cx| {
         // the store call goes out before the inner service's own calls
@@ -700,7 +713,16 @@ pub(super) fn pending_for<B>(shared: &Arc<Shared>, req: &Request<B>) -> Option<P
         .cloned()
         .or_else(|| {
             PENDING
-                .try_with(|p| (p.owner == mine).then(|| p.clone()))
+                .try_with(|scoped| {
+                    let mut at = Some(scoped);
+                    while let Some(s) = at {
+                        if s.pending.owner == mine {
+                            return Some(s.pending.clone());
+                        }
+                        at = s.outer.as_deref();
+                    }
+                    None
+                })
                 .ok()
                 .flatten()
         })
