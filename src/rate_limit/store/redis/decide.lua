@@ -49,7 +49,9 @@ local floor, format, match, tonumber, unpack = math.floor, string.format, string
   tonumber, unpack
 local struct_unpack = struct.unpack
 local P53 = 9007199254740992
+-- A rule's numbers in a call, and in a check's answer.
 local CHECK_RULE, SETTLE_RULE = '<i8i8i8i8i8i8i8', '<i8i8i8i8i8i8i8i8i8'
+local pack, ANSWER_RULE = struct.pack, '<i8i8i8i8i8i8i8i8i8'
 
 -- The call being run: its numbers (ARGV[2], or a batched call's), time and grace, and the
 -- server's time, read once for every call of a batch that asks for it.
@@ -342,7 +344,8 @@ local function write(key, start, prev, count, gen, expires_at)
 end
 
 -- Runs one call on the `n` keys after KEYS[ko]: its time and grace lead its numbers, its
--- rules' follow from byte 17. A check or peek appends its answer to `out`.
+-- rules' follow from byte 17. A check or peek appends its answer to `out`, packed as the
+-- header describes: its first two integers, then one string a rule.
 local function run(mode, ko, n, out)
   local t, g = struct_unpack('<i8i8', nums)
   if t < 0 then
@@ -439,8 +442,7 @@ local function run(mode, ko, n, out)
   end
 
   -- A check or peek, in two passes: every rule decided, then, if all admit (or are in
-  -- shadow), every allowed rule debited. `r` keeps KEPT values a rule between them.
-  local KEPT = 15
+  -- shadow), every allowed rule debited. `r` keeps what the second needs of each rule.
   local admitted = mode ~= 'p'
   local r = {}
   for i = 1, n do
@@ -457,22 +459,14 @@ local function run(mode, ko, n, out)
     if v ~= 0 and not shadow then
       admitted = false
     end
-    local k = (i - 1) * KEPT
-    r[k + 1], r[k + 2], r[k + 3], r[k + 4], r[k + 5], r[k + 6], r[k + 7] =
-      v, retry, rem, reset, ws, st, pr
-    r[k + 8], r[k + 9], r[k + 10], r[k + 11], r[k + 12], r[k + 13], r[k + 14], r[k + 15] =
-      co, exp, bs, bp, bc, gen, shadow, re
+    r[i] = { v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re }
   end
   -- the rule `decide` reads: the last one read
   local ruled = n
-  local at = #out
-  out[at + 1] = admitted and 1 or 0
-  out[at + 2] = now
-  at = at + 2
+  local at = #out + 1
+  out[at] = pack('<i8i8', admitted and 1 or 0, now)
   for i = 1, n do
-    local k = (i - 1) * KEPT
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re =
-      unpack(r, k + 1, k + KEPT)
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re = unpack(r[i])
     local debited = 0
     -- the state kept
     local ks, kp, kc = bs, bp, bc
@@ -508,16 +502,7 @@ local function run(mode, ko, n, out)
         blocked = wait
       end
     end
-    out[at + 1] = v
-    out[at + 2] = retry
-    out[at + 3] = rem
-    out[at + 4] = reset
-    out[at + 5] = ws
-    out[at + 6] = debited
-    out[at + 7] = blocked
-    out[at + 8] = gen
-    out[at + 9] = re
-    at = at + 9
+    out[at + i] = pack(ANSWER_RULE, v, retry, rem, reset, ws, debited, blocked, gen, re)
   end
 end
 
@@ -536,34 +521,15 @@ else
     local m, n = ARGV[base + 1], tonumber(ARGV[base + 2])
     nums = ARGV[base + 3]
     base = base + 3
-    local at = #out + 1
-    out[at] = 0
     local answer = {}
     if pcall(run, m, ko, n, answer) then
-      for i = 1, #answer do
-        out[at + i] = answer[i]
-      end
-      out[at] = #answer
+      local text = table.concat(answer)
+      out[#out + 1] = pack('<i8', #text / 8) .. text
     else
-      out[at] = -1
+      out[#out + 1] = pack('<i8', -1)
     end
     ko = ko + n
   end
 end
 
--- The answer `out` as the string the header describes. `unpack` takes a bounded number of
--- values, so a long answer is packed in chunks.
-local CHUNK = 200
-local n = #out
-if n <= CHUNK then
-  return struct.pack('<' .. string.rep('i8', n), unpack(out, 1, n))
-end
-local parts = {}
-for i = 1, n, CHUNK do
-  local j = i + CHUNK - 1
-  if j > n then
-    j = n
-  end
-  parts[#parts + 1] = struct.pack('<' .. string.rep('i8', j - i + 1), unpack(out, i, j))
-end
-return table.concat(parts)
+return table.concat(out)
