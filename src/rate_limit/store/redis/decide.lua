@@ -316,8 +316,12 @@ end
 -- `%.0f` runs for a double. A key that has been reset (generation above 0) never expires
 -- sooner than it already would: its generation lives at least as long as the state from
 -- before the reset would have, so a give-back of a reservation made before the reset cannot
--- find the key started again at generation 0.
-local function write(key, start, prev, count, gen, expires_at)
+-- find the key started again at generation 0. Nor does a window's key (`keep` true): a
+-- window's state past its expiry decides as no state, so a key that lives longer changes no
+-- answer, and keeping its expiry (KEEPTTL) spares SET the work of a new one on most writes
+-- (the state's window, and so its expiry, changes once a window). A GCRA key's expiry
+-- follows its TAT, which a give-back moves back.
+local function write(key, start, prev, count, gen, expires_at, keep)
   local text
   if gen > 0 then
     text = format('%d %d %d %d', start, prev, count, gen)
@@ -334,10 +338,11 @@ local function write(key, start, prev, count, gen, expires_at)
   if ms < 1 then
     ms = 1
   end
-  if gen > 0 then
+  if gen > 0 or keep then
     local left = redis.call('PTTL', key)
-    if left > ms then
-      ms = left
+    if left >= ms then
+      redis.call('SET', key, text, 'KEEPTTL')
+      return
     end
   end
   redis.call('SET', key, text, 'PX', ms)
@@ -459,14 +464,15 @@ local function run(mode, ko, n, out)
     if v ~= 0 and not shadow then
       admitted = false
     end
-    r[i] = { v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re }
+    r[i] = { v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re, alg }
   end
   -- the rule `decide` reads: the last one read
   local ruled = n
   local at = #out + 1
   out[at] = pack('<i8i8', admitted and 1 or 0, now)
   for i = 1, n do
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re = unpack(r[i])
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re, a =
+      unpack(r[i])
     local debited = 0
     -- the state kept
     local ks, kp, kc = bs, bp, bc
@@ -474,7 +480,7 @@ local function run(mode, ko, n, out)
       if admitted then
         debited = 1
         ks, kp, kc = st, pr, co
-        write(KEYS[ko + i], st, pr, co, gen, exp)
+        write(KEYS[ko + i], st, pr, co, gen, exp, a ~= 2)
       else
         -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
         -- down, so adding the cost back could come out one short)
