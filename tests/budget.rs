@@ -661,3 +661,33 @@ async fn the_web_searches_a_request_allows_are_reserved() {
         assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
     }
 }
+
+/// A body opening with a UTF-8 byte-order mark is JSON to lenient readers (an upstream may
+/// accept it): it is estimated as the JSON after the mark, never passed unreserved, and
+/// judged as that JSON would be (what is not JSON after the mark still passes).
+#[tokio::test(start_paused = true)]
+async fn a_body_opening_with_a_byte_order_mark_is_reserved_as_the_json_after_it() {
+    let plain = reservation_of(r#"{"model":"gpt-4o","max_tokens":1000,"messages":[]}"#).await;
+    let marked =
+        reservation_of("\u{feff}{\"model\":\"gpt-4o\",\"max_tokens\":1000,\"messages\":[]}").await;
+    assert_eq!(marked, plain);
+
+    let layer = builder(dollars("1000")).build().unwrap();
+    for (body, status) in [
+        ("\u{feff}{\"model\":\"gpt-4o\",\"max_tokens\":-1}", 400),
+        ("\u{feff}not json", 200),
+        ("\u{feff}\u{feff}{\"model\":\"gpt-4o\"}", 200),
+    ] {
+        let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+            assert!(req.extensions().get::<BudgetReservation>().is_none());
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }));
+        let mut req = Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new("ann"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), status, "{body}");
+    }
+}

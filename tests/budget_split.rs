@@ -424,6 +424,53 @@ async fn a_request_built_anew_below_the_start_is_checked_at_the_gate() {
     assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
 }
 
+/// The gate takes the start's estimate only for the very body the start read: a handler
+/// that sends upstream a dearer body (a larger output limit) has it estimated and reserved
+/// anew, the start's smaller reservation released.
+#[tokio::test(start_paused = true)]
+async fn a_dearer_body_at_the_gate_is_estimated_again_not_taken_from_the_start() {
+    let amount = amount_of_body().await;
+    let dearer = BODY.replace("\"max_tokens\":1000", "\"max_tokens\":9000");
+    let budgets = layer(Money::parse_dollars("100").unwrap());
+    let (start, gate) = budgets.split();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let upstream = gate.layer(service_fn(move |req: Request<Full<Bytes>>| {
+        let r = req
+            .extensions()
+            .get::<BudgetReservation>()
+            .cloned()
+            .unwrap();
+        s.lock().unwrap().push(r.amount());
+        r.settle(Money::ZERO);
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) }
+    }));
+    let handler = service_fn(move |req: Request<Body>| {
+        let upstream = upstream.clone();
+        let dearer = dearer.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            body.collect().await.unwrap();
+            let req = Request::from_parts(parts, Full::new(Bytes::from(dearer)));
+            upstream.oneshot(req).await
+        }
+    });
+    let res = start
+        .layer(handler)
+        .oneshot(request("ann", false))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0] > amount,
+        "reserved {} for the dearer body, {amount} for the start's",
+        seen[0]
+    );
+    assert_eq!(spend(&budgets, "ann"), (Money::ZERO, Money::ZERO));
+}
+
 #[cfg(feature = "redis")]
 mod redis_store {
     use super::*;

@@ -283,3 +283,78 @@ async fn a_budget_limit_set_on_one_instance_holds_on_every_instance() {
     }
     assert_eq!(status, 200, "instance a never saw the limit lifted");
 }
+
+/// The hold of a reservation in flight (field `h<until_ms>` of its account) ends
+/// `PALISADE_GATEWAY_BUDGET_HOLD_TTL` to twice that after Redis's clock, not the store's
+/// 15-minute default.
+#[tokio::test]
+async fn the_budget_hold_ttl_setting_reaches_the_redis_store() {
+    let redis = redis().await;
+    // The mock's slow model, priced, so that a reservation is held while it waits.
+    let dir = std::env::temp_dir().join(format!("palisade-hold-ttl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prices = dir.join("prices.json");
+    std::fs::write(
+        &prices,
+        r#"{"mock-slow": {"input_cost_per_token": 3e-06, "output_cost_per_token": 1.5e-05}}"#,
+    )
+    .unwrap();
+    let gw = start(
+        &redis,
+        &[
+            ("PALISADE_GATEWAY_BUDGET_HOLD_TTL", "3h"),
+            ("PALISADE_GATEWAY_MOCK_SLOW_DELAY", "60s"),
+            ("PALISADE_BUDGET_PRICES_FILE", prices.to_str().unwrap()),
+        ],
+    )
+    .await;
+    let slow = tokio::spawn(async move {
+        gw.call_versioned(
+            Method::POST,
+            "/v1/messages",
+            USER,
+            Some(fixture::chat("mock-slow")),
+        )
+        .await
+    });
+    let mut conn = ::redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut hold = None;
+    for _ in 0..12_000 {
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg("palisade:budget:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for key in &keys {
+            let fields: Vec<String> = ::redis::cmd("HKEYS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            hold = hold.or_else(|| {
+                fields
+                    .iter()
+                    .find_map(|f| f.strip_prefix('h')?.parse::<u64>().ok())
+            });
+        }
+        if hold.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let until_ms = hold.expect("no hold appeared while the slow request was in flight");
+    let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let left = Duration::from_millis(until_ms.saturating_sub(now_ms));
+    let hour = Duration::from_secs(3600);
+    assert!(
+        left > 3 * hour - Duration::from_secs(60) && left <= 6 * hour,
+        "the hold ends in {left:?}, not 3 h to 6 h from now"
+    );
+    slow.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

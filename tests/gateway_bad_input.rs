@@ -559,6 +559,14 @@ fn matrix(bot: &str) -> Vec<Case> {
         case("made-up method", http("BREW", msgs, &[("x-api-key", USER)], b""), 405, inv),
         case("DELETE on health", http("DELETE", "/health", &[], b""), 405, inv),
         case(
+            "DELETE on the dashboard's data",
+            http("DELETE", "/v1/dashboard/data", &[("x-api-key", ADMIN)], b""),
+            405,
+            inv,
+        ),
+        case("POST on the dashboard page", http("POST", "/", &[], b""), 405, inv),
+        case("PUT on the metrics", http("PUT", "/metrics", &[], b""), 405, inv),
+        case(
             "dot segments to admin",
             get("/v1/bots/../../admin/budgets/alice", USER),
             404,

@@ -431,6 +431,7 @@ fn each_hop_by_hop_header_alone_is_dropped() {
     let hop_by_hop = [
         "connection",
         "keep-alive",
+        "proxy-connection",
         "te",
         "trailer",
         "transfer-encoding",
@@ -856,4 +857,103 @@ async fn random_paths_count_under_one_unmatched_route_label() {
         "{text}"
     );
     assert!(!text.contains("/no/such/"), "{text}");
+}
+
+/// An upstream on a raw socket that answers every request with `head` (its status line and
+/// headers, CRLF-separated, without the blank line) and `body`, then closes the connection:
+/// the headers reach the gateway exactly as written, whatever a server library would add
+/// or drop. Its base URL.
+async fn raw_upstream(head: &'static str, body: &'static str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The request head, then its body (the gateway sends a content-length).
+                let (head_len, length) = loop {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the gateway hung up mid-request");
+                    seen.extend_from_slice(&buf[..n]);
+                    if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let text = String::from_utf8_lossy(&seen[..end]).to_ascii_lowercase();
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                        break (end + 4, length);
+                    }
+                };
+                while seen.len() < head_len + length {
+                    let n = sock.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the gateway hung up mid-body");
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                let answer = format!("{head}\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                sock.write_all(answer.as_bytes()).await.unwrap();
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Every hop-by-hop header of RFC 9110, section 7.6.1 (`Proxy-Connection` among them) and
+/// every name an upstream's `Connection` header lists stay between the upstream and the
+/// gateway: none reaches the client, on a JSON answer or on a stream, and the end-to-end
+/// headers beside them do.
+#[tokio::test]
+async fn no_hop_by_hop_header_of_an_upstream_answer_reaches_the_client() {
+    const HOP: &str = "HTTP/1.1 200 OK\r\n\
+        Proxy-Connection: keep-alive\r\n\
+        Keep-Alive: timeout=5, max=100\r\n\
+        TE: trailers\r\n\
+        Trailer: X-Checksum\r\n\
+        Upgrade: h2c\r\n\
+        Connection: X-Named, close\r\n\
+        X-Named: hop\r\n\
+        X-Kept: end-to-end";
+    const JSON: &str = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":10,"output_tokens":7}}"#;
+    const SSE: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-sonnet-4-5\",\"content\":[],\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    let json_head: &'static str = format!("{HOP}\r\nContent-Type: application/json").leak();
+    let sse_head: &'static str = format!("{HOP}\r\nContent-Type: text/event-stream").leak();
+    for (head, body, stream) in [(json_head, JSON, false), (sse_head, SSE, true)] {
+        let upstream = raw_upstream(head, body).await;
+        let gw = fixture::start(&[
+            ("ANTHROPIC_BASE_URL", upstream.as_str()),
+            ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+            ("PALISADE_RETRY_MAX_RETRIES", "0"),
+        ])
+        .await;
+        let mut chat = fixture::chat("claude-sonnet-4-5");
+        chat["stream"] = serde_json::Value::Bool(stream);
+        let r = gw.post("/v1/messages", USER, chat).await;
+        assert_eq!(r.status, 200, "stream={stream}: {}", r.text());
+        for name in [
+            "proxy-connection",
+            "keep-alive",
+            "te",
+            "trailer",
+            "upgrade",
+            "x-named",
+        ] {
+            assert!(
+                !r.headers.contains_key(name),
+                "stream={stream}: {name} reached the client: {:?}",
+                r.headers
+            );
+        }
+        if let Some(c) = r.headers.get("connection") {
+            let c = c.to_str().unwrap().to_ascii_lowercase();
+            assert!(!c.contains("x-named"), "stream={stream}: connection: {c}");
+        }
+        assert_eq!(r.header("x-kept"), Some("end-to-end"), "stream={stream}");
+    }
 }

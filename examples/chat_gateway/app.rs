@@ -145,7 +145,10 @@ async fn budget_layer(
                 .await
                 .map_err(|e| format!("REDIS_URL: cannot connect to the Cluster: {e}"))?;
             (
-                builder.store(palisade::cost::budget::RedisBudgetStore::new(conn.clone())),
+                builder.store(
+                    palisade::cost::budget::RedisBudgetStore::new(conn.clone())
+                        .hold_ttl(config.budget_hold_ttl),
+                ),
                 Some(crate::store::RedisConn::Cluster(conn)),
             )
         }
@@ -157,7 +160,10 @@ async fn budget_layer(
                 .await
                 .map_err(|e| format!("REDIS_URL: cannot connect: {e}"))?;
             (
-                builder.store(palisade::cost::budget::RedisBudgetStore::new(conn.clone())),
+                builder.store(
+                    palisade::cost::budget::RedisBudgetStore::new(conn.clone())
+                        .hold_ttl(config.budget_hold_ttl),
+                ),
                 Some(crate::store::RedisConn::Single(conn)),
             )
         }

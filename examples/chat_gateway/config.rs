@@ -149,6 +149,11 @@ pub struct GatewayConfig {
     /// (`PALISADE_GATEWAY_BUDGET_SYNC_INTERVAL`, with `REDIS_URL`).
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub budget_sync_interval: Duration,
+    /// How long a budget reservation held in Redis lasts when it is never settled (a lost
+    /// answer, an instance that died): `PALISADE_GATEWAY_BUDGET_HOLD_TTL`, with `REDIS_URL`.
+    /// Set it above the longest request or stream the gateway serves.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub budget_hold_ttl: Duration,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
     /// How long the mock's `mock-slow` model waits before answering.
@@ -361,6 +366,12 @@ impl GatewayConfig {
             "1s",
             positive_duration,
         );
+        let budget_hold_ttl = env.optional_with(
+            "PALISADE_GATEWAY_BUDGET_HOLD_TTL",
+            Duration::from_secs(15 * 60),
+            "15m",
+            positive_duration,
+        );
         let shutdown_grace = env.duration(
             "PALISADE_GATEWAY_SHUTDOWN_GRACE",
             Duration::from_secs(30),
@@ -510,6 +521,7 @@ impl GatewayConfig {
             database,
             tls,
             budget_sync_interval,
+            budget_hold_ttl,
             shutdown_grace,
             mock_slow_delay,
             json_logs,

@@ -1,6 +1,6 @@
-# Set-up shared by scripts/load/alloc_gateway.sh and scripts/load/instr_gateway.sh, sourced
-# from the repository root: the release build, a scratch folder cleaned on exit, the mock
-# upstream, and `start` for a gateway under a measuring tool.
+# Set-up for scripts/load/instr_gateway.sh, sourced from the repository root: the release
+# build, a scratch folder cleaned on exit, the mock upstream, and `start` for a gateway under
+# a measuring tool.
 #
 # Set $wait_tries first for a longer wait for a server to listen (tenths of a second, 600
 # unless set). After sourcing: $bin, $gateway, $key, $work, $pids, $mock (the mock

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CPU work per request of the whole chat_gateway, full stack and floor, non-streamed JSON:
 # instructions counted by valgrind's callgrind (Debian's package) around the release binary,
-# and system calls counted by strace. Unlike requests per second, both counts hardly depend
-# on what else the machine is doing. The mock upstream runs in its own process, so only the
+# calls to Rust's allocator (`__rust_alloc`, `__rust_alloc_zeroed`, `__rust_realloc`,
+# whatever global allocator the binary uses) counted in the same callgrind run, and system
+# calls counted by strace. Unlike requests per second, these counts hardly depend on what
+# else the machine is doing. The mock upstream runs in its own process, so only the
 # gateway's work counts.
 #
 #   scripts/load/instr_gateway.sh                 # both cases, a table
@@ -35,7 +37,35 @@ drive() {
   grep -o 'requests=[0-9]*' <<<"$line" | cut -d= -f2
 }
 
-# instructions LAYERS: prints "INSTRUCTIONS REQUESTS".
+# allocations FILE: calls to the allocator in a callgrind dump: Rust's allocator functions
+# (`__rust_alloc`, `__rust_alloc_zeroed`, `__rust_realloc`) and, as a global allocator's
+# entry points are often inlined past them, mimalloc's aligned entry points when a function
+# other than those three calls them. Functions are named once as "(id) name" and later by
+# "(id)" alone, in fn= and cfn= lines alike; a calls= line follows the cfn= it counts.
+allocations() {
+  awk '
+    function named(s) {
+      if (match(s, /^\([0-9]+\)/)) {
+        id = substr(s, 1, RLENGTH)
+        if (length(s) > RLENGTH) names[id] = substr(s, RLENGTH + 2)
+        return names[id]
+      }
+      return s
+    }
+    /^fn=/ { caller = named(substr($0, 4)); next }
+    /^cfn=/ { callee = named(substr($0, 5)); next }
+    /^calls=/ {
+      shim = "__rust_(alloc|alloc_zeroed|realloc)$"
+      if (callee ~ shim || (callee ~ /^mi_(malloc|zalloc|realloc)_aligned$/ && caller !~ shim)) {
+        split(substr($0, 7), a, " ")
+        n += a[1]
+      }
+    }
+    END { print n + 0 }
+  ' "$1"
+}
+
+# instructions LAYERS: prints "INSTRUCTIONS REQUESTS ALLOCATIONS".
 instructions() {
   local layers="$1" out="$work/cg-$1"
   start "$layers" "$out.log" valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
@@ -56,7 +86,7 @@ instructions() {
   fi
   local total
   total="$(grep -m1 '^summary:' "$dump" | awk '{print $2}')"
-  echo "$total $requests"
+  echo "$total $requests $(allocations "$dump")"
 }
 
 # syscalls LAYERS: prints "SYSCALLS FUTEX REQUESTS" of a measured run.
@@ -82,11 +112,11 @@ syscalls() {
 
 title="gateway, 1 connection"
 [ -n "$redis_url" ] && title="gateway+Redis, 1 conn"
-printf '%-22s %14s %12s %12s\n' "$title" "instr/req" "syscalls/req" "futex/req"
+printf '%-22s %14s %12s %12s %12s\n' "$title" "instr/req" "allocs/req" "syscalls/req" "futex/req"
 for layers in on off; do
-  read -r ir ireq < <(instructions "$layers")
+  read -r ir ireq ia < <(instructions "$layers")
   read -r sc fx sreq < <(syscalls "$layers")
   name="$([ "$layers" = on ] && echo "full stack" || echo "floor"), json"
-  awk -v n="$name" -v ir="$ir" -v ireq="$ireq" -v sc="$sc" -v fx="$fx" -v sreq="$sreq" \
-    'BEGIN { printf "%-22s %14.0f %12.2f %12.2f\n", n, ir / ireq, sc / sreq, fx / sreq }'
+  awk -v n="$name" -v ir="$ir" -v ireq="$ireq" -v ia="$ia" -v sc="$sc" -v fx="$fx" -v sreq="$sreq" \
+    'BEGIN { printf "%-22s %14.0f %12.1f %12.2f %12.2f\n", n, ir / ireq, ia / ireq, sc / sreq, fx / sreq }'
 done

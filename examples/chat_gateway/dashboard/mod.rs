@@ -69,14 +69,17 @@ pub fn public(state: &AppState) -> Result<Router, BoxError> {
         .route("/dashboard/app.css", get(style))
         .route(CSP_REPORT_PATH, post(csp_report))
         .route("/metrics", get(crate::metrics::scrape))
+        .method_not_allowed_fallback(crate::routes::method_not_allowed)
         .layer(headers)
         .with_state(state.clone()))
 }
 
-/// The authenticated route (merged into the API routes, under authentication and the rate
-/// limits).
+/// The authenticated route (merged beside the API routes, under authentication alone: no
+/// rate limit or budget applies to it).
 pub fn api() -> Router<AppState> {
-    Router::new().route("/v1/dashboard/data", get(data))
+    Router::new()
+        .route("/v1/dashboard/data", get(data))
+        .method_not_allowed_fallback(crate::routes::method_not_allowed)
 }
 
 async fn page(nonce: Option<Extension<CspNonce>>) -> Response {

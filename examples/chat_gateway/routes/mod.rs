@@ -59,7 +59,9 @@ pub fn not_found(format: palisade::ErrorFormat) -> Response {
     crate::error::render(&Error::new(ErrorKind::NotFound, "no such route"), format)
 }
 
-async fn method_not_allowed(State(state): State<AppState>) -> Response {
+/// 405 in the configured error format (axum's own has an empty body): the fallback of
+/// every route's methods, the dashboard's too.
+pub async fn method_not_allowed(State(state): State<AppState>) -> Response {
     ApiError::new(
         Error::invalid_request("this method is not allowed on this route"),
         state.config.error_format(),
@@ -257,11 +259,12 @@ pub fn forwarded_headers(headers: &HeaderMap) -> Forwarded {
     Forwarded(Forwarded::FORWARDED.map(|name| headers.get(name).cloned()))
 }
 
-/// The hop-by-hop headers (RFC 9110, section 7.6.1, and `keep-alive`), as header names so
-/// that removing them parses nothing.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// The hop-by-hop headers (RFC 9110, section 7.6.1: `proxy-connection` and `keep-alive`
+/// among them), as header names so that removing them parses nothing.
+const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHENTICATE,
     http::header::PROXY_AUTHORIZATION,
     http::header::TE,

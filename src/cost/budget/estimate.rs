@@ -79,16 +79,23 @@ pub(crate) enum Estimate {
     Cost { model: String, max: Money },
 }
 
+/// The byte-order mark some clients put before a UTF-8 text.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
 /// dearest input rate (plain or cache write), plus the output limit (the largest one given)
 /// at the output price for each of the `n` choices asked for, plus the web searches its
 /// tools allow (`max_uses`) at the model's price per search.
+///
+/// A body opening with a UTF-8 byte-order mark is read as the JSON after it (as lenient
+/// JSON readers do, so an upstream may well accept it): it is estimated as that JSON alone.
 pub(crate) fn estimate(
     body: &[u8],
     prices: &PriceTable,
     bytes_per_token: u64,
     default_max_tokens: u64,
 ) -> Estimate {
+    let body = body.strip_prefix(BOM).unwrap_or(body);
     let head = match serde_json::from_slice::<Head<'_>>(body) {
         Ok(head) => head,
         Err(e) => return unreadable(body, &e),
@@ -247,5 +254,25 @@ mod tests {
             estimate(br#"{"model":"my-model"}"#, &table, 4, 1),
             Estimate::Unpriced("my-model".into())
         );
+    }
+
+    #[test]
+    fn a_body_after_a_byte_order_mark_is_estimated_as_that_body_alone() {
+        let table = PriceTable::builtin();
+        for body in [
+            &br#"{"model":"gpt-4o","max_tokens":10,"messages":[]}"#[..],
+            br#"{"model":"gpt-4o","max_tokens":-1}"#,
+            br#"{"model":"my-model"}"#,
+            b"not json",
+            b"\xEF\xBB\xBF{}",
+        ] {
+            let marked = [BOM, body].concat();
+            assert_eq!(
+                estimate(&marked, &table, 3, 4096),
+                estimate(body, &table, 3, 4096),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// Whether a [`BudgetGateLayer`](super::BudgetGateLayer) of this layer wraps a
     /// service: the split form's start refuses every request until one does.
     pub(super) gated: AtomicBool,
+    /// The subject of a global budget, `*`, made once.
+    pub(super) everyone: Arc<str>,
 }
 
 impl fmt::Debug for Shared {
@@ -409,6 +411,7 @@ impl BudgetLayerBuilder {
                 clock: self.clock.unwrap_or_else(BudgetClock::system),
                 overrides: std::sync::RwLock::default(),
                 gated: AtomicBool::new(false),
+                everyone: Arc::from("*"),
             }),
         })
     }
@@ -608,15 +611,15 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for b in &self.budgets {
             let subject: Option<Arc<str>> = match b.scope {
-                Scope::Global => Some("*".into()),
+                Scope::Global => Some(Arc::clone(&self.everyone)),
                 // The authenticated caller first, as the cost meter attributes spend.
-                Scope::User => req
-                    .extensions()
-                    .get::<crate::key::Principal>()
-                    .map(crate::key::Principal::id)
-                    .or_else(|| attribution.and_then(|a| a.user.as_deref()))
-                    .or_else(|| header_str(headers, self.user_header.as_ref()))
-                    .map(Into::into),
+                Scope::User => match req.extensions().get::<crate::key::Principal>() {
+                    Some(p) => Some(Arc::clone(p.shared_id())),
+                    None => attribution
+                        .and_then(|a| a.user.as_deref())
+                        .or_else(|| header_str(headers, self.user_header.as_ref()))
+                        .map(Into::into),
+                },
                 Scope::Bot => attribution
                     .and_then(|a| a.bot.as_deref())
                     .or_else(|| header_str(headers, self.bot_header.as_ref()))
@@ -632,7 +635,12 @@ impl Shared {
                     .map(Into::into),
             };
             let Some(subject) = subject else { continue };
-            let budget = match overrides.get(&(Arc::clone(&b.name), Arc::clone(&subject))) {
+            let over = if overrides.is_empty() {
+                None
+            } else {
+                overrides.get(&(Arc::clone(&b.name), Arc::clone(&subject)))
+            };
+            let budget = match over {
                 None => Arc::clone(b),
                 Some(None) => continue, // this subject has no limit
                 Some(Some(limit)) => Arc::new(Budget {
@@ -749,7 +757,7 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
-    match prepare_charged(&shared, req, charges).await {
+    match prepare_charged(&shared, req, charges, None).await {
         Prepared::Pass(req) => pass(inner, req).await,
         Prepared::Refuse(err) => Ok(refusal(&shared, err)),
         Prepared::Reserve {
@@ -775,13 +783,19 @@ pub(super) enum Prepared<B> {
 }
 
 /// The accounts and the amount a request needs, from its `BudgetEstimate` or its body.
-pub(super) async fn prepare<B>(shared: &Shared, req: Request<B>) -> Prepared<B>
+/// `known`: a body already estimated and the amount it needs, taken as it is when the
+/// request's body is the same (the estimate reads nothing else).
+pub(super) async fn prepare<B>(
+    shared: &Shared,
+    req: Request<B>,
+    known: Option<(Bytes, Money)>,
+) -> Prepared<B>
 where
     B: Body + From<Bytes>,
     B::Error: Into<crate::BoxError>,
 {
     let charges = shared.charges(&req);
-    prepare_charged(shared, req, charges).await
+    prepare_charged(shared, req, charges, known).await
 }
 
 /// [`prepare`] of a request whose accounts are known.
@@ -789,6 +803,7 @@ pub(super) async fn prepare_charged<B>(
     shared: &Shared,
     req: Request<B>,
     charges: Vec<Charge>,
+    known: Option<(Bytes, Money)>,
 ) -> Prepared<B>
 where
     B: Body + From<Bytes>,
@@ -818,14 +833,20 @@ where
                     );
                 }
             };
-            let est = estimate(
-                &bytes,
-                &shared.prices,
-                shared.bytes_per_token,
-                shared.default_max_tokens,
-            );
+            let plan = match known {
+                Some((seen, amount)) if seen == bytes => Plan::Reserve(amount),
+                _ => plan(
+                    shared,
+                    estimate(
+                        &bytes,
+                        &shared.prices,
+                        shared.bytes_per_token,
+                        shared.default_max_tokens,
+                    ),
+                ),
+            };
             let req = Request::from_parts(parts, B::from(bytes));
-            match plan(shared, est) {
+            match plan {
                 Plan::Pass => return Prepared::Pass(req),
                 Plan::Refuse(err) => return Prepared::Refuse(err),
                 Plan::Reserve(amount) => (req, amount),

@@ -54,8 +54,7 @@ use super::estimate::{BudgetEstimate, estimate};
 use super::future::ResponseFuture;
 use super::layer::{
     BudgetLayer, BudgetReservation, BudgetService, Outcome, Plan, Prepared, Reserving, Shared,
-    check, larger_than_budget, metered_method, pass, pass_holding, plan, prepare, refusal,
-    reserve_and_pass,
+    check, larger_than_budget, metered_method, pass, plan, prepare, refusal, reserve_and_pass,
 };
 use super::store::Charge;
 use crate::body::ResponseBody;
@@ -182,7 +181,8 @@ impl<S> BudgetStart<S> {
 
 /// What the start decided for a request, as the gate takes it.
 enum Decision {
-    Granted(BudgetReservation),
+    /// Granted, on the body the start read (`None`: the request's `BudgetEstimate`).
+    Granted(BudgetReservation, Option<Bytes>),
     /// Refused before any store call (the body, or more than a whole budget): the gate
     /// judges the request as it reaches it, as the plain layer does.
     Refused,
@@ -192,6 +192,7 @@ enum Decision {
         err: Error,
         charges: Arc<[Charge]>,
         amount: Money,
+        read: Option<Bytes>,
     },
     /// The store failed and the layer fails open.
     Pass,
@@ -260,7 +261,7 @@ impl PendingBudget {
             }
             _ => {
                 drop(state);
-                if let Decision::Granted(r) = decision {
+                if let Decision::Granted(r, _) = decision {
                     r.refund(); // nobody will take it
                 }
             }
@@ -276,7 +277,7 @@ impl PendingBudget {
                 _ => std::mem::replace(&mut *state, State::Closed),
             }
         };
-        if let State::Ready(Decision::Granted(r)) = previous {
+        if let State::Ready(Decision::Granted(r, _)) = previous {
             tracing::debug!(target: "palisade::cost::budget", amount = %r.amount(),
                 "request answered before its budget gate: reservation released");
             r.refund();
@@ -436,6 +437,8 @@ struct Driver<B: Body> {
     shared: Arc<Shared>,
     pending: PendingBudget,
     charges: Option<Vec<Charge>>,
+    /// The body estimated, for the gate to know it again.
+    read: Option<Bytes>,
     phase: Phase<B>,
 }
 
@@ -489,7 +492,10 @@ where
                     match plan(&self.shared, est) {
                         Plan::Pass => self.finish(Decision::CheckAtGate),
                         Plan::Refuse(_) => self.finish(Decision::Refused),
-                        Plan::Reserve(amount) => self.begin(amount),
+                        Plan::Reserve(amount) => {
+                            self.read = Some(bytes);
+                            self.begin(amount);
+                        }
                     }
                 }
                 Phase::Reserving(reserving) => {
@@ -497,13 +503,14 @@ where
                         return;
                     };
                     let decision = match outcome {
-                        Outcome::Granted(r) => Decision::Granted(r),
+                        Outcome::Granted(r) => Decision::Granted(r, self.read.take()),
                         Outcome::Refused(err) => {
                             let (charges, amount) = reserving.asked();
                             Decision::StoreRefused {
                                 err,
                                 charges,
                                 amount,
+                                read: self.read.take(),
                             }
                         }
                         Outcome::Pass => Decision::Pass,
@@ -630,6 +637,7 @@ where
         shared: Arc::clone(&shared),
         pending: pending.clone(),
         charges: Some(charges),
+        read: None,
         phase: Phase::Done,
     };
     let body = match parts.extensions.get::<BudgetEstimate>() {
@@ -709,14 +717,16 @@ where
     ReqB::Error: Into<crate::BoxError>,
 {
     let decision = pending.take().await;
-    let granted = match decision {
-        Decision::Granted(reservation) => reservation,
+    let (granted, read) = match decision {
+        Decision::Granted(reservation, read) => (reservation, read),
         Decision::StoreRefused {
             err,
             charges: refused,
             amount: refused_amount,
+            read,
         } => {
-            return match prepare(&shared, req).await {
+            let known = read.map(|b| (b, refused_amount));
+            return match prepare(&shared, req, known).await {
                 Prepared::Reserve {
                     req,
                     charges,
@@ -737,14 +747,24 @@ where
         // refused on the body alone: the gate judges the body it sees
         Decision::Refused | Decision::CheckAtGate => return check(shared, inner, req).await,
     };
-    match prepare(&shared, req).await {
+    let known = read.map(|b| (b, granted.amount()));
+    match prepare(&shared, req, known).await {
         Prepared::Reserve {
             req,
             charges,
             amount,
         } => {
             if granted.covers(&charges, amount) {
-                return pass_holding(inner, req, granted).await;
+                // `pass_holding` inlined: one future less to build and move
+                let (mut inner, mut req) = (inner, req);
+                req.extensions_mut().insert(granted.clone());
+                return match inner.call(req).await {
+                    Ok(res) => Ok(res.map(ResponseBody::inner)),
+                    Err(e) => {
+                        granted.refund(); // no response, no usage
+                        Err(e)
+                    }
+                };
             }
             tracing::debug!(target: "palisade::cost::budget", reserved = %granted.amount(), needed = %amount,
                 "the request at the budget gate needs another reservation than its start made");
