@@ -2897,3 +2897,54 @@ async fn a_gcra_rule_whose_burst_spans_past_2_53_us_is_refused_not_inexact() {
         }
     }
 }
+
+/// A window key is written with an expiry only when the one it has ends before its state
+/// is back to fresh: a decision that needs the key for less time (here a client whose
+/// clock runs ahead) keeps the longer expiry, one that needs it for longer (a client behind,
+/// a new window) lengthens it.
+#[tokio::test]
+async fn a_window_keys_expiry_is_kept_when_long_enough_and_lengthened_when_not() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("window-expiry")).await;
+    let window = 100_000_000; // µs
+    let rule = Owned {
+        params: Params::new(
+            Algorithm::SlidingWindow,
+            Quota::new(100, Duration::from_micros(window)),
+        ),
+        ..one_rule(Algorithm::SlidingWindow, 100, 1)
+    };
+    let name = store.key_name(rule.name, &rule.key);
+    let pttl = || async {
+        let reply = support::command(server.addr(), &format!("PTTL {name}"))
+            .await
+            .unwrap();
+        reply.trim().trim_start_matches(':').parse::<i64>().unwrap()
+    };
+    let start = 1_000 * window;
+    let check = |at: u64| {
+        let item = rule.item();
+        let store = &store;
+        async move {
+            let decision = store.check_at(&[item], at).await.unwrap();
+            assert!(decision.admitted, "{decision:?}");
+        }
+    };
+    // 90 s into the window: the state is fresh 110 s later (two windows from its start),
+    // plus the client clock's grace of 1 s
+    check(start + 90_000_000).await;
+    let first = pttl().await;
+    assert!((100_000..=111_000).contains(&first), "{first} ms");
+    // a client 60 s behind needs the key 60 s longer
+    check(start + 30_000_000).await;
+    let behind = pttl().await;
+    assert!(behind > 160_000, "{behind} ms");
+    // the client ahead again: the longer expiry stays
+    check(start + 90_000_000).await;
+    let kept = pttl().await;
+    assert!(kept > 160_000, "the expiry was shortened to {kept} ms");
+    // the next window's state is fresh two windows from its start
+    check(start + window).await;
+    let next = pttl().await;
+    assert!(next > 190_000, "{next} ms");
+}

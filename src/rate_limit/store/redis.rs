@@ -491,7 +491,8 @@ enum Conn {
 /// **Keys.** One key per rule and rate key, `PREFIX:RULE:{RATE_KEY}` (a `:`, `{`, `}` or
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding two or
 /// three integers as a short string (four once the key has been reset: its generation) and
-/// expiring on its own (`PX`) once its state is back to fresh. A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// expiring on its own (`PX`) once its state is back to fresh (a window's key that already
+/// expires later keeps its expiry). A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
 /// key (its 32-digit hash), the same for every algorithm and after a reset (16 bytes more

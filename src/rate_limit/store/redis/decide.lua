@@ -39,85 +39,98 @@
 -- and µs answered here are far below it) to a 64-bit integer as Redis converts one in a
 -- returned table, with no text formatting, and the client then reads one value instead of
 -- one per integer. The script needs Lua's `struct` library (built into Redis and Valkey).
+--
+-- Redis runs this whole script on every call, so each function it defines is built again
+-- each time: it defines only the six a call needs (`muldiv`, `sat_sub`, `decide`, `load`,
+-- `write`, `run`), writes the other helpers out where they are used, and keeps the long
+-- multiplication inside the branch that needs it.
 
-local floor = math.floor
+local floor, format, match, tonumber, unpack = math.floor, string.format, string.match,
+  tonumber, unpack
+local struct_unpack = struct.unpack
 local P53 = 9007199254740992
-local LIMB = 16777216 -- 2^24
+-- A rule's numbers in a call, and in a check's answer.
+local CHECK_RULE, SETTLE_RULE = '<i8i8i8i8i8i8i8', '<i8i8i8i8i8i8i8i8i8'
+local pack, ANSWER_RULE = struct.pack, '<i8i8i8i8i8i8i8i8i8'
 
--- floor(a * b / c) and whether it left a remainder, for a product past 2^53 (a, b < c):
--- the product in base-2^24 limbs, least significant first, then binary long division (the
--- remainder stays below c, so 2r + 1 < 2^53).
-local function muldiv_long(a, b, c)
-  local x = { a % LIMB, floor(a / LIMB) % LIMB, floor(a / LIMB / LIMB) }
-  local y = { b % LIMB, floor(b / LIMB) % LIMB, floor(b / LIMB / LIMB) }
-  local z = { 0, 0, 0, 0, 0, 0, 0 }
-  for i = 1, 3 do
-    local carry = 0
-    for j = 1, 3 do
-      local t = z[i + j - 1] + x[i] * y[j] + carry
-      z[i + j - 1] = t % LIMB
-      carry = floor(t / LIMB)
-    end
-    local k = i + 3
-    while carry > 0 do
-      local t = z[k] + carry
-      z[k] = t % LIMB
-      carry = floor(t / LIMB)
-      k = k + 1
-    end
-  end
-  local q, r = 0, 0
-  for i = 7, 1, -1 do
-    local limb = z[i]
-    for bit = 23, 0, -1 do
-      local d = 2 ^ bit
-      local b1 = floor(limb / d) % 2
-      r = 2 * r + b1
-      q = 2 * q
-      if r >= c then
-        r = r - c
-        q = q + 1
-      end
-    end
-  end
-  return q, r ~= 0
-end
+-- The call being run: its numbers (ARGV[2], or a batched call's), time and grace, and the
+-- server's time, read once for every call of a batch that asks for it.
+local nums, now, grace, server_now
 
--- floor(a * b / c) and whether it left a remainder; a, b < 2^52, 1 <= c < 2^52, and the
--- quotient below 2^53. A product below 2^53 is one division (whose floor is exact there);
--- past it, a = qa c + ra and b = qb c + rb give a b / c = qa b + ra qb + ra rb / c, where
--- ra rb < c^2 is usually small enough for one division again (always for c < 2^26.5, and
--- for a count that is a multiple of the limit); else the long division.
-local function muldiv(a, b, c)
-  local p = a * b
-  if p < P53 then
-    local q = floor(p / c)
-    return q, p - q * c ~= 0
-  end
-  local qa, qb = floor(a / c), floor(b / c)
-  local ra, rb = a - qa * c, b - qb * c
-  local t = ra * rb
-  local q, rem
-  if t < P53 then
-    q = floor(t / c)
-    rem = t - q * c ~= 0
-  else
-    q, rem = muldiv_long(ra, rb, c)
-  end
-  return qa * b + ra * qb + q, rem
-end
+-- The rule being decided: `decide` reads these instead of a table of parameters, so that a
+-- decision builds no table.
+local alg, limit, window, burst, strict
 
-local function mul_div_ceil(a, b, c)
-  if a == 0 or c == 0 then
+-- floor(a * b / c), or its ceiling when `up` is true (0 when a or c is 0), and whether the
+-- division left a remainder; a, b < 2^52,
+-- 1 <= c < 2^52, and the quotient below 2^53. A product below 2^53 is one division (whose
+-- floor is exact there); past it, a = qa c + ra and b = qb c + rb give
+-- a b / c = qa b + ra qb + ra rb / c, where ra rb < c^2 is usually small enough for one
+-- division again (always for c < 2^26.5, and for a count that is a multiple of the limit);
+-- else a long division.
+local function muldiv(a, b, c, up)
+  if up and (a == 0 or c == 0) then
     return 0
   end
-  local q, rem = muldiv(a, b, c)
-  if rem then
+  local p = a * b
+  local q, rem
+  if p < P53 then
+    q = floor(p / c)
+    rem = p - q * c ~= 0
+  else
+    local qa, qb = floor(a / c), floor(b / c)
+    local ra, rb = a - qa * c, b - qb * c
+    local t = ra * rb
+    if t < P53 then
+      q = floor(t / c)
+      rem = t - q * c ~= 0
+    else
+      -- ra rb in base-2^24 limbs, least significant first, then binary long division
+      -- (the remainder stays below c, so 2r + 1 < 2^53).
+      local LIMB = 16777216
+      local x = { ra % LIMB, floor(ra / LIMB) % LIMB, floor(ra / LIMB / LIMB) }
+      local y = { rb % LIMB, floor(rb / LIMB) % LIMB, floor(rb / LIMB / LIMB) }
+      local z = { 0, 0, 0, 0, 0, 0, 0 }
+      for i = 1, 3 do
+        local carry = 0
+        for j = 1, 3 do
+          local s = z[i + j - 1] + x[i] * y[j] + carry
+          z[i + j - 1] = s % LIMB
+          carry = floor(s / LIMB)
+        end
+        local k = i + 3
+        while carry > 0 do
+          local s = z[k] + carry
+          z[k] = s % LIMB
+          carry = floor(s / LIMB)
+          k = k + 1
+        end
+      end
+      local r = 0
+      q = 0
+      for i = 7, 1, -1 do
+        local limb = z[i]
+        for bit = 23, 0, -1 do
+          local d = 2 ^ bit
+          r = 2 * r + floor(limb / d) % 2
+          q = 2 * q
+          if r >= c then
+            r = r - c
+            q = q + 1
+          end
+        end
+      end
+      rem = r ~= 0
+    end
+    q = qa * b + ra * qb + q
+  end
+  if up and rem then
     q = q + 1
   end
-  return q
+  return q, rem
 end
 
+-- a - b, or 0 when b is larger.
 local function sat_sub(a, b)
   if a > b then
     return a - b
@@ -125,207 +138,157 @@ local function sat_sub(a, b)
   return 0
 end
 
--- sat_sub(base + span, now) without forming base + span, which can pass 2^53 (a window's
--- start below 2^53 plus a window below 2^52) where a double no longer holds it exactly.
-local function left_until(base, span, now)
-  if now >= base then
-    return sat_sub(span, now - base)
-  end
-  return (base - now) + span
-end
-
-local match, format, tonumber, unpack = string.match, string.format, tonumber, unpack
-
--- The rule being decided, read by `rule`: the helpers below read these instead of a table
--- of parameters, so that a decision builds no table and no closure.
-local alg, limit, window, burst, strict
-
--- The numbers of the call being run (ARGV[2], or a batched call's), and their layouts.
-local nums
-local struct_unpack = struct.unpack
-local CHECK_RULE, SETTLE_RULE = '<i8i8i8i8i8i8i8', '<i8i8i8i8i8i8i8i8i8'
-
--- Reads the rule whose numbers start at byte `o` of `nums`, laid out as `layout`, and
--- answers those after its first five.
-local function rule(layout, o)
-  local a, l, w, b, st, x, y, z, e = struct_unpack(layout, nums, o)
-  alg, limit, window, burst, strict = a, l, w, b, st == 1
-  return x, y, z, e
-end
-
--- GCRA: us that `units` advance the TAT, ceil(units * window / limit).
-local function increment(units)
-  local l = limit
-  if l < 1 then
-    l = 1
-  end
-  return mul_div_ceil(units, window, l)
-end
-
--- GCRA: whole units in `micros` of slack, floor(micros * limit / window).
-local function units_in(micros)
-  if micros == 0 then
-    return 0
-  end
-  local q = muldiv(micros, limit, window)
-  return q
-end
-
--- Sliding window: what is left after `c` units in the current window.
-local function sliding_remaining(prev, weighted, c)
-  if strict then
-    return sat_sub(limit, prev + c)
-  end
-  return sat_sub(sat_sub(limit, weighted), c)
-end
-
--- Sliding window: the first instant (us into the window) at which `pp` units of the previous
--- window weigh at most `x`.
-local function first_fit(w, pp, x)
-  if pp == 0 then
-    return 0
-  end
-  local slack = muldiv(x, w, pp)
-  if slack > w then
-    slack = w
-  end
-  return w - slack
-end
-
--- A decision, from the kept state (start, prev, count), answers: verdict, retry_after,
--- remaining, reset, window_start, the state to keep if it is debited (start, prev, count,
--- expires_at), and the state to keep if it is not (start, prev, count).
-local function decide_sliding(s0, p0, c0, now, cost)
-  local w = window
-  local aligned = now - now % w
-  local start, prev, count
-  if s0 >= aligned then
-    start, prev, count = s0, p0, c0
-  elseif s0 + w == aligned then
-    start, prev, count = aligned, c0, 0
-  else
-    start, prev, count = aligned, 0, 0
-  end
-  local elapsed = sat_sub(now, start)
-  if elapsed > w - 1 then
-    elapsed = w - 1
-  end
-  local weighted = 0
-  if not strict then
-    weighted = mul_div_ceil(prev, w - elapsed, w)
-  end
-  local to_next = w - elapsed
-  local expires_at = start + 2 * w
-  if cost > limit then
-    return 2, 0, sliding_remaining(prev, weighted, count), to_next, start,
-      start, prev, count, expires_at, start, prev, count
-  end
-  local total = count + cost
-  local fits
-  if strict then
-    fits = prev + total <= limit
-  else
-    fits = total <= limit and weighted <= limit - total
-  end
-  if fits then
-    return 0, 0, sliding_remaining(prev, weighted, total), to_next, start,
-      start, prev, total, expires_at, start, prev, count
-  end
-  local retry
-  if strict then
-    if total <= limit then
-      retry = to_next
-    else
-      retry = to_next + w
-    end
-  elseif total <= limit then
-    local f = first_fit(w, prev, limit - total)
-    if f < elapsed + 1 then
-      f = elapsed + 1
-    end
-    retry = f - elapsed
-  else
-    retry = to_next + first_fit(w, count, limit - cost)
-  end
-  return 1, retry, sliding_remaining(prev, weighted, count), to_next, start,
-    start, prev, count, expires_at, start, prev, count
-end
-
-local function decide_fixed(s0, c0, now, cost)
-  local w = window
-  local start = now - now % w
-  local count = 0
-  if s0 >= start then
-    count = c0
-    start = s0
-  end
-  local finish = start + w
-  local reset = left_until(start, w, now)
-  if cost > limit then
-    return 2, 0, sat_sub(limit, count), reset, start, start, 0, count, finish, start, 0, count
-  end
-  if count + cost <= limit then
-    return 0, 0, limit - count - cost, reset, start,
-      start, 0, count + cost, finish, start, 0, count
-  end
-  return 1, reset, sat_sub(limit, count), reset, start, start, 0, count, finish, start, 0, count
-end
-
--- GCRA keeps its epoch, the time its bucket was last found full, as the TAT's distance from
--- it in `count`, and answers it as the window start: a give-back applies only in its
--- reservation's epoch. `prev` holds the us that give-backs have moved the TAT back in the
--- epoch; the TAT plus them is where the decided units end on the epoch's timeline, answered
--- last (a give-back refunds at most what of its reservation is still outstanding).
-local function decide_gcra(s0, p0, c0, now, cost)
-  local tolerance = increment(burst)
-  local tat, epoch, back = s0, now, 0
-  if tat > now then
-    epoch = tat - c0
-    back = p0
-  else
-    tat = now
-  end
-  local age = tat - epoch
-  local horizon = now + tolerance
-  if cost > burst then
-    return 2, 0, units_in(sat_sub(horizon, tat)), tat - now, epoch,
-      tat, back, age, tat, tat, back, age, tat + back
-  end
-  local new_tat = tat + increment(cost)
-  if new_tat <= horizon then
-    return 0, 0, units_in(horizon - new_tat), new_tat - now, epoch,
-      new_tat, back, new_tat - epoch, new_tat, tat, back, age, new_tat + back
-  end
-  return 1, new_tat - horizon, units_in(sat_sub(horizon, tat)), tat - now, epoch,
-    tat, back, age, tat, tat, back, age, tat + back
-end
-
--- As rate_limit::algorithm::decide: `reset` is when the quota is whole again, and a cost of
--- 0 is a peek, always allowed. Answers what the algorithms answer, then the reservation's
--- end (GCRA; 0 for the windows).
-local function decide(s0, p0, c0, now, cost)
+-- As rate_limit::algorithm::decide, for the rule read last, at `now`: `reset` is when the
+-- quota is whole again, and a cost of 0 is a peek, always allowed. From the kept state
+-- (start, prev, count) it answers: verdict, retry_after, remaining, reset, window_start, the
+-- state to keep if it is debited (start, prev, count, expires_at), the state to keep if it
+-- is not (start, prev, count), and the reservation's end (GCRA; 0 for the windows).
+local function decide(s0, p0, c0, cost)
   local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc
   local re = 0
   if alg == 0 then
-    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc =
-      decide_sliding(s0, p0, c0, now, cost)
-    -- The current window's units weigh until the end of the next window, the previous
-    -- window's until the end of the current one.
-    if co > 0 then
-      reset = left_until(st, 2 * window, now)
-    elseif pr > 0 then
-      reset = left_until(st, window, now)
+    -- Sliding window.
+    local w = window
+    local aligned = now - now % w
+    local start, prev, count
+    if s0 >= aligned then
+      start, prev, count = s0, p0, c0
+    elseif s0 + w == aligned then
+      start, prev, count = aligned, c0, 0
     else
+      start, prev, count = aligned, 0, 0
+    end
+    local elapsed = sat_sub(now, start)
+    if elapsed > w - 1 then
+      elapsed = w - 1
+    end
+    local weighted = 0
+    if not strict then
+      weighted = muldiv(prev, w - elapsed, w, true)
+    end
+    local to_next = w - elapsed
+    v, retry, ws = 0, 0, start
+    st, pr, co, exp, bs, bp, bc = start, prev, count, start + 2 * w, start, prev, count
+    -- the units in the current window once decided
+    local used = count
+    local total = count + cost
+    if cost > limit then
+      v = 2
+    elseif strict and prev + total <= limit
+      or not strict and total <= limit and weighted <= limit - total then
+      co, used = total, total
+    else
+      v = 1
+      if strict then
+        retry = to_next
+        if total > limit then
+          retry = to_next + w
+        end
+      else
+        -- The first instant (us into the window) at which `pp` units of the previous
+        -- window weigh at most `x`: the window less x w / pp (0 for no units).
+        local pp, x = prev, limit - total
+        if total > limit then
+          pp, x = count, limit - cost
+        end
+        local fit = 0
+        if pp > 0 then
+          local slack = muldiv(x, w, pp)
+          fit = sat_sub(w, slack)
+        end
+        if total <= limit then
+          if fit < elapsed + 1 then
+            fit = elapsed + 1
+          end
+          retry = fit - elapsed
+        else
+          retry = to_next + fit
+        end
+      end
+    end
+    -- what is left after `used` units in the current window
+    if strict then
+      rem = sat_sub(limit, prev + used)
+    else
+      rem = sat_sub(sat_sub(limit, weighted), used)
+    end
+    -- The current window's units weigh until the end of the next window, the previous
+    -- window's until the end of the current one: `span` after the window's start, measured
+    -- without forming start + span, which can pass 2^53 (a start below 2^53 plus a window
+    -- below 2^52) where a double no longer holds it exactly.
+    local span = 0
+    if co > 0 then
+      span = 2 * w
+    elseif pr > 0 then
+      span = w
+    end
+    if span == 0 then
       reset = 0
+    elseif now >= st then
+      reset = sat_sub(span, now - st)
+    else
+      reset = (st - now) + span
     end
   elseif alg == 1 then
-    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc = decide_fixed(s0, c0, now, cost)
+    -- Fixed window.
+    local w = window
+    local start = now - now % w
+    local count = 0
+    if s0 >= start then
+      count = c0
+      start = s0
+    end
+    -- the window's end, measured as the sliding window's reset is
+    if now >= start then
+      reset = sat_sub(w, now - start)
+    else
+      reset = (start - now) + w
+    end
+    v, retry, ws = 0, 0, start
+    st, pr, co, exp, bs, bp, bc = start, 0, count, start + w, start, 0, count
+    if cost > limit then
+      v, rem = 2, sat_sub(limit, count)
+    elseif count + cost <= limit then
+      rem, co = limit - count - cost, count + cost
+    else
+      v, retry, rem = 1, reset, sat_sub(limit, count)
+    end
     if co == 0 then
       reset = 0
     end
   else
-    v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
-      decide_gcra(s0, p0, c0, now, cost)
+    -- GCRA keeps its epoch, the time its bucket was last found full, as the TAT's distance
+    -- from it in `count`, and answers it as the window start: a give-back applies only in
+    -- its reservation's epoch. `prev` holds the us that give-backs have moved the TAT back
+    -- in the epoch; the TAT plus them is where the decided units end on the epoch's
+    -- timeline, answered last (a give-back refunds at most what of its reservation is still
+    -- outstanding). `units` advance the TAT by ceil(units * window / per) us, and `micros`
+    -- of slack hold floor(micros * limit / window) whole units.
+    local per = limit < 1 and 1 or limit
+    local tat, epoch, back = s0, now, 0
+    if tat > now then
+      epoch = tat - c0
+      back = p0
+    else
+      tat = now
+    end
+    local age = tat - epoch
+    local horizon = now + muldiv(burst, window, per, true)
+    v, retry, reset, ws, re = 0, 0, tat - now, epoch, tat + back
+    st, pr, co, exp, bs, bp, bc = tat, back, age, tat, tat, back, age
+    local slack = sat_sub(horizon, tat)
+    if cost > burst then
+      v = 2
+    else
+      local new_tat = tat + muldiv(cost, window, per, true)
+      if new_tat <= horizon then
+        slack, reset, re = horizon - new_tat, new_tat - now, new_tat + back
+        st, co, exp = new_tat, new_tat - epoch, new_tat
+      else
+        v, retry = 1, new_tat - horizon
+      end
+    end
+    rem = muldiv(slack, limit, window)
   end
   if cost == 0 then
     v = 0
@@ -333,8 +296,9 @@ local function decide(s0, p0, c0, now, cost)
   return v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re
 end
 
--- A stored state: start, prev, count, generation, and whether there was one.
-local function parse(v)
+-- A key's state: start, prev, count, generation, and whether there was one.
+local function load(key)
+  local v = redis.call('GET', key)
   if not v then
     return 0, 0, 0, 0, false
   end
@@ -346,280 +310,232 @@ local function parse(v)
   return tonumber(a), tonumber(b), tonumber(c), tonumber(g) or 0, true
 end
 
--- A key's state, as `parse` gives it.
-local function load(key)
-  return parse(redis.call('GET', key))
-end
-
--- `%d` prints a number as a C long (64 bits), exactly for the integers below 2^53 kept
--- here, without the arbitrary-precision digit loop that `%.0f` runs for a double.
-local function encode(start, prev, count, gen)
+-- Writes a state that expires at `expires_at` (us) plus the call's grace, or, without
+-- `expires_at`, keeps the key's expiry. `%d` prints a number as a C long (64 bits), exactly
+-- for the integers below 2^53 kept here, without the arbitrary-precision digit loop that
+-- `%.0f` runs for a double. A key that has been reset (generation above 0) never expires
+-- sooner than it already would: its generation lives at least as long as the state from
+-- before the reset would have, so a give-back of a reservation made before the reset cannot
+-- find the key started again at generation 0. Nor does a window's key (`keep` true): a
+-- window's state past its expiry decides as no state, so a key that lives longer changes no
+-- answer, and keeping its expiry (KEEPTTL) spares SET the work of a new one on most writes
+-- (the state's window, and so its expiry, changes once a window). A GCRA key's expiry
+-- follows its TAT, which a give-back moves back.
+local function write(key, start, prev, count, gen, expires_at, keep)
+  local text
   if gen > 0 then
-    return format('%d %d %d %d', start, prev, count, gen)
+    text = format('%d %d %d %d', start, prev, count, gen)
+  elseif prev == 0 then
+    text = format('%d %d', start, count)
+  else
+    text = format('%d %d %d', start, prev, count)
   end
-  if prev == 0 then
-    return format('%d %d', start, count)
+  if not expires_at then
+    redis.call('SET', key, text, 'KEEPTTL')
+    return
   end
-  return format('%d %d %d', start, prev, count)
-end
-
-local function ttl_ms(expires_at, now, grace)
   local ms = floor((sat_sub(expires_at, now) + 999) / 1000) + grace
   if ms < 1 then
     ms = 1
   end
-  return ms
-end
-
--- Writes a state that expires in `ms`. A key that has been reset (generation above 0)
--- never expires sooner than it already would: its generation lives at least as long as the
--- state from before the reset would have, so a give-back of a reservation made before the
--- reset cannot find the key started again at generation 0.
-local function write(key, start, prev, count, gen, ms)
-  if gen > 0 then
+  if gen > 0 or keep then
     local left = redis.call('PTTL', key)
-    if left > ms then
-      ms = left
+    if left >= ms then
+      redis.call('SET', key, text, 'KEEPTTL')
+      return
     end
   end
-  redis.call('SET', key, encode(start, prev, count, gen), 'PX', ms)
+  redis.call('SET', key, text, 'PX', ms)
 end
 
-local function server_time()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
--- The time and grace of the call being run.
-local now
-local grace
-
--- How long no request of any cost can pass the current rule, from the state kept.
-local function blocked_for(start, prev, count)
-  local v, retry = decide(start, prev, count, now, 1)
-  if v == 1 then
-    return retry
-  end
-  return 0
-end
-
--- x moved by delta, not below 0.
-local function apply(x, delta)
-  if delta >= 0 then
-    return x + delta
-  end
-  return sat_sub(x, -delta)
-end
-
--- A reset of the `n` keys after KEYS[ko].
-local function run_reset(ko, n)
-  for i = 1, n do
-    local key = KEYS[ko + i]
-    local _, _, _, gen, found = load(key)
-    if found then
-      redis.call('SET', key, encode(0, 0, 0, (gen + 1) % 4294967296), 'KEEPTTL')
-    end
-  end
-end
-
--- A settlement of the `n` keys after KEYS[ko], their numbers from byte `base` of `nums`.
-local function run_settle(ko, n, base)
-  for i = 1, n do
-    local key = KEYS[ko + i]
-    local window_start, delta, gen, reservation_end = rule(SETTLE_RULE, base + (i - 1) * 72)
-    local start, prev, count, g, found = load(key)
-    -- a key reset since the reservation holds another generation: nothing to settle
-    if found and g == gen then
-      if alg == 2 then
-        -- a charge in any epoch (the units were used); a give-back only in the
-        -- reservation's epoch, by no more than what of the reservation is still
-        -- outstanding (its end, less what give-backs have moved the TAT back since it was
-        -- made, minus now: the units before have drained, those after belong to later
-        -- requests), and never before the epoch's start (the bucket is then full, and
-        -- stays no fuller)
-        local epoch = start - count
-        if delta >= 0 or epoch == window_start then
-          local was = start
-          if delta >= 0 then
-            -- no further than 2^53 us (285 years): past it the TAT is no longer exact,
-            -- and its expiry is past what SET PX takes
-            start = start + increment(delta)
-            if start > P53 then
-              start = P53
-            end
-          else
-            local back = increment(-delta)
-            local outstanding = sat_sub(sat_sub(reservation_end, prev), now)
-            if back > outstanding then
-              back = outstanding
-            end
-            start = sat_sub(start, back)
-            if start < epoch then
-              start = epoch
-            end
-            prev = prev + (was - start)
-          end
-          write(key, start, prev, start - epoch, g, ttl_ms(start, now, grace))
-        end
-      elseif start == window_start then
-        redis.call('SET', key, encode(start, prev, apply(count, delta), g), 'KEEPTTL')
-      elseif alg == 0 and start == window_start + window then
-        redis.call('SET', key, encode(start, apply(prev, delta), count, g), 'KEEPTTL')
-      end
-    end
-  end
-end
-
--- Values kept per rule between the two passes of a check.
-local KEPT = 15
-
--- A check or peek of the `n` keys after KEYS[ko], their numbers from byte `base` of `nums`;
--- appends the answer to `out`.
-local function run_check(mode, ko, n, base, out)
-  local admitted = mode ~= 'p'
-  local r = {}
-  for i = 1, n do
-    local cost, shadow = rule(CHECK_RULE, base + (i - 1) * 56)
-    if mode == 'p' then
-      cost = 0
-    end
-    shadow = shadow == 1
-    local s0, p0, c0, gen = load(KEYS[ko + i])
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re =
-      decide(s0, p0, c0, now, cost)
-    if v ~= 0 and not shadow then
-      admitted = false
-    end
-    local k = (i - 1) * KEPT
-    r[k + 1], r[k + 2], r[k + 3], r[k + 4], r[k + 5], r[k + 6], r[k + 7] =
-      v, retry, rem, reset, ws, st, pr
-    r[k + 8], r[k + 9], r[k + 10], r[k + 11], r[k + 12], r[k + 13], r[k + 14], r[k + 15] =
-      co, exp, bs, bp, bc, gen, shadow, re
-  end
-  local at = #out
-  out[at + 1] = admitted and 1 or 0
-  out[at + 2] = now
-  at = at + 2
-  for i = 1, n do
-    local k = (i - 1) * KEPT
-    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re =
-      unpack(r, k + 1, k + KEPT)
-    local debited = 0
-    -- the state kept
-    local ks, kp, kc = bs, bp, bc
-    local ruled = n == 1
-    if v == 0 then
-      if admitted then
-        debited = 1
-        ks, kp, kc = st, pr, co
-        write(KEYS[ko + i], st, pr, co, gen, ttl_ms(exp, now, grace))
-      else
-        -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
-        -- down, so adding the cost back could come out one short)
-        if not ruled then
-          rule(CHECK_RULE, base + (i - 1) * 56)
-          ruled = true
-        end
-        local _, _, peeked = decide(bs, bp, bc, now, 0)
-        rem = peeked
-      end
-    end
-    -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
-    -- it is at least 1, so only an exhausted rule needs the second look.
-    local blocked = 0
-    if mode == 'c' and not shadow and rem < 1 then
-      if not ruled then
-        rule(CHECK_RULE, base + (i - 1) * 56)
-      end
-      blocked = blocked_for(ks, kp, kc)
-    end
-    out[at + 1] = v
-    out[at + 2] = retry
-    out[at + 3] = rem
-    out[at + 4] = reset
-    out[at + 5] = ws
-    out[at + 6] = debited
-    out[at + 7] = blocked
-    out[at + 8] = gen
-    out[at + 9] = re
-    at = at + 9
-  end
-end
-
--- The answer `out` as the string the header describes. `unpack` takes a bounded number of
--- values, so a long answer is packed in chunks.
-local CHUNK = 200
-local rep, concat, pack = string.rep, table.concat, struct.pack
-local function answer(out)
-  local n = #out
-  if n <= CHUNK then
-    return pack('<' .. rep('i8', n), unpack(out, 1, n))
-  end
-  local parts = {}
-  for i = 1, n, CHUNK do
-    local j = i + CHUNK - 1
-    if j > n then
-      j = n
-    end
-    parts[#parts + 1] = pack('<' .. rep('i8', j - i + 1), unpack(out, i, j))
-  end
-  return concat(parts)
-end
-
--- The server's time, read once for every call of a batch that asks for it.
-local server_now
-
--- Runs one call: its time and grace lead its numbers, its rules' follow from byte 17.
+-- Runs one call on the `n` keys after KEYS[ko]: its time and grace lead its numbers, its
+-- rules' follow from byte 17. A check or peek appends its answer to `out`, packed as the
+-- header describes: its first two integers, then one string a rule.
 local function run(mode, ko, n, out)
   local t, g = struct_unpack('<i8i8', nums)
   if t < 0 then
     if not server_now then
-      server_now = server_time()
+      local time = redis.call('TIME')
+      server_now = tonumber(time[1]) * 1000000 + tonumber(time[2])
     end
     now = server_now
   else
     now = t
   end
   grace = g
+
   if mode == 'r' then
-    run_reset(ko, n)
-  elseif mode == 's' then
-    run_settle(ko, n, 17)
-  else
-    run_check(mode, ko, n, 17, out)
+    -- A reset: the next generation, modulo 2^32.
+    for i = 1, n do
+      local key = KEYS[ko + i]
+      local _, _, _, gen, found = load(key)
+      if found then
+        write(key, 0, 0, 0, (gen + 1) % 4294967296)
+      end
+    end
+    return
+  end
+
+  if mode == 's' then
+    -- A settlement.
+    for i = 1, n do
+      local key = KEYS[ko + i]
+      local window_start, delta, gen, reservation_end
+      alg, limit, window, burst, strict, window_start, delta, gen, reservation_end =
+        struct_unpack(SETTLE_RULE, nums, 17 + (i - 1) * 72)
+      strict = strict == 1
+      local start, prev, count, g, found = load(key)
+      -- a key reset since the reservation holds another generation: nothing to settle
+      if found and g == gen then
+        if alg == 2 then
+          -- a charge in any epoch (the units were used); a give-back only in the
+          -- reservation's epoch, by no more than what of the reservation is still
+          -- outstanding (its end, less what give-backs have moved the TAT back since it
+          -- was made, minus now: the units before have drained, those after belong to
+          -- later requests), and never before the epoch's start (the bucket is then full,
+          -- and stays no fuller)
+          local epoch = start - count
+          if delta >= 0 or epoch == window_start then
+            local was = start
+            local per = limit < 1 and 1 or limit
+            if delta >= 0 then
+              -- no further than 2^53 us (285 years): past it the TAT is no longer exact,
+              -- and its expiry is past what SET PX takes
+              start = start + muldiv(delta, window, per, true)
+              if start > P53 then
+                start = P53
+              end
+            else
+              local back = muldiv(-delta, window, per, true)
+              local outstanding = sat_sub(sat_sub(reservation_end, prev), now)
+              if back > outstanding then
+                back = outstanding
+              end
+              start = sat_sub(start, back)
+              if start < epoch then
+                start = epoch
+              end
+              prev = prev + (was - start)
+            end
+            write(key, start, prev, start - epoch, g, start)
+          end
+        else
+          -- the window the reservation counted in: the current one, or (sliding) the
+          -- previous one; a delta moves its count, not below 0
+          local moved
+          if start == window_start then
+            moved = count
+          elseif alg == 0 and start == window_start + window then
+            moved = prev
+          end
+          if moved then
+            if delta >= 0 then
+              moved = moved + delta
+            else
+              moved = moved > -delta and moved + delta or 0
+            end
+            if start == window_start then
+              write(key, start, prev, moved, g)
+            else
+              write(key, start, moved, count, g)
+            end
+          end
+        end
+      end
+    end
+    return
+  end
+
+  -- A check or peek, in two passes: every rule decided, then, if all admit (or are in
+  -- shadow), every allowed rule debited. `r` keeps what the second needs of each rule.
+  local admitted = mode ~= 'p'
+  local r = {}
+  for i = 1, n do
+    local cost, shadow
+    alg, limit, window, burst, strict, cost, shadow =
+      struct_unpack(CHECK_RULE, nums, 17 + (i - 1) * 56)
+    strict = strict == 1
+    if mode == 'p' then
+      cost = 0
+    end
+    shadow = shadow == 1
+    local s0, p0, c0, gen = load(KEYS[ko + i])
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, re = decide(s0, p0, c0, cost)
+    if v ~= 0 and not shadow then
+      admitted = false
+    end
+    r[i] = { v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re, alg }
+  end
+  -- the rule `decide` reads: the last one read
+  local ruled = n
+  local at = #out + 1
+  out[at] = pack('<i8i8', admitted and 1 or 0, now)
+  for i = 1, n do
+    local v, retry, rem, reset, ws, st, pr, co, exp, bs, bp, bc, gen, shadow, re, a =
+      unpack(r[i])
+    local debited = 0
+    -- the state kept
+    local ks, kp, kc = bs, bp, bc
+    if v == 0 then
+      if admitted then
+        debited = 1
+        ks, kp, kc = st, pr, co
+        write(KEYS[ko + i], st, pr, co, gen, exp, a ~= 2)
+      else
+        -- nothing was debited: what is left is what a peek sees (GCRA rounds its remaining
+        -- down, so adding the cost back could come out one short)
+        if ruled ~= i then
+          alg, limit, window, burst, strict = struct_unpack(CHECK_RULE, nums, 17 + (i - 1) * 56)
+          strict = strict == 1
+          ruled = i
+        end
+        local _, _, peeked = decide(bs, bp, bc, 0)
+        rem = peeked
+      end
+    end
+    -- `remaining` is what the kept state leaves now: one unit or more passes exactly when
+    -- it is at least 1, so only an exhausted rule needs the second look: how long no request
+    -- of any cost can pass it, 0 when one could pass now.
+    local blocked = 0
+    if mode == 'c' and not shadow and rem < 1 then
+      if ruled ~= i then
+        alg, limit, window, burst, strict = struct_unpack(CHECK_RULE, nums, 17 + (i - 1) * 56)
+        strict = strict == 1
+        ruled = i
+      end
+      local verdict, wait = decide(ks, kp, kc, 1)
+      if verdict == 1 then
+        blocked = wait
+      end
+    end
+    out[at + i] = pack(ANSWER_RULE, v, retry, rem, reset, ws, debited, blocked, gen, re)
   end
 end
 
+local out = {}
 local mode = ARGV[1]
-
 if mode ~= 'b' then
   nums = ARGV[2]
-  local out = {}
   run(mode, 0, #KEYS, out)
-  return answer(out)
+else
+  -- A batch: ARGV[2] calls, each as mode, key count and numbers (as ARGV[2] of a call
+  -- alone), its keys following the previous call's in KEYS. They run one after another,
+  -- each exactly as it would alone (one TIME for those on the server's clock), and each
+  -- answer follows its length (-1 for a call that failed: its error fails it alone).
+  local ko, base = 0, 2
+  for _ = 1, tonumber(ARGV[2]) do
+    local m, n = ARGV[base + 1], tonumber(ARGV[base + 2])
+    nums = ARGV[base + 3]
+    base = base + 3
+    local answer = {}
+    if pcall(run, m, ko, n, answer) then
+      local text = table.concat(answer)
+      out[#out + 1] = pack('<i8', #text / 8) .. text
+    else
+      out[#out + 1] = pack('<i8', -1)
+    end
+    ko = ko + n
+  end
 end
 
--- A batch: ARGV[2] calls, each as mode, key count and numbers (as ARGV[2] of a call alone),
--- its keys following the previous call's in KEYS. They run one after another, each exactly
--- as it would alone (one TIME for those on the server's clock), and each answer follows its
--- length (-1 for a call that failed: its error fails it alone).
-local out = {}
-local ko, base = 0, 2
-for _ = 1, tonumber(ARGV[2]) do
-  local m, n = ARGV[base + 1], tonumber(ARGV[base + 2])
-  nums = ARGV[base + 3]
-  base = base + 3
-  local at = #out + 1
-  out[at] = 0
-  local answer = {}
-  if pcall(run, m, ko, n, answer) then
-    for i = 1, #answer do
-      out[at + i] = answer[i]
-    end
-    out[at] = #answer
-  else
-    out[at] = -1
-  end
-  ko = ko + n
-end
-return answer(out)
+return table.concat(out)
