@@ -286,3 +286,146 @@ async fn an_answer_from_another_model_settles_the_answering_models_cost() {
         }
     }
 }
+
+/// A per-user budget and a global one, each its own layer.
+fn nested_budgets() -> (BudgetLayer, BudgetLayer) {
+    let users = BudgetLayer::builder()
+        .budget(Budget::new(
+            "daily",
+            Scope::User,
+            Period::Day,
+            Money::parse_dollars("1").unwrap(),
+        ))
+        .build()
+        .unwrap();
+    let everyone = BudgetLayer::builder()
+        .budget(Budget::new(
+            "all",
+            Scope::Global,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .build()
+        .unwrap();
+    (users, everyone)
+}
+
+/// An upstream answering one JSON message that costs $0.054399 (the request's model).
+async fn known_usage<B>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            r#"{"type":"message","model":"claude-3-7-sonnet-20250219","content":[],
+            "usage":{"input_tokens":3,"cache_creation_input_tokens":12304,"output_tokens":550}}"#,
+        )))
+        .unwrap())
+}
+
+const KNOWN_COST: Money = Money::from_nanos(54_399_000);
+
+/// Two plain budget layers nested above the meter: each account is charged the actual
+/// cost, and neither keeps anything reserved (the outer reservation used to be replaced by
+/// the inner one in the request extensions, then charged in full).
+#[tokio::test]
+async fn two_nested_budget_layers_each_charge_exactly_the_actual_cost() {
+    let (users, everyone) = nested_budgets();
+    let (_, meter, mut records) = layers();
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(everyone.clone())
+        .layer(meter)
+        .service(service_fn(known_usage::<Full<Bytes>>));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((KNOWN_COST, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+}
+
+/// The same with both layers split (start and gate each), gates above the meter.
+#[tokio::test]
+async fn two_nested_split_budget_layers_each_charge_exactly_the_actual_cost() {
+    use palisade::cost::budget::StartBody;
+    let (users, everyone) = nested_budgets();
+    let (_, meter, mut records) = layers();
+    let (start_users, gate_users) = users.split();
+    let (start_all, gate_all) = everyone.split();
+    let svc = ServiceBuilder::new()
+        .layer(start_users)
+        .layer(start_all)
+        .layer(gate_users)
+        .layer(gate_all)
+        .layer(meter)
+        .service(service_fn(known_usage::<StartBody<StartBody<Full<Bytes>>>>));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((KNOWN_COST, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+}
+
+/// The inner layer refuses (its global budget is blocked): the request never reaches the
+/// upstream, so the outer layer's reservation is released, not charged; released once, so
+/// the next request, let through, is charged exactly its cost.
+#[tokio::test]
+async fn a_refusal_by_the_inner_budget_layer_releases_the_outer_reservation_once() {
+    let (users, everyone) = nested_budgets();
+    let (_, meter, mut records) = layers();
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(everyone.clone())
+        .layer(meter)
+        .service(service_fn(known_usage::<Full<Bytes>>));
+    assert!(everyone.set_limit("all", "*", Some(Money::ZERO)));
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+
+    assert!(everyone.clear_limit("all", "*"));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((KNOWN_COST, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+}
+
+/// The same refusal with both layers split.
+#[tokio::test]
+async fn a_refusal_by_the_inner_split_budget_layer_releases_the_outer_reservation() {
+    use palisade::cost::budget::StartBody;
+    let (users, everyone) = nested_budgets();
+    let (start_users, gate_users) = users.split();
+    let (start_all, gate_all) = everyone.split();
+    let svc = ServiceBuilder::new()
+        .layer(start_users)
+        .layer(start_all)
+        .layer(gate_users)
+        .layer(gate_all)
+        .service(service_fn(known_usage::<StartBody<StartBody<Full<Bytes>>>>));
+    assert!(everyone.set_limit("all", "*", Some(Money::ZERO)));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+}

@@ -459,9 +459,18 @@ impl<S> BudgetService<S> {
 /// Settle it with the real cost once known ([`settle`](Self::settle), or
 /// [`settle_record`](Self::settle_record) with the usage record); only the first
 /// settlement counts. Dropped without one, the whole reservation is charged.
+///
+/// With budget layers nested (a per-user [`BudgetLayer`] outside a global one, plain or
+/// split), the request extensions hold the innermost layer's reservation, which carries
+/// those of the layers outside it ([`outer`](Self::outer)). Settling it settles each of
+/// them with the same actual cost, each once; [`amount`](Self::amount) is the innermost
+/// layer's own. A request an inner layer refuses never reaches the upstream: the
+/// reservations of the layers outside it are released.
 #[derive(Clone)]
 pub struct BudgetReservation {
     inner: Arc<ReservationInner>,
+    /// The reservation of the budget layer outside this one, settled with it.
+    outer: Option<Arc<BudgetReservation>>,
 }
 
 pub(super) struct ReservationInner {
@@ -477,43 +486,90 @@ impl fmt::Debug for BudgetReservation {
         f.debug_struct("BudgetReservation")
             .field("amount", &self.inner.amount)
             .field("settled", &self.inner.settled.load(Ordering::Relaxed))
+            .field("outer", &self.outer)
             .finish()
     }
 }
 
 impl BudgetReservation {
-    /// The amount reserved on each budget.
+    /// The amount this layer reserved on each of its budgets.
     pub fn amount(&self) -> Money {
         self.inner.amount
     }
 
-    /// Charges `actual` and refunds the rest of the reservation (an `actual` above the
-    /// reservation is charged in full). Only the first settlement counts.
-    pub fn settle(&self, actual: Money) {
-        self.inner.settle(actual);
+    /// The reservation of the budget layer outside the one that made this, when budget
+    /// layers are nested; settled together with this one.
+    pub fn outer(&self) -> Option<&BudgetReservation> {
+        self.outer.as_deref()
     }
 
-    /// Refunds the whole reservation (the call failed before any usage).
+    /// This reservation and those of the layers outside it, innermost first.
+    fn each(&self) -> impl Iterator<Item = &ReservationInner> {
+        std::iter::successors(Some(self), |r| r.outer.as_deref()).map(|r| &*r.inner)
+    }
+
+    /// Charges `actual` and refunds the rest of the reservation (an `actual` above the
+    /// reservation is charged in full), on this layer's budgets and those of the layers
+    /// outside it. Only the first settlement of each counts.
+    pub fn settle(&self, actual: Money) {
+        for r in self.each() {
+            r.settle(actual);
+        }
+    }
+
+    /// Refunds the whole reservation (the call failed before any usage), this layer's
+    /// and those of the layers outside it.
     pub fn refund(&self) {
-        self.inner.settle(Money::ZERO);
+        for r in self.each() {
+            r.settle(Money::ZERO);
+        }
     }
 
     /// Settles from a usage record: its cost; nothing when the call failed (an upstream
     /// error or no response) before any usage; the whole reservation when the cost is
     /// unknown, including a response that reported no usage at all (an OpenAI stream
     /// without `stream_options.include_usage`, or one cut short before its usage chunk).
+    /// With nested layers each reservation is settled so, an unknown cost charging each
+    /// its own whole amount.
     pub fn settle_record(&self, record: &UsageRecord) {
-        let actual = match record.cost {
-            Some(cost) => cost,
-            None if record.usage.is_empty() && record.completion.is_error() => Money::ZERO,
-            None => self.inner.amount,
-        };
-        self.inner.settle(actual);
+        for r in self.each() {
+            let actual = match record.cost {
+                Some(cost) => cost,
+                None if record.usage.is_empty() && record.completion.is_error() => Money::ZERO,
+                None => r.amount,
+            };
+            r.settle(actual);
+        }
     }
 
-    /// Whether it has been settled.
+    /// Whether it has been settled, and those of the layers outside it too.
     pub fn is_settled(&self) -> bool {
-        self.inner.settled.load(Ordering::Acquire)
+        self.each().all(|r| r.settled.load(Ordering::Acquire))
+    }
+
+    /// Puts this reservation in `extensions`. A reservation of a budget layer outside
+    /// this one found there is carried by it (settled with it), not replaced.
+    pub(super) fn hold_in(&self, extensions: &mut http::Extensions) {
+        let Some(outer) = extensions.insert(self.clone()) else {
+            return;
+        };
+        if Arc::ptr_eq(&outer.inner, &self.inner) {
+            return; // already held there
+        }
+        extensions.insert(BudgetReservation {
+            inner: Arc::clone(&self.inner),
+            outer: Some(Arc::new(outer)),
+        });
+    }
+}
+
+/// Releases the reservations of budget layers outside this one that a refused request
+/// carries: it never reaches the upstream.
+pub(super) fn release_outer(extensions: &http::Extensions) {
+    if let Some(outer) = extensions.get::<BudgetReservation>() {
+        tracing::debug!(target: "palisade::cost::budget", amount = %outer.amount(),
+            "request refused by an inner budget layer: the outer reservation is released");
+        outer.refund();
     }
 }
 
@@ -772,7 +828,8 @@ where
 pub(super) enum Prepared<B> {
     /// Nothing to reserve.
     Pass(Request<B>),
-    /// Refused before any reservation.
+    /// Refused before any reservation (the reservations of outer budget layers the
+    /// request carried are released).
     Refuse(Error),
     /// Reserve `amount` on `charges`.
     Reserve {
@@ -819,6 +876,7 @@ where
             let bytes = match Limited::new(body, shared.max_body).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    release_outer(&parts.extensions);
                     return Prepared::Refuse(Error::new(
                         ErrorKind::PayloadTooLarge,
                         format!(
@@ -828,6 +886,7 @@ where
                     ));
                 }
                 Err(e) => {
+                    release_outer(&parts.extensions);
                     return Prepared::Refuse(
                         Error::invalid_request("the request body could not be read").with_source(e),
                     );
@@ -848,12 +907,16 @@ where
             let req = Request::from_parts(parts, B::from(bytes));
             match plan {
                 Plan::Pass => return Prepared::Pass(req),
-                Plan::Refuse(err) => return Prepared::Refuse(err),
+                Plan::Refuse(err) => {
+                    release_outer(req.extensions());
+                    return Prepared::Refuse(err);
+                }
                 Plan::Reserve(amount) => (req, amount),
             }
         }
     };
     if let Some(err) = larger_than_budget(&charges, amount) {
+        release_outer(req.extensions());
         return Prepared::Refuse(err);
     }
     Prepared::Reserve {
@@ -876,7 +939,10 @@ where
 {
     match Reserving::new(&shared, charges.into(), amount).await {
         Outcome::Granted(reservation) => pass_holding(inner, req, reservation).await,
-        Outcome::Refused(err) => Ok(refusal(&shared, err)),
+        Outcome::Refused(err) => {
+            release_outer(req.extensions());
+            Ok(refusal(&shared, err))
+        }
         Outcome::Pass => pass(inner, req).await,
     }
 }
@@ -970,7 +1036,7 @@ pub(super) async fn pass_holding<S, ReqB, ResB>(
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    req.extensions_mut().insert(reservation.clone());
+    reservation.hold_in(req.extensions_mut());
     match pass(inner, req).await {
         Ok(res) => Ok(res),
         Err(e) => {
@@ -1053,6 +1119,7 @@ pub(super) fn outcome(
                 hold,
                 settled: AtomicBool::new(false),
             }),
+            outer: None,
         }),
         Ok(Reserve::Refused {
             index,

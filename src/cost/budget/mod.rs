@@ -44,6 +44,11 @@
 //!   when it writes the usage record. Without it, settle yourself with
 //!   [`BudgetReservation::settle`]; a reservation dropped unsettled is charged in full
 //!   (unknown is not free), and one whose upstream call failed is refunded.
+//! - Budget layers nest (a per-user layer outside a global one, plain or split): each
+//!   reserves on its own budgets, and the [`BudgetReservation`] in the request extensions
+//!   is the innermost layer's, carrying the outer ones ([`BudgetReservation::outer`]).
+//!   Settling it settles each with the same actual cost, once; a request an inner layer
+//!   refuses releases the reservations of the layers outside it.
 //! - Thresholds (50 %, 80 %, 100 % by default) raise an
 //!   [`AlertEvent`](super::alert::AlertEvent) once per period per subject through the
 //!   [`AlertSink`](super::alert::AlertSink) you give the builder.

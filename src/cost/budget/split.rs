@@ -613,6 +613,7 @@ where
             tracing::error!(target: "palisade::cost::budget",
                 "BudgetStartLayer without its BudgetGateLayer: requests are refused until the gate wraps the upstream");
             let err = Error::internal("budgets cannot be checked: the gateway is misconfigured");
+            super::layer::release_outer(req.extensions());
             return ResponseFuture::boxed(std::future::ready(Ok(refusal(&self.shared, err))));
         }
         // Nothing to reserve: the inner call as it is, no box.
@@ -760,6 +761,7 @@ where
                     amount,
                 } => {
                     if amount >= refused_amount && *refused == *charges {
+                        super::layer::release_outer(req.extensions());
                         return Ok(refusal(&shared, err));
                     }
                     tracing::debug!(target: "palisade::cost::budget",
@@ -791,7 +793,7 @@ where
             if granted.covers(&charges, amount) {
                 // `pass_holding` inlined: one future less to build and move
                 let (mut inner, mut req) = (inner, req);
-                req.extensions_mut().insert(granted.clone());
+                granted.hold_in(req.extensions_mut());
                 return match inner.call(req).await {
                     Ok(res) => Ok(res.map(ResponseBody::inner)),
                     Err(e) => {
