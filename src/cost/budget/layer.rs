@@ -579,26 +579,62 @@ impl ReservationInner {
             return;
         }
         let now = self.shared.clock.now();
-        let mut settling = self.shared.store.settle_hold(
+        self.shared.store.settle_and_report(
             Arc::clone(&self.charges),
             self.hold,
             self.amount,
             actual,
             now,
+            Settlement {
+                shared: Arc::clone(&self.shared),
+                charges: Arc::clone(&self.charges),
+                amount: self.amount,
+                now,
+            },
         );
-        // A memory store answers at once; a network store finishes in the background.
+    }
+}
+
+/// What a budget layer does with the answer to one of its settlements: raise the alerts
+/// of the thresholds it crossed, or log the store's failure. Given to
+/// [`BudgetStore::settle_and_report`](super::BudgetStore::settle_and_report).
+pub struct Settlement {
+    shared: Arc<Shared>,
+    charges: Arc<[Charge]>,
+    amount: Money,
+    now: SystemTime,
+}
+
+impl fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settlement")
+            .field("amount", &self.amount)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settlement {
+    /// Raises the alerts of the thresholds the settlement crossed, or logs its failure.
+    pub fn report(self, result: Result<Vec<super::store::Crossing>, BudgetStoreError>) {
+        raise(&self.shared, &self.charges, result, self.now);
+    }
+
+    /// Reports `settling` once it answers: at once when it is ready on its first poll (a
+    /// memory store), otherwise from a task spawned on the current tokio runtime.
+    pub fn after(
+        self,
+        mut settling: BoxFuture<'static, Result<Vec<super::store::Crossing>, BudgetStoreError>>,
+    ) {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if let Poll::Ready(result) = settling.as_mut().poll(&mut cx) {
-            raise(&self.shared, &self.charges, result, now);
+            self.report(result);
             return;
         }
-        let shared = Arc::clone(&self.shared);
-        let charges = Arc::clone(&self.charges);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
                     let result = settling.await;
-                    raise(&shared, &charges, result, now);
+                    self.report(result);
                 });
             }
             Err(_) => tracing::error!(target: "palisade::cost::budget", amount = %self.amount,

@@ -127,7 +127,7 @@ pub use estimate::BudgetEstimate;
 pub use future::ResponseFuture;
 pub use layer::{
     BudgetClock, BudgetConfigError, BudgetLayer, BudgetLayerBuilder, BudgetReservation,
-    BudgetService,
+    BudgetService, Settlement,
 };
 pub(crate) use period::unix_millis;
 pub use period::{ParsePeriodError, Period};

@@ -10,6 +10,7 @@ use redis::Script;
 use redis::aio::ConnectionLike;
 
 use super::Period;
+use super::layer::Settlement;
 use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Hold, Reserve};
 use crate::cost::pricing::Money;
 use crate::redis_batch::{self, Answer, BatchScript, Batchers, Kind};
@@ -187,6 +188,37 @@ impl<C> RedisBudgetStore<C> {
         cmd.arg(mode);
         cmd
     }
+
+    /// The script call settling `reserved` with `actual` on `charges`, granted in `hold`.
+    fn settle_command(
+        &self,
+        charges: &[Charge],
+        hold: Hold,
+        reserved: Money,
+        actual: Money,
+    ) -> redis::Cmd {
+        let mut cmd = self.call(charges, "s");
+        cmd.arg(reserved.picos().to_string())
+            .arg(actual.picos().to_string());
+        match hold.get() {
+            0 => cmd.arg("-"),
+            until => cmd.arg(until),
+        };
+        for c in charges.iter() {
+            let (kind, window, ttl) = shape(c.budget.period);
+            let thresholds: Vec<String> = c.budget.thresholds.iter().map(u16::to_string).collect();
+            cmd.arg(c.budget.limit.picos().to_string())
+                .arg(kind)
+                .arg(window)
+                .arg(ttl)
+                .arg(if thresholds.is_empty() {
+                    "-".to_owned()
+                } else {
+                    thresholds.join(",")
+                });
+        }
+        cmd
+    }
 }
 
 impl<C> BatchScript for Link<C>
@@ -317,26 +349,7 @@ where
         actual: Money,
         _now: SystemTime,
     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
-        let mut cmd = self.call(&charges, "s");
-        cmd.arg(reserved.picos().to_string())
-            .arg(actual.picos().to_string());
-        match hold.get() {
-            0 => cmd.arg("-"),
-            until => cmd.arg(until),
-        };
-        for c in charges.iter() {
-            let (kind, window, ttl) = shape(c.budget.period);
-            let thresholds: Vec<String> = c.budget.thresholds.iter().map(u16::to_string).collect();
-            cmd.arg(c.budget.limit.picos().to_string())
-                .arg(kind)
-                .arg(window)
-                .arg(ttl)
-                .arg(if thresholds.is_empty() {
-                    "-".to_owned()
-                } else {
-                    thresholds.join(",")
-                });
-        }
+        let cmd = self.settle_command(&charges, hold, reserved, actual);
         let call = redis_batch::submit(Arc::clone(&self.link), cmd, Kind::Settlement);
         // Sent from a task of its own, so that it lands even when this future is dropped:
         // what it releases would stay reserved otherwise.
@@ -351,29 +364,55 @@ where
             }
             None => Box::pin(call),
         };
-        Box::pin(async move {
-            let reply = call.await.map_err(BudgetStoreError)?;
-            let mut out = Vec::new();
-            for triple in reply.chunks(3) {
-                if let [redis::Value::Int(i), redis::Value::Int(p), spent] = triple {
-                    let spent = match spent {
-                        redis::Value::BulkString(b) => picos(&String::from_utf8_lossy(b)),
-                        _ => Money::ZERO,
-                    };
-                    out.push(Crossing {
-                        index: usize::try_from(*i).unwrap_or(0),
-                        permille: u16::try_from(*p).unwrap_or(0),
-                        spent,
-                    });
-                }
-            }
-            Ok(out)
-        })
+        Box::pin(async move { crossings(call.await) })
+    }
+
+    /// Reports from the settlement's own task (the one that makes it land even when
+    /// nobody waits for it): one task a settlement.
+    fn settle_and_report(
+        &self,
+        charges: Arc<[Charge]>,
+        hold: Hold,
+        reserved: Money,
+        actual: Money,
+        now: SystemTime,
+        report: Settlement,
+    ) {
+        let Some(rt) = self.link.batchers.runtime() else {
+            report.after(self.settle_hold(charges, hold, reserved, actual, now));
+            return;
+        };
+        let call = redis_batch::submit(
+            Arc::clone(&self.link),
+            self.settle_command(&charges, hold, reserved, actual),
+            Kind::Settlement,
+        );
+        rt.spawn(async move { report.report(crossings(call.await)) });
     }
 
     fn spend(&self, _charge: &Charge, _now: SystemTime) -> Option<(Money, Money)> {
         None // a network store cannot answer without a round trip
     }
+}
+
+/// The thresholds a settlement's reply reports crossed.
+fn crossings(reply: Answer<redis::Value>) -> Result<Vec<Crossing>, BudgetStoreError> {
+    let reply = reply.map_err(BudgetStoreError)?;
+    let mut out = Vec::new();
+    for triple in reply.chunks(3) {
+        if let [redis::Value::Int(i), redis::Value::Int(p), spent] = triple {
+            let spent = match spent {
+                redis::Value::BulkString(b) => picos(&String::from_utf8_lossy(b)),
+                _ => Money::ZERO,
+            };
+            out.push(Crossing {
+                index: usize::try_from(*i).unwrap_or(0),
+                permille: u16::try_from(*p).unwrap_or(0),
+                spent,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

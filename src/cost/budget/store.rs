@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::Budget;
+use super::layer::Settlement;
 use super::period::{Period, unix_millis};
 use crate::cost::pricing::Money;
 
@@ -119,6 +120,24 @@ pub trait BudgetStore: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
         let _ = hold;
         self.settle(charges, reserved, actual, now)
+    }
+
+    /// [`settle_hold`](Self::settle_hold), then hands its answer to `report` (the layer's
+    /// threshold alerts, or its log of a failure). By default the settlement is polled
+    /// once on the spot and, when not ready then, finished on a spawned task. A store that
+    /// already finishes its settlements on a task of its own overrides this to report from
+    /// that task: one task a settlement instead of two.
+    fn settle_and_report(
+        &self,
+        charges: Arc<[Charge]>,
+        hold: Hold,
+        reserved: Money,
+        actual: Money,
+        now: SystemTime,
+        report: Settlement,
+    ) {
+        let settling = self.settle_hold(charges, hold, reserved, actual, now);
+        report.after(settling);
     }
 
     /// The settled spend and the reserved amount of one account now, if the store keeps
