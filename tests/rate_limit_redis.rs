@@ -2948,3 +2948,35 @@ async fn a_window_keys_expiry_is_kept_when_long_enough_and_lengthened_when_not()
     let next = pttl().await;
     assert!(next > 190_000, "{next} ms");
 }
+
+/// Settlements that charge past every count (each delta saturates below 2^52) pile a
+/// window's count up past 2^63: the key still holds a readable state, and the rule denies
+/// as the memory store's saturated count does, rather than failing every later decision
+/// on the key.
+#[tokio::test]
+async fn a_count_charged_past_2_63_by_settlements_still_decides() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "huge-count").await;
+    let at = 1_000 * LONG.as_micros() as u64 + 5;
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let rule = Owned {
+            key: RateKey::principal(format!("{algorithm:?}")),
+            ..one_rule(algorithm, 10, 1)
+        };
+        let (redis, memory) = both.check(&rule, at).await;
+        assert!(redis.admitted && memory.admitted);
+        let charges = vec![settlement(&rule, &redis.rules[0], i64::MAX); 64];
+        for _ in 0..40 {
+            both.redis.settle_at(&charges, at).await.unwrap();
+        }
+        both.memory.settle_now(&charges);
+        let (redis, memory) = both.check(&rule, at + 1).await;
+        assert!(!memory.admitted);
+        assert!(!redis.admitted, "{algorithm:?}: {redis:?}");
+        let name = both.redis.key_name(rule.name, &rule.key);
+        let state = support::command(server.addr(), &format!("GET {name}"))
+            .await
+            .unwrap();
+        assert!(!state.contains('-'), "{algorithm:?}: {state}");
+    }
+}
