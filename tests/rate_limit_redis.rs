@@ -2980,3 +2980,37 @@ async fn a_count_charged_past_2_63_by_settlements_still_decides() {
         assert!(!state.contains('-'), "{algorithm:?}: {state}");
     }
 }
+
+/// A reset of a key at the last generation (2^32 - 1) wraps to generation 0: the state
+/// starts fresh, and a settlement of a reservation made before the reset settles nothing.
+#[tokio::test]
+async fn a_reset_at_the_last_generation_wraps_to_0_and_drops_older_settlements() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("wrap")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 4);
+    let at = 1_000 * LONG.as_micros() as u64 + 5;
+    let name = store.key_name(rule.name, &rule.key);
+    let start = at - at % LONG.as_micros() as u64;
+    let set = format!("SET {name} \"{start} 0 3 4294967295\" PX 100000000");
+    support::command(server.addr(), &set).await.unwrap();
+    let before = store.check_at(&[rule.item()], at).await.unwrap();
+    assert!(before.admitted);
+    assert_eq!(before.rules[0].generation, u32::MAX);
+    assert_eq!(before.rules[0].remaining, 3);
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    let after = store.check_at(&[rule.item()], at).await.unwrap();
+    assert!(after.admitted);
+    assert_eq!(after.rules[0].generation, 0);
+    assert_eq!(after.rules[0].remaining, 6);
+    store
+        .settle_at(&[settlement(&rule, &before.rules[0], -4)], at)
+        .await
+        .unwrap();
+    store
+        .settle_at(&[settlement(&rule, &before.rules[0], 5)], at)
+        .await
+        .unwrap();
+    let peeked = store.peek_at(&rule.item(), at).await.unwrap();
+    assert_eq!(peeked.remaining, 6);
+    assert_eq!(peeked.generation, 0);
+}
