@@ -2948,3 +2948,69 @@ async fn a_window_keys_expiry_is_kept_when_long_enough_and_lengthened_when_not()
     let next = pttl().await;
     assert!(next > 190_000, "{next} ms");
 }
+
+/// Settlements that charge past every count (each delta saturates below 2^52) pile a
+/// window's count up past 2^63: the key still holds a readable state, and the rule denies
+/// as the memory store's saturated count does, rather than failing every later decision
+/// on the key.
+#[tokio::test]
+async fn a_count_charged_past_2_63_by_settlements_still_decides() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let both = Both::start(&server, "huge-count").await;
+    let at = 1_000 * LONG.as_micros() as u64 + 5;
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let rule = Owned {
+            key: RateKey::principal(format!("{algorithm:?}")),
+            ..one_rule(algorithm, 10, 1)
+        };
+        let (redis, memory) = both.check(&rule, at).await;
+        assert!(redis.admitted && memory.admitted);
+        let charges = vec![settlement(&rule, &redis.rules[0], i64::MAX); 64];
+        for _ in 0..40 {
+            both.redis.settle_at(&charges, at).await.unwrap();
+        }
+        both.memory.settle_now(&charges);
+        let (redis, memory) = both.check(&rule, at + 1).await;
+        assert!(!memory.admitted);
+        assert!(!redis.admitted, "{algorithm:?}: {redis:?}");
+        let name = both.redis.key_name(rule.name, &rule.key);
+        let state = support::command(server.addr(), &format!("GET {name}"))
+            .await
+            .unwrap();
+        assert!(!state.contains('-'), "{algorithm:?}: {state}");
+    }
+}
+
+/// A reset of a key at the last generation (2^32 - 1) wraps to generation 0: the state
+/// starts fresh, and a settlement of a reservation made before the reset settles nothing.
+#[tokio::test]
+async fn a_reset_at_the_last_generation_wraps_to_0_and_drops_older_settlements() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let store = single(&server.url(), &unique("wrap")).await;
+    let rule = one_rule(Algorithm::FixedWindow, 10, 4);
+    let at = 1_000 * LONG.as_micros() as u64 + 5;
+    let name = store.key_name(rule.name, &rule.key);
+    let start = at - at % LONG.as_micros() as u64;
+    let set = format!("SET {name} \"{start} 0 3 4294967295\" PX 100000000");
+    support::command(server.addr(), &set).await.unwrap();
+    let before = store.check_at(&[rule.item()], at).await.unwrap();
+    assert!(before.admitted);
+    assert_eq!(before.rules[0].generation, u32::MAX);
+    assert_eq!(before.rules[0].remaining, 3);
+    store.reset(rule.index, rule.name, &rule.key).await.unwrap();
+    let after = store.check_at(&[rule.item()], at).await.unwrap();
+    assert!(after.admitted);
+    assert_eq!(after.rules[0].generation, 0);
+    assert_eq!(after.rules[0].remaining, 6);
+    store
+        .settle_at(&[settlement(&rule, &before.rules[0], -4)], at)
+        .await
+        .unwrap();
+    store
+        .settle_at(&[settlement(&rule, &before.rules[0], 5)], at)
+        .await
+        .unwrap();
+    let peeked = store.peek_at(&rule.item(), at).await.unwrap();
+    assert_eq!(peeked.remaining, 6);
+    assert_eq!(peeked.generation, 0);
+}

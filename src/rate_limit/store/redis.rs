@@ -456,9 +456,10 @@ enum Conn {
 /// (all admitted rules are debited, or none; refusals never count), sent with `EVALSHA`
 /// and loaded again by itself after a Redis restart (`NOSCRIPT`); a store on one server
 /// loads it when built ([`RedisStoreBuilder::build`]). The script needs Redis 6.0 or later
-/// (`SET ... KEEPTTL`) and Lua's `struct` library (built into Redis and Valkey; it packs
-/// the answer as 8-byte integers): a server without them fails every decision, which the
-/// [`RedisFailMode`] answers. It reads Redis's own
+/// (`SET ... KEEPTTL`) and Lua's `struct` library (built into Redis and Valkey; it reads a
+/// call's numbers and packs the answer as 8-byte integers): a server without them fails
+/// every decision, which the [`RedisFailMode`] answers. It needs a 64-bit build of Redis
+/// too (Lua writes a state's integers through a C `long`). It reads Redis's own
 /// clock (`TIME`) by default, so instances whose clocks disagree still agree on windows
 /// ([`RedisClock`]). The script's arithmetic is the one of
 /// [`algorithm`](crate::rate_limit::algorithm), integer for integer, so a Redis store answers

@@ -430,7 +430,12 @@ local function run(mode, ko, n, out)
           end
           if moved then
             if delta >= 0 then
+              -- no further than 2^53, past every limit (as a GCRA's TAT): `write` prints
+              -- a count with `%d`, whose C long cannot hold one past 2^63
               moved = moved + delta
+              if moved > P53 then
+                moved = P53
+              end
             else
               moved = moved > -delta and moved + delta or 0
             end
