@@ -429,3 +429,116 @@ async fn a_refusal_by_the_inner_split_budget_layer_releases_the_outer_reservatio
     );
     assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
 }
+
+/// A memory store whose reservations answer after a second: the time a network store
+/// takes, during which the client may go away.
+struct SlowReserve(palisade::cost::budget::MemoryBudgetStore);
+
+impl palisade::cost::budget::BudgetStore for SlowReserve {
+    fn reserve<'a>(
+        &'a self,
+        charges: &'a [palisade::cost::budget::Charge],
+        amount: Money,
+        now: std::time::SystemTime,
+    ) -> palisade::cost::budget::BoxFuture<
+        'a,
+        Result<palisade::cost::budget::Reserve, palisade::cost::budget::BudgetStoreError>,
+    > {
+        Box::pin(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            self.0.reserve(charges, amount, now).await
+        })
+    }
+
+    fn settle(
+        &self,
+        charges: Arc<[palisade::cost::budget::Charge]>,
+        reserved: Money,
+        actual: Money,
+        now: std::time::SystemTime,
+    ) -> palisade::cost::budget::BoxFuture<
+        'static,
+        Result<Vec<palisade::cost::budget::Crossing>, palisade::cost::budget::BudgetStoreError>,
+    > {
+        self.0.settle(charges, reserved, actual, now)
+    }
+
+    fn spend(
+        &self,
+        charge: &palisade::cost::budget::Charge,
+        now: std::time::SystemTime,
+    ) -> Option<(Money, Money)> {
+        self.0.spend(charge, now)
+    }
+}
+
+/// The client goes away while the inner layer waits for its store: the request never
+/// reached the upstream, so the outer layer's reservation is released, as the inner
+/// layer's is, not charged in full.
+#[tokio::test(start_paused = true)]
+async fn a_request_gone_while_the_inner_layer_reserves_releases_the_outer_reservation() {
+    let users = nested_budgets().0;
+    let everyone = BudgetLayer::builder()
+        .budget(Budget::new(
+            "all",
+            Scope::Global,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .store(SlowReserve(palisade::cost::budget::MemoryBudgetStore::new()))
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(everyone.clone())
+        .service(service_fn(known_usage::<Full<Bytes>>));
+    let call = svc.oneshot(request());
+    let gone = tokio::time::timeout(std::time::Duration::from_millis(100), call).await;
+    assert!(
+        gone.is_err(),
+        "the client left before the inner store answered"
+    );
+    // the inner store answers after its request is gone: released in the background
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+}
+
+/// The same with the inner layer split: the client goes away while its gate waits for the
+/// start's decision.
+#[tokio::test(start_paused = true)]
+async fn a_request_gone_at_the_inner_budget_gate_releases_the_outer_reservation() {
+    use palisade::cost::budget::StartBody;
+    let users = nested_budgets().0;
+    let everyone = BudgetLayer::builder()
+        .budget(Budget::new(
+            "all",
+            Scope::Global,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .store(SlowReserve(palisade::cost::budget::MemoryBudgetStore::new()))
+        .build()
+        .unwrap();
+    let (start_all, gate_all) = everyone.split();
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(start_all)
+        .layer(gate_all)
+        .service(service_fn(known_usage::<StartBody<Full<Bytes>>>));
+    let call = svc.oneshot(request());
+    let gone = tokio::time::timeout(std::time::Duration::from_millis(100), call).await;
+    assert!(
+        gone.is_err(),
+        "the client left before the inner store answered"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+}

@@ -464,8 +464,9 @@ impl<S> BudgetService<S> {
 /// split), the request extensions hold the innermost layer's reservation, which carries
 /// those of the layers outside it ([`outer`](Self::outer)). Settling it settles each of
 /// them with the same actual cost, each once; [`amount`](Self::amount) is the innermost
-/// layer's own. A request an inner layer refuses never reaches the upstream: the
-/// reservations of the layers outside it are released.
+/// layer's own. A request an inner layer refuses, or whose client goes away while an
+/// inner layer waits for its store, never reaches the upstream: the reservations of the
+/// layers outside it are released.
 #[derive(Clone)]
 pub struct BudgetReservation {
     inner: Arc<ReservationInner>,
@@ -560,6 +561,33 @@ impl BudgetReservation {
             inner: Arc::clone(&self.inner),
             outer: Some(Arc::new(outer)),
         });
+    }
+}
+
+/// The reservation of the budget layers outside this one that a request carries while
+/// this layer waits (for its store, or for its start's decision): dropped before
+/// [`sent`](Self::sent) (the client gone), it is released, as nothing reached the upstream.
+pub(super) struct OuterUnsent(Option<BudgetReservation>);
+
+impl OuterUnsent {
+    /// Guards the outer reservation `extensions` hold, if any.
+    pub(super) fn of(extensions: &http::Extensions) -> Self {
+        Self(extensions.get::<BudgetReservation>().cloned())
+    }
+
+    /// The wait is over: the request goes on (or is refused, releasing it itself).
+    pub(super) fn sent(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OuterUnsent {
+    fn drop(&mut self) {
+        if let Some(outer) = self.0.take() {
+            tracing::debug!(target: "palisade::cost::budget", amount = %outer.amount(),
+                "request gone before an inner budget layer let it through: the outer reservation is released");
+            outer.refund();
+        }
     }
 }
 
@@ -973,7 +1001,10 @@ pub(super) async fn reserve_and_pass<S, ReqB, ResB>(
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
 {
-    match Reserving::new(&shared, charges.into(), amount).await {
+    let unsent = OuterUnsent::of(req.extensions());
+    let outcome = Reserving::new(&shared, charges.into(), amount).await;
+    unsent.sent();
+    match outcome {
         Outcome::Granted(reservation) => pass_holding(inner, req, reservation).await,
         Outcome::Refused(err) => {
             release_outer(req.extensions());

@@ -48,7 +48,8 @@
 //!   reserves on its own budgets, and the [`BudgetReservation`] in the request extensions
 //!   is the innermost layer's, carrying the outer ones ([`BudgetReservation::outer`]).
 //!   Settling it settles each with the same actual cost, once; a request an inner layer
-//!   refuses releases the reservations of the layers outside it.
+//!   refuses, or dropped while an inner layer waits for its store, releases the
+//!   reservations of the layers outside it.
 //! - Thresholds (50 %, 80 %, 100 % by default) raise an
 //!   [`AlertEvent`](super::alert::AlertEvent) once per period per subject through the
 //!   [`AlertSink`](super::alert::AlertSink) you give the builder.

@@ -744,6 +744,7 @@ where
     ReqB: Body + From<Bytes>,
     ReqB::Error: Into<crate::BoxError>,
 {
+    let unsent_outer = super::layer::OuterUnsent::of(req.extensions());
     let decision = pending.take().await;
     let (granted, read) = match decision {
         Decision::Granted(reservation, read) => (reservation, read),
@@ -753,6 +754,7 @@ where
             amount: refused_amount,
             read,
         } => {
+            unsent_outer.sent();
             let known = read.map(|b| (b, refused_amount));
             return match prepare(&shared, req, known).await {
                 Prepared::Reserve {
@@ -772,15 +774,22 @@ where
                 Prepared::Refuse(err) => Ok(refusal(&shared, err)),
             };
         }
-        Decision::Pass => return pass(inner, req).await,
+        Decision::Pass => {
+            unsent_outer.sent();
+            return pass(inner, req).await;
+        }
         // refused on the body alone: the gate judges the body it sees
-        Decision::Refused | Decision::CheckAtGate => return check(shared, inner, req).await,
+        Decision::Refused | Decision::CheckAtGate => {
+            unsent_outer.sent();
+            return check(shared, inner, req).await;
+        }
     };
     let known = read.map(|b| (b, granted.amount()));
     // Until the upstream call, a gate dropped (its client gone while it reads the body)
     // releases the reservation: nothing was sent.
     let mut unsent = Unsent(Some(granted));
     let prepared = prepare(&shared, req, known).await;
+    unsent_outer.sent();
     let Some(granted) = unsent.0.take() else {
         unreachable!("taken only here")
     };
