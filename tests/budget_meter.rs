@@ -542,3 +542,60 @@ async fn a_request_gone_at_the_inner_budget_gate_releases_the_outer_reservation(
         Some((Money::ZERO, Money::ZERO))
     );
 }
+
+/// A retry between two budget layers: the first attempt's 429 refunds the inner
+/// reservation, and the retried attempt, answered, is charged to both accounts; the outer
+/// account is not left uncharged by the refund of an attempt the request outlived.
+#[tokio::test(start_paused = true)]
+async fn a_retry_between_nested_budget_layers_charges_the_outer_account_the_answer() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (users, everyone) = nested_budgets();
+    let (_, meter, mut records) = layers();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let upstream = {
+        let calls = Arc::clone(&calls);
+        service_fn(move |req: Request<axum::body::Body>| {
+            let first = calls.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if first {
+                    return Ok::<_, Infallible>(
+                        Response::builder()
+                            .status(429)
+                            .header("retry-after", "1")
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from_static(
+                                br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+                            )))
+                            .unwrap(),
+                    );
+                }
+                known_usage(req).await
+            }
+        })
+    };
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(
+            palisade::retry::RetryLayer::builder()
+                .max_retries(1)
+                .build()
+                .unwrap(),
+        )
+        .map_request(|r: Request<palisade::retry::ReplayBody<Full<Bytes>>>| {
+            r.map(axum::body::Body::new)
+        })
+        .layer(everyone.clone())
+        .layer(meter)
+        .service(upstream);
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(records.recv().await.unwrap().cost, None);
+    assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
+    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((KNOWN_COST, Money::ZERO))
+    );
+}

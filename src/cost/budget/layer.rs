@@ -466,7 +466,9 @@ impl<S> BudgetService<S> {
 /// them with the same actual cost, each once; [`amount`](Self::amount) is the innermost
 /// layer's own. A request an inner layer refuses, or whose client goes away while an
 /// inner layer waits for its store, never reaches the upstream: the reservations of the
-/// layers outside it are released.
+/// layers outside it are released. With a retry between nested layers, an attempt after
+/// one that settled the outer reservations (an upstream error refunds them) still charges
+/// the outer accounts what it costs, with nothing more reserved there for it.
 #[derive(Clone)]
 pub struct BudgetReservation {
     inner: Arc<ReservationInner>,
@@ -555,12 +557,35 @@ impl BudgetReservation {
             return;
         };
         if Arc::ptr_eq(&outer.inner, &self.inner) {
-            return; // already held there
+            extensions.insert(outer); // already held there, with what it carries
+            return;
         }
         extensions.insert(BudgetReservation {
             inner: Arc::clone(&self.inner),
-            outer: Some(Arc::new(outer)),
+            outer: Some(Arc::new(outer.renewed())),
         });
+    }
+
+    /// This reservation for another attempt at the upstream (a retry between budget
+    /// layers): each part already settled by an earlier attempt (an upstream error
+    /// refunds it) is replaced by an empty one on the same accounts, so that what this
+    /// attempt costs is still charged to them.
+    fn renewed(&self) -> BudgetReservation {
+        let inner = if self.inner.settled.load(Ordering::Acquire) {
+            Arc::new(ReservationInner {
+                shared: Arc::clone(&self.inner.shared),
+                charges: Arc::clone(&self.inner.charges),
+                amount: Money::ZERO,
+                hold: super::store::Hold::NONE,
+                settled: AtomicBool::new(false),
+            })
+        } else {
+            Arc::clone(&self.inner)
+        };
+        BudgetReservation {
+            inner,
+            outer: self.outer.as_ref().map(|o| Arc::new(o.renewed())),
+        }
     }
 }
 
