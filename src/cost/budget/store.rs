@@ -127,6 +127,80 @@ pub trait BudgetStore: Send + Sync + 'static {
     /// once on the spot and, when not ready then, finished on a spawned task. A store that
     /// already finishes its settlements on a task of its own overrides this to report from
     /// that task: one task a settlement instead of two.
+    ///
+    /// A store that wraps another need not forward this: the default still settles
+    /// through the wrapper's [`settle_hold`](Self::settle_hold) and reports. Forwarding it
+    /// keeps the wrapped store's own way (one task a settlement for
+    /// [`RedisBudgetStore`](super::RedisBudgetStore)), but bypasses the wrapper's
+    /// `settle_hold`:
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::SystemTime;
+    /// use palisade::cost::Money;
+    /// use palisade::cost::budget::{
+    ///     BoxFuture, BudgetStore, BudgetStoreError, Charge, Crossing, Hold, MemoryBudgetStore,
+    ///     Reserve, Settlement,
+    /// };
+    ///
+    /// /// Logs each reservation, then leaves everything to the store it wraps.
+    /// struct Logged<S>(S);
+    ///
+    /// impl<S: BudgetStore> BudgetStore for Logged<S> {
+    ///     fn reserve<'a>(
+    ///         &'a self,
+    ///         charges: &'a [Charge],
+    ///         amount: Money,
+    ///         now: SystemTime,
+    ///     ) -> BoxFuture<'a, Result<Reserve, BudgetStoreError>> {
+    ///         tracing::info!(%amount, "reserving");
+    ///         self.0.reserve(charges, amount, now)
+    ///     }
+    ///
+    ///     fn settle(
+    ///         &self,
+    ///         charges: Arc<[Charge]>,
+    ///         reserved: Money,
+    ///         actual: Money,
+    ///         now: SystemTime,
+    ///     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
+    ///         self.0.settle(charges, reserved, actual, now)
+    ///     }
+    ///
+    ///     fn settle_hold(
+    ///         &self,
+    ///         charges: Arc<[Charge]>,
+    ///         hold: Hold,
+    ///         reserved: Money,
+    ///         actual: Money,
+    ///         now: SystemTime,
+    ///     ) -> BoxFuture<'static, Result<Vec<Crossing>, BudgetStoreError>> {
+    ///         self.0.settle_hold(charges, hold, reserved, actual, now)
+    ///     }
+    ///
+    ///     fn settle_and_report(
+    ///         &self,
+    ///         charges: Arc<[Charge]>,
+    ///         hold: Hold,
+    ///         reserved: Money,
+    ///         actual: Money,
+    ///         now: SystemTime,
+    ///         report: Settlement,
+    ///     ) {
+    ///         self.0.settle_and_report(charges, hold, reserved, actual, now, report)
+    ///     }
+    ///
+    ///     fn spend(&self, charge: &Charge, now: SystemTime) -> Option<(Money, Money)> {
+    ///         self.0.spend(charge, now)
+    ///     }
+    /// }
+    ///
+    /// let layer = palisade::cost::budget::BudgetLayer::builder()
+    ///     .store(Logged(MemoryBudgetStore::new()))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
     fn settle_and_report(
         &self,
         charges: Arc<[Charge]>,
