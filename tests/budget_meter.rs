@@ -599,3 +599,63 @@ async fn a_retry_between_nested_budget_layers_charges_the_outer_account_the_answ
         Some((KNOWN_COST, Money::ZERO))
     );
 }
+
+/// A plain layer between a split layer's start and its gate refuses: the start's
+/// reservation, never taken by its gate, is released.
+#[tokio::test]
+async fn a_refusal_by_a_plain_layer_inside_a_split_start_releases_the_start_reservation() {
+    use palisade::cost::budget::StartBody;
+    let (users, everyone) = nested_budgets();
+    let (start_users, gate_users) = users.split();
+    let svc = ServiceBuilder::new()
+        .layer(start_users)
+        .layer(everyone.clone())
+        .layer(gate_users)
+        .service(service_fn(known_usage::<StartBody<Full<Bytes>>>));
+    assert!(everyone.set_limit("all", "*", Some(Money::ZERO)));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 429);
+    res.into_body().collect().await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((Money::ZERO, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+}
+
+/// Three levels, a split one between two plain ones: each account is charged the actual
+/// cost once, nothing left reserved.
+#[tokio::test]
+async fn three_nested_budget_layers_each_charge_exactly_the_actual_cost() {
+    use palisade::cost::budget::StartBody;
+    let (users, everyone) = nested_budgets();
+    let third = BudgetLayer::builder()
+        .budget(Budget::new(
+            "monthly",
+            Scope::Global,
+            Period::Month,
+            Money::parse_dollars("50").unwrap(),
+        ))
+        .build()
+        .unwrap();
+    let (_, meter, mut records) = layers();
+    let (start_all, gate_all) = everyone.split();
+    let svc = ServiceBuilder::new()
+        .layer(users.clone())
+        .layer(start_all)
+        .layer(gate_all)
+        .layer(third.clone())
+        .layer(meter)
+        .service(service_fn(known_usage::<StartBody<Full<Bytes>>>));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
+    assert_eq!(
+        users.spend("daily", "carol"),
+        Some((KNOWN_COST, Money::ZERO))
+    );
+    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_eq!(third.spend("monthly", "*"), Some((KNOWN_COST, Money::ZERO)));
+}
