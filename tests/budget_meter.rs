@@ -339,11 +339,7 @@ async fn two_nested_budget_layers_each_charge_exactly_the_actual_cost() {
     assert_eq!(res.status(), 200);
     res.into_body().collect().await.unwrap();
     assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((KNOWN_COST, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_spent(&users, &everyone, KNOWN_COST);
 }
 
 /// The same with both layers split (start and gate each), gates above the meter.
@@ -365,11 +361,7 @@ async fn two_nested_split_budget_layers_each_charge_exactly_the_actual_cost() {
     assert_eq!(res.status(), 200);
     res.into_body().collect().await.unwrap();
     assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((KNOWN_COST, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_spent(&users, &everyone, KNOWN_COST);
 }
 
 /// The inner layer refuses (its global budget is blocked): the request never reaches the
@@ -388,22 +380,14 @@ async fn a_refusal_by_the_inner_budget_layer_releases_the_outer_reservation_once
     let res = svc.clone().oneshot(request()).await.unwrap();
     assert_eq!(res.status(), 429);
     res.into_body().collect().await.unwrap();
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((Money::ZERO, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+    assert_spent(&users, &everyone, Money::ZERO);
 
     assert!(everyone.clear_limit("all", "*"));
     let res = svc.oneshot(request()).await.unwrap();
     assert_eq!(res.status(), 200);
     res.into_body().collect().await.unwrap();
     assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((KNOWN_COST, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_spent(&users, &everyone, KNOWN_COST);
 }
 
 /// The same refusal with both layers split.
@@ -423,11 +407,28 @@ async fn a_refusal_by_the_inner_split_budget_layer_releases_the_outer_reservatio
     let res = svc.oneshot(request()).await.unwrap();
     assert_eq!(res.status(), 429);
     res.into_body().collect().await.unwrap();
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((Money::ZERO, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+    assert_spent(&users, &everyone, Money::ZERO);
+}
+
+/// Both accounts of [`nested_budgets`] have spent `spent` and hold nothing.
+#[track_caller]
+fn assert_spent(users: &BudgetLayer, everyone: &BudgetLayer, spent: Money) {
+    assert_eq!(users.spend("daily", "carol"), Some((spent, Money::ZERO)));
+    assert_eq!(everyone.spend("all", "*"), Some((spent, Money::ZERO)));
+}
+
+/// The global budget of [`nested_budgets`] ($5 a day) on a [`SlowReserve`] store.
+fn slow_everyone() -> BudgetLayer {
+    BudgetLayer::builder()
+        .budget(Budget::new(
+            "all",
+            Scope::Global,
+            Period::Day,
+            Money::parse_dollars("5").unwrap(),
+        ))
+        .store(SlowReserve(palisade::cost::budget::MemoryBudgetStore::new()))
+        .build()
+        .unwrap()
 }
 
 /// A memory store whose reservations answer after a second: the time a network store
@@ -478,16 +479,7 @@ impl palisade::cost::budget::BudgetStore for SlowReserve {
 #[tokio::test(start_paused = true)]
 async fn a_request_gone_while_the_inner_layer_reserves_releases_the_outer_reservation() {
     let users = nested_budgets().0;
-    let everyone = BudgetLayer::builder()
-        .budget(Budget::new(
-            "all",
-            Scope::Global,
-            Period::Day,
-            Money::parse_dollars("5").unwrap(),
-        ))
-        .store(SlowReserve(palisade::cost::budget::MemoryBudgetStore::new()))
-        .build()
-        .unwrap();
+    let everyone = slow_everyone();
     let svc = ServiceBuilder::new()
         .layer(users.clone())
         .layer(everyone.clone())
@@ -513,16 +505,7 @@ async fn a_request_gone_while_the_inner_layer_reserves_releases_the_outer_reserv
 async fn a_request_gone_at_the_inner_budget_gate_releases_the_outer_reservation() {
     use palisade::cost::budget::StartBody;
     let users = nested_budgets().0;
-    let everyone = BudgetLayer::builder()
-        .budget(Budget::new(
-            "all",
-            Scope::Global,
-            Period::Day,
-            Money::parse_dollars("5").unwrap(),
-        ))
-        .store(SlowReserve(palisade::cost::budget::MemoryBudgetStore::new()))
-        .build()
-        .unwrap();
+    let everyone = slow_everyone();
     let (start_all, gate_all) = everyone.split();
     let svc = ServiceBuilder::new()
         .layer(users.clone())
@@ -617,11 +600,7 @@ async fn a_refusal_by_a_plain_layer_inside_a_split_start_releases_the_start_rese
     assert_eq!(res.status(), 429);
     res.into_body().collect().await.unwrap();
     tokio::task::yield_now().await;
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((Money::ZERO, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((Money::ZERO, Money::ZERO)));
+    assert_spent(&users, &everyone, Money::ZERO);
 }
 
 /// Three levels, a split one between two plain ones: each account is charged the actual
@@ -652,10 +631,6 @@ async fn three_nested_budget_layers_each_charge_exactly_the_actual_cost() {
     assert_eq!(res.status(), 200);
     res.into_body().collect().await.unwrap();
     assert_eq!(records.recv().await.unwrap().cost, Some(KNOWN_COST));
-    assert_eq!(
-        users.spend("daily", "carol"),
-        Some((KNOWN_COST, Money::ZERO))
-    );
-    assert_eq!(everyone.spend("all", "*"), Some((KNOWN_COST, Money::ZERO)));
+    assert_spent(&users, &everyone, KNOWN_COST);
     assert_eq!(third.spend("monthly", "*"), Some((KNOWN_COST, Money::ZERO)));
 }
