@@ -235,9 +235,23 @@ fn is_normal(path: &str) -> bool {
             .all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
+/// [`decode_once`] until nothing changes: a `%` that starts no escape can form one with
+/// what an escape decodes to (`%%34a` gives `%4a` once, then `J`), and normalising must give
+/// the same path when applied twice.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    let mut decoded = decode_once(path);
+    while let Cow::Owned(current) = &decoded {
+        match decode_once(current) {
+            Cow::Owned(next) if next != *current => decoded = Cow::Owned(next),
+            _ => break,
+        }
+    }
+    decoded
+}
+
 /// Decodes `%XX` escapes of unreserved characters (RFC 3986: letters, digits, `-`, `.`,
 /// `_`, `~`), which name the same resource as the character itself; others stay encoded.
-fn decode_unreserved(path: &str) -> Cow<'_, str> {
+fn decode_once(path: &str) -> Cow<'_, str> {
     if !path.contains('%') {
         return Cow::Borrowed(path);
     }
@@ -704,6 +718,14 @@ mod preset_tests {
             "principal_or_ip".parse::<KeySource>().unwrap().to_string(),
             "principal_or_ip"
         );
+    }
+
+    #[test]
+    fn a_percent_sign_that_starts_no_escape_and_what_follows_decode_as_one() {
+        assert_eq!(normalize_path("/%%34a"), "/J");
+        assert_eq!(normalize_path("/%4%61"), "/J");
+        assert_eq!(normalize_path("/a%"), "/a%");
+        assert_eq!(normalize_path("/%2541"), "/%2541");
     }
 
     proptest::proptest! {
