@@ -322,6 +322,54 @@ async fn a_lease_ends_with_the_window_it_was_taken_in() {
     assert_eq!(evalsha(&server.url()).await, calls + 1);
 }
 
+/// A GCRA lease ends when the bucket's TAT at its grant is reached: its units would have
+/// drained by then, and once the bucket is full again another instance may take a whole
+/// burst, so a unit leased earlier must not pass beside it.
+#[tokio::test]
+async fn a_gcra_lease_ends_when_its_units_would_have_drained() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("drain");
+    let store = leased(
+        &server.url(),
+        &prefix,
+        Lease::units(100)
+            .share(0.1)
+            .max_age(Duration::from_secs(60)),
+    )
+    .await;
+    let other = exact(&server.url(), &prefix).await;
+    // 100 a second, a burst of 100: a unit drains in 10 ms
+    let rule = Owned::new(
+        "chat",
+        "u1",
+        Params::new(Algorithm::Gcra, Quota::per_second(100)),
+    );
+    let t = 1u64 << 45;
+    // 1 + 10 leased: the bucket's TAT is 110 ms ahead
+    assert!(store.check_at(&[rule.item()], t).await.unwrap().admitted);
+    let calls = evalsha(&server.url()).await;
+    assert!(
+        store
+            .check_at(&[rule.item()], t + 50_000)
+            .await
+            .unwrap()
+            .admitted
+    );
+    assert_eq!(evalsha(&server.url()).await, calls, "answered by the lease");
+    // drained: another instance takes the whole burst
+    let burst = rule.costing(100);
+    assert!(
+        other
+            .check_at(&[burst.item()], t + 200_000)
+            .await
+            .unwrap()
+            .admitted
+    );
+    // the lease's 9 units are gone with the time they stood for
+    let d = store.check_at(&[rule.item()], t + 200_000).await.unwrap();
+    assert!(!d.admitted, "{d:?}");
+}
+
 /// Near the end of a quota, Redis refuses the request with its top-up: the store asks
 /// again for the request alone (admitted), does not cache the refusal, and asks no top-up
 /// for that key until its window ends, so each later request is one round trip.
@@ -591,4 +639,175 @@ async fn lease_settings_are_read_from_the_environment() {
             .contains("PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS"),
         "{problems}"
     );
+}
+
+mod props {
+    //! Random sequences through two leasing stores on one server, at explicit times: what
+    //! they admit together stays within what the algorithm allows, request by request.
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    use super::*;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn params() -> impl Strategy<Value = Params> {
+        (
+            0u8..4,
+            20u64..400,
+            prop_oneof![Just(1_000_000u64), Just(60_000_000)],
+            1u64..3,
+        )
+            .prop_map(|(alg, limit, window, burst_factor)| Params {
+                algorithm: match alg {
+                    0 | 1 => Algorithm::SlidingWindow,
+                    2 => Algorithm::FixedWindow,
+                    _ => Algorithm::Gcra,
+                },
+                limit,
+                window,
+                burst: limit * burst_factor,
+                strict: alg == 1,
+            })
+    }
+
+    /// (store, cost, µs since the previous request)
+    fn steps(window: u64) -> impl Strategy<Value = Vec<(usize, u64, u64)>> {
+        prop::collection::vec(
+            (
+                0usize..2,
+                prop_oneof![Just(1u64), 1u64..9],
+                prop_oneof![0u64..1_000, 0..window / 4],
+            ),
+            1..150,
+        )
+    }
+
+    /// Whether `admitted` ((time, cost), in order) stays within what `p` allows.
+    fn within(p: &Params, admitted: &[(u64, u64)]) -> Result<(), String> {
+        let (l, w) = (u128::from(p.limit), u128::from(p.window));
+        let window_of = |t: u64| t - t % p.window;
+        match p.algorithm {
+            Algorithm::FixedWindow => {
+                let mut per = std::collections::BTreeMap::<u64, u64>::new();
+                for &(t, c) in admitted {
+                    *per.entry(window_of(t)).or_default() += c;
+                }
+                match per.iter().find(|(_, n)| **n > p.limit) {
+                    Some((start, n)) => Err(format!("{n} units in the window at {start}")),
+                    None => Ok(()),
+                }
+            }
+            Algorithm::SlidingWindow => {
+                // at each admission: the current window's units so far, plus the previous
+                // window's weighted as the script weighs them (strict: all of them)
+                for (i, &(t, _)) in admitted.iter().enumerate() {
+                    let start = window_of(t);
+                    let (mut count, mut prev) = (0u64, 0u64);
+                    for &(u, c) in &admitted[..=i] {
+                        if window_of(u) == start {
+                            count += c;
+                        } else if window_of(u) + p.window == start {
+                            prev += c;
+                        }
+                    }
+                    let weighted = if p.strict {
+                        u128::from(prev)
+                    } else {
+                        let elapsed = u128::from((t - start).min(p.window - 1));
+                        (u128::from(prev) * (w - elapsed)).div_ceil(w)
+                    };
+                    if u128::from(count) + weighted > l {
+                        return Err(format!("{count} + {weighted} weighted units at {t}"));
+                    }
+                }
+                Ok(())
+            }
+            Algorithm::Gcra => {
+                // a conforming stream: the units of any span [a, b] take at most the span
+                // plus the burst's tolerance to emit
+                let tolerance = (u128::from(p.burst) * w).div_ceil(l);
+                for (i, &(a, _)) in admitted.iter().enumerate() {
+                    let mut units = 0u128;
+                    for &(b, c) in &admitted[i..] {
+                        units += u128::from(c);
+                        if units * w > (u128::from(b - a) + tolerance) * l {
+                            return Err(format!("{units} units between {a} and {b}"));
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    static LEASED: AtomicU64 = AtomicU64::new(0);
+
+    async fn run(
+        server: &RedisServer,
+        p: Params,
+        steps: &[(usize, u64, u64)],
+        t0: u64,
+    ) -> Result<(), TestCaseError> {
+        let prefix = unique("prop");
+        let lease = Lease::units(50).share(0.1).max_age(Duration::from_secs(2));
+        let stores = [
+            leased(&server.url(), &prefix, lease).await,
+            leased(&server.url(), &prefix, lease).await,
+        ];
+        let key = RateKey::principal("u");
+        let mut t = t0;
+        let mut admitted = Vec::new();
+        for &(s, cost, dt) in steps {
+            t += dt;
+            let item = CheckItem {
+                rule_index: 0,
+                rule: "r",
+                key: &key,
+                params: p,
+                cost,
+                shadow: false,
+            };
+            let d = stores[s].check_at(&[item], t).await.unwrap();
+            prop_assert_eq!(d.rules[0].debited, d.admitted);
+            if d.admitted {
+                admitted.push((t, cost));
+            }
+        }
+        for s in &stores {
+            LEASED.fetch_add(s.health().lease_answers, Ordering::Relaxed);
+        }
+        within(&p, &admitted).map_err(|e| TestCaseError::fail(format!("{p:?}: {e}")))
+    }
+
+    #[test]
+    fn leasing_stores_never_admit_more_than_the_algorithm_allows() {
+        let rt = rt();
+        let server = rt
+            .block_on(RedisServer::start())
+            .expect("redis-server is required");
+        let mut runner = TestRunner::new(Config {
+            cases: std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(64),
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = params().prop_flat_map(|p| (Just(p), steps(p.window), 0u64..(1 << 48)));
+        runner
+            .run(&strategy, |(p, steps, t0)| {
+                rt.block_on(run(&server, p, &steps, t0))
+            })
+            .unwrap();
+        assert!(LEASED.load(Ordering::Relaxed) > 0, "no lease answered");
+    }
 }
