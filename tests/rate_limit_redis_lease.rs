@@ -157,6 +157,66 @@ async fn a_lease_answers_without_a_round_trip_even_when_redis_is_gone() {
     assert_eq!(store.health().lease_answers, 20);
 }
 
+/// Through the layer: a one-rule layer (its lean path asks `check_one_now`) and a
+/// two-rule one are answered from leases, one script call for 11 requests, and the
+/// rate-limit headers count the leased units as remaining.
+#[tokio::test]
+async fn the_layer_is_answered_from_leases() {
+    use http::{Request, Response};
+    use palisade::rate_limit::{KeySource, RateLimitLayer, Rule};
+    use tower::{Layer, ServiceExt, service_fn};
+
+    let server = RedisServer::start().await.expect("redis-server");
+    let ok = service_fn(|_req: Request<()>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
+    });
+    let store = leased(&server.url(), &unique("layer"), Lease::units(100)).await;
+    let one = RateLimitLayer::builder()
+        .store(store.clone())
+        .rule(Rule::new("global", Quota::per_minute(1_000)).key(KeySource::Global))
+        .build()
+        .unwrap()
+        .layer(ok);
+    let two = RateLimitLayer::builder()
+        .store(store.clone())
+        .rule(Rule::new("per-key", Quota::per_minute(1_000)).key(KeySource::ApiKey))
+        .rule(Rule::new("all", Quota::per_minute(5_000)).key(KeySource::Global))
+        .build()
+        .unwrap()
+        .layer(ok);
+    let request = || {
+        Request::post("/v1/messages")
+            .header("x-api-key", "sk-test-1")
+            .body(())
+            .unwrap()
+    };
+    let calls = evalsha(&server.url()).await;
+    for _ in 0..11 {
+        assert_eq!(one.clone().oneshot(request()).await.unwrap().status(), 200);
+    }
+    assert_eq!(evalsha(&server.url()).await, calls + 1);
+    let calls = evalsha(&server.url()).await;
+    let mut last = None;
+    for _ in 0..11 {
+        let response = two.clone().oneshot(request()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        last = Some(response);
+    }
+    assert_eq!(evalsha(&server.url()).await, calls + 1);
+    assert_eq!(store.health().lease_answers, 20);
+    // the last request leaves 1,000 - 11 units of the per-key rule (10 of them leased here)
+    let headers = last.unwrap().headers().clone();
+    let ratelimit = headers
+        .get("ratelimit")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(ratelimit.contains("r=989"), "{ratelimit}");
+}
+
 /// A decision the local fallback store made never takes a lease: with Redis down from the
 /// start, no decision is answered from one.
 #[tokio::test]

@@ -1718,6 +1718,16 @@ impl Store for RedisStore {
             .map(Ok)
     }
 
+    fn check_one_now(&self, item: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+        // Only an answer from a lease: a refusal goes through `check_now`, as before.
+        let leases = &self.inner.leases;
+        if !leases.enabled() {
+            return None;
+        }
+        let leased = leases.answer(std::slice::from_ref(item), When::Local(Instant::now()))?;
+        leased.rules.first().copied().map(Ok)
+    }
+
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
         self.settle_with(settlements, None)
     }
