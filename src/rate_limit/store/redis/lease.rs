@@ -578,6 +578,64 @@ mod tests {
         Lease::units(10).share(1.0).validate().unwrap();
     }
 
+    /// A full table leases nothing for a new key while its entries live, and drops them
+    /// once they have expired; a key with a top-up on its way asks for no second one.
+    #[test]
+    fn a_full_table_leases_nothing_new_until_its_entries_expire() {
+        let leases = Leases::new(Some(Lease::units(100).entries(2)), Duration::from_secs(1));
+        let params = Params::new(Algorithm::FixedWindow, Quota::per_minute(10_000));
+        let keys: Vec<RateKey> = ["a", "b", "c", "d", "e"]
+            .into_iter()
+            .map(RateKey::principal)
+            .collect();
+        let item = |key| CheckItem {
+            rule_index: 0,
+            rule: "r",
+            key,
+            params,
+            cost: 1,
+            shadow: false,
+        };
+        let rule = |window_start| RuleDecision {
+            verdict: Verdict::Allowed,
+            remaining: 5_000,
+            reset_micros: 0,
+            window_start,
+            generation: 0,
+            reservation_end: 0,
+            debited: true,
+        };
+        let (first, second) = (When::At(1_000), When::At(61_000_000));
+        assert!(leases.plan(&[item(&keys[0])], first).is_some());
+        // on its way: no second top-up for a
+        assert!(leases.plan(&[item(&keys[0])], first).is_none());
+        assert!(leases.plan(&[item(&keys[1])], first).is_some());
+        for key in &keys[..2] {
+            let held = leases.grant("r", key, params, 100, &rule(0), Instant::now(), 1_000, 0);
+            assert_eq!(held, Some(100));
+        }
+        // past the window (a minute), a and b have expired: c takes their room
+        assert!(leases.plan(&[item(&keys[2])], second).is_some());
+        assert_eq!(leases.len(), 1);
+        assert!(leases.plan(&[item(&keys[3])], second).is_some());
+        for key in &keys[2..4] {
+            let held = leases.grant(
+                "r",
+                key,
+                params,
+                100,
+                &rule(60_000_000),
+                Instant::now(),
+                61_000_000,
+                0,
+            );
+            assert_eq!(held, Some(100));
+        }
+        // full of live leases: e is decided without one
+        assert!(leases.plan(&[item(&keys[4])], second).is_none());
+        assert_eq!(leases.len(), 2);
+    }
+
     /// Concurrent answers never spend one unit twice, and a group is answered all or none.
     #[test]
     fn concurrent_answers_spend_each_leased_unit_once_and_groups_all_or_none() {
