@@ -463,8 +463,9 @@ async fn a_refused_top_up_is_asked_again_alone_and_not_cached() {
     assert_eq!(redis_remaining(&other, &rule).await, 0);
 }
 
-/// A cost above what the lease has left goes to Redis with a new top-up; the lease's old
-/// units stay usable (same window), and what the decision reports counts them.
+/// A cost above what the lease has left goes to Redis with a top-up that fills the lease
+/// back to its size; the lease's old units stay usable (same window), and what the
+/// decision reports counts them.
 #[tokio::test]
 async fn a_cost_above_the_lease_asks_redis_and_keeps_the_old_units() {
     let server = RedisServer::start().await.expect("redis-server");
@@ -480,11 +481,11 @@ async fn a_cost_above_the_lease_asks_redis_and_keeps_the_old_units() {
     let d = store.check(&[rule.costing(5).item()]).await.unwrap();
     assert!(d.admitted);
     assert_eq!(evalsha(&server.url()).await, calls + 1);
-    // Redis: 11 + 15 debited; this instance holds 3 + 10 of them
-    assert_eq!(redis_remaining(&peeker, &rule).await, 1_000 - 26);
-    assert_eq!(d.rules[0].remaining, 1_000 - 26 + 13);
+    // Redis: 11 + 5 + 7 debited; this instance holds 3 + 7 of them (one lease's size)
+    assert_eq!(redis_remaining(&peeker, &rule).await, 1_000 - 23);
+    assert_eq!(d.rules[0].remaining, 1_000 - 23 + 10);
     let calls = evalsha(&server.url()).await; // the peek was one
-    for _ in 0..13 {
+    for _ in 0..10 {
         assert!(admit(&store, &[&rule]).await);
     }
     assert_eq!(evalsha(&server.url()).await, calls);

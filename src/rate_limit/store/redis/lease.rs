@@ -43,14 +43,17 @@ pub const DEFAULT_LEASE_ENTRIES: usize = 10_000;
 /// **Never more than the limit.** Every unit a lease answers with was debited in Redis
 /// before, and is used only while it still counts there: a fixed or sliding window's lease
 /// ends with the Redis window it was taken in (measured from when its call was sent, so
-/// clocks that run apart between hosts never stretch it), a GCRA lease when the bucket's
-/// TAT at the grant is reached (its units would have drained by then), and any lease at its
-/// maximum age.
+/// clocks that run apart between hosts never stretch it), and any lease at its maximum
+/// age. A GCRA lease's units stand for slices of the bucket's timeline up to its TAT at
+/// the grant: a unit is answered only while its slice lies wholly ahead (once time reaches
+/// it, the bucket counts it drained and free to others), so the lease's units go one by one
+/// as time passes them, and all of them by that TAT.
 ///
 /// **Inexact only towards refusing.** Units one instance leased and has not used are
 /// unavailable to the others until the lease's window ends (GCRA: until they drain): with
 /// `n` instances, up to `n × size` units of a window can go unused while requests are
-/// refused elsewhere. The [size](Lease::size) is at most the configured share of the rule's
+/// refused elsewhere (a request larger than what its lease holds tops it up to its size,
+/// never beyond). The [size](Lease::size) is at most the configured share of the rule's
 /// capacity (its limit, or a GCRA rule's burst) and at most the configured units; a rule
 /// whose share is below 2 units is never leased, so small per-user limits stay exact.
 /// When the quota is almost used up, a request whose top-up Redis refuses is asked again
@@ -191,6 +194,23 @@ fn live(span: Option<&Span>, when: When) -> bool {
 }
 
 impl Entry {
+    /// The units the lease can answer with `when`: none once it has ended. A GCRA lease's
+    /// units stand for slices of the bucket's timeline ending at the TAT of the grant,
+    /// answered from the earliest: a unit whose slice has begun to pass by `when` has
+    /// drained (the bucket counts it free again), so only those whose slice lies wholly
+    /// ahead are left.
+    fn available(&self, when: When) -> u64 {
+        let Some(span) = self.lease.as_ref().filter(|s| live(Some(s), when)) else {
+            return 0;
+        };
+        if self.params.algorithm != Algorithm::Gcra {
+            return self.units;
+        }
+        let elapsed = elapsed(span, when).unwrap_or(u64::MAX);
+        let ahead = self.reset.saturating_sub(elapsed);
+        self.units.min(units_within(&self.params, ahead))
+    }
+
     fn empty(params: Params) -> Self {
         Self {
             params,
@@ -213,6 +233,13 @@ impl Entry {
             && !live(self.off.as_ref(), when)
             && self.pending_until.is_none_or(|p| p <= now)
     }
+}
+
+/// The whole units of a GCRA rule that `micros` of its timeline hold: the largest `k` whose
+/// [emission](emission) is at most `micros`.
+fn units_within(params: &Params, micros: u64) -> u64 {
+    let per = u128::from(params.limit.max(1));
+    u64::try_from(u128::from(micros) * per / u128::from(params.window.max(1))).unwrap_or(u64::MAX)
 }
 
 /// Emission time (µs) of `units` units of a GCRA rule: what they advance its TAT by.
@@ -316,7 +343,7 @@ impl Leases {
             return None;
         }
         let usable = |e: &Entry, item: &CheckItem<'_>| {
-            e.params == item.params && e.units >= item.cost && live(e.lease.as_ref(), when)
+            e.params == item.params && e.available(when) >= item.cost
         };
         for item in items {
             let e = state.map.get(&Lookup(item.rule, item.key))?;
@@ -328,7 +355,8 @@ impl Leases {
         for item in items {
             // Present and usable: checked above under the same lock.
             let e = state.map.get_mut(&Lookup(item.rule, item.key))?;
-            e.units -= item.cost;
+            // A GCRA lease's drained units go with the time they stood for.
+            e.units = e.available(when) - item.cost;
             let span = e.lease.as_ref()?;
             let elapsed = elapsed(span, when).unwrap_or(0);
             rules.push(RuleDecision {
@@ -364,7 +392,7 @@ impl Leases {
         for item in items {
             let capacity = item.params.capacity();
             let size = lease.size(capacity);
-            let top = if size == 0 || item.cost > capacity {
+            let mut top = if size == 0 || item.cost > capacity {
                 0
             } else {
                 size.min(capacity - item.cost)
@@ -376,10 +404,15 @@ impl Leases {
             let state = state.get_or_insert_with(|| self.lock());
             let asks = match state.map.get_mut(&Lookup(item.rule, item.key)) {
                 Some(e) if e.params == item.params => {
-                    let suffices = e.units >= item.cost && live(e.lease.as_ref(), when);
+                    let held = e.available(when);
                     let off = live(e.off.as_ref(), when);
                     let pending = e.pending_until.is_some_and(|p| p > now);
-                    if suffices || off || pending {
+                    // A window's live lease keeps its units with the top-up (see
+                    // `grant`): together they hold at most one lease's size.
+                    if e.params.algorithm != Algorithm::Gcra {
+                        top = top.saturating_sub(held);
+                    }
+                    if held >= item.cost || off || pending || top == 0 {
                         false
                     } else {
                         e.pending_until = Some(now + self.pending_for);
@@ -466,7 +499,10 @@ impl Leases {
             && e.window_start == rule.window_start
             && e.generation == rule.generation;
         e.units = if merge {
-            e.units.saturating_add(top)
+            // never more than one lease's size (the top-up was planned so)
+            e.units
+                .saturating_add(top)
+                .min(lease.size(params.capacity()).max(top))
         } else {
             top
         };

@@ -1,0 +1,126 @@
+//! Local leases of the Redis store against a real server, at the edges: a GCRA lease whose
+//! units' time has passed, and a lease topped up by requests larger than it holds.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::time::Duration;
+
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::CheckItem;
+use palisade::rate_limit::{Algorithm, Lease, Quota, RateKey, RedisStore, Store};
+use support::RedisServer;
+
+/// A window long enough that no test crosses an edge of a fixed window (2^40 µs, 12.7 days).
+const LONG: Duration = Duration::from_micros(1 << 40);
+
+fn unique(tag: &str) -> String {
+    format!("t{}:{tag}", rand::random::<u32>())
+}
+
+async fn store(url: &str, prefix: &str, lease: Option<Lease>) -> RedisStore {
+    let builder = RedisStore::builder()
+        .url(url)
+        .prefix(prefix)
+        .timeout(Duration::from_secs(2));
+    match lease {
+        Some(lease) => builder.lease(lease),
+        None => builder,
+    }
+    .build()
+    .await
+    .unwrap()
+}
+
+fn item<'a>(key: &'a RateKey, params: Params, cost: u64) -> CheckItem<'a> {
+    CheckItem {
+        rule_index: 0,
+        rule: "chat",
+        key,
+        params,
+        cost,
+        shadow: false,
+    }
+}
+
+/// Units admitted one at a time at `t` until the first refusal.
+async fn take_all(store: &RedisStore, key: &RateKey, params: Params, t: u64) -> u64 {
+    let mut n = 0;
+    while store
+        .check_at(&[item(key, params, 1)], t)
+        .await
+        .unwrap()
+        .admitted
+    {
+        n += 1;
+        assert!(n <= params.burst * 2, "never refused");
+    }
+    n
+}
+
+/// GCRA: a leased unit stands for a slice of the bucket's timeline. Once time has passed
+/// that slice, the bucket counts it as drained and another instance may take the whole
+/// burst; the unit must not pass beside it, even though the lease's last unit has not
+/// drained yet.
+#[tokio::test]
+async fn a_gcra_lease_never_answers_with_units_whose_slice_has_passed() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("gcra-slice");
+    let leased = store(
+        &server.url(),
+        &prefix,
+        Some(
+            Lease::units(100)
+                .share(0.1)
+                .max_age(Duration::from_secs(60)),
+        ),
+    )
+    .await;
+    let other = store(&server.url(), &prefix, None).await;
+    // 100 a second, a burst of 100: a unit is 10 ms of the timeline
+    let params = Params::new(Algorithm::Gcra, Quota::per_second(100));
+    let key = RateKey::principal("u1");
+    let t = 1u64 << 45;
+    // 1 + 10 leased: the TAT is 110 ms ahead, the leased units' slices are 10..110 ms
+    assert!(
+        leased
+            .check_at(&[item(&key, params, 1)], t)
+            .await
+            .unwrap()
+            .admitted
+    );
+    // at 105 ms only 5 ms of the lease are still ahead: the rest of the burst goes to the
+    // other instance
+    let now = t + 105_000;
+    let by_other = take_all(&other, &key, params, now).await;
+    let by_lease = take_all(&leased, &key, params, now).await;
+    assert!(
+        by_other + by_lease <= params.burst,
+        "{by_other} + {by_lease} units at one instant, above a burst of {}",
+        params.burst
+    );
+}
+
+/// A request larger than what its lease holds asks Redis with a new top-up; the lease it
+/// keeps never holds more than one lease's size, however many such requests come (else
+/// units the other instances are refused pile up here).
+#[tokio::test]
+async fn a_lease_never_holds_more_than_its_size_when_large_requests_top_it_up() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("pile");
+    let leased = store(&server.url(), &prefix, Some(Lease::units(100))).await;
+    let peeker = store(&server.url(), &prefix, None).await;
+    // a lease of 10 units (1 % of 1,000)
+    let params = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    let key = RateKey::principal("u1");
+    for n in 1..=20u64 {
+        let d = leased.check(&[item(&key, params, 20)]).await.unwrap();
+        assert!(d.admitted);
+        let in_redis = peeker.peek(&item(&key, params, 1)).await.unwrap().remaining;
+        let held = 1_000 - 20 * n - in_redis;
+        assert!(
+            held <= 10,
+            "after {n} requests of 20, the lease holds {held} units"
+        );
+    }
+}
