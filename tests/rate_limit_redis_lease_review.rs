@@ -124,3 +124,99 @@ async fn a_lease_never_holds_more_than_its_size_when_large_requests_top_it_up() 
         );
     }
 }
+
+/// A check that reaches Redis before a reset of its key but is answered after the reset
+/// was asked for took a lease of the old state: once the reset is done, no unit of it is
+/// answered, so what the store admits after the reset stays within the limit.
+#[tokio::test]
+async fn a_lease_granted_before_a_reset_lands_is_not_answered_after_it() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let leased = store(&server.url(), &unique("reset"), Some(Lease::units(100))).await;
+    let params = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    let key = RateKey::principal("u1");
+    let reset = leased.reset(0, "chat", &key);
+    // decided (1 + 10 leased) before the reset reaches Redis
+    assert!(
+        leased
+            .check(&[item(&key, params, 1)])
+            .await
+            .unwrap()
+            .admitted
+    );
+    reset.await.unwrap();
+    let mut after = 0;
+    while leased
+        .check(&[item(&key, params, 1)])
+        .await
+        .unwrap()
+        .admitted
+    {
+        after += 1;
+        assert!(after <= 2_000, "never refused");
+    }
+    assert_eq!(after, 1_000, "admitted after the reset");
+}
+
+/// A long store timeout (it bounds how long a top-up is awaited) never panics a leased
+/// decision.
+#[tokio::test]
+async fn a_huge_timeout_with_leases_never_panics() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let leased = RedisStore::builder()
+        .url(server.url())
+        .prefix(unique("timeout"))
+        .timeout(Duration::MAX)
+        .lease(Lease::units(100))
+        .build()
+        .await
+        .unwrap();
+    let params = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    let key = RateKey::principal("u1");
+    for _ in 0..12 {
+        assert!(
+            leased
+                .check(&[item(&key, params, 1)])
+                .await
+                .unwrap()
+                .admitted
+        );
+    }
+}
+
+/// Settings at their extremes (a lease of the whole capacity, an age that never ends, one
+/// entry) and costs at theirs never panic: a cost above any capacity is refused, and a
+/// lease of all but the request's units answers the rest.
+#[tokio::test]
+async fn extreme_lease_settings_and_costs_never_panic() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let leased = store(
+        &server.url(),
+        &unique("extreme"),
+        Some(
+            Lease::units(u64::MAX)
+                .share(1.0)
+                .max_age(Duration::MAX)
+                .entries(1),
+        ),
+    )
+    .await;
+    let limit = (1u64 << 52) - 1;
+    let params = Params::new(Algorithm::FixedWindow, Quota::new(limit, LONG));
+    let (a, b) = (RateKey::principal("a"), RateKey::principal("b"));
+    for cost in [u64::MAX, limit + 1] {
+        let d = leased.check(&[item(&a, params, cost)]).await.unwrap();
+        assert!(!d.admitted, "{d:?}");
+    }
+    let d = leased.check(&[item(&a, params, 1)]).await.unwrap();
+    assert!(d.admitted);
+    assert_eq!(d.rules[0].remaining, limit - 1);
+    // the rest of the quota is this store's lease: answered here, whatever the cost
+    let d = leased.check(&[item(&a, params, limit - 1)]).await.unwrap();
+    assert!(d.admitted && d.rules[0].remaining == 0, "{d:?}");
+    assert!(!leased.check(&[item(&a, params, 1)]).await.unwrap().admitted);
+    // a full table of one entry: another key is decided without a lease
+    for _ in 0..3 {
+        assert!(leased.check(&[item(&b, params, 1)]).await.unwrap().admitted);
+    }
+    assert_eq!(leased.health().lease_answers, 1);
+}

@@ -891,10 +891,10 @@ impl RedisStore {
                     "rule `{rule}`: the Redis store counts exactly only below 2^52: a GCRA quota's burst times its window over its limit (in µs, about 142 years) must be smaller"
                 )));
             }
-            // A cost past every capacity is refused (`Never`) whatever its size; a delta
-            // past every count saturates.
+            // A cost past every capacity is refused (`Never`) whatever its size (2^52 is
+            // above every limit and burst allowed); a delta past every count saturates.
             let (a, b) = match mode {
-                Mode::Check | Mode::Peek => (a.min(LUA_EXACT - 1), b),
+                Mode::Check | Mode::Peek => (a.min(LUA_EXACT), b),
                 Mode::Settle => (
                     a.min(LUA_TIME - 1),
                     b.clamp(1 - LUA_EXACT as i64, LUA_EXACT as i64 - 1),
@@ -1768,6 +1768,8 @@ impl Store for RedisStore {
                     // A refusal decided in Redis before the reset but answered after the
                     // removal above may have blocked the key here again.
                     inner.blocked.remove(&rule, &key);
+                    // So may a lease of the state before the reset have been granted.
+                    inner.leases.remove(&rule, &key);
                     Ok(())
                 }
                 Ok(Err(e)) => Err(StoreError::new(format!("resetting in Redis failed: {e}"))),

@@ -285,7 +285,9 @@ impl Leases {
     pub fn new(lease: Option<Lease>, pending_for: Duration) -> Self {
         Self {
             lease,
-            pending_for,
+            // Added to instants: a timeout of any length may be configured (past a day, a
+            // second top-up of a key may be asked for while the first is on its way).
+            pending_for: pending_for.min(Duration::from_secs(86_400)),
             state: Mutex::new(State {
                 map: Map::default(),
                 next_sweep: None,
