@@ -220,3 +220,26 @@ async fn extreme_lease_settings_and_costs_never_panic() {
     }
     assert_eq!(leased.health().lease_answers, 1);
 }
+
+/// Units that do not parse are one problem, named as such: the other lease settings are
+/// not also reported as doing nothing "while leases are off".
+#[test]
+fn lease_units_that_do_not_parse_are_the_only_problem_reported() {
+    use palisade::config::Env;
+    use palisade::rate_limit::RedisStoreConfig;
+
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS", "lots"),
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_SHARE", "0.05"),
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_MAX_AGE", "2s"),
+    ]);
+    let _ = RedisStoreConfig::from_env(&mut env);
+    let problems = env.finish().unwrap_err();
+    assert_eq!(problems.problems().len(), 1, "{problems}");
+    assert!(
+        problems
+            .to_string()
+            .contains("PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS"),
+        "{problems}"
+    );
+}

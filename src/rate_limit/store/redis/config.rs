@@ -195,7 +195,11 @@ impl RedisStoreConfig {
                 _ => Err("expected a whole number of entries, at least 1".to_owned()),
             }
         });
-        if lease_units == 0 {
+        // Units that do not parse are a problem of their own: the others are not off then.
+        let units_unparsed = env
+            .raw(&var("redis.lease_units"))
+            .is_some_and(|v| v.trim().parse::<u64>().is_err());
+        if lease_units == 0 && !units_unparsed {
             for (field, set, example) in [
                 ("redis.lease_share", lease_share.is_some(), "0.01"),
                 ("redis.lease_max_age", lease_max_age.is_some(), "1s"),
