@@ -17,6 +17,10 @@
 #   LOAD_BUDGET=1   # the full stacks (and the baseline) keep a daily budget per user (one
 #                   # that never runs out), so each request also reserves and settles it;
 #                   # with --redis and LOAD_BASELINE the baseline runs on Redis too
+#   LOAD_REDIS_LEASE=100   # --redis: the Redis gateways take local leases of up to this many
+#                          # units (PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS); unset or 0: exact,
+#                          # one round trip per decision. Run once with and once without to
+#                          # compare the leased and the exact Redis stack.
 #
 # Needs wrk (Debian's package) and, for --redis, redis-server. Everything listens on
 # 127.0.0.1. wrk, the mock and the proxy share the machine's cores: read the ratios between
@@ -32,7 +36,7 @@ for arg in "$@"; do
     --keys) keys=1 ;;
     --redis) redis=1 ;;
     --peers) peers=1 ;;
-    -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "load.sh: unknown argument '$arg' (expected --smoke, --redis, --peers, --keys)" >&2; exit 2 ;;
   esac
 done
@@ -171,6 +175,11 @@ fi
 
 status=0
 redis_note=""
+# LOAD_REDIS_LEASE=N: local leases for the Redis gateways (0 or unset: none).
+lease_env=(PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS="${LOAD_REDIS_LEASE:-0}")
+case "${LOAD_REDIS_LEASE:-0}" in
+  '' | *[!0-9]*) echo "load.sh: LOAD_REDIS_LEASE must be a whole number of units, got '${LOAD_REDIS_LEASE}'" >&2; exit 2 ;;
+esac
 if [ "$redis" = 1 ]; then
   if ! command -v redis-server >/dev/null; then
     redis_note="redis-server is not installed: no Redis table"
@@ -183,12 +192,12 @@ if [ "$redis" = 1 ]; then
     if ! wait_port "$rpid" "$rport"; then
       redis_note="redis-server did not start: no Redis table"
       status=1
-    elif start_gateway gateway-redis on REDIS_URL="redis://127.0.0.1:$rport"; then
+    elif start_gateway gateway-redis on REDIS_URL="redis://127.0.0.1:$rport" "${lease_env[@]}"; then
       addr[redis]="$found"
       targets+=(redis)
       if [ -n "${LOAD_BASELINE:-}" ]; then
         gateway_bin="$LOAD_BASELINE"
-        start_gateway baseline-redis on REDIS_URL="redis://127.0.0.1:$rport" \
+        start_gateway baseline-redis on REDIS_URL="redis://127.0.0.1:$rport" "${lease_env[@]}" \
           || { echo "load.sh: the baseline gateway did not start with Redis:" >&2; cat "$work/baseline-redis.log" >&2; exit 1; }
         gateway_bin="$bin/chat_gateway"
         addr[baseline_redis]="$found"
@@ -263,6 +272,9 @@ else
   duration="${LOAD_DURATION:-$(( 150 / cases > 2 ? 2 : (150 / cases < 1 ? 1 : 150 / cases) ))}"
 fi
 echo "==> ${#targets[@]} targets (${targets[*]}), connections: $conns, $rounds round(s) of ${duration}s per case"
+if [ "$redis" = 1 ] && [ "${LOAD_REDIS_LEASE:-0}" != 0 ]; then
+  echo "==> Redis gateways with local leases of up to ${LOAD_REDIS_LEASE} units"
+fi
 
 results="$work/results"
 : >"$results"

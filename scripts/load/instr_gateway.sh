@@ -13,6 +13,9 @@
 #                                                      # (callgrind_annotate --inclusive=yes)
 #   INSTR_REDIS=1 scripts/load/instr_gateway.sh   # limits and budgets in a redis-server
 #                                                 # started on a free port (REDIS_URL)
+#   INSTR_REDIS=1 PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS=100 scripts/load/instr_gateway.sh
+#                 # the same with local leases: the gateway inherits the environment (what
+#                 # it sets wins over examples/chat_gateway/load.env)
 #
 # For each case the gateway starts under callgrind, answers a warm-up run at one
 # connection, has its counters zeroed, answers a measured run (wrk, one connection), and

@@ -107,7 +107,7 @@ pub use rule::{Cost, RequestCost, Route, Rule, Segment};
 pub use service::RateLimit;
 #[cfg(feature = "redis")]
 pub use store::{
-    HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
+    HashTag, Lease, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
     RedisStoreBuilder, RedisStoreConfig,
 };
 pub use store::{MemoryStore, MemoryStoreBuilder, Store};

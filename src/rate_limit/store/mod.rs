@@ -66,7 +66,7 @@ use super::key::RateKey;
 
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    HashTag, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
+    HashTag, Lease, RedisClock, RedisConfigError, RedisFailMode, RedisHealth, RedisStore,
     RedisStoreBuilder, RedisStoreConfig,
 };
 pub use memory::{MemoryStore, MemoryStoreBuilder};

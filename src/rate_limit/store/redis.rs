@@ -7,6 +7,7 @@ mod batch;
 mod blocked;
 mod config;
 mod health;
+mod lease;
 
 use std::fmt::{self, Write as _};
 use std::future::{Future, ready};
@@ -22,6 +23,8 @@ use self::blocked::{Blocked, BlockedCache};
 pub use self::config::RedisStoreConfig;
 use self::health::Health;
 pub use self::health::RedisHealth;
+pub use self::lease::Lease;
+use self::lease::{Leases, TopUps, When};
 use super::super::Algorithm;
 use super::super::algorithm::{Params, Verdict};
 use super::super::error::StoreError;
@@ -167,6 +170,12 @@ pub enum RedisConfigError {
         "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
     )]
     TlsCaWithoutTls,
+    /// A [`Lease`] with a setting out of range.
+    #[error("the Redis rate-limit store's lease is invalid: {reason}")]
+    InvalidLease {
+        /// Why, and what to set instead.
+        reason: String,
+    },
     /// The first connection to a Cluster failed (a single server that cannot be reached
     /// when the store is built is connected to on the first call instead).
     #[error("could not connect to the Redis Cluster: {reason}")]
@@ -189,6 +198,7 @@ pub struct RedisStoreBuilder {
     hash_tag: HashTag,
     fallback: Option<MemoryStore>,
     tls_ca: Option<Vec<u8>>,
+    lease: Option<Lease>,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -201,6 +211,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("fail_mode", &self.fail_mode)
             .field("clock", &self.clock)
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<set>"))
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -274,6 +285,13 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Takes local leases of each rule's quota (default: none, every decision is one round
+    /// trip): see [`Lease`] for what they save and what they cost in exactness.
+    pub fn lease(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
     /// Checks the settings and connects: to a single server at once when it answers
     /// within the connection timeout (the larger of the timeout and 250 ms), loading the
     /// script, so the first decision is one round trip; else on the first call (building
@@ -292,6 +310,9 @@ impl RedisStoreBuilder {
         }
         if self.timeout.is_zero() {
             return Err(RedisConfigError::ZeroTimeout);
+        }
+        if let Some(lease) = &self.lease {
+            lease.validate()?;
         }
         let invalid = |e: redis::RedisError| RedisConfigError::InvalidUrl {
             reason: e.to_string(),
@@ -376,6 +397,7 @@ impl RedisStoreBuilder {
                 clock: self.clock,
                 hash_tag: self.hash_tag,
                 blocked: BlockedCache::new(self.blocked_cache),
+                leases: Leases::new(self.lease, self.timeout),
                 fallback: self.fallback.unwrap_or_default(),
                 health: Health::default(),
                 batcher: batch::Batchers::new(cluster),
@@ -567,6 +589,20 @@ enum Conn {
 /// ([`RedisStoreBuilder::blocked_cache`]), and keeps the newcomer: under a flood of
 /// distinct blocked keys it stays within its capacity at O(1) amortized per insert.
 ///
+/// **Local leases (opt-in).** With [`RedisStoreBuilder::lease`], a decision that finds no
+/// usable lease for a rule and key also asks Redis, in the same script call, for a few units
+/// beyond its cost (a [`Lease`]); once they are granted, the next requests for that rule
+/// and key are decided here from them, with no round trip (also while Redis is away: they
+/// were granted), all of a request's rules or none, each unit spent once. Decisions made
+/// from a lease report the grant's window and generation, so their settlements apply where
+/// their units were counted, and for GCRA a reservation end at their own slice of the
+/// lease. A refusal of a call that asked for extra units says nothing about the request
+/// alone: it is neither cached nor returned, and the request is asked again without them.
+/// [`Store::reset`] drops this instance's lease of the key; another instance's lease
+/// answers until it ends (at most its maximum age, 1 s by default). Decisions of the local
+/// fallback store never create a lease. [`RedisHealth::lease_answers`] counts the decisions
+/// leases answered.
+///
 /// **TLS.** `rediss://` URLs connect over TLS (rustls), for one server or every Cluster
 /// node, checking the server's certificate against the system's roots, or against your
 /// own CA with [`RedisStoreBuilder::tls_ca_pem`]. A certificate that does not verify is a
@@ -587,6 +623,7 @@ struct Inner {
     clock: RedisClock,
     hash_tag: HashTag,
     blocked: BlockedCache,
+    leases: Leases,
     fallback: MemoryStore,
     health: Health,
     batcher: batch::Batchers,
@@ -681,6 +718,7 @@ impl RedisStore {
             hash_tag: HashTag::default(),
             fallback: None,
             tls_ca: None,
+            lease: None,
         }
     }
 
@@ -691,9 +729,12 @@ impl RedisStore {
 
     /// What the store has seen of Redis.
     pub fn health(&self) -> RedisHealth {
-        self.inner
-            .health
-            .snapshot(self.inner.fail_mode, self.inner.blocked.len())
+        self.inner.health.snapshot(
+            self.inner.fail_mode,
+            self.inner.blocked.len(),
+            self.inner.leases.answered(),
+            self.inner.leases.len(),
+        )
     }
 
     /// Forgets every key of the local blocked-key cache.
@@ -888,48 +929,189 @@ impl RedisStore {
         items: &[CheckItem<'_>],
         now: Option<u64>,
     ) -> BoxFuture<Result<Decision, StoreError>> {
+        let leases = &self.inner.leases;
+        let when = match now {
+            Some(t) => When::At(t),
+            None => When::Local(Instant::now()),
+        };
+        if leases.enabled() {
+            if let Some(leased) = leases.answer(items, when) {
+                return Box::pin(ready(Ok(leased)));
+            }
+        }
         if let Some(refusal) = self
             .inner
             .cached_refusal(items, self.inner.health.unhealthy())
         {
             return Box::pin(ready(Ok(refusal)));
         }
+        let top_ups = if leases.enabled() {
+            leases.plan(items, when)
+        } else {
+            None
+        };
+        let top_up = |i: usize| top_ups.as_ref().map_or(0, |t| t[i]);
         let inv = self.invocation(
             Mode::Check,
             now,
-            items
-                .iter()
-                .map(|i| (i.rule, i.key, i.params, i.cost, i64::from(i.shadow), 0, 0)),
+            items.iter().enumerate().map(|(n, i)| {
+                (
+                    i.rule,
+                    i.key,
+                    i.params,
+                    i.cost + top_up(n),
+                    i64::from(i.shadow),
+                    0,
+                    0,
+                )
+            }),
         );
+        let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let cmd = match inv {
             Ok(cmd) => cmd,
-            Err(e) => return Box::pin(ready(Err(e))),
+            Err(e) => {
+                if top_ups.is_some() {
+                    for i in &owned {
+                        leases.settled(&i.rule, &i.key);
+                    }
+                }
+                return Box::pin(ready(Err(e)));
+            }
         };
-        let owned: SmallVec<[OwnedItem; 2]> = items.iter().map(OwnedItem::of).collect();
         let inner = self.inner.clone();
         let generations: SmallVec<[u64; 2]> = owned
             .iter()
             .map(|i| inner.blocked.generation(&i.rule, &i.key))
             .collect();
+        let Some(top_ups) = top_ups else {
+            return Box::pin(async move {
+                let answer = inner.call_check(cmd, &owned, &[]).await;
+                inner.finish_check(answer, &owned, &generations)
+            });
+        };
+        let store = self.clone();
+        let removals = leases.removals();
+        let sent = Instant::now();
         Box::pin(async move {
-            let answer = inner.call_check(cmd, &owned).await;
-            match answer {
-                Ok(values) => parse_check(&values, &owned)
-                    .inspect(|(d, blocked)| {
-                        inner.remember_blocked(&owned, d, blocked, &generations);
-                    })
-                    .map(|(d, _)| d),
-                Err(e) => {
-                    // Redis is away: every entry still blocking refuses, fresh or not.
-                    let refs: SmallVec<[CheckItem<'_>; 2]> =
-                        owned.iter().map(OwnedItem::item).collect();
-                    match inner.cached_refusal(&refs, true) {
-                        Some(refusal) => Ok(refusal),
-                        None => inner.degrade(e, &owned),
-                    }
-                }
-            }
+            let answer = inner.call_check(cmd, &owned, &top_ups).await;
+            store
+                .finish_leased(answer, &owned, &top_ups, &generations, sent, removals, now)
+                .await
         })
+    }
+
+    /// The end of a check that asked for top-ups: keeps the leases granted and describes
+    /// the request alone; a refusal that a top-up may have caused is asked again without
+    /// top-ups.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_leased(
+        &self,
+        answer: Result<Vec<i64>, String>,
+        owned: &[OwnedItem],
+        top_ups: &TopUps,
+        generations: &[u64],
+        sent: Instant,
+        removals: u64,
+        now: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        let inner = &self.inner;
+        let leases = &inner.leases;
+        let asked = || owned.iter().zip(top_ups).filter(|(_, t)| **t > 0);
+        let values = match answer {
+            Ok(values) => values,
+            Err(e) => {
+                for (i, _) in asked() {
+                    leases.settled(&i.rule, &i.key);
+                }
+                return inner.finish_check(Err(e), owned, generations);
+            }
+        };
+        let at = values.get(1).map_or(0, |&t| u64::try_from(t).unwrap_or(0));
+        let (mut decision, blocked) = match parse_check(&values, owned) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                for (i, _) in asked() {
+                    leases.settled(&i.rule, &i.key);
+                }
+                return Err(e);
+            }
+        };
+        // The items whose top-up Redis refused: what it says of them is not about the
+        // request alone. Leasing stays off for them for a while.
+        let mut refused: SmallVec<[usize; 2]> = SmallVec::new();
+        for (n, (item, &top)) in owned.iter().zip(top_ups).enumerate() {
+            if top == 0 {
+                continue;
+            }
+            let rule = &decision.rules[n];
+            if rule.verdict.is_allowed() {
+                if rule.debited {
+                    let held = leases.grant(
+                        &item.rule,
+                        &item.key,
+                        item.params,
+                        top,
+                        rule,
+                        sent,
+                        at,
+                        removals,
+                    );
+                    Leases::for_request(&mut decision.rules[n], &item.params, top, held);
+                } else {
+                    leases.settled(&item.rule, &item.key);
+                }
+            } else {
+                leases.turn_off(&item.rule, &item.key, item.params, rule, sent, at);
+                refused.push(n);
+            }
+        }
+        if refused.is_empty() {
+            inner.remember_blocked(owned, &decision, &blocked, generations);
+            return Ok(decision);
+        }
+        if !decision.admitted {
+            // Nothing was debited: the whole group again, without top-ups.
+            return self.check_plain(owned, now).await;
+        }
+        // Admitted: only shadow items can have refused. The others were debited (their
+        // leases kept above); the shadow ones are asked again alone, without top-ups.
+        inner.remember_blocked(owned, &decision, &blocked, generations);
+        let shadows: SmallVec<[OwnedItem; 2]> = refused.iter().map(|&n| owned[n].clone()).collect();
+        if let Ok(again) = self.check_plain(&shadows, now).await {
+            for (&n, rule) in refused.iter().zip(again.rules) {
+                decision.rules[n] = rule;
+            }
+        }
+        Ok(decision)
+    }
+
+    /// One check without top-ups, as the store makes it without leases.
+    async fn check_plain(
+        &self,
+        owned: &[OwnedItem],
+        now: Option<u64>,
+    ) -> Result<Decision, StoreError> {
+        let cmd = self.invocation(
+            Mode::Check,
+            now,
+            owned.iter().map(|i| {
+                (
+                    &*i.rule,
+                    &i.key,
+                    i.params,
+                    i.cost,
+                    i64::from(i.shadow),
+                    0,
+                    0,
+                )
+            }),
+        )?;
+        let generations: SmallVec<[u64; 2]> = owned
+            .iter()
+            .map(|i| self.inner.blocked.generation(&i.rule, &i.key))
+            .collect();
+        let answer = self.inner.call_check(cmd, owned, &[]).await;
+        self.inner.finish_check(answer, owned, &generations)
     }
 
     fn settle_with(
@@ -1120,6 +1302,7 @@ impl Inner {
         self: &Arc<Self>,
         cmd: redis::Cmd,
         items: &[OwnedItem],
+        top_ups: &[u64],
     ) -> Result<Vec<i64>, String> {
         let mut call = Box::pin(batch::submit(self.clone(), cmd, batch::Kind::Decision));
         let result = match tokio::time::timeout(self.timeout, &mut call).await {
@@ -1127,7 +1310,15 @@ impl Inner {
             Ok(Err(e)) => Err(e),
             Err(_) => {
                 if self.fail_mode != RedisFailMode::Open {
-                    let debits: SmallVec<[OwnedItem; 2]> = items.iter().cloned().collect();
+                    // What the call asked for: the costs and their top-ups.
+                    let debits: SmallVec<[OwnedItem; 2]> = items
+                        .iter()
+                        .enumerate()
+                        .map(|(n, i)| OwnedItem {
+                            cost: i.cost + top_ups.get(n).copied().unwrap_or(0),
+                            ..i.clone()
+                        })
+                        .collect();
                     tokio::spawn(self.clone().return_late_debits(call, debits));
                 }
                 Err(format!("no answer within {:?}", self.timeout))
@@ -1269,6 +1460,32 @@ impl Inner {
             admitted: false,
             rules,
         })
+    }
+
+    /// The end of a check without top-ups: the decision Redis answered (remembering the
+    /// keys it found blocked), or one by the blocked cache or the failure mode.
+    fn finish_check(
+        &self,
+        answer: Result<Vec<i64>, String>,
+        owned: &[OwnedItem],
+        generations: &[u64],
+    ) -> Result<Decision, StoreError> {
+        match answer {
+            Ok(values) => parse_check(&values, owned)
+                .inspect(|(d, blocked)| {
+                    self.remember_blocked(owned, d, blocked, generations);
+                })
+                .map(|(d, _)| d),
+            Err(e) => {
+                // Redis is away: every entry still blocking refuses, fresh or not.
+                let refs: SmallVec<[CheckItem<'_>; 2]> =
+                    owned.iter().map(OwnedItem::item).collect();
+                match self.cached_refusal(&refs, true) {
+                    Some(refusal) => Ok(refusal),
+                    None => self.degrade(e, owned),
+                }
+            }
+        }
     }
 
     /// A decision by the failure mode.
@@ -1490,9 +1707,25 @@ impl Store for RedisStore {
     }
 
     fn check_now(&self, items: &[CheckItem<'_>]) -> Option<Result<Decision, StoreError>> {
+        let leases = &self.inner.leases;
+        if leases.enabled() {
+            if let Some(leased) = leases.answer(items, When::Local(Instant::now())) {
+                return Some(Ok(leased));
+            }
+        }
         self.inner
             .cached_refusal(items, self.inner.health.unhealthy())
             .map(Ok)
+    }
+
+    fn check_one_now(&self, item: &CheckItem<'_>) -> Option<Result<RuleDecision, StoreError>> {
+        // Only an answer from a lease: a refusal goes through `check_now`, as before.
+        let leases = &self.inner.leases;
+        if !leases.enabled() {
+            return None;
+        }
+        let leased = leases.answer(std::slice::from_ref(item), When::Local(Instant::now()))?;
+        leased.rules.first().copied().map(Ok)
     }
 
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>> {
@@ -1514,6 +1747,8 @@ impl Store for RedisStore {
         // away would otherwise refuse the reset key at the next outage.
         self.inner.fallback.reset_now(rule_index, key);
         self.inner.blocked.remove(rule, key);
+        // This instance's lease of the key is dropped; another's answers until it ends.
+        self.inner.leases.remove(rule, key);
         let name = self.key_name(rule, key);
         let inner = self.inner.clone();
         // Not a DEL: the key keeps a fresh state with the next generation until its old

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::lease::{DEFAULT_LEASE_ENTRIES, DEFAULT_LEASE_MAX_AGE, DEFAULT_LEASE_SHARE};
 use super::{
-    DEFAULT_BLOCKED_CACHE, DEFAULT_PREFIX, DEFAULT_TIMEOUT, HashTag, RedisClock, RedisConfigError,
-    RedisFailMode, RedisStore,
+    DEFAULT_BLOCKED_CACHE, DEFAULT_PREFIX, DEFAULT_TIMEOUT, HashTag, Lease, RedisClock,
+    RedisConfigError, RedisFailMode, RedisStore,
 };
 use crate::config::{Env, env_var};
 
@@ -31,7 +32,7 @@ const PREFIX: &str = "PALISADE_RATE_LIMIT";
 /// assert_eq!(config.fail_mode, RedisFailMode::Local);
 /// assert_eq!(config.timeout, std::time::Duration::from_millis(30));
 /// ```
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct RedisStoreConfig {
@@ -55,6 +56,18 @@ pub struct RedisStoreConfig {
     /// A PEM file of the certificate authority that `rediss://` servers are checked
     /// against, instead of the system's roots (see [`RedisStoreBuilder::tls_ca_pem`](super::RedisStoreBuilder::tls_ca_pem)).
     pub tls_ca_file: Option<PathBuf>,
+    /// The most units one local [`Lease`] holds; 0 (the default) leaves leases off, so
+    /// every decision is one round trip.
+    pub lease_units: u64,
+    /// The largest fraction (0–1) of a rule's capacity one lease holds (default 0.01);
+    /// only with `lease_units`.
+    pub lease_share: Option<f64>,
+    /// The longest a lease answers (default 1 s); only with `lease_units`.
+    #[serde(with = "crate::config::duration::option")]
+    pub lease_max_age: Option<Duration>,
+    /// Rule and key pairs holding a lease at once (default 10,000); only with
+    /// `lease_units`.
+    pub lease_entries: Option<usize>,
 }
 
 impl Default for RedisStoreConfig {
@@ -69,6 +82,10 @@ impl Default for RedisStoreConfig {
             blocked_cache: DEFAULT_BLOCKED_CACHE,
             hash_tag: None,
             tls_ca_file: None,
+            lease_units: 0,
+            lease_share: None,
+            lease_max_age: None,
+            lease_entries: None,
         }
     }
 }
@@ -86,6 +103,10 @@ impl fmt::Debug for RedisStoreConfig {
             .field("blocked_cache", &self.blocked_cache)
             .field("hash_tag", &self.hash_tag)
             .field("tls_ca_file", &self.tls_ca_file)
+            .field("lease_units", &self.lease_units)
+            .field("lease_share", &self.lease_share)
+            .field("lease_max_age", &self.lease_max_age)
+            .field("lease_entries", &self.lease_entries)
             .finish()
     }
 }
@@ -104,6 +125,13 @@ impl RedisStoreConfig {
     /// | `PALISADE_RATE_LIMIT_REDIS_BLOCKED_CACHE` | `10000` |
     /// | `PALISADE_RATE_LIMIT_REDIS_HASH_TAG` | `limits` |
     /// | `PALISADE_RATE_LIMIT_REDIS_TLS_CA_FILE` | `/etc/redis/ca.pem` |
+    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS` | `100` (0, the default: no leases) |
+    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_SHARE` | `0.01` |
+    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_MAX_AGE` | `1s` |
+    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_ENTRIES` | `10000` |
+    ///
+    /// A lease setting other than the units while the units are 0 is a problem (it would
+    /// do nothing), and so is one out of range (see [`Lease`]).
     pub fn from_env(env: &mut Env) -> Self {
         let d = Self::default();
         let var = |field: &str| env_var(PREFIX, field);
@@ -148,6 +176,47 @@ impl RedisStoreConfig {
             env.optional_with(&var("redis.tls_ca_file"), None, "/etc/redis/ca.pem", |s| {
                 Ok(Some(PathBuf::from(s.trim())))
             });
+        let lease_units = env.optional(&var("redis.lease_units"), 0, "100");
+        let lease_share = env.optional_with(&var("redis.lease_share"), None, "0.01", |s| {
+            match s.trim().parse::<f64>() {
+                Ok(f) if f.is_finite() && f > 0.0 && f <= 1.0 => Ok(Some(f)),
+                _ => Err("expected a fraction above 0 and at most 1 (0.01 = 1 %)".to_owned()),
+            }
+        });
+        let lease_max_age = env.optional_with(&var("redis.lease_max_age"), None, "1s", |s| {
+            match crate::config::duration::parse(s)? {
+                d if d < Duration::from_millis(1) => Err("expected at least 1ms".to_owned()),
+                d => Ok(Some(d)),
+            }
+        });
+        let lease_entries = env.optional_with(&var("redis.lease_entries"), None, "10000", |s| {
+            match s.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err("expected a whole number of entries, at least 1".to_owned()),
+            }
+        });
+        if lease_units == 0 {
+            for (field, set, example) in [
+                ("redis.lease_share", lease_share.is_some(), "0.01"),
+                ("redis.lease_max_age", lease_max_age.is_some(), "1s"),
+                ("redis.lease_entries", lease_entries.is_some(), "10000"),
+            ] {
+                if set {
+                    let value = env.raw(&var(field)).unwrap_or_default().to_owned();
+                    env.problem(
+                        &var(field),
+                        crate::config::ProblemKind::Invalid {
+                            value,
+                            reason: format!(
+                                "leases are off: set {} (the most units a lease holds, e.g. 100) too, or unset this",
+                                var("redis.lease_units")
+                            ),
+                        },
+                        example,
+                    );
+                }
+            }
+        }
         Self {
             url,
             cluster_nodes,
@@ -158,7 +227,33 @@ impl RedisStoreConfig {
             blocked_cache,
             hash_tag,
             tls_ca_file,
+            lease_units,
+            lease_share,
+            lease_max_age,
+            lease_entries,
         }
+    }
+
+    /// The [`Lease`] these settings ask for: `None` when `lease_units` is 0 (an error when
+    /// another lease setting is set then: it would do nothing).
+    pub fn lease(&self) -> Result<Option<Lease>, RedisConfigError> {
+        if self.lease_units == 0 {
+            if self.lease_share.is_some()
+                || self.lease_max_age.is_some()
+                || self.lease_entries.is_some()
+            {
+                return Err(RedisConfigError::InvalidLease {
+                    reason: "a share, max age or entries is set but lease_units is 0 (leases off); set lease_units (e.g. 100) or remove them".to_owned(),
+                });
+            }
+            return Ok(None);
+        }
+        let lease = Lease::units(self.lease_units)
+            .share(self.lease_share.unwrap_or(DEFAULT_LEASE_SHARE))
+            .max_age(self.lease_max_age.unwrap_or(DEFAULT_LEASE_MAX_AGE))
+            .entries(self.lease_entries.unwrap_or(DEFAULT_LEASE_ENTRIES));
+        lease.validate()?;
+        Ok(Some(lease))
     }
 }
 
@@ -166,6 +261,7 @@ impl RedisStore {
     /// A store from its settings (see [`RedisStoreBuilder::build`](super::RedisStoreBuilder::build));
     /// `tls_ca_file` is read here.
     pub async fn from_config(config: RedisStoreConfig) -> Result<Self, RedisConfigError> {
+        let lease = config.lease()?;
         let mut builder = Self::builder()
             .prefix(config.prefix)
             .timeout(config.timeout)
@@ -173,6 +269,9 @@ impl RedisStore {
             .clock(config.clock)
             .blocked_cache(config.blocked_cache)
             .hash_tag(config.hash_tag.map_or(HashTag::Key, HashTag::Fixed));
+        if let Some(lease) = lease {
+            builder = builder.lease(lease);
+        }
         if let Some(url) = config.url {
             builder = builder.url(url);
         }

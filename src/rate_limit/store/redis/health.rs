@@ -32,6 +32,12 @@ pub struct RedisHealth {
     pub blocked_cache_hits: u64,
     /// Entries in the local cache of blocked keys.
     pub blocked_keys: usize,
+    /// Decisions answered from local leases, without a round trip (see
+    /// [`Lease`](super::Lease); 0 while leases are off).
+    pub lease_answers: u64,
+    /// Rule and key pairs holding a lease, or a mark that leasing is off for them for
+    /// now (some may have expired).
+    pub leased_keys: usize,
     /// Decisions that ran in Redis after the timeout had already answered them (fail
     /// closed or local), whose debits were then given back in Redis.
     pub late_debits_returned: u64,
@@ -114,7 +120,13 @@ impl Health {
             .fetch_add(u64::try_from(calls).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
-    pub fn snapshot(&self, fail_mode: RedisFailMode, blocked_keys: usize) -> RedisHealth {
+    pub fn snapshot(
+        &self,
+        fail_mode: RedisFailMode,
+        blocked_keys: usize,
+        lease_answers: u64,
+        leased_keys: usize,
+    ) -> RedisHealth {
         let unhealthy = self.unhealthy.load(Ordering::Acquire);
         let since = *self.since.lock().unwrap_or_else(PoisonError::into_inner);
         RedisHealth {
@@ -130,6 +142,8 @@ impl Health {
             degraded_decisions: self.degraded.load(Ordering::Relaxed),
             blocked_cache_hits: self.hits.load(Ordering::Relaxed),
             blocked_keys,
+            lease_answers,
+            leased_keys,
             late_debits_returned: self.returned.load(Ordering::Relaxed),
             batched_calls: self.batched.load(Ordering::Relaxed),
             fail_mode,
