@@ -231,15 +231,11 @@ impl<'a> Reader<'a> {
         let mut escaped = false;
         let mut wide = false;
         loop {
-            let rest = &self.b[self.i..];
-            let at = memchr::memchr2(b'"', b'\\', rest)?;
-            let (lowest, highest) = byte_range(&rest[..at]);
-            if lowest < 0x20 {
-                return None; // a control character
-            }
-            wide |= highest >= 0x80;
+            let (at, past_ascii) = plain_run(&self.b[self.i..])?;
+            wide |= past_ascii;
+            let stop = self.b[self.i + at];
             self.i += at + 1;
-            if rest[at] == b'"' {
+            if stop == b'"' {
                 if wide {
                     std::str::from_utf8(&self.b[start..self.i - 1]).ok()?;
                 }
@@ -308,6 +304,78 @@ impl<'a> Reader<'a> {
         }
         self.i - start
     }
+}
+
+/// Where the plain text at the start of a string's `bytes` ends: the index of the first
+/// quote or backslash, and whether a byte past ASCII came before it; `None` when a control
+/// character (below 0x20) comes first or nothing ends it.
+fn plain_run(bytes: &[u8]) -> Option<(usize, bool)> {
+    // Keys and short values end within a few words: read those a word at a time, and a
+    // longer text with memchr, which reads many bytes at a time.
+    let (at, wide) = match short_run(bytes) {
+        Ok(found) => found,
+        Err((checked, wide)) => {
+            let at = checked + memchr::memchr2(b'"', b'\\', &bytes[checked..])?;
+            let (lowest, highest) = byte_range(&bytes[checked..at]);
+            if lowest < 0x20 {
+                return None;
+            }
+            (at, wide || highest >= 0x80)
+        }
+    };
+    (bytes[at] >= 0x20).then_some((at, wide))
+}
+
+/// The words [`short_run`] reads before it leaves a string to memchr.
+const SHORT_WORDS: usize = 4;
+
+/// Where the plain text at the start of a string's `bytes` ends, when it ends within
+/// [`SHORT_WORDS`] words: the index of the first quote, backslash or control character
+/// (below 0x20), and whether a byte past ASCII came before it. Otherwise `Err` with how
+/// many bytes were read and found plain, and whether one of them was past ASCII.
+///
+/// For a word `x`, `(x - 0x01…01) & !x & 0x80…80` marks its zero bytes and
+/// `(x - 0x20…20) & !x & 0x80…80` its bytes below 0x20. A mark can be wrong only in a byte
+/// above a true one (a borrow runs upwards), so the lowest mark, the first such byte in
+/// memory order, is always right.
+fn short_run(bytes: &[u8]) -> Result<(usize, bool), (usize, bool)> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    const QUOTES: u64 = ONES * b'"' as u64;
+    const BACKSLASHES: u64 = ONES * b'\\' as u64;
+    const SPACES: u64 = ONES * 0x20;
+    let mut wide = 0;
+    let mut rest = bytes;
+    for _ in 0..SHORT_WORDS {
+        let Some((word, tail)) = rest.split_first_chunk::<8>() else {
+            break;
+        };
+        let w = u64::from_le_bytes(*word);
+        let q = w ^ QUOTES;
+        let s = w ^ BACKSLASHES;
+        let marks =
+            (q.wrapping_sub(ONES) & !q | s.wrapping_sub(ONES) & !s | w.wrapping_sub(SPACES) & !w)
+                & HIGH;
+        if marks != 0 {
+            let bits = marks.trailing_zeros();
+            // The bytes before the mark (`bits` is 7, 15, …, 63).
+            wide |= w & HIGH & ((1 << bits) - 1);
+            return Ok((bytes.len() - rest.len() + bits as usize / 8, wide != 0));
+        }
+        wide |= w & HIGH;
+        rest = tail;
+    }
+    if rest.len() >= 8 {
+        return Err((bytes.len() - rest.len(), wide != 0));
+    }
+    for (j, &b) in rest.iter().enumerate() {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            return Ok((bytes.len() - rest.len() + j, wide != 0));
+        }
+        wide |= u64::from(b & 0x80);
+    }
+    // The string does not end within `bytes` at all.
+    Err((bytes.len(), wide != 0))
 }
 
 /// The lowest and the highest byte of `bytes` (`(0xFF, 0)` when empty), in one pass
@@ -485,8 +553,53 @@ mod tests {
         )
     }
 
+    /// [`plain_run`] byte by byte.
+    fn plain_run_bytewise(bytes: &[u8]) -> Option<(usize, bool)> {
+        let at = bytes
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .filter(|&at| bytes[at] >= 0x20)?;
+        Some((at, bytes[..at].iter().any(|&b| b >= 0x80)))
+    }
+
+    #[test]
+    fn a_string_ends_at_its_first_quote_backslash_or_control_wherever_it_is() {
+        for stop in [b'"', b'\\', 0x00, 0x1f] {
+            for len in 0..48 {
+                for wide_at in [None, Some(0), Some(len / 2), Some(len + 1)] {
+                    let mut t = vec![b'a'; len + 9];
+                    if let Some(w) = wide_at {
+                        t[w] = 0xe9;
+                    }
+                    t[len] = stop;
+                    assert_eq!(plain_run(&t), plain_run_bytewise(&t), "{t:?}");
+                    let found = (stop >= 0x20).then_some(len);
+                    assert_eq!(plain_run(&t).map(|r| r.0), found);
+                }
+            }
+        }
+        for len in 0..48 {
+            assert_eq!(short_run(&vec![b'a'; len]).ok(), None);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// A string's plain text ends where a byte-at-a-time scan says it does.
+        #[test]
+        fn plain_run_agrees_with_a_bytewise_scan(
+            t in prop::collection::vec(
+                prop_oneof![
+                    16 => 0x20u8..0x80,
+                    1 => prop::sample::select(b"\"\\\x00\x1f\x7f\x80\xc3\xa9\xff".to_vec()),
+                    1 => any::<u8>(),
+                ],
+                0..100,
+            ),
+        ) {
+            prop_assert_eq!(plain_run(&t), plain_run_bytewise(&t));
+        }
 
         /// What the fast reader decides, serde decides the same way with the same view;
         /// what serde rejects, the fast reader never accepts.

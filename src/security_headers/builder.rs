@@ -520,8 +520,10 @@ impl CspTemplate {
 }
 
 /// Up to this many response headers, the layer starts from its prebuilt map and moves the
-/// handler's headers in; larger maps are edited in place.
-const MERGE_LIMIT: usize = 16;
+/// handler's headers in; larger maps are edited in place. Moving a header in costs more
+/// than setting one of the layer's in place, after the copy of the prebuilt map: with the
+/// dozen headers of a preset, the two cost the same at about eight.
+const MERGE_LIMIT: usize = 8;
 
 /// What happens to one of the handler's headers when it is moved into the prebuilt map.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -583,6 +585,8 @@ pub(crate) struct Policy {
     pub(crate) base_hsts: HeaderMap,
     /// Every name the policy removes or sets, for a quick "not one of ours".
     pub(crate) managed: NameFilter,
+    /// The names in `remove`.
+    pub(crate) removed: NameFilter,
 }
 
 impl Policy {
@@ -602,6 +606,8 @@ impl Policy {
         if let Some(f) = &hsts {
             base_hsts.insert(f.name.clone(), f.value.clone());
         }
+        let mut removed = NameFilter::default();
+        remove.iter().for_each(|name| removed.add(name));
         let mut managed = NameFilter::default();
         for name in remove
             .iter()
@@ -620,6 +626,7 @@ impl Policy {
             base,
             base_hsts,
             managed,
+            removed,
         }
     }
 
@@ -742,8 +749,15 @@ impl Policy {
 
     /// Removes and inserts in the response's own map.
     pub(crate) fn apply_in_place(&self, headers: &mut HeaderMap, hsts: bool) {
-        for name in self.remove.iter() {
-            headers.remove(name);
+        // One pass over the response's names finds whether it holds any to remove, where
+        // removing each by name would hash every one of them.
+        if headers
+            .keys()
+            .any(|k| self.removed.may_hold(k) && self.remove.contains(k))
+        {
+            for name in self.remove.iter() {
+                headers.remove(name);
+            }
         }
         // One growth of the map instead of several while the headers go in. A map at its
         // size limit simply grows (or not) as each insert needs.
