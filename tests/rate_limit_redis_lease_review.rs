@@ -243,3 +243,56 @@ fn lease_units_that_do_not_parse_are_the_only_problem_reported() {
         "{problems}"
     );
 }
+
+/// GCRA: a give-back moves the bucket's TAT back, and so the slices of the timeline the
+/// units of a lease granted after the given-back reservation stand for: once another
+/// instance may take the burst the give-back freed, those units must not pass beside it.
+#[tokio::test]
+async fn a_gcra_give_back_through_the_store_ends_the_lease_it_moved() {
+    use palisade::rate_limit::store::Settlement;
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("gcra-back");
+    let leased = store(
+        &server.url(),
+        &prefix,
+        Some(
+            Lease::units(100)
+                .share(0.1)
+                .max_age(Duration::from_secs(60)),
+        ),
+    )
+    .await;
+    let other = store(&server.url(), &prefix, None).await;
+    let params = Params::new(Algorithm::Gcra, Quota::per_second(100));
+    let key = RateKey::principal("u1");
+    let t = 1u64 << 45;
+    // 50 + 10 leased: the lease's units stand for 500..600 ms
+    let d = leased.check_at(&[item(&key, params, 50)], t).await.unwrap();
+    assert!(d.admitted);
+    let r = d.rules[0];
+    leased
+        .settle_at(
+            &[Settlement {
+                rule_index: 0,
+                rule: "chat",
+                key: &key,
+                params,
+                window_start: r.window_start,
+                generation: r.generation,
+                reservation_end: r.reservation_end,
+                delta: -50,
+            }],
+            t + 1_000,
+        )
+        .await
+        .unwrap();
+    // the request used none of its 50: the TAT is 100 ms ahead, 5 ms at 95 ms
+    let now = t + 95_000;
+    let by_other = take_all(&other, &key, params, now).await;
+    let by_lease = take_all(&leased, &key, params, now).await;
+    assert!(
+        by_other + by_lease <= params.burst,
+        "{by_other} + {by_lease} units at one instant, above a burst of {}",
+        params.burst
+    );
+}

@@ -598,8 +598,9 @@ enum Conn {
 /// their units were counted, and for GCRA a reservation end at their own slice of the
 /// lease. A refusal of a call that asked for extra units says nothing about the request
 /// alone: it is neither cached nor returned, and the request is asked again without them.
-/// [`Store::reset`] drops this instance's lease of the key; another instance's lease
-/// answers until it ends (at most its maximum age, 1 s by default). Decisions of the local
+/// [`Store::reset`] drops this instance's lease of the key (also one granted while the reset
+/// was on its way), and so does a GCRA give-back; another instance's lease answers until it
+/// ends (at most its maximum age, 1 s by default). Decisions of the local
 /// fallback store never create a lease. [`RedisHealth::lease_answers`] counts the decisions
 /// leases answered.
 ///
@@ -1124,6 +1125,21 @@ impl RedisStore {
                 self.inner.blocked.remove(s.rule, s.key);
             }
         }
+        // A GCRA give-back moves the bucket's TAT back, and with it the slices of the
+        // timeline a lease's units stand for (they lie after every reservation made before
+        // the grant): no lease of the key is answered from once it may land.
+        let gcra_give_backs: SmallVec<[(Box<str>, RateKey); 2]> = if self.inner.leases.enabled() {
+            settlements
+                .iter()
+                .filter(|s| s.delta < 0 && s.params.algorithm == Algorithm::Gcra)
+                .map(|s| {
+                    self.inner.leases.remove(s.rule, s.key);
+                    (s.rule.into(), s.key.clone())
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         // A reservation the local fallback made is settled there alone: Redis never
         // counted it, and a refund there would give back units other requests spent.
         let (local, settlements): (SmallVec<[Settlement<'_>; 2]>, SmallVec<[Settlement<'_>; 2]>) =
@@ -1203,6 +1219,11 @@ impl RedisStore {
                 Ok(_) => {
                     for (rule, key) in &give_backs {
                         inner.blocked.remove(rule, key);
+                    }
+                    // A lease granted before the give-back landed was answered after the
+                    // removal above.
+                    for (rule, key) in &gcra_give_backs {
+                        inner.leases.remove(rule, key);
                     }
                     Ok(())
                 }

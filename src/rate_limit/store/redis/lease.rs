@@ -47,7 +47,11 @@ pub const DEFAULT_LEASE_ENTRIES: usize = 10_000;
 /// age. A GCRA lease's units stand for slices of the bucket's timeline up to its TAT at
 /// the grant: a unit is answered only while its slice lies wholly ahead (once time reaches
 /// it, the bucket counts it drained and free to others), so the lease's units go one by one
-/// as time passes them, and all of them by that TAT.
+/// as time passes them, and all of them by that TAT. A GCRA give-back (a settlement below
+/// a reservation) moves the TAT back, and with it those slices: one through this store ends
+/// its lease of the key, but one through another instance does not reach it, so with
+/// settled GCRA rules another instance's give-back can let up to a lease's units pass
+/// beyond the burst until the lease ends.
 ///
 /// **Inexact only towards refusing.** Units one instance leased and has not used are
 /// unavailable to the others until the lease's window ends (GCRA: until they drain): with
