@@ -296,3 +296,26 @@ async fn a_gcra_give_back_through_the_store_ends_the_lease_it_moved() {
         params.burst
     );
 }
+
+/// A lease of 1 unit is never taken (no lease is below 2 units): asking for one is refused
+/// with a typed error, not accepted to do nothing.
+#[tokio::test]
+async fn a_lease_of_one_unit_is_refused_as_it_would_do_nothing() {
+    use palisade::rate_limit::RedisConfigError;
+
+    let err = RedisStore::builder()
+        .url("redis://127.0.0.1:1/")
+        .lease(Lease::units(1))
+        .build()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RedisConfigError::InvalidLease { .. }),
+        "{err}"
+    );
+    let mut env =
+        palisade::config::Env::from_pairs([("PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS", "1")]);
+    let _ = palisade::rate_limit::RedisStoreConfig::from_env(&mut env);
+    let problems = env.finish().unwrap_err();
+    assert_eq!(problems.problems().len(), 1, "{problems}");
+}

@@ -125,7 +125,7 @@ impl RedisStoreConfig {
     /// | `PALISADE_RATE_LIMIT_REDIS_BLOCKED_CACHE` | `10000` |
     /// | `PALISADE_RATE_LIMIT_REDIS_HASH_TAG` | `limits` |
     /// | `PALISADE_RATE_LIMIT_REDIS_TLS_CA_FILE` | `/etc/redis/ca.pem` |
-    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS` | `100` (0, the default: no leases) |
+    /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS` | `100` (at least 2; 0, the default: no leases) |
     /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_SHARE` | `0.01` |
     /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_MAX_AGE` | `1s` |
     /// | `PALISADE_RATE_LIMIT_REDIS_LEASE_ENTRIES` | `10000` |
@@ -195,6 +195,18 @@ impl RedisStoreConfig {
                 _ => Err("expected a whole number of entries, at least 1".to_owned()),
             }
         });
+        if lease_units == 1 {
+            env.problem(
+                &var("redis.lease_units"),
+                crate::config::ProblemKind::Invalid {
+                    value: "1".to_owned(),
+                    reason:
+                        "a lease below 2 units is never taken: set at least 2, or 0 for no leases"
+                            .to_owned(),
+                },
+                "100",
+            );
+        }
         // Units that do not parse are a problem of their own: the others are not off then.
         let units_unparsed = env
             .raw(&var("redis.lease_units"))

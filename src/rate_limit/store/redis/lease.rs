@@ -73,8 +73,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Leases of at most `max_units` units (and at most the [share](Lease::share) of a
-    /// rule's capacity).
+    /// Leases of at most `max_units` units (at least 2: no lease is below 2 units), and at
+    /// most the [share](Lease::share) of a rule's capacity.
     pub const fn units(max_units: u64) -> Self {
         Self {
             units: max_units,
@@ -128,8 +128,10 @@ impl Lease {
                 reason: reason.to_owned(),
             })
         };
-        if self.units == 0 {
-            return invalid("its units must be at least 1 (leave leases off for exact decisions)");
+        if self.units < 2 {
+            return invalid(
+                "its units must be at least 2: a lease below 2 units is never taken (leave leases off for exact decisions)",
+            );
         }
         if !(self.share.is_finite() && self.share > 0.0 && self.share <= 1.0) {
             return invalid("its share must be a fraction above 0 and at most 1 (0.01 = 1 %)");
@@ -605,6 +607,7 @@ mod tests {
     fn bad_leases_are_refused_with_a_reason() {
         for bad in [
             Lease::units(0),
+            Lease::units(1),
             Lease::units(10).share(0.0),
             Lease::units(10).share(1.5),
             Lease::units(10).share(f64::NAN),
