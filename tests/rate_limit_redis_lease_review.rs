@@ -319,3 +319,60 @@ async fn a_lease_of_one_unit_is_refused_as_it_would_do_nothing() {
     let problems = env.finish().unwrap_err();
     assert_eq!(problems.problems().len(), 1, "{problems}");
 }
+
+/// A group refused by one rule debits no lease of the others: the leased rule's units are
+/// all still answered afterwards.
+#[tokio::test]
+async fn a_refused_group_debits_no_lease() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let leased = store(&server.url(), &unique("group"), Some(Lease::units(100))).await;
+    let big = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    // 2 a window: never leased
+    let small = Params::new(Algorithm::FixedWindow, Quota::new(2, LONG));
+    let key = RateKey::principal("u1");
+    let a = |cost| item(&key, big, cost);
+    let b = CheckItem {
+        rule: "trial",
+        ..item(&key, small, 1)
+    };
+    // 1 + 10 leased for a; b spent
+    assert!(leased.check(&[a(1), b]).await.unwrap().admitted);
+    assert!(leased.check(&[a(1), b]).await.unwrap().admitted);
+    assert_eq!(leased.health().lease_answers, 0);
+    for _ in 0..5 {
+        assert!(!leased.check(&[a(1), b]).await.unwrap().admitted);
+    }
+    // a's lease lost no unit to the refusals (nor to the second group, decided in Redis
+    // as b had no lease): its 10 units are answered, then Redis decides
+    for n in 1..=10 {
+        let d = leased.check(&[a(1)]).await.unwrap();
+        assert!(d.admitted);
+        assert_eq!(leased.health().lease_answers, n);
+    }
+    assert!(leased.check(&[a(1)]).await.unwrap().admitted);
+    assert_eq!(leased.health().lease_answers, 10, "the lease was spent");
+}
+
+/// A per-key override that changes a key's quota between requests is never decided from a
+/// lease taken under the other quota.
+#[tokio::test]
+async fn a_lease_is_never_answered_under_another_quota() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let leased = store(&server.url(), &unique("override"), Some(Lease::units(100))).await;
+    let wide = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    let narrow = Params::new(Algorithm::FixedWindow, Quota::new(11, LONG));
+    let key = RateKey::principal("u1");
+    // 1 + 10 leased under the wide quota: the narrow one is spent in Redis
+    assert!(leased.check(&[item(&key, wide, 1)]).await.unwrap().admitted);
+    assert!(
+        !leased
+            .check(&[item(&key, narrow, 1)])
+            .await
+            .unwrap()
+            .admitted
+    );
+    assert_eq!(leased.health().lease_answers, 0);
+    // back to the wide quota: its lease (units counted in the key's state) answers
+    assert!(leased.check(&[item(&key, wide, 1)]).await.unwrap().admitted);
+    assert_eq!(leased.health().lease_answers, 1);
+}
