@@ -376,3 +376,54 @@ async fn a_lease_is_never_answered_under_another_quota() {
     assert!(leased.check(&[item(&key, wide, 1)]).await.unwrap().admitted);
     assert_eq!(leased.health().lease_answers, 1);
 }
+
+/// In a group, a rule whose top-up Redis refuses (its quota nearly spent elsewhere) makes
+/// the group be asked again without top-ups: admitted, both rules debited once, nothing
+/// cached as blocked, and the other rule's lease not taken twice.
+#[tokio::test]
+async fn a_refused_top_up_in_a_group_is_asked_again_and_debits_each_rule_once() {
+    let server = RedisServer::start().await.expect("redis-server");
+    let prefix = unique("group-top-up");
+    let leased = store(&server.url(), &prefix, Some(Lease::units(100))).await;
+    let other = store(&server.url(), &prefix, None).await;
+    let params = Params::new(Algorithm::FixedWindow, Quota::new(1_000, LONG));
+    let key = RateKey::principal("u1");
+    let a = item(&key, params, 1);
+    let b = CheckItem { rule: "all", ..a };
+    // a has 5 left
+    assert!(
+        other
+            .check(&[item(&key, params, 995)])
+            .await
+            .unwrap()
+            .admitted
+    );
+    let d = leased.check(&[a, b]).await.unwrap();
+    assert!(d.admitted, "{d:?}");
+    assert_eq!(d.rules[0].remaining, 4);
+    assert_eq!(leased.health().blocked_keys, 0);
+    let in_redis = |rule| {
+        let other = &other;
+        let key = &key;
+        async move {
+            other
+                .peek(&CheckItem {
+                    rule,
+                    ..item(key, params, 1)
+                })
+                .await
+                .unwrap()
+                .remaining
+        }
+    };
+    assert_eq!(in_redis("chat").await, 4);
+    // b: the request's unit, and no lease on the retry (only the first call asked)
+    assert_eq!(in_redis("all").await, 999);
+    // a's 4 are all still there for anyone: one at a time, exact
+    for left in (0..4).rev() {
+        let d = leased.check(&[a]).await.unwrap();
+        assert!(d.admitted);
+        assert_eq!(d.rules[0].remaining, left);
+    }
+    assert!(!leased.check(&[a]).await.unwrap().admitted);
+}
