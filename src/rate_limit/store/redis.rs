@@ -931,9 +931,12 @@ impl RedisStore {
         now: Option<u64>,
     ) -> BoxFuture<Result<Decision, StoreError>> {
         let leases = &self.inner.leases;
+        // Before the call's time is read (`RedisClock::Client`): a lease's life, measured
+        // from here, never ends past the window its time falls in.
+        let sent = Instant::now();
         let when = match now {
             Some(t) => When::At(t),
-            None => When::Local(Instant::now()),
+            None => When::Local(sent),
         };
         if leases.enabled() {
             if let Some(leased) = leases.answer(items, when) {
@@ -992,7 +995,6 @@ impl RedisStore {
         };
         let store = self.clone();
         let removals = leases.removals();
-        let sent = Instant::now();
         Box::pin(async move {
             let answer = inner.call_check(cmd, &owned, &top_ups).await;
             store
