@@ -168,6 +168,10 @@ struct Span {
 #[derive(Clone, Copy)]
 struct Entry {
     params: Params,
+    /// The removal count when the entry was made: a grant whose call was sent before
+    /// (it may predate a reset or give-back that removed the key's earlier entry) is not
+    /// kept.
+    created: u64,
     /// The lease's units not used yet.
     units: u64,
     /// When the lease was granted, and for how long (µs).
@@ -217,9 +221,10 @@ impl Entry {
         self.units.min(units_within(&self.params, ahead))
     }
 
-    fn empty(params: Params) -> Self {
+    fn empty(params: Params, created: u64) -> Self {
         Self {
             params,
+            created,
             units: 0,
             lease: None,
             off: None,
@@ -278,8 +283,9 @@ pub(super) struct Leases {
     /// How long a top-up may be on its way (the store's timeout).
     pending_for: Duration,
     state: Mutex<State>,
-    /// Bumped by every removal: a grant answered after one is not kept (it may predate a
-    /// reset of its key).
+    /// Bumped by every removal: a grant of a key whose entry was made after the grant's
+    /// call was sent is not kept (it may predate a reset or give-back of its key); grants
+    /// of other keys are.
     removals: AtomicU64,
     answered: AtomicU64,
 }
@@ -430,7 +436,7 @@ impl Leases {
                 Some(e) => {
                     // Other parameters (a per-key override): the old lease no longer
                     // applies.
-                    *e = Entry::empty(item.params);
+                    *e = Entry::empty(item.params, self.removals());
                     e.pending_until = Some(now + self.pending_for);
                     true
                 }
@@ -441,7 +447,7 @@ impl Leases {
                     if state.map.len() >= lease.entries {
                         false
                     } else {
-                        let mut e = Entry::empty(item.params);
+                        let mut e = Entry::empty(item.params, self.removals());
                         e.pending_until = Some(now + self.pending_for);
                         state.map.insert((item.rule.into(), item.key.clone()), e);
                         true
@@ -465,7 +471,7 @@ impl Leases {
     }
 
     /// Keeps the lease of `top` units that Redis granted with `rule`'s decision (the script
-    /// answered at `at` for a call sent at `sent`), unless a removal happened since
+    /// answered at `at` for a call sent at `sent`), unless the key's entry was removed since
     /// `removals` was read. Returns the units the lease holds now (its old ones too when it
     /// kept them), or `None` when it was not kept.
     #[allow(clippy::too_many_arguments)]
@@ -495,7 +501,7 @@ impl Leases {
         let mut state = self.lock();
         let e = state.map.get_mut(&Lookup(name, key))?;
         e.pending_until = None;
-        if life == 0 || self.removals() != removals || e.params != params {
+        if life == 0 || e.created > removals || e.params != params {
             return None;
         }
         let span = Span { sent, at, life };
@@ -679,6 +685,55 @@ mod tests {
         // full of live leases: e is decided without one
         assert!(leases.plan(&[item(&keys[4])], second).is_none());
         assert_eq!(leases.len(), 2);
+    }
+
+    /// A removal (a reset or a GCRA give-back) drops the grants of its key sent before it,
+    /// even when a later top-up made the key's entry again, and no other key's.
+    #[test]
+    fn a_removal_drops_the_grants_in_flight_of_its_key_only() {
+        let leases = Leases::new(Some(Lease::units(100)), Duration::from_secs(1));
+        let params = Params::new(Algorithm::FixedWindow, Quota::per_minute(10_000));
+        let (a, b) = (RateKey::principal("a"), RateKey::principal("b"));
+        let when = When::At(1_000);
+        let item = |key| CheckItem {
+            rule_index: 0,
+            rule: "r",
+            key,
+            params,
+            cost: 1,
+            shadow: false,
+        };
+        let rule = RuleDecision {
+            verdict: Verdict::Allowed,
+            remaining: 5_000,
+            reset_micros: 60_000_000,
+            window_start: 0,
+            generation: 0,
+            reservation_end: 0,
+            debited: true,
+        };
+        let grant = |key, removals| {
+            leases.grant(
+                "r",
+                key,
+                params,
+                100,
+                &rule,
+                Instant::now(),
+                1_000,
+                removals,
+            )
+        };
+        assert!(leases.plan(&[item(&a)], when).is_some());
+        assert!(leases.plan(&[item(&b)], when).is_some());
+        let before = leases.removals();
+        leases.remove("r", &a);
+        // a top-up of a sent after the removal makes a's entry again
+        assert!(leases.plan(&[item(&a)], when).is_some());
+        let after = leases.removals();
+        assert_eq!(grant(&a, before), None, "sent before the removal");
+        assert_eq!(grant(&b, before), Some(100), "another key");
+        assert_eq!(grant(&a, after), Some(100));
     }
 
     /// Concurrent answers never spend one unit twice, and a group is answered all or none.
