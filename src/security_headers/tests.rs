@@ -1162,3 +1162,41 @@ proptest::proptest! {
         }
     }
 }
+
+/// A response map holds at most 24,576 names. One that is full (or nearly) cannot take
+/// the layer's headers: the layer replaces what it overrides, adds what fits, and never
+/// panics.
+#[test]
+fn a_response_at_the_header_maps_size_limit_does_not_panic() {
+    let policy = SecurityHeadersLayerBuilder::api()
+        .header_mode(SecurityHeader::XFrameOptions, HeaderMode::Override)
+        .compile()
+        .unwrap();
+    for missing in [0, 1, 5, 20] {
+        let mut headers = HeaderMap::new();
+        headers.append("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+        headers.append("x-frame-options", HeaderValue::from_static("ALLOW-FROM x"));
+        headers.append("server", HeaderValue::from_static("nginx"));
+        for i in 0.. {
+            let name = http::HeaderName::from_bytes(format!("x-h-{i}").as_bytes()).unwrap();
+            if headers
+                .try_insert(name, HeaderValue::from_static("v"))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let full = headers.keys_len();
+        for i in 0..missing {
+            headers.remove(format!("x-h-{i}"));
+        }
+        policy.apply(&mut headers, true, None);
+        assert!(headers.get("server").is_none());
+        let xfo: Vec<_> = headers.get_all("x-frame-options").iter().collect();
+        assert_eq!(xfo, ["DENY"]);
+        assert!(headers.keys_len() <= full);
+        for i in missing..100 {
+            assert_eq!(headers[format!("x-h-{i}").as_str()], "v");
+        }
+    }
+}
