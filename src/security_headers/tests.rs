@@ -1158,7 +1158,22 @@ proptest::proptest! {
             proptest::prop_assert_eq!(by_name(&merged), want.clone(), "merge, hsts {}", hsts);
             let mut in_place = headers.clone();
             policy.apply_in_place(&mut in_place, hsts);
-            proptest::prop_assert_eq!(by_name(&in_place), want, "in place, hsts {}", hsts);
+            proptest::prop_assert_eq!(by_name(&in_place), want.clone(), "in place, hsts {}", hsts);
+            // The whole of it, whichever path the count picks, with the nonce CSP last.
+            let csp = policy.csp_template.as_ref().map(|t| t.render("bm9uY2U"));
+            let mut want = want;
+            if let (Some(t), Some(value)) = (&policy.csp_template, &csp) {
+                let ours = vec![value.to_str().unwrap().to_owned()];
+                match want.iter_mut().find(|(name, _)| name == t.name.as_str()) {
+                    Some((_, values)) if t.overwrite => *values = ours,
+                    Some(_) => {}
+                    None => want.push((t.name.as_str().to_owned(), ours)),
+                }
+                want.sort();
+            }
+            let mut applied = headers.clone();
+            policy.apply(&mut applied, hsts, csp);
+            proptest::prop_assert_eq!(by_name(&applied), want, "{} values, hsts {}", headers.len(), hsts);
         }
     }
 }
@@ -1197,6 +1212,69 @@ fn a_response_at_the_header_maps_size_limit_does_not_panic() {
         assert!(headers.keys_len() <= full);
         for i in missing..100 {
             assert_eq!(headers[format!("x-h-{i}").as_str()], "v");
+        }
+    }
+}
+
+/// Through the layer, responses of 8, 9, 16 and 17 header values (either side of the
+/// switch from the merge to the in-place edit) get the same headers: the nonce CSP that
+/// matches the request's nonce, HSTS over https only, fingerprinting headers removed
+/// (every value of them), the handler's repeated headers kept in order.
+#[tokio::test]
+async fn responses_either_side_of_the_in_place_switch_get_the_same_headers() {
+    const HANDLER: [(&str, &str); 17] = [
+        ("set-cookie", "a=1"),
+        ("server", "nginx"),
+        ("set-cookie", "b=2"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("content-type", "text/html"),
+        ("server", "envoy"),
+        ("set-cookie", "c=3"),
+        ("x-powered-by", "php"),
+        ("vary", "origin"),
+        ("x-frame-options", "ALLOW-FROM https://a.example"),
+        ("link", "</a>; rel=preload"),
+        ("x-request-id", "r1"),
+        ("x-runtime", "12ms"),
+        ("content-language", "en"),
+        ("etag", "\"1\""),
+        ("x-custom-1", "1"),
+        ("x-custom-2", "2"),
+    ];
+    let layer = SecurityHeadersLayer::web();
+    for n in [8, 9, 16, 17] {
+        for req in [Request::new(()), https_req()] {
+            let over_https = req.uri().scheme_str() == Some("https");
+            let (h, nonce) = call_with(&layer, req, &HANDLER[..n]).await;
+            let nonce = nonce.unwrap();
+            let csp = text(&h, "content-security-policy").unwrap();
+            assert_eq!(csp.matches(&format!("'nonce-{nonce}'")).count(), 2, "{n}");
+            assert_eq!(
+                h.contains_key("strict-transport-security"),
+                over_https,
+                "{n}"
+            );
+            for gone in ["server", "x-powered-by", "x-runtime"] {
+                assert!(h.get(gone).is_none(), "{gone} with {n}");
+            }
+            let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+            let sent: Vec<_> = HANDLER[..n]
+                .iter()
+                .filter(|(name, _)| *name == "set-cookie")
+                .map(|(_, value)| *value)
+                .collect();
+            assert_eq!(cookies, sent, "{n}");
+            let xfo: Vec<_> = h.get_all("x-frame-options").iter().collect();
+            assert_eq!(
+                xfo,
+                ["SAMEORIGIN", "ALLOW-FROM https://a.example"][..xfo.len()]
+            );
+            assert_eq!(xfo.len(), if n >= 10 { 2 } else { 1 }, "{n}");
+            assert_eq!(h["x-content-type-options"], "nosniff");
+            for (name, _) in &HANDLER[..n] {
+                let removed = ["server", "x-powered-by", "x-runtime"].contains(name);
+                assert_eq!(h.contains_key(*name), !removed, "{name} with {n}");
+            }
         }
     }
 }
