@@ -583,6 +583,172 @@ mod tests {
         }
     }
 
+    /// What a string can be made of: letters, every escape (surrogates, pairs, short and
+    /// unknown ones too), control bytes, UTF-8 of one to four bytes, and bytes that are
+    /// not UTF-8 (a lone continuation, a cut sequence, an encoded surrogate, overlong and
+    /// out-of-range forms).
+    const PIECES: &[&[u8]] = &[
+        b"a",
+        b"\\\"",
+        b"\\\\",
+        b"\\/",
+        b"\\b",
+        b"\\n",
+        b"\\t",
+        b"\\u0041",
+        b"\\u00e9",
+        b"\\u0000",
+        b"\\uFFFF",
+        b"\\ud83d\\ude00",
+        b"\\ud800",
+        b"\\udfff",
+        b"\\ud83da",
+        b"\\u12",
+        b"\\u12g4",
+        b"\\x",
+        b"\\",
+        b"\x00",
+        b"\x1f",
+        b"\x7f",
+        b"\xc3\xa9",
+        b"\xe8\xa1\xa8",
+        b"\xf0\x9f\x98\x80",
+        b"\x80",
+        b"\xff",
+        b"\xc3",
+        b"\xe8\xa1",
+        b"\xed\xa0\x80",
+        b"\xc0\x80",
+        b"\xf4\x90\x80\x80",
+        b"\"",
+    ];
+
+    /// Where a string goes: the value of a kept member, the value of a dropped one, a key
+    /// (kept or not), and an array element; a usage object follows each.
+    fn in_every_place(s: &[u8]) -> [Vec<u8>; 4] {
+        let tail = &br#","usage":{"input_tokens":7,"output_tokens":8}}"#[..];
+        let wrap = |head: &[u8], after: &[u8]| [head, s, after, tail].concat();
+        [
+            wrap(br#"{"model":""#, b"\""),
+            wrap(br#"{"text":""#, b"\""),
+            wrap(br#"{""#, br#"":{"input_tokens":1}"#),
+            wrap(br#"{"content":[""#, br#"",1]"#),
+        ]
+    }
+
+    /// The fast reader's answer is serde's (when it gives one), and an ordinary text is
+    /// decided here.
+    fn agrees(t: &[u8]) {
+        if let Some(fast) = parse(t) {
+            assert_eq!(
+                Some(fast),
+                serde_view(t),
+                "{:?}",
+                String::from_utf8_lossy(t)
+            );
+        }
+    }
+
+    #[test]
+    fn every_piece_at_every_offset_of_a_string_reads_as_serde_reads_it() {
+        for len in 0..=41 {
+            for piece in PIECES {
+                for at in 0..=len {
+                    let s = [&b"a".repeat(at)[..], piece, &b"b".repeat(len - at)].concat();
+                    for t in in_every_place(&s) {
+                        agrees(&t);
+                        // Plain UTF-8 and the escapes serde takes without a second look
+                        // are decided here (a text left to serde costs a second parse).
+                        let plain = !piece.starts_with(b"\\u") || piece[2] != b'd';
+                        if plain && serde_view(&t).is_some() && piece.len() > 1 {
+                            assert!(parse(&t).is_some(), "{:?}", String::from_utf8_lossy(&t));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_text_cut_at_every_byte_is_never_read() {
+        let mut texts = real_answers();
+        for piece in PIECES {
+            let s = [&b"x".repeat(30)[..], piece, &b"y".repeat(5)].concat();
+            texts.extend(in_every_place(&s));
+        }
+        for t in &texts {
+            for end in 0..t.len() {
+                let cut = &t[..end];
+                agrees(cut);
+                if serde_view(cut).is_none() {
+                    assert_eq!(parse(cut), None, "{:?}", String::from_utf8_lossy(cut));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decoy_keys_in_strings_and_repeated_keys_read_as_serde_reads_them() {
+        for t in [
+            &br#"{"text":"\"usage\":{\"input_tokens\":999}","usage":{"input_tokens":3}}"#[..],
+            br#"{"usage":{"input_tokens":3,"note":"\"input_tokens\":999"}}"#,
+            br#"{"usage\"":{"input_tokens":999},"usage":{"input_tokens":3}}"#,
+            br#"{"usage":{"input_tokens":999},"usage":{"input_tokens":3}}"#,
+            br#"{"usage":{"input_tokens":999,"input_tokens":3}}"#,
+            br#"{"usage":{"input_tokens":3},"usage":null}"#,
+            br#"{"us\u0061ge":{"input_tokens":999},"usage":{"input_tokens":3}}"#,
+            br#"{"usage":{"input_tokens":999},"us\u0061ge":{"input_\u0074okens":3}}"#,
+            br#"{"\"usage":{"input_tokens":999},"usage":{"input_tokens":3}}"#,
+            br#"{"usage ":{"input_tokens":999},"usage":{"input_tokens":3}}"#,
+            br#"{"usage":{"input_tokens":3,"x":{"input_tokens":999}}}"#,
+            br#"{"usage":{"input_tokens":3},"x":["usage",{"usage":{"input_tokens":999}}]}"#,
+        ] {
+            let fast = parse(t).expect("decided here");
+            assert_eq!(Some(&fast), serde_view(t).as_ref());
+            let tokens = fast
+                .get("usage")
+                .and_then(|u| u.get("input_tokens"))
+                .and_then(View::as_number)
+                .and_then(serde_json::Number::as_u64);
+            let whole: serde_json::Value = serde_json::from_slice(t).unwrap();
+            assert_eq!(tokens, whole["usage"]["input_tokens"].as_u64(), "{t:?}");
+        }
+    }
+
+    /// A string of [`PIECES`], mostly letters.
+    fn adversarial_string() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(
+            prop_oneof![
+                6 => Just(&b"a"[..]),
+                4 => prop::sample::select(PIECES),
+            ],
+            0..48,
+        )
+        .prop_map(|pieces| pieces.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// Strings of escapes, control bytes and (in)valid UTF-8 in every place, whole or
+        /// cut anywhere: what the fast reader decides, serde decides the same way.
+        #[test]
+        fn adversarial_strings_read_as_serde_reads_them(
+            s in adversarial_string(),
+            place in 0usize..4,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let t = in_every_place(&s)[place].clone();
+            if let Some(fast) = parse(&t) {
+                prop_assert_eq!(Some(fast), serde_view(&t));
+            }
+            let cut = &t[..cut.index(t.len() + 1)];
+            if let Some(fast) = parse(cut) {
+                prop_assert_eq!(Some(fast), serde_view(cut));
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 

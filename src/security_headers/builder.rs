@@ -479,6 +479,12 @@ impl Fixed {
     }
 }
 
+/// Sets one of the layer's headers: replacing the handler's values (`overwrite`) or only
+/// where the handler sent none.
+///
+/// A header map holds at most 24,576 names and panics when a full one is asked to take
+/// another; a response that full keeps the layer's overriding values (in place of the
+/// handler's), and the other headers of the layer that no longer fit are left out.
 #[inline]
 pub(crate) fn apply(
     headers: &mut HeaderMap,
@@ -486,10 +492,21 @@ pub(crate) fn apply(
     value: HeaderValue,
     overwrite: bool,
 ) {
-    if overwrite {
-        headers.insert(name.clone(), value);
-    } else if let Entry::Vacant(slot) = headers.entry(name.clone()) {
-        slot.insert(value);
+    match headers.try_entry(name) {
+        Ok(Entry::Occupied(mut slot)) => {
+            if overwrite {
+                slot.insert(value);
+            }
+        }
+        Ok(Entry::Vacant(slot)) => {
+            let _ = slot.try_insert(value);
+        }
+        // The map is full: removing the handler's values makes room for the layer's.
+        Err(_) => {
+            if overwrite && headers.remove(name).is_some() {
+                let _ = headers.try_insert(name.clone(), value);
+            }
+        }
     }
 }
 
@@ -759,8 +776,8 @@ impl Policy {
                 headers.remove(name);
             }
         }
-        // One growth of the map instead of several while the headers go in. A map at its
-        // size limit simply grows (or not) as each insert needs.
+        // One growth of the map instead of several while the headers go in. A map near its
+        // size limit grows (or not) as each insert needs (see [`apply`]).
         let _ = headers.try_reserve(self.fixed.len() + 2);
         for fixed in self.fixed.iter() {
             fixed.apply(headers);

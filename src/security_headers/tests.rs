@@ -3,6 +3,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Request, Response};
+use proptest::strategy::Strategy as _;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 use super::*;
@@ -982,4 +983,298 @@ fn layer_service_and_future_are_send_and_sync() {
     let fut = svc.call(Request::new(()));
     send(&fut);
     assert!(format!("{fut:?}").starts_with("ResponseFuture"));
+}
+
+/// Names a handler may send: every header the layer sets (and the report-only CSP), every
+/// fingerprinting header, and ordinary ones, some with several values.
+const HANDLER_NAMES: [&str; 30] = [
+    "content-security-policy",
+    "content-security-policy-report-only",
+    "strict-transport-security",
+    "x-content-type-options",
+    "x-frame-options",
+    "referrer-policy",
+    "permissions-policy",
+    "cross-origin-opener-policy",
+    "cross-origin-resource-policy",
+    "cross-origin-embedder-policy",
+    "origin-agent-cluster",
+    "x-dns-prefetch-control",
+    "x-permitted-cross-domain-policies",
+    "x-xss-protection",
+    "cache-control",
+    "server",
+    "x-powered-by",
+    "x-aspnet-version",
+    "x-aspnetmvc-version",
+    "x-generator",
+    "x-runtime",
+    "x-backend-server",
+    "x-version",
+    "set-cookie",
+    "x-internal",
+    "content-type",
+    "content-length",
+    "vary",
+    "link",
+    "x-request-id",
+];
+
+/// A policy from generated choices: modes (default and per header), CSP (none, fixed,
+/// nonce, report-only), HSTS timing, optional headers and lists of headers to remove.
+fn generated_policy(
+    default_mode: usize,
+    modes: &[Option<usize>],
+    csp: usize,
+    hsts_when: usize,
+    optional: (bool, bool),
+    remove: usize,
+) -> super::builder::Policy {
+    const MODES: [HeaderMode; 3] = [
+        HeaderMode::Override,
+        HeaderMode::IfNotPresent,
+        HeaderMode::Off,
+    ];
+    let mut b = SecurityHeadersLayerBuilder::api().mode(MODES[default_mode]);
+    for (header, mode) in SecurityHeader::ALL.into_iter().zip(modes) {
+        if let Some(mode) = mode {
+            b = b.header_mode(header, MODES[*mode]);
+        }
+    }
+    b = match csp {
+        0 => b.no_csp(),
+        1 => b,
+        2 => b.csp(ContentSecurityPolicy::web()),
+        3 => b.csp(
+            ContentSecurityPolicy::web()
+                .to_builder()
+                .report_only(true)
+                .build()
+                .unwrap(),
+        ),
+        _ => b.csp(
+            ContentSecurityPolicy::api()
+                .to_builder()
+                .report_only(true)
+                .build()
+                .unwrap(),
+        ),
+    };
+    b = b.hsts_when([HstsWhen::Auto, HstsWhen::Always, HstsWhen::Never][hsts_when]);
+    b = b.cache_control_no_store(optional.0);
+    if optional.1 {
+        b = b.cross_origin_embedder_policy(Some(CrossOriginEmbedderPolicy::RequireCorp));
+    }
+    b = match remove {
+        0 => b,
+        1 => b.remove_headers(Vec::<String>::new()),
+        2 => b.remove_header("Set-Cookie").remove_header(" X-Internal "),
+        _ => b.keep_header("SERVER").remove_header("x-internal"),
+    };
+    b.compile().unwrap()
+}
+
+/// A header map as sorted names, each with its values in order.
+fn by_name(h: &HeaderMap) -> Vec<(String, Vec<String>)> {
+    let mut v: Vec<(String, Vec<String>)> = h
+        .keys()
+        .map(|k| {
+            let values = h
+                .get_all(k)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            (k.as_str().to_owned(), values)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// What the policy's rules say a response with `handler`'s headers gets, written from the
+/// rules rather than from either path: removed names go, an overriding header has the
+/// layer's value alone, an if-not-present one the handler's values when it sent any, and
+/// every other header of the handler stays as it was.
+fn by_the_rules(
+    policy: &super::builder::Policy,
+    handler: &HeaderMap,
+    hsts: bool,
+) -> Vec<(String, Vec<String>)> {
+    let mut out = by_name(handler);
+    out.retain(|(name, _)| !policy.remove.iter().any(|r| r.as_str() == name));
+    let ours = policy
+        .fixed
+        .iter()
+        .chain(policy.hsts.iter().filter(|_| hsts));
+    for f in ours {
+        let layer = vec![f.value.to_str().unwrap().to_owned()];
+        match out.iter_mut().find(|(name, _)| name == f.name.as_str()) {
+            Some((_, values)) if f.overwrite => *values = layer,
+            Some(_) => {}
+            None => out.push((f.name.as_str().to_owned(), layer)),
+        }
+    }
+    out.sort();
+    out
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+    /// For every policy and every set of handler headers (any count, names repeated, the
+    /// layer's own headers among them), the merge and the in-place edit give the headers
+    /// the rules say, value for value.
+    #[test]
+    fn merge_and_in_place_follow_the_rules_for_generated_policies_and_headers(
+        default_mode in 0usize..3,
+        modes in proptest::collection::vec(proptest::option::of(0usize..3), 14),
+        csp in 0usize..5,
+        hsts_when in 0usize..3,
+        optional in (proptest::bool::ANY, proptest::bool::ANY),
+        remove in 0usize..4,
+        handler in proptest::collection::vec(
+            (
+                proptest::prop_oneof![
+                    3 => proptest::sample::select(&HANDLER_NAMES[..]).prop_map(str::to_owned),
+                    1 => "[a-z][a-z0-9-]{0,20}",
+                ],
+                0u8..4,
+            ),
+            0..24,
+        ),
+    ) {
+        let policy = generated_policy(default_mode, &modes, csp, hsts_when, optional, remove);
+        let mut headers = HeaderMap::new();
+        for (name, value) in &handler {
+            headers.append(
+                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(&format!("v{value}")).unwrap(),
+            );
+        }
+        for hsts in [false, true] {
+            let want = by_the_rules(&policy, &headers, hsts);
+            let mut merged = headers.clone();
+            policy.apply_by_merge(&mut merged, hsts);
+            proptest::prop_assert_eq!(by_name(&merged), want.clone(), "merge, hsts {}", hsts);
+            let mut in_place = headers.clone();
+            policy.apply_in_place(&mut in_place, hsts);
+            proptest::prop_assert_eq!(by_name(&in_place), want.clone(), "in place, hsts {}", hsts);
+            // The whole of it, whichever path the count picks, with the nonce CSP last.
+            let csp = policy.csp_template.as_ref().map(|t| t.render("bm9uY2U"));
+            let mut want = want;
+            if let (Some(t), Some(value)) = (&policy.csp_template, &csp) {
+                let ours = vec![value.to_str().unwrap().to_owned()];
+                match want.iter_mut().find(|(name, _)| name == t.name.as_str()) {
+                    Some((_, values)) if t.overwrite => *values = ours,
+                    Some(_) => {}
+                    None => want.push((t.name.as_str().to_owned(), ours)),
+                }
+                want.sort();
+            }
+            let mut applied = headers.clone();
+            policy.apply(&mut applied, hsts, csp);
+            proptest::prop_assert_eq!(by_name(&applied), want, "{} values, hsts {}", headers.len(), hsts);
+        }
+    }
+}
+
+/// A response map holds at most 24,576 names. One that is full (or nearly) cannot take
+/// the layer's headers: the layer replaces what it overrides, adds what fits, and never
+/// panics.
+#[test]
+fn a_response_at_the_header_maps_size_limit_does_not_panic() {
+    let policy = SecurityHeadersLayerBuilder::api()
+        .header_mode(SecurityHeader::XFrameOptions, HeaderMode::Override)
+        .compile()
+        .unwrap();
+    for missing in [0, 1, 5, 20] {
+        let mut headers = HeaderMap::new();
+        headers.append("x-frame-options", HeaderValue::from_static("SAMEORIGIN"));
+        headers.append("x-frame-options", HeaderValue::from_static("ALLOW-FROM x"));
+        headers.append("server", HeaderValue::from_static("nginx"));
+        for i in 0.. {
+            let name = http::HeaderName::from_bytes(format!("x-h-{i}").as_bytes()).unwrap();
+            if headers
+                .try_insert(name, HeaderValue::from_static("v"))
+                .is_err()
+            {
+                break;
+            }
+        }
+        let full = headers.keys_len();
+        for i in 0..missing {
+            headers.remove(format!("x-h-{i}"));
+        }
+        policy.apply(&mut headers, true, None);
+        assert!(headers.get("server").is_none());
+        let xfo: Vec<_> = headers.get_all("x-frame-options").iter().collect();
+        assert_eq!(xfo, ["DENY"]);
+        assert!(headers.keys_len() <= full);
+        for i in missing..100 {
+            assert_eq!(headers[format!("x-h-{i}").as_str()], "v");
+        }
+    }
+}
+
+/// Through the layer, responses of 8, 9, 16 and 17 header values (either side of the
+/// switch from the merge to the in-place edit) get the same headers: the nonce CSP that
+/// matches the request's nonce, HSTS over https only, fingerprinting headers removed
+/// (every value of them), the handler's repeated headers kept in order.
+#[tokio::test]
+async fn responses_either_side_of_the_in_place_switch_get_the_same_headers() {
+    const HANDLER: [(&str, &str); 17] = [
+        ("set-cookie", "a=1"),
+        ("server", "nginx"),
+        ("set-cookie", "b=2"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("content-type", "text/html"),
+        ("server", "envoy"),
+        ("set-cookie", "c=3"),
+        ("x-powered-by", "php"),
+        ("vary", "origin"),
+        ("x-frame-options", "ALLOW-FROM https://a.example"),
+        ("link", "</a>; rel=preload"),
+        ("x-request-id", "r1"),
+        ("x-runtime", "12ms"),
+        ("content-language", "en"),
+        ("etag", "\"1\""),
+        ("x-custom-1", "1"),
+        ("x-custom-2", "2"),
+    ];
+    let layer = SecurityHeadersLayer::web();
+    for n in [8, 9, 16, 17] {
+        for req in [Request::new(()), https_req()] {
+            let over_https = req.uri().scheme_str() == Some("https");
+            let (h, nonce) = call_with(&layer, req, &HANDLER[..n]).await;
+            let nonce = nonce.unwrap();
+            let csp = text(&h, "content-security-policy").unwrap();
+            assert_eq!(csp.matches(&format!("'nonce-{nonce}'")).count(), 2, "{n}");
+            assert_eq!(
+                h.contains_key("strict-transport-security"),
+                over_https,
+                "{n}"
+            );
+            for gone in ["server", "x-powered-by", "x-runtime"] {
+                assert!(h.get(gone).is_none(), "{gone} with {n}");
+            }
+            let cookies: Vec<_> = h.get_all("set-cookie").iter().collect();
+            let sent: Vec<_> = HANDLER[..n]
+                .iter()
+                .filter(|(name, _)| *name == "set-cookie")
+                .map(|(_, value)| *value)
+                .collect();
+            assert_eq!(cookies, sent, "{n}");
+            let xfo: Vec<_> = h.get_all("x-frame-options").iter().collect();
+            assert_eq!(
+                xfo,
+                ["SAMEORIGIN", "ALLOW-FROM https://a.example"][..xfo.len()]
+            );
+            assert_eq!(xfo.len(), if n >= 10 { 2 } else { 1 }, "{n}");
+            assert_eq!(h["x-content-type-options"], "nosniff");
+            for (name, _) in &HANDLER[..n] {
+                let removed = ["server", "x-powered-by", "x-runtime"].contains(name);
+                assert_eq!(h.contains_key(*name), !removed, "{name} with {n}");
+            }
+        }
+    }
 }
