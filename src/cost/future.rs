@@ -144,25 +144,29 @@ fn body_kind(headers: &HeaderMap) -> BodyKind {
 
 fn add_cost_headers(headers: &mut HeaderMap, outcome: &Outcome) {
     let u = &outcome.usage;
-    // Five headers: one growth of the map, not several.
-    headers.reserve(5);
+    // Five headers: one growth of the map, not several. A map at its size limit (an
+    // inner service's, with thousands of names) gets those that still fit: never a panic.
+    let _ = headers.try_reserve(5);
     let cost = match outcome.cost {
         Some(cost) => HeaderValue::from_str(cost.dollars().as_str()),
         None => Ok(HeaderValue::from_static("unknown")),
     };
+    let mut set = |name, value| {
+        let _ = headers.try_insert(name, value);
+    };
     if let Ok(v) = cost {
-        headers.insert(X_PALISADE_COST_USD, v);
+        set(X_PALISADE_COST_USD, v);
     }
-    headers.insert(X_PALISADE_INPUT_TOKENS, count(u.input_tokens));
-    headers.insert(X_PALISADE_OUTPUT_TOKENS, count(u.output_tokens));
-    headers.insert(
+    set(X_PALISADE_INPUT_TOKENS, count(u.input_tokens));
+    set(X_PALISADE_OUTPUT_TOKENS, count(u.output_tokens));
+    set(
         X_PALISADE_CACHE_WRITE_TOKENS,
         count(
             u.cache_write_5m_tokens
                 .saturating_add(u.cache_write_1h_tokens),
         ),
     );
-    headers.insert(X_PALISADE_CACHE_READ_TOKENS, count(u.cache_read_tokens));
+    set(X_PALISADE_CACHE_READ_TOKENS, count(u.cache_read_tokens));
 }
 
 /// A token count as a header value; 0 (the cache counts, most of the time) without

@@ -174,12 +174,18 @@ pub(super) fn finish<B>(
     // first measured slower than letting the map grow as they go in.)
     let mut headers = std::mem::take(headers).into_vec().into_iter().peekable();
     while let Some((name, value)) = headers.next() {
-        let mut entry = match map.entry(name) {
-            Entry::Occupied(mut entry) => {
+        // A map at its size limit (an inner service's, with thousands of names) goes
+        // without the names that no longer fit: never a panic.
+        let mut entry = match map.try_entry(name) {
+            Ok(Entry::Occupied(mut entry)) => {
                 entry.append(value);
                 entry
             }
-            Entry::Vacant(slot) => slot.insert_entry(value),
+            Ok(Entry::Vacant(slot)) => match slot.try_insert_entry(value) {
+                Ok(entry) => entry,
+                Err(_) => continue,
+            },
+            Err(_) => continue,
         };
         while let Some((_, value)) = headers.next_if(|(next, _)| next == entry.key()) {
             entry.append(value);

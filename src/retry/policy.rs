@@ -240,8 +240,10 @@ impl<B> RetryResponse for http::Response<B> {
     fn record_retries(&mut self, retries: u32, header: Option<&HeaderName>) {
         self.extensions_mut().insert(RetryCount(retries));
         if let Some(name) = header {
-            self.headers_mut()
-                .insert(name.clone(), HeaderValue::from(retries));
+            // A map at its size limit (thousands of names) goes without it: never a panic.
+            let _ = self
+                .headers_mut()
+                .try_insert(name.clone(), HeaderValue::from(retries));
         }
     }
 }
