@@ -1,7 +1,7 @@
 //! Local leases of the Redis store, against a real server: answers without a round trip,
 //! never more admitted than the limit (one store, two stores), leases that end with their
-//! window, refusals of a top-up asked again alone, GCRA reservations and give-backs through
-//! a lease, shadow rules, resets, and the settings.
+//! window, refusals of a top-up asked again alone, GCRA rules never leased (each decision a
+//! round trip, give-backs exact), shadow rules, resets, and the settings.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -110,11 +110,6 @@ async fn evalsha(url: &str) -> u64 {
 /// What Redis has left for a rule (a peek through a store without leases).
 async fn redis_remaining(store: &RedisStore, rule: &Owned) -> u64 {
     store.peek(&rule.item()).await.unwrap().remaining
-}
-
-/// Emission time (µs) of `units` units of a GCRA rule.
-fn emission(params: &Params, units: u64) -> u64 {
-    (units * params.window).div_ceil(params.limit)
 }
 
 async fn admit(store: &RedisStore, rules: &[&Owned]) -> bool {
@@ -271,7 +266,7 @@ async fn race(stores: &[RedisStore], rule: &Owned, tasks: usize, each: usize) ->
 
 /// Through one store, 8 tasks × 250 requests against a limit of 1,000 with leases of 10
 /// units (1 %, which divides it): exactly the limit is admitted, for each algorithm (no
-/// leased unit is lost within one instance); GCRA at most the limit.
+/// leased unit is lost within one instance); GCRA is decided in Redis alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leased_decisions_admit_exactly_the_limit_through_one_store() {
     let server = RedisServer::start().await.expect("redis-server");
@@ -284,18 +279,19 @@ async fn leased_decisions_admit_exactly_the_limit_through_one_store() {
         let store = leased(&server.url(), &unique("one"), lease).await;
         let rule = Owned::new("chat", "hot", params(algorithm, 1_000));
         let admitted = race(std::slice::from_ref(&store), &rule, 8, 250).await;
-        assert!(admitted <= 1_000, "{algorithm:?}: {admitted}");
+        assert_eq!(admitted, 1_000, "{algorithm:?}");
+        let health = store.health();
         if algorithm == Algorithm::Gcra {
-            assert!(admitted >= 990, "{algorithm:?}: {admitted}");
+            assert_eq!(health.lease_answers, 0, "{health:?}");
+            assert_eq!(health.leased_keys, 0, "{health:?}");
         } else {
-            assert_eq!(admitted, 1_000, "{algorithm:?}");
+            assert!(health.lease_answers > 500, "{health:?}");
         }
-        assert!(store.health().lease_answers > 500, "{:?}", store.health());
     }
 }
 
 /// Two stores sharing one server, both leasing: never more than the limit, and at most one
-/// lease per store left unused.
+/// lease per store left unused (GCRA, never leased: exactly the limit).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_leasing_stores_sharing_one_redis_never_admit_more_than_the_limit() {
     let server = RedisServer::start().await.expect("redis-server");
@@ -314,6 +310,9 @@ async fn two_leasing_stores_sharing_one_redis_never_admit_more_than_the_limit() 
         let admitted = race(&stores, &rule, 8, 250).await;
         assert!(admitted <= 1_000, "{algorithm:?}: {admitted}");
         assert!(admitted >= 1_000 - 2 * 10 - 1, "{algorithm:?}: {admitted}");
+        if algorithm == Algorithm::Gcra {
+            assert_eq!(admitted, 1_000);
+        }
     }
 }
 
@@ -352,82 +351,74 @@ async fn a_lease_ends_with_the_window_it_was_taken_in() {
     assert_eq!(evalsha(&server.url()).await, calls + 1);
     assert_eq!(after.rules[0].window_start, edge);
     assert_eq!(after.rules[0].remaining, 999);
-
-    // a GCRA lease ends at its maximum age
-    let store = leased(
-        &server.url(),
-        &unique("age"),
-        Lease::units(100).max_age(Duration::from_millis(500)),
-    )
-    .await;
-    let rule = Owned::new("chat", "u1", params(Algorithm::Gcra, 1_000));
-    let t = 1u64 << 45;
-    assert!(store.check_at(&[rule.item()], t).await.unwrap().admitted);
-    let calls = evalsha(&server.url()).await;
-    assert!(
-        store
-            .check_at(&[rule.item()], t + 499_999)
-            .await
-            .unwrap()
-            .admitted
-    );
-    assert_eq!(evalsha(&server.url()).await, calls);
-    assert!(
-        store
-            .check_at(&[rule.item()], t + 500_000)
-            .await
-            .unwrap()
-            .admitted
-    );
-    assert_eq!(evalsha(&server.url()).await, calls + 1);
 }
 
-/// A GCRA lease ends when the bucket's TAT at its grant is reached: its units would have
-/// drained by then, and once the bucket is full again another instance may take a whole
-/// burst, so a unit leased earlier must not pass beside it.
+/// GCRA rules are never leased: with leases on, every decision of a GCRA rule, alone or in
+/// a group with a leased window rule, is a script call, and each answer is exactly that of
+/// a store without leases (refusals, what remains, reservation ends).
 #[tokio::test]
-async fn a_gcra_lease_ends_when_its_units_would_have_drained() {
+async fn a_gcra_rule_is_never_leased_and_every_decision_is_a_round_trip() {
     let server = RedisServer::start().await.expect("redis-server");
-    let prefix = unique("drain");
-    let store = leased(
-        &server.url(),
-        &prefix,
-        Lease::units(100)
-            .share(0.1)
-            .max_age(Duration::from_secs(60)),
-    )
-    .await;
-    let other = exact(&server.url(), &prefix).await;
+    let lease = Lease::units(100)
+        .share(0.1)
+        .max_age(Duration::from_secs(60));
+    // no cache of blocked keys: every decision of either store goes to Redis
+    let build = |prefix: String, lease: Option<Lease>| {
+        let builder = RedisStore::builder()
+            .url(server.url())
+            .prefix(prefix)
+            .timeout(Duration::from_secs(2))
+            .blocked_cache(0);
+        async move {
+            match lease {
+                Some(lease) => builder.lease(lease),
+                None => builder,
+            }
+            .build()
+            .await
+            .unwrap()
+        }
+    };
+    let store = build(unique("never"), Some(lease)).await;
+    let plain = build(unique("never-plain"), None).await;
     // 100 a second, a burst of 100: a unit drains in 10 ms
-    let rule = Owned::new(
+    let gcra = Owned::new(
         "chat",
         "u1",
         Params::new(Algorithm::Gcra, Quota::per_second(100)),
     );
     let t = 1u64 << 45;
-    // 1 + 10 leased: the bucket's TAT is 110 ms ahead
-    assert!(store.check_at(&[rule.item()], t).await.unwrap().admitted);
+    // 1 to 3 units every 5 ms: faster than the bucket drains, so it fills and refuses
+    let mut refused = 0;
+    for step in 0..150u64 {
+        let rule = gcra.costing(1 + step % 3);
+        let now = t + step * 5_000;
+        let calls = evalsha(&server.url()).await;
+        let a = store.check_at(&[rule.item()], now).await.unwrap();
+        let after = evalsha(&server.url()).await;
+        let b = plain.check_at(&[rule.item()], now).await.unwrap();
+        assert_eq!(a, b, "step {step}");
+        assert_eq!(after, calls + 1, "step {step}: not a round trip");
+        refused += usize::from(!a.admitted);
+    }
+    assert!(refused > 10, "{refused}");
+    let (h, p) = (store.health(), plain.health());
+    assert_eq!(h.round_trips, p.round_trips, "{h:?} {p:?}");
+    assert_eq!((h.lease_answers, h.leased_keys), (0, 0), "{h:?}");
+
+    // beside a window rule that is leased, the group still goes to Redis every time
+    let window = Owned::new("day", "u2", params(Algorithm::FixedWindow, 100_000));
+    let gcra = Owned::new("chat", "u2", params(Algorithm::Gcra, 100_000));
     let calls = evalsha(&server.url()).await;
-    assert!(
-        store
-            .check_at(&[rule.item()], t + 50_000)
-            .await
-            .unwrap()
-            .admitted
-    );
-    assert_eq!(evalsha(&server.url()).await, calls, "answered by the lease");
-    // drained: another instance takes the whole burst
-    let burst = rule.costing(100);
-    assert!(
-        other
-            .check_at(&[burst.item()], t + 200_000)
-            .await
-            .unwrap()
-            .admitted
-    );
-    // the lease's 9 units are gone with the time they stood for
-    let d = store.check_at(&[rule.item()], t + 200_000).await.unwrap();
-    assert!(!d.admitted, "{d:?}");
+    for _ in 0..20 {
+        assert!(admit(&store, &[&window, &gcra]).await);
+    }
+    assert_eq!(evalsha(&server.url()).await, calls + 20);
+    assert_eq!(store.health().lease_answers, 0);
+    // the window rule alone is answered from its lease
+    assert!(admit(&store, &[&window]).await);
+    assert_eq!(evalsha(&server.url()).await, calls + 20);
+    assert_eq!(store.health().lease_answers, 1);
 }
 
 /// Near the end of a quota, Redis refuses the request with its top-up: the store asks
@@ -531,25 +522,25 @@ async fn a_reset_drops_the_lease() {
     assert_eq!(d.rules[0].generation, 1);
 }
 
-/// GCRA: a leased request's units end where its slice of the lease ends on the bucket's
-/// timeline, so a give-back through it refunds its own units and never those the lease
-/// still holds.
+/// A GCRA reservation made through a leasing store is Redis's own: its reservation end is
+/// the bucket's, and give-backs through the store (one larger than its reservation too)
+/// refund exactly what they refund through a store without leases.
 #[tokio::test]
-async fn a_gcra_reservation_from_a_lease_ends_at_its_slice_and_settles_back_through_it() {
+async fn a_gcra_give_back_through_a_leasing_store_is_exact() {
     let server = RedisServer::start().await.expect("redis-server");
-    let prefix = unique("gcra");
-    let store = leased(&server.url(), &prefix, Lease::units(100)).await;
-    let peeker = exact(&server.url(), &prefix).await;
-    let rule = Owned::new("chat", "u1", params(Algorithm::Gcra, 1_000));
+    let store = leased(&server.url(), &unique("gcra"), Lease::units(100)).await;
+    let plain = exact(&server.url(), &unique("gcra-plain")).await;
+    // a unit is exactly a second of the timeline
+    let rule = Owned::new(
+        "chat",
+        "u1",
+        Params::new(
+            Algorithm::Gcra,
+            Quota::new(1_000, Duration::from_secs(1_000)),
+        ),
+    );
     let p = rule.params;
-    let a = store.check(&[rule.item()]).await.unwrap().rules[0];
-    let b = store.check(&[rule.item()]).await.unwrap().rules[0];
-    assert!(a.debited && b.debited);
-    let lease_end = peeker.peek(&rule.item()).await.unwrap().reservation_end;
-    assert_eq!(a.reservation_end, lease_end - emission(&p, 10));
-    assert_eq!(b.reservation_end, lease_end - emission(&p, 9));
-    assert_eq!(b.window_start, a.window_start);
-    assert_eq!(redis_remaining(&peeker, &rule).await, 989);
+    let t = 1u64 << 45;
     let settle = |d: &RuleDecision, delta| Settlement {
         rule_index: 0,
         rule: rule.name,
@@ -560,14 +551,35 @@ async fn a_gcra_reservation_from_a_lease_ends_at_its_slice_and_settles_back_thro
         reservation_end: d.reservation_end,
         delta,
     };
-    // b gives its unit back: Redis has it again
-    store.settle(&[settle(&b, -1)]).await.unwrap();
-    assert_eq!(redis_remaining(&peeker, &rule).await, 990);
-    // a asks back far more than its unit: a give-back refunds at most what of its slice is
-    // still outstanding (the script counts b's give-back as having moved it back too), never
-    // the 9 units the lease still holds here
-    store.settle(&[settle(&a, -50)]).await.unwrap();
-    assert_eq!(redis_remaining(&peeker, &rule).await, 990);
+    let mut remaining = Vec::new();
+    for s in [&store, &plain] {
+        let a = s
+            .check_at(&[rule.costing(5).item()], t)
+            .await
+            .unwrap()
+            .rules[0];
+        let b = s
+            .check_at(&[rule.costing(3).item()], t)
+            .await
+            .unwrap()
+            .rules[0];
+        assert!(a.debited && b.debited);
+        let peek = s.peek_at(&rule.item(), t).await.unwrap();
+        assert_eq!(peek.remaining, 992);
+        assert_eq!(b.reservation_end, peek.reservation_end, "b ends at the TAT");
+        assert!(a.reservation_end < b.reservation_end);
+        // b gives its 3 units back: Redis has them again
+        s.settle_at(&[settle(&b, -3)], t + 1).await.unwrap();
+        let after_b = s.peek_at(&rule.item(), t + 1).await.unwrap().remaining;
+        assert_eq!(after_b, 995);
+        // a asks back far more than its 5 units
+        s.settle_at(&[settle(&a, -50)], t + 2).await.unwrap();
+        let after_a = s.peek_at(&rule.item(), t + 2).await.unwrap().remaining;
+        assert!(after_a <= 1_000, "{after_a}");
+        remaining.push((after_b, after_a));
+    }
+    assert_eq!(remaining[0], remaining[1]);
+    assert_eq!(store.health().lease_answers, 0);
 }
 
 /// A shadow rule is leased like the others; when its top-up is refused while the group is

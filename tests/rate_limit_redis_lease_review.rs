@@ -1,5 +1,6 @@
-//! Local leases of the Redis store against a real server, at the edges: a GCRA lease whose
-//! units' time has passed, and a lease topped up by requests larger than it holds.
+//! Local leases of the Redis store against a real server, at the edges: GCRA give-backs
+//! through either instance never letting more than the burst pass (GCRA rules are never
+//! leased), and a lease topped up by requests larger than it holds.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -58,15 +59,16 @@ async fn take_all(store: &RedisStore, key: &RateKey, params: Params, t: u64) -> 
     n
 }
 
-/// GCRA: a leased unit stands for a slice of the bucket's timeline. Once time has passed
-/// that slice, the bucket counts it as drained and another instance may take the whole
-/// burst; the unit must not pass beside it, even though the lease's last unit has not
-/// drained yet.
+/// GCRA rules are never leased, so a give-back through another instance cannot free units
+/// a lease here still answers with: a reservation taken through another store is given
+/// back there after this store decided a request of the same key, and once the bucket has
+/// drained, the two stores together admit at most one burst at one instant.
 #[tokio::test]
-async fn a_gcra_lease_never_answers_with_units_whose_slice_has_passed() {
+async fn a_gcra_give_back_through_another_instance_never_lets_more_than_the_burst_pass() {
+    use palisade::rate_limit::store::Settlement;
     let server = RedisServer::start().await.expect("redis-server");
-    let prefix = unique("gcra-slice");
-    let leased = store(
+    let prefix = unique("gcra-other");
+    let leasing = store(
         &server.url(),
         &prefix,
         Some(
@@ -81,24 +83,40 @@ async fn a_gcra_lease_never_answers_with_units_whose_slice_has_passed() {
     let params = Params::new(Algorithm::Gcra, Quota::per_second(100));
     let key = RateKey::principal("u1");
     let t = 1u64 << 45;
-    // 1 + 10 leased: the TAT is 110 ms ahead, the leased units' slices are 10..110 ms
+    let reserved = other.check_at(&[item(&key, params, 89)], t).await.unwrap();
+    assert!(reserved.admitted);
     assert!(
-        leased
+        leasing
             .check_at(&[item(&key, params, 1)], t)
             .await
             .unwrap()
             .admitted
     );
-    // at 105 ms only 5 ms of the lease are still ahead: the rest of the burst goes to the
-    // other instance
-    let now = t + 105_000;
+    // the other instance's request used none of its 89 units
+    let r = reserved.rules[0];
+    other
+        .settle_at(
+            &[Settlement {
+                rule_index: 0,
+                rule: "chat",
+                key: &key,
+                params,
+                window_start: r.window_start,
+                generation: r.generation,
+                reservation_end: r.reservation_end,
+                delta: -89,
+            }],
+            t + 1_000,
+        )
+        .await
+        .unwrap();
+    // half a second on, the bucket has drained: one burst in all
+    let now = t + 500_000;
     let by_other = take_all(&other, &key, params, now).await;
-    let by_lease = take_all(&leased, &key, params, now).await;
-    assert!(
-        by_other + by_lease <= params.burst,
-        "{by_other} + {by_lease} units at one instant, above a burst of {}",
-        params.burst
-    );
+    let by_leasing = take_all(&leasing, &key, params, now).await;
+    assert_eq!(by_other, params.burst);
+    assert_eq!(by_leasing, 0, "beyond a burst of {}", params.burst);
+    assert_eq!(leasing.health().lease_answers, 0);
 }
 
 /// A request larger than what its lease holds asks Redis with a new top-up; the lease it
@@ -244,11 +262,11 @@ fn lease_units_that_do_not_parse_are_the_only_problem_reported() {
     );
 }
 
-/// GCRA: a give-back moves the bucket's TAT back, and so the slices of the timeline the
-/// units of a lease granted after the given-back reservation stand for: once another
-/// instance may take the burst the give-back freed, those units must not pass beside it.
+/// GCRA: a give-back through a leasing store moves the bucket's TAT back in Redis, and
+/// nothing of the key is answered here: once another instance may take the burst the
+/// give-back freed, the two stores together admit at most that burst.
 #[tokio::test]
-async fn a_gcra_give_back_through_the_store_ends_the_lease_it_moved() {
+async fn a_gcra_give_back_through_a_leasing_store_never_lets_more_than_the_burst_pass() {
     use palisade::rate_limit::store::Settlement;
     let server = RedisServer::start().await.expect("redis-server");
     let prefix = unique("gcra-back");
@@ -266,7 +284,7 @@ async fn a_gcra_give_back_through_the_store_ends_the_lease_it_moved() {
     let params = Params::new(Algorithm::Gcra, Quota::per_second(100));
     let key = RateKey::principal("u1");
     let t = 1u64 << 45;
-    // 50 + 10 leased: the lease's units stand for 500..600 ms
+    // 50 units: the TAT is 500 ms ahead
     let d = leased.check_at(&[item(&key, params, 50)], t).await.unwrap();
     assert!(d.admitted);
     let r = d.rules[0];
@@ -286,15 +304,14 @@ async fn a_gcra_give_back_through_the_store_ends_the_lease_it_moved() {
         )
         .await
         .unwrap();
-    // the request used none of its 50: the TAT is 100 ms ahead, 5 ms at 95 ms
+    // the request used none of its 50: the bucket is empty again, and 95 ms on, one burst
+    // passes in all
     let now = t + 95_000;
     let by_other = take_all(&other, &key, params, now).await;
     let by_lease = take_all(&leased, &key, params, now).await;
-    assert!(
-        by_other + by_lease <= params.burst,
-        "{by_other} + {by_lease} units at one instant, above a burst of {}",
-        params.burst
-    );
+    assert_eq!(by_other, params.burst);
+    assert_eq!(by_lease, 0, "beyond a burst of {}", params.burst);
+    assert_eq!(leased.health().lease_answers, 0);
 }
 
 /// A lease of 1 unit is never taken (no lease is below 2 units): asking for one is refused

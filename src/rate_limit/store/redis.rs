@@ -589,20 +589,20 @@ enum Conn {
 /// ([`RedisStoreBuilder::blocked_cache`]), and keeps the newcomer: under a flood of
 /// distinct blocked keys it stays within its capacity at O(1) amortized per insert.
 ///
-/// **Local leases (opt-in).** With [`RedisStoreBuilder::lease`], a decision that finds no
-/// usable lease for a rule and key also asks Redis, in the same script call, for a few units
-/// beyond its cost (a [`Lease`]); once they are granted, the next requests for that rule
-/// and key are decided here from them, with no round trip (also while Redis is away: they
-/// were granted), all of a request's rules or none, each unit spent once. Decisions made
-/// from a lease report the grant's window and generation, so their settlements apply where
-/// their units were counted, and for GCRA a reservation end at their own slice of the
-/// lease. A refusal of a call that asked for extra units says nothing about the request
+/// **Local leases (opt-in).** With [`RedisStoreBuilder::lease`], a decision of a fixed- or
+/// sliding-window rule that finds no usable lease for its key also asks Redis, in the same
+/// script call, for a few units beyond its cost (a [`Lease`]); once they are granted, the
+/// next requests for that rule and key are decided here from them, with no round trip
+/// (also while Redis is away: they were granted), all of a request's rules or none, each
+/// unit spent once. GCRA rules are never leased: Redis decides them on every request, so a
+/// request with a GCRA rule makes a round trip. Decisions made from a lease report the
+/// grant's window and generation, so their settlements apply where their units were
+/// counted. A refusal of a call that asked for extra units says nothing about the request
 /// alone: it is neither cached nor returned, and the request is asked again without them.
 /// [`Store::reset`] drops this instance's lease of the key (also one granted while the reset
-/// was on its way), and so does a GCRA give-back; another instance's lease answers until it
-/// ends (at most its maximum age, 1 s by default). Decisions of the local
-/// fallback store never create a lease. [`RedisHealth::lease_answers`] counts the decisions
-/// leases answered.
+/// was on its way); another instance's lease answers until it ends (at most its maximum
+/// age, 1 s by default). Decisions of the local fallback store never create a lease.
+/// [`RedisHealth::lease_answers`] counts the decisions leases answered.
 ///
 /// **TLS.** `rediss://` URLs connect over TLS (rustls), for one server or every Cluster
 /// node, checking the server's certificate against the system's roots, or against your
@@ -1059,7 +1059,11 @@ impl RedisStore {
                         at,
                         removals,
                     );
-                    Leases::for_request(&mut decision.rules[n], &item.params, top, held);
+                    // What remains for the caller includes the units the lease holds.
+                    if let Some(held) = held {
+                        let rule = &mut decision.rules[n];
+                        rule.remaining = rule.remaining.saturating_add(held);
+                    }
                 } else {
                     leases.settled(&item.rule, &item.key);
                 }
@@ -1127,21 +1131,6 @@ impl RedisStore {
                 self.inner.blocked.remove(s.rule, s.key);
             }
         }
-        // A GCRA give-back moves the bucket's TAT back, and with it the slices of the
-        // timeline a lease's units stand for (they lie after every reservation made before
-        // the grant): no lease of the key is answered from once it may land.
-        let gcra_give_backs: SmallVec<[(Box<str>, RateKey); 2]> = if self.inner.leases.enabled() {
-            settlements
-                .iter()
-                .filter(|s| s.delta < 0 && s.params.algorithm == Algorithm::Gcra)
-                .map(|s| {
-                    self.inner.leases.remove(s.rule, s.key);
-                    (s.rule.into(), s.key.clone())
-                })
-                .collect()
-        } else {
-            SmallVec::new()
-        };
         // A reservation the local fallback made is settled there alone: Redis never
         // counted it, and a refund there would give back units other requests spent.
         let (local, settlements): (SmallVec<[Settlement<'_>; 2]>, SmallVec<[Settlement<'_>; 2]>) =
@@ -1221,11 +1210,6 @@ impl RedisStore {
                 Ok(_) => {
                     for (rule, key) in &give_backs {
                         inner.blocked.remove(rule, key);
-                    }
-                    // A lease granted before the give-back landed was answered after the
-                    // removal above.
-                    for (rule, key) in &gcra_give_backs {
-                        inner.leases.remove(rule, key);
                     }
                     Ok(())
                 }

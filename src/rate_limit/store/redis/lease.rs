@@ -1,5 +1,5 @@
-//! Local leases: slices of a rule's quota taken from Redis with a decision, that answer
-//! later decisions of the same rule and key without a round trip.
+//! Local leases: units of a fixed- or sliding-window rule's quota taken from Redis with a
+//! decision, that answer later decisions of the same rule and key without a round trip.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -40,26 +40,23 @@ pub const DEFAULT_LEASE_ENTRIES: usize = 10_000;
 /// assert_eq!(lease.size(150), 0);
 /// ```
 ///
+/// **Fixed and sliding windows only.** Leases apply to fixed-window and sliding-window
+/// rules. GCRA (token bucket) rules are never leased: Redis decides them on every request,
+/// exactly, with or without leases.
+///
 /// **Never more than the limit.** Every unit a lease answers with was debited in Redis
-/// before, and is used only while it still counts there: a fixed or sliding window's lease
-/// ends with the Redis window it was taken in (measured from when its call was sent, so
-/// clocks that run apart between hosts never stretch it), and any lease at its maximum
-/// age. A GCRA lease's units stand for slices of the bucket's timeline up to its TAT at
-/// the grant: a unit is answered only while its slice lies wholly ahead (once time reaches
-/// it, the bucket counts it drained and free to others), so the lease's units go one by one
-/// as time passes them, and all of them by that TAT. A GCRA give-back (a settlement below
-/// a reservation) moves the TAT back, and with it those slices: one through this store ends
-/// its lease of the key, but one through another instance does not reach it, so with
-/// settled GCRA rules another instance's give-back can let up to a lease's units pass
-/// beyond the burst until the lease ends.
+/// before, and counts there until its window ends, whichever instance settles what: a
+/// lease ends with the Redis window it was taken in (measured from when its call was sent,
+/// so clocks that run apart between hosts never stretch it), or at its maximum age if that
+/// comes first.
 ///
 /// **Inexact only towards refusing.** Units one instance leased and has not used are
-/// unavailable to the others until the lease's window ends (GCRA: until they drain): with
-/// `n` instances, up to `n × size` units of a window can go unused while requests are
-/// refused elsewhere (a request larger than what its lease holds tops it up to its size,
-/// never beyond). The [size](Lease::size) is at most the configured share of the rule's
-/// capacity (its limit, or a GCRA rule's burst) and at most the configured units; a rule
-/// whose share is below 2 units is never leased, so small per-user limits stay exact.
+/// unavailable to the others until the lease's window ends: with `n` instances, up to
+/// `n × size` units of a window can go unused while requests are refused elsewhere (a
+/// request larger than what its lease holds tops it up to its size, never beyond). The
+/// [size](Lease::size) is at most the configured share of the rule's limit and at most the
+/// configured units; a rule whose share is below 2 units is never leased, so small per-user
+/// limits stay exact.
 /// When the quota is almost used up, a request whose top-up Redis refuses is asked again
 /// alone (a second round trip), and that key is not leased again until its window ends
 /// (or the maximum age passes), so each request there costs one round trip again.
@@ -168,9 +165,8 @@ struct Span {
 #[derive(Clone, Copy)]
 struct Entry {
     params: Params,
-    /// The removal count when the entry was made: a grant whose call was sent before
-    /// (it may predate a reset or give-back that removed the key's earlier entry) is not
-    /// kept.
+    /// The removal count when the entry was made: a grant whose call was sent before (it
+    /// may predate a reset that removed the key's earlier entry) is not kept.
     created: u64,
     /// The lease's units not used yet.
     units: u64,
@@ -186,8 +182,6 @@ struct Entry {
     reset: u64,
     window_start: u64,
     generation: u32,
-    /// GCRA: where the lease's units end on the bucket's timeline.
-    lease_end: u64,
 }
 
 fn elapsed(span: &Span, when: When) -> Option<u64> {
@@ -204,21 +198,13 @@ fn live(span: Option<&Span>, when: When) -> bool {
 }
 
 impl Entry {
-    /// The units the lease can answer with `when`: none once it has ended. A GCRA lease's
-    /// units stand for slices of the bucket's timeline ending at the TAT of the grant,
-    /// answered from the earliest: a unit whose slice has begun to pass by `when` has
-    /// drained (the bucket counts it free again), so only those whose slice lies wholly
-    /// ahead are left.
+    /// The units the lease can answer with `when`: none once it has ended.
     fn available(&self, when: When) -> u64 {
-        let Some(span) = self.lease.as_ref().filter(|s| live(Some(s), when)) else {
-            return 0;
-        };
-        if self.params.algorithm != Algorithm::Gcra {
-            return self.units;
+        if live(self.lease.as_ref(), when) {
+            self.units
+        } else {
+            0
         }
-        let elapsed = elapsed(span, when).unwrap_or(u64::MAX);
-        let ahead = self.reset.saturating_sub(elapsed);
-        self.units.min(units_within(&self.params, ahead))
     }
 
     fn empty(params: Params, created: u64) -> Self {
@@ -233,7 +219,6 @@ impl Entry {
             reset: 0,
             window_start: 0,
             generation: 0,
-            lease_end: 0,
         }
     }
 
@@ -244,19 +229,6 @@ impl Entry {
             && !live(self.off.as_ref(), when)
             && self.pending_until.is_none_or(|p| p <= now)
     }
-}
-
-/// The whole units of a GCRA rule that `micros` of its timeline hold: the largest `k` whose
-/// [emission](emission) is at most `micros`.
-fn units_within(params: &Params, micros: u64) -> u64 {
-    let per = u128::from(params.limit.max(1));
-    u64::try_from(u128::from(micros) * per / u128::from(params.window.max(1))).unwrap_or(u64::MAX)
-}
-
-/// Emission time (µs) of `units` units of a GCRA rule: what they advance its TAT by.
-fn emission(params: &Params, units: u64) -> u64 {
-    let per = u128::from(params.limit.max(1));
-    u64::try_from((u128::from(units) * u128::from(params.window)).div_ceil(per)).unwrap_or(u64::MAX)
 }
 
 type Map = hashbrown::HashMap<(Box<str>, RateKey), Entry, foldhash::fast::RandomState>;
@@ -284,8 +256,8 @@ pub(super) struct Leases {
     pending_for: Duration,
     state: Mutex<State>,
     /// Bumped by every removal: a grant of a key whose entry was made after the grant's
-    /// call was sent is not kept (it may predate a reset or give-back of its key); grants
-    /// of other keys are.
+    /// call was sent is not kept (it may predate a reset of its key); grants of other keys
+    /// are.
     removals: AtomicU64,
     answered: AtomicU64,
 }
@@ -369,8 +341,7 @@ impl Leases {
         for item in items {
             // Present and usable: checked above under the same lock.
             let e = state.map.get_mut(&Lookup(item.rule, item.key))?;
-            // A GCRA lease's drained units go with the time they stood for.
-            e.units = e.available(when) - item.cost;
+            e.units -= item.cost;
             let span = e.lease.as_ref()?;
             let elapsed = elapsed(span, when).unwrap_or(0);
             rules.push(RuleDecision {
@@ -379,11 +350,7 @@ impl Leases {
                 reset_micros: e.reset.saturating_sub(elapsed),
                 window_start: e.window_start,
                 generation: e.generation,
-                reservation_end: if e.params.algorithm == Algorithm::Gcra {
-                    e.lease_end.saturating_sub(emission(&e.params, e.units))
-                } else {
-                    0
-                },
+                reservation_end: 0,
                 debited: true,
             });
         }
@@ -395,8 +362,8 @@ impl Leases {
         })
     }
 
-    /// The top-up each item asks Redis for (0: none), marking those that ask as pending;
-    /// `None` when no item asks for one.
+    /// The top-up each item asks Redis for (0: none, always for a GCRA rule), marking those
+    /// that ask as pending; `None` when no item asks for one.
     pub fn plan(&self, items: &[CheckItem<'_>], when: When) -> Option<TopUps> {
         let lease = self.lease?;
         let mut top_ups = TopUps::new();
@@ -406,11 +373,13 @@ impl Leases {
         for item in items {
             let capacity = item.params.capacity();
             let size = lease.size(capacity);
-            let mut top = if size == 0 || item.cost > capacity {
-                0
-            } else {
-                size.min(capacity - item.cost)
-            };
+            // GCRA rules are decided in Redis on every request: never leased.
+            let mut top =
+                if size == 0 || item.cost > capacity || item.params.algorithm == Algorithm::Gcra {
+                    0
+                } else {
+                    size.min(capacity - item.cost)
+                };
             if top == 0 {
                 top_ups.push(0);
                 continue;
@@ -421,11 +390,9 @@ impl Leases {
                     let held = e.available(when);
                     let off = live(e.off.as_ref(), when);
                     let pending = e.pending_until.is_some_and(|p| p > now);
-                    // A window's live lease keeps its units with the top-up (see
-                    // `grant`): together they hold at most one lease's size.
-                    if e.params.algorithm != Algorithm::Gcra {
-                        top = top.saturating_sub(held);
-                    }
+                    // A live lease keeps its units with the top-up (see `grant`):
+                    // together they hold at most one lease's size.
+                    top = top.saturating_sub(held);
                     if held >= item.cost || off || pending || top == 0 {
                         false
                     } else {
@@ -488,16 +455,12 @@ impl Leases {
     ) -> Option<u64> {
         let lease = self.lease?;
         let max_age = u64::try_from(lease.max_age.as_micros()).unwrap_or(u64::MAX);
-        let left = match params.algorithm {
-            // Until the TAT the grant left: the lease's units have drained by then.
-            Algorithm::Gcra => rule.reset_micros,
-            // Until the end of the window the units were counted in.
-            _ => rule
-                .window_start
-                .saturating_add(params.window)
-                .saturating_sub(at),
-        };
-        let life = left.min(max_age);
+        // Until the end of the window the units were counted in.
+        let life = rule
+            .window_start
+            .saturating_add(params.window)
+            .saturating_sub(at)
+            .min(max_age);
         let mut state = self.lock();
         let e = state.map.get_mut(&Lookup(name, key))?;
         e.pending_until = None;
@@ -506,10 +469,8 @@ impl Leases {
         }
         let span = Span { sent, at, life };
         // A live lease of the same window keeps its units (a top-up that was too small for
-        // a large cost); a GCRA lease's units are not merged: each lease's end on the
-        // bucket's timeline holds its own units only.
-        let merge = params.algorithm != Algorithm::Gcra
-            && live(e.lease.as_ref(), When::At(at))
+        // a large cost).
+        let merge = live(e.lease.as_ref(), When::At(at))
             && e.window_start == rule.window_start
             && e.generation == rule.generation;
         e.units = if merge {
@@ -525,12 +486,11 @@ impl Leases {
         e.reset = rule.reset_micros;
         e.window_start = rule.window_start;
         e.generation = rule.generation;
-        e.lease_end = rule.reservation_end;
         Some(e.units)
     }
 
-    /// Leasing stays off for this rule and key until the window of `rule`'s refusal ends
-    /// (GCRA: for the maximum age), and at most for the maximum age.
+    /// Leasing stays off for this rule and key until the window of `rule`'s refusal ends,
+    /// and at most for the maximum age.
     pub fn turn_off(
         &self,
         name: &str,
@@ -544,14 +504,11 @@ impl Leases {
             return;
         };
         let max_age = u64::try_from(lease.max_age.as_micros()).unwrap_or(u64::MAX);
-        let life = match params.algorithm {
-            Algorithm::Gcra => max_age,
-            _ => rule
-                .window_start
-                .saturating_add(params.window)
-                .saturating_sub(at)
-                .min(max_age),
-        };
+        let life = rule
+            .window_start
+            .saturating_add(params.window)
+            .saturating_sub(at)
+            .min(max_age);
         let mut state = self.lock();
         if let Some(e) = state.map.get_mut(&Lookup(name, key)) {
             e.pending_until = None;
@@ -576,18 +533,6 @@ impl Leases {
         let mut state = self.lock();
         self.removals.fetch_add(1, Ordering::AcqRel);
         state.map.remove(&Lookup(name, key));
-    }
-
-    /// The caller's part of a decision that took a lease of `top` units with `rule`:
-    /// what remains includes the units the lease holds (`held`, when it was kept); a GCRA
-    /// request's units end before the lease's.
-    pub fn for_request(rule: &mut RuleDecision, params: &Params, top: u64, held: Option<u64>) {
-        if let Some(held) = held {
-            rule.remaining = rule.remaining.saturating_add(held);
-        }
-        if params.algorithm == Algorithm::Gcra {
-            rule.reservation_end = rule.reservation_end.saturating_sub(emission(params, top));
-        }
     }
 }
 
@@ -627,6 +572,32 @@ mod tests {
             );
         }
         Lease::units(10).share(1.0).validate().unwrap();
+    }
+
+    /// A GCRA rule never asks for a top-up, alone or beside a window rule that does: no
+    /// entry is made for it, so it is never answered here.
+    #[test]
+    fn a_gcra_rule_never_asks_for_a_top_up() {
+        let leases = Leases::new(Some(Lease::units(100)), Duration::from_secs(1));
+        let gcra = Params::new(Algorithm::Gcra, Quota::per_minute(10_000));
+        let window = Params::new(Algorithm::SlidingWindow, Quota::per_minute(10_000));
+        let key = RateKey::principal("a");
+        let item = |rule, params| CheckItem {
+            rule_index: 0,
+            rule,
+            key: &key,
+            params,
+            cost: 1,
+            shadow: false,
+        };
+        let when = When::At(1_000);
+        assert!(leases.plan(&[item("g", gcra)], when).is_none());
+        let tops = leases
+            .plan(&[item("g", gcra), item("w", window)], when)
+            .unwrap();
+        assert_eq!(tops.as_slice(), &[0, 100]);
+        assert_eq!(leases.len(), 1);
+        assert!(leases.answer(&[item("g", gcra)], when).is_none());
     }
 
     /// A full table leases nothing for a new key while its entries live, and drops them
@@ -687,7 +658,7 @@ mod tests {
         assert_eq!(leases.len(), 2);
     }
 
-    /// A removal (a reset or a GCRA give-back) drops the grants of its key sent before it,
+    /// A removal (a reset) drops the grants of its key sent before it,
     /// even when a later top-up made the key's entry again, and no other key's.
     #[test]
     fn a_removal_drops_the_grants_in_flight_of_its_key_only() {
