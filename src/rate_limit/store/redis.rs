@@ -285,8 +285,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Takes local leases of each rule's quota (default: none, every decision is one round
-    /// trip): see [`Lease`] for what they save and what they cost in exactness.
+    /// Takes local leases of each fixed- or sliding-window rule's quota (default: none, every
+    /// decision is one round trip; GCRA rules are always decided in Redis): see [`Lease`]
+    /// for what they save and what they cost in exactness.
     pub fn lease(mut self, lease: Lease) -> Self {
         self.lease = Some(lease);
         self

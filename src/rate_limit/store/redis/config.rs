@@ -56,8 +56,9 @@ pub struct RedisStoreConfig {
     /// A PEM file of the certificate authority that `rediss://` servers are checked
     /// against, instead of the system's roots (see [`RedisStoreBuilder::tls_ca_pem`](super::RedisStoreBuilder::tls_ca_pem)).
     pub tls_ca_file: Option<PathBuf>,
-    /// The most units one local [`Lease`] holds; 0 (the default) leaves leases off, so
-    /// every decision is one round trip.
+    /// The most units one local [`Lease`] of a fixed- or sliding-window rule holds (GCRA
+    /// rules are never leased); 0 (the default) leaves leases off, so every decision is one
+    /// round trip.
     pub lease_units: u64,
     /// The largest fraction (0–1) of a rule's capacity one lease holds (default 0.01);
     /// only with `lease_units`.
