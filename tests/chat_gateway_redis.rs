@@ -170,6 +170,42 @@ async fn health_reports_redis() {
     );
 }
 
+/// With leases on, two instances sharing Redis still admit no more than the limit between
+/// them, most decisions come from the leases, and `/health` counts them.
+#[tokio::test]
+async fn two_leasing_instances_hold_one_rate_limit_and_report_their_leases() {
+    let redis = redis().await;
+    let rules = r#"[{"name":"chat","method":"POST","route":"/v1/messages","key":"principal","limit":30,"window":"1m","skip_anonymous":true}]"#;
+    let vars = [
+        ("PALISADE_RATE_LIMIT_RULES", rules),
+        ("PALISADE_GATEWAY_DAILY_BUDGET", "none"),
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_UNITS", "10"),
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_SHARE", "0.5"),
+        ("PALISADE_RATE_LIMIT_REDIS_LEASE_MAX_AGE", "1m"),
+    ];
+    let a = start(&redis, &vars).await;
+    let b = start(&redis, &vars).await;
+    let mut admitted = 0;
+    for i in 0..40 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match gw.alice_chat().await.status.as_u16() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // Never more than the limit; here every leased unit is used (the two instances take
+    // turns), so exactly the limit.
+    assert_eq!(admitted, 30);
+    let h = a.call_versioned(Method::GET, "/health", USER, None).await;
+    let body = h.json();
+    assert!(
+        body["redis"]["lease_answers"].as_u64().unwrap() >= 5,
+        "{body}"
+    );
+    assert_eq!(body["redis"]["leased_keys"], 1, "{body}");
+}
+
 #[tokio::test]
 async fn budget_threshold_alerts_reach_the_webhook() {
     use wiremock::matchers::{method, path};

@@ -35,6 +35,8 @@ pub async fn health(State(state): State<AppState>) -> Response {
             "round_trips": h.round_trips,
             "failures": h.failures,
             "degraded_decisions": h.degraded_decisions,
+            "lease_answers": h.lease_answers,
+            "leased_keys": h.leased_keys,
             "fail_mode": format!("{:?}", h.fail_mode).to_ascii_lowercase(),
             "last_error": h.last_error,
         })
