@@ -57,6 +57,23 @@ async fn wait_count(db: &tokio_postgres::Client, sql: &str, n: i64) {
     panic!("`{sql}` reached {last}, not {n}");
 }
 
+/// `/v1/usage` once `ready` holds of it (up to ten seconds): the gateway writes a batch to
+/// PostgreSQL first and to the in-memory ledger behind `/v1/usage` right after, so a row
+/// seen in the database may be a moment ahead of the report.
+async fn usage_when(gw: &Gateway, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..1000 {
+        let reply = gw.call_versioned(Method::GET, path, USER, None).await;
+        assert_eq!(reply.status, 200);
+        last = reply.json();
+        if ready(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{path} never reached the expected state: {last}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_events_are_audited()
 {
@@ -104,13 +121,14 @@ async fn every_request_is_one_usage_row_at_the_cost_usage_reports_and_security_e
         .sum();
     assert!(db_cost > 0);
 
-    let usage = gw
-        .call_versioned(Method::GET, "/v1/usage", USER, None)
-        .await;
-    assert_eq!(usage.status, 200);
-    let reported = Money::parse_dollars(usage.json()["total_cost_usd"].as_str().unwrap()).unwrap();
+    let reported_cost = |usage: &Value| {
+        Money::parse_dollars(usage["total_cost_usd"].as_str().unwrap())
+            .unwrap()
+            .picos()
+    };
+    let usage = usage_when(&gw, "/v1/usage", |u| reported_cost(u) >= db_cost as u128).await;
     assert_eq!(
-        reported.picos(),
+        reported_cost(&usage),
         db_cost as u128,
         "PostgreSQL and /v1/usage agree to the pico-dollar"
     );
@@ -447,7 +465,7 @@ async fn a_request_served_by_the_fallback_says_so_in_its_usage_row() {
     );
     assert_eq!((rows[1].0, rows[1].1.as_deref()), (529, None), "{rows:?}");
 
-    let usage = gw.get("/v1/usage", USER).await.json();
+    let usage = usage_when(&gw, "/v1/usage", |u| u["report"]["fallbacks"] != 0).await;
     assert_eq!(usage["report"]["fallbacks"], 1, "{usage}");
     assert_eq!(
         usage["report"]["by_fallback"]["model:claude-haiku-4-5"]["requests"], 1,
