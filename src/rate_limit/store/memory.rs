@@ -562,9 +562,11 @@ impl MemoryStore {
     /// its reservation (another [`Settlement::generation`]), or (GCRA) a give-back whose
     /// key has started afresh since (another epoch: the time its bucket was last found
     /// full, the reservation's [`RuleDecision::window_start`]), is dropped; a GCRA charge
-    /// (more used than reserved) applies in any epoch. A GCRA give-back refunds at most
-    /// what of its reservation is still outstanding now (see
-    /// [`Settlement::reservation_end`]).
+    /// (more used than reserved) applies in any epoch, and to a key that is not resident
+    /// as to a fresh one: on a bucket that has drained full (or a key dropped as idle) it
+    /// is debited from now, as a request's units would be, so whether an idle key was
+    /// dropped changes no later decision. A GCRA give-back refunds at most what of its
+    /// reservation is still outstanding now (see [`Settlement::reservation_end`]).
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         self.settle_at(settlements, self.now_micros());
     }
@@ -577,6 +579,13 @@ impl MemoryStore {
             let key = self.map_key(s.rule_index, s.key);
             let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
             let Some(mut slot) = shard.find_mut(key.hash, key.rule, key.key) else {
+                // A GCRA charge on a key with no state lands as on a fresh one: the key
+                // may have been dropped as idle, and that must not lose the units.
+                if s.params.algorithm == Algorithm::Gcra && s.delta > 0 {
+                    if let Some(state) = settle(&s.params, &State::default(), s, now) {
+                        self.insert(&mut shard, &key, &state, state.start, now);
+                    }
+                }
                 continue;
             };
             if slot.generation() != s.generation {
@@ -672,7 +681,8 @@ fn rule_decision(params: &Params, d: &Decided, generation: u32) -> RuleDecision 
 
 /// [`algorithm::settle`] at time `now`, or `None` for a GCRA give-back of a reservation
 /// made in an earlier epoch than the state's (a charge, more used than reserved, applies
-/// in any epoch: the units were used).
+/// in any epoch: the units were used; on a bucket that has drained full it is debited
+/// from now, in a new epoch).
 ///
 /// A GCRA give-back moves the TAT back by at most what of its reservation is still
 /// outstanding: its end ([`Settlement::reservation_end`], less what other give-backs have
@@ -681,10 +691,23 @@ fn rule_decision(params: &Params, d: &Decided, generation: u32) -> RuleDecision 
 /// either back would let a client past its limit. It never moves the TAT before the
 /// epoch's start either: the bucket is then full, and stays no fuller.
 fn settle(params: &Params, state: &State, s: &Settlement<'_>, now: u64) -> Option<State> {
-    let mut new = algorithm::settle(params, state, s.window_start, s.delta);
     if params.algorithm != Algorithm::Gcra {
-        return Some(new);
+        return Some(algorithm::settle(params, state, s.window_start, s.delta));
     }
+    let drained = State {
+        start: now,
+        prev: 0,
+        count: 0,
+    };
+    // A charge on a bucket that has drained full is debited from now, in a new epoch, as a
+    // request's units would be: the drained state decides as no state at all, and so must
+    // settle (whether the store still holds an idle key must not change a later decision).
+    let state = if s.delta > 0 && state.start <= now {
+        &drained
+    } else {
+        state
+    };
+    let mut new = algorithm::settle(params, state, s.window_start, s.delta);
     let epoch = state.start.saturating_sub(state.count);
     let mut given_back = state.prev;
     if s.delta < 0 {
@@ -893,6 +916,54 @@ mod tests {
         assert!(store.check_at(&[item(&key, params)], 1_000_000).admitted);
         assert_eq!(store.evictions(), 0);
         assert_eq!(store.len(), 1);
+    }
+
+    /// A GCRA charge on an idle key lands alike whether the store still holds the key or
+    /// has dropped it to make room: debited from now, as a request's units would be. A
+    /// charge on the idle state was added to its old TAT, and a charge on a dropped key was
+    /// lost, so dropping an idle key changed the next decision.
+    #[test]
+    fn a_gcra_charge_on_an_idle_key_lands_alike_whether_or_not_it_was_dropped() {
+        // 5 a second: a unit is 200 ms, the bucket holds 5
+        let params = Params::new(Algorithm::Gcra, Quota::per_second(5));
+        for key in [RateKey::principal("k"), ip("192.0.2.7")] {
+            let build = || {
+                MemoryStore::builder()
+                    .max_entries(4)
+                    .shards(1)
+                    .build()
+                    .unwrap()
+            };
+            let (kept, dropped) = (build(), build());
+            let mut reservations = Vec::new();
+            for store in [&kept, &dropped] {
+                let d = store.check_at(&[item(&key, params)], 0);
+                assert!(d.admitted);
+                reservations.push(d.rules[0]);
+            }
+            // 1.1 s on the key is idle (its TAT was 0.2 s); four newcomers make the second
+            // store drop it, without an eviction
+            let now = 1_100_000;
+            for i in 0..4 {
+                let other = RateKey::principal(format!("other-{i}"));
+                assert!(dropped.check_at(&[item(&other, params)], now).admitted);
+            }
+            assert_eq!(dropped.evictions(), 0);
+            assert_eq!((kept.len(), dropped.len()), (1, 4));
+            // the request used 5 more units than it reserved
+            for (store, d) in [(&kept, &reservations[0]), (&dropped, &reservations[1])] {
+                store.settle_at(&[settlement(&key, params, d, 5)], now);
+            }
+            for store in [&kept, &dropped] {
+                let peek = store.peek_at(&item(&key, params), now);
+                assert_eq!(
+                    (peek.remaining, peek.reset_micros, peek.window_start),
+                    (0, 1_000_000, now),
+                    "{key}"
+                );
+                assert!(!store.check_at(&[item(&key, params)], now).admitted);
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -219,7 +219,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Settlement::generation`], and a window still held by the state (GCRA: a give-back
     /// applies only in its reservation's epoch, and refunds at most what of the
     /// reservation is still outstanding, see [`Settlement::reservation_end`]; a charge
-    /// applies in any epoch).
+    /// applies in any epoch, and on a bucket that has drained full, or a key whose idle
+    /// state the store has dropped, is debited from now as a request's units would be, so
+    /// whether a store still holds an idle key changes no later decision).
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).

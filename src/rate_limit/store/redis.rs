@@ -537,7 +537,8 @@ enum Conn {
 /// key expired on its own, or not yet), the next request starts a new epoch, and a
 /// give-back of a reservation from an earlier one is dropped, as the memory store drops
 /// it; a charge (more used than reserved) applies in any epoch, since the units were
-/// used. A give-back never makes the bucket fuller than full, and refunds at most what of
+/// used (on a bucket full again, or a key expired, from now, as a request's units would
+/// be: whether Redis still holds an idle key changes no decision). A give-back never makes the bucket fuller than full, and refunds at most what of
 /// its reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
 /// units that have drained since (they came back with time) nor those of later requests.
 ///

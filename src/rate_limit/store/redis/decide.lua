@@ -385,9 +385,16 @@ local function run(mode, ko, n, out)
         struct_unpack(SETTLE_RULE, nums, 17 + (i - 1) * 72)
       strict = strict == 1
       local start, prev, count, g, found = load(key)
-      -- a key reset since the reservation holds another generation: nothing to settle
-      if found and g == gen then
+      -- a key reset since the reservation holds another generation: nothing to settle;
+      -- a GCRA charge on a key with no state (it may have expired as idle) lands as on a
+      -- fresh one, so the units are not lost
+      if found and g == gen or not found and alg == 2 and delta > 0 then
         if alg == 2 then
+          -- a bucket that has drained full takes a charge from now, in a new epoch, as a
+          -- request's units would be: it decides as no state, and so settles
+          if delta > 0 and start <= now then
+            start, prev, count = now, 0, 0
+          end
           -- a charge in any epoch (the units were used); a give-back only in the
           -- reservation's epoch, by no more than what of the reservation is still
           -- outstanding (its end, less what give-backs have moved the TAT back since it
