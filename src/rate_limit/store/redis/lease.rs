@@ -119,6 +119,16 @@ impl Lease {
         if size < 2 { 0 } else { size }
     }
 
+    /// How long (µs) what `rule`'s decision said at `at` (the script's time) holds: until
+    /// the end of the window it was counted in, and at most the maximum age.
+    fn life(&self, params: &Params, rule: &RuleDecision, at: u64) -> u64 {
+        let max_age = u64::try_from(self.max_age.as_micros()).unwrap_or(u64::MAX);
+        rule.window_start
+            .saturating_add(params.window)
+            .saturating_sub(at)
+            .min(max_age)
+    }
+
     pub(super) fn validate(&self) -> Result<(), RedisConfigError> {
         let invalid = |reason: &str| {
             Err(RedisConfigError::InvalidLease {
@@ -454,13 +464,7 @@ impl Leases {
         removals: u64,
     ) -> Option<u64> {
         let lease = self.lease?;
-        let max_age = u64::try_from(lease.max_age.as_micros()).unwrap_or(u64::MAX);
-        // Until the end of the window the units were counted in.
-        let life = rule
-            .window_start
-            .saturating_add(params.window)
-            .saturating_sub(at)
-            .min(max_age);
+        let life = lease.life(&params, rule, at);
         let mut state = self.lock();
         let e = state.map.get_mut(&Lookup(name, key))?;
         e.pending_until = None;
@@ -503,12 +507,7 @@ impl Leases {
         let Some(lease) = self.lease else {
             return;
         };
-        let max_age = u64::try_from(lease.max_age.as_micros()).unwrap_or(u64::MAX);
-        let life = rule
-            .window_start
-            .saturating_add(params.window)
-            .saturating_sub(at)
-            .min(max_age);
+        let life = lease.life(&params, rule, at);
         let mut state = self.lock();
         if let Some(e) = state.map.get_mut(&Lookup(name, key)) {
             e.pending_until = None;
