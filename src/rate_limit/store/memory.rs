@@ -564,8 +564,9 @@ impl MemoryStore {
     /// full, the reservation's [`RuleDecision::window_start`]), is dropped; a GCRA charge
     /// (more used than reserved) applies in any epoch, and to a key that is not resident
     /// as to a fresh one: on a bucket that has drained full (or a key dropped as idle) it
-    /// is debited from now, as a request's units would be, so whether an idle key was
-    /// dropped changes no later decision. A GCRA give-back refunds at most what of its
+    /// is debited from now, as a request's units would be, whether or not the idle key was
+    /// dropped (a key reset and then dropped no longer knows its generation, so a charge
+    /// from before the reset then counts). A GCRA give-back refunds at most what of its
     /// reservation is still outstanding now (see [`Settlement::reservation_end`]).
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         self.settle_at(settlements, self.now_micros());

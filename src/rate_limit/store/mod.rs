@@ -220,8 +220,9 @@ pub trait Store: Send + Sync + 'static {
     /// applies only in its reservation's epoch, and refunds at most what of the
     /// reservation is still outstanding, see [`Settlement::reservation_end`]; a charge
     /// applies in any epoch, and on a bucket that has drained full, or a key whose idle
-    /// state the store has dropped, is debited from now as a request's units would be, so
-    /// whether a store still holds an idle key changes no later decision).
+    /// state the store has dropped, is debited from now as a request's units would be,
+    /// whether the store still holds the idle key or not; a key reset and then dropped no
+    /// longer knows its generation, so a charge from before the reset then counts).
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).

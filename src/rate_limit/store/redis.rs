@@ -538,8 +538,10 @@ enum Conn {
 /// give-back of a reservation from an earlier one is dropped, as the memory store drops
 /// it; a charge (more used than reserved) applies in any epoch, since the units were
 /// used (on a bucket full again, or a key expired, from now, as a request's units would
-/// be: whether Redis still holds an idle key changes no decision). A give-back never makes the bucket fuller than full, and refunds at most what of
-/// its reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
+/// be, whether Redis still holds the idle key or not; a key that was reset and has since
+/// expired no longer knows its generation, so a charge from before the reset then counts).
+/// A give-back never makes the bucket fuller than full, and refunds at most what of its
+/// reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
 /// units that have drained since (they came back with time) nor those of later requests.
 ///
 /// **Cluster.** Every key carries its rate key as hash tag, so rules counting the same
