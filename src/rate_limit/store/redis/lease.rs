@@ -540,6 +540,31 @@ mod tests {
     use super::*;
     use crate::rate_limit::Quota;
 
+    /// A one-unit item of rule `r` for `key`.
+    fn one(key: &RateKey, params: Params) -> CheckItem<'_> {
+        CheckItem {
+            rule_index: 0,
+            rule: "r",
+            key,
+            params,
+            cost: 1,
+            shadow: false,
+        }
+    }
+
+    /// Redis's answer to an admitted call in window `window_start`: 5,000 units left.
+    fn allowed(window_start: u64, reset_micros: u64) -> RuleDecision {
+        RuleDecision {
+            verdict: Verdict::Allowed,
+            remaining: 5_000,
+            reset_micros,
+            window_start,
+            generation: 0,
+            reservation_end: 0,
+            debited: true,
+        }
+    }
+
     #[test]
     fn a_lease_is_the_share_of_the_capacity_within_the_units_and_never_below_two() {
         let lease = Lease::units(100);
@@ -609,23 +634,8 @@ mod tests {
             .into_iter()
             .map(RateKey::principal)
             .collect();
-        let item = |key| CheckItem {
-            rule_index: 0,
-            rule: "r",
-            key,
-            params,
-            cost: 1,
-            shadow: false,
-        };
-        let rule = |window_start| RuleDecision {
-            verdict: Verdict::Allowed,
-            remaining: 5_000,
-            reset_micros: 0,
-            window_start,
-            generation: 0,
-            reservation_end: 0,
-            debited: true,
-        };
+        let item = |key| one(key, params);
+        let rule = |window_start| allowed(window_start, 0);
         let (first, second) = (When::At(1_000), When::At(61_000_000));
         assert!(leases.plan(&[item(&keys[0])], first).is_some());
         // on its way: no second top-up for a
@@ -665,23 +675,8 @@ mod tests {
         let params = Params::new(Algorithm::FixedWindow, Quota::per_minute(10_000));
         let (a, b) = (RateKey::principal("a"), RateKey::principal("b"));
         let when = When::At(1_000);
-        let item = |key| CheckItem {
-            rule_index: 0,
-            rule: "r",
-            key,
-            params,
-            cost: 1,
-            shadow: false,
-        };
-        let rule = RuleDecision {
-            verdict: Verdict::Allowed,
-            remaining: 5_000,
-            reset_micros: 60_000_000,
-            window_start: 0,
-            generation: 0,
-            reservation_end: 0,
-            debited: true,
-        };
+        let item = |key| one(key, params);
+        let rule = allowed(0, 60_000_000);
         let grant = |key, removals| {
             leases.grant(
                 "r",
@@ -714,25 +709,10 @@ mod tests {
         let params = Params::new(Algorithm::FixedWindow, Quota::per_minute(10_000));
         let (a, b) = (RateKey::principal("a"), RateKey::Global);
         let when = When::At(1_000);
-        let item = |key| CheckItem {
-            rule_index: 0,
-            rule: "r",
-            key,
-            params,
-            cost: 1,
-            shadow: false,
-        };
+        let item = |key| one(key, params);
         for (key, top) in [(&a, 100), (&b, 30)] {
             assert_eq!(leases.plan(&[item(key)], when).unwrap()[0], 100);
-            let rule = RuleDecision {
-                verdict: Verdict::Allowed,
-                remaining: 5_000,
-                reset_micros: 60_000_000,
-                window_start: 0,
-                generation: 0,
-                reservation_end: 0,
-                debited: true,
-            };
+            let rule = allowed(0, 60_000_000);
             let held = leases.grant("r", key, params, top, &rule, Instant::now(), 1_000, 0);
             assert_eq!(held, Some(top));
         }
