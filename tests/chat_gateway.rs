@@ -1027,6 +1027,63 @@ fn database_url_without_the_postgres_feature_names_the_feature() {
     assert!(!text.contains("s3cret"), "{text}");
 }
 
+/// A stream idle timeout is added to the clock on every frame of an upstream answer: one
+/// too large to add panicked the request's task (the client got no answer at all), and 0
+/// ended every answer at once. Like the server loop's deadlines, it is refused at start-up
+/// unless it is above 0 and at most a day.
+#[test]
+fn a_stream_idle_timeout_beyond_a_day_or_zero_is_refused_at_start_up() {
+    for value in ["18446744073709551615s", "25h", "0s"] {
+        let mut env = Env::from_pairs([("PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT", value)]);
+        let _ = config::GatewayConfig::from_env(&mut env);
+        let err = env
+            .finish()
+            .expect_err(&format!("STREAM_IDLE_TIMEOUT={value} is refused"));
+        assert_eq!(
+            err.problems()[0].name,
+            "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
+            "{err}"
+        );
+    }
+    let mut env = Env::from_pairs([("PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT", "24h")]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(config.stream_idle_timeout, Duration::from_secs(24 * 3600));
+}
+
+/// The gateway takes its Redis address from `REDIS_URL` alone. `PALISADE_REDIS_URL` (the
+/// shared settings' field) and the rate-limit store's own `PALISADE_RATE_LIMIT_REDIS_URL`
+/// and `_CLUSTER_NODES` were read and then ignored: an operator who set one got limits
+/// and budgets in each instance's memory, with nothing said. Each is refused at start-up,
+/// naming `REDIS_URL`, in every build, with `REDIS_URL` set or not.
+#[test]
+fn redis_addresses_the_gateway_does_not_read_are_refused_naming_redis_url() {
+    for name in [
+        "PALISADE_REDIS_URL",
+        "PALISADE_RATE_LIMIT_REDIS_URL",
+        "PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES",
+    ] {
+        for redis_url in [None, Some("redis://127.0.0.1:6379/")] {
+            let mut pairs = vec![(name, "redis://:s3cret@10.0.0.5:6379/")];
+            pairs.extend(redis_url.map(|u| ("REDIS_URL", u)));
+            let mut env = Env::from_pairs(pairs);
+            let _ = config::GatewayConfig::from_env(&mut env);
+            let Err(err) = env.finish() else {
+                // A build without Redis refuses REDIS_URL itself; without it, nothing was
+                // reported at all.
+                panic!("{name} (REDIS_URL {redis_url:?}) was accepted and ignored");
+            };
+            let text = err.to_string();
+            assert!(
+                err.problems().iter().any(|p| p.name == name),
+                "{name} not reported: {text}"
+            );
+            assert!(text.contains("REDIS_URL"), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+    }
+}
+
 #[test]
 fn env_example_lists_every_gateway_variable() {
     let example = include_str!("../examples/chat_gateway/.env.example");

@@ -400,10 +400,11 @@ impl GatewayConfig {
             "30s",
             server_deadline,
         );
-        let stream_idle_timeout = env.duration(
+        let stream_idle_timeout = env.optional_with(
             "PALISADE_GATEWAY_STREAM_IDLE_TIMEOUT",
             Duration::from_secs(120),
             "120s",
+            server_deadline,
         );
         let mock_slow_delay = env.duration(
             "PALISADE_GATEWAY_MOCK_SLOW_DELAY",
@@ -556,6 +557,27 @@ type RedisSettings = ();
 /// store's own `PALISADE_RATE_LIMIT_REDIS_*` settings (fail mode, timeout, ...) apply.
 /// Without the `redis` feature, a set `REDIS_URL` is a problem that says how to build.
 fn redis_env(env: &mut Env) -> RedisSettings {
+    // Other names for a Redis address: read by palisade's own readers, never by the
+    // gateway, so each is refused rather than left to keep state in memory unsaid.
+    for name in [
+        "PALISADE_REDIS_URL",
+        "PALISADE_RATE_LIMIT_REDIS_URL",
+        "PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES",
+    ] {
+        if env.raw(name).is_some() {
+            env.problem(
+                name,
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: "the gateway reads its Redis address from REDIS_URL only \
+                             (a comma-separated node list is a Cluster): set REDIS_URL \
+                             instead"
+                        .into(),
+                },
+                "(unset; REDIS_URL=redis://127.0.0.1:6379/)",
+            );
+        }
+    }
     let url: Option<String> = env.secret_with(
         "REDIS_URL",
         "redis://127.0.0.1:6379/ (or redis://10.0.0.1:7000/,redis://10.0.0.2:7000/ for a Cluster)",
@@ -773,8 +795,9 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// A server loop deadline (header, idle, write): positive, and at most a day, so that
-/// adding it to the clock never overflows (a connection's task would panic on it).
+/// A deadline the gateway adds to the clock (the server loop's header, idle and write
+/// timeouts, the upstream stream's idle timeout): positive, and at most a day, so that
+/// adding it never overflows (a connection's or a request's task would panic on it).
 fn server_deadline(s: &str) -> Result<Duration, String> {
     const LONGEST: Duration = Duration::from_secs(24 * 60 * 60);
     match positive_duration(s)? {
