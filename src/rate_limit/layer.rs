@@ -86,7 +86,10 @@ impl RateLimitLayer<MemoryStore> {
 
     /// The layer the process environment describes (`PALISADE_RATE_LIMIT_*` and the shared
     /// `PALISADE_ERROR_FORMAT`, see [`RateLimitConfig::from_env`](super::RateLimitConfig::from_env)),
-    /// reporting every problem at once.
+    /// reporting every problem at once. Its store is the memory store: a set
+    /// `PALISADE_RATE_LIMIT_REDIS_URL` or `_CLUSTER_NODES` is a problem, since building a
+    /// Redis store connects (`RedisStoreConfig::from_env`, then the async
+    /// `RedisStore::from_config`, then [`builder`](Self::builder)`().store(..)`).
     ///
     /// ```no_run
     /// # fn main() -> Result<(), palisade::config::ConfigError> {
@@ -95,8 +98,33 @@ impl RateLimitLayer<MemoryStore> {
     /// # Ok(()) }
     /// ```
     pub fn from_env() -> Result<Self, crate::config::ConfigError> {
-        let mut env = crate::config::Env::from_process();
+        Self::from_env_in(crate::config::Env::from_process())
+    }
+
+    /// Like [`from_env`](Self::from_env), reading `env` instead of the process environment.
+    pub(crate) fn from_env_in(
+        mut env: crate::config::Env,
+    ) -> Result<Self, crate::config::ConfigError> {
         let config = super::RateLimitConfig::from_env(&mut env);
+        // This layer keeps the memory store: a Redis address meant for it would be ignored,
+        // and every instance would count alone.
+        for field in ["redis.url", "redis.cluster_nodes"] {
+            let name = crate::config::env_var(super::config::ENV_PREFIX, field);
+            if env.raw(&name).is_some() {
+                env.problem(
+                    &name,
+                    crate::config::ProblemKind::Invalid {
+                        value: "[redacted]".into(),
+                        reason: "`RateLimitLayer::from_env` keeps limits in memory: build the \
+                                 Redis store with `RedisStoreConfig::from_env` and \
+                                 `RedisStore::from_config`, then give it to \
+                                 `RateLimitLayer::builder().store(..)`"
+                            .into(),
+                    },
+                    "(unset)",
+                );
+            }
+        }
         env.finish()?;
         config.build().map_err(|e| {
             crate::config::ConfigError::new(vec![crate::config::Problem {

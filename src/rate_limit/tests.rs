@@ -428,6 +428,40 @@ fn configuration_mistakes_are_errors() {
     assert!("10.0.0.0/33".parse::<IpNet>().is_err());
 }
 
+/// `RateLimitLayer::from_env()` builds the memory store. With the Redis store's address
+/// set (`PALISADE_RATE_LIMIT_REDIS_URL` or `_CLUSTER_NODES`, which the README lists) it
+/// built the memory store all the same: each instance counted alone, with nothing said.
+/// The address is now a problem that says how to build the Redis store.
+#[test]
+fn layer_from_env_refuses_a_redis_address_it_would_ignore() {
+    for name in [
+        "PALISADE_RATE_LIMIT_REDIS_URL",
+        "PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES",
+    ] {
+        let env = Env::from_pairs([
+            (
+                "PALISADE_RATE_LIMIT_RULES",
+                r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
+            ),
+            (name, "redis://:s3cret@10.0.0.5:6379/"),
+        ]);
+        let Err(err) = RateLimitLayer::from_env_in(env) else {
+            panic!("{name} was ignored: the layer was built on the memory store");
+        };
+        let text = err.to_string();
+        assert_eq!(err.problems().len(), 1, "{text}");
+        assert_eq!(err.problems()[0].name, name, "{text}");
+        assert!(text.contains("RedisStore::from_config"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+    let env = Env::from_pairs([(
+        "PALISADE_RATE_LIMIT_RULES",
+        r#"[{"name":"chat","key":"api_key","limit":20,"window":"1m"}]"#,
+    )]);
+    let layer = RateLimitLayer::from_env_in(env).unwrap();
+    assert_eq!(layer.limiter().rules(), ["chat"]);
+}
+
 #[test]
 fn config_from_env_reports_every_problem() {
     let mut env = Env::from_pairs([
