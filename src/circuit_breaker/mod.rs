@@ -23,8 +23,8 @@
 //!
 //! [`CircuitBreakerLayer`] wraps a client service (an HTTP client calling an LLM API, or
 //! any `tower::Service`). It judges every call with the shared [`classify`](crate::classify)
-//! rules (5xx, 529, timeouts and transport errors fail; other 4xx are ignored) or your
-//! own classifier, over a sliding window:
+//! rules (5xx, 529 among them, timeouts and transport errors fail; every 4xx, 408 and 429
+//! included, is ignored) or your own classifier, over a sliding window:
 //!
 //! - a **count window** (the last N calls) or a **time window** (the last N seconds, in
 //!   per-second buckets);

@@ -25,11 +25,11 @@
 //! verdict on the whole `Result`, whether another attempt may help and is safe:
 //!
 //! - **What is retried**: by default ([`DefaultClassifier`](crate::classify::DefaultClassifier))
-//!   408, 429, 500, 502, 503, 504, 529 and transport errors. `GET`, `HEAD`, `PUT`, `DELETE`,
-//!   `OPTIONS` are retried on any of them; a `POST` only when the server said it did not
-//!   process the request (429, 529, 503 with `retry-after`, connection never made), when it
-//!   carries an `Idempotency-Key`, or when the layer is told to
-//!   [`assume_idempotent`](RetryLayerBuilder::assume_idempotent).
+//!   408, 409, 429, 500, 502, 503, 504, 529, timeouts and transport errors (other 5xx are
+//!   not retried). `GET`, `HEAD`, `PUT`, `DELETE`, `OPTIONS`, `TRACE` are retried on any
+//!   of them; a `POST` only when the server said it did not process the request (429, 529,
+//!   503 with `retry-after`, connection never made), when it carries an `Idempotency-Key`,
+//!   or when the layer is told to [`assume_idempotent`](RetryLayerBuilder::assume_idempotent).
 //! - **When**: after `base * factor^n` with [`Jitter`] (full by default), capped at
 //!   `max_delay` after jitter. `retry-after-ms`, `retry-after` (seconds or HTTP-date) and
 //!   `x-should-retry` override the schedule; a server that asks for longer than
