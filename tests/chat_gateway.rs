@@ -1084,6 +1084,51 @@ fn redis_addresses_the_gateway_does_not_read_are_refused_naming_redis_url() {
     }
 }
 
+/// One key under two names, or as both a user and an admin key, was accepted: the first
+/// entry won every request, so the other name never authenticated (an admin listed after
+/// a user with the same key lost the admin routes), with nothing said. It is refused at
+/// start-up, naming the entries but never the key.
+#[test]
+fn a_key_listed_twice_is_refused_at_start_up() {
+    const KEY: &str = "sk-shared-0123456789abcdef";
+    let cases: [&[(&str, String)]; 2] = [
+        &[(
+            "PALISADE_GATEWAY_API_KEYS",
+            format!("alice={KEY},bob=sk-bob-0123456789abcdef,carol={KEY}"),
+        )],
+        &[
+            ("PALISADE_GATEWAY_API_KEYS", format!("alice={KEY}")),
+            ("PALISADE_GATEWAY_ADMIN_KEYS", format!("ops={KEY}")),
+        ],
+    ];
+    for vars in cases {
+        let mut env = Env::from_pairs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+        let _ = config::GatewayConfig::from_env(&mut env);
+        let Err(err) = env.finish() else {
+            let names: Vec<&str> = vars.iter().map(|(k, _)| *k).collect();
+            panic!("a key listed twice was accepted ({names:?})");
+        };
+        let text = err.to_string();
+        assert!(text.contains("listed twice"), "{text}");
+        assert!(
+            !text.contains("0123456789abcdef"),
+            "the key is not echoed: {text}"
+        );
+    }
+}
+
+/// Setting only the user keys leaves no admin key at all (the demo admin key is not kept),
+/// and the other way round: the demo keys stand only when neither is set.
+#[test]
+fn the_demo_keys_stand_only_when_neither_key_list_is_set() {
+    let mut env = Env::from_pairs([("PALISADE_GATEWAY_API_KEYS", "alice=sk-alice-0123456789")]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert!(!config.demo_keys);
+    assert_eq!(config.api_keys.len(), 1);
+    assert!(config.admin_keys.is_empty());
+}
+
 #[test]
 fn env_example_lists_every_gateway_variable() {
     let example = include_str!("../examples/chat_gateway/.env.example");

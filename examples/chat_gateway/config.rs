@@ -285,6 +285,7 @@ impl GatewayConfig {
             "alice=sk-alice-...,bob=sk-bob-...",
         );
         let admin_keys = keys_env(env, "PALISADE_GATEWAY_ADMIN_KEYS", "ops=sk-admin-...");
+        key_listed_twice(env, user_keys.as_deref(), admin_keys.as_deref());
         let demo_keys = user_keys.is_none() && admin_keys.is_none();
         let (api_keys, admin_keys) = if demo_keys {
             (
@@ -868,6 +869,37 @@ fn keys_env(env: &mut Env, name: &str, example: &str) -> Option<Vec<NamedKey>> {
         }
         Ok(keys)
     })
+}
+
+/// One key under two names, in either list: the first entry would win every request, so
+/// the other would never authenticate (an admin named after a user with the same key would
+/// lose the admin routes). A problem naming both entries, never the key.
+fn key_listed_twice(env: &mut Env, users: Option<&[NamedKey]>, admins: Option<&[NamedKey]>) {
+    const USERS: &str = "PALISADE_GATEWAY_API_KEYS";
+    const ADMINS: &str = "PALISADE_GATEWAY_ADMIN_KEYS";
+    let all: Vec<(&str, &NamedKey)> = users
+        .unwrap_or_default()
+        .iter()
+        .map(|k| (USERS, k))
+        .chain(admins.unwrap_or_default().iter().map(|k| (ADMINS, k)))
+        .collect();
+    for (i, (var, key)) in all.iter().enumerate() {
+        if let Some((first_var, first)) = all[..i].iter().find(|(_, k)| k.key == key.key) {
+            env.problem(
+                var,
+                ProblemKind::Invalid {
+                    value: "[redacted]".into(),
+                    reason: format!(
+                        "the key of `{}` is listed twice (as `{}` in {first_var}): give each \
+                         name its own key",
+                        key.name, first.name
+                    ),
+                },
+                "alice=sk-alice-...,bob=sk-bob-...",
+            );
+            return;
+        }
+    }
 }
 
 /// Parses `NAME=value` lines; blank lines and `#` comments are skipped, and one pair of
