@@ -294,8 +294,11 @@ pub struct Settings {
     pub features: FeatureFlags,
     /// How refusals are rendered.
     pub error_format: ErrorFormat,
-    /// The Redis (or Redis Cluster seed) URL for shared state; `None` keeps everything in
-    /// memory.
+    /// A Redis URL (`redis://`, `rediss://` or `unix://`, from `PALISADE_REDIS_URL`) for
+    /// your own code to read. No palisade layer reads it, so it keeps nothing in Redis by
+    /// itself: the Redis rate-limit store takes its own address
+    /// (`RedisStoreConfig::url`, `PALISADE_RATE_LIMIT_REDIS_URL`), and the Redis budget
+    /// store and sink are given a connection.
     pub redis_url: Option<String>,
 }
 
