@@ -32,6 +32,7 @@
 //! | [`RateLimitLayer`] ([`rate_limit`]) | per-key, per-route limits (sliding window, fixed window, GCRA) with IETF `RateLimit` headers, atomic across rules, bounded in memory | server |
 //! | [`SecurityHeadersLayer`] ([`security_headers`]) | modern security headers, CSP with nonces, HSTS in production | server |
 //! | [`CostMeterLayer`] ([`cost`]) | read token usage from JSON and SSE responses, price it exactly, record and summarise it | server |
+//! | [`BudgetLayer`](cost::BudgetLayer) ([`cost::budget`]) | spend budgets per user, API key, bot or overall, reserved before the call and settled after; cost alerts | server |
 //!
 //! The layers meet in a few shared modules, never in each other:
 //!
@@ -45,6 +46,7 @@
 //! - [`key`]: API keys hashed, redacted and compared in constant time;
 //! - [`body`]: the response body type server-side layers answer with;
 //! - [`clock`]: where layers read time;
+//! - [`jitter`]: the one jitter type of retry delays and circuit-breaker open periods;
 //! - [`service_builder`]: [`ServiceBuilderExt`], every layer built in one call on tower's
 //!   `ServiceBuilder`.
 //!
