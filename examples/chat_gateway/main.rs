@@ -5,7 +5,8 @@
 //! Server side: request id, request log, security headers, authentication, rate limits,
 //! body limit, validation and budgets. Client side: cost meter, retry, circuit breaker per
 //! upstream, pooled hyper-util client; a fallback when the primary is down.
-//! `.env.example` beside this file lists every variable.
+//! `.env.example` beside this file lists the gateway's own variables and the layers' most
+//! used ones (the README's Configuration section has every layer's).
 
 mod app;
 mod audit;
