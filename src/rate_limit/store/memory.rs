@@ -256,8 +256,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// The number of shards, rounded up to a power of two (default 64; at most one per
-    /// 16 entries).
+    /// The number of shards (default 64): at least 1 and at most one per 16 entries, then
+    /// rounded up to a power of two (100 entries and the default give 8 shards).
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
         self
