@@ -1129,6 +1129,29 @@ fn the_demo_keys_stand_only_when_neither_key_list_is_set() {
     assert!(config.admin_keys.is_empty());
 }
 
+/// A spike window under a millisecond passed the configuration (it is not 0) and then
+/// stopped the gateway while it was being built, with "window must be longer than 0":
+/// apart from every other problem, and saying something untrue of `500us`. It is a
+/// configuration problem, reported with the rest.
+#[test]
+fn a_spike_window_under_a_millisecond_is_a_configuration_problem() {
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_SPIKE_WINDOW", "500us"),
+        ("PALISADE_GATEWAY_LAYERS", "maybe"),
+    ]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let Err(err) = env.finish() else {
+        panic!("a 500us spike window was accepted");
+    };
+    let text = err.to_string();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert!(
+        names.contains(&"PALISADE_GATEWAY_SPIKE_WINDOW"),
+        "not reported with the rest: {text}"
+    );
+    assert!(text.contains("at least 1ms"), "{text}");
+}
+
 #[test]
 fn env_example_lists_every_gateway_variable() {
     let example = include_str!("../examples/chat_gateway/.env.example");

@@ -698,17 +698,13 @@ fn spike_env(env: &mut Env) -> Option<SpikeConfig> {
         }
     });
     let mut spike = SpikeConfig::default();
-    spike.window = env.duration("PALISADE_GATEWAY_SPIKE_WINDOW", spike.window, "5m");
-    if spike.window.is_zero() {
-        env.problem(
-            "PALISADE_GATEWAY_SPIKE_WINDOW",
-            ProblemKind::Invalid {
-                value: "0".into(),
-                reason: "must be longer than 0".into(),
-            },
-            "5m",
-        );
-    }
+    // The detector counts spend in whole milliseconds.
+    spike.window = env.optional_with("PALISADE_GATEWAY_SPIKE_WINDOW", spike.window, "5m", |s| {
+        match palisade::config::duration::parse(s)? {
+            d if d < Duration::from_millis(1) => Err("must be at least 1ms".into()),
+            d => Ok(d),
+        }
+    });
     spike.multiple = env.optional_with(
         "PALISADE_GATEWAY_SPIKE_MULTIPLE",
         spike.multiple,
