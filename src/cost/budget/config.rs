@@ -136,8 +136,15 @@ impl BudgetConfig {
             env.optional_with(&v("rules"), Vec::new(), RULES_EXAMPLE, |s| {
                 serde_json::from_str(s).map_err(|e| e.to_string())
             });
-        for rule in &rules {
-            if let Err(reason) = rule.to_budget() {
+        for (i, rule) in rules.iter().enumerate() {
+            let checked = rule.to_budget().and_then(|_| {
+                if rules[..i].iter().any(|r| r.name == rule.name) {
+                    Err(BudgetConfigError::DuplicateName(rule.name.clone()).to_string())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(reason) = checked {
                 env.problem(
                     &v("rules"),
                     ProblemKind::Invalid {
@@ -306,5 +313,29 @@ mod tests {
         let mut env = Env::default();
         assert_eq!(BudgetConfig::from_env(&mut env).error_format, None);
         env.finish().unwrap();
+    }
+
+    /// Two rules with one name were accepted by `from_env` and refused only when the layer
+    /// was built, apart from every other problem (the demo gateway stopped on it alone).
+    /// `from_env` reports the name with the rest, as the rate limiter's does.
+    #[test]
+    fn from_env_reports_two_budgets_of_one_name_with_the_rest() {
+        let mut env = Env::from_pairs([
+            (
+                "PALISADE_BUDGET_RULES",
+                r#"[{"name":"daily","scope":"user","period":"day","limit":"5"},
+                    {"name":"daily","scope":"global","period":"month","limit":"100"}]"#,
+            ),
+            ("PALISADE_BUDGET_STATUS", "200"),
+        ]);
+        let _ = BudgetConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["PALISADE_BUDGET_RULES", "PALISADE_BUDGET_STATUS"],
+            "{err}"
+        );
+        assert!(err.to_string().contains("`daily`"), "{err}");
     }
 }
