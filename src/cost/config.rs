@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::layer::CostMeterLayer;
 use super::pricing::{PriceError, PriceTable};
 use super::sink::{RecorderConfig, RecorderShutdown, UsageRecorder, UsageSink};
-use crate::config::{Env, env_var};
+use crate::config::{Env, ProblemKind, env_var};
 
 /// The prefix of the cost meter's environment variables.
 pub(crate) const ENV_PREFIX: &str = "PALISADE_COST";
@@ -204,7 +204,7 @@ impl CostConfig {
                 Err(e) => Err(e.to_string()),
             }
         };
-        Self {
+        let config = Self {
             user_header: header_env(env, &var("user_header"), d.user_header),
             bot_header: header_env(env, &var("bot_header"), d.bot_header),
             conversation_header: header_env(
@@ -254,7 +254,28 @@ impl CostConfig {
                     "100ms",
                 ),
             },
+        };
+        // Read and check the price file now, so a missing or malformed one is reported with
+        // every other problem, under its own name (building from this config fails too).
+        if let Some(path) = &config.prices_file {
+            if let Err(e) = config.prices() {
+                let reason = match e {
+                    CostConfigError::PricesFile { source, .. } => {
+                        format!("cannot read it: {source}")
+                    }
+                    other => other.to_string(),
+                };
+                env.problem(
+                    &var("prices_file"),
+                    ProblemKind::Invalid {
+                        value: path.display().to_string(),
+                        reason,
+                    },
+                    "/etc/palisade/prices.json",
+                );
+            }
         }
+        config
     }
 
     /// The price table: the built-in one (if enabled) with the price file merged over it.
@@ -362,8 +383,42 @@ mod tests {
         );
     }
 
+    /// A price file that cannot be read was a problem only once every other variable was
+    /// right (`CostMeterLayer::from_env` checked it after the rest), or, through
+    /// `CostConfig::from_env`, only when the layer was built: never with the rest. It is
+    /// read and checked where it is read, as the budget layer's is.
+    #[test]
+    fn env_reports_a_missing_or_malformed_price_file_with_the_rest() {
+        let bad = std::env::temp_dir().join(format!(
+            "palisade-cost-bad-prices-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&bad, "not json").unwrap();
+        for path in [PathBuf::from("/nonexistent/prices.json"), bad.clone()] {
+            let mut env = Env::from_pairs([
+                ("PALISADE_COST_PRICES_FILE", path.to_str().unwrap()),
+                ("PALISADE_COST_SSE_COMMENT", "maybe"),
+            ]);
+            let _ = CostConfig::from_env(&mut env);
+            let err = env.finish().unwrap_err();
+            let mut names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(
+                names,
+                ["PALISADE_COST_PRICES_FILE", "PALISADE_COST_SSE_COMMENT"],
+                "{err}"
+            );
+        }
+        std::fs::remove_file(&bad).unwrap();
+    }
+
     #[test]
     fn env_values() {
+        let prices = std::env::temp_dir().join(format!(
+            "palisade-cost-env-prices-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&prices, "{}").unwrap();
         let mut env = Env::from_pairs([
             ("PALISADE_COST_USER_HEADER", "X-End-User"),
             ("PALISADE_COST_CONVERSATION_HEADER", "none"),
@@ -371,9 +426,10 @@ mod tests {
             ("PALISADE_COST_QUEUE_MAX_BATCH", "7"),
             ("PALISADE_COST_QUEUE_CAPACITY", "5"),
             ("PALISADE_COST_QUEUE_RETRY_BACKOFF", "1s"),
-            ("PALISADE_COST_PRICES_FILE", "/tmp/prices.json"),
+            ("PALISADE_COST_PRICES_FILE", prices.to_str().unwrap()),
         ]);
         let cfg = CostConfig::from_env(&mut env);
+        std::fs::remove_file(&prices).unwrap();
         env.finish().unwrap();
         assert_eq!(cfg.user_header.as_deref(), Some("x-end-user"));
         assert_eq!(cfg.conversation_header, None);
@@ -381,7 +437,7 @@ mod tests {
         assert_eq!(cfg.queue.max_batch, 7);
         assert_eq!(cfg.queue.capacity, 5);
         assert_eq!(cfg.queue.retry_backoff, std::time::Duration::from_secs(1));
-        assert_eq!(cfg.prices_file, Some(PathBuf::from("/tmp/prices.json")));
+        assert_eq!(cfg.prices_file, Some(prices));
     }
 
     #[test]
