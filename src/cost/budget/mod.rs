@@ -53,8 +53,9 @@
 //! - Thresholds (50 %, 80 %, 100 % by default) raise an
 //!   [`AlertEvent`](super::alert::AlertEvent) once per period per subject through the
 //!   [`AlertSink`](super::alert::AlertSink) you give the builder.
-//! - The default [`MemoryBudgetStore`] keeps accounts in this process; implement
-//!   [`BudgetStore`] for shared state.
+//! - The default [`MemoryBudgetStore`] keeps accounts in this process; `RedisBudgetStore`
+//!   (feature `redis`) shares them between instances, or implement [`BudgetStore`] for
+//!   another store.
 //! - [`BudgetLayer::split`] gives the layer in two halves for stacks with another store
 //!   call before the upstream (a rate limiter in Redis): [`BudgetStartLayer`] starts the
 //!   reservation above it, [`BudgetGateLayer`] waits for it just above the upstream, so
