@@ -1213,6 +1213,27 @@ fn readme_table_lists_every_gateway_variable() {
     assert!(missing.is_empty(), "the README's table lacks {missing:?}");
 }
 
+/// The README's row for `PALISADE_GATEWAY_MODELS` names the default list, so a reader knows
+/// which models are refused until they name them (it said "current Claude models", and
+/// newer models palisade prices, `claude-opus-4-7` among them, are not in it).
+#[test]
+fn readme_names_every_default_model() {
+    let readme = include_str!("../README.md");
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `PALISADE_GATEWAY_MODELS` |"))
+        .expect("the README has the row");
+    for model in config::DEFAULT_MODELS
+        .iter()
+        .chain(&config::MOCK_FAULT_MODELS)
+    {
+        assert!(
+            row.contains(&format!("`{model}`")),
+            "the row lacks {model}: {row}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     let config = fixture::config(&[
