@@ -1234,6 +1234,20 @@ fn readme_names_every_default_model() {
     }
 }
 
+/// Every model the gateway offers by default has a price in palisade's built-in table, so
+/// its usage is costed and charged to budgets (an unpriced model would be refused by a
+/// budget, or metered at no cost).
+#[test]
+fn every_default_model_has_a_builtin_price() {
+    let prices = palisade::cost::PriceTable::builtin();
+    let unpriced: Vec<&str> = config::DEFAULT_MODELS
+        .iter()
+        .copied()
+        .filter(|m| prices.get(m).is_none())
+        .collect();
+    assert!(unpriced.is_empty(), "no built-in price for {unpriced:?}");
+}
+
 #[tokio::test]
 async fn serves_https_with_http2_by_alpn_and_shuts_down_gracefully() {
     let config = fixture::config(&[

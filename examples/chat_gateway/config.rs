@@ -25,9 +25,13 @@ use palisade::security_headers::SecurityHeadersConfig;
 pub const MOCK_FAULT_MODELS: [&str; 3] = ["mock-overloaded", "mock-error", "mock-slow"];
 
 /// The models allowed when `PALISADE_GATEWAY_MODELS` is unset.
-pub const DEFAULT_MODELS: [&str; 8] = [
+pub const DEFAULT_MODELS: [&str; 12] = [
+    "claude-opus-4-7",
+    "claude-opus-4-6",
+    "claude-opus-4-5",
     "claude-opus-4-1",
     "claude-opus-4-0",
+    "claude-sonnet-4-6",
     "claude-sonnet-4-5",
     "claude-sonnet-4-0",
     "claude-3-7-sonnet-latest",
