@@ -1051,6 +1051,36 @@ fn a_stream_idle_timeout_beyond_a_day_or_zero_is_refused_at_start_up() {
     assert_eq!(config.stream_idle_timeout, Duration::from_secs(24 * 3600));
 }
 
+/// The shutdown grace and the body timeout are added to the clock like the server loop's
+/// timeouts: each is refused past a day (a value too large to add could panic a flush at
+/// shutdown), and a body timeout of 0 (every body late, every request a 408) is refused too;
+/// a grace of 0 (stop without waiting) is allowed.
+#[test]
+fn a_shutdown_grace_or_body_timeout_beyond_a_day_is_refused_at_start_up() {
+    for (name, value) in [
+        ("PALISADE_GATEWAY_SHUTDOWN_GRACE", "18446744073709551615s"),
+        ("PALISADE_GATEWAY_SHUTDOWN_GRACE", "25h"),
+        ("PALISADE_GATEWAY_BODY_TIMEOUT", "18446744073709551615s"),
+        ("PALISADE_GATEWAY_BODY_TIMEOUT", "25h"),
+        ("PALISADE_GATEWAY_BODY_TIMEOUT", "0s"),
+    ] {
+        let mut env = Env::from_pairs([(name, value)]);
+        let _ = config::GatewayConfig::from_env(&mut env);
+        let err = env
+            .finish()
+            .expect_err(&format!("{name}={value} is refused"));
+        assert_eq!(err.problems()[0].name, name, "{err}");
+    }
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_SHUTDOWN_GRACE", "0s"),
+        ("PALISADE_GATEWAY_BODY_TIMEOUT", "24h"),
+    ]);
+    let config = config::GatewayConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(config.shutdown_grace, Duration::ZERO);
+    assert_eq!(config.body_timeout, Duration::from_secs(24 * 3600));
+}
+
 /// The gateway takes its Redis address from `REDIS_URL` alone. `PALISADE_REDIS_URL` (the
 /// shared settings' field) and the rate-limit store's own `PALISADE_RATE_LIMIT_REDIS_URL`
 /// and `_CLUSTER_NODES` were read and then ignored: an operator who set one got limits

@@ -377,15 +377,17 @@ impl GatewayConfig {
             "15m",
             positive_duration,
         );
-        let shutdown_grace = env.duration(
+        let shutdown_grace = env.optional_with(
             "PALISADE_GATEWAY_SHUTDOWN_GRACE",
             Duration::from_secs(30),
             "30s",
+            at_most_a_day,
         );
-        let body_timeout = env.duration(
+        let body_timeout = env.optional_with(
             "PALISADE_GATEWAY_BODY_TIMEOUT",
             Duration::from_secs(30),
             "30s",
+            server_deadline,
         );
         let header_timeout = env.optional_with(
             "PALISADE_GATEWAY_HEADER_TIMEOUT",
@@ -793,6 +795,15 @@ fn positive_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("must be longer than 0".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A wait the gateway adds to the clock that may be 0 (the shutdown grace: 0 stops without
+/// waiting), at most a day.
+fn at_most_a_day(s: &str) -> Result<Duration, String> {
+    match palisade::config::duration::parse(s)? {
+        d if d > Duration::from_secs(24 * 60 * 60) => Err("must be at most 24h".into()),
+        d => Ok(d),
     }
 }
 
