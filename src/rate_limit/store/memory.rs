@@ -41,6 +41,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// back to fresh: nothing is lost), and if that is not enough it drops the keys closest to
 /// expiry until it is 7/8 full; those evictions (a lost count for a quiet key) are counted
 /// in [`MemoryStore::evictions`]. A flood of random keys therefore costs at most the cap.
+/// Keys an admin reset (which keep their generation for the reset retention, see
+/// [`MemoryStore::reset_now`]) go only after every other key.
 ///
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits (GCRA:

@@ -540,7 +540,7 @@ enum Conn {
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding two or
 /// three integers as a short string (four once the key has been reset: its generation) and
 /// expiring on its own (`PX`) once its state is back to fresh (a window's key that already
-/// expires later keeps its expiry). A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// expires later keeps its expiry; a reset key lives at least the reset retention). A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
 /// key (its 32-digit hash), the same for every algorithm and after a reset (16 bytes more
@@ -551,8 +551,9 @@ enum Conn {
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
 /// `SCAN` or `KEYS`), in order behind the calls made before it (it waits and is batched
 /// as a settlement is): it leaves a fresh state with the key's next
-/// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
-/// decision or settlement of the key shortens it). A
+/// [generation](RuleDecision::generation), which lives as long as the old state would have
+/// and at least the reset retention ([`RedisStoreBuilder::reset_retention`], an hour by
+/// default; no later decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
 /// the key still holds both, so a reservation made before a reset and settled after it
 /// gives back (or takes) nothing from the requests admitted since. GCRA, which has no
@@ -562,8 +563,11 @@ enum Conn {
 /// give-back of a reservation from an earlier one is dropped, as the memory store drops
 /// it; a charge (more used than reserved) applies in any epoch, since the units were
 /// used (on a bucket full again, or a key expired, from now, as a request's units would
-/// be, whether Redis still holds the idle key or not; a key that was reset and has since
-/// expired no longer knows its generation, so a charge from before the reset then counts).
+/// be, whether Redis still holds the idle key or not). A charge from after a reset
+/// applies even when the key has since gone and been started again at generation 0 (its
+/// generation is newer than the key's, counted modulo 2^32); a charge from before a reset
+/// counts as a new one only if the reset key is gone before the reset retention ends
+/// (deleted, or evicted by a `maxmemory` policy).
 /// A give-back never makes the bucket fuller than full, and refunds at most what of its
 /// reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
 /// units that have drained since (they came back with time) nor those of later requests.
