@@ -281,7 +281,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The memory store that [`RedisFailMode::Local`] decides in (default: a new one).
+    /// The memory store that [`RedisFailMode::Local`] decides in (default: a new one, with
+    /// this store's [reset retention](RedisStoreBuilder::reset_retention)).
     pub fn fallback(mut self, store: MemoryStore) -> Self {
         self.fallback = Some(store);
         self
@@ -422,7 +423,14 @@ impl RedisStoreBuilder {
                 hash_tag: self.hash_tag,
                 blocked: BlockedCache::new(self.blocked_cache),
                 leases: Leases::new(self.lease, self.timeout),
-                fallback: self.fallback.unwrap_or_default(),
+                // The local store of the failure mode, unless one was given, keeps reset
+                // keys as long as Redis does.
+                fallback: self.fallback.unwrap_or_else(|| {
+                    MemoryStore::builder()
+                        .reset_retention(self.reset_retention)
+                        .build()
+                        .unwrap_or_default()
+                }),
                 health: Health::default(),
                 batcher: batch::Batchers::new(cluster),
                 reset_retention,
