@@ -1,0 +1,261 @@
+//! Admin resets against the rest of the rate-limit stores: configuration of the reset
+//! retention (typed errors for every bad value), the memory store's bound on its keys when
+//! reset keys fill it, and what a settlement does around resets of a key that the store
+//! dropped (forgotten by the memory store, deleted in Redis) and started again.
+
+mod support;
+
+use std::time::Duration;
+
+use palisade::config::Env;
+use palisade::rate_limit::algorithm::Params;
+use palisade::rate_limit::store::{CheckItem, RuleDecision, Settlement};
+use palisade::rate_limit::{
+    Algorithm, MemoryStore, Quota, RateKey, RateLimitConfig, RateLimitConfigError,
+};
+
+fn item(key: &RateKey, params: Params, cost: u64) -> CheckItem<'_> {
+    CheckItem {
+        rule_index: 0,
+        rule: "r",
+        key,
+        params,
+        cost,
+        shadow: false,
+    }
+}
+
+fn settlement<'a>(
+    key: &'a RateKey,
+    params: Params,
+    d: &RuleDecision,
+    delta: i64,
+) -> Settlement<'a> {
+    Settlement {
+        rule_index: 0,
+        rule: "r",
+        key,
+        params,
+        window_start: d.window_start,
+        generation: d.generation,
+        reservation_end: d.reservation_end,
+        delta,
+    }
+}
+
+/// Requests of one unit admitted at `now`, up to `n` tried.
+fn admitted(store: &MemoryStore, key: &RateKey, params: Params, now: u64, n: usize) -> usize {
+    (0..n)
+        .filter(|_| store.check_at(&[item(key, params, 1)], now).admitted)
+        .count()
+}
+
+/// Every bad reset retention (zero, under a millisecond, over a day, malformed, negative,
+/// past what a duration holds) is a typed problem in the environment, and a typed error
+/// from the builders and from a configuration read from a file; a millisecond and a day
+/// are accepted.
+#[test]
+fn bad_reset_retentions_are_typed_errors_everywhere() {
+    for bad in [
+        "0",
+        "999us",
+        "24h1s",
+        "2d",
+        "abc",
+        "-1s",
+        "1e400s",
+        "99999999999999999999h",
+    ] {
+        let mut env = Env::from_pairs([("PALISADE_RATE_LIMIT_RESET_RETENTION", bad)]);
+        let _ = RateLimitConfig::from_env(&mut env);
+        let err = env.finish().expect_err(bad);
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["PALISADE_RATE_LIMIT_RESET_RETENTION"], "{bad}");
+    }
+    for good in ["1ms", "24h", "1d", "90s"] {
+        let mut env = Env::from_pairs([("PALISADE_RATE_LIMIT_RESET_RETENTION", good)]);
+        let cfg = RateLimitConfig::from_env(&mut env);
+        env.finish().expect(good);
+        assert!(cfg.build().is_ok(), "{good}");
+    }
+    for bad in [
+        Duration::ZERO,
+        Duration::from_nanos(999_999),
+        Duration::from_secs(86_400) + Duration::from_nanos(1),
+        Duration::MAX,
+    ] {
+        assert_eq!(
+            MemoryStore::builder().reset_retention(bad).build().err(),
+            Some(RateLimitConfigError::InvalidResetRetention),
+            "{bad:?}"
+        );
+    }
+    for (text, ok) in [
+        ("reset_retention = \"0s\"", false),
+        ("reset_retention = \"25h\"", false),
+        ("reset_retention = \"15m\"", true),
+    ] {
+        let cfg: RateLimitConfig = toml::from_str(text).unwrap();
+        assert_eq!(cfg.build().is_ok(), ok, "{text}");
+    }
+    assert!(toml::from_str::<RateLimitConfig>("reset_retention = \"soon\"").is_err());
+}
+
+/// The Redis store's reset retention is checked before it connects: a typed error, and a
+/// problem in the environment.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn the_redis_stores_bad_reset_retentions_are_typed_errors() {
+    use palisade::rate_limit::{RedisConfigError, RedisStore, RedisStoreConfig};
+    for bad in [Duration::ZERO, Duration::from_secs(86_401), Duration::MAX] {
+        let err = RedisStore::builder()
+            .url("redis://127.0.0.1:1/")
+            .reset_retention(bad)
+            .build()
+            .await
+            .err();
+        assert!(
+            matches!(err, Some(RedisConfigError::InvalidResetRetention)),
+            "{bad:?}: {err:?}"
+        );
+    }
+    for bad in ["0", "25h", "soon"] {
+        let mut env = Env::from_pairs([
+            ("PALISADE_RATE_LIMIT_REDIS_URL", "redis://127.0.0.1:1/"),
+            ("PALISADE_RATE_LIMIT_REDIS_RESET_RETENTION", bad),
+        ]);
+        let _ = RedisStoreConfig::from_env(&mut env);
+        let err = env.finish().expect_err(bad);
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["PALISADE_RATE_LIMIT_REDIS_RESET_RETENTION"],
+            "{bad}"
+        );
+    }
+}
+
+/// Reset keys, resets of keys the store has dropped, and charges on keys it does not hold,
+/// over many keys and several shards: the store never holds more than `max_entries` keys.
+#[test]
+fn reset_keys_and_charges_keep_the_store_within_max_entries() {
+    let params = [
+        Params::new(Algorithm::Gcra, Quota::per_second(5)),
+        Params::new(Algorithm::FixedWindow, Quota::per_minute(3)),
+        Params::new(Algorithm::SlidingWindow, Quota::per_minute(3)),
+    ];
+    for shards in [1, 4] {
+        let store = MemoryStore::builder()
+            .max_entries(64)
+            .shards(shards)
+            .build()
+            .unwrap();
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut reservations: Vec<(RateKey, Params, RuleDecision)> = Vec::new();
+        let mut now = 0;
+        for _ in 0..20_000 {
+            now += next(50_000);
+            let key = if next(2) == 0 {
+                RateKey::principal(format!("user-{}", next(400)))
+            } else {
+                let n = next(400);
+                RateKey::ip(format!("10.0.{}.{}", n / 256, n % 256).parse().unwrap())
+            };
+            let p = params[next(3) as usize];
+            match next(4) {
+                0 | 1 => {
+                    let d = store.check_at(&[item(&key, p, 1 + next(3))], now);
+                    if d.admitted {
+                        reservations.push((key, p, d.rules[0]));
+                    }
+                }
+                2 => store.reset_at(0, &key, now),
+                _ => {
+                    if let Some((key, p, d)) = reservations.pop() {
+                        store.settle_at(&[settlement(&key, p, &d, 1 + next(4) as i64)], now);
+                    }
+                }
+            }
+            assert!(store.len() <= 64, "{} keys in a store of 64", store.len());
+        }
+        assert!(store.evictions() > 0);
+    }
+}
+
+/// A key reset, dropped (a full shard of reset keys, `forget`, or in Redis a `DEL`),
+/// started again and reset again holds the generation it held after its first reset: a
+/// reservation made in that first generation, in the same window, then gives back units
+/// that requests admitted after the second reset hold, and the key admits more than its
+/// limit in one window after that reset.
+#[test]
+#[ignore = "a known limit: generations restart at 0 with a dropped key, so one can repeat"]
+fn a_give_back_from_an_earlier_life_of_a_key_is_not_refunded_after_a_second_reset() {
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let params = Params::new(algorithm, Quota::per_minute(10));
+        let store = MemoryStore::new();
+        let key = RateKey::principal("user-1");
+        let t = 1_000_000;
+        assert!(store.check_at(&[item(&key, params, 1)], t).admitted);
+        store.reset_at(0, &key, t);
+        // a long request reserves the whole window in generation 1
+        let long = store.check_at(&[item(&key, params, 10)], t);
+        assert!(long.admitted);
+        assert_eq!(long.rules[0].generation, 1);
+        // the key is dropped, started again, and reset again: generation 1 once more
+        store.forget(0, &key);
+        assert!(store.check_at(&[item(&key, params, 1)], t + 1).admitted);
+        store.reset_at(0, &key, t + 1);
+        let after_reset = admitted(&store, &key, params, t + 2, 10);
+        assert_eq!(after_reset, 10);
+        // the long request ends having used nothing
+        store.settle_at(&[settlement(&key, params, &long.rules[0], -10)], t + 3);
+        let more = admitted(&store, &key, params, t + 4, 10);
+        assert_eq!(
+            after_reset + more,
+            10,
+            "{algorithm:?}: requests admitted in one window after the reset"
+        );
+    }
+}
+
+/// A reset of a key whose state has expired (idle) does the same whether or not the store
+/// still holds the idle key: [`Store::reset`](palisade::rate_limit::Store::reset) says a
+/// key that holds no state has nothing to reset, yet a memory store that has not yet
+/// dropped the idle key resets it (generation 1, kept an hour), so a charge from before
+/// the reset is dropped there and counted where the key was dropped (and in Redis once the
+/// key has expired).
+#[test]
+#[ignore = "a known difference: a reset of an idle key depends on whether it is still held"]
+fn resetting_an_idle_key_acts_alike_whether_or_not_the_store_still_holds_it() {
+    for algorithm in [
+        Algorithm::Gcra,
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+    ] {
+        let params = Params::new(algorithm, Quota::per_second(5));
+        let key = RateKey::principal("user-1");
+        let (kept, dropped) = (MemoryStore::new(), MemoryStore::new());
+        let mut reservations = Vec::new();
+        for store in [&kept, &dropped] {
+            let d = store.check_at(&[item(&key, params, 1)], 0);
+            assert!(d.admitted);
+            reservations.push(d.rules[0]);
+        }
+        // 10 s on every state has expired; one store has dropped the idle key
+        let now = 10_000_000;
+        dropped.forget(0, &key);
+        let mut after = Vec::new();
+        for (store, d) in [(&kept, &reservations[0]), (&dropped, &reservations[1])] {
+            store.reset_at(0, &key, now);
+            store.settle_at(&[settlement(&key, params, d, 5)], now);
+            after.push(store.check_at(&[item(&key, params, 1)], now).rules[0]);
+        }
+        assert_eq!(after[0], after[1], "{algorithm:?}");
+    }
+}
