@@ -251,8 +251,10 @@ pub trait Store: Send + Sync + 'static {
     /// Around a [`Store::reset`]: a settlement from before the reset is dropped while the
     /// key keeps the generation the reset gave it, which it does at least for the store's
     /// reset retention (an hour by default; a reset key dropped sooner, which only a
-    /// store out of room or an operator deleting it does, forgets the reset, and a charge
-    /// from before it then counts as a new one). A charge (more used than reserved) from
+    /// store out of room or an operator deleting it does, forgets the reset: a charge
+    /// from before it then counts as a new one, and once the key, started again, is reset
+    /// again to the same generation, a settlement from that earlier generation in the same
+    /// window applies, a give-back included). A charge (more used than reserved) from
     /// after a reset applies even on a key dropped and started again since, at
     /// generation 0: its generation is newer than the key's (counted modulo 2^32), so its
     /// units were used after the reset.
@@ -265,8 +267,10 @@ pub trait Store: Send + Sync + 'static {
     /// [`RuleDecision::generation`] (modulo 2^32) so that reservations made before the
     /// reset are not settled against what comes after it: the key keeps that generation
     /// as long as its state from before the reset would have lasted, and at least for the
-    /// store's reset retention (an hour by default). A key that holds no state has nothing
-    /// to reset.
+    /// store's reset retention (an hour by default). A key the store does not hold (never
+    /// used, or idle and dropped: Redis lets it expire, the memory store drops it when it
+    /// needs room) has nothing to reset, so a charge from before such a reset counts; an
+    /// idle key the store still holds is reset.
     fn reset(
         &self,
         rule_index: u32,

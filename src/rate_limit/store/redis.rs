@@ -575,7 +575,9 @@ enum Conn {
 /// applies even when the key has since gone and been started again at generation 0 (its
 /// generation is newer than the key's, counted modulo 2^32); a charge from before a reset
 /// counts as a new one only if the reset key is gone before the reset retention ends
-/// (deleted, or evicted by a `maxmemory` policy).
+/// (deleted, or evicted by a `maxmemory` policy; a key deleted, started again and reset
+/// again holds the generation it held before, so a settlement from that earlier generation
+/// in the same window then applies, a give-back included).
 /// A give-back never makes the bucket fuller than full, and refunds at most what of its
 /// reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
 /// units that have drained since (they came back with time) nor those of later requests.
