@@ -225,7 +225,12 @@ fn a_give_back_from_an_earlier_life_of_a_key_is_not_refunded_after_a_second_rese
             }
             // started again, and reset again: generation 1 once more
             let again = store.check_at(&[item(&key, params, 1)], t + 2);
-            assert!(again.admitted);
+            assert!(
+                again.admitted,
+                "{algorithm:?} evicted: {evicted}: {again:?} len {} evictions {}",
+                store.len(),
+                store.evictions()
+            );
             assert_eq!(again.rules[0].generation, 0, "evicted: {evicted}");
             store.reset_at(0, &key, t + 2);
             let after_reset = admitted(&store, &key, params, t + 3, 10);
@@ -275,5 +280,43 @@ fn resetting_an_idle_key_acts_alike_whether_or_not_the_store_still_holds_it() {
             after.push(store.check_at(&[item(&key, params, 1)], now).rules[0]);
         }
         assert_eq!(after[0], after[1], "{algorithm:?}");
+    }
+}
+
+/// A full shard drops every key that was not reset before any reset key, even when reset
+/// keys tie on their expiry (reset at the same instant, as a bulk reset or a coarse clock
+/// makes them): a key counting requests goes before them whatever the table's order. The
+/// sweep dropped the first keys it met at or below the cut, so reset keys equal to the cut
+/// met first used up its quota, and a key strictly nearer to expiry stayed.
+#[test]
+fn a_full_shard_drops_keys_not_reset_first_when_reset_keys_tie() {
+    let params = Params::new(Algorithm::FixedWindow, Quota::per_minute(1));
+    // each store has a new hash seed, and so its own table order
+    for round in 0..64 {
+        let store = MemoryStore::builder()
+            .max_entries(8)
+            .shards(1)
+            .build()
+            .unwrap();
+        let t = 1_000_000;
+        for i in 0..7 {
+            let key = RateKey::principal(format!("reset-{i}"));
+            assert!(store.check_at(&[item(&key, params, 1)], t).admitted);
+            store.reset_at(0, &key, t);
+        }
+        let counting = RateKey::principal("counting");
+        assert!(store.check_at(&[item(&counting, params, 1)], t).admitted);
+        assert_eq!(store.len(), 8);
+        // a newcomer: the shard keeps 6 of its 8 keys, and `counting` is not one of them
+        let newcomer = RateKey::principal("newcomer");
+        assert!(store.check_at(&[item(&newcomer, params, 1)], t).admitted);
+        assert_eq!(store.evictions(), 2, "round {round}");
+        let held: usize = (0..7)
+            .filter(|i| {
+                let key = RateKey::principal(format!("reset-{i}"));
+                store.check_at(&[item(&key, params, 0)], t).rules[0].generation == 1
+            })
+            .count();
+        assert_eq!(held, 6, "round {round}: reset keys held");
     }
 }
