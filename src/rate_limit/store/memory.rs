@@ -576,11 +576,17 @@ impl MemoryStore {
             .map(|e| (false, e.expires_at()))
             .chain(shard.wide.iter().map(|e| (e.generation > 0, e.expires_at)))
             .collect();
-        let (_, &mut cut, _) = ranks.select_nth_unstable(excess - 1);
-        let mut dropped = 0usize;
+        let (nearer, &mut cut, _) = ranks.select_nth_unstable(excess - 1);
+        // Every key ranked below the cut goes (all of them are before it), and of those
+        // ranked at it (keys reset at the same instant tie) as many as make up the excess:
+        // the first keys met at or below the cut would let ties met early take the place
+        // of a key ranked strictly below them.
+        let mut at_cut = excess - nearer.iter().filter(|&&r| r < cut).count();
         let mut keep = |rank: (bool, u64)| {
-            if dropped < excess && rank <= cut {
-                dropped += 1;
+            if rank < cut {
+                false
+            } else if rank == cut && at_cut > 0 {
+                at_cut -= 1;
                 false
             } else {
                 true
@@ -592,9 +598,9 @@ impl MemoryStore {
             .retain(|e| keep((e.generation > 0, e.expires_at)));
         self.inner
             .evictions
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+            .fetch_add(excess as u64, Ordering::Relaxed);
         tracing::debug!(
-            evicted = dropped,
+            evicted = excess,
             "rate-limit memory store full: evicted the keys nearest to expiry"
         );
     }
