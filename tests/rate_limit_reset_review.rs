@@ -320,3 +320,71 @@ fn a_full_shard_drops_keys_not_reset_first_when_reset_keys_tie() {
         assert_eq!(held, 6, "round {round}: reset keys held");
     }
 }
+
+/// Around a key dropped (forgotten by the memory store, deleted in Redis) between two
+/// resets, both stores decide alike, give-backs from the key's earlier life included (the
+/// sequence the randomised comparison leaves out): each answer and what is left after it.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn memory_and_redis_agree_around_a_key_dropped_between_resets() {
+    use palisade::rate_limit::RedisStore;
+    use support::RedisServer;
+    let server = RedisServer::start()
+        .await
+        .expect("redis-server is required");
+    for (n, algorithm) in [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::Gcra,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let params = Params::new(algorithm, Quota::per_minute(10));
+        let memory = MemoryStore::new();
+        let redis = RedisStore::builder()
+            .url(server.url())
+            .prefix(format!("dropped{n}"))
+            .timeout(Duration::from_secs(5))
+            .blocked_cache(0)
+            .build()
+            .await
+            .unwrap();
+        let key = RateKey::principal("user-1");
+        let t = 1_700_000_000_000_000u64;
+        let both = |cost: u64, now: u64| {
+            let (memory, redis, key) = (&memory, &redis, &key);
+            async move {
+                let items = [item(key, params, cost)];
+                let want = memory.check_at(&items, now);
+                let got = redis.check_at(&items, now).await.unwrap();
+                assert_eq!(got, want, "{algorithm:?}: cost {cost} at {now}");
+                want.rules[0]
+            }
+        };
+        both(1, t).await;
+        memory.reset_at(0, &key, t);
+        redis.reset_at(0, "r", &key, t).await.unwrap();
+        let long = both(5, t).await;
+        let before = both(1, t).await;
+        memory.forget(0, &key);
+        let name = redis.key_name("r", &key);
+        support::command(server.addr(), &format!("DEL {name}"))
+            .await
+            .unwrap();
+        both(1, t + 1).await;
+        memory.reset_at(0, &key, t + 1);
+        redis.reset_at(0, "r", &key, t + 1).await.unwrap();
+        both(3, t + 1).await;
+        // give-backs and charges of the key's earlier life, then what is left
+        for (d, delta, dt) in [(&long, -5, 2), (&before, 2, 3), (&long, 4, 4)] {
+            let s = [settlement(&key, params, d, delta)];
+            memory.settle_at(&s, t + dt);
+            redis.settle_at(&s, t + dt).await.unwrap();
+            both(0, t + dt).await;
+        }
+        for dt in [5, 6, 7] {
+            both(1, t + dt).await;
+        }
+    }
+}
