@@ -2,8 +2,9 @@
 //! the store no longer holds: the memory store's bound on its keys holds, window
 //! algorithms' settlements are unchanged, and give-backs around such a charge refund only
 //! what their reservation still holds. Around an admin reset, a charge from before it
-//! never counts and a charge from after it always does, whether or not the store has
-//! dropped the reset key meanwhile.
+//! does not count while the store keeps the reset key (other keys filling the store push
+//! it out only after them; past the reset retention it is forgotten), and a charge from
+//! after it always does, whether or not the store has dropped the reset key meanwhile.
 
 mod support;
 
