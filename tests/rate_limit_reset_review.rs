@@ -193,10 +193,10 @@ fn reset_keys_and_charges_keep_the_store_within_max_entries() {
 /// Redis by a `DEL`), started again and reset again holds the generation it held after its
 /// first reset: a reservation made in that first generation, in the same window, then
 /// gives back units that requests admitted after the second reset hold, and the key admits
-/// more than its limit in one window after that reset.
+/// more than its limit in one window after that reset. A documented limit (the stores'
+/// `settle` docs): this test holds it to what the docs say, so that a change of it is seen.
 #[test]
-#[ignore = "a known limit: generations restart at 0 with a dropped key, so one can repeat"]
-fn a_give_back_from_an_earlier_life_of_a_key_is_not_refunded_after_a_second_reset() {
+fn a_give_back_from_an_earlier_life_of_a_key_refunds_after_a_second_reset_as_documented() {
     for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         for evicted in [true, false] {
             let params = Params::new(algorithm, Quota::per_minute(10));
@@ -240,8 +240,9 @@ fn a_give_back_from_an_earlier_life_of_a_key_is_not_refunded_after_a_second_rese
             let more = admitted(&store, &key, params, t + 5, 10);
             assert_eq!(
                 after_reset + more,
-                10,
-                "{algorithm:?} (evicted: {evicted}): requests admitted in one window after the reset"
+                20,
+                "{algorithm:?} (evicted: {evicted}): requests admitted in one window after the \
+                 reset (10 once the limit is lifted: then update the docs)"
             );
         }
     }
@@ -252,10 +253,10 @@ fn a_give_back_from_an_earlier_life_of_a_key_is_not_refunded_after_a_second_rese
 /// key that holds no state has nothing to reset, yet a memory store that has not yet
 /// dropped the idle key resets it (generation 1, kept an hour), so a charge from before
 /// the reset is dropped there and counted where the key was dropped (and in Redis once the
-/// key has expired).
+/// key has expired). A documented difference (`Store::reset`), held to the docs here so that
+/// a change of it is seen: it only ever counts more.
 #[test]
-#[ignore = "a known difference: a reset of an idle key depends on whether it is still held"]
-fn resetting_an_idle_key_acts_alike_whether_or_not_the_store_still_holds_it() {
+fn resetting_an_idle_key_differs_with_whether_the_store_still_holds_it_as_documented() {
     for algorithm in [
         Algorithm::Gcra,
         Algorithm::FixedWindow,
@@ -279,7 +280,14 @@ fn resetting_an_idle_key_acts_alike_whether_or_not_the_store_still_holds_it() {
             store.settle_at(&[settlement(&key, params, d, 5)], now);
             after.push(store.check_at(&[item(&key, params, 1)], now).rules[0]);
         }
-        assert_eq!(after[0], after[1], "{algorithm:?}");
+        assert_ne!(
+            after[0], after[1],
+            "{algorithm:?}: alike now, so update the docs"
+        );
+        assert!(
+            after[0].remaining >= after[1].remaining,
+            "{algorithm:?}: the store that dropped the key counts no less"
+        );
     }
 }
 
