@@ -906,10 +906,39 @@ async fn a_store_is_built_from_the_environment() {
         ("PALISADE_RATE_LIMIT_REDIS_TIMEOUT", "soon"),
         ("PALISADE_RATE_LIMIT_REDIS_FAIL_MODE", "maybe"),
         ("PALISADE_RATE_LIMIT_REDIS_CLOCK", "wall"),
+        ("PALISADE_RATE_LIMIT_REDIS_RESET_RETENTION", "0"),
     ]);
     let _ = RedisStoreConfig::from_env(&mut env);
     let problems = env.finish().unwrap_err();
-    assert_eq!(problems.problems().len(), 3, "{problems:?}");
+    assert_eq!(problems.problems().len(), 4, "{problems:?}");
+    assert!(
+        problems.to_string().contains("reset retention"),
+        "{problems}"
+    );
+
+    // the reset retention reaches the store: a reset key lives that long
+    let mut env = Env::from_pairs([
+        ("PALISADE_RATE_LIMIT_REDIS_URL", server.url()),
+        ("PALISADE_RATE_LIMIT_REDIS_PREFIX", "retention".to_owned()),
+        ("PALISADE_RATE_LIMIT_REDIS_RESET_RETENTION", "2h".to_owned()),
+    ]);
+    let config = RedisStoreConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(config.reset_retention, std::time::Duration::from_secs(7200));
+    let store = RedisStore::from_config(config).await.unwrap();
+    // a second's bucket: its own state would expire within a second
+    let second = CheckItem {
+        params: Params::new(Algorithm::Gcra, Quota::per_second(1)),
+        ..rule.item()
+    };
+    assert!(store.check(&[second]).await.unwrap().admitted);
+    store.reset(0, rule.name, &rule.key).await.unwrap();
+    let name = store.key_name(rule.name, &rule.key);
+    let ttl = support::command(server.addr(), &format!("PTTL {name}"))
+        .await
+        .unwrap();
+    let ttl: i64 = ttl.trim_start_matches(':').trim().parse().unwrap();
+    assert!(ttl > 7_100_000 && ttl <= 7_200_000, "{ttl} ms");
 }
 
 /// With the client's clock, windows follow this machine's time (sent with each call), and

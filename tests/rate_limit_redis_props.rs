@@ -1,6 +1,8 @@
 //! The Redis store answers exactly as the memory store: the same random sequences of
-//! requests, costs, settlements, resets and times through both, against a real
-//! redis-server, with identical decisions, remaining counts, resets and retry-after values.
+//! requests, costs, settlements, resets, keys dropped (deleted in Redis, forgotten by the
+//! memory store, as a full store or an operator drops them) and times through both, against
+//! a real redis-server, with identical decisions, remaining counts, resets and retry-after
+//! values.
 //! Both hold at least what a model of each reservation's outstanding part holds: a
 //! give-back never refunds units that other requests still hold.
 #![cfg(feature = "redis")]
@@ -31,6 +33,8 @@ enum Op {
     Settle { which: usize, delta: i64 },
     /// Reset rule `rule`.
     Reset { rule: usize },
+    /// Drop rule `rule`'s key, its generation with it.
+    Drop { rule: usize },
 }
 
 fn params() -> impl Strategy<Value = Params> {
@@ -76,6 +80,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(dt, mask, costs)| Op::Check { dt, mask, costs }),
         1 => (0usize..64, -3_000_000i64..3_000_000).prop_map(|(which, delta)| Op::Settle { which, delta }),
         1 => (0usize..3).prop_map(|rule| Op::Reset { rule }),
+        1 => (0usize..3).prop_map(|rule| Op::Drop { rule }),
     ]
 }
 
@@ -222,6 +227,8 @@ struct Reservation {
     units: u64,
     /// The rule's resets before it.
     resets: u32,
+    /// The times the rule's key was dropped before it.
+    drops: u32,
     settled: bool,
 }
 
@@ -299,10 +306,20 @@ fn redis_store_decides_exactly_as_the_memory_store() {
         SETTLED_AFTER_RESET.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "no settlement followed a reset"
     );
+    // and charged reservations made after a reset of a key dropped and started again since
+    assert!(
+        CHARGED_AFTER_RESET_AND_DROP.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no charge from after a reset followed a drop of its key"
+    );
 }
 
 /// Settlements of a reservation whose key had been reset since it was made.
 static SETTLED_AFTER_RESET: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Charges of a reservation made after a reset (generation above 0) whose key has been
+/// dropped since.
+static CHARGED_AFTER_RESET_AND_DROP: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 async fn run_case(
     server: &RedisServer,
@@ -327,8 +344,9 @@ async fn run_case(
     // which must give back nothing in both stores. Each is settled at most once (as a
     // `Reservation` is), and gives back at most what it reserved.
     let mut reservations: Vec<Reservation> = Vec::new();
-    // resets of each rule so far
+    // resets of each rule so far, and drops of its key
     let mut resets = [0u32; 3];
+    let mut drops = [0u32; 3];
     // what each rule's key must still hold
     let mut held: Vec<Held> = rules.iter().map(|_| Held::default()).collect();
     let item = |i: usize, cost: u64| CheckItem {
@@ -369,6 +387,7 @@ async fn run_case(
                             decision: *d,
                             units: costs[i],
                             resets: resets[i],
+                            drops: drops[i],
                             settled: false,
                         });
                     }
@@ -403,6 +422,12 @@ async fn run_case(
                 // Settlements of up to four times the rule's capacity: every time stays in
                 // the store's documented range (below 2^53 µs).
                 let delta = (*delta).clamp(-i64::try_from(r.units).unwrap().min(cap), cap);
+                // A give-back of a reservation whose key was dropped since may refund units
+                // of the key started again (as a store that loses a key loses its count):
+                // not sent. A charge is, and both stores must agree on it.
+                if r.drops != drops[i] && delta < 0 {
+                    continue;
+                }
                 let s = Settlement {
                     rule_index: i as u32,
                     rule: names[i],
@@ -413,7 +438,13 @@ async fn run_case(
                     reservation_end: r.decision.reservation_end,
                     delta,
                 };
-                if r.resets != resets[i] {
+                if r.drops != drops[i] {
+                    // the model holds nothing of the key from before the drop
+                    if r.decision.generation > 0 {
+                        CHARGED_AFTER_RESET_AND_DROP
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                } else if r.resets != resets[i] {
                     SETTLED_AFTER_RESET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 } else {
                     held[i].settle(&rules[i].params, id, r.decision.window_start, now, delta);
@@ -435,9 +466,11 @@ async fn run_case(
                     continue;
                 }
                 let key = &keys[usize::from(rules[*rule].key)];
-                memory.reset_now(*rule as u32, key);
-                use palisade::rate_limit::Store;
-                redis.reset(*rule as u32, names[*rule], key).await.unwrap();
+                memory.reset_at(*rule as u32, key, now);
+                redis
+                    .reset_at(*rule as u32, names[*rule], key, now)
+                    .await
+                    .unwrap();
                 resets[*rule] += 1;
                 held[*rule].reset();
                 let (want, got) = (
@@ -445,6 +478,25 @@ async fn run_case(
                     redis.check_at(&[item(*rule, 0)], now).await.unwrap(),
                 );
                 prop_assert_eq!(&got, &want, "after the reset at step {}", step);
+            }
+            Op::Drop { rule } => {
+                if *rule >= rules.len() {
+                    continue;
+                }
+                let key = &keys[usize::from(rules[*rule].key)];
+                memory.forget(*rule as u32, key);
+                let name = redis.key_name(names[*rule], key);
+                support::command(server.addr(), &format!("DEL {name}"))
+                    .await
+                    .unwrap();
+                drops[*rule] += 1;
+                // the key's units are gone with it
+                held[*rule].reset();
+                let (want, got) = (
+                    memory.check_at(&[item(*rule, 0)], now),
+                    redis.check_at(&[item(*rule, 0)], now).await.unwrap(),
+                );
+                prop_assert_eq!(&got, &want, "after the drop at step {}", step);
             }
         }
     }

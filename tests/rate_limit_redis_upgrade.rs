@@ -14,14 +14,18 @@ const NEW: &str = include_str!("../src/rate_limit/store/redis/decide.lua");
 /// The previous version as it shipped.
 const V1: &str = include_str!("rate_limit_redis_data/decide_v1.lua");
 
-/// The previous version with the one rule changed since: a GCRA charge on a bucket that
-/// has drained full, or on a key with no state (expired as idle), is debited from now, in
-/// a new epoch, as a request's units would be, so that whether Redis still holds an idle
-/// key changes no later decision. Everything else (numbers read as decimal arguments,
-/// states written with `%.0f`) is compared as it shipped.
+/// The previous version with the rules changed since: a GCRA charge on a bucket that has
+/// drained full, or on a key with no state (expired as idle), is debited from now, in a
+/// new epoch, as a request's units would be, so that whether Redis still holds an idle key
+/// changes no later decision; and a charge whose generation is newer than the key's
+/// (modulo 2^32: made after a reset the key, deleted and started again since, no longer
+/// knows of) applies. Everything else (numbers read as decimal arguments, states written
+/// with `%.0f`) is compared as it shipped.
 static OLD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let from = "    if found and g == gen then\n      if alg == 2 then\n";
-    let to = "    if found and g == gen or not found and alg == 2 and delta > 0 then\n      \
+    let to = "    local newer = (gen - g) % 4294967296\n    \
+              if found and (newer == 0 or delta > 0 and newer < 2147483648) \
+              or not found and alg == 2 and delta > 0 then\n      \
               if alg == 2 then\n        \
               if delta > 0 and start <= now then start, prev, count = now, 0, 0 end\n";
     assert!(
@@ -104,6 +108,10 @@ fn new_numbers(call: &Call) -> Vec<u8> {
     let mut out = Vec::new();
     for n in [call.time, GRACE] {
         out.extend(n.to_le_bytes());
+    }
+    if call.mode == "r" {
+        // the reset retention (an hour), which the previous version did not take
+        out.extend(3_600_000_000i64.to_le_bytes());
     }
     // a reset sends no rule
     for (r, extra) in call.rules.iter().filter(|_| call.mode != "r") {
@@ -211,7 +219,11 @@ fn call(rng: &mut Rng, rules: &mut [Rule], answers: &[Option<Vec<i64>>], time: &
                 }
                 "s" => {
                     let (ws, generation, end) = match &answers[k] {
-                        Some(a) if rng.below(5) != 0 => (a[4], a[7], a[8]),
+                        // now and then a generation past the key's, as a reservation
+                        // made after a reset of a key since deleted carries
+                        Some(a) if rng.below(5) != 0 => {
+                            (a[4], a[7] + i64::from(rng.below(4) == 0), a[8])
+                        }
                         _ => (*time - *time % r.window, 0, *time),
                     };
                     let delta = rng.below(7) as i64 - 4;

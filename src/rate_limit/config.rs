@@ -11,7 +11,7 @@ use super::key::{KeySource, TrustedProxies};
 use super::layer::RateLimitLayer;
 use super::quota::{Algorithm, Quota};
 use super::rule::{Cost, Route, Rule};
-use super::store::{MemoryStore, Store, memory};
+use super::store::{DEFAULT_RESET_RETENTION, MemoryStore, Store, memory, reset_retention_micros};
 use crate::clock::ClockSource;
 use crate::config::{Env, ProblemKind, env_var};
 use crate::error::ErrorFormat;
@@ -193,6 +193,10 @@ pub struct RateLimitConfig {
     /// Memory store: where it reads time (`tokio`, `fast` or `coarse`; see
     /// [`clock`](crate::clock)).
     pub clock: ClockSource,
+    /// Memory store: how long a reset key keeps its generation at least (1 ms to 24 h;
+    /// see [`MemoryStoreBuilder::reset_retention`](super::MemoryStoreBuilder::reset_retention)).
+    #[serde(with = "crate::config::duration")]
+    pub reset_retention: Duration,
     /// How refusals are rendered.
     pub error_format: ErrorFormat,
     /// Send `RateLimit-Policy` and `RateLimit`.
@@ -212,6 +216,7 @@ impl Default for RateLimitConfig {
             max_entries: memory::DEFAULT_MAX_ENTRIES,
             shards: memory::DEFAULT_SHARDS,
             clock: ClockSource::Tokio,
+            reset_retention: DEFAULT_RESET_RETENTION,
             error_format: ErrorFormat::default(),
             draft_headers: true,
             legacy_headers: false,
@@ -231,6 +236,7 @@ impl RateLimitConfig {
     /// | `PALISADE_RATE_LIMIT_MAX_ENTRIES` | `1000000` |
     /// | `PALISADE_RATE_LIMIT_SHARDS` | `64` |
     /// | `PALISADE_RATE_LIMIT_CLOCK` | `tokio`, `fast` or `coarse` |
+    /// | `PALISADE_RATE_LIMIT_RESET_RETENTION` | `1h` |
     /// | `PALISADE_RATE_LIMIT_ERROR_FORMAT` | `anthropic` or `problem` (default: the shared `PALISADE_ERROR_FORMAT`) |
     /// | `PALISADE_RATE_LIMIT_DRAFT_HEADERS` | `true` |
     /// | `PALISADE_RATE_LIMIT_LEGACY_HEADERS` | `false` |
@@ -297,6 +303,19 @@ impl RateLimitConfig {
         }
         let shards = env.optional(&var("shards"), d.shards, "64");
         let clock = env.optional(&var("clock"), d.clock, "coarse");
+        let retention_var = var("reset_retention");
+        let reset_retention = env.duration(&retention_var, d.reset_retention, "1h");
+        if reset_retention_micros(reset_retention).is_none() {
+            let value = env.raw(&retention_var).unwrap_or_default().to_owned();
+            env.problem(
+                &retention_var,
+                ProblemKind::Invalid {
+                    value,
+                    reason: RateLimitConfigError::InvalidResetRetention.to_string(),
+                },
+                "1h",
+            );
+        }
         // The shared setting, unless this layer's own overrides it.
         let error_format = ErrorFormat::from_env_with_override(env, &var("error_format"));
         let draft_headers = env.optional(&var("draft_headers"), d.draft_headers, "true");
@@ -328,6 +347,7 @@ impl RateLimitConfig {
             max_entries,
             shards,
             clock,
+            reset_retention,
             error_format,
             draft_headers,
             legacy_headers,
@@ -342,6 +362,7 @@ impl RateLimitConfig {
             .max_entries(self.max_entries)
             .shards(self.shards)
             .clock(self.clock)
+            .reset_retention(self.reset_retention)
             .build()?;
         self.build_with_store(store)
     }

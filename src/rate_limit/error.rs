@@ -59,6 +59,11 @@ pub enum RateLimitConfigError {
     /// A memory store with room for no entries.
     #[error("the rate-limit memory store needs max_entries of at least 1")]
     ZeroCapacity,
+    /// A memory store's reset retention shorter than a millisecond or longer than a day.
+    #[error(
+        "the rate-limit memory store's reset retention must be from 1ms to 24h; set it to the longest a request may run (default 1h)"
+    )]
+    InvalidResetRetention,
 }
 
 /// A store could not decide (a network error, a script error). The memory store never

@@ -1117,6 +1117,33 @@ fn config_from_env_reports_duplicate_rules_and_an_empty_store() {
     );
 }
 
+/// The reset retention is read from the environment, and one out of range (0, or past a
+/// day) is reported with the other problems.
+#[test]
+fn config_from_env_reads_and_checks_the_reset_retention() {
+    let mut env = Env::from_pairs([("PALISADE_RATE_LIMIT_RESET_RETENTION", "15m")]);
+    let cfg = RateLimitConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(cfg.reset_retention, std::time::Duration::from_secs(15 * 60));
+    assert!(cfg.build().is_ok());
+    assert_eq!(
+        RateLimitConfig::default().reset_retention,
+        std::time::Duration::from_secs(3600)
+    );
+    for bad in ["0", "25h"] {
+        let mut env = Env::from_pairs([("PALISADE_RATE_LIMIT_RESET_RETENTION", bad)]);
+        let cfg = RateLimitConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let names: Vec<_> = err.problems().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["PALISADE_RATE_LIMIT_RESET_RETENTION"], "{bad}");
+        assert!(err.to_string().contains("reset retention"), "{err}");
+        assert_eq!(
+            cfg.build().unwrap_err(),
+            RateLimitConfigError::InvalidResetRetention
+        );
+    }
+}
+
 /// A rule keyed by the client IP on a server that gives no peer address (the `axum`
 /// feature off, or no `ConnectInfo`) no longer puts everyone in one bucket silently: each
 /// such request is counted (and the first logged at `error`), on every decision path.

@@ -4,11 +4,15 @@ use std::future::{Ready, ready};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use crate::clock::{Clock, ClockSource};
 use smallvec::SmallVec;
 
-use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+use super::{
+    BoxFuture, CheckItem, DEFAULT_RESET_RETENTION, Decision, RuleDecision, Settlement, Store,
+    generation_is_newer, reset_retention_micros,
+};
 use crate::rate_limit::Algorithm;
 use crate::rate_limit::algorithm::{self, Decided, Params, State};
 use crate::rate_limit::error::{RateLimitConfigError, StoreError};
@@ -37,6 +41,8 @@ pub const DEFAULT_SHARDS: usize = 64;
 /// back to fresh: nothing is lost), and if that is not enough it drops the keys closest to
 /// expiry until it is 7/8 full; those evictions (a lost count for a quiet key) are counted
 /// in [`MemoryStore::evictions`]. A flood of random keys therefore costs at most the cap.
+/// Keys an admin reset (which keep their generation for the reset retention, see
+/// [`MemoryStore::reset_now`]) go only after every other key.
 ///
 /// **Compact slots.** An IP key (the usual key, and the one a flood of random addresses
 /// brings) lives in a 32-byte slot, half a cache line, with its counts in 32 bits (GCRA:
@@ -66,6 +72,8 @@ struct Inner {
     hasher: StoreHasher,
     clock: Clock,
     evictions: AtomicU64,
+    /// µs a reset key keeps its generation after the reset, at least.
+    reset_retention: u64,
 }
 
 #[repr(align(128))]
@@ -247,6 +255,7 @@ pub struct MemoryStoreBuilder {
     max_entries: usize,
     shards: usize,
     clock: ClockSource,
+    reset_retention: Duration,
 }
 
 impl MemoryStoreBuilder {
@@ -270,11 +279,36 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// How long a key reset by [`Store::reset`] keeps its
+    /// [generation](RuleDecision::generation) at least, after the reset (default 1 hour,
+    /// from 1 ms to 24 hours): set it to the longest a request may run, so that every
+    /// reservation made before a reset is settled while the key still knows it was reset
+    /// (see [`MemoryStore::reset_now`]). A reset key takes one slot this long, or as long
+    /// as its state from before the reset would have lasted if that is longer.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use palisade::rate_limit::MemoryStore;
+    ///
+    /// let store = MemoryStore::builder()
+    ///     .reset_retention(Duration::from_secs(15 * 60))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = store;
+    /// assert!(MemoryStore::builder().reset_retention(Duration::ZERO).build().is_err());
+    /// ```
+    pub fn reset_retention(mut self, retention: Duration) -> Self {
+        self.reset_retention = retention;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> Result<MemoryStore, RateLimitConfigError> {
         if self.max_entries == 0 {
             return Err(RateLimitConfigError::ZeroCapacity);
         }
+        let reset_retention = reset_retention_micros(self.reset_retention)
+            .ok_or(RateLimitConfigError::InvalidResetRetention)?;
         let shards = self
             .shards
             .clamp(1, (self.max_entries / 16).max(1))
@@ -292,6 +326,7 @@ impl MemoryStoreBuilder {
                 hasher: foldhash::fast::RandomState::default(),
                 clock: Clock::new(self.clock),
                 evictions: AtomicU64::new(0),
+                reset_retention,
             }),
         })
     }
@@ -311,6 +346,7 @@ impl MemoryStore {
             max_entries: DEFAULT_MAX_ENTRIES,
             shards: DEFAULT_SHARDS,
             clock: ClockSource::Tokio,
+            reset_retention: DEFAULT_RESET_RETENTION,
         }
     }
 
@@ -522,7 +558,9 @@ impl MemoryStore {
     }
 
     /// Drops idle keys; if the shard is still over 7/8 full, drops the keys nearest to
-    /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts.
+    /// expiry down to 7/8, so the O(n) sweep runs at most once per n/8 inserts. Keys reset
+    /// (generation above 0) go last, after every other key: a reset key dropped forgets
+    /// its generation, and a charge from before the reset would count again.
     fn make_room(&self, shard: &mut Shard, now: u64) {
         shard.drop_idle(now);
         let target = self.inner.per_shard - self.inner.per_shard / 8 - 1;
@@ -531,43 +569,55 @@ impl MemoryStore {
             return;
         }
         let excess = shard.len() - target;
-        let mut expiries: Vec<u64> = shard
+        // The order of eviction: keys not reset first, then by expiry.
+        let mut ranks: Vec<(bool, u64)> = shard
             .small
             .iter()
-            .map(SmallSlot::expires_at)
-            .chain(shard.wide.iter().map(|e| e.expires_at))
+            .map(|e| (false, e.expires_at()))
+            .chain(shard.wide.iter().map(|e| (e.generation > 0, e.expires_at)))
             .collect();
-        let (_, &mut cut, _) = expiries.select_nth_unstable(excess - 1);
-        let mut dropped = 0usize;
-        let mut keep = |expires_at: u64| {
-            if dropped < excess && expires_at <= cut {
-                dropped += 1;
+        let (nearer, &mut cut, _) = ranks.select_nth_unstable(excess - 1);
+        // Every key ranked below the cut goes (all of them are before it), and of those
+        // ranked at it (keys reset at the same instant tie) as many as make up the excess:
+        // the first keys met at or below the cut would let ties met early take the place
+        // of a key ranked strictly below them.
+        let mut at_cut = excess - nearer.iter().filter(|&&r| r < cut).count();
+        let mut keep = |rank: (bool, u64)| {
+            if rank < cut {
+                false
+            } else if rank == cut && at_cut > 0 {
+                at_cut -= 1;
                 false
             } else {
                 true
             }
         };
-        shard.small.retain(|e| keep(e.expires_at()));
-        shard.wide.retain(|e| keep(e.expires_at));
+        shard.small.retain(|e| keep((false, e.expires_at())));
+        shard
+            .wide
+            .retain(|e| keep((e.generation > 0, e.expires_at)));
         self.inner
             .evictions
-            .fetch_add(dropped as u64, Ordering::Relaxed);
+            .fetch_add(excess as u64, Ordering::Relaxed);
         tracing::debug!(
-            evicted = dropped,
+            evicted = excess,
             "rate-limit memory store full: evicted the keys nearest to expiry"
         );
     }
 
     /// Settles corrections. A settlement whose key is not resident, or was reset since
-    /// its reservation (another [`Settlement::generation`]), or (GCRA) a give-back whose
+    /// its reservation (an older [`Settlement::generation`]), or (GCRA) a give-back whose
     /// key has started afresh since (another epoch: the time its bucket was last found
     /// full, the reservation's [`RuleDecision::window_start`]), is dropped; a GCRA charge
     /// (more used than reserved) applies in any epoch, and to a key that is not resident
     /// as to a fresh one: on a bucket that has drained full (or a key dropped as idle) it
     /// is debited from now, as a request's units would be, whether or not the idle key was
-    /// dropped (a key reset and then dropped no longer knows its generation, so a charge
-    /// from before the reset then counts). A GCRA give-back refunds at most what of its
-    /// reservation is still outstanding now (see [`Settlement::reservation_end`]).
+    /// dropped. A charge from before a reset is dropped as long as the reset key keeps
+    /// its generation (see [`MemoryStore::reset_now`]); a charge from after a reset
+    /// applies even on a key dropped and started again since (at generation 0: the
+    /// charge's generation is newer, counted modulo 2^32, so its units were used after
+    /// the reset). A GCRA give-back refunds at most what of its reservation is still
+    /// outstanding now (see [`Settlement::reservation_end`]).
     pub fn settle_now(&self, settlements: &[Settlement<'_>]) {
         self.settle_at(settlements, self.now_micros());
     }
@@ -589,7 +639,10 @@ impl MemoryStore {
                 }
                 continue;
             };
-            if slot.generation() != s.generation {
+            let generation = slot.generation();
+            if generation != s.generation
+                && !(s.delta > 0 && generation_is_newer(s.generation, generation))
+            {
                 continue;
             }
             let Some(state) = settle(&s.params, &slot.state(), s, now) else {
@@ -604,6 +657,15 @@ impl MemoryStore {
                 self.promote(&mut shard, &key, &state, expires_at);
             }
         }
+    }
+
+    /// Drops one rule's key, its state and its generation, as a shard out of room drops a
+    /// key (without counting an eviction): for tests and replays that model a store
+    /// losing keys. The next request for the key starts it afresh, at generation 0.
+    pub fn forget(&self, rule_index: u32, key: &RateKey) {
+        let key = self.map_key(rule_index, key);
+        let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
+        shard.remove(key.hash, key.rule, key.key);
     }
 
     /// The state of one rule for one key, unchanged.
@@ -622,20 +684,34 @@ impl MemoryStore {
     }
 
     /// Forgets one rule's state for one key. A resident key keeps a fresh state with the
-    /// next generation until its old state would have expired, so that a reservation made
-    /// before the reset is not settled against requests admitted after it (later
-    /// decisions and settlements never make it expire sooner).
+    /// next generation (modulo 2^32) until its old state would have expired, and at least
+    /// for the store's reset retention ([`MemoryStoreBuilder::reset_retention`], an hour by
+    /// default), so that a reservation made before the reset is not settled against
+    /// requests admitted after it (later decisions and settlements never make it expire
+    /// sooner). A full shard drops a reset key only when every other key has gone: only
+    /// a shard whose keys are nearly all reset ones (over 7/8 of them) forgets a reset
+    /// early, and a charge from before that reset then counts as a new one.
     pub fn reset_now(&self, rule_index: u32, key: &RateKey) {
+        self.reset_at(rule_index, key, self.now_micros());
+    }
+
+    /// Resets at a given time (µs on the store's clock), as [`MemoryStore::reset_now`]
+    /// does: for tests and replays that drive the store with explicit instants.
+    pub fn reset_at(&self, rule_index: u32, key: &RateKey, now: u64) {
         let key = self.map_key(rule_index, key);
         let mut shard = lock(&self.inner.shards[self.shard_of(key.hash)].0);
         let Some(slot) = shard.find_mut(key.hash, key.rule, key.key) else {
             return;
         };
-        let (generation, expires_at) = (slot.generation().wrapping_add(1), slot.expires_at());
+        let generation = slot.generation().wrapping_add(1);
+        let expires_at = slot
+            .expires_at()
+            .max(now.saturating_add(self.inner.reset_retention));
         match slot {
             SlotMut::Wide(s) => {
                 s.state = State::default();
                 s.generation = generation;
+                s.expires_at = expires_at;
             }
             SlotMut::Small(_) => {
                 shard.remove(key.hash, key.rule, key.key);
@@ -1555,6 +1631,67 @@ mod tests {
             0,
             "a give-back from before the reset refunded a later request"
         );
+    }
+
+    /// A full shard drops reset keys (generation above 0) only after every other key,
+    /// nearest to expiry first among each, and keeps its bound when every key is a reset
+    /// one (the one case where a reset key is forgotten within the reset retention).
+    #[test]
+    fn a_full_shard_drops_reset_keys_last_and_keeps_its_bound() {
+        let store = MemoryStore::builder()
+            .max_entries(8)
+            .shards(1)
+            .build()
+            .unwrap();
+        let params = Params::new(Algorithm::Gcra, Quota::per_second(5));
+        let reset: Vec<RateKey> = (0..4)
+            .map(|i| RateKey::principal(format!("reset-{i}")))
+            .collect();
+        for key in &reset {
+            assert!(store.check_at(&[item(key, params)], 0).admitted);
+            store.reset_at(0, key, 0);
+        }
+        // newcomers at 0.1 s: the shard of 8 keeps 7 on each sweep, the reset keys among
+        // them
+        for i in 0..40 {
+            let key = RateKey::principal(format!("new-{i}"));
+            assert!(store.check_at(&[item(&key, params)], 100_000).admitted);
+            assert!(store.len() <= 8);
+        }
+        for key in &reset {
+            assert_eq!(store.peek_at(&item(key, params), 100_000).generation, 1);
+        }
+        // a shard of reset keys alone still keeps its bound: the nearest to expiry go
+        let store = MemoryStore::builder()
+            .max_entries(8)
+            .shards(1)
+            .build()
+            .unwrap();
+        for i in 0..40u64 {
+            let key = RateKey::principal(format!("reset-{i}"));
+            assert!(store.check_at(&[item(&key, params)], i).admitted);
+            store.reset_at(0, &key, i);
+            assert!(store.len() <= 8);
+        }
+        assert!(store.evictions() > 0);
+        // the latest reset keys are kept
+        let last = RateKey::principal("reset-39");
+        assert_eq!(store.peek_at(&item(&last, params), 40).generation, 1);
+    }
+
+    /// Generations count modulo 2^32: a charge from the generation after the key's is
+    /// newer (it applies), one from the generation before it is older (dropped), across
+    /// the wrap too.
+    #[test]
+    fn generations_compare_modulo_two_to_the_32() {
+        use super::super::generation_is_newer;
+        assert!(generation_is_newer(1, 0));
+        assert!(generation_is_newer(0, u32::MAX));
+        assert!(generation_is_newer((1 << 31) - 1, 0));
+        assert!(!generation_is_newer(1 << 31, 0));
+        assert!(!generation_is_newer(0, 0));
+        assert!(!generation_is_newer(0, 1));
+        assert!(!generation_is_newer(u32::MAX, 0));
     }
 
     /// A GCRA give-back refunds at most what of its reservation is still outstanding. At

@@ -57,6 +57,7 @@ mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use smallvec::SmallVec;
 
@@ -73,6 +74,30 @@ pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// A boxed future, for the store's admin calls (not on the request path).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// How long a key reset by [`Store::reset`] keeps its generation at least, by default: an
+/// hour, longer than a gateway lets a request run, so that every reservation made before
+/// the reset is settled while its key still knows it was reset.
+pub const DEFAULT_RESET_RETENTION: Duration = Duration::from_secs(60 * 60);
+
+/// The longest reset retention a store accepts: a day.
+pub const MAX_RESET_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A reset retention in µs, or `None` when it is shorter than a millisecond or longer
+/// than [`MAX_RESET_RETENTION`].
+pub(crate) fn reset_retention_micros(retention: Duration) -> Option<u64> {
+    if retention < Duration::from_millis(1) || retention > MAX_RESET_RETENTION {
+        return None;
+    }
+    u64::try_from(retention.as_micros()).ok()
+}
+
+/// Whether generation `a` is newer than `b`, counted modulo 2^32 (serial number
+/// arithmetic): `a` is 1 to 2^31 - 1 resets past `b`.
+pub(crate) const fn generation_is_newer(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 1 << 31
+}
 
 /// One rule to decide for one request.
 #[derive(Debug, Clone, Copy)]
@@ -221,16 +246,31 @@ pub trait Store: Send + Sync + 'static {
     /// reservation is still outstanding, see [`Settlement::reservation_end`]; a charge
     /// applies in any epoch, and on a bucket that has drained full, or a key whose idle
     /// state the store has dropped, is debited from now as a request's units would be,
-    /// whether the store still holds the idle key or not; a key reset and then dropped no
-    /// longer knows its generation, so a charge from before the reset then counts).
+    /// whether the store still holds the idle key or not).
+    ///
+    /// Around a [`Store::reset`]: a settlement from before the reset is dropped while the
+    /// key keeps the generation the reset gave it, which it does at least for the store's
+    /// reset retention (an hour by default; a reset key dropped sooner, which only a
+    /// store out of room or an operator deleting it does, forgets the reset: a charge
+    /// from before it then counts as a new one, and once the key, started again, is reset
+    /// again to the same generation, a settlement from that earlier generation in the same
+    /// window applies, a give-back included). A charge (more used than reserved) from
+    /// after a reset applies even on a key dropped and started again since, at
+    /// generation 0: its generation is newer than the key's (counted modulo 2^32), so its
+    /// units were used after the reset.
     fn settle(&self, settlements: &[Settlement<'_>]) -> BoxFuture<Result<(), StoreError>>;
 
     /// The state of one rule for one key without changing it (the item's cost is ignored).
     fn peek(&self, item: &CheckItem<'_>) -> BoxFuture<Result<RuleDecision, StoreError>>;
 
     /// Forgets one rule's state for one key, and bumps the key's
-    /// [`RuleDecision::generation`] so that reservations made before the reset are not
-    /// settled against what comes after it.
+    /// [`RuleDecision::generation`] (modulo 2^32) so that reservations made before the
+    /// reset are not settled against what comes after it: the key keeps that generation
+    /// as long as its state from before the reset would have lasted, and at least for the
+    /// store's reset retention (an hour by default). A key the store does not hold (never
+    /// used, or idle and dropped: Redis lets it expire, the memory store drops it when it
+    /// needs room) has nothing to reset, so a charge from before such a reset counts; an
+    /// idle key the store still holds is reset.
     fn reset(
         &self,
         rule_index: u32,

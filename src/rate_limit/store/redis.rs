@@ -30,7 +30,10 @@ use super::super::algorithm::{Params, Verdict};
 use super::super::error::StoreError;
 use super::super::key::RateKey;
 use super::memory::MemoryStore;
-use super::{BoxFuture, CheckItem, Decision, RuleDecision, Settlement, Store};
+use super::{
+    BoxFuture, CheckItem, DEFAULT_RESET_RETENTION, Decision, RuleDecision, Settlement, Store,
+    reset_retention_micros,
+};
 
 /// The default time a decision may wait for Redis.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
@@ -170,6 +173,11 @@ pub enum RedisConfigError {
         "a TLS CA certificate is set but a Redis URL is not rediss://; use rediss:// URLs to connect over TLS"
     )]
     TlsCaWithoutTls,
+    /// A reset retention shorter than a millisecond or longer than a day.
+    #[error(
+        "the Redis rate-limit store's reset retention must be from 1ms to 24h; set it to the longest a request may run (default 1h)"
+    )]
+    InvalidResetRetention,
     /// A [`Lease`] with a setting out of range.
     #[error("the Redis rate-limit store's lease is invalid: {reason}")]
     InvalidLease {
@@ -199,6 +207,7 @@ pub struct RedisStoreBuilder {
     fallback: Option<MemoryStore>,
     tls_ca: Option<Vec<u8>>,
     lease: Option<Lease>,
+    reset_retention: Duration,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -212,6 +221,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("clock", &self.clock)
             .field("tls_ca", &self.tls_ca.as_ref().map(|_| "<set>"))
             .field("lease", &self.lease)
+            .field("reset_retention", &self.reset_retention)
             .finish_non_exhaustive()
     }
 }
@@ -271,7 +281,8 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The memory store that [`RedisFailMode::Local`] decides in (default: a new one).
+    /// The memory store that [`RedisFailMode::Local`] decides in (default: a new one, with
+    /// this store's [reset retention](RedisStoreBuilder::reset_retention)).
     pub fn fallback(mut self, store: MemoryStore) -> Self {
         self.fallback = Some(store);
         self
@@ -290,6 +301,17 @@ impl RedisStoreBuilder {
     /// for what they save and what they cost in exactness.
     pub fn lease(mut self, lease: Lease) -> Self {
         self.lease = Some(lease);
+        self
+    }
+
+    /// How long a key reset by [`Store::reset`] keeps its
+    /// [generation](RuleDecision::generation) at least, after the reset (default 1 hour,
+    /// from 1 ms to 24 hours; [`RedisConfigError::InvalidResetRetention`] otherwise): set
+    /// it to the longest a request may run, so that every reservation made before a reset
+    /// is settled while the key still knows it was reset. A reset key lives this long in
+    /// Redis, or as long as its state from before the reset would have if that is longer.
+    pub fn reset_retention(mut self, retention: Duration) -> Self {
+        self.reset_retention = retention;
         self
     }
 
@@ -312,6 +334,8 @@ impl RedisStoreBuilder {
         if self.timeout.is_zero() {
             return Err(RedisConfigError::ZeroTimeout);
         }
+        let reset_retention = reset_retention_micros(self.reset_retention)
+            .ok_or(RedisConfigError::InvalidResetRetention)?;
         if let Some(lease) = &self.lease {
             lease.validate()?;
         }
@@ -399,9 +423,17 @@ impl RedisStoreBuilder {
                 hash_tag: self.hash_tag,
                 blocked: BlockedCache::new(self.blocked_cache),
                 leases: Leases::new(self.lease, self.timeout),
-                fallback: self.fallback.unwrap_or_default(),
+                // The local store of the failure mode, unless one was given, keeps reset
+                // keys as long as Redis does.
+                fallback: self.fallback.unwrap_or_else(|| {
+                    MemoryStore::builder()
+                        .reset_retention(self.reset_retention)
+                        .build()
+                        .unwrap_or_default()
+                }),
                 health: Health::default(),
                 batcher: batch::Batchers::new(cluster),
+                reset_retention,
             }),
         })
     }
@@ -516,7 +548,7 @@ enum Conn {
 /// `%` in the rule's name is written `%3A`, `%7B`, `%7D`, `%25`), holding two or
 /// three integers as a short string (four once the key has been reset: its generation) and
 /// expiring on its own (`PX`) once its state is back to fresh (a window's key that already
-/// expires later keeps its expiry). A header's value is stored as its SHA-256 digest, never as it is. Memory per key
+/// expires later keeps its expiry; a reset key lives at least the reset retention). A header's value is stored as its SHA-256 digest, never as it is. Memory per key
 /// (`MEMORY USAGE` on Redis 7.0, 64-bit, with the default prefix): 120 bytes for a
 /// principal key such as `palisade:rl:chat:{principal:user-1234567}`, 136 bytes for an API
 /// key (its 32-digit hash), the same for every algorithm and after a reset (16 bytes more
@@ -527,8 +559,9 @@ enum Conn {
 /// **Reset and settle.** [`Store::reset`] is one script call on the exact key (never
 /// `SCAN` or `KEYS`), in order behind the calls made before it (it waits and is batched
 /// as a settlement is): it leaves a fresh state with the key's next
-/// [generation](RuleDecision::generation), which keeps the old state's expiry (no later
-/// decision or settlement of the key shortens it). A
+/// [generation](RuleDecision::generation), which lives as long as the old state would have
+/// and at least the reset retention ([`RedisStoreBuilder::reset_retention`], an hour by
+/// default; no later decision or settlement of the key shortens it). A
 /// settlement carries the generation and window of its reservation and applies only while
 /// the key still holds both, so a reservation made before a reset and settled after it
 /// gives back (or takes) nothing from the requests admitted since. GCRA, which has no
@@ -538,8 +571,13 @@ enum Conn {
 /// give-back of a reservation from an earlier one is dropped, as the memory store drops
 /// it; a charge (more used than reserved) applies in any epoch, since the units were
 /// used (on a bucket full again, or a key expired, from now, as a request's units would
-/// be, whether Redis still holds the idle key or not; a key that was reset and has since
-/// expired no longer knows its generation, so a charge from before the reset then counts).
+/// be, whether Redis still holds the idle key or not). A charge from after a reset
+/// applies even when the key has since gone and been started again at generation 0 (its
+/// generation is newer than the key's, counted modulo 2^32); a charge from before a reset
+/// counts as a new one only if the reset key is gone before the reset retention ends
+/// (deleted, or evicted by a `maxmemory` policy; a key deleted, started again and reset
+/// again holds the generation it held before, so a settlement from that earlier generation
+/// in the same window then applies, a give-back included).
 /// A give-back never makes the bucket fuller than full, and refunds at most what of its
 /// reservation is still outstanding ([`RuleDecision::reservation_end`]): neither the
 /// units that have drained since (they came back with time) nor those of later requests.
@@ -632,6 +670,8 @@ struct Inner {
     fallback: MemoryStore,
     health: Health,
     batcher: batch::Batchers,
+    /// µs a reset key keeps its generation after the reset, at least.
+    reset_retention: u64,
 }
 
 impl fmt::Debug for RedisStore {
@@ -724,6 +764,7 @@ impl RedisStore {
             fallback: None,
             tls_ca: None,
             lease: None,
+            reset_retention: DEFAULT_RESET_RETENTION,
         }
     }
 
@@ -804,6 +845,78 @@ impl RedisStore {
         now: u64,
     ) -> BoxFuture<Result<RuleDecision, StoreError>> {
         self.peek_with(item, Some(now))
+    }
+
+    /// Resets at an explicit time (µs; it only sets the reset key's expiry), as
+    /// [`Store::reset`] does: for tests and replays that drive a
+    /// [`MemoryStore`](super::MemoryStore) with the same instants.
+    pub fn reset_at(
+        &self,
+        rule_index: u32,
+        rule: &str,
+        key: &RateKey,
+        now: u64,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        self.reset_with(rule_index, rule, key, Some(now))
+    }
+
+    fn reset_with(
+        &self,
+        rule_index: u32,
+        rule: &str,
+        key: &RateKey,
+        now: Option<u64>,
+    ) -> BoxFuture<Result<(), StoreError>> {
+        if now.is_some_and(|t| t >= LUA_TIME) {
+            return Box::pin(ready(Err(StoreError::new(
+                "the Redis store's time must stay below 2^53 µs (the year 2255)",
+            ))));
+        }
+        // Redis keys, and so the blocked cache, go by the rule's name; the local fallback
+        // by its index. The fallback forgets the key too: what it counted while Redis was
+        // away would otherwise refuse the reset key at the next outage.
+        self.inner.fallback.reset_now(rule_index, key);
+        self.inner.blocked.remove(rule, key);
+        // This instance's lease of the key is dropped; another's answers until it ends.
+        self.inner.leases.remove(rule, key);
+        let name = self.key_name(rule, key);
+        let inner = self.inner.clone();
+        // Not a DEL: the key keeps a fresh state with the next generation until its old
+        // state would have expired, and at least the reset retention, so reservations made
+        // before the reset settle nothing.
+        let time = self
+            .now_arg(now)
+            .map_or(-1, |t| i64::try_from(t).unwrap_or(i64::MAX));
+        let grace = match (now, self.inner.clock) {
+            (None, RedisClock::Server) => GRACE_SERVER_MS,
+            _ => GRACE_CLIENT_MS,
+        };
+        let retention = i64::try_from(self.inner.reset_retention).unwrap_or(i64::MAX);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(SCRIPT.get_hash())
+            .arg(1)
+            .arg(&name)
+            .arg("r")
+            .arg(&reset_numbers(time, i64::try_from(grace).unwrap_or(0), retention)[..]);
+        let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
+        Box::pin(async move {
+            // In order with the calls made before it, as a settlement: always sent.
+            let call = batch::submit(inner.clone(), cmd, batch::Kind::Settlement);
+            match tokio::time::timeout(inner.timeout, call).await {
+                Ok(Ok(_)) => {
+                    // A refusal decided in Redis before the reset but answered after the
+                    // removal above may have blocked the key here again.
+                    inner.blocked.remove(&rule, &key);
+                    // So may a lease of the state before the reset have been granted.
+                    inner.leases.remove(&rule, &key);
+                    Ok(())
+                }
+                Ok(Err(e)) => Err(StoreError::new(format!("resetting in Redis failed: {e}"))),
+                Err(_) => Err(StoreError::new(
+                    "resetting in Redis: no answer within the timeout",
+                )),
+            }
+        })
     }
 
     /// The time sent to the script: µs, or `None` for the server's own clock.
@@ -1571,12 +1684,13 @@ impl Inner {
     }
 }
 
-/// A call's numbers as the script reads them (8 bytes each, little-endian): the time (-1:
-/// the server's clock) and the grace, for a call without rules (a reset).
-fn numbers(time: i64, grace: i64) -> [u8; 16] {
-    let mut out = [0; 16];
+/// A reset's numbers as the script reads them (8 bytes each, little-endian): the time (-1:
+/// the server's clock), the grace, and the reset retention (µs).
+fn reset_numbers(time: i64, grace: i64, retention: i64) -> [u8; 24] {
+    let mut out = [0; 24];
     out[..8].copy_from_slice(&time.to_le_bytes());
-    out[8..].copy_from_slice(&grace.to_le_bytes());
+    out[8..16].copy_from_slice(&grace.to_le_bytes());
+    out[16..].copy_from_slice(&retention.to_le_bytes());
     out
 }
 
@@ -1753,42 +1867,7 @@ impl Store for RedisStore {
         rule: &str,
         key: &RateKey,
     ) -> BoxFuture<Result<(), StoreError>> {
-        // Redis keys, and so the blocked cache, go by the rule's name; the local fallback
-        // by its index. The fallback forgets the key too: what it counted while Redis was
-        // away would otherwise refuse the reset key at the next outage.
-        self.inner.fallback.reset_now(rule_index, key);
-        self.inner.blocked.remove(rule, key);
-        // This instance's lease of the key is dropped; another's answers until it ends.
-        self.inner.leases.remove(rule, key);
-        let name = self.key_name(rule, key);
-        let inner = self.inner.clone();
-        // Not a DEL: the key keeps a fresh state with the next generation until its old
-        // state would have expired, so reservations made before the reset settle nothing.
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(SCRIPT.get_hash())
-            .arg(1)
-            .arg(&name)
-            .arg("r")
-            .arg(&numbers(-1, 0)[..]);
-        let (rule, key): (Box<str>, RateKey) = (rule.into(), key.clone());
-        Box::pin(async move {
-            // In order with the calls made before it, as a settlement: always sent.
-            let call = batch::submit(inner.clone(), cmd, batch::Kind::Settlement);
-            match tokio::time::timeout(inner.timeout, call).await {
-                Ok(Ok(_)) => {
-                    // A refusal decided in Redis before the reset but answered after the
-                    // removal above may have blocked the key here again.
-                    inner.blocked.remove(&rule, &key);
-                    // So may a lease of the state before the reset have been granted.
-                    inner.leases.remove(&rule, &key);
-                    Ok(())
-                }
-                Ok(Err(e)) => Err(StoreError::new(format!("resetting in Redis failed: {e}"))),
-                Err(_) => Err(StoreError::new(
-                    "resetting in Redis: no answer within the timeout",
-                )),
-            }
-        })
+        self.reset_with(rule_index, rule, key, None)
     }
 }
 

@@ -12,6 +12,7 @@ use super::{
     RedisConfigError, RedisFailMode, RedisStore,
 };
 use crate::config::{Env, env_var};
+use crate::rate_limit::store::{DEFAULT_RESET_RETENTION, reset_retention_micros};
 
 /// The environment prefix of the store's settings (`PALISADE_RATE_LIMIT_REDIS_URL`, ...).
 const PREFIX: &str = "PALISADE_RATE_LIMIT";
@@ -45,6 +46,10 @@ pub struct RedisStoreConfig {
     /// How long a decision may wait for Redis.
     #[serde(with = "crate::config::duration")]
     pub timeout: Duration,
+    /// How long a reset key keeps its generation at least (1 ms to 24 h; see
+    /// [`RedisStoreBuilder::reset_retention`](super::RedisStoreBuilder::reset_retention)).
+    #[serde(with = "crate::config::duration")]
+    pub reset_retention: Duration,
     /// What to do when Redis fails.
     pub fail_mode: RedisFailMode,
     /// Whose clock decides windows.
@@ -78,6 +83,7 @@ impl Default for RedisStoreConfig {
             cluster_nodes: Vec::new(),
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
+            reset_retention: DEFAULT_RESET_RETENTION,
             fail_mode: RedisFailMode::default(),
             clock: RedisClock::default(),
             blocked_cache: DEFAULT_BLOCKED_CACHE,
@@ -99,6 +105,7 @@ impl fmt::Debug for RedisStoreConfig {
             .field("cluster_nodes", &self.cluster_nodes.len())
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("reset_retention", &self.reset_retention)
             .field("fail_mode", &self.fail_mode)
             .field("clock", &self.clock)
             .field("blocked_cache", &self.blocked_cache)
@@ -121,6 +128,7 @@ impl RedisStoreConfig {
     /// | `PALISADE_RATE_LIMIT_REDIS_CLUSTER_NODES` | `redis://10.0.0.1:7000/,redis://10.0.0.2:7000/` |
     /// | `PALISADE_RATE_LIMIT_REDIS_PREFIX` | `myapp:rl` |
     /// | `PALISADE_RATE_LIMIT_REDIS_TIMEOUT` | `50ms` |
+    /// | `PALISADE_RATE_LIMIT_REDIS_RESET_RETENTION` | `1h` |
     /// | `PALISADE_RATE_LIMIT_REDIS_FAIL_MODE` | `closed`, `open` or `local` |
     /// | `PALISADE_RATE_LIMIT_REDIS_CLOCK` | `server` or `client` |
     /// | `PALISADE_RATE_LIMIT_REDIS_BLOCKED_CACHE` | `10000` |
@@ -153,6 +161,19 @@ impl RedisStoreConfig {
         );
         let prefix = env.optional(&var("redis.prefix"), d.prefix, "myapp:rl");
         let timeout = env.duration(&var("redis.timeout"), d.timeout, "50ms");
+        let retention_var = var("redis.reset_retention");
+        let reset_retention = env.duration(&retention_var, d.reset_retention, "1h");
+        if reset_retention_micros(reset_retention).is_none() {
+            let value = env.raw(&retention_var).unwrap_or_default().to_owned();
+            env.problem(
+                &retention_var,
+                crate::config::ProblemKind::Invalid {
+                    value,
+                    reason: RedisConfigError::InvalidResetRetention.to_string(),
+                },
+                "1h",
+            );
+        }
         let fail_mode =
             env.optional_with(&var("redis.fail_mode"), d.fail_mode, "local", |s| {
                 match s.trim().to_ascii_lowercase().as_str() {
@@ -239,6 +260,7 @@ impl RedisStoreConfig {
             cluster_nodes,
             prefix,
             timeout,
+            reset_retention,
             fail_mode,
             clock,
             blocked_cache,
@@ -282,6 +304,7 @@ impl RedisStore {
         let mut builder = Self::builder()
             .prefix(config.prefix)
             .timeout(config.timeout)
+            .reset_retention(config.reset_retention)
             .on_failure(config.fail_mode)
             .clock(config.clock)
             .blocked_cache(config.blocked_cache)

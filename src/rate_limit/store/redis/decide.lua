@@ -11,11 +11,13 @@
 -- ARGV[2]: the call's numbers, each 8 bytes, little-endian two's complement (one
 -- struct.unpack reads a rule's, where a decimal argument would cost a tonumber each): the
 -- time in microseconds (-1 for the server's own clock, TIME), the milliseconds added to
--- every expiry (grace for clocks that do not follow Redis's), then, except for a reset, 7
--- numbers per rule: algorithm (0 sliding window, 1 fixed window, 2 GCRA), limit, window
--- (us), burst, strict (0 or 1), then for a check cost and shadow (0 or 1); for a
--- settlement 9: window_start, delta, the reservation's generation and its end (GCRA: where
--- its units end on the epoch's timeline; the window algorithms ignore it).
+-- every expiry (grace for clocks that do not follow Redis's), then for a reset the us a reset
+-- key keeps its generation at least (the store's reset retention; a reset sent without it
+-- keeps the key's expiry), and for the other calls 7 numbers per rule: algorithm (0
+-- sliding window, 1 fixed window, 2 GCRA), limit, window (us), burst, strict (0 or 1),
+-- then for a check cost and shadow (0 or 1); for a settlement 9: window_start, delta, the
+-- reservation's generation and its end (GCRA: where its units end on the epoch's
+-- timeline; the window algorithms ignore it).
 --
 -- A key holds "start prev count", "start count" when prev is 0, or, once it has been reset,
 -- "start prev count generation" (GCRA: the TAT, the us that give-backs have moved it back
@@ -23,9 +25,12 @@
 -- That text is the same in every version of this script: during a rolling upgrade, instances
 -- running older and newer versions share the keys, each calling its own script (by its
 -- SHA1) with the arguments it builds.
--- A reset writes a fresh state with the next generation (modulo 2^32) that keeps the key's
--- expiry (which later writes never shorten), so that a settlement of a reservation made
--- before it is dropped.
+-- A reset writes a fresh state with the next generation (modulo 2^32) that lives as long as
+-- the key would have, and at least the reset retention (later writes never shorten it), so
+-- that a settlement of a reservation made before it is dropped. A charge (delta above 0)
+-- whose generation is newer than the key's (modulo 2^32: 1 to 2^31 - 1 resets past it)
+-- was made after a reset the key no longer knows of (it was deleted, and started again at
+-- generation 0): its units were used, and it applies.
 --
 -- A check answers {admitted, now, then per rule: verdict (0 allowed, 1 denied, 2 never),
 -- retry_after, remaining, reset, window_start, debited, blocked_for, generation,
@@ -365,12 +370,18 @@ local function run(mode, ko, n, out)
   grace = g
 
   if mode == 'r' then
-    -- A reset: the next generation, modulo 2^32.
+    -- A reset: the next generation, modulo 2^32, kept at least the reset retention (the
+    -- call's third number, when it has one).
+    local keep
+    if #nums >= 24 then
+      local _, _, retention = struct_unpack('<i8i8i8', nums)
+      keep = now + retention
+    end
     for i = 1, n do
       local key = KEYS[ko + i]
       local _, _, _, gen, found = load(key)
       if found then
-        write(key, 0, 0, 0, (gen + 1) % 4294967296)
+        write(key, 0, 0, 0, (gen + 1) % 4294967296, keep)
       end
     end
     return
@@ -385,10 +396,14 @@ local function run(mode, ko, n, out)
         struct_unpack(SETTLE_RULE, nums, 17 + (i - 1) * 72)
       strict = strict == 1
       local start, prev, count, g, found = load(key)
-      -- a key reset since the reservation holds another generation: nothing to settle;
-      -- a GCRA charge on a key with no state (it may have expired as idle) lands as on a
-      -- fresh one, so the units are not lost
-      if found and g == gen or not found and alg == 2 and delta > 0 then
+      -- a key reset since the reservation holds a newer generation: nothing to settle; a
+      -- charge from a newer generation than the key's (modulo 2^32) was made after a
+      -- reset the key, started again since, no longer knows of: it applies; a GCRA charge
+      -- on a key with no state (it may have expired as idle) lands as on a fresh one, so
+      -- the units are not lost
+      local newer = (gen - g) % 4294967296
+      if found and (newer == 0 or delta > 0 and newer < 2147483648)
+        or not found and alg == 2 and delta > 0 then
         if alg == 2 then
           -- a bucket that has drained full takes a charge from now, in a new epoch, as a
           -- request's units would be: it decides as no state, and so settles
