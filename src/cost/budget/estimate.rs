@@ -49,9 +49,32 @@ struct Tool<'a> {
     max_uses: Option<u64>,
 }
 
-/// The most web searches the tools allow: the `max_uses` of each web search tool (one
-/// without `max_uses` is bounded by the model alone, and reserves nothing).
-fn searches(tools: Option<&[Tool<'_>]>) -> u64 {
+/// What the estimate assumes where a request does not say: the layer's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Assumptions {
+    /// Bytes of body counted as one input token.
+    pub(crate) bytes_per_token: u64,
+    /// Output tokens reserved when the request sets no output limit.
+    pub(crate) default_max_tokens: u64,
+    /// Searches reserved for a web search tool without `max_uses`.
+    pub(crate) default_max_uses: u64,
+    /// Input tokens reserved for each search allowed (the results added to the context).
+    pub(crate) tokens_per_web_search: u64,
+}
+
+impl Assumptions {
+    /// The defaults of [`BudgetLayer::builder`](super::BudgetLayer::builder).
+    pub(crate) const DEFAULT: Assumptions = Assumptions {
+        bytes_per_token: 3,
+        default_max_tokens: 4096,
+        default_max_uses: 10,
+        tokens_per_web_search: 10_000,
+    };
+}
+
+/// The most web searches the tools allow: the `max_uses` of each web search tool, and
+/// `default_max_uses` for one without it.
+fn searches(tools: Option<&[Tool<'_>]>, default_max_uses: u64) -> u64 {
     tools
         .unwrap_or_default()
         .iter()
@@ -60,7 +83,7 @@ fn searches(tools: Option<&[Tool<'_>]>) -> u64 {
                 .as_deref()
                 .is_some_and(|k| k.starts_with("web_search"))
         })
-        .filter_map(|t| t.max_uses)
+        .map(|t| t.max_uses.unwrap_or(default_max_uses))
         .fold(0, u64::saturating_add)
 }
 
@@ -82,19 +105,22 @@ pub(crate) enum Estimate {
 /// The byte-order mark some clients put before a UTF-8 text.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)` priced at the
-/// dearest input rate (plain or cache write), plus the output limit (the largest one given)
-/// at the output price for each of the `n` choices asked for, plus the web searches its
-/// tools allow (`max_uses`) at the model's price per search.
+/// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)`, plus
+/// `tokens_per_web_search` for each web search allowed (its results join the context),
+/// priced at the dearest input rate (plain or cache write, at the long-context tier when
+/// they pass its threshold), plus the output limit (the largest one given) at the output
+/// price for each of the `n` choices asked for, plus the web searches its tools allow at
+/// the model's price per search: each web search tool's `max_uses`, or `default_max_uses`
+/// for one without it. Every sum saturates.
+///
+/// Not reserved: the content a web fetch tool adds to the input (no fee of its own; its
+/// tokens are billed with the request's input tokens, so settlement charges them), and
+/// code execution, billed by container time, which the price table and the usage record
+/// do not know.
 ///
 /// A body opening with a UTF-8 byte-order mark is read as the JSON after it (as lenient
 /// JSON readers do, so an upstream may well accept it): it is estimated as that JSON alone.
-pub(crate) fn estimate(
-    body: &[u8],
-    prices: &PriceTable,
-    bytes_per_token: u64,
-    default_max_tokens: u64,
-) -> Estimate {
+pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -> Estimate {
     let body = body.strip_prefix(BOM).unwrap_or(body);
     let head = match serde_json::from_slice::<Head<'_>>(body) {
         Ok(head) => head,
@@ -114,10 +140,13 @@ pub(crate) fn estimate(
     .into_iter()
     .flatten()
     .max()
-    .unwrap_or(default_max_tokens)
+    .unwrap_or(assume.default_max_tokens)
     .saturating_mul(head.n.unwrap_or(1).max(1));
-    let input = (body.len() as u64).div_ceil(bytes_per_token.max(1));
-    let web_search_requests = searches(head.tools.as_deref());
+    let web_search_requests = searches(head.tools.as_deref(), assume.default_max_uses);
+    // The results of every search allowed join the request's input tokens.
+    let input = (body.len() as u64)
+        .div_ceil(assume.bytes_per_token.max(1))
+        .saturating_add(web_search_requests.saturating_mul(assume.tokens_per_web_search));
     let as_plain = Usage {
         input_tokens: input,
         output_tokens: output,
@@ -211,11 +240,20 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
 mod tests {
     use super::*;
 
+    /// The default assumptions with `bytes_per_token` and `default_max_tokens` given.
+    fn at(bytes_per_token: u64, default_max_tokens: u64) -> Assumptions {
+        Assumptions {
+            bytes_per_token,
+            default_max_tokens,
+            ..Assumptions::DEFAULT
+        }
+    }
+
     #[test]
     fn reserves_the_output_limit_and_the_dearest_input_rate() {
         let table = PriceTable::builtin();
         let body = br#"{"model":"claude-3-7-sonnet-20250219","max_tokens":1000}"#;
-        let Estimate::Cost { model, max } = estimate(body, &table, 4, 4096) else {
+        let Estimate::Cost { model, max } = estimate(body, &table, &at(4, 4096)) else {
             panic!("expected a cost")
         };
         assert_eq!(model, "claude-3-7-sonnet-20250219");
@@ -229,13 +267,12 @@ mod tests {
         let Estimate::Cost { max, .. } = estimate(
             br#"{"model":"gpt-4o","max_completion_tokens":10}"#,
             &table,
-            1_000_000,
-            7,
+            &at(1_000_000, 7),
         ) else {
             panic!()
         };
         let Estimate::Cost { max: dflt, .. } =
-            estimate(br#"{"model":"gpt-4o"}"#, &table, 1_000_000, 10)
+            estimate(br#"{"model":"gpt-4o"}"#, &table, &at(1_000_000, 10))
         else {
             panic!()
         };
@@ -245,13 +282,16 @@ mod tests {
     #[test]
     fn bodies_without_a_model_are_not_metered_and_unknown_models_are_named() {
         let table = PriceTable::builtin();
-        assert_eq!(estimate(b"not json", &table, 4, 1), Estimate::NotMetered);
         assert_eq!(
-            estimate(br#"{"name":"bot"}"#, &table, 4, 1),
+            estimate(b"not json", &table, &at(4, 1)),
             Estimate::NotMetered
         );
         assert_eq!(
-            estimate(br#"{"model":"my-model"}"#, &table, 4, 1),
+            estimate(br#"{"name":"bot"}"#, &table, &at(4, 1)),
+            Estimate::NotMetered
+        );
+        assert_eq!(
+            estimate(br#"{"model":"my-model"}"#, &table, &at(4, 1)),
             Estimate::Unpriced("my-model".into())
         );
     }
@@ -268,8 +308,8 @@ mod tests {
         ] {
             let marked = [BOM, body].concat();
             assert_eq!(
-                estimate(&marked, &table, 3, 4096),
-                estimate(body, &table, 3, 4096),
+                estimate(&marked, &table, &at(3, 4096)),
+                estimate(body, &table, &at(3, 4096)),
                 "{}",
                 String::from_utf8_lossy(body)
             );
@@ -290,7 +330,153 @@ mod tests {
             "{\"model\":\"gpt-4o\",\u{feff}\"max_tokens\":10}".as_bytes(),
             format!(" \u{feff}{json}").as_bytes(),
         ] {
-            assert_eq!(estimate(body, &table, 3, 4096), Estimate::NotMetered);
+            assert_eq!(estimate(body, &table, &at(3, 4096)), Estimate::NotMetered);
+        }
+    }
+
+    fn cost(body: &str, assume: &Assumptions) -> Money {
+        match estimate(body.as_bytes(), &PriceTable::builtin(), assume) {
+            Estimate::Cost { max, .. } => max,
+            other => panic!("{body}: expected a cost, got {other:?}"),
+        }
+    }
+
+    /// One input token for any body here: the search reserves stand out alone.
+    fn searching(default_max_uses: u64, tokens_per_web_search: u64) -> Assumptions {
+        Assumptions {
+            bytes_per_token: 1_000_000,
+            default_max_uses,
+            tokens_per_web_search,
+            ..Assumptions::DEFAULT
+        }
+    }
+
+    /// A web search tool without `max_uses` may run as many searches as the model likes,
+    /// each billed: it reserved none, so requests in flight could overrun a budget.
+    #[test]
+    fn a_web_search_tool_without_max_uses_reserves_the_default_searches() {
+        let assume = searching(7, 0);
+        let unbounded = r#"{"model":"claude-3-7-sonnet","max_tokens":100,"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#;
+        let seven = r#"{"model":"claude-3-7-sonnet","max_tokens":100,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":7}]}"#;
+        let none = r#"{"model":"claude-3-7-sonnet","max_tokens":100}"#;
+        assert_eq!(cost(unbounded, &assume), cost(seven, &assume));
+        // seven searches at $10 per thousand
+        assert_eq!(
+            cost(unbounded, &assume).picos(),
+            cost(none, &assume).picos() + 7 * 10_000_000_000
+        );
+        // `null` is no limit either; a later tool version counts the same
+        let null = r#"{"model":"claude-3-7-sonnet","max_tokens":100,"tools":[{"type":"web_search_20260209","name":"web_search","max_uses":null}]}"#;
+        assert_eq!(cost(null, &assume), cost(seven, &assume));
+        // 0 reserves none for such a tool (the earlier behaviour, chosen knowingly)
+        assert_eq!(cost(unbounded, &searching(0, 0)), cost(none, &assume));
+    }
+
+    #[test]
+    fn every_web_search_tool_counts_and_other_tools_do_not() {
+        let assume = searching(4, 0);
+        let body = r#"{"model":"claude-3-7-sonnet","max_tokens":100,"tools":[
+            {"type":"web_search_20250305","name":"a","max_uses":2},
+            {"type":"web_search_20260209","name":"b"},
+            {"name":"get_weather","input_schema":{"type":"object"}},
+            {"type":"custom","name":"c","max_uses":50}]}"#;
+        let none = r#"{"model":"claude-3-7-sonnet","max_tokens":100}"#;
+        assert_eq!(
+            cost(body, &assume).picos(),
+            cost(none, &assume).picos() + (2 + 4) * 10_000_000_000
+        );
+    }
+
+    /// Search results are billed as input tokens of the request: each search allowed
+    /// reserves `tokens_per_web_search` of them, at the dearest input rate.
+    #[test]
+    fn each_search_allowed_reserves_its_results_as_input_at_the_dearest_rate() {
+        let body = r#"{"model":"claude-3-7-sonnet","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":3}]}"#;
+        // 1000 × $15/Mtok output; 1 + 3 × 2000 input tokens × $6/Mtok (1-hour cache
+        // write); three searches at one cent
+        assert_eq!(
+            cost(body, &searching(10, 2000)).picos(),
+            1000 * 15_000_000 + (1 + 3 * 2000) * 6_000_000 + 3 * 10_000_000_000
+        );
+        let unbounded = r#"{"model":"claude-3-7-sonnet","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#;
+        assert_eq!(
+            cost(unbounded, &searching(3, 2000)),
+            cost(body, &searching(10, 2000))
+        );
+        // no search allowed, no search tokens
+        let none = r#"{"model":"claude-3-7-sonnet","max_tokens":1000}"#;
+        assert_eq!(
+            cost(none, &searching(3, 2000)).picos(),
+            1000 * 15_000_000 + 6_000_000
+        );
+    }
+
+    /// The search results count toward the long-context threshold, as the request's
+    /// input tokens do when it is billed.
+    #[test]
+    fn search_results_can_carry_a_request_into_the_long_context_tier() {
+        let table = PriceTable::builtin();
+        let price = table.get("claude-sonnet-4-5").unwrap();
+        let (threshold, _) = price.long_context.unwrap();
+        let body = r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":1}]}"#;
+        let want = price.cost(&Usage {
+            cache_write_1h_tokens: 1 + threshold,
+            output_tokens: 10,
+            web_search_requests: 1,
+            ..Usage::default()
+        });
+        assert_eq!(cost(body, &searching(10, threshold)), want);
+        let base = crate::cost::pricing::ModelPrice::new(price.base, "base only")
+            .with_web_search(price.web_search);
+        let at_base = base.cost(&Usage {
+            cache_write_1h_tokens: 1 + threshold,
+            output_tokens: 10,
+            web_search_requests: 1,
+            ..Usage::default()
+        });
+        assert!(
+            want > at_base,
+            "{want} at the long-context tier, {at_base} below it"
+        );
+    }
+
+    #[test]
+    fn huge_search_counts_and_settings_saturate() {
+        let max = u64::MAX;
+        let searches = u128::from(max) * 10_000_000_000;
+        for (body, assume) in [
+            (
+                format!(r#"{{"model":"claude-sonnet-4-5","tools":[{{"type":"web_search_20250305","max_uses":{max}}},{{"type":"web_search_20250305","max_uses":{max}}}]}}"#),
+                searching(0, max),
+            ),
+            (
+                r#"{"model":"claude-sonnet-4-5","tools":[{"type":"web_search_20250305"},{"type":"web_search_20250305"}]}"#.to_owned(),
+                searching(max, max),
+            ),
+            (
+                r#"{"model":"claude-sonnet-4-5","tools":[{"type":"web_search_20250305"}]}"#.to_owned(),
+                searching(max, 1),
+            ),
+        ] {
+            let max_cost = cost(&body, &assume);
+            assert!(max_cost.picos() > searches, "{body}: {max_cost}");
+        }
+    }
+
+    #[test]
+    fn a_max_uses_that_is_not_a_whole_number_is_invalid() {
+        let table = PriceTable::builtin();
+        for max_uses in ["-1", "1.5", "\"3\"", "true", "18446744073709551616"] {
+            let body = format!(
+                r#"{{"model":"claude-sonnet-4-5","tools":[{{"type":"web_search_20250305","max_uses":{max_uses}}}]}}"#
+            );
+            assert!(
+                matches!(
+                    estimate(body.as_bytes(), &table, &Assumptions::DEFAULT),
+                    Estimate::Invalid { field: "tools", .. }
+                ),
+                "{body}"
+            );
         }
     }
 }
