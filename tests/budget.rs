@@ -447,6 +447,7 @@ async fn from_env_reports_every_problem_at_once() {
     let mut env = Env::from_pairs([
         ("PALISADE_BUDGET_DEFAULT_MAX_USES", "-1"),
         ("PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH", "lots"),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_FETCH", "1.5"),
     ]);
     let _ = BudgetConfig::from_env(&mut env);
     let err = env.finish().unwrap_err();
@@ -455,7 +456,8 @@ async fn from_env_reports_every_problem_at_once() {
         names,
         [
             "PALISADE_BUDGET_DEFAULT_MAX_USES",
-            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH"
+            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_FETCH"
         ]
     );
     let mut env = Env::from_pairs([
@@ -474,8 +476,12 @@ async fn from_env_reports_every_problem_at_once() {
     let mut env = Env::default();
     let config = BudgetConfig::from_env(&mut env);
     assert_eq!(
-        (config.default_max_uses, config.tokens_per_web_search),
-        (10, 10_000)
+        (
+            config.default_max_uses,
+            config.tokens_per_web_search,
+            config.tokens_per_web_fetch
+        ),
+        (10, 10_000, 25_000)
     );
     // the shared error format applies unless the budget's own setting says otherwise
     let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
@@ -679,11 +685,25 @@ async fn the_web_searches_a_request_allows_are_reserved() {
         five.picos(),
         plain.picos() + 5 * (10_000_000_000 + 10_000 * 6_000_000)
     );
+    // a web fetch has no fee; the pages it may fetch are input tokens
+    let small_pages = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch","max_uses":2,"max_content_tokens":1000}]}"#,
+    )
+    .await;
+    let large_pages = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch","max_uses":2,"max_content_tokens":9000}]}"#,
+    )
+    .await;
+    assert_eq!(
+        large_pages.picos(),
+        small_pages.picos() + 2 * 8000 * 6_000_000
+    );
 
     let layer = builder(dollars("1000")).build().unwrap();
     for body in [
         r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","max_uses":-1}]}"#,
         r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":{"type":"web_search_20250305"}}"#,
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_fetch_20250910","max_content_tokens":"lots"}]}"#,
     ] {
         let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))

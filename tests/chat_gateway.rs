@@ -593,6 +593,7 @@ async fn a_web_search_without_max_uses_reserves_the_configured_searches() {
         ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
         ("PALISADE_BUDGET_DEFAULT_MAX_USES", "ten".to_owned()),
         ("PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH", "-5".to_owned()),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_FETCH", "many".to_owned()),
     ]);
     let _ = config::GatewayConfig::from_env(&mut env);
     let err = env.finish().unwrap_err();
@@ -601,7 +602,8 @@ async fn a_web_search_without_max_uses_reserves_the_configured_searches() {
         names,
         [
             "PALISADE_BUDGET_DEFAULT_MAX_USES",
-            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH"
+            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_FETCH"
         ],
         "{err}"
     );

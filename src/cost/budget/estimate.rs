@@ -34,7 +34,8 @@ struct Head<'a> {
     /// OpenAI's number of choices, each up to the output limit, all billed.
     #[serde(default)]
     n: Option<u64>,
-    /// The tools, for the server-side web searches they allow (billed per search).
+    /// The tools, for the server-side web searches (billed per search, their results as
+    /// input) and web fetches (their pages billed as input) they allow.
     #[serde(borrow, default)]
     tools: Option<Vec<Tool<'a>>>,
 }
@@ -44,9 +45,13 @@ struct Head<'a> {
 struct Tool<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
-    /// The most searches a web search tool may run (Anthropic's `max_uses`).
+    /// The most searches or fetches a web search or web fetch tool may run (Anthropic's
+    /// `max_uses`).
     #[serde(default)]
     max_uses: Option<u64>,
+    /// The most tokens of a page a web fetch tool adds to the context.
+    #[serde(default)]
+    max_content_tokens: Option<u64>,
 }
 
 /// What the estimate assumes where a request does not say: the layer's settings.
@@ -60,6 +65,8 @@ pub(crate) struct Assumptions {
     pub(crate) default_max_uses: u64,
     /// Input tokens reserved for each search allowed (the results added to the context).
     pub(crate) tokens_per_web_search: u64,
+    /// Input tokens reserved for each fetch allowed without `max_content_tokens`.
+    pub(crate) tokens_per_web_fetch: u64,
 }
 
 impl Assumptions {
@@ -69,22 +76,43 @@ impl Assumptions {
         default_max_tokens: 4096,
         default_max_uses: 10,
         tokens_per_web_search: 10_000,
+        tokens_per_web_fetch: 25_000,
     };
 }
 
-/// The most web searches the tools allow: the `max_uses` of each web search tool, and
-/// `default_max_uses` for one without it.
-fn searches(tools: Option<&[Tool<'_>]>, default_max_uses: u64) -> u64 {
-    tools
-        .unwrap_or_default()
-        .iter()
-        .filter(|t| {
-            t.kind
-                .as_deref()
-                .is_some_and(|k| k.starts_with("web_search"))
-        })
-        .map(|t| t.max_uses.unwrap_or(default_max_uses))
-        .fold(0, u64::saturating_add)
+/// What the server tools of a request may add: web searches (each billed) and the input
+/// tokens of their results and of the pages fetched.
+#[derive(Default)]
+struct ServerTools {
+    searches: u64,
+    input_tokens: u64,
+}
+
+/// The most the tools allow: for each web search tool, its `max_uses` searches
+/// (`default_max_uses` without it) with `tokens_per_web_search` tokens of results each;
+/// for each web fetch tool, its `max_uses` fetches (the same default) of its
+/// `max_content_tokens` (`tokens_per_web_fetch` without it) each.
+fn server_tools(tools: Option<&[Tool<'_>]>, assume: &Assumptions) -> ServerTools {
+    let mut sum = ServerTools::default();
+    for tool in tools.unwrap_or_default() {
+        let Some(kind) = tool.kind.as_deref() else {
+            continue;
+        };
+        let uses = tool.max_uses.unwrap_or(assume.default_max_uses);
+        let tokens_each = if kind.starts_with("web_search") {
+            sum.searches = sum.searches.saturating_add(uses);
+            assume.tokens_per_web_search
+        } else if kind.starts_with("web_fetch") {
+            tool.max_content_tokens
+                .unwrap_or(assume.tokens_per_web_fetch)
+        } else {
+            continue;
+        };
+        sum.input_tokens = sum
+            .input_tokens
+            .saturating_add(uses.saturating_mul(tokens_each));
+    }
+    sum
 }
 
 /// What the body says about a request's worst cost.
@@ -106,17 +134,16 @@ pub(crate) enum Estimate {
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Estimates from a JSON body: input tokens as `ceil(len / bytes_per_token)`, plus
-/// `tokens_per_web_search` for each web search allowed (its results join the context),
+/// `tokens_per_web_search` for each web search allowed (its results join the context) and
+/// the `max_content_tokens` (else `tokens_per_web_fetch`) of each web fetch allowed,
 /// priced at the dearest input rate (plain or cache write, at the long-context tier when
 /// they pass its threshold), plus the output limit (the largest one given) at the output
 /// price for each of the `n` choices asked for, plus the web searches its tools allow at
-/// the model's price per search: each web search tool's `max_uses`, or `default_max_uses`
-/// for one without it. Every sum saturates.
+/// the model's price per search. A web search or web fetch tool allows its `max_uses`, or
+/// `default_max_uses` without it. Every sum saturates.
 ///
-/// Not reserved: the content a web fetch tool adds to the input (no fee of its own; its
-/// tokens are billed with the request's input tokens, so settlement charges them), and
-/// code execution, billed by container time, which the price table and the usage record
-/// do not know.
+/// Not reserved: code execution, billed by container time, which the price table and the
+/// usage record do not know.
 ///
 /// A body opening with a UTF-8 byte-order mark is read as the JSON after it (as lenient
 /// JSON readers do, so an upstream may well accept it): it is estimated as that JSON alone.
@@ -142,11 +169,12 @@ pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -
     .max()
     .unwrap_or(assume.default_max_tokens)
     .saturating_mul(head.n.unwrap_or(1).max(1));
-    let web_search_requests = searches(head.tools.as_deref(), assume.default_max_uses);
-    // The results of every search allowed join the request's input tokens.
+    let tools = server_tools(head.tools.as_deref(), assume);
+    let web_search_requests = tools.searches;
+    // The results of every search and the pages of every fetch join the input tokens.
     let input = (body.len() as u64)
         .div_ceil(assume.bytes_per_token.max(1))
-        .saturating_add(web_search_requests.saturating_mul(assume.tokens_per_web_search));
+        .saturating_add(tools.input_tokens);
     let as_plain = Usage {
         input_tokens: input,
         output_tokens: output,
@@ -211,7 +239,9 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
     let tool_ok = |t: &serde_json::Value| {
         t.as_object().is_some_and(|t| {
             t.get("type").is_none_or(|v| v.is_null() || v.is_string())
-                && t.get("max_uses").is_none_or(|v| v.is_null() || v.is_u64())
+                && ["max_uses", "max_content_tokens"]
+                    .iter()
+                    .all(|f| t.get(*f).is_none_or(|v| v.is_null() || v.is_u64()))
         })
     };
     if map.get("tools").is_some_and(|v| {
@@ -219,7 +249,8 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
     }) {
         return Estimate::Invalid {
             field: "tools",
-            reason: "must be a list of tools, each with a string type and a whole max_uses"
+            reason: "must be a list of tools, each with a string type and whole numbers for \
+                     max_uses and max_content_tokens"
                 .to_owned(),
         };
     }
@@ -463,20 +494,62 @@ mod tests {
         }
     }
 
+    /// A web fetch has no fee, but the page it fetches joins the input: each fetch allowed
+    /// reserves its `max_content_tokens`, or `tokens_per_web_fetch` without it.
+    #[test]
+    fn each_fetch_allowed_reserves_its_page_as_input_at_the_dearest_rate() {
+        let assume = Assumptions {
+            tokens_per_web_fetch: 3000,
+            ..searching(4, 2000)
+        };
+        let none = r#"{"model":"claude-3-7-sonnet","max_tokens":1000}"#;
+        let bounded = r#"{"model":"claude-3-7-sonnet","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch","max_uses":2,"max_content_tokens":5000}]}"#;
+        // two pages of 5,000 tokens at $6/Mtok (1-hour cache write), no fee
+        assert_eq!(
+            cost(bounded, &assume).picos(),
+            cost(none, &assume).picos() + 2 * 5000 * 6_000_000
+        );
+        // without either bound: 4 fetches of 3,000 tokens
+        let open = r#"{"model":"claude-3-7-sonnet","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch"}]}"#;
+        assert_eq!(
+            cost(open, &assume).picos(),
+            cost(none, &assume).picos() + 4 * 3000 * 6_000_000
+        );
+        // a search and a fetch together: one search (fee and results), one page
+        let both = r#"{"model":"claude-3-7-sonnet","max_tokens":1000,"tools":[
+            {"type":"web_search_20250305","name":"web_search","max_uses":1},
+            {"type":"web_fetch_20250910","name":"web_fetch","max_uses":1}]}"#;
+        assert_eq!(
+            cost(both, &assume).picos(),
+            cost(none, &assume).picos() + 10_000_000_000 + (2000 + 3000) * 6_000_000
+        );
+        let huge = format!(
+            r#"{{"model":"claude-3-7-sonnet","tools":[{{"type":"web_fetch_20250910","max_uses":{m},"max_content_tokens":{m}}}]}}"#,
+            m = u64::MAX
+        );
+        assert!(cost(&huge, &assume).picos() >= u128::from(u64::MAX) * 6_000_000);
+    }
+
     #[test]
     fn a_max_uses_that_is_not_a_whole_number_is_invalid() {
         let table = PriceTable::builtin();
-        for max_uses in ["-1", "1.5", "\"3\"", "true", "18446744073709551616"] {
-            let body = format!(
-                r#"{{"model":"claude-sonnet-4-5","tools":[{{"type":"web_search_20250305","max_uses":{max_uses}}}]}}"#
-            );
-            assert!(
-                matches!(
-                    estimate(body.as_bytes(), &table, &Assumptions::DEFAULT),
-                    Estimate::Invalid { field: "tools", .. }
+        for bad in ["-1", "1.5", "\"3\"", "true", "18446744073709551616"] {
+            for body in [
+                format!(
+                    r#"{{"model":"claude-sonnet-4-5","tools":[{{"type":"web_search_20250305","max_uses":{bad}}}]}}"#
                 ),
-                "{body}"
-            );
+                format!(
+                    r#"{{"model":"claude-sonnet-4-5","tools":[{{"type":"web_fetch_20250910","max_content_tokens":{bad}}}]}}"#
+                ),
+            ] {
+                assert!(
+                    matches!(
+                        estimate(body.as_bytes(), &table, &Assumptions::DEFAULT),
+                        Estimate::Invalid { field: "tools", .. }
+                    ),
+                    "{body}"
+                );
+            }
         }
     }
 }

@@ -321,22 +321,22 @@ impl BudgetLayerBuilder {
         self
     }
 
-    /// The searches reserved for a server-side web search tool without `max_uses`
-    /// (default 10). Anthropic documents `max_uses` as optional, and nothing but the model
-    /// bounds a tool without it, so no reservation is a true bound for it. 10 is one
-    /// search for each iteration of Anthropic's server-side loop before it pauses the turn
-    /// (`pause_turn`, after 10 iterations by default); an iteration searching in parallel,
-    /// or a paused turn sent again, can search more. A request that does is still
-    /// charged its actual cost when it settles; give the tool `max_uses` for a true bound
-    /// on its searches. 0 reserves no search for such a tool.
+    /// The searches (or fetches) reserved for a server-side web search (or web fetch) tool
+    /// without `max_uses` (default 10). Anthropic documents `max_uses` as optional, and
+    /// nothing but the model bounds a tool without it, so no reservation is a true bound
+    /// for it. 10 is one use for each iteration of Anthropic's server-side loop before it
+    /// pauses the turn (`pause_turn`, after 10 iterations by default); an iteration
+    /// searching in parallel, or a paused turn sent again, can use more. A request that
+    /// does is still charged its actual cost when it settles; give the tool `max_uses` for
+    /// a true bound on its uses. 0 reserves none for such a tool.
     ///
     /// ```
     /// use palisade::cost::budget::BudgetLayer;
     /// let layer = BudgetLayer::builder().default_max_uses(20).build().unwrap();
     /// # drop(layer);
     /// ```
-    pub fn default_max_uses(mut self, searches: u64) -> Self {
-        self.assume.default_max_uses = searches;
+    pub fn default_max_uses(mut self, uses: u64) -> Self {
+        self.assume.default_max_uses = uses;
         self
     }
 
@@ -350,6 +350,18 @@ impl BudgetLayerBuilder {
     /// requests search often. 0 reserves only the search fee.
     pub fn tokens_per_web_search(mut self, tokens: u64) -> Self {
         self.assume.tokens_per_web_search = tokens;
+        self
+    }
+
+    /// The input tokens reserved for each fetch a web fetch tool without
+    /// `max_content_tokens` allows (default 25,000), at the dearest input rate. A fetch
+    /// has no fee, but the page it fetches joins the context and is billed as input
+    /// tokens; a tool's `max_content_tokens` bounds each page, and is reserved instead.
+    /// Without it a page (a long PDF) can be far larger: the default is the one-fetch
+    /// usage example of Anthropic's web fetch documentation (25,039 input tokens for the
+    /// whole request).
+    pub fn tokens_per_web_fetch(mut self, tokens: u64) -> Self {
+        self.assume.tokens_per_web_fetch = tokens;
         self
     }
 
