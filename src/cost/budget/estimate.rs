@@ -61,7 +61,7 @@ pub(crate) struct Assumptions {
     pub(crate) bytes_per_token: u64,
     /// Output tokens reserved when the request sets no output limit.
     pub(crate) default_max_tokens: u64,
-    /// Searches reserved for a web search tool without `max_uses`.
+    /// Uses reserved for a web search or web fetch tool without `max_uses`.
     pub(crate) default_max_uses: u64,
     /// Input tokens reserved for each search allowed (the results added to the context).
     pub(crate) tokens_per_web_search: u64,
