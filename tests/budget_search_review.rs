@@ -1,0 +1,286 @@
+//! Budget reservations for web search and web fetch tools, under hostile input: every
+//! new field in every wrong shape, duplicated keys, bodies nested too deeply to read as a
+//! map, huge lists of tools, and settlement of what such a request really cost, in memory
+//! and in Redis.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use palisade::cost::Money;
+use palisade::cost::budget::{
+    Budget, BudgetLayer, BudgetLayerBuilder, BudgetReservation, Period, Scope,
+};
+use tower::{Layer, ServiceExt, service_fn};
+
+fn dollars(s: &str) -> Money {
+    Money::parse_dollars(s).unwrap()
+}
+
+fn builder(limit: Money) -> BudgetLayerBuilder {
+    BudgetLayer::builder().budget(Budget::new("daily", Scope::User, Period::Day, limit))
+}
+
+fn post(body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut req = Request::post("/v1/messages")
+        .body(Full::new(body.into()))
+        .unwrap();
+    req.extensions_mut()
+        .insert(palisade::cost::Principal::new("ann"));
+    req
+}
+
+/// What a layer answers for `body`: the status, the JSON error (if any) and the amount the
+/// upstream saw reserved (`None`: it was not called, or called with no reservation).
+async fn send(
+    layer: &BudgetLayer,
+    body: impl Into<Bytes>,
+) -> (u16, serde_json::Value, Option<Money>) {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let called = Arc::new(AtomicUsize::new(0));
+    let (s2, c2) = (Arc::clone(&seen), Arc::clone(&called));
+    let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| {
+        let (s2, c2) = (Arc::clone(&s2), Arc::clone(&c2));
+        async move {
+            c2.fetch_add(1, Ordering::SeqCst);
+            if let Some(r) = req.extensions().get::<BudgetReservation>() {
+                *s2.lock().unwrap() = Some(r.amount());
+                r.refund();
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+        }
+    }));
+    let res = svc.oneshot(post(body)).await.unwrap();
+    let status = res.status().as_u16();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    let reserved = *seen.lock().unwrap();
+    if called.load(Ordering::SeqCst) > 0 {
+        assert!(
+            reserved.is_some(),
+            "status {status}: the upstream was called with no reservation"
+        );
+    }
+    (status, json, reserved)
+}
+
+/// A body with a `tools` list holding `tool` (raw JSON).
+fn with_tool(tool: &str) -> String {
+    format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{{"role":"user","content":"hi"}}],"tools":[{tool}]}}"#
+    )
+}
+
+/// A key given twice inside a tool is as unreadable as one given twice at the top: the
+/// 400 names `tools`, where the problem is, not `model`.
+#[tokio::test]
+async fn a_key_given_twice_inside_a_tool_is_refused_naming_tools() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    for tool in [
+        r#"{"type":"web_search_20250305","name":"web_search","max_uses":1,"max_uses":50}"#,
+        r#"{"type":"web_fetch_20250910","name":"web_fetch","max_content_tokens":1,"max_content_tokens":90000}"#,
+        r#"{"type":"custom","type":"web_search_20250305","name":"web_search"}"#,
+    ] {
+        let body = with_tool(tool);
+        let (status, json, _) = send(&layer, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+}
+
+/// Every field the search reservation reads, in every wrong JSON type: a 400 naming
+/// `tools`, never a panic, never passed unchecked. `null` is no value, as for the other
+/// fields.
+#[tokio::test]
+async fn every_tool_field_in_every_wrong_type_is_refused_naming_tools() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let wrong = [
+        "\"3\"",
+        "-1",
+        "1.5",
+        "1e3",
+        "true",
+        "{}",
+        "[]",
+        "[3]",
+        "18446744073709551616",
+    ];
+    let mut bodies = Vec::new();
+    for bad in wrong {
+        for field in ["max_uses", "max_content_tokens"] {
+            for kind in ["web_search_20250305", "web_fetch_20250910"] {
+                bodies.push(with_tool(&format!(
+                    r#"{{"type":"{kind}","{field}":{bad}}}"#
+                )));
+            }
+        }
+        if bad != "\"3\"" {
+            bodies.push(with_tool(&format!(r#"{{"type":{bad},"max_uses":3}}"#)));
+        }
+        if bad != "[]" && bad != "[3]" {
+            bodies.push(format!(
+                r#"{{"model":"claude-sonnet-4-5","max_tokens":10,"tools":{bad}}}"#
+            ));
+        }
+    }
+    for item in ["null", "\"web_search_20250305\"", "3"] {
+        bodies.push(with_tool(item));
+    }
+    for body in bodies {
+        let (status, json, _) = send(&layer, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+    // null is no value: the defaults apply
+    for tool in [
+        r#"{"type":"web_search_20250305","max_uses":null}"#,
+        r#"{"type":"web_fetch_20250910","max_uses":null,"max_content_tokens":null}"#,
+        r#"{"type":null,"max_uses":3}"#,
+    ] {
+        let (status, json, reserved) = send(&layer, with_tool(tool)).await;
+        assert_eq!(status, 200, "{tool}: {json}");
+        assert!(reserved.is_some(), "{tool}");
+    }
+}
+
+/// JSON nested deeper than serde_json reads into a map of values (128 levels), in a
+/// place an upstream accepts it (a `tool_use` block's `input`), must not turn a body the
+/// estimate could not read into one it does not meter: refused, never passed unchecked.
+#[tokio::test]
+async fn a_deeply_nested_body_with_an_unreadable_field_is_never_passed_unchecked() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let deep = format!("{}1{}", r#"{"a":"#.repeat(200), "}".repeat(200));
+    let messages = format!(
+        r#"[{{"role":"user","content":"hi"}},{{"role":"assistant","content":[{{"type":"tool_use","id":"t","name":"f","input":{deep}}}]}}]"#
+    );
+    for (fields, field) in [
+        (
+            r#""max_tokens":10,"tools":[{"type":"web_search_20250305","max_uses":1,"max_uses":500}]"#,
+            "tools",
+        ),
+        (
+            r#""max_tokens":10,"tools":[{"type":"web_fetch_20250910","max_content_tokens":-1}]"#,
+            "tools",
+        ),
+        (r#""max_tokens":1,"max_tokens":64000"#, "max_tokens"),
+        (r#""max_tokens":64000.0"#, "max_tokens"),
+    ] {
+        let body = format!(r#"{{"model":"claude-sonnet-4-5",{fields},"messages":{messages}}}"#);
+        let (status, json, _) = send(&layer, body).await;
+        assert_eq!(status, 400, "{fields}: {json}");
+        assert_eq!(json["errors"][0]["field"], field, "{fields}: {json}");
+    }
+    // a deep body that reads well is reserved, searches included
+    let body = format!(
+        r#"{{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{{"type":"web_search_20250305","max_uses":2}}],"messages":{messages}}}"#
+    );
+    let (status, _, reserved) = send(&layer, body).await;
+    assert_eq!(status, 200);
+    assert!(reserved.unwrap().picos() > 2 * 10_000_000_000);
+    // what is not a JSON object naming a model is still not metered, however deep
+    let (status, _, reserved) = send(&layer, format!(r#"{{"name":"bot","x":{deep}}}"#)).await;
+    assert_eq!((status, reserved), (200, None));
+}
+
+/// A body that is one huge list of tools is reserved (saturating, or refused as larger
+/// than any budget) without a panic.
+#[tokio::test]
+async fn a_huge_list_of_tools_is_reserved_or_refused_never_a_panic() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let many = |tool: &str, n: usize| {
+        format!(
+            r#"{{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{}]}}"#,
+            vec![tool; n].join(",")
+        )
+    };
+    // 100,000 search tools at 10 searches each: $10,000 of fees alone
+    let (status, json, _) = send(&layer, many(r#"{"type":"web_search_20250305"}"#, 100_000)).await;
+    assert_eq!(status, 400, "{json}");
+    // 100,000 searches of u64::MAX each: saturates, refused the same way
+    let (status, _, _) = send(
+        &layer,
+        many(
+            &format!(
+                r#"{{"type":"web_search_20250305","max_uses":{}}}"#,
+                u64::MAX
+            ),
+            1000,
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
+    // other tools add nothing but their bytes
+    let (status, _, reserved) =
+        send(&layer, many(r#"{"type":"custom","name":"f"}"#, 100_000)).await;
+    assert_eq!(status, 200);
+    assert!(reserved.is_some());
+}
+
+/// OpenAI-shaped tools (`function`) are no server search, whatever their name; the
+/// reservation is the body's own.
+#[tokio::test]
+async fn openai_function_tools_named_web_search_reserve_no_searches() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let plain = r#"{"model":"gpt-4o","max_tokens":10,"tools":[{"type":"function","function":{"name":"web_search_2025030"}}]}"#;
+    let padded = r#"{"model":"gpt-4o","max_tokens":10,"tools":[{"type":"function","function":{"name":"web_search_20250305"}}]}"#;
+    let (_, _, a) = send(&layer, plain).await;
+    let (_, _, b) = send(&layer, padded).await;
+    // one byte more body at most one more input token ($2.50 per million)
+    assert!(b.unwrap().picos() - a.unwrap().picos() <= 2_500_000);
+}
+
+/// The searching request that reserves its searches and their results is still charged
+/// what it really cost, and its hold is freed exactly: nothing counted twice, nothing
+/// left reserved. A failed call is refunded whole.
+#[tokio::test]
+async fn a_searching_request_is_charged_its_actual_cost_and_its_hold_freed() {
+    let layer = builder(dollars("10")).build().unwrap();
+    let actual = dollars("0.0123");
+    let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        assert!(r.amount() > dollars("0.1"), "{}", r.amount());
+        r.settle(actual);
+        // settled twice: the second is ignored
+        r.settle(actual);
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let body = with_tool(r#"{"type":"web_search_20250305","name":"web_search"}"#);
+    for i in 1..=3u128 {
+        let res = svc.clone().oneshot(post(body.clone())).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            layer.spend("daily", "ann"),
+            Some((Money::from_picos(actual.picos() * i), Money::ZERO))
+        );
+    }
+    let failing = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(500)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    }));
+    let res = failing.oneshot(post(body)).await.unwrap();
+    assert_eq!(res.status(), 500);
+    let (spent, reserved) = layer.spend("daily", "ann").unwrap();
+    assert_eq!(reserved, Money::ZERO);
+    assert!(spent >= Money::from_picos(actual.picos() * 3), "{spent}");
+}
+
+/// A tool written as a list is no tool an upstream reads: refused like any other tool
+/// that is not an object, not read by position (`["web_search_20250305", 50]` as a
+/// search tool with `max_uses` 50).
+#[tokio::test]
+async fn a_tool_written_as_a_list_is_refused_naming_tools() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    for tool in ["[]", r#"["web_search_20250305", 50]"#] {
+        let body = with_tool(tool);
+        let (status, json, _) = send(&layer, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+}
