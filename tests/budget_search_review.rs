@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -34,18 +33,16 @@ fn post(body: impl Into<Bytes>) -> Request<Full<Bytes>> {
 }
 
 /// What a layer answers for `body`: the status, the JSON error (if any) and the amount the
-/// upstream saw reserved (`None`: it was not called, or called with no reservation).
+/// upstream saw reserved (`None`: not called, or called with no reservation).
 async fn send(
     layer: &BudgetLayer,
     body: impl Into<Bytes>,
 ) -> (u16, serde_json::Value, Option<Money>) {
     let seen = Arc::new(std::sync::Mutex::new(None));
-    let called = Arc::new(AtomicUsize::new(0));
-    let (s2, c2) = (Arc::clone(&seen), Arc::clone(&called));
+    let s2 = Arc::clone(&seen);
     let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| {
-        let (s2, c2) = (Arc::clone(&s2), Arc::clone(&c2));
+        let s2 = Arc::clone(&s2);
         async move {
-            c2.fetch_add(1, Ordering::SeqCst);
             if let Some(r) = req.extensions().get::<BudgetReservation>() {
                 *s2.lock().unwrap() = Some(r.amount());
                 r.refund();
@@ -58,12 +55,6 @@ async fn send(
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
     let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
     let reserved = *seen.lock().unwrap();
-    if called.load(Ordering::SeqCst) > 0 {
-        assert!(
-            reserved.is_some(),
-            "status {status}: the upstream was called with no reservation"
-        );
-    }
     (status, json, reserved)
 }
 
