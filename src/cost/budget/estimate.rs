@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use super::shape::Shape;
 use crate::cost::pricing::{Money, PriceTable};
 use crate::cost::usage::Usage;
 
@@ -40,9 +41,12 @@ struct Head<'a> {
     tools: Option<Vec<Tool<'a>>>,
 }
 
-/// A tool of the request, as far as its price goes.
+/// A tool of the request, as far as its price goes: an object (a list, which serde
+/// would read by position, is no tool).
+struct Tool<'a>(ToolFields<'a>);
+
 #[derive(Deserialize)]
-struct Tool<'a> {
+struct ToolFields<'a> {
     #[serde(rename = "type", borrow, default)]
     kind: Option<Cow<'a, str>>,
     /// The most searches or fetches a web search or web fetch tool may run (Anthropic's
@@ -52,6 +56,22 @@ struct Tool<'a> {
     /// The most tokens of a page a web fetch tool adds to the context.
     #[serde(default)]
     max_content_tokens: Option<u64>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Tool<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Object<'a> {
+            type Value = Tool<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a tool object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Tool<'a>, A::Error> {
+                ToolFields::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Tool)
+            }
+        }
+        d.deserialize_map(Object(std::marker::PhantomData))
+    }
 }
 
 /// What the estimate assumes where a request does not say: the layer's settings.
@@ -94,7 +114,7 @@ struct ServerTools {
 /// `max_content_tokens` (`tokens_per_web_fetch` without it) each.
 fn server_tools(tools: Option<&[Tool<'_>]>, assume: &Assumptions) -> ServerTools {
     let mut sum = ServerTools::default();
-    for tool in tools.unwrap_or_default() {
+    for Tool(tool) in tools.unwrap_or_default() {
         let Some(kind) = tool.kind.as_deref() else {
             continue;
         };
@@ -206,60 +226,73 @@ pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -
 
 const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
+/// The fields of a tool the estimate reads, `type` first.
+const TOOL_FIELDS: [&str; 3] = ["type", "max_uses", "max_content_tokens"];
+
 /// Why a body the estimate could not read is refused, or `NotMetered` when it is not a
-/// JSON object naming a model at all.
+/// JSON object naming a model at all. The fields are judged by their types alone, so a
+/// body nested however deeply (where a map of values could not be read) is judged too.
 fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
-    let Ok(map) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) else {
+    // the top object, the tools list, each tool, each tool's fields
+    let Some(Shape::Object(map)) = Shape::of(body, 3) else {
         return Estimate::NotMetered;
     };
-    if !map.contains_key("model") {
+    let Some(model) = map.get("model") else {
         return Estimate::NotMetered;
-    }
-    if !map["model"].is_string() {
+    };
+    if *model != Shape::Text {
         return Estimate::Invalid {
             field: "model",
             reason: "must be a string".to_owned(),
         };
     }
+    let whole_or_null = |v: &Shape| v.is_null() || *v == Shape::Whole;
     if let Some(field) = LIMITS
         .into_iter()
-        .find(|f| map.get(*f).is_some_and(|v| !v.is_null() && !v.is_u64()))
+        .find(|f| map.get(*f).is_some_and(|v| !whole_or_null(v)))
     {
         return Estimate::Invalid {
             field,
             reason: "must be a whole number of tokens, 0 or more".to_owned(),
         };
     }
-    if map.get("n").is_some_and(|v| !v.is_null() && !v.is_u64()) {
+    if map.get("n").is_some_and(|v| !whole_or_null(v)) {
         return Estimate::Invalid {
             field: "n",
             reason: "must be a whole number of choices".to_owned(),
         };
     }
-    let tool_ok = |t: &serde_json::Value| {
-        t.as_object().is_some_and(|t| {
-            t.get("type").is_none_or(|v| v.is_null() || v.is_string())
-                && ["max_uses", "max_content_tokens"]
+    let tool_ok = |t: &Shape| match t {
+        Shape::Object(t) => {
+            t.get("type")
+                .is_none_or(|v| v.is_null() || *v == Shape::Text)
+                && TOOL_FIELDS[1..]
                     .iter()
-                    .all(|f| t.get(*f).is_none_or(|v| v.is_null() || v.is_u64()))
-        })
+                    .all(|f| t.get(*f).is_none_or(whole_or_null))
+        }
+        _ => false,
     };
-    if map.get("tools").is_some_and(|v| {
-        !v.is_null() && !v.as_array().is_some_and(|tools| tools.iter().all(tool_ok))
-    }) {
+    let tools_ok = |v: &Shape| match v {
+        Shape::Null => true,
+        Shape::List(tools) => tools.iter().all(tool_ok),
+        _ => false,
+    };
+    if map.get("tools").is_some_and(|v| !tools_ok(v)) {
         return Estimate::Invalid {
             field: "tools",
-            reason: "must be a list of tools, each with a string type and whole numbers for \
-                     max_uses and max_content_tokens"
+            reason: "must be a list of tools, each an object with a string type and whole \
+                     numbers for max_uses and max_content_tokens"
                 .to_owned(),
         };
     }
-    // The types are right, so a field is given twice.
+    // The types are right, so a field is given twice: at the top, or inside a tool.
     let msg = e.to_string();
+    let named = |f: &str| msg.contains(&format!("`{f}`"));
     let field = std::iter::once("model")
         .chain(LIMITS)
         .chain(["n", "tools"])
-        .find(|f| msg.contains(&format!("`{f}`")))
+        .find(|f| named(f))
+        .or_else(|| TOOL_FIELDS.iter().any(|f| named(f)).then_some("tools"))
         .unwrap_or("model");
     Estimate::Invalid {
         field,

@@ -120,6 +120,7 @@ mod layer;
 mod period;
 #[cfg(feature = "redis")]
 mod redis;
+mod shape;
 mod split;
 mod store;
 

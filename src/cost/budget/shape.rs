@@ -1,0 +1,135 @@
+//! The JSON types of a body's fields, read to say which field the estimate could not
+//! read. Only the first few levels are kept; what lies deeper is skipped without
+//! recursion, so no body is nested too deeply to be judged (serde_json refuses to read
+//! more than 128 levels into a map of values).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// The type of a JSON value, with its items down to the depth it was read at.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Shape {
+    Null,
+    /// A whole number from 0 to `u64::MAX`.
+    Whole,
+    Text,
+    /// A boolean, or a number that is negative, fractional or too large.
+    Other,
+    /// A list; its items when read above the depth limit.
+    List(Vec<Shape>),
+    /// An object; its fields when read above the depth limit (a key given twice keeps
+    /// its last value, as `serde_json::Map` does).
+    Object(HashMap<String, Shape>),
+}
+
+impl Shape {
+    /// The shape of a whole JSON text, its containers read `depth` levels down, or `None`
+    /// when it is not JSON.
+    pub(super) fn of(body: &[u8], depth: u8) -> Option<Shape> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let shape = Levels(depth).deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        Some(shape)
+    }
+
+    pub(super) fn is_null(&self) -> bool {
+        matches!(self, Shape::Null)
+    }
+}
+
+/// Reads a value's shape, keeping the items of containers this many levels down.
+#[derive(Clone, Copy)]
+struct Levels(u8);
+
+impl<'de> DeserializeSeed<'de> for Levels {
+    type Value = Shape;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Shape, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Levels {
+    type Value = Shape;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Shape, E> {
+        Ok(if v >= 0 { Shape::Whole } else { Shape::Other })
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Whole)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Other)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Text)
+    }
+    fn visit_unit<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+    fn visit_none<E>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let mut items = Vec::new();
+        match self.0.checked_sub(1) {
+            Some(below) => {
+                while let Some(item) = seq.next_element_seed(Levels(below))? {
+                    items.push(item);
+                }
+            }
+            None => while seq.next_element::<IgnoredAny>()?.is_some() {},
+        }
+        Ok(Shape::List(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut fields = HashMap::new();
+        match self.0.checked_sub(1) {
+            Some(below) => {
+                while let Some(key) = map.next_key::<String>()? {
+                    let value = map.next_value_seed(Levels(below))?;
+                    fields.insert(key, value);
+                }
+            }
+            None => while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
+        }
+        Ok(Shape::Object(fields))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_types_and_skips_what_lies_below_the_depth() {
+        let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+        let body = format!(r#"{{"a":1,"b":-1,"c":1.5,"d":"x","e":null,"f":[true,{deep}],"a":2}}"#);
+        let Some(Shape::Object(top)) = Shape::of(body.as_bytes(), 2) else {
+            panic!("an object")
+        };
+        assert_eq!(top["a"], Shape::Whole);
+        assert_eq!(top["b"], Shape::Other);
+        assert_eq!(top["c"], Shape::Other);
+        assert_eq!(top["d"], Shape::Text);
+        assert!(top["e"].is_null());
+        assert_eq!(
+            top["f"],
+            Shape::List(vec![Shape::Other, Shape::List(Vec::new())])
+        );
+        assert_eq!(Shape::of(b"{} x", 2), None);
+        assert_eq!(Shape::of(b"not json", 2), None);
+        assert_eq!(Shape::of(b"18446744073709551616", 0), Some(Shape::Other));
+    }
+}
