@@ -15,6 +15,9 @@ use palisade::cost::budget::{
 };
 use tower::{Layer, ServiceExt, service_fn};
 
+#[cfg(feature = "redis")]
+mod support;
+
 fn dollars(s: &str) -> Money {
     Money::parse_dollars(s).unwrap()
 }
@@ -273,5 +276,125 @@ async fn a_tool_written_as_a_list_is_refused_naming_tools() {
         let (status, json, _) = send(&layer, body.clone()).await;
         assert_eq!(status, 400, "{body}");
         assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
+    }
+}
+
+/// The same through Redis: a searching request's large hold is settled to its actual
+/// cost and nothing stays reserved in the account, however many requests ran.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_searching_request_through_redis_is_charged_its_actual_cost_and_its_hold_freed() {
+    use palisade::cost::budget::RedisBudgetStore;
+    let server = support::RedisServer::start()
+        .await
+        .expect("redis-server is installed");
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let layer = builder(dollars("10"))
+        .store(RedisBudgetStore::new(conn.clone()))
+        .build()
+        .unwrap();
+    let actual = dollars("0.0123");
+    let svc = layer.layer(service_fn(move |req: Request<Full<Bytes>>| async move {
+        let r = req.extensions().get::<BudgetReservation>().unwrap();
+        // ten searches at one cent: the hold is more than the actual cost
+        assert!(r.amount() > dollars("0.1"), "{}", r.amount());
+        r.settle(actual);
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+    }));
+    let body = with_tool(r#"{"type":"web_search_20250305","name":"web_search"}"#);
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(post(body.clone())).await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    // the settlements land on background tasks: look until they have (each look a round
+    // trip behind the calls sent before it), up to a bound
+    let want = (actual.picos() * 5).to_string();
+    let mut conn = conn;
+    let mut seen = (String::new(), String::new());
+    for _ in 0..2000 {
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg("palisade:budget:{budget}:daily:ann")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let held: u128 = fields
+            .iter()
+            .filter(|(f, _)| f == "r" || f.starts_with('h'))
+            .map(|(_, v)| v.parse::<u128>().unwrap())
+            .sum();
+        let spent = fields
+            .iter()
+            .find(|(f, _)| f == "s")
+            .map_or_else(|| "0".to_owned(), |(_, v)| v.clone());
+        seen = (spent, held.to_string());
+        if seen.0 == want && seen.1 == "0" {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(seen, (want, "0".to_owned()));
+}
+
+/// The three settings from the environment and from a file: blank is unset (the
+/// default), anything but a whole number is reported naming the variable with an example
+/// of a good value, and a file without them takes the documented defaults.
+#[test]
+fn the_search_settings_are_read_or_reported_with_what_to_fix() {
+    use palisade::config::Env;
+    use palisade::cost::budget::BudgetConfig;
+    let vars = [
+        ("PALISADE_BUDGET_DEFAULT_MAX_USES", "10"),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH", "10000"),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_FETCH", "25000"),
+    ];
+    for bad in ["none", "1_000", "0x10", "+-1", "1e4", "ten"] {
+        let mut env = Env::from_pairs(vars.map(|(name, _)| (name, bad)));
+        let _ = BudgetConfig::from_env(&mut env);
+        let err = env.finish().unwrap_err();
+        let text = err.to_string();
+        for (name, example) in vars {
+            assert!(text.contains(name), "{bad}: {text}");
+            assert!(text.contains(example), "{bad}: {text}");
+        }
+    }
+    let mut env = Env::from_pairs(vars.map(|(name, _)| (name, "")));
+    let cfg = BudgetConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(
+        (
+            cfg.default_max_uses,
+            cfg.tokens_per_web_search,
+            cfg.tokens_per_web_fetch
+        ),
+        (10, 10_000, 25_000)
+    );
+    let mut env = Env::from_pairs(vars.map(|(name, _)| (name, " 7 ")));
+    let cfg = BudgetConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(
+        (
+            cfg.default_max_uses,
+            cfg.tokens_per_web_search,
+            cfg.tokens_per_web_fetch
+        ),
+        (7, 7, 7)
+    );
+    let cfg: BudgetConfig = serde_json::from_str(r#"{"status":429}"#).unwrap();
+    assert_eq!(
+        (
+            cfg.default_max_uses,
+            cfg.tokens_per_web_search,
+            cfg.tokens_per_web_fetch
+        ),
+        (10, 10_000, 25_000)
+    );
+    for bad in [
+        r#"{"default_max_uses":-1}"#,
+        r#"{"tokens_per_web_search":"lots"}"#,
+        r#"{"tokens_per_web_fetch":1.5}"#,
+    ] {
+        let err = serde_json::from_str::<BudgetConfig>(bad).unwrap_err();
+        assert!(err.to_string().contains("invalid"), "{bad}: {err}");
     }
 }
