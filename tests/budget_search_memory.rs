@@ -37,9 +37,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static COUNTING: Counting = Counting;
 
-/// A 4 MiB body of a million tools took 176 MB to estimate (each tool kept in a list),
-/// and one the estimate could not read another 68 MB to say why: a few such requests at
-/// once could exhaust a gateway's memory.
+/// A 4 MiB body of a million tools took 176 MB to estimate (each tool kept in a list,
+/// and kept again to say why when the estimate could not read it): a few such requests
+/// at once could exhaust a gateway's memory.
 #[tokio::test]
 async fn a_million_tools_take_no_more_memory_to_estimate_than_one() {
     let layer = BudgetLayer::builder()

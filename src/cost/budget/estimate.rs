@@ -37,8 +37,8 @@ struct Head<'a> {
     n: Option<u64>,
     /// The tools, for the server-side web searches (billed per search, their results as
     /// input) and web fetches (their pages billed as input) they allow.
-    #[serde(borrow, default)]
-    tools: Option<Vec<Tool<'a>>>,
+    #[serde(default)]
+    tools: Option<ToolSums>,
 }
 
 /// A tool of the request, as far as its price goes: an object (a list, which serde
@@ -100,9 +100,72 @@ impl Assumptions {
     };
 }
 
+/// The sums over a request's tools that its worst cost needs, added up as the list is
+/// read: a list of a million tools takes no more memory than one.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct ToolSums {
+    /// The `max_uses` of the web search tools that give one.
+    searches: u64,
+    /// Web search tools without `max_uses`.
+    open_searches: u64,
+    /// `max_uses × max_content_tokens` of the web fetch tools that give both.
+    pages: u64,
+    /// The `max_uses` of the web fetch tools without `max_content_tokens`.
+    fetches_of_open_pages: u64,
+    /// The `max_content_tokens` of the web fetch tools without `max_uses`.
+    pages_of_open_fetches: u64,
+    /// Web fetch tools with neither.
+    open_fetches: u64,
+}
+
+impl ToolSums {
+    fn add(&mut self, tool: &ToolFields<'_>) {
+        let Some(kind) = tool.kind.as_deref() else {
+            return;
+        };
+        let add = |sum: &mut u64, n: u64| *sum = sum.saturating_add(n);
+        if kind.starts_with("web_search") {
+            match tool.max_uses {
+                Some(uses) => add(&mut self.searches, uses),
+                None => add(&mut self.open_searches, 1),
+            }
+        } else if kind.starts_with("web_fetch") {
+            match (tool.max_uses, tool.max_content_tokens) {
+                (Some(uses), Some(tokens)) => add(&mut self.pages, uses.saturating_mul(tokens)),
+                (Some(uses), None) => add(&mut self.fetches_of_open_pages, uses),
+                (None, Some(tokens)) => add(&mut self.pages_of_open_fetches, tokens),
+                (None, None) => add(&mut self.open_fetches, 1),
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ToolSums {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct List;
+        impl<'de> serde::de::Visitor<'de> for List {
+            type Value = ToolSums;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of tools")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ToolSums, A::Error> {
+                let mut sums = ToolSums::default();
+                while let Some(Tool(tool)) = seq.next_element::<Tool<'de>>()? {
+                    sums.add(&tool);
+                }
+                Ok(sums)
+            }
+        }
+        d.deserialize_seq(List)
+    }
+}
+
 /// What the server tools of a request may add: web searches (each billed) and the input
 /// tokens of their results and of the pages fetched.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct ServerTools {
     searches: u64,
     input_tokens: u64,
@@ -111,28 +174,27 @@ struct ServerTools {
 /// The most the tools allow: for each web search tool, its `max_uses` searches
 /// (`default_max_uses` without it) with `tokens_per_web_search` tokens of results each;
 /// for each web fetch tool, its `max_uses` fetches (the same default) of its
-/// `max_content_tokens` (`tokens_per_web_fetch` without it) each.
-fn server_tools(tools: Option<&[Tool<'_>]>, assume: &Assumptions) -> ServerTools {
-    let mut sum = ServerTools::default();
-    for Tool(tool) in tools.unwrap_or_default() {
-        let Some(kind) = tool.kind.as_deref() else {
-            continue;
-        };
-        let uses = tool.max_uses.unwrap_or(assume.default_max_uses);
-        let tokens_each = if kind.starts_with("web_search") {
-            sum.searches = sum.searches.saturating_add(uses);
-            assume.tokens_per_web_search
-        } else if kind.starts_with("web_fetch") {
-            tool.max_content_tokens
-                .unwrap_or(assume.tokens_per_web_fetch)
-        } else {
-            continue;
-        };
-        sum.input_tokens = sum
-            .input_tokens
-            .saturating_add(uses.saturating_mul(tokens_each));
+/// `max_content_tokens` (`tokens_per_web_fetch` without it) each. Every sum saturates.
+fn server_tools(tools: Option<ToolSums>, assume: &Assumptions) -> ServerTools {
+    let t = tools.unwrap_or_default();
+    let (uses, fetch_tokens) = (assume.default_max_uses, assume.tokens_per_web_fetch);
+    let searches = t
+        .searches
+        .saturating_add(t.open_searches.saturating_mul(uses));
+    let input_tokens = searches
+        .saturating_mul(assume.tokens_per_web_search)
+        .saturating_add(t.pages)
+        .saturating_add(t.fetches_of_open_pages.saturating_mul(fetch_tokens))
+        .saturating_add(t.pages_of_open_fetches.saturating_mul(uses))
+        .saturating_add(
+            t.open_fetches
+                .saturating_mul(uses)
+                .saturating_mul(fetch_tokens),
+        );
+    ServerTools {
+        searches,
+        input_tokens,
     }
-    sum
 }
 
 /// What the body says about a request's worst cost.
@@ -189,7 +251,7 @@ pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -
     .max()
     .unwrap_or(assume.default_max_tokens)
     .saturating_mul(head.n.unwrap_or(1).max(1));
-    let tools = server_tools(head.tools.as_deref(), assume);
+    let tools = server_tools(head.tools, assume);
     let web_search_requests = tools.searches;
     // The results of every search and the pages of every fetch join the input tokens.
     let input = (body.len() as u64)
@@ -226,7 +288,7 @@ pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -
 
 const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
-/// The fields of a tool the estimate reads, `type` first.
+/// The fields of a tool the estimate reads.
 const TOOL_FIELDS: [&str; 3] = ["type", "max_uses", "max_content_tokens"];
 
 /// Why a body the estimate could not read is refused, or `NotMetered` when it is not a
@@ -246,37 +308,22 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
             reason: "must be a string".to_owned(),
         };
     }
-    let whole_or_null = |v: &Shape| v.is_null() || *v == Shape::Whole;
     if let Some(field) = LIMITS
         .into_iter()
-        .find(|f| map.get(*f).is_some_and(|v| !whole_or_null(v)))
+        .find(|f| map.get(*f).is_some_and(|v| !v.is_whole_or_null()))
     {
         return Estimate::Invalid {
             field,
             reason: "must be a whole number of tokens, 0 or more".to_owned(),
         };
     }
-    if map.get("n").is_some_and(|v| !whole_or_null(v)) {
+    if map.get("n").is_some_and(|v| !v.is_whole_or_null()) {
         return Estimate::Invalid {
             field: "n",
             reason: "must be a whole number of choices".to_owned(),
         };
     }
-    let tool_ok = |t: &Shape| match t {
-        Shape::Object(t) => {
-            t.get("type")
-                .is_none_or(|v| v.is_null() || *v == Shape::Text)
-                && TOOL_FIELDS[1..]
-                    .iter()
-                    .all(|f| t.get(*f).is_none_or(whole_or_null))
-        }
-        _ => false,
-    };
-    let tools_ok = |v: &Shape| match v {
-        Shape::Null => true,
-        Shape::List(tools) => tools.iter().all(tool_ok),
-        _ => false,
-    };
+    let tools_ok = |v: &Shape| matches!(v, Shape::Null | Shape::List { tools: true });
     if map.get("tools").is_some_and(|v| !tools_ok(v)) {
         return Estimate::Invalid {
             field: "tools",
@@ -582,6 +629,85 @@ mod tests {
                     ),
                     "{body}"
                 );
+            }
+        }
+    }
+
+    /// The sums folded as the list is read give what adding up each tool's own reserve
+    /// gives (saturating at the same place), for any tools and any settings.
+    mod folded {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn one_by_one(tools: &[ToolFields<'_>], assume: &Assumptions) -> ServerTools {
+            let mut sum = ServerTools::default();
+            for tool in tools {
+                let Some(kind) = tool.kind.as_deref() else {
+                    continue;
+                };
+                let uses = tool.max_uses.unwrap_or(assume.default_max_uses);
+                let each = if kind.starts_with("web_search") {
+                    sum.searches = sum.searches.saturating_add(uses);
+                    assume.tokens_per_web_search
+                } else if kind.starts_with("web_fetch") {
+                    tool.max_content_tokens
+                        .unwrap_or(assume.tokens_per_web_fetch)
+                } else {
+                    continue;
+                };
+                sum.input_tokens = sum.input_tokens.saturating_add(uses.saturating_mul(each));
+            }
+            sum
+        }
+
+        fn number() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                0..20u64,
+                Just(u64::MAX),
+                any::<u64>(),
+                (1u64 << 32)..(1u64 << 33)
+            ]
+        }
+
+        fn tool() -> impl Strategy<Value = (Option<&'static str>, Option<u64>, Option<u64>)> {
+            (
+                proptest::option::of(prop_oneof![
+                    Just("web_search_20250305"),
+                    Just("web_fetch_20250910"),
+                    Just("custom"),
+                ]),
+                proptest::option::of(number()),
+                proptest::option::of(number()),
+            )
+        }
+
+        proptest! {
+            #[test]
+            fn fold_equals_one_by_one(
+                tools in proptest::collection::vec(tool(), 0..8),
+                uses in number(),
+                search in number(),
+                fetch in number(),
+            ) {
+                let assume = Assumptions {
+                    default_max_uses: uses,
+                    tokens_per_web_search: search,
+                    tokens_per_web_fetch: fetch,
+                    ..Assumptions::DEFAULT
+                };
+                let tools: Vec<ToolFields<'_>> = tools
+                    .into_iter()
+                    .map(|(kind, max_uses, max_content_tokens)| ToolFields {
+                        kind: kind.map(Cow::Borrowed),
+                        max_uses,
+                        max_content_tokens,
+                    })
+                    .collect();
+                let mut sums = ToolSums::default();
+                for tool in &tools {
+                    sums.add(tool);
+                }
+                prop_assert_eq!(server_tools(Some(sums), &assume), one_by_one(&tools, &assume));
             }
         }
     }

@@ -17,8 +17,13 @@ pub(super) enum Shape {
     Text,
     /// A boolean, or a number that is negative, fractional or too large.
     Other,
-    /// A list; its items when read above the depth limit.
-    List(Vec<Shape>),
+    /// A list, and whether every item is a tool object whose fields the estimate reads
+    /// have the right types (known when read above the depth limit). The items are
+    /// judged as they are read, never kept: a list of a million takes no more memory than
+    /// one.
+    List {
+        tools: bool,
+    },
     /// An object; its fields when read above the depth limit (a key given twice keeps
     /// its last value, as `serde_json::Map` does).
     Object(HashMap<String, Shape>),
@@ -34,8 +39,23 @@ impl Shape {
         Some(shape)
     }
 
-    pub(super) fn is_null(&self) -> bool {
-        matches!(self, Shape::Null)
+    /// Null or a whole number: a field that may be absent.
+    pub(super) fn is_whole_or_null(&self) -> bool {
+        matches!(self, Shape::Null | Shape::Whole)
+    }
+
+    /// An object with a string (or null) `type`, and whole numbers (or null) for
+    /// `max_uses` and `max_content_tokens`.
+    fn is_tool(&self) -> bool {
+        let Shape::Object(fields) = self else {
+            return false;
+        };
+        fields
+            .get("type")
+            .is_none_or(|v| matches!(v, Shape::Null | Shape::Text))
+            && ["max_uses", "max_content_tokens"]
+                .iter()
+                .all(|f| fields.get(*f).is_none_or(Shape::is_whole_or_null))
     }
 }
 
@@ -81,16 +101,20 @@ impl<'de> Visitor<'de> for Levels {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
-        let mut items = Vec::new();
+        let mut tools = true;
         match self.0.checked_sub(1) {
             Some(below) => {
                 while let Some(item) = seq.next_element_seed(Levels(below))? {
-                    items.push(item);
+                    tools &= item.is_tool();
                 }
             }
-            None => while seq.next_element::<IgnoredAny>()?.is_some() {},
+            None => {
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    tools = false;
+                }
+            }
         }
-        Ok(Shape::List(items))
+        Ok(Shape::List { tools })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
@@ -115,19 +139,23 @@ mod tests {
     #[test]
     fn reads_types_and_skips_what_lies_below_the_depth() {
         let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
-        let body = format!(r#"{{"a":1,"b":-1,"c":1.5,"d":"x","e":null,"f":[true,{deep}],"a":2}}"#);
-        let Some(Shape::Object(top)) = Shape::of(body.as_bytes(), 2) else {
+        let body = format!(
+            r#"{{"a":1,"b":-1,"c":1.5,"d":"x","e":null,"f":[true,{deep}],"a":2,
+                "g":[{{"type":"t","max_uses":1,"max_content_tokens":null,"x":{deep}}},{{}}],
+                "h":[],"i":[{{"max_uses":-1}}]}}"#
+        );
+        let Some(Shape::Object(top)) = Shape::of(body.as_bytes(), 3) else {
             panic!("an object")
         };
         assert_eq!(top["a"], Shape::Whole);
         assert_eq!(top["b"], Shape::Other);
         assert_eq!(top["c"], Shape::Other);
         assert_eq!(top["d"], Shape::Text);
-        assert!(top["e"].is_null());
-        assert_eq!(
-            top["f"],
-            Shape::List(vec![Shape::Other, Shape::List(Vec::new())])
-        );
+        assert_eq!(top["e"], Shape::Null);
+        assert_eq!(top["f"], Shape::List { tools: false });
+        assert_eq!(top["g"], Shape::List { tools: true });
+        assert_eq!(top["h"], Shape::List { tools: true });
+        assert_eq!(top["i"], Shape::List { tools: false });
         assert_eq!(Shape::of(b"{} x", 2), None);
         assert_eq!(Shape::of(b"not json", 2), None);
         assert_eq!(Shape::of(b"18446744073709551616", 0), Some(Shape::Other));
