@@ -398,3 +398,36 @@ fn the_search_settings_are_read_or_reported_with_what_to_fix() {
         assert!(err.to_string().contains("invalid"), "{bad}: {err}");
     }
 }
+
+/// `tools` given twice is refused naming `tools` (an upstream may read either list).
+#[tokio::test]
+async fn tools_given_twice_is_refused_naming_tools() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[],"tools":[{"type":"web_search_20250305"}]}"#;
+    let (status, json, _) = send(&layer, body).await;
+    assert_eq!(status, 400, "{json}");
+    assert_eq!(json["errors"][0]["field"], "tools", "{json}");
+}
+
+/// Any tool whose type starts with `web_search` counts, OpenAI's `web_search_preview`
+/// too: its results are reserved as input at the model's rate, and its searches at the
+/// model's price per search in the table (none for OpenAI's models).
+#[tokio::test]
+async fn an_openai_web_search_tool_reserves_results_at_the_models_rates() {
+    let layer = builder(dollars("1000")).build().unwrap();
+    let (_, _, plain) = send(
+        &layer,
+        r#"{"model":"gpt-4o","max_output_tokens":10,"tools":[{"type":"xeb_search_preview"}]}"#,
+    )
+    .await;
+    let (_, _, searching) = send(
+        &layer,
+        r#"{"model":"gpt-4o","max_output_tokens":10,"tools":[{"type":"web_search_preview"}]}"#,
+    )
+    .await;
+    // ten searches of 10,000 tokens at $2.50 per million, no fee in the table
+    assert_eq!(
+        searching.unwrap().picos(),
+        plain.unwrap().picos() + 10 * 10_000 * 2_500_000
+    );
+}
