@@ -431,3 +431,20 @@ async fn an_openai_web_search_tool_reserves_results_at_the_models_rates() {
         plain.unwrap().picos() + 10 * 10_000 * 2_500_000
     );
 }
+
+/// A request refused because what its tools allow costs more than the whole budget is
+/// told of the tools' limits too: with `max_tokens` 1, telling it to lower `max_tokens`
+/// fixes nothing.
+#[tokio::test]
+async fn a_request_whose_searches_outgrow_the_budget_is_told_to_bound_them() {
+    let layer = builder(dollars("0.5")).build().unwrap();
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":1,"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#;
+    let (status, json, _) = send(&layer, body).await;
+    assert_eq!(status, 400, "{json}");
+    let message = json["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("max_uses"), "{message}");
+    // bounded, it fits
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":1,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":2}]}"#;
+    let (status, json, _) = send(&layer, body).await;
+    assert_eq!(status, 200, "{json}");
+}
