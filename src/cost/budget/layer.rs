@@ -1212,7 +1212,7 @@ pub(super) fn larger_than_budget(charges: &[Charge], amount: Money) -> Option<Er
     Some(Error::invalid_fields([FieldError::new(
         "max_tokens",
         format!(
-            "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens or shorten the input",
+            "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens, give web search and web fetch tools a smaller max_uses (and max_content_tokens), or shorten the input",
             c.budget.name, c.budget.limit, c.budget.period
         ),
     )]))
