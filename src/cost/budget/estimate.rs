@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-use super::shape::Shape;
+use super::shape::{FIELDS, Shape};
 use crate::cost::pricing::{Money, PriceTable};
 use crate::cost::usage::Usage;
 
@@ -288,6 +288,10 @@ pub(crate) fn estimate(body: &[u8], prices: &PriceTable, assume: &Assumptions) -
 
 const LIMITS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
 
+/// Why a `tools` field the estimate cannot read is refused.
+const TOOLS_REASON: &str = "must be a list of tools, each an object with a string type and \
+                            whole numbers for max_uses and max_content_tokens";
+
 /// The fields of a tool the estimate reads.
 const TOOL_FIELDS: [&str; 3] = ["type", "max_uses", "max_content_tokens"];
 
@@ -296,8 +300,8 @@ const TOOL_FIELDS: [&str; 3] = ["type", "max_uses", "max_content_tokens"];
 /// body nested however deeply (where a map of values could not be read) is judged too.
 fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
     // the top object, the tools list, each tool, each tool's fields
-    let Some(Shape::Object(map)) = Shape::of(body, 3) else {
-        return Estimate::NotMetered;
+    let Some(Shape::Object(map)) = Shape::of(body, 3, &FIELDS) else {
+        return unreadable_number(body);
     };
     let Some(model) = map.get("model") else {
         return Estimate::NotMetered;
@@ -327,9 +331,7 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
     if map.get("tools").is_some_and(|v| !tools_ok(v)) {
         return Estimate::Invalid {
             field: "tools",
-            reason: "must be a list of tools, each an object with a string type and whole \
-                     numbers for max_uses and max_content_tokens"
-                .to_owned(),
+            reason: TOOLS_REASON.to_owned(),
         };
     }
     // The types are right, so a field is given twice: at the top, or inside a tool.
@@ -345,6 +347,45 @@ fn unreadable(body: &[u8], e: &serde_json::Error) -> Estimate {
         field,
         reason: "is given more than once".to_owned(),
     }
+}
+
+/// Why a body whose fields could not be read even for their types is refused: a field
+/// the estimate reads holds a number serde_json reads as no type (`1e400`). `NotMetered`
+/// when the body is not JSON, or not an object naming a model.
+fn unreadable_number(body: &[u8]) -> Estimate {
+    // skipping a value reads its text alone, whatever number it holds
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        return Estimate::NotMetered;
+    }
+    static TOP: [&str; 6] = [
+        "model",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "n",
+        "tools",
+    ];
+    for field in &TOP {
+        match Shape::of(body, 3, std::slice::from_ref(field)) {
+            Some(Shape::Object(map)) if *field == "model" && !map.contains_key("model") => {
+                return Estimate::NotMetered;
+            }
+            Some(_) => {}
+            None => {
+                let reason = match *field {
+                    "model" => "must be a string",
+                    "n" => "must be a whole number of choices",
+                    "tools" => TOOLS_REASON,
+                    _ => "must be a whole number of tokens, 0 or more",
+                };
+                return Estimate::Invalid {
+                    field,
+                    reason: reason.to_owned(),
+                };
+            }
+        }
+    }
+    Estimate::NotMetered
 }
 
 #[cfg(test)]

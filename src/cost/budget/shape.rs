@@ -1,12 +1,26 @@
-//! The JSON types of a body's fields, read to say which field the estimate could not
-//! read. Only the first few levels are kept; what lies deeper is skipped without
-//! recursion, so no body is nested too deeply to be judged (serde_json refuses to read
-//! more than 128 levels into a map of values).
+//! The JSON types of the fields the estimate reads, read to say which one it could not
+//! read. Only those fields, and only the first few levels, are read; the rest is skipped
+//! without recursion and without reading its numbers, so no body is nested too deeply to
+//! be judged (serde_json refuses to read more than 128 levels into a map of values), and
+//! a number no type holds (`1e400`) elsewhere does not stop it.
 
 use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// The fields the estimate reads, at the top of a body or in a tool.
+pub(super) static FIELDS: [&str; 9] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "tools",
+    "type",
+    "max_uses",
+    "max_content_tokens",
+];
 
 /// The type of a JSON value, with its items down to the depth it was read at.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,11 +44,12 @@ pub(super) enum Shape {
 }
 
 impl Shape {
-    /// The shape of a whole JSON text, its containers read `depth` levels down, or `None`
-    /// when it is not JSON.
-    pub(super) fn of(body: &[u8], depth: u8) -> Option<Shape> {
+    /// The shape of a whole JSON text, its containers read `depth` levels down (of the
+    /// top object, only the fields `keys`; below it, only [`FIELDS`]), or `None` when it
+    /// is not JSON or a number read is one serde_json cannot hold (`1e400`).
+    pub(super) fn of(body: &[u8], depth: u8, keys: &'static [&'static str]) -> Option<Shape> {
         let mut de = serde_json::Deserializer::from_slice(body);
-        let shape = Levels(depth).deserialize(&mut de).ok()?;
+        let shape = Levels { depth, keys }.deserialize(&mut de).ok()?;
         de.end().ok()?;
         Some(shape)
     }
@@ -59,9 +74,13 @@ impl Shape {
     }
 }
 
-/// Reads a value's shape, keeping the items of containers this many levels down.
+/// Reads a value's shape, keeping the items of containers `depth` levels down, and of
+/// an object only the fields `keys`.
 #[derive(Clone, Copy)]
-struct Levels(u8);
+struct Levels {
+    depth: u8,
+    keys: &'static [&'static str],
+}
 
 impl<'de> DeserializeSeed<'de> for Levels {
     type Value = Shape;
@@ -102,9 +121,13 @@ impl<'de> Visitor<'de> for Levels {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
         let mut tools = true;
-        match self.0.checked_sub(1) {
-            Some(below) => {
-                while let Some(item) = seq.next_element_seed(Levels(below))? {
+        match self.depth.checked_sub(1) {
+            Some(depth) => {
+                let below = Levels {
+                    depth,
+                    keys: &FIELDS,
+                };
+                while let Some(item) = seq.next_element_seed(below)? {
                     tools &= item.is_tool();
                 }
             }
@@ -119,11 +142,19 @@ impl<'de> Visitor<'de> for Levels {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
         let mut fields = HashMap::new();
-        match self.0.checked_sub(1) {
-            Some(below) => {
+        match self.depth.checked_sub(1) {
+            Some(depth) => {
+                let below = Levels {
+                    depth,
+                    keys: &FIELDS,
+                };
                 while let Some(key) = map.next_key::<String>()? {
-                    let value = map.next_value_seed(Levels(below))?;
-                    fields.insert(key, value);
+                    if self.keys.contains(&key.as_str()) {
+                        let value = map.next_value_seed(below)?;
+                        fields.insert(key, value);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
                 }
             }
             None => while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
@@ -141,12 +172,14 @@ mod tests {
         let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
         let body = format!(
             r#"{{"a":1,"b":-1,"c":1.5,"d":"x","e":null,"f":[true,{deep}],"a":2,
-                "g":[{{"type":"t","max_uses":1,"max_content_tokens":null,"x":{deep}}},{{}}],
-                "h":[],"i":[{{"max_uses":-1}}]}}"#
+                "g":[{{"type":"t","max_uses":1,"max_content_tokens":null,"x":{deep},"y":1e400}},{{}}],
+                "h":[],"i":[{{"max_uses":-1}}],"j":1e400}}"#
         );
-        let Some(Shape::Object(top)) = Shape::of(body.as_bytes(), 3) else {
+        static KEYS: [&str; 9] = ["a", "b", "c", "d", "e", "f", "g", "h", "i"];
+        let Some(Shape::Object(top)) = Shape::of(body.as_bytes(), 3, &KEYS) else {
             panic!("an object")
         };
+        assert!(!top.contains_key("j"));
         assert_eq!(top["a"], Shape::Whole);
         assert_eq!(top["b"], Shape::Other);
         assert_eq!(top["c"], Shape::Other);
@@ -156,8 +189,12 @@ mod tests {
         assert_eq!(top["g"], Shape::List { tools: true });
         assert_eq!(top["h"], Shape::List { tools: true });
         assert_eq!(top["i"], Shape::List { tools: false });
-        assert_eq!(Shape::of(b"{} x", 2), None);
-        assert_eq!(Shape::of(b"not json", 2), None);
-        assert_eq!(Shape::of(b"18446744073709551616", 0), Some(Shape::Other));
+        assert_eq!(Shape::of(b"{} x", 2, &KEYS), None);
+        assert_eq!(Shape::of(b"not json", 2, &KEYS), None);
+        assert_eq!(Shape::of(br#"{"a":1e400}"#, 2, &KEYS), None);
+        assert_eq!(
+            Shape::of(b"18446744073709551616", 0, &KEYS),
+            Some(Shape::Other)
+        );
     }
 }
