@@ -443,6 +443,46 @@ async fn from_env_reports_every_problem_at_once() {
             "PALISADE_BUDGET_BYTES_PER_TOKEN"
         ]
     );
+    // the web search settings are whole numbers, 0 or more
+    let mut env = Env::from_pairs([
+        ("PALISADE_BUDGET_DEFAULT_MAX_USES", "-1"),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH", "lots"),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_FETCH", "1.5"),
+    ]);
+    let _ = BudgetConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_BUDGET_DEFAULT_MAX_USES",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_FETCH"
+        ]
+    );
+    let mut env = Env::from_pairs([
+        ("PALISADE_BUDGET_DEFAULT_MAX_USES", "0"),
+        (
+            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH",
+            "18446744073709551615",
+        ),
+    ]);
+    let config = BudgetConfig::from_env(&mut env);
+    env.finish().unwrap();
+    assert_eq!(
+        (config.default_max_uses, config.tokens_per_web_search),
+        (0, u64::MAX)
+    );
+    let mut env = Env::default();
+    let config = BudgetConfig::from_env(&mut env);
+    assert_eq!(
+        (
+            config.default_max_uses,
+            config.tokens_per_web_search,
+            config.tokens_per_web_fetch
+        ),
+        (10, 10_000, 25_000)
+    );
     // the shared error format applies unless the budget's own setting says otherwise
     let mut env = Env::from_pairs([("PALISADE_ERROR_FORMAT", "anthropic")]);
     assert_eq!(
@@ -638,13 +678,32 @@ async fn the_web_searches_a_request_allows_are_reserved() {
         r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_search_20250305","name":"web_search","max_uses":5}]}"#,
     )
     .await;
-    // five searches at one cent each (the body is as long: the same input)
-    assert_eq!(five.picos(), plain.picos() + 5 * 10_000_000_000);
+    // five searches at one cent each, and the 10,000 input tokens reserved for each
+    // search's results at $6 per million (claude-sonnet-4-5's 1-hour cache write; the
+    // body is as long: the same input otherwise)
+    assert_eq!(
+        five.picos(),
+        plain.picos() + 5 * (10_000_000_000 + 10_000 * 6_000_000)
+    );
+    // a web fetch has no fee; the pages it may fetch are input tokens
+    let small_pages = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch","max_uses":2,"max_content_tokens":1000}]}"#,
+    )
+    .await;
+    let large_pages = reservation_of(
+        r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"tools":[{"type":"web_fetch_20250910","name":"web_fetch","max_uses":2,"max_content_tokens":9000}]}"#,
+    )
+    .await;
+    assert_eq!(
+        large_pages.picos(),
+        small_pages.picos() + 2 * 8000 * 6_000_000
+    );
 
     let layer = builder(dollars("1000")).build().unwrap();
     for body in [
         r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_search_20250305","max_uses":-1}]}"#,
         r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":{"type":"web_search_20250305"}}"#,
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"tools":[{"type":"web_fetch_20250910","max_content_tokens":"lots"}]}"#,
     ] {
         let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
@@ -660,6 +719,81 @@ async fn the_web_searches_a_request_allows_are_reserved() {
         let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["errors"][0]["field"], "tools", "{body}: {json}");
     }
+}
+
+/// A web search tool without `max_uses` lets the model search as often as it likes, each
+/// search billed, its results billed as input: the reservation holds the default searches
+/// (10) and their results, so two such requests cannot be in flight on a dollar they could
+/// overrun together. Settlement still charges what the request really cost.
+#[tokio::test]
+async fn a_web_search_request_without_max_uses_cannot_overrun_a_budget_in_flight() {
+    const SEARCHING: &str = r#"{"model":"claude-sonnet-4-5","max_tokens":1000,"messages":[{"role":"user","content":"news?"}],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#;
+    let searching = |user: &str| {
+        let mut req = Request::post("/v1/messages")
+            .body(Full::new(Bytes::from(SEARCHING)))
+            .unwrap();
+        req.extensions_mut()
+            .insert(palisade::cost::Principal::new(user));
+        req
+    };
+    let layer = builder(dollars("1")).build().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    // it ran three searches: 3 cents, and about $0.0105 of tokens
+    let actual = dollars("0.0405");
+    let svc = layer.layer(gated_upstream(
+        Arc::clone(&calls),
+        Arc::clone(&gate),
+        actual,
+    ));
+    let first = tokio::spawn(svc.clone().oneshot(searching("ann")));
+    while calls.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let (spent, reserved) = layer.spend("daily", "ann").unwrap();
+    assert_eq!(spent, Money::ZERO);
+    // 1000 output tokens at $15 per million, ten searches at one cent and 10,000 tokens
+    // of results each at $6 per million, and the body's own input
+    let least = 1000 * 15_000_000 + 10 * (10_000_000_000 + 10_000 * 6_000_000);
+    assert!(reserved.picos() > least, "reserved {reserved}");
+    let second = svc.clone().oneshot(searching("ann")).await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    gate.add_permits(10);
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    assert_eq!(layer.spend("daily", "ann"), Some((actual, Money::ZERO)));
+    // the money held comes back: the next one fits again
+    let third = svc.clone().oneshot(searching("ann")).await.unwrap();
+    assert_eq!(third.status(), 200);
+    assert_eq!(
+        layer.spend("daily", "ann"),
+        Some((Money::from_picos(actual.picos() * 2), Money::ZERO))
+    );
+
+    // a budget smaller than what one such request may cost refuses it outright, naming
+    // what to lower
+    let small = builder(dollars("0.5")).build().unwrap();
+    let svc = small.layer(gated_upstream(
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        actual,
+    ));
+    let res = svc.clone().oneshot(searching("ann")).await.unwrap();
+    assert_eq!(res.status(), 400);
+
+    // the settings: fewer searches assumed, and fewer tokens for each, fit the same budget
+    let fewer = builder(dollars("0.5"))
+        .default_max_uses(2)
+        .tokens_per_web_search(1_000)
+        .build()
+        .unwrap();
+    let svc = fewer.layer(gated_upstream(
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(10)),
+        actual,
+    ));
+    assert_eq!(svc.oneshot(searching("ann")).await.unwrap().status(), 200);
 }
 
 /// A body opening with a UTF-8 byte-order mark is JSON to lenient readers (an upstream may

@@ -564,6 +564,51 @@ async fn budget_is_enforced_once_recorded_spend_reaches_it() {
     assert_ne!(view["spent_today_usd"], "0");
 }
 
+/// A web search tool without `max_uses` reserves `PALISADE_BUDGET_DEFAULT_MAX_USES`
+/// searches (10 unless set) and `PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH` input tokens for
+/// each: on claude-sonnet-4-5 about $0.70, more than a $0.50 day holds.
+#[tokio::test]
+async fn a_web_search_without_max_uses_reserves_the_configured_searches() {
+    let mut searching = chat("claude-sonnet-4-5");
+    searching["tools"] = json!([{"type": "web_search_20250305", "name": "web_search"}]);
+    let gw = start(&[("PALISADE_GATEWAY_DAILY_BUDGET", "0.5")]).await;
+    let r = gw.post("/v1/messages", USER, searching.clone()).await;
+    let error = r.anthropic_error(400, "invalid_request_error");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("`daily`"), "{message}");
+    // with max_uses the request says what it may cost, and fits
+    let mut bounded = searching.clone();
+    bounded["tools"][0]["max_uses"] = json!(2);
+    assert_eq!(gw.post("/v1/messages", USER, bounded).await.status, 200);
+
+    // two searches of 10,000 tokens assumed: about $0.14, which fits
+    let gw = start(&[
+        ("PALISADE_GATEWAY_DAILY_BUDGET", "0.5"),
+        ("PALISADE_BUDGET_DEFAULT_MAX_USES", "2"),
+    ])
+    .await;
+    assert_eq!(gw.post("/v1/messages", USER, searching).await.status, 200);
+
+    let mut env = Env::from_pairs([
+        ("PALISADE_GATEWAY_API_KEYS", format!("alice={USER}")),
+        ("PALISADE_BUDGET_DEFAULT_MAX_USES", "ten".to_owned()),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH", "-5".to_owned()),
+        ("PALISADE_BUDGET_TOKENS_PER_WEB_FETCH", "many".to_owned()),
+    ]);
+    let _ = config::GatewayConfig::from_env(&mut env);
+    let err = env.finish().unwrap_err();
+    let names: Vec<&str> = err.problems().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "PALISADE_BUDGET_DEFAULT_MAX_USES",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH",
+            "PALISADE_BUDGET_TOKENS_PER_WEB_FETCH"
+        ],
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn bots_create_list_chat_delete_and_stay_private() {
     let gw = start(&[]).await;

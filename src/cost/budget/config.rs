@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::estimate::Assumptions;
 use super::layer::{BudgetConfigError, BudgetLayer};
 use super::{Budget, Period, Scope};
 use crate::config::{Env, ProblemKind, env_var};
@@ -82,6 +83,16 @@ pub struct BudgetConfig {
     pub bytes_per_token: u64,
     /// Output tokens reserved when a request sets no limit.
     pub default_max_tokens: u64,
+    /// Searches (fetches) reserved for a web search (web fetch) tool without `max_uses`
+    /// ([`BudgetLayerBuilder::default_max_uses`](super::BudgetLayerBuilder::default_max_uses)).
+    pub default_max_uses: u64,
+    /// Input tokens reserved for each web search a request allows
+    /// ([`BudgetLayerBuilder::tokens_per_web_search`](super::BudgetLayerBuilder::tokens_per_web_search)).
+    pub tokens_per_web_search: u64,
+    /// Input tokens reserved for each fetch of a web fetch tool without
+    /// `max_content_tokens`
+    /// ([`BudgetLayerBuilder::tokens_per_web_fetch`](super::BudgetLayerBuilder::tokens_per_web_fetch)).
+    pub tokens_per_web_fetch: u64,
     /// Let models without a price pass unchecked.
     pub allow_unpriced: bool,
     /// Let requests pass unchecked when the store fails.
@@ -97,8 +108,11 @@ impl Default for BudgetConfig {
             status: 429,
             error_format: None,
             max_body: 4 << 20,
-            bytes_per_token: 3,
-            default_max_tokens: 4096,
+            bytes_per_token: Assumptions::DEFAULT.bytes_per_token,
+            default_max_tokens: Assumptions::DEFAULT.default_max_tokens,
+            default_max_uses: Assumptions::DEFAULT.default_max_uses,
+            tokens_per_web_search: Assumptions::DEFAULT.tokens_per_web_search,
+            tokens_per_web_fetch: Assumptions::DEFAULT.tokens_per_web_fetch,
             allow_unpriced: false,
             fail_open: false,
             prices_file: None,
@@ -126,6 +140,9 @@ impl BudgetConfig {
     /// | `PALISADE_BUDGET_MAX_BODY` | `4194304` |
     /// | `PALISADE_BUDGET_BYTES_PER_TOKEN` | `3` |
     /// | `PALISADE_BUDGET_DEFAULT_MAX_TOKENS` | `4096` |
+    /// | `PALISADE_BUDGET_DEFAULT_MAX_USES` | `10` |
+    /// | `PALISADE_BUDGET_TOKENS_PER_WEB_SEARCH` | `10000` |
+    /// | `PALISADE_BUDGET_TOKENS_PER_WEB_FETCH` | `25000` |
     /// | `PALISADE_BUDGET_ALLOW_UNPRICED` | `false` |
     /// | `PALISADE_BUDGET_FAIL_OPEN` | `false` |
     /// | `PALISADE_BUDGET_PRICES_FILE` | `/etc/palisade/prices.json` |
@@ -176,6 +193,14 @@ impl BudgetConfig {
         let bytes_per_token = env.optional(&v("bytes_per_token"), d.bytes_per_token, "3");
         let default_max_tokens =
             env.optional(&v("default_max_tokens"), d.default_max_tokens, "4096");
+        let default_max_uses = env.optional(&v("default_max_uses"), d.default_max_uses, "10");
+        let tokens_per_web_search = env.optional(
+            &v("tokens_per_web_search"),
+            d.tokens_per_web_search,
+            "10000",
+        );
+        let tokens_per_web_fetch =
+            env.optional(&v("tokens_per_web_fetch"), d.tokens_per_web_fetch, "25000");
         let allow_unpriced = env.optional(&v("allow_unpriced"), d.allow_unpriced, "false");
         let fail_open = env.optional(&v("fail_open"), d.fail_open, "false");
         let prices_file =
@@ -225,6 +250,9 @@ impl BudgetConfig {
             max_body,
             bytes_per_token,
             default_max_tokens,
+            default_max_uses,
+            tokens_per_web_search,
+            tokens_per_web_fetch,
             allow_unpriced,
             fail_open,
             prices_file,
@@ -248,6 +276,9 @@ impl BudgetConfig {
             .max_body(self.max_body)
             .bytes_per_token(self.bytes_per_token)
             .default_max_tokens(self.default_max_tokens)
+            .default_max_uses(self.default_max_uses)
+            .tokens_per_web_search(self.tokens_per_web_search)
+            .tokens_per_web_fetch(self.tokens_per_web_fetch)
             .allow_unpriced(self.allow_unpriced)
             .fail_open(self.fail_open);
         for rule in &self.rules {

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Limited};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::estimate::{BudgetEstimate, Estimate, estimate};
+use super::estimate::{Assumptions, BudgetEstimate, Estimate, estimate};
 use super::future::ResponseFuture;
 use super::store::{BoxFuture, BudgetStore, BudgetStoreError, Charge, MemoryBudgetStore, Reserve};
 use super::{Budget, Scope};
@@ -104,8 +104,7 @@ pub(crate) struct Shared {
     pub(super) format: ErrorFormat,
     pub(super) status: StatusCode,
     pub(super) max_body: usize,
-    pub(super) bytes_per_token: u64,
-    pub(super) default_max_tokens: u64,
+    pub(super) assume: Assumptions,
     pub(super) allow_unpriced: bool,
     pub(super) fail_open: bool,
     pub(super) user_header: Option<HeaderName>,
@@ -147,8 +146,7 @@ pub struct BudgetLayerBuilder {
     format: ErrorFormat,
     status: u16,
     max_body: usize,
-    bytes_per_token: u64,
-    default_max_tokens: u64,
+    assume: Assumptions,
     allow_unpriced: bool,
     fail_open: bool,
     user_header: Option<String>,
@@ -177,8 +175,7 @@ impl BudgetLayer {
             format: ErrorFormat::default(),
             status: 429,
             max_body: 4 << 20,
-            bytes_per_token: 3,
-            default_max_tokens: 4096,
+            assume: Assumptions::DEFAULT,
             allow_unpriced: false,
             fail_open: false,
             user_header: None,
@@ -314,13 +311,57 @@ impl BudgetLayerBuilder {
     /// Bytes of request body counted as one input token in the estimate (default 3; 1
     /// never underestimates).
     pub fn bytes_per_token(mut self, bytes: u64) -> Self {
-        self.bytes_per_token = bytes;
+        self.assume.bytes_per_token = bytes;
         self
     }
 
     /// The output tokens reserved when a request sets no `max_tokens`.
     pub fn default_max_tokens(mut self, tokens: u64) -> Self {
-        self.default_max_tokens = tokens;
+        self.assume.default_max_tokens = tokens;
+        self
+    }
+
+    /// The searches (or fetches) reserved for a server-side web search (or web fetch) tool
+    /// without `max_uses` (default 10). Anthropic documents `max_uses` as optional, and
+    /// nothing but the model bounds a tool without it, so no reservation is a true bound
+    /// for it. 10 is one use for each iteration of Anthropic's server-side loop before it
+    /// pauses the turn (`pause_turn`, after 10 iterations by default); an iteration
+    /// searching in parallel, or a paused turn sent again, can use more. A request that
+    /// does is still charged its actual cost when it settles; give the tool `max_uses` for
+    /// a true bound on its uses. 0 reserves none for such a tool.
+    ///
+    /// ```
+    /// use palisade::cost::budget::BudgetLayer;
+    /// let layer = BudgetLayer::builder().default_max_uses(20).build().unwrap();
+    /// # drop(layer);
+    /// ```
+    pub fn default_max_uses(mut self, uses: u64) -> Self {
+        self.assume.default_max_uses = uses;
+        self
+    }
+
+    /// The input tokens reserved for each web search a request allows (default 10,000), at
+    /// the dearest input rate: the results a search retrieves are added to the model's
+    /// context and billed as input tokens of the request. A result's size is not bounded
+    /// by the request, so this is an assumption: the default is above the 7,345 tokens
+    /// that the one-search usage example of Anthropic's web search documentation writes
+    /// to its cache. Anthropic bills the results again in each later iteration of the same
+    /// turn, so a request running many searches can use more; raise this when your
+    /// requests search often. 0 reserves only the search fee.
+    pub fn tokens_per_web_search(mut self, tokens: u64) -> Self {
+        self.assume.tokens_per_web_search = tokens;
+        self
+    }
+
+    /// The input tokens reserved for each fetch a web fetch tool without
+    /// `max_content_tokens` allows (default 25,000), at the dearest input rate. A fetch
+    /// has no fee, but the page it fetches joins the context and is billed as input
+    /// tokens; a tool's `max_content_tokens` bounds each page, and is reserved instead.
+    /// Without it a page (a long PDF) can be far larger: the default is the one-fetch
+    /// usage example of Anthropic's web fetch documentation (25,039 input tokens for the
+    /// whole request).
+    pub fn tokens_per_web_fetch(mut self, tokens: u64) -> Self {
+        self.assume.tokens_per_web_fetch = tokens;
         self
     }
 
@@ -382,7 +423,7 @@ impl BudgetLayerBuilder {
         if self.max_body == 0 {
             return Err(BudgetConfigError::Zero("max_body"));
         }
-        if self.bytes_per_token == 0 {
+        if self.assume.bytes_per_token == 0 {
             return Err(BudgetConfigError::Zero("bytes_per_token"));
         }
         let header = |h: Option<String>| {
@@ -401,8 +442,7 @@ impl BudgetLayerBuilder {
                 format: self.format,
                 status,
                 max_body: self.max_body,
-                bytes_per_token: self.bytes_per_token,
-                default_max_tokens: self.default_max_tokens,
+                assume: self.assume,
                 allow_unpriced: self.allow_unpriced,
                 fail_open: self.fail_open,
                 user_header: header(self.user_header)?,
@@ -983,15 +1023,7 @@ where
             };
             let plan = match known {
                 Some((seen, amount)) if seen == bytes => Plan::Reserve(amount),
-                _ => plan(
-                    shared,
-                    estimate(
-                        &bytes,
-                        &shared.prices,
-                        shared.bytes_per_token,
-                        shared.default_max_tokens,
-                    ),
-                ),
+                _ => plan(shared, estimate(&bytes, &shared.prices, &shared.assume)),
             };
             let req = Request::from_parts(parts, B::from(bytes));
             match plan {
@@ -1180,7 +1212,7 @@ pub(super) fn larger_than_budget(charges: &[Charge], amount: Money) -> Option<Er
     Some(Error::invalid_fields([FieldError::new(
         "max_tokens",
         format!(
-            "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens or shorten the input",
+            "this request may cost up to {amount}, more than the whole budget `{}` ({} per {}); lower max_tokens, give web search and web fetch tools a smaller max_uses (and max_content_tokens), or shorten the input",
             c.budget.name, c.budget.limit, c.budget.period
         ),
     )]))

@@ -26,9 +26,13 @@
 //! a model (a UTF-8 byte-order mark before it is skipped, as lenient JSON readers do) it
 //! reserves the most the request can cost — the input estimated from the body
 //! size plus `max_tokens` output tokens (the largest output limit given, for each of
-//! OpenAI's `n` choices), and the web searches its tools allow (`max_uses`; a web search
-//! tool without it is bounded by the model alone and reserves nothing), at the model's
-//! prices — on every budget that applies, all or none, atomically. When the response has been metered, the
+//! OpenAI's `n` choices), and the web searches and fetches its tools allow (`max_uses`,
+//! or [`default_max_uses`](BudgetLayerBuilder::default_max_uses) for a tool without it)
+//! with their results and pages as input tokens
+//! ([`tokens_per_web_search`](BudgetLayerBuilder::tokens_per_web_search) for each
+//! search; a fetch tool's `max_content_tokens`, else
+//! [`tokens_per_web_fetch`](BudgetLayerBuilder::tokens_per_web_fetch), for each fetch),
+//! at the model's prices — on every budget that applies, all or none, atomically. When the response has been metered, the
 //! [`BudgetReservation`] left in the request extensions is settled with the real cost
 //! (complete, partial or failed) and the rest is refunded. So concurrent requests can never
 //! spend together more than the budget holds, as long as each costs no more than it
@@ -117,6 +121,7 @@ mod layer;
 mod period;
 #[cfg(feature = "redis")]
 mod redis;
+mod shape;
 mod split;
 mod store;
 

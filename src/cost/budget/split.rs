@@ -493,12 +493,7 @@ where
                         self.finish(Decision::CheckAtGate);
                         continue;
                     };
-                    let est = estimate(
-                        &bytes,
-                        &self.shared.prices,
-                        self.shared.bytes_per_token,
-                        self.shared.default_max_tokens,
-                    );
+                    let est = estimate(&bytes, &self.shared.prices, &self.shared.assume);
                     match plan(&self.shared, est) {
                         Plan::Pass => self.finish(Decision::CheckAtGate),
                         Plan::Refuse(_) => self.finish(Decision::Refused),
