@@ -6,40 +6,15 @@
 //! it out only after them; past the reset retention it is forgotten), and a charge from
 //! after it always does, whether or not the store has dropped the reset key meanwhile.
 
+#[path = "support/rate_items.rs"]
+mod rate_items;
 mod support;
 
+use palisade::rate_limit::store::RuleDecision;
+use rate_items::{item, settlement};
+
 use palisade::rate_limit::algorithm::Params;
-use palisade::rate_limit::store::{CheckItem, RuleDecision, Settlement};
 use palisade::rate_limit::{Algorithm, MemoryStore, Quota, RateKey};
-
-fn item(key: &RateKey, params: Params, cost: u64) -> CheckItem<'_> {
-    CheckItem {
-        rule_index: 0,
-        rule: "r",
-        key,
-        params,
-        cost,
-        shadow: false,
-    }
-}
-
-fn settlement<'a>(
-    key: &'a RateKey,
-    params: Params,
-    d: &RuleDecision,
-    delta: i64,
-) -> Settlement<'a> {
-    Settlement {
-        rule_index: 0,
-        rule: "r",
-        key,
-        params,
-        window_start: d.window_start,
-        generation: d.generation,
-        reservation_end: d.reservation_end,
-        delta,
-    }
-}
 
 fn store(max_entries: usize) -> MemoryStore {
     MemoryStore::builder()

@@ -3,45 +3,20 @@
 //! reset keys fill it, and what a settlement does around resets of a key that the store
 //! dropped (forgotten by the memory store, deleted in Redis) and started again.
 
+#[path = "support/rate_items.rs"]
+mod rate_items;
 mod support;
+
+use palisade::rate_limit::store::RuleDecision;
+use rate_items::{item, settlement};
 
 use std::time::Duration;
 
 use palisade::config::Env;
 use palisade::rate_limit::algorithm::Params;
-use palisade::rate_limit::store::{CheckItem, RuleDecision, Settlement};
 use palisade::rate_limit::{
     Algorithm, MemoryStore, Quota, RateKey, RateLimitConfig, RateLimitConfigError,
 };
-
-fn item(key: &RateKey, params: Params, cost: u64) -> CheckItem<'_> {
-    CheckItem {
-        rule_index: 0,
-        rule: "r",
-        key,
-        params,
-        cost,
-        shadow: false,
-    }
-}
-
-fn settlement<'a>(
-    key: &'a RateKey,
-    params: Params,
-    d: &RuleDecision,
-    delta: i64,
-) -> Settlement<'a> {
-    Settlement {
-        rule_index: 0,
-        rule: "r",
-        key,
-        params,
-        window_start: d.window_start,
-        generation: d.generation,
-        reservation_end: d.reservation_end,
-        delta,
-    }
-}
 
 /// Requests of one unit admitted at `now`, up to `n` tried.
 fn admitted(store: &MemoryStore, key: &RateKey, params: Params, now: u64, n: usize) -> usize {
