@@ -357,15 +357,8 @@ fn unreadable_number(body: &[u8]) -> Estimate {
     if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
         return Estimate::NotMetered;
     }
-    static TOP: [&str; 6] = [
-        "model",
-        "max_tokens",
-        "max_completion_tokens",
-        "max_output_tokens",
-        "n",
-        "tools",
-    ];
-    for field in &TOP {
+    // the fields at the top of a body: all but a tool's own
+    for field in &FIELDS[..6] {
         match Shape::of(body, 3, std::slice::from_ref(field)) {
             Some(Shape::Object(map)) if *field == "model" && !map.contains_key("model") => {
                 return Estimate::NotMetered;
