@@ -794,3 +794,27 @@ async fn bad_orchestrator_bodies_are_typed_400s() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert!(gw.records().is_empty());
 }
+
+/// A budget body that names no limit is a mistake (a client that lost its field), not a
+/// request to lift the user's limit: `null` says "no limit", an absent field is a 400.
+#[tokio::test]
+async fn a_budget_body_without_the_limit_is_refused_not_read_as_unlimited() {
+    let gw = start(&[]).await;
+    let r = gw.put("/admin/budgets/alice", ADMIN, json!({})).await;
+    let e = r.anthropic_error(400, "invalid_request_error");
+    assert!(e.to_string().contains("daily_limit_usd"), "{e}");
+    let view = gw.get("/admin/budgets/alice", ADMIN).await.json();
+    assert_eq!(view["custom"], false, "{view}");
+    assert_eq!(view["daily_limit_usd"], "5", "{view}");
+    // An explicit null still lifts it.
+    let r = gw
+        .put(
+            "/admin/budgets/alice",
+            ADMIN,
+            json!({"daily_limit_usd": null}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["daily_limit_usd"], Value::Null);
+    assert_eq!(r.json()["custom"], true);
+}

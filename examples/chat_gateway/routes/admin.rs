@@ -137,19 +137,39 @@ pub async fn get_budget(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutBudget {
-    /// Dollars per UTC day (`"10.00"`), or `null` for no limit.
-    pub daily_limit_usd: Option<String>,
+    /// Dollars per UTC day (`"10.00"`), or `null` for no limit. Required: `None` when the
+    /// body left it out, `Some(None)` for an explicit `null` (a body that lost its field
+    /// must not lift the user's limit).
+    #[serde(default, deserialize_with = "present")]
+    pub daily_limit_usd: Option<Option<String>>,
+}
+
+/// A field that is present, `null` or not.
+fn present<'de, D>(d: D) -> Result<Option<Option<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<String>::deserialize(d).map(Some)
 }
 
 impl Validate for PutBudget {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Validator::new();
-        if let Some(s) = &self.daily_limit_usd {
-            v.check(
-                Money::parse_dollars(s).is_ok(),
-                "daily_limit_usd",
-                "must be a dollar amount such as \"10.00\", or null",
-            );
+        match &self.daily_limit_usd {
+            None => {
+                v.error(
+                    "daily_limit_usd",
+                    "required: a dollar amount such as \"10.00\", or null for no limit",
+                );
+            }
+            Some(Some(s)) => {
+                v.check(
+                    Money::parse_dollars(s).is_ok(),
+                    "daily_limit_usd",
+                    "must be a dollar amount such as \"10.00\", or null",
+                );
+            }
+            Some(None) => {}
         }
         v.finish()
     }
@@ -180,8 +200,8 @@ pub async fn put_budget(
         .inspect_err(|_| refused("invalid body"))?;
     let limit = req
         .daily_limit_usd
-        .as_deref()
-        .and_then(|s| Money::parse_dollars(s).ok());
+        .flatten()
+        .and_then(|s| Money::parse_dollars(&s).ok());
     let set = state.budgets.set(&user, limit).await.map_err(|e| {
         state.audit.record(
             AuditEntry::new("budget_set", "failed")
