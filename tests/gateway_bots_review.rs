@@ -818,3 +818,29 @@ async fn a_budget_body_without_the_limit_is_refused_not_read_as_unlimited() {
     assert_eq!(r.json()["daily_limit_usd"], Value::Null);
     assert_eq!(r.json()["custom"], true);
 }
+
+/// A day the month does not have is not a date: `/v1/usage` refuses it instead of reading
+/// it as a day of the next month.
+#[tokio::test]
+async fn usage_refuses_a_day_the_month_does_not_have() {
+    let gw = start(&[]).await;
+    for (query, field) in [
+        ("from=2026-02-31", "from"),
+        ("from=2025-02-29", "from"),
+        ("to=2026-04-31", "to"),
+        ("to=2100-02-29", "to"),
+    ] {
+        let r = gw.get(&format!("/v1/usage?{query}"), USER).await;
+        let e = r.anthropic_error(400, "invalid_request_error");
+        assert!(e.to_string().contains(field), "{query}: {e}");
+    }
+    for query in [
+        "from=2024-02-29",
+        "from=2000-02-29",
+        "to=2026-12-31",
+        "from=2026-04-30",
+    ] {
+        let r = gw.get(&format!("/v1/usage?{query}"), USER).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+    }
+}
