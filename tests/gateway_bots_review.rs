@@ -844,3 +844,117 @@ async fn usage_refuses_a_day_the_month_does_not_have() {
         assert_eq!(r.status, 200, "{query}: {}", r.text());
     }
 }
+
+/// A bot chat the upstream fails once and the retry answers is one record, billed once to
+/// the owner and the bot, and the owner's budget is charged that record's cost.
+#[tokio::test]
+async fn a_retried_bot_chat_is_one_record_billed_once() {
+    let ok = json!({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1000, "output_tokens": 200}
+    });
+    let upstream = fixture::upstream_failing_once(ok).await;
+    let uri = upstream.uri();
+    let gw = start(&[
+        ("ANTHROPIC_BASE_URL", uri.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+    ])
+    .await;
+    let id = bot(&gw, USER, "claude-haiku-4-5").await;
+    let r = gw
+        .post(&format!("/v1/bots/{id}/messages"), USER, hello())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(upstream.received_requests().await.unwrap().len(), 2);
+    gw.usage_records(1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let records = gw.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let rec = &records[0].record;
+    assert_eq!(rec.status, 200);
+    assert_eq!(rec.attribution.user.as_deref(), Some("alice"));
+    assert_eq!(rec.attribution.bot.as_deref(), Some(id.as_str()));
+    let view = gw.get("/admin/budgets/alice", ADMIN).await.json();
+    assert_eq!(
+        picos(&view["spent_today_usd"]),
+        rec.cost.unwrap().picos(),
+        "{view}"
+    );
+}
+
+/// A streamed bot chat its client abandons is still recorded, billed to the owner and the
+/// bot for the usage seen, marked as cut short.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_bot_chat_stream_is_billed_to_the_bot_as_partial() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream =
+        sse_upstream::slow_stream_upstream(10_000, std::time::Duration::from_secs(1)).await;
+    let gw = start(&[
+        ("ANTHROPIC_BASE_URL", upstream.as_str()),
+        ("ANTHROPIC_API_KEY", "sk-ant-upstream-test"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let id = bot(&gw, USER, "claude-sonnet-4-5").await;
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "stream": true}).to_string();
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/bots/{id}/messages HTTP/1.1\r\nhost: x\r\nx-api-key: {USER}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("part 1 ") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(tcp);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let records = gw.usage_records(1).await;
+    let rec = &records[0].record;
+    assert_eq!(
+        rec.completion,
+        palisade::cost::Completion::Partial,
+        "{rec:?}"
+    );
+    assert_eq!(rec.attribution.user.as_deref(), Some("alice"));
+    assert_eq!(rec.attribution.bot.as_deref(), Some(id.as_str()));
+    assert!(rec.usage.input_tokens >= 10, "{rec:?}");
+}
+
+/// The bot routes' limits cannot be walked around by spelling the path differently: once
+/// ten bots are created, no spelling of `POST /v1/bots` creates an eleventh.
+#[tokio::test]
+async fn no_spelling_of_the_bot_route_walks_around_its_limit() {
+    let gw = start(&[]).await;
+    for _ in 0..10 {
+        bot(&gw, USER, "claude-haiku-4-5").await;
+    }
+    let draft = json!({"name": "More", "model": "claude-haiku-4-5"});
+    for path in [
+        "/v1/bots",
+        "/v1/bots/",
+        "//v1/bots",
+        "/v1//bots",
+        "/v1/./bots",
+        "/v1/x/../bots",
+        "/v1/%62ots",
+        "/V1/bots",
+        "/v1/bots?x=1",
+        "/v1/bots#x",
+    ] {
+        let r = gw.post(path, USER, draft.clone()).await;
+        assert!(
+            r.status == 429 || r.status == 404 || r.status == 405,
+            "{path}: {} {}",
+            r.status,
+            r.text()
+        );
+        assert_typed_4xx(&r, path);
+    }
+    assert_eq!(gw.state.bots.list("alice").await.len(), 10);
+}
