@@ -958,3 +958,35 @@ async fn no_spelling_of_the_bot_route_walks_around_its_limit() {
     }
     assert_eq!(gw.state.bots.list("alice").await.len(), 10);
 }
+
+/// A bot's id says nothing about anyone else's bots: two bots one user creates around
+/// other users' bots carry no count of the bots made in between.
+#[tokio::test]
+async fn bot_ids_do_not_count_the_platforms_bots() {
+    let gw = start(&[]).await;
+    let first = bot(&gw, USER, "claude-haiku-4-5").await;
+    for _ in 0..7 {
+        bot(&gw, OTHER, "claude-haiku-4-5").await;
+    }
+    let second = bot(&gw, USER, "claude-haiku-4-5").await;
+    let hex = |id: &str| u128::from_str_radix(id.strip_prefix("bot_").unwrap(), 16).unwrap();
+    for id in [&first, &second] {
+        assert_eq!(id.len(), 4 + 24, "{id}");
+    }
+    // The leading 32 bits were a process-wide sequence: 8 apart here.
+    let lead = |id: &str| hex(id) >> 64;
+    assert_ne!(
+        lead(&second).wrapping_sub(lead(&first)),
+        8,
+        "{first} {second}: the ids count the bots created between them"
+    );
+    // Still listed oldest first.
+    let list = gw.get("/v1/bots", USER).await.json();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [first.as_str(), second.as_str()]);
+}
