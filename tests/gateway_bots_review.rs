@@ -990,3 +990,65 @@ async fn bot_ids_do_not_count_the_platforms_bots() {
         .collect();
     assert_eq!(ids, [first.as_str(), second.as_str()]);
 }
+
+/// Thirty-five descriptions at once: thirty drafts, five refused with 429 (30 a minute per
+/// user, as the README says), each refusal billing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orchestrator_holds_thirty_a_minute_under_concurrency() {
+    let gw = Arc::new(start(&[]).await);
+    let statuses = concurrently(
+        &gw,
+        35,
+        "/v1/orchestrator/parse-intent".into(),
+        json!({"description": "a cook"}),
+    )
+    .await;
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        30,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 429).count(),
+        5,
+        "{statuses:?}"
+    );
+    gw.usage_records(30).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(gw.records().len(), 30);
+}
+
+/// A user over their daily budget cannot chat through a bot either: 429 that says not to
+/// retry, and the upstream is not called.
+#[tokio::test]
+async fn a_user_over_budget_cannot_spend_through_a_bot() {
+    let gw = start(&[]).await;
+    let id = bot(&gw, USER, "claude-haiku-4-5").await;
+    let r = gw
+        .put(
+            "/admin/budgets/alice",
+            ADMIN,
+            json!({"daily_limit_usd": "0"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for stream in [false, true] {
+        let r = gw
+            .post(
+                &format!("/v1/bots/{id}/messages"),
+                USER,
+                json!({"messages": [{"role": "user", "content": "hi"}], "stream": stream}),
+            )
+            .await;
+        r.anthropic_error(429, "rate_limit_error");
+        assert_eq!(r.header("x-should-retry"), Some("false"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(gw.records().is_empty(), "{:?}", gw.records());
+    // Bob's allowance is his own.
+    let b = bot(&gw, OTHER, "claude-haiku-4-5").await;
+    let r = gw
+        .post(&format!("/v1/bots/{b}/messages"), OTHER, hello())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
