@@ -1052,3 +1052,40 @@ async fn a_user_over_budget_cannot_spend_through_a_bot() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// An admin who mistypes a user's name is told so: a budget or a rate-limit reset for a
+/// name no key belongs to is a 404 naming the user, not a 200 that changed nothing anyone
+/// uses.
+#[tokio::test]
+async fn an_admin_change_for_a_user_no_key_belongs_to_is_refused() {
+    let gw = start(&[]).await;
+    let r = gw
+        .put(
+            "/admin/budgets/alcie",
+            ADMIN,
+            json!({"daily_limit_usd": "100.00"}),
+        )
+        .await;
+    let e = r.anthropic_error(404, "not_found_error");
+    assert!(e["message"].as_str().unwrap().contains("alcie"), "{e}");
+    let r = gw
+        .post("/admin/rate-limits/reset", ADMIN, json!({"user": "alcie"}))
+        .await;
+    let e = r.anthropic_error(404, "not_found_error");
+    assert!(e["message"].as_str().unwrap().contains("alcie"), "{e}");
+    // The names that hold keys work, the admin's own too.
+    for user in ["alice", "bob", "ops"] {
+        let r = gw
+            .put(
+                &format!("/admin/budgets/{user}"),
+                ADMIN,
+                json!({"daily_limit_usd": "7"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{user}: {}", r.text());
+        let r = gw
+            .post("/admin/rate-limits/reset", ADMIN, json!({"user": user}))
+            .await;
+        assert_eq!(r.status, 200, "{user}: {}", r.text());
+    }
+}

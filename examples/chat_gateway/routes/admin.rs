@@ -37,6 +37,22 @@ impl Validate for ResetLimits {
     }
 }
 
+/// 404 unless a key belongs to `user`: a change for a mistyped name would answer 200 and
+/// change nothing anyone uses.
+fn known_user(state: &AppState, user: &str) -> ApiResult<()> {
+    if state.keys.key_ids(user).is_empty() {
+        let shown: String = user.chars().take(100).collect();
+        return Err(ApiError::new(
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no API key belongs to a user named `{shown}`"),
+            ),
+            state.config.error_format(),
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /admin/rate-limits/reset`: every call audited, refused or failed ones too.
 pub async fn reset_rate_limits(
     State(state): State<AppState>,
@@ -64,6 +80,7 @@ async fn reset(
     let format = state.config.error_format();
     let bytes = read_json(state, headers, body).await?;
     let req: ResetLimits = validate::from_json(&bytes).fmt_err(format)?;
+    known_user(state, &req.user)?;
     let Some(limiter) = &state.limiter else {
         return Err(ApiError::new(
             Error::new(
@@ -198,6 +215,7 @@ pub async fn put_budget(
     let req: PutBudget = validate::from_json(&bytes)
         .fmt_err(format)
         .inspect_err(|_| refused("invalid body"))?;
+    known_user(&state, &user).inspect_err(|_| refused("no key belongs to the user"))?;
     let limit = req
         .daily_limit_usd
         .flatten()
