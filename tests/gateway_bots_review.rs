@@ -1089,3 +1089,70 @@ async fn an_admin_change_for_a_user_no_key_belongs_to_is_refused() {
         assert_eq!(r.status, 200, "{user}: {}", r.text());
     }
 }
+
+/// Bodies built to hurt a parser: nesting a hundred thousand deep, a lone surrogate, a
+/// number too large for any type, a key repeated: typed 400s, and the gateway still
+/// answers afterwards.
+#[tokio::test]
+async fn hostile_json_in_a_bot_chat_is_a_typed_400() {
+    let gw = start(&[("PALISADE_RATE_LIMIT_RULES", GENEROUS)]).await;
+    let id = bot(&gw, USER, "claude-haiku-4-5").await;
+    let path = format!("/v1/bots/{id}/messages");
+    let deep = format!(
+        r#"{{"messages":[{{"role":"user","content":{}{}}}]}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let deep_objects = format!(
+        r#"{{"messages":[{{"role":"user","content":"hi"}}],"metadata":{}{}}}"#,
+        r#"{"a":"#.repeat(50_000),
+        "}".repeat(50_000)
+    );
+    let bodies = [
+        deep,
+        deep_objects,
+        r#"{"messages":[{"role":"user","content":"\ud800"}]}"#.to_owned(),
+        r#"{"messages":[{"role":"user","content":"hi"}],"stream":1e999}"#.to_owned(),
+        r#"{"messages":[{"role":"user","content":"hi"}],"messages":[]}"#.to_owned(),
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}\u{0}".to_owned(),
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]} {}".to_owned(),
+    ];
+    for body in bodies {
+        let shown: String = body.chars().take(60).collect();
+        let r = raw(
+            &gw,
+            Method::POST,
+            &path,
+            USER,
+            Some("application/json"),
+            body,
+        )
+        .await;
+        assert_eq!(r.status, 400, "{shown}: {}", r.text());
+        assert_typed_4xx(&r, &shown);
+    }
+    let r = gw.post(&path, USER, hello()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// Every `POST /v1/bots` counts against the ten an hour, a refused one too (the README
+/// says so): a client that sends ten bad drafts waits for the next window.
+#[tokio::test]
+async fn refused_bot_creations_count_against_the_limit() {
+    let gw = start(&[]).await;
+    for _ in 0..10 {
+        let r = gw
+            .post("/v1/bots", USER, json!({"name": "", "model": "x"}))
+            .await;
+        r.anthropic_error(400, "invalid_request_error");
+    }
+    let r = gw
+        .post(
+            "/v1/bots",
+            USER,
+            json!({"name": "Ok", "model": "claude-haiku-4-5"}),
+        )
+        .await;
+    r.anthropic_error(429, "rate_limit_error");
+    assert!(r.header("retry-after").is_some());
+}
