@@ -1156,3 +1156,25 @@ async fn refused_bot_creations_count_against_the_limit() {
     r.anthropic_error(429, "rate_limit_error");
     assert!(r.header("retry-after").is_some());
 }
+
+/// With the meter told to read the user from the body (`PALISADE_COST_USER_FROM_BODY`), a
+/// bot chat's `metadata.user_id` still bills the caller: the end user a client names is
+/// not who pays.
+#[tokio::test]
+async fn a_bot_chat_naming_another_user_in_its_metadata_bills_the_caller() {
+    let gw = start(&[("PALISADE_COST_USER_FROM_BODY", "true")]).await;
+    let id = bot(&gw, USER, "claude-haiku-4-5").await;
+    let r = gw
+        .post(
+            &format!("/v1/bots/{id}/messages"),
+            USER,
+            json!({"messages": [{"role": "user", "content": "hi"}], "metadata": {"user_id": "bob"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let records = gw.usage_records(1).await;
+    assert_eq!(records[0].record.attribution.user.as_deref(), Some("alice"));
+    let bob = gw.get("/admin/budgets/bob", ADMIN).await.json();
+    assert_eq!(bob["spent_today_usd"], "0", "{bob}");
+    assert_eq!(bob["reserved_usd"], "0", "{bob}");
+}
