@@ -1178,3 +1178,45 @@ async fn a_bot_chat_naming_another_user_in_its_metadata_bills_the_caller() {
     assert_eq!(bob["spent_today_usd"], "0", "{bob}");
     assert_eq!(bob["reserved_usd"], "0", "{bob}");
 }
+
+/// The in-memory ledger drops its oldest records past its bound: a `/v1/usage` range that
+/// reaches back to a dropped record says its totals are not whole (`complete: false`),
+/// where it used to answer smaller totals as if they were all; a range after the dropped
+/// records is whole.
+#[tokio::test]
+async fn usage_says_when_its_range_lost_records_to_the_ledger_bound() {
+    use palisade::cost::{Attribution, Usage, UsageRecord, UsageSink};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let gw = start(&[]).await;
+    let now = SystemTime::now();
+    let record = |time| {
+        UsageRecord::new(
+            time,
+            Some("claude-haiku-4-5".into()),
+            Usage::default(),
+            Some(Money::from_picos(1)),
+        )
+        .with_attribution(Attribution::default().with_user("alice"))
+    };
+    let r = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(r["complete"], true, "{r}");
+    gw.state
+        .ledger
+        .record_batch(&[record(now - Duration::from_secs(3600))])
+        .await
+        .unwrap();
+    let batch: Vec<UsageRecord> = (0..100_000).map(|_| record(now)).collect();
+    gw.state.ledger.record_batch(&batch).await.unwrap();
+    assert_eq!(gw.state.ledger.evicted(), 1);
+    let r = gw.get("/v1/usage", USER).await.json();
+    assert_eq!(r["report"]["total"]["requests"], 100_000);
+    assert_eq!(r["complete"], false, "{}", r["complete"]);
+    let r = gw.get("/v1/usage", ADMIN).await.json();
+    assert_eq!(r["complete"], false, "{}", r["complete"]);
+    let from = (now - Duration::from_secs(60))
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let r = gw.get(&format!("/v1/usage?from={from}"), USER).await.json();
+    assert_eq!(r["complete"], true, "{}", r["complete"]);
+}

@@ -146,6 +146,8 @@ pub enum Ledger {
 pub struct MemoryLedger {
     entries: Mutex<std::collections::VecDeque<LedgerEntry>>,
     evicted: AtomicU64,
+    /// The latest time of a dropped record (written under `entries`' lock).
+    dropped_until: Mutex<Option<SystemTime>>,
 }
 
 /// The most records the in-memory ledger keeps (about 50 MB).
@@ -173,6 +175,14 @@ impl Ledger {
         }
     }
 
+    /// Whether a record from `from` on may have been dropped because the ledger was full:
+    /// totals over a range from `from` then leave some out.
+    pub fn dropped_since(&self, from: SystemTime) -> bool {
+        match self {
+            Ledger::Memory(m) => lock(&m.dropped_until).is_some_and(|t| t >= from),
+        }
+    }
+
     /// Records dropped because the in-memory ledger was full.
     pub fn evicted(&self) -> u64 {
         match self {
@@ -185,9 +195,14 @@ impl Ledger {
             Ledger::Memory(m) => {
                 let mut entries = lock(&m.entries);
                 for record in batch {
-                    if entries.len() >= MAX_LEDGER_ENTRIES {
-                        entries.pop_front();
+                    if entries.len() >= MAX_LEDGER_ENTRIES
+                        && let Some(dropped) = entries.pop_front()
+                    {
                         m.evicted.fetch_add(1, Ordering::Relaxed);
+                        let mut until = lock(&m.dropped_until);
+                        if until.is_none_or(|t| t < dropped.record.time) {
+                            *until = Some(dropped.record.time);
+                        }
                     }
                     entries.push_back(LedgerEntry {
                         record: record.clone(),

@@ -1,5 +1,7 @@
 //! `GET /v1/usage`: the caller's spend over `from`..`to` (totals, by model, day, bot,
 //! conversation and fallback). With an admin key: any `user`, or everyone with the `top` N spenders.
+//! `complete` is `false` when the in-memory ledger, full, dropped records the range may
+//! hold: the totals then leave them out.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -120,6 +122,7 @@ pub async fn usage(
         "from": from.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "to": to.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "total_cost_usd": report.total.cost.dollars_string(),
+        "complete": !state.ledger.dropped_since(from),
         "report": report,
     });
     if user.is_none() {
