@@ -1220,3 +1220,38 @@ async fn usage_says_when_its_range_lost_records_to_the_ledger_bound() {
     let r = gw.get(&format!("/v1/usage?from={from}"), USER).await.json();
     assert_eq!(r["complete"], true, "{}", r["complete"]);
 }
+
+/// `PALISADE_RATE_LIMIT_RULES` replaces the gateway's limits, as the README says: an empty
+/// list leaves none, where it used to bring the defaults back without a word.
+#[tokio::test]
+async fn an_empty_rule_list_leaves_no_route_limits() {
+    let gw = start(&[("PALISADE_RATE_LIMIT_RULES", "[]")]).await;
+    for i in 0..12 {
+        let r = gw
+            .post(
+                "/v1/bots",
+                USER,
+                json!({"name": "Many", "model": "claude-haiku-4-5"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "creation {i}: {}", r.text());
+    }
+    // Unset, the defaults hold.
+    let gw = start(&[]).await;
+    let statuses = {
+        let mut s = Vec::new();
+        for _ in 0..11 {
+            s.push(
+                gw.post(
+                    "/v1/bots",
+                    USER,
+                    json!({"name": "Some", "model": "claude-haiku-4-5"}),
+                )
+                .await
+                .status,
+            );
+        }
+        s
+    };
+    assert_eq!(statuses[10], 429, "{statuses:?}");
+}

@@ -418,10 +418,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         Arc::clone(&alerts) as Arc<dyn AlertSink>,
     )?;
 
-    let mut rl = config.rate_limit.clone();
-    if rl.rules.is_empty() {
-        rl.rules = default_rules();
-    }
+    let rl = config.rate_limit.clone();
     #[cfg(feature = "redis")]
     let redis = match (&config.redis, config.layers) {
         (Some(settings), true) => Some(

@@ -170,7 +170,8 @@ pub struct GatewayConfig {
     pub retry: RetryConfig,
     /// The circuit breaker (one per upstream).
     pub breaker: CircuitBreakerConfig,
-    /// Rate-limit rules; the gateway's defaults when `PALISADE_RATE_LIMIT_RULES` is unset.
+    /// Rate-limit rules: the gateway's defaults ([`crate::app::default_rules`]) when
+    /// `PALISADE_RATE_LIMIT_RULES` is unset, none when it is `[]`.
     pub rate_limit: RateLimitConfig,
     /// Security headers.
     pub security_headers: SecurityHeadersConfig,
@@ -473,6 +474,10 @@ impl GatewayConfig {
         let mut rate_limit = RateLimitConfig::from_env(env);
         if env.raw("PALISADE_RATE_LIMIT_ERROR_FORMAT").is_none() {
             rate_limit.error_format = settings.error_format;
+        }
+        // Set, the variable replaces the gateway's rules, `[]` too (no route limits).
+        if env.raw("PALISADE_RATE_LIMIT_RULES").is_none() {
+            rate_limit.rules = crate::app::default_rules();
         }
         let mut budget = BudgetConfig::from_env(env);
         if env.raw("PALISADE_BUDGET_RULES").is_none()
