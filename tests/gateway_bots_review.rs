@@ -1255,3 +1255,45 @@ async fn an_empty_rule_list_leaves_no_route_limits() {
     };
     assert_eq!(statuses[10], 429, "{statuses:?}");
 }
+
+/// A draft the fallback wrote is marked as the proxy's answers are: `x-palisade-fallback`
+/// and the cost headers reach the client, where the orchestrator's own answer dropped
+/// every header the upstream stack set.
+#[tokio::test]
+async fn an_orchestrator_draft_served_by_the_fallback_is_marked() {
+    let gw = start(&[
+        ("PALISADE_GATEWAY_ORCHESTRATOR_MODEL", "mock-overloaded"),
+        ("PALISADE_GATEWAY_FALLBACK_MODEL", "claude-haiku-4-5"),
+        ("PALISADE_RETRY_MAX_RETRIES", "0"),
+    ])
+    .await;
+    let r = gw
+        .post(
+            "/v1/orchestrator/parse-intent",
+            USER,
+            json!({"description": "a cook"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-palisade-fallback"),
+        Some("model:claude-haiku-4-5"),
+        "{:?}",
+        r.headers
+    );
+    let direct = gw.chat(USER, "claude-haiku-4-5").await;
+    let cost: Vec<_> = direct
+        .headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-palisade-cost"))
+        .collect();
+    assert!(!cost.is_empty(), "{:?}", direct.headers);
+    for name in cost {
+        assert!(r.headers.contains_key(name), "{name}: {:?}", r.headers);
+    }
+    let records = gw.usage_records(3).await;
+    assert!(records.iter().any(
+        |e| e.record.fallback.as_deref() == Some("model:claude-haiku-4-5")
+            && e.record.attribution.user.as_deref() == Some("alice")
+    ));
+}

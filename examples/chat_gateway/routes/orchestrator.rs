@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use palisade::validate::{self, Validate, Validator};
 use palisade::{Error, ErrorKind, FieldError};
@@ -91,6 +91,14 @@ pub async fn parse_intent(
         // The upstream's own refusal (overloaded, rate limited) passes through as it was.
         return Ok(super::pass_through(res));
     }
+    // The gateway's own marks on the upstream answer (its cost, the fallback that served
+    // it) go on the draft's answer too.
+    let marks: Vec<(HeaderName, HeaderValue)> = res
+        .headers()
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-palisade-"))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
     let body = match Limited::new(res.into_body(), 1 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -142,5 +150,7 @@ pub async fn parse_intent(
             .join("; ");
         return Ok(bad_answer(&state, why));
     }
-    Ok(Json(json!({ "draft": draft })).into_response())
+    let mut answer = Json(json!({ "draft": draft })).into_response();
+    answer.headers_mut().extend(marks);
+    Ok(answer)
 }
