@@ -1297,3 +1297,19 @@ async fn an_orchestrator_draft_served_by_the_fallback_is_marked() {
             && e.record.attribution.user.as_deref() == Some("alice")
     ));
 }
+
+/// Known limit: authentication sits above the rate limits, so requests with a wrong key are
+/// never limited. One client can send them at line rate, each an audit event, and fill the
+/// bounded audit queue that the admin actions share. Ignored until failures are limited
+/// per client address before authentication.
+#[tokio::test]
+#[ignore = "known limit: wrong-key requests are not rate limited"]
+async fn wrong_key_requests_from_one_address_are_limited() {
+    let gw = start(&[]).await;
+    let mut statuses = Vec::new();
+    for i in 0..150 {
+        let key = format!("sk-test-guess-{i:012}");
+        statuses.push(gw.get("/v1/bots", &key).await.status.as_u16());
+    }
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
