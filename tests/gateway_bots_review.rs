@@ -1313,3 +1313,35 @@ async fn wrong_key_requests_from_one_address_are_limited() {
     }
     assert!(statuses.contains(&429), "{statuses:?}");
 }
+
+/// Bot chats at once against a small daily budget never spend past it: each reserves the
+/// most it can cost before it goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_bot_chats_never_spend_past_the_budget() {
+    let gw = Arc::new(start(&[("PALISADE_RATE_LIMIT_RULES", GENEROUS)]).await);
+    let id = bot(&gw, USER, "claude-sonnet-4-5").await;
+    let r = gw
+        .put(
+            "/admin/budgets/alice",
+            ADMIN,
+            json!({"daily_limit_usd": "0.05"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let statuses = concurrently(&gw, 30, format!("/v1/bots/{id}/messages"), hello()).await;
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(ok >= 1 && statuses.contains(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    let records = gw.usage_records(ok).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(gw.records().len(), ok);
+    let spent: u128 = records.iter().map(|e| e.record.cost.unwrap().picos()).sum();
+    let limit = Money::parse_dollars("0.05").unwrap().picos();
+    assert!(spent <= limit, "spent {spent} of {limit}: {statuses:?}");
+    let view = gw.get("/admin/budgets/alice", ADMIN).await.json();
+    assert_eq!(picos(&view["spent_today_usd"]), spent, "{view}");
+    assert_eq!(view["reserved_usd"], "0", "{view}");
+}
