@@ -1073,6 +1073,10 @@ async fn an_admin_change_for_a_user_no_key_belongs_to_is_refused() {
         .await;
     let e = r.anthropic_error(404, "not_found_error");
     assert!(e["message"].as_str().unwrap().contains("alcie"), "{e}");
+    // Reading one is no different: a default view of a nobody reads as a user with $5 left.
+    let r = gw.get("/admin/budgets/alcie", ADMIN).await;
+    let e = r.anthropic_error(404, "not_found_error");
+    assert!(e["message"].as_str().unwrap().contains("alcie"), "{e}");
     // The names that hold keys work, the admin's own too.
     for user in ["alice", "bob", "ops"] {
         let r = gw

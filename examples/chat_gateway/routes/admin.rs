@@ -141,13 +141,15 @@ pub async fn get_budget(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(user): ApiPath<String>,
-) -> Json<BudgetView> {
+) -> ApiResult<Json<BudgetView>> {
+    let known = known_user(&state, &user);
     state.audit.record(
-        AuditEntry::new("budget_read", "done")
+        AuditEntry::new("budget_read", if known.is_ok() { "done" } else { "failed" })
             .actor(&*caller.user)
             .target(user.clone()),
     );
-    Json(state.budgets.view(&user))
+    known?;
+    Ok(Json(state.budgets.view(&user)))
 }
 
 /// The body of `PUT /admin/budgets/{user}`.
