@@ -1349,3 +1349,25 @@ async fn concurrent_bot_chats_never_spend_past_the_budget() {
     assert_eq!(picos(&view["spent_today_usd"]), spent, "{view}");
     assert_eq!(view["reserved_usd"], "0", "{view}");
 }
+
+/// A model answer that is not a draft still cost money: the 502 carries the call's cost
+/// headers, as a draft does.
+#[tokio::test]
+async fn an_orchestrator_502_carries_the_cost_of_the_call() {
+    let gw = start(&[]).await;
+    let r = gw
+        .post(
+            "/v1/orchestrator/parse-intent",
+            USER,
+            json!({"description": "give me malformed output"}),
+        )
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.headers
+            .keys()
+            .any(|n| n.as_str().starts_with("x-palisade-cost")),
+        "{:?}",
+        r.headers
+    );
+}

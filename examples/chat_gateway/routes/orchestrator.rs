@@ -48,7 +48,7 @@ fn system_prompt() -> String {
     )
 }
 
-fn bad_answer(state: &AppState, why: String) -> Response {
+fn bad_answer(state: &AppState, marks: &[(HeaderName, HeaderValue)], why: String) -> Response {
     tracing::warn!(reason = %why, "orchestrator: the model's answer was not a bot draft");
     let mut res = render(
         &Error::new(
@@ -58,6 +58,7 @@ fn bad_answer(state: &AppState, why: String) -> Response {
         state.config.error_format(),
     );
     *res.status_mut() = StatusCode::BAD_GATEWAY;
+    res.headers_mut().extend(marks.iter().cloned());
     res
 }
 
@@ -104,20 +105,31 @@ pub async fn parse_intent(
         Err(e) => {
             return Ok(bad_answer(
                 &state,
+                &marks,
                 format!("the answer could not be read ({e})"),
             ));
         }
     };
     let message: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return Ok(bad_answer(&state, format!("the answer is not JSON ({e})"))),
+        Err(e) => {
+            return Ok(bad_answer(
+                &state,
+                &marks,
+                format!("the answer is not JSON ({e})"),
+            ));
+        }
     };
     let Some(text) = message["content"]
         .as_array()
         .and_then(|blocks| blocks.iter().find(|b| b["type"] == "text"))
         .and_then(|b| b["text"].as_str())
     else {
-        return Ok(bad_answer(&state, "the answer holds no text block".into()));
+        return Ok(bad_answer(
+            &state,
+            &marks,
+            "the answer holds no text block".into(),
+        ));
     };
     let text = text.trim();
     let text = text
@@ -139,7 +151,7 @@ pub async fn parse_intent(
             } else {
                 fields.join("; ")
             };
-            return Ok(bad_answer(&state, why));
+            return Ok(bad_answer(&state, &marks, why));
         }
     };
     if let Err(fields) = draft.check(&state.limits) {
@@ -148,7 +160,7 @@ pub async fn parse_intent(
             .map(|f| format!("{}: {}", f.field, f.message))
             .collect::<Vec<_>>()
             .join("; ");
-        return Ok(bad_answer(&state, why));
+        return Ok(bad_answer(&state, &marks, why));
     }
     let mut answer = Json(json!({ "draft": draft })).into_response();
     answer.headers_mut().extend(marks);
