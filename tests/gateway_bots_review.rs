@@ -26,7 +26,7 @@ const GENEROUS: &str = r#"[{"name":"generous","limit":100000,"window":"1m"}]"#;
 /// Creates a bot of `model` as `key` and returns its id.
 async fn bot(gw: &Gateway, key: &str, model: &str) -> String {
     let r = gw
-        .post("/v1/bots", key, json!({"name": "Helper", "model": model}))
+        .post("/v1/bots", key, json!({"name": "Assistant", "model": model}))
         .await;
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()["id"].as_str().unwrap().to_owned()
