@@ -160,6 +160,9 @@ pub struct GatewayConfig {
     pub budget_hold_ttl: Duration,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
+    /// Failed authentications a minute from one client address before its failures
+    /// answer 429 (`PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE`; 0: no limit).
+    pub auth_failures_per_minute: u64,
     /// How long the mock's `mock-slow` model waits before answering.
     pub mock_slow_delay: Duration,
     /// JSON logs (`PALISADE_GATEWAY_LOG_FORMAT`, default: JSON in production).
@@ -327,6 +330,12 @@ impl GatewayConfig {
                     Ok(set)
                 }
             },
+        );
+        let auth_failures_per_minute = env.optional_with(
+            "PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE",
+            60u64,
+            "60 (0: no limit)",
+            |s| s.trim().parse::<u64>().map_err(|e| e.to_string()),
         );
         let max_tokens = env.optional_with(
             "PALISADE_GATEWAY_MAX_TOKENS",
@@ -536,6 +545,7 @@ impl GatewayConfig {
             budget_sync_interval,
             budget_hold_ttl,
             shutdown_grace,
+            auth_failures_per_minute,
             mock_slow_delay,
             json_logs,
             log_filter,
