@@ -68,6 +68,8 @@ pub struct Shared {
     pub cost_stats: Option<Arc<CostStats>>,
     /// What requests are checked against.
     pub limits: Arc<Limits>,
+    /// Failed authentications counted per client address (`None`: no limit).
+    pub auth_failures: Option<Arc<crate::auth::FailureLimit>>,
     /// `/metrics` and the dashboard's counters.
     pub metrics: crate::metrics::Metrics,
     /// The Redis store of rate limits, for `/health` (`REDIS_URL`).
@@ -119,6 +121,26 @@ pub fn default_rules() -> Vec<RuleConfig> {
     .iter()
     .map(RuleConfig::from)
     .collect()
+}
+
+/// The limit on failed authentications per client address, reading the client as the
+/// rate limits do (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`); at most 65,536 addresses tracked.
+fn auth_failures(config: &GatewayConfig) -> Result<Option<crate::auth::FailureLimit>, BoxError> {
+    let proxies = if config.rate_limit.trusted_proxies.is_empty() {
+        palisade::rate_limit::TrustedProxies::none()
+    } else {
+        config
+            .rate_limit
+            .trusted_proxies
+            .join(",")
+            .parse()
+            .map_err(|e| format!("PALISADE_RATE_LIMIT_TRUSTED_PROXIES: {e}"))?
+    };
+    Ok(crate::auth::FailureLimit::new(
+        config.auth_failures_per_minute,
+        proxies,
+        1 << 16,
+    )?)
 }
 
 /// The budget layer: the configured budgets, charged to the caller (the gateway's
@@ -418,10 +440,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         Arc::clone(&alerts) as Arc<dyn AlertSink>,
     )?;
 
-    let mut rl = config.rate_limit.clone();
-    if rl.rules.is_empty() {
-        rl.rules = default_rules();
-    }
+    let rl = config.rate_limit.clone();
     #[cfg(feature = "redis")]
     let redis = match (&config.redis, config.layers) {
         (Some(settings), true) => Some(
@@ -464,6 +483,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         #[cfg(feature = "postgres")]
         postgres,
         cost_stats,
+        auth_failures: auth_failures(&config)?.map(Arc::new),
         limits: Arc::new(Limits {
             models: config.models.clone(),
             max_tokens: config.max_tokens,

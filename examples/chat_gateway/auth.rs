@@ -6,13 +6,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use axum::extract::Request;
 use axum::response::Response;
 use http::Uri;
 use http::header::HeaderName;
 use palisade::key::{ApiKeyId, api_key_from_headers, constant_time_eq};
-use palisade::rate_limit::Principal;
+use palisade::rate_limit::algorithm::{Params, Verdict};
+use palisade::rate_limit::store::CheckItem;
+use palisade::rate_limit::{
+    Algorithm, MemoryStore, Principal, Quota, RateKey, RateLimitConfigError, TrustedProxies,
+};
 use palisade::{Error, ErrorKind};
 use pin_project_lite::pin_project;
 use tower_http::request_id::RequestId;
@@ -112,6 +117,92 @@ impl KeyStore {
     }
 }
 
+/// Authentication failures (no key, an unknown key) counted per client address, in a fixed
+/// window of a minute (`PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE`): past the limit, that
+/// client's failures answer 429 with `retry-after` and are not audited one by one (the
+/// first refused one is), so one client sending wrong keys can neither fill the audit queue
+/// nor the log. Requests with a valid key are never counted nor refused here, whatever
+/// their address. The client is the peer, or the address trusted proxies name in
+/// `X-Forwarded-For` (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`), as the rate limits read it.
+pub struct FailureLimit {
+    store: MemoryStore,
+    params: Params,
+    proxies: TrustedProxies,
+}
+
+/// What a failure limit says of one more failure.
+enum Failure {
+    /// Under the limit: answer 401 and audit it.
+    Counted,
+    /// The first over the limit this window: answer 429 and audit it.
+    FirstRefused(Duration),
+    /// Over the limit: answer 429 quietly.
+    Refused(Duration),
+}
+
+impl FailureLimit {
+    /// The name the failures are counted under.
+    const RULE: &str = "auth_failures";
+
+    /// `per_minute` failures a minute for each client address (0: no limit), with
+    /// `proxies` trusted to name the client; at most `max_entries` addresses are tracked.
+    pub fn new(
+        per_minute: u64,
+        proxies: TrustedProxies,
+        max_entries: usize,
+    ) -> Result<Option<Self>, RateLimitConfigError> {
+        if per_minute == 0 {
+            return Ok(None);
+        }
+        let store = MemoryStore::builder().max_entries(max_entries).build()?;
+        Ok(Some(Self {
+            store,
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(per_minute)),
+            proxies,
+        }))
+    }
+
+    /// Counts one failure of `req`'s client (a request with no client address, served in
+    /// process, is not counted).
+    fn count(&self, req: &Request) -> Failure {
+        let Some(ip) = self.proxies.client_ip(req) else {
+            return Failure::Counted;
+        };
+        let key = RateKey::ip(ip);
+        let item = CheckItem {
+            rule_index: 0,
+            rule: Self::RULE,
+            key: &key,
+            params: self.params,
+            cost: 1,
+            shadow: false,
+        };
+        let now = self.store.now_micros();
+        let rule = self.store.check_at(&[item], now).rules[0];
+        let retry_after = match rule.verdict {
+            Verdict::Allowed => return Failure::Counted,
+            Verdict::Denied { retry_after } => retry_after,
+            Verdict::Never => rule.reset_micros,
+        };
+        let retry_after = Duration::from_micros(retry_after).max(Duration::from_secs(1));
+        // The refusals are counted under a second rule that admits one a minute: that
+        // one is audited.
+        let first = CheckItem {
+            rule_index: 1,
+            rule: "auth_failures_refused",
+            key: &key,
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(1)),
+            cost: 1,
+            shadow: false,
+        };
+        if self.store.check_at(&[first], now).admitted {
+            Failure::FirstRefused(retry_after)
+        } else {
+            Failure::Refused(retry_after)
+        }
+    }
+}
+
 /// Headers that name a user or a bot, which palisade's layers read when told to
 /// (`x-bot-id` by default in the cost meter): removed from every request.
 const ATTRIBUTION_HEADERS: [HeaderName; 2] = [
@@ -137,7 +228,7 @@ fn attribution_headers(state: &AppState) -> Arc<[HeaderName]> {
 
 /// Authentication as a tower layer over the authenticated routes: refuses without a key
 /// (401), with an unknown key (401) and with a user key on `/admin` (403), each an audit
-/// event; otherwise puts the [`Caller`] and its rate-limit [`Principal`] in the request
+/// event (a client past its [`FailureLimit`] gets 429 instead of 401); otherwise puts the [`Caller`] and its rate-limit [`Principal`] in the request
 /// extensions (the handlers bill upstream calls to the caller), removes the headers that
 /// name a user or a bot,
 /// and audits the rate-limit and budget refusals the layers below it answer with.
@@ -145,13 +236,19 @@ fn attribution_headers(state: &AppState) -> Arc<[HeaderName]> {
 pub struct AuthLayer {
     state: AppState,
     strip: Arc<[HeaderName]>,
+    failures: Option<Arc<FailureLimit>>,
 }
 
 impl AuthLayer {
     /// Authenticates against `state`'s keys, auditing to its audit log.
     pub fn new(state: AppState) -> Self {
         let strip = attribution_headers(&state);
-        Self { state, strip }
+        let failures = state.auth_failures.clone();
+        Self {
+            state,
+            strip,
+            failures,
+        }
     }
 }
 
@@ -163,6 +260,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             inner,
             state: self.state.clone(),
             strip: Arc::clone(&self.strip),
+            failures: self.failures.clone(),
         }
     }
 }
@@ -174,6 +272,8 @@ pub struct Authenticate<S> {
     state: AppState,
     /// The headers removed from every request it admits.
     strip: Arc<[HeaderName]>,
+    /// Authentication failures counted per client address.
+    failures: Option<Arc<FailureLimit>>,
 }
 
 /// An admitted request, kept until its response: who made it, to audit a refusal by the
@@ -195,7 +295,31 @@ impl<S> Authenticate<S> {
                 .target(req.uri().path().to_owned())
                 .request_id(crate::app::request_id(req))
         };
+        // A failure past the client's limit answers 429, audited once a minute.
+        let throttled = |req: &Request| {
+            let retry_after = match self.failures.as_ref()?.count(req) {
+                Failure::Counted => return None,
+                Failure::FirstRefused(after) => {
+                    state.audit.record(
+                        audit(req, "auth_throttled", "refused")
+                            .detail("too many failed authentications from this address"),
+                    );
+                    after
+                }
+                Failure::Refused(after) => after,
+            };
+            Some(render(
+                &Error::rate_limited(
+                    "too many requests without a valid API key from this address",
+                    retry_after,
+                ),
+                format,
+            ))
+        };
         let Some(key) = api_key_from_headers(req.headers()) else {
+            if let Some(refusal) = throttled(req) {
+                return Err(refusal);
+            }
             state
                 .audit
                 .record(audit(req, "auth_failed", "refused").detail("no key"));
@@ -208,6 +332,9 @@ impl<S> Authenticate<S> {
             ));
         };
         let Some(caller) = state.keys.authenticate(key) else {
+            if let Some(refusal) = throttled(req) {
+                return Err(refusal);
+            }
             // Named by its hash: the key itself is never written anywhere.
             state.audit.record(
                 audit(req, "auth_failed", "refused")

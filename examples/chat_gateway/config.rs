@@ -160,6 +160,9 @@ pub struct GatewayConfig {
     pub budget_hold_ttl: Duration,
     /// How long shutdown waits for in-flight requests and streams.
     pub shutdown_grace: Duration,
+    /// Failed authentications a minute from one client address before its failures
+    /// answer 429 (`PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE`; 0: no limit).
+    pub auth_failures_per_minute: u64,
     /// How long the mock's `mock-slow` model waits before answering.
     pub mock_slow_delay: Duration,
     /// JSON logs (`PALISADE_GATEWAY_LOG_FORMAT`, default: JSON in production).
@@ -170,7 +173,8 @@ pub struct GatewayConfig {
     pub retry: RetryConfig,
     /// The circuit breaker (one per upstream).
     pub breaker: CircuitBreakerConfig,
-    /// Rate-limit rules; the gateway's defaults when `PALISADE_RATE_LIMIT_RULES` is unset.
+    /// Rate-limit rules: the gateway's defaults ([`crate::app::default_rules`]) when
+    /// `PALISADE_RATE_LIMIT_RULES` is unset, none when it is `[]`.
     pub rate_limit: RateLimitConfig,
     /// Security headers.
     pub security_headers: SecurityHeadersConfig,
@@ -327,6 +331,12 @@ impl GatewayConfig {
                 }
             },
         );
+        let auth_failures_per_minute = env.optional_with(
+            "PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE",
+            60u64,
+            "60 (0: no limit)",
+            |s| s.trim().parse::<u64>().map_err(|e| e.to_string()),
+        );
         let max_tokens = env.optional_with(
             "PALISADE_GATEWAY_MAX_TOKENS",
             64_000u64,
@@ -474,6 +484,10 @@ impl GatewayConfig {
         if env.raw("PALISADE_RATE_LIMIT_ERROR_FORMAT").is_none() {
             rate_limit.error_format = settings.error_format;
         }
+        // Set, the variable replaces the gateway's rules, `[]` too (no route limits).
+        if env.raw("PALISADE_RATE_LIMIT_RULES").is_none() {
+            rate_limit.rules = crate::app::default_rules();
+        }
         let mut budget = BudgetConfig::from_env(env);
         if env.raw("PALISADE_BUDGET_RULES").is_none()
             && let Some(limit) = daily_budget
@@ -531,6 +545,7 @@ impl GatewayConfig {
             budget_sync_interval,
             budget_hold_ttl,
             shutdown_grace,
+            auth_failures_per_minute,
             mock_slow_delay,
             json_logs,
             log_filter,

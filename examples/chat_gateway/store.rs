@@ -21,8 +21,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A bot: the platform's own object, owned by one user.
 #[derive(Debug, Clone, Serialize)]
 pub struct Bot {
-    /// `bot_` and 24 hex digits.
+    /// `bot_` and 24 hex digits, all random: an id says nothing about other bots.
     pub id: String,
+    /// The store's creation order (set by the store; never shown: it would count the
+    /// platform's bots).
+    #[serde(skip)]
+    pub seq: u64,
     /// The owner (never shown to others: another user's bot is a 404).
     #[serde(skip)]
     pub owner: Arc<str>,
@@ -65,9 +69,15 @@ impl Bots {
     pub async fn create(&self, mut bot: Bot) -> Bot {
         match self {
             Bots::Memory(m) => {
-                let n = m.next.fetch_add(1, Ordering::Relaxed);
-                bot.id = format!("bot_{:08x}{:016x}", n, rand::random::<u64>());
                 let mut map = m.bots.write().unwrap_or_else(PoisonError::into_inner);
+                // 96 random bits: a clash is as good as impossible, and is drawn again.
+                loop {
+                    bot.id = format!("bot_{:024x}", rand::random::<u128>() >> 32);
+                    if !map.contains_key(&bot.id) {
+                        break;
+                    }
+                }
+                bot.seq = m.next.fetch_add(1, Ordering::Relaxed);
                 map.insert(bot.id.clone(), bot.clone());
                 bot
             }
@@ -84,7 +94,7 @@ impl Bots {
                     .filter(|b| &*b.owner == owner)
                     .cloned()
                     .collect();
-                bots.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+                bots.sort_by_key(|b| b.seq);
                 bots
             }
         }
@@ -136,6 +146,8 @@ pub enum Ledger {
 pub struct MemoryLedger {
     entries: Mutex<std::collections::VecDeque<LedgerEntry>>,
     evicted: AtomicU64,
+    /// The latest time of a dropped record (written under `entries`' lock).
+    dropped_until: Mutex<Option<SystemTime>>,
 }
 
 /// The most records the in-memory ledger keeps (about 50 MB).
@@ -163,6 +175,14 @@ impl Ledger {
         }
     }
 
+    /// Whether a record from `from` on may have been dropped because the ledger was full:
+    /// totals over a range from `from` then leave some out.
+    pub fn dropped_since(&self, from: SystemTime) -> bool {
+        match self {
+            Ledger::Memory(m) => lock(&m.dropped_until).is_some_and(|t| t >= from),
+        }
+    }
+
     /// Records dropped because the in-memory ledger was full.
     pub fn evicted(&self) -> u64 {
         match self {
@@ -175,9 +195,14 @@ impl Ledger {
             Ledger::Memory(m) => {
                 let mut entries = lock(&m.entries);
                 for record in batch {
-                    if entries.len() >= MAX_LEDGER_ENTRIES {
-                        entries.pop_front();
+                    if entries.len() >= MAX_LEDGER_ENTRIES
+                        && let Some(dropped) = entries.pop_front()
+                    {
                         m.evicted.fetch_add(1, Ordering::Relaxed);
+                        let mut until = lock(&m.dropped_until);
+                        if until.is_none_or(|t| t < dropped.record.time) {
+                            *until = Some(dropped.record.time);
+                        }
                     }
                     entries.push_back(LedgerEntry {
                         record: record.clone(),

@@ -37,6 +37,22 @@ impl Validate for ResetLimits {
     }
 }
 
+/// 404 unless a key belongs to `user`: a change for a mistyped name would answer 200 and
+/// change nothing anyone uses.
+fn known_user(state: &AppState, user: &str) -> ApiResult<()> {
+    if state.keys.key_ids(user).is_empty() {
+        let shown: String = user.chars().take(100).collect();
+        return Err(ApiError::new(
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no API key belongs to a user named `{shown}`"),
+            ),
+            state.config.error_format(),
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /admin/rate-limits/reset`: every call audited, refused or failed ones too.
 pub async fn reset_rate_limits(
     State(state): State<AppState>,
@@ -64,6 +80,7 @@ async fn reset(
     let format = state.config.error_format();
     let bytes = read_json(state, headers, body).await?;
     let req: ResetLimits = validate::from_json(&bytes).fmt_err(format)?;
+    known_user(state, &req.user)?;
     let Some(limiter) = &state.limiter else {
         return Err(ApiError::new(
             Error::new(
@@ -124,32 +141,54 @@ pub async fn get_budget(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     ApiPath(user): ApiPath<String>,
-) -> Json<BudgetView> {
+) -> ApiResult<Json<BudgetView>> {
+    let known = known_user(&state, &user);
     state.audit.record(
-        AuditEntry::new("budget_read", "done")
+        AuditEntry::new("budget_read", if known.is_ok() { "done" } else { "failed" })
             .actor(&*caller.user)
             .target(user.clone()),
     );
-    Json(state.budgets.view(&user))
+    known?;
+    Ok(Json(state.budgets.view(&user)))
 }
 
 /// The body of `PUT /admin/budgets/{user}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutBudget {
-    /// Dollars per UTC day (`"10.00"`), or `null` for no limit.
-    pub daily_limit_usd: Option<String>,
+    /// Dollars per UTC day (`"10.00"`), or `null` for no limit. Required: `None` when the
+    /// body left it out, `Some(None)` for an explicit `null` (a body that lost its field
+    /// must not lift the user's limit).
+    #[serde(default, deserialize_with = "present")]
+    pub daily_limit_usd: Option<Option<String>>,
+}
+
+/// A field that is present, `null` or not.
+fn present<'de, D>(d: D) -> Result<Option<Option<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Option::<String>::deserialize(d).map(Some)
 }
 
 impl Validate for PutBudget {
     fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut v = Validator::new();
-        if let Some(s) = &self.daily_limit_usd {
-            v.check(
-                Money::parse_dollars(s).is_ok(),
-                "daily_limit_usd",
-                "must be a dollar amount such as \"10.00\", or null",
-            );
+        match &self.daily_limit_usd {
+            None => {
+                v.error(
+                    "daily_limit_usd",
+                    "required: a dollar amount such as \"10.00\", or null for no limit",
+                );
+            }
+            Some(Some(s)) => {
+                v.check(
+                    Money::parse_dollars(s).is_ok(),
+                    "daily_limit_usd",
+                    "must be a dollar amount such as \"10.00\", or null",
+                );
+            }
+            Some(None) => {}
         }
         v.finish()
     }
@@ -178,10 +217,11 @@ pub async fn put_budget(
     let req: PutBudget = validate::from_json(&bytes)
         .fmt_err(format)
         .inspect_err(|_| refused("invalid body"))?;
+    known_user(&state, &user).inspect_err(|_| refused("no key belongs to the user"))?;
     let limit = req
         .daily_limit_usd
-        .as_deref()
-        .and_then(|s| Money::parse_dollars(s).ok());
+        .flatten()
+        .and_then(|s| Money::parse_dollars(&s).ok());
     let set = state.budgets.set(&user, limit).await.map_err(|e| {
         state.audit.record(
             AuditEntry::new("budget_set", "failed")

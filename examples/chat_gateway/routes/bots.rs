@@ -125,6 +125,7 @@ pub async fn create(
         .bots
         .create(Bot {
             id: String::new(),
+            seq: 0,
             owner: caller.user.clone(),
             name: draft.name,
             model: draft.model,

@@ -6,7 +6,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use palisade::validate::{self, Validate, Validator};
 use palisade::{Error, ErrorKind, FieldError};
@@ -48,7 +48,7 @@ fn system_prompt() -> String {
     )
 }
 
-fn bad_answer(state: &AppState, why: String) -> Response {
+fn bad_answer(state: &AppState, marks: &[(HeaderName, HeaderValue)], why: String) -> Response {
     tracing::warn!(reason = %why, "orchestrator: the model's answer was not a bot draft");
     let mut res = render(
         &Error::new(
@@ -58,6 +58,7 @@ fn bad_answer(state: &AppState, why: String) -> Response {
         state.config.error_format(),
     );
     *res.status_mut() = StatusCode::BAD_GATEWAY;
+    res.headers_mut().extend(marks.iter().cloned());
     res
 }
 
@@ -91,25 +92,44 @@ pub async fn parse_intent(
         // The upstream's own refusal (overloaded, rate limited) passes through as it was.
         return Ok(super::pass_through(res));
     }
+    // The gateway's own marks on the upstream answer (its cost, the fallback that served
+    // it) go on the draft's answer too.
+    let marks: Vec<(HeaderName, HeaderValue)> = res
+        .headers()
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-palisade-"))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
     let body = match Limited::new(res.into_body(), 1 << 20).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             return Ok(bad_answer(
                 &state,
+                &marks,
                 format!("the answer could not be read ({e})"),
             ));
         }
     };
     let message: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return Ok(bad_answer(&state, format!("the answer is not JSON ({e})"))),
+        Err(e) => {
+            return Ok(bad_answer(
+                &state,
+                &marks,
+                format!("the answer is not JSON ({e})"),
+            ));
+        }
     };
     let Some(text) = message["content"]
         .as_array()
         .and_then(|blocks| blocks.iter().find(|b| b["type"] == "text"))
         .and_then(|b| b["text"].as_str())
     else {
-        return Ok(bad_answer(&state, "the answer holds no text block".into()));
+        return Ok(bad_answer(
+            &state,
+            &marks,
+            "the answer holds no text block".into(),
+        ));
     };
     let text = text.trim();
     let text = text
@@ -131,7 +151,7 @@ pub async fn parse_intent(
             } else {
                 fields.join("; ")
             };
-            return Ok(bad_answer(&state, why));
+            return Ok(bad_answer(&state, &marks, why));
         }
     };
     if let Err(fields) = draft.check(&state.limits) {
@@ -140,7 +160,9 @@ pub async fn parse_intent(
             .map(|f| format!("{}: {}", f.field, f.message))
             .collect::<Vec<_>>()
             .join("; ");
-        return Ok(bad_answer(&state, why));
+        return Ok(bad_answer(&state, &marks, why));
     }
-    Ok(Json(json!({ "draft": draft })).into_response())
+    let mut answer = Json(json!({ "draft": draft })).into_response();
+    answer.headers_mut().extend(marks);
+    Ok(answer)
 }

@@ -1,5 +1,7 @@
 //! `GET /v1/usage`: the caller's spend over `from`..`to` (totals, by model, day, bot,
 //! conversation and fallback). With an admin key: any `user`, or everyone with the `top` N spenders.
+//! `complete` is `false` when the in-memory ledger, full, dropped records the range may
+//! hold: the totals then leave them out.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,7 +33,8 @@ pub struct UsageQuery {
     pub top: Option<usize>,
 }
 
-/// Parses `YYYY-MM-DD` (midnight UTC) or Unix seconds.
+/// Parses `YYYY-MM-DD` (midnight UTC; a day the month does not have is `None`) or Unix
+/// seconds.
 pub fn parse_time(s: &str) -> Option<SystemTime> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
@@ -41,7 +44,7 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     let y: i64 = parts.next()?.parse().ok()?;
     let m: i64 = parts.next()?.parse().ok()?;
     let d: i64 = parts.next()?.parse().ok()?;
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=days_in(y, m)).contains(&d) {
         return None;
     }
     // Days from the civil date (Howard Hinnant's algorithm).
@@ -53,6 +56,16 @@ pub fn parse_time(s: &str) -> Option<SystemTime> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(days).ok()? * 86_400))
+}
+
+/// The days of month `m` of year `y` (Gregorian).
+fn days_in(y: i64, m: i64) -> i64 {
+    match m {
+        4 | 6 | 9 | 11 => 30,
+        2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+        2 => 28,
+        _ => 31,
+    }
 }
 
 /// The handler.
@@ -109,6 +122,7 @@ pub async fn usage(
         "from": from.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "to": to.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         "total_cost_usd": report.total.cost.dollars_string(),
+        "complete": !state.ledger.dropped_since(from),
         "report": report,
     });
     if user.is_none() {
