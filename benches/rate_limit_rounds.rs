@@ -2,7 +2,7 @@
 //! drift cannot bias: the rows run in turn, round after round (300,000 requests or 1,000,000
 //! decisions a row per round), and each row keeps its fastest round. A criterion group runs its rows one after the other, so on a shared
 //! machine a row that happens to run during a busy second reads slower; here every row sees
-//! every second. Code layout still moves the results (see BENCHMARKS.md), so read it beside
+//! every second. Code layout still moves the results, so read it beside
 //! the criterion run, not instead of it.
 //!
 //! `cargo bench --features axum --bench rate_limit_rounds` (`ROUNDS=30` for more rounds,

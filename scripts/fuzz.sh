@@ -7,8 +7,9 @@
 #
 # Runs on the stable toolchain (RUSTC_BOOTSTRAP=1 unlocks the sanitizer flags cargo-fuzz
 # passes); installs cargo-fuzz when it is missing. Each target starts from seeds taken from
-# the test data (recorded SSE streams, the CSPs and request bodies the tests use) and keeps
-# its corpus in fuzz/corpus/TARGET between runs. A crash is saved under
+# the test data (recorded SSE streams, the CSPs and request bodies the tests use) or from a
+# few answers and headers written below, and keeps its corpus in fuzz/corpus/TARGET between
+# runs. Without TARGETs it runs every target in fuzz/fuzz_targets. A crash is saved under
 # fuzz/artifacts/TARGET and makes the script fail; turn it into a regression test in the
 # crate's tests (reproduce with `cargo fuzz run TARGET fuzz/artifacts/TARGET/crash-...`).
 set -euo pipefail
@@ -19,7 +20,8 @@ shift || true
 targets=("$@")
 build=("${targets[@]}")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(sse usage headers csp config validate)
+  # Every target in fuzz/fuzz_targets, so that a new one is run without editing this list.
+  for f in fuzz/fuzz_targets/*.rs; do targets+=("$(basename "$f" .rs)"); done
   build=("") # one build of every target
 fi
 
@@ -69,6 +71,8 @@ grep -ohE 'r#"\{[^#]*"#' tests/gateway_bad_input.rs tests/chat_gateway.rs | sort
   i=$((i + 1))
   seed validate "$i" '\x00\x00\x00\x00' "${line:2:${#line}-4}"
 done
+seed json_usage anthropic '' '{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":42,"cache_read_input_tokens":1024,"output_tokens":12}}'
+seed json_usage openai '' '{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":42,"completion_tokens":12,"total_tokens":54,"prompt_tokens_details":{"cached_tokens":0}}}'
 seed headers ra-seconds '\x00\x00\x00\x00' "120"
 seed headers ra-date '\x00\x00\x00\x00' "Sun, 06 Nov 1994 08:49:37 GMT"
 seed headers xff '\xff\xff\xff\xff' "10.0.0.1, 203.0.113.9, [2001:db8::1]:443"
