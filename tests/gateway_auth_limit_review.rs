@@ -247,3 +247,19 @@ async fn extreme_limits_are_served_or_refused_by_name() {
         );
     }
 }
+
+/// A request refused for its client's failures cannot succeed by retrying it (its key is
+/// still wrong or missing): the 429 says so with `x-should-retry: false`, which the
+/// official SDKs obey. Without it they retry every 429 after `retry-after` (up to a
+/// minute, twice by default), each retry another failure, and the user waits minutes for
+/// an error that says nothing of the key.
+#[tokio::test]
+async fn a_throttled_failure_tells_clients_not_to_retry() {
+    let gw = serve(&[("PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE", "1")]).await;
+    assert_eq!(statuses(&gw, "/v1/bots", 1, |_| None).await, [401]);
+    for key in [Some(WRONG), None] {
+        let r = gw.call(Method::GET, "/v1/bots", key, None, &[]).await;
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.header("x-should-retry"), Some("false"), "{:?}", r.headers);
+    }
+}
