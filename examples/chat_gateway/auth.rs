@@ -308,11 +308,14 @@ impl<S> Authenticate<S> {
                 }
                 Failure::Refused(after) => after,
             };
+            // No retry of the same request can succeed (its key is still wrong or missing):
+            // `x-should-retry: false` keeps the SDKs, which retry a 429, from sending it again.
             Some(render(
                 &Error::rate_limited(
                     "too many requests without a valid API key from this address",
                     retry_after,
-                ),
+                )
+                .with_should_retry(false),
                 format,
             ))
         };
