@@ -263,3 +263,44 @@ async fn a_throttled_failure_tells_clients_not_to_retry() {
         assert_eq!(r.header("x-should-retry"), Some("false"), "{:?}", r.headers);
     }
 }
+
+/// The audit events of `event` logged for `subject` so far.
+fn audit_events(event: &str, subject: &str) -> usize {
+    let logs = fixture::captured_logs("chat_gateway=info");
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "chat_gateway::audit")
+        .filter(|l| l["fields"]["event"] == event && l["fields"]["subject"] == subject)
+        .count()
+}
+
+/// Known limit: the failure limit bounds the audit events of clients without a valid
+/// key, but a holder of a user key still writes one audit event per request at line rate,
+/// into the same bounded queue the admin actions share: a user key on an admin route is a
+/// `forbidden` event each time, and each refusal by the caller's own rate limit a
+/// `rate_limited` event. Ignored until those are bounded per caller too.
+#[tokio::test]
+#[ignore = "known limit: a valid key's refusals are audited one by one"]
+async fn a_valid_keys_refusals_are_not_audited_one_by_one() {
+    fixture::captured_logs("chat_gateway=info");
+    let gw = serve(&[(
+        "PALISADE_RATE_LIMIT_RULES",
+        r#"[{"name":"tiny","limit":1,"window":"1m"}]"#,
+    )])
+    .await;
+    let admin_path = "/admin/budgets/audited_one_by_one";
+    let bot_path = "/v1/bots/bot_audited_one_by_one";
+    for _ in 0..100 {
+        assert_eq!(gw.get(admin_path, USER).await.status, 403);
+    }
+    for _ in 0..100 {
+        gw.get(bot_path, USER).await;
+    }
+    let forbidden = audit_events("forbidden", admin_path);
+    let limited = audit_events("rate_limited", bot_path);
+    assert!(
+        forbidden <= 2 && limited <= 2,
+        "{forbidden} forbidden events, {limited} rate_limited events"
+    );
+}
