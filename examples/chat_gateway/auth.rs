@@ -119,11 +119,13 @@ impl KeyStore {
 
 /// Authentication failures (no key, an unknown key) counted per client address, in a fixed
 /// window of a minute (`PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE`): past the limit, that
-/// client's failures answer 429 with `retry-after` and are not audited one by one (the
-/// first refused one is), so one client sending wrong keys can neither fill the audit queue
-/// nor the log. Requests with a valid key are never counted nor refused here, whatever
-/// their address. The client is the peer, or the address trusted proxies name in
-/// `X-Forwarded-For` (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`), as the rate limits read it.
+/// client's failures answer 429 with `retry-after` and `x-should-retry: false` and are not
+/// audited one by one (the first refused one a minute is), so one client sending wrong keys
+/// cannot fill the audit queue (each request still has its request log line). Requests
+/// with a valid key are never counted nor refused here, whatever their address. The client
+/// is the peer, or the address trusted proxies name in `X-Forwarded-For`
+/// (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`), as the rate limits read it: an IPv6 client by
+/// its /64. The counts are this process's own (not shared through Redis).
 pub struct FailureLimit {
     store: MemoryStore,
     params: Params,
