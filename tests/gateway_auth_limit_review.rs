@@ -275,32 +275,28 @@ fn audit_events(event: &str, subject: &str) -> usize {
         .count()
 }
 
-/// Known limit: the failure limit bounds the audit events of clients without a valid
-/// key, but a holder of a user key still writes one audit event per request at line rate,
-/// into the same bounded queue the admin actions share: a user key on an admin route is a
-/// `forbidden` event each time, and each refusal by the caller's own rate limit a
-/// `rate_limited` event. Ignored until those are bounded per caller too.
-#[tokio::test]
-#[ignore = "known limit: a valid key's refusals are audited one by one"]
-async fn a_valid_keys_refusals_are_not_audited_one_by_one() {
+/// Failures from many addresses, each under its own limit, are audited at most 600 a
+/// minute all together (an IPv6 /48 alone holds 65,536 /64s): past that one
+/// `auth_failures_unaudited` event stands for the rest of the minute's, the failures still
+/// answer 401, and the next minute is audited again.
+#[tokio::test(start_paused = true)]
+async fn failures_from_many_addresses_are_audited_at_most_600_a_minute() {
     fixture::captured_logs("chat_gateway=info");
-    let gw = serve(&[(
-        "PALISADE_RATE_LIMIT_RULES",
-        r#"[{"name":"tiny","limit":1,"window":"1m"}]"#,
-    )])
+    let gw = serve(&fixture::with(
+        PATIENT,
+        &[
+            ("PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE", "5"),
+            ("PALISADE_RATE_LIMIT_TRUSTED_PROXIES", "127.0.0.0/8"),
+        ],
+    ))
     .await;
-    let admin_path = "/admin/budgets/audited_one_by_one";
-    let bot_path = "/v1/bots/bot_audited_one_by_one";
-    for _ in 0..100 {
-        assert_eq!(gw.get(admin_path, USER).await.status, 403);
-    }
-    for _ in 0..100 {
-        gw.get(bot_path, USER).await;
-    }
-    let forbidden = audit_events("forbidden", admin_path);
-    let limited = audit_events("rate_limited", bot_path);
-    assert!(
-        forbidden <= 2 && limited <= 2,
-        "{forbidden} forbidden events, {limited} rate_limited events"
-    );
+    let path = "/v1/bots/bot_many_addresses";
+    let addr = |i: usize| Some(format!("10.1.{}.{}", i / 250, i % 250));
+    let got = statuses(&gw, path, 700, addr).await;
+    assert!(got.iter().all(|&s| s == 401), "{got:?}");
+    assert_eq!(audit_events("auth_failed", path), 600);
+    assert_eq!(audit_events("auth_failures_unaudited", path), 1);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(statuses(&gw, path, 1, addr).await, [401]);
+    assert_eq!(audit_events("auth_failed", path), 601);
 }

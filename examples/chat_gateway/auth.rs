@@ -121,7 +121,9 @@ impl KeyStore {
 /// window of a minute (`PALISADE_GATEWAY_AUTH_FAILURES_PER_MINUTE`): past the limit, that
 /// client's failures answer 429 with `retry-after` and `x-should-retry: false` and are not
 /// audited one by one (the first refused one a minute is), so one client sending wrong keys
-/// cannot fill the audit queue (each request still has its request log line). Requests
+/// cannot fill the audit queue (each request still has its request log line); failures
+/// from every address together are audited at most [`FailureLimit::AUDITED_PER_MINUTE`] a
+/// minute. Requests
 /// with a valid key are never counted nor refused here, whatever their address. The client
 /// is the peer, or the address trusted proxies name in `X-Forwarded-For`
 /// (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`), as the rate limits read it: an IPv6 client by
@@ -203,6 +205,35 @@ impl FailureLimit {
             Failure::Refused(retry_after)
         }
     }
+
+    /// Whether one more failure may be audited: at most [`Self::AUDITED_PER_MINUTE`] a
+    /// minute over every address, since many addresses (an IPv6 /48 holds 65,536 /64s)
+    /// could together fill the audit queue that admin actions share. The first failure
+    /// past that each minute is audited as the others' stand-in (`Some(true)`).
+    fn audit(&self) -> Option<bool> {
+        let all = RateKey::principal("*");
+        let now = self.store.now_micros();
+        let item = |rule_index, rule, limit| CheckItem {
+            rule_index,
+            rule,
+            key: &all,
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
+            cost: 1,
+            shadow: false,
+        };
+        let audited = item(2, "auth_failures_audited", Self::AUDITED_PER_MINUTE);
+        if self.store.check_at(&[audited], now).admitted {
+            return Some(false);
+        }
+        let stand_in = item(3, "auth_failures_unaudited", 1);
+        self.store
+            .check_at(&[stand_in], now)
+            .admitted
+            .then_some(true)
+    }
+
+    /// The most failed authentications audited a minute over all addresses.
+    pub const AUDITED_PER_MINUTE: u64 = 600;
 }
 
 /// Headers that name a user or a bot, which palisade's layers read when told to
@@ -297,12 +328,31 @@ impl<S> Authenticate<S> {
                 .target(req.uri().path().to_owned())
                 .request_id(crate::app::request_id(req))
         };
+        // A failure's audit event, unless failures from every address have had theirs
+        // this minute (then one event stands for the rest).
+        let audit_failure =
+            |req: &Request, entry: AuditEntry| match self.failures.as_ref().map(|f| f.audit()) {
+                None | Some(Some(false)) => state.audit.record(entry),
+                Some(Some(true)) => {
+                    state
+                        .audit
+                        .record(
+                            audit(req, "auth_failures_unaudited", "refused").detail(format!(
+                                "more than {} failed authentications this minute: the rest of this \
+                     minute's are not audited one by one",
+                                FailureLimit::AUDITED_PER_MINUTE
+                            )),
+                        )
+                }
+                Some(None) => {}
+            };
         // A failure past the client's limit answers 429, audited once a minute.
         let throttled = |req: &Request| {
             let retry_after = match self.failures.as_ref()?.count(req) {
                 Failure::Counted => return None,
                 Failure::FirstRefused(after) => {
-                    state.audit.record(
+                    audit_failure(
+                        req,
                         audit(req, "auth_throttled", "refused")
                             .detail("too many failed authentications from this address"),
                     );
@@ -325,9 +375,7 @@ impl<S> Authenticate<S> {
             if let Some(refusal) = throttled(req) {
                 return Err(refusal);
             }
-            state
-                .audit
-                .record(audit(req, "auth_failed", "refused").detail("no key"));
+            audit_failure(req, audit(req, "auth_failed", "refused").detail("no key"));
             return Err(render(
                 &Error::new(
                     ErrorKind::Unauthenticated,
@@ -341,7 +389,8 @@ impl<S> Authenticate<S> {
                 return Err(refusal);
             }
             // Named by its hash: the key itself is never written anywhere.
-            state.audit.record(
+            audit_failure(
+                req,
                 audit(req, "auth_failed", "refused")
                     .actor(format!("key:{}", ApiKeyId::from_key(key)))
                     .detail("unknown key"),
