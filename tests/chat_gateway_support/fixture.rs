@@ -357,6 +357,32 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The ledger once every record of the requests answered so far is in it: a marker
+    /// request (the admin's, on the cheapest model) is sent and its record waited for;
+    /// records are written in the order their requests ended, so what came before it is
+    /// in. Returned without the marker's record.
+    pub async fn records_settled(&self) -> Vec<crate::store::LedgerEntry> {
+        let before = self.records().len();
+        let r = self
+            .call_versioned(
+                Method::POST,
+                "/v1/messages",
+                ADMIN,
+                Some(chat("claude-3-haiku-20240307")),
+            )
+            .await;
+        assert_eq!(r.status, 200, "the marker request: {}", r.text());
+        let mut entries = self.usage_records(before + 1).await;
+        let marker = entries
+            .iter()
+            .rposition(|e| e.record.attribution.user.as_deref() == Some("ops"))
+            .expect("the marker's record");
+        entries.remove(marker);
+        entries
+    }
+}
+
 /// A small valid Messages request for `model`.
 pub fn chat(model: &str) -> Value {
     json!({
