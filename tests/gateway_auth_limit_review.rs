@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use fixture::{ADMIN, FAST_RETRIES, Gateway, USER, WRONG};
+use fixture::{ADMIN, FAST_RETRIES, Gateway, OTHER, USER, WRONG};
 
 /// The gateway, served by its own loop, with `vars` on top of fast retries.
 async fn serve(vars: &[(&str, &str)]) -> Gateway {
@@ -273,6 +273,38 @@ fn audit_events(event: &str, subject: &str) -> usize {
         .filter(|l| l["target"] == "chat_gateway::audit")
         .filter(|l| l["fields"]["event"] == event && l["fields"]["subject"] == subject)
         .count()
+}
+
+/// A valid key's refusals are audited at most 60 a minute per caller: a user key looping on
+/// an admin route, or past its own rate limit, gets 60 events and one
+/// `refusals_unaudited` event for the rest of the minute; the next minute is audited again.
+#[tokio::test(start_paused = true)]
+async fn a_valid_keys_refusals_are_audited_at_most_60_a_minute() {
+    fixture::captured_logs("chat_gateway=info");
+    let gw = serve(&fixture::with(
+        PATIENT,
+        &[(
+            "PALISADE_RATE_LIMIT_RULES",
+            r#"[{"name":"tiny","limit":1,"window":"1h"}]"#,
+        )],
+    ))
+    .await;
+    let admin_path = "/admin/budgets/refusals_audited";
+    let bot_path = "/v1/bots/bot_refusals_audited";
+    for _ in 0..100 {
+        assert_eq!(gw.get(admin_path, USER).await.status, 403);
+    }
+    assert_eq!(gw.get(bot_path, OTHER).await.status, 404);
+    for _ in 0..100 {
+        assert_eq!(gw.get(bot_path, OTHER).await.status, 429);
+    }
+    assert_eq!(audit_events("forbidden", admin_path), 60);
+    assert_eq!(audit_events("refusals_unaudited", admin_path), 1);
+    assert_eq!(audit_events("rate_limited", bot_path), 60);
+    assert_eq!(audit_events("refusals_unaudited", bot_path), 1);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    assert_eq!(gw.get(admin_path, USER).await.status, 403);
+    assert_eq!(audit_events("forbidden", admin_path), 61);
 }
 
 /// Failures from many addresses, each under its own limit, are audited at most 600 a

@@ -70,6 +70,8 @@ pub struct Shared {
     pub limits: Arc<Limits>,
     /// Failed authentications counted per client address (`None`: no limit).
     pub auth_failures: Option<Arc<crate::auth::FailureLimit>>,
+    /// Bounds the audit events of each caller's refusals.
+    pub refusal_audit: crate::auth::RefusalAudit,
     /// `/metrics` and the dashboard's counters.
     pub metrics: crate::metrics::Metrics,
     /// The Redis store of rate limits, for `/health` (`REDIS_URL`).
@@ -484,6 +486,7 @@ pub async fn build(config: GatewayConfig) -> Result<App, BoxError> {
         postgres,
         cost_stats,
         auth_failures: auth_failures(&config)?.map(Arc::new),
+        refusal_audit: crate::auth::RefusalAudit::new(1 << 16)?,
         limits: Arc::new(Limits {
             models: config.models.clone(),
             max_tokens: config.max_tokens,

@@ -9,7 +9,8 @@ use std::borrow::Cow;
 /// One security event.
 #[derive(Debug, Clone)]
 pub struct AuditEntry {
-    /// What happened: `auth_failed`, `forbidden`, `rate_limited`, `budget_refused`,
+    /// What happened: `auth_failed`, `auth_throttled`, `auth_failures_unaudited`,
+    /// `forbidden`, `rate_limited`, `budget_refused`, `refusals_unaudited`,
     /// `rate_limits_reset`, `budget_set`, `bot_created`, `bot_deleted`.
     pub action: &'static str,
     /// `refused`, `allowed` or `done`.
@@ -59,6 +60,23 @@ impl AuditEntry {
     pub fn request_id(mut self, id: impl Into<String>) -> Self {
         self.request_id = Some(id.into());
         self
+    }
+
+    /// This refusal as the stand-in for its caller's refusals past `per_minute` audited
+    /// this minute: `refusals_unaudited`, same actor, target and request id.
+    pub fn unaudited_rest(self, per_minute: u64) -> Self {
+        Self {
+            action: "refusals_unaudited",
+            detail: Some(
+                format!(
+                    "{} past {per_minute} refusals of this caller this minute: the rest of \
+                     this minute's are not audited one by one",
+                    self.action
+                )
+                .into(),
+            ),
+            ..self
+        }
     }
 }
 

@@ -236,6 +236,55 @@ impl FailureLimit {
     pub const AUDITED_PER_MINUTE: u64 = 600;
 }
 
+/// The audit events of one caller's refusals (a user key on an admin route, the caller's
+/// own rate limits and budgets): at most [`RefusalAudit::PER_MINUTE`] a minute for each
+/// user, then one `refusals_unaudited` event stands for the rest of that minute's, so that
+/// a client looping past its limits cannot fill the audit queue the admin actions share
+/// (every request still has its request log line, naming the user).
+pub struct RefusalAudit {
+    store: MemoryStore,
+}
+
+impl RefusalAudit {
+    /// The most refusals audited a minute for one user.
+    pub const PER_MINUTE: u64 = 60;
+
+    /// Tracks at most `max_entries` users.
+    pub fn new(max_entries: usize) -> Result<Self, RateLimitConfigError> {
+        Ok(Self {
+            store: MemoryStore::builder().max_entries(max_entries).build()?,
+        })
+    }
+
+    /// Records `entry`, a refusal of `user`, unless `user`'s refusals have had their events
+    /// this minute: then the first one past them is recorded as `refusals_unaudited`.
+    fn record(&self, state: &AppState, user: &str, entry: AuditEntry) {
+        let key = RateKey::principal(user);
+        let now = self.store.now_micros();
+        let item = |rule_index, rule, limit| CheckItem {
+            rule_index,
+            rule,
+            key: &key,
+            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
+            cost: 1,
+            shadow: false,
+        };
+        if self
+            .store
+            .check_at(&[item(0, "refusals_audited", Self::PER_MINUTE)], now)
+            .admitted
+        {
+            state.audit.record(entry);
+        } else if self
+            .store
+            .check_at(&[item(1, "refusals_unaudited", 1)], now)
+            .admitted
+        {
+            state.audit.record(entry.unaudited_rest(Self::PER_MINUTE));
+        }
+    }
+}
+
 /// Headers that name a user or a bot, which palisade's layers read when told to
 /// (`x-bot-id` by default in the cost meter): removed from every request.
 const ATTRIBUTION_HEADERS: [HeaderName; 2] = [
@@ -401,7 +450,9 @@ impl<S> Authenticate<S> {
             ));
         };
         if req.uri().path().starts_with("/admin") && !caller.is_admin() {
-            state.audit.record(
+            state.refusal_audit.record(
+                state,
+                &caller.user,
                 audit(req, "forbidden", "refused")
                     .actor(&*caller.user)
                     .detail("an admin route with a user key"),
@@ -451,7 +502,9 @@ impl Admitted {
                 .and_then(|id| id.header_value().to_str().ok())
                 .unwrap_or("req_unknown")
                 .to_owned();
-            self.state.audit.record(
+            self.state.refusal_audit.record(
+                &self.state,
+                &self.user,
                 AuditEntry::new(action, "refused")
                     .actor(&*self.user)
                     .target(self.uri.path().to_owned())
