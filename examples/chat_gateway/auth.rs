@@ -14,7 +14,7 @@ use http::Uri;
 use http::header::HeaderName;
 use palisade::key::{ApiKeyId, api_key_from_headers, constant_time_eq};
 use palisade::rate_limit::algorithm::{Params, Verdict};
-use palisade::rate_limit::store::CheckItem;
+use palisade::rate_limit::store::{CheckItem, RuleDecision};
 use palisade::rate_limit::{
     Algorithm, MemoryStore, Principal, Quota, RateKey, RateLimitConfigError, TrustedProxies,
 };
@@ -129,8 +129,8 @@ impl KeyStore {
 /// (`PALISADE_RATE_LIMIT_TRUSTED_PROXIES`), as the rate limits read it: an IPv6 client by
 /// its /64. The counts are this process's own (not shared through Redis).
 pub struct FailureLimit {
-    store: MemoryStore,
-    params: Params,
+    counts: Minutes,
+    per_minute: u64,
     proxies: TrustedProxies,
 }
 
@@ -145,9 +145,6 @@ enum Failure {
 }
 
 impl FailureLimit {
-    /// The name the failures are counted under.
-    const RULE: &str = "auth_failures";
-
     /// `per_minute` failures a minute for each client address (0: no limit), with
     /// `proxies` trusted to name the client; at most `max_entries` addresses are tracked.
     pub fn new(
@@ -158,10 +155,9 @@ impl FailureLimit {
         if per_minute == 0 {
             return Ok(None);
         }
-        let store = MemoryStore::builder().max_entries(max_entries).build()?;
         Ok(Some(Self {
-            store,
-            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(per_minute)),
+            counts: Minutes::new(max_entries)?,
+            per_minute,
             proxies,
         }))
     }
@@ -173,16 +169,7 @@ impl FailureLimit {
             return Failure::Counted;
         };
         let key = RateKey::ip(ip);
-        let item = CheckItem {
-            rule_index: 0,
-            rule: Self::RULE,
-            key: &key,
-            params: self.params,
-            cost: 1,
-            shadow: false,
-        };
-        let now = self.store.now_micros();
-        let rule = self.store.check_at(&[item], now).rules[0];
+        let rule = self.counts.count(0, "auth_failures", &key, self.per_minute);
         let retry_after = match rule.verdict {
             Verdict::Allowed => return Failure::Counted,
             Verdict::Denied { retry_after } => retry_after,
@@ -191,15 +178,12 @@ impl FailureLimit {
         let retry_after = Duration::from_micros(retry_after).max(Duration::from_secs(1));
         // The refusals are counted under a second rule that admits one a minute: that
         // one is audited.
-        let first = CheckItem {
-            rule_index: 1,
-            rule: "auth_failures_refused",
-            key: &key,
-            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(1)),
-            cost: 1,
-            shadow: false,
-        };
-        if self.store.check_at(&[first], now).admitted {
+        if self
+            .counts
+            .count(1, "auth_failures_refused", &key, 1)
+            .verdict
+            .is_allowed()
+        {
             Failure::FirstRefused(retry_after)
         } else {
             Failure::Refused(retry_after)
@@ -211,25 +195,12 @@ impl FailureLimit {
     /// could together fill the audit queue that admin actions share. The first failure
     /// past that each minute is audited as the others' stand-in (`Some(true)`).
     fn audit(&self) -> Option<bool> {
-        let all = RateKey::principal("*");
-        let now = self.store.now_micros();
-        let item = |rule_index, rule, limit| CheckItem {
-            rule_index,
-            rule,
-            key: &all,
-            params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
-            cost: 1,
-            shadow: false,
-        };
-        let audited = item(2, "auth_failures_audited", Self::AUDITED_PER_MINUTE);
-        if self.store.check_at(&[audited], now).admitted {
-            return Some(false);
-        }
-        let stand_in = item(3, "auth_failures_unaudited", 1);
-        self.store
-            .check_at(&[stand_in], now)
-            .admitted
-            .then_some(true)
+        self.counts.within_or_first_past(
+            2,
+            ["auth_failures_audited", "auth_failures_unaudited"],
+            &RateKey::principal("*"),
+            Self::AUDITED_PER_MINUTE,
+        )
     }
 
     /// The most failed authentications audited a minute over all addresses.
@@ -242,7 +213,7 @@ impl FailureLimit {
 /// a client looping past its limits cannot fill the audit queue the admin actions share
 /// (every request still has its request log line, naming the user).
 pub struct RefusalAudit {
-    store: MemoryStore,
+    counts: Minutes,
 }
 
 impl RefusalAudit {
@@ -252,36 +223,69 @@ impl RefusalAudit {
     /// Tracks at most `max_entries` users.
     pub fn new(max_entries: usize) -> Result<Self, RateLimitConfigError> {
         Ok(Self {
-            store: MemoryStore::builder().max_entries(max_entries).build()?,
+            counts: Minutes::new(max_entries)?,
         })
     }
 
     /// Records `entry`, a refusal of `user`, unless `user`'s refusals have had their events
     /// this minute: then the first one past them is recorded as `refusals_unaudited`.
     fn record(&self, state: &AppState, user: &str, entry: AuditEntry) {
+        let rules = ["refusals_audited", "refusals_unaudited"];
         let key = RateKey::principal(user);
-        let now = self.store.now_micros();
-        let item = |rule_index, rule, limit| CheckItem {
-            rule_index,
+        match self
+            .counts
+            .within_or_first_past(0, rules, &key, Self::PER_MINUTE)
+        {
+            Some(false) => state.audit.record(entry),
+            Some(true) => state.audit.record(entry.unaudited_rest(Self::PER_MINUTE)),
+            None => {}
+        }
+    }
+}
+
+/// Events counted per key in fixed windows of a minute, in palisade's memory store.
+struct Minutes {
+    store: MemoryStore,
+}
+
+impl Minutes {
+    /// At most `max_entries` keys tracked.
+    fn new(max_entries: usize) -> Result<Self, RateLimitConfigError> {
+        Ok(Self {
+            store: MemoryStore::builder().max_entries(max_entries).build()?,
+        })
+    }
+
+    /// Counts one event of `key` under rule `index` (named `rule`), `limit` a minute.
+    fn count(&self, index: u32, rule: &'static str, key: &RateKey, limit: u64) -> RuleDecision {
+        let item = CheckItem {
+            rule_index: index,
             rule,
-            key: &key,
+            key,
             params: Params::new(Algorithm::FixedWindow, Quota::per_minute(limit)),
             cost: 1,
             shadow: false,
         };
-        if self
-            .store
-            .check_at(&[item(0, "refusals_audited", Self::PER_MINUTE)], now)
-            .admitted
-        {
-            state.audit.record(entry);
-        } else if self
-            .store
-            .check_at(&[item(1, "refusals_unaudited", 1)], now)
-            .admitted
-        {
-            state.audit.record(entry.unaudited_rest(Self::PER_MINUTE));
+        self.store.check_at(&[item], self.store.now_micros()).rules[0]
+    }
+
+    /// Counts one event of `key`: within `limit` a minute under rule `index`
+    /// (`Some(false)`), the first past it this minute (`Some(true)`, counted under rule
+    /// `index + 1`), or a later one (`None`).
+    fn within_or_first_past(
+        &self,
+        index: u32,
+        rules: [&'static str; 2],
+        key: &RateKey,
+        limit: u64,
+    ) -> Option<bool> {
+        if self.count(index, rules[0], key, limit).verdict.is_allowed() {
+            return Some(false);
         }
+        self.count(index + 1, rules[1], key, 1)
+            .verdict
+            .is_allowed()
+            .then_some(true)
     }
 }
 
